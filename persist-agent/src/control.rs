@@ -1,0 +1,174 @@
+//! The control protocol between the CLI and the daemon.
+//!
+//! One JSON [`Request`] per connection to `STATE_DIR/agent.sock`, terminated
+//! by a newline; the daemon answers with one JSON [`Reply`] line and closes.
+//! The socket is mode 0600 inside a 0700 directory: only root talks to it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::service::ServiceSpec;
+
+/// File name of the control socket inside the state directory.
+pub const SOCKET_FILE: &str = "agent.sock";
+
+/// Path of the control socket of a state directory.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_FILE)
+}
+
+/// A command for the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Register a service.
+    Add {
+        /// Its definition.
+        spec: ServiceSpec,
+    },
+    /// Unregister a service.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Report every service.
+    Status,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply {
+    /// Human-readable outcome.
+    #[serde(default)]
+    pub message: String,
+    /// Set when the request failed: one line saying why.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Service states, for `status`.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+impl Reply {
+    /// A successful reply with a message.
+    pub fn ok(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            ..Self::default()
+        }
+    }
+
+    /// A failed reply.
+    pub fn error(error: impl Into<String>) -> Self {
+        Self {
+            error: Some(error.into()),
+            ..Self::default()
+        }
+    }
+}
+
+/// One service as `status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Listen address.
+    pub addr: String,
+    /// Listen port.
+    pub port: u16,
+    /// `exec` or `inetd`.
+    pub mode: String,
+    /// `parked`, `waking`, `running`, `stopping` or `failed`.
+    pub state: String,
+    /// Pid of the service process, if one runs.
+    pub pid: Option<i32>,
+    /// SYNs counted by the BPF program.
+    pub syns: u64,
+    /// Times the service was woken.
+    pub wakes: u64,
+    /// Microseconds from the waking SYN to the service running, for the last wake.
+    pub last_wake_us: Option<u64>,
+    /// Resident memory of the service's processes.
+    pub rss_bytes: u64,
+    /// Why the service failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Why the CLI could not get an answer from the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon listens on the socket.
+    #[error("the persist daemon is not running (no answer on {0}); start it with `persist-agent daemon`")]
+    NotRunning(PathBuf),
+    /// The connection failed midway.
+    #[error("talking to the daemon on {path}: {source}")]
+    Io {
+        /// The control socket.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon's answer was not understood.
+    #[error("bad answer from the daemon: {0}")]
+    BadReply(#[from] serde_json::Error),
+    /// The daemon refused the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request to the daemon of `state_dir` and waits for its reply.
+pub fn call(state_dir: &Path, request: &Request) -> Result<Reply, ControlError> {
+    let path = socket_path(state_dir);
+    let mut stream = UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(path.clone()))?;
+    let io = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(io)?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let reply: Reply = serde_json::from_str(&answer)?;
+    match reply.error {
+        Some(error) => Err(ControlError::Refused(error)),
+        None => Ok(reply),
+    }
+}
+
+/// Renders services as a fixed-width table for people.
+pub fn status_table(services: &[ServiceStatus]) -> String {
+    let mut out = format!(
+        "{:<16} {:<21} {:<6} {:<9} {:>8} {:>8} {:>6} {:>12} {:>10}\n",
+        "NAME", "LISTEN", "MODE", "STATE", "PID", "SYNS", "WAKES", "LAST WAKE", "RSS"
+    );
+    for service in services {
+        let pid = service.pid.map_or("-".to_owned(), |pid| pid.to_string());
+        let wake = service
+            .last_wake_us
+            .map_or("-".to_owned(), |us| format!("{:.3} ms", us as f64 / 1000.0));
+        out.push_str(&format!(
+            "{:<16} {:<21} {:<6} {:<9} {:>8} {:>8} {:>6} {:>12} {:>10}\n",
+            service.name,
+            format!("{}:{}", service.addr, service.port),
+            service.mode,
+            service.state,
+            pid,
+            service.syns,
+            service.wakes,
+            wake,
+            format!("{} KiB", service.rss_bytes / 1024),
+        ));
+        if let Some(error) = &service.error {
+            out.push_str(&format!("  {}: {error}\n", service.name));
+        }
+    }
+    out
+}

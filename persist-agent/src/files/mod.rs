@@ -1,0 +1,1 @@
+//! Saving and recreating file descriptors, for checkpoint and restore.

@@ -1,0 +1,170 @@
+//! The `persist-agent` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use persist_agent::control::{self, Request};
+use persist_agent::service::{ServiceMode, ServiceSpec};
+use persist_agent::{checkpoint, daemon, inspect, restore};
+
+/// Park server processes on disk and wake them on their first SYN.
+#[derive(Debug, Parser)]
+#[command(name = "persist-agent", version)]
+struct Cli {
+    /// Directory holding the agent's state: services, images, control socket.
+    #[arg(long, global = true, env = "PERSIST_STATE_DIR", default_value = "/var/lib/persist")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent in the foreground until SIGTERM or SIGINT.
+    Daemon,
+    /// Register a service: the agent holds its port and starts it on the first SYN.
+    Add(AddArgs),
+    /// Unregister a service, stopping it if it runs.
+    Remove {
+        /// Name of the service.
+        name: String,
+    },
+    /// Show every service.
+    Status {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshot a live process to an image directory.
+    Checkpoint {
+        /// The process to snapshot.
+        #[arg(long)]
+        pid: i32,
+        /// The image directory to write.
+        #[arg(long)]
+        image: PathBuf,
+        /// Let the process go on after the checkpoint (by default it is killed).
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Restore a process from an image, detached; prints its pid last.
+    Restore {
+        /// The image directory.
+        #[arg(long)]
+        image: PathBuf,
+    },
+    /// Print a readable summary of an image.
+    Inspect {
+        /// The image directory.
+        image: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AddArgs {
+    /// Name of the service.
+    name: String,
+    /// TCP port the service listens on.
+    #[arg(long)]
+    port: u16,
+    /// Local IPv4 address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    addr: std::net::Ipv4Addr,
+    /// Start CMD on wake with the listening socket passed as fd 3 (systemd's protocol).
+    #[arg(long, conflicts_with = "inetd")]
+    exec: bool,
+    /// Start one CMD per connection, the connection on stdin and stdout.
+    #[arg(long)]
+    inetd: bool,
+    /// Stop and park the service after this long with no connection (e.g. `30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("persist-agent: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("persist-agent must run as root (it loads BPF programs and traces processes)");
+    }
+    match cli.command {
+        Command::Daemon => {
+            daemon::run(&cli.state_dir)?;
+        }
+        Command::Add(args) => {
+            let spec = service_spec(args)?;
+            let reply = control::call(&cli.state_dir, &Request::Add { spec })?;
+            println!("{}", reply.message);
+        }
+        Command::Remove { name } => {
+            let reply = control::call(&cli.state_dir, &Request::Remove { name })?;
+            println!("{}", reply.message);
+        }
+        Command::Status { json } => {
+            let reply = control::call(&cli.state_dir, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply.services)?);
+            } else {
+                print!("{}", control::status_table(&reply.services));
+            }
+        }
+        Command::Checkpoint {
+            pid,
+            image,
+            leave_running,
+        } => {
+            let options = checkpoint::CheckpointOptions {
+                pid,
+                image,
+                leave_running,
+            };
+            checkpoint::checkpoint(&options).with_context(|| format!("checkpoint of pid {pid}"))?;
+        }
+        Command::Restore { image } => {
+            let options = restore::RestoreOptions {
+                image: image.clone(),
+            };
+            let pid = restore::restore_detached(&options)
+                .with_context(|| format!("restore of {}", image.display()))?;
+            println!("{pid}");
+        }
+        Command::Inspect { image } => {
+            print!("{}", inspect::inspect(&image)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
+    let mode = match (args.exec, args.inetd) {
+        (true, false) => ServiceMode::Exec,
+        (false, true) => ServiceMode::Inetd,
+        _ => bail!("choose how to start the service: --exec or --inetd"),
+    };
+    let spec = ServiceSpec {
+        name: args.name,
+        addr: args.addr,
+        port: args.port,
+        mode,
+        idle_timeout: args.idle_timeout,
+        command: args.command,
+    };
+    spec.validate()?;
+    Ok(spec)
+}

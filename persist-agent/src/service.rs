@@ -1,0 +1,277 @@
+//! Service definitions as registered by `add` and kept in the state directory.
+
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How a service is started when it wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceMode {
+    /// Start the command with the listener passed as fd 3 (systemd socket activation).
+    Exec,
+    /// Start the command once per connection, the connection on stdin and stdout.
+    Inetd,
+}
+
+impl ServiceMode {
+    /// The name `status` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Inetd => "inetd",
+        }
+    }
+}
+
+/// A registered service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// Local IPv4 address of the listener.
+    pub addr: Ipv4Addr,
+    /// TCP port of the listener.
+    pub port: u16,
+    /// How the service starts.
+    pub mode: ServiceMode,
+    /// Park the service after this long with no connection.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub idle_timeout: Option<Duration>,
+    /// Command and arguments.
+    pub command: Vec<String>,
+}
+
+/// Why a service definition was refused or could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The name cannot be used as a file name.
+    #[error("invalid service name {0:?}: use letters, digits, '-', '_' and '.', at most 64")]
+    BadName(String),
+    /// Port 0 cannot be held.
+    #[error("port 0 is not a port a service can own")]
+    BadPort,
+    /// No command was given.
+    #[error("no command given after `--`")]
+    NoCommand,
+    /// The command is neither an existing path nor found on PATH.
+    #[error("command not found: {0}")]
+    CommandNotFound(String),
+    /// A file in the state directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored service definition is not valid JSON for a service.
+    #[error("{path}: invalid service file: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ServiceSpec {
+    /// Checks the name, the port and that the command exists.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(ServiceError::BadName(self.name.clone()));
+        }
+        if self.port == 0 {
+            return Err(ServiceError::BadPort);
+        }
+        let program = self.command.first().ok_or(ServiceError::NoCommand)?;
+        if find_program(program).is_none() {
+            return Err(ServiceError::CommandNotFound(program.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Resolves a program name the way `execvp` would.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let is_executable = |path: &Path| {
+        path.is_file() && nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok()
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return is_executable(&path).then_some(path);
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+/// The services directory of a state directory, where each service is `NAME.json`.
+pub struct ServiceStore {
+    dir: PathBuf,
+}
+
+impl ServiceStore {
+    /// Opens (creating, mode 0700) `STATE_DIR/services`.
+    pub fn open(state_dir: &Path) -> Result<Self, ServiceError> {
+        let dir = state_dir.join("services");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| ServiceError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        Ok(Self { dir })
+    }
+
+    /// Loads every stored service; a file that cannot be read is reported
+    /// alongside the others rather than hiding them.
+    pub fn load_all(&self) -> Result<Vec<Result<ServiceSpec, ServiceError>>, ServiceError> {
+        let io = |source| ServiceError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut specs = Vec::new();
+        let mut entries: Vec<_> = fs::read_dir(&self.dir)
+            .map_err(io)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        entries.sort();
+        for path in entries {
+            specs.push(Self::load(&path));
+        }
+        Ok(specs)
+    }
+
+    fn load(path: &Path) -> Result<ServiceSpec, ServiceError> {
+        let text = fs::read(path).map_err(|source| ServiceError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| ServiceError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Stores a service atomically (temp file, fsync, rename).
+    pub fn save(&self, spec: &ServiceSpec) -> Result<(), ServiceError> {
+        let path = self.path(&spec.name);
+        let json = serde_json::to_vec_pretty(spec).expect("a service always serialises");
+        write_atomically(&path, &json).map_err(|source| ServiceError::Io { path, source })
+    }
+
+    /// Deletes a stored service.
+    pub fn delete(&self, name: &str) -> Result<(), ServiceError> {
+        let path = self.path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ServiceError::Io { path, source }),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename, mode 0600.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(parent) = path.parent() {
+            fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => s.serialize_some(&humantime::format_duration(*duration).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, command: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            addr: Ipv4Addr::LOCALHOST,
+            port: 8080,
+            mode: ServiceMode::Exec,
+            idle_timeout: Some(Duration::from_secs(30)),
+            command: vec![command.into()],
+        }
+    }
+
+    #[test]
+    fn validation_names_what_is_wrong() {
+        assert!(spec("web", "true").validate().is_ok());
+        let err = spec("../etc", "true").validate().unwrap_err();
+        assert!(err.to_string().contains("invalid service name"), "{err}");
+        let err = spec("web", "no-such-program-xyz").validate().unwrap_err();
+        assert_eq!(err.to_string(), "command not found: no-such-program-xyz");
+    }
+
+    #[test]
+    fn store_round_trips_and_reports_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ServiceStore::open(dir.path()).unwrap();
+        store.save(&spec("web", "true")).unwrap();
+        fs::write(dir.path().join("services/broken.json"), b"{not json").unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), 2);
+        assert!(matches!(&loaded[0], Err(ServiceError::Parse { .. })), "broken.json sorts first");
+        assert_eq!(loaded[1].as_ref().unwrap(), &spec("web", "true"));
+        store.delete("web").unwrap();
+        assert_eq!(store.load_all().unwrap().len(), 1);
+    }
+}

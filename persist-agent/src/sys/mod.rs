@@ -1,0 +1,7 @@
+//! Raw system calls behind safe functions.
+//!
+//! Every `unsafe` block of the agent lives below this module, each with a
+//! `// SAFETY:` comment; the rest of the crate calls the safe wrappers, whose
+//! errors name the call that failed.
+
+pub mod pidfd;

@@ -1,0 +1,495 @@
+//! The manifest: everything about a checkpointed process except its page contents.
+//!
+//! Field names are the JSON keys. Addresses, sizes and masks are JSON numbers
+//! (u64); byte strings that are not text (register areas, pipe data) are
+//! base64 strings. New optional fields may be added within a format version
+//! with `#[serde(default)]`; anything else bumps [`super::FORMAT_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+/// Everything needed to rebuild a process, except its page contents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// The kernel the image was taken on.
+    pub kernel: KernelInfo,
+    /// The CPU state the image's threads use.
+    pub cpu: CpuInfo,
+    /// Wall-clock time of the checkpoint, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Process-wide state.
+    pub process: ProcessInfo,
+    /// Every thread, the thread-group leader first.
+    pub threads: Vec<ThreadInfo>,
+    /// Every memory mapping, in address order.
+    pub mappings: Vec<Mapping>,
+    /// Every open file descriptor, in fd order.
+    pub fds: Vec<FdInfo>,
+    /// Total size of the page store in bytes.
+    pub page_store_bytes: u64,
+}
+
+/// The kernel an image was taken on: images restore only on the same build.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// `uname -r`.
+    pub release: String,
+    /// `uname -v` (build number and date).
+    pub version: String,
+    /// `uname -m`.
+    pub machine: String,
+}
+
+/// CPU features the saved register state depends on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// XCR0: the xsave state components enabled when the image was taken.
+    pub xcr0: u64,
+    /// Size in bytes of the xsave area (`NT_X86_XSTATE` regset).
+    pub xsave_size: u32,
+}
+
+/// Process-wide state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessInfo {
+    /// Pid of the process (in its own pid namespace when restored).
+    pub pid: i32,
+    /// Process group id.
+    pub pgid: i32,
+    /// Session id.
+    pub sid: i32,
+    /// `comm` name.
+    pub comm: String,
+    /// Target of `/proc/PID/exe`.
+    pub exe: String,
+    /// Arguments as the kernel shows them (`/proc/PID/cmdline`).
+    pub argv: Vec<String>,
+    /// Environment as the kernel shows it (`/proc/PID/environ`).
+    pub environ: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// Root directory.
+    pub root: String,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// `personality(2)` flags.
+    pub personality: u32,
+    /// Resource limits.
+    pub rlimits: Vec<Rlimit>,
+    /// User and group ids, groups, capabilities and related bits.
+    pub credentials: Credentials,
+    /// Signal dispositions other than the default.
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (bit `n - 1` for signal `n`).
+    pub shared_pending: u64,
+    /// Interval timers (`ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`).
+    pub itimers: Vec<ITimer>,
+    /// The kernel's memory-layout fields (`PR_SET_MM_MAP`).
+    pub mm: MmFields,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimit {
+    /// `RLIMIT_*` number.
+    pub resource: u32,
+    /// Soft limit (`u64::MAX` for unlimited).
+    pub soft: u64,
+    /// Hard limit (`u64::MAX` for unlimited).
+    pub hard: u64,
+}
+
+/// Identity and privileges of the process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credentials {
+    /// Real, effective, saved and filesystem uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem gid.
+    pub gids: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Inheritable capabilities.
+    pub cap_inheritable: u64,
+    /// Permitted capabilities.
+    pub cap_permitted: u64,
+    /// Effective capabilities.
+    pub cap_effective: u64,
+    /// Bounding set.
+    pub cap_bounding: u64,
+    /// Ambient capabilities.
+    pub cap_ambient: u64,
+    /// The no_new_privs bit.
+    pub no_new_privs: bool,
+    /// `PR_GET_SECUREBITS`.
+    pub securebits: u32,
+}
+
+/// A signal disposition.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAction {
+    /// Signal number.
+    pub signal: u32,
+    /// Handler address (`SIG_IGN` is 1).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer` address.
+    pub restorer: u64,
+    /// Signals blocked while the handler runs.
+    pub mask: u64,
+}
+
+/// An interval timer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ITimer {
+    /// `ITIMER_*` number.
+    pub which: u32,
+    /// Interval in microseconds.
+    pub interval_us: u64,
+    /// Time to the next expiry in microseconds (0: disarmed).
+    pub value_us: u64,
+}
+
+/// The fields of `struct prctl_mm_map`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MmFields {
+    /// Start of the text segment.
+    pub start_code: u64,
+    /// End of the text segment.
+    pub end_code: u64,
+    /// Start of the data segment.
+    pub start_data: u64,
+    /// End of the data segment.
+    pub end_data: u64,
+    /// Start of the heap.
+    pub start_brk: u64,
+    /// Current program break.
+    pub brk: u64,
+    /// Start of the main thread's stack.
+    pub start_stack: u64,
+    /// Start of the argument strings.
+    pub arg_start: u64,
+    /// End of the argument strings.
+    pub arg_end: u64,
+    /// Start of the environment strings.
+    pub env_start: u64,
+    /// End of the environment strings.
+    pub env_end: u64,
+    /// The auxiliary vector, as (type, value) words.
+    pub auxv: Vec<u64>,
+}
+
+/// One thread.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThreadInfo {
+    /// Thread id (in the process's pid namespace when restored).
+    pub tid: i32,
+    /// `comm` name of the thread.
+    pub comm: String,
+    /// General registers, `struct user_regs_struct` in declaration order
+    /// (r15 first, gs last: 27 words). fs_base and gs_base are among them.
+    pub regs: Vec<u64>,
+    /// The `NT_X86_XSTATE` register set: FPU, SSE, AVX and the rest.
+    #[serde(with = "base64_bytes")]
+    pub xsave: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Signals pending for this thread.
+    pub pending: u64,
+    /// Alternate signal stack.
+    pub sigaltstack: SigAltStack,
+    /// rseq registration, if any.
+    pub rseq: Option<Rseq>,
+    /// Address the kernel clears and wakes on thread exit (`set_tid_address`).
+    pub clear_child_tid: u64,
+}
+
+/// An alternate signal stack (`stack_t`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAltStack {
+    /// Base address.
+    pub sp: u64,
+    /// `SS_*` flags.
+    pub flags: i32,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// An rseq registration (`PTRACE_GET_RSEQ_CONFIGURATION`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rseq {
+    /// Address of the `struct rseq`.
+    pub address: u64,
+    /// Its registered length.
+    pub length: u32,
+    /// Signature.
+    pub signature: u32,
+}
+
+/// Page protection bits.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Protection {
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MappingKind {
+    /// Private anonymous memory (also bss and thread stacks).
+    Anonymous,
+    /// The heap (`[heap]`, between `start_brk` and `brk`).
+    Heap,
+    /// The main thread's stack (`[stack]`).
+    Stack,
+    /// A file mapping, private or shared.
+    File {
+        /// Path of the file.
+        path: String,
+        /// Device of the file, as `major:minor` from /proc/PID/maps.
+        device: String,
+        /// Inode of the file.
+        inode: u64,
+        /// Offset of the mapping in the file.
+        offset: u64,
+    },
+    /// Shared anonymous memory (`/dev/zero (deleted)`, `MAP_SHARED|MAP_ANONYMOUS`).
+    SharedAnonymous {
+        /// Identity of the shmem object, so that mappings of one object are
+        /// restored as one.
+        inode: u64,
+    },
+    /// A memfd or other shmem file (`/memfd:NAME (deleted)`).
+    Memfd {
+        /// Name given to `memfd_create`.
+        name: String,
+        /// Inode of the shmem file, shared by its mappings and fds.
+        inode: u64,
+        /// Offset of the mapping in the file.
+        offset: u64,
+    },
+    /// The vDSO.
+    Vdso,
+    /// One of the vvar pages (`[vvar]`, `[vvar_vclock]`); `name` says which.
+    Vvar {
+        /// Name as /proc/PID/maps shows it.
+        name: String,
+    },
+}
+
+/// One memory mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Mapping {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Protection.
+    pub protection: Protection,
+    /// `MAP_SHARED` rather than `MAP_PRIVATE`.
+    pub shared: bool,
+    /// What backs it.
+    #[serde(flatten)]
+    pub kind: MappingKind,
+    /// Pages stored in the page store, in address order.
+    pub pages: Vec<PageRun>,
+}
+
+impl Mapping {
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// True for a zero-length mapping (never valid in a manifest).
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Number of pages stored for the mapping.
+    pub fn stored_pages(&self) -> u64 {
+        self.pages.iter().map(|run| run.count).sum()
+    }
+}
+
+/// Consecutive pages of a mapping stored consecutively in the page store.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageRun {
+    /// Index of the first page within its mapping.
+    pub first_page: u64,
+    /// Number of pages, at most [`super::MAX_RUN_PAGES`].
+    pub count: u64,
+    /// Byte offset of the first page in the page store.
+    pub store_offset: u64,
+    /// CRC32C of the run's bytes.
+    pub crc32c: u32,
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FdInfo {
+    /// Descriptor number.
+    pub fd: i32,
+    /// Close-on-exec.
+    pub cloexec: bool,
+    /// Open-file status flags (`O_*` from fdinfo `flags`, without `O_CLOEXEC`).
+    pub flags: u32,
+    /// What the descriptor refers to.
+    #[serde(flatten)]
+    pub kind: FdKind,
+}
+
+/// What a file descriptor refers to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FdKind {
+    /// A regular file or directory.
+    File {
+        /// Path; for an unlinked file, the path it had.
+        path: String,
+        /// File position.
+        offset: u64,
+        /// The file was unlinked while open; its contents are in `contents`.
+        unlinked: bool,
+        /// Contents of an unlinked file.
+        #[serde(default, with = "base64_bytes")]
+        contents: Vec<u8>,
+    },
+    /// A character device such as /dev/null, /dev/zero, /dev/urandom.
+    Device {
+        /// Path of the device node.
+        path: String,
+    },
+    /// One end of a pipe or FIFO.
+    Pipe {
+        /// Inode of the pipe: fds with the same inode share one pipe.
+        inode: u64,
+        /// This is the write end.
+        write_end: bool,
+        /// Path of the FIFO, or `None` for an anonymous pipe.
+        fifo_path: Option<String>,
+        /// Unread data in the pipe (saved once, on the read end).
+        #[serde(default, with = "base64_bytes")]
+        data: Vec<u8>,
+    },
+    /// An eventfd.
+    Eventfd {
+        /// Current counter.
+        count: u64,
+        /// Semaphore mode.
+        semaphore: bool,
+    },
+    /// A timerfd.
+    Timerfd {
+        /// Clock id.
+        clock: i32,
+        /// `TFD_TIMER_*` settime flags.
+        settime_flags: i32,
+        /// Interval in nanoseconds.
+        interval_ns: u64,
+        /// Time to next expiry in nanoseconds (0: disarmed).
+        value_ns: u64,
+        /// Expirations not yet read.
+        ticks: u64,
+    },
+    /// A signalfd.
+    Signalfd {
+        /// Signals it reads.
+        mask: u64,
+    },
+    /// An epoll instance.
+    Epoll {
+        /// Watched descriptors.
+        watches: Vec<EpollWatch>,
+    },
+    /// A memfd (its contents are in the page store via a `Memfd` mapping,
+    /// or in `contents` when it is not mapped).
+    Memfd {
+        /// Name given to `memfd_create`.
+        name: String,
+        /// Inode shared with its mappings.
+        inode: u64,
+        /// File position.
+        offset: u64,
+        /// Size of the file.
+        size: u64,
+        /// Contents when not mapped.
+        #[serde(default, with = "base64_bytes")]
+        contents: Vec<u8>,
+    },
+    /// A listening TCP socket.
+    TcpListener {
+        /// Local address and port, e.g. `127.0.0.1:8080` or `[::]:80`.
+        local: String,
+        /// Inode of the socket (to recognise the same socket when handed over).
+        inode: u64,
+        /// Listen backlog.
+        backlog: u32,
+        /// `SO_REUSEADDR`.
+        reuseaddr: bool,
+        /// `SO_REUSEPORT`.
+        reuseport: bool,
+        /// `IPV6_V6ONLY` for IPv6 sockets.
+        v6only: bool,
+    },
+    /// A listening UNIX socket.
+    UnixListener {
+        /// Bound path (a leading `@` for the abstract namespace).
+        path: String,
+        /// Socket type (`SOCK_STREAM` or `SOCK_SEQPACKET`).
+        socket_type: i32,
+        /// Listen backlog.
+        backlog: u32,
+    },
+    /// One end of a UNIX socket pair whose other end is also in the process.
+    UnixPair {
+        /// Inode of this end.
+        inode: u64,
+        /// Inode of the peer end.
+        peer_inode: u64,
+        /// Socket type.
+        socket_type: i32,
+        /// Data queued for reading on this end, one entry per message for
+        /// datagram sockets.
+        #[serde(default)]
+        queued: Vec<QueuedMessage>,
+    },
+}
+
+/// One queued message of a socket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Its bytes.
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A descriptor watched by an epoll instance.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpollWatch {
+    /// Watched descriptor number.
+    pub fd: i32,
+    /// `EPOLL*` event mask.
+    pub events: u32,
+    /// User data.
+    pub data: u64,
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}

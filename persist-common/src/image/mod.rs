@@ -1,0 +1,49 @@
+//! The on-disk image of a checkpointed process.
+//!
+//! # Layout
+//!
+//! An image is a directory, mode 0700, holding files of mode 0600:
+//!
+//! - `manifest`: one header line, then a JSON document.
+//!   The header is ASCII: `persist-image <version> <len> <crc>\n`, where
+//!   `<version>` is the decimal format version ([`FORMAT_VERSION`]), `<len>`
+//!   the decimal byte length of the JSON that follows, and `<crc>` its CRC32C
+//!   as eight lowercase hex digits. The JSON is a [`Manifest`]: process,
+//!   threads, memory mappings, file descriptors, the kernel and CPU it was
+//!   taken on, and where each stored page lives in the page store.
+//! - `pages`: the page store. Raw page contents, 4096 bytes each, packed
+//!   with no header. Each [`PageRun`] of a mapping names `count` consecutive
+//!   pages of that mapping stored from `store_offset` on, with the CRC32C
+//!   of those `count * 4096` bytes. Runs never exceed [`MAX_RUN_PAGES`], so a
+//!   lazy reader verifies at most that much to serve one fault.
+//!
+//! Pages never touched by the process are not stored; a mapping with no run
+//! covering a page restores it as the kernel would: zero for anonymous
+//! memory, the file's content for a file mapping.
+//!
+//! Both files are written to temporary names, fsynced, and renamed into
+//! place, the manifest last: an image without a valid manifest is not an
+//! image. Everything in an image is checked before use; see [`ImageError`].
+
+mod error;
+mod io;
+mod manifest;
+
+pub use error::ImageError;
+pub use io::{Image, ImageWriter, PageStore};
+pub use manifest::*;
+
+/// Version of the format written by this build. Readers refuse any other.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Size of a page in the page store.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Longest run of pages sharing one checksum.
+pub const MAX_RUN_PAGES: u64 = 16;
+
+/// File name of the manifest inside an image directory.
+pub const MANIFEST_FILE: &str = "manifest";
+
+/// File name of the page store inside an image directory.
+pub const PAGES_FILE: &str = "pages";
