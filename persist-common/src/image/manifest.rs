@@ -338,6 +338,12 @@ pub struct FdInfo {
     pub cloexec: bool,
     /// Open-file status flags (`O_*` from fdinfo `flags`, without `O_CLOEXEC`).
     pub flags: u32,
+    /// The lowest descriptor that shares this one's open file description
+    /// (made by `dup`), if any: it is restored as a duplicate of that one,
+    /// sharing offset and flags, and `kind` repeats that one's kind without
+    /// saved contents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<i32>,
     /// What the descriptor refers to.
     #[serde(flatten)]
     pub kind: FdKind,
@@ -417,6 +423,10 @@ pub enum FdKind {
         offset: u64,
         /// Size of the file.
         size: u64,
+        /// `F_SEAL_*` seals (`F_SEAL_SEAL` alone for a memfd made without
+        /// `MFD_ALLOW_SEALING`).
+        #[serde(default)]
+        seals: u32,
         /// Contents when not mapped.
         #[serde(default, with = "base64_bytes")]
         contents: Vec<u8>,
