@@ -103,7 +103,9 @@ pub struct ServiceStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No daemon listens on the socket.
-    #[error("the persist daemon is not running (no answer on {0}); start it with `persist-agent daemon`")]
+    #[error(
+        "the persist daemon is not running (no answer on {0}); start it with `persist-agent daemon`"
+    )]
     NotRunning(PathBuf),
     /// The connection failed midway.
     #[error("talking to the daemon on {path}: {source}")]
@@ -125,12 +127,15 @@ pub enum ControlError {
 /// Sends one request to the daemon of `state_dir` and waits for its reply.
 pub fn call(state_dir: &Path, request: &Request) -> Result<Reply, ControlError> {
     let path = socket_path(state_dir);
-    let mut stream = UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(path.clone()))?;
+    let mut stream =
+        UnixStream::connect(&path).map_err(|_| ControlError::NotRunning(path.clone()))?;
     let io = |source| ControlError::Io {
         path: path.clone(),
         source,
     };
-    stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io)?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;

@@ -16,7 +16,12 @@ use persist_agent::{checkpoint, daemon, inspect, restore};
 #[command(name = "persist-agent", version)]
 struct Cli {
     /// Directory holding the agent's state: services, images, control socket.
-    #[arg(long, global = true, env = "PERSIST_STATE_DIR", default_value = "/var/lib/persist")]
+    #[arg(
+        long,
+        global = true,
+        env = "PERSIST_STATE_DIR",
+        default_value = "/var/lib/persist"
+    )]
     state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,

@@ -269,7 +269,10 @@ mod tests {
         fs::write(dir.path().join("services/broken.json"), b"{not json").unwrap();
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 2);
-        assert!(matches!(&loaded[0], Err(ServiceError::Parse { .. })), "broken.json sorts first");
+        assert!(
+            matches!(&loaded[0], Err(ServiceError::Parse { .. })),
+            "broken.json sorts first"
+        );
         assert_eq!(loaded[1].as_ref().unwrap(), &spec("web", "true"));
         store.delete("web").unwrap();
         assert_eq!(store.load_all().unwrap().len(), 1);

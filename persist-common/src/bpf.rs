@@ -115,3 +115,14 @@ mod tests {
         assert!(WakeEvent::from_bytes(&bytes[..15]).is_none());
     }
 }
+
+#[cfg(feature = "aya")]
+mod pod {
+    // SAFETY (all three): plain `#[repr(C)]` integers with no padding bytes
+    // and no invalid bit patterns, so any byte string of their size is a value.
+    unsafe impl aya::Pod for super::PortEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WakeEvent {}
+}

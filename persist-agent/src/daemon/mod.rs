@@ -1,9 +1,109 @@
-//! The agent daemon.
+//! The agent daemon: holds every service's port, wakes services on their
+//! first SYN and parks them when idle.
+//!
+//! Start-up, in order: take the state directory's lock, become a child
+//! subreaper, load and attach the BPF program, bring back every registered
+//! service (finding running ones again), then serve wake events and the
+//! control socket until SIGTERM or SIGINT. Services keep running when the
+//! daemon exits; the next daemon finds them again.
 
+mod control_server;
+mod launch;
+mod listener;
+mod reaper;
+mod registry;
+mod run_state;
+mod supervisor;
+mod syn_watcher;
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+pub use registry::Registry;
+pub use supervisor::since_monotonic_us;
+pub use syn_watcher::{SynWatcher, SynWatcherError};
+
+/// The BPF maps, shared by the registry and the supervisors.
+pub type SharedWatcher = Arc<Mutex<SynWatcher>>;
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
-pub fn run(state_dir: &Path) -> anyhow::Result<()> {
-    let _ = state_dir;
-    anyhow::bail!("not yet")
+pub fn run(state_dir: &Path) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let _lock = lock_state_dir(state_dir)?;
+    // Orphans of our services are reparented to us and reaped at once (NOTES:
+    // init reaps them late here, keeping their pids taken).
+    nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(state_dir))
+}
+
+async fn serve(state_dir: &Path) -> Result<()> {
+    let (watcher, mut wake_events) = SynWatcher::attach()?;
+    info!("sk_lookup program attached to this network namespace");
+    let registry = Arc::new(Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?);
+    registry.restore_registered();
+
+    let control = control_server::bind(state_dir)?;
+    tokio::spawn(control_server::serve(control, registry.clone()));
+    tokio::spawn(reaper::reap_orphans());
+
+    let wake_registry = registry.clone();
+    tokio::spawn(async move {
+        loop {
+            match wake_events.next_batch().await {
+                Ok(events) => events.iter().for_each(|event| wake_registry.wake(event)),
+                Err(err) => {
+                    warn!("wake events: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM: exiting"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting"),
+    }
+    let _ = fs::remove_file(crate::control::socket_path(state_dir));
+    Ok(())
+}
+
+/// Holds an exclusive lock on `STATE_DIR/agent.lock` for the daemon's life,
+/// so two daemons never manage the same services.
+fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    let path = state_dir.join("agent.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "another persist daemon is already running on {}",
+            state_dir.display()
+        )
+    })
 }

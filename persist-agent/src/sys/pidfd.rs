@@ -39,9 +39,8 @@ impl PidFd {
     pub fn get_fd(&self, target_fd: i32) -> io::Result<OwnedFd> {
         // SAFETY: pidfd_getfd takes a valid pidfd, an fd number and flags 0,
         // and returns a new fd or -1.
-        let raw = unsafe {
-            libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0)
-        };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -69,7 +68,10 @@ impl PidFd {
 
     /// True once the process has exited (the pidfd polls readable).
     pub fn has_exited(&self) -> bool {
-        let mut fds = [nix::poll::PollFd::new(self.fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(
+            self.fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
     }
 }

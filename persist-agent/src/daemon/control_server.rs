@@ -1,0 +1,79 @@
+//! The daemon's end of the control socket.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+use super::Registry;
+use crate::control::{Reply, Request, socket_path};
+
+/// Binds `STATE_DIR/agent.sock`, root only. The caller holds the state
+/// directory's lock, so a socket file already there is a dead daemon's.
+pub fn bind(state_dir: &Path) -> Result<UnixListener> {
+    let path = socket_path(state_dir);
+    let _ = fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Answers control requests until the daemon exits.
+pub async fn serve(listener: UnixListener, registry: Arc<Registry>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = answer(stream, &registry).await {
+                        warn!("control connection: {err}");
+                    }
+                });
+            }
+            Err(err) => warn!("control socket: {err}"),
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => handle(request, registry).await,
+        Err(err) => Reply::error(format!("malformed request: {err}")),
+    };
+    let mut bytes = serde_json::to_vec(&reply).expect("a reply always serialises");
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}
+
+async fn handle(request: Request, registry: &Registry) -> Reply {
+    match request {
+        Request::Add { spec } => {
+            let summary = format!(
+                "added {} on {}:{} (parked)",
+                spec.name, spec.addr, spec.port
+            );
+            match registry.add(spec) {
+                Ok(()) => Reply::ok(summary),
+                Err(err) => Reply::error(err.to_string()),
+            }
+        }
+        Request::Remove { name } => match registry.remove(&name).await {
+            Ok(()) => Reply::ok(format!("removed {name}")),
+            Err(err) => Reply::error(err.to_string()),
+        },
+        Request::Status => Reply {
+            services: registry.status(),
+            ..Reply::default()
+        },
+    }
+}

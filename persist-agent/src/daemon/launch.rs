@@ -1,0 +1,107 @@
+//! Starting a service's command: with the listener as fd 3 (systemd socket
+//! activation) or with one connection on stdin and stdout (inetd).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::service::{ServiceSpec, find_program};
+use crate::sys::spawn::{SpawnRequest, Spawned, spawn};
+
+/// Why a service's command could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The program is not there any more.
+    #[error("command not found: {0}")]
+    NotFound(String),
+    /// An argument or environment entry holds a NUL byte.
+    #[error("argument {0:?} contains a NUL byte")]
+    Nul(String),
+    /// fork or exec failed.
+    #[error("starting {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Starts the service with `listener` as fd 3 and `LISTEN_FDS=1`.
+pub fn exec_with_listener(
+    spec: &ServiceSpec,
+    listener: BorrowedFd<'_>,
+) -> Result<Spawned, LaunchError> {
+    let null = File::open("/dev/null").map_err(|source| LaunchError::Spawn {
+        program: "/dev/null".into(),
+        source,
+    })?;
+    let extra_env = [
+        "LISTEN_FDS=1".to_owned(),
+        format!("LISTEN_FDNAMES={}", spec.name),
+    ];
+    let (stdout, stderr) = (io::stdout(), io::stderr());
+    let fds = vec![
+        (null.as_fd(), 0),
+        (stdout.as_fd(), 1),
+        (stderr.as_fd(), 2),
+        (listener, 3),
+    ];
+    start(spec, &extra_env, true, fds)
+}
+
+/// Starts one instance of the service for a single accepted connection.
+pub fn exec_for_connection(
+    spec: &ServiceSpec,
+    connection: BorrowedFd<'_>,
+) -> Result<Spawned, LaunchError> {
+    let stderr = io::stderr();
+    let fds = vec![(connection, 0), (connection, 1), (stderr.as_fd(), 2)];
+    start(spec, &[], false, fds)
+}
+
+fn start(
+    spec: &ServiceSpec,
+    extra_env: &[String],
+    listen_pid: bool,
+    fds: Vec<(BorrowedFd<'_>, i32)>,
+) -> Result<Spawned, LaunchError> {
+    let program_name = &spec.command[0];
+    let program =
+        find_program(program_name).ok_or_else(|| LaunchError::NotFound(program_name.clone()))?;
+    let cstring = |text: &[u8]| {
+        CString::new(text).map_err(|_| LaunchError::Nul(String::from_utf8_lossy(text).into_owned()))
+    };
+    let argv = spec
+        .command
+        .iter()
+        .map(|arg| cstring(arg.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        if key.as_bytes().starts_with(b"LISTEN_") || key.as_bytes().starts_with(b"PERSIST_") {
+            continue;
+        }
+        let mut entry = key.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        env.push(cstring(&entry)?);
+    }
+    for entry in extra_env {
+        env.push(cstring(entry.as_bytes())?);
+    }
+    let request = SpawnRequest {
+        program: cstring(program.as_os_str().as_bytes())?,
+        argv,
+        env,
+        listen_pid,
+        fds,
+    };
+    spawn(&request).map_err(|source| LaunchError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })
+}

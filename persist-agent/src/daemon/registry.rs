@@ -1,0 +1,294 @@
+//! The daemon's registered services: adding, removing, waking and reporting them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use persist_common::bpf::WakeEvent;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::SharedWatcher;
+use super::listener;
+use super::run_state::{self, RunStateDir};
+use super::supervisor::{Command, Handle, Supervisor};
+use crate::control::ServiceStatus;
+use crate::service::{ServiceSpec, ServiceStore};
+
+/// Why a request about services was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No service of that name.
+    #[error("unknown service: {0}")]
+    Unknown(String),
+    /// The name is taken.
+    #[error("a service named {0} already exists")]
+    Exists(String),
+    /// Another service owns the port.
+    #[error("port {port} is already taken by service {owner}")]
+    PortTaken {
+        /// The port.
+        port: u16,
+        /// The service that has it.
+        owner: String,
+    },
+    /// Every BPF slot is used.
+    #[error("no free service slot (at most {0} services)")]
+    Full(u32),
+    /// The definition is invalid.
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
+    /// The port cannot be held.
+    #[error(transparent)]
+    Listener(#[from] super::listener::ListenerError),
+    /// The BPF maps refused the update.
+    #[error(transparent)]
+    Bpf(#[from] super::SynWatcherError),
+    /// The run-state directory failed.
+    #[error("state directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Every registered service, and services whose definition file is broken.
+pub struct Registry {
+    store: ServiceStore,
+    run_state: Arc<RunStateDir>,
+    watcher: SharedWatcher,
+    services: Mutex<BTreeMap<String, Handle>>,
+    broken: Mutex<BTreeMap<String, String>>,
+}
+
+impl Registry {
+    /// Opens the state directory's service store.
+    pub fn new(state_dir: &Path, watcher: SharedWatcher) -> Result<Self, RegistryError> {
+        Ok(Self {
+            store: ServiceStore::open(state_dir)?,
+            run_state: Arc::new(RunStateDir::open(state_dir)?),
+            watcher,
+            services: Mutex::new(BTreeMap::new()),
+            broken: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Brings back every stored service after a daemon start. A service that
+    /// cannot be brought back is reported in `status`, never fatal.
+    pub fn restore_registered(&self) {
+        let loaded = match self.store.load_all() {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                warn!("cannot read stored services: {err}");
+                return;
+            }
+        };
+        for result in loaded {
+            match result {
+                Ok(spec) => {
+                    let name = spec.name.clone();
+                    match self.activate(spec) {
+                        Ok(()) => info!(service = %name, "registered again"),
+                        Err(err) => {
+                            warn!(service = %name, "cannot bring back: {err}");
+                            self.broken
+                                .lock()
+                                .expect("lock")
+                                .insert(name, err.to_string());
+                        }
+                    }
+                }
+                Err(err) => {
+                    let name = match &err {
+                        crate::service::ServiceError::Parse { path, .. }
+                        | crate::service::ServiceError::Io { path, .. } => path
+                            .file_stem()
+                            .map_or("?".into(), |s| s.to_string_lossy().into_owned()),
+                        _ => "?".into(),
+                    };
+                    warn!("{err}");
+                    self.broken
+                        .lock()
+                        .expect("lock")
+                        .insert(name, err.to_string());
+                }
+            }
+        }
+    }
+
+    /// Registers a new service and stores it.
+    pub fn add(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
+        spec.validate()?;
+        self.activate(spec.clone())?;
+        if let Err(err) = self.store.save(&spec) {
+            let _ = self.remove_active(&spec.name);
+            return Err(err.into());
+        }
+        self.broken.lock().expect("lock").remove(&spec.name);
+        Ok(())
+    }
+
+    /// Takes the port of `spec` and starts its supervisor, adopting a process
+    /// that a previous daemon left running.
+    fn activate(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
+        let mut services = self.services.lock().expect("lock");
+        if services.contains_key(&spec.name) {
+            return Err(RegistryError::Exists(spec.name));
+        }
+        if let Some(owner) = services.values().find(|h| h.spec.port == spec.port) {
+            return Err(RegistryError::PortTaken {
+                port: spec.port,
+                owner: owner.spec.name.clone(),
+            });
+        }
+        let capacity = self.watcher.lock().expect("lock").capacity();
+        let slot = (0..capacity)
+            .find(|slot| services.values().all(|h| h.slot != *slot))
+            .ok_or(RegistryError::Full(capacity))?;
+
+        let adopted = self.run_state.load(&spec.name).and_then(|record| {
+            let adopted = run_state::adopt(&record);
+            if adopted.is_none() && run_state::is_alive(&record) {
+                // It runs but no longer holds the port we gave it: stop it
+                // rather than run the service twice.
+                warn!(service = %spec.name, pid = record.pid, "running without its listener; stopping it");
+                stop_stray(record.pid);
+            }
+            adopted
+        });
+        let listener = match &adopted {
+            Some(adopted) => adopted.listener.try_clone()?,
+            None => {
+                self.run_state.clear(&spec.name);
+                listener::open(spec.addr, spec.port)?
+            }
+        };
+        self.watcher
+            .lock()
+            .expect("lock")
+            .register(slot, spec.addr, spec.port, &listener)?;
+        let handle = Supervisor::spawn(
+            spec.clone(),
+            slot,
+            listener,
+            self.watcher.clone(),
+            self.run_state.clone(),
+            adopted,
+        );
+        services.insert(spec.name, handle);
+        Ok(())
+    }
+
+    /// Stops and unregisters a service.
+    pub async fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        if self.broken.lock().expect("lock").remove(name).is_some() {
+            self.store.delete(name)?;
+            return Ok(());
+        }
+        let done = self.remove_active(name)?;
+        let _ = done.await;
+        self.store.delete(name)?;
+        self.run_state.clear(name);
+        Ok(())
+    }
+
+    fn remove_active(&self, name: &str) -> Result<oneshot::Receiver<()>, RegistryError> {
+        let handle = self
+            .services
+            .lock()
+            .expect("lock")
+            .remove(name)
+            .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
+        self.watcher
+            .lock()
+            .expect("lock")
+            .unregister(handle.slot, handle.spec.port);
+        let (done, finished) = oneshot::channel();
+        let _ = handle.commands.send(Command::Shutdown { done });
+        Ok(finished)
+    }
+
+    /// Routes a BPF wake event to its service.
+    pub fn wake(&self, event: &WakeEvent) {
+        let services = self.services.lock().expect("lock");
+        match services.values().find(|h| h.slot == event.service_id) {
+            Some(handle) => {
+                let _ = handle.commands.send(Command::Wake {
+                    syn_ns: event.syn_ns,
+                });
+            }
+            None => warn!(slot = event.service_id, "wake event for an unused slot"),
+        }
+    }
+
+    /// Every service's status.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        let watcher = self.watcher.lock().expect("lock");
+        let services = self.services.lock().expect("lock");
+        let mut statuses: Vec<ServiceStatus> = services
+            .values()
+            .map(|handle| {
+                let snapshot = handle.snapshot.lock().expect("lock").clone();
+                let stats = watcher.stats(handle.slot);
+                ServiceStatus {
+                    name: handle.spec.name.clone(),
+                    addr: handle.spec.addr.to_string(),
+                    port: handle.spec.port,
+                    mode: handle.spec.mode.as_str().to_owned(),
+                    state: snapshot.state.as_str().to_owned(),
+                    pid: snapshot.pid,
+                    syns: stats.syns,
+                    wakes: snapshot.wakes,
+                    last_wake_us: snapshot.last_wake_us,
+                    rss_bytes: rss_of_sessions(&snapshot.sessions),
+                    error: snapshot.error,
+                }
+            })
+            .collect();
+        for (name, error) in self.broken.lock().expect("lock").iter() {
+            statuses.push(ServiceStatus {
+                name: name.clone(),
+                addr: String::new(),
+                port: 0,
+                mode: String::new(),
+                state: "failed".into(),
+                pid: None,
+                syns: 0,
+                wakes: 0,
+                last_wake_us: None,
+                rss_bytes: 0,
+                error: Some(error.clone()),
+            });
+        }
+        statuses
+    }
+}
+
+/// Resident memory of every process in the given sessions.
+fn rss_of_sessions(sessions: &[i32]) -> u64 {
+    if sessions.is_empty() {
+        return 0;
+    }
+    let page = procfs::page_size();
+    let Ok(processes) = procfs::process::all_processes() else {
+        return 0;
+    };
+    processes
+        .flatten()
+        .filter_map(|process| process.stat().ok())
+        .filter(|stat| sessions.contains(&stat.session))
+        .map(|stat| stat.rss * page)
+        .sum()
+}
+
+/// Stops a process a previous daemon started, by pid, SIGTERM then SIGKILL.
+fn stop_stray(pid: i32) {
+    let Ok(pidfd) = crate::sys::pidfd::PidFd::open(pid) else {
+        return;
+    };
+    let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..50 {
+        if pidfd.has_exited() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+}

@@ -1,0 +1,117 @@
+//! What the daemon knows of a running service, kept in `STATE_DIR/run/NAME.json`
+//! so that a restarted daemon finds the process again instead of starting a second one.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::service::write_atomically;
+use crate::sys::pidfd::PidFd;
+
+/// A running service's process, as recorded by the daemon that started it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Pid of the service's main process.
+    pub pid: i32,
+    /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22),
+    /// which tells it apart from a later process with a recycled pid.
+    pub start_time: u64,
+    /// Inode of the listening socket it was given.
+    pub listener_inode: u64,
+}
+
+/// A running service found again after a daemon restart.
+pub struct Adopted {
+    /// The recorded process.
+    pub record: RunRecord,
+    /// A pidfd for it.
+    pub pidfd: PidFd,
+    /// The listening socket, taken back from the process.
+    pub listener: OwnedFd,
+}
+
+/// The `run` directory of a state directory.
+pub struct RunStateDir {
+    dir: PathBuf,
+}
+
+impl RunStateDir {
+    /// Opens (creating, mode 0700) `STATE_DIR/run`.
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        let dir = state_dir.join("run");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Records that `name` runs as `record`.
+    pub fn save(&self, name: &str, record: &RunRecord) -> std::io::Result<()> {
+        let json = serde_json::to_vec(record).expect("a run record always serialises");
+        write_atomically(&self.path(name), &json)
+    }
+
+    /// Forgets the running process of `name`.
+    pub fn clear(&self, name: &str) {
+        let _ = fs::remove_file(self.path(name));
+    }
+
+    /// The recorded process of `name`, if the record exists and parses.
+    pub fn load(&self, name: &str) -> Option<RunRecord> {
+        let bytes = fs::read(self.path(name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+}
+
+/// Start time of `pid` in clock ticks since boot, if it exists.
+pub fn start_time(pid: i32) -> Option<u64> {
+    procfs::process::Process::new(pid)
+        .ok()?
+        .stat()
+        .ok()
+        .map(|stat| stat.starttime)
+}
+
+/// Whether the recorded process is still the same live process.
+pub fn is_alive(record: &RunRecord) -> bool {
+    start_time(record.pid) == Some(record.start_time)
+}
+
+/// Finds the recorded process again and takes back its listening socket
+/// (by inode, wherever the service moved it). `None` if it is gone or no
+/// longer holds that socket.
+pub fn adopt(record: &RunRecord) -> Option<Adopted> {
+    if !is_alive(record) {
+        return None;
+    }
+    let pidfd = PidFd::open(record.pid).ok()?;
+    // Check again through the pidfd: the pid cannot be recycled under it now.
+    if !is_alive(record) {
+        return None;
+    }
+    let process = procfs::process::Process::new(record.pid).ok()?;
+    let fd_number = process
+        .fd()
+        .ok()?
+        .flatten()
+        .find_map(|fd| match fd.target {
+            procfs::process::FDTarget::Socket(inode) if inode == record.listener_inode => {
+                Some(fd.fd)
+            }
+            _ => None,
+        })?;
+    let listener = pidfd.get_fd(fd_number).ok()?;
+    Some(Adopted {
+        record: record.clone(),
+        pidfd,
+        listener,
+    })
+}

@@ -1,0 +1,486 @@
+//! One task per service: the wake path, the idle path and the stop path of
+//! that service, in the order they happen.
+//!
+//! A parked service has no process; the agent holds its listener, so SYNs
+//! queue there. A wake (a BPF event, or connections found queued) starts the
+//! service; the idle timer or a `remove` stops it and parks it again.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use persist_common::bpf::BpfState;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::SharedWatcher;
+use super::launch::{self, LaunchError};
+use super::listener;
+use super::run_state::{Adopted, RunRecord, RunStateDir, start_time};
+use crate::service::{ServiceMode, ServiceSpec};
+use crate::sys::pidfd::PidFd;
+
+/// How long a stopped service gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a service that failed to start stays failed before the next SYN may retry.
+const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A service's lifecycle state as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No process; the next SYN wakes it.
+    Parked,
+    /// Being started.
+    Waking,
+    /// Its process runs.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// The last start failed.
+    Failed,
+}
+
+impl State {
+    /// The name `status` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Parked => "parked",
+            Self::Waking => "waking",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the supervisor publishes for `status`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Lifecycle state.
+    pub state: State,
+    /// Main pid, if a process runs.
+    pub pid: Option<i32>,
+    /// Session ids of every process the service runs (for RSS accounting).
+    pub sessions: Vec<i32>,
+    /// Times the service was woken.
+    pub wakes: u64,
+    /// SYN-to-running latency of the last wake.
+    pub last_wake_us: Option<u64>,
+    /// Why the service last failed.
+    pub error: Option<String>,
+}
+
+/// Messages to a supervisor.
+#[derive(Debug)]
+pub enum Command {
+    /// The BPF program saw a SYN for the parked service.
+    Wake {
+        /// CLOCK_MONOTONIC of the SYN.
+        syn_ns: u64,
+    },
+    /// Stop the service if it runs and end the supervisor.
+    Shutdown {
+        /// Answered once the service is stopped.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The daemon's handle on a supervisor.
+pub struct Handle {
+    /// The service.
+    pub spec: ServiceSpec,
+    /// Its slot in the BPF maps.
+    pub slot: u32,
+    /// Commands to the supervisor.
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// What it publishes.
+    pub snapshot: Arc<Mutex<Snapshot>>,
+}
+
+/// A process the supervisor watches.
+struct Child {
+    pid: i32,
+    exited: AsyncFd<PidFd>,
+}
+
+impl Child {
+    fn new(pid: i32, pidfd: PidFd) -> std::io::Result<Self> {
+        Ok(Self {
+            pid,
+            exited: crate::sys::async_fd::watch(pidfd)?,
+        })
+    }
+
+    async fn wait(&self) {
+        let _ = self.exited.readable().await;
+        reap(&self.exited);
+    }
+
+    fn signal(&self, signal: Signal) {
+        // The whole session: a service's workers go with it.
+        if nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), signal).is_err() {
+            let _ = self.exited.get_ref().send_signal(signal);
+        }
+    }
+}
+
+/// Collects the exit status of our own child; other processes' exits are
+/// collected by their parent, and a child the reaper got first is gone already.
+fn reap(pidfd: &AsyncFd<PidFd>) {
+    let _ = nix::sys::wait::waitid(
+        nix::sys::wait::Id::PIDFd(pidfd.get_ref().as_fd()),
+        nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOHANG,
+    );
+}
+
+/// The supervisor task's state.
+pub struct Supervisor {
+    spec: ServiceSpec,
+    slot: u32,
+    listener: OwnedFd,
+    watcher: SharedWatcher,
+    run_state: Arc<RunStateDir>,
+    snapshot: Arc<Mutex<Snapshot>>,
+    child: Option<Child>,
+    running_since: Instant,
+}
+
+impl Supervisor {
+    /// Starts the supervisor task of a registered service. `adopted` is a
+    /// process a previous daemon started and that still runs.
+    pub fn spawn(
+        spec: ServiceSpec,
+        slot: u32,
+        listener: OwnedFd,
+        watcher: SharedWatcher,
+        run_state: Arc<RunStateDir>,
+        adopted: Option<Adopted>,
+    ) -> Handle {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let snapshot = Arc::new(Mutex::new(Snapshot {
+            state: State::Parked,
+            pid: None,
+            sessions: Vec::new(),
+            wakes: 0,
+            last_wake_us: None,
+            error: None,
+        }));
+        let mut supervisor = Self {
+            spec: spec.clone(),
+            slot,
+            listener,
+            watcher,
+            run_state,
+            snapshot: snapshot.clone(),
+            child: None,
+            running_since: Instant::now(),
+        };
+        if let Some(adopted) = adopted {
+            match Child::new(adopted.record.pid, adopted.pidfd) {
+                Ok(child) => {
+                    info!(service = %spec.name, pid = child.pid, "found the running service again");
+                    supervisor.child = Some(child);
+                    supervisor.set_bpf_state(BpfState::Running);
+                    supervisor.publish(State::Running, Some(adopted.record.pid));
+                }
+                Err(err) => warn!(service = %spec.name, "cannot watch adopted pid: {err}"),
+            }
+        }
+        let name = spec.name.clone();
+        tokio::spawn(async move {
+            let result = match supervisor.spec.mode {
+                ServiceMode::Exec => supervisor.run_exec(receiver).await,
+                ServiceMode::Inetd => supervisor.run_inetd(receiver).await,
+            };
+            if let Err(err) = result {
+                warn!(service = %name, "supervisor ended: {err}");
+            }
+        });
+        Handle {
+            spec,
+            slot,
+            commands,
+            snapshot,
+        }
+    }
+
+    /// The exec mode: one long-running process that gets the listener.
+    async fn run_exec(
+        &mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> std::io::Result<()> {
+        let mut idle_check = tokio::time::interval(self.idle_check_period());
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let Some(child) = &self.child else {
+                // Parked. Connections that queued while we were stopping would
+                // otherwise wait for a SYN that never comes.
+                if self.state() == State::Parked && listener::has_pending(&self.listener) {
+                    self.start_exec(None);
+                    continue;
+                }
+                match commands.recv().await {
+                    Some(Command::Wake { syn_ns }) => self.start_exec(Some(syn_ns)),
+                    Some(Command::Shutdown { done }) => {
+                        let _ = done.send(());
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                }
+                continue;
+            };
+            tokio::select! {
+                () = child.wait() => {
+                    info!(service = %self.spec.name, pid = child.pid, "service exited");
+                    self.child = None;
+                    self.park();
+                }
+                _ = idle_check.tick(), if self.spec.idle_timeout.is_some() => {
+                    if self.is_idle() {
+                        info!(service = %self.spec.name, "idle: parking");
+                        self.stop().await;
+                        self.park();
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Wake { .. }) => {}
+                    Some(Command::Shutdown { done }) => {
+                        self.stop().await;
+                        let _ = done.send(());
+                        return Ok(());
+                    }
+                    // The daemon is going away: the service keeps running.
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+
+    fn start_exec(&mut self, syn_ns: Option<u64>) {
+        self.publish(State::Waking, None);
+        match launch::exec_with_listener(&self.spec, self.listener.as_fd()) {
+            Ok(spawned) => {
+                let latency = syn_ns.map(since_monotonic_us);
+                self.record_wake(spawned.pid, latency);
+                self.remember_running(spawned.pid);
+                match Child::new(spawned.pid, spawned.pidfd) {
+                    Ok(child) => self.child = Some(child),
+                    Err(err) => {
+                        warn!(service = %self.spec.name, "cannot watch pid {}: {err}", spawned.pid)
+                    }
+                }
+            }
+            Err(err) => self.fail_start(err),
+        }
+    }
+
+    /// The inetd mode: one process per connection, accepted by the agent.
+    async fn run_inetd(
+        &mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> std::io::Result<()> {
+        let listener = std::net::TcpListener::from(self.listener.try_clone()?);
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let mut children: JoinSet<i32> = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (connection, peer) = accepted?;
+                    let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
+                    let connection = connection.into_std()?;
+                    connection.set_nonblocking(false)?;
+                    match launch::exec_for_connection(&self.spec, connection.as_fd()) {
+                        Ok(spawned) => {
+                            if children.is_empty() {
+                                let latency = (stats.wake_syn_ns != 0).then(|| since_monotonic_us(stats.wake_syn_ns));
+                                self.record_wake(spawned.pid, latency);
+                            }
+                            self.snapshot.lock().expect("snapshot lock").sessions.push(spawned.pid);
+                            let child = Child::new(spawned.pid, spawned.pidfd)?;
+                            children.spawn(async move {
+                                child.wait().await;
+                                child.pid
+                            });
+                        }
+                        Err(err) => warn!(service = %self.spec.name, %peer, "cannot start a connection handler: {err}"),
+                    }
+                }
+                Some(finished) = children.join_next(), if !children.is_empty() => {
+                    if let Ok(pid) = finished {
+                        self.snapshot.lock().expect("snapshot lock").sessions.retain(|&p| p != pid);
+                    }
+                    if children.is_empty() {
+                        self.park();
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Wake { .. }) => {}
+                    Some(Command::Shutdown { done }) => {
+                        for pid in self.snapshot.lock().expect("snapshot lock").sessions.drain(..) {
+                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+                        }
+                        let _ = done.send(());
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+
+    /// Stops the running process: SIGTERM, then SIGKILL after the grace period.
+    async fn stop(&mut self) {
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        self.publish(State::Stopping, Some(child.pid));
+        self.set_bpf_state(BpfState::Stopping);
+        child.signal(Signal::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            warn!(service = %self.spec.name, pid = child.pid, "did not stop on SIGTERM; killing it");
+            child.signal(Signal::SIGKILL);
+            child.wait().await;
+        }
+    }
+
+    /// No process runs any more: the next SYN wakes the service again.
+    fn park(&mut self) {
+        self.run_state.clear(&self.spec.name);
+        self.publish(State::Parked, None);
+        self.set_bpf_state(BpfState::Parked);
+    }
+
+    fn fail_start(&mut self, err: LaunchError) {
+        warn!(service = %self.spec.name, "start failed: {err}");
+        // Queued clients get a closed connection now rather than a hang.
+        while listener::has_pending(&self.listener) {
+            match nix::sys::socket::accept(self.listener.as_raw_fd()) {
+                Ok(fd) => drop(nix::unistd::close(fd)),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut snapshot = self.snapshot.lock().expect("snapshot lock");
+            snapshot.state = State::Failed;
+            snapshot.pid = None;
+            snapshot.error = Some(err.to_string());
+        }
+        let watcher = self.watcher.clone();
+        let slot = self.slot;
+        let snapshot = self.snapshot.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RETRY_BACKOFF).await;
+            let _ = watcher
+                .lock()
+                .expect("watcher lock")
+                .set_state(slot, BpfState::Parked);
+            let mut snapshot = snapshot.lock().expect("snapshot lock");
+            if snapshot.state == State::Failed {
+                snapshot.state = State::Parked;
+            }
+        });
+    }
+
+    fn record_wake(&mut self, pid: i32, latency_us: Option<u64>) {
+        self.running_since = Instant::now();
+        self.set_bpf_state(BpfState::Running);
+        let mut snapshot = self.snapshot.lock().expect("snapshot lock");
+        snapshot.state = State::Running;
+        snapshot.pid = Some(pid);
+        snapshot.sessions = vec![pid];
+        snapshot.wakes += 1;
+        snapshot.error = None;
+        if latency_us.is_some() {
+            snapshot.last_wake_us = latency_us;
+        }
+        info!(service = %self.spec.name, pid, wake_us = ?latency_us, "woken");
+    }
+
+    fn remember_running(&self, pid: i32) {
+        let record = start_time(pid)
+            .zip(listener::inode(&self.listener).ok())
+            .map(|(start_time, listener_inode)| RunRecord {
+                pid,
+                start_time,
+                listener_inode,
+            });
+        if let Some(record) = record
+            && let Err(err) = self.run_state.save(&self.spec.name, &record)
+        {
+            warn!(service = %self.spec.name, "cannot record the running process: {err}");
+        }
+    }
+
+    /// Idle: no SYN for the timeout, nothing queued, no established connection.
+    fn is_idle(&self) -> bool {
+        let Some(timeout) = self.spec.idle_timeout else {
+            return false;
+        };
+        let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
+        let since_syn = if stats.last_syn_ns == 0 {
+            Duration::MAX
+        } else {
+            Duration::from_micros(since_monotonic_us(stats.last_syn_ns))
+        };
+        since_syn >= timeout
+            && self.running_since.elapsed() >= timeout
+            && !listener::has_pending(&self.listener)
+            && !has_established_connections(self.spec.port)
+    }
+
+    fn idle_check_period(&self) -> Duration {
+        self.spec
+            .idle_timeout
+            .map_or(Duration::from_secs(3600), |timeout| {
+                (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+            })
+    }
+
+    fn state(&self) -> State {
+        self.snapshot.lock().expect("snapshot lock").state
+    }
+
+    fn publish(&self, state: State, pid: Option<i32>) {
+        let mut snapshot = self.snapshot.lock().expect("snapshot lock");
+        snapshot.state = state;
+        snapshot.pid = pid;
+        snapshot.sessions = pid.into_iter().collect();
+    }
+
+    fn set_bpf_state(&self, state: BpfState) {
+        if let Err(err) = self
+            .watcher
+            .lock()
+            .expect("watcher lock")
+            .set_state(self.slot, state)
+        {
+            warn!(service = %self.spec.name, "{err}");
+        }
+    }
+}
+
+/// Microseconds from a CLOCK_MONOTONIC timestamp (as BPF records them) to now.
+pub fn since_monotonic_us(then_ns: u64) -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        .unwrap_or(then_ns);
+    now.saturating_sub(then_ns) / 1000
+}
+
+/// Whether any TCP connection to local `port` is established in our namespace.
+fn has_established_connections(port: u16) -> bool {
+    let established = |entries: Vec<procfs::net::TcpNetEntry>| {
+        entries.iter().any(|entry| {
+            entry.local_address.port() == port && entry.state == procfs::net::TcpState::Established
+        })
+    };
+    procfs::net::tcp().map(established).unwrap_or(false)
+        || procfs::net::tcp6().map(established).unwrap_or(false)
+}
