@@ -4,4 +4,6 @@
 //! `// SAFETY:` comment; the rest of the crate calls the safe wrappers, whose
 //! errors name the call that failed.
 
+pub mod async_fd;
 pub mod pidfd;
+pub mod spawn;
