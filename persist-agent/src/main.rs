@@ -139,7 +139,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 image,
                 leave_running,
             };
-            checkpoint::checkpoint(&options).with_context(|| format!("checkpoint of pid {pid}"))?;
+            let summary = checkpoint::checkpoint(&options)
+                .with_context(|| format!("checkpoint of pid {pid}"))?;
+            println!("{summary}");
         }
         Command::Restore { image } => {
             let options = restore::RestoreOptions {

@@ -7,3 +7,7 @@
 pub mod async_fd;
 pub mod pidfd;
 pub mod spawn;
+pub mod cpu;
+pub mod procmem;
+pub mod ptrace;
+pub mod rlimit;

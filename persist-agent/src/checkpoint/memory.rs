@@ -1,0 +1,402 @@
+//! Memory: the mappings of /proc/PID/maps and the pages worth storing.
+//!
+//! Which pages are stored depends on what backs the mapping:
+//!
+//! - private mappings (anonymous, heap, stacks, private file mappings):
+//!   pages present and private-anonymous (pagemap bit 61 clear: never
+//!   written pages of a file mapping still are the file's page-cache
+//!   pages), or swapped out;
+//! - shared anonymous memory and memfds: every page holding data in the
+//!   shmem object (`SEEK_DATA` on `/proc/PID/map_files/...`), as other
+//!   processes or `write(2)` may have filled pages this one never touched;
+//! - shared file mappings: nothing, the file holds the data;
+//! - vdso and vvar: nothing, the kernel provides them.
+//!
+//! Pages are read with `process_vm_readv` in large batches (or through
+//! `/proc/PID/mem` where protection forbids reading) and appended to the
+//! page store.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use nix::unistd::Whence;
+use persist_common::image::{ImageWriter, Mapping, MappingKind, PAGE_SIZE, Protection};
+use procfs::process::{MMPermissions, MMapPath};
+
+use crate::sys::procmem::{self, Pagemap, PagemapEntry, ProcMem, RemoteRange};
+
+use super::CheckpointError;
+
+/// Bytes read from the target per batch.
+const BATCH_BYTES: usize = 32 << 20;
+
+/// Pagemap entries read per call.
+const PAGEMAP_CHUNK: usize = 64 * 1024;
+
+/// Which pages of a mapping go to the page store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StorePolicy {
+    /// Private memory: pages this process wrote or owns.
+    PrivatePages,
+    /// Shared memory objects: every page with data in the object.
+    ShmemData,
+    /// Nothing.
+    Nothing,
+}
+
+/// Parses /proc/PID/maps into mappings without pages, refusing what cannot
+/// be restored. `[vsyscall]` is left out: every process has it, fixed.
+pub fn read_mappings(pid: i32) -> Result<Vec<Mapping>, CheckpointError> {
+    let process = procfs::process::Process::new(pid).map_err(|source| CheckpointError::ProcFs {
+        pid,
+        what: "maps",
+        source,
+    })?;
+    let maps = process.maps().map_err(|source| CheckpointError::ProcFs {
+        pid,
+        what: "maps",
+        source,
+    })?;
+    let mut mappings = Vec::new();
+    for map in maps {
+        let (start, end) = map.address;
+        let shared = map.perms.contains(MMPermissions::SHARED);
+        let unsupported = |what: String| CheckpointError::UnsupportedMapping {
+            pid,
+            start,
+            end,
+            what,
+        };
+        let kind = match &map.pathname {
+            MMapPath::Anonymous | MMapPath::TStack(_) if shared => {
+                MappingKind::SharedAnonymous { inode: map.inode }
+            }
+            MMapPath::Anonymous | MMapPath::TStack(_) => MappingKind::Anonymous,
+            MMapPath::Heap => MappingKind::Heap,
+            MMapPath::Stack => MappingKind::Stack,
+            MMapPath::Vdso => MappingKind::Vdso,
+            MMapPath::Vvar => MappingKind::Vvar {
+                name: "[vvar]".into(),
+            },
+            MMapPath::Vsyscall => continue,
+            MMapPath::Vsys(key) => {
+                return Err(unsupported(format!(
+                    "System V shared memory (key {key:#x}, shmid {})",
+                    map.inode
+                )));
+            }
+            MMapPath::Other(name) if name.starts_with("vvar") => MappingKind::Vvar {
+                name: format!("[{name}]"),
+            },
+            // Named anonymous memory (PR_SET_VMA_ANON_NAME); the name is
+            // not kept.
+            MMapPath::Other(name) if name.starts_with("anon:") && !shared => MappingKind::Anonymous,
+            MMapPath::Other(name) if name.starts_with("anon_shmem:") => {
+                MappingKind::SharedAnonymous { inode: map.inode }
+            }
+            MMapPath::Other(name) => return Err(unsupported(format!("special mapping [{name}]"))),
+            MMapPath::Rollup => return Err(unsupported("[rollup]".into())),
+            MMapPath::Path(path) => {
+                let path = path.to_string_lossy();
+                if let Some(name) = path
+                    .strip_prefix("/memfd:")
+                    .and_then(|rest| rest.strip_suffix(" (deleted)"))
+                {
+                    MappingKind::Memfd {
+                        name: name.to_owned(),
+                        inode: map.inode,
+                        offset: map.offset,
+                    }
+                } else if path == "/dev/zero (deleted)" && shared {
+                    MappingKind::SharedAnonymous { inode: map.inode }
+                } else if path.ends_with(" (deleted)") {
+                    return Err(unsupported(format!("mapped file {path} was deleted")));
+                } else {
+                    MappingKind::File {
+                        path: path.into_owned(),
+                        device: format!("{:02x}:{:02x}", map.dev.0, map.dev.1),
+                        inode: map.inode,
+                        offset: map.offset,
+                    }
+                }
+            }
+        };
+        mappings.push(Mapping {
+            start,
+            end,
+            protection: Protection {
+                read: map.perms.contains(MMPermissions::READ),
+                write: map.perms.contains(MMPermissions::WRITE),
+                exec: map.perms.contains(MMPermissions::EXECUTE),
+            },
+            shared,
+            kind,
+            pages: Vec::new(),
+        });
+    }
+    Ok(mappings)
+}
+
+fn policy(mapping: &Mapping) -> StorePolicy {
+    match (&mapping.kind, mapping.shared) {
+        (MappingKind::Vdso | MappingKind::Vvar { .. }, _) => StorePolicy::Nothing,
+        (MappingKind::File { .. }, true) => StorePolicy::Nothing,
+        (MappingKind::SharedAnonymous { .. } | MappingKind::Memfd { .. }, true) => {
+            StorePolicy::ShmemData
+        }
+        _ => StorePolicy::PrivatePages,
+    }
+}
+
+/// Totals of a memory dump.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpStats {
+    /// Pages stored.
+    pub pages: u64,
+    /// Bytes read from the process.
+    pub bytes: u64,
+}
+
+/// One contiguous piece of a mapping to store.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    mapping: usize,
+    first_page: u64,
+    pages: u64,
+}
+
+/// Reads the pages worth storing of every mapping and appends them to the
+/// page store, filling each mapping's `pages`.
+pub fn dump(
+    pid: i32,
+    mappings: &mut [Mapping],
+    writer: &mut ImageWriter,
+    mem: &ProcMem,
+) -> Result<DumpStats, CheckpointError> {
+    let pagemap = Pagemap::open(pid).map_err(|source| CheckpointError::Proc {
+        pid,
+        path: format!("/proc/{pid}/pagemap"),
+        source,
+    })?;
+    let mut batch = Batch::new(pid);
+    for index in 0..mappings.len() {
+        let segments = match policy(&mappings[index]) {
+            StorePolicy::Nothing => continue,
+            StorePolicy::PrivatePages => private_segments(pid, &pagemap, &mappings[index], index)?,
+            StorePolicy::ShmemData => shmem_segments(pid, &mappings[index], index)?,
+        };
+        for segment in segments {
+            batch.push(segment, mappings, writer, mem)?;
+        }
+    }
+    batch.flush(mappings, writer, mem)?;
+    Ok(batch.stats)
+}
+
+/// Runs of pages of a private mapping that are present and anonymous, or swapped.
+fn private_segments(
+    pid: i32,
+    pagemap: &Pagemap,
+    mapping: &Mapping,
+    index: usize,
+) -> Result<Vec<Segment>, CheckpointError> {
+    let total = mapping.len() / PAGE_SIZE;
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut entries = vec![PagemapEntry(0); PAGEMAP_CHUNK.min(total as usize)];
+    let mut page = 0;
+    while page < total {
+        let count = (total - page).min(PAGEMAP_CHUNK as u64) as usize;
+        let chunk = &mut entries[..count];
+        pagemap
+            .read(mapping.start + page * PAGE_SIZE, chunk)
+            .map_err(|source| CheckpointError::Memory {
+                pid,
+                addr: mapping.start + page * PAGE_SIZE,
+                len: count * PAGE_SIZE as usize,
+                what: "pagemap",
+                source,
+            })?;
+        for (offset, entry) in chunk.iter().enumerate() {
+            let wanted = (entry.present() && !entry.file_or_shared()) || entry.swapped();
+            if !wanted {
+                continue;
+            }
+            let this = page + offset as u64;
+            match segments.last_mut() {
+                Some(last) if last.first_page + last.pages == this => last.pages += 1,
+                _ => segments.push(Segment {
+                    mapping: index,
+                    first_page: this,
+                    pages: 1,
+                }),
+            }
+        }
+        page += count as u64;
+    }
+    Ok(segments)
+}
+
+/// Runs of pages of a shared memory mapping whose object holds data there.
+fn shmem_segments(
+    pid: i32,
+    mapping: &Mapping,
+    index: usize,
+) -> Result<Vec<Segment>, CheckpointError> {
+    let path = format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.start, mapping.end
+    );
+    let file = File::open(&path).map_err(|source| CheckpointError::Proc {
+        pid,
+        path: path.clone(),
+        source,
+    })?;
+    let offset = match mapping.kind {
+        MappingKind::Memfd { offset, .. } => offset,
+        _ => 0,
+    };
+    let start = offset as i64;
+    let end = start + mapping.len() as i64;
+    let mut segments = Vec::new();
+    let mut cursor = start;
+    while cursor < end {
+        let data = match nix::unistd::lseek(file.as_fd(), cursor, Whence::SeekData) {
+            Ok(data) => data,
+            // No data from `cursor` to the end of the object.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(errno) => {
+                return Err(CheckpointError::Proc {
+                    pid,
+                    path,
+                    source: errno.into(),
+                });
+            }
+        };
+        if data >= end {
+            break;
+        }
+        let hole = nix::unistd::lseek(file.as_fd(), data, Whence::SeekHole)
+            .map_err(|errno| CheckpointError::Proc {
+                pid,
+                path: path.clone(),
+                source: errno.into(),
+            })?
+            .min(end);
+        let first = (data - start) as u64 / PAGE_SIZE;
+        let last = ((hole - start) as u64).div_ceil(PAGE_SIZE);
+        segments.push(Segment {
+            mapping: index,
+            first_page: first,
+            pages: last - first,
+        });
+        cursor = hole;
+    }
+    Ok(segments)
+}
+
+/// Segments waiting to be read in one `process_vm_readv`.
+struct Batch {
+    pid: i32,
+    segments: Vec<Segment>,
+    ranges: Vec<RemoteRange>,
+    bytes: usize,
+    buffer: Vec<u8>,
+    stats: DumpStats,
+}
+
+impl Batch {
+    fn new(pid: i32) -> Self {
+        Self {
+            pid,
+            segments: Vec::new(),
+            ranges: Vec::new(),
+            bytes: 0,
+            buffer: Vec::new(),
+            stats: DumpStats::default(),
+        }
+    }
+
+    fn push(
+        &mut self,
+        mut segment: Segment,
+        mappings: &mut [Mapping],
+        writer: &mut ImageWriter,
+        mem: &ProcMem,
+    ) -> Result<(), CheckpointError> {
+        let max_pages = BATCH_BYTES as u64 / PAGE_SIZE;
+        while segment.pages > 0 {
+            if self.ranges.len() == procmem::MAX_IOVECS || self.bytes == BATCH_BYTES {
+                self.flush(mappings, writer, mem)?;
+            }
+            let room = max_pages - self.bytes as u64 / PAGE_SIZE;
+            let take = segment.pages.min(room);
+            let piece = Segment {
+                pages: take,
+                ..segment
+            };
+            let mapping = &mappings[piece.mapping];
+            self.ranges.push(RemoteRange {
+                addr: mapping.start + piece.first_page * PAGE_SIZE,
+                len: (take * PAGE_SIZE) as usize,
+            });
+            self.segments.push(piece);
+            self.bytes += (take * PAGE_SIZE) as usize;
+            segment.first_page += take;
+            segment.pages -= take;
+        }
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        mappings: &mut [Mapping],
+        writer: &mut ImageWriter,
+        mem: &ProcMem,
+    ) -> Result<(), CheckpointError> {
+        if self.segments.is_empty() {
+            return Ok(());
+        }
+        if self.buffer.len() < self.bytes {
+            self.buffer.resize(BATCH_BYTES, 0);
+        }
+        let buffer = &mut self.buffer[..self.bytes];
+        // Fast path for the readable mappings; whatever the kernel could
+        // not read (protection, a racing fault) is read through /proc/PID/mem.
+        let read = procmem::read_vectored(self.pid, buffer, &self.ranges).unwrap_or(0);
+        let mut offset = 0;
+        for range in &self.ranges {
+            let end = offset + range.len;
+            if end > read {
+                let done = read.saturating_sub(offset);
+                let addr = range.addr + done as u64;
+                mem.read_exact_at(addr, &mut buffer[offset + done..end])
+                    .map_err(|source| CheckpointError::Memory {
+                        pid: self.pid,
+                        addr,
+                        len: range.len - done,
+                        what: "/proc/PID/mem",
+                        source,
+                    })?;
+            }
+            offset = end;
+        }
+        let mut offset = 0;
+        for segment in &self.segments {
+            let len = (segment.pages * PAGE_SIZE) as usize;
+            let runs = writer
+                .append_pages(segment.first_page, &buffer[offset..offset + len])
+                .map_err(|source| CheckpointError::Image {
+                    pid: self.pid,
+                    source,
+                })?;
+            mappings[segment.mapping].pages.extend(runs);
+            offset += len;
+        }
+        self.stats.pages += self.bytes as u64 / PAGE_SIZE;
+        self.stats.bytes += self.bytes as u64;
+        self.segments.clear();
+        self.ranges.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}

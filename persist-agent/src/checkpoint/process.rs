@@ -1,0 +1,190 @@
+//! Process-wide state: identity, command line, directories, limits,
+//! credentials, signal handlers, interval timers and the mm fields.
+//!
+//! Most comes from /proc; what /proc does not show (handlers, timers, the
+//! exact brk, securebits) is asked by system calls injected into the
+//! stopped thread-group leader.
+
+use std::fs;
+
+use persist_common::image::{Credentials, ITimer, MmFields, ProcessInfo, Rlimit, SigAction};
+
+use crate::sys::procmem::ProcMem;
+use crate::sys::rlimit;
+
+use super::CheckpointError;
+use super::inject::Injector;
+use super::status::Status;
+
+/// `RLIM_NLIMITS`: resource limits 0 to 15.
+const RLIMIT_COUNT: u32 = 16;
+/// `PR_GET_SECUREBITS`.
+const PR_GET_SECUREBITS: u64 = 27;
+/// Highest signal number.
+const MAX_SIGNAL: u64 = 64;
+/// `SIG_DFL`.
+const SIG_DFL: u64 = 0;
+
+/// Saves the process-wide state of stopped process `pid`, injecting calls
+/// into its leader thread through the `syscall` instruction at `syscall_at`.
+pub fn save_process(
+    pid: i32,
+    mem: &ProcMem,
+    syscall_at: u64,
+) -> Result<ProcessInfo, CheckpointError> {
+    let procfs_error = |what, source| CheckpointError::ProcFs { pid, what, source };
+    let process = procfs::process::Process::new(pid).map_err(|e| procfs_error("process", e))?;
+    let stat = process.stat().map_err(|e| procfs_error("stat", e))?;
+    let status = Status::read(pid, None)?;
+
+    let mut injector = Injector::new(pid, pid, mem, syscall_at)?;
+    let scratch = injector.scratch();
+    let mut sigactions = Vec::new();
+    for signal in 1..=MAX_SIGNAL {
+        injector.checked_syscall(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[signal, 0, scratch, 8],
+        )?;
+        let [handler, flags, restorer, mask] = injector.read_scratch_words::<4>(0)?;
+        if handler != SIG_DFL {
+            sigactions.push(SigAction {
+                signal: signal as u32,
+                handler,
+                flags,
+                restorer,
+                mask,
+            });
+        }
+    }
+    let mut itimers = Vec::new();
+    for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
+        injector.checked_syscall("getitimer", libc::SYS_getitimer, &[which as u64, scratch])?;
+        let [interval_s, interval_us, value_s, value_us] = injector.read_scratch_words::<4>(0)?;
+        itimers.push(ITimer {
+            which: which as u32,
+            interval_us: interval_s * 1_000_000 + interval_us,
+            value_us: value_s * 1_000_000 + value_us,
+        });
+    }
+    let brk = injector.checked_syscall("brk", libc::SYS_brk, &[0])? as u64;
+    let securebits = injector.checked_syscall(
+        "prctl(PR_GET_SECUREBITS)",
+        libc::SYS_prctl,
+        &[PR_GET_SECUREBITS],
+    )? as u32;
+    injector.finish()?;
+
+    let mut rlimits = Vec::new();
+    for resource in 0..RLIMIT_COUNT {
+        let (soft, hard) = rlimit::get(pid, resource).map_err(|source| CheckpointError::Proc {
+            pid,
+            path: format!("prlimit resource {resource}"),
+            source,
+        })?;
+        rlimits.push(Rlimit {
+            resource,
+            soft,
+            hard,
+        });
+    }
+
+    let word4 = |key: &str| -> Result<[u32; 4], CheckpointError> {
+        let values = status.numbers(key)?;
+        let ids: Vec<u32> = values.iter().map(|&v| v as u32).collect();
+        ids.try_into().map_err(|_| CheckpointError::ProcField {
+            pid,
+            path: format!("/proc/{pid}/status"),
+            field: key.to_owned(),
+        })
+    };
+    let credentials = Credentials {
+        uids: word4("Uid")?,
+        gids: word4("Gid")?,
+        groups: status
+            .numbers("Groups")?
+            .into_iter()
+            .map(|g| g as u32)
+            .collect(),
+        cap_inheritable: status.hex("CapInh")?,
+        cap_permitted: status.hex("CapPrm")?,
+        cap_effective: status.hex("CapEff")?,
+        cap_bounding: status.hex("CapBnd")?,
+        cap_ambient: status.hex("CapAmb")?,
+        no_new_privs: status.number("NoNewPrivs")? != 0,
+        securebits,
+    };
+
+    let auxv_bytes = read_proc(pid, "auxv")?;
+    let auxv = auxv_bytes
+        .chunks_exact(8)
+        .map(|chunk| u64::from_ne_bytes(chunk.try_into().expect("8-byte chunk")))
+        .collect();
+    let mm = MmFields {
+        start_code: stat.startcode,
+        end_code: stat.endcode,
+        start_data: stat.start_data.unwrap_or(0),
+        end_data: stat.end_data.unwrap_or(0),
+        start_brk: stat.start_brk.unwrap_or(0),
+        brk,
+        start_stack: stat.startstack,
+        arg_start: stat.arg_start.unwrap_or(0),
+        arg_end: stat.arg_end.unwrap_or(0),
+        env_start: stat.env_start.unwrap_or(0),
+        env_end: stat.env_end.unwrap_or(0),
+        auxv,
+    };
+
+    let personality_text = String::from_utf8_lossy(&read_proc(pid, "personality")?).into_owned();
+    let personality = u32::from_str_radix(personality_text.trim(), 16).map_err(|_| {
+        CheckpointError::ProcField {
+            pid,
+            path: format!("/proc/{pid}/personality"),
+            field: "personality".into(),
+        }
+    })?;
+
+    Ok(ProcessInfo {
+        pid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        comm: stat.comm.clone(),
+        exe: read_link(pid, "exe")?,
+        argv: split_nul(&read_proc(pid, "cmdline")?),
+        environ: split_nul(&read_proc(pid, "environ")?),
+        cwd: read_link(pid, "cwd")?,
+        root: read_link(pid, "root")?,
+        umask: status.octal("Umask")?,
+        personality,
+        rlimits,
+        credentials,
+        sigactions,
+        shared_pending: status.hex("ShdPnd")?,
+        itimers,
+        mm,
+    })
+}
+
+fn read_proc(pid: i32, name: &str) -> Result<Vec<u8>, CheckpointError> {
+    let path = format!("/proc/{pid}/{name}");
+    fs::read(&path).map_err(|source| CheckpointError::Proc { pid, path, source })
+}
+
+fn read_link(pid: i32, name: &str) -> Result<String, CheckpointError> {
+    let path = format!("/proc/{pid}/{name}");
+    fs::read_link(&path)
+        .map(|target| target.to_string_lossy().into_owned())
+        .map_err(|source| CheckpointError::Proc { pid, path, source })
+}
+
+/// Splits NUL-terminated strings (cmdline, environ).
+fn split_nul(bytes: &[u8]) -> Vec<String> {
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|&b| b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}

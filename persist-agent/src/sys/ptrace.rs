@@ -1,0 +1,287 @@
+//! ptrace(2) on single threads: seize, interrupt, wait, registers, signal
+//! masks, rseq configuration, single-stepping and detaching.
+//!
+//! Every function takes a thread id; errors are the raw `io::Error` of the
+//! call, for the caller to wrap with the thread it was working on.
+
+use std::io;
+
+/// Number of 64-bit words in `struct user_regs_struct` on x86-64.
+pub const USER_REGS_WORDS: usize = 27;
+
+/// Indices of registers in a [`Regs`] array (the order of `user_regs_struct`).
+pub mod reg {
+    /// `rbp`.
+    pub const RBP: usize = 4;
+    /// `r10`: fourth syscall argument.
+    pub const R10: usize = 7;
+    /// `r9`: sixth syscall argument.
+    pub const R9: usize = 8;
+    /// `r8`: fifth syscall argument.
+    pub const R8: usize = 9;
+    /// `rax`: syscall number in, result out.
+    pub const RAX: usize = 10;
+    /// `rdx`: third syscall argument.
+    pub const RDX: usize = 12;
+    /// `rsi`: second syscall argument.
+    pub const RSI: usize = 13;
+    /// `rdi`: first syscall argument.
+    pub const RDI: usize = 14;
+    /// `orig_rax`: the syscall the thread is in, or -1.
+    pub const ORIG_RAX: usize = 15;
+    /// `rip`.
+    pub const RIP: usize = 16;
+    /// `eflags`.
+    pub const EFLAGS: usize = 18;
+    /// `rsp`.
+    pub const RSP: usize = 19;
+    /// `fs_base`: the TLS pointer.
+    pub const FS_BASE: usize = 21;
+    /// `gs_base`.
+    pub const GS_BASE: usize = 22;
+}
+
+/// The general registers of a thread, `struct user_regs_struct` word by word.
+pub type Regs = [u64; USER_REGS_WORDS];
+
+/// `NT_X86_XSTATE`, the regset of the whole xsave area.
+const NT_X86_XSTATE: libc::c_int = 0x202;
+
+/// Why a traced thread stopped or ended, as `waitpid` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A `PTRACE_EVENT_*` stop (`PTRACE_EVENT_STOP` after an interrupt).
+    Event {
+        /// The event number.
+        event: i32,
+        /// The signal reported with it.
+        signal: i32,
+    },
+    /// A signal-delivery stop (also the SIGTRAP of a single step).
+    Signal(i32),
+    /// The thread exited with this status.
+    Exited(i32),
+    /// The thread was killed by this signal.
+    Killed(i32),
+}
+
+/// `PTRACE_EVENT_STOP`: the stop caused by `PTRACE_INTERRUPT` or a group stop.
+pub const PTRACE_EVENT_STOP: i32 = 128;
+
+fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Attaches to `tid` without stopping it (`PTRACE_SEIZE`, no options).
+pub fn seize(tid: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_SEIZE takes a tid, a null address and options 0.
+    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) }).map(drop)
+}
+
+/// Asks a seized thread to stop (`PTRACE_INTERRUPT`).
+pub fn interrupt(tid: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_INTERRUPT takes only a tid.
+    check(unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) }).map(drop)
+}
+
+/// Detaches from a stopped thread, delivering `signal` (0 for none).
+pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_DETACH takes a tid and a signal number as data.
+    check(unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0usize, signal as usize) }).map(drop)
+}
+
+/// Resumes a stopped thread, delivering `signal` (0 for none).
+pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_CONT takes a tid and a signal number as data.
+    check(unsafe { libc::ptrace(libc::PTRACE_CONT, tid, 0usize, signal as usize) }).map(drop)
+}
+
+/// Runs one instruction of a stopped thread (`PTRACE_SINGLESTEP`).
+pub fn single_step(tid: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_SINGLESTEP takes a tid and signal 0.
+    check(unsafe { libc::ptrace(libc::PTRACE_SINGLESTEP, tid, 0usize, 0usize) }).map(drop)
+}
+
+/// Waits for the next stop or the end of traced thread `tid`.
+pub fn wait(tid: i32) -> io::Result<Stop> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waitpid writes one int to a valid pointer.
+        let rc = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        break;
+    }
+    Ok(if libc::WIFEXITED(status) {
+        Stop::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Stop::Killed(libc::WTERMSIG(status))
+    } else {
+        let signal = libc::WSTOPSIG(status);
+        let event = status >> 16;
+        if event != 0 {
+            Stop::Event { event, signal }
+        } else {
+            Stop::Signal(signal)
+        }
+    })
+}
+
+/// Reads the general registers of a stopped thread.
+pub fn get_regs(tid: i32) -> io::Result<Regs> {
+    let mut regs: Regs = [0; USER_REGS_WORDS];
+    // SAFETY: PTRACE_GETREGS writes one user_regs_struct (27 u64 words on
+    // x86-64) to the buffer, which is exactly that size.
+    check(unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, regs.as_mut_ptr()) })?;
+    Ok(regs)
+}
+
+/// Writes the general registers of a stopped thread.
+pub fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
+    // SAFETY: PTRACE_SETREGS reads one user_regs_struct from the buffer,
+    // which is exactly that size; the kernel validates the values.
+    check(unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, 0usize, regs.as_ptr()) }).map(drop)
+}
+
+/// Reads the xsave area of a stopped thread (`NT_X86_XSTATE`), at most
+/// `max_len` bytes; the result is as long as the kernel's regset.
+pub fn get_xstate(tid: i32, max_len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; max_len];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes to iov_base,
+    // which points to a buffer of that length, and updates iov_len.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    let len = iov.iov_len;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Reads the blocked-signal mask of a stopped thread.
+pub fn get_sigmask(tid: i32) -> io::Result<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: PTRACE_GETSIGMASK writes `addr` (8) bytes to the u64.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            tid,
+            std::mem::size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    })?;
+    Ok(mask)
+}
+
+/// Sets the blocked-signal mask of a stopped thread (the kernel never blocks
+/// SIGKILL or SIGSTOP whatever the mask says).
+pub fn set_sigmask(tid: i32, mask: u64) -> io::Result<()> {
+    // SAFETY: PTRACE_SETSIGMASK reads `addr` (8) bytes from the u64.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            tid,
+            std::mem::size_of::<u64>(),
+            &mask as *const u64,
+        )
+    })
+    .map(drop)
+}
+
+/// A thread's rseq registration as `PTRACE_GET_RSEQ_CONFIGURATION` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RseqConfiguration {
+    /// Address of the registered `struct rseq` (0: none).
+    pub rseq_abi_pointer: u64,
+    /// Registered length.
+    pub rseq_abi_size: u32,
+    /// Signature.
+    pub signature: u32,
+    /// Flags given at registration.
+    pub flags: u32,
+    /// Padding.
+    pub pad: u32,
+}
+
+/// Reads the rseq registration of a stopped thread.
+pub fn get_rseq_configuration(tid: i32) -> io::Result<RseqConfiguration> {
+    let mut config = RseqConfiguration::default();
+    // SAFETY: the kernel writes at most `addr` bytes (the struct's size) to
+    // the struct, whose layout matches `struct ptrace_rseq_configuration`.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GET_RSEQ_CONFIGURATION,
+            tid,
+            std::mem::size_of::<RseqConfiguration>(),
+            &mut config as *mut RseqConfiguration,
+        )
+    })?;
+    Ok(config)
+}
+
+/// `PTRACE_EVENT_FORK`: a traced thread forked; the message is the new pid.
+pub const PTRACE_EVENT_FORK: i32 = 1;
+/// `PTRACE_EVENT_CLONE`: a traced thread made a thread; the message is its tid.
+pub const PTRACE_EVENT_CLONE: i32 = 3;
+
+/// Attaches to `tid` without stopping it, with `PTRACE_O_*` `options`
+/// (e.g. `PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL` for a process being
+/// restored).
+pub fn seize_with_options(tid: i32, options: libc::c_int) -> io::Result<()> {
+    // SAFETY: PTRACE_SEIZE takes a tid, a null address and the options as data.
+    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, options as usize) }).map(drop)
+}
+
+/// Reads the message of the last `PTRACE_EVENT_*` stop (the new pid or tid
+/// for fork and clone events, in the tracer's pid namespace).
+pub fn event_message(tid: i32) -> io::Result<u64> {
+    let mut message: libc::c_ulong = 0;
+    // SAFETY: PTRACE_GETEVENTMSG writes one unsigned long to the pointer.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETEVENTMSG,
+            tid,
+            0usize,
+            &mut message as *mut libc::c_ulong,
+        )
+    })?;
+    Ok(message)
+}
+
+/// Writes the xsave area of a stopped thread (`NT_X86_XSTATE`), as read by
+/// [`get_xstate`] on the same CPU model.
+pub fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: xstate.as_ptr().cast_mut().cast(),
+        iov_len: xstate.len(),
+    };
+    // SAFETY: PTRACE_SETREGSET only reads iov_len bytes from iov_base, a
+    // live slice of that length; the kernel validates the content.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    })
+    .map(drop)
+}
