@@ -1,1 +1,282 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: private network namespaces,
+//! temporary state directories, a daemon started and killed by pid, and
+//! clients that connect from inside a namespace.
+//!
+//! Every test builds its own [`Sandbox`]; dropping it kills exactly the
+//! processes it started and deletes its namespace and directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/TEST-HASH -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/PROFILE/deps")
+        .to_owned()
+}
+
+/// Path of a workspace binary, which must have been built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A network namespace of its own, deleted on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates a namespace with loopback up.
+    pub fn new() -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "persist-t{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// The namespace's name for `ip netns`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+
+    /// Inode of the namespace, as `bpftool link` shows it (`netns_ino`).
+    pub fn inode(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(format!("/run/netns/{}", self.name))?.ino())
+    }
+
+    /// Runs `work` on a thread that has entered the namespace.
+    pub fn enter<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        let ns = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening namespace {}", self.name))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .context("setns into the test namespace")?;
+                    Ok(work())
+                })
+                .join()
+                .expect("namespace thread panicked")
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// A namespace, a state directory and the processes a test started in them.
+pub struct Sandbox {
+    /// The namespace.
+    pub netns: NetNs,
+    /// The state directory.
+    pub state: tempfile::TempDir,
+    daemon: Option<Child>,
+    extra_pids: Vec<i32>,
+}
+
+impl Sandbox {
+    /// A fresh namespace and state directory, no daemon yet.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            netns: NetNs::new()?,
+            state: tempfile::Builder::new().prefix("persist-test-").tempdir()?,
+            daemon: None,
+            extra_pids: Vec::new(),
+        })
+    }
+
+    /// A fresh sandbox with a daemon running.
+    pub fn with_daemon() -> Result<Self> {
+        let mut sandbox = Self::new()?;
+        sandbox.start_daemon()?;
+        Ok(sandbox)
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Starts the daemon in the namespace and waits for its control socket.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let socket = self.state_dir().join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = File::create(self.state_dir().join("daemon.log"))?;
+        let child = self
+            .netns
+            .command(binary("persist-agent"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon")?;
+        self.daemon = Some(child);
+        wait_until(Duration::from_secs(10), || socket.exists())
+            .with_context(|| format!("daemon did not start; log:\n{}", self.daemon_log()))?;
+        Ok(())
+    }
+
+    /// Kills the daemon with SIGKILL (by pid) and reaps it.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs `persist-agent --state-dir DIR ARGS...` in the namespace.
+    pub fn agent(&self, args: &[&str]) -> Output {
+        self.netns
+            .command(binary("persist-agent"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running persist-agent")
+    }
+
+    /// Like [`Sandbox::agent`], failing with its stderr unless it exits 0.
+    pub fn agent_ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.agent(args);
+        if !output.status.success() {
+            bail!(
+                "persist-agent {} failed: {}\ndaemon log:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr),
+                self.daemon_log()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> Result<Vec<serde_json::Value>> {
+        let text = self.agent_ok(&["status", "--json"])?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The status object of one service.
+    pub fn service(&self, name: &str) -> Result<serde_json::Value> {
+        self.status()?
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .with_context(|| format!("service {name} missing from status"))
+    }
+
+    /// Remembers a pid to kill when the sandbox is dropped.
+    pub fn track_pid(&mut self, pid: i32) {
+        self.extra_pids.push(pid);
+    }
+
+    /// Sends one HTTP GET to `127.0.0.1:port` from inside the namespace.
+    pub fn http_get(&self, port: u16) -> Result<String> {
+        self.netns.enter(|| http_get(port))?
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Services the daemon started: kill them by the pids it reported.
+        if self.daemon.is_some()
+            && let Ok(statuses) = self.status()
+        {
+            for pid in statuses.iter().filter_map(|s| s["pid"].as_i64()) {
+                kill_session(pid as i32);
+            }
+        }
+        self.kill_daemon();
+        for pid in self.extra_pids.drain(..) {
+            kill_session(pid);
+        }
+    }
+}
+
+/// SIGKILLs a process and its session (services run as session leaders).
+pub fn kill_session(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// One HTTP/1.0 GET of `/` on `127.0.0.1:port`, returning the body.
+pub fn http_get(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .with_context(|| format!("no HTTP response: {response:?}"))?;
+    Ok(body)
+}
+
+/// Polls `ready` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn run_ok(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}

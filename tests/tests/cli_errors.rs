@@ -1,0 +1,124 @@
+//! Every bad input gets exit code 1 and one clear line.
+
+use std::process::Output;
+
+use persist_tests::{Sandbox, binary};
+
+fn failure(output: &Output) -> String {
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "exit code 1 expected: {output:?}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[test]
+fn unknown_service_is_named() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let err = failure(&sandbox.agent(&["remove", "nope"]));
+    assert!(err.ends_with("unknown service: nope"), "{err}");
+}
+
+#[test]
+fn port_taken_by_a_service_or_another_process_is_refused() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let server = binary("hello-server").display().to_string();
+    sandbox
+        .agent_ok(&["add", "a", "--port", "9000", "--exec", "--", &server])
+        .unwrap();
+    let err = failure(&sandbox.agent(&["add", "b", "--port", "9000", "--exec", "--", &server]));
+    assert!(
+        err.ends_with("port 9000 is already taken by service a"),
+        "{err}"
+    );
+
+    let _holder = sandbox
+        .netns
+        .enter(|| std::net::TcpListener::bind("127.0.0.1:9001").unwrap())
+        .unwrap();
+    let err = failure(&sandbox.agent(&["add", "c", "--port", "9001", "--exec", "--", &server]));
+    assert!(
+        err.ends_with("port 9001 on 127.0.0.1 is already in use"),
+        "{err}"
+    );
+    assert_eq!(
+        sandbox.status().unwrap().len(),
+        1,
+        "refused services are not registered"
+    );
+}
+
+#[test]
+fn missing_daemon_is_explained() {
+    let sandbox = Sandbox::new().unwrap();
+    let err = failure(&sandbox.agent(&["status"]));
+    assert!(err.contains("the persist daemon is not running"), "{err}");
+}
+
+#[test]
+fn missing_command_is_named() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let err = failure(&sandbox.agent(&[
+        "add",
+        "x",
+        "--port",
+        "9002",
+        "--exec",
+        "--",
+        "/no/such/server",
+    ]));
+    assert!(err.ends_with("command not found: /no/such/server"), "{err}");
+}
+
+#[test]
+fn running_without_root_is_refused() {
+    let sandbox = Sandbox::new().unwrap();
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(binary("persist-agent"))
+        .arg("--state-dir")
+        .arg(sandbox.state_dir())
+        .arg("status")
+        .output()
+        .unwrap();
+    let err = failure(&output);
+    assert!(err.contains("must run as root"), "{err}");
+}
+
+#[test]
+fn a_service_file_with_a_typo_is_reported_and_the_others_still_run() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let services = sandbox.state_dir().join("services");
+    std::fs::create_dir_all(&services).unwrap();
+    std::fs::write(
+        services.join("typo.json"),
+        b"{\"name\": \"typo\", \"port\": 80,",
+    )
+    .unwrap();
+    let server = binary("hello-server").display().to_string();
+    let good = serde_json::json!({
+        "name": "good", "addr": "127.0.0.1", "port": 9003, "mode": "exec",
+        "idle_timeout": null, "command": [server],
+    });
+    std::fs::write(services.join("good.json"), good.to_string()).unwrap();
+    sandbox.start_daemon().unwrap();
+
+    let typo = sandbox.service("typo").unwrap();
+    assert_eq!(typo["state"], "failed");
+    assert!(
+        typo["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid service file"),
+        "{typo}"
+    );
+    assert!(
+        sandbox
+            .http_get(9003)
+            .unwrap()
+            .starts_with("hello from pid")
+    );
+}
