@@ -37,6 +37,16 @@ pub enum Request {
     },
     /// Report every service.
     Status,
+    /// Stop a service now and park it.
+    Park {
+        /// Its name.
+        name: String,
+    },
+    /// Start a parked service now.
+    Wake {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// The daemon's answer.
@@ -92,6 +102,9 @@ pub struct ServiceStatus {
     pub wakes: u64,
     /// Microseconds from the waking SYN to the service running, for the last wake.
     pub last_wake_us: Option<u64>,
+    /// Microseconds from the waking SYN to the daemon reading its wake event.
+    #[serde(default)]
+    pub last_event_us: Option<u64>,
     /// Resident memory of the service's processes.
     pub rss_bytes: u64,
     /// Why the service failed, when it did.

@@ -38,6 +38,16 @@ enum Command {
         /// Name of the service.
         name: String,
     },
+    /// Stop a service now and park it; the next SYN wakes it.
+    Park {
+        /// Name of the service.
+        name: String,
+    },
+    /// Start a parked service now, without waiting for a SYN.
+    Wake {
+        /// Name of the service.
+        name: String,
+    },
     /// Show every service.
     Status {
         /// Print a JSON array instead of a table.
@@ -119,6 +129,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Remove { name } => {
             let reply = control::call(&cli.state_dir, &Request::Remove { name })?;
+            println!("{}", reply.message);
+        }
+        Command::Park { name } => {
+            let reply = control::call(&cli.state_dir, &Request::Park { name })?;
+            println!("{}", reply.message);
+        }
+        Command::Wake { name } => {
+            let reply = control::call(&cli.state_dir, &Request::Wake { name })?;
             println!("{}", reply.message);
         }
         Command::Status { json } => {

@@ -71,6 +71,14 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
             Ok(()) => Reply::ok(format!("removed {name}")),
             Err(err) => Reply::error(err.to_string()),
         },
+        Request::Park { name } => match registry.force(&name, true).await {
+            Ok(()) => Reply::ok(format!("parked {name}")),
+            Err(err) => Reply::error(err.to_string()),
+        },
+        Request::Wake { name } => match registry.force(&name, false).await {
+            Ok(()) => Reply::ok(format!("woke {name}")),
+            Err(err) => Reply::error(err.to_string()),
+        },
         Request::Status => Reply {
             services: registry.status(),
             ..Reply::default()

@@ -32,6 +32,9 @@ pub enum RegistryError {
         /// The service that has it.
         owner: String,
     },
+    /// The service refused the transition.
+    #[error("{0}")]
+    Refused(String),
     /// Every BPF slot is used.
     #[error("no free service slot (at most {0} services)")]
     Full(u32),
@@ -205,11 +208,37 @@ impl Registry {
         Ok(finished)
     }
 
+    /// Parks (`park == true`) or wakes a service now.
+    pub async fn force(&self, name: &str, park: bool) -> Result<(), RegistryError> {
+        let (done, answer) = oneshot::channel();
+        {
+            let services = self.services.lock().expect("lock");
+            let handle = services
+                .get(name)
+                .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
+            let command = if park {
+                Command::Park { done }
+            } else {
+                Command::WakeNow { done }
+            };
+            let _ = handle.commands.send(command);
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(RegistryError::Refused(format!("{name}: {reason}"))),
+            Err(_) => Err(RegistryError::Refused(format!(
+                "{name}: its supervisor has stopped"
+            ))),
+        }
+    }
+
     /// Routes a BPF wake event to its service.
     pub fn wake(&self, event: &WakeEvent) {
         let services = self.services.lock().expect("lock");
         match services.values().find(|h| h.slot == event.service_id) {
             Some(handle) => {
+                handle.snapshot.lock().expect("lock").last_event_us =
+                    Some(super::since_monotonic_us(event.syn_ns));
                 let _ = handle.commands.send(Command::Wake {
                     syn_ns: event.syn_ns,
                 });
@@ -237,6 +266,7 @@ impl Registry {
                     syns: stats.syns,
                     wakes: snapshot.wakes,
                     last_wake_us: snapshot.last_wake_us,
+                    last_event_us: snapshot.last_event_us,
                     rss_bytes: rss_of_sessions(&snapshot.sessions),
                     error: snapshot.error,
                 }
@@ -253,6 +283,7 @@ impl Registry {
                 syns: 0,
                 wakes: 0,
                 last_wake_us: None,
+                last_event_us: None,
                 rss_bytes: 0,
                 error: Some(error.clone()),
             });

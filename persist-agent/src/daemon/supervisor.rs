@@ -69,6 +69,9 @@ pub struct Snapshot {
     pub wakes: u64,
     /// SYN-to-running latency of the last wake.
     pub last_wake_us: Option<u64>,
+    /// SYN-to-agent latency of the last wake event (BPF timestamp to the
+    /// daemon reading the ring buffer).
+    pub last_event_us: Option<u64>,
     /// Why the service last failed.
     pub error: Option<String>,
 }
@@ -80,6 +83,16 @@ pub enum Command {
     Wake {
         /// CLOCK_MONOTONIC of the SYN.
         syn_ns: u64,
+    },
+    /// Stop the service now and park it (`persist-agent park`).
+    Park {
+        /// Answered once parked, or with why not.
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Start the service now (`persist-agent wake`).
+    WakeNow {
+        /// Answered once running, or with why not.
+        done: oneshot::Sender<Result<(), String>>,
     },
     /// Stop the service if it runs and end the supervisor.
     Shutdown {
@@ -166,6 +179,7 @@ impl Supervisor {
             sessions: Vec::new(),
             wakes: 0,
             last_wake_us: None,
+            last_event_us: None,
             error: None,
         }));
         let mut supervisor = Self {
@@ -224,6 +238,12 @@ impl Supervisor {
                 }
                 match commands.recv().await {
                     Some(Command::Wake { syn_ns }) => self.start_exec(Some(syn_ns)),
+                    Some(Command::Park { done }) => drop(done.send(Ok(()))),
+                    Some(Command::WakeNow { done }) => {
+                        self.start_exec(None);
+                        let snapshot = self.snapshot.lock().expect("snapshot lock");
+                        let _ = done.send(snapshot.error.clone().map_or(Ok(()), Err));
+                    }
                     Some(Command::Shutdown { done }) => {
                         let _ = done.send(());
                         return Ok(());
@@ -247,6 +267,12 @@ impl Supervisor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. }) => {}
+                    Some(Command::WakeNow { done }) => drop(done.send(Ok(()))),
+                    Some(Command::Park { done }) => {
+                        self.stop().await;
+                        self.park();
+                        let _ = done.send(Ok(()));
+                    }
                     Some(Command::Shutdown { done }) => {
                         self.stop().await;
                         let _ = done.send(());
@@ -319,16 +345,27 @@ impl Supervisor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. }) => {}
+                    Some(Command::WakeNow { done }) => {
+                        let _ = done.send(Err("an inetd service starts once per connection".into()));
+                    }
+                    Some(Command::Park { done }) => {
+                        self.kill_connection_handlers();
+                        let _ = done.send(Ok(()));
+                    }
                     Some(Command::Shutdown { done }) => {
-                        for pid in self.snapshot.lock().expect("snapshot lock").sessions.drain(..) {
-                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
-                        }
+                        self.kill_connection_handlers();
                         let _ = done.send(());
                         return Ok(());
                     }
                     None => return Ok(()),
                 },
             }
+        }
+    }
+
+    fn kill_connection_handlers(&self) {
+        for &pid in &self.snapshot.lock().expect("snapshot lock").sessions {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
 
