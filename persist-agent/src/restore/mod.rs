@@ -1,8 +1,41 @@
 //! Restore: rebuild a process from an image, its memory paged in lazily.
 //!
-//! (Being written; see `restore` in the CLI for the contract.)
+//! 1. [`Skeleton::prepare`]: the agent re-creates the descriptors
+//!    ([`crate::files`]) and opens the mapped files, then forks a child with
+//!    the recorded pid (`clone3` `set_tid`; inside a fresh pid namespace when
+//!    the pid is taken here). The child installs its descriptors, maps a
+//!    small restorer region at an address free in both layouts and jumps
+//!    into it; the routine there ([`crate::sys::blob`]) runs a table of
+//!    syscalls natively: unmap the agent, move vdso and vvar, map every
+//!    recorded mapping, `PR_SET_MM_MAP`, process attributes, userfaultfd
+//!    registration of anonymous memory. The agent, which seized the child
+//!    before the jump, then writes the dirty pages of private file
+//!    mappings, creates the other threads with their tids, sets per-thread
+//!    state and credentials (last), unmaps the region and sets registers.
+//! 2. [`Skeleton::resume`]: detach every thread (a few µs).
+//! 3. [`Pager::run_until_filled`]: serve faults from the page store and
+//!    fill the rest in the background; the restored process keeps a
+//!    duplicate of its userfaultfd, so a dead pager means blocked faults,
+//!    never zero pages.
 
+mod child;
+mod creds;
+mod layout;
+mod pager;
+mod skeleton;
+mod table;
+
+use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use persist_common::image::{Image, ImageError};
+
+pub use pager::{Pager, PagerStats};
+pub use skeleton::{RestoreConfig, Restored, Skeleton, Timings};
+
+use crate::files::FilesError;
+use crate::sys::clone::{self, Forked};
 
 /// What to restore.
 #[derive(Debug, Clone)]
@@ -14,14 +47,209 @@ pub struct RestoreOptions {
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    /// Not written yet.
-    #[error("restore is not implemented yet")]
-    Unimplemented,
+    /// The image cannot be used (corrupt, truncated, insecure, other host).
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A descriptor could not be re-created.
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    /// A page run failed its checksum.
+    #[error("page at {address:#x}: {reason}")]
+    CorruptImage {
+        /// First address of the run.
+        address: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A page failed its checksum while being served; the process was killed.
+    #[error("pid {pid}: page at {address:#x} is corrupt ({reason}); the restored process was killed")]
+    CorruptPage {
+        /// The restored process.
+        pid: i32,
+        /// The faulting address.
+        address: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A mapped file is not the one the image was taken with.
+    #[error("mapping {address:#x}: {path} changed since the checkpoint (other inode or device)")]
+    FileChanged {
+        /// Start of the mapping.
+        address: u64,
+        /// The file.
+        path: String,
+    },
+    /// The layout cannot be built.
+    #[error("{0}")]
+    Layout(String),
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the process failed.
+    #[error("creating the process: {0}")]
+    Fork(#[source] std::io::Error),
+    /// The child failed before its layout was built.
+    #[error("pid {pid}: {step} failed: {source}")]
+    Child {
+        /// The child.
+        pid: i32,
+        /// What it was doing.
+        step: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A syscall of a restorer table failed.
+    #[error("pid {pid}: {step} failed: {source}")]
+    Step {
+        /// The thread.
+        pid: i32,
+        /// The entry's description (names the mapping address).
+        step: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ptrace or /proc operation on the process failed.
+    #[error("pid {pid}: {action}: {source}")]
+    Ptrace {
+        /// The thread.
+        pid: i32,
+        /// The operation.
+        action: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process did something unexpected while being built.
+    #[error("pid {pid}: {what}")]
+    Unexpected {
+        /// The thread.
+        pid: i32,
+        /// What happened.
+        what: String,
+    },
+    /// The pager failed.
+    #[error("pager of pid {pid}: {reason}")]
+    Pager {
+        /// The restored process.
+        pid: i32,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl RestoreError {
+    fn io(path: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    fn ptrace(pid: i32, action: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Ptrace {
+            pid,
+            action,
+            source,
+        }
+    }
 }
 
 /// Restores the image detached from the caller and returns the pid of the
 /// restored process as seen from the caller's pid namespace.
+///
+/// A detached pager process (its own session, stdio on /dev/null) serves
+/// the memory and exits once everything is in. Every page checksum is
+/// verified before anything runs, so a corrupt image fails here with an
+/// error naming the page.
 pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
-    let _ = options;
-    Err(RestoreError::Unimplemented)
+    let image = Arc::new(Image::open(&options.image)?);
+    let config = RestoreConfig {
+        verify_pages_first: true,
+        ..RestoreConfig::default()
+    };
+    let skeleton = Skeleton::prepare(image, config)?;
+    let prepare_time = skeleton_timings(&skeleton);
+    let restored = skeleton.resume()?;
+    let pid = restored.pid;
+    let timings = restored.timings;
+    let mut pager = restored.pager;
+    match clone::fork_with(0, None).map_err(RestoreError::Fork)? {
+        Forked::Child => {
+            // The CLI is single-threaded, so the child may run ordinary code.
+            let _ = nix::unistd::setsid();
+            let log = std::env::var_os("PERSIST_PAGER_LOG");
+            redirect_stdio(log.as_deref());
+            let code = match pager.run_until_filled() {
+                Ok(stats) => {
+                    eprintln!(
+                        "pager pid {pid}: done: {} faults ({} pages, {} zero), {} pages filled, {} dropped, first fault after {:?}, {:.0} faults/s, total {:?}",
+                        stats.faults,
+                        stats.fault_pages,
+                        stats.zero_faults,
+                        stats.filled_pages,
+                        stats.dropped_pages,
+                        stats.first_fault_after,
+                        stats.faults_per_second(),
+                        stats.total_time
+                    );
+                    0
+                }
+                Err(err) => {
+                    eprintln!("pager pid {pid}: {err}");
+                    1
+                }
+            };
+            let _ = std::io::stderr().flush();
+            clone::exit_now(code)
+        }
+        Forked::Parent(_) => {}
+    }
+    drop(pager);
+    if std::env::var_os("PERSIST_RESTORE_TIMINGS").is_some() {
+        eprintln!(
+            "restore timings: prepare {:?} (layout {:?}), resume {:?}",
+            prepare_time.prepare, prepare_time.layout, timings.resume
+        );
+    }
+    Ok(pid)
+}
+
+fn skeleton_timings(skeleton: &Skeleton) -> Timings {
+    skeleton.timings()
+}
+
+/// Points stdin and stdout at /dev/null and stderr at `log` (or /dev/null),
+/// so the detached pager does not keep the caller's pipes open.
+fn redirect_stdio(log: Option<&std::ffi::OsStr>) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let err = log.and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    if let Ok(null) = null {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        match &err {
+            Some(file) => {
+                let _ = nix::unistd::dup2_stderr(file);
+            }
+            None => {
+                let _ = nix::unistd::dup2_stderr(&null);
+            }
+        }
+    }
 }

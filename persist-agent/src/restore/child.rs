@@ -1,0 +1,162 @@
+//! The forked child's side of a restore: everything it does before it
+//! jumps into the restorer region, with raw system calls only.
+//!
+//! The plan is built by the agent before the fork; the child only reads it.
+//! Any failure is reported on the status pipe as `(step, errno)` and the
+//! child exits.
+
+use std::os::fd::RawFd;
+
+use crate::files::PreparedFds;
+use crate::sys::{blob, clone, uffd};
+
+/// Steps reported on the status pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    /// Creating the userfaultfd.
+    Userfaultfd = 1,
+    /// Moving it to its number.
+    UffdNumber = 2,
+    /// Installing the process's descriptors.
+    Fds = 3,
+    /// Waiting for the agent's go.
+    Go = 4,
+    /// Unregistering the agent's rseq area.
+    Rseq = 5,
+    /// Mapping the restorer region.
+    Region = 6,
+    /// (init of a pid namespace) creating the restored process.
+    Clone = 7,
+}
+
+impl Step {
+    /// Decodes a reported step.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Userfaultfd,
+            2 => Self::UffdNumber,
+            3 => Self::Fds,
+            4 => Self::Go,
+            5 => Self::Rseq,
+            6 => Self::Region,
+            7 => Self::Clone,
+            _ => return None,
+        })
+    }
+
+    /// What the step does, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Userfaultfd => "creating the userfaultfd",
+            Self::UffdNumber => "placing the userfaultfd",
+            Self::Fds => "installing file descriptors",
+            Self::Go => "waiting for the agent",
+            Self::Rseq => "unregistering the inherited rseq area",
+            Self::Region => "mapping the restorer region",
+            Self::Clone => "creating the process in its pid namespace",
+        }
+    }
+}
+
+/// Length of the go message: magic, rseq address, rseq length and signature.
+pub const GO_LEN: usize = 24;
+/// First word of a go message.
+pub const GO_MAGIC: u64 = 0x676f_2070_6572_7369;
+
+/// Everything the child needs, prepared before the fork.
+pub struct ChildPlan<'a> {
+    /// The process's descriptors.
+    pub fds: &'a PreparedFds,
+    /// Descriptors of ours the child keeps (sorted).
+    pub keep: &'a [RawFd],
+    /// The number the userfaultfd takes.
+    pub uffd_fd: RawFd,
+    /// Read end of the go pipe.
+    pub go_fd: RawFd,
+    /// Write end of the status pipe.
+    pub status_fd: RawFd,
+    /// Restorer region address and size.
+    pub region_base: u64,
+    /// Size of the region.
+    pub region_size: usize,
+    /// The region's initial bytes (routine, layout table).
+    pub region_bytes: &'a [u8],
+    /// Address of the layout table's first entry.
+    pub table_addr: u64,
+    /// Number of entries.
+    pub table_count: u64,
+}
+
+fn fail(status_fd: RawFd, step: Step, errno: i32) -> ! {
+    let mut message = [0u8; 8];
+    message[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+    message[4..].copy_from_slice(&errno.to_ne_bytes());
+    clone::write_all_raw(status_fd, &message);
+    clone::exit_now(100 + step as i32)
+}
+
+fn errno_of(err: &std::io::Error) -> i32 {
+    err.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Runs in the forked child: never returns.
+pub fn child_main(plan: &ChildPlan<'_>) -> ! {
+    clone::block_all_signals();
+    let raw_uffd = match uffd::create_raw() {
+        Ok(fd) => fd,
+        Err(err) => fail(plan.status_fd, Step::Userfaultfd, errno_of(&err)),
+    };
+    if let Err(err) = clone::move_fd(raw_uffd, plan.uffd_fd) {
+        fail(plan.status_fd, Step::UffdNumber, errno_of(&err));
+    }
+    if let Err(errno) = plan.fds.install_in_child(plan.keep) {
+        fail(plan.status_fd, Step::Fds, errno as i32);
+    }
+    let mut go = [0u8; GO_LEN];
+    if let Err(err) = clone::read_exact_raw(plan.go_fd, &mut go) {
+        fail(plan.status_fd, Step::Go, errno_of(&err));
+    }
+    let word = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&go[at..at + 8]);
+        u64::from_ne_bytes(bytes)
+    };
+    if word(0) != GO_MAGIC {
+        fail(plan.status_fd, Step::Go, libc::EPROTO);
+    }
+    let rseq_address = word(8);
+    let rseq_length = word(16) as u32;
+    let rseq_signature = (word(16) >> 32) as u32;
+    if rseq_address != 0
+        && let Err(err) = clone::rseq_unregister(rseq_address, rseq_length, rseq_signature)
+    {
+        fail(plan.status_fd, Step::Rseq, errno_of(&err));
+    }
+    if let Err(err) = blob::map_region(plan.region_base, plan.region_size, plan.region_bytes) {
+        fail(plan.status_fd, Step::Region, errno_of(&err));
+    }
+    // SAFETY: the region holds the routine and the layout table; we are
+    // traced by the agent (it sent the go message after seizing us), which
+    // handles the routine's int3.
+    unsafe { blob::jump(plan.region_base, plan.table_addr, plan.table_count) }
+}
+
+/// Runs as init of a fresh pid namespace: waits for the go byte, creates
+/// the restored process with its recorded pid, closes everything and reaps
+/// until no child is left. Never returns.
+pub fn init_main(plan: &ChildPlan<'_>, init_go_fd: RawFd, pid: i32) -> ! {
+    clone::block_all_signals();
+    if let Err(err) = clone::read_byte(init_go_fd) {
+        fail(plan.status_fd, Step::Go, errno_of(&err));
+    }
+    match clone::fork_with(0, Some(pid)) {
+        Ok(clone::Forked::Child) => child_main(plan),
+        Ok(clone::Forked::Parent(_)) => {
+            clone::close_all_except(&[]);
+            clone::reap_until_no_children();
+            clone::exit_now(0)
+        }
+        Err(err) => fail(plan.status_fd, Step::Clone, errno_of(&err)),
+    }
+}

@@ -1,0 +1,423 @@
+//! The lazy pager: serves a restored process's first touches of anonymous
+//! memory from the page store through userfaultfd, and fills the rest in the
+//! background until nothing is missing.
+//!
+//! One thread does everything, on purpose: a background copy decided before
+//! a `madvise(DONTNEED)` event was read could otherwise land after it and
+//! resurrect image content where the process expects zeros. Handling events
+//! and copies in one sequence, and treating `EAGAIN` (the kernel's "address
+//! space changing") as "read events first", keeps that ordering.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use persist_common::image::{Image, PAGE_SIZE, PageRun};
+
+use super::RestoreError;
+use super::layout::lazy_mappings;
+use crate::sys::pidfd::PidFd;
+use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
+
+/// Most pages copied by one background ioctl: small enough that a fault
+/// waiting behind it is served within ~100 µs.
+const FILL_BATCH_PAGES: u64 = 64;
+
+/// Where a missing page's content is: run index and page index in the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Source {
+    run: u32,
+    page: u32,
+}
+
+/// Counters of a pager's work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PagerStats {
+    /// Faults served (a fault may bring in a whole run).
+    pub faults: u64,
+    /// Pages copied to serve faults.
+    pub fault_pages: u64,
+    /// Faults served with a zero page (nothing stored there).
+    pub zero_faults: u64,
+    /// Pages copied in the background.
+    pub filled_pages: u64,
+    /// Pages dropped because the process discarded or unmapped them.
+    pub dropped_pages: u64,
+    /// Time spent serving faults (ioctls and checks).
+    pub fault_time: Duration,
+    /// From the start of [`Pager::run_until_filled`] to the first fault.
+    pub first_fault_after: Option<Duration>,
+    /// From the start of [`Pager::run_until_filled`] to the end.
+    pub total_time: Duration,
+}
+
+impl PagerStats {
+    /// Faults served per second of serving time.
+    pub fn faults_per_second(&self) -> f64 {
+        let secs = self.fault_time.as_secs_f64();
+        if secs > 0.0 {
+            self.faults as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Serves one restored process's lazy memory.
+pub struct Pager {
+    uffd: Userfault,
+    pidfd: PidFd,
+    image: Arc<Image>,
+    runs: Vec<PageRun>,
+    verified: Vec<bool>,
+    pending: BTreeMap<u64, Source>,
+    registered: Vec<(u64, u64)>,
+    stats: PagerStats,
+}
+
+impl std::fmt::Debug for Pager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pager")
+            .field("pid", &self.pidfd.pid())
+            .field("pending_pages", &self.pending.len())
+            .field("registered", &self.registered.len())
+            .finish()
+    }
+}
+
+impl Pager {
+    /// A pager for the lazy mappings of `image`, restored into the process of
+    /// `pidfd` whose userfaultfd is `uffd`.
+    pub(crate) fn new(uffd: Userfault, pidfd: PidFd, image: Arc<Image>) -> Self {
+        let mut runs = Vec::new();
+        let mut pending = BTreeMap::new();
+        let mut registered = Vec::new();
+        for mapping in lazy_mappings(image.manifest()) {
+            registered.push((mapping.start, mapping.end));
+            for run in &mapping.pages {
+                let index = runs.len() as u32;
+                runs.push(*run);
+                for page in 0..run.count {
+                    let address = mapping.start + (run.first_page + page) * PAGE_SIZE;
+                    pending.insert(
+                        address,
+                        Source {
+                            run: index,
+                            page: page as u32,
+                        },
+                    );
+                }
+            }
+        }
+        let verified = vec![false; runs.len()];
+        Self {
+            uffd,
+            pidfd,
+            image,
+            runs,
+            verified,
+            pending,
+            registered,
+            stats: PagerStats::default(),
+        }
+    }
+
+    /// Pid of the restored process (in the agent's namespace).
+    pub fn pid(&self) -> i32 {
+        self.pidfd.pid()
+    }
+
+    /// Pages not yet in the process.
+    pub fn pending_pages(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Brings in the page at `address` now (used during prepare for pages
+    /// the kernel itself writes, such as rseq areas).
+    pub(crate) fn prefill(&mut self, address: u64) -> Result<(), RestoreError> {
+        let page = address & !(PAGE_SIZE - 1);
+        if self.pending.contains_key(&page) {
+            self.copy_around(page, false)?;
+        }
+        Ok(())
+    }
+
+    /// Serves faults and fills memory until every stored page is in the
+    /// process, then unregisters its ranges and returns. Returns early when
+    /// the process exits. On a page checksum error the process is killed.
+    pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
+        let started = Instant::now();
+        let mut events = Vec::new();
+        let mut retry: Vec<u64> = Vec::new();
+        loop {
+            let ready = self.uffd.wait(0).unwrap_or(true);
+            if ready || !retry.is_empty() {
+                events.clear();
+                if let Err(err) = self.uffd.read_events(&mut events) {
+                    if self.pidfd.has_exited() {
+                        break;
+                    }
+                    return Err(RestoreError::Pager {
+                        pid: self.pid(),
+                        reason: format!("reading userfaultfd events: {err}"),
+                    });
+                }
+                let mut faults = std::mem::take(&mut retry);
+                for event in &events {
+                    match *event {
+                        UffdEvent::Fault { address, .. } => faults.push(address),
+                        UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
+                            self.drop_range(start, end);
+                            if matches!(event, UffdEvent::Unmap { .. }) {
+                                self.unregistered(start, end);
+                            }
+                        }
+                        UffdEvent::Remap { from, to, len } => self.remap(from, to, len),
+                        UffdEvent::Other(kind) => {
+                            tracing::warn!(pid = self.pid(), kind, "unexpected userfaultfd event");
+                        }
+                    }
+                }
+                for address in faults {
+                    let fault_start = Instant::now();
+                    if self.stats.first_fault_after.is_none() {
+                        self.stats.first_fault_after = Some(started.elapsed());
+                    }
+                    if !self.serve_fault(address)? {
+                        retry.push(address);
+                    }
+                    self.stats.fault_time += fault_start.elapsed();
+                }
+                if !retry.is_empty() {
+                    continue;
+                }
+            }
+            if self.pending.is_empty() {
+                break;
+            }
+            if !self.fill_batch()? {
+                // The address space is changing: events come first.
+                if self.pidfd.has_exited() {
+                    break;
+                }
+                continue;
+            }
+        }
+        // Faults on never-stored pages may still be queued: answer them so
+        // nobody waits, then give the ranges back to the kernel.
+        events.clear();
+        let _ = self.uffd.read_events(&mut events);
+        for event in &events {
+            if let UffdEvent::Fault { address, .. } = *event {
+                let page = address & !(PAGE_SIZE - 1);
+                if self.uffd.zeropage(page, PAGE_SIZE) == CopyOutcome::Exists {
+                    let _ = self.uffd.wake(page, PAGE_SIZE);
+                }
+            }
+        }
+        for &(start, end) in &self.registered {
+            if let Err(err) = self.uffd.unregister(start, end - start) {
+                tracing::debug!(pid = self.pid(), start, end, %err, "unregister");
+            }
+        }
+        self.stats.total_time = started.elapsed();
+        Ok(self.stats)
+    }
+
+    /// Serves one fault; false when it must be retried after reading events.
+    fn serve_fault(&mut self, address: u64) -> Result<bool, RestoreError> {
+        let page = address & !(PAGE_SIZE - 1);
+        self.stats.faults += 1;
+        if self.pending.contains_key(&page) {
+            let before = self.pending.len();
+            let done = self.copy_around(page, true)?;
+            self.stats.fault_pages += (before - self.pending.len()) as u64;
+            return Ok(done);
+        }
+        self.stats.zero_faults += 1;
+        match self.uffd.zeropage(page, PAGE_SIZE) {
+            CopyOutcome::Again => Ok(false),
+            CopyOutcome::Exists | CopyOutcome::Partial(_) => {
+                let _ = self.uffd.wake(page, PAGE_SIZE);
+                Ok(true)
+            }
+            CopyOutcome::Done | CopyOutcome::Gone => Ok(true),
+        }
+    }
+
+    /// Copies `page` and, when `whole_run`, the pending pages of its run
+    /// that are contiguous with it. False when it must be retried.
+    fn copy_around(&mut self, page: u64, whole_run: bool) -> Result<bool, RestoreError> {
+        let source = self.pending[&page];
+        let mut first = page;
+        let mut first_source = source;
+        let mut count = 1u64;
+        if whole_run {
+            while let Some(previous) = first.checked_sub(PAGE_SIZE) {
+                match self.pending.get(&previous) {
+                    Some(s) if s.run == source.run && s.page + 1 == first_source.page => {
+                        first = previous;
+                        first_source = *s;
+                    }
+                    _ => break,
+                }
+            }
+            loop {
+                let next = first + count * PAGE_SIZE;
+                match self.pending.get(&next) {
+                    Some(s)
+                        if s.run == source.run
+                            && u64::from(s.page) == u64::from(first_source.page) + count =>
+                    {
+                        count += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.copy_span(first, count)
+    }
+
+    /// Fills the lowest pending span in one copy. False when it must be
+    /// retried after reading events.
+    fn fill_batch(&mut self) -> Result<bool, RestoreError> {
+        let Some((&first, &first_source)) = self.pending.iter().next() else {
+            return Ok(true);
+        };
+        let mut offset = self.store_offset(first_source);
+        let mut count = 1u64;
+        while count < FILL_BATCH_PAGES {
+            let next = first + count * PAGE_SIZE;
+            match self.pending.get(&next) {
+                Some(s) if self.store_offset(*s) == offset + PAGE_SIZE => {
+                    offset += PAGE_SIZE;
+                    count += 1;
+                }
+                _ => break,
+            }
+        }
+        let before = self.pending.len();
+        let done = self.copy_span(first, count)?;
+        self.stats.filled_pages += (before - self.pending.len()) as u64;
+        Ok(done)
+    }
+
+    fn store_offset(&self, source: Source) -> u64 {
+        self.runs[source.run as usize].store_offset + u64::from(source.page) * PAGE_SIZE
+    }
+
+    /// Copies `count` pending pages from `first` on, whose contents are
+    /// consecutive in the store. False when it must be retried.
+    fn copy_span(&mut self, first: u64, count: u64) -> Result<bool, RestoreError> {
+        for index in 0..count {
+            let source = self.pending[&(first + index * PAGE_SIZE)];
+            self.verify(source.run, first + index * PAGE_SIZE)?;
+        }
+        let start = self.store_offset(self.pending[&first]) as usize;
+        let len = (count * PAGE_SIZE) as usize;
+        let image = Arc::clone(&self.image);
+        let bytes = &image.pages().as_bytes()[start..start + len];
+        let mut done = 0u64;
+        while done < count {
+            let dst = first + done * PAGE_SIZE;
+            let src = &bytes[(done * PAGE_SIZE) as usize..];
+            match self.uffd.copy(dst, src) {
+                CopyOutcome::Done | CopyOutcome::Gone => {
+                    self.forget(dst, count - done);
+                    return Ok(true);
+                }
+                CopyOutcome::Partial(bytes_copied) => {
+                    let pages = bytes_copied / PAGE_SIZE;
+                    self.forget(dst, pages);
+                    done += pages;
+                }
+                CopyOutcome::Exists => {
+                    // Already present: nothing to copy, but a thread may wait.
+                    let _ = self.uffd.wake(dst, PAGE_SIZE);
+                    self.forget(dst, 1);
+                    done += 1;
+                }
+                CopyOutcome::Again => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    fn forget(&mut self, start: u64, pages: u64) {
+        for index in 0..pages {
+            self.pending.remove(&(start + index * PAGE_SIZE));
+        }
+    }
+
+    /// Checks a run's checksum once; on a mismatch kills the process.
+    fn verify(&mut self, run: u32, address: u64) -> Result<(), RestoreError> {
+        if self.verified[run as usize] {
+            return Ok(());
+        }
+        let page_run = self.runs[run as usize];
+        if let Err(err) = self.image.pages().run(&page_run) {
+            let pid = self.pid();
+            let _ = self.pidfd.send_signal(Signal::SIGKILL);
+            tracing::error!(pid, address, %err, "corrupt page: restored process killed");
+            return Err(RestoreError::CorruptPage {
+                pid,
+                address,
+                reason: err.to_string(),
+            });
+        }
+        self.verified[run as usize] = true;
+        Ok(())
+    }
+
+    fn drop_range(&mut self, start: u64, end: u64) {
+        let keys: Vec<u64> = self.pending.range(start..end).map(|(k, _)| *k).collect();
+        self.stats.dropped_pages += keys.len() as u64;
+        for key in keys {
+            self.pending.remove(&key);
+        }
+    }
+
+    fn unregistered(&mut self, start: u64, end: u64) {
+        let mut kept = Vec::new();
+        for &(s, e) in &self.registered {
+            if e <= start || s >= end {
+                kept.push((s, e));
+                continue;
+            }
+            if s < start {
+                kept.push((s, start));
+            }
+            if e > end {
+                kept.push((end, e));
+            }
+        }
+        self.registered = kept;
+    }
+
+    fn remap(&mut self, from: u64, to: u64, len: u64) {
+        let moved: Vec<(u64, Source)> = self
+            .pending
+            .range(from..from + len)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (key, _) in &moved {
+            self.pending.remove(key);
+        }
+        for (key, source) in moved {
+            self.pending.insert(key - from + to, source);
+        }
+        let overlapping: Vec<(u64, u64)> = self
+            .registered
+            .iter()
+            .filter(|&&(s, e)| s < from + len && e > from)
+            .copied()
+            .collect();
+        self.unregistered(from, from + len);
+        for (s, e) in overlapping {
+            let s = s.max(from);
+            let e = e.min(from + len);
+            self.registered.push((s - from + to, e - from + to));
+        }
+    }
+}

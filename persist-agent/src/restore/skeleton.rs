@@ -1,0 +1,818 @@
+//! The two phases of a restore: [`Skeleton::prepare`] builds the process,
+//! stopped under ptrace with its layout mapped and nothing of its anonymous
+//! memory resident; [`Skeleton::resume`] lets it run, and the returned
+//! [`Pager`] serves its memory.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use persist_common::image::{Image, Manifest, MappingKind, PAGE_SIZE, ThreadInfo};
+
+use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
+use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region};
+use super::pager::Pager;
+use super::table::{Table, TableBuilder};
+use super::{RestoreError, creds};
+use crate::files::{self, InheritedFds, PreparedFds};
+use crate::host;
+use crate::sys::clone::{self, Forked};
+use crate::sys::pidfd::PidFd;
+use crate::sys::procmem::ProcMem;
+use crate::sys::ptrace::{self, Regs, Stop, reg};
+use crate::sys::uffd::Userfault;
+
+/// How to restore.
+#[derive(Debug, Default)]
+pub struct RestoreConfig {
+    /// Check every page run's checksum before building anything (the CLI
+    /// does; the daemon may leave it to the pager, which checks each run
+    /// before it first copies it).
+    pub verify_pages_first: bool,
+    /// Descriptors handed to the restored process as they are (the daemon's
+    /// listening socket), by number.
+    pub inherited: InheritedFds,
+}
+
+/// Timings of a restore, for measurements.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// The whole of [`Skeleton::prepare`].
+    pub prepare: Duration,
+    /// From the fork to the layout built (the native table).
+    pub layout: Duration,
+    /// [`Skeleton::resume`].
+    pub resume: Duration,
+}
+
+/// A restored process that has not run yet: stopped under ptrace, every
+/// thread with its registers set, memory mapped but not resident. Dropping
+/// it kills the process.
+#[derive(Debug)]
+pub struct Skeleton {
+    pid: i32,
+    tids: Vec<i32>,
+    init_pid: Option<i32>,
+    pidfd: PidFd,
+    pager: Option<Pager>,
+    timings: Timings,
+}
+
+/// A restored process that runs.
+#[derive(Debug)]
+pub struct Restored {
+    /// Its pid in the agent's pid namespace.
+    pub pid: i32,
+    /// The pid of the init of its private pid namespace, when the recorded
+    /// pid was taken here.
+    pub init_pid: Option<i32>,
+    /// Serves its memory; run [`Pager::run_until_filled`] (in a thread or a
+    /// process) or its faults block forever.
+    pub pager: Pager,
+    /// How long the phases took.
+    pub timings: Timings,
+}
+
+/// Kills what a failed prepare leaves behind.
+struct KillGuard {
+    pids: Vec<i32>,
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        for &pid in &self.pids {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            );
+        }
+    }
+}
+
+impl Skeleton {
+    /// Builds the process of `image`, stopped before its first instruction.
+    /// Refuses an image from another kernel or CPU before anything runs.
+    pub fn prepare(image: Arc<Image>, config: RestoreConfig) -> Result<Self, RestoreError> {
+        let started = Instant::now();
+        image.check_host(&host::kernel_info(), &host::cpu_info())?;
+        let manifest = image.manifest();
+        if manifest.threads.is_empty() {
+            return Err(RestoreError::Layout("the image has no threads".into()));
+        }
+        if manifest.process.root != "/" {
+            return Err(RestoreError::Layout(format!(
+                "root directory {} is not supported (only /)",
+                manifest.process.root
+            )));
+        }
+        if config.verify_pages_first {
+            verify_all_pages(&image)?;
+        }
+        let fds = files::prepare(&manifest.fds, config.inherited)?;
+        let uffd_fd = (fds.max_target_fd() + 1).max(100);
+        let resources = Resources::open(&image, &fds, uffd_fd + 1)?;
+        let own = OwnLayout::read()?;
+        let layout_fds = resources.layout_fds(uffd_fd);
+        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes)?;
+
+        let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
+        let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
+        let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
+        let mut keep: Vec<RawFd> = resources.raw_fds();
+        keep.extend([
+            uffd_fd,
+            go_read.as_raw_fd(),
+            status_write.as_raw_fd(),
+            init_go_read.as_raw_fd(),
+        ]);
+        keep.sort_unstable();
+        let plan = ChildPlan {
+            fds: &fds,
+            keep: &keep,
+            uffd_fd,
+            go_fd: go_read.as_raw_fd(),
+            status_fd: status_write.as_raw_fd(),
+            region_base: region.base,
+            region_size: region.size as usize,
+            region_bytes: &region.layout.bytes,
+            table_addr: region.layout.entries_addr,
+            table_count: region.layout.count,
+        };
+
+        let forked_at = Instant::now();
+        let recorded_pid = manifest.process.pid;
+        let mut guard = KillGuard { pids: Vec::new() };
+        let (pid, init_pid) = match clone::fork_with(0, Some(recorded_pid)) {
+            Ok(Forked::Child) => child::child_main(&plan),
+            Ok(Forked::Parent(pid)) => {
+                guard.pids.push(pid);
+                ptrace::seize_with_options(pid, TRACE_OPTIONS)
+                    .map_err(RestoreError::ptrace(pid, "seize"))?;
+                ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
+                expect_event_stop(pid, &status_read)?;
+                (pid, None)
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                // The pid is taken here: a private pid namespace, whose init
+                // creates the process with the recorded pid.
+                match clone::fork_with(libc::CLONE_NEWPID as u64, None) {
+                    Ok(Forked::Child) => {
+                        child::init_main(&plan, init_go_read.as_raw_fd(), recorded_pid)
+                    }
+                    Ok(Forked::Parent(init)) => {
+                        guard.pids.push(init);
+                        ptrace::seize_with_options(init, TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK)
+                            .map_err(RestoreError::ptrace(init, "seize"))?;
+                        write_pipe(&init_go_write, &[1])?;
+                        let pid = match ptrace::wait(init).map_err(RestoreError::ptrace(init, "wait"))? {
+                            Stop::Event {
+                                event: ptrace::PTRACE_EVENT_FORK,
+                                ..
+                            } => ptrace::event_message(init)
+                                .map_err(RestoreError::ptrace(init, "event message"))?
+                                as i32,
+                            other => return Err(child_failure(init, other, &status_read)),
+                        };
+                        guard.pids.insert(0, pid);
+                        ptrace::detach(init, 0).map_err(RestoreError::ptrace(init, "detach"))?;
+                        expect_event_stop(pid, &status_read)?;
+                        (pid, Some(init))
+                    }
+                    Err(err) => return Err(RestoreError::Fork(err)),
+                }
+            }
+            Err(err) => return Err(RestoreError::Fork(err)),
+        };
+        drop(fds);
+        // The child holds its own copies now.
+        drop(resources);
+
+        // Tell the child which rseq area it inherited, and go.
+        let rseq = ptrace::get_rseq_configuration(pid)
+            .map_err(RestoreError::ptrace(pid, "rseq configuration"))?;
+        let mut go = [0u8; GO_LEN];
+        go[..8].copy_from_slice(&GO_MAGIC.to_ne_bytes());
+        go[8..16].copy_from_slice(&rseq.rseq_abi_pointer.to_ne_bytes());
+        go[16..20].copy_from_slice(&rseq.rseq_abi_size.to_ne_bytes());
+        go[20..24].copy_from_slice(&rseq.signature.to_ne_bytes());
+        ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
+        write_pipe(&go_write, &go)?;
+        let stop = ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))?;
+        if stop != Stop::Signal(libc::SIGTRAP) {
+            return Err(child_failure(pid, stop, &status_read));
+        }
+        check_table(pid, &region.layout)?;
+        let layout_time = forked_at.elapsed();
+
+        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
+        let uffd = pidfd
+            .get_fd(uffd_fd)
+            .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
+        let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
+        write_file_pages(&image, &mem, pid)?;
+        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image));
+        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
+
+        let mut builder = Builder {
+            pid,
+            mem: &mem,
+            region: &region,
+        };
+        let tids = builder.threads(manifest)?;
+        guard.pids.extend(tids.iter().skip(1));
+        let current_creds = creds::own();
+        for (thread, &tid) in manifest.threads.iter().zip(&tids) {
+            if let Some(rseq) = &thread.rseq {
+                pager.prefill(rseq.address)?;
+                pager.prefill(rseq.address + u64::from(rseq.length) - 1)?;
+            }
+            let mut t = builder.table();
+            per_thread(&mut t, thread);
+            if let Some(current) = &current_creds {
+                creds::append(&mut t, &manifest.process.credentials, current);
+            }
+            if tid == pid {
+                itimers(&mut t, manifest);
+            }
+            builder.run(tid, t.finish(), false)?;
+        }
+        // Last: the region goes, so the main thread faults right after the
+        // munmap returns; that SIGSEGV is the expected end.
+        let mut t = builder.table();
+        t.call(
+            "unmap the restorer region",
+            libc::SYS_munmap,
+            &[region.base, region.size],
+        );
+        builder.run(pid, t.finish(), true)?;
+
+        for (thread, &tid) in manifest.threads.iter().zip(&tids) {
+            set_thread_state(tid, thread)?;
+            let comm_path = format!("/proc/{pid}/task/{tid}/comm");
+            if let Err(err) = std::fs::write(&comm_path, thread.comm.as_bytes()) {
+                tracing::debug!(pid, tid, %err, "setting comm");
+            }
+            for signal in signals(thread.pending) {
+                clone::tgkill(pid, tid, signal)
+                    .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
+            }
+        }
+        for signal in signals(manifest.process.shared_pending) {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                Signal::try_from(signal).ok(),
+            )
+            .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
+        }
+
+        guard.pids.clear();
+        Ok(Self {
+            pid,
+            tids,
+            init_pid,
+            pidfd,
+            pager: Some(pager),
+            timings: Timings {
+                prepare: started.elapsed(),
+                layout: layout_time,
+                resume: Duration::ZERO,
+            },
+        })
+    }
+
+    /// The process's pid in the agent's pid namespace.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// How long prepare took (resume is zero until resumed).
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// Lets every thread run. The process faults on its first touch of
+    /// memory, so the caller must run the returned pager.
+    pub fn resume(mut self) -> Result<Restored, RestoreError> {
+        let started = Instant::now();
+        for &tid in self.tids.iter().rev() {
+            ptrace::detach(tid, 0).map_err(RestoreError::ptrace(tid, "detach"))?;
+        }
+        let mut timings = self.timings;
+        timings.resume = started.elapsed();
+        let pager = self.pager.take().expect("a skeleton always holds its pager");
+        let restored = Restored {
+            pid: self.pid,
+            init_pid: self.init_pid,
+            pager,
+            timings,
+        };
+        self.tids.clear();
+        Ok(restored)
+    }
+}
+
+impl Drop for Skeleton {
+    fn drop(&mut self) {
+        if self.tids.is_empty() {
+            return;
+        }
+        // Never resumed: the process must not survive its skeleton.
+        let _ = self.pidfd.send_signal(Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(self.pid),
+            Some(nix::sys::wait::WaitPidFlag::__WALL),
+        );
+        if let Some(init) = self.init_pid {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None);
+        }
+    }
+}
+
+const TRACE_OPTIONS: i32 = libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL;
+
+fn verify_all_pages(image: &Image) -> Result<(), RestoreError> {
+    for mapping in &image.manifest().mappings {
+        for (index, run) in mapping.pages.iter().enumerate() {
+            image.pages().run(run).map_err(|err| RestoreError::CorruptImage {
+                address: mapping.start + run.first_page * PAGE_SIZE,
+                reason: format!("page run {index} of mapping {:#x}: {err}", mapping.start),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn pipe_above(min: RawFd) -> Result<(OwnedFd, OwnedFd), RestoreError> {
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| RestoreError::Fork(e.into()))?;
+    Ok((dup_above(read, min)?, dup_above(write, min)?))
+}
+
+fn dup_above(fd: OwnedFd, min: RawFd) -> Result<OwnedFd, RestoreError> {
+    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))
+        .map_err(|e| RestoreError::Fork(e.into()))?;
+    // SAFETY: fcntl just returned this new descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn write_pipe(fd: &OwnedFd, bytes: &[u8]) -> Result<(), RestoreError> {
+    nix::unistd::write(fd, bytes)
+        .map(drop)
+        .map_err(|e| RestoreError::Fork(e.into()))
+}
+
+/// Waits for the first stop of a freshly seized child; on its death reports
+/// what the status pipe says.
+fn expect_event_stop(pid: i32, status: &OwnedFd) -> Result<(), RestoreError> {
+    match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
+        Stop::Event { .. } => Ok(()),
+        other => Err(child_failure(pid, other, status)),
+    }
+}
+
+fn child_failure(pid: i32, stop: Stop, status: &OwnedFd) -> RestoreError {
+    let mut message = [0u8; 8];
+    let _ = nix::fcntl::fcntl(status, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+    if let Ok(8) = nix::unistd::read(status, &mut message) {
+        let step = u32::from_ne_bytes(message[..4].try_into().unwrap_or_default());
+        let errno = i32::from_ne_bytes(message[4..].try_into().unwrap_or_default());
+        let what = Step::from_raw(step).map_or("an unknown step", Step::describe);
+        return RestoreError::Child {
+            pid,
+            step: what.to_owned(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+    }
+    RestoreError::Unexpected {
+        pid,
+        what: format!("{stop:?} while building the process"),
+    }
+}
+
+/// Checks a table run's result registers at its int3.
+fn check_table(tid: i32, table: &Table) -> Result<(), RestoreError> {
+    let regs = ptrace::get_regs(tid).map_err(RestoreError::ptrace(tid, "getregs"))?;
+    if regs[R13] == 0 {
+        return Ok(());
+    }
+    let index = table.index_of(regs[R12]);
+    let errno = -(regs[reg::RAX] as i64);
+    Err(RestoreError::Step {
+        pid: tid,
+        step: index.map_or_else(|| "?".to_owned(), |i| table.label(i).to_owned()),
+        source: std::io::Error::from_raw_os_error(errno as i32),
+    })
+}
+
+/// `r12` and `r13` in `user_regs_struct`: the routine's cursor and count.
+const R12: usize = 3;
+const R13: usize = 2;
+
+/// Runs later tables in the stopped process.
+struct Builder<'a> {
+    pid: i32,
+    mem: &'a ProcMem,
+    region: &'a Region,
+}
+
+impl Builder<'_> {
+    fn table(&self) -> TableBuilder {
+        TableBuilder::new(self.region.base)
+    }
+
+    /// Runs `table` in stopped thread `tid`; returns the tids of threads it
+    /// created (in creation order).
+    fn run(&mut self, tid: i32, table: Table, ends_unmapped: bool) -> Result<Vec<i32>, RestoreError> {
+        if table.bytes.len() as u64 > self.region.table_room {
+            return Err(RestoreError::Layout(format!(
+                "a table of {} bytes does not fit the restorer region",
+                table.bytes.len()
+            )));
+        }
+        self.mem
+            .write_all_at(table.base, &table.bytes)
+            .map_err(RestoreError::ptrace(self.pid, "write the restorer table"))?;
+        let mut regs: Regs = ptrace::get_regs(tid).map_err(RestoreError::ptrace(tid, "getregs"))?;
+        regs[reg::RIP] = table.base;
+        regs[reg::RDI] = table.entries_addr;
+        regs[reg::RSI] = table.count;
+        regs[reg::ORIG_RAX] = u64::MAX;
+        regs[reg::RAX] = 0;
+        ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
+        ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
+        let mut created = Vec::new();
+        loop {
+            match ptrace::wait(tid).map_err(RestoreError::ptrace(tid, "wait"))? {
+                Stop::Event {
+                    event: ptrace::PTRACE_EVENT_CLONE,
+                    ..
+                } => {
+                    let new = ptrace::event_message(tid)
+                        .map_err(RestoreError::ptrace(tid, "event message"))?;
+                    created.push(new as i32);
+                    ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
+                }
+                Stop::Signal(libc::SIGTRAP) => break,
+                Stop::Signal(libc::SIGSEGV) if ends_unmapped => return Ok(created),
+                other => {
+                    return Err(RestoreError::Unexpected {
+                        pid: tid,
+                        what: format!("{other:?} while running a restorer table"),
+                    });
+                }
+            }
+        }
+        check_table(tid, &table)?;
+        Ok(created)
+    }
+
+    /// Creates the threads after the first with their recorded tids; returns
+    /// every thread's tid in our namespace, the leader first.
+    fn threads(&mut self, manifest: &Manifest) -> Result<Vec<i32>, RestoreError> {
+        let mut tids = vec![self.pid];
+        if manifest.threads.len() == 1 {
+            return Ok(tids);
+        }
+        let mut t = self.table();
+        for thread in &manifest.threads[1..] {
+            let set_tid = t.data(&thread.tid.to_ne_bytes());
+            let args = t.data(&clone::thread_clone_args(set_tid));
+            t.call(
+                format!("clone3 of thread {}", thread.tid),
+                libc::SYS_clone3,
+                &[args, clone::CLONE_ARGS_SIZE as u64],
+            );
+        }
+        let created = self.run(self.pid, t.finish(), false)?;
+        if created.len() != manifest.threads.len() - 1 {
+            return Err(RestoreError::Unexpected {
+                pid: self.pid,
+                what: format!(
+                    "{} threads created, {} expected",
+                    created.len(),
+                    manifest.threads.len() - 1
+                ),
+            });
+        }
+        for &tid in &created {
+            match ptrace::wait(tid).map_err(RestoreError::ptrace(tid, "wait"))? {
+                Stop::Event { .. } | Stop::Signal(libc::SIGSTOP) => {}
+                other => {
+                    return Err(RestoreError::Unexpected {
+                        pid: tid,
+                        what: format!("{other:?} as a new thread's first stop"),
+                    });
+                }
+            }
+        }
+        tids.extend(created);
+        Ok(tids)
+    }
+}
+
+/// rseq, alternate signal stack and clear_child_tid of one thread.
+fn per_thread(t: &mut TableBuilder, thread: &ThreadInfo) {
+    if let Some(rseq) = &thread.rseq {
+        t.call(
+            format!("rseq registration at {:#x}", rseq.address),
+            libc::SYS_rseq,
+            &[
+                rseq.address,
+                u64::from(rseq.length),
+                0,
+                u64::from(rseq.signature),
+            ],
+        );
+    }
+    let stack = thread.sigaltstack;
+    let enabled = stack.flags & libc::SS_DISABLE == 0 && stack.size > 0;
+    let words = if enabled {
+        [stack.sp, 0, stack.size]
+    } else {
+        [0, libc::SS_DISABLE as u64, 0]
+    };
+    let address = t.words(&words);
+    t.call("sigaltstack", libc::SYS_sigaltstack, &[address, 0]);
+    t.call(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[thread.clear_child_tid],
+    );
+}
+
+fn itimers(t: &mut TableBuilder, manifest: &Manifest) {
+    for timer in &manifest.process.itimers {
+        if timer.value_us == 0 {
+            continue;
+        }
+        let address = t.words(&[
+            timer.interval_us / 1_000_000,
+            timer.interval_us % 1_000_000,
+            timer.value_us / 1_000_000,
+            timer.value_us % 1_000_000,
+        ]);
+        t.call(
+            format!("setitimer {}", timer.which),
+            libc::SYS_setitimer,
+            &[u64::from(timer.which), address, 0],
+        );
+    }
+}
+
+/// Final registers, xsave area and signal mask of a stopped thread.
+fn set_thread_state(tid: i32, thread: &ThreadInfo) -> Result<(), RestoreError> {
+    let mut regs: Regs = thread.regs.as_slice().try_into().map_err(|_| {
+        RestoreError::Layout(format!(
+            "thread {}: {} register words, expected {}",
+            thread.tid,
+            thread.regs.len(),
+            ptrace::USER_REGS_WORDS
+        ))
+    })?;
+    normalize_syscall_restart(&mut regs);
+    ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
+    if !thread.xsave.is_empty() {
+        ptrace::set_xstate(tid, &thread.xsave).map_err(RestoreError::ptrace(tid, "set xsave area"))?;
+    }
+    ptrace::set_sigmask(tid, thread.sigmask).map_err(RestoreError::ptrace(tid, "set signal mask"))?;
+    Ok(())
+}
+
+/// A thread recorded inside an interrupted syscall resumes by re-entering it
+/// (as the kernel would have); the checkpoint usually did this already.
+fn normalize_syscall_restart(regs: &mut Regs) {
+    const RESTART: [i64; 3] = [-512, -513, -514];
+    let in_syscall = regs[reg::ORIG_RAX] as i64;
+    if in_syscall >= 0 {
+        let rax = regs[reg::RAX] as i64;
+        if RESTART.contains(&rax) {
+            regs[reg::RAX] = in_syscall as u64;
+            regs[reg::RIP] -= 2;
+        } else if rax == -516 {
+            regs[reg::RAX] = (-i64::from(libc::EINTR)) as u64;
+        }
+    }
+    regs[reg::ORIG_RAX] = u64::MAX;
+}
+
+fn signals(mask: u64) -> impl Iterator<Item = i32> {
+    (1..=64).filter(move |s| {
+        mask & (1u64 << (s - 1)) != 0 && *s != libc::SIGKILL && *s != libc::SIGSTOP
+    })
+}
+
+/// Writes the stored pages of private file mappings (data, relro, GOT):
+/// userfaultfd cannot serve those, so they go in before the process runs.
+fn write_file_pages(image: &Image, mem: &ProcMem, pid: i32) -> Result<(), RestoreError> {
+    for mapping in &image.manifest().mappings {
+        if mapping.shared || !matches!(mapping.kind, MappingKind::File { .. }) {
+            continue;
+        }
+        for run in &mapping.pages {
+            let address = mapping.start + run.first_page * PAGE_SIZE;
+            let bytes = image.pages().run(run).map_err(|err| RestoreError::CorruptImage {
+                address,
+                reason: err.to_string(),
+            })?;
+            mem.write_all_at(address, bytes)
+                .map_err(RestoreError::ptrace(pid, "write file-mapping pages"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Descriptors opened before the fork for the layout table.
+struct Resources {
+    mapping_fds: Vec<Option<OwnedFd>>,
+    exe: OwnedFd,
+    cwd: OwnedFd,
+    attributes: Attributes,
+}
+
+impl Resources {
+    fn open(image: &Image, fds: &PreparedFds, min: RawFd) -> Result<Self, RestoreError> {
+        let manifest = image.manifest();
+        let mut shared: HashMap<u64, RawFd> = HashMap::new();
+        let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
+        let mut memfds: Vec<OwnedFd> = Vec::new();
+        for mapping in &manifest.mappings {
+            let fd = match &mapping.kind {
+                MappingKind::File {
+                    path,
+                    inode,
+                    device,
+                    ..
+                } => Some(open_mapped_file(mapping.start, path, *inode, device, mapping.shared && mapping.protection.write, min)?),
+                MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
+                    let existing = match shared.get(inode) {
+                        Some(&raw) => raw,
+                        None => {
+                            let fd = match (&mapping.kind, fds.memfd(*inode)) {
+                                (MappingKind::Memfd { .. }, Some(fd)) => fd
+                                    .try_clone_to_owned()
+                                    .map_err(|e| RestoreError::io("memfd", e))?,
+                                _ => new_memfd(*inode)?,
+                            };
+                            fill_shared_memory(image, *inode, &fd)?;
+                            let fd = dup_above(fd, min)?;
+                            let raw = fd.as_raw_fd();
+                            memfds.push(fd);
+                            shared.insert(*inode, raw);
+                            raw
+                        }
+                    };
+                    let owned = memfds
+                        .iter()
+                        .find(|f| f.as_raw_fd() == existing)
+                        .map(|f| f.try_clone())
+                        .transpose()
+                        .map_err(|e| RestoreError::io("memfd", e))?
+                        .map(|f| dup_above(f, min))
+                        .transpose()?;
+                    owned
+                }
+                _ => None,
+            };
+            mapping_fds.push(fd);
+        }
+        let exe = File::open(&manifest.process.exe)
+            .map_err(|e| RestoreError::io(&manifest.process.exe, e))?;
+        let cwd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&manifest.process.cwd)
+            .map_err(|e| RestoreError::io(&manifest.process.cwd, e))?;
+        let mut rlimits = Vec::new();
+        for limit in &manifest.process.rlimits {
+            let resource = limit.resource;
+            let (soft, hard) = own_rlimit(resource);
+            // Without CAP_SYS_RESOURCE a hard limit cannot be raised: keep ours.
+            let new_hard = limit.hard.min(hard);
+            if new_hard < limit.hard {
+                tracing::warn!(resource, recorded = limit.hard, kept = hard, "hard rlimit lowered");
+            }
+            let new_soft = limit.soft.min(new_hard);
+            if (new_soft, new_hard) != (soft, hard) {
+                rlimits.push((resource, new_soft, new_hard));
+            }
+        }
+        Ok(Self {
+            mapping_fds,
+            exe: dup_above(exe.into(), min)?,
+            cwd: dup_above(cwd.into(), min)?,
+            attributes: Attributes { rlimits },
+        })
+    }
+
+    fn raw_fds(&self) -> Vec<RawFd> {
+        self.mapping_fds
+            .iter()
+            .flatten()
+            .map(AsRawFd::as_raw_fd)
+            .chain([self.exe.as_raw_fd(), self.cwd.as_raw_fd()])
+            .collect()
+    }
+
+    fn layout_fds(&self, uffd: RawFd) -> LayoutFds {
+        LayoutFds {
+            mapping_fds: self
+                .mapping_fds
+                .iter()
+                .map(|fd| fd.as_ref().map(AsRawFd::as_raw_fd))
+                .collect(),
+            exe: Some(self.exe.as_raw_fd()),
+            cwd: Some(self.cwd.as_raw_fd()),
+            uffd,
+            close: self.raw_fds(),
+        }
+    }
+}
+
+fn own_rlimit(resource: u32) -> (u64, u64) {
+    crate::sys::rlimit::get(0, resource).unwrap_or((u64::MAX, u64::MAX))
+}
+
+fn open_mapped_file(
+    start: u64,
+    path: &str,
+    inode: u64,
+    device: &str,
+    writable: bool,
+    min: RawFd,
+) -> Result<OwnedFd, RestoreError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| RestoreError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| RestoreError::io(path, e))?;
+    let device_matches = device.split_once(':').is_none_or(|(major, minor)| {
+        match (u64::from_str_radix(major, 16), u64::from_str_radix(minor, 16)) {
+            (Ok(major), Ok(minor)) => {
+                libc::major(meta.dev()) as u64 == major && libc::minor(meta.dev()) as u64 == minor
+            }
+            _ => true,
+        }
+    });
+    if meta.ino() != inode || !device_matches {
+        return Err(RestoreError::FileChanged {
+            address: start,
+            path: path.to_owned(),
+        });
+    }
+    dup_above(file.into(), min)
+}
+
+fn new_memfd(inode: u64) -> Result<OwnedFd, RestoreError> {
+    let name = CString::new(format!("persist-shm-{inode}")).expect("no NUL in a number");
+    nix::sys::memfd::memfd_create(name.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| RestoreError::io("memfd_create", e.into()))
+}
+
+/// Writes the stored pages of a shared memory object into `fd`, which every
+/// mapping of the object then maps, so they stay shared.
+fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), RestoreError> {
+    let file = File::from(fd.try_clone().map_err(|e| RestoreError::io("memfd", e))?);
+    let current = file.metadata().map_err(|e| RestoreError::io("memfd", e))?.len();
+    for mapping in &image.manifest().mappings {
+        let (offset, same) = match &mapping.kind {
+            MappingKind::Memfd {
+                inode: i, offset, ..
+            } => (*offset, *i == inode),
+            MappingKind::SharedAnonymous { inode: i } => (0, *i == inode),
+            _ => continue,
+        };
+        if !same {
+            continue;
+        }
+        if offset + mapping.len() > current {
+            file.set_len(offset + mapping.len())
+                .map_err(|e| RestoreError::io("memfd", e))?;
+        }
+        for run in &mapping.pages {
+            let address = mapping.start + run.first_page * PAGE_SIZE;
+            let bytes = image
+                .pages()
+                .run(run)
+                .map_err(|err| RestoreError::CorruptImage {
+                    address,
+                    reason: err.to_string(),
+                })?;
+            std::os::unix::fs::FileExt::write_all_at(
+                &file,
+                bytes,
+                offset + run.first_page * PAGE_SIZE,
+            )
+            .map_err(|e| RestoreError::io("memfd", e))?;
+        }
+    }
+    Ok(())
+}
