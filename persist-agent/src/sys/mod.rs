@@ -11,3 +11,6 @@ pub mod cpu;
 pub mod procmem;
 pub mod ptrace;
 pub mod rlimit;
+pub mod blob;
+pub mod clone;
+pub mod uffd;
