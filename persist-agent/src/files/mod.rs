@@ -1,1 +1,101 @@
 //! Saving and recreating file descriptors, for checkpoint and restore.
+//!
+//! Checkpoint calls [`save_fds`] while the process is frozen: it reads
+//! `/proc/PID/fd` and `/proc/PID/fdinfo`, and looks at the live objects from
+//! our side (through `pidfd_getfd` or by reopening `/proc/PID/fd/N`) without
+//! disturbing them: pipe data is copied with `tee`, socket queues are read
+//! with `MSG_PEEK`.
+//!
+//! Restore calls [`prepare`] in the agent before forking: it re-creates every
+//! object (files reopened at their offset, pipes refilled, eventfd, timerfd,
+//! signalfd and memfd rebuilt, listeners bound again, socket pairs refilled,
+//! epoll instances created empty). In the forked child,
+//! [`PreparedFds::install_in_child`] then moves each object to its descriptor
+//! number with raw system calls only, closes everything else and re-adds the
+//! epoll watches once the numbers are final.
+//!
+//! What is supported is listed on [`save_fds`]; everything else is refused
+//! with an error naming the descriptor.
+
+mod create;
+mod fdinfo;
+mod install;
+mod pipes;
+mod prepare;
+mod save;
+mod sockets;
+
+use std::io;
+
+pub use install::PreparedFds;
+pub use prepare::{InheritedFds, prepare};
+pub use save::save_fds;
+
+/// Why saving or recreating file descriptors failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The descriptor refers to something that cannot be checkpointed.
+    #[error("fd {fd}: {what}")]
+    Unsupported {
+        /// The descriptor.
+        fd: i32,
+        /// What it is and why it is refused.
+        what: String,
+    },
+    /// Reading the process's `/proc` entries failed.
+    #[error("pid {pid}: reading {path}: {source}")]
+    Proc {
+        /// The process.
+        pid: i32,
+        /// The `/proc` path.
+        path: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A system call about one descriptor failed.
+    #[error("fd {fd}: {action}: {source}")]
+    Io {
+        /// The descriptor (its number in the checkpointed process).
+        fd: i32,
+        /// What was being done, naming the path or address involved.
+        action: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The saved descriptors are inconsistent (a damaged or hostile image).
+    #[error("fd {fd}: invalid image: {what}")]
+    Invalid {
+        /// The descriptor.
+        fd: i32,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl FilesError {
+    fn unsupported(fd: i32, what: impl Into<String>) -> Self {
+        Self::Unsupported {
+            fd,
+            what: what.into(),
+        }
+    }
+
+    fn invalid(fd: i32, what: impl Into<String>) -> Self {
+        Self::Invalid {
+            fd,
+            what: what.into(),
+        }
+    }
+
+    /// A closure for `map_err` that wraps an error about `fd`.
+    fn io<E: Into<io::Error>>(fd: i32, action: impl Into<String>) -> impl FnOnce(E) -> Self {
+        let action = action.into();
+        move |source| Self::Io {
+            fd,
+            action,
+            source: source.into(),
+        }
+    }
+}

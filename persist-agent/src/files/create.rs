@@ -1,0 +1,578 @@
+//! Re-creating one saved descriptor's object in the agent.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr};
+use persist_common::image::{FdInfo, FdKind, QueuedMessage};
+
+use super::FilesError;
+use crate::sys::kobjects;
+
+/// Flags that only matter while opening, or that would make a reopen
+/// through a path or a `/proc/self/fd` link fail or create a file.
+const OPEN_ONLY_FLAGS: i32 = libc::O_ACCMODE
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_TRUNC
+    | libc::O_CLOEXEC
+    | libc::O_NOFOLLOW
+    | (libc::O_TMPFILE & !libc::O_DIRECTORY);
+
+/// Bigger pipes than this need `F_SETPIPE_SZ` before being refilled.
+const DEFAULT_PIPE_SIZE: usize = 65536;
+
+/// A re-created object; `memfd` is the read-write base of a memfd, kept for
+/// the restore of its shared mappings.
+pub(super) struct Created {
+    pub fd: OwnedFd,
+    pub memfd: Option<OwnedFd>,
+}
+
+impl From<OwnedFd> for Created {
+    fn from(fd: OwnedFd) -> Self {
+        Self { fd, memfd: None }
+    }
+}
+
+/// Opens `path` with saved `O_*` flags (close-on-exec, never a controlling
+/// terminal).
+fn open_with(path: &Path, flags: u32) -> io::Result<File> {
+    let flags = flags as i32;
+    let mut options = OpenOptions::new();
+    match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => options.write(true),
+        libc::O_RDWR => options.read(true).write(true),
+        _ => options.read(true),
+    };
+    options
+        .custom_flags((flags & !OPEN_ONLY_FLAGS) | libc::O_NOCTTY)
+        .open(path)
+}
+
+/// The path naming our descriptor `fd`, for reopening it with other flags.
+fn self_link(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Re-creates the object for `info` (which is not a `shared_with` copy).
+pub(super) fn object(
+    info: &FdInfo,
+    pipes: &mut Pipes<'_>,
+    pairs: &mut UnixPairs<'_>,
+) -> Result<Created, FilesError> {
+    let fd = info.fd;
+    Ok(match &info.kind {
+        FdKind::File {
+            path,
+            offset,
+            unlinked,
+            contents,
+        } => file(info, path, *offset, *unlinked, contents)?.into(),
+        FdKind::Device { path } => device(info, path)?.into(),
+        FdKind::Pipe {
+            inode, fifo_path, ..
+        } => pipes.end(info, *inode, fifo_path.as_deref())?.into(),
+        FdKind::Eventfd { count, semaphore } => {
+            let flags = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+            kobjects::eventfd(*count, flags)
+                .map_err(FilesError::io(fd, "eventfd"))?
+                .into()
+        }
+        FdKind::Timerfd {
+            clock,
+            settime_flags,
+            interval_ns,
+            value_ns,
+            ticks,
+        } => timerfd(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?.into(),
+        FdKind::Signalfd { mask } => kobjects::signalfd(*mask, 0)
+            .map_err(FilesError::io(fd, "signalfd"))?
+            .into(),
+        FdKind::Epoll { .. } => kobjects::epoll()
+            .map_err(FilesError::io(fd, "epoll_create1"))?
+            .into(),
+        FdKind::Memfd {
+            name,
+            offset,
+            size,
+            seals,
+            contents,
+            ..
+        } => memfd(info, name, *offset, *size, *seals, contents)?,
+        FdKind::TcpListener {
+            local,
+            backlog,
+            reuseport,
+            v6only,
+            ..
+        } => tcp_listener(fd, local, *backlog, *reuseport, *v6only)?.into(),
+        FdKind::UnixListener {
+            path,
+            socket_type,
+            backlog,
+        } => unix_listener(fd, path, *socket_type, *backlog)?.into(),
+        FdKind::UnixPair { .. } => pairs.end(info)?.into(),
+    })
+}
+
+fn file(
+    info: &FdInfo,
+    path: &str,
+    offset: u64,
+    unlinked: bool,
+    contents: &[u8],
+) -> Result<OwnedFd, FilesError> {
+    let fd = info.fd;
+    let file = if unlinked {
+        recreate_unlinked(info, path, contents)?
+    } else {
+        open_with(Path::new(path), info.flags)
+            .map_err(FilesError::io(fd, format!("reopening {path}")))?
+    };
+    // O_PATH descriptors have no offset to restore.
+    if offset != 0 && info.flags as i32 & libc::O_PATH == 0 {
+        (&file)
+            .seek(SeekFrom::Start(offset))
+            .map_err(FilesError::io(fd, format!("seeking {path} to {offset}")))?;
+    }
+    Ok(file.into())
+}
+
+/// An unlinked file comes back as an anonymous file (`O_TMPFILE`) in the
+/// directory it was in, with its contents, reopened with the saved flags.
+fn recreate_unlinked(info: &FdInfo, path: &str, contents: &[u8]) -> Result<File, FilesError> {
+    let fd = info.fd;
+    let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
+    let action = format!("re-creating unlinked file {path} in {}", dir.display());
+    let mut tmp = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+        .map_err(FilesError::io(fd, action.clone()))?;
+    tmp.write_all(contents)
+        .map_err(FilesError::io(fd, action.clone()))?;
+    open_with(Path::new(&self_link(tmp.as_fd())), info.flags).map_err(FilesError::io(fd, action))
+}
+
+fn is_terminal(path: &str) -> bool {
+    path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console"
+}
+
+/// Devices are reopened by path; a terminal that is gone becomes /dev/null.
+fn device(info: &FdInfo, path: &str) -> Result<OwnedFd, FilesError> {
+    let fd = info.fd;
+    match open_with(Path::new(path), info.flags) {
+        Ok(file) => Ok(file.into()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && is_terminal(path) => {
+            tracing::warn!(fd, path, "terminal is gone; using /dev/null instead");
+            Ok(open_with(Path::new("/dev/null"), info.flags)
+                .map_err(FilesError::io(
+                    fd,
+                    format!("opening /dev/null in place of {path}"),
+                ))?
+                .into())
+        }
+        Err(e) => Err(FilesError::io(fd, format!("reopening {path}"))(e)),
+    }
+}
+
+fn timerfd(
+    fd: i32,
+    clock: i32,
+    settime_flags: i32,
+    interval_ns: u64,
+    value_ns: u64,
+    ticks: u64,
+) -> Result<OwnedFd, FilesError> {
+    let timer = kobjects::timerfd(clock).map_err(FilesError::io(
+        fd,
+        format!("timerfd_create on clock {clock}"),
+    ))?;
+    if value_ns > 0 {
+        // The saved value is the time left; an absolute timer needs it
+        // turned back into a deadline on its clock.
+        let value = if settime_flags & libc::TFD_TIMER_ABSTIME != 0 {
+            let now = kobjects::clock_now_ns(clock)
+                .map_err(FilesError::io(fd, format!("clock_gettime {clock}")))?;
+            now.saturating_add(value_ns)
+        } else {
+            value_ns
+        };
+        kobjects::timerfd_settime(timer.as_fd(), settime_flags, value, interval_ns)
+            .map_err(FilesError::io(fd, "timerfd_settime"))?;
+    }
+    if ticks > 0 {
+        kobjects::timerfd_set_ticks(timer.as_fd(), ticks)
+            .map_err(FilesError::io(fd, "TFD_IOC_SET_TICKS"))?;
+    }
+    Ok(timer)
+}
+
+fn memfd(
+    info: &FdInfo,
+    name: &str,
+    offset: u64,
+    size: u64,
+    seals: u32,
+    contents: &[u8],
+) -> Result<Created, FilesError> {
+    let fd = info.fd;
+    let base = File::from(
+        kobjects::memfd(name).map_err(FilesError::io(fd, format!("memfd_create {name}")))?,
+    );
+    base.set_len(size).map_err(FilesError::io(
+        fd,
+        format!("resizing memfd {name} to {size}"),
+    ))?;
+    base.write_all_at(contents, 0)
+        .map_err(FilesError::io(fd, format!("filling memfd {name}")))?;
+    if seals != 0 {
+        kobjects::add_seals(base.as_fd(), seals)
+            .map_err(FilesError::io(fd, format!("sealing memfd {name}")))?;
+    }
+    // The descriptor gets its own open with the saved access mode and offset.
+    let file = open_with(Path::new(&self_link(base.as_fd())), info.flags)
+        .map_err(FilesError::io(fd, format!("reopening memfd {name}")))?;
+    if offset != 0 {
+        (&file)
+            .seek(SeekFrom::Start(offset))
+            .map_err(FilesError::io(fd, format!("seeking memfd {name}")))?;
+    }
+    Ok(Created {
+        fd: file.into(),
+        memfd: Some(base.into()),
+    })
+}
+
+fn tcp_listener(
+    fd: i32,
+    local: &str,
+    backlog: u32,
+    reuseport: bool,
+    v6only: bool,
+) -> Result<OwnedFd, FilesError> {
+    let addr: SocketAddr = local
+        .parse()
+        .map_err(|_| FilesError::invalid(fd, format!("bad TCP listener address {local:?}")))?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let action = |what: &str| format!("{what} for TCP listener {local}");
+    let sock = nix::sys::socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(FilesError::io(fd, action("socket")))?;
+    let set = |level, name, value: bool, what: &str| {
+        kobjects::set_sockopt_int(sock.as_fd(), level, name, i32::from(value))
+            .map_err(FilesError::io(fd, action(what)))
+    };
+    set(libc::SOL_SOCKET, libc::SO_REUSEADDR, true, "SO_REUSEADDR")?;
+    if reuseport {
+        set(libc::SOL_SOCKET, libc::SO_REUSEPORT, true, "SO_REUSEPORT")?;
+    }
+    if addr.is_ipv6() {
+        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only, "IPV6_V6ONLY")?;
+    }
+    nix::sys::socket::bind(sock.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(FilesError::io(fd, format!("binding TCP listener {local}")))?;
+    listen(fd, &sock, backlog, local)?;
+    Ok(sock)
+}
+
+fn listen(fd: i32, sock: &OwnedFd, backlog: u32, name: &str) -> Result<(), FilesError> {
+    let backlog = i32::try_from(backlog)
+        .unwrap_or(i32::MAX)
+        .min(libc::SOMAXCONN);
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    nix::sys::socket::listen(sock, backlog).map_err(FilesError::io(fd, format!("listen on {name}")))
+}
+
+fn unix_listener(
+    fd: i32,
+    path: &str,
+    socket_type: i32,
+    backlog: u32,
+) -> Result<OwnedFd, FilesError> {
+    let ty = SockType::try_from(socket_type)
+        .map_err(|_| FilesError::invalid(fd, format!("bad UNIX socket type {socket_type}")))?;
+    let sock =
+        nix::sys::socket::socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None).map_err(
+            FilesError::io(fd, format!("socket for UNIX listener {path}")),
+        )?;
+    let addr = if let Some(name) = path.strip_prefix('@') {
+        UnixAddr::new_abstract(name.as_bytes())
+    } else {
+        if path.is_empty() {
+            return Err(FilesError::invalid(fd, "UNIX listener without an address"));
+        }
+        // A socket file left by the checkpointed process would make bind fail;
+        // anything that is not a socket is left alone.
+        if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            fs::remove_file(path)
+                .map_err(FilesError::io(fd, format!("removing stale socket {path}")))?;
+        }
+        UnixAddr::new(path)
+    }
+    .map_err(FilesError::io(fd, format!("UNIX address {path}")))?;
+    nix::sys::socket::bind(sock.as_raw_fd(), &addr)
+        .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
+    listen(fd, &sock, backlog, path)?;
+    Ok(sock)
+}
+
+/// Pipes and FIFOs, re-created once per saved pipe inode.
+pub(super) struct Pipes<'a> {
+    saved: &'a [FdInfo],
+    made: HashMap<u64, MadePipe>,
+}
+
+enum MadePipe {
+    /// An anonymous pipe: the read end, and the write end if the process had one.
+    Anonymous {
+        read: OwnedFd,
+        write: Option<OwnedFd>,
+    },
+    /// A FIFO, held open read-write while its ends are opened so neither
+    /// open blocks or fails and the refilled data stays.
+    Fifo { _holder: File },
+}
+
+impl<'a> Pipes<'a> {
+    /// Pipes of the image `saved`.
+    pub fn new(saved: &'a [FdInfo]) -> Self {
+        Self {
+            saved,
+            made: HashMap::new(),
+        }
+    }
+
+    /// The saved ends of pipe `inode` (FIFOs and anonymous pipes apart).
+    fn ends(&self, inode: u64, fifo: Option<&str>) -> impl Iterator<Item = (bool, &'a [u8])> + 'a {
+        let fifo = fifo.map(str::to_owned);
+        self.saved.iter().filter_map(move |s| match &s.kind {
+            FdKind::Pipe {
+                inode: i,
+                write_end,
+                fifo_path,
+                data,
+            } if *i == inode && fifo_path.as_deref() == fifo.as_deref() => {
+                Some((*write_end, data.as_slice()))
+            }
+            _ => None,
+        })
+    }
+
+    fn data(&self, inode: u64, fifo: Option<&str>) -> Vec<u8> {
+        self.ends(inode, fifo)
+            .map(|(_, d)| d)
+            .find(|d| !d.is_empty())
+            .unwrap_or_default()
+            .to_vec()
+    }
+
+    /// The descriptor for one saved pipe end.
+    pub fn end(
+        &mut self,
+        info: &FdInfo,
+        inode: u64,
+        fifo: Option<&str>,
+    ) -> Result<OwnedFd, FilesError> {
+        let fd = info.fd;
+        let write_end = info.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY;
+        if let Some(path) = fifo {
+            if !self.made.contains_key(&inode) {
+                let holder = open_with(Path::new(path), (libc::O_RDWR | libc::O_NONBLOCK) as u32)
+                    .map_err(FilesError::io(fd, format!("opening FIFO {path}")))?;
+                let is_fifo = holder.metadata().is_ok_and(|m| m.file_type().is_fifo());
+                if !is_fifo {
+                    return Err(FilesError::unsupported(
+                        fd,
+                        format!("{path} is no longer a FIFO"),
+                    ));
+                }
+                fill_pipe(fd, holder.as_fd(), &self.data(inode, fifo))?;
+                self.made.insert(inode, MadePipe::Fifo { _holder: holder });
+            }
+            let flags = (info.flags as i32 & libc::O_ACCMODE) | libc::O_NONBLOCK;
+            let end = open_with(Path::new(path), flags as u32)
+                .map_err(FilesError::io(fd, format!("opening FIFO {path}")))?;
+            return Ok(end.into());
+        }
+
+        let has_read = self.ends(inode, None).any(|(w, _)| !w);
+        if write_end && !has_read {
+            // The reader was outside the process and is gone: writes go
+            // nowhere rather than failing with EPIPE (or killing with SIGPIPE).
+            tracing::warn!(
+                fd,
+                inode,
+                "pipe write end without its reader; using /dev/null instead"
+            );
+            let null = open_with(Path::new("/dev/null"), libc::O_WRONLY as u32).map_err(
+                FilesError::io(fd, "opening /dev/null for a pipe whose reader is gone"),
+            )?;
+            return Ok(null.into());
+        }
+        if !self.made.contains_key(&inode) {
+            let (read, write) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                    .map_err(FilesError::io(fd, "pipe2"))?;
+            fill_pipe(fd, write.as_fd(), &self.data(inode, None))?;
+            // Without a writer in the process the reader sees the data, then end-of-file.
+            let has_write = self.ends(inode, None).any(|(w, _)| w);
+            self.made.insert(
+                inode,
+                MadePipe::Anonymous {
+                    read,
+                    write: has_write.then_some(write),
+                },
+            );
+        }
+        let Some(MadePipe::Anonymous { read, write }) = self.made.get(&inode) else {
+            return Err(FilesError::invalid(
+                fd,
+                format!("pipe inode {inode} is both a FIFO and an anonymous pipe"),
+            ));
+        };
+        let end = if write_end {
+            write.as_ref()
+        } else {
+            Some(read)
+        };
+        end.ok_or_else(|| FilesError::invalid(fd, "pipe end missing"))?
+            .try_clone()
+            .map_err(FilesError::io(fd, "duplicating a pipe end"))
+    }
+}
+
+/// Writes `data` back into a pipe, growing it first if needed.
+fn fill_pipe(fd: i32, write: BorrowedFd<'_>, data: &[u8]) -> Result<(), FilesError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if data.len() > DEFAULT_PIPE_SIZE {
+        kobjects::set_pipe_size(write, data.len()).map_err(FilesError::io(
+            fd,
+            format!("F_SETPIPE_SZ {} for the pipe's data", data.len()),
+        ))?;
+    }
+    let mut file = File::from(
+        write
+            .try_clone_to_owned()
+            .map_err(FilesError::io(fd, "dup"))?,
+    );
+    file.write_all(data).map_err(FilesError::io(
+        fd,
+        format!("refilling the pipe with {} bytes", data.len()),
+    ))
+}
+
+/// UNIX socket pairs, re-created with `socketpair` when their first end is met.
+pub(super) struct UnixPairs<'a> {
+    saved: &'a [FdInfo],
+    /// Socket inode to the new end waiting for its descriptor, and the fd
+    /// that created it.
+    waiting: HashMap<u64, (i32, OwnedFd)>,
+}
+
+impl<'a> UnixPairs<'a> {
+    /// Pairs of the image `saved`.
+    pub fn new(saved: &'a [FdInfo]) -> Self {
+        Self {
+            saved,
+            waiting: HashMap::new(),
+        }
+    }
+
+    /// The descriptor for one saved pair end.
+    pub fn end(&mut self, info: &FdInfo) -> Result<OwnedFd, FilesError> {
+        let fd = info.fd;
+        let FdKind::UnixPair {
+            inode,
+            peer_inode,
+            socket_type,
+            queued,
+        } = &info.kind
+        else {
+            return Err(FilesError::invalid(fd, "not a socket pair"));
+        };
+        if let Some((_, end)) = self.waiting.remove(inode) {
+            return Ok(end);
+        }
+        let peer = self.saved.iter().find_map(|p| match &p.kind {
+            FdKind::UnixPair {
+                inode: i,
+                peer_inode: pi,
+                socket_type: t,
+                queued,
+            } if p.shared_with.is_none() && i == peer_inode => Some((pi, t, queued)),
+            _ => None,
+        });
+        let Some((back, peer_type, peer_queued)) = peer else {
+            return Err(FilesError::invalid(
+                fd,
+                format!("peer socket inode {peer_inode} is not in the image"),
+            ));
+        };
+        if back != inode || peer_type != socket_type {
+            return Err(FilesError::invalid(
+                fd,
+                format!("peer socket inode {peer_inode} does not match"),
+            ));
+        }
+        let ty = SockType::try_from(*socket_type)
+            .map_err(|_| FilesError::invalid(fd, format!("bad UNIX socket type {socket_type}")))?;
+        let (mine, theirs) =
+            nix::sys::socket::socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(FilesError::io(fd, "socketpair"))?;
+        // What was queued for reading on an end is sent from the other one.
+        requeue(fd, theirs.as_fd(), queued)?;
+        requeue(fd, mine.as_fd(), peer_queued)?;
+        self.waiting.insert(*peer_inode, (fd, theirs));
+        Ok(mine)
+    }
+
+    /// Fails if an end was created whose descriptor never came.
+    pub fn finish(self) -> Result<(), FilesError> {
+        match self.waiting.into_iter().next() {
+            Some((inode, (fd, _))) => Err(FilesError::invalid(
+                fd,
+                format!("peer socket inode {inode} has no descriptor"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sends `queued` from `from`, message by message, without blocking.
+fn requeue(fd: i32, from: BorrowedFd<'_>, queued: &[QueuedMessage]) -> Result<(), FilesError> {
+    let total: usize = queued.iter().map(|m| m.data.len()).sum();
+    if total > DEFAULT_PIPE_SIZE {
+        // Stream data is charged to the sender's buffer.
+        let size = i32::try_from(total.saturating_mul(2)).unwrap_or(i32::MAX);
+        kobjects::set_sockopt_int(from, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size)
+            .map_err(FilesError::io(fd, "SO_SNDBUFFORCE for queued data"))?;
+    }
+    for message in queued {
+        let mut rest = message.data.as_slice();
+        loop {
+            let sent = kobjects::send_nonblocking(from, rest).map_err(FilesError::io(
+                fd,
+                format!("re-queueing {} bytes on a socket pair", message.data.len()),
+            ))?;
+            rest = &rest[sent..];
+            if rest.is_empty() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Installing prepared descriptors in a forked child.
+
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+use crate::sys::fdops;
+
+/// One descriptor to install: `source` (held open by [`PreparedFds`]) goes
+/// to number `target`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Slot {
+    pub target: RawFd,
+    pub source: RawFd,
+    pub cloexec: bool,
+    /// File status flags to set with `F_SETFL`, or `None` to leave them.
+    pub status_flags: Option<i32>,
+}
+
+/// One epoll watch to add once numbers are final.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Watch {
+    pub epoll: RawFd,
+    pub fd: RawFd,
+    pub events: u32,
+    pub data: u64,
+}
+
+/// Every descriptor of a process, re-created by [`super::prepare`] and held
+/// open in the agent, ready for [`PreparedFds::install_in_child`].
+///
+/// Use one `PreparedFds` for one restore: the objects are shared with the
+/// child, so a second child would share pipes, sockets and epoll instances
+/// with the first. Drop it in the parent as soon as the child is forked:
+/// until then the agent's copies keep pipes from reporting end-of-file and
+/// hold the listening sockets.
+#[derive(Debug)]
+pub struct PreparedFds {
+    /// Keeps every source open; slots refer to these by number.
+    pub(super) objects: Vec<OwnedFd>,
+    pub(super) slots: Vec<Slot>,
+    pub(super) watches: Vec<Watch>,
+    /// Memfd inode (as saved) to the read-write memfd re-created for it.
+    pub(super) memfds: Vec<(u64, RawFd)>,
+}
+
+impl PreparedFds {
+    /// The highest descriptor number that [`Self::install_in_child`] fills,
+    /// or -1 if there is none. Descriptors the child must keep (a uffd, a
+    /// report pipe) should be numbered above it.
+    pub fn max_target_fd(&self) -> RawFd {
+        self.slots.iter().map(|s| s.target).max().unwrap_or(-1)
+    }
+
+    /// The descriptor numbers [`Self::install_in_child`] fills, in image order.
+    pub fn target_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.slots.iter().map(|s| s.target)
+    }
+
+    /// The re-created memfd for the memfd with inode `inode` in the image
+    /// (open read-write), so that restoring its shared mappings maps the same
+    /// object the descriptors refer to.
+    pub fn memfd(&self, inode: u64) -> Option<BorrowedFd<'_>> {
+        let raw = self.memfds.iter().find(|(i, _)| *i == inode)?.1;
+        self.objects
+            .iter()
+            .find(|o| std::os::fd::AsRawFd::as_raw_fd(*o) == raw)
+            .map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// Installs the descriptors in the calling process, which must be a
+    /// freshly forked child that owns its whole descriptor table.
+    ///
+    /// Async-signal-safe: raw system calls only, no allocation, no locks, no
+    /// panics, so it may run in the child of a multi-threaded agent.
+    ///
+    /// 1. Every source is first duplicated to a staging number above the
+    ///    highest target, keep and source number, so no move can overwrite a
+    ///    source still needed.
+    /// 2. Each staged copy is moved to its target with `dup3`, with its
+    ///    close-on-exec bit, and its file status flags are set (`F_SETFL`).
+    /// 3. Every descriptor that is neither a target nor in `keep` is closed
+    ///    (`close_range`).
+    /// 4. Epoll watches are added with the final numbers (an epoll interest
+    ///    list is keyed by descriptor number).
+    ///
+    /// Fails with `EINVAL` if a `keep` descriptor is also a target, and with
+    /// the error of the first system call that fails otherwise.
+    pub fn install_in_child(&self, keep: &[RawFd]) -> Result<(), Errno> {
+        if keep
+            .iter()
+            .any(|k| self.slots.iter().any(|s| s.target == *k))
+        {
+            return Err(Errno::EINVAL);
+        }
+        let highest = self
+            .slots
+            .iter()
+            .flat_map(|s| [s.target, s.source])
+            .chain(keep.iter().copied())
+            .max()
+            .unwrap_or(-1);
+        let base = highest.checked_add(1).ok_or(Errno::EMFILE)?;
+
+        let mut staged = base;
+        for slot in &self.slots {
+            fdops::dup_to(slot.source, staged, true)?;
+            staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
+        }
+        let mut staged = base;
+        for slot in &self.slots {
+            fdops::dup_to(staged, slot.target, slot.cloexec)?;
+            if let Some(flags) = slot.status_flags {
+                fdops::set_status_flags(slot.target, flags)?;
+            }
+            staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
+        }
+
+        self.close_others(keep)?;
+
+        for watch in &self.watches {
+            fdops::epoll_add(watch.epoll, watch.fd, watch.events, watch.data)?;
+        }
+        Ok(())
+    }
+
+    /// Closes every descriptor but the targets and `keep`, one
+    /// `close_range` per gap between kept numbers, without allocating.
+    fn close_others(&self, keep: &[RawFd]) -> Result<(), Errno> {
+        let mut next: u32 = 0;
+        loop {
+            let kept = self
+                .slots
+                .iter()
+                .map(|s| s.target)
+                .chain(keep.iter().copied())
+                .filter_map(|fd| u32::try_from(fd).ok())
+                .filter(|fd| *fd >= next)
+                .min();
+            match kept {
+                Some(fd) => {
+                    if fd > next {
+                        fdops::close_range(next, fd - 1)?;
+                    }
+                    match fd.checked_add(1) {
+                        Some(after) => next = after,
+                        None => return Ok(()),
+                    }
+                }
+                None => return fdops::close_range(next, u32::MAX),
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Re-creating the saved descriptors in the agent, before forking.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::SockaddrStorage;
+use persist_common::image::{FdInfo, FdKind};
+
+use super::FilesError;
+use super::create::{self, Pipes, UnixPairs};
+use super::install::{PreparedFds, Slot, Watch};
+
+/// File status flags `F_SETFL` can change; the others are fixed at open.
+const SETFL_MASK: i32 =
+    libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
+
+/// Descriptors the caller already holds and wants installed as they are,
+/// by target descriptor number, instead of re-created objects.
+///
+/// The daemon hands over the original listening socket this way, so SYNs
+/// queued while the service was parked are accepted by the restored process.
+/// An inherited descriptor takes the image's close-on-exec bit and status
+/// flags for its number (status flags belong to the open file description,
+/// so they change for the caller's copy too); one for a number the image
+/// does not have is installed as it is.
+#[derive(Debug, Default)]
+pub struct InheritedFds {
+    fds: BTreeMap<RawFd, OwnedFd>,
+}
+
+impl InheritedFds {
+    /// No inherited descriptors.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs `fd` at number `target`; returns the one it replaces.
+    pub fn insert(&mut self, target: RawFd, fd: OwnedFd) -> Option<OwnedFd> {
+        self.fds.insert(target, fd)
+    }
+
+    /// Number of inherited descriptors.
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+}
+
+/// Re-creates every descriptor of `fds` (from an image's manifest) in the
+/// agent, ready to be installed in a forked child with
+/// [`PreparedFds::install_in_child`].
+///
+/// Runs before the fork, as ordinary code. Files are reopened with their
+/// flags and offset (an unlinked file is re-created unlinked in its old
+/// directory with its contents); pipes are refilled (an anonymous pipe end
+/// whose other end was outside the process gets a fresh pipe: a read end
+/// reads the saved data then end-of-file, a write end writes to /dev/null);
+/// FIFOs are reopened by path and refilled; eventfd, timerfd (re-armed with
+/// the saved remaining time and interval, unread ticks kept), signalfd and
+/// memfd (name, size, contents, seals) are rebuilt; TCP listeners are bound
+/// again with `SO_REUSEADDR` to the same address and listen; UNIX listeners
+/// are bound again after removing a stale socket file; socket pairs are
+/// re-created with their queued data; epoll instances are created empty and
+/// filled in the child. A terminal that no longer exists is replaced by
+/// /dev/null.
+///
+/// `inherited` descriptors are used as they are for their numbers; a TCP
+/// listener must be bound to the saved address. Errors name the descriptor
+/// and the path or address.
+pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, FilesError> {
+    validate(fds)?;
+    let mut inherited = inherited.fds;
+    let mut pipes = Pipes::new(fds);
+    let mut pairs = UnixPairs::new(fds);
+    let mut objects: Vec<OwnedFd> = Vec::with_capacity(fds.len() + inherited.len());
+    let mut slots = Vec::with_capacity(fds.len() + inherited.len());
+    let mut memfds = Vec::new();
+    let mut sources: HashMap<i32, RawFd> = HashMap::new();
+
+    for info in fds {
+        let source = match (inherited.remove(&info.fd), info.shared_with) {
+            (Some(fd), _) => {
+                check_inherited(info, &fd)?;
+                fd
+            }
+            (None, Some(primary)) => {
+                let raw = sources.get(&primary).copied();
+                let original = objects
+                    .iter()
+                    .find(|o| Some(o.as_raw_fd()) == raw)
+                    .map(|o| o.as_fd());
+                original
+                    .ok_or_else(|| {
+                        FilesError::invalid(
+                            info.fd,
+                            format!("shares fd {primary}, which is missing"),
+                        )
+                    })?
+                    .try_clone_to_owned()
+                    .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
+            }
+            (None, None) => {
+                let created = create::object(info, &mut pipes, &mut pairs)?;
+                if let Some(base) = created.memfd {
+                    if let FdKind::Memfd { inode, .. } = info.kind {
+                        memfds.push((inode, base.as_raw_fd()));
+                    }
+                    objects.push(base);
+                }
+                created.fd
+            }
+        };
+        sources.insert(info.fd, source.as_raw_fd());
+        slots.push(Slot {
+            target: info.fd,
+            source: source.as_raw_fd(),
+            cloexec: info.cloexec,
+            status_flags: Some(info.flags as i32 & SETFL_MASK),
+        });
+        objects.push(source);
+    }
+    pairs.finish()?;
+    drop(pipes);
+
+    for (target, fd) in inherited {
+        slots.push(Slot {
+            target,
+            source: fd.as_raw_fd(),
+            cloexec: false,
+            status_flags: None,
+        });
+        objects.push(fd);
+    }
+
+    let targets: HashSet<RawFd> = slots.iter().map(|s| s.target).collect();
+    let mut watches = Vec::new();
+    for info in fds {
+        if let FdKind::Epoll { watches: saved } = &info.kind {
+            if info.shared_with.is_some() {
+                continue; // the same instance, filled through its primary
+            }
+            for watch in saved {
+                if !targets.contains(&watch.fd) {
+                    return Err(FilesError::invalid(
+                        info.fd,
+                        format!("epoll watches fd {}, which is not in the image", watch.fd),
+                    ));
+                }
+                watches.push(Watch {
+                    epoll: info.fd,
+                    fd: watch.fd,
+                    events: watch.events,
+                    data: watch.data,
+                });
+            }
+        }
+    }
+
+    Ok(PreparedFds {
+        objects,
+        slots,
+        watches,
+        memfds,
+    })
+}
+
+/// Checks numbers are unique and non-negative and `shared_with` points back.
+fn validate(fds: &[FdInfo]) -> Result<(), FilesError> {
+    let mut seen = HashSet::new();
+    for info in fds {
+        if info.fd < 0 || !seen.insert(info.fd) {
+            return Err(FilesError::invalid(
+                info.fd,
+                "negative or repeated descriptor number",
+            ));
+        }
+        if let Some(primary) = info.shared_with {
+            let ok = fds
+                .iter()
+                .any(|p| p.fd == primary && p.shared_with.is_none() && p.fd < info.fd);
+            if !ok {
+                return Err(FilesError::invalid(
+                    info.fd,
+                    format!("shares fd {primary}, which is not a lower primary"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An inherited TCP listener must be bound to the address in the image.
+fn check_inherited(info: &FdInfo, fd: &OwnedFd) -> Result<(), FilesError> {
+    let FdKind::TcpListener { local, .. } = &info.kind else {
+        return Ok(());
+    };
+    let bound = nix::sys::socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(
+        FilesError::io(info.fd, "getsockname of the inherited socket"),
+    )?;
+    let bound: Option<SocketAddr> = bound
+        .as_sockaddr_in()
+        .map(|a| SocketAddr::V4((*a).into()))
+        .or_else(|| bound.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())));
+    let saved: Option<SocketAddr> = local.parse().ok();
+    if bound.is_none() || bound != saved {
+        let shown = bound.map_or_else(|| "a non-IP address".to_owned(), |a| a.to_string());
+        return Err(FilesError::invalid(
+            info.fd,
+            format!("inherited socket is bound to {shown}, the image has {local}"),
+        ));
+    }
+    Ok(())
+}
