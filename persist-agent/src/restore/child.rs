@@ -28,6 +28,8 @@ pub enum Step {
     Region = 6,
     /// (init of a pid namespace) creating the restored process.
     Clone = 7,
+    /// (init of a pid namespace) mounting its own /proc.
+    Proc = 8,
 }
 
 impl Step {
@@ -41,6 +43,7 @@ impl Step {
             5 => Self::Rseq,
             6 => Self::Region,
             7 => Self::Clone,
+            8 => Self::Proc,
             _ => return None,
         })
     }
@@ -55,6 +58,7 @@ impl Step {
             Self::Rseq => "unregistering the inherited rseq area",
             Self::Region => "mapping the restorer region",
             Self::Clone => "creating the process in its pid namespace",
+            Self::Proc => "mounting /proc for the pid namespace",
         }
     }
 }
@@ -142,13 +146,18 @@ pub fn child_main(plan: &ChildPlan<'_>) -> ! {
     unsafe { blob::jump(plan.region_base, plan.table_addr, plan.table_count) }
 }
 
-/// Runs as init of a fresh pid namespace: waits for the go byte, creates
-/// the restored process with its recorded pid, closes everything and reaps
-/// until no child is left. Never returns.
+/// Runs as init of a fresh pid and mount namespace: waits for the go byte,
+/// mounts a /proc of the new pid namespace (the process reads
+/// /proc/self/task/TID with its own tids), creates the restored process
+/// with its recorded pid, closes everything and reaps until no child is
+/// left. Never returns.
 pub fn init_main(plan: &ChildPlan<'_>, init_go_fd: RawFd, pid: i32) -> ! {
     clone::block_all_signals();
     if let Err(err) = clone::read_byte(init_go_fd) {
         fail(plan.status_fd, Step::Go, errno_of(&err));
+    }
+    if let Err(err) = clone::mount_own_proc() {
+        fail(plan.status_fd, Step::Proc, errno_of(&err));
     }
     match clone::fork_with(0, Some(pid)) {
         Ok(clone::Forked::Child) => child_main(plan),

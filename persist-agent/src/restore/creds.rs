@@ -84,11 +84,7 @@ pub fn append(t: &mut TableBuilder, target: &Credentials, current: &Credentials)
             u64::from(target.securebits) | SECBIT_KEEP_CAPS,
         ],
     );
-    let groups: Vec<u8> = target
-        .groups
-        .iter()
-        .flat_map(|g| g.to_ne_bytes())
-        .collect();
+    let groups: Vec<u8> = target.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let groups_addr = t.data(&groups);
     t.call(
         "setgroups",

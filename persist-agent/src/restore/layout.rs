@@ -50,10 +50,9 @@ impl OwnLayout {
             let Some((start, end)) = range.split_once('-') else {
                 continue;
             };
-            let (Ok(start), Ok(end)) = (
-                u64::from_str_radix(start, 16),
-                u64::from_str_radix(end, 16),
-            ) else {
+            let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            else {
                 continue;
             };
             let name = fields.nth(4).unwrap_or("");

@@ -62,7 +62,9 @@ pub enum RestoreError {
         reason: String,
     },
     /// A page failed its checksum while being served; the process was killed.
-    #[error("pid {pid}: page at {address:#x} is corrupt ({reason}); the restored process was killed")]
+    #[error(
+        "pid {pid}: page at {address:#x} is corrupt ({reason}); the restored process was killed"
+    )]
     CorruptPage {
         /// The restored process.
         pid: i32,

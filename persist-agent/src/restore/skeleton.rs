@@ -163,7 +163,7 @@ impl Skeleton {
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
                 // The pid is taken here: a private pid namespace, whose init
                 // creates the process with the recorded pid.
-                match clone::fork_with(libc::CLONE_NEWPID as u64, None) {
+                match clone::fork_with((libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64, None) {
                     Ok(Forked::Child) => {
                         child::init_main(&plan, init_go_read.as_raw_fd(), recorded_pid)
                     }
@@ -172,15 +172,16 @@ impl Skeleton {
                         ptrace::seize_with_options(init, TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK)
                             .map_err(RestoreError::ptrace(init, "seize"))?;
                         write_pipe(&init_go_write, &[1])?;
-                        let pid = match ptrace::wait(init).map_err(RestoreError::ptrace(init, "wait"))? {
-                            Stop::Event {
-                                event: ptrace::PTRACE_EVENT_FORK,
-                                ..
-                            } => ptrace::event_message(init)
-                                .map_err(RestoreError::ptrace(init, "event message"))?
-                                as i32,
-                            other => return Err(child_failure(init, other, &status_read)),
-                        };
+                        let pid =
+                            match ptrace::wait(init).map_err(RestoreError::ptrace(init, "wait"))? {
+                                Stop::Event {
+                                    event: ptrace::PTRACE_EVENT_FORK,
+                                    ..
+                                } => ptrace::event_message(init)
+                                    .map_err(RestoreError::ptrace(init, "event message"))?
+                                    as i32,
+                                other => return Err(child_failure(init, other, &status_read)),
+                            };
                         guard.pids.insert(0, pid);
                         ptrace::detach(init, 0).map_err(RestoreError::ptrace(init, "detach"))?;
                         expect_event_stop(pid, &status_read)?;
@@ -256,10 +257,6 @@ impl Skeleton {
 
         for (thread, &tid) in manifest.threads.iter().zip(&tids) {
             set_thread_state(tid, thread)?;
-            let comm_path = format!("/proc/{pid}/task/{tid}/comm");
-            if let Err(err) = std::fs::write(&comm_path, thread.comm.as_bytes()) {
-                tracing::debug!(pid, tid, %err, "setting comm");
-            }
             for signal in signals(thread.pending) {
                 clone::tgkill(pid, tid, signal)
                     .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
@@ -307,7 +304,10 @@ impl Skeleton {
         }
         let mut timings = self.timings;
         timings.resume = started.elapsed();
-        let pager = self.pager.take().expect("a skeleton always holds its pager");
+        let pager = self
+            .pager
+            .take()
+            .expect("a skeleton always holds its pager");
         let restored = Restored {
             pid: self.pid,
             init_pid: self.init_pid,
@@ -341,18 +341,21 @@ const TRACE_OPTIONS: i32 = libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL;
 fn verify_all_pages(image: &Image) -> Result<(), RestoreError> {
     for mapping in &image.manifest().mappings {
         for (index, run) in mapping.pages.iter().enumerate() {
-            image.pages().run(run).map_err(|err| RestoreError::CorruptImage {
-                address: mapping.start + run.first_page * PAGE_SIZE,
-                reason: format!("page run {index} of mapping {:#x}: {err}", mapping.start),
-            })?;
+            image
+                .pages()
+                .run(run)
+                .map_err(|err| RestoreError::CorruptImage {
+                    address: mapping.start + run.first_page * PAGE_SIZE,
+                    reason: format!("page run {index} of mapping {:#x}: {err}", mapping.start),
+                })?;
         }
     }
     Ok(())
 }
 
 fn pipe_above(min: RawFd) -> Result<(OwnedFd, OwnedFd), RestoreError> {
-    let (read, write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| RestoreError::Fork(e.into()))?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RestoreError::Fork(e.into()))?;
     Ok((dup_above(read, min)?, dup_above(write, min)?))
 }
 
@@ -380,7 +383,10 @@ fn expect_event_stop(pid: i32, status: &OwnedFd) -> Result<(), RestoreError> {
 
 fn child_failure(pid: i32, stop: Stop, status: &OwnedFd) -> RestoreError {
     let mut message = [0u8; 8];
-    let _ = nix::fcntl::fcntl(status, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+    let _ = nix::fcntl::fcntl(
+        status,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
     if let Ok(8) = nix::unistd::read(status, &mut message) {
         let step = u32::from_ne_bytes(message[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(message[4..].try_into().unwrap_or_default());
@@ -430,7 +436,12 @@ impl Builder<'_> {
 
     /// Runs `table` in stopped thread `tid`; returns the tids of threads it
     /// created (in creation order).
-    fn run(&mut self, tid: i32, table: Table, ends_unmapped: bool) -> Result<Vec<i32>, RestoreError> {
+    fn run(
+        &mut self,
+        tid: i32,
+        table: Table,
+        ends_unmapped: bool,
+    ) -> Result<Vec<i32>, RestoreError> {
         if table.bytes.len() as u64 > self.region.table_room {
             return Err(RestoreError::Layout(format!(
                 "a table of {} bytes does not fit the restorer region",
@@ -541,6 +552,15 @@ fn per_thread(t: &mut TableBuilder, thread: &ThreadInfo) {
     };
     let address = t.words(&words);
     t.call("sigaltstack", libc::SYS_sigaltstack, &[address, 0]);
+    let mut name = thread.comm.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    let name_addr = t.data(&name);
+    t.call(
+        format!("set thread name {}", thread.comm),
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, name_addr],
+    );
     t.call(
         "set_tid_address",
         libc::SYS_set_tid_address,
@@ -580,9 +600,11 @@ fn set_thread_state(tid: i32, thread: &ThreadInfo) -> Result<(), RestoreError> {
     normalize_syscall_restart(&mut regs);
     ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
     if !thread.xsave.is_empty() {
-        ptrace::set_xstate(tid, &thread.xsave).map_err(RestoreError::ptrace(tid, "set xsave area"))?;
+        ptrace::set_xstate(tid, &thread.xsave)
+            .map_err(RestoreError::ptrace(tid, "set xsave area"))?;
     }
-    ptrace::set_sigmask(tid, thread.sigmask).map_err(RestoreError::ptrace(tid, "set signal mask"))?;
+    ptrace::set_sigmask(tid, thread.sigmask)
+        .map_err(RestoreError::ptrace(tid, "set signal mask"))?;
     Ok(())
 }
 
@@ -618,10 +640,13 @@ fn write_file_pages(image: &Image, mem: &ProcMem, pid: i32) -> Result<(), Restor
         }
         for run in &mapping.pages {
             let address = mapping.start + run.first_page * PAGE_SIZE;
-            let bytes = image.pages().run(run).map_err(|err| RestoreError::CorruptImage {
-                address,
-                reason: err.to_string(),
-            })?;
+            let bytes = image
+                .pages()
+                .run(run)
+                .map_err(|err| RestoreError::CorruptImage {
+                    address,
+                    reason: err.to_string(),
+                })?;
             mem.write_all_at(address, bytes)
                 .map_err(RestoreError::ptrace(pid, "write file-mapping pages"))?;
         }
@@ -650,7 +675,14 @@ impl Resources {
                     inode,
                     device,
                     ..
-                } => Some(open_mapped_file(mapping.start, path, *inode, device, mapping.shared && mapping.protection.write, min)?),
+                } => Some(open_mapped_file(
+                    mapping.start,
+                    path,
+                    *inode,
+                    device,
+                    mapping.shared && mapping.protection.write,
+                    min,
+                )?),
                 MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
                     let existing = match shared.get(inode) {
                         Some(&raw) => raw,
@@ -697,7 +729,12 @@ impl Resources {
             // Without CAP_SYS_RESOURCE a hard limit cannot be raised: keep ours.
             let new_hard = limit.hard.min(hard);
             if new_hard < limit.hard {
-                tracing::warn!(resource, recorded = limit.hard, kept = hard, "hard rlimit lowered");
+                tracing::warn!(
+                    resource,
+                    recorded = limit.hard,
+                    kept = hard,
+                    "hard rlimit lowered"
+                );
             }
             let new_soft = limit.soft.min(new_hard);
             if (new_soft, new_hard) != (soft, hard) {
@@ -755,7 +792,10 @@ fn open_mapped_file(
         .map_err(|e| RestoreError::io(path, e))?;
     let meta = file.metadata().map_err(|e| RestoreError::io(path, e))?;
     let device_matches = device.split_once(':').is_none_or(|(major, minor)| {
-        match (u64::from_str_radix(major, 16), u64::from_str_radix(minor, 16)) {
+        match (
+            u64::from_str_radix(major, 16),
+            u64::from_str_radix(minor, 16),
+        ) {
             (Ok(major), Ok(minor)) => {
                 libc::major(meta.dev()) as u64 == major && libc::minor(meta.dev()) as u64 == minor
             }
@@ -781,7 +821,10 @@ fn new_memfd(inode: u64) -> Result<OwnedFd, RestoreError> {
 /// mapping of the object then maps, so they stay shared.
 fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), RestoreError> {
     let file = File::from(fd.try_clone().map_err(|e| RestoreError::io("memfd", e))?);
-    let current = file.metadata().map_err(|e| RestoreError::io("memfd", e))?.len();
+    let current = file
+        .metadata()
+        .map_err(|e| RestoreError::io("memfd", e))?
+        .len();
     for mapping in &image.manifest().mappings {
         let (offset, same) = match &mapping.kind {
             MappingKind::Memfd {

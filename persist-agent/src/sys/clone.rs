@@ -47,7 +47,11 @@ pub fn fork_with(flags: u64, pid: Option<i32>) -> io::Result<Forked> {
     let args = CloneArgs {
         flags,
         exit_signal: libc::SIGCHLD as u64,
-        set_tid: if pid.is_some() { tids.as_ptr() as u64 } else { 0 },
+        set_tid: if pid.is_some() {
+            tids.as_ptr() as u64
+        } else {
+            0
+        },
         set_tid_size: u64::from(pid.is_some()),
         ..CloneArgs::default()
     };
@@ -55,13 +59,7 @@ pub fn fork_with(flags: u64, pid: Option<i32>) -> io::Result<Forked> {
     // calling thread like fork(); the argument struct and tid array outlive
     // the call. The child only returns into code that follows the
     // async-signal-safety rule documented above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            CLONE_ARGS_SIZE,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, CLONE_ARGS_SIZE) };
     match rc {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
@@ -256,6 +254,37 @@ pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// In a fresh mount namespace: stops mount propagation towards the parent
+/// namespace (recursive slave) and mounts a procfs for the calling process's
+/// pid namespace on /proc, so that the pids it sees match /proc.
+/// Async-signal-safe.
+pub fn mount_own_proc() -> io::Result<()> {
+    // SAFETY: mount with static NUL-terminated strings and null data.
+    unsafe {
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
