@@ -1,0 +1,417 @@
+//! Restore from images made by `persist-agent checkpoint`: fixtures restored
+//! twice from one image, real servers (python3 http.server, redis) in
+//! private network namespaces, and bad images refused before anything runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use persist_tests::{NetNs, binary, wait_until};
+
+/// SIGKILLs every tracked pid on drop (only processes this test started).
+#[derive(Default)]
+struct Pids(Vec<i32>);
+
+impl Pids {
+    fn track(&mut self, pid: i32) {
+        self.0.push(pid);
+    }
+}
+
+impl Drop for Pids {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn agent() -> Command {
+    Command::new(binary("persist-agent"))
+}
+
+/// Runs `command` (an agent invocation) and fails with its stderr.
+fn run(command: &mut Command) -> Result<Output> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// Pid printed on the last stdout line of a restore.
+fn restored_pid(output: &Output) -> Result<i32> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().context("restore printed nothing")?;
+    last.trim()
+        .parse()
+        .with_context(|| format!("restore's last line is not a pid: {last:?}"))
+}
+
+fn checkpoint(command: Command, pid: i32, image: &Path) -> Result<()> {
+    let mut command = command;
+    command
+        .args(["checkpoint", "--pid", &pid.to_string(), "--image"])
+        .arg(image);
+    run(&mut command).map(drop)
+}
+
+fn start_fixture(name: &str, dir: &Path) -> Result<Child> {
+    let child = Command::new(binary(name))
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    wait_until(Duration::from_secs(20), || dir.join("ready").exists())
+        .with_context(|| format!("{name} never became ready"))?;
+    Ok(child)
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+}
+
+/// SIGUSR1 makes a fixture check its state and write `result`.
+fn fixture_result(pid: i32, dir: &Path) -> Result<String> {
+    let result = dir.join("result");
+    let _ = std::fs::remove_file(&result);
+    signal(pid, nix::sys::signal::Signal::SIGUSR1);
+    wait_until(Duration::from_secs(20), || result.exists())
+        .with_context(|| format!("pid {pid} wrote no result"))?;
+    Ok(std::fs::read_to_string(result)?.trim().to_owned())
+}
+
+/// Checkpoints a fixture (which kills it), then restores it twice, one
+/// after the other, checking its state each time.
+fn restore_fixture_twice(name: &str) -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir)?;
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture(name, &dir)?;
+    let mut pids = Pids::default();
+    pids.track(fixture.id() as i32);
+    checkpoint(agent(), fixture.id() as i32, &image)?;
+    fixture.wait()?;
+    for round in 1..=2 {
+        let output = run(agent().arg("restore").arg("--image").arg(&image))?;
+        let pid = restored_pid(&output)?;
+        pids.track(pid);
+        let result = fixture_result(pid, &dir)?;
+        assert_eq!(result, "OK", "{name}, restore {round} (pid {pid})");
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    Ok(())
+}
+
+#[test]
+fn memory_fixture_restores_twice_from_one_image() {
+    restore_fixture_twice("fixture-memory").unwrap();
+}
+
+#[test]
+fn process_fixture_restores_twice_from_one_image() {
+    restore_fixture_twice("fixture-process").unwrap();
+}
+
+#[test]
+fn threads_fixture_restores_twice_from_one_image() {
+    restore_fixture_twice("fixture-threads").unwrap();
+}
+
+/// A checkpointed fixture's image, the fixture gone.
+fn fixture_image(temp: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = temp.join("state");
+    std::fs::create_dir(&dir)?;
+    let image = temp.join("image");
+    let mut fixture = start_fixture("fixture-memory", &dir)?;
+    let _pids = Pids(vec![fixture.id() as i32]);
+    checkpoint(agent(), fixture.id() as i32, &image)?;
+    fixture.wait()?;
+    Ok((dir, image))
+}
+
+/// Runs a restore that must fail; returns its stderr.
+fn failed_restore(image: &Path) -> String {
+    let output = agent()
+        .arg("restore")
+        .arg("--image")
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running the agent");
+    assert!(
+        !output.status.success(),
+        "restore of a bad image succeeded: {output:?}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "a failed restore prints no pid: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Processes whose comm is `comm` (to show that a failed restore left none).
+fn processes_named(comm: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if name.trim() == comm && !zombie {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn corrupt_page_is_refused_and_nothing_runs() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let pages = image.join("pages");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&pages, &bytes).unwrap();
+    let before = processes_named("fixture-memory");
+    let err = failed_restore(&image);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(
+        err.contains("page at 0x"),
+        "the error names the page: {err}"
+    );
+    let after = processes_named("fixture-memory");
+    assert!(
+        after.iter().all(|pid| before.contains(pid)),
+        "a half-restored process was left: before {before:?}, after {after:?}"
+    );
+}
+
+#[test]
+fn truncated_page_store_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let pages = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image.join("pages"))
+        .unwrap();
+    let len = pages.metadata().unwrap().len();
+    pages.set_len(len - 4096).unwrap();
+    let err = failed_restore(&image);
+    assert!(err.contains("page store holds"), "{err}");
+}
+
+/// CRC32C (Castagnoli), bit by bit: enough for re-sealing a small manifest.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn image_from_another_kernel_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let path = image.join("manifest");
+    let text = std::fs::read(&path).unwrap();
+    let newline = text.iter().position(|&b| b == b'\n').unwrap();
+    let header = String::from_utf8(text[..newline].to_vec()).unwrap();
+    let version = header.split(' ').nth(1).unwrap().to_owned();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&text[newline + 1..]).unwrap();
+    manifest["kernel"]["release"] = "5.10.0-ancient".into();
+    let json = serde_json::to_vec(&manifest).unwrap();
+    let mut out = format!(
+        "persist-image {version} {} {:08x}\n",
+        json.len(),
+        crc32c(&json)
+    )
+    .into_bytes();
+    out.extend_from_slice(&json);
+    std::fs::write(&path, out).unwrap();
+    let err = failed_restore(&image);
+    assert!(err.contains("5.10.0-ancient"), "{err}");
+    assert!(err.contains("same kernel build"), "{err}");
+}
+
+#[test]
+fn image_writable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = tempfile::tempdir().unwrap();
+    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = failed_restore(&image);
+    assert!(err.contains("others can write"), "{err}");
+}
+
+/// A server in its own network namespace, started by `ip netns exec`.
+struct NsServer {
+    netns: NetNs,
+    pids: Pids,
+}
+
+impl NsServer {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            netns: NetNs::new()?,
+            pids: Pids::default(),
+        })
+    }
+
+    fn in_ns(&self, program: &str) -> Command {
+        self.netns.command(program)
+    }
+
+    fn agent(&self) -> Command {
+        self.netns.command(binary("persist-agent"))
+    }
+
+    fn restore(&mut self, image: &Path) -> Result<i32> {
+        let mut command = self.agent();
+        command.arg("restore").arg("--image").arg(image);
+        let output = run(&mut command)?;
+        let pid = restored_pid(&output)?;
+        self.pids.track(pid);
+        Ok(pid)
+    }
+}
+
+fn output_text(command: &mut Command) -> Result<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn python_http_server_serves_its_directory_after_restore() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("www");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("restored-marker.txt"), "hi").unwrap();
+    let image = temp.path().join("image");
+    let mut server = NsServer::new().unwrap();
+    let port = "18123";
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut python = server
+        .in_ns("python3")
+        .args(["-m", "http.server", port, "--bind", "127.0.0.1"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let listing = |server: &NsServer| {
+        output_text(server.in_ns("curl").args(["-s", "-m", "5", &url])).unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(20), || {
+        listing(&server).contains("restored-marker.txt")
+    })
+    .unwrap();
+    // `ip netns exec` execs python in place, so the child's pid is python's.
+    let pid = python.id() as i32;
+    server.pids.track(pid);
+    checkpoint(server.agent(), pid, &image).unwrap();
+    python.wait().unwrap();
+    for _ in 0..2 {
+        let pid = server.restore(&image).unwrap();
+        let started = Instant::now();
+        let body = listing(&server);
+        eprintln!("first request after restore: {:?}", started.elapsed());
+        assert!(body.contains("restored-marker.txt"), "listing: {body}");
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn redis_keeps_its_keys_and_takes_writes_after_restore() {
+    let temp = tempfile::tempdir().unwrap();
+    let image = temp.path().join("image");
+    let mut server = NsServer::new().unwrap();
+    let port = "16379";
+    let mut redis = server
+        .in_ns("redis-server")
+        .args([
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ])
+        .current_dir(temp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = redis.id() as i32;
+    server.pids.track(pid);
+    let cli = |server: &NsServer, args: &[&str]| {
+        output_text(server.in_ns("redis-cli").args(["-p", port]).args(args))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    wait_until(Duration::from_secs(20), || {
+        cli(&server, &["PING"]) == "PONG"
+    })
+    .unwrap();
+    for index in 0..100 {
+        let key = format!("key{index}");
+        let value = format!("value-{index}-{}", "x".repeat(index * 10));
+        assert_eq!(cli(&server, &["SET", &key, &value]), "OK");
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(threads > 1, "redis runs several threads ({threads})");
+    checkpoint(server.agent(), pid, &image).unwrap();
+    redis.wait().unwrap();
+    for round in 0..2 {
+        let pid = server.restore(&image).unwrap();
+        for index in [0usize, 42, 99] {
+            let expected = format!("value-{index}-{}", "x".repeat(index * 10));
+            assert_eq!(
+                cli(&server, &["GET", &format!("key{index}")]),
+                expected,
+                "round {round}"
+            );
+        }
+        assert_eq!(cli(&server, &["SET", "fresh", "write"]), "OK");
+        assert_eq!(cli(&server, &["GET", "fresh"]), "write");
+        assert_eq!(cli(&server, &["DBSIZE"]), "101");
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
