@@ -18,6 +18,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::mpsc;
 
 use nix::unistd::Whence;
 use persist_common::image::{ImageWriter, Mapping, MappingKind, PAGE_SIZE, Protection};
@@ -28,7 +29,10 @@ use crate::sys::procmem::{self, Pagemap, PagemapEntry, ProcMem, RemoteRange};
 use super::CheckpointError;
 
 /// Bytes read from the target per batch.
-const BATCH_BYTES: usize = 32 << 20;
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Batch buffers in flight between the reader thread and the writer.
+const BUFFERS: usize = 3;
 
 /// Pagemap entries read per call.
 const PAGEMAP_CHUNK: usize = 64 * 1024;
@@ -167,6 +171,10 @@ struct Segment {
 
 /// Reads the pages worth storing of every mapping and appends them to the
 /// page store, filling each mapping's `pages`.
+///
+/// A reader thread fills batch buffers with `process_vm_readv` while this
+/// thread checksums and writes the previous batch, so reading the target
+/// and writing the image overlap.
 pub fn dump(
     pid: i32,
     mappings: &mut [Mapping],
@@ -178,19 +186,58 @@ pub fn dump(
         path: format!("/proc/{pid}/pagemap"),
         source,
     })?;
-    let mut batch = Batch::new(pid);
-    for index in 0..mappings.len() {
-        let segments = match policy(&mappings[index]) {
-            StorePolicy::Nothing => continue,
-            StorePolicy::PrivatePages => private_segments(pid, &pagemap, &mappings[index], index)?,
-            StorePolicy::ShmemData => shmem_segments(pid, &mappings[index], index)?,
-        };
-        for segment in segments {
-            batch.push(segment, mappings, writer, mem)?;
+    let mut segments = Vec::new();
+    for (index, mapping) in mappings.iter().enumerate() {
+        match policy(mapping) {
+            StorePolicy::Nothing => {}
+            StorePolicy::PrivatePages => {
+                segments.extend(private_segments(pid, &pagemap, mapping, index)?);
+            }
+            StorePolicy::ShmemData => segments.extend(shmem_segments(pid, mapping, index)?),
         }
     }
-    batch.flush(mappings, writer, mem)?;
-    Ok(batch.stats)
+    let batches = plan_batches(&segments, mappings);
+    let mut stats = DumpStats::default();
+    std::thread::scope(|scope| -> Result<(), CheckpointError> {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Filled>(BUFFERS);
+        let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+        for _ in 0..BUFFERS.min(batches.len()) {
+            empty_tx.send(Vec::new()).expect("the receiver is alive");
+        }
+        let batches = &batches;
+        scope.spawn(move || {
+            for batch in batches {
+                let Ok(mut buffer) = empty_rx.recv() else {
+                    return;
+                };
+                let read = read_batch(pid, mem, batch, &mut buffer);
+                if full_tx.send(Filled { buffer, read }).is_err() {
+                    return;
+                }
+            }
+        });
+        for batch in batches {
+            let filled = full_rx
+                .recv()
+                .expect("the reader sends one buffer per batch");
+            filled.read?;
+            let mut offset = 0;
+            for segment in &batch.segments {
+                let len = (segment.pages * PAGE_SIZE) as usize;
+                let runs = writer
+                    .append_pages(segment.first_page, &filled.buffer[offset..offset + len])
+                    .map_err(|source| CheckpointError::Image { pid, source })?;
+                mappings[segment.mapping].pages.extend(runs);
+                offset += len;
+            }
+            stats.pages += batch.bytes as u64 / PAGE_SIZE;
+            stats.bytes += batch.bytes as u64;
+            // The reader may be done already: then the buffer is not needed.
+            let _ = empty_tx.send(filled.buffer);
+        }
+        Ok(())
+    })?;
+    Ok(stats)
 }
 
 /// Runs of pages of a private mapping that are present and anonymous, or swapped.
@@ -294,109 +341,84 @@ fn shmem_segments(
     Ok(segments)
 }
 
-/// Segments waiting to be read in one `process_vm_readv`.
+/// Segments read with one `process_vm_readv`.
+#[derive(Debug, Default)]
 struct Batch {
-    pid: i32,
     segments: Vec<Segment>,
     ranges: Vec<RemoteRange>,
     bytes: usize,
-    buffer: Vec<u8>,
-    stats: DumpStats,
 }
 
-impl Batch {
-    fn new(pid: i32) -> Self {
-        Self {
-            pid,
-            segments: Vec::new(),
-            ranges: Vec::new(),
-            bytes: 0,
-            buffer: Vec::new(),
-            stats: DumpStats::default(),
-        }
-    }
+/// A batch buffer, filled by the reader.
+struct Filled {
+    buffer: Vec<u8>,
+    read: Result<(), CheckpointError>,
+}
 
-    fn push(
-        &mut self,
-        mut segment: Segment,
-        mappings: &mut [Mapping],
-        writer: &mut ImageWriter,
-        mem: &ProcMem,
-    ) -> Result<(), CheckpointError> {
-        let max_pages = BATCH_BYTES as u64 / PAGE_SIZE;
-        while segment.pages > 0 {
-            if self.ranges.len() == procmem::MAX_IOVECS || self.bytes == BATCH_BYTES {
-                self.flush(mappings, writer, mem)?;
+/// Groups segments into batches of at most [`BATCH_BYTES`] and
+/// [`procmem::MAX_IOVECS`] ranges, splitting segments where needed.
+fn plan_batches(segments: &[Segment], mappings: &[Mapping]) -> Vec<Batch> {
+    let max_pages = BATCH_BYTES as u64 / PAGE_SIZE;
+    let mut batches = Vec::new();
+    let mut current = Batch::default();
+    for &segment in segments {
+        let mut rest = segment;
+        while rest.pages > 0 {
+            if current.ranges.len() == procmem::MAX_IOVECS || current.bytes == BATCH_BYTES {
+                batches.push(std::mem::take(&mut current));
             }
-            let room = max_pages - self.bytes as u64 / PAGE_SIZE;
-            let take = segment.pages.min(room);
-            let piece = Segment {
-                pages: take,
-                ..segment
-            };
-            let mapping = &mappings[piece.mapping];
-            self.ranges.push(RemoteRange {
-                addr: mapping.start + piece.first_page * PAGE_SIZE,
+            let room = max_pages - current.bytes as u64 / PAGE_SIZE;
+            let take = rest.pages.min(room);
+            let start = mappings[rest.mapping].start + rest.first_page * PAGE_SIZE;
+            current.ranges.push(RemoteRange {
+                addr: start,
                 len: (take * PAGE_SIZE) as usize,
             });
-            self.segments.push(piece);
-            self.bytes += (take * PAGE_SIZE) as usize;
-            segment.first_page += take;
-            segment.pages -= take;
+            current.segments.push(Segment {
+                pages: take,
+                ..rest
+            });
+            current.bytes += (take * PAGE_SIZE) as usize;
+            rest.first_page += take;
+            rest.pages -= take;
         }
-        Ok(())
     }
+    if !current.segments.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
 
-    fn flush(
-        &mut self,
-        mappings: &mut [Mapping],
-        writer: &mut ImageWriter,
-        mem: &ProcMem,
-    ) -> Result<(), CheckpointError> {
-        if self.segments.is_empty() {
-            return Ok(());
-        }
-        if self.buffer.len() < self.bytes {
-            self.buffer.resize(BATCH_BYTES, 0);
-        }
-        let buffer = &mut self.buffer[..self.bytes];
-        // Fast path for the readable mappings; whatever the kernel could
-        // not read (protection, a racing fault) is read through /proc/PID/mem.
-        let read = procmem::read_vectored(self.pid, buffer, &self.ranges).unwrap_or(0);
-        let mut offset = 0;
-        for range in &self.ranges {
-            let end = offset + range.len;
-            if end > read {
-                let done = read.saturating_sub(offset);
-                let addr = range.addr + done as u64;
-                mem.read_exact_at(addr, &mut buffer[offset + done..end])
-                    .map_err(|source| CheckpointError::Memory {
-                        pid: self.pid,
-                        addr,
-                        len: range.len - done,
-                        what: "/proc/PID/mem",
-                        source,
-                    })?;
-            }
-            offset = end;
-        }
-        let mut offset = 0;
-        for segment in &self.segments {
-            let len = (segment.pages * PAGE_SIZE) as usize;
-            let runs = writer
-                .append_pages(segment.first_page, &buffer[offset..offset + len])
-                .map_err(|source| CheckpointError::Image {
-                    pid: self.pid,
+/// Reads a batch into `buffer`: `process_vm_readv` for all of it, then
+/// `/proc/PID/mem` for whatever that could not read (protection, a mapping
+/// changed under us).
+fn read_batch(
+    pid: i32,
+    mem: &ProcMem,
+    batch: &Batch,
+    buffer: &mut Vec<u8>,
+) -> Result<(), CheckpointError> {
+    if buffer.len() < batch.bytes {
+        buffer.resize(BATCH_BYTES.max(batch.bytes), 0);
+    }
+    let buffer = &mut buffer[..batch.bytes];
+    let read = procmem::read_vectored(pid, buffer, &batch.ranges).unwrap_or(0);
+    let mut offset = 0;
+    for range in &batch.ranges {
+        let end = offset + range.len;
+        if end > read {
+            let done = read.saturating_sub(offset);
+            let addr = range.addr + done as u64;
+            mem.read_exact_at(addr, &mut buffer[offset + done..end])
+                .map_err(|source| CheckpointError::Memory {
+                    pid,
+                    addr,
+                    len: range.len - done,
+                    what: "/proc/PID/mem",
                     source,
                 })?;
-            mappings[segment.mapping].pages.extend(runs);
-            offset += len;
         }
-        self.stats.pages += self.bytes as u64 / PAGE_SIZE;
-        self.stats.bytes += self.bytes as u64;
-        self.segments.clear();
-        self.ranges.clear();
-        self.bytes = 0;
-        Ok(())
+        offset = end;
     }
+    Ok(())
 }

@@ -301,12 +301,17 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     let frozen = Frozen::freeze(pid)?;
     let (mut manifest, writer, stats) = save(pid, &frozen, &pidfd, options)?;
     let image_error = |source| CheckpointError::Image { pid, source };
-    writer.finish(&mut manifest).map_err(image_error)?;
-    let frozen_for = frozen_at.elapsed();
-
+    let frozen_for;
     if options.leave_running {
+        // Everything is saved in memory: let the process go on while the
+        // image is synced to disk.
         frozen.release()?;
+        frozen_for = frozen_at.elapsed();
+        writer.finish(&mut manifest).map_err(image_error)?;
     } else {
+        // The process dies only once its image is durable.
+        writer.finish(&mut manifest).map_err(image_error)?;
+        frozen_for = frozen_at.elapsed();
         frozen.kill(&pidfd)?;
     }
     Ok(CheckpointSummary {
