@@ -1,0 +1,475 @@
+//! `persist-agent checkpoint` and `inspect` against real processes.
+//!
+//! Each test starts its own fixture (tests/src/bin/fixture-*.rs) in its own
+//! temporary directory, checkpoints it, and checks both the image (through
+//! persist-common's reader) and that the process still works, or is gone.
+//! Fixtures are killed by pid when a test ends.
+//!
+//! The agent binary must be built (`cargo build -p persist-agent`) in the
+//! same target directory as this test.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use persist_common::image::{Image, Manifest, MappingKind};
+
+/// Index of `rip` in saved registers.
+const RIP: usize = 16;
+/// Index of `fs_base`.
+const FS_BASE: usize = 21;
+
+fn agent() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/PROFILE/deps/checkpoint-HASH -> target/PROFILE/persist-agent
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/PROFILE/deps")
+        .join("persist-agent");
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build -p persist-agent` first",
+        path.display()
+    );
+    path
+}
+
+/// A fixture process started in its own directory; killed on drop.
+struct Fixture {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn start(program: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(program)
+            .arg(dir.path())
+            .args(extra)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let fixture = Self { child, dir };
+        fixture.wait_for_file("ready", Duration::from_secs(20));
+        fixture
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn wait_for_file(&self, name: &str, timeout: Duration) -> String {
+        let path = self.path(name);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(text) = fs::read_to_string(&path) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear within {timeout:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asks the fixture to check its state and returns its verdict.
+    fn check(&self) -> String {
+        let _ = fs::remove_file(self.path("result"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("send SIGUSR1");
+        self.wait_for_file("result", Duration::from_secs(20))
+    }
+
+    fn checkpoint(&self, image: &Path, leave_running: bool) -> Output {
+        let mut command = Command::new(agent());
+        command
+            .args(["checkpoint", "--pid", &self.pid().to_string(), "--image"])
+            .arg(image);
+        if leave_running {
+            command.arg("--leave-running");
+        }
+        command.output().expect("run persist-agent")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "persist-agent failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn inspect(image: &Path) -> String {
+    let output = Command::new(agent())
+        .arg("inspect")
+        .arg(image)
+        .output()
+        .expect("run persist-agent inspect");
+    assert_success(&output);
+    String::from_utf8(output.stdout).expect("inspect prints text")
+}
+
+fn manifest(image: &Path) -> Manifest {
+    Image::open(image).expect("open image").manifest().clone()
+}
+
+/// State letter of every thread of `pid`.
+fn thread_states(pid: i32) -> Vec<char> {
+    let mut states = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let path = entry.expect("task entry").path().join("stat");
+        let stat = fs::read_to_string(path).unwrap_or_default();
+        if let Some(close) = stat.rfind(')') {
+            states.extend(stat[close + 1..].trim_start().chars().next());
+        }
+    }
+    states
+}
+
+fn tracer_of(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|line| line.strip_prefix("TracerPid:"))
+        .expect("TracerPid line")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn memory_fixture_checkpoint_leaves_it_running() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
+    let image = fixture.path("image");
+    assert_success(&fixture.checkpoint(&image, true));
+
+    assert_eq!(tracer_of(fixture.pid()), "0");
+    assert!(!thread_states(fixture.pid()).contains(&'t'));
+    assert_eq!(fixture.check(), "OK");
+
+    let manifest = manifest(&image);
+    assert_eq!(manifest.process.pid, fixture.pid());
+    assert_eq!(manifest.threads.len(), 1);
+    let data_path = fs::canonicalize(fixture.path("data.bin")).unwrap();
+    let file_mapping = manifest
+        .mappings
+        .iter()
+        .find(|m| matches!(&m.kind, MappingKind::File { path, .. } if Path::new(path) == data_path))
+        .expect("a mapping of data.bin");
+    // Exactly the four modified pages differ from the file.
+    assert_eq!(file_mapping.stored_pages(), 4);
+    let stored: Vec<u64> = file_mapping
+        .pages
+        .iter()
+        .flat_map(|run| run.first_page..run.first_page + run.count)
+        .collect();
+    assert_eq!(stored, vec![1, 5, 6, 15]);
+    // The 1024-page anonymous mapping: half of it was touched.
+    assert!(
+        manifest
+            .mappings
+            .iter()
+            .any(|m| m.kind == MappingKind::Anonymous
+                && m.len() == 1024 * 4096
+                && m.stored_pages() == 512),
+        "no 1024-page anonymous mapping with 512 stored pages"
+    );
+    // The PROT_NONE mapping was read through /proc/PID/mem.
+    assert!(
+        manifest.mappings.iter().any(|m| !m.protection.read
+            && m.kind == MappingKind::Anonymous
+            && m.len() == 4 * 4096
+            && m.stored_pages() == 4),
+        "the PROT_NONE mapping's 4 pages are not stored"
+    );
+    assert!(
+        manifest
+            .mappings
+            .iter()
+            .any(|m| m.kind == MappingKind::Heap && m.stored_pages() >= 256)
+    );
+    assert!(
+        manifest
+            .mappings
+            .iter()
+            .any(|m| m.kind == MappingKind::Vdso && m.stored_pages() == 0)
+    );
+
+    // Page contents: the modified file page holds the fixture's pattern,
+    // not the file's.
+    let opened = Image::open(&image).unwrap();
+    let run = file_mapping
+        .pages
+        .iter()
+        .find(|r| r.first_page == 1)
+        .unwrap();
+    let bytes = opened.pages().run(run).expect("run checksum");
+    let original = fs::read(fixture.path("data.bin")).unwrap();
+    assert_ne!(&bytes[..4096], &original[4096..8192]);
+
+    let text = inspect(&image);
+    assert!(
+        text.contains(&format!("process {} (fixture-memory)", fixture.pid())),
+        "{text}"
+    );
+    assert!(text.contains("[heap]"), "{text}");
+    assert!(text.contains(&data_path.display().to_string()), "{text}");
+    assert!(text.contains("[vdso]"), "{text}");
+    assert!(text.contains("threads (1)"), "{text}");
+}
+
+#[test]
+fn threads_fixture_keeps_its_threads() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
+    let image = fixture.path("image");
+    assert_success(&fixture.checkpoint(&image, true));
+    assert_eq!(fixture.check(), "OK");
+
+    let manifest = manifest(&image);
+    assert_eq!(manifest.threads.len(), 5);
+    assert_eq!(manifest.threads[0].tid, fixture.pid(), "leader first");
+    let mut names: Vec<&str> = manifest.threads[1..]
+        .iter()
+        .map(|t| t.comm.as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["worker-0", "worker-1", "worker-2", "worker-3"]);
+    let mut fs_bases: Vec<u64> = manifest.threads.iter().map(|t| t.regs[FS_BASE]).collect();
+    fs_bases.sort_unstable();
+    fs_bases.dedup();
+    assert_eq!(fs_bases.len(), 5, "every thread has its own TLS");
+    for thread in &manifest.threads {
+        assert_eq!(thread.regs.len(), 27);
+        assert!(
+            thread.xsave.len() >= 576,
+            "xsave of {} is {} bytes",
+            thread.tid,
+            thread.xsave.len()
+        );
+        assert!(
+            thread.rseq.is_some(),
+            "glibc registers rseq for thread {}",
+            thread.tid
+        );
+        assert_ne!(thread.clear_child_tid, 0, "thread {}", thread.tid);
+        // The image holds resumable registers: never inside a syscall.
+        assert_eq!(thread.regs[15], u64::MAX, "orig_rax of {}", thread.tid);
+    }
+    let text = inspect(&image);
+    assert!(text.contains("threads (5)"), "{text}");
+    for thread in &manifest.threads {
+        assert!(text.contains(&format!("{:#x}", thread.regs[RIP])), "{text}");
+    }
+}
+
+#[test]
+fn process_fixture_state_is_recorded() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-process"), &[]);
+    let image = fixture.path("image");
+    assert_success(&fixture.checkpoint(&image, true));
+    assert_eq!(fixture.check(), "OK");
+
+    let manifest = manifest(&image);
+    let process = &manifest.process;
+    assert_eq!(process.umask, 0o027);
+    assert_eq!(
+        Path::new(&process.cwd),
+        fs::canonicalize(fixture.dir.path()).unwrap()
+    );
+    let nofile = process
+        .rlimits
+        .iter()
+        .find(|r| r.resource == libc::RLIMIT_NOFILE)
+        .unwrap();
+    assert_eq!((nofile.soft, nofile.hard), (1000, 2000));
+    let usr2 = process
+        .sigactions
+        .iter()
+        .find(|a| a.signal == libc::SIGUSR2 as u32)
+        .expect("SIGUSR2 handler");
+    let flags = (libc::SA_RESTART | libc::SA_ONSTACK) as u64;
+    assert_eq!(usr2.flags & flags, flags);
+    assert_ne!(usr2.mask & (1 << (libc::SIGWINCH - 1)), 0);
+    let hup = process
+        .sigactions
+        .iter()
+        .find(|a| a.signal == libc::SIGHUP as u32)
+        .expect("SIGHUP disposition");
+    assert_eq!(hup.handler, 1, "SIG_IGN");
+    let real = process.itimers.iter().find(|t| t.which == 0).unwrap();
+    assert_eq!(real.interval_us, 50_000_000);
+    assert!(real.value_us > 0 && real.value_us <= 100_000_000);
+    let leader = &manifest.threads[0];
+    assert_eq!(leader.sigaltstack.size, 64 * 1024);
+    assert_ne!(
+        leader.sigmask & (1 << (libc::SIGUSR2 - 1)),
+        0,
+        "SIGUSR2 blocked"
+    );
+    assert_ne!(
+        leader.pending & (1 << (libc::SIGUSR2 - 1)),
+        0,
+        "SIGUSR2 pending"
+    );
+    assert!(process.mm.brk >= process.mm.start_brk);
+    assert!(!process.mm.auxv.is_empty());
+    assert!(process.exe.ends_with("fixture-process"));
+}
+
+#[test]
+fn checkpoint_without_leave_running_kills_the_process() {
+    let mut fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
+    let image = fixture.path("image");
+    assert_success(&fixture.checkpoint(&image, false));
+    // By the time the agent returns the process has exited: it is a zombie
+    // for us, its parent, to reap.
+    let status = fixture.child.try_wait().expect("try_wait");
+    let status = status.expect("the process has exited");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert_eq!(manifest(&image).process.pid, fixture.pid());
+}
+
+#[test]
+fn missing_pid_is_refused_by_name() {
+    let pid_max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = (2..pid_max)
+        .rev()
+        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    let output = Command::new(agent())
+        .args(["checkpoint", "--pid", &pid.to_string(), "--image"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("pid {pid}: no such process")),
+        "{stderr}"
+    );
+    assert!(!image.exists());
+}
+
+#[test]
+fn kernel_thread_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    // pid 2 is kthreadd.
+    let output = Command::new(agent())
+        .args(["checkpoint", "--pid", "2", "--image"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("pid 2 is a kernel thread"), "{stderr}");
+    assert!(!image.exists());
+}
+
+#[test]
+fn a_thread_id_is_refused() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
+    let tid = fs::read_dir(format!("/proc/{}/task", fixture.pid()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&tid| tid != fixture.pid())
+        .unwrap();
+    let image = fixture.path("image");
+    let output = Command::new(agent())
+        .args(["checkpoint", "--pid", &tid.to_string(), "--image"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "pid {tid} is a thread of process {}",
+            fixture.pid()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(fixture.check(), "OK");
+}
+
+#[test]
+fn failed_checkpoint_leaves_the_process_running() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
+    // The image cannot be created: its parent directory does not exist.
+    // That fails after every thread is frozen.
+    let image = fixture.path("no/such/dir/image");
+    let output = fixture.checkpoint(&image, false);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", fixture.pid())),
+        "{stderr}"
+    );
+    assert!(!image.exists());
+    assert_eq!(tracer_of(fixture.pid()), "0");
+    assert!(!thread_states(fixture.pid()).contains(&'t'));
+    assert_eq!(fixture.check(), "OK");
+}
+
+#[test]
+fn traced_process_is_refused() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
+    // Another tracer: this test's thread.
+    let pid = nix::unistd::Pid::from_raw(fixture.pid());
+    nix::sys::ptrace::seize(pid, nix::sys::ptrace::Options::empty()).expect("seize");
+    let image = fixture.path("image");
+    let output = fixture.checkpoint(&image, true);
+    // Detaching needs a stopped tracee.
+    nix::sys::ptrace::interrupt(pid).expect("interrupt");
+    nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL)).expect("wait");
+    nix::sys::ptrace::detach(pid, None).expect("detach");
+    assert_eq!(fixture.check(), "OK");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("is already traced by pid"), "{stderr}");
+}
+
+#[test]
+fn inspect_refuses_a_corrupt_image() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-process"), &[]);
+    let image = fixture.path("image");
+    assert_success(&fixture.checkpoint(&image, true));
+    let manifest_path = image.join("manifest");
+    let mut bytes = fs::read(&manifest_path).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x20;
+    fs::write(&manifest_path, bytes).unwrap();
+    let output = Command::new(agent())
+        .arg("inspect")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("checksum"), "{stderr}");
+}
