@@ -13,14 +13,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// Directory holding the workspace's built binaries (`target/debug`).
+/// Directory holding the workspace's built binaries: `PERSIST_BIN_DIR` if
+/// set, else the profile directory the running binary was built into
+/// (`target/debug` for a test in `target/debug/deps`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/debug/deps/TEST-HASH -> target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/PROFILE/deps")
-        .to_owned()
+    if let Some(dir) = std::env::var_os("PERSIST_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("own binary path");
+    let dir = exe.parent().expect("a binary lives in a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// Path of a workspace binary, which must have been built.

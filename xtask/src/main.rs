@@ -1,1 +1,54 @@
-fn main() {}
+//! `cargo xtask`: installs what persist needs, and runs its demo, tests and benchmarks.
+
+mod bench;
+mod demo;
+mod deps;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for persist.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the Debian packages that building and testing need.
+    Deps,
+    /// Park a bundled server, wake it with a connection, show what happened.
+    Demo,
+    /// Run the whole test suite against the real kernel (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure wake latencies and time-to-first-byte (needs root).
+    Bench {
+        /// Fewer samples, for a quick look.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Deps => deps::ensure(deps::TEST),
+        Task::Demo => demo::run(),
+        Task::Test { args } => test(&args),
+        Task::Bench { quick } => bench::run(quick),
+    }
+}
+
+fn test(args: &[String]) -> Result<()> {
+    deps::require_root()?;
+    deps::ensure(deps::TEST)?;
+    deps::cargo(&["build", "--workspace", "--bins"])?;
+    let mut test_args = vec!["test", "--workspace"];
+    test_args.extend(args.iter().map(String::as_str));
+    deps::cargo(&test_args)
+}

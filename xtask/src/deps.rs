@@ -1,0 +1,121 @@
+//! Debian packages persist needs, installed when missing.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Packages the demo needs: clang compiles the BPF programs against libbpf's
+/// headers, and the demo runs in a network namespace made with iproute2.
+pub const DEMO: &[&str] = &["clang", "libbpf-dev", "iproute2", "curl"];
+
+/// Packages the tests and benchmarks use: the real servers and clients they drive.
+pub const TEST: &[&str] = &[
+    "clang",
+    "libbpf-dev",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "curl",
+    "python3",
+    "redis-server",
+    "redis-tools",
+    "nginx",
+    "memcached",
+];
+
+/// Fails unless running as root.
+pub fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("this task needs root (BPF, network namespaces, ptrace): run it with sudo");
+    }
+    Ok(())
+}
+
+/// Installs whichever of `packages` are missing, saying which.
+pub fn ensure(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| !installed(package))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root()?;
+    eprintln!(
+        "xtask: installing missing Debian packages: {}",
+        missing.join(" ")
+    );
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    // Debian starts some servers on install; our tests start their own.
+    for service in ["redis-server", "nginx", "memcached"] {
+        if missing.contains(&service) {
+            let _ = Command::new("service").args([service, "stop"]).output();
+        }
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+/// Runs cargo with `args` from the workspace root.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+/// The workspace root (the parent of `xtask/`).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Where cargo puts the binaries of `profile` (`debug` or `release`).
+pub fn profile_dir(profile: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), Into::into)
+        .join(profile)
+}
+
+/// Builds the agent and the bundled servers in `profile` and points the
+/// shared test helpers at them.
+pub fn build_binaries(profile: &str) -> Result<()> {
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "-p",
+        "persist-agent",
+        "-p",
+        "persist-tests",
+        "--bins",
+    ];
+    if profile == "release" {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    // SAFETY: called from the main thread before any other thread exists.
+    unsafe { std::env::set_var("PERSIST_BIN_DIR", profile_dir(profile)) };
+    Ok(())
+}
+
+/// Runs a command, failing if it does not exit 0.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
