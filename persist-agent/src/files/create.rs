@@ -196,15 +196,19 @@ fn timerfd(
         fd,
         format!("timerfd_create on clock {clock}"),
     ))?;
-    if value_ns > 0 {
+    // A periodic timer that expired and was not read yet shows no time
+    // left: the kernel only re-arms it on the next read. The restored one
+    // runs on, its next expiry one interval away, the unread ticks kept.
+    let left = if value_ns == 0 { interval_ns } else { value_ns };
+    if left > 0 {
         // The saved value is the time left; an absolute timer needs it
         // turned back into a deadline on its clock.
         let value = if settime_flags & libc::TFD_TIMER_ABSTIME != 0 {
             let now = kobjects::clock_now_ns(clock)
                 .map_err(FilesError::io(fd, format!("clock_gettime {clock}")))?;
-            now.saturating_add(value_ns)
+            now.saturating_add(left)
         } else {
-            value_ns
+            left
         };
         kobjects::timerfd_settime(timer.as_fd(), settime_flags, value, interval_ns)
             .map_err(FilesError::io(fd, "timerfd_settime"))?;

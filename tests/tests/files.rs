@@ -1,0 +1,537 @@
+//! File descriptors: `persist_agent::files::save_fds` on a live fixture, and
+//! `prepare` + `install_in_child` in a forked child of this (multi-threaded)
+//! test process, which then execs the fixture's checks on what it got.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use persist_agent::files::{FilesError, InheritedFds, PreparedFds, prepare, save_fds};
+use persist_agent::sys::pidfd::PidFd;
+use persist_common::image::{EpollWatch, FdInfo, FdKind, QueuedMessage};
+
+const FIXTURE: &str = env!("CARGO_BIN_EXE_fixture-files");
+
+/// A process a test started, killed and reaped on drop.
+struct Started {
+    child: Child,
+}
+
+impl Started {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} ({})",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A TCP port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_fixture(dir: &Path, port: u16) -> Started {
+    let child = Command::new(FIXTURE)
+        .arg(dir)
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fixture-files");
+    let started = Started { child };
+    wait_for(&dir.join("ready"), "fixture-files to be ready");
+    started
+}
+
+/// Starts `python3 -c script dir`, waiting for it to write `dir/ready`.
+fn start_python(dir: &Path, script: &str) -> Started {
+    let child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3");
+    let started = Started { child };
+    wait_for(&dir.join("ready"), "python3 to be ready");
+    started
+}
+
+fn save(pid: i32) -> Result<Vec<FdInfo>, FilesError> {
+    let pidfd = PidFd::open(pid).expect("pidfd_open");
+    save_fds(pid, &pidfd)
+}
+
+fn result(dir: &Path) -> String {
+    wait_for(&dir.join("result"), "the fixture's result");
+    fs::read_to_string(dir.join("result")).unwrap()
+}
+
+fn by_fd(fds: &[FdInfo], fd: i32) -> &FdInfo {
+    fds.iter()
+        .find(|f| f.fd == fd)
+        .unwrap_or_else(|| panic!("fd {fd} not saved: {fds:#?}"))
+}
+
+fn accmode(info: &FdInfo) -> i32 {
+    info.flags as i32 & libc::O_ACCMODE
+}
+
+/// Forks; the child installs `prepared` and execs `fixture-files --verify`.
+/// Returns the child's exit status.
+fn install_and_verify(prepared: PreparedFds, dir: &Path, port: u16) -> i32 {
+    let path = CString::new(FIXTURE).unwrap();
+    let args = [
+        path.clone(),
+        CString::new("--verify").unwrap(),
+        CString::new(dir.to_str().unwrap()).unwrap(),
+        CString::new(port.to_string()).unwrap(),
+    ];
+    let argv: Vec<*const libc::c_char> = args
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // SAFETY: the child only calls the async-signal-safe install_in_child,
+    // execv with pointers prepared before the fork, and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = match prepared.install_in_child(&[]) {
+            // SAFETY: `path` and `argv` are NUL-terminated and outlive the call.
+            Ok(()) => unsafe {
+                libc::execv(path.as_ptr(), argv.as_ptr());
+                126
+            },
+            Err(errno) => 100 + (errno as i32 % 20),
+        };
+        // SAFETY: leaving the forked child without running destructors.
+        unsafe { libc::_exit(code) };
+    }
+    // The parent's copies would keep pipes open and sockets held.
+    drop(prepared);
+    let mut status = 0;
+    // SAFETY: waiting for the child we just forked; `status` is writable.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid);
+    assert!(
+        libc::WIFEXITED(status),
+        "child did not exit normally: {status:#x}"
+    );
+    libc::WEXITSTATUS(status)
+}
+
+#[test]
+fn saves_every_supported_kind_without_consuming_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut fixture = start_fixture(dir.path(), port);
+    let fds = save(fixture.pid()).expect("save_fds");
+
+    let numbers: Vec<i32> = fds.iter().map(|f| f.fd).collect();
+    let expected: Vec<i32> = [0, 1, 2].into_iter().chain(10..=29).collect();
+    assert_eq!(numbers, expected);
+    let dir_path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+
+    let regular = by_fd(&fds, 10);
+    assert_eq!(accmode(regular), libc::O_RDWR);
+    assert!(!regular.cloexec);
+    assert_eq!(
+        regular.kind,
+        FdKind::File {
+            path: dir_path("data.txt"),
+            offset: 5,
+            unlinked: false,
+            contents: vec![]
+        }
+    );
+    assert_eq!(by_fd(&fds, 22).shared_with, Some(10));
+    assert_eq!(by_fd(&fds, 22).kind, regular.kind);
+
+    assert_eq!(
+        by_fd(&fds, 11).kind,
+        FdKind::File {
+            path: dir_path("gone.txt"),
+            offset: 3,
+            unlinked: true,
+            contents: b"unlinked contents".to_vec()
+        }
+    );
+
+    let FdKind::Pipe {
+        inode,
+        write_end: false,
+        fifo_path: None,
+        data,
+    } = &by_fd(&fds, 12).kind
+    else {
+        panic!("fd 12: {:?}", by_fd(&fds, 12));
+    };
+    assert_eq!(data, b"pipe data");
+    assert_ne!(by_fd(&fds, 12).flags as i32 & libc::O_NONBLOCK, 0);
+    assert_eq!(
+        by_fd(&fds, 13).kind,
+        FdKind::Pipe {
+            inode: *inode,
+            write_end: true,
+            fifo_path: None,
+            data: vec![]
+        }
+    );
+    let FdKind::Pipe {
+        write_end: false,
+        fifo_path: Some(fifo),
+        data,
+        ..
+    } = &by_fd(&fds, 14).kind
+    else {
+        panic!("fd 14: {:?}", by_fd(&fds, 14));
+    };
+    assert_eq!(
+        (fifo.as_str(), data.as_slice()),
+        (dir_path("fifo").as_str(), b"fifo data".as_slice())
+    );
+    assert!(
+        matches!(&by_fd(&fds, 15).kind, FdKind::Pipe { write_end: true, data, .. } if data.is_empty())
+    );
+
+    let null = by_fd(&fds, 16);
+    assert_eq!(
+        null.kind,
+        FdKind::Device {
+            path: "/dev/null".into()
+        }
+    );
+    assert_eq!(
+        null.flags as i32 & (libc::O_ACCMODE | libc::O_APPEND),
+        libc::O_WRONLY | libc::O_APPEND
+    );
+
+    assert_eq!(
+        by_fd(&fds, 17).kind,
+        FdKind::Eventfd {
+            count: 7,
+            semaphore: false
+        }
+    );
+    let FdKind::Timerfd {
+        clock,
+        interval_ns,
+        value_ns,
+        settime_flags,
+        ..
+    } = by_fd(&fds, 18).kind
+    else {
+        panic!("fd 18: {:?}", by_fd(&fds, 18));
+    };
+    assert_eq!(
+        (clock, interval_ns, settime_flags),
+        (libc::CLOCK_MONOTONIC, 50_000_000, 0)
+    );
+    assert!(value_ns <= 50_000_000);
+    assert_eq!(
+        by_fd(&fds, 19).kind,
+        FdKind::Signalfd {
+            mask: 1 << (libc::SIGUSR2 - 1)
+        }
+    );
+
+    let FdKind::Epoll { watches } = &by_fd(&fds, 20).kind else {
+        panic!("fd 20: {:?}", by_fd(&fds, 20))
+    };
+    let mut watches = watches.clone();
+    watches.sort_by_key(|w| w.fd);
+    // The kernel adds EPOLLERR and EPOLLHUP to every watch.
+    let input = (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32;
+    assert_eq!(
+        watches,
+        vec![
+            EpollWatch {
+                fd: 12,
+                events: input,
+                data: 0x1200
+            },
+            EpollWatch {
+                fd: 17,
+                events: input | libc::EPOLLET as u32,
+                data: 0x1700
+            },
+            EpollWatch {
+                fd: 18,
+                events: input,
+                data: 0x1800
+            },
+            EpollWatch {
+                fd: 23,
+                events: input,
+                data: 0x2300
+            },
+        ]
+    );
+
+    let FdKind::Memfd {
+        name,
+        offset,
+        size,
+        contents,
+        ..
+    } = &by_fd(&fds, 21).kind
+    else {
+        panic!("fd 21: {:?}", by_fd(&fds, 21));
+    };
+    assert_eq!((name.as_str(), *offset, *size), ("fixture-memfd", 2, 10));
+    assert_eq!(contents, b"memfd data");
+
+    let FdKind::TcpListener {
+        local,
+        backlog,
+        reuseaddr,
+        reuseport,
+        v6only,
+        ..
+    } = &by_fd(&fds, 23).kind
+    else {
+        panic!("fd 23: {:?}", by_fd(&fds, 23));
+    };
+    assert_eq!(local, &format!("127.0.0.1:{port}"));
+    assert_eq!(
+        (*backlog, *reuseaddr, *reuseport, *v6only),
+        (16, true, false, false)
+    );
+    assert_eq!(
+        by_fd(&fds, 24).kind,
+        FdKind::UnixListener {
+            path: dir_path("sock"),
+            socket_type: libc::SOCK_STREAM,
+            backlog: 8
+        }
+    );
+
+    let pair = |fd| match &by_fd(&fds, fd).kind {
+        FdKind::UnixPair {
+            inode,
+            peer_inode,
+            socket_type,
+            queued,
+        } => (*inode, *peer_inode, *socket_type, queued.clone()),
+        other => panic!("fd {fd}: {other:?}"),
+    };
+    let message = |data: &[u8]| QueuedMessage {
+        data: data.to_vec(),
+    };
+    let (a, a_peer, a_type, a_queued) = pair(25);
+    let (b, b_peer, _, b_queued) = pair(26);
+    assert_eq!((a_peer, b_peer, a_type), (b, a, libc::SOCK_STREAM));
+    assert_eq!(
+        (a_queued, b_queued),
+        (vec![message(b"to-25")], vec![message(b"to-26")])
+    );
+    let (_, _, seq_type, seq_queued) = pair(27);
+    assert_eq!(seq_type, libc::SOCK_SEQPACKET);
+    assert_eq!(seq_queued, vec![message(b"m1"), message(b"m2")]);
+    assert!(pair(28).3.is_empty());
+
+    let cloexec = by_fd(&fds, 29);
+    assert!(cloexec.cloexec);
+    assert_eq!(
+        cloexec.kind,
+        FdKind::Device {
+            path: "/dev/null".into()
+        }
+    );
+
+    // The manifest form round-trips.
+    let json = serde_json::to_string(&fds).unwrap();
+    let back: Vec<FdInfo> = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, fds);
+
+    // Saving consumed nothing: the fixture still finds all its data.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fixture.pid()),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    assert_eq!(result(dir.path()), "OK");
+    fixture.kill();
+}
+
+#[test]
+fn prepared_fds_install_in_a_forked_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut fixture = start_fixture(dir.path(), port);
+    let fds = save(fixture.pid()).expect("save_fds");
+    // As after a checkpoint: the original is gone, its port and socket path free.
+    fixture.kill();
+
+    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    assert_eq!(prepared.max_target_fd(), 29);
+    let status = install_and_verify(prepared, dir.path(), port);
+    assert_eq!(status, 0, "fixture --verify exited with {status}");
+    assert_eq!(result(dir.path()), "OK");
+}
+
+#[test]
+fn inherited_listener_is_installed_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut fixture = start_fixture(dir.path(), port);
+    let fds = save(fixture.pid()).expect("save_fds");
+    fixture.kill();
+
+    // The daemon's listener: a client connects while the service is parked.
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut parked_client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut inherited = InheritedFds::new();
+    inherited.insert(23, OwnedFd::from(listener.try_clone().unwrap()));
+
+    let prepared = prepare(&fds, inherited).expect("prepare");
+    assert_eq!(install_and_verify(prepared, dir.path(), port), 0);
+    // The fixture's checks pass only if they accept their own connection,
+    // which queued behind ours: so ours was accepted by the restored process,
+    // and closed when it exited.
+    assert_eq!(result(dir.path()), "OK");
+    parked_client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        parked_client.read(&mut buf).unwrap(),
+        0,
+        "parked connection was not accepted"
+    );
+    drop(listener);
+}
+
+#[test]
+fn inherited_listener_on_another_address_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut fixture = start_fixture(dir.path(), port);
+    let fds = save(fixture.pid()).expect("save_fds");
+    fixture.kill();
+
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    let mut inherited = InheritedFds::new();
+    inherited.insert(23, OwnedFd::from(other));
+    let err = prepare(&fds, inherited).expect_err("a listener on the wrong port must be refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fd 23: invalid image: inherited socket is bound to {other_addr}, the image has 127.0.0.1:{port}"
+        )
+    );
+}
+
+#[test]
+fn missing_file_is_reported_with_fd_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut fixture = start_fixture(dir.path(), port);
+    let fds = save(fixture.pid()).expect("save_fds");
+    fixture.kill();
+    fs::remove_file(dir.path().join("data.txt")).unwrap();
+    let err = prepare(&fds, InheritedFds::default()).expect_err("data.txt is gone");
+    let path: PathBuf = dir.path().join("data.txt");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fd 10: reopening {}: No such file or directory (os error 2)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn inotify_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import ctypes, os, sys, time\n\
+        fd = ctypes.CDLL(None).inotify_init()\n\
+        os.dup2(fd, 40); os.close(fd)\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let err = save(python.pid()).expect_err("inotify must be refused");
+    assert_eq!(err.to_string(), "fd 40: inotify is not supported");
+}
+
+#[test]
+fn established_tcp_connection_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "import os, socket, sys, time\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         os.dup2(s.fileno(), 41); s.close()\n\
+         open(sys.argv[1] + '/ready', 'w').close()\n\
+         time.sleep(60)\n"
+    );
+    let python = start_python(dir.path(), &script);
+    let (_server_side, client) = listener.accept().unwrap();
+    let err = save(python.pid()).expect_err("an established connection must be refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fd 41: established TCP connection {client} -> 127.0.0.1:{port} cannot be checkpointed"
+        )
+    );
+}
+
+#[test]
+fn unix_socket_with_outside_peer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outside.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let script = "import os, socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        s.connect(sys.argv[1] + '/outside.sock')\n\
+        os.dup2(s.fileno(), 42); s.close()\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let (_server_side, _) = listener.accept().unwrap();
+    let err = save(python.pid()).expect_err("a connection to an outside peer must be refused");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "fd 42: UNIX socket connected to a peer outside the process (socket inode "
+        ) && text.ends_with(") cannot be checkpointed"),
+        "{text}"
+    );
+}
