@@ -421,3 +421,127 @@ impl Pager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use persist_common::image::{ImageWriter, Manifest, Mapping, MappingKind, Protection};
+
+    use super::*;
+    use crate::sys::uffd;
+
+    fn manifest(mappings: Vec<Mapping>) -> Manifest {
+        let mut manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "kernel": {"release": "r", "version": "v", "machine": "x86_64"},
+            "cpu": {"xcr0": 3, "xsave_size": 576},
+            "created_unix_ms": 0,
+            "process": {
+                "pid": 1, "pgid": 1, "sid": 1, "comm": "x", "exe": "/x", "argv": [],
+                "environ": [], "cwd": "/", "root": "/", "umask": 18, "personality": 0,
+                "rlimits": [],
+                "credentials": {"uids": [0,0,0,0], "gids": [0,0,0,0], "groups": [],
+                    "cap_inheritable": 0, "cap_permitted": 0, "cap_effective": 0,
+                    "cap_bounding": 0, "cap_ambient": 0, "no_new_privs": false, "securebits": 0},
+                "sigactions": [], "shared_pending": 0, "itimers": [],
+                "mm": {"start_code": 0, "end_code": 0, "start_data": 0, "end_data": 0,
+                    "start_brk": 0, "brk": 0, "start_stack": 0, "arg_start": 0, "arg_end": 0,
+                    "env_start": 0, "env_end": 0, "auxv": []}
+            },
+            "threads": [], "mappings": [], "fds": [], "page_store_bytes": 0
+        }))
+        .expect("synthetic manifest");
+        manifest.mappings = mappings;
+        manifest
+    }
+
+    /// An anonymous mapping of our own, registered with a fresh userfaultfd,
+    /// and an image whose pages for it hold `page index + 1` in every byte.
+    #[test]
+    fn serves_image_pages_and_zeros_after_dontneed() {
+        const PAGES: u64 = 64;
+        let len = (PAGES * PAGE_SIZE) as usize;
+        let area = nix_mmap(len);
+        let start = area as u64;
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let mut writer = ImageWriter::create(&dir).unwrap();
+        let mut data = Vec::with_capacity(len);
+        for page in 0..PAGES {
+            data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
+        }
+        let runs = writer.append_pages(0, &data).unwrap();
+        let mut manifest = manifest(vec![Mapping {
+            start,
+            end: start + PAGES * PAGE_SIZE,
+            protection: Protection {
+                read: true,
+                write: true,
+                exec: false,
+            },
+            shared: false,
+            kind: MappingKind::Anonymous,
+            pages: runs,
+        }]);
+        writer.finish(&mut manifest).unwrap();
+        let image = Arc::new(Image::open(&dir).unwrap());
+
+        let raw = uffd::create_raw().unwrap();
+        // SAFETY: create_raw returned a new fd that nothing else owns.
+        let fault = unsafe { Userfault::from_raw_fd(raw) };
+        fault.register(start, PAGES * PAGE_SIZE).unwrap();
+        let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+        let mut pager = Pager::new(fault, pidfd, image);
+
+        // Discard pages 8..16 before anything is filled: the madvise waits
+        // for the pager to read the event, so it runs on its own thread.
+        let discard = std::thread::spawn(move || {
+            // SAFETY: the range lies inside our own anonymous mapping.
+            unsafe {
+                libc::madvise(
+                    (start + 8 * PAGE_SIZE) as *mut libc::c_void,
+                    (8 * PAGE_SIZE) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+        assert_eq!(discard.join().unwrap(), 0);
+        // SAFETY: reading our own mapping; missing pages are served by the
+        // pager thread.
+        let bytes = unsafe { std::slice::from_raw_parts(area.cast::<u8>(), len) };
+        for page in 0..PAGES as usize {
+            let expected = if (8..16).contains(&page) {
+                0
+            } else {
+                page as u8 + 1
+            };
+            let chunk = &bytes[page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize];
+            assert!(chunk.iter().all(|&b| b == expected), "page {page}");
+        }
+        let stats = serving.join().unwrap();
+        assert_eq!(stats.dropped_pages, 8);
+        assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
+        // Unregistered at the end: a later DONTNEED reads zeros without help.
+        // SAFETY: as above.
+        unsafe { libc::madvise(area, len, libc::MADV_DONTNEED) };
+        assert!(bytes.iter().all(|&b| b == 0));
+    }
+
+    fn nix_mmap(len: usize) -> *mut libc::c_void {
+        // SAFETY: a fresh private anonymous mapping, leaked for the test.
+        let area = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(area, libc::MAP_FAILED);
+        area
+    }
+}

@@ -701,15 +701,14 @@ impl Resources {
                             raw
                         }
                     };
-                    let owned = memfds
+                    let source = memfds
                         .iter()
                         .find(|f| f.as_raw_fd() == existing)
-                        .map(|f| f.try_clone())
-                        .transpose()
-                        .map_err(|e| RestoreError::io("memfd", e))?
-                        .map(|f| dup_above(f, min))
-                        .transpose()?;
-                    owned
+                        .expect("every recorded shared object has a memfd");
+                    let copy = source
+                        .try_clone()
+                        .map_err(|e| RestoreError::io("memfd", e))?;
+                    Some(dup_above(copy, min)?)
                 }
                 _ => None,
             };

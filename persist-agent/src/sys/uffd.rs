@@ -186,6 +186,14 @@ impl Userfault {
         self.ioctl(UFFDIO_WAKE, args.as_mut_ptr())
     }
 
+    /// Registers `[start, start + len)` of the fd's own process for MISSING
+    /// faults (restored processes register from their restorer table; this
+    /// is for a pager serving the calling process, as in tests).
+    pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut args = register_args(start, len);
+        self.ioctl(UFFDIO_REGISTER, args.as_mut_ptr().cast())
+    }
+
     /// Unregisters `[start, start + len)`: faults there are the kernel's again.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
         let mut args = [start, len];
