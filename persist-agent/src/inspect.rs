@@ -77,8 +77,8 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
     let _ = writeln!(out, "mappings ({})", manifest.mappings.len());
     let _ = writeln!(
         out,
-        "  {:<33} {:>10} {:<5} {:>8}  {}",
-        "RANGE", "SIZE", "PROT", "STORED", "KIND"
+        "  {:<33} {:>10} {:<5} {:>8}  KIND",
+        "RANGE", "SIZE", "PROT", "STORED"
     );
     for mapping in &manifest.mappings {
         let _ = writeln!(out, "{}", mapping_line(mapping));

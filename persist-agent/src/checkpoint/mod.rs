@@ -254,6 +254,14 @@ pub enum CheckpointError {
         /// The error.
         source: io::Error,
     },
+    /// File descriptors could not be saved.
+    #[error("pid {pid}: saving file descriptors: {source}")]
+    Files {
+        /// The process.
+        pid: i32,
+        /// The error.
+        source: crate::files::FilesError,
+    },
     /// The image could not be written.
     #[error("writing the image of pid {pid}: {source}")]
     Image {
@@ -393,9 +401,7 @@ fn save_fds(
     pid: i32,
     pidfd: &PidFd,
 ) -> Result<Vec<persist_common::image::FdInfo>, CheckpointError> {
-    // FILES: call site of the files engineer's saver.
-    let _ = (pid, pidfd);
-    Ok(Vec::new())
+    crate::files::save_fds(pid, pidfd).map_err(|source| CheckpointError::Files { pid, source })
 }
 
 /// Refuses, before touching the process, what cannot be checkpointed.
