@@ -24,7 +24,7 @@ use nix::unistd::Whence;
 use persist_common::image::{ImageWriter, Mapping, MappingKind, PAGE_SIZE, Protection};
 use procfs::process::{MMPermissions, MMapPath};
 
-use crate::sys::procmem::{self, Pagemap, PagemapEntry, ProcMem, RemoteRange};
+use crate::sys::procmem::{self, Pagemap, PagemapEntry, ProcMem, RemoteRange, category};
 
 use super::CheckpointError;
 
@@ -33,6 +33,9 @@ const BATCH_BYTES: usize = 8 << 20;
 
 /// Batch buffers in flight between the reader thread and the writer.
 const BUFFERS: usize = 3;
+
+/// Regions returned per `PAGEMAP_SCAN` call.
+const SCAN_REGIONS: usize = 4096;
 
 /// Pagemap entries read per call.
 const PAGEMAP_CHUNK: usize = 64 * 1024;
@@ -240,8 +243,69 @@ pub fn dump(
     Ok(stats)
 }
 
-/// Runs of pages of a private mapping that are present and anonymous, or swapped.
+/// Runs of pages of a private mapping that are present and anonymous (but
+/// not the shared zero page), or swapped. Uses `PAGEMAP_SCAN`, which skips
+/// empty page tables, so that huge sparse reservations cost nothing; falls
+/// back to reading pagemap entries on kernels without it.
 fn private_segments(
+    pid: i32,
+    pagemap: &Pagemap,
+    mapping: &Mapping,
+    index: usize,
+) -> Result<Vec<Segment>, CheckpointError> {
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut add = |first_page: u64, pages: u64| match segments.last_mut() {
+        Some(last) if last.first_page + last.pages == first_page => last.pages += pages,
+        _ => segments.push(Segment {
+            mapping: index,
+            first_page,
+            pages,
+        }),
+    };
+    let mut regions = Vec::with_capacity(SCAN_REGIONS);
+    let mut cursor = mapping.start;
+    while cursor < mapping.end {
+        let scanned = pagemap.scan(
+            cursor,
+            mapping.end,
+            category::PRESENT | category::SWAPPED,
+            category::PRESENT | category::SWAPPED | category::FILE | category::PFNZERO,
+            &mut regions,
+        );
+        let walk_end = match scanned {
+            Ok(walk_end) => walk_end,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+                return private_segments_by_entries(pid, pagemap, mapping, index);
+            }
+            Err(source) => {
+                return Err(CheckpointError::Memory {
+                    pid,
+                    addr: cursor,
+                    len: (mapping.end - cursor) as usize,
+                    what: "PAGEMAP_SCAN",
+                    source,
+                });
+            }
+        };
+        for region in &regions {
+            let cats = region.categories;
+            let private =
+                cats & category::PRESENT != 0 && cats & (category::FILE | category::PFNZERO) == 0;
+            if private || cats & category::SWAPPED != 0 {
+                let first = (region.start - mapping.start) / PAGE_SIZE;
+                add(first, (region.end - region.start) / PAGE_SIZE);
+            }
+        }
+        if walk_end <= cursor {
+            break;
+        }
+        cursor = walk_end;
+    }
+    Ok(segments)
+}
+
+/// [`private_segments`] by reading one pagemap entry per page.
+fn private_segments_by_entries(
     pid: i32,
     pagemap: &Pagemap,
     mapping: &Mapping,

@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// Most iovecs one `process_vm_readv` call accepts (`IOV_MAX`).
@@ -133,5 +134,91 @@ impl Pagemap {
             *entry = PagemapEntry(u64::from_ne_bytes(word));
         }
         Ok(())
+    }
+}
+
+/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
+
+/// Page categories of `PAGEMAP_SCAN` (`PAGE_IS_*`).
+pub mod category {
+    /// The page is in RAM.
+    pub const PRESENT: u64 = 1 << 3;
+    /// The page is in swap.
+    pub const SWAPPED: u64 = 1 << 4;
+    /// Not a private anonymous page: page cache or shmem.
+    pub const FILE: u64 = 1 << 2;
+    /// The shared zero page (reads as zeros, was never written).
+    pub const PFNZERO: u64 = 1 << 5;
+}
+
+/// `struct pm_scan_arg`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`: pages `start..end` sharing `categories`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageRegion {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// `category` bits of these pages (within the requested return mask).
+    pub categories: u64,
+}
+
+impl Pagemap {
+    /// Lists regions of `start..end` holding pages in any of the
+    /// `anyof` categories, with their categories among `report`, into
+    /// `out` (at most its capacity, at least one). Returns the address the
+    /// walk stopped at: call again from there until it reaches `end`.
+    /// Fails with `ENOTTY` on kernels without `PAGEMAP_SCAN` (before 6.7).
+    pub fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        anyof: u64,
+        report: u64,
+        out: &mut Vec<PageRegion>,
+    ) -> io::Result<u64> {
+        out.clear();
+        let capacity = out.capacity().max(1);
+        out.reserve(capacity);
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start,
+            end,
+            vec: out.as_mut_ptr() as u64,
+            vec_len: capacity as u64,
+            category_anyof_mask: anyof,
+            return_mask: report,
+            ..PmScanArg::default()
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to `out`'s
+        // spare capacity of `vec_len` page_region structs, which the kernel
+        // fills; it returns how many it wrote.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let filled = (rc as usize).min(capacity);
+        // SAFETY: the kernel initialised the first `filled` regions.
+        unsafe { out.set_len(filled) };
+        Ok(arg.walk_end)
     }
 }
