@@ -535,3 +535,56 @@ fn unix_socket_with_outside_peer_is_refused() {
         "{text}"
     );
 }
+
+/// Runs `persist-agent ARGS` and returns its stdout, failing with its stderr.
+fn agent(args: &[&str]) -> String {
+    let output = Command::new(persist_tests::binary("persist-agent"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run persist-agent");
+    assert!(
+        output.status.success(),
+        "persist-agent {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn fixture_files_restores_twice_from_one_image() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let image_arg = image.to_str().unwrap();
+    let port = free_port();
+    let mut fixture = start_fixture(&dir, port);
+    agent(&[
+        "checkpoint",
+        "--pid",
+        &fixture.pid().to_string(),
+        "--image",
+        image_arg,
+    ]);
+    fixture.kill();
+
+    for round in 1..=2 {
+        let _ = fs::remove_file(dir.join("result"));
+        let stdout = agent(&["restore", "--image", image_arg]);
+        let pid: i32 = stdout
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("restore prints the pid");
+        let restored = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGUSR1).unwrap();
+        let outcome = std::panic::catch_unwind(|| result(&dir));
+        let _ = nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGKILL);
+        assert_eq!(
+            outcome.expect("a result").trim(),
+            "OK",
+            "restore {round} (pid {pid})"
+        );
+    }
+}

@@ -27,16 +27,20 @@ const OPEN_ONLY_FLAGS: i32 = libc::O_ACCMODE
 /// Bigger pipes than this need `F_SETPIPE_SZ` before being refilled.
 const DEFAULT_PIPE_SIZE: usize = 65536;
 
-/// A re-created object; `memfd` is the read-write base of a memfd, kept for
-/// the restore of its shared mappings.
-pub(super) struct Created {
-    pub fd: OwnedFd,
-    pub memfd: Option<OwnedFd>,
+/// Memfds re-created so far, by saved inode: every descriptor of one memfd
+/// (and its shared mappings) must get the same new object.
+#[derive(Default)]
+pub(super) struct Memfds {
+    bases: HashMap<u64, File>,
 }
 
-impl From<OwnedFd> for Created {
-    fn from(fd: OwnedFd) -> Self {
-        Self { fd, memfd: None }
+impl Memfds {
+    /// The read-write memfds, by saved inode, to keep open and hand to the
+    /// restore of shared mappings.
+    pub fn into_bases(self) -> impl Iterator<Item = (u64, OwnedFd)> {
+        self.bases
+            .into_iter()
+            .map(|(inode, file)| (inode, file.into()))
     }
 }
 
@@ -65,7 +69,8 @@ pub(super) fn object(
     info: &FdInfo,
     pipes: &mut Pipes<'_>,
     pairs: &mut UnixPairs<'_>,
-) -> Result<Created, FilesError> {
+    memfds: &mut Memfds,
+) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
     Ok(match &info.kind {
         FdKind::File {
@@ -73,16 +78,14 @@ pub(super) fn object(
             offset,
             unlinked,
             contents,
-        } => file(info, path, *offset, *unlinked, contents)?.into(),
-        FdKind::Device { path } => device(info, path)?.into(),
+        } => file(info, path, *offset, *unlinked, contents)?,
+        FdKind::Device { path } => device(info, path)?,
         FdKind::Pipe {
             inode, fifo_path, ..
-        } => pipes.end(info, *inode, fifo_path.as_deref())?.into(),
+        } => pipes.end(info, *inode, fifo_path.as_deref())?,
         FdKind::Eventfd { count, semaphore } => {
             let flags = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
-            kobjects::eventfd(*count, flags)
-                .map_err(FilesError::io(fd, "eventfd"))?
-                .into()
+            kobjects::eventfd(*count, flags).map_err(FilesError::io(fd, "eventfd"))?
         }
         FdKind::Timerfd {
             clock,
@@ -90,34 +93,32 @@ pub(super) fn object(
             interval_ns,
             value_ns,
             ticks,
-        } => timerfd(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?.into(),
-        FdKind::Signalfd { mask } => kobjects::signalfd(*mask, 0)
-            .map_err(FilesError::io(fd, "signalfd"))?
-            .into(),
-        FdKind::Epoll { .. } => kobjects::epoll()
-            .map_err(FilesError::io(fd, "epoll_create1"))?
-            .into(),
+        } => timerfd(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?,
+        FdKind::Signalfd { mask } => {
+            kobjects::signalfd(*mask, 0).map_err(FilesError::io(fd, "signalfd"))?
+        }
+        FdKind::Epoll { .. } => kobjects::epoll().map_err(FilesError::io(fd, "epoll_create1"))?,
         FdKind::Memfd {
             name,
             offset,
             size,
             seals,
             contents,
-            ..
-        } => memfd(info, name, *offset, *size, *seals, contents)?,
+            inode,
+        } => memfd(info, memfds, *inode, name, *offset, *size, *seals, contents)?,
         FdKind::TcpListener {
             local,
             backlog,
             reuseport,
             v6only,
             ..
-        } => tcp_listener(fd, local, *backlog, *reuseport, *v6only)?.into(),
+        } => tcp_listener(fd, local, *backlog, *reuseport, *v6only)?,
         FdKind::UnixListener {
             path,
             socket_type,
             backlog,
-        } => unix_listener(fd, path, *socket_type, *backlog)?.into(),
-        FdKind::UnixPair { .. } => pairs.end(info)?.into(),
+        } => unix_listener(fd, path, *socket_type, *backlog)?,
+        FdKind::UnixPair { .. } => pairs.end(info)?,
     })
 }
 
@@ -220,28 +221,35 @@ fn timerfd(
     Ok(timer)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn memfd(
     info: &FdInfo,
+    memfds: &mut Memfds,
+    inode: u64,
     name: &str,
     offset: u64,
     size: u64,
     seals: u32,
     contents: &[u8],
-) -> Result<Created, FilesError> {
+) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
-    let base = File::from(
-        kobjects::memfd(name).map_err(FilesError::io(fd, format!("memfd_create {name}")))?,
-    );
-    base.set_len(size).map_err(FilesError::io(
-        fd,
-        format!("resizing memfd {name} to {size}"),
-    ))?;
-    base.write_all_at(contents, 0)
-        .map_err(FilesError::io(fd, format!("filling memfd {name}")))?;
-    if seals != 0 {
-        kobjects::add_seals(base.as_fd(), seals)
-            .map_err(FilesError::io(fd, format!("sealing memfd {name}")))?;
+    if !memfds.bases.contains_key(&inode) {
+        let base = File::from(
+            kobjects::memfd(name).map_err(FilesError::io(fd, format!("memfd_create {name}")))?,
+        );
+        base.set_len(size).map_err(FilesError::io(
+            fd,
+            format!("resizing memfd {name} to {size}"),
+        ))?;
+        base.write_all_at(contents, 0)
+            .map_err(FilesError::io(fd, format!("filling memfd {name}")))?;
+        if seals != 0 {
+            kobjects::add_seals(base.as_fd(), seals)
+                .map_err(FilesError::io(fd, format!("sealing memfd {name}")))?;
+        }
+        memfds.bases.insert(inode, base);
     }
+    let base = &memfds.bases[&inode];
     // The descriptor gets its own open with the saved access mode and offset.
     let file = open_with(Path::new(&self_link(base.as_fd())), info.flags)
         .map_err(FilesError::io(fd, format!("reopening memfd {name}")))?;
@@ -250,10 +258,7 @@ fn memfd(
             .seek(SeekFrom::Start(offset))
             .map_err(FilesError::io(fd, format!("seeking memfd {name}")))?;
     }
-    Ok(Created {
-        fd: file.into(),
-        memfd: Some(base.into()),
-    })
+    Ok(file.into())
 }
 
 fn tcp_listener(

@@ -8,7 +8,7 @@ use nix::sys::socket::SockaddrStorage;
 use persist_common::image::{FdInfo, FdKind};
 
 use super::FilesError;
-use super::create::{self, Pipes, UnixPairs};
+use super::create::{self, Memfds, Pipes, UnixPairs};
 use super::install::{PreparedFds, Slot, Watch};
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
@@ -77,6 +77,7 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
     let mut inherited = inherited.fds;
     let mut pipes = Pipes::new(fds);
     let mut pairs = UnixPairs::new(fds);
+    let mut created_memfds = Memfds::default();
     let mut objects: Vec<OwnedFd> = Vec::with_capacity(fds.len() + inherited.len());
     let mut slots = Vec::with_capacity(fds.len() + inherited.len());
     let mut memfds = Vec::new();
@@ -104,16 +105,7 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
                     .try_clone_to_owned()
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
-            (None, None) => {
-                let created = create::object(info, &mut pipes, &mut pairs)?;
-                if let Some(base) = created.memfd {
-                    if let FdKind::Memfd { inode, .. } = info.kind {
-                        memfds.push((inode, base.as_raw_fd()));
-                    }
-                    objects.push(base);
-                }
-                created.fd
-            }
+            (None, None) => create::object(info, &mut pipes, &mut pairs, &mut created_memfds)?,
         };
         sources.insert(info.fd, source.as_raw_fd());
         slots.push(Slot {
@@ -126,6 +118,10 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
     }
     pairs.finish()?;
     drop(pipes);
+    for (inode, base) in created_memfds.into_bases() {
+        memfds.push((inode, base.as_raw_fd()));
+        objects.push(base);
+    }
 
     for (target, fd) in inherited {
         slots.push(Slot {

@@ -103,6 +103,7 @@ pub fn save_fds(pid: i32, pidfd: &PidFd) -> Result<Vec<FdInfo>, FilesError> {
             kind,
         });
     }
+    check_epoll_targets(&listed)?;
     Ok(saved)
 }
 
@@ -424,4 +425,38 @@ fn device(fd: i32, path: String, rdev: u64) -> Result<FdKind, FilesError> {
             format!("device {path} ({major}:{minor}) is not supported"),
         ))
     }
+}
+
+/// An epoll instance is keyed by (file, descriptor number): a watch whose
+/// number was closed, or now names another file, cannot be re-added.
+fn check_epoll_targets(listed: &[Listed]) -> Result<(), FilesError> {
+    for epoll in listed
+        .iter()
+        .filter(|e| e.target == "anon_inode:[eventpoll]")
+    {
+        for (watch, ino) in epoll.info.epoll_watches().unwrap_or_default() {
+            match listed.iter().find(|o| o.fd == watch.fd) {
+                None => {
+                    return Err(FilesError::unsupported(
+                        epoll.fd,
+                        format!(
+                            "epoll watches fd {}, which was closed after being added",
+                            watch.fd
+                        ),
+                    ));
+                }
+                Some(target) if ino != 0 && target.info.ino != ino => {
+                    return Err(FilesError::unsupported(
+                        epoll.fd,
+                        format!(
+                            "epoll watches a file that fd {} no longer refers to",
+                            watch.fd
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
