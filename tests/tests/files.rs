@@ -588,3 +588,66 @@ fn fixture_files_restores_twice_from_one_image() {
         );
     }
 }
+
+/// Saves a python3 process holding listeners, kills it, and re-creates them
+/// with `prepare`, which binds and listens in this process: they accept
+/// connections before any child exists.
+#[test]
+fn ipv6_and_abstract_listeners_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let abstract_name = format!("persist-files-test-{}", std::process::id());
+    let script = format!(
+        "import os, socket, sys, time\n\
+         t = socket.socket(socket.AF_INET6)\n\
+         t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
+         t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         t.bind(('::1', {port})); t.listen(5)\n\
+         os.dup2(t.fileno(), 50); t.close()\n\
+         u = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
+         u.bind('\\0{abstract_name}'); u.listen(3)\n\
+         os.dup2(u.fileno(), 51); u.close()\n\
+         open(sys.argv[1] + '/ready', 'w').close()\n\
+         time.sleep(60)\n"
+    );
+    let mut python = start_python(dir.path(), &script);
+    let fds = save(python.pid()).expect("save_fds");
+    let mut tcp = by_fd(&fds, 50).kind.clone();
+    if let FdKind::TcpListener { inode, .. } = &mut tcp {
+        *inode = 0;
+    }
+    assert_eq!(
+        tcp,
+        FdKind::TcpListener {
+            local: format!("[::1]:{port}"),
+            inode: 0,
+            backlog: 5,
+            reuseaddr: false,
+            reuseport: true,
+            v6only: true,
+        }
+    );
+    assert_eq!(
+        by_fd(&fds, 51).kind,
+        FdKind::UnixListener {
+            path: format!("@{abstract_name}"),
+            socket_type: libc::SOCK_SEQPACKET,
+            backlog: 3,
+        }
+    );
+    python.kill();
+
+    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    TcpStream::connect(("::1", port)).expect("the re-created IPv6 listener accepts");
+    let addr = nix::sys::socket::UnixAddr::new_abstract(abstract_name.as_bytes()).unwrap();
+    let client = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&client), &addr)
+        .expect("the re-created abstract listener accepts");
+    drop(prepared);
+}

@@ -1,6 +1,7 @@
 //! Re-creating one saved descriptor's object in the agent.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
@@ -149,18 +150,38 @@ fn file(
 /// directory it was in, with its contents, reopened with the saved flags.
 fn recreate_unlinked(info: &FdInfo, path: &str, contents: &[u8]) -> Result<File, FilesError> {
     let fd = info.fd;
-    let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
-    let action = format!("re-creating unlinked file {path} in {}", dir.display());
-    let mut tmp = OpenOptions::new()
+    let action = format!("re-creating unlinked file {path}");
+    // Created under its old name and unlinked again, so /proc shows the same
+    // "PATH (deleted)"; if the name is taken by now, as an anonymous file
+    // (O_TMPFILE) in the same directory.
+    let named = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_TMPFILE)
+        .create_new(true)
         .mode(0o600)
-        .open(dir)
-        .map_err(FilesError::io(fd, action.clone()))?;
-    tmp.write_all(contents)
-        .map_err(FilesError::io(fd, action.clone()))?;
-    open_with(Path::new(&self_link(tmp.as_fd())), info.flags).map_err(FilesError::io(fd, action))
+        .open(path);
+    let (mut tmp, created_at_path) = match named {
+        Ok(file) => (file, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o600)
+                .open(dir)
+                .map_err(FilesError::io(fd, format!("{action} in {}", dir.display())))?;
+            (file, false)
+        }
+        Err(e) => return Err(FilesError::io(fd, action)(e)),
+    };
+    let filled = tmp
+        .write_all(contents)
+        .and_then(|()| open_with(Path::new(&self_link(tmp.as_fd())), info.flags));
+    if created_at_path {
+        fs::remove_file(path).map_err(FilesError::io(fd, format!("unlinking {path} again")))?;
+    }
+    filled.map_err(FilesError::io(fd, action))
 }
 
 fn is_terminal(path: &str) -> bool {
@@ -221,6 +242,30 @@ fn timerfd(
     Ok(timer)
 }
 
+/// A new memfd with the saved size, contents and seals.
+fn new_memfd(
+    fd: i32,
+    name: &str,
+    size: u64,
+    seals: u32,
+    contents: &[u8],
+) -> Result<File, FilesError> {
+    let base = File::from(
+        kobjects::memfd(name).map_err(FilesError::io(fd, format!("memfd_create {name}")))?,
+    );
+    base.set_len(size).map_err(FilesError::io(
+        fd,
+        format!("resizing memfd {name} to {size}"),
+    ))?;
+    base.write_all_at(contents, 0)
+        .map_err(FilesError::io(fd, format!("filling memfd {name}")))?;
+    if seals != 0 {
+        kobjects::add_seals(base.as_fd(), seals)
+            .map_err(FilesError::io(fd, format!("sealing memfd {name}")))?;
+    }
+    Ok(base)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn memfd(
     info: &FdInfo,
@@ -233,23 +278,10 @@ fn memfd(
     contents: &[u8],
 ) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
-    if !memfds.bases.contains_key(&inode) {
-        let base = File::from(
-            kobjects::memfd(name).map_err(FilesError::io(fd, format!("memfd_create {name}")))?,
-        );
-        base.set_len(size).map_err(FilesError::io(
-            fd,
-            format!("resizing memfd {name} to {size}"),
-        ))?;
-        base.write_all_at(contents, 0)
-            .map_err(FilesError::io(fd, format!("filling memfd {name}")))?;
-        if seals != 0 {
-            kobjects::add_seals(base.as_fd(), seals)
-                .map_err(FilesError::io(fd, format!("sealing memfd {name}")))?;
-        }
-        memfds.bases.insert(inode, base);
-    }
-    let base = &memfds.bases[&inode];
+    let base = match memfds.bases.entry(inode) {
+        Entry::Occupied(known) => known.into_mut(),
+        Entry::Vacant(new) => new.insert(new_memfd(fd, name, size, seals, contents)?),
+    };
     // The descriptor gets its own open with the saved access mode and offset.
     let file = open_with(Path::new(&self_link(base.as_fd())), info.flags)
         .map_err(FilesError::io(fd, format!("reopening memfd {name}")))?;

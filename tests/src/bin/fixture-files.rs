@@ -373,6 +373,13 @@ fn verify(dir: &Path, port: u16, after_exec: bool) -> Check {
     same("fd 22 offset (shared with 10)", offset(REGULAR_DUP)?, 8)?;
 
     same("fd 11 links", fstat(UNLINKED)?.st_nlink, 0)?;
+    let mut deleted = dir.join("gone.txt").into_os_string();
+    deleted.push(" (deleted)");
+    same(
+        "fd 11 name",
+        fs::read_link("/proc/self/fd/11").map_err(|e| e.to_string())?,
+        deleted.into(),
+    )?;
     same("fd 11 offset", offset(UNLINKED)?, 3)?;
     same(
         "fd 11 data",
