@@ -105,7 +105,10 @@ pub struct ServiceStatus {
     /// Microseconds from the waking SYN to the daemon reading its wake event.
     #[serde(default)]
     pub last_event_us: Option<u64>,
-    /// Resident memory of the service's processes.
+    /// Microseconds the last skeleton resume took (snapshot mode's critical path).
+    #[serde(default)]
+    pub last_resume_us: Option<u64>,
+    /// Resident memory of the service's processes (of its prepared skeleton while parked).
     pub rss_bytes: u64,
     /// Why the service failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]

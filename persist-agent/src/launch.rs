@@ -1,5 +1,6 @@
 //! Starting a service's command: with the listener as fd 3 (systemd socket
-//! activation) or with one connection on stdin and stdout (inetd).
+//! activation), with one connection on stdin and stdout (inetd), or as it
+//! would run by hand, to be snapshotted.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -8,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::service::{ServiceSpec, find_program};
-use crate::sys::spawn::{SpawnRequest, Spawned, spawn};
+use crate::sys::spawn::{Identity, SpawnRequest, Spawned, spawn};
 
 /// Why a service's command could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,7 @@ pub fn exec_with_listener(
         (stderr.as_fd(), 2),
         (listener, 3),
     ];
-    start(spec, &extra_env, true, fds)
+    start(&spec.command, &extra_env, true, fds, None)
 }
 
 /// Starts one instance of the service for a single accepted connection.
@@ -60,23 +61,27 @@ pub fn exec_for_connection(
 ) -> Result<Spawned, LaunchError> {
     let stderr = io::stderr();
     let fds = vec![(connection, 0), (connection, 1), (stderr.as_fd(), 2)];
-    start(spec, &[], false, fds)
+    start(&spec.command, &[], false, fds, None)
 }
 
-fn start(
-    spec: &ServiceSpec,
+/// Starts `command` in a new session with the given stdio, extra
+/// environment and identity.
+pub fn start(
+    command: &[String],
     extra_env: &[String],
     listen_pid: bool,
     fds: Vec<(BorrowedFd<'_>, i32)>,
+    identity: Option<Identity>,
 ) -> Result<Spawned, LaunchError> {
-    let program_name = &spec.command[0];
+    let program_name = command
+        .first()
+        .ok_or_else(|| LaunchError::NotFound(String::new()))?;
     let program =
         find_program(program_name).ok_or_else(|| LaunchError::NotFound(program_name.clone()))?;
     let cstring = |text: &[u8]| {
         CString::new(text).map_err(|_| LaunchError::Nul(String::from_utf8_lossy(text).into_owned()))
     };
-    let argv = spec
-        .command
+    let argv = command
         .iter()
         .map(|arg| cstring(arg.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
@@ -99,6 +104,7 @@ fn start(
         env,
         listen_pid,
         fds,
+        identity,
     };
     spawn(&request).map_err(|source| LaunchError::Spawn {
         program: program.display().to_string(),

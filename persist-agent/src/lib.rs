@@ -16,6 +16,8 @@ pub mod daemon;
 pub mod files;
 pub mod host;
 pub mod inspect;
+pub mod launch;
 pub mod restore;
 pub mod service;
+pub mod snapshot;
 pub mod sys;

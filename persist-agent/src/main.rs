@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
-use persist_agent::service::{ServiceMode, ServiceSpec};
-use persist_agent::{checkpoint, daemon, inspect, restore};
+use persist_agent::service::{OnIdle, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
+use persist_agent::{checkpoint, daemon, inspect, restore, snapshot};
 
 /// Park server processes on disk and wake them on their first SYN.
 #[derive(Debug, Parser)]
@@ -54,6 +54,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a command, snapshot it when ready, and write its image (no daemon needed).
+    Build(BuildArgs),
     /// Snapshot a live process to an image directory.
     Checkpoint {
         /// The process to snapshot.
@@ -79,6 +81,45 @@ enum Command {
     },
 }
 
+/// When and how a snapshot-mode command is snapshotted.
+#[derive(Debug, Args)]
+struct ReadyArgs {
+    /// User to run the command as (default: root).
+    #[arg(long)]
+    user: Option<String>,
+    /// When the command is ready: `tcp` (it listens on the port), `http:/PATH`
+    /// (GET PATH succeeds) or `notify` (READY=1 on NOTIFY_SOCKET).
+    #[arg(long, default_value = "tcp")]
+    ready: Readiness,
+    /// How long to wait for readiness.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+    /// Requests sent once ready and before the snapshot, to warm caches.
+    #[arg(long, default_value_t = 0)]
+    warmup_requests: u32,
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// The image directory to write.
+    #[arg(long)]
+    image: PathBuf,
+    /// TCP port the command listens on.
+    #[arg(long)]
+    port: u16,
+    /// Address the command listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    addr: std::net::Ipv4Addr,
+    #[command(flatten)]
+    ready: ReadyArgs,
+    /// File for the command's output (it keeps writing there after restores).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 struct AddArgs {
     /// Name of the service.
@@ -98,8 +139,16 @@ struct AddArgs {
     /// Stop and park the service after this long with no connection (e.g. `30s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// Snapshot mode: what parking keeps (`fresh`: the pristine image; `keep`: its state).
+    #[arg(long, value_enum, default_value = "fresh")]
+    on_idle: OnIdle,
+    /// Snapshot mode: register this prebuilt image instead of running a command.
+    #[arg(long, conflicts_with_all = ["exec", "inetd"])]
+    image: Option<PathBuf>,
+    #[command(flatten)]
+    ready: ReadyArgs,
+    /// The command and its arguments (none with --image).
+    #[arg(last = true, required_unless_present = "image")]
     command: Vec<String>,
 }
 
@@ -147,6 +196,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", control::status_table(&reply.services));
             }
         }
+        Command::Build(args) => {
+            let log = args.log.clone().unwrap_or_else(|| {
+                let mut name = args.image.clone().into_os_string();
+                name.push(".log");
+                name.into()
+            });
+            let request = snapshot::BuildRequest {
+                command: args.command,
+                addr: args.addr,
+                port: args.port,
+                user: args.ready.user,
+                ready: args.ready.ready,
+                ready_timeout: args.ready.ready_timeout,
+                warmup_requests: args.ready.warmup_requests,
+                image: args.image.clone(),
+                log,
+                runtime_dir: std::env::temp_dir(),
+            };
+            let built = snapshot::build(&request)
+                .with_context(|| format!("building {}", args.image.display()))?;
+            println!(
+                "built {}: ready after {:.1} ms, {} pages ({} bytes) in the image",
+                args.image.display(),
+                built.ready_after.as_secs_f64() * 1e3,
+                built.summary.pages,
+                built.summary.page_store_bytes
+            );
+        }
         Command::Checkpoint {
             pid,
             image,
@@ -180,8 +257,21 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
     let mode = match (args.exec, args.inetd) {
         (true, false) => ServiceMode::Exec,
         (false, true) => ServiceMode::Inetd,
-        _ => bail!("choose how to start the service: --exec or --inetd"),
+        (false, false) => ServiceMode::Snapshot,
+        (true, true) => bail!("--exec and --inetd exclude each other"),
     };
+    let image = args
+        .image
+        .map(|image| std::path::absolute(&image).with_context(|| format!("{}", image.display())))
+        .transpose()?;
+    let snapshot = (mode == ServiceMode::Snapshot).then(|| SnapshotSpec {
+        user: args.ready.user,
+        ready: args.ready.ready,
+        ready_timeout: args.ready.ready_timeout,
+        warmup_requests: args.ready.warmup_requests,
+        on_idle: args.on_idle,
+        image,
+    });
     let spec = ServiceSpec {
         name: args.name,
         addr: args.addr,
@@ -189,6 +279,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         mode,
         idle_timeout: args.idle_timeout,
         command: args.command,
+        snapshot,
     };
     spec.validate()?;
     Ok(spec)

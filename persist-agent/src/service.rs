@@ -17,6 +17,8 @@ pub enum ServiceMode {
     Exec,
     /// Start the command once per connection, the connection on stdin and stdout.
     Inetd,
+    /// Start the command once, snapshot it when ready, restore it on each wake.
+    Snapshot,
 }
 
 impl ServiceMode {
@@ -25,6 +27,7 @@ impl ServiceMode {
         match self {
             Self::Exec => "exec",
             Self::Inetd => "inetd",
+            Self::Snapshot => "snapshot",
         }
     }
 }
@@ -43,8 +46,84 @@ pub struct ServiceSpec {
     /// Park the service after this long with no connection.
     #[serde(default, with = "humantime_serde_opt")]
     pub idle_timeout: Option<Duration>,
-    /// Command and arguments.
+    /// Command and arguments (empty for a service registered from a prebuilt image).
     pub command: Vec<String>,
+    /// Settings of the snapshot mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSpec>,
+}
+
+/// How a snapshot-mode service is built, woken and parked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    /// User to run the command as (default: root, who runs the agent).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// When the freshly started command counts as ready to snapshot.
+    pub ready: Readiness,
+    /// How long to wait for readiness.
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// Requests sent after readiness and before the snapshot, to warm caches.
+    #[serde(default)]
+    pub warmup_requests: u32,
+    /// What parking an idle service keeps.
+    pub on_idle: OnIdle,
+    /// A prebuilt image to register instead of running the command.
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+}
+
+/// When a freshly started service is ready to be snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Readiness {
+    /// Its process listens on the port.
+    Tcp,
+    /// An HTTP GET of `path` answers with a 2xx or 3xx status.
+    Http {
+        /// The path to GET, starting with `/`.
+        path: String,
+    },
+    /// It sends `READY=1` on `NOTIFY_SOCKET` (systemd's protocol).
+    Notify,
+}
+
+impl std::str::FromStr for Readiness {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "tcp" => Ok(Self::Tcp),
+            "notify" => Ok(Self::Notify),
+            _ => match text.strip_prefix("http:") {
+                Some(path) if path.starts_with('/') => Ok(Self::Http { path: path.into() }),
+                _ => Err(format!(
+                    "unknown readiness {text:?}: use tcp, http:/PATH or notify"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp => f.write_str("tcp"),
+            Self::Http { path } => write!(f, "http:{path}"),
+            Self::Notify => f.write_str("notify"),
+        }
+    }
+}
+
+/// What parking an idle snapshot-mode service keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnIdle {
+    /// Discard what it did: the next wake starts from the pristine image.
+    Fresh,
+    /// Checkpoint it first: the next wake goes on where it stopped.
+    Keep,
 }
 
 /// Why a service definition was refused or could not be stored.
@@ -97,6 +176,10 @@ impl ServiceSpec {
         }
         if self.port == 0 {
             return Err(ServiceError::BadPort);
+        }
+        let prebuilt = self.snapshot.as_ref().is_some_and(|s| s.image.is_some());
+        if prebuilt {
+            return Ok(());
         }
         let program = self.command.first().ok_or(ServiceError::NoCommand)?;
         if find_program(program).is_none() {
@@ -218,6 +301,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        humantime::parse_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 mod humantime_serde_opt {
     use std::time::Duration;
 
@@ -249,6 +346,7 @@ mod tests {
             mode: ServiceMode::Exec,
             idle_timeout: Some(Duration::from_secs(30)),
             command: vec![command.into()],
+            snapshot: None,
         }
     }
 
@@ -259,6 +357,25 @@ mod tests {
         assert!(err.to_string().contains("invalid service name"), "{err}");
         let err = spec("web", "no-such-program-xyz").validate().unwrap_err();
         assert_eq!(err.to_string(), "command not found: no-such-program-xyz");
+    }
+
+    #[test]
+    fn readiness_parses_the_documented_forms() {
+        assert_eq!("tcp".parse::<Readiness>(), Ok(Readiness::Tcp));
+        assert_eq!("notify".parse::<Readiness>(), Ok(Readiness::Notify));
+        assert_eq!(
+            "http:/health".parse::<Readiness>(),
+            Ok(Readiness::Http {
+                path: "/health".into()
+            })
+        );
+        assert!(
+            "http:health"
+                .parse::<Readiness>()
+                .unwrap_err()
+                .contains("use tcp")
+        );
+        assert_eq!(Readiness::Http { path: "/x".into() }.to_string(), "http:/x");
     }
 
     #[test]

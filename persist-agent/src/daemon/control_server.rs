@@ -62,7 +62,7 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
                 "added {} on {}:{} (parked)",
                 spec.name, spec.addr, spec.port
             );
-            match registry.add(spec) {
+            match registry.add(spec).await {
                 Ok(()) => Reply::ok(summary),
                 Err(err) => Reply::error(err.to_string()),
             }

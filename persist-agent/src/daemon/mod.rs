@@ -8,10 +8,10 @@
 //! daemon exits; the next daemon finds them again.
 
 mod control_server;
-mod launch;
 mod listener;
 mod reaper;
 mod registry;
+mod restore_worker;
 mod run_state;
 mod supervisor;
 mod syn_watcher;

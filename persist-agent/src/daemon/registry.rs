@@ -1,7 +1,8 @@
 //! The daemon's registered services: adding, removing, waking and reporting them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use persist_common::bpf::WakeEvent;
@@ -10,10 +11,12 @@ use tracing::{info, warn};
 
 use super::SharedWatcher;
 use super::listener;
+use super::restore_worker::RestoreWorker;
 use super::run_state::{self, RunStateDir};
-use super::supervisor::{Command, Handle, Supervisor};
+use super::supervisor::{Command, Handle, Starter, Supervisor};
 use crate::control::ServiceStatus;
-use crate::service::{ServiceSpec, ServiceStore};
+use crate::service::{ServiceMode, ServiceSpec, ServiceStore};
+use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
 /// Why a request about services was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,18 @@ pub enum RegistryError {
     /// The BPF maps refused the update.
     #[error(transparent)]
     Bpf(#[from] super::SynWatcherError),
+    /// Building the service's image failed.
+    #[error("building the image of {name}: {source}")]
+    Build {
+        /// The service.
+        name: String,
+        /// Why.
+        #[source]
+        source: snapshot::BuildError,
+    },
+    /// A registered image is unusable.
+    #[error(transparent)]
+    Image(#[from] persist_common::image::ImageError),
     /// The run-state directory failed.
     #[error("state directory: {0}")]
     Io(#[from] std::io::Error),
@@ -54,6 +69,7 @@ pub enum RegistryError {
 
 /// Every registered service, and services whose definition file is broken.
 pub struct Registry {
+    state_dir: PathBuf,
     store: ServiceStore,
     run_state: Arc<RunStateDir>,
     watcher: SharedWatcher,
@@ -65,6 +81,7 @@ impl Registry {
     /// Opens the state directory's service store.
     pub fn new(state_dir: &Path, watcher: SharedWatcher) -> Result<Self, RegistryError> {
         Ok(Self {
+            state_dir: state_dir.to_owned(),
             store: ServiceStore::open(state_dir)?,
             run_state: Arc::new(RunStateDir::open(state_dir)?),
             watcher,
@@ -87,7 +104,7 @@ impl Registry {
             match result {
                 Ok(spec) => {
                     let name = spec.name.clone();
-                    match self.activate(spec) {
+                    match self.activate(spec, None) {
                         Ok(()) => info!(service = %name, "registered again"),
                         Err(err) => {
                             warn!(service = %name, "cannot bring back: {err}");
@@ -116,10 +133,31 @@ impl Registry {
         }
     }
 
-    /// Registers a new service and stores it.
-    pub fn add(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
+    /// Registers a new service and stores it. A snapshot-mode service is
+    /// started, snapshotted and stopped first (its image is built).
+    pub async fn add(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
         spec.validate()?;
-        self.activate(spec.clone())?;
+        self.check_free(&spec)?;
+        let built_listener = match &spec.snapshot {
+            Some(snapshot) if spec.mode == ServiceMode::Snapshot && snapshot.image.is_none() => {
+                Some(self.build(&spec).await?)
+            }
+            Some(snapshot) => {
+                // A prebuilt image: refuse it now if it is unusable.
+                let dir = snapshot.image.clone().unwrap_or_default();
+                let image = persist_common::image::Image::open(&dir)?;
+                if listener_fd_in_image(image.manifest(), spec.port).is_none() {
+                    return Err(RegistryError::Refused(format!(
+                        "image {} has no TCP listener on port {}",
+                        dir.display(),
+                        spec.port
+                    )));
+                }
+                None
+            }
+            None => None,
+        };
+        self.activate(spec.clone(), built_listener)?;
         if let Err(err) = self.store.save(&spec) {
             let _ = self.remove_active(&spec.name);
             return Err(err.into());
@@ -128,12 +166,11 @@ impl Registry {
         Ok(())
     }
 
-    /// Takes the port of `spec` and starts its supervisor, adopting a process
-    /// that a previous daemon left running.
-    fn activate(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
-        let mut services = self.services.lock().expect("lock");
+    /// Refuses a name or port another service has.
+    fn check_free(&self, spec: &ServiceSpec) -> Result<(), RegistryError> {
+        let services = self.services.lock().expect("lock");
         if services.contains_key(&spec.name) {
-            return Err(RegistryError::Exists(spec.name));
+            return Err(RegistryError::Exists(spec.name.clone()));
         }
         if let Some(owner) = services.values().find(|h| h.spec.port == spec.port) {
             return Err(RegistryError::PortTaken {
@@ -141,6 +178,67 @@ impl Registry {
                 owner: owner.spec.name.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// Starts the command of a snapshot-mode service, snapshots it into
+    /// `STATE_DIR/images/NAME` and returns the listener taken from it.
+    async fn build(&self, spec: &ServiceSpec) -> Result<OwnedFd, RegistryError> {
+        let snapshot = spec
+            .snapshot
+            .clone()
+            .unwrap_or_else(|| unreachable!("checked by the caller"));
+        let request = BuildRequest {
+            command: spec.command.clone(),
+            addr: spec.addr,
+            port: spec.port,
+            user: snapshot.user,
+            ready: snapshot.ready,
+            ready_timeout: snapshot.ready_timeout,
+            warmup_requests: snapshot.warmup_requests,
+            image: self.pristine_image(&spec.name),
+            log: self
+                .state_dir
+                .join("logs")
+                .join(format!("{}.log", spec.name)),
+            runtime_dir: self.state_dir.join("run"),
+        };
+        let name = spec.name.clone();
+        let built = tokio::task::spawn_blocking(move || snapshot::build(&request))
+            .await
+            .map_err(|err| RegistryError::Refused(format!("build task: {err}")))?
+            .map_err(|source| RegistryError::Build { name, source })?;
+        info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
+        Ok(built.listener)
+    }
+
+    fn pristine_image(&self, name: &str) -> PathBuf {
+        self.state_dir.join("images").join(name)
+    }
+
+    fn kept_image(&self, name: &str) -> PathBuf {
+        self.state_dir.join("images").join(format!("{name}.kept"))
+    }
+
+    /// The image the next wake of `spec` restores: its kept state if any,
+    /// else its prebuilt image, else the one built when it was added.
+    fn current_image(&self, spec: &ServiceSpec) -> PathBuf {
+        let kept = self.kept_image(&spec.name);
+        if kept.join(persist_common::image::MANIFEST_FILE).exists() {
+            return kept;
+        }
+        spec.snapshot
+            .as_ref()
+            .and_then(|s| s.image.clone())
+            .unwrap_or_else(|| self.pristine_image(&spec.name))
+    }
+
+    /// Takes the port of `spec` (or uses `provided`, a listener taken from
+    /// the service) and starts its supervisor, adopting a process that a
+    /// previous daemon left running.
+    fn activate(&self, spec: ServiceSpec, provided: Option<OwnedFd>) -> Result<(), RegistryError> {
+        self.check_free(&spec)?;
+        let mut services = self.services.lock().expect("lock");
         let capacity = self.watcher.lock().expect("lock").capacity();
         let slot = (0..capacity)
             .find(|slot| services.values().all(|h| h.slot != *slot))
@@ -156,12 +254,30 @@ impl Registry {
             }
             adopted
         });
-        let listener = match &adopted {
-            Some(adopted) => adopted.listener.try_clone()?,
-            None => {
+        let listener = match (&adopted, provided) {
+            (Some(adopted), _) => adopted.listener.try_clone()?,
+            (None, Some(provided)) => provided,
+            (None, None) => {
                 self.run_state.clear(&spec.name);
                 listener::open(spec.addr, spec.port)?
             }
+        };
+        let starter = match spec.mode {
+            ServiceMode::Snapshot => {
+                let image = self.current_image(&spec);
+                let worker = RestoreWorker::spawn(
+                    &spec.name,
+                    image.clone(),
+                    spec.port,
+                    listener.try_clone()?,
+                )?;
+                Starter::Restore {
+                    worker,
+                    image,
+                    kept_image: self.kept_image(&spec.name),
+                }
+            }
+            ServiceMode::Exec | ServiceMode::Inetd => Starter::Command,
         };
         self.watcher
             .lock()
@@ -174,6 +290,7 @@ impl Registry {
             self.watcher.clone(),
             self.run_state.clone(),
             adopted,
+            starter,
         );
         services.insert(spec.name, handle);
         Ok(())
@@ -254,7 +371,17 @@ impl Registry {
         let mut statuses: Vec<ServiceStatus> = services
             .values()
             .map(|handle| {
-                let snapshot = handle.snapshot.lock().expect("lock").clone();
+                let mut snapshot = handle.snapshot.lock().expect("lock").clone();
+                // A parked snapshot service costs what its prepared skeleton holds.
+                if snapshot.pid.is_none()
+                    && let Some(report) = &handle.worker_report
+                {
+                    let report = report.lock().expect("lock");
+                    snapshot.sessions = report.skeleton_pid.into_iter().collect();
+                    if snapshot.error.is_none() {
+                        snapshot.error = report.error.clone();
+                    }
+                }
                 let stats = watcher.stats(handle.slot);
                 ServiceStatus {
                     name: handle.spec.name.clone(),
@@ -267,6 +394,7 @@ impl Registry {
                     wakes: snapshot.wakes,
                     last_wake_us: snapshot.last_wake_us,
                     last_event_us: snapshot.last_event_us,
+                    last_resume_us: snapshot.last_resume_us,
                     rss_bytes: rss_of_sessions(&snapshot.sessions),
                     error: snapshot.error,
                 }
@@ -284,6 +412,7 @@ impl Registry {
                 wakes: 0,
                 last_wake_us: None,
                 last_event_us: None,
+                last_resume_us: None,
                 rss_bytes: 0,
                 error: Some(error.clone()),
             });
@@ -304,7 +433,7 @@ fn rss_of_sessions(sessions: &[i32]) -> u64 {
     processes
         .flatten()
         .filter_map(|process| process.stat().ok())
-        .filter(|stat| sessions.contains(&stat.session))
+        .filter(|stat| sessions.contains(&stat.session) || sessions.contains(&stat.pid))
         .map(|stat| stat.rss * page)
         .sum()
 }

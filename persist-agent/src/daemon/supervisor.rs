@@ -17,10 +17,12 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
-use super::launch::{self, LaunchError};
 use super::listener;
+use super::restore_worker::{RestoreWorker, WorkerReport};
 use super::run_state::{Adopted, RunRecord, RunStateDir, start_time};
-use crate::service::{ServiceMode, ServiceSpec};
+use crate::checkpoint::{CheckpointOptions, checkpoint};
+use crate::launch;
+use crate::service::{OnIdle, ServiceMode, ServiceSpec};
 use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
@@ -72,6 +74,8 @@ pub struct Snapshot {
     /// SYN-to-agent latency of the last wake event (BPF timestamp to the
     /// daemon reading the ring buffer).
     pub last_event_us: Option<u64>,
+    /// Duration of the last skeleton resume (snapshot mode's critical path).
+    pub last_resume_us: Option<u64>,
     /// Why the service last failed.
     pub error: Option<String>,
 }
@@ -111,12 +115,31 @@ pub struct Handle {
     pub commands: mpsc::UnboundedSender<Command>,
     /// What it publishes.
     pub snapshot: Arc<Mutex<Snapshot>>,
+    /// What its restore thread publishes (snapshot mode).
+    pub worker_report: Option<Arc<Mutex<WorkerReport>>>,
+}
+
+/// How a service's process comes to run.
+pub enum Starter {
+    /// Exec the command with the listener (or per connection, in inetd mode).
+    Command,
+    /// Resume a skeleton restored from the service's image.
+    Restore {
+        /// The restore thread.
+        worker: RestoreWorker,
+        /// The image the next wake restores.
+        image: std::path::PathBuf,
+        /// Where `--on-idle keep` writes the service's state.
+        kept_image: std::path::PathBuf,
+    },
 }
 
 /// A process the supervisor watches.
 struct Child {
     pid: i32,
     exited: AsyncFd<PidFd>,
+    /// Init of the process's private pid namespace, killed with it.
+    namespace_init: Option<i32>,
 }
 
 impl Child {
@@ -124,6 +147,7 @@ impl Child {
         Ok(Self {
             pid,
             exited: crate::sys::async_fd::watch(pidfd)?,
+            namespace_init: None,
         })
     }
 
@@ -136,6 +160,9 @@ impl Child {
         // The whole session: a service's workers go with it.
         if nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), signal).is_err() {
             let _ = self.exited.get_ref().send_signal(signal);
+        }
+        if let Some(init) = self.namespace_init.filter(|_| signal == Signal::SIGKILL) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init), signal);
         }
     }
 }
@@ -159,6 +186,7 @@ pub struct Supervisor {
     snapshot: Arc<Mutex<Snapshot>>,
     child: Option<Child>,
     running_since: Instant,
+    starter: Starter,
 }
 
 impl Supervisor {
@@ -171,6 +199,7 @@ impl Supervisor {
         watcher: SharedWatcher,
         run_state: Arc<RunStateDir>,
         adopted: Option<Adopted>,
+        starter: Starter,
     ) -> Handle {
         let (commands, receiver) = mpsc::unbounded_channel();
         let snapshot = Arc::new(Mutex::new(Snapshot {
@@ -180,6 +209,7 @@ impl Supervisor {
             wakes: 0,
             last_wake_us: None,
             last_event_us: None,
+            last_resume_us: None,
             error: None,
         }));
         let mut supervisor = Self {
@@ -191,6 +221,11 @@ impl Supervisor {
             snapshot: snapshot.clone(),
             child: None,
             running_since: Instant::now(),
+            starter,
+        };
+        let worker_report = match &supervisor.starter {
+            Starter::Restore { worker, .. } => Some(worker.report()),
+            Starter::Command => None,
         };
         if let Some(adopted) = adopted {
             match Child::new(adopted.record.pid, adopted.pidfd) {
@@ -206,7 +241,7 @@ impl Supervisor {
         let name = spec.name.clone();
         tokio::spawn(async move {
             let result = match supervisor.spec.mode {
-                ServiceMode::Exec => supervisor.run_exec(receiver).await,
+                ServiceMode::Exec | ServiceMode::Snapshot => supervisor.run_process(receiver).await,
                 ServiceMode::Inetd => supervisor.run_inetd(receiver).await,
             };
             if let Err(err) = result {
@@ -218,11 +253,12 @@ impl Supervisor {
             slot,
             commands,
             snapshot,
+            worker_report,
         }
     }
 
-    /// The exec mode: one long-running process that gets the listener.
-    async fn run_exec(
+    /// The exec and snapshot modes: one long-running process that gets the listener.
+    async fn run_process(
         &mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> std::io::Result<()> {
@@ -233,14 +269,14 @@ impl Supervisor {
                 // Parked. Connections that queued while we were stopping would
                 // otherwise wait for a SYN that never comes.
                 if self.state() == State::Parked && listener::has_pending(&self.listener) {
-                    self.start_exec(None);
+                    self.start(None).await;
                     continue;
                 }
                 match commands.recv().await {
-                    Some(Command::Wake { syn_ns }) => self.start_exec(Some(syn_ns)),
+                    Some(Command::Wake { syn_ns }) => self.start(Some(syn_ns)).await,
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::WakeNow { done }) => {
-                        self.start_exec(None);
+                        self.start(None).await;
                         let snapshot = self.snapshot.lock().expect("snapshot lock");
                         let _ = done.send(snapshot.error.clone().map_or(Ok(()), Err));
                     }
@@ -256,12 +292,13 @@ impl Supervisor {
                 () = child.wait() => {
                     info!(service = %self.spec.name, pid = child.pid, "service exited");
                     self.child = None;
+                    self.prepare_next();
                     self.park();
                 }
                 _ = idle_check.tick(), if self.spec.idle_timeout.is_some() => {
                     if self.is_idle() {
                         info!(service = %self.spec.name, "idle: parking");
-                        self.stop().await;
+                        self.stop_to_park().await;
                         self.park();
                     }
                 }
@@ -269,7 +306,7 @@ impl Supervisor {
                     Some(Command::Wake { .. }) => {}
                     Some(Command::WakeNow { done }) => drop(done.send(Ok(()))),
                     Some(Command::Park { done }) => {
-                        self.stop().await;
+                        self.stop_to_park().await;
                         self.park();
                         let _ = done.send(Ok(()));
                     }
@@ -285,21 +322,88 @@ impl Supervisor {
         }
     }
 
-    fn start_exec(&mut self, syn_ns: Option<u64>) {
+    /// The wake path: exec the command, or resume the prepared skeleton.
+    async fn start(&mut self, syn_ns: Option<u64>) {
         self.publish(State::Waking, None);
-        match launch::exec_with_listener(&self.spec, self.listener.as_fd()) {
-            Ok(spawned) => {
+        let started = match &self.starter {
+            Starter::Command => launch::exec_with_listener(&self.spec, self.listener.as_fd())
+                .map(|spawned| (spawned.pid, spawned.pidfd, None, None))
+                .map_err(|err| err.to_string()),
+            Starter::Restore { worker, .. } => worker.resume().await.map(|resumed| {
+                let resume_us = resumed.timings.resume.as_micros() as u64;
+                (
+                    resumed.pid,
+                    resumed.pidfd,
+                    resumed.init_pid,
+                    Some(resume_us),
+                )
+            }),
+        };
+        match started {
+            Ok((pid, pidfd, namespace_init, resume_us)) => {
+                if resume_us.is_some() {
+                    self.snapshot.lock().expect("snapshot lock").last_resume_us = resume_us;
+                }
                 let latency = syn_ns.map(since_monotonic_us);
-                self.record_wake(spawned.pid, latency);
-                self.remember_running(spawned.pid);
-                match Child::new(spawned.pid, spawned.pidfd) {
-                    Ok(child) => self.child = Some(child),
-                    Err(err) => {
-                        warn!(service = %self.spec.name, "cannot watch pid {}: {err}", spawned.pid)
+                self.record_wake(pid, latency);
+                self.remember_running(pid);
+                match Child::new(pid, pidfd) {
+                    Ok(mut child) => {
+                        child.namespace_init = namespace_init;
+                        self.child = Some(child);
                     }
+                    Err(err) => warn!(service = %self.spec.name, "cannot watch pid {pid}: {err}"),
                 }
             }
             Err(err) => self.fail_start(err),
+        }
+    }
+
+    /// Stops the process for parking: a snapshot service with `--on-idle
+    /// keep` is checkpointed first so the next wake goes on from here.
+    async fn stop_to_park(&mut self) {
+        let keep = self
+            .spec
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.on_idle == OnIdle::Keep);
+        if let (true, Some(child), Starter::Restore { kept_image, .. }) =
+            (keep, &self.child, &self.starter)
+        {
+            self.publish(State::Stopping, Some(child.pid));
+            self.set_bpf_state(BpfState::Stopping);
+            let options = CheckpointOptions {
+                pid: child.pid,
+                image: kept_image.clone(),
+                leave_running: false,
+            };
+            let result = tokio::task::spawn_blocking(move || checkpoint(&options)).await;
+            match result {
+                Ok(Ok(summary)) => {
+                    info!(service = %self.spec.name, pages = summary.pages, "state kept for the next wake");
+                    if let Starter::Restore {
+                        image, kept_image, ..
+                    } = &mut self.starter
+                    {
+                        *image = kept_image.clone();
+                    }
+                }
+                Ok(Err(err)) => {
+                    warn!(service = %self.spec.name, "keeping state failed, it is lost: {err}");
+                    self.snapshot.lock().expect("snapshot lock").error =
+                        Some(format!("on-idle keep: {err}"));
+                }
+                Err(err) => warn!(service = %self.spec.name, "checkpoint task: {err}"),
+            }
+        }
+        self.stop().await;
+        self.prepare_next();
+    }
+
+    /// Snapshot mode: prepares the skeleton of the next wake right away.
+    fn prepare_next(&self) {
+        if let Starter::Restore { worker, image, .. } = &self.starter {
+            worker.prepare(image.clone());
         }
     }
 
@@ -376,6 +480,12 @@ impl Supervisor {
         };
         self.publish(State::Stopping, Some(child.pid));
         self.set_bpf_state(BpfState::Stopping);
+        if matches!(self.starter, Starter::Restore { .. }) {
+            // Its state is in the image (or was just saved): no grace needed.
+            child.signal(Signal::SIGKILL);
+            child.wait().await;
+            return;
+        }
         child.signal(Signal::SIGTERM);
         if tokio::time::timeout(STOP_GRACE, child.wait())
             .await
@@ -394,7 +504,7 @@ impl Supervisor {
         self.set_bpf_state(BpfState::Parked);
     }
 
-    fn fail_start(&mut self, err: LaunchError) {
+    fn fail_start(&mut self, err: String) {
         warn!(service = %self.spec.name, "start failed: {err}");
         // Queued clients get a closed connection now rather than a hang.
         while listener::has_pending(&self.listener) {
@@ -407,7 +517,7 @@ impl Supervisor {
             let mut snapshot = self.snapshot.lock().expect("snapshot lock");
             snapshot.state = State::Failed;
             snapshot.pid = None;
-            snapshot.error = Some(err.to_string());
+            snapshot.error = Some(err);
         }
         let watcher = self.watcher.clone();
         let slot = self.slot;

@@ -27,6 +27,19 @@ pub struct SpawnRequest<'fd> {
     /// Descriptors to place in the child: (our fd, its number in the child).
     /// Every other descriptor is closed on exec.
     pub fds: Vec<(BorrowedFd<'fd>, RawFd)>,
+    /// Identity to switch to before exec; `None` keeps ours.
+    pub identity: Option<Identity>,
+}
+
+/// A user identity for the child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// A started child.
@@ -84,6 +97,7 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
                 listen_pid_slot,
                 &fds,
                 lowest_free,
+                request.identity.as_ref(),
                 error_write.as_raw_fd(),
             )
         }
@@ -116,6 +130,7 @@ unsafe fn child_exec(
     listen_pid_slot: Option<usize>,
     fds: &[(RawFd, RawFd)],
     lowest_free: RawFd,
+    identity: Option<&Identity>,
     error_fd: RawFd,
 ) -> ! {
     let fail = |error_fd: RawFd| -> ! {
@@ -155,6 +170,13 @@ unsafe fn child_exec(
             libc::CLOSE_RANGE_CLOEXEC,
         );
         if libc::setsid() < 0 {
+            fail(error_fd);
+        }
+        if let Some(identity) = identity
+            && (libc::setgroups(identity.groups.len(), identity.groups.as_ptr()) < 0
+                || libc::setgid(identity.gid) < 0
+                || libc::setuid(identity.uid) < 0)
+        {
             fail(error_fd);
         }
         // The Rust runtime ignores SIGPIPE; a service expects the default.

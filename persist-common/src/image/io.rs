@@ -38,6 +38,11 @@ impl ImageWriter {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
             _ => PathBuf::from("."),
         };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)
+            .map_err(ImageError::io(&parent))?;
         let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(ImageError::io(&staging))?;

@@ -1,0 +1,224 @@
+//! The thread that restores one snapshot-mode service.
+//!
+//! ptrace ties a stopped process to the thread that traces it, so each
+//! snapshot service has one long-lived thread that prepares its skeleton (a
+//! restored process stopped before its first instruction, mapped but with
+//! nothing resident), resumes it when a SYN arrives, and then serves its
+//! pages until they are all in. The skeleton is prepared right after parking,
+//! so a wake only pays for the resume.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
+
+use persist_common::image::Image;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::files::InheritedFds;
+use crate::restore::{PagerStats, RestoreConfig, Skeleton, Timings};
+use crate::snapshot::listener_fd_in_image;
+use crate::sys::pidfd::PidFd;
+
+/// A resumed process.
+#[derive(Debug)]
+pub struct Resumed {
+    /// Its pid.
+    pub pid: i32,
+    /// Init of its private pid namespace, if it has one.
+    pub init_pid: Option<i32>,
+    /// A pidfd for it.
+    pub pidfd: PidFd,
+    /// How long preparing and resuming took.
+    pub timings: Timings,
+}
+
+/// What the worker publishes for `status` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    /// Pid of the prepared skeleton, while parked.
+    pub skeleton_pid: Option<i32>,
+    /// Why the last prepare failed.
+    pub error: Option<String>,
+    /// Pager statistics of the last wake.
+    pub last_pager: Option<PagerStats>,
+}
+
+enum Job {
+    Prepare {
+        image: PathBuf,
+    },
+    Resume {
+        reply: oneshot::Sender<Result<Resumed, String>>,
+    },
+}
+
+/// The daemon's handle on a restore thread; dropping it ends the thread and
+/// kills an unused skeleton.
+pub struct RestoreWorker {
+    jobs: mpsc::Sender<Job>,
+    report: Arc<Mutex<WorkerReport>>,
+}
+
+impl RestoreWorker {
+    /// Starts the thread for the service `name` listening through `listener`,
+    /// and prepares a first skeleton from `image`.
+    pub fn spawn(
+        name: &str,
+        image: PathBuf,
+        port: u16,
+        listener: OwnedFd,
+    ) -> std::io::Result<Self> {
+        let (jobs, receiver) = mpsc::channel();
+        let report = Arc::new(Mutex::new(WorkerReport::default()));
+        let thread_report = report.clone();
+        let thread_name = name.to_owned();
+        std::thread::Builder::new()
+            .name(format!("restore-{name}"))
+            .spawn(move || {
+                let mut worker = Worker {
+                    name: thread_name,
+                    port,
+                    listener,
+                    image: None,
+                    skeleton: None,
+                    report: thread_report,
+                };
+                worker.run(receiver);
+            })?;
+        let worker = Self { jobs, report };
+        worker.prepare(image);
+        Ok(worker)
+    }
+
+    /// Prepares a skeleton from `image` for the next wake (in the background).
+    pub fn prepare(&self, image: PathBuf) {
+        let _ = self.jobs.send(Job::Prepare { image });
+    }
+
+    /// Resumes the prepared skeleton (preparing one first if needed).
+    pub async fn resume(&self) -> Result<Resumed, String> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Resume { reply })
+            .map_err(|_| "the restore thread has stopped".to_owned())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the restore thread has stopped".to_owned()))
+    }
+
+    /// What the worker publishes, shared.
+    pub fn report(&self) -> Arc<Mutex<WorkerReport>> {
+        self.report.clone()
+    }
+}
+
+struct Worker {
+    name: String,
+    port: u16,
+    listener: OwnedFd,
+    image: Option<PathBuf>,
+    skeleton: Option<Skeleton>,
+    report: Arc<Mutex<WorkerReport>>,
+}
+
+impl Worker {
+    fn run(&mut self, jobs: mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Prepare { image } => {
+                    self.image = Some(image);
+                    self.prepare();
+                }
+                Job::Resume { reply } => self.resume(reply),
+            }
+        }
+        // The service is gone: an unused skeleton dies with its `Drop`.
+    }
+
+    fn prepare(&mut self) {
+        // A skeleton of an older image must not be resumed.
+        self.skeleton = None;
+        let result = self.build_skeleton();
+        let mut report = self.report.lock().expect("report lock");
+        match result {
+            Ok(skeleton) => {
+                report.skeleton_pid = Some(skeleton.pid());
+                report.error = None;
+                info!(service = %self.name, pid = skeleton.pid(), prepare_us = skeleton.timings().prepare.as_micros() as u64, "skeleton ready");
+                self.skeleton = Some(skeleton);
+            }
+            Err(err) => {
+                warn!(service = %self.name, "cannot prepare a skeleton: {err}");
+                report.skeleton_pid = None;
+                report.error = Some(err);
+            }
+        }
+    }
+
+    fn build_skeleton(&self) -> Result<Skeleton, String> {
+        let dir = self.image.as_ref().ok_or("no image to restore")?;
+        let image = Image::open(dir).map_err(|err| err.to_string())?;
+        let fd = listener_fd_in_image(image.manifest(), self.port).ok_or_else(|| {
+            format!(
+                "image {} has no TCP listener on port {}",
+                dir.display(),
+                self.port
+            )
+        })?;
+        let mut inherited = InheritedFds::new();
+        inherited.insert(
+            fd,
+            self.listener
+                .try_clone()
+                .map_err(|err| format!("duplicating the listener: {err}"))?,
+        );
+        let config = RestoreConfig {
+            verify_pages_first: false,
+            inherited,
+        };
+        Skeleton::prepare(Arc::new(image), config).map_err(|err| err.to_string())
+    }
+
+    fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, String>>) {
+        if self.skeleton.is_none() {
+            self.prepare();
+        }
+        let Some(skeleton) = self.skeleton.take() else {
+            let error = self.report.lock().expect("report lock").error.clone();
+            let _ = reply.send(Err(error.unwrap_or_else(|| "no skeleton".into())));
+            return;
+        };
+        self.report.lock().expect("report lock").skeleton_pid = None;
+        let pid = skeleton.pid();
+        // Opened before the resume: the pid cannot be recycled while the
+        // skeleton holds it.
+        let pidfd = match PidFd::open(pid) {
+            Ok(pidfd) => pidfd,
+            Err(err) => {
+                let _ = reply.send(Err(format!("pidfd of skeleton {pid}: {err}")));
+                return;
+            }
+        };
+        let mut restored = match skeleton.resume() {
+            Ok(restored) => restored,
+            Err(err) => {
+                let _ = reply.send(Err(err.to_string()));
+                return;
+            }
+        };
+        let _ = reply.send(Ok(Resumed {
+            pid: restored.pid,
+            init_pid: restored.init_pid,
+            pidfd,
+            timings: restored.timings,
+        }));
+        match restored.pager.run_until_filled() {
+            Ok(stats) => {
+                info!(service = %self.name, pid, faults = stats.faults, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
+                self.report.lock().expect("report lock").last_pager = Some(stats);
+            }
+            Err(err) => warn!(service = %self.name, pid, "pager: {err}"),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Building a service's image: start the command as it would run by hand,
+//! wait until it is ready, warm it up, take its listening socket, and
+//! checkpoint it.
+//!
+//! Used by `persist-agent build` (no daemon) and by the daemon when a
+//! snapshot-mode service is added.
+
+mod handover;
+mod readiness;
+
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+pub use handover::{find_listener, listener_fd_in_image};
+pub use readiness::{NotifySocket, send_warmup_request};
+
+use crate::checkpoint::{CheckpointError, CheckpointOptions, CheckpointSummary, checkpoint};
+use crate::launch::{self, LaunchError};
+use crate::service::Readiness;
+use crate::sys::pidfd::PidFd;
+use crate::sys::spawn::Identity;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// Command and arguments.
+    pub command: Vec<String>,
+    /// Address the command listens on.
+    pub addr: Ipv4Addr,
+    /// Port the command listens on.
+    pub port: u16,
+    /// User to run it as (`None`: root).
+    pub user: Option<String>,
+    /// When it is ready.
+    pub ready: Readiness,
+    /// How long to wait for readiness.
+    pub ready_timeout: Duration,
+    /// Warm-up requests after readiness.
+    pub warmup_requests: u32,
+    /// The image directory to write.
+    pub image: PathBuf,
+    /// Where the command's stdout and stderr go (it keeps the file after restore).
+    pub log: PathBuf,
+    /// Directory for the `NOTIFY_SOCKET` of `--ready notify`.
+    pub runtime_dir: PathBuf,
+}
+
+/// A built image and the listening socket taken from the process.
+#[derive(Debug)]
+pub struct Built {
+    /// The listening socket, now held by the caller.
+    pub listener: OwnedFd,
+    /// Its descriptor number in the snapshotted process.
+    pub listener_fd: i32,
+    /// What the checkpoint saved.
+    pub summary: CheckpointSummary,
+    /// Time from start to ready.
+    pub ready_after: Duration,
+}
+
+/// Why an image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// No such user.
+    #[error("unknown user {0}")]
+    UnknownUser(String),
+    /// The command could not start.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// The log file could not be opened.
+    #[error("{path}: {source}")]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command exited before it was ready.
+    #[error("{command} exited before it was ready ({status}); its output is in {log}")]
+    ExitedEarly {
+        /// The program.
+        command: String,
+        /// How it ended.
+        status: String,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// Readiness did not come in time.
+    #[error(
+        "{command} was not ready within {timeout:?} ({what}); it was stopped; its output is in {log}"
+    )]
+    NotReady {
+        /// The program.
+        command: String,
+        /// The timeout.
+        timeout: Duration,
+        /// What was awaited.
+        what: String,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// The ready process holds no listening socket on the port.
+    #[error("pid {pid} does not listen on port {port} itself: {reason}")]
+    NoListener {
+        /// The process.
+        pid: i32,
+        /// The port.
+        port: u16,
+        /// Details.
+        reason: String,
+    },
+    /// Multi-process services cannot be snapshotted yet.
+    #[error(
+        "pid {pid} has child processes ({children:?}): only single-process services can be snapshotted"
+    )]
+    HasChildren {
+        /// The process.
+        pid: i32,
+        /// Its children.
+        children: Vec<i32>,
+    },
+    /// The checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Starts the command, waits for readiness, warms it up, takes its listener
+/// and checkpoints it to the image (which stops it). On any failure the
+/// process and its session are killed: nothing is left running.
+pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
+    let identity = request.user.as_deref().map(resolve_user).transpose()?;
+    let log = open_log(&request.log)?;
+    let null = File::open("/dev/null").map_err(|source| BuildError::Log {
+        path: "/dev/null".into(),
+        source,
+    })?;
+    let notify = match request.ready {
+        Readiness::Notify => Some(NotifySocket::bind(&request.runtime_dir)?),
+        _ => None,
+    };
+    let mut env = Vec::new();
+    if let Some(notify) = &notify {
+        env.push(format!("NOTIFY_SOCKET={}", notify.path().display()));
+    }
+    let fds = vec![(null.as_fd(), 0), (log.as_fd(), 1), (log.as_fd(), 2)];
+    let started = Instant::now();
+    let spawned = launch::start(&request.command, &env, false, fds, identity)?;
+    let guard = KillOnDrop(Some(spawned.pid));
+
+    let program = request.command[0].clone();
+    readiness::wait(&spawned.pidfd, request, notify.as_ref(), |status| {
+        BuildError::ExitedEarly {
+            command: program.clone(),
+            status,
+            log: request.log.clone(),
+        }
+    })
+    .map_err(|err| match err {
+        readiness::WaitError::TimedOut(what) => BuildError::NotReady {
+            command: program.clone(),
+            timeout: request.ready_timeout,
+            what,
+            log: request.log.clone(),
+        },
+        readiness::WaitError::Failed(err) => err,
+    })?;
+    let ready_after = started.elapsed();
+    for _ in 0..request.warmup_requests {
+        send_warmup_request(request.addr, request.port, &request.ready)
+            .map_err(|err| BuildError::Other(format!("warm-up request: {err}")))?;
+    }
+
+    let children = handover::children(spawned.pid);
+    if !children.is_empty() {
+        return Err(BuildError::HasChildren {
+            pid: spawned.pid,
+            children,
+        });
+    }
+    let (listener_fd, listener) = handover::take_listener(&spawned.pidfd, request.port)?;
+    let summary = checkpoint(&CheckpointOptions {
+        pid: spawned.pid,
+        image: request.image.clone(),
+        leave_running: false,
+    })?;
+    reap(&spawned.pidfd);
+    guard.disarm();
+    Ok(Built {
+        listener,
+        listener_fd,
+        summary,
+        ready_after,
+    })
+}
+
+fn open_log(path: &std::path::Path) -> Result<File, BuildError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| BuildError::Log {
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| BuildError::Log {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn resolve_user(name: &str) -> Result<Identity, BuildError> {
+    let user = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .ok_or_else(|| BuildError::UnknownUser(name.to_owned()))?;
+    let cname = std::ffi::CString::new(name).map_err(|_| BuildError::UnknownUser(name.into()))?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .map_err(|err| BuildError::Other(format!("groups of {name}: {err}")))?;
+    Ok(Identity {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+    })
+}
+
+/// Collects the exit status of our child (a no-op if it is not ours).
+fn reap(pidfd: &PidFd) {
+    let _ = nix::sys::wait::waitid(
+        nix::sys::wait::Id::PIDFd(pidfd.as_fd()),
+        nix::sys::wait::WaitPidFlag::WEXITED,
+    );
+}
+
+/// Kills a started command's session unless disarmed.
+struct KillOnDrop(Option<i32>);
+
+impl KillOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Waiting until a freshly started service is ready, and warming it up.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{BuildError, BuildRequest};
+use crate::service::Readiness;
+use crate::sys::pidfd::PidFd;
+
+/// How often readiness is polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Why waiting ended without readiness.
+pub(super) enum WaitError {
+    /// The deadline passed; says what was awaited.
+    TimedOut(String),
+    /// Another failure.
+    Failed(BuildError),
+}
+
+/// The `NOTIFY_SOCKET` a service reports `READY=1` on.
+pub struct NotifySocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    /// Binds a fresh datagram socket in `dir`.
+    pub fn bind(dir: &Path) -> Result<Self, BuildError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|err| BuildError::Other(format!("{}: {err}", dir.display())))?;
+        let path = dir.join(format!("notify-{}-{}.sock", std::process::id(), unique()));
+        let _ = std::fs::remove_file(&path);
+        let socket = UnixDatagram::bind(&path)
+            .map_err(|err| BuildError::Other(format!("binding {}: {err}", path.display())))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|err| BuildError::Other(err.to_string()))?;
+        Ok(Self { socket, path })
+    }
+
+    /// Path to give the service.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True once a `READY=1` message has arrived.
+    fn ready(&self) -> bool {
+        let mut buffer = [0u8; 4096];
+        while let Ok(len) = self.socket.recv(&mut buffer) {
+            if String::from_utf8_lossy(&buffer[..len])
+                .lines()
+                .any(|line| line == "READY=1")
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Polls until the service is ready, has exited, or the timeout passes.
+pub(super) fn wait(
+    pidfd: &PidFd,
+    request: &BuildRequest,
+    notify: Option<&NotifySocket>,
+    exited: impl Fn(String) -> BuildError,
+) -> Result<(), WaitError> {
+    let deadline = Instant::now() + request.ready_timeout;
+    let pid = pidfd.pid();
+    loop {
+        if pidfd.has_exited() {
+            return Err(WaitError::Failed(exited(exit_status(pidfd))));
+        }
+        let listening = super::find_listener(pid, request.port).is_ok();
+        let ready = match &request.ready {
+            Readiness::Tcp => listening,
+            Readiness::Http { path } => {
+                listening
+                    && http_status(request.addr, request.port, path)
+                        .is_some_and(|s| (200..400).contains(&s))
+            }
+            Readiness::Notify => notify.is_some_and(NotifySocket::ready),
+        };
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let what = match &request.ready {
+                Readiness::Tcp => format!("it never listened on port {}", request.port),
+                Readiness::Http { path } => {
+                    format!("GET {path} on port {} never succeeded", request.port)
+                }
+                Readiness::Notify => "it never sent READY=1".to_owned(),
+            };
+            return Err(WaitError::TimedOut(what));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn exit_status(pidfd: &PidFd) -> String {
+    match nix::sys::wait::waitid(
+        nix::sys::wait::Id::PIDFd(std::os::fd::AsFd::as_fd(pidfd)),
+        nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOHANG,
+    ) {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+        Ok(nix::sys::wait::WaitStatus::Signaled(_, signal, _)) => format!("killed by {signal}"),
+        _ => "exited".to_owned(),
+    }
+}
+
+/// The status code of `GET path`, if the server answered one.
+fn http_status(addr: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
+    let mut stream =
+        TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut head = [0u8; 32];
+    let mut len = 0;
+    while len < 12 {
+        match stream.read(&mut head[len..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    let line = std::str::from_utf8(&head[..len]).ok()?;
+    line.split(' ').nth(1)?.parse().ok()
+}
+
+/// One warm-up request: a GET for HTTP readiness, else a connect and close.
+pub fn send_warmup_request(addr: Ipv4Addr, port: u16, ready: &Readiness) -> std::io::Result<()> {
+    match ready {
+        Readiness::Http { path } => {
+            http_status(addr, port, path).ok_or_else(|| std::io::Error::other("no HTTP answer"))?;
+        }
+        _ => {
+            TcpStream::connect((addr, port))?;
+        }
+    }
+    Ok(())
+}
