@@ -113,13 +113,22 @@ fn accmode(info: &FdInfo) -> i32 {
 /// Forks; the child installs `prepared` and execs `fixture-files --verify`.
 /// Returns the child's exit status.
 fn install_and_verify(prepared: PreparedFds, dir: &Path, port: u16) -> i32 {
-    let path = CString::new(FIXTURE).unwrap();
-    let args = [
-        path.clone(),
-        CString::new("--verify").unwrap(),
-        CString::new(dir.to_str().unwrap()).unwrap(),
-        CString::new(port.to_string()).unwrap(),
-    ];
+    let port = port.to_string();
+    install_and_exec(
+        prepared,
+        FIXTURE,
+        &["--verify", dir.to_str().unwrap(), &port],
+    )
+}
+
+/// Forks; the child installs `prepared` and execs `program` with `args`.
+/// Returns the child's exit status.
+fn install_and_exec(prepared: PreparedFds, program: &str, args: &[&str]) -> i32 {
+    let path = CString::new(program).unwrap();
+    let args: Vec<CString> = std::iter::once(program)
+        .chain(args.iter().copied())
+        .map(|a| CString::new(a).unwrap())
+        .collect();
     let argv: Vec<*const libc::c_char> = args
         .iter()
         .map(|a| a.as_ptr())
@@ -650,4 +659,75 @@ fn ipv6_and_abstract_listeners_come_back() {
     nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&client), &addr)
         .expect("the re-created abstract listener accepts");
     drop(prepared);
+}
+
+/// A pipe read end whose writer was another process comes back holding the
+/// saved data, then end-of-file; a write end whose reader was another
+/// process comes back as /dev/null, so writes neither fail nor kill.
+#[test]
+fn pipe_ends_with_the_other_end_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, subprocess, sys, time\n\
+        r, w = os.pipe(); os.write(w, b'lonely')\n\
+        r2, w2 = os.pipe()\n\
+        p = subprocess.Popen(['sleep', '60'], pass_fds=[w, r2])\n\
+        open(sys.argv[1] + '/helper', 'w').write(str(p.pid))\n\
+        os.dup2(r, 52); os.dup2(w2, 53)\n\
+        [os.close(fd) for fd in (r, w, r2, w2)]\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let mut python = start_python(dir.path(), script);
+    let helper: i32 = fs::read_to_string(dir.path().join("helper"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let fds = save(python.pid());
+    // The helper is our grandchild: kill and reap it by pid.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    python.kill();
+    let fds = fds.expect("save_fds");
+
+    assert!(
+        matches!(&by_fd(&fds, 52).kind, FdKind::Pipe { write_end: false, fifo_path: None, data, .. } if data == b"lonely")
+    );
+    assert!(
+        matches!(&by_fd(&fds, 53).kind, FdKind::Pipe { write_end: true, fifo_path: None, data, .. } if data.is_empty())
+    );
+
+    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let check = "import os, stat, sys\n\
+        ok = os.read(52, 100) == b'lonely' and os.read(52, 100) == b''\n\
+        ok = ok and stat.S_ISCHR(os.fstat(53).st_mode) and os.write(53, b'x') == 1\n\
+        open(sys.argv[1] + '/result', 'w').write('OK' if ok else 'FAIL')\n";
+    let status = install_and_exec(
+        prepared,
+        "/usr/bin/python3",
+        &["-c", check, dir.path().to_str().unwrap()],
+    );
+    assert_eq!(status, 0);
+    assert_eq!(result(dir.path()), "OK");
+}
+
+#[test]
+fn epoll_watch_of_a_closed_descriptor_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // The watch stays while the pipe is still open through the dup, but its
+    // number is gone: it could not be re-added under that number.
+    let script = "import os, select, sys, time\n\
+        r, w = os.pipe()\n\
+        os.dup2(r, 60); os.close(r)\n\
+        ep = select.epoll(); os.dup2(ep.fileno(), 61); ep.close()\n\
+        ep = select.epoll.fromfd(61); ep.register(60, select.EPOLLIN)\n\
+        os.dup2(60, 62); os.close(60)\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let err = save(python.pid()).expect_err("a stale epoll watch must be refused");
+    assert_eq!(
+        err.to_string(),
+        "fd 61: epoll watches fd 60, which was closed after being added"
+    );
 }
