@@ -731,3 +731,53 @@ fn epoll_watch_of_a_closed_descriptor_is_refused() {
         "fd 61: epoll watches fd 60, which was closed after being added"
     );
 }
+
+#[test]
+fn udp_sockets_are_bound_and_connected_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let script = format!(
+        "import os, socket, sys, time\n\
+         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('127.0.0.1', {port}))\n\
+         b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); b.connect(('127.0.0.1', {port}))\n\
+         os.dup2(a.fileno(), 55); os.dup2(b.fileno(), 56); a.close(); b.close()\n\
+         open(sys.argv[1] + '/ready', 'w').close()\n\
+         time.sleep(60)\n"
+    );
+    let mut python = start_python(dir.path(), &script);
+    let fds = save(python.pid()).expect("save_fds");
+    python.kill();
+    assert_eq!(
+        by_fd(&fds, 55).kind,
+        FdKind::UdpSocket {
+            local: format!("127.0.0.1:{port}"),
+            peer: None,
+            reuseaddr: false,
+            reuseport: false,
+            v6only: false
+        }
+    );
+    let FdKind::UdpSocket { peer, .. } = &by_fd(&fds, 56).kind else {
+        panic!("fd 56: {:?}", by_fd(&fds, 56));
+    };
+    assert_eq!(peer.as_deref(), Some(format!("127.0.0.1:{port}").as_str()));
+
+    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let check = "import socket, sys\n\
+        port = int(sys.argv[2])\n\
+        a = socket.socket(fileno=55); b = socket.socket(fileno=56)\n\
+        ok = a.getsockname() == ('127.0.0.1', port) and b.getpeername() == ('127.0.0.1', port)\n\
+        b.send(b'u'); ok = ok and a.recv(10) == b'u'\n\
+        open(sys.argv[1] + '/result', 'w').write('OK' if ok else 'FAIL')\n";
+    let port = port.to_string();
+    let status = install_and_exec(
+        prepared,
+        "/usr/bin/python3",
+        &["-c", check, dir.path().to_str().unwrap(), &port],
+    );
+    assert_eq!(status, 0);
+    assert_eq!(result(dir.path()), "OK");
+}

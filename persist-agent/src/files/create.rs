@@ -114,6 +114,13 @@ pub(super) fn object(
             v6only,
             ..
         } => tcp_listener(fd, local, *backlog, *reuseport, *v6only)?,
+        FdKind::UdpSocket {
+            local,
+            peer,
+            reuseaddr,
+            reuseport,
+            v6only,
+        } => udp_socket(fd, local, peer.as_deref(), *reuseaddr, *reuseport, *v6only)?,
         FdKind::UnixListener {
             path,
             socket_type,
@@ -325,6 +332,61 @@ fn tcp_listener(
     nix::sys::socket::bind(sock.as_raw_fd(), &SockaddrStorage::from(addr))
         .map_err(FilesError::io(fd, format!("binding TCP listener {local}")))?;
     listen(fd, &sock, backlog, local)?;
+    Ok(sock)
+}
+
+/// A UDP socket bound again to its address (if it had one) and connected
+/// again to its peer (if it had one).
+fn udp_socket(
+    fd: i32,
+    local: &str,
+    peer: Option<&str>,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool,
+) -> Result<OwnedFd, FilesError> {
+    let parse = |text: &str| {
+        text.parse::<SocketAddr>()
+            .map_err(|_| FilesError::invalid(fd, format!("bad UDP address {text:?}")))
+    };
+    let addr = parse(local)?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let sock = nix::sys::socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(FilesError::io(fd, format!("socket for UDP socket {local}")))?;
+    let set = |level, name, value: bool, what: &str| {
+        kobjects::set_sockopt_int(sock.as_fd(), level, name, i32::from(value))
+            .map_err(FilesError::io(fd, format!("{what} for UDP socket {local}")))
+    };
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        reuseaddr,
+        "SO_REUSEADDR",
+    )?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_REUSEPORT,
+        reuseport,
+        "SO_REUSEPORT",
+    )?;
+    if addr.is_ipv6() {
+        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only, "IPV6_V6ONLY")?;
+    }
+    // Port 0: the socket was never bound (or only implicitly, by connect).
+    if addr.port() != 0 {
+        nix::sys::socket::bind(sock.as_raw_fd(), &SockaddrStorage::from(addr))
+            .map_err(FilesError::io(fd, format!("binding UDP socket {local}")))?;
+    }
+    if let Some(peer) = peer {
+        let peer_addr = parse(peer)?;
+        nix::sys::socket::connect(sock.as_raw_fd(), &SockaddrStorage::from(peer_addr)).map_err(
+            FilesError::io(fd, format!("connecting UDP socket {local} to {peer}")),
+        )?;
+    }
     Ok(sock)
 }
 

@@ -63,7 +63,8 @@ impl InheritedFds {
 /// FIFOs are reopened by path and refilled; eventfd, timerfd (re-armed with
 /// the saved remaining time and interval, unread ticks kept), signalfd and
 /// memfd (name, size, contents, seals) are rebuilt; TCP listeners are bound
-/// again with `SO_REUSEADDR` to the same address and listen; UNIX listeners
+/// again with `SO_REUSEADDR` to the same address and listen; UDP sockets are
+/// bound and connected again; UNIX listeners
 /// are bound again after removing a stale socket file; socket pairs are
 /// re-created with their queued data; epoll instances are created empty and
 /// filled in the child. A terminal that no longer exists is replaced by

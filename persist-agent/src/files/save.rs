@@ -53,7 +53,9 @@ impl Listed {
 /// - listening TCP sockets (IPv4/IPv6, `SO_REUSEADDR`, `SO_REUSEPORT`,
 ///   `IPV6_V6ONLY`, backlog), listening UNIX sockets (path or abstract), and
 ///   connected UNIX sockets whose peer is also in the process, with their
-///   queued data.
+///   queued data;
+/// - UDP sockets: address, connected peer, `SO_REUSEADDR`, `SO_REUSEPORT`,
+///   `IPV6_V6ONLY` (queued datagrams are not kept).
 ///
 /// Descriptors sharing one open file description (`dup`) are saved once,
 /// the others with [`FdInfo::shared_with`].

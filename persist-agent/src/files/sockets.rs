@@ -97,13 +97,27 @@ fn inet(
     let local = nix::sys::socket::getsockname::<SockaddrStorage>(sock.as_raw_fd())
         .map_err(FilesError::io(fd, "getsockname"))?;
     let local = inet_addr(&local).map_or_else(|| "?".to_owned(), |a| a.to_string());
+    let flag = |level, name, what: &str| {
+        kobjects::sockopt_int(sock, level, name)
+            .map(|v| v != 0)
+            .map_err(FilesError::io(fd, format!("getsockopt {what}")))
+    };
+    let v6only =
+        domain == libc::AF_INET6 && flag(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "IPV6_V6ONLY")?;
     match (socket_type, protocol) {
         (libc::SOCK_STREAM, libc::IPPROTO_TCP) => {}
         (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => {
-            return Err(FilesError::unsupported(
-                fd,
-                format!("UDP socket {local} is not supported"),
-            ));
+            let peer = nix::sys::socket::getpeername::<SockaddrStorage>(sock.as_raw_fd())
+                .ok()
+                .and_then(|p| inet_addr(&p))
+                .map(|p| p.to_string());
+            return Ok(FdKind::UdpSocket {
+                local,
+                peer,
+                reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")?,
+                reuseport: flag(libc::SOL_SOCKET, libc::SO_REUSEPORT, "SO_REUSEPORT")?,
+                v6only,
+            });
         }
         (libc::SOCK_RAW, _) => {
             return Err(FilesError::unsupported(
@@ -145,15 +159,8 @@ fn inet(
             },
         ));
     }
-    let flag = |level, name, what: &str| {
-        kobjects::sockopt_int(sock, level, name)
-            .map(|v| v != 0)
-            .map_err(FilesError::io(fd, format!("getsockopt {what}")))
-    };
     let reuseaddr = flag(libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")?;
     let reuseport = flag(libc::SOL_SOCKET, libc::SO_REUSEPORT, "SO_REUSEPORT")?;
-    let v6only =
-        domain == libc::AF_INET6 && flag(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "IPV6_V6ONLY")?;
     // TCP_INFO reports sk_max_ack_backlog for listeners; 0 would be odd but
     // harmless, so fall back to the system maximum.
     let backlog = if max_backlog == 0 {

@@ -446,6 +446,21 @@ pub enum FdKind {
         /// `IPV6_V6ONLY` for IPv6 sockets.
         v6only: bool,
     },
+    /// A UDP socket, bound and possibly connected. Datagrams queued on it
+    /// are not saved (UDP may drop them anyway).
+    UdpSocket {
+        /// Local address and port (`0.0.0.0:0` when unbound).
+        local: String,
+        /// Connected peer, if any.
+        #[serde(default)]
+        peer: Option<String>,
+        /// `SO_REUSEADDR`.
+        reuseaddr: bool,
+        /// `SO_REUSEPORT`.
+        reuseport: bool,
+        /// `IPV6_V6ONLY` for IPv6 sockets.
+        v6only: bool,
+    },
     /// A listening UNIX socket.
     UnixListener {
         /// Bound path (a leading `@` for the abstract namespace).
