@@ -402,11 +402,19 @@ fn prepared_fds_install_in_a_forked_child() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
+    let started = Instant::now();
     let fds = save(fixture.pid()).expect("save_fds");
+    eprintln!(
+        "save_fds of {} descriptors: {:?}",
+        fds.len(),
+        started.elapsed()
+    );
     // As after a checkpoint: the original is gone, its port and socket path free.
     fixture.kill();
 
+    let started = Instant::now();
     let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    eprintln!("prepare: {:?}", started.elapsed());
     assert_eq!(prepared.max_target_fd(), 29);
     let status = install_and_verify(prepared, dir.path(), port);
     assert_eq!(status, 0, "fixture --verify exited with {status}");
