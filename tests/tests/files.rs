@@ -789,3 +789,49 @@ fn udp_sockets_are_bound_and_connected_again() {
     assert_eq!(status, 0);
     assert_eq!(result(dir.path()), "OK");
 }
+
+/// A terminal is saved by path; once it is gone, /dev/null takes its place.
+#[test]
+fn vanished_terminal_becomes_dev_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, subprocess, sys, time\n\
+        m, s = os.openpty()\n\
+        p = subprocess.Popen(['sleep', '60'], pass_fds=[m])\n\
+        open(sys.argv[1] + '/helper', 'w').write(str(p.pid))\n\
+        open(sys.argv[1] + '/tty', 'w').write(os.ttyname(s))\n\
+        os.dup2(s, 57); os.close(s); os.close(m)\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let mut python = start_python(dir.path(), script);
+    let helper: i32 = fs::read_to_string(dir.path().join("helper"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tty = fs::read_to_string(dir.path().join("tty")).unwrap();
+    let fds = save(python.pid());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    python.kill();
+    let fds = fds.expect("save_fds");
+    assert_eq!(by_fd(&fds, 57).kind, FdKind::Device { path: tty.clone() });
+
+    // The pty goes away once its master (held by the helper) is closed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&tty).exists() {
+        assert!(Instant::now() < deadline, "{tty} did not go away");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let check = "import os, sys\n\
+        ok = os.fstat(57).st_rdev == os.makedev(1, 3)\n\
+        open(sys.argv[1] + '/result', 'w').write('OK' if ok else 'FAIL')\n";
+    let status = install_and_exec(
+        prepared,
+        "/usr/bin/python3",
+        &["-c", check, dir.path().to_str().unwrap()],
+    );
+    assert_eq!(status, 0);
+    assert_eq!(result(dir.path()), "OK");
+}
