@@ -205,6 +205,7 @@ fn saves_every_supported_kind_without_consuming_anything() {
         write_end: false,
         fifo_path: None,
         data,
+        capacity: 131072,
     } = &by_fd(&fds, 12).kind
     else {
         panic!("fd 12: {:?}", by_fd(&fds, 12));
@@ -217,7 +218,8 @@ fn saves_every_supported_kind_without_consuming_anything() {
             inode: *inode,
             write_end: true,
             fifo_path: None,
-            data: vec![]
+            data: vec![],
+            capacity: 0,
         }
     );
     let FdKind::Pipe {
@@ -345,7 +347,9 @@ fn saves_every_supported_kind_without_consuming_anything() {
         FdKind::UnixListener {
             path: dir_path("sock"),
             socket_type: libc::SOCK_STREAM,
-            backlog: 8
+            backlog: 8,
+            mode: Some(0o666),
+            owner: Some((0, 0)),
         }
     );
 
@@ -650,6 +654,8 @@ fn ipv6_and_abstract_listeners_come_back() {
             path: format!("@{abstract_name}"),
             socket_type: libc::SOCK_SEQPACKET,
             backlog: 3,
+            mode: None,
+            owner: None,
         }
     );
     python.kill();

@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr};
@@ -125,7 +125,9 @@ pub(super) fn object(
             path,
             socket_type,
             backlog,
-        } => unix_listener(fd, path, *socket_type, *backlog)?,
+            mode,
+            owner,
+        } => unix_listener(fd, path, *socket_type, *backlog, *mode, *owner)?,
         FdKind::UnixPair { .. } => pairs.end(info)?,
     })
 }
@@ -403,6 +405,8 @@ fn unix_listener(
     path: &str,
     socket_type: i32,
     backlog: u32,
+    mode: Option<u32>,
+    owner: Option<(u32, u32)>,
 ) -> Result<OwnedFd, FilesError> {
     let ty = SockType::try_from(socket_type)
         .map_err(|_| FilesError::invalid(fd, format!("bad UNIX socket type {socket_type}")))?;
@@ -427,6 +431,15 @@ fn unix_listener(
     .map_err(FilesError::io(fd, format!("UNIX address {path}")))?;
     nix::sys::socket::bind(sock.as_raw_fd(), &addr)
         .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
+    // Clients need the socket file's old mode and owner to connect.
+    if let Some(mode) = mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(FilesError::io(fd, format!("chmod {mode:o} {path}")))?;
+    }
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(FilesError::io(fd, format!("chown {uid}:{gid} {path}")))?;
+    }
     listen(fd, &sock, backlog, path)?;
     Ok(sock)
 }
@@ -458,7 +471,12 @@ impl<'a> Pipes<'a> {
     }
 
     /// The saved ends of pipe `inode` (FIFOs and anonymous pipes apart).
-    fn ends(&self, inode: u64, fifo: Option<&str>) -> impl Iterator<Item = (bool, &'a [u8])> + 'a {
+    /// (write end, data, capacity) of each saved end.
+    fn ends(
+        &self,
+        inode: u64,
+        fifo: Option<&str>,
+    ) -> impl Iterator<Item = (bool, &'a [u8], u32)> + 'a {
         let fifo = fifo.map(str::to_owned);
         self.saved.iter().filter_map(move |s| match &s.kind {
             FdKind::Pipe {
@@ -466,19 +484,23 @@ impl<'a> Pipes<'a> {
                 write_end,
                 fifo_path,
                 data,
+                capacity,
             } if *i == inode && fifo_path.as_deref() == fifo.as_deref() => {
-                Some((*write_end, data.as_slice()))
+                Some((*write_end, data.as_slice(), *capacity))
             }
             _ => None,
         })
     }
 
-    fn data(&self, inode: u64, fifo: Option<&str>) -> Vec<u8> {
-        self.ends(inode, fifo)
-            .map(|(_, d)| d)
+    /// The pipe's saved data and capacity (both saved on one end).
+    fn contents(&self, inode: u64, fifo: Option<&str>) -> (&'a [u8], usize) {
+        let data = self
+            .ends(inode, fifo)
+            .map(|(_, d, _)| d)
             .find(|d| !d.is_empty())
-            .unwrap_or_default()
-            .to_vec()
+            .unwrap_or_default();
+        let capacity = self.ends(inode, fifo).map(|(_, _, c)| c).max().unwrap_or(0);
+        (data, capacity as usize)
     }
 
     /// The descriptor for one saved pipe end.
@@ -501,7 +523,7 @@ impl<'a> Pipes<'a> {
                         format!("{path} is no longer a FIFO"),
                     ));
                 }
-                fill_pipe(fd, holder.as_fd(), &self.data(inode, fifo))?;
+                fill_pipe(fd, holder.as_fd(), self.contents(inode, fifo))?;
                 self.made.insert(inode, MadePipe::Fifo { _holder: holder });
             }
             let flags = (info.flags as i32 & libc::O_ACCMODE) | libc::O_NONBLOCK;
@@ -510,7 +532,7 @@ impl<'a> Pipes<'a> {
             return Ok(end.into());
         }
 
-        let has_read = self.ends(inode, None).any(|(w, _)| !w);
+        let has_read = self.ends(inode, None).any(|(w, _, _)| !w);
         if write_end && !has_read {
             // The reader was outside the process and is gone: writes go
             // nowhere rather than failing with EPIPE (or killing with SIGPIPE).
@@ -528,9 +550,9 @@ impl<'a> Pipes<'a> {
             let (read, write) =
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                     .map_err(FilesError::io(fd, "pipe2"))?;
-            fill_pipe(fd, write.as_fd(), &self.data(inode, None))?;
+            fill_pipe(fd, write.as_fd(), self.contents(inode, None))?;
             // Without a writer in the process the reader sees the data, then end-of-file.
-            let has_write = self.ends(inode, None).any(|(w, _)| w);
+            let has_write = self.ends(inode, None).any(|(w, _, _)| w);
             self.made.insert(
                 inode,
                 MadePipe::Anonymous {
@@ -556,12 +578,24 @@ impl<'a> Pipes<'a> {
     }
 }
 
-/// Writes `data` back into a pipe, growing it first if needed.
-fn fill_pipe(fd: i32, write: BorrowedFd<'_>, data: &[u8]) -> Result<(), FilesError> {
+/// Gives a pipe its saved capacity and writes its data back. The capacity
+/// is best effort (above `pipe-max-size` it needs `CAP_SYS_RESOURCE`), but
+/// the pipe must grow enough to hold the data.
+fn fill_pipe(
+    fd: i32,
+    write: BorrowedFd<'_>,
+    (data, capacity): (&[u8], usize),
+) -> Result<(), FilesError> {
+    if capacity > DEFAULT_PIPE_SIZE
+        && let Err(err) = kobjects::set_pipe_size(write, capacity)
+    {
+        tracing::warn!(fd, capacity, "cannot restore the pipe's capacity: {err}");
+    }
     if data.is_empty() {
         return Ok(());
     }
-    if data.len() > DEFAULT_PIPE_SIZE {
+    let size = kobjects::pipe_size(write).map_err(FilesError::io(fd, "F_GETPIPE_SZ"))?;
+    if data.len() > size {
         kobjects::set_pipe_size(write, data.len()).map_err(FilesError::io(
             fd,
             format!("F_SETPIPE_SZ {} for the pipe's data", data.len()),

@@ -11,12 +11,12 @@ use super::FilesError;
 use crate::sys::kobjects;
 
 /// Returns the bytes waiting in the pipe or FIFO behind descriptor `fd` of
-/// process `pid`, leaving them in place.
+/// process `pid`, leaving them in place, and the pipe's capacity.
 ///
 /// A new read end is opened through `/proc/PID/fd/N` (which works whichever
 /// end the process holds), and `tee(2)` copies the pipe's buffers into a
 /// scratch pipe at least as large, in one call so nothing is copied twice.
-pub(super) fn peek(pid: i32, fd: i32) -> Result<Vec<u8>, FilesError> {
+pub(super) fn peek(pid: i32, fd: i32) -> Result<(Vec<u8>, usize), FilesError> {
     let link = format!("/proc/{pid}/fd/{fd}");
     let reader = OpenOptions::new()
         .read(true)
@@ -47,5 +47,5 @@ pub(super) fn peek(pid: i32, fd: i32) -> Result<Vec<u8>, FilesError> {
     File::from(scratch_read)
         .read_to_end(&mut data)
         .map_err(FilesError::io(fd, "reading the scratch pipe"))?;
-    Ok(data)
+    Ok((data, capacity))
 }

@@ -183,6 +183,7 @@ fn without_payload(kind: FdKind) -> FdKind {
             write_end,
             fifo_path,
             data: Vec::new(),
+            capacity: 0,
         },
         FdKind::Memfd {
             name,
@@ -335,9 +336,9 @@ fn read_through_proc(pid: i32, fd: i32) -> Result<Vec<u8>, FilesError> {
     Ok(contents)
 }
 
-/// A pipe or FIFO end. Unread data is saved once per pipe: on the first
-/// read end in the process, or on the first end if the process has no read
-/// end.
+/// A pipe or FIFO end. Unread data and capacity are saved once per pipe:
+/// on the first read end in the process, or on the first end if the process
+/// has no read end.
 fn pipe(
     pid: i32,
     entry: &Listed,
@@ -353,16 +354,17 @@ fn pipe(
         .or_else(|| listed.iter().find(same_pipe))
         .map(|o| o.fd);
     // The holder is never a dup: a dup is numbered above what it duplicates.
-    let data = if holder == Some(entry.fd) {
+    let (data, capacity) = if holder == Some(entry.fd) {
         pipes::peek(pid, entry.fd)?
     } else {
-        Vec::new()
+        (Vec::new(), 0)
     };
     Ok(FdKind::Pipe {
         inode,
         write_end: entry.write_only(),
         fifo_path,
         data,
+        capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::sys::socket::{SockaddrStorage, UnixAddr};
 use persist_common::image::{FdKind, QueuedMessage};
@@ -217,7 +218,14 @@ fn unix(
         } else {
             diag.wqueue
         };
+        // Who may connect is decided by the socket file's mode and owner.
+        let file = (!name.starts_with('@'))
+            .then(|| std::fs::symlink_metadata(&name).ok())
+            .flatten()
+            .filter(|m| m.file_type().is_socket());
         return Ok(FdKind::UnixListener {
+            mode: file.as_ref().map(|m| m.mode() & 0o7777),
+            owner: file.as_ref().map(|m| (m.uid(), m.gid())),
             path: name,
             socket_type,
             backlog,

@@ -381,6 +381,9 @@ pub enum FdKind {
         /// Unread data in the pipe (saved once, on the read end).
         #[serde(default, with = "base64_bytes")]
         data: Vec<u8>,
+        /// Capacity of the pipe in bytes (`F_GETPIPE_SZ`; 0: unknown).
+        #[serde(default)]
+        capacity: u32,
     },
     /// An eventfd.
     Eventfd {
@@ -469,6 +472,13 @@ pub enum FdKind {
         socket_type: i32,
         /// Listen backlog.
         backlog: u32,
+        /// Permission bits of the socket file (who may connect), if bound
+        /// to a path.
+        #[serde(default)]
+        mode: Option<u32>,
+        /// Owner uid and gid of the socket file, if bound to a path.
+        #[serde(default)]
+        owner: Option<(u32, u32)>,
     },
     /// One end of a UNIX socket pair whose other end is also in the process.
     UnixPair {

@@ -14,7 +14,7 @@
 //! | -- | ---- |
 //! | 10 | `DIR/data.txt` read-write at offset 5 (22 is its `dup`) |
 //! | 11 | `DIR/gone.txt`, unlinked, "unlinked contents" at offset 3 |
-//! | 12, 13 | a non-blocking pipe holding "pipe data" |
+//! | 12, 13 | a non-blocking 128 KiB pipe holding "pipe data" |
 //! | 14, 15 | FIFO `DIR/fifo` (read end non-blocking) holding "fifo data" |
 //! | 16 | /dev/null write-only, `O_APPEND` |
 //! | 17 | eventfd with count 7 |
@@ -23,7 +23,7 @@
 //! | 20 | epoll: 12 (data 0x1200), 17 (edge-triggered, 0x1700), 18 (0x1800), 23 (0x2300) |
 //! | 21 | memfd "fixture-memfd" holding "memfd data", offset 2 |
 //! | 23 | TCP listener 127.0.0.1:PORT, backlog 16, non-blocking |
-//! | 24 | UNIX listener `DIR/sock`, backlog 8 |
+//! | 24 | UNIX listener `DIR/sock` (mode 0666), backlog 8 |
 //! | 25, 26 | stream socket pair, "to-25" queued on 25 and "to-26" on 26 |
 //! | 27, 28 | seqpacket socket pair, "m1" and "m2" queued on 27 |
 //! | 29 | /dev/null, close-on-exec |
@@ -33,6 +33,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -59,6 +60,7 @@ const SEQ_B: i32 = 28;
 const CLOEXEC: i32 = 29;
 
 const TIMER_NS: i64 = 50_000_000;
+const PIPE_SIZE: i32 = 128 * 1024;
 
 type Check = Result<(), String>;
 
@@ -200,6 +202,10 @@ fn setup(dir: &Path, port: u16) -> Check {
         )?;
         place(fds[0].into(), PIPE_READ, "pipe")?;
         place(fds[1].into(), PIPE_WRITE, "pipe")?;
+        ok(
+            libc::fcntl(PIPE_WRITE, libc::F_SETPIPE_SZ, PIPE_SIZE).into(),
+            "F_SETPIPE_SZ",
+        )?;
         write_fd(PIPE_WRITE, b"pipe data", "write pipe")?;
 
         ok(libc::mkfifo(path("fifo").as_ptr(), 0o600).into(), "mkfifo")?;
@@ -294,6 +300,8 @@ fn setup(dir: &Path, port: u16) -> Check {
 
         let unix = std::os::unix::net::UnixListener::bind(dir.join("sock"))
             .map_err(|e| format!("bind sock: {e}"))?;
+        fs::set_permissions(dir.join("sock"), fs::Permissions::from_mode(0o666))
+            .map_err(|e| format!("chmod sock: {e}"))?;
         let raw = std::os::fd::IntoRawFd::into_raw_fd(unix);
         ok(libc::listen(raw, 8).into(), "listen unix")?;
         place(raw.into(), UNIX_LISTENER, "unix listener")?;
@@ -387,6 +395,13 @@ fn verify(dir: &Path, port: u16, after_exec: bool) -> Check {
         b"inked contents".to_vec(),
     )?;
 
+    // SAFETY: F_GETPIPE_SZ takes no argument.
+    let pipe_size = unsafe { libc::fcntl(PIPE_READ, libc::F_GETPIPE_SZ) };
+    same("fd 12 pipe size", pipe_size, PIPE_SIZE)?;
+    let sock_mode = fs::metadata(dir.join("sock"))
+        .map_err(|e| e.to_string())?
+        .mode();
+    same("socket file mode", sock_mode & 0o777, 0o666)?;
     same(
         "fd 12 O_NONBLOCK",
         getfl(PIPE_READ)? & libc::O_NONBLOCK,
