@@ -415,3 +415,169 @@ fn redis_keeps_its_keys_and_takes_writes_after_restore() {
         signal(pid, nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// Kills a process restored in this test process and reaps it (and the init
+/// of its pid namespace, if any).
+fn kill_and_reap(pid: i32, init: Option<i32>) {
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(pid),
+        Some(nix::sys::wait::WaitPidFlag::__WALL),
+    );
+    if let Some(init) = init {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None);
+    }
+}
+
+/// The daemon's path, measured: prepare the skeleton, queue a request on
+/// the restored listener, then resume and time until the response arrives,
+/// with the pager on a thread.
+#[test]
+fn python_wake_from_a_prepared_skeleton_is_timed() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use persist_agent::restore::{RestoreConfig, Skeleton};
+    use persist_common::image::Image;
+
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("www");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("woken-marker.txt"), "hi").unwrap();
+    let image = temp.path().join("image");
+    let mut server = NsServer::new().unwrap();
+    let port = 18124u16;
+    let mut python = server
+        .in_ns("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = python.id() as i32;
+    server.pids.track(pid);
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_until(Duration::from_secs(20), || {
+        output_text(server.in_ns("curl").args(["-s", "-m", "5", &url]))
+            .unwrap_or_default()
+            .contains("woken-marker.txt")
+    })
+    .unwrap();
+    checkpoint(server.agent(), pid, &image).unwrap();
+    python.wait().unwrap();
+
+    let report = server
+        .netns
+        .enter(|| {
+            let image = Arc::new(Image::open(&image).unwrap());
+            let skeleton = Skeleton::prepare(image, RestoreConfig::default()).unwrap();
+            let prepare = skeleton.timings();
+            // The listener exists (re-created by prepare): the SYN and the
+            // request wait in its queue, as they would on a wake.
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let woken = Instant::now();
+            let mut restored = skeleton.resume().unwrap();
+            let resume = restored.timings.resume;
+            let pid = restored.pid;
+            let init = restored.init_pid;
+            let pager = std::thread::spawn(move || restored.pager.run_until_filled().unwrap());
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            let wake_to_response = woken.elapsed();
+            let stats = pager.join().unwrap();
+            kill_and_reap(pid, init);
+            (prepare, resume, wake_to_response, stats, response)
+        })
+        .unwrap();
+    let (prepare, resume, wake_to_response, stats, response) = report;
+    assert!(response.contains("woken-marker.txt"), "{response}");
+    assert!(stats.faults > 0, "the first request faulted memory in");
+    eprintln!(
+        "python3 http.server: prepare {:?} (setup {:?}, layout {:?}, finish {:?}); resume {:?}; \
+         resume to response {:?}; first fault served {:?} after resume; {} faults ({} pages), \
+         {} pages filled in the background in {:?}; {:.0} faults/s",
+        prepare.prepare,
+        prepare.setup,
+        prepare.layout,
+        prepare.finish,
+        resume,
+        wake_to_response,
+        stats.first_fault_after_resume,
+        stats.faults,
+        stats.fault_pages,
+        stats.filled_pages,
+        stats.total_time,
+        stats.faults_per_second()
+    );
+}
+
+/// A big anonymous heap restored through the library: fixture check
+/// passes, and the pager's throughput is reported.
+#[test]
+fn memory_fixture_with_64_mib_is_paged_in_correctly() {
+    use std::sync::Arc;
+
+    use persist_agent::restore::{RestoreConfig, Skeleton};
+    use persist_common::image::Image;
+
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = Command::new(binary("fixture-memory"))
+        .arg(&dir)
+        .arg("64")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _pids = Pids(vec![fixture.id() as i32]);
+    wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+
+    let image = Arc::new(Image::open(&image).unwrap());
+    let skeleton = Skeleton::prepare(image, RestoreConfig::default()).unwrap();
+    let prepare = skeleton.timings();
+    let mut restored = skeleton.resume().unwrap();
+    let pid = restored.pid;
+    let init = restored.init_pid;
+    let resume = restored.timings.resume;
+    let pager = std::thread::spawn(move || restored.pager.run_until_filled().unwrap());
+    let result = fixture_result(pid, &dir);
+    let stats = pager.join().unwrap();
+    kill_and_reap(pid, init);
+    assert_eq!(result.unwrap(), "OK");
+    let pages = stats.fault_pages + stats.filled_pages;
+    assert!(pages >= 64 * 256, "{pages} pages paged in");
+    eprintln!(
+        "fixture-memory 64 MiB: prepare {:?} (setup {:?}, layout {:?}, finish {:?}); resume {:?}; \
+         {} faults ({} pages, {:.0} faults/s), {} pages filled; all {} pages in after {:?} ({:.0} MB/s)",
+        prepare.prepare,
+        prepare.setup,
+        prepare.layout,
+        prepare.finish,
+        resume,
+        stats.faults,
+        stats.fault_pages,
+        stats.faults_per_second(),
+        stats.filled_pages,
+        pages,
+        stats.total_time,
+        pages as f64 * 4096.0 / stats.total_time.as_secs_f64() / 1e6
+    );
+}

@@ -15,6 +15,10 @@ pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 /// Lowest address we consider for the restorer region.
 const REGION_FLOOR: u64 = 0x10_0000;
 
+/// Largest read-only file mapping populated at prepare (bigger ones, such as
+/// locale archives, are mostly never touched).
+const POPULATE_MAX: u64 = 16 << 20;
+
 /// Room after the layout table for the later, smaller tables.
 const LATER_TABLES_ROOM: u64 = 64 << 10;
 
@@ -294,9 +298,17 @@ fn layout_table(
                 flags |= libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN;
                 (-1, 0)
             }
-            MappingKind::File { offset, .. } | MappingKind::Memfd { offset, .. } => {
+            MappingKind::File { offset, .. } => {
+                // Read-only file pages (code, rodata) in the page tables
+                // before the wake: no minor faults on the critical path, no
+                // copies (populating a writable private mapping would COW
+                // every page, so those are left to fault).
+                if !mapping.shared && !mapping.protection.write && mapping.len() <= POPULATE_MAX {
+                    flags |= libc::MAP_POPULATE;
+                }
                 (mapping_fd(fds, index, mapping)? as i64, *offset)
             }
+            MappingKind::Memfd { offset, .. } => (mapping_fd(fds, index, mapping)? as i64, *offset),
             MappingKind::SharedAnonymous { .. } => (mapping_fd(fds, index, mapping)? as i64, 0),
             MappingKind::Vdso | MappingKind::Vvar { .. } => unreachable!("handled above"),
         };

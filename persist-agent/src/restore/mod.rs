@@ -192,13 +192,13 @@ pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
             let code = match pager.run_until_filled() {
                 Ok(stats) => {
                     eprintln!(
-                        "pager pid {pid}: done: {} faults ({} pages, {} zero), {} pages filled, {} dropped, first fault after {:?}, {:.0} faults/s, total {:?}",
+                        "pager pid {pid}: done: {} faults ({} pages, {} zero), {} pages filled, {} dropped, first fault served {:?} after resume, {:.0} faults/s, total {:?}",
                         stats.faults,
                         stats.fault_pages,
                         stats.zero_faults,
                         stats.filled_pages,
                         stats.dropped_pages,
-                        stats.first_fault_after,
+                        stats.first_fault_after_resume,
                         stats.faults_per_second(),
                         stats.total_time
                     );
@@ -217,8 +217,12 @@ pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
     drop(pager);
     if std::env::var_os("PERSIST_RESTORE_TIMINGS").is_some() {
         eprintln!(
-            "restore timings: prepare {:?} (layout {:?}), resume {:?}",
-            prepare_time.prepare, prepare_time.layout, timings.resume
+            "restore timings: prepare {:?} (setup {:?}, layout {:?}, finish {:?}), resume {:?}",
+            prepare_time.prepare,
+            prepare_time.setup,
+            prepare_time.layout,
+            prepare_time.finish,
+            timings.resume
         );
     }
     Ok(pid)

@@ -24,6 +24,10 @@ use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
 /// waiting behind it is served within ~100 µs.
 const FILL_BATCH_PAGES: u64 = 64;
 
+/// The background fill waits while faults keep coming: a process just woken
+/// runs its critical path (a first request) on the CPUs the fill would take.
+const FILL_QUIET_MS: i32 = 1;
+
 /// Where a missing page's content is: run index and page index in the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Source {
@@ -48,6 +52,9 @@ pub struct PagerStats {
     pub fault_time: Duration,
     /// From the start of [`Pager::run_until_filled`] to the first fault.
     pub first_fault_after: Option<Duration>,
+    /// From the start of [`super::Skeleton::resume`] to the first fault
+    /// served: the process's first instruction plus one fault round trip.
+    pub first_fault_after_resume: Option<Duration>,
     /// From the start of [`Pager::run_until_filled`] to the end.
     pub total_time: Duration,
 }
@@ -74,6 +81,7 @@ pub struct Pager {
     pending: BTreeMap<u64, Source>,
     registered: Vec<(u64, u64)>,
     stats: PagerStats,
+    resumed_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Pager {
@@ -120,12 +128,18 @@ impl Pager {
             pending,
             registered,
             stats: PagerStats::default(),
+            resumed_at: None,
         }
     }
 
     /// Pid of the restored process (in the agent's namespace).
     pub fn pid(&self) -> i32 {
         self.pidfd.pid()
+    }
+
+    /// Records when the process was resumed, for [`PagerStats`].
+    pub(crate) fn set_resumed_at(&mut self, at: Instant) {
+        self.resumed_at = Some(at);
     }
 
     /// Pages not yet in the process.
@@ -150,8 +164,13 @@ impl Pager {
         let started = Instant::now();
         let mut events = Vec::new();
         let mut retry: Vec<u64> = Vec::new();
+        let mut last_fault: Option<Instant> = None;
         loop {
-            let ready = self.uffd.wait(0).unwrap_or(true);
+            let busy = last_fault.is_some_and(|at| at.elapsed() < Duration::from_millis(1));
+            let ready = self
+                .uffd
+                .wait(if busy { FILL_QUIET_MS } else { 0 })
+                .unwrap_or(true);
             if ready || !retry.is_empty() {
                 events.clear();
                 if let Err(err) = self.uffd.read_events(&mut events) {
@@ -164,6 +183,9 @@ impl Pager {
                     });
                 }
                 let mut faults = std::mem::take(&mut retry);
+                if events.iter().any(|e| matches!(e, UffdEvent::Fault { .. })) {
+                    last_fault = Some(Instant::now());
+                }
                 for event in &events {
                     match *event {
                         UffdEvent::Fault { address, .. } => faults.push(address),
@@ -186,6 +208,9 @@ impl Pager {
                     }
                     if !self.serve_fault(address)? {
                         retry.push(address);
+                    } else if self.stats.first_fault_after_resume.is_none() {
+                        self.stats.first_fault_after_resume =
+                            self.resumed_at.map(|at| at.elapsed());
                     }
                     self.stats.fault_time += fault_start.elapsed();
                 }
@@ -195,6 +220,10 @@ impl Pager {
             }
             if self.pending.is_empty() {
                 break;
+            }
+            if ready && last_fault.is_some_and(|at| at.elapsed() < Duration::from_millis(1)) {
+                // Faults are coming: look for more before filling.
+                continue;
             }
             if !self.fill_batch()? {
                 // The address space is changing: events come first.

@@ -44,8 +44,12 @@ pub struct RestoreConfig {
 pub struct Timings {
     /// The whole of [`Skeleton::prepare`].
     pub prepare: Duration,
+    /// Checks, descriptors and files opened, tables built: before the fork.
+    pub setup: Duration,
     /// From the fork to the layout built (the native table).
     pub layout: Duration,
+    /// From the layout to the end of prepare: file pages, threads, state.
+    pub finish: Duration,
     /// [`Skeleton::resume`].
     pub resume: Duration,
 }
@@ -279,7 +283,9 @@ impl Skeleton {
             pager: Some(pager),
             timings: Timings {
                 prepare: started.elapsed(),
+                setup: forked_at - started,
                 layout: layout_time,
+                finish: forked_at.elapsed() - layout_time,
                 resume: Duration::ZERO,
             },
         })
@@ -304,10 +310,11 @@ impl Skeleton {
         }
         let mut timings = self.timings;
         timings.resume = started.elapsed();
-        let pager = self
+        let mut pager = self
             .pager
             .take()
             .expect("a skeleton always holds its pager");
+        pager.set_resumed_at(started);
         let restored = Restored {
             pid: self.pid,
             init_pid: self.init_pid,
