@@ -332,6 +332,7 @@ fn saves_every_supported_kind_without_consuming_anything() {
         reuseaddr,
         reuseport,
         v6only,
+        options,
         ..
     } = &by_fd(&fds, 23).kind
     else {
@@ -342,6 +343,15 @@ fn saves_every_supported_kind_without_consuming_anything() {
         (*backlog, *reuseaddr, *reuseport, *v6only),
         (16, true, false, false)
     );
+    let option = |level, name| {
+        options
+            .iter()
+            .find(|o| (o.level, o.name) == (level, name))
+            .map(|o| o.value)
+    };
+    assert_eq!(option(libc::SOL_SOCKET, libc::SO_KEEPALIVE), Some(1));
+    assert_eq!(option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), Some(77));
+    assert_eq!(option(libc::IPPROTO_TCP, libc::TCP_NODELAY), None);
     assert_eq!(
         by_fd(&fds, 24).kind,
         FdKind::UnixListener {
@@ -436,6 +446,10 @@ fn inherited_listener_is_installed_as_is() {
     // The daemon's listener: a client connects while the service is parked.
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
     listener.set_nonblocking(true).unwrap();
+    // The original socket had these; the fixture checks them.
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(&listener, sockopt::KeepAlive, &true).unwrap();
+    setsockopt(&listener, sockopt::TcpKeepIdle, &77).unwrap();
     let mut parked_client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut inherited = InheritedFds::new();
     inherited.insert(23, OwnedFd::from(listener.try_clone().unwrap()));
@@ -634,8 +648,9 @@ fn ipv6_and_abstract_listeners_come_back() {
     let mut python = start_python(dir.path(), &script);
     let fds = save(python.pid()).expect("save_fds");
     let mut tcp = by_fd(&fds, 50).kind.clone();
-    if let FdKind::TcpListener { inode, .. } = &mut tcp {
+    if let FdKind::TcpListener { inode, options, .. } = &mut tcp {
         *inode = 0;
+        options.clear(); // keepalive timing defaults, checked elsewhere
     }
     assert_eq!(
         tcp,
@@ -646,6 +661,7 @@ fn ipv6_and_abstract_listeners_come_back() {
             reuseaddr: false,
             reuseport: true,
             v6only: true,
+            options: vec![],
         }
     );
     assert_eq!(

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr};
-use persist_common::image::{FdInfo, FdKind, QueuedMessage};
+use persist_common::image::{FdInfo, FdKind, QueuedMessage, SocketOption};
 
 use super::FilesError;
 use crate::sys::kobjects;
@@ -112,8 +112,9 @@ pub(super) fn object(
             backlog,
             reuseport,
             v6only,
+            options,
             ..
-        } => tcp_listener(fd, local, *backlog, *reuseport, *v6only)?,
+        } => tcp_listener(fd, local, *backlog, *reuseport, *v6only, options)?,
         FdKind::UdpSocket {
             local,
             peer,
@@ -308,6 +309,7 @@ fn tcp_listener(
     backlog: u32,
     reuseport: bool,
     v6only: bool,
+    options: &[SocketOption],
 ) -> Result<OwnedFd, FilesError> {
     let addr: SocketAddr = local
         .parse()
@@ -333,6 +335,17 @@ fn tcp_listener(
     }
     nix::sys::socket::bind(sock.as_raw_fd(), &SockaddrStorage::from(addr))
         .map_err(FilesError::io(fd, format!("binding TCP listener {local}")))?;
+    for option in options {
+        kobjects::set_sockopt_int(sock.as_fd(), option.level, option.name, option.value).map_err(
+            FilesError::io(
+                fd,
+                format!(
+                    "setsockopt {}/{} for TCP listener {local}",
+                    option.level, option.name
+                ),
+            ),
+        )?;
+    }
     listen(fd, &sock, backlog, local)?;
     Ok(sock)
 }

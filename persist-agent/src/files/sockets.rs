@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::sys::socket::{SockaddrStorage, UnixAddr};
-use persist_common::image::{FdKind, QueuedMessage};
+use persist_common::image::{FdKind, QueuedMessage, SocketOption};
 
 use super::FilesError;
 use super::save::Listed;
@@ -27,6 +27,22 @@ const TCP_STATES: [&str; 13] = [
     "LISTEN",
     "CLOSING",
     "NEW_SYN_RECV",
+];
+
+/// Integer options of a TCP listener worth keeping: accepted connections
+/// inherit the first five; the last two change how it accepts.
+const LISTENER_OPTIONS: [(i32, i32, &str); 7] = [
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE, "SO_KEEPALIVE"),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY, "TCP_NODELAY"),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE"),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL"),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, "TCP_KEEPCNT"),
+    (
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        "TCP_DEFER_ACCEPT",
+    ),
+    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN, "TCP_FASTOPEN"),
 ];
 
 /// Largest datagram or stream chunk read in one peek.
@@ -169,6 +185,14 @@ fn inet(
     } else {
         max_backlog
     };
+    let mut options = Vec::new();
+    for (level, name, what) in LISTENER_OPTIONS {
+        let value = kobjects::sockopt_int(sock, level, name)
+            .map_err(FilesError::io(fd, format!("getsockopt {what}")))?;
+        if value != 0 {
+            options.push(SocketOption { level, name, value });
+        }
+    }
     Ok(FdKind::TcpListener {
         local,
         inode,
@@ -176,6 +200,7 @@ fn inet(
         reuseaddr,
         reuseport,
         v6only,
+        options,
     })
 }
 

@@ -448,6 +448,11 @@ pub enum FdKind {
         reuseport: bool,
         /// `IPV6_V6ONLY` for IPv6 sockets.
         v6only: bool,
+        /// Other integer socket options that were not zero: the ones accepted
+        /// connections inherit (`SO_KEEPALIVE`, `TCP_NODELAY`, keepalive
+        /// timing) and the listener's own (`TCP_DEFER_ACCEPT`, `TCP_FASTOPEN`).
+        #[serde(default)]
+        options: Vec<SocketOption>,
     },
     /// A UDP socket, bound and possibly connected. Datagrams queued on it
     /// are not saved (UDP may drop them anyway).
@@ -493,6 +498,17 @@ pub enum FdKind {
         #[serde(default)]
         queued: Vec<QueuedMessage>,
     },
+}
+
+/// An integer socket option (`setsockopt(level, name, &value)`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SocketOption {
+    /// Protocol level (`SOL_SOCKET`, `IPPROTO_TCP`).
+    pub level: i32,
+    /// Option name (`SO_*`, `TCP_*`).
+    pub name: i32,
+    /// Value.
+    pub value: i32,
 }
 
 /// One queued message of a socket.

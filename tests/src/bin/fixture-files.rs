@@ -22,7 +22,7 @@
 //! | 19 | signalfd for SIGUSR2 (blocked) |
 //! | 20 | epoll: 12 (data 0x1200), 17 (edge-triggered, 0x1700), 18 (0x1800), 23 (0x2300) |
 //! | 21 | memfd "fixture-memfd" holding "memfd data", offset 2 |
-//! | 23 | TCP listener 127.0.0.1:PORT, backlog 16, non-blocking |
+//! | 23 | TCP listener 127.0.0.1:PORT, backlog 16, non-blocking, keepalive after 77 s |
 //! | 24 | UNIX listener `DIR/sock` (mode 0666), backlog 8 |
 //! | 25, 26 | stream socket pair, "to-25" queued on 25 and "to-26" on 26 |
 //! | 27, 28 | seqpacket socket pair, "m1" and "m2" queued on 27 |
@@ -61,6 +61,7 @@ const CLOEXEC: i32 = 29;
 
 const TIMER_NS: i64 = 50_000_000;
 const PIPE_SIZE: i32 = 128 * 1024;
+const KEEPIDLE: i32 = 77;
 
 type Check = Result<(), String>;
 
@@ -133,6 +134,15 @@ fn fstat(fd: i32) -> Result<libc::stat, String> {
     let rc = unsafe { libc::fstat(fd, &mut st) };
     ok(rc.into(), &format!("fstat {fd}"))?;
     Ok(st)
+}
+
+fn sockopt(fd: i32, level: i32, name: i32) -> Result<i32, String> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are writable for their sizes.
+    let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
+    ok(rc.into(), &format!("getsockopt {level}/{name} on {fd}"))?;
+    Ok(value)
 }
 
 fn same<T: std::fmt::Debug + PartialEq>(what: &str, got: T, want: T) -> Check {
@@ -282,6 +292,15 @@ fn setup(dir: &Path, port: u16) -> Check {
             .into(),
             "SO_REUSEADDR",
         )?;
+        for (level, name, value) in [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPIDLE),
+        ] {
+            ok(
+                libc::setsockopt(tcp, level, name, (&raw const value).cast(), len).into(),
+                "setsockopt",
+            )?;
+        }
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: port.to_be(),
@@ -541,6 +560,17 @@ fn verify(dir: &Path, port: u16, after_exec: bool) -> Check {
         "tcp data",
         read_fd(accepted, 5, "read accepted")?,
         b"hello".to_vec(),
+    )?;
+    // Accepted connections inherit the listener's keepalive settings.
+    same(
+        "accepted SO_KEEPALIVE",
+        sockopt(accepted, libc::SOL_SOCKET, libc::SO_KEEPALIVE)?,
+        1,
+    )?;
+    same(
+        "accepted TCP_KEEPIDLE",
+        sockopt(accepted, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
+        KEEPIDLE,
     )?;
     // SAFETY: closing the descriptor accept just gave us.
     unsafe { libc::close(accepted) };
