@@ -857,3 +857,38 @@ fn vanished_terminal_becomes_dev_null() {
     assert_eq!(status, 0);
     assert_eq!(result(dir.path()), "OK");
 }
+
+/// Saves a python3 process whose fd 44 is set up by `setup` (a Python
+/// expression giving a descriptor) and returns the error.
+fn refusal(setup: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "import ctypes, os, sys, time\n\
+         fd = {setup}\n\
+         os.dup2(fd, 44); os.close(fd)\n\
+         open(sys.argv[1] + '/ready', 'w').close()\n\
+         time.sleep(60)\n"
+    );
+    let python = start_python(dir.path(), &script);
+    save(python.pid()).expect_err("must be refused").to_string()
+}
+
+#[test]
+fn other_kernel_objects_are_refused_by_name() {
+    assert_eq!(
+        refusal("os.pidfd_open(os.getpid())"),
+        "fd 44: pidfd is not supported"
+    );
+    assert_eq!(
+        refusal("ctypes.CDLL(None, use_errno=True).syscall(323, 0)"),
+        "fd 44: userfaultfd is not supported"
+    );
+    assert_eq!(
+        refusal("os.open('/dev/ptmx', os.O_RDWR | os.O_NOCTTY)"),
+        "fd 44: device /dev/ptmx (5:2) is not supported"
+    );
+    assert_eq!(
+        refusal("ctypes.CDLL(None).fanotify_init(0, 0)"),
+        "fd 44: fanotify is not supported"
+    );
+}
