@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use persist_agent::files::{FilesError, InheritedFds, PreparedFds, prepare, save_fds};
+use persist_agent::files::{
+    FilesError, InheritedFds, PreparedFds, prepare, save_fds, save_fds_excluding,
+};
 use persist_agent::sys::pidfd::PidFd;
 use persist_common::image::{EpollWatch, FdInfo, FdKind, QueuedMessage};
 
@@ -523,6 +525,10 @@ fn inotify_is_refused() {
     let python = start_python(dir.path(), script);
     let err = save(python.pid()).expect_err("inotify must be refused");
     assert_eq!(err.to_string(), "fd 40: inotify is not supported");
+    // A descriptor persist itself placed can be left out.
+    let pidfd = PidFd::open(python.pid()).unwrap();
+    let fds = save_fds_excluding(python.pid(), &pidfd, &[40]).expect("fd 40 left out");
+    assert!(fds.iter().all(|f| f.fd != 40));
 }
 
 #[test]

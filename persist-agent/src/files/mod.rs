@@ -29,7 +29,7 @@ use std::io;
 
 pub use install::PreparedFds;
 pub use prepare::{InheritedFds, prepare};
-pub use save::save_fds;
+pub use save::{save_fds, save_fds_excluding};
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

@@ -64,7 +64,20 @@ impl Listed {
 /// descriptor, e.g. `fd 7: established TCP connection 127.0.0.1:5000 ->
 /// 127.0.0.1:41234 cannot be checkpointed` or `fd 5: inotify is not supported`.
 pub fn save_fds(pid: i32, pidfd: &PidFd) -> Result<Vec<FdInfo>, FilesError> {
-    let listed = list(pid)?;
+    save_fds_excluding(pid, pidfd, &[])
+}
+
+/// [`save_fds`], leaving out the descriptors in `exclude`: those persist
+/// itself put in the process (the userfaultfd a lazily restored process
+/// keeps, for one), which are not the service's and are re-created by the
+/// restore anyway.
+pub fn save_fds_excluding(
+    pid: i32,
+    pidfd: &PidFd,
+    exclude: &[i32],
+) -> Result<Vec<FdInfo>, FilesError> {
+    let mut listed = list(pid)?;
+    listed.retain(|entry| !exclude.contains(&entry.fd));
     let mapped_memfds = mapped_memfd_inodes(pid)?;
     let mut saved: Vec<FdInfo> = Vec::with_capacity(listed.len());
     let mut memfd_contents_saved = HashSet::new();
