@@ -933,7 +933,7 @@ fn install_in_child_timing() {
             };
             // SAFETY: `ts` is writable.
             unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-            ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+            ts.tv_sec * 1_000_000_000 + ts.tv_nsec
         };
         let started = now();
         let outcome = prepared.install_in_child(&keep);
