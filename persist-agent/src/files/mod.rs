@@ -8,8 +8,9 @@
 //!
 //! Restore calls [`prepare`] in the agent before forking: it re-creates every
 //! object (files reopened at their offset, pipes refilled, eventfd, timerfd,
-//! signalfd and memfd rebuilt, listeners bound again, socket pairs refilled,
-//! epoll instances created empty). In the forked child,
+//! signalfd and memfd rebuilt, TCP and UNIX listeners and UDP sockets bound
+//! again, socket pairs refilled, epoll instances created empty), or takes
+//! the descriptors the caller hands over ([`InheritedFds`]). In the forked child,
 //! [`PreparedFds::install_in_child`] then moves each object to its descriptor
 //! number with raw system calls only, closes everything else and re-adds the
 //! epoll watches once the numbers are final.
