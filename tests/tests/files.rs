@@ -962,3 +962,20 @@ fn install_in_child_timing() {
         elapsed_ns / 1000
     );
 }
+
+#[test]
+fn unix_listener_on_a_relative_path_is_saved_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, socket, sys, time\n\
+        os.chdir(sys.argv[1])\n\
+        u = socket.socket(socket.AF_UNIX); u.bind('rel.sock'); u.listen(4)\n\
+        os.dup2(u.fileno(), 45); u.close()\n\
+        open('ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let fds = save(python.pid()).expect("save_fds");
+    let FdKind::UnixListener { path, .. } = &by_fd(&fds, 45).kind else {
+        panic!("fd 45: {:?}", by_fd(&fds, 45));
+    };
+    assert_eq!(Path::new(path), dir.path().join("rel.sock"));
+}

@@ -14,6 +14,10 @@ use super::{pipes, sockets};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
 
+/// Largest contents of an unlinked file or unmapped memfd saved in the
+/// manifest.
+pub const MAX_SAVED_CONTENTS: u64 = 64 << 20;
+
 /// One open descriptor as `/proc` shows it.
 #[derive(Debug)]
 pub(super) struct Listed {
@@ -258,7 +262,7 @@ fn classify(
         return pipe(pid, entry, listed, None);
     }
     if target.starts_with("socket:[") {
-        return sockets::save_socket(pidfd, entry, listed);
+        return sockets::save_socket(pid, pidfd, entry, listed);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
         return anon_inode(fd, name, &entry.info);
@@ -337,15 +341,28 @@ fn classify(
 /// Reads the whole file behind a descriptor through a new open of
 /// `/proc/PID/fd/N`, which works for unlinked files and leaves the
 /// process's offset alone.
+///
+/// The contents go into the manifest, so they are capped at
+/// [`MAX_SAVED_CONTENTS`].
 fn read_through_proc(pid: i32, fd: i32) -> Result<Vec<u8>, FilesError> {
     let link = format!("/proc/{pid}/fd/{fd}");
+    let file = fs::File::open(&link).map_err(FilesError::io(fd, format!("opening {link}")))?;
     let mut contents = Vec::new();
-    fs::File::open(&link)
-        .and_then(|mut file| file.read_to_end(&mut contents))
+    file.take(MAX_SAVED_CONTENTS + 1)
+        .read_to_end(&mut contents)
         .map_err(FilesError::io(
             fd,
             format!("reading contents through {link}"),
         ))?;
+    if contents.len() as u64 > MAX_SAVED_CONTENTS {
+        return Err(FilesError::unsupported(
+            fd,
+            format!(
+                "contents exceed {} MiB, the most an image keeps for one file",
+                MAX_SAVED_CONTENTS >> 20
+            ),
+        ));
+    }
     Ok(contents)
 }
 

@@ -50,6 +50,7 @@ const PEEK_BUFFER: usize = 1 << 20;
 
 /// Saves the socket behind `entry`, duplicated into the agent to query it.
 pub(super) fn save_socket(
+    pid: i32,
     pidfd: &PidFd,
     entry: &Listed,
     listed: &[Listed],
@@ -78,7 +79,7 @@ pub(super) fn save_socket(
                 entry.info.ino,
             )
         }
-        libc::AF_UNIX => unix(fd, sock.as_fd(), socket_type, listening, entry, listed),
+        libc::AF_UNIX => unix(pid, fd, sock.as_fd(), socket_type, listening, entry, listed),
         libc::AF_NETLINK => Err(FilesError::unsupported(
             fd,
             "netlink socket is not supported",
@@ -218,6 +219,7 @@ fn unix_name(sock: BorrowedFd<'_>) -> nix::Result<String> {
 }
 
 fn unix(
+    pid: i32,
     fd: i32,
     sock: BorrowedFd<'_>,
     socket_type: i32,
@@ -238,6 +240,7 @@ fn unix(
                 "unbound listening UNIX socket is not supported",
             ));
         }
+        let name = absolute_socket_path(pid, fd, name)?;
         let backlog = if diag.wqueue == 0 {
             libc::SOMAXCONN as u32
         } else {
@@ -291,6 +294,33 @@ fn unix(
         socket_type,
         queued,
     })
+}
+
+/// A socket bound to a relative path is named relative to the working
+/// directory it had then; the process's current one is the best guess, and
+/// is kept only if a socket file is found there.
+fn absolute_socket_path(pid: i32, fd: i32, name: String) -> Result<String, FilesError> {
+    if name.starts_with('/') || name.starts_with('@') {
+        return Ok(name);
+    }
+    let cwd_link = format!("/proc/{pid}/cwd");
+    let cwd = std::fs::read_link(&cwd_link).map_err(|source| FilesError::Proc {
+        pid,
+        path: cwd_link,
+        source,
+    })?;
+    let path = cwd.join(&name);
+    let is_socket = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return Err(FilesError::unsupported(
+            fd,
+            format!(
+                "UNIX listener bound to relative path {name}, which is not a socket under {}",
+                cwd.display()
+            ),
+        ));
+    }
+    Ok(path.to_string_lossy().into_owned())
 }
 
 /// Reads everything queued for reading on `sock` without consuming it:
