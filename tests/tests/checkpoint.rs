@@ -473,3 +473,103 @@ fn inspect_refuses_a_corrupt_image() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("checksum"), "{stderr}");
 }
+
+/// A python3 process that sets something up with ctypes, writes `ready`
+/// in its directory, then sleeps; killed on drop.
+fn python_fixture(setup: &str) -> Fixture {
+    let script = format!(
+        "import ctypes, os, sys, time\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         {setup}\n\
+         open(os.path.join(sys.argv[1], 'ready'), 'w').write(str(os.getpid()))\n\
+         time.sleep(600)\n"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new("python3")
+        .args(["-c", &script])
+        .arg(dir.path())
+        .spawn()
+        .expect("spawn python3");
+    let fixture = Fixture { child, dir };
+    fixture.wait_for_file("ready", Duration::from_secs(20));
+    fixture
+}
+
+fn refused(fixture: &Fixture) -> String {
+    let image = fixture.path("image");
+    let output = fixture.checkpoint(&image, false);
+    assert!(!output.status.success(), "checkpoint should have failed");
+    assert!(!image.exists());
+    // Refused without harm: the process goes on, untraced.
+    assert_eq!(tracer_of(fixture.pid()), "0");
+    assert!(!thread_states(fixture.pid()).contains(&'t'));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn sysv_shared_memory_is_refused() {
+    let fixture = python_fixture(
+        "libc.shmat.restype = ctypes.c_void_p\n\
+         shmid = libc.shmget(0, 8192, 0o1600)\n\
+         assert shmid >= 0\n\
+         assert libc.shmat(shmid, None, 0) not in (None, 2**64 - 1)\n\
+         libc.shmctl(shmid, 0, None)",
+    );
+    let stderr = refused(&fixture);
+    assert!(stderr.contains("System V shared memory"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}: mapping 0x", fixture.pid())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn seccomp_filter_is_refused() {
+    // A one-instruction filter: BPF_RET|BPF_K SECCOMP_RET_ALLOW.
+    let fixture = python_fixture(
+        "class Filter(ctypes.Structure):\n    \
+             _fields_ = [('code', ctypes.c_ushort), ('jt', ctypes.c_ubyte), ('jf', ctypes.c_ubyte), ('k', ctypes.c_uint)]\n\
+         class Prog(ctypes.Structure):\n    \
+             _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.POINTER(Filter))]\n\
+         allow = (Filter * 1)(Filter(0x06, 0, 0, 0x7fff0000))\n\
+         prog = Prog(1, allow)\n\
+         assert libc.prctl(38, 1, 0, 0, 0) == 0\n\
+         assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0",
+    );
+    let stderr = refused(&fixture);
+    assert!(
+        stderr.contains(&format!(
+            "pid {} runs under seccomp (mode 2)",
+            fixture.pid()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn process_with_children_is_refused() {
+    let fixture = python_fixture("import subprocess\nchild = subprocess.Popen(['sleep', '600'])");
+    let children_path = format!("/proc/{0}/task/{0}/children", fixture.pid());
+    let children: Vec<i32> = fs::read_to_string(&children_path)
+        .expect("children")
+        .split_whitespace()
+        .map(|c| c.parse().expect("a pid"))
+        .collect();
+    let stderr = refused(&fixture);
+    for child in &children {
+        // The `sleep` this test's fixture started.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*child),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert_eq!(children.len(), 1);
+    assert!(
+        stderr.contains(&format!(
+            "pid {} has child processes ([{}])",
+            fixture.pid(),
+            children[0]
+        )),
+        "{stderr}"
+    );
+}

@@ -148,6 +148,15 @@ pub enum CheckpointError {
         /// Its tracer.
         tracer: u64,
     },
+    /// Child processes are not checkpointed with their parent, and a parent
+    /// restored without them would wait for them in vain.
+    #[error("pid {pid} has child processes ({children:?}), which cannot be checkpointed with it")]
+    HasChildren {
+        /// The process.
+        pid: i32,
+        /// Its children.
+        children: Vec<i32>,
+    },
     /// A mapping of a kind that cannot be restored.
     #[error("pid {pid}: mapping {start:#x}-{end:#x}: {what} is not supported")]
     UnsupportedMapping {
@@ -349,6 +358,11 @@ fn save(
     options: &CheckpointOptions,
 ) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
     let image_error = |source| CheckpointError::Image { pid, source };
+    // Checked once frozen: no child can be forked meanwhile.
+    let children = children(pid)?;
+    if !children.is_empty() {
+        return Err(CheckpointError::HasChildren { pid, children });
+    }
     let mem = ProcMem::open(pid).map_err(|source| CheckpointError::Proc {
         pid,
         path: format!("/proc/{pid}/mem"),
@@ -447,4 +461,22 @@ fn preflight(pid: i32) -> Result<(), CheckpointError> {
         return Err(CheckpointError::Seccomp { pid, mode: seccomp });
     }
     Ok(())
+}
+
+/// Children of every thread of `pid` (`/proc/PID/task/TID/children`).
+fn children(pid: i32) -> Result<Vec<i32>, CheckpointError> {
+    let mut children = Vec::new();
+    for tid in freeze::list_threads(pid)? {
+        let path = format!("/proc/{pid}/task/{tid}/children");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => children.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            ),
+            // The thread exited meanwhile.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CheckpointError::Proc { pid, path, source }),
+        }
+    }
+    Ok(children)
 }
