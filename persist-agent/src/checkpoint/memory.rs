@@ -29,7 +29,7 @@ use crate::sys::procmem::{self, Pagemap, PagemapEntry, ProcMem, RemoteRange, cat
 use super::CheckpointError;
 
 /// Bytes read from the target per batch.
-const BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 4 << 20;
 
 /// Batch buffers in flight between the reader thread and the writer.
 const BUFFERS: usize = 3;
@@ -463,7 +463,10 @@ fn read_batch(
     buffer: &mut Vec<u8>,
 ) -> Result<(), CheckpointError> {
     if buffer.len() < batch.bytes {
-        buffer.resize(BATCH_BYTES.max(batch.bytes), 0);
+        // A fresh zeroed allocation (calloc: pages are zeroed by the kernel
+        // as they are first written) rather than `resize`, which would
+        // memset the whole buffer first.
+        *buffer = vec![0u8; batch.bytes];
     }
     let buffer = &mut buffer[..batch.bytes];
     let read = procmem::read_vectored(pid, buffer, &batch.ranges).unwrap_or(0);
