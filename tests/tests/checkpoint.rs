@@ -17,6 +17,8 @@ use persist_common::image::{Image, Manifest, MappingKind};
 
 /// Index of `rip` in saved registers.
 const RIP: usize = 16;
+/// Index of `rax`.
+const RAX: usize = 10;
 /// Index of `fs_base`.
 const FS_BASE: usize = 21;
 
@@ -273,6 +275,27 @@ fn threads_fixture_keeps_its_threads() {
         // The image holds resumable registers: never inside a syscall.
         assert_eq!(thread.regs[15], u64::MAX, "orig_rax of {}", thread.tid);
     }
+    // Threads blocked in a system call are saved rewound onto their
+    // `syscall` instruction with rax = the call to make again (the workers
+    // sleep in nanosleep, the leader waits in futex).
+    let mem = fs::File::open(format!("/proc/{}/mem", fixture.pid())).expect("open mem");
+    let rewound = manifest
+        .threads
+        .iter()
+        .filter(|thread| {
+            let mut insn = [0u8; 2];
+            use std::os::unix::fs::FileExt;
+            mem.read_exact_at(&mut insn, thread.regs[RIP]).is_ok()
+                && insn == [0x0f, 0x05]
+                && [
+                    libc::SYS_nanosleep,
+                    libc::SYS_futex,
+                    libc::SYS_restart_syscall,
+                ]
+                .contains(&(thread.regs[RAX] as i64))
+        })
+        .count();
+    assert!(rewound >= 1, "no thread was saved rewound onto its syscall");
     let text = inspect(&image);
     assert!(text.contains("threads (5)"), "{text}");
     for thread in &manifest.threads {
@@ -420,9 +443,9 @@ fn a_thread_id_is_refused() {
 #[test]
 fn failed_checkpoint_leaves_the_process_running() {
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
-    // The image cannot be created: its parent directory does not exist.
-    // That fails after every thread is frozen.
-    let image = fixture.path("no/such/dir/image");
+    // The image cannot be created: its parent is a regular file. That
+    // fails after every thread is frozen.
+    let image = fixture.path("ready").join("image");
     let output = fixture.checkpoint(&image, false);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);

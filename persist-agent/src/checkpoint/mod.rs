@@ -480,3 +480,45 @@ fn children(pid: i32) -> Result<Vec<i32>, CheckpointError> {
     }
     Ok(children)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pid: i32) -> CheckpointOptions {
+        CheckpointOptions {
+            pid,
+            image: PathBuf::from("/nonexistent/image"),
+            leave_running: true,
+        }
+    }
+
+    #[test]
+    fn refuses_itself() {
+        let err = checkpoint(&options(std::process::id() as i32)).unwrap_err();
+        assert!(matches!(err, CheckpointError::IsSelf { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_its_own_threads() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let err = checkpoint(&options(tid)).unwrap_err();
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
+        assert!(matches!(err, CheckpointError::IsSelf { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_nonpositive_pids() {
+        for pid in [0, -1] {
+            let err = checkpoint(&options(pid)).unwrap_err();
+            assert_eq!(err.to_string(), format!("pid {pid}: no such process"));
+        }
+    }
+}
