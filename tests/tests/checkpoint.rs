@@ -596,3 +596,52 @@ fn process_with_children_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn shared_memory_pages_are_stored_from_the_object() {
+    // A memfd mapped shared, with one page written through write(2) only,
+    // and shared anonymous memory (python's mmap(-1) is MAP_SHARED).
+    let fixture = python_fixture(
+        "import mmap\n\
+         fd = os.memfd_create('persist-test')\n\
+         os.ftruncate(fd, 16 * 4096)\n\
+         m = mmap.mmap(fd, 16 * 4096, flags=mmap.MAP_SHARED)\n\
+         m[4096:4100] = b'abcd'\n\
+         m[9 * 4096] = 9\n\
+         os.pwrite(fd, b'written', 12 * 4096)\n\
+         a = mmap.mmap(-1, 256 * 4096)\n\
+         for p in (0, 100, 255): a[p * 4096] = 1",
+    );
+    let image = fixture.path("image");
+    assert_success(&fixture.checkpoint(&image, true));
+    let opened = Image::open(&image).unwrap();
+    let manifest = opened.manifest();
+    let stored_pages = |mapping: &persist_common::image::Mapping| -> Vec<u64> {
+        mapping
+            .pages
+            .iter()
+            .flat_map(|run| run.first_page..run.first_page + run.count)
+            .collect()
+    };
+    let memfd = manifest
+        .mappings
+        .iter()
+        .find(|m| matches!(&m.kind, MappingKind::Memfd { name, .. } if name == "persist-test"))
+        .expect("the memfd mapping");
+    assert!(memfd.shared);
+    assert_eq!(stored_pages(memfd), vec![1, 9, 12]);
+    let page12 = memfd
+        .pages
+        .iter()
+        .find(|r| r.first_page <= 12 && 12 < r.first_page + r.count)
+        .unwrap();
+    let bytes = opened.pages().run(page12).unwrap();
+    let at = ((12 - page12.first_page) * 4096) as usize;
+    assert_eq!(&bytes[at..at + 7], b"written");
+    let shared_anon = manifest
+        .mappings
+        .iter()
+        .find(|m| matches!(m.kind, MappingKind::SharedAnonymous { .. }) && m.len() == 256 * 4096)
+        .expect("the shared anonymous mapping");
+    assert_eq!(stored_pages(shared_anon), vec![0, 100, 255]);
+}
