@@ -19,6 +19,9 @@ use crate::sys::ptrace::{self, Stop};
 
 use super::CheckpointError;
 
+/// How long a thread may take to stop once interrupted.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a killed process may take to be gone.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,8 +85,13 @@ impl Frozen {
     /// the thread exited instead.
     fn await_stop(&self, tid: i32) -> Result<bool, CheckpointError> {
         loop {
-            let stop =
-                ptrace::wait(tid).map_err(|source| self.ptrace_error(tid, "waitpid", source))?;
+            let stop = ptrace::wait_timeout(tid, STOP_TIMEOUT)
+                .map_err(|source| self.ptrace_error(tid, "waitpid", source))?
+                .ok_or(CheckpointError::StopTimeout {
+                    pid: self.pid,
+                    tid,
+                    seconds: STOP_TIMEOUT.as_secs(),
+                })?;
             match stop {
                 Stop::Event {
                     event: ptrace::PTRACE_EVENT_STOP,

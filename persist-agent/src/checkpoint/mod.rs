@@ -211,6 +211,16 @@ pub enum CheckpointError {
         /// The error.
         source: io::Error,
     },
+    /// A thread did not stop when interrupted (uninterruptible sleep).
+    #[error("pid {pid}, thread {tid} did not stop within {seconds} s of PTRACE_INTERRUPT")]
+    StopTimeout {
+        /// The process.
+        pid: i32,
+        /// The thread.
+        tid: i32,
+        /// The time waited.
+        seconds: u64,
+    },
     /// A thread stopped for another reason than the one awaited.
     #[error("pid {pid}, thread {tid}: unexpected {stop} during {during}")]
     UnexpectedStop {

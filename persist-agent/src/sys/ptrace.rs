@@ -108,20 +108,47 @@ pub fn single_step(tid: i32) -> io::Result<()> {
 
 /// Waits for the next stop or the end of traced thread `tid`.
 pub fn wait(tid: i32) -> io::Result<Stop> {
-    let mut status: libc::c_int = 0;
     loop {
-        // SAFETY: waitpid writes one int to a valid pointer.
-        let rc = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
+        if let Some(stop) = waitpid(tid, 0)? {
+            return Ok(stop);
         }
-        break;
     }
-    Ok(if libc::WIFEXITED(status) {
+}
+
+/// Like [`wait`], but gives up with `None` after `timeout` (a thread in
+/// uninterruptible sleep stops only when it leaves it).
+pub fn wait_timeout(tid: i32, timeout: std::time::Duration) -> io::Result<Option<Stop>> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        if let Some(stop) = waitpid(tid, libc::WNOHANG)? {
+            return Ok(Some(stop));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(5));
+    }
+}
+
+/// One `waitpid(tid, __WALL | flags)`; `None` if nothing happened (WNOHANG)
+/// or the call was interrupted.
+fn waitpid(tid: i32, flags: libc::c_int) -> io::Result<Option<Stop>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes one int to a valid pointer.
+    let rc = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | flags) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    if rc == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if libc::WIFEXITED(status) {
         Stop::Exited(libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
         Stop::Killed(libc::WTERMSIG(status))
@@ -133,7 +160,7 @@ pub fn wait(tid: i32) -> io::Result<Stop> {
         } else {
             Stop::Signal(signal)
         }
-    })
+    }))
 }
 
 /// Reads the general registers of a stopped thread.
