@@ -6,8 +6,9 @@
 //! blocked (so a pending one cannot be delivered in between; it stays
 //! pending); the registers are set to the call (`orig_rax = -1`, so the
 //! kernel does not try to restart the syscall the thread was interrupted
-//! in) with `rip` at a `syscall` instruction found in the vDSO, so no code
-//! is written; one `PTRACE_SINGLESTEP` runs it. Results that are written to
+//! in) with `rip` at a `syscall` instruction already in the process (in
+//! the vDSO, or else in executable mappings), so no code is written; one
+//! `PTRACE_SINGLESTEP` runs it. Results that are written to
 //! memory go to a scratch area below the thread's red zone, whose bytes are
 //! saved first. [`Injector::finish`] (or drop) puts back the bytes, the
 //! registers and the mask exactly.
@@ -28,26 +29,34 @@ const RED_ZONE: u64 = 128;
 /// The `syscall` instruction.
 const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 
-/// Finds the address of a `syscall` instruction in the vDSO of the process
-/// whose mappings are `mappings`; or, failing that, the address just before
-/// `rip` when the thread stopped right after a `syscall`.
+/// Finds the address of a `syscall` instruction (the bytes `0f 05`: the
+/// CPU decodes from wherever `rip` points, so any occurrence will do) in
+/// the vDSO, or failing that in the executable mappings, so that injected
+/// calls need no code written into the process.
 pub fn find_syscall_insn(
     mem: &ProcMem,
     mappings: &[Mapping],
     pid: i32,
 ) -> Result<u64, CheckpointError> {
-    for mapping in mappings.iter().filter(|m| m.kind == MappingKind::Vdso) {
-        let mut code = vec![0u8; mapping.len() as usize];
-        mem.read_exact_at(mapping.start, &mut code)
-            .map_err(|source| CheckpointError::Memory {
-                pid,
-                addr: mapping.start,
-                len: code.len(),
-                what: "the vDSO",
-                source,
-            })?;
-        if let Some(at) = code.windows(2).position(|w| w == SYSCALL_INSN) {
-            return Ok(mapping.start + at as u64);
+    const CHUNK: u64 = 64 * 1024;
+    let vdso = mappings.iter().filter(|m| m.kind == MappingKind::Vdso);
+    let executable = mappings
+        .iter()
+        .filter(|m| m.protection.exec && m.kind != MappingKind::Vdso);
+    for mapping in vdso.chain(executable) {
+        let mut start = mapping.start;
+        while start < mapping.end {
+            // Overlap chunks by one byte so a pair split between two is found.
+            let end = (start + CHUNK + 1).min(mapping.end);
+            let mut code = vec![0u8; (end - start) as usize];
+            if mem.read_exact_at(start, &mut code).is_err() {
+                // An unreadable mapping (e.g. a file truncated under it).
+                break;
+            }
+            if let Some(at) = code.windows(2).position(|w| w == SYSCALL_INSN) {
+                return Ok(start + at as u64);
+            }
+            start += CHUNK;
         }
     }
     Err(CheckpointError::NoSyscallInsn { pid })

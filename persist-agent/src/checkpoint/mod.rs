@@ -248,7 +248,9 @@ pub enum CheckpointError {
         source: io::Error,
     },
     /// No `syscall` instruction was found to inject calls with.
-    #[error("pid {pid}: no syscall instruction found in its vDSO to inject calls with")]
+    #[error(
+        "pid {pid}: no syscall instruction found in its executable memory to inject calls with"
+    )]
     NoSyscallInsn {
         /// The process.
         pid: i32,
