@@ -187,6 +187,12 @@ pub struct ThreadInfo {
     pub comm: String,
     /// General registers, `struct user_regs_struct` in declaration order
     /// (r15 first, gs last: 27 words). fs_base and gs_base are among them.
+    ///
+    /// Saved ready to resume: a thread interrupted in a restartable system
+    /// call has `rip` moved back onto its `syscall` instruction and `rax` set
+    /// to the call's number (`__NR_restart_syscall` for
+    /// `-ERESTART_RESTARTBLOCK`), and `orig_rax` is always -1, so setting
+    /// these registers never triggers a kernel restart of its own.
     pub regs: Vec<u64>,
     /// The `NT_X86_XSTATE` register set: FPU, SSE, AVX and the rest.
     #[serde(with = "base64_bytes")]
@@ -195,7 +201,9 @@ pub struct ThreadInfo {
     pub sigmask: u64,
     /// Signals pending for this thread.
     pub pending: u64,
-    /// Alternate signal stack.
+    /// Alternate signal stack, as `sigaltstack(NULL, &old)` reports it:
+    /// `SS_DISABLE` (2) in `flags` when there is none, `SS_ONSTACK` (1) when
+    /// the thread was running on it.
     pub sigaltstack: SigAltStack,
     /// rseq registration, if any.
     pub rseq: Option<Rseq>,
