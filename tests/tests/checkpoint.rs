@@ -645,3 +645,35 @@ fn shared_memory_pages_are_stored_from_the_object() {
         .expect("the shared anonymous mapping");
     assert_eq!(stored_pages(shared_anon), vec![0, 100, 255]);
 }
+
+#[test]
+fn threads_created_during_the_freeze_are_caught() {
+    // Two threads start and join short-lived threads as fast as they can.
+    let fixture = python_fixture(
+        "import threading\n\
+         def short(): time.sleep(0.001)\n\
+         def spawner():\n    \
+             while True:\n        \
+                 ts = [threading.Thread(target=short) for _ in range(8)]\n        \
+                 for t in ts: t.start()\n        \
+                 for t in ts: t.join()\n\
+         for _ in range(2): threading.Thread(target=spawner, daemon=True).start()",
+    );
+    let image = fixture.path("image");
+    for _ in 0..5 {
+        assert_success(&fixture.checkpoint(&image, true));
+        let manifest = manifest(&image);
+        assert_eq!(manifest.threads[0].tid, fixture.pid());
+        assert!(
+            manifest.threads.len() >= 3,
+            "{} threads",
+            manifest.threads.len()
+        );
+        let mut tids: Vec<i32> = manifest.threads.iter().map(|t| t.tid).collect();
+        tids.sort_unstable();
+        tids.dedup();
+        assert_eq!(tids.len(), manifest.threads.len(), "a thread saved twice");
+    }
+    assert_eq!(tracer_of(fixture.pid()), "0");
+    assert!(!thread_states(fixture.pid()).contains(&'t'));
+}
