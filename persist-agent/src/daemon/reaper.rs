@@ -1,7 +1,8 @@
 //! Reaps orphans reparented to the daemon (it is a child subreaper).
 //!
 //! Only zombies are collected, by pid: a blanket `waitpid(-1)` would also
-//! swallow the ptrace stops of processes being restored.
+//! swallow the ptrace stops of processes being restored. Children whose
+//! owner collects their exit status itself are left to it.
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -31,6 +32,7 @@ fn zombie_children() -> Vec<i32> {
         .flatten()
         .filter_map(|task| task.children().ok())
         .flatten()
+        .filter(|&pid| !crate::sys::spawn::is_claimed(pid as i32))
         .filter(|&pid| {
             procfs::process::Process::new(pid as i32)
                 .and_then(|p| p.stat())

@@ -270,6 +270,7 @@ impl Registry {
                     image.clone(),
                     spec.port,
                     listener.try_clone()?,
+                    adopted.is_some(),
                 )?;
                 Starter::Restore {
                     worker,

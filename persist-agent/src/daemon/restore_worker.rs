@@ -62,12 +62,13 @@ pub struct RestoreWorker {
 
 impl RestoreWorker {
     /// Starts the thread for the service `name` listening through `listener`,
-    /// and prepares a first skeleton from `image`.
+    /// and, unless its process already runs, prepares a first skeleton from `image`.
     pub fn spawn(
         name: &str,
         image: PathBuf,
         port: u16,
         listener: OwnedFd,
+        already_running: bool,
     ) -> std::io::Result<Self> {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
@@ -87,7 +88,9 @@ impl RestoreWorker {
                 worker.run(receiver);
             })?;
         let worker = Self { jobs, report };
-        worker.prepare(image);
+        if !already_running {
+            worker.prepare(image);
+        }
         Ok(worker)
     }
 
@@ -159,6 +162,7 @@ impl Worker {
     fn build_skeleton(&self) -> Result<Skeleton, String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
+        wait_until_pid_is_free(image.manifest().process.pid);
         let fd = listener_fd_in_image(image.manifest(), self.port).ok_or_else(|| {
             format!(
                 "image {} has no TCP listener on port {}",
@@ -222,3 +226,23 @@ impl Worker {
         }
     }
 }
+
+/// Gives the previous process of the image time to be reaped, so the skeleton
+/// gets the recorded pid itself rather than a private pid namespace. A process
+/// a previous daemon started is reaped by init, which here takes over a second.
+fn wait_until_pid_is_free(pid: i32) {
+    let deadline = std::time::Instant::now() + PID_RELEASE_WAIT;
+    while std::time::Instant::now() < deadline {
+        let zombie = procfs::process::Process::new(pid)
+            .and_then(|process| process.stat())
+            .is_ok_and(|stat| stat.state == 'Z');
+        if !zombie {
+            // Free, or held by a live process (the skeleton then gets a pid namespace).
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How long [`wait_until_pid_is_free`] waits for a zombie to be reaped.
+const PID_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);

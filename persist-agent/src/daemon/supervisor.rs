@@ -167,13 +167,10 @@ impl Child {
     }
 }
 
-/// Collects the exit status of our own child; other processes' exits are
-/// collected by their parent, and a child the reaper got first is gone already.
+/// Collects the exit status of our own child; another process's exit is
+/// collected by its parent.
 fn reap(pidfd: &AsyncFd<PidFd>) {
-    let _ = nix::sys::wait::waitid(
-        nix::sys::wait::Id::PIDFd(pidfd.get_ref().as_fd()),
-        nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOHANG,
-    );
+    crate::sys::spawn::reap(pidfd.get_ref(), false);
 }
 
 /// The supervisor task's state.

@@ -155,7 +155,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     let fds = vec![(null.as_fd(), 0), (log.as_fd(), 1), (log.as_fd(), 2)];
     let started = Instant::now();
     let spawned = launch::start(&request.command, &env, false, fds, identity)?;
-    let guard = KillOnDrop(Some(spawned.pid));
+    let guard = KillOnDrop(Some(&spawned.pidfd));
 
     let program = request.command[0].clone();
     readiness::wait(&spawned.pidfd, request, notify.as_ref(), |status| {
@@ -193,7 +193,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         image: request.image.clone(),
         leave_running: false,
     })?;
-    reap(&spawned.pidfd);
+    crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();
     Ok(Built {
         listener,
@@ -236,29 +236,21 @@ fn resolve_user(name: &str) -> Result<Identity, BuildError> {
     })
 }
 
-/// Collects the exit status of our child (a no-op if it is not ours).
-fn reap(pidfd: &PidFd) {
-    let _ = nix::sys::wait::waitid(
-        nix::sys::wait::Id::PIDFd(pidfd.as_fd()),
-        nix::sys::wait::WaitPidFlag::WEXITED,
-    );
-}
-
 /// Kills a started command's session unless disarmed.
-struct KillOnDrop(Option<i32>);
+struct KillOnDrop<'a>(Option<&'a PidFd>);
 
-impl KillOnDrop {
+impl KillOnDrop<'_> {
     fn disarm(mut self) {
         self.0 = None;
     }
 }
 
-impl Drop for KillOnDrop {
+impl Drop for KillOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            let pid = nix::unistd::Pid::from_raw(pid);
+        if let Some(pidfd) = self.0 {
+            let pid = nix::unistd::Pid::from_raw(pidfd.pid());
             let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
+            crate::sys::spawn::reap(pidfd, true);
         }
     }
 }

@@ -115,12 +115,9 @@ pub(super) fn wait(
 }
 
 fn exit_status(pidfd: &PidFd) -> String {
-    match nix::sys::wait::waitid(
-        nix::sys::wait::Id::PIDFd(std::os::fd::AsFd::as_fd(pidfd)),
-        nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOHANG,
-    ) {
-        Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exit status {code}"),
-        Ok(nix::sys::wait::WaitStatus::Signaled(_, signal, _)) => format!("killed by {signal}"),
+    match crate::sys::spawn::reap(pidfd, true) {
+        Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+        Some(nix::sys::wait::WaitStatus::Signaled(_, signal, _)) => format!("killed by {signal}"),
         _ => "exited".to_owned(),
     }
 }

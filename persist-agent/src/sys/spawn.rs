@@ -5,11 +5,43 @@
 //! is built before the fork with a slot for it that the child fills in,
 //! touching nothing but memory it already owns and raw system calls.
 
+use std::collections::BTreeSet;
 use std::ffi::{CString, c_char};
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use super::pidfd::PidFd;
+
+/// Children whose exit status their owner collects with [`reap`]; the
+/// daemon's orphan reaper leaves them alone.
+static CLAIMED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Whether the exit of `pid` is collected by its owner through [`reap`].
+pub fn is_claimed(pid: i32) -> bool {
+    CLAIMED.lock().expect("claimed lock").contains(&pid)
+}
+
+/// Collects the exit status of a child started by [`spawn`]: waits for it
+/// when `block`, else returns `None` while it runs.
+pub fn reap(pidfd: &PidFd, block: bool) -> Option<WaitStatus> {
+    let flags = if block {
+        WaitPidFlag::WEXITED
+    } else {
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG
+    };
+    let status = match waitid(Id::PIDFd(pidfd.as_fd()), flags) {
+        Ok(WaitStatus::StillAlive) => return None,
+        Ok(status) => Some(status),
+        // Not our child (or already collected): nothing to wait for.
+        Err(_) => None,
+    };
+    CLAIMED.lock().expect("claimed lock").remove(&pidfd.pid());
+    status
+}
 
 /// Environment variable systemd uses to tell a service its own pid.
 const LISTEN_PID: &str = "LISTEN_PID=";
@@ -102,6 +134,7 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
             )
         }
     }
+    CLAIMED.lock().expect("claimed lock").insert(pid);
     drop(error_write);
     let pidfd = PidFd::open(pid)?;
     let mut errno = [0u8; 4];
@@ -110,6 +143,7 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
         Ok(_) => {
             // The child has exited with 127; reap it.
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            CLAIMED.lock().expect("claimed lock").remove(&pid);
             Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
         }
         Err(err) => Err(err.into()),

@@ -1,0 +1,321 @@
+//! The whole lifecycle of unmodified servers in snapshot mode: started once,
+//! snapshotted when ready, parked with no process running, restored on the
+//! first SYN, parked again when idle, surviving a daemon killed in between.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use persist_tests::{Sandbox, binary, wait_until};
+
+/// A directory for python's http.server with one recognisable file.
+fn web_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("persist-was-here.txt"), b"hi").unwrap();
+    dir
+}
+
+fn add_http_server(
+    sandbox: &Sandbox,
+    name: &str,
+    port: u16,
+    root: &std::path::Path,
+    extra: &[&str],
+) {
+    let port = port.to_string();
+    let root = root.display().to_string();
+    let mut args = vec!["add", name, "--port", &port, "--ready", "http:/"];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &root,
+    ]);
+    sandbox.agent_ok(&args).expect("snapshot-mode add succeeds");
+}
+
+/// Whether `pid` runs no code: gone, a zombie, or a parked skeleton (which
+/// has the restored process's pid but is stopped before its first instruction).
+fn runs_no_code(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        let state = stat.rsplit(") ").next().and_then(|rest| rest.chars().next());
+        matches!(state, Some('Z' | 't' | 'T'))
+    })
+}
+
+#[test]
+fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart() {
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    add_http_server(
+        &sandbox,
+        "web",
+        8100,
+        root.path(),
+        &["--idle-timeout", "500ms"],
+    );
+
+    let parked = sandbox.service("web").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(
+        parked["pid"].is_null(),
+        "no process runs while parked: {parked}"
+    );
+
+    let listing = sandbox.http_get(8100).unwrap();
+    assert!(
+        listing.contains("persist-was-here.txt"),
+        "restored server lists its directory: {listing}"
+    );
+    let running = sandbox.service("web").unwrap();
+    assert_eq!(running["state"], "running");
+    let first_pid = running["pid"].as_i64().unwrap();
+
+    wait_until(Duration::from_secs(10), || {
+        sandbox.service("web").unwrap()["state"] == "parked"
+    })
+    .expect("parked again when idle");
+    assert!(
+        runs_no_code(first_pid),
+        "the idle process {first_pid} was stopped"
+    );
+
+    sandbox.kill_daemon();
+    sandbox.start_daemon().unwrap();
+    let listing = sandbox.http_get(8100).unwrap();
+    assert!(
+        listing.contains("persist-was-here.txt"),
+        "served after a daemon restart: {listing}"
+    );
+    assert_eq!(sandbox.service("web").unwrap()["state"], "running");
+}
+
+#[test]
+fn three_hundred_first_connections_are_all_served_by_one_restore() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    add_http_server(&sandbox, "burst", 8101, root.path(), &[]);
+
+    let responses = sandbox
+        .netns
+        .enter(|| {
+            let mut streams: Vec<TcpStream> = (0..300)
+                .map(|_| TcpStream::connect(("127.0.0.1", 8101)).expect("connect"))
+                .collect();
+            streams
+                .iter_mut()
+                .map(|stream| {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .unwrap();
+                    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                    let mut response = String::new();
+                    let _ = stream.read_to_string(&mut response);
+                    response
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let served = responses
+        .iter()
+        .filter(|r| r.contains("persist-was-here.txt"))
+        .count();
+    assert_eq!(served, 300, "every first connection is served");
+    assert_eq!(
+        sandbox.service("burst").unwrap()["wakes"],
+        1,
+        "one restore for the burst"
+    );
+}
+
+fn redis_cli(sandbox: &Sandbox, port: u16, args: &[&str]) -> String {
+    let output = sandbox
+        .netns
+        .command("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "redis",
+            "--port",
+            "6391",
+            "--on-idle",
+            "keep",
+            "--",
+            "redis-server",
+            "--port",
+            "6391",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .unwrap();
+    assert_eq!(sandbox.service("redis").unwrap()["state"], "parked");
+
+    assert_eq!(
+        redis_cli(&sandbox, 6391, &["SET", "greeting", "hello"]),
+        "OK"
+    );
+    sandbox.agent_ok(&["park", "redis"]).unwrap();
+    let parked = sandbox.service("redis").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(
+        parked["error"].is_null(),
+        "parking kept the state: {parked}"
+    );
+
+    assert_eq!(
+        redis_cli(&sandbox, 6391, &["GET", "greeting"]),
+        "hello",
+        "data written before parking"
+    );
+    assert_eq!(
+        redis_cli(&sandbox, 6391, &["SET", "second", "write"]),
+        "OK",
+        "new writes work"
+    );
+    assert_eq!(redis_cli(&sandbox, 6391, &["GET", "second"]), "write");
+    assert_eq!(sandbox.service("redis").unwrap()["wakes"], 2);
+}
+
+#[test]
+fn a_prebuilt_image_is_registered_and_served() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("hello");
+    let server = binary("hello-server").display().to_string();
+    let image_arg = image.display().to_string();
+    let built = sandbox
+        .netns
+        .command(binary("persist-agent"))
+        .args([
+            "build",
+            "--image",
+            &image_arg,
+            "--port",
+            "8102",
+            "--",
+            &server,
+            "127.0.0.1:8102",
+        ])
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "build: {built:?}");
+    assert!(image.join("manifest").exists(), "build wrote an image");
+
+    sandbox
+        .agent_ok(&["add", "prebuilt", "--image", &image_arg, "--port", "8102"])
+        .unwrap();
+    let body = sandbox.http_get(8102).unwrap();
+    assert!(body.starts_with("hello from pid"), "{body:?}");
+}
+
+#[test]
+fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let marker = format!("persist-never-ready-{}", std::process::id());
+
+    // Never ready: `sleep` listens on nothing.
+    let output = sandbox.agent(&[
+        "add",
+        "sleepy",
+        "--port",
+        "8103",
+        "--ready-timeout",
+        "1s",
+        "--",
+        "bash",
+        "-c",
+        &format!("exec -a {marker} sleep 100"),
+    ]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        err.contains("was not ready within 1s") && err.contains("never listened on port 8103"),
+        "{err}"
+    );
+    let leftovers = Command::new("pgrep")
+        .args(["-f", &marker])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "nothing left running: {leftovers:?}"
+    );
+
+    // Exits at once.
+    let output = sandbox.agent(&["add", "quitter", "--port", "8104", "--", "false"]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("false exited before it was ready (exit status 1)"),
+        "{err}"
+    );
+
+    // Listens, but on another port than registered.
+    let server = binary("hello-server").display().to_string();
+    let output = sandbox.agent(&[
+        "add",
+        "elsewhere",
+        "--port",
+        "8105",
+        "--ready-timeout",
+        "1s",
+        "--",
+        &server,
+        "127.0.0.1:8106",
+    ]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("never listened on port 8105"), "{err}");
+    assert!(
+        sandbox.status().unwrap().is_empty(),
+        "refused services are not registered"
+    );
+
+    // An image that others can write is refused.
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("img");
+    let image_arg = image.display().to_string();
+    let built = sandbox
+        .netns
+        .command(binary("persist-agent"))
+        .args([
+            "build",
+            "--image",
+            &image_arg,
+            "--port",
+            "8107",
+            "--",
+            &server,
+            "127.0.0.1:8107",
+        ])
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "build: {built:?}");
+    std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let output = sandbox.agent(&["add", "open", "--image", &image_arg, "--port", "8107"]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("refusing an image that others can write"),
+        "{err}"
+    );
+}
