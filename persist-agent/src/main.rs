@@ -233,6 +233,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pid,
                 image,
                 leave_running,
+                exclude_fds: Vec::new(),
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;

@@ -47,6 +47,9 @@ pub struct CheckpointOptions {
     pub image: PathBuf,
     /// Let the process go on after the checkpoint instead of killing it.
     pub leave_running: bool,
+    /// Descriptors persist itself put in the process (the userfaultfd a
+    /// restored process keeps), left out of the image.
+    pub exclude_fds: Vec<i32>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -398,7 +401,7 @@ fn save(
         .map(|&tid| threads::save_thread(pid, tid, &mem, syscall_at, xsave_len))
         .collect::<Result<Vec<_>, _>>()?;
     let process = process::save_process(pid, &mem, syscall_at)?;
-    let fds = save_fds(pid, pidfd)?;
+    let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
 
     let manifest = Manifest {
         kernel: host::kernel_info(),
@@ -426,8 +429,10 @@ fn save(
 fn save_fds(
     pid: i32,
     pidfd: &PidFd,
+    exclude: &[i32],
 ) -> Result<Vec<persist_common::image::FdInfo>, CheckpointError> {
-    crate::files::save_fds(pid, pidfd).map_err(|source| CheckpointError::Files { pid, source })
+    crate::files::save_fds_excluding(pid, pidfd, exclude)
+        .map_err(|source| CheckpointError::Files { pid, source })
 }
 
 /// Refuses, before touching the process, what cannot be checkpointed.
@@ -502,6 +507,7 @@ mod tests {
             pid,
             image: PathBuf::from("/nonexistent/image"),
             leave_running: true,
+            exclude_fds: Vec::new(),
         }
     }
 

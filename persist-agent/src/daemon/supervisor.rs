@@ -373,6 +373,7 @@ impl Supervisor {
                 pid: child.pid,
                 image: kept_image.clone(),
                 leave_running: false,
+                exclude_fds: restorer_userfaultfds(child.pid),
             };
             let result = tokio::task::spawn_blocking(move || checkpoint(&options)).await;
             match result {
@@ -627,4 +628,19 @@ fn has_established_connections(port: u16) -> bool {
     };
     procfs::net::tcp().map(established).unwrap_or(false)
         || procfs::net::tcp6().map(established).unwrap_or(false)
+}
+
+/// The userfaultfds of a process the restore engine rebuilt: it leaves one in
+/// every restored process (so that a dead pager blocks faults instead of
+/// zero-filling them), and it is not part of the service's state.
+fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
+    let Ok(fds) = procfs::process::Process::new(pid).and_then(|process| process.fd()) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter(|fd| {
+            matches!(&fd.target, procfs::process::FDTarget::AnonInode(name) if name == "[userfaultfd]")
+        })
+        .map(|fd| fd.fd)
+        .collect()
 }

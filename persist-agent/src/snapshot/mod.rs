@@ -192,6 +192,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         pid: spawned.pid,
         image: request.image.clone(),
         leave_running: false,
+        exclude_fds: Vec::new(),
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();
