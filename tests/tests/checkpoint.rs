@@ -677,3 +677,21 @@ fn threads_created_during_the_freeze_are_caught() {
     assert_eq!(tracer_of(fixture.pid()), "0");
     assert!(!thread_states(fixture.pid()).contains(&'t'));
 }
+
+/// Measurement, not a check of speed: `cargo test --release -p persist-tests
+/// --test checkpoint -- --ignored --nocapture throughput` prints how fast
+/// 200 MiB of dirty anonymous memory is checkpointed (the agent's summary
+/// line), and checks that all of it was stored and the process survived.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn throughput_of_200_mib() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &["200"]);
+    let image = fixture.path("image");
+    for _ in 0..3 {
+        let output = fixture.checkpoint(&image, true);
+        assert_success(&output);
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+    }
+    assert!(manifest(&image).page_store_bytes >= 200 << 20);
+    assert_eq!(fixture.check(), "OK");
+}
