@@ -108,6 +108,15 @@ pub struct ServiceStatus {
     /// Microseconds the last skeleton resume took (snapshot mode's critical path).
     #[serde(default)]
     pub last_resume_us: Option<u64>,
+    /// Page faults the pager served during the last wake (snapshot mode).
+    #[serde(default)]
+    pub last_faults: Option<u64>,
+    /// Pages copied in to serve those faults.
+    #[serde(default)]
+    pub last_fault_pages: Option<u64>,
+    /// Pages copied in the background, ahead of any fault, after the last wake.
+    #[serde(default)]
+    pub last_filled_pages: Option<u64>,
     /// Resident memory of the service's processes (of its prepared skeleton while parked).
     pub rss_bytes: u64,
     /// Why the service failed, when it did.

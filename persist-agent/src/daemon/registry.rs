@@ -373,6 +373,10 @@ impl Registry {
             .values()
             .map(|handle| {
                 let mut snapshot = handle.snapshot.lock().expect("lock").clone();
+                let pager = handle
+                    .worker_report
+                    .as_ref()
+                    .and_then(|report| report.lock().expect("lock").last_pager.clone());
                 // A parked snapshot service costs what its prepared skeleton holds.
                 if snapshot.pid.is_none()
                     && let Some(report) = &handle.worker_report
@@ -396,6 +400,9 @@ impl Registry {
                     last_wake_us: snapshot.last_wake_us,
                     last_event_us: snapshot.last_event_us,
                     last_resume_us: snapshot.last_resume_us,
+                    last_faults: pager.as_ref().map(|p| p.faults),
+                    last_fault_pages: pager.as_ref().map(|p| p.fault_pages),
+                    last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
                     rss_bytes: rss_of_sessions(&snapshot.sessions),
                     error: snapshot.error,
                 }
@@ -414,6 +421,9 @@ impl Registry {
                 last_wake_us: None,
                 last_event_us: None,
                 last_resume_us: None,
+                last_faults: None,
+                last_fault_pages: None,
+                last_filled_pages: None,
                 rss_bytes: 0,
                 error: Some(error.clone()),
             });
