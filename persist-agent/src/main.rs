@@ -30,7 +30,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent in the foreground until SIGTERM or SIGINT.
-    Daemon,
+    Daemon {
+        /// Serve Prometheus metrics on this address (e.g. `127.0.0.1:9187`).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// Register a service: the agent holds its port and starts it on the first SYN.
     Add(AddArgs),
     /// Unregister a service, stopping it if it runs.
@@ -168,8 +172,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         bail!("persist-agent must run as root (it loads BPF programs and traces processes)");
     }
     match cli.command {
-        Command::Daemon => {
-            daemon::run(&cli.state_dir)?;
+        Command::Daemon { metrics } => {
+            daemon::run(&cli.state_dir, metrics)?;
         }
         Command::Add(args) => {
             let spec = service_spec(args)?;

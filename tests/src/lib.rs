@@ -138,6 +138,11 @@ impl Sandbox {
 
     /// Starts the daemon in the namespace and waits for its control socket.
     pub fn start_daemon(&mut self) -> Result<()> {
+        self.start_daemon_with(&[])
+    }
+
+    /// Starts the daemon with extra `daemon` options.
+    pub fn start_daemon_with(&mut self, options: &[&str]) -> Result<()> {
         let socket = self.state_dir().join("agent.sock");
         let _ = std::fs::remove_file(&socket);
         let log = File::create(self.state_dir().join("daemon.log"))?;
@@ -147,6 +152,7 @@ impl Sandbox {
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("daemon")
+            .args(options)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

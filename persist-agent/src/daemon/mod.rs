@@ -9,6 +9,7 @@
 
 mod control_server;
 mod listener;
+mod metrics;
 mod reaper;
 mod registry;
 mod restore_worker;
@@ -31,8 +32,9 @@ pub use syn_watcher::{SynWatcher, SynWatcherError};
 /// The BPF maps, shared by the registry and the supervisors.
 pub type SharedWatcher = Arc<Mutex<SynWatcher>>;
 
-/// Runs the daemon in the foreground until SIGTERM or SIGINT.
-pub fn run(state_dir: &Path) -> Result<()> {
+/// Runs the daemon in the foreground until SIGTERM or SIGINT, serving
+/// Prometheus metrics on `metrics` if given.
+pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -55,10 +57,10 @@ pub fn run(state_dir: &Path) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(state_dir))
+    runtime.block_on(serve(state_dir, metrics))
 }
 
-async fn serve(state_dir: &Path) -> Result<()> {
+async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
     let (watcher, mut wake_events) = SynWatcher::attach()?;
     info!("sk_lookup program attached to this network namespace");
     let registry = Arc::new(Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?);
@@ -67,6 +69,15 @@ async fn serve(state_dir: &Path) -> Result<()> {
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
+    if let Some(addr) = metrics {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            if let Err(err) = metrics::serve(addr, registry).await {
+                warn!("metrics on {addr}: {err}");
+            }
+        });
+        info!("metrics on http://{addr}/metrics");
+    }
 
     let wake_registry = registry.clone();
     tokio::spawn(async move {

@@ -11,9 +11,10 @@ use tracing::{info, warn};
 
 use super::SharedWatcher;
 use super::listener;
+use super::metrics::Metrics;
 use super::restore_worker::RestoreWorker;
 use super::run_state::{self, RunStateDir};
-use super::supervisor::{Command, Handle, Starter, Supervisor};
+use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
 use crate::control::ServiceStatus;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
@@ -73,6 +74,7 @@ pub struct Registry {
     store: ServiceStore,
     run_state: Arc<RunStateDir>,
     watcher: SharedWatcher,
+    metrics: Arc<Metrics>,
     services: Mutex<BTreeMap<String, Handle>>,
     broken: Mutex<BTreeMap<String, String>>,
 }
@@ -85,6 +87,7 @@ impl Registry {
             store: ServiceStore::open(state_dir)?,
             run_state: Arc::new(RunStateDir::open(state_dir)?),
             watcher,
+            metrics: Arc::new(Metrics::default()),
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
         })
@@ -204,10 +207,13 @@ impl Registry {
             runtime_dir: self.state_dir.join("run"),
         };
         let name = spec.name.clone();
+        let started = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || snapshot::build(&request))
             .await
             .map_err(|err| RegistryError::Refused(format!("build task: {err}")))?
             .map_err(|source| RegistryError::Build { name, source })?;
+        self.metrics
+            .observe_checkpoint(&spec.name, started.elapsed());
         info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
         Ok(built.listener)
     }
@@ -271,6 +277,7 @@ impl Registry {
                     spec.port,
                     listener.try_clone()?,
                     adopted.is_some(),
+                    self.metrics.clone(),
                 )?;
                 Starter::Restore {
                     worker,
@@ -288,8 +295,11 @@ impl Registry {
             spec.clone(),
             slot,
             listener,
-            self.watcher.clone(),
-            self.run_state.clone(),
+            Shared {
+                watcher: self.watcher.clone(),
+                run_state: self.run_state.clone(),
+                metrics: self.metrics.clone(),
+            },
             adopted,
             starter,
         );
@@ -348,6 +358,11 @@ impl Registry {
                 "{name}: its supervisor has stopped"
             ))),
         }
+    }
+
+    /// The exported metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Routes a BPF wake event to its service.

@@ -15,6 +15,7 @@ use persist_common::image::Image;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use super::metrics::Metrics;
 use crate::files::InheritedFds;
 use crate::restore::{PagerStats, RestoreConfig, Skeleton, Timings};
 use crate::snapshot::listener_fd_in_image;
@@ -69,6 +70,7 @@ impl RestoreWorker {
         port: u16,
         listener: OwnedFd,
         already_running: bool,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
@@ -84,6 +86,7 @@ impl RestoreWorker {
                     image: None,
                     skeleton: None,
                     report: thread_report,
+                    metrics,
                 };
                 worker.run(receiver);
             })?;
@@ -123,6 +126,7 @@ struct Worker {
     image: Option<PathBuf>,
     skeleton: Option<Skeleton>,
     report: Arc<Mutex<WorkerReport>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -220,6 +224,7 @@ impl Worker {
         match restored.pager.run_until_filled() {
             Ok(stats) => {
                 info!(service = %self.name, pid, faults = stats.faults, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
+                self.metrics.observe_pager(&self.name, &stats);
                 self.report.lock().expect("report lock").last_pager = Some(stats);
             }
             Err(err) => warn!(service = %self.name, pid, "pager: {err}"),

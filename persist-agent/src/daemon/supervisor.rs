@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::SharedWatcher;
 use super::listener;
+use super::metrics::Metrics;
 use super::restore_worker::{RestoreWorker, WorkerReport};
 use super::run_state::{Adopted, RunRecord, RunStateDir, start_time};
 use crate::checkpoint::{CheckpointOptions, checkpoint};
@@ -180,10 +181,22 @@ pub struct Supervisor {
     listener: OwnedFd,
     watcher: SharedWatcher,
     run_state: Arc<RunStateDir>,
+    metrics: Arc<Metrics>,
     snapshot: Arc<Mutex<Snapshot>>,
     child: Option<Child>,
     running_since: Instant,
     starter: Starter,
+}
+
+/// What every supervisor shares with the daemon.
+#[derive(Clone)]
+pub struct Shared {
+    /// The BPF maps.
+    pub watcher: SharedWatcher,
+    /// Where running processes are recorded.
+    pub run_state: Arc<RunStateDir>,
+    /// The exported metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Supervisor {
@@ -193,8 +206,7 @@ impl Supervisor {
         spec: ServiceSpec,
         slot: u32,
         listener: OwnedFd,
-        watcher: SharedWatcher,
-        run_state: Arc<RunStateDir>,
+        shared: Shared,
         adopted: Option<Adopted>,
         starter: Starter,
     ) -> Handle {
@@ -213,8 +225,9 @@ impl Supervisor {
             spec: spec.clone(),
             slot,
             listener,
-            watcher,
-            run_state,
+            watcher: shared.watcher,
+            run_state: shared.run_state,
+            metrics: shared.metrics,
             snapshot: snapshot.clone(),
             child: None,
             running_since: Instant::now(),
@@ -375,7 +388,10 @@ impl Supervisor {
                 leave_running: false,
                 exclude_fds: restorer_userfaultfds(child.pid),
             };
+            let started = Instant::now();
             let result = tokio::task::spawn_blocking(move || checkpoint(&options)).await;
+            self.metrics
+                .observe_checkpoint(&self.spec.name, started.elapsed());
             match result {
                 Ok(Ok(summary)) => {
                     info!(service = %self.spec.name, pages = summary.pages, "state kept for the next wake");
@@ -535,6 +551,8 @@ impl Supervisor {
 
     fn record_wake(&mut self, pid: i32, latency_us: Option<u64>) {
         self.running_since = Instant::now();
+        self.metrics
+            .observe_wake(&self.spec.name, latency_us.map(Duration::from_micros));
         self.set_bpf_state(BpfState::Running);
         let mut snapshot = self.snapshot.lock().expect("snapshot lock");
         snapshot.state = State::Running;
