@@ -198,13 +198,20 @@ fn is_terminal(path: &str) -> bool {
     path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console"
 }
 
-/// Devices are reopened by path; a terminal that is gone becomes /dev/null.
+/// Devices are reopened by path; a terminal that cannot be reopened becomes
+/// /dev/null.
 fn device(info: &FdInfo, path: &str) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
     match open_with(Path::new(path), info.flags) {
         Ok(file) => Ok(file.into()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && is_terminal(path) => {
-            tracing::warn!(fd, path, "terminal is gone; using /dev/null instead");
+        // Gone (a closed pty), or not openable from here (/dev/tty without a
+        // controlling terminal): output to it is lost either way.
+        Err(e) if is_terminal(path) => {
+            tracing::warn!(
+                fd,
+                path,
+                "terminal cannot be reopened ({e}); using /dev/null instead"
+            );
             Ok(open_with(Path::new("/dev/null"), info.flags)
                 .map_err(FilesError::io(
                     fd,

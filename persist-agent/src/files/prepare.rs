@@ -67,8 +67,8 @@ impl InheritedFds {
 /// bound and connected again; UNIX listeners
 /// are bound again after removing a stale socket file; socket pairs are
 /// re-created with their queued data; epoll instances are created empty and
-/// filled in the child. A terminal that no longer exists is replaced by
-/// /dev/null.
+/// filled in the child. A terminal that no longer exists (or cannot be
+/// opened from the agent, like `/dev/tty`) is replaced by /dev/null.
 ///
 /// `inherited` descriptors are used as they are for their numbers; a TCP
 /// listener must be bound to the saved address. Errors name the descriptor

@@ -48,7 +48,8 @@ impl Listed {
 ///   `/dev/urandom`, and terminals (`/dev/pts/N`, `/dev/ttyN`, `/dev/tty`,
 ///   `/dev/console`): a terminal is saved by path and reopened on restore if
 ///   it still exists, else replaced by `/dev/null` (servers started from a
-///   shell keep one on 0, 1 and 2);
+///   shell keep one on 0, 1 and 2; note that a pty number may have been
+///   reused by another session in between);
 /// - pipes and FIFOs with their unread data, both ends or one end present;
 /// - eventfd, timerfd (settings, remaining time, unread ticks), signalfd,
 ///   epoll (every watch with its events and data);
