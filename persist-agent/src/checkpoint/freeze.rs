@@ -160,7 +160,12 @@ impl Frozen {
     }
 
     /// Kills the process with SIGKILL and waits until it has exited.
+    ///
+    /// The exit of every traced thread is collected, so that the process is
+    /// released to its parent at once, except the leader's when we are that
+    /// parent: then its exit status is left for the code that started it.
     pub fn kill(mut self, pidfd: &PidFd) -> Result<(), CheckpointError> {
+        let our_child = parent_of(self.pid) == Some(std::process::id() as i32);
         let tids = std::mem::take(&mut self.tids);
         pidfd
             .send_signal(nix::sys::signal::Signal::SIGKILL)
@@ -168,10 +173,12 @@ impl Frozen {
                 pid: self.pid,
                 source,
             })?;
-        // Collect the exit of every traced thread, the leader last (the
-        // kernel reports it only once the others are gone), so that nothing
-        // waits on us to be released.
+        // The leader last: the kernel reports it only once the others are gone.
         for &tid in tids.iter().rev() {
+            if tid == self.pid && our_child {
+                let _ = ptrace::wait_exit_keep(tid);
+                continue;
+            }
             loop {
                 match ptrace::wait(tid) {
                     Ok(Stop::Exited(_) | Stop::Killed(_)) | Err(_) => break,
@@ -223,6 +230,13 @@ pub fn list_threads(pid: i32) -> Result<Vec<i32>, CheckpointError> {
     }
     tids.sort_unstable();
     Ok(tids)
+}
+
+/// The parent of process `pid`, from /proc/PID/stat.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The state letter of a thread (`R`, `S`, `t`, ...), or `None` if it is gone.

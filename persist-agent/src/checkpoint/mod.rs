@@ -533,6 +533,30 @@ mod tests {
     }
 
     #[test]
+    fn killing_our_own_child_leaves_its_exit_status_to_us() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        // Let it exec.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let summary = checkpoint(&CheckpointOptions {
+            image: dir.path().join("image"),
+            leave_running: false,
+            ..options(child.id() as i32)
+        });
+        if summary.is_err() {
+            let _ = child.kill();
+        }
+        let summary = summary.unwrap();
+        assert!(!summary.left_running);
+        let status = child.wait().expect("the child is still ours to reap");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
     fn refuses_nonpositive_pids() {
         for pid in [0, -1] {
             let err = checkpoint(&options(pid)).unwrap_err();

@@ -115,6 +115,32 @@ pub fn wait(tid: i32) -> io::Result<Stop> {
     }
 }
 
+/// Waits until traced thread `tid` has exited without reaping it
+/// (`waitid(WEXITED | WNOWAIT)`): for a process that is also our child,
+/// collecting its exit status is left to whoever started it.
+pub fn wait_exit_keep(tid: i32) -> io::Result<()> {
+    loop {
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes one siginfo_t to a valid pointer.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                tid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Like [`wait`], but gives up with `None` after `timeout` (a thread in
 /// uninterruptible sleep stops only when it leaves it).
 pub fn wait_timeout(tid: i32, timeout: std::time::Duration) -> io::Result<Option<Stop>> {
