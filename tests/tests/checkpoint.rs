@@ -227,6 +227,33 @@ fn memory_fixture_checkpoint_leaves_it_running() {
     let original = fs::read(fixture.path("data.bin")).unwrap();
     assert_ne!(&bytes[..4096], &original[4096..8192]);
 
+    // Every stored page of the fixture's own mappings (which it no longer
+    // writes) is byte for byte what the process holds, PROT_NONE included.
+    let mem = fs::File::open(format!("/proc/{}/mem", fixture.pid())).expect("open mem");
+    let fixture_mappings = opened.manifest().mappings.iter().filter(|m| {
+        m.start == file_mapping.start
+            || (m.kind == MappingKind::Anonymous && m.len() == 1024 * 4096)
+            || (!m.protection.read && m.len() == 4 * 4096)
+    });
+    let mut compared = 0;
+    for mapping in fixture_mappings {
+        for run in &mapping.pages {
+            let stored = opened.pages().run(run).expect("run checksum");
+            let mut live = vec![0u8; stored.len()];
+            use std::os::unix::fs::FileExt;
+            mem.read_exact_at(&mut live, mapping.start + run.first_page * 4096)
+                .expect("read live memory");
+            assert!(
+                stored == live.as_slice(),
+                "mapping {:#x}: page {} differs",
+                mapping.start,
+                run.first_page
+            );
+            compared += run.count;
+        }
+    }
+    assert_eq!(compared, 4 + 512 + 4);
+
     let text = inspect(&image);
     assert!(
         text.contains(&format!("process {} (fixture-memory)", fixture.pid())),

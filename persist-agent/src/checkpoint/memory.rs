@@ -469,23 +469,36 @@ fn read_batch(
         *buffer = vec![0u8; batch.bytes];
     }
     let buffer = &mut buffer[..batch.bytes];
-    let read = procmem::read_vectored(pid, buffer, &batch.ranges).unwrap_or(0);
+    // `first`: the first range not read yet, which starts at `offset`.
+    let mut first = 0;
     let mut offset = 0;
-    for range in &batch.ranges {
-        let end = offset + range.len;
-        if end > read {
-            let done = read.saturating_sub(offset);
-            let addr = range.addr + done as u64;
-            mem.read_exact_at(addr, &mut buffer[offset + done..end])
+    while first < batch.ranges.len() {
+        let ranges = &batch.ranges[first..];
+        // The kernel stops at the first range it cannot read (PROT_NONE).
+        let mut read = procmem::read_vectored(pid, &mut buffer[offset..], ranges).unwrap_or(0);
+        for range in ranges {
+            if read >= range.len {
+                read -= range.len;
+                offset += range.len;
+                first += 1;
+                continue;
+            }
+            // This range is (partly) unreadable that way: /proc/PID/mem
+            // ignores protection. Then go on with the next ones.
+            let addr = range.addr + read as u64;
+            let end = offset + range.len;
+            mem.read_exact_at(addr, &mut buffer[offset + read..end])
                 .map_err(|source| CheckpointError::Memory {
                     pid,
                     addr,
-                    len: range.len - done,
+                    len: range.len - read,
                     what: "/proc/PID/mem",
                     source,
                 })?;
+            offset = end;
+            first += 1;
+            break;
         }
-        offset = end;
     }
     Ok(())
 }
