@@ -979,3 +979,53 @@ fn unix_listener_on_a_relative_path_is_saved_absolute() {
     };
     assert_eq!(Path::new(path), dir.path().join("rel.sock"));
 }
+
+/// A FIFO read end whose writer was another process: reopened by path,
+/// refilled, then end-of-file.
+#[test]
+fn fifo_read_end_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, select, subprocess, sys, time\n\
+        fifo = sys.argv[1] + '/fifo'; os.mkfifo(fifo)\n\
+        r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)\n\
+        p = subprocess.Popen(['sh', '-c', 'printf fifo-lonely > \"$0\"; exec sleep 60', fifo])\n\
+        open(sys.argv[1] + '/helper', 'w').write(str(p.pid))\n\
+        select.select([r], [], [], 5)\n\
+        os.dup2(r, 46); os.close(r)\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let mut python = start_python(dir.path(), script);
+    let helper: i32 = fs::read_to_string(dir.path().join("helper"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let fds = save(python.pid());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    python.kill();
+    let fds = fds.expect("save_fds");
+    let fifo = dir.path().join("fifo").to_string_lossy().into_owned();
+    assert!(
+        matches!(
+            &by_fd(&fds, 46).kind,
+            FdKind::Pipe { write_end: false, fifo_path: Some(path), data, .. } if *path == fifo && data == b"fifo-lonely"
+        ),
+        "{:?}",
+        by_fd(&fds, 46)
+    );
+
+    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let check = "import os, sys\n\
+        os.set_blocking(46, True)\n\
+        ok = os.read(46, 100) == b'fifo-lonely' and os.read(46, 100) == b''\n\
+        open(sys.argv[1] + '/result', 'w').write('OK' if ok else 'FAIL')\n";
+    let status = install_and_exec(
+        prepared,
+        "/usr/bin/python3",
+        &["-c", check, dir.path().to_str().unwrap()],
+    );
+    assert_eq!(status, 0);
+    assert_eq!(result(dir.path()), "OK");
+}
