@@ -722,3 +722,23 @@ fn throughput_of_200_mib() {
     assert!(manifest(&image).page_store_bytes >= 200 << 20);
     assert_eq!(fixture.check(), "OK");
 }
+
+#[test]
+fn memory_registered_with_userfaultfd_is_refused() {
+    // Pages of a range registered in missing mode are not in memory until
+    // served: an image of what is present would lose them silently.
+    let fixture = python_fixture(
+        "import mmap\n\
+         libc.syscall.restype = ctypes.c_long\n\
+         uffd = libc.syscall(323, os.O_CLOEXEC | 1)\n\
+         assert uffd >= 0, ctypes.get_errno()\n\
+         api = (ctypes.c_uint64 * 3)(0xAA, 0, 0)\n\
+         assert libc.ioctl(uffd, ctypes.c_ulong(0xc018aa3f), api) == 0\n\
+         region = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n\
+         address = ctypes.addressof(ctypes.c_char.from_buffer(region))\n\
+         register = (ctypes.c_uint64 * 4)(address, 16 * 4096, 1, 0)\n\
+         assert libc.ioctl(uffd, ctypes.c_ulong(0xc020aa00), register) == 0, ctypes.get_errno()",
+    );
+    let stderr = refused(&fixture);
+    assert!(stderr.contains("registered with a userfaultfd"), "{stderr}");
+}

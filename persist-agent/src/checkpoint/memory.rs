@@ -141,7 +141,43 @@ pub fn read_mappings(pid: i32) -> Result<Vec<Mapping>, CheckpointError> {
             pages: Vec::new(),
         });
     }
+    refuse_userfaultfd_ranges(pid)?;
     Ok(mappings)
+}
+
+/// Refuses a process with memory still registered with a userfaultfd in
+/// missing or minor mode (VmFlags `um`, `ui` in /proc/PID/smaps): pages not
+/// yet served are not in memory, so an image of what is would silently lose
+/// them (a restored process whose pager has not finished filling it).
+fn refuse_userfaultfd_ranges(pid: i32) -> Result<(), CheckpointError> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).map_err(|source| CheckpointError::Proc {
+        pid,
+        path: path.clone(),
+        source,
+    })?;
+    let mut range = None;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let registered = flags.split_whitespace().any(|f| f == "um" || f == "ui");
+            if let (true, Some((start, end))) = (registered, range) {
+                return Err(CheckpointError::UserfaultfdPending { pid, start, end });
+            }
+        } else if let Some(parsed) = parse_range(line) {
+            range = Some(parsed);
+        }
+    }
+    Ok(())
+}
+
+/// The `start-end` range at the head of a smaps mapping line.
+fn parse_range(line: &str) -> Option<(u64, u64)> {
+    let head = line.split_whitespace().next()?;
+    let (start, end) = head.split_once('-')?;
+    Some((
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    ))
 }
 
 fn policy(mapping: &Mapping) -> StorePolicy {

@@ -160,6 +160,20 @@ pub enum CheckpointError {
         /// Its children.
         children: Vec<i32>,
     },
+    /// Memory still registered with a userfaultfd (a restored process whose
+    /// pager has not finished): its unserved pages are not in memory.
+    #[error(
+        "pid {pid}: mapping {start:#x}-{end:#x} is still registered with a userfaultfd: pages \
+         not yet served are not in memory; checkpoint once the restore has filled it"
+    )]
+    UserfaultfdPending {
+        /// The process.
+        pid: i32,
+        /// Start of the mapping.
+        start: u64,
+        /// End of the mapping.
+        end: u64,
+    },
     /// A mapping of a kind that cannot be restored.
     #[error("pid {pid}: mapping {start:#x}-{end:#x}: {what} is not supported")]
     UnsupportedMapping {
