@@ -56,8 +56,11 @@ impl Frozen {
                         frozen.tids.push(tid);
                         seized.push(tid);
                     }
-                    // The thread exited between the scan and the seize.
-                    Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {}
+                    // The thread exited between the scan and the seize
+                    // (ESRCH), or is exiting (EPERM on a dead thread).
+                    Err(err)
+                        if err.raw_os_error() == Some(libc::ESRCH)
+                            || matches!(thread_state(pid, tid), None | Some('Z' | 'X')) => {}
                     Err(source) => return Err(frozen.ptrace_error(tid, "PTRACE_SEIZE", source)),
                 }
             }
