@@ -39,8 +39,11 @@ pub fn save_process(
 
     let mut injector = Injector::new(pid, pid, mem, syscall_at)?;
     let scratch = injector.scratch();
+    // Only signals ignored or caught have a disposition other than the
+    // default worth asking about.
+    let non_default = status.hex("SigIgn")? | status.hex("SigCgt")?;
     let mut sigactions = Vec::new();
-    for signal in 1..=MAX_SIGNAL {
+    for signal in (1..=MAX_SIGNAL).filter(|s| non_default & (1 << (s - 1)) != 0) {
         injector.checked_syscall(
             "rt_sigaction",
             libc::SYS_rt_sigaction,
