@@ -2,12 +2,15 @@
 //!
 //! 1. Refuse what cannot be saved (see [`CheckpointError`]) before touching
 //!    the process.
-//! 2. Freeze it: every thread seized and stopped under ptrace ([`freeze`]).
-//! 3. Save its memory mappings and pages ([`memory`]), every thread
-//!    ([`threads`]), the process-wide state ([`process`]) and its file
-//!    descriptors ([`crate::files`]), into an [`ImageWriter`].
+//! 2. Freeze it: every thread seized and stopped under ptrace (`freeze`).
+//! 3. Save its memory mappings and pages (`memory`), every thread
+//!    (`threads`; registers are saved ready to resume, see there), the
+//!    process-wide state (`process`, with system calls injected into the
+//!    stopped leader by `inject`) and its file descriptors
+//!    ([`crate::files`]), into an [`ImageWriter`].
 //! 4. Finish the image (atomic, root-only), then kill the process and wait
-//!    until it is gone, or with `leave_running` detach and let it go on.
+//!    until it is gone; or with `leave_running` detach first (the image is
+//!    synced while the process goes on) and check that it runs again.
 //!
 //! Any error before the last step detaches every thread and leaves the
 //! process running as it was; no image appears at the destination.
