@@ -119,6 +119,10 @@ pub struct ServiceStatus {
     pub last_filled_pages: Option<u64>,
     /// Resident memory of the service's processes (of its prepared skeleton while parked).
     pub rss_bytes: u64,
+    /// What a parked service costs: the private (anonymous and shmem) memory
+    /// of its prepared skeleton. 0 while running.
+    #[serde(default)]
+    pub parked_bytes: u64,
     /// Why the service failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -179,7 +183,9 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
         "{:<16} {:<21} {:<6} {:<9} {:>8} {:>8} {:>6} {:>12} {:>10}\n",
         "NAME", "LISTEN", "MODE", "STATE", "PID", "SYNS", "WAKES", "LAST WAKE", "RSS"
     );
+    let mut parked_note = false;
     for service in services {
+        parked_note |= service.state != "running" && service.parked_bytes != 0;
         let pid = service.pid.map_or("-".to_owned(), |pid| pid.to_string());
         let wake = service
             .last_wake_us
@@ -194,11 +200,18 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
             service.syns,
             service.wakes,
             wake,
-            format!("{} KiB", service.rss_bytes / 1024),
+            if service.state == "running" || service.parked_bytes == 0 {
+                format!("{} KiB", service.rss_bytes / 1024)
+            } else {
+                format!("{} KiB*", service.parked_bytes / 1024)
+            },
         ));
         if let Some(error) = &service.error {
             out.push_str(&format!("  {}: {error}\n", service.name));
         }
+    }
+    if parked_note {
+        out.push_str("* parked cost: private memory of the prepared skeleton\n");
     }
     out
 }

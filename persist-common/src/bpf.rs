@@ -118,11 +118,11 @@ mod tests {
 
 #[cfg(feature = "aya")]
 mod pod {
-    // SAFETY (all three): plain `#[repr(C)]` integers with no padding bytes
-    // and no invalid bit patterns, so any byte string of their size is a value.
+    // SAFETY: plain `#[repr(C)]` integers with no padding and no invalid bit
+    // patterns, so any byte string of its size is a value.
     unsafe impl aya::Pod for super::PortEntry {}
-    // SAFETY: as above.
+    // SAFETY: as for `PortEntry`.
     unsafe impl aya::Pod for super::ServiceStats {}
-    // SAFETY: as above.
+    // SAFETY: as for `PortEntry` (the padding is an explicit field).
     unsafe impl aya::Pod for super::WakeEvent {}
 }

@@ -1,81 +1,110 @@
-//! `cargo xtask demo`: a bundled server parked behind its port, woken by a
-//! connection, parked again when idle, in a network namespace of its own.
+//! `cargo xtask demo`: an unmodified `python3 -m http.server` is started once,
+//! snapshotted when ready and parked on disk; connections wake it by restoring
+//! the snapshot; it is parked again when idle. All in a network namespace of
+//! its own, with a throwaway state directory.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use persist_tests::{Sandbox, binary, wait_until};
+use persist_tests::{Sandbox, wait_until};
 
 use crate::deps;
 
-const PORT: u16 = 8080;
+const PORT: u16 = 8000;
 
 /// Runs the demo.
 pub fn run() -> Result<()> {
     deps::require_root()?;
     deps::ensure(deps::DEMO)?;
-    deps::build_binaries("debug")?;
+    deps::build_binaries("release")?;
 
     let sandbox = Sandbox::with_daemon()?;
+    let site = tempfile::tempdir()?;
+    std::fs::write(
+        site.path().join("hello.txt"),
+        "hello from a parked server\n",
+    )?;
+    let site_dir = site.path().display().to_string();
+    let port = PORT.to_string();
+
     println!(
         "== persist demo, in network namespace {}",
         sandbox.netns.name()
     );
-    let server = binary("hello-server").display().to_string();
-    println!("$ persist-agent add hello --port {PORT} --exec --idle-timeout 1s -- hello-server");
     println!(
-        "{}",
-        sandbox
-            .agent_ok(&[
-                "add",
-                "hello",
-                "--port",
-                &PORT.to_string(),
-                "--exec",
-                "--idle-timeout",
-                "1s",
-                "--",
-                &server,
-            ])?
-            .trim()
+        "$ persist-agent add web --port {PORT} --ready http:/ --idle-timeout 2s -- python3 -m http.server {PORT} --bind 127.0.0.1 --directory {site_dir}"
     );
-    print_status(&sandbox)?;
-
-    println!("\n-- first connection: the service is parked, no process runs");
-    let (body, ttfb) = timed_get(&sandbox)?;
-    let status = sandbox.service("hello")?;
-    println!("answer: {}", body.trim());
+    let started = Instant::now();
+    let added = sandbox.agent_ok(&[
+        "add",
+        "web",
+        "--port",
+        &port,
+        "--ready",
+        "http:/",
+        "--idle-timeout",
+        "2s",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &site_dir,
+    ])?;
+    println!("{}", added.trim());
     println!(
-        "time to first byte: {:.3} ms   (SYN -> wake event in the agent: {} µs, SYN -> service running: {} µs)",
+        "(started python once, waited until it answered, snapshotted it and stopped it: {:.0} ms)",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    wait_until(Duration::from_secs(10), || {
+        sandbox
+            .service("web")
+            .is_ok_and(|s| s["parked_bytes"].as_u64() > Some(0))
+    })
+    .context("the parked skeleton did not appear")?;
+    print_status(&sandbox)?;
+    println!(
+        "No python process runs: the port is held by the agent, the process is an image on disk"
+    );
+    println!("plus a stopped skeleton with nothing resident (the RSS column is its whole cost).");
+
+    println!(
+        "\n-- first connection: restores the snapshot on the SYN and serves this very connection"
+    );
+    let (body, ttfb) = timed_get(&sandbox, "/hello.txt")?;
+    let status = sandbox.service("web")?;
+    println!("GET /hello.txt -> {}", body.trim());
+    println!(
+        "time to first byte {:.3} ms; SYN -> agent {} µs, skeleton resume {} µs, SYN -> running {} µs",
         ttfb.as_secs_f64() * 1e3,
         status["last_event_us"],
+        status["last_resume_us"],
         status["last_wake_us"]
     );
 
-    println!("\n-- second connection: the service is running now");
-    let (body, ttfb) = timed_get(&sandbox)?;
-    println!(
-        "answer: {}   time to first byte: {:.3} ms",
-        body.trim(),
-        ttfb.as_secs_f64() * 1e3
-    );
+    println!("\n-- second connection: python is running now");
+    let (_, ttfb) = timed_get(&sandbox, "/hello.txt")?;
+    println!("time to first byte {:.3} ms", ttfb.as_secs_f64() * 1e3);
     print_status(&sandbox)?;
 
-    println!("\n-- no connection for 1 s: the agent parks it again, keeping the port");
-    wait_until(Duration::from_secs(10), || {
+    println!("\n-- no connection for 2 s: parked again, the port stays open");
+    wait_until(Duration::from_secs(15), || {
         sandbox
-            .service("hello")
-            .is_ok_and(|s| s["state"] == "parked")
+            .service("web")
+            .is_ok_and(|s| s["state"] == "parked" && s["parked_bytes"].as_u64() > Some(0))
     })
     .context("the service did not park")?;
     print_status(&sandbox)?;
 
-    println!("\n-- a new connection wakes it again");
-    let (body, ttfb) = timed_get(&sandbox)?;
+    println!("\n-- a new connection wakes it again from the image");
+    let (body, ttfb) = timed_get(&sandbox, "/hello.txt")?;
     println!(
-        "answer: {}   time to first byte: {:.3} ms",
+        "GET /hello.txt -> {}   time to first byte {:.3} ms",
         body.trim(),
         ttfb.as_secs_f64() * 1e3
     );
@@ -89,12 +118,13 @@ fn print_status(sandbox: &Sandbox) -> Result<()> {
     Ok(())
 }
 
-/// One GET from inside the namespace: the body and the time to its first byte.
-pub fn timed_get(sandbox: &Sandbox) -> Result<(String, Duration)> {
+/// One GET of `path` from inside the namespace: the body and the time to its
+/// first byte.
+fn timed_get(sandbox: &Sandbox, path: &str) -> Result<(String, Duration)> {
     sandbox.netns.enter(|| -> Result<(String, Duration)> {
         let started = Instant::now();
         let mut stream = TcpStream::connect(("127.0.0.1", PORT))?;
-        stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
         let mut first = [0u8; 1];
         stream.read_exact(&mut first)?;
         let ttfb = started.elapsed();

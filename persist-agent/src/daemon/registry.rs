@@ -391,13 +391,15 @@ impl Registry {
                 let pager = handle
                     .worker_report
                     .as_ref()
-                    .and_then(|report| report.lock().expect("lock").last_pager.clone());
-                // A parked snapshot service costs what its prepared skeleton holds.
+                    .and_then(|report| report.lock().expect("lock").last_pager);
+                // A parked snapshot service costs the private memory of its
+                // prepared skeleton.
+                let mut parked_bytes = 0;
                 if snapshot.pid.is_none()
                     && let Some(report) = &handle.worker_report
                 {
                     let report = report.lock().expect("lock");
-                    snapshot.sessions = report.skeleton_pid.into_iter().collect();
+                    parked_bytes = report.skeleton_pid.map_or(0, private_bytes);
                     if snapshot.error.is_none() {
                         snapshot.error = report.error.clone();
                     }
@@ -419,6 +421,7 @@ impl Registry {
                     last_fault_pages: pager.as_ref().map(|p| p.fault_pages),
                     last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
                     rss_bytes: rss_of_sessions(&snapshot.sessions),
+                    parked_bytes,
                     error: snapshot.error,
                 }
             })
@@ -440,6 +443,7 @@ impl Registry {
                 last_fault_pages: None,
                 last_filled_pages: None,
                 rss_bytes: 0,
+                parked_bytes: 0,
                 error: Some(error.clone()),
             });
         }
@@ -462,6 +466,16 @@ fn rss_of_sessions(sessions: &[i32]) -> u64 {
         .filter(|stat| sessions.contains(&stat.session) || sessions.contains(&stat.pid))
         .map(|stat| stat.rss * page)
         .sum()
+}
+
+/// Memory that `pid` alone holds: anonymous and shmem pages, not the page
+/// cache its file mappings share with every other user of those files.
+fn private_bytes(pid: i32) -> u64 {
+    procfs::process::Process::new(pid)
+        .and_then(|process| process.status())
+        .map_or(0, |status| {
+            (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024
+        })
 }
 
 /// Stops a process a previous daemon started, by pid, SIGTERM then SIGKILL.

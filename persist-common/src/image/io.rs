@@ -70,7 +70,7 @@ impl ImageWriter {
         first_page: u64,
         data: &[u8],
     ) -> Result<Vec<PageRun>, ImageError> {
-        if data.len() as u64 % PAGE_SIZE != 0 {
+        if !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
             return Err(ImageError::Inconsistent {
                 path: self.pages_path.clone(),
                 reason: format!("{} bytes is not a whole number of pages", data.len()),
