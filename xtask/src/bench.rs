@@ -4,11 +4,14 @@
 
 use std::time::Duration;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
 use anyhow::{Context, Result};
 use persist_tests::{Sandbox, binary};
 use serde::Serialize;
 
-use crate::demo::timed_get;
 use crate::deps;
 
 /// Latency samples of one measured quantity, in microseconds.
@@ -98,4 +101,19 @@ pub fn run(quick: bool) -> Result<()> {
     std::fs::write(&out, serde_json::to_vec_pretty(&series)?)?;
     eprintln!("bench: raw samples in {}", out.display());
     Ok(())
+}
+
+/// One `GET /` to port 8080 from inside the namespace: the time to the first byte.
+fn timed_get(sandbox: &Sandbox) -> Result<((), Duration)> {
+    sandbox.netns.enter(|| -> Result<((), Duration)> {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(("127.0.0.1", 8080))?;
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first)?;
+        let ttfb = started.elapsed();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest)?;
+        Ok(((), ttfb))
+    })?
 }
