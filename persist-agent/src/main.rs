@@ -269,7 +269,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         .image
         .map(|image| std::path::absolute(&image).with_context(|| format!("{}", image.display())))
         .transpose()?;
-    let snapshot = (mode == ServiceMode::Snapshot).then(|| SnapshotSpec {
+    let snapshot = (mode == ServiceMode::Snapshot).then_some(SnapshotSpec {
         user: args.ready.user,
         ready: args.ready.ready,
         ready_timeout: args.ready.ready_timeout,
