@@ -45,7 +45,10 @@ fn add_http_server(
 /// has the restored process's pid but is stopped before its first instruction).
 fn runs_no_code(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
-        let state = stat.rsplit(") ").next().and_then(|rest| rest.chars().next());
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
         matches!(state, Some('Z' | 't' | 'T'))
     })
 }
@@ -317,5 +320,49 @@ fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
     assert!(
         err.contains("refusing an image that others can write"),
         "{err}"
+    );
+}
+
+#[test]
+fn after_a_reboot_services_are_parked_from_their_images_without_running_the_command() {
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    let starts = root.path().join("starts.log");
+    let command = format!(
+        "echo started >> {}; exec python3 -m http.server 8108 --bind 127.0.0.1 --directory {}",
+        starts.display(),
+        root.path().display()
+    );
+    sandbox
+        .agent_ok(&[
+            "add", "web", "--port", "8108", "--ready", "http:/", "--", "bash", "-c", &command,
+        ])
+        .unwrap();
+    assert!(
+        sandbox
+            .http_get(8108)
+            .unwrap()
+            .contains("persist-was-here.txt")
+    );
+    let pid = sandbox.service("web").unwrap()["pid"].as_i64().unwrap();
+
+    // The reboot: the daemon and every process of the service die.
+    sandbox.kill_daemon();
+    persist_tests::kill_session(pid as i32);
+    wait_until(Duration::from_secs(10), || runs_no_code(pid)).unwrap();
+
+    sandbox.start_daemon().unwrap();
+    let parked = sandbox.service("web").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    let listing = sandbox.http_get(8108).unwrap();
+    assert!(
+        listing.contains("persist-was-here.txt"),
+        "served from the image: {listing}"
+    );
+    let started = std::fs::read_to_string(&starts).unwrap();
+    assert_eq!(
+        started.lines().count(),
+        1,
+        "the command ran only when the service was added"
     );
 }
