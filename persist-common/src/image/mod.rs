@@ -24,14 +24,22 @@
 //! Both files are written to temporary names, fsynced, and renamed into
 //! place, the manifest last: an image without a valid manifest is not an
 //! image. Everything in an image is checked before use; see [`ImageError`].
+//!
+//! An image may also hold `working-set`: the pages its first wake touched,
+//! in touch order, for later wakes to copy in bulk. Its layout is
+//! specified in `working_set.rs`; it is optional and never needed to restore.
 
 mod error;
 mod io;
 mod manifest;
+mod working_set;
 
 pub use error::ImageError;
 pub use io::{Image, ImageWriter, PageStore};
 pub use manifest::*;
+pub use working_set::{
+    WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
+};
 
 /// Version of the format written by this build. Readers refuse any other.
 pub const FORMAT_VERSION: u32 = 1;
