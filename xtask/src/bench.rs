@@ -1,119 +1,191 @@
-//! `cargo xtask bench`: wake latencies and time to first byte, in one run, on
-//! this machine. Timings on a 2-core VM are noisy: read the ratios between
-//! rows measured together, not the absolute numbers.
+//! `cargo xtask bench`: how long the first request to a server takes when the
+//! server is running, parked by persist, started on demand, or frozen, for
+//! several real servers, in one run, on this machine, in a network namespace
+//! of its own.
+//!
+//! Every number is the time from the start of the client's connect() to the
+//! first byte of the answer (for the fresh starts the bench does itself: from
+//! the server's start). Timings on a small VM are noisy: compare the ratios
+//! between rows of one run, not absolute numbers across runs.
 
-use std::time::Duration;
+mod client;
+mod modes;
+mod plot;
+mod procs;
+mod report;
+mod servers;
+mod stats;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use persist_tests::{Sandbox, binary};
 use serde::Serialize;
 
 use crate::deps;
+use modes::{Bench, ServerResult};
+use servers::Server;
+use stats::format_us;
 
-/// Latency samples of one measured quantity, in microseconds.
+/// Timed runs per mode by default: the full bench stays under five minutes
+/// on a 2-vCPU VM, `--quick` near one.
+const RUNS: usize = 200;
+const QUICK_RUNS: usize = 40;
+
+/// Everything one bench run measured, as written to `latency.json`.
 #[derive(Debug, Serialize)]
-struct Series {
-    name: String,
-    samples_us: Vec<f64>,
+struct BenchRun {
+    /// When it ran (UTC).
+    date: String,
+    /// Timed runs per mode.
+    runs: usize,
+    /// Whether `--quick` was given.
+    quick: bool,
+    /// Wall time of the whole run, in seconds.
+    elapsed_s: f64,
+    /// The results, per server.
+    servers: Vec<ServerResult>,
 }
 
-impl Series {
-    fn new(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-            samples_us: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, duration: Duration) {
-        self.samples_us.push(duration.as_secs_f64() * 1e6);
-    }
-
-    fn percentile(&self, fraction: f64) -> f64 {
-        let mut sorted = self.samples_us.clone();
-        sorted.sort_by(f64::total_cmp);
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((sorted.len() - 1) as f64 * fraction).round() as usize;
-        sorted[rank]
-    }
-}
-
-/// Runs the benchmark and prints a Markdown table.
-pub fn run(quick: bool) -> Result<()> {
+/// Runs the bench: progress on stderr, Markdown on stdout, raw samples and
+/// the plot under `target/bench/`.
+pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
     deps::require_root()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
-    let runs = if quick { 30 } else { 200 };
+    let runs = runs.unwrap_or(if quick { QUICK_RUNS } else { RUNS }).max(1);
+    let started = Instant::now();
+    let date = utc_now()?;
 
+    let prefetch = add_takes_prefetch()?;
+    let criu = find_in_path("criu");
+    let scratch = tempfile::Builder::new()
+        .prefix("persist-bench-")
+        .tempdir()?;
+    let servers = Server::all(scratch.path())?;
     let sandbox = Sandbox::with_daemon()?;
-    let server = binary("hello-server").display().to_string();
-    sandbox.agent_ok(&["add", "hello", "--port", "8080", "--exec", "--", &server])?;
+    let bench = Bench {
+        sandbox: &sandbox,
+        runs,
+        prefetch,
+        criu,
+        scratch: scratch.path(),
+    };
+    eprintln!(
+        "bench: {runs} runs per mode, {} servers, in network namespace {}",
+        servers.len(),
+        sandbox.netns.name()
+    );
 
-    let mut event = Series::new("SYN -> wake event read by the agent");
-    let mut running = Series::new("SYN -> service process running (--exec)");
-    let mut cold = Series::new("time to first byte, parked (--exec fresh start)");
-    let mut warm = Series::new("time to first byte, already running");
-    eprintln!("bench: {runs} cold starts of hello-server");
-    for run in 0..runs {
-        sandbox.agent_ok(&["park", "hello"])?;
-        let (_, ttfb) = timed_get(&sandbox)?;
-        cold.push(ttfb);
-        let status = sandbox.service("hello")?;
-        let micros = |key: &str| {
-            status[key]
-                .as_u64()
-                .map(Duration::from_micros)
-                .with_context(|| format!("status lacks {key}: {status}"))
+    let progress = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>48} [{bar:30}] {pos}/{len} {elapsed}")
+        .context("progress template")?
+        .progress_chars("=> ");
+    let mut results = Vec::new();
+    for server in &servers {
+        let bar = |mode: &str| {
+            progress.add(
+                ProgressBar::new(runs as u64)
+                    .with_style(style.clone())
+                    .with_prefix(format!("{}: {mode}", server.label)),
+            )
         };
-        event.push(micros("last_event_us")?);
-        running.push(micros("last_wake_us")?);
-        if run % 20 == 19 {
-            eprintln!("bench: {}/{runs}", run + 1);
+        let result = bench.server(server, &bar);
+        for row in &result.modes {
+            let summary = match (row.ttfb.median(), &row.note) {
+                (Some(median), _) => format!(
+                    "median {}, p99 {}",
+                    format_us(median),
+                    format_us(row.ttfb.percentile(0.99).unwrap_or(median))
+                ),
+                (None, Some(note)) => note.clone(),
+                (None, None) => "no samples".into(),
+            };
+            progress.println(format!(
+                "bench: {}: {}: {summary}",
+                server.label,
+                row.mode.label()
+            ))?;
         }
+        results.push(result);
     }
-    eprintln!("bench: {runs} requests to the running service");
-    for _ in 0..runs {
-        let (_, ttfb) = timed_get(&sandbox)?;
-        warm.push(ttfb);
+    drop(sandbox);
+
+    let run = BenchRun {
+        date,
+        runs,
+        quick,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        servers: results,
+    };
+    let out_dir = bench_dir();
+    std::fs::create_dir_all(&out_dir)?;
+    let json = out_dir.join("latency.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&run)?)?;
+    let svg = out_dir.join("latency.svg");
+    let title = format!(
+        "persist bench {}: connect() to first byte, cumulative over {} runs per mode",
+        run.date, run.runs
+    );
+    plot::latency_svg(&run.servers, &title, &svg)?;
+    eprintln!(
+        "bench: done in {:.0} s; raw samples in {}, plot in {}",
+        run.elapsed_s,
+        json.display(),
+        svg.display()
+    );
+    if !quick {
+        // The README shows the plot of the last full run.
+        let docs = deps::workspace_root().join("docs");
+        std::fs::create_dir_all(&docs)?;
+        std::fs::copy(&svg, docs.join("bench-latency.svg"))?;
+        eprintln!("bench: copied the plot to docs/bench-latency.svg");
     }
 
-    let series = [event, running, warm, cold];
-    println!("| measurement | median | p99 | runs |");
-    println!("|---|---:|---:|---:|");
-    for s in &series {
-        println!(
-            "| {} | {:.1} µs | {:.1} µs | {} |",
-            s.name,
-            s.percentile(0.5),
-            s.percentile(0.99),
-            s.samples_us.len()
-        );
-    }
-    let out_dir = deps::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join("socket-activation.json");
-    std::fs::write(&out, serde_json::to_vec_pretty(&series)?)?;
-    eprintln!("bench: raw samples in {}", out.display());
+    println!(
+        "persist bench, {}, {} runs per mode{}; time from connect() to the first byte\n",
+        run.date,
+        run.runs,
+        if quick { " (--quick)" } else { "" }
+    );
+    print!("{}", report::latency_table(&run.servers));
+    println!("\nWhat parking costs and what a wake does (persist lazy mode, medians)\n");
+    print!("{}", report::cost_table(&run.servers));
     Ok(())
 }
 
-/// One `GET /` to port 8080 from inside the namespace: the time to the first byte.
-fn timed_get(sandbox: &Sandbox) -> Result<((), Duration)> {
-    sandbox.netns.enter(|| -> Result<((), Duration)> {
-        let started = Instant::now();
-        let mut stream = TcpStream::connect(("127.0.0.1", 8080))?;
-        stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-        let mut first = [0u8; 1];
-        stream.read_exact(&mut first)?;
-        let ttfb = started.elapsed();
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest)?;
-        Ok(((), ttfb))
-    })?
+/// `target/bench` of the target directory in use (`CARGO_TARGET_DIR` is respected).
+fn bench_dir() -> PathBuf {
+    let release = deps::profile_dir("release");
+    release
+        .parent()
+        .map_or_else(|| release.join("bench"), |target| target.join("bench"))
+}
+
+/// Whether this build of the agent offers `add --prefetch`.
+fn add_takes_prefetch() -> Result<bool> {
+    let output = Command::new(binary("persist-agent"))
+        .args(["add", "--help"])
+        .output()
+        .context("running persist-agent add --help")?;
+    Ok(String::from_utf8_lossy(&output.stdout).contains("--prefetch"))
+}
+
+/// The first `name` on `PATH` that is a file.
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn utc_now() -> Result<String> {
+    let output = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .context("running date")?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

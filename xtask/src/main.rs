@@ -29,9 +29,12 @@ enum Task {
     },
     /// Measure wake latencies and time-to-first-byte (needs root).
     Bench {
-        /// Fewer samples, for a quick look.
+        /// Fewer samples, for a quick look (about a minute).
         #[arg(long)]
         quick: bool,
+        /// Timed runs per server and mode (default: 200, or 40 with --quick).
+        #[arg(long)]
+        runs: Option<usize>,
     },
 }
 
@@ -40,7 +43,7 @@ fn main() -> Result<()> {
         Task::Deps => deps::ensure(deps::TEST),
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, runs } => bench::run(quick, runs),
     }
 }
 

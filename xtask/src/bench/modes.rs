@@ -1,0 +1,534 @@
+//! How each mode is measured. Every mode times the same thing: from the start
+//! of the client's connect() (or from the server's start, for fresh starts
+//! the bench does itself) to the first byte of the answer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use indicatif::ProgressBar;
+use nix::sys::signal::Signal;
+use persist_tests::{Sandbox, binary};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::client::{self, Probe};
+use super::procs::ServerProcess;
+use super::servers::{Kind, Server};
+use super::stats::Samples;
+
+/// How the server is reached when the first request comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Already running: the floor.
+    Warm,
+    /// Parked by persist, restored on the SYN, pages faulted in on demand.
+    PersistLazy,
+    /// Like lazy, with the recorded working set prefetched.
+    PersistPrefetch,
+    /// Started on demand from scratch, as socket activation would.
+    Fresh,
+    /// Running but SIGSTOPped; SIGCONT once the request is sent.
+    Frozen,
+    /// Restored by CRIU on demand.
+    Criu,
+}
+
+impl Mode {
+    /// Every mode, in table order.
+    pub const ALL: [Self; 6] = [
+        Self::Warm,
+        Self::PersistLazy,
+        Self::PersistPrefetch,
+        Self::Fresh,
+        Self::Frozen,
+        Self::Criu,
+    ];
+
+    /// Name in the tables and the plot.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Warm => "warm (running)",
+            Self::PersistLazy => "persist lazy",
+            Self::PersistPrefetch => "persist prefetch",
+            Self::Fresh => "fresh on demand",
+            Self::Frozen => "frozen (SIGSTOP/SIGCONT)",
+            Self::Criu => "CRIU restore",
+        }
+    }
+
+    /// Each mode gets its own port, so no mode waits for another's socket to go.
+    fn port(self, server: &Server) -> u16 {
+        let offset = Self::ALL.iter().position(|m| *m == self).unwrap_or(0) as u16;
+        server.base_port + offset
+    }
+}
+
+/// The samples of one server in one mode, or why there are none.
+#[derive(Debug, Serialize)]
+pub struct ModeResult {
+    /// The mode.
+    pub mode: Mode,
+    /// Connect start (or server start) to first byte.
+    pub ttfb: Samples,
+    /// What was measured instead, or why nothing was.
+    pub note: Option<String>,
+}
+
+impl ModeResult {
+    fn measured(mode: Mode, ttfb: Samples) -> Self {
+        Self {
+            mode,
+            ttfb,
+            note: None,
+        }
+    }
+
+    /// A row without numbers.
+    pub fn noted(mode: Mode, note: impl Into<String>) -> Self {
+        Self {
+            mode,
+            ttfb: Samples::default(),
+            note: Some(note.into()),
+        }
+    }
+}
+
+/// What the agent reports about a service woken many times.
+#[derive(Debug, Default, Serialize)]
+pub struct WakeStats {
+    /// Wall time of `persist-agent add` (start, readiness, checkpoint), ms.
+    pub add_ms: f64,
+    /// Bytes of the image on disk.
+    pub image_bytes: u64,
+    /// `rss_bytes` while parked, once the skeleton is prepared, per run.
+    pub parked_rss_bytes: Samples,
+    /// What the agent says a parked service costs, per run: `parked_bytes`
+    /// (the skeleton's private memory) where the status has it, else `rss_bytes`.
+    pub parked_cost_bytes: Samples,
+    /// `last_resume_us`: the skeleton resume, the restore's critical path.
+    pub resume_us: Samples,
+    /// `last_wake_us`: SYN to the service running.
+    pub wake_us: Samples,
+    /// `last_event_us`: SYN to the agent reading the wake event.
+    pub event_us: Samples,
+    /// Every other numeric `last_*` key of the status (fault and page
+    /// counters of the last wake), per run, under the status's own name.
+    pub counters: BTreeMap<String, Samples>,
+}
+
+/// Everything measured for one server.
+#[derive(Debug, Serialize)]
+pub struct ServerResult {
+    /// The server's label.
+    pub server: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Its resident memory while running (the warm instance, after warm-up).
+    pub running_rss_bytes: Option<u64>,
+    /// One entry per mode.
+    pub modes: Vec<ModeResult>,
+    /// Agent statistics of the lazy persist mode.
+    pub lazy: Option<WakeStats>,
+    /// Agent statistics of the prefetching persist mode.
+    pub prefetch: Option<WakeStats>,
+}
+
+/// A bench run's fixed settings.
+pub struct Bench<'a> {
+    /// The namespace, state directory and daemon.
+    pub sandbox: &'a Sandbox,
+    /// Timed runs per mode.
+    pub runs: usize,
+    /// Whether `persist-agent add` takes `--prefetch recorded`.
+    pub prefetch: bool,
+    /// The `criu` binary, if installed.
+    pub criu: Option<PathBuf>,
+    /// Scratch space for images and pid files.
+    pub scratch: &'a Path,
+}
+
+impl Bench<'_> {
+    /// Measures `server` in every mode.
+    pub fn server(&self, server: &Server, bar: &dyn Fn(&str) -> ProgressBar) -> ServerResult {
+        let mut result = ServerResult {
+            server: server.label.to_owned(),
+            kind: server.kind,
+            running_rss_bytes: None,
+            modes: Vec::new(),
+            lazy: None,
+            prefetch: None,
+        };
+        if !server.persist_only() {
+            match self.warm_and_frozen(server, bar) {
+                Ok((warm, frozen, rss)) => {
+                    result.running_rss_bytes = Some(rss);
+                    result.modes.push(warm);
+                    result.modes.push(frozen);
+                }
+                Err(err) => {
+                    let note = format!("failed: {err:#}");
+                    result
+                        .modes
+                        .push(ModeResult::noted(Mode::Warm, note.clone()));
+                    result.modes.push(ModeResult::noted(Mode::Frozen, note));
+                }
+            }
+        }
+        let (lazy, stats) = self.persist(server, Mode::PersistLazy, bar);
+        result.modes.push(lazy);
+        result.lazy = stats;
+        if self.prefetch {
+            let (prefetch, stats) = self.persist(server, Mode::PersistPrefetch, bar);
+            result.modes.push(prefetch);
+            result.prefetch = stats;
+        } else {
+            result.modes.push(ModeResult::noted(
+                Mode::PersistPrefetch,
+                "n/a (not implemented yet)",
+            ));
+        }
+        if !server.persist_only() {
+            result.modes.push(
+                self.fresh(server, bar).unwrap_or_else(|err| {
+                    ModeResult::noted(Mode::Fresh, format!("failed: {err:#}"))
+                }),
+            );
+            result.modes.push(match &self.criu {
+                None => ModeResult::noted(Mode::Criu, "skipped: criu not installed"),
+                Some(criu) => self.criu(server, criu, bar).unwrap_or_else(|err| {
+                    ModeResult::noted(Mode::Criu, format!("failed: {err:#}"))
+                }),
+            });
+        }
+        result
+            .modes
+            .sort_by_key(|m| Mode::ALL.iter().position(|mode| *mode == m.mode));
+        result
+    }
+
+    /// Warm and frozen use the same running instance; also its running RSS.
+    fn warm_and_frozen(
+        &self,
+        server: &Server,
+        bar: &dyn Fn(&str) -> ProgressBar,
+    ) -> Result<(ModeResult, ModeResult, u64)> {
+        let port = Mode::Warm.port(server);
+        let argv = server.command(port)?;
+        let probe = server.probe;
+        let process = self.in_netns(|| -> Result<ServerProcess> {
+            let started = Instant::now();
+            let process = ServerProcess::spawn(&argv)?;
+            client::request_when_up(port, probe, started)?;
+            for _ in 0..5 {
+                client::request(port, probe)?;
+            }
+            Ok(process)
+        })??;
+        let rss = process.rss_bytes()?;
+
+        let progress = bar(Mode::Warm.label());
+        let warm = self.in_netns(|| -> Result<Samples> {
+            let mut samples = Samples::default();
+            for _ in 0..self.runs {
+                samples.push(client::request(port, probe)?);
+                progress.inc(1);
+            }
+            Ok(samples)
+        })??;
+        progress.finish_and_clear();
+
+        let progress = bar(Mode::Frozen.label());
+        let frozen = self.in_netns(|| -> Result<Samples> {
+            let mut samples = Samples::default();
+            for _ in 0..self.runs {
+                process.freeze()?;
+                samples.push(client::request_with(port, probe, || {
+                    process.signal(Signal::SIGCONT)
+                })?);
+                progress.inc(1);
+            }
+            Ok(samples)
+        })??;
+        progress.finish_and_clear();
+        Ok((
+            ModeResult::measured(Mode::Warm, warm),
+            ModeResult::measured(Mode::Frozen, frozen),
+            rss,
+        ))
+    }
+
+    /// Snapshot mode: added once, then parked and woken by a request, `runs` times.
+    fn persist(
+        &self,
+        server: &Server,
+        mode: Mode,
+        bar: &dyn Fn(&str) -> ProgressBar,
+    ) -> (ModeResult, Option<WakeStats>) {
+        let service = match mode {
+            Mode::PersistPrefetch => format!("{}-prefetch", server.service),
+            _ => server.service.to_owned(),
+        };
+        let port = mode.port(server);
+        let extra: &[&str] = match mode {
+            Mode::PersistPrefetch => &["--prefetch", "recorded"],
+            _ => &[],
+        };
+        let outcome = server.command(port).and_then(|argv| {
+            let mut args: Vec<&str> = vec!["add", &service, "--port", ""];
+            let port_text = port.to_string();
+            args[3] = &port_text;
+            args.extend_from_slice(server.ready_args());
+            args.extend_from_slice(extra);
+            args.push("--");
+            args.extend(argv.iter().map(String::as_str));
+            let started = Instant::now();
+            let output = self.sandbox.agent(&args);
+            let add_ms = started.elapsed().as_secs_f64() * 1e3;
+            if !output.status.success() {
+                let err = String::from_utf8_lossy(&output.stderr);
+                let err = err.trim().trim_start_matches("persist-agent: error: ");
+                return Ok(Err(format!("refused by `persist-agent add`: {err}")));
+            }
+            let image_bytes = du(&self.sandbox.state_dir().join("images").join(&service));
+            let result = self.wake_loop(&service, port, server.probe, true, &bar(mode.label()));
+            let _ = self.sandbox.agent(&["remove", &service]);
+            let (ttfb, mut stats) = result?;
+            stats.add_ms = add_ms;
+            stats.image_bytes = image_bytes;
+            Ok(Ok((ttfb, stats)))
+        });
+        match outcome {
+            Ok(Ok((ttfb, stats))) => (ModeResult::measured(mode, ttfb), Some(stats)),
+            Ok(Err(refusal)) => (ModeResult::noted(mode, refusal), None),
+            Err(err) => (ModeResult::noted(mode, format!("failed: {err:#}")), None),
+        }
+    }
+
+    /// Parks `service`, waits for it to be ready to wake, wakes it with one
+    /// timed request and reads what the agent measured; `runs` times.
+    fn wake_loop(
+        &self,
+        service: &str,
+        port: u16,
+        probe: Probe,
+        snapshot: bool,
+        progress: &ProgressBar,
+    ) -> Result<(Samples, WakeStats)> {
+        let mut ttfb = Samples::default();
+        let mut stats = WakeStats::default();
+        // One untimed wake first: the page cache then holds the image, as it
+        // does for every later wake.
+        self.wait_parked(service, snapshot)?;
+        self.in_netns(|| client::request(port, probe))??;
+        for _ in 0..self.runs {
+            self.sandbox.agent_ok(&["park", service])?;
+            let parked = self.wait_parked(service, snapshot)?;
+            if snapshot {
+                let rss = parked["rss_bytes"].as_u64().unwrap_or(0);
+                stats.parked_rss_bytes.push_value(rss as f64);
+                let cost = parked_cost(&parked).unwrap_or(rss);
+                stats.parked_cost_bytes.push_value(cost as f64);
+            }
+            ttfb.push(self.in_netns(|| client::request(port, probe))??);
+            let woken = self.sandbox.service(service)?;
+            let wakes = |status: &Value| status["wakes"].as_u64().unwrap_or(0);
+            if wakes(&woken) != wakes(&parked) + 1 {
+                bail!("the timed request did not wake {service} exactly once: {woken}");
+            }
+            record(&woken, &mut stats);
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        Ok((ttfb, stats))
+    }
+
+    /// Polls the status until `service` is parked and, in snapshot mode, its
+    /// skeleton is prepared (it then has resident memory).
+    fn wait_parked(&self, service: &str, snapshot: bool) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.sandbox.service(service)?;
+            if let Some(error) = status["error"].as_str() {
+                bail!("{service} failed: {error}");
+            }
+            let ready = !snapshot || parked_cost(&status).is_some_and(|bytes| bytes > 0);
+            if status["state"] == "parked" && ready {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{service} was not parked with a skeleton within 30 s: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Started on demand: hello-server by the agent in exec mode (the systemd
+    /// protocol), the others by the bench itself at t0.
+    fn fresh(&self, server: &Server, bar: &dyn Fn(&str) -> ProgressBar) -> Result<ModeResult> {
+        let port = Mode::Fresh.port(server);
+        let progress = bar(Mode::Fresh.label());
+        if server.kind == Kind::Hello {
+            let service = format!("{}-exec", server.service);
+            let hello = binary("hello-server").display().to_string();
+            let port_text = port.to_string();
+            self.sandbox.agent_ok(&[
+                "add", &service, "--port", &port_text, "--exec", "--", &hello,
+            ])?;
+            let result = self.wake_loop(&service, port, server.probe, false, &progress);
+            let _ = self.sandbox.agent(&["remove", &service]);
+            return Ok(ModeResult::measured(Mode::Fresh, result?.0));
+        }
+        let argv = server.command(port)?;
+        let probe = server.probe;
+        let once = || -> Result<Duration> {
+            let started = Instant::now();
+            let process = ServerProcess::spawn(&argv)?;
+            let ttfb = client::request_when_up(port, probe, started)?;
+            drop(process);
+            Ok(ttfb)
+        };
+        self.in_netns(once)??;
+        let samples = self.in_netns(|| -> Result<Samples> {
+            let mut samples = Samples::default();
+            for _ in 0..self.runs {
+                samples.push(once()?);
+                progress.inc(1);
+            }
+            Ok(samples)
+        })??;
+        progress.finish_and_clear();
+        Ok(ModeResult::measured(Mode::Fresh, samples))
+    }
+
+    /// CRIU: the server is dumped once, then restored by `criu restore -d` at
+    /// t0 and asked as soon as it listens, `runs` times.
+    fn criu(
+        &self,
+        server: &Server,
+        criu: &Path,
+        bar: &dyn Fn(&str) -> ProgressBar,
+    ) -> Result<ModeResult> {
+        let port = Mode::Criu.port(server);
+        let argv = server.command(port)?;
+        let probe = server.probe;
+        let images = self.scratch.join(format!("criu-{}", server.service));
+        std::fs::create_dir_all(&images)?;
+        let images_text = images.display().to_string();
+        self.in_netns(|| -> Result<()> {
+            let started = Instant::now();
+            let process = ServerProcess::spawn(&argv)?;
+            client::request_when_up(port, probe, started)?;
+            let pid = process.pid().to_string();
+            deps_run(Command::new(criu).args([
+                "dump",
+                "--shell-job",
+                "-t",
+                &pid,
+                "-D",
+                &images_text,
+            ]))
+        })??;
+        let pidfile = images.join("restored.pid");
+        let pidfile_text = pidfile.display().to_string();
+        let restore = [
+            criu.display().to_string(),
+            "restore".into(),
+            "--shell-job".into(),
+            "-d".into(),
+            "-D".into(),
+            images_text.clone(),
+            "--pidfile".into(),
+            pidfile_text,
+        ];
+        let progress = bar(Mode::Criu.label());
+        let samples = self.in_netns(|| -> Result<Samples> {
+            let mut samples = Samples::default();
+            for _ in 0..self.runs {
+                let _ = std::fs::remove_file(&pidfile);
+                let started = Instant::now();
+                let restorer = ServerProcess::spawn(&restore)?;
+                let ttfb = client::request_when_up(port, probe, started);
+                drop(restorer);
+                // The restored server is not the restorer's child: kill it by its pid.
+                if let Some(pid) = std::fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|pid| pid.trim().parse::<i32>().ok())
+                {
+                    persist_tests::kill_session(pid);
+                }
+                samples.push(ttfb?);
+                progress.inc(1);
+            }
+            Ok(samples)
+        })??;
+        progress.finish_and_clear();
+        Ok(ModeResult::measured(Mode::Criu, samples))
+    }
+
+    fn in_netns<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        self.sandbox.netns.enter(work)
+    }
+}
+
+/// What the status says the parked service costs: `parked_bytes` in agents
+/// that report it, else the skeleton's `rss_bytes`.
+fn parked_cost(status: &Value) -> Option<u64> {
+    status
+        .get("parked_bytes")
+        .or_else(|| status.get("rss_bytes"))
+        .and_then(Value::as_u64)
+}
+
+/// Adds the agent's measurements of the last wake to `stats`.
+fn record(status: &Value, stats: &mut WakeStats) {
+    let Some(fields) = status.as_object() else {
+        return;
+    };
+    for (key, value) in fields {
+        let Some(value) = value.as_u64() else {
+            continue;
+        };
+        let value = value as f64;
+        match key.as_str() {
+            "last_resume_us" => stats.resume_us.push_value(value),
+            "last_wake_us" => stats.wake_us.push_value(value),
+            "last_event_us" => stats.event_us.push_value(value),
+            other if other.starts_with("last_") => stats
+                .counters
+                .entry(other.to_owned())
+                .or_default()
+                .push_value(value),
+            _ => {}
+        }
+    }
+}
+
+/// Disk space the files under `path` take, as `du` counts it (0 if it is gone).
+fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512);
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return own;
+    };
+    own + entries
+        .flatten()
+        .map(|entry| du(&entry.path()))
+        .sum::<u64>()
+}
+
+fn deps_run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}

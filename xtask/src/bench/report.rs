@@ -1,0 +1,125 @@
+//! The bench's Markdown tables.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+use super::modes::{Mode, ServerResult, WakeStats};
+use super::stats::{Samples, format_bytes, format_us};
+
+/// The latency table: one row per server and mode.
+pub fn latency_table(results: &[ServerResult]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| server | mode | median | p99 | runs | ÷ warm | fresh ÷ this | note |\n\
+         |---|---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for result in results {
+        let median_of = |mode: Mode| {
+            result
+                .modes
+                .iter()
+                .find(|m| m.mode == mode)
+                .and_then(|m| m.ttfb.median())
+        };
+        let warm = median_of(Mode::Warm);
+        let fresh = median_of(Mode::Fresh);
+        for row in &result.modes {
+            let median = row.ttfb.median();
+            let versus_warm = ratio(median, warm).filter(|_| row.mode != Mode::Warm);
+            let fresh_over = matches!(row.mode, Mode::PersistLazy | Mode::PersistPrefetch)
+                .then(|| ratio(fresh, median))
+                .flatten();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                result.server,
+                row.mode.label(),
+                median.map_or("—".into(), format_us),
+                row.ttfb.percentile(0.99).map_or("—".into(), format_us),
+                row.ttfb.len(),
+                versus_warm.map_or("—".into(), |r| format!("{r:.1}×")),
+                fresh_over.map_or("—".into(), |r| format!("{r:.1}×")),
+                row.note
+                    .as_deref()
+                    .unwrap_or("")
+                    .replace('|', "\\|")
+                    .replace('\n', " "),
+            );
+        }
+    }
+    out
+}
+
+/// The cost table: what parking a server takes and what a wake does.
+pub fn cost_table(results: &[ServerResult]) -> String {
+    let parked: Vec<(&ServerResult, &WakeStats)> = results
+        .iter()
+        .filter_map(|r| r.lazy.as_ref().map(|stats| (r, stats)))
+        .collect();
+    // Whatever counters the agent's status exposes, under its own names.
+    let counters: BTreeSet<&str> = parked
+        .iter()
+        .flat_map(|(_, stats)| stats.counters.keys().map(String::as_str))
+        .collect();
+    let mut out = String::new();
+    out.push_str(
+        "| server | add (start + checkpoint) | image on disk | running RSS | parked cost | parked ÷ running | resume (critical path) | SYN → running |",
+    );
+    for counter in &counters {
+        let _ = write!(out, " {} |", counter_label(counter));
+    }
+    out.push_str("\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    out.push_str(&"---:|".repeat(counters.len()));
+    out.push('\n');
+    for (result, stats) in parked {
+        let parked_rss = stats.parked_cost_bytes.median().map(|b| b as u64);
+        let share = match (parked_rss, result.running_rss_bytes) {
+            (Some(parked), Some(running)) if running > 0 => {
+                format!("{:.0} %", parked as f64 * 100.0 / running as f64)
+            }
+            _ => "—".into(),
+        };
+        let _ = write!(
+            out,
+            "| {} | {:.0} ms | {} | {} | {} | {} | {} | {} |",
+            result.server,
+            stats.add_ms,
+            format_bytes(stats.image_bytes),
+            result.running_rss_bytes.map_or("—".into(), format_bytes),
+            parked_rss.map_or("—".into(), format_bytes),
+            share,
+            median_us(&stats.resume_us),
+            median_us(&stats.wake_us),
+        );
+        for counter in &counters {
+            let value = stats.counters.get(*counter).and_then(Samples::median);
+            let _ = write!(
+                out,
+                " {} |",
+                value.map_or("—".into(), |v| format!("{v:.0}"))
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn counter_label(key: &str) -> String {
+    match key {
+        "last_faults" => "faults / wake".into(),
+        "last_fault_pages" => "pages faulted in / wake".into(),
+        "last_filled_pages" => "pages filled in background / wake".into(),
+        other => format!("{} / wake", other.trim_start_matches("last_")),
+    }
+}
+
+fn median_us(samples: &Samples) -> String {
+    samples.median().map_or("—".into(), format_us)
+}
+
+fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> Option<f64> {
+    match (numerator, denominator) {
+        (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+        _ => None,
+    }
+}

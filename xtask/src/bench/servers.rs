@@ -1,0 +1,176 @@
+//! The servers the bench measures and how each is started on a given port.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use persist_tests::binary;
+use serde::Serialize;
+
+use super::client::Probe;
+
+/// Which server program, and how it is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// The bundled `hello-server` fixture.
+    Hello,
+    /// `python3 -m http.server`.
+    Python,
+    /// `redis-server` with persistence off.
+    Redis,
+    /// nginx as one process (`master_process off`).
+    Nginx,
+    /// nginx with its default master and worker processes.
+    NginxMaster,
+}
+
+/// One server under test.
+#[derive(Debug)]
+pub struct Server {
+    /// What it is.
+    pub kind: Kind,
+    /// Name in the tables, the JSON and the plot.
+    pub label: &'static str,
+    /// Name of its persist service.
+    pub service: &'static str,
+    /// First port of the range its modes use (one port per mode).
+    pub base_port: u16,
+    /// What it is asked.
+    pub probe: Probe,
+    /// Files it serves and its configuration.
+    dir: PathBuf,
+}
+
+impl Server {
+    /// Every server the bench runs, their files under `dir`.
+    pub fn all(dir: &Path) -> Result<Vec<Self>> {
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        std::fs::write(www.join("index.html"), "hello from a file\n")?;
+        let server = |kind, label, service, base_port, probe| Server {
+            kind,
+            label,
+            service,
+            base_port,
+            probe,
+            dir: dir.to_owned(),
+        };
+        Ok(vec![
+            server(Kind::Hello, "hello-server", "hello", 8100, Probe::Http),
+            server(
+                Kind::Python,
+                "python3 http.server",
+                "python",
+                8200,
+                Probe::Http,
+            ),
+            server(Kind::Redis, "redis-server", "redis", 8300, Probe::RedisPing),
+            server(Kind::Nginx, "nginx (1 process)", "nginx", 8400, Probe::Http),
+            server(
+                Kind::NginxMaster,
+                "nginx (master + worker)",
+                "nginx-mw",
+                8500,
+                Probe::Http,
+            ),
+        ])
+    }
+
+    /// The command that runs it listening on `127.0.0.1:port`.
+    pub fn command(&self, port: u16) -> Result<Vec<String>> {
+        let port_text = port.to_string();
+        let argv: Vec<String> = match self.kind {
+            Kind::Hello => vec![
+                binary("hello-server").display().to_string(),
+                format!("127.0.0.1:{port}"),
+            ],
+            Kind::Python => vec![
+                "python3".into(),
+                "-m".into(),
+                "http.server".into(),
+                port_text,
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--directory".into(),
+                self.dir.join("www").display().to_string(),
+            ],
+            Kind::Redis => [
+                "redis-server",
+                "--port",
+                &port_text,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from)
+            .to_vec(),
+            Kind::Nginx | Kind::NginxMaster => {
+                let prefix = self.dir.join(format!("nginx-{port}"));
+                std::fs::create_dir_all(prefix.join("tmp"))?;
+                let config = prefix.join("nginx.conf");
+                std::fs::write(&config, self.nginx_config(&prefix, port))?;
+                let error_log = prefix.join("error.log");
+                vec![
+                    "nginx".into(),
+                    "-p".into(),
+                    prefix.display().to_string(),
+                    "-c".into(),
+                    config.display().to_string(),
+                    "-e".into(),
+                    error_log.display().to_string(),
+                ]
+            }
+        };
+        Ok(argv)
+    }
+
+    /// The `persist-agent add` options that say when it is ready.
+    pub fn ready_args(&self) -> &'static [&'static str] {
+        match self.kind {
+            // http.server listens before it serves: wait for an answer.
+            Kind::Python => &["--ready", "http:/"],
+            _ => &["--ready", "tcp"],
+        }
+    }
+
+    /// Whether only the persist modes are measured (the variant exists to
+    /// show what persist does with a multi-process server).
+    pub fn persist_only(&self) -> bool {
+        self.kind == Kind::NginxMaster
+    }
+
+    fn nginx_config(&self, prefix: &Path, port: u16) -> String {
+        let master = if self.kind == Kind::NginxMaster {
+            "on"
+        } else {
+            "off"
+        };
+        let prefix = prefix.display();
+        let www = self.dir.join("www");
+        let www = www.display();
+        format!(
+            "daemon off;
+master_process {master};
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {www};
+    }}
+}}
+"
+        )
+    }
+}
