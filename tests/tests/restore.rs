@@ -82,6 +82,19 @@ fn signal(pid: i32, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
 }
 
+/// SIGKILLs a restored process (not our child) and waits until it is dead,
+/// so that its sockets are closed before the next restore binds them.
+fn kill_and_wait_dead(pid: i32) {
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let dead = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    };
+    wait_until(Duration::from_secs(10), dead).expect("a killed process dies");
+}
+
 /// SIGUSR1 makes a fixture check its state and write `result`.
 fn fixture_result(pid: i32, dir: &Path) -> Result<String> {
     let result = dir.join("result");
@@ -110,7 +123,7 @@ fn restore_fixture_twice(name: &str) -> Result<()> {
         pids.track(pid);
         let result = fixture_result(pid, &dir)?;
         assert_eq!(result, "OK", "{name}, restore {round} (pid {pid})");
-        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        kill_and_wait_dead(pid);
     }
     Ok(())
 }
@@ -130,8 +143,8 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
-/// A checkpointed fixture's image, the fixture gone.
-fn fixture_image(temp: &Path) -> Result<(PathBuf, PathBuf)> {
+/// A checkpointed fixture's image, the fixture gone; with its pid.
+fn fixture_image(temp: &Path) -> Result<(i32, PathBuf)> {
     let dir = temp.join("state");
     std::fs::create_dir(&dir)?;
     let image = temp.join("image");
@@ -139,7 +152,7 @@ fn fixture_image(temp: &Path) -> Result<(PathBuf, PathBuf)> {
     let _pids = Pids(vec![fixture.id() as i32]);
     checkpoint(agent(), fixture.id() as i32, &image)?;
     fixture.wait()?;
-    Ok((dir, image))
+    Ok((fixture.id() as i32, image))
 }
 
 /// Runs a restore that must fail; returns its stderr.
@@ -162,19 +175,28 @@ fn failed_restore(image: &Path) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// Processes whose comm is `comm` (to show that a failed restore left none).
-fn processes_named(comm: &str) -> Vec<i32> {
+/// Live processes whose pid in their own namespace is `recorded`: copies of
+/// a checkpointed process restored (or half-restored) from its image.
+fn restored_copies(recorded: i32) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if name.trim() == comm && !zombie {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        };
+        let innermost = field("NSpid:")
+            .split_whitespace()
+            .last()
+            .and_then(|p| p.parse::<i32>().ok());
+        if innermost == Some(recorded) && !field("State:").starts_with('Z') {
             found.push(pid);
         }
     }
@@ -184,30 +206,29 @@ fn processes_named(comm: &str) -> Vec<i32> {
 #[test]
 fn corrupt_page_is_refused_and_nothing_runs() {
     let temp = tempfile::tempdir().unwrap();
-    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let (recorded, image) = fixture_image(temp.path()).unwrap();
     let pages = image.join("pages");
     let mut bytes = std::fs::read(&pages).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&pages, &bytes).unwrap();
-    let before = processes_named("fixture-memory");
     let err = failed_restore(&image);
     assert!(err.contains("checksum mismatch"), "{err}");
     assert!(
         err.contains("page at 0x"),
         "the error names the page: {err}"
     );
-    let after = processes_named("fixture-memory");
+    let left = restored_copies(recorded);
     assert!(
-        after.iter().all(|pid| before.contains(pid)),
-        "a half-restored process was left: before {before:?}, after {after:?}"
+        left.is_empty(),
+        "a half-restored process was left: {left:?}"
     );
 }
 
 #[test]
 fn truncated_page_store_is_refused() {
     let temp = tempfile::tempdir().unwrap();
-    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let (_, image) = fixture_image(temp.path()).unwrap();
     let pages = std::fs::OpenOptions::new()
         .write(true)
         .open(image.join("pages"))
@@ -237,14 +258,24 @@ fn crc32c(data: &[u8]) -> u32 {
 #[test]
 fn image_from_another_kernel_is_refused() {
     let temp = tempfile::tempdir().unwrap();
-    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let (_, image) = fixture_image(temp.path()).unwrap();
+    edit_manifest(&image, |manifest| {
+        manifest["kernel"]["release"] = "5.10.0-ancient".into();
+    });
+    let err = failed_restore(&image);
+    assert!(err.contains("5.10.0-ancient"), "{err}");
+    assert!(err.contains("same kernel build"), "{err}");
+}
+
+/// Rewrites an image's manifest JSON with `edit` and re-seals its header.
+fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = image.join("manifest");
     let text = std::fs::read(&path).unwrap();
     let newline = text.iter().position(|&b| b == b'\n').unwrap();
     let header = String::from_utf8(text[..newline].to_vec()).unwrap();
     let version = header.split(' ').nth(1).unwrap().to_owned();
     let mut manifest: serde_json::Value = serde_json::from_slice(&text[newline + 1..]).unwrap();
-    manifest["kernel"]["release"] = "5.10.0-ancient".into();
+    edit(&mut manifest);
     let json = serde_json::to_vec(&manifest).unwrap();
     let mut out = format!(
         "persist-image {version} {} {:08x}\n",
@@ -254,16 +285,31 @@ fn image_from_another_kernel_is_refused() {
     .into_bytes();
     out.extend_from_slice(&json);
     std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn failure_after_the_fork_kills_the_half_restored_process() {
+    let temp = tempfile::tempdir().unwrap();
+    let (recorded, image) = fixture_image(temp.path()).unwrap();
+    // Registers are set last, long after the process exists.
+    edit_manifest(&image, |manifest| {
+        let regs = manifest["threads"][0]["regs"].as_array_mut().unwrap();
+        regs.pop();
+    });
     let err = failed_restore(&image);
-    assert!(err.contains("5.10.0-ancient"), "{err}");
-    assert!(err.contains("same kernel build"), "{err}");
+    assert!(err.contains("register words"), "{err}");
+    let left = restored_copies(recorded);
+    assert!(
+        left.is_empty(),
+        "a half-restored process was left: {left:?}"
+    );
 }
 
 #[test]
 fn image_writable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let temp = tempfile::tempdir().unwrap();
-    let (_dir, image) = fixture_image(temp.path()).unwrap();
+    let (_, image) = fixture_image(temp.path()).unwrap();
     std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o777)).unwrap();
     let err = failed_restore(&image);
     assert!(err.contains("others can write"), "{err}");
@@ -346,7 +392,7 @@ fn python_http_server_serves_its_directory_after_restore() {
         let body = listing(&server);
         eprintln!("first request after restore: {:?}", started.elapsed());
         assert!(body.contains("restored-marker.txt"), "listing: {body}");
-        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        kill_and_wait_dead(pid);
     }
 }
 
@@ -412,7 +458,7 @@ fn redis_keeps_its_keys_and_takes_writes_after_restore() {
         assert_eq!(cli(&server, &["SET", "fresh", "write"]), "OK");
         assert_eq!(cli(&server, &["GET", "fresh"]), "write");
         assert_eq!(cli(&server, &["DBSIZE"]), "101");
-        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        kill_and_wait_dead(pid);
     }
 }
 
