@@ -152,7 +152,7 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
         if quick { " (--quick)" } else { "" }
     );
     print!("{}", report::latency_table(&run.servers));
-    println!("\nWhat parking costs and what a wake does (persist lazy mode, medians)\n");
+    println!("\nWhat parking costs and what a wake does (medians over the runs)\n");
     print!("{}", report::cost_table(&run.servers));
     Ok(())
 }

@@ -52,26 +52,33 @@ pub fn latency_table(results: &[ServerResult]) -> String {
 
 /// The cost table: what parking a server takes and what a wake does.
 pub fn cost_table(results: &[ServerResult]) -> String {
-    let parked: Vec<(&ServerResult, &WakeStats)> = results
+    let parked: Vec<(&ServerResult, Mode, &WakeStats)> = results
         .iter()
-        .filter_map(|r| r.lazy.as_ref().map(|stats| (r, stats)))
+        .flat_map(|r| {
+            [
+                (Mode::PersistLazy, &r.lazy),
+                (Mode::PersistPrefetch, &r.prefetch),
+            ]
+            .into_iter()
+            .filter_map(move |(mode, stats)| stats.as_ref().map(|stats| (r, mode, stats)))
+        })
         .collect();
     // Whatever counters the agent's status exposes, under its own names.
     let counters: BTreeSet<&str> = parked
         .iter()
-        .flat_map(|(_, stats)| stats.counters.keys().map(String::as_str))
+        .flat_map(|(_, _, stats)| stats.counters.keys().map(String::as_str))
         .collect();
     let mut out = String::new();
     out.push_str(
-        "| server | add (start + checkpoint) | image on disk | running RSS | parked cost | parked ÷ running | resume (critical path) | SYN → running |",
+        "| server | mode | add (start + checkpoint) | image on disk | running RSS | parked cost | parked ÷ running | resume (critical path) | SYN → running |",
     );
     for counter in &counters {
         let _ = write!(out, " {} |", counter_label(counter));
     }
-    out.push_str("\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    out.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
     out.push_str(&"---:|".repeat(counters.len()));
     out.push('\n');
-    for (result, stats) in parked {
+    for (result, mode, stats) in parked {
         let parked_rss = stats.parked_cost_bytes.median().map(|b| b as u64);
         let share = match (parked_rss, result.running_rss_bytes) {
             (Some(parked), Some(running)) if running > 0 => {
@@ -81,8 +88,9 @@ pub fn cost_table(results: &[ServerResult]) -> String {
         };
         let _ = write!(
             out,
-            "| {} | {:.0} ms | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} ms | {} | {} | {} | {} | {} | {} |",
             result.server,
+            mode.label(),
             stats.add_ms,
             format_bytes(stats.image_bytes),
             result.running_rss_bytes.map_or("—".into(), format_bytes),
@@ -109,6 +117,7 @@ fn counter_label(key: &str) -> String {
         "last_faults" => "faults / wake".into(),
         "last_fault_pages" => "pages faulted in / wake".into(),
         "last_filled_pages" => "pages filled in background / wake".into(),
+        "last_prefetch_pages" => "pages prefetched / wake".into(),
         other => format!("{} / wake", other.trim_start_matches("last_")),
     }
 }
