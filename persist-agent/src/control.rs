@@ -117,6 +117,9 @@ pub struct ServiceStatus {
     /// Pages copied in the background, ahead of any fault, after the last wake.
     #[serde(default)]
     pub last_filled_pages: Option<u64>,
+    /// Pages copied in ahead of faults (recorded working set, or every page) on the last wake.
+    #[serde(default)]
+    pub last_prefetch_pages: Option<u64>,
     /// Resident memory of the service's processes (of its prepared skeleton while parked).
     pub rss_bytes: u64,
     /// What a parked service costs: the private (anonymous and shmem) memory

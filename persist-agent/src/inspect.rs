@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use persist_common::image::{
-    FdInfo, Image, ImageError, MANIFEST_FILE, Mapping, MappingKind, PAGES_FILE, ThreadInfo,
+    FdInfo, Image, ImageError, MANIFEST_FILE, Mapping, MappingKind, PAGE_SIZE, PAGES_FILE,
+    ThreadInfo, WORKING_SET_FILE, WorkingSet, manifest_crc,
 };
 
 /// Index of `rip` in a thread's saved registers.
@@ -47,6 +48,7 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
         human_bytes(on_disk),
         human_bytes(manifest.page_store_bytes)
     );
+    let _ = writeln!(out, "  working set {}", working_set_line(dir));
     let _ = writeln!(out, "process {} ({})", p.pid, p.comm);
     let _ = writeln!(out, "  exe       {}", p.exe);
     let _ = writeln!(out, "  argv      {}", p.argv.join(" "));
@@ -89,6 +91,32 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
         let _ = writeln!(out, "{}", fd_line(fd));
     }
     Ok(out)
+}
+
+/// The recorded working set: size, when, and whether a wake would use it.
+fn working_set_line(dir: &Path) -> String {
+    if !dir.join(WORKING_SET_FILE).exists() {
+        return "none recorded".to_owned();
+    }
+    let set = match WorkingSet::read(dir) {
+        Ok(set) => set,
+        Err(err) => return format!("invalid (ignored on wake): {err}"),
+    };
+    let validity = match manifest_crc(dir) {
+        Ok(crc) if crc == set.image_crc() => "valid".to_owned(),
+        Ok(crc) => format!(
+            "stale (recorded for image {:08x}, this is {crc:08x})",
+            set.image_crc()
+        ),
+        Err(err) => format!("unknown: {err}"),
+    };
+    let recorded = UNIX_EPOCH + Duration::from_millis(set.recorded_unix_ms());
+    format!(
+        "{} pages ({}), recorded {}, {validity}",
+        set.len(),
+        human_bytes(set.len() as u64 * PAGE_SIZE),
+        humantime::format_rfc3339_seconds(recorded)
+    )
 }
 
 fn thread_line(thread: &ThreadInfo) -> String {
@@ -184,7 +212,6 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use persist_common::image::PAGE_SIZE;
 
     #[test]
     fn sizes_read_well() {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
-use persist_agent::service::{OnIdle, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
+use persist_agent::service::{OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
 use persist_agent::{checkpoint, daemon, inspect, restore, snapshot};
 
 /// Park server processes on disk and wake them on their first SYN.
@@ -149,6 +149,10 @@ struct AddArgs {
     /// Snapshot mode: register this prebuilt image instead of running a command.
     #[arg(long, conflicts_with_all = ["exec", "inetd"])]
     image: Option<PathBuf>,
+    /// Snapshot mode: pages copied in ahead of faults on a wake (`recorded`:
+    /// the working set the first wake recorded; `all`: every page; `none`).
+    #[arg(long, value_enum, default_value = "recorded")]
+    prefetch: Prefetch,
     #[command(flatten)]
     ready: ReadyArgs,
     /// The command and its arguments (none with --image).
@@ -276,6 +280,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         warmup_requests: args.ready.warmup_requests,
         on_idle: args.on_idle,
         image,
+        prefetch: args.prefetch,
     });
     let spec = ServiceSpec {
         name: args.name,

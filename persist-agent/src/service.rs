@@ -72,6 +72,23 @@ pub struct SnapshotSpec {
     /// A prebuilt image to register instead of running the command.
     #[serde(default)]
     pub image: Option<PathBuf>,
+    /// Which pages a wake copies in before they are touched.
+    #[serde(default)]
+    pub prefetch: Prefetch,
+}
+
+/// Which pages a snapshot-mode wake copies in ahead of the process's faults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Prefetch {
+    /// None: every page comes in on its first touch or by the background fill.
+    None,
+    /// The working set the first wake recorded, copied in bulk right after
+    /// the resume; the first wake (and any wake whose set is stale) records it.
+    #[default]
+    Recorded,
+    /// Every stored page, before the process resumes.
+    All,
 }
 
 /// When a freshly started service is ready to be snapshotted.

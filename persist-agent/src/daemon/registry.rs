@@ -278,6 +278,10 @@ impl Registry {
                     listener.try_clone()?,
                     adopted.is_some(),
                     self.metrics.clone(),
+                    spec.snapshot
+                        .as_ref()
+                        .map(|s| s.prefetch)
+                        .unwrap_or_default(),
                 )?;
                 Starter::Restore {
                     worker,
@@ -420,6 +424,7 @@ impl Registry {
                     last_faults: pager.as_ref().map(|p| p.faults),
                     last_fault_pages: pager.as_ref().map(|p| p.fault_pages),
                     last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
+                    last_prefetch_pages: pager.as_ref().map(|p| p.prefetched_pages),
                     rss_bytes: rss_of_sessions(&snapshot.sessions),
                     parked_bytes,
                     error: snapshot.error,
@@ -442,6 +447,7 @@ impl Registry {
                 last_faults: None,
                 last_fault_pages: None,
                 last_filled_pages: None,
+                last_prefetch_pages: None,
                 rss_bytes: 0,
                 parked_bytes: 0,
                 error: Some(error.clone()),

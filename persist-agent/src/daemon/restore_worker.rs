@@ -6,18 +6,25 @@
 //! nothing resident), resumes it when a SYN arrives, and then serves its
 //! pages until they are all in. The skeleton is prepared right after parking,
 //! so a wake only pays for the resume.
+//!
+//! With [`Prefetch::Recorded`], the first wake from an image records the
+//! pages the process faulted in until its memory was all in, in touch order,
+//! and stores them beside the image as its working set; later wakes copy that
+//! set in bulk right after the resume, ahead of the faults it would cause. A
+//! missing, stale or corrupt set is ignored (with a warning) and recorded anew.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 
-use persist_common::image::Image;
+use persist_common::image::{Image, ImageError, WorkingSet, manifest_crc};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
 use crate::files::InheritedFds;
 use crate::restore::{PagerStats, RestoreConfig, Skeleton, Timings};
+use crate::service::Prefetch;
 use crate::snapshot::listener_fd_in_image;
 use crate::sys::pidfd::PidFd;
 
@@ -71,6 +78,7 @@ impl RestoreWorker {
         listener: OwnedFd,
         already_running: bool,
         metrics: Arc<Metrics>,
+        prefetch: Prefetch,
     ) -> std::io::Result<Self> {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
@@ -87,6 +95,8 @@ impl RestoreWorker {
                     skeleton: None,
                     report: thread_report,
                     metrics,
+                    prefetch,
+                    plan: WakePlan::Lazy,
                 };
                 worker.run(receiver);
             })?;
@@ -127,6 +137,21 @@ struct Worker {
     skeleton: Option<Skeleton>,
     report: Arc<Mutex<WorkerReport>>,
     metrics: Arc<Metrics>,
+    prefetch: Prefetch,
+    /// What the next wake of the prepared skeleton does about its working set.
+    plan: WakePlan,
+}
+
+/// What one wake does beyond serving faults lazily.
+enum WakePlan {
+    /// Nothing: pure lazy paging.
+    Lazy,
+    /// Copy every stored page before resuming.
+    All,
+    /// Copy this recorded working set right after resuming.
+    Recorded(Arc<WorkingSet>),
+    /// Record the working set of the image (whose manifest has this CRC).
+    Record { image: Arc<Image>, image_crc: u32 },
 }
 
 impl Worker {
@@ -146,7 +171,11 @@ impl Worker {
     fn prepare(&mut self) {
         // A skeleton of an older image must not be resumed.
         self.skeleton = None;
-        let result = self.build_skeleton();
+        self.plan = WakePlan::Lazy;
+        let result = self.build_skeleton().map(|(skeleton, image)| {
+            self.plan = self.plan_wake(image);
+            skeleton
+        });
         let mut report = self.report.lock().expect("report lock");
         match result {
             Ok(skeleton) => {
@@ -163,7 +192,38 @@ impl Worker {
         }
     }
 
-    fn build_skeleton(&self) -> Result<Skeleton, String> {
+    /// Decides, at prepare time, what the next wake does about its working
+    /// set; the set is read and verified now, off the wake's critical path.
+    fn plan_wake(&self, image: Arc<Image>) -> WakePlan {
+        match self.prefetch {
+            Prefetch::None => return WakePlan::Lazy,
+            Prefetch::All => return WakePlan::All,
+            Prefetch::Recorded => {}
+        }
+        let dir = image.dir().to_owned();
+        let image_crc = match manifest_crc(&dir) {
+            Ok(crc) => crc,
+            Err(err) => {
+                warn!(service = %self.name, "cannot identify the image, no working set: {err}");
+                return WakePlan::Lazy;
+            }
+        };
+        match WorkingSet::open(&dir, image_crc) {
+            Ok(set) if !set.is_empty() => {
+                info!(service = %self.name, pages = set.len(), "working set loaded");
+                return WakePlan::Recorded(Arc::new(set));
+            }
+            Ok(_) => {}
+            Err(ImageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(err) => {
+                warn!(service = %self.name, "working set ignored, the next wake records it again: {err}");
+            }
+        }
+        WakePlan::Record { image, image_crc }
+    }
+
+    fn build_skeleton(&self) -> Result<(Skeleton, Arc<Image>), String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
         wait_until_pid_is_free(image.manifest().process.pid);
@@ -185,14 +245,17 @@ impl Worker {
             verify_pages_first: false,
             inherited,
         };
-        Skeleton::prepare(Arc::new(image), config).map_err(|err| err.to_string())
+        let image = Arc::new(image);
+        let skeleton =
+            Skeleton::prepare(Arc::clone(&image), config).map_err(|err| err.to_string())?;
+        Ok((skeleton, image))
     }
 
     fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, String>>) {
         if self.skeleton.is_none() {
             self.prepare();
         }
-        let Some(skeleton) = self.skeleton.take() else {
+        let Some(mut skeleton) = self.skeleton.take() else {
             let error = self.report.lock().expect("report lock").error.clone();
             let _ = reply.send(Err(error.unwrap_or_else(|| "no skeleton".into())));
             return;
@@ -208,6 +271,13 @@ impl Worker {
                 return;
             }
         };
+        let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
+        self.report.lock().expect("report lock").last_pager = None;
+        if let WakePlan::All = plan
+            && let Err(err) = skeleton.pager_mut().prefetch_all()
+        {
+            warn!(service = %self.name, pid, "prefetching every page: {err}");
+        }
         let mut restored = match skeleton.resume() {
             Ok(restored) => restored,
             Err(err) => {
@@ -221,13 +291,34 @@ impl Worker {
             pidfd,
             timings: restored.timings,
         }));
+        match &plan {
+            WakePlan::Recorded(set) => restored.pager.prefetch_in_background(Arc::clone(set)),
+            WakePlan::Record { .. } => restored.pager.record_faults(),
+            WakePlan::Lazy | WakePlan::All => {}
+        }
         match restored.pager.run_until_filled() {
             Ok(stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
+                info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 self.report.lock().expect("report lock").last_pager = Some(stats);
             }
             Err(err) => warn!(service = %self.name, pid, "pager: {err}"),
+        }
+        if let Some(err) = restored.pager.prefetch_error() {
+            // Recorded anew on the next wake.
+            warn!(service = %self.name, "working set ignored from now on: {err}");
+            if let WakePlan::Recorded(set) = &plan {
+                let _ = std::fs::remove_file(set.path());
+            }
+        }
+        if let WakePlan::Record { image, image_crc } = plan {
+            let pages = restored.pager.take_fault_log();
+            match WorkingSet::write(image.dir(), image_crc, &pages, image.pages()) {
+                Ok(()) => {
+                    info!(service = %self.name, pages = pages.len(), "working set recorded")
+                }
+                Err(err) => warn!(service = %self.name, "cannot record the working set: {err}"),
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSet, WorkingSetPage};
+use persist_common::image::{Image, ImageError, PAGE_SIZE, PageRun, WorkingSet, WorkingSetPage};
 
 use super::RestoreError;
 use super::layout::lazy_mappings;
@@ -91,6 +91,8 @@ pub struct Pager {
     fault_log: Option<Vec<WorkingSetPage>>,
     /// A working set still being copied in, and the index of its next page.
     prefetch: Option<(Arc<WorkingSet>, usize)>,
+    /// Why the background prefetch stopped early, if a page was corrupt.
+    prefetch_error: Option<ImageError>,
 }
 
 impl std::fmt::Debug for Pager {
@@ -140,6 +142,7 @@ impl Pager {
             resumed_at: None,
             fault_log: None,
             prefetch: None,
+            prefetch_error: None,
         }
     }
 
@@ -505,13 +508,14 @@ impl Pager {
     /// at that address (not yet copied, discarded or moved), so a set never
     /// overrides what the process did. Returns the index of the next page to
     /// copy, and false when the address space changed under the copy so
-    /// events must be read before going on.
+    /// events must be read before going on. Each page's checksum is checked
+    /// before it is copied; a corrupt page stops the prefetch there.
     pub(crate) fn prefetch(
         &mut self,
         set: &WorkingSet,
         start: usize,
         max_pages: usize,
-    ) -> (usize, bool) {
+    ) -> Result<(usize, bool), ImageError> {
         let pages = set.pages();
         let end = pages.len().min(start.saturating_add(max_pages));
         let mut index = start;
@@ -528,7 +532,7 @@ impl Pager {
                 count += 1;
             }
             let first = pages[index].address;
-            let bytes = set.contents(index, count);
+            let bytes = set.verified_contents(index, count)?;
             let mut done = 0usize;
             while done < count {
                 let dst = first + done as u64 * PAGE_SIZE;
@@ -548,16 +552,22 @@ impl Pager {
                         self.forget(dst, 1);
                         done += 1;
                     }
-                    CopyOutcome::Again => return (index + done, false),
+                    CopyOutcome::Again => return Ok((index + done, false)),
                 }
             }
             index += count;
         }
-        (index, true)
+        Ok((index, true))
+    }
+
+    /// Why the background prefetch of this wake stopped early, if it did.
+    pub(crate) fn prefetch_error(&self) -> Option<&ImageError> {
+        self.prefetch_error.as_ref()
     }
 
     /// Copies every stored page into the process now (before it resumes).
     pub(crate) fn prefetch_all(&mut self) -> Result<(), RestoreError> {
+        let filled = self.stats.filled_pages;
         while !self.pending.is_empty() {
             let before = self.pending.len();
             if !self.fill_batch(MAX_PREFETCH_RUN_PAGES)? {
@@ -568,6 +578,8 @@ impl Pager {
             }
             self.stats.prefetched_pages += (before - self.pending.len()) as u64;
         }
+        // Counted as prefetched, not as background fill.
+        self.stats.filled_pages = filled;
         Ok(())
     }
 
@@ -583,10 +595,15 @@ impl Pager {
         let Some((set, next)) = self.prefetch.take() else {
             return;
         };
-        // On an interrupted copy the loop reads events before the next step.
-        let (next, _) = self.prefetch(&set, next, PREFETCH_BATCH_PAGES);
-        if next < set.len() {
-            self.prefetch = Some((set, next));
+        // On an interrupted copy the loop reads events before the next step;
+        // after a corrupt page the rest comes in lazily from the image.
+        match self.prefetch(&set, next, PREFETCH_BATCH_PAGES) {
+            Ok((next, _)) if next < set.len() => self.prefetch = Some((set, next)),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(pid = self.pid(), %err, "working set prefetch stopped: corrupt page");
+                self.prefetch_error = Some(err);
+            }
         }
     }
 }

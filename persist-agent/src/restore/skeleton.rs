@@ -301,6 +301,13 @@ impl Skeleton {
         self.timings
     }
 
+    /// The pager of the stopped process, to copy pages in before it resumes.
+    pub(crate) fn pager_mut(&mut self) -> &mut Pager {
+        self.pager
+            .as_mut()
+            .expect("a skeleton always holds its pager")
+    }
+
     /// Lets every thread run. The process faults on its first touch of
     /// memory, so the caller must run the returned pager.
     pub fn resume(mut self) -> Result<Restored, RestoreError> {

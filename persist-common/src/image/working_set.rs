@@ -17,12 +17,15 @@
 //! | 24 | 8 | number of pages `n` |
 //! | 32 | 4 | CRC32C of bytes 0..32 followed by every byte from 40 to the end |
 //! | 36 | 4 | zero |
-//! | 40 | 16 `n` | one entry a page, in touch order: its address in the process, then the offset of its content in the image's page store |
+//! | 40 | 24 `n` | one entry a page, in touch order: its address in the process (8), the offset of its content in the image's page store (8), the CRC32C of its content (4), zero (4) |
 //! | ... | | zeros up to the next multiple of 4096 |
 //! | ... | 4096 `n` | the pages' contents, in the same order |
 //!
 //! The contents are copies of the image's pages, so a wake reads one
-//! sequential file instead of scattered runs of the page store. A set whose
+//! sequential file instead of scattered runs of the page store. The file
+//! checksum is verified when the set is read, and each page's checksum again
+//! right before the page is used ([`WorkingSet::verified_contents`]), as the
+//! set may be read long before a wake uses it. A set whose
 //! image identity differs from the image's manifest CRC was recorded for
 //! another image and is stale; a reader must then ignore it (and the lazy
 //! pager serves every page as if there were no set).
@@ -42,7 +45,7 @@ pub const WORKING_SET_VERSION: u32 = 1;
 
 const MAGIC: &[u8; 8] = b"PERSISTW";
 const HEADER_BYTES: usize = 40;
-const ENTRY_BYTES: usize = 16;
+const ENTRY_BYTES: usize = 24;
 /// Most pages accepted in a set (16 GiB of memory), so a hostile header
 /// cannot make us allocate without bound.
 const MAX_PAGES: u64 = 1 << 22;
@@ -63,6 +66,7 @@ pub struct WorkingSet {
     image_crc: u32,
     recorded_unix_ms: u64,
     pages: Vec<WorkingSetPage>,
+    crcs: Vec<u32>,
     data_offset: usize,
     map: memmap2::Mmap,
 }
@@ -152,13 +156,18 @@ impl WorkingSet {
                 what: "the working set".into(),
             });
         }
-        let pages = map[HEADER_BYTES..HEADER_BYTES + count as usize * ENTRY_BYTES]
+        let entries = &map[HEADER_BYTES..HEADER_BYTES + count as usize * ENTRY_BYTES];
+        let pages = entries
             .chunks_exact(ENTRY_BYTES)
             .map(|entry| WorkingSetPage {
                 address: le_u64(&entry[..8]),
-                store_offset: le_u64(&entry[8..]),
+                store_offset: le_u64(&entry[8..16]),
             })
             .collect::<Vec<_>>();
+        let crcs = entries
+            .chunks_exact(ENTRY_BYTES)
+            .map(|entry| le_u32(&entry[16..20]))
+            .collect();
         if let Some(page) = pages
             .iter()
             .find(|p| p.address % PAGE_SIZE != 0 || p.store_offset % PAGE_SIZE != 0)
@@ -176,6 +185,7 @@ impl WorkingSet {
             image_crc,
             recorded_unix_ms,
             pages,
+            crcs,
             data_offset,
             map,
         })
@@ -235,10 +245,30 @@ impl WorkingSet {
         self.pages.is_empty()
     }
 
-    /// Contents of `count` pages from the `index`th on, consecutive in the file.
-    pub fn contents(&self, index: usize, count: usize) -> &[u8] {
+    /// Contents of `count` pages from the `index`th on, consecutive in the
+    /// file, after checking each page's checksum.
+    pub fn verified_contents(&self, index: usize, count: usize) -> Result<&[u8], ImageError> {
         let start = self.data_offset + index * PAGE_SIZE as usize;
-        &self.map[start..start + count * PAGE_SIZE as usize]
+        let bytes = self
+            .map
+            .get(start..start + count * PAGE_SIZE as usize)
+            .ok_or_else(|| ImageError::Inconsistent {
+                path: self.path.clone(),
+                reason: format!("pages {index}..{} lie past the end", index + count),
+            })?;
+        for (offset, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            if crc32c::crc32c(page) != self.crcs[index + offset] {
+                return Err(ImageError::Checksum {
+                    path: self.path.clone(),
+                    what: format!(
+                        "working-set page {} ({:#x})",
+                        index + offset,
+                        self.pages[index + offset].address
+                    ),
+                });
+            }
+        }
+        Ok(bytes)
     }
 }
 
@@ -289,11 +319,6 @@ fn write_file(
     head.extend_from_slice(&recorded_unix_ms.to_le_bytes());
     head.extend_from_slice(&(pages.len() as u64).to_le_bytes());
     head.extend_from_slice(&[0u8; 8]);
-    for page in pages {
-        head.extend_from_slice(&page.address.to_le_bytes());
-        head.extend_from_slice(&page.store_offset.to_le_bytes());
-    }
-    head.resize(data_offset(pages.len()), 0);
     let store_bytes = store.as_bytes();
     let mut contents = Vec::with_capacity(pages.len());
     for page in pages {
@@ -308,7 +333,12 @@ fn write_file(
                 ),
             })?;
         contents.push(content);
+        head.extend_from_slice(&page.address.to_le_bytes());
+        head.extend_from_slice(&page.store_offset.to_le_bytes());
+        head.extend_from_slice(&crc32c::crc32c(content).to_le_bytes());
+        head.extend_from_slice(&[0u8; 4]);
     }
+    head.resize(data_offset(pages.len()), 0);
     let mut crc = crc32c::crc32c(&head[..32]);
     crc = crc32c::crc32c_append(crc, &head[40..]);
     for content in &contents {
@@ -392,8 +422,8 @@ mod tests {
 
         let set = WorkingSet::open(&dir, crc).unwrap();
         assert_eq!(set.pages(), &pages);
-        assert!(set.contents(0, 1).iter().all(|&b| b == 6));
-        let two = set.contents(1, 2);
+        assert!(set.verified_contents(0, 1).unwrap().iter().all(|&b| b == 6));
+        let two = set.verified_contents(1, 2).unwrap();
         assert!(two[..PAGE_SIZE as usize].iter().all(|&b| b == 3));
         assert!(two[PAGE_SIZE as usize..].iter().all(|&b| b == 4));
 
@@ -402,10 +432,16 @@ mod tests {
             Err(ImageError::Inconsistent { .. })
         ));
 
+        // Corrupted after it was read: the page check catches it.
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
+        assert!(set.verified_contents(0, 2).is_ok());
+        assert!(matches!(
+            set.verified_contents(2, 1),
+            Err(ImageError::Checksum { .. })
+        ));
         assert!(matches!(
             WorkingSet::open(&dir, crc),
             Err(ImageError::Checksum { .. })
