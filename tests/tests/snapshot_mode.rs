@@ -82,7 +82,9 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
     let first_pid = running["pid"].as_i64().unwrap();
 
     wait_until(Duration::from_secs(10), || {
-        sandbox.service("web").unwrap()["state"] == "parked"
+        let status = sandbox.service("web").unwrap();
+        // Parked, with the skeleton of the next wake prepared.
+        status["state"] == "parked" && status["parked_bytes"].as_u64() > Some(0)
     })
     .expect("parked again when idle");
     assert!(

@@ -212,3 +212,41 @@ fn inetd_mode_starts_one_process_per_connection() {
     .expect("parked once the last connection's process exits");
     assert!(sandbox.service("echo").unwrap()["wakes"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn a_service_that_exits_at_once_is_marked_failed_and_its_clients_are_not_left_hanging() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "crash",
+            "--port",
+            "8086",
+            "--exec",
+            "--",
+            "/bin/false",
+        ])
+        .unwrap();
+    let reply = sandbox
+        .netns
+        .enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", 8086)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut reply = Vec::new();
+            stream.read_to_end(&mut reply).map(|_| reply)
+        })
+        .unwrap();
+    assert!(
+        reply.as_ref().is_ok_and(Vec::is_empty) || reply.is_err(),
+        "the queued client is closed, not served and not left hanging: {reply:?}"
+    );
+    let status = sandbox.service("crash").unwrap();
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["error"].as_str().unwrap().contains("exited within"),
+        "{status}"
+    );
+}

@@ -28,6 +28,11 @@ use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// A process that exits this soon after its start counts as a failed start.
+const QUICK_EXIT: Duration = Duration::from_secs(1);
+/// Failed starts in a row after which the service is marked failed rather
+/// than started again for the connections still queued.
+const QUICK_EXITS_TO_FAIL: u32 = 3;
 /// How long a service that failed to start stays failed before the next SYN may retry.
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -185,6 +190,8 @@ pub struct Supervisor {
     snapshot: Arc<Mutex<Snapshot>>,
     child: Option<Child>,
     running_since: Instant,
+    /// Consecutive starts after which the process exited at once.
+    quick_exits: u32,
     starter: Starter,
 }
 
@@ -231,6 +238,7 @@ impl Supervisor {
             snapshot: snapshot.clone(),
             child: None,
             running_since: Instant::now(),
+            quick_exits: 0,
             starter,
         };
         let worker_report = match &supervisor.starter {
@@ -303,7 +311,19 @@ impl Supervisor {
                     info!(service = %self.spec.name, pid = child.pid, "service exited");
                     self.child = None;
                     self.prepare_next();
-                    self.park();
+                    if self.running_since.elapsed() < QUICK_EXIT {
+                        self.quick_exits += 1;
+                    } else {
+                        self.quick_exits = 0;
+                    }
+                    if self.quick_exits >= QUICK_EXITS_TO_FAIL {
+                        self.quick_exits = 0;
+                        self.fail_start(format!(
+                            "exited within {QUICK_EXIT:?} of each of its last {QUICK_EXITS_TO_FAIL} starts"
+                        ));
+                    } else {
+                        self.park();
+                    }
                 }
                 _ = idle_check.tick(), if self.spec.idle_timeout.is_some() => {
                     if self.is_idle() {
