@@ -21,7 +21,7 @@ use super::listener;
 use super::metrics::Metrics;
 use super::restore_worker::{RestoreWorker, WorkerReport};
 use super::run_state::{Adopted, RunRecord, RunStateDir, start_time};
-use crate::checkpoint::{CheckpointOptions, checkpoint};
+use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint};
 use crate::launch;
 use crate::service::{OnIdle, ServiceMode, ServiceSpec};
 use crate::sys::pidfd::PidFd;
@@ -409,7 +409,7 @@ impl Supervisor {
                 exclude_fds: restorer_userfaultfds(child.pid),
             };
             let started = Instant::now();
-            let result = tokio::task::spawn_blocking(move || checkpoint(&options)).await;
+            let result = checkpoint_when_filled(options).await;
             self.metrics
                 .observe_checkpoint(&self.spec.name, started.elapsed());
             match result {
@@ -667,6 +667,27 @@ fn has_established_connections(port: u16) -> bool {
     procfs::net::tcp().map(established).unwrap_or(false)
         || procfs::net::tcp6().map(established).unwrap_or(false)
 }
+
+/// Checkpoints a restored process once its pager has brought all its memory
+/// in (a page not yet served is not in the process to be saved).
+async fn checkpoint_when_filled(
+    options: CheckpointOptions,
+) -> Result<Result<crate::checkpoint::CheckpointSummary, CheckpointError>, tokio::task::JoinError> {
+    let deadline = Instant::now() + FILL_WAIT;
+    loop {
+        let attempt = options.clone();
+        let result = tokio::task::spawn_blocking(move || checkpoint(&attempt)).await;
+        match result {
+            Ok(Err(CheckpointError::UserfaultfdPending { .. })) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long `--on-idle keep` waits for the pager to finish filling memory.
+const FILL_WAIT: Duration = Duration::from_secs(10);
 
 /// The userfaultfds of a process the restore engine rebuilt: it leaves one in
 /// every restored process (so that a dead pager blocks faults instead of

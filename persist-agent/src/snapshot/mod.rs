@@ -26,6 +26,10 @@ use crate::service::Readiness;
 use crate::sys::pidfd::PidFd;
 use crate::sys::spawn::Identity;
 
+/// How long a ready service gets to close the connections of readiness
+/// checks and warm-up requests before it is snapshotted.
+const QUIET_WAIT: Duration = Duration::from_secs(2);
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct BuildRequest {
@@ -180,6 +184,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
             .map_err(|err| BuildError::Other(format!("warm-up request: {err}")))?;
     }
 
+    readiness::wait_for_quiet_sockets(spawned.pid, QUIET_WAIT);
     let children = handover::children(spawned.pid);
     if !children.is_empty() {
         return Err(BuildError::HasChildren {

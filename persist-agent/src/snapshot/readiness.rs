@@ -128,16 +128,12 @@ fn http_status(addr: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
         TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut head = [0u8; 32];
-    let mut len = 0;
-    while len < 12 {
-        match stream.read(&mut head[len..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => len += n,
-        }
-    }
-    let line = std::str::from_utf8(&head[..len]).ok()?;
-    line.split(' ').nth(1)?.parse().ok()
+    // Read the whole answer: the server is done with the connection only
+    // once it has sent all of it, and it must be done before the snapshot.
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let head = String::from_utf8_lossy(&response[..response.len().min(32)]).into_owned();
+    head.split(' ').nth(1)?.parse().ok()
 }
 
 /// One warm-up request: a GET for HTTP readiness, else a connect and close.
@@ -151,4 +147,30 @@ pub fn send_warmup_request(addr: Ipv4Addr, port: u16, ready: &Readiness) -> std:
         }
     }
     Ok(())
+}
+
+/// Waits (up to `limit`) until `pid` holds no TCP socket but listeners: the
+/// connections of readiness checks and warm-up requests must be closed on
+/// its side too before the snapshot, since live connections cannot be saved.
+pub(super) fn wait_for_quiet_sockets(pid: i32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline && has_connections(pid) {
+        std::thread::sleep(POLL);
+    }
+}
+
+fn has_connections(pid: i32) -> bool {
+    let connected: Vec<u64> = procfs::net::tcp()
+        .into_iter()
+        .flatten()
+        .chain(procfs::net::tcp6().into_iter().flatten())
+        .filter(|entry| entry.state != procfs::net::TcpState::Listen)
+        .map(|entry| entry.inode)
+        .collect();
+    let Ok(fds) = procfs::process::Process::new(pid).and_then(|process| process.fd()) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        matches!(fd.target, procfs::process::FDTarget::Socket(inode) if inode != 0 && connected.contains(&inode))
+    })
 }
