@@ -9,9 +9,11 @@
 //! between rows of one run, not absolute numbers across runs.
 
 mod client;
+mod interrupt;
 mod modes;
 mod plot;
 mod procs;
+mod progress;
 mod report;
 mod servers;
 mod stats;
@@ -21,12 +23,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use persist_tests::{Sandbox, binary};
 use serde::Serialize;
 
 use crate::deps;
 use modes::{Bench, ServerResult};
+use progress::Progress;
 use servers::Server;
 use stats::format_us;
 
@@ -40,6 +42,8 @@ const QUICK_RUNS: usize = 40;
 struct BenchRun {
     /// When it ran (UTC).
     date: String,
+    /// The machine: kernel and CPUs.
+    machine: String,
     /// Timed runs per mode.
     runs: usize,
     /// Whether `--quick` was given.
@@ -53,6 +57,7 @@ struct BenchRun {
 /// Runs the bench: progress on stderr, Markdown on stdout, raw samples and
 /// the plot under `target/bench/`.
 pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
+    interrupt::install()?;
     deps::require_root()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
@@ -80,20 +85,13 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
         sandbox.netns.name()
     );
 
-    let progress = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:>48} [{bar:30}] {pos}/{len} {elapsed}")
-        .context("progress template")?
-        .progress_chars("=> ");
+    let progress = Progress::new(runs)?;
     let mut results = Vec::new();
     for server in &servers {
-        let bar = |mode: &str| {
-            progress.add(
-                ProgressBar::new(runs as u64)
-                    .with_style(style.clone())
-                    .with_prefix(format!("{}: {mode}", server.label)),
-            )
-        };
+        let bar = |mode: &str| progress.bar(&format!("{}: {mode}", server.label));
+        interrupt::check()?;
         let result = bench.server(server, &bar);
+        interrupt::check()?;
         for row in &result.modes {
             let summary = match (row.ttfb.median(), &row.note) {
                 (Some(median), _) => format!(
@@ -104,11 +102,11 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
                 (None, Some(note)) => note.clone(),
                 (None, None) => "no samples".into(),
             };
-            progress.println(format!(
+            progress.line(&format!(
                 "bench: {}: {}: {summary}",
                 server.label,
                 row.mode.label()
-            ))?;
+            ));
         }
         results.push(result);
     }
@@ -116,6 +114,7 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
 
     let run = BenchRun {
         date,
+        machine: machine()?,
         runs,
         quick,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -132,7 +131,7 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
     );
     plot::latency_svg(&run.servers, &title, &svg)?;
     eprintln!(
-        "bench: done in {:.0} s; raw samples in {}, plot in {}",
+        "bench: done in {:.0} s; raw samples in {}, plot in {}, tables in latency.md beside them",
         run.elapsed_s,
         json.display(),
         svg.display()
@@ -145,15 +144,18 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
         eprintln!("bench: copied the plot to docs/bench-latency.svg");
     }
 
-    println!(
-        "persist bench, {}, {} runs per mode{}; time from connect() to the first byte\n",
+    let markdown = format!(
+        "persist bench, {}, {}, {} runs per mode{}; time from connect() to the first byte\n\n{}\n\
+         What parking costs and what a wake does (medians over the runs)\n\n{}",
         run.date,
+        run.machine,
         run.runs,
-        if quick { " (--quick)" } else { "" }
+        if quick { " (--quick)" } else { "" },
+        report::latency_table(&run.servers),
+        report::cost_table(&run.servers),
     );
-    print!("{}", report::latency_table(&run.servers));
-    println!("\nWhat parking costs and what a wake does (medians over the runs)\n");
-    print!("{}", report::cost_table(&run.servers));
+    std::fs::write(out_dir.join("latency.md"), &markdown)?;
+    print!("{markdown}");
     Ok(())
 }
 
@@ -180,6 +182,18 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// Kernel release and online CPUs.
+fn machine() -> Result<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    Ok(format!(
+        "Linux {} {}, {cpus} CPUs",
+        release.trim(),
+        std::env::consts::ARCH
+    ))
 }
 
 fn utc_now() -> Result<String> {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::client::{self, Probe};
+use super::interrupt;
 use super::procs::ServerProcess;
 use super::servers::{Kind, Server};
 use super::stats::Samples;
@@ -239,6 +240,7 @@ impl Bench<'_> {
         let warm = self.in_netns(|| -> Result<Samples> {
             let mut samples = Samples::default();
             for _ in 0..self.runs {
+                interrupt::check()?;
                 samples.push(client::request(port, probe)?);
                 progress.inc(1);
             }
@@ -250,6 +252,7 @@ impl Bench<'_> {
         let frozen = self.in_netns(|| -> Result<Samples> {
             let mut samples = Samples::default();
             for _ in 0..self.runs {
+                interrupt::check()?;
                 process.freeze()?;
                 samples.push(client::request_with(port, probe, || {
                     process.signal(Signal::SIGCONT)
@@ -368,6 +371,7 @@ impl Bench<'_> {
         self.wait_parked(service, snapshot)?;
         self.in_netns(|| client::request(port, probe))??;
         for _ in 0..self.runs {
+            interrupt::check()?;
             self.sandbox.agent_ok(&["park", service])?;
             let parked = self.wait_parked(service, snapshot)?;
             if snapshot {
@@ -438,6 +442,7 @@ impl Bench<'_> {
         let samples = self.in_netns(|| -> Result<Samples> {
             let mut samples = Samples::default();
             for _ in 0..self.runs {
+                interrupt::check()?;
                 samples.push(once()?);
                 progress.inc(1);
             }
@@ -491,6 +496,7 @@ impl Bench<'_> {
         let samples = self.in_netns(|| -> Result<Samples> {
             let mut samples = Samples::default();
             for _ in 0..self.runs {
+                interrupt::check()?;
                 let _ = std::fs::remove_file(&pidfile);
                 let started = Instant::now();
                 let restorer = ServerProcess::spawn(&restore)?;

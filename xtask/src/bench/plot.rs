@@ -41,7 +41,7 @@ pub fn latency_svg(results: &[ServerResult], title: &str, path: &Path) -> Result
             .map_err(plot_error)?;
         chart
             .configure_mesh()
-            .x_desc("connect() → first byte (µs, log scale)")
+            .x_desc("connect() → first byte (log scale)")
             .y_desc("fraction of runs")
             .x_label_formatter(&|us| short_us(*us))
             .draw()

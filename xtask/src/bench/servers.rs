@@ -1,8 +1,9 @@
 //! The servers the bench measures and how each is started on a given port.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use persist_tests::binary;
 use serde::Serialize;
 
@@ -39,6 +40,8 @@ pub struct Server {
     pub probe: Probe,
     /// Files it serves and its configuration.
     dir: PathBuf,
+    /// The Python interpreter `python3` runs.
+    python: PathBuf,
 }
 
 impl Server {
@@ -47,6 +50,7 @@ impl Server {
         let www = dir.join("www");
         std::fs::create_dir_all(&www)?;
         std::fs::write(www.join("index.html"), "hello from a file\n")?;
+        let python = python_interpreter()?;
         let server = |kind, label, service, base_port, probe| Server {
             kind,
             label,
@@ -54,6 +58,7 @@ impl Server {
             base_port,
             probe,
             dir: dir.to_owned(),
+            python: python.clone(),
         };
         Ok(vec![
             server(Kind::Hello, "hello-server", "hello", 8100, Probe::Http),
@@ -85,7 +90,7 @@ impl Server {
                 format!("127.0.0.1:{port}"),
             ],
             Kind::Python => vec![
-                "python3".into(),
+                self.python.display().to_string(),
                 "-m".into(),
                 "http.server".into(),
                 port_text,
@@ -173,4 +178,18 @@ http {{
 "
         )
     }
+}
+
+/// The interpreter behind `python3`, resolved once: a version manager's shim
+/// (pyenv's is a shell script) would add a few hundred ms to every fresh start.
+fn python_interpreter() -> Result<PathBuf> {
+    let output = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .context("running python3")?;
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    if !output.status.success() || path.is_empty() {
+        bail!("python3 did not say where its interpreter is: {output:?}");
+    }
+    Ok(path.into())
 }
