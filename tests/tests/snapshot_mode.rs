@@ -368,3 +368,94 @@ fn after_a_reboot_services_are_parked_from_their_images_without_running_the_comm
         "the command ran only when the service was added"
     );
 }
+
+#[test]
+fn readiness_by_notify_warmup_requests_and_user_are_honoured() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+
+    // READY=1 on NOTIFY_SOCKET, as systemd's protocol has it.
+    let script = format!(
+        "import os, socket, http.server, functools\n\
+         handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory={root:?})\n\
+         server = http.server.HTTPServer(('127.0.0.1', 8109), handler)\n\
+         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:\n\
+         \x20   notify.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n\
+         server.serve_forever()\n",
+        root = root.path().display().to_string()
+    );
+    sandbox
+        .agent_ok(&[
+            "add",
+            "notified",
+            "--port",
+            "8109",
+            "--ready",
+            "notify",
+            "--warmup-requests",
+            "3",
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ])
+        .unwrap();
+    let log = std::fs::read_to_string(sandbox.state_dir().join("logs/notified.log")).unwrap();
+    // Warm-up requests for a non-HTTP readiness are plain connections; the
+    // server logs nothing for them but must have survived them.
+    assert!(!log.contains("Traceback"), "{log}");
+    assert!(
+        sandbox
+            .http_get(8109)
+            .unwrap()
+            .contains("persist-was-here.txt")
+    );
+
+    // HTTP readiness: warm-up requests are GETs the server logs.
+    add_http_server(
+        &sandbox,
+        "warm",
+        8110,
+        root.path(),
+        &["--warmup-requests", "3"],
+    );
+    let log = std::fs::read_to_string(sandbox.state_dir().join("logs/warm.log")).unwrap();
+    assert!(
+        log.matches("\"GET / HTTP/1.0\" 200").count() >= 4,
+        "the readiness GET and 3 warm-up GETs reached the server before the snapshot:\n{log}"
+    );
+
+    // --user: the service runs, and is restored, as that user.
+    let server = binary("hello-server").display().to_string();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "unprivileged",
+            "--port",
+            "8111",
+            "--user",
+            "nobody",
+            "--",
+            &server,
+            "127.0.0.1:8111",
+        ])
+        .unwrap();
+    let body = sandbox.http_get(8111).unwrap();
+    let pid = sandbox.service("unprivileged").unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    assert!(body.starts_with("hello from pid"), "{body}");
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|uid| uid == "65534"),
+        "restored as nobody: {uid_line}"
+    );
+}

@@ -78,19 +78,7 @@ pub fn save_process(
     )? as u32;
     injector.finish()?;
 
-    let mut rlimits = Vec::new();
-    for resource in 0..RLIMIT_COUNT {
-        let (soft, hard) = rlimit::get(pid, resource).map_err(|source| CheckpointError::Proc {
-            pid,
-            path: format!("prlimit resource {resource}"),
-            source,
-        })?;
-        rlimits.push(Rlimit {
-            resource,
-            soft,
-            hard,
-        });
-    }
+    let rlimits = read_rlimits(pid)?;
 
     let word4 = |key: &str| -> Result<[u32; 4], CheckpointError> {
         let values = status.numbers(key)?;
@@ -190,4 +178,70 @@ fn split_nul(bytes: &[u8]) -> Vec<String> {
         .split(|&b| b == 0)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
+}
+
+/// Every resource limit of `pid`. prlimit(2) on a process of another user
+/// needs CAP_SYS_RESOURCE, which the agent may lack; /proc/PID/limits shows
+/// the same values to root, in `RLIMIT_*` order.
+fn read_rlimits(pid: i32) -> Result<Vec<Rlimit>, CheckpointError> {
+    let direct: Result<Vec<Rlimit>, _> = (0..RLIMIT_COUNT)
+        .map(|resource| {
+            rlimit::get(pid, resource).map(|(soft, hard)| Rlimit {
+                resource,
+                soft,
+                hard,
+            })
+        })
+        .collect();
+    match direct {
+        Ok(rlimits) => Ok(rlimits),
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) => rlimits_from_proc(pid),
+        Err(source) => Err(CheckpointError::Proc {
+            pid,
+            path: "prlimit".into(),
+            source,
+        }),
+    }
+}
+
+fn rlimits_from_proc(pid: i32) -> Result<Vec<Rlimit>, CheckpointError> {
+    let limits = procfs::process::Process::new(pid)
+        .and_then(|process| process.limits())
+        .map_err(|source| CheckpointError::ProcFs {
+            pid,
+            what: "limits",
+            source,
+        })?;
+    let value = |value: &procfs::process::LimitValue| match value {
+        procfs::process::LimitValue::Unlimited => u64::MAX,
+        procfs::process::LimitValue::Value(value) => *value,
+    };
+    // In `RLIMIT_*` order, as the kernel prints them.
+    let ordered = [
+        &limits.max_cpu_time,
+        &limits.max_file_size,
+        &limits.max_data_size,
+        &limits.max_stack_size,
+        &limits.max_core_file_size,
+        &limits.max_resident_set,
+        &limits.max_processes,
+        &limits.max_open_files,
+        &limits.max_locked_memory,
+        &limits.max_address_space,
+        &limits.max_file_locks,
+        &limits.max_pending_signals,
+        &limits.max_msgqueue_size,
+        &limits.max_nice_priority,
+        &limits.max_realtime_priority,
+        &limits.max_realtime_timeout,
+    ];
+    Ok(ordered
+        .iter()
+        .zip(0..RLIMIT_COUNT)
+        .map(|(limit, resource)| Rlimit {
+            resource,
+            soft: value(&limit.soft_limit),
+            hard: value(&limit.hard_limit),
+        })
+        .collect())
 }
