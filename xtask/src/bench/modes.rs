@@ -143,6 +143,41 @@ pub struct ServerResult {
     pub prefetch: Option<WakeStats>,
 }
 
+/// A service registered with the agent, woken in turns with the others.
+struct Woken {
+    mode: Mode,
+    service: String,
+    port: u16,
+    /// Snapshot mode (a skeleton is prepared while parked), else exec mode.
+    snapshot: bool,
+    /// Errors of `add` attempts that failed before one worked.
+    add_failures: Vec<String>,
+    ttfb: Samples,
+    stats: WakeStats,
+    /// Why it stopped being measured.
+    error: Option<String>,
+}
+
+impl Woken {
+    fn into_row(self) -> (ModeResult, Option<WakeStats>) {
+        let mut notes = Vec::new();
+        if !self.add_failures.is_empty() {
+            notes.push(format!(
+                "`add` worked after {} failed attempt(s): {}",
+                self.add_failures.len(),
+                self.add_failures.join("; ")
+            ));
+        }
+        notes.extend(self.error);
+        let row = ModeResult {
+            mode: self.mode,
+            ttfb: self.ttfb,
+            note: (!notes.is_empty()).then(|| notes.join("; ")),
+        };
+        (row, self.snapshot.then_some(self.stats))
+    }
+}
+
 /// A bench run's fixed settings.
 pub struct Bench<'a> {
     /// The namespace, state directory and daemon.
@@ -184,25 +219,40 @@ impl Bench<'_> {
                 }
             }
         }
-        let (lazy, stats) = self.persist(server, Mode::PersistLazy, bar);
-        result.modes.push(lazy);
-        result.lazy = stats;
-        if self.prefetch {
-            let (prefetch, stats) = self.persist(server, Mode::PersistPrefetch, bar);
-            result.modes.push(prefetch);
-            result.prefetch = stats;
-        } else {
+        match self.agent_modes(server, bar) {
+            Ok(rows) => {
+                for (row, stats) in rows {
+                    match row.mode {
+                        Mode::PersistLazy => result.lazy = stats,
+                        Mode::PersistPrefetch => result.prefetch = stats,
+                        _ => {}
+                    }
+                    result.modes.push(row);
+                }
+            }
+            Err(err) => {
+                for mode in [Mode::PersistLazy, Mode::PersistPrefetch] {
+                    result
+                        .modes
+                        .push(ModeResult::noted(mode, format!("failed: {err:#}")));
+                }
+            }
+        }
+        if !self.prefetch {
             result.modes.push(ModeResult::noted(
                 Mode::PersistPrefetch,
                 "n/a (not implemented yet)",
             ));
         }
         if !server.persist_only() {
-            result.modes.push(
-                self.fresh(server, bar).unwrap_or_else(|err| {
-                    ModeResult::noted(Mode::Fresh, format!("failed: {err:#}"))
-                }),
-            );
+            // hello-server's fresh start is the agent's exec mode, measured above.
+            if server.kind != Kind::Hello {
+                result
+                    .modes
+                    .push(self.fresh(server, bar).unwrap_or_else(|err| {
+                        ModeResult::noted(Mode::Fresh, format!("failed: {err:#}"))
+                    }));
+            }
             result.modes.push(match &self.criu {
                 None => ModeResult::noted(Mode::Criu, "skipped: criu not installed"),
                 Some(criu) => self.criu(server, criu, bar).unwrap_or_else(|err| {
@@ -236,30 +286,21 @@ impl Bench<'_> {
         })??;
         let rss = process.rss_bytes()?;
 
-        let progress = bar(Mode::Warm.label());
-        let warm = self.in_netns(|| -> Result<Samples> {
-            let mut samples = Samples::default();
+        // Alternate the two, so that both see the same load on the machine.
+        let progress = bar("warm and frozen, alternating");
+        let (warm, frozen) = self.in_netns(|| -> Result<(Samples, Samples)> {
+            let mut warm = Samples::default();
+            let mut frozen = Samples::default();
             for _ in 0..self.runs {
                 interrupt::check()?;
-                samples.push(client::request(port, probe)?);
-                progress.inc(1);
-            }
-            Ok(samples)
-        })??;
-        progress.finish_and_clear();
-
-        let progress = bar(Mode::Frozen.label());
-        let frozen = self.in_netns(|| -> Result<Samples> {
-            let mut samples = Samples::default();
-            for _ in 0..self.runs {
-                interrupt::check()?;
+                warm.push(client::request(port, probe)?);
                 process.freeze()?;
-                samples.push(client::request_with(port, probe, || {
+                frozen.push(client::request_with(port, probe, || {
                     process.signal(Signal::SIGCONT)
                 })?);
                 progress.inc(1);
             }
-            Ok(samples)
+            Ok((warm, frozen))
         })??;
         progress.finish_and_clear();
         Ok((
@@ -269,64 +310,115 @@ impl Bench<'_> {
         ))
     }
 
-    /// Snapshot mode: added once, then parked and woken by a request, `runs` times.
-    fn persist(
+    /// The modes the agent serves: persist lazy, persist prefetch (where the
+    /// agent has it) and, for hello-server, the fresh start of exec mode. They
+    /// are registered together and woken in turns, so that all see the same
+    /// load on the machine.
+    fn agent_modes(
         &self,
         server: &Server,
-        mode: Mode,
         bar: &dyn Fn(&str) -> ProgressBar,
-    ) -> (ModeResult, Option<WakeStats>) {
-        let service = match mode {
-            Mode::PersistPrefetch => format!("{}-prefetch", server.service),
-            _ => server.service.to_owned(),
-        };
-        let port = mode.port(server);
-        // Where the agent prefetches, lazy has to say it wants none.
-        let extra: &[&str] = match (mode, self.prefetch) {
-            (Mode::PersistPrefetch, _) => &["--prefetch", "recorded"],
-            (_, true) => &["--prefetch", "none"],
-            (_, false) => &[],
-        };
-        let outcome = server.command(port).and_then(|argv| {
-            let port_text = port.to_string();
-            let mut args: Vec<&str> = vec!["add", &service, "--port", &port_text];
-            args.extend_from_slice(server.ready_args());
-            args.extend_from_slice(extra);
-            args.push("--");
-            args.extend(argv.iter().map(String::as_str));
-            let (add_ms, failures) = match self.add(&args) {
-                Ok(added) => added,
-                Err(refusals) => return Ok(Err(refusals)),
-            };
-            let image_bytes = du(&self.sandbox.state_dir().join("images").join(&service));
-            let result = self.wake_loop(&service, port, server.probe, true, &bar(mode.label()));
-            let _ = self.sandbox.agent(&["remove", &service]);
-            let (ttfb, mut stats) = result?;
-            stats.add_ms = add_ms;
-            stats.image_bytes = image_bytes;
-            Ok(Ok((ttfb, stats, failures)))
-        });
-        match outcome {
-            Ok(Ok((ttfb, stats, failures))) => {
-                let mut row = ModeResult::measured(mode, ttfb);
-                if !failures.is_empty() {
-                    row.note = Some(format!(
-                        "`add` succeeded after {} failed attempt(s): {}",
-                        failures.len(),
-                        failures.join("; ")
-                    ));
-                }
-                (row, Some(stats))
-            }
-            Ok(Err(refusals)) => (
-                ModeResult::noted(
-                    mode,
-                    format!("refused by `persist-agent add`: {}", refusals.join("; ")),
-                ),
-                None,
-            ),
-            Err(err) => (ModeResult::noted(mode, format!("failed: {err:#}")), None),
+    ) -> Result<Vec<(ModeResult, Option<WakeStats>)>> {
+        let mut modes = vec![Mode::PersistLazy];
+        if self.prefetch {
+            modes.push(Mode::PersistPrefetch);
         }
+        if server.kind == Kind::Hello {
+            modes.push(Mode::Fresh);
+        }
+        let mut rows = Vec::new();
+        let mut woken = Vec::new();
+        for mode in modes {
+            match self.register(server, mode)? {
+                Ok(registered) => woken.push(registered),
+                Err(refusal) => rows.push((ModeResult::noted(mode, refusal), None)),
+            }
+        }
+        if woken.is_empty() {
+            return Ok(rows);
+        }
+        let labels: Vec<&str> = woken.iter().map(|w| w.mode.label()).collect();
+        let progress = bar(&labels.join(" / "));
+        // One untimed wake first: the page cache then holds the image (and a
+        // prefetching agent has recorded its working set), as for every later wake.
+        for entry in &mut woken {
+            let warmup = self
+                .wait_parked(&entry.service, entry.snapshot)
+                .and_then(|_| self.in_netns(|| client::request(entry.port, server.probe))?);
+            if let Err(err) = warmup {
+                entry.error = Some(format!("failed: {err:#}"));
+            }
+        }
+        for _ in 0..self.runs {
+            interrupt::check()?;
+            for entry in woken.iter_mut().filter(|w| w.error.is_none()) {
+                if let Err(err) = self.wake_once(entry, server.probe) {
+                    entry.error = Some(format!("failed: {err:#}"));
+                }
+            }
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        for entry in woken {
+            let _ = self.sandbox.agent(&["remove", &entry.service]);
+            rows.push(entry.into_row());
+        }
+        Ok(rows)
+    }
+
+    /// Registers `server` with the agent for `mode`, or says why it was refused.
+    fn register(&self, server: &Server, mode: Mode) -> Result<Result<Woken, String>> {
+        let port = mode.port(server);
+        let port_text = port.to_string();
+        let (service, argv) = match mode {
+            Mode::Fresh => (
+                format!("{}-exec", server.service),
+                vec![binary("hello-server").display().to_string()],
+            ),
+            Mode::PersistPrefetch => (
+                format!("{}-prefetch", server.service),
+                server.command(port)?,
+            ),
+            _ => (server.service.to_owned(), server.command(port)?),
+        };
+        let mut args: Vec<&str> = vec!["add", &service, "--port", &port_text];
+        match (mode, self.prefetch) {
+            (Mode::Fresh, _) => args.push("--exec"),
+            (Mode::PersistPrefetch, _) => args.extend(["--prefetch", "recorded"]),
+            // Where the agent prefetches, lazy has to say it wants none.
+            (_, true) => args.extend(["--prefetch", "none"]),
+            (_, false) => {}
+        }
+        let snapshot = mode != Mode::Fresh;
+        if snapshot {
+            args.extend_from_slice(server.ready_args());
+        }
+        args.push("--");
+        args.extend(argv.iter().map(String::as_str));
+        let (add_ms, add_failures) = match self.add(&args) {
+            Ok(added) => added,
+            Err(refusals) => {
+                return Ok(Err(format!(
+                    "refused by `persist-agent add`: {}",
+                    refusals.join("; ")
+                )));
+            }
+        };
+        let stats = WakeStats {
+            add_ms,
+            image_bytes: du(&self.sandbox.state_dir().join("images").join(&service)),
+            ..WakeStats::default()
+        };
+        Ok(Ok(Woken {
+            mode,
+            service,
+            port,
+            snapshot,
+            add_failures,
+            ttfb: Samples::default(),
+            stats,
+            error: None,
+        }))
     }
 
     /// `persist-agent add ARGS`, tried up to [`ADD_ATTEMPTS`] times: the wall
@@ -354,43 +446,27 @@ impl Bench<'_> {
         Err(failures)
     }
 
-    /// Parks `service`, waits for it to be ready to wake, wakes it with one
-    /// timed request and reads what the agent measured; `runs` times.
-    fn wake_loop(
-        &self,
-        service: &str,
-        port: u16,
-        probe: Probe,
-        snapshot: bool,
-        progress: &ProgressBar,
-    ) -> Result<(Samples, WakeStats)> {
-        let mut ttfb = Samples::default();
-        let mut stats = WakeStats::default();
-        // One untimed wake first: the page cache then holds the image, as it
-        // does for every later wake.
-        self.wait_parked(service, snapshot)?;
-        self.in_netns(|| client::request(port, probe))??;
-        for _ in 0..self.runs {
-            interrupt::check()?;
-            self.sandbox.agent_ok(&["park", service])?;
-            let parked = self.wait_parked(service, snapshot)?;
-            if snapshot {
-                let rss = parked["rss_bytes"].as_u64().unwrap_or(0);
-                stats.parked_rss_bytes.push_value(rss as f64);
-                let cost = parked_cost(&parked).unwrap_or(rss);
-                stats.parked_cost_bytes.push_value(cost as f64);
-            }
-            ttfb.push(self.in_netns(|| client::request(port, probe))??);
-            let woken = self.sandbox.service(service)?;
-            let wakes = |status: &Value| status["wakes"].as_u64().unwrap_or(0);
-            if wakes(&woken) != wakes(&parked) + 1 {
-                bail!("the timed request did not wake {service} exactly once: {woken}");
-            }
-            record(&woken, &mut stats);
-            progress.inc(1);
+    /// Parks the service, waits until it is ready to wake, wakes it with one
+    /// timed request and reads what the agent measured.
+    fn wake_once(&self, entry: &mut Woken, probe: Probe) -> Result<()> {
+        let service = entry.service.as_str();
+        self.sandbox.agent_ok(&["park", service])?;
+        let parked = self.wait_parked(service, entry.snapshot)?;
+        if entry.snapshot {
+            let rss = parked["rss_bytes"].as_u64().unwrap_or(0);
+            entry.stats.parked_rss_bytes.push_value(rss as f64);
+            let cost = parked_cost(&parked).unwrap_or(rss);
+            entry.stats.parked_cost_bytes.push_value(cost as f64);
         }
-        progress.finish_and_clear();
-        Ok((ttfb, stats))
+        let ttfb = self.in_netns(|| client::request(entry.port, probe))??;
+        let woken = self.sandbox.service(service)?;
+        let wakes = |status: &Value| status["wakes"].as_u64().unwrap_or(0);
+        if wakes(&woken) != wakes(&parked) + 1 {
+            bail!("the timed request did not wake {service} exactly once: {woken}");
+        }
+        entry.ttfb.push(ttfb);
+        record(&woken, &mut entry.stats);
+        Ok(())
     }
 
     /// Polls the status until `service` is parked and, in snapshot mode, its
@@ -413,22 +489,10 @@ impl Bench<'_> {
         }
     }
 
-    /// Started on demand: hello-server by the agent in exec mode (the systemd
-    /// protocol), the others by the bench itself at t0.
+    /// Started on demand by the bench itself at t0, asked as soon as it listens.
     fn fresh(&self, server: &Server, bar: &dyn Fn(&str) -> ProgressBar) -> Result<ModeResult> {
         let port = Mode::Fresh.port(server);
         let progress = bar(Mode::Fresh.label());
-        if server.kind == Kind::Hello {
-            let service = format!("{}-exec", server.service);
-            let hello = binary("hello-server").display().to_string();
-            let port_text = port.to_string();
-            self.sandbox.agent_ok(&[
-                "add", &service, "--port", &port_text, "--exec", "--", &hello,
-            ])?;
-            let result = self.wake_loop(&service, port, server.probe, false, &progress);
-            let _ = self.sandbox.agent(&["remove", &service]);
-            return Ok(ModeResult::measured(Mode::Fresh, result?.0));
-        }
         let argv = server.command(port)?;
         let probe = server.probe;
         let once = || -> Result<Duration> {
