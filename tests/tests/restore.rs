@@ -305,6 +305,65 @@ fn failure_after_the_fork_kills_the_half_restored_process() {
     );
 }
 
+/// Capability number of CAP_SYS_ADMIN.
+const CAP_SYS_ADMIN: u64 = 21;
+
+#[test]
+fn credentials_are_restored_last() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = tempfile::tempdir().unwrap();
+    // The restored process runs as nobody and must reach its directory.
+    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-process", &dir).unwrap();
+    let mut pids = Pids(vec![fixture.id() as i32]);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+    edit_manifest(&image, |manifest| {
+        let creds = &mut manifest["process"]["credentials"];
+        creds["uids"] = serde_json::json!([65534, 65534, 65534, 65534]);
+        creds["gids"] = serde_json::json!([65534, 65534, 65534, 65534]);
+        creds["groups"] = serde_json::json!([]);
+        for set in [
+            "cap_inheritable",
+            "cap_permitted",
+            "cap_effective",
+            "cap_ambient",
+        ] {
+            creds[set] = 0.into();
+        }
+        let bounding = creds["cap_bounding"].as_u64().unwrap();
+        creds["cap_bounding"] = (bounding & !(1 << CAP_SYS_ADMIN)).into();
+        creds["no_new_privs"] = true.into();
+    });
+    let output = run(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534");
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534");
+    assert_eq!(field("Groups:"), "");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
+    let bounding = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+    assert_eq!(bounding & (1 << CAP_SYS_ADMIN), 0);
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(fixture_result(pid, &dir).unwrap(), "OK");
+    kill_and_wait_dead(pid);
+}
+
 #[test]
 fn image_writable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;
