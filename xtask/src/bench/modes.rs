@@ -231,7 +231,7 @@ impl Bench<'_> {
                 }
             }
             Err(err) => {
-                for mode in [Mode::PersistLazy, Mode::PersistPrefetch] {
+                for mode in self.agent_mode_list(server) {
                     result
                         .modes
                         .push(ModeResult::noted(mode, format!("failed: {err:#}")));
@@ -319,16 +319,9 @@ impl Bench<'_> {
         server: &Server,
         bar: &dyn Fn(&str) -> ProgressBar,
     ) -> Result<Vec<(ModeResult, Option<WakeStats>)>> {
-        let mut modes = vec![Mode::PersistLazy];
-        if self.prefetch {
-            modes.push(Mode::PersistPrefetch);
-        }
-        if server.kind == Kind::Hello {
-            modes.push(Mode::Fresh);
-        }
         let mut rows = Vec::new();
         let mut woken = Vec::new();
-        for mode in modes {
+        for mode in self.agent_mode_list(server) {
             match self.register(server, mode)? {
                 Ok(registered) => woken.push(registered),
                 Err(refusal) => rows.push((ModeResult::noted(mode, refusal), None)),
@@ -364,6 +357,18 @@ impl Bench<'_> {
             rows.push(entry.into_row());
         }
         Ok(rows)
+    }
+
+    /// The modes of `server` that the agent serves.
+    fn agent_mode_list(&self, server: &Server) -> Vec<Mode> {
+        let mut modes = vec![Mode::PersistLazy];
+        if self.prefetch {
+            modes.push(Mode::PersistPrefetch);
+        }
+        if server.kind == Kind::Hello {
+            modes.push(Mode::Fresh);
+        }
+        modes
     }
 
     /// Registers `server` with the agent for `mode`, or says why it was refused.
