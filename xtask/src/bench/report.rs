@@ -132,3 +132,81 @@ fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> Option<f64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::modes::ModeResult;
+    use crate::bench::servers::Kind;
+
+    fn samples(values: &[f64]) -> Samples {
+        let mut samples = Samples::default();
+        for value in values {
+            samples.push_value(*value);
+        }
+        samples
+    }
+
+    fn row(mode: Mode, values: &[f64]) -> ModeResult {
+        ModeResult {
+            mode,
+            ttfb: samples(values),
+            note: None,
+        }
+    }
+
+    fn result() -> ServerResult {
+        ServerResult {
+            server: "srv".into(),
+            kind: Kind::Hello,
+            running_rss_bytes: Some(4 << 20),
+            modes: vec![
+                row(Mode::Warm, &[100.0, 100.0, 100.0]),
+                row(Mode::PersistLazy, &[1000.0, 1000.0, 5000.0]),
+                row(Mode::Fresh, &[10_000.0, 10_000.0, 10_000.0]),
+                ModeResult::noted(Mode::Criu, "skipped: criu not installed"),
+            ],
+            lazy: Some(WakeStats {
+                add_ms: 50.0,
+                image_bytes: 2 << 20,
+                parked_cost_bytes: samples(&[1024.0 * 1024.0]),
+                resume_us: samples(&[20.0]),
+                wake_us: samples(&[300.0]),
+                counters: [("last_faults".to_owned(), samples(&[3.0]))].into(),
+                ..WakeStats::default()
+            }),
+            prefetch: None,
+        }
+    }
+
+    #[test]
+    fn latency_rows_carry_ratios_to_warm_and_fresh() {
+        let table = latency_table(&[result()]);
+        assert!(
+            table.contains("| srv | persist lazy | 1.00 ms | 5.00 ms | 3 | 10.0× | 10.0× |  |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| srv | fresh on demand | 10.00 ms | 10.00 ms | 3 | 100.0× | — |  |"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| srv | CRIU restore | — | — | 0 | — | — | skipped: criu not installed |"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn cost_rows_show_parked_share_and_status_counters() {
+        let table = cost_table(&[result()]);
+        assert!(table.contains("| faults / wake |"), "{table}");
+        assert!(
+            table.contains(
+                "| srv | persist lazy | 50 ms | 2.0 MiB | 4.0 MiB | 1.0 MiB | 25 % | 20 µs | 300 µs | 3 |"
+            ),
+            "{table}"
+        );
+    }
+}
