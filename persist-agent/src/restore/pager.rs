@@ -93,6 +93,8 @@ pub struct Pager {
     prefetch: Option<(Arc<WorkingSet>, usize)>,
     /// Why the background prefetch stopped early, if a page was corrupt.
     prefetch_error: Option<ImageError>,
+    /// Until when faults are logged into `fault_log`.
+    record_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Pager {
@@ -143,6 +145,7 @@ impl Pager {
             fault_log: None,
             prefetch: None,
             prefetch_error: None,
+            record_until: None,
         }
     }
 
@@ -234,6 +237,12 @@ impl Pager {
                 self.prefetch_step();
                 continue;
             }
+            if self.recording() {
+                // Purely lazy while recording, so every page the process
+                // touches faults and is logged; no spinning meanwhile.
+                let _ = self.uffd.wait(1);
+                continue;
+            }
             // While faults keep coming the process is on its critical path:
             // small batches keep the wait behind a batch short.
             let faulting = last_fault.is_some_and(|at| at.elapsed() < FAULTING_WINDOW);
@@ -318,7 +327,10 @@ impl Pager {
                 }
             }
         }
-        if whole_run && let Some(log) = self.fault_log.as_mut() {
+        if whole_run
+            && self.recording()
+            && let Some(log) = self.fault_log.as_mut()
+        {
             for index in 0..count {
                 let address = first + index * PAGE_SIZE;
                 let source = self.pending[&address];
@@ -481,10 +493,18 @@ const PREFETCH_BATCH_PAGES: usize = 64;
 
 /// Recording and prefetching a working set.
 impl Pager {
-    /// Logs the pages copied to serve faults from now on, in order, for
-    /// [`Pager::take_fault_log`].
-    pub(crate) fn record_faults(&mut self) {
+    /// Logs the pages copied to serve faults for `window` from now on, in
+    /// order, for [`Pager::take_fault_log`]. The background fill waits until
+    /// the window ends, so that every page touched in it faults.
+    pub(crate) fn record_faults(&mut self, window: Duration) {
         self.fault_log = Some(Vec::new());
+        self.record_until = Some(Instant::now() + window);
+    }
+
+    /// True while faults are being recorded.
+    fn recording(&self) -> bool {
+        self.record_until
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// The pages copied to serve faults since [`Pager::record_faults`], in

@@ -124,12 +124,17 @@ impl Skeleton {
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let resources = Resources::open(&image, &fds, uffd_fd + 1)?;
         let own = OwnLayout::read()?;
-        let layout_fds = resources.layout_fds(uffd_fd);
-        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes)?;
-
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
         let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
         let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
+        let mut layout_fds = resources.layout_fds(uffd_fd);
+        // The child's ends of the pipes are ours too: gone before it runs.
+        layout_fds.close.extend([
+            go_read.as_raw_fd(),
+            status_write.as_raw_fd(),
+            init_go_read.as_raw_fd(),
+        ]);
+        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes)?;
         let mut keep: Vec<RawFd> = resources.raw_fds();
         keep.extend([
             uffd_fd,
