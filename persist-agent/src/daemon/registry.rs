@@ -374,7 +374,7 @@ impl Registry {
         let services = self.services.lock().expect("lock");
         match services.values().find(|h| h.slot == event.service_id) {
             Some(handle) => {
-                handle.snapshot.lock().expect("lock").last_event_us =
+                handle.published.lock().expect("lock").last_event_us =
                     Some(super::since_monotonic_us(event.syn_ns));
                 let _ = handle.commands.send(Command::Wake {
                     syn_ns: event.syn_ns,
@@ -391,7 +391,7 @@ impl Registry {
         let mut statuses: Vec<ServiceStatus> = services
             .values()
             .map(|handle| {
-                let mut snapshot = handle.snapshot.lock().expect("lock").clone();
+                let mut view = handle.published.lock().expect("lock").clone();
                 let pager = handle
                     .worker_report
                     .as_ref()
@@ -399,13 +399,13 @@ impl Registry {
                 // A parked snapshot service costs the private memory of its
                 // prepared skeleton.
                 let mut parked_bytes = 0;
-                if snapshot.pid.is_none()
+                if view.pid.is_none()
                     && let Some(report) = &handle.worker_report
                 {
                     let report = report.lock().expect("lock");
                     parked_bytes = report.skeleton_pid.map_or(0, private_bytes);
-                    if snapshot.error.is_none() {
-                        snapshot.error = report.error.clone();
+                    if view.error.is_none() {
+                        view.error = report.error.clone();
                     }
                 }
                 let stats = watcher.stats(handle.slot);
@@ -414,20 +414,20 @@ impl Registry {
                     addr: handle.spec.addr.to_string(),
                     port: handle.spec.port,
                     mode: handle.spec.mode.as_str().to_owned(),
-                    state: snapshot.state.as_str().to_owned(),
-                    pid: snapshot.pid,
+                    state: view.state.as_str().to_owned(),
+                    pid: view.pid,
                     syns: stats.syns,
-                    wakes: snapshot.wakes,
-                    last_wake_us: snapshot.last_wake_us,
-                    last_event_us: snapshot.last_event_us,
-                    last_resume_us: snapshot.last_resume_us,
+                    wakes: view.wakes,
+                    last_wake_us: view.last_wake_us,
+                    last_event_us: view.last_event_us,
+                    last_resume_us: view.last_resume_us,
                     last_faults: pager.as_ref().map(|p| p.faults),
                     last_fault_pages: pager.as_ref().map(|p| p.fault_pages),
                     last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
                     last_prefetch_pages: pager.as_ref().map(|p| p.prefetched_pages),
-                    rss_bytes: rss_of_sessions(&snapshot.sessions),
+                    rss_bytes: rss_of_sessions(&view.sessions),
                     parked_bytes,
-                    error: snapshot.error,
+                    error: view.error,
                 }
             })
             .collect();

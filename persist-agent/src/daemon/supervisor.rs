@@ -66,7 +66,7 @@ impl State {
 
 /// What the supervisor publishes for `status`.
 #[derive(Debug, Clone)]
-pub struct Snapshot {
+pub struct Published {
     /// Lifecycle state.
     pub state: State,
     /// Main pid, if a process runs.
@@ -120,7 +120,7 @@ pub struct Handle {
     /// Commands to the supervisor.
     pub commands: mpsc::UnboundedSender<Command>,
     /// What it publishes.
-    pub snapshot: Arc<Mutex<Snapshot>>,
+    pub published: Arc<Mutex<Published>>,
     /// What its restore thread publishes (snapshot mode).
     pub worker_report: Option<Arc<Mutex<WorkerReport>>>,
 }
@@ -187,7 +187,7 @@ pub struct Supervisor {
     watcher: SharedWatcher,
     run_state: Arc<RunStateDir>,
     metrics: Arc<Metrics>,
-    snapshot: Arc<Mutex<Snapshot>>,
+    published: Arc<Mutex<Published>>,
     child: Option<Child>,
     running_since: Instant,
     /// Consecutive starts after which the process exited at once.
@@ -218,7 +218,7 @@ impl Supervisor {
         starter: Starter,
     ) -> Handle {
         let (commands, receiver) = mpsc::unbounded_channel();
-        let snapshot = Arc::new(Mutex::new(Snapshot {
+        let published = Arc::new(Mutex::new(Published {
             state: State::Parked,
             pid: None,
             sessions: Vec::new(),
@@ -235,7 +235,7 @@ impl Supervisor {
             watcher: shared.watcher,
             run_state: shared.run_state,
             metrics: shared.metrics,
-            snapshot: snapshot.clone(),
+            published: published.clone(),
             child: None,
             running_since: Instant::now(),
             quick_exits: 0,
@@ -270,7 +270,7 @@ impl Supervisor {
             spec,
             slot,
             commands,
-            snapshot,
+            published,
             worker_report,
         }
     }
@@ -295,8 +295,8 @@ impl Supervisor {
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::WakeNow { done }) => {
                         self.start(None).await;
-                        let snapshot = self.snapshot.lock().expect("snapshot lock");
-                        let _ = done.send(snapshot.error.clone().map_or(Ok(()), Err));
+                        let published = self.published.lock().expect("published lock");
+                        let _ = done.send(published.error.clone().map_or(Ok(()), Err));
                     }
                     Some(Command::Shutdown { done }) => {
                         let _ = done.send(());
@@ -372,7 +372,10 @@ impl Supervisor {
         match started {
             Ok((pid, pidfd, namespace_init, resume_us)) => {
                 if resume_us.is_some() {
-                    self.snapshot.lock().expect("snapshot lock").last_resume_us = resume_us;
+                    self.published
+                        .lock()
+                        .expect("published lock")
+                        .last_resume_us = resume_us;
                 }
                 let latency = syn_ns.map(since_monotonic_us);
                 self.record_wake(pid, latency);
@@ -424,7 +427,7 @@ impl Supervisor {
                 }
                 Ok(Err(err)) => {
                     warn!(service = %self.spec.name, "keeping state failed, it is lost: {err}");
-                    self.snapshot.lock().expect("snapshot lock").error =
+                    self.published.lock().expect("published lock").error =
                         Some(format!("on-idle keep: {err}"));
                 }
                 Err(err) => warn!(service = %self.spec.name, "checkpoint task: {err}"),
@@ -463,7 +466,7 @@ impl Supervisor {
                                 let latency = (stats.wake_syn_ns != 0).then(|| since_monotonic_us(stats.wake_syn_ns));
                                 self.record_wake(spawned.pid, latency);
                             }
-                            self.snapshot.lock().expect("snapshot lock").sessions.push(spawned.pid);
+                            self.published.lock().expect("published lock").sessions.push(spawned.pid);
                             let child = Child::new(spawned.pid, spawned.pidfd)?;
                             children.spawn(async move {
                                 child.wait().await;
@@ -475,7 +478,7 @@ impl Supervisor {
                 }
                 Some(finished) = children.join_next(), if !children.is_empty() => {
                     if let Ok(pid) = finished {
-                        self.snapshot.lock().expect("snapshot lock").sessions.retain(|&p| p != pid);
+                        self.published.lock().expect("published lock").sessions.retain(|&p| p != pid);
                     }
                     if children.is_empty() {
                         self.park();
@@ -502,7 +505,7 @@ impl Supervisor {
     }
 
     fn kill_connection_handlers(&self) {
-        for &pid in &self.snapshot.lock().expect("snapshot lock").sessions {
+        for &pid in &self.published.lock().expect("published lock").sessions {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
@@ -548,23 +551,23 @@ impl Supervisor {
             }
         }
         {
-            let mut snapshot = self.snapshot.lock().expect("snapshot lock");
-            snapshot.state = State::Failed;
-            snapshot.pid = None;
-            snapshot.error = Some(err);
+            let mut published = self.published.lock().expect("published lock");
+            published.state = State::Failed;
+            published.pid = None;
+            published.error = Some(err);
         }
         let watcher = self.watcher.clone();
         let slot = self.slot;
-        let snapshot = self.snapshot.clone();
+        let published = self.published.clone();
         tokio::spawn(async move {
             tokio::time::sleep(RETRY_BACKOFF).await;
             let _ = watcher
                 .lock()
                 .expect("watcher lock")
                 .set_state(slot, BpfState::Parked);
-            let mut snapshot = snapshot.lock().expect("snapshot lock");
-            if snapshot.state == State::Failed {
-                snapshot.state = State::Parked;
+            let mut published = published.lock().expect("published lock");
+            if published.state == State::Failed {
+                published.state = State::Parked;
             }
         });
     }
@@ -574,14 +577,14 @@ impl Supervisor {
         self.metrics
             .observe_wake(&self.spec.name, latency_us.map(Duration::from_micros));
         self.set_bpf_state(BpfState::Running);
-        let mut snapshot = self.snapshot.lock().expect("snapshot lock");
-        snapshot.state = State::Running;
-        snapshot.pid = Some(pid);
-        snapshot.sessions = vec![pid];
-        snapshot.wakes += 1;
-        snapshot.error = None;
+        let mut published = self.published.lock().expect("published lock");
+        published.state = State::Running;
+        published.pid = Some(pid);
+        published.sessions = vec![pid];
+        published.wakes += 1;
+        published.error = None;
         if latency_us.is_some() {
-            snapshot.last_wake_us = latency_us;
+            published.last_wake_us = latency_us;
         }
         info!(service = %self.spec.name, pid, wake_us = ?latency_us, "woken");
     }
@@ -627,14 +630,14 @@ impl Supervisor {
     }
 
     fn state(&self) -> State {
-        self.snapshot.lock().expect("snapshot lock").state
+        self.published.lock().expect("published lock").state
     }
 
     fn publish(&self, state: State, pid: Option<i32>) {
-        let mut snapshot = self.snapshot.lock().expect("snapshot lock");
-        snapshot.state = state;
-        snapshot.pid = pid;
-        snapshot.sessions = pid.into_iter().collect();
+        let mut published = self.published.lock().expect("published lock");
+        published.state = state;
+        published.pid = pid;
+        published.sessions = pid.into_iter().collect();
     }
 
     fn set_bpf_state(&self, state: BpfState) {
