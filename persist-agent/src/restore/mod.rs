@@ -22,6 +22,8 @@ mod child;
 mod creds;
 mod layout;
 mod pager;
+#[cfg(test)]
+mod prefetch_tests;
 mod skeleton;
 mod table;
 

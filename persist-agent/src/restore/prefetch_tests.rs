@@ -1,0 +1,226 @@
+//! Tests of the pager's working-set record and prefetch, on a mapping of the
+//! test process itself registered with a real userfaultfd.
+
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use persist_common::image::{
+    Image, ImageWriter, Manifest, Mapping, MappingKind, PAGE_SIZE, Protection, WorkingSet,
+    WorkingSetPage, manifest_crc,
+};
+
+use super::pager::Pager;
+use crate::sys::pidfd::PidFd;
+use crate::sys::uffd::{self, Userfault};
+
+const PAGES: u64 = 32;
+
+/// A private anonymous mapping of our own, an image of it whose page `n`
+/// holds `n + 1` in every byte, and a pager for it.
+struct Fixture {
+    _temp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    area: *mut libc::c_void,
+    start: u64,
+    image: Arc<Image>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let len = (PAGES * PAGE_SIZE) as usize;
+        // SAFETY: a fresh private anonymous mapping, leaked for the test.
+        let area = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(area, libc::MAP_FAILED);
+        let start = area as u64;
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let mut writer = ImageWriter::create(&dir).unwrap();
+        let mut data = Vec::with_capacity(len);
+        for page in 0..PAGES {
+            data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
+        }
+        let runs = writer.append_pages(0, &data).unwrap();
+        let mut manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "kernel": {"release": "r", "version": "v", "machine": "x86_64"},
+            "cpu": {"xcr0": 3, "xsave_size": 576},
+            "created_unix_ms": 0,
+            "process": {
+                "pid": 1, "pgid": 1, "sid": 1, "comm": "x", "exe": "/x", "argv": [],
+                "environ": [], "cwd": "/", "root": "/", "umask": 18, "personality": 0,
+                "rlimits": [],
+                "credentials": {"uids": [0,0,0,0], "gids": [0,0,0,0], "groups": [],
+                    "cap_inheritable": 0, "cap_permitted": 0, "cap_effective": 0,
+                    "cap_bounding": 0, "cap_ambient": 0, "no_new_privs": false, "securebits": 0},
+                "sigactions": [], "shared_pending": 0, "itimers": [],
+                "mm": {"start_code": 0, "end_code": 0, "start_data": 0, "end_data": 0,
+                    "start_brk": 0, "brk": 0, "start_stack": 0, "arg_start": 0, "arg_end": 0,
+                    "env_start": 0, "env_end": 0, "auxv": []}
+            },
+            "threads": [], "mappings": [], "fds": [], "page_store_bytes": 0
+        }))
+        .unwrap();
+        manifest.mappings = vec![Mapping {
+            start,
+            end: start + PAGES * PAGE_SIZE,
+            protection: Protection {
+                read: true,
+                write: true,
+                exec: false,
+            },
+            shared: false,
+            kind: MappingKind::Anonymous,
+            pages: runs,
+        }];
+        writer.finish(&mut manifest).unwrap();
+        let image = Arc::new(Image::open(&dir).unwrap());
+        Self {
+            _temp: temp,
+            dir,
+            area,
+            start,
+            image,
+        }
+    }
+
+    fn pager(&self) -> Pager {
+        let raw = uffd::create_raw().unwrap();
+        // SAFETY: create_raw returned a new fd that nothing else owns.
+        let fault = unsafe { Userfault::from_raw_fd(raw) };
+        fault.register(self.start, PAGES * PAGE_SIZE).unwrap();
+        let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+        Pager::new(fault, pidfd, Arc::clone(&self.image))
+    }
+
+    fn page(&self, index: u64) -> WorkingSetPage {
+        WorkingSetPage {
+            address: self.start + index * PAGE_SIZE,
+            store_offset: index * PAGE_SIZE,
+        }
+    }
+
+    /// Byte `index` of every page, read through the mapping (faulting as needed).
+    fn first_bytes(&self) -> Vec<u8> {
+        (0..PAGES)
+            .map(|page| {
+                // SAFETY: reading inside our own mapping; a missing page is
+                // served by the pager thread.
+                unsafe { *(self.area.cast::<u8>()).add((page * PAGE_SIZE) as usize) }
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_recorded_set_is_copied_before_any_fault_and_never_resurrects_discarded_pages() {
+    let fixture = Fixture::new();
+    let crc = manifest_crc(&fixture.dir).unwrap();
+    // Touch order: 20, 21, 3, 4, 5.
+    let pages: Vec<WorkingSetPage> = [20, 21, 3, 4, 5].map(|p| fixture.page(p)).into();
+    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    let set = Arc::new(WorkingSet::open(&fixture.dir, crc).unwrap());
+
+    let mut pager = fixture.pager();
+    // Page 4 is discarded before the set is copied: it must read zero.
+    let start = fixture.start;
+    let discard = std::thread::spawn(move || {
+        // SAFETY: the page lies inside our own anonymous mapping.
+        unsafe {
+            libc::madvise(
+                (start + 4 * PAGE_SIZE) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    pager.prefetch_in_background(set);
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+    assert_eq!(discard.join().unwrap(), 0);
+    let stats = serving.join().unwrap();
+    let bytes = fixture.first_bytes();
+    for (page, &byte) in bytes.iter().enumerate() {
+        let expected = if page == 4 { 0 } else { page as u8 + 1 };
+        assert_eq!(byte, expected, "page {page}");
+    }
+    assert_eq!(stats.prefetched_pages, 4, "the set but the discarded page");
+    assert_eq!(stats.dropped_pages, 1);
+    assert_eq!(stats.faults, 0, "{stats:?}");
+}
+
+#[test]
+fn a_page_corrupted_after_loading_stops_the_prefetch_and_is_served_from_the_image() {
+    let fixture = Fixture::new();
+    let crc = manifest_crc(&fixture.dir).unwrap();
+    let pages: Vec<WorkingSetPage> = [1, 2, 9].map(|p| fixture.page(p)).into();
+    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    let set = WorkingSet::open(&fixture.dir, crc).unwrap();
+    // Corrupt page 9's copy in place, after the set was read and checked.
+    let path = set.path().to_owned();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let mut pager = fixture.pager();
+    let (next, complete) = pager.prefetch(&set, 0, 2).unwrap();
+    assert_eq!((next, complete), (2, true), "pages 1 and 2 are fine");
+    assert!(
+        pager.prefetch(&set, next, usize::MAX).is_err(),
+        "page 9 is not"
+    );
+    pager.record_faults(Duration::from_secs(60));
+    let serving = std::thread::spawn(move || {
+        let stats = pager.run_until_filled().unwrap();
+        (stats, pager.take_fault_log())
+    });
+    let bytes = fixture.first_bytes();
+    let (stats, _) = serving.join().unwrap();
+    for (page, &byte) in bytes.iter().enumerate() {
+        assert_eq!(byte, page as u8 + 1, "page {page}");
+    }
+    assert_eq!(stats.prefetched_pages, 2);
+}
+
+#[test]
+fn the_fault_log_holds_faulted_pages_in_touch_order() {
+    let fixture = Fixture::new();
+    let mut pager = fixture.pager();
+    pager.record_faults(Duration::from_secs(60));
+    let serving = std::thread::spawn(move || {
+        pager.run_until_filled().unwrap();
+        pager.take_fault_log()
+    });
+    // While recording, nothing is filled in the background: touches fault.
+    let touch = |page: u64| {
+        // SAFETY: reading inside our own mapping, served by the pager.
+        unsafe { *(fixture.area.cast::<u8>()).add((page * PAGE_SIZE) as usize) }
+    };
+    assert_eq!(touch(30), 31);
+    assert_eq!(touch(2), 3);
+    // Recording lasts 60 s, so the pager only returns once the test has
+    // touched every page itself.
+    let bytes = fixture.first_bytes();
+    assert!(bytes.iter().enumerate().all(|(p, &b)| b == p as u8 + 1));
+    let log = serving.join().unwrap();
+    let addresses: Vec<u64> = log
+        .iter()
+        .map(|p| (p.address - fixture.start) / PAGE_SIZE)
+        .collect();
+    // Each fault brings in its whole stored run (16 pages here).
+    assert_eq!(&addresses[..16], &(16..32).collect::<Vec<_>>()[..]);
+    assert_eq!(&addresses[16..], &(0..16).collect::<Vec<_>>()[..]);
+    assert!(
+        log.iter()
+            .all(|p| p.store_offset == p.address - fixture.start)
+    );
+}
