@@ -174,6 +174,19 @@ impl Pager {
         Ok(())
     }
 
+    /// Brings in the whole stored run around `address` now: for the pages
+    /// every thread touches first (its stack top and TLS), so the wake does
+    /// not start with a fault round trip.
+    pub(crate) fn prefill_run(&mut self, address: u64) -> Result<(), RestoreError> {
+        let page = address & !(PAGE_SIZE - 1);
+        if self.pending.contains_key(&page) {
+            let before = self.pending.len();
+            self.copy_around(page, true)?;
+            self.stats.prefetched_pages += (before - self.pending.len()) as u64;
+        }
+        Ok(())
+    }
+
     /// Serves faults and fills memory until every stored page is in the
     /// process, then unregisters its ranges and returns. Returns early when
     /// the process exits. On a page checksum error the process is killed.

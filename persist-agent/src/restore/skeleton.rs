@@ -266,6 +266,10 @@ impl Skeleton {
 
         for (thread, &tid) in manifest.threads.iter().zip(&tids) {
             set_thread_state(tid, thread)?;
+            // Every thread starts on its stack top and TLS.
+            for hot in [thread.regs[reg::RSP], thread.regs[reg::FS_BASE]] {
+                pager.prefill_run(hot)?;
+            }
             for signal in signals(thread.pending) {
                 clone::tgkill(pid, tid, signal)
                     .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
