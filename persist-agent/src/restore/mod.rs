@@ -17,6 +17,20 @@
 //!    fill the rest in the background; the restored process keeps a
 //!    duplicate of its userfaultfd, so a dead pager means blocked faults,
 //!    never zero pages.
+//!
+//! # For callers
+//!
+//! - ptrace ties the stopped skeleton to the thread that prepared it:
+//!   call [`Skeleton::prepare`] and [`Skeleton::resume`] on the same thread.
+//!   The pager may run anywhere (it only needs the userfaultfd).
+//! - The restored process (or, in the pid namespace case, the init of its
+//!   namespace, [`Restored::init_pid`]) is a child of the caller: reap it.
+//! - The restored process keeps its userfaultfd at a descriptor above its
+//!   own; a later checkpoint of it must leave that descriptor out.
+//! - When the recorded pid is taken, the process runs in a new pid and mount
+//!   namespace (with its own /proc), with its recorded pid and tids inside.
+//! - Dropping a [`Skeleton`] that was never resumed kills its process;
+//!   every error of prepare kills whatever it had started.
 
 mod child;
 mod creds;
