@@ -34,7 +34,7 @@ use stats::format_us;
 
 /// Timed runs per mode by default: the full bench stays under five minutes
 /// on a 2-vCPU VM, `--quick` near one.
-const RUNS: usize = 200;
+const RUNS: usize = 150;
 const QUICK_RUNS: usize = 40;
 
 /// Everything one bench run measured, as written to `latency.json`.

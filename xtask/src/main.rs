@@ -32,7 +32,7 @@ enum Task {
         /// Fewer samples, for a quick look (about a minute).
         #[arg(long)]
         quick: bool,
-        /// Timed runs per server and mode (default: 200, or 40 with --quick).
+        /// Timed runs per server and mode (default: 150, or 40 with --quick).
         #[arg(long)]
         runs: Option<usize>,
     },
