@@ -686,3 +686,32 @@ fn memory_fixture_with_64_mib_is_paged_in_correctly() {
         pages as f64 * 4096.0 / stats.total_time.as_secs_f64() / 1e6
     );
 }
+
+/// The restored process keeps its own userfaultfd: with no pager at all,
+/// its first touch of lazy memory blocks (killable) instead of reading zeros.
+#[test]
+fn without_a_pager_faults_block_instead_of_reading_zeros() {
+    use std::sync::Arc;
+
+    use persist_agent::restore::{RestoreConfig, Skeleton};
+    use persist_common::image::Image;
+
+    let temp = tempfile::tempdir().unwrap();
+    let (_, image) = fixture_image(temp.path()).unwrap();
+    let dir = temp.path().join("state");
+    let image = Arc::new(Image::open(&image).unwrap());
+    let skeleton = Skeleton::prepare(image, RestoreConfig::default()).unwrap();
+    let restored = skeleton.resume().unwrap();
+    let (pid, init) = (restored.pid, restored.init_pid);
+    drop(restored.pager);
+    signal(pid, nix::sys::signal::Signal::SIGUSR1);
+    let blocked = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+            == "handle_userfault"
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let wrote_result = dir.join("result").exists();
+    kill_and_reap(pid, init);
+    blocked.expect("the process waits in handle_userfault");
+    assert!(!wrote_result, "the fixture ran on memory nobody served");
+}
