@@ -683,37 +683,8 @@ mod tests {
     fn serves_image_pages_and_zeros_after_dontneed() {
         const PAGES: u64 = 64;
         let len = (PAGES * PAGE_SIZE) as usize;
-        let area = nix_mmap(len);
+        let (area, mut pager, _temp) = patterned_pager(PAGES);
         let start = area as u64;
-        let temp = tempfile::tempdir().unwrap();
-        let dir = temp.path().join("image");
-        let mut writer = ImageWriter::create(&dir).unwrap();
-        let mut data = Vec::with_capacity(len);
-        for page in 0..PAGES {
-            data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
-        }
-        let runs = writer.append_pages(0, &data).unwrap();
-        let mut manifest = manifest(vec![Mapping {
-            start,
-            end: start + PAGES * PAGE_SIZE,
-            protection: Protection {
-                read: true,
-                write: true,
-                exec: false,
-            },
-            shared: false,
-            kind: MappingKind::Anonymous,
-            pages: runs,
-        }]);
-        writer.finish(&mut manifest).unwrap();
-        let image = Arc::new(Image::open(&dir).unwrap());
-
-        let raw = uffd::create_raw().unwrap();
-        // SAFETY: create_raw returned a new fd that nothing else owns.
-        let fault = unsafe { Userfault::from_raw_fd(raw) };
-        fault.register(start, PAGES * PAGE_SIZE).unwrap();
-        let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-        let mut pager = Pager::new(fault, pidfd, image);
 
         // Discard pages 8..16 before anything is filled: the madvise waits
         // for the pager to read the event, so it runs on its own thread.
@@ -749,6 +720,95 @@ mod tests {
         // SAFETY: as above.
         unsafe { libc::madvise(area, len, libc::MADV_DONTNEED) };
         assert!(bytes.iter().all(|&b| b == 0));
+    }
+
+    /// A pager for an anonymous mapping of our own of `pages` pages,
+    /// registered with a fresh userfaultfd, whose image holds `page index + 1`
+    /// in every byte of each page.
+    fn patterned_pager(pages: u64) -> (*mut libc::c_void, Pager, tempfile::TempDir) {
+        let len = (pages * PAGE_SIZE) as usize;
+        let area = nix_mmap(len);
+        let start = area as u64;
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let mut writer = ImageWriter::create(&dir).unwrap();
+        let mut data = Vec::with_capacity(len);
+        for page in 0..pages {
+            data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
+        }
+        let runs = writer.append_pages(0, &data).unwrap();
+        let mut manifest = manifest(vec![Mapping {
+            start,
+            end: start + pages * PAGE_SIZE,
+            protection: Protection {
+                read: true,
+                write: true,
+                exec: false,
+            },
+            shared: false,
+            kind: MappingKind::Anonymous,
+            pages: runs,
+        }]);
+        writer.finish(&mut manifest).unwrap();
+        let image = Arc::new(Image::open(&dir).unwrap());
+        let raw = uffd::create_raw().unwrap();
+        // SAFETY: create_raw returned a new fd that nothing else owns.
+        let fault = unsafe { Userfault::from_raw_fd(raw) };
+        fault.register(start, pages * PAGE_SIZE).unwrap();
+        let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+        (area, Pager::new(fault, pidfd, image), temp)
+    }
+
+    /// mremap moves missing pages (they must arrive at their new address
+    /// with their own content) and munmap drops them.
+    #[test]
+    fn follows_mremap_and_munmap_of_missing_pages() {
+        const PAGES: u64 = 64;
+        let (area, mut pager, _temp) = patterned_pager(PAGES);
+        let start = area as u64;
+        let target = nix_mmap((16 * PAGE_SIZE) as usize) as u64;
+        // Both calls wait for the pager to read their events.
+        let changes = std::thread::spawn(move || {
+            // SAFETY: moving pages 32..48 of our own mapping over a mapping
+            // reserved for them, and unmapping pages 48..56 of it.
+            unsafe {
+                let moved = libc::mremap(
+                    (start + 32 * PAGE_SIZE) as *mut libc::c_void,
+                    (16 * PAGE_SIZE) as usize,
+                    (16 * PAGE_SIZE) as usize,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    target as *mut libc::c_void,
+                );
+                let unmapped = libc::munmap(
+                    (start + 48 * PAGE_SIZE) as *mut libc::c_void,
+                    (8 * PAGE_SIZE) as usize,
+                );
+                (moved as u64, unmapped)
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+        assert_eq!(changes.join().unwrap(), (target, 0));
+        // SAFETY: the moved pages now live at `target`, served by the pager.
+        let moved =
+            unsafe { std::slice::from_raw_parts(target as *const u8, (16 * PAGE_SIZE) as usize) };
+        for page in 0..16usize {
+            let chunk = &moved[page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize];
+            assert!(
+                chunk.iter().all(|&b| b == 32 + page as u8 + 1),
+                "moved page {page}"
+            );
+        }
+        // SAFETY: pages 0..32 and 56..64 are still mapped where they were.
+        let kept =
+            unsafe { std::slice::from_raw_parts(area.cast::<u8>(), (PAGES * PAGE_SIZE) as usize) };
+        for page in (0..32usize).chain(56..64) {
+            let chunk = &kept[page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize];
+            assert!(chunk.iter().all(|&b| b == page as u8 + 1), "page {page}");
+        }
+        let stats = serving.join().unwrap();
+        assert_eq!(stats.dropped_pages, 8, "the unmapped pages are dropped");
+        assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
     }
 
     fn nix_mmap(len: usize) -> *mut libc::c_void {
