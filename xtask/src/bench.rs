@@ -44,6 +44,8 @@ struct BenchRun {
     date: String,
     /// The machine: kernel and CPUs.
     machine: String,
+    /// The source measured: commit, and whether the tree had changes.
+    source: String,
     /// Timed runs per mode.
     runs: usize,
     /// Whether `--quick` was given.
@@ -61,6 +63,7 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
     deps::require_root()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
+    let source = source();
     let runs = runs.unwrap_or(if quick { QUICK_RUNS } else { RUNS }).max(1);
     let started = Instant::now();
     let date = utc_now()?;
@@ -115,6 +118,7 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
     let run = BenchRun {
         date,
         machine: machine()?,
+        source,
         runs,
         quick,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -145,10 +149,11 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
     }
 
     let markdown = format!(
-        "persist bench, {}, {}, {} runs per mode{}; time from connect() to the first byte\n\n{}\n\
+        "persist bench, {}, {}, {}, {} runs per mode{}; time from connect() to the first byte\n\n{}\n\
          What parking costs and what a wake does (medians over the runs)\n\n{}",
         run.date,
         run.machine,
+        run.source,
         run.runs,
         if quick { " (--quick)" } else { "" },
         report::latency_table(&run.servers),
@@ -194,6 +199,30 @@ fn machine() -> Result<String> {
         release.trim(),
         std::env::consts::ARCH
     ))
+}
+
+/// The commit built, marked when tracked files had changes (the bench
+/// builds the working tree as it is).
+fn source() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(deps::workspace_root())
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "not a git checkout".into();
+    };
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|changes| !changes.is_empty());
+    if dirty {
+        format!("commit {commit} with uncommitted changes")
+    } else {
+        format!("commit {commit}")
+    }
 }
 
 fn utc_now() -> Result<String> {
