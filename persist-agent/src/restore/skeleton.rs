@@ -242,7 +242,7 @@ impl Skeleton {
         for (thread, &tid) in manifest.threads.iter().zip(&tids) {
             if let Some(rseq) = &thread.rseq {
                 pager.prefill(rseq.address)?;
-                pager.prefill(rseq.address + u64::from(rseq.length) - 1)?;
+                pager.prefill(rseq.address + u64::from(rseq.length.max(1)) - 1)?;
             }
             let mut t = builder.table();
             per_thread(&mut t, thread);
