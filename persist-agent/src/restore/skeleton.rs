@@ -157,68 +157,18 @@ impl Skeleton {
         };
 
         let forked_at = Instant::now();
-        let recorded_pid = manifest.process.pid;
         let mut guard = KillGuard { pids: Vec::new() };
-        let (pid, init_pid) = match clone::fork_with(0, Some(recorded_pid)) {
-            Ok(Forked::Child) => child::child_main(&plan),
-            Ok(Forked::Parent(pid)) => {
-                guard.pids.push(pid);
-                ptrace::seize_with_options(pid, TRACE_OPTIONS)
-                    .map_err(RestoreError::ptrace(pid, "seize"))?;
-                ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
-                expect_event_stop(pid, &status_read)?;
-                (pid, None)
-            }
-            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
-                // The pid is taken here: a private pid namespace, whose init
-                // creates the process with the recorded pid.
-                match clone::fork_with((libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64, None) {
-                    Ok(Forked::Child) => {
-                        child::init_main(&plan, init_go_read.as_raw_fd(), recorded_pid)
-                    }
-                    Ok(Forked::Parent(init)) => {
-                        guard.pids.push(init);
-                        ptrace::seize_with_options(init, TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK)
-                            .map_err(RestoreError::ptrace(init, "seize"))?;
-                        write_pipe(&init_go_write, &[1])?;
-                        let pid =
-                            match ptrace::wait(init).map_err(RestoreError::ptrace(init, "wait"))? {
-                                Stop::Event {
-                                    event: ptrace::PTRACE_EVENT_FORK,
-                                    ..
-                                } => ptrace::event_message(init)
-                                    .map_err(RestoreError::ptrace(init, "event message"))?
-                                    as i32,
-                                other => return Err(child_failure(init, other, &status_read)),
-                            };
-                        guard.pids.insert(0, pid);
-                        ptrace::detach(init, 0).map_err(RestoreError::ptrace(init, "detach"))?;
-                        expect_event_stop(pid, &status_read)?;
-                        (pid, Some(init))
-                    }
-                    Err(err) => return Err(RestoreError::Fork(err)),
-                }
-            }
-            Err(err) => return Err(RestoreError::Fork(err)),
+        let pipes = SyncPipes {
+            status: &status_read,
+            init_go: &init_go_write,
+            init_go_child: init_go_read.as_raw_fd(),
         };
+        let (pid, init_pid) = spawn(&plan, manifest.process.pid, &pipes, &mut guard)?;
         drop(fds);
         // The child holds its own copies now.
         drop(resources);
 
-        // Tell the child which rseq area it inherited, and go.
-        let rseq = ptrace::get_rseq_configuration(pid)
-            .map_err(RestoreError::ptrace(pid, "rseq configuration"))?;
-        let mut go = [0u8; GO_LEN];
-        go[..8].copy_from_slice(&GO_MAGIC.to_ne_bytes());
-        go[8..16].copy_from_slice(&rseq.rseq_abi_pointer.to_ne_bytes());
-        go[16..20].copy_from_slice(&rseq.rseq_abi_size.to_ne_bytes());
-        go[20..24].copy_from_slice(&rseq.signature.to_ne_bytes());
-        ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
-        write_pipe(&go_write, &go)?;
-        let stop = ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))?;
-        if stop != Stop::Signal(libc::SIGTRAP) {
-            return Err(child_failure(pid, stop, &status_read));
-        }
+        go(pid, &go_write, &status_read)?;
         check_table(pid, &region.layout)?;
         let layout_time = forked_at.elapsed();
 
@@ -238,50 +188,7 @@ impl Skeleton {
         };
         let tids = builder.threads(manifest)?;
         guard.pids.extend(tids.iter().skip(1));
-        let current_creds = creds::own();
-        for (thread, &tid) in manifest.threads.iter().zip(&tids) {
-            if let Some(rseq) = &thread.rseq {
-                pager.prefill(rseq.address)?;
-                pager.prefill(rseq.address + u64::from(rseq.length.max(1)) - 1)?;
-            }
-            let mut t = builder.table();
-            per_thread(&mut t, thread);
-            if let Some(current) = &current_creds {
-                creds::append(&mut t, &manifest.process.credentials, current);
-            }
-            if tid == pid {
-                itimers(&mut t, manifest);
-            }
-            builder.run(tid, t.finish(), false)?;
-        }
-        // Last: the region goes, so the main thread faults right after the
-        // munmap returns; that SIGSEGV is the expected end.
-        let mut t = builder.table();
-        t.call(
-            "unmap the restorer region",
-            libc::SYS_munmap,
-            &[region.base, region.size],
-        );
-        builder.run(pid, t.finish(), true)?;
-
-        for (thread, &tid) in manifest.threads.iter().zip(&tids) {
-            set_thread_state(tid, thread)?;
-            // Every thread starts on its stack top and TLS.
-            for hot in [thread.regs[reg::RSP], thread.regs[reg::FS_BASE]] {
-                pager.prefill_run(hot)?;
-            }
-            for signal in signals(thread.pending) {
-                clone::tgkill(pid, tid, signal)
-                    .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
-            }
-        }
-        for signal in signals(manifest.process.shared_pending) {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                Signal::try_from(signal).ok(),
-            )
-            .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
-        }
+        builder.thread_state(manifest, &tids, &mut pager)?;
 
         guard.pids.clear();
         Ok(Self {
@@ -360,6 +267,94 @@ impl Drop for Skeleton {
 }
 
 const TRACE_OPTIONS: i32 = libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL;
+
+/// The agent's ends of the pipes to the child (and to the init of its pid
+/// namespace, when it needs one).
+struct SyncPipes<'a> {
+    status: &'a OwnedFd,
+    init_go: &'a OwnedFd,
+    init_go_child: RawFd,
+}
+
+/// Forks the process with its recorded pid and seizes it; when the pid is
+/// taken here, forks an init in a new pid and mount namespace that creates
+/// it. Returns the process's pid (in our namespace) and the init's, both
+/// pushed on `guard` so that a later error kills them.
+fn spawn(
+    plan: &ChildPlan<'_>,
+    recorded_pid: i32,
+    pipes: &SyncPipes<'_>,
+    guard: &mut KillGuard,
+) -> Result<(i32, Option<i32>), RestoreError> {
+    match clone::fork_with(0, Some(recorded_pid)) {
+        Ok(Forked::Child) => child::child_main(plan),
+        Ok(Forked::Parent(pid)) => {
+            guard.pids.push(pid);
+            ptrace::seize_with_options(pid, TRACE_OPTIONS)
+                .map_err(RestoreError::ptrace(pid, "seize"))?;
+            ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
+            expect_event_stop(pid, pipes.status)?;
+            Ok((pid, None))
+        }
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+            spawn_in_namespace(plan, recorded_pid, pipes, guard)
+        }
+        Err(err) => Err(RestoreError::Fork(err)),
+    }
+}
+
+/// The pid is taken here: a private pid namespace, whose init creates the
+/// process with the recorded pid; the fork event gives us its pid, and the
+/// process is traced from its first instruction on (`PTRACE_O_TRACEFORK`).
+fn spawn_in_namespace(
+    plan: &ChildPlan<'_>,
+    recorded_pid: i32,
+    pipes: &SyncPipes<'_>,
+    guard: &mut KillGuard,
+) -> Result<(i32, Option<i32>), RestoreError> {
+    let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64;
+    let init = match clone::fork_with(flags, None).map_err(RestoreError::Fork)? {
+        Forked::Child => child::init_main(plan, pipes.init_go_child, recorded_pid),
+        Forked::Parent(init) => init,
+    };
+    guard.pids.push(init);
+    ptrace::seize_with_options(init, TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK)
+        .map_err(RestoreError::ptrace(init, "seize"))?;
+    write_pipe(pipes.init_go, &[1])?;
+    let pid = match ptrace::wait(init).map_err(RestoreError::ptrace(init, "wait"))? {
+        Stop::Event {
+            event: ptrace::PTRACE_EVENT_FORK,
+            ..
+        } => {
+            ptrace::event_message(init).map_err(RestoreError::ptrace(init, "event message"))? as i32
+        }
+        other => return Err(child_failure(init, other, pipes.status)),
+    };
+    guard.pids.insert(0, pid);
+    ptrace::detach(init, 0).map_err(RestoreError::ptrace(init, "detach"))?;
+    expect_event_stop(pid, pipes.status)?;
+    Ok((pid, Some(init)))
+}
+
+/// Tells the stopped child which rseq area it inherited from us (it must
+/// unregister it before the agent's memory goes), lets it jump into the
+/// restorer and waits for the routine's final `int3`.
+fn go(pid: i32, go_write: &OwnedFd, status: &OwnedFd) -> Result<(), RestoreError> {
+    let rseq = ptrace::get_rseq_configuration(pid)
+        .map_err(RestoreError::ptrace(pid, "rseq configuration"))?;
+    let mut go = [0u8; GO_LEN];
+    go[..8].copy_from_slice(&GO_MAGIC.to_ne_bytes());
+    go[8..16].copy_from_slice(&rseq.rseq_abi_pointer.to_ne_bytes());
+    go[16..20].copy_from_slice(&rseq.rseq_abi_size.to_ne_bytes());
+    go[20..24].copy_from_slice(&rseq.signature.to_ne_bytes());
+    ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
+    write_pipe(go_write, &go)?;
+    let stop = ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))?;
+    if stop != Stop::Signal(libc::SIGTRAP) {
+        return Err(child_failure(pid, stop, status));
+    }
+    Ok(())
+}
 
 fn verify_all_pages(image: &Image) -> Result<(), RestoreError> {
     for mapping in &image.manifest().mappings {
@@ -506,6 +501,64 @@ impl Builder<'_> {
         }
         check_table(tid, &table)?;
         Ok(created)
+    }
+
+    /// Per-thread state and credentials (natively, last), the restorer
+    /// region unmapped, then registers, xsave, signal masks and pending
+    /// signals set from outside; `tids` are the threads in manifest order.
+    fn thread_state(
+        &mut self,
+        manifest: &Manifest,
+        tids: &[i32],
+        pager: &mut Pager,
+    ) -> Result<(), RestoreError> {
+        let pid = self.pid;
+        let current_creds = creds::own();
+        for (thread, &tid) in manifest.threads.iter().zip(tids) {
+            if let Some(rseq) = &thread.rseq {
+                // The kernel writes the rseq area at registration.
+                pager.prefill(rseq.address)?;
+                pager.prefill(rseq.address + u64::from(rseq.length.max(1)) - 1)?;
+            }
+            let mut t = self.table();
+            per_thread(&mut t, thread);
+            if let Some(current) = &current_creds {
+                creds::append(&mut t, &manifest.process.credentials, current);
+            }
+            if tid == pid {
+                itimers(&mut t, manifest);
+            }
+            self.run(tid, t.finish(), false)?;
+        }
+        // Last: the region goes, so the main thread faults right after the
+        // munmap returns; that SIGSEGV is the expected end.
+        let mut t = self.table();
+        t.call(
+            "unmap the restorer region",
+            libc::SYS_munmap,
+            &[self.region.base, self.region.size],
+        );
+        self.run(pid, t.finish(), true)?;
+
+        for (thread, &tid) in manifest.threads.iter().zip(tids) {
+            set_thread_state(tid, thread)?;
+            // Every thread starts on its stack top and TLS.
+            for hot in [thread.regs[reg::RSP], thread.regs[reg::FS_BASE]] {
+                pager.prefill_run(hot)?;
+            }
+            for signal in signals(thread.pending) {
+                clone::tgkill(pid, tid, signal)
+                    .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
+            }
+        }
+        for signal in signals(manifest.process.shared_pending) {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                Signal::try_from(signal).ok(),
+            )
+            .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
+        }
+        Ok(())
     }
 
     /// Creates the threads after the first with their recorded tids; returns
