@@ -83,7 +83,7 @@ pub struct SnapshotSpec {
 pub enum Prefetch {
     /// None: every page comes in on its first touch or by the background fill.
     None,
-    /// The working set the first wake recorded, copied in bulk right after
+    /// The working set the first wake recorded, copied in bulk just before
     /// the resume; the first wake (and any wake whose set is stale) records it.
     #[default]
     Recorded,

@@ -507,10 +507,11 @@ const PREFETCH_BATCH_PAGES: usize = 64;
 /// Recording and prefetching a working set.
 impl Pager {
     /// Logs the pages copied to serve faults for `window` from now on, in
-    /// order, for [`Pager::take_fault_log`]. The background fill waits until
-    /// the window ends, so that every page touched in it faults.
-    pub(crate) fn record_faults(&mut self, window: Duration) {
-        self.fault_log = Some(Vec::new());
+    /// order, after `already_in` (pages copied ahead that the log must
+    /// start with), for [`Pager::take_fault_log`]. The background fill waits
+    /// until the window ends, so that every page touched in it faults.
+    pub(crate) fn record_faults(&mut self, window: Duration, already_in: &[WorkingSetPage]) {
+        self.fault_log = Some(already_in.to_vec());
         self.record_until = Some(Instant::now() + window);
     }
 
@@ -542,13 +543,14 @@ impl Pager {
     /// overrides what the process did. Returns the index of the next page to
     /// copy, and false when the address space changed under the copy so
     /// events must be read before going on. Each page's checksum is checked
-    /// before it is copied; a corrupt page stops the prefetch there.
+    /// before it is copied; a corrupt page stops the prefetch there, and the
+    /// error comes with its index (the pages before it are in).
     pub(crate) fn prefetch(
         &mut self,
         set: &WorkingSet,
         start: usize,
         max_pages: usize,
-    ) -> Result<(usize, bool), ImageError> {
+    ) -> Result<(usize, bool), (usize, ImageError)> {
         let pages = set.pages();
         let end = pages.len().min(start.saturating_add(max_pages));
         let mut index = start;
@@ -565,7 +567,9 @@ impl Pager {
                 count += 1;
             }
             let first = pages[index].address;
-            let bytes = set.verified_contents(index, count)?;
+            let bytes = set
+                .verified_contents(index, count)
+                .map_err(|err| (index, err))?;
             let mut done = 0usize;
             while done < count {
                 let dst = first + done as u64 * PAGE_SIZE;
@@ -633,7 +637,7 @@ impl Pager {
         match self.prefetch(&set, next, PREFETCH_BATCH_PAGES) {
             Ok((next, _)) if next < set.len() => self.prefetch = Some((set, next)),
             Ok(_) => {}
-            Err(err) => {
+            Err((_, err)) => {
                 tracing::warn!(pid = self.pid(), %err, "working set prefetch stopped: corrupt page");
                 self.prefetch_error = Some(err);
             }
