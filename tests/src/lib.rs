@@ -245,6 +245,37 @@ impl Drop for Sandbox {
     }
 }
 
+/// A directory for python's http.server holding one recognisable file,
+/// `persist-was-here.txt`, which every directory listing of it shows.
+pub fn web_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    std::fs::write(dir.path().join("persist-was-here.txt"), b"hi").expect("writing the marker");
+    dir
+}
+
+/// Registers `python3 -m http.server` on `port`, serving `root`, in snapshot
+/// mode with HTTP readiness; `extra` are more `add` options.
+pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, extra: &[&str]) {
+    let port = port.to_string();
+    let root = root.display().to_string();
+    let mut args = vec!["add", name, "--port", &port, "--ready", "http:/"];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &root,
+    ]);
+    sandbox
+        .agent_ok(&args)
+        .expect("snapshot-mode add of python's http.server succeeds");
+}
+
 /// SIGKILLs a process and its session (services run as session leaders).
 pub fn kill_session(pid: i32) {
     let pid = nix::unistd::Pid::from_raw(pid);

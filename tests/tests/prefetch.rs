@@ -7,39 +7,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use persist_tests::{Sandbox, wait_until};
-
-/// A directory for python's http.server with one recognisable file.
-fn web_root() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("persist-was-here.txt"), b"hi").unwrap();
-    dir
-}
-
-fn add_http_server(
-    sandbox: &Sandbox,
-    name: &str,
-    port: u16,
-    root: &std::path::Path,
-    extra: &[&str],
-) {
-    let port = port.to_string();
-    let root = root.display().to_string();
-    let mut args = vec!["add", name, "--port", &port, "--ready", "http:/"];
-    args.extend_from_slice(extra);
-    args.extend([
-        "--",
-        "python3",
-        "-m",
-        "http.server",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-        &root,
-    ]);
-    sandbox.agent_ok(&args).expect("snapshot-mode add succeeds");
-}
+use persist_tests::{Sandbox, add_http_server, wait_until, web_root};
 
 fn add_redis(sandbox: &Sandbox, name: &str, port: u16, extra: &[&str]) {
     let port = port.to_string();

@@ -7,39 +7,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use persist_tests::{Sandbox, binary, wait_until};
-
-/// A directory for python's http.server with one recognisable file.
-fn web_root() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("persist-was-here.txt"), b"hi").unwrap();
-    dir
-}
-
-fn add_http_server(
-    sandbox: &Sandbox,
-    name: &str,
-    port: u16,
-    root: &std::path::Path,
-    extra: &[&str],
-) {
-    let port = port.to_string();
-    let root = root.display().to_string();
-    let mut args = vec!["add", name, "--port", &port, "--ready", "http:/"];
-    args.extend_from_slice(extra);
-    args.extend([
-        "--",
-        "python3",
-        "-m",
-        "http.server",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-        &root,
-    ]);
-    sandbox.agent_ok(&args).expect("snapshot-mode add succeeds");
-}
+use persist_tests::{Sandbox, add_http_server, binary, wait_until, web_root};
 
 /// Whether `pid` runs no code: gone, a zombie, or a parked skeleton (which
 /// has the restored process's pid but is stopped before its first instruction).
