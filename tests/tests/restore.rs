@@ -715,3 +715,56 @@ fn without_a_pager_faults_block_instead_of_reading_zeros() {
     blocked.expect("the process waits in handle_userfault");
     assert!(!wrote_result, "the fixture ran on memory nobody served");
 }
+
+/// A process that forks while much of its memory is still missing: the
+/// child's copies are missing too and must be served (userfaultfd fork
+/// events), never read as zeros.
+const FORKING_SCRIPT: &str = r#"
+import os, signal, sys, time
+d = sys.argv[1]
+N = 64 << 20
+data = bytearray(bytes(range(256)) * (N // 256))
+go = []
+signal.signal(signal.SIGUSR1, lambda s, f: go.append(1))
+open(d + "/ready.tmp", "w").close()
+os.rename(d + "/ready.tmp", d + "/ready")
+while not go:
+    time.sleep(0.005)
+pid = os.fork()
+if pid == 0:
+    ok = data == bytes(range(256)) * (N // 256)
+    with open(d + "/result.tmp", "w") as f:
+        f.write("OK" if ok else "FAIL: the forked child's memory differs")
+    os.rename(d + "/result.tmp", d + "/result")
+    os._exit(0)
+os.waitpid(pid, 0)
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn a_child_forked_while_pages_are_missing_sees_the_image() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let script = temp.path().join("forker.py");
+    std::fs::write(&script, FORKING_SCRIPT).unwrap();
+    let image = temp.path().join("image");
+    let mut python = Command::new("python3")
+        .arg(&script)
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pids = Pids(vec![python.id() as i32]);
+    wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
+    checkpoint(agent(), python.id() as i32, &image).unwrap();
+    python.wait().unwrap();
+    let output = run(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+    // At once: 64 MiB take the pager tens of milliseconds to fill.
+    let result = fixture_result(pid, &dir).unwrap();
+    kill_and_wait_dead(pid);
+    assert_eq!(result, "OK");
+}

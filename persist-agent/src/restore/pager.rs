@@ -95,6 +95,8 @@ pub struct Pager {
     prefetch_error: Option<ImageError>,
     /// Until when faults are logged into `fault_log`.
     record_until: Option<Instant>,
+    /// Pagers of children the process forked while pages were missing.
+    children: Vec<std::thread::JoinHandle<Result<PagerStats, RestoreError>>>,
 }
 
 impl std::fmt::Debug for Pager {
@@ -146,6 +148,7 @@ impl Pager {
             prefetch: None,
             prefetch_error: None,
             record_until: None,
+            children: Vec::new(),
         }
     }
 
@@ -220,6 +223,7 @@ impl Pager {
                         self.unregistered(start, end);
                     }
                     UffdEvent::Remap { from, to, len } => self.remap(from, to, len),
+                    UffdEvent::Fork { ufd } => self.serve_forked_child(ufd),
                     UffdEvent::Other(kind) => {
                         tracing::warn!(pid = self.pid(), kind, "unexpected userfaultfd event");
                     }
@@ -270,23 +274,84 @@ impl Pager {
         }
         // Faults on never-stored pages may still be queued: answer them so
         // nobody waits, then give the ranges back to the kernel.
-        events.clear();
-        let _ = self.uffd.read_events(&mut events);
-        for event in &events {
-            if let UffdEvent::Fault { address, .. } = *event {
-                let page = address & !(PAGE_SIZE - 1);
-                if self.uffd.zeropage(page, PAGE_SIZE) == CopyOutcome::Exists {
-                    let _ = self.uffd.wake(page, PAGE_SIZE);
-                }
-            }
-        }
+        self.finish_events(&mut events);
         for &(start, end) in &self.registered {
             if let Err(err) = self.uffd.unregister(start, end - start) {
                 tracing::debug!(pid = self.pid(), start, end, %err, "unregister");
             }
         }
+        // An event queued before the unregistration (a fork, a madvise)
+        // waits for a reader: read it, or its thread would wait forever.
+        self.finish_events(&mut events);
+        for child in self.children.drain(..) {
+            match child.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(pid = self.pidfd.pid(), %err, "pager of a forked child")
+                }
+                Err(_) => {
+                    tracing::warn!(pid = self.pidfd.pid(), "pager of a forked child panicked")
+                }
+            }
+        }
         self.stats.total_time = started.elapsed();
         Ok(self.stats)
+    }
+
+    /// Reads what is queued once the memory is all in: faults on pages
+    /// nothing was stored for get zero pages (or a wake-up once the range is
+    /// unregistered), a fork gets its own pager, and reading completes the
+    /// other events.
+    fn finish_events(&mut self, events: &mut Vec<UffdEvent>) {
+        events.clear();
+        let _ = self.uffd.read_events(events);
+        for event in events.iter() {
+            match *event {
+                UffdEvent::Fault { address, .. } => {
+                    let page = address & !(PAGE_SIZE - 1);
+                    if self.uffd.zeropage(page, PAGE_SIZE) != CopyOutcome::Done {
+                        let _ = self.uffd.wake(page, PAGE_SIZE);
+                    }
+                }
+                UffdEvent::Fork { ufd } => self.serve_forked_child(ufd),
+                _ => {}
+            }
+        }
+    }
+
+    /// The process forked while pages were missing: its child shares them
+    /// (missing too, registered with a new userfaultfd), so a pager of its
+    /// own serves the child on a thread, from a copy of what is still
+    /// pending here.
+    fn serve_forked_child(&mut self, ufd: std::os::fd::RawFd) {
+        // SAFETY: the kernel just installed this descriptor for us when the
+        // fork event was read; nothing else owns it.
+        let uffd = unsafe { <Userfault as std::os::fd::FromRawFd>::from_raw_fd(ufd) };
+        let pidfd = match PidFd::open(self.pidfd.pid()) {
+            Ok(pidfd) => pidfd,
+            Err(err) => {
+                tracing::warn!(pid = self.pidfd.pid(), %err, "forked child left unserved");
+                return;
+            }
+        };
+        let mut child = Pager {
+            uffd,
+            pidfd,
+            image: Arc::clone(&self.image),
+            runs: self.runs.clone(),
+            verified: self.verified.clone(),
+            pending: self.pending.clone(),
+            registered: self.registered.clone(),
+            stats: PagerStats::default(),
+            resumed_at: None,
+            fault_log: None,
+            prefetch: None,
+            prefetch_error: None,
+            record_until: None,
+            children: Vec::new(),
+        };
+        self.children
+            .push(std::thread::spawn(move || child.run_until_filled()));
     }
 
     /// Serves one fault; false when it must be retried after reading events.

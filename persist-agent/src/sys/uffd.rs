@@ -25,12 +25,17 @@ const FEATURE_EVENT_REMAP: u64 = 1 << 2;
 const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 const FEATURE_THREAD_ID: u64 = 1 << 8;
+const FEATURE_EVENT_FORK: u64 = 1 << 1;
 
 /// Features a restored process's userfaultfd is created with: the pager must
 /// see `madvise(DONTNEED)`, `munmap` and `mremap` of registered ranges, or
-/// it would copy stale image content over them.
-pub const FEATURES: u64 =
-    FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP | FEATURE_THREAD_ID;
+/// it would copy stale image content over them, and `fork`, or the child
+/// would read zeros where its parent still had missing pages.
+pub const FEATURES: u64 = FEATURE_EVENT_REMAP
+    | FEATURE_EVENT_REMOVE
+    | FEATURE_EVENT_UNMAP
+    | FEATURE_THREAD_ID
+    | FEATURE_EVENT_FORK;
 
 const EVENT_PAGEFAULT: u8 = 0x12;
 const EVENT_FORK: u8 = 0x13;
@@ -128,6 +133,12 @@ pub enum UffdEvent {
         start: u64,
         /// End.
         end: u64,
+    },
+    /// The process forked: the child's missing pages fault on this new
+    /// userfaultfd, installed in the reader's process.
+    Fork {
+        /// The new descriptor (ours to close).
+        ufd: RawFd,
     },
     /// An event this pager did not ask for.
     Other(u8),
@@ -276,7 +287,9 @@ fn decode(msg: &[u8]) -> UffdEvent {
             start: word(msg, 8),
             end: word(msg, 16),
         },
-        other @ EVENT_FORK => UffdEvent::Other(other),
+        EVENT_FORK => UffdEvent::Fork {
+            ufd: word(msg, 8) as u32 as RawFd,
+        },
         other => UffdEvent::Other(other),
     }
 }
