@@ -68,10 +68,9 @@ pub fn run() -> Result<()> {
     })
     .context("the parked skeleton did not appear")?;
     print_status(&sandbox)?;
-    println!(
-        "No python process runs: the port is held by the agent, the process is an image on disk"
-    );
-    println!("plus a stopped skeleton with nothing resident (the RSS column is its whole cost).");
+    println!("No python process runs: the agent holds the port, the process is an image on disk");
+    println!("and a stopped skeleton with no page of its own memory in; the starred figure is the");
+    println!("private memory that skeleton holds, all a parked service costs.");
 
     println!(
         "\n-- first connection: restores the snapshot on the SYN and serves this very connection"
