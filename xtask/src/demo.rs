@@ -69,8 +69,10 @@ pub fn run() -> Result<()> {
     .context("the parked skeleton did not appear")?;
     print_status(&sandbox)?;
     println!("No python process runs: the agent holds the port, the process is an image on disk");
-    println!("and a stopped skeleton with no page of its own memory in; the starred figure is the");
-    println!("private memory that skeleton holds, all a parked service costs.");
+    println!(
+        "and a stopped skeleton whose memory is paged in only on the wake; the starred figure"
+    );
+    println!("is what that skeleton holds privately (the written pages of its file mappings).");
 
     println!(
         "\n-- first connection: restores the snapshot on the SYN and serves this very connection"
