@@ -16,7 +16,7 @@ use super::restore_worker::RestoreWorker;
 use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
 use crate::control::ServiceStatus;
-use crate::service::{ServiceMode, ServiceSpec, ServiceStore};
+use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
 /// Why a request about services was refused.
@@ -143,7 +143,7 @@ impl Registry {
         self.check_free(&spec)?;
         let built_listener = match &spec.snapshot {
             Some(snapshot) if spec.mode == ServiceMode::Snapshot && snapshot.image.is_none() => {
-                Some(self.build(&spec).await?)
+                Some(self.build(&spec, snapshot).await?)
             }
             Some(snapshot) => {
                 // A prebuilt image: refuse it now if it is unusable.
@@ -186,11 +186,12 @@ impl Registry {
 
     /// Starts the command of a snapshot-mode service, snapshots it into
     /// `STATE_DIR/images/NAME` and returns the listener taken from it.
-    async fn build(&self, spec: &ServiceSpec) -> Result<OwnedFd, RegistryError> {
-        let snapshot = spec
-            .snapshot
-            .clone()
-            .unwrap_or_else(|| unreachable!("checked by the caller"));
+    async fn build(
+        &self,
+        spec: &ServiceSpec,
+        snapshot: &SnapshotSpec,
+    ) -> Result<OwnedFd, RegistryError> {
+        let snapshot = snapshot.clone();
         let request = BuildRequest {
             command: spec.command.clone(),
             addr: spec.addr,
