@@ -5,15 +5,15 @@
 //! errors name the call that failed.
 
 pub mod async_fd;
-pub mod pidfd;
-pub mod spawn;
+pub mod blob;
+pub mod clone;
 pub mod cpu;
+pub mod fdops;
+pub mod kobjects;
+pub mod pidfd;
 pub mod procmem;
 pub mod ptrace;
 pub mod rlimit;
-pub mod fdops;
-pub mod kobjects;
 pub mod sockdiag;
-pub mod blob;
-pub mod clone;
+pub mod spawn;
 pub mod uffd;
