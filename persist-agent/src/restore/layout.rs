@@ -474,25 +474,7 @@ mod tests {
             ranges: busy.to_vec(),
             specials: Vec::new(),
         };
-        let manifest: Manifest = serde_json::from_value(serde_json::json!({
-            "kernel": {"release": "r", "version": "v", "machine": "x86_64"},
-            "cpu": {"xcr0": 3, "xsave_size": 576},
-            "created_unix_ms": 0,
-            "process": {
-                "pid": 1, "pgid": 1, "sid": 1, "comm": "x", "exe": "/x", "argv": [],
-                "environ": [], "cwd": "/", "root": "/", "umask": 18, "personality": 0,
-                "rlimits": [],
-                "credentials": {"uids": [0,0,0,0], "gids": [0,0,0,0], "groups": [],
-                    "cap_inheritable": 0, "cap_permitted": 0, "cap_effective": 0,
-                    "cap_bounding": 0, "cap_ambient": 0, "no_new_privs": false, "securebits": 0},
-                "sigactions": [], "shared_pending": 0, "itimers": [],
-                "mm": {"start_code": 0, "end_code": 0, "start_data": 0, "end_data": 0,
-                    "start_brk": 0, "brk": 0, "start_stack": 0, "arg_start": 0, "arg_end": 0,
-                    "env_start": 0, "env_end": 0, "auxv": []}
-            },
-            "threads": [], "mappings": [], "fds": [], "page_store_bytes": 0
-        }))
-        .expect("synthetic manifest");
+        let manifest = Manifest::default();
         choose_region(&manifest, &own, size)
     }
 }

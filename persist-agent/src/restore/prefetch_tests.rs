@@ -50,37 +50,21 @@ impl Fixture {
             data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
         }
         let runs = writer.append_pages(0, &data).unwrap();
-        let mut manifest: Manifest = serde_json::from_value(serde_json::json!({
-            "kernel": {"release": "r", "version": "v", "machine": "x86_64"},
-            "cpu": {"xcr0": 3, "xsave_size": 576},
-            "created_unix_ms": 0,
-            "process": {
-                "pid": 1, "pgid": 1, "sid": 1, "comm": "x", "exe": "/x", "argv": [],
-                "environ": [], "cwd": "/", "root": "/", "umask": 18, "personality": 0,
-                "rlimits": [],
-                "credentials": {"uids": [0,0,0,0], "gids": [0,0,0,0], "groups": [],
-                    "cap_inheritable": 0, "cap_permitted": 0, "cap_effective": 0,
-                    "cap_bounding": 0, "cap_ambient": 0, "no_new_privs": false, "securebits": 0},
-                "sigactions": [], "shared_pending": 0, "itimers": [],
-                "mm": {"start_code": 0, "end_code": 0, "start_data": 0, "end_data": 0,
-                    "start_brk": 0, "brk": 0, "start_stack": 0, "arg_start": 0, "arg_end": 0,
-                    "env_start": 0, "env_end": 0, "auxv": []}
-            },
-            "threads": [], "mappings": [], "fds": [], "page_store_bytes": 0
-        }))
-        .unwrap();
-        manifest.mappings = vec![Mapping {
-            start,
-            end: start + PAGES * PAGE_SIZE,
-            protection: Protection {
-                read: true,
-                write: true,
-                exec: false,
-            },
-            shared: false,
-            kind: MappingKind::Anonymous,
-            pages: runs,
-        }];
+        let mut manifest = Manifest {
+            mappings: vec![Mapping {
+                start,
+                end: start + PAGES * PAGE_SIZE,
+                protection: Protection {
+                    read: true,
+                    write: true,
+                    exec: false,
+                },
+                shared: false,
+                kind: MappingKind::Anonymous,
+                pages: runs,
+            }],
+            ..Manifest::default()
+        };
         writer.finish(&mut manifest).unwrap();
         let image = Arc::new(Image::open(&dir).unwrap());
         Self {

@@ -8,7 +8,10 @@
 use serde::{Deserialize, Serialize};
 
 /// Everything needed to rebuild a process, except its page contents.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+///
+/// `Manifest::default()` is an empty manifest (no process state, threads,
+/// mappings or descriptors), the starting point for images built in tests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Manifest {
     /// The kernel the image was taken on.
     pub kernel: KernelInfo,
@@ -29,7 +32,7 @@ pub struct Manifest {
 }
 
 /// The kernel an image was taken on: images restore only on the same build.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct KernelInfo {
     /// `uname -r`.
     pub release: String,
@@ -40,7 +43,7 @@ pub struct KernelInfo {
 }
 
 /// CPU features the saved register state depends on.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct CpuInfo {
     /// XCR0: the xsave state components enabled when the image was taken.
     pub xcr0: u64,
@@ -49,7 +52,7 @@ pub struct CpuInfo {
 }
 
 /// Process-wide state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ProcessInfo {
     /// Pid of the process (in its own pid namespace when restored).
     pub pid: i32,
@@ -99,7 +102,7 @@ pub struct Rlimit {
 }
 
 /// Identity and privileges of the process.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Credentials {
     /// Real, effective, saved and filesystem uid.
     pub uids: [u32; 4],
@@ -150,7 +153,7 @@ pub struct ITimer {
 }
 
 /// The fields of `struct prctl_mm_map`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct MmFields {
     /// Start of the text segment.
     pub start_code: u64,
