@@ -253,15 +253,12 @@ pub fn web_root() -> tempfile::TempDir {
     dir
 }
 
-/// Registers `python3 -m http.server` on `port`, serving `root`, in snapshot
-/// mode with HTTP readiness; `extra` are more `add` options.
-pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, extra: &[&str]) {
+/// The command line of `python3 -m http.server` serving `root` on
+/// 127.0.0.1:`port`.
+pub fn http_server_command(port: u16, root: &Path) -> Vec<String> {
     let port = port.to_string();
     let root = root.display().to_string();
-    let mut args = vec!["add", name, "--port", &port, "--ready", "http:/"];
-    args.extend_from_slice(extra);
-    args.extend([
-        "--",
+    [
         "python3",
         "-m",
         "http.server",
@@ -270,7 +267,20 @@ pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, ex
         "127.0.0.1",
         "--directory",
         &root,
-    ]);
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Registers `python3 -m http.server` on `port`, serving `root`, in snapshot
+/// mode with HTTP readiness; `extra` are more `add` options.
+pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, extra: &[&str]) {
+    let port_arg = port.to_string();
+    let command = http_server_command(port, root);
+    let mut args = vec!["add", name, "--port", &port_arg, "--ready", "http:/"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend(command.iter().map(String::as_str));
     sandbox
         .agent_ok(&args)
         .expect("snapshot-mode add of python's http.server succeeds");

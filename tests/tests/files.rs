@@ -97,6 +97,24 @@ fn save(pid: i32) -> Result<Vec<FdInfo>, FilesError> {
     save_fds(pid, &pidfd)
 }
 
+/// Starts `script`, which forks a helper process holding the other ends of
+/// its descriptors and writes the helper's pid to `DIR/helper`; saves the
+/// script's descriptors, then kills both (the helper, our grandchild, by pid).
+fn save_with_helper(dir: &Path, script: &str) -> Vec<FdInfo> {
+    let mut python = start_python(dir, script);
+    let helper: i32 = fs::read_to_string(dir.join("helper"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let fds = save(python.pid());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    python.kill();
+    fds.expect("save_fds")
+}
+
 fn result(dir: &Path) -> String {
     wait_for(&dir.join("result"), "the fixture's result");
     fs::read_to_string(dir.join("result")).unwrap()
@@ -712,19 +730,7 @@ fn pipe_ends_with_the_other_end_outside() {
         [os.close(fd) for fd in (r, w, r2, w2)]\n\
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
-    let mut python = start_python(dir.path(), script);
-    let helper: i32 = fs::read_to_string(dir.path().join("helper"))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let fds = save(python.pid());
-    // The helper is our grandchild: kill and reap it by pid.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(helper),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    python.kill();
-    let fds = fds.expect("save_fds");
+    let fds = save_with_helper(dir.path(), script);
 
     assert!(
         matches!(&by_fd(&fds, 52).kind, FdKind::Pipe { write_end: false, fifo_path: None, data, .. } if data == b"lonely")
@@ -830,19 +836,8 @@ fn vanished_terminal_becomes_dev_null() {
         os.dup2(s, 57); os.close(s); os.close(m)\n\
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
-    let mut python = start_python(dir.path(), script);
-    let helper: i32 = fs::read_to_string(dir.path().join("helper"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let fds = save_with_helper(dir.path(), script);
     let tty = fs::read_to_string(dir.path().join("tty")).unwrap();
-    let fds = save(python.pid());
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(helper),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    python.kill();
-    let fds = fds.expect("save_fds");
     assert_eq!(by_fd(&fds, 57).kind, FdKind::Device { path: tty.clone() });
 
     // The pty goes away once its master (held by the helper) is closed.
@@ -994,18 +989,7 @@ fn fifo_read_end_alone() {
         os.dup2(r, 46); os.close(r)\n\
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
-    let mut python = start_python(dir.path(), script);
-    let helper: i32 = fs::read_to_string(dir.path().join("helper"))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let fds = save(python.pid());
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(helper),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    python.kill();
-    let fds = fds.expect("save_fds");
+    let fds = save_with_helper(dir.path(), script);
     let fifo = dir.path().join("fifo").to_string_lossy().into_owned();
     assert!(
         matches!(

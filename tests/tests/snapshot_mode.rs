@@ -9,6 +9,22 @@ use std::time::Duration;
 
 use persist_tests::{Sandbox, add_http_server, binary, wait_until, web_root};
 
+/// Builds an image of hello-server listening on `port` with `persist-agent build`.
+fn build_hello_image(sandbox: &Sandbox, image: &std::path::Path, port: u16) {
+    let server = binary("hello-server").display().to_string();
+    let built = sandbox
+        .netns
+        .command(binary("persist-agent"))
+        .arg("build")
+        .arg("--image")
+        .arg(image)
+        .args(["--port", &port.to_string(), "--", &server])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "build: {built:?}");
+}
+
 /// Whether `pid` runs no code: gone, a zombie, or a parked skeleton (which
 /// has the restored process's pid but is stopped before its first instruction).
 fn runs_no_code(pid: i64) -> bool {
@@ -176,24 +192,8 @@ fn a_prebuilt_image_is_registered_and_served() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    let server = binary("hello-server").display().to_string();
     let image_arg = image.display().to_string();
-    let built = sandbox
-        .netns
-        .command(binary("persist-agent"))
-        .args([
-            "build",
-            "--image",
-            &image_arg,
-            "--port",
-            "8102",
-            "--",
-            &server,
-            "127.0.0.1:8102",
-        ])
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "build: {built:?}");
+    build_hello_image(&sandbox, &image, 8102);
     assert!(image.join("manifest").exists(), "build wrote an image");
 
     sandbox
@@ -268,22 +268,7 @@ fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("img");
     let image_arg = image.display().to_string();
-    let built = sandbox
-        .netns
-        .command(binary("persist-agent"))
-        .args([
-            "build",
-            "--image",
-            &image_arg,
-            "--port",
-            "8107",
-            "--",
-            &server,
-            "127.0.0.1:8107",
-        ])
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "build: {built:?}");
+    build_hello_image(&sandbox, &image, 8107);
     std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let output = sandbox.agent(&["add", "open", "--image", &image_arg, "--port", "8107"]);
     let err = String::from_utf8_lossy(&output.stderr);

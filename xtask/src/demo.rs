@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use persist_tests::{Sandbox, wait_until};
+use persist_tests::{Sandbox, http_server_command, wait_until};
 
 use crate::deps;
 
@@ -26,7 +26,6 @@ pub fn run() -> Result<()> {
         site.path().join("hello.txt"),
         "hello from a parked server\n",
     )?;
-    let site_dir = site.path().display().to_string();
     let port = PORT.to_string();
 
     println!(
@@ -34,10 +33,12 @@ pub fn run() -> Result<()> {
         sandbox.netns.name()
     );
     println!(
-        "$ persist-agent add web --port {PORT} --ready http:/ --idle-timeout 2s -- python3 -m http.server {PORT} --bind 127.0.0.1 --directory {site_dir}"
+        "$ persist-agent add web --port {PORT} --ready http:/ --idle-timeout 2s -- {}",
+        http_server_command(PORT, site.path()).join(" ")
     );
     let started = Instant::now();
-    let added = sandbox.agent_ok(&[
+    let command = http_server_command(PORT, site.path());
+    let mut args = vec![
         "add",
         "web",
         "--port",
@@ -47,15 +48,9 @@ pub fn run() -> Result<()> {
         "--idle-timeout",
         "2s",
         "--",
-        "python3",
-        "-m",
-        "http.server",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-        &site_dir,
-    ])?;
+    ];
+    args.extend(command.iter().map(String::as_str));
+    let added = sandbox.agent_ok(&args)?;
     println!("{}", added.trim());
     println!(
         "(started python once, waited until it answered, snapshotted it and stopped it: {:.0} ms)",

@@ -714,7 +714,7 @@ impl Pager {
 const MAX_PREFETCH_RUN_PAGES: u64 = 1024;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::fd::FromRawFd;
 
     use persist_common::image::{ImageWriter, Manifest, Mapping, MappingKind, Protection};
@@ -863,7 +863,8 @@ mod tests {
         assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
     }
 
-    fn nix_mmap(len: usize) -> *mut libc::c_void {
+    /// A fresh private anonymous mapping of `len` bytes, leaked for the test.
+    pub(crate) fn nix_mmap(len: usize) -> *mut libc::c_void {
         // SAFETY: a fresh private anonymous mapping, leaked for the test.
         let area = unsafe {
             libc::mmap(

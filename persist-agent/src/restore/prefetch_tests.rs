@@ -29,18 +29,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let len = (PAGES * PAGE_SIZE) as usize;
-        // SAFETY: a fresh private anonymous mapping, leaked for the test.
-        let area = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(area, libc::MAP_FAILED);
+        let area = super::pager::tests::nix_mmap(len);
         let start = area as u64;
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join("image");

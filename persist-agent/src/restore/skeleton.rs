@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use persist_common::image::{Image, Manifest, MappingKind, PAGE_SIZE, ThreadInfo};
+use persist_common::image::{
+    Image, Manifest, Mapping, MappingKind, PAGE_SIZE, PageRun, ThreadInfo,
+};
 
 use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
 use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region};
@@ -707,6 +709,23 @@ fn signals(mask: u64) -> impl Iterator<Item = i32> {
     })
 }
 
+/// The address and checksum-verified contents of one stored run of `mapping`.
+fn stored_run<'a>(
+    image: &'a Image,
+    mapping: &Mapping,
+    run: &PageRun,
+) -> Result<(u64, &'a [u8]), RestoreError> {
+    let address = mapping.start + run.first_page * PAGE_SIZE;
+    let bytes = image
+        .pages()
+        .run(run)
+        .map_err(|err| RestoreError::CorruptImage {
+            address,
+            reason: err.to_string(),
+        })?;
+    Ok((address, bytes))
+}
+
 /// Writes the stored pages of private file mappings (data, relro, GOT):
 /// userfaultfd cannot serve those, so they go in before the process runs.
 fn write_file_pages(image: &Image, mem: &ProcMem, pid: i32) -> Result<(), RestoreError> {
@@ -715,14 +734,7 @@ fn write_file_pages(image: &Image, mem: &ProcMem, pid: i32) -> Result<(), Restor
             continue;
         }
         for run in &mapping.pages {
-            let address = mapping.start + run.first_page * PAGE_SIZE;
-            let bytes = image
-                .pages()
-                .run(run)
-                .map_err(|err| RestoreError::CorruptImage {
-                    address,
-                    reason: err.to_string(),
-                })?;
+            let (address, bytes) = stored_run(image, mapping, run)?;
             mem.write_all_at(address, bytes)
                 .map_err(RestoreError::ptrace(pid, "write file-mapping pages"))?;
         }
@@ -916,14 +928,7 @@ fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), Res
                 .map_err(|e| RestoreError::io("memfd", e))?;
         }
         for run in &mapping.pages {
-            let address = mapping.start + run.first_page * PAGE_SIZE;
-            let bytes = image
-                .pages()
-                .run(run)
-                .map_err(|err| RestoreError::CorruptImage {
-                    address,
-                    reason: err.to_string(),
-                })?;
+            let (_, bytes) = stored_run(image, mapping, run)?;
             std::os::unix::fs::FileExt::write_all_at(
                 &file,
                 bytes,
