@@ -430,7 +430,9 @@ fn save(
         threads,
         mappings,
         fds,
+        // Both filled in by the writer when it finishes.
         page_store_bytes: 0,
+        base_stores: Vec::new(),
     };
     Ok((
         manifest,

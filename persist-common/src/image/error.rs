@@ -69,6 +69,20 @@ pub enum ImageError {
         /// Its mode bits.
         mode: u32,
     },
+    /// A base image's page store could not be hard-linked into a new delta
+    /// image, typically because the two are on different filesystems
+    /// (`EXDEV`). Nothing is wrong with either image: a full image can be
+    /// written instead.
+    #[error("{from}: cannot hard-link this page store to {to} for a delta image: {source}")]
+    BaseLink {
+        /// The base image's store file.
+        from: PathBuf,
+        /// The link that could not be made.
+        to: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The image was taken on another kernel build.
     #[error(
         "image was taken on kernel {image} but this is {running}: images only restore on the same kernel build"

@@ -2,12 +2,16 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
+use std::num::NonZeroUsize;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::{
-    FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, PAGE_SIZE, PAGES_FILE,
-    PageRun,
+    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, PAGE_SIZE,
+    PAGES_FILE, PageRun, base_store_file,
 };
 
 /// Longest manifest accepted, so a hostile header cannot make us allocate without bound.
@@ -20,6 +24,9 @@ pub struct ImageWriter {
     staging: PathBuf,
     pages: BufWriter<File>,
     pages_path: PathBuf,
+    /// Stores of the base image linked into the staging directory.
+    base_stores: Vec<BaseStore>,
+    /// End of the page store so far: the base stores, then what was appended.
     store_bytes: u64,
 }
 
@@ -58,8 +65,48 @@ impl ImageWriter {
             staging,
             pages: BufWriter::with_capacity(1 << 20, pages),
             pages_path,
+            base_stores: Vec::new(),
             store_bytes: 0,
         })
+    }
+
+    /// Starts writing a delta image of `base`: every page store of `base`
+    /// (its base stores, then its own `pages`) is hard-linked into the new
+    /// image as a base store, so every store offset valid in `base` is valid
+    /// in the new image, and appended pages go after them.
+    ///
+    /// Fails with [`ImageError::BaseLink`] when a store cannot be linked
+    /// (another filesystem, for one): the caller may write a full image
+    /// with [`ImageWriter::create`] instead.
+    pub fn create_delta(destination: &Path, base: &Image) -> Result<Self, ImageError> {
+        let mut writer = Self::create(destination)?;
+        // Empty stores hold no offset: linking them would only lengthen the chain.
+        for store in base.pages.files.iter().filter(|file| file.len > 0) {
+            let file = base_store_file(writer.base_stores.len());
+            let link = writer.staging.join(&file);
+            fs::hard_link(&store.path, &link).map_err(|source| ImageError::BaseLink {
+                from: store.path.clone(),
+                to: link.clone(),
+                source,
+            })?;
+            // The link is made by path: make sure it is the file whose bytes
+            // the caller compared pages against, not one that replaced it.
+            let linked = fs::symlink_metadata(&link).map_err(ImageError::io(&link))?;
+            if (linked.dev(), linked.ino()) != store.identity {
+                return Err(ImageError::Inconsistent {
+                    path: store.path.clone(),
+                    reason:
+                        "the base image's page store was replaced while a delta of it was written"
+                            .into(),
+                });
+            }
+            writer.base_stores.push(BaseStore {
+                file,
+                bytes: store.len,
+            });
+            writer.store_bytes += store.len;
+        }
+        Ok(writer)
     }
 
     /// Appends the contents of consecutive pages of one mapping, the first of
@@ -70,40 +117,69 @@ impl ImageWriter {
         first_page: u64,
         data: &[u8],
     ) -> Result<Vec<PageRun>, ImageError> {
-        if !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
-            return Err(ImageError::Inconsistent {
-                path: self.pages_path.clone(),
-                reason: format!("{} bytes is not a whole number of pages", data.len()),
-            });
-        }
-        let mut runs = Vec::with_capacity(data.len() / (MAX_RUN_PAGES * PAGE_SIZE) as usize + 1);
-        for (index, chunk) in data
-            .chunks((MAX_RUN_PAGES * PAGE_SIZE) as usize)
-            .enumerate()
-        {
-            self.pages
-                .write_all(chunk)
-                .map_err(ImageError::io(&self.pages_path))?;
-            runs.push(PageRun {
-                first_page: first_page + index as u64 * MAX_RUN_PAGES,
-                count: chunk.len() as u64 / PAGE_SIZE,
-                store_offset: self.store_bytes,
-                crc32c: crc32c::crc32c(chunk),
-            });
-            self.store_bytes += chunk.len() as u64;
-        }
+        self.check_whole_pages(data)?;
+        self.pages
+            .write_all(data)
+            .map_err(ImageError::io(&self.pages_path))?;
+        let runs = runs_of(first_page, self.store_bytes, data);
+        self.store_bytes += data.len() as u64;
         Ok(runs)
     }
 
-    /// Bytes written to the page store so far.
+    /// Returns the runs for consecutive pages of one mapping, the first of
+    /// which is page `first_page` of the mapping, whose contents are already
+    /// in the page store from `store_offset` on (a base store's, usually):
+    /// nothing is written. `data` is their contents, equal to the stored
+    /// bytes; the runs' checksums are computed over it.
+    pub fn reuse_pages(
+        &self,
+        first_page: u64,
+        store_offset: u64,
+        data: &[u8],
+    ) -> Result<Vec<PageRun>, ImageError> {
+        self.check_whole_pages(data)?;
+        let inside = store_offset.is_multiple_of(PAGE_SIZE)
+            && store_offset
+                .checked_add(data.len() as u64)
+                .is_some_and(|end| end <= self.store_bytes);
+        if !inside {
+            return Err(ImageError::Inconsistent {
+                path: self.pages_path.clone(),
+                reason: format!(
+                    "cannot reuse {} bytes at store offset {store_offset}: the page store holds {}",
+                    data.len(),
+                    self.store_bytes
+                ),
+            });
+        }
+        Ok(runs_of(first_page, store_offset, data))
+    }
+
+    fn check_whole_pages(&self, data: &[u8]) -> Result<(), ImageError> {
+        if (data.len() as u64).is_multiple_of(PAGE_SIZE) {
+            return Ok(());
+        }
+        Err(ImageError::Inconsistent {
+            path: self.pages_path.clone(),
+            reason: format!("{} bytes is not a whole number of pages", data.len()),
+        })
+    }
+
+    /// Size of the page store so far: the base stores and the bytes appended.
     pub fn store_bytes(&self) -> u64 {
         self.store_bytes
+    }
+
+    /// Base stores of the image (none unless made by [`ImageWriter::create_delta`]).
+    pub fn base_stores(&self) -> &[BaseStore] {
+        &self.base_stores
     }
 
     /// Writes the manifest, syncs everything and moves the image into place,
     /// atomically replacing any image already there.
     pub fn finish(mut self, manifest: &mut Manifest) -> Result<(), ImageError> {
         manifest.page_store_bytes = self.store_bytes;
+        manifest.base_stores = self.base_stores.clone();
         self.pages
             .flush()
             .map_err(ImageError::io(&self.pages_path))?;
@@ -138,6 +214,22 @@ impl Drop for ImageWriter {
         // After a successful finish the staging directory no longer exists.
         let _ = fs::remove_dir_all(&self.staging);
     }
+}
+
+/// Runs of at most [`MAX_RUN_PAGES`] for `data`, stored from `store_offset` on.
+fn runs_of(first_page: u64, store_offset: u64, data: &[u8]) -> Vec<PageRun> {
+    data.chunks((MAX_RUN_PAGES * PAGE_SIZE) as usize)
+        .enumerate()
+        .map(|(index, chunk)| {
+            let skipped = index as u64 * MAX_RUN_PAGES;
+            PageRun {
+                first_page: first_page + skipped,
+                count: chunk.len() as u64 / PAGE_SIZE,
+                store_offset: store_offset + skipped * PAGE_SIZE,
+                crc32c: crc32c::crc32c(chunk),
+            }
+        })
+        .collect()
 }
 
 fn create_private_file(path: &Path) -> Result<File, ImageError> {
@@ -189,27 +281,31 @@ pub struct Image {
 
 impl Image {
     /// Opens the image in `dir`, checking ownership and modes, the manifest's
-    /// header, checksum and consistency, and the page store's size. Page
+    /// header, checksum and consistency, and the page stores' sizes. Page
     /// checksums are checked as pages are read ([`PageStore::run`]).
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         check_private(dir)?;
         let manifest_path = dir.join(MANIFEST_FILE);
-        let pages_path = dir.join(PAGES_FILE);
         check_private(&manifest_path)?;
-        check_private(&pages_path)?;
+        check_private(&dir.join(PAGES_FILE))?;
 
         let manifest = read_manifest(&manifest_path)?;
-        let pages = PageStore::open(&pages_path)?;
-        if pages.len() != manifest.page_store_bytes {
-            return Err(ImageError::Inconsistent {
-                path: pages_path,
-                reason: format!(
-                    "page store holds {} bytes but the manifest expects {}",
-                    pages.len(),
-                    manifest.page_store_bytes
-                ),
-            });
+        for (index, base) in manifest.base_stores.iter().enumerate() {
+            // An exact name keeps a hostile manifest from naming files
+            // outside the image.
+            if base.file != base_store_file(index) {
+                return Err(ImageError::Inconsistent {
+                    path: manifest_path,
+                    reason: format!(
+                        "base store {index} is named {:?}, expected {:?}",
+                        base.file,
+                        base_store_file(index)
+                    ),
+                });
+            }
+            check_private(&dir.join(&base.file))?;
         }
+        let pages = PageStore::open(dir, &manifest, &manifest_path)?;
         check_layout(&manifest, &manifest_path)?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -385,34 +481,77 @@ fn check_private(path: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// The page store, mapped read-only.
+/// The page store, mapped read-only as one contiguous range of memory: the
+/// base stores, then the image's own `pages`, each at its offset.
 pub struct PageStore {
+    files: Vec<StoreFile>,
+    map: Option<StoreMap>,
+}
+
+/// One file of a page store.
+struct StoreFile {
     path: PathBuf,
-    map: Option<memmap2::Mmap>,
+    /// Offset of its first byte in the page store.
+    start: u64,
+    len: u64,
+    /// Device and inode, to recognise the file when it is linked elsewhere.
+    identity: (u64, u64),
 }
 
 impl PageStore {
-    fn open(path: &Path) -> Result<Self, ImageError> {
-        let file = File::open(path).map_err(ImageError::io(path))?;
-        let len = file.metadata().map_err(ImageError::io(path))?.len();
-        let map = if len == 0 {
-            None
-        } else {
-            // SAFETY: the page store is a private, root-owned file that
-            // nothing writes once the image is finished; a concurrent
-            // truncation would fault, not corrupt memory safety of our data
-            // structures, and runs are verified by checksum before use.
-            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(ImageError::io(path))?)
-        };
-        Ok(Self {
-            path: path.to_owned(),
-            map,
-        })
+    /// Maps the page stores of the image in `dir` described by `manifest`,
+    /// after checking that each file has the size the manifest gives it.
+    fn open(dir: &Path, manifest: &Manifest, manifest_path: &Path) -> Result<Self, ImageError> {
+        let total = manifest.page_store_bytes;
+        let mut expected = Vec::with_capacity(manifest.base_stores.len() + 1);
+        let mut start = 0u64;
+        for base in &manifest.base_stores {
+            expected.push((dir.join(&base.file), start, base.bytes));
+            start = start
+                .checked_add(base.bytes)
+                .filter(|&end| end <= total)
+                .ok_or_else(|| ImageError::Inconsistent {
+                    path: manifest_path.to_owned(),
+                    reason: format!("base stores are larger than the page store's {total} bytes"),
+                })?;
+        }
+        expected.push((dir.join(PAGES_FILE), start, total - start));
+
+        let mut files = Vec::with_capacity(expected.len());
+        let mut opened = Vec::with_capacity(expected.len());
+        for (path, start, len) in expected {
+            let file = File::open(&path).map_err(ImageError::io(&path))?;
+            let meta = file.metadata().map_err(ImageError::io(&path))?;
+            if meta.len() != len {
+                return Err(ImageError::Inconsistent {
+                    path,
+                    reason: format!(
+                        "page store holds {} bytes but the manifest expects {len}",
+                        meta.len()
+                    ),
+                });
+            }
+            if !len.is_multiple_of(PAGE_SIZE) {
+                return Err(ImageError::Inconsistent {
+                    path,
+                    reason: format!("page store of {len} bytes is not a whole number of pages"),
+                });
+            }
+            files.push(StoreFile {
+                path,
+                start,
+                len,
+                identity: (meta.dev(), meta.ino()),
+            });
+            opened.push(file);
+        }
+        let map = StoreMap::new(&files, &opened)?;
+        Ok(Self { files, map })
     }
 
     /// Size of the page store in bytes.
     pub fn len(&self) -> u64 {
-        self.map.as_ref().map_or(0, |map| map.len() as u64)
+        self.files.last().map_or(0, |file| file.start + file.len)
     }
 
     /// True when no page is stored.
@@ -425,7 +564,7 @@ impl PageStore {
         let bytes = self.run_unchecked(run)?;
         if crc32c::crc32c(bytes) != run.crc32c {
             return Err(ImageError::Checksum {
-                path: self.path.clone(),
+                path: self.file_at(run.store_offset).to_owned(),
                 what: format!("{} pages at offset {}", run.count, run.store_offset),
             });
         }
@@ -435,18 +574,378 @@ impl PageStore {
     /// The bytes of a run, without checking its checksum.
     pub fn run_unchecked(&self, run: &PageRun) -> Result<&[u8], ImageError> {
         let start = run.store_offset as usize;
-        let end = start + (run.count * PAGE_SIZE) as usize;
-        self.map
-            .as_ref()
-            .and_then(|map| map.get(start..end))
+        let end = start.saturating_add((run.count * PAGE_SIZE) as usize);
+        self.as_bytes()
+            .get(start..end)
             .ok_or_else(|| ImageError::Inconsistent {
-                path: self.path.clone(),
+                path: self.file_at(run.store_offset).to_owned(),
                 reason: format!("run at offset {start} ends past the page store"),
             })
     }
 
     /// The whole store as one slice (for bulk copies).
     pub fn as_bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        self.map.as_ref().map_or(&[], StoreMap::as_bytes)
+    }
+
+    /// The file holding store offset `offset` (the last file past the end),
+    /// for error messages.
+    fn file_at(&self, offset: u64) -> &Path {
+        self.files
+            .iter()
+            .find(|file| offset < file.start + file.len)
+            .or(self.files.last())
+            .map_or(Path::new(PAGES_FILE), |file| &file.path)
+    }
+}
+
+/// A reserved range of address space holding every file of a page store,
+/// each mapped read-only at its offset; unmapped on drop.
+struct StoreMap {
+    addr: NonNull<std::ffi::c_void>,
+    len: NonZeroUsize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; nothing
+// writes it, so sharing or sending it between threads is as safe as a `&[u8]`.
+unsafe impl Send for StoreMap {}
+// SAFETY: see `Send`: shared access only ever reads.
+unsafe impl Sync for StoreMap {}
+
+impl StoreMap {
+    /// Maps `opened[i]`, described by `files[i]`, at its offset. `None` for
+    /// an empty store.
+    fn new(files: &[StoreFile], opened: &[File]) -> Result<Option<Self>, ImageError> {
+        let Some(last) = files.last() else {
+            return Ok(None);
+        };
+        let total = last.start + last.len;
+        let len = usize::try_from(total).map_err(|_| ImageError::Inconsistent {
+            path: last.path.clone(),
+            reason: format!("a page store of {total} bytes does not fit in memory"),
+        })?;
+        let Some(len) = NonZeroUsize::new(len) else {
+            return Ok(None);
+        };
+        // One reservation first, so the files land next to each other and
+        // the store reads as one slice. PROT_NONE and MAP_NORESERVE: it only
+        // holds the addresses until the files are mapped over it.
+        // SAFETY: a new private anonymous mapping at an address the kernel
+        // picks touches no existing memory.
+        let addr = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_NONE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .map_err(|errno| ImageError::Io {
+            path: last.path.clone(),
+            source: errno.into(),
+        })?;
+        // From here on, dropping `map` unmaps the whole range, files included.
+        let map = Self { addr, len };
+        for (file, opened) in files.iter().zip(opened) {
+            let Some(file_len) = NonZeroUsize::new(file.len as usize) else {
+                continue;
+            };
+            let at = NonZeroUsize::new(addr.as_ptr() as usize + file.start as usize)
+                .expect("an offset into a mapping is not null");
+            // SAFETY: MAP_FIXED replaces pages only inside our own
+            // reservation (`file.start + file.len <= total`, checked by the
+            // caller's layout), which nothing else refers to yet. The file
+            // is private to root and never written in place once its image
+            // is finished: a truncation would fault, not break memory safety
+            // of our data structures, and runs are checksummed before use.
+            unsafe {
+                nix::sys::mman::mmap(
+                    Some(at),
+                    file_len,
+                    ProtFlags::PROT_READ,
+                    MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
+                    opened,
+                    0,
+                )
+            }
+            .map_err(|errno| ImageError::Io {
+                path: file.path.clone(),
+                source: errno.into(),
+            })?;
+        }
+        Ok(Some(map))
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the range is mapped, readable (every byte belongs to one
+        // of the files, all mapped PROT_READ) and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.addr.as_ptr().cast::<u8>(), self.len.get()) }
+    }
+}
+
+impl Drop for StoreMap {
+    fn drop(&mut self) {
+        // SAFETY: the range is ours alone; no slice of it outlives `self`.
+        let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len.get()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    use crate::image::{Mapping, MappingKind, Protection};
+
+    const START: u64 = 0x10000;
+    const MAPPING_PAGES: u64 = 16;
+
+    /// `pages` pages, page `i` filled with byte `seed + i`.
+    fn pattern(seed: u8, pages: u64) -> Vec<u8> {
+        (0..pages)
+            .flat_map(|page| std::iter::repeat_n(seed.wrapping_add(page as u8), PAGE_SIZE as usize))
+            .collect()
+    }
+
+    /// A manifest with one anonymous mapping of [`MAPPING_PAGES`] pages at
+    /// [`START`], stored as `runs`.
+    fn manifest_with(runs: Vec<PageRun>) -> Manifest {
+        Manifest {
+            mappings: vec![Mapping {
+                start: START,
+                end: START + MAPPING_PAGES * PAGE_SIZE,
+                protection: Protection {
+                    read: true,
+                    write: true,
+                    exec: false,
+                },
+                shared: false,
+                kind: MappingKind::Anonymous,
+                pages: runs,
+            }],
+            ..Manifest::default()
+        }
+    }
+
+    /// A full image of 4 pages of `pattern(1, 4)`, as pages 0..4 of the mapping.
+    fn base_image(dir: &Path) -> Image {
+        let mut writer = ImageWriter::create(dir).unwrap();
+        let runs = writer.append_pages(0, &pattern(1, 4)).unwrap();
+        writer.finish(&mut manifest_with(runs)).unwrap();
+        Image::open(dir).unwrap()
+    }
+
+    /// A delta of `base`: pages 0..2 reused from store offset 0, pages 2..4
+    /// written anew with `pattern(seed, 2)`.
+    fn delta_image(dir: &Path, base: &Image, seed: u8) -> Image {
+        let mut writer = ImageWriter::create_delta(dir, base).unwrap();
+        let reused = base.pages().as_bytes()[..2 * PAGE_SIZE as usize].to_vec();
+        let mut runs = writer.reuse_pages(0, 0, &reused).unwrap();
+        runs.extend(writer.append_pages(2, &pattern(seed, 2)).unwrap());
+        writer.finish(&mut manifest_with(runs)).unwrap();
+        Image::open(dir).unwrap()
+    }
+
+    fn inode(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().ino()
+    }
+
+    /// Rewrites the manifest of the image in `dir` after `edit`, with a
+    /// valid header, as a hostile or buggy writer could.
+    fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut Manifest)) {
+        let path = dir.join(MANIFEST_FILE);
+        let mut manifest = read_manifest(&path).unwrap();
+        edit(&mut manifest);
+        let json = serde_json::to_vec(&manifest).unwrap();
+        let mut text = format!(
+            "persist-image {FORMAT_VERSION} {} {:08x}\n",
+            json.len(),
+            crc32c::crc32c(&json)
+        )
+        .into_bytes();
+        text.extend_from_slice(&json);
+        fs::write(&path, text).unwrap();
+    }
+
+    #[test]
+    fn a_delta_image_reads_its_base_pages_through_one_slice() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let delta_dir = temp.path().join("delta");
+        let delta = delta_image(&delta_dir, &base, 100);
+
+        let manifest = delta.manifest();
+        assert_eq!(
+            manifest.base_stores,
+            vec![BaseStore {
+                file: "pages.base.0".into(),
+                bytes: 4 * PAGE_SIZE
+            }]
+        );
+        assert_eq!(manifest.page_store_bytes, 6 * PAGE_SIZE);
+        assert_eq!(
+            fs::metadata(delta_dir.join(PAGES_FILE)).unwrap().len(),
+            2 * PAGE_SIZE,
+            "the delta's own store holds only the new pages"
+        );
+        assert_eq!(
+            inode(&delta_dir.join("pages.base.0")),
+            inode(&base.dir().join(PAGES_FILE)),
+            "the base store is a hard link, not a copy"
+        );
+
+        let bytes = delta.pages().as_bytes();
+        assert_eq!(bytes.len() as u64, 6 * PAGE_SIZE);
+        assert_eq!(delta.pages().len(), 6 * PAGE_SIZE);
+        assert_eq!(&bytes[..4 * PAGE_SIZE as usize], &pattern(1, 4)[..]);
+        assert_eq!(&bytes[4 * PAGE_SIZE as usize..], &pattern(100, 2)[..]);
+        let runs = &manifest.mappings[0].pages;
+        assert_eq!(
+            runs[0].store_offset, 0,
+            "reused pages keep their base offset"
+        );
+        assert_eq!(delta.pages().run(&runs[0]).unwrap(), &pattern(1, 2)[..]);
+        assert_eq!(runs[1].store_offset, 4 * PAGE_SIZE);
+        assert_eq!(delta.pages().run(&runs[1]).unwrap(), &pattern(100, 2)[..]);
+    }
+
+    #[test]
+    fn a_delta_of_a_delta_keeps_every_offset_and_outlives_its_bases() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let first = delta_image(&temp.path().join("first"), &base, 100);
+        let second_dir = temp.path().join("second");
+        let second = delta_image(&second_dir, &first, 200);
+
+        let files: Vec<_> = second.manifest().base_stores.iter().collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!(
+            (files[0].file.as_str(), files[0].bytes),
+            ("pages.base.0", 4 * PAGE_SIZE)
+        );
+        assert_eq!(
+            (files[1].file.as_str(), files[1].bytes),
+            ("pages.base.1", 2 * PAGE_SIZE)
+        );
+        assert_eq!(second.manifest().page_store_bytes, 8 * PAGE_SIZE);
+        // Pages 2..4 of the first delta, still at their offset.
+        let earlier = first.manifest().mappings[0].pages[1];
+        assert_eq!(second.pages().run(&earlier).unwrap(), &pattern(100, 2)[..]);
+
+        drop((base, first));
+        fs::remove_dir_all(temp.path().join("base")).unwrap();
+        fs::remove_dir_all(temp.path().join("first")).unwrap();
+        let reopened = Image::open(&second_dir).unwrap();
+        let runs = &reopened.manifest().mappings[0].pages;
+        assert_eq!(reopened.pages().run(&runs[0]).unwrap(), &pattern(1, 2)[..]);
+        assert_eq!(
+            reopened.pages().run(&runs[1]).unwrap(),
+            &pattern(200, 2)[..]
+        );
+    }
+
+    #[test]
+    fn reused_pages_must_lie_in_the_store_so_far() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let writer = ImageWriter::create_delta(&temp.path().join("delta"), &base).unwrap();
+        let page = pattern(1, 1);
+        assert!(writer.reuse_pages(0, 3 * PAGE_SIZE, &page).is_ok());
+        for offset in [4 * PAGE_SIZE, 100] {
+            let err = writer.reuse_pages(0, offset, &page).unwrap_err();
+            assert!(matches!(err, ImageError::Inconsistent { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_resized_or_writable_base_stores_are_refused_by_name() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let dir = temp.path().join("delta");
+        drop(delta_image(&dir, &base, 100));
+        let store = dir.join("pages.base.0");
+        let names_store = |err: ImageError| {
+            assert!(
+                err.to_string().contains(&store.display().to_string()),
+                "the error names the base store: {err}"
+            );
+            err
+        };
+
+        fs::set_permissions(&store, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = names_store(Image::open(&dir).err().unwrap());
+        assert!(matches!(err, ImageError::Insecure { .. }), "{err}");
+        fs::set_permissions(&store, fs::Permissions::from_mode(0o600)).unwrap();
+
+        let grown = OpenOptions::new().append(true).open(&store).unwrap();
+        grown.set_len(5 * PAGE_SIZE).unwrap();
+        let err = names_store(Image::open(&dir).err().unwrap());
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. } if reason.contains("holds")),
+            "{err}"
+        );
+        grown.set_len(4 * PAGE_SIZE).unwrap();
+        assert!(Image::open(&dir).is_ok(), "restored to its size, it opens");
+
+        fs::remove_file(&store).unwrap();
+        let err = names_store(Image::open(&dir).err().unwrap());
+        assert!(matches!(err, ImageError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn base_store_names_cannot_leave_the_image() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let dir = temp.path().join("delta");
+        drop(delta_image(&dir, &base, 100));
+        for name in ["../base/pages", "pages.base.1", "/etc/passwd"] {
+            rewrite_manifest(&dir, |manifest| manifest.base_stores[0].file = name.into());
+            let err = Image::open(&dir).err().unwrap();
+            assert!(
+                matches!(&err, ImageError::Inconsistent { reason, .. } if reason.contains("expected \"pages.base.0\"")),
+                "{name}: {err}"
+            );
+        }
+        rewrite_manifest(&dir, |manifest| manifest.base_stores[0].bytes = 1 << 40);
+        let err = Image::open(&dir).err().unwrap();
+        assert!(matches!(err, ImageError::Inconsistent { .. }), "{err}");
+    }
+
+    #[test]
+    fn manifests_without_base_stores_still_read() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("full");
+        let image = base_image(&dir);
+        assert!(image.manifest().base_stores.is_empty());
+        let text = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        assert!(
+            !text.contains("base_stores"),
+            "a full image's manifest reads as before the field existed"
+        );
+        let mut json: serde_json::Value = serde_json::to_value(Manifest::default()).unwrap();
+        json.as_object_mut().unwrap().remove("base_stores");
+        let manifest: Manifest = serde_json::from_value(json).unwrap();
+        assert!(manifest.base_stores.is_empty());
+    }
+
+    #[test]
+    fn a_base_on_another_filesystem_is_reported_as_such() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let Ok(elsewhere) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        if fs::metadata(elsewhere.path()).unwrap().dev() == fs::metadata(temp.path()).unwrap().dev()
+        {
+            return;
+        }
+        let err = ImageWriter::create_delta(&elsewhere.path().join("delta"), &base)
+            .err()
+            .unwrap();
+        assert!(matches!(err, ImageError::BaseLink { .. }), "{err}");
+        assert!(
+            fs::read_dir(elsewhere.path()).unwrap().next().is_none(),
+            "no staging directory is left behind"
+        );
     }
 }

@@ -27,8 +27,25 @@ pub struct Manifest {
     pub mappings: Vec<Mapping>,
     /// Every open file descriptor, in fd order.
     pub fds: Vec<FdInfo>,
-    /// Total size of the page store in bytes.
+    /// Total size of the page store in bytes: the base stores and the
+    /// image's own `pages` file together.
     pub page_store_bytes: u64,
+    /// Page stores of earlier images that this image's runs also read from,
+    /// in the order they come in the page store, before its own `pages`.
+    /// Empty for a full image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_stores: Vec<BaseStore>,
+}
+
+/// A page store of an earlier image, hard-linked into this image's directory
+/// so that runs can refer to its pages without storing them again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BaseStore {
+    /// File name inside the image directory: `pages.base.N`, `N` being its
+    /// index in [`Manifest::base_stores`].
+    pub file: String,
+    /// Size of the file in bytes, a multiple of [`super::PAGE_SIZE`].
+    pub bytes: u64,
 }
 
 /// The kernel an image was taken on: images restore only on the same build.
@@ -334,7 +351,8 @@ pub struct PageRun {
     pub first_page: u64,
     /// Number of pages, at most [`super::MAX_RUN_PAGES`].
     pub count: u64,
-    /// Byte offset of the first page in the page store.
+    /// Byte offset of the first page in the page store: in the whole
+    /// store, base stores included (see [`Manifest::base_stores`]).
     pub store_offset: u64,
     /// CRC32C of the run's bytes.
     pub crc32c: u32,

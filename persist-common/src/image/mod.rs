@@ -11,19 +11,36 @@
 //!   as eight lowercase hex digits. The JSON is a [`Manifest`]: process,
 //!   threads, memory mappings, file descriptors, the kernel and CPU it was
 //!   taken on, and where each stored page lives in the page store.
-//! - `pages`: the page store. Raw page contents, 4096 bytes each, packed
-//!   with no header. Each [`PageRun`] of a mapping names `count` consecutive
-//!   pages of that mapping stored from `store_offset` on, with the CRC32C
-//!   of those `count * 4096` bytes. Runs never exceed [`MAX_RUN_PAGES`], so a
-//!   lazy reader verifies at most that much to serve one fault.
+//! - `pages`: the image's own page store. Raw page contents, 4096 bytes
+//!   each, packed with no header.
+//! - `pages.base.0`, `pages.base.1`, ...: only in a *delta* image, the page
+//!   stores of earlier images, hard links to their files, listed in order in
+//!   the manifest's `base_stores` (file name and size in bytes, a multiple
+//!   of 4096). A name other than exactly `pages.base.N` for the `N`th entry
+//!   is refused.
+//!
+//! The *page store* is one space of byte offsets: the base stores in the
+//! order listed, then `pages`; a file of `n` bytes starting at offset `o`
+//! holds offsets `o..o + n`. The manifest's `page_store_bytes` is the size
+//! of the whole space, so `pages` holds `page_store_bytes` minus the sum of
+//! the base sizes. Each [`PageRun`] of a mapping names `count` consecutive
+//! pages of that mapping stored from `store_offset` on in that space, with
+//! the CRC32C of those `count * 4096` bytes. Runs never exceed
+//! [`MAX_RUN_PAGES`], so a lazy reader verifies at most that much to serve
+//! one fault. A delta image writes to `pages` only the pages that differ
+//! from its base image and refers to the others where the base stored them;
+//! its base stores are the base image's base stores followed by the base
+//! image's own `pages`, so offsets that were valid in the base stay valid.
+//! Base stores are never written in place, only linked, so an image stays
+//! whole when its base image is replaced or deleted.
 //!
 //! Pages never touched by the process are not stored; a mapping with no run
 //! covering a page restores it as the kernel would: zero for anonymous
 //! memory, the file's content for a file mapping.
 //!
-//! Both files are written to temporary names, fsynced, and renamed into
-//! place, the manifest last: an image without a valid manifest is not an
-//! image. Everything in an image is checked before use; see [`ImageError`].
+//! The image is written in a temporary directory, every file fsynced, and
+//! the directory renamed into place, the manifest written last: an image
+//! without a valid manifest is not an image. Everything in an image is checked before use; see [`ImageError`].
 //!
 //! An image may also hold `working-set`: the pages its first wake touched,
 //! in touch order, for later wakes to copy in bulk. Its layout is
@@ -53,5 +70,10 @@ pub const MAX_RUN_PAGES: u64 = 16;
 /// File name of the manifest inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest";
 
-/// File name of the page store inside an image directory.
+/// File name of the image's own page store inside an image directory.
 pub const PAGES_FILE: &str = "pages";
+
+/// File name of the `index`th base store of a delta image: `pages.base.N`.
+pub fn base_store_file(index: usize) -> String {
+    format!("{PAGES_FILE}.base.{index}")
+}
