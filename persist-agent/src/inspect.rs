@@ -4,6 +4,7 @@
 //! image is reported as the [`ImageError`] that describes what is wrong.
 
 use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -24,7 +25,9 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
     let image = Image::open(dir)?;
     let manifest = image.manifest();
     let mut out = String::new();
-    let on_disk = file_size(&dir.join(MANIFEST_FILE)) + file_size(&dir.join(PAGES_FILE));
+    // Base stores are shared with other images: not counted as this one's.
+    let own_store = file_size(&dir.join(PAGES_FILE));
+    let on_disk = file_size(&dir.join(MANIFEST_FILE)) + own_store;
     let taken = UNIX_EPOCH + Duration::from_millis(manifest.created_unix_ms);
 
     let p = &manifest.process;
@@ -42,12 +45,34 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
         "  cpu       xcr0 {:#x}, xsave area {} bytes",
         manifest.cpu.xcr0, manifest.cpu.xsave_size
     );
-    let _ = writeln!(
-        out,
-        "  size      {} on disk ({} of pages)",
-        human_bytes(on_disk),
-        human_bytes(manifest.page_store_bytes)
-    );
+    if manifest.base_stores.is_empty() {
+        let _ = writeln!(
+            out,
+            "  size      {} on disk ({} of pages)",
+            human_bytes(on_disk),
+            human_bytes(manifest.page_store_bytes)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  size      {} on disk ({} of pages: {} in its own store, the rest in {} base stores)",
+            human_bytes(on_disk),
+            human_bytes(manifest.page_store_bytes),
+            human_bytes(own_store),
+            manifest.base_stores.len()
+        );
+    }
+    let mut offset = 0;
+    for base in &manifest.base_stores {
+        let links = std::fs::metadata(dir.join(&base.file)).map_or(0, |m| m.nlink());
+        let _ = writeln!(
+            out,
+            "  base      {} {} at store offset {offset} ({links} links)",
+            base.file,
+            human_bytes(base.bytes)
+        );
+        offset += base.bytes;
+    }
     let _ = writeln!(out, "  working set {}", working_set_line(dir));
     let _ = writeln!(out, "process {} ({})", p.pid, p.comm);
     let _ = writeln!(out, "  exe       {}", p.exe);

@@ -71,6 +71,9 @@ enum Command {
         /// Let the process go on after the checkpoint (by default it is killed).
         #[arg(long)]
         leave_running: bool,
+        /// Store only pages that differ from IMAGE; its page stores are hard-linked.
+        #[arg(long, value_name = "IMAGE")]
+        base: Option<PathBuf>,
     },
     /// Restore a process from an image, detached; prints its pid last.
     Restore {
@@ -236,12 +239,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pid,
             image,
             leave_running,
+            base,
         } => {
             let options = checkpoint::CheckpointOptions {
                 pid,
                 image,
                 leave_running,
-                exclude_fds: Vec::new(),
+                // A process this agent restored holds its userfaultfd.
+                exclude_fds: checkpoint::restorer_userfaultfds(pid),
+                base,
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;

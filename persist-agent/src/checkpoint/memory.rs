@@ -14,14 +14,21 @@
 //!
 //! Pages are read with `process_vm_readv` in large batches (or through
 //! `/proc/PID/mem` where protection forbids reading) and appended to the
-//! page store.
+//! page store. With a base image (a delta checkpoint), a page whose contents
+//! equal the page the base stored at the same address is not written: its
+//! run refers to the base's copy, which the new image links. Comparing
+//! address and contents is all it takes to be correct, even if mappings
+//! moved or appeared since the base was taken: a reused run only ever names
+//! bytes equal to the page.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::mpsc;
 
 use nix::unistd::Whence;
-use persist_common::image::{ImageWriter, Mapping, MappingKind, PAGE_SIZE, Protection};
+use persist_common::image::{
+    Image, ImageError, ImageWriter, Mapping, MappingKind, PAGE_SIZE, PageRun, Protection,
+};
 use procfs::process::{MMPermissions, MMapPath};
 
 use crate::sys::procmem::{self, Pagemap, PagemapEntry, ProcMem, RemoteRange, category};
@@ -194,10 +201,76 @@ fn policy(mapping: &Mapping) -> StorePolicy {
 /// Totals of a memory dump.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DumpStats {
-    /// Pages stored.
+    /// Pages stored, written or reused.
     pub pages: u64,
+    /// Pages referred to in the base image instead of written.
+    pub pages_reused: u64,
     /// Bytes read from the process.
     pub bytes: u64,
+}
+
+/// Where a base image stored each page, by address: what a delta image need
+/// not write again.
+pub struct BasePages<'a> {
+    image: &'a Image,
+    /// Stored address ranges, sorted by start.
+    ranges: Vec<StoredRange>,
+}
+
+/// Consecutive pages a base image stored consecutively.
+#[derive(Debug, Clone, Copy)]
+struct StoredRange {
+    start: u64,
+    end: u64,
+    store_offset: u64,
+}
+
+impl<'a> BasePages<'a> {
+    /// Indexes the stored pages of `image`.
+    pub fn new(image: &'a Image) -> Self {
+        let mut ranges: Vec<StoredRange> = image
+            .manifest()
+            .mappings
+            .iter()
+            .flat_map(|mapping| {
+                mapping.pages.iter().map(|run| {
+                    let start = mapping.start + run.first_page * PAGE_SIZE;
+                    StoredRange {
+                        start,
+                        end: start + run.count * PAGE_SIZE,
+                        store_offset: run.store_offset,
+                    }
+                })
+            })
+            .collect();
+        ranges.sort_unstable_by_key(|range| range.start);
+        Self { image, ranges }
+    }
+
+    /// The base image.
+    pub fn image(&self) -> &'a Image {
+        self.image
+    }
+
+    /// The store offset of the base's copy of the page at `address`, if it
+    /// stored one with exactly the contents `page`.
+    fn find(&self, address: u64, page: &[u8]) -> Option<u64> {
+        let index = self
+            .ranges
+            .partition_point(|range| range.start <= address)
+            .checked_sub(1)?;
+        let range = self.ranges[index];
+        if address >= range.end {
+            return None;
+        }
+        let offset = range.store_offset + (address - range.start);
+        let stored = self
+            .image
+            .pages()
+            .as_bytes()
+            .get(offset as usize..(offset + PAGE_SIZE) as usize)?;
+        (stored == page).then_some(offset)
+    }
 }
 
 /// One contiguous piece of a mapping to store.
@@ -209,7 +282,8 @@ struct Segment {
 }
 
 /// Reads the pages worth storing of every mapping and appends them to the
-/// page store, filling each mapping's `pages`.
+/// page store, filling each mapping's `pages`; pages `base` stored with the
+/// same contents at the same address are referred to there instead.
 ///
 /// A reader thread fills batch buffers with `process_vm_readv` while this
 /// thread checksums and writes the previous batch, so reading the target
@@ -219,6 +293,7 @@ pub fn dump(
     mappings: &mut [Mapping],
     writer: &mut ImageWriter,
     mem: &ProcMem,
+    base: Option<&BasePages>,
 ) -> Result<DumpStats, CheckpointError> {
     let pagemap = Pagemap::open(pid).map_err(|source| CheckpointError::Proc {
         pid,
@@ -263,10 +338,21 @@ pub fn dump(
             let mut offset = 0;
             for segment in &batch.segments {
                 let len = (segment.pages * PAGE_SIZE) as usize;
-                let runs = writer
-                    .append_pages(segment.first_page, &filled.buffer[offset..offset + len])
-                    .map_err(|source| CheckpointError::Image { pid, source })?;
-                mappings[segment.mapping].pages.extend(runs);
+                let data = &filled.buffer[offset..offset + len];
+                let mapping = &mut mappings[segment.mapping];
+                let stored = match base {
+                    Some(base) => {
+                        let address = mapping.start + segment.first_page * PAGE_SIZE;
+                        store_against_base(writer, base, address, segment.first_page, data)
+                    }
+                    None => writer
+                        .append_pages(segment.first_page, data)
+                        .map(|runs| (runs, 0)),
+                };
+                let (runs, reused) =
+                    stored.map_err(|source| CheckpointError::Image { pid, source })?;
+                mapping.pages.extend(runs);
+                stats.pages_reused += reused;
                 offset += len;
             }
             stats.pages += batch.bytes as u64 / PAGE_SIZE;
@@ -277,6 +363,52 @@ pub fn dump(
         Ok(())
     })?;
     Ok(stats)
+}
+
+/// Stores consecutive pages of a mapping, the first of which is page
+/// `first_page` at `address`: each one equal to the base's page at its
+/// address is referred to where the base stored it, the others are
+/// appended. Returns their runs and how many pages were reused.
+fn store_against_base(
+    writer: &mut ImageWriter,
+    base: &BasePages,
+    address: u64,
+    first_page: u64,
+    data: &[u8],
+) -> Result<(Vec<PageRun>, u64), ImageError> {
+    let page_size = PAGE_SIZE as usize;
+    let sources: Vec<Option<u64>> = data
+        .chunks_exact(page_size)
+        .enumerate()
+        .map(|(index, page)| base.find(address + index as u64 * PAGE_SIZE, page))
+        .collect();
+    // Pages whose sources continue each other (all new, or reused from
+    // consecutive offsets) are stored as one piece.
+    let continues = |previous: Option<u64>, next: Option<u64>| match (previous, next) {
+        (None, None) => true,
+        (Some(previous), Some(next)) => next == previous + PAGE_SIZE,
+        _ => false,
+    };
+    let mut runs = Vec::new();
+    let mut reused = 0;
+    let mut start = 0;
+    while start < sources.len() {
+        let mut end = start + 1;
+        while end < sources.len() && continues(sources[end - 1], sources[end]) {
+            end += 1;
+        }
+        let bytes = &data[start * page_size..end * page_size];
+        let first = first_page + start as u64;
+        match sources[start] {
+            Some(offset) => {
+                runs.extend(writer.reuse_pages(first, offset, bytes)?);
+                reused += (end - start) as u64;
+            }
+            None => runs.extend(writer.append_pages(first, bytes)?),
+        }
+        start = end;
+    }
+    Ok((runs, reused))
 }
 
 /// Runs of pages of a private mapping that are present and anonymous (but
@@ -537,4 +669,79 @@ fn read_batch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use persist_common::image::Manifest;
+
+    use super::*;
+
+    const START: u64 = 0x40_0000;
+
+    fn page(byte: u8) -> Vec<u8> {
+        vec![byte; PAGE_SIZE as usize]
+    }
+
+    /// An image whose one mapping at `START` stores pages 0..8, page `i`
+    /// filled with byte `i + 1`, in two runs written in reverse order so
+    /// that store order differs from address order.
+    fn base_image(dir: &std::path::Path) -> Image {
+        let mut writer = ImageWriter::create(dir).unwrap();
+        let high: Vec<u8> = (5..9).flat_map(page).collect();
+        let low: Vec<u8> = (1..5).flat_map(page).collect();
+        let mut runs = writer.append_pages(4, &high).unwrap();
+        runs.splice(0..0, writer.append_pages(0, &low).unwrap());
+        let mut manifest = Manifest {
+            mappings: vec![Mapping {
+                start: START,
+                end: START + 16 * PAGE_SIZE,
+                protection: Protection::default(),
+                shared: false,
+                kind: MappingKind::Anonymous,
+                pages: runs,
+            }],
+            ..Manifest::default()
+        };
+        writer.finish(&mut manifest).unwrap();
+        Image::open(dir).unwrap()
+    }
+
+    #[test]
+    fn equal_pages_at_the_same_address_are_reused_and_others_written() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let pages = BasePages::new(&base);
+        let mut writer = ImageWriter::create_delta(&temp.path().join("delta"), &base).unwrap();
+
+        // Pages 2..10: 2 and 3 as stored, 4 changed, 5..8 as stored (the
+        // store has 4 and 5 apart: pages 3 and 4 are not consecutive there),
+        // 8 and 9 never stored.
+        let contents = [3, 4, 0xaa, 6, 7, 8, 0, 0xbb];
+        let data: Vec<u8> = contents.into_iter().flat_map(page).collect();
+        let (runs, reused) =
+            store_against_base(&mut writer, &pages, START + 2 * PAGE_SIZE, 2, &data).unwrap();
+
+        assert_eq!(reused, 5);
+        let base_end = 8 * PAGE_SIZE;
+        let summary: Vec<(u64, u64, u64)> = runs
+            .iter()
+            .map(|run| (run.first_page, run.count, run.store_offset))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (2, 2, 6 * PAGE_SIZE),
+                (4, 1, base_end),
+                (5, 3, PAGE_SIZE),
+                (8, 2, base_end + PAGE_SIZE),
+            ]
+        );
+        assert_eq!(writer.store_bytes(), base_end + 3 * PAGE_SIZE);
+        for run in &runs {
+            let start = ((run.first_page - 2) * PAGE_SIZE) as usize;
+            let end = start + (run.count * PAGE_SIZE) as usize;
+            assert_eq!(run.crc32c, crc32c::crc32c(&data[start..end]), "{run:?}");
+        }
+    }
 }

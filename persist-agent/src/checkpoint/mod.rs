@@ -2,8 +2,11 @@
 //!
 //! 1. Refuse what cannot be saved (see [`CheckpointError`]) before touching
 //!    the process.
+//!    With a base image, open it and index where it stored each page.
 //! 2. Freeze it: every thread seized and stopped under ptrace (`freeze`).
-//! 3. Save its memory mappings and pages (`memory`), every thread
+//! 3. Save its memory mappings and pages (`memory`; with a base, pages it
+//!    already stored are referred to there, see [`CheckpointOptions::base`]),
+//!    every thread
 //!    (`threads`; registers are saved ready to resume, see there), the
 //!    process-wide state (`process`, with system calls injected into the
 //!    stopped leader by `inject`) and its file descriptors
@@ -26,7 +29,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use persist_common::image::{ImageError, ImageWriter, Manifest};
+use persist_common::image::{Image, ImageError, ImageWriter, Manifest, PAGE_SIZE};
 
 use crate::host;
 use crate::sys::cpu;
@@ -34,12 +37,20 @@ use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
 
 use freeze::Frozen;
+use memory::BasePages;
 use status::Status;
 
 pub use threads::resume_registers;
 
 /// `PF_KTHREAD` in the flags of /proc/PID/stat.
 const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// A base image with this many base stores gets a full image, not another
+/// delta. Each delta adds a store to the chain, and a store stays on disk as
+/// long as any image links it, however few of its pages are still in use:
+/// without a bound, a service kept at every park would pile up stores of
+/// long-gone states. A full image now and then starts the chain over.
+pub const MAX_BASE_STORES: usize = 3;
 
 /// What to checkpoint and where.
 #[derive(Debug, Clone)]
@@ -53,6 +64,12 @@ pub struct CheckpointOptions {
     /// Descriptors persist itself put in the process (the userfaultfd a
     /// restored process keeps), left out of the image.
     pub exclude_fds: Vec<i32>,
+    /// An earlier image of the process (typically the one it was restored
+    /// from): a page equal to the one this image stored at the same address
+    /// is not written again but referred to there, and its page stores are
+    /// hard-linked into the new image (a delta image). A base that already
+    /// has [`MAX_BASE_STORES`] base stores gets a full image instead.
+    pub base: Option<PathBuf>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -66,9 +83,15 @@ pub struct CheckpointSummary {
     pub mappings: usize,
     /// Its file descriptors.
     pub fds: usize,
-    /// Pages stored.
+    /// Pages stored: written, or reused from the base image.
     pub pages: u64,
-    /// Bytes of the page store.
+    /// Pages written to the image's own page store.
+    pub pages_written: u64,
+    /// Pages referred to in the base image instead of written.
+    pub pages_reused: u64,
+    /// Base stores the image links (0 for a full image).
+    pub base_stores: usize,
+    /// Size of the page store, base stores included.
     pub page_store_bytes: u64,
     /// Time the process was stopped for (freeze to image finished).
     pub frozen_for: Duration,
@@ -80,18 +103,21 @@ pub struct CheckpointSummary {
 
 impl std::fmt::Display for CheckpointSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = self.page_store_bytes as f64 / (1024.0 * 1024.0);
+        let mib = (self.pages * PAGE_SIZE) as f64 / (1024.0 * 1024.0);
         let secs = self.memory_time.as_secs_f64();
         let rate = if secs > 0.0 { mib / secs } else { 0.0 };
         write!(
             f,
-            "pid {}: {} threads, {} mappings, {} fds, {} pages ({mib:.1} MiB, {rate:.0} MiB/s); \
-             frozen for {:.1} ms; {}",
+            "pid {}: {} threads, {} mappings, {} fds, {} pages ({mib:.1} MiB, {rate:.0} MiB/s): \
+             {} written, {} reused from {} base stores; frozen for {:.1} ms; {}",
             self.pid,
             self.threads,
             self.mappings,
             self.fds,
             self.pages,
+            self.pages_written,
+            self.pages_reused,
+            self.base_stores,
             self.frozen_for.as_secs_f64() * 1000.0,
             if self.left_running {
                 "left running"
@@ -303,6 +329,16 @@ pub enum CheckpointError {
         /// The error.
         source: crate::files::FilesError,
     },
+    /// The base image of a delta could not be opened.
+    #[error("pid {pid}: base image {}: {source}", base.display())]
+    Base {
+        /// The process.
+        pid: i32,
+        /// The base image asked for.
+        base: PathBuf,
+        /// Why it cannot be used.
+        source: ImageError,
+    },
     /// The image could not be written.
     #[error("writing the image of pid {pid}: {source}")]
     Image {
@@ -337,10 +373,29 @@ pub enum CheckpointError {
     },
 }
 
+impl CheckpointError {
+    /// True when only the base image stood in the way: it could not be
+    /// opened, or its page stores cannot be hard-linked next to the new
+    /// image (another filesystem). A checkpoint without a base may succeed.
+    pub fn is_base_unusable(&self) -> bool {
+        matches!(
+            self,
+            Self::Base { .. }
+                | Self::Image {
+                    source: ImageError::BaseLink { .. },
+                    ..
+                }
+        )
+    }
+}
+
 /// Checkpoints the process named by `options`.
 pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, CheckpointError> {
     let pid = options.pid;
     preflight(pid)?;
+    let base = open_base(options)?;
+    // Indexed before the freeze, so the process does not wait for it.
+    let base_pages = base.as_ref().map(BasePages::new);
     let pidfd = PidFd::open(pid).map_err(|source| match source.raw_os_error() {
         Some(libc::ESRCH) => CheckpointError::NoSuchProcess { pid },
         _ => CheckpointError::PidFd { pid, source },
@@ -348,7 +403,7 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
 
     let frozen_at = Instant::now();
     let frozen = Frozen::freeze(pid)?;
-    let (mut manifest, writer, stats) = save(pid, &frozen, &pidfd, options)?;
+    let (mut manifest, writer, stats) = save(pid, &frozen, &pidfd, options, base_pages.as_ref())?;
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
@@ -369,6 +424,9 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         mappings: manifest.mappings.len(),
         fds: manifest.fds.len(),
         pages: stats.pages,
+        pages_written: stats.pages - stats.pages_reused,
+        pages_reused: stats.pages_reused,
+        base_stores: manifest.base_stores.len(),
         page_store_bytes: manifest.page_store_bytes,
         frozen_for,
         memory_time: stats.time,
@@ -376,18 +434,35 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     })
 }
 
+/// The image to write a delta of: `options.base`, opened and checked,
+/// unless its chain is long enough that a full image is due.
+fn open_base(options: &CheckpointOptions) -> Result<Option<Image>, CheckpointError> {
+    let Some(path) = &options.base else {
+        return Ok(None);
+    };
+    let image = Image::open(path).map_err(|source| CheckpointError::Base {
+        pid: options.pid,
+        base: path.clone(),
+        source,
+    })?;
+    Ok((image.manifest().base_stores.len() < MAX_BASE_STORES).then_some(image))
+}
+
 /// Totals of [`save`].
 struct SaveStats {
     pages: u64,
+    pages_reused: u64,
     time: Duration,
 }
 
-/// Saves everything of the frozen process into a new image writer.
+/// Saves everything of the frozen process into a new image writer (a
+/// delta of `base`, if given).
 fn save(
     pid: i32,
     frozen: &Frozen,
     pidfd: &PidFd,
     options: &CheckpointOptions,
+    base: Option<&BasePages>,
 ) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
     let image_error = |source| CheckpointError::Image { pid, source };
     // Checked once frozen: no child can be forked meanwhile.
@@ -404,10 +479,14 @@ fn save(
     if mappings.is_empty() {
         return Err(CheckpointError::KernelThread { pid });
     }
-    let mut writer = ImageWriter::create(&options.image).map_err(image_error)?;
+    let mut writer = match base {
+        Some(base) => ImageWriter::create_delta(&options.image, base.image()),
+        None => ImageWriter::create(&options.image),
+    }
+    .map_err(image_error)?;
 
     let memory_start = Instant::now();
-    let dumped = memory::dump(pid, &mut mappings, &mut writer, &mem)?;
+    let dumped = memory::dump(pid, &mut mappings, &mut writer, &mem, base)?;
     let memory_time = memory_start.elapsed();
 
     let syscall_at = inject::find_syscall_insn(&mem, &mappings, pid)?;
@@ -439,9 +518,29 @@ fn save(
         writer,
         SaveStats {
             pages: dumped.pages,
+            pages_reused: dumped.pages_reused,
             time: memory_time,
         },
     ))
+}
+
+/// The userfaultfds open in `pid`, for [`CheckpointOptions::exclude_fds`].
+///
+/// The restore engine leaves one in every process it rebuilds (so that a
+/// dead pager blocks faults instead of zero-filling them); it is not the
+/// service's state. Only idle ones are ever left out this way: memory still
+/// registered with any userfaultfd is refused as
+/// [`CheckpointError::UserfaultfdPending`] before descriptors are saved.
+pub fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
+    let Ok(fds) = procfs::process::Process::new(pid).and_then(|process| process.fd()) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter(|fd| {
+            matches!(&fd.target, procfs::process::FDTarget::AnonInode(name) if name == "[userfaultfd]")
+        })
+        .map(|fd| fd.fd)
+        .collect()
 }
 
 /// File descriptors, saved by [`crate::files`] while the process is frozen.
@@ -527,6 +626,7 @@ mod tests {
             image: PathBuf::from("/nonexistent/image"),
             leave_running: true,
             exclude_fds: Vec::new(),
+            base: None,
         }
     }
 

@@ -21,7 +21,7 @@ use super::listener;
 use super::metrics::Metrics;
 use super::restore_worker::{RestoreWorker, WorkerReport};
 use super::run_state::{Adopted, RunRecord, RunStateDir, start_time};
-use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint};
+use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
 use crate::launch;
 use crate::service::{OnIdle, ServiceMode, ServiceSpec};
 use crate::sys::pidfd::PidFd;
@@ -400,24 +400,47 @@ impl Supervisor {
             .snapshot
             .as_ref()
             .is_some_and(|s| s.on_idle == OnIdle::Keep);
-        if let (true, Some(child), Starter::Restore { kept_image, .. }) =
-            (keep, &self.child, &self.starter)
+        if let (
+            true,
+            Some(child),
+            Starter::Restore {
+                image, kept_image, ..
+            },
+        ) = (keep, &self.child, &self.starter)
         {
             self.publish(State::Stopping, Some(child.pid));
             self.set_bpf_state(BpfState::Stopping);
+            // Only the pages that changed since the restore are written.
             let options = CheckpointOptions {
                 pid: child.pid,
                 image: kept_image.clone(),
                 leave_running: false,
                 exclude_fds: restorer_userfaultfds(child.pid),
+                base: Some(image.clone()),
             };
             let started = Instant::now();
-            let result = checkpoint_when_filled(options).await;
+            let mut result = checkpoint_when_filled(options.clone()).await;
+            if let Ok(Err(err)) = &result
+                && err.is_base_unusable()
+            {
+                warn!(service = %self.spec.name, "keeping only the changed pages is not possible, keeping all: {err}");
+                let full = CheckpointOptions {
+                    base: None,
+                    ..options
+                };
+                result = checkpoint_when_filled(full).await;
+            }
             self.metrics
                 .observe_checkpoint(&self.spec.name, started.elapsed());
             match result {
                 Ok(Ok(summary)) => {
-                    info!(service = %self.spec.name, pages = summary.pages, "state kept for the next wake");
+                    info!(
+                        service = %self.spec.name,
+                        pages_written = summary.pages_written,
+                        pages_reused = summary.pages_reused,
+                        base_stores = summary.base_stores,
+                        "state kept for the next wake"
+                    );
                     if let Starter::Restore {
                         image, kept_image, ..
                     } = &mut self.starter
@@ -691,18 +714,3 @@ async fn checkpoint_when_filled(
 
 /// How long `--on-idle keep` waits for the pager to finish filling memory.
 const FILL_WAIT: Duration = Duration::from_secs(10);
-
-/// The userfaultfds of a process the restore engine rebuilt: it leaves one in
-/// every restored process (so that a dead pager blocks faults instead of
-/// zero-filling them), and it is not part of the service's state.
-fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
-    let Ok(fds) = procfs::process::Process::new(pid).and_then(|process| process.fd()) else {
-        return Vec::new();
-    };
-    fds.flatten()
-        .filter(|fd| {
-            matches!(&fd.target, procfs::process::FDTarget::AnonInode(name) if name == "[userfaultfd]")
-        })
-        .map(|fd| fd.fd)
-        .collect()
-}

@@ -198,6 +198,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         image: request.image.clone(),
         leave_running: false,
         exclude_fds: Vec::new(),
+        base: None,
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();
