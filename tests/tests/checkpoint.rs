@@ -104,6 +104,20 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// `checkpoint --leave-running --base BASE`: a delta image of `base`.
+    fn checkpoint_delta(&self, image: &Path, base: &Path) -> Output {
+        Command::new(agent())
+            .args(["checkpoint", "--pid", &self.pid().to_string(), "--image"])
+            .arg(image)
+            .arg("--leave-running")
+            .arg("--base")
+            .arg(base)
+            .output()
+            .expect("run persist-agent")
+    }
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -741,4 +755,66 @@ fn memory_registered_with_userfaultfd_is_refused() {
     );
     let stderr = refused(&fixture);
     assert!(stderr.contains("registered with a userfaultfd"), "{stderr}");
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .ino()
+}
+
+/// Each delta links its base's stores and adds one; a base that already
+/// links three gets a full image, which starts the chain over.
+#[test]
+fn deltas_chain_up_to_three_base_stores_then_a_full_image_starts_over() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &["8"]);
+    let image = |n: usize| fixture.path(&format!("image{n}"));
+    assert_success(&fixture.checkpoint(&image(0), true));
+    for n in 1..=4 {
+        let output = fixture.checkpoint_delta(&image(n), &image(n - 1));
+        assert_success(&output);
+        let stores = manifest(&image(n)).base_stores;
+        let expected = if n <= 3 { n } else { 0 };
+        assert_eq!(
+            stores.len(),
+            expected,
+            "image {n} has {} base stores: {}",
+            stores.len(),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    for k in 0..3 {
+        assert_eq!(
+            inode(&image(3).join(format!("pages.base.{k}"))),
+            inode(&image(k).join("pages")),
+            "base store {k} of the third delta is image {k}'s own store"
+        );
+    }
+    let full = fs::metadata(image(4).join("pages")).unwrap().len();
+    assert!(
+        full >= 8 << 20,
+        "the fourth image holds every page: {full} bytes"
+    );
+    let shown = inspect(&image(3));
+    assert!(
+        shown.contains("in 3 base stores") && shown.contains("pages.base.2"),
+        "{shown}"
+    );
+    assert_eq!(fixture.check(), "OK");
+}
+
+#[test]
+fn an_unreadable_base_is_refused_by_name_and_the_process_goes_on() {
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
+    let missing = fixture.path("no-such-image");
+    let output = fixture.checkpoint_delta(&fixture.path("image"), &missing);
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("base image") && stderr.contains(&missing.display().to_string()),
+        "{stderr}"
+    );
+    assert!(!fixture.path("image").exists(), "no image is written");
+    assert_eq!(fixture.check(), "OK");
 }

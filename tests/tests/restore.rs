@@ -768,3 +768,100 @@ fn a_child_forked_while_pages_are_missing_sees_the_image() {
     kill_and_wait_dead(pid);
     assert_eq!(result, "OK");
 }
+
+/// Whether any memory of `pid` is still registered with a userfaultfd
+/// (VmFlags `um`): its pager has not filled it yet, and a checkpoint would
+/// be refused.
+fn has_unfilled_memory(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.strip_prefix("VmFlags:"))
+        .any(|flags| flags.split_whitespace().any(|flag| flag == "um"))
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .ino()
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .len()
+}
+
+/// Restored, changed in a few pages, checkpointed again with `--base` the
+/// image it came from: the new image writes only what changed, links the
+/// rest, and restores both the changed and the unchanged memory.
+#[test]
+fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
+    use persist_common::image::Image;
+
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let base = temp.path().join("base");
+    let delta = temp.path().join("delta");
+    let mut fixture = Command::new(binary("fixture-memory"))
+        .arg(&dir)
+        .arg("32")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pids = Pids(vec![fixture.id() as i32]);
+    wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
+    checkpoint(agent(), fixture.id() as i32, &base).unwrap();
+    fixture.wait().unwrap();
+
+    let output = run(agent().arg("restore").arg("--image").arg(&base)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+    let changed = dir.join("changed");
+    signal(pid, nix::sys::signal::Signal::SIGUSR2);
+    wait_until(Duration::from_secs(20), || changed.exists()).expect("the fixture changed pages");
+    assert_eq!(fixture_result(pid, &dir).unwrap(), "OK", "before the delta");
+    wait_until(Duration::from_secs(10), || !has_unfilled_memory(pid))
+        .expect("the pager fills the restored process");
+    let summary = run(agent()
+        .args(["checkpoint", "--pid", &pid.to_string(), "--image"])
+        .arg(&delta)
+        .arg("--base")
+        .arg(&base))
+    .unwrap();
+    let summary = String::from_utf8_lossy(&summary.stdout).into_owned();
+    kill_and_wait_dead(pid);
+
+    let opened = Image::open(&delta).unwrap();
+    let stores = &opened.manifest().base_stores;
+    assert_eq!(stores.len(), 1, "one base store: {stores:?}");
+    assert_eq!(
+        inode(&delta.join("pages.base.0")),
+        inode(&base.join("pages")),
+        "the base store is a hard link to the base's pages"
+    );
+    let (own, full) = (
+        file_len(&delta.join("pages")),
+        file_len(&base.join("pages")),
+    );
+    eprintln!("delta: {own} bytes written, base: {full} bytes; {summary}");
+    assert!(
+        own * 4 < full,
+        "the delta's own store ({own} bytes) is not much smaller than the base's ({full}): {summary}"
+    );
+    assert!(summary.contains("reused"), "{summary}");
+    drop(opened);
+
+    let output = run(agent().arg("restore").arg("--image").arg(&delta)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+    assert_eq!(
+        fixture_result(pid, &dir).unwrap(),
+        "OK",
+        "the delta restores the changed and the unchanged pages"
+    );
+    kill_and_wait_dead(pid);
+}

@@ -172,6 +172,23 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
         parked["error"].is_null(),
         "parking kept the state: {parked}"
     );
+    // Kept as a delta of the image the wake restored: only what changed is written.
+    let images = sandbox.state_dir().join("images");
+    let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
+    assert_eq!(
+        kept.manifest().base_stores.len(),
+        1,
+        "the kept state links the built image's pages"
+    );
+    let own = std::fs::metadata(images.join("redis.kept/pages"))
+        .unwrap()
+        .len();
+    let built = std::fs::metadata(images.join("redis/pages")).unwrap().len();
+    eprintln!("redis kept state: {own} bytes written, built image {built} bytes");
+    assert!(
+        own * 4 < built,
+        "the kept state wrote {own} bytes, not much less than the built image's {built}"
+    );
 
     assert_eq!(
         redis_cli(&sandbox, 6391, &["GET", "greeting"]),
@@ -185,6 +202,24 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     );
     assert_eq!(redis_cli(&sandbox, 6391, &["GET", "second"]), "write");
     assert_eq!(sandbox.service("redis").unwrap()["wakes"], 2);
+    drop(kept);
+
+    // Kept again over the kept state it was restored from: a delta of a delta.
+    sandbox.agent_ok(&["park", "redis"]).unwrap();
+    let parked = sandbox.service("redis").unwrap();
+    assert!(
+        parked["error"].is_null(),
+        "parking kept the state again: {parked}"
+    );
+    let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
+    assert_eq!(
+        kept.manifest().base_stores.len(),
+        2,
+        "{:?}",
+        kept.manifest().base_stores
+    );
+    assert_eq!(redis_cli(&sandbox, 6391, &["GET", "greeting"]), "hello");
+    assert_eq!(redis_cli(&sandbox, 6391, &["GET", "second"]), "write");
 }
 
 #[test]

@@ -109,7 +109,7 @@ impl std::fmt::Display for CheckpointSummary {
         write!(
             f,
             "pid {}: {} threads, {} mappings, {} fds, {} pages ({mib:.1} MiB, {rate:.0} MiB/s): \
-             {} written, {} reused from {} base stores; frozen for {:.1} ms; {}",
+             {} written, {} reused (base stores: {}); frozen for {:.1} ms; {}",
             self.pid,
             self.threads,
             self.mappings,

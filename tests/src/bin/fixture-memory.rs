@@ -6,7 +6,9 @@
 //! PROT_NONE after being filled. With `MIB`, it also fills that many MiB of
 //! anonymous memory (for throughput measurements). Then it writes
 //! `DIR/ready` and waits; on SIGUSR1 it checks every byte and writes
-//! `DIR/result`: `OK` or `FAIL: what differs`.
+//! `DIR/result`: `OK` or `FAIL: what differs`. On SIGUSR2 it rewrites one
+//! page in every [`CHANGE_STRIDE`] of that memory with a new pattern (for
+//! delta images) and writes `DIR/changed`: how many times it did so.
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -15,9 +17,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 static CHECK: AtomicBool = AtomicBool::new(false);
+static CHANGE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_usr1(_: libc::c_int) {
     CHECK.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_usr2(_: libc::c_int) {
+    CHANGE.store(true, Ordering::SeqCst);
 }
 
 const PAGE: usize = 4096;
@@ -26,6 +33,9 @@ const FILE_PAGES: usize = 16;
 const HIDDEN_PAGES: usize = 4;
 const HEAP_CHUNKS: usize = 64;
 const HEAP_CHUNK: usize = 16 * 1024;
+/// SIGUSR2 rewrites the first page of every this many of the `MIB` region.
+const CHANGE_STRIDE: usize = 256;
+const BIG_SEED: u64 = 4242;
 
 /// The byte expected at `index` of a region seeded with `seed`.
 fn pattern(seed: u64, index: usize) -> u8 {
@@ -55,6 +65,19 @@ fn check(what: &str, region: &[u8], seed: u64) -> Result<(), String> {
     }
 }
 
+/// The byte expected at `index` of the `MIB` region after `changes` SIGUSR2s.
+fn big_pattern(changes: u64, index: usize) -> u8 {
+    let changed = changes > 0 && (index / PAGE).is_multiple_of(CHANGE_STRIDE);
+    pattern(
+        if changed {
+            BIG_SEED + changes
+        } else {
+            BIG_SEED
+        },
+        index,
+    )
+}
+
 fn map(len: usize, prot: i32, flags: i32, fd: i32) -> &'static mut [u8] {
     // SAFETY: a fresh mapping of `len` bytes at an address the kernel picks;
     // it is never unmapped, so the 'static slice stays valid.
@@ -78,6 +101,8 @@ struct Memory {
     file_original: Vec<u8>,
     hidden: &'static mut [u8],
     big: Option<&'static mut [u8]>,
+    /// SIGUSR2s handled so far.
+    changes: u64,
 }
 
 fn setup(dir: &Path, big_mib: usize) -> Memory {
@@ -113,7 +138,7 @@ fn setup(dir: &Path, big_mib: usize) -> Memory {
 
     let big = (big_mib > 0).then(|| {
         let big = map(big_mib << 20, rw, private_anon, -1);
-        fill(big, 4242);
+        fill(big, BIG_SEED);
         big
     });
     Memory {
@@ -123,6 +148,20 @@ fn setup(dir: &Path, big_mib: usize) -> Memory {
         file_original,
         hidden,
         big,
+        changes: 0,
+    }
+}
+
+/// Rewrites the changed pages of the `MIB` region for one more change.
+fn change(memory: &mut Memory) {
+    memory.changes += 1;
+    let changes = memory.changes;
+    if let Some(big) = &mut memory.big {
+        for start in (0..big.len()).step_by(CHANGE_STRIDE * PAGE) {
+            for (index, byte) in big[start..start + PAGE].iter_mut().enumerate() {
+                *byte = big_pattern(changes, start + index);
+            }
+        }
     }
 }
 
@@ -157,8 +196,17 @@ fn verify(memory: &mut Memory) -> Result<(), String> {
     protect(memory.hidden, libc::PROT_READ);
     check("PROT_NONE region", memory.hidden, 99)?;
     protect(memory.hidden, libc::PROT_NONE);
-    if let Some(big) = &memory.big {
-        check("big region", big, 4242)?;
+    if let Some(big) = &memory.big
+        && let Some((i, &b)) = big
+            .iter()
+            .enumerate()
+            .find(|&(i, &b)| b != big_pattern(memory.changes, i))
+    {
+        return Err(format!(
+            "big region after {} changes: byte {i} is {b:#x}, expected {:#x}",
+            memory.changes,
+            big_pattern(memory.changes, i)
+        ));
     }
     Ok(())
 }
@@ -171,20 +219,29 @@ fn main() {
         .map_or(0, |s| s.parse().expect("MIB is a number"));
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    // SAFETY: likewise.
+    unsafe { libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t) };
     let mut memory = setup(&dir, big_mib);
-    let ready = dir.join("ready.tmp");
-    fs::write(&ready, std::process::id().to_string()).expect("write ready");
-    fs::rename(&ready, dir.join("ready")).expect("rename ready");
+    publish(&dir, "ready", &std::process::id().to_string());
     loop {
-        while !CHECK.swap(false, Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(5));
+        if CHANGE.swap(false, Ordering::SeqCst) {
+            change(&mut memory);
+            publish(&dir, "changed", &memory.changes.to_string());
         }
-        let result = match verify(&mut memory) {
-            Ok(()) => "OK".to_owned(),
-            Err(what) => format!("FAIL: {what}"),
-        };
-        let tmp = dir.join("result.tmp");
-        fs::write(&tmp, result).expect("write result");
-        fs::rename(&tmp, dir.join("result")).expect("rename result");
+        if CHECK.swap(false, Ordering::SeqCst) {
+            let result = match verify(&mut memory) {
+                Ok(()) => "OK".to_owned(),
+                Err(what) => format!("FAIL: {what}"),
+            };
+            publish(&dir, "result", &result);
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Writes `DIR/name` whole or not at all (the tests poll for it).
+fn publish(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, text).unwrap_or_else(|err| panic!("write {name}: {err}"));
+    fs::rename(&tmp, dir.join(name)).unwrap_or_else(|err| panic!("rename {name}: {err}"));
 }
