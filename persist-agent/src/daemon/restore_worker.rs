@@ -18,7 +18,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 
-use persist_common::image::{Image, ImageError, WorkingSet, WorkingSetPage, manifest_crc};
+use persist_common::image::{Image, ImageError, WorkingSet, manifest_crc};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -150,11 +150,7 @@ enum WakePlan {
     /// Copy every stored page before resuming.
     All,
     /// Copy this recorded working set before resuming.
-    Recorded {
-        set: Arc<WorkingSet>,
-        image: Arc<Image>,
-        image_crc: u32,
-    },
+    Recorded { set: Arc<WorkingSet> },
     /// Record the working set of the image (whose manifest has this CRC).
     Record { image: Arc<Image>, image_crc: u32 },
 }
@@ -216,11 +212,7 @@ impl Worker {
         match WorkingSet::open(&dir, image_crc) {
             Ok(set) if !set.is_empty() => {
                 info!(service = %self.name, pages = set.len(), "working set loaded");
-                return WakePlan::Recorded {
-                    set: Arc::new(set),
-                    image,
-                    image_crc,
-                };
+                return WakePlan::Recorded { set: Arc::new(set) };
             }
             Ok(_) => {}
             Err(ImageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -282,7 +274,7 @@ impl Worker {
         };
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         self.report.lock().expect("report lock").last_pager = None;
-        let (record, unfinished) = self.prefetch_before_resume(&mut skeleton, plan);
+        let record = self.prefetch_before_resume(&mut skeleton, plan);
         let mut restored = match skeleton.resume() {
             Ok(restored) => restored,
             Err(err) => {
@@ -296,13 +288,8 @@ impl Worker {
             pidfd,
             timings: restored.timings,
         }));
-        if let Some(set) = &unfinished {
-            restored.pager.prefetch_in_background(Arc::clone(set));
-        }
-        if let Some(record) = &record {
-            restored
-                .pager
-                .record_faults(RECORD_WINDOW, &record.already_in);
+        if record.is_some() {
+            restored.pager.record_faults(RECORD_WINDOW);
         }
         match restored.pager.run_until_filled() {
             Ok(stats) => {
@@ -312,17 +299,7 @@ impl Worker {
             }
             Err(err) => warn!(service = %self.name, pid, "pager: {err}"),
         }
-        if let Some(err) = restored.pager.prefetch_error() {
-            // Recorded anew on the next wake.
-            warn!(service = %self.name, "working set ignored from now on: {err}");
-            if let Some(set) = &unfinished {
-                let _ = std::fs::remove_file(set.path());
-            }
-        }
-        if let Some(Recording {
-            image, image_crc, ..
-        }) = record
-        {
+        if let Some(Recording { image, image_crc }) = record {
             let pages = restored.pager.take_fault_log();
             match WorkingSet::write(image.dir(), image_crc, &pages, image.pages()) {
                 Ok(()) => {
@@ -334,55 +311,32 @@ impl Worker {
     }
 
     /// Copies what `plan` says into the stopped skeleton. Returns what to
-    /// record on this wake, if anything, and a set whose copy could not end
-    /// before the resume (to finish in the background).
+    /// record on this wake, if anything.
     ///
     /// Before the resume rather than after it: measured here, python's
     /// http.server answered its first request sooner (median 7.6 ms against
     /// 8.3–9.2 ms) with its ~1900-page set copied before it ran (~4 ms) than
-    /// with the copy racing it on this 2-CPU machine; redis was even.
-    fn prefetch_before_resume(
-        &self,
-        skeleton: &mut Skeleton,
-        plan: WakePlan,
-    ) -> (Option<Recording>, Option<Arc<WorkingSet>>) {
+    /// with the copy racing it on this 2-CPU machine; redis was even. And
+    /// only a stopped process lets the copy use every CPU.
+    fn prefetch_before_resume(&self, skeleton: &mut Skeleton, plan: WakePlan) -> Option<Recording> {
         let pid = skeleton.pid();
         match plan {
-            WakePlan::Lazy => (None, None),
+            WakePlan::Lazy => None,
             WakePlan::All => {
                 if let Err(err) = skeleton.pager_mut().prefetch_all() {
                     warn!(service = %self.name, pid, "prefetching every page: {err}");
                 }
-                (None, None)
+                None
             }
-            WakePlan::Record { image, image_crc } => (
-                Some(Recording {
-                    image,
-                    image_crc,
-                    already_in: Vec::new(),
-                }),
-                None,
-            ),
-            WakePlan::Recorded {
-                set,
-                image,
-                image_crc,
-            } => match skeleton.pager_mut().prefetch(&set, 0, usize::MAX) {
-                Ok((_, true)) => (None, None),
-                // The address space of a stopped process does not change,
-                // but if it did, the rest is copied after the resume.
-                Ok((_, false)) => (None, Some(set)),
-                Err((index, err)) => {
-                    warn!(service = %self.name, pid, "working set ignored, recorded again on this wake: {err}");
-                    let _ = std::fs::remove_file(set.path());
-                    let recording = Recording {
-                        image,
-                        image_crc,
-                        already_in: set.pages()[..index].to_vec(),
-                    };
-                    (Some(recording), None)
+            WakePlan::Record { image, image_crc } => Some(Recording { image, image_crc }),
+            WakePlan::Recorded { set, .. } => {
+                // A corrupt page of the image kills the skeleton here, and
+                // the resume then reports it.
+                if let Err(err) = skeleton.pager_mut().prefetch_set(&set) {
+                    warn!(service = %self.name, pid, "prefetching the working set: {err}");
                 }
-            },
+                None
+            }
         }
     }
 }
@@ -392,8 +346,6 @@ struct Recording {
     image: Arc<Image>,
     /// The image's identity (its manifest's CRC).
     image_crc: u32,
-    /// Pages of a corrupt set copied before the corrupt one, in touch order.
-    already_in: Vec<WorkingSetPage>,
 }
 
 /// How long after the resume a recording wake logs the pages the process

@@ -136,18 +136,25 @@ pub struct Region {
     pub layout: Table,
 }
 
-/// Ranges the pager must serve: anonymous memory with stored pages.
+/// Ranges the pager must serve: private memory with stored pages.
 pub fn lazy_mappings(manifest: &Manifest) -> impl Iterator<Item = &Mapping> {
     manifest.mappings.iter().filter(|m| is_lazy(m))
 }
 
-/// True for mappings whose pages the pager serves through userfaultfd.
+/// True for mappings whose pages the pager serves through userfaultfd:
+/// private anonymous memory with stored pages, and private file mappings
+/// the process wrote to. Userfaultfd cannot serve a file mapping, so those
+/// are restored as anonymous memory holding the file's content with the
+/// written pages over it: a parked skeleton then holds none of their pages.
 pub fn is_lazy(mapping: &Mapping) -> bool {
     !mapping.shared
         && !mapping.pages.is_empty()
         && matches!(
             mapping.kind,
-            MappingKind::Anonymous | MappingKind::Heap | MappingKind::Stack
+            MappingKind::Anonymous
+                | MappingKind::Heap
+                | MappingKind::Stack
+                | MappingKind::File { .. }
         )
 }
 
@@ -296,6 +303,10 @@ fn layout_table(
             }
             MappingKind::Stack => {
                 flags |= libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN;
+                (-1, 0)
+            }
+            MappingKind::File { .. } if is_lazy(mapping) => {
+                flags |= libc::MAP_ANONYMOUS;
                 (-1, 0)
             }
             MappingKind::File { offset, .. } => {

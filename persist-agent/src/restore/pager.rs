@@ -13,12 +13,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use persist_common::image::{Image, ImageError, PAGE_SIZE, PageRun, WorkingSet, WorkingSetPage};
+use persist_common::image::{
+    Image, ImageError, MAX_RUN_PAGES, Mapping, MappingKind, PAGE_SIZE, PageRun, WorkingSetPage,
+};
 
 use super::RestoreError;
-use super::layout::lazy_mappings;
+use super::layout::{describe, is_lazy};
 use crate::sys::pidfd::PidFd;
+use crate::sys::priority;
 use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
+
+mod bulk;
+mod sources;
+
+use sources::Sources;
 
 /// Most pages copied by one background ioctl: small enough that a fault
 /// waiting behind it is served within ~100 µs.
@@ -35,6 +43,35 @@ const FAULTING_WINDOW: Duration = Duration::from_millis(2);
 struct Source {
     run: u32,
     page: u32,
+}
+
+/// The files of lazy file mappings, by index of the mapping in the manifest.
+pub(crate) type MappedFiles = std::collections::HashMap<usize, Arc<std::fs::File>>;
+
+/// Pages of a private file mapping that nothing was stored for and the file
+/// holds (a page wholly past its end would have been a SIGBUS: it reads
+/// zeros instead), as runs of at most [`MAX_RUN_PAGES`] pages.
+fn unstored_file_pages(mapping: &Mapping, offset: u64, file_len: u64) -> Vec<(u64, u64)> {
+    let in_file = file_len
+        .saturating_sub(offset)
+        .div_ceil(PAGE_SIZE)
+        .min(mapping.len() / PAGE_SIZE);
+    let mut stored = vec![false; in_file as usize];
+    for run in &mapping.pages {
+        for page in run.first_page..(run.first_page + run.count).min(in_file) {
+            stored[page as usize] = true;
+        }
+    }
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for page in (0..in_file).filter(|&page| !stored[page as usize]) {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == page && *count < MAX_RUN_PAGES => {
+                *count += 1
+            }
+            _ => runs.push((page, 1)),
+        }
+    }
+    runs
 }
 
 /// Counters of a pager's work.
@@ -76,11 +113,55 @@ impl PagerStats {
     }
 }
 
+/// Nice value of the pager thread while it fills memory in the background.
+const FILL_NICE: i32 = 19;
+
+/// The pager thread's priority: its own while it serves faults (a thread of
+/// the process waits), the lowest while it fills memory in the background,
+/// so that on a busy machine the fill never takes a CPU from the process it
+/// fills. Restored when dropped (the thread serves the next wake too).
+struct FillPriority {
+    own: Option<i32>,
+    lowered: bool,
+}
+
+impl FillPriority {
+    fn new() -> Self {
+        Self {
+            own: priority::current_thread_nice().ok(),
+            lowered: false,
+        }
+    }
+
+    fn filling(&mut self) {
+        if self.lowered || self.own.is_none() {
+            return;
+        }
+        if priority::set_current_thread_nice(FILL_NICE).is_ok() {
+            self.lowered = true;
+            // Lets a thread of the process waiting for this CPU run first.
+            std::thread::yield_now();
+        }
+    }
+
+    fn serving(&mut self) {
+        if let (true, Some(own)) = (self.lowered, self.own) {
+            self.lowered = priority::set_current_thread_nice(own).is_err();
+        }
+    }
+}
+
+impl Drop for FillPriority {
+    fn drop(&mut self) {
+        self.serving();
+    }
+}
+
 /// Serves one restored process's lazy memory.
 pub struct Pager {
-    uffd: Userfault,
+    uffd: Arc<Userfault>,
     pidfd: PidFd,
-    image: Arc<Image>,
+    sources: Arc<Sources>,
     runs: Vec<PageRun>,
     verified: Vec<bool>,
     pending: BTreeMap<u64, Source>,
@@ -89,10 +170,6 @@ pub struct Pager {
     resumed_at: Option<Instant>,
     /// Pages copied to serve faults, in order, while recording a working set.
     fault_log: Option<Vec<WorkingSetPage>>,
-    /// A working set still being copied in, and the index of its next page.
-    prefetch: Option<(Arc<WorkingSet>, usize)>,
-    /// Why the background prefetch stopped early, if a page was corrupt.
-    prefetch_error: Option<ImageError>,
     /// Until when faults are logged into `fault_log`.
     record_until: Option<Instant>,
     /// Pagers of children the process forked while pages were missing.
@@ -111,33 +188,74 @@ impl std::fmt::Debug for Pager {
 
 impl Pager {
     /// A pager for the lazy mappings of `image`, restored into the process of
-    /// `pidfd` whose userfaultfd is `uffd`.
-    pub(crate) fn new(uffd: Userfault, pidfd: PidFd, image: Arc<Image>) -> Self {
+    /// `pidfd` whose userfaultfd is `uffd`. `files` holds the file of every
+    /// lazy file mapping, by index in the manifest: its pages nothing was
+    /// stored for come from there.
+    pub(crate) fn new(
+        uffd: Userfault,
+        pidfd: PidFd,
+        image: Arc<Image>,
+        files: &MappedFiles,
+    ) -> Result<Self, RestoreError> {
+        let mut sources = Sources::new(Arc::clone(&image));
         let mut runs = Vec::new();
+        let mut verified = Vec::new();
         let mut pending = BTreeMap::new();
         let mut registered = Vec::new();
-        for mapping in lazy_mappings(image.manifest()) {
+        let mut add_run = |run: PageRun, checked: bool, start: u64| {
+            let index = runs.len() as u32;
+            runs.push(run);
+            verified.push(checked);
+            for page in 0..run.count {
+                let address = start + (run.first_page + page) * PAGE_SIZE;
+                let source = Source {
+                    run: index,
+                    page: page as u32,
+                };
+                pending.insert(address, source);
+            }
+        };
+        for (index, mapping) in image.manifest().mappings.iter().enumerate() {
+            if !is_lazy(mapping) {
+                continue;
+            }
             registered.push((mapping.start, mapping.end));
             for run in &mapping.pages {
-                let index = runs.len() as u32;
-                runs.push(*run);
-                for page in 0..run.count {
-                    let address = mapping.start + (run.first_page + page) * PAGE_SIZE;
-                    pending.insert(
-                        address,
-                        Source {
-                            run: index,
-                            page: page as u32,
-                        },
-                    );
-                }
+                add_run(*run, false, mapping.start);
+            }
+            let MappingKind::File { offset, .. } = mapping.kind else {
+                continue;
+            };
+            let file = files.get(&index).ok_or_else(|| {
+                RestoreError::Layout(format!(
+                    "mapping {:#x}-{:#x} ({}): its file is not open for the pager",
+                    mapping.start,
+                    mapping.end,
+                    describe(mapping)
+                ))
+            })?;
+            let file_len = file
+                .metadata()
+                .map_err(|e| RestoreError::io(describe(mapping), e))?
+                .len();
+            let pages = mapping.len() / PAGE_SIZE;
+            let base = sources.add_file(Arc::clone(file), offset, pages);
+            for (first, count) in unstored_file_pages(mapping, offset, file_len) {
+                let run = PageRun {
+                    first_page: first,
+                    count,
+                    store_offset: base + first * PAGE_SIZE,
+                    crc32c: 0,
+                };
+                // The file's pages carry no checksum: the file was checked
+                // to be the one recorded (same inode) when it was opened.
+                add_run(run, true, mapping.start);
             }
         }
-        let verified = vec![false; runs.len()];
-        Self {
-            uffd,
+        Ok(Self {
+            uffd: Arc::new(uffd),
             pidfd,
-            image,
+            sources: Arc::new(sources),
             runs,
             verified,
             pending,
@@ -145,11 +263,9 @@ impl Pager {
             stats: PagerStats::default(),
             resumed_at: None,
             fault_log: None,
-            prefetch: None,
-            prefetch_error: None,
             record_until: None,
             children: Vec::new(),
-        }
+        })
     }
 
     /// Pid of the restored process (in the agent's namespace).
@@ -165,6 +281,11 @@ impl Pager {
     /// Pages not yet in the process.
     pub fn pending_pages(&self) -> usize {
         self.pending.len()
+    }
+
+    /// True when the page at `address` is stored and not yet in the process.
+    pub fn is_pending(&self, address: u64) -> bool {
+        self.pending.contains_key(&address)
     }
 
     /// Brings in the page at `address` now (used during prepare for pages
@@ -199,6 +320,7 @@ impl Pager {
     /// waits at most one batch instead of a thread wake-up (~45 µs here).
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let started = Instant::now();
+        let mut priority = FillPriority::new();
         let mut events = Vec::new();
         let mut retry: Vec<u64> = Vec::new();
         let mut last_fault: Option<Instant> = None;
@@ -230,6 +352,7 @@ impl Pager {
                 }
             }
             if !faults.is_empty() {
+                priority.serving();
                 last_fault = Some(Instant::now());
             }
             for address in faults {
@@ -250,10 +373,6 @@ impl Pager {
             if self.pending.is_empty() {
                 break;
             }
-            if self.prefetch.is_some() {
-                self.prefetch_step();
-                continue;
-            }
             if self.recording() {
                 // Purely lazy while recording, so every page the process
                 // touches faults and is logged; no spinning meanwhile.
@@ -268,10 +387,12 @@ impl Pager {
             } else {
                 FILL_BATCH_PAGES
             };
+            priority.filling();
             if !self.fill_batch(batch)? && self.pidfd.has_exited() {
                 break;
             }
         }
+        priority.serving();
         // Faults on never-stored pages may still be queued: answer them so
         // nobody waits, then give the ranges back to the kernel.
         self.finish_events(&mut events);
@@ -335,9 +456,9 @@ impl Pager {
             }
         };
         let mut child = Pager {
-            uffd,
+            uffd: Arc::new(uffd),
             pidfd,
-            image: Arc::clone(&self.image),
+            sources: Arc::clone(&self.sources),
             runs: self.runs.clone(),
             verified: self.verified.clone(),
             pending: self.pending.clone(),
@@ -345,8 +466,6 @@ impl Pager {
             stats: PagerStats::default(),
             resumed_at: None,
             fault_log: None,
-            prefetch: None,
-            prefetch_error: None,
             record_until: None,
             children: Vec::new(),
         };
@@ -413,10 +532,14 @@ impl Pager {
                 let address = first + index * PAGE_SIZE;
                 let source = self.pending[&address];
                 let run = &self.runs[source.run as usize];
-                log.push(WorkingSetPage {
-                    address,
-                    store_offset: run.store_offset + u64::from(source.page) * PAGE_SIZE,
-                });
+                let store_offset = run.store_offset + u64::from(source.page) * PAGE_SIZE;
+                // A working set holds store pages only; file pages stay lazy.
+                if self.sources.in_store(store_offset) {
+                    log.push(WorkingSetPage {
+                        address,
+                        store_offset,
+                    });
+                }
             }
         }
         self.copy_span(first, count)
@@ -457,17 +580,35 @@ impl Pager {
             let source = self.pending[&(first + index * PAGE_SIZE)];
             self.verify(source.run, first + index * PAGE_SIZE)?;
         }
-        let start = self.store_offset(self.pending[&first]) as usize;
+        let start = self.store_offset(self.pending[&first]);
         let len = (count * PAGE_SIZE) as usize;
-        let image = Arc::clone(&self.image);
-        let bytes = &image.pages().as_bytes()[start..start + len];
+        let sources = Arc::clone(&self.sources);
+        let mut scratch = Vec::new();
+        let bytes = sources
+            .read(start, len, &mut scratch)
+            .map_err(|err| self.unreadable(first, &err))?;
         let mut done = 0u64;
         while done < count {
             let dst = first + done * PAGE_SIZE;
             let src = &bytes[(done * PAGE_SIZE) as usize..];
             match self.uffd.copy(dst, src) {
-                CopyOutcome::Done | CopyOutcome::Gone => {
+                CopyOutcome::Done => {
                     self.forget(dst, count - done);
+                    return Ok(true);
+                }
+                // The span may cross mappings (the kernel copies within
+                // one): page by page, only pages really gone are dropped.
+                CopyOutcome::Gone if count - done > 1 => {
+                    for page in done..count {
+                        let content = &bytes[(page * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
+                        if !self.copy_span_page(first + page * PAGE_SIZE, content)? {
+                            return Ok(false);
+                        }
+                    }
+                    return Ok(true);
+                }
+                CopyOutcome::Gone => {
+                    self.forget(dst, 1);
                     return Ok(true);
                 }
                 CopyOutcome::Partial(bytes_copied) => {
@@ -487,6 +628,19 @@ impl Pager {
         Ok(true)
     }
 
+    /// Copies one page of a span; false when it must be retried.
+    fn copy_span_page(&mut self, page: u64, bytes: &[u8]) -> Result<bool, RestoreError> {
+        match self.uffd.copy(page, bytes) {
+            CopyOutcome::Done | CopyOutcome::Gone => self.forget(page, 1),
+            CopyOutcome::Exists | CopyOutcome::Partial(_) => {
+                let _ = self.uffd.wake(page, PAGE_SIZE);
+                self.forget(page, 1);
+            }
+            CopyOutcome::Again => return Ok(false),
+        }
+        Ok(true)
+    }
+
     fn forget(&mut self, start: u64, pages: u64) {
         for index in 0..pages {
             self.pending.remove(&(start + index * PAGE_SIZE));
@@ -499,18 +653,36 @@ impl Pager {
             return Ok(());
         }
         let page_run = self.runs[run as usize];
-        if let Err(err) = self.image.pages().run(&page_run) {
-            let pid = self.pid();
-            let _ = self.pidfd.send_signal(Signal::SIGKILL);
-            tracing::error!(pid, address, %err, "corrupt page: restored process killed");
-            return Err(RestoreError::CorruptPage {
-                pid,
-                address,
-                reason: err.to_string(),
-            });
+        if let Err(err) = self.sources.image().pages().run(&page_run) {
+            return Err(self.corrupt_page(address, &err));
         }
         self.verified[run as usize] = true;
         Ok(())
+    }
+
+    /// Kills the process, whose page at `address` cannot be read, and says why.
+    fn unreadable(&self, address: u64, err: &std::io::Error) -> RestoreError {
+        let pid = self.pid();
+        let _ = self.pidfd.send_signal(Signal::SIGKILL);
+        tracing::error!(pid, address, %err, "page unreadable: restored process killed");
+        RestoreError::CorruptPage {
+            pid,
+            address,
+            reason: err.to_string(),
+        }
+    }
+
+    /// Kills the process, whose page at `address` cannot be served, and
+    /// says why.
+    fn corrupt_page(&self, address: u64, err: &ImageError) -> RestoreError {
+        let pid = self.pid();
+        let _ = self.pidfd.send_signal(Signal::SIGKILL);
+        tracing::error!(pid, address, %err, "corrupt page: restored process killed");
+        RestoreError::CorruptPage {
+            pid,
+            address,
+            reason: err.to_string(),
+        }
     }
 
     fn drop_range(&mut self, start: u64, end: u64) {
@@ -565,18 +737,13 @@ impl Pager {
     }
 }
 
-/// Most working-set pages copied by one ioctl while the process runs: a
-/// fault waits at most this long behind it (~1.2 µs a page).
-const PREFETCH_BATCH_PAGES: usize = 64;
-
-/// Recording and prefetching a working set.
+/// Recording a working set.
 impl Pager {
     /// Logs the pages copied to serve faults for `window` from now on, in
-    /// order, after `already_in` (pages copied ahead that the log must
-    /// start with), for [`Pager::take_fault_log`]. The background fill waits
-    /// until the window ends, so that every page touched in it faults.
-    pub(crate) fn record_faults(&mut self, window: Duration, already_in: &[WorkingSetPage]) {
-        self.fault_log = Some(already_in.to_vec());
+    /// order, for [`Pager::take_fault_log`]. The background fill waits until
+    /// the window ends, so that every page touched in it faults.
+    pub(crate) fn record_faults(&mut self, window: Duration) {
+        self.fault_log = Some(Vec::new());
         self.record_until = Some(Instant::now() + window);
     }
 
@@ -595,123 +762,13 @@ impl Pager {
         log
     }
 
-    /// Copies `set` in while [`Pager::run_until_filled`] runs, before any
-    /// background fill, in batches between which faults are served.
-    pub(crate) fn prefetch_in_background(&mut self, set: Arc<WorkingSet>) {
-        self.prefetch = Some((set, 0));
-    }
-
-    /// Copies the pages of `set` from its `start`th on into the process, in
-    /// runs of contiguous pages, stopping after `max_pages` pages of the set.
-    /// A page is copied only while the process still expects that image page
-    /// at that address (not yet copied, discarded or moved), so a set never
-    /// overrides what the process did. Returns the index of the next page to
-    /// copy, and false when the address space changed under the copy so
-    /// events must be read before going on. Each page's checksum is checked
-    /// before it is copied; a corrupt page stops the prefetch there, and the
-    /// error comes with its index (the pages before it are in).
-    pub(crate) fn prefetch(
-        &mut self,
-        set: &WorkingSet,
-        start: usize,
-        max_pages: usize,
-    ) -> Result<(usize, bool), (usize, ImageError)> {
-        let pages = set.pages();
-        let end = pages.len().min(start.saturating_add(max_pages));
-        let mut index = start;
-        while index < end {
-            if !self.expects(pages[index]) {
-                index += 1;
-                continue;
-            }
-            let mut count = 1;
-            while index + count < end
-                && pages[index + count].address == pages[index].address + count as u64 * PAGE_SIZE
-                && self.expects(pages[index + count])
-            {
-                count += 1;
-            }
-            let first = pages[index].address;
-            let bytes = set
-                .verified_contents(index, count)
-                .map_err(|err| (index, err))?;
-            let mut done = 0usize;
-            while done < count {
-                let dst = first + done as u64 * PAGE_SIZE;
-                match self.uffd.copy(dst, &bytes[done * PAGE_SIZE as usize..]) {
-                    CopyOutcome::Done | CopyOutcome::Gone => {
-                        self.stats.prefetched_pages += (count - done) as u64;
-                        self.forget(dst, (count - done) as u64);
-                        done = count;
-                    }
-                    CopyOutcome::Partial(copied) => {
-                        let copied = (copied / PAGE_SIZE) as usize;
-                        self.stats.prefetched_pages += copied as u64;
-                        self.forget(dst, copied as u64);
-                        done += copied;
-                    }
-                    CopyOutcome::Exists => {
-                        self.forget(dst, 1);
-                        done += 1;
-                    }
-                    CopyOutcome::Again => return Ok((index + done, false)),
-                }
-            }
-            index += count;
-        }
-        Ok((index, true))
-    }
-
-    /// Why the background prefetch of this wake stopped early, if it did.
-    pub(crate) fn prefetch_error(&self) -> Option<&ImageError> {
-        self.prefetch_error.as_ref()
-    }
-
-    /// Copies every stored page into the process now (before it resumes).
-    pub(crate) fn prefetch_all(&mut self) -> Result<(), RestoreError> {
-        let filled = self.stats.filled_pages;
-        while !self.pending.is_empty() {
-            let before = self.pending.len();
-            if !self.fill_batch(MAX_PREFETCH_RUN_PAGES)? {
-                return Err(RestoreError::Pager {
-                    pid: self.pid(),
-                    reason: "the address space changed while prefetching every page".into(),
-                });
-            }
-            self.stats.prefetched_pages += (before - self.pending.len()) as u64;
-        }
-        // Counted as prefetched, not as background fill.
-        self.stats.filled_pages = filled;
-        Ok(())
-    }
-
     /// True when the process still expects the image page of `page` at its address.
     fn expects(&self, page: WorkingSetPage) -> bool {
         self.pending
             .get(&page.address)
             .is_some_and(|&source| self.store_offset(source) == page.store_offset)
     }
-
-    /// One batch of the background prefetch.
-    fn prefetch_step(&mut self) {
-        let Some((set, next)) = self.prefetch.take() else {
-            return;
-        };
-        // On an interrupted copy the loop reads events before the next step;
-        // after a corrupt page the rest comes in lazily from the image.
-        match self.prefetch(&set, next, PREFETCH_BATCH_PAGES) {
-            Ok((next, _)) if next < set.len() => self.prefetch = Some((set, next)),
-            Ok(_) => {}
-            Err((_, err)) => {
-                tracing::warn!(pid = self.pid(), %err, "working set prefetch stopped: corrupt page");
-                self.prefetch_error = Some(err);
-            }
-        }
-    }
 }
-
-/// Longest single copy when prefetching every page (4 MiB).
-const MAX_PREFETCH_RUN_PAGES: u64 = 1024;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -774,9 +831,55 @@ pub(crate) mod tests {
         assert!(bytes.iter().all(|&b| b == 0));
     }
 
+    /// A mapping split in three by mprotect: copies of spans that cross the
+    /// splits fall back to single pages, and no page is lost or zeroed.
+    #[test]
+    fn spans_across_split_mappings_are_copied_page_by_page() {
+        const PAGES: u64 = 32;
+        let (area, mut pager, _temp) = patterned_pager(PAGES);
+        let start = area as u64;
+        // SAFETY: pages 8..10 lie inside our own mapping; reading them stays allowed.
+        let rc = unsafe {
+            libc::mprotect(
+                (start + 8 * PAGE_SIZE) as *mut libc::c_void,
+                (2 * PAGE_SIZE) as usize,
+                libc::PROT_READ,
+            )
+        };
+        assert_eq!(rc, 0);
+        pager.prefetch_all().unwrap();
+        assert_eq!(pager.pending_pages(), 0);
+        // SAFETY: every page of our own mapping is present now.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(area.cast::<u8>(), (PAGES * PAGE_SIZE) as usize) };
+        for (page, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+            assert!(chunk.iter().all(|&b| b == page as u8 + 1), "page {page}");
+        }
+    }
+
+    /// Enough pages for several copy threads: each page arrives with its own
+    /// content and nothing is left to fault.
+    #[test]
+    fn prefetch_all_copies_on_several_threads() {
+        const PAGES: u64 = 1024;
+        let (area, mut pager, _temp) = patterned_pager(PAGES);
+        pager.prefetch_all().unwrap();
+        assert_eq!(pager.pending_pages(), 0);
+        // SAFETY: every page of our own mapping is present now.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(area.cast::<u8>(), (PAGES * PAGE_SIZE) as usize) };
+        for (page, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+            assert!(
+                chunk.iter().all(|&b| b == (page % 251) as u8 + 1),
+                "page {page}"
+            );
+        }
+        assert_eq!(pager.stats.prefetched_pages, PAGES);
+    }
+
     /// A pager for an anonymous mapping of our own of `pages` pages,
     /// registered with a fresh userfaultfd, whose image holds `page index + 1`
-    /// in every byte of each page.
+    /// (modulo 251) in every byte of each page.
     fn patterned_pager(pages: u64) -> (*mut libc::c_void, Pager, tempfile::TempDir) {
         let len = (pages * PAGE_SIZE) as usize;
         let area = nix_mmap(len);
@@ -786,7 +889,10 @@ pub(crate) mod tests {
         let mut writer = ImageWriter::create(&dir).unwrap();
         let mut data = Vec::with_capacity(len);
         for page in 0..pages {
-            data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
+            data.extend(std::iter::repeat_n(
+                (page % 251) as u8 + 1,
+                PAGE_SIZE as usize,
+            ));
         }
         let runs = writer.append_pages(0, &data).unwrap();
         let mut manifest = manifest(vec![Mapping {
@@ -808,7 +914,11 @@ pub(crate) mod tests {
         let fault = unsafe { Userfault::from_raw_fd(raw) };
         fault.register(start, pages * PAGE_SIZE).unwrap();
         let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-        (area, Pager::new(fault, pidfd, image), temp)
+        (
+            area,
+            Pager::new(fault, pidfd, image, &MappedFiles::new()).unwrap(),
+            temp,
+        )
     }
 
     /// mremap moves missing pages (they must arrive at their new address

@@ -10,7 +10,7 @@ use persist_common::image::{
     WorkingSetPage, manifest_crc,
 };
 
-use super::pager::Pager;
+use super::pager::{MappedFiles, Pager};
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::{self, Userfault};
 
@@ -71,7 +71,7 @@ impl Fixture {
         let fault = unsafe { Userfault::from_raw_fd(raw) };
         fault.register(self.start, PAGES * PAGE_SIZE).unwrap();
         let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-        Pager::new(fault, pidfd, Arc::clone(&self.image))
+        Pager::new(fault, pidfd, Arc::clone(&self.image), &MappedFiles::new()).unwrap()
     }
 
     fn page(&self, index: u64) -> WorkingSetPage {
@@ -93,80 +93,61 @@ impl Fixture {
     }
 }
 
-#[test]
-fn a_recorded_set_is_copied_before_any_fault_and_never_resurrects_discarded_pages() {
-    let fixture = Fixture::new();
-    let crc = manifest_crc(&fixture.dir).unwrap();
-    // Touch order: 20, 21, 3, 4, 5.
-    let pages: Vec<WorkingSetPage> = [20, 21, 3, 4, 5].map(|p| fixture.page(p)).into();
-    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
-    let set = Arc::new(WorkingSet::open(&fixture.dir, crc).unwrap());
-
-    let mut pager = fixture.pager();
-    // Page 4 is discarded before the set is copied: it must read zero.
-    let start = fixture.start;
-    let discard = std::thread::spawn(move || {
-        // SAFETY: the page lies inside our own anonymous mapping.
-        unsafe {
-            libc::madvise(
-                (start + 4 * PAGE_SIZE) as *mut libc::c_void,
-                PAGE_SIZE as usize,
-                libc::MADV_DONTNEED,
-            )
-        }
-    });
-    std::thread::sleep(Duration::from_millis(50));
-    pager.prefetch_in_background(set);
-    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
-    assert_eq!(discard.join().unwrap(), 0);
-    let stats = serving.join().unwrap();
-    let bytes = fixture.first_bytes();
-    for (page, &byte) in bytes.iter().enumerate() {
-        let expected = if page == 4 { 0 } else { page as u8 + 1 };
-        assert_eq!(byte, expected, "page {page}");
-    }
-    assert_eq!(stats.prefetched_pages, 4, "the set but the discarded page");
-    assert_eq!(stats.dropped_pages, 1);
-    assert_eq!(stats.faults, 0, "{stats:?}");
+/// Addresses of the pages of `pager` still missing, as page indexes.
+fn missing(fixture: &Fixture, pager: &Pager) -> Vec<u64> {
+    (0..PAGES)
+        .filter(|&page| pager.is_pending(fixture.start + page * PAGE_SIZE))
+        .collect()
 }
 
 #[test]
-fn a_page_corrupted_after_loading_stops_the_prefetch_and_is_served_from_the_image() {
+fn a_recorded_set_is_copied_in_bulk_bridging_short_gaps() {
     let fixture = Fixture::new();
     let crc = manifest_crc(&fixture.dir).unwrap();
-    let pages: Vec<WorkingSetPage> = [1, 2, 9].map(|p| fixture.page(p)).into();
+    // Touch order: 20, 21, 3, 5, 7, 30. Pages 4 and 6 bridge 3..=7 into one
+    // copy; 20..=21 and 30 are too far apart.
+    let pages: Vec<WorkingSetPage> = [20, 21, 3, 5, 7, 30].map(|p| fixture.page(p)).into();
     WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
-    // Corrupt page 9's copy in place, after the set was read and checked.
-    let path = set.path().to_owned();
-    let mut bytes = std::fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
 
     let mut pager = fixture.pager();
-    let (next, complete) = pager.prefetch(&set, 0, 2).unwrap();
-    assert_eq!((next, complete), (2, true), "pages 1 and 2 are fine");
-    let (index, _) = pager.prefetch(&set, next, usize::MAX).unwrap_err();
-    assert_eq!(index, 2, "page 9 is not");
-    pager.record_faults(Duration::from_secs(60), &[]);
-    let serving = std::thread::spawn(move || {
-        let stats = pager.run_until_filled().unwrap();
-        (stats, pager.take_fault_log())
-    });
+    assert_eq!(pager.prefetch_set(&set).unwrap(), 8);
+    let copied: Vec<u64> = (0..PAGES)
+        .filter(|page| !missing(&fixture, &pager).contains(page))
+        .collect();
+    assert_eq!(copied, [3, 4, 5, 6, 7, 20, 21, 30]);
+    // A second pass finds nothing left to copy.
+    assert_eq!(pager.prefetch_set(&set).unwrap(), 0);
+
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
     let bytes = fixture.first_bytes();
-    let (stats, _) = serving.join().unwrap();
+    let stats = serving.join().unwrap();
     for (page, &byte) in bytes.iter().enumerate() {
         assert_eq!(byte, page as u8 + 1, "page {page}");
     }
-    assert_eq!(stats.prefetched_pages, 2);
+    assert_eq!(stats.prefetched_pages, 8);
+    assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
+}
+
+#[test]
+fn prefetching_everything_leaves_nothing_to_fault() {
+    let fixture = Fixture::new();
+    let mut pager = fixture.pager();
+    pager.prefetch_all().unwrap();
+    assert!(missing(&fixture, &pager).is_empty());
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+    let bytes = fixture.first_bytes();
+    let stats = serving.join().unwrap();
+    assert!(bytes.iter().enumerate().all(|(p, &b)| b == p as u8 + 1));
+    assert_eq!(stats.prefetched_pages, PAGES);
+    assert_eq!(stats.faults + stats.filled_pages, 0, "{stats:?}");
 }
 
 #[test]
 fn the_fault_log_holds_faulted_pages_in_touch_order() {
     let fixture = Fixture::new();
     let mut pager = fixture.pager();
-    pager.record_faults(Duration::from_secs(60), &[]);
+    pager.record_faults(Duration::from_secs(60));
     let serving = std::thread::spawn(move || {
         pager.run_until_filled().unwrap();
         pager.take_fault_log()

@@ -17,8 +17,8 @@ use persist_common::image::{
 };
 
 use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
-use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region};
-use super::pager::Pager;
+use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region, describe, is_lazy};
+use super::pager::{MappedFiles, Pager};
 use super::table::{Table, TableBuilder};
 use super::{RestoreError, creds};
 use crate::files::{self, InheritedFds, PreparedFds};
@@ -167,6 +167,7 @@ impl Skeleton {
         };
         let (pid, init_pid) = spawn(&plan, manifest.process.pid, &pipes, &mut guard)?;
         drop(fds);
+        let lazy_files = resources.lazy_files(manifest)?;
         // The child holds its own copies now.
         drop(resources);
 
@@ -179,8 +180,7 @@ impl Skeleton {
             .get_fd(uffd_fd)
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
-        write_file_pages(&image, &mem, pid)?;
-        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image));
+        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image), &lazy_files)?;
         let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
 
         let mut builder = Builder {
@@ -728,20 +728,6 @@ fn stored_run<'a>(
 
 /// Writes the stored pages of private file mappings (data, relro, GOT):
 /// userfaultfd cannot serve those, so they go in before the process runs.
-fn write_file_pages(image: &Image, mem: &ProcMem, pid: i32) -> Result<(), RestoreError> {
-    for mapping in &image.manifest().mappings {
-        if mapping.shared || !matches!(mapping.kind, MappingKind::File { .. }) {
-            continue;
-        }
-        for run in &mapping.pages {
-            let (address, bytes) = stored_run(image, mapping, run)?;
-            mem.write_all_at(address, bytes)
-                .map_err(RestoreError::ptrace(pid, "write file-mapping pages"))?;
-        }
-    }
-    Ok(())
-}
-
 /// Descriptors opened before the fork for the layout table.
 struct Resources {
     mapping_fds: Vec<Option<OwnedFd>>,
@@ -834,6 +820,24 @@ impl Resources {
             cwd: dup_above(cwd.into(), min)?,
             attributes: Attributes { rlimits },
         })
+    }
+
+    /// The files of the mappings the pager serves, for their pages nothing
+    /// was stored for.
+    fn lazy_files(&self, manifest: &Manifest) -> Result<MappedFiles, RestoreError> {
+        let mut files = MappedFiles::new();
+        for (index, mapping) in manifest.mappings.iter().enumerate() {
+            if !(is_lazy(mapping) && matches!(mapping.kind, MappingKind::File { .. })) {
+                continue;
+            }
+            if let Some(Some(fd)) = self.mapping_fds.get(index) {
+                let file = fd
+                    .try_clone()
+                    .map_err(|e| RestoreError::io(describe(mapping), e))?;
+                files.insert(index, Arc::new(File::from(file)));
+            }
+        }
+        Ok(files)
     }
 
     fn raw_fds(&self) -> Vec<RawFd> {

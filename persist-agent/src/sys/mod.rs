@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod fdops;
 pub mod kobjects;
 pub mod pidfd;
+pub mod priority;
 pub mod procmem;
 pub mod ptrace;
 pub mod rlimit;
