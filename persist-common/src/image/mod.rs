@@ -42,9 +42,11 @@
 //! the directory renamed into place, the manifest written last: an image
 //! without a valid manifest is not an image. Everything in an image is checked before use; see [`ImageError`].
 //!
-//! An image may also hold `working-set`: the pages its first wake touched,
-//! in touch order, for later wakes to copy in bulk. Its layout is
-//! specified in `working_set.rs`; it is optional and never needed to restore.
+//! An image may also hold `working-set`: the addresses and store offsets of
+//! the pages its first wake touched, in touch order, for later wakes to copy
+//! from the page store in bulk before the process resumes. It holds no page
+//! contents. Its layout is specified in `working_set.rs`; it is optional and
+//! never needed to restore.
 
 mod error;
 mod io;

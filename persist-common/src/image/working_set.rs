@@ -1,5 +1,5 @@
 //! The recorded working set of an image: the pages a restored process touched
-//! first, in the order it touched them, with copies of their contents.
+//! first, in the order it touched them.
 //!
 //! # Layout
 //!
@@ -14,24 +14,25 @@
 //! | 8 | 4 | format version ([`WORKING_SET_VERSION`]) |
 //! | 12 | 4 | identity of the image: the CRC32C of its manifest, as in the manifest header |
 //! | 16 | 8 | when it was recorded, milliseconds since the Unix epoch |
-//! | 24 | 8 | number of pages `n` |
+//! | 24 | 8 | number of pages `n`, at most 2^22 |
 //! | 32 | 4 | CRC32C of bytes 0..32 followed by every byte from 40 to the end |
 //! | 36 | 4 | zero |
-//! | 40 | 24 `n` | one entry a page, in touch order: its address in the process (8), the offset of its content in the image's page store (8), the CRC32C of its content (4), zero (4) |
-//! | ... | | zeros up to the next multiple of 4096 |
-//! | ... | 4096 `n` | the pages' contents, in the same order |
+//! | 40 | 16 `n` | one entry a page, in touch order: its address in the process (8), the offset of its content in the image's page store (8), both multiples of 4096 |
 //!
-//! The contents are copies of the image's pages, so a wake reads one
-//! sequential file instead of scattered runs of the page store. The file
-//! checksum is verified when the set is read, and each page's checksum again
-//! right before the page is used ([`WorkingSet::verified_contents`]), as the
-//! set may be read long before a wake uses it. A set whose
-//! image identity differs from the image's manifest CRC was recorded for
-//! another image and is stale; a reader must then ignore it (and the lazy
-//! pager serves every page as if there were no set).
+//! The file ends after the last entry: it is exactly `40 + 16 n` bytes long.
+//!
+//! The set holds no page contents. A wake copies the pages it names from the
+//! image's page store, whose runs carry their own checksums, so a copy here
+//! would only cost disk space and time when the set is written. Version 1
+//! held such copies; it is refused like any other version, and a reader
+//! records the set again.
+//!
+//! A set whose image identity differs from the image's manifest CRC was
+//! recorded for another image and is stale; a reader must then ignore it
+//! (and the lazy pager serves every page as if there were no set).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -41,11 +42,11 @@ use super::{ImageError, MANIFEST_FILE, PAGE_SIZE, PageStore};
 pub const WORKING_SET_FILE: &str = "working-set";
 
 /// Version of the working-set format written by this build. Readers refuse any other.
-pub const WORKING_SET_VERSION: u32 = 1;
+pub const WORKING_SET_VERSION: u32 = 2;
 
 const MAGIC: &[u8; 8] = b"PERSISTW";
 const HEADER_BYTES: usize = 40;
-const ENTRY_BYTES: usize = 24;
+const ENTRY_BYTES: usize = 16;
 /// Most pages accepted in a set (16 GiB of memory), so a hostile header
 /// cannot make us allocate without bound.
 const MAX_PAGES: u64 = 1 << 22;
@@ -59,26 +60,13 @@ pub struct WorkingSetPage {
     pub store_offset: u64,
 }
 
-/// A working set read from disk, its checksum verified; the page contents
-/// are mapped read-only.
+/// A working set read from disk, its checksum verified.
+#[derive(Debug)]
 pub struct WorkingSet {
     path: PathBuf,
     image_crc: u32,
     recorded_unix_ms: u64,
     pages: Vec<WorkingSetPage>,
-    crcs: Vec<u32>,
-    data_offset: usize,
-    map: memmap2::Mmap,
-}
-
-impl std::fmt::Debug for WorkingSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkingSet")
-            .field("path", &self.path)
-            .field("image_crc", &self.image_crc)
-            .field("pages", &self.pages.len())
-            .finish()
-    }
 }
 
 impl WorkingSet {
@@ -113,18 +101,21 @@ impl WorkingSet {
         {
             return Err(ImageError::Insecure { path, mode });
         }
-        // SAFETY: the file is private to root (checked above) and replaced
-        // only by rename, never rewritten in place; its checksum is verified
-        // below before any content is used.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ImageError::io(&path))?;
+        // One byte more than the largest valid set, so that a longer file
+        // is read no further yet still fails the length check below.
+        let limit = file_len(MAX_PAGES as usize) as u64 + 1;
+        let mut bytes = Vec::new();
+        file.take(limit)
+            .read_to_end(&mut bytes)
+            .map_err(ImageError::io(&path))?;
         let bad = |reason: String| ImageError::BadHeader {
             path: path.clone(),
             reason,
         };
-        if map.len() < HEADER_BYTES || &map[..8] != MAGIC {
+        if bytes.len() < HEADER_BYTES || &bytes[..8] != MAGIC {
             return Err(bad("not a persist working set (bad magic)".into()));
         }
-        let version = le_u32(&map[8..12]);
+        let version = le_u32(&bytes[8..12]);
         if version != WORKING_SET_VERSION {
             return Err(ImageError::Version {
                 path,
@@ -132,46 +123,37 @@ impl WorkingSet {
                 expected: WORKING_SET_VERSION,
             });
         }
-        let image_crc = le_u32(&map[12..16]);
-        let recorded_unix_ms = le_u64(&map[16..24]);
-        let count = le_u64(&map[24..32]);
-        let stored_crc = le_u32(&map[32..36]);
+        let image_crc = le_u32(&bytes[12..16]);
+        let recorded_unix_ms = le_u64(&bytes[16..24]);
+        let count = le_u64(&bytes[24..32]);
+        let stored_crc = le_u32(&bytes[32..36]);
         if count > MAX_PAGES {
             return Err(bad(format!("{count} pages is implausibly many")));
         }
-        let data_offset = data_offset(count as usize);
-        let expected_len = data_offset as u64 + count * PAGE_SIZE;
-        if map.len() as u64 != expected_len {
+        let expected_len = file_len(count as usize);
+        if bytes.len() != expected_len {
             return Err(ImageError::Inconsistent {
                 path,
                 reason: format!(
                     "working set holds {} bytes, its header implies {expected_len}: truncated?",
-                    map.len()
+                    bytes.len()
                 ),
             });
         }
-        if checksum(&map) != stored_crc {
+        if checksum(&bytes) != stored_crc {
             return Err(ImageError::Checksum {
                 path,
                 what: "the working set".into(),
             });
         }
-        let entries = &map[HEADER_BYTES..HEADER_BYTES + count as usize * ENTRY_BYTES];
-        let pages = entries
+        let pages = bytes[HEADER_BYTES..]
             .chunks_exact(ENTRY_BYTES)
             .map(|entry| WorkingSetPage {
                 address: le_u64(&entry[..8]),
                 store_offset: le_u64(&entry[8..16]),
             })
             .collect::<Vec<_>>();
-        let crcs = entries
-            .chunks_exact(ENTRY_BYTES)
-            .map(|entry| le_u32(&entry[16..20]))
-            .collect();
-        if let Some(page) = pages
-            .iter()
-            .find(|p| p.address % PAGE_SIZE != 0 || p.store_offset % PAGE_SIZE != 0)
-        {
+        if let Some(page) = pages.iter().find(|page| !is_aligned(page)) {
             return Err(ImageError::Inconsistent {
                 path,
                 reason: format!(
@@ -185,15 +167,12 @@ impl WorkingSet {
             image_crc,
             recorded_unix_ms,
             pages,
-            crcs,
-            data_offset,
-            map,
         })
     }
 
     /// Records the working set of the image in `dir`: `pages` in touch order,
-    /// their contents copied from the image's page store `store`. Replaces
-    /// any set already there, atomically.
+    /// each of which must be stored in the image's page store `store`.
+    /// Replaces any set already there, atomically.
     pub fn write(
         dir: &Path,
         image_crc: u32,
@@ -201,9 +180,29 @@ impl WorkingSet {
         store: &PageStore,
     ) -> Result<(), ImageError> {
         let path = dir.join(WORKING_SET_FILE);
+        // Checked here, not only when the set is used: a set naming pages
+        // the image does not hold would be refused by every wake, and the
+        // mistake is easier to find where it is made.
+        if let Some(page) = pages.iter().find(|page| {
+            !is_aligned(page)
+                || page
+                    .store_offset
+                    .checked_add(PAGE_SIZE)
+                    .is_none_or(|end| end > store.len())
+        }) {
+            return Err(ImageError::Inconsistent {
+                path,
+                reason: format!(
+                    "page {:#x}: store offset {} is not a page of the {}-byte page store",
+                    page.address,
+                    page.store_offset,
+                    store.len()
+                ),
+            });
+        }
         let temp = dir.join(format!(".{WORKING_SET_FILE}.tmp-{}", std::process::id()));
         let _ = fs::remove_file(&temp);
-        let result = write_file(&temp, image_crc, pages, store).and_then(|()| {
+        let result = write_file(&temp, image_crc, pages).and_then(|()| {
             fs::rename(&temp, &path).map_err(ImageError::io(&path))?;
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -244,32 +243,6 @@ impl WorkingSet {
     pub fn is_empty(&self) -> bool {
         self.pages.is_empty()
     }
-
-    /// Contents of `count` pages from the `index`th on, consecutive in the
-    /// file, after checking each page's checksum.
-    pub fn verified_contents(&self, index: usize, count: usize) -> Result<&[u8], ImageError> {
-        let start = self.data_offset + index * PAGE_SIZE as usize;
-        let bytes = self
-            .map
-            .get(start..start + count * PAGE_SIZE as usize)
-            .ok_or_else(|| ImageError::Inconsistent {
-                path: self.path.clone(),
-                reason: format!("pages {index}..{} lie past the end", index + count),
-            })?;
-        for (offset, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
-            if crc32c::crc32c(page) != self.crcs[index + offset] {
-                return Err(ImageError::Checksum {
-                    path: self.path.clone(),
-                    what: format!(
-                        "working-set page {} ({:#x})",
-                        index + offset,
-                        self.pages[index + offset].address
-                    ),
-                });
-            }
-        }
-        Ok(bytes)
-    }
 }
 
 /// The identity of the image in `dir`: the CRC32C of its manifest, read from
@@ -297,13 +270,8 @@ pub fn manifest_crc(dir: &Path) -> Result<u32, ImageError> {
         })
 }
 
-fn write_file(
-    path: &Path,
-    image_crc: u32,
-    pages: &[WorkingSetPage],
-    store: &PageStore,
-) -> Result<(), ImageError> {
-    let file = OpenOptions::new()
+fn write_file(path: &Path, image_crc: u32, pages: &[WorkingSetPage]) -> Result<(), ImageError> {
+    let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -312,51 +280,30 @@ fn write_file(
     let recorded_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut head = Vec::with_capacity(data_offset(pages.len()));
-    head.extend_from_slice(MAGIC);
-    head.extend_from_slice(&WORKING_SET_VERSION.to_le_bytes());
-    head.extend_from_slice(&image_crc.to_le_bytes());
-    head.extend_from_slice(&recorded_unix_ms.to_le_bytes());
-    head.extend_from_slice(&(pages.len() as u64).to_le_bytes());
-    head.extend_from_slice(&[0u8; 8]);
-    let store_bytes = store.as_bytes();
-    let mut contents = Vec::with_capacity(pages.len());
+    let mut bytes = Vec::with_capacity(file_len(pages.len()));
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&WORKING_SET_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&image_crc.to_le_bytes());
+    bytes.extend_from_slice(&recorded_unix_ms.to_le_bytes());
+    bytes.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&[0u8; 8]);
     for page in pages {
-        let start = page.store_offset as usize;
-        let content = store_bytes
-            .get(start..start + PAGE_SIZE as usize)
-            .ok_or_else(|| ImageError::Inconsistent {
-                path: path.to_owned(),
-                reason: format!(
-                    "page {:#x}: store offset {start} lies outside the page store",
-                    page.address
-                ),
-            })?;
-        contents.push(content);
-        head.extend_from_slice(&page.address.to_le_bytes());
-        head.extend_from_slice(&page.store_offset.to_le_bytes());
-        head.extend_from_slice(&crc32c::crc32c(content).to_le_bytes());
-        head.extend_from_slice(&[0u8; 4]);
+        bytes.extend_from_slice(&page.address.to_le_bytes());
+        bytes.extend_from_slice(&page.store_offset.to_le_bytes());
     }
-    head.resize(data_offset(pages.len()), 0);
-    let mut crc = crc32c::crc32c(&head[..32]);
-    crc = crc32c::crc32c_append(crc, &head[40..]);
-    for content in &contents {
-        crc = crc32c::crc32c_append(crc, content);
-    }
-    head[32..36].copy_from_slice(&crc.to_le_bytes());
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&head).map_err(ImageError::io(path))?;
-    for content in contents {
-        out.write_all(content).map_err(ImageError::io(path))?;
-    }
-    out.flush().map_err(ImageError::io(path))?;
-    out.get_ref().sync_all().map_err(ImageError::io(path))
+    let crc = checksum(&bytes);
+    bytes[32..36].copy_from_slice(&crc.to_le_bytes());
+    file.write_all(&bytes).map_err(ImageError::io(path))?;
+    file.sync_all().map_err(ImageError::io(path))
 }
 
-/// Where page contents start: after the header and entries, page-aligned.
-fn data_offset(pages: usize) -> usize {
-    (HEADER_BYTES + pages * ENTRY_BYTES).next_multiple_of(PAGE_SIZE as usize)
+/// Length of a set of `pages` pages: the header and one entry a page.
+fn file_len(pages: usize) -> usize {
+    HEADER_BYTES + pages * ENTRY_BYTES
+}
+
+fn is_aligned(page: &WorkingSetPage) -> bool {
+    page.address.is_multiple_of(PAGE_SIZE) && page.store_offset.is_multiple_of(PAGE_SIZE)
 }
 
 fn checksum(bytes: &[u8]) -> u32 {
@@ -376,7 +323,8 @@ mod tests {
     use super::*;
     use crate::image::{Image, ImageWriter, Manifest};
 
-    fn image_with_pages(dir: &Path, pages: u64) -> Image {
+    /// An image of `pages` stored pages, and its identity.
+    fn image_with_pages(dir: &Path, pages: u64) -> (Image, u32) {
         let mut writer = ImageWriter::create(dir).unwrap();
         let mut data = Vec::new();
         for page in 0..pages {
@@ -385,51 +333,179 @@ mod tests {
         writer.append_pages(0, &data).unwrap();
         let mut manifest = Manifest::default();
         writer.finish(&mut manifest).unwrap();
-        Image::open(dir).unwrap()
+        let crc = manifest_crc(dir).unwrap();
+        (Image::open(dir).unwrap(), crc)
+    }
+
+    /// Pages touched in the order 5, 2, 3, each stored at its own index.
+    fn touched() -> [WorkingSetPage; 3] {
+        [5u64, 2, 3].map(|page| WorkingSetPage {
+            address: 0x10000 + page * PAGE_SIZE,
+            store_offset: page * PAGE_SIZE,
+        })
+    }
+
+    /// A set of [`touched`] written for an image of 8 pages.
+    fn recorded() -> (tempfile::TempDir, PathBuf, u32) {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let (image, crc) = image_with_pages(&dir, 8);
+        WorkingSet::write(&dir, crc, &touched(), image.pages()).unwrap();
+        (temp, dir, crc)
+    }
+
+    /// Rewrites the set in `dir` with `change` applied to its bytes.
+    fn tamper(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+        let path = dir.join(WORKING_SET_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        change(&mut bytes);
+        fs::write(&path, &bytes).unwrap();
     }
 
     #[test]
-    fn round_trips_in_touch_order_and_refuses_stale_or_corrupt_sets() {
-        let temp = tempfile::tempdir().unwrap();
-        let dir = temp.path().join("image");
-        let image = image_with_pages(&dir, 8);
-        let crc = manifest_crc(&dir).unwrap();
-        let pages = [5u64, 2, 3].map(|page| WorkingSetPage {
-            address: 0x10000 + page * PAGE_SIZE,
-            store_offset: page * PAGE_SIZE,
-        });
-        WorkingSet::write(&dir, crc, &pages, image.pages()).unwrap();
+    fn round_trips_the_pages_in_touch_order_without_their_contents() {
+        let (_temp, dir, crc) = recorded();
         let path = dir.join(WORKING_SET_FILE);
-        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "the set is private");
+        assert_eq!(
+            meta.len(),
+            (HEADER_BYTES + 3 * ENTRY_BYTES) as u64,
+            "the set holds the header and one entry a page, no contents"
+        );
 
         let set = WorkingSet::open(&dir, crc).unwrap();
-        assert_eq!(set.pages(), &pages);
-        assert!(set.verified_contents(0, 1).unwrap().iter().all(|&b| b == 6));
-        let two = set.verified_contents(1, 2).unwrap();
-        assert!(two[..PAGE_SIZE as usize].iter().all(|&b| b == 3));
-        assert!(two[PAGE_SIZE as usize..].iter().all(|&b| b == 4));
+        assert_eq!(set.pages(), &touched(), "pages come back in touch order");
+        assert_eq!(set.image_crc(), crc);
+        assert_eq!(set.path(), path);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(
+            now.abs_diff(set.recorded_unix_ms()) < 60_000,
+            "recorded just now, not at {}",
+            set.recorded_unix_ms()
+        );
+    }
 
-        assert!(matches!(
-            WorkingSet::open(&dir, crc ^ 1),
-            Err(ImageError::Inconsistent { .. })
-        ));
+    #[test]
+    fn an_empty_set_round_trips() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let (image, crc) = image_with_pages(&dir, 1);
+        WorkingSet::write(&dir, crc, &[], image.pages()).unwrap();
+        assert!(WorkingSet::open(&dir, crc).unwrap().is_empty());
+    }
 
-        // Corrupted after it was read: the page check catches it.
-        let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x40;
-        fs::write(&path, &bytes).unwrap();
-        assert!(set.verified_contents(0, 2).is_ok());
-        assert!(matches!(
-            set.verified_contents(2, 1),
-            Err(ImageError::Checksum { .. })
-        ));
-        assert!(matches!(
-            WorkingSet::open(&dir, crc),
-            Err(ImageError::Checksum { .. })
-        ));
-        bytes.truncate(last);
-        fs::write(&path, &bytes).unwrap();
-        assert!(WorkingSet::open(&dir, crc).is_err());
+    #[test]
+    fn a_set_recorded_for_another_image_is_stale() {
+        let (_temp, dir, crc) = recorded();
+        let err = WorkingSet::open(&dir, crc ^ 1).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. } if reason.contains("stale")),
+            "a set for another image is refused as stale: {err}"
+        );
+        assert!(WorkingSet::read(&dir).is_ok(), "read alone does not judge");
+    }
+
+    #[test]
+    fn a_corrupt_byte_anywhere_is_refused() {
+        // The recording time, the first entry's address and the last
+        // entry's store offset.
+        for offset in [16, HEADER_BYTES, file_len(3) - 1] {
+            let (_temp, dir, crc) = recorded();
+            tamper(&dir, |bytes| bytes[offset] ^= 0x40);
+            let err = WorkingSet::open(&dir, crc).unwrap_err();
+            assert!(
+                matches!(err, ImageError::Checksum { .. }),
+                "a flipped bit at byte {offset} fails the checksum: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_truncated_or_extended_set_is_refused() {
+        let (_temp, dir, crc) = recorded();
+        tamper(&dir, |bytes| bytes.truncate(bytes.len() - ENTRY_BYTES));
+        let err = WorkingSet::open(&dir, crc).unwrap_err();
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. } if reason.contains("truncated")),
+            "a set missing its last entry is refused: {err}"
+        );
+
+        let (_temp, dir, crc) = recorded();
+        tamper(&dir, |bytes| bytes.truncate(HEADER_BYTES - 1));
+        let err = WorkingSet::open(&dir, crc).unwrap_err();
+        assert!(
+            matches!(err, ImageError::BadHeader { .. }),
+            "a set shorter than its header is refused: {err}"
+        );
+
+        let (_temp, dir, crc) = recorded();
+        tamper(&dir, |bytes| {
+            bytes.extend_from_slice(&[0; PAGE_SIZE as usize])
+        });
+        let err = WorkingSet::open(&dir, crc).unwrap_err();
+        assert!(
+            matches!(err, ImageError::Inconsistent { .. }),
+            "a set with trailing bytes (say, version 1 contents) is refused: {err}"
+        );
+    }
+
+    #[test]
+    fn a_version_1_set_is_refused_by_its_version() {
+        let (_temp, dir, crc) = recorded();
+        tamper(&dir, |bytes| {
+            bytes[8..12].copy_from_slice(&1u32.to_le_bytes())
+        });
+        let err = WorkingSet::open(&dir, crc).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::Version {
+                    found: 1,
+                    expected: WORKING_SET_VERSION,
+                    ..
+                }
+            ),
+            "a version-1 set is refused before anything else is read: {err}"
+        );
+    }
+
+    #[test]
+    fn writing_a_page_outside_the_store_is_refused_and_leaves_no_file() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let (image, crc) = image_with_pages(&dir, 8);
+        for store_offset in [8 * PAGE_SIZE, u64::MAX - PAGE_SIZE + 1, PAGE_SIZE + 1] {
+            let pages = [WorkingSetPage {
+                address: 0x10000,
+                store_offset,
+            }];
+            let err = WorkingSet::write(&dir, crc, &pages, image.pages()).unwrap_err();
+            assert!(
+                matches!(err, ImageError::Inconsistent { .. }),
+                "store offset {store_offset} is not a page of an 8-page store: {err}"
+            );
+        }
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().contains(WORKING_SET_FILE))
+            .collect();
+        assert!(left.is_empty(), "a refused write leaves nothing: {left:?}");
+    }
+
+    #[test]
+    fn a_group_or_world_writable_set_is_refused() {
+        let (_temp, dir, crc) = recorded();
+        let path = dir.join(WORKING_SET_FILE);
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o622)).unwrap();
+        let err = WorkingSet::open(&dir, crc).unwrap_err();
+        assert!(
+            matches!(err, ImageError::Insecure { mode: 0o622, .. }),
+            "{err}"
+        );
     }
 }
