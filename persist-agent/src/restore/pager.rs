@@ -20,23 +20,22 @@ use persist_common::image::{
 use super::RestoreError;
 use super::layout::{describe, is_lazy};
 use crate::sys::pidfd::PidFd;
-use crate::sys::priority;
 use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
 
 mod bulk;
+mod cpu_share;
 mod sources;
 
+use cpu_share::CpuShare;
 use sources::Sources;
 
 /// Most pages copied by one background ioctl: small enough that a fault
 /// waiting behind it is served within ~100 µs.
 const FILL_BATCH_PAGES: u64 = 64;
 
-/// Background batch while the process is faulting (~10 µs of copying).
-const FILL_BATCH_PAGES_FAULTING: u64 = 8;
-
-/// How long after a fault the process counts as faulting.
-const FAULTING_WINDOW: Duration = Duration::from_millis(2);
+/// How long after its resume or its last fault the process counts as busy
+/// with a request: the background fill waits until then.
+const BUSY_WINDOW: Duration = Duration::from_millis(2);
 
 /// Where a missing page's content is: run index and page index in the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,50 +109,6 @@ impl PagerStats {
         } else {
             0.0
         }
-    }
-}
-
-/// Nice value of the pager thread while it fills memory in the background.
-const FILL_NICE: i32 = 19;
-
-/// The pager thread's priority: its own while it serves faults (a thread of
-/// the process waits), the lowest while it fills memory in the background,
-/// so that on a busy machine the fill never takes a CPU from the process it
-/// fills. Restored when dropped (the thread serves the next wake too).
-struct FillPriority {
-    own: Option<i32>,
-    lowered: bool,
-}
-
-impl FillPriority {
-    fn new() -> Self {
-        Self {
-            own: priority::current_thread_nice().ok(),
-            lowered: false,
-        }
-    }
-
-    fn filling(&mut self) {
-        if self.lowered || self.own.is_none() {
-            return;
-        }
-        if priority::set_current_thread_nice(FILL_NICE).is_ok() {
-            self.lowered = true;
-            // Lets a thread of the process waiting for this CPU run first.
-            std::thread::yield_now();
-        }
-    }
-
-    fn serving(&mut self) {
-        if let (true, Some(own)) = (self.lowered, self.own) {
-            self.lowered = priority::set_current_thread_nice(own).is_err();
-        }
-    }
-}
-
-impl Drop for FillPriority {
-    fn drop(&mut self) {
-        self.serving();
     }
 }
 
@@ -316,14 +271,15 @@ impl Pager {
     /// the process exits. On a page checksum error the process is killed.
     ///
     /// The loop never sleeps while pages are missing: it polls the
-    /// (non-blocking) userfaultfd between small fill batches, so a fault
-    /// waits at most one batch instead of a thread wake-up (~45 µs here).
+    /// (non-blocking) userfaultfd, so a fault waits for no thread wake-up
+    /// (~45 µs here). While the process is busy it only polls, from another
+    /// CPU ([`CpuShare`]); once it is quiet it fills between polls.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let started = Instant::now();
-        let mut priority = FillPriority::new();
+        let mut cpu = CpuShare::new();
         let mut events = Vec::new();
         let mut retry: Vec<u64> = Vec::new();
-        let mut last_fault: Option<Instant> = None;
+        let mut last_activity = self.resumed_at;
         loop {
             events.clear();
             if let Err(err) = self.uffd.read_events(&mut events) {
@@ -352,8 +308,7 @@ impl Pager {
                 }
             }
             if !faults.is_empty() {
-                priority.serving();
-                last_fault = Some(Instant::now());
+                last_activity = Some(Instant::now());
             }
             for address in faults {
                 let fault_start = Instant::now();
@@ -379,20 +334,19 @@ impl Pager {
                 let _ = self.uffd.wait(1);
                 continue;
             }
-            // While faults keep coming the process is on its critical path:
-            // small batches keep the wait behind a batch short.
-            let faulting = last_fault.is_some_and(|at| at.elapsed() < FAULTING_WINDOW);
-            let batch = if faulting {
-                FILL_BATCH_PAGES_FAULTING
-            } else {
-                FILL_BATCH_PAGES
-            };
-            priority.filling();
-            if !self.fill_batch(batch)? && self.pidfd.has_exited() {
+            // While the process is busy (just resumed, or faulting) it is on
+            // its critical path: only serve its faults, from another CPU.
+            if last_activity.is_some_and(|at| at.elapsed() < BUSY_WINDOW) {
+                cpu.avoid_cpu_of(self.pid());
+                std::hint::spin_loop();
+                continue;
+            }
+            cpu.restore();
+            if !self.fill_batch(FILL_BATCH_PAGES)? && self.pidfd.has_exited() {
                 break;
             }
         }
-        priority.serving();
+        cpu.restore();
         // Faults on never-stored pages may still be queued: answer them so
         // nobody waits, then give the ranges back to the kernel.
         self.finish_events(&mut events);

@@ -11,7 +11,6 @@ pub mod cpu;
 pub mod fdops;
 pub mod kobjects;
 pub mod pidfd;
-pub mod priority;
 pub mod procmem;
 pub mod ptrace;
 pub mod rlimit;
