@@ -23,19 +23,19 @@ use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
 
 mod bulk;
-mod cpu_share;
 mod sources;
 
-use cpu_share::CpuShare;
 use sources::Sources;
 
 /// Most pages copied by one background ioctl: small enough that a fault
 /// waiting behind it is served within ~100 µs.
 const FILL_BATCH_PAGES: u64 = 64;
 
-/// How long after its resume or its last fault the process counts as busy
-/// with a request: the background fill waits until then.
-const BUSY_WINDOW: Duration = Duration::from_millis(2);
+/// Background batch while the process is faulting (~10 µs of copying).
+const FILL_BATCH_PAGES_FAULTING: u64 = 8;
+
+/// How long after a fault the process counts as faulting.
+const FAULTING_WINDOW: Duration = Duration::from_millis(2);
 
 /// Where a missing page's content is: run index and page index in the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,15 +271,20 @@ impl Pager {
     /// the process exits. On a page checksum error the process is killed.
     ///
     /// The loop never sleeps while pages are missing: it polls the
-    /// (non-blocking) userfaultfd, so a fault waits for no thread wake-up
-    /// (~45 µs here). While the process is busy it only polls, from another
-    /// CPU ([`CpuShare`]); once it is quiet it fills between polls.
+    /// (non-blocking) userfaultfd between small fill batches, so a fault
+    /// waits at most one batch instead of a thread wake-up (~45 µs here).
+    ///
+    /// The fill may take a CPU the process wants. Lowering the pager's
+    /// priority does not prevent it: the restored process leads its own
+    /// session, so autogroup scheduling weighs it against the agent as a
+    /// group. Keeping the pager off the process's CPU while it was busy was
+    /// tried: redis answered about as fast with a prefetched working set,
+    /// but 20–40 % slower when paged lazily, so the fill stays as it is.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let started = Instant::now();
-        let mut cpu = CpuShare::new();
         let mut events = Vec::new();
         let mut retry: Vec<u64> = Vec::new();
-        let mut last_activity = self.resumed_at;
+        let mut last_fault: Option<Instant> = None;
         loop {
             events.clear();
             if let Err(err) = self.uffd.read_events(&mut events) {
@@ -308,7 +313,7 @@ impl Pager {
                 }
             }
             if !faults.is_empty() {
-                last_activity = Some(Instant::now());
+                last_fault = Some(Instant::now());
             }
             for address in faults {
                 let fault_start = Instant::now();
@@ -334,19 +339,18 @@ impl Pager {
                 let _ = self.uffd.wait(1);
                 continue;
             }
-            // While the process is busy (just resumed, or faulting) it is on
-            // its critical path: only serve its faults, from another CPU.
-            if last_activity.is_some_and(|at| at.elapsed() < BUSY_WINDOW) {
-                cpu.avoid_cpu_of(self.pid());
-                std::hint::spin_loop();
-                continue;
-            }
-            cpu.restore();
-            if !self.fill_batch(FILL_BATCH_PAGES)? && self.pidfd.has_exited() {
+            // While faults keep coming the process is on its critical path:
+            // small batches keep the wait behind a batch short.
+            let faulting = last_fault.is_some_and(|at| at.elapsed() < FAULTING_WINDOW);
+            let batch = if faulting {
+                FILL_BATCH_PAGES_FAULTING
+            } else {
+                FILL_BATCH_PAGES
+            };
+            if !self.fill_batch(batch)? && self.pidfd.has_exited() {
                 break;
             }
         }
-        cpu.restore();
         // Faults on never-stored pages may still be queued: answer them so
         // nobody waits, then give the ranges back to the kernel.
         self.finish_events(&mut events);
