@@ -253,15 +253,12 @@ impl Pager {
         Ok(())
     }
 
-    /// Brings in the whole stored run around `address` now: for the pages
-    /// every thread touches first (its stack top and TLS), so the wake does
-    /// not start with a fault round trip.
-    pub(crate) fn prefill_run(&mut self, address: u64) -> Result<(), RestoreError> {
+    /// Brings in the page at `address` now, if it is stored and missing,
+    /// counted as prefetched: for the pages every thread touches first.
+    pub(crate) fn prefill_page(&mut self, address: u64) -> Result<(), RestoreError> {
         let page = address & !(PAGE_SIZE - 1);
-        if self.pending.contains_key(&page) {
-            let before = self.pending.len();
-            self.copy_around(page, true)?;
-            self.stats.prefetched_pages += (before - self.pending.len()) as u64;
+        if self.pending.contains_key(&page) && self.copy_around(page, false)? {
+            self.stats.prefetched_pages += 1;
         }
         Ok(())
     }

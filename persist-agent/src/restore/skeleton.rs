@@ -544,9 +544,11 @@ impl Builder<'_> {
 
         for (thread, &tid) in manifest.threads.iter().zip(tids) {
             set_thread_state(tid, thread)?;
-            // Every thread starts on its stack top and TLS.
+            // Every thread starts on its stack top and TLS: those pages
+            // alone, so that a parked skeleton stays a few pages small
+            // (their neighbours fault in on the wake).
             for hot in [thread.regs[reg::RSP], thread.regs[reg::FS_BASE]] {
-                pager.prefill_run(hot)?;
+                pager.prefill_page(hot)?;
             }
             for signal in signals(thread.pending) {
                 clone::tgkill(pid, tid, signal)
