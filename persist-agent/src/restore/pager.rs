@@ -243,18 +243,9 @@ impl Pager {
         self.pending.contains_key(&address)
     }
 
-    /// Brings in the page at `address` now (used during prepare for pages
-    /// the kernel itself writes, such as rseq areas).
-    pub(crate) fn prefill(&mut self, address: u64) -> Result<(), RestoreError> {
-        let page = address & !(PAGE_SIZE - 1);
-        if self.pending.contains_key(&page) {
-            self.copy_around(page, false)?;
-        }
-        Ok(())
-    }
-
     /// Brings in the page at `address` now, if it is stored and missing,
-    /// counted as prefetched: for the pages every thread touches first.
+    /// counted as prefetched (used during prepare for pages the kernel itself
+    /// writes, such as rseq areas, and those every thread touches first).
     pub(crate) fn prefill_page(&mut self, address: u64) -> Result<(), RestoreError> {
         let page = address & !(PAGE_SIZE - 1);
         if self.pending.contains_key(&page) && self.copy_around(page, false)? {

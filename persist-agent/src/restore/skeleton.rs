@@ -519,8 +519,8 @@ impl Builder<'_> {
         for (thread, &tid) in manifest.threads.iter().zip(tids) {
             if let Some(rseq) = &thread.rseq {
                 // The kernel writes the rseq area at registration.
-                pager.prefill(rseq.address)?;
-                pager.prefill(rseq.address + u64::from(rseq.length.max(1)) - 1)?;
+                pager.prefill_page(rseq.address)?;
+                pager.prefill_page(rseq.address + u64::from(rseq.length.max(1)) - 1)?;
             }
             let mut t = self.table();
             per_thread(&mut t, thread);
@@ -728,8 +728,6 @@ fn stored_run<'a>(
     Ok((address, bytes))
 }
 
-/// Writes the stored pages of private file mappings (data, relro, GOT):
-/// userfaultfd cannot serve those, so they go in before the process runs.
 /// Descriptors opened before the fork for the layout table.
 struct Resources {
     mapping_fds: Vec<Option<OwnedFd>>,

@@ -151,7 +151,7 @@ impl Pager {
             finished: Mutex::new(Vec::new()),
             all_finished: Condvar::new(),
         });
-        for _ in 1..helper_threads(total) {
+        for _ in 1..copy_threads(total) {
             let shared = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name("persist-copy".into())
@@ -303,7 +303,7 @@ impl Shared {
 }
 
 /// Threads worth using for `pages` pages: one a CPU, if there is work for it.
-fn helper_threads(pages: u64) -> usize {
+fn copy_threads(pages: u64) -> usize {
     static CPUS: OnceLock<usize> = OnceLock::new();
     // Read once: finding the CPU count reads cgroup files (~150 µs here).
     let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
