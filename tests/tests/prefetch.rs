@@ -1,6 +1,6 @@
 //! Working-set record and prefetch in snapshot mode: the first wake from an
-//! image records the pages it faulted in, later wakes copy them in bulk right
-//! after the resume, and a missing, stale or corrupt set only costs faults.
+//! image records the pages it faulted in, later wakes copy them in bulk just
+//! before the resume, and a missing, stale or corrupt set only costs faults.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
