@@ -127,6 +127,9 @@ pub struct Pager {
     fault_log: Option<Vec<WorkingSetPage>>,
     /// Until when faults are logged into `fault_log`.
     record_until: Option<Instant>,
+    /// Until when the background fill waits (the process got its working
+    /// set and runs its first request on its own meanwhile).
+    fill_after: Option<Instant>,
     /// Pagers of children the process forked while pages were missing.
     children: Vec<std::thread::JoinHandle<Result<PagerStats, RestoreError>>>,
 }
@@ -219,6 +222,7 @@ impl Pager {
             resumed_at: None,
             fault_log: None,
             record_until: None,
+            fill_after: None,
             children: Vec::new(),
         })
     }
@@ -327,6 +331,12 @@ impl Pager {
                 let _ = self.uffd.wait(1);
                 continue;
             }
+            if self.fill_after.is_some_and(|at| Instant::now() < at) {
+                // Asleep until a fault: a spinning or filling pager would
+                // take the CPU the process was just woken on.
+                let _ = self.uffd.wait(1);
+                continue;
+            }
             // While faults keep coming the process is on its critical path:
             // small batches keep the wait behind a batch short.
             let faulting = last_fault.is_some_and(|at| at.elapsed() < FAULTING_WINDOW);
@@ -413,6 +423,7 @@ impl Pager {
             resumed_at: None,
             fault_log: None,
             record_until: None,
+            fill_after: None,
             children: Vec::new(),
         };
         self.children
@@ -425,7 +436,13 @@ impl Pager {
         self.stats.faults += 1;
         if self.pending.contains_key(&page) {
             let before = self.pending.len();
-            let done = self.copy_around(page, true)?;
+            // While recording, only the page touched comes in, so that the
+            // set holds exactly the pages the process needed.
+            let recording = self.recording();
+            if recording {
+                self.log_fault(page);
+            }
+            let done = self.copy_around(page, !recording)?;
             self.stats.fault_pages += (before - self.pending.len()) as u64;
             return Ok(done);
         }
@@ -437,6 +454,22 @@ impl Pager {
                 Ok(true)
             }
             CopyOutcome::Done | CopyOutcome::Gone => Ok(true),
+        }
+    }
+
+    /// Adds the pending `page` to the fault log of a recording wake (store
+    /// pages only: a working set names pages of the page store).
+    fn log_fault(&mut self, page: u64) {
+        let source = self.pending[&page];
+        let store_offset = self.store_offset(source);
+        if !self.sources.in_store(store_offset) {
+            return;
+        }
+        if let Some(log) = self.fault_log.as_mut() {
+            log.push(WorkingSetPage {
+                address: page,
+                store_offset,
+            });
         }
     }
 
@@ -467,24 +500,6 @@ impl Pager {
                         count += 1;
                     }
                     _ => break,
-                }
-            }
-        }
-        if whole_run
-            && self.recording()
-            && let Some(log) = self.fault_log.as_mut()
-        {
-            for index in 0..count {
-                let address = first + index * PAGE_SIZE;
-                let source = self.pending[&address];
-                let run = &self.runs[source.run as usize];
-                let store_offset = run.store_offset + u64::from(source.page) * PAGE_SIZE;
-                // A working set holds store pages only; file pages stay lazy.
-                if self.sources.in_store(store_offset) {
-                    log.push(WorkingSetPage {
-                        address,
-                        store_offset,
-                    });
                 }
             }
         }
@@ -691,6 +706,13 @@ impl Pager {
     pub(crate) fn record_faults(&mut self, window: Duration) {
         self.fault_log = Some(Vec::new());
         self.record_until = Some(Instant::now() + window);
+    }
+
+    /// Holds the background fill back for `window` from now on, while only
+    /// faults are served: for a process whose working set was copied in, so
+    /// that its first request runs without the pager competing for a CPU.
+    pub(crate) fn hold_fill(&mut self, window: Duration) {
+        self.fill_after = Some(Instant::now() + window);
     }
 
     /// True while faults are being recorded.

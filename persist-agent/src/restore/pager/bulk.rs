@@ -58,6 +58,18 @@ impl Pager {
         self.copy_in_bulk(spans)
     }
 
+    /// Checks now the checksums of the runs the pages of `set` come from, so
+    /// that the copy on the wake does not (at prepare time, off the wake's
+    /// critical path; a corrupt run kills the skeleton).
+    pub(crate) fn verify_ahead(&mut self, set: &WorkingSet) -> Result<(), RestoreError> {
+        for page in set.pages() {
+            if let Some(&source) = self.pending.get(&page.address) {
+                self.verify(source.run, page.address)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Copies every pending page into the stopped process now.
     pub(crate) fn prefetch_all(&mut self) -> Result<(), RestoreError> {
         let addresses: Vec<u64> = self.pending.keys().copied().collect();
@@ -78,6 +90,10 @@ impl Pager {
     /// Merges sorted pending `addresses` into spans, bridging gaps of up to
     /// `bridge` pending pages whose contents continue the span in the store.
     fn spans(&self, addresses: &[u64], bridge: u64) -> Vec<Span> {
+        // A copy lands in one mapping only: spans never cross the end of one.
+        let mut ranges = self.registered.clone();
+        ranges.sort_unstable();
+        let range_of = |address: u64| ranges.partition_point(|&(start, _)| start <= address);
         let mut spans: Vec<Span> = Vec::new();
         for &address in addresses {
             let Some(&source) = self.pending.get(&address) else {
@@ -85,6 +101,7 @@ impl Pager {
             };
             let store_offset = self.store_offset(source);
             if let Some(last) = spans.last_mut()
+                && range_of(last.address) == range_of(address)
                 && self.extend_span(last, address, store_offset, bridge)
             {
                 continue;
