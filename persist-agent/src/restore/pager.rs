@@ -23,8 +23,10 @@ use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
 
 mod bulk;
+mod cpu_share;
 mod sources;
 
+use cpu_share::CpuShare;
 use sources::Sources;
 
 /// Most pages copied by one background ioctl: small enough that a fault
@@ -274,6 +276,7 @@ impl Pager {
     /// but 20–40 % slower when paged lazily, so the fill stays as it is.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let started = Instant::now();
+        let mut cpu = CpuShare::new();
         let mut events = Vec::new();
         let mut retry: Vec<u64> = Vec::new();
         let mut last_fault: Option<Instant> = None;
@@ -332,11 +335,18 @@ impl Pager {
                 continue;
             }
             if self.fill_after.is_some_and(|at| Instant::now() < at) {
-                // Asleep until a fault: a spinning or filling pager would
-                // take the CPU the process was just woken on.
-                let _ = self.uffd.wait(1);
+                // Only faults, polled for from another CPU than the one the
+                // process runs on: a fill there would delay its request,
+                // and sleeping would add a wake-up to every fault. With a
+                // single CPU, sleep until a fault instead.
+                if cpu.avoid_cpu_of(self.pid()) {
+                    std::hint::spin_loop();
+                } else {
+                    let _ = self.uffd.wait(1);
+                }
                 continue;
             }
+            cpu.restore();
             // While faults keep coming the process is on its critical path:
             // small batches keep the wait behind a batch short.
             let faulting = last_fault.is_some_and(|at| at.elapsed() < FAULTING_WINDOW);
@@ -447,6 +457,11 @@ impl Pager {
             return Ok(done);
         }
         self.stats.zero_faults += 1;
+        if self.recording()
+            && let Some(log) = self.fault_log.as_mut()
+        {
+            log.push(WorkingSetPage::not_stored(page));
+        }
         match self.uffd.zeropage(page, PAGE_SIZE) {
             CopyOutcome::Again => Ok(false),
             CopyOutcome::Exists | CopyOutcome::Partial(_) => {

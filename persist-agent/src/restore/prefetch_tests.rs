@@ -28,6 +28,11 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_stored_pages(PAGES)
+    }
+
+    /// The fixture with only its first `stored` pages in the image.
+    fn with_stored_pages(stored: u64) -> Self {
         let len = (PAGES * PAGE_SIZE) as usize;
         let area = super::pager::tests::nix_mmap(len);
         let start = area as u64;
@@ -35,7 +40,7 @@ impl Fixture {
         let dir = temp.path().join("image");
         let mut writer = ImageWriter::create(&dir).unwrap();
         let mut data = Vec::with_capacity(len);
-        for page in 0..PAGES {
+        for page in 0..stored {
             data.extend(std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize));
         }
         let runs = writer.append_pages(0, &data).unwrap();
@@ -177,4 +182,41 @@ fn the_fault_log_holds_faulted_pages_in_touch_order() {
         log.iter()
             .all(|p| p.store_offset == p.address - fixture.start)
     );
+}
+
+#[test]
+fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
+    let fixture = Fixture::with_stored_pages(16);
+    let crc = manifest_crc(&fixture.dir).unwrap();
+    let pages = [
+        WorkingSetPage::not_stored(fixture.start + 20 * PAGE_SIZE),
+        fixture.page(3),
+    ];
+    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    let set = WorkingSet::open(&fixture.dir, crc).unwrap();
+    let mut pager = fixture.pager();
+    assert_eq!(pager.prefetch_set(&set).unwrap(), 2);
+    // Both pages are mapped now: reading them needs no pager.
+    let mut resident = [0u8; PAGES as usize];
+    // SAFETY: mincore writes one byte a page of our own mapping into `resident`.
+    let rc = unsafe {
+        libc::mincore(
+            fixture.area,
+            (PAGES * PAGE_SIZE) as usize,
+            resident.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0);
+    assert_eq!(resident[3] & 1, 1, "the stored page is in");
+    assert_eq!(resident[20] & 1, 1, "the never-stored page is mapped");
+    // SAFETY: page 20 is mapped (checked above).
+    let byte = unsafe { *(fixture.area.cast::<u8>()).add((20 * PAGE_SIZE) as usize) };
+    assert_eq!(byte, 0);
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+    let bytes = fixture.first_bytes();
+    serving.join().unwrap();
+    for (page, &byte) in bytes.iter().enumerate() {
+        let expected = if page < 16 { page as u8 + 1 } else { 0 };
+        assert_eq!(byte, expected, "page {page}");
+    }
 }

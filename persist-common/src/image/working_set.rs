@@ -17,7 +17,7 @@
 //! | 24 | 8 | number of pages `n`, at most 2^22 |
 //! | 32 | 4 | CRC32C of bytes 0..32 followed by every byte from 40 to the end |
 //! | 36 | 4 | zero |
-//! | 40 | 16 `n` | one entry a page, in touch order: its address in the process (8), the offset of its content in the image's page store (8), both multiples of 4096 |
+//! | 40 | 16 `n` | one entry a page, in touch order: its address in the process (8), the offset of its content in the image's page store (8), both multiples of 4096; or, for a page the image does not store (memory the process had never touched before the checkpoint), the offset 2^64 − 1 ([`WorkingSetPage::NOT_STORED`]): a wake maps a zero page there |
 //!
 //! The file ends after the last entry: it is exactly `40 + 16 n` bytes long.
 //!
@@ -56,8 +56,28 @@ const MAX_PAGES: u64 = 1 << 22;
 pub struct WorkingSetPage {
     /// Address of the page in the restored process.
     pub address: u64,
-    /// Offset of its content in the image's page store.
+    /// Offset of its content in the image's page store, or
+    /// [`WorkingSetPage::NOT_STORED`].
     pub store_offset: u64,
+}
+
+impl WorkingSetPage {
+    /// The store offset of a page the image does not store: the process
+    /// touched memory it had never used, which reads as zeros.
+    pub const NOT_STORED: u64 = u64::MAX;
+
+    /// A page the image does not store, at `address`.
+    pub fn not_stored(address: u64) -> Self {
+        Self {
+            address,
+            store_offset: Self::NOT_STORED,
+        }
+    }
+
+    /// True for a page the image does not store.
+    pub fn is_stored(&self) -> bool {
+        self.store_offset != Self::NOT_STORED
+    }
 }
 
 /// A working set read from disk, its checksum verified.
@@ -171,7 +191,8 @@ impl WorkingSet {
     }
 
     /// Records the working set of the image in `dir`: `pages` in touch order,
-    /// each of which must be stored in the image's page store `store`.
+    /// each of which must be stored in the image's page store `store`, or
+    /// marked as not stored.
     /// Replaces any set already there, atomically.
     pub fn write(
         dir: &Path,
@@ -185,10 +206,11 @@ impl WorkingSet {
         // mistake is easier to find where it is made.
         if let Some(page) = pages.iter().find(|page| {
             !is_aligned(page)
-                || page
-                    .store_offset
-                    .checked_add(PAGE_SIZE)
-                    .is_none_or(|end| end > store.len())
+                || (page.is_stored()
+                    && page
+                        .store_offset
+                        .checked_add(PAGE_SIZE)
+                        .is_none_or(|end| end > store.len()))
         }) {
             return Err(ImageError::Inconsistent {
                 path,
@@ -303,7 +325,8 @@ fn file_len(pages: usize) -> usize {
 }
 
 fn is_aligned(page: &WorkingSetPage) -> bool {
-    page.address.is_multiple_of(PAGE_SIZE) && page.store_offset.is_multiple_of(PAGE_SIZE)
+    page.address.is_multiple_of(PAGE_SIZE)
+        && (!page.is_stored() || page.store_offset.is_multiple_of(PAGE_SIZE))
 }
 
 fn checksum(bytes: &[u8]) -> u32 {
@@ -360,6 +383,31 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         change(&mut bytes);
         fs::write(&path, &bytes).unwrap();
+    }
+
+    #[test]
+    fn pages_the_image_does_not_store_round_trip_as_such() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let (image, crc) = image_with_pages(&dir, 2);
+        let pages = [
+            WorkingSetPage::not_stored(0x40000),
+            touched()[1],
+            WorkingSetPage::not_stored(0x41000),
+        ];
+        WorkingSet::write(&dir, crc, &pages[..2], image.pages()).unwrap_err();
+        let pages = [
+            pages[0],
+            WorkingSetPage {
+                address: 0x10000,
+                store_offset: PAGE_SIZE,
+            },
+            pages[2],
+        ];
+        WorkingSet::write(&dir, crc, &pages, image.pages()).unwrap();
+        let set = WorkingSet::open(&dir, crc).unwrap();
+        assert_eq!(set.pages(), &pages);
+        assert!(!set.pages()[0].is_stored() && set.pages()[1].is_stored());
     }
 
     #[test]

@@ -55,7 +55,37 @@ impl Pager {
         addresses.sort_unstable();
         addresses.dedup();
         let spans = self.spans(&addresses, MAX_BRIDGE_PAGES);
-        self.copy_in_bulk(spans)
+        let copied = self.copy_in_bulk(spans)?;
+        Ok(copied + self.zero_ahead(set))
+    }
+
+    /// Maps zero pages where the set says the process touched memory the
+    /// image does not store: otherwise each costs a fault round trip on the
+    /// wake (about 100 µs here when the pager sleeps). Returns the number
+    /// of pages mapped.
+    fn zero_ahead(&mut self, set: &WorkingSet) -> u64 {
+        let mut addresses: Vec<u64> = set
+            .pages()
+            .iter()
+            .filter(|page| !page.is_stored() && !self.pending.contains_key(&page.address))
+            .map(|page| page.address)
+            .filter(|&address| {
+                self.registered
+                    .iter()
+                    .any(|&(start, end)| (start..end).contains(&address))
+            })
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        let mut zeroed = 0;
+        for address in addresses {
+            // A page already there (EEXIST) is left as it is.
+            if self.uffd.zeropage(address, PAGE_SIZE) == CopyOutcome::Done {
+                zeroed += 1;
+            }
+        }
+        self.stats.prefetched_pages += zeroed;
+        zeroed
     }
 
     /// Checks now the checksums of the runs the pages of `set` come from, so
