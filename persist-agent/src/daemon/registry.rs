@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
-use super::restore_worker::RestoreWorker;
+use super::restore_worker::{RestoreWorker, WorkerShared};
 use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
 use crate::control::ServiceStatus;
@@ -278,7 +278,10 @@ impl Registry {
                     spec.port,
                     listener.try_clone()?,
                     adopted.is_some(),
-                    self.metrics.clone(),
+                    WorkerShared {
+                        metrics: self.metrics.clone(),
+                        run_state: self.run_state.clone(),
+                    },
                     spec.snapshot
                         .as_ref()
                         .map(|s| s.prefetch)

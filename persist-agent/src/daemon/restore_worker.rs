@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
+use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
 use crate::restore::{PagerStats, RestoreConfig, Skeleton, Timings};
 use crate::service::Prefetch;
@@ -62,6 +63,15 @@ enum Job {
     },
 }
 
+/// What every restore thread shares with the daemon.
+#[derive(Clone)]
+pub struct WorkerShared {
+    /// The daemon's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Where the processes of running services are recorded.
+    pub run_state: Arc<RunStateDir>,
+}
+
 /// The daemon's handle on a restore thread; dropping it ends the thread and
 /// kills an unused skeleton.
 pub struct RestoreWorker {
@@ -78,7 +88,7 @@ impl RestoreWorker {
         port: u16,
         listener: OwnedFd,
         already_running: bool,
-        metrics: Arc<Metrics>,
+        shared: WorkerShared,
         prefetch: Prefetch,
     ) -> std::io::Result<Self> {
         let (jobs, receiver) = mpsc::channel();
@@ -95,7 +105,8 @@ impl RestoreWorker {
                     image: None,
                     skeleton: None,
                     report: thread_report,
-                    metrics,
+                    metrics: shared.metrics,
+                    run_state: shared.run_state,
                     prefetch,
                     plan: WakePlan::Lazy,
                 };
@@ -138,6 +149,7 @@ struct Worker {
     skeleton: Option<Skeleton>,
     report: Arc<Mutex<WorkerReport>>,
     metrics: Arc<Metrics>,
+    run_state: Arc<RunStateDir>,
     prefetch: Prefetch,
     /// What the next wake of the prepared skeleton does about its working set.
     plan: WakePlan,
@@ -186,6 +198,12 @@ impl Worker {
         let mut report = self.report.lock().expect("report lock");
         match result {
             Ok(skeleton) => {
+                // Recorded now, off the wake's critical path: the skeleton's
+                // pid is the service's once resumed, and a daemon restarted
+                // while it is still a skeleton finds it gone (it dies with
+                // its tracer) and parks the service.
+                self.run_state
+                    .record_process(&self.name, skeleton.pid(), &self.listener);
                 report.skeleton_pid = Some(skeleton.pid());
                 report.error = None;
                 info!(service = %self.name, pid = skeleton.pid(), prepare_us = skeleton.timings().prepare.as_micros() as u64, "skeleton ready");

@@ -2,7 +2,7 @@
 //! so that a restarted daemon finds the process again instead of starting a second one.
 
 use std::fs;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -53,6 +53,27 @@ impl RunStateDir {
     pub fn save(&self, name: &str, record: &RunRecord) -> std::io::Result<()> {
         let json = serde_json::to_vec(record).expect("a run record always serialises");
         write_atomically(&self.path(name), &json)
+    }
+
+    /// Records that `name` runs as `pid`, which holds the listening socket
+    /// `listener`; warns when that cannot be recorded.
+    pub fn record_process(&self, name: &str, pid: i32, listener: &impl AsFd) {
+        let record = start_time(pid)
+            .zip(super::listener::inode(listener).ok())
+            .map(|(start_time, listener_inode)| RunRecord {
+                pid,
+                start_time,
+                listener_inode,
+            });
+        let saved = match record {
+            Some(record) => self.save(name, &record),
+            None => Err(std::io::Error::other(format!(
+                "pid {pid} or its listener is gone"
+            ))),
+        };
+        if let Err(err) = saved {
+            tracing::warn!(service = %name, pid, "cannot record the service's process: {err}");
+        }
     }
 
     /// Forgets the running process of `name`.

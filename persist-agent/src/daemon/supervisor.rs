@@ -20,7 +20,7 @@ use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
 use super::restore_worker::{RestoreWorker, WorkerReport};
-use super::run_state::{Adopted, RunRecord, RunStateDir, start_time};
+use super::run_state::{Adopted, RunStateDir};
 use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
 use crate::launch;
 use crate::service::{OnIdle, ServiceMode, ServiceSpec};
@@ -379,7 +379,13 @@ impl Supervisor {
                 }
                 let latency = syn_ns.map(since_monotonic_us);
                 self.record_wake(pid, latency);
-                self.remember_running(pid);
+                // A restored process was recorded when its skeleton was
+                // prepared (same pid): nothing to write while it answers
+                // its first request.
+                if matches!(self.starter, Starter::Command) {
+                    self.run_state
+                        .record_process(&self.spec.name, pid, &self.listener);
+                }
                 match Child::new(pid, pidfd) {
                     Ok(mut child) => {
                         child.namespace_init = namespace_init;
@@ -610,21 +616,6 @@ impl Supervisor {
             published.last_wake_us = latency_us;
         }
         info!(service = %self.spec.name, pid, wake_us = ?latency_us, "woken");
-    }
-
-    fn remember_running(&self, pid: i32) {
-        let record = start_time(pid)
-            .zip(listener::inode(&self.listener).ok())
-            .map(|(start_time, listener_inode)| RunRecord {
-                pid,
-                start_time,
-                listener_inode,
-            });
-        if let Some(record) = record
-            && let Err(err) = self.run_state.save(&self.spec.name, &record)
-        {
-            warn!(service = %self.spec.name, "cannot record the running process: {err}");
-        }
     }
 
     /// Idle: no SYN for the timeout, nothing queued, no established connection.

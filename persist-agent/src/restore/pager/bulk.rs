@@ -30,8 +30,11 @@ const MAX_BRIDGE_PAGES: u64 = 3;
 /// Most threads copying at once.
 const MAX_THREADS: usize = 4;
 
-/// Below this many pages a second thread costs more than it saves.
-const PAGES_PER_EXTRA_THREAD: u64 = 64;
+/// Pages a thread must have to copy to be worth starting: starting one
+/// costs ~50 µs here, and on a busy machine it may get a CPU only once the
+/// copy is over, then take it from the process just resumed (~100 µs seen
+/// with redis's 150 pages).
+const PAGES_PER_EXTRA_THREAD: u64 = 512;
 
 /// `count` pending pages from `address` on, stored consecutively from
 /// `store_offset`.
