@@ -7,13 +7,18 @@
 //!    small restorer region at an address free in both layouts and jumps
 //!    into it; the routine there ([`crate::sys::blob`]) runs a table of
 //!    syscalls natively: unmap the agent, move vdso and vvar, map every
-//!    recorded mapping, `PR_SET_MM_MAP`, process attributes, userfaultfd
-//!    registration of anonymous memory. The agent, which seized the child
-//!    before the jump, then writes the dirty pages of private file
-//!    mappings, creates the other threads with their tids, sets per-thread
-//!    state and credentials (last), unmaps the region and sets registers.
-//! 2. [`Skeleton::resume`]: detach every thread (a few µs).
-//! 3. [`Pager::run_until_filled`]: serve faults from the page store and
+//!    recorded mapping (a private file mapping the process wrote to becomes
+//!    anonymous memory the pager serves, see `pager/sources.rs`),
+//!    `PR_SET_MM_MAP`, process attributes, userfaultfd registration of the
+//!    lazy memory. The agent, which seized the child before the jump, then
+//!    creates the other threads with their tids, sets per-thread state and
+//!    credentials (last), unmaps the region and sets registers. Only each
+//!    thread's stack-top and TLS pages and its rseq area are copied in: a
+//!    prepared skeleton holds a few pages.
+//! 2. Before the resume, the daemon may copy in a recorded working set in
+//!    bulk (`pager/bulk.rs`).
+//! 3. [`Skeleton::resume`]: detach every thread (a few µs).
+//! 4. [`Pager::run_until_filled`]: serve faults from the page store and
 //!    fill the rest in the background; the restored process keeps a
 //!    duplicate of its userfaultfd, so a dead pager means blocked faults,
 //!    never zero pages.
