@@ -268,12 +268,14 @@ impl Pager {
     /// (non-blocking) userfaultfd between small fill batches, so a fault
     /// waits at most one batch instead of a thread wake-up (~45 µs here).
     ///
-    /// The fill may take a CPU the process wants. Lowering the pager's
+    /// The fill may take a CPU the process wants, and lowering the pager's
     /// priority does not prevent it: the restored process leads its own
     /// session, so autogroup scheduling weighs it against the agent as a
-    /// group. Keeping the pager off the process's CPU while it was busy was
-    /// tried: redis answered about as fast with a prefetched working set,
-    /// but 20–40 % slower when paged lazily, so the fill stays as it is.
+    /// group. So after a resume with a working set copied in, the fill is
+    /// held back ([`Pager::hold_fill`]) while faults are polled for from
+    /// another CPU ([`CpuShare`]). A lazy wake keeps filling between faults:
+    /// holding it back there made redis's lazy wakes 20–40 % slower, as the
+    /// fill no longer brought pages in ahead of the faults.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let started = Instant::now();
         let mut cpu = CpuShare::new();
