@@ -272,8 +272,8 @@ impl Pager {
     /// priority does not prevent it: the restored process leads its own
     /// session, so autogroup scheduling weighs it against the agent as a
     /// group. So after a resume with a working set copied in, the fill is
-    /// held back ([`Pager::hold_fill`]) while faults are polled for from
-    /// another CPU ([`CpuShare`]). A lazy wake keeps filling between faults:
+    /// held back (`Pager::hold_fill`) while faults are polled for from
+    /// another CPU (`CpuShare`). A lazy wake keeps filling between faults:
     /// holding it back there made redis's lazy wakes 20–40 % slower, as the
     /// fill no longer brought pages in ahead of the faults.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
