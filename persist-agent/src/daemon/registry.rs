@@ -378,11 +378,9 @@ impl Registry {
         let services = self.services.lock().expect("lock");
         match services.values().find(|h| h.slot == event.service_id) {
             Some(handle) => {
-                handle.published.lock().expect("lock").last_event_us =
-                    Some(super::since_monotonic_us(event.syn_ns));
-                let _ = handle.commands.send(Command::Wake {
-                    syn_ns: event.syn_ns,
-                });
+                let event_us = super::since_monotonic_us(event.syn_ns);
+                handle.wake(event.syn_ns);
+                handle.published.lock().expect("lock").last_event_us = Some(event_us);
             }
             None => warn!(slot = event.service_id, "wake event for an unused slot"),
         }

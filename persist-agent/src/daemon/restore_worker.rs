@@ -29,6 +29,7 @@ use crate::restore::{PagerStats, RestoreConfig, Skeleton, Timings};
 use crate::service::Prefetch;
 use crate::snapshot::listener_fd_in_image;
 use crate::sys::pidfd::PidFd;
+use crate::sys::sched;
 
 /// A resumed process.
 #[derive(Debug)]
@@ -41,6 +42,15 @@ pub struct Resumed {
     pub pidfd: PidFd,
     /// How long preparing and resuming took.
     pub timings: Timings,
+    /// When it was resumed (CLOCK_MONOTONIC, as BPF stamps SYNs).
+    pub resumed_at_ns: u64,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// What the worker publishes for `status` and metrics.
@@ -61,6 +71,39 @@ enum Job {
     Resume {
         reply: oneshot::Sender<Result<Resumed, String>>,
     },
+    /// A SYN arrived: resume the prepared skeleton now, without waiting for
+    /// the supervisor (see [`ResumeTrigger`]).
+    ResumeOnSyn {
+        then: EarlyReply,
+    },
+}
+
+/// What becomes of a resume asked for by a SYN: `Some` with the outcome
+/// when a prepared skeleton was resumed, `None` when there was none (the
+/// supervisor then wakes the service its usual way).
+pub type EarlyReply = Box<dyn FnOnce(Option<Result<Resumed, String>>) + Send>;
+
+/// Error of [`RestoreWorker::resume`] when a SYN already resumed the
+/// skeleton of this park: the supervisor is told of that wake separately.
+pub const ALREADY_RESUMED: &str = "already resumed by a SYN";
+
+/// Sends a SYN's wake straight to a restore thread, so that the resume does
+/// not wait for the daemon's async tasks to be scheduled (on this 2-CPU VM
+/// that hop cost ~200 µs, often behind the client that sent the SYN).
+#[derive(Clone)]
+pub struct ResumeTrigger {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl ResumeTrigger {
+    /// Resumes the prepared skeleton, then calls `then` with what happened.
+    pub fn resume(&self, then: EarlyReply) {
+        if let Err(mpsc::SendError(Job::ResumeOnSyn { then })) =
+            self.jobs.send(Job::ResumeOnSyn { then })
+        {
+            then(None);
+        }
+    }
 }
 
 /// What every restore thread shares with the daemon.
@@ -109,6 +152,7 @@ impl RestoreWorker {
                     run_state: shared.run_state,
                     prefetch,
                     plan: WakePlan::Lazy,
+                    resumed_on_syn: false,
                 };
                 worker.run(receiver);
             })?;
@@ -139,6 +183,13 @@ impl RestoreWorker {
     pub fn report(&self) -> Arc<Mutex<WorkerReport>> {
         self.report.clone()
     }
+
+    /// A handle that resumes the skeleton on a SYN, from any thread.
+    pub fn trigger(&self) -> ResumeTrigger {
+        ResumeTrigger {
+            jobs: self.jobs.clone(),
+        }
+    }
 }
 
 struct Worker {
@@ -153,6 +204,8 @@ struct Worker {
     prefetch: Prefetch,
     /// What the next wake of the prepared skeleton does about its working set.
     plan: WakePlan,
+    /// A SYN resumed the skeleton of this park (cleared by the next prepare).
+    resumed_on_syn: bool,
 }
 
 /// What one wake does beyond serving faults lazily.
@@ -176,6 +229,7 @@ impl Worker {
                     self.prepare();
                 }
                 Job::Resume { reply } => self.resume(reply),
+                Job::ResumeOnSyn { then } => self.resume_on_syn(then),
             }
         }
         // The service is gone: an unused skeleton dies with its `Drop`.
@@ -185,6 +239,8 @@ impl Worker {
         // A skeleton of an older image must not be resumed.
         self.skeleton = None;
         self.plan = WakePlan::Lazy;
+        self.resumed_on_syn = false;
+        let _ = sched::set_current_thread_realtime(false);
         let result = self.build_skeleton().and_then(|(mut skeleton, image)| {
             self.plan = self.plan_wake(image);
             if let WakePlan::Recorded { set } = &self.plan {
@@ -205,6 +261,11 @@ impl Worker {
                 self.run_state
                     .record_process(&self.name, skeleton.pid(), &self.listener);
                 report.skeleton_pid = Some(skeleton.pid());
+                // Armed: the resume on the next SYN runs ahead of ordinary
+                // threads (the client's included) on whichever CPU it gets.
+                if let Err(err) = sched::set_current_thread_realtime(true) {
+                    tracing::debug!(service = %self.name, "no real-time priority: {err}");
+                }
                 report.error = None;
                 info!(service = %self.name, pid = skeleton.pid(), prepare_us = skeleton.timings().prepare.as_micros() as u64, "skeleton ready");
                 self.skeleton = Some(skeleton);
@@ -278,11 +339,34 @@ impl Worker {
 
     fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, String>>) {
         if self.skeleton.is_none() {
+            if self.resumed_on_syn {
+                // A second process must never start: the supervisor hears
+                // of the SYN's wake on its own.
+                let _ = reply.send(Err(ALREADY_RESUMED.into()));
+                return;
+            }
             self.prepare();
         }
+        self.resume_and_serve(Box::new(move |result| {
+            let _ = reply.send(result);
+        }));
+    }
+
+    fn resume_on_syn(&mut self, then: EarlyReply) {
+        if self.skeleton.is_none() {
+            then(None);
+            return;
+        }
+        self.resumed_on_syn = true;
+        self.resume_and_serve(Box::new(move |result| then(Some(result))));
+    }
+
+    /// Resumes the prepared skeleton, tells `reply`, then serves its pages
+    /// until they are all in.
+    fn resume_and_serve(&mut self, reply: Box<dyn FnOnce(Result<Resumed, String>) + Send>) {
         let Some(mut skeleton) = self.skeleton.take() else {
             let error = self.report.lock().expect("report lock").error.clone();
-            let _ = reply.send(Err(error.unwrap_or_else(|| "no skeleton".into())));
+            reply(Err(error.unwrap_or_else(|| "no skeleton".into())));
             return;
         };
         self.report.lock().expect("report lock").skeleton_pid = None;
@@ -292,7 +376,7 @@ impl Worker {
         let pidfd = match PidFd::open(pid) {
             Ok(pidfd) => pidfd,
             Err(err) => {
-                let _ = reply.send(Err(format!("pidfd of skeleton {pid}: {err}")));
+                reply(Err(format!("pidfd of skeleton {pid}: {err}")));
                 return;
             }
         };
@@ -300,18 +384,22 @@ impl Worker {
         self.report.lock().expect("report lock").last_pager = None;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
         let record = self.prefetch_before_resume(&mut skeleton, plan);
-        let mut restored = match skeleton.resume() {
+        let resumed = skeleton.resume();
+        // The pager spins at times: never at real-time priority.
+        let _ = sched::set_current_thread_realtime(false);
+        let mut restored = match resumed {
             Ok(restored) => restored,
             Err(err) => {
-                let _ = reply.send(Err(err.to_string()));
+                reply(Err(err.to_string()));
                 return;
             }
         };
-        let _ = reply.send(Ok(Resumed {
+        reply(Ok(Resumed {
             pid: restored.pid,
             init_pid: restored.init_pid,
             pidfd,
             timings: restored.timings,
+            resumed_at_ns: monotonic_ns(),
         }));
         if record.is_some() {
             restored.pager.record_faults(RECORD_WINDOW);

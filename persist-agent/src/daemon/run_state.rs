@@ -106,11 +106,31 @@ pub fn is_alive(record: &RunRecord) -> bool {
     start_time(record.pid) == Some(record.start_time)
 }
 
+/// Whether `pid` runs on its own: not stopped, traced, dying or with a
+/// SIGKILL pending. A skeleton a killed daemon left (recorded when it was
+/// prepared) is stopped under ptrace and killed with its tracer; it must
+/// never be taken for a running service.
+fn is_running(pid: i32) -> bool {
+    let Ok(process) = procfs::process::Process::new(pid) else {
+        return false;
+    };
+    let Ok(stat) = process.stat() else {
+        return false;
+    };
+    if matches!(stat.state, 'T' | 't' | 'Z' | 'X' | 'x') {
+        return false;
+    }
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    process.status().is_ok_and(|status| {
+        status.tracerpid == 0 && (status.sigpnd | status.shdpnd) & SIGKILL_BIT == 0
+    })
+}
+
 /// Finds the recorded process again and takes back its listening socket
 /// (by inode, wherever the service moved it). `None` if it is gone or no
 /// longer holds that socket.
 pub fn adopt(record: &RunRecord) -> Option<Adopted> {
-    if !is_alive(record) {
+    if !is_alive(record) || !is_running(record.pid) {
         return None;
     }
     let pidfd = PidFd::open(record.pid).ok()?;

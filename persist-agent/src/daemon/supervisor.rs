@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
-use super::restore_worker::{RestoreWorker, WorkerReport};
+use super::restore_worker::{ALREADY_RESUMED, RestoreWorker, ResumeTrigger, Resumed, WorkerReport};
 use super::run_state::{Adopted, RunStateDir};
 use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
 use crate::launch;
@@ -94,6 +94,14 @@ pub enum Command {
         /// CLOCK_MONOTONIC of the SYN.
         syn_ns: u64,
     },
+    /// A SYN resumed the prepared skeleton straight from the wake-event
+    /// thread ([`super::restore_worker::ResumeTrigger`]).
+    Resumed {
+        /// CLOCK_MONOTONIC of the SYN.
+        syn_ns: u64,
+        /// The resumed process, or why the resume failed.
+        result: Result<Resumed, String>,
+    },
     /// Stop the service now and park it (`persist-agent park`).
     Park {
         /// Answered once parked, or with why not.
@@ -123,6 +131,34 @@ pub struct Handle {
     pub published: Arc<Mutex<Published>>,
     /// What its restore thread publishes (snapshot mode).
     pub worker_report: Option<Arc<Mutex<WorkerReport>>>,
+    /// Resumes its prepared skeleton on a SYN (snapshot mode).
+    pub resume_trigger: Option<ResumeTrigger>,
+}
+
+impl Handle {
+    /// Routes a SYN's wake: straight to the restore thread when there is
+    /// one (which tells the supervisor what it did), else to the supervisor.
+    pub fn wake(&self, syn_ns: u64) {
+        let Some(trigger) = &self.resume_trigger else {
+            let _ = self.commands.send(Command::Wake { syn_ns });
+            return;
+        };
+        let commands = self.commands.clone();
+        let name = self.spec.name.clone();
+        trigger.resume(Box::new(move |outcome| match outcome {
+            Some(result) => {
+                if let Err(mpsc::error::SendError(Command::Resumed { result, .. })) =
+                    commands.send(Command::Resumed { syn_ns, result })
+                {
+                    // The supervisor is gone: nobody would watch it.
+                    kill_stray(&name, result);
+                }
+            }
+            None => {
+                let _ = commands.send(Command::Wake { syn_ns });
+            }
+        }));
+    }
 }
 
 /// How a service's process comes to run.
@@ -138,6 +174,31 @@ pub enum Starter {
         /// Where `--on-idle keep` writes the service's state.
         kept_image: std::path::PathBuf,
     },
+}
+
+/// A process just started or resumed for a wake.
+struct Started {
+    pid: i32,
+    pidfd: PidFd,
+    /// Init of its private pid namespace, if it has one.
+    namespace_init: Option<i32>,
+    /// How long the resume of a restored process took.
+    resume_us: Option<u64>,
+    /// When it was running (CLOCK_MONOTONIC), if known more precisely than
+    /// "when the supervisor heard of it".
+    running_at_ns: Option<u64>,
+}
+
+impl From<Resumed> for Started {
+    fn from(resumed: Resumed) -> Self {
+        Self {
+            pid: resumed.pid,
+            pidfd: resumed.pidfd,
+            namespace_init: resumed.init_pid,
+            resume_us: Some(resumed.timings.resume.as_micros() as u64),
+            running_at_ns: Some(resumed.resumed_at_ns),
+        }
+    }
 }
 
 /// A process the supervisor watches.
@@ -241,9 +302,9 @@ impl Supervisor {
             quick_exits: 0,
             starter,
         };
-        let worker_report = match &supervisor.starter {
-            Starter::Restore { worker, .. } => Some(worker.report()),
-            Starter::Command => None,
+        let (worker_report, resume_trigger) = match &supervisor.starter {
+            Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
+            Starter::Command => (None, None),
         };
         if let Some(adopted) = adopted {
             match Child::new(adopted.record.pid, adopted.pidfd) {
@@ -272,6 +333,7 @@ impl Supervisor {
             commands,
             published,
             worker_report,
+            resume_trigger,
         }
     }
 
@@ -292,6 +354,10 @@ impl Supervisor {
                 }
                 match commands.recv().await {
                     Some(Command::Wake { syn_ns }) => self.start(Some(syn_ns)).await,
+                    Some(Command::Resumed { syn_ns, result }) => {
+                        self.publish(State::Waking, None);
+                        self.started(result.map(Started::from), Some(syn_ns));
+                    }
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::WakeNow { done }) => {
                         self.start(None).await;
@@ -334,6 +400,7 @@ impl Supervisor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. }) => {}
+                    Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, result),
                     Some(Command::WakeNow { done }) => drop(done.send(Ok(()))),
                     Some(Command::Park { done }) => {
                         self.stop_to_park().await;
@@ -357,27 +424,43 @@ impl Supervisor {
         self.publish(State::Waking, None);
         let started = match &self.starter {
             Starter::Command => launch::exec_with_listener(&self.spec, self.listener.as_fd())
-                .map(|spawned| (spawned.pid, spawned.pidfd, None, None))
+                .map(|spawned| Started {
+                    pid: spawned.pid,
+                    pidfd: spawned.pidfd,
+                    namespace_init: None,
+                    resume_us: None,
+                    running_at_ns: None,
+                })
                 .map_err(|err| err.to_string()),
-            Starter::Restore { worker, .. } => worker.resume().await.map(|resumed| {
-                let resume_us = resumed.timings.resume.as_micros() as u64;
-                (
-                    resumed.pid,
-                    resumed.pidfd,
-                    resumed.init_pid,
-                    Some(resume_us),
-                )
-            }),
+            Starter::Restore { worker, .. } => match worker.resume().await {
+                // A SYN resumed it meanwhile: its `Resumed` command is next.
+                Err(err) if err == ALREADY_RESUMED => return,
+                result => result.map(Started::from),
+            },
         };
+        self.started(started, syn_ns);
+    }
+
+    /// Takes over a process a SYN resumed, or records why it failed.
+    fn started(&mut self, started: Result<Started, String>, syn_ns: Option<u64>) {
         match started {
-            Ok((pid, pidfd, namespace_init, resume_us)) => {
+            Ok(Started {
+                pid,
+                pidfd,
+                namespace_init,
+                resume_us,
+                running_at_ns,
+            }) => {
                 if resume_us.is_some() {
                     self.published
                         .lock()
                         .expect("published lock")
                         .last_resume_us = resume_us;
                 }
-                let latency = syn_ns.map(since_monotonic_us);
+                let latency = syn_ns.map(|syn| match running_at_ns {
+                    Some(running) => running.saturating_sub(syn) / 1000,
+                    None => since_monotonic_us(syn),
+                });
                 self.record_wake(pid, latency);
                 // A restored process was recorded when its skeleton was
                 // prepared (same pid): nothing to write while it answers
@@ -515,6 +598,7 @@ impl Supervisor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. }) => {}
+                    Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, result),
                     Some(Command::WakeNow { done }) => {
                         let _ = done.send(Err("an inetd service starts once per connection".into()));
                     }
@@ -663,6 +747,19 @@ impl Supervisor {
         {
             warn!(service = %self.spec.name, "{err}");
         }
+    }
+}
+
+/// A process a SYN resumed while the service already ran: never two
+/// instances, so it is killed.
+pub fn kill_stray(service: &str, result: Result<Resumed, String>) {
+    if let Ok(resumed) = result {
+        warn!(
+            service,
+            pid = resumed.pid,
+            "a second process was resumed: killed"
+        );
+        let _ = resumed.pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
     }
 }
 

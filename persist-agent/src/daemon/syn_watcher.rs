@@ -8,9 +8,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, RingBuf, SockMap};
 use aya::programs::SkLookup;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use persist_common::bpf::{BpfState, MAX_SERVICES, PortEntry, ServiceStats, WakeEvent};
 use persist_ebpf as objects;
-use tokio::io::unix::AsyncFd;
 
 /// Why the BPF side could not be set up or updated.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ pub struct SynWatcher {
 
 /// The wake-event stream, read by one task.
 pub struct WakeEvents {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: RingBuf<MapData>,
 }
 
 impl SynWatcher {
@@ -77,7 +77,6 @@ impl SynWatcher {
         let stats = Array::try_from(take(objects::STATS_MAP)?).map_err(|e| load(&e))?;
         let listeners = SockMap::try_from(take(objects::LISTENERS_MAP)?).map_err(|e| load(&e))?;
         let ring = RingBuf::try_from(take(objects::WAKES_MAP)?).map_err(|e| load(&e))?;
-        let ring = crate::sys::async_fd::watch(ring)?;
         Ok((
             Self {
                 ports,
@@ -170,20 +169,23 @@ impl SynWatcher {
 }
 
 impl WakeEvents {
-    /// Waits for the next batch of wake events.
-    pub async fn next_batch(&mut self) -> Result<Vec<WakeEvent>, SynWatcherError> {
+    /// Waits (blocking the thread) for the next batch of wake events.
+    pub fn next_batch(&mut self) -> Result<Vec<WakeEvent>, SynWatcherError> {
         loop {
             let mut events = Vec::new();
-            let ring = self.ring.get_mut();
-            while let Some(item) = ring.next() {
+            while let Some(item) = self.ring.next() {
                 events.extend(WakeEvent::from_bytes(&item));
             }
             if !events.is_empty() {
                 return Ok(events);
             }
-            // Clear readiness before draining again, so that an event arriving
-            // between the drain above and this point is not lost.
-            self.ring.readable_mut().await?.clear_ready();
+            // Level-triggered: an event written after the drain above wakes
+            // this poll at once.
+            let mut fds = [PollFd::new(self.ring.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(SynWatcherError::Poll(errno.into())),
+            }
         }
     }
 }

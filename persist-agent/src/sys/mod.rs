@@ -14,6 +14,7 @@ pub mod pidfd;
 pub mod procmem;
 pub mod ptrace;
 pub mod rlimit;
+pub mod sched;
 pub mod sockdiag;
 pub mod spawn;
 pub mod uffd;
