@@ -5,14 +5,17 @@
 //! restored process stopped before its first instruction, mapped but with
 //! nothing resident), resumes it when a SYN arrives, and then serves its
 //! pages until they are all in. The skeleton is prepared right after parking,
-//! so a wake only pays for the resume.
+//! so a wake only pays for the resume. The SYN's wake comes straight from the
+//! daemon's wake-event thread ([`ResumeTrigger`]), and while a skeleton is
+//! armed this thread waits at real-time priority, so that the resume runs
+//! the moment the wake arrives; the supervisor hears of it afterwards.
 //!
 //! With [`Prefetch::Recorded`], the first wake from an image records the
-//! pages the process faults in during its first 200 ms, in touch order, and
-//! stores them beside the image as its working set; later wakes copy that
-//! set in bulk just before the resume, so the process does not fault on it.
-//! A missing, stale or corrupt set is ignored (with a warning) and recorded
-//! anew on that wake.
+//! pages the process touches during its first 200 ms, in touch order (those
+//! the image does not store included), and stores them beside the image as
+//! its working set; later wakes copy that set in bulk just before the resume,
+//! so the process does not fault on it. A missing, stale or corrupt set is
+//! ignored (with a warning) and recorded anew on the next wake.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
