@@ -67,11 +67,13 @@ pub fn run() -> Result<()> {
     println!(
         "and a stopped skeleton whose memory is paged in only on the wake; the starred figure"
     );
-    println!("is what that skeleton holds privately (the written pages of its file mappings).");
+    println!("is what that skeleton holds privately (each thread's stack top and TLS page).");
 
     println!(
         "\n-- first connection: restores the snapshot on the SYN and serves this very connection"
     );
+    println!("   (the first wake from an image also records the pages it touches, one fault each:");
+    println!("   the slowest wake; later ones copy those pages in ahead)");
     let (body, ttfb) = timed_get(&sandbox, "/hello.txt")?;
     let status = sandbox.service("web")?;
     println!("GET /hello.txt -> {}", body.trim());
@@ -97,7 +99,9 @@ pub fn run() -> Result<()> {
     .context("the service did not park")?;
     print_status(&sandbox)?;
 
-    println!("\n-- a new connection wakes it again from the image");
+    println!(
+        "\n-- a new connection wakes it again from the image, its recorded pages copied in ahead"
+    );
     let (body, ttfb) = timed_get(&sandbox, "/hello.txt")?;
     println!(
         "GET /hello.txt -> {}   time to first byte {:.3} ms",

@@ -36,6 +36,10 @@ const FILL_BATCH_PAGES: u64 = 64;
 /// Background batch while the process is faulting (~10 µs of copying).
 const FILL_BATCH_PAGES_FAULTING: u64 = 8;
 
+/// How long after the resume or a fault the pager polls for the next fault
+/// without sleeping, while only faults are served.
+const SPIN_WINDOW: Duration = Duration::from_micros(500);
+
 /// How long after a fault the process counts as faulting.
 const FAULTING_WINDOW: Duration = Duration::from_millis(2);
 
@@ -330,20 +334,21 @@ impl Pager {
             if self.pending.is_empty() {
                 break;
             }
-            if self.recording() {
-                // Purely lazy while recording, so every page the process
-                // touches faults and is logged; no spinning meanwhile.
-                let _ = self.uffd.wait(1);
-                continue;
-            }
-            if self.fill_after.is_some_and(|at| Instant::now() < at) {
-                // Only faults, polled for from another CPU than the one the
-                // process runs on: a fill there would delay its request,
-                // and sleeping would add a wake-up to every fault. With a
-                // single CPU, sleep until a fault instead.
-                if cpu.avoid_cpu_of(self.pid()) {
+            // Only faults while recording (purely lazy, so that every page
+            // the process touches faults and is logged) and while the fill is
+            // held back. Right after the resume or a fault they are polled
+            // for from another CPU than the one the process runs on (a fill
+            // there would delay its request, and sleeping adds a wake-up,
+            // ~100 µs here, to each fault); once faults pause, the pager
+            // sleeps, so that the process's other threads get that CPU.
+            if self.recording() || self.fill_after.is_some_and(|at| Instant::now() < at) {
+                let recent = last_fault
+                    .or(self.resumed_at)
+                    .is_some_and(|at| at.elapsed() < SPIN_WINDOW);
+                if recent && cpu.avoid_cpu_of(self.pid()) {
                     std::hint::spin_loop();
                 } else {
+                    cpu.restore();
                     let _ = self.uffd.wait(1);
                 }
                 continue;
