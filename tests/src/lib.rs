@@ -217,6 +217,23 @@ impl Sandbox {
             .with_context(|| format!("service {name} missing from status"))
     }
 
+    /// The pid of `name` once the daemon shows it running. A SYN resumes a
+    /// snapshot service before the daemon's supervisor hears of it, so the
+    /// first answer may come a moment before `status` says so.
+    pub fn running_pid(&self, name: &str) -> Result<i64> {
+        let mut pid = None;
+        wait_until(Duration::from_secs(5), || {
+            pid = self
+                .service(name)
+                .ok()
+                .filter(|s| s["state"] == "running")
+                .and_then(|s| s["pid"].as_i64());
+            pid.is_some()
+        })
+        .with_context(|| format!("{name} never showed as running"))?;
+        pid.context("a running service has a pid")
+    }
+
     /// Remembers a pid to kill when the sandbox is dropped.
     pub fn track_pid(&mut self, pid: i32) {
         self.extra_pids.push(pid);

@@ -61,12 +61,7 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
         listing.contains("persist-was-here.txt"),
         "restored server lists its directory: {listing}"
     );
-    // The supervisor hears of the resume as the process answers.
-    wait_until(Duration::from_secs(5), || {
-        sandbox.service("web").unwrap()["state"] == "running"
-    })
-    .expect("running after the first connection");
-    let first_pid = sandbox.service("web").unwrap()["pid"].as_i64().unwrap();
+    let first_pid = sandbox.running_pid("web").unwrap();
 
     wait_until(Duration::from_secs(10), || {
         let status = sandbox.service("web").unwrap();
@@ -342,7 +337,7 @@ fn after_a_reboot_services_are_parked_from_their_images_without_running_the_comm
             .unwrap()
             .contains("persist-was-here.txt")
     );
-    let pid = sandbox.service("web").unwrap()["pid"].as_i64().unwrap();
+    let pid = sandbox.running_pid("web").unwrap();
 
     // The reboot: the daemon and every process of the service die.
     sandbox.kill_daemon();
@@ -437,9 +432,7 @@ fn readiness_by_notify_warmup_requests_and_user_are_honoured() {
         ])
         .unwrap();
     let body = sandbox.http_get(8111).unwrap();
-    let pid = sandbox.service("unprivileged").unwrap()["pid"]
-        .as_i64()
-        .unwrap();
+    let pid = sandbox.running_pid("unprivileged").unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid_line = status
         .lines()

@@ -375,13 +375,20 @@ impl Registry {
 
     /// Routes a BPF wake event to its service.
     pub fn wake(&self, event: &WakeEvent) {
-        let services = self.services.lock().expect("lock");
-        match services.values().find(|h| h.slot == event.service_id) {
-            Some(handle) => {
-                let event_us = super::since_monotonic_us(event.syn_ns);
-                handle.wake(event.syn_ns);
-                handle.published.lock().expect("lock").last_event_us = Some(event_us);
-            }
+        let event_us = super::since_monotonic_us(event.syn_ns);
+        // Woken outside the lock: the wake may copy pages for a while.
+        let waker = {
+            let services = self.services.lock().expect("lock");
+            services
+                .values()
+                .find(|h| h.slot == event.service_id)
+                .map(|handle| {
+                    handle.published.lock().expect("lock").last_event_us = Some(event_us);
+                    handle.waker()
+                })
+        };
+        match waker {
+            Some(waker) => waker.wake(event.syn_ns),
             None => warn!(slot = event.service_id, "wake event for an unused slot"),
         }
     }

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use super::metrics::Metrics;
 use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
-use crate::restore::{PagerStats, RestoreConfig, Skeleton, Timings};
+use crate::restore::{PagerStats, PlannedCopy, RestoreConfig, Skeleton, Timings};
 use crate::service::Prefetch;
 use crate::snapshot::listener_fd_in_image;
 use crate::sys::pidfd::PidFd;
@@ -96,18 +96,29 @@ pub const ALREADY_RESUMED: &str = "already resumed by a SYN";
 #[derive(Clone)]
 pub struct ResumeTrigger {
     jobs: mpsc::Sender<Job>,
+    armed_copy: ArmedCopy,
 }
 
 impl ResumeTrigger {
     /// Resumes the prepared skeleton, then calls `then` with what happened.
+    /// Meanwhile the calling thread helps copy the working set in: the
+    /// restore thread may take 100–150 µs to wake up on another CPU.
     pub fn resume(&self, then: EarlyReply) {
         if let Err(mpsc::SendError(Job::ResumeOnSyn { then })) =
             self.jobs.send(Job::ResumeOnSyn { then })
         {
             then(None);
+            return;
+        }
+        let copy = self.armed_copy.lock().expect("armed copy lock").clone();
+        if let Some(copy) = copy {
+            copy.help();
         }
     }
 }
+
+/// The working-set copy planned for the armed skeleton, if any.
+type ArmedCopy = Arc<Mutex<Option<PlannedCopy>>>;
 
 /// What every restore thread shares with the daemon.
 #[derive(Clone)]
@@ -123,6 +134,7 @@ pub struct WorkerShared {
 pub struct RestoreWorker {
     jobs: mpsc::Sender<Job>,
     report: Arc<Mutex<WorkerReport>>,
+    armed_copy: ArmedCopy,
 }
 
 impl RestoreWorker {
@@ -140,6 +152,8 @@ impl RestoreWorker {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
         let thread_report = report.clone();
+        let armed_copy = ArmedCopy::default();
+        let thread_armed_copy = armed_copy.clone();
         let thread_name = name.to_owned();
         std::thread::Builder::new()
             .name(format!("restore-{name}"))
@@ -156,10 +170,15 @@ impl RestoreWorker {
                     prefetch,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
+                    armed_copy: thread_armed_copy,
                 };
                 worker.run(receiver);
             })?;
-        let worker = Self { jobs, report };
+        let worker = Self {
+            jobs,
+            report,
+            armed_copy,
+        };
         if !already_running {
             worker.prepare(image);
         }
@@ -191,6 +210,7 @@ impl RestoreWorker {
     pub fn trigger(&self) -> ResumeTrigger {
         ResumeTrigger {
             jobs: self.jobs.clone(),
+            armed_copy: self.armed_copy.clone(),
         }
     }
 }
@@ -209,6 +229,8 @@ struct Worker {
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
     resumed_on_syn: bool,
+    /// The working-set copy planned for the armed skeleton.
+    armed_copy: ArmedCopy,
 }
 
 /// What one wake does beyond serving faults lazily.
@@ -243,14 +265,14 @@ impl Worker {
         self.skeleton = None;
         self.plan = WakePlan::Lazy;
         self.resumed_on_syn = false;
+        *self.armed_copy.lock().expect("armed copy lock") = None;
         let _ = sched::set_current_thread_realtime(false);
         let result = self.build_skeleton().and_then(|(mut skeleton, image)| {
             self.plan = self.plan_wake(image);
             if let WakePlan::Recorded { set } = &self.plan {
-                skeleton
-                    .pager_mut()
-                    .verify_ahead(set)
-                    .map_err(|err| err.to_string())?;
+                let pager = skeleton.pager_mut();
+                pager.verify_ahead(set).map_err(|err| err.to_string())?;
+                *self.armed_copy.lock().expect("armed copy lock") = Some(pager.plan_set(set));
             }
             Ok(skeleton)
         });
@@ -448,10 +470,16 @@ impl Worker {
                 None
             }
             WakePlan::Record { image, image_crc } => Some(Recording { image, image_crc }),
-            WakePlan::Recorded { set, .. } => {
+            WakePlan::Recorded { set } => {
+                let planned = self.armed_copy.lock().expect("armed copy lock").take();
+                let pager = skeleton.pager_mut();
+                let copied = match &planned {
+                    Some(copy) => pager.finish_planned(copy, &set),
+                    None => pager.prefetch_set(&set),
+                };
                 // A corrupt page of the image kills the skeleton here, and
                 // the resume then reports it.
-                if let Err(err) = skeleton.pager_mut().prefetch_set(&set) {
+                if let Err(err) = copied {
                     warn!(service = %self.name, pid, "prefetching the working set: {err}");
                 }
                 None

@@ -136,15 +136,34 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// What routes a SYN's wake to this service, usable without the
+    /// registry's lock.
+    pub fn waker(&self) -> Waker {
+        Waker {
+            name: self.spec.name.clone(),
+            commands: self.commands.clone(),
+            resume_trigger: self.resume_trigger.clone(),
+        }
+    }
+}
+
+/// Routes a SYN's wake to one service.
+pub struct Waker {
+    name: String,
+    commands: mpsc::UnboundedSender<Command>,
+    resume_trigger: Option<ResumeTrigger>,
+}
+
+impl Waker {
     /// Routes a SYN's wake: straight to the restore thread when there is
     /// one (which tells the supervisor what it did), else to the supervisor.
-    pub fn wake(&self, syn_ns: u64) {
+    pub fn wake(self, syn_ns: u64) {
         let Some(trigger) = &self.resume_trigger else {
             let _ = self.commands.send(Command::Wake { syn_ns });
             return;
         };
         let commands = self.commands.clone();
-        let name = self.spec.name.clone();
+        let name = self.name.clone();
         trigger.resume(Box::new(move |outcome| match outcome {
             Some(result) => {
                 if let Err(mpsc::error::SendError(Command::Resumed { result, .. })) =

@@ -52,6 +52,7 @@ use std::sync::Arc;
 
 use persist_common::image::{Image, ImageError};
 
+pub(crate) use pager::PlannedCopy;
 pub use pager::{Pager, PagerStats};
 pub use skeleton::{RestoreConfig, Restored, Skeleton, Timings};
 

@@ -26,6 +26,8 @@ mod bulk;
 mod cpu_share;
 mod sources;
 
+pub(crate) use bulk::PlannedCopy;
+
 use cpu_share::CpuShare;
 use sources::Sources;
 

@@ -45,21 +45,28 @@ struct Span {
     count: u64,
 }
 
+/// A bulk copy planned ahead, which several threads may do together.
+#[derive(Clone)]
+pub(crate) struct PlannedCopy {
+    pages: u64,
+    shared: Arc<Shared>,
+}
+
+impl PlannedCopy {
+    /// Copies spans nobody has claimed yet, on the calling thread, until
+    /// none is left. Safe from any thread, at any time before the copy is
+    /// finished: the process is stopped until then.
+    pub(crate) fn help(&self) {
+        self.shared.work();
+    }
+}
+
 impl Pager {
     /// Copies the pages of `set` that the process still expects into it, in
     /// bulk, before it resumes. Returns the number of pages copied.
     pub(crate) fn prefetch_set(&mut self, set: &WorkingSet) -> Result<u64, RestoreError> {
-        let mut addresses: Vec<u64> = set
-            .pages()
-            .iter()
-            .filter(|page| self.expects(**page))
-            .map(|page| page.address)
-            .collect();
-        addresses.sort_unstable();
-        addresses.dedup();
-        let spans = self.spans(&addresses, MAX_BRIDGE_PAGES);
-        let copied = self.copy_in_bulk(spans)?;
-        Ok(copied + self.zero_ahead(set))
+        let copy = self.plan_set(set);
+        self.finish_planned(&copy, set)
     }
 
     /// Maps zero pages where the set says the process touched memory the
@@ -183,26 +190,9 @@ impl Pager {
     /// they hold one: on a busy machine a helper may only get a CPU after
     /// this thread has copied everything, and then it finds nothing to do.
     fn copy_in_bulk(&mut self, spans: Vec<Span>) -> Result<u64, RestoreError> {
-        let total: u64 = spans.iter().map(|span| span.count).sum();
-        let before = self.pending.len();
-        let jobs = spans
-            .into_iter()
-            .map(|span| Job {
-                runs: self.unverified_runs(&span),
-                span,
-            })
-            .collect();
-        let shared = Arc::new(Shared {
-            uffd: Arc::clone(&self.uffd),
-            sources: Arc::clone(&self.sources),
-            runs: self.runs.clone(),
-            jobs,
-            next: AtomicUsize::new(0),
-            finished: Mutex::new(Vec::new()),
-            all_finished: Condvar::new(),
-        });
-        for _ in 1..copy_threads(total) {
-            let shared = Arc::clone(&shared);
+        let copy = self.plan_copy(spans);
+        for _ in 1..copy_threads(copy.pages) {
+            let shared = Arc::clone(&copy.shared);
             let spawned = std::thread::Builder::new()
                 .name("persist-copy".into())
                 .spawn(move || shared.work());
@@ -210,8 +200,41 @@ impl Pager {
                 break;
             }
         }
-        shared.work();
-        let outcomes = shared.wait_all();
+        self.finish_copy(&copy)
+    }
+
+    /// The copy of `spans`, ready for any thread to help with
+    /// ([`PlannedCopy::help`]) until [`Pager::finish_copy`] ends it.
+    fn plan_copy(&self, spans: Vec<Span>) -> PlannedCopy {
+        let pages = spans.iter().map(|span| span.count).sum();
+        let jobs = spans
+            .into_iter()
+            .map(|span| Job {
+                runs: self.unverified_runs(&span),
+                span,
+            })
+            .collect();
+        PlannedCopy {
+            pages,
+            shared: Arc::new(Shared {
+                uffd: Arc::clone(&self.uffd),
+                sources: Arc::clone(&self.sources),
+                runs: self.runs.clone(),
+                jobs,
+                next: AtomicUsize::new(0),
+                finished: Mutex::new(Vec::new()),
+                all_finished: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Does what is left of `copy` on this thread, waits for the spans
+    /// other threads hold, then updates what is pending. On a corrupt run
+    /// the process is killed.
+    fn finish_copy(&mut self, copy: &PlannedCopy) -> Result<u64, RestoreError> {
+        let before = self.pending.len();
+        copy.shared.work();
+        let outcomes = copy.shared.wait_all();
 
         let mut retry = Vec::new();
         let mut corrupt = None;
@@ -248,6 +271,33 @@ impl Pager {
         let copied = (before - self.pending.len()) as u64;
         self.stats.prefetched_pages += copied;
         Ok(copied)
+    }
+
+    /// Plans the copy of the pages of `set` the process still expects, at
+    /// prepare time: on the wake any thread may [`PlannedCopy::help`] with
+    /// it (the daemon's wake thread starts before the restore thread is
+    /// even awake), and [`Pager::finish_planned`] ends it.
+    pub(crate) fn plan_set(&self, set: &WorkingSet) -> PlannedCopy {
+        let mut addresses: Vec<u64> = set
+            .pages()
+            .iter()
+            .filter(|page| self.expects(**page))
+            .map(|page| page.address)
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        self.plan_copy(self.spans(&addresses, MAX_BRIDGE_PAGES))
+    }
+
+    /// Ends a copy planned by [`Pager::plan_set`] for `set`, and maps the
+    /// zero pages the set names. Returns the number of pages brought in.
+    pub(crate) fn finish_planned(
+        &mut self,
+        copy: &PlannedCopy,
+        set: &WorkingSet,
+    ) -> Result<u64, RestoreError> {
+        let copied = self.finish_copy(copy)?;
+        Ok(copied + self.zero_ahead(set))
     }
 
     /// The runs the pages of `span` come from whose checksums are not yet checked.
