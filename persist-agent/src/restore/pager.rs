@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use persist_common::image::{
-    Image, ImageError, MAX_RUN_PAGES, Mapping, MappingKind, PAGE_SIZE, PageRun, WorkingSetPage,
+    Image, MAX_RUN_PAGES, Mapping, MappingKind, PAGE_SIZE, PageRun, WorkingSetPage,
 };
 
 use super::RestoreError;
@@ -571,7 +571,7 @@ impl Pager {
         let mut scratch = Vec::new();
         let bytes = sources
             .read(start, len, &mut scratch)
-            .map_err(|err| self.unreadable(first, &err))?;
+            .map_err(|err| self.page_failed(first, &err))?;
         let mut done = 0u64;
         while done < count {
             let dst = first + done * PAGE_SIZE;
@@ -639,30 +639,18 @@ impl Pager {
         }
         let page_run = self.runs[run as usize];
         if let Err(err) = self.sources.image().pages().run(&page_run) {
-            return Err(self.corrupt_page(address, &err));
+            return Err(self.page_failed(address, &err));
         }
         self.verified[run as usize] = true;
         Ok(())
     }
 
-    /// Kills the process, whose page at `address` cannot be read, and says why.
-    fn unreadable(&self, address: u64, err: &std::io::Error) -> RestoreError {
+    /// Kills the process, whose page at `address` cannot be served (a
+    /// corrupt run, an unreadable file), and says why.
+    fn page_failed(&self, address: u64, err: &dyn std::fmt::Display) -> RestoreError {
         let pid = self.pid();
         let _ = self.pidfd.send_signal(Signal::SIGKILL);
-        tracing::error!(pid, address, %err, "page unreadable: restored process killed");
-        RestoreError::CorruptPage {
-            pid,
-            address,
-            reason: err.to_string(),
-        }
-    }
-
-    /// Kills the process, whose page at `address` cannot be served, and
-    /// says why.
-    fn corrupt_page(&self, address: u64, err: &ImageError) -> RestoreError {
-        let pid = self.pid();
-        let _ = self.pidfd.send_signal(Signal::SIGKILL);
-        tracing::error!(pid, address, %err, "corrupt page: restored process killed");
+        tracing::error!(pid, address, %err, "page cannot be served: restored process killed");
         RestoreError::CorruptPage {
             pid,
             address,
@@ -766,7 +754,7 @@ impl Pager {
 pub(crate) mod tests {
     use std::os::fd::FromRawFd;
 
-    use persist_common::image::{ImageWriter, Manifest, Mapping, MappingKind, Protection};
+    use persist_common::image::{ImageWriter, Manifest, Mapping};
 
     use super::*;
     use crate::sys::uffd;
@@ -887,18 +875,7 @@ pub(crate) mod tests {
             ));
         }
         let runs = writer.append_pages(0, &data).unwrap();
-        let mut manifest = manifest(vec![Mapping {
-            start,
-            end: start + pages * PAGE_SIZE,
-            protection: Protection {
-                read: true,
-                write: true,
-                exec: false,
-            },
-            shared: false,
-            kind: MappingKind::Anonymous,
-            pages: runs,
-        }]);
+        let mut manifest = manifest(vec![Mapping::anonymous(start, pages, runs)]);
         writer.finish(&mut manifest).unwrap();
         let image = Arc::new(Image::open(&dir).unwrap());
         let raw = uffd::create_raw().unwrap();

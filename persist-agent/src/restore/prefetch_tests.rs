@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use persist_common::image::{
-    Image, ImageWriter, Manifest, Mapping, MappingKind, PAGE_SIZE, Protection, WorkingSet,
-    WorkingSetPage, manifest_crc,
+    Image, ImageWriter, Manifest, Mapping, PAGE_SIZE, WorkingSet, WorkingSetPage, manifest_crc,
 };
 
 use super::pager::{MappedFiles, Pager};
@@ -45,18 +44,7 @@ impl Fixture {
         }
         let runs = writer.append_pages(0, &data).unwrap();
         let mut manifest = Manifest {
-            mappings: vec![Mapping {
-                start,
-                end: start + PAGES * PAGE_SIZE,
-                protection: Protection {
-                    read: true,
-                    write: true,
-                    exec: false,
-                },
-                shared: false,
-                kind: MappingKind::Anonymous,
-                pages: runs,
-            }],
+            mappings: vec![Mapping::anonymous(start, PAGES, runs)],
             ..Manifest::default()
         };
         writer.finish(&mut manifest).unwrap();

@@ -695,7 +695,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    use crate::image::{Mapping, MappingKind, Protection};
+    use crate::image::Mapping;
 
     const START: u64 = 0x10000;
     const MAPPING_PAGES: u64 = 16;
@@ -711,18 +711,7 @@ mod tests {
     /// [`START`], stored as `runs`.
     fn manifest_with(runs: Vec<PageRun>) -> Manifest {
         Manifest {
-            mappings: vec![Mapping {
-                start: START,
-                end: START + MAPPING_PAGES * PAGE_SIZE,
-                protection: Protection {
-                    read: true,
-                    write: true,
-                    exec: false,
-                },
-                shared: false,
-                kind: MappingKind::Anonymous,
-                pages: runs,
-            }],
+            mappings: vec![Mapping::anonymous(START, MAPPING_PAGES, runs)],
             ..Manifest::default()
         }
     }

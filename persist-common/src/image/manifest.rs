@@ -328,6 +328,23 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// A private, readable and writable anonymous mapping of `pages` pages
+    /// from `start`, whose stored pages are `runs`.
+    pub fn anonymous(start: u64, pages: u64, runs: Vec<PageRun>) -> Self {
+        Self {
+            start,
+            end: start + pages * super::PAGE_SIZE,
+            protection: Protection {
+                read: true,
+                write: true,
+                exec: false,
+            },
+            shared: false,
+            kind: MappingKind::Anonymous,
+            pages: runs,
+        }
+    }
+
     /// Length of the mapping in bytes.
     pub fn len(&self) -> u64 {
         self.end - self.start

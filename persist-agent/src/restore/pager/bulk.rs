@@ -253,7 +253,7 @@ impl Pager {
             }
         }
         if let Some((address, reason)) = corrupt {
-            return Err(self.unreadable(address, &std::io::Error::other(reason)));
+            return Err(self.page_failed(address, &reason));
         }
         for (address, count) in retry {
             for index in 0..count {
