@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use super::metrics::Metrics;
 use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
-use crate::restore::{PagerStats, PlannedCopy, RestoreConfig, Skeleton, Timings};
+use crate::restore::{PagerStats, PlannedCopy, RestoreConfig, Restored, Skeleton, Timings};
 use crate::service::Prefetch;
 use crate::snapshot::listener_fd_in_image;
 use crate::sys::pidfd::PidFd;
@@ -395,16 +395,6 @@ impl Worker {
             return;
         };
         self.report.lock().expect("report lock").skeleton_pid = None;
-        let pid = skeleton.pid();
-        // Opened before the resume: the pid cannot be recycled while the
-        // skeleton holds it.
-        let pidfd = match PidFd::open(pid) {
-            Ok(pidfd) => pidfd,
-            Err(err) => {
-                reply(Err(format!("pidfd of skeleton {pid}: {err}")));
-                return;
-            }
-        };
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         self.report.lock().expect("report lock").last_pager = None;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
@@ -412,7 +402,13 @@ impl Worker {
         let resumed = skeleton.resume();
         // The pager spins at times: never at real-time priority.
         let _ = sched::set_current_thread_realtime(false);
-        let mut restored = match resumed {
+        let Restored {
+            pid,
+            init_pid,
+            pidfd,
+            mut pager,
+            timings,
+        } = match resumed {
             Ok(restored) => restored,
             Err(err) => {
                 reply(Err(err.to_string()));
@@ -420,19 +416,19 @@ impl Worker {
             }
         };
         reply(Ok(Resumed {
-            pid: restored.pid,
-            init_pid: restored.init_pid,
+            pid,
+            init_pid,
             pidfd,
-            timings: restored.timings,
+            timings,
             resumed_at_ns: monotonic_ns(),
         }));
         if record.is_some() {
-            restored.pager.record_faults(RECORD_WINDOW);
+            pager.record_faults(RECORD_WINDOW);
         }
         if prefetched_set {
-            restored.pager.hold_fill(FILL_HOLD);
+            pager.hold_fill(FILL_HOLD);
         }
-        match restored.pager.run_until_filled() {
+        match pager.run_until_filled() {
             Ok(stats) => {
                 info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
@@ -441,7 +437,7 @@ impl Worker {
             Err(err) => warn!(service = %self.name, pid, "pager: {err}"),
         }
         if let Some(Recording { image, image_crc }) = record {
-            let pages = restored.pager.take_fault_log();
+            let pages = pager.take_fault_log();
             match WorkingSet::write(image.dir(), image_crc, &pages, image.pages()) {
                 Ok(()) => {
                     info!(service = %self.name, pages = pages.len(), "working set recorded")

@@ -158,12 +158,15 @@ impl Waker {
     /// Routes a SYN's wake: straight to the restore thread when there is
     /// one (which tells the supervisor what it did), else to the supervisor.
     pub fn wake(self, syn_ns: u64) {
-        let Some(trigger) = &self.resume_trigger else {
-            let _ = self.commands.send(Command::Wake { syn_ns });
+        let Self {
+            name,
+            commands,
+            resume_trigger,
+        } = self;
+        let Some(trigger) = resume_trigger else {
+            let _ = commands.send(Command::Wake { syn_ns });
             return;
         };
-        let commands = self.commands.clone();
-        let name = self.name.clone();
         trigger.resume(Box::new(move |outcome| match outcome {
             Some(result) => {
                 if let Err(mpsc::error::SendError(Command::Resumed { result, .. })) =
@@ -193,6 +196,24 @@ pub enum Starter {
         /// Where `--on-idle keep` writes the service's state.
         kept_image: std::path::PathBuf,
     },
+}
+
+/// Who started or resumed a woken service's process.
+#[derive(Debug, Clone, Copy)]
+enum WokenBy {
+    /// The supervisor (exec, inetd, `wake`, or a SYN with no armed skeleton).
+    Supervisor,
+    /// The restore thread, on the SYN handed to it by the wake-event thread.
+    SynThread,
+}
+
+impl WokenBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Supervisor => "supervisor",
+            Self::SynThread => "syn-thread",
+        }
+    }
 }
 
 /// A process just started or resumed for a wake.
@@ -375,7 +396,7 @@ impl Supervisor {
                     Some(Command::Wake { syn_ns }) => self.start(Some(syn_ns)).await,
                     Some(Command::Resumed { syn_ns, result }) => {
                         self.publish(State::Waking, None);
-                        self.started(result.map(Started::from), Some(syn_ns));
+                        self.started(result.map(Started::from), Some(syn_ns), WokenBy::SynThread);
                     }
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::WakeNow { done }) => {
@@ -457,11 +478,11 @@ impl Supervisor {
                 result => result.map(Started::from),
             },
         };
-        self.started(started, syn_ns);
+        self.started(started, syn_ns, WokenBy::Supervisor);
     }
 
     /// Takes over a process a SYN resumed, or records why it failed.
-    fn started(&mut self, started: Result<Started, String>, syn_ns: Option<u64>) {
+    fn started(&mut self, started: Result<Started, String>, syn_ns: Option<u64>, by: WokenBy) {
         match started {
             Ok(Started {
                 pid,
@@ -480,7 +501,7 @@ impl Supervisor {
                     Some(running) => running.saturating_sub(syn) / 1000,
                     None => since_monotonic_us(syn),
                 });
-                self.record_wake(pid, latency);
+                self.record_wake(pid, latency, by);
                 // A restored process was recorded when its skeleton was
                 // prepared (same pid): nothing to write while it answers
                 // its first request.
@@ -595,7 +616,7 @@ impl Supervisor {
                         Ok(spawned) => {
                             if children.is_empty() {
                                 let latency = (stats.wake_syn_ns != 0).then(|| since_monotonic_us(stats.wake_syn_ns));
-                                self.record_wake(spawned.pid, latency);
+                                self.record_wake(spawned.pid, latency, WokenBy::Supervisor);
                             }
                             self.published.lock().expect("published lock").sessions.push(spawned.pid);
                             let child = Child::new(spawned.pid, spawned.pidfd)?;
@@ -704,7 +725,7 @@ impl Supervisor {
         });
     }
 
-    fn record_wake(&mut self, pid: i32, latency_us: Option<u64>) {
+    fn record_wake(&mut self, pid: i32, latency_us: Option<u64>, by: WokenBy) {
         self.running_since = Instant::now();
         self.metrics
             .observe_wake(&self.spec.name, latency_us.map(Duration::from_micros));
@@ -718,7 +739,7 @@ impl Supervisor {
         if latency_us.is_some() {
             published.last_wake_us = latency_us;
         }
-        info!(service = %self.spec.name, pid, wake_us = ?latency_us, "woken");
+        info!(service = %self.spec.name, pid, wake_us = ?latency_us, by = by.as_str(), "woken");
     }
 
     /// Idle: no SYN for the timeout, nothing queued, no established connection.

@@ -218,10 +218,31 @@ impl Pager {
                 add_run(run, true, mapping.start);
             }
         }
-        Ok(Self {
+        Ok(Self::serving(
+            uffd,
+            pidfd,
+            Arc::new(sources),
+            runs,
+            verified,
+            pending,
+            registered,
+        ))
+    }
+
+    /// A pager with these pages still to serve, and nothing done yet.
+    fn serving(
+        uffd: Userfault,
+        pidfd: PidFd,
+        sources: Arc<Sources>,
+        runs: Vec<PageRun>,
+        verified: Vec<bool>,
+        pending: BTreeMap<u64, Source>,
+        registered: Vec<(u64, u64)>,
+    ) -> Self {
+        Self {
             uffd: Arc::new(uffd),
             pidfd,
-            sources: Arc::new(sources),
+            sources,
             runs,
             verified,
             pending,
@@ -232,7 +253,7 @@ impl Pager {
             record_until: None,
             fill_after: None,
             children: Vec::new(),
-        })
+        }
     }
 
     /// Pid of the restored process (in the agent's namespace).
@@ -430,21 +451,15 @@ impl Pager {
                 return;
             }
         };
-        let mut child = Pager {
-            uffd: Arc::new(uffd),
+        let mut child = Pager::serving(
+            uffd,
             pidfd,
-            sources: Arc::clone(&self.sources),
-            runs: self.runs.clone(),
-            verified: self.verified.clone(),
-            pending: self.pending.clone(),
-            registered: self.registered.clone(),
-            stats: PagerStats::default(),
-            resumed_at: None,
-            fault_log: None,
-            record_until: None,
-            fill_after: None,
-            children: Vec::new(),
-        };
+            Arc::clone(&self.sources),
+            self.runs.clone(),
+            self.verified.clone(),
+            self.pending.clone(),
+            self.registered.clone(),
+        );
         self.children
             .push(std::thread::spawn(move || child.run_until_filled()));
     }

@@ -64,7 +64,8 @@ pub struct Skeleton {
     pid: i32,
     tids: Vec<i32>,
     init_pid: Option<i32>,
-    pidfd: PidFd,
+    /// Taken by [`Skeleton::resume`] for the [`Restored`] process.
+    pidfd: Option<PidFd>,
     pager: Option<Pager>,
     timings: Timings,
 }
@@ -77,6 +78,8 @@ pub struct Restored {
     /// The pid of the init of its private pid namespace, when the recorded
     /// pid was taken here.
     pub init_pid: Option<i32>,
+    /// A pidfd for it, opened when its skeleton was prepared.
+    pub pidfd: PidFd,
     /// Serves its memory; run [`Pager::run_until_filled`] (in a thread or a
     /// process) or its faults block forever.
     pub pager: Pager,
@@ -197,7 +200,7 @@ impl Skeleton {
             pid,
             tids,
             init_pid,
-            pidfd,
+            pidfd: Some(pidfd),
             pager: Some(pager),
             timings: Timings {
                 prepare: started.elapsed(),
@@ -243,6 +246,10 @@ impl Skeleton {
         let restored = Restored {
             pid: self.pid,
             init_pid: self.init_pid,
+            pidfd: self
+                .pidfd
+                .take()
+                .expect("a skeleton holds its pidfd until resumed"),
             pager,
             timings,
         };
@@ -257,7 +264,9 @@ impl Drop for Skeleton {
             return;
         }
         // Never resumed: the process must not survive its skeleton.
-        let _ = self.pidfd.send_signal(Signal::SIGKILL);
+        if let Some(pidfd) = &self.pidfd {
+            let _ = pidfd.send_signal(Signal::SIGKILL);
+        }
         let _ = nix::sys::wait::waitpid(
             nix::unistd::Pid::from_raw(self.pid),
             Some(nix::sys::wait::WaitPidFlag::__WALL),
