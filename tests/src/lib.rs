@@ -164,6 +164,11 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.daemon.as_ref().map(|child| child.id() as i32)
+    }
+
     /// Kills the daemon with SIGKILL (by pid) and reaps it.
     pub fn kill_daemon(&mut self) {
         if let Some(mut child) = self.daemon.take() {
@@ -289,6 +294,25 @@ pub fn http_server_command(port: u16, root: &Path) -> Vec<String> {
     .to_vec()
 }
 
+/// The command line of `redis-server` on 127.0.0.1:`port`, with no
+/// persistence of its own (no RDB snapshots, no append-only file).
+pub fn redis_server_command(port: u16) -> Vec<String> {
+    let port = port.to_string();
+    [
+        "redis-server",
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Registers `python3 -m http.server` on `port`, serving `root`, in snapshot
 /// mode with HTTP readiness; `extra` are more `add` options.
 pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, extra: &[&str]) {
@@ -338,15 +362,18 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<
     Ok(())
 }
 
-fn run_ok(command: &mut Command) -> Result<()> {
+/// Runs `command` with no input and its output captured; fails, with its
+/// stderr, unless it exits 0.
+pub fn run_ok(command: &mut Command) -> Result<Output> {
     let output = command
+        .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+            String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(())
+    Ok(output)
 }

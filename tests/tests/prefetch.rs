@@ -7,24 +7,15 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use persist_tests::{Sandbox, add_http_server, wait_until, web_root};
+use persist_tests::{Sandbox, add_http_server, redis_server_command, wait_until, web_root};
 
 fn add_redis(sandbox: &Sandbox, name: &str, port: u16, extra: &[&str]) {
-    let port = port.to_string();
-    let mut args = vec!["add", name, "--port", &port];
+    let port_arg = port.to_string();
+    let command = redis_server_command(port);
+    let mut args = vec!["add", name, "--port", &port_arg];
     args.extend_from_slice(extra);
-    args.extend([
-        "--",
-        "redis-server",
-        "--port",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]);
+    args.push("--");
+    args.extend(command.iter().map(String::as_str));
     sandbox
         .agent_ok(&args)
         .expect("snapshot-mode add of redis succeeds");

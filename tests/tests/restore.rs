@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use persist_tests::{NetNs, binary, wait_until};
+use anyhow::{Context, Result};
+use persist_tests::{NetNs, binary, redis_server_command, run_ok, wait_until};
 
 /// SIGKILLs every tracked pid on drop (only processes this test started).
 #[derive(Default)]
@@ -34,19 +34,21 @@ fn agent() -> Command {
     Command::new(binary("persist-agent"))
 }
 
-/// Runs `command` (an agent invocation) and fails with its stderr.
-fn run(command: &mut Command) -> Result<Output> {
-    let output = command
+/// Runs fixture-memory with `mib` MiB in `dir` until it is ready, and
+/// checkpoints it (killing it) into `image`.
+fn checkpoint_memory_fixture(dir: &Path, mib: u32, image: &Path) -> Pids {
+    let mut fixture = Command::new(binary("fixture-memory"))
+        .arg(dir)
+        .arg(mib.to_string())
         .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(output)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pids = Pids(vec![fixture.id() as i32]);
+    wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
+    checkpoint(agent(), fixture.id() as i32, image).unwrap();
+    fixture.wait().unwrap();
+    pids
 }
 
 /// Pid printed on the last stdout line of a restore.
@@ -63,7 +65,7 @@ fn checkpoint(command: Command, pid: i32, image: &Path) -> Result<()> {
     command
         .args(["checkpoint", "--pid", &pid.to_string(), "--image"])
         .arg(image);
-    run(&mut command).map(drop)
+    run_ok(&mut command).map(drop)
 }
 
 fn start_fixture(name: &str, dir: &Path) -> Result<Child> {
@@ -118,7 +120,7 @@ fn restore_fixture_twice(name: &str) -> Result<()> {
     checkpoint(agent(), fixture.id() as i32, &image)?;
     fixture.wait()?;
     for round in 1..=2 {
-        let output = run(agent().arg("restore").arg("--image").arg(&image))?;
+        let output = run_ok(agent().arg("restore").arg("--image").arg(&image))?;
         let pid = restored_pid(&output)?;
         pids.track(pid);
         let result = fixture_result(pid, &dir)?;
@@ -339,7 +341,7 @@ fn credentials_are_restored_last() {
         creds["cap_bounding"] = (bounding & !(1 << CAP_SYS_ADMIN)).into();
         creds["no_new_privs"] = true.into();
     });
-    let output = run(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
     let pid = restored_pid(&output).unwrap();
     pids.track(pid);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -399,7 +401,7 @@ impl NsServer {
     fn restore(&mut self, image: &Path) -> Result<i32> {
         let mut command = self.agent();
         command.arg("restore").arg("--image").arg(image);
-        let output = run(&mut command)?;
+        let output = run_ok(&mut command)?;
         let pid = restored_pid(&output)?;
         self.pids.track(pid);
         Ok(pid)
@@ -461,20 +463,11 @@ fn redis_keeps_its_keys_and_takes_writes_after_restore() {
     let image = temp.path().join("image");
     let mut server = NsServer::new().unwrap();
     let port = "16379";
+    let command = redis_server_command(16379);
     let mut redis = server
-        .in_ns("redis-server")
-        .args([
-            "--port",
-            port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ])
+        .in_ns(&command[0])
+        .args(&command[1..])
+        .args(["--daemonize", "no"])
         .current_dir(temp.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -643,17 +636,7 @@ fn memory_fixture_with_64_mib_is_paged_in_correctly() {
     let dir = temp.path().join("state");
     std::fs::create_dir(&dir).unwrap();
     let image = temp.path().join("image");
-    let mut fixture = Command::new(binary("fixture-memory"))
-        .arg(&dir)
-        .arg("64")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _pids = Pids(vec![fixture.id() as i32]);
-    wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
-    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
-    fixture.wait().unwrap();
+    let _pids = checkpoint_memory_fixture(&dir, 64, &image);
 
     let image = Arc::new(Image::open(&image).unwrap());
     let skeleton = Skeleton::prepare(image, RestoreConfig::default()).unwrap();
@@ -760,7 +743,7 @@ fn a_child_forked_while_pages_are_missing_sees_the_image() {
     wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
     checkpoint(agent(), python.id() as i32, &image).unwrap();
     python.wait().unwrap();
-    let output = run(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
     let pid = restored_pid(&output).unwrap();
     pids.track(pid);
     // At once: 64 MiB take the pager tens of milliseconds to fill.
@@ -805,19 +788,9 @@ fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
     std::fs::create_dir(&dir).unwrap();
     let base = temp.path().join("base");
     let delta = temp.path().join("delta");
-    let mut fixture = Command::new(binary("fixture-memory"))
-        .arg(&dir)
-        .arg("32")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut pids = Pids(vec![fixture.id() as i32]);
-    wait_until(Duration::from_secs(30), || dir.join("ready").exists()).unwrap();
-    checkpoint(agent(), fixture.id() as i32, &base).unwrap();
-    fixture.wait().unwrap();
+    let mut pids = checkpoint_memory_fixture(&dir, 32, &base);
 
-    let output = run(agent().arg("restore").arg("--image").arg(&base)).unwrap();
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&base)).unwrap();
     let pid = restored_pid(&output).unwrap();
     pids.track(pid);
     let changed = dir.join("changed");
@@ -826,11 +799,13 @@ fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
     assert_eq!(fixture_result(pid, &dir).unwrap(), "OK", "before the delta");
     wait_until(Duration::from_secs(10), || !has_unfilled_memory(pid))
         .expect("the pager fills the restored process");
-    let summary = run(agent()
-        .args(["checkpoint", "--pid", &pid.to_string(), "--image"])
-        .arg(&delta)
-        .arg("--base")
-        .arg(&base))
+    let summary = run_ok(
+        agent()
+            .args(["checkpoint", "--pid", &pid.to_string(), "--image"])
+            .arg(&delta)
+            .arg("--base")
+            .arg(&base),
+    )
     .unwrap();
     let summary = String::from_utf8_lossy(&summary.stdout).into_owned();
     kill_and_wait_dead(pid);
@@ -855,7 +830,7 @@ fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
     assert!(summary.contains("reused"), "{summary}");
     drop(opened);
 
-    let output = run(agent().arg("restore").arg("--image").arg(&delta)).unwrap();
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&delta)).unwrap();
     let pid = restored_pid(&output).unwrap();
     pids.track(pid);
     assert_eq!(

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use persist_tests::{Sandbox, add_http_server, binary, wait_until, web_root};
+use persist_tests::{Sandbox, add_http_server, binary, redis_server_command, wait_until, web_root};
 
 /// Builds an image of hello-server listening on `port` with `persist-agent build`.
 fn build_hello_image(sandbox: &Sandbox, image: &std::path::Path, port: u16) {
@@ -62,6 +62,9 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
         "restored server lists its directory: {listing}"
     );
     let first_pid = sandbox.running_pid("web").unwrap();
+    let running_rss = sandbox.service("web").unwrap()["rss_bytes"]
+        .as_u64()
+        .unwrap();
 
     wait_until(Duration::from_secs(10), || {
         let status = sandbox.service("web").unwrap();
@@ -69,6 +72,15 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
         status["state"] == "parked" && status["parked_bytes"].as_u64() > Some(0)
     })
     .expect("parked again when idle");
+    // The skeleton holds a few pages, not the process's memory (its written
+    // file pages included): far under 5 % of what it held running.
+    let parked_bytes = sandbox.service("web").unwrap()["parked_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        parked_bytes * 20 < running_rss,
+        "parked {parked_bytes} bytes against {running_rss} running"
+    );
     assert!(
         runs_no_code(first_pid),
         "the idle process {first_pid} was stopped"
@@ -87,6 +99,71 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
         sandbox.service("web").unwrap()["state"] == "running"
     })
     .unwrap_or_else(|_| panic!("not running: {}", sandbox.daemon_log()));
+}
+
+/// Scheduling policy (field 41 of /proc/PID/task/TID/stat) of each thread
+/// of `pid`, by thread name.
+fn thread_policies(pid: i32) -> std::collections::HashMap<String, u32> {
+    let mut policies = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        // Fields after the name start at field 3 (state).
+        let policy = stat[close + 2..]
+            .split(' ')
+            .nth(41 - 3)
+            .and_then(|field| field.parse().ok());
+        if let Some(policy) = policy {
+            policies.insert(name, policy);
+        }
+    }
+    policies
+}
+
+#[test]
+fn a_syn_is_handed_to_the_armed_restore_thread_at_real_time_priority() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_FIFO: u32 = 1;
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    add_http_server(&sandbox, "rt", 8112, root.path(), &[]);
+    let daemon = sandbox.daemon_pid().unwrap();
+    let policies = thread_policies(daemon);
+    assert_eq!(
+        policies.get("persist-wakes"),
+        Some(&SCHED_FIFO),
+        "{policies:?}"
+    );
+    // Armed once its first skeleton is prepared (in the background).
+    wait_until(Duration::from_secs(10), || {
+        thread_policies(daemon).get("restore-rt") == Some(&SCHED_FIFO)
+    })
+    .unwrap_or_else(|_| panic!("never armed: {:?}", thread_policies(daemon)));
+
+    let listing = sandbox.http_get(8112).unwrap();
+    assert!(listing.contains("persist-was-here.txt"), "{listing}");
+    sandbox.running_pid("rt").unwrap();
+    assert!(
+        sandbox
+            .daemon_log()
+            .lines()
+            .any(|line| line.contains("woken") && line.contains("syn-thread")),
+        "the SYN's thread resumed it:\n{}",
+        sandbox.daemon_log()
+    );
+    // Serving pages never happens at real-time priority.
+    wait_until(Duration::from_secs(5), || {
+        thread_policies(daemon).get("restore-rt") == Some(&SCHED_OTHER)
+    })
+    .expect("the restore thread is back to ordinary priority once resumed");
 }
 
 #[test]
@@ -142,26 +219,10 @@ fn redis_cli(sandbox: &Sandbox, port: u16, args: &[&str]) -> String {
 #[test]
 fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     let sandbox = Sandbox::with_daemon().unwrap();
-    sandbox
-        .agent_ok(&[
-            "add",
-            "redis",
-            "--port",
-            "6391",
-            "--on-idle",
-            "keep",
-            "--",
-            "redis-server",
-            "--port",
-            "6391",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .unwrap();
+    let command = redis_server_command(6391);
+    let mut args = vec!["add", "redis", "--port", "6391", "--on-idle", "keep", "--"];
+    args.extend(command.iter().map(String::as_str));
+    sandbox.agent_ok(&args).unwrap();
     assert_eq!(sandbox.service("redis").unwrap()["state"], "parked");
 
     assert_eq!(

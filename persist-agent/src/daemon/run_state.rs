@@ -156,3 +156,41 @@ pub fn adopt(record: &RunRecord) -> Option<Adopted> {
         listener,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    use super::*;
+
+    /// A stopped process (as a dead daemon's skeleton is) is never taken for
+    /// a running service; the same process running again is.
+    #[test]
+    fn a_stopped_process_is_not_running() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(is_running(pid));
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        let stopped = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            !is_running(pid)
+        });
+        kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+        let running_again = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            is_running(pid)
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(stopped, "a stopped process counts as running");
+        assert!(
+            running_again,
+            "a continued process does not count as running"
+        );
+        assert!(!is_running(pid), "a reaped process counts as running");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use indicatif::ProgressBar;
 use nix::sys::signal::Signal;
 use persist_tests::{Sandbox, binary};
@@ -548,7 +548,7 @@ impl Bench<'_> {
             let process = ServerProcess::spawn(&argv)?;
             client::request_when_up(port, probe, started)?;
             let pid = process.pid().to_string();
-            deps_run(Command::new(criu).args([
+            persist_tests::run_ok(Command::new(criu).args([
                 "dump",
                 "--shell-job",
                 "-t",
@@ -556,6 +556,7 @@ impl Bench<'_> {
                 "-D",
                 &images_text,
             ]))
+            .map(drop)
         })??;
         let pidfile = images.join("restored.pid");
         let pidfile_text = pidfile.display().to_string();
@@ -644,17 +645,4 @@ fn du(path: &Path) -> u64 {
         .flatten()
         .map(|entry| du(&entry.path()))
         .sum::<u64>()
-}
-
-fn deps_run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use persist_tests::binary;
+use persist_tests::{binary, redis_server_command};
 use serde::Serialize;
 
 use super::client::Probe;
@@ -99,19 +99,7 @@ impl Server {
                 "--directory".into(),
                 self.dir.join("www").display().to_string(),
             ],
-            Kind::Redis => [
-                "redis-server",
-                "--port",
-                &port_text,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .map(String::from)
-            .to_vec(),
+            Kind::Redis => redis_server_command(port),
             Kind::Nginx | Kind::NginxMaster => {
                 let prefix = self.dir.join(format!("nginx-{port}"));
                 std::fs::create_dir_all(prefix.join("tmp"))?;
