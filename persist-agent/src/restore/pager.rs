@@ -133,11 +133,16 @@ pub struct Pager {
     resumed_at: Option<Instant>,
     /// Pages copied to serve faults, in order, while recording a working set.
     fault_log: Option<Vec<WorkingSetPage>>,
-    /// Until when faults are logged into `fault_log`.
+    /// Until when faults are recorded: logged into `fault_log`, with
+    /// single-page copies and the background fill held back.
     record_until: Option<Instant>,
+    /// Until when faults are logged into `fault_log` and served as usual.
+    log_until: Option<Instant>,
     /// Until when the background fill waits (the process got its working
     /// set and runs its first request on its own meanwhile).
     fill_after: Option<Instant>,
+    /// Called once the process first runs without faulting for a while.
+    when_quiet: Option<Box<dyn FnOnce() + Send>>,
     /// Pagers of children the process forked while pages were missing.
     children: Vec<std::thread::JoinHandle<Result<PagerStats, RestoreError>>>,
 }
@@ -251,7 +256,9 @@ impl Pager {
             resumed_at: None,
             fault_log: None,
             record_until: None,
+            log_until: None,
             fill_after: None,
+            when_quiet: None,
             children: Vec::new(),
         }
     }
@@ -304,6 +311,13 @@ impl Pager {
     /// holding it back there made redis's lazy wakes 20–40 % slower, as the
     /// fill no longer brought pages in ahead of the faults.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
+        let result = self.serve_and_fill();
+        // Whoever waits for the process to be quiet hears of it, even on an error.
+        self.quiet();
+        result
+    }
+
+    fn serve_and_fill(&mut self) -> Result<PagerStats, RestoreError> {
         let started = Instant::now();
         let mut cpu = CpuShare::new();
         let mut events = Vec::new();
@@ -371,11 +385,13 @@ impl Pager {
                 if recent && cpu.avoid_cpu_of(self.pid()) {
                     std::hint::spin_loop();
                 } else {
+                    self.quiet();
                     cpu.restore();
                     let _ = self.uffd.wait(1);
                 }
                 continue;
             }
+            self.quiet();
             cpu.restore();
             // While faults keep coming the process is on its critical path:
             // small batches keep the wait behind a batch short.
@@ -389,6 +405,8 @@ impl Pager {
                 break;
             }
         }
+        self.quiet();
+        cpu.restore();
         // Faults on never-stored pages may still be queued: answer them so
         // nobody waits, then give the ranges back to the kernel.
         self.finish_events(&mut events);
@@ -472,16 +490,15 @@ impl Pager {
             let before = self.pending.len();
             // While recording, only the page touched comes in, so that the
             // set holds exactly the pages the process needed.
-            let recording = self.recording();
-            if recording {
+            if self.logging() {
                 self.log_fault(page);
             }
-            let done = self.copy_around(page, !recording)?;
+            let done = self.copy_around(page, !self.recording())?;
             self.stats.fault_pages += (before - self.pending.len()) as u64;
             return Ok(done);
         }
         self.stats.zero_faults += 1;
-        if self.recording()
+        if self.logging()
             && let Some(log) = self.fault_log.as_mut()
         {
             log.push(WorkingSetPage::not_stored(page));
@@ -496,8 +513,8 @@ impl Pager {
         }
     }
 
-    /// Adds the pending `page` to the fault log of a recording wake (store
-    /// pages only: a working set names pages of the page store).
+    /// Adds the pending `page` to the fault log (store pages only: a working
+    /// set names pages of the page store).
     fn log_fault(&mut self, page: u64) {
         let source = self.pending[&page];
         let store_offset = self.store_offset(source);
@@ -742,10 +759,38 @@ impl Pager {
         self.fill_after = Some(Instant::now() + window);
     }
 
+    /// Calls `callback` from [`Pager::run_until_filled`] once the process
+    /// first runs without faulting for a while after the resume (when the
+    /// pager stops polling), or the pager returns. That is when a wake's
+    /// first request is most likely answered: what the callback wakes up
+    /// then no longer competes with it for a CPU.
+    pub(crate) fn when_quiet(&mut self, callback: Box<dyn FnOnce() + Send>) {
+        self.when_quiet = Some(callback);
+    }
+
+    fn quiet(&mut self) {
+        if let Some(callback) = self.when_quiet.take() {
+            callback();
+        }
+    }
+
+    /// Logs the pages the process faults on for `window` from now on, in
+    /// order, for [`Pager::take_fault_log`], serving them as usual: on a wake
+    /// whose working set was copied in, these are the pages the set lacks.
+    pub(crate) fn log_faults(&mut self, window: Duration) {
+        self.fault_log = Some(Vec::new());
+        self.log_until = Some(Instant::now() + window);
+    }
+
     /// True while faults are being recorded.
     fn recording(&self) -> bool {
         self.record_until
             .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// True while faults are being logged, recorded or not.
+    fn logging(&self) -> bool {
+        self.recording() || self.log_until.is_some_and(|until| Instant::now() < until)
     }
 
     /// The pages copied to serve faults since [`Pager::record_faults`], in

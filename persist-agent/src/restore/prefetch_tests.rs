@@ -183,8 +183,9 @@ fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
     WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
     let mut pager = fixture.pager();
-    assert_eq!(pager.prefetch_set(&set).unwrap(), 2);
-    // Both pages are mapped now: reading them needs no pager.
+    // Page 3, and page 20 with the never-stored pages 4 on each side.
+    assert_eq!(pager.prefetch_set(&set).unwrap(), 1 + 9);
+    // Those pages are mapped now: reading them needs no pager.
     let mut resident = [0u8; PAGES as usize];
     // SAFETY: mincore writes one byte a page of our own mapping into `resident`.
     let rc = unsafe {
@@ -196,7 +197,11 @@ fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
     };
     assert_eq!(rc, 0);
     assert_eq!(resident[3] & 1, 1, "the stored page is in");
-    assert_eq!(resident[20] & 1, 1, "the never-stored page is mapped");
+    for (page, &state) in resident.iter().enumerate().take(25).skip(16) {
+        assert_eq!(state & 1, 1, "never-stored page {page} is mapped");
+    }
+    assert_eq!(resident[15] & 1, 0, "a stored page outside the set is not");
+    assert_eq!(resident[25] & 1, 0, "nor a page further away");
     // SAFETY: page 20 is mapped (checked above).
     let byte = unsafe { *(fixture.area.cast::<u8>()).add((20 * PAGE_SIZE) as usize) };
     assert_eq!(byte, 0);
@@ -207,4 +212,46 @@ fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
         let expected = if page < 16 { page as u8 + 1 } else { 0 };
         assert_eq!(byte, expected, "page {page}");
     }
+}
+
+#[test]
+fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
+    let fixture = Fixture::with_stored_pages(16);
+    let crc = manifest_crc(&fixture.dir).unwrap();
+    WorkingSet::write(&fixture.dir, crc, &[fixture.page(3)], fixture.image.pages()).unwrap();
+    let set = WorkingSet::open(&fixture.dir, crc).unwrap();
+    let mut pager = fixture.pager();
+    pager.prefetch_set(&set).unwrap();
+    pager.log_faults(Duration::from_secs(60));
+    // Long enough for the test's touches to fault rather than find their
+    // pages filled in the background.
+    pager.hold_fill(Duration::from_secs(2));
+    let serving = std::thread::spawn(move || {
+        pager.run_until_filled().unwrap();
+        pager.take_fault_log()
+    });
+    let touch = |page: u64| {
+        // SAFETY: reading inside our own mapping, served by the pager.
+        unsafe { *(fixture.area.cast::<u8>()).add((page * PAGE_SIZE) as usize) }
+    };
+    assert_eq!(touch(3), 4, "prefetched");
+    assert_eq!(touch(9), 10, "faulted, and served with its whole run");
+    assert_eq!(touch(10), 11);
+    assert_eq!(touch(28), 0, "never stored");
+    let bytes = fixture.first_bytes();
+    let log = serving.join().unwrap();
+    for (page, &byte) in bytes.iter().enumerate() {
+        let expected = if page < 16 { page as u8 + 1 } else { 0 };
+        assert_eq!(byte, expected, "page {page}");
+    }
+    assert_eq!(
+        log[..2],
+        [
+            fixture.page(9),
+            WorkingSetPage::not_stored(fixture.start + 28 * PAGE_SIZE)
+        ],
+        "the faults, page 10 having come in with 9"
+    );
+    let extended = set.extended_by(&log).unwrap();
+    assert_eq!(extended[..3], [fixture.page(3), log[0], log[1]]);
 }

@@ -265,6 +265,23 @@ impl WorkingSet {
     pub fn is_empty(&self) -> bool {
         self.pages.is_empty()
     }
+
+    /// The set's pages followed by those of `more` at an address the set
+    /// does not name yet, in their order: a later wake's faults extend the
+    /// set with what it lacked. `None` when `more` adds nothing.
+    pub fn extended_by(&self, more: &[WorkingSetPage]) -> Option<Vec<WorkingSetPage>> {
+        let mut named: std::collections::HashSet<u64> =
+            self.pages.iter().map(|page| page.address).collect();
+        let added: Vec<WorkingSetPage> = more
+            .iter()
+            .filter(|page| named.insert(page.address))
+            .copied()
+            .collect();
+        if added.is_empty() {
+            return None;
+        }
+        Some(self.pages.iter().copied().chain(added).collect())
+    }
 }
 
 /// The identity of the image in `dir`: the CRC32C of its manifest, read from
@@ -434,6 +451,26 @@ mod tests {
             now.abs_diff(set.recorded_unix_ms()) < 60_000,
             "recorded just now, not at {}",
             set.recorded_unix_ms()
+        );
+    }
+
+    #[test]
+    fn a_set_is_extended_by_the_pages_it_does_not_name() {
+        let (_temp, dir, crc) = recorded();
+        let set = WorkingSet::open(&dir, crc).unwrap();
+        let [five, two, _] = touched();
+        assert_eq!(set.extended_by(&[two, five]), None, "nothing new");
+        let zero = WorkingSetPage::not_stored(0x90000);
+        let seven = WorkingSetPage {
+            address: 0x10000 + 7 * PAGE_SIZE,
+            store_offset: 7 * PAGE_SIZE,
+        };
+        let extended = set.extended_by(&[zero, two, seven, zero]).unwrap();
+        let mut expected = touched().to_vec();
+        expected.extend([zero, seven]);
+        assert_eq!(
+            extended, expected,
+            "the set first, then new pages once each"
         );
     }
 
