@@ -128,6 +128,32 @@ fn thread_policies(pid: i32) -> std::collections::HashMap<String, u32> {
     policies
 }
 
+/// The pid of the last skeleton the daemon log says it prepared for `service`.
+fn skeleton_pid(log: &str, service: &str) -> Option<i32> {
+    let plain = strip_colours(log);
+    plain
+        .lines()
+        .filter(|line| {
+            line.contains("skeleton ready") && line.contains(&format!("service={service} "))
+        })
+        .filter_map(|line| line.split("pid=").nth(1)?.split(' ').next()?.parse().ok())
+        .next_back()
+}
+
+/// `text` without the ANSI colour sequences of the daemon's log.
+fn strip_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
 #[test]
 fn a_syn_is_handed_to_the_armed_restore_thread_at_real_time_priority() {
     const SCHED_OTHER: u32 = 0;
@@ -147,6 +173,15 @@ fn a_syn_is_handed_to_the_armed_restore_thread_at_real_time_priority() {
         thread_policies(daemon).get("restore-rt") == Some(&SCHED_FIFO)
     })
     .unwrap_or_else(|_| panic!("never armed: {:?}", thread_policies(daemon)));
+    // The skeleton waits in a group stop, not under ptrace, so that the
+    // SYN's thread can let it run itself.
+    let skeleton = skeleton_pid(&sandbox.daemon_log(), "rt").expect("a skeleton is ready");
+    let status = || std::fs::read_to_string(format!("/proc/{skeleton}/status")).unwrap();
+    wait_until(Duration::from_secs(5), || {
+        let status = status();
+        status.contains("State:\tT (stopped)") && status.contains("TracerPid:\t0\n")
+    })
+    .unwrap_or_else(|_| panic!("not in a group stop, untraced:\n{}", status()));
 
     let listing = sandbox.http_get(8112).unwrap();
     assert!(listing.contains("persist-was-here.txt"), "{listing}");

@@ -11,6 +11,10 @@ pub async fn reap_orphans() {
     let Ok(mut sigchld) = signal(SignalKind::child()) else {
         return;
     };
+    // Stops and continues of parked skeletons leave no zombie to collect.
+    if let Err(err) = crate::sys::sigchld::ignore_child_stops() {
+        tracing::debug!("SIGCHLD stays raised for stopped children: {err}");
+    }
     while sigchld.recv().await.is_some() {
         for pid in zombie_children() {
             let _ = nix::sys::wait::waitpid(

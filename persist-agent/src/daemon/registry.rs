@@ -498,6 +498,12 @@ fn stop_stray(pid: i32) {
     let Ok(pidfd) = crate::sys::pidfd::PidFd::open(pid) else {
         return;
     };
+    // A stopped process would only see SIGTERM once continued: most often
+    // it is a skeleton a killed daemon left, which never ran.
+    if run_state::is_stopped(pid) {
+        let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+        return;
+    }
     let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGTERM);
     for _ in 0..50 {
         if pidfd.has_exited() {

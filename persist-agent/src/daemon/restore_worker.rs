@@ -28,7 +28,9 @@ use tracing::{info, warn};
 use super::metrics::Metrics;
 use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
-use crate::restore::{PagerStats, PlannedCopy, RestoreConfig, Restored, Skeleton, Timings};
+use crate::restore::{
+    Continuer, PagerStats, PlannedCopy, RestoreConfig, Restored, Skeleton, Timings,
+};
 use crate::service::Prefetch;
 use crate::snapshot::listener_fd_in_image;
 use crate::sys::pidfd::PidFd;
@@ -96,13 +98,16 @@ pub const ALREADY_RESUMED: &str = "already resumed by a SYN";
 #[derive(Clone)]
 pub struct ResumeTrigger {
     jobs: mpsc::Sender<Job>,
-    armed_copy: ArmedCopy,
+    armed: ArmedWake,
 }
 
 impl ResumeTrigger {
     /// Resumes the prepared skeleton, then calls `then` with what happened.
-    /// Meanwhile the calling thread helps copy the working set in: the
-    /// restore thread may take 100–150 µs to wake up on another CPU.
+    ///
+    /// The calling thread does what it can itself, as the restore thread may
+    /// take 30–260 µs to wake up on another CPU: it copies the working set
+    /// in (with the restore thread once that is up), then lets the process
+    /// run. The restore thread then only takes over its pager.
     pub fn resume(&self, then: EarlyReply) {
         if let Err(mpsc::SendError(Job::ResumeOnSyn { then })) =
             self.jobs.send(Job::ResumeOnSyn { then })
@@ -110,15 +115,26 @@ impl ResumeTrigger {
             then(None);
             return;
         }
-        let copy = self.armed_copy.lock().expect("armed copy lock").clone();
-        if let Some(copy) = copy {
-            copy.help();
+        let armed = self.armed.lock().expect("armed lock").clone();
+        let copied = armed.copy.as_ref().is_none_or(PlannedCopy::help_to_the_end);
+        if let (true, Some(continuer)) = (copied, &armed.continuer) {
+            // On failure the restore thread resumes it, and reports why not.
+            let _ = continuer.continue_process();
         }
     }
 }
 
-/// The working-set copy planned for the armed skeleton, if any.
-type ArmedCopy = Arc<Mutex<Option<PlannedCopy>>>;
+/// What the wake thread may do for the armed skeleton on a SYN.
+#[derive(Clone, Default)]
+struct Armed {
+    /// The working-set copy planned for it.
+    copy: Option<PlannedCopy>,
+    /// How to let it run, once `copy` is done, when nothing else must be
+    /// copied first.
+    continuer: Option<Continuer>,
+}
+
+type ArmedWake = Arc<Mutex<Armed>>;
 
 /// What every restore thread shares with the daemon.
 #[derive(Clone)]
@@ -134,7 +150,7 @@ pub struct WorkerShared {
 pub struct RestoreWorker {
     jobs: mpsc::Sender<Job>,
     report: Arc<Mutex<WorkerReport>>,
-    armed_copy: ArmedCopy,
+    armed: ArmedWake,
 }
 
 impl RestoreWorker {
@@ -152,8 +168,8 @@ impl RestoreWorker {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
         let thread_report = report.clone();
-        let armed_copy = ArmedCopy::default();
-        let thread_armed_copy = armed_copy.clone();
+        let armed = ArmedWake::default();
+        let thread_armed = armed.clone();
         let thread_name = name.to_owned();
         std::thread::Builder::new()
             .name(format!("restore-{name}"))
@@ -170,14 +186,14 @@ impl RestoreWorker {
                     prefetch,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
-                    armed_copy: thread_armed_copy,
+                    armed: thread_armed,
                 };
                 worker.run(receiver);
             })?;
         let worker = Self {
             jobs,
             report,
-            armed_copy,
+            armed,
         };
         if !already_running {
             worker.prepare(image);
@@ -210,7 +226,7 @@ impl RestoreWorker {
     pub fn trigger(&self) -> ResumeTrigger {
         ResumeTrigger {
             jobs: self.jobs.clone(),
-            armed_copy: self.armed_copy.clone(),
+            armed: self.armed.clone(),
         }
     }
 }
@@ -229,8 +245,8 @@ struct Worker {
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
     resumed_on_syn: bool,
-    /// The working-set copy planned for the armed skeleton.
-    armed_copy: ArmedCopy,
+    /// What the wake thread may do for the armed skeleton.
+    armed: ArmedWake,
 }
 
 /// What one wake does beyond serving faults lazily.
@@ -267,20 +283,29 @@ impl Worker {
     }
 
     fn prepare(&mut self) {
-        // A skeleton of an older image must not be resumed.
+        // A skeleton of an older image must not be resumed, by a SYN
+        // either: disarmed first.
+        *self.armed.lock().expect("armed lock") = Armed::default();
         self.skeleton = None;
         self.plan = WakePlan::Lazy;
         self.resumed_on_syn = false;
-        *self.armed_copy.lock().expect("armed copy lock") = None;
         let _ = sched::set_current_thread_realtime(false);
         let result = self.build_skeleton().and_then(|(mut skeleton, image)| {
             self.plan = self.plan_wake(image);
+            let mut armed = Armed::default();
             if let WakePlan::Recorded { set, .. } = &self.plan {
                 let pager = skeleton.pager_mut();
                 pager.verify_ahead(set).map_err(|err| err.to_string())?;
                 pager.zero_ahead(set);
-                *self.armed_copy.lock().expect("armed copy lock") = Some(pager.plan_set(set));
+                armed.copy = Some(pager.plan_set(set));
             }
+            let continuer = skeleton.release().map_err(|err| err.to_string())?;
+            // Every page must be in before the process runs: the restore
+            // thread copies them all, then resumes it.
+            if !matches!(self.plan, WakePlan::All) {
+                armed.continuer = continuer;
+            }
+            *self.armed.lock().expect("armed lock") = armed;
             Ok(skeleton)
         });
         let mut report = self.report.lock().expect("report lock");
@@ -407,11 +432,11 @@ impl Worker {
         };
         self.report.lock().expect("report lock").skeleton_pid = None;
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
+        let planned_copy = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copy;
         self.report.lock().expect("report lock").last_pager = None;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
-        let record = self.prefetch_before_resume(&mut skeleton, plan);
+        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copy);
         let resumed = skeleton.resume();
-        let resumed_at_ns = monotonic_ns();
         // The pager spins at times: never at real-time priority.
         let _ = sched::set_current_thread_realtime(false);
         let Restored {
@@ -420,6 +445,7 @@ impl Worker {
             pidfd,
             mut pager,
             timings,
+            resumed_at,
         } = match resumed {
             Ok(restored) => restored,
             Err(err) => {
@@ -432,7 +458,7 @@ impl Worker {
             init_pid,
             pidfd,
             timings,
-            resumed_at_ns,
+            resumed_at_ns: monotonic_ns().saturating_sub(resumed_at.elapsed().as_nanos() as u64),
         };
         match &record {
             Some(Recording { known: None, .. }) => pager.record_faults(RECORD_WINDOW),
@@ -489,7 +515,12 @@ impl Worker {
     /// 8.3–9.2 ms) with its ~1900-page set copied before it ran (~4 ms) than
     /// with the copy racing it on this 2-CPU machine; redis was even. And
     /// only a stopped process lets the copy use every CPU.
-    fn prefetch_before_resume(&self, skeleton: &mut Skeleton, plan: WakePlan) -> Option<Recording> {
+    fn prefetch_before_resume(
+        &self,
+        skeleton: &mut Skeleton,
+        plan: WakePlan,
+        planned_copy: Option<PlannedCopy>,
+    ) -> Option<Recording> {
         let pid = skeleton.pid();
         match plan {
             WakePlan::Lazy => None,
@@ -509,9 +540,8 @@ impl Worker {
                 image,
                 image_crc,
             } => {
-                let planned = self.armed_copy.lock().expect("armed copy lock").take();
                 let pager = skeleton.pager_mut();
-                let copied = match &planned {
+                let copied = match &planned_copy {
                     Some(copy) => pager.finish_planned(copy),
                     None => pager.prefetch_set(&set),
                 };

@@ -108,8 +108,7 @@ pub fn is_alive(record: &RunRecord) -> bool {
 
 /// Whether `pid` runs on its own: not stopped, traced, dying or with a
 /// SIGKILL pending. A skeleton a killed daemon left (recorded when it was
-/// prepared) is stopped under ptrace and killed with its tracer; it must
-/// never be taken for a running service.
+/// prepared) is stopped, and must never be taken for a running service.
 fn is_running(pid: i32) -> bool {
     let Ok(process) = procfs::process::Process::new(pid) else {
         return false;
@@ -124,6 +123,13 @@ fn is_running(pid: i32) -> bool {
     process.status().is_ok_and(|status| {
         status.tracerpid == 0 && (status.sigpnd | status.shdpnd) & SIGKILL_BIT == 0
     })
+}
+
+/// Whether `pid` is in a group stop (state `T`).
+pub fn is_stopped(pid: i32) -> bool {
+    procfs::process::Process::new(pid)
+        .and_then(|process| process.stat())
+        .is_ok_and(|stat| stat.state == 'T')
 }
 
 /// Finds the recorded process again and takes back its listening socket

@@ -54,7 +54,7 @@ use persist_common::image::{Image, ImageError};
 
 pub(crate) use pager::PlannedCopy;
 pub use pager::{Pager, PagerStats};
-pub use skeleton::{RestoreConfig, Restored, Skeleton, Timings};
+pub use skeleton::{Continuer, RestoreConfig, Restored, Skeleton, Timings};
 
 use crate::files::FilesError;
 use crate::sys::clone::{self, Forked};

@@ -306,8 +306,8 @@ impl Pager {
     /// priority does not prevent it: the restored process leads its own
     /// session, so autogroup scheduling weighs it against the agent as a
     /// group. So after a resume with a working set copied in, the fill is
-    /// held back (`Pager::hold_fill`) while faults are polled for from
-    /// another CPU (`CpuShare`). A lazy wake keeps filling between faults:
+    /// held back (`Pager::hold_fill`) while only faults are served. A lazy
+    /// wake keeps filling between faults:
     /// holding it back there made redis's lazy wakes 20–40 % slower, as the
     /// fill no longer brought pages in ahead of the faults.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
@@ -373,19 +373,24 @@ impl Pager {
             }
             // Only faults while recording (purely lazy, so that every page
             // the process touches faults and is logged) and while the fill is
-            // held back. Right after the resume or a fault they are polled
-            // for from another CPU than the one the process runs on (a fill
-            // there would delay its request, and sleeping adds a wake-up,
-            // ~100 µs here, to each fault); once faults pause, the pager
-            // sleeps, so that the process's other threads get that CPU.
+            // held back. While recording, right after the resume or a fault,
+            // they are polled for from another CPU than the one the process
+            // runs on (a fill there would delay its request, and sleeping
+            // adds a wake-up, ~100 µs here, to each fault); once faults
+            // pause, the pager sleeps, so that the process's other threads
+            // get that CPU. A wake whose set was copied in rarely faults: the
+            // pager sleeps from the start, as moving itself off the process's
+            // CPU delayed redis's first request more (4 %) than it saved.
             if self.recording() || self.fill_after.is_some_and(|at| Instant::now() < at) {
                 let recent = last_fault
                     .or(self.resumed_at)
                     .is_some_and(|at| at.elapsed() < SPIN_WINDOW);
-                if recent && cpu.avoid_cpu_of(self.pid()) {
+                if !recent {
+                    self.quiet();
+                }
+                if recent && self.recording() && cpu.avoid_cpu_of(self.pid()) {
                     std::hint::spin_loop();
                 } else {
-                    self.quiet();
                     cpu.restore();
                     let _ = self.uffd.wait(1);
                 }
@@ -760,10 +765,11 @@ impl Pager {
     }
 
     /// Calls `callback` from [`Pager::run_until_filled`] once the process
-    /// first runs without faulting for a while after the resume (when the
-    /// pager stops polling), or the pager returns. That is when a wake's
-    /// first request is most likely answered: what the callback wakes up
-    /// then no longer competes with it for a CPU.
+    /// has run without a fault for [`SPIN_WINDOW`] since the resume (checked
+    /// each time the pager wakes, at least every millisecond), when the
+    /// background fill starts, or when the pager returns. By then a wake's
+    /// first request is most likely answered: what the callback wakes up no
+    /// longer competes with it for a CPU.
     pub(crate) fn when_quiet(&mut self, callback: Box<dyn FnOnce() + Send>) {
         self.when_quiet = Some(callback);
     }

@@ -255,3 +255,23 @@ fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
     let extended = set.extended_by(&log).unwrap();
     assert_eq!(extended[..3], [fixture.page(3), log[0], log[1]]);
 }
+
+#[test]
+fn a_helper_arriving_after_the_copy_is_finished_sees_it_done() {
+    let fixture = Fixture::new();
+    let crc = manifest_crc(&fixture.dir).unwrap();
+    let pages: Vec<WorkingSetPage> = [1, 2, 9].map(|page| fixture.page(page)).to_vec();
+    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    let set = WorkingSet::open(&fixture.dir, crc).unwrap();
+    let mut pager = fixture.pager();
+    let copy = pager.plan_set(&set);
+    assert_eq!(pager.finish_planned(&copy).unwrap(), 3);
+    // The daemon's wake thread may get to the copy only now.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(copy.help_to_the_end()).unwrap());
+    assert_eq!(
+        finished.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "the late helper must not wait for outcomes already taken"
+    );
+}

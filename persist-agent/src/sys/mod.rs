@@ -15,6 +15,7 @@ pub mod procmem;
 pub mod ptrace;
 pub mod rlimit;
 pub mod sched;
+pub mod sigchld;
 pub mod sockdiag;
 pub mod spawn;
 pub mod uffd;

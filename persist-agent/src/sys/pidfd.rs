@@ -34,6 +34,14 @@ impl PidFd {
         self.pid
     }
 
+    /// A second pidfd for the same process.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+            pid: self.pid,
+        })
+    }
+
     /// Duplicates the target's file descriptor `target_fd` into this process
     /// (needs ptrace access to the target). The new fd is close-on-exec.
     pub fn get_fd(&self, target_fd: i32) -> io::Result<OwnedFd> {

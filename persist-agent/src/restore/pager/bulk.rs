@@ -58,10 +58,14 @@ pub(crate) struct PlannedCopy {
 
 impl PlannedCopy {
     /// Copies spans nobody has claimed yet, on the calling thread, until
-    /// none is left. Safe from any thread, at any time before the copy is
-    /// finished: the process is stopped until then.
-    pub(crate) fn help(&self) {
+    /// none is left, then waits for the spans other threads hold. Safe from
+    /// any thread, at any time before the copy is finished: the process is
+    /// stopped until then. True when every page of the plan is in, so that
+    /// the process may run without [`Pager::finish_planned`] having retried
+    /// anything.
+    pub(crate) fn help_to_the_end(&self) -> bool {
         self.shared.work();
+        self.shared.all_copied()
     }
 }
 
@@ -333,6 +337,7 @@ struct Job {
 }
 
 /// What became of one job.
+#[derive(Clone)]
 enum Outcome {
     /// The first `pages` pages of the span are in; its runs were verified.
     Copied {
@@ -407,13 +412,25 @@ impl Shared {
         }
     }
 
-    /// Waits until every job is done, and takes their outcomes.
+    /// Waits until every job is done; true when each copied all its pages.
+    fn all_copied(&self) -> bool {
+        let mut finished = self.finished.lock().expect("bulk copy lock");
+        while finished.len() < self.jobs.len() {
+            finished = self.all_finished.wait(finished).expect("bulk copy lock");
+        }
+        finished.iter().all(|outcome| {
+            matches!(outcome, Outcome::Copied { span, pages, .. } if *pages == span.count)
+        })
+    }
+
+    /// Waits until every job is done, and returns their outcomes (left in
+    /// place: another thread may be waiting in [`Shared::all_copied`]).
     fn wait_all(&self) -> Vec<Outcome> {
         let mut finished = self.finished.lock().expect("bulk copy lock");
         while finished.len() < self.jobs.len() {
             finished = self.all_finished.wait(finished).expect("bulk copy lock");
         }
-        std::mem::take(&mut *finished)
+        finished.clone()
     }
 }
 
