@@ -251,8 +251,18 @@ impl Registry {
             .find(|slot| services.values().all(|h| h.slot != *slot))
             .ok_or(RegistryError::Full(capacity))?;
 
+        let mut left_listener = None;
         let adopted = self.run_state.load(&spec.name).and_then(|record| {
             let adopted = run_state::adopt(&record);
+            if adopted.is_none() && run_state::is_stopped(record.pid) {
+                // A skeleton a killed daemon left: it held the port
+                // meanwhile, and its queued connections are kept.
+                if let Some(left) = run_state::take_listener(&record) {
+                    info!(service = %spec.name, pid = record.pid, "took the listener back from a stopped skeleton");
+                    kill_and_wait(&left.pidfd);
+                    left_listener = Some(left.listener);
+                }
+            }
             if adopted.is_none() && run_state::is_alive(&record) {
                 // It runs but no longer holds the port we gave it: stop it
                 // rather than run the service twice.
@@ -261,6 +271,7 @@ impl Registry {
             }
             adopted
         });
+        let provided = provided.or(left_listener);
         let listener = match (&adopted, provided) {
             (Some(adopted), _) => adopted.listener.try_clone()?,
             (None, Some(provided)) => provided,
@@ -494,14 +505,25 @@ fn private_bytes(pid: i32) -> u64 {
 }
 
 /// Stops a process a previous daemon started, by pid, SIGTERM then SIGKILL.
+/// Kills the process of `pidfd` and waits (a second at most) until it is
+/// gone, so that what it held (its port) is free again.
+fn kill_and_wait(pidfd: &crate::sys::pidfd::PidFd) {
+    let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+    for _ in 0..100 {
+        if pidfd.has_exited() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn stop_stray(pid: i32) {
     let Ok(pidfd) = crate::sys::pidfd::PidFd::open(pid) else {
         return;
     };
-    // A stopped process would only see SIGTERM once continued: most often
-    // it is a skeleton a killed daemon left, which never ran.
+    // A stopped process would only see SIGTERM once continued.
     if run_state::is_stopped(pid) {
-        let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+        kill_and_wait(&pidfd);
         return;
     }
     let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGTERM);

@@ -133,10 +133,20 @@ pub fn is_stopped(pid: i32) -> bool {
 }
 
 /// Finds the recorded process again and takes back its listening socket
-/// (by inode, wherever the service moved it). `None` if it is gone or no
-/// longer holds that socket.
+/// (by inode, wherever the service moved it). `None` if it is gone, does
+/// not run on its own or no longer holds that socket.
 pub fn adopt(record: &RunRecord) -> Option<Adopted> {
-    if !is_alive(record) || !is_running(record.pid) {
+    if !is_running(record.pid) {
+        return None;
+    }
+    take_listener(record)
+}
+
+/// Takes the recorded listening socket from the recorded process, whatever
+/// its state (a stopped skeleton included). `None` if the process is gone
+/// or no longer holds that socket.
+pub fn take_listener(record: &RunRecord) -> Option<Adopted> {
+    if !is_alive(record) {
         return None;
     }
     let pidfd = PidFd::open(record.pid).ok()?;
