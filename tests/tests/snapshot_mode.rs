@@ -87,7 +87,24 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
     );
 
     sandbox.kill_daemon();
+    // The parked skeleton outlives the daemon and holds the port: a client
+    // connecting meanwhile waits, and is served once the daemon is back.
+    let mut early = sandbox
+        .netns
+        .enter(|| TcpStream::connect(("127.0.0.1", 8100)))
+        .unwrap()
+        .expect("the port accepts connections while the daemon is away");
+    early.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     sandbox.start_daemon().unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut listing = String::new();
+    early.read_to_string(&mut listing).unwrap();
+    assert!(
+        listing.contains("persist-was-here.txt"),
+        "a connection made while the daemon was away is served: {listing}"
+    );
     let listing = sandbox.http_get(8100).unwrap();
     assert!(
         listing.contains("persist-was-here.txt"),
