@@ -52,7 +52,9 @@ pub struct Timings {
     pub layout: Duration,
     /// From the layout to the end of prepare: file pages, threads, state.
     pub finish: Duration,
-    /// [`Skeleton::resume`].
+    /// Letting the process run: detaching every thread, or `SIGCONT` for a
+    /// released skeleton (perhaps sent by another thread, before
+    /// [`Skeleton::resume`]).
     pub resume: Duration,
 }
 
@@ -87,31 +89,27 @@ pub struct Continuer {
 #[derive(Debug)]
 struct ContinuerState {
     pidfd: PidFd,
-    /// When the process was continued, once it was.
-    continued_at: std::sync::Mutex<Option<Instant>>,
+    /// When the process was continued, and how long that took, once it was.
+    continued: std::sync::Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Continuer {
     /// Lets the process run, unless that was done already. Returns when it
-    /// was let run.
-    pub fn continue_process(&self) -> Result<Instant, RestoreError> {
-        let mut continued_at = self.inner.continued_at.lock().expect("continuer lock");
-        if let Some(at) = *continued_at {
-            return Ok(at);
+    /// was let run, and how long that took.
+    pub fn continue_process(&self) -> Result<(Instant, Duration), RestoreError> {
+        let mut continued = self.inner.continued.lock().expect("continuer lock");
+        if let Some(done) = *continued {
+            return Ok(done);
         }
+        let started = Instant::now();
         let pid = self.inner.pidfd.pid();
         self.inner
             .pidfd
             .send_signal(Signal::SIGCONT)
             .map_err(RestoreError::ptrace(pid, "SIGCONT"))?;
-        let now = Instant::now();
-        *continued_at = Some(now);
-        Ok(now)
-    }
-
-    /// When the process was let run, if it was.
-    pub fn continued_at(&self) -> Option<Instant> {
-        *self.inner.continued_at.lock().expect("continuer lock")
+        let done = (started, started.elapsed());
+        *continued = Some(done);
+        Ok(done)
     }
 }
 
@@ -314,7 +312,7 @@ impl Skeleton {
                 pidfd: pidfd
                     .try_clone()
                     .map_err(RestoreError::ptrace(self.pid, "dup pidfd"))?,
-                continued_at: std::sync::Mutex::new(None),
+                continued: std::sync::Mutex::new(None),
             }),
         };
         self.continuer = Some(continuer.clone());
@@ -324,18 +322,19 @@ impl Skeleton {
     /// Lets every thread run. The process faults on its first touch of
     /// memory, so the caller must run the returned pager.
     pub fn resume(mut self) -> Result<Restored, RestoreError> {
-        let started = Instant::now();
-        let resumed_at = match &self.continuer {
+        let (resumed_at, took) = match &self.continuer {
+            // Perhaps done already, by the daemon's wake thread.
             Some(continuer) => continuer.continue_process()?,
             None => {
+                let started = Instant::now();
                 for &tid in self.tids.iter().rev() {
                     ptrace::detach(tid, 0).map_err(RestoreError::ptrace(tid, "detach"))?;
                 }
-                started
+                (started, started.elapsed())
             }
         };
         let mut timings = self.timings;
-        timings.resume = started.elapsed();
+        timings.resume = took;
         let mut pager = self
             .pager
             .take()
