@@ -121,7 +121,7 @@ impl ResumeTrigger {
         let copied = armed.copy.as_ref().is_none_or(PlannedCopy::help_to_the_end);
         if let (true, Some(continuer)) = (copied, &armed.continuer) {
             // On failure the restore thread resumes it, and reports why not.
-            let _ = continuer.continue_process();
+            let _ = continuer.try_continue_process();
         }
     }
 }
@@ -438,9 +438,11 @@ impl Worker {
         self.report.lock().expect("report lock").last_pager = None;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
         let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copy);
-        let resumed = skeleton.resume();
-        // The pager spins at times: never at real-time priority.
+        // Ordinary before the resume: the process, woken on this thread's
+        // CPU, waited up to ~150 µs for it otherwise. And the pager spins at
+        // times: never at real-time priority.
         let _ = sched::set_current_thread_realtime(false);
+        let resumed = skeleton.resume();
         let Restored {
             pid,
             init_pid,

@@ -111,6 +111,19 @@ impl Continuer {
         *continued = Some(done);
         Ok(done)
     }
+
+    /// Lets the process run unless another thread is doing so right now or
+    /// did already: that thread is never waited for, as waking it up again
+    /// would cost a CPU the process needs.
+    pub fn try_continue_process(&self) -> Result<(), RestoreError> {
+        match self.inner.continued.try_lock() {
+            Ok(continued) if continued.is_none() => {
+                drop(continued);
+                self.continue_process().map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A restored process that runs.
