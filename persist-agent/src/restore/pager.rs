@@ -39,7 +39,8 @@ const FILL_BATCH_PAGES: u64 = 64;
 const FILL_BATCH_PAGES_FAULTING: u64 = 8;
 
 /// How long after the resume or a fault the pager polls for the next fault
-/// without sleeping, while only faults are served.
+/// without sleeping, while recording; also how long a process must run
+/// without a fault to count as quiet (`Pager::when_quiet`).
 const SPIN_WINDOW: Duration = Duration::from_micros(500);
 
 /// How long after a fault the process counts as faulting.
@@ -131,7 +132,8 @@ pub struct Pager {
     registered: Vec<(u64, u64)>,
     stats: PagerStats,
     resumed_at: Option<Instant>,
-    /// Pages copied to serve faults, in order, while recording a working set.
+    /// Pages copied to serve faults, in order, while recording a working set
+    /// or logging the faults of a prefetched wake.
     fault_log: Option<Vec<WorkingSetPage>>,
     /// Until when faults are recorded: logged into `fault_log`, with
     /// single-page copies and the background fill held back.
@@ -307,9 +309,9 @@ impl Pager {
     /// session, so autogroup scheduling weighs it against the agent as a
     /// group. So after a resume with a working set copied in, the fill is
     /// held back (`Pager::hold_fill`) while only faults are served. A lazy
-    /// wake keeps filling between faults:
-    /// holding it back there made redis's lazy wakes 20–40 % slower, as the
-    /// fill no longer brought pages in ahead of the faults.
+    /// wake keeps filling between faults: holding it back there made redis's
+    /// lazy wakes 20–40 % slower, as the fill no longer brought pages in
+    /// ahead of the faults.
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let result = self.serve_and_fill();
         // Whoever waits for the process to be quiet hears of it, even on an error.

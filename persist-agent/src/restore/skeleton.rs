@@ -302,8 +302,9 @@ impl Skeleton {
     ///
     /// A process in a group stop no longer dies with the agent (ptrace's
     /// exit-kill): a daemon killed meanwhile leaves it stopped, holding its
-    /// listening socket, and a restarted daemon kills it (a recorded process
-    /// found stopped is never adopted).
+    /// listening socket (which keeps queuing connections), and a restarted
+    /// daemon takes that socket back and kills it (a recorded process found
+    /// stopped is never adopted).
     pub fn release(&mut self) -> Result<Option<Continuer>, RestoreError> {
         if !self.sigcont_is_default {
             return Ok(None);
