@@ -95,8 +95,35 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Pids of the processes that live in the namespace: only what a test
+    /// started there (its daemon, services, parked skeletons).
+    pub fn processes(&self) -> Vec<i32> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(inode) = self.inode() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != std::process::id() as i32)
+            .filter(|pid| {
+                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns.ino() == inode)
+            })
+            .collect()
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // What outlives a killed daemon (a parked skeleton waits stopped,
+        // holding its port, for the next daemon) dies with the namespace.
+        for pid in self.processes() {
+            kill_session(pid);
+        }
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .status();
