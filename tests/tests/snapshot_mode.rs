@@ -561,3 +561,59 @@ fn readiness_by_notify_warmup_requests_and_user_are_honoured() {
         "restored as nobody: {uid_line}"
     );
 }
+
+/// A park asked for as soon as a prefetched wake has answered parks the
+/// service: the daemon hears of such a resume only once the first request
+/// had its CPU, and a park arriving before that news must not be lost.
+#[test]
+fn a_park_right_after_a_prefetched_wake_is_not_lost() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let command = redis_server_command(6393);
+    let mut args = vec!["add", "quick", "--port", "6393", "--"];
+    args.extend(command.iter().map(String::as_str));
+    sandbox.agent_ok(&args).unwrap();
+    let ping = || {
+        sandbox
+            .netns
+            .enter(|| {
+                let mut stream = TcpStream::connect(("127.0.0.1", 6393)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                stream.write_all(b"PING\r\n").unwrap();
+                let mut reply = [0u8; 7];
+                stream.read_exact(&mut reply).unwrap();
+                reply
+            })
+            .unwrap()
+    };
+    // Sent on the control socket the moment the answer is in: well before
+    // the daemon can have heard of the resume.
+    let park = || {
+        let mut control =
+            std::os::unix::net::UnixStream::connect(sandbox.state_dir().join("agent.sock"))
+                .unwrap();
+        control
+            .write_all(b"{\"request\":\"park\",\"name\":\"quick\"}\n")
+            .unwrap();
+        let mut reply = String::new();
+        control.read_to_string(&mut reply).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert!(reply["error"].is_null(), "park: {reply}");
+    };
+    // The first wake records the working set; every later one copies it in.
+    for round in 0..40 {
+        assert_eq!(&ping(), b"+PONG\r\n", "round {round}");
+        park();
+        wait_until(Duration::from_secs(10), || {
+            let status = sandbox.service("quick").unwrap();
+            status["state"] == "parked" && status["parked_bytes"].as_u64() > Some(0)
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "round {round}: the park was lost: {}",
+                sandbox.service("quick").unwrap()
+            )
+        });
+    }
+}

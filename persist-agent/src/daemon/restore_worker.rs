@@ -67,6 +67,11 @@ pub struct WorkerReport {
     pub error: Option<String>,
     /// Pager statistics of the last wake.
     pub last_pager: Option<PagerStats>,
+    /// SYN resumes the supervisor will hear of but has not yet (it is told
+    /// once the first request had its CPU): counted up by the wake thread,
+    /// down by the supervisor as it hears, or by the restore thread when
+    /// there was no skeleton to resume after all.
+    pub syn_resumes_unreported: u32,
 }
 
 enum Job {
@@ -99,6 +104,7 @@ pub const ALREADY_RESUMED: &str = "already resumed by a SYN";
 pub struct ResumeTrigger {
     jobs: mpsc::Sender<Job>,
     armed: ArmedWake,
+    report: Arc<Mutex<WorkerReport>>,
 }
 
 impl ResumeTrigger {
@@ -111,9 +117,18 @@ impl ResumeTrigger {
     /// first: told only after the resume, the restore thread helped with
     /// nothing and redis's first byte came 20 % later.
     pub fn resume(&self, then: EarlyReply) {
+        // Counted before the process can answer: a park asked for after the
+        // answer must wait for the news.
+        self.report
+            .lock()
+            .expect("report lock")
+            .syn_resumes_unreported += 1;
         if let Err(mpsc::SendError(Job::ResumeOnSyn { then })) =
             self.jobs.send(Job::ResumeOnSyn { then })
         {
+            let mut report = self.report.lock().expect("report lock");
+            report.syn_resumes_unreported = report.syn_resumes_unreported.saturating_sub(1);
+            drop(report);
             then(None);
             return;
         }
@@ -229,6 +244,7 @@ impl RestoreWorker {
         ResumeTrigger {
             jobs: self.jobs.clone(),
             armed: self.armed.clone(),
+            report: self.report.clone(),
         }
     }
 }
@@ -417,6 +433,9 @@ impl Worker {
 
     fn resume_on_syn(&mut self, then: EarlyReply) {
         if self.skeleton.is_none() {
+            let mut report = self.report.lock().expect("report lock");
+            report.syn_resumes_unreported = report.syn_resumes_unreported.saturating_sub(1);
+            drop(report);
             then(None);
             return;
         }

@@ -294,6 +294,9 @@ pub struct Supervisor {
     /// Consecutive starts after which the process exited at once.
     quick_exits: u32,
     starter: Starter,
+    /// A park asked for while a SYN's resume was on its way to us: done
+    /// once that resume is heard of.
+    park_when_resumed: Option<oneshot::Sender<Result<(), String>>>,
 }
 
 /// What every supervisor shares with the daemon.
@@ -341,6 +344,7 @@ impl Supervisor {
             running_since: Instant::now(),
             quick_exits: 0,
             starter,
+            park_when_resumed: None,
         };
         let (worker_report, resume_trigger) = match &supervisor.starter {
             Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
@@ -395,8 +399,20 @@ impl Supervisor {
                 match commands.recv().await {
                     Some(Command::Wake { syn_ns }) => self.start(Some(syn_ns)).await,
                     Some(Command::Resumed { syn_ns, result }) => {
+                        self.heard_of_syn_resume();
                         self.publish(State::Waking, None);
                         self.started(result.map(Started::from), Some(syn_ns), WokenBy::SynThread);
+                        if let Some(done) = self.park_when_resumed.take() {
+                            if self.child.is_some() {
+                                self.stop_to_park().await;
+                                self.park();
+                            }
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                    Some(Command::Park { done }) if self.syn_resume_unreported() => {
+                        // Parking now would be forgotten once the news arrives.
+                        self.park_when_resumed = Some(done);
                     }
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::WakeNow { done }) => {
@@ -440,7 +456,10 @@ impl Supervisor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. }) => {}
-                    Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, result),
+                    Some(Command::Resumed { result, .. }) => {
+                        self.heard_of_syn_resume();
+                        kill_stray(&self.spec.name, result);
+                    }
                     Some(Command::WakeNow { done }) => drop(done.send(Ok(()))),
                     Some(Command::Park { done }) => {
                         self.stop_to_park().await;
@@ -456,6 +475,30 @@ impl Supervisor {
                     None => return Ok(()),
                 },
             }
+        }
+    }
+
+    /// Whether the restore thread resumed the skeleton on a SYN and the news
+    /// has not reached this task yet.
+    fn syn_resume_unreported(&self) -> bool {
+        match &self.starter {
+            Starter::Restore { worker, .. } => {
+                worker
+                    .report()
+                    .lock()
+                    .expect("report lock")
+                    .syn_resumes_unreported
+                    > 0
+            }
+            Starter::Command => false,
+        }
+    }
+
+    fn heard_of_syn_resume(&self) {
+        if let Starter::Restore { worker, .. } = &self.starter {
+            let report = worker.report();
+            let mut report = report.lock().expect("report lock");
+            report.syn_resumes_unreported = report.syn_resumes_unreported.saturating_sub(1);
         }
     }
 
