@@ -504,7 +504,6 @@ fn private_bytes(pid: i32) -> u64 {
         })
 }
 
-/// Stops a process a previous daemon started, by pid, SIGTERM then SIGKILL.
 /// Kills the process of `pidfd` and waits (a second at most) until it is
 /// gone, so that what it held (its port) is free again.
 fn kill_and_wait(pidfd: &crate::sys::pidfd::PidFd) {
@@ -517,6 +516,8 @@ fn kill_and_wait(pidfd: &crate::sys::pidfd::PidFd) {
     }
 }
 
+/// Stops a process a previous daemon started, by pid: SIGTERM then SIGKILL,
+/// or SIGKILL at once when it is stopped.
 fn stop_stray(pid: i32) {
     let Ok(pidfd) = crate::sys::pidfd::PidFd::open(pid) else {
         return;

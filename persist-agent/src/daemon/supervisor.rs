@@ -294,9 +294,9 @@ pub struct Supervisor {
     /// Consecutive starts after which the process exited at once.
     quick_exits: u32,
     starter: Starter,
-    /// A park asked for while a SYN's resume was on its way to us: done
-    /// once that resume is heard of.
-    park_when_resumed: Option<oneshot::Sender<Result<(), String>>>,
+    /// Parks asked for while a SYN's resume was on its way to us: done once
+    /// that resume is heard of.
+    parks_when_resumed: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 /// What every supervisor shares with the daemon.
@@ -344,7 +344,7 @@ impl Supervisor {
             running_since: Instant::now(),
             quick_exits: 0,
             starter,
-            park_when_resumed: None,
+            parks_when_resumed: Vec::new(),
         };
         let (worker_report, resume_trigger) = match &supervisor.starter {
             Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
@@ -402,17 +402,19 @@ impl Supervisor {
                         self.heard_of_syn_resume();
                         self.publish(State::Waking, None);
                         self.started(result.map(Started::from), Some(syn_ns), WokenBy::SynThread);
-                        if let Some(done) = self.park_when_resumed.take() {
+                        if !self.parks_when_resumed.is_empty() {
                             if self.child.is_some() {
                                 self.stop_to_park().await;
                                 self.park();
                             }
-                            let _ = done.send(Ok(()));
+                            for done in self.parks_when_resumed.drain(..) {
+                                let _ = done.send(Ok(()));
+                            }
                         }
                     }
                     Some(Command::Park { done }) if self.syn_resume_unreported() => {
                         // Parking now would be forgotten once the news arrives.
-                        self.park_when_resumed = Some(done);
+                        self.parks_when_resumed.push(done);
                     }
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::WakeNow { done }) => {
