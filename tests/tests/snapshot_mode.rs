@@ -617,3 +617,74 @@ fn a_park_right_after_a_prefetched_wake_is_not_lost() {
         });
     }
 }
+
+/// A server with a `SIGCONT` handler of its own: its skeleton stays under
+/// ptrace and is resumed by its tracer, so that the handler never runs for
+/// a signal the server was never sent.
+#[test]
+fn a_server_handling_sigcont_is_resumed_without_running_its_handler() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    let marker = root.path().join("continued");
+    let script = root.path().join("server.py");
+    std::fs::write(
+        &script,
+        "import http.server, signal, sys\n\
+         port, marker = int(sys.argv[1]), sys.argv[2]\n\
+         def on_cont(signum, frame):\n    open(marker, 'w').write('continued')\n\
+         signal.signal(signal.SIGCONT, on_cont)\n\
+         http.server.HTTPServer(('127.0.0.1', port), http.server.SimpleHTTPRequestHandler)\
+         .serve_forever()\n",
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    let marker_arg = marker.display().to_string();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "cont",
+            "--port",
+            "8113",
+            "--ready",
+            "http:/",
+            "--",
+            "python3",
+            &script,
+            "8113",
+            &marker_arg,
+        ])
+        .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        skeleton_pid(&sandbox.daemon_log(), "cont").is_some()
+    })
+    .expect("a skeleton is ready");
+    let skeleton = skeleton_pid(&sandbox.daemon_log(), "cont").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{skeleton}/status")).unwrap();
+    assert!(
+        !status.contains("TracerPid:\t0\n"),
+        "still under ptrace: {status}"
+    );
+
+    // The server's working directory is the agent's: ask for a path it
+    // serves either way.
+    let response = sandbox
+        .netns
+        .enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", 8113)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            stream.write_all(b"GET /nowhere HTTP/1.0\r\n\r\n").unwrap();
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response);
+            response
+        })
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.0 404"), "{response}");
+    // Python runs a handler between two polls of `serve_forever` (0.5 s).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !marker.exists(),
+        "the server's SIGCONT handler ran on the wake"
+    );
+}
