@@ -184,6 +184,47 @@ fn redis_records_its_working_set_then_prefetches_it() {
     assert!(response.starts_with("$5"), "{response:?}");
 }
 
+/// A set that lacks pages the wake needs is extended by the pages the next
+/// prefetched wake faults on, so that the wake after it does not fault there.
+#[test]
+fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
+    use persist_common::image::{Image, WorkingSet, manifest_crc};
+    let sandbox = Sandbox::with_daemon().unwrap();
+    add_redis(&sandbox, "redis", 6441, &[]);
+    let (response, _) = request(&sandbox, 6441, REDIS_PING);
+    assert_eq!(response, "+PONG\r\n");
+    pager_done(&sandbox, "redis");
+    let path = working_set(&sandbox, "redis");
+    wait_until(Duration::from_secs(10), || path.exists()).expect("a working set is recorded");
+
+    // Keep the first half of the recorded set only.
+    let dir = sandbox.state_dir().join("images").join("redis");
+    let crc = manifest_crc(&dir).unwrap();
+    let recorded = WorkingSet::open(&dir, crc).unwrap();
+    let half = &recorded.pages()[..recorded.len() / 2];
+    let image = Image::open(&dir).unwrap();
+    WorkingSet::write(&dir, crc, half, image.pages()).unwrap();
+
+    park(&sandbox, "redis");
+    let (response, _) = request(&sandbox, 6441, REDIS_PING);
+    assert_eq!(response, "+PONG\r\n");
+    let status = pager_done(&sandbox, "redis");
+    assert!(
+        u64_field(&status, "last_faults") > 0,
+        "the halved set lacked pages: {status}"
+    );
+    wait_until(Duration::from_secs(10), || {
+        WorkingSet::open(&dir, crc).is_ok_and(|set| set.len() > half.len())
+    })
+    .expect("the wake extended the set with the pages it faulted on");
+    let extended = WorkingSet::open(&dir, crc).unwrap();
+    assert_eq!(
+        &extended.pages()[..half.len()],
+        half,
+        "the set it prefetched comes first, unchanged"
+    );
+}
+
 #[test]
 fn a_corrupt_working_set_is_ignored_and_recorded_again() {
     let sandbox = Sandbox::with_daemon().unwrap();
