@@ -74,6 +74,14 @@ pub struct WorkerReport {
     pub syn_resumes_unreported: u32,
 }
 
+impl WorkerReport {
+    /// Counts one SYN resume off: the supervisor heard of it, or there was
+    /// no skeleton to resume after all.
+    pub fn syn_resume_settled(&mut self) {
+        self.syn_resumes_unreported = self.syn_resumes_unreported.saturating_sub(1);
+    }
+}
+
 enum Job {
     Prepare {
         image: PathBuf,
@@ -126,9 +134,10 @@ impl ResumeTrigger {
         if let Err(mpsc::SendError(Job::ResumeOnSyn { then })) =
             self.jobs.send(Job::ResumeOnSyn { then })
         {
-            let mut report = self.report.lock().expect("report lock");
-            report.syn_resumes_unreported = report.syn_resumes_unreported.saturating_sub(1);
-            drop(report);
+            self.report
+                .lock()
+                .expect("report lock")
+                .syn_resume_settled();
             then(None);
             return;
         }
@@ -433,9 +442,10 @@ impl Worker {
 
     fn resume_on_syn(&mut self, then: EarlyReply) {
         if self.skeleton.is_none() {
-            let mut report = self.report.lock().expect("report lock");
-            report.syn_resumes_unreported = report.syn_resumes_unreported.saturating_sub(1);
-            drop(report);
+            self.report
+                .lock()
+                .expect("report lock")
+                .syn_resume_settled();
             then(None);
             return;
         }
@@ -451,10 +461,13 @@ impl Worker {
             reply(Err(error.unwrap_or_else(|| "no skeleton".into())));
             return;
         };
-        self.report.lock().expect("report lock").skeleton_pid = None;
+        {
+            let mut report = self.report.lock().expect("report lock");
+            report.skeleton_pid = None;
+            report.last_pager = None;
+        }
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         let planned_copy = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copy;
-        self.report.lock().expect("report lock").last_pager = None;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
         let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copy);
         // Ordinary before the resume: the process, woken on this thread's

@@ -498,9 +498,11 @@ impl Supervisor {
 
     fn heard_of_syn_resume(&self) {
         if let Starter::Restore { worker, .. } = &self.starter {
-            let report = worker.report();
-            let mut report = report.lock().expect("report lock");
-            report.syn_resumes_unreported = report.syn_resumes_unreported.saturating_sub(1);
+            worker
+                .report()
+                .lock()
+                .expect("report lock")
+                .syn_resume_settled();
         }
     }
 
