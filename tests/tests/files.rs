@@ -648,6 +648,101 @@ fn fixture_files_restores_twice_from_one_image() {
     }
 }
 
+/// Holds its own stat file (twice, sharing one offset) and its main
+/// thread's comm (read up to offset 3); on SIGUSR1 writes `OK` to
+/// `DIR/result` if they describe the process it is then.
+const OWN_PROC_FILES_SCRIPT: &str = r#"import os, signal, sys
+def hold(path, fd):
+    opened = os.open(path, os.O_RDONLY)
+    os.dup2(opened, fd)
+    os.close(opened)
+hold(f'/proc/{os.getpid()}/stat', 42)
+os.dup2(42, 43)
+hold('/proc/thread-self/comm', 44)
+os.read(44, 3)
+def report(*_):
+    os.lseek(42, 0, os.SEEK_SET)
+    stat_pid = int(os.read(43, 4096).split()[0])
+    rest = os.read(44, 100).decode().strip()
+    ok = stat_pid == os.getpid() and rest == 'hon3'
+    with open(sys.argv[1] + '/result', 'w') as f:
+        f.write('OK' if ok else f'stat of {stat_pid} in {os.getpid()}, comm rest {rest!r}')
+signal.signal(signal.SIGUSR1, report)
+open(sys.argv[1] + '/ready', 'w').close()
+while True:
+    signal.pause()
+"#;
+
+/// Holds a stat file of a thread other than the main one at fd 45.
+const THREAD_PROC_FILE_SCRIPT: &str = r#"import os, sys, threading, time
+def hold():
+    opened = os.open('/proc/thread-self/stat', os.O_RDONLY)
+    os.dup2(opened, 45)
+    os.close(opened)
+    open(sys.argv[1] + '/ready', 'w').close()
+    time.sleep(60)
+threading.Thread(target=hold, daemon=True).start()
+time.sleep(60)
+"#;
+
+/// A server holding its own `/proc/PID/stat` open (as Redis does for a moment
+/// in every `serverCron`) gets, after a restore, that file of the restored
+/// process: the agent cannot open it for a process that does not exist yet,
+/// and a file of any other process would report the wrong statistics.
+#[test]
+fn own_proc_files_name_the_restored_process() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let image_arg = image.to_str().unwrap();
+    let mut python = start_python(&dir, OWN_PROC_FILES_SCRIPT);
+    let fds = save(python.pid()).expect("save_fds");
+    for (fd, path) in [
+        (42, "/proc/self/stat"),
+        (43, "/proc/self/stat"),
+        (44, "/proc/thread-self/comm"),
+    ] {
+        assert!(
+            matches!(&by_fd(&fds, fd).kind, FdKind::File { path: saved, .. } if saved == path),
+            "fd {fd}: {:?}",
+            by_fd(&fds, fd).kind
+        );
+    }
+    assert_eq!(by_fd(&fds, 43).shared_with, Some(42));
+    agent(&[
+        "checkpoint",
+        "--pid",
+        &python.pid().to_string(),
+        "--image",
+        image_arg,
+    ]);
+    python.kill();
+
+    let stdout = agent(&["restore", "--image", image_arg]);
+    let pid: i32 = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("restore prints the pid");
+    let restored = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let outcome = std::panic::catch_unwind(|| result(&dir));
+    let _ = nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGKILL);
+    assert_eq!(outcome.expect("a result").trim(), "OK");
+}
+
+#[test]
+fn another_threads_proc_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = start_python(dir.path(), THREAD_PROC_FILE_SCRIPT);
+    let message = save(python.pid()).expect_err("must be refused").to_string();
+    assert!(
+        message.starts_with("fd 45: /proc/") && message.contains("is a /proc file of thread"),
+        "{message}"
+    );
+}
+
 /// Saves a python3 process holding listeners, kills it, and re-creates them
 /// with `prepare`, which binds and listens in this process: they accept
 /// connections before any child exists.

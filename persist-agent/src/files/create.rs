@@ -45,6 +45,14 @@ impl Memfds {
     }
 }
 
+/// The `open` flags that reopen a file with saved `O_*` flags: the access
+/// mode and status flags, never a controlling terminal, nothing that creates
+/// or truncates.
+pub(super) fn reopen_flags(saved: u32) -> i32 {
+    let saved = saved as i32;
+    (saved & !OPEN_ONLY_FLAGS) | (saved & libc::O_ACCMODE) | libc::O_NOCTTY
+}
+
 /// Opens `path` with saved `O_*` flags (close-on-exec, never a controlling
 /// terminal).
 fn open_with(path: &Path, flags: u32) -> io::Result<File> {

@@ -1,5 +1,6 @@
 //! Installing prepared descriptors in a forked child.
 
+use std::ffi::CString;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -26,6 +27,32 @@ pub(super) struct Watch {
     pub data: u64,
 }
 
+/// A file under the process's own `/proc` directory, which the child opens
+/// itself so that it names the restored process (see `super::proc_self`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ProcSelfFile {
+    /// `/proc/self/...` or `/proc/thread-self/...`.
+    pub path: CString,
+    /// Flags for `open`, with `O_CLOEXEC`.
+    pub flags: i32,
+    /// The file position to restore once the process is complete.
+    pub offset: u64,
+    /// Every number that shares this open file: its own, then its `dup`s,
+    /// each with its close-on-exec bit.
+    pub targets: Vec<(RawFd, bool)>,
+}
+
+/// Where one of the process's own `/proc` files was read up to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcSelfPosition {
+    /// Its descriptor number in the process.
+    pub fd: RawFd,
+    /// Its path, for messages.
+    pub path: String,
+    /// The saved file position.
+    pub offset: u64,
+}
+
 /// Every descriptor of a process, re-created by [`super::prepare`] and held
 /// open in the agent, ready for [`PreparedFds::install_in_child`].
 ///
@@ -40,6 +67,8 @@ pub struct PreparedFds {
     pub(super) objects: Vec<OwnedFd>,
     pub(super) slots: Vec<Slot>,
     pub(super) watches: Vec<Watch>,
+    /// Opened by the child itself, after the slots.
+    pub(super) proc_self_files: Vec<ProcSelfFile>,
     /// Memfd inode (as saved) to the read-write memfd re-created for it.
     pub(super) memfds: Vec<(u64, RawFd)>,
 }
@@ -49,12 +78,33 @@ impl PreparedFds {
     /// or -1 if there is none. Descriptors the child must keep (a uffd, a
     /// report pipe) should be numbered above it.
     pub fn max_target_fd(&self) -> RawFd {
-        self.slots.iter().map(|s| s.target).max().unwrap_or(-1)
+        self.target_fds().max().unwrap_or(-1)
     }
 
-    /// The descriptor numbers [`Self::install_in_child`] fills, in image order.
+    /// The descriptor numbers [`Self::install_in_child`] fills.
     pub fn target_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.slots.iter().map(|s| s.target)
+        let opened = self
+            .proc_self_files
+            .iter()
+            .flat_map(|file| file.targets.iter().map(|&(target, _)| target));
+        self.slots.iter().map(|s| s.target).chain(opened)
+    }
+
+    /// The positions of the process's own `/proc` files that the child
+    /// opens, to restore with [`super::restore_proc_self_positions`] once
+    /// the process is complete: a `/proc` file's text is made when it is
+    /// first read or seeked, and before then the child still has the
+    /// agent's name.
+    pub fn proc_self_positions(&self) -> Vec<ProcSelfPosition> {
+        self.proc_self_files
+            .iter()
+            .filter(|file| file.offset != 0)
+            .map(|file| ProcSelfPosition {
+                fd: file.targets[0].0,
+                path: file.path.to_string_lossy().into_owned(),
+                offset: file.offset,
+            })
+            .collect()
     }
 
     /// The re-created memfd for the memfd with inode `inode` in the image
@@ -76,9 +126,12 @@ impl PreparedFds {
     ///
     /// 1. Every source is first duplicated to a staging number above the
     ///    highest target, keep and source number, so no move can overwrite a
-    ///    source still needed.
+    ///    source still needed; the process's own `/proc` files are opened
+    ///    and staged the same way.
     /// 2. Each staged copy is moved to its target with `dup3`, with its
-    ///    close-on-exec bit, and its file status flags are set (`F_SETFL`).
+    ///    close-on-exec bit, and its file status flags are set (`F_SETFL`);
+    ///    an own `/proc` file is placed at each of its numbers (its position
+    ///    is restored later, see [`Self::proc_self_positions`]).
     /// 3. Every descriptor that is neither a target nor in `keep` is closed
     ///    (`close_range`).
     /// 4. Epoll watches are added with the final numbers (an epoll interest
@@ -87,16 +140,12 @@ impl PreparedFds {
     /// Fails with `EINVAL` if a `keep` descriptor is also a target, and with
     /// the error of the first system call that fails otherwise.
     pub fn install_in_child(&self, keep: &[RawFd]) -> Result<(), Errno> {
-        if keep
-            .iter()
-            .any(|k| self.slots.iter().any(|s| s.target == *k))
-        {
+        if keep.iter().any(|k| self.target_fds().any(|t| t == *k)) {
             return Err(Errno::EINVAL);
         }
         let highest = self
-            .slots
-            .iter()
-            .flat_map(|s| [s.target, s.source])
+            .target_fds()
+            .chain(self.slots.iter().map(|s| s.source))
             .chain(keep.iter().copied())
             .max()
             .unwrap_or(-1);
@@ -107,11 +156,25 @@ impl PreparedFds {
             fdops::dup_to(slot.source, staged, true)?;
             staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
         }
+        for file in &self.proc_self_files {
+            let opened = fdops::open_path(&file.path, file.flags)?;
+            if opened != staged {
+                fdops::dup_to(opened, staged, true)?;
+                fdops::close(opened)?;
+            }
+            staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
+        }
         let mut staged = base;
         for slot in &self.slots {
             fdops::dup_to(staged, slot.target, slot.cloexec)?;
             if let Some(flags) = slot.status_flags {
                 fdops::set_status_flags(slot.target, flags)?;
+            }
+            staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
+        }
+        for file in &self.proc_self_files {
+            for &(target, cloexec) in &file.targets {
+                fdops::dup_to(staged, target, cloexec)?;
             }
             staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
         }
@@ -130,9 +193,7 @@ impl PreparedFds {
         let mut next: u32 = 0;
         loop {
             let kept = self
-                .slots
-                .iter()
-                .map(|s| s.target)
+                .target_fds()
                 .chain(keep.iter().copied())
                 .filter_map(|fd| u32::try_from(fd).ok())
                 .filter(|fd| *fd >= next)

@@ -23,13 +23,15 @@ mod fdinfo;
 mod install;
 mod pipes;
 mod prepare;
+mod proc_self;
 mod save;
 mod sockets;
 
 use std::io;
 
-pub use install::PreparedFds;
+pub use install::{PreparedFds, ProcSelfPosition};
 pub use prepare::{InheritedFds, prepare};
+pub use proc_self::restore_proc_self_positions;
 pub use save::{save_fds, save_fds_excluding};
 
 /// Why saving or recreating file descriptors failed.

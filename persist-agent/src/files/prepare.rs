@@ -9,7 +9,8 @@ use persist_common::image::{FdInfo, FdKind};
 
 use super::FilesError;
 use super::create::{self, Memfds, Pipes, UnixPairs};
-use super::install::{PreparedFds, Slot, Watch};
+use super::install::{PreparedFds, ProcSelfFile, Slot, Watch};
+use super::proc_self;
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -83,8 +84,12 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
     let mut slots = Vec::with_capacity(fds.len() + inherited.len());
     let mut memfds = Vec::new();
     let mut sources: HashMap<i32, RawFd> = HashMap::new();
+    let mut proc_self_files: Vec<ProcSelfFile> = Vec::new();
 
     for info in fds {
+        if !inherited.contains_key(&info.fd) && opened_by_child(info, &mut proc_self_files)? {
+            continue;
+        }
         let source = match (inherited.remove(&info.fd), info.shared_with) {
             (Some(fd), _) => {
                 check_inherited(info, &fd)?;
@@ -134,7 +139,15 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
         objects.push(fd);
     }
 
-    let targets: HashSet<RawFd> = slots.iter().map(|s| s.target).collect();
+    let targets: HashSet<RawFd> = slots
+        .iter()
+        .map(|s| s.target)
+        .chain(
+            proc_self_files
+                .iter()
+                .flat_map(|f| f.targets.iter().map(|t| t.0)),
+        )
+        .collect();
     let mut watches = Vec::new();
     for info in fds {
         if let FdKind::Epoll { watches: saved } = &info.kind {
@@ -162,7 +175,42 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
         objects,
         slots,
         watches,
+        proc_self_files,
         memfds,
+    })
+}
+
+/// Adds `info` to the files the child opens itself when it names the
+/// process's own `/proc` entries (or shares such a file); returns whether
+/// it did.
+fn opened_by_child(info: &FdInfo, files: &mut Vec<ProcSelfFile>) -> Result<bool, FilesError> {
+    if let Some(primary) = info.shared_with {
+        let shared = files
+            .iter_mut()
+            .find(|file| file.targets.first().is_some_and(|&(fd, _)| fd == primary));
+        return Ok(match shared {
+            Some(file) => {
+                file.targets.push((info.fd, info.cloexec));
+                true
+            }
+            None => false,
+        });
+    }
+    let FdKind::File {
+        path,
+        offset,
+        unlinked: false,
+        ..
+    } = &info.kind
+    else {
+        return Ok(false);
+    };
+    Ok(match proc_self::child_open(info, path, *offset)? {
+        Some(file) => {
+            files.push(file);
+            true
+        }
+        None => false,
     })
 }
 

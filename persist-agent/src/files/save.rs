@@ -10,7 +10,7 @@ use persist_common::image::{FdInfo, FdKind};
 
 use super::FilesError;
 use super::fdinfo::FdInfoText;
-use super::{pipes, sockets};
+use super::{pipes, proc_self, sockets};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
 
@@ -43,7 +43,9 @@ impl Listed {
 ///
 /// Supported, as [`FdKind`]s:
 /// - regular files (path, flags, offset) and directories; a file unlinked
-///   while open is saved with its contents;
+///   while open is saved with its contents; the process's own `/proc` files
+///   are saved as `/proc/self/...` (a file of another of its threads is
+///   refused);
 /// - character devices `/dev/null`, `/dev/zero`, `/dev/full`, `/dev/random`,
 ///   `/dev/urandom`, and terminals (`/dev/pts/N`, `/dev/ttyN`, `/dev/tty`,
 ///   `/dev/console`): a terminal is saved by path and reopened on restore if
@@ -313,6 +315,11 @@ fn classify(
             read_through_proc(pid, fd)?
         } else {
             Vec::new()
+        };
+        let path = if unlinked {
+            path
+        } else {
+            proc_self::saved_path(pid, fd, &path)?
         };
         return Ok(FdKind::File {
             path,

@@ -227,6 +227,7 @@ impl Skeleton {
             init_go_child: init_go_read.as_raw_fd(),
         };
         let (pid, init_pid) = spawn(&plan, manifest.process.pid, &pipes, &mut guard)?;
+        let proc_self_positions = fds.proc_self_positions();
         drop(fds);
         let lazy_files = resources.lazy_files(manifest)?;
         // The child holds its own copies now.
@@ -252,6 +253,7 @@ impl Skeleton {
         let tids = builder.threads(manifest)?;
         guard.pids.extend(tids.iter().skip(1));
         builder.thread_state(manifest, &tids, &mut pager)?;
+        files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
 
         guard.pids.clear();
         let sigcont_is_default = manifest

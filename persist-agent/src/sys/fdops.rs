@@ -9,6 +9,7 @@
 //! that other code in this process owns: the caller must be a child that is
 //! about to become another program and owns its whole descriptor table.
 
+use std::ffi::CStr;
 use std::os::fd::RawFd;
 
 use nix::errno::Errno;
@@ -50,5 +51,21 @@ pub fn epoll_add(epfd: RawFd, fd: RawFd, events: u32, data: u64) -> Result<(), E
     let mut event = libc::epoll_event { events, u64: data };
     // SAFETY: `event` is a valid epoll_event on our stack for the call.
     let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut event) };
+    check(rc.into()).map(drop)
+}
+
+/// `openat(AT_FDCWD, path, flags)`: opens `path`, returning the new number.
+pub fn open_path(path: &CStr, flags: i32) -> Result<RawFd, Errno> {
+    // SAFETY: `path` is a NUL-terminated string that outlives the call; the
+    // mode argument is ignored without O_CREAT.
+    let rc = unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), flags, 0) };
+    check(rc.into()).map(|fd| fd as RawFd)
+}
+
+/// `close(fd)`.
+pub fn close(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: close takes an integer; the caller owns the descriptor table
+    // (see the module doc).
+    let rc = unsafe { libc::close(fd) };
     check(rc.into()).map(drop)
 }
