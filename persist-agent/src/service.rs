@@ -139,7 +139,8 @@ impl std::fmt::Display for Readiness {
 pub enum OnIdle {
     /// Discard what it did: the next wake starts from the pristine image.
     Fresh,
-    /// Checkpoint it first: the next wake goes on where it stopped.
+    /// Checkpoint it first: the next wake goes on where it stopped. When its
+    /// state cannot be checkpointed, it is not parked but runs on.
     Keep,
 }
 

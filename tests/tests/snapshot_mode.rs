@@ -336,6 +336,123 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     );
     assert_eq!(redis_cli(&sandbox, 6391, &["GET", "greeting"]), "hello");
     assert_eq!(redis_cli(&sandbox, 6391, &["GET", "second"]), "write");
+
+    // A client still connected: its connection cannot be kept, so a park
+    // would lose the state. Redis runs on, untouched, and says why.
+    let mut client = sandbox
+        .netns
+        .enter(|| TcpStream::connect(("127.0.0.1", 6391)))
+        .unwrap()
+        .expect("connect to redis");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut ask = |request: &[u8], answer: &str| {
+        client.write_all(request).unwrap();
+        let mut reply = vec![0u8; answer.len()];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(String::from_utf8_lossy(&reply), answer);
+    };
+    ask(b"SET third connected\r\n", "+OK\r\n");
+    let pid = sandbox.running_pid("redis").unwrap();
+    let refused = sandbox.agent(&["park", "redis"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "park with a client connected: {stderr}"
+    );
+    assert!(
+        stderr.contains("cannot park with its state kept, left running")
+            && stderr.contains("established TCP connection"),
+        "{stderr}"
+    );
+    let service = sandbox.service("redis").unwrap();
+    assert_eq!(service["state"], "running", "{service}");
+    assert_eq!(service["pid"], pid, "{service}");
+    ask(b"GET third\r\n", "$9\r\nconnected\r\n");
+    drop(client);
+
+    // Once the client has gone, the park keeps everything.
+    wait_until(Duration::from_secs(10), || {
+        sandbox.agent(&["park", "redis"]).status.success()
+    })
+    .expect("parked once the client is gone");
+    assert_eq!(sandbox.service("redis").unwrap()["state"], "parked");
+    assert_eq!(redis_cli(&sandbox, 6391, &["GET", "third"]), "connected");
+    assert_eq!(redis_cli(&sandbox, 6391, &["GET", "greeting"]), "hello");
+}
+
+/// An HTTP server that, once it has answered a request, holds an inotify
+/// descriptor: a state persist cannot checkpoint.
+const INOTIFY_AFTER_FIRST_REQUEST: &str = r#"import ctypes, http.server, sys
+held = []
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if not held:
+            held.append(ctypes.CDLL(None).inotify_init())
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"served")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+#[test]
+fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let scripts = tempfile::tempdir().unwrap();
+    let script = scripts.path().join("server.py");
+    std::fs::write(&script, INOTIFY_AFTER_FIRST_REQUEST).unwrap();
+    let script = script.display().to_string();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "inotify",
+            "--port",
+            "8105",
+            "--on-idle",
+            "keep",
+            "--idle-timeout",
+            "300ms",
+            "--",
+            "python3",
+            &script,
+            "8105",
+        ])
+        .unwrap();
+    assert!(sandbox.http_get(8105).unwrap().contains("served"));
+    let pid = sandbox.running_pid("inotify").unwrap();
+
+    // Idle: the park is tried, cannot keep the inotify instance, and leaves
+    // the server running with the reason published.
+    let mut service = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), || {
+        service = sandbox.service("inotify").unwrap();
+        !service["error"].is_null()
+    })
+    .unwrap_or_else(|_| panic!("no failed park published: {service}"));
+    let error = service["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot park with its state kept, left running")
+            && error.contains("inotify is not supported"),
+        "{error}"
+    );
+    // Tried again an idle timeout later, with the same outcome each time.
+    std::thread::sleep(Duration::from_millis(800));
+    // (Briefly "stopping" while a retry checkpoints it.)
+    wait_until(Duration::from_secs(10), || {
+        sandbox.service("inotify").unwrap()["state"] == "running"
+    })
+    .unwrap();
+    assert_eq!(sandbox.running_pid("inotify").unwrap(), pid);
+    assert!(sandbox.http_get(8105).unwrap().contains("served"));
+    assert_eq!(sandbox.service("inotify").unwrap()["wakes"], 1);
+    let log = sandbox.daemon_log();
+    assert!(
+        log.matches("cannot park with its state kept").count() >= 2,
+        "the idle park is retried: {log}"
+    );
 }
 
 #[test]

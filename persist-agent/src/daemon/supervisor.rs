@@ -291,6 +291,9 @@ pub struct Supervisor {
     published: Arc<Mutex<Published>>,
     child: Option<Child>,
     running_since: Instant,
+    /// When a park could not keep the state (`--on-idle keep`): the service
+    /// runs on, and the idle park is tried again an idle timeout later.
+    keep_failed_at: Option<Instant>,
     /// Consecutive starts after which the process exited at once.
     quick_exits: u32,
     starter: Starter,
@@ -342,6 +345,7 @@ impl Supervisor {
             published: published.clone(),
             child: None,
             running_since: Instant::now(),
+            keep_failed_at: None,
             quick_exits: 0,
             starter,
             parks_when_resumed: Vec::new(),
@@ -403,12 +407,13 @@ impl Supervisor {
                         self.publish(State::Waking, None);
                         self.started(result.map(Started::from), Some(syn_ns), WokenBy::SynThread);
                         if !self.parks_when_resumed.is_empty() {
-                            if self.child.is_some() {
-                                self.stop_to_park().await;
-                                self.park();
-                            }
+                            let parked = if self.child.is_some() {
+                                self.park_now().await
+                            } else {
+                                Ok(())
+                            };
                             for done in self.parks_when_resumed.drain(..) {
-                                let _ = done.send(Ok(()));
+                                let _ = done.send(parked.clone());
                             }
                         }
                     }
@@ -452,8 +457,8 @@ impl Supervisor {
                 _ = idle_check.tick(), if self.spec.idle_timeout.is_some() => {
                     if self.is_idle() {
                         info!(service = %self.spec.name, "idle: parking");
-                        self.stop_to_park().await;
-                        self.park();
+                        // A failure is published; the service runs on.
+                        let _ = self.park_now().await;
                     }
                 }
                 command = commands.recv() => match command {
@@ -464,9 +469,7 @@ impl Supervisor {
                     }
                     Some(Command::WakeNow { done }) => drop(done.send(Ok(()))),
                     Some(Command::Park { done }) => {
-                        self.stop_to_park().await;
-                        self.park();
-                        let _ = done.send(Ok(()));
+                        let _ = done.send(self.park_now().await);
                     }
                     Some(Command::Shutdown { done }) => {
                         self.stop().await;
@@ -568,9 +571,19 @@ impl Supervisor {
         }
     }
 
+    /// Parks the running service; a failure leaves it running.
+    async fn park_now(&mut self) -> Result<(), String> {
+        self.stop_to_park().await?;
+        self.park();
+        Ok(())
+    }
+
     /// Stops the process for parking: a snapshot service with `--on-idle
-    /// keep` is checkpointed first so the next wake goes on from here.
-    async fn stop_to_park(&mut self) {
+    /// keep` is checkpointed first so the next wake goes on from here. When
+    /// its state cannot be kept, the process is left running (the checkpoint
+    /// let it go on untouched) and the error says why: parking would lose
+    /// the state.
+    async fn stop_to_park(&mut self) -> Result<(), String> {
         let keep = self
             .spec
             .snapshot
@@ -617,6 +630,8 @@ impl Supervisor {
                         base_stores = summary.base_stores,
                         "state kept for the next wake"
                     );
+                    self.keep_failed_at = None;
+                    self.published.lock().expect("published lock").error = None;
                     if let Starter::Restore {
                         image, kept_image, ..
                     } = &mut self.starter
@@ -624,16 +639,26 @@ impl Supervisor {
                         *image = kept_image.clone();
                     }
                 }
-                Ok(Err(err)) => {
-                    warn!(service = %self.spec.name, "keeping state failed, it is lost: {err}");
-                    self.published.lock().expect("published lock").error =
-                        Some(format!("on-idle keep: {err}"));
-                }
-                Err(err) => warn!(service = %self.spec.name, "checkpoint task: {err}"),
+                Ok(Err(err)) => return Err(self.keep_failed(err.to_string())),
+                Err(err) => return Err(self.keep_failed(format!("checkpoint task: {err}"))),
             }
         }
         self.stop().await;
         self.prepare_next();
+        Ok(())
+    }
+
+    /// The state of a running service could not be kept: it runs on, and
+    /// the error is published and returned.
+    fn keep_failed(&mut self, err: String) -> String {
+        let message = format!("cannot park with its state kept, left running: {err}");
+        warn!(service = %self.spec.name, "{message}");
+        self.keep_failed_at = Some(Instant::now());
+        let pid = self.child.as_ref().map(|child| child.pid);
+        self.publish(State::Running, pid);
+        self.set_bpf_state(BpfState::Running);
+        self.published.lock().expect("published lock").error = Some(message.clone());
+        message
     }
 
     /// Snapshot mode: prepares the skeleton of the next wake right away.
@@ -802,6 +827,9 @@ impl Supervisor {
         };
         since_syn >= timeout
             && self.running_since.elapsed() >= timeout
+            && self
+                .keep_failed_at
+                .is_none_or(|failed| failed.elapsed() >= timeout)
             && !listener::has_pending(&self.listener)
             && !has_established_connections(self.spec.port)
     }
