@@ -630,22 +630,25 @@ fn fixture_files_restores_twice_from_one_image() {
 
     for round in 1..=2 {
         let _ = fs::remove_file(dir.join("result"));
-        let stdout = agent(&["restore", "--image", image_arg]);
-        let pid: i32 = stdout
-            .lines()
-            .last()
-            .and_then(|l| l.trim().parse().ok())
-            .expect("restore prints the pid");
-        let restored = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGUSR1).unwrap();
-        let outcome = std::panic::catch_unwind(|| result(&dir));
-        let _ = nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGKILL);
-        assert_eq!(
-            outcome.expect("a result").trim(),
-            "OK",
-            "restore {round} (pid {pid})"
-        );
+        let (pid, outcome) = restore_and_ask(image_arg, &dir);
+        assert_eq!(outcome, "OK", "restore {round} (pid {pid})");
     }
+}
+
+/// Restores the image, sends the process SIGUSR1 and returns its pid and
+/// what it then wrote to `DIR/result`; the process is killed either way.
+fn restore_and_ask(image_arg: &str, dir: &Path) -> (i32, String) {
+    let stdout = agent(&["restore", "--image", image_arg]);
+    let pid: i32 = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("restore prints the pid");
+    let restored = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let outcome = std::panic::catch_unwind(|| result(dir));
+    let _ = nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGKILL);
+    (pid, outcome.expect("a result").trim().to_owned())
 }
 
 /// Holds its own stat file (twice, sharing one offset) and its main
@@ -719,17 +722,7 @@ fn own_proc_files_name_the_restored_process() {
     ]);
     python.kill();
 
-    let stdout = agent(&["restore", "--image", image_arg]);
-    let pid: i32 = stdout
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("restore prints the pid");
-    let restored = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGUSR1).unwrap();
-    let outcome = std::panic::catch_unwind(|| result(&dir));
-    let _ = nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGKILL);
-    assert_eq!(outcome.expect("a result").trim(), "OK");
+    assert_eq!(restore_and_ask(image_arg, &dir).1, "OK");
 }
 
 #[test]
