@@ -340,6 +340,25 @@ pub fn redis_server_command(port: u16) -> Vec<String> {
     .to_vec()
 }
 
+/// The command line of `memcached` on 127.0.0.1:`port` (TCP only), running
+/// as Debian's `memcache` user, as memcached refuses to run as root.
+pub fn memcached_command(port: u16) -> Vec<String> {
+    let port = port.to_string();
+    [
+        "memcached",
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "0",
+        "-u",
+        "memcache",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Registers `python3 -m http.server` on `port`, serving `root`, in snapshot
 /// mode with HTTP readiness; `extra` are more `add` options.
 pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, extra: &[&str]) {

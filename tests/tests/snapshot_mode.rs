@@ -7,7 +7,9 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use persist_tests::{Sandbox, add_http_server, binary, redis_server_command, wait_until, web_root};
+use persist_tests::{
+    Sandbox, add_http_server, binary, memcached_command, redis_server_command, wait_until, web_root,
+};
 
 /// Builds an image of hello-server listening on `port` with `persist-agent build`.
 fn build_hello_image(sandbox: &Sandbox, image: &std::path::Path, port: u16) {
@@ -380,6 +382,82 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     assert_eq!(sandbox.service("redis").unwrap()["state"], "parked");
     assert_eq!(redis_cli(&sandbox, 6391, &["GET", "third"]), "connected");
     assert_eq!(redis_cli(&sandbox, 6391, &["GET", "greeting"]), "hello");
+}
+
+/// Sends one memcached text-protocol command from the sandbox's namespace
+/// and returns the answer, read up to its final line.
+fn memcached(sandbox: &Sandbox, port: u16, command: &str) -> String {
+    sandbox
+        .netns
+        .enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to memcached");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream.write_all(command.as_bytes()).unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !["END\r\n", "STORED\r\n", "ERROR\r\n"]
+                .iter()
+                .any(|end| answer.ends_with(end.as_bytes()))
+            {
+                let n = stream.read(&mut buf).expect("memcached answers");
+                assert!(n > 0, "memcached closed after {answer:?}");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&answer).into_owned()
+        })
+        .unwrap()
+}
+
+/// memcached: multi-threaded (libevent, a pipe and an eventfd per worker
+/// thread), and it drops root for the `memcache` user on start.
+#[test]
+fn memcached_keeps_its_items_across_parking_with_on_idle_keep() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let command = memcached_command(8107);
+    let mut args = vec!["add", "mc", "--port", "8107", "--on-idle", "keep", "--"];
+    args.extend(command.iter().map(String::as_str));
+    sandbox.agent_ok(&args).unwrap();
+    let parked = sandbox.service("mc").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(parked["pid"].is_null(), "{parked}");
+
+    assert_eq!(
+        memcached(&sandbox, 8107, "set greeting 0 0 5\r\nhello\r\n"),
+        "STORED\r\n"
+    );
+    let pid = sandbox.running_pid("mc").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let memcache = Command::new("id")
+        .args(["-u", "memcache"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        uid,
+        String::from_utf8_lossy(&memcache.stdout).trim(),
+        "{status}"
+    );
+
+    sandbox.agent_ok(&["park", "mc"]).unwrap();
+    let parked = sandbox.service("mc").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(
+        parked["error"].is_null(),
+        "parking kept the state: {parked}"
+    );
+    assert_eq!(
+        memcached(&sandbox, 8107, "get greeting\r\n"),
+        "VALUE greeting 0 5\r\nhello\r\nEND\r\n",
+        "an item stored before parking"
+    );
+    assert_eq!(sandbox.service("mc").unwrap()["wakes"], 2);
 }
 
 /// An HTTP server that, once it has answered a request, holds an inotify
