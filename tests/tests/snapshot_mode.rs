@@ -384,6 +384,54 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     assert_eq!(redis_cli(&sandbox, 6391, &["GET", "greeting"]), "hello");
 }
 
+/// A daemon killed during a wake leaves a process whose pages are still
+/// coming in: nothing serves them any more, and it would hang on its next
+/// fault. The restarted daemon must not adopt it as running.
+#[test]
+fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daemon() {
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    add_http_server(&sandbox, "web", 8108, root.path(), &[]);
+
+    // The first wake from an image records its working set, a fault at a
+    // time: 40-80 ms for python, so 30 ms in its pages are still missing.
+    let mut first = sandbox
+        .netns
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "20",
+            "-o",
+            "/dev/null",
+            "http://127.0.0.1:8108/",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    sandbox.kill_daemon();
+    sandbox.start_daemon().unwrap();
+
+    let log = sandbox.daemon_log();
+    assert!(
+        log.contains("its pages were still being filled when the daemon stopped"),
+        "{log}"
+    );
+    let service = sandbox.service("web").unwrap();
+    assert_eq!(service["state"], "parked", "{service}");
+    // The request it had taken is closed, not left hanging.
+    let waited = std::time::Instant::now();
+    first.wait().unwrap();
+    assert!(waited.elapsed() < Duration::from_secs(10));
+    assert!(
+        sandbox
+            .http_get(8108)
+            .unwrap()
+            .contains("persist-was-here.txt"),
+        "served again from the image"
+    );
+}
+
 /// Sends one memcached text-protocol command from the sandbox's namespace
 /// and returns the answer, read up to its final line.
 fn memcached(sandbox: &Sandbox, port: u16, command: &str) -> String {

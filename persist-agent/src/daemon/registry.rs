@@ -13,7 +13,7 @@ use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
 use super::restore_worker::{RestoreWorker, WorkerShared};
-use super::run_state::{self, RunStateDir};
+use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
 use crate::control::ServiceStatus;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
@@ -251,26 +251,10 @@ impl Registry {
             .find(|slot| services.values().all(|h| h.slot != *slot))
             .ok_or(RegistryError::Full(capacity))?;
 
-        let mut left_listener = None;
-        let adopted = self.run_state.load(&spec.name).and_then(|record| {
-            let adopted = run_state::adopt(&record);
-            if adopted.is_none() && run_state::is_stopped(record.pid) {
-                // A skeleton a killed daemon left: it held the port
-                // meanwhile, and its queued connections are kept.
-                if let Some(left) = run_state::take_listener(&record) {
-                    info!(service = %spec.name, pid = record.pid, "took the listener back from a stopped skeleton");
-                    kill_and_wait(&left.pidfd);
-                    left_listener = Some(left.listener);
-                }
-            }
-            if adopted.is_none() && run_state::is_alive(&record) {
-                // It runs but no longer holds the port we gave it: stop it
-                // rather than run the service twice.
-                warn!(service = %spec.name, pid = record.pid, "running without its listener; stopping it");
-                stop_stray(record.pid);
-            }
-            adopted
-        });
+        let (adopted, left_listener) = match self.run_state.load(&spec.name) {
+            Some(record) => take_over(&spec.name, &record),
+            None => (None, None),
+        };
         let provided = provided.or(left_listener);
         let listener = match (&adopted, provided) {
             (Some(adopted), _) => adopted.listener.try_clone()?,
@@ -502,6 +486,41 @@ fn private_bytes(pid: i32) -> u64 {
         .map_or(0, |status| {
             (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024
         })
+}
+
+/// What a previous daemon left of the service recorded in `record`: its
+/// process, adopted when it runs on its own with its listener; or only the
+/// listener, taken from a process that must not go on (a stopped skeleton,
+/// or a restored process whose pages nobody serves any more), which is
+/// killed. A process that runs without its listener is stopped.
+fn take_over(name: &str, record: &RunRecord) -> (Option<Adopted>, Option<OwnedFd>) {
+    if let Some(adopted) = run_state::adopt(record) {
+        if !run_state::has_pages_nobody_serves(record.pid) {
+            return (Some(adopted), None);
+        }
+        // Restored, and its pages were still coming in when the daemon
+        // died: it would hang on its next fault. Parked again from its
+        // image, its queued connections kept.
+        warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped; stopping it and parking the service");
+        kill_and_wait(&adopted.pidfd);
+        return (None, Some(adopted.listener));
+    }
+    if run_state::is_stopped(record.pid) {
+        // A skeleton a killed daemon left: it held the port meanwhile, and
+        // its queued connections are kept.
+        if let Some(left) = run_state::take_listener(record) {
+            info!(service = %name, pid = record.pid, "took the listener back from a stopped skeleton");
+            kill_and_wait(&left.pidfd);
+            return (None, Some(left.listener));
+        }
+    }
+    if run_state::is_alive(record) {
+        // It runs but no longer holds the port we gave it: stop it rather
+        // than run the service twice.
+        warn!(service = %name, pid = record.pid, "running without its listener; stopping it");
+        stop_stray(record.pid);
+    }
+    (None, None)
 }
 
 /// Kills the process of `pidfd` and waits (a second at most) until it is

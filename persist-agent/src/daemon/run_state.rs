@@ -125,6 +125,24 @@ fn is_running(pid: i32) -> bool {
     })
 }
 
+/// Whether `pid` still has memory registered with a userfaultfd (`um` in
+/// its smaps `VmFlags`): a restored process whose pager had pages left to
+/// fill when the daemon died. Nothing serves them any more, so its next
+/// fault on one waits forever; and a new pager cannot take over safely, as
+/// it would not know what the process unmapped, moved or discarded since.
+/// (A service that used userfaultfd itself would be taken for one too.)
+pub fn has_pages_nobody_serves(pid: i32) -> bool {
+    procfs::process::Process::new(pid)
+        .and_then(|process| process.smaps())
+        .is_ok_and(|maps| {
+            maps.iter().any(|map| {
+                map.extension
+                    .vm_flags
+                    .contains(procfs::process::VmFlags::UM)
+            })
+        })
+}
+
 /// Whether `pid` is in a group stop (state `T`).
 pub fn is_stopped(pid: i32) -> bool {
     procfs::process::Process::new(pid)
