@@ -414,12 +414,12 @@ fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daem
 
     let log = sandbox.daemon_log();
     assert!(
-        log.contains("its pages were still being filled when the daemon stopped"),
+        log.contains("its pages were still being filled when the daemon stopped")
+            && !log.contains("found the running service again"),
         "{log}"
     );
-    let service = sandbox.service("web").unwrap();
-    assert_eq!(service["state"], "parked", "{service}");
-    // The request it had taken is closed, not left hanging.
+    // The request is answered by a new wake if it was still queued, or
+    // closed if the process had taken it: not left hanging.
     let waited = std::time::Instant::now();
     first.wait().unwrap();
     assert!(waited.elapsed() < Duration::from_secs(10));
