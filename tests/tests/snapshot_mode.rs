@@ -393,8 +393,9 @@ fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daem
     let root = web_root();
     add_http_server(&sandbox, "web", 8108, root.path(), &[]);
 
-    // The first wake from an image records its working set, a fault at a
-    // time: 40-80 ms for python, so 30 ms in its pages are still missing.
+    // The first wake from an image records its working set, and holds the
+    // fill back for 200 ms after the resume: killed once the SYN is seen,
+    // the daemon leaves pages missing.
     let mut first = sandbox
         .netns
         .command("curl")
@@ -408,7 +409,11 @@ fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daem
         ])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(30));
+    wait_until(Duration::from_secs(10), || {
+        sandbox.service("web").unwrap()["syns"].as_u64() > Some(0)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(10));
     sandbox.kill_daemon();
     sandbox.start_daemon().unwrap();
 
