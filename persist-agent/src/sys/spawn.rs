@@ -111,6 +111,10 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
 
     let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
 
+    // Held across the fork, so that the daemon's reaper cannot collect a
+    // child that exits at once (`/bin/false`) before it is claimed: its
+    // pidfd could not be opened any more.
+    let mut claimed = CLAIMED.lock().expect("claimed lock");
     // SAFETY: between fork and exec the child only calls async-signal-safe
     // raw system calls on memory prepared above (no allocation, no locks),
     // then execs or exits with `_exit`.
@@ -134,7 +138,8 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
             )
         }
     }
-    CLAIMED.lock().expect("claimed lock").insert(pid);
+    claimed.insert(pid);
+    drop(claimed);
     drop(error_write);
     let pidfd = PidFd::open(pid)?;
     let mut errno = [0u8; 4];
