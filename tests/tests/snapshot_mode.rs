@@ -270,6 +270,18 @@ fn redis_cli(sandbox: &Sandbox, port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// Parks `name` (an `--on-idle keep` service) and checks that it parked
+/// with its state kept.
+fn park_keeping_state(sandbox: &Sandbox, name: &str) {
+    sandbox.agent_ok(&["park", name]).unwrap();
+    let parked = sandbox.service(name).unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(
+        parked["error"].is_null(),
+        "parking kept the state: {parked}"
+    );
+}
+
 #[test]
 fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     let sandbox = Sandbox::with_daemon().unwrap();
@@ -283,13 +295,7 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
         redis_cli(&sandbox, 6391, &["SET", "greeting", "hello"]),
         "OK"
     );
-    sandbox.agent_ok(&["park", "redis"]).unwrap();
-    let parked = sandbox.service("redis").unwrap();
-    assert_eq!(parked["state"], "parked", "{parked}");
-    assert!(
-        parked["error"].is_null(),
-        "parking kept the state: {parked}"
-    );
+    park_keeping_state(&sandbox, "redis");
     // Kept as a delta of the image the wake restored: only what changed is written.
     let images = sandbox.state_dir().join("images");
     let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
@@ -323,12 +329,7 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     drop(kept);
 
     // Kept again over the kept state it was restored from: a delta of a delta.
-    sandbox.agent_ok(&["park", "redis"]).unwrap();
-    let parked = sandbox.service("redis").unwrap();
-    assert!(
-        parked["error"].is_null(),
-        "parking kept the state again: {parked}"
-    );
+    park_keeping_state(&sandbox, "redis");
     let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
     assert_eq!(
         kept.manifest().base_stores.len(),
@@ -498,13 +499,7 @@ fn memcached_keeps_its_items_across_parking_with_on_idle_keep() {
         "{status}"
     );
 
-    sandbox.agent_ok(&["park", "mc"]).unwrap();
-    let parked = sandbox.service("mc").unwrap();
-    assert_eq!(parked["state"], "parked", "{parked}");
-    assert!(
-        parked["error"].is_null(),
-        "parking kept the state: {parked}"
-    );
+    park_keeping_state(&sandbox, "mc");
     assert_eq!(
         memcached(&sandbox, 8107, "get greeting\r\n"),
         "VALUE greeting 0 5\r\nhello\r\nEND\r\n",
