@@ -438,6 +438,37 @@ fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daem
     );
 }
 
+/// A tokio server (multi-threaded runtime: epoll, an eventfd waker, worker
+/// threads parked on futexes): its request count survives a park with
+/// `--on-idle keep`.
+#[test]
+fn a_tokio_server_keeps_its_count_across_parking() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let server = binary("tokio-server").display().to_string();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "tokio",
+            "--port",
+            "8109",
+            "--on-idle",
+            "keep",
+            "--",
+            &server,
+            "127.0.0.1:8109",
+        ])
+        .unwrap();
+    assert_eq!(sandbox.service("tokio").unwrap()["state"], "parked");
+
+    let first = sandbox.http_get(8109).unwrap();
+    assert!(first.starts_with("request 1 from pid "), "{first}");
+    assert!(sandbox.http_get(8109).unwrap().starts_with("request 2 "));
+    park_keeping_state(&sandbox, "tokio");
+    let third = sandbox.http_get(8109).unwrap();
+    assert!(third.starts_with("request 3 from pid "), "{third}");
+    assert_eq!(sandbox.service("tokio").unwrap()["wakes"], 2);
+}
+
 /// Sends one memcached text-protocol command from the sandbox's namespace
 /// and returns the answer, read up to its final line.
 fn memcached(sandbox: &Sandbox, port: u16, command: &str) -> String {
