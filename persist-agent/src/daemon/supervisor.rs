@@ -28,6 +28,9 @@ use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// A park that cannot keep the state is retried after at most 64 idle
+/// timeouts: each failure is a whole checkpoint attempt.
+const MAX_KEEP_BACKOFF_DOUBLINGS: u32 = 6;
 /// A process that exits this soon after its start counts as a failed start.
 const QUICK_EXIT: Duration = Duration::from_secs(1);
 /// Failed starts in a row after which the service is marked failed rather
@@ -291,9 +294,10 @@ pub struct Supervisor {
     published: Arc<Mutex<Published>>,
     child: Option<Child>,
     running_since: Instant,
-    /// When a park could not keep the state (`--on-idle keep`): the service
-    /// runs on, and the idle park is tried again an idle timeout later.
-    keep_failed_at: Option<Instant>,
+    /// When a park last could not keep the state (`--on-idle keep`), and
+    /// how many times in a row: the service runs on, and the idle park is
+    /// tried again after an idle timeout, doubled at each failure.
+    keep_failed: Option<(Instant, u32)>,
     /// Consecutive starts after which the process exited at once.
     quick_exits: u32,
     starter: Starter,
@@ -345,7 +349,7 @@ impl Supervisor {
             published: published.clone(),
             child: None,
             running_since: Instant::now(),
-            keep_failed_at: None,
+            keep_failed: None,
             quick_exits: 0,
             starter,
             parks_when_resumed: Vec::new(),
@@ -630,7 +634,7 @@ impl Supervisor {
                         base_stores = summary.base_stores,
                         "state kept for the next wake"
                     );
-                    self.keep_failed_at = None;
+                    self.keep_failed = None;
                     self.published.lock().expect("published lock").error = None;
                     if let Starter::Restore {
                         image, kept_image, ..
@@ -653,7 +657,8 @@ impl Supervisor {
     fn keep_failed(&mut self, err: String) -> String {
         let message = format!("cannot park with its state kept, left running: {err}");
         warn!(service = %self.spec.name, "{message}");
-        self.keep_failed_at = Some(Instant::now());
+        let failures = self.keep_failed.map_or(1, |(_, failures)| failures + 1);
+        self.keep_failed = Some((Instant::now(), failures));
         let pid = self.child.as_ref().map(|child| child.pid);
         self.publish(State::Running, pid);
         self.set_bpf_state(BpfState::Running);
@@ -827,9 +832,10 @@ impl Supervisor {
         };
         since_syn >= timeout
             && self.running_since.elapsed() >= timeout
-            && self
-                .keep_failed_at
-                .is_none_or(|failed| failed.elapsed() >= timeout)
+            && self.keep_failed.is_none_or(|(failed, failures)| {
+                let doublings = (failures - 1).min(MAX_KEEP_BACKOFF_DOUBLINGS);
+                failed.elapsed() >= timeout * 2u32.pow(doublings)
+            })
             && !listener::has_pending(&self.listener)
             && !has_established_connections(self.spec.port)
     }
