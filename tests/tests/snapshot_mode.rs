@@ -469,6 +469,55 @@ fn a_tokio_server_keeps_its_count_across_parking() {
     assert_eq!(sandbox.service("tokio").unwrap()["wakes"], 2);
 }
 
+/// Redis forks for a background save. While the child runs, a park with
+/// `--on-idle keep` is refused (the child cannot be checkpointed with it)
+/// and Redis runs on; once the save is over the park keeps everything.
+#[test]
+fn redis_is_parked_only_once_its_background_save_is_over() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let rdb_dir = tempfile::tempdir().unwrap();
+    let mut command = redis_server_command(6392);
+    command.extend(["--dir".to_owned(), rdb_dir.path().display().to_string()]);
+    let mut args = vec!["add", "r", "--port", "6392", "--on-idle", "keep", "--"];
+    args.extend(command.iter().map(String::as_str));
+    sandbox.agent_ok(&args).unwrap();
+
+    for i in 0..10 {
+        let key = format!("key:{i}");
+        assert_eq!(redis_cli(&sandbox, 6392, &["SET", &key, "saved"]), "OK");
+    }
+    // 10 keys at 0.1 s each: a save of about a second.
+    assert_eq!(
+        redis_cli(
+            &sandbox,
+            6392,
+            &["CONFIG", "SET", "rdb-key-save-delay", "100000"]
+        ),
+        "OK"
+    );
+    assert_eq!(
+        redis_cli(&sandbox, 6392, &["BGSAVE"]),
+        "Background saving started"
+    );
+    let pid = sandbox.running_pid("r").unwrap();
+    let refused = sandbox.agent(&["park", "r"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("has child processes"),
+        "park during the save: {stderr}"
+    );
+    assert_eq!(sandbox.service("r").unwrap()["state"], "running");
+    assert_eq!(sandbox.running_pid("r").unwrap(), pid);
+
+    wait_until(Duration::from_secs(20), || {
+        redis_cli(&sandbox, 6392, &["INFO", "persistence"]).contains("rdb_bgsave_in_progress:0")
+    })
+    .expect("the save ends");
+    park_keeping_state(&sandbox, "r");
+    assert_eq!(redis_cli(&sandbox, 6392, &["GET", "key:7"]), "saved");
+    assert_eq!(redis_cli(&sandbox, 6392, &["DBSIZE"]), "10");
+}
+
 /// Sends one memcached text-protocol command from the sandbox's namespace
 /// and returns the answer, read up to its final line.
 fn memcached(sandbox: &Sandbox, port: u16, command: &str) -> String {
