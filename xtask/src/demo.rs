@@ -59,7 +59,9 @@ pub fn run() -> Result<()> {
     println!(
         " readiness asks for the file, so that the snapshot already holds what python sets up"
     );
-    println!(" on its first file request, its MIME types from /etc/mime.types: each wake would redo it, 3-6 ms)");
+    println!(
+        " on its first file request, its MIME types from /etc/mime.types: each wake would redo it, 3-6 ms)"
+    );
     wait_until(Duration::from_secs(10), || {
         sandbox
             .service("web")
