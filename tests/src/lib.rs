@@ -340,6 +340,56 @@ pub fn redis_server_command(port: u16) -> Vec<String> {
     .to_vec()
 }
 
+/// The command line of nginx in the foreground on 127.0.0.1:`port`, serving
+/// `root`, with its configuration, pid file, logs and temporary files under
+/// `prefix` (written here): one process with `master_process off`, else a
+/// master and one worker.
+pub fn nginx_command(
+    prefix: &Path,
+    root: &Path,
+    port: u16,
+    master_process: bool,
+) -> std::io::Result<Vec<String>> {
+    std::fs::create_dir_all(prefix.join("tmp"))?;
+    let config = prefix.join("nginx.conf");
+    let master = if master_process { "on" } else { "off" };
+    let p = prefix.display();
+    let root = root.display();
+    std::fs::write(
+        &config,
+        format!(
+            "daemon off;
+master_process {master};
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {p}/access.log;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"
+        ),
+    )?;
+    Ok(vec![
+        "nginx".into(),
+        "-p".into(),
+        prefix.display().to_string(),
+        "-c".into(),
+        config.display().to_string(),
+        "-e".into(),
+        prefix.join("error.log").display().to_string(),
+    ])
+}
+
 /// The command line of `memcached` on 127.0.0.1:`port` (TCP only), running
 /// as Debian's `memcache` user, as memcached refuses to run as root.
 pub fn memcached_command(port: u16) -> Vec<String> {

@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use persist_tests::{
-    Sandbox, add_http_server, binary, memcached_command, redis_server_command, wait_until, web_root,
+    Sandbox, add_http_server, binary, memcached_command, nginx_command, redis_server_command,
+    wait_until, web_root,
 };
 
 /// Builds an image of hello-server listening on `port` with `persist-agent build`.
@@ -516,6 +517,55 @@ fn redis_is_parked_only_once_its_background_save_is_over() {
     park_keeping_state(&sandbox, "r");
     assert_eq!(redis_cli(&sandbox, 6392, &["GET", "key:7"]), "saved");
     assert_eq!(redis_cli(&sandbox, 6392, &["DBSIZE"]), "10");
+}
+
+/// nginx as one process (`master_process off`): parked, woken by a
+/// connection, parked and woken again, the restored process appending to
+/// its access log. With a master and a worker, `add` refuses it by name.
+#[test]
+fn nginx_is_parked_and_woken_and_a_master_with_workers_is_refused() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = web_root();
+    std::fs::write(root.path().join("index.html"), "hello from nginx\n").unwrap();
+    let one = dir.path().join("one");
+    let command = nginx_command(&one, root.path(), 8110, false).unwrap();
+    let mut args = vec!["add", "nginx", "--port", "8110", "--"];
+    args.extend(command.iter().map(String::as_str));
+    sandbox.agent_ok(&args).unwrap();
+    assert_eq!(sandbox.service("nginx").unwrap()["state"], "parked");
+
+    let access_lines = || {
+        std::fs::read_to_string(one.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let before = access_lines();
+    assert_eq!(sandbox.http_get(8110).unwrap(), "hello from nginx\n");
+    sandbox.agent_ok(&["park", "nginx"]).unwrap();
+    assert_eq!(sandbox.service("nginx").unwrap()["state"], "parked");
+    assert_eq!(sandbox.http_get(8110).unwrap(), "hello from nginx\n");
+    assert_eq!(sandbox.service("nginx").unwrap()["wakes"], 2);
+    wait_until(Duration::from_secs(5), || access_lines() == before + 2).unwrap_or_else(|_| {
+        panic!(
+            "{} access log lines after 2 requests, {before} before",
+            access_lines()
+        )
+    });
+
+    let command = nginx_command(&dir.path().join("two"), root.path(), 8111, true).unwrap();
+    let mut args = vec!["add", "nginx-mw", "--port", "8111", "--"];
+    args.extend(command.iter().map(String::as_str));
+    let refused = sandbox.agent(&args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("has child processes")
+            && stderr.contains("only single-process services can be snapshotted"),
+        "{stderr}"
+    );
+    assert!(sandbox.service("nginx-mw").is_err(), "not registered");
 }
 
 /// Sends one memcached text-protocol command from the sandbox's namespace

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use persist_tests::{binary, redis_server_command};
+use persist_tests::{binary, nginx_command, redis_server_command};
 use serde::Serialize;
 
 use super::client::Probe;
@@ -100,22 +100,12 @@ impl Server {
                 self.dir.join("www").display().to_string(),
             ],
             Kind::Redis => redis_server_command(port),
-            Kind::Nginx | Kind::NginxMaster => {
-                let prefix = self.dir.join(format!("nginx-{port}"));
-                std::fs::create_dir_all(prefix.join("tmp"))?;
-                let config = prefix.join("nginx.conf");
-                std::fs::write(&config, self.nginx_config(&prefix, port))?;
-                let error_log = prefix.join("error.log");
-                vec![
-                    "nginx".into(),
-                    "-p".into(),
-                    prefix.display().to_string(),
-                    "-c".into(),
-                    config.display().to_string(),
-                    "-e".into(),
-                    error_log.display().to_string(),
-                ]
-            }
+            Kind::Nginx | Kind::NginxMaster => nginx_command(
+                &self.dir.join(format!("nginx-{port}")),
+                &self.dir.join("www"),
+                port,
+                self.kind == Kind::NginxMaster,
+            )?,
         };
         Ok(argv)
     }
@@ -133,38 +123,6 @@ impl Server {
     /// show what persist does with a multi-process server).
     pub fn persist_only(&self) -> bool {
         self.kind == Kind::NginxMaster
-    }
-
-    fn nginx_config(&self, prefix: &Path, port: u16) -> String {
-        let master = if self.kind == Kind::NginxMaster {
-            "on"
-        } else {
-            "off"
-        };
-        let prefix = prefix.display();
-        let www = self.dir.join("www");
-        let www = www.display();
-        format!(
-            "daemon off;
-master_process {master};
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {www};
-    }}
-}}
-"
-        )
     }
 }
 
