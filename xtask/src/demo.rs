@@ -130,8 +130,8 @@ fn timed_get(sandbox: &Sandbox, path: &str) -> Result<(String, Duration)> {
     sandbox.netns.enter(|| -> Result<(String, Duration)> {
         let started = Instant::now();
         let mut stream = TcpStream::connect(("127.0.0.1", PORT))?;
-        // One segment: `write!` sends each piece of the format on its own,
-        // and Nagle then held the rest back behind the first.
+        // One segment, as clients send a request: `write!` would send each
+        // piece of the format on its own.
         stream.set_nodelay(true)?;
         stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
         let mut first = [0u8; 1];
