@@ -53,7 +53,7 @@ pub struct ProcSelfPosition {
     pub offset: u64,
 }
 
-/// Every descriptor of a process, re-created by [`super::prepare`] and held
+/// Every descriptor of a process, re-created by [`super::prepare()`] and held
 /// open in the agent, ready for [`PreparedFds::install_in_child`].
 ///
 /// Use one `PreparedFds` for one restore: the objects are shared with the

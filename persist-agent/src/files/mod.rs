@@ -6,7 +6,7 @@
 //! disturbing them: pipe data is copied with `tee`, socket queues are read
 //! with `MSG_PEEK`.
 //!
-//! Restore calls [`prepare`] in the agent before forking: it re-creates every
+//! Restore calls [`prepare()`] in the agent before forking: it re-creates every
 //! object (files reopened at their offset, pipes refilled, eventfd, timerfd,
 //! signalfd and memfd rebuilt, TCP and UNIX listeners and UDP sockets bound
 //! again, socket pairs refilled, epoll instances created empty), or takes

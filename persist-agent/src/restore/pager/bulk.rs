@@ -228,7 +228,7 @@ impl Pager {
     }
 
     /// The copy of `spans`, ready for any thread to help with
-    /// ([`PlannedCopy::help`]) until [`Pager::finish_copy`] ends it.
+    /// ([`PlannedCopy::help_to_the_end`]) until [`Pager::finish_copy`] ends it.
     fn plan_copy(&self, spans: Vec<Span>) -> PlannedCopy {
         let pages = spans.iter().map(|span| span.count).sum();
         let jobs = spans
@@ -298,7 +298,7 @@ impl Pager {
     }
 
     /// Plans the copy of the pages of `set` the process still expects, at
-    /// prepare time: on the wake any thread may [`PlannedCopy::help`] with
+    /// prepare time: on the wake any thread may [`PlannedCopy::help_to_the_end`] with
     /// it (the daemon's wake thread starts before the restore thread is
     /// even awake), and [`Pager::finish_planned`] ends it.
     pub(crate) fn plan_set(&self, set: &WorkingSet) -> PlannedCopy {
