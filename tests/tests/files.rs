@@ -72,7 +72,7 @@ fn start_fixture(dir: &Path, port: u16) -> Started {
         .spawn()
         .expect("start fixture-files");
     let started = Started { child };
-    wait_for(&dir.join("ready"), "fixture-files to be ready");
+    wait_until_ready(&started, dir, "fixture-files");
     started
 }
 
@@ -88,8 +88,33 @@ fn start_python(dir: &Path, script: &str) -> Started {
         .spawn()
         .expect("start python3");
     let started = Started { child };
-    wait_for(&dir.join("ready"), "python3 to be ready");
+    wait_until_ready(&started, dir, "python3");
     started
+}
+
+/// Waits until `started` has written `dir/ready` and closed it again: its
+/// descriptors are saved while it runs, and one that closes meanwhile
+/// vanishes between the listing and the look at it.
+fn wait_until_ready(started: &Started, dir: &Path, what: &str) {
+    let marker = dir.join("ready");
+    wait_for(&marker, &format!("{what} to be ready"));
+    let fds = PathBuf::from(format!("/proc/{}/fd", started.pid()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holds_marker = || {
+        fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| fs::read_link(entry.path()).is_ok_and(|target| target == marker))
+    };
+    while holds_marker() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} kept {} open",
+            marker.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn save(pid: i32) -> Result<Vec<FdInfo>, FilesError> {
