@@ -252,7 +252,7 @@ impl Registry {
             .ok_or(RegistryError::Full(capacity))?;
 
         let (adopted, left_listener) = match self.run_state.load(&spec.name) {
-            Some(record) => take_over(&spec.name, &record),
+            Some(record) => take_over(&spec, &record),
             None => (None, None),
         };
         let provided = provided.or(left_listener);
@@ -488,14 +488,17 @@ fn private_bytes(pid: i32) -> u64 {
         })
 }
 
-/// What a previous daemon left of the service recorded in `record`: its
-/// process, adopted when it runs on its own with its listener; or only the
-/// listener, taken from a process that must not go on (a stopped skeleton,
-/// or a restored process whose pages nobody serves any more), which is
-/// killed. A process that runs without its listener is stopped.
-fn take_over(name: &str, record: &RunRecord) -> (Option<Adopted>, Option<OwnedFd>) {
+/// What a previous daemon left of the service `spec` recorded in `record`:
+/// its process, adopted when it runs on its own with its listener; or only
+/// the listener, taken from a process that must not go on (a stopped
+/// skeleton, or a restored process whose pages nobody serves any more),
+/// which is killed. A process that runs without its listener is stopped.
+fn take_over(spec: &ServiceSpec, record: &RunRecord) -> (Option<Adopted>, Option<OwnedFd>) {
+    let name = &spec.name;
     if let Some(adopted) = run_state::adopt(record) {
-        if !run_state::has_pages_nobody_serves(record.pid) {
+        // Only a restored process has pages a pager of ours should serve.
+        let restored = spec.mode == ServiceMode::Snapshot;
+        if !restored || !run_state::has_pages_nobody_serves(record.pid) {
             return (Some(adopted), None);
         }
         // Restored, and its pages were still coming in when the daemon

@@ -130,7 +130,8 @@ fn is_running(pid: i32) -> bool {
 /// fill when the daemon died. Nothing serves them any more, so its next
 /// fault on one waits forever; and a new pager cannot take over safely, as
 /// it would not know what the process unmapped, moved or discarded since.
-/// (A service that used userfaultfd itself would be taken for one too.)
+/// (A snapshot-mode service that used userfaultfd itself would be taken
+/// for one too.)
 pub fn has_pages_nobody_serves(pid: i32) -> bool {
     procfs::process::Process::new(pid)
         .and_then(|process| process.smaps())
