@@ -320,9 +320,7 @@ impl Skeleton {
         pidfd
             .send_signal(Signal::SIGSTOP)
             .map_err(RestoreError::ptrace(self.pid, "SIGSTOP"))?;
-        for &tid in self.tids.iter().rev() {
-            ptrace::detach(tid, 0).map_err(RestoreError::ptrace(tid, "detach"))?;
-        }
+        self.detach_all()?;
         let continuer = Continuer {
             inner: Arc::new(ContinuerState {
                 pidfd: pidfd
@@ -335,6 +333,14 @@ impl Skeleton {
         Ok(Some(continuer))
     }
 
+    /// Detaches every thread, the leader last.
+    fn detach_all(&self) -> Result<(), RestoreError> {
+        for &tid in self.tids.iter().rev() {
+            ptrace::detach(tid, 0).map_err(RestoreError::ptrace(tid, "detach"))?;
+        }
+        Ok(())
+    }
+
     /// Lets every thread run. The process faults on its first touch of
     /// memory, so the caller must run the returned pager.
     pub fn resume(mut self) -> Result<Restored, RestoreError> {
@@ -343,9 +349,7 @@ impl Skeleton {
             Some(continuer) => continuer.continue_process()?,
             None => {
                 let started = Instant::now();
-                for &tid in self.tids.iter().rev() {
-                    ptrace::detach(tid, 0).map_err(RestoreError::ptrace(tid, "detach"))?;
-                }
+                self.detach_all()?;
                 (started, started.elapsed())
             }
         };

@@ -11,7 +11,7 @@
 //! refuses is copied again page by page by the ordinary path.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use persist_common::image::{PAGE_SIZE, PageRun, WorkingSet};
 
@@ -414,11 +414,7 @@ impl Shared {
 
     /// Waits until every job is done; true when each copied all its pages.
     fn all_copied(&self) -> bool {
-        let mut finished = self.finished.lock().expect("bulk copy lock");
-        while finished.len() < self.jobs.len() {
-            finished = self.all_finished.wait(finished).expect("bulk copy lock");
-        }
-        finished.iter().all(|outcome| {
+        self.all_done().iter().all(|outcome| {
             matches!(outcome, Outcome::Copied { span, pages, .. } if *pages == span.count)
         })
     }
@@ -426,11 +422,16 @@ impl Shared {
     /// Waits until every job is done, and returns their outcomes (left in
     /// place: another thread may be waiting in [`Shared::all_copied`]).
     fn wait_all(&self) -> Vec<Outcome> {
+        self.all_done().clone()
+    }
+
+    /// Waits until every job is done; the outcomes, locked.
+    fn all_done(&self) -> MutexGuard<'_, Vec<Outcome>> {
         let mut finished = self.finished.lock().expect("bulk copy lock");
         while finished.len() < self.jobs.len() {
             finished = self.all_finished.wait(finished).expect("bulk copy lock");
         }
-        finished.clone()
+        finished
     }
 }
 
