@@ -223,6 +223,16 @@ fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
         half,
         "the set it prefetched comes first, unchanged"
     );
+
+    park(&sandbox, "redis");
+    let (response, _) = request(&sandbox, 6441, REDIS_PING);
+    assert_eq!(response, "+PONG\r\n");
+    let status = pager_done(&sandbox, "redis");
+    assert_eq!(
+        u64_field(&status, "last_faults"),
+        0,
+        "the extended set holds every page the wake needs: {status}"
+    );
 }
 
 #[test]
