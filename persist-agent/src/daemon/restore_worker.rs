@@ -502,7 +502,6 @@ impl Worker {
             None => {}
         }
         if prefetched_set {
-            pager.hold_fill(FILL_HOLD);
             // Told once the first request is likely answered: the daemon's
             // work on the news (a log line, state) would take a CPU from it.
             pager.when_quiet(Box::new(move || reply(Ok(resumed))));
@@ -609,11 +608,6 @@ struct Recording {
 /// recording wake) or faults on (a prefetched one): its first request and a
 /// settle time after it.
 const RECORD_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// How long after a resume with a prefetched working set the background
-/// fill waits: the first request then runs without the pager competing for
-/// its CPU (on a 2-CPU VM redis answered ~1 ms later while the pager filled).
-const FILL_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Gives the previous process of the image time to be reaped, so the skeleton
 /// gets the recorded pid itself rather than a private pid namespace. A process

@@ -138,11 +138,9 @@ pub struct Pager {
     /// Until when faults are recorded: logged into `fault_log`, with
     /// single-page copies and the background fill held back.
     record_until: Option<Instant>,
-    /// Until when faults are logged into `fault_log` and served as usual.
+    /// Until when faults are logged into `fault_log`, one page each, with
+    /// the background fill held back.
     log_until: Option<Instant>,
-    /// Until when the background fill waits (the process got its working
-    /// set and runs its first request on its own meanwhile).
-    fill_after: Option<Instant>,
     /// Called once the process first runs without faulting for a while.
     when_quiet: Option<Box<dyn FnOnce() + Send>>,
     /// Pagers of children the process forked while pages were missing.
@@ -259,7 +257,6 @@ impl Pager {
             fault_log: None,
             record_until: None,
             log_until: None,
-            fill_after: None,
             when_quiet: None,
             children: Vec::new(),
         }
@@ -308,7 +305,7 @@ impl Pager {
     /// priority does not prevent it: the restored process leads its own
     /// session, so autogroup scheduling weighs it against the agent as a
     /// group. So after a resume with a working set copied in, the fill is
-    /// held back (`Pager::hold_fill`) while only faults are served. A lazy
+    /// held back while the wake logs the faults (`Pager::log_faults`). A lazy
     /// wake keeps filling between faults: holding it back there made redis's
     /// lazy wakes 20–40 % slower, as the fill no longer brought pages in
     /// ahead of the faults.
@@ -373,9 +370,11 @@ impl Pager {
             if self.pending.is_empty() {
                 break;
             }
-            // Only faults while recording (purely lazy, so that every page
-            // the process touches faults and is logged) and while the fill is
-            // held back. While recording, right after the resume or a fault,
+            // Only faults while logging, so that every page the process
+            // touches and lacks faults and is logged: a fill would bring
+            // some in first (a busy machine's redis then faulted on 39 pages
+            // again on the next wake). This also keeps the fill from taking
+            // a CPU from a prefetched wake's first request. While recording, right after the resume or a fault,
             // they are polled for from another CPU than the one the process
             // runs on (a fill there would delay its request, and sleeping
             // adds a wake-up, ~100 µs here, to each fault); once faults
@@ -385,7 +384,7 @@ impl Pager {
             // CPU delayed redis's first request more (4 %) than it saved, and
             // polls only after a fault, as the pages its set lacked tend to
             // come in a row.
-            if self.recording() || self.fill_after.is_some_and(|at| Instant::now() < at) {
+            if self.logging() {
                 let recent = last_fault
                     .or(self.resumed_at)
                     .is_some_and(|at| at.elapsed() < SPIN_WINDOW);
@@ -770,13 +769,6 @@ impl Pager {
         self.record_until = Some(Instant::now() + window);
     }
 
-    /// Holds the background fill back for `window` from now on, while only
-    /// faults are served: for a process whose working set was copied in, so
-    /// that its first request runs without the pager competing for a CPU.
-    pub(crate) fn hold_fill(&mut self, window: Duration) {
-        self.fill_after = Some(Instant::now() + window);
-    }
-
     /// Calls `callback` from [`Pager::run_until_filled`] once the process
     /// has run without a fault for [`SPIN_WINDOW`] since the resume (checked
     /// each time the pager wakes, at least every millisecond), when the
@@ -794,8 +786,10 @@ impl Pager {
     }
 
     /// Logs the pages the process faults on for `window` from now on, in
-    /// order, for [`Pager::take_fault_log`], serving them as usual: on a wake
-    /// whose working set was copied in, these are the pages the set lacks.
+    /// order, for [`Pager::take_fault_log`]: on a wake whose working set was
+    /// copied in, these are the pages the set lacks. As while recording, each
+    /// comes in alone and the background fill waits until the window ends,
+    /// so that every such page the process touches faults.
     pub(crate) fn log_faults(&mut self, window: Duration) {
         self.fault_log = Some(Vec::new());
         self.log_until = Some(Instant::now() + window);

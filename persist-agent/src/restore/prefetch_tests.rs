@@ -222,10 +222,8 @@ fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
     let mut pager = fixture.pager();
     pager.prefetch_set(&set).unwrap();
+    // The fill waits for the window's end: every touch below faults.
     pager.log_faults(Duration::from_secs(60));
-    // Long enough for the test's touches to fault rather than find their
-    // pages filled in the background.
-    pager.hold_fill(Duration::from_secs(2));
     let serving = std::thread::spawn(move || {
         pager.run_until_filled().unwrap();
         pager.take_fault_log()
