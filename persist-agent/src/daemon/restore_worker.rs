@@ -142,10 +142,20 @@ impl ResumeTrigger {
             return;
         }
         let armed = self.armed.lock().expect("armed lock").clone();
-        let copied = armed.copy.as_ref().is_none_or(PlannedCopy::help_to_the_end);
-        if let (true, Some(continuer)) = (copied, &armed.continuer) {
-            // On failure the restore thread resumes it, and reports why not.
+        let Some(continuer) = armed.continuer else {
+            return;
+        };
+        // On failure the restore thread resumes it, and reports why not.
+        let wake_thread = std::thread::current().id();
+        let continue_process = Box::new(move || {
+            if std::thread::current().id() != wake_thread {
+                let _ = sched::set_current_thread_realtime(false);
+            }
             let _ = continuer.try_continue_process();
+        });
+        match armed.copy {
+            Some(copy) => copy.help_then(continue_process),
+            None => continue_process(),
         }
     }
 }

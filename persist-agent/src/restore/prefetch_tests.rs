@@ -84,6 +84,19 @@ impl Fixture {
             })
             .collect()
     }
+
+    /// Byte 0 of each page in `pages`, which must be present already.
+    fn first_bytes_of(&self, pages: &[u64]) -> Vec<u8> {
+        pages
+            .iter()
+            .map(|&page| {
+                assert!(page < PAGES);
+                // SAFETY: reading inside our own mapping, a page the test
+                // copied in (or it would wait for a pager).
+                unsafe { *(self.area.cast::<u8>()).add((page * PAGE_SIZE) as usize) }
+            })
+            .collect()
+    }
 }
 
 /// Addresses of the pages of `pager` still missing, as page indexes.
@@ -255,22 +268,54 @@ fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
     assert_eq!(extended[..4], [fixture.page(3), log[0], log[1], log[2]]);
 }
 
-#[test]
-fn a_helper_arriving_after_the_copy_is_finished_sees_it_done() {
-    let fixture = Fixture::new();
+/// The pages `pages` of the fixture as a working set, and the pager's
+/// copy of them planned (with their runs still to verify).
+fn planned(fixture: &Fixture, pages: &[u64]) -> (Pager, super::pager::PlannedCopy) {
     let crc = manifest_crc(&fixture.dir).unwrap();
-    let pages: Vec<WorkingSetPage> = [1, 2, 9].map(|page| fixture.page(page)).to_vec();
+    let pages: Vec<WorkingSetPage> = pages.iter().map(|&page| fixture.page(page)).collect();
     WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
-    let mut pager = fixture.pager();
+    let pager = fixture.pager();
     let copy = pager.plan_set(&set);
+    (pager, copy)
+}
+
+/// Runs `help_then` on a thread of its own; the receiver hears from the
+/// thread that called `then`, if any did.
+fn help_on_a_thread(
+    copy: super::pager::PlannedCopy,
+) -> std::sync::mpsc::Receiver<std::thread::ThreadId> {
+    let (done, called) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        copy.help_then(Box::new(move || {
+            let _ = done.send(std::thread::current().id());
+        }))
+    });
+    called
+}
+
+#[test]
+fn a_helper_arriving_after_the_copy_is_finished_continues_at_once() {
+    let fixture = Fixture::new();
+    let (mut pager, copy) = planned(&fixture, &[1, 2, 9]);
     assert_eq!(pager.finish_planned(&copy).unwrap(), 3);
     // The daemon's wake thread may get to the copy only now.
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || done.send(copy.help_to_the_end()).unwrap());
-    assert_eq!(
-        finished.recv_timeout(Duration::from_secs(10)),
-        Ok(true),
+    let called = help_on_a_thread(copy);
+    assert!(
+        called.recv_timeout(Duration::from_secs(10)).is_ok(),
         "the late helper must not wait for outcomes already taken"
     );
+}
+
+#[test]
+fn the_thread_that_copies_the_last_span_continues() {
+    let fixture = Fixture::new();
+    let (mut pager, copy) = planned(&fixture, &[1, 2, 9, 20, 30]);
+    // The helper comes first and, alone, copies everything.
+    let called = help_on_a_thread(copy.clone());
+    let caller = called.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_ne!(caller, std::thread::current().id());
+    assert_eq!(pager.finish_planned(&copy).unwrap(), 5, "nothing retried");
+    let bytes = fixture.first_bytes_of(&[1, 2, 9, 20, 30]);
+    assert_eq!(bytes, [2, 3, 10, 21, 31]);
 }

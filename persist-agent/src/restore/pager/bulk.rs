@@ -6,12 +6,15 @@
 //! times as fast as one. So the pages are sorted by address, merged into
 //! spans that are contiguous both in the process and in the page store
 //! (bridging short gaps of pages that are stored too), and threads, one a
-//! CPU, claim the spans one at a time. The process is stopped, so nothing
+//! CPU, claim the spans one at a time, each from its own lane of the
+//! address-ordered list: two threads copying neighbouring spans wait for
+//! the same page table's lock (a paravirtual spinlock here, which can halt
+//! the waiting CPU). The process is stopped, so nothing
 //! else changes its address space meanwhile; anything the kernel still
 //! refuses is copied again page by page by the ordinary path.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use persist_common::image::{PAGE_SIZE, PageRun, WorkingSet};
 
@@ -52,20 +55,39 @@ struct Span {
 /// A bulk copy planned ahead, which several threads may do together.
 #[derive(Clone)]
 pub(crate) struct PlannedCopy {
-    pages: u64,
     shared: Arc<Shared>,
 }
 
+/// What runs once every page of a planned copy is in.
+pub(crate) type WhenCopied = Box<dyn FnOnce() + Send>;
+
 impl PlannedCopy {
     /// Copies spans nobody has claimed yet, on the calling thread, until
-    /// none is left, then waits for the spans other threads hold. Safe from
-    /// any thread, at any time before the copy is finished: the process is
-    /// stopped until then. True when every page of the plan is in, so that
-    /// the process may run without [`Pager::finish_planned`] having retried
-    /// anything.
-    pub(crate) fn help_to_the_end(&self) -> bool {
+    /// none is left, without waiting for the spans other threads hold. Safe
+    /// from any thread, at any time before the copy is finished: the process
+    /// is stopped until then.
+    ///
+    /// Once every page of the plan is in, so that the process may run
+    /// without [`Pager::finish_planned`] having retried anything, the thread
+    /// that copied the last span calls `then` (this one, at once, if the
+    /// copy was over already). Waiting for that thread instead cost a
+    /// wake-up of this one (~50 µs here) before the process could run. A
+    /// copy that failed anywhere never calls it.
+    pub(crate) fn help_then(&self, then: WhenCopied) {
+        {
+            let mut finished = self.shared.finished.lock().expect("bulk copy lock");
+            if finished.outcomes.len() < self.shared.jobs.len() {
+                finished.then = Some(then);
+            } else {
+                let copied = all_copied(&finished.outcomes);
+                drop(finished);
+                if copied {
+                    then();
+                }
+                return;
+            }
+        }
         self.shared.work();
-        self.shared.all_copied()
     }
 }
 
@@ -214,8 +236,10 @@ impl Pager {
     /// they hold one: on a busy machine a helper may only get a CPU after
     /// this thread has copied everything, and then it finds nothing to do.
     fn copy_in_bulk(&mut self, spans: Vec<Span>) -> Result<u64, RestoreError> {
-        let copy = self.plan_copy(spans);
-        for _ in 1..copy_threads(copy.pages) {
+        let pages = spans.iter().map(|span| span.count).sum();
+        let threads = copy_threads(pages);
+        let copy = self.plan_copy(spans, threads);
+        for _ in 1..threads {
             let shared = Arc::clone(&copy.shared);
             let spawned = std::thread::Builder::new()
                 .name("persist-copy".into())
@@ -228,9 +252,10 @@ impl Pager {
     }
 
     /// The copy of `spans`, ready for any thread to help with
-    /// ([`PlannedCopy::help_to_the_end`]) until [`Pager::finish_copy`] ends it.
-    fn plan_copy(&self, spans: Vec<Span>) -> PlannedCopy {
-        let pages = spans.iter().map(|span| span.count).sum();
+    /// ([`PlannedCopy::help_to_the_end`]) until [`Pager::finish_copy`] ends
+    /// it, split into `lanes` lanes for as many threads.
+    fn plan_copy(&self, spans: Vec<Span>, lanes: usize) -> PlannedCopy {
+        let claimed = spans.iter().map(|_| AtomicBool::new(false)).collect();
         let jobs = spans
             .into_iter()
             .map(|span| Job {
@@ -239,14 +264,15 @@ impl Pager {
             })
             .collect();
         PlannedCopy {
-            pages,
             shared: Arc::new(Shared {
                 uffd: Arc::clone(&self.uffd),
                 sources: Arc::clone(&self.sources),
                 runs: self.runs.clone(),
                 jobs,
-                next: AtomicUsize::new(0),
-                finished: Mutex::new(Vec::new()),
+                claimed,
+                lanes: lanes.max(1),
+                arrivals: AtomicUsize::new(0),
+                finished: Mutex::new(Finished::default()),
                 all_finished: Condvar::new(),
             }),
         }
@@ -310,7 +336,8 @@ impl Pager {
             .collect();
         addresses.sort_unstable();
         addresses.dedup();
-        self.plan_copy(self.spans(&addresses, MAX_BRIDGE_PAGES))
+        // Copied by the restore thread and the daemon's wake thread.
+        self.plan_copy(self.spans(&addresses, MAX_BRIDGE_PAGES), 2)
     }
 
     /// Ends a copy planned by [`Pager::plan_set`]. Returns the number of
@@ -355,26 +382,43 @@ struct Shared {
     uffd: Arc<Userfault>,
     sources: Arc<Sources>,
     runs: Vec<PageRun>,
+    /// In address order.
     jobs: Vec<Job>,
-    next: AtomicUsize,
-    finished: Mutex<Vec<Outcome>>,
+    /// Whether a thread has taken each job.
+    claimed: Vec<AtomicBool>,
+    /// How many parts the job list is split into: the n-th thread to come
+    /// starts at the start of part n (modulo their number).
+    lanes: usize,
+    /// Threads that came to work so far.
+    arrivals: AtomicUsize,
+    finished: Mutex<Finished>,
     all_finished: Condvar,
 }
 
 impl Shared {
-    /// Claims and does jobs until none is left.
+    /// Claims and does jobs until none is left: from the start of this
+    /// thread's lane on, wrapping around, the jobs nobody took yet.
     fn work(&self) {
         let mut scratch = Vec::new();
-        loop {
-            let index = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(job) = self.jobs.get(index) else {
-                return;
-            };
+        let lane = self.arrivals.fetch_add(1, Ordering::Relaxed) % self.lanes;
+        let start = lane * self.jobs.len() / self.lanes;
+        let order = (start..self.jobs.len()).chain(0..start);
+        for index in order {
+            if self.claimed[index].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let job = &self.jobs[index];
             let outcome = self.copy(job, &mut scratch);
             let mut finished = self.finished.lock().expect("bulk copy lock");
-            finished.push(outcome);
-            if finished.len() == self.jobs.len() {
+            finished.outcomes.push(outcome);
+            if finished.outcomes.len() == self.jobs.len() {
                 self.all_finished.notify_all();
+                let then = finished.then.take();
+                let copied = all_copied(&finished.outcomes);
+                drop(finished);
+                if let (Some(then), true) = (then, copied) {
+                    then();
+                }
             }
         }
     }
@@ -412,27 +456,28 @@ impl Shared {
         }
     }
 
-    /// Waits until every job is done; true when each copied all its pages.
-    fn all_copied(&self) -> bool {
-        self.all_done().iter().all(|outcome| {
-            matches!(outcome, Outcome::Copied { span, pages, .. } if *pages == span.count)
-        })
-    }
-
-    /// Waits until every job is done, and returns their outcomes (left in
-    /// place: another thread may be waiting in [`Shared::all_copied`]).
+    /// Waits until every job is done, and returns their outcomes.
     fn wait_all(&self) -> Vec<Outcome> {
-        self.all_done().clone()
-    }
-
-    /// Waits until every job is done; the outcomes, locked.
-    fn all_done(&self) -> MutexGuard<'_, Vec<Outcome>> {
         let mut finished = self.finished.lock().expect("bulk copy lock");
-        while finished.len() < self.jobs.len() {
+        while finished.outcomes.len() < self.jobs.len() {
             finished = self.all_finished.wait(finished).expect("bulk copy lock");
         }
-        finished
+        finished.outcomes.clone()
     }
+}
+
+/// The outcomes of the jobs done so far, and what to do once all are.
+#[derive(Default)]
+struct Finished {
+    outcomes: Vec<Outcome>,
+    then: Option<WhenCopied>,
+}
+
+/// True when every outcome is a whole span copied.
+fn all_copied(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().all(
+        |outcome| matches!(outcome, Outcome::Copied { span, pages, .. } if *pages == span.count),
+    )
 }
 
 /// Threads worth using for `pages` pages: one a CPU, if there is work for it.
