@@ -31,7 +31,7 @@ use std::io;
 
 pub use install::{PreparedFds, ProcSelfPosition};
 pub use prepare::{InheritedFds, prepare};
-pub use proc_self::restore_proc_self_positions;
+pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use save::{save_fds, save_fds_excluding};
 
 /// Why saving or recreating file descriptors failed.

@@ -20,6 +20,22 @@ use super::create::reopen_flags;
 use super::install::{ProcSelfFile, ProcSelfPosition};
 use crate::sys::pidfd::PidFd;
 
+/// Files of `/proc/PID` that programs commonly read about themselves
+/// (memory and CPU use).
+const COMMONLY_READ: [&str; 3] = ["stat", "statm", "status"];
+
+/// Opens and reads the `/proc` files process `pid` most likely reads about
+/// itself, before it runs, so that the kernel's entries for its new task
+/// exist by then: a process's first open of `/proc/self/stat` took ~40 µs
+/// here, against ~15 µs once another process had opened it (redis reads it
+/// in every `serverCron`, and the first one runs on a wake's critical
+/// path). Nothing fails on an error: this only saves time.
+pub fn warm_own_proc_entries(pid: i32) {
+    for name in COMMONLY_READ {
+        let _ = std::fs::read(format!("/proc/{pid}/{name}"));
+    }
+}
+
 /// Prefixes of paths that name the opening process's own `/proc` entries.
 const SELF_PREFIXES: [&str; 2] = ["/proc/self", "/proc/thread-self"];
 

@@ -254,6 +254,7 @@ impl Skeleton {
         guard.pids.extend(tids.iter().skip(1));
         builder.thread_state(manifest, &tids, &mut pager)?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
+        files::warm_own_proc_entries(pid);
 
         guard.pids.clear();
         let sigcont_is_default = manifest
