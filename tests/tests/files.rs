@@ -140,9 +140,24 @@ fn save_with_helper(dir: &Path, script: &str) -> Vec<FdInfo> {
     fds.expect("save_fds")
 }
 
+/// The fixture's result, once written: it creates the file before writing
+/// to it, and no result is empty.
 fn result(dir: &Path) -> String {
-    wait_for(&dir.join("result"), "the fixture's result");
-    fs::read_to_string(dir.join("result")).unwrap()
+    let path = dir.join("result");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match fs::read_to_string(&path) {
+            Ok(text) if !text.is_empty() => return text,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for the fixture's result ({})",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 fn by_fd(fds: &[FdInfo], fd: i32) -> &FdInfo {
