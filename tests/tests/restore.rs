@@ -102,8 +102,11 @@ fn fixture_result(pid: i32, dir: &Path) -> Result<String> {
     let result = dir.join("result");
     let _ = std::fs::remove_file(&result);
     signal(pid, nix::sys::signal::Signal::SIGUSR1);
-    wait_until(Duration::from_secs(20), || result.exists())
-        .with_context(|| format!("pid {pid} wrote no result"))?;
+    // Created before it is written to; no result is empty.
+    wait_until(Duration::from_secs(20), || {
+        std::fs::metadata(&result).is_ok_and(|meta| meta.len() > 0)
+    })
+    .with_context(|| format!("pid {pid} wrote no result"))?;
     Ok(std::fs::read_to_string(result)?.trim().to_owned())
 }
 
