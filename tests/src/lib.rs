@@ -204,6 +204,16 @@ impl Sandbox {
         }
     }
 
+    /// Stops the daemon with SIGTERM (by pid), as a service manager does,
+    /// and reaps it.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
     /// The daemon's log so far.
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.state_dir().join("daemon.log")).unwrap_or_default()
@@ -444,6 +454,17 @@ pub fn http_get(port: u16) -> Result<String> {
         .map(|(_, body)| body.to_owned())
         .with_context(|| format!("no HTTP response: {response:?}"))?;
     Ok(body)
+}
+
+/// Whether any memory of `pid` is still registered with a userfaultfd
+/// (VmFlags `um`): its pager has not filled it yet, and a checkpoint would
+/// be refused.
+pub fn has_unfilled_memory(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.strip_prefix("VmFlags:"))
+        .any(|flags| flags.split_whitespace().any(|flag| flag == "um"))
 }
 
 /// Polls `ready` every 10 ms until it holds or `timeout` passes.

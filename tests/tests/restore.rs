@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use persist_tests::{NetNs, binary, redis_server_command, run_ok, wait_until};
+use persist_tests::{NetNs, binary, has_unfilled_memory, redis_server_command, run_ok, wait_until};
 
 /// SIGKILLs every tracked pid on drop (only processes this test started).
 #[derive(Default)]
@@ -753,17 +753,6 @@ fn a_child_forked_while_pages_are_missing_sees_the_image() {
     let result = fixture_result(pid, &dir).unwrap();
     kill_and_wait_dead(pid);
     assert_eq!(result, "OK");
-}
-
-/// Whether any memory of `pid` is still registered with a userfaultfd
-/// (VmFlags `um`): its pager has not filled it yet, and a checkpoint would
-/// be refused.
-fn has_unfilled_memory(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.strip_prefix("VmFlags:"))
-        .any(|flags| flags.split_whitespace().any(|flag| flag == "um"))
 }
 
 fn inode(path: &Path) -> u64 {

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use persist_tests::{
-    Sandbox, add_http_server, binary, memcached_command, nginx_command, redis_server_command,
-    wait_until, web_root,
+    Sandbox, add_http_server, binary, has_unfilled_memory, memcached_command, nginx_command,
+    redis_server_command, wait_until, web_root,
 };
 
 /// Builds an image of hello-server listening on `port` with `persist-agent build`.
@@ -281,6 +281,35 @@ fn park_keeping_state(sandbox: &Sandbox, name: &str) {
         parked["error"].is_null(),
         "parking kept the state: {parked}"
     );
+}
+
+/// A daemon stopped with SIGTERM while a woken service's pager is still at
+/// work (a first wake records its working set for 200 ms, holding the fill
+/// back) lets the pager copy in every page first: the process then needs
+/// the daemon no more, and serves on without it.
+#[test]
+fn a_stopping_daemon_lets_a_woken_service_have_all_its_memory() {
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let command = redis_server_command(6394);
+    let mut args = vec!["add", "redis", "--port", "6394", "--"];
+    args.extend(command.iter().map(String::as_str));
+    sandbox.agent_ok(&args).unwrap();
+    assert_eq!(redis_cli(&sandbox, 6394, &["PING"]), "PONG");
+    let pid = sandbox.running_pid("redis").unwrap() as i32;
+    sandbox.track_pid(pid);
+    sandbox.stop_daemon();
+
+    let log = sandbox.daemon_log();
+    assert!(
+        !has_unfilled_memory(pid),
+        "the process still waits for pages after the daemon stopped:\n{log}"
+    );
+    assert!(
+        !log.contains("working set recorded"),
+        "a window cut short records no set:\n{log}"
+    );
+    assert_eq!(redis_cli(&sandbox, 6394, &["SET", "k", "v"]), "OK");
+    assert_eq!(redis_cli(&sandbox, 6394, &["GET", "k"]), "v");
 }
 
 #[test]

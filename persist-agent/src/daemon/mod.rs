@@ -10,6 +10,7 @@
 mod control_server;
 mod listener;
 mod metrics;
+mod pagers;
 mod reaper;
 mod registry;
 mod restore_worker;
@@ -107,9 +108,22 @@ async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Resul
         _ = terminate.recv() => info!("SIGTERM: exiting"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting"),
     }
+    let left = tokio::task::spawn_blocking(move || registry.finish_pagers(PAGER_FINISH_TIMEOUT))
+        .await
+        .unwrap_or(0);
+    if left > 0 {
+        warn!(
+            left,
+            "exiting before every pager finished: those processes wait on their next missing page until a restarted daemon kills them"
+        );
+    }
     let _ = fs::remove_file(crate::control::socket_path(state_dir));
     Ok(())
 }
+
+/// How long a stopping daemon waits for the pagers of restored processes to
+/// copy in their remaining pages (a few MiB take milliseconds).
+const PAGER_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Holds an exclusive lock on `STATE_DIR/agent.lock` for the daemon's life,
 /// so two daemons never manage the same services.

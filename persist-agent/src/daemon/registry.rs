@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
+use super::pagers::Pagers;
 use super::restore_worker::{RestoreWorker, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
@@ -75,6 +76,7 @@ pub struct Registry {
     run_state: Arc<RunStateDir>,
     watcher: SharedWatcher,
     metrics: Arc<Metrics>,
+    pagers: Arc<Pagers>,
     services: Mutex<BTreeMap<String, Handle>>,
     broken: Mutex<BTreeMap<String, String>>,
 }
@@ -88,9 +90,16 @@ impl Registry {
             run_state: Arc::new(RunStateDir::open(state_dir)?),
             watcher,
             metrics: Arc::new(Metrics::default()),
+            pagers: Arc::new(Pagers::default()),
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Lets the pagers of restored processes finish before the daemon
+    /// exits, waiting up to `timeout`. Returns how many did not.
+    pub fn finish_pagers(&self, timeout: std::time::Duration) -> usize {
+        self.pagers.finish_all(timeout)
     }
 
     /// Brings back every stored service after a daemon start. A service that
@@ -276,6 +285,7 @@ impl Registry {
                     WorkerShared {
                         metrics: self.metrics.clone(),
                         run_state: self.run_state.clone(),
+                        pagers: self.pagers.clone(),
                     },
                     spec.snapshot
                         .as_ref()

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
+use super::pagers::Pagers;
 use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
 use crate::restore::{
@@ -179,6 +180,8 @@ pub struct WorkerShared {
     pub metrics: Arc<Metrics>,
     /// Where the processes of running services are recorded.
     pub run_state: Arc<RunStateDir>,
+    /// The pagers at work, which a stopping daemon lets finish.
+    pub pagers: Arc<Pagers>,
 }
 
 /// The daemon's handle on a restore thread; dropping it ends the thread and
@@ -219,6 +222,7 @@ impl RestoreWorker {
                     report: thread_report,
                     metrics: shared.metrics,
                     run_state: shared.run_state,
+                    pagers: shared.pagers,
                     prefetch,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
@@ -277,6 +281,7 @@ struct Worker {
     report: Arc<Mutex<WorkerReport>>,
     metrics: Arc<Metrics>,
     run_state: Arc<RunStateDir>,
+    pagers: Arc<Pagers>,
     prefetch: Prefetch,
     /// What the next wake of the prepared skeleton does about its working set.
     plan: WakePlan,
@@ -518,7 +523,11 @@ impl Worker {
         } else {
             reply(Ok(resumed));
         }
-        match pager.run_until_filled() {
+        let at_work = self.pagers.start();
+        pager.hurry_when(self.pagers.stopping());
+        let filled = pager.run_until_filled();
+        drop(at_work);
+        match filled {
             Ok(stats) => {
                 info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
@@ -526,7 +535,10 @@ impl Worker {
             }
             Err(err) => warn!(service = %self.name, pid, "pager: {err}"),
         }
-        if let Some(recording) = record {
+        // A daemon stopping cut the window short: the set would lack pages.
+        if let Some(recording) = record
+            && !self.pagers.is_stopping()
+        {
             self.write_working_set(recording, pager.take_fault_log());
         }
     }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -143,6 +144,9 @@ pub struct Pager {
     log_until: Option<Instant>,
     /// Called once the process first runs without faulting for a while.
     when_quiet: Option<Box<dyn FnOnce() + Send>>,
+    /// Once set, faults are neither recorded nor logged any more, and the
+    /// fill goes ahead: the daemon is stopping.
+    hurry: Option<Arc<AtomicBool>>,
     /// Pagers of children the process forked while pages were missing.
     children: Vec<std::thread::JoinHandle<Result<PagerStats, RestoreError>>>,
 }
@@ -258,6 +262,7 @@ impl Pager {
             record_until: None,
             log_until: None,
             when_quiet: None,
+            hurry: None,
             children: Vec::new(),
         }
     }
@@ -795,15 +800,30 @@ impl Pager {
         self.log_until = Some(Instant::now() + window);
     }
 
+    /// Ends recording and logging, and the fill's wait for them, once
+    /// `flag` is set (the daemon stops, and the process must have all its
+    /// pages before the pager is gone).
+    pub(crate) fn hurry_when(&mut self, flag: Arc<AtomicBool>) {
+        self.hurry = Some(flag);
+    }
+
+    fn hurried(&self) -> bool {
+        self.hurry
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+
     /// True while faults are being recorded.
     fn recording(&self) -> bool {
         self.record_until
             .is_some_and(|until| Instant::now() < until)
+            && !self.hurried()
     }
 
     /// True while faults are being logged, recorded or not.
     fn logging(&self) -> bool {
-        self.recording() || self.log_until.is_some_and(|until| Instant::now() < until)
+        self.recording()
+            || (self.log_until.is_some_and(|until| Instant::now() < until) && !self.hurried())
     }
 
     /// The pages copied to serve faults since [`Pager::record_faults`], in
