@@ -477,9 +477,31 @@ impl Bench<'_> {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
+        // A restored process's pager reports once every page is in (up to
+        // ~200 ms after the resume, while it learns what the set lacked).
+        let woken = if entry.snapshot {
+            self.wait_pager_done(service)?
+        } else {
+            woken
+        };
         entry.ttfb.push(ttfb);
         record(&woken, &mut entry.stats);
         Ok(())
+    }
+
+    /// Polls the status until the pager of `service`'s last wake is done.
+    fn wait_pager_done(&self, service: &str) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.sandbox.service(service)?;
+            if !status["last_faults"].is_null() {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the pager of {service} did not finish within 10 s: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Polls the status until `service` is parked and, in snapshot mode, its
