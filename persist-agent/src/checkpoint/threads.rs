@@ -20,7 +20,7 @@
 
 use std::fs;
 
-use persist_common::image::{Rseq, SigAltStack, ThreadInfo};
+use persist_common::image::{RobustList, Rseq, SigAltStack, ThreadInfo};
 
 use crate::sys::procmem::ProcMem;
 use crate::sys::ptrace::{self, Regs, reg};
@@ -63,6 +63,12 @@ pub fn save_thread(
         length: rseq_config.rseq_abi_size,
         signature: rseq_config.signature,
     });
+    let (robust_head, robust_len) =
+        ptrace::get_robust_list(tid).map_err(|e| ptrace_error("get_robust_list", e))?;
+    let robust_list = (robust_head != 0).then_some(RobustList {
+        head: robust_head,
+        len: robust_len,
+    });
     let status = Status::read(pid, Some(tid))?;
     let pending = status.hex("SigPnd")?;
     let comm_path = format!("/proc/{pid}/task/{tid}/comm");
@@ -101,6 +107,7 @@ pub fn save_thread(
         },
         rseq,
         clear_child_tid,
+        robust_list,
     })
 }
 

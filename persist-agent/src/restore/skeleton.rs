@@ -742,6 +742,9 @@ impl Builder<'_> {
 }
 
 /// rseq, alternate signal stack and clear_child_tid of one thread.
+/// `sizeof(struct robust_list_head)` on x86-64: three pointer-sized words.
+const ROBUST_LIST_HEAD_LEN: u64 = 24;
+
 fn per_thread(t: &mut TableBuilder, thread: &ThreadInfo) {
     if let Some(rseq) = &thread.rseq {
         t.call(
@@ -777,6 +780,17 @@ fn per_thread(t: &mut TableBuilder, thread: &ThreadInfo) {
         "set_tid_address",
         libc::SYS_set_tid_address,
         &[thread.clear_child_tid],
+    );
+    // Always set: a thread made here has none, and the main thread has the
+    // agent's forking thread's, an address meaning nothing in this process.
+    // The kernel accepts only the head's own size, also to clear it.
+    let (head, len) = thread
+        .robust_list
+        .map_or((0, ROBUST_LIST_HEAD_LEN), |list| (list.head, list.len));
+    t.call(
+        format!("set_robust_list at {head:#x}"),
+        libc::SYS_set_robust_list,
+        &[head, len],
     );
 }
 

@@ -290,6 +290,25 @@ pub fn get_rseq_configuration(tid: i32) -> io::Result<RseqConfiguration> {
     Ok(config)
 }
 
+/// The robust futex list a thread registered (`set_robust_list`): the
+/// address of its head and the head's length, or a null address. Needs the
+/// right to trace the thread.
+pub fn get_robust_list(tid: i32) -> io::Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: u64 = 0;
+    // SAFETY: the kernel writes one pointer to `head` and one size_t to
+    // `len`, both 8 bytes on x86-64 and alive for the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut u64,
+        )
+    })?;
+    Ok((head, len))
+}
+
 /// `PTRACE_EVENT_FORK`: a traced thread forked; the message is the new pid.
 pub const PTRACE_EVENT_FORK: i32 = 1;
 /// `PTRACE_EVENT_CLONE`: a traced thread made a thread; the message is its tid.

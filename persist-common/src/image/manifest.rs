@@ -229,6 +229,20 @@ pub struct ThreadInfo {
     pub rseq: Option<Rseq>,
     /// Address the kernel clears and wakes on thread exit (`set_tid_address`).
     pub clear_child_tid: u64,
+    /// The robust futex list the thread registered (`set_robust_list`):
+    /// the kernel walks it when the thread exits, marking the robust
+    /// mutexes it held as their owner died. glibc registers one per thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust_list: Option<RobustList>,
+}
+
+/// A robust futex list registration.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RobustList {
+    /// Address of the list's head.
+    pub head: u64,
+    /// Size of the head as registered.
+    pub len: u64,
 }
 
 /// An alternate signal stack (`stack_t`).

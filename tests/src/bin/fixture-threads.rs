@@ -3,8 +3,9 @@
 //!
 //! `fixture-threads DIR` starts [`THREADS`] threads named `worker-N`, writes
 //! `DIR/ready` once all run, and on SIGUSR1 has every thread check its
-//! values (and that its cached tid is still its tid) and writes
-//! `DIR/result`: `OK` or `FAIL: what differs`.
+//! values (and that its cached tid is still its tid, and its robust futex
+//! list the one glibc registered) and writes `DIR/result`: `OK` or
+//! `FAIL: what differs`.
 
 use std::arch::asm;
 use std::cell::Cell;
@@ -62,8 +63,26 @@ fn sleep_holding(general: u64, sse: u64) -> (u64, u64) {
     (out_general, out_sse)
 }
 
+/// The head of the calling thread's robust futex list, as registered.
+fn robust_list_head() -> u64 {
+    let mut head: u64 = 0;
+    let mut len: u64 = 0;
+    // SAFETY: get_robust_list(0, ...) writes one pointer and one size_t,
+    // both 8 bytes here, to live locals.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut u64,
+            &mut len as *mut u64,
+        )
+    };
+    if result == 0 { head } else { u64::MAX }
+}
+
 fn worker(index: usize, start: Arc<Barrier>, report: mpsc::Sender<Result<(), String>>) {
     let seed = 0x1000 * (index as u64 + 1);
+    let robust = robust_list_head();
     TLS_VALUE.with(|v| v.set(seed + 1));
     let stack_array: [u64; 64] = std::array::from_fn(|i| seed + i as u64);
     let fp = (seed as f64) * 1.5 + 0.25;
@@ -111,6 +130,12 @@ fn worker(index: usize, start: Arc<Barrier>, report: mpsc::Sender<Result<(), Str
         let name = thread_name();
         if name != format!("worker-{index}") {
             result = Err(format!("worker {index}: name is {name}"));
+        }
+        let robust_now = robust_list_head();
+        if robust == 0 || robust_now != robust {
+            result = Err(format!(
+                "worker {index}: robust list at {robust_now:#x}, registered at {robust:#x}"
+            ));
         }
         if report.send(result).is_err() {
             return;
