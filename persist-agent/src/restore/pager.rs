@@ -379,16 +379,16 @@ impl Pager {
             // touches and lacks faults and is logged: a fill would bring
             // some in first (a busy machine's redis then faulted on 39 pages
             // again on the next wake). This also keeps the fill from taking
-            // a CPU from a prefetched wake's first request. While recording, right after the resume or a fault,
-            // they are polled for from another CPU than the one the process
-            // runs on (a fill there would delay its request, and sleeping
-            // adds a wake-up, ~100 µs here, to each fault); once faults
-            // pause, the pager sleeps, so that the process's other threads
-            // get that CPU. A wake whose set was copied in rarely faults: the
-            // pager sleeps from the start, as moving itself off the process's
-            // CPU delayed redis's first request more (4 %) than it saved, and
-            // polls only after a fault, as the pages its set lacked tend to
-            // come in a row.
+            // a CPU from a prefetched wake's first request. While recording,
+            // right after the resume or a fault, faults are polled for from
+            // another CPU than the one the process runs on (a fill there
+            // would delay its request, and sleeping adds a wake-up, ~100 µs
+            // here, to each fault); once faults pause, the pager sleeps, so
+            // that the process's other threads get that CPU. A wake whose set
+            // was copied in rarely faults: the pager sleeps from the start,
+            // as moving itself off the process's CPU delayed redis's first
+            // request more (4 %) than it saved, and polls only after a
+            // fault, as the pages its set lacked tend to come in a row.
             if self.logging() {
                 let recent = last_fault
                     .or(self.resumed_at)
@@ -399,7 +399,7 @@ impl Pager {
                 let spin = if self.recording() {
                     recent
                 } else {
-                    self.logging() && last_fault.is_some_and(|at| at.elapsed() < SPIN_WINDOW)
+                    last_fault.is_some_and(|at| at.elapsed() < SPIN_WINDOW)
                 };
                 if spin && cpu.avoid_cpu_of(self.pid()) {
                     std::hint::spin_loop();

@@ -252,8 +252,8 @@ impl Pager {
     }
 
     /// The copy of `spans`, ready for any thread to help with
-    /// ([`PlannedCopy::help_to_the_end`]) until [`Pager::finish_copy`] ends
-    /// it, split into `lanes` lanes for as many threads.
+    /// ([`PlannedCopy::help_then`]) until [`Pager::finish_copy`] ends it,
+    /// split into `lanes` lanes for as many threads.
     fn plan_copy(&self, spans: Vec<Span>, lanes: usize) -> PlannedCopy {
         let claimed = spans.iter().map(|_| AtomicBool::new(false)).collect();
         let jobs = spans
