@@ -19,17 +19,20 @@ pub struct Pagers {
     stopping: Arc<AtomicBool>,
 }
 
-/// One pager at work, until dropped.
+/// One pager at work, until dropped: counted from before its process may
+/// run, and handed to the thread that then serves its pages.
 #[derive(Debug)]
-pub struct PagerAtWork<'a> {
-    pagers: &'a Pagers,
+pub struct PagerAtWork {
+    pagers: Arc<Pagers>,
 }
 
 impl Pagers {
     /// Counts a pager at work until the returned guard is dropped.
-    pub fn start(&self) -> PagerAtWork<'_> {
+    pub fn start(self: &Arc<Self>) -> PagerAtWork {
         *self.working.lock().expect("pagers lock") += 1;
-        PagerAtWork { pagers: self }
+        PagerAtWork {
+            pagers: Arc::clone(self),
+        }
     }
 
     /// Set once the daemon stops: a pager seeing it ends its fault-logging
@@ -64,7 +67,7 @@ impl Pagers {
     }
 }
 
-impl Drop for PagerAtWork<'_> {
+impl Drop for PagerAtWork {
     fn drop(&mut self) {
         *self.pagers.working.lock().expect("pagers lock") -= 1;
         self.pagers.one_done.notify_all();
@@ -102,7 +105,7 @@ mod tests {
 
     #[test]
     fn finishing_gives_up_after_the_timeout() {
-        let pagers = Pagers::default();
+        let pagers = Arc::new(Pagers::default());
         let _at_work = pagers.start();
         assert_eq!(pagers.finish_all(Duration::from_millis(20)), 1);
     }

@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
-use super::pagers::Pagers;
+use super::pagers::{PagerAtWork, Pagers};
 use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
 use crate::restore::{
@@ -94,6 +94,9 @@ enum Job {
     /// the supervisor (see [`ResumeTrigger`]).
     ResumeOnSyn {
         then: EarlyReply,
+        /// Counted by the wake thread, which may let the process run
+        /// before this thread gets the job.
+        at_work: PagerAtWork,
     },
 }
 
@@ -114,6 +117,7 @@ pub struct ResumeTrigger {
     jobs: mpsc::Sender<Job>,
     armed: ArmedWake,
     report: Arc<Mutex<WorkerReport>>,
+    pagers: Arc<Pagers>,
 }
 
 impl ResumeTrigger {
@@ -132,8 +136,9 @@ impl ResumeTrigger {
             .lock()
             .expect("report lock")
             .syn_resumes_unreported += 1;
-        if let Err(mpsc::SendError(Job::ResumeOnSyn { then })) =
-            self.jobs.send(Job::ResumeOnSyn { then })
+        let at_work = self.pagers.start();
+        if let Err(mpsc::SendError(Job::ResumeOnSyn { then, .. })) =
+            self.jobs.send(Job::ResumeOnSyn { then, at_work })
         {
             self.report
                 .lock()
@@ -190,6 +195,7 @@ pub struct RestoreWorker {
     jobs: mpsc::Sender<Job>,
     report: Arc<Mutex<WorkerReport>>,
     armed: ArmedWake,
+    pagers: Arc<Pagers>,
 }
 
 impl RestoreWorker {
@@ -210,6 +216,7 @@ impl RestoreWorker {
         let armed = ArmedWake::default();
         let thread_armed = armed.clone();
         let thread_name = name.to_owned();
+        let pagers = shared.pagers.clone();
         std::thread::Builder::new()
             .name(format!("restore-{name}"))
             .spawn(move || {
@@ -234,6 +241,7 @@ impl RestoreWorker {
             jobs,
             report,
             armed,
+            pagers,
         };
         if !already_running {
             worker.prepare(image);
@@ -268,6 +276,7 @@ impl RestoreWorker {
             jobs: self.jobs.clone(),
             armed: self.armed.clone(),
             report: self.report.clone(),
+            pagers: self.pagers.clone(),
         }
     }
 }
@@ -318,7 +327,7 @@ impl Worker {
                     self.prepare();
                 }
                 Job::Resume { reply } => self.resume(reply),
-                Job::ResumeOnSyn { then } => self.resume_on_syn(then),
+                Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
             }
         }
         // The service is gone: an unused skeleton dies with its `Drop`.
@@ -450,12 +459,16 @@ impl Worker {
             }
             self.prepare();
         }
-        self.resume_and_serve(Box::new(move |result| {
-            let _ = reply.send(result);
-        }));
+        let at_work = self.pagers.start();
+        self.resume_and_serve(
+            Box::new(move |result| {
+                let _ = reply.send(result);
+            }),
+            at_work,
+        );
     }
 
-    fn resume_on_syn(&mut self, then: EarlyReply) {
+    fn resume_on_syn(&mut self, then: EarlyReply, at_work: PagerAtWork) {
         if self.skeleton.is_none() {
             self.report
                 .lock()
@@ -465,12 +478,17 @@ impl Worker {
             return;
         }
         self.resumed_on_syn = true;
-        self.resume_and_serve(Box::new(move |result| then(Some(result))));
+        self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work);
     }
 
     /// Resumes the prepared skeleton, tells `reply`, then serves its pages
-    /// until they are all in.
-    fn resume_and_serve(&mut self, reply: Box<dyn FnOnce(Result<Resumed, String>) + Send>) {
+    /// until they are all in; a stopping daemon waits for that as long as
+    /// `at_work` is held.
+    fn resume_and_serve(
+        &mut self,
+        reply: Box<dyn FnOnce(Result<Resumed, String>) + Send>,
+        at_work: PagerAtWork,
+    ) {
         let Some(mut skeleton) = self.skeleton.take() else {
             let error = self.report.lock().expect("report lock").error.clone();
             reply(Err(error.unwrap_or_else(|| "no skeleton".into())));
@@ -523,7 +541,6 @@ impl Worker {
         } else {
             reply(Ok(resumed));
         }
-        let at_work = self.pagers.start();
         pager.hurry_when(self.pagers.stopping());
         let filled = pager.run_until_filled();
         drop(at_work);
