@@ -231,6 +231,35 @@ impl Sandbox {
             .expect("running persist-agent")
     }
 
+    /// Runs `persist-agent add NAME --port PORT OPTIONS... -- COMMAND...`.
+    pub fn add(&self, name: &str, port: u16, options: &[&str], command: &[String]) -> Output {
+        let port = port.to_string();
+        let mut args = vec!["add", name, "--port", &port];
+        args.extend_from_slice(options);
+        args.push("--");
+        args.extend(command.iter().map(String::as_str));
+        self.agent(&args)
+    }
+
+    /// Like [`Sandbox::add`], failing with its stderr unless it exits 0.
+    pub fn add_ok(
+        &self,
+        name: &str,
+        port: u16,
+        options: &[&str],
+        command: &[String],
+    ) -> Result<String> {
+        let output = self.add(name, port, options, command);
+        if !output.status.success() {
+            bail!(
+                "adding {name}: {}\ndaemon log:\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                self.daemon_log()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Like [`Sandbox::agent`], failing with its stderr unless it exits 0.
     pub fn agent_ok(&self, args: &[&str]) -> Result<String> {
         let output = self.agent(args);
@@ -422,14 +451,10 @@ pub fn memcached_command(port: u16) -> Vec<String> {
 /// Registers `python3 -m http.server` on `port`, serving `root`, in snapshot
 /// mode with HTTP readiness; `extra` are more `add` options.
 pub fn add_http_server(sandbox: &Sandbox, name: &str, port: u16, root: &Path, extra: &[&str]) {
-    let port_arg = port.to_string();
-    let command = http_server_command(port, root);
-    let mut args = vec!["add", name, "--port", &port_arg, "--ready", "http:/"];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend(command.iter().map(String::as_str));
+    let mut options = vec!["--ready", "http:/"];
+    options.extend_from_slice(extra);
     sandbox
-        .agent_ok(&args)
+        .add_ok(name, port, &options, &http_server_command(port, root))
         .expect("snapshot-mode add of python's http.server succeeds");
 }
 

@@ -10,14 +10,8 @@ use std::time::{Duration, Instant};
 use persist_tests::{Sandbox, add_http_server, redis_server_command, wait_until, web_root};
 
 fn add_redis(sandbox: &Sandbox, name: &str, port: u16, extra: &[&str]) {
-    let port_arg = port.to_string();
-    let command = redis_server_command(port);
-    let mut args = vec!["add", name, "--port", &port_arg];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend(command.iter().map(String::as_str));
     sandbox
-        .agent_ok(&args)
+        .add_ok(name, port, extra, &redis_server_command(port))
         .expect("snapshot-mode add of redis succeeds");
 }
 

@@ -291,9 +291,7 @@ fn park_keeping_state(sandbox: &Sandbox, name: &str) {
 fn a_stopping_daemon_lets_a_woken_service_have_all_its_memory() {
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let command = redis_server_command(6394);
-    let mut args = vec!["add", "redis", "--port", "6394", "--"];
-    args.extend(command.iter().map(String::as_str));
-    sandbox.agent_ok(&args).unwrap();
+    sandbox.add_ok("redis", 6394, &[], &command).unwrap();
     assert_eq!(redis_cli(&sandbox, 6394, &["PING"]), "PONG");
     let pid = sandbox.running_pid("redis").unwrap() as i32;
     sandbox.track_pid(pid);
@@ -316,9 +314,9 @@ fn a_stopping_daemon_lets_a_woken_service_have_all_its_memory() {
 fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let command = redis_server_command(6391);
-    let mut args = vec!["add", "redis", "--port", "6391", "--on-idle", "keep", "--"];
-    args.extend(command.iter().map(String::as_str));
-    sandbox.agent_ok(&args).unwrap();
+    sandbox
+        .add_ok("redis", 6391, &["--on-idle", "keep"], &command)
+        .unwrap();
     assert_eq!(sandbox.service("redis").unwrap()["state"], "parked");
 
     assert_eq!(
@@ -508,9 +506,9 @@ fn redis_is_parked_only_once_its_background_save_is_over() {
     let rdb_dir = tempfile::tempdir().unwrap();
     let mut command = redis_server_command(6392);
     command.extend(["--dir".to_owned(), rdb_dir.path().display().to_string()]);
-    let mut args = vec!["add", "r", "--port", "6392", "--on-idle", "keep", "--"];
-    args.extend(command.iter().map(String::as_str));
-    sandbox.agent_ok(&args).unwrap();
+    sandbox
+        .add_ok("r", 6392, &["--on-idle", "keep"], &command)
+        .unwrap();
 
     for i in 0..10 {
         let key = format!("key:{i}");
@@ -559,9 +557,7 @@ fn nginx_is_parked_and_woken_and_a_master_with_workers_is_refused() {
     std::fs::write(root.path().join("index.html"), "hello from nginx\n").unwrap();
     let one = dir.path().join("one");
     let command = nginx_command(&one, root.path(), 8110, false).unwrap();
-    let mut args = vec!["add", "nginx", "--port", "8110", "--"];
-    args.extend(command.iter().map(String::as_str));
-    sandbox.agent_ok(&args).unwrap();
+    sandbox.add_ok("nginx", 8110, &[], &command).unwrap();
     assert_eq!(sandbox.service("nginx").unwrap()["state"], "parked");
 
     let access_lines = || {
@@ -584,9 +580,7 @@ fn nginx_is_parked_and_woken_and_a_master_with_workers_is_refused() {
     });
 
     let command = nginx_command(&dir.path().join("two"), root.path(), 8111, true).unwrap();
-    let mut args = vec!["add", "nginx-mw", "--port", "8111", "--"];
-    args.extend(command.iter().map(String::as_str));
-    let refused = sandbox.agent(&args);
+    let refused = sandbox.add("nginx-mw", 8111, &[], &command);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success()
@@ -629,9 +623,9 @@ fn memcached(sandbox: &Sandbox, port: u16, command: &str) -> String {
 fn memcached_keeps_its_items_across_parking_with_on_idle_keep() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let command = memcached_command(8107);
-    let mut args = vec!["add", "mc", "--port", "8107", "--on-idle", "keep", "--"];
-    args.extend(command.iter().map(String::as_str));
-    sandbox.agent_ok(&args).unwrap();
+    sandbox
+        .add_ok("mc", 8107, &["--on-idle", "keep"], &command)
+        .unwrap();
     let parked = sandbox.service("mc").unwrap();
     assert_eq!(parked["state"], "parked", "{parked}");
     assert!(parked["pid"].is_null(), "{parked}");
@@ -977,9 +971,7 @@ fn readiness_by_notify_warmup_requests_and_user_are_honoured() {
 fn a_park_right_after_a_prefetched_wake_is_not_lost() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let command = redis_server_command(6393);
-    let mut args = vec!["add", "quick", "--port", "6393", "--"];
-    args.extend(command.iter().map(String::as_str));
-    sandbox.agent_ok(&args).unwrap();
+    sandbox.add_ok("quick", 6393, &[], &command).unwrap();
     let ping = || {
         sandbox
             .netns

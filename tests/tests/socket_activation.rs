@@ -13,12 +13,11 @@ fn hello_server() -> String {
 }
 
 fn add_hello(sandbox: &Sandbox, name: &str, port: u16, extra: &[&str]) {
-    let port = port.to_string();
-    let server = hello_server();
-    let mut args = vec!["add", name, "--port", &port, "--exec"];
-    args.extend_from_slice(extra);
-    args.extend(["--", &server]);
-    sandbox.agent_ok(&args).expect("add succeeds");
+    let mut options = vec!["--exec"];
+    options.extend_from_slice(extra);
+    sandbox
+        .add_ok(name, port, &options, &[hello_server()])
+        .expect("add succeeds");
 }
 
 #[test]
