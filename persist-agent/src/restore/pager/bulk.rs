@@ -400,10 +400,8 @@ impl Shared {
     /// thread's lane on, wrapping around, the jobs nobody took yet.
     fn work(&self) {
         let mut scratch = Vec::new();
-        let lane = self.arrivals.fetch_add(1, Ordering::Relaxed) % self.lanes;
-        let start = lane * self.jobs.len() / self.lanes;
-        let order = (start..self.jobs.len()).chain(0..start);
-        for index in order {
+        let arrival = self.arrivals.fetch_add(1, Ordering::Relaxed);
+        for index in lane_order(arrival, self.jobs.len(), self.lanes) {
             if self.claimed[index].swap(true, Ordering::AcqRel) {
                 continue;
             }
@@ -466,6 +464,14 @@ impl Shared {
     }
 }
 
+/// The order in which the thread that came `arrival`-th (from 0) tries
+/// `jobs` jobs split into `lanes` lanes: from the start of its lane to the
+/// last job, then from the first.
+fn lane_order(arrival: usize, jobs: usize, lanes: usize) -> impl Iterator<Item = usize> {
+    let start = (arrival % lanes) * jobs / lanes;
+    (start..jobs).chain(0..start)
+}
+
 /// The outcomes of the jobs done so far, and what to do once all are.
 #[derive(Default)]
 struct Finished {
@@ -487,4 +493,28 @@ fn copy_threads(pages: u64) -> usize {
     let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
     let useful = (pages / PAGES_PER_EXTRA_THREAD).max(1) as usize;
     cpus.min(MAX_THREADS).min(useful)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_order;
+
+    #[test]
+    fn each_thread_starts_in_its_own_lane_and_wraps_around() {
+        let order = |arrival, jobs, lanes| lane_order(arrival, jobs, lanes).collect::<Vec<_>>();
+        assert_eq!(order(0, 6, 2), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            order(1, 6, 2),
+            [3, 4, 5, 0, 1, 2],
+            "the second thread starts halfway"
+        );
+        assert_eq!(
+            order(2, 6, 2),
+            order(0, 6, 2),
+            "a third shares the first lane"
+        );
+        assert_eq!(order(2, 7, 3), [4, 5, 6, 0, 1, 2, 3]);
+        assert_eq!(order(1, 1, 2), [0], "one job: both threads try it");
+        assert!(order(1, 0, 2).is_empty());
+    }
 }
