@@ -1,8 +1,8 @@
 //! Types shared with the sk_lookup program, mirroring `persist-ebpf/bpf/persist.h`.
 //!
 //! Every struct here is `#[repr(C)]` and must match its C twin byte for byte;
-//! the tests at the bottom check sizes and offsets against the values the C
-//! header implies.
+//! the tests at the bottom read the header's `_Static_assert` lines (which the
+//! C compiler checks too) and compare every size and offset.
 
 /// Number of service slots in the BPF maps.
 pub const MAX_SERVICES: u32 = 1024;
@@ -92,16 +92,90 @@ mod tests {
     use super::*;
     use std::mem::offset_of;
 
+    /// The C header, whose `_Static_assert` lines give the layout.
+    const PERSIST_H: &str = include_str!("../../persist-ebpf/bpf/persist.h");
+
+    /// Size (`field` = None) or field offset of a C struct, as Rust lays out its twin.
+    fn rust_layout(c_struct: &str, field: Option<&str>) -> Option<usize> {
+        Some(match (c_struct, field) {
+            ("persist_port_entry", None) => size_of::<PortEntry>(),
+            ("persist_port_entry", Some("service_id")) => offset_of!(PortEntry, service_id),
+            ("persist_port_entry", Some("addr")) => offset_of!(PortEntry, addr),
+            ("persist_stats", None) => size_of::<ServiceStats>(),
+            ("persist_stats", Some("syns")) => offset_of!(ServiceStats, syns),
+            ("persist_stats", Some("last_syn_ns")) => offset_of!(ServiceStats, last_syn_ns),
+            ("persist_stats", Some("wake_syn_ns")) => offset_of!(ServiceStats, wake_syn_ns),
+            ("persist_stats", Some("lost_wakes")) => offset_of!(ServiceStats, lost_wakes),
+            ("persist_wake_event", None) => size_of::<WakeEvent>(),
+            ("persist_wake_event", Some("service_id")) => offset_of!(WakeEvent, service_id),
+            ("persist_wake_event", Some("_pad")) => offset_of!(WakeEvent, pad),
+            ("persist_wake_event", Some("syn_ns")) => offset_of!(WakeEvent, syn_ns),
+            _ => return None,
+        })
+    }
+
+    /// Parses `_Static_assert(sizeof(struct S) == N, ...)` and
+    /// `_Static_assert(__builtin_offsetof(struct S, F) == N, ...)`.
+    fn parse_assert(line: &str) -> Option<(&str, Option<&str>, usize)> {
+        let body = line.strip_prefix("_Static_assert(")?;
+        let (lhs, rhs) = body.split_once(" == ")?;
+        let value: usize = rhs.split(',').next()?.trim().parse().ok()?;
+        if let Some(name) = lhs.strip_prefix("sizeof(struct ") {
+            return Some((name.strip_suffix(')')?, None, value));
+        }
+        let inner = lhs
+            .strip_prefix("__builtin_offsetof(struct ")?
+            .strip_suffix(')')?;
+        let (name, field) = inner.split_once(", ")?;
+        Some((name, Some(field), value))
+    }
+
     #[test]
     fn layouts_match_persist_h() {
-        assert_eq!(size_of::<PortEntry>(), 8);
-        assert_eq!(offset_of!(PortEntry, addr), 4);
-        assert_eq!(size_of::<ServiceStats>(), 32);
-        assert_eq!(offset_of!(ServiceStats, last_syn_ns), 8);
-        assert_eq!(offset_of!(ServiceStats, wake_syn_ns), 16);
-        assert_eq!(offset_of!(ServiceStats, lost_wakes), 24);
-        assert_eq!(size_of::<WakeEvent>(), 16);
-        assert_eq!(offset_of!(WakeEvent, syn_ns), 8);
+        let asserts: Vec<_> = PERSIST_H
+            .lines()
+            .filter(|line| line.starts_with("_Static_assert("))
+            .map(|line| parse_assert(line).unwrap_or_else(|| panic!("unparsed: {line}")))
+            .collect();
+        assert_eq!(
+            asserts.len(),
+            12,
+            "persist.h should state 3 sizes and 9 offsets"
+        );
+        for (c_struct, field, expected) in asserts {
+            let what = format!("{c_struct} {}", field.unwrap_or("size"));
+            let actual = rust_layout(c_struct, field)
+                .unwrap_or_else(|| panic!("{what} in persist.h has no Rust twin"));
+            assert_eq!(
+                actual, expected,
+                "{what}: Rust says {actual}, persist.h {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn constants_match_persist_h() {
+        let define = |name: &str| {
+            PERSIST_H
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("persist.h defines no {name}"))
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(define("PERSIST_MAX_SERVICES"), MAX_SERVICES.to_string());
+        assert_eq!(
+            define("PERSIST_WAKE_RING_BYTES"),
+            format!("({} * 1024)", WAKE_RING_BYTES / 1024)
+        );
+        for (name, state) in [
+            ("PERSIST_STATE_PARKED", BpfState::Parked),
+            ("PERSIST_STATE_WAKING", BpfState::Waking),
+            ("PERSIST_STATE_RUNNING", BpfState::Running),
+            ("PERSIST_STATE_STOPPING", BpfState::Stopping),
+        ] {
+            assert_eq!(define(name), (state as u32).to_string(), "{name}");
+        }
     }
 
     #[test]

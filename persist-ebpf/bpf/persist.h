@@ -1,7 +1,9 @@
 /* Types shared between the sk_lookup program and the agent.
  *
- * Mirrored by `persist_common::bpf` on the Rust side; a test there checks that
- * sizes and offsets agree. Change both together.
+ * Mirrored by `persist_common::bpf` on the Rust side. The layout assertions at
+ * the end are checked here by the compiler and there by a test that reads
+ * them from this file, so the numbers live in one place. Change both sides
+ * together.
  */
 #ifndef PERSIST_H
 #define PERSIST_H
@@ -38,5 +40,19 @@ struct persist_wake_event {
 	__u32 _pad;
 	__u64 syn_ns; /* CLOCK_MONOTONIC of the waking SYN */
 };
+
+/* The layout both sides rely on: one line per size or field offset. */
+_Static_assert(sizeof(struct persist_port_entry) == 8, "persist_port_entry");
+_Static_assert(__builtin_offsetof(struct persist_port_entry, service_id) == 0, "service_id");
+_Static_assert(__builtin_offsetof(struct persist_port_entry, addr) == 4, "addr");
+_Static_assert(sizeof(struct persist_stats) == 32, "persist_stats");
+_Static_assert(__builtin_offsetof(struct persist_stats, syns) == 0, "syns");
+_Static_assert(__builtin_offsetof(struct persist_stats, last_syn_ns) == 8, "last_syn_ns");
+_Static_assert(__builtin_offsetof(struct persist_stats, wake_syn_ns) == 16, "wake_syn_ns");
+_Static_assert(__builtin_offsetof(struct persist_stats, lost_wakes) == 24, "lost_wakes");
+_Static_assert(sizeof(struct persist_wake_event) == 16, "persist_wake_event");
+_Static_assert(__builtin_offsetof(struct persist_wake_event, service_id) == 0, "service_id");
+_Static_assert(__builtin_offsetof(struct persist_wake_event, _pad) == 4, "_pad");
+_Static_assert(__builtin_offsetof(struct persist_wake_event, syn_ns) == 8, "syn_ns");
 
 #endif
