@@ -2,8 +2,30 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::time::Duration;
 
-use persist_tests::{Sandbox, binary};
+use persist_tests::{Sandbox, binary, wait_until};
+
+/// The daemon's metrics page, fetched inside the sandbox's namespace.
+fn scrape(sandbox: &Sandbox, port: u16) -> String {
+    sandbox
+        .netns
+        .enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text
+        })
+        .unwrap()
+}
+
+/// The value of `metric` in a metrics page.
+fn value(text: &str, metric: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
 
 #[test]
 fn metrics_count_wakes_and_latencies() {
@@ -17,16 +39,7 @@ fn metrics_count_wakes_and_latencies() {
         .unwrap();
     sandbox.http_get(8200).unwrap();
 
-    let text = sandbox
-        .netns
-        .enter(|| {
-            let mut stream = TcpStream::connect(("127.0.0.1", 9187)).unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
-        })
-        .unwrap();
+    let text = scrape(&sandbox, 9187);
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(
         text.contains("persist_wakes_total{service=\"hello\"} 1"),
@@ -40,5 +53,40 @@ fn metrics_count_wakes_and_latencies() {
     assert!(
         text.contains("persist_running{service=\"hello\"} 1"),
         "{text}"
+    );
+}
+
+#[test]
+fn parked_bytes_are_what_status_reports_for_the_skeleton() {
+    let mut sandbox = Sandbox::new().unwrap();
+    sandbox
+        .start_daemon_with(&["--metrics", "127.0.0.1:9188"])
+        .unwrap();
+    let server = binary("hello-server").display().to_string();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "hello",
+            "--port",
+            "8201",
+            "--",
+            &server,
+            "127.0.0.1:8201",
+        ])
+        .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        sandbox.service("hello").unwrap()["parked_bytes"].as_u64() > Some(0)
+    })
+    .expect("the parked service's skeleton is prepared");
+
+    let status = sandbox.service("hello").unwrap();
+    let reported = status["parked_bytes"].as_u64().unwrap();
+    let text = scrape(&sandbox, 9188);
+    let metric = value(&text, "persist_parked_bytes{service=\"hello\"}")
+        .unwrap_or_else(|| panic!("no parked bytes metric for hello: {text}"));
+    // Both are read live; the skeleton does not change while parked.
+    assert_eq!(
+        metric as u64, reported,
+        "the metric says {metric} bytes parked, status {reported}: {text}"
     );
 }

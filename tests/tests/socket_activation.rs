@@ -249,3 +249,20 @@ fn a_service_that_exits_at_once_is_marked_failed_and_its_clients_are_not_left_ha
         "{status}"
     );
 }
+
+#[test]
+fn a_daemon_logging_to_a_file_writes_no_colour_codes() {
+    let sandbox = Sandbox::with_daemon().unwrap();
+    add_hello(&sandbox, "plain", 8096, &[]);
+    sandbox.http_get(8096).unwrap();
+
+    let log = sandbox.daemon_log();
+    assert!(
+        log.contains("sk_lookup program attached"),
+        "the daemon logged its start: {log}"
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "a log that is not a terminal holds no ANSI escape codes: {log:?}"
+    );
+}

@@ -155,8 +155,9 @@ impl Metrics {
             self.running
                 .get_or_create(&label)
                 .set(if running { 1.0 } else { 0.0 });
-            let parked = if running { 0 } else { status.rss_bytes };
-            self.parked_bytes.get_or_create(&label).set(parked as i64);
+            self.parked_bytes
+                .get_or_create(&label)
+                .set(status.parked_bytes as i64);
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)

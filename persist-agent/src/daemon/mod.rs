@@ -38,8 +38,10 @@ pub type SharedWatcher = Arc<Mutex<SynWatcher>>;
 pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never into journald or a file.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 

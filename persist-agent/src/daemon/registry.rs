@@ -399,22 +399,37 @@ impl Registry {
     }
 
     /// Every service's status.
+    ///
+    /// Lock order: `services` is only ever taken before `watcher` (as in
+    /// `activate`), and here neither is held while /proc is read.
     pub fn status(&self) -> Vec<ServiceStatus> {
-        let watcher = self.watcher.lock().expect("lock");
-        let services = self.services.lock().expect("lock");
-        let mut statuses: Vec<ServiceStatus> = services
-            .values()
-            .map(|handle| {
-                let mut view = handle.published.lock().expect("lock").clone();
-                let pager = handle
-                    .worker_report
+        let views: Vec<_> = {
+            let services = self.services.lock().expect("lock");
+            let watcher = self.watcher.lock().expect("lock");
+            services
+                .values()
+                .map(|handle| {
+                    let parts = (
+                        handle.spec.clone(),
+                        handle.published.clone(),
+                        handle.worker_report.clone(),
+                    );
+                    (parts, watcher.stats(handle.slot))
+                })
+                .collect()
+        };
+        let mut statuses: Vec<ServiceStatus> = views
+            .into_iter()
+            .map(|((spec, published, worker_report), stats)| {
+                let mut view = published.lock().expect("lock").clone();
+                let pager = worker_report
                     .as_ref()
                     .and_then(|report| report.lock().expect("lock").last_pager);
                 // A parked snapshot service costs the private memory of its
                 // prepared skeleton.
                 let mut parked_bytes = 0;
                 if view.pid.is_none()
-                    && let Some(report) = &handle.worker_report
+                    && let Some(report) = &worker_report
                 {
                     let report = report.lock().expect("lock");
                     parked_bytes = report.skeleton_pid.map_or(0, private_bytes);
@@ -422,12 +437,11 @@ impl Registry {
                         view.error = report.error.clone();
                     }
                 }
-                let stats = watcher.stats(handle.slot);
                 ServiceStatus {
-                    name: handle.spec.name.clone(),
-                    addr: handle.spec.addr.to_string(),
-                    port: handle.spec.port,
-                    mode: handle.spec.mode.as_str().to_owned(),
+                    name: spec.name.clone(),
+                    addr: spec.addr.to_string(),
+                    port: spec.port,
+                    mode: spec.mode.as_str().to_owned(),
                     state: view.state.as_str().to_owned(),
                     pid: view.pid,
                     syns: stats.syns,
