@@ -58,7 +58,7 @@ struct BenchRun {
 
 /// Runs the bench: progress on stderr, Markdown on stdout, raw samples and
 /// the plot under `target/bench/`.
-pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
+pub fn run(quick: bool, runs: Option<usize>, update_docs: bool) -> Result<()> {
     interrupt::install()?;
     deps::require_root()?;
     deps::ensure(deps::TEST)?;
@@ -140,8 +140,9 @@ pub fn run(quick: bool, runs: Option<usize>) -> Result<()> {
         json.display(),
         svg.display()
     );
-    if !quick {
-        // The README shows the plot of the last full run.
+    if update_docs {
+        // The README shows this plot: replaced only when asked, so a bench
+        // run never leaves the tracked file changed by accident.
         let docs = deps::workspace_root().join("docs");
         std::fs::create_dir_all(&docs)?;
         std::fs::copy(&svg, docs.join("bench-latency.svg"))?;

@@ -35,6 +35,9 @@ enum Task {
         /// Timed runs per server and mode (default: 150, or 40 with --quick).
         #[arg(long)]
         runs: Option<usize>,
+        /// Copy the plot to docs/bench-latency.svg, the one the README shows.
+        #[arg(long)]
+        update_docs: bool,
     },
 }
 
@@ -43,7 +46,11 @@ fn main() -> Result<()> {
         Task::Deps => deps::ensure(deps::TEST),
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
-        Task::Bench { quick, runs } => bench::run(quick, runs),
+        Task::Bench {
+            quick,
+            runs,
+            update_docs,
+        } => bench::run(quick, runs, update_docs),
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
 use nix::sys::signal::Signal;
 use persist_tests::{Sandbox, binary};
@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::client::{self, Probe};
 use super::interrupt;
-use super::procs::ServerProcess;
+use super::procs::{self, ServerProcess};
 use super::servers::{Kind, Server};
 use super::stats::Samples;
 
@@ -593,6 +593,10 @@ impl Bench<'_> {
             pidfile_text,
         ];
         let progress = bar(Mode::Criu.label());
+        // `criu restore -d` leaves the restored server an orphan. As our
+        // orphan, we can reap it the moment it is killed: init reaps late,
+        // and a restore fails while the server's old pid is still taken.
+        nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
         let samples = self.in_netns(|| -> Result<Samples> {
             let mut samples = Samples::default();
             for _ in 0..self.runs {
@@ -602,18 +606,19 @@ impl Bench<'_> {
                 let restorer = ServerProcess::spawn(&restore)?;
                 let ttfb = client::request_when_up(port, probe, started);
                 drop(restorer);
-                // The restored server is not the restorer's child: kill it by its pid.
                 if let Some(pid) = std::fs::read_to_string(&pidfile)
                     .ok()
                     .and_then(|pid| pid.trim().parse::<i32>().ok())
                 {
-                    persist_tests::kill_session(pid);
+                    procs::kill_and_reap_orphan(pid)?;
                 }
                 samples.push(ttfb?);
                 progress.inc(1);
             }
             Ok(samples)
-        })??;
+        });
+        let _ = nix::sys::prctl::set_child_subreaper(false);
+        let samples = samples??;
         progress.finish_and_clear();
         Ok(ModeResult::measured(Mode::Criu, samples))
     }

@@ -75,6 +75,25 @@ impl Drop for ServerProcess {
     }
 }
 
+/// SIGKILLs `pid` (and its session), an orphan reparented to us as child
+/// subreaper, and reaps it, so that its pid is free again when this returns.
+pub fn kill_and_reap_orphan(pid: i32) -> Result<()> {
+    persist_tests::kill_session(pid);
+    match nix::sys::wait::waitpid(Pid::from_raw(pid), None) {
+        Ok(_) | Err(nix::errno::Errno::ECHILD) => {}
+        Err(err) => bail!("reaping pid {pid}: {err}"),
+    }
+    // Not ours after all (ECHILD): wait until whoever reaps it has.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            bail!("pid {pid} was killed but is still not reaped after 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// The one-letter state of `pid` from `/proc/PID/stat`.
 fn process_state(pid: Pid) -> Result<char> {
     let path = format!("/proc/{pid}/stat");
