@@ -677,6 +677,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
+/// When the daemon logged each failed keep-state park, from its log lines'
+/// RFC 3339 timestamps.
+fn failed_park_times(log: &str) -> Vec<std::time::SystemTime> {
+    log.lines()
+        .filter(|line| line.contains("cannot park with its state kept"))
+        .filter_map(|line| line.split_whitespace().next())
+        .map(|stamp| {
+            humantime::parse_rfc3339_weak(stamp.trim_end_matches('Z'))
+                .unwrap_or_else(|err| panic!("log timestamp {stamp:?}: {err}"))
+        })
+        .collect()
+}
+
 #[test]
 fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
     let sandbox = Sandbox::with_daemon().unwrap();
@@ -718,18 +731,28 @@ fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
         "{error}"
     );
     // Tried again an idle timeout later, then after twice as long, and so
-    // on: 300 ms, then 600 ms, then 1.2 s after each failure (checked every
-    // 75 ms), so the third try comes before 1.6 s, the fourth after 2.1 s.
-    std::thread::sleep(Duration::from_millis(1600));
-    let tries = sandbox
-        .daemon_log()
-        .matches("cannot park with its state kept")
-        .count();
+    // on: 300 ms, then 600 ms, then 1.2 s after each failure. The log's
+    // timestamps show the waits growing.
+    let mut tries = Vec::new();
+    wait_until(Duration::from_secs(15), || {
+        tries = failed_park_times(&sandbox.daemon_log());
+        tries.len() >= 4
+    })
+    .unwrap_or_else(|_| panic!("fewer than 4 tries: {}", sandbox.daemon_log()));
+    let waits: Vec<Duration> = tries
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).expect("log lines in time order"))
+        .collect();
     assert!(
-        (2..=3).contains(&tries),
-        "{tries} tries in 1.6 s: {}",
-        sandbox.daemon_log()
+        waits[0] >= Duration::from_millis(300),
+        "retried {waits:?} apart: the first wait is shorter than the idle timeout"
     );
+    for pair in waits.windows(2).take(2) {
+        assert!(
+            pair[1] > pair[0] * 3 / 2,
+            "retried {waits:?} apart: each wait should double the one before"
+        );
+    }
     // (Briefly "stopping" while a retry checkpoints it.)
     wait_until(Duration::from_secs(10), || {
         sandbox.service("inotify").unwrap()["state"] == "running"
