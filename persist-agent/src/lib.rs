@@ -1,6 +1,10 @@
 //! persist: park server processes on disk and wake them on their first SYN.
 //!
 //! The library does the work; `main.rs` is a thin command-line layer over it.
+//! Without the default `daemon` feature the crate is the checkpoint/restore
+//! engine alone (no tokio, aya, metrics or argument parsing): see
+//! `examples/checkpoint_and_restore.rs` for checkpointing a process and
+//! restoring it from Rust.
 //!
 //! - [`daemon`]: the agent: loads the BPF side, holds listeners, wakes and
 //!   parks services, serves the control socket.
@@ -12,11 +16,14 @@
 
 pub mod checkpoint;
 pub mod control;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod files;
 pub mod host;
 pub mod inspect;
 pub mod launch;
+// The bulk copy and the fault log are driven by the daemon's wake path only.
+#[cfg_attr(not(feature = "daemon"), allow(dead_code, unused_imports))]
 pub mod restore;
 pub mod service;
 pub mod snapshot;

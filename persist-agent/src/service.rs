@@ -78,7 +78,8 @@ pub struct SnapshotSpec {
 }
 
 /// Which pages a snapshot-mode wake copies in ahead of the process's faults.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "daemon", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Prefetch {
     /// None: every page comes in on its first touch or by the background fill.
@@ -134,7 +135,8 @@ impl std::fmt::Display for Readiness {
 }
 
 /// What parking an idle snapshot-mode service keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "daemon", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum OnIdle {
     /// Discard what it did: the next wake starts from the pristine image.

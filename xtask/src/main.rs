@@ -58,6 +58,14 @@ fn test(args: &[String]) -> Result<()> {
     deps::require_root()?;
     deps::ensure(deps::TEST)?;
     deps::cargo(&["build", "--workspace", "--bins"])?;
+    // The engine builds alone, without the daemon's dependencies.
+    deps::cargo(&[
+        "build",
+        "-p",
+        "persist-agent",
+        "--no-default-features",
+        "--examples",
+    ])?;
     let mut test_args = vec!["test", "--workspace"];
     test_args.extend(args.iter().map(String::as_str));
     deps::cargo(&test_args)
