@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod control;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod error_text;
 pub mod files;
 pub mod host;
 pub mod inspect;

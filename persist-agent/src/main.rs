@@ -168,7 +168,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("persist-agent: error: {err:#}");
+            let line = persist_agent::error_text::chain_line(err.chain());
+            eprintln!("persist-agent: error: {line}");
             ExitCode::FAILURE
         }
     }

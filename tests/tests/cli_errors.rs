@@ -122,3 +122,18 @@ fn a_service_file_with_a_typo_is_reported_and_the_others_still_run() {
             .starts_with("hello from pid")
     );
 }
+
+#[test]
+fn an_os_error_is_named_once() {
+    let sandbox = Sandbox::new().unwrap();
+    let err = failure(&sandbox.agent(&["inspect", "/nonexistent"]));
+    assert_eq!(
+        err,
+        "persist-agent: error: /nonexistent: No such file or directory (os error 2)"
+    );
+    let err = failure(&sandbox.agent(&["restore", "--image", "/nonexistent"]));
+    assert_eq!(
+        err,
+        "persist-agent: error: restore of /nonexistent: /nonexistent: No such file or directory (os error 2)"
+    );
+}

@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::Registry;
 use crate::control::{Reply, Request, socket_path};
+use crate::error_text::error_line;
 
 /// Binds `STATE_DIR/agent.sock`, root only. The caller holds the state
 /// directory's lock, so a socket file already there is a dead daemon's.
@@ -55,6 +56,7 @@ async fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> 
     write.write_all(&bytes).await
 }
 
+/// Answers one request; a refusal carries the error and each of its causes.
 async fn handle(request: Request, registry: &Registry) -> Reply {
     match request {
         Request::Add { spec } => {
@@ -64,20 +66,20 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
             );
             match registry.add(spec).await {
                 Ok(()) => Reply::ok(summary),
-                Err(err) => Reply::error(err.to_string()),
+                Err(err) => Reply::error(error_line(&err)),
             }
         }
         Request::Remove { name } => match registry.remove(&name).await {
             Ok(()) => Reply::ok(format!("removed {name}")),
-            Err(err) => Reply::error(err.to_string()),
+            Err(err) => Reply::error(error_line(&err)),
         },
         Request::Park { name } => match registry.force(&name, true).await {
             Ok(()) => Reply::ok(format!("parked {name}")),
-            Err(err) => Reply::error(err.to_string()),
+            Err(err) => Reply::error(error_line(&err)),
         },
         Request::Wake { name } => match registry.force(&name, false).await {
             Ok(()) => Reply::ok(format!("woke {name}")),
-            Err(err) => Reply::error(err.to_string()),
+            Err(err) => Reply::error(error_line(&err)),
         },
         Request::Status => Reply {
             services: registry.status(),
