@@ -38,7 +38,6 @@ use crate::sys::procmem::ProcMem;
 
 use freeze::Frozen;
 use memory::BasePages;
-use status::Status;
 
 pub use threads::resume_registers;
 
@@ -170,7 +169,7 @@ pub enum CheckpointError {
         /// The pid asked for.
         pid: i32,
         /// The seccomp mode (1 strict, 2 filter).
-        mode: u64,
+        mode: u32,
     },
     /// Another tracer holds the process.
     #[error("pid {pid} is already traced by pid {tracer}")]
@@ -178,7 +177,7 @@ pub enum CheckpointError {
         /// The pid asked for.
         pid: i32,
         /// Its tracer.
-        tracer: u64,
+        tracer: i32,
     },
     /// Child processes are not checkpointed with their parent, and a parent
     /// restored without them would wait for them in vain.
@@ -561,13 +560,8 @@ fn preflight(pid: i32) -> Result<(), CheckpointError> {
     if pid as u32 == std::process::id() {
         return Err(CheckpointError::IsSelf { pid });
     }
-    let status = match Status::read(pid, None) {
-        Err(CheckpointError::Proc { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            return Err(CheckpointError::NoSuchProcess { pid });
-        }
-        other => other?,
-    };
-    let tgid = status.number("Tgid")? as i32;
+    let status = status::read(pid, None)?;
+    let tgid = status.tgid;
     if tgid != pid {
         if tgid as u32 == std::process::id() {
             return Err(CheckpointError::IsSelf { pid });
@@ -587,11 +581,11 @@ fn preflight(pid: i32) -> Result<(), CheckpointError> {
     if matches!(stat.state, 'Z' | 'X') {
         return Err(CheckpointError::Exited { pid });
     }
-    let tracer = status.number("TracerPid")?;
+    let tracer = status.tracerpid;
     if tracer != 0 {
         return Err(CheckpointError::Traced { pid, tracer });
     }
-    let seccomp = status.optional_number("Seccomp")?.unwrap_or(0);
+    let seccomp = status.seccomp.unwrap_or(0);
     if seccomp != 0 {
         return Err(CheckpointError::Seccomp { pid, mode: seccomp });
     }

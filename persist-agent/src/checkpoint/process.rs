@@ -14,7 +14,7 @@ use crate::sys::rlimit;
 
 use super::CheckpointError;
 use super::inject::Injector;
-use super::status::Status;
+use super::status;
 
 /// `RLIM_NLIMITS`: resource limits 0 to 15.
 const RLIMIT_COUNT: u32 = 16;
@@ -35,13 +35,13 @@ pub fn save_process(
     let procfs_error = |what, source| CheckpointError::ProcFs { pid, what, source };
     let process = procfs::process::Process::new(pid).map_err(|e| procfs_error("process", e))?;
     let stat = process.stat().map_err(|e| procfs_error("stat", e))?;
-    let status = Status::read(pid, None)?;
+    let status = status::read(pid, None)?;
 
     let mut injector = Injector::new(pid, pid, mem, syscall_at)?;
     let scratch = injector.scratch();
     // Only signals ignored or caught have a disposition other than the
     // default worth asking about.
-    let non_default = status.hex("SigIgn")? | status.hex("SigCgt")?;
+    let non_default = status.sigign | status.sigcgt;
     let mut sigactions = Vec::new();
     for signal in (1..=MAX_SIGNAL).filter(|s| non_default & (1 << (s - 1)) != 0) {
         injector.checked_syscall(
@@ -80,29 +80,16 @@ pub fn save_process(
 
     let rlimits = read_rlimits(pid)?;
 
-    let word4 = |key: &str| -> Result<[u32; 4], CheckpointError> {
-        let values = status.numbers(key)?;
-        let ids: Vec<u32> = values.iter().map(|&v| v as u32).collect();
-        ids.try_into().map_err(|_| CheckpointError::ProcField {
-            pid,
-            path: format!("/proc/{pid}/status"),
-            field: key.to_owned(),
-        })
-    };
     let credentials = Credentials {
-        uids: word4("Uid")?,
-        gids: word4("Gid")?,
-        groups: status
-            .numbers("Groups")?
-            .into_iter()
-            .map(|g| g as u32)
-            .collect(),
-        cap_inheritable: status.hex("CapInh")?,
-        cap_permitted: status.hex("CapPrm")?,
-        cap_effective: status.hex("CapEff")?,
-        cap_bounding: status.hex("CapBnd")?,
-        cap_ambient: status.hex("CapAmb")?,
-        no_new_privs: status.number("NoNewPrivs")? != 0,
+        uids: [status.ruid, status.euid, status.suid, status.fuid],
+        gids: [status.rgid, status.egid, status.sgid, status.fgid],
+        groups: status.groups.iter().map(|&g| g as u32).collect(),
+        cap_inheritable: status.capinh,
+        cap_permitted: status.capprm,
+        cap_effective: status.capeff,
+        cap_bounding: status::required(pid, "CapBnd", status.capbnd)?,
+        cap_ambient: status::required(pid, "CapAmb", status.capamb)?,
+        no_new_privs: status::required(pid, "NoNewPrivs", status.nonewprivs)? != 0,
         securebits,
     };
 
@@ -145,12 +132,12 @@ pub fn save_process(
         environ: split_nul(&read_proc(pid, "environ")?),
         cwd: read_link(pid, "cwd")?,
         root: read_link(pid, "root")?,
-        umask: status.octal("Umask")?,
+        umask: status::required(pid, "Umask", status.umask)?,
         personality,
         rlimits,
         credentials,
         sigactions,
-        shared_pending: status.hex("ShdPnd")?,
+        shared_pending: status.shdpnd,
         itimers,
         mm,
     })

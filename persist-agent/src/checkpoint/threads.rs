@@ -27,7 +27,7 @@ use crate::sys::ptrace::{self, Regs, reg};
 
 use super::CheckpointError;
 use super::inject::Injector;
-use super::status::Status;
+use super::status;
 
 const ERESTARTSYS: i64 = 512;
 const ERESTARTNOINTR: i64 = 513;
@@ -69,8 +69,7 @@ pub fn save_thread(
         head: robust_head,
         len: robust_len,
     });
-    let status = Status::read(pid, Some(tid))?;
-    let pending = status.hex("SigPnd")?;
+    let pending = status::read(pid, Some(tid))?.sigpnd;
     let comm_path = format!("/proc/{pid}/task/{tid}/comm");
     let comm = fs::read_to_string(&comm_path)
         .map_err(|source| CheckpointError::Proc {

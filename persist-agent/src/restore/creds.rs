@@ -11,34 +11,17 @@ const LINUX_CAPABILITY_VERSION_3: u64 = 0x2008_0522;
 
 /// Our own credentials, in the image's terms, from /proc/self/status.
 pub fn own() -> Option<Credentials> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(str::trim)
-    };
-    let ids = |name: &str| -> Option<[u32; 4]> {
-        let values: Vec<u32> = field(name)?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        values.try_into().ok()
-    };
-    let hex = |name: &str| u64::from_str_radix(field(name)?, 16).ok();
+    let status = procfs::process::Process::myself().ok()?.status().ok()?;
     Some(Credentials {
-        uids: ids("Uid:")?,
-        gids: ids("Gid:")?,
-        groups: field("Groups:")?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect(),
-        cap_inheritable: hex("CapInh:")?,
-        cap_permitted: hex("CapPrm:")?,
-        cap_effective: hex("CapEff:")?,
-        cap_bounding: hex("CapBnd:")?,
-        cap_ambient: hex("CapAmb:")?,
-        no_new_privs: field("NoNewPrivs:")? == "1",
+        uids: [status.ruid, status.euid, status.suid, status.fuid],
+        gids: [status.rgid, status.egid, status.sgid, status.fgid],
+        groups: status.groups.iter().map(|&g| g as u32).collect(),
+        cap_inheritable: status.capinh,
+        cap_permitted: status.capprm,
+        cap_effective: status.capeff,
+        cap_bounding: status.capbnd?,
+        cap_ambient: status.capamb?,
+        no_new_privs: status.nonewprivs? != 0,
         securebits: 0,
     })
 }
