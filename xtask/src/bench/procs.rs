@@ -55,14 +55,12 @@ impl ServerProcess {
 
     /// Resident memory of the server, from `/proc/PID/status`.
     pub fn rss_bytes(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status = std::fs::read_to_string(&path).with_context(|| path.clone())?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .with_context(|| format!("no VmRSS in {path}"))?;
+        let status = procfs::process::Process::new(self.pid().as_raw())
+            .and_then(|process| process.status())
+            .with_context(|| format!("/proc/{}/status", self.pid()))?;
+        let kib = status
+            .vmrss
+            .with_context(|| format!("no VmRSS for pid {}", self.pid()))?;
         Ok(kib * 1024)
     }
 }
