@@ -92,7 +92,9 @@ pub struct ServiceStatus {
     pub port: u16,
     /// `exec` or `inetd`.
     pub mode: String,
-    /// `parked`, `waking`, `running`, `stopping` or `failed`.
+    /// `parked`, `waking`, `running`, `stopping`, `failed` (its last wake
+    /// or the preparation of its next one failed, `error` says why) or
+    /// `stale` (its image was taken on another kernel build or CPU).
     pub state: String,
     /// Pid of the service process, if one runs.
     pub pid: Option<i32>,
@@ -129,6 +131,10 @@ pub struct ServiceStatus {
     /// Why the service failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Something the daemon did to the service on its own that its owner
+    /// should know (it was rebuilt from its command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Why the CLI could not get an answer from the daemon.
@@ -211,6 +217,9 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
         ));
         if let Some(error) = &service.error {
             out.push_str(&format!("  {}: {error}\n", service.name));
+        }
+        if let Some(note) = &service.note {
+            out.push_str(&format!("  {}: {note}\n", service.name));
         }
     }
     if parked_note {

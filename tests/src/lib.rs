@@ -519,3 +519,33 @@ pub fn run_ok(command: &mut Command) -> Result<Output> {
     }
     Ok(output)
 }
+
+/// Rewrites an image's manifest JSON with `edit` and re-seals its header
+/// (length and CRC32C), as an image written elsewhere would be: an image
+/// from another kernel, or a hostile one.
+pub fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = image.join("manifest");
+    let text = std::fs::read(&path).expect("reading the manifest");
+    let newline = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a manifest header line");
+    let header = String::from_utf8(text[..newline].to_vec()).expect("a text header");
+    let version = header
+        .split(' ')
+        .nth(1)
+        .expect("a format version")
+        .to_owned();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&text[newline + 1..]).expect("manifest JSON");
+    edit(&mut manifest);
+    let json = serde_json::to_vec(&manifest).expect("manifest JSON");
+    let mut out = format!(
+        "persist-image {version} {} {:08x}\n",
+        json.len(),
+        crc32c::crc32c(&json)
+    )
+    .into_bytes();
+    out.extend_from_slice(&json);
+    std::fs::write(&path, out).expect("writing the manifest");
+}

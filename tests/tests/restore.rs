@@ -7,7 +7,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use persist_tests::{NetNs, binary, has_unfilled_memory, redis_server_command, run_ok, wait_until};
+use persist_tests::{
+    NetNs, binary, edit_manifest, has_unfilled_memory, redis_server_command, run_ok, wait_until,
+};
 
 /// SIGKILLs every tracked pid on drop (only processes this test started).
 #[derive(Default)]
@@ -244,22 +246,6 @@ fn truncated_page_store_is_refused() {
     assert!(err.contains("page store holds"), "{err}");
 }
 
-/// CRC32C (Castagnoli), bit by bit: enough for re-sealing a small manifest.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 #[test]
 fn image_from_another_kernel_is_refused() {
     let temp = tempfile::tempdir().unwrap();
@@ -270,26 +256,6 @@ fn image_from_another_kernel_is_refused() {
     let err = failed_restore(&image);
     assert!(err.contains("5.10.0-ancient"), "{err}");
     assert!(err.contains("same kernel build"), "{err}");
-}
-
-/// Rewrites an image's manifest JSON with `edit` and re-seals its header.
-fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = image.join("manifest");
-    let text = std::fs::read(&path).unwrap();
-    let newline = text.iter().position(|&b| b == b'\n').unwrap();
-    let header = String::from_utf8(text[..newline].to_vec()).unwrap();
-    let version = header.split(' ').nth(1).unwrap().to_owned();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&text[newline + 1..]).unwrap();
-    edit(&mut manifest);
-    let json = serde_json::to_vec(&manifest).unwrap();
-    let mut out = format!(
-        "persist-image {version} {} {:08x}\n",
-        json.len(),
-        crc32c(&json)
-    )
-    .into_bytes();
-    out.extend_from_slice(&json);
-    std::fs::write(&path, out).unwrap();
 }
 
 #[test]

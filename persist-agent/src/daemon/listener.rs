@@ -73,3 +73,14 @@ pub fn has_pending(listener: &impl AsFd) -> bool {
 pub fn inode(socket: &impl AsFd) -> io::Result<u64> {
     Ok(nix::sys::stat::fstat(socket.as_fd())?.st_ino)
 }
+
+/// Sets the accept-queue limit of a socket that already listens: `listen()`
+/// on a listening socket changes only that limit, and the connections
+/// already queued stay queued. `None` is the largest the kernel allows.
+pub fn set_backlog(listener: &impl AsFd, backlog: Option<u32>) -> io::Result<()> {
+    let backlog = match backlog.and_then(|b| i32::try_from(b).ok()) {
+        Some(backlog) => Backlog::new(backlog).unwrap_or(Backlog::MAXCONN),
+        None => Backlog::MAXCONN,
+    };
+    Ok(listen(listener, backlog)?)
+}

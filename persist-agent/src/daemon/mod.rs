@@ -67,7 +67,7 @@ async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Resul
     let (watcher, mut wake_events) = SynWatcher::attach()?;
     info!("sk_lookup program attached to this network namespace");
     let registry = Arc::new(Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?);
-    registry.restore_registered();
+    registry.restore_registered().await;
 
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use persist_common::bpf::WakeEvent;
+use persist_common::image::{Image, ImageError};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -15,7 +16,7 @@ use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::restore_worker::{RestoreWorker, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
-use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
+use super::supervisor::{Command, Handle, Shared, Starter, State, Supervisor};
 use crate::control::ServiceStatus;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
@@ -64,6 +65,14 @@ pub enum RegistryError {
     /// A registered image is unusable.
     #[error(transparent)]
     Image(#[from] persist_common::image::ImageError),
+    /// The service's first skeleton could not be prepared from its image.
+    #[error("{name} cannot be restored: {reason}")]
+    Unrestorable {
+        /// The service.
+        name: String,
+        /// Why (the prepare's error, naming the file or page).
+        reason: String,
+    },
     /// The run-state directory failed.
     #[error("state directory: {0}")]
     Io(#[from] std::io::Error),
@@ -79,6 +88,8 @@ pub struct Registry {
     pagers: Arc<Pagers>,
     services: Mutex<BTreeMap<String, Handle>>,
     broken: Mutex<BTreeMap<String, String>>,
+    /// What the daemon did to a service on its own (rebuilt it), for `status`.
+    notes: Mutex<BTreeMap<String, String>>,
 }
 
 impl Registry {
@@ -93,6 +104,7 @@ impl Registry {
             pagers: Arc::new(Pagers::default()),
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
+            notes: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -103,8 +115,10 @@ impl Registry {
     }
 
     /// Brings back every stored service after a daemon start. A service that
-    /// cannot be brought back is reported in `status`, never fatal.
-    pub fn restore_registered(&self) {
+    /// cannot be brought back is reported in `status`, never fatal. A
+    /// snapshot-mode service whose image was taken on another kernel build
+    /// or CPU (a kernel upgrade) is rebuilt from its command first.
+    pub async fn restore_registered(&self) {
         let loaded = match self.store.load_all() {
             Ok(loaded) => loaded,
             Err(err) => {
@@ -116,8 +130,19 @@ impl Registry {
             match result {
                 Ok(spec) => {
                     let name = spec.name.clone();
-                    match self.activate(spec, None) {
-                        Ok(()) => info!(service = %name, "registered again"),
+                    let rebuilt = match self.rebuild_if_stale(&spec).await {
+                        Ok(rebuilt) => rebuilt,
+                        Err(err) => {
+                            warn!(service = %name, "{err}");
+                            self.broken
+                                .lock()
+                                .expect("lock")
+                                .insert(name, err.to_string());
+                            continue;
+                        }
+                    };
+                    match self.activate(spec, rebuilt) {
+                        Ok(_) => info!(service = %name, "registered again"),
                         Err(err) => {
                             warn!(service = %name, "cannot bring back: {err}");
                             self.broken
@@ -146,7 +171,10 @@ impl Registry {
     }
 
     /// Registers a new service and stores it. A snapshot-mode service is
-    /// started, snapshotted and stopped first (its image is built).
+    /// started, snapshotted and stopped first (its image is built), and is
+    /// added only once its first skeleton is prepared from its image, every
+    /// page checked: an image that would not restore is refused, and leaves
+    /// nothing registered.
     pub async fn add(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
         spec.validate()?;
         self.check_free(&spec)?;
@@ -157,7 +185,7 @@ impl Registry {
             Some(snapshot) => {
                 // A prebuilt image: refuse it now if it is unusable.
                 let dir = snapshot.image.clone().unwrap_or_default();
-                let image = persist_common::image::Image::open(&dir)?;
+                let image = Image::open(&dir)?;
                 if listener_fd_in_image(image.manifest(), spec.port).is_none() {
                     return Err(RegistryError::Refused(format!(
                         "image {} has no TCP listener on port {}",
@@ -169,7 +197,22 @@ impl Registry {
             }
             None => None,
         };
-        self.activate(spec.clone(), built_listener)?;
+        let prepared = self.activate(spec.clone(), built_listener)?;
+        if let Some(prepared) = prepared {
+            let outcome = prepared
+                .await
+                .unwrap_or_else(|_| Err("the restore thread has stopped".into()));
+            if let Err(reason) = outcome {
+                if let Ok(done) = self.remove_active(&spec.name) {
+                    let _ = done.await;
+                }
+                self.run_state.clear(&spec.name);
+                return Err(RegistryError::Unrestorable {
+                    name: spec.name,
+                    reason,
+                });
+            }
+        }
         if let Err(err) = self.store.save(&spec) {
             let _ = self.remove_active(&spec.name);
             return Err(err.into());
@@ -228,6 +271,50 @@ impl Registry {
         Ok(built.listener)
     }
 
+    /// Rebuilds a snapshot-mode service from its command when its image was
+    /// taken on another kernel build or CPU, and returns the listener taken
+    /// from the new process. The state a `--on-idle keep` service kept is
+    /// dropped with the old image: it would not restore either. A service
+    /// with a prebuilt image, or whose recorded process still lives, is left
+    /// as it is (it shows `stale` if its image cannot restore).
+    async fn rebuild_if_stale(&self, spec: &ServiceSpec) -> Result<Option<OwnedFd>, RegistryError> {
+        let Some(snapshot) = spec.snapshot.as_ref().filter(|s| s.image.is_none()) else {
+            return Ok(None);
+        };
+        if spec.mode != ServiceMode::Snapshot
+            || self
+                .run_state
+                .load(&spec.name)
+                .is_some_and(|record| run_state::is_alive(&record))
+        {
+            return Ok(None);
+        }
+        let Some(why) = host_mismatch(&self.current_image(spec)) else {
+            return Ok(None);
+        };
+        let note = match &why {
+            ImageError::KernelMismatch { image, running } => {
+                format!("rebuilt: image was taken on kernel {image}, this is {running}")
+            }
+            other => format!("rebuilt: {other}"),
+        };
+        info!(service = %spec.name, "rebuilding from its command: {why}");
+        let listener = self.build(spec, snapshot).await?;
+        let kept = self.kept_image(&spec.name);
+        if kept.exists() {
+            warn!(service = %spec.name, "the state kept at its last park was taken on the old kernel too: dropped");
+            if let Err(err) = std::fs::remove_dir_all(&kept) {
+                warn!(service = %spec.name, "removing {}: {err}", kept.display());
+            }
+        }
+        info!(service = %spec.name, "{note}");
+        self.notes
+            .lock()
+            .expect("lock")
+            .insert(spec.name.clone(), note);
+        Ok(Some(listener))
+    }
+
     fn pristine_image(&self, name: &str) -> PathBuf {
         self.state_dir.join("images").join(name)
     }
@@ -251,8 +338,14 @@ impl Registry {
 
     /// Takes the port of `spec` (or uses `provided`, a listener taken from
     /// the service) and starts its supervisor, adopting a process that a
-    /// previous daemon left running.
-    fn activate(&self, spec: ServiceSpec, provided: Option<OwnedFd>) -> Result<(), RegistryError> {
+    /// previous daemon left running. For a snapshot-mode service not found
+    /// running, returns the outcome of its first skeleton's prepare (the
+    /// whole image checked), to come.
+    fn activate(
+        &self,
+        spec: ServiceSpec,
+        provided: Option<OwnedFd>,
+    ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, RegistryError> {
         self.check_free(&spec)?;
         let mut services = self.services.lock().expect("lock");
         let capacity = self.watcher.lock().expect("lock").capacity();
@@ -273,15 +366,14 @@ impl Registry {
                 listener::open(spec.addr, spec.port)?
             }
         };
+        let mut prepared = None;
         let starter = match spec.mode {
             ServiceMode::Snapshot => {
                 let image = self.current_image(&spec);
                 let worker = RestoreWorker::spawn(
                     &spec.name,
-                    image.clone(),
                     spec.port,
                     listener.try_clone()?,
-                    adopted.is_some(),
                     WorkerShared {
                         metrics: self.metrics.clone(),
                         run_state: self.run_state.clone(),
@@ -292,6 +384,9 @@ impl Registry {
                         .map(|s| s.prefetch)
                         .unwrap_or_default(),
                 )?;
+                if adopted.is_none() {
+                    prepared = Some(worker.prepare_checked(image.clone()));
+                }
                 Starter::Restore {
                     worker,
                     image,
@@ -317,7 +412,7 @@ impl Registry {
             starter,
         );
         services.insert(spec.name, handle);
-        Ok(())
+        Ok(prepared)
     }
 
     /// Stops and unregisters a service.
@@ -330,6 +425,7 @@ impl Registry {
         let _ = done.await;
         self.store.delete(name)?;
         self.run_state.clear(name);
+        self.notes.lock().expect("lock").remove(name);
         Ok(())
     }
 
@@ -418,6 +514,7 @@ impl Registry {
                 })
                 .collect()
         };
+        let notes = self.notes.lock().expect("lock").clone();
         let mut statuses: Vec<ServiceStatus> = views
             .into_iter()
             .map(|((spec, published, worker_report), stats)| {
@@ -435,6 +532,18 @@ impl Registry {
                     parked_bytes = report.skeleton_pid.map_or(0, private_bytes);
                     if view.error.is_none() {
                         view.error = report.error.clone();
+                    }
+                    // Parked, but no skeleton could be prepared: the next
+                    // wake would fail.
+                    if view.state == State::Parked
+                        && report.error.is_some()
+                        && report.skeleton_pid.is_none()
+                    {
+                        view.state = if report.stale {
+                            State::Stale
+                        } else {
+                            State::Failed
+                        };
                     }
                 }
                 ServiceStatus {
@@ -456,6 +565,7 @@ impl Registry {
                     rss_bytes: rss_of_sessions(&view.sessions),
                     parked_bytes,
                     error: view.error,
+                    note: notes.get(&spec.name).cloned(),
                 }
             })
             .collect();
@@ -479,6 +589,7 @@ impl Registry {
                 rss_bytes: 0,
                 parked_bytes: 0,
                 error: Some(error.clone()),
+                note: None,
             });
         }
         statuses
@@ -581,4 +692,17 @@ fn stop_stray(pid: i32) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Why the image in `dir` does not restore on this host, when it was taken
+/// on another kernel build or CPU. Other faults are left to the prepare,
+/// which reports them.
+fn host_mismatch(dir: &Path) -> Option<ImageError> {
+    let image = Image::open(dir).ok()?;
+    match image.check_host(&crate::host::kernel_info(), &crate::host::cpu_info()) {
+        Err(err @ (ImageError::KernelMismatch { .. } | ImageError::CpuMismatch { .. })) => {
+            Some(err)
+        }
+        _ => None,
+    }
 }

@@ -30,10 +30,10 @@ use super::pagers::{PagerAtWork, Pagers};
 use super::run_state::RunStateDir;
 use crate::files::InheritedFds;
 use crate::restore::{
-    Continuer, PagerStats, PlannedCopy, RestoreConfig, Restored, Skeleton, Timings,
+    Continuer, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored, Skeleton, Timings,
 };
 use crate::service::Prefetch;
-use crate::snapshot::listener_fd_in_image;
+use crate::snapshot::{listener_backlog_in_image, listener_fd_in_image};
 use crate::sys::pidfd::PidFd;
 use crate::sys::sched;
 
@@ -66,6 +66,18 @@ pub struct WorkerReport {
     pub skeleton_pid: Option<i32>,
     /// Why the last prepare failed.
     pub error: Option<String>,
+    /// Whether it failed because the image was taken on another kernel
+    /// build or CPU: it will not restore here however often it is tried.
+    pub stale: bool,
+    /// A restored process its pager killed (a page of the image could not
+    /// be served), and why: that wake failed.
+    pub wake_error: Option<(i32, String)>,
+    /// The restored process whose pager runs, until its outcome is in
+    /// `last_pager` or `wake_error`.
+    pub serving: Option<i32>,
+    /// The backlog the service gave its listener, from the image of the
+    /// prepared skeleton.
+    pub listener_backlog: Option<u32>,
     /// Pager statistics of the last wake.
     pub last_pager: Option<PagerStats>,
     /// SYN resumes the supervisor will hear of but has not yet (it is told
@@ -86,6 +98,8 @@ impl WorkerReport {
 enum Job {
     Prepare {
         image: PathBuf,
+        /// Told the outcome, after every page of the image was verified.
+        checked: Option<oneshot::Sender<Result<(), String>>>,
     },
     Resume {
         reply: oneshot::Sender<Result<Resumed, String>>,
@@ -199,14 +213,12 @@ pub struct RestoreWorker {
 }
 
 impl RestoreWorker {
-    /// Starts the thread for the service `name` listening through `listener`,
-    /// and, unless its process already runs, prepares a first skeleton from `image`.
+    /// Starts the thread for the service `name` listening through `listener`.
+    /// It prepares nothing until told to ([`RestoreWorker::prepare_checked`]).
     pub fn spawn(
         name: &str,
-        image: PathBuf,
         port: u16,
         listener: OwnedFd,
-        already_running: bool,
         shared: WorkerShared,
         prefetch: Prefetch,
     ) -> std::io::Result<Self> {
@@ -233,25 +245,37 @@ impl RestoreWorker {
                     prefetch,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
+                    verify_next: false,
                     armed: thread_armed,
                 };
                 worker.run(receiver);
             })?;
-        let worker = Self {
+        Ok(Self {
             jobs,
             report,
             armed,
             pagers,
-        };
-        if !already_running {
-            worker.prepare(image);
-        }
-        Ok(worker)
+        })
     }
 
     /// Prepares a skeleton from `image` for the next wake (in the background).
     pub fn prepare(&self, image: PathBuf) {
-        let _ = self.jobs.send(Job::Prepare { image });
+        let _ = self.jobs.send(Job::Prepare {
+            image,
+            checked: None,
+        });
+    }
+
+    /// Prepares a skeleton from `image` after checking the whole image as
+    /// `restore` does (every page run's checksum included); the answer says
+    /// whether the service can be woken.
+    pub fn prepare_checked(&self, image: PathBuf) -> oneshot::Receiver<Result<(), String>> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.jobs.send(Job::Prepare {
+            image,
+            checked: Some(reply),
+        });
+        answer
     }
 
     /// Resumes the prepared skeleton (preparing one first if needed).
@@ -296,6 +320,9 @@ struct Worker {
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
     resumed_on_syn: bool,
+    /// The next prepare verifies every page first: the last wake found a
+    /// corrupt one, and a skeleton that would die on it must not be armed.
+    verify_next: bool,
     /// What the wake thread may do for the armed skeleton.
     armed: ArmedWake,
 }
@@ -322,9 +349,13 @@ impl Worker {
     fn run(&mut self, jobs: mpsc::Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
             match job {
-                Job::Prepare { image } => {
+                Job::Prepare { image, checked } => {
                     self.image = Some(image);
-                    self.prepare();
+                    self.verify_next |= checked.is_some();
+                    let outcome = self.prepare();
+                    if let Some(checked) = checked {
+                        let _ = checked.send(outcome);
+                    }
                 }
                 Job::Resume { reply } => self.resume(reply),
                 Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
@@ -333,7 +364,8 @@ impl Worker {
         // The service is gone: an unused skeleton dies with its `Drop`.
     }
 
-    fn prepare(&mut self) {
+    /// Prepares the skeleton of the next wake; says why not when it cannot.
+    fn prepare(&mut self) -> Result<(), String> {
         // A skeleton of an older image must not be resumed, by a SYN
         // either: disarmed first.
         *self.armed.lock().expect("armed lock") = Armed::default();
@@ -341,24 +373,30 @@ impl Worker {
         self.plan = WakePlan::Lazy;
         self.resumed_on_syn = false;
         let _ = sched::set_current_thread_realtime(false);
-        let result = self.build_skeleton().and_then(|(mut skeleton, image)| {
-            self.plan = self.plan_wake(image);
-            let mut armed = Armed::default();
-            if let WakePlan::Recorded { set, .. } = &self.plan {
-                let pager = skeleton.pager_mut();
-                pager.verify_ahead(set).map_err(|err| err.to_string())?;
-                pager.zero_ahead(set);
-                armed.copy = Some(pager.plan_set(set));
-            }
-            let continuer = skeleton.release().map_err(|err| err.to_string())?;
-            // Every page must be in before the process runs: the restore
-            // thread copies them all, then resumes it.
-            if !matches!(self.plan, WakePlan::All) {
-                armed.continuer = continuer;
-            }
-            *self.armed.lock().expect("armed lock") = armed;
-            Ok(skeleton)
-        });
+        let verify = std::mem::take(&mut self.verify_next);
+        let mut stale = false;
+        let mut backlog = None;
+        let result = self
+            .build_skeleton(verify, &mut stale)
+            .and_then(|(mut skeleton, image)| {
+                backlog = listener_backlog_in_image(image.manifest(), self.port);
+                self.plan = self.plan_wake(image);
+                let mut armed = Armed::default();
+                if let WakePlan::Recorded { set, .. } = &self.plan {
+                    let pager = skeleton.pager_mut();
+                    pager.verify_ahead(set).map_err(|err| err.to_string())?;
+                    pager.zero_ahead(set);
+                    armed.copy = Some(pager.plan_set(set));
+                }
+                let continuer = skeleton.release().map_err(|err| err.to_string())?;
+                // Every page must be in before the process runs: the restore
+                // thread copies them all, then resumes it.
+                if !matches!(self.plan, WakePlan::All) {
+                    armed.continuer = continuer;
+                }
+                *self.armed.lock().expect("armed lock") = armed;
+                Ok(skeleton)
+            });
         let mut report = self.report.lock().expect("report lock");
         match result {
             Ok(skeleton) => {
@@ -375,13 +413,21 @@ impl Worker {
                     tracing::debug!(service = %self.name, "no real-time priority: {err}");
                 }
                 report.error = None;
+                report.stale = false;
+                report.listener_backlog = backlog;
                 info!(service = %self.name, pid = skeleton.pid(), prepare_us = skeleton.timings().prepare.as_micros() as u64, "skeleton ready");
                 self.skeleton = Some(skeleton);
+                Ok(())
             }
             Err(err) => {
                 warn!(service = %self.name, "cannot prepare a skeleton: {err}");
                 report.skeleton_pid = None;
-                report.error = Some(err);
+                report.error = Some(err.clone());
+                report.stale = stale;
+                // Checked again next time: it may have been damaged rather
+                // than only be unusable.
+                self.verify_next = !stale;
+                Err(err)
             }
         }
     }
@@ -421,7 +467,14 @@ impl Worker {
         WakePlan::Record { image, image_crc }
     }
 
-    fn build_skeleton(&self) -> Result<(Skeleton, Arc<Image>), String> {
+    /// Restores the skeleton of the current image, every page verified
+    /// first if `verify`. Sets `stale` when the image was taken on another
+    /// kernel build or CPU.
+    fn build_skeleton(
+        &self,
+        verify: bool,
+        stale: &mut bool,
+    ) -> Result<(Skeleton, Arc<Image>), String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
         wait_until_pid_is_free(image.manifest().process.pid);
@@ -440,12 +493,19 @@ impl Worker {
                 .map_err(|err| format!("duplicating the listener: {err}"))?,
         );
         let config = RestoreConfig {
-            verify_pages_first: false,
+            verify_pages_first: verify,
             inherited,
         };
         let image = Arc::new(image);
-        let skeleton =
-            Skeleton::prepare(Arc::clone(&image), config).map_err(|err| err.to_string())?;
+        let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {
+            *stale = matches!(
+                err,
+                RestoreError::Image(
+                    ImageError::KernelMismatch { .. } | ImageError::CpuMismatch { .. }
+                )
+            );
+            err.to_string()
+        })?;
         Ok((skeleton, image))
     }
 
@@ -457,7 +517,8 @@ impl Worker {
                 let _ = reply.send(Err(ALREADY_RESUMED.into()));
                 return;
             }
-            self.prepare();
+            // Its failure is the resume's: the reply says why.
+            let _ = self.prepare();
         }
         let at_work = self.pagers.start();
         self.resume_and_serve(
@@ -498,6 +559,7 @@ impl Worker {
             let mut report = self.report.lock().expect("report lock");
             report.skeleton_pid = None;
             report.last_pager = None;
+            report.wake_error = None;
         }
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         let planned_copy = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copy;
@@ -518,6 +580,9 @@ impl Worker {
         } = match resumed {
             Ok(restored) => restored,
             Err(err) => {
+                // Perhaps a corrupt page of the working set: the next
+                // skeleton is checked whole.
+                self.verify_next = true;
                 reply(Err(err.to_string()));
                 return;
             }
@@ -542,16 +607,28 @@ impl Worker {
             reply(Ok(resumed));
         }
         pager.hurry_when(self.pagers.stopping());
+        self.report.lock().expect("report lock").serving = Some(pid);
         let filled = pager.run_until_filled();
         drop(at_work);
+        let mut report = self.report.lock().expect("report lock");
+        report.serving = None;
         match filled {
             Ok(stats) => {
                 info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
-                self.report.lock().expect("report lock").last_pager = Some(stats);
+                report.last_pager = Some(stats);
             }
-            Err(err) => warn!(service = %self.name, pid, "pager: {err}"),
+            Err(err) => {
+                warn!(service = %self.name, pid, "pager: {err}");
+                if matches!(err, RestoreError::CorruptPage { .. }) {
+                    // Killed: the supervisor reports the wake as failed,
+                    // and the next skeleton is checked whole.
+                    report.wake_error = Some((pid, err.to_string()));
+                    self.verify_next = true;
+                }
+            }
         }
+        drop(report);
         // A daemon stopping cut the window short: the set would lack pages.
         if let Some(recording) = record
             && !self.pagers.is_stopping()

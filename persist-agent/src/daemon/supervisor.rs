@@ -38,6 +38,16 @@ const QUICK_EXIT: Duration = Duration::from_secs(1);
 const QUICK_EXITS_TO_FAIL: u32 = 3;
 /// How long a service that failed to start stays failed before the next SYN may retry.
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// How often a woken service's deep backlog is checked for the end of the
+/// burst that woke it.
+const BURST_CHECK: Duration = Duration::from_millis(50);
+/// No SYN for this long after a wake: the burst is over.
+const BURST_QUIET: Duration = Duration::from_millis(200);
+/// The longest a woken service keeps the agent's deep backlog.
+const MAX_BURST_HOLD: Duration = Duration::from_secs(5);
+/// How many times (10 ms apart) the supervisor looks for the outcome of a
+/// dead restored process's pager.
+const PAGER_OUTCOME_POLLS: u32 = 100;
 
 /// A service's lifecycle state as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +60,12 @@ pub enum State {
     Running,
     /// Being stopped.
     Stopping,
-    /// The last start failed.
+    /// The last wake failed (`error` says why); the next SYN tries again.
     Failed,
+    /// The image was taken on another kernel build or CPU and does not
+    /// restore here (`error` says which); the next SYN tries again, so a
+    /// replaced image is picked up.
+    Stale,
 }
 
 impl State {
@@ -63,6 +77,7 @@ impl State {
             Self::Running => "running",
             Self::Stopping => "stopping",
             Self::Failed => "failed",
+            Self::Stale => "stale",
         }
     }
 }
@@ -115,6 +130,9 @@ pub enum Command {
         /// Answered once running, or with why not.
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// A failed service's retry backoff is over: start it if connections
+    /// wait (their SYNs came while it was failed and woke nothing).
+    Retry,
     /// Stop the service if it runs and end the supervisor.
     Shutdown {
         /// Answered once the service is stopped.
@@ -304,6 +322,11 @@ pub struct Supervisor {
     /// Parks asked for while a SYN's resume was on its way to us: done once
     /// that resume is heard of.
     parks_when_resumed: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Our own command queue, to retry a failed service after its backoff.
+    retry: mpsc::WeakUnboundedSender<Command>,
+    /// When the woken service started running with the agent's deep
+    /// backlog still on its listener, until the wake's burst is over.
+    deep_backlog_since: Option<Instant>,
 }
 
 /// What every supervisor shares with the daemon.
@@ -353,6 +376,8 @@ impl Supervisor {
             quick_exits: 0,
             starter,
             parks_when_resumed: Vec::new(),
+            retry: commands.downgrade(),
+            deep_backlog_since: None,
         };
         let (worker_report, resume_trigger) = match &supervisor.starter {
             Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
@@ -368,6 +393,8 @@ impl Supervisor {
                 }
                 Err(err) => warn!(service = %spec.name, "cannot watch adopted pid: {err}"),
             }
+        } else {
+            supervisor.hold_backlog();
         }
         let name = spec.name.clone();
         tokio::spawn(async move {
@@ -426,6 +453,13 @@ impl Supervisor {
                         self.parks_when_resumed.push(done);
                     }
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
+                    Some(Command::Retry) => {
+                        if matches!(self.state(), State::Failed | State::Stale)
+                            && listener::has_pending(&self.listener)
+                        {
+                            self.start(None).await;
+                        }
+                    }
                     Some(Command::WakeNow { done }) => {
                         self.start(None).await;
                         let published = self.published.lock().expect("published lock");
@@ -441,10 +475,14 @@ impl Supervisor {
             };
             tokio::select! {
                 () = child.wait() => {
-                    info!(service = %self.spec.name, pid = child.pid, "service exited");
+                    let pid = child.pid;
+                    info!(service = %self.spec.name, pid, "service exited");
                     self.child = None;
                     self.prepare_next();
-                    if self.running_since.elapsed() < QUICK_EXIT {
+                    if let Some(err) = self.wake_failure(pid).await {
+                        self.quick_exits = 0;
+                        self.fail_start(err);
+                    } else if self.running_since.elapsed() < QUICK_EXIT {
                         self.quick_exits += 1;
                     } else {
                         self.quick_exits = 0;
@@ -458,6 +496,9 @@ impl Supervisor {
                         self.park();
                     }
                 }
+                () = tokio::time::sleep(BURST_CHECK), if self.deep_backlog_since.is_some() => {
+                    self.give_back_backlog_after_burst();
+                }
                 _ = idle_check.tick(), if self.spec.idle_timeout.is_some() => {
                     if self.is_idle() {
                         info!(service = %self.spec.name, "idle: parking");
@@ -466,7 +507,7 @@ impl Supervisor {
                     }
                 }
                 command = commands.recv() => match command {
-                    Some(Command::Wake { .. }) => {}
+                    Some(Command::Wake { .. } | Command::Retry) => {}
                     Some(Command::Resumed { result, .. }) => {
                         self.heard_of_syn_resume();
                         kill_stray(&self.spec.name, result);
@@ -500,6 +541,80 @@ impl Supervisor {
                     > 0
             }
             Starter::Command => false,
+        }
+    }
+
+    /// Why the restored process `pid` was killed by its pager, if it was (a
+    /// page of the image could not be served): its wake failed.
+    async fn wake_failure(&self, pid: i32) -> Option<String> {
+        let Starter::Restore { worker, .. } = &self.starter else {
+            return None;
+        };
+        let report = worker.report();
+        // The pager kills the process before it returns: its outcome is
+        // a moment behind the exit.
+        for _ in 0..PAGER_OUTCOME_POLLS {
+            if report.lock().expect("report lock").serving != Some(pid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut report = report.lock().expect("report lock");
+        match report.wake_error.take() {
+            Some((killed, err)) if killed == pid => Some(err),
+            other => {
+                report.wake_error = other;
+                None
+            }
+        }
+    }
+
+    /// While the agent holds the listener (parked, waking, failed), its
+    /// queue is as deep as the kernel allows: a burst of connections waits
+    /// there for the service rather than being dropped (python's
+    /// http.server asks for 5).
+    fn hold_backlog(&mut self) {
+        self.deep_backlog_since = None;
+        if let Err(err) = listener::set_backlog(&self.listener, None) {
+            warn!(service = %self.spec.name, "cannot deepen the listener's queue: {err}");
+        }
+    }
+
+    /// Gives the running service its own backlog back once the burst of
+    /// connections that woke it is over: no SYN for [`BURST_QUIET`], or
+    /// [`MAX_BURST_HOLD`] after the wake. Given back at once, the rest of a
+    /// burst still on its way meets the service's own limit (python's 5)
+    /// while the queue is full, and its SYNs are dropped.
+    fn give_back_backlog_after_burst(&mut self) {
+        let Some(since) = self.deep_backlog_since else {
+            return;
+        };
+        let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
+        let quiet = stats.last_syn_ns == 0
+            || Duration::from_micros(since_monotonic_us(stats.last_syn_ns)) >= BURST_QUIET;
+        if quiet || since.elapsed() >= MAX_BURST_HOLD {
+            self.give_back_backlog();
+        }
+    }
+
+    /// A restored service runs with the backlog it gave its listener: the
+    /// connections queued beyond it stay queued, only new ones see the limit.
+    fn give_back_backlog(&mut self) {
+        if self.deep_backlog_since.take().is_none() {
+            return;
+        }
+        let Starter::Restore { worker, .. } = &self.starter else {
+            return;
+        };
+        let backlog = worker
+            .report()
+            .lock()
+            .expect("report lock")
+            .listener_backlog;
+        if let Some(backlog) = backlog
+            && let Err(err) = listener::set_backlog(&self.listener, Some(backlog))
+        {
+            warn!(service = %self.spec.name, backlog, "cannot give the listener its own backlog back: {err}");
         }
     }
 
@@ -556,6 +671,9 @@ impl Supervisor {
                     None => since_monotonic_us(syn),
                 });
                 self.record_wake(pid, latency, by);
+                if matches!(self.starter, Starter::Restore { .. }) {
+                    self.deep_backlog_since = Some(Instant::now());
+                }
                 // A restored process was recorded when its skeleton was
                 // prepared (same pid): nothing to write while it answers
                 // its first request.
@@ -588,6 +706,8 @@ impl Supervisor {
     /// let it go on untouched) and the error says why: parking would lose
     /// the state.
     async fn stop_to_park(&mut self) -> Result<(), String> {
+        // A kept state records the listener as the service set it up.
+        self.give_back_backlog();
         let keep = self
             .spec
             .snapshot
@@ -714,7 +834,7 @@ impl Supervisor {
                     }
                 }
                 command = commands.recv() => match command {
-                    Some(Command::Wake { .. }) => {}
+                    Some(Command::Wake { .. } | Command::Retry) => {}
                     Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, result),
                     Some(Command::WakeNow { done }) => {
                         let _ = done.send(Err("an inetd service starts once per connection".into()));
@@ -767,37 +887,45 @@ impl Supervisor {
     /// No process runs any more: the next SYN wakes the service again.
     fn park(&mut self) {
         self.run_state.clear(&self.spec.name);
+        self.hold_backlog();
         self.publish(State::Parked, None);
         self.set_bpf_state(BpfState::Parked);
     }
 
+    /// The wake failed: queued clients get a closed connection now rather
+    /// than a hang, and the service shows `failed` (or `stale`) with the
+    /// reason until a wake succeeds. SYNs wake it again after a backoff.
     fn fail_start(&mut self, err: String) {
         warn!(service = %self.spec.name, "start failed: {err}");
-        // Queued clients get a closed connection now rather than a hang.
         while listener::has_pending(&self.listener) {
             match nix::sys::socket::accept(self.listener.as_raw_fd()) {
                 Ok(fd) => drop(nix::unistd::close(fd)),
                 Err(_) => break,
             }
         }
+        let stale = match &self.starter {
+            Starter::Restore { worker, .. } => worker.report().lock().expect("report lock").stale,
+            Starter::Command => false,
+        };
+        self.hold_backlog();
         {
             let mut published = self.published.lock().expect("published lock");
-            published.state = State::Failed;
+            published.state = if stale { State::Stale } else { State::Failed };
             published.pid = None;
+            published.sessions.clear();
             published.error = Some(err);
         }
         let watcher = self.watcher.clone();
         let slot = self.slot;
-        let published = self.published.clone();
+        let retry = self.retry.clone();
         tokio::spawn(async move {
             tokio::time::sleep(RETRY_BACKOFF).await;
             let _ = watcher
                 .lock()
                 .expect("watcher lock")
                 .set_state(slot, BpfState::Parked);
-            let mut published = published.lock().expect("published lock");
-            if published.state == State::Failed {
-                published.state = State::Parked;
+            if let Some(retry) = retry.upgrade() {
+                let _ = retry.send(Command::Retry);
             }
         });
     }

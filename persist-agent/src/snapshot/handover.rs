@@ -48,11 +48,21 @@ pub(super) fn take_listener(pidfd: &PidFd, port: u16) -> Result<(i32, OwnedFd), 
 
 /// The descriptor number of the image's TCP listener on `port`.
 pub fn listener_fd_in_image(manifest: &Manifest, port: u16) -> Option<i32> {
+    listener_in_image(manifest, port).map(|(fd, _)| fd)
+}
+
+/// The backlog the service gave its TCP listener on `port`, as the image
+/// recorded it.
+pub fn listener_backlog_in_image(manifest: &Manifest, port: u16) -> Option<u32> {
+    listener_in_image(manifest, port).map(|(_, backlog)| backlog)
+}
+
+fn listener_in_image(manifest: &Manifest, port: u16) -> Option<(i32, u32)> {
     manifest.fds.iter().find_map(|fd| match &fd.kind {
-        FdKind::TcpListener { local, .. }
+        FdKind::TcpListener { local, backlog, .. }
             if local.rsplit(':').next().and_then(|p| p.parse().ok()) == Some(port) =>
         {
-            Some(fd.fd)
+            Some((fd.fd, *backlog))
         }
         _ => None,
     })

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-pub use handover::{find_listener, listener_fd_in_image};
+pub use handover::{find_listener, listener_backlog_in_image, listener_fd_in_image};
 pub use readiness::{NotifySocket, send_warmup_request};
 
 use crate::checkpoint::{CheckpointError, CheckpointOptions, CheckpointSummary, checkpoint};
