@@ -29,3 +29,5 @@ pub mod restore;
 pub mod service;
 pub mod snapshot;
 pub mod sys;
+#[cfg(test)]
+mod test_support;

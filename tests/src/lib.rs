@@ -13,6 +13,28 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// Returns from the calling test, saying so on stderr, unless it runs as
+/// root: these tests drive the real kernel (network namespaces, BPF,
+/// ptrace), so a plain `cargo test` by another user skips them rather than
+/// failing. `cargo xtask test` runs them as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!(
+                "skipped {}: needs root (run `cargo xtask test` as root)",
+                std::thread::current().name().unwrap_or("this test")
+            );
+            return;
+        }
+    };
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
 /// Directory holding the workspace's built binaries: `PERSIST_BIN_DIR` if
 /// set, else the profile directory the running binary was built into
 /// (`target/debug` for a test in `target/debug/deps`).
@@ -548,4 +570,42 @@ pub fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     .into_bytes();
     out.extend_from_slice(&json);
     std::fs::write(&path, out).expect("writing the manifest");
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every integration test starts with `require_root!()`, so that a
+    /// plain `cargo test` by a user skips it instead of failing.
+    #[test]
+    fn every_integration_test_starts_by_requiring_root() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+        let mut missing = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for (index, line) in lines.iter().enumerate() {
+                if line.trim() != "#[test]" {
+                    continue;
+                }
+                let Some(body) = lines[index + 1..]
+                    .iter()
+                    .position(|l| l.trim_start().starts_with("fn "))
+                    .map(|at| index + 1 + at + 1)
+                else {
+                    continue;
+                };
+                if !lines
+                    .get(body)
+                    .is_some_and(|l| l.contains("require_root!()"))
+                {
+                    missing.push(format!("{}:{}", path.display(), body));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "tests without `persist_tests::require_root!();` first: {missing:?}"
+        );
+    }
 }

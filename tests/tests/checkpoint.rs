@@ -173,6 +173,7 @@ fn tracer_of(pid: i32) -> String {
 
 #[test]
 fn memory_fixture_checkpoint_leaves_it_running() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
     let image = fixture.path("image");
     assert_success(&fixture.checkpoint(&image, true));
@@ -281,6 +282,7 @@ fn memory_fixture_checkpoint_leaves_it_running() {
 
 #[test]
 fn threads_fixture_keeps_its_threads() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
     let image = fixture.path("image");
     assert_success(&fixture.checkpoint(&image, true));
@@ -346,6 +348,7 @@ fn threads_fixture_keeps_its_threads() {
 
 #[test]
 fn process_fixture_state_is_recorded() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-process"), &[]);
     let image = fixture.path("image");
     assert_success(&fixture.checkpoint(&image, true));
@@ -400,6 +403,7 @@ fn process_fixture_state_is_recorded() {
 
 #[test]
 fn checkpoint_without_leave_running_kills_the_process() {
+    persist_tests::require_root!();
     let mut fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
     let image = fixture.path("image");
     assert_success(&fixture.checkpoint(&image, false));
@@ -414,6 +418,7 @@ fn checkpoint_without_leave_running_kills_the_process() {
 
 #[test]
 fn missing_pid_is_refused_by_name() {
+    persist_tests::require_root!();
     let pid_max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max")
         .unwrap()
         .trim()
@@ -441,6 +446,7 @@ fn missing_pid_is_refused_by_name() {
 
 #[test]
 fn kernel_thread_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image");
     // pid 2 is kthreadd.
@@ -457,6 +463,7 @@ fn kernel_thread_is_refused() {
 
 #[test]
 fn a_thread_id_is_refused() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
     let tid = fs::read_dir(format!("/proc/{}/task", fixture.pid()))
         .unwrap()
@@ -483,6 +490,7 @@ fn a_thread_id_is_refused() {
 
 #[test]
 fn failed_checkpoint_leaves_the_process_running() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-threads"), &[]);
     // The image cannot be created: its parent is a regular file. That
     // fails after every thread is frozen.
@@ -502,6 +510,7 @@ fn failed_checkpoint_leaves_the_process_running() {
 
 #[test]
 fn traced_process_is_refused() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
     // Another tracer: this test's thread.
     let pid = nix::unistd::Pid::from_raw(fixture.pid());
@@ -520,6 +529,7 @@ fn traced_process_is_refused() {
 
 #[test]
 fn inspect_refuses_a_corrupt_image() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-process"), &[]);
     let image = fixture.path("image");
     assert_success(&fixture.checkpoint(&image, true));
@@ -572,6 +582,7 @@ fn refused(fixture: &Fixture) -> String {
 
 #[test]
 fn sysv_shared_memory_is_refused() {
+    persist_tests::require_root!();
     let fixture = python_fixture(
         "libc.shmat.restype = ctypes.c_void_p\n\
          shmid = libc.shmget(0, 8192, 0o1600)\n\
@@ -589,6 +600,7 @@ fn sysv_shared_memory_is_refused() {
 
 #[test]
 fn seccomp_filter_is_refused() {
+    persist_tests::require_root!();
     // A one-instruction filter: BPF_RET|BPF_K SECCOMP_RET_ALLOW.
     let fixture = python_fixture(
         "class Filter(ctypes.Structure):\n    \
@@ -612,6 +624,7 @@ fn seccomp_filter_is_refused() {
 
 #[test]
 fn process_with_children_is_refused() {
+    persist_tests::require_root!();
     let fixture = python_fixture("import subprocess\nchild = subprocess.Popen(['sleep', '600'])");
     let children_path = format!("/proc/{0}/task/{0}/children", fixture.pid());
     let children: Vec<i32> = fs::read_to_string(&children_path)
@@ -640,6 +653,7 @@ fn process_with_children_is_refused() {
 
 #[test]
 fn shared_memory_pages_are_stored_from_the_object() {
+    persist_tests::require_root!();
     // A memfd mapped shared, with one page written through write(2) only,
     // and shared anonymous memory (python's mmap(-1) is MAP_SHARED).
     let fixture = python_fixture(
@@ -689,6 +703,7 @@ fn shared_memory_pages_are_stored_from_the_object() {
 
 #[test]
 fn threads_created_during_the_freeze_are_caught() {
+    persist_tests::require_root!();
     // Two threads start and join short-lived threads as fast as they can.
     let fixture = python_fixture(
         "import threading\n\
@@ -726,6 +741,7 @@ fn threads_created_during_the_freeze_are_caught() {
 #[test]
 #[ignore = "measurement; run explicitly"]
 fn throughput_of_200_mib() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &["200"]);
     let image = fixture.path("image");
     for _ in 0..3 {
@@ -739,6 +755,7 @@ fn throughput_of_200_mib() {
 
 #[test]
 fn memory_registered_with_userfaultfd_is_refused() {
+    persist_tests::require_root!();
     // Pages of a range registered in missing mode are not in memory until
     // served: an image of what is present would lose them silently.
     let fixture = python_fixture(
@@ -768,6 +785,7 @@ fn inode(path: &Path) -> u64 {
 /// links three gets a full image, which starts the chain over.
 #[test]
 fn deltas_chain_up_to_three_base_stores_then_a_full_image_starts_over() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &["8"]);
     let image = |n: usize| fixture.path(&format!("image{n}"));
     assert_success(&fixture.checkpoint(&image(0), true));
@@ -806,6 +824,7 @@ fn deltas_chain_up_to_three_base_stores_then_a_full_image_starts_over() {
 
 #[test]
 fn an_unreadable_base_is_refused_by_name_and_the_process_goes_on() {
+    persist_tests::require_root!();
     let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-memory"), &[]);
     let missing = fixture.path("no-such-image");
     let output = fixture.checkpoint_delta(&fixture.path("image"), &missing);

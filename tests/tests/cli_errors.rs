@@ -17,6 +17,7 @@ fn failure(output: &Output) -> String {
 
 #[test]
 fn unknown_service_is_named() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let err = failure(&sandbox.agent(&["remove", "nope"]));
     assert!(err.ends_with("unknown service: nope"), "{err}");
@@ -24,6 +25,7 @@ fn unknown_service_is_named() {
 
 #[test]
 fn port_taken_by_a_service_or_another_process_is_refused() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let server = binary("hello-server").display().to_string();
     sandbox
@@ -53,6 +55,7 @@ fn port_taken_by_a_service_or_another_process_is_refused() {
 
 #[test]
 fn missing_daemon_is_explained() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::new().unwrap();
     let err = failure(&sandbox.agent(&["status"]));
     assert!(err.contains("the persist daemon is not running"), "{err}");
@@ -60,6 +63,7 @@ fn missing_daemon_is_explained() {
 
 #[test]
 fn missing_command_is_named() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let err = failure(&sandbox.agent(&[
         "add",
@@ -75,6 +79,7 @@ fn missing_command_is_named() {
 
 #[test]
 fn running_without_root_is_refused() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::new().unwrap();
     let output = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -90,6 +95,7 @@ fn running_without_root_is_refused() {
 
 #[test]
 fn a_service_file_with_a_typo_is_reported_and_the_others_still_run() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::new().unwrap();
     let services = sandbox.state_dir().join("services");
     std::fs::create_dir_all(&services).unwrap();
@@ -125,6 +131,7 @@ fn a_service_file_with_a_typo_is_reported_and_the_others_still_run() {
 
 #[test]
 fn an_os_error_is_named_once() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::new().unwrap();
     let err = failure(&sandbox.agent(&["inspect", "/nonexistent"]));
     assert_eq!(

@@ -95,6 +95,7 @@ fn reboot(sandbox: &mut Sandbox, name: &str) {
 
 #[test]
 fn an_image_with_a_corrupt_page_store_is_not_added() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
@@ -128,6 +129,7 @@ fn an_image_with_a_corrupt_page_store_is_not_added() {
 
 #[test]
 fn a_service_whose_wake_fails_shows_failed_with_the_reason() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
@@ -176,6 +178,7 @@ fn a_service_whose_wake_fails_shows_failed_with_the_reason() {
 
 #[test]
 fn a_command_service_whose_image_is_from_another_kernel_is_rebuilt() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     sandbox
         .add_ok("hello", 8603, &[], &hello_command(8603))
@@ -217,6 +220,7 @@ fn a_command_service_whose_image_is_from_another_kernel_is_rebuilt() {
 
 #[test]
 fn a_prebuilt_image_from_another_kernel_shows_stale_with_the_reason() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
@@ -293,6 +297,7 @@ fn burst(port: u16, count: usize, timeout: Duration) -> (usize, Duration) {
 
 #[test]
 fn a_burst_of_a_thousand_connections_at_a_parked_http_server_is_all_served() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "burst", 8605, root.path(), &[]);

@@ -6,6 +6,7 @@ use persist_tests::bin_dir;
 
 #[test]
 fn the_library_example_checkpoints_and_restores_a_counter() {
+    persist_tests::require_root!();
     let example = bin_dir().join("examples/checkpoint_and_restore");
     assert!(
         example.exists(),

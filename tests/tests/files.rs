@@ -225,6 +225,7 @@ fn install_and_exec(prepared: PreparedFds, program: &str, args: &[&str]) -> i32 
 
 #[test]
 fn saves_every_supported_kind_without_consuming_anything() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
@@ -473,6 +474,7 @@ fn saves_every_supported_kind_without_consuming_anything() {
 
 #[test]
 fn prepared_fds_install_in_a_forked_child() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
@@ -497,6 +499,7 @@ fn prepared_fds_install_in_a_forked_child() {
 
 #[test]
 fn inherited_listener_is_installed_as_is() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
@@ -534,6 +537,7 @@ fn inherited_listener_is_installed_as_is() {
 
 #[test]
 fn inherited_listener_on_another_address_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
@@ -555,6 +559,7 @@ fn inherited_listener_on_another_address_is_refused() {
 
 #[test]
 fn missing_file_is_reported_with_fd_and_path() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
@@ -574,6 +579,7 @@ fn missing_file_is_reported_with_fd_and_path() {
 
 #[test]
 fn inotify_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import ctypes, os, sys, time\n\
         fd = ctypes.CDLL(None).inotify_init()\n\
@@ -591,6 +597,7 @@ fn inotify_is_refused() {
 
 #[test]
 fn established_tcp_connection_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -614,6 +621,7 @@ fn established_tcp_connection_is_refused() {
 
 #[test]
 fn unix_socket_with_outside_peer_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outside.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -652,6 +660,7 @@ fn agent(args: &[&str]) -> String {
 
 #[test]
 fn fixture_files_restores_twice_from_one_image() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("state");
     fs::create_dir(&dir).unwrap();
@@ -734,6 +743,7 @@ time.sleep(60)
 /// and a file of any other process would report the wrong statistics.
 #[test]
 fn own_proc_files_name_the_restored_process() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("state");
     fs::create_dir(&dir).unwrap();
@@ -767,6 +777,7 @@ fn own_proc_files_name_the_restored_process() {
 
 #[test]
 fn another_threads_proc_file_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let python = start_python(dir.path(), THREAD_PROC_FILE_SCRIPT);
     let message = save(python.pid()).expect_err("must be refused").to_string();
@@ -781,6 +792,7 @@ fn another_threads_proc_file_is_refused() {
 /// connections before any child exists.
 #[test]
 fn ipv6_and_abstract_listeners_come_back() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let abstract_name = format!("persist-files-test-{}", std::process::id());
@@ -848,6 +860,7 @@ fn ipv6_and_abstract_listeners_come_back() {
 /// process comes back as /dev/null, so writes neither fail nor kill.
 #[test]
 fn pipe_ends_with_the_other_end_outside() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import os, subprocess, sys, time\n\
         r, w = os.pipe(); os.write(w, b'lonely')\n\
@@ -883,6 +896,7 @@ fn pipe_ends_with_the_other_end_outside() {
 
 #[test]
 fn epoll_watch_of_a_closed_descriptor_is_refused() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     // The watch stays while the pipe is still open through the dup, but its
     // number is gone: it could not be re-added under that number.
@@ -904,6 +918,7 @@ fn epoll_watch_of_a_closed_descriptor_is_refused() {
 
 #[test]
 fn udp_sockets_are_bound_and_connected_again() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = {
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -955,6 +970,7 @@ fn udp_sockets_are_bound_and_connected_again() {
 /// A terminal is saved by path; once it is gone, /dev/null takes its place.
 #[test]
 fn vanished_terminal_becomes_dev_null() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import os, subprocess, sys, time\n\
         m, s = os.openpty()\n\
@@ -1004,6 +1020,7 @@ fn refusal(setup: &str) -> String {
 
 #[test]
 fn other_kernel_objects_are_refused_by_name() {
+    persist_tests::require_root!();
     assert_eq!(
         refusal("os.pidfd_open(os.getpid())"),
         "fd 44: pidfd is not supported"
@@ -1027,6 +1044,7 @@ fn other_kernel_objects_are_refused_by_name() {
 /// keeps.
 #[test]
 fn install_in_child_timing() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut fixture = start_fixture(dir.path(), port);
@@ -1088,6 +1106,7 @@ fn install_in_child_timing() {
 
 #[test]
 fn unix_listener_on_a_relative_path_is_saved_absolute() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import os, socket, sys, time\n\
         os.chdir(sys.argv[1])\n\
@@ -1107,6 +1126,7 @@ fn unix_listener_on_a_relative_path_is_saved_absolute() {
 /// refilled, then end-of-file.
 #[test]
 fn fifo_read_end_alone() {
+    persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import os, select, subprocess, sys, time\n\
         fifo = sys.argv[1] + '/fifo'; os.mkfifo(fifo)\n\

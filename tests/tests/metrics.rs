@@ -29,6 +29,7 @@ fn value(text: &str, metric: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_wakes_and_latencies() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::new().unwrap();
     sandbox
         .start_daemon_with(&["--metrics", "127.0.0.1:9187"])
@@ -58,6 +59,7 @@ fn metrics_count_wakes_and_latencies() {
 
 #[test]
 fn parked_bytes_are_what_status_reports_for_the_skeleton() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::new().unwrap();
     sandbox
         .start_daemon_with(&["--metrics", "127.0.0.1:9188"])

@@ -157,6 +157,7 @@ fn record_then_prefetch(
 
 #[test]
 fn python_http_server_records_its_working_set_then_prefetches_it() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "web", 8140, root.path(), &[]);
@@ -165,6 +166,7 @@ fn python_http_server_records_its_working_set_then_prefetches_it() {
 
 #[test]
 fn redis_records_its_working_set_then_prefetches_it() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     add_redis(&sandbox, "redis", 6440, &[]);
     record_then_prefetch(&sandbox, "redis", 6440, REDIS_PING, "+PONG");
@@ -182,6 +184,7 @@ fn redis_records_its_working_set_then_prefetches_it() {
 /// prefetched wake faults on, so that the wake after it does not fault there.
 #[test]
 fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
+    persist_tests::require_root!();
     use persist_common::image::{Image, WorkingSet, manifest_crc};
     let sandbox = Sandbox::with_daemon().unwrap();
     add_redis(&sandbox, "redis", 6441, &[]);
@@ -231,6 +234,7 @@ fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
 
 #[test]
 fn a_corrupt_working_set_is_ignored_and_recorded_again() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "web", 8141, root.path(), &[]);
@@ -269,6 +273,7 @@ fn a_corrupt_working_set_is_ignored_and_recorded_again() {
 
 #[test]
 fn prefetch_none_never_records_and_all_copies_everything() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "lazy", 8142, root.path(), &["--prefetch", "none"]);
@@ -319,6 +324,7 @@ fn median(values: &mut [u128]) -> u128 {
 #[test]
 #[ignore = "measurement, prints a table"]
 fn measure_lazy_against_prefetch() {
+    persist_tests::require_root!();
     let runs: usize = std::env::var("PERSIST_MEASURE_RUNS")
         .ok()
         .and_then(|runs| runs.parse().ok())

@@ -137,16 +137,19 @@ fn restore_fixture_twice(name: &str) -> Result<()> {
 
 #[test]
 fn memory_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
     restore_fixture_twice("fixture-memory").unwrap();
 }
 
 #[test]
 fn process_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
     restore_fixture_twice("fixture-process").unwrap();
 }
 
 #[test]
 fn threads_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
@@ -212,6 +215,7 @@ fn restored_copies(recorded: i32) -> Vec<i32> {
 
 #[test]
 fn corrupt_page_is_refused_and_nothing_runs() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let (recorded, image) = fixture_image(temp.path()).unwrap();
     let pages = image.join("pages");
@@ -234,6 +238,7 @@ fn corrupt_page_is_refused_and_nothing_runs() {
 
 #[test]
 fn truncated_page_store_is_refused() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let (_, image) = fixture_image(temp.path()).unwrap();
     let pages = std::fs::OpenOptions::new()
@@ -248,6 +253,7 @@ fn truncated_page_store_is_refused() {
 
 #[test]
 fn image_from_another_kernel_is_refused() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let (_, image) = fixture_image(temp.path()).unwrap();
     edit_manifest(&image, |manifest| {
@@ -260,6 +266,7 @@ fn image_from_another_kernel_is_refused() {
 
 #[test]
 fn failure_after_the_fork_kills_the_half_restored_process() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let (recorded, image) = fixture_image(temp.path()).unwrap();
     // Registers are set last, long after the process exists.
@@ -281,6 +288,7 @@ const CAP_SYS_ADMIN: u64 = 21;
 
 #[test]
 fn credentials_are_restored_last() {
+    persist_tests::require_root!();
     use std::os::unix::fs::PermissionsExt;
     let temp = tempfile::tempdir().unwrap();
     // The restored process runs as nobody and must reach its directory.
@@ -337,6 +345,7 @@ fn credentials_are_restored_last() {
 
 #[test]
 fn image_writable_by_others_is_refused() {
+    persist_tests::require_root!();
     use std::os::unix::fs::PermissionsExt;
     let temp = tempfile::tempdir().unwrap();
     let (_, image) = fixture_image(temp.path()).unwrap();
@@ -387,6 +396,7 @@ fn output_text(command: &mut Command) -> Result<String> {
 
 #[test]
 fn python_http_server_serves_its_directory_after_restore() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path().join("www");
     std::fs::create_dir(&root).unwrap();
@@ -428,6 +438,7 @@ fn python_http_server_serves_its_directory_after_restore() {
 
 #[test]
 fn redis_keeps_its_keys_and_takes_writes_after_restore() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let image = temp.path().join("image");
     let mut server = NsServer::new().unwrap();
@@ -501,6 +512,7 @@ fn kill_and_reap(pid: i32, init: Option<i32>) {
 /// with the pager on a thread.
 #[test]
 fn python_wake_from_a_prepared_skeleton_is_timed() {
+    persist_tests::require_root!();
     use std::io::{Read, Write};
     use std::sync::Arc;
 
@@ -596,6 +608,7 @@ fn python_wake_from_a_prepared_skeleton_is_timed() {
 /// passes, and the pager's throughput is reported.
 #[test]
 fn memory_fixture_with_64_mib_is_paged_in_correctly() {
+    persist_tests::require_root!();
     use std::sync::Arc;
 
     use persist_agent::restore::{RestoreConfig, Skeleton};
@@ -643,6 +656,7 @@ fn memory_fixture_with_64_mib_is_paged_in_correctly() {
 /// its first touch of lazy memory blocks (killable) instead of reading zeros.
 #[test]
 fn without_a_pager_faults_block_instead_of_reading_zeros() {
+    persist_tests::require_root!();
     use std::sync::Arc;
 
     use persist_agent::restore::{RestoreConfig, Skeleton};
@@ -696,6 +710,7 @@ while True:
 
 #[test]
 fn a_child_forked_while_pages_are_missing_sees_the_image() {
+    persist_tests::require_root!();
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("state");
     std::fs::create_dir(&dir).unwrap();
@@ -739,6 +754,7 @@ fn file_len(path: &Path) -> u64 {
 /// rest, and restores both the changed and the unchanged memory.
 #[test]
 fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
+    persist_tests::require_root!();
     use persist_common::image::Image;
 
     let temp = tempfile::tempdir().unwrap();

@@ -42,6 +42,7 @@ fn runs_no_code(pid: i64) -> bool {
 
 #[test]
 fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(
@@ -176,6 +177,7 @@ fn strip_colours(text: &str) -> String {
 
 #[test]
 fn a_syn_is_handed_to_the_armed_restore_thread_at_real_time_priority() {
+    persist_tests::require_root!();
     const SCHED_OTHER: u32 = 0;
     const SCHED_FIFO: u32 = 1;
     let sandbox = Sandbox::with_daemon().unwrap();
@@ -223,6 +225,7 @@ fn a_syn_is_handed_to_the_armed_restore_thread_at_real_time_priority() {
 
 #[test]
 fn three_hundred_first_connections_are_all_served_by_one_restore() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "burst", 8101, root.path(), &[]);
@@ -289,6 +292,7 @@ fn park_keeping_state(sandbox: &Sandbox, name: &str) {
 /// the daemon no more, and serves on without it.
 #[test]
 fn a_stopping_daemon_lets_a_woken_service_have_all_its_memory() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let command = redis_server_command(6394);
     sandbox.add_ok("redis", 6394, &[], &command).unwrap();
@@ -312,6 +316,7 @@ fn a_stopping_daemon_lets_a_woken_service_have_all_its_memory() {
 
 #[test]
 fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let command = redis_server_command(6391);
     sandbox
@@ -418,6 +423,7 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
 /// fault. The restarted daemon must not adopt it as running.
 #[test]
 fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daemon() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "web", 8108, root.path(), &[]);
@@ -471,6 +477,7 @@ fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daem
 /// `--on-idle keep`.
 #[test]
 fn a_tokio_server_keeps_its_count_across_parking() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let server = binary("tokio-server").display().to_string();
     sandbox
@@ -502,6 +509,7 @@ fn a_tokio_server_keeps_its_count_across_parking() {
 /// and Redis runs on; once the save is over the park keeps everything.
 #[test]
 fn redis_is_parked_only_once_its_background_save_is_over() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let rdb_dir = tempfile::tempdir().unwrap();
     let mut command = redis_server_command(6392);
@@ -551,6 +559,7 @@ fn redis_is_parked_only_once_its_background_save_is_over() {
 /// its access log. With a master and a worker, `add` refuses it by name.
 #[test]
 fn nginx_is_parked_and_woken_and_a_master_with_workers_is_refused() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = web_root();
@@ -621,6 +630,7 @@ fn memcached(sandbox: &Sandbox, port: u16, command: &str) -> String {
 /// thread), and it drops root for the `memcache` user on start.
 #[test]
 fn memcached_keeps_its_items_across_parking_with_on_idle_keep() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let command = memcached_command(8107);
     sandbox
@@ -692,6 +702,7 @@ fn failed_park_times(log: &str) -> Vec<std::time::SystemTime> {
 
 #[test]
 fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let scripts = tempfile::tempdir().unwrap();
     let script = scripts.path().join("server.py");
@@ -765,6 +776,7 @@ fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
 
 #[test]
 fn a_prebuilt_image_is_registered_and_served() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
@@ -781,6 +793,7 @@ fn a_prebuilt_image_is_registered_and_served() {
 
 #[test]
 fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let marker = format!("persist-never-ready-{}", std::process::id());
 
@@ -856,6 +869,7 @@ fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
 
 #[test]
 fn after_a_reboot_services_are_parked_from_their_images_without_running_the_command() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     let starts = root.path().join("starts.log");
@@ -900,6 +914,7 @@ fn after_a_reboot_services_are_parked_from_their_images_without_running_the_comm
 
 #[test]
 fn readiness_by_notify_warmup_requests_and_user_are_honoured() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
 
@@ -992,6 +1007,7 @@ fn readiness_by_notify_warmup_requests_and_user_are_honoured() {
 /// had its CPU, and a park arriving before that news must not be lost.
 #[test]
 fn a_park_right_after_a_prefetched_wake_is_not_lost() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let command = redis_server_command(6393);
     sandbox.add_ok("quick", 6393, &[], &command).unwrap();
@@ -1046,6 +1062,7 @@ fn a_park_right_after_a_prefetched_wake_is_not_lost() {
 /// a signal the server was never sent.
 #[test]
 fn a_server_handling_sigcont_is_resumed_without_running_its_handler() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     let marker = root.path().join("continued");

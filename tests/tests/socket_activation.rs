@@ -22,6 +22,7 @@ fn add_hello(sandbox: &Sandbox, name: &str, port: u16, extra: &[&str]) {
 
 #[test]
 fn parked_service_owns_its_port_and_wakes_on_connect() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     add_hello(&sandbox, "hello", 8080, &[]);
 
@@ -67,6 +68,7 @@ fn parked_service_owns_its_port_and_wakes_on_connect() {
 
 #[test]
 fn burst_of_300_connections_is_served_with_one_wake() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     add_hello(&sandbox, "burst", 8081, &[]);
 
@@ -108,6 +110,7 @@ fn burst_of_300_connections_is_served_with_one_wake() {
 
 #[test]
 fn idle_timeout_parks_and_the_next_connection_wakes_again() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     add_hello(&sandbox, "idle", 8082, &["--idle-timeout", "300ms"]);
 
@@ -139,6 +142,7 @@ fn idle_timeout_parks_and_the_next_connection_wakes_again() {
 
 #[test]
 fn services_survive_a_daemon_killed_with_sigkill() {
+    persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     add_hello(&sandbox, "running", 8083, &[]);
     add_hello(&sandbox, "parked", 8084, &[]);
@@ -167,6 +171,7 @@ fn services_survive_a_daemon_killed_with_sigkill() {
 
 #[test]
 fn inetd_mode_starts_one_process_per_connection() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     sandbox
         .agent_ok(&[
@@ -214,6 +219,7 @@ fn inetd_mode_starts_one_process_per_connection() {
 
 #[test]
 fn a_service_that_exits_at_once_is_marked_failed_and_its_clients_are_not_left_hanging() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     sandbox
         .agent_ok(&[
@@ -252,6 +258,7 @@ fn a_service_that_exits_at_once_is_marked_failed_and_its_clients_are_not_left_ha
 
 #[test]
 fn a_daemon_logging_to_a_file_writes_no_colour_codes() {
+    persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     add_hello(&sandbox, "plain", 8096, &[]);
     sandbox.http_get(8096).unwrap();

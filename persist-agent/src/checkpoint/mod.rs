@@ -647,6 +647,7 @@ mod tests {
 
     #[test]
     fn killing_our_own_child_leaves_its_exit_status_to_us() {
+        crate::test_support::require_root!();
         use std::os::unix::process::ExitStatusExt;
         let dir = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new("sleep")

@@ -863,6 +863,7 @@ pub(crate) mod tests {
     /// and an image whose pages for it hold `page index + 1` in every byte.
     #[test]
     fn serves_image_pages_and_zeros_after_dontneed() {
+        crate::test_support::require_root!();
         const PAGES: u64 = 64;
         let len = (PAGES * PAGE_SIZE) as usize;
         let (area, mut pager, _temp) = patterned_pager(PAGES);
@@ -908,6 +909,7 @@ pub(crate) mod tests {
     /// splits fall back to single pages, and no page is lost or zeroed.
     #[test]
     fn spans_across_split_mappings_are_copied_page_by_page() {
+        crate::test_support::require_root!();
         const PAGES: u64 = 32;
         let (area, mut pager, _temp) = patterned_pager(PAGES);
         let start = area as u64;
@@ -934,6 +936,7 @@ pub(crate) mod tests {
     /// content and nothing is left to fault.
     #[test]
     fn prefetch_all_copies_on_several_threads() {
+        crate::test_support::require_root!();
         const PAGES: u64 = 1024;
         let (area, mut pager, _temp) = patterned_pager(PAGES);
         pager.prefetch_all().unwrap();
@@ -987,6 +990,7 @@ pub(crate) mod tests {
     /// with their own content) and munmap drops them.
     #[test]
     fn follows_mremap_and_munmap_of_missing_pages() {
+        crate::test_support::require_root!();
         const PAGES: u64 = 64;
         let (area, mut pager, _temp) = patterned_pager(PAGES);
         let start = area as u64;

@@ -108,6 +108,7 @@ fn missing(fixture: &Fixture, pager: &Pager) -> Vec<u64> {
 
 #[test]
 fn a_recorded_set_is_copied_in_bulk_bridging_short_gaps() {
+    crate::test_support::require_root!();
     let fixture = Fixture::new();
     let crc = manifest_crc(&fixture.dir).unwrap();
     // Touch order: 20, 21, 3, 5, 7, 30. Pages 4 and 6 bridge 3..=7 into one
@@ -137,6 +138,7 @@ fn a_recorded_set_is_copied_in_bulk_bridging_short_gaps() {
 
 #[test]
 fn prefetching_everything_leaves_nothing_to_fault() {
+    crate::test_support::require_root!();
     let fixture = Fixture::new();
     let mut pager = fixture.pager();
     pager.prefetch_all().unwrap();
@@ -151,6 +153,7 @@ fn prefetching_everything_leaves_nothing_to_fault() {
 
 #[test]
 fn the_fault_log_holds_faulted_pages_in_touch_order() {
+    crate::test_support::require_root!();
     let fixture = Fixture::new();
     let mut pager = fixture.pager();
     pager.record_faults(Duration::from_secs(60));
@@ -187,6 +190,7 @@ fn the_fault_log_holds_faulted_pages_in_touch_order() {
 
 #[test]
 fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
+    crate::test_support::require_root!();
     let fixture = Fixture::with_stored_pages(16);
     let crc = manifest_crc(&fixture.dir).unwrap();
     let pages = [
@@ -229,6 +233,7 @@ fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
 
 #[test]
 fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
+    crate::test_support::require_root!();
     let fixture = Fixture::with_stored_pages(16);
     let crc = manifest_crc(&fixture.dir).unwrap();
     WorkingSet::write(&fixture.dir, crc, &[fixture.page(3)], fixture.image.pages()).unwrap();
@@ -296,6 +301,7 @@ fn help_on_a_thread(
 
 #[test]
 fn a_helper_arriving_after_the_copy_is_finished_continues_at_once() {
+    crate::test_support::require_root!();
     let fixture = Fixture::new();
     let (mut pager, copy) = planned(&fixture, &[1, 2, 9]);
     assert_eq!(pager.finish_planned(&copy).unwrap(), 3);
@@ -309,6 +315,7 @@ fn a_helper_arriving_after_the_copy_is_finished_continues_at_once() {
 
 #[test]
 fn the_thread_that_copies_the_last_span_continues() {
+    crate::test_support::require_root!();
     let fixture = Fixture::new();
     let (mut pager, copy) = planned(&fixture, &[1, 2, 9, 20, 30]);
     // The helper comes first and, alone, copies everything.

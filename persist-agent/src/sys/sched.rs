@@ -30,6 +30,7 @@ mod tests {
 
     #[test]
     fn a_thread_becomes_realtime_and_ordinary_again() {
+        crate::test_support::require_root!();
         std::thread::spawn(|| {
             set_current_thread_realtime(true).unwrap();
             // SAFETY: sched_getscheduler only reads the calling thread's policy.
