@@ -294,6 +294,10 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|candidate| is_executable(candidate))
 }
 
+/// A stored service as loaded: the name of its file (without `.json`) and
+/// the service, or why it cannot be used.
+pub type LoadedService = (String, Result<ServiceSpec, ServiceError>);
+
 /// The services directory of a state directory, where each service is `NAME.json`.
 pub struct ServiceStore {
     dir: PathBuf,
