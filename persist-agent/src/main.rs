@@ -98,7 +98,7 @@ struct ReadyArgs {
     /// (GET PATH succeeds) or `notify` (READY=1 on NOTIFY_SOCKET).
     #[arg(long, default_value = "tcp")]
     ready: Readiness,
-    /// How long to wait for readiness.
+    /// How long to wait for readiness (100ms to 1day).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
     /// Requests sent once ready and before the snapshot, to warm caches.
@@ -143,13 +143,16 @@ struct AddArgs {
     /// Start one CMD per connection, the connection on stdin and stdout.
     #[arg(long)]
     inetd: bool,
-    /// Stop and park the service after this long with no connection (e.g. `30s`).
+    /// Stop and park the service after this long with no connection (e.g.
+    /// `30s`; 100ms to 1y). Without it the service is never parked for idleness.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Snapshot mode: what parking keeps (`fresh`: the pristine image; `keep`: its state).
     #[arg(long, value_enum, default_value = "fresh")]
     on_idle: OnIdle,
-    /// Snapshot mode: register this prebuilt image instead of running a command.
+    /// Snapshot mode: register this prebuilt image instead of running a
+    /// command (it takes no command). Its directory, its path and its files
+    /// must be owned by root and not writable by group or others.
     #[arg(long, conflicts_with_all = ["exec", "inetd"])]
     image: Option<PathBuf>,
     /// Snapshot mode: pages copied in ahead of faults on a wake (`recorded`:

@@ -1,12 +1,13 @@
 //! Service definitions as registered by `add` and kept in the state directory.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use persist_common::trust::{TrustError, open_trusted_file, trusted_dir};
 use serde::{Deserialize, Serialize};
 
 /// How a service is started when it wakes.
@@ -161,6 +162,24 @@ pub enum ServiceError {
     /// The command is neither an existing path nor found on PATH.
     #[error("command not found: {0}")]
     CommandNotFound(String),
+    /// A service registered from a prebuilt image was given a command too.
+    #[error("--image takes no command: the image already holds the process (got {0:?})")]
+    ImageWithCommand(Vec<String>),
+    /// A duration is outside the range that setting accepts.
+    #[error("{setting} {value} is out of range: use {min} to {max}")]
+    OutOfRange {
+        /// The setting, as the command line names it.
+        setting: &'static str,
+        /// The value given.
+        value: String,
+        /// The shortest accepted.
+        min: String,
+        /// The longest accepted.
+        max: String,
+    },
+    /// A file or directory of the state directory is not to be trusted.
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
     /// A file in the state directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -181,9 +200,38 @@ pub enum ServiceError {
     },
 }
 
+/// Shortest idle timeout: a service parked sooner would be parked between
+/// the requests of one client.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest idle timeout: a year (of 365.25 days, humantime's `1y`). A
+/// service that should never be parked has no idle timeout.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(31_557_600);
+/// Shortest time a snapshot-mode command is given to become ready.
+pub const MIN_READY_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest time a snapshot-mode command is given to become ready: a day.
+pub const MAX_READY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 impl ServiceSpec {
-    /// Checks the name, the port and that the command exists.
+    /// Checks the settings ([`ServiceSpec::check_settings`]) and that the
+    /// command exists.
     pub fn validate(&self) -> Result<(), ServiceError> {
+        self.check_settings()?;
+        let prebuilt = self.snapshot.as_ref().is_some_and(|s| s.image.is_some());
+        if prebuilt {
+            return Ok(());
+        }
+        let program = self.command.first().ok_or(ServiceError::NoCommand)?;
+        if find_program(program).is_none() {
+            return Err(ServiceError::CommandNotFound(program.clone()));
+        }
+        Ok(())
+    }
+
+    /// Checks the name, the port, the timeouts' ranges, and that a service
+    /// from a prebuilt image has no command: everything a stored service
+    /// must satisfy, whatever wrote it. Whether the command still exists is
+    /// left to [`ServiceSpec::validate`], since an image may outlive it.
+    pub fn check_settings(&self) -> Result<(), ServiceError> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 64
             && !self.name.starts_with('.')
@@ -197,16 +245,40 @@ impl ServiceSpec {
         if self.port == 0 {
             return Err(ServiceError::BadPort);
         }
-        let prebuilt = self.snapshot.as_ref().is_some_and(|s| s.image.is_some());
-        if prebuilt {
-            return Ok(());
+        if let Some(timeout) = self.idle_timeout {
+            check_range("idle timeout", timeout, MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT)?;
         }
-        let program = self.command.first().ok_or(ServiceError::NoCommand)?;
-        if find_program(program).is_none() {
-            return Err(ServiceError::CommandNotFound(program.clone()));
+        if let Some(snapshot) = &self.snapshot {
+            check_range(
+                "ready timeout",
+                snapshot.ready_timeout,
+                MIN_READY_TIMEOUT,
+                MAX_READY_TIMEOUT,
+            )?;
+            if snapshot.image.is_some() && !self.command.is_empty() {
+                return Err(ServiceError::ImageWithCommand(self.command.clone()));
+            }
         }
         Ok(())
     }
+}
+
+fn check_range(
+    setting: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ServiceError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    let human = |duration| humantime::format_duration(duration).to_string();
+    Err(ServiceError::OutOfRange {
+        setting,
+        value: human(value),
+        min: human(min),
+        max: human(max),
+    })
 }
 
 /// Resolves a program name the way `execvp` would.
@@ -224,29 +296,32 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|candidate| is_executable(candidate))
 }
 
+/// A stored service as loaded: the name of its file (without `.json`) and
+/// the service, or why it cannot be used.
+pub type LoadedService = (String, Result<ServiceSpec, ServiceError>);
+
 /// The services directory of a state directory, where each service is `NAME.json`.
 pub struct ServiceStore {
     dir: PathBuf,
 }
 
 impl ServiceStore {
-    /// Opens (creating, mode 0700) `STATE_DIR/services`.
+    /// Opens `STATE_DIR/services`, creating it (mode 0700) if missing. The
+    /// directory must be trusted ([`persist_common::trust`]): one that
+    /// others could write is refused, never repaired, as whoever wrote to
+    /// it could have registered commands to run as root.
     pub fn open(state_dir: &Path) -> Result<Self, ServiceError> {
-        let dir = state_dir.join("services");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| ServiceError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+        let dir = create_trusted_dir(&state_dir.join("services"))?;
         Ok(Self { dir })
     }
 
-    /// Loads every stored service; a file that cannot be read is reported
-    /// alongside the others rather than hiding them.
-    pub fn load_all(&self) -> Result<Vec<Result<ServiceSpec, ServiceError>>, ServiceError> {
+    /// Loads every stored service, each with the name of its file (without
+    /// `.json`); a file that cannot be read, is not trusted or is not a
+    /// valid service is reported alongside the others rather than hiding them.
+    #[allow(clippy::type_complexity)]
+    pub fn load_all(
+        &self,
+    ) -> Result<Vec<(String, Result<ServiceSpec, ServiceError>)>, ServiceError> {
         let io = |source| ServiceError::Io {
             path: self.dir.clone(),
             source,
@@ -259,20 +334,29 @@ impl ServiceStore {
             .collect();
         entries.sort();
         for path in entries {
-            specs.push(Self::load(&path));
+            let stem = path
+                .file_stem()
+                .map_or_else(String::new, |stem| stem.to_string_lossy().into_owned());
+            specs.push((stem, Self::load(&path)));
         }
         Ok(specs)
     }
 
     fn load(path: &Path) -> Result<ServiceSpec, ServiceError> {
-        let text = fs::read(path).map_err(|source| ServiceError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        serde_json::from_slice(&text).map_err(|source| ServiceError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        let mut text = Vec::new();
+        open_trusted_file(path)?
+            .read_to_end(&mut text)
+            .map_err(|source| ServiceError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        let spec: ServiceSpec =
+            serde_json::from_slice(&text).map_err(|source| ServiceError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        spec.check_settings()?;
+        Ok(spec)
     }
 
     /// Stores a service atomically (temp file, fsync, rename).
@@ -295,6 +379,21 @@ impl ServiceStore {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
     }
+}
+
+/// Creates `dir` (mode 0700, with any missing parent) unless it exists, and
+/// checks that it is trusted ([`persist_common::trust::trusted_dir`]).
+/// Returns its resolved path.
+pub fn create_trusted_dir(dir: &Path) -> Result<PathBuf, TrustError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| TrustError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    trusted_dir(dir)
 }
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename, mode 0600.
@@ -407,11 +506,93 @@ mod tests {
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 2);
         assert!(
-            matches!(&loaded[0], Err(ServiceError::Parse { .. })),
+            matches!(&loaded[0], (name, Err(ServiceError::Parse { .. })) if name == "broken"),
             "broken.json sorts first"
         );
-        assert_eq!(loaded[1].as_ref().unwrap(), &spec("web", "true"));
+        assert_eq!(loaded[1].1.as_ref().unwrap(), &spec("web", "true"));
         store.delete("web").unwrap();
         assert_eq!(store.load_all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn timeouts_out_of_range_and_an_image_with_a_command_are_refused() {
+        let mut idle = spec("web", "true");
+        for (timeout, accepted) in [
+            (Duration::ZERO, false),
+            (Duration::from_millis(99), false),
+            (MIN_IDLE_TIMEOUT, true),
+            (MAX_IDLE_TIMEOUT, true),
+            (MAX_IDLE_TIMEOUT + Duration::from_secs(1), false),
+            (Duration::from_secs(1_000_000_000 * 31_557_600), false),
+        ] {
+            idle.idle_timeout = Some(timeout);
+            let result = idle.check_settings();
+            assert_eq!(result.is_ok(), accepted, "{timeout:?}: {result:?}");
+            if let Err(err) = result {
+                assert!(err.to_string().starts_with("idle timeout "), "{err}");
+                assert!(err.to_string().contains("use 100ms to 1year"), "{err}");
+            }
+        }
+
+        let mut prebuilt = spec("web", "true");
+        prebuilt.mode = ServiceMode::Snapshot;
+        prebuilt.snapshot = Some(SnapshotSpec {
+            user: None,
+            ready: Readiness::Tcp,
+            ready_timeout: Duration::from_secs(30),
+            warmup_requests: 0,
+            on_idle: OnIdle::Fresh,
+            image: Some("/var/lib/persist/images/web".into()),
+            prefetch: Prefetch::Recorded,
+        });
+        let err = prebuilt.validate().unwrap_err();
+        assert!(
+            err.to_string().starts_with("--image takes no command"),
+            "{err}"
+        );
+        prebuilt.command.clear();
+        assert!(prebuilt.validate().is_ok());
+        prebuilt.snapshot.as_mut().unwrap().ready_timeout = Duration::ZERO;
+        let err = prebuilt.validate().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("ready timeout 0s is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_stored_service_is_checked_like_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ServiceStore::open(dir.path()).unwrap();
+        let mut quick = spec("quick", "true");
+        quick.idle_timeout = Some(Duration::ZERO);
+        store.save(&quick).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert!(
+            matches!(&loaded[0].1, Err(ServiceError::OutOfRange { .. })),
+            "{loaded:?}"
+        );
+    }
+
+    #[test]
+    fn a_service_file_or_directory_others_own_or_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ServiceStore::open(dir.path()).unwrap();
+        store.save(&spec("web", "true")).unwrap();
+        let file = dir.path().join("services/web.json");
+        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        let loaded = store.load_all().unwrap();
+        let err = loaded[0].1.as_ref().unwrap_err().to_string();
+        assert!(err.contains("web.json: owned by uid 65534"), "{err}");
+
+        let services = dir.path().join("services");
+        fs::set_permissions(&services, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ServiceStore::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("services: writable by group or others (mode 0777)"),
+            "{err}"
+        );
     }
 }

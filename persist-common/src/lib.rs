@@ -4,3 +4,4 @@
 
 pub mod bpf;
 pub mod image;
+pub mod trust;

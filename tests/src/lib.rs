@@ -213,6 +213,56 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Starts the daemon as [`Sandbox::start_daemon`] does and waits up to
+    /// `timeout` for it to exit, as a daemon refusing its state directory
+    /// does: its exit status and log if it exited, `None` if it still runs
+    /// (it is then this sandbox's daemon, killed on drop).
+    pub fn start_daemon_expecting_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<(std::process::ExitStatus, String)>> {
+        let log = File::create(self.state_dir().join("daemon.log"))?;
+        let mut child = self
+            .netns
+            .command(binary("persist-agent"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon")?;
+        let mut exited = None;
+        let _ = wait_until(timeout, || {
+            exited = child.try_wait().ok().flatten();
+            exited.is_some()
+        });
+        match exited {
+            Some(status) => Ok(Some((status, self.daemon_log()))),
+            None => {
+                self.daemon = Some(child);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stops the daemon with SIGTERM (by pid) and waits up to `timeout` for
+    /// it to exit; SIGKILLs it if it does not. True when it exited on its own.
+    pub fn stop_daemon_within(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.daemon.take() else {
+            return true;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let exited = wait_until(timeout, || child.try_wait().ok().flatten().is_some()).is_ok();
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        exited
+    }
+
     /// The daemon's pid, while it runs.
     pub fn daemon_pid(&self) -> Option<i32> {
         self.daemon.as_ref().map(|child| child.id() as i32)
@@ -251,6 +301,15 @@ impl Sandbox {
             .stdin(Stdio::null())
             .output()
             .expect("running persist-agent")
+    }
+
+    /// Runs `persist-agent --state-dir DIR ARGS...` in the namespace, failing
+    /// (after killing it) if it has not exited within `timeout`.
+    pub fn agent_within(&self, timeout: Duration, args: &[&str]) -> Result<Output> {
+        let mut command = self.netns.command(binary("persist-agent"));
+        command.arg("--state-dir").arg(self.state_dir()).args(args);
+        output_within(&mut command, timeout)
+            .with_context(|| format!("persist-agent {}", args.join(" ")))
     }
 
     /// Runs `persist-agent add NAME --port PORT OPTIONS... -- COMMAND...`.
@@ -524,6 +583,24 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
+}
+
+/// Runs `command` with no input and its output captured, failing (after
+/// killing it by pid) if it has not exited within `timeout`. Its output must
+/// fit the pipes' buffers until it exits: meant for short answers.
+pub fn output_within(command: &mut Command, timeout: Duration) -> Result<Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {command:?}"))?;
+    if wait_until(timeout, || child.try_wait().ok().flatten().is_some()).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("still running after {timeout:?}: it hangs");
+    }
+    Ok(child.wait_with_output()?)
 }
 
 /// Runs `command` with no input and its output captured; fails, with its

@@ -144,3 +144,77 @@ fn an_os_error_is_named_once() {
         "persist-agent: error: restore of /nonexistent: /nonexistent: No such file or directory (os error 2)"
     );
 }
+
+#[test]
+fn idle_timeouts_out_of_range_and_an_image_with_a_command_are_refused() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let server = binary("hello-server").display().to_string();
+    for (timeout, shown) in [("0s", "0s"), ("1000000000y", "1000000000years")] {
+        let err = failure(&sandbox.agent(&[
+            "add",
+            "x",
+            "--port",
+            "9004",
+            "--idle-timeout",
+            timeout,
+            "--exec",
+            "--",
+            &server,
+        ]));
+        assert!(
+            err.ends_with(&format!(
+                "idle timeout {shown} is out of range: use 100ms to 1year"
+            )),
+            "{timeout}: {err}"
+        );
+    }
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().display().to_string();
+    let err = failure(&sandbox.agent(&[
+        "add", "x", "--port", "9004", "--image", &image, "--", &server,
+    ]));
+    assert!(err.contains("--image takes no command"), "{err}");
+    assert!(
+        sandbox.status().unwrap().is_empty(),
+        "refused services are not registered"
+    );
+}
+
+#[test]
+fn a_stored_service_with_settings_out_of_range_is_refused_by_the_daemon() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::new().unwrap();
+    let services = sandbox.state_dir().join("services");
+    std::fs::create_dir_all(&services).unwrap();
+    let server = binary("hello-server").display().to_string();
+    let quick = serde_json::json!({
+        "name": "quick", "addr": "127.0.0.1", "port": 9005, "mode": "exec",
+        "idle_timeout": "0s", "command": [server],
+    });
+    std::fs::write(services.join("quick.json"), quick.to_string()).unwrap();
+    let prebuilt = serde_json::json!({
+        "name": "prebuilt", "addr": "127.0.0.1", "port": 9006, "mode": "snapshot",
+        "idle_timeout": null, "command": [server],
+        "snapshot": {
+            "ready": {"kind": "tcp"}, "ready_timeout": "30s", "on_idle": "fresh",
+            "image": sandbox.state_dir().join("images/prebuilt"),
+        },
+    });
+    std::fs::write(services.join("prebuilt.json"), prebuilt.to_string()).unwrap();
+    sandbox.start_daemon().unwrap();
+
+    for (name, expected) in [
+        ("quick", "idle timeout 0s is out of range"),
+        ("prebuilt", "--image takes no command"),
+    ] {
+        let service = sandbox.service(name).unwrap();
+        assert_eq!(service["state"], "failed", "{service}");
+        assert!(
+            service["error"]
+                .as_str()
+                .is_some_and(|error| error.contains(expected)),
+            "{service}"
+        );
+    }
+}

@@ -351,7 +351,13 @@ fn image_writable_by_others_is_refused() {
     let (_, image) = fixture_image(temp.path()).unwrap();
     std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o777)).unwrap();
     let err = failed_restore(&image);
-    assert!(err.contains("others can write"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: writable by group or others (mode 0777)",
+            image.display()
+        )),
+        "{err}"
+    );
 }
 
 /// A server in its own network namespace, started by `ip netns exec`.

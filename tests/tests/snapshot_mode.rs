@@ -862,7 +862,9 @@ fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
     let output = sandbox.agent(&["add", "open", "--image", &image_arg, "--port", "8107"]);
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(
-        err.contains("refusing an image that others can write"),
+        err.contains(&format!(
+            "{image_arg}: writable by group or others (mode 0777)"
+        )),
         "{err}"
     );
 }

@@ -19,13 +19,15 @@ mod supervisor;
 mod syn_watcher;
 
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use persist_common::trust::TrustError;
 use tracing::{info, warn};
 
+use crate::service::create_trusted_dir;
 pub use registry::Registry;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
@@ -45,11 +47,8 @@ pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()
         .with_writer(std::io::stderr)
         .init();
 
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let state_dir = &prepare_state_dir(state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
     let _lock = lock_state_dir(state_dir)?;
     // Orphans of our services are reparented to us and reaped at once (NOTES:
     // init reaps them late here, keeping their pids taken).
@@ -123,6 +122,24 @@ async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Resul
     Ok(())
 }
 
+/// The directories of a state directory, each created (mode 0700) when
+/// missing and refused when not trusted.
+const STATE_SUBDIRS: [&str; 4] = ["services", "images", "run", "logs"];
+
+/// Creates the state directory and its subdirectories where missing (mode
+/// 0700), and checks that each is trusted ([`persist_common::trust`]):
+/// whoever can write any of them can make the daemon run commands as root.
+/// An existing directory with another owner or a writable mode is refused,
+/// never repaired: that is the administrator's call, and the files already
+/// in it may be hostile. Returns the state directory's resolved path.
+fn prepare_state_dir(state_dir: &Path) -> Result<PathBuf, TrustError> {
+    let resolved = create_trusted_dir(state_dir)?;
+    for name in STATE_SUBDIRS {
+        create_trusted_dir(&resolved.join(name))?;
+    }
+    Ok(resolved)
+}
+
 /// How long a stopping daemon waits for the pagers of restored processes to
 /// copy in their remaining pages (a few MiB take milliseconds).
 const PAGER_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -135,6 +152,8 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {

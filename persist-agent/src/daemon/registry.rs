@@ -76,6 +76,9 @@ pub enum RegistryError {
     /// The run-state directory failed.
     #[error("state directory: {0}")]
     Io(#[from] std::io::Error),
+    /// A directory of the state directory is not trusted.
+    #[error("state directory: {0}")]
+    Untrusted(#[from] persist_common::trust::TrustError),
 }
 
 /// Every registered service, and services whose definition file is broken.
@@ -126,41 +129,18 @@ impl Registry {
                 return;
             }
         };
-        for result in loaded {
-            match result {
-                Ok(spec) => {
-                    let name = spec.name.clone();
-                    let rebuilt = match self.rebuild_if_stale(&spec).await {
-                        Ok(rebuilt) => rebuilt,
-                        Err(err) => {
-                            warn!(service = %name, "{err}");
-                            self.broken
-                                .lock()
-                                .expect("lock")
-                                .insert(name, err.to_string());
-                            continue;
-                        }
-                    };
-                    match self.activate(spec, rebuilt) {
-                        Ok(_) => info!(service = %name, "registered again"),
-                        Err(err) => {
-                            warn!(service = %name, "cannot bring back: {err}");
-                            self.broken
-                                .lock()
-                                .expect("lock")
-                                .insert(name, err.to_string());
-                        }
-                    }
-                }
+        for (name, result) in loaded {
+            let brought_back = match result {
+                Ok(spec) => match self.rebuild_if_stale(&spec).await {
+                    Ok(rebuilt) => self.activate(spec, rebuilt).map(drop),
+                    Err(err) => Err(err),
+                },
+                Err(err) => Err(err.into()),
+            };
+            match brought_back {
+                Ok(()) => info!(service = %name, "registered again"),
                 Err(err) => {
-                    let name = match &err {
-                        crate::service::ServiceError::Parse { path, .. }
-                        | crate::service::ServiceError::Io { path, .. } => path
-                            .file_stem()
-                            .map_or("?".into(), |s| s.to_string_lossy().into_owned()),
-                        _ => "?".into(),
-                    };
-                    warn!("{err}");
+                    warn!(service = %name, "cannot bring back: {err}");
                     self.broken
                         .lock()
                         .expect("lock")
@@ -183,9 +163,15 @@ impl Registry {
                 Some(self.build(&spec, snapshot).await?)
             }
             Some(snapshot) => {
-                // A prebuilt image: refuse it now if it is unusable.
+                // A prebuilt image: refuse it now if it is unusable. Opened
+                // off the async workers: its checks read files.
                 let dir = snapshot.image.clone().unwrap_or_default();
-                let image = Image::open(&dir)?;
+                let opened = dir.clone();
+                let image = tokio::task::spawn_blocking(move || {
+                    persist_common::image::Image::open(&opened)
+                })
+                .await
+                .map_err(|err| RegistryError::Refused(format!("image check task: {err}")))??;
                 if listener_fd_in_image(image.manifest(), spec.port).is_none() {
                     return Err(RegistryError::Refused(format!(
                         "image {} has no TCP listener on port {}",

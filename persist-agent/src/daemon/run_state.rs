@@ -2,14 +2,19 @@
 //! so that a restarted daemon finds the process again instead of starting a second one.
 
 use std::fs;
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::write_atomically;
+use persist_common::trust::{TrustError, open_trusted_file};
+
+use crate::service::{create_trusted_dir, write_atomically};
 use crate::sys::pidfd::PidFd;
+
+/// Longest run record read: a few numbers in JSON.
+const MAX_RECORD_BYTES: u64 = 4096;
 
 /// A running service's process, as recorded by the daemon that started it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,13 +44,11 @@ pub struct RunStateDir {
 }
 
 impl RunStateDir {
-    /// Opens (creating, mode 0700) `STATE_DIR/run`.
-    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
-        let dir = state_dir.join("run");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
+    /// Opens `STATE_DIR/run`, creating it (mode 0700) if missing; it must
+    /// be trusted ([`persist_common::trust`]), as a record names a process
+    /// the daemon takes over.
+    pub fn open(state_dir: &Path) -> Result<Self, TrustError> {
+        let dir = create_trusted_dir(&state_dir.join("run"))?;
         Ok(Self { dir })
     }
 
@@ -81,9 +84,19 @@ impl RunStateDir {
         let _ = fs::remove_file(self.path(name));
     }
 
-    /// The recorded process of `name`, if the record exists and parses.
+    /// The recorded process of `name`, if the record exists, is trusted and
+    /// parses; a record that is not trusted is ignored with a warning.
     pub fn load(&self, name: &str) -> Option<RunRecord> {
-        let bytes = fs::read(self.path(name)).ok()?;
+        let file = match open_trusted_file(&self.path(name)) {
+            Ok(file) => file,
+            Err(err) if err.is_not_found() => return None,
+            Err(err) => {
+                tracing::warn!(service = %name, "run record ignored: {err}");
+                return None;
+            }
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_RECORD_BYTES).read_to_end(&mut bytes).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 

@@ -1,5 +1,6 @@
 //! Waiting until a freshly started service is ready, and warming it up.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -159,18 +160,41 @@ pub(super) fn wait_for_quiet_sockets(pid: i32, limit: Duration) {
     }
 }
 
+/// Whether `pid` holds a TCP socket that is not a listener. A socket the
+/// peer already closed (state CLOSE) is in no table of /proc/net, so every
+/// socket found in none of them but the listening table counts too.
 fn has_connections(pid: i32) -> bool {
-    let connected: Vec<u64> = procfs::net::tcp()
+    let inodes = |entries: Vec<u64>| entries.into_iter().collect::<HashSet<u64>>();
+    let tcp: Vec<_> = procfs::net::tcp()
         .into_iter()
         .flatten()
         .chain(procfs::net::tcp6().into_iter().flatten())
-        .filter(|entry| entry.state != procfs::net::TcpState::Listen)
-        .map(|entry| entry.inode)
         .collect();
+    let listening = inodes(
+        tcp.iter()
+            .filter(|entry| entry.state == procfs::net::TcpState::Listen)
+            .map(|entry| entry.inode)
+            .collect(),
+    );
+    let other_kinds = inodes(
+        procfs::net::unix()
+            .into_iter()
+            .flatten()
+            .map(|entry| entry.inode)
+            .chain(
+                procfs::net::udp()
+                    .into_iter()
+                    .flatten()
+                    .chain(procfs::net::udp6().into_iter().flatten())
+                    .map(|entry| entry.inode),
+            )
+            .collect(),
+    );
     let Ok(fds) = procfs::process::Process::new(pid).and_then(|process| process.fd()) else {
         return false;
     };
     fds.flatten().any(|fd| {
-        matches!(fd.target, procfs::process::FDTarget::Socket(inode) if inode != 0 && connected.contains(&inode))
+        matches!(fd.target, procfs::process::FDTarget::Socket(inode)
+            if inode != 0 && !listening.contains(&inode) && !other_kinds.contains(&inode))
     })
 }

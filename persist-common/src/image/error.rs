@@ -59,16 +59,12 @@ pub enum ImageError {
         /// What does not add up.
         reason: String,
     },
-    /// The image directory or a file in it can be written by users other than root.
-    #[error(
-        "{path}: refusing an image that others can write (mode {mode:o}); it must be owned by root and not group- or world-writable"
-    )]
-    Insecure {
-        /// The file or directory.
-        path: PathBuf,
-        /// Its mode bits.
-        mode: u32,
-    },
+    /// The image directory or a file in it is not to be trusted: owned by
+    /// another user, writable by others, or not a regular file (see
+    /// [`crate::trust`]). Never [`TrustError::Io`](crate::trust::TrustError::Io):
+    /// a file that cannot be opened is [`ImageError::Io`].
+    #[error(transparent)]
+    Untrusted(crate::trust::TrustError),
     /// A base image's page store could not be hard-linked into a new delta
     /// image, typically because the two are on different filesystems
     /// (`EXDEV`). Nothing is wrong with either image: a full image can be
@@ -99,6 +95,15 @@ pub enum ImageError {
         /// XCR0 bits the image has and this CPU does not.
         missing: u64,
     },
+}
+
+impl From<crate::trust::TrustError> for ImageError {
+    fn from(err: crate::trust::TrustError) -> Self {
+        match err {
+            crate::trust::TrustError::Io { path, source } => Self::Io { path, source },
+            refused => Self::Untrusted(refused),
+        }
+    }
 }
 
 impl ImageError {

@@ -11,8 +11,9 @@ use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::{
     BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, PAGE_SIZE,
-    PAGES_FILE, PageRun, base_store_file,
+    PAGES_FILE, PageRun, WORKING_SET_FILE, base_store_file,
 };
+use crate::trust::{open_trusted_file, trusted_dir};
 
 /// Longest manifest accepted, so a hostile header cannot make us allocate without bound.
 const MAX_MANIFEST_BYTES: usize = 256 << 20;
@@ -280,16 +281,27 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens the image in `dir`, checking ownership and modes, the manifest's
-    /// header, checksum and consistency, and the page stores' sizes. Page
-    /// checksums are checked as pages are read ([`PageStore::run`]).
+    /// Opens the image in `dir`, checking that the directory and its path
+    /// are trusted and that each of its files is a trusted regular file
+    /// ([`crate::trust`]: owner, mode, type, judged on the opened file),
+    /// the manifest's header, checksum and consistency, and the page
+    /// stores' sizes. A `working-set`, if there is one, must be a trusted
+    /// file too; its contents are judged when it is read. Page checksums
+    /// are checked as pages are read ([`PageStore::run`]).
+    ///
+    /// The image keeps the resolved path of `dir` (see [`Image::dir`]).
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
-        check_private(dir)?;
+        let dir = trusted_dir(dir)?;
         let manifest_path = dir.join(MANIFEST_FILE);
-        check_private(&manifest_path)?;
-        check_private(&dir.join(PAGES_FILE))?;
+        let manifest_file = open_trusted_file(&manifest_path)?;
+        let pages_file = open_trusted_file(&dir.join(PAGES_FILE))?;
+        match open_trusted_file(&dir.join(WORKING_SET_FILE)) {
+            Err(err) if !err.is_not_found() => return Err(err.into()),
+            _ => {}
+        }
 
-        let manifest = read_manifest(&manifest_path)?;
+        let manifest = read_manifest(manifest_file, &manifest_path)?;
+        let mut stores = Vec::with_capacity(manifest.base_stores.len() + 1);
         for (index, base) in manifest.base_stores.iter().enumerate() {
             // An exact name keeps a hostile manifest from naming files
             // outside the image.
@@ -303,18 +315,19 @@ impl Image {
                     ),
                 });
             }
-            check_private(&dir.join(&base.file))?;
+            stores.push(open_trusted_file(&dir.join(&base.file))?);
         }
-        let pages = PageStore::open(dir, &manifest, &manifest_path)?;
+        stores.push(pages_file);
+        let pages = PageStore::open(&dir, &manifest, &manifest_path, stores)?;
         check_layout(&manifest, &manifest_path)?;
         Ok(Self {
-            dir: dir.to_owned(),
+            dir,
             manifest,
             pages,
         })
     }
 
-    /// The image directory.
+    /// The image directory, resolved: free of symbolic links.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -354,8 +367,8 @@ impl Image {
     }
 }
 
-fn read_manifest(path: &Path) -> Result<Manifest, ImageError> {
-    let mut file = File::open(path).map_err(ImageError::io(path))?;
+/// Reads and checks the manifest from `file`, opened from `path`.
+fn read_manifest(mut file: File, path: &Path) -> Result<Manifest, ImageError> {
     let mut head = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     while head.len() < 64 {
@@ -466,21 +479,6 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Refuses a file or directory that anyone but its owner can write, or whose
-/// owner is neither root nor us.
-fn check_private(path: &Path) -> Result<(), ImageError> {
-    let meta = fs::symlink_metadata(path).map_err(ImageError::io(path))?;
-    let mode = meta.mode() & 0o7777;
-    let owner_ok = meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw();
-    if mode & 0o022 != 0 || !owner_ok || meta.file_type().is_symlink() {
-        return Err(ImageError::Insecure {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
-}
-
 /// The page store, mapped read-only as one contiguous range of memory: the
 /// base stores, then the image's own `pages`, each at its offset.
 pub struct PageStore {
@@ -500,8 +498,14 @@ struct StoreFile {
 
 impl PageStore {
     /// Maps the page stores of the image in `dir` described by `manifest`,
-    /// after checking that each file has the size the manifest gives it.
-    fn open(dir: &Path, manifest: &Manifest, manifest_path: &Path) -> Result<Self, ImageError> {
+    /// `opened` in order (its base stores, then `pages`), after checking
+    /// that each file has the size the manifest gives it.
+    fn open(
+        dir: &Path,
+        manifest: &Manifest,
+        manifest_path: &Path,
+        opened: Vec<File>,
+    ) -> Result<Self, ImageError> {
         let total = manifest.page_store_bytes;
         let mut expected = Vec::with_capacity(manifest.base_stores.len() + 1);
         let mut start = 0u64;
@@ -518,9 +522,7 @@ impl PageStore {
         expected.push((dir.join(PAGES_FILE), start, total - start));
 
         let mut files = Vec::with_capacity(expected.len());
-        let mut opened = Vec::with_capacity(expected.len());
-        for (path, start, len) in expected {
-            let file = File::open(&path).map_err(ImageError::io(&path))?;
+        for ((path, start, len), file) in expected.into_iter().zip(&opened) {
             let meta = file.metadata().map_err(ImageError::io(&path))?;
             if meta.len() != len {
                 return Err(ImageError::Inconsistent {
@@ -543,7 +545,6 @@ impl PageStore {
                 len,
                 identity: (meta.dev(), meta.ino()),
             });
-            opened.push(file);
         }
         let map = StoreMap::new(&files, &opened)?;
         Ok(Self { files, map })
@@ -696,6 +697,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use crate::image::Mapping;
+    use crate::trust::TrustError;
 
     const START: u64 = 0x10000;
     const MAPPING_PAGES: u64 = 16;
@@ -743,7 +745,7 @@ mod tests {
     /// valid header, as a hostile or buggy writer could.
     fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut Manifest)) {
         let path = dir.join(MANIFEST_FILE);
-        let mut manifest = read_manifest(&path).unwrap();
+        let mut manifest = read_manifest(File::open(&path).unwrap(), &path).unwrap();
         edit(&mut manifest);
         let json = serde_json::to_vec(&manifest).unwrap();
         let mut text = format!(
@@ -863,7 +865,10 @@ mod tests {
 
         fs::set_permissions(&store, fs::Permissions::from_mode(0o666)).unwrap();
         let err = names_store(Image::open(&dir).err().unwrap());
-        assert!(matches!(err, ImageError::Insecure { .. }), "{err}");
+        assert!(
+            matches!(err, ImageError::Untrusted(TrustError::Mode { .. })),
+            "{err}"
+        );
         fs::set_permissions(&store, fs::Permissions::from_mode(0o600)).unwrap();
 
         let grown = OpenOptions::new().append(true).open(&store).unwrap();

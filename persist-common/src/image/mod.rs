@@ -41,6 +41,9 @@
 //! The image is written in a temporary directory, every file fsynced, and
 //! the directory renamed into place, the manifest written last: an image
 //! without a valid manifest is not an image. Everything in an image is checked before use; see [`ImageError`].
+//! The directory, its path and every file in it must be trusted
+//! ([`crate::trust`]): owned by root, not writable by group or others, and
+//! each file a regular file, judged on the opened descriptor.
 //!
 //! An image may also hold `working-set`: the addresses and store offsets of
 //! the pages its first wake touched, in touch order, for later wakes to copy

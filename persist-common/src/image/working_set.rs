@@ -33,10 +33,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{ImageError, MANIFEST_FILE, PAGE_SIZE, PageStore};
+use crate::trust::open_trusted_file;
 
 /// File name of the working set inside an image directory.
 pub const WORKING_SET_FILE: &str = "working-set";
@@ -112,15 +113,7 @@ impl WorkingSet {
     /// ownership and mode) without checking which image it belongs to.
     pub fn read(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join(WORKING_SET_FILE);
-        let file = File::open(&path).map_err(ImageError::io(&path))?;
-        let meta = file.metadata().map_err(ImageError::io(&path))?;
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o022 != 0
-            || !(meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw())
-            || !meta.is_file()
-        {
-            return Err(ImageError::Insecure { path, mode });
-        }
+        let file = open_trusted_file(&path)?;
         // One byte more than the largest valid set, so that a longer file
         // is read no further yet still fails the length check below.
         let limit = file_len(MAX_PAGES as usize) as u64 + 1;
@@ -289,7 +282,7 @@ impl WorkingSet {
 pub fn manifest_crc(dir: &Path) -> Result<u32, ImageError> {
     let path = dir.join(MANIFEST_FILE);
     let mut head = [0u8; 64];
-    let mut file = File::open(&path).map_err(ImageError::io(&path))?;
+    let mut file = open_trusted_file(&path)?;
     let mut len = 0;
     while len < head.len() {
         let read = file.read(&mut head[len..]).map_err(ImageError::io(&path))?;
@@ -362,6 +355,7 @@ fn le_u64(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use crate::image::{Image, ImageWriter, Manifest};
+    use std::os::unix::fs::MetadataExt;
 
     /// An image of `pages` stored pages, and its identity.
     fn image_with_pages(dir: &Path, pages: u64) -> (Image, u32) {
@@ -589,7 +583,10 @@ mod tests {
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o622)).unwrap();
         let err = WorkingSet::open(&dir, crc).unwrap_err();
         assert!(
-            matches!(err, ImageError::Insecure { mode: 0o622, .. }),
+            matches!(
+                err,
+                ImageError::Untrusted(crate::trust::TrustError::Mode { mode: 0o622, .. })
+            ),
             "{err}"
         );
     }
