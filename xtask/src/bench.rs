@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use persist_tests::{Sandbox, binary};
 use serde::Serialize;
 
-use crate::deps;
+use crate::{deps, privilege};
 use modes::{Bench, ServerResult};
 use progress::Progress;
 use servers::Server;
@@ -59,8 +59,13 @@ struct BenchRun {
 /// Runs the bench: progress on stderr, Markdown on stdout, raw samples and
 /// the plot under `target/bench/`.
 pub fn run(quick: bool, runs: Option<usize>, update_docs: bool) -> Result<()> {
+    if privilege::rerun_as_root(|| {
+        deps::ensure(deps::TEST)?;
+        deps::build_binaries("release")
+    })? {
+        return Ok(());
+    }
     interrupt::install()?;
-    deps::require_root()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
     let source = source();
@@ -69,7 +74,7 @@ pub fn run(quick: bool, runs: Option<usize>, update_docs: bool) -> Result<()> {
     let date = utc_now()?;
 
     let prefetch = add_takes_prefetch()?;
-    let criu = find_in_path("criu");
+    let criu = deps::find_in_path("criu");
     let scratch = tempfile::Builder::new()
         .prefix("persist-bench-")
         .tempdir()?;
@@ -180,14 +185,6 @@ fn add_takes_prefetch() -> Result<bool> {
         .output()
         .context("running persist-agent add --help")?;
     Ok(String::from_utf8_lossy(&output.stdout).contains("--prefetch"))
-}
-
-/// The first `name` on `PATH` that is a file.
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 /// Kernel release and online CPUs.

@@ -10,13 +10,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use persist_tests::{Sandbox, http_server_command, wait_until};
 
-use crate::deps;
+use crate::{deps, privilege};
 
 const PORT: u16 = 8000;
 
 /// Runs the demo.
 pub fn run() -> Result<()> {
-    deps::require_root()?;
+    if privilege::rerun_as_root(|| {
+        deps::ensure(deps::DEMO)?;
+        deps::build_binaries("release")
+    })? {
+        return Ok(());
+    }
     deps::ensure(deps::DEMO)?;
     deps::build_binaries("release")?;
 

@@ -4,6 +4,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::privilege;
+
 /// Packages the demo needs: clang compiles the BPF programs against libbpf's
 /// headers, and the demo runs in a network namespace made with iproute2.
 pub const DEMO: &[&str] = &["clang", "libbpf-dev", "iproute2", "curl"];
@@ -23,14 +25,6 @@ pub const TEST: &[&str] = &[
     "memcached",
 ];
 
-/// Fails unless running as root.
-pub fn require_root() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("this task needs root (BPF, network namespaces, ptrace): run it with sudo");
-    }
-    Ok(())
-}
-
 /// Installs whichever of `packages` are missing, saying which.
 pub fn ensure(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -41,20 +35,21 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    require_root()?;
     eprintln!(
         "xtask: installing missing Debian packages: {}",
         missing.join(" ")
     );
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
+    run(privilege::as_root("apt-get")?.args(["update", "-qq"]))?;
+    run(privilege::as_root("apt-get")?
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     // Debian starts some servers on install; our tests start their own.
     for service in ["redis-server", "nginx", "memcached"] {
-        if missing.contains(&service) {
-            let _ = Command::new("service").args([service, "stop"]).output();
+        if missing.contains(&service)
+            && let Ok(mut stop) = privilege::as_root("service")
+        {
+            let _ = stop.args([service, "stop"]).output();
         }
     }
     Ok(())
@@ -91,6 +86,12 @@ pub fn profile_dir(profile: &str) -> std::path::PathBuf {
 /// Builds the agent and the bundled servers in `profile` and points the
 /// shared test helpers at them.
 pub fn build_binaries(profile: &str) -> Result<()> {
+    if privilege::prebuilt() {
+        // The user who started the task built them; root may have no cargo.
+        // SAFETY: called from the main thread before any other thread exists.
+        unsafe { std::env::set_var("PERSIST_BIN_DIR", profile_dir(profile)) };
+        return Ok(());
+    }
     let mut args = vec![
         "build",
         "--quiet",
@@ -107,6 +108,14 @@ pub fn build_binaries(profile: &str) -> Result<()> {
     // SAFETY: called from the main thread before any other thread exists.
     unsafe { std::env::set_var("PERSIST_BIN_DIR", profile_dir(profile)) };
     Ok(())
+}
+
+/// The first `name` on `PATH` that is a file.
+pub fn find_in_path(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 /// Runs a command, failing if it does not exit 0.

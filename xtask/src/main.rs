@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod deps;
+mod privilege;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -55,7 +56,6 @@ fn main() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
-    deps::require_root()?;
     deps::ensure(deps::TEST)?;
     deps::cargo(&["build", "--workspace", "--bins"])?;
     // The engine builds alone, without the daemon's dependencies.
@@ -66,7 +66,10 @@ fn test(args: &[String]) -> Result<()> {
         "--no-default-features",
         "--examples",
     ])?;
+    // Built as whoever runs this; only the test binaries run as root.
+    let runner = privilege::cargo_test_runner()?;
     let mut test_args = vec!["test", "--workspace"];
+    test_args.extend(runner.iter().map(String::as_str));
     test_args.extend(args.iter().map(String::as_str));
     deps::cargo(&test_args)
 }
