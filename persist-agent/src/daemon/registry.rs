@@ -501,6 +501,8 @@ impl Registry {
                 .collect()
         };
         let notes = self.notes.lock().expect("lock").clone();
+        // One walk of /proc for every running service, none when all are parked.
+        let processes = std::cell::OnceCell::new();
         let mut statuses: Vec<ServiceStatus> = views
             .into_iter()
             .map(|((spec, published, worker_report), stats)| {
@@ -548,7 +550,7 @@ impl Registry {
                     last_fault_pages: pager.as_ref().map(|p| p.fault_pages),
                     last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
                     last_prefetch_pages: pager.as_ref().map(|p| p.prefetched_pages),
-                    rss_bytes: rss_of_sessions(&view.sessions),
+                    rss_bytes: rss_of_sessions(&processes, &view.sessions),
                     parked_bytes,
                     error: view.error,
                     note: notes.get(&spec.name).cloned(),
@@ -583,20 +585,41 @@ impl Registry {
 }
 
 /// Resident memory of every process in the given sessions.
-fn rss_of_sessions(sessions: &[i32]) -> u64 {
+fn rss_of_sessions(processes: &std::cell::OnceCell<Vec<ProcessRss>>, sessions: &[i32]) -> u64 {
     if sessions.is_empty() {
         return 0;
     }
+    processes
+        .get_or_init(all_process_rss)
+        .iter()
+        .filter(|p| sessions.contains(&p.session) || sessions.contains(&p.pid))
+        .map(|p| p.rss_bytes)
+        .sum()
+}
+
+/// One process's session and resident memory.
+struct ProcessRss {
+    pid: i32,
+    session: i32,
+    rss_bytes: u64,
+}
+
+/// Every process's session and resident memory, read in one walk of /proc
+/// for all services.
+fn all_process_rss() -> Vec<ProcessRss> {
     let page = procfs::page_size();
     let Ok(processes) = procfs::process::all_processes() else {
-        return 0;
+        return Vec::new();
     };
     processes
         .flatten()
         .filter_map(|process| process.stat().ok())
-        .filter(|stat| sessions.contains(&stat.session) || sessions.contains(&stat.pid))
-        .map(|stat| stat.rss * page)
-        .sum()
+        .map(|stat| ProcessRss {
+            pid: stat.pid,
+            session: stat.session,
+            rss_bytes: stat.rss * page,
+        })
+        .collect()
 }
 
 /// Memory that `pid` alone holds: anonymous and shmem pages, not the page
