@@ -75,6 +75,12 @@ pub struct SnapshotSpec {
     /// Which pages a wake copies in before they are touched.
     #[serde(default)]
     pub prefetch: Prefetch,
+    /// Reopen a file the image recorded when its path names another file
+    /// now (other inode or device, same type), instead of failing the wake.
+    /// Files are still opened with the process's credentials and never
+    /// through a symbolic link.
+    #[serde(default)]
+    pub accept_changed_files: bool,
 }
 
 /// Which pages a snapshot-mode wake copies in ahead of the process's faults.

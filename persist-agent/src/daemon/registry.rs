@@ -13,7 +13,7 @@ use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
-use super::restore_worker::{RestoreWorker, WorkerShared};
+use super::restore_worker::{RestoreWorker, WakeOptions, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
 use crate::control::ServiceStatus;
@@ -289,7 +289,10 @@ impl Registry {
                     },
                     spec.snapshot
                         .as_ref()
-                        .map(|s| s.prefetch)
+                        .map(|s| WakeOptions {
+                            prefetch: s.prefetch,
+                            accept_changed_files: s.accept_changed_files,
+                        })
                         .unwrap_or_default(),
                 )?;
                 Starter::Restore {

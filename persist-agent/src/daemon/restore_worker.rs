@@ -189,6 +189,16 @@ pub struct WorkerShared {
     pub pagers: Arc<Pagers>,
 }
 
+/// How a service's wakes restore it, from its spec.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WakeOptions {
+    /// Which pages are copied in before the process resumes.
+    pub prefetch: Prefetch,
+    /// Reopen recorded files that changed since the checkpoint (other inode
+    /// or device) instead of failing the wake.
+    pub accept_changed_files: bool,
+}
+
 /// The daemon's handle on a restore thread; dropping it ends the thread and
 /// kills an unused skeleton.
 pub struct RestoreWorker {
@@ -208,7 +218,7 @@ impl RestoreWorker {
         listener: OwnedFd,
         already_running: bool,
         shared: WorkerShared,
-        prefetch: Prefetch,
+        options: WakeOptions,
     ) -> std::io::Result<Self> {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
@@ -230,7 +240,8 @@ impl RestoreWorker {
                     metrics: shared.metrics,
                     run_state: shared.run_state,
                     pagers: shared.pagers,
-                    prefetch,
+                    prefetch: options.prefetch,
+                    accept_changed_files: options.accept_changed_files,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
                     armed: thread_armed,
@@ -292,6 +303,8 @@ struct Worker {
     run_state: Arc<RunStateDir>,
     pagers: Arc<Pagers>,
     prefetch: Prefetch,
+    /// Reopen recorded files that changed since the checkpoint.
+    accept_changed_files: bool,
     /// What the next wake of the prepared skeleton does about its working set.
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
@@ -442,6 +455,7 @@ impl Worker {
         let config = RestoreConfig {
             verify_pages_first: false,
             inherited,
+            accept_changed_files: self.accept_changed_files,
         };
         let image = Arc::new(image);
         let skeleton =
