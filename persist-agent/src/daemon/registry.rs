@@ -210,10 +210,7 @@ impl Registry {
             ready_timeout: snapshot.ready_timeout,
             warmup_requests: snapshot.warmup_requests,
             image: self.pristine_image(&spec.name),
-            log: self
-                .state_dir
-                .join("logs")
-                .join(format!("{}.log", spec.name)),
+            log: self.log_path(&spec.name),
             runtime_dir: self.state_dir.join("run"),
         };
         let name = spec.name.clone();
@@ -226,6 +223,11 @@ impl Registry {
             .observe_checkpoint(&spec.name, started.elapsed());
         info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
         Ok(built.listener)
+    }
+
+    /// The log the daemon opens as a built service's stdout and stderr.
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{name}.log"))
     }
 
     fn pristine_image(&self, name: &str) -> PathBuf {
@@ -292,6 +294,7 @@ impl Registry {
                         .map(|s| WakeOptions {
                             prefetch: s.prefetch,
                             accept_changed_files: s.accept_changed_files,
+                            log: Some(self.log_path(&spec.name)),
                         })
                         .unwrap_or_default(),
                 )?;

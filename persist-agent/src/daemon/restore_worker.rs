@@ -190,13 +190,16 @@ pub struct WorkerShared {
 }
 
 /// How a service's wakes restore it, from its spec.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WakeOptions {
     /// Which pages are copied in before the process resumes.
     pub prefetch: Prefetch,
     /// Reopen recorded files that changed since the checkpoint (other inode
     /// or device) instead of failing the wake.
     pub accept_changed_files: bool,
+    /// The service's log, which the daemon opened for it as its stdout and
+    /// stderr: reopened as root, not as the service's user.
+    pub log: Option<PathBuf>,
 }
 
 /// The daemon's handle on a restore thread; dropping it ends the thread and
@@ -242,6 +245,7 @@ impl RestoreWorker {
                     pagers: shared.pagers,
                     prefetch: options.prefetch,
                     accept_changed_files: options.accept_changed_files,
+                    log: options.log,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
                     armed: thread_armed,
@@ -305,6 +309,8 @@ struct Worker {
     prefetch: Prefetch,
     /// Reopen recorded files that changed since the checkpoint.
     accept_changed_files: bool,
+    /// The service's log, opened by the daemon for it.
+    log: Option<PathBuf>,
     /// What the next wake of the prepared skeleton does about its working set.
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
@@ -456,6 +462,7 @@ impl Worker {
             verify_pages_first: false,
             inherited,
             accept_changed_files: self.accept_changed_files,
+            agent_files: self.log.iter().cloned().collect(),
         };
         let image = Arc::new(image);
         let skeleton =

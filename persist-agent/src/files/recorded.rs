@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -30,12 +30,21 @@ pub struct PathAccess {
     /// Reopen a path that names another file than the one recorded (other
     /// device or inode, same type) instead of refusing it.
     pub accept_changed_files: bool,
+    /// Files the agent itself opened for the process (the daemon's log of
+    /// the service, its stdout and stderr), opened with the agent's
+    /// credentials: the process never had access to them by path. They are
+    /// still checked like every other path.
+    pub agent_files: Vec<PathBuf>,
 }
 
 impl PathAccess {
     /// Access as the process with credentials `creds` has it: root keeps the
     /// agent's own.
-    pub fn for_process(creds: &Credentials, accept_changed_files: bool) -> Self {
+    pub fn for_process(
+        creds: &Credentials,
+        accept_changed_files: bool,
+        agent_files: Vec<PathBuf>,
+    ) -> Self {
         let fsuid = creds.uids[3];
         Self {
             creds: (fsuid != 0).then(|| FsCreds {
@@ -44,6 +53,7 @@ impl PathAccess {
                 groups: creds.groups.clone(),
             }),
             accept_changed_files,
+            agent_files,
         }
     }
 
@@ -105,9 +115,17 @@ pub fn open(
     types: &[FileType],
     access: &PathAccess,
 ) -> Result<File, RecordedError> {
-    let _creds = access
-        .assume()
-        .map_err(RecordedError::io("taking the process's credentials"))?;
+    let _creds = if access
+        .agent_files
+        .iter()
+        .any(|file| file == Path::new(path))
+    {
+        None
+    } else {
+        access
+            .assume()
+            .map_err(RecordedError::io("taking the process's credentials"))?
+    };
     let at = fscreds::open_no_symlinks(Path::new(path), OFlag::O_PATH, Mode::empty())
         .map_err(|err| match err.raw_os_error() {
             Some(libc::ELOOP) => RecordedError::Changed(

@@ -44,6 +44,9 @@ pub struct RestoreConfig {
     /// Reopen a recorded file that is no longer the one the image recorded
     /// (other inode or device, same type) instead of refusing the restore.
     pub accept_changed_files: bool,
+    /// Files the agent opened for the process (its log), reopened with the
+    /// agent's credentials rather than the process's.
+    pub agent_files: Vec<std::path::PathBuf>,
 }
 
 /// Timings of a restore, for measurements.
@@ -188,8 +191,11 @@ impl Skeleton {
         if config.verify_pages_first {
             verify_all_pages(&image)?;
         }
-        let access =
-            PathAccess::for_process(&manifest.process.credentials, config.accept_changed_files);
+        let access = PathAccess::for_process(
+            &manifest.process.credentials,
+            config.accept_changed_files,
+            config.agent_files,
+        );
         let fds = files::prepare(&manifest.fds, config.inherited, &access)?;
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let resources = Resources::open(&image, &fds, uffd_fd + 1, &access)?;
