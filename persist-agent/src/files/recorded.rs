@@ -57,6 +57,15 @@ impl PathAccess {
         }
     }
 
+    /// Whether `path` (resolved, as recorded) is one of the agent's files,
+    /// which may have been named through a symlink.
+    fn is_agent_file(&self, path: &str) -> bool {
+        self.agent_files.iter().any(|file| {
+            file == Path::new(path)
+                || std::fs::canonicalize(file).is_ok_and(|resolved| resolved == Path::new(path))
+        })
+    }
+
     /// Switches the calling thread to the process's file-system credentials
     /// until the guard is dropped (nothing for root).
     pub fn assume(&self) -> io::Result<Option<FsCredsGuard>> {
@@ -115,11 +124,7 @@ pub fn open(
     types: &[FileType],
     access: &PathAccess,
 ) -> Result<File, RecordedError> {
-    let _creds = if access
-        .agent_files
-        .iter()
-        .any(|file| file == Path::new(path))
-    {
+    let _creds = if access.is_agent_file(path) {
         None
     } else {
         access
@@ -148,7 +153,7 @@ pub fn open(
         let same_type = expected.is_some_and(|e| e.file_type == now.file_type);
         if !(access.accept_changed_files && same_type) {
             let hint = if same_type {
-                " (the service's --accept-changed-files option reopens it anyway)"
+                " (--accept-changed-files reopens it anyway)"
             } else {
                 ""
             };
