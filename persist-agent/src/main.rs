@@ -80,6 +80,10 @@ enum Command {
         /// The image directory.
         #[arg(long)]
         image: PathBuf,
+        /// Reopen a recorded file whose path names another file now (other
+        /// inode or device), instead of refusing the restore.
+        #[arg(long)]
+        accept_changed_files: bool,
     },
     /// Print a readable summary of an image.
     Inspect {
@@ -159,6 +163,10 @@ struct AddArgs {
     /// the working set the first wake recorded; `all`: every page; `none`).
     #[arg(long, value_enum, default_value = "recorded")]
     prefetch: Prefetch,
+    /// Snapshot mode: on a wake, reopen a recorded file whose path names
+    /// another file now (other inode or device) instead of failing the wake.
+    #[arg(long)]
+    accept_changed_files: bool,
     #[command(flatten)]
     ready: ReadyArgs,
     /// The command and its arguments (none with --image).
@@ -257,9 +265,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("checkpoint of pid {pid}"))?;
             println!("{summary}");
         }
-        Command::Restore { image } => {
+        Command::Restore {
+            image,
+            accept_changed_files,
+        } => {
             let options = restore::RestoreOptions {
                 image: image.clone(),
+                accept_changed_files,
             };
             let pid = restore::restore_detached(&options)
                 .with_context(|| format!("restore of {}", image.display()))?;
@@ -291,6 +303,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         on_idle: args.on_idle,
         image,
         prefetch: args.prefetch,
+        accept_changed_files: args.accept_changed_files,
     });
     let spec = ServiceSpec {
         name: args.name,

@@ -76,6 +76,12 @@ pub struct SnapshotSpec {
     /// Which pages a wake copies in before they are touched.
     #[serde(default)]
     pub prefetch: Prefetch,
+    /// Reopen a file the image recorded when its path names another file
+    /// now (other inode or device, same type), instead of failing the wake.
+    /// Files are still opened with the process's credentials and never
+    /// through a symbolic link.
+    #[serde(default)]
+    pub accept_changed_files: bool,
 }
 
 /// Which pages a snapshot-mode wake copies in ahead of the process's faults.
@@ -544,6 +550,7 @@ mod tests {
             on_idle: OnIdle::Fresh,
             image: Some("/var/lib/persist/images/web".into()),
             prefetch: Prefetch::Recorded,
+            accept_changed_files: false,
         });
         let err = prebuilt.validate().unwrap_err();
         assert!(

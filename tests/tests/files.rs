@@ -12,10 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use persist_agent::files::{
-    FilesError, InheritedFds, PreparedFds, prepare, save_fds, save_fds_excluding,
+    FilesError, InheritedFds, PathAccess, PreparedFds, prepare, save_fds, save_fds_excluding,
 };
 use persist_agent::sys::pidfd::PidFd;
-use persist_common::image::{EpollWatch, FdInfo, FdKind, QueuedMessage};
+use persist_common::image::{EpollWatch, FdInfo, FdKind, FileIdentity, FileType, QueuedMessage};
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_fixture-files");
 
@@ -160,6 +160,17 @@ fn result(dir: &Path) -> String {
     }
 }
 
+/// The identity checkpoint records for `path` (a file of type `file_type`).
+fn identity(path: impl AsRef<Path>, file_type: FileType) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).expect("stat");
+    Some(FileIdentity {
+        device: meta.dev(),
+        inode: meta.ino(),
+        file_type,
+    })
+}
+
 fn by_fd(fds: &[FdInfo], fd: i32) -> &FdInfo {
     fds.iter()
         .find(|f| f.fd == fd)
@@ -245,7 +256,8 @@ fn saves_every_supported_kind_without_consuming_anything() {
             path: dir_path("data.txt"),
             offset: 5,
             unlinked: false,
-            contents: vec![]
+            contents: vec![],
+            identity: identity(dir_path("data.txt"), FileType::Regular),
         }
     );
     assert_eq!(by_fd(&fds, 22).shared_with, Some(10));
@@ -257,7 +269,8 @@ fn saves_every_supported_kind_without_consuming_anything() {
             path: dir_path("gone.txt"),
             offset: 3,
             unlinked: true,
-            contents: b"unlinked contents".to_vec()
+            contents: b"unlinked contents".to_vec(),
+            identity: None,
         }
     );
 
@@ -267,6 +280,7 @@ fn saves_every_supported_kind_without_consuming_anything() {
         fifo_path: None,
         data,
         capacity: 131072,
+        fifo_identity: None,
     } = &by_fd(&fds, 12).kind
     else {
         panic!("fd 12: {:?}", by_fd(&fds, 12));
@@ -281,17 +295,24 @@ fn saves_every_supported_kind_without_consuming_anything() {
             fifo_path: None,
             data: vec![],
             capacity: 0,
+            fifo_identity: None,
         }
     );
     let FdKind::Pipe {
         write_end: false,
         fifo_path: Some(fifo),
         data,
+        fifo_identity,
         ..
     } = &by_fd(&fds, 14).kind
     else {
         panic!("fd 14: {:?}", by_fd(&fds, 14));
     };
+    assert_eq!(
+        *fifo_identity,
+        identity(fifo, FileType::Fifo),
+        "the FIFO's identity"
+    );
     assert_eq!(
         (fifo.as_str(), data.as_slice()),
         (dir_path("fifo").as_str(), b"fifo data".as_slice())
@@ -304,7 +325,8 @@ fn saves_every_supported_kind_without_consuming_anything() {
     assert_eq!(
         null.kind,
         FdKind::Device {
-            path: "/dev/null".into()
+            path: "/dev/null".into(),
+            identity: identity("/dev/null", FileType::CharDevice),
         }
     );
     assert_eq!(
@@ -453,7 +475,8 @@ fn saves_every_supported_kind_without_consuming_anything() {
     assert_eq!(
         cloexec.kind,
         FdKind::Device {
-            path: "/dev/null".into()
+            path: "/dev/null".into(),
+            identity: identity("/dev/null", FileType::CharDevice),
         }
     );
 
@@ -489,7 +512,7 @@ fn prepared_fds_install_in_a_forked_child() {
     fixture.kill();
 
     let started = Instant::now();
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
     eprintln!("prepare: {:?}", started.elapsed());
     assert_eq!(prepared.max_target_fd(), 29);
     let status = install_and_verify(prepared, dir.path(), port);
@@ -517,7 +540,7 @@ fn inherited_listener_is_installed_as_is() {
     let mut inherited = InheritedFds::new();
     inherited.insert(23, OwnedFd::from(listener.try_clone().unwrap()));
 
-    let prepared = prepare(&fds, inherited).expect("prepare");
+    let prepared = prepare(&fds, inherited, &PathAccess::default()).expect("prepare");
     assert_eq!(install_and_verify(prepared, dir.path(), port), 0);
     // The fixture's checks pass only if they accept their own connection,
     // which queued behind ours: so ours was accepted by the restored process,
@@ -548,7 +571,8 @@ fn inherited_listener_on_another_address_is_refused() {
     let other_addr = other.local_addr().unwrap();
     let mut inherited = InheritedFds::new();
     inherited.insert(23, OwnedFd::from(other));
-    let err = prepare(&fds, inherited).expect_err("a listener on the wrong port must be refused");
+    let err = prepare(&fds, inherited, &PathAccess::default())
+        .expect_err("a listener on the wrong port must be refused");
     assert_eq!(
         err.to_string(),
         format!(
@@ -566,7 +590,8 @@ fn missing_file_is_reported_with_fd_and_path() {
     let fds = save(fixture.pid()).expect("save_fds");
     fixture.kill();
     fs::remove_file(dir.path().join("data.txt")).unwrap();
-    let err = prepare(&fds, InheritedFds::default()).expect_err("data.txt is gone");
+    let err = prepare(&fds, InheritedFds::default(), &PathAccess::default())
+        .expect_err("data.txt is gone");
     let path: PathBuf = dir.path().join("data.txt");
     assert_eq!(
         err.to_string(),
@@ -840,7 +865,7 @@ fn ipv6_and_abstract_listeners_come_back() {
     );
     python.kill();
 
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
     TcpStream::connect(("::1", port)).expect("the re-created IPv6 listener accepts");
     let addr = nix::sys::socket::UnixAddr::new_abstract(abstract_name.as_bytes()).unwrap();
     let client = nix::sys::socket::socket(
@@ -880,7 +905,7 @@ fn pipe_ends_with_the_other_end_outside() {
         matches!(&by_fd(&fds, 53).kind, FdKind::Pipe { write_end: true, fifo_path: None, data, .. } if data.is_empty())
     );
 
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
     let check = "import os, stat, sys\n\
         ok = os.read(52, 100) == b'lonely' and os.read(52, 100) == b''\n\
         ok = ok and stat.S_ISCHR(os.fstat(53).st_mode) and os.write(53, b'x') == 1\n\
@@ -950,7 +975,7 @@ fn udp_sockets_are_bound_and_connected_again() {
     };
     assert_eq!(peer.as_deref(), Some(format!("127.0.0.1:{port}").as_str()));
 
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
     let check = "import socket, sys\n\
         port = int(sys.argv[2])\n\
         a = socket.socket(fileno=55); b = socket.socket(fileno=56)\n\
@@ -982,7 +1007,11 @@ fn vanished_terminal_becomes_dev_null() {
         time.sleep(60)\n";
     let fds = save_with_helper(dir.path(), script);
     let tty = fs::read_to_string(dir.path().join("tty")).unwrap();
-    assert_eq!(by_fd(&fds, 57).kind, FdKind::Device { path: tty.clone() });
+    assert!(
+        matches!(&by_fd(&fds, 57).kind, FdKind::Device { path, identity: Some(id) } if *path == tty && id.file_type == FileType::CharDevice),
+        "fd 57: {:?}",
+        by_fd(&fds, 57).kind
+    );
 
     // The pty goes away once its master (held by the helper) is closed.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -990,7 +1019,7 @@ fn vanished_terminal_becomes_dev_null() {
         assert!(Instant::now() < deadline, "{tty} did not go away");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
     let check = "import os, sys\n\
         ok = os.fstat(57).st_rdev == os.makedev(1, 3)\n\
         open(sys.argv[1] + '/result', 'w').write('OK' if ok else 'FAIL')\n";
@@ -1050,7 +1079,7 @@ fn install_in_child_timing() {
     let mut fixture = start_fixture(dir.path(), port);
     let fds = save(fixture.pid()).expect("save_fds");
     fixture.kill();
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
 
     let (report_read, report_write) = nix::unistd::pipe().unwrap();
     // Numbered above every target, as the restore does with what it keeps.
@@ -1148,7 +1177,7 @@ fn fifo_read_end_alone() {
         by_fd(&fds, 46)
     );
 
-    let prepared = prepare(&fds, InheritedFds::default()).expect("prepare");
+    let prepared = prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect("prepare");
     let check = "import os, sys\n\
         os.set_blocking(46, True)\n\
         ok = os.read(46, 100) == b'fifo-lonely' and os.read(46, 100) == b''\n\

@@ -71,10 +71,16 @@ fn checkpoint(command: Command, pid: i32, image: &Path) -> Result<()> {
 }
 
 fn start_fixture(name: &str, dir: &Path) -> Result<Child> {
+    start_fixture_with_stderr(name, dir, Stdio::inherit())
+}
+
+/// Like [`start_fixture`], with the fixture's stderr going to `stderr`.
+fn start_fixture_with_stderr(name: &str, dir: &Path, stderr: Stdio) -> Result<Child> {
     let child = Command::new(binary(name))
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     wait_until(Duration::from_secs(20), || dir.join("ready").exists())
@@ -297,7 +303,9 @@ fn credentials_are_restored_last() {
     std::fs::create_dir(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let image = temp.path().join("image");
-    let mut fixture = start_fixture("fixture-process", &dir).unwrap();
+    // Restore reopens the fixture's files as nobody: the test's own stderr
+    // (a root-owned file, perhaps) would be refused.
+    let mut fixture = start_fixture_with_stderr("fixture-process", &dir, Stdio::null()).unwrap();
     let mut pids = Pids(vec![fixture.id() as i32]);
     checkpoint(agent(), fixture.id() as i32, &image).unwrap();
     fixture.wait().unwrap();

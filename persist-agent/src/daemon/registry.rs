@@ -14,7 +14,7 @@ use super::SharedWatcher;
 use super::listener;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
-use super::restore_worker::{RestoreWorker, WorkerShared};
+use super::restore_worker::{RestoreWorker, WakeOptions, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, State, Supervisor};
 use crate::control::ServiceStatus;
@@ -239,10 +239,7 @@ impl Registry {
             ready_timeout: snapshot.ready_timeout,
             warmup_requests: snapshot.warmup_requests,
             image: self.pristine_image(&spec.name),
-            log: self
-                .state_dir
-                .join("logs")
-                .join(format!("{}.log", spec.name)),
+            log: self.log_path(&spec.name),
             runtime_dir: self.state_dir.join("run"),
         };
         let name = spec.name.clone();
@@ -299,6 +296,11 @@ impl Registry {
             .expect("lock")
             .insert(spec.name.clone(), note);
         Ok(Some(listener))
+    }
+
+    /// The log the daemon opens as a built service's stdout and stderr.
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{name}.log"))
     }
 
     fn pristine_image(&self, name: &str) -> PathBuf {
@@ -367,7 +369,11 @@ impl Registry {
                     },
                     spec.snapshot
                         .as_ref()
-                        .map(|s| s.prefetch)
+                        .map(|s| WakeOptions {
+                            prefetch: s.prefetch,
+                            accept_changed_files: s.accept_changed_files,
+                            log: Some(self.log_path(&spec.name)),
+                        })
                         .unwrap_or_default(),
                 )?;
                 if adopted.is_none() {

@@ -203,6 +203,19 @@ pub struct WorkerShared {
     pub pagers: Arc<Pagers>,
 }
 
+/// How a service's wakes restore it, from its spec.
+#[derive(Debug, Clone, Default)]
+pub struct WakeOptions {
+    /// Which pages are copied in before the process resumes.
+    pub prefetch: Prefetch,
+    /// Reopen recorded files that changed since the checkpoint (other inode
+    /// or device) instead of failing the wake.
+    pub accept_changed_files: bool,
+    /// The service's log, which the daemon opened for it as its stdout and
+    /// stderr: reopened as root, not as the service's user.
+    pub log: Option<PathBuf>,
+}
+
 /// The daemon's handle on a restore thread; dropping it ends the thread and
 /// kills an unused skeleton.
 pub struct RestoreWorker {
@@ -220,7 +233,7 @@ impl RestoreWorker {
         port: u16,
         listener: OwnedFd,
         shared: WorkerShared,
-        prefetch: Prefetch,
+        options: WakeOptions,
     ) -> std::io::Result<Self> {
         let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
@@ -242,7 +255,9 @@ impl RestoreWorker {
                     metrics: shared.metrics,
                     run_state: shared.run_state,
                     pagers: shared.pagers,
-                    prefetch,
+                    prefetch: options.prefetch,
+                    accept_changed_files: options.accept_changed_files,
+                    log: options.log,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
                     verify_next: false,
@@ -316,6 +331,10 @@ struct Worker {
     run_state: Arc<RunStateDir>,
     pagers: Arc<Pagers>,
     prefetch: Prefetch,
+    /// Reopen recorded files that changed since the checkpoint.
+    accept_changed_files: bool,
+    /// The service's log, opened by the daemon for it.
+    log: Option<PathBuf>,
     /// What the next wake of the prepared skeleton does about its working set.
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
@@ -495,6 +514,8 @@ impl Worker {
         let config = RestoreConfig {
             verify_pages_first: verify,
             inherited,
+            accept_changed_files: self.accept_changed_files,
+            agent_files: self.log.iter().cloned().collect(),
         };
         let image = Arc::new(image);
         let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {

@@ -6,13 +6,18 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr};
-use persist_common::image::{FdInfo, FdKind, QueuedMessage, SocketOption};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+use persist_common::image::{FdInfo, FdKind, FileIdentity, FileType, QueuedMessage, SocketOption};
 
 use super::FilesError;
+use super::recorded::{self, PathAccess, RecordedError};
+use crate::sys::fscreds;
 use crate::sys::kobjects;
 
 /// Flags that only matter while opening, or that would make a reopen
@@ -68,6 +73,42 @@ fn open_with(path: &Path, flags: u32) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens the recorded `path` for descriptor `info` with its saved flags (see
+/// [`recorded::open`]).
+fn open_recorded(
+    info: &FdInfo,
+    path: &str,
+    flags: u32,
+    expected: Option<&FileIdentity>,
+    types: &[FileType],
+    access: &PathAccess,
+) -> Result<File, FilesError> {
+    recorded::open(
+        path,
+        OFlag::from_bits_retain(reopen_flags(flags)),
+        expected,
+        types,
+        access,
+    )
+    .map_err(|err| recorded_error(info.fd, path, err))
+}
+
+/// The error about `path` of descriptor `fd`.
+fn recorded_error(fd: i32, path: &str, err: RecordedError) -> FilesError {
+    match err {
+        RecordedError::Changed(what) => FilesError::Changed {
+            fd,
+            path: path.to_owned(),
+            what,
+        },
+        RecordedError::Io { action, source } => FilesError::Io {
+            fd,
+            action: format!("{action} {path}"),
+            source,
+        },
+    }
+}
+
 /// The path naming our descriptor `fd`, for reopening it with other flags.
 fn self_link(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
@@ -79,6 +120,7 @@ pub(super) fn object(
     pipes: &mut Pipes<'_>,
     pairs: &mut UnixPairs<'_>,
     memfds: &mut Memfds,
+    access: &PathAccess,
 ) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
     Ok(match &info.kind {
@@ -87,11 +129,29 @@ pub(super) fn object(
             offset,
             unlinked,
             contents,
-        } => file(info, path, *offset, *unlinked, contents)?,
-        FdKind::Device { path } => device(info, path)?,
+            identity,
+        } => {
+            let saved = SavedFile {
+                path,
+                offset: *offset,
+                unlinked: *unlinked,
+                contents,
+                identity: identity.as_ref(),
+            };
+            file(info, &saved, access)?
+        }
+        FdKind::Device { path, identity } => device(info, path, identity.as_ref(), access)?,
         FdKind::Pipe {
-            inode, fifo_path, ..
-        } => pipes.end(info, *inode, fifo_path.as_deref())?,
+            inode,
+            fifo_path,
+            fifo_identity,
+            ..
+        } => {
+            let fifo = fifo_path
+                .as_deref()
+                .map(|path| (path, fifo_identity.as_ref()));
+            pipes.end(info, *inode, fifo, access)?
+        }
         FdKind::Eventfd { count, semaphore } => {
             let flags = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
             kobjects::eventfd(*count, flags).map_err(FilesError::io(fd, "eventfd"))?
@@ -136,26 +196,37 @@ pub(super) fn object(
             backlog,
             mode,
             owner,
-        } => unix_listener(fd, path, *socket_type, *backlog, *mode, *owner)?,
+        } => unix_listener(fd, path, *socket_type, *backlog, *mode, *owner, access)?,
         FdKind::UnixPair { .. } => pairs.end(info)?,
     })
 }
 
-fn file(
-    info: &FdInfo,
-    path: &str,
+/// What the image saved about a file descriptor's file.
+struct SavedFile<'a> {
+    path: &'a str,
     offset: u64,
     unlinked: bool,
-    contents: &[u8],
-) -> Result<OwnedFd, FilesError> {
+    contents: &'a [u8],
+    identity: Option<&'a FileIdentity>,
+}
+
+fn file(info: &FdInfo, saved: &SavedFile<'_>, access: &PathAccess) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
-    let file = if unlinked {
-        recreate_unlinked(info, path, contents)?
+    let path = saved.path;
+    let file = if saved.unlinked {
+        recreate_unlinked(info, path, saved.contents, access)?
     } else {
-        open_with(Path::new(path), info.flags)
-            .map_err(FilesError::io(fd, format!("reopening {path}")))?
+        open_recorded(
+            info,
+            path,
+            info.flags,
+            saved.identity,
+            &[FileType::Regular, FileType::Directory],
+            access,
+        )?
     };
     // O_PATH descriptors have no offset to restore.
+    let offset = saved.offset;
     if offset != 0 && info.flags as i32 & libc::O_PATH == 0 {
         (&file)
             .seek(SeekFrom::Start(offset))
@@ -164,40 +235,69 @@ fn file(
     Ok(file.into())
 }
 
-/// An unlinked file comes back as an anonymous file (`O_TMPFILE`) in the
-/// directory it was in, with its contents, reopened with the saved flags.
-fn recreate_unlinked(info: &FdInfo, path: &str, contents: &[u8]) -> Result<File, FilesError> {
+/// An unlinked file comes back as an anonymous file in the directory it was
+/// in, with its contents, reopened with the saved flags. It is made with the
+/// restored process's credentials: a directory the process cannot write
+/// gets no file.
+fn recreate_unlinked(
+    info: &FdInfo,
+    path: &str,
+    contents: &[u8],
+    access: &PathAccess,
+) -> Result<File, FilesError> {
     let fd = info.fd;
     let action = format!("re-creating unlinked file {path}");
+    let target = Path::new(path);
+    let (dir, name) = match (target.parent(), target.file_name()) {
+        (Some(dir), Some(name)) => (dir, name),
+        _ => {
+            return Err(FilesError::invalid(
+                fd,
+                format!("unlinked file {path:?} has no directory"),
+            ));
+        }
+    };
+    let _creds = access
+        .assume()
+        .map_err(FilesError::io(fd, "taking the process's credentials"))?;
+    let dir_fd = fscreds::open_no_symlinks(dir, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => FilesError::Changed {
+                fd,
+                path: path.to_owned(),
+                what: "a symbolic link is in its directory's path now".into(),
+            },
+            _ => FilesError::io(fd, format!("{action}: opening {}", dir.display()))(err),
+        })?;
     // Created under its old name and unlinked again, so /proc shows the same
     // "PATH (deleted)"; if the name is taken by now, as an anonymous file
     // (O_TMPFILE) in the same directory.
-    let named = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path);
-    let (mut tmp, created_at_path) = match named {
-        Ok(file) => (file, true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .mode(0o600)
-                .open(dir)
-                .map_err(FilesError::io(fd, format!("{action} in {}", dir.display())))?;
-            (file, false)
+    let create =
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let named = nix::fcntl::openat(&dir_fd, name, create, Mode::from_bits_truncate(0o600));
+    let (tmp, created_at_path) = match named {
+        Ok(file) => (File::from(file), true),
+        Err(nix::errno::Errno::EEXIST) => {
+            let file = nix::fcntl::openat(
+                &dir_fd,
+                ".",
+                OFlag::O_RDWR | OFlag::O_TMPFILE | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(FilesError::io(fd, format!("{action} in {}", dir.display())))?;
+            (File::from(file), false)
         }
         Err(e) => return Err(FilesError::io(fd, action)(e)),
     };
-    let filled = tmp
-        .write_all(contents)
-        .and_then(|()| open_with(Path::new(&self_link(tmp.as_fd())), info.flags));
+    let filled = (&tmp).write_all(contents).and_then(|()| {
+        fscreds::reopen(
+            tmp.as_fd(),
+            OFlag::from_bits_retain(reopen_flags(info.flags)),
+        )
+    });
     if created_at_path {
-        fs::remove_file(path).map_err(FilesError::io(fd, format!("unlinking {path} again")))?;
+        nix::unistd::unlinkat(&dir_fd, name, UnlinkatFlags::NoRemoveDir)
+            .map_err(FilesError::io(fd, format!("unlinking {path} again")))?;
     }
     filled.map_err(FilesError::io(fd, action))
 }
@@ -208,9 +308,21 @@ fn is_terminal(path: &str) -> bool {
 
 /// Devices are reopened by path; a terminal that cannot be reopened becomes
 /// /dev/null.
-fn device(info: &FdInfo, path: &str) -> Result<OwnedFd, FilesError> {
+fn device(
+    info: &FdInfo,
+    path: &str,
+    identity: Option<&FileIdentity>,
+    access: &PathAccess,
+) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
-    match open_with(Path::new(path), info.flags) {
+    match open_recorded(
+        info,
+        path,
+        info.flags,
+        identity,
+        &[FileType::CharDevice],
+        access,
+    ) {
         Ok(file) => Ok(file.into()),
         // Gone (a closed pty), or not openable from here (/dev/tty without a
         // controlling terminal): output to it is lost either way.
@@ -227,7 +339,7 @@ fn device(info: &FdInfo, path: &str) -> Result<OwnedFd, FilesError> {
                 ))?
                 .into())
         }
-        Err(e) => Err(FilesError::io(fd, format!("reopening {path}"))(e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -435,6 +547,7 @@ fn unix_listener(
     backlog: u32,
     mode: Option<u32>,
     owner: Option<(u32, u32)>,
+    access: &PathAccess,
 ) -> Result<OwnedFd, FilesError> {
     let ty = SockType::try_from(socket_type)
         .map_err(|_| FilesError::invalid(fd, format!("bad UNIX socket type {socket_type}")))?;
@@ -442,34 +555,106 @@ fn unix_listener(
         nix::sys::socket::socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None).map_err(
             FilesError::io(fd, format!("socket for UNIX listener {path}")),
         )?;
-    let addr = if let Some(name) = path.strip_prefix('@') {
-        UnixAddr::new_abstract(name.as_bytes())
+    if let Some(name) = path.strip_prefix('@') {
+        let addr = UnixAddr::new_abstract(name.as_bytes())
+            .map_err(FilesError::io(fd, format!("UNIX address {path}")))?;
+        nix::sys::socket::bind(sock.as_raw_fd(), &addr)
+            .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
     } else {
-        if path.is_empty() {
-            return Err(FilesError::invalid(fd, "UNIX listener without an address"));
-        }
-        // A socket file left by the checkpointed process would make bind fail;
-        // anything that is not a socket is left alone.
-        if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            fs::remove_file(path)
-                .map_err(FilesError::io(fd, format!("removing stale socket {path}")))?;
-        }
-        UnixAddr::new(path)
-    }
-    .map_err(FilesError::io(fd, format!("UNIX address {path}")))?;
-    nix::sys::socket::bind(sock.as_raw_fd(), &addr)
-        .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
-    // Clients need the socket file's old mode and owner to connect.
-    if let Some(mode) = mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(FilesError::io(fd, format!("chmod {mode:o} {path}")))?;
-    }
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .map_err(FilesError::io(fd, format!("chown {uid}:{gid} {path}")))?;
+        bind_socket_file(fd, &sock, path, mode, owner, access)?;
     }
     listen(fd, &sock, backlog, path)?;
     Ok(sock)
+}
+
+/// Binds `sock` to the socket file `path` with the restored process's
+/// credentials, after removing a stale socket file there (and nothing else),
+/// and gives the file its saved mode and owner.
+fn bind_socket_file(
+    fd: i32,
+    sock: &OwnedFd,
+    path: &str,
+    mode: Option<u32>,
+    owner: Option<(u32, u32)>,
+    access: &PathAccess,
+) -> Result<(), FilesError> {
+    if path.is_empty() {
+        return Err(FilesError::invalid(fd, "UNIX listener without an address"));
+    }
+    let target = Path::new(path);
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(FilesError::invalid(
+            fd,
+            format!("bad UNIX socket path {path:?}"),
+        ));
+    };
+    let symlink = |what: &str| FilesError::Changed {
+        fd,
+        path: path.to_owned(),
+        what: format!("a symbolic link is in its {what} now"),
+    };
+    let _creds = access
+        .assume()
+        .map_err(FilesError::io(fd, "taking the process's credentials"))?;
+    let dir_fd = fscreds::open_no_symlinks(dir, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => symlink("directory's path"),
+            _ => FilesError::io(fd, format!("opening the directory of UNIX socket {path}"))(err),
+        })?;
+    // A socket file left by the checkpointed process would make bind fail;
+    // anything that is not a socket is left alone.
+    let stale = nix::sys::stat::fstatat(&dir_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_mode(st.st_mode) == Some(FileType::Socket));
+    if stale {
+        nix::unistd::unlinkat(&dir_fd, name, UnlinkatFlags::NoRemoveDir)
+            .map_err(FilesError::io(fd, format!("removing stale socket {path}")))?;
+    }
+    let addr = UnixAddr::new(path).map_err(FilesError::io(fd, format!("UNIX address {path}")))?;
+    nix::sys::socket::bind(sock.as_raw_fd(), &addr)
+        .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
+    // Clients need the socket file's old mode and owner to connect. The
+    // file is changed through a descriptor of the socket just bound, never
+    // through a name someone may have replaced since.
+    if mode.is_none() && owner.is_none() {
+        return Ok(());
+    }
+    let socket_file = nix::fcntl::openat(
+        &dir_fd,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| match err {
+        nix::errno::Errno::ELOOP => symlink("place"),
+        _ => FilesError::io(fd, format!("opening the socket file {path}"))(err),
+    })?;
+    let file_stat = fscreds::stat(socket_file.as_fd())
+        .map_err(FilesError::io(fd, format!("fstat of socket file {path}")))?;
+    if FileType::from_mode(file_stat.st_mode) != Some(FileType::Socket) {
+        return Err(FilesError::Changed {
+            fd,
+            path: path.to_owned(),
+            what: "what was just bound there is no socket".into(),
+        });
+    }
+    if let Some(mode) = mode {
+        let link = format!("/proc/self/fd/{}", socket_file.as_raw_fd());
+        fs::set_permissions(&link, fs::Permissions::from_mode(mode))
+            .map_err(FilesError::io(fd, format!("chmod {mode:o} {path}")))?;
+    }
+    if let Some((uid, gid)) = owner
+        && (file_stat.st_uid, file_stat.st_gid) != (uid, gid)
+    {
+        nix::unistd::fchownat(
+            &socket_file,
+            "",
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            AtFlags::AT_EMPTY_PATH,
+        )
+        .map_err(FilesError::io(fd, format!("chown {uid}:{gid} {path}")))?;
+    }
+    Ok(())
 }
 
 /// Pipes and FIFOs, re-created once per saved pipe inode.
@@ -486,7 +671,7 @@ enum MadePipe {
     },
     /// A FIFO, held open read-write while its ends are opened so neither
     /// open blocks or fails and the refilled data stays.
-    Fifo { _holder: File },
+    Fifo { holder: File },
 }
 
 impl<'a> Pipes<'a> {
@@ -513,6 +698,7 @@ impl<'a> Pipes<'a> {
                 fifo_path,
                 data,
                 capacity,
+                ..
             } if *i == inode && fifo_path.as_deref() == fifo.as_deref() => {
                 Some((*write_end, data.as_slice(), *capacity))
             }
@@ -536,27 +722,35 @@ impl<'a> Pipes<'a> {
         &mut self,
         info: &FdInfo,
         inode: u64,
-        fifo: Option<&str>,
+        fifo: Option<(&str, Option<&FileIdentity>)>,
+        access: &PathAccess,
     ) -> Result<OwnedFd, FilesError> {
         let fd = info.fd;
         let write_end = info.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY;
-        if let Some(path) = fifo {
+        if let Some((path, identity)) = fifo {
             if !self.made.contains_key(&inode) {
-                let holder = open_with(Path::new(path), (libc::O_RDWR | libc::O_NONBLOCK) as u32)
-                    .map_err(FilesError::io(fd, format!("opening FIFO {path}")))?;
-                let is_fifo = holder.metadata().is_ok_and(|m| m.file_type().is_fifo());
-                if !is_fifo {
-                    return Err(FilesError::unsupported(
-                        fd,
-                        format!("{path} is no longer a FIFO"),
-                    ));
-                }
-                fill_pipe(fd, holder.as_fd(), self.contents(inode, fifo))?;
-                self.made.insert(inode, MadePipe::Fifo { _holder: holder });
+                let holder = open_recorded(
+                    info,
+                    path,
+                    (libc::O_RDWR | libc::O_NONBLOCK) as u32,
+                    identity,
+                    &[FileType::Fifo],
+                    access,
+                )?;
+                fill_pipe(fd, holder.as_fd(), self.contents(inode, Some(path)))?;
+                self.made.insert(inode, MadePipe::Fifo { holder });
             }
+            let Some(MadePipe::Fifo { holder }) = self.made.get(&inode) else {
+                return Err(FilesError::invalid(
+                    fd,
+                    format!("pipe inode {inode} is both a FIFO and an anonymous pipe"),
+                ));
+            };
+            // The end is the same FIFO as the holder, opened again with the
+            // process's permission check, not the path looked up again.
             let flags = (info.flags as i32 & libc::O_ACCMODE) | libc::O_NONBLOCK;
-            let end = open_with(Path::new(path), flags as u32)
-                .map_err(FilesError::io(fd, format!("opening FIFO {path}")))?;
+            let end = recorded::reopen(holder, OFlag::from_bits_retain(flags), access)
+                .map_err(|err| recorded_error(fd, path, err))?;
             return Ok(end.into());
         }
 

@@ -7,7 +7,9 @@
 //! with `MSG_PEEK`.
 //!
 //! Restore calls [`prepare()`] in the agent before forking: it re-creates every
-//! object (files reopened at their offset, pipes refilled, eventfd, timerfd,
+//! object (files reopened at their offset, with the restored process's
+//! credentials, never through a symlink, and only if they are still the
+//! files recorded: see [`PathAccess`]; pipes refilled, eventfd, timerfd,
 //! signalfd and memfd rebuilt, TCP and UNIX listeners and UDP sockets bound
 //! again, socket pairs refilled, epoll instances created empty), or takes
 //! the descriptors the caller hands over ([`InheritedFds`]). In the forked child,
@@ -24,6 +26,7 @@ mod install;
 mod pipes;
 mod prepare;
 mod proc_self;
+mod recorded;
 mod save;
 mod sockets;
 
@@ -32,6 +35,7 @@ use std::io;
 pub use install::{PreparedFds, ProcSelfPosition};
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
+pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
 pub use save::{save_fds, save_fds_excluding};
 
 /// Why saving or recreating file descriptors failed.
@@ -66,6 +70,17 @@ pub enum FilesError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// A recorded path no longer names the file the image recorded, or goes
+    /// through a symbolic link: it is not reopened.
+    #[error("fd {fd}: {path}: {what}")]
+    Changed {
+        /// The descriptor.
+        fd: i32,
+        /// The recorded path.
+        path: String,
+        /// What differs.
+        what: String,
     },
     /// The saved descriptors are inconsistent (a damaged or hostile image).
     #[error("fd {fd}: invalid image: {what}")]

@@ -11,6 +11,7 @@ use super::FilesError;
 use super::create::{self, Memfds, Pipes, UnixPairs};
 use super::install::{PreparedFds, ProcSelfFile, Slot, Watch};
 use super::proc_self;
+use super::recorded::PathAccess;
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -71,10 +72,19 @@ impl InheritedFds {
 /// filled in the child. A terminal that no longer exists (or cannot be
 /// opened from the agent, like `/dev/tty`) is replaced by /dev/null.
 ///
+/// Paths (files, devices, FIFOs, the directories of unlinked files and of
+/// UNIX sockets) are opened with `access`: the restored process's
+/// credentials, no symlinks followed, and a file that is not the one
+/// recorded refused unless `access` accepts changed files.
+///
 /// `inherited` descriptors are used as they are for their numbers; a TCP
 /// listener must be bound to the saved address. Errors name the descriptor
 /// and the path or address.
-pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, FilesError> {
+pub fn prepare(
+    fds: &[FdInfo],
+    inherited: InheritedFds,
+    access: &PathAccess,
+) -> Result<PreparedFds, FilesError> {
     validate(fds)?;
     let mut inherited = inherited.fds;
     let mut pipes = Pipes::new(fds);
@@ -111,7 +121,9 @@ pub fn prepare(fds: &[FdInfo], inherited: InheritedFds) -> Result<PreparedFds, F
                     .try_clone_to_owned()
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
-            (None, None) => create::object(info, &mut pipes, &mut pairs, &mut created_memfds)?,
+            (None, None) => {
+                create::object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?
+            }
         };
         sources.insert(info.fd, source.as_raw_fd());
         slots.push(Slot {

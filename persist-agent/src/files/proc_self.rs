@@ -191,6 +191,7 @@ mod tests {
                 offset: 0,
                 unlinked: false,
                 contents: Vec::new(),
+                identity: None,
             },
         };
         for own in ["/proc/self/stat", "/proc/self", "/proc/thread-self/comm"] {

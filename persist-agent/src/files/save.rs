@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use persist_common::image::{FdInfo, FdKind};
+use persist_common::image::{FdInfo, FdKind, FileIdentity, FileType};
 
 use super::FilesError;
 use super::fdinfo::FdInfoText;
@@ -186,17 +186,20 @@ fn without_payload(kind: FdKind) -> FdKind {
             path,
             offset,
             unlinked,
+            identity,
             ..
         } => FdKind::File {
             path,
             offset,
             unlinked,
             contents: Vec::new(),
+            identity,
         },
         FdKind::Pipe {
             inode,
             write_end,
             fifo_path,
+            fifo_identity,
             ..
         } => FdKind::Pipe {
             inode,
@@ -204,6 +207,7 @@ fn without_payload(kind: FdKind) -> FdKind {
             fifo_path,
             data: Vec::new(),
             capacity: 0,
+            fifo_identity,
         },
         FdKind::Memfd {
             name,
@@ -305,6 +309,11 @@ fn classify(
     let link = format!("/proc/{pid}/fd/{fd}");
     let meta = fs::metadata(&link).map_err(FilesError::io(fd, format!("stat {target}")))?;
     let kind = meta.file_type();
+    let identity = FileType::from_mode(meta.mode()).map(|file_type| FileIdentity {
+        device: meta.dev(),
+        inode: meta.ino(),
+        file_type,
+    });
     let (path, deleted) = match target.strip_suffix(" (deleted)") {
         Some(path) => (path.to_owned(), true),
         None => (target.to_owned(), false),
@@ -326,13 +335,14 @@ fn classify(
             offset: entry.info.pos,
             unlinked,
             contents,
+            identity: identity.filter(|_| !unlinked),
         });
     }
     if kind.is_fifo() {
-        return pipe(pid, entry, listed, Some(path));
+        return pipe(pid, entry, listed, Some((path, identity)));
     }
     if kind.is_char_device() {
-        return device(fd, path, meta.rdev());
+        return device(fd, path, meta.rdev(), identity);
     }
     if kind.is_block_device() {
         return Err(FilesError::unsupported(
@@ -381,8 +391,9 @@ fn pipe(
     pid: i32,
     entry: &Listed,
     listed: &[Listed],
-    fifo_path: Option<String>,
+    fifo: Option<(String, Option<FileIdentity>)>,
 ) -> Result<FdKind, FilesError> {
+    let (fifo_path, fifo_identity) = fifo.unzip();
     let inode = entry.info.ino;
     let same_pipe = |other: &&Listed| other.info.ino == inode && other.target == entry.target;
     let holder = listed
@@ -403,6 +414,7 @@ fn pipe(
         fifo_path,
         data,
         capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+        fifo_identity: fifo_identity.flatten(),
     })
 }
 
@@ -454,13 +466,18 @@ fn anon_inode(fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesErr
 }
 
 /// Character devices: the memory devices and terminals.
-fn device(fd: i32, path: String, rdev: u64) -> Result<FdKind, FilesError> {
+fn device(
+    fd: i32,
+    path: String,
+    rdev: u64,
+    identity: Option<FileIdentity>,
+) -> Result<FdKind, FilesError> {
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
     let memory_device = major == 1 && matches!(minor, 3 | 5 | 7 | 8 | 9);
     // 136-143: /dev/pts/N; 4: /dev/ttyN and serial; 5:0 /dev/tty; 5:1 /dev/console.
     let terminal = (136..=143).contains(&major) || major == 4 || (major == 5 && minor <= 1);
     if memory_device || terminal {
-        Ok(FdKind::Device { path })
+        Ok(FdKind::Device { path, identity })
     } else {
         Err(FilesError::unsupported(
             fd,

@@ -64,6 +64,9 @@ use crate::sys::clone::{self, Forked};
 pub struct RestoreOptions {
     /// The image directory.
     pub image: PathBuf,
+    /// Reopen a recorded file that changed since the checkpoint (other inode
+    /// or device) instead of refusing.
+    pub accept_changed_files: bool,
 }
 
 /// Why a restore failed.
@@ -96,12 +99,23 @@ pub enum RestoreError {
         reason: String,
     },
     /// A mapped file is not the one the image was taken with.
-    #[error("mapping {address:#x}: {path} changed since the checkpoint (other inode or device)")]
+    #[error("mapping {address:#x}: {path} changed since the checkpoint: {what}")]
     FileChanged {
         /// Start of the mapping.
         address: u64,
         /// The file.
         path: String,
+        /// What differs.
+        what: String,
+    },
+    /// The executable or working directory cannot be reopened safely (a
+    /// symlink in its path, or another type of file).
+    #[error("{path}: {what}")]
+    PathChanged {
+        /// The recorded path.
+        path: String,
+        /// What is wrong.
+        what: String,
     },
     /// The layout cannot be built.
     #[error("{0}")]
@@ -197,6 +211,7 @@ pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
     let image = Arc::new(Image::open(&options.image)?);
     let config = RestoreConfig {
         verify_pages_first: true,
+        accept_changed_files: options.accept_changed_files,
         ..RestoreConfig::default()
     };
     let skeleton = Skeleton::prepare(image, config)?;

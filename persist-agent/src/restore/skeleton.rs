@@ -7,13 +7,15 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
+
+use nix::fcntl::OFlag;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use persist_common::image::{
-    Image, Manifest, Mapping, MappingKind, PAGE_SIZE, PageRun, ThreadInfo,
+    FileType, Image, Manifest, Mapping, MappingKind, PAGE_SIZE, PageRun, ThreadInfo,
 };
 
 use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
@@ -21,7 +23,7 @@ use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region, describe, is
 use super::pager::{MappedFiles, Pager};
 use super::table::{Table, TableBuilder};
 use super::{RestoreError, creds};
-use crate::files::{self, InheritedFds, PreparedFds};
+use crate::files::{self, InheritedFds, PathAccess, PreparedFds, RecordedError};
 use crate::host;
 use crate::sys::clone::{self, Forked};
 use crate::sys::pidfd::PidFd;
@@ -39,6 +41,12 @@ pub struct RestoreConfig {
     /// Descriptors handed to the restored process as they are (the daemon's
     /// listening socket), by number.
     pub inherited: InheritedFds,
+    /// Reopen a recorded file that is no longer the one the image recorded
+    /// (other inode or device, same type) instead of refusing the restore.
+    pub accept_changed_files: bool,
+    /// Files the agent opened for the process (its log), reopened with the
+    /// agent's credentials rather than the process's.
+    pub agent_files: Vec<std::path::PathBuf>,
 }
 
 /// Timings of a restore, for measurements.
@@ -183,9 +191,14 @@ impl Skeleton {
         if config.verify_pages_first {
             verify_all_pages(&image)?;
         }
-        let fds = files::prepare(&manifest.fds, config.inherited)?;
+        let access = PathAccess::for_process(
+            &manifest.process.credentials,
+            config.accept_changed_files,
+            config.agent_files,
+        );
+        let fds = files::prepare(&manifest.fds, config.inherited, &access)?;
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
-        let resources = Resources::open(&image, &fds, uffd_fd + 1)?;
+        let resources = Resources::open(&image, &fds, uffd_fd + 1, &access)?;
         let own = OwnLayout::read()?;
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
         let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
@@ -883,7 +896,12 @@ struct Resources {
 }
 
 impl Resources {
-    fn open(image: &Image, fds: &PreparedFds, min: RawFd) -> Result<Self, RestoreError> {
+    fn open(
+        image: &Image,
+        fds: &PreparedFds,
+        min: RawFd,
+        access: &PathAccess,
+    ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         let mut shared: HashMap<u64, RawFd> = HashMap::new();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
@@ -902,6 +920,7 @@ impl Resources {
                     device,
                     mapping.shared && mapping.protection.write,
                     min,
+                    access,
                 )?),
                 MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
                     let existing = match shared.get(inode) {
@@ -934,13 +953,18 @@ impl Resources {
             };
             mapping_fds.push(fd);
         }
-        let exe = File::open(&manifest.process.exe)
-            .map_err(|e| RestoreError::io(&manifest.process.exe, e))?;
-        let cwd = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&manifest.process.cwd)
-            .map_err(|e| RestoreError::io(&manifest.process.cwd, e))?;
+        let exe = open_process_path(
+            &manifest.process.exe,
+            OFlag::O_RDONLY,
+            FileType::Regular,
+            access,
+        )?;
+        let cwd = open_process_path(
+            &manifest.process.cwd,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            FileType::Directory,
+            access,
+        )?;
         let mut rlimits = Vec::new();
         for limit in &manifest.process.rlimits {
             let resource = limit.resource;
@@ -1014,6 +1038,27 @@ fn own_rlimit(resource: u32) -> (u64, u64) {
     crate::sys::rlimit::get(0, resource).unwrap_or((u64::MAX, u64::MAX))
 }
 
+/// Opens the executable or the working directory, as the process would
+/// and never through a symlink.
+fn open_process_path(
+    path: &str,
+    flags: OFlag,
+    file_type: FileType,
+    access: &PathAccess,
+) -> Result<File, RestoreError> {
+    files::open_recorded(path, flags, None, &[file_type], access).map_err(|err| match err {
+        RecordedError::Changed(what) => RestoreError::PathChanged {
+            path: path.to_owned(),
+            what,
+        },
+        RecordedError::Io { source, .. } => RestoreError::io(path, source),
+    })
+}
+
+/// Opens the file of the mapping at `start`, as the process would, never
+/// through a symlink, and only if it is still the file mapped at checkpoint
+/// (whatever the access accepts for descriptors: the process's memory holds
+/// pages of that file).
 fn open_mapped_file(
     start: u64,
     path: &str,
@@ -1021,12 +1066,25 @@ fn open_mapped_file(
     device: &str,
     writable: bool,
     min: RawFd,
+    access: &PathAccess,
 ) -> Result<OwnedFd, RestoreError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .map_err(|e| RestoreError::io(path, e))?;
+    let flags = if writable {
+        OFlag::O_RDWR
+    } else {
+        OFlag::O_RDONLY
+    };
+    let changed = |what: String| RestoreError::FileChanged {
+        address: start,
+        path: path.to_owned(),
+        what,
+    };
+    let file =
+        files::open_recorded(path, flags, None, &[FileType::Regular], access).map_err(|err| {
+            match err {
+                RecordedError::Changed(what) => changed(what),
+                RecordedError::Io { source, .. } => RestoreError::io(path, source),
+            }
+        })?;
     let meta = file.metadata().map_err(|e| RestoreError::io(path, e))?;
     let device_matches = device.split_once(':').is_none_or(|(major, minor)| {
         match (
@@ -1039,11 +1097,18 @@ fn open_mapped_file(
             _ => true,
         }
     });
-    if meta.ino() != inode || !device_matches {
-        return Err(RestoreError::FileChanged {
-            address: start,
-            path: path.to_owned(),
-        });
+    if meta.ino() != inode {
+        return Err(changed(format!(
+            "its inode was {inode}, it is now {}",
+            meta.ino()
+        )));
+    }
+    if !device_matches {
+        return Err(changed(format!(
+            "its device was {device}, it is now {:x}:{:02x}",
+            libc::major(meta.dev()),
+            libc::minor(meta.dev())
+        )));
     }
     dup_above(file.into(), min)
 }

@@ -10,6 +10,7 @@ pub mod blob;
 pub mod clone;
 pub mod cpu;
 pub mod fdops;
+pub mod fscreds;
 pub mod kobjects;
 pub mod pidfd;
 pub mod procmem;

@@ -409,6 +409,94 @@ pub struct FdInfo {
     pub kind: FdKind,
 }
 
+/// Which file a path named at checkpoint, so that restore can tell whether
+/// the path still names it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// Device of the file system holding the file (`st_dev`, as the
+    /// kernel encodes it).
+    pub device: u64,
+    /// Inode number (`st_ino`).
+    pub inode: u64,
+    /// Type of the file.
+    pub file_type: FileType,
+}
+
+/// The type of a file, from its `st_mode`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileType {
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// A FIFO (named pipe).
+    Fifo,
+    /// A UNIX socket.
+    Socket,
+    /// A symbolic link.
+    Symlink,
+}
+
+impl FileType {
+    /// The type named by the `S_IFMT` bits of `mode`, if any.
+    pub fn from_mode(mode: u32) -> Option<Self> {
+        Some(match mode & 0o170_000 {
+            0o100_000 => Self::Regular,
+            0o040_000 => Self::Directory,
+            0o020_000 => Self::CharDevice,
+            0o060_000 => Self::BlockDevice,
+            0o010_000 => Self::Fifo,
+            0o140_000 => Self::Socket,
+            0o120_000 => Self::Symlink,
+            _ => return None,
+        })
+    }
+
+    /// The name messages use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Regular => "regular file",
+            Self::Directory => "directory",
+            Self::CharDevice => "character device",
+            Self::BlockDevice => "block device",
+            Self::Fifo => "FIFO",
+            Self::Socket => "socket",
+            Self::Symlink => "symbolic link",
+        }
+    }
+}
+
+impl FileIdentity {
+    /// How `now` differs from this identity, for an error message; `None`
+    /// when it is the same file.
+    pub fn difference(&self, now: &FileIdentity) -> Option<String> {
+        if self.file_type != now.file_type {
+            Some(format!(
+                "it was a {}, it is now a {}",
+                self.file_type.as_str(),
+                now.file_type.as_str()
+            ))
+        } else if self.device != now.device {
+            Some(format!(
+                "its device was {:#x}, it is now {:#x}",
+                self.device, now.device
+            ))
+        } else if self.inode != now.inode {
+            Some(format!(
+                "its inode was {}, it is now {}",
+                self.inode, now.inode
+            ))
+        } else {
+            None
+        }
+    }
+}
+
 /// What a file descriptor refers to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -424,11 +512,19 @@ pub enum FdKind {
         /// Contents of an unlinked file.
         #[serde(default, with = "base64_bytes")]
         contents: Vec<u8>,
+        /// The file `path` named at checkpoint (not for an unlinked file);
+        /// restore refuses another one. Absent in older images.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<FileIdentity>,
     },
     /// A character device such as /dev/null, /dev/zero, /dev/urandom.
     Device {
         /// Path of the device node.
         path: String,
+        /// The device node `path` named at checkpoint; restore refuses
+        /// another one. Absent in older images.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<FileIdentity>,
     },
     /// One end of a pipe or FIFO.
     Pipe {
@@ -444,6 +540,10 @@ pub enum FdKind {
         /// Capacity of the pipe in bytes (`F_GETPIPE_SZ`; 0: unknown).
         #[serde(default)]
         capacity: u32,
+        /// For a FIFO, the node `fifo_path` named at checkpoint; restore
+        /// refuses another one. Absent in older images.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fifo_identity: Option<FileIdentity>,
     },
     /// An eventfd.
     Eventfd {

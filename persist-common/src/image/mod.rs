@@ -45,6 +45,16 @@
 //! ([`crate::trust`]): owned by root, not writable by group or others, and
 //! each file a regular file, judged on the opened descriptor.
 //!
+//! A file descriptor on a path (`FdKind::File`, `FdKind::Device`, a FIFO's
+//! `FdKind::Pipe`) records, besides the path, the identity of the file it
+//! named at checkpoint ([`FileIdentity`]: `device`, the kernel's `st_dev`;
+//! `inode`; `file_type`, one of `regular`, `directory`, `char_device`,
+//! `block_device`, `fifo`, `socket`, `symlink`) in `identity` (`fifo_identity`
+//! for a FIFO). Restore refuses a path whose file differs unless told to
+//! accept changed files (a different type is always refused). The fields are
+//! optional: images written before they existed have none and are checked for
+//! type only. Unlinked files record none.
+//!
 //! An image may also hold `working-set`: the addresses and store offsets of
 //! the pages its first wake touched, in touch order, for later wakes to copy
 //! from the page store in bulk before the process resumes. It holds no page
