@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         leave_running: false,
         exclude_fds: Vec::new(),
         base: None,
+        agent_files: Vec::new(),
     })?;
     counter.wait()?;
     let last_before = last_count(&output)?;

@@ -260,6 +260,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // A process this agent restored holds its userfaultfd.
                 exclude_fds: checkpoint::restorer_userfaultfds(pid),
                 base,
+                agent_files: Vec::new(),
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;

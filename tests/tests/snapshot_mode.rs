@@ -14,6 +14,11 @@ use persist_tests::{
 
 /// Builds an image of hello-server listening on `port` with `persist-agent build`.
 fn build_hello_image(sandbox: &Sandbox, image: &std::path::Path, port: u16) {
+    build_hello_image_as(sandbox, image, port, &[]);
+}
+
+/// Builds an image of hello-server with extra `build` options (e.g. `--user`).
+fn build_hello_image_as(sandbox: &Sandbox, image: &std::path::Path, port: u16, options: &[&str]) {
     let server = binary("hello-server").display().to_string();
     let built = sandbox
         .netns
@@ -21,6 +26,7 @@ fn build_hello_image(sandbox: &Sandbox, image: &std::path::Path, port: u16) {
         .arg("build")
         .arg("--image")
         .arg(image)
+        .args(options)
         .args(["--port", &port.to_string(), "--", &server])
         .arg(format!("127.0.0.1:{port}"))
         .output()
@@ -789,6 +795,35 @@ fn a_prebuilt_image_is_registered_and_served() {
         .unwrap();
     let body = sandbox.http_get(8102).unwrap();
     assert!(body.starts_with("hello from pid"), "{body:?}");
+}
+
+#[test]
+fn a_prebuilt_image_of_an_unprivileged_user_gets_its_build_log_back() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("hello");
+    let image_arg = image.display().to_string();
+    build_hello_image_as(&sandbox, &image, 8103, &["--user", "nobody"]);
+    // The build log is root's, 0600: nobody could never open it by path.
+    let log = images.path().join("hello.log");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&log).unwrap().permissions());
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the build log {} is private",
+        log.display()
+    );
+
+    sandbox
+        .agent_ok(&["add", "prebuilt", "--image", &image_arg, "--port", "8103"])
+        .unwrap();
+    let body = sandbox.http_get(8103).unwrap();
+    assert!(
+        body.starts_with("hello from pid"),
+        "nobody's server is restored with the log the agent gave it: {body:?}"
+    );
 }
 
 #[test]

@@ -69,6 +69,10 @@ pub struct CheckpointOptions {
     /// hard-linked into the new image (a delta image). A base that already
     /// has [`MAX_BASE_STORES`] base stores gets a full image instead.
     pub base: Option<PathBuf>,
+    /// Files the caller opened for the process (the log it gave it as its
+    /// stdout and stderr), recorded so that a restore reopens them with the
+    /// agent's credentials rather than the process's.
+    pub agent_files: Vec<PathBuf>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -433,6 +437,24 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     })
 }
 
+/// The files the agent opened for the process: those of `options`, and
+/// those of the base image, which the process was restored with.
+fn agent_files(options: &CheckpointOptions, base: Option<&BasePages>) -> Vec<String> {
+    let mut files: Vec<String> = options
+        .agent_files
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect();
+    if let Some(base) = base {
+        for file in &base.image().manifest().agent_files {
+            if !files.contains(file) {
+                files.push(file.clone());
+            }
+        }
+    }
+    files
+}
+
 /// The image to write a delta of: `options.base`, opened and checked,
 /// unless its chain is long enough that a full image is due.
 fn open_base(options: &CheckpointOptions) -> Result<Option<Image>, CheckpointError> {
@@ -511,6 +533,7 @@ fn save(
         // Both filled in by the writer when it finishes.
         page_store_bytes: 0,
         base_stores: Vec::new(),
+        agent_files: agent_files(options, base),
     };
     Ok((
         manifest,
@@ -621,6 +644,7 @@ mod tests {
             leave_running: true,
             exclude_fds: Vec::new(),
             base: None,
+            agent_files: Vec::new(),
         }
     }
 

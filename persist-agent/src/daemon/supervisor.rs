@@ -730,6 +730,7 @@ impl Supervisor {
                 leave_running: false,
                 exclude_fds: restorer_userfaultfds(child.pid),
                 base: Some(image.clone()),
+                agent_files: Vec::new(),
             };
             let started = Instant::now();
             let mut result = checkpoint_when_filled(options.clone()).await;

@@ -191,10 +191,12 @@ impl Skeleton {
         if config.verify_pages_first {
             verify_all_pages(&image)?;
         }
+        let mut agent_files = config.agent_files;
+        agent_files.extend(manifest.agent_files.iter().map(std::path::PathBuf::from));
         let access = PathAccess::for_process(
             &manifest.process.credentials,
             config.accept_changed_files,
-            config.agent_files,
+            agent_files,
         );
         let fds = files::prepare(&manifest.fds, config.inherited, &access)?;
         let uffd_fd = (fds.max_target_fd() + 1).max(100);

@@ -199,6 +199,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         leave_running: false,
         exclude_fds: Vec::new(),
         base: None,
+        agent_files: vec![request.log.clone()],
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();

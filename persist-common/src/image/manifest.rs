@@ -35,6 +35,12 @@ pub struct Manifest {
     /// Empty for a full image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub base_stores: Vec<BaseStore>,
+    /// Paths of files the agent opened for the process (the log it gave a
+    /// service it built as its stdout and stderr). Restore reopens these
+    /// with the agent's credentials, not the process's: the process never
+    /// had them by path. Written only by root's agent, in a root-only image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_files: Vec<String>,
 }
 
 /// A page store of an earlier image, hard-linked into this image's directory
