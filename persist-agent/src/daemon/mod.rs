@@ -8,6 +8,7 @@
 //! daemon exits; the next daemon finds them again.
 
 mod control_server;
+mod keeper;
 mod listener;
 mod metrics;
 mod pagers;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
+pub use keeper::hold as hold_port;
 pub use registry::Registry;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};

@@ -10,10 +10,11 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::keeper;
 use super::listener;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
-use super::restore_worker::{RestoreWorker, WorkerShared};
+use super::restore_worker::{RestoreWorker, Running, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, Supervisor};
 use crate::control::ServiceStatus;
@@ -260,19 +261,28 @@ impl Registry {
             .find(|slot| services.values().all(|h| h.slot != *slot))
             .ok_or(RegistryError::Full(capacity))?;
 
-        let (adopted, left_listener) = match self.run_state.load(&spec.name) {
-            Some(record) => take_over(&spec, &record),
+        let (mut adopted, left_listener) = match self.run_state.load(&spec.name) {
+            Some(record) => take_over(&spec, &record, &self.run_state.events_path(&spec.name)),
             None => (None, None),
         };
+        // The keeper held the port if nothing else did (the daemon died
+        // between a park and the next skeleton): its queued clients wait.
+        let kept = keeper::find(&self.run_state, &spec.name);
         let provided = provided.or(left_listener);
-        let listener = match (&adopted, provided) {
-            (Some(adopted), _) => adopted.listener.try_clone()?,
-            (None, Some(provided)) => provided,
-            (None, None) => {
+        let listener = match (&adopted, provided, &kept) {
+            (Some(adopted), _, _) => adopted.listener.try_clone()?,
+            (None, Some(provided), _) => provided,
+            (None, None, Some(kept)) => {
+                info!(service = %spec.name, pid = kept.record.pid, "took the listener back from the port keeper");
+                kept.listener.try_clone()?
+            }
+            (None, None, None) => {
                 self.run_state.clear(&spec.name);
                 listener::open(spec.addr, spec.port)?
             }
         };
+        keeper::ensure(&self.run_state, &spec.name, &listener, kept);
+        let adopted_pager = adopted.as_mut().and_then(|adopted| adopted.pager.take());
         let starter = match spec.mode {
             ServiceMode::Snapshot => {
                 let image = self.current_image(&spec);
@@ -281,7 +291,11 @@ impl Registry {
                     image.clone(),
                     spec.port,
                     listener.try_clone()?,
-                    adopted.is_some(),
+                    match adopted_pager {
+                        Some(pager) => Running::Filling(Box::new(pager)),
+                        None if adopted.is_some() => Running::Filled,
+                        None => Running::No,
+                    },
                     WorkerShared {
                         metrics: self.metrics.clone(),
                         run_state: self.run_state.clone(),
@@ -330,6 +344,7 @@ impl Registry {
         let _ = done.await;
         self.store.delete(name)?;
         self.run_state.clear(name);
+        keeper::stop(&self.run_state, name);
         Ok(())
     }
 
@@ -499,24 +514,39 @@ fn private_bytes(pid: i32) -> u64 {
 }
 
 /// What a previous daemon left of the service `spec` recorded in `record`:
-/// its process, adopted when it runs on its own with its listener; or only
-/// the listener, taken from a process that must not go on (a stopped
-/// skeleton, or a restored process whose pages nobody serves any more),
-/// which is killed. A process that runs without its listener is stopped.
-fn take_over(spec: &ServiceSpec, record: &RunRecord) -> (Option<Adopted>, Option<OwnedFd>) {
+/// its process, adopted when it runs on its own with its listener (a
+/// restored process whose pages were still coming in gets a pager that
+/// takes over, with the journal at `events`); or only the listener, taken
+/// from a process that must not go on (a stopped skeleton, or a restored
+/// process whose pages cannot be served any more), which is killed. A
+/// process that runs without its listener is stopped.
+fn take_over(
+    spec: &ServiceSpec,
+    record: &RunRecord,
+    events: &Path,
+) -> (Option<Adopted>, Option<OwnedFd>) {
     let name = &spec.name;
-    if let Some(adopted) = run_state::adopt(record) {
+    if let Some(mut adopted) = run_state::adopt(record) {
         // Only a restored process has pages a pager of ours should serve.
         let restored = spec.mode == ServiceMode::Snapshot;
         if !restored || !run_state::has_pages_nobody_serves(record.pid) {
             return (Some(adopted), None);
         }
         // Restored, and its pages were still coming in when the daemon
-        // died: it would hang on its next fault. Parked again from its
-        // image, its queued connections kept.
-        warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped; stopping it and parking the service");
-        kill_and_wait(&adopted.pidfd);
-        return (None, Some(adopted.listener));
+        // died: its faults wait for a pager.
+        match run_state::take_pager(&adopted, events) {
+            Ok(pager) => {
+                info!(service = %name, pid = record.pid, pending_pages = pager.pending_pages(), "adopted a process whose pages were still being filled; serving them");
+                adopted.pager = Some(pager);
+                return (Some(adopted), None);
+            }
+            Err(err) => {
+                // Parked again from its image, its queued connections kept.
+                warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped and cannot be served ({err}); stopping it and parking the service");
+                kill_and_wait(&adopted.pidfd);
+                return (None, Some(adopted.listener));
+            }
+        }
     }
     if run_state::is_stopped(record.pid) {
         // A skeleton a killed daemon left: it held the port meanwhile, and
