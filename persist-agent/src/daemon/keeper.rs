@@ -95,7 +95,9 @@ fn stop_recorded(record: &RunRecord) {
 fn spawn(listener: &impl AsFd) -> std::io::Result<i32> {
     use std::os::unix::process::CommandExt;
     let socket = listener.as_fd().try_clone_to_owned()?;
-    let child = Command::new("/proc/self/exe")
+    // Named as the daemon's binary rather than `exe` in `ps`.
+    let program = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let child = Command::new(program)
         .arg(HOLD_PORT)
         .stdin(Stdio::from(socket))
         .stdout(Stdio::null())

@@ -557,7 +557,7 @@ fn take_over(
             return (None, Some(left.listener));
         }
     }
-    if run_state::is_alive(record) {
+    if run_state::is_alive(record) && !run_state::is_dying(record.pid) {
         // It runs but no longer holds the port we gave it: stop it rather
         // than run the service twice.
         warn!(service = %name, pid = record.pid, "running without its listener; stopping it");

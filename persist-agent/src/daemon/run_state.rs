@@ -261,6 +261,21 @@ pub fn has_pages_nobody_serves(pid: i32) -> bool {
         })
 }
 
+/// Whether `pid` is on its way out: a zombie, or killed (a skeleton the
+/// dead daemon was still preparing dies with it, as ptrace's exit-kill).
+pub fn is_dying(pid: i32) -> bool {
+    let Ok(process) = procfs::process::Process::new(pid) else {
+        return true;
+    };
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    process
+        .stat()
+        .is_ok_and(|stat| matches!(stat.state, 'Z' | 'X' | 'x'))
+        || process
+            .status()
+            .is_ok_and(|status| (status.sigpnd | status.shdpnd) & SIGKILL_BIT != 0)
+}
+
 /// Whether `pid` is in a group stop (state `T`).
 pub fn is_stopped(pid: i32) -> bool {
     procfs::process::Process::new(pid)
