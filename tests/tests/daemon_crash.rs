@@ -281,7 +281,10 @@ fn redis_loses_nothing_when_the_daemon_is_killed_at_random_instants() {
             report.client_errors
         );
     }
-    eprintln!("crash test report: {report:?}");
+    eprintln!(
+        "crash test report: {report:?}, processes killed by the agent: {}",
+        killed_pids.len()
+    );
     assert!(report.lost.is_empty(), "keys lost: {:?}", report.lost);
     assert!(
         killed_pids.is_empty(),
