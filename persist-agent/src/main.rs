@@ -37,6 +37,10 @@ enum Command {
     },
     /// Register a service: the agent holds its port and starts it on the first SYN.
     Add(AddArgs),
+    /// Hold the listening socket on standard input until killed (the
+    /// daemon's port keeper of one service).
+    #[command(hide = true)]
+    HoldPort,
     /// Unregister a service, stopping it if it runs.
     Remove {
         /// Name of the service.
@@ -194,6 +198,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon { metrics } => {
             daemon::run(&cli.state_dir, metrics)?;
         }
+        Command::HoldPort => daemon::hold_port(),
         Command::Add(args) => {
             let spec = service_spec(args)?;
             let reply = control::call(&cli.state_dir, &Request::Add { spec })?;

@@ -425,29 +425,27 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
 }
 
 /// A daemon killed during a wake leaves a process whose pages are still
-/// coming in: nothing serves them any more, and it would hang on its next
-/// fault. The restarted daemon must not adopt it as running.
+/// coming in: its faults wait. The restarted daemon adopts it (same pid)
+/// and serves its pages, so the request that woke it is answered.
 #[test]
-fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daemon() {
+fn a_process_whose_pages_were_still_coming_in_is_adopted_by_a_restarted_daemon() {
     persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let root = web_root();
     add_http_server(&sandbox, "web", 8108, root.path(), &[]);
+    wait_until(Duration::from_secs(10), || {
+        sandbox.daemon_log().contains("skeleton ready")
+    })
+    .unwrap();
 
     // The first wake from an image records its working set, and holds the
     // fill back for 200 ms after the resume: killed once the SYN is seen,
     // the daemon leaves pages missing.
-    let mut first = sandbox
+    let first = sandbox
         .netns
         .command("curl")
-        .args([
-            "-s",
-            "-m",
-            "20",
-            "-o",
-            "/dev/null",
-            "http://127.0.0.1:8108/",
-        ])
+        .args(["-s", "-m", "20", "http://127.0.0.1:8108/"])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     wait_until(Duration::from_secs(10), || {
@@ -456,26 +454,28 @@ fn a_process_whose_pages_were_still_coming_in_is_not_adopted_by_a_restarted_daem
     .unwrap();
     std::thread::sleep(Duration::from_millis(10));
     sandbox.kill_daemon();
+    let skeleton = std::fs::read_to_string(sandbox.state_dir().join("run/web.json")).unwrap();
     sandbox.start_daemon().unwrap();
 
     let log = sandbox.daemon_log();
+    let answered = first.wait_with_output().unwrap();
+    let listing = String::from_utf8_lossy(&answered.stdout);
     assert!(
-        log.contains("its pages were still being filled when the daemon stopped")
-            && !log.contains("found the running service again"),
-        "{log}"
+        listing.contains("persist-was-here.txt"),
+        "the request that woke it was not answered: {answered:?}\n{log}"
     );
-    // The request is answered by a new wake if it was still queued, or
-    // closed if the process had taken it: not left hanging.
-    let waited = std::time::Instant::now();
-    first.wait().unwrap();
-    assert!(waited.elapsed() < Duration::from_secs(10));
+    let pid = sandbox.running_pid("web").unwrap();
     assert!(
-        sandbox
-            .http_get(8108)
-            .unwrap()
-            .contains("persist-was-here.txt"),
-        "served again from the image"
+        skeleton.contains(&format!("\"pid\":{pid},")),
+        "the restarted daemon runs another process than {skeleton}:\n{log}"
     );
+    assert!(
+        log.contains("adopted a process whose pages were still being filled")
+            && !log.contains("stopping it"),
+        "the restarted daemon did not adopt the process:\n{log}"
+    );
+    wait_until(Duration::from_secs(10), || !has_unfilled_memory(pid as i32))
+        .unwrap_or_else(|_| panic!("the adopted process never got all its pages:\n{log}"));
 }
 
 /// A tokio server (multi-threaded runtime: epoll, an eventfd waker, worker

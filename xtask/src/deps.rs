@@ -64,8 +64,16 @@ fn installed(package: &str) -> bool {
 
 /// Runs cargo with `args` from the workspace root.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(&[], args)
+}
+
+/// Runs cargo with `args` in the workspace root, with `env` set for it.
+pub fn cargo_with_env(env: &[(&str, &str)], args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+    run(Command::new(cargo)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(workspace_root()))
 }
 
 /// The workspace root (the parent of `xtask/`).

@@ -28,6 +28,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Kill the daemon at random instants of redis park/wake cycles and
+    /// check that nothing is lost (needs root).
+    CrashTest {
+        /// Park/wake cycles, each with one daemon SIGKILL.
+        #[arg(long, default_value_t = 200)]
+        cycles: u32,
+    },
     /// Measure wake latencies and time-to-first-byte (needs root).
     Bench {
         /// Fewer samples, for a quick look (about a minute).
@@ -47,12 +54,25 @@ fn main() -> Result<()> {
         Task::Deps => deps::ensure(deps::TEST),
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
+        Task::CrashTest { cycles } => crash_test(cycles),
         Task::Bench {
             quick,
             runs,
             update_docs,
         } => bench::run(quick, runs, update_docs),
     }
+}
+
+/// Runs the crash test of `tests/tests/daemon_crash.rs` with `cycles` cycles.
+fn crash_test(cycles: u32) -> Result<()> {
+    deps::ensure(deps::TEST)?;
+    deps::cargo(&["build", "--workspace", "--bins"])?;
+    let cycles = cycles.to_string();
+    let runner = privilege::cargo_test_runner()?;
+    let mut args = vec!["test", "-p", "persist-tests", "--test", "daemon_crash"];
+    args.extend(runner.iter().map(String::as_str));
+    args.extend(["--", "--ignored", "--nocapture", "redis_loses_nothing"]);
+    deps::cargo_with_env(&[("PERSIST_CRASH_CYCLES", &cycles)], &args)
 }
 
 fn test(args: &[String]) -> Result<()> {

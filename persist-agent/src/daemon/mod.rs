@@ -8,6 +8,7 @@
 //! daemon exits; the next daemon finds them again.
 
 mod control_server;
+mod keeper;
 mod listener;
 mod metrics;
 mod pagers;
@@ -28,6 +29,7 @@ use persist_common::trust::TrustError;
 use tracing::{info, warn};
 
 use crate::service::create_trusted_dir;
+pub use keeper::hold as hold_port;
 pub use registry::Registry;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};

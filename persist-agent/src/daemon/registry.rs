@@ -11,10 +11,11 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::keeper;
 use super::listener;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
-use super::restore_worker::{RestoreWorker, WakeOptions, WorkerShared};
+use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, State, Supervisor};
 use crate::control::ServiceStatus;
@@ -282,6 +283,9 @@ impl Registry {
             other => format!("rebuilt: {other}"),
         };
         info!(service = %spec.name, "rebuilding from its command: {why}");
+        // The command binds the port itself: the keeper must let it go (the
+        // connections it queued are refused; a kernel upgrade rebooted anyway).
+        keeper::stop(&self.run_state, &spec.name);
         let listener = self.build(spec, snapshot).await?;
         let kept = self.kept_image(&spec.name);
         if kept.exists() {
@@ -341,20 +345,29 @@ impl Registry {
             .find(|slot| services.values().all(|h| h.slot != *slot))
             .ok_or(RegistryError::Full(capacity))?;
 
-        let (adopted, left_listener) = match self.run_state.load(&spec.name) {
-            Some(record) => take_over(&spec, &record),
+        let (mut adopted, left_listener) = match self.run_state.load(&spec.name) {
+            Some(record) => take_over(&spec, &record, &self.run_state.events_path(&spec.name)),
             None => (None, None),
         };
+        // The keeper held the port if nothing else did (the daemon died
+        // between a park and the next skeleton): its queued clients wait.
+        let kept = keeper::find(&self.run_state, &spec.name);
         let provided = provided.or(left_listener);
-        let listener = match (&adopted, provided) {
-            (Some(adopted), _) => adopted.listener.try_clone()?,
-            (None, Some(provided)) => provided,
-            (None, None) => {
+        let listener = match (&adopted, provided, &kept) {
+            (Some(adopted), _, _) => adopted.listener.try_clone()?,
+            (None, Some(provided), _) => provided,
+            (None, None, Some(kept)) => {
+                info!(service = %spec.name, pid = kept.record.pid, "took the listener back from the port keeper");
+                kept.listener.try_clone()?
+            }
+            (None, None, None) => {
                 self.run_state.clear(&spec.name);
                 listener::open(spec.addr, spec.port)?
             }
         };
         let mut prepared = None;
+        keeper::ensure(&self.run_state, &spec.name, &listener, kept);
+        let adopted_pager = adopted.as_mut().and_then(|adopted| adopted.pager.take());
         let starter = match spec.mode {
             ServiceMode::Snapshot => {
                 let image = self.current_image(&spec);
@@ -362,6 +375,11 @@ impl Registry {
                     &spec.name,
                     spec.port,
                     listener.try_clone()?,
+                    match adopted_pager {
+                        Some(pager) => Running::Filling(Box::new(pager)),
+                        None if adopted.is_some() => Running::Filled,
+                        None => Running::No,
+                    },
                     WorkerShared {
                         metrics: self.metrics.clone(),
                         run_state: self.run_state.clone(),
@@ -418,6 +436,7 @@ impl Registry {
         self.store.delete(name)?;
         self.run_state.clear(name);
         self.notes.lock().expect("lock").remove(name);
+        keeper::stop(&self.run_state, name);
         Ok(())
     }
 
@@ -639,24 +658,39 @@ fn private_bytes(pid: i32) -> u64 {
 }
 
 /// What a previous daemon left of the service `spec` recorded in `record`:
-/// its process, adopted when it runs on its own with its listener; or only
-/// the listener, taken from a process that must not go on (a stopped
-/// skeleton, or a restored process whose pages nobody serves any more),
-/// which is killed. A process that runs without its listener is stopped.
-fn take_over(spec: &ServiceSpec, record: &RunRecord) -> (Option<Adopted>, Option<OwnedFd>) {
+/// its process, adopted when it runs on its own with its listener (a
+/// restored process whose pages were still coming in gets a pager that
+/// takes over, with the journal at `events`); or only the listener, taken
+/// from a process that must not go on (a stopped skeleton, or a restored
+/// process whose pages cannot be served any more), which is killed. A
+/// process that runs without its listener is stopped.
+fn take_over(
+    spec: &ServiceSpec,
+    record: &RunRecord,
+    events: &Path,
+) -> (Option<Adopted>, Option<OwnedFd>) {
     let name = &spec.name;
-    if let Some(adopted) = run_state::adopt(record) {
+    if let Some(mut adopted) = run_state::adopt(record) {
         // Only a restored process has pages a pager of ours should serve.
         let restored = spec.mode == ServiceMode::Snapshot;
         if !restored || !run_state::has_pages_nobody_serves(record.pid) {
             return (Some(adopted), None);
         }
         // Restored, and its pages were still coming in when the daemon
-        // died: it would hang on its next fault. Parked again from its
-        // image, its queued connections kept.
-        warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped; stopping it and parking the service");
-        kill_and_wait(&adopted.pidfd);
-        return (None, Some(adopted.listener));
+        // died: its faults wait for a pager.
+        match run_state::take_pager(&adopted, events) {
+            Ok(pager) => {
+                info!(service = %name, pid = record.pid, pending_pages = pager.pending_pages(), "adopted a process whose pages were still being filled; serving them");
+                adopted.pager = Some(pager);
+                return (Some(adopted), None);
+            }
+            Err(err) => {
+                // Parked again from its image, its queued connections kept.
+                warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped and cannot be served ({err}); stopping it and parking the service");
+                kill_and_wait(&adopted.pidfd);
+                return (None, Some(adopted.listener));
+            }
+        }
     }
     if run_state::is_stopped(record.pid) {
         // A skeleton a killed daemon left: it held the port meanwhile, and
@@ -667,7 +701,7 @@ fn take_over(spec: &ServiceSpec, record: &RunRecord) -> (Option<Adopted>, Option
             return (None, Some(left.listener));
         }
     }
-    if run_state::is_alive(record) {
+    if run_state::is_alive(record) && !run_state::is_dying(record.pid) {
         // It runs but no longer holds the port we gave it: stop it rather
         // than run the service twice.
         warn!(service = %name, pid = record.pid, "running without its listener; stopping it");

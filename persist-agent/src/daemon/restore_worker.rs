@@ -27,10 +27,11 @@ use tracing::{info, warn};
 
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
-use super::run_state::RunStateDir;
+use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
-    Continuer, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored, Skeleton, Timings,
+    Continuer, EventJournal, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored,
+    Skeleton, Timings,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, listener_fd_in_image};
@@ -95,7 +96,20 @@ impl WorkerReport {
     }
 }
 
+/// Whether a service's process already runs when its restore thread starts.
+pub enum Running {
+    /// No: a first skeleton is prepared.
+    No,
+    /// Yes, with all its memory.
+    Filled,
+    /// Yes, adopted while its pages were still coming in: this pager goes
+    /// on serving them.
+    Filling(Box<Pager>),
+}
+
 enum Job {
+    /// Serve the pages of an adopted process until they are all in.
+    ServeAdopted { pager: Box<Pager> },
     Prepare {
         image: PathBuf,
         /// Told the outcome, after every page of the image was verified.
@@ -227,11 +241,13 @@ pub struct RestoreWorker {
 
 impl RestoreWorker {
     /// Starts the thread for the service `name` listening through `listener`.
-    /// It prepares nothing until told to ([`RestoreWorker::prepare_checked`]).
+    /// It prepares nothing until told to ([`RestoreWorker::prepare_checked`]);
+    /// the pages of an adopted process still filling are served first.
     pub fn spawn(
         name: &str,
         port: u16,
         listener: OwnedFd,
+        running: Running,
         shared: WorkerShared,
         options: WakeOptions,
     ) -> std::io::Result<Self> {
@@ -265,12 +281,16 @@ impl RestoreWorker {
                 };
                 worker.run(receiver);
             })?;
-        Ok(Self {
+        let worker = Self {
             jobs,
             report,
             armed,
             pagers,
-        })
+        };
+        if let Running::Filling(pager) = running {
+            let _ = worker.jobs.send(Job::ServeAdopted { pager });
+        }
+        Ok(worker)
     }
 
     /// Prepares a skeleton from `image` for the next wake (in the background).
@@ -378,9 +398,27 @@ impl Worker {
                 }
                 Job::Resume { reply } => self.resume(reply),
                 Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
+                Job::ServeAdopted { pager } => self.serve_adopted(*pager),
             }
         }
         // The service is gone: an unused skeleton dies with its `Drop`.
+    }
+
+    /// Serves the pages of a process adopted from a dead daemon until they
+    /// are all in; a stopping daemon waits for that as it does for a wake's.
+    fn serve_adopted(&mut self, mut pager: Pager) {
+        let at_work = self.pagers.start();
+        pager.hurry_when(self.pagers.stopping());
+        let pid = pager.pid();
+        match pager.run_until_filled() {
+            Ok(stats) => {
+                info!(service = %self.name, pid, faults = stats.faults, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages of the adopted process in");
+                self.metrics.observe_pager(&self.name, &stats);
+                self.report.lock().expect("report lock").last_pager = Some(stats);
+            }
+            Err(err) => warn!(service = %self.name, pid, "pager of the adopted process: {err}"),
+        }
+        drop(at_work);
     }
 
     /// Prepares the skeleton of the next wake; says why not when it cannot.
@@ -418,13 +456,17 @@ impl Worker {
             });
         let mut report = self.report.lock().expect("report lock");
         match result {
-            Ok(skeleton) => {
+            Ok(mut skeleton) => {
                 // Recorded now, off the wake's critical path: the skeleton's
                 // pid is the service's once resumed, and a daemon restarted
                 // while it is still a skeleton finds it gone (it dies with
                 // its tracer) and parks the service.
-                self.run_state
-                    .record_process(&self.name, skeleton.pid(), &self.listener);
+                self.run_state.record_process(
+                    &self.name,
+                    skeleton.pid(),
+                    &self.listener,
+                    self.page_source(&mut skeleton),
+                );
                 report.skeleton_pid = Some(skeleton.pid());
                 // Armed: the resume on the next SYN runs ahead of ordinary
                 // threads (the client's included) on whichever CPU it gets.
@@ -447,6 +489,34 @@ impl Worker {
                 // than only be unusable.
                 self.verify_next = !stale;
                 Err(err)
+            }
+        }
+    }
+
+    /// What a daemon taking over after this one needs to serve the pages
+    /// of `skeleton` once resumed; its pager journals for that daemon.
+    /// `None` (with a warning) when that cannot be set up: the process
+    /// then works as well, but a daemon killed while its pages come in
+    /// leaves it to be stopped and parked again.
+    fn page_source(&self, skeleton: &mut Skeleton) -> Option<PageSource> {
+        let image = self.image.clone()?;
+        let set_up = manifest_crc(&image)
+            .map_err(|err| err.to_string())
+            .and_then(|image_crc| {
+                let journal = EventJournal::create(&self.run_state.events_path(&self.name))
+                    .map_err(|err| err.to_string())?;
+                skeleton.pager_mut().journal_to(journal);
+                Ok(image_crc)
+            });
+        match set_up {
+            Ok(image_crc) => Some(PageSource {
+                image,
+                image_crc,
+                uffd_fd: skeleton.uffd_fd(),
+            }),
+            Err(err) => {
+                warn!(service = %self.name, "a daemon restarted during the next wake could not take its pages over: {err}");
+                None
             }
         }
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use persist_common::trust::{TrustError, open_trusted_file};
 
+use crate::restore::{EventJournal, Pager};
 use crate::service::{create_trusted_dir, write_atomically};
 use crate::sys::pidfd::PidFd;
 
@@ -26,6 +27,23 @@ pub struct RunRecord {
     pub start_time: u64,
     /// Inode of the listening socket it was given.
     pub listener_inode: u64,
+    /// For a restored process, where its pages come from: what a restarted
+    /// daemon needs to go on serving them if this one dies first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageSource>,
+}
+
+/// Where the pages of a restored process come from, recorded before it is
+/// resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageSource {
+    /// The image it was restored from.
+    pub image: PathBuf,
+    /// CRC of that image's manifest: which state of the image it was (a
+    /// kept image is rewritten in place at each park).
+    pub image_crc: u32,
+    /// The descriptor number of the userfaultfd the process keeps open.
+    pub uffd_fd: i32,
 }
 
 /// A running service found again after a daemon restart.
@@ -36,6 +54,61 @@ pub struct Adopted {
     pub pidfd: PidFd,
     /// The listening socket, taken back from the process.
     pub listener: OwnedFd,
+    /// A pager taking over its pages, when they were still being filled.
+    pub pager: Option<Pager>,
+}
+
+/// Why the pages of a restored process cannot be served by a new pager.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverError {
+    /// The run record does not say where its pages come from.
+    #[error("pid {pid}: its run record names no image and userfaultfd")]
+    NotRecorded {
+        /// The process.
+        pid: i32,
+    },
+    /// The image is no longer the one it was restored from.
+    #[error("pid {pid}: image {image} changed since it was restored from it")]
+    ImageChanged {
+        /// The process.
+        pid: i32,
+        /// The image.
+        image: PathBuf,
+    },
+    /// The image cannot be read.
+    #[error("pid {pid}: its image")]
+    Image {
+        /// The process.
+        pid: i32,
+        /// Why.
+        #[source]
+        source: persist_common::image::ImageError,
+    },
+    /// The recorded descriptor is not a userfaultfd (any more).
+    #[error("pid {pid}: fd {fd} is not its userfaultfd")]
+    NotUserfaultfd {
+        /// The process.
+        pid: i32,
+        /// The descriptor.
+        fd: i32,
+    },
+    /// pidfd_getfd failed.
+    #[error("pid {pid}: taking its userfaultfd (fd {fd})")]
+    TakeFd {
+        /// The process.
+        pid: i32,
+        /// The descriptor.
+        fd: i32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The previous pager's journal is unreadable.
+    #[error(transparent)]
+    Journal(#[from] crate::restore::JournalError),
+    /// The new pager cannot be set up.
+    #[error(transparent)]
+    Pager(#[from] crate::restore::RestoreError),
 }
 
 /// The `run` directory of a state directory.
@@ -52,30 +125,51 @@ impl RunStateDir {
         Ok(Self { dir })
     }
 
-    /// Records that `name` runs as `record`.
-    pub fn save(&self, name: &str, record: &RunRecord) -> std::io::Result<()> {
-        let json = serde_json::to_vec(record).expect("a run record always serialises");
-        write_atomically(&self.path(name), &json)
+    /// Records that `name` runs as `pid`, which holds the listening socket
+    /// `listener` (and, restored, has its pages from `pages`); warns when
+    /// that cannot be recorded.
+    pub fn record_process(
+        &self,
+        name: &str,
+        pid: i32,
+        listener: &impl AsFd,
+        pages: Option<PageSource>,
+    ) {
+        self.record(&self.path(name), name, pid, listener, pages);
     }
 
-    /// Records that `name` runs as `pid`, which holds the listening socket
-    /// `listener`; warns when that cannot be recorded.
-    pub fn record_process(&self, name: &str, pid: i32, listener: &impl AsFd) {
+    /// Records that the port keeper of `name` is `pid`, holding `listener`.
+    pub fn record_keeper(&self, name: &str, pid: i32, listener: &impl AsFd) {
+        self.record(&self.keeper_path(name), name, pid, listener, None);
+    }
+
+    fn record(
+        &self,
+        path: &Path,
+        name: &str,
+        pid: i32,
+        listener: &impl AsFd,
+        pages: Option<PageSource>,
+    ) {
         let record = start_time(pid)
             .zip(super::listener::inode(listener).ok())
             .map(|(start_time, listener_inode)| RunRecord {
                 pid,
                 start_time,
                 listener_inode,
+                pages,
             });
         let saved = match record {
-            Some(record) => self.save(name, &record),
+            Some(record) => {
+                let json = serde_json::to_vec(&record).expect("a run record always serialises");
+                write_atomically(path, &json)
+            }
             None => Err(std::io::Error::other(format!(
                 "pid {pid} or its listener is gone"
             ))),
         };
         if let Err(err) = saved {
-            tracing::warn!(service = %name, pid, "cannot record the service's process: {err}");
+            tracing::warn!(service = %name, pid, path = %path.display(), "cannot record a process of the service: {err}");
         }
     }
 
@@ -84,25 +178,49 @@ impl RunStateDir {
         let _ = fs::remove_file(self.path(name));
     }
 
+    /// Forgets the port keeper of `name`.
+    pub fn clear_keeper(&self, name: &str) {
+        let _ = fs::remove_file(self.keeper_path(name));
+    }
+
     /// The recorded process of `name`, if the record exists, is trusted and
     /// parses; a record that is not trusted is ignored with a warning.
     pub fn load(&self, name: &str) -> Option<RunRecord> {
-        let file = match open_trusted_file(&self.path(name)) {
-            Ok(file) => file,
-            Err(err) if err.is_not_found() => return None,
-            Err(err) => {
-                tracing::warn!(service = %name, "run record ignored: {err}");
-                return None;
-            }
-        };
-        let mut bytes = Vec::new();
-        file.take(MAX_RECORD_BYTES).read_to_end(&mut bytes).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        load(&self.path(name))
+    }
+
+    /// The recorded port keeper of `name`, if any (trusted, as [`Self::load`]).
+    pub fn load_keeper(&self, name: &str) -> Option<RunRecord> {
+        load(&self.keeper_path(name))
+    }
+
+    /// Where the pager of `name`'s restored process journals the
+    /// address-space events it reads.
+    pub fn events_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.events"))
     }
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
     }
+
+    fn keeper_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.keeper.json"))
+    }
+}
+
+fn load(path: &Path) -> Option<RunRecord> {
+    let file = match open_trusted_file(path) {
+        Ok(file) => file,
+        Err(err) if err.is_not_found() => return None,
+        Err(err) => {
+            tracing::warn!("run record ignored: {err}");
+            return None;
+        }
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_RECORD_BYTES).read_to_end(&mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Start time of `pid` in clock ticks since boot, if it exists.
@@ -141,8 +259,7 @@ fn is_running(pid: i32) -> bool {
 /// Whether `pid` still has memory registered with a userfaultfd (`um` in
 /// its smaps `VmFlags`): a restored process whose pager had pages left to
 /// fill when the daemon died. Nothing serves them any more, so its next
-/// fault on one waits forever; and a new pager cannot take over safely, as
-/// it would not know what the process unmapped, moved or discarded since.
+/// fault on one waits until a new pager takes over ([`take_pager`]).
 /// (A snapshot-mode service that used userfaultfd itself would be taken
 /// for one too.)
 pub fn has_pages_nobody_serves(pid: i32) -> bool {
@@ -155,6 +272,21 @@ pub fn has_pages_nobody_serves(pid: i32) -> bool {
                     .contains(procfs::process::VmFlags::UM)
             })
         })
+}
+
+/// Whether `pid` is on its way out: a zombie, or killed (a skeleton the
+/// dead daemon was still preparing dies with it, as ptrace's exit-kill).
+pub fn is_dying(pid: i32) -> bool {
+    let Ok(process) = procfs::process::Process::new(pid) else {
+        return true;
+    };
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    process
+        .stat()
+        .is_ok_and(|stat| matches!(stat.state, 'Z' | 'X' | 'x'))
+        || process
+            .status()
+            .is_ok_and(|status| (status.sigpnd | status.shdpnd) & SIGKILL_BIT != 0)
 }
 
 /// Whether `pid` is in a group stop (state `T`).
@@ -202,7 +334,48 @@ pub fn take_listener(record: &RunRecord) -> Option<Adopted> {
         record: record.clone(),
         pidfd,
         listener,
+        pager: None,
     })
+}
+
+/// A pager that goes on serving the pages of the adopted restored process
+/// where the dead daemon's pager stopped: the process's own userfaultfd,
+/// the image it was restored from (unchanged since) and the journal of
+/// address-space events at `events`.
+pub fn take_pager(adopted: &Adopted, events: &Path) -> Result<Pager, TakeOverError> {
+    let pid = adopted.record.pid;
+    let source = adopted
+        .record
+        .pages
+        .as_ref()
+        .ok_or(TakeOverError::NotRecorded { pid })?;
+    let fd = source.uffd_fd;
+    let is_uffd = fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:[userfaultfd]");
+    if !is_uffd {
+        return Err(TakeOverError::NotUserfaultfd { pid, fd });
+    }
+    let image_error = |source| TakeOverError::Image { pid, source };
+    if persist_common::image::manifest_crc(&source.image).map_err(image_error)? != source.image_crc
+    {
+        return Err(TakeOverError::ImageChanged {
+            pid,
+            image: source.image.clone(),
+        });
+    }
+    let image = persist_common::image::Image::open(&source.image).map_err(image_error)?;
+    let uffd = adopted
+        .pidfd
+        .get_fd(fd)
+        .map_err(|source| TakeOverError::TakeFd { pid, fd, source })?;
+    let pidfd = PidFd::open(pid).map_err(|source| TakeOverError::TakeFd { pid, fd, source })?;
+    let journal = EventJournal::read(events)?;
+    Ok(Pager::adopt(
+        uffd,
+        pidfd,
+        std::sync::Arc::new(image),
+        &journal,
+    )?)
 }
 
 #[cfg(test)]

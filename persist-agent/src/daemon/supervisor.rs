@@ -679,7 +679,7 @@ impl Supervisor {
                 // its first request.
                 if matches!(self.starter, Starter::Command) {
                     self.run_state
-                        .record_process(&self.spec.name, pid, &self.listener);
+                        .record_process(&self.spec.name, pid, &self.listener, None);
                 }
                 match Child::new(pid, pidfd) {
                     Ok(mut child) => {
@@ -788,8 +788,12 @@ impl Supervisor {
     }
 
     /// Snapshot mode: prepares the skeleton of the next wake right away.
+    /// The process is gone: its record goes first, as the restore thread
+    /// records the skeleton once ready (cleared after that, a skeleton
+    /// left by a killed daemon would hold the port unknown to the next).
     fn prepare_next(&self) {
         if let Starter::Restore { worker, image, .. } = &self.starter {
+            self.run_state.clear(&self.spec.name);
             worker.prepare(image.clone());
         }
     }
@@ -887,7 +891,10 @@ impl Supervisor {
 
     /// No process runs any more: the next SYN wakes the service again.
     fn park(&mut self) {
-        self.run_state.clear(&self.spec.name);
+        // A snapshot service's record now names its next skeleton.
+        if matches!(self.starter, Starter::Command) {
+            self.run_state.clear(&self.spec.name);
+        }
         self.hold_backlog();
         self.publish(State::Parked, None);
         self.set_bpf_state(BpfState::Parked);

@@ -53,7 +53,7 @@ use std::sync::Arc;
 use persist_common::image::{Image, ImageError};
 
 pub(crate) use pager::PlannedCopy;
-pub use pager::{Pager, PagerStats};
+pub use pager::{AddressEvent, EventJournal, JournalError, Pager, PagerStats};
 pub use skeleton::{Continuer, RestoreConfig, Restored, Skeleton, Timings};
 
 use crate::files::FilesError;

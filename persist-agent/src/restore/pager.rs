@@ -23,9 +23,12 @@ use super::layout::{describe, is_lazy};
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::{CopyOutcome, UffdEvent, Userfault};
 
+mod adopt;
 mod bulk;
 mod cpu_share;
 mod sources;
+
+pub use adopt::{AddressEvent, EventJournal, JournalError};
 
 pub(crate) use bulk::PlannedCopy;
 
@@ -149,6 +152,9 @@ pub struct Pager {
     hurry: Option<Arc<AtomicBool>>,
     /// Pagers of children the process forked while pages were missing.
     children: Vec<std::thread::JoinHandle<Result<PagerStats, RestoreError>>>,
+    /// Where the address-space events read are journaled, for a pager
+    /// that takes over if the daemon dies (`Pager::adopt`).
+    journal: Option<EventJournal>,
 }
 
 impl std::fmt::Debug for Pager {
@@ -264,6 +270,7 @@ impl Pager {
             when_quiet: None,
             hurry: None,
             children: Vec::new(),
+            journal: None,
         }
     }
 
@@ -342,12 +349,19 @@ impl Pager {
             for event in &events {
                 match *event {
                     UffdEvent::Fault { address, .. } => faults.push(address),
-                    UffdEvent::Remove { start, end } => self.drop_range(start, end),
+                    UffdEvent::Remove { start, end } => {
+                        self.journal(AddressEvent::Removed { start, end });
+                        self.drop_range(start, end);
+                    }
                     UffdEvent::Unmap { start, end } => {
+                        self.journal(AddressEvent::Unmapped { start, end });
                         self.drop_range(start, end);
                         self.unregistered(start, end);
                     }
-                    UffdEvent::Remap { from, to, len } => self.remap(from, to, len),
+                    UffdEvent::Remap { from, to, len } => {
+                        self.journal(AddressEvent::Moved { from, to, len });
+                        self.remap(from, to, len);
+                    }
                     UffdEvent::Fork { ufd } => self.serve_forked_child(ufd),
                     UffdEvent::Other(kind) => {
                         tracing::warn!(pid = self.pid(), kind, "unexpected userfaultfd event");

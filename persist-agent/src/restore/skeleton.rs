@@ -75,6 +75,8 @@ pub struct Skeleton {
     pid: i32,
     tids: Vec<i32>,
     init_pid: Option<i32>,
+    /// Where the process keeps its userfaultfd.
+    uffd_fd: RawFd,
     /// Taken by [`Skeleton::resume`] for the [`Restored`] process.
     pidfd: Option<PidFd>,
     pager: Option<Pager>,
@@ -283,6 +285,7 @@ impl Skeleton {
             tids,
             init_pid,
             sigcont_is_default,
+            uffd_fd,
             continuer: None,
             pidfd: Some(pidfd),
             pager: Some(pager),
@@ -299,6 +302,11 @@ impl Skeleton {
     /// The process's pid in the agent's pid namespace.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The descriptor number at which the process keeps its userfaultfd.
+    pub fn uffd_fd(&self) -> i32 {
+        self.uffd_fd
     }
 
     /// How long prepare took (resume is zero until resumed).
@@ -1038,6 +1046,29 @@ impl Resources {
 
 fn own_rlimit(resource: u32) -> (u64, u64) {
     crate::sys::rlimit::get(0, resource).unwrap_or((u64::MAX, u64::MAX))
+}
+
+/// The files of the lazy file mappings of `image`, opened again (for a
+/// pager taking over a restored process), each checked to be the file
+/// recorded.
+pub(crate) fn lazy_files_of(image: &Image) -> Result<MappedFiles, RestoreError> {
+    // As the process would open them: mapped files must be the very ones.
+    let access = PathAccess::for_process(&image.manifest().process.credentials, false, Vec::new());
+    let mut files = MappedFiles::new();
+    for (index, mapping) in image.manifest().mappings.iter().enumerate() {
+        if let MappingKind::File {
+            path,
+            inode,
+            device,
+            ..
+        } = &mapping.kind
+            && is_lazy(mapping)
+        {
+            let fd = open_mapped_file(mapping.start, path, *inode, device, false, 0, &access)?;
+            files.insert(index, Arc::new(File::from(fd)));
+        }
+    }
+    Ok(files)
 }
 
 /// Opens the executable or the working directory, as the process would

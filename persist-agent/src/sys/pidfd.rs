@@ -76,11 +76,19 @@ impl PidFd {
 
     /// True once the process has exited (the pidfd polls readable).
     pub fn has_exited(&self) -> bool {
+        self.wait_exit(std::time::Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the process to exit; true once it has
+    /// (its descriptors are closed by then, though it may not be reaped).
+    pub fn wait_exit(&self, timeout: std::time::Duration) -> bool {
         let mut fds = [nix::poll::PollFd::new(
             self.fd.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+        let timeout =
+            nix::poll::PollTimeout::try_from(timeout).unwrap_or(nix::poll::PollTimeout::MAX);
+        matches!(nix::poll::poll(&mut fds, timeout), Ok(n) if n > 0)
     }
 }
 
