@@ -105,6 +105,29 @@ impl Fixture {
 }
 
 impl Fixture {
+    /// Makes the memory fixture rewrite some pages (SIGUSR2) and waits until
+    /// it says it did for the `count`th time.
+    fn change_memory(&self, count: usize) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGUSR2,
+        )
+        .expect("send SIGUSR2");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fs::read_to_string(self.path("changed"))
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some(count.to_string().as_str())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the fixture did not change its memory"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// `checkpoint --leave-running --base BASE`: a delta image of `base`.
     fn checkpoint_delta(&self, image: &Path, base: &Path) -> Output {
         Command::new(agent())
@@ -790,6 +813,8 @@ fn deltas_chain_up_to_three_base_stores_then_a_full_image_starts_over() {
     let image = |n: usize| fixture.path(&format!("image{n}"));
     assert_success(&fixture.checkpoint(&image(0), true));
     for n in 1..=4 {
+        // Each delta has pages of its own to store.
+        fixture.change_memory(n);
         let output = fixture.checkpoint_delta(&image(n), &image(n - 1));
         assert_success(&output);
         let stores = manifest(&image(n)).base_stores;
