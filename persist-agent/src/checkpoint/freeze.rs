@@ -131,7 +131,7 @@ impl Frozen {
         let tids = std::mem::take(&mut self.tids);
         let mut first_error = None;
         for &tid in &tids {
-            if let Err(source) = ptrace::detach(tid, 0)
+            if let Err(source) = ptrace::detach(tid)
                 && first_error.is_none()
             {
                 first_error = Some(self.ptrace_error(tid, "PTRACE_DETACH", source));
@@ -207,7 +207,7 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         // Reached on errors only: let the process go on as it was.
         for &tid in &self.tids {
-            let _ = ptrace::detach(tid, 0);
+            let _ = ptrace::detach(tid);
         }
     }
 }

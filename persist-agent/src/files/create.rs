@@ -369,14 +369,14 @@ fn timerfd(
         } else {
             left
         };
-        kobjects::timerfd_settime(timer.as_fd(), settime_flags, value, interval_ns)
+        kobjects::timerfd_settime(&timer, settime_flags, value, interval_ns)
             .map_err(FilesError::io(fd, "timerfd_settime"))?;
     }
     if ticks > 0 {
         kobjects::timerfd_set_ticks(timer.as_fd(), ticks)
             .map_err(FilesError::io(fd, "TFD_IOC_SET_TICKS"))?;
     }
-    Ok(timer)
+    Ok(timer.into())
 }
 
 /// A new memfd with the saved size, contents and seals.

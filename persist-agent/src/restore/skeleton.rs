@@ -360,7 +360,7 @@ impl Skeleton {
     /// Detaches every thread, the leader last.
     fn detach_all(&self) -> Result<(), RestoreError> {
         for &tid in self.tids.iter().rev() {
-            ptrace::detach(tid, 0).map_err(RestoreError::ptrace(tid, "detach"))?;
+            ptrace::detach(tid).map_err(RestoreError::ptrace(tid, "detach"))?;
         }
         Ok(())
     }
@@ -488,7 +488,7 @@ fn spawn_in_namespace(
         other => return Err(child_failure(init, other, pipes.status)),
     };
     guard.pids.insert(0, pid);
-    ptrace::detach(init, 0).map_err(RestoreError::ptrace(init, "detach"))?;
+    ptrace::detach(init).map_err(RestoreError::ptrace(init, "detach"))?;
     expect_event_stop(pid, pipes.status)?;
     Ok((pid, Some(init)))
 }

@@ -18,24 +18,8 @@ pub enum Forked {
     Parent(i32),
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
 /// Size of `struct clone_args` (version 2, with `cgroup`).
-pub const CLONE_ARGS_SIZE: usize = std::mem::size_of::<CloneArgs>();
+pub const CLONE_ARGS_SIZE: usize = size_of::<libc::clone_args>();
 
 /// Forks like `fork()` but through `clone3`, optionally with extra `flags`
 /// (e.g. `CLONE_NEWPID`) and a chosen pid (`set_tid`, needs
@@ -44,22 +28,34 @@ pub const CLONE_ARGS_SIZE: usize = std::mem::size_of::<CloneArgs>();
 /// In the child, only async-signal-safe code may run (see the module doc).
 pub fn fork_with(flags: u64, pid: Option<i32>) -> io::Result<Forked> {
     let tids = [pid.unwrap_or(0)];
-    let args = CloneArgs {
+    let args = libc::clone_args {
         flags,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
         exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
         set_tid: if pid.is_some() {
             tids.as_ptr() as u64
         } else {
             0
         },
         set_tid_size: u64::from(pid.is_some()),
-        ..CloneArgs::default()
+        cgroup: 0,
     };
     // SAFETY: clone3 without CLONE_VM and without a stack duplicates the
     // calling thread like fork(); the argument struct and tid array outlive
     // the call. The child only returns into code that follows the
     // async-signal-safety rule documented above.
-    let rc = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, CLONE_ARGS_SIZE) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            CLONE_ARGS_SIZE,
+        )
+    };
     match rc {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
@@ -203,6 +199,7 @@ pub fn close_all_except(keep: &[RawFd]) {
 /// across the fork, it would otherwise be written into the restored layout).
 /// Async-signal-safe.
 pub fn rseq_unregister(address: u64, length: u32, signature: u32) -> io::Result<()> {
+    // By hand: neither libc nor linux-raw-sys has <linux/rseq.h>'s flags.
     const RSEQ_FLAG_UNREGISTER: u64 = 1;
     // SAFETY: rseq unregistration only compares the arguments with the
     // current registration and clears it; no memory is written.

@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+use linux_raw_sys::general::{page_region, pm_scan_arg};
+
 /// Most iovecs one `process_vm_readv` call accepts (`IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
 
@@ -138,36 +140,22 @@ impl Pagemap {
 }
 
 /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
+// By hand: linux-raw-sys has the struct but not the request number.
+const PAGEMAP_SCAN: libc::c_ulong =
+    nix::request_code_readwrite!(b'f', 16, size_of::<pm_scan_arg>());
 
 /// Page categories of `PAGEMAP_SCAN` (`PAGE_IS_*`).
 pub mod category {
-    /// The page is in RAM.
-    pub const PRESENT: u64 = 1 << 3;
-    /// The page is in swap.
-    pub const SWAPPED: u64 = 1 << 4;
-    /// Not a private anonymous page: page cache or shmem.
-    pub const FILE: u64 = 1 << 2;
-    /// The shared zero page (reads as zeros, was never written).
-    pub const PFNZERO: u64 = 1 << 5;
-}
+    use linux_raw_sys::general as uapi;
 
-/// `struct pm_scan_arg`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
+    /// The page is in RAM.
+    pub const PRESENT: u64 = uapi::PAGE_IS_PRESENT as u64;
+    /// The page is in swap.
+    pub const SWAPPED: u64 = uapi::PAGE_IS_SWAPPED as u64;
+    /// Not a private anonymous page: page cache or shmem.
+    pub const FILE: u64 = uapi::PAGE_IS_FILE as u64;
+    /// The shared zero page (reads as zeros, was never written).
+    pub const PFNZERO: u64 = uapi::PAGE_IS_PFNZERO as u64;
 }
 
 /// `struct page_region`: pages `start..end` sharing `categories`.
@@ -181,6 +169,9 @@ pub struct PageRegion {
     /// `category` bits of these pages (within the requested return mask).
     pub categories: u64,
 }
+
+// The kernel fills `PageRegion`s as its `struct page_region`.
+const _: () = assert!(size_of::<PageRegion>() == size_of::<page_region>());
 
 impl Pagemap {
     /// Lists regions of `start..end` holding pages in any of the
@@ -199,15 +190,19 @@ impl Pagemap {
         out.clear();
         let capacity = out.capacity().max(1);
         out.reserve(capacity);
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
+        let mut arg = pm_scan_arg {
+            size: size_of::<pm_scan_arg>() as u64,
+            flags: 0,
             start,
             end,
+            walk_end: 0,
             vec: out.as_mut_ptr() as u64,
             vec_len: capacity as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: 0,
             category_anyof_mask: anyof,
             return_mask: report,
-            ..PmScanArg::default()
         };
         // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to `out`'s
         // spare capacity of `vec_len` page_region structs, which the kernel
@@ -220,5 +215,36 @@ impl Pagemap {
         // SAFETY: the kernel initialised the first `filled` regions.
         unsafe { out.set_len(filled) };
         Ok(arg.walk_end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagemap_scan_finds_the_pages_just_written() {
+        let page = 4096;
+        let mut buffer = vec![1u8; 8 * page];
+        buffer.iter_mut().step_by(page).for_each(|b| *b = 2);
+        let start = (buffer.as_ptr() as u64).next_multiple_of(page as u64);
+        let end = start + 4 * page as u64;
+        let pagemap = Pagemap::open(std::process::id() as i32).expect("opening own pagemap");
+        let mut regions = Vec::with_capacity(8);
+        let report = category::PRESENT | category::FILE;
+        let walk_end = pagemap
+            .scan(start, end, category::PRESENT, report, &mut regions)
+            .expect("PAGEMAP_SCAN");
+        assert_eq!(walk_end, end, "the walk stopped early: {regions:?}");
+        assert_eq!(
+            regions,
+            [PageRegion {
+                start,
+                end,
+                categories: category::PRESENT,
+            }],
+            "four present, private, anonymous pages"
+        );
+        drop(buffer);
     }
 }

@@ -2,50 +2,57 @@
 //! masks, rseq configuration, single-stepping and detaching.
 //!
 //! Every function takes a thread id; errors are the raw `io::Error` of the
-//! call, for the caller to wrap with the thread it was working on.
+//! call, for the caller to wrap with the thread it was working on. The
+//! requests `nix` wraps go through it; the rest are by hand, each saying why.
 
 use std::io;
 
+use nix::sys::ptrace::{self as nix_ptrace, Event, Options};
+use nix::unistd::Pid;
+
 /// Number of 64-bit words in `struct user_regs_struct` on x86-64.
-pub const USER_REGS_WORDS: usize = 27;
+pub const USER_REGS_WORDS: usize = size_of::<libc::user_regs_struct>() / 8;
 
 /// Indices of registers in a [`Regs`] array (the order of `user_regs_struct`).
 pub mod reg {
+    use libc::user_regs_struct as R;
+    use std::mem::offset_of;
+
     /// `rbp`.
-    pub const RBP: usize = 4;
+    pub const RBP: usize = offset_of!(R, rbp) / 8;
     /// `r10`: fourth syscall argument.
-    pub const R10: usize = 7;
+    pub const R10: usize = offset_of!(R, r10) / 8;
     /// `r9`: sixth syscall argument.
-    pub const R9: usize = 8;
+    pub const R9: usize = offset_of!(R, r9) / 8;
     /// `r8`: fifth syscall argument.
-    pub const R8: usize = 9;
+    pub const R8: usize = offset_of!(R, r8) / 8;
     /// `rax`: syscall number in, result out.
-    pub const RAX: usize = 10;
+    pub const RAX: usize = offset_of!(R, rax) / 8;
     /// `rdx`: third syscall argument.
-    pub const RDX: usize = 12;
+    pub const RDX: usize = offset_of!(R, rdx) / 8;
     /// `rsi`: second syscall argument.
-    pub const RSI: usize = 13;
+    pub const RSI: usize = offset_of!(R, rsi) / 8;
     /// `rdi`: first syscall argument.
-    pub const RDI: usize = 14;
+    pub const RDI: usize = offset_of!(R, rdi) / 8;
     /// `orig_rax`: the syscall the thread is in, or -1.
-    pub const ORIG_RAX: usize = 15;
+    pub const ORIG_RAX: usize = offset_of!(R, orig_rax) / 8;
     /// `rip`.
-    pub const RIP: usize = 16;
+    pub const RIP: usize = offset_of!(R, rip) / 8;
     /// `eflags`.
-    pub const EFLAGS: usize = 18;
+    pub const EFLAGS: usize = offset_of!(R, eflags) / 8;
     /// `rsp`.
-    pub const RSP: usize = 19;
+    pub const RSP: usize = offset_of!(R, rsp) / 8;
     /// `fs_base`: the TLS pointer.
-    pub const FS_BASE: usize = 21;
+    pub const FS_BASE: usize = offset_of!(R, fs_base) / 8;
     /// `gs_base`.
-    pub const GS_BASE: usize = 22;
+    pub const GS_BASE: usize = offset_of!(R, gs_base) / 8;
 }
 
 /// The general registers of a thread, `struct user_regs_struct` word by word.
 pub type Regs = [u64; USER_REGS_WORDS];
 
 /// `NT_X86_XSTATE`, the regset of the whole xsave area.
-const NT_X86_XSTATE: libc::c_int = 0x202;
+const NT_X86_XSTATE: u32 = linux_raw_sys::elf_uapi::NT_X86_XSTATE;
 
 /// Why a traced thread stopped or ended, as `waitpid` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +73,7 @@ pub enum Stop {
 }
 
 /// `PTRACE_EVENT_STOP`: the stop caused by `PTRACE_INTERRUPT` or a group stop.
-pub const PTRACE_EVENT_STOP: i32 = 128;
+pub const PTRACE_EVENT_STOP: i32 = Event::PTRACE_EVENT_STOP as i32;
 
 fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
     if rc < 0 {
@@ -78,32 +85,30 @@ fn check(rc: libc::c_long) -> io::Result<libc::c_long> {
 
 /// Attaches to `tid` without stopping it (`PTRACE_SEIZE`, no options).
 pub fn seize(tid: i32) -> io::Result<()> {
-    // SAFETY: PTRACE_SEIZE takes a tid, a null address and options 0.
-    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) }).map(drop)
+    Ok(nix_ptrace::seize(Pid::from_raw(tid), Options::empty())?)
 }
 
 /// Asks a seized thread to stop (`PTRACE_INTERRUPT`).
 pub fn interrupt(tid: i32) -> io::Result<()> {
-    // SAFETY: PTRACE_INTERRUPT takes only a tid.
-    check(unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) }).map(drop)
+    Ok(nix_ptrace::interrupt(Pid::from_raw(tid))?)
 }
 
-/// Detaches from a stopped thread, delivering `signal` (0 for none).
-pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
-    // SAFETY: PTRACE_DETACH takes a tid and a signal number as data.
-    check(unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0usize, signal as usize) }).map(drop)
+/// Detaches from a stopped thread, delivering no signal.
+pub fn detach(tid: i32) -> io::Result<()> {
+    Ok(nix_ptrace::detach(Pid::from_raw(tid), None)?)
 }
 
 /// Resumes a stopped thread, delivering `signal` (0 for none).
 pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
+    // By hand: nix's Signal cannot name real-time signals, and the one a
+    // thread stopped with must be given back to it.
     // SAFETY: PTRACE_CONT takes a tid and a signal number as data.
     check(unsafe { libc::ptrace(libc::PTRACE_CONT, tid, 0usize, signal as usize) }).map(drop)
 }
 
 /// Runs one instruction of a stopped thread (`PTRACE_SINGLESTEP`).
 pub fn single_step(tid: i32) -> io::Result<()> {
-    // SAFETY: PTRACE_SINGLESTEP takes a tid and signal 0.
-    check(unsafe { libc::ptrace(libc::PTRACE_SINGLESTEP, tid, 0usize, 0usize) }).map(drop)
+    Ok(nix_ptrace::step(Pid::from_raw(tid), None)?)
 }
 
 /// Waits for the next stop or the end of traced thread `tid`.
@@ -119,6 +124,8 @@ pub fn wait(tid: i32) -> io::Result<Stop> {
 /// (`waitid(WEXITED | WNOWAIT)`): for a process that is also our child,
 /// collecting its exit status is left to whoever started it.
 pub fn wait_exit_keep(tid: i32) -> io::Result<()> {
+    // By hand: as for `waitpid`, nix's waitid fails on a thread killed by
+    // a real-time signal.
     loop {
         // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -161,6 +168,8 @@ pub fn wait_timeout(tid: i32, timeout: std::time::Duration) -> io::Result<Option
 /// One `waitpid(tid, __WALL | flags)`; `None` if nothing happened (WNOHANG)
 /// or the call was interrupted.
 fn waitpid(tid: i32, flags: libc::c_int) -> io::Result<Option<Stop>> {
+    // By hand: nix's WaitStatus refuses (EINVAL) a status that carries a
+    // real-time signal, which traced threads do stop and die with.
     let mut status: libc::c_int = 0;
     // SAFETY: waitpid writes one int to a valid pointer.
     let rc = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | flags) };
@@ -191,23 +200,25 @@ fn waitpid(tid: i32, flags: libc::c_int) -> io::Result<Option<Stop>> {
 
 /// Reads the general registers of a stopped thread.
 pub fn get_regs(tid: i32) -> io::Result<Regs> {
-    let mut regs: Regs = [0; USER_REGS_WORDS];
-    // SAFETY: PTRACE_GETREGS writes one user_regs_struct (27 u64 words on
-    // x86-64) to the buffer, which is exactly that size.
-    check(unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, regs.as_mut_ptr()) })?;
-    Ok(regs)
+    let regs = nix_ptrace::getregs(Pid::from_raw(tid))?;
+    // SAFETY: user_regs_struct is, on x86-64, `USER_REGS_WORDS` u64 fields
+    // without padding, so it is exactly a `Regs` and any value is valid.
+    Ok(unsafe { std::mem::transmute::<libc::user_regs_struct, Regs>(regs) })
 }
 
 /// Writes the general registers of a stopped thread.
 pub fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
-    // SAFETY: PTRACE_SETREGS reads one user_regs_struct from the buffer,
-    // which is exactly that size; the kernel validates the values.
-    check(unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, 0usize, regs.as_ptr()) }).map(drop)
+    // SAFETY: as in `get_regs`, the two types are the same 27 u64 words;
+    // the kernel validates the values.
+    let regs = unsafe { std::mem::transmute::<Regs, libc::user_regs_struct>(*regs) };
+    Ok(nix_ptrace::setregs(Pid::from_raw(tid), regs)?)
 }
 
 /// Reads the xsave area of a stopped thread (`NT_X86_XSTATE`), at most
 /// `max_len` bytes; the result is as long as the kernel's regset.
 pub fn get_xstate(tid: i32, max_len: usize) -> io::Result<Vec<u8>> {
+    // By hand: nix's getregset knows only fixed-size regsets, and the xsave
+    // area's size depends on the CPU.
     let mut buf = vec![0u8; max_len];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -230,6 +241,7 @@ pub fn get_xstate(tid: i32, max_len: usize) -> io::Result<Vec<u8>> {
 
 /// Reads the blocked-signal mask of a stopped thread.
 pub fn get_sigmask(tid: i32) -> io::Result<u64> {
+    // By hand: nix has no PTRACE_GETSIGMASK (nor SETSIGMASK).
     let mut mask: u64 = 0;
     // SAFETY: PTRACE_GETSIGMASK writes `addr` (8) bytes to the u64.
     check(unsafe {
@@ -276,6 +288,7 @@ pub struct RseqConfiguration {
 
 /// Reads the rseq registration of a stopped thread.
 pub fn get_rseq_configuration(tid: i32) -> io::Result<RseqConfiguration> {
+    // By hand: nix has no PTRACE_GET_RSEQ_CONFIGURATION.
     let mut config = RseqConfiguration::default();
     // SAFETY: the kernel writes at most `addr` bytes (the struct's size) to
     // the struct, whose layout matches `struct ptrace_rseq_configuration`.
@@ -294,6 +307,7 @@ pub fn get_rseq_configuration(tid: i32) -> io::Result<RseqConfiguration> {
 /// address of its head and the head's length, or a null address. Needs the
 /// right to trace the thread.
 pub fn get_robust_list(tid: i32) -> io::Result<(u64, u64)> {
+    // By hand: neither nix nor libc wraps get_robust_list.
     let mut head: u64 = 0;
     let mut len: u64 = 0;
     // SAFETY: the kernel writes one pointer to `head` and one size_t to
@@ -310,37 +324,28 @@ pub fn get_robust_list(tid: i32) -> io::Result<(u64, u64)> {
 }
 
 /// `PTRACE_EVENT_FORK`: a traced thread forked; the message is the new pid.
-pub const PTRACE_EVENT_FORK: i32 = 1;
+pub const PTRACE_EVENT_FORK: i32 = Event::PTRACE_EVENT_FORK as i32;
 /// `PTRACE_EVENT_CLONE`: a traced thread made a thread; the message is its tid.
-pub const PTRACE_EVENT_CLONE: i32 = 3;
+pub const PTRACE_EVENT_CLONE: i32 = Event::PTRACE_EVENT_CLONE as i32;
 
 /// Attaches to `tid` without stopping it, with `PTRACE_O_*` `options`
 /// (e.g. `PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL` for a process being
 /// restored).
 pub fn seize_with_options(tid: i32, options: libc::c_int) -> io::Result<()> {
-    // SAFETY: PTRACE_SEIZE takes a tid, a null address and the options as data.
-    check(unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, options as usize) }).map(drop)
+    let options = Options::from_bits_retain(options);
+    Ok(nix_ptrace::seize(Pid::from_raw(tid), options)?)
 }
 
 /// Reads the message of the last `PTRACE_EVENT_*` stop (the new pid or tid
 /// for fork and clone events, in the tracer's pid namespace).
 pub fn event_message(tid: i32) -> io::Result<u64> {
-    let mut message: libc::c_ulong = 0;
-    // SAFETY: PTRACE_GETEVENTMSG writes one unsigned long to the pointer.
-    check(unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETEVENTMSG,
-            tid,
-            0usize,
-            &mut message as *mut libc::c_ulong,
-        )
-    })?;
-    Ok(message)
+    Ok(nix_ptrace::getevent(Pid::from_raw(tid))? as u64)
 }
 
 /// Writes the xsave area of a stopped thread (`NT_X86_XSTATE`), as read by
 /// [`get_xstate`] on the same CPU model.
 pub fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
+    // By hand: as for `get_xstate`.
     let mut iov = libc::iovec {
         iov_base: xstate.as_ptr().cast_mut().cast(),
         iov_len: xstate.len(),

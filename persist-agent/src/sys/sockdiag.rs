@@ -7,16 +7,19 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
+use linux_raw_sys::netlink::{NLM_F_REQUEST, NLMSG_ERROR, nlmsghdr};
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
 
+const NLMSG_HDRLEN: usize = size_of::<nlmsghdr>();
+
+// By hand: neither libc nor linux-raw-sys carries <linux/sock_diag.h> and
+// <linux/unix_diag.h>.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
 const UDIAG_SHOW_PEER: u32 = 0x04;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
-const NLMSG_HDRLEN: usize = 16;
+/// Size of `struct unix_diag_msg`, which the attributes follow.
 const UNIX_DIAG_MSG_LEN: usize = 16;
 
 /// What `sock_diag` reports about one UNIX socket.
@@ -45,7 +48,7 @@ pub fn unix_socket(inode: u64) -> io::Result<UnixDiag> {
     let mut req = Vec::with_capacity(NLMSG_HDRLEN + 24);
     req.extend_from_slice(&((NLMSG_HDRLEN + 24) as u32).to_ne_bytes()); // nlmsg_len
     req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes()); // nlmsg_type
-    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes()); // nlmsg_flags
+    req.extend_from_slice(&(NLM_F_REQUEST as u16).to_ne_bytes()); // nlmsg_flags
     req.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
     req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
     req.push(libc::AF_UNIX as u8); // sdiag_family
@@ -76,7 +79,7 @@ fn parse_reply(buf: &[u8]) -> io::Result<UnixDiag> {
     let len = u32_at(buf, 0).ok_or_else(bad)? as usize;
     let kind = u16_at(buf, 4).ok_or_else(bad)?;
     let msg = buf.get(..len).ok_or_else(bad)?;
-    if kind == NLMSG_ERROR {
+    if u32::from(kind) == NLMSG_ERROR {
         let errno = u32_at(msg, NLMSG_HDRLEN).ok_or_else(bad)? as i32;
         return Err(io::Error::from_raw_os_error(-errno));
     }

@@ -4,28 +4,31 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// `UFFD_API`.
-const UFFD_API: u64 = 0xaa;
-/// `UFFDIO_API`.
-const UFFDIO_API: u64 = 0xc018_aa3f;
-/// `UFFDIO_REGISTER`.
-pub const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-/// `UFFDIO_UNREGISTER`.
-const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
-/// `UFFDIO_WAKE`.
-const UFFDIO_WAKE: u64 = 0x8010_aa02;
-/// `UFFDIO_COPY`.
-const UFFDIO_COPY: u64 = 0xc028_aa03;
-/// `UFFDIO_ZEROPAGE`.
-const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
-/// `UFFDIO_REGISTER_MODE_MISSING`.
-const MODE_MISSING: u64 = 1;
+use linux_raw_sys::general as uapi;
+use linux_raw_sys::ioctl as uapi_ioctl;
 
-const FEATURE_EVENT_REMAP: u64 = 1 << 2;
-const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-const FEATURE_THREAD_ID: u64 = 1 << 8;
-const FEATURE_EVENT_FORK: u64 = 1 << 1;
+/// `UFFD_API`.
+const UFFD_API: u64 = uapi::UFFD_API as u64;
+/// `UFFDIO_API`.
+const UFFDIO_API: u64 = uapi_ioctl::UFFDIO_API as u64;
+/// `UFFDIO_REGISTER`.
+pub const UFFDIO_REGISTER: u64 = uapi_ioctl::UFFDIO_REGISTER as u64;
+/// `UFFDIO_UNREGISTER`.
+const UFFDIO_UNREGISTER: u64 = uapi_ioctl::UFFDIO_UNREGISTER as u64;
+/// `UFFDIO_WAKE`.
+const UFFDIO_WAKE: u64 = uapi_ioctl::UFFDIO_WAKE as u64;
+/// `UFFDIO_COPY`.
+const UFFDIO_COPY: u64 = uapi_ioctl::UFFDIO_COPY as u64;
+/// `UFFDIO_ZEROPAGE`.
+const UFFDIO_ZEROPAGE: u64 = uapi_ioctl::UFFDIO_ZEROPAGE as u64;
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+const MODE_MISSING: u64 = uapi::UFFDIO_REGISTER_MODE_MISSING as u64;
+
+const FEATURE_EVENT_REMAP: u64 = uapi::UFFD_FEATURE_EVENT_REMAP as u64;
+const FEATURE_EVENT_REMOVE: u64 = uapi::UFFD_FEATURE_EVENT_REMOVE as u64;
+const FEATURE_EVENT_UNMAP: u64 = uapi::UFFD_FEATURE_EVENT_UNMAP as u64;
+const FEATURE_THREAD_ID: u64 = uapi::UFFD_FEATURE_THREAD_ID as u64;
+const FEATURE_EVENT_FORK: u64 = uapi::UFFD_FEATURE_EVENT_FORK as u64;
 
 /// Features a restored process's userfaultfd is created with: the pager must
 /// see `madvise(DONTNEED)`, `munmap` and `mremap` of registered ranges, or
@@ -37,14 +40,14 @@ pub const FEATURES: u64 = FEATURE_EVENT_REMAP
     | FEATURE_THREAD_ID
     | FEATURE_EVENT_FORK;
 
-const EVENT_PAGEFAULT: u8 = 0x12;
-const EVENT_FORK: u8 = 0x13;
-const EVENT_REMAP: u8 = 0x14;
-const EVENT_REMOVE: u8 = 0x15;
-const EVENT_UNMAP: u8 = 0x16;
+const EVENT_PAGEFAULT: u8 = uapi::UFFD_EVENT_PAGEFAULT as u8;
+const EVENT_FORK: u8 = uapi::UFFD_EVENT_FORK as u8;
+const EVENT_REMAP: u8 = uapi::UFFD_EVENT_REMAP as u8;
+const EVENT_REMOVE: u8 = uapi::UFFD_EVENT_REMOVE as u8;
+const EVENT_UNMAP: u8 = uapi::UFFD_EVENT_UNMAP as u8;
 
 /// Size of `struct uffdio_register`.
-pub const REGISTER_SIZE: usize = 32;
+pub const REGISTER_SIZE: usize = size_of::<uapi::uffdio_register>();
 
 /// Creates a userfaultfd for the calling process's memory (close-on-exec,
 /// non-blocking, user and kernel faults), negotiates [`FEATURES`] and
