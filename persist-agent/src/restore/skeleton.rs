@@ -20,7 +20,7 @@ use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
 use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region, describe, is_lazy};
 use super::pager::{MappedFiles, Pager};
 use super::table::{Table, TableBuilder};
-use super::{RestoreError, creds};
+use super::{RestoreError, creds, seccomp};
 use crate::files::{self, InheritedFds, PreparedFds};
 use crate::host;
 use crate::sys::clone::{self, Forked};
@@ -648,6 +648,7 @@ impl Builder<'_> {
     ) -> Result<(), RestoreError> {
         let pid = self.pid;
         let current_creds = creds::own();
+        let shared = seccomp::shared_prefix(&manifest.threads).len();
         for (thread, &tid) in manifest.threads.iter().zip(tids) {
             if let Some(rseq) = &thread.rseq {
                 // The kernel writes the rseq area at registration.
@@ -656,6 +657,13 @@ impl Builder<'_> {
             }
             let mut t = self.table();
             per_thread(&mut t, thread);
+            // Before the credentials, while the thread may still install
+            // any filter; the filters are suspended until the end.
+            seccomp::append(
+                &mut t,
+                &manifest.process.seccomp_filters,
+                &thread.seccomp[shared..],
+            )?;
             if let Some(current) = &current_creds {
                 creds::append(&mut t, &manifest.process.credentials, current);
             }
@@ -694,17 +702,36 @@ impl Builder<'_> {
             )
             .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
         }
+        if !manifest.process.seccomp_filters.is_empty() {
+            // The filters apply from the thread's first instruction on,
+            // whether it resumes under ptrace or from a group stop.
+            for &tid in tids {
+                ptrace::set_options(tid, TRACE_OPTIONS)
+                    .map_err(RestoreError::ptrace(tid, "resume seccomp"))?;
+            }
+        }
         Ok(())
     }
 
     /// Creates the threads after the first with their recorded tids; returns
     /// every thread's tid in our namespace, the leader first.
+    /// The filters every thread shares are installed first, so that the
+    /// threads inherit them (see [`seccomp`]); from then on the process is
+    /// traced with its filters suspended until [`Builder::thread_state`]
+    /// is done.
     fn threads(&mut self, manifest: &Manifest) -> Result<Vec<i32>, RestoreError> {
         let mut tids = vec![self.pid];
-        if manifest.threads.len() == 1 {
+        let filtered = !manifest.process.seccomp_filters.is_empty();
+        if filtered {
+            ptrace::set_options(self.pid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+                .map_err(RestoreError::ptrace(self.pid, "suspend seccomp"))?;
+        }
+        let shared = seccomp::shared_prefix(&manifest.threads);
+        if manifest.threads.len() == 1 && shared.is_empty() {
             return Ok(tids);
         }
         let mut t = self.table();
+        seccomp::append(&mut t, &manifest.process.seccomp_filters, shared)?;
         for thread in &manifest.threads[1..] {
             let set_tid = t.data(&thread.tid.to_ne_bytes());
             let args = t.data(&clone::thread_clone_args(set_tid));
@@ -734,6 +761,11 @@ impl Builder<'_> {
                         what: format!("{other:?} as a new thread's first stop"),
                     });
                 }
+            }
+            if filtered {
+                // Inherited from the creator's tracing; set all the same.
+                ptrace::set_options(tid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+                    .map_err(RestoreError::ptrace(tid, "suspend seccomp"))?;
             }
         }
         tids.extend(created);

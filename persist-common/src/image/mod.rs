@@ -45,6 +45,19 @@
 //! ([`crate::trust`]): owned by root, not writable by group or others, and
 //! each file a regular file, judged on the opened descriptor.
 //!
+//! Seccomp filters (format 1, since the `seccomp_filters` field): each
+//! distinct filter of the process's threads is stored once in the
+//! manifest's `process.seccomp_filters` (its classic BPF program and the
+//! `SECCOMP_FILTER_FLAG_LOG` flag), and each thread lists the filters it
+//! runs under in `threads[].seccomp`, by index there, the first installed
+//! first. A thread that inherited filters and added its own lists the
+//! shared ones first, then its own. Both fields are absent when no thread
+//! runs under seccomp; an index past the filters, or a program that is not
+//! 1 to 4096 whole 8-byte instructions, is refused when the image is
+//! opened. A reader older than these fields would ignore them and restore
+//! the process without its filters: images are read by the agent that
+//! wrote them or a newer one.
+//!
 //! An image may also hold `working-set`: the addresses and store offsets of
 //! the pages its first wake touched, in touch order, for later wakes to copy
 //! from the page store in bulk before the process resumes. It holds no page
