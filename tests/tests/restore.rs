@@ -153,6 +153,68 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
+#[test]
+fn seccomp_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-seccomp").unwrap();
+}
+
+/// Each thread's filters, resolved from indices to (program, flags).
+fn seccomp_chains(image: &Path) -> Vec<Vec<(Vec<u8>, u64)>> {
+    let image = persist_common::image::Image::open(image).unwrap();
+    let manifest = image.manifest();
+    let filters = &manifest.process.seccomp_filters;
+    manifest
+        .threads
+        .iter()
+        .map(|thread| {
+            thread
+                .seccomp
+                .iter()
+                .map(|&i| (filters[i as usize].program.clone(), filters[i as usize].flags))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn restored_seccomp_filters_read_back_as_checkpointed() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-seccomp", &dir).unwrap();
+    let mut pids = Pids(vec![fixture.id() as i32]);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+    let again = temp.path().join("again");
+    run_ok(
+        agent()
+            .args(["checkpoint", "--leave-running", "--pid", &pid.to_string(), "--image"])
+            .arg(&again),
+    )
+    .unwrap();
+
+    let before = seccomp_chains(&image);
+    let lengths: Vec<usize> = before.iter().map(Vec::len).collect();
+    assert_eq!(lengths, [2, 2, 3], "filters per thread of the fixture");
+    assert_eq!(
+        before[0][1].1,
+        libc::SECCOMP_FILTER_FLAG_LOG,
+        "the fixture's second filter logs"
+    );
+    assert_eq!(
+        seccomp_chains(&again),
+        before,
+        "the restored threads run under other filters, flags or order"
+    );
+    assert_eq!(fixture_result(pid, &dir).unwrap(), "OK", "after the second checkpoint");
+}
+
 /// A checkpointed fixture's image, the fixture gone; with its pid.
 fn fixture_image(temp: &Path) -> Result<(i32, PathBuf)> {
     let dir = temp.join("state");

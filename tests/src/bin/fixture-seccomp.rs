@@ -1,7 +1,9 @@
 //! Test fixture: threads under stacked seccomp filters.
 //!
 //! `fixture-seccomp DIR` sets no_new_privs and installs two filters: the
-//! first makes `getppid` and `sysinfo` fail with EPERM, the second (with
+//! first makes `getppid`, `sysinfo`, `getitimer` and `set_tid_address`
+//! fail with EPERM (the last two are calls the agent makes in the process
+//! when it checkpoints and restores it), the second (with
 //! `SECCOMP_FILTER_FLAG_LOG`) makes `getppid` and `uname` fail with E2BIG.
 //! Where both fail a call, the last installed gives the errno, so
 //! `getppid` shows their order. It then starts two threads, which inherit
@@ -126,6 +128,12 @@ fn observe() -> String {
         let mut info: libc::sysinfo = std::mem::zeroed();
         libc::syscall(libc::SYS_sysinfo, &mut info as *mut libc::sysinfo)
     });
+    // SAFETY: getitimer only writes into the zeroed struct, which outlives
+    // the call.
+    let getitimer = outcome(unsafe {
+        let mut timer: libc::itimerval = std::mem::zeroed();
+        libc::syscall(libc::SYS_getitimer, libc::ITIMER_REAL, &mut timer as *mut libc::itimerval)
+    });
     // SAFETY: PR_GET_NO_NEW_PRIVS takes plain integers.
     let no_new_privs = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };
     // SAFETY: gettid has no preconditions.
@@ -140,7 +148,7 @@ fn observe() -> String {
             .to_owned()
     };
     format!(
-        "getppid={getppid} uname={uname} sysinfo={sysinfo} seccomp={} filters={} no_new_privs={no_new_privs}",
+        "getppid={getppid} uname={uname} sysinfo={sysinfo} getitimer={getitimer} seccomp={} filters={} no_new_privs={no_new_privs}",
         field("Seccomp:"),
         field("Seccomp_filters:"),
     )
@@ -155,7 +163,8 @@ fn expected(own_filter: bool) -> String {
         ("E2BIG", "EPERM", 2)
     };
     format!(
-        "getppid={getppid} uname=E2BIG sysinfo={sysinfo} seccomp=2 filters={filters} no_new_privs=1"
+        "getppid={getppid} uname=E2BIG sysinfo={sysinfo} getitimer=EPERM seccomp=2 filters={filters} \
+         no_new_privs=1"
     )
 }
 
@@ -206,7 +215,14 @@ fn write_atomically(dir: &Path, name: &str, contents: &str) {
 fn filtered_threads(dir: &Path) -> ! {
     set_no_new_privs();
     install(
-        &mut denying(&[(libc::SYS_getppid, libc::EPERM), (libc::SYS_sysinfo, libc::EPERM)]),
+        &mut denying(&[
+            (libc::SYS_getppid, libc::EPERM),
+            (libc::SYS_sysinfo, libc::EPERM),
+            // Calls the checkpoint injects and the restore makes in each
+            // thread, which must not be filtered for the agent.
+            (libc::SYS_getitimer, libc::EPERM),
+            (libc::SYS_set_tid_address, libc::EPERM),
+        ]),
         0,
     );
     install(
