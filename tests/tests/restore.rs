@@ -159,8 +159,8 @@ fn seccomp_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-seccomp").unwrap();
 }
 
-/// Each thread's filters, resolved from indices to (program, flags).
-fn seccomp_chains(image: &Path) -> Vec<Vec<(Vec<u8>, u64)>> {
+/// Each thread's filters, resolved from indices to (program's CRC32C, flags).
+fn seccomp_chains(image: &Path) -> Vec<Vec<(u32, u64)>> {
     let image = persist_common::image::Image::open(image).unwrap();
     let manifest = image.manifest();
     let filters = &manifest.process.seccomp_filters;
@@ -171,7 +171,10 @@ fn seccomp_chains(image: &Path) -> Vec<Vec<(Vec<u8>, u64)>> {
             thread
                 .seccomp
                 .iter()
-                .map(|&i| (filters[i as usize].program.clone(), filters[i as usize].flags))
+                .map(|&i| {
+                    let filter = &filters[i as usize];
+                    (crc32c::crc32c(&filter.program), filter.flags)
+                })
                 .collect()
         })
         .collect()
@@ -337,6 +340,43 @@ fn failure_after_the_fork_kills_the_half_restored_process() {
         regs.pop();
     });
     let err = failed_restore(&image);
+    assert!(err.contains("register words"), "{err}");
+    let left = restored_copies(recorded);
+    assert!(
+        left.is_empty(),
+        "a half-restored process was left: {left:?}"
+    );
+}
+
+#[test]
+fn failure_after_the_threads_are_made_kills_them_all_without_hanging() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-threads", &dir).unwrap();
+    let _pids = Pids(vec![fixture.id() as i32]);
+    let recorded = fixture.id() as i32;
+    checkpoint(agent(), recorded, &image).unwrap();
+    fixture.wait().unwrap();
+    // The last thread's registers are set after every thread exists.
+    edit_manifest(&image, |manifest| {
+        let threads = manifest["threads"].as_array_mut().unwrap();
+        let regs = threads.last_mut().unwrap()["regs"].as_array_mut().unwrap();
+        regs.pop();
+    });
+    let output = persist_tests::output_within(
+        agent()
+            .arg("restore")
+            .arg("--image")
+            .arg(&image)
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    )
+    .expect("a failed restore of a threaded process returns");
+    assert!(!output.status.success(), "restore of a bad image succeeded");
+    let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("register words"), "{err}");
     let left = restored_copies(recorded);
     assert!(

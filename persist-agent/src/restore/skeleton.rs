@@ -147,15 +147,20 @@ pub struct Restored {
 
 /// Kills what a failed prepare leaves behind.
 struct KillGuard {
+    /// The process, then the init of its pid namespace if it has one.
     pids: Vec<i32>,
+    /// Threads made after the first.
+    threads: Vec<i32>,
 }
 
 impl Drop for KillGuard {
     fn drop(&mut self) {
-        for &pid in &self.pids {
+        for &pid in self.pids.iter().chain(&self.threads) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
         }
-        for &pid in &self.pids {
+        // Traced threads first: until we reap them, their leader's exit is
+        // never reported, and the init waits for the leader.
+        for &pid in self.threads.iter().chain(&self.pids) {
             let _ = nix::sys::wait::waitpid(
                 nix::unistd::Pid::from_raw(pid),
                 Some(nix::sys::wait::WaitPidFlag::__WALL),
@@ -220,7 +225,10 @@ impl Skeleton {
         };
 
         let forked_at = Instant::now();
-        let mut guard = KillGuard { pids: Vec::new() };
+        let mut guard = KillGuard {
+            pids: Vec::new(),
+            threads: Vec::new(),
+        };
         let pipes = SyncPipes {
             status: &status_read,
             init_go: &init_go_write,
@@ -251,12 +259,13 @@ impl Skeleton {
             region: &region,
         };
         let tids = builder.threads(manifest)?;
-        guard.pids.extend(tids.iter().skip(1));
+        guard.threads.extend(tids.iter().skip(1));
         builder.thread_state(manifest, &tids, &mut pager)?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
         files::warm_own_proc_entries(pid);
 
         guard.pids.clear();
+        guard.threads.clear();
         let sigcont_is_default = manifest
             .process
             .sigactions
@@ -385,6 +394,14 @@ impl Drop for Skeleton {
         // Never resumed: the process must not survive its skeleton.
         if let Some(pidfd) = &self.pidfd {
             let _ = pidfd.send_signal(Signal::SIGKILL);
+        }
+        // Threads we still trace first: their leader is reported only once
+        // they are reaped (a released skeleton's are not ours: ECHILD).
+        for &tid in &self.tids[1..] {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(tid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            );
         }
         let _ = nix::sys::wait::waitpid(
             nix::unistd::Pid::from_raw(self.pid),
