@@ -611,7 +611,11 @@ fn seccomp_strict_mode_is_refused_by_thread() {
                 .contains("Seccomp:\t1")
         })
         .collect();
-    assert_eq!(strict.len(), 1, "one thread of the fixture is in strict mode");
+    assert_eq!(
+        strict.len(),
+        1,
+        "one thread of the fixture is in strict mode"
+    );
     let stderr = refused(&fixture);
     assert!(
         stderr.contains(&format!(

@@ -159,6 +159,23 @@ fn seccomp_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-seccomp").unwrap();
 }
 
+#[test]
+fn image_naming_a_missing_seccomp_filter_is_refused() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let (recorded, image) = fixture_image(temp.path()).unwrap();
+    edit_manifest(&image, |manifest| {
+        manifest["threads"][0]["seccomp"] = serde_json::json!([7]);
+    });
+    let err = failed_restore(&image);
+    assert!(
+        err.contains(&format!(
+            "thread {recorded} runs under seccomp filter 7, but the image holds 0 filters"
+        )),
+        "{err}"
+    );
+}
+
 /// Each thread's filters, resolved from indices to (program's CRC32C, flags).
 fn seccomp_chains(image: &Path) -> Vec<Vec<(u32, u64)>> {
     let image = persist_common::image::Image::open(image).unwrap();
@@ -197,7 +214,13 @@ fn restored_seccomp_filters_read_back_as_checkpointed() {
     let again = temp.path().join("again");
     run_ok(
         agent()
-            .args(["checkpoint", "--leave-running", "--pid", &pid.to_string(), "--image"])
+            .args([
+                "checkpoint",
+                "--leave-running",
+                "--pid",
+                &pid.to_string(),
+                "--image",
+            ])
             .arg(&again),
     )
     .unwrap();
@@ -215,7 +238,11 @@ fn restored_seccomp_filters_read_back_as_checkpointed() {
         before,
         "the restored threads run under other filters, flags or order"
     );
-    assert_eq!(fixture_result(pid, &dir).unwrap(), "OK", "after the second checkpoint");
+    assert_eq!(
+        fixture_result(pid, &dir).unwrap(),
+        "OK",
+        "after the second checkpoint"
+    );
 }
 
 /// A checkpointed fixture's image, the fixture gone; with its pid.

@@ -129,10 +129,15 @@ mod tests {
         let load_nr = insn(0x20, 0);
         let allow = insn(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW);
         let notify = insn(BPF_RET | BPF_K, libc::SECCOMP_RET_USER_NOTIF | 7);
-        assert!(!returns_user_notif(&[load_nr.clone(), allow.clone()].concat()));
+        assert!(!returns_user_notif(
+            &[load_nr.clone(), allow.clone()].concat()
+        ));
         assert!(returns_user_notif(&[load_nr, notify, allow].concat()));
         // A load of the constant is not a verdict.
-        assert!(!returns_user_notif(&insn(0x00, libc::SECCOMP_RET_USER_NOTIF)));
+        assert!(!returns_user_notif(&insn(
+            0x00,
+            libc::SECCOMP_RET_USER_NOTIF
+        )));
     }
 
     #[test]

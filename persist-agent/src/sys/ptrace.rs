@@ -362,8 +362,7 @@ pub fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
 /// (`PTRACE_SETOPTIONS`; they replace the ones given at seize).
 pub fn set_options(tid: i32, options: libc::c_int) -> io::Result<()> {
     // SAFETY: PTRACE_SETOPTIONS takes a tid, a null address and the options as data.
-    check(unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, tid, 0usize, options as usize) })
-        .map(drop)
+    check(unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, tid, 0usize, options as usize) }).map(drop)
 }
 
 /// `PTRACE_SECCOMP_GET_FILTER` (not in the libc crate for glibc targets).
@@ -382,9 +381,8 @@ pub const SOCK_FILTER_LEN: usize = 8;
 pub fn seccomp_filter(tid: i32, index: usize) -> io::Result<Option<Vec<u8>>> {
     // SAFETY: with a null data pointer the kernel only returns the number
     // of instructions of filter `index`.
-    let count = match check(unsafe {
-        libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0usize)
-    }) {
+    let count = match check(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0usize) })
+    {
         Ok(count) => count as usize,
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(err) => return Err(err),
@@ -394,12 +392,7 @@ pub fn seccomp_filter(tid: i32, index: usize) -> io::Result<Option<Vec<u8>>> {
     // buffer, which is that long; the filter of a stopped thread cannot
     // change between the two calls.
     let written = check(unsafe {
-        libc::ptrace(
-            PTRACE_SECCOMP_GET_FILTER,
-            tid,
-            index,
-            program.as_mut_ptr(),
-        )
+        libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, program.as_mut_ptr())
     })? as usize;
     program.truncate(written * SOCK_FILTER_LEN);
     Ok(Some(program))

@@ -497,7 +497,11 @@ fn check_seccomp(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
         }
     }
     for thread in &manifest.threads {
-        if let Some(&index) = thread.seccomp.iter().find(|&&i| i as usize >= filters.len()) {
+        if let Some(&index) = thread
+            .seccomp
+            .iter()
+            .find(|&&i| i as usize >= filters.len())
+        {
             return Err(inconsistent(format!(
                 "thread {} runs under seccomp filter {index}, but the image holds {} filters",
                 thread.tid,

@@ -87,11 +87,7 @@ fn install(program: &mut [libc::sock_filter], flags: libc::c_ulong) -> libc::c_l
             &prog as *const libc::sock_fprog,
         )
     };
-    assert!(
-        rc >= 0,
-        "seccomp: {}",
-        std::io::Error::last_os_error()
-    );
+    assert!(rc >= 0, "seccomp: {}", std::io::Error::last_os_error());
     rc
 }
 
@@ -117,13 +113,14 @@ fn outcome(rc: libc::c_long) -> String {
 /// What the calling thread sees of its filters.
 fn observe() -> String {
     // Each result is read at once: errno belongs to the last call.
-    // SAFETY: getppid takes nothing; uname and sysinfo only write into the
-    // zeroed structs, which outlive the calls.
+    // SAFETY: getppid takes nothing.
     let getppid = outcome(unsafe { libc::syscall(libc::SYS_getppid) });
+    // SAFETY: uname only writes into the zeroed struct, which outlives it.
     let uname = outcome(unsafe {
         let mut utsname: libc::utsname = std::mem::zeroed();
         libc::syscall(libc::SYS_uname, &mut utsname as *mut libc::utsname)
     });
+    // SAFETY: sysinfo only writes into the zeroed struct, which outlives it.
     let sysinfo = outcome(unsafe {
         let mut info: libc::sysinfo = std::mem::zeroed();
         libc::syscall(libc::SYS_sysinfo, &mut info as *mut libc::sysinfo)
@@ -132,7 +129,11 @@ fn observe() -> String {
     // the call.
     let getitimer = outcome(unsafe {
         let mut timer: libc::itimerval = std::mem::zeroed();
-        libc::syscall(libc::SYS_getitimer, libc::ITIMER_REAL, &mut timer as *mut libc::itimerval)
+        libc::syscall(
+            libc::SYS_getitimer,
+            libc::ITIMER_REAL,
+            &mut timer as *mut libc::itimerval,
+        )
     });
     // SAFETY: PR_GET_NO_NEW_PRIVS takes plain integers.
     let no_new_privs = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };
@@ -180,7 +181,10 @@ fn worker(index: usize, start: Arc<Barrier>, report: mpsc::Sender<(usize, String
     let own_filter = index == 1;
     if own_filter {
         install(
-            &mut denying(&[(libc::SYS_sysinfo, libc::EIO), (libc::SYS_getppid, libc::EIO)]),
+            &mut denying(&[
+                (libc::SYS_sysinfo, libc::EIO),
+                (libc::SYS_getppid, libc::EIO),
+            ]),
             0,
         );
     }
@@ -226,7 +230,10 @@ fn filtered_threads(dir: &Path) -> ! {
         0,
     );
     install(
-        &mut denying(&[(libc::SYS_getppid, libc::E2BIG), (libc::SYS_uname, libc::E2BIG)]),
+        &mut denying(&[
+            (libc::SYS_getppid, libc::E2BIG),
+            (libc::SYS_uname, libc::E2BIG),
+        ]),
         libc::SECCOMP_FILTER_FLAG_LOG,
     );
     let recorded = first_look("main", false);
@@ -323,7 +330,10 @@ fn main() {
         assert!(args.len() > 1, "usage: fixture-seccomp --exec CMD ARGS...");
         exec_filtered(&args[1..]);
     }
-    let dir = PathBuf::from(args.first().expect("usage: fixture-seccomp DIR [strict|user-notif]"));
+    let dir = PathBuf::from(
+        args.first()
+            .expect("usage: fixture-seccomp DIR [strict|user-notif]"),
+    );
     // SAFETY: the handler only touches an atomic.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
     match args.get(1).and_then(|mode| mode.to_str()) {
