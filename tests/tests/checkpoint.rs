@@ -622,23 +622,43 @@ fn sysv_shared_memory_is_refused() {
 }
 
 #[test]
-fn seccomp_filter_is_refused() {
+fn seccomp_strict_mode_is_refused_by_thread() {
     persist_tests::require_root!();
-    // A one-instruction filter: BPF_RET|BPF_K SECCOMP_RET_ALLOW.
-    let fixture = python_fixture(
-        "class Filter(ctypes.Structure):\n    \
-             _fields_ = [('code', ctypes.c_ushort), ('jt', ctypes.c_ubyte), ('jf', ctypes.c_ubyte), ('k', ctypes.c_uint)]\n\
-         class Prog(ctypes.Structure):\n    \
-             _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.POINTER(Filter))]\n\
-         allow = (Filter * 1)(Filter(0x06, 0, 0, 0x7fff0000))\n\
-         prog = Prog(1, allow)\n\
-         assert libc.prctl(38, 1, 0, 0, 0) == 0\n\
-         assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0",
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-seccomp"), &["strict"]);
+    let strict: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", fixture.pid()))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", fixture.pid()))
+                .unwrap()
+                .contains("Seccomp:\t1")
+        })
+        .collect();
+    assert_eq!(
+        strict.len(),
+        1,
+        "one thread of the fixture is in strict mode"
     );
     let stderr = refused(&fixture);
     assert!(
         stderr.contains(&format!(
-            "pid {} runs under seccomp (mode 2)",
+            "pid {}, thread {} runs in seccomp strict mode (mode 1)",
+            fixture.pid(),
+            strict[0]
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn seccomp_user_notification_is_refused_by_filter() {
+    persist_tests::require_root!();
+    let fixture = Fixture::start(env!("CARGO_BIN_EXE_fixture-seccomp"), &["user-notif"]);
+    let stderr = refused(&fixture);
+    assert!(
+        stderr.contains(&format!(
+            "pid {0}, thread {0}: seccomp filter 1 of 1 (in install order) returns \
+             SECCOMP_RET_USER_NOTIF",
             fixture.pid()
         )),
         "{stderr}"

@@ -159,6 +159,98 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
+#[test]
+fn seccomp_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-seccomp").unwrap();
+}
+
+#[test]
+fn image_naming_a_missing_seccomp_filter_is_refused() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let (recorded, image) = fixture_image(temp.path()).unwrap();
+    edit_manifest(&image, |manifest| {
+        manifest["threads"][0]["seccomp"] = serde_json::json!([7]);
+    });
+    let err = failed_restore(&image);
+    assert!(
+        err.contains(&format!(
+            "thread {recorded} runs under seccomp filter 7, but the image holds 0 filters"
+        )),
+        "{err}"
+    );
+}
+
+/// Each thread's filters, resolved from indices to (program's CRC32C, flags).
+fn seccomp_chains(image: &Path) -> Vec<Vec<(u32, u64)>> {
+    let image = persist_common::image::Image::open(image).unwrap();
+    let manifest = image.manifest();
+    let filters = &manifest.process.seccomp_filters;
+    manifest
+        .threads
+        .iter()
+        .map(|thread| {
+            thread
+                .seccomp
+                .iter()
+                .map(|&i| {
+                    let filter = &filters[i as usize];
+                    (crc32c::crc32c(&filter.program), filter.flags)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn restored_seccomp_filters_read_back_as_checkpointed() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-seccomp", &dir).unwrap();
+    let mut pids = Pids(vec![fixture.id() as i32]);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+    let again = temp.path().join("again");
+    run_ok(
+        agent()
+            .args([
+                "checkpoint",
+                "--leave-running",
+                "--pid",
+                &pid.to_string(),
+                "--image",
+            ])
+            .arg(&again),
+    )
+    .unwrap();
+
+    let before = seccomp_chains(&image);
+    let lengths: Vec<usize> = before.iter().map(Vec::len).collect();
+    assert_eq!(lengths, [2, 2, 3], "filters per thread of the fixture");
+    assert_eq!(
+        before[0][1].1,
+        libc::SECCOMP_FILTER_FLAG_LOG,
+        "the fixture's second filter logs"
+    );
+    assert_eq!(
+        seccomp_chains(&again),
+        before,
+        "the restored threads run under other filters, flags or order"
+    );
+    assert_eq!(
+        fixture_result(pid, &dir).unwrap(),
+        "OK",
+        "after the second checkpoint"
+    );
+}
+
 /// A checkpointed fixture's image, the fixture gone; with its pid.
 fn fixture_image(temp: &Path) -> Result<(i32, PathBuf)> {
     let dir = temp.join("state");
@@ -281,6 +373,43 @@ fn failure_after_the_fork_kills_the_half_restored_process() {
         regs.pop();
     });
     let err = failed_restore(&image);
+    assert!(err.contains("register words"), "{err}");
+    let left = restored_copies(recorded);
+    assert!(
+        left.is_empty(),
+        "a half-restored process was left: {left:?}"
+    );
+}
+
+#[test]
+fn failure_after_the_threads_are_made_kills_them_all_without_hanging() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-threads", &dir).unwrap();
+    let _pids = Pids(vec![fixture.id() as i32]);
+    let recorded = fixture.id() as i32;
+    checkpoint(agent(), recorded, &image).unwrap();
+    fixture.wait().unwrap();
+    // The last thread's registers are set after every thread exists.
+    edit_manifest(&image, |manifest| {
+        let threads = manifest["threads"].as_array_mut().unwrap();
+        let regs = threads.last_mut().unwrap()["regs"].as_array_mut().unwrap();
+        regs.pop();
+    });
+    let output = persist_tests::output_within(
+        agent()
+            .arg("restore")
+            .arg("--image")
+            .arg(&image)
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    )
+    .expect("a failed restore of a threaded process returns");
+    assert!(!output.status.success(), "restore of a bad image succeeded");
+    let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("register words"), "{err}");
     let left = restored_copies(recorded);
     assert!(

@@ -1165,3 +1165,100 @@ fn a_server_handling_sigcont_is_resumed_without_running_its_handler() {
         "the server's SIGCONT handler ran on the wake"
     );
 }
+
+/// python's http.server answering `/uname` with what `os.uname()` does:
+/// `allowed`, or `blocked: ` and the error.
+const UNAME_SERVER: &str = "\
+import http.server, os, sys
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path != '/uname':
+            return super().do_GET()
+        try:
+            os.uname()
+            body = b'allowed'
+        except OSError as err:
+            body = f'blocked: {err.strerror}'.encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+port = int(sys.argv[1])
+http.server.ThreadingHTTPServer(('127.0.0.1', port), Handler).serve_forever()
+";
+
+/// One HTTP/1.0 GET of `path` on 127.0.0.1:`port` in the sandbox: the body.
+fn get(sandbox: &Sandbox, port: u16, path: &str) -> String {
+    sandbox
+        .netns
+        .enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+                .split_once("\r\n\r\n")
+                .map_or(response.clone(), |(_, body)| body.to_owned())
+        })
+        .unwrap()
+}
+
+/// The seccomp lines of a process's status.
+fn seccomp_status(pid: i64) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|line| line.starts_with("Seccomp") || line.starts_with("NoNewPrivs"))
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn python_http_server_under_a_seccomp_filter_is_parked_and_woken_with_it() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let port = 8130;
+    let launcher = binary("fixture-seccomp").display().to_string();
+    let command: Vec<String> = [
+        launcher.as_str(),
+        "--exec",
+        "python3",
+        "-c",
+        UNAME_SERVER,
+        &port.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    sandbox
+        .add_ok(
+            "guarded",
+            port,
+            &["--ready", "http:/", "--idle-timeout", "500ms"],
+            &command,
+        )
+        .expect("a service under a seccomp filter is checkpointed");
+    assert_eq!(sandbox.service("guarded").unwrap()["state"], "parked");
+
+    let expected = ["NoNewPrivs: 1", "Seccomp: 2", "Seccomp_filters: 1"];
+    for wake in 1..=2 {
+        assert_eq!(
+            get(&sandbox, port, "/uname"),
+            "blocked: Operation not permitted",
+            "wake {wake}: the filter no longer fails uname"
+        );
+        let listing = get(&sandbox, port, "/");
+        assert!(
+            listing.contains("Directory listing"),
+            "wake {wake}: the filter blocks more than uname: {listing}"
+        );
+        let pid = sandbox.running_pid("guarded").unwrap();
+        assert_eq!(seccomp_status(pid), expected, "wake {wake}, pid {pid}");
+        wait_until(Duration::from_secs(10), || {
+            sandbox.service("guarded").unwrap()["state"] == "parked"
+        })
+        .unwrap_or_else(|_| panic!("wake {wake}: never parked: {}", sandbox.daemon_log()));
+    }
+}

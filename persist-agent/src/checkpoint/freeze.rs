@@ -34,8 +34,16 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Seizes and stops every thread of `pid`.
-    pub fn freeze(pid: i32) -> Result<Self, CheckpointError> {
+    /// Seizes and stops every thread of `pid`; with `suspend_seccomp`, its
+    /// seccomp filters do not apply while we trace it
+    /// (`PTRACE_O_SUSPEND_SECCOMP`, which needs CAP_SYS_ADMIN and an agent
+    /// under no filter), so that the calls injected into it run.
+    pub fn freeze(pid: i32, suspend_seccomp: bool) -> Result<Self, CheckpointError> {
+        let options = if suspend_seccomp {
+            libc::PTRACE_O_SUSPEND_SECCOMP
+        } else {
+            0
+        };
         let mut frozen = Self {
             pid,
             tids: Vec::new(),
@@ -51,7 +59,7 @@ impl Frozen {
             }
             let mut seized = Vec::with_capacity(new.len());
             for tid in new {
-                match ptrace::seize(tid) {
+                match ptrace::seize_with_options(tid, options) {
                     Ok(()) => {
                         frozen.tids.push(tid);
                         seized.push(tid);

@@ -22,6 +22,7 @@ mod freeze;
 mod inject;
 mod memory;
 mod process;
+mod seccomp;
 mod status;
 mod threads;
 
@@ -167,13 +168,33 @@ pub enum CheckpointError {
         /// The pid asked for.
         pid: i32,
     },
-    /// A seccomp filter cannot be read back, nor can calls be injected.
-    #[error("pid {pid} runs under seccomp (mode {mode}), which cannot be saved")]
-    Seccomp {
-        /// The pid asked for.
+    /// A thread runs in seccomp strict mode (mode 1), which is not restored.
+    #[error(
+        "pid {pid}, thread {tid} runs in seccomp strict mode (mode 1), which cannot be checkpointed"
+    )]
+    SeccompStrict {
+        /// The process.
         pid: i32,
-        /// The seccomp mode (1 strict, 2 filter).
-        mode: u32,
+        /// The thread.
+        tid: i32,
+    },
+    /// A seccomp filter can hand system calls to a user-space listener
+    /// (`SECCOMP_RET_USER_NOTIF`): the listener's descriptor, perhaps in
+    /// another process, cannot be restored with it.
+    #[error(
+        "pid {pid}, thread {tid}: seccomp filter {filter} of {count} (in install order) returns \
+         SECCOMP_RET_USER_NOTIF, whose listener cannot be restored"
+    )]
+    SeccompUserNotif {
+        /// The process.
+        pid: i32,
+        /// The thread.
+        tid: i32,
+        /// The filter's position in the thread's chain, 1 for the first
+        /// installed.
+        filter: usize,
+        /// Filters of the thread.
+        count: usize,
     },
     /// Another tracer holds the process.
     #[error("pid {pid} is already traced by pid {tracer}")]
@@ -395,7 +416,7 @@ impl CheckpointError {
 /// Checkpoints the process named by `options`.
 pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, CheckpointError> {
     let pid = options.pid;
-    preflight(pid)?;
+    let under_seccomp = preflight(pid)?;
     let base = open_base(options)?;
     // Indexed before the freeze, so the process does not wait for it.
     let base_pages = base.as_ref().map(BasePages::new);
@@ -405,7 +426,7 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     })?;
 
     let frozen_at = Instant::now();
-    let frozen = Frozen::freeze(pid)?;
+    let frozen = Frozen::freeze(pid, under_seccomp)?;
     let (mut manifest, writer, stats) = save(pid, &frozen, &pidfd, options, base_pages.as_ref())?;
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
@@ -512,12 +533,15 @@ fn save(
 
     let syscall_at = inject::find_syscall_insn(&mem, &mappings, pid)?;
     let xsave_len = cpu::xsave_max_size().max(cpu::xsave_size()) as usize;
+    let seccomp = seccomp::save(pid, frozen.tids())?;
     let threads = frozen
         .tids()
         .iter()
-        .map(|&tid| threads::save_thread(pid, tid, &mem, syscall_at, xsave_len))
+        .zip(seccomp.chains)
+        .map(|(&tid, chain)| threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain))
         .collect::<Result<Vec<_>, _>>()?;
-    let process = process::save_process(pid, &mem, syscall_at)?;
+    let mut process = process::save_process(pid, &mem, syscall_at)?;
+    process.seccomp_filters = seccomp.filters;
     let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
 
     let manifest = Manifest {
@@ -576,7 +600,10 @@ fn save_fds(
 }
 
 /// Refuses, before touching the process, what cannot be checkpointed.
-fn preflight(pid: i32) -> Result<(), CheckpointError> {
+/// Returns whether a thread runs under seccomp filters: the freeze then
+/// suspends them, so that the calls injected to read the process's state
+/// are not filtered.
+fn preflight(pid: i32) -> Result<bool, CheckpointError> {
     if pid <= 0 {
         return Err(CheckpointError::NoSuchProcess { pid });
     }
@@ -608,11 +635,20 @@ fn preflight(pid: i32) -> Result<(), CheckpointError> {
     if tracer != 0 {
         return Err(CheckpointError::Traced { pid, tracer });
     }
-    let seccomp = status.seccomp.unwrap_or(0);
-    if seccomp != 0 {
-        return Err(CheckpointError::Seccomp { pid, mode: seccomp });
+    let mut under_seccomp = false;
+    for tid in freeze::list_threads(pid)? {
+        let mode = match status::read(pid, Some(tid)) {
+            Ok(status) => status.seccomp.unwrap_or(0),
+            // The thread exited since the listing.
+            Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => 0,
+            Err(err) => return Err(err),
+        };
+        if mode == seccomp::MODE_STRICT {
+            return Err(CheckpointError::SeccompStrict { pid, tid });
+        }
+        under_seccomp |= mode != 0;
     }
-    Ok(())
+    Ok(under_seccomp)
 }
 
 /// Children of every thread of `pid` (`/proc/PID/task/TID/children`).

@@ -140,6 +140,8 @@ pub fn save_process(
         shared_pending: status.shdpnd,
         itimers,
         mm,
+        // Filled in by the caller, from every thread's filters.
+        seccomp_filters: Vec::new(),
     })
 }
 

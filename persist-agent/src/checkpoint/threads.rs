@@ -37,14 +37,16 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 const PR_GET_TID_ADDRESS: u64 = 40;
 
 /// Saves the state of stopped thread `tid` of process `pid`. `syscall_at`
-/// is the address of a `syscall` instruction for injected calls and
-/// `xsave_len` an upper bound of the xsave area's size.
+/// is the address of a `syscall` instruction for injected calls,
+/// `xsave_len` an upper bound of the xsave area's size and `seccomp` the
+/// thread's chain of filters, read before.
 pub fn save_thread(
     pid: i32,
     tid: i32,
     mem: &ProcMem,
     syscall_at: u64,
     xsave_len: usize,
+    seccomp: Vec<u32>,
 ) -> Result<ThreadInfo, CheckpointError> {
     let ptrace_error = |op, source| CheckpointError::Ptrace {
         pid,
@@ -107,6 +109,7 @@ pub fn save_thread(
         rseq,
         clear_child_tid,
         robust_list,
+        seccomp,
     })
 }
 

@@ -11,8 +11,9 @@
 //!    anonymous memory the pager serves, see `pager/sources.rs`),
 //!    `PR_SET_MM_MAP`, process attributes, userfaultfd registration of the
 //!    lazy memory. The agent, which seized the child before the jump, then
-//!    creates the other threads with their tids, sets per-thread state and
-//!    credentials (last), unmaps the region and sets registers. Only each
+//!    creates the other threads with their tids, sets per-thread state,
+//!    seccomp filters (suspended by ptrace until the end, see `seccomp.rs`)
+//!    and credentials (last), unmaps the region and sets registers. Only each
 //!    thread's stack-top and TLS pages and its rseq area are copied in: a
 //!    prepared skeleton holds a few pages.
 //! 2. Before the resume, the daemon may copy in a recorded working set in
@@ -43,6 +44,7 @@ mod layout;
 mod pager;
 #[cfg(test)]
 mod prefetch_tests;
+mod seccomp;
 mod skeleton;
 mod table;
 

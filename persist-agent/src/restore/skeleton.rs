@@ -22,7 +22,7 @@ use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
 use super::layout::{self, Attributes, LayoutFds, OwnLayout, Region, describe, is_lazy};
 use super::pager::{MappedFiles, Pager};
 use super::table::{Table, TableBuilder};
-use super::{RestoreError, creds};
+use super::{RestoreError, creds, seccomp};
 use crate::files::{self, InheritedFds, PathAccess, PreparedFds, RecordedError};
 use crate::host;
 use crate::sys::clone::{self, Forked};
@@ -157,15 +157,20 @@ pub struct Restored {
 
 /// Kills what a failed prepare leaves behind.
 struct KillGuard {
+    /// The process, then the init of its pid namespace if it has one.
     pids: Vec<i32>,
+    /// Threads made after the first.
+    threads: Vec<i32>,
 }
 
 impl Drop for KillGuard {
     fn drop(&mut self) {
-        for &pid in &self.pids {
+        for &pid in self.pids.iter().chain(&self.threads) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
         }
-        for &pid in &self.pids {
+        // Traced threads first: until we reap them, their leader's exit is
+        // never reported, and the init waits for the leader.
+        for &pid in self.threads.iter().chain(&self.pids) {
             let _ = nix::sys::wait::waitpid(
                 nix::unistd::Pid::from_raw(pid),
                 Some(nix::sys::wait::WaitPidFlag::__WALL),
@@ -237,7 +242,10 @@ impl Skeleton {
         };
 
         let forked_at = Instant::now();
-        let mut guard = KillGuard { pids: Vec::new() };
+        let mut guard = KillGuard {
+            pids: Vec::new(),
+            threads: Vec::new(),
+        };
         let pipes = SyncPipes {
             status: &status_read,
             init_go: &init_go_write,
@@ -268,12 +276,13 @@ impl Skeleton {
             region: &region,
         };
         let tids = builder.threads(manifest)?;
-        guard.pids.extend(tids.iter().skip(1));
+        guard.threads.extend(tids.iter().skip(1));
         builder.thread_state(manifest, &tids, &mut pager)?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
         files::warm_own_proc_entries(pid);
 
         guard.pids.clear();
+        guard.threads.clear();
         let sigcont_is_default = manifest
             .process
             .sigactions
@@ -408,6 +417,14 @@ impl Drop for Skeleton {
         // Never resumed: the process must not survive its skeleton.
         if let Some(pidfd) = &self.pidfd {
             let _ = pidfd.send_signal(Signal::SIGKILL);
+        }
+        // Threads we still trace first: their leader is reported only once
+        // they are reaped (a released skeleton's are not ours: ECHILD).
+        for &tid in &self.tids[1..] {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(tid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            );
         }
         let _ = nix::sys::wait::waitpid(
             nix::unistd::Pid::from_raw(self.pid),
@@ -671,6 +688,7 @@ impl Builder<'_> {
     ) -> Result<(), RestoreError> {
         let pid = self.pid;
         let current_creds = creds::own();
+        let shared = seccomp::shared_prefix(&manifest.threads).len();
         for (thread, &tid) in manifest.threads.iter().zip(tids) {
             if let Some(rseq) = &thread.rseq {
                 // The kernel writes the rseq area at registration.
@@ -679,6 +697,13 @@ impl Builder<'_> {
             }
             let mut t = self.table();
             per_thread(&mut t, thread);
+            // Before the credentials, while the thread may still install
+            // any filter; the filters are suspended until the end.
+            seccomp::append(
+                &mut t,
+                &manifest.process.seccomp_filters,
+                &thread.seccomp[shared..],
+            )?;
             if let Some(current) = &current_creds {
                 creds::append(&mut t, &manifest.process.credentials, current);
             }
@@ -717,17 +742,36 @@ impl Builder<'_> {
             )
             .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
         }
+        if !manifest.process.seccomp_filters.is_empty() {
+            // The filters apply from the thread's first instruction on,
+            // whether it resumes under ptrace or from a group stop.
+            for &tid in tids {
+                ptrace::set_options(tid, TRACE_OPTIONS)
+                    .map_err(RestoreError::ptrace(tid, "resume seccomp"))?;
+            }
+        }
         Ok(())
     }
 
     /// Creates the threads after the first with their recorded tids; returns
     /// every thread's tid in our namespace, the leader first.
+    /// The filters every thread shares are installed first, so that the
+    /// threads inherit them (see [`seccomp`]); from then on the process is
+    /// traced with its filters suspended until [`Builder::thread_state`]
+    /// is done.
     fn threads(&mut self, manifest: &Manifest) -> Result<Vec<i32>, RestoreError> {
         let mut tids = vec![self.pid];
-        if manifest.threads.len() == 1 {
+        let filtered = !manifest.process.seccomp_filters.is_empty();
+        if filtered {
+            ptrace::set_options(self.pid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+                .map_err(RestoreError::ptrace(self.pid, "suspend seccomp"))?;
+        }
+        let shared = seccomp::shared_prefix(&manifest.threads);
+        if manifest.threads.len() == 1 && shared.is_empty() {
             return Ok(tids);
         }
         let mut t = self.table();
+        seccomp::append(&mut t, &manifest.process.seccomp_filters, shared)?;
         for thread in &manifest.threads[1..] {
             let set_tid = t.data(&thread.tid.to_ne_bytes());
             let args = t.data(&clone::thread_clone_args(set_tid));
@@ -757,6 +801,11 @@ impl Builder<'_> {
                         what: format!("{other:?} as a new thread's first stop"),
                     });
                 }
+            }
+            if filtered {
+                // Inherited from the creator's tracing; set all the same.
+                ptrace::set_options(tid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+                    .map_err(RestoreError::ptrace(tid, "suspend seccomp"))?;
             }
         }
         tids.extend(created);

@@ -362,3 +362,71 @@ pub fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
     })
     .map(drop)
 }
+
+/// Changes the `PTRACE_O_*` options of a stopped thread we trace
+/// (`PTRACE_SETOPTIONS`; they replace the ones given at seize).
+pub fn set_options(tid: i32, options: libc::c_int) -> io::Result<()> {
+    // SAFETY: PTRACE_SETOPTIONS takes a tid, a null address and the options as data.
+    check(unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, tid, 0usize, options as usize) }).map(drop)
+}
+
+/// `PTRACE_SECCOMP_GET_FILTER` (not in the libc crate for glibc targets).
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+/// `PTRACE_SECCOMP_GET_METADATA`.
+const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+
+/// Size of one classic BPF instruction (`struct sock_filter`).
+pub const SOCK_FILTER_LEN: usize = 8;
+
+/// The seccomp filter `index` of a stopped thread we trace, as raw
+/// `struct sock_filter` instructions (8 bytes each); index 0 is the filter
+/// installed first (whatever ptrace(2) says). `None` once `index` is past
+/// the last installed (ENOENT).
+/// Needs CAP_SYS_ADMIN and no seccomp filter on the caller.
+pub fn seccomp_filter(tid: i32, index: usize) -> io::Result<Option<Vec<u8>>> {
+    // SAFETY: with a null data pointer the kernel only returns the number
+    // of instructions of filter `index`.
+    let count = match check(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0usize) })
+    {
+        Ok(count) => count as usize,
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let mut program = vec![0u8; count * SOCK_FILTER_LEN];
+    // SAFETY: the kernel writes `count` instructions of 8 bytes to the
+    // buffer, which is that long; the filter of a stopped thread cannot
+    // change between the two calls.
+    let written = check(unsafe {
+        libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, program.as_mut_ptr())
+    })? as usize;
+    program.truncate(written * SOCK_FILTER_LEN);
+    Ok(Some(program))
+}
+
+/// `struct seccomp_metadata`.
+#[repr(C)]
+struct SeccompMetadata {
+    filter_off: u64,
+    flags: u64,
+}
+
+/// The `SECCOMP_FILTER_FLAG_*` flags the kernel reports for filter `index`
+/// of a stopped thread we trace (only `SECCOMP_FILTER_FLAG_LOG` is kept
+/// with a filter).
+pub fn seccomp_filter_flags(tid: i32, index: usize) -> io::Result<u64> {
+    let mut metadata = SeccompMetadata {
+        filter_off: index as u64,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads `filter_off` and writes the whole struct,
+    // whose size is passed as the address argument.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_SECCOMP_GET_METADATA,
+            tid,
+            std::mem::size_of::<SeccompMetadata>(),
+            &mut metadata as *mut SeccompMetadata,
+        )
+    })?;
+    Ok(metadata.flags)
+}

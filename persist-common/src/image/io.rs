@@ -11,7 +11,7 @@ use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::{
     BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, PAGE_SIZE,
-    PAGES_FILE, PageRun, WORKING_SET_FILE, base_store_file,
+    PAGES_FILE, PageRun, SECCOMP_INSN_LEN, SECCOMP_MAX_INSNS, WORKING_SET_FILE, base_store_file,
 };
 use crate::trust::{open_trusted_file, trusted_dir};
 
@@ -320,6 +320,7 @@ impl Image {
         stores.push(pages_file);
         let pages = PageStore::open(&dir, &manifest, &manifest_path, stores)?;
         check_layout(&manifest, &manifest_path)?;
+        check_seccomp(&manifest, &manifest_path)?;
         Ok(Self {
             dir,
             manifest,
@@ -474,6 +475,38 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
                     run.first_page, run.count, run.store_offset
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every seccomp filter is a whole program of a size the kernel
+/// takes, and that threads name only filters the image holds.
+fn check_seccomp(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+    let inconsistent = |reason: String| ImageError::Inconsistent {
+        path: path.to_owned(),
+        reason,
+    };
+    let filters = &manifest.process.seccomp_filters;
+    for (index, filter) in filters.iter().enumerate() {
+        let len = filter.program.len();
+        if len == 0 || len % SECCOMP_INSN_LEN != 0 || len / SECCOMP_INSN_LEN > SECCOMP_MAX_INSNS {
+            return Err(inconsistent(format!(
+                "seccomp filter {index}: a program of {len} bytes is not 1 to {SECCOMP_MAX_INSNS} instructions of {SECCOMP_INSN_LEN} bytes"
+            )));
+        }
+    }
+    for thread in &manifest.threads {
+        if let Some(&index) = thread
+            .seccomp
+            .iter()
+            .find(|&&i| i as usize >= filters.len())
+        {
+            return Err(inconsistent(format!(
+                "thread {} runs under seccomp filter {index}, but the image holds {} filters",
+                thread.tid,
+                filters.len()
+            )));
         }
     }
     Ok(())

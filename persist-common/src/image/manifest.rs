@@ -111,7 +111,37 @@ pub struct ProcessInfo {
     pub itimers: Vec<ITimer>,
     /// The kernel's memory-layout fields (`PR_SET_MM_MAP`).
     pub mm: MmFields,
+    /// Every distinct seccomp filter of the process's threads, each stored
+    /// once however many threads run under it; threads name theirs by index
+    /// in [`ThreadInfo::seccomp`]. Two filters are the same when their
+    /// programs and flags are (the kernel says no more of a filter's
+    /// identity). Empty when no thread runs under seccomp; missing from
+    /// images written before filters were saved (format 1 throughout).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seccomp_filters: Vec<SeccompFilter>,
 }
+
+/// A seccomp filter (`SECCOMP_SET_MODE_FILTER`), as
+/// `PTRACE_SECCOMP_GET_FILTER` and `PTRACE_SECCOMP_GET_METADATA` read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeccompFilter {
+    /// The classic BPF program: `struct sock_filter` instructions, 8 bytes
+    /// each (`code` u16, `jt` u8, `jf` u8, `k` u32, little-endian), 1 to
+    /// 4096 of them.
+    #[serde(with = "base64_bytes")]
+    pub program: Vec<u8>,
+    /// `SECCOMP_FILTER_FLAG_*` flags to install it with: only
+    /// `SECCOMP_FILTER_FLAG_LOG` (2) is recorded, the one flag the kernel
+    /// keeps with a filter and reports.
+    #[serde(default)]
+    pub flags: u64,
+}
+
+/// Size of one instruction of [`SeccompFilter::program`].
+pub const SECCOMP_INSN_LEN: usize = 8;
+
+/// Most instructions the kernel accepts in one filter (`BPF_MAXINSNS`).
+pub const SECCOMP_MAX_INSNS: usize = 4096;
 
 /// One resource limit.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -240,6 +270,13 @@ pub struct ThreadInfo {
     /// mutexes it held as their owner died. glibc registers one per thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust_list: Option<RobustList>,
+    /// The thread's seccomp filters, as indices in
+    /// [`ProcessInfo::seccomp_filters`], the first installed first (as
+    /// `PTRACE_SECCOMP_GET_FILTER` numbers them). The kernel runs them all
+    /// on each system call and the most restrictive action wins; between
+    /// equal actions (two `SECCOMP_RET_ERRNO`), the last installed's data. Empty: no filter (seccomp mode 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seccomp: Vec<u32>,
 }
 
 /// A robust futex list registration.

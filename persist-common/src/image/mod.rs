@@ -40,8 +40,8 @@
 //!
 //! The image is written in a temporary directory, every file fsynced, and
 //! the directory renamed into place, the manifest written last: an image
-//! without a valid manifest is not an image. Everything in an image is checked before use; see [`ImageError`].
-//! The directory, its path and every file in it must be trusted
+//! without a valid manifest is not an image. Everything in an image is
+//! checked before use; see [`ImageError`]. The directory, its path and every file in it must be trusted
 //! ([`crate::trust`]): owned by root, not writable by group or others, and
 //! each file a regular file, judged on the opened descriptor.
 //!
@@ -54,6 +54,19 @@
 //! accept changed files (a different type is always refused). The fields are
 //! optional: images written before they existed have none and are checked for
 //! type only. Unlinked files record none.
+//!
+//! Seccomp filters (format 1, since the `seccomp_filters` field): each
+//! distinct filter of the process's threads is stored once in the
+//! manifest's `process.seccomp_filters` (its classic BPF program and the
+//! `SECCOMP_FILTER_FLAG_LOG` flag), and each thread lists the filters it
+//! runs under in `threads[].seccomp`, by index there, the first installed
+//! first. A thread that inherited filters and added its own lists the
+//! shared ones first, then its own. Both fields are absent when no thread
+//! runs under seccomp; an index past the filters, or a program that is not
+//! 1 to 4096 whole 8-byte instructions, is refused when the image is
+//! opened. A reader older than these fields would ignore them and restore
+//! the process without its filters: images are read by the agent that
+//! wrote them or a newer one.
 //!
 //! An image may also hold `working-set`: the addresses and store offsets of
 //! the pages its first wake touched, in touch order, for later wakes to copy
