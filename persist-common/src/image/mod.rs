@@ -54,7 +54,7 @@ mod manifest;
 mod working_set;
 
 pub use error::ImageError;
-pub use io::{Image, ImageWriter, PageStore};
+pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
