@@ -15,6 +15,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use persist_agent::sys::alloc::LargestAlloc;
+
 use crate::mutate::Mutator;
 use crate::targets::Target;
 
@@ -32,6 +34,12 @@ pub struct Config {
     pub input_timeout: Duration,
     /// Longest input generated.
     pub max_len: usize,
+    /// The global allocator, when the program installed a [`LargestAlloc`]:
+    /// an input that makes the target ask for more than `max_allocation`
+    /// bytes at once is a finding, as a length field trusted without bound.
+    pub allocator: Option<&'static LargestAlloc>,
+    /// Largest single allocation allowed to a target.
+    pub max_allocation: usize,
 }
 
 impl Default for Config {
@@ -42,6 +50,8 @@ impl Default for Config {
             executions: None,
             input_timeout: Duration::from_secs(5),
             max_len: 256 << 10,
+            allocator: None,
+            max_allocation: 64 << 20,
         }
     }
 }
@@ -49,7 +59,7 @@ impl Default for Config {
 /// A failure of a target on one input.
 #[derive(Debug, Clone)]
 pub struct Finding {
-    /// `panic` or `timeout`.
+    /// `panic`, `allocation` or `timeout`.
     pub kind: &'static str,
     /// The panic's message and location, or how long the input ran.
     pub message: String,
@@ -80,6 +90,9 @@ enum Outcome {
         message: String,
     },
 }
+
+/// The location of an oversized allocation, told apart from panics'.
+const ALLOCATION: &str = "an allocation";
 
 thread_local! {
     /// Set while this thread runs a target: its panics are recorded, not printed.
@@ -146,14 +159,27 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(target: &'static Target) -> Self {
+    fn spawn(target: &'static Target, config: &Config) -> Self {
+        let (allocator, max_allocation) = (config.allocator, config.max_allocation);
         let (inputs, input_rx) = mpsc::channel::<Vec<u8>>();
         let (outcome_tx, outcomes) = mpsc::channel();
         thread::Builder::new()
             .name(format!("fuzz-{}", target.name))
             .spawn(move || {
                 for input in input_rx {
-                    let outcome = execute(target, &input);
+                    if let Some(allocator) = allocator {
+                        allocator.reset();
+                    }
+                    let mut outcome = execute(target, &input);
+                    let largest = allocator.map_or(0, |allocator| allocator.largest());
+                    if outcome == Outcome::Passed && largest > max_allocation {
+                        outcome = Outcome::Panicked {
+                            location: ALLOCATION.to_owned(),
+                            message: format!(
+                                "asked for {largest} bytes at once (more than {max_allocation})"
+                            ),
+                        };
+                    }
                     if outcome_tx.send((input, outcome)).is_err() {
                         break;
                     }
@@ -178,7 +204,7 @@ pub fn fuzz(target: &'static Target, config: &Config) -> Report {
     let seeds = (target.seeds)();
     assert!(!seeds.is_empty(), "target {} has no seed", target.name);
     let mut mutator = Mutator::new(config.seed, &seeds, config.max_len);
-    let worker = Worker::spawn(target);
+    let worker = Worker::spawn(target, config);
     let mut panics: BTreeMap<String, Finding> = BTreeMap::new();
     let mut hang = None;
     let mut executions = 0u64;
@@ -218,7 +244,11 @@ pub fn fuzz(target: &'static Target, config: &Config) -> Report {
             panics.insert(
                 location.clone(),
                 Finding {
-                    kind: "panic",
+                    kind: if location == ALLOCATION {
+                        "allocation"
+                    } else {
+                        "panic"
+                    },
                     message: format!("{message} at {location}"),
                     input,
                 },

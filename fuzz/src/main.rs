@@ -8,7 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use persist_agent::sys::alloc::LargestAlloc;
 use persist_fuzz::{Config, TARGETS, Target, fuzz, run_one, target};
+
+#[global_allocator]
+static ALLOCATOR: LargestAlloc = LargestAlloc::new();
 
 /// Fuzz persist's parsers of untrusted input on stable Rust.
 #[derive(Debug, Parser)]
@@ -76,6 +80,7 @@ fn main() -> Result<ExitCode> {
                 time: Some(time),
                 executions,
                 input_timeout: timeout,
+                allocator: Some(&ALLOCATOR),
                 ..Config::default()
             };
             println!("seed {seed}");

@@ -2,12 +2,18 @@
 //! every input that once made a target fail (`regressions/TARGET/`).
 //!
 //! The executions per target are chosen for about a second each in a
-//! debug build; `cargo xtask fuzz` runs the long version.
+//! debug build; `cargo xtask fuzz` runs the long version. The tests of
+//! this file run in parallel: the largest allocation seen by one target is
+//! the largest of all that run meanwhile, each far below the limit.
 
 use std::path::Path;
 use std::time::Duration;
 
+use persist_agent::sys::alloc::LargestAlloc;
 use persist_fuzz::{Config, fuzz, run_one, target};
+
+#[global_allocator]
+static ALLOCATOR: LargestAlloc = LargestAlloc::new();
 
 /// Fuzzes `name` for `executions` inputs from a fixed seed, then replays
 /// its regression inputs; fails with every finding.
@@ -18,6 +24,7 @@ fn short_run(name: &str, executions: u64) {
         time: None,
         executions: Some(executions),
         input_timeout: Duration::from_secs(20),
+        allocator: Some(&ALLOCATOR),
         ..Config::default()
     };
     let report = fuzz(target, &config);
