@@ -28,14 +28,13 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
     // Base stores are shared with other images: not counted as this one's.
     let own_store = file_size(&dir.join(PAGES_FILE));
     let on_disk = file_size(&dir.join(MANIFEST_FILE)) + own_store;
-    let taken = UNIX_EPOCH + Duration::from_millis(manifest.created_unix_ms);
 
     let p = &manifest.process;
     let _ = writeln!(out, "image {}", dir.display());
     let _ = writeln!(
         out,
         "  taken     {} on {} {} ({})",
-        humantime::format_rfc3339_seconds(taken),
+        unix_ms_line(manifest.created_unix_ms),
         manifest.kernel.machine,
         manifest.kernel.release,
         manifest.kernel.version
@@ -135,13 +134,25 @@ fn working_set_line(dir: &Path) -> String {
         ),
         Err(err) => format!("unknown: {err}"),
     };
-    let recorded = UNIX_EPOCH + Duration::from_millis(set.recorded_unix_ms());
     format!(
         "{} pages ({}), recorded {}, {validity}",
         set.len(),
         human_bytes(set.len() as u64 * PAGE_SIZE),
-        humantime::format_rfc3339_seconds(recorded)
+        unix_ms_line(set.recorded_unix_ms())
     )
+}
+
+/// First instant RFC 3339 cannot write: year 10000, in ms since the epoch.
+const YEAR_10000_UNIX_MS: u64 = 253_402_300_800_000;
+
+/// A time read from an image, in ms since the Unix epoch, as RFC 3339; a
+/// value past year 9999 (which RFC 3339 cannot write) as the number itself.
+fn unix_ms_line(unix_ms: u64) -> String {
+    if unix_ms >= YEAR_10000_UNIX_MS {
+        return format!("{unix_ms} ms after 1970 (past year 9999: not a real date)");
+    }
+    let time = UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_seconds(time).to_string()
 }
 
 fn thread_line(thread: &ThreadInfo) -> String {
@@ -237,6 +248,19 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_past_year_9999_are_shown_as_numbers() {
+        assert_eq!(unix_ms_line(0), "1970-01-01T00:00:00Z");
+        assert_eq!(unix_ms_line(YEAR_10000_UNIX_MS - 1), "9999-12-31T23:59:59Z");
+        for ms in [YEAR_10000_UNIX_MS, u64::MAX] {
+            assert!(
+                unix_ms_line(ms).starts_with(&format!("{ms} ms after 1970")),
+                "{}",
+                unix_ms_line(ms)
+            );
+        }
+    }
 
     #[test]
     fn sizes_read_well() {
