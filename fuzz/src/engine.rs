@@ -114,6 +114,11 @@ fn install_panic_hook() {
             let location = info
                 .location()
                 .map_or_else(|| "unknown".to_owned(), ToString::to_string);
+            let location = if location.starts_with("/rustc/") {
+                caller_outside_std().unwrap_or(location)
+            } else {
+                location
+            };
             let payload = info.payload();
             let message = payload
                 .downcast_ref::<&str>()
@@ -123,6 +128,23 @@ fn install_panic_hook() {
             LAST_PANIC.set(Some((location, message)));
         }));
     });
+}
+
+/// The innermost frame of the panicking thread's stack in code of ours
+/// (not the standard library's, a dependency's, nor this panic hook's), as
+/// `FILE:LINE:COL`:
+/// for a panic inside the standard library (a `Display` that failed in
+/// `format!`, say), where its own location would lump unrelated bugs
+/// together.
+fn caller_outside_std() -> Option<String> {
+    let trace = std::backtrace::Backtrace::force_capture().to_string();
+    trace
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("at "))
+        .find(|at| {
+            !at.starts_with("/rustc/") && !at.contains("/.cargo/registry/") && !at.contains(file!())
+        })
+        .map(str::to_owned)
 }
 
 /// Runs `target` on `input` on this thread, catching a panic.
