@@ -16,6 +16,11 @@ use crate::service::ServiceSpec;
 /// File name of the control socket inside the state directory.
 pub const SOCKET_FILE: &str = "agent.sock";
 
+/// Longest request line the daemon reads, its newline included: an `add`
+/// with a long command fits many times over, and a client cannot make the
+/// daemon hold more.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 /// Path of the control socket of a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_FILE)
@@ -49,6 +54,14 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Decodes one request line as the daemon reads it (the newline, if
+    /// any, included).
+    pub fn decode(line: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(line)
+    }
+}
+
 /// The daemon's answer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Reply {
@@ -78,6 +91,13 @@ impl Reply {
             error: Some(error.into()),
             ..Self::default()
         }
+    }
+}
+
+impl Reply {
+    /// Decodes the daemon's answer line as the CLI reads it.
+    pub fn decode(line: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(line)
     }
 }
 
@@ -177,9 +197,11 @@ pub fn call(state_dir: &Path, request: &Request) -> Result<Reply, ControlError> 
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
-    let reply: Reply = serde_json::from_str(&answer)?;
+    let mut answer = Vec::new();
+    BufReader::new(&stream)
+        .read_until(b'\n', &mut answer)
+        .map_err(io)?;
+    let reply = Reply::decode(&answer)?;
     match reply.error {
         Some(error) => Err(ControlError::Refused(error)),
         None => Ok(reply),

@@ -218,3 +218,51 @@ fn a_stored_service_with_settings_out_of_range_is_refused_by_the_daemon() {
         );
     }
 }
+/// Sends `request` on the daemon's control socket (from a thread, as the
+/// daemon may stop reading it) and returns the reply line.
+fn raw_request(sandbox: &Sandbox, request: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    let stream = UnixStream::connect(sandbox.state_dir().join("agent.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // The daemon answers a request it refuses without reading it all, and
+    // closes: the write's error is expected then.
+    let sending = std::thread::spawn(move || {
+        let _ = writer.write_all(&request);
+    });
+    let mut reply = String::new();
+    let read = BufReader::new(&stream).read_line(&mut reply);
+    drop(stream);
+    sending.join().unwrap();
+    read.unwrap_or_else(|err| panic!("no reply from the daemon: {err}"));
+    reply
+}
+
+#[test]
+fn an_endless_or_binary_request_is_refused_with_a_reply() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+
+    // 2 MiB with no newline and a connection left open: the daemon must
+    // not wait for the end of the line, nor hold all of it.
+    let reply = raw_request(&sandbox, vec![b'a'; 2 << 20]);
+    assert!(
+        reply.contains("request longer than 1048576 bytes refused"),
+        "an overlong request is refused by its length: {reply}"
+    );
+
+    let reply = raw_request(&sandbox, b"\xff\xfe{\n".to_vec());
+    assert!(
+        reply.contains("malformed request"),
+        "a request that is not text is refused as malformed: {reply}"
+    );
+    assert!(
+        sandbox.status().is_ok(),
+        "the daemon answers status after both; log:\n{}",
+        sandbox.daemon_log()
+    );
+}

@@ -35,6 +35,17 @@ enum Task {
         #[arg(long, default_value_t = 200)]
         cycles: u32,
     },
+    /// Fuzz the parsers of untrusted input (all targets, or one), on stable Rust.
+    Fuzz {
+        /// The target: manifest, image, page-store, working-set, service or control.
+        target: Option<String>,
+        /// How long to fuzz each target.
+        #[arg(long, default_value = "60s")]
+        time: String,
+        /// Seed of the random generator, to replay a run (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Measure wake latencies and time-to-first-byte (needs root).
     Bench {
         /// Fewer samples, for a quick look (about a minute).
@@ -55,6 +66,7 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
         Task::CrashTest { cycles } => crash_test(cycles),
+        Task::Fuzz { target, time, seed } => fuzz(target.as_deref(), &time, seed),
         Task::Bench {
             quick,
             runs,
@@ -92,4 +104,27 @@ fn test(args: &[String]) -> Result<()> {
     test_args.extend(runner.iter().map(String::as_str));
     test_args.extend(args.iter().map(String::as_str));
     deps::cargo(&test_args)
+}
+
+/// Builds the fuzzer with the `fuzz` profile (optimised, overflow checks on)
+/// and runs it; failing inputs are saved under `target/fuzz-findings/`.
+fn fuzz(target: Option<&str>, time: &str, seed: Option<u64>) -> Result<()> {
+    let out = deps::workspace_root().join("target/fuzz-findings");
+    let out = out.to_string_lossy();
+    let seed = seed.map(|seed| seed.to_string());
+    let mut args = vec![
+        "run",
+        "--profile",
+        "fuzz",
+        "-p",
+        "persist-fuzz",
+        "--",
+        "run",
+    ];
+    args.extend(target);
+    args.extend(["--time", time, "--out", &out]);
+    if let Some(seed) = &seed {
+        args.extend(["--seed", seed]);
+    }
+    deps::cargo(&args)
 }

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
 use super::Registry;
-use crate::control::{Reply, Request, socket_path};
+use crate::control::{MAX_REQUEST_BYTES, Reply, Request, socket_path};
 use crate::error_text::error_line;
 
 /// Binds `STATE_DIR/agent.sock`, root only. The caller holds the state
@@ -45,11 +45,19 @@ pub async fn serve(listener: UnixListener, registry: Arc<Registry>) {
 
 async fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => handle(request, registry).await,
-        Err(err) => Reply::error(format!("malformed request: {err}")),
+    let mut line = Vec::new();
+    BufReader::new(read.take(MAX_REQUEST_BYTES as u64))
+        .read_until(b'\n', &mut line)
+        .await?;
+    let reply = if line.len() == MAX_REQUEST_BYTES && !line.ends_with(b"\n") {
+        Reply::error(format!(
+            "request longer than {MAX_REQUEST_BYTES} bytes refused"
+        ))
+    } else {
+        match Request::decode(&line) {
+            Ok(request) => handle(request, registry).await,
+            Err(err) => Reply::error(format!("malformed request: {err}")),
+        }
     };
     let mut bytes = serde_json::to_vec(&reply).expect("a reply always serialises");
     bytes.push(b'\n');

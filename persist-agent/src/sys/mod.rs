@@ -4,6 +4,7 @@
 //! `// SAFETY:` comment; the rest of the crate calls the safe wrappers, whose
 //! errors name the call that failed.
 
+pub mod alloc;
 #[cfg(feature = "daemon")]
 pub mod async_fd;
 pub mod blob;

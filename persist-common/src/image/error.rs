@@ -25,13 +25,15 @@ pub enum ImageError {
         reason: String,
     },
     /// The image was written by another version of the format.
-    #[error("{path}: image format version {found} is not supported (this build reads {expected})")]
+    #[error(
+        "{path}: image format version {found} is not supported (this build reads 1 to {expected})"
+    )]
     Version {
         /// The manifest file.
         path: PathBuf,
         /// Version found in the header.
         found: u32,
-        /// Version this build reads.
+        /// Newest version this build reads.
         expected: u32,
     },
     /// A checksum did not match: the image is corrupt.

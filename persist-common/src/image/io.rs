@@ -10,13 +10,17 @@ use std::ptr::NonNull;
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::{
-    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, PAGE_SIZE,
-    PAGES_FILE, PageRun, SECCOMP_INSN_LEN, SECCOMP_MAX_INSNS, WORKING_SET_FILE, base_store_file,
+    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest,
+    OLDEST_READABLE_VERSION, PAGE_SIZE, PAGES_FILE, PageRun, SECCOMP_INSN_LEN, SECCOMP_MAX_INSNS,
+    WORKING_SET_FILE, base_store_file,
 };
 use crate::trust::{open_trusted_file, trusted_dir};
 
 /// Longest manifest accepted, so a hostile header cannot make us allocate without bound.
 const MAX_MANIFEST_BYTES: usize = 256 << 20;
+
+/// Longest header line accepted, its newline excluded.
+const MAX_HEADER_BYTES: usize = 64;
 
 /// Writes a new image directory; nothing is visible at the destination until
 /// [`ImageWriter::finish`] succeeds.
@@ -301,25 +305,13 @@ impl Image {
         }
 
         let manifest = read_manifest(manifest_file, &manifest_path)?;
+        // decode_manifest checked the base stores' names.
         let mut stores = Vec::with_capacity(manifest.base_stores.len() + 1);
-        for (index, base) in manifest.base_stores.iter().enumerate() {
-            // An exact name keeps a hostile manifest from naming files
-            // outside the image.
-            if base.file != base_store_file(index) {
-                return Err(ImageError::Inconsistent {
-                    path: manifest_path,
-                    reason: format!(
-                        "base store {index} is named {:?}, expected {:?}",
-                        base.file,
-                        base_store_file(index)
-                    ),
-                });
-            }
+        for base in &manifest.base_stores {
             stores.push(open_trusted_file(&dir.join(&base.file))?);
         }
         stores.push(pages_file);
         let pages = PageStore::open(&dir, &manifest, &manifest_path, stores)?;
-        check_layout(&manifest, &manifest_path)?;
         check_seccomp(&manifest, &manifest_path)?;
         Ok(Self {
             dir,
@@ -369,23 +361,34 @@ impl Image {
 }
 
 /// Reads and checks the manifest from `file`, opened from `path`.
-fn read_manifest(mut file: File, path: &Path) -> Result<Manifest, ImageError> {
-    let mut head = Vec::with_capacity(64);
-    let mut byte = [0u8; 1];
-    while head.len() < 64 {
-        if file.read(&mut byte).map_err(ImageError::io(path))? == 0 {
-            break;
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        head.push(byte[0]);
-    }
+fn read_manifest(file: File, path: &Path) -> Result<Manifest, ImageError> {
+    // One byte past the longest valid manifest, so that a longer file is
+    // read no further yet still fails the length check.
+    let limit = (MAX_HEADER_BYTES + 1 + MAX_MANIFEST_BYTES + 1) as u64;
+    let mut bytes = Vec::new();
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(ImageError::io(path))?;
+    decode_manifest(&bytes, path)
+}
+
+/// Decodes and checks the contents of a manifest file, `path` naming it in
+/// errors: the header line, the length and checksum of the JSON, the JSON
+/// itself, the base stores' names and the layout of mappings and page runs
+/// (as far as the manifest alone can tell; [`Image::open`] checks the page
+/// stores' sizes).
+pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, ImageError> {
     let bad = |reason: &str| ImageError::BadHeader {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
-    let head = std::str::from_utf8(&head).map_err(|_| bad("header is not text"))?;
+    let header_end = bytes
+        .iter()
+        .take(MAX_HEADER_BYTES + 1)
+        .position(|&byte| byte == b'\n')
+        .ok_or_else(|| bad("no header line"))?;
+    let (head, json) = (&bytes[..header_end], &bytes[header_end + 1..]);
+    let head = std::str::from_utf8(head).map_err(|_| bad("header is not text"))?;
     let fields: Vec<&str> = head.split(' ').collect();
     let [magic, version, len, crc] = fields[..] else {
         return Err(bad("expected `persist-image VERSION LEN CRC`"));
@@ -396,7 +399,7 @@ fn read_manifest(mut file: File, path: &Path) -> Result<Manifest, ImageError> {
     let version: u32 = version
         .parse()
         .map_err(|_| bad("version is not a number"))?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(ImageError::Version {
             path: path.to_owned(),
             found: version,
@@ -408,8 +411,6 @@ fn read_manifest(mut file: File, path: &Path) -> Result<Manifest, ImageError> {
         return Err(bad("manifest length is implausibly large"));
     }
     let crc = u32::from_str_radix(crc, 16).map_err(|_| bad("checksum is not hex"))?;
-    let mut json = Vec::with_capacity(len);
-    file.read_to_end(&mut json).map_err(ImageError::io(path))?;
     if json.len() != len {
         return Err(ImageError::Inconsistent {
             path: path.to_owned(),
@@ -419,16 +420,32 @@ fn read_manifest(mut file: File, path: &Path) -> Result<Manifest, ImageError> {
             ),
         });
     }
-    if crc32c::crc32c(&json) != crc {
+    if crc32c::crc32c(json) != crc {
         return Err(ImageError::Checksum {
             path: path.to_owned(),
             what: "the manifest".into(),
         });
     }
-    serde_json::from_slice(&json).map_err(|source| ImageError::Json {
+    let manifest: Manifest = serde_json::from_slice(json).map_err(|source| ImageError::Json {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    for (index, base) in manifest.base_stores.iter().enumerate() {
+        // An exact name keeps a hostile manifest from naming files
+        // outside the image.
+        if base.file != base_store_file(index) {
+            return Err(ImageError::Inconsistent {
+                path: path.to_owned(),
+                reason: format!(
+                    "base store {index} is named {:?}, expected {:?}",
+                    base.file,
+                    base_store_file(index)
+                ),
+            });
+        }
+    }
+    check_layout(&manifest, path)?;
+    Ok(manifest)
 }
 
 /// Checks that mappings are page-aligned, ordered and disjoint, and that every
@@ -466,8 +483,9 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
                     .is_some_and(|end| end <= pages_in_mapping);
             let fits_store = run.store_offset % PAGE_SIZE == 0
                 && run
-                    .store_offset
-                    .checked_add(run.count * PAGE_SIZE)
+                    .count
+                    .checked_mul(PAGE_SIZE)
+                    .and_then(|bytes| run.store_offset.checked_add(bytes))
                     .is_some_and(|end| end <= manifest.page_store_bytes);
             if !fits_mapping || !fits_store {
                 return Err(inconsistent(format!(
@@ -778,7 +796,10 @@ mod tests {
     /// valid header, as a hostile or buggy writer could.
     fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut Manifest)) {
         let path = dir.join(MANIFEST_FILE);
-        let mut manifest = read_manifest(File::open(&path).unwrap(), &path).unwrap();
+        // Parsed without checks: an earlier rewrite may have made it invalid.
+        let text = fs::read(&path).unwrap();
+        let json_start = text.iter().position(|&byte| byte == b'\n').unwrap() + 1;
+        let mut manifest: Manifest = serde_json::from_slice(&text[json_start..]).unwrap();
         edit(&mut manifest);
         let json = serde_json::to_vec(&manifest).unwrap();
         let mut text = format!(
@@ -936,6 +957,55 @@ mod tests {
         rewrite_manifest(&dir, |manifest| manifest.base_stores[0].bytes = 1 << 40);
         let err = Image::open(&dir).err().unwrap();
         assert!(matches!(err, ImageError::Inconsistent { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_run_too_long_to_count_in_bytes_is_refused() {
+        // Found by the fuzzer: `count * PAGE_SIZE` overflowed (a panic in
+        // debug builds) before the run's length was checked.
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        drop(base_image(&dir));
+        for count in [1 << 52, u64::MAX] {
+            rewrite_manifest(&dir, |manifest| manifest.mappings[0].pages[0].count = count);
+            let err = Image::open(&dir).err().unwrap();
+            assert!(
+                matches!(&err, ImageError::Inconsistent { reason, .. } if reason.contains("outside the mapping")),
+                "a run of {count} pages: {err}"
+            );
+        }
+    }
+
+    /// Rewrites the version number in the header of the manifest in `dir`.
+    fn set_format_version(dir: &Path, version: u32) {
+        let path = dir.join(MANIFEST_FILE);
+        let text = fs::read(&path).unwrap();
+        let header_end = text.iter().position(|&byte| byte == b'\n').unwrap();
+        let header = String::from_utf8(text[..header_end].to_vec()).unwrap();
+        let mut fields: Vec<String> = header.split(' ').map(str::to_owned).collect();
+        fields[1] = version.to_string();
+        let mut rewritten = fields.join(" ").into_bytes();
+        rewritten.extend_from_slice(&text[header_end..]);
+        fs::write(&path, rewritten).unwrap();
+    }
+
+    #[test]
+    fn images_of_format_1_still_read_and_unknown_versions_are_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        base_image(&dir);
+        set_format_version(&dir, 1);
+        assert!(Image::open(&dir).is_ok(), "a format 1 image reads");
+        set_format_version(&dir, FORMAT_VERSION + 1);
+        let err = Image::open(&dir).err().expect("a newer format is refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: image format version {} is not supported (this build reads 1 to {FORMAT_VERSION})",
+                dir.join(MANIFEST_FILE).display(),
+                FORMAT_VERSION + 1
+            )
+        );
     }
 
     #[test]

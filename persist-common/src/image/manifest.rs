@@ -3,7 +3,9 @@
 //! Field names are the JSON keys. Addresses, sizes and masks are JSON numbers
 //! (u64); byte strings that are not text (register areas, pipe data) are
 //! base64 strings. New optional fields may be added within a format version
-//! with `#[serde(default)]`; anything else bumps [`super::FORMAT_VERSION`].
+//! with `#[serde(default)]` when an older reader may safely ignore them;
+//! anything else (a field that restricts the process, a changed meaning)
+//! bumps [`super::FORMAT_VERSION`].
 
 use serde::{Deserialize, Serialize};
 

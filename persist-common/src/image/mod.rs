@@ -55,7 +55,7 @@
 //! optional: images written before they existed have none and are checked for
 //! type only. Unlinked files record none.
 //!
-//! Seccomp filters (format 1, since the `seccomp_filters` field): each
+//! Seccomp filters (format 2): each
 //! distinct filter of the process's threads is stored once in the
 //! manifest's `process.seccomp_filters` (its classic BPF program and the
 //! `SECCOMP_FILTER_FLAG_LOG` flag), and each thread lists the filters it
@@ -64,9 +64,8 @@
 //! shared ones first, then its own. Both fields are absent when no thread
 //! runs under seccomp; an index past the filters, or a program that is not
 //! 1 to 4096 whole 8-byte instructions, is refused when the image is
-//! opened. A reader older than these fields would ignore them and restore
-//! the process without its filters: images are read by the agent that
-//! wrote them or a newer one.
+//! opened. Agents that read only format 1 refuse these images rather than
+//! restore a process without its filters.
 //!
 //! An image may also hold `working-set`: the addresses and store offsets of
 //! the pages its first wake touched, in touch order, for later wakes to copy
@@ -80,14 +79,23 @@ mod manifest;
 mod working_set;
 
 pub use error::ImageError;
-pub use io::{Image, ImageWriter, PageStore};
+pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };
 
-/// Version of the format written by this build. Readers refuse any other.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the format written by this build.
+///
+/// Version 2 adds fields that restrict what a restored process may do
+/// (seccomp filters) or whose files it may open (file identities, the
+/// agent's files): a reader that ignored them would give the process more
+/// than it had, so readers of version 1 must refuse these images. Both
+/// versions are read here; a version 1 image simply has none of them.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Size of a page in the page store.
 pub const PAGE_SIZE: u64 = 4096;

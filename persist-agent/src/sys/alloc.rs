@@ -1,0 +1,60 @@
+//! An allocator that remembers the largest allocation asked of it, for the
+//! fuzzer to tell a parser that allocates what a length field says from one
+//! that bounds it.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The system allocator, recording the largest size requested since the
+/// last [`LargestAlloc::reset`]. Install it with `#[global_allocator]`.
+#[derive(Debug, Default)]
+pub struct LargestAlloc {
+    largest: AtomicUsize,
+}
+
+impl LargestAlloc {
+    /// A new allocator, nothing recorded.
+    pub const fn new() -> Self {
+        Self {
+            largest: AtomicUsize::new(0),
+        }
+    }
+
+    /// Forgets what was recorded.
+    pub fn reset(&self) {
+        self.largest.store(0, Ordering::Relaxed);
+    }
+
+    /// The largest size requested (by any thread) since the last reset.
+    pub fn largest(&self) -> usize {
+        self.largest.load(Ordering::Relaxed)
+    }
+}
+
+// SAFETY: every call is passed on unchanged to the system allocator, which
+// upholds GlobalAlloc's contract; recording a size touches no memory that
+// was allocated.
+unsafe impl GlobalAlloc for LargestAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.largest.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's guarantees for `layout` are System's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.largest.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from System with this layout, as the caller guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        self.largest.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`; `new_size` is the caller's to vouch for.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
