@@ -721,7 +721,15 @@ fn restore_and_ask(image_arg: &str, dir: &Path) -> (i32, String) {
     let restored = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGUSR1).unwrap();
     let outcome = std::panic::catch_unwind(|| result(dir));
+    // Gone, its listening port closed, before the next restore binds it.
+    let process = persist_agent::sys::pidfd::PidFd::open(pid).ok();
     let _ = nix::sys::signal::kill(restored, nix::sys::signal::Signal::SIGKILL);
+    if let Some(process) = process {
+        assert!(
+            process.wait_exit(std::time::Duration::from_secs(10)),
+            "restored pid {pid} did not die of SIGKILL"
+        );
+    }
     (pid, outcome.expect("a result").trim().to_owned())
 }
 
