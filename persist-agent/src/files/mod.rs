@@ -18,17 +18,34 @@
 //! epoll watches once the numbers are final.
 //!
 //! What is supported is listed on [`save_fds`]; everything else is refused
-//! with an error naming the descriptor.
+//! with an error naming the descriptor. Each kind of descriptor is saved and
+//! re-created in one file of its own (`regular.rs`, `pipe.rs`, `memfd.rs`,
+//! `eventfd.rs`, `timerfd.rs`, `signalfd.rs`, `epoll.rs`, `inet.rs`,
+//! `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
+//! to its kind.
 
-mod create;
-mod fdinfo;
+// The walk over a process's descriptors, in each direction.
 mod install;
-mod pipes;
 mod prepare;
+mod save;
+
+// One kind of descriptor each, saved and restored.
+mod epoll;
+mod eventfd;
+mod inet;
+mod memfd;
+mod pipe;
+mod regular;
+mod signalfd;
+mod timerfd;
+mod unix;
+
+// What the kinds share.
+mod fdinfo;
+mod listed;
+mod open;
 mod proc_self;
 mod recorded;
-mod save;
-mod sockets;
 
 use std::io;
 

@@ -8,10 +8,13 @@ use nix::sys::socket::SockaddrStorage;
 use persist_common::image::{FdInfo, FdKind};
 
 use super::FilesError;
-use super::create::{self, Memfds, Pipes, UnixPairs};
 use super::install::{PreparedFds, ProcSelfFile, Slot, Watch};
+use super::memfd::Memfds;
+use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
+use super::unix::UnixPairs;
+use super::{epoll, eventfd, inet, memfd, regular, signalfd, timerfd, unix};
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -121,9 +124,7 @@ pub fn prepare(
                     .try_clone_to_owned()
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
-            (None, None) => {
-                create::object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?
-            }
+            (None, None) => object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?,
         };
         sources.insert(info.fd, source.as_raw_fd());
         slots.push(Slot {
@@ -272,4 +273,88 @@ fn check_inherited(info: &FdInfo, fd: &OwnedFd) -> Result<(), FilesError> {
         ));
     }
     Ok(())
+}
+
+/// Re-creates the object for `info` (which is not a `shared_with` copy).
+fn object(
+    info: &FdInfo,
+    pipes: &mut Pipes<'_>,
+    pairs: &mut UnixPairs<'_>,
+    memfds: &mut Memfds,
+    access: &PathAccess,
+) -> Result<OwnedFd, FilesError> {
+    let fd = info.fd;
+    Ok(match &info.kind {
+        FdKind::File {
+            path,
+            offset,
+            unlinked,
+            contents,
+            identity,
+        } => {
+            let saved = regular::SavedFile {
+                path,
+                offset: *offset,
+                unlinked: *unlinked,
+                contents,
+                identity: identity.as_ref(),
+            };
+            regular::file(info, &saved, access)?
+        }
+        FdKind::Device { path, identity } => {
+            regular::device(info, path, identity.as_ref(), access)?
+        }
+        FdKind::Pipe {
+            inode,
+            fifo_path,
+            fifo_identity,
+            ..
+        } => {
+            let fifo = fifo_path
+                .as_deref()
+                .map(|path| (path, fifo_identity.as_ref()));
+            pipes.end(info, *inode, fifo, access)?
+        }
+        FdKind::Eventfd { count, semaphore } => eventfd::create(fd, *count, *semaphore)?,
+        FdKind::Timerfd {
+            clock,
+            settime_flags,
+            interval_ns,
+            value_ns,
+            ticks,
+        } => timerfd::create(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?,
+        FdKind::Signalfd { mask } => signalfd::create(fd, *mask)?,
+        FdKind::Epoll { .. } => epoll::create(fd)?,
+        FdKind::Memfd {
+            name,
+            offset,
+            size,
+            seals,
+            contents,
+            inode,
+        } => memfd::memfd(info, memfds, *inode, name, *offset, *size, *seals, contents)?,
+        FdKind::TcpListener {
+            local,
+            backlog,
+            reuseport,
+            v6only,
+            options,
+            ..
+        } => inet::tcp_listener(fd, local, *backlog, *reuseport, *v6only, options)?,
+        FdKind::UdpSocket {
+            local,
+            peer,
+            reuseaddr,
+            reuseport,
+            v6only,
+        } => inet::udp_socket(fd, local, peer.as_deref(), *reuseaddr, *reuseport, *v6only)?,
+        FdKind::UnixListener {
+            path,
+            socket_type,
+            backlog,
+            mode,
+            owner,
+        } => unix::unix_listener(fd, path, *socket_type, *backlog, *mode, *owner, access)?,
+        FdKind::UnixPair { .. } => pairs.end(info)?,
+    })
 }

@@ -16,8 +16,8 @@ use std::path::Path;
 use persist_common::image::FdInfo;
 
 use super::FilesError;
-use super::create::reopen_flags;
 use super::install::{ProcSelfFile, ProcSelfPosition};
+use super::open::reopen_flags;
 use crate::sys::pidfd::PidFd;
 
 /// Files of `/proc/PID` that programs commonly read about themselves

@@ -2,37 +2,16 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::Read;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use persist_common::image::{FdInfo, FdKind, FileIdentity, FileType};
+use persist_common::image::{FdInfo, FdKind};
 
 use super::FilesError;
 use super::fdinfo::FdInfoText;
-use super::{pipes, proc_self, sockets};
+use super::listed::Listed;
+use super::{epoll, eventfd, inet, memfd, pipe, regular, signalfd, timerfd, unix};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
-
-/// Largest contents of an unlinked file or unmapped memfd saved in the
-/// manifest.
-pub const MAX_SAVED_CONTENTS: u64 = 64 << 20;
-
-/// One open descriptor as `/proc` shows it.
-#[derive(Debug)]
-pub(super) struct Listed {
-    pub fd: i32,
-    /// Target of the `/proc/PID/fd/N` link.
-    pub target: String,
-    pub info: FdInfoText,
-}
-
-impl Listed {
-    /// The access mode is write-only.
-    fn write_only(&self) -> bool {
-        self.info.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY
-    }
-}
 
 /// Saves every open descriptor of process `pid`, which should be frozen
 /// (ptrace-stopped) so that nothing changes while we look.
@@ -85,7 +64,7 @@ pub fn save_fds_excluding(
 ) -> Result<Vec<FdInfo>, FilesError> {
     let mut listed = list(pid)?;
     listed.retain(|entry| !exclude.contains(&entry.fd));
-    let mapped_memfds = mapped_memfd_inodes(pid)?;
+    let mapped_memfds = memfd::mapped_memfd_inodes(pid)?;
     let mut saved: Vec<FdInfo> = Vec::with_capacity(listed.len());
     let mut memfd_contents_saved = HashSet::new();
 
@@ -125,7 +104,7 @@ pub fn save_fds_excluding(
             kind,
         });
     }
-    check_epoll_targets(&listed)?;
+    epoll::check_epoll_targets(&listed)?;
     Ok(saved)
 }
 
@@ -239,21 +218,6 @@ fn without_payload(kind: FdKind) -> FdKind {
     }
 }
 
-/// Inodes of memfds the process maps (their pages are saved with memory).
-fn mapped_memfd_inodes(pid: i32) -> Result<HashSet<u64>, FilesError> {
-    let path = format!("/proc/{pid}/maps");
-    let maps =
-        fs::read_to_string(&path).map_err(|source| FilesError::Proc { pid, path, source })?;
-    Ok(maps
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let inode = words.nth(4)?.parse().ok()?;
-            words.next()?.starts_with("/memfd:").then_some(inode)
-        })
-        .collect())
-}
-
 /// Works out what one descriptor is and captures its state.
 fn classify(
     pid: i32,
@@ -266,38 +230,16 @@ fn classify(
     let fd = entry.fd;
     let target = entry.target.as_str();
     if target.starts_with("pipe:[") {
-        return pipe(pid, entry, listed, None);
+        return pipe::save(pid, entry, listed, None);
     }
     if target.starts_with("socket:[") {
-        return sockets::save_socket(pid, pidfd, entry, listed);
+        return socket(pid, pidfd, entry, listed);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
         return anon_inode(fd, name, &entry.info);
     }
-    if let Some(rest) = target.strip_prefix("/memfd:") {
-        let name = rest.strip_suffix(" (deleted)").unwrap_or(rest).to_owned();
-        let inode = entry.info.ino;
-        let dup = pidfd
-            .get_fd(fd)
-            .map_err(FilesError::io(fd, "pidfd_getfd"))?;
-        let seals = kobjects::seals(dup.as_fd()).map_err(FilesError::io(fd, "F_GET_SEALS"))?;
-        let size = fs::File::from(dup)
-            .metadata()
-            .map_err(FilesError::io(fd, "fstat"))?
-            .len();
-        let contents = if mapped_memfds.contains(&inode) || !memfd_contents_saved.insert(inode) {
-            Vec::new()
-        } else {
-            read_through_proc(pid, fd)?
-        };
-        return Ok(FdKind::Memfd {
-            name,
-            inode,
-            offset: entry.info.pos,
-            size,
-            seals,
-            contents,
-        });
+    if let Some(name) = target.strip_prefix("/memfd:") {
+        return memfd::save(pid, pidfd, entry, name, mapped_memfds, memfd_contents_saved);
     }
     if !target.starts_with('/') {
         return Err(FilesError::unsupported(
@@ -305,149 +247,16 @@ fn classify(
             format!("{target} is not supported"),
         ));
     }
-
-    let link = format!("/proc/{pid}/fd/{fd}");
-    let meta = fs::metadata(&link).map_err(FilesError::io(fd, format!("stat {target}")))?;
-    let kind = meta.file_type();
-    let identity = FileType::from_mode(meta.mode()).map(|file_type| FileIdentity {
-        device: meta.dev(),
-        inode: meta.ino(),
-        file_type,
-    });
-    let (path, deleted) = match target.strip_suffix(" (deleted)") {
-        Some(path) => (path.to_owned(), true),
-        None => (target.to_owned(), false),
-    };
-    if kind.is_file() || kind.is_dir() {
-        let unlinked = kind.is_file() && (deleted || meta.nlink() == 0);
-        let contents = if unlinked {
-            read_through_proc(pid, fd)?
-        } else {
-            Vec::new()
-        };
-        let path = if unlinked {
-            path
-        } else {
-            proc_self::saved_path(pid, fd, &path)?
-        };
-        return Ok(FdKind::File {
-            path,
-            offset: entry.info.pos,
-            unlinked,
-            contents,
-            identity: identity.filter(|_| !unlinked),
-        });
-    }
-    if kind.is_fifo() {
-        return pipe(pid, entry, listed, Some((path, identity)));
-    }
-    if kind.is_char_device() {
-        return device(fd, path, meta.rdev(), identity);
-    }
-    if kind.is_block_device() {
-        return Err(FilesError::unsupported(
-            fd,
-            format!("block device {path} is not supported"),
-        ));
-    }
-    Err(FilesError::unsupported(
-        fd,
-        format!("{target} is not supported"),
-    ))
-}
-
-/// Reads the whole file behind a descriptor through a new open of
-/// `/proc/PID/fd/N`, which works for unlinked files and leaves the
-/// process's offset alone.
-///
-/// The contents go into the manifest, so they are capped at
-/// [`MAX_SAVED_CONTENTS`].
-fn read_through_proc(pid: i32, fd: i32) -> Result<Vec<u8>, FilesError> {
-    let link = format!("/proc/{pid}/fd/{fd}");
-    let file = fs::File::open(&link).map_err(FilesError::io(fd, format!("opening {link}")))?;
-    let mut contents = Vec::new();
-    file.take(MAX_SAVED_CONTENTS + 1)
-        .read_to_end(&mut contents)
-        .map_err(FilesError::io(
-            fd,
-            format!("reading contents through {link}"),
-        ))?;
-    if contents.len() as u64 > MAX_SAVED_CONTENTS {
-        return Err(FilesError::unsupported(
-            fd,
-            format!(
-                "contents exceed {} MiB, the most an image keeps for one file",
-                MAX_SAVED_CONTENTS >> 20
-            ),
-        ));
-    }
-    Ok(contents)
-}
-
-/// A pipe or FIFO end. Unread data and capacity are saved once per pipe:
-/// on the first read end in the process, or on the first end if the process
-/// has no read end.
-fn pipe(
-    pid: i32,
-    entry: &Listed,
-    listed: &[Listed],
-    fifo: Option<(String, Option<FileIdentity>)>,
-) -> Result<FdKind, FilesError> {
-    let (fifo_path, fifo_identity) = fifo.unzip();
-    let inode = entry.info.ino;
-    let same_pipe = |other: &&Listed| other.info.ino == inode && other.target == entry.target;
-    let holder = listed
-        .iter()
-        .filter(same_pipe)
-        .find(|o| !o.write_only())
-        .or_else(|| listed.iter().find(same_pipe))
-        .map(|o| o.fd);
-    // The holder is never a dup: a dup is numbered above what it duplicates.
-    let (data, capacity) = if holder == Some(entry.fd) {
-        pipes::peek(pid, entry.fd)?
-    } else {
-        (Vec::new(), 0)
-    };
-    Ok(FdKind::Pipe {
-        inode,
-        write_end: entry.write_only(),
-        fifo_path,
-        data,
-        capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-        fifo_identity: fifo_identity.flatten(),
-    })
+    regular::save(pid, entry, listed)
 }
 
 /// eventfd, timerfd, signalfd, epoll; everything else on anon_inode is refused.
 fn anon_inode(fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesError> {
-    let missing =
-        |what: &str| FilesError::unsupported(fd, format!("{name}: unexpected fdinfo (no {what})"));
     match name {
-        "[eventfd]" => {
-            let (count, semaphore) = info.eventfd().ok_or_else(|| missing("eventfd-count"))?;
-            Ok(FdKind::Eventfd { count, semaphore })
-        }
-        "[timerfd]" => {
-            let t = info.timerfd().ok_or_else(|| missing("timer settings"))?;
-            Ok(FdKind::Timerfd {
-                clock: t.clock,
-                settime_flags: t.settime_flags,
-                interval_ns: t.interval_ns,
-                value_ns: t.value_ns,
-                ticks: t.ticks,
-            })
-        }
-        "[signalfd]" => Ok(FdKind::Signalfd {
-            mask: info.signalfd_mask().ok_or_else(|| missing("sigmask"))?,
-        }),
-        "[eventpoll]" => {
-            let watches = info
-                .epoll_watches()
-                .ok_or_else(|| missing("readable tfd lines"))?;
-            Ok(FdKind::Epoll {
-                watches: watches.into_iter().map(|(w, _)| w).collect(),
-            })
-        }
+        "[eventfd]" => eventfd::save(fd, info),
+        "[timerfd]" => timerfd::save(fd, info),
+        "[signalfd]" => signalfd::save(fd, info),
+        "[eventpoll]" => epoll::save(fd, info),
         "inotify" => Err(FilesError::unsupported(fd, "inotify is not supported")),
         "[fanotify]" => Err(FilesError::unsupported(fd, "fanotify is not supported")),
         "[io_uring]" => Err(FilesError::unsupported(fd, "io_uring is not supported")),
@@ -465,57 +274,50 @@ fn anon_inode(fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesErr
     }
 }
 
-/// Character devices: the memory devices and terminals.
-fn device(
-    fd: i32,
-    path: String,
-    rdev: u64,
-    identity: Option<FileIdentity>,
+/// Saves the socket behind `entry`, duplicated into the agent to query it:
+/// IP sockets in `inet.rs`, UNIX sockets in `unix.rs`.
+fn socket(
+    pid: i32,
+    pidfd: &PidFd,
+    entry: &Listed,
+    listed: &[Listed],
 ) -> Result<FdKind, FilesError> {
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let memory_device = major == 1 && matches!(minor, 3 | 5 | 7 | 8 | 9);
-    // 136-143: /dev/pts/N; 4: /dev/ttyN and serial; 5:0 /dev/tty; 5:1 /dev/console.
-    let terminal = (136..=143).contains(&major) || major == 4 || (major == 5 && minor <= 1);
-    if memory_device || terminal {
-        Ok(FdKind::Device { path, identity })
-    } else {
-        Err(FilesError::unsupported(
-            fd,
-            format!("device {path} ({major}:{minor}) is not supported"),
-        ))
-    }
-}
-
-/// An epoll instance is keyed by (file, descriptor number): a watch whose
-/// number was closed, or now names another file, cannot be re-added.
-fn check_epoll_targets(listed: &[Listed]) -> Result<(), FilesError> {
-    for epoll in listed
-        .iter()
-        .filter(|e| e.target == "anon_inode:[eventpoll]")
-    {
-        for (watch, ino) in epoll.info.epoll_watches().unwrap_or_default() {
-            match listed.iter().find(|o| o.fd == watch.fd) {
-                None => {
-                    return Err(FilesError::unsupported(
-                        epoll.fd,
-                        format!(
-                            "epoll watches fd {}, which was closed after being added",
-                            watch.fd
-                        ),
-                    ));
-                }
-                Some(target) if ino != 0 && target.info.ino != ino => {
-                    return Err(FilesError::unsupported(
-                        epoll.fd,
-                        format!(
-                            "epoll watches a file that fd {} no longer refers to",
-                            watch.fd
-                        ),
-                    ));
-                }
-                Some(_) => {}
-            }
+    let fd = entry.fd;
+    let sock = pidfd
+        .get_fd(fd)
+        .map_err(FilesError::io(fd, "pidfd_getfd"))?;
+    let int = |name, what: &str| {
+        kobjects::sockopt_int(sock.as_fd(), libc::SOL_SOCKET, name)
+            .map_err(FilesError::io(fd, format!("getsockopt {what}")))
+    };
+    let domain = int(libc::SO_DOMAIN, "SO_DOMAIN")?;
+    let socket_type = int(libc::SO_TYPE, "SO_TYPE")?;
+    let listening = int(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0;
+    match domain {
+        libc::AF_INET | libc::AF_INET6 => {
+            let protocol = int(libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+            inet::save(
+                fd,
+                sock.as_fd(),
+                domain,
+                socket_type,
+                protocol,
+                listening,
+                entry.info.ino,
+            )
         }
+        libc::AF_UNIX => unix::save(pid, fd, sock.as_fd(), socket_type, listening, entry, listed),
+        libc::AF_NETLINK => Err(FilesError::unsupported(
+            fd,
+            "netlink socket is not supported",
+        )),
+        libc::AF_PACKET => Err(FilesError::unsupported(
+            fd,
+            "packet socket is not supported",
+        )),
+        other => Err(FilesError::unsupported(
+            fd,
+            format!("socket of address family {other} is not supported"),
+        )),
     }
-    Ok(())
 }
