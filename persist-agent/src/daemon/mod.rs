@@ -6,8 +6,35 @@
 //! service (finding running ones again), then serve wake events and the
 //! control socket until SIGTERM or SIGINT. Services keep running when the
 //! daemon exits; the next daemon finds them again.
+//!
+//! # Threads
+//!
+//! ```text
+//!  kernel: sk_lookup ──ring buffer──▶ persist-wakes (real-time thread)
+//!                                        │ a snapshot service's SYN: straight to
+//!                                        ▼ its restore thread (ResumeTrigger)
+//!  restore-NAME (one per snapshot service) ◀── jobs: prepare, resume ── supervisor
+//!    prepares skeletons (ptrace ties a skeleton to the thread that made it),
+//!    resumes them, then runs the pager until every page is in; a wake's
+//!    bulk copy borrows short-lived helper threads.
+//!  tokio runtime (2 workers):
+//!    supervisor task per service ── its event loop: wake, park, idle, stop
+//!    control socket, metrics, reaper (SIGCHLD)
+//!    blocking work (build, checkpoint, image checks, fork/exec) goes to
+//!    spawn_blocking or block_in_place, never stays on a worker.
+//!  port keeper processes (one per service) hold each listener while no
+//!    daemon runs, so SYNs queue instead of being refused.
+//! ```
+//!
+//! Every message between threads is typed (`supervisor::Command`, the
+//! restore thread's jobs and `ResumeRefused`). Shared state and its lock
+//! order: the registry's `services` map is taken before the BPF `watcher`,
+//! never the other way round; a service's `published` view and its restore
+//! thread's `report` are leaf locks, taken alone or last. The wake thread
+//! holds `services` only to find the service, and wakes it after letting go.
 
 mod control_server;
+mod idle;
 mod keeper;
 mod listener;
 mod metrics;

@@ -116,7 +116,7 @@ enum Job {
         checked: Option<oneshot::Sender<Result<(), String>>>,
     },
     Resume {
-        reply: oneshot::Sender<Result<Resumed, String>>,
+        reply: oneshot::Sender<Result<Resumed, ResumeRefused>>,
     },
     /// A SYN arrived: resume the prepared skeleton now, without waiting for
     /// the supervisor (see [`ResumeTrigger`]).
@@ -133,9 +133,15 @@ enum Job {
 /// supervisor then wakes the service its usual way).
 pub type EarlyReply = Box<dyn FnOnce(Option<Result<Resumed, String>>) + Send>;
 
-/// Error of [`RestoreWorker::resume`] when a SYN already resumed the
-/// skeleton of this park: the supervisor is told of that wake separately.
-pub const ALREADY_RESUMED: &str = "already resumed by a SYN";
+/// What [`RestoreWorker::resume`] did instead of resuming a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeRefused {
+    /// A SYN already resumed the skeleton of this park: the supervisor is
+    /// told of that wake separately, and no second process may start.
+    AlreadyResumed,
+    /// The skeleton could not be prepared or resumed, for this reason.
+    Failed(String),
+}
 
 /// Sends a SYN's wake straight to a restore thread, so that the resume does
 /// not wait for the daemon's async tasks to be scheduled (on this 2-CPU VM
@@ -314,14 +320,13 @@ impl RestoreWorker {
     }
 
     /// Resumes the prepared skeleton (preparing one first if needed).
-    pub async fn resume(&self) -> Result<Resumed, String> {
+    pub async fn resume(&self) -> Result<Resumed, ResumeRefused> {
+        let stopped = || ResumeRefused::Failed("the restore thread has stopped".to_owned());
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job::Resume { reply })
-            .map_err(|_| "the restore thread has stopped".to_owned())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the restore thread has stopped".to_owned()))
+            .map_err(|_| stopped())?;
+        answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 
     /// What the worker publishes, shared.
@@ -600,12 +605,12 @@ impl Worker {
         Ok((skeleton, image))
     }
 
-    fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, String>>) {
+    fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, ResumeRefused>>) {
         if self.skeleton.is_none() {
             if self.resumed_on_syn {
                 // A second process must never start: the supervisor hears
                 // of the SYN's wake on its own.
-                let _ = reply.send(Err(ALREADY_RESUMED.into()));
+                let _ = reply.send(Err(ResumeRefused::AlreadyResumed));
                 return;
             }
             // Its failure is the resume's: the reply says why.
@@ -614,7 +619,7 @@ impl Worker {
         let at_work = self.pagers.start();
         self.resume_and_serve(
             Box::new(move |result| {
-                let _ = reply.send(result);
+                let _ = reply.send(result.map_err(ResumeRefused::Failed));
             }),
             at_work,
         );

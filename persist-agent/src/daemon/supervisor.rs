@@ -17,9 +17,10 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::idle;
 use super::listener;
 use super::metrics::Metrics;
-use super::restore_worker::{ALREADY_RESUMED, RestoreWorker, ResumeTrigger, Resumed, WorkerReport};
+use super::restore_worker::{RestoreWorker, ResumeRefused, ResumeTrigger, Resumed, WorkerReport};
 use super::run_state::{Adopted, RunStateDir};
 use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
 use crate::launch;
@@ -28,9 +29,6 @@ use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// A park that cannot keep the state is retried after at most 64 idle
-/// timeouts: each failure is a whole checkpoint attempt.
-const MAX_KEEP_BACKOFF_DOUBLINGS: u32 = 6;
 /// A process that exits this soon after its start counts as a failed start.
 const QUICK_EXIT: Duration = Duration::from_secs(1);
 /// Failed starts in a row after which the service is marked failed rather
@@ -632,19 +630,24 @@ impl Supervisor {
     async fn start(&mut self, syn_ns: Option<u64>) {
         self.publish(State::Waking, None);
         let started = match &self.starter {
-            Starter::Command => launch::exec_with_listener(&self.spec, self.listener.as_fd())
-                .map(|spawned| Started {
-                    pid: spawned.pid,
-                    pidfd: spawned.pidfd,
-                    namespace_init: None,
-                    resume_us: None,
-                    running_at_ns: None,
-                })
-                .map_err(|err| err.to_string()),
+            // fork and exec block: the runtime's other tasks move to
+            // another worker meanwhile.
+            Starter::Command => tokio::task::block_in_place(|| {
+                launch::exec_with_listener(&self.spec, self.listener.as_fd())
+            })
+            .map(|spawned| Started {
+                pid: spawned.pid,
+                pidfd: spawned.pidfd,
+                namespace_init: None,
+                resume_us: None,
+                running_at_ns: None,
+            })
+            .map_err(|err| err.to_string()),
             Starter::Restore { worker, .. } => match worker.resume().await {
                 // A SYN resumed it meanwhile: its `Resumed` command is next.
-                Err(err) if err == ALREADY_RESUMED => return,
-                result => result.map(Started::from),
+                Err(ResumeRefused::AlreadyResumed) => return,
+                Err(ResumeRefused::Failed(err)) => Err(err),
+                Ok(resumed) => Ok(Started::from(resumed)),
             },
         };
         self.started(started, syn_ns, WokenBy::Supervisor);
@@ -814,7 +817,10 @@ impl Supervisor {
                     let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
                     let connection = connection.into_std()?;
                     connection.set_nonblocking(false)?;
-                    match launch::exec_for_connection(&self.spec, connection.as_fd()) {
+                    let spawned = tokio::task::block_in_place(|| {
+                        launch::exec_for_connection(&self.spec, connection.as_fd())
+                    });
+                    match spawned {
                         Ok(spawned) => {
                             if children.is_empty() {
                                 let latency = (stats.wake_syn_ns != 0).then(|| since_monotonic_us(stats.wake_syn_ns));
@@ -955,33 +961,26 @@ impl Supervisor {
         info!(service = %self.spec.name, pid, wake_us = ?latency_us, by = by.as_str(), "woken");
     }
 
-    /// Idle: no SYN for the timeout, nothing queued, no established connection.
+    /// Idle as [`idle::is_idle`] decides from what is observed now.
     fn is_idle(&self) -> bool {
         let Some(timeout) = self.spec.idle_timeout else {
             return false;
         };
         let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
-        let since_syn = if stats.last_syn_ns == 0 {
-            Duration::MAX
-        } else {
-            Duration::from_micros(since_monotonic_us(stats.last_syn_ns))
+        let observed = idle::Observed {
+            since_syn: (stats.last_syn_ns != 0)
+                .then(|| Duration::from_micros(since_monotonic_us(stats.last_syn_ns))),
+            running_for: self.running_since.elapsed(),
+            keep_failures: self
+                .keep_failed
+                .map(|(failed, failures)| (failures, failed.elapsed())),
+            queued: listener::has_pending(&self.listener),
         };
-        since_syn >= timeout
-            && self.running_since.elapsed() >= timeout
-            && self.keep_failed.is_none_or(|(failed, failures)| {
-                let doublings = (failures - 1).min(MAX_KEEP_BACKOFF_DOUBLINGS);
-                failed.elapsed() >= timeout * 2u32.pow(doublings)
-            })
-            && !listener::has_pending(&self.listener)
-            && !has_established_connections(self.spec.port)
+        idle::is_idle(timeout, &observed) && !idle::has_established_connections(self.spec.port)
     }
 
     fn idle_check_period(&self) -> Duration {
-        self.spec
-            .idle_timeout
-            .map_or(Duration::from_secs(3600), |timeout| {
-                (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-            })
+        idle::check_period(self.spec.idle_timeout)
     }
 
     fn state(&self) -> State {
@@ -1026,17 +1025,6 @@ pub fn since_monotonic_us(then_ns: u64) -> u64 {
         .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
         .unwrap_or(then_ns);
     now.saturating_sub(then_ns) / 1000
-}
-
-/// Whether any TCP connection to local `port` is established in our namespace.
-fn has_established_connections(port: u16) -> bool {
-    let established = |entries: Vec<procfs::net::TcpNetEntry>| {
-        entries.iter().any(|entry| {
-            entry.local_address.port() == port && entry.state == procfs::net::TcpState::Established
-        })
-    };
-    procfs::net::tcp().map(established).unwrap_or(false)
-        || procfs::net::tcp6().map(established).unwrap_or(false)
 }
 
 /// Checkpoints a restored process once its pager has brought all its memory
