@@ -133,7 +133,11 @@ impl Registry {
         for (name, result) in loaded {
             let brought_back = match result {
                 Ok(spec) => match self.rebuild_if_stale(&spec).await {
-                    Ok(rebuilt) => self.activate(spec, rebuilt).map(drop),
+                    // Taking over a previous daemon's processes waits for
+                    // some to die: off the runtime's workers.
+                    Ok(rebuilt) => {
+                        tokio::task::block_in_place(|| self.activate(spec, rebuilt)).map(drop)
+                    }
                     Err(err) => Err(err),
                 },
                 Err(err) => Err(err.into()),
@@ -184,7 +188,7 @@ impl Registry {
             }
             None => None,
         };
-        let prepared = self.activate(spec.clone(), built_listener)?;
+        let prepared = tokio::task::block_in_place(|| self.activate(spec.clone(), built_listener))?;
         if let Some(prepared) = prepared {
             let outcome = prepared
                 .await
@@ -714,12 +718,7 @@ fn take_over(
 /// gone, so that what it held (its port) is free again.
 fn kill_and_wait(pidfd: &crate::sys::pidfd::PidFd) {
     let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
-    for _ in 0..100 {
-        if pidfd.has_exited() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    pidfd.wait_exit(std::time::Duration::from_secs(1));
 }
 
 /// Stops a process a previous daemon started, by pid: SIGTERM then SIGKILL,
@@ -734,13 +733,9 @@ fn stop_stray(pid: i32) {
         return;
     }
     let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGTERM);
-    for _ in 0..50 {
-        if pidfd.has_exited() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    if !pidfd.wait_exit(std::time::Duration::from_secs(5)) {
+        let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
     }
-    let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Why the image in `dir` does not restore on this host, when it was taken
