@@ -34,6 +34,7 @@
 //! holds `services` only to find the service, and wakes it after letting go.
 
 mod control_server;
+mod exits;
 mod idle;
 mod keeper;
 mod listener;

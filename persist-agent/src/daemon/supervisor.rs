@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::exits::{AfterExit, ExitHistory};
 use super::idle;
 use super::listener;
 use super::metrics::Metrics;
@@ -29,11 +30,6 @@ use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// A process that exits this soon after its start counts as a failed start.
-const QUICK_EXIT: Duration = Duration::from_secs(1);
-/// Failed starts in a row after which the service is marked failed rather
-/// than started again for the connections still queued.
-const QUICK_EXITS_TO_FAIL: u32 = 3;
 /// How long a service that failed to start stays failed before the next SYN may retry.
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// How often a woken service's deep backlog is checked for the end of the
@@ -315,7 +311,7 @@ pub struct Supervisor {
     /// tried again after an idle timeout, doubled at each failure.
     keep_failed: Option<(Instant, u32)>,
     /// Consecutive starts after which the process exited at once.
-    quick_exits: u32,
+    exits: ExitHistory,
     starter: Starter,
     /// Parks asked for while a SYN's resume was on its way to us: done once
     /// that resume is heard of.
@@ -371,7 +367,7 @@ impl Supervisor {
             child: None,
             running_since: Instant::now(),
             keep_failed: None,
-            quick_exits: 0,
+            exits: ExitHistory::default(),
             starter,
             parks_when_resumed: Vec::new(),
             retry: commands.downgrade(),
@@ -477,21 +473,10 @@ impl Supervisor {
                     info!(service = %self.spec.name, pid, "service exited");
                     self.child = None;
                     self.prepare_next();
-                    if let Some(err) = self.wake_failure(pid).await {
-                        self.quick_exits = 0;
-                        self.fail_start(err);
-                    } else if self.running_since.elapsed() < QUICK_EXIT {
-                        self.quick_exits += 1;
-                    } else {
-                        self.quick_exits = 0;
-                    }
-                    if self.quick_exits >= QUICK_EXITS_TO_FAIL {
-                        self.quick_exits = 0;
-                        self.fail_start(format!(
-                            "exited within {QUICK_EXIT:?} of each of its last {QUICK_EXITS_TO_FAIL} starts"
-                        ));
-                    } else {
-                        self.park();
+                    let wake_failure = self.wake_failure(pid).await;
+                    match self.exits.after_exit(self.running_since.elapsed(), wake_failure) {
+                        AfterExit::Park => self.park(),
+                        AfterExit::Fail(err) => self.fail_start(err),
                     }
                 }
                 () = tokio::time::sleep(BURST_CHECK), if self.deep_backlog_since.is_some() => {
