@@ -44,9 +44,14 @@ mod layout;
 mod pager;
 #[cfg(test)]
 mod prefetch_tests;
+mod resources;
+mod runner;
 mod seccomp;
 mod skeleton;
+mod spawn;
 mod table;
+mod threads;
+mod verify;
 
 use std::io::Write as _;
 use std::path::PathBuf;
