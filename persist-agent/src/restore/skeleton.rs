@@ -86,9 +86,10 @@ pub struct Skeleton {
     continuer: Option<Continuer>,
 }
 
-/// Lets a released skeleton run (`SIGCONT`), from any thread: the daemon's
-/// wake thread resumes it itself rather than wake the thread that prepared
-/// it, which on this 2-CPU VM took 30–260 µs, plus ~45 µs of detaching.
+/// Lets a released skeleton run (`SIGCONT`), from any thread: the daemon's wake
+/// thread resumes it itself rather than wake the thread that prepared it and
+/// have that thread detach every thread (both cost tens of µs:
+/// docs/kernel-facts.md, Costs that shaped the wake path).
 #[derive(Debug, Clone)]
 pub struct Continuer {
     inner: Arc<ContinuerState>,

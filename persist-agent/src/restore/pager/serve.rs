@@ -9,11 +9,13 @@ use super::cpu_share::CpuShare;
 use super::{Pager, PagerStats, RestoreError};
 use crate::sys::uffd::{CopyOutcome, UffdEvent};
 
-/// Most pages copied by one background ioctl: small enough that a fault
-/// waiting behind it is served within ~100 µs.
+/// Most pages copied by one background ioctl: small enough that a fault waiting
+/// behind it is not held up for long (docs/kernel-facts.md, Costs that shaped
+/// the pager).
 const FILL_BATCH_PAGES: u64 = 64;
 
-/// Background batch while the process is faulting (~10 µs of copying).
+/// Background batch while the process is faulting: eight times shorter a
+/// copy for a fault to wait behind.
 const FILL_BATCH_PAGES_FAULTING: u64 = 8;
 
 /// How long after the resume or a fault the pager polls for the next fault
@@ -30,17 +32,18 @@ impl Pager {
     /// the process exits. On a page checksum error the process is killed.
     ///
     /// The loop never sleeps while pages are missing: it polls the
-    /// (non-blocking) userfaultfd between small fill batches, so a fault
-    /// waits at most one batch instead of a thread wake-up (~45 µs here).
+    /// (non-blocking) userfaultfd between small fill batches, so a fault waits
+    /// at most one batch instead of a thread wake-up (tens of µs:
+    /// docs/kernel-facts.md, Costs that shaped the pager).
     ///
     /// The fill may take a CPU the process wants, and lowering the pager's
     /// priority does not prevent it: the restored process leads its own
-    /// session, so autogroup scheduling weighs it against the agent as a
-    /// group. So after a resume with a working set copied in, the fill is
-    /// held back while the wake logs the faults (`Pager::log_faults`). A lazy
-    /// wake keeps filling between faults: holding it back there made redis's
-    /// lazy wakes 20–40 % slower, as the fill no longer brought pages in
-    /// ahead of the faults.
+    /// session, so autogroup scheduling weighs it against the agent as a group.
+    /// So after a resume with a working set copied in, the fill is held back
+    /// while the wake logs the faults (`Pager::log_faults`). A lazy wake keeps
+    /// filling between faults: holding it back there made lazy wakes slower, as
+    /// the fill no longer brought pages in ahead of the faults
+    /// (docs/kernel-facts.md, Costs that shaped the pager).
     pub fn run_until_filled(&mut self) -> Result<PagerStats, RestoreError> {
         let result = self.serve_and_fill();
         // Whoever waits for the process to be quiet hears of it, even on an error.
@@ -92,20 +95,20 @@ impl Pager {
             if self.pending.is_empty() {
                 break;
             }
-            // Only faults while logging, so that every page the process
-            // touches and lacks faults and is logged: a fill would bring
-            // some in first (a busy machine's redis then faulted on 39 pages
-            // again on the next wake). This also keeps the fill from taking
-            // a CPU from a prefetched wake's first request. While recording,
-            // right after the resume or a fault, faults are polled for from
-            // another CPU than the one the process runs on (a fill there
-            // would delay its request, and sleeping adds a wake-up, ~100 µs
-            // here, to each fault); once faults pause, the pager sleeps, so
-            // that the process's other threads get that CPU. A wake whose set
-            // was copied in rarely faults: the pager sleeps from the start,
-            // as moving itself off the process's CPU delayed redis's first
-            // request more (4 %) than it saved, and polls only after a
-            // fault, as the pages its set lacked tend to come in a row.
+            // Only faults while logging, so that every page the process touches
+            // and lacks faults and is logged: a fill would bring some in first,
+            // and the next wake faulted on them again. This also keeps the fill
+            // from taking a CPU from a prefetched wake's first request. While
+            // recording, right after the resume or a fault, faults are polled
+            // for from another CPU than the one the process runs on (a fill
+            // there would delay its request, and sleeping adds a wake-up to
+            // each fault); once faults pause, the pager sleeps, so that the
+            // process's other threads get that CPU. A wake whose set was copied
+            // in rarely faults: the pager sleeps from the start, as moving
+            // itself off the process's CPU delayed the first request more than
+            // it saved, and polls only after a fault, as the pages its set
+            // lacked tend to come in a row (figures: docs/kernel-facts.md,
+            // Costs that shaped the pager).
             if self.logging() {
                 let recent = last_fault
                     .or(self.resumed_at)
@@ -195,11 +198,11 @@ impl Pager {
         self.stats.faults += 1;
         if self.pending.contains_key(&page) {
             let before = self.pending.len();
-            // While logging, only the page touched comes in, so that every
-            // page the process needs faults and the set learns it: a whole
-            // run copied for one fault hid the run's other pages, and a
-            // process walking a run then faulted one page further on each
-            // wake (redis: two faults, ~100 µs each, on every wake).
+            // While logging, only the page touched comes in, so that every page
+            // the process needs faults and the set learns it: a whole run
+            // copied for one fault hid the run's other pages, and a process
+            // walking a run then faulted one page further on each wake
+            // (docs/kernel-facts.md, Costs that shaped the pager).
             let logging = self.logging();
             if logging {
                 self.log_fault(page);
