@@ -42,6 +42,7 @@
 mod child;
 mod creds;
 mod layout;
+mod mapped_files;
 mod pager;
 #[cfg(test)]
 mod prefetch_tests;

@@ -27,6 +27,7 @@ use persist_common::image::{
 
 use super::RestoreError;
 use super::layout::{describe, is_lazy};
+pub(crate) use super::mapped_files::MappedFiles;
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::Userfault;
 
@@ -53,9 +54,6 @@ struct Source {
     run: u32,
     page: u32,
 }
-
-/// The files of lazy file mappings, by index of the mapping in the manifest.
-pub(crate) type MappedFiles = std::collections::HashMap<usize, Arc<std::fs::File>>;
 
 /// Pages of a private file mapping that nothing was stored for and the file
 /// holds (a page wholly past its end would have been a SIGBUS: it reads

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use nix::fcntl::OFlag;
@@ -16,7 +15,7 @@ use persist_common::image::{FileType, Image, Manifest, MappingKind, PAGE_SIZE};
 
 use super::RestoreError;
 use super::layout::{Attributes, LayoutFds, describe, is_lazy};
-use super::pager::MappedFiles;
+use super::mapped_files::{MappedFiles, open_mapped_file};
 use super::spawn::dup_above;
 use super::verify::stored_run;
 use crate::files::{self, PathAccess, PreparedFds, RecordedError};
@@ -178,29 +177,6 @@ fn own_rlimit(resource: u32) -> (u64, u64) {
     crate::sys::rlimit::get(0, resource).unwrap_or((u64::MAX, u64::MAX))
 }
 
-/// The files of the lazy file mappings of `image`, opened again (for a
-/// pager taking over a restored process), each checked to be the file
-/// recorded.
-pub(crate) fn lazy_files_of(image: &Image) -> Result<MappedFiles, RestoreError> {
-    // As the process would open them: mapped files must be the very ones.
-    let access = PathAccess::for_process(&image.manifest().process.credentials, false, Vec::new());
-    let mut files = MappedFiles::new();
-    for (index, mapping) in image.manifest().mappings.iter().enumerate() {
-        if let MappingKind::File {
-            path,
-            inode,
-            device,
-            ..
-        } = &mapping.kind
-            && is_lazy(mapping)
-        {
-            let fd = open_mapped_file(mapping.start, path, *inode, device, false, 0, &access)?;
-            files.insert(index, Arc::new(File::from(fd)));
-        }
-    }
-    Ok(files)
-}
-
 /// Opens the executable or the working directory, as the process would
 /// and never through a symlink.
 fn open_process_path(
@@ -216,64 +192,6 @@ fn open_process_path(
         },
         RecordedError::Io { source, .. } => RestoreError::io(path, source),
     })
-}
-
-/// Opens the file of the mapping at `start`, as the process would, never
-/// through a symlink, and only if it is still the file mapped at checkpoint
-/// (whatever the access accepts for descriptors: the process's memory holds
-/// pages of that file).
-fn open_mapped_file(
-    start: u64,
-    path: &str,
-    inode: u64,
-    device: &str,
-    writable: bool,
-    min: RawFd,
-    access: &PathAccess,
-) -> Result<OwnedFd, RestoreError> {
-    let flags = if writable {
-        OFlag::O_RDWR
-    } else {
-        OFlag::O_RDONLY
-    };
-    let changed = |what: String| RestoreError::FileChanged {
-        address: start,
-        path: path.to_owned(),
-        what,
-    };
-    let file =
-        files::open_recorded(path, flags, None, &[FileType::Regular], access).map_err(|err| {
-            match err {
-                RecordedError::Changed(what) => changed(what),
-                RecordedError::Io { source, .. } => RestoreError::io(path, source),
-            }
-        })?;
-    let meta = file.metadata().map_err(|e| RestoreError::io(path, e))?;
-    let device_matches = device.split_once(':').is_none_or(|(major, minor)| {
-        match (
-            u64::from_str_radix(major, 16),
-            u64::from_str_radix(minor, 16),
-        ) {
-            (Ok(major), Ok(minor)) => {
-                libc::major(meta.dev()) as u64 == major && libc::minor(meta.dev()) as u64 == minor
-            }
-            _ => true,
-        }
-    });
-    if meta.ino() != inode {
-        return Err(changed(format!(
-            "its inode was {inode}, it is now {}",
-            meta.ino()
-        )));
-    }
-    if !device_matches {
-        return Err(changed(format!(
-            "its device was {device}, it is now {:x}:{:02x}",
-            libc::major(meta.dev()),
-            libc::minor(meta.dev())
-        )));
-    }
-    dup_above(file.into(), min)
 }
 
 fn new_memfd(inode: u64) -> Result<OwnedFd, RestoreError> {
