@@ -80,8 +80,9 @@ pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()
     let state_dir = &prepare_state_dir(state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
     let _lock = lock_state_dir(state_dir)?;
-    // Orphans of our services are reparented to us and reaped at once (NOTES:
-    // init reaps them late here, keeping their pids taken).
+    // Orphans of our services are reparented to us and reaped at once: init
+    // reaps them late, keeping their pids taken (docs/kernel-facts.md, Costs
+    // that shaped the wake path).
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -111,10 +112,10 @@ async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Resul
         info!("metrics on http://{addr}/metrics");
     }
 
-    // A thread of its own, at real-time priority: it runs the moment the
-    // first SYN arrives, ahead of the client that sent it (which otherwise
-    // kept this CPU ~140 µs here), and hands the wake straight to the
-    // service's restore thread.
+    // A thread of its own, at real-time priority: it runs the moment the first
+    // SYN arrives, ahead of the client that sent it (which otherwise kept this
+    // CPU a while: docs/kernel-facts.md, Costs that shaped the wake path), and
+    // hands the wake straight to the service's restore thread.
     let wake_registry = registry.clone();
     std::thread::Builder::new()
         .name("persist-wakes".into())

@@ -143,9 +143,10 @@ pub enum ResumeRefused {
     Failed(String),
 }
 
-/// Sends a SYN's wake straight to a restore thread, so that the resume does
-/// not wait for the daemon's async tasks to be scheduled (on this 2-CPU VM
-/// that hop cost ~200 µs, often behind the client that sent the SYN).
+/// Sends a SYN's wake straight to a restore thread, so that the resume does not
+/// wait for the daemon's async tasks to be scheduled (that hop cost hundreds of
+/// µs, often behind the client that sent the SYN: docs/kernel-facts.md, Costs
+/// that shaped the wake path).
 #[derive(Clone)]
 pub struct ResumeTrigger {
     jobs: mpsc::Sender<Job>,
@@ -158,11 +159,12 @@ impl ResumeTrigger {
     /// Resumes the prepared skeleton, then calls `then` with what happened.
     ///
     /// The calling thread does what it can itself, as the restore thread may
-    /// take 30–260 µs to wake up on another CPU: it copies the working set
-    /// in (with the restore thread once that is up), then lets the process
-    /// run. The restore thread then only takes over its pager. The job goes
-    /// first: told only after the resume, the restore thread helped with
-    /// nothing and redis's first byte came 20 % later.
+    /// take long to wake up on another CPU: it copies the working set in (with
+    /// the restore thread once that is up), then lets the process run. The
+    /// restore thread then only takes over its pager. The job goes first: told
+    /// only after the resume, the restore thread helped with nothing and the
+    /// first byte came later (docs/kernel-facts.md, Costs that shaped the wake
+    /// path).
     pub fn resume(&self, then: EarlyReply) {
         // Counted before the process can answer: a park asked for after the
         // answer must wait for the news.
@@ -662,7 +664,7 @@ impl Worker {
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
         let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copy);
         // Ordinary before the resume: the process, woken on this thread's
-        // CPU, waited up to ~150 µs for it otherwise. And the pager spins at
+        // CPU, waited for it otherwise. And the pager spins at
         // times: never at real-time priority.
         let _ = sched::set_current_thread_realtime(false);
         let resumed = skeleton.resume();
@@ -757,11 +759,11 @@ impl Worker {
     /// Copies what `plan` says into the stopped skeleton. Returns the
     /// working set this wake records or extends, if any.
     ///
-    /// Before the resume rather than after it: measured here, python's
-    /// http.server answered its first request sooner (median 7.6 ms against
-    /// 8.3–9.2 ms) with its ~1900-page set copied before it ran (~4 ms) than
-    /// with the copy racing it on this 2-CPU machine; redis was even. And
-    /// only a stopped process lets the copy use every CPU.
+    /// Before the resume rather than after it: python's http.server answered
+    /// its first request sooner with its set copied before it ran than with the
+    /// copy racing it, and redis was even (docs/kernel-facts.md, Costs that
+    /// shaped the wake path). And only a stopped process lets the copy use
+    /// every CPU.
     fn prefetch_before_resume(
         &self,
         skeleton: &mut Skeleton,
@@ -823,7 +825,8 @@ const RECORD_WINDOW: std::time::Duration = std::time::Duration::from_millis(200)
 
 /// Gives the previous process of the image time to be reaped, so the skeleton
 /// gets the recorded pid itself rather than a private pid namespace. A process
-/// a previous daemon started is reaped by init, which here takes over a second.
+/// a previous daemon started is reaped by init, which can take over a second
+/// (docs/kernel-facts.md, Costs that shaped the wake path).
 fn wait_until_pid_is_free(pid: i32) {
     let deadline = std::time::Instant::now() + PID_RELEASE_WAIT;
     while std::time::Instant::now() < deadline {

@@ -25,11 +25,11 @@ use crate::sys::pidfd::PidFd;
 const COMMONLY_READ: [&str; 3] = ["stat", "statm", "status"];
 
 /// Opens and reads the `/proc` files process `pid` most likely reads about
-/// itself, before it runs, so that the kernel's entries for its new task
-/// exist by then: a process's first open of `/proc/self/stat` took ~40 µs
-/// here, against ~15 µs once another process had opened it (redis reads it
-/// in every `serverCron`, and the first one runs on a wake's critical
-/// path). Nothing fails on an error: this only saves time.
+/// itself, before it runs, so that the kernel's entries for its new task exist
+/// by then: a process's first open of `/proc/self/stat` is much slower than one
+/// after another process opened it (docs/kernel-facts.md, Restore and wake),
+/// and redis reads it in every `serverCron`, the first one on a wake's critical
+/// path. Nothing fails on an error: this only saves time.
 pub fn warm_own_proc_entries(pid: i32) {
     for name in COMMONLY_READ {
         let _ = std::fs::read(format!("/proc/{pid}/{name}"));

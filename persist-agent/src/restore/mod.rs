@@ -18,7 +18,8 @@
 //!    prepared skeleton holds a few pages.
 //! 2. Before the resume, the daemon may copy in a recorded working set in
 //!    bulk (`pager/bulk.rs`).
-//! 3. [`Skeleton::resume`]: detach every thread (a few µs).
+//! 3. [`Skeleton::resume`]: detach every thread, or continue a released
+//!    skeleton ([`Continuer`]).
 //! 4. [`Pager::run_until_filled`]: serve faults from the page store and
 //!    fill the rest in the background; the restored process keeps a
 //!    duplicate of its userfaultfd, so a dead pager means blocked faults,
@@ -41,12 +42,18 @@
 mod child;
 mod creds;
 mod layout;
+mod mapped_files;
 mod pager;
 #[cfg(test)]
 mod prefetch_tests;
+mod resources;
+mod runner;
 mod seccomp;
 mod skeleton;
+mod spawn;
 mod table;
+mod threads;
+mod verify;
 
 use std::io::Write as _;
 use std::path::PathBuf;

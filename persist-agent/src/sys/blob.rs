@@ -1,12 +1,13 @@
 //! The restorer blob: a tiny position-independent routine that runs a table
 //! of system calls natively inside a process being restored.
 //!
-//! Injecting syscalls one by one with ptrace costs ~15 µs each; a restore
-//! needs hundreds (one mmap per mapping). Instead the forked child copies
-//! this routine and a prepared table into a scratch region that is free in
-//! the target layout, and jumps there. The routine can then unmap the
-//! agent's memory from under itself, build the target layout, and stop
-//! with `int3` so that the tracer can inspect the results.
+//! Injecting syscalls one by one with ptrace is slow (docs/kernel-facts.md,
+//! Costs that shaped the restore); a restore needs hundreds (one mmap per
+//! mapping). Instead the forked child copies this routine and a prepared table
+//! into a scratch region that is free in the target layout, and jumps there.
+//! The routine can then unmap the agent's memory from under itself, build the
+//! target layout, and stop with `int3` so that the tracer can inspect the
+//! results.
 //!
 //! Calling convention: `rdi` = address of the first [`SyscallEntry`],
 //! `rsi` = number of entries. The routine uses no stack. It stops (`int3`)

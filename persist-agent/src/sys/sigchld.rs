@@ -5,11 +5,12 @@ use std::io;
 /// Adds `SA_NOCLDSTOP` to the installed `SIGCHLD` handler: children that
 /// stop or continue no longer signal the daemon, only children that exit.
 ///
-/// Parked skeletons stop (`SIGSTOP`) when prepared and continue (`SIGCONT`)
-/// on their SYN; each `SIGCHLD` made the daemon scan /proc for zombies
-/// (~150 µs of CPU) and ran a signal handler on one of its threads, right
-/// when the woken process wants that CPU. Tracers are still woken in
-/// `waitpid` for their tracees' stops: the flag only silences the signal.
+/// Parked skeletons stop (`SIGSTOP`) when prepared and continue (`SIGCONT`) on
+/// their SYN; each `SIGCHLD` made the daemon scan /proc for zombies
+/// (docs/kernel-facts.md, Costs that shaped the wake path) and ran a signal
+/// handler on one of its threads, right when the woken process wants that CPU.
+/// Tracers are still woken in `waitpid` for their tracees' stops: the flag only
+/// silences the signal.
 pub fn ignore_child_stops() -> io::Result<()> {
     // SAFETY: an all-zero sigaction is valid, and sigaction only reads and
     // writes the two structs we pass, which live for the calls. The handler

@@ -208,7 +208,7 @@ impl Pager {
         events: &[AddressEvent],
     ) -> Result<Self, RestoreError> {
         let pid = pidfd.pid();
-        let files = crate::restore::skeleton::lazy_files_of(&image)?;
+        let files = crate::restore::mapped_files::lazy_files_of(&image)?;
         let mut pager = Self::new(Userfault::new(uffd), pidfd, image, &files)?;
         for &event in events {
             pager.apply(event);

@@ -1,17 +1,17 @@
 //! Bulk copies into a stopped process: the pages a wake is known to need,
 //! copied before the resume in few, large ioctls spread over every CPU.
 //!
-//! A `UFFDIO_COPY` costs about 3 µs for one page here but about 1.5 µs a page
-//! for 16 (most of it allocating the page), and two threads copy about 1.8
-//! times as fast as one. So the pages are sorted by address, merged into
-//! spans that are contiguous both in the process and in the page store
-//! (bridging short gaps of pages that are stored too), and threads, one a
-//! CPU, claim the spans one at a time, each from its own lane of the
-//! address-ordered list: two threads copying neighbouring spans wait for
-//! the same page table's lock (a paravirtual spinlock here, which can halt
-//! the waiting CPU). The process is stopped, so nothing
-//! else changes its address space meanwhile; anything the kernel still
-//! refuses is copied again page by page by the ordinary path.
+//! A `UFFDIO_COPY` of many pages costs much less a page than one of a single
+//! page, and two threads copy nearly twice as fast as one
+//! (docs/kernel-facts.md, Costs that shaped the pager). So the pages are sorted
+//! by address, merged into spans that are contiguous both in the process and in
+//! the page store (bridging short gaps of pages that are stored too), and
+//! threads, one a CPU, claim the spans one at a time, each from its own lane of
+//! the address-ordered list: two threads copying neighbouring spans wait for
+//! the same page table's lock (docs/kernel-facts.md, Restore and wake). The
+//! process is stopped, so nothing else changes its address space meanwhile;
+//! anything the kernel still refuses is copied again page by page by the
+//! ordinary path.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -21,8 +21,8 @@ use persist_common::image::{PAGE_SIZE, PageRun, WorkingSet};
 use super::{Pager, RestoreError, Sources};
 use crate::sys::uffd::{CopyOutcome, Userfault};
 
-/// Longest span copied by one ioctl (256 KiB, about 0.1 ms): a thread
-/// holding the last span is waited for.
+/// Longest span copied by one ioctl (256 KiB, a fraction of a millisecond):
+/// a thread holding the last span is waited for.
 const MAX_SPAN_PAGES: u64 = 64;
 
 /// Longest run of pages the set does not name that still joins two spans:
@@ -37,10 +37,10 @@ const ZERO_AROUND_PAGES: u64 = 4;
 /// Most threads copying at once.
 const MAX_THREADS: usize = 4;
 
-/// Pages a thread must have to copy to be worth starting: starting one
-/// costs ~50 µs here, and on a busy machine it may get a CPU only once the
-/// copy is over, then take it from the process just resumed (~100 µs seen
-/// with redis's 150 pages).
+/// Pages a thread must have to copy to be worth starting: starting one costs
+/// tens of µs, and on a busy machine it may get a CPU only once the copy is
+/// over, then take it from the process just resumed (docs/kernel-facts.md,
+/// Costs that shaped the pager).
 const PAGES_PER_EXTRA_THREAD: u64 = 512;
 
 /// `count` pending pages from `address` on, stored consecutively from
@@ -71,7 +71,8 @@ impl PlannedCopy {
     /// without [`Pager::finish_planned`] having retried anything, the thread
     /// that copied the last span calls `then` (this one, at once, if the
     /// copy was over already). Waiting for that thread instead cost a
-    /// wake-up of this one (~50 µs here) before the process could run. A
+    /// wake-up of this one before the process could run
+    /// ({P}). A
     /// copy that failed anywhere never calls it.
     pub(crate) fn help_then(&self, then: WhenCopied) {
         {
@@ -102,10 +103,10 @@ impl Pager {
 
     /// Maps the zero page where the set says the process touched memory the
     /// image does not store, and on the never-stored pages around: otherwise
-    /// each costs a fault round trip on the wake (100–600 µs traced here
-    /// when the pager had lost its CPU). A zero page costs no memory, so this
-    /// is done when the skeleton is prepared. Returns the number of pages
-    /// mapped.
+    /// each costs a fault round trip on the wake, hundreds of µs when the pager
+    /// has lost its CPU (docs/kernel-facts.md, Costs that shaped the pager). A
+    /// zero page costs no memory, so this is done when the skeleton is
+    /// prepared. Returns the number of pages mapped.
     ///
     /// The pages around count because allocations shift a little from one
     /// wake to the next: redis wrote the page before one its set named on
@@ -489,7 +490,8 @@ fn all_copied(outcomes: &[Outcome]) -> bool {
 /// Threads worth using for `pages` pages: one a CPU, if there is work for it.
 fn copy_threads(pages: u64) -> usize {
     static CPUS: OnceLock<usize> = OnceLock::new();
-    // Read once: finding the CPU count reads cgroup files (~150 µs here).
+    // Read once: finding the CPU count reads cgroup files, which is slow
+    // (docs/kernel-facts.md, Costs that shaped the pager).
     let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
     let useful = (pages / PAGES_PER_EXTRA_THREAD).max(1) as usize;
     cpus.min(MAX_THREADS).min(useful)

@@ -1,12 +1,12 @@
 //! Keeping the pager off the restored process's CPU while it runs.
 //!
-//! Right after a resume with its working set copied in, the process answers
-//! its first request: the pager then only serves faults, and polls for them
-//! on another CPU than the process's, so that its polling never delays the
-//! process and a fault costs no thread wake-up (~100 µs here). Lowering the
-//! pager's priority does not do this: the restored process leads its own
-//! session, so with autogroup scheduling it competes with the agent as a
-//! group, whatever the pager's nice value.
+//! Right after a resume with its working set copied in, the process answers its
+//! first request: the pager then only serves faults, and polls for them on
+//! another CPU than the process's, so that its polling never delays the process
+//! and a fault costs no thread wake-up (docs/kernel-facts.md, Costs that shaped
+//! the pager). Lowering the pager's priority does not do this: the restored
+//! process leads its own session, so with autogroup scheduling it competes with
+//! the agent as a group, whatever the pager's nice value.
 
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;

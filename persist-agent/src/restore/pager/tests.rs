@@ -1,0 +1,212 @@
+//! The pager against real userfaultfds over mappings of the test process.
+
+use std::os::fd::FromRawFd;
+
+use persist_common::image::{ImageWriter, Manifest, Mapping};
+
+use super::*;
+use crate::sys::uffd;
+
+fn manifest(mappings: Vec<Mapping>) -> Manifest {
+    Manifest {
+        mappings,
+        ..Manifest::default()
+    }
+}
+
+/// An anonymous mapping of our own, registered with a fresh userfaultfd,
+/// and an image whose pages for it hold `page index + 1` in every byte.
+#[test]
+fn serves_image_pages_and_zeros_after_dontneed() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 64;
+    let len = (PAGES * PAGE_SIZE) as usize;
+    let (area, mut pager, _temp) = patterned_pager(PAGES);
+    let start = area as u64;
+
+    // Discard pages 8..16 before anything is filled: the madvise waits
+    // for the pager to read the event, so it runs on its own thread.
+    let discard = std::thread::spawn(move || {
+        // SAFETY: the range lies inside our own anonymous mapping.
+        unsafe {
+            libc::madvise(
+                (start + 8 * PAGE_SIZE) as *mut libc::c_void,
+                (8 * PAGE_SIZE) as usize,
+                libc::MADV_DONTNEED,
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+    assert_eq!(discard.join().unwrap(), 0);
+    // SAFETY: reading our own mapping; missing pages are served by the
+    // pager thread.
+    let bytes = unsafe { std::slice::from_raw_parts(area.cast::<u8>(), len) };
+    for page in 0..PAGES as usize {
+        let expected = if (8..16).contains(&page) {
+            0
+        } else {
+            page as u8 + 1
+        };
+        let chunk = &bytes[page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize];
+        assert!(chunk.iter().all(|&b| b == expected), "page {page}");
+    }
+    let stats = serving.join().unwrap();
+    assert_eq!(stats.dropped_pages, 8);
+    assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
+    // Unregistered at the end: a later DONTNEED reads zeros without help.
+    // SAFETY: as above.
+    unsafe { libc::madvise(area, len, libc::MADV_DONTNEED) };
+    assert!(bytes.iter().all(|&b| b == 0));
+}
+
+/// A mapping split in three by mprotect: copies of spans that cross the
+/// splits fall back to single pages, and no page is lost or zeroed.
+#[test]
+fn spans_across_split_mappings_are_copied_page_by_page() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 32;
+    let (area, mut pager, _temp) = patterned_pager(PAGES);
+    let start = area as u64;
+    // SAFETY: pages 8..10 lie inside our own mapping; reading them stays allowed.
+    let rc = unsafe {
+        libc::mprotect(
+            (start + 8 * PAGE_SIZE) as *mut libc::c_void,
+            (2 * PAGE_SIZE) as usize,
+            libc::PROT_READ,
+        )
+    };
+    assert_eq!(rc, 0);
+    pager.prefetch_all().unwrap();
+    assert_eq!(pager.pending_pages(), 0);
+    // SAFETY: every page of our own mapping is present now.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(area.cast::<u8>(), (PAGES * PAGE_SIZE) as usize) };
+    for (page, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        assert!(chunk.iter().all(|&b| b == page as u8 + 1), "page {page}");
+    }
+}
+
+/// Enough pages for several copy threads: each page arrives with its own
+/// content and nothing is left to fault.
+#[test]
+fn prefetch_all_copies_on_several_threads() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 1024;
+    let (area, mut pager, _temp) = patterned_pager(PAGES);
+    pager.prefetch_all().unwrap();
+    assert_eq!(pager.pending_pages(), 0);
+    // SAFETY: every page of our own mapping is present now.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(area.cast::<u8>(), (PAGES * PAGE_SIZE) as usize) };
+    for (page, chunk) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        assert!(
+            chunk.iter().all(|&b| b == (page % 251) as u8 + 1),
+            "page {page}"
+        );
+    }
+    assert_eq!(pager.stats.prefetched_pages, PAGES);
+}
+
+/// A pager for an anonymous mapping of our own of `pages` pages,
+/// registered with a fresh userfaultfd, whose image holds `page index + 1`
+/// (modulo 251) in every byte of each page.
+fn patterned_pager(pages: u64) -> (*mut libc::c_void, Pager, tempfile::TempDir) {
+    let len = (pages * PAGE_SIZE) as usize;
+    let area = nix_mmap(len);
+    let start = area as u64;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("image");
+    let mut writer = ImageWriter::create(&dir).unwrap();
+    let mut data = Vec::with_capacity(len);
+    for page in 0..pages {
+        data.extend(std::iter::repeat_n(
+            (page % 251) as u8 + 1,
+            PAGE_SIZE as usize,
+        ));
+    }
+    let runs = writer.append_pages(0, &data).unwrap();
+    let mut manifest = manifest(vec![Mapping::anonymous(start, pages, runs)]);
+    writer.finish(&mut manifest).unwrap();
+    let image = Arc::new(Image::open(&dir).unwrap());
+    let raw = uffd::create_raw().unwrap();
+    // SAFETY: create_raw returned a new fd that nothing else owns.
+    let fault = unsafe { Userfault::from_raw_fd(raw) };
+    fault.register(start, pages * PAGE_SIZE).unwrap();
+    let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+    (
+        area,
+        Pager::new(fault, pidfd, image, &MappedFiles::new()).unwrap(),
+        temp,
+    )
+}
+
+/// mremap moves missing pages (they must arrive at their new address
+/// with their own content) and munmap drops them.
+#[test]
+fn follows_mremap_and_munmap_of_missing_pages() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 64;
+    let (area, mut pager, _temp) = patterned_pager(PAGES);
+    let start = area as u64;
+    let target = nix_mmap((16 * PAGE_SIZE) as usize) as u64;
+    // Both calls wait for the pager to read their events.
+    let changes = std::thread::spawn(move || {
+        // SAFETY: moving pages 32..48 of our own mapping over a mapping
+        // reserved for them, and unmapping pages 48..56 of it.
+        unsafe {
+            let moved = libc::mremap(
+                (start + 32 * PAGE_SIZE) as *mut libc::c_void,
+                (16 * PAGE_SIZE) as usize,
+                (16 * PAGE_SIZE) as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target as *mut libc::c_void,
+            );
+            let unmapped = libc::munmap(
+                (start + 48 * PAGE_SIZE) as *mut libc::c_void,
+                (8 * PAGE_SIZE) as usize,
+            );
+            (moved as u64, unmapped)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+    assert_eq!(changes.join().unwrap(), (target, 0));
+    // SAFETY: the moved pages now live at `target`, served by the pager.
+    let moved =
+        unsafe { std::slice::from_raw_parts(target as *const u8, (16 * PAGE_SIZE) as usize) };
+    for page in 0..16usize {
+        let chunk = &moved[page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize];
+        assert!(
+            chunk.iter().all(|&b| b == 32 + page as u8 + 1),
+            "moved page {page}"
+        );
+    }
+    // SAFETY: pages 0..32 and 56..64 are still mapped where they were.
+    let kept =
+        unsafe { std::slice::from_raw_parts(area.cast::<u8>(), (PAGES * PAGE_SIZE) as usize) };
+    for page in (0..32usize).chain(56..64) {
+        let chunk = &kept[page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize];
+        assert!(chunk.iter().all(|&b| b == page as u8 + 1), "page {page}");
+    }
+    let stats = serving.join().unwrap();
+    assert_eq!(stats.dropped_pages, 8, "the unmapped pages are dropped");
+    assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
+}
+
+/// A fresh private anonymous mapping of `len` bytes, leaked for the test.
+pub(crate) fn nix_mmap(len: usize) -> *mut libc::c_void {
+    // SAFETY: a fresh private anonymous mapping, leaked for the test.
+    let area = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(area, libc::MAP_FAILED);
+    area
+}

@@ -1,0 +1,271 @@
+//! The process's threads: the ones after the first created with their
+//! recorded tids, then each thread's own state. Natively, in restorer tables:
+//! rseq, alternate signal stack, name, clear_child_tid, robust list, seccomp
+//! filters and credentials (last); then, from outside, registers, xsave area,
+//! signal mask and pending signals, and the seccomp filters handed back to
+//! the kernel.
+
+use nix::sys::signal::Signal;
+use persist_common::image::{Manifest, ThreadInfo};
+
+use super::pager::Pager;
+use super::runner::TableRunner;
+use super::spawn::TRACE_OPTIONS;
+use super::table::TableBuilder;
+use super::{RestoreError, creds, seccomp};
+use crate::sys::clone;
+use crate::sys::ptrace::{self, Regs, Stop, reg};
+
+/// Creates the threads after the first with their recorded tids; returns
+/// every thread's tid in our namespace, the leader first.
+/// The filters every thread shares are installed first, so that the
+/// threads inherit them (see [`seccomp`]); from then on the process is
+/// traced with its filters suspended until [`restore_state`]
+/// is done.
+pub(super) fn create(
+    runner: &mut TableRunner<'_>,
+    manifest: &Manifest,
+) -> Result<Vec<i32>, RestoreError> {
+    let mut tids = vec![runner.pid];
+    let filtered = !manifest.process.seccomp_filters.is_empty();
+    if filtered {
+        ptrace::set_options(runner.pid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+            .map_err(RestoreError::ptrace(runner.pid, "suspend seccomp"))?;
+    }
+    let shared = seccomp::shared_prefix(&manifest.threads);
+    if manifest.threads.len() == 1 && shared.is_empty() {
+        return Ok(tids);
+    }
+    let mut t = runner.table();
+    seccomp::append(&mut t, &manifest.process.seccomp_filters, shared)?;
+    for thread in &manifest.threads[1..] {
+        let set_tid = t.data(&thread.tid.to_ne_bytes());
+        let args = t.data(&clone::thread_clone_args(set_tid));
+        t.call(
+            format!("clone3 of thread {}", thread.tid),
+            libc::SYS_clone3,
+            &[args, clone::CLONE_ARGS_SIZE as u64],
+        );
+    }
+    let created = runner.run(runner.pid, t.finish(), false)?;
+    if created.len() != manifest.threads.len() - 1 {
+        return Err(RestoreError::Unexpected {
+            pid: runner.pid,
+            what: format!(
+                "{} threads created, {} expected",
+                created.len(),
+                manifest.threads.len() - 1
+            ),
+        });
+    }
+    for &tid in &created {
+        match ptrace::wait(tid).map_err(RestoreError::ptrace(tid, "wait"))? {
+            Stop::Event { .. } | Stop::Signal(libc::SIGSTOP) => {}
+            other => {
+                return Err(RestoreError::Unexpected {
+                    pid: tid,
+                    what: format!("{other:?} as a new thread's first stop"),
+                });
+            }
+        }
+        if filtered {
+            // Inherited from the creator's tracing; set all the same.
+            ptrace::set_options(tid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+                .map_err(RestoreError::ptrace(tid, "suspend seccomp"))?;
+        }
+    }
+    tids.extend(created);
+    Ok(tids)
+}
+
+/// Per-thread state and credentials (natively, last), the restorer
+/// region unmapped, then registers, xsave, signal masks and pending
+/// signals set from outside; `tids` are the threads in manifest order.
+pub(super) fn restore_state(
+    runner: &mut TableRunner<'_>,
+    manifest: &Manifest,
+    tids: &[i32],
+    pager: &mut Pager,
+) -> Result<(), RestoreError> {
+    let pid = runner.pid;
+    let current_creds = creds::own();
+    let shared = seccomp::shared_prefix(&manifest.threads).len();
+    for (thread, &tid) in manifest.threads.iter().zip(tids) {
+        if let Some(rseq) = &thread.rseq {
+            // The kernel writes the rseq area at registration.
+            pager.prefill_page(rseq.address)?;
+            pager.prefill_page(rseq.address + u64::from(rseq.length.max(1)) - 1)?;
+        }
+        let mut t = runner.table();
+        per_thread(&mut t, thread);
+        // Before the credentials, while the thread may still install
+        // any filter; the filters are suspended until the end.
+        seccomp::append(
+            &mut t,
+            &manifest.process.seccomp_filters,
+            &thread.seccomp[shared..],
+        )?;
+        if let Some(current) = &current_creds {
+            creds::append(&mut t, &manifest.process.credentials, current);
+        }
+        if tid == pid {
+            itimers(&mut t, manifest);
+        }
+        runner.run(tid, t.finish(), false)?;
+    }
+    // Last: the region goes, so the main thread faults right after the
+    // munmap returns; that SIGSEGV is the expected end.
+    let mut t = runner.table();
+    t.call(
+        "unmap the restorer region",
+        libc::SYS_munmap,
+        &[runner.region.base, runner.region.size],
+    );
+    runner.run(pid, t.finish(), true)?;
+
+    for (thread, &tid) in manifest.threads.iter().zip(tids) {
+        set_thread_state(tid, thread)?;
+        // Every thread starts on its stack top and TLS: those pages
+        // alone, so that a parked skeleton stays a few pages small
+        // (their neighbours fault in on the wake).
+        for hot in [thread.regs[reg::RSP], thread.regs[reg::FS_BASE]] {
+            pager.prefill_page(hot)?;
+        }
+        for signal in signals(thread.pending) {
+            clone::tgkill(pid, tid, signal)
+                .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
+        }
+    }
+    for signal in signals(manifest.process.shared_pending) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            Signal::try_from(signal).ok(),
+        )
+        .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
+    }
+    if !manifest.process.seccomp_filters.is_empty() {
+        // The filters apply from the thread's first instruction on,
+        // whether it resumes under ptrace or from a group stop.
+        for &tid in tids {
+            ptrace::set_options(tid, TRACE_OPTIONS)
+                .map_err(RestoreError::ptrace(tid, "resume seccomp"))?;
+        }
+    }
+    Ok(())
+}
+
+/// rseq, alternate signal stack and clear_child_tid of one thread.
+/// `sizeof(struct robust_list_head)` on x86-64: three pointer-sized words.
+const ROBUST_LIST_HEAD_LEN: u64 = 24;
+
+fn per_thread(t: &mut TableBuilder, thread: &ThreadInfo) {
+    if let Some(rseq) = &thread.rseq {
+        t.call(
+            format!("rseq registration at {:#x}", rseq.address),
+            libc::SYS_rseq,
+            &[
+                rseq.address,
+                u64::from(rseq.length),
+                0,
+                u64::from(rseq.signature),
+            ],
+        );
+    }
+    let stack = thread.sigaltstack;
+    let enabled = stack.flags & libc::SS_DISABLE == 0 && stack.size > 0;
+    let words = if enabled {
+        [stack.sp, 0, stack.size]
+    } else {
+        [0, libc::SS_DISABLE as u64, 0]
+    };
+    let address = t.words(&words);
+    t.call("sigaltstack", libc::SYS_sigaltstack, &[address, 0]);
+    let mut name = thread.comm.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    let name_addr = t.data(&name);
+    t.call(
+        format!("set thread name {}", thread.comm),
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, name_addr],
+    );
+    t.call(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[thread.clear_child_tid],
+    );
+    // Always set: a thread made here has none, and the main thread has the
+    // agent's forking thread's, an address meaning nothing in this process.
+    // The kernel accepts only the head's own size, also to clear it.
+    let (head, len) = thread
+        .robust_list
+        .map_or((0, ROBUST_LIST_HEAD_LEN), |list| (list.head, list.len));
+    t.call(
+        format!("set_robust_list at {head:#x}"),
+        libc::SYS_set_robust_list,
+        &[head, len],
+    );
+}
+
+fn itimers(t: &mut TableBuilder, manifest: &Manifest) {
+    for timer in &manifest.process.itimers {
+        if timer.value_us == 0 {
+            continue;
+        }
+        let address = t.words(&[
+            timer.interval_us / 1_000_000,
+            timer.interval_us % 1_000_000,
+            timer.value_us / 1_000_000,
+            timer.value_us % 1_000_000,
+        ]);
+        t.call(
+            format!("setitimer {}", timer.which),
+            libc::SYS_setitimer,
+            &[u64::from(timer.which), address, 0],
+        );
+    }
+}
+
+/// Final registers, xsave area and signal mask of a stopped thread.
+fn set_thread_state(tid: i32, thread: &ThreadInfo) -> Result<(), RestoreError> {
+    let mut regs: Regs = thread.regs.as_slice().try_into().map_err(|_| {
+        RestoreError::Layout(format!(
+            "thread {}: {} register words, expected {}",
+            thread.tid,
+            thread.regs.len(),
+            ptrace::USER_REGS_WORDS
+        ))
+    })?;
+    normalize_syscall_restart(&mut regs);
+    ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
+    if !thread.xsave.is_empty() {
+        ptrace::set_xstate(tid, &thread.xsave)
+            .map_err(RestoreError::ptrace(tid, "set xsave area"))?;
+    }
+    ptrace::set_sigmask(tid, thread.sigmask)
+        .map_err(RestoreError::ptrace(tid, "set signal mask"))?;
+    Ok(())
+}
+
+/// A thread recorded inside an interrupted syscall resumes by re-entering it
+/// (as the kernel would have); the checkpoint usually did this already.
+fn normalize_syscall_restart(regs: &mut Regs) {
+    const RESTART: [i64; 3] = [-512, -513, -514];
+    let in_syscall = regs[reg::ORIG_RAX] as i64;
+    if in_syscall >= 0 {
+        let rax = regs[reg::RAX] as i64;
+        if RESTART.contains(&rax) {
+            regs[reg::RAX] = in_syscall as u64;
+            regs[reg::RIP] -= 2;
+        } else if rax == -516 {
+            regs[reg::RAX] = (-i64::from(libc::EINTR)) as u64;
+        }
+    }
+    regs[reg::ORIG_RAX] = u64::MAX;
+}
+
+fn signals(mask: u64) -> impl Iterator<Item = i32> {
+    (1..=64).filter(move |s| {
+        mask & (1u64 << (s - 1)) != 0 && *s != libc::SIGKILL && *s != libc::SIGSTOP
+    })
+}
