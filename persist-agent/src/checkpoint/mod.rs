@@ -3,7 +3,9 @@
 //! 1. Refuse what cannot be saved (see [`CheckpointError`]) before touching
 //!    the process.
 //!    With a base image, open it and index where it stored each page.
-//! 2. Freeze it: every thread seized and stopped under ptrace (`freeze`).
+//! 2. Freeze it: every thread seized, and the process group-stopped under
+//!    ptrace (`freeze`), so that if the agent dies from here on the process
+//!    stays stopped, for [`recover`] to undo what was under way (`recovery`).
 //! 3. Save its memory mappings and pages (`memory`; with a base, pages it
 //!    already stored are referred to there, see [`CheckpointOptions::base`]),
 //!    every thread
@@ -16,12 +18,15 @@
 //!    synced while the process goes on) and check that it runs again.
 //!
 //! Any error before the last step detaches every thread and leaves the
-//! process running as it was; no image appears at the destination.
+//! process running as it was; no image appears at the destination. An
+//! agent killed at any instant leaves it stopped, with a recovery file
+//! ([`CheckpointOptions::recovery_file`]) that [`recover`] undoes.
 
 mod freeze;
 mod inject;
 mod memory;
 mod process;
+mod recovery;
 mod status;
 mod threads;
 
@@ -38,7 +43,9 @@ use crate::sys::procmem::ProcMem;
 
 use freeze::Frozen;
 use memory::BasePages;
+use recovery::Journal;
 
+pub use recovery::{PAUSE_ENV, RecoverError, Recovered, recover};
 pub use threads::resume_registers;
 
 /// `PF_KTHREAD` in the flags of /proc/PID/stat.
@@ -73,6 +80,10 @@ pub struct CheckpointOptions {
     /// stdout and stderr), recorded so that a restore reopens them with the
     /// agent's credentials rather than the process's.
     pub agent_files: Vec<PathBuf>,
+    /// Where to keep, while the checkpoint runs, what undoes it if the agent
+    /// dies (root-only, removed when the checkpoint ends either way): the
+    /// process then stays stopped until [`recover`] is given this file.
+    pub recovery_file: Option<PathBuf>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -260,8 +271,8 @@ pub enum CheckpointError {
         /// The error.
         source: io::Error,
     },
-    /// A thread did not stop when interrupted (uninterruptible sleep).
-    #[error("pid {pid}, thread {tid} did not stop within {seconds} s of PTRACE_INTERRUPT")]
+    /// A thread did not stop when asked to (uninterruptible sleep).
+    #[error("pid {pid}, thread {tid} did not stop within {seconds} s of being asked to")]
     StopTimeout {
         /// The process.
         pid: i32,
@@ -366,6 +377,28 @@ pub enum CheckpointError {
         /// The time waited.
         seconds: u64,
     },
+    /// The recovery file could not be written.
+    #[error("pid {pid}: writing recovery file {}", path.display())]
+    Recovery {
+        /// The process.
+        pid: i32,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A signal could not be sent.
+    #[error("pid {pid}: sending {signal}")]
+    Signal {
+        /// The process.
+        pid: i32,
+        /// The signal.
+        signal: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A thread stayed stopped after being detached.
     #[error("pid {pid}, thread {tid} is still stopped after being detached")]
     StillStopped {
@@ -395,7 +428,7 @@ impl CheckpointError {
 /// Checkpoints the process named by `options`.
 pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, CheckpointError> {
     let pid = options.pid;
-    preflight(pid)?;
+    let stopped_before = preflight(pid)?;
     let base = open_base(options)?;
     // Indexed before the freeze, so the process does not wait for it.
     let base_pages = base.as_ref().map(BasePages::new);
@@ -404,9 +437,12 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         _ => CheckpointError::PidFd { pid, source },
     })?;
 
+    // Dropped last: the file goes once the process runs again or is gone.
+    let journal = Journal::begin(options.recovery_file.as_deref(), pid, !stopped_before)?;
     let frozen_at = Instant::now();
-    let frozen = Frozen::freeze(pid)?;
-    let (mut manifest, writer, stats) = save(pid, &frozen, &pidfd, options, base_pages.as_ref())?;
+    let frozen = Frozen::freeze(pid, &pidfd, !stopped_before)?;
+    let (mut manifest, writer, stats) =
+        save(pid, &frozen, &pidfd, options, base_pages.as_ref(), &journal)?;
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
@@ -484,6 +520,7 @@ fn save(
     pidfd: &PidFd,
     options: &CheckpointOptions,
     base: Option<&BasePages>,
+    journal: &Journal,
 ) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
     let image_error = |source| CheckpointError::Image { pid, source };
     // Checked once frozen: no child can be forked meanwhile.
@@ -515,9 +552,9 @@ fn save(
     let threads = frozen
         .tids()
         .iter()
-        .map(|&tid| threads::save_thread(pid, tid, &mem, syscall_at, xsave_len))
+        .map(|&tid| threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, journal))
         .collect::<Result<Vec<_>, _>>()?;
-    let process = process::save_process(pid, &mem, syscall_at)?;
+    let process = process::save_process(pid, &mem, syscall_at, journal)?;
     let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
 
     let manifest = Manifest {
@@ -576,7 +613,8 @@ fn save_fds(
 }
 
 /// Refuses, before touching the process, what cannot be checkpointed.
-fn preflight(pid: i32) -> Result<(), CheckpointError> {
+/// Returns whether the process is stopped (state `T`) already.
+fn preflight(pid: i32) -> Result<bool, CheckpointError> {
     if pid <= 0 {
         return Err(CheckpointError::NoSuchProcess { pid });
     }
@@ -612,7 +650,7 @@ fn preflight(pid: i32) -> Result<(), CheckpointError> {
     if seccomp != 0 {
         return Err(CheckpointError::Seccomp { pid, mode: seccomp });
     }
-    Ok(())
+    Ok(stat.state == 'T')
 }
 
 /// Children of every thread of `pid` (`/proc/PID/task/TID/children`).
@@ -645,6 +683,7 @@ mod tests {
             exclude_fds: Vec::new(),
             base: None,
             agent_files: Vec::new(),
+            recovery_file: None,
         }
     }
 

@@ -357,3 +357,14 @@ pub fn set_xstate(tid: i32, xstate: &[u8]) -> io::Result<()> {
     })
     .map(drop)
 }
+
+/// The signal of a system-call stop of a thread seized with
+/// `PTRACE_O_TRACESYSGOOD` (`SIGTRAP | 0x80`): never a real signal, so a
+/// stop its tracer died before collecting delivers nothing.
+pub const SYSCALL_STOP_SIGNAL: i32 = libc::SIGTRAP | 0x80;
+
+/// Resumes a stopped thread until its next system-call entry or exit
+/// (`PTRACE_SYSCALL`).
+pub fn syscall_step(tid: i32) -> io::Result<()> {
+    nix::sys::ptrace::syscall(nix::unistd::Pid::from_raw(tid), None).map_err(io::Error::from)
+}
