@@ -37,9 +37,11 @@ const MAX_RECOVERY_BYTES: u64 = 1 << 20;
 /// How long a thread may take to report its stop once seized.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Set to a number of milliseconds, a checkpoint pauses that long after its
-/// first injected system call, with the thread's registers still changed:
-/// for tests that kill the agent at that instant.
+/// Set to a number of milliseconds, a checkpoint given a recovery file
+/// pauses that long after its first injected system call, with the
+/// thread's registers still changed: for tests that kill the agent at that
+/// instant (a debug hook; a daemon's keep parks have a recovery file, the
+/// builds of its images do not).
 pub const PAUSE_ENV: &str = "PERSIST_DEBUG_CHECKPOINT_PAUSE_MS";
 
 /// What a recovery file holds.
@@ -96,6 +98,7 @@ impl Journal {
             .starttime;
         let pause = std::env::var(PAUSE_ENV)
             .ok()
+            .filter(|_| path.is_some())
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
         let journal = Self {
