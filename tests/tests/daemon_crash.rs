@@ -247,6 +247,8 @@ struct CrashReport {
     keys_written: u32,
     keys_verified: u32,
     adoptions: u32,
+    /// Processes put back after a kill during a keep park's checkpoint.
+    recoveries: u32,
     /// Keys found missing, and the cycle whose kill lost them.
     lost: Vec<(u32, u32)>,
     /// Errors of connections opened while no kill was under way.
@@ -348,6 +350,9 @@ fn redis_loses_nothing_when_the_daemon_is_killed_at_random_instants() {
         }
         if log.contains("adopted a process") {
             report.adoptions += 1;
+        }
+        if log.contains("recovered the process") {
+            report.recoveries += 1;
         }
         killed_pids.extend(killed_by_agent(&log));
         assert!(
