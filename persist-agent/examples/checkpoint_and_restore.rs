@@ -52,6 +52,7 @@ fn main() -> Result<()> {
         exclude_fds: Vec::new(),
         base: None,
         agent_files: Vec::new(),
+        recovery_file: None,
     })?;
     counter.wait()?;
     let last_before = last_count(&output)?;

@@ -78,6 +78,16 @@ enum Command {
         /// Store only pages that differ from IMAGE; its page stores are hard-linked.
         #[arg(long, value_name = "IMAGE")]
         base: Option<PathBuf>,
+        /// Keep in FILE, while the checkpoint runs, what undoes it: if this
+        /// command is killed, the process stays stopped until `recover FILE`.
+        #[arg(long, value_name = "FILE")]
+        recovery_file: Option<PathBuf>,
+    },
+    /// Undo the checkpoint of a killed `checkpoint --recovery-file FILE`:
+    /// the process runs on as if it had not begun.
+    Recover {
+        /// The recovery file.
+        file: PathBuf,
     },
     /// Restore a process from an image, detached; prints its pid last.
     Restore {
@@ -257,6 +267,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             image,
             leave_running,
             base,
+            recovery_file,
         } => {
             let options = checkpoint::CheckpointOptions {
                 pid,
@@ -266,6 +277,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 exclude_fds: checkpoint::restorer_userfaultfds(pid),
                 base,
                 agent_files: Vec::new(),
+                recovery_file,
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;
@@ -282,6 +294,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let pid = restore::restore_detached(&options)
                 .with_context(|| format!("restore of {}", image.display()))?;
             println!("{pid}");
+        }
+        Command::Recover { file } => {
+            match checkpoint::recover(&file)
+                .with_context(|| format!("recovering from {}", file.display()))?
+            {
+                checkpoint::Recovered::Gone { pid } => println!("pid {pid} is gone"),
+                checkpoint::Recovered::Resumed { pid, threads } => {
+                    println!("pid {pid} runs again ({threads} threads put back)")
+                }
+            }
         }
         Command::Inspect { image } => {
             print!("{}", inspect::inspect(&image)?);

@@ -192,6 +192,12 @@ impl Sandbox {
 
     /// Starts the daemon with extra `daemon` options.
     pub fn start_daemon_with(&mut self, options: &[&str]) -> Result<()> {
+        self.start_daemon_with_env(options, &[])
+    }
+
+    /// Starts the daemon with extra `daemon` options and environment
+    /// variables (its debug hooks).
+    pub fn start_daemon_with_env(&mut self, options: &[&str], env: &[(&str, &str)]) -> Result<()> {
         let socket = self.state_dir().join("agent.sock");
         let _ = std::fs::remove_file(&socket);
         let log = File::create(self.state_dir().join("daemon.log"))?;
@@ -202,6 +208,7 @@ impl Sandbox {
             .arg(self.state_dir())
             .arg("daemon")
             .args(options)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -83,7 +83,7 @@ fn crash_test(cycles: u32) -> Result<()> {
     let runner = privilege::cargo_test_runner()?;
     let mut args = vec!["test", "-p", "persist-tests", "--test", "daemon_crash"];
     args.extend(runner.iter().map(String::as_str));
-    args.extend(["--", "--ignored", "--nocapture", "redis_loses_nothing"]);
+    args.extend(["--", "--nocapture", "redis_loses_nothing"]);
     deps::cargo_with_env(&[("PERSIST_CRASH_CYCLES", &cycles)], &args)
 }
 

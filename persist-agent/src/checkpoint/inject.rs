@@ -7,11 +7,18 @@
 //! pending); the registers are set to the call (`orig_rax = -1`, so the
 //! kernel does not try to restart the syscall the thread was interrupted
 //! in) with `rip` at a `syscall` instruction already in the process (in
-//! the vDSO, or else in executable mappings), so no code is written; one
-//! `PTRACE_SINGLESTEP` runs it. Results that are written to
-//! memory go to a scratch area below the thread's red zone, whose bytes are
-//! saved first. [`Injector::finish`] (or drop) puts back the bytes, the
-//! registers and the mask exactly.
+//! the vDSO, or else in executable mappings), so no code is written;
+//! `PTRACE_SYSCALL` runs it, from its entry stop to its exit stop. Results
+//! that are written to memory go to a scratch area below the thread's red
+//! zone, whose bytes are saved first. [`Injector::finish`] (or drop) puts
+//! back the bytes, the registers and the mask exactly.
+//!
+//! The agent may die at any instant of this: what undoes it is in the
+//! checkpoint's [`Journal`] before anything changes, and the process is in a
+//! group stop, so it waits for [`super::recover`]. System-call stops rather
+//! than single steps, because a tracer that dies before collecting a
+//! single-step trap leaves a SIGTRAP to the thread, which kills it; a
+//! system-call stop (`PTRACE_O_TRACESYSGOOD`) carries no real signal.
 
 use persist_common::image::{Mapping, MappingKind};
 
@@ -19,6 +26,7 @@ use crate::sys::procmem::ProcMem;
 use crate::sys::ptrace::{self, Regs, Stop, reg};
 
 use super::CheckpointError;
+use super::recovery::{Journal, ThreadUndo};
 
 /// Bytes of scratch space used for syscall outputs.
 pub const SCRATCH_LEN: usize = 256;
@@ -72,16 +80,19 @@ pub struct Injector<'a> {
     saved_mask: u64,
     scratch: u64,
     saved_scratch: [u8; SCRATCH_LEN],
+    journal: &'a Journal,
     restored: bool,
 }
 
 impl<'a> Injector<'a> {
-    /// Saves the state of stopped thread `tid` and blocks its signals.
+    /// Saves the state of stopped thread `tid`, records it in `journal`,
+    /// and blocks its signals.
     pub fn new(
         pid: i32,
         tid: i32,
         mem: &'a ProcMem,
         syscall_at: u64,
+        journal: &'a Journal,
     ) -> Result<Self, CheckpointError> {
         let ptrace_error = |op, source| CheckpointError::Ptrace {
             pid,
@@ -102,8 +113,14 @@ impl<'a> Injector<'a> {
                 what: "scratch space below the stack pointer",
                 source,
             })?;
-        ptrace::set_sigmask(tid, u64::MAX).map_err(|e| ptrace_error("PTRACE_SETSIGMASK", e))?;
-        Ok(Self {
+        journal.injecting(ThreadUndo {
+            tid,
+            regs: saved_regs.to_vec(),
+            sigmask: saved_mask,
+            scratch_at: scratch,
+            scratch: saved_scratch.to_vec(),
+        })?;
+        let injector = Self {
             pid,
             tid,
             mem,
@@ -112,8 +129,11 @@ impl<'a> Injector<'a> {
             saved_mask,
             scratch,
             saved_scratch,
+            journal,
             restored: false,
-        })
+        };
+        ptrace::set_sigmask(tid, u64::MAX).map_err(|e| ptrace_error("PTRACE_SETSIGMASK", e))?;
+        Ok(injector)
     }
 
     /// Address of the scratch area ([`SCRATCH_LEN`] bytes, 16-aligned).
@@ -139,9 +159,18 @@ impl<'a> Injector<'a> {
             regs[index] = value;
         }
         self.ptrace(ptrace::set_regs(self.tid, &regs), "PTRACE_SETREGS")?;
-        self.ptrace(ptrace::single_step(self.tid), "PTRACE_SINGLESTEP")?;
+        // To the call's entry stop, then to its exit stop.
+        self.to_syscall_stop(name)?;
+        self.to_syscall_stop(name)?;
+        let after = self.ptrace(ptrace::get_regs(self.tid), "PTRACE_GETREGS")?;
+        self.journal.pause_for_tests();
+        Ok(after[reg::RAX] as i64)
+    }
+
+    fn to_syscall_stop(&self, name: &'static str) -> Result<(), CheckpointError> {
+        self.ptrace(ptrace::syscall_step(self.tid), "PTRACE_SYSCALL")?;
         let stop = self.ptrace(ptrace::wait(self.tid), "waitpid")?;
-        if stop != Stop::Signal(libc::SIGTRAP) {
+        if stop != Stop::Signal(ptrace::SYSCALL_STOP_SIGNAL) {
             return Err(CheckpointError::UnexpectedStop {
                 pid: self.pid,
                 tid: self.tid,
@@ -149,8 +178,7 @@ impl<'a> Injector<'a> {
                 stop: format!("{stop:?}"),
             });
         }
-        let after = self.ptrace(ptrace::get_regs(self.tid), "PTRACE_GETREGS")?;
-        Ok(after[reg::RAX] as i64)
+        Ok(())
     }
 
     /// Like [`Injector::syscall`], but a negative result is an error naming the call.
@@ -226,7 +254,7 @@ impl<'a> Injector<'a> {
             ptrace::set_sigmask(self.tid, self.saved_mask),
             "PTRACE_SETSIGMASK",
         )?;
-        Ok(())
+        self.journal.restored(self.tid)
     }
 
     fn ptrace<T>(

@@ -3,7 +3,9 @@
 //! 1. Refuse what cannot be saved (see [`CheckpointError`]) before touching
 //!    the process.
 //!    With a base image, open it and index where it stored each page.
-//! 2. Freeze it: every thread seized and stopped under ptrace (`freeze`).
+//! 2. Freeze it: every thread seized, and the process group-stopped under
+//!    ptrace (`freeze`), so that if the agent dies from here on the process
+//!    stays stopped, for [`recover`] to undo what was under way (`recovery`).
 //! 3. Save its memory mappings and pages (`memory`; with a base, pages it
 //!    already stored are referred to there, see [`CheckpointOptions::base`]),
 //!    every thread
@@ -16,12 +18,15 @@
 //!    synced while the process goes on) and check that it runs again.
 //!
 //! Any error before the last step detaches every thread and leaves the
-//! process running as it was; no image appears at the destination.
+//! process running as it was; no image appears at the destination. An
+//! agent killed at any instant leaves it stopped, with a recovery file
+//! ([`CheckpointOptions::recovery_file`]) that [`recover`] undoes.
 
 mod freeze;
 mod inject;
 mod memory;
 mod process;
+mod recovery;
 mod seccomp;
 mod status;
 mod threads;
@@ -39,7 +44,9 @@ use crate::sys::procmem::ProcMem;
 
 use freeze::Frozen;
 use memory::BasePages;
+use recovery::Journal;
 
+pub use recovery::{PAUSE_ENV, RecoverError, Recovered, recover};
 pub use threads::resume_registers;
 
 /// `PF_KTHREAD` in the flags of /proc/PID/stat.
@@ -74,6 +81,10 @@ pub struct CheckpointOptions {
     /// stdout and stderr), recorded so that a restore reopens them with the
     /// agent's credentials rather than the process's.
     pub agent_files: Vec<PathBuf>,
+    /// Where to keep, while the checkpoint runs, what undoes it if the agent
+    /// dies (root-only, removed when the checkpoint ends either way): the
+    /// process then stays stopped until [`recover`] is given this file.
+    pub recovery_file: Option<PathBuf>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -281,8 +292,8 @@ pub enum CheckpointError {
         /// The error.
         source: io::Error,
     },
-    /// A thread did not stop when interrupted (uninterruptible sleep).
-    #[error("pid {pid}, thread {tid} did not stop within {seconds} s of PTRACE_INTERRUPT")]
+    /// A thread did not stop when asked to (uninterruptible sleep).
+    #[error("pid {pid}, thread {tid} did not stop within {seconds} s of being asked to")]
     StopTimeout {
         /// The process.
         pid: i32,
@@ -387,6 +398,28 @@ pub enum CheckpointError {
         /// The time waited.
         seconds: u64,
     },
+    /// The recovery file could not be written.
+    #[error("pid {pid}: writing recovery file {}", path.display())]
+    Recovery {
+        /// The process.
+        pid: i32,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A signal could not be sent.
+    #[error("pid {pid}: sending {signal}")]
+    Signal {
+        /// The process.
+        pid: i32,
+        /// The signal.
+        signal: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A thread stayed stopped after being detached.
     #[error("pid {pid}, thread {tid} is still stopped after being detached")]
     StillStopped {
@@ -416,7 +449,10 @@ impl CheckpointError {
 /// Checkpoints the process named by `options`.
 pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, CheckpointError> {
     let pid = options.pid;
-    let under_seccomp = preflight(pid)?;
+    let Preflight {
+        under_seccomp,
+        stopped_before,
+    } = preflight(pid)?;
     let base = open_base(options)?;
     // Indexed before the freeze, so the process does not wait for it.
     let base_pages = base.as_ref().map(BasePages::new);
@@ -425,9 +461,12 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         _ => CheckpointError::PidFd { pid, source },
     })?;
 
+    // Dropped last: the file goes once the process runs again or is gone.
+    let journal = Journal::begin(options.recovery_file.as_deref(), pid, !stopped_before)?;
     let frozen_at = Instant::now();
-    let frozen = Frozen::freeze(pid, under_seccomp)?;
-    let (mut manifest, writer, stats) = save(pid, &frozen, &pidfd, options, base_pages.as_ref())?;
+    let frozen = Frozen::freeze(pid, &pidfd, !stopped_before, under_seccomp)?;
+    let (mut manifest, writer, stats) =
+        save(pid, &frozen, &pidfd, options, base_pages.as_ref(), &journal)?;
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
@@ -505,6 +544,7 @@ fn save(
     pidfd: &PidFd,
     options: &CheckpointOptions,
     base: Option<&BasePages>,
+    journal: &Journal,
 ) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
     let image_error = |source| CheckpointError::Image { pid, source };
     // Checked once frozen: no child can be forked meanwhile.
@@ -538,9 +578,11 @@ fn save(
         .tids()
         .iter()
         .zip(seccomp.chains)
-        .map(|(&tid, chain)| threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain))
+        .map(|(&tid, chain)| {
+            threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain, journal)
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut process = process::save_process(pid, &mem, syscall_at)?;
+    let mut process = process::save_process(pid, &mem, syscall_at, journal)?;
     process.seccomp_filters = seccomp.filters;
     let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
 
@@ -599,11 +641,19 @@ fn save_fds(
         .map_err(|source| CheckpointError::Files { pid, source })
 }
 
+/// What [`preflight`] found out about the process.
+struct Preflight {
+    /// A thread runs under seccomp filters.
+    under_seccomp: bool,
+    /// The process was stopped (state `T`) before we came.
+    stopped_before: bool,
+}
+
 /// Refuses, before touching the process, what cannot be checkpointed.
-/// Returns whether a thread runs under seccomp filters: the freeze then
+/// Says whether a thread runs under seccomp filters (the freeze then
 /// suspends them, so that the calls injected to read the process's state
-/// are not filtered.
-fn preflight(pid: i32) -> Result<bool, CheckpointError> {
+/// are not filtered) and whether the process is stopped (state `T`) already.
+fn preflight(pid: i32) -> Result<Preflight, CheckpointError> {
     if pid <= 0 {
         return Err(CheckpointError::NoSuchProcess { pid });
     }
@@ -648,7 +698,10 @@ fn preflight(pid: i32) -> Result<bool, CheckpointError> {
         }
         under_seccomp |= mode != 0;
     }
-    Ok(under_seccomp)
+    Ok(Preflight {
+        under_seccomp,
+        stopped_before: stat.state == 'T',
+    })
 }
 
 /// Children of every thread of `pid` (`/proc/PID/task/TID/children`).
@@ -681,6 +734,7 @@ mod tests {
             exclude_fds: Vec::new(),
             base: None,
             agent_files: Vec::new(),
+            recovery_file: None,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::sys::rlimit;
 
 use super::CheckpointError;
 use super::inject::Injector;
+use super::recovery::Journal;
 use super::status;
 
 /// `RLIM_NLIMITS`: resource limits 0 to 15.
@@ -26,18 +27,20 @@ const MAX_SIGNAL: u64 = 64;
 const SIG_DFL: u64 = 0;
 
 /// Saves the process-wide state of stopped process `pid`, injecting calls
-/// into its leader thread through the `syscall` instruction at `syscall_at`.
+/// into its leader thread through the `syscall` instruction at `syscall_at`
+/// (recorded in `journal`).
 pub fn save_process(
     pid: i32,
     mem: &ProcMem,
     syscall_at: u64,
+    journal: &Journal,
 ) -> Result<ProcessInfo, CheckpointError> {
     let procfs_error = |what, source| CheckpointError::ProcFs { pid, what, source };
     let process = procfs::process::Process::new(pid).map_err(|e| procfs_error("process", e))?;
     let stat = process.stat().map_err(|e| procfs_error("stat", e))?;
     let status = status::read(pid, None)?;
 
-    let mut injector = Injector::new(pid, pid, mem, syscall_at)?;
+    let mut injector = Injector::new(pid, pid, mem, syscall_at, journal)?;
     let scratch = injector.scratch();
     // Only signals ignored or caught have a disposition other than the
     // default worth asking about.

@@ -27,6 +27,7 @@ use crate::sys::ptrace::{self, Regs, reg};
 
 use super::CheckpointError;
 use super::inject::Injector;
+use super::recovery::Journal;
 use super::status;
 
 const ERESTARTSYS: i64 = 512;
@@ -37,9 +38,9 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 const PR_GET_TID_ADDRESS: u64 = 40;
 
 /// Saves the state of stopped thread `tid` of process `pid`. `syscall_at`
-/// is the address of a `syscall` instruction for injected calls,
-/// `xsave_len` an upper bound of the xsave area's size and `seccomp` the
-/// thread's chain of filters, read before.
+/// is the address of a `syscall` instruction for injected calls (recorded
+/// in `journal`), `xsave_len` an upper bound of the xsave area's size and
+/// `seccomp` the thread's chain of filters, read before.
 pub fn save_thread(
     pid: i32,
     tid: i32,
@@ -47,6 +48,7 @@ pub fn save_thread(
     syscall_at: u64,
     xsave_len: usize,
     seccomp: Vec<u32>,
+    journal: &Journal,
 ) -> Result<ThreadInfo, CheckpointError> {
     let ptrace_error = |op, source| CheckpointError::Ptrace {
         pid,
@@ -82,7 +84,7 @@ pub fn save_thread(
         .trim_end_matches('\n')
         .to_owned();
 
-    let mut injector = Injector::new(pid, tid, mem, syscall_at)?;
+    let mut injector = Injector::new(pid, tid, mem, syscall_at, journal)?;
     let scratch = injector.scratch();
     injector.checked_syscall("sigaltstack", libc::SYS_sigaltstack, &[0, scratch])?;
     let [sp, flags, size] = injector.read_scratch_words::<3>(0)?;

@@ -18,7 +18,9 @@ use super::pagers::Pagers;
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, Adopted, RunRecord, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, State, Supervisor};
+use crate::checkpoint::Recovered;
 use crate::control::ServiceStatus;
+use crate::error_text::error_line;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
@@ -349,6 +351,7 @@ impl Registry {
             .find(|slot| services.values().all(|h| h.slot != *slot))
             .ok_or(RegistryError::Full(capacity))?;
 
+        recover_checkpoint(&self.run_state, &spec.name);
         let (mut adopted, left_listener) = match self.run_state.load(&spec.name) {
             Some(record) => take_over(&spec, &record, &self.run_state.events_path(&spec.name)),
             None => (None, None),
@@ -659,6 +662,29 @@ fn private_bytes(pid: i32) -> u64 {
         .map_or(0, |status| {
             (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024
         })
+}
+
+/// Undoes the checkpoint of a `--on-idle keep` park that a killed daemon
+/// left under way (its recovery file is there): the process it had stopped
+/// runs on as before, to be adopted as running; its park is tried again
+/// once it is idle again. Never fatal: a process that cannot be put back is
+/// a warning.
+fn recover_checkpoint(run_state: &RunStateDir, name: &str) {
+    let file = run_state.checkpoint_path(name);
+    if std::fs::symlink_metadata(&file).is_err() {
+        return;
+    }
+    match crate::checkpoint::recover(&file) {
+        Ok(Recovered::Resumed { pid, threads }) => {
+            info!(service = %name, pid, threads, "recovered the process whose park the daemon was checkpointing when it stopped: it runs on");
+        }
+        Ok(Recovered::Gone { pid }) => {
+            info!(service = %name, pid, "the process whose park the daemon was checkpointing when it stopped is gone");
+        }
+        Err(err) => {
+            warn!(service = %name, "cannot undo the checkpoint a park left under way: {}", error_line(&err));
+        }
+    }
 }
 
 /// What a previous daemon left of the service `spec` recorded in `record`:

@@ -200,6 +200,12 @@ impl RunStateDir {
         self.dir.join(format!("{name}.events"))
     }
 
+    /// Where a keep-mode park of `name` keeps what undoes its checkpoint
+    /// ([`crate::checkpoint::CheckpointOptions::recovery_file`]).
+    pub fn checkpoint_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.checkpoint"))
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
     }

@@ -719,6 +719,9 @@ impl Supervisor {
                 exclude_fds: restorer_userfaultfds(child.pid),
                 base: Some(image.clone()),
                 agent_files: Vec::new(),
+                // A daemon killed meanwhile leaves the process stopped; the
+                // next one undoes the checkpoint and adopts it.
+                recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
             };
             let started = Instant::now();
             let mut result = checkpoint_when_filled(options.clone()).await;
@@ -752,7 +755,9 @@ impl Supervisor {
                         *image = kept_image.clone();
                     }
                 }
-                Ok(Err(err)) => return Err(self.keep_failed(err.to_string())),
+                Ok(Err(err)) => {
+                    return Err(self.keep_failed(crate::error_text::error_line(&err)));
+                }
                 Err(err) => return Err(self.keep_failed(format!("checkpoint task: {err}"))),
             }
         }

@@ -200,6 +200,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         exclude_fds: Vec::new(),
         base: None,
         agent_files: vec![request.log.clone()],
+        recovery_file: None,
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();

@@ -98,6 +98,13 @@ pub fn detach(tid: i32) -> io::Result<()> {
     Ok(nix_ptrace::detach(Pid::from_raw(tid), None)?)
 }
 
+/// Detaches from a stopped thread, delivering `signal` (0 for none).
+pub fn detach_delivering(tid: i32, signal: i32) -> io::Result<()> {
+    // By hand: nix's Signal cannot name real-time signals.
+    // SAFETY: PTRACE_DETACH takes a tid and a signal number as data.
+    check(unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0usize, signal as usize) }).map(drop)
+}
+
 /// Resumes a stopped thread, delivering `signal` (0 for none).
 pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
     // By hand: nix's Signal cannot name real-time signals, and the one a
@@ -429,4 +436,15 @@ pub fn seccomp_filter_flags(tid: i32, index: usize) -> io::Result<u64> {
         )
     })?;
     Ok(metadata.flags)
+}
+
+/// The signal of a system-call stop of a thread seized with
+/// `PTRACE_O_TRACESYSGOOD` (`SIGTRAP | 0x80`): never a real signal, so a
+/// stop its tracer died before collecting delivers nothing.
+pub const SYSCALL_STOP_SIGNAL: i32 = libc::SIGTRAP | 0x80;
+
+/// Resumes a stopped thread until its next system-call entry or exit
+/// (`PTRACE_SYSCALL`).
+pub fn syscall_step(tid: i32) -> io::Result<()> {
+    nix::sys::ptrace::syscall(nix::unistd::Pid::from_raw(tid), None).map_err(io::Error::from)
 }
