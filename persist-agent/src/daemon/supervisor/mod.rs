@@ -4,8 +4,14 @@
 //! A parked service has no process; the agent holds its listener, so SYNs
 //! queue there. A wake (a BPF event, or connections found queued) starts the
 //! service; the idle timer or a `remove` stops it and parks it again.
+//!
+//! Here: the task's types and its event loop (`run_process`); the wake path
+//! in `wake.rs`, parking (and keeping the state) in `keep.rs`, the listener's
+//! backlog in `backlog.rs`, the inetd mode's own loop in `inetd.rs`. When a
+//! service is idle and what an exit means are plain functions, in
+//! `daemon/idle.rs` and `daemon/exits.rs`.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,32 +19,27 @@ use nix::sys::signal::Signal;
 use persist_common::bpf::BpfState;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 use tracing::{info, warn};
+
+mod backlog;
+mod inetd;
+mod keep;
+mod wake;
 
 use super::SharedWatcher;
 use super::exits::{AfterExit, ExitHistory};
 use super::idle;
 use super::listener;
 use super::metrics::Metrics;
-use super::restore_worker::{RestoreWorker, ResumeRefused, ResumeTrigger, Resumed, WorkerReport};
+use super::restore_worker::{RestoreWorker, ResumeTrigger, Resumed, WorkerReport};
 use super::run_state::{Adopted, RunStateDir};
-use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
-use crate::launch;
-use crate::service::{OnIdle, ServiceMode, ServiceSpec};
+use crate::service::{ServiceMode, ServiceSpec};
 use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a service that failed to start stays failed before the next SYN may retry.
 const RETRY_BACKOFF: Duration = Duration::from_secs(1);
-/// How often a woken service's deep backlog is checked for the end of the
-/// burst that woke it.
-const BURST_CHECK: Duration = Duration::from_millis(50);
-/// No SYN for this long after a wake: the burst is over.
-const BURST_QUIET: Duration = Duration::from_millis(200);
-/// The longest a woken service keeps the agent's deep backlog.
-const MAX_BURST_HOLD: Duration = Duration::from_secs(5);
 /// How many times (10 ms apart) the supervisor looks for the outcome of a
 /// dead restored process's pager.
 const PAGER_OUTCOME_POLLS: u32 = 100;
@@ -479,7 +480,7 @@ impl Supervisor {
                         AfterExit::Fail(err) => self.fail_start(err),
                     }
                 }
-                () = tokio::time::sleep(BURST_CHECK), if self.deep_backlog_since.is_some() => {
+                () = tokio::time::sleep(backlog::BURST_CHECK), if self.deep_backlog_since.is_some() => {
                     self.give_back_backlog_after_burst();
                 }
                 _ = idle_check.tick(), if self.spec.idle_timeout.is_some() => {
@@ -511,275 +512,6 @@ impl Supervisor {
         }
     }
 
-    /// Whether the restore thread resumed the skeleton on a SYN and the news
-    /// has not reached this task yet.
-    fn syn_resume_unreported(&self) -> bool {
-        match &self.starter {
-            Starter::Restore { worker, .. } => {
-                worker
-                    .report()
-                    .lock()
-                    .expect("report lock")
-                    .syn_resumes_unreported
-                    > 0
-            }
-            Starter::Command => false,
-        }
-    }
-
-    /// Why the restored process `pid` was killed by its pager, if it was (a
-    /// page of the image could not be served): its wake failed.
-    async fn wake_failure(&self, pid: i32) -> Option<String> {
-        let Starter::Restore { worker, .. } = &self.starter else {
-            return None;
-        };
-        let report = worker.report();
-        // The pager kills the process before it returns: its outcome is
-        // a moment behind the exit.
-        for _ in 0..PAGER_OUTCOME_POLLS {
-            if report.lock().expect("report lock").serving != Some(pid) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut report = report.lock().expect("report lock");
-        match report.wake_error.take() {
-            Some((killed, err)) if killed == pid => Some(err),
-            other => {
-                report.wake_error = other;
-                None
-            }
-        }
-    }
-
-    /// While the agent holds the listener (parked, waking, failed), its
-    /// queue is as deep as the kernel allows: a burst of connections waits
-    /// there for the service rather than being dropped (python's
-    /// http.server asks for 5).
-    fn hold_backlog(&mut self) {
-        self.deep_backlog_since = None;
-        if let Err(err) = listener::set_backlog(&self.listener, None) {
-            warn!(service = %self.spec.name, "cannot deepen the listener's queue: {err}");
-        }
-    }
-
-    /// Gives the running service its own backlog back once the burst of
-    /// connections that woke it is over: no SYN for [`BURST_QUIET`], or
-    /// [`MAX_BURST_HOLD`] after the wake. Given back at once, the rest of a
-    /// burst still on its way meets the service's own limit (python's 5)
-    /// while the queue is full, and its SYNs are dropped.
-    fn give_back_backlog_after_burst(&mut self) {
-        let Some(since) = self.deep_backlog_since else {
-            return;
-        };
-        let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
-        let quiet = stats.last_syn_ns == 0
-            || Duration::from_micros(since_monotonic_us(stats.last_syn_ns)) >= BURST_QUIET;
-        if quiet || since.elapsed() >= MAX_BURST_HOLD {
-            self.give_back_backlog();
-        }
-    }
-
-    /// A restored service runs with the backlog it gave its listener: the
-    /// connections queued beyond it stay queued, only new ones see the limit.
-    fn give_back_backlog(&mut self) {
-        if self.deep_backlog_since.take().is_none() {
-            return;
-        }
-        let Starter::Restore { worker, .. } = &self.starter else {
-            return;
-        };
-        let backlog = worker
-            .report()
-            .lock()
-            .expect("report lock")
-            .listener_backlog;
-        if let Some(backlog) = backlog
-            && let Err(err) = listener::set_backlog(&self.listener, Some(backlog))
-        {
-            warn!(service = %self.spec.name, backlog, "cannot give the listener its own backlog back: {err}");
-        }
-    }
-
-    fn heard_of_syn_resume(&self) {
-        if let Starter::Restore { worker, .. } = &self.starter {
-            worker
-                .report()
-                .lock()
-                .expect("report lock")
-                .syn_resume_settled();
-        }
-    }
-
-    /// The wake path: exec the command, or resume the prepared skeleton.
-    async fn start(&mut self, syn_ns: Option<u64>) {
-        self.publish(State::Waking, None);
-        let started = match &self.starter {
-            // fork and exec block: the runtime's other tasks move to
-            // another worker meanwhile.
-            Starter::Command => tokio::task::block_in_place(|| {
-                launch::exec_with_listener(&self.spec, self.listener.as_fd())
-            })
-            .map(|spawned| Started {
-                pid: spawned.pid,
-                pidfd: spawned.pidfd,
-                namespace_init: None,
-                resume_us: None,
-                running_at_ns: None,
-            })
-            .map_err(|err| err.to_string()),
-            Starter::Restore { worker, .. } => match worker.resume().await {
-                // A SYN resumed it meanwhile: its `Resumed` command is next.
-                Err(ResumeRefused::AlreadyResumed) => return,
-                Err(ResumeRefused::Failed(err)) => Err(err),
-                Ok(resumed) => Ok(Started::from(resumed)),
-            },
-        };
-        self.started(started, syn_ns, WokenBy::Supervisor);
-    }
-
-    /// Takes over a process a SYN resumed, or records why it failed.
-    fn started(&mut self, started: Result<Started, String>, syn_ns: Option<u64>, by: WokenBy) {
-        match started {
-            Ok(Started {
-                pid,
-                pidfd,
-                namespace_init,
-                resume_us,
-                running_at_ns,
-            }) => {
-                if resume_us.is_some() {
-                    self.published
-                        .lock()
-                        .expect("published lock")
-                        .last_resume_us = resume_us;
-                }
-                let latency = syn_ns.map(|syn| match running_at_ns {
-                    Some(running) => running.saturating_sub(syn) / 1000,
-                    None => since_monotonic_us(syn),
-                });
-                self.record_wake(pid, latency, by);
-                if matches!(self.starter, Starter::Restore { .. }) {
-                    self.deep_backlog_since = Some(Instant::now());
-                }
-                // A restored process was recorded when its skeleton was
-                // prepared (same pid): nothing to write while it answers
-                // its first request.
-                if matches!(self.starter, Starter::Command) {
-                    self.run_state
-                        .record_process(&self.spec.name, pid, &self.listener, None);
-                }
-                match Child::new(pid, pidfd) {
-                    Ok(mut child) => {
-                        child.namespace_init = namespace_init;
-                        self.child = Some(child);
-                    }
-                    Err(err) => warn!(service = %self.spec.name, "cannot watch pid {pid}: {err}"),
-                }
-            }
-            Err(err) => self.fail_start(err),
-        }
-    }
-
-    /// Parks the running service; a failure leaves it running.
-    async fn park_now(&mut self) -> Result<(), String> {
-        self.stop_to_park().await?;
-        self.park();
-        Ok(())
-    }
-
-    /// Stops the process for parking: a snapshot service with `--on-idle
-    /// keep` is checkpointed first so the next wake goes on from here. When
-    /// its state cannot be kept, the process is left running (the checkpoint
-    /// let it go on untouched) and the error says why: parking would lose
-    /// the state.
-    async fn stop_to_park(&mut self) -> Result<(), String> {
-        // A kept state records the listener as the service set it up.
-        self.give_back_backlog();
-        let keep = self
-            .spec
-            .snapshot
-            .as_ref()
-            .is_some_and(|s| s.on_idle == OnIdle::Keep);
-        if let (
-            true,
-            Some(child),
-            Starter::Restore {
-                image, kept_image, ..
-            },
-        ) = (keep, &self.child, &self.starter)
-        {
-            self.publish(State::Stopping, Some(child.pid));
-            self.set_bpf_state(BpfState::Stopping);
-            // Only the pages that changed since the restore are written.
-            let options = CheckpointOptions {
-                pid: child.pid,
-                image: kept_image.clone(),
-                leave_running: false,
-                exclude_fds: restorer_userfaultfds(child.pid),
-                base: Some(image.clone()),
-                agent_files: Vec::new(),
-                // A daemon killed meanwhile leaves the process stopped; the
-                // next one undoes the checkpoint and adopts it.
-                recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
-            };
-            let started = Instant::now();
-            let mut result = checkpoint_when_filled(options.clone()).await;
-            if let Ok(Err(err)) = &result
-                && err.is_base_unusable()
-            {
-                warn!(service = %self.spec.name, "keeping only the changed pages is not possible, keeping all: {err}");
-                let full = CheckpointOptions {
-                    base: None,
-                    ..options
-                };
-                result = checkpoint_when_filled(full).await;
-            }
-            self.metrics
-                .observe_checkpoint(&self.spec.name, started.elapsed());
-            match result {
-                Ok(Ok(summary)) => {
-                    info!(
-                        service = %self.spec.name,
-                        pages_written = summary.pages_written,
-                        pages_reused = summary.pages_reused,
-                        base_stores = summary.base_stores,
-                        "state kept for the next wake"
-                    );
-                    self.keep_failed = None;
-                    self.published.lock().expect("published lock").error = None;
-                    if let Starter::Restore {
-                        image, kept_image, ..
-                    } = &mut self.starter
-                    {
-                        *image = kept_image.clone();
-                    }
-                }
-                Ok(Err(err)) => {
-                    return Err(self.keep_failed(crate::error_text::error_line(&err)));
-                }
-                Err(err) => return Err(self.keep_failed(format!("checkpoint task: {err}"))),
-            }
-        }
-        self.stop().await;
-        self.prepare_next();
-        Ok(())
-    }
-
-    /// The state of a running service could not be kept: it runs on, and
-    /// the error is published and returned.
-    fn keep_failed(&mut self, err: String) -> String {
-        let message = format!("cannot park with its state kept, left running: {err}");
-        warn!(service = %self.spec.name, "{message}");
-        let failures = self.keep_failed.map_or(1, |(_, failures)| failures + 1);
-        self.keep_failed = Some((Instant::now(), failures));
-        let pid = self.child.as_ref().map(|child| child.pid);
-        self.publish(State::Running, pid);
-        self.set_bpf_state(BpfState::Running);
-        self.published.lock().expect("published lock").error = Some(message.clone());
-        message
-    }
-
     /// Snapshot mode: prepares the skeleton of the next wake right away.
     /// The process is gone: its record goes first, as the restore thread
     /// records the skeleton once ready (cleared after that, a skeleton
@@ -788,76 +520,6 @@ impl Supervisor {
         if let Starter::Restore { worker, image, .. } = &self.starter {
             self.run_state.clear(&self.spec.name);
             worker.prepare(image.clone());
-        }
-    }
-
-    /// The inetd mode: one process per connection, accepted by the agent.
-    async fn run_inetd(
-        &mut self,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-    ) -> std::io::Result<()> {
-        let listener = std::net::TcpListener::from(self.listener.try_clone()?);
-        listener.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let mut children: JoinSet<i32> = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (connection, peer) = accepted?;
-                    let stats = self.watcher.lock().expect("watcher lock").stats(self.slot);
-                    let connection = connection.into_std()?;
-                    connection.set_nonblocking(false)?;
-                    let spawned = tokio::task::block_in_place(|| {
-                        launch::exec_for_connection(&self.spec, connection.as_fd())
-                    });
-                    match spawned {
-                        Ok(spawned) => {
-                            if children.is_empty() {
-                                let latency = (stats.wake_syn_ns != 0).then(|| since_monotonic_us(stats.wake_syn_ns));
-                                self.record_wake(spawned.pid, latency, WokenBy::Supervisor);
-                            }
-                            self.published.lock().expect("published lock").sessions.push(spawned.pid);
-                            let child = Child::new(spawned.pid, spawned.pidfd)?;
-                            children.spawn(async move {
-                                child.wait().await;
-                                child.pid
-                            });
-                        }
-                        Err(err) => warn!(service = %self.spec.name, %peer, "cannot start a connection handler: {err}"),
-                    }
-                }
-                Some(finished) = children.join_next(), if !children.is_empty() => {
-                    if let Ok(pid) = finished {
-                        self.published.lock().expect("published lock").sessions.retain(|&p| p != pid);
-                    }
-                    if children.is_empty() {
-                        self.park();
-                    }
-                }
-                command = commands.recv() => match command {
-                    Some(Command::Wake { .. } | Command::Retry) => {}
-                    Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, result),
-                    Some(Command::WakeNow { done }) => {
-                        let _ = done.send(Err("an inetd service starts once per connection".into()));
-                    }
-                    Some(Command::Park { done }) => {
-                        self.kill_connection_handlers();
-                        let _ = done.send(Ok(()));
-                    }
-                    Some(Command::Shutdown { done }) => {
-                        self.kill_connection_handlers();
-                        let _ = done.send(());
-                        return Ok(());
-                    }
-                    None => return Ok(()),
-                },
-            }
-        }
-    }
-
-    fn kill_connection_handlers(&self) {
-        for &pid in &self.published.lock().expect("published lock").sessions {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
 
@@ -894,61 +556,6 @@ impl Supervisor {
         self.hold_backlog();
         self.publish(State::Parked, None);
         self.set_bpf_state(BpfState::Parked);
-    }
-
-    /// The wake failed: queued clients get a closed connection now rather
-    /// than a hang, and the service shows `failed` (or `stale`) with the
-    /// reason until a wake succeeds. SYNs wake it again after a backoff.
-    fn fail_start(&mut self, err: String) {
-        warn!(service = %self.spec.name, "start failed: {err}");
-        while listener::has_pending(&self.listener) {
-            match nix::sys::socket::accept(self.listener.as_raw_fd()) {
-                Ok(fd) => drop(nix::unistd::close(fd)),
-                Err(_) => break,
-            }
-        }
-        let stale = match &self.starter {
-            Starter::Restore { worker, .. } => worker.report().lock().expect("report lock").stale,
-            Starter::Command => false,
-        };
-        self.hold_backlog();
-        {
-            let mut published = self.published.lock().expect("published lock");
-            published.state = if stale { State::Stale } else { State::Failed };
-            published.pid = None;
-            published.sessions.clear();
-            published.error = Some(err);
-        }
-        let watcher = self.watcher.clone();
-        let slot = self.slot;
-        let retry = self.retry.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RETRY_BACKOFF).await;
-            let _ = watcher
-                .lock()
-                .expect("watcher lock")
-                .set_state(slot, BpfState::Parked);
-            if let Some(retry) = retry.upgrade() {
-                let _ = retry.send(Command::Retry);
-            }
-        });
-    }
-
-    fn record_wake(&mut self, pid: i32, latency_us: Option<u64>, by: WokenBy) {
-        self.running_since = Instant::now();
-        self.metrics
-            .observe_wake(&self.spec.name, latency_us.map(Duration::from_micros));
-        self.set_bpf_state(BpfState::Running);
-        let mut published = self.published.lock().expect("published lock");
-        published.state = State::Running;
-        published.pid = Some(pid);
-        published.sessions = vec![pid];
-        published.wakes += 1;
-        published.error = None;
-        if latency_us.is_some() {
-            published.last_wake_us = latency_us;
-        }
-        info!(service = %self.spec.name, pid, wake_us = ?latency_us, by = by.as_str(), "woken");
     }
 
     /// Idle as [`idle::is_idle`] decides from what is observed now.
@@ -1016,24 +623,3 @@ pub fn since_monotonic_us(then_ns: u64) -> u64 {
         .unwrap_or(then_ns);
     now.saturating_sub(then_ns) / 1000
 }
-
-/// Checkpoints a restored process once its pager has brought all its memory
-/// in (a page not yet served is not in the process to be saved).
-async fn checkpoint_when_filled(
-    options: CheckpointOptions,
-) -> Result<Result<crate::checkpoint::CheckpointSummary, CheckpointError>, tokio::task::JoinError> {
-    let deadline = Instant::now() + FILL_WAIT;
-    loop {
-        let attempt = options.clone();
-        let result = tokio::task::spawn_blocking(move || checkpoint(&attempt)).await;
-        match result {
-            Ok(Err(CheckpointError::UserfaultfdPending { .. })) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// How long `--on-idle keep` waits for the pager to finish filling memory.
-const FILL_WAIT: Duration = Duration::from_secs(10);

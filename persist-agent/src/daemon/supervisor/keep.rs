@@ -1,0 +1,135 @@
+//! Parking a running service: stopped at once, or, with `--on-idle keep`,
+//! checkpointed first (only the pages changed since its restore), so the
+//! next wake goes on where it stopped. A state that cannot be kept leaves
+//! the service running, with the reason published.
+
+use std::time::{Duration, Instant};
+
+use persist_common::bpf::BpfState;
+use tracing::{info, warn};
+
+use super::{Starter, State, Supervisor};
+use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
+use crate::service::OnIdle;
+
+impl Supervisor {
+    /// Parks the running service; a failure leaves it running.
+    pub(super) async fn park_now(&mut self) -> Result<(), String> {
+        self.stop_to_park().await?;
+        self.park();
+        Ok(())
+    }
+
+    /// Stops the process for parking: a snapshot service with `--on-idle
+    /// keep` is checkpointed first so the next wake goes on from here. When
+    /// its state cannot be kept, the process is left running (the checkpoint
+    /// let it go on untouched) and the error says why: parking would lose
+    /// the state.
+    pub(super) async fn stop_to_park(&mut self) -> Result<(), String> {
+        // A kept state records the listener as the service set it up.
+        self.give_back_backlog();
+        let keep = self
+            .spec
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.on_idle == OnIdle::Keep);
+        if let (
+            true,
+            Some(child),
+            Starter::Restore {
+                image, kept_image, ..
+            },
+        ) = (keep, &self.child, &self.starter)
+        {
+            self.publish(State::Stopping, Some(child.pid));
+            self.set_bpf_state(BpfState::Stopping);
+            // Only the pages that changed since the restore are written.
+            let options = CheckpointOptions {
+                pid: child.pid,
+                image: kept_image.clone(),
+                leave_running: false,
+                exclude_fds: restorer_userfaultfds(child.pid),
+                base: Some(image.clone()),
+                agent_files: Vec::new(),
+                // A daemon killed meanwhile leaves the process stopped; the
+                // next one undoes the checkpoint and adopts it.
+                recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
+            };
+            let started = Instant::now();
+            let mut result = checkpoint_when_filled(options.clone()).await;
+            if let Ok(Err(err)) = &result
+                && err.is_base_unusable()
+            {
+                warn!(service = %self.spec.name, "keeping only the changed pages is not possible, keeping all: {err}");
+                let full = CheckpointOptions {
+                    base: None,
+                    ..options
+                };
+                result = checkpoint_when_filled(full).await;
+            }
+            self.metrics
+                .observe_checkpoint(&self.spec.name, started.elapsed());
+            match result {
+                Ok(Ok(summary)) => {
+                    info!(
+                        service = %self.spec.name,
+                        pages_written = summary.pages_written,
+                        pages_reused = summary.pages_reused,
+                        base_stores = summary.base_stores,
+                        "state kept for the next wake"
+                    );
+                    self.keep_failed = None;
+                    self.published.lock().expect("published lock").error = None;
+                    if let Starter::Restore {
+                        image, kept_image, ..
+                    } = &mut self.starter
+                    {
+                        *image = kept_image.clone();
+                    }
+                }
+                Ok(Err(err)) => {
+                    return Err(self.keep_failed(crate::error_text::error_line(&err)));
+                }
+                Err(err) => return Err(self.keep_failed(format!("checkpoint task: {err}"))),
+            }
+        }
+        self.stop().await;
+        self.prepare_next();
+        Ok(())
+    }
+
+    /// The state of a running service could not be kept: it runs on, and
+    /// the error is published and returned.
+    pub(super) fn keep_failed(&mut self, err: String) -> String {
+        let message = format!("cannot park with its state kept, left running: {err}");
+        warn!(service = %self.spec.name, "{message}");
+        let failures = self.keep_failed.map_or(1, |(_, failures)| failures + 1);
+        self.keep_failed = Some((Instant::now(), failures));
+        let pid = self.child.as_ref().map(|child| child.pid);
+        self.publish(State::Running, pid);
+        self.set_bpf_state(BpfState::Running);
+        self.published.lock().expect("published lock").error = Some(message.clone());
+        message
+    }
+}
+
+/// Checkpoints a restored process once its pager has brought all its memory
+/// in (a page not yet served is not in the process to be saved).
+async fn checkpoint_when_filled(
+    options: CheckpointOptions,
+) -> Result<Result<crate::checkpoint::CheckpointSummary, CheckpointError>, tokio::task::JoinError> {
+    let deadline = Instant::now() + FILL_WAIT;
+    loop {
+        let attempt = options.clone();
+        let result = tokio::task::spawn_blocking(move || checkpoint(&attempt)).await;
+        match result {
+            Ok(Err(CheckpointError::UserfaultfdPending { .. })) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long `--on-idle keep` waits for the pager to finish filling memory.
+const FILL_WAIT: Duration = Duration::from_secs(10);
