@@ -57,7 +57,15 @@ enum Command {
 }
 
 fn main() -> Result<ExitCode> {
-    match Cli::parse().command {
+    // On a thread of its own: the targets' per-thread scratch directories
+    // are removed when their thread ends, which the main thread never does.
+    std::thread::spawn(|| run_cli(Cli::parse()))
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+fn run_cli(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
         Command::Run {
             target: name,
             time,
