@@ -38,6 +38,7 @@ mod exits;
 mod idle;
 mod keeper;
 mod listener;
+mod memory;
 mod metrics;
 mod pagers;
 mod reaper;
@@ -46,6 +47,7 @@ mod restore_worker;
 mod run_state;
 mod supervisor;
 mod syn_watcher;
+mod takeover;
 
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;

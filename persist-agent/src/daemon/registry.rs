@@ -13,14 +13,14 @@ use tracing::{info, warn};
 use super::SharedWatcher;
 use super::keeper;
 use super::listener;
+use super::memory::{private_bytes, rss_of_sessions};
 use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
-use super::run_state::{self, Adopted, RunRecord, RunStateDir};
+use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, Handle, Shared, Starter, State, Supervisor};
-use crate::checkpoint::Recovered;
+use super::takeover::{recover_checkpoint, take_over};
 use crate::control::ServiceStatus;
-use crate::error_text::error_line;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
@@ -613,154 +613,6 @@ impl Registry {
             });
         }
         statuses
-    }
-}
-
-/// Resident memory of every process in the given sessions.
-fn rss_of_sessions(processes: &std::cell::OnceCell<Vec<ProcessRss>>, sessions: &[i32]) -> u64 {
-    if sessions.is_empty() {
-        return 0;
-    }
-    processes
-        .get_or_init(all_process_rss)
-        .iter()
-        .filter(|p| sessions.contains(&p.session) || sessions.contains(&p.pid))
-        .map(|p| p.rss_bytes)
-        .sum()
-}
-
-/// One process's session and resident memory.
-struct ProcessRss {
-    pid: i32,
-    session: i32,
-    rss_bytes: u64,
-}
-
-/// Every process's session and resident memory, read in one walk of /proc
-/// for all services.
-fn all_process_rss() -> Vec<ProcessRss> {
-    let page = procfs::page_size();
-    let Ok(processes) = procfs::process::all_processes() else {
-        return Vec::new();
-    };
-    processes
-        .flatten()
-        .filter_map(|process| process.stat().ok())
-        .map(|stat| ProcessRss {
-            pid: stat.pid,
-            session: stat.session,
-            rss_bytes: stat.rss * page,
-        })
-        .collect()
-}
-
-/// Memory that `pid` alone holds: anonymous and shmem pages, not the page
-/// cache its file mappings share with every other user of those files.
-fn private_bytes(pid: i32) -> u64 {
-    procfs::process::Process::new(pid)
-        .and_then(|process| process.status())
-        .map_or(0, |status| {
-            (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024
-        })
-}
-
-/// Undoes the checkpoint of a `--on-idle keep` park that a killed daemon
-/// left under way (its recovery file is there): the process it had stopped
-/// runs on as before, to be adopted as running; its park is tried again
-/// once it is idle again. Never fatal: a process that cannot be put back is
-/// a warning.
-fn recover_checkpoint(run_state: &RunStateDir, name: &str) {
-    let file = run_state.checkpoint_path(name);
-    if std::fs::symlink_metadata(&file).is_err() {
-        return;
-    }
-    match crate::checkpoint::recover(&file) {
-        Ok(Recovered::Resumed { pid, threads }) => {
-            info!(service = %name, pid, threads, "recovered the process whose park the daemon was checkpointing when it stopped: it runs on");
-        }
-        Ok(Recovered::Gone { pid }) => {
-            info!(service = %name, pid, "the process whose park the daemon was checkpointing when it stopped is gone");
-        }
-        Err(err) => {
-            warn!(service = %name, "cannot undo the checkpoint a park left under way: {}", error_line(&err));
-        }
-    }
-}
-
-/// What a previous daemon left of the service `spec` recorded in `record`:
-/// its process, adopted when it runs on its own with its listener (a
-/// restored process whose pages were still coming in gets a pager that
-/// takes over, with the journal at `events`); or only the listener, taken
-/// from a process that must not go on (a stopped skeleton, or a restored
-/// process whose pages cannot be served any more), which is killed. A
-/// process that runs without its listener is stopped.
-fn take_over(
-    spec: &ServiceSpec,
-    record: &RunRecord,
-    events: &Path,
-) -> (Option<Adopted>, Option<OwnedFd>) {
-    let name = &spec.name;
-    if let Some(mut adopted) = run_state::adopt(record) {
-        // Only a restored process has pages a pager of ours should serve.
-        let restored = spec.mode == ServiceMode::Snapshot;
-        if !restored || !run_state::has_pages_nobody_serves(record.pid) {
-            return (Some(adopted), None);
-        }
-        // Restored, and its pages were still coming in when the daemon
-        // died: its faults wait for a pager.
-        match run_state::take_pager(&adopted, events) {
-            Ok(pager) => {
-                info!(service = %name, pid = record.pid, pending_pages = pager.pending_pages(), "adopted a process whose pages were still being filled; serving them");
-                adopted.pager = Some(pager);
-                return (Some(adopted), None);
-            }
-            Err(err) => {
-                // Parked again from its image, its queued connections kept.
-                warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped and cannot be served ({err}); stopping it and parking the service");
-                kill_and_wait(&adopted.pidfd);
-                return (None, Some(adopted.listener));
-            }
-        }
-    }
-    if run_state::is_stopped(record.pid) {
-        // A skeleton a killed daemon left: it held the port meanwhile, and
-        // its queued connections are kept.
-        if let Some(left) = run_state::take_listener(record) {
-            info!(service = %name, pid = record.pid, "took the listener back from a stopped skeleton");
-            kill_and_wait(&left.pidfd);
-            return (None, Some(left.listener));
-        }
-    }
-    if run_state::is_alive(record) && !run_state::is_dying(record.pid) {
-        // It runs but no longer holds the port we gave it: stop it rather
-        // than run the service twice.
-        warn!(service = %name, pid = record.pid, "running without its listener; stopping it");
-        stop_stray(record.pid);
-    }
-    (None, None)
-}
-
-/// Kills the process of `pidfd` and waits (a second at most) until it is
-/// gone, so that what it held (its port) is free again.
-fn kill_and_wait(pidfd: &crate::sys::pidfd::PidFd) {
-    let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
-    pidfd.wait_exit(std::time::Duration::from_secs(1));
-}
-
-/// Stops a process a previous daemon started, by pid: SIGTERM then SIGKILL,
-/// or SIGKILL at once when it is stopped.
-fn stop_stray(pid: i32) {
-    let Ok(pidfd) = crate::sys::pidfd::PidFd::open(pid) else {
-        return;
-    };
-    // A stopped process would only see SIGTERM once continued.
-    if run_state::is_stopped(pid) {
-        kill_and_wait(&pidfd);
-        return;
-    }
-    let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGTERM);
-    if !pidfd.wait_exit(std::time::Duration::from_secs(5)) {
-        let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
