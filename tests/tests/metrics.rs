@@ -40,7 +40,13 @@ fn metrics_count_wakes_and_latencies() {
         .unwrap();
     sandbox.http_get(8200).unwrap();
 
-    let text = scrape(&sandbox, 9187);
+    // The supervisor records the wake once the command runs, which can be
+    // a moment after the answer reached the client.
+    let mut text = String::new();
+    let _ = wait_until(Duration::from_secs(10), || {
+        text = scrape(&sandbox, 9187);
+        text.contains("persist_wakes_total{service=\"hello\"} 1")
+    });
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(
         text.contains("persist_wakes_total{service=\"hello\"} 1"),
