@@ -13,6 +13,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// Builds an image of the bundled hello-server listening on `port` with
+/// `persist-agent build` (plus `options`, e.g. `--user nobody`), in the
+/// sandbox's namespace; panics with the command's output if it fails.
+pub fn build_hello_image(sandbox: &Sandbox, image: &Path, port: u16, options: &[&str]) {
+    let server = binary("hello-server").display().to_string();
+    let built = sandbox
+        .netns
+        .command(binary("persist-agent"))
+        .arg("build")
+        .arg("--image")
+        .arg(image)
+        .args(options)
+        .args(["--port", &port.to_string(), "--", &server])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .expect("running persist-agent build");
+    assert!(built.status.success(), "build: {built:?}");
+}
+
 /// Returns from the calling test, saying so on stderr, unless it runs as
 /// root: these tests drive the real kernel (network namespaces, BPF,
 /// ptrace), so a plain `cargo test` by another user skips them rather than

@@ -7,24 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use persist_tests::{
-    Sandbox, add_http_server, binary, edit_manifest, kill_session, wait_until, web_root,
+    Sandbox, add_http_server, binary, build_hello_image, edit_manifest, kill_session, wait_until,
+    web_root,
 };
-
-/// Builds an image of hello-server listening on `port` with `persist-agent build`.
-fn build_hello_image(sandbox: &Sandbox, image: &Path, port: u16) {
-    let server = binary("hello-server").display().to_string();
-    let built = sandbox
-        .netns
-        .command(binary("persist-agent"))
-        .arg("build")
-        .arg("--image")
-        .arg(image)
-        .args(["--port", &port.to_string(), "--", &server])
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "build: {built:?}");
-}
 
 /// The hello-server command line for `port`.
 fn hello_command(port: u16) -> Vec<String> {
@@ -99,7 +84,7 @@ fn an_image_with_a_corrupt_page_store_is_not_added() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    build_hello_image(&sandbox, &image, 8601);
+    build_hello_image(&sandbox, &image, 8601, &[]);
     corrupt_page_store(&image);
 
     let output = sandbox.agent(&[
@@ -133,7 +118,7 @@ fn a_service_whose_wake_fails_shows_failed_with_the_reason() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    build_hello_image(&sandbox, &image, 8602);
+    build_hello_image(&sandbox, &image, 8602, &[]);
     sandbox
         .agent_ok(&[
             "add",
@@ -224,7 +209,7 @@ fn a_prebuilt_image_from_another_kernel_shows_stale_with_the_reason() {
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    build_hello_image(&sandbox, &image, 8604);
+    build_hello_image(&sandbox, &image, 8604, &[]);
     sandbox
         .agent_ok(&[
             "add",

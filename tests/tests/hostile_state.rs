@@ -8,7 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use persist_tests::{Sandbox, binary, wait_until};
+use persist_tests::{Sandbox, binary, build_hello_image, wait_until};
 
 /// uid and gid of Debian's `nobody`.
 const NOBODY: u32 = 65534;
@@ -94,22 +94,6 @@ fn a_service_file_another_user_owns_never_runs() {
     );
 }
 
-/// Builds an image of hello-server listening on `port` with `persist-agent build`.
-fn build_hello_image(sandbox: &Sandbox, image: &Path, port: u16) {
-    let server = binary("hello-server").display().to_string();
-    let built = sandbox
-        .netns
-        .command(binary("persist-agent"))
-        .arg("build")
-        .arg("--image")
-        .arg(image)
-        .args(["--port", &port.to_string(), "--", &server])
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "build: {built:?}");
-}
-
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -120,7 +104,7 @@ fn an_image_file_another_user_owns_is_refused_for_its_owner() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    build_hello_image(&sandbox, &image, 9410);
+    build_hello_image(&sandbox, &image, 9410, &[]);
     let manifest = image.join("manifest");
     std::os::unix::fs::chown(&manifest, Some(NOBODY), None).unwrap();
     let image_arg = image.display().to_string();
@@ -151,7 +135,7 @@ fn a_fifo_in_an_image_is_refused_at_once_and_the_daemon_answers_on() {
         .unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    build_hello_image(&sandbox, &image, 9420);
+    build_hello_image(&sandbox, &image, 9420, &[]);
     let image_arg = image.display().to_string();
 
     for name in ["manifest", "pages", "working-set"] {
@@ -248,7 +232,7 @@ fn inspect_shows_times_past_year_9999_without_panicking() {
     let sandbox = Sandbox::new().unwrap();
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
-    build_hello_image(&sandbox, &image, 9430);
+    build_hello_image(&sandbox, &image, 9430, &[]);
     edit_manifest(&image, |manifest| {
         manifest["created_unix_ms"] = u64::MAX.into();
     });

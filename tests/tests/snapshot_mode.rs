@@ -8,31 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use persist_tests::{
-    Sandbox, add_http_server, binary, has_unfilled_memory, memcached_command, nginx_command,
-    redis_server_command, wait_until, web_root,
+    Sandbox, add_http_server, binary, build_hello_image, has_unfilled_memory, memcached_command,
+    nginx_command, redis_server_command, wait_until, web_root,
 };
-
-/// Builds an image of hello-server listening on `port` with `persist-agent build`.
-fn build_hello_image(sandbox: &Sandbox, image: &std::path::Path, port: u16) {
-    build_hello_image_as(sandbox, image, port, &[]);
-}
-
-/// Builds an image of hello-server with extra `build` options (e.g. `--user`).
-fn build_hello_image_as(sandbox: &Sandbox, image: &std::path::Path, port: u16, options: &[&str]) {
-    let server = binary("hello-server").display().to_string();
-    let built = sandbox
-        .netns
-        .command(binary("persist-agent"))
-        .arg("build")
-        .arg("--image")
-        .arg(image)
-        .args(options)
-        .args(["--port", &port.to_string(), "--", &server])
-        .arg(format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "build: {built:?}");
-}
 
 /// Whether `pid` runs no code: gone, a zombie, or a parked skeleton (which
 /// has the restored process's pid but is stopped before its first instruction).
@@ -786,7 +764,7 @@ fn a_prebuilt_image_is_registered_and_served() {
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
     let image_arg = image.display().to_string();
-    build_hello_image(&sandbox, &image, 8102);
+    build_hello_image(&sandbox, &image, 8102, &[]);
     assert!(image.join("manifest").exists(), "build wrote an image");
 
     sandbox
@@ -803,7 +781,7 @@ fn a_prebuilt_image_of_an_unprivileged_user_gets_its_build_log_back() {
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("hello");
     let image_arg = image.display().to_string();
-    build_hello_image_as(&sandbox, &image, 8103, &["--user", "nobody"]);
+    build_hello_image(&sandbox, &image, 8103, &["--user", "nobody"]);
     // The build log is root's, 0600: nobody could never open it by path.
     let log = images.path().join("hello.log");
     let mode =
@@ -891,7 +869,7 @@ fn bad_commands_and_images_are_refused_and_leave_nothing_running() {
     let images = tempfile::tempdir().unwrap();
     let image = images.path().join("img");
     let image_arg = image.display().to_string();
-    build_hello_image(&sandbox, &image, 8107);
+    build_hello_image(&sandbox, &image, 8107, &[]);
     std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let output = sandbox.agent(&["add", "open", "--image", &image_arg, "--port", "8107"]);
     let err = String::from_utf8_lossy(&output.stderr);
