@@ -7,7 +7,7 @@
 
 use std::fs;
 
-use persist_common::image::{Credentials, ITimer, MmFields, ProcessInfo, Rlimit, SigAction};
+use persist_common::image::{ITimer, MmFields, ProcessInfo, Rlimit, SigAction};
 
 use crate::sys::procmem::ProcMem;
 use crate::sys::rlimit;
@@ -83,18 +83,14 @@ pub fn save_process(
 
     let rlimits = read_rlimits(pid)?;
 
-    let credentials = Credentials {
-        uids: [status.ruid, status.euid, status.suid, status.fuid],
-        gids: [status.rgid, status.egid, status.sgid, status.fgid],
-        groups: status.groups.iter().map(|&g| g as u32).collect(),
-        cap_inheritable: status.capinh,
-        cap_permitted: status.capprm,
-        cap_effective: status.capeff,
-        cap_bounding: status::required(pid, "CapBnd", status.capbnd)?,
-        cap_ambient: status::required(pid, "CapAmb", status.capamb)?,
-        no_new_privs: status::required(pid, "NoNewPrivs", status.nonewprivs)? != 0,
-        securebits,
-    };
+    let credentials =
+        crate::restore::credentials_from_status(&status, securebits).ok_or_else(|| {
+            CheckpointError::ProcField {
+                pid,
+                path: format!("/proc/{pid}/status"),
+                field: "CapBnd, CapAmb or NoNewPrivs".into(),
+            }
+        })?;
 
     let auxv_bytes = read_proc(pid, "auxv")?;
     let auxv = auxv_bytes

@@ -12,6 +12,15 @@ const LINUX_CAPABILITY_VERSION_3: u64 = 0x2008_0522;
 /// Our own credentials, in the image's terms, from /proc/self/status.
 pub fn own() -> Option<Credentials> {
     let status = procfs::process::Process::myself().ok()?.status().ok()?;
+    from_status(&status, 0)
+}
+
+/// The credentials a `/proc/PID/status` shows, in the image's terms, with
+/// `securebits` (which status does not show); `None` if a field is missing.
+pub(crate) fn from_status(
+    status: &procfs::process::Status,
+    securebits: u32,
+) -> Option<Credentials> {
     Some(Credentials {
         uids: [status.ruid, status.euid, status.suid, status.fuid],
         gids: [status.rgid, status.egid, status.sgid, status.fgid],
@@ -22,7 +31,7 @@ pub fn own() -> Option<Credentials> {
         cap_bounding: status.capbnd?,
         cap_ambient: status.capamb?,
         no_new_privs: status.nonewprivs? != 0,
-        securebits: 0,
+        securebits,
     })
 }
 

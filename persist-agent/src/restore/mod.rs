@@ -61,6 +61,7 @@ use std::sync::Arc;
 
 use persist_common::image::{Image, ImageError};
 
+pub(crate) use creds::from_status as credentials_from_status;
 pub(crate) use pager::PlannedCopy;
 pub use pager::{AddressEvent, EventJournal, JournalError, Pager, PagerStats};
 pub use skeleton::{Continuer, RestoreConfig, Restored, Skeleton, Timings};
