@@ -159,6 +159,15 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
+/// Queued signals come back with their siginfo (sigqueue values, si_code,
+/// sender), several instances of one realtime signal in their order, and a
+/// signal queued for one thread still for that thread.
+#[test]
+fn signals_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-signals").unwrap();
+}
+
 #[test]
 fn seccomp_fixture_restores_twice_from_one_image() {
     persist_tests::require_root!();
