@@ -159,6 +159,82 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
+/// Queued signals come back with their siginfo (sigqueue values, si_code,
+/// sender), several instances of one realtime signal in their order, and a
+/// signal queued for one thread still for that thread.
+#[test]
+fn signals_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-signals").unwrap();
+}
+
+/// A pending mask (`ShdPnd` or `SigPnd`) from `/proc/PID[/task/TID]/status`.
+fn pending_mask(status_path: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(status_path).unwrap();
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {status_path}"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+/// An image written before signal queues were saved has its pending
+/// signals raised by number: every one still pending after the restore,
+/// realtime process-wide ones included.
+#[test]
+fn image_without_signal_queues_still_restores_every_pending_signal() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-signals", &dir).unwrap();
+    let mut pids = Pids::default();
+    pids.track(fixture.id() as i32);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+    edit_manifest(&image, |manifest| {
+        manifest["process"]
+            .as_object_mut()
+            .unwrap()
+            .remove("shared_queue");
+        for thread in manifest["threads"].as_array_mut().unwrap() {
+            thread.as_object_mut().unwrap().remove("queue");
+        }
+    });
+    let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+    let pid = restored_pid(&output).unwrap();
+    pids.track(pid);
+
+    let bit = |signal: i32| 1u64 << (signal - 1);
+    let realtime = libc::SIGRTMIN() + 1;
+    let shared = pending_mask(&format!("/proc/{pid}/status"), "ShdPnd");
+    assert_eq!(
+        shared,
+        bit(libc::SIGUSR2) | bit(realtime),
+        "process-wide pending signals after restore: {shared:#x}"
+    );
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|entry| {
+            entry
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    tids.sort_unstable();
+    let second = pending_mask(&format!("/proc/{pid}/task/{}/status", tids[1]), "SigPnd");
+    assert_eq!(
+        second,
+        bit(realtime),
+        "the second thread's pending signals after restore: {second:#x}"
+    );
+    kill_and_wait_dead(pid);
+}
+
 #[test]
 fn seccomp_fixture_restores_twice_from_one_image() {
     persist_tests::require_root!();

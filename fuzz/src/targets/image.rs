@@ -389,6 +389,7 @@ fn rich_manifest(
         xsave: vec![0x5a; 64],
         sigmask: 1 << 12,
         pending: 0,
+        queue: Vec::new(),
         sigaltstack: SigAltStack {
             sp: 0,
             flags: 2,
@@ -461,6 +462,7 @@ fn rich_manifest(
                 mask: 0,
             }],
             shared_pending: 0,
+            shared_queue: Vec::new(),
             itimers: vec![ITimer {
                 which: 0,
                 interval_us: 0,

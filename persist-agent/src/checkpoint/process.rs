@@ -137,6 +137,14 @@ pub fn save_process(
         credentials,
         sigactions,
         shared_pending: status.shdpnd,
+        shared_queue: super::threads::queued_signals(pid, true).map_err(|source| {
+            CheckpointError::Ptrace {
+                pid,
+                tid: pid,
+                op: "PTRACE_PEEKSIGINFO_SHARED",
+                source,
+            }
+        })?,
         itimers,
         mm,
         // Filled in by the caller, from every thread's filters.

@@ -20,7 +20,7 @@
 
 use std::fs;
 
-use persist_common::image::{RobustList, Rseq, SigAltStack, ThreadInfo};
+use persist_common::image::{QueuedSignal, RobustList, Rseq, SigAltStack, ThreadInfo};
 
 use crate::sys::procmem::ProcMem;
 use crate::sys::ptrace::{self, Regs, reg};
@@ -74,6 +74,7 @@ pub fn save_thread(
         len: robust_len,
     });
     let pending = status::read(pid, Some(tid))?.sigpnd;
+    let queue = queued_signals(tid, false).map_err(|e| ptrace_error("PTRACE_PEEKSIGINFO", e))?;
     let comm_path = format!("/proc/{pid}/task/{tid}/comm");
     let comm = fs::read_to_string(&comm_path)
         .map_err(|source| CheckpointError::Proc {
@@ -103,6 +104,7 @@ pub fn save_thread(
         xsave,
         sigmask,
         pending,
+        queue,
         sigaltstack: SigAltStack {
             sp,
             flags: flags as u32 as i32,
@@ -113,6 +115,15 @@ pub fn save_thread(
         robust_list,
         seccomp,
     })
+}
+
+/// The signals queued for stopped thread `tid`, or for its whole process
+/// when `shared`, in queue order.
+pub fn queued_signals(tid: i32, shared: bool) -> std::io::Result<Vec<QueuedSignal>> {
+    Ok(ptrace::queued_siginfo(tid, shared)?
+        .into_iter()
+        .map(|record| QueuedSignal(record.to_vec()))
+        .collect())
 }
 
 /// The registers with which the thread resumes correctly: see the module doc.

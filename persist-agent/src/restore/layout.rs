@@ -176,7 +176,9 @@ pub fn build(
     // measure, then again at the chosen address.
     let scratch: u64 = own.specials.iter().map(|s| s.end - s.start).sum();
     let probe = layout_table(manifest, own, fds, attributes, REGION_FLOOR, 0)?;
-    let later = LATER_TABLES_ROOM + super::seccomp::table_room(&manifest.process.seccomp_filters);
+    let later = LATER_TABLES_ROOM
+        + super::seccomp::table_room(&manifest.process.seccomp_filters)
+        + super::signals::table_room(manifest);
     let table_room = (probe.bytes.len() as u64 + later).next_multiple_of(PAGE_SIZE);
     let size = table_room + scratch;
     let base = choose_region(manifest, own, size).ok_or_else(|| {

@@ -88,6 +88,7 @@ mod tests {
             xsave: Vec::new(),
             sigmask: 0,
             pending: 0,
+            queue: Vec::new(),
             sigaltstack: Default::default(),
             rseq: None,
             clear_child_tid: 0,

@@ -5,14 +5,13 @@
 //! signal mask and pending signals, and the seccomp filters handed back to
 //! the kernel.
 
-use nix::sys::signal::Signal;
 use persist_common::image::{Manifest, ThreadInfo};
 
 use super::pager::Pager;
 use super::runner::TableRunner;
 use super::spawn::TRACE_OPTIONS;
 use super::table::TableBuilder;
-use super::{RestoreError, creds, seccomp};
+use super::{RestoreError, creds, seccomp, signals};
 use crate::sys::clone;
 use crate::sys::ptrace::{self, Regs, Stop, reg};
 
@@ -114,8 +113,11 @@ pub(super) fn restore_state(
         runner.run(tid, t.finish(), false)?;
     }
     // Last: the region goes, so the main thread faults right after the
-    // munmap returns; that SIGSEGV is the expected end.
+    // munmap returns; that SIGSEGV is the expected end. Before it, with
+    // every thread made and credentialed, the main thread queues the
+    // recorded signals again.
     let mut t = runner.table();
+    signals::append(&mut t, manifest)?;
     t.call(
         "unmap the restorer region",
         libc::SYS_munmap,
@@ -131,18 +133,8 @@ pub(super) fn restore_state(
         for hot in [thread.regs[reg::RSP], thread.regs[reg::FS_BASE]] {
             pager.prefill_page(hot)?;
         }
-        for signal in signals(thread.pending) {
-            clone::tgkill(pid, tid, signal)
-                .map_err(RestoreError::ptrace(tid, "queue a pending signal"))?;
-        }
     }
-    for signal in signals(manifest.process.shared_pending) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            Signal::try_from(signal).ok(),
-        )
-        .map_err(|errno| RestoreError::ptrace(pid, "queue a pending signal")(errno.into()))?;
-    }
+    signals::raise_unrecorded(pid, tids, manifest)?;
     if !manifest.process.seccomp_filters.is_empty() {
         // The filters apply from the thread's first instruction on,
         // whether it resumes under ptrace or from a group stop.
@@ -262,10 +254,4 @@ fn normalize_syscall_restart(regs: &mut Regs) {
         }
     }
     regs[reg::ORIG_RAX] = u64::MAX;
-}
-
-fn signals(mask: u64) -> impl Iterator<Item = i32> {
-    (1..=64).filter(move |s| {
-        mask & (1u64 << (s - 1)) != 0 && *s != libc::SIGKILL && *s != libc::SIGSTOP
-    })
 }

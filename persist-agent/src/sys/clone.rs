@@ -255,6 +255,17 @@ pub fn tgkill(pid: i32, tid: i32, signal: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends `signal` to process `pid` as a whole (`kill`); unlike nix's, any
+/// number, realtime signals included.
+pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill takes two integers.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// In a fresh mount namespace: stops mount propagation towards the parent
 /// namespace (recursive slave) and mounts a procfs for the calling process's
 /// pid namespace on /proc, so that the pids it sees match /proc.

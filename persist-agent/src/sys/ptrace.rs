@@ -448,3 +448,51 @@ pub const SYSCALL_STOP_SIGNAL: i32 = libc::SIGTRAP | 0x80;
 pub fn syscall_step(tid: i32) -> io::Result<()> {
     nix::sys::ptrace::syscall(nix::unistd::Pid::from_raw(tid), None).map_err(io::Error::from)
 }
+
+/// `PTRACE_PEEKSIGINFO`.
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+/// `PTRACE_PEEKSIGINFO_SHARED`: read the process-wide queue instead of the
+/// thread's own.
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+
+/// Size of the kernel's `siginfo_t`: every record is this long.
+pub const SIGINFO_LEN: usize = 128;
+
+/// `struct ptrace_peeksiginfo_args`.
+#[repr(C)]
+struct PeekSiginfoArgs {
+    off: u64,
+    flags: u32,
+    nr: i32,
+}
+
+/// Every signal queued for a stopped thread we trace, as raw 128-byte
+/// `siginfo_t` records in queue order (the order they would be dequeued
+/// within one signal number): the thread's own queue, or the process-wide
+/// one when `shared`. Peeking leaves the queue as it is.
+pub fn queued_siginfo(tid: i32, shared: bool) -> io::Result<Vec<[u8; SIGINFO_LEN]>> {
+    const BATCH: usize = 32;
+    let mut records = Vec::new();
+    loop {
+        let mut buffer = [[0u8; SIGINFO_LEN]; BATCH];
+        let args = PeekSiginfoArgs {
+            off: records.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: BATCH as i32,
+        };
+        // SAFETY: the kernel reads `args` and writes at most `nr` records
+        // of SIGINFO_LEN bytes to `buffer`, which holds BATCH of them.
+        let copied = check(unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO,
+                tid,
+                &args as *const PeekSiginfoArgs,
+                buffer.as_mut_ptr(),
+            )
+        })? as usize;
+        records.extend_from_slice(&buffer[..copied.min(BATCH)]);
+        if copied < BATCH {
+            return Ok(records);
+        }
+    }
+}

@@ -109,6 +109,13 @@ pub struct ProcessInfo {
     pub sigactions: Vec<SigAction>,
     /// Signals pending for the whole process (bit `n - 1` for signal `n`).
     pub shared_pending: u64,
+    /// The process-wide signal queue, one record per queued signal in
+    /// queue order (`PTRACE_PEEKSIGINFO_SHARED`): restore queues them again
+    /// with their siginfo. A bit of [`ProcessInfo::shared_pending`] no record
+    /// is for (every bit, in images written before records were saved) is
+    /// raised again by number, its siginfo that of a `kill`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_queue: Vec<QueuedSignal>,
     /// Interval timers (`ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`).
     pub itimers: Vec<ITimer>,
     /// The kernel's memory-layout fields (`PR_SET_MM_MAP`).
@@ -259,6 +266,10 @@ pub struct ThreadInfo {
     pub sigmask: u64,
     /// Signals pending for this thread.
     pub pending: u64,
+    /// The thread's own signal queue, as [`ProcessInfo::shared_queue`] is
+    /// the process's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue: Vec<QueuedSignal>,
     /// Alternate signal stack, as `sigaltstack(NULL, &old)` reports it:
     /// `SS_DISABLE` (2) in `flags` when there is none, `SS_ONSTACK` (1) when
     /// the thread was running on it.
@@ -279,6 +290,39 @@ pub struct ThreadInfo {
     /// equal actions (two `SECCOMP_RET_ERRNO`), the last installed's data. Empty: no filter (seccomp mode 0).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seccomp: Vec<u32>,
+}
+
+/// One queued signal: the kernel's raw 128-byte `siginfo_t` (x86-64
+/// layout, little-endian), as `PTRACE_PEEKSIGINFO` copies it out and
+/// `rt_sigqueueinfo` takes it back: `si_signo` (i32) at 0, `si_errno` at 4,
+/// `si_code` at 8, then the union: for `SI_QUEUE` (-1) and `SI_USER` (0)
+/// the sender's pid (i32, in the process's pid namespace) at 16, its uid at
+/// 20 and, for `SI_QUEUE`, the `sigqueue` value at 24. Stored whole, so
+/// that every kind of signal (timers, children, faults) keeps its fields.
+/// A base64 string in JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct QueuedSignal(#[serde(with = "base64_bytes")] pub Vec<u8>);
+
+impl QueuedSignal {
+    /// Size of a record: the kernel's `sizeof(siginfo_t)`.
+    pub const LEN: usize = 128;
+
+    /// The signal number (`si_signo`); 0 for a record too short to hold one.
+    pub fn signo(&self) -> i32 {
+        self.word(0)
+    }
+
+    /// `si_code`: who sent it and how (negative: from user space).
+    pub fn code(&self) -> i32 {
+        self.word(8)
+    }
+
+    fn word(&self, offset: usize) -> i32 {
+        self.0
+            .get(offset..offset + 4)
+            .map_or(0, |b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
 }
 
 /// A robust futex list registration.

@@ -67,6 +67,16 @@
 //! opened. Agents that read only format 1 refuse these images rather than
 //! restore a process without its filters.
 //!
+//! Queued signals (optional within format 2): `process.shared_queue` and
+//! each `threads[].queue` hold the process-wide and the thread's signal
+//! queue, one raw 128-byte `siginfo_t` (base64) per queued signal in queue
+//! order, so that several instances of one realtime signal keep their
+//! `sigqueue` values, `si_code` and sender. Restore queues them again; a bit
+//! of `shared_pending` or `threads[].pending` that no record is for (every
+//! bit, in images written before the queues were saved) is raised by
+//! number. An older reader ignores the queues and raises every pending
+//! signal by number, as it always did, so the format is not bumped.
+//!
 //! An image may also hold `working-set`: the addresses and store offsets of
 //! the pages its first wake touched, in touch order, for later wakes to copy
 //! from the page store in bulk before the process resumes. It holds no page
