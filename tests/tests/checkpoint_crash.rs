@@ -16,12 +16,15 @@ struct Counter {
 
 impl Counter {
     fn start(file: &Path) -> Self {
-        let script = "import signal, sys, time\n\
+        // Each count replaces the file whole, so a reader never sees it
+        // truncated and empty.
+        let script = "import os, signal, sys, time\n\
                       signal.signal(signal.SIGUSR1, lambda *_: None)\n\
                       n = 0\n\
                       while True:\n\
                       \x20   n += 1\n\
-                      \x20   open(sys.argv[1], 'w').write(str(n))\n\
+                      \x20   open(sys.argv[1] + '.tmp', 'w').write(str(n))\n\
+                      \x20   os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n\
                       \x20   time.sleep(0.01)\n";
         let child = Command::new("python3")
             .args(["-c", script])
