@@ -1,14 +1,17 @@
 //! Service definitions as registered by `add` and kept in the state directory.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use persist_common::trust::{TrustError, open_trusted_file, trusted_dir};
+use persist_common::trust::{TrustError, read_trusted_file, trusted_dir};
 use serde::{Deserialize, Serialize};
+
+/// Largest service file read: a definition is a few hundred bytes.
+const MAX_SERVICE_FILE_BYTES: u64 = 1 << 20;
 
 /// How a service is started when it wakes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,13 +352,7 @@ impl ServiceStore {
     }
 
     fn load(path: &Path) -> Result<ServiceSpec, ServiceError> {
-        let mut text = Vec::new();
-        open_trusted_file(path)?
-            .read_to_end(&mut text)
-            .map_err(|source| ServiceError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+        let text = read_trusted_file(path, MAX_SERVICE_FILE_BYTES)?;
         let spec: ServiceSpec =
             serde_json::from_slice(&text).map_err(|source| ServiceError::Parse {
                 path: path.to_owned(),

@@ -28,6 +28,7 @@
 //! path, so paths under it keep naming what was checked.
 
 use std::fs::{File, Metadata, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -130,6 +131,27 @@ pub fn open_trusted_file(path: &Path) -> Result<File, TrustError> {
     }
     check_owner_and_mode(&meta, path, false)?;
     Ok(file)
+}
+
+/// Reads the trusted file `path` (see [`open_trusted_file`]) whole, up to
+/// `limit` bytes: a longer file is refused rather than read on.
+pub fn read_trusted_file(path: &Path, limit: u64) -> Result<Vec<u8>, TrustError> {
+    let io = |source| TrustError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    open_trusted_file(path)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("longer than {limit} bytes"),
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Checks `path` as a trusted directory (see the module's rules) and returns
@@ -307,6 +329,25 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_trusted_file_is_read_whole_up_to_its_limit() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("record");
+        fs::write(&path, b"12345678").unwrap();
+        chmod(&path, 0o600);
+        assert_eq!(read_trusted_file(&path, 8).unwrap(), b"12345678");
+        let err = read_trusted_file(&path, 7).unwrap_err();
+        assert!(
+            err.to_string().contains("longer than 7 bytes"),
+            "a file over the limit is refused: {err}"
+        );
+        chmod(&path, 0o622);
+        assert!(
+            matches!(read_trusted_file(&path, 8), Err(TrustError::Mode { .. })),
+            "a file others can write is refused before it is read"
         );
     }
 

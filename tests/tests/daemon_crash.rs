@@ -50,6 +50,21 @@ fn ask(reader: &mut BufReader<TcpStream>, command: &str) -> std::io::Result<Stri
     Ok(line.trim_end().to_owned())
 }
 
+/// Adds redis-server on `port` as a `--on-idle keep` service and sends it
+/// `set` (a SET command), which must answer +OK.
+fn add_keep_redis(sandbox: &Sandbox, port: u16, set: &str) {
+    sandbox
+        .add_ok(
+            "redis",
+            port,
+            &["--on-idle", "keep"],
+            &redis_server_command(port),
+        )
+        .unwrap();
+    let mut client = Redis::connect(sandbox, port).unwrap();
+    assert_eq!(client.ask(set).unwrap(), "+OK", "redis took {set:?}");
+}
+
 /// Killed inside a wake's 200 ms logging window (the fill is held back, so
 /// pages are still missing), the daemon is restarted: the new one adopts
 /// the process (same pid) and serves its pages, so a request the process
@@ -60,17 +75,7 @@ fn a_process_woken_just_before_the_daemon_died_is_adopted_by_the_next_one() {
     persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let port = 6420;
-    sandbox
-        .add_ok(
-            "redis",
-            port,
-            &["--on-idle", "keep"],
-            &redis_server_command(port),
-        )
-        .unwrap();
-    let mut setup = Redis::connect(&sandbox, port).unwrap();
-    assert_eq!(setup.ask("SET before park").unwrap(), "+OK");
-    drop(setup);
+    add_keep_redis(&sandbox, port, "SET before park");
     wait_until(Duration::from_secs(10), || {
         sandbox.agent(&["park", "redis"]).status.success()
     })
@@ -122,17 +127,7 @@ fn a_client_connecting_while_the_daemon_is_down_after_a_park_is_queued() {
     persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let port = 6421;
-    sandbox
-        .add_ok(
-            "redis",
-            port,
-            &["--on-idle", "keep"],
-            &redis_server_command(port),
-        )
-        .unwrap();
-    let mut setup = Redis::connect(&sandbox, port).unwrap();
-    assert_eq!(setup.ask("SET kept yes").unwrap(), "+OK");
-    drop(setup);
+    add_keep_redis(&sandbox, port, "SET kept yes");
     wait_until(Duration::from_secs(10), || {
         sandbox.agent(&["park", "redis"]).status.success()
     })
@@ -166,17 +161,7 @@ fn a_daemon_killed_during_a_keep_checkpoint_leaves_the_process_to_the_next_one()
         .start_daemon_with_env(&[], &[("PERSIST_DEBUG_CHECKPOINT_PAUSE_MS", "30000")])
         .unwrap();
     let port = 6423;
-    sandbox
-        .add_ok(
-            "redis",
-            port,
-            &["--on-idle", "keep"],
-            &redis_server_command(port),
-        )
-        .unwrap();
-    let mut client = Redis::connect(&sandbox, port).unwrap();
-    assert_eq!(client.ask("SET before park").unwrap(), "+OK");
-    drop(client);
+    add_keep_redis(&sandbox, port, "SET before park");
     let pid = sandbox.running_pid("redis").unwrap() as i32;
 
     let recovery = sandbox.state_dir().join("run/redis.checkpoint");

@@ -8,7 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use persist_tests::{Sandbox, binary, build_hello_image, wait_until};
+use persist_tests::{Sandbox, binary, build_hello_image, edit_manifest, wait_until};
 
 /// uid and gid of Debian's `nobody`.
 const NOBODY: u32 = 65534;
@@ -183,26 +183,6 @@ fn a_fifo_in_an_image_is_refused_at_once_and_the_daemon_answers_on() {
         "the daemon exits on SIGTERM; log:\n{}",
         sandbox.daemon_log()
     );
-}
-
-/// Rewrites an image's manifest JSON with `edit` and re-seals its header.
-fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = image.join("manifest");
-    let text = std::fs::read(&path).unwrap();
-    let newline = text.iter().position(|&b| b == b'\n').unwrap();
-    let header = String::from_utf8(text[..newline].to_vec()).unwrap();
-    let version = header.split(' ').nth(1).unwrap().to_owned();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&text[newline + 1..]).unwrap();
-    edit(&mut manifest);
-    let json = serde_json::to_vec(&manifest).unwrap();
-    let mut out = format!(
-        "persist-image {version} {} {:08x}\n",
-        json.len(),
-        crc32c::crc32c(&json)
-    )
-    .into_bytes();
-    out.extend_from_slice(&json);
-    std::fs::write(&path, out).unwrap();
 }
 
 /// Writes an empty working set recorded at `recorded_unix_ms`, sealed with

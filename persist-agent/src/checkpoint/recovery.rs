@@ -16,14 +16,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use persist_common::trust::{TrustError, open_trusted_file};
+use persist_common::trust::{TrustError, read_trusted_file};
 
 use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
@@ -204,18 +204,9 @@ pub enum Recovered {
 /// Why an unfinished checkpoint could not be undone.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
-    /// The file is missing, or not owned by root and private.
+    /// The file is missing, unreadable, or not owned by root and private.
     #[error("recovery file")]
     Untrusted(#[source] TrustError),
-    /// The file cannot be read.
-    #[error("reading recovery file {}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
     /// The file does not hold a recovery record.
     #[error("recovery file {} is not a recovery record", path.display())]
     Parse {
@@ -254,15 +245,7 @@ pub enum RecoverError {
 /// detaches, and continues the process if the checkpoint stopped it. A
 /// process that is gone needs nothing. The file is removed once undone.
 pub fn recover(file: &Path) -> Result<Recovered, RecoverError> {
-    let mut bytes = Vec::new();
-    open_trusted_file(file)
-        .map_err(RecoverError::Untrusted)?
-        .take(MAX_RECOVERY_BYTES)
-        .read_to_end(&mut bytes)
-        .map_err(|source| RecoverError::Read {
-            path: file.to_owned(),
-            source,
-        })?;
+    let bytes = read_trusted_file(file, MAX_RECOVERY_BYTES).map_err(RecoverError::Untrusted)?;
     let record: RecoveryRecord =
         serde_json::from_slice(&bytes).map_err(|source| RecoverError::Parse {
             path: file.to_owned(),

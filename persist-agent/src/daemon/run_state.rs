@@ -2,13 +2,12 @@
 //! so that a restarted daemon finds the process again instead of starting a second one.
 
 use std::fs;
-use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use persist_common::trust::{TrustError, open_trusted_file};
+use persist_common::trust::{TrustError, read_trusted_file};
 
 use crate::restore::{EventJournal, Pager};
 use crate::service::{create_trusted_dir, write_atomically};
@@ -216,16 +215,14 @@ impl RunStateDir {
 }
 
 fn load(path: &Path) -> Option<RunRecord> {
-    let file = match open_trusted_file(path) {
-        Ok(file) => file,
+    let bytes = match read_trusted_file(path, MAX_RECORD_BYTES) {
+        Ok(bytes) => bytes,
         Err(err) if err.is_not_found() => return None,
         Err(err) => {
             tracing::warn!("run record ignored: {err}");
             return None;
         }
     };
-    let mut bytes = Vec::new();
-    file.take(MAX_RECORD_BYTES).read_to_end(&mut bytes).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
