@@ -237,3 +237,91 @@ fn generations_are_tagged_pruned_rolled_back_by_hand_and_survive_a_restart() {
         "{unknown:?}"
     );
 }
+
+/// A tmpfs of `size` mounted over `dir` for the test's length (lazily
+/// unmounted at the end, as the daemon may still hold files in it).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg("tmpfs")
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs on {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `path` until a write fails for lack of space.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0xa5u8; 1 << 20];
+    loop {
+        if let Err(err) = file.write_all(&block).and_then(|()| file.sync_all()) {
+            assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+            break;
+        }
+    }
+}
+
+/// A park on a full disk cannot write its generation: the service runs on
+/// with its state, the generations before it are untouched, and the park
+/// succeeds once there is room again.
+#[test]
+fn a_full_disk_keeps_the_running_service_and_its_last_good_generation() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::new().unwrap();
+    let _tmpfs = Tmpfs::mount(sandbox.state_dir(), "128m");
+    sandbox.start_daemon().unwrap();
+    let scripts = tempfile::tempdir().unwrap();
+    add_poisonable(&sandbox, scripts.path(), &[]);
+    assert_eq!(get(&sandbox, "/").as_deref(), Some("count 1"));
+    park(&sandbox); // generation 1
+    assert_eq!(get(&sandbox, "/").as_deref(), Some("count 2"));
+
+    let filler = sandbox.state_dir().join("filler");
+    fill(&filler);
+    let refused = sandbox.agent(&["park", "web"]);
+    assert!(!refused.status.success(), "a park with no room fails");
+    let status = sandbox.service("web").unwrap();
+    assert_eq!(status["state"], "running", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("left running")),
+        "{status}"
+    );
+    let kept: Vec<String> = history(&sandbox)
+        .iter()
+        .map(|e| e["generation"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kept, ["pristine", "1"], "nothing half-written is recorded");
+    assert!(
+        !sandbox.state_dir().join("images/web.gens/2").exists(),
+        "what the failed park wrote is removed"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(
+        get(&sandbox, "/").as_deref(),
+        Some("count 3"),
+        "state intact"
+    );
+    park(&sandbox);
+    assert_eq!(get(&sandbox, "/").as_deref(), Some("count 4"));
+    assert_eq!(entry(&history(&sandbox), "2")["wakes"], 1);
+}
