@@ -153,6 +153,9 @@ impl Generations {
             records,
             keep: keep.max(1),
         };
+        if generations.reconcile_with_disk()? {
+            generations.save()?;
+        }
         let legacy_image = legacy.join(persist_common::image::MANIFEST_FILE);
         if generations.records.is_empty() && legacy_image.exists() {
             generations.create_dir()?;
@@ -172,6 +175,67 @@ impl Generations {
             generations.save()?;
         }
         Ok(generations)
+    }
+
+    /// Makes the records match the image directories on disk: a generation
+    /// whose image was written whole (an image directory appears only once
+    /// complete) but not recorded, because the daemon died in between, is
+    /// recorded; a record whose directory is gone is dropped. Says whether
+    /// anything changed.
+    fn reconcile_with_disk(&mut self) -> Result<bool, GenerationsError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(GenerationsError::Io {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        let on_disk: Vec<u32> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&number| number > 0 && self.has_image(Generation::Kept(number)))
+            .collect();
+        let before = self.records.len();
+        self.records.retain(|record| {
+            let kept = on_disk.contains(&record.number);
+            if !kept {
+                tracing::warn!(
+                    "generation {} of {}: its image is gone, forgotten",
+                    record.number,
+                    self.dir.display()
+                );
+            }
+            kept
+        });
+        let mut changed = self.records.len() != before;
+        for number in on_disk {
+            if !self.records.iter().any(|record| record.number == number) {
+                tracing::info!(
+                    "generation {number} of {}: written whole but not recorded, recorded now",
+                    self.dir.display()
+                );
+                self.records.push(GenerationRecord {
+                    number,
+                    created_unix_ms: now_unix_ms(),
+                    new_bytes: 0,
+                    wakes: 0,
+                    bad: None,
+                    tag: None,
+                });
+                changed = true;
+            }
+        }
+        self.records.sort_by_key(|record| record.number);
+        Ok(changed)
+    }
+
+    fn has_image(&self, generation: Generation) -> bool {
+        self.path(generation)
+            .join(persist_common::image::MANIFEST_FILE)
+            .is_file()
     }
 
     /// Every kept generation, oldest first.
@@ -207,6 +271,7 @@ impl Generations {
         let path = self.path(generation);
         self.create_dir()?;
         remove_dir(&path)?;
+        self.remove_unfinished_writes();
         Ok((generation, path))
     }
 
@@ -232,6 +297,22 @@ impl Generations {
         });
         self.prune(&[running, generation])?;
         self.save()
+    }
+
+    /// Removes the staging directories (`.N.tmp-PID`) of image writes a
+    /// killed daemon left unfinished. Called only before this service's
+    /// next write, so none of them is being written.
+    fn remove_unfinished_writes(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = remove_dir(&entry.path());
+            }
+        }
     }
 
     /// Forgets a generation whose write failed, removing what it left.
@@ -391,7 +472,7 @@ mod tests {
     fn park(generations: &mut Generations, running: Generation) -> Generation {
         let (next, path) = generations.next().unwrap();
         fs::create_dir(&path).unwrap();
-        fs::write(path.join("manifest.json"), "{}").unwrap();
+        fs::write(path.join(persist_common::image::MANIFEST_FILE), "{}").unwrap();
         generations.add(next, 4096, None, running).unwrap();
         next
     }
@@ -445,6 +526,36 @@ mod tests {
         assert_eq!(again.records(), gens.records());
         assert_eq!(again.current(), Generation::Kept(1));
         assert_eq!(again.records()[0].wakes, 1, "saved with the next write");
+    }
+
+    #[test]
+    fn a_generation_written_whole_but_not_recorded_is_recorded_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gens = generations(dir.path(), 5);
+        park(&mut gens, Generation::Pristine);
+        // The daemon died after the image was renamed into place, before
+        // the history was written; another write was left half done.
+        let gens_dir = dir.path().join("web.gens");
+        fs::create_dir(gens_dir.join("2")).unwrap();
+        fs::write(
+            gens_dir
+                .join("2")
+                .join(persist_common::image::MANIFEST_FILE),
+            "{}",
+        )
+        .unwrap();
+        fs::create_dir(gens_dir.join(".3.tmp-999")).unwrap();
+        let mut again = generations(dir.path(), 5);
+        assert_eq!(again.current(), Generation::Kept(2));
+        let (next, _) = again.next().unwrap();
+        assert_eq!(next, Generation::Kept(3));
+        assert!(
+            !gens_dir.join(".3.tmp-999").exists(),
+            "the unfinished write is removed"
+        );
+        // A record whose image was removed is forgotten.
+        fs::remove_dir_all(gens_dir.join("2")).unwrap();
+        assert_eq!(generations(dir.path(), 5).current(), Generation::Kept(1));
     }
 
     #[test]
