@@ -545,7 +545,7 @@ mod tests {
         )
         .unwrap();
         fs::create_dir(gens_dir.join(".3.tmp-999")).unwrap();
-        let mut again = generations(dir.path(), 5);
+        let again = generations(dir.path(), 5);
         assert_eq!(again.current(), Generation::Kept(2));
         let (next, _) = again.next().unwrap();
         assert_eq!(next, Generation::Kept(3));
