@@ -313,15 +313,16 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
         "OK"
     );
     park_keeping_state(&sandbox, "redis");
-    // Kept as a delta of the image the wake restored: only what changed is written.
+    // Kept as generation 1, a delta of the image the wake restored: only
+    // what changed is written.
     let images = sandbox.state_dir().join("images");
-    let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
+    let kept = persist_common::image::Image::open(&images.join("redis.gens/1")).unwrap();
     assert_eq!(
         kept.manifest().base_stores.len(),
         1,
         "the kept state links the built image's pages"
     );
-    let own = std::fs::metadata(images.join("redis.kept/pages"))
+    let own = std::fs::metadata(images.join("redis.gens/1/pages"))
         .unwrap()
         .len();
     let built = std::fs::metadata(images.join("redis/pages")).unwrap().len();
@@ -347,7 +348,7 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
 
     // Kept again over the kept state it was restored from: a delta of a delta.
     park_keeping_state(&sandbox, "redis");
-    let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
+    let kept = persist_common::image::Image::open(&images.join("redis.gens/2")).unwrap();
     assert_eq!(
         kept.manifest().base_stores.len(),
         2,
