@@ -10,7 +10,9 @@
 //! saved: they describe changes before the checkpoint, and a process
 //! restored later has missed the changes since anyway.
 //!
-//! Restored: a new instance here, in the agent; each watch is added, in
+//! Restored: a new instance here, in the agent, charged to the process's
+//! effective user (instances count against a per-user limit); each watch is
+//! added, in
 //! descriptor order, to the file its path names if that is still the
 //! recorded file (opened as the process would, without following symbolic
 //! links, see [`super::recorded`]), with the process's credentials (a watch
@@ -187,7 +189,13 @@ pub(super) fn create(
     watches: &[InotifyWatch],
     access: &PathAccess,
 ) -> Result<OwnedFd, FilesError> {
-    let instance = notify::inotify().map_err(FilesError::io(fd, "inotify_init1"))?;
+    // Charged to the process's user, as its own instance was: not to the
+    // agent's root, whose instance limit (128 by default) the host shares.
+    let instance = match access.euid {
+        Some(euid) => notify::inotify_charged_to(euid),
+        None => notify::inotify(),
+    }
+    .map_err(FilesError::io(fd, "inotify_init1"))?;
     let mut previous = 0;
     for watch in watches {
         let wd = watch.wd;

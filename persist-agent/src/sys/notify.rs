@@ -38,6 +38,48 @@ pub fn inotify() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
 }
 
+/// Creates a close-on-exec inotify instance charged to user `euid`, as if
+/// that user had made it: the kernel counts an instance and its watches
+/// against `fs.inotify.max_user_instances` and `max_user_watches` of the
+/// *effective* uid that created it, so the calling thread takes `euid` as
+/// its effective uid for the call only. The thread's file-system uid
+/// follows its effective uid back (do not call this under an
+/// [`super::fscreds::FsCredsGuard`]).
+pub fn inotify_charged_to(euid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if euid == own {
+        return inotify();
+    }
+    set_thread_euid(euid)?;
+    let created = inotify();
+    if let Err(err) = set_thread_euid(own) {
+        // The real or saved uid is `own`, so this cannot fail; if it did,
+        // the agent's thread would go on as the service's user.
+        tracing::error!("cannot take effective uid {own} back after {euid}: {err}");
+        std::process::abort();
+    }
+    created
+}
+
+/// `setresuid(-1, euid, -1)` for the calling thread only (glibc's wrapper
+/// would change every thread of the agent). Going from 0 to another uid
+/// clears the effective capabilities, and back to 0 raises them again from
+/// the permitted set.
+fn set_thread_euid(euid: u32) -> io::Result<()> {
+    let unchanged = libc::c_long::from(-1i32);
+    // SAFETY: setresuid takes integers only.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_setresuid,
+            unchanged,
+            libc::c_long::from(euid),
+            unchanged,
+        )
+    };
+    check(rc).map(drop)
+}
+
 /// `INOTIFY_IOC_SETNEXTWD`: the next watch added to `instance` gets the
 /// lowest free descriptor from `wd` on (needs `CONFIG_CHECKPOINT_RESTORE`).
 pub fn set_next_wd(instance: BorrowedFd<'_>, wd: i32) -> io::Result<()> {
@@ -113,6 +155,54 @@ mod tests {
         set_next_wd(instance.as_fd(), 42).expect("INOTIFY_IOC_SETNEXTWD");
         let wd = add_watch(instance.as_fd(), target.as_fd(), libc::IN_CREATE).expect("add");
         assert_eq!(wd, 42, "the watch descriptor after SETNEXTWD 42");
+    }
+
+    fn thread_status(key: &str) -> String {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    #[test]
+    fn an_instance_charged_to_another_user_gives_the_thread_its_credentials_back() {
+        std::thread::spawn(|| {
+            let (uids, caps) = (thread_status("Uid:"), thread_status("CapEff:"));
+            let instance = inotify_charged_to(65534).expect("an instance for nobody");
+            let dir = tempfile::tempdir().unwrap();
+            let target = std::fs::File::open(dir.path()).unwrap();
+            add_watch(instance.as_fd(), target.as_fd(), libc::IN_CREATE).expect("a watch");
+            assert_eq!(thread_status("Uid:"), uids, "the thread's uids afterwards");
+            assert_eq!(
+                thread_status("CapEff:"),
+                caps,
+                "the thread's capabilities afterwards"
+            );
+        })
+        .join()
+        .expect("test thread");
+    }
+
+    /// A user of its own fills its instance limit while root (the test)
+    /// still creates instances: the instances were charged to that user.
+    #[test]
+    fn instances_count_against_the_limit_of_the_user_they_are_charged_to() {
+        const UNUSED_UID: u32 = 54_321;
+        let limit: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let held: Vec<OwnedFd> = (0..limit)
+            .map_while(|_| inotify_charged_to(UNUSED_UID).ok())
+            .collect();
+        assert_eq!(held.len(), limit, "instances charged to uid {UNUSED_UID}");
+        let err = inotify_charged_to(UNUSED_UID).expect_err("one past the user's limit");
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE), "{err}");
+        inotify().expect("root's own instance, its count untouched");
     }
 
     #[test]
