@@ -155,6 +155,44 @@ fn inotify_and_stale_epoll_watches_come_back_twice_from_one_image() {
     }
 }
 
+/// The same, for a fixture running as nobody: its watches are added with
+/// nobody's credentials and its instance is made as nobody's.
+#[test]
+fn a_fixture_running_as_nobody_gets_its_watches_back() {
+    persist_tests::require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let (temp, dir, image) = workspace();
+    fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut fixture = start(
+        &dir,
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            FIXTURE,
+            dir.to_str().unwrap(),
+        ],
+    );
+    let status = fs::read_to_string(format!("/proc/{}/status", fixture.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "the fixture runs as nobody: {status}"
+    );
+    agent(&[
+        "checkpoint",
+        "--pid",
+        &fixture.pid().to_string(),
+        "--image",
+        &image,
+    ]);
+    fixture.kill();
+    assert_eq!(restore_and_ask(&image, &dir), "OK");
+}
+
 #[test]
 fn inotify_watches_are_saved_by_path_and_epoll_watches_by_holder() {
     persist_tests::require_root!();
