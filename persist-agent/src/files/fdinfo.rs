@@ -172,7 +172,7 @@ pub struct InotifyWatchText {
 
 /// Parses a string of hex digit pairs.
 fn hex_bytes(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

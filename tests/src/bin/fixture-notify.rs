@@ -128,10 +128,8 @@ fn read_events() -> Result<Vec<Event>, String> {
 fn setup(dir: &Path) -> Check {
     let set = sigset(libc::SIGUSR1);
     // SAFETY: `set` is a valid sigset; the old mask may be null.
-    ok(
-        unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) }.into(),
-        "sigprocmask",
-    )?;
+    let blocked = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    ok(blocked.into(), "sigprocmask")?;
     for name in ["watched", "gap", "second"] {
         fs::create_dir(dir.join(name)).map_err(|e| format!("mkdir {name}: {e}"))?;
     }
@@ -146,10 +144,8 @@ fn setup(dir: &Path) -> Check {
     let gap = add_watch(&dir.join("gap"), libc::IN_CREATE)?;
     same("wd of gap", gap, 2)?;
     // SAFETY: inotify_rm_watch takes integers.
-    ok(
-        unsafe { libc::inotify_rm_watch(INOTIFY, gap) }.into(),
-        "inotify_rm_watch",
-    )?;
+    let removed = unsafe { libc::inotify_rm_watch(INOTIFY, gap) };
+    ok(removed.into(), "inotify_rm_watch")?;
     same(
         "wd of second",
         add_watch(&dir.join("second"), SECOND_MASK)?,
