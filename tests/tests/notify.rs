@@ -386,3 +386,56 @@ fn an_epoll_watch_on_a_file_open_nowhere_in_the_process_is_refused() {
         "{message}"
     );
 }
+
+/// Watches an image could hold but a checkpoint never writes: refused
+/// before anything is watched.
+#[test]
+fn inconsistent_inotify_watches_in_an_image_are_refused() {
+    persist_tests::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let identity = persist_agent::files::identity_of(std::os::fd::AsFd::as_fd(
+        &fs::File::open(dir.path()).unwrap(),
+    ))
+    .unwrap();
+    let path = dir.path().to_str().unwrap().to_owned();
+    let watch = |wd, mask, path: &str| InotifyWatch {
+        wd,
+        mask,
+        path: path.to_owned(),
+        identity: identity.clone(),
+    };
+    let other = dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let other = other.to_str().unwrap();
+    for (watches, expected) in [
+        (
+            vec![
+                watch(2, libc::IN_CREATE, &path),
+                watch(1, libc::IN_CREATE, other),
+            ],
+            "fd 7: invalid image: inotify watch 1 is not above the one before (2)".to_owned(),
+        ),
+        (
+            vec![watch(1, libc::IN_CREATE, "relative/dir")],
+            "fd 7: invalid image: inotify watch 1: relative/dir is not an absolute path".to_owned(),
+        ),
+        (
+            vec![watch(1, libc::IN_MASK_ADD | libc::IN_CREATE, &path)],
+            format!(
+                "fd 7: invalid image: inotify watch 1: mask {:#x} is not a watch's",
+                libc::IN_MASK_ADD | libc::IN_CREATE
+            ),
+        ),
+    ] {
+        let fds = [FdInfo {
+            fd: 7,
+            cloexec: true,
+            flags: 0,
+            shared_with: None,
+            kind: FdKind::Inotify { watches },
+        }];
+        let err =
+            prepare(&fds, InheritedFds::default(), &PathAccess::default()).expect_err(&expected);
+        assert_eq!(err.to_string(), expected);
+    }
+}

@@ -192,10 +192,10 @@ pub(super) fn create(
     // Charged to the process's user, as its own instance was: not to the
     // agent's root, whose instance limit (128 by default) the host shares.
     let instance = match access.euid {
-        Some(euid) => notify::inotify_charged_to(euid),
-        None => notify::inotify(),
-    }
-    .map_err(FilesError::io(fd, "inotify_init1"))?;
+        Some(euid) => notify::inotify_charged_to(euid)
+            .map_err(FilesError::io(fd, format!("inotify_init1 as uid {euid}")))?,
+        None => notify::inotify().map_err(FilesError::io(fd, "inotify_init1"))?,
+    };
     let mut previous = 0;
     for watch in watches {
         let wd = watch.wd;
@@ -206,6 +206,12 @@ pub(super) fn create(
             ));
         }
         previous = wd;
+        if !watch.path.starts_with('/') {
+            return Err(FilesError::invalid(
+                fd,
+                format!("inotify watch {wd}: {} is not an absolute path", watch.path),
+            ));
+        }
         if watch.mask & !WATCH_MASK != 0 || watch.mask & libc::IN_ALL_EVENTS == 0 {
             return Err(FilesError::invalid(
                 fd,
