@@ -439,3 +439,67 @@ fn inconsistent_inotify_watches_in_an_image_are_refused() {
         assert_eq!(err.to_string(), expected);
     }
 }
+
+/// An HTTP server holding an inotify watch (IN_CREATE) on a directory; each
+/// response lists every event it has read so far, as `wd:name`, or `-`.
+const WATCHING_SERVER: &str = r#"import ctypes, http.server, os, struct, sys
+libc = ctypes.CDLL(None)
+fd = libc.inotify_init1(os.O_NONBLOCK)
+assert libc.inotify_add_watch(fd, sys.argv[2].encode(), 0x100) == 1
+seen = []
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            data = b''
+        at = 0
+        while at < len(data):
+            wd, mask, cookie, size = struct.unpack_from('iIII', data, at)
+            name = data[at + 16:at + 16 + size].rstrip(b'\0').decode()
+            seen.append(f'{wd}:{name}')
+            at += 16 + size
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write((' '.join(seen) or '-').encode())
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+/// A service parked by the daemon and woken twice from its image sees, each
+/// time, the files created in its watched directory after the wake.
+#[test]
+fn a_parked_service_keeps_its_inotify_watch_across_wakes() {
+    persist_tests::require_root!();
+    let sandbox = persist_tests::Sandbox::with_daemon().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let script = scratch.path().join("server.py");
+    fs::write(&script, WATCHING_SERVER).unwrap();
+    let watched = scratch.path().join("watched");
+    fs::create_dir(&watched).unwrap();
+    let command: Vec<String> = [
+        "python3",
+        script.to_str().unwrap(),
+        "8131",
+        watched.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    sandbox.add_ok("watcher", 8131, &[], &command).unwrap();
+    for wake in 1..=2 {
+        // The wake itself; events queued while parked are not the point.
+        sandbox.http_get(8131).unwrap();
+        let name = format!("made-after-wake-{wake}");
+        fs::write(watched.join(&name), "").unwrap();
+        let body = sandbox.http_get(8131).unwrap();
+        assert!(
+            body.split_whitespace()
+                .any(|event| event == format!("1:{name}")),
+            "wake {wake}: the server did not see {name} created: {body:?}\n{}",
+            sandbox.daemon_log()
+        );
+        sandbox.agent_ok(&["park", "watcher"]).unwrap();
+    }
+    assert_eq!(sandbox.service("watcher").unwrap()["wakes"], 2);
+}
