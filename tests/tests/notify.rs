@@ -402,7 +402,7 @@ fn inconsistent_inotify_watches_in_an_image_are_refused() {
         wd,
         mask,
         path: path.to_owned(),
-        identity: identity.clone(),
+        identity,
     };
     let other = dir.path().join("other");
     fs::create_dir(&other).unwrap();
