@@ -376,22 +376,26 @@ fn saves_every_supported_kind_without_consuming_anything() {
             EpollWatch {
                 fd: 12,
                 events: input,
-                data: 0x1200
+                data: 0x1200,
+                file_fd: None,
             },
             EpollWatch {
                 fd: 17,
                 events: input | libc::EPOLLET as u32,
-                data: 0x1700
+                data: 0x1700,
+                file_fd: None,
             },
             EpollWatch {
                 fd: 18,
                 events: input,
-                data: 0x1800
+                data: 0x1800,
+                file_fd: None,
             },
             EpollWatch {
                 fd: 23,
                 events: input,
-                data: 0x2300
+                data: 0x2300,
+                file_fd: None,
             },
         ]
     );
@@ -603,17 +607,17 @@ fn missing_file_is_reported_with_fd_and_path() {
 }
 
 #[test]
-fn inotify_is_refused() {
+fn excluded_descriptors_are_left_out() {
     persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import ctypes, os, sys, time\n\
-        fd = ctypes.CDLL(None).inotify_init()\n\
+        fd = ctypes.CDLL(None).fanotify_init(0, 0)\n\
         os.dup2(fd, 40); os.close(fd)\n\
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
     let python = start_python(dir.path(), script);
-    let err = save(python.pid()).expect_err("inotify must be refused");
-    assert_eq!(err.to_string(), "fd 40: inotify is not supported");
+    let err = save(python.pid()).expect_err("fanotify must be refused");
+    assert_eq!(err.to_string(), "fd 40: fanotify is not supported");
     // A descriptor persist itself placed can be left out.
     let pidfd = PidFd::open(python.pid()).unwrap();
     let fds = save_fds_excluding(python.pid(), &pidfd, &[40]).expect("fd 40 left out");
@@ -927,12 +931,12 @@ fn pipe_ends_with_the_other_end_outside() {
     assert_eq!(result(dir.path()), "OK");
 }
 
+/// The watch stays while the pipe is still open through the dup, keyed by
+/// the number it was added with: it is saved with the dup as its holder.
 #[test]
-fn epoll_watch_of_a_closed_descriptor_is_refused() {
+fn epoll_watch_of_a_closed_descriptor_is_saved_with_its_holder() {
     persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
-    // The watch stays while the pipe is still open through the dup, but its
-    // number is gone: it could not be re-added under that number.
     let script = "import os, select, sys, time\n\
         r, w = os.pipe()\n\
         os.dup2(r, 60); os.close(r)\n\
@@ -942,10 +946,17 @@ fn epoll_watch_of_a_closed_descriptor_is_refused() {
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
     let python = start_python(dir.path(), script);
-    let err = save(python.pid()).expect_err("a stale epoll watch must be refused");
+    let fds = save(python.pid()).expect("save_fds");
+    let FdKind::Epoll { watches } = &by_fd(&fds, 61).kind else {
+        panic!("fd 61: {:?}", by_fd(&fds, 61));
+    };
     assert_eq!(
-        err.to_string(),
-        "fd 61: epoll watches fd 60, which was closed after being added"
+        watches
+            .iter()
+            .map(|w| (w.fd, w.file_fd))
+            .collect::<Vec<_>>(),
+        vec![(60, Some(62))],
+        "the watch added as fd 60, held through fd 62"
     );
 }
 

@@ -9,7 +9,7 @@ use persist_common::image::{FdInfo, FdKind};
 use super::FilesError;
 use super::fdinfo::FdInfoText;
 use super::listed::Listed;
-use super::{epoll, eventfd, inet, memfd, pipe, regular, signalfd, timerfd, unix};
+use super::{epoll, eventfd, inet, inotify, memfd, pipe, regular, signalfd, timerfd, unix};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
 
@@ -33,7 +33,10 @@ use crate::sys::pidfd::PidFd;
 ///   reused by another session in between);
 /// - pipes and FIFOs with their unread data, both ends or one end present;
 /// - eventfd, timerfd (settings, remaining time, unread ticks), signalfd,
-///   epoll (every watch with its events and data);
+///   epoll (every watch with its events and data, also one whose descriptor
+///   was closed while its file stays open through another);
+/// - inotify (every watch by path, with its mask and watch descriptor;
+///   events not yet read are not kept);
 /// - memfds (name, size, seals, and contents unless the process maps it:
 ///   mapped pages are saved with the memory);
 /// - listening TCP sockets (IPv4/IPv6, `SO_REUSEADDR`, `SO_REUSEPORT`,
@@ -48,7 +51,7 @@ use crate::sys::pidfd::PidFd;
 ///
 /// Everything else is refused with [`FilesError::Unsupported`] naming the
 /// descriptor, e.g. `fd 7: established TCP connection 127.0.0.1:5000 ->
-/// 127.0.0.1:41234 cannot be checkpointed` or `fd 5: inotify is not supported`.
+/// 127.0.0.1:41234 cannot be checkpointed` or `fd 5: fanotify is not supported`.
 pub fn save_fds(pid: i32, pidfd: &PidFd) -> Result<Vec<FdInfo>, FilesError> {
     save_fds_excluding(pid, pidfd, &[])
 }
@@ -104,7 +107,7 @@ pub fn save_fds_excluding(
             kind,
         });
     }
-    epoll::check_epoll_targets(&listed)?;
+    epoll::find_watched_files(pid, &listed, &mut saved)?;
     Ok(saved)
 }
 
@@ -236,7 +239,7 @@ fn classify(
         return socket(pid, pidfd, entry, listed);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
-        return anon_inode(fd, name, &entry.info);
+        return anon_inode(pid, fd, name, &entry.info);
     }
     if let Some(name) = target.strip_prefix("/memfd:") {
         return memfd::save(pid, pidfd, entry, name, mapped_memfds, memfd_contents_saved);
@@ -250,14 +253,15 @@ fn classify(
     regular::save(pid, entry, listed)
 }
 
-/// eventfd, timerfd, signalfd, epoll; everything else on anon_inode is refused.
-fn anon_inode(fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesError> {
+/// eventfd, timerfd, signalfd, epoll, inotify; everything else on anon_inode
+/// is refused.
+fn anon_inode(pid: i32, fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesError> {
     match name {
         "[eventfd]" => eventfd::save(fd, info),
         "[timerfd]" => timerfd::save(fd, info),
         "[signalfd]" => signalfd::save(fd, info),
         "[eventpoll]" => epoll::save(fd, info),
-        "inotify" => Err(FilesError::unsupported(fd, "inotify is not supported")),
+        "inotify" => inotify::save(pid, fd, info),
         "[fanotify]" => Err(FilesError::unsupported(fd, "fanotify is not supported")),
         "[io_uring]" => Err(FilesError::unsupported(fd, "io_uring is not supported")),
         "[perf_event]" => Err(FilesError::unsupported(fd, "perf_event is not supported")),

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod fdops;
 pub mod fscreds;
 pub mod kobjects;
+pub mod notify;
 pub mod pidfd;
 pub mod procmem;
 pub mod ptrace;

@@ -84,11 +84,13 @@
 //! never needed to restore.
 
 mod error;
+mod inotify;
 mod io;
 mod manifest;
 mod working_set;
 
 pub use error::ImageError;
+pub use inotify::InotifyWatch;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use working_set::{
