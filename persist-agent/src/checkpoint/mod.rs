@@ -37,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use persist_common::image::{Image, ImageError, ImageWriter, Manifest, PAGE_SIZE};
 
+use crate::files::{RepairedConnections, SavedFds};
 use crate::host;
 use crate::sys::cpu;
 use crate::sys::pidfd::PidFd;
@@ -465,13 +466,18 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     let journal = Journal::begin(options.recovery_file.as_deref(), pid, !stopped_before)?;
     let frozen_at = Instant::now();
     let frozen = Frozen::freeze(pid, &pidfd, !stopped_before, under_seccomp)?;
-    let (mut manifest, writer, stats) =
+    // Dropped on an error, the connections leave repair mode and the
+    // process runs on with them as they were.
+    let (mut manifest, writer, stats, connections) =
         save(pid, &frozen, &pidfd, options, base_pages.as_ref(), &journal)?;
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
         // Everything is saved in memory: let the process go on while the
         // image is synced to disk.
+        connections
+            .resume()
+            .map_err(|source| CheckpointError::Files { pid, source })?;
         frozen.release()?;
         frozen_for = frozen_at.elapsed();
         writer.finish(&mut manifest).map_err(image_error)?;
@@ -480,6 +486,9 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         writer.finish(&mut manifest).map_err(image_error)?;
         frozen_for = frozen_at.elapsed();
         frozen.kill(&pidfd)?;
+        // Its connections end here without a word to their peers, for the
+        // restored process to take them over.
+        connections.close_silently();
     }
     Ok(CheckpointSummary {
         pid,
@@ -537,7 +546,8 @@ struct SaveStats {
 }
 
 /// Saves everything of the frozen process into a new image writer (a
-/// delta of `base`, if given).
+/// delta of `base`, if given). Its established TCP connections are handed
+/// back in repair mode.
 fn save(
     pid: i32,
     frozen: &Frozen,
@@ -545,7 +555,7 @@ fn save(
     options: &CheckpointOptions,
     base: Option<&BasePages>,
     journal: &Journal,
-) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
+) -> Result<(Manifest, ImageWriter, SaveStats, RepairedConnections), CheckpointError> {
     let image_error = |source| CheckpointError::Image { pid, source };
     // Checked once frozen: no child can be forked meanwhile.
     let children = children(pid)?;
@@ -584,7 +594,7 @@ fn save(
         .collect::<Result<Vec<_>, _>>()?;
     let mut process = process::save_process(pid, &mem, syscall_at, journal)?;
     process.seccomp_filters = seccomp.filters;
-    let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
+    let SavedFds { fds, connections } = save_fds(pid, pidfd, &options.exclude_fds)?;
 
     let manifest = Manifest {
         kernel: host::kernel_info(),
@@ -609,6 +619,7 @@ fn save(
             pages_reused: dumped.pages_reused,
             time: memory_time,
         },
+        connections,
     ))
 }
 
@@ -632,12 +643,8 @@ pub fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
 }
 
 /// File descriptors, saved by [`crate::files`] while the process is frozen.
-fn save_fds(
-    pid: i32,
-    pidfd: &PidFd,
-    exclude: &[i32],
-) -> Result<Vec<persist_common::image::FdInfo>, CheckpointError> {
-    crate::files::save_fds_excluding(pid, pidfd, exclude)
+fn save_fds(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, CheckpointError> {
+    crate::files::save_fds_holding(pid, pidfd, exclude)
         .map_err(|source| CheckpointError::Files { pid, source })
 }
 
