@@ -242,7 +242,8 @@ pub enum RecoverError {
 
 /// Undoes the checkpoint recorded in `file` by an agent that died: puts back
 /// the registers, signal mask and scratch bytes of every thread listed,
-/// detaches, and continues the process if the checkpoint stopped it. A
+/// takes its TCP connections out of repair mode, detaches, and continues
+/// the process if the checkpoint stopped it. A
 /// process that is gone needs nothing. The file is removed once undone.
 pub fn recover(file: &Path) -> Result<Recovered, RecoverError> {
     let bytes = read_trusted_file(file, MAX_RECOVERY_BYTES).map_err(RecoverError::Untrusted)?;
@@ -287,6 +288,10 @@ pub fn recover(file: &Path) -> Result<Recovered, RecoverError> {
             put_back(pid, thread, &regs, &mem)?;
         }
     }
+    // The dead agent may have held the process's connections in repair
+    // mode, where they would neither send nor take data.
+    crate::files::leave_repair_mode_of(pid, &pidfd)
+        .map_err(|source| CheckpointError::Files { pid, source })?;
     if record.resume {
         pidfd
             .send_signal(nix::sys::signal::Signal::SIGCONT)

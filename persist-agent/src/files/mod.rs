@@ -55,7 +55,7 @@ pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
 pub use save::{SavedFds, save_fds, save_fds_excluding, save_fds_holding};
-pub use tcp_repair::RepairedConnections;
+pub use tcp_repair::{RepairedConnections, leave_repair_mode_of};
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

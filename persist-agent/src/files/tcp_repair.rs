@@ -31,6 +31,7 @@ use persist_common::image::{FdKind, SocketOption, TcpConnection, TcpWindow};
 use super::FilesError;
 use super::inet::inet_addr;
 use crate::sys::kobjects;
+use crate::sys::pidfd::PidFd;
 use crate::sys::tcp_repair::{self as repair, RepairWindow};
 
 /// `tcpi_state` of an established connection.
@@ -123,6 +124,48 @@ impl Drop for RepairedConnections {
             }
         }
     }
+}
+
+/// Takes every TCP socket of process `pid` that is in repair mode out of
+/// it: after an agent died while it held the process's connections so,
+/// before the process runs again. `SO_REUSEADDR`, which leaving repair mode
+/// clears, cannot be put back (the dead agent knew it); an established
+/// connection only needs it to share its port with a new bind. Returns how
+/// many sockets were in repair mode.
+pub fn leave_repair_mode_of(pid: i32, pidfd: &PidFd) -> Result<usize, FilesError> {
+    let fds = procfs::process::Process::new(pid)
+        .and_then(|process| process.fd())
+        .map_err(|source| FilesError::Proc {
+            pid,
+            path: format!("/proc/{pid}/fd"),
+            source: std::io::Error::other(source),
+        })?;
+    let mut repaired = 0;
+    for entry in fds.flatten() {
+        if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
+            continue;
+        }
+        let fd = entry.fd;
+        let Ok(sock) = pidfd.get_fd(fd) else {
+            continue; // closed since the listing
+        };
+        let int = |level, name| kobjects::sockopt_int(sock.as_fd(), level, name).ok();
+        let tcp = matches!(
+            int(libc::SOL_SOCKET, libc::SO_DOMAIN),
+            Some(libc::AF_INET | libc::AF_INET6)
+        ) && int(libc::SOL_SOCKET, libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP);
+        if tcp && int(libc::IPPROTO_TCP, libc::TCP_REPAIR) == Some(REPAIR_ON) {
+            kobjects::set_sockopt_int(
+                sock.as_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_REPAIR,
+                repair::REPAIR_OFF_NO_WINDOW_PROBE,
+            )
+            .map_err(FilesError::io(fd, "leaving TCP repair mode"))?;
+            repaired += 1;
+        }
+    }
+    Ok(repaired)
 }
 
 fn leave_repair(held: &Held) -> Result<(), FilesError> {
