@@ -220,7 +220,7 @@ fn redis_replica_keeps_its_master_link_across_a_restore() {
     // The master pings its replicas every 10 s by default: a ping that
     // arrives while no socket holds the replica's end is answered with a
     // reset. Rare pings keep the test about the restore.
-    let _master = start(
+    let mut master = start(
         &mut ns,
         redis_server_command(master_port),
         &["--repl-ping-replica-period", "3600"],
@@ -298,4 +298,6 @@ fn redis_replica_keeps_its_master_link_across_a_restore() {
     );
     assert_eq!(ns.cli(replica_port, &["GET", "before"]), "1");
     kill_and_wait_dead(restored);
+    let _ = master.kill();
+    master.wait().unwrap();
 }
