@@ -86,6 +86,12 @@ pub struct CheckpointOptions {
     /// dies (root-only, removed when the checkpoint ends either way): the
     /// process then stays stopped until [`recover`] is given this file.
     pub recovery_file: Option<PathBuf>,
+    /// The ports the process serves clients on: an established connection
+    /// whose local port is one of them is a client still connected, and is
+    /// refused as [`CheckpointError::ClientConnected`] instead of saved (the
+    /// daemon does not park a service while a client is connected). Other
+    /// established connections are saved with `TCP_REPAIR`.
+    pub client_ports: Vec<u16>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -383,6 +389,24 @@ pub enum CheckpointError {
         /// The error.
         source: ImageError,
     },
+    /// A client is still connected to a port the process serves on
+    /// ([`CheckpointOptions::client_ports`]).
+    #[error(
+        "pid {pid}: fd {fd}: established TCP connection {local} -> {peer} is a client of port \
+         {port}: not checkpointed while clients are connected"
+    )]
+    ClientConnected {
+        /// The process.
+        pid: i32,
+        /// The connection's descriptor.
+        fd: i32,
+        /// Its local address.
+        local: String,
+        /// The client's address.
+        peer: String,
+        /// The served port.
+        port: u16,
+    },
     /// SIGKILL could not be sent.
     #[error("pid {pid}: sending SIGKILL: {source}")]
     Kill {
@@ -595,6 +619,7 @@ fn save(
     let mut process = process::save_process(pid, &mem, syscall_at, journal)?;
     process.seccomp_filters = seccomp.filters;
     let SavedFds { fds, connections } = save_fds(pid, pidfd, &options.exclude_fds)?;
+    refuse_clients(pid, &fds, &options.client_ports)?;
 
     let manifest = Manifest {
         kernel: host::kernel_info(),
@@ -646,6 +671,35 @@ pub fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
 fn save_fds(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, CheckpointError> {
     crate::files::save_fds_holding(pid, pidfd, exclude)
         .map_err(|source| CheckpointError::Files { pid, source })
+}
+
+/// Refuses a connection of a client to one of `ports` among `fds`.
+fn refuse_clients(
+    pid: i32,
+    fds: &[persist_common::image::FdInfo],
+    ports: &[u16],
+) -> Result<(), CheckpointError> {
+    for info in fds {
+        let persist_common::image::FdKind::TcpConnection(connection) = &info.kind else {
+            continue;
+        };
+        let port = connection
+            .local
+            .parse::<std::net::SocketAddr>()
+            .map(|local| local.port())
+            .ok()
+            .filter(|port| ports.contains(port));
+        if let Some(port) = port {
+            return Err(CheckpointError::ClientConnected {
+                pid,
+                fd: info.fd,
+                local: connection.local.clone(),
+                peer: connection.peer.clone(),
+                port,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What [`preflight`] found out about the process.
@@ -742,6 +796,7 @@ mod tests {
             base: None,
             agent_files: Vec::new(),
             recovery_file: None,
+            client_ports: Vec::new(),
         }
     }
 

@@ -576,3 +576,85 @@ pub(super) fn finish(
         &what("sending the unsent data"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection() -> TcpConnection {
+        TcpConnection {
+            local: "127.0.0.1:41234".to_owned(),
+            peer: "127.0.0.1:6379".to_owned(),
+            send_seq: 1,
+            recv_seq: 2,
+            send_queue: b"abc".to_vec(),
+            send_unsent: 1,
+            recv_queue: Vec::new(),
+            mss: 1460,
+            window_scale: Some((7, 7)),
+            sack: true,
+            timestamp: None,
+            window: TcpWindow::default(),
+            buffers: (0, 0),
+            reuseaddr: false,
+            v6only: false,
+            options: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn impossible_saved_connections_are_refused_before_any_socket_exists() {
+        assert!(parse(3, &connection()).is_ok());
+        for (what, bad) in [
+            (
+                "different families",
+                TcpConnection {
+                    peer: "[::1]:6379".to_owned(),
+                    ..connection()
+                },
+            ),
+            (
+                "port 0",
+                TcpConnection {
+                    local: "127.0.0.1:0".to_owned(),
+                    ..connection()
+                },
+            ),
+            (
+                "more unsent bytes than queued",
+                TcpConnection {
+                    send_unsent: 4,
+                    ..connection()
+                },
+            ),
+            (
+                "segment size out of range",
+                TcpConnection {
+                    mss: 0,
+                    ..connection()
+                },
+            ),
+            (
+                "window scale above 14",
+                TcpConnection {
+                    window_scale: Some((15, 0)),
+                    ..connection()
+                },
+            ),
+            (
+                "bad TCP connection address",
+                TcpConnection {
+                    local: "nowhere".to_owned(),
+                    ..connection()
+                },
+            ),
+        ] {
+            let err = parse(3, &bad).expect_err(what).to_string();
+            assert!(
+                err.starts_with("fd 3: invalid image: ")
+                    && err.contains(what.split(' ').next().unwrap()),
+                "{what}: {err}"
+            );
+        }
+    }
+}

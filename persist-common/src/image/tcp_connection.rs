@@ -70,3 +70,46 @@ pub struct TcpWindow {
     /// `rcv_nxt` when our window was last advertised.
     pub rcv_wup: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::FdKind;
+    use super::*;
+
+    #[test]
+    fn a_connection_reads_back_as_written_with_its_queues_in_base64() {
+        let kind = FdKind::TcpConnection(TcpConnection {
+            local: "127.0.0.1:41234".to_owned(),
+            peer: "127.0.0.1:6379".to_owned(),
+            send_seq: u32::MAX - 2,
+            recv_seq: 7,
+            send_queue: b"PING\r\n".to_vec(),
+            send_unsent: 2,
+            recv_queue: vec![0, 255, 10],
+            mss: 65483,
+            window_scale: Some((7, 7)),
+            sack: true,
+            timestamp: Some(123_456),
+            window: TcpWindow {
+                snd_wl1: 1,
+                snd_wnd: 2,
+                max_window: 3,
+                rcv_wnd: 4,
+                rcv_wup: 5,
+            },
+            buffers: (2_626_560, 131_072),
+            reuseaddr: false,
+            v6only: false,
+            options: vec![SocketOption {
+                level: 6,
+                name: 1,
+                value: 1,
+            }],
+        });
+        let json = serde_json::to_value(&kind).unwrap();
+        assert_eq!(json["kind"], "tcp_connection", "{json}");
+        assert_eq!(json["send_queue"], "UElORw0K", "{json}");
+        let back: FdKind = serde_json::from_value(json).unwrap();
+        assert_eq!(back, kind);
+    }
+}
