@@ -1,13 +1,14 @@
 //! Established TCP connections checkpointed and restored with TCP_REPAIR:
 //! both ends of a connection holding unread data, each restored twice from
-//! one image, and a redis replica that keeps its link to its master.
+//! one image, a redis replica that keeps its link to its master, and an
+//! `--on-idle keep` service that keeps its outbound connection across parks.
 
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use persist_tests::{NetNs, binary, redis_server_command, run_ok, wait_until};
+use persist_tests::{NetNs, Sandbox, binary, redis_server_command, run_ok, wait_until};
 
 /// Processes a test started (or restored), SIGKILLed on drop.
 #[derive(Default)]
@@ -300,4 +301,120 @@ fn redis_replica_keeps_its_master_link_across_a_restore() {
     kill_and_wait_dead(restored);
     let _ = master.kill();
     master.wait().unwrap();
+}
+
+/// Echoes every line back on each connection (one thread a connection).
+const ECHO_SERVER: &str = r#"import socketserver, sys
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+            self.wfile.flush()
+socketserver.ThreadingTCPServer(('127.0.0.1', int(sys.argv[1])), Echo).serve_forever()
+"#;
+
+/// An HTTP server with one outbound connection, opened at start, to the
+/// echo server: each GET sends `ping N` over it (N counts requests) and
+/// answers with the echo and the connection's local port.
+const PROXY_SERVICE: &str = r#"import http.server, socket, sys
+port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
+upstream = socket.create_connection(('127.0.0.1', upstream_port))
+count = 0
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global count
+        count += 1
+        upstream.sendall(f'ping {count}\n'.encode())
+        reply = b''
+        while not reply.endswith(b'\n'):
+            chunk = upstream.recv(100)
+            if not chunk:
+                raise SystemExit('the upstream connection closed')
+            reply += chunk
+        body = f'{reply.decode().strip()} via {upstream.getsockname()[1]}'.encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(('127.0.0.1', port), Handler).serve_forever()
+"#;
+
+/// `(N, local port)` of a proxy answer `ping N via PORT`.
+fn proxy_answer(body: &str) -> (u32, u16) {
+    let parsed = body
+        .strip_prefix("ping ")
+        .and_then(|rest| rest.split_once(" via "))
+        .and_then(|(count, port)| Some((count.parse().ok()?, port.trim().parse().ok()?)));
+    parsed.unwrap_or_else(|| panic!("not a proxy answer: {body:?}"))
+}
+
+/// An `--on-idle keep` service with an outbound connection parks with it
+/// kept, twice, and every wake goes on over the same connection: the
+/// request count goes on and the local port stays. (Before TCP_REPAIR, the
+/// park was refused: the connection could not be checkpointed.)
+#[test]
+fn a_kept_service_goes_on_over_its_outbound_connection_after_each_wake() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let (port, echo_port) = (18431, 18432);
+    let echo = sandbox
+        .netns
+        .command("python3")
+        .args(["-c", ECHO_SERVER, &echo_port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    sandbox.track_pid(echo.id() as i32);
+    let listening = || {
+        sandbox
+            .netns
+            .enter(|| std::net::TcpStream::connect(("127.0.0.1", echo_port)).is_ok())
+            .unwrap_or(false)
+    };
+    wait_until(Duration::from_secs(20), listening).unwrap();
+
+    let command: Vec<String> = [
+        "python3",
+        "-c",
+        PROXY_SERVICE,
+        &port.to_string(),
+        &echo_port.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    sandbox
+        .add_ok(
+            "proxy",
+            port,
+            &["--on-idle", "keep", "--ready", "http:/"],
+            &command,
+        )
+        .unwrap();
+    let (first, upstream_port) = proxy_answer(&sandbox.http_get(port).unwrap());
+
+    let mut expected = first;
+    for park in 1..=2 {
+        let parked = sandbox.agent(&["park", "proxy"]);
+        assert!(
+            parked.status.success(),
+            "park {park} keeps the outbound connection: {}\n{}",
+            String::from_utf8_lossy(&parked.stderr),
+            sandbox.daemon_log()
+        );
+        let service = sandbox.service("proxy").unwrap();
+        assert_eq!(service["state"], "parked", "{service}");
+        assert!(service["error"].is_null(), "{service}");
+
+        expected += 1;
+        let body = sandbox.http_get(port).unwrap();
+        assert_eq!(
+            proxy_answer(&body),
+            (expected, upstream_port),
+            "after wake {park}, the request count goes on over the same connection"
+        );
+    }
 }
