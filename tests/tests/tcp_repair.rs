@@ -359,7 +359,7 @@ fn a_kept_service_goes_on_over_its_outbound_connection_after_each_wake() {
     persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let (port, echo_port) = (18431, 18432);
-    let echo = sandbox
+    let mut echo = sandbox
         .netns
         .command("python3")
         .args(["-c", ECHO_SERVER, &echo_port.to_string()])
@@ -417,4 +417,7 @@ fn a_kept_service_goes_on_over_its_outbound_connection_after_each_wake() {
             "after wake {park}, the request count goes on over the same connection"
         );
     }
+    drop(sandbox);
+    let _ = echo.kill();
+    echo.wait().unwrap();
 }
