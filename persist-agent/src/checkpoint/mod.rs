@@ -47,7 +47,7 @@ use freeze::Frozen;
 use memory::BasePages;
 use recovery::Journal;
 
-pub use recovery::{PAUSE_ENV, RecoverError, Recovered, recover};
+pub use recovery::{PAUSE_AFTER_SAVE_ENV, PAUSE_ENV, RecoverError, Recovered, recover};
 pub use threads::resume_registers;
 
 /// `PF_KTHREAD` in the flags of /proc/PID/stat.
@@ -494,6 +494,7 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     // process runs on with them as they were.
     let (mut manifest, writer, stats, connections) =
         save(pid, &frozen, &pidfd, options, base_pages.as_ref(), &journal)?;
+    journal.pause_after_save_for_tests();
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
