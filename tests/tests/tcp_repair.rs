@@ -61,7 +61,8 @@ impl Ns {
     fn checkpoint(&self, child: &mut Child, image: &Path) -> Result<()> {
         let pid = child.id().to_string();
         let image = image.to_str().context("image path")?;
-        self.agent(&["checkpoint", "--pid", &pid, "--image", image])?;
+        let output = self.agent(&["checkpoint", "--pid", &pid, "--image", image])?;
+        eprintln!("{}", String::from_utf8_lossy(&output.stdout).trim());
         child.wait()?;
         Ok(())
     }
@@ -169,6 +170,12 @@ fn both_ends_of_a_connection_restore_twice_from_one_image() {
             _ => None,
         })
         .expect("the client's image has its connection");
+    eprintln!(
+        "client image: {} bytes received unread, {} to send ({} never sent)",
+        queued.recv_queue.len(),
+        queued.send_queue.len(),
+        queued.send_unsent
+    );
     assert!(
         !queued.recv_queue.is_empty() && !queued.send_queue.is_empty(),
         "the client's image holds data in both queues: {} received, {} to send",
