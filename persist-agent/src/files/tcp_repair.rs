@@ -51,6 +51,10 @@ const CONNECTION_OPTIONS: [(i32, i32, &str); 6] = [
     ),
 ];
 
+/// Reads of the receive queue's end and size before giving up on a peer
+/// that keeps sending.
+const READ_TRIES: usize = 100;
+
 /// Largest window scale shift TCP allows (RFC 7323).
 const MAX_WINDOW_SCALE: u8 = 14;
 
@@ -245,13 +249,24 @@ pub(super) fn save(
     // arriving moves the end of the receive queue, so its size and end are
     // read until they agree.
     set_queue(repair::RECV_QUEUE)?;
-    let (recv_end, sizes) = loop {
+    let mut agreed = None;
+    for _ in 0..READ_TRIES {
         let before = queue_seq()?;
         let sizes = repair::queue_sizes(sock).map_err(FilesError::io(fd, what("queue sizes")))?;
         if queue_seq()? == before {
-            break (before as u32, sizes);
+            agreed = Some((before as u32, sizes));
+            break;
         }
-    };
+    }
+    let (recv_end, sizes) = agreed.ok_or_else(|| {
+        FilesError::unsupported(
+            fd,
+            format!(
+                "{}: data kept arriving while it was read",
+                what("receive queue")
+            ),
+        )
+    })?;
     let recv_queue = peek_queue(fd, sock, sizes.inq as usize, &what)?;
     if recv_queue.len() != sizes.inq as usize {
         return Err(FilesError::unsupported(
