@@ -54,6 +54,7 @@ fn main() -> Result<()> {
         base: None,
         agent_files: Vec::new(),
         recovery_file: None,
+        client_ports: Vec::new(),
     })?;
     counter.wait()?;
     let last_before = last_count(&output)?;

@@ -332,6 +332,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 base,
                 agent_files: Vec::new(),
                 recovery_file,
+                // Everything is saved: the caller knows its process.
+                client_ports: Vec::new(),
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;

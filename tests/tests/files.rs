@@ -78,6 +78,13 @@ fn start_fixture(dir: &Path, port: u16) -> Started {
 
 /// Starts `python3 -c script dir`, waiting for it to write `dir/ready`.
 fn start_python(dir: &Path, script: &str) -> Started {
+    let started = start_python_without_waiting(dir, script);
+    wait_until_ready(&started, dir, "python3");
+    started
+}
+
+/// Starts `python3 -c script dir`.
+fn start_python_without_waiting(dir: &Path, script: &str) -> Started {
     let child = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -87,9 +94,7 @@ fn start_python(dir: &Path, script: &str) -> Started {
         .stderr(Stdio::null())
         .spawn()
         .expect("start python3");
-    let started = Started { child };
-    wait_until_ready(&started, dir, "python3");
-    started
+    Started { child }
 }
 
 /// Waits until `started` has written `dir/ready` and closed it again: its
@@ -624,26 +629,70 @@ fn excluded_descriptors_are_left_out() {
     assert!(fds.iter().all(|f| f.fd != 40));
 }
 
+/// Saving the descriptors of a running process takes its connection out of
+/// repair mode again, untouched: its queues are read, not consumed, and it
+/// goes on working. A connection that is no longer established (here in
+/// CLOSE_WAIT, its peer gone) is refused by name.
 #[test]
-fn established_tcp_connection_is_refused() {
+fn established_tcp_connection_is_saved_and_left_working() {
     persist_tests::require_root!();
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let script = format!(
         "import os, socket, sys, time\n\
          s = socket.create_connection(('127.0.0.1', {port}))\n\
+         s.sendall(b'to-server')\n\
          os.dup2(s.fileno(), 41); s.close()\n\
+         time.sleep(0.2)\n\
          open(sys.argv[1] + '/ready', 'w').close()\n\
          time.sleep(60)\n"
     );
-    let python = start_python(dir.path(), &script);
-    let (_server_side, client) = listener.accept().unwrap();
-    let err = save(python.pid()).expect_err("an established connection must be refused");
+    let python = start_python_without_waiting(dir.path(), &script);
+    let (mut server_side, client) = listener.accept().unwrap();
+    server_side.write_all(b"unread").unwrap();
+    wait_until_ready(&python, dir.path(), "python3");
+
+    let fds = save(python.pid()).expect("an established connection is saved");
+    let FdKind::TcpConnection(saved) = &by_fd(&fds, 41).kind else {
+        panic!("fd 41 saved as {:?}", by_fd(&fds, 41).kind);
+    };
+    assert_eq!(saved.local, client.to_string(), "local address");
+    assert_eq!(saved.peer, format!("127.0.0.1:{port}"), "peer address");
+    assert_eq!(saved.recv_queue, b"unread", "the unread bytes are saved");
+    assert!(
+        saved.send_queue.is_empty(),
+        "the peer acknowledged everything"
+    );
+
+    let sock = PidFd::open(python.pid()).unwrap().get_fd(41).unwrap();
+    let repair = persist_agent::sys::kobjects::sockopt_int(
+        std::os::fd::AsFd::as_fd(&sock),
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+    )
+    .unwrap();
+    assert_eq!(repair, 0, "the connection left repair mode");
+    let mut buf = [0u8; 9];
+    server_side.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"to-server", "the connection still carries its data");
+
+    drop(server_side);
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match save(python.pid()) {
+            Err(err) => break err,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) => panic!("a connection whose peer closed must be refused"),
+        }
+    };
     assert_eq!(
         err.to_string(),
         format!(
-            "fd 41: established TCP connection {client} -> 127.0.0.1:{port} cannot be checkpointed"
+            "fd 41: TCP connection {client} -> 127.0.0.1:{port} in state CLOSE_WAIT cannot be \
+             checkpointed"
         )
     );
 }

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use persist_common::image::{Image, ImageError, ImageWriter, Manifest, PAGE_SIZE};
 
+use crate::files::{RepairedConnections, SavedFds};
 use crate::host;
 use crate::sys::cpu;
 use crate::sys::pidfd::PidFd;
@@ -46,7 +47,7 @@ use freeze::Frozen;
 use memory::BasePages;
 use recovery::Journal;
 
-pub use recovery::{PAUSE_ENV, RecoverError, Recovered, recover};
+pub use recovery::{PAUSE_AFTER_SAVE_ENV, PAUSE_ENV, RecoverError, Recovered, recover};
 pub use threads::resume_registers;
 
 /// `PF_KTHREAD` in the flags of /proc/PID/stat.
@@ -85,6 +86,12 @@ pub struct CheckpointOptions {
     /// dies (root-only, removed when the checkpoint ends either way): the
     /// process then stays stopped until [`recover`] is given this file.
     pub recovery_file: Option<PathBuf>,
+    /// The ports the process serves clients on: an established connection
+    /// whose local port is one of them is a client still connected, and is
+    /// refused as [`CheckpointError::ClientConnected`] instead of saved (the
+    /// daemon does not park a service while a client is connected). Other
+    /// established connections are saved with `TCP_REPAIR`.
+    pub client_ports: Vec<u16>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -382,6 +389,24 @@ pub enum CheckpointError {
         /// The error.
         source: ImageError,
     },
+    /// A client is still connected to a port the process serves on
+    /// ([`CheckpointOptions::client_ports`]).
+    #[error(
+        "pid {pid}: fd {fd}: established TCP connection {local} -> {peer} is a client of port \
+         {port}: not checkpointed while clients are connected"
+    )]
+    ClientConnected {
+        /// The process.
+        pid: i32,
+        /// The connection's descriptor.
+        fd: i32,
+        /// Its local address.
+        local: String,
+        /// The client's address.
+        peer: String,
+        /// The served port.
+        port: u16,
+    },
     /// SIGKILL could not be sent.
     #[error("pid {pid}: sending SIGKILL: {source}")]
     Kill {
@@ -465,13 +490,19 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     let journal = Journal::begin(options.recovery_file.as_deref(), pid, !stopped_before)?;
     let frozen_at = Instant::now();
     let frozen = Frozen::freeze(pid, &pidfd, !stopped_before, under_seccomp)?;
-    let (mut manifest, writer, stats) =
+    // Dropped on an error, the connections leave repair mode and the
+    // process runs on with them as they were.
+    let (mut manifest, writer, stats, connections) =
         save(pid, &frozen, &pidfd, options, base_pages.as_ref(), &journal)?;
+    journal.pause_after_save_for_tests();
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
         // Everything is saved in memory: let the process go on while the
         // image is synced to disk.
+        connections
+            .resume()
+            .map_err(|source| CheckpointError::Files { pid, source })?;
         frozen.release()?;
         frozen_for = frozen_at.elapsed();
         writer.finish(&mut manifest).map_err(image_error)?;
@@ -480,6 +511,9 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         writer.finish(&mut manifest).map_err(image_error)?;
         frozen_for = frozen_at.elapsed();
         frozen.kill(&pidfd)?;
+        // Its connections end here without a word to their peers, for the
+        // restored process to take them over.
+        connections.close_silently();
     }
     Ok(CheckpointSummary {
         pid,
@@ -537,7 +571,8 @@ struct SaveStats {
 }
 
 /// Saves everything of the frozen process into a new image writer (a
-/// delta of `base`, if given).
+/// delta of `base`, if given). Its established TCP connections are handed
+/// back in repair mode.
 fn save(
     pid: i32,
     frozen: &Frozen,
@@ -545,7 +580,7 @@ fn save(
     options: &CheckpointOptions,
     base: Option<&BasePages>,
     journal: &Journal,
-) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
+) -> Result<(Manifest, ImageWriter, SaveStats, RepairedConnections), CheckpointError> {
     let image_error = |source| CheckpointError::Image { pid, source };
     // Checked once frozen: no child can be forked meanwhile.
     let children = children(pid)?;
@@ -584,7 +619,8 @@ fn save(
         .collect::<Result<Vec<_>, _>>()?;
     let mut process = process::save_process(pid, &mem, syscall_at, journal)?;
     process.seccomp_filters = seccomp.filters;
-    let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
+    let SavedFds { fds, connections } = save_fds(pid, pidfd, &options.exclude_fds)?;
+    refuse_clients(pid, &fds, &options.client_ports)?;
 
     let manifest = Manifest {
         kernel: host::kernel_info(),
@@ -609,6 +645,7 @@ fn save(
             pages_reused: dumped.pages_reused,
             time: memory_time,
         },
+        connections,
     ))
 }
 
@@ -632,13 +669,38 @@ pub fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
 }
 
 /// File descriptors, saved by [`crate::files`] while the process is frozen.
-fn save_fds(
-    pid: i32,
-    pidfd: &PidFd,
-    exclude: &[i32],
-) -> Result<Vec<persist_common::image::FdInfo>, CheckpointError> {
-    crate::files::save_fds_excluding(pid, pidfd, exclude)
+fn save_fds(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, CheckpointError> {
+    crate::files::save_fds_holding(pid, pidfd, exclude)
         .map_err(|source| CheckpointError::Files { pid, source })
+}
+
+/// Refuses a connection of a client to one of `ports` among `fds`.
+fn refuse_clients(
+    pid: i32,
+    fds: &[persist_common::image::FdInfo],
+    ports: &[u16],
+) -> Result<(), CheckpointError> {
+    for info in fds {
+        let persist_common::image::FdKind::TcpConnection(connection) = &info.kind else {
+            continue;
+        };
+        let port = connection
+            .local
+            .parse::<std::net::SocketAddr>()
+            .map(|local| local.port())
+            .ok()
+            .filter(|port| ports.contains(port));
+        if let Some(port) = port {
+            return Err(CheckpointError::ClientConnected {
+                pid,
+                fd: info.fd,
+                local: connection.local.clone(),
+                peer: connection.peer.clone(),
+                port,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What [`preflight`] found out about the process.
@@ -735,6 +797,7 @@ mod tests {
             base: None,
             agent_files: Vec::new(),
             recovery_file: None,
+            client_ports: Vec::new(),
         }
     }
 

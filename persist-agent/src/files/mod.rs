@@ -22,7 +22,7 @@
 //! with an error naming the descriptor. Each kind of descriptor is saved and
 //! re-created in one file of its own (`regular.rs`, `pipe.rs`, `memfd.rs`,
 //! `eventfd.rs`, `timerfd.rs`, `signalfd.rs`, `epoll.rs`, `inotify.rs`,
-//! `inet.rs`, `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
+//! `inet.rs`, `tcp_repair.rs`, `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
 //! to its kind.
 
 // The walk over a process's descriptors, in each direction.
@@ -39,6 +39,7 @@ mod memfd;
 mod pipe;
 mod regular;
 mod signalfd;
+mod tcp_repair;
 mod timerfd;
 mod unix;
 
@@ -55,7 +56,8 @@ pub use install::{PreparedFds, ProcSelfPosition};
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
-pub use save::{save_fds, save_fds_excluding};
+pub use save::{SavedFds, save_fds, save_fds_excluding, save_fds_holding};
+pub use tcp_repair::{RepairedConnections, leave_repair_mode_of};
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
 use super::unix::UnixPairs;
-use super::{epoll, eventfd, inet, inotify, memfd, regular, signalfd, timerfd, unix};
+use super::{epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, timerfd, unix};
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -73,7 +73,9 @@ impl InheritedFds {
 /// again with `SO_REUSEADDR` to the same address and listen; UDP sockets are
 /// bound and connected again; UNIX listeners
 /// are bound again after removing a stale socket file; socket pairs are
-/// re-created with their queued data; epoll instances are created empty and
+/// re-created with their queued data; established TCP connections are
+/// re-created with `TCP_REPAIR` in their saved state, and leave repair mode
+/// once everything else is ready; epoll instances are created empty and
 /// filled in the child. A terminal that no longer exists (or cannot be
 /// opened from the agent, like `/dev/tty`) is replaced by /dev/null.
 ///
@@ -100,6 +102,7 @@ pub fn prepare(
     let mut memfds = Vec::new();
     let mut sources: HashMap<i32, RawFd> = HashMap::new();
     let mut proc_self_files: Vec<ProcSelfFile> = Vec::new();
+    let mut connections = Vec::new();
 
     for info in fds {
         if !inherited.contains_key(&info.fd) && opened_by_child(info, &mut proc_self_files)? {
@@ -126,7 +129,13 @@ pub fn prepare(
                     .try_clone_to_owned()
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
-            (None, None) => object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?,
+            (None, None) => {
+                let created = object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?;
+                if let FdKind::TcpConnection(saved) = &info.kind {
+                    connections.push((info.fd, created.as_raw_fd(), saved));
+                }
+                created
+            }
         };
         sources.insert(info.fd, source.as_raw_fd());
         slots.push(Slot {
@@ -139,6 +148,13 @@ pub fn prepare(
     }
     pairs.finish()?;
     drop(pipes);
+    // Last, once every other object exists: a connection still in repair
+    // mode when a failure drops it closes without a word to the peer.
+    for (fd, raw, saved) in connections {
+        if let Some(sock) = objects.iter().find(|o| o.as_raw_fd() == raw) {
+            tcp_repair::finish(fd, sock.as_fd(), saved)?;
+        }
+    }
     for (inode, base) in created_memfds.into_bases() {
         memfds.push((inode, base.as_raw_fd()));
         objects.push(base);
@@ -375,5 +391,6 @@ fn object(
             owner,
         } => unix::unix_listener(fd, path, *socket_type, *backlog, *mode, *owner, access)?,
         FdKind::UnixPair { .. } => pairs.end(info)?,
+        FdKind::TcpConnection(saved) => tcp_repair::create(fd, saved)?,
     })
 }

@@ -4,11 +4,12 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::fd::AsFd;
 
-use persist_common::image::{FdInfo, FdKind};
+use persist_common::image::{FdInfo, FdKind, TcpConnection};
 
 use super::FilesError;
 use super::fdinfo::FdInfoText;
 use super::listed::Listed;
+use super::tcp_repair::{self, RepairedConnections};
 use super::{epoll, eventfd, inet, inotify, memfd, pipe, regular, signalfd, timerfd, unix};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
@@ -44,14 +45,20 @@ use crate::sys::pidfd::PidFd;
 ///   connected UNIX sockets whose peer is also in the process, with their
 ///   queued data;
 /// - UDP sockets: address, connected peer, `SO_REUSEADDR`, `SO_REUSEPORT`,
-///   `IPV6_V6ONLY` (queued datagrams are not kept).
+///   `IPV6_V6ONLY` (queued datagrams are not kept);
+/// - established TCP connections, with `TCP_REPAIR`: sequence numbers,
+///   windows, negotiated options and the data of both queues (see
+///   `tcp_repair.rs`). They are left in repair mode while saved; this
+///   function takes them out of it before returning, [`save_fds_holding`]
+///   hands them back still in it.
 ///
 /// Descriptors sharing one open file description (`dup`) are saved once,
 /// the others with [`FdInfo::shared_with`].
 ///
 /// Everything else is refused with [`FilesError::Unsupported`] naming the
-/// descriptor, e.g. `fd 7: established TCP connection 127.0.0.1:5000 ->
-/// 127.0.0.1:41234 cannot be checkpointed` or `fd 5: fanotify is not supported`.
+/// descriptor, e.g. `fd 7: TCP connection 127.0.0.1:5000 -> 127.0.0.1:41234
+/// in state CLOSE_WAIT cannot be checkpointed` or `fd 5: fanotify is not
+/// supported`.
 pub fn save_fds(pid: i32, pidfd: &PidFd) -> Result<Vec<FdInfo>, FilesError> {
     save_fds_excluding(pid, pidfd, &[])
 }
@@ -65,6 +72,24 @@ pub fn save_fds_excluding(
     pidfd: &PidFd,
     exclude: &[i32],
 ) -> Result<Vec<FdInfo>, FilesError> {
+    // The connections leave repair mode as they are dropped.
+    save_fds_holding(pid, pidfd, exclude).map(|saved| saved.fds)
+}
+
+/// What [`save_fds_holding`] saved.
+#[derive(Debug)]
+pub struct SavedFds {
+    /// The descriptors.
+    pub fds: Vec<FdInfo>,
+    /// The established TCP connections among them, still in repair mode.
+    pub connections: RepairedConnections,
+}
+
+/// [`save_fds_excluding`], handing back the established TCP connections
+/// still in repair mode: the caller closes them silently once the process
+/// is killed, or resumes them if it goes on (see [`RepairedConnections`]).
+pub fn save_fds_holding(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, FilesError> {
+    let mut connections = RepairedConnections::default();
     let mut listed = list(pid)?;
     listed.retain(|entry| !exclude.contains(&entry.fd));
     let mapped_memfds = memfd::mapped_memfd_inodes(pid)?;
@@ -98,6 +123,7 @@ pub fn save_fds_excluding(
             &listed,
             &mapped_memfds,
             &mut memfd_contents_saved,
+            &mut connections,
         )?;
         saved.push(FdInfo {
             fd: entry.fd,
@@ -108,7 +134,10 @@ pub fn save_fds_excluding(
         });
     }
     epoll::find_watched_files(pid, &listed, &mut saved)?;
-    Ok(saved)
+    Ok(SavedFds {
+        fds: saved,
+        connections,
+    })
 }
 
 /// Lists `/proc/PID/fd` in descriptor order with link targets and fdinfo.
@@ -217,6 +246,12 @@ fn without_payload(kind: FdKind) -> FdKind {
             socket_type,
             queued: Vec::new(),
         },
+        FdKind::TcpConnection(connection) => FdKind::TcpConnection(TcpConnection {
+            send_queue: Vec::new(),
+            send_unsent: 0,
+            recv_queue: Vec::new(),
+            ..connection
+        }),
         other => other,
     }
 }
@@ -229,6 +264,7 @@ fn classify(
     listed: &[Listed],
     mapped_memfds: &HashSet<u64>,
     memfd_contents_saved: &mut HashSet<u64>,
+    connections: &mut RepairedConnections,
 ) -> Result<FdKind, FilesError> {
     let fd = entry.fd;
     let target = entry.target.as_str();
@@ -236,7 +272,7 @@ fn classify(
         return pipe::save(pid, entry, listed, None);
     }
     if target.starts_with("socket:[") {
-        return socket(pid, pidfd, entry, listed);
+        return socket(pid, pidfd, entry, listed, connections);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
         return anon_inode(pid, fd, name, &entry.info);
@@ -285,6 +321,7 @@ fn socket(
     pidfd: &PidFd,
     entry: &Listed,
     listed: &[Listed],
+    connections: &mut RepairedConnections,
 ) -> Result<FdKind, FilesError> {
     let fd = entry.fd;
     let sock = pidfd
@@ -300,6 +337,13 @@ fn socket(
     match domain {
         libc::AF_INET | libc::AF_INET6 => {
             let protocol = int(libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+            if protocol == libc::IPPROTO_TCP && !listening {
+                let (state, _) = kobjects::tcp_state(sock.as_fd())
+                    .map_err(FilesError::io(fd, "getsockopt TCP_INFO"))?;
+                if state == tcp_repair::TCP_ESTABLISHED {
+                    return tcp_repair::save(fd, sock.as_fd(), domain, connections);
+                }
+            }
             inet::save(
                 fd,
                 sock.as_fd(),

@@ -201,6 +201,9 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         base: None,
         agent_files: vec![request.log.clone()],
         recovery_file: None,
+        // A warm-up client still connected would be woken into a
+        // conversation it never started.
+        client_ports: vec![request.port],
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();

@@ -22,4 +22,5 @@ pub mod sched;
 pub mod sigchld;
 pub mod sockdiag;
 pub mod spawn;
+pub mod tcp_repair;
 pub mod uffd;

@@ -753,6 +753,8 @@ pub enum FdKind {
         #[serde(default)]
         queued: Vec<QueuedMessage>,
     },
+    /// An established TCP connection, saved with `TCP_REPAIR`.
+    TcpConnection(super::TcpConnection),
 }
 
 /// An integer socket option (`setsockopt(level, name, &value)`).
@@ -792,7 +794,7 @@ pub struct EpollWatch {
     pub file_fd: Option<i32>,
 }
 
-mod base64_bytes {
+pub(super) mod base64_bytes {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};

@@ -80,6 +80,9 @@ impl Supervisor {
             // A daemon killed meanwhile leaves the process stopped; the
             // next one undoes the checkpoint and adopts it.
             recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
+            // A client still connected keeps the service running; its
+            // outbound connections are kept with it.
+            client_ports: vec![self.spec.port],
         };
         let started = Instant::now();
         let mut result = checkpoint_when_filled(options.clone()).await;
