@@ -341,6 +341,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         idle_timeout: args.idle_timeout,
         command: args.command,
         snapshot,
+        declared_in: None,
     };
     spec.validate()?;
     Ok(spec)

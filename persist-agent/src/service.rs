@@ -55,6 +55,11 @@ pub struct ServiceSpec {
     /// Settings of the snapshot mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSpec>,
+    /// The file of the services directory that declares the service
+    /// ([`crate::service_file`]); `None` for one registered by `add`. A
+    /// reload of the directory manages only the services it declares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_in: Option<PathBuf>,
 }
 
 /// How a snapshot-mode service is built, woken and parked.
@@ -469,6 +474,7 @@ mod tests {
             idle_timeout: Some(Duration::from_secs(30)),
             command: vec![command.into()],
             snapshot: None,
+            declared_in: None,
         }
     }
 

@@ -51,6 +51,7 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         idle_timeout: Some(Duration::from_secs(30)),
         command: vec!["sh".into(), "-c".into(), "exec true".into()],
         snapshot: None,
+        declared_in: None,
     };
     let snapshot = |ready, on_idle, prefetch| SnapshotSpec {
         user: None,
