@@ -52,6 +52,8 @@ pub enum Request {
         /// Its name.
         name: String,
     },
+    /// Apply the services directory again.
+    Reload,
 }
 
 impl Request {

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
 use persist_agent::service::{OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
-use persist_agent::{checkpoint, daemon, inspect, restore, snapshot};
+use persist_agent::{checkpoint, daemon, inspect, restore, service_file, snapshot};
 
 /// Park server processes on disk and wake them on their first SYN.
 #[derive(Debug, Parser)]
@@ -34,6 +34,20 @@ enum Command {
         /// Serve Prometheus metrics on this address (e.g. `127.0.0.1:9187`).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Directory of service files, one `NAME.toml` per service, applied
+        /// at start, on SIGHUP and by `reload`.
+        #[arg(long, default_value = service_file::DEFAULT_SERVICES_DIR)]
+        services_dir: PathBuf,
+    },
+    /// Apply the daemon's services directory again: new files add their
+    /// service, removed files remove it, changed files rebuild it.
+    Reload,
+    /// Check service files without a daemon, naming the file, line and key
+    /// of each error.
+    Check {
+        /// The directory of service files, or one file.
+        #[arg(default_value = service_file::DEFAULT_SERVICES_DIR)]
+        path: PathBuf,
     },
     /// Register a service: the agent holds its port and starts it on the first SYN.
     Add(AddArgs),
@@ -205,9 +219,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         bail!("persist-agent must run as root (it loads BPF programs and traces processes)");
     }
     match cli.command {
-        Command::Daemon { metrics } => {
-            daemon::run(&cli.state_dir, metrics)?;
+        Command::Daemon {
+            metrics,
+            services_dir,
+        } => {
+            let options = daemon::DaemonOptions {
+                metrics,
+                services_dir,
+            };
+            daemon::run(&cli.state_dir, &options)?;
         }
+        Command::Reload => {
+            let reply = control::call(&cli.state_dir, &Request::Reload)?;
+            println!("{}", reply.message);
+        }
+        Command::Check { path } => return check(&path),
         Command::HoldPort => daemon::hold_port(),
         Command::Add(args) => {
             let spec = service_spec(args)?;
@@ -310,6 +336,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `check`: every service file of a directory (or one file), each error
+/// on a line of its own; fails if any file has one.
+fn check(path: &std::path::Path) -> Result<ExitCode> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("checking {}", path.display()))?;
+    let declared = if metadata.is_dir() {
+        service_file::load_dir(path)?
+    } else {
+        vec![service_file::DeclaredService {
+            name: String::new(),
+            path: path.to_owned(),
+            spec: service_file::load_file(path),
+        }]
+    };
+    let mut failed = 0;
+    for service in &declared {
+        match &service.spec {
+            Ok(spec) => println!(
+                "{}: ok ({} on {}:{})",
+                service.path.display(),
+                spec.mode.as_str(),
+                spec.addr,
+                spec.port
+            ),
+            Err(err) => {
+                failed += 1;
+                eprintln!("{}", persist_agent::error_text::error_line(err));
+            }
+        }
+    }
+    if declared.is_empty() {
+        println!("{}: no service files (NAME.toml)", path.display());
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{failed} of {} service files have errors", declared.len());
+        ExitCode::FAILURE
+    })
 }
 
 fn service_spec(args: AddArgs) -> Result<ServiceSpec> {

@@ -198,11 +198,13 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
         let field = span.clone().and_then(|span| key_at(text, span));
         at(span, field.as_deref(), message)
     })?;
-    let wrong = |span: Range<usize>, field: &str, message: String| {
-        at(Some(span), Some(field), message)
-    };
+    let wrong =
+        |span: Range<usize>, field: &str, message: String| at(Some(span), Some(field), message);
 
-    let mode = file.mode.as_ref().map_or(ServiceMode::Snapshot, |m| *m.get_ref());
+    let mode = file
+        .mode
+        .as_ref()
+        .map_or(ServiceMode::Snapshot, |m| *m.get_ref());
     if mode != ServiceMode::Snapshot {
         let snapshot_only = [
             ("on_idle", file.on_idle.as_ref().map(Spanned::span)),
@@ -214,7 +216,10 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
             ),
             ("user", file.user.as_ref().map(Spanned::span)),
             ("ready", file.ready.as_ref().map(Spanned::span)),
-            ("ready_timeout", file.ready_timeout.as_ref().map(Spanned::span)),
+            (
+                "ready_timeout",
+                file.ready_timeout.as_ref().map(Spanned::span),
+            ),
             (
                 "warmup_requests",
                 file.warmup_requests.as_ref().map(Spanned::span),
@@ -274,9 +279,15 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 .transpose()?
                 .unwrap_or(DEFAULT_READY_TIMEOUT),
             warmup_requests: file.warmup_requests.as_ref().map_or(0, |n| *n.get_ref()),
-            on_idle: file.on_idle.as_ref().map_or(OnIdle::Fresh, |o| *o.get_ref()),
+            on_idle: file
+                .on_idle
+                .as_ref()
+                .map_or(OnIdle::Fresh, |o| *o.get_ref()),
             image,
-            prefetch: file.prefetch.as_ref().map_or(Prefetch::default(), |p| *p.get_ref()),
+            prefetch: file
+                .prefetch
+                .as_ref()
+                .map_or(Prefetch::default(), |p| *p.get_ref()),
             accept_changed_files: file
                 .accept_changed_files
                 .as_ref()
@@ -334,7 +345,11 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
 /// The 1-based line of the byte offset where `span` starts.
 fn line_of(text: &str, span: Range<usize>) -> usize {
     let start = span.start.min(text.len());
-    text.as_bytes()[..start].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..start]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The key of the `key = value` line where `span` starts, if it is one.

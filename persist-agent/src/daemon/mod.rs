@@ -43,6 +43,7 @@ mod metrics;
 mod pagers;
 mod reaper;
 mod registry;
+mod reload;
 mod restore_worker;
 mod run_state;
 mod supervisor;
@@ -61,15 +62,25 @@ use tracing::{info, warn};
 use crate::service::create_trusted_dir;
 pub use keeper::hold as hold_port;
 pub use registry::Registry;
+pub use reload::ReloadReport;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
 
 /// The BPF maps, shared by the registry and the supervisors.
 pub type SharedWatcher = Arc<Mutex<SynWatcher>>;
 
-/// Runs the daemon in the foreground until SIGTERM or SIGINT, serving
-/// Prometheus metrics on `metrics` if given.
-pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
+/// How the daemon runs, from its command line.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Serve Prometheus metrics on this address.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The directory of service files ([`crate::service_file`]), applied at
+    /// start, on SIGHUP and on `persist-agent reload`.
+    pub services_dir: PathBuf,
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT.
+pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal, never into journald or a file.
@@ -92,19 +103,29 @@ pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(state_dir, metrics))
+    runtime.block_on(serve(state_dir, options))
 }
 
-async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
+async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Before anything slow: SIGHUP's default action would end the daemon.
+    let mut hangup = signal(SignalKind::hangup())?;
     let (watcher, mut wake_events) = SynWatcher::attach()?;
     info!("sk_lookup program attached to this network namespace");
-    let registry = Arc::new(Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?);
+    let registry = Arc::new(Registry::new(
+        state_dir,
+        &options.services_dir,
+        Arc::new(Mutex::new(watcher)),
+    )?);
     registry.restore_registered().await;
+    // The services directory is applied before the control socket answers,
+    // so the first `status` shows every declared service.
+    log_reload(registry.reload().await, "start");
 
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
-    if let Some(addr) = metrics {
+    if let Some(addr) = options.metrics {
         let registry = registry.clone();
         tokio::spawn(async move {
             if let Err(err) = metrics::serve(addr, registry).await {
@@ -137,10 +158,22 @@ async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Resul
         })
         .context("starting the wake-event thread")?;
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: exiting"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting"),
+    let mut terminate = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => {
+                info!("SIGTERM: exiting");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                info!("SIGINT: exiting");
+                break;
+            }
+            _ = hangup.recv() => {
+                let registry = registry.clone();
+                tokio::spawn(async move { log_reload(registry.reload().await, "SIGHUP") });
+            }
+        }
     }
     let left = tokio::task::spawn_blocking(move || registry.finish_pagers(PAGER_FINISH_TIMEOUT))
         .await
@@ -153,6 +186,25 @@ async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Resul
     }
     let _ = fs::remove_file(crate::control::socket_path(state_dir));
     Ok(())
+}
+
+/// Logs what a reload of the services directory did.
+fn log_reload(outcome: Result<ReloadReport, TrustError>, cause: &str) {
+    match outcome {
+        Ok(report) if report.is_clean() => {
+            info!(
+                "{cause}: services directory: {}",
+                report.to_string().replace('\n', "; ")
+            )
+        }
+        Ok(report) => {
+            warn!(
+                "{cause}: services directory: {}",
+                report.to_string().replace('\n', "; ")
+            )
+        }
+        Err(err) => warn!("{cause}: services directory not applied: {err}"),
+    }
 }
 
 /// The directories of a state directory, each created (mode 0700) when
