@@ -28,6 +28,7 @@ pub mod launch;
 pub mod restore;
 pub mod service;
 pub mod service_file;
+pub mod service_log;
 pub mod snapshot;
 pub mod sys;
 #[cfg(test)]

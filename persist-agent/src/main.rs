@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
 use persist_agent::service::{OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
-use persist_agent::{checkpoint, daemon, inspect, restore, service_file, snapshot};
+use persist_agent::{checkpoint, daemon, inspect, restore, service_file, service_log, snapshot};
 
 /// Park server processes on disk and wake them on their first SYN.
 #[derive(Debug, Parser)]
@@ -38,6 +38,18 @@ enum Command {
         /// at start, on SIGHUP and by `reload`.
         #[arg(long, default_value = service_file::DEFAULT_SERVICES_DIR)]
         services_dir: PathBuf,
+        /// Rotate a service's log (`STATE_DIR/logs/NAME.log`, its stdout and
+        /// stderr) to `NAME.log.1` once it is larger than this many bytes.
+        #[arg(long, default_value_t = daemon::DEFAULT_LOG_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1024..))]
+        log_max_bytes: u64,
+    },
+    /// Print a service's log (its stdout and stderr), the rotated part first.
+    Logs {
+        /// Name of the service.
+        name: String,
+        /// Go on printing what the service writes, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Apply the daemon's services directory again: new files add their
     /// service, removed files remove it, changed files rebuild it.
@@ -222,10 +234,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon {
             metrics,
             services_dir,
+            log_max_bytes,
         } => {
             let options = daemon::DaemonOptions {
                 metrics,
                 services_dir,
+                log_max_bytes,
             };
             daemon::run(&cli.state_dir, &options)?;
         }
@@ -234,6 +248,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", reply.message);
         }
         Command::Check { path } => return check(&path),
+        Command::Logs { name, follow } => {
+            persist_agent::service::ServiceSpec::check_name(&name)?;
+            let logs = cli.state_dir.join("logs");
+            service_log::show(&logs, &name, follow, &mut std::io::stdout().lock())?;
+        }
         Command::HoldPort => daemon::hold_port(),
         Command::Add(args) => {
             let spec = service_spec(args)?;

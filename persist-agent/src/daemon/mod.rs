@@ -77,7 +77,15 @@ pub struct DaemonOptions {
     /// The directory of service files ([`crate::service_file`]), applied at
     /// start, on SIGHUP and on `persist-agent reload`.
     pub services_dir: PathBuf,
+    /// Size past which a service's log is rotated ([`crate::service_log`]).
+    pub log_max_bytes: u64,
 }
+
+/// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 << 20;
+
+/// How often the services' logs are checked against their size limit.
+const LOG_ROTATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
@@ -125,6 +133,7 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
+    tokio::spawn(rotate_logs(state_dir.join("logs"), options.log_max_bytes));
     if let Some(addr) = options.metrics {
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -186,6 +195,28 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     }
     let _ = fs::remove_file(crate::control::socket_path(state_dir));
     Ok(())
+}
+
+/// Keeps every service's log under `max_bytes`, checking them each
+/// [`LOG_ROTATE_INTERVAL`], until the daemon exits.
+async fn rotate_logs(logs_dir: PathBuf, max_bytes: u64) {
+    let mut ticks = tokio::time::interval(LOG_ROTATE_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let dir = logs_dir.clone();
+        let Ok((rotated, failed)) =
+            tokio::task::spawn_blocking(move || crate::service_log::rotate_dir(&dir, max_bytes))
+                .await
+        else {
+            continue;
+        };
+        for log in rotated {
+            info!("rotated {} (larger than {max_bytes} bytes)", log.display());
+        }
+        for (log, err) in failed {
+            warn!("rotating {}: {err}", log.display());
+        }
+    }
 }
 
 /// Logs what a reload of the services directory did.

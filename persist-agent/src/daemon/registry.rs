@@ -353,7 +353,7 @@ impl Registry {
 
     /// The log the daemon opens as a built service's stdout and stderr.
     fn log_path(&self, name: &str) -> PathBuf {
-        self.state_dir.join("logs").join(format!("{name}.log"))
+        crate::service_log::path(&self.state_dir.join("logs"), name)
     }
 
     fn pristine_image(&self, name: &str) -> PathBuf {
@@ -453,7 +453,9 @@ impl Registry {
                     kept_image: self.kept_image(&spec.name),
                 }
             }
-            ServiceMode::Exec | ServiceMode::Inetd => Starter::Command,
+            ServiceMode::Exec | ServiceMode::Inetd => Starter::Command {
+                log: self.log_path(&spec.name),
+            },
         };
         self.watcher
             .lock()

@@ -202,7 +202,10 @@ impl Waker {
 /// How a service's process comes to run.
 pub enum Starter {
     /// Exec the command with the listener (or per connection, in inetd mode).
-    Command,
+    Command {
+        /// The service's log, its stdout and stderr ([`crate::service_log`]).
+        log: std::path::PathBuf,
+    },
     /// Resume a skeleton restored from the service's image.
     Restore {
         /// The restore thread.
@@ -376,7 +379,7 @@ impl Supervisor {
         };
         let (worker_report, resume_trigger) = match &supervisor.starter {
             Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
-            Starter::Command => (None, None),
+            Starter::Command { .. } => (None, None),
         };
         if let Some(adopted) = adopted {
             match Child::new(adopted.record.pid, adopted.pidfd) {
@@ -550,7 +553,7 @@ impl Supervisor {
     /// No process runs any more: the next SYN wakes the service again.
     fn park(&mut self) {
         // A snapshot service's record now names its next skeleton.
-        if matches!(self.starter, Starter::Command) {
+        if matches!(self.starter, Starter::Command { .. }) {
             self.run_state.clear(&self.spec.name);
         }
         self.hold_backlog();
