@@ -227,3 +227,31 @@ fn exec_and_inetd_output_goes_to_the_services_log() {
         );
     }
 }
+
+#[test]
+fn a_log_removed_while_its_service_is_parked_is_started_anew_at_the_next_wake() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let root = web_root();
+    add_http_server(&sandbox, "web", 8000, root.path(), &[]);
+    get(&sandbox, 8000, "/before-removal");
+    sandbox.agent_ok(&["park", "web"]).unwrap();
+    std::fs::remove_file(log_file(&sandbox, "web")).unwrap();
+    // The skeleton prepared at the park already holds the removed file; the
+    // one after the next park must find the log again.
+    get(&sandbox, 8000, "/after-removal");
+    sandbox.agent_ok(&["park", "web"]).unwrap();
+    get(&sandbox, 8000, "/second-wake-after-removal");
+    wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(log_file(&sandbox, "web"))
+            .is_ok_and(|text| text.contains("/second-wake-after-removal"))
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "no new log after the old one was removed: {:?}\nstatus: {:?}\ndaemon log:\n{}",
+            std::fs::read_to_string(log_file(&sandbox, "web")),
+            sandbox.status(),
+            sandbox.daemon_log()
+        )
+    });
+}
