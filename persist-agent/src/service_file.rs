@@ -237,8 +237,13 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
         }
     }
     let duration = |value: &Spanned<String>, field: &str| {
-        humantime::parse_duration(value.get_ref())
-            .map_err(|err| wrong(value.span(), field, format!("{:?}: {err}", value.get_ref())))
+        humantime::parse_duration(value.get_ref()).map_err(|err| {
+            let message = format!(
+                "{:?} is not a duration such as 30s, 5m or 1h30m: {err}",
+                value.get_ref()
+            );
+            wrong(value.span(), field, message)
+        })
     };
     let addr = match &file.addr {
         Some(addr) => addr
@@ -436,7 +441,7 @@ warmup_requests = 3
             ),
             (
                 "port = 80\ncommand = [\"true\"]\nidle_timeout = \"soon\"\n",
-                format!("{file}:3: idle_timeout: \"soon\": "),
+                format!("{file}:3: idle_timeout: \"soon\" is not a duration such as 30s"),
             ),
             (
                 "command = [\"true\"]\n\nport = 70000\n",

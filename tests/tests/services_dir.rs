@@ -149,7 +149,7 @@ fn a_broken_file_is_named_by_check_and_fails_only_its_own_service() {
         "check names file, line and key of the typo: {stderr}"
     );
     assert!(
-        stderr.contains("badvalue.toml:4: idle_timeout: \"soon\""),
+        stderr.contains("badvalue.toml:4: idle_timeout: \"soon\" is not a duration"),
         "check names file, line and key of the bad value: {stderr}"
     );
     assert!(
