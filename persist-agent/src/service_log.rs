@@ -215,7 +215,7 @@ mod tests {
         );
         log.write_all(&[b'x'; 100]).unwrap();
         let (rotated, failed) = rotate_dir(dir.path(), 100);
-        assert_eq!(rotated, [log_path.clone()]);
+        assert_eq!(rotated, std::slice::from_ref(&log_path));
         assert!(failed.is_empty(), "{failed:?}");
         let older = fs::read(rotated_path(&log_path)).unwrap();
         assert!(older.starts_with(b"first line\nxxx") && older.len() == 111);
