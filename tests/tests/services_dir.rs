@@ -200,3 +200,31 @@ fn a_broken_file_is_named_by_check_and_fails_only_its_own_service() {
         "status shows the broken file beside the running service: {good}"
     );
 }
+
+#[test]
+fn a_restarted_daemon_keeps_running_declared_services_and_applies_what_changed_meanwhile() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::new().unwrap();
+    sandbox.declare("kept", &exec_service(8080));
+    sandbox.declare("dropped", &exec_service(8081));
+    sandbox.start_daemon().unwrap();
+    assert_serves(&sandbox, 8080, "kept");
+    let pid = sandbox.running_pid("kept").unwrap();
+
+    sandbox.stop_daemon();
+    std::fs::remove_file(sandbox.services_dir().join("dropped.toml")).unwrap();
+    sandbox.start_daemon().unwrap();
+    assert_eq!(
+        names(&sandbox),
+        ["kept"],
+        "a file removed while the daemon was down removes its service at the next start"
+    );
+    assert_eq!(
+        sandbox.running_pid("kept").unwrap(),
+        pid,
+        "an unchanged declared service is found running again, not restarted"
+    );
+    assert_serves(&sandbox, 8080, "kept, after the restart");
+    wait_until(Duration::from_secs(5), || refuses(&sandbox, 8081))
+        .expect("the port of the service whose file went is released");
+}
