@@ -88,6 +88,11 @@ fn service() {
 }
 
 #[test]
+fn service_toml() {
+    short_run("service-toml", 2000);
+}
+
+#[test]
 fn control() {
     short_run("control", 10_000);
 }

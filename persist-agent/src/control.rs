@@ -72,6 +72,8 @@ pub enum Request {
         /// A name that keeps the generation from ever being pruned.
         tag: Option<String>,
     },
+    /// Apply the services directory again.
+    Reload,
 }
 
 impl Request {

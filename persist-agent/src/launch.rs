@@ -20,6 +20,15 @@ pub enum LaunchError {
     /// An argument or environment entry holds a NUL byte.
     #[error("argument {0:?} contains a NUL byte")]
     Nul(String),
+    /// The service's log could not be opened.
+    #[error("opening the log {}", path.display())]
+    Log {
+        /// The log.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
     /// fork or exec failed.
     #[error("starting {program}: {source}")]
     Spawn {
@@ -31,10 +40,12 @@ pub enum LaunchError {
     },
 }
 
-/// Starts the service with `listener` as fd 3 and `LISTEN_FDS=1`.
+/// Starts the service with `listener` as fd 3 and `LISTEN_FDS=1`, its
+/// stdout and stderr on `log`.
 pub fn exec_with_listener(
     spec: &ServiceSpec,
     listener: BorrowedFd<'_>,
+    log: BorrowedFd<'_>,
 ) -> Result<Spawned, LaunchError> {
     let null = File::open("/dev/null").map_err(|source| LaunchError::Spawn {
         program: "/dev/null".into(),
@@ -44,23 +55,18 @@ pub fn exec_with_listener(
         "LISTEN_FDS=1".to_owned(),
         format!("LISTEN_FDNAMES={}", spec.name),
     ];
-    let (stdout, stderr) = (io::stdout(), io::stderr());
-    let fds = vec![
-        (null.as_fd(), 0),
-        (stdout.as_fd(), 1),
-        (stderr.as_fd(), 2),
-        (listener, 3),
-    ];
+    let fds = vec![(null.as_fd(), 0), (log, 1), (log, 2), (listener, 3)];
     start(&spec.command, &extra_env, true, fds, None)
 }
 
-/// Starts one instance of the service for a single accepted connection.
+/// Starts one instance of the service for a single accepted connection,
+/// its stderr on `log`.
 pub fn exec_for_connection(
     spec: &ServiceSpec,
     connection: BorrowedFd<'_>,
+    log: BorrowedFd<'_>,
 ) -> Result<Spawned, LaunchError> {
-    let stderr = io::stderr();
-    let fds = vec![(connection, 0), (connection, 1), (stderr.as_fd(), 2)];
+    let fds = vec![(connection, 0), (connection, 1), (log, 2)];
     start(&spec.command, &[], false, fds, None)
 }
 

@@ -27,6 +27,8 @@ pub mod launch;
 #[cfg_attr(not(feature = "daemon"), allow(dead_code, unused_imports))]
 pub mod restore;
 pub mod service;
+pub mod service_file;
+pub mod service_log;
 pub mod snapshot;
 pub mod sys;
 #[cfg(test)]

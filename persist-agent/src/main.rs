@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
 use persist_agent::service::{OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
-use persist_agent::{checkpoint, daemon, inspect, restore, snapshot};
+use persist_agent::{checkpoint, daemon, inspect, restore, service_file, service_log, snapshot};
 
 /// Park server processes on disk and wake them on their first SYN.
 #[derive(Debug, Parser)]
@@ -38,6 +38,32 @@ enum Command {
         /// its pristine image and tagged generations.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         keep_generations: u32,
+        /// Directory of service files, one `NAME.toml` per service, applied
+        /// at start, on SIGHUP and by `reload`.
+        #[arg(long, default_value = service_file::DEFAULT_SERVICES_DIR)]
+        services_dir: PathBuf,
+        /// Rotate a service's log (`STATE_DIR/logs/NAME.log`, its stdout and
+        /// stderr) to `NAME.log.1` once it is larger than this many bytes.
+        #[arg(long, default_value_t = daemon::DEFAULT_LOG_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1024..))]
+        log_max_bytes: u64,
+    },
+    /// Print a service's log (its stdout and stderr), the rotated part first.
+    Logs {
+        /// Name of the service.
+        name: String,
+        /// Go on printing what the service writes, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Apply the daemon's services directory again: new files add their
+    /// service, removed files remove it, changed files rebuild it.
+    Reload,
+    /// Check service files without a daemon, naming the file, line and key
+    /// of each error.
+    Check {
+        /// The directory of service files, or one file.
+        #[arg(default_value = service_file::DEFAULT_SERVICES_DIR)]
+        path: PathBuf,
     },
     /// Register a service: the agent holds its port and starts it on the first SYN.
     Add(AddArgs),
@@ -239,12 +265,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon {
             metrics,
             keep_generations,
+            services_dir,
+            log_max_bytes,
         } => {
             let options = daemon::DaemonOptions {
                 metrics,
                 keep_generations: keep_generations as usize,
+                services_dir,
+                log_max_bytes,
             };
             daemon::run(&cli.state_dir, &options)?;
+        }
+        Command::Reload => {
+            let reply = control::call(&cli.state_dir, &Request::Reload)?;
+            println!("{}", reply.message);
+        }
+        Command::Check { path } => return check(&path),
+        Command::Logs { name, follow } => {
+            persist_agent::service::ServiceSpec::check_name(&name)?;
+            let logs = cli.state_dir.join("logs");
+            service_log::show(&logs, &name, follow, &mut std::io::stdout().lock())?;
         }
         Command::HoldPort => daemon::hold_port(),
         Command::Add(args) => {
@@ -368,6 +408,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `check`: every service file of a directory (or one file), each error
+/// on a line of its own; fails if any file has one.
+fn check(path: &std::path::Path) -> Result<ExitCode> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("checking {}", path.display()))?;
+    let declared = if metadata.is_dir() {
+        service_file::load_dir(path)?
+    } else {
+        vec![service_file::DeclaredService {
+            name: String::new(),
+            path: path.to_owned(),
+            spec: service_file::load_file(path),
+        }]
+    };
+    let mut failed = 0;
+    for service in &declared {
+        match &service.spec {
+            Ok(spec) => println!(
+                "{}: ok ({} on {}:{})",
+                service.path.display(),
+                spec.mode.as_str(),
+                spec.addr,
+                spec.port
+            ),
+            Err(err) => {
+                failed += 1;
+                eprintln!("{}", persist_agent::error_text::error_line(err));
+            }
+        }
+    }
+    if declared.is_empty() {
+        println!("{}: no service files (NAME.toml)", path.display());
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{failed} of {} service files have errors", declared.len());
+        ExitCode::FAILURE
+    })
+}
+
 fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
     let mode = match (args.exec, args.inetd) {
         (true, false) => ServiceMode::Exec,
@@ -397,6 +478,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         idle_timeout: args.idle_timeout,
         command: args.command,
         snapshot,
+        declared_in: None,
     };
     spec.validate()?;
     Ok(spec)

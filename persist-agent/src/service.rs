@@ -55,6 +55,11 @@ pub struct ServiceSpec {
     /// Settings of the snapshot mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSpec>,
+    /// The file of the services directory that declares the service
+    /// ([`crate::service_file`]); `None` for one registered by `add`. A
+    /// reload of the directory manages only the services it declares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_in: Option<PathBuf>,
 }
 
 /// How a snapshot-mode service is built, woken and parked.
@@ -221,6 +226,22 @@ pub const MIN_READY_TIMEOUT: Duration = Duration::from_millis(100);
 pub const MAX_READY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 impl ServiceSpec {
+    /// Checks that `name` can name a service (and its files): letters,
+    /// digits, `-`, `_` and `.`, not first, at most 64.
+    pub fn check_name(name: &str) -> Result<(), ServiceError> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if name_ok {
+            Ok(())
+        } else {
+            Err(ServiceError::BadName(name.to_owned()))
+        }
+    }
+
     /// Checks the settings ([`ServiceSpec::check_settings`]) and that the
     /// command exists.
     pub fn validate(&self) -> Result<(), ServiceError> {
@@ -241,16 +262,7 @@ impl ServiceSpec {
     /// must satisfy, whatever wrote it. Whether the command still exists is
     /// left to [`ServiceSpec::validate`], since an image may outlive it.
     pub fn check_settings(&self) -> Result<(), ServiceError> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && !self.name.starts_with('.')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !name_ok {
-            return Err(ServiceError::BadName(self.name.clone()));
-        }
+        Self::check_name(&self.name)?;
         if self.port == 0 {
             return Err(ServiceError::BadPort);
         }
@@ -469,6 +481,7 @@ mod tests {
             idle_timeout: Some(Duration::from_secs(30)),
             command: vec![command.into()],
             snapshot: None,
+            declared_in: None,
         }
     }
 

@@ -204,6 +204,22 @@ impl Sandbox {
         self.state.path()
     }
 
+    /// The daemon's services directory (`--services-dir`): `services.d` in
+    /// the state directory, never the host's `/etc/persist/services.d`. Not
+    /// created: a test that declares services creates it.
+    pub fn services_dir(&self) -> PathBuf {
+        self.state_dir().join("services.d")
+    }
+
+    /// Writes the service file `NAME.toml` into the services directory,
+    /// creating the directory if needed.
+    pub fn declare(&self, name: &str, toml: &str) {
+        std::fs::create_dir_all(self.services_dir()).expect("creating the services directory");
+        let path = self.services_dir().join(format!("{name}.toml"));
+        std::fs::write(&path, toml)
+            .unwrap_or_else(|err| panic!("writing {}: {err}", path.display()));
+    }
+
     /// Starts the daemon in the namespace and waits for its control socket.
     pub fn start_daemon(&mut self) -> Result<()> {
         self.start_daemon_with(&[])
@@ -226,6 +242,8 @@ impl Sandbox {
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("daemon")
+            .arg("--services-dir")
+            .arg(self.services_dir())
             .args(options)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -254,6 +272,8 @@ impl Sandbox {
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("daemon")
+            .arg("--services-dir")
+            .arg(self.services_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -58,6 +58,12 @@ pub static TARGETS: &[Target] = &[
         seeds: service::seeds,
     },
     Target {
+        name: "service-toml",
+        about: "a service file of the services directory (NAME.toml), loaded as reload and check do",
+        run: service::service_toml,
+        seeds: service::toml_seeds,
+    },
+    Target {
         name: "control",
         about: "control-socket requests as the daemon decodes them, replies as the CLI does",
         run: control::control,

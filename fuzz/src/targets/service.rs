@@ -7,8 +7,9 @@ use std::time::Duration;
 use persist_agent::service::{
     OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec,
 };
+use persist_agent::service_file::{self, ServiceFileError};
 
-use super::scratch;
+use super::{clear_files, scratch};
 
 /// A service file, loaded from a services directory as the daemon loads
 /// it, then validated as `add` validates it. A loaded service must survive
@@ -51,6 +52,7 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         idle_timeout: Some(Duration::from_secs(30)),
         command: vec!["sh".into(), "-c".into(), "exec true".into()],
         snapshot: None,
+        declared_in: None,
     };
     let snapshot = |ready, on_idle, prefetch| SnapshotSpec {
         user: None,
@@ -98,4 +100,52 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
             ..base("prebuilt", ServiceMode::Snapshot)
         },
     ]
+}
+
+/// A file of the services directory, loaded with the directory as a reload
+/// and `check` load it. A service it declares must pass the checks a stored
+/// one passes and survive the store's round trip; an error must name the
+/// file, and a line the file has.
+pub fn service_toml(data: &[u8]) {
+    let dir = scratch().join("services.d");
+    fs::create_dir_all(&dir).expect("creating the scratch services directory");
+    clear_files(&dir);
+    fs::write(dir.join("fuzz.toml"), data).expect("writing the scratch service file");
+    let declared = service_file::load_dir(&dir).expect("the scratch services directory reads");
+    for service in declared {
+        match service.spec {
+            Ok(spec) => {
+                spec.check_settings()
+                    .expect("a declared service passes the stored checks");
+                assert_eq!(
+                    round_trip(&spec),
+                    spec,
+                    "a declared service survives a round trip"
+                );
+            }
+            Err(ServiceFileError::Invalid { path, line, .. }) => {
+                assert_eq!(path, service.path, "the error names its file");
+                let lines = data.split(|&b| b == b'\n').count();
+                assert!(
+                    line.is_none_or(|line| (1..=lines).contains(&line)),
+                    "line {line:?} of a {lines}-line file"
+                );
+            }
+            Err(ServiceFileError::Unreadable(_)) => {}
+        }
+    }
+}
+
+/// Service files as docs/services.md shows them, one per start mode.
+pub fn toml_seeds() -> Vec<Vec<u8>> {
+    [
+        "port = 8000\ncommand = [\"sh\", \"-c\", \"exec true\"]\nready = \"http:/\"\nidle_timeout = \"30s\"\n",
+        "port = 6379\naddr = \"127.0.0.1\"\ncommand = [\"true\"]\nuser = \"nobody\"\non_idle = \"keep\"\nidle_timeout = \"5m\"\nprefetch = \"all\"\nready_timeout = \"10s\"\nwarmup_requests = 3\naccept_changed_files = true\n",
+        "port = 9000\nimage = \"/srv/images/api\"\nidle_timeout = \"10m\"\n",
+        "port = 8080\nmode = \"exec\"\ncommand = [\"true\"]\nidle_timeout = \"1m\"\n",
+        "port = 7000\nmode = \"inetd\"\ncommand = [\"cat\"]\n",
+        "# a comment\n[table]\nport = 1\n",
+    ]
+    .map(|text| text.as_bytes().to_vec())
+    .to_vec()
 }

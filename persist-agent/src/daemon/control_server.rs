@@ -67,7 +67,9 @@ async fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> 
 /// Answers one request; a refusal carries the error and each of its causes.
 async fn handle(request: Request, registry: &Registry) -> Reply {
     match request {
-        Request::Add { spec } => {
+        Request::Add { mut spec } => {
+            // Only a reload of the services directory declares services.
+            spec.declared_in = None;
             let summary = format!(
                 "added {} on {}:{} (parked)",
                 spec.name, spec.addr, spec.port
@@ -103,6 +105,14 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
         Request::Snapshot { name, tag } => match registry.snapshot(&name, tag).await {
             Ok(done) => Reply::ok(format!("{name}: {done}")),
             Err(err) => Reply::error(error_line(&err)),
+        },
+        Request::Reload => match registry.reload().await {
+            Ok(report) if report.is_clean() => Reply::ok(report.to_string()),
+            Ok(report) => Reply::error(report.to_string()),
+            Err(err) => Reply::error(format!(
+                "services directory not applied: {}",
+                error_line(&err)
+            )),
         },
         Request::Status => Reply {
             services: registry.status(),

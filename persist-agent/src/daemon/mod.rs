@@ -44,6 +44,7 @@ mod metrics;
 mod pagers;
 mod reaper;
 mod registry;
+mod reload;
 mod restore_worker;
 mod run_state;
 mod supervisor;
@@ -62,6 +63,7 @@ use tracing::{info, warn};
 use crate::service::create_trusted_dir;
 pub use keeper::hold as hold_port;
 pub use registry::Registry;
+pub use reload::ReloadReport;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
 
@@ -76,16 +78,18 @@ pub struct DaemonOptions {
     /// Generations of a `--on-idle keep` service's state kept besides the
     /// pristine image and tagged ones.
     pub keep_generations: usize,
+    /// The directory of service files ([`crate::service_file`]), applied at
+    /// start, on SIGHUP and on `persist-agent reload`.
+    pub services_dir: PathBuf,
+    /// Size past which a service's log is rotated ([`crate::service_log`]).
+    pub log_max_bytes: u64,
 }
 
-impl Default for DaemonOptions {
-    fn default() -> Self {
-        Self {
-            metrics: None,
-            keep_generations: generations::DEFAULT_KEEP,
-        }
-    }
-}
+/// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 << 20;
+
+/// How often the services' logs are checked against their size limit.
+const LOG_ROTATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
@@ -115,17 +119,28 @@ pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
 }
 
 async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Before anything slow: SIGHUP's default action would end the daemon.
+    let mut hangup = signal(SignalKind::hangup())?;
     let (watcher, mut wake_events) = SynWatcher::attach()?;
     info!("sk_lookup program attached to this network namespace");
     let registry = Arc::new(
-        Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?
-            .keeping_generations(options.keep_generations),
+        Registry::new(
+            state_dir,
+            &options.services_dir,
+            Arc::new(Mutex::new(watcher)),
+        )?
+        .keeping_generations(options.keep_generations),
     );
     registry.restore_registered().await;
+    // The services directory is applied before the control socket answers,
+    // so the first `status` shows every declared service.
+    log_reload(registry.reload().await, "start");
 
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
+    tokio::spawn(rotate_logs(state_dir.join("logs"), options.log_max_bytes));
     if let Some(addr) = options.metrics {
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -159,10 +174,22 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
         })
         .context("starting the wake-event thread")?;
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: exiting"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting"),
+    let mut terminate = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => {
+                info!("SIGTERM: exiting");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                info!("SIGINT: exiting");
+                break;
+            }
+            _ = hangup.recv() => {
+                let registry = registry.clone();
+                tokio::spawn(async move { log_reload(registry.reload().await, "SIGHUP") });
+            }
+        }
     }
     let left = tokio::task::spawn_blocking(move || registry.finish_pagers(PAGER_FINISH_TIMEOUT))
         .await
@@ -175,6 +202,47 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     }
     let _ = fs::remove_file(crate::control::socket_path(state_dir));
     Ok(())
+}
+
+/// Keeps every service's log under `max_bytes`, checking them each
+/// [`LOG_ROTATE_INTERVAL`], until the daemon exits.
+async fn rotate_logs(logs_dir: PathBuf, max_bytes: u64) {
+    let mut ticks = tokio::time::interval(LOG_ROTATE_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let dir = logs_dir.clone();
+        let Ok((rotated, failed)) =
+            tokio::task::spawn_blocking(move || crate::service_log::rotate_dir(&dir, max_bytes))
+                .await
+        else {
+            continue;
+        };
+        for log in rotated {
+            info!("rotated {} (larger than {max_bytes} bytes)", log.display());
+        }
+        for (log, err) in failed {
+            warn!("rotating {}: {err}", log.display());
+        }
+    }
+}
+
+/// Logs what a reload of the services directory did.
+fn log_reload(outcome: Result<ReloadReport, TrustError>, cause: &str) {
+    match outcome {
+        Ok(report) if report.is_clean() => {
+            info!(
+                "{cause}: services directory: {}",
+                report.to_string().replace('\n', "; ")
+            )
+        }
+        Ok(report) => {
+            warn!(
+                "{cause}: services directory: {}",
+                report.to_string().replace('\n', "; ")
+            )
+        }
+        Err(err) => warn!("{cause}: services directory not applied: {err}"),
+    }
 }
 
 /// The directories of a state directory, each created (mode 0700) when

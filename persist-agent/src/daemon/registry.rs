@@ -86,6 +86,36 @@ pub enum RegistryError {
     /// A directory of the state directory is not trusted.
     #[error("state directory: {0}")]
     Untrusted(#[from] persist_common::trust::TrustError),
+    /// The service is declared in a file of the services directory, which
+    /// a reload would bring back: the file is what to change.
+    #[error("{name} is declared in {}: delete or change the file, then run `persist-agent reload`", file.display())]
+    Declared {
+        /// The service.
+        name: String,
+        /// Its file.
+        file: PathBuf,
+    },
+}
+
+/// A service as a reload finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Current {
+    /// Registered, with this definition.
+    Registered(ServiceSpec),
+    /// Failed to come back or to be declared.
+    Failed {
+        /// The file that declares it, if one does.
+        declared_in: Option<PathBuf>,
+    },
+}
+
+/// A service that could not be brought back or declared, shown `failed`.
+#[derive(Debug, Clone)]
+pub(super) struct Broken {
+    /// Why.
+    pub error: String,
+    /// The services-directory file that declares it, if one does.
+    pub declared_in: Option<PathBuf>,
 }
 
 /// Every registered service, and services whose definition file is broken.
@@ -97,7 +127,14 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     pagers: Arc<Pagers>,
     services: Mutex<BTreeMap<String, Handle>>,
-    broken: Mutex<BTreeMap<String, String>>,
+    broken: Mutex<BTreeMap<String, Broken>>,
+    /// The services directory, applied at start and by each reload.
+    services_dir: PathBuf,
+    /// Services that run on their earlier definition because their file
+    /// is now broken: the file's error, for `status`.
+    file_errors: Mutex<BTreeMap<String, String>>,
+    /// Held by a reload while it applies the directory: one at a time.
+    reloading: tokio::sync::Mutex<()>,
     /// What the daemon did to a service on its own (rebuilt it), for `status`.
     notes: Mutex<BTreeMap<String, String>>,
     /// Untagged generations kept per `--on-idle keep` service.
@@ -105,8 +142,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the state directory's service store.
-    pub fn new(state_dir: &Path, watcher: SharedWatcher) -> Result<Self, RegistryError> {
+    /// Opens the state directory's service store; `services_dir` is the
+    /// directory of service files that [`Registry::reload`] applies.
+    pub fn new(
+        state_dir: &Path,
+        services_dir: &Path,
+        watcher: SharedWatcher,
+    ) -> Result<Self, RegistryError> {
         Ok(Self {
             state_dir: state_dir.to_owned(),
             store: ServiceStore::open(state_dir)?,
@@ -116,6 +158,9 @@ impl Registry {
             pagers: Arc::new(Pagers::default()),
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
+            services_dir: services_dir.to_owned(),
+            file_errors: Mutex::new(BTreeMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
             keep_generations: super::generations::DEFAULT_KEEP,
         })
@@ -146,6 +191,7 @@ impl Registry {
             }
         };
         for (name, result) in loaded {
+            let declared_in = result.as_ref().ok().and_then(|s| s.declared_in.clone());
             let brought_back = match result {
                 Ok(spec) => match self.rebuild_if_stale(&spec).await {
                     // Taking over a previous daemon's processes waits for
@@ -161,10 +207,7 @@ impl Registry {
                 Ok(()) => info!(service = %name, "registered again"),
                 Err(err) => {
                     warn!(service = %name, "cannot bring back: {err}");
-                    self.broken
-                        .lock()
-                        .expect("lock")
-                        .insert(name, err.to_string());
+                    self.mark_broken(&name, err.to_string(), declared_in);
                 }
             }
         }
@@ -318,7 +361,7 @@ impl Registry {
 
     /// The log the daemon opens as a built service's stdout and stderr.
     fn log_path(&self, name: &str) -> PathBuf {
-        self.state_dir.join("logs").join(format!("{name}.log"))
+        crate::service_log::path(&self.state_dir.join("logs"), name)
     }
 
     fn pristine_image(&self, name: &str) -> PathBuf {
@@ -445,7 +488,9 @@ impl Registry {
                     next,
                 }
             }
-            ServiceMode::Exec | ServiceMode::Inetd => Starter::Command,
+            ServiceMode::Exec | ServiceMode::Inetd => Starter::Command {
+                log: self.log_path(&spec.name),
+            },
         };
         self.watcher
             .lock()
@@ -467,8 +512,81 @@ impl Registry {
         Ok(prepared)
     }
 
-    /// Stops and unregisters a service.
+    /// Shows `name` as failed with `error` in `status`.
+    pub(super) fn mark_broken(&self, name: &str, error: String, declared_in: Option<PathBuf>) {
+        self.broken
+            .lock()
+            .expect("lock")
+            .insert(name.to_owned(), Broken { error, declared_in });
+    }
+
+    /// Stops and unregisters a service registered by `add`. One declared
+    /// in a file is refused: the next reload would bring it back.
     pub async fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        if let Some(file) = self.declared_in(name) {
+            return Err(RegistryError::Declared {
+                name: name.to_owned(),
+                file,
+            });
+        }
+        self.unregister(name).await
+    }
+
+    /// The file that declares `name`, registered or failed, if one does.
+    fn declared_in(&self, name: &str) -> Option<PathBuf> {
+        let registered = self
+            .services
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map(|handle| handle.spec.declared_in.clone());
+        registered.unwrap_or_else(|| {
+            let broken = self.broken.lock().expect("lock");
+            broken.get(name).and_then(|b| b.declared_in.clone())
+        })
+    }
+
+    /// Every service by name, registered (with its definition) or failed
+    /// (with the file that declares it, if one does): what a reload
+    /// compares the services directory with.
+    pub(super) fn current(&self) -> BTreeMap<String, Current> {
+        let mut current: BTreeMap<_, _> = self
+            .services
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(name, handle)| (name.clone(), Current::Registered(handle.spec.clone())))
+            .collect();
+        for (name, broken) in self.broken.lock().expect("lock").iter() {
+            current
+                .entry(name.clone())
+                .or_insert_with(|| Current::Failed {
+                    declared_in: broken.declared_in.clone(),
+                });
+        }
+        current
+    }
+
+    /// The services directory.
+    pub(super) fn services_dir(&self) -> &Path {
+        &self.services_dir
+    }
+
+    /// Waits for any other reload to finish; the directory is applied by
+    /// one reload at a time while the guard lives.
+    pub(super) async fn reload_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reloading.lock().await
+    }
+
+    /// Replaces the errors of files whose services run on their earlier
+    /// definition.
+    pub(super) fn set_file_errors(&self, errors: BTreeMap<String, String>) {
+        *self.file_errors.lock().expect("lock") = errors;
+    }
+
+    /// Stops and unregisters a service, whatever declared it.
+    pub(super) async fn unregister(&self, name: &str) -> Result<(), RegistryError> {
+        self.file_errors.lock().expect("lock").remove(name);
         if self.broken.lock().expect("lock").remove(name).is_some() {
             self.store.delete(name)?;
             return Ok(());
@@ -623,6 +741,7 @@ impl Registry {
                 .collect()
         };
         let notes = self.notes.lock().expect("lock").clone();
+        let file_errors = self.file_errors.lock().expect("lock").clone();
         // One walk of /proc for every running service, none when all are parked.
         let processes = std::cell::OnceCell::new();
         let mut statuses: Vec<ServiceStatus> = views
@@ -674,13 +793,13 @@ impl Registry {
                     last_prefetch_pages: pager.as_ref().map(|p| p.prefetched_pages),
                     rss_bytes: rss_of_sessions(&processes, &view.sessions),
                     parked_bytes,
-                    error: view.error,
+                    error: view.error.or_else(|| file_errors.get(&spec.name).cloned()),
                     generation: view.generation.map(|g| g.to_string()),
                     note: view.note.or_else(|| notes.get(&spec.name).cloned()),
                 }
             })
             .collect();
-        for (name, error) in self.broken.lock().expect("lock").iter() {
+        for (name, broken) in self.broken.lock().expect("lock").iter() {
             statuses.push(ServiceStatus {
                 name: name.clone(),
                 addr: String::new(),
@@ -699,7 +818,7 @@ impl Registry {
                 last_prefetch_pages: None,
                 rss_bytes: 0,
                 parked_bytes: 0,
-                error: Some(error.clone()),
+                error: Some(broken.error.clone()),
                 generation: None,
                 note: None,
             });

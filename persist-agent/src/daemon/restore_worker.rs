@@ -588,6 +588,12 @@ impl Worker {
                 .try_clone()
                 .map_err(|err| format!("duplicating the listener: {err}"))?,
         );
+        if let Some(log) = &self.log {
+            // A log the administrator removed is created anew, as the
+            // restored process's stdout and stderr.
+            crate::service_log::open(log)
+                .map_err(|err| format!("opening the log {}: {err}", log.display()))?;
+        }
         let config = RestoreConfig {
             verify_pages_first: verify,
             inherited,

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use super::{Child, Command, Supervisor, WokenBy, kill_stray, since_monotonic_us};
+use super::{Child, Command, Starter, Supervisor, WokenBy, kill_stray, since_monotonic_us};
 use crate::launch;
 
 impl Supervisor {
@@ -17,6 +17,12 @@ impl Supervisor {
         &mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> std::io::Result<()> {
+        let Starter::Command { log } = &self.starter else {
+            return Err(std::io::Error::other(
+                "an inetd service runs a command, not an image",
+            ));
+        };
+        let log = log.clone();
         let listener = std::net::TcpListener::from(self.listener.try_clone()?);
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -29,7 +35,10 @@ impl Supervisor {
                     let connection = connection.into_std()?;
                     connection.set_nonblocking(false)?;
                     let spawned = tokio::task::block_in_place(|| {
-                        launch::exec_for_connection(&self.spec, connection.as_fd())
+                        let opened = crate::service_log::open(&log).map_err(|source| {
+                            launch::LaunchError::Log { path: log.clone(), source }
+                        })?;
+                        launch::exec_for_connection(&self.spec, connection.as_fd(), opened.as_fd())
                     });
                     match spawned {
                         Ok(spawned) => {

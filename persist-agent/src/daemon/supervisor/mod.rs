@@ -214,7 +214,10 @@ impl Waker {
 /// How a service's process comes to run.
 pub enum Starter {
     /// Exec the command with the listener (or per connection, in inetd mode).
-    Command,
+    Command {
+        /// The service's log, its stdout and stderr ([`crate::service_log`]).
+        log: std::path::PathBuf,
+    },
     /// Resume a skeleton restored from the service's image.
     Restore {
         /// The restore thread.
@@ -374,7 +377,7 @@ impl Supervisor {
             error: None,
             generation: match &starter {
                 Starter::Restore { next, .. } => Some(*next),
-                Starter::Command => None,
+                Starter::Command { .. } => None,
             },
             note: None,
         }));
@@ -398,7 +401,7 @@ impl Supervisor {
         };
         let (worker_report, resume_trigger) = match &supervisor.starter {
             Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
-            Starter::Command => (None, None),
+            Starter::Command { .. } => (None, None),
         };
         if let Some(adopted) = adopted {
             match Child::new(adopted.record.pid, adopted.pidfd) {
@@ -585,7 +588,7 @@ impl Supervisor {
     /// No process runs any more: the next SYN wakes the service again.
     fn park(&mut self) {
         // A snapshot service's record now names its next skeleton.
-        if matches!(self.starter, Starter::Command) {
+        if matches!(self.starter, Starter::Command { .. }) {
             self.run_state.clear(&self.spec.name);
         }
         self.hold_backlog();

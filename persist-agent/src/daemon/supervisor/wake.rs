@@ -28,7 +28,7 @@ impl Supervisor {
                     .syn_resumes_unreported
                     > 0
             }
-            Starter::Command => false,
+            Starter::Command { .. } => false,
         }
     }
 
@@ -73,8 +73,13 @@ impl Supervisor {
         let started = match &self.starter {
             // fork and exec block: the runtime's other tasks move to
             // another worker meanwhile.
-            Starter::Command => tokio::task::block_in_place(|| {
-                launch::exec_with_listener(&self.spec, self.listener.as_fd())
+            Starter::Command { log } => tokio::task::block_in_place(|| {
+                let log =
+                    crate::service_log::open(log).map_err(|source| launch::LaunchError::Log {
+                        path: log.clone(),
+                        source,
+                    })?;
+                launch::exec_with_listener(&self.spec, self.listener.as_fd(), log.as_fd())
             })
             .map(|spawned| Started {
                 pid: spawned.pid,
@@ -127,7 +132,7 @@ impl Supervisor {
                 // A restored process was recorded when its skeleton was
                 // prepared (same pid): nothing to write while it answers
                 // its first request.
-                if matches!(self.starter, Starter::Command) {
+                if matches!(self.starter, Starter::Command { .. }) {
                     self.run_state
                         .record_process(&self.spec.name, pid, &self.listener, None);
                 }
@@ -156,7 +161,7 @@ impl Supervisor {
         }
         let stale = match &self.starter {
             Starter::Restore { worker, .. } => worker.report().lock().expect("report lock").stale,
-            Starter::Command => false,
+            Starter::Command { .. } => false,
         };
         self.hold_backlog();
         {
