@@ -235,6 +235,15 @@ fn image_without_signal_queues_still_restores_every_pending_signal() {
     kill_and_wait_dead(pid);
 }
 
+/// POSIX timers come back with their ids (sparse), clocks, notifications
+/// (process, thread, none), values and intervals, armed with no more time
+/// left than they had; an interval timer and a timerfd too.
+#[test]
+fn timers_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-timers").unwrap();
+}
+
 #[test]
 fn seccomp_fixture_restores_twice_from_one_image() {
     persist_tests::require_root!();

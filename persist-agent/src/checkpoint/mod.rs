@@ -25,6 +25,7 @@
 mod freeze;
 mod inject;
 mod memory;
+mod posix_timers;
 mod process;
 mod recovery;
 mod seccomp;
@@ -248,6 +249,16 @@ pub enum CheckpointError {
         /// End of the mapping.
         end: u64,
         /// What it is.
+        what: String,
+    },
+    /// A POSIX timer that a restore could not rebuild.
+    #[error("pid {pid}: POSIX timer {id} cannot be checkpointed: {what}")]
+    UnsupportedTimer {
+        /// The process.
+        pid: i32,
+        /// The timer id.
+        id: i32,
+        /// Why.
         what: String,
     },
     /// A /proc file or other per-process source could not be read.
@@ -582,7 +593,7 @@ fn save(
             threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain, journal)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut process = process::save_process(pid, &mem, syscall_at, journal)?;
+    let mut process = process::save_process(pid, &mem, syscall_at, frozen.tids(), journal)?;
     process.seccomp_filters = seccomp.filters;
     let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
 

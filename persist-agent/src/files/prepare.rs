@@ -13,6 +13,7 @@ use super::memfd::Memfds;
 use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
+use super::timerfd::TimerfdArm;
 use super::unix::UnixPairs;
 use super::{epoll, eventfd, inet, memfd, regular, signalfd, timerfd, unix};
 
@@ -65,8 +66,8 @@ impl InheritedFds {
 /// directory with its contents); pipes are refilled (an anonymous pipe end
 /// whose other end was outside the process gets a fresh pipe: a read end
 /// reads the saved data then end-of-file, a write end writes to /dev/null);
-/// FIFOs are reopened by path and refilled; eventfd, timerfd (re-armed with
-/// the saved remaining time and interval, unread ticks kept), signalfd and
+/// FIFOs are reopened by path and refilled; eventfd, timerfd (unarmed: see
+/// [`PreparedFds::take_timerfds`]), signalfd and
 /// memfd (name, size, contents, seals) are rebuilt; TCP listeners are bound
 /// again with `SO_REUSEADDR` to the same address and listen; UDP sockets are
 /// bound and connected again; UNIX listeners
@@ -98,6 +99,7 @@ pub fn prepare(
     let mut memfds = Vec::new();
     let mut sources: HashMap<i32, RawFd> = HashMap::new();
     let mut proc_self_files: Vec<ProcSelfFile> = Vec::new();
+    let mut timerfds = Vec::new();
 
     for info in fds {
         if !inherited.contains_key(&info.fd) && opened_by_child(info, &mut proc_self_files)? {
@@ -124,7 +126,14 @@ pub fn prepare(
                     .try_clone_to_owned()
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
-            (None, None) => object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?,
+            (None, None) => object(
+                info,
+                &mut pipes,
+                &mut pairs,
+                &mut created_memfds,
+                &mut timerfds,
+                access,
+            )?,
         };
         sources.insert(info.fd, source.as_raw_fd());
         slots.push(Slot {
@@ -190,6 +199,7 @@ pub fn prepare(
         watches,
         proc_self_files,
         memfds,
+        timerfds,
     })
 }
 
@@ -281,6 +291,7 @@ fn object(
     pipes: &mut Pipes<'_>,
     pairs: &mut UnixPairs<'_>,
     memfds: &mut Memfds,
+    timerfds: &mut Vec<TimerfdArm>,
     access: &PathAccess,
 ) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
@@ -322,7 +333,12 @@ fn object(
             interval_ns,
             value_ns,
             ticks,
-        } => timerfd::create(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?,
+        } => {
+            let (timer, arm) =
+                timerfd::create(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?;
+            timerfds.push(arm);
+            timer
+        }
         FdKind::Signalfd { mask } => signalfd::create(fd, *mask)?,
         FdKind::Epoll { .. } => epoll::create(fd)?,
         FdKind::Memfd {

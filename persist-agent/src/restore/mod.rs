@@ -54,6 +54,7 @@ mod skeleton;
 mod spawn;
 mod table;
 mod threads;
+mod timers;
 mod verify;
 
 use std::io::Write as _;

@@ -86,11 +86,13 @@
 mod error;
 mod io;
 mod manifest;
+mod posix_timer;
 mod working_set;
 
 pub use error::ImageError;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
+pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };
