@@ -1042,3 +1042,79 @@ fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
     );
     kill_and_wait_dead(pid);
 }
+
+/// Timers count their time left from the wake, not from the prepare: a
+/// skeleton that waits before it resumes finds its POSIX timers, its
+/// `ITIMER_REAL` and its timerfd with about the time left the image
+/// recorded, not that much less (nor expired, for a short wait).
+#[test]
+fn timers_count_their_time_left_from_the_resume() {
+    persist_tests::require_root!();
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use persist_agent::restore::{RestoreConfig, Skeleton};
+    use persist_common::image::{FdKind, Image};
+
+    const WAIT: Duration = Duration::from_secs(3);
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-timers", &dir).unwrap();
+    let mut pids = Pids::default();
+    pids.track(fixture.id() as i32);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+
+    let image = Arc::new(Image::open(&image).unwrap());
+    let process = &image.manifest().process;
+    let mut saved: HashMap<String, u64> = process
+        .posix_timers
+        .iter()
+        .filter(|t| t.remaining_ns > 0)
+        .map(|t| (format!("posix-{}", t.id), t.remaining_ns))
+        .collect();
+    let real = process.itimers.iter().find(|t| t.which == 0).unwrap();
+    saved.insert("itimer-real".into(), real.value_us * 1000);
+    let timerfd = image
+        .manifest()
+        .fds
+        .iter()
+        .find_map(|fd| match fd.kind {
+            FdKind::Timerfd { value_ns, .. } => Some(value_ns),
+            _ => None,
+        })
+        .expect("the image holds the fixture's timerfd");
+    saved.insert("timerfd".into(), timerfd);
+
+    let skeleton = Skeleton::prepare(Arc::clone(&image), RestoreConfig::default()).unwrap();
+    std::thread::sleep(WAIT);
+    let mut restored = skeleton.resume().unwrap();
+    let (pid, init) = (restored.pid, restored.init_pid);
+    let pager = std::thread::spawn(move || restored.pager.run_until_filled().unwrap());
+    let result = fixture_result(pid, &dir);
+    let remaining = std::fs::read_to_string(dir.join("remaining")).unwrap_or_default();
+    pager.join().unwrap();
+    kill_and_reap(pid, init);
+    assert_eq!(result.unwrap(), "OK", "the restored fixture's own checks");
+
+    let mut checked = 0;
+    for line in remaining.lines() {
+        let (name, left) = line.split_once(' ').unwrap();
+        let left: u64 = left.parse().unwrap();
+        let recorded = saved[name];
+        let lost = Duration::from_nanos(recorded.saturating_sub(left));
+        assert!(
+            lost < WAIT / 2,
+            "{name}: {left} ns left right after the wake, the image recorded {recorded} ns: \
+             it lost {lost:?}, so it counted during the {WAIT:?} before the wake"
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        saved.len(),
+        "every armed timer reported: {remaining:?}, saved {saved:?}"
+    );
+}
