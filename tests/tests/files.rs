@@ -602,6 +602,43 @@ fn missing_file_is_reported_with_fd_and_path() {
     );
 }
 
+/// File locks are not saved yet: a process holding one (flock, POSIX or
+/// OFD) is refused, naming the descriptor, the file and the lock, rather
+/// than restored without it.
+#[test]
+fn file_locks_are_refused_by_descriptor() {
+    persist_tests::require_root!();
+    for (kind, take) in [
+        ("FLOCK", "fcntl.flock(f, fcntl.LOCK_EX)"),
+        ("POSIX", "fcntl.lockf(f, fcntl.LOCK_EX)"),
+        (
+            "OFDLCK",
+            "fcntl.fcntl(f, fcntl.F_OFD_SETLK, struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0))",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "import fcntl, os, struct, sys, time\n\
+             f = open(sys.argv[1] + '/locked', 'w')\n\
+             os.dup2(f.fileno(), 40); f.close(); f = os.fdopen(40, 'w')\n\
+             {take}\n\
+             open(sys.argv[1] + '/ready', 'w').close()\n\
+             time.sleep(60)\n"
+        );
+        let python = start_python(dir.path(), &script);
+        let err = save(python.pid()).expect_err("a held lock must be refused");
+        let text = err.to_string();
+        let locked = dir.path().join("locked");
+        assert!(
+            text.starts_with(&format!(
+                "fd 40: {} holds a file lock ({kind} ",
+                locked.display()
+            )) && text.ends_with("which is not saved yet"),
+            "{kind}: {text}"
+        );
+    }
+}
+
 #[test]
 fn inotify_is_refused() {
     persist_tests::require_root!();
