@@ -1091,6 +1091,10 @@ fn timers_count_their_time_left_from_the_resume() {
     let skeleton = Skeleton::prepare(Arc::clone(&image), RestoreConfig::default()).unwrap();
     std::thread::sleep(WAIT);
     let mut restored = skeleton.resume().unwrap();
+    eprintln!(
+        "fixture-timers: resume (timers armed, then detached) took {:?}",
+        restored.timings.resume
+    );
     let (pid, init) = (restored.pid, restored.init_pid);
     let pager = std::thread::spawn(move || restored.pager.run_until_filled().unwrap());
     let result = fixture_result(pid, &dir);
