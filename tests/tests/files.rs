@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use persist_agent::files::{
     FilesError, InheritedFds, PathAccess, PreparedFds, prepare, save_fds, save_fds_excluding,
+    save_locks,
 };
 use persist_agent::sys::pidfd::PidFd;
 use persist_common::image::{EpollWatch, FdInfo, FdKind, FileIdentity, FileType, QueuedMessage};
@@ -602,41 +603,50 @@ fn missing_file_is_reported_with_fd_and_path() {
     );
 }
 
-/// File locks are not saved yet: a process holding one (flock, POSIX or
-/// OFD) is refused, naming the descriptor, the file and the lock, rather
-/// than restored without it.
+/// A flock taken by another live process on an open file it shares with
+/// the one checkpointed cannot be attributed: it is refused by descriptor,
+/// naming the file and the taker, rather than restored as the process's.
 #[test]
-fn file_locks_are_refused_by_descriptor() {
+fn a_flock_shared_with_its_live_taker_is_refused() {
     persist_tests::require_root!();
-    for (kind, take) in [
-        ("FLOCK", "fcntl.flock(f, fcntl.LOCK_EX)"),
-        ("POSIX", "fcntl.lockf(f, fcntl.LOCK_EX)"),
-        (
-            "OFDLCK",
-            "fcntl.fcntl(f, fcntl.F_OFD_SETLK, struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0))",
-        ),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let script = format!(
-            "import fcntl, os, struct, sys, time\n\
-             f = open(sys.argv[1] + '/locked', 'w')\n\
-             os.dup2(f.fileno(), 40); f.close(); f = os.fdopen(40, 'w')\n\
-             {take}\n\
-             open(sys.argv[1] + '/ready', 'w').close()\n\
-             time.sleep(60)\n"
-        );
-        let python = start_python(dir.path(), &script);
-        let err = save(python.pid()).expect_err("a held lock must be refused");
-        let text = err.to_string();
-        let locked = dir.path().join("locked");
-        assert!(
-            text.starts_with(&format!(
-                "fd 40: {} holds a file lock ({kind} ",
-                locked.display()
-            )) && text.ends_with("which is not saved yet"),
-            "{kind}: {text}"
-        );
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import fcntl, os, sys, time\n\
+        fd = os.open(sys.argv[1] + '/locked', os.O_WRONLY | os.O_CREAT)\n\
+        os.dup2(fd, 40); os.close(fd)\n\
+        fcntl.flock(40, fcntl.LOCK_EX)\n\
+        if os.fork() == 0:\n\
+        \x20   open(sys.argv[1] + '/ready', 'w').close()\n\
+        \x20   time.sleep(60)\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let taker = python.pid();
+    let sharer = persist_tests::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{taker}/task/{taker}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+    })
+    .map(|()| {
+        std::fs::read_to_string(format!("/proc/{taker}/task/{taker}/children"))
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    })
+    .expect("the forked sharer");
+    let fds = save(sharer).expect("its descriptors are supported");
+    let err = save_locks(sharer, &fds).expect_err("the lock is its parent's");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sharer),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let locked = dir.path().join("locked");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fd 40: {}: the FLOCK lock was taken by pid {taker}, which shares its open file: \
+             it cannot be attributed to pid {sharer}",
+            locked.display()
+        )
+    );
 }
 
 #[test]

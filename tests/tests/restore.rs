@@ -1122,3 +1122,122 @@ fn timers_count_their_time_left_from_the_resume() {
         "every armed timer reported: {remaining:?}, saved {saved:?}"
     );
 }
+
+/// What another process finds of `file`'s POSIX locks on `len` bytes from
+/// `start` (`F_GETLK` for a write lock): the conflicting lock's type,
+/// start, length and owner, or `F_UNLCK`.
+fn posix_lock_on(file: &std::fs::File, start: i64, len: i64) -> (i32, i64, i64, i32) {
+    let mut probe = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).unwrap();
+    (
+        i32::from(probe.l_type),
+        probe.l_start,
+        probe.l_len,
+        probe.l_pid,
+    )
+}
+
+/// Whether another open file description of `path` can take a flock.
+fn flock_free(path: &Path, exclusive: bool) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = std::fs::File::open(path).unwrap();
+    let arg = if exclusive {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    Flock::lock(file, arg).is_ok()
+}
+
+/// flock, POSIX and OFD locks come back held by the restored process (its
+/// own checks see the flock and OFD lock, this test, another process, sees
+/// all of them with their ranges and owner), restored twice from one image;
+/// and an `O_APPEND` file keeps its flag and offset.
+#[test]
+fn file_locks_come_back_held_by_the_restored_process() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-locks", &dir).unwrap();
+    let mut pids = Pids::default();
+    pids.track(fixture.id() as i32);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+    assert!(
+        flock_free(&dir.join("flock"), true),
+        "the checkpointed fixture is gone with its locks"
+    );
+
+    let posix = std::fs::File::open(dir.join("posix")).unwrap();
+    let ofd = std::fs::File::open(dir.join("ofd")).unwrap();
+    for round in 1..=2 {
+        let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+        let pid = restored_pid(&output).unwrap();
+        pids.track(pid);
+        let result = fixture_result(pid, &dir).unwrap();
+        assert_eq!(result, "OK", "fixture-locks, restore {round} (pid {pid})");
+
+        let write = libc::F_WRLCK;
+        let read = libc::F_RDLCK;
+        assert_eq!(
+            posix_lock_on(&posix, 0, 50),
+            (write, 10, 5, pid),
+            "restore {round}: the POSIX write lock on bytes 10-14, owned by pid {pid}"
+        );
+        assert_eq!(
+            posix_lock_on(&posix, 60, 1000),
+            (read, 100, 0, pid),
+            "restore {round}: the POSIX read lock from byte 100 on, owned by pid {pid}"
+        );
+        assert_eq!(
+            posix_lock_on(&posix, 15, 85).0,
+            libc::F_UNLCK,
+            "restore {round}: bytes 15-99 are not locked"
+        );
+        let mut probe = libc::flock {
+            l_type: libc::F_RDLCK as i16,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&ofd, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut probe)).unwrap();
+        assert_eq!(
+            i32::from(probe.l_type),
+            write,
+            "restore {round}: the OFD write lock is held"
+        );
+        assert!(
+            !flock_free(&dir.join("flock"), false),
+            "restore {round}: the write flock is held"
+        );
+        assert!(
+            flock_free(&dir.join("shared"), false) && !flock_free(&dir.join("shared"), true),
+            "restore {round}: the read flock is held, and only for reading"
+        );
+        kill_and_wait_dead(pid);
+    }
+
+    // A lock someone else took meanwhile: the restore fails naming it.
+    let taken = nix::fcntl::Flock::lock(
+        std::fs::File::open(dir.join("flock")).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let err = failed_restore(&image);
+    assert!(
+        err.contains("taking the write flock of fd")
+            && err.contains("Resource temporarily unavailable"),
+        "a restore whose flock is taken by another: {err}"
+    );
+    drop(taken);
+}

@@ -596,6 +596,8 @@ fn save(
     let mut process = process::save_process(pid, &mem, syscall_at, frozen.tids(), journal)?;
     process.seccomp_filters = seccomp.filters;
     let fds = save_fds(pid, pidfd, &options.exclude_fds)?;
+    process.file_locks = crate::files::save_locks(pid, &fds)
+        .map_err(|source| CheckpointError::Files { pid, source })?;
 
     let manifest = Manifest {
         kernel: host::kernel_info(),

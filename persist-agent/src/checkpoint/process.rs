@@ -152,6 +152,8 @@ pub fn save_process(
         })?,
         itimers,
         posix_timers,
+        // Filled in by the caller, with the descriptors.
+        file_locks: Vec::new(),
         mm,
         // Filled in by the caller, from every thread's filters.
         seccomp_filters: Vec::new(),

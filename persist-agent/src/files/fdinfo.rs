@@ -50,14 +50,12 @@ impl FdInfoText {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The first file lock the descriptor holds (`lock:` lines, as
-    /// `/proc/locks` shows them: kind, mode, access, pid, file, range).
-    pub fn lock(&self) -> Option<String> {
-        let lock = self.value("lock")?;
-        // `1: FLOCK  ADVISORY  WRITE 812 00:1e:12 0 EOF`: the number is
-        // the kernel's count, meaningless here.
-        let words: Vec<&str> = lock.split_whitespace().skip(1).collect();
-        Some(words.join(" "))
+    /// Every value of the lines named `key`, in order.
+    pub fn values<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.lines
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// eventfd: the counter (`eventfd-count`, hex) and semaphore mode.
@@ -163,21 +161,6 @@ mod tests {
         assert_eq!(info.flags, 0o2004002);
         assert_eq!(info.ino, 1038);
         assert_eq!(info.eventfd(), Some((26, true)));
-    }
-
-    #[test]
-    fn names_a_held_lock() {
-        let text = "pos:\t0\nflags:\t0100002\nmnt_id:\t17\nino:\t1038\n\
-            lock:\t1: FLOCK  ADVISORY  WRITE 812 00:1e:1038 0 EOF\n";
-        let info = FdInfoText::parse(text).unwrap();
-        assert_eq!(
-            info.lock().as_deref(),
-            Some("FLOCK ADVISORY WRITE 812 00:1e:1038 0 EOF")
-        );
-        assert_eq!(
-            FdInfoText::parse("pos: 0\nflags: 02\n").unwrap().lock(),
-            None
-        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod save;
 mod epoll;
 mod eventfd;
 mod inet;
+mod locks;
 mod memfd;
 mod pipe;
 mod regular;
@@ -50,6 +51,7 @@ mod recorded;
 use std::io;
 
 pub use install::{PreparedFds, ProcSelfPosition};
+pub use locks::save_locks;
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};

@@ -132,16 +132,11 @@ fn list(pid: i32) -> Result<Vec<Listed>, FilesError> {
             path: info_path.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no pos or flags line"),
         })?;
-        let target = target.to_string_lossy().into_owned();
-        // fdinfo lists the locks this descriptor holds: a flock or OFD
-        // lock on its open file, a POSIX lock of the process on its file.
-        if let Some(lock) = info.lock() {
-            return Err(FilesError::unsupported(
-                fd,
-                format!("{target} holds a file lock ({lock}), which is not saved yet"),
-            ));
-        }
-        listed.push(Listed { fd, target, info });
+        listed.push(Listed {
+            fd,
+            target: target.to_string_lossy().into_owned(),
+            info,
+        });
     }
     Ok(listed)
 }

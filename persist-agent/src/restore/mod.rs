@@ -42,6 +42,7 @@
 mod child;
 mod creds;
 mod layout;
+mod locks;
 mod mapped_files;
 mod pager;
 #[cfg(test)]

@@ -12,7 +12,7 @@ use super::pager::Pager;
 use super::runner::{self, TableRunner};
 use super::spawn::TRACE_OPTIONS;
 use super::table::{Table, TableBuilder};
-use super::{RestoreError, creds, seccomp, signals, timers};
+use super::{RestoreError, creds, locks, seccomp, signals, timers};
 use crate::sys::clone;
 use crate::sys::ptrace::{self, Regs, Stop, reg};
 
@@ -115,11 +115,13 @@ pub(super) fn restore_state(
     // Last: the region goes, so the main thread faults right after the
     // munmap returns; that SIGSEGV is the expected end. Before it, with
     // every thread made and credentialed, the main thread queues the
-    // recorded signals again and creates the POSIX timers (which may
-    // signal any thread). Timers on running clocks are armed, and the
+    // recorded signals again, takes the file locks (a POSIX lock is the
+    // taking process's) and creates the POSIX timers (which may signal any
+    // thread). Timers on running clocks are armed, and the
     // region unmapped, only when the process resumes (see `timers.rs`).
     let mut t = runner.table();
     signals::append(&mut t, manifest)?;
+    locks::append(&mut t, manifest);
     timers::create(&mut t, manifest);
     let at_resume = timers::arm_at_resume(manifest);
     let resume_table = if at_resume {

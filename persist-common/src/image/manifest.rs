@@ -122,6 +122,10 @@ pub struct ProcessInfo {
     /// lists them. Missing from images written before they were saved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub posix_timers: Vec<super::PosixTimer>,
+    /// File locks (flock, POSIX and OFD) the process holds, by descriptor.
+    /// Missing from images written before they were saved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_locks: Vec<super::FileLock>,
     /// The kernel's memory-layout fields (`PR_SET_MM_MAP`).
     pub mm: MmFields,
     /// Every distinct seccomp filter of the process's threads, each stored

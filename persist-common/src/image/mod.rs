@@ -84,12 +84,14 @@
 //! never needed to restore.
 
 mod error;
+mod file_lock;
 mod io;
 mod manifest;
 mod posix_timer;
 mod working_set;
 
 pub use error::ImageError;
+pub use file_lock::{FileLock, LockKind};
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
