@@ -196,7 +196,7 @@ mod tests {
         };
         let mut posix = vec![timer(libc::CLOCK_PROCESS_CPUTIME_ID, 5, 0)];
         assert!(
-            !running_clock_armed(&[virtual_timer.clone()], &posix),
+            !running_clock_armed(&[virtual_timer], &posix),
             "CPU-time timers are armed at once"
         );
         posix.push(timer(libc::CLOCK_MONOTONIC, 0, 0));
