@@ -194,8 +194,12 @@ fn install_and_verify(prepared: PreparedFds, dir: &Path, port: u16) -> i32 {
 }
 
 /// Forks; the child installs `prepared` and execs `program` with `args`.
-/// Returns the child's exit status.
-fn install_and_exec(prepared: PreparedFds, program: &str, args: &[&str]) -> i32 {
+/// Returns the child's exit status. The timerfds, which `prepare` leaves
+/// unarmed for the resume, are armed first.
+fn install_and_exec(mut prepared: PreparedFds, program: &str, args: &[&str]) -> i32 {
+    for timerfd in prepared.take_timerfds() {
+        timerfd.arm().expect("arm a timerfd");
+    }
     let path = CString::new(program).unwrap();
     let args: Vec<CString> = std::iter::once(program)
         .chain(args.iter().copied())
