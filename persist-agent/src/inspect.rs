@@ -89,6 +89,16 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
         p.sigactions.len(),
         p.environ.len()
     );
+    let _ = writeln!(
+        out,
+        "  timers    {} interval timers armed, {} POSIX timers; {} file locks",
+        p.itimers
+            .iter()
+            .filter(|t| t.value_us > 0 || t.interval_us > 0)
+            .count(),
+        p.posix_timers.len(),
+        p.file_locks.len()
+    );
 
     let _ = writeln!(out, "threads ({})", manifest.threads.len());
     let _ = writeln!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use persist_agent::files::{
     FilesError, InheritedFds, PathAccess, PreparedFds, prepare, save_fds, save_fds_excluding,
+    save_locks,
 };
 use persist_agent::sys::pidfd::PidFd;
 use persist_common::image::{EpollWatch, FdInfo, FdKind, FileIdentity, FileType, QueuedMessage};
@@ -198,8 +199,12 @@ fn install_and_verify(prepared: PreparedFds, dir: &Path, port: u16) -> i32 {
 }
 
 /// Forks; the child installs `prepared` and execs `program` with `args`.
-/// Returns the child's exit status.
-fn install_and_exec(prepared: PreparedFds, program: &str, args: &[&str]) -> i32 {
+/// Returns the child's exit status. The timerfds, which `prepare` leaves
+/// unarmed for the resume, are armed first.
+fn install_and_exec(mut prepared: PreparedFds, program: &str, args: &[&str]) -> i32 {
+    for timerfd in prepared.take_timerfds() {
+        timerfd.arm().expect("arm a timerfd");
+    }
     let path = CString::new(program).unwrap();
     let args: Vec<CString> = std::iter::once(program)
         .chain(args.iter().copied())
@@ -607,6 +612,52 @@ fn missing_file_is_reported_with_fd_and_path() {
         format!(
             "fd 10: reopening {}: No such file or directory (os error 2)",
             path.display()
+        )
+    );
+}
+
+/// A flock taken by another live process on an open file it shares with
+/// the one checkpointed cannot be attributed: it is refused by descriptor,
+/// naming the file and the taker, rather than restored as the process's.
+#[test]
+fn a_flock_shared_with_its_live_taker_is_refused() {
+    persist_tests::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import fcntl, os, sys, time\n\
+        fd = os.open(sys.argv[1] + '/locked', os.O_WRONLY | os.O_CREAT)\n\
+        os.dup2(fd, 40); os.close(fd)\n\
+        fcntl.flock(40, fcntl.LOCK_EX)\n\
+        if os.fork() == 0:\n\
+        \x20   open(sys.argv[1] + '/ready', 'w').close()\n\
+        \x20   time.sleep(60)\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let taker = python.pid();
+    let sharer = persist_tests::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{taker}/task/{taker}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+    })
+    .map(|()| {
+        std::fs::read_to_string(format!("/proc/{taker}/task/{taker}/children"))
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    })
+    .expect("the forked sharer");
+    let fds = save(sharer).expect("its descriptors are supported");
+    let err = save_locks(sharer, &fds).expect_err("the lock is its parent's");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sharer),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let locked = dir.path().join("locked");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fd 40: {}: the FLOCK lock was taken by pid {taker}, which shares its open file: \
+             it cannot be attributed to pid {sharer}",
+            locked.display()
         )
     );
 }

@@ -235,6 +235,15 @@ fn image_without_signal_queues_still_restores_every_pending_signal() {
     kill_and_wait_dead(pid);
 }
 
+/// POSIX timers come back with their ids (sparse), clocks, notifications
+/// (process, thread, none), values and intervals, armed with no more time
+/// left than they had; an interval timer and a timerfd too.
+#[test]
+fn timers_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-timers").unwrap();
+}
+
 #[test]
 fn seccomp_fixture_restores_twice_from_one_image() {
     persist_tests::require_root!();
@@ -1032,4 +1041,203 @@ fn a_delta_image_stores_only_the_changed_pages_and_restores_all() {
         "the delta restores the changed and the unchanged pages"
     );
     kill_and_wait_dead(pid);
+}
+
+/// Timers count their time left from the wake, not from the prepare: a
+/// skeleton that waits before it resumes finds its POSIX timers, its
+/// `ITIMER_REAL` and its timerfd with about the time left the image
+/// recorded, not that much less (nor expired, for a short wait).
+#[test]
+fn timers_count_their_time_left_from_the_resume() {
+    persist_tests::require_root!();
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use persist_agent::restore::{RestoreConfig, Skeleton};
+    use persist_common::image::{FdKind, Image};
+
+    const WAIT: Duration = Duration::from_secs(3);
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-timers", &dir).unwrap();
+    let mut pids = Pids::default();
+    pids.track(fixture.id() as i32);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+
+    let image = Arc::new(Image::open(&image).unwrap());
+    let process = &image.manifest().process;
+    let mut saved: HashMap<String, u64> = process
+        .posix_timers
+        .iter()
+        .filter(|t| t.remaining_ns > 0)
+        .map(|t| (format!("posix-{}", t.id), t.remaining_ns))
+        .collect();
+    let real = process.itimers.iter().find(|t| t.which == 0).unwrap();
+    saved.insert("itimer-real".into(), real.value_us * 1000);
+    let timerfd = image
+        .manifest()
+        .fds
+        .iter()
+        .find_map(|fd| match fd.kind {
+            FdKind::Timerfd { value_ns, .. } => Some(value_ns),
+            _ => None,
+        })
+        .expect("the image holds the fixture's timerfd");
+    saved.insert("timerfd".into(), timerfd);
+
+    let skeleton = Skeleton::prepare(Arc::clone(&image), RestoreConfig::default()).unwrap();
+    std::thread::sleep(WAIT);
+    let mut restored = skeleton.resume().unwrap();
+    eprintln!(
+        "fixture-timers: resume (timers armed, then detached) took {:?}",
+        restored.timings.resume
+    );
+    let (pid, init) = (restored.pid, restored.init_pid);
+    let pager = std::thread::spawn(move || restored.pager.run_until_filled().unwrap());
+    let result = fixture_result(pid, &dir);
+    let remaining = std::fs::read_to_string(dir.join("remaining")).unwrap_or_default();
+    pager.join().unwrap();
+    kill_and_reap(pid, init);
+    assert_eq!(result.unwrap(), "OK", "the restored fixture's own checks");
+
+    let mut checked = 0;
+    for line in remaining.lines() {
+        let (name, left) = line.split_once(' ').unwrap();
+        let left: u64 = left.parse().unwrap();
+        let recorded = saved[name];
+        let lost = Duration::from_nanos(recorded.saturating_sub(left));
+        assert!(
+            lost < WAIT / 2,
+            "{name}: {left} ns left right after the wake, the image recorded {recorded} ns: \
+             it lost {lost:?}, so it counted during the {WAIT:?} before the wake"
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        saved.len(),
+        "every armed timer reported: {remaining:?}, saved {saved:?}"
+    );
+}
+
+/// What another process finds of `file`'s POSIX locks on `len` bytes from
+/// `start` (`F_GETLK` for a write lock): the conflicting lock's type,
+/// start, length and owner, or `F_UNLCK`.
+fn posix_lock_on(file: &std::fs::File, start: i64, len: i64) -> (i32, i64, i64, i32) {
+    let mut probe = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).unwrap();
+    (
+        i32::from(probe.l_type),
+        probe.l_start,
+        probe.l_len,
+        probe.l_pid,
+    )
+}
+
+/// Whether another open file description of `path` can take a flock.
+fn flock_free(path: &Path, exclusive: bool) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = std::fs::File::open(path).unwrap();
+    let arg = if exclusive {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    Flock::lock(file, arg).is_ok()
+}
+
+/// flock, POSIX and OFD locks come back held by the restored process (its
+/// own checks see the flock and OFD lock, this test, another process, sees
+/// all of them with their ranges and owner), restored twice from one image;
+/// and an `O_APPEND` file keeps its flag and offset.
+#[test]
+fn file_locks_come_back_held_by_the_restored_process() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let mut fixture = start_fixture("fixture-locks", &dir).unwrap();
+    let mut pids = Pids::default();
+    pids.track(fixture.id() as i32);
+    checkpoint(agent(), fixture.id() as i32, &image).unwrap();
+    fixture.wait().unwrap();
+    assert!(
+        flock_free(&dir.join("flock"), true),
+        "the checkpointed fixture is gone with its locks"
+    );
+
+    let posix = std::fs::File::open(dir.join("posix")).unwrap();
+    let ofd = std::fs::File::open(dir.join("ofd")).unwrap();
+    for round in 1..=2 {
+        let output = run_ok(agent().arg("restore").arg("--image").arg(&image)).unwrap();
+        let pid = restored_pid(&output).unwrap();
+        pids.track(pid);
+        let result = fixture_result(pid, &dir).unwrap();
+        assert_eq!(result, "OK", "fixture-locks, restore {round} (pid {pid})");
+
+        let write = libc::F_WRLCK;
+        let read = libc::F_RDLCK;
+        assert_eq!(
+            posix_lock_on(&posix, 0, 50),
+            (write, 10, 5, pid),
+            "restore {round}: the POSIX write lock on bytes 10-14, owned by pid {pid}"
+        );
+        assert_eq!(
+            posix_lock_on(&posix, 60, 1000),
+            (read, 100, 0, pid),
+            "restore {round}: the POSIX read lock from byte 100 on, owned by pid {pid}"
+        );
+        assert_eq!(
+            posix_lock_on(&posix, 15, 85).0,
+            libc::F_UNLCK,
+            "restore {round}: bytes 15-99 are not locked"
+        );
+        let mut probe = libc::flock {
+            l_type: libc::F_RDLCK as i16,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&ofd, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut probe)).unwrap();
+        assert_eq!(
+            i32::from(probe.l_type),
+            write,
+            "restore {round}: the OFD write lock is held"
+        );
+        assert!(
+            !flock_free(&dir.join("flock"), false),
+            "restore {round}: the write flock is held"
+        );
+        assert!(
+            flock_free(&dir.join("shared"), false) && !flock_free(&dir.join("shared"), true),
+            "restore {round}: the read flock is held, and only for reading"
+        );
+        kill_and_wait_dead(pid);
+    }
+
+    // A lock someone else took meanwhile: the restore fails naming it.
+    let taken = nix::fcntl::Flock::lock(
+        std::fs::File::open(dir.join("flock")).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let err = failed_restore(&image);
+    assert!(
+        err.contains("taking the write flock of fd")
+            && err.contains("Resource temporarily unavailable"),
+        "a restore whose flock is taken by another: {err}"
+    );
+    drop(taken);
 }

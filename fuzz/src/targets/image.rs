@@ -426,6 +426,8 @@ fn rich_manifest(
         },
         created_unix_ms: 1_764_000_000_000,
         process: ProcessInfo {
+            posix_timers: Vec::new(),
+            file_locks: Vec::new(),
             // One filter: `ret ALLOW` (BPF_RET | BPF_K, SECCOMP_RET_ALLOW).
             seccomp_filters: vec![SeccompFilter {
                 program: [0x06, 0, 0, 0, 0x00, 0x00, 0xff, 0x7f].to_vec(),

@@ -25,6 +25,7 @@
 mod freeze;
 mod inject;
 mod memory;
+mod posix_timers;
 mod process;
 mod recovery;
 mod seccomp;
@@ -255,6 +256,16 @@ pub enum CheckpointError {
         /// End of the mapping.
         end: u64,
         /// What it is.
+        what: String,
+    },
+    /// A POSIX timer that a restore could not rebuild.
+    #[error("pid {pid}: POSIX timer {id} cannot be checkpointed: {what}")]
+    UnsupportedTimer {
+        /// The process.
+        pid: i32,
+        /// The timer id.
+        id: i32,
+        /// Why.
         what: String,
     },
     /// A /proc file or other per-process source could not be read.
@@ -617,10 +628,12 @@ fn save(
             threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain, journal)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut process = process::save_process(pid, &mem, syscall_at, journal)?;
+    let mut process = process::save_process(pid, &mem, syscall_at, frozen.tids(), journal)?;
     process.seccomp_filters = seccomp.filters;
     let SavedFds { fds, connections } = save_fds(pid, pidfd, &options.exclude_fds)?;
     refuse_clients(pid, &fds, &options.client_ports)?;
+    process.file_locks = crate::files::save_locks(pid, &fds)
+        .map_err(|source| CheckpointError::Files { pid, source })?;
 
     let manifest = Manifest {
         kernel: host::kernel_info(),

@@ -1,5 +1,6 @@
 //! Process-wide state: identity, command line, directories, limits,
-//! credentials, signal handlers, interval timers and the mm fields.
+//! credentials, signal handlers, interval and POSIX timers and the mm
+//! fields.
 //!
 //! Most comes from /proc; what /proc does not show (handlers, timers, the
 //! exact brk, securebits) is asked by system calls injected into the
@@ -14,6 +15,7 @@ use crate::sys::rlimit;
 
 use super::CheckpointError;
 use super::inject::Injector;
+use super::posix_timers;
 use super::recovery::Journal;
 use super::status;
 
@@ -28,17 +30,19 @@ const SIG_DFL: u64 = 0;
 
 /// Saves the process-wide state of stopped process `pid`, injecting calls
 /// into its leader thread through the `syscall` instruction at `syscall_at`
-/// (recorded in `journal`).
+/// (recorded in `journal`); `tids` are its threads.
 pub fn save_process(
     pid: i32,
     mem: &ProcMem,
     syscall_at: u64,
+    tids: &[i32],
     journal: &Journal,
 ) -> Result<ProcessInfo, CheckpointError> {
     let procfs_error = |what, source| CheckpointError::ProcFs { pid, what, source };
     let process = procfs::process::Process::new(pid).map_err(|e| procfs_error("process", e))?;
     let stat = process.stat().map_err(|e| procfs_error("stat", e))?;
     let status = status::read(pid, None)?;
+    let listed_timers = posix_timers::list(pid)?;
 
     let mut injector = Injector::new(pid, pid, mem, syscall_at, journal)?;
     let scratch = injector.scratch();
@@ -73,6 +77,7 @@ pub fn save_process(
             value_us: value_s * 1_000_000 + value_us,
         });
     }
+    let posix_timers = posix_timers::save(pid, &mut injector, &listed_timers, tids)?;
     let brk = injector.checked_syscall("brk", libc::SYS_brk, &[0])? as u64;
     let securebits = injector.checked_syscall(
         "prctl(PR_GET_SECUREBITS)",
@@ -146,6 +151,9 @@ pub fn save_process(
             }
         })?,
         itimers,
+        posix_timers,
+        // Filled in by the caller, with the descriptors.
+        file_locks: Vec::new(),
         mm,
         // Filled in by the caller, from every thread's filters.
         seccomp_filters: Vec::new(),

@@ -50,6 +50,14 @@ impl FdInfoText {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of the lines named `key`, in order.
+    pub fn values<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.lines
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// eventfd: the counter (`eventfd-count`, hex) and semaphore mode.
     pub fn eventfd(&self) -> Option<(u64, bool)> {
         let count = u64::from_str_radix(self.value("eventfd-count")?, 16).ok()?;

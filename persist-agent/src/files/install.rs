@@ -5,6 +5,7 @@ use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
+use super::timerfd::TimerfdArm;
 use crate::sys::fdops;
 
 /// One descriptor to install: `source` (held open by [`PreparedFds`]) goes
@@ -76,9 +77,18 @@ pub struct PreparedFds {
     pub(super) proc_self_files: Vec<ProcSelfFile>,
     /// Memfd inode (as saved) to the read-write memfd re-created for it.
     pub(super) memfds: Vec<(u64, RawFd)>,
+    /// What arms the timerfds, left to the resume.
+    pub(super) timerfds: Vec<TimerfdArm>,
 }
 
 impl PreparedFds {
+    /// Takes what arms the re-created timerfds, which are unarmed: the
+    /// caller arms them ([`TimerfdArm::arm`]) when the process resumes, so
+    /// that they count their time left from then.
+    pub fn take_timerfds(&mut self) -> Vec<TimerfdArm> {
+        std::mem::take(&mut self.timerfds)
+    }
+
     /// The highest descriptor number that [`Self::install_in_child`] fills
     /// or uses for a moment, or -1 if there is none. Descriptors the child
     /// must keep (a uffd, a report pipe) should be numbered above it.

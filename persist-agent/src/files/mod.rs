@@ -35,6 +35,7 @@ mod epoll;
 mod eventfd;
 mod inet;
 mod inotify;
+mod locks;
 mod memfd;
 mod pipe;
 mod regular;
@@ -53,11 +54,13 @@ mod recorded;
 use std::io;
 
 pub use install::{PreparedFds, ProcSelfPosition};
+pub use locks::save_locks;
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
 pub use save::{SavedFds, save_fds, save_fds_excluding, save_fds_holding};
 pub use tcp_repair::{RepairedConnections, leave_repair_mode_of};
+pub use timerfd::TimerfdArm;
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

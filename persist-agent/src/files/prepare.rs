@@ -13,6 +13,7 @@ use super::memfd::Memfds;
 use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
+use super::timerfd::TimerfdArm;
 use super::unix::UnixPairs;
 use super::{epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, timerfd, unix};
 
@@ -65,8 +66,8 @@ impl InheritedFds {
 /// directory with its contents); pipes are refilled (an anonymous pipe end
 /// whose other end was outside the process gets a fresh pipe: a read end
 /// reads the saved data then end-of-file, a write end writes to /dev/null);
-/// FIFOs are reopened by path and refilled; eventfd, timerfd (re-armed with
-/// the saved remaining time and interval, unread ticks kept), signalfd and
+/// FIFOs are reopened by path and refilled; eventfd, timerfd (unarmed: see
+/// [`PreparedFds::take_timerfds`]), signalfd and
 /// memfd (name, size, contents, seals) are rebuilt; inotify instances get
 /// their watches again, each with its watch descriptor, on the file its path
 /// names if that is still the recorded one; TCP listeners are bound
@@ -103,6 +104,7 @@ pub fn prepare(
     let mut sources: HashMap<i32, RawFd> = HashMap::new();
     let mut proc_self_files: Vec<ProcSelfFile> = Vec::new();
     let mut connections = Vec::new();
+    let mut timerfds = Vec::new();
 
     for info in fds {
         if !inherited.contains_key(&info.fd) && opened_by_child(info, &mut proc_self_files)? {
@@ -130,7 +132,14 @@ pub fn prepare(
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
             (None, None) => {
-                let created = object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?;
+                let created = object(
+                    info,
+                    &mut pipes,
+                    &mut pairs,
+                    &mut created_memfds,
+                    &mut timerfds,
+                    access,
+                )?;
                 if let FdKind::TcpConnection(saved) = &info.kind {
                     connections.push((info.fd, created.as_raw_fd(), saved));
                 }
@@ -219,6 +228,7 @@ pub fn prepare(
         watches,
         proc_self_files,
         memfds,
+        timerfds,
     })
 }
 
@@ -315,6 +325,7 @@ fn object(
     pipes: &mut Pipes<'_>,
     pairs: &mut UnixPairs<'_>,
     memfds: &mut Memfds,
+    timerfds: &mut Vec<TimerfdArm>,
     access: &PathAccess,
 ) -> Result<OwnedFd, FilesError> {
     let fd = info.fd;
@@ -356,7 +367,12 @@ fn object(
             interval_ns,
             value_ns,
             ticks,
-        } => timerfd::create(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?,
+        } => {
+            let (timer, arm) =
+                timerfd::create(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?;
+            timerfds.push(arm);
+            timer
+        }
         FdKind::Signalfd { mask } => signalfd::create(fd, *mask)?,
         FdKind::Epoll { .. } => epoll::create(fd)?,
         FdKind::Inotify { watches } => inotify::create(fd, watches, access)?,

@@ -178,7 +178,9 @@ pub fn build(
     let probe = layout_table(manifest, own, fds, attributes, REGION_FLOOR, 0)?;
     let later = LATER_TABLES_ROOM
         + super::seccomp::table_room(&manifest.process.seccomp_filters)
-        + super::signals::table_room(manifest);
+        + super::signals::table_room(manifest)
+        + super::timers::table_room(manifest)
+        + super::locks::table_room(manifest);
     let table_room = (probe.bytes.len() as u64 + later).next_multiple_of(PAGE_SIZE);
     let size = table_room + scratch;
     let base = choose_region(manifest, own, size).ok_or_else(|| {

@@ -42,6 +42,7 @@
 mod child;
 mod creds;
 mod layout;
+mod locks;
 mod mapped_files;
 mod pager;
 #[cfg(test)]
@@ -54,6 +55,7 @@ mod skeleton;
 mod spawn;
 mod table;
 mod threads;
+mod timers;
 mod verify;
 
 use std::io::Write as _;

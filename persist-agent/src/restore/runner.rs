@@ -51,6 +51,13 @@ impl TableRunner<'_> {
         table: Table,
         ends_unmapped: bool,
     ) -> Result<Vec<i32>, RestoreError> {
+        self.load(&table)?;
+        execute(tid, &table, ends_unmapped)
+    }
+
+    /// Writes `table` into the restorer region, to be run later by
+    /// [`execute`].
+    pub(super) fn load(&self, table: &Table) -> Result<(), RestoreError> {
         if table.bytes.len() as u64 > self.region.table_room {
             return Err(RestoreError::Layout(format!(
                 "a table of {} bytes does not fit the restorer region",
@@ -59,38 +66,49 @@ impl TableRunner<'_> {
         }
         self.mem
             .write_all_at(table.base, &table.bytes)
-            .map_err(RestoreError::ptrace(self.pid, "write the restorer table"))?;
-        let mut regs: Regs = ptrace::get_regs(tid).map_err(RestoreError::ptrace(tid, "getregs"))?;
-        regs[reg::RIP] = table.base;
-        regs[reg::RDI] = table.entries_addr;
-        regs[reg::RSI] = table.count;
-        regs[reg::ORIG_RAX] = u64::MAX;
-        regs[reg::RAX] = 0;
-        ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
-        ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
-        let mut created = Vec::new();
-        loop {
-            match ptrace::wait(tid).map_err(RestoreError::ptrace(tid, "wait"))? {
-                Stop::Event {
-                    event: ptrace::PTRACE_EVENT_CLONE,
-                    ..
-                } => {
-                    let new = ptrace::event_message(tid)
-                        .map_err(RestoreError::ptrace(tid, "event message"))?;
-                    created.push(new as i32);
-                    ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
-                }
-                Stop::Signal(libc::SIGTRAP) => break,
-                Stop::Signal(libc::SIGSEGV) if ends_unmapped => return Ok(created),
-                other => {
-                    return Err(RestoreError::Unexpected {
-                        pid: tid,
-                        what: format!("{other:?} while running a restorer table"),
-                    });
-                }
+            .map_err(RestoreError::ptrace(self.pid, "write the restorer table"))
+    }
+}
+
+/// Runs `table`, already [loaded](TableRunner::load) in the restorer
+/// region, in stopped thread `tid`; returns the tids of threads it created
+/// (in creation order). With `ends_unmapped`, the table unmaps the region
+/// and its run ends with the `SIGSEGV` of the next instruction fetch.
+pub(super) fn execute(
+    tid: i32,
+    table: &Table,
+    ends_unmapped: bool,
+) -> Result<Vec<i32>, RestoreError> {
+    let mut regs: Regs = ptrace::get_regs(tid).map_err(RestoreError::ptrace(tid, "getregs"))?;
+    regs[reg::RIP] = table.base;
+    regs[reg::RDI] = table.entries_addr;
+    regs[reg::RSI] = table.count;
+    regs[reg::ORIG_RAX] = u64::MAX;
+    regs[reg::RAX] = 0;
+    ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
+    ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
+    let mut created = Vec::new();
+    loop {
+        match ptrace::wait(tid).map_err(RestoreError::ptrace(tid, "wait"))? {
+            Stop::Event {
+                event: ptrace::PTRACE_EVENT_CLONE,
+                ..
+            } => {
+                let new = ptrace::event_message(tid)
+                    .map_err(RestoreError::ptrace(tid, "event message"))?;
+                created.push(new as i32);
+                ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
+            }
+            Stop::Signal(libc::SIGTRAP) => break,
+            Stop::Signal(libc::SIGSEGV) if ends_unmapped => return Ok(created),
+            other => {
+                return Err(RestoreError::Unexpected {
+                    pid: tid,
+                    what: format!("{other:?} while running a restorer table"),
+                });
             }
         }
-        check_table(tid, &table)?;
-        Ok(created)
     }
+    check_table(tid, table)?;
+    Ok(created)
 }

@@ -84,6 +84,35 @@ pub struct Skeleton {
     sigcont_is_default: bool,
     /// Set once [`Skeleton::release`] left it in a group stop.
     continuer: Option<Continuer>,
+    /// Its timers, armed when it resumes; taken by the first resume or
+    /// release.
+    timers: Option<ResumeTimers>,
+}
+
+/// What arms a process's timers when it resumes, so that they count their
+/// time left from then, however long the skeleton waited.
+#[derive(Debug, Default)]
+struct ResumeTimers {
+    /// Its timerfds, armed by the agent.
+    timerfds: Vec<files::TimerfdArm>,
+    /// The table that arms its own timers (interval and POSIX timers on
+    /// clocks that run while it is stopped), run by its main thread under
+    /// ptrace: such a process is never released to a group stop.
+    table: Option<threads::ResumeTable>,
+}
+
+impl ResumeTimers {
+    /// Arms every timer; `pid`'s main thread must be stopped under ptrace
+    /// when there is a table to run.
+    fn arm(&self, pid: i32) -> Result<(), RestoreError> {
+        if let Some(table) = &self.table {
+            table.run(pid)?;
+        }
+        for timerfd in &self.timerfds {
+            timerfd.arm()?;
+        }
+        Ok(())
+    }
 }
 
 /// Lets a released skeleton run (`SIGCONT`), from any thread: the daemon's wake
@@ -100,6 +129,8 @@ struct ContinuerState {
     pidfd: PidFd,
     /// When the process was continued, and how long that took, once it was.
     continued: std::sync::Mutex<Option<(Instant, Duration)>>,
+    /// Its timers, armed right before the continue.
+    timers: ResumeTimers,
 }
 
 impl Continuer {
@@ -112,6 +143,7 @@ impl Continuer {
         }
         let started = Instant::now();
         let pid = self.inner.pidfd.pid();
+        self.inner.timers.arm(pid)?;
         self.inner
             .pidfd
             .send_signal(Signal::SIGCONT)
@@ -183,7 +215,8 @@ impl Skeleton {
             config.accept_changed_files,
             agent_files,
         );
-        let fds = files::prepare(&manifest.fds, config.inherited, &access)?;
+        let mut fds = files::prepare(&manifest.fds, config.inherited, &access)?;
+        let timerfds = fds.take_timerfds();
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let resources = Resources::open(&image, &fds, uffd_fd + 1, &access)?;
         let own = OwnLayout::read()?;
@@ -257,7 +290,7 @@ impl Skeleton {
         };
         let tids = threads::create(&mut runner, manifest)?;
         guard.threads.extend(tids.iter().skip(1));
-        threads::restore_state(&mut runner, manifest, &tids, &mut pager)?;
+        let resume_table = threads::restore_state(&mut runner, manifest, &tids, &mut pager)?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
         files::warm_own_proc_entries(pid);
 
@@ -268,6 +301,10 @@ impl Skeleton {
             tids,
             init_pid,
             sigcont_is_default: sigcont_is_default(manifest),
+            timers: Some(ResumeTimers {
+                timerfds,
+                table: resume_table,
+            }),
             uffd_fd,
             continuer: None,
             pidfd: Some(pidfd),
@@ -314,8 +351,11 @@ impl Skeleton {
     /// listening socket (which keeps queuing connections), and a restarted
     /// daemon takes that socket back and kills it (a recorded process found
     /// stopped is never adopted).
+    /// `None` too when the process has timers of its own to arm at the
+    /// resume, which takes a table run under ptrace.
     pub fn release(&mut self) -> Result<Option<Continuer>, RestoreError> {
-        if !self.sigcont_is_default {
+        let own_timers = self.timers.as_ref().is_some_and(|t| t.table.is_some());
+        if !self.sigcont_is_default || own_timers {
             return Ok(None);
         }
         if let Some(continuer) = &self.continuer {
@@ -334,6 +374,7 @@ impl Skeleton {
                     .try_clone()
                     .map_err(RestoreError::ptrace(self.pid, "dup pidfd"))?,
                 continued: std::sync::Mutex::new(None),
+                timers: self.timers.take().unwrap_or_default(),
             }),
         };
         self.continuer = Some(continuer.clone());
@@ -356,6 +397,9 @@ impl Skeleton {
             Some(continuer) => continuer.continue_process()?,
             None => {
                 let started = Instant::now();
+                if let Some(timers) = self.timers.take() {
+                    timers.arm(self.pid)?;
+                }
                 self.detach_all()?;
                 (started, started.elapsed())
             }

@@ -1,17 +1,18 @@
 //! The process's threads: the ones after the first created with their
 //! recorded tids, then each thread's own state. Natively, in restorer tables:
 //! rseq, alternate signal stack, name, clear_child_tid, robust list, seccomp
-//! filters and credentials (last); then, from outside, registers, xsave area,
-//! signal mask and pending signals, and the seccomp filters handed back to
-//! the kernel.
+//! filters and credentials (last), pending signals and POSIX timers; then,
+//! from outside, registers, xsave area, signal mask and pending signals, and
+//! the seccomp filters handed back to the kernel. Timers are armed last,
+//! perhaps only at the resume ([`ResumeTable`]).
 
 use persist_common::image::{Manifest, ThreadInfo};
 
 use super::pager::Pager;
-use super::runner::TableRunner;
+use super::runner::{self, TableRunner};
 use super::spawn::TRACE_OPTIONS;
-use super::table::TableBuilder;
-use super::{RestoreError, creds, seccomp, signals};
+use super::table::{Table, TableBuilder};
+use super::{RestoreError, creds, locks, seccomp, signals, timers};
 use crate::sys::clone;
 use crate::sys::ptrace::{self, Regs, Stop, reg};
 
@@ -77,15 +78,17 @@ pub(super) fn create(
     Ok(tids)
 }
 
-/// Per-thread state and credentials (natively, last), the restorer
-/// region unmapped, then registers, xsave, signal masks and pending
-/// signals set from outside; `tids` are the threads in manifest order.
+/// Per-thread state and credentials (natively, last), pending signals
+/// queued, POSIX timers created and the restorer region unmapped, then
+/// registers, xsave and signal masks set from outside; `tids` are the
+/// threads in manifest order. Returns the table to run when the process
+/// resumes, when it has timers to arm then (the region stays until then).
 pub(super) fn restore_state(
     runner: &mut TableRunner<'_>,
     manifest: &Manifest,
     tids: &[i32],
     pager: &mut Pager,
-) -> Result<(), RestoreError> {
+) -> Result<Option<ResumeTable>, RestoreError> {
     let pid = runner.pid;
     let current_creds = creds::own();
     let shared = seccomp::shared_prefix(&manifest.threads).len();
@@ -107,23 +110,38 @@ pub(super) fn restore_state(
         if let Some(current) = &current_creds {
             creds::append(&mut t, &manifest.process.credentials, current);
         }
-        if tid == pid {
-            itimers(&mut t, manifest);
-        }
         runner.run(tid, t.finish(), false)?;
     }
     // Last: the region goes, so the main thread faults right after the
     // munmap returns; that SIGSEGV is the expected end. Before it, with
     // every thread made and credentialed, the main thread queues the
-    // recorded signals again.
+    // recorded signals again, takes the file locks (a POSIX lock is the
+    // taking process's) and creates the POSIX timers (which may signal any
+    // thread). Timers on running clocks are armed, and the
+    // region unmapped, only when the process resumes (see `timers.rs`).
     let mut t = runner.table();
     signals::append(&mut t, manifest)?;
-    t.call(
-        "unmap the restorer region",
-        libc::SYS_munmap,
-        &[runner.region.base, runner.region.size],
-    );
-    runner.run(pid, t.finish(), true)?;
+    locks::append(&mut t, manifest);
+    timers::create(&mut t, manifest);
+    let at_resume = timers::arm_at_resume(manifest);
+    let resume_table = if at_resume {
+        runner.run(pid, t.finish(), false)?;
+        let mut t = runner.table();
+        timers::arm(&mut t, manifest);
+        unmap_region(&mut t, runner);
+        let table = t.finish();
+        runner.load(&table)?;
+        Some(ResumeTable {
+            table,
+            sigmask: manifest.threads[0].sigmask,
+            seccomp: !manifest.process.seccomp_filters.is_empty(),
+        })
+    } else {
+        timers::arm(&mut t, manifest);
+        unmap_region(&mut t, runner);
+        runner.run(pid, t.finish(), true)?;
+        None
+    };
 
     for (thread, &tid) in manifest.threads.iter().zip(tids) {
         set_thread_state(tid, thread)?;
@@ -143,7 +161,49 @@ pub(super) fn restore_state(
                 .map_err(RestoreError::ptrace(tid, "resume seccomp"))?;
         }
     }
-    Ok(())
+    Ok(resume_table)
+}
+
+fn unmap_region(t: &mut TableBuilder, runner: &TableRunner<'_>) {
+    t.call(
+        "unmap the restorer region",
+        libc::SYS_munmap,
+        &[runner.region.base, runner.region.size],
+    );
+}
+
+/// The last table of a restore, loaded in the restorer region and run by
+/// the main thread when the process resumes: it arms the timers and
+/// unmaps the region.
+#[derive(Debug)]
+pub(super) struct ResumeTable {
+    table: Table,
+    /// The main thread's own signal mask, put back after the run.
+    sigmask: u64,
+    /// Whether the process runs under seccomp filters, suspended for the
+    /// run (they may forbid what the table calls).
+    seccomp: bool,
+}
+
+impl ResumeTable {
+    /// Runs the table in the stopped main thread `pid`, which is left as
+    /// it was: registers, signal mask and seccomp filters.
+    pub(super) fn run(&self, pid: i32) -> Result<(), RestoreError> {
+        let regs = ptrace::get_regs(pid).map_err(RestoreError::ptrace(pid, "getregs"))?;
+        // Pending signals stay pending: a delivery would stop the run.
+        ptrace::set_sigmask(pid, u64::MAX).map_err(RestoreError::ptrace(pid, "block signals"))?;
+        if self.seccomp {
+            ptrace::set_options(pid, TRACE_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP)
+                .map_err(RestoreError::ptrace(pid, "suspend seccomp"))?;
+        }
+        runner::execute(pid, &self.table, true)?;
+        if self.seccomp {
+            ptrace::set_options(pid, TRACE_OPTIONS)
+                .map_err(RestoreError::ptrace(pid, "resume seccomp"))?;
+        }
+        ptrace::set_regs(pid, &regs).map_err(RestoreError::ptrace(pid, "setregs"))?;
+        ptrace::set_sigmask(pid, self.sigmask).map_err(RestoreError::ptrace(pid, "set signal mask"))
+    }
 }
 
 /// rseq, alternate signal stack and clear_child_tid of one thread.
@@ -197,25 +257,6 @@ fn per_thread(t: &mut TableBuilder, thread: &ThreadInfo) {
         libc::SYS_set_robust_list,
         &[head, len],
     );
-}
-
-fn itimers(t: &mut TableBuilder, manifest: &Manifest) {
-    for timer in &manifest.process.itimers {
-        if timer.value_us == 0 {
-            continue;
-        }
-        let address = t.words(&[
-            timer.interval_us / 1_000_000,
-            timer.interval_us % 1_000_000,
-            timer.value_us / 1_000_000,
-            timer.value_us % 1_000_000,
-        ]);
-        t.call(
-            format!("setitimer {}", timer.which),
-            libc::SYS_setitimer,
-            &[u64::from(timer.which), address, 0],
-        );
-    }
 }
 
 /// Final registers, xsave area and signal mask of a stopped thread.

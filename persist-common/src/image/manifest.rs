@@ -118,6 +118,14 @@ pub struct ProcessInfo {
     pub shared_queue: Vec<QueuedSignal>,
     /// Interval timers (`ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`).
     pub itimers: Vec<ITimer>,
+    /// POSIX timers (`timer_create`), newest first as `/proc/PID/timers`
+    /// lists them. Missing from images written before they were saved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_timers: Vec<super::PosixTimer>,
+    /// File locks (flock, POSIX and OFD) the process holds, by descriptor.
+    /// Missing from images written before they were saved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_locks: Vec<super::FileLock>,
     /// The kernel's memory-layout fields (`PR_SET_MM_MAP`).
     pub mm: MmFields,
     /// Every distinct seccomp filter of the process's threads, each stored

@@ -84,16 +84,20 @@
 //! never needed to restore.
 
 mod error;
+mod file_lock;
 mod inotify;
 mod io;
 mod manifest;
+mod posix_timer;
 mod tcp_connection;
 mod working_set;
 
 pub use error::ImageError;
+pub use file_lock::{FileLock, LockKind};
 pub use inotify::InotifyWatch;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
+pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
 pub use tcp_connection::{TcpConnection, TcpWindow};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
