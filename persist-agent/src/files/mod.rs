@@ -37,8 +37,10 @@ mod memfd;
 mod pipe;
 mod regular;
 mod signalfd;
+mod tcp_socket;
 mod timerfd;
 mod unix;
+mod unix_socket;
 
 // What the kinds share.
 mod fdinfo;
@@ -46,6 +48,8 @@ mod listed;
 mod open;
 mod proc_self;
 mod recorded;
+mod socket_file;
+mod sockopts;
 
 use std::io;
 

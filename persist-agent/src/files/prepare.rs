@@ -13,8 +13,11 @@ use super::memfd::Memfds;
 use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
+use super::socket_file::Recorded;
 use super::unix::UnixPairs;
-use super::{epoll, eventfd, inet, memfd, regular, signalfd, timerfd, unix};
+use super::{
+    epoll, eventfd, inet, memfd, regular, signalfd, tcp_socket, timerfd, unix, unix_socket,
+};
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -136,6 +139,7 @@ pub fn prepare(
         objects.push(source);
     }
     pairs.finish()?;
+    connect_unix_sockets(fds, &objects, &sources, access)?;
     drop(pipes);
     for (inode, base) in created_memfds.into_bases() {
         memfds.push((inode, base.as_raw_fd()));
@@ -191,6 +195,32 @@ pub fn prepare(
         proc_self_files,
         memfds,
     })
+}
+
+/// Connects the UNIX sockets that had a peer outside the process (or one
+/// not connected back) to it again, once every socket of the process is
+/// bound: the peer may be one of them.
+fn connect_unix_sockets(
+    fds: &[FdInfo],
+    objects: &[OwnedFd],
+    sources: &HashMap<i32, RawFd>,
+    access: &PathAccess,
+) -> Result<(), FilesError> {
+    for info in fds.iter().filter(|info| info.shared_with.is_none()) {
+        let FdKind::UnixSocket(saved) = &info.kind else {
+            continue;
+        };
+        let Some(peer) = &saved.peer else {
+            continue;
+        };
+        let raw = sources.get(&info.fd).copied();
+        let sock = objects
+            .iter()
+            .find(|o| Some(o.as_raw_fd()) == raw)
+            .ok_or_else(|| FilesError::invalid(info.fd, "UNIX socket was not re-created"))?;
+        unix_socket::connect(info.fd, sock.as_fd(), peer, access)?;
+    }
+    Ok(())
 }
 
 /// Adds `info` to the files the child opens itself when it names the
@@ -347,14 +377,31 @@ fn object(
             reuseaddr,
             reuseport,
             v6only,
-        } => inet::udp_socket(fd, local, peer.as_deref(), *reuseaddr, *reuseport, *v6only)?,
+            options,
+        } => inet::udp_socket(
+            fd,
+            local,
+            peer.as_deref(),
+            *reuseaddr,
+            *reuseport,
+            *v6only,
+            options,
+        )?,
+        FdKind::TcpSocket(saved) => tcp_socket::create(fd, saved)?,
         FdKind::UnixListener {
             path,
             socket_type,
             backlog,
             mode,
             owner,
-        } => unix::unix_listener(fd, path, *socket_type, *backlog, *mode, *owner, access)?,
+        } => {
+            let file = Recorded {
+                mode: *mode,
+                owner: *owner,
+            };
+            unix::unix_listener(fd, path, *socket_type, *backlog, file, access)?
+        }
         FdKind::UnixPair { .. } => pairs.end(info)?,
+        FdKind::UnixSocket(saved) => unix_socket::create(fd, saved, access)?,
     })
 }

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::sockets::{TcpSocket, UnixSocket};
+
 /// Everything needed to rebuild a process, except its page contents.
 ///
 /// `Manifest::default()` is an empty manifest (no process state, threads,
@@ -717,7 +719,15 @@ pub enum FdKind {
         reuseport: bool,
         /// `IPV6_V6ONLY` for IPv6 sockets.
         v6only: bool,
+        /// Other integer options that were set (`SO_BROADCAST`, locked
+        /// buffer sizes, ...). Absent in older images.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        options: Vec<SocketOption>,
     },
+    /// A TCP socket created or bound, neither listening nor connected.
+    TcpSocket(TcpSocket),
+    /// A UNIX socket neither listening nor paired inside the process.
+    UnixSocket(UnixSocket),
     /// A listening UNIX socket.
     UnixListener {
         /// Bound path (a leading `@` for the abstract namespace).

@@ -86,11 +86,13 @@
 mod error;
 mod io;
 mod manifest;
+mod sockets;
 mod working_set;
 
 pub use error::ImageError;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
+pub use sockets::{SocketFile, TcpSocket, UnixSocket};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };
