@@ -8,7 +8,7 @@ use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -393,7 +393,7 @@ fn unix_socket_with_an_unnamed_outside_peer_is_refused() {
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
     let python = start_python(dir.path(), script);
-    let helper = PathBuf::from(dir.path().join("helper"));
+    let helper = dir.path().join("helper");
     let helper: i32 = fs::read_to_string(helper).unwrap().parse().unwrap();
     let result = save(python.pid());
     let _ = nix::sys::signal::kill(
@@ -433,4 +433,67 @@ fn unix_datagram_socket_with_queued_messages_is_refused() {
             dir.path().display()
         )
     );
+}
+
+/// Binds a datagram socket at fd 45 and connects fd 46 to it (fd 45 is not
+/// connected back); on SIGUSR1, sends through fd 46 and writes `OK` to
+/// `DIR/result` if fd 45 got it.
+const ONE_WAY_DATAGRAM_SCRIPT: &str = r#"import os, signal, socket, sys
+d = sys.argv[1]
+a = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); a.bind(d + '/inbox.sock')
+b = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); b.connect(d + '/inbox.sock')
+os.dup2(a.fileno(), 45); os.dup2(b.fileno(), 46); a.close(); b.close()
+def report(*_):
+    os.write(46, b'one way')
+    got = os.read(45, 100)
+    with open(d + '/result', 'w') as f:
+        f.write('OK' if got == b'one way' else f'got {got!r}')
+signal.signal(signal.SIGUSR1, report)
+open(d + '/ready', 'w').close()
+while True:
+    signal.pause()
+"#;
+
+/// A datagram socket connected to another socket of the process that is
+/// not connected back is not a pair: each is restored on its own, and the
+/// connect waits until the other is bound.
+#[test]
+fn datagram_socket_connected_one_way_inside_the_process() {
+    persist_tests::require_root!();
+    let netns = NetNs::new().expect("network namespace");
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("state");
+    fs::create_dir(&dir).unwrap();
+    let image = temp.path().join("image");
+    let image = image.to_str().unwrap();
+    let python = netns
+        .command("python3")
+        .arg("-c")
+        .arg(ONE_WAY_DATAGRAM_SCRIPT)
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3");
+    let python = Started(python);
+    wait_for(&dir.join("ready"), "python3 to be ready");
+    let output = agent(
+        &netns,
+        &[
+            "checkpoint",
+            "--pid",
+            &python.pid().to_string(),
+            "--image",
+            image,
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "checkpoint failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    drop(python);
+    let (pid, outcome) = restore_and_ask(&netns, image, &dir);
+    assert_eq!(outcome, "OK", "restored pid {pid}");
 }

@@ -10,8 +10,9 @@
 //! object (files reopened at their offset, with the restored process's
 //! credentials, never through a symlink, and only if they are still the
 //! files recorded: see [`PathAccess`]; pipes refilled, eventfd, timerfd,
-//! signalfd and memfd rebuilt, TCP and UNIX listeners and UDP sockets bound
-//! again, socket pairs refilled, epoll instances created empty), or takes
+//! signalfd and memfd rebuilt, TCP, UDP and UNIX sockets bound again and
+//! listening or connected as they were, socket pairs refilled, epoll
+//! instances created empty), or takes
 //! the descriptors the caller hands over ([`InheritedFds`]). In the forked child,
 //! [`PreparedFds::install_in_child`] then moves each object to its descriptor
 //! number with raw system calls only, closes everything else and re-adds the
@@ -21,8 +22,8 @@
 //! with an error naming the descriptor. Each kind of descriptor is saved and
 //! re-created in one file of its own (`regular.rs`, `pipe.rs`, `memfd.rs`,
 //! `eventfd.rs`, `timerfd.rs`, `signalfd.rs`, `epoll.rs`, `inet.rs`,
-//! `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
-//! to its kind.
+//! `tcp_socket.rs`, `unix.rs`, `unix_socket.rs`); `save.rs` and `prepare.rs`
+//! walk the descriptors and hand each to its kind.
 
 // The walk over a process's descriptors, in each direction.
 mod install;

@@ -71,11 +71,13 @@ impl InheritedFds {
 /// FIFOs are reopened by path and refilled; eventfd, timerfd (re-armed with
 /// the saved remaining time and interval, unread ticks kept), signalfd and
 /// memfd (name, size, contents, seals) are rebuilt; TCP listeners are bound
-/// again with `SO_REUSEADDR` to the same address and listen; UDP sockets are
-/// bound and connected again; UNIX listeners
-/// are bound again after removing a stale socket file; socket pairs are
-/// re-created with their queued data; epoll instances are created empty and
-/// filled in the child. A terminal that no longer exists (or cannot be
+/// again with `SO_REUSEADDR` to the same address and listen; other TCP
+/// sockets get their options and are bound again if they were; UDP sockets
+/// are bound and connected again; UNIX sockets are bound again (a stale
+/// socket file of the process's is replaced, see `socket_file.rs`) and
+/// listen, or connect again by name to a peer outside the process once
+/// every socket is bound; socket pairs are re-created with their queued
+/// data; epoll instances are created empty and filled in the child. A terminal that no longer exists (or cannot be
 /// opened from the agent, like `/dev/tty`) is replaced by /dev/null.
 ///
 /// Paths (files, devices, FIFOs, the directories of unlinked files and of
