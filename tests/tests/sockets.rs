@@ -497,3 +497,29 @@ fn datagram_socket_connected_one_way_inside_the_process() {
     let (pid, outcome) = restore_and_ask(&netns, image, &dir);
     assert_eq!(outcome, "OK", "restored pid {pid}");
 }
+
+/// Clients waiting in a UNIX listener's queue cannot be put back in it:
+/// the listener is refused rather than lose them.
+#[test]
+fn unix_listener_with_clients_waiting_is_refused() {
+    persist_tests::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1] + '/busy.sock'); s.listen(4)\n\
+        os.dup2(s.fileno(), 47); s.close()\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let path = dir.path().join("busy.sock");
+    let _waiting = UnixStream::connect(&path).expect("connect to the listener");
+    let text = save(python.pid())
+        .expect_err("a client waiting to be accepted must not be dropped")
+        .to_string();
+    assert_eq!(
+        text,
+        format!(
+            "fd 47: UNIX listener {} has clients waiting to be accepted (1), who would be lost",
+            path.display()
+        )
+    );
+}

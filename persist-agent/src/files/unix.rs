@@ -62,8 +62,8 @@ pub(super) fn save(
             return Err(FilesError::unsupported(
                 fd,
                 format!(
-                    "UNIX listener {name} has {} connections waiting to be accepted, \
-                     whose clients would be lost",
+                    "UNIX listener {name} has clients waiting to be accepted ({}), \
+                     who would be lost",
                     diag.rqueue
                 ),
             ));
