@@ -77,8 +77,9 @@ impl InheritedFds {
 /// socket file of the process's is replaced, see `socket_file.rs`) and
 /// listen, or connect again by name to a peer outside the process once
 /// every socket is bound; socket pairs are re-created with their queued
-/// data; epoll instances are created empty and filled in the child. A terminal that no longer exists (or cannot be
-/// opened from the agent, like `/dev/tty`) is replaced by /dev/null.
+/// data; epoll instances are created empty and filled in the child. A
+/// terminal that no longer exists (or cannot be opened from the agent, like
+/// `/dev/tty`) is replaced by /dev/null.
 ///
 /// Paths (files, devices, FIFOs, the directories of unlinked files and of
 /// UNIX sockets) are opened with `access`: the restored process's

@@ -2,11 +2,12 @@
 //! the process, with their queued data, both directions; the others
 //! (unbound, bound, connected outside the process) are in `unix_socket.rs`.
 //!
-//! Saved: a listener's name, type, backlog and socket file mode and owner; a connected socket whose peer is in the process and connected
-//! back to it, with what is queued for reading on it (peeked, not
-//! consumed). Restored: a listener bound again (its socket file made as the
-//! process, see `socket_file.rs`), a pair re-created with `socketpair` and
-//! its queues refilled.
+//! Saved: a listener's name, type, backlog and socket file mode and owner
+//! (refused while clients wait to be accepted); a connected socket whose
+//! peer is in the process and connected back to it, with what is queued for
+//! reading on it (peeked, not consumed). Restored: a listener bound again
+//! (its socket file made as the process, see `socket_file.rs`), a pair
+//! re-created with `socketpair` and its queues refilled.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

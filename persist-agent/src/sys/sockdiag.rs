@@ -28,9 +28,6 @@ const UNIX_DIAG_MSG_LEN: usize = 16;
 /// What `sock_diag` reports about one UNIX socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnixDiag {
-    /// Socket state: `TCP_LISTEN` (10), `TCP_ESTABLISHED` (1) when
-    /// connected, `TCP_CLOSE` (7) otherwise.
-    pub state: u8,
     /// Device (as `stat` reports it) and inode of the file the socket is
     /// bound to, if it is bound to a path.
     pub file: Option<(u64, u64)>,
@@ -95,10 +92,7 @@ fn parse_reply(buf: &[u8]) -> io::Result<UnixDiag> {
     if kind != SOCK_DIAG_BY_FAMILY {
         return Err(bad());
     }
-    // struct unix_diag_msg: family, type, state, pad, inode, cookie.
-    let state = *msg.get(NLMSG_HDRLEN + 2).ok_or_else(bad)?;
     let mut diag = UnixDiag {
-        state,
         file: None,
         peer: None,
         rqueue: 0,
