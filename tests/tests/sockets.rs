@@ -523,3 +523,90 @@ fn unix_listener_with_clients_waiting_is_refused() {
         )
     );
 }
+
+/// A small server holding, besides its listener on PORT, a datagram socket
+/// bound to `DIR/ctl.sock` and one connected to the log socket `DIR/log`.
+/// For each connection it logs `request` and answers `ok` if its sockets
+/// are still what it made, else what differs.
+const LOGGING_SERVER_SCRIPT: &str = r#"import os, socket, sys
+d, port = sys.argv[1], int(sys.argv[2])
+ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); ctl.bind(d + '/ctl.sock')
+log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); log.connect(d + '/log')
+spare = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+spare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(('127.0.0.1', port)); server.listen(16)
+while True:
+    conn, _ = server.accept()
+    wrong = []
+    if ctl.getsockname() != d + '/ctl.sock': wrong.append(f'ctl {ctl.getsockname()!r}')
+    if log.getpeername() != d + '/log': wrong.append(f'log {log.getpeername()!r}')
+    if spare.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0: wrong.append('spare nodelay')
+    try:
+        log.send(b'request')
+    except OSError as e:
+        wrong.append(f'log send: {e}')
+    conn.sendall(b'ok' if not wrong else ', '.join(wrong).encode())
+    conn.close()
+"#;
+
+/// Asks the logging server once, from inside the namespace.
+fn ask(sandbox: &persist_tests::Sandbox, port: u16) -> String {
+    sandbox
+        .netns
+        .enter(|| {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            std::io::Result::Ok(answer)
+        })
+        .unwrap()
+        .expect("the server answers")
+}
+
+/// Through the daemon: a service holding a bound UNIX datagram socket, one
+/// connected to an outside log socket and an unbound TCP socket is parked
+/// and woken twice; each wake it still logs through the outside socket, and
+/// its bound socket's file (left by the process parked before) is replaced.
+#[test]
+fn a_service_with_idle_sockets_is_parked_and_woken() {
+    persist_tests::require_root!();
+    let sandbox = persist_tests::Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = UnixDatagram::bind(dir.path().join("log")).unwrap();
+    log.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let port = 8131;
+    let command = [
+        "/usr/bin/python3",
+        "-c",
+        LOGGING_SERVER_SCRIPT,
+        dir.path().to_str().unwrap(),
+        &port.to_string(),
+    ]
+    .map(str::to_owned);
+    sandbox
+        .add_ok("logger", port, &["--ready", "tcp"], &command)
+        .expect("a service holding idle sockets is added");
+    let mut buf = [0u8; 64];
+    for wake in 1..=2 {
+        drain(&log); // what readiness checks and earlier wakes logged
+        assert_eq!(ask(&sandbox, port), "ok", "wake {wake}");
+        let n = log
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("wake {wake}: nothing logged: {e}"));
+        assert_eq!(&buf[..n], b"request", "wake {wake}");
+        sandbox
+            .agent_ok(&["park", "logger"])
+            .unwrap_or_else(|e| panic!("park after wake {wake}: {e}"));
+    }
+}
+
+/// Reads away every message waiting on `log`.
+fn drain(log: &UnixDatagram) {
+    log.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    while log.recv(&mut buf).is_ok() {}
+    log.set_nonblocking(false).unwrap();
+}
