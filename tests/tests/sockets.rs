@@ -610,3 +610,46 @@ fn drain(log: &UnixDatagram) {
     while log.recv(&mut buf).is_ok() {}
     log.set_nonblocking(false).unwrap();
 }
+
+/// A name the kernel gave a socket by itself (autobind, here because it
+/// passes credentials) may be taken by the time of the restore: the
+/// socket then gets another name the kernel picks, as the first was.
+#[test]
+fn an_autobound_name_taken_meanwhile_is_picked_again() {
+    persist_tests::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let peer = dir.path().join("peer.sock");
+    let _peer = UnixDatagram::bind(&peer).unwrap();
+    let script = "import os, socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\n\
+        s.connect(sys.argv[1] + '/peer.sock')\n\
+        os.dup2(s.fileno(), 48); s.close()\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    let python = start_python(dir.path(), script);
+    let fds = save(python.pid()).expect("save_fds");
+    drop(python);
+    let name = unix_socket(&fds, 48).name;
+    let autobound = name.strip_prefix('@').expect("an abstract name");
+    assert_eq!(autobound.len(), 5, "the kernel's autobind name: {name}");
+
+    // Another socket takes the name before the restore.
+    let taken = nix::sys::socket::UnixAddr::new_abstract(autobound.as_bytes()).unwrap();
+    let thief = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&thief), &taken).unwrap();
+
+    let prepared = persist_agent::files::prepare(
+        &fds,
+        persist_agent::files::InheritedFds::default(),
+        &persist_agent::files::PathAccess::default(),
+    )
+    .expect("the socket gets another name the kernel picks");
+    drop(prepared);
+}

@@ -185,10 +185,7 @@ pub(super) fn create(
     sockopts::restore(fd, sock.as_fd(), &saved.options, None, &shown)?;
     let name = saved.name.as_str();
     if let Some(abstract_name) = name.strip_prefix('@') {
-        let addr = UnixAddr::new_abstract(abstract_name.as_bytes())
-            .map_err(FilesError::io(fd, format!("UNIX address {name}")))?;
-        nix::sys::socket::bind(sock.as_raw_fd(), &addr)
-            .map_err(FilesError::io(fd, format!("binding {shown}")))?;
+        bind_abstract(fd, &sock, abstract_name, &shown)?;
     } else if !name.is_empty() {
         let recorded = Recorded {
             mode: saved.file.map(|f| f.mode),
@@ -197,6 +194,32 @@ pub(super) fn create(
         socket_file::bind(fd, &sock, name, &recorded, saved.file.is_none(), access)?;
     }
     Ok(sock)
+}
+
+/// Binds `sock` to the abstract name `name`. A name the kernel chose
+/// itself (autobind: five hex digits, given to a socket that needed a name
+/// to send credentials or to connect) may belong to another socket by now;
+/// any name the kernel chooses then does as well, as nothing but this
+/// socket's own peers learnt it.
+fn bind_abstract(fd: i32, sock: &OwnedFd, name: &str, shown: &str) -> Result<(), FilesError> {
+    let addr = UnixAddr::new_abstract(name.as_bytes())
+        .map_err(FilesError::io(fd, format!("UNIX address @{name}")))?;
+    match nix::sys::socket::bind(sock.as_raw_fd(), &addr) {
+        Err(nix::errno::Errno::EADDRINUSE) if is_autobind_name(name) => {
+            nix::sys::socket::bind(sock.as_raw_fd(), &UnixAddr::new_unnamed())
+                .map_err(FilesError::io(fd, format!("autobinding {shown}")))
+        }
+        result => result.map_err(FilesError::io(fd, format!("binding {shown}"))),
+    }
+}
+
+/// Whether `name` has the form of the abstract names the kernel picks
+/// (`%05x` in `unix_autobind`).
+fn is_autobind_name(name: &str) -> bool {
+    name.len() == 5
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Connects `sock`, re-created for `fd`, to `peer` again, with the restored
