@@ -653,3 +653,87 @@ fn an_autobound_name_taken_meanwhile_is_picked_again() {
     .expect("the socket gets another name the kernel picks");
     drop(prepared);
 }
+
+const NOBODY: u32 = 65534;
+
+/// The socket file is made as the restored process: a process running as
+/// nobody gets its stale socket file replaced only where nobody may do it.
+#[test]
+fn a_socket_file_is_made_with_the_process_credentials() {
+    persist_tests::require_root!();
+    let mut sandbox = persist_tests::Sandbox::new().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    fs::set_permissions(
+        temp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let run = temp.path().join("run");
+    fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let image = temp.path().join("image");
+    let script = "import os, socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.bind(sys.argv[1] + '/app.sock')\n\
+        os.dup2(s.fileno(), 49); s.close()\n\
+        open(sys.argv[1] + '/ready', 'w').close()\n\
+        time.sleep(60)\n";
+    // `ip netns exec` must run as root: setpriv drops to nobody inside.
+    let mut python = sandbox
+        .netns
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(&run)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&run.join("ready"), "python3 as nobody to be ready");
+    fs::remove_file(run.join("ready")).unwrap();
+    sandbox
+        .agent_ok(&[
+            "checkpoint",
+            "--pid",
+            &python.id().to_string(),
+            "--image",
+            image.to_str().unwrap(),
+        ])
+        .unwrap();
+    let _ = python.wait();
+
+    // nobody may no longer write the directory: its stale file stays.
+    std::os::unix::fs::chown(&run, Some(0), Some(0)).unwrap();
+    let refused = sandbox.agent(&["restore", "--image", image.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    let socket = run.join("app.sock");
+    assert!(
+        !refused.status.success()
+            && err.contains(&format!(
+                "fd 49: removing stale socket {}: Permission denied",
+                socket.display()
+            )),
+        "restore as nobody must not remove a file nobody cannot: {err}"
+    );
+    assert!(socket.exists(), "the stale socket file stays");
+
+    std::os::unix::fs::chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let output = sandbox.agent(&["restore", "--image", image.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "restore as nobody in nobody's directory: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pid: i32 = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("restore prints the pid");
+    sandbox.track_pid(pid);
+    let owner = fs::symlink_metadata(&socket).map(|m| (m.uid(), m.gid()));
+    assert_eq!(
+        owner.ok(),
+        Some((NOBODY, NOBODY)),
+        "the new socket file is nobody's, made by the restore"
+    );
+}
