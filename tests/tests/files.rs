@@ -452,6 +452,7 @@ fn saves_every_supported_kind_without_consuming_anything() {
             peer_inode,
             socket_type,
             queued,
+            ..
         } => (*inode, *peer_inode, *socket_type, queued.clone()),
         other => panic!("fd {fd}: {other:?}"),
     };

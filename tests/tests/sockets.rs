@@ -460,6 +460,42 @@ while True:
 #[test]
 fn datagram_socket_connected_one_way_inside_the_process() {
     persist_tests::require_root!();
+    restore_python_and_ask(ONE_WAY_DATAGRAM_SCRIPT);
+}
+
+/// A stream pair whose fd 50 end was shut down for writing after sending
+/// `last`; on SIGUSR1 writes `OK` to `DIR/result` if fd 51 reads `last`
+/// then end-of-file and fd 50 can no longer send.
+const HALF_CLOSED_PAIR_SCRIPT: &str = r#"import os, signal, socket, sys
+d = sys.argv[1]
+a, b = socket.socketpair()
+a.sendall(b'last'); a.shutdown(socket.SHUT_WR)
+os.dup2(a.fileno(), 50); os.dup2(b.fileno(), 51); a.close(); b.close()
+def report(*_):
+    got = [os.read(51, 100), os.read(51, 100)]
+    try:
+        os.write(50, b'more'); sent = 'sent'
+    except BrokenPipeError:
+        sent = 'EPIPE'
+    with open(d + '/result', 'w') as f:
+        f.write('OK' if got == [b'last', b''] and sent == 'EPIPE' else f'{got!r} {sent}')
+signal.signal(signal.SIGUSR1, report)
+open(d + '/ready', 'w').close()
+while True:
+    signal.pause()
+"#;
+
+/// A half-closed pair comes back half-closed: the queued data, then
+/// end-of-file, and no more sending on the closed side.
+#[test]
+fn a_half_closed_pair_stays_half_closed() {
+    persist_tests::require_root!();
+    restore_python_and_ask(HALF_CLOSED_PAIR_SCRIPT);
+}
+
+/// Runs the python `script` (given DIR) in a namespace until it is ready,
+/// checkpoints and kills it, restores it and asserts that it answers `OK`.
+fn restore_python_and_ask(script: &str) {
     let netns = NetNs::new().expect("network namespace");
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("state");
@@ -467,9 +503,9 @@ fn datagram_socket_connected_one_way_inside_the_process() {
     let image = temp.path().join("image");
     let image = image.to_str().unwrap();
     let python = netns
-        .command("python3")
+        .command("/usr/bin/python3")
         .arg("-c")
-        .arg(ONE_WAY_DATAGRAM_SCRIPT)
+        .arg(script)
         .arg(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

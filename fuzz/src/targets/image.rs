@@ -671,6 +671,7 @@ fn rich_manifest(
                     file: None,
                     peer: Some("/dev/log".into()),
                     options: vec![],
+                    shutdown: 0,
                 }),
             ),
             fd(
@@ -682,6 +683,7 @@ fn rich_manifest(
                     queued: vec![QueuedMessage {
                         data: b"datagram".to_vec(),
                     }],
+                    shutdown: 2,
                 },
             ),
             FdInfo {

@@ -221,7 +221,7 @@ fn connect_unix_sockets(
             .iter()
             .find(|o| Some(o.as_raw_fd()) == raw)
             .ok_or_else(|| FilesError::invalid(info.fd, "UNIX socket was not re-created"))?;
-        unix_socket::connect(info.fd, sock.as_fd(), peer, access)?;
+        unix_socket::connect(info.fd, sock.as_fd(), saved, peer, access)?;
     }
     Ok(())
 }

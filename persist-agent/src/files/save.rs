@@ -210,12 +210,14 @@ fn without_payload(kind: FdKind) -> FdKind {
             inode,
             peer_inode,
             socket_type,
+            shutdown,
             ..
         } => FdKind::UnixPair {
             inode,
             peer_inode,
             socket_type,
             queued: Vec::new(),
+            shutdown,
         },
         other => other,
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, UnixAddr};
 use persist_common::image::{FdInfo, FdKind, QueuedMessage};
 
 use super::FilesError;
@@ -110,6 +110,7 @@ pub(super) fn save(
         peer_inode,
         socket_type,
         queued,
+        shutdown: diag.shutdown,
     })
 }
 
@@ -272,6 +273,7 @@ impl<'a> UnixPairs<'a> {
             peer_inode,
             socket_type,
             queued,
+            shutdown,
         } = &info.kind
         else {
             return Err(FilesError::invalid(fd, "not a socket pair"));
@@ -285,10 +287,11 @@ impl<'a> UnixPairs<'a> {
                 peer_inode: pi,
                 socket_type: t,
                 queued,
-            } if p.shared_with.is_none() && i == peer_inode => Some((pi, t, queued)),
+                shutdown,
+            } if p.shared_with.is_none() && i == peer_inode => Some((pi, t, queued, shutdown)),
             _ => None,
         });
-        let Some((back, peer_type, peer_queued)) = peer else {
+        let Some((back, peer_type, peer_queued, peer_shutdown)) = peer else {
             return Err(FilesError::invalid(
                 fd,
                 format!("peer socket inode {peer_inode} is not in the image"),
@@ -308,6 +311,9 @@ impl<'a> UnixPairs<'a> {
         // What was queued for reading on an end is sent from the other one.
         requeue(fd, theirs.as_fd(), queued)?;
         requeue(fd, mine.as_fd(), peer_queued)?;
+        // Only now: a shut down end neither sends nor receives the queues.
+        shut_down(fd, mine.as_fd(), *shutdown)?;
+        shut_down(fd, theirs.as_fd(), *peer_shutdown)?;
         self.waiting.insert(*peer_inode, (fd, theirs));
         Ok(mine)
     }
@@ -322,6 +328,21 @@ impl<'a> UnixPairs<'a> {
             None => Ok(()),
         }
     }
+}
+
+/// Shuts `sock` down in the directions `flags` names (`sk_shutdown`: 1
+/// receiving, 2 sending). On a stream pair the kernel mirrors each end's
+/// shutdown on the other, so applying both ends' flags gives the same
+/// state again.
+pub(super) fn shut_down(fd: i32, sock: BorrowedFd<'_>, flags: u8) -> Result<(), FilesError> {
+    let how = match flags & 3 {
+        0 => return Ok(()),
+        1 => Shutdown::Read,
+        2 => Shutdown::Write,
+        _ => Shutdown::Both,
+    };
+    nix::sys::socket::shutdown(sock.as_raw_fd(), how)
+        .map_err(FilesError::io(fd, format!("shutdown {how:?}")))
 }
 
 /// Sends `queued` from `from`, message by message, without blocking.

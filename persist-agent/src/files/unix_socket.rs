@@ -28,6 +28,7 @@ use super::listed::Listed;
 use super::recorded::PathAccess;
 use super::socket_file::{self, Recorded};
 use super::sockopts::{self, Protocol};
+use super::unix::shut_down;
 use crate::sys::sockdiag::UnixDiag;
 
 /// What the process's socket is, for messages: "UNIX datagram socket @x".
@@ -118,6 +119,7 @@ pub(super) fn save(
         file,
         peer,
         options: sockopts::save(fd, sock, Protocol::Unix)?,
+        shutdown: diag.shutdown,
     }))
 }
 
@@ -193,6 +195,9 @@ pub(super) fn create(
         };
         socket_file::bind(fd, &sock, name, &recorded, saved.file.is_none(), access)?;
     }
+    if saved.peer.is_none() {
+        shut_down(fd, sock.as_fd(), saved.shutdown)?;
+    }
     Ok(sock)
 }
 
@@ -224,10 +229,11 @@ fn is_autobind_name(name: &str) -> bool {
 
 /// Connects `sock`, re-created for `fd`, to `peer` again, with the restored
 /// process's file-system credentials (connecting needs write access to the
-/// peer's socket file).
+/// peer's socket file), then shuts it down as `saved` was.
 pub(super) fn connect(
     fd: i32,
     sock: BorrowedFd<'_>,
+    saved: &UnixSocket,
     peer: &str,
     access: &PathAccess,
 ) -> Result<(), FilesError> {
@@ -242,5 +248,6 @@ pub(super) fn connect(
     nix::sys::socket::connect(sock.as_raw_fd(), &addr).map_err(FilesError::io(
         fd,
         format!("connecting again to {peer}, the UNIX socket's peer at checkpoint"),
-    ))
+    ))?;
+    shut_down(fd, sock, saved.shutdown)
 }

@@ -22,6 +22,7 @@ const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
+const UNIX_DIAG_SHUTDOWN: u16 = 6;
 /// Size of `struct unix_diag_msg`, which the attributes follow.
 const UNIX_DIAG_MSG_LEN: usize = 16;
 
@@ -31,6 +32,8 @@ pub struct UnixDiag {
     /// Device (as `stat` reports it) and inode of the file the socket is
     /// bound to, if it is bound to a path.
     pub file: Option<(u64, u64)>,
+    /// Directions shut down: 1 receiving, 2 sending (`sk_shutdown`).
+    pub shutdown: u8,
     /// Inode of the connected peer, if any (0 once the peer is closed).
     pub peer: Option<u64>,
     /// For a listener: connections waiting to be accepted; otherwise bytes
@@ -93,6 +96,7 @@ fn parse_reply(buf: &[u8]) -> io::Result<UnixDiag> {
         return Err(bad());
     }
     let mut diag = UnixDiag {
+        shutdown: 0,
         file: None,
         peer: None,
         rqueue: 0,
@@ -114,6 +118,7 @@ fn parse_reply(buf: &[u8]) -> io::Result<UnixDiag> {
                 let dev = libc::makedev(dev >> 20, dev & 0xf_ffff);
                 diag.file = Some((dev, ino.into()));
             }
+            UNIX_DIAG_SHUTDOWN => diag.shutdown = *msg.get(at + 4).ok_or_else(bad)?,
             UNIX_DIAG_PEER => diag.peer = Some(u32_at(msg, at + 4).ok_or_else(bad)?.into()),
             UNIX_DIAG_RQLEN => {
                 diag.rqueue = u32_at(msg, at + 4).ok_or_else(bad)?;

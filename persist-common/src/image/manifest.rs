@@ -756,6 +756,10 @@ pub enum FdKind {
         /// datagram sockets.
         #[serde(default)]
         queued: Vec<QueuedMessage>,
+        /// Directions shut down on this end (see [`UnixSocket::shutdown`]).
+        /// Absent in older images.
+        #[serde(default, skip_serializing_if = "super::sockets::is_zero")]
+        shutdown: u8,
     },
 }
 

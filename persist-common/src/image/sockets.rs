@@ -52,6 +52,15 @@ pub struct UnixSocket {
     /// sizes, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub options: Vec<SocketOption>,
+    /// Directions shut down, as the kernel keeps them: 1 receiving
+    /// (`RCV_SHUTDOWN`), 2 sending (`SEND_SHUTDOWN`), 3 both.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shutdown: u8,
+}
+
+/// For `skip_serializing_if`: a field left at zero is not written.
+pub(super) fn is_zero(value: &u8) -> bool {
+    *value == 0
 }
 
 /// The file a UNIX socket is bound to.
