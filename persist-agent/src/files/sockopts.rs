@@ -2,9 +2,11 @@
 //! unbound, or connected again): read as integers at checkpoint, set again
 //! before the socket is bound.
 
+use std::io;
 use std::os::fd::BorrowedFd;
 
 use nix::sys::socket::sockopt;
+use nix::sys::time::{TimeVal, TimeValLike};
 use persist_common::image::SocketOption;
 
 use super::FilesError;
@@ -67,7 +69,8 @@ pub(super) enum Protocol {
     Unix,
 }
 
-/// The options of `sock` worth setting again on a new socket. Buffer sizes
+/// The options of `sock` worth setting again on a new socket, with its
+/// receive and send timeouts in milliseconds. Buffer sizes
 /// are kept only if the program set them (`SO_BUF_LOCK`): they are saved as
 /// `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE` of half the size read back, which the
 /// kernel doubles again, so the new socket gets the very size the old one
@@ -95,6 +98,29 @@ pub(super) fn save(
         let value = get(level, name, what)?;
         if value != 0 {
             options.push(SocketOption { level, name, value });
+        }
+    }
+    let timeouts = [
+        (
+            libc::SO_RCVTIMEO,
+            "SO_RCVTIMEO",
+            nix::sys::socket::getsockopt(&sock, sockopt::ReceiveTimeout),
+        ),
+        (
+            libc::SO_SNDTIMEO,
+            "SO_SNDTIMEO",
+            nix::sys::socket::getsockopt(&sock, sockopt::SendTimeout),
+        ),
+    ];
+    for (name, what, timeout) in timeouts {
+        let timeout = timeout.map_err(FilesError::io(fd, format!("getsockopt {what}")))?;
+        let value = i32::try_from(timeout.num_milliseconds()).unwrap_or(i32::MAX);
+        if value != 0 {
+            options.push(SocketOption {
+                level: libc::SOL_SOCKET,
+                name,
+                value,
+            });
         }
     }
     let locks = get(libc::SOL_SOCKET, SO_BUF_LOCK, "SO_BUF_LOCK")?;
@@ -131,7 +157,8 @@ pub(super) fn save_linger(fd: i32, sock: BorrowedFd<'_>) -> Result<Option<i32>, 
     Ok((linger.l_onoff != 0).then_some(linger.l_linger))
 }
 
-/// Sets `options` and the linger time on `sock`, re-created for `fd`.
+/// Sets `options` and the linger time on `sock`, re-created for `fd`; the
+/// timeouts (milliseconds) as a `timeval`.
 pub(super) fn restore(
     fd: i32,
     sock: BorrowedFd<'_>,
@@ -140,15 +167,25 @@ pub(super) fn restore(
     name: &str,
 ) -> Result<(), FilesError> {
     for option in options {
-        kobjects::set_sockopt_int(sock, option.level, option.name, option.value).map_err(
-            FilesError::io(
-                fd,
-                format!(
-                    "setsockopt {}/{} = {} for {name}",
-                    option.level, option.name, option.value
-                ),
+        let timeout = || TimeVal::milliseconds(option.value.into());
+        let set = match (option.level, option.name) {
+            (libc::SOL_SOCKET, libc::SO_RCVTIMEO) => {
+                nix::sys::socket::setsockopt(&sock, sockopt::ReceiveTimeout, &timeout())
+                    .map_err(io::Error::from)
+            }
+            (libc::SOL_SOCKET, libc::SO_SNDTIMEO) => {
+                nix::sys::socket::setsockopt(&sock, sockopt::SendTimeout, &timeout())
+                    .map_err(io::Error::from)
+            }
+            _ => kobjects::set_sockopt_int(sock, option.level, option.name, option.value),
+        };
+        set.map_err(FilesError::io(
+            fd,
+            format!(
+                "setsockopt {}/{} = {} for {name}",
+                option.level, option.name, option.value
             ),
-        )?;
+        ))?;
     }
     if let Some(seconds) = linger {
         let value = libc::linger {

@@ -763,7 +763,9 @@ pub enum FdKind {
     },
 }
 
-/// An integer socket option (`setsockopt(level, name, &value)`).
+/// An integer socket option (`setsockopt(level, name, &value)`). The
+/// timeouts `SO_RCVTIMEO` and `SO_SNDTIMEO` of `SOL_SOCKET` are kept as
+/// milliseconds and set as a `timeval`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SocketOption {
     /// Protocol level (`SOL_SOCKET`, `IPPROTO_TCP`).

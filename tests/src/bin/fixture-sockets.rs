@@ -13,12 +13,12 @@
 //! | 30 | TCP IPv4, unbound: keepalive, no delay, linger 5 s, receive buffer set |
 //! | 31 | TCP bound to 127.0.0.1:PORT, not listening, `SO_REUSEADDR`, keepalive idle 99 s |
 //! | 32 | TCP bound to [::1]:PORT, not listening, `IPV6_V6ONLY`, `SO_REUSEPORT` |
-//! | 33 | UDP IPv4, unbound, `SO_BROADCAST`, send buffer set |
+//! | 33 | UDP IPv4, unbound, `SO_BROADCAST`, send buffer set, send timeout 250 ms |
 //! | 34 | UNIX stream, unbound, unconnected |
 //! | 35 | UNIX datagram bound to `DIR/dgram.sock` (mode 0640) |
 //! | 36 | UNIX seqpacket bound to the abstract name `persist-fixture-sockets-PORT` |
 //! | 37 | UNIX datagram connected to `DIR/log`, `SO_PASSCRED` |
-//! | 38 | UNIX stream connected to `DIR/daemon.sock` |
+//! | 38 | UNIX stream connected to `DIR/daemon.sock`, receive timeout 1.5 s |
 
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
@@ -28,8 +28,9 @@ use std::path::Path;
 
 use nix::sys::socket::{
     AddressFamily, Backlog, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
-    UnixAddr,
+    UnixAddr, sockopt,
 };
+use nix::sys::time::{TimeVal, TimeValLike};
 
 const TCP_UNBOUND: RawFd = 30;
 const TCP_BOUND: RawFd = 31;
@@ -166,6 +167,8 @@ fn setup(dir: &Path, port: u16) -> Check {
     let udp = socket(AddressFamily::Inet, SockType::Datagram)?;
     set_int(&udp, libc::SOL_SOCKET, libc::SO_BROADCAST, 1)?;
     set_int(&udp, libc::SOL_SOCKET, libc::SO_SNDBUF, 32768)?;
+    nix::sys::socket::setsockopt(&udp, sockopt::SendTimeout, &TimeVal::milliseconds(250))
+        .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
     place(udp, UDP_UNBOUND)?;
 
     place(socket(AddressFamily::Unix, SockType::Stream)?, UNIX_UNBOUND)?;
@@ -195,23 +198,55 @@ fn setup(dir: &Path, port: u16) -> Check {
     let addr = UnixAddr::new(&dir.join("daemon.sock")).map_err(|e| e.to_string())?;
     nix::sys::socket::connect(daemon.as_raw_fd(), &addr)
         .map_err(|e| format!("connect {addr}: {e}"))?;
+    nix::sys::socket::setsockopt(
+        &daemon,
+        sockopt::ReceiveTimeout,
+        &TimeVal::milliseconds(1500),
+    )
+    .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
     place(daemon, UNIX_TO_DAEMON)?;
     Ok(())
 }
 
-/// Buffer sizes as the kernel reports them, recorded at setup for the
-/// checks after a restore.
+/// Buffer sizes and timeouts (milliseconds) as the kernel reports them
+/// (rounded to its clock ticks), recorded at setup for the checks after a
+/// restore.
 fn buffer_sizes(dir: &Path) -> Check {
     let rcv = get_int(TCP_UNBOUND, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
     let snd = get_int(UDP_UNBOUND, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
-    fs::write(dir.join("buffers"), format!("{rcv} {snd}")).map_err(|e| e.to_string())
+    let [snd_timeo, rcv_timeo] = timeouts()?;
+    fs::write(
+        dir.join("buffers"),
+        format!("{rcv} {snd} {snd_timeo} {rcv_timeo}"),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The send timeout of fd 33 and the receive timeout of fd 38.
+fn timeouts() -> Result<[i64; 2], String> {
+    let snd = nix::sys::socket::getsockopt(&fd(UDP_UNBOUND), sockopt::SendTimeout)
+        .map_err(|e| format!("fd 33 SO_SNDTIMEO: {e}"))?;
+    let rcv = nix::sys::socket::getsockopt(&fd(UNIX_TO_DAEMON), sockopt::ReceiveTimeout)
+        .map_err(|e| format!("fd 38 SO_RCVTIMEO: {e}"))?;
+    Ok([snd.num_milliseconds(), rcv.num_milliseconds()])
 }
 
 fn verify(dir: &Path, port: u16) -> Check {
     let recorded = fs::read_to_string(dir.join("buffers")).map_err(|e| e.to_string())?;
     let recorded: Vec<i32> = recorded.split(' ').filter_map(|n| n.parse().ok()).collect();
     verify_tcp(port, &recorded)?;
-    verify_unix(dir, port)
+    verify_unix(dir, port)?;
+    let recorded_timeouts = [i64::from(recorded[2]), i64::from(recorded[3])];
+    same(
+        "fds 33 and 38 timeouts (ms)",
+        timeouts()?,
+        recorded_timeouts,
+    )?;
+    same(
+        "timeouts set",
+        recorded_timeouts.map(|t| t > 0),
+        [true, true],
+    )
 }
 
 fn verify_tcp(port: u16, recorded: &[i32]) -> Check {
