@@ -17,8 +17,8 @@ use persist_common::image::{
     BaseStore, CpuInfo, Credentials, EpollWatch, FdInfo, FdKind, FileIdentity, FileType, ITimer,
     Image, ImageWriter, KernelInfo, MANIFEST_FILE, Manifest, Mapping, MappingKind, MmFields,
     PAGE_SIZE, PAGES_FILE, ProcessInfo, Protection, QueuedMessage, Rlimit, RobustList, Rseq,
-    SeccompFilter, SigAction, SigAltStack, SocketOption, ThreadInfo, WORKING_SET_FILE, WorkingSet,
-    WorkingSetPage, decode_manifest, manifest_crc,
+    SeccompFilter, SigAction, SigAltStack, SocketOption, TcpSocket, ThreadInfo, UnixSocket,
+    WORKING_SET_FILE, WorkingSet, WorkingSetPage, decode_manifest, manifest_crc,
 };
 
 use super::{clear_files, scratch};
@@ -638,6 +638,11 @@ fn rich_manifest(
                     reuseaddr: false,
                     reuseport: false,
                     v6only: true,
+                    options: vec![SocketOption {
+                        level: 1,
+                        name: 6,
+                        value: 1,
+                    }],
                 },
             ),
             fd(
@@ -651,6 +656,28 @@ fn rich_manifest(
                 },
             ),
             fd(
+                15,
+                FdKind::TcpSocket(TcpSocket {
+                    local: "127.0.0.1:9000".into(),
+                    reuseaddr: true,
+                    reuseport: false,
+                    v6only: false,
+                    options: vec![],
+                    linger: Some(5),
+                }),
+            ),
+            fd(
+                16,
+                FdKind::UnixSocket(UnixSocket {
+                    socket_type: 2,
+                    name: "/run/client.sock".into(),
+                    file: None,
+                    peer: Some("/dev/log".into()),
+                    options: vec![],
+                    shutdown: 0,
+                }),
+            ),
+            fd(
                 13,
                 FdKind::UnixPair {
                     inode: 102,
@@ -659,6 +686,7 @@ fn rich_manifest(
                     queued: vec![QueuedMessage {
                         data: b"datagram".to_vec(),
                     }],
+                    shutdown: 2,
                 },
             ),
             FdInfo {

@@ -1,4 +1,5 @@
-//! IP sockets: TCP listeners and UDP sockets, both directions.
+//! IP sockets: TCP listeners and UDP sockets, both directions; closed TCP
+//! sockets (created or bound, not listening) are in `tcp_socket.rs`.
 //!
 //! Saved: address, backlog and the options that matter of a TCP listener;
 //! address, connected peer and options of a UDP socket. A TCP connection is
@@ -12,6 +13,8 @@ use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrStora
 use persist_common::image::{FdKind, SocketOption};
 
 use super::FilesError;
+use super::sockopts::{self, Protocol};
+use super::tcp_socket;
 use crate::sys::kobjects;
 
 /// `TCP_ESTABLISHED` .. `TCP_CLOSING` names, indexed by `tcpi_state`.
@@ -30,6 +33,9 @@ const TCP_STATES: [&str; 13] = [
     "CLOSING",
     "NEW_SYN_RECV",
 ];
+
+/// `tcpi_state` of a socket neither listening nor connected.
+const TCP_CLOSE: u8 = 7;
 
 /// Integer options of a TCP listener worth keeping: accepted connections
 /// inherit the first five; the last two change how it accepts.
@@ -66,7 +72,8 @@ pub(super) fn save(
 ) -> Result<FdKind, FilesError> {
     let local = nix::sys::socket::getsockname::<SockaddrStorage>(sock.as_raw_fd())
         .map_err(FilesError::io(fd, "getsockname"))?;
-    let local = inet_addr(&local).map_or_else(|| "?".to_owned(), |a| a.to_string());
+    let local_addr = inet_addr(&local);
+    let local = local_addr.map_or_else(|| "?".to_owned(), |a| a.to_string());
     let flag = |level, name, what: &str| {
         kobjects::sockopt_int(sock, level, name)
             .map(|v| v != 0)
@@ -87,6 +94,7 @@ pub(super) fn save(
                 reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")?,
                 reuseport: flag(libc::SOL_SOCKET, libc::SO_REUSEPORT, "SO_REUSEPORT")?,
                 v6only,
+                options: sockopts::save(fd, sock, Protocol::Udp)?,
             });
         }
         (libc::SOCK_RAW, _) => {
@@ -107,6 +115,11 @@ pub(super) fn save(
     let (state, max_backlog) =
         kobjects::tcp_state(sock).map_err(FilesError::io(fd, "getsockopt TCP_INFO"))?;
     if !listening {
+        if state == TCP_CLOSE
+            && let Some(local) = local_addr
+        {
+            return tcp_socket::save(fd, sock, local);
+        }
         let state_name = TCP_STATES
             .get(usize::from(state))
             .copied()
@@ -213,6 +226,7 @@ pub(super) fn udp_socket(
     reuseaddr: bool,
     reuseport: bool,
     v6only: bool,
+    options: &[SocketOption],
 ) -> Result<OwnedFd, FilesError> {
     let parse = |text: &str| {
         text.parse::<SocketAddr>()
@@ -245,6 +259,13 @@ pub(super) fn udp_socket(
     if addr.is_ipv6() {
         set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only, "IPV6_V6ONLY")?;
     }
+    sockopts::restore(
+        fd,
+        sock.as_fd(),
+        options,
+        None,
+        &format!("UDP socket {local}"),
+    )?;
     // Port 0: the socket was never bound (or only implicitly, by connect).
     if addr.port() != 0 {
         nix::sys::socket::bind(sock.as_raw_fd(), &SockaddrStorage::from(addr))

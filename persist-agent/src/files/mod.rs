@@ -10,9 +10,9 @@
 //! object (files reopened at their offset, with the restored process's
 //! credentials, never through a symlink, and only if they are still the
 //! files recorded: see [`PathAccess`]; pipes refilled, eventfd, timerfd,
-//! signalfd and memfd rebuilt, TCP and UNIX listeners and UDP sockets bound
-//! again, socket pairs refilled, inotify instances given their watches
-//! again, epoll instances created empty), or takes
+//! signalfd and memfd rebuilt, TCP, UDP and UNIX sockets bound again and
+//! listening or connected as they were, socket pairs refilled, inotify
+//! instances given their watches again, epoll instances created empty), or takes
 //! the descriptors the caller hands over ([`InheritedFds`]). In the forked child,
 //! [`PreparedFds::install_in_child`] then moves each object to its descriptor
 //! number with raw system calls only, closes everything else and re-adds the
@@ -22,8 +22,8 @@
 //! with an error naming the descriptor. Each kind of descriptor is saved and
 //! re-created in one file of its own (`regular.rs`, `pipe.rs`, `memfd.rs`,
 //! `eventfd.rs`, `timerfd.rs`, `signalfd.rs`, `epoll.rs`, `inotify.rs`,
-//! `inet.rs`, `tcp_repair.rs`, `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
-//! to its kind.
+//! `inet.rs`, `tcp_socket.rs`, `tcp_repair.rs`, `unix.rs`, `unix_socket.rs`);
+//! `save.rs` and `prepare.rs` walk the descriptors and hand each to its kind.
 
 // The walk over a process's descriptors, in each direction.
 mod install;
@@ -41,8 +41,10 @@ mod pipe;
 mod regular;
 mod signalfd;
 mod tcp_repair;
+mod tcp_socket;
 mod timerfd;
 mod unix;
+mod unix_socket;
 
 // What the kinds share.
 mod fdinfo;
@@ -50,6 +52,8 @@ mod listed;
 mod open;
 mod proc_self;
 mod recorded;
+mod socket_file;
+mod sockopts;
 
 use std::io;
 

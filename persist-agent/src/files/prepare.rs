@@ -13,9 +13,13 @@ use super::memfd::Memfds;
 use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
+use super::socket_file::Recorded;
 use super::timerfd::TimerfdArm;
 use super::unix::UnixPairs;
-use super::{epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, timerfd, unix};
+use super::{
+    epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, tcp_socket, timerfd,
+    unix, unix_socket,
+};
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -67,13 +71,15 @@ impl InheritedFds {
 /// whose other end was outside the process gets a fresh pipe: a read end
 /// reads the saved data then end-of-file, a write end writes to /dev/null);
 /// FIFOs are reopened by path and refilled; eventfd, timerfd (unarmed: see
-/// [`PreparedFds::take_timerfds`]), signalfd and
-/// memfd (name, size, contents, seals) are rebuilt; inotify instances get
-/// their watches again, each with its watch descriptor, on the file its path
-/// names if that is still the recorded one; TCP listeners are bound
-/// again with `SO_REUSEADDR` to the same address and listen; UDP sockets are
-/// bound and connected again; UNIX listeners
-/// are bound again after removing a stale socket file; socket pairs are
+/// [`PreparedFds::take_timerfds`]), signalfd and memfd (name, size,
+/// contents, seals) are rebuilt; inotify instances get their watches again,
+/// each with its watch descriptor, on the file its path names if that is
+/// still the recorded one; TCP listeners are bound again with `SO_REUSEADDR`
+/// to the same address and listen; other TCP sockets get their options and
+/// are bound again if they were; UDP sockets are bound and connected again;
+/// UNIX sockets are bound again (a stale socket file of the process's is
+/// replaced, see `socket_file.rs`) and listen, or connect again by name to a
+/// peer outside the process once every socket is bound; socket pairs are
 /// re-created with their queued data; established TCP connections are
 /// re-created with `TCP_REPAIR` in their saved state, and leave repair mode
 /// once everything else is ready; epoll instances are created empty and
@@ -156,6 +162,7 @@ pub fn prepare(
         objects.push(source);
     }
     pairs.finish()?;
+    connect_unix_sockets(fds, &objects, &sources, access)?;
     drop(pipes);
     // Last, once every other object exists: a connection still in repair
     // mode when a failure drops it closes without a word to the peer.
@@ -230,6 +237,32 @@ pub fn prepare(
         memfds,
         timerfds,
     })
+}
+
+/// Connects the UNIX sockets that had a peer outside the process (or one
+/// not connected back) to it again, once every socket of the process is
+/// bound: the peer may be one of them.
+fn connect_unix_sockets(
+    fds: &[FdInfo],
+    objects: &[OwnedFd],
+    sources: &HashMap<i32, RawFd>,
+    access: &PathAccess,
+) -> Result<(), FilesError> {
+    for info in fds.iter().filter(|info| info.shared_with.is_none()) {
+        let FdKind::UnixSocket(saved) = &info.kind else {
+            continue;
+        };
+        let Some(peer) = &saved.peer else {
+            continue;
+        };
+        let raw = sources.get(&info.fd).copied();
+        let sock = objects
+            .iter()
+            .find(|o| Some(o.as_raw_fd()) == raw)
+            .ok_or_else(|| FilesError::invalid(info.fd, "UNIX socket was not re-created"))?;
+        unix_socket::connect(info.fd, sock.as_fd(), saved, peer, access)?;
+    }
+    Ok(())
 }
 
 /// Adds `info` to the files the child opens itself when it names the
@@ -398,15 +431,32 @@ fn object(
             reuseaddr,
             reuseport,
             v6only,
-        } => inet::udp_socket(fd, local, peer.as_deref(), *reuseaddr, *reuseport, *v6only)?,
+            options,
+        } => inet::udp_socket(
+            fd,
+            local,
+            peer.as_deref(),
+            *reuseaddr,
+            *reuseport,
+            *v6only,
+            options,
+        )?,
+        FdKind::TcpSocket(saved) => tcp_socket::create(fd, saved)?,
         FdKind::UnixListener {
             path,
             socket_type,
             backlog,
             mode,
             owner,
-        } => unix::unix_listener(fd, path, *socket_type, *backlog, *mode, *owner, access)?,
+        } => {
+            let file = Recorded {
+                mode: *mode,
+                owner: *owner,
+            };
+            unix::unix_listener(fd, path, *socket_type, *backlog, file, access)?
+        }
         FdKind::UnixPair { .. } => pairs.end(info)?,
         FdKind::TcpConnection(saved) => tcp_repair::create(fd, saved)?,
+        FdKind::UnixSocket(saved) => unix_socket::create(fd, saved, access)?,
     })
 }

@@ -41,11 +41,14 @@ use crate::sys::pidfd::PidFd;
 /// - memfds (name, size, seals, and contents unless the process maps it:
 ///   mapped pages are saved with the memory);
 /// - listening TCP sockets (IPv4/IPv6, `SO_REUSEADDR`, `SO_REUSEPORT`,
-///   `IPV6_V6ONLY`, backlog), listening UNIX sockets (path or abstract), and
-///   connected UNIX sockets whose peer is also in the process, with their
-///   queued data;
+///   `IPV6_V6ONLY`, backlog), and TCP sockets created or bound but not
+///   listening (address, options, linger);
 /// - UDP sockets: address, connected peer, `SO_REUSEADDR`, `SO_REUSEPORT`,
-///   `IPV6_V6ONLY` (queued datagrams are not kept);
+///   `IPV6_V6ONLY`, options (queued datagrams are not kept);
+/// - UNIX sockets of every type: listeners (path or abstract), pairs
+///   inside the process with their queued data, and sockets unbound, bound,
+///   or connected to a named socket outside the process (connected to it
+///   again at restore; `docs/sockets.md` says what is kept and refused);
 /// - established TCP connections, with `TCP_REPAIR`: sequence numbers,
 ///   windows, negotiated options and the data of both queues (see
 ///   `tcp_repair.rs`). They are left in repair mode while saved; this
@@ -239,12 +242,14 @@ fn without_payload(kind: FdKind) -> FdKind {
             inode,
             peer_inode,
             socket_type,
+            shutdown,
             ..
         } => FdKind::UnixPair {
             inode,
             peer_inode,
             socket_type,
             queued: Vec::new(),
+            shutdown,
         },
         FdKind::TcpConnection(connection) => FdKind::TcpConnection(TcpConnection {
             send_queue: Vec::new(),

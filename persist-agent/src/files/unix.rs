@@ -1,30 +1,28 @@
 //! UNIX sockets: listeners (named or abstract) and connected pairs within
-//! the process, with their queued data, both directions.
+//! the process, with their queued data, both directions; the others
+//! (unbound, bound, connected outside the process) are in `unix_socket.rs`.
 //!
-//! Saved: a listener's name, type, backlog and socket file mode and owner;
-//! a connected socket whose peer is in the process, with what is queued for
+//! Saved: a listener's name, type, backlog and socket file mode and owner
+//! (refused while clients wait to be accepted); a connected socket whose
+//! peer is in the process and connected back to it, with what is queued for
 //! reading on it (peeked, not consumed). Restored: a listener bound again
-//! (its socket file made as the process), a pair re-created with
-//! `socketpair` and its queues refilled.
+//! (its socket file made as the process, see `socket_file.rs`), a pair
+//! re-created with `socketpair` and its queues refilled.
 
 use std::collections::HashMap;
-use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
-use nix::sys::stat::Mode;
-use nix::unistd::UnlinkatFlags;
-use persist_common::image::{FdInfo, FdKind, FileType, QueuedMessage};
+use nix::sys::socket::{AddressFamily, Shutdown, SockFlag, SockType, UnixAddr};
+use persist_common::image::{FdInfo, FdKind, QueuedMessage};
 
 use super::FilesError;
 use super::inet::listen;
 use super::listed::Listed;
 use super::pipe::DEFAULT_PIPE_SIZE;
 use super::recorded::PathAccess;
-use crate::sys::fscreds;
+use super::socket_file::{self, Recorded};
+use super::unix_socket;
 use crate::sys::kobjects;
 use crate::sys::sockdiag;
 
@@ -35,13 +33,7 @@ const PEEK_BUFFER: usize = 1 << 20;
 /// or empty when unbound.
 fn unix_name(sock: BorrowedFd<'_>) -> nix::Result<String> {
     let addr = nix::sys::socket::getsockname::<UnixAddr>(sock.as_raw_fd())?;
-    Ok(if let Some(path) = addr.path() {
-        path.to_string_lossy().into_owned()
-    } else if let Some(name) = addr.as_abstract() {
-        format!("@{}", String::from_utf8_lossy(name))
-    } else {
-        String::new()
-    })
+    Ok(unix_socket::address_name(&addr))
 }
 
 pub(super) fn save(
@@ -67,6 +59,16 @@ pub(super) fn save(
             ));
         }
         let name = absolute_socket_path(pid, fd, name)?;
+        if diag.rqueue > 0 {
+            return Err(FilesError::unsupported(
+                fd,
+                format!(
+                    "UNIX listener {name} has clients waiting to be accepted ({}), \
+                     who would be lost",
+                    diag.rqueue
+                ),
+            ));
+        }
         let backlog = if diag.wqueue == 0 {
             libc::SOMAXCONN as u32
         } else {
@@ -85,28 +87,17 @@ pub(super) fn save(
             backlog,
         });
     }
-    let shown = if name.is_empty() {
-        String::new()
-    } else {
-        format!(" {name}")
+    let Some(peer_inode) = diag
+        .peer
+        .filter(|&peer| pair_in_process(inode, peer, listed))
+    else {
+        let name = if name.is_empty() || name.starts_with('@') {
+            name
+        } else {
+            absolute_socket_path(pid, fd, name)?
+        };
+        return unix_socket::save(fd, sock, socket_type, name, &diag, entry);
     };
-    let Some(peer_inode) = diag.peer else {
-        return Err(FilesError::unsupported(
-            fd,
-            format!("unconnected UNIX socket{shown} is not supported"),
-        ));
-    };
-    let peer_in_process = listed
-        .iter()
-        .any(|o| o.info.ino == peer_inode && o.target.starts_with("socket:["));
-    if !peer_in_process {
-        return Err(FilesError::unsupported(
-            fd,
-            format!(
-                "UNIX socket{shown} connected to a peer outside the process (socket inode {peer_inode}) cannot be checkpointed"
-            ),
-        ));
-    }
     if entry.info.scm_fds() > 0 {
         return Err(FilesError::unsupported(
             fd,
@@ -119,7 +110,19 @@ pub(super) fn save(
         peer_inode,
         socket_type,
         queued,
+        shutdown: diag.shutdown,
     })
+}
+
+/// Whether the sockets with inodes `inode` and `peer` are both in the
+/// process and connected to each other, so that `socketpair` re-creates
+/// them. A datagram socket may be connected to one that is not connected
+/// back: that one is restored on its own and connected again by name.
+fn pair_in_process(inode: u64, peer: u64, listed: &[Listed]) -> bool {
+    let in_process = listed
+        .iter()
+        .any(|o| o.info.ino == peer && o.target.starts_with("socket:["));
+    in_process && sockdiag::unix_socket(peer).is_ok_and(|diag| diag.peer == Some(inode))
 }
 
 /// A socket bound to a relative path is named relative to the working
@@ -141,7 +144,7 @@ fn absolute_socket_path(pid: i32, fd: i32, name: String) -> Result<String, Files
         return Err(FilesError::unsupported(
             fd,
             format!(
-                "UNIX listener bound to relative path {name}, which is not a socket under {}",
+                "UNIX socket bound to relative path {name}, which is not a socket under {}",
                 cwd.display()
             ),
         ));
@@ -221,8 +224,7 @@ pub(super) fn unix_listener(
     path: &str,
     socket_type: i32,
     backlog: u32,
-    mode: Option<u32>,
-    owner: Option<(u32, u32)>,
+    file: Recorded,
     access: &PathAccess,
 ) -> Result<OwnedFd, FilesError> {
     let ty = SockType::try_from(socket_type)
@@ -237,100 +239,13 @@ pub(super) fn unix_listener(
         nix::sys::socket::bind(sock.as_raw_fd(), &addr)
             .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
     } else {
-        bind_socket_file(fd, &sock, path, mode, owner, access)?;
+        if path.is_empty() {
+            return Err(FilesError::invalid(fd, "UNIX listener without an address"));
+        }
+        socket_file::bind(fd, &sock, path, &file, false, access)?;
     }
     listen(fd, &sock, backlog, path)?;
     Ok(sock)
-}
-
-/// Binds `sock` to the socket file `path` with the restored process's
-/// credentials, after removing a stale socket file there (and nothing else),
-/// and gives the file its saved mode and owner.
-fn bind_socket_file(
-    fd: i32,
-    sock: &OwnedFd,
-    path: &str,
-    mode: Option<u32>,
-    owner: Option<(u32, u32)>,
-    access: &PathAccess,
-) -> Result<(), FilesError> {
-    if path.is_empty() {
-        return Err(FilesError::invalid(fd, "UNIX listener without an address"));
-    }
-    let target = Path::new(path);
-    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
-        return Err(FilesError::invalid(
-            fd,
-            format!("bad UNIX socket path {path:?}"),
-        ));
-    };
-    let symlink = |what: &str| FilesError::Changed {
-        fd,
-        path: path.to_owned(),
-        what: format!("a symbolic link is in its {what} now"),
-    };
-    let _creds = access
-        .assume()
-        .map_err(FilesError::io(fd, "taking the process's credentials"))?;
-    let dir_fd = fscreds::open_no_symlinks(dir, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
-        .map_err(|err| match err.raw_os_error() {
-            Some(libc::ELOOP) => symlink("directory's path"),
-            _ => FilesError::io(fd, format!("opening the directory of UNIX socket {path}"))(err),
-        })?;
-    // A socket file left by the checkpointed process would make bind fail;
-    // anything that is not a socket is left alone.
-    let stale = nix::sys::stat::fstatat(&dir_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
-        .is_ok_and(|st| FileType::from_mode(st.st_mode) == Some(FileType::Socket));
-    if stale {
-        nix::unistd::unlinkat(&dir_fd, name, UnlinkatFlags::NoRemoveDir)
-            .map_err(FilesError::io(fd, format!("removing stale socket {path}")))?;
-    }
-    let addr = UnixAddr::new(path).map_err(FilesError::io(fd, format!("UNIX address {path}")))?;
-    nix::sys::socket::bind(sock.as_raw_fd(), &addr)
-        .map_err(FilesError::io(fd, format!("binding UNIX listener {path}")))?;
-    // Clients need the socket file's old mode and owner to connect. The
-    // file is changed through a descriptor of the socket just bound, never
-    // through a name someone may have replaced since.
-    if mode.is_none() && owner.is_none() {
-        return Ok(());
-    }
-    let socket_file = nix::fcntl::openat(
-        &dir_fd,
-        name,
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|err| match err {
-        nix::errno::Errno::ELOOP => symlink("place"),
-        _ => FilesError::io(fd, format!("opening the socket file {path}"))(err),
-    })?;
-    let file_stat = fscreds::stat(socket_file.as_fd())
-        .map_err(FilesError::io(fd, format!("fstat of socket file {path}")))?;
-    if FileType::from_mode(file_stat.st_mode) != Some(FileType::Socket) {
-        return Err(FilesError::Changed {
-            fd,
-            path: path.to_owned(),
-            what: "what was just bound there is no socket".into(),
-        });
-    }
-    if let Some(mode) = mode {
-        let link = format!("/proc/self/fd/{}", socket_file.as_raw_fd());
-        fs::set_permissions(&link, fs::Permissions::from_mode(mode))
-            .map_err(FilesError::io(fd, format!("chmod {mode:o} {path}")))?;
-    }
-    if let Some((uid, gid)) = owner
-        && (file_stat.st_uid, file_stat.st_gid) != (uid, gid)
-    {
-        nix::unistd::fchownat(
-            &socket_file,
-            "",
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-            AtFlags::AT_EMPTY_PATH,
-        )
-        .map_err(FilesError::io(fd, format!("chown {uid}:{gid} {path}")))?;
-    }
-    Ok(())
 }
 
 /// UNIX socket pairs, re-created with `socketpair` when their first end is met.
@@ -358,6 +273,7 @@ impl<'a> UnixPairs<'a> {
             peer_inode,
             socket_type,
             queued,
+            shutdown,
         } = &info.kind
         else {
             return Err(FilesError::invalid(fd, "not a socket pair"));
@@ -371,10 +287,11 @@ impl<'a> UnixPairs<'a> {
                 peer_inode: pi,
                 socket_type: t,
                 queued,
-            } if p.shared_with.is_none() && i == peer_inode => Some((pi, t, queued)),
+                shutdown,
+            } if p.shared_with.is_none() && i == peer_inode => Some((pi, t, queued, shutdown)),
             _ => None,
         });
-        let Some((back, peer_type, peer_queued)) = peer else {
+        let Some((back, peer_type, peer_queued, peer_shutdown)) = peer else {
             return Err(FilesError::invalid(
                 fd,
                 format!("peer socket inode {peer_inode} is not in the image"),
@@ -394,6 +311,9 @@ impl<'a> UnixPairs<'a> {
         // What was queued for reading on an end is sent from the other one.
         requeue(fd, theirs.as_fd(), queued)?;
         requeue(fd, mine.as_fd(), peer_queued)?;
+        // Only now: a shut down end neither sends nor receives the queues.
+        shut_down(fd, mine.as_fd(), *shutdown)?;
+        shut_down(fd, theirs.as_fd(), *peer_shutdown)?;
         self.waiting.insert(*peer_inode, (fd, theirs));
         Ok(mine)
     }
@@ -408,6 +328,21 @@ impl<'a> UnixPairs<'a> {
             None => Ok(()),
         }
     }
+}
+
+/// Shuts `sock` down in the directions `flags` names (`sk_shutdown`: 1
+/// receiving, 2 sending). On a stream pair the kernel mirrors each end's
+/// shutdown on the other, so applying both ends' flags gives the same
+/// state again.
+pub(super) fn shut_down(fd: i32, sock: BorrowedFd<'_>, flags: u8) -> Result<(), FilesError> {
+    let how = match flags & 3 {
+        0 => return Ok(()),
+        1 => Shutdown::Read,
+        2 => Shutdown::Write,
+        _ => Shutdown::Both,
+    };
+    nix::sys::socket::shutdown(sock.as_raw_fd(), how)
+        .map_err(FilesError::io(fd, format!("shutdown {how:?}")))
 }
 
 /// Sends `queued` from `from`, message by message, without blocking.

@@ -1,8 +1,9 @@
 //! `sock_diag` netlink queries about UNIX sockets.
 //!
 //! The socket API cannot tell which socket is the peer of a connected UNIX
-//! socket, nor the backlog a UNIX listener was given; the kernel's
-//! `NETLINK_SOCK_DIAG` interface can (what `ss -x` uses).
+//! socket, nor the backlog a UNIX listener was given, nor the file a socket
+//! is bound to; the kernel's `NETLINK_SOCK_DIAG` interface can (what `ss -x`
+//! uses).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -15,17 +16,25 @@ const NLMSG_HDRLEN: usize = size_of::<nlmsghdr>();
 // By hand: neither libc nor linux-raw-sys carries <linux/sock_diag.h> and
 // <linux/unix_diag.h>.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const UDIAG_SHOW_VFS: u32 = 0x02;
 const UDIAG_SHOW_PEER: u32 = 0x04;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
+const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
+const UNIX_DIAG_SHUTDOWN: u16 = 6;
 /// Size of `struct unix_diag_msg`, which the attributes follow.
 const UNIX_DIAG_MSG_LEN: usize = 16;
 
 /// What `sock_diag` reports about one UNIX socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnixDiag {
-    /// Inode of the connected peer, if any.
+    /// Device (as `stat` reports it) and inode of the file the socket is
+    /// bound to, if it is bound to a path.
+    pub file: Option<(u64, u64)>,
+    /// Directions shut down: 1 receiving, 2 sending (`sk_shutdown`).
+    pub shutdown: u8,
+    /// Inode of the connected peer, if any (0 once the peer is closed).
     pub peer: Option<u64>,
     /// For a listener: connections waiting to be accepted; otherwise bytes
     /// (stream) or size of the first message queued for reading.
@@ -56,7 +65,7 @@ pub fn unix_socket(inode: u64) -> io::Result<UnixDiag> {
     req.extend_from_slice(&0u16.to_ne_bytes()); // pad
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_states: all
     req.extend_from_slice(&ino.to_ne_bytes()); // udiag_ino
-    req.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req.extend_from_slice(&(UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_cookie: none
     req.extend_from_slice(&u32::MAX.to_ne_bytes());
     nix::sys::socket::send(sock.as_raw_fd(), &req, MsgFlags::empty())?;
@@ -87,6 +96,8 @@ fn parse_reply(buf: &[u8]) -> io::Result<UnixDiag> {
         return Err(bad());
     }
     let mut diag = UnixDiag {
+        shutdown: 0,
+        file: None,
         peer: None,
         rqueue: 0,
         wqueue: 0,
@@ -100,6 +111,14 @@ fn parse_reply(buf: &[u8]) -> io::Result<UnixDiag> {
             return Err(bad());
         }
         match attr_type {
+            UNIX_DIAG_VFS => {
+                let ino = u32_at(msg, at + 4).ok_or_else(bad)?;
+                let dev = u32_at(msg, at + 8).ok_or_else(bad)?;
+                // The kernel's own dev_t: 12 bits of major, 20 of minor.
+                let dev = libc::makedev(dev >> 20, dev & 0xf_ffff);
+                diag.file = Some((dev, ino.into()));
+            }
+            UNIX_DIAG_SHUTDOWN => diag.shutdown = *msg.get(at + 4).ok_or_else(bad)?,
             UNIX_DIAG_PEER => diag.peer = Some(u32_at(msg, at + 4).ok_or_else(bad)?.into()),
             UNIX_DIAG_RQLEN => {
                 diag.rqueue = u32_at(msg, at + 4).ok_or_else(bad)?;

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::sockets::{TcpSocket, UnixSocket};
+
 /// Everything needed to rebuild a process, except its page contents.
 ///
 /// `Manifest::default()` is an empty manifest (no process state, threads,
@@ -731,7 +733,15 @@ pub enum FdKind {
         reuseport: bool,
         /// `IPV6_V6ONLY` for IPv6 sockets.
         v6only: bool,
+        /// Other integer options that were set (`SO_BROADCAST`, locked
+        /// buffer sizes, ...). Absent in older images.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        options: Vec<SocketOption>,
     },
+    /// A TCP socket created or bound, neither listening nor connected.
+    TcpSocket(TcpSocket),
+    /// A UNIX socket neither listening nor paired inside the process.
+    UnixSocket(UnixSocket),
     /// A listening UNIX socket.
     UnixListener {
         /// Bound path (a leading `@` for the abstract namespace).
@@ -760,12 +770,18 @@ pub enum FdKind {
         /// datagram sockets.
         #[serde(default)]
         queued: Vec<QueuedMessage>,
+        /// Directions shut down on this end (see [`UnixSocket::shutdown`]).
+        /// Absent in older images.
+        #[serde(default, skip_serializing_if = "super::sockets::is_zero")]
+        shutdown: u8,
     },
     /// An established TCP connection, saved with `TCP_REPAIR`.
     TcpConnection(super::TcpConnection),
 }
 
-/// An integer socket option (`setsockopt(level, name, &value)`).
+/// An integer socket option (`setsockopt(level, name, &value)`). The
+/// timeouts `SO_RCVTIMEO` and `SO_SNDTIMEO` of `SOL_SOCKET` are kept as
+/// milliseconds and set as a `timeval`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SocketOption {
     /// Protocol level (`SOL_SOCKET`, `IPPROTO_TCP`).

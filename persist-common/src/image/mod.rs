@@ -89,6 +89,7 @@ mod inotify;
 mod io;
 mod manifest;
 mod posix_timer;
+mod sockets;
 mod tcp_connection;
 mod working_set;
 
@@ -98,6 +99,7 @@ pub use inotify::InotifyWatch;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
+pub use sockets::{SocketFile, TcpSocket, UnixSocket};
 pub use tcp_connection::{TcpConnection, TcpWindow};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
