@@ -7,8 +7,7 @@
 //!    small restorer region at an address free in both layouts and jumps
 //!    into it; the routine there ([`crate::sys::blob`]) runs a table of
 //!    syscalls natively: unmap the agent, move vdso and vvar, map every
-//!    recorded mapping (a private file mapping the process wrote to becomes
-//!    anonymous memory the pager serves, see `pager/sources.rs`),
+//!    recorded mapping (file mappings from their files),
 //!    `PR_SET_MM_MAP`, process attributes, userfaultfd registration of the
 //!    lazy memory. The agent, which seized the child before the jump, then
 //!    creates the other threads with their tids, sets per-thread state,
@@ -41,6 +40,7 @@
 
 mod child;
 mod creds;
+mod file_pages;
 mod layout;
 mod mapped_files;
 mod pager;
@@ -172,6 +172,23 @@ pub enum RestoreError {
         pid: i32,
         /// The operation.
         action: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pages a process wrote to in a private file mapping could not be
+    /// written back (a file shorter than when they were written: the kernel
+    /// refuses pages past its end).
+    #[error("pid {pid}: writing {pages} page(s) at {address:#x} of {path}: {source}")]
+    FilePages {
+        /// The restored process.
+        pid: i32,
+        /// First address of the pages.
+        address: u64,
+        /// How many pages.
+        pages: u64,
+        /// The mapped file.
+        path: String,
         /// The error.
         #[source]
         source: std::io::Error,

@@ -208,8 +208,7 @@ impl Pager {
         events: &[AddressEvent],
     ) -> Result<Self, RestoreError> {
         let pid = pidfd.pid();
-        let files = crate::restore::mapped_files::lazy_files_of(&image)?;
-        let mut pager = Self::new(Userfault::new(uffd), pidfd, image, &files)?;
+        let mut pager = Self::new(Userfault::new(uffd), pidfd, image);
         for &event in events {
             pager.apply(event);
         }
