@@ -159,6 +159,15 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
+/// A file mapped privately comes back as a mapping of that file (the same
+/// /proc/self/maps line) holding the pages the process wrote, the others
+/// the file's, and a written page it drops reads the file again.
+#[test]
+fn mapped_files_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-mapped-files").unwrap();
+}
+
 /// Queued signals come back with their siginfo (sigqueue values, si_code,
 /// sender), several instances of one realtime signal in their order, and a
 /// signal queued for one thread still for that thread.
