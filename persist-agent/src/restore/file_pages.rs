@@ -8,8 +8,10 @@
 //! mapping the file. Userfaultfd cannot serve the written ones (it registers on
 //! no regular file mapping, docs/kernel-facts.md), so they are written through
 //! `/proc/PID/mem`, which ignores protection and copies each page on write as
-//! the process's own write did. Done when the skeleton is prepared: the wake
-//! does not wait for it (docs/benchmarks.md, Private file mappings).
+//! the process's own write did. Done when the skeleton is prepared, so the
+//! parked skeleton holds these pages: written on the wake instead, they made
+//! it 2.5–3 times as long for nginx and Redis (docs/kernel-facts.md, Private
+//! file mappings).
 
 use persist_common::image::{Image, Mapping, MappingKind};
 

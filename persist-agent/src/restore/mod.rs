@@ -12,9 +12,9 @@
 //!    lazy memory. The agent, which seized the child before the jump, then
 //!    creates the other threads with their tids, sets per-thread state,
 //!    seccomp filters (suspended by ptrace until the end, see `seccomp.rs`)
-//!    and credentials (last), unmaps the region and sets registers. Only each
-//!    thread's stack-top and TLS pages and its rseq area are copied in: a
-//!    prepared skeleton holds a few pages.
+//!    and credentials (last), unmaps the region and sets registers. Only the
+//!    pages the process wrote in its private file mappings (`file_pages.rs`),
+//!    each thread's stack-top and TLS pages and its rseq area are copied in.
 //! 2. Before the resume, the daemon may copy in a recorded working set in
 //!    bulk (`pager/bulk.rs`).
 //! 3. [`Skeleton::resume`]: detach every thread, or continue a released

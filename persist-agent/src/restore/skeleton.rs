@@ -6,7 +6,8 @@
 //! Prepare, in the order of the work: check the image; re-create the
 //! descriptors and open what the layout needs ([`super::resources`]); fork
 //! the child with its recorded pid and let it build its layout
-//! ([`super::spawn`]); create the other threads and set each thread's state
+//! ([`super::spawn`]); write back the pages it wrote in its private file
+//! mappings ([`super::file_pages`]); create the other threads and set each thread's state
 //! ([`super::threads`]).
 
 use std::os::fd::{AsRawFd, RawFd};
