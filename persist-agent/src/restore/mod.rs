@@ -179,7 +179,7 @@ pub enum RestoreError {
     /// The pages a process wrote to in a private file mapping could not be
     /// written back (a file shorter than when they were written: the kernel
     /// refuses pages past its end).
-    #[error("pid {pid}: writing {pages} page(s) at {address:#x} of {path}: {source}")]
+    #[error("pid {pid}: writing back the {pages} written page(s) at {address:#x} of {path}")]
     FilePages {
         /// The restored process.
         pid: i32,
