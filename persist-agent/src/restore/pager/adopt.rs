@@ -199,8 +199,7 @@ impl Pager {
     /// A pager taking over the restored process of `pidfd`, restored from
     /// `image`, whose previous pager died: `uffd` is the process's own
     /// userfaultfd (taken with pidfd_getfd), and `events` what the previous
-    /// pager journaled. The files of its lazy file mappings are opened
-    /// again (and must still be the ones recorded).
+    /// pager journaled.
     pub fn adopt(
         uffd: OwnedFd,
         pidfd: PidFd,
