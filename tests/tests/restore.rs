@@ -159,6 +159,15 @@ fn threads_fixture_restores_twice_from_one_image() {
     restore_fixture_twice("fixture-threads").unwrap();
 }
 
+/// A file mapped privately comes back as a mapping of that file (the same
+/// /proc/self/maps line) holding the pages the process wrote, the others
+/// the file's, and a written page it drops reads the file again.
+#[test]
+fn mapped_files_fixture_restores_twice_from_one_image() {
+    persist_tests::require_root!();
+    restore_fixture_twice("fixture-mapped-files").unwrap();
+}
+
 /// Queued signals come back with their siginfo (sigqueue values, si_code,
 /// sender), several instances of one realtime signal in their order, and a
 /// signal queued for one thread still for that thread.
@@ -338,10 +347,16 @@ fn restored_seccomp_filters_read_back_as_checkpointed() {
 
 /// A checkpointed fixture's image, the fixture gone; with its pid.
 fn fixture_image(temp: &Path) -> Result<(i32, PathBuf)> {
+    named_fixture_image("fixture-memory", temp)
+}
+
+/// The image of fixture `name`, run in `temp/state`, the fixture gone; with
+/// its pid.
+fn named_fixture_image(name: &str, temp: &Path) -> Result<(i32, PathBuf)> {
     let dir = temp.join("state");
     std::fs::create_dir(&dir)?;
     let image = temp.join("image");
-    let mut fixture = start_fixture("fixture-memory", &dir)?;
+    let mut fixture = start_fixture(name, &dir)?;
     let _pids = Pids(vec![fixture.id() as i32]);
     checkpoint(agent(), fixture.id() as i32, &image)?;
     fixture.wait()?;
@@ -394,6 +409,34 @@ fn restored_copies(recorded: i32) -> Vec<i32> {
         }
     }
     found
+}
+
+/// A privately mapped file cut shorter since the checkpoint cannot take
+/// back a page the process wrote past its new end: the restore fails,
+/// naming the file and the address, and leaves nothing running.
+#[test]
+fn a_mapped_file_cut_shorter_is_refused_and_nothing_runs() {
+    persist_tests::require_root!();
+    let temp = tempfile::tempdir().unwrap();
+    let (recorded, image) = named_fixture_image("fixture-mapped-files", temp.path()).unwrap();
+    let data = temp.path().join("state").join("data");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let err = failed_restore(&image);
+    assert!(
+        err.contains("writing back the 1 written page(s) at 0x")
+            && err.contains(&*data.to_string_lossy()),
+        "the error names the written page and the file: {err}"
+    );
+    let left = restored_copies(recorded);
+    assert!(
+        left.is_empty(),
+        "a half-restored process was left: {left:?}"
+    );
 }
 
 #[test]

@@ -136,25 +136,22 @@ pub struct Region {
     pub layout: Table,
 }
 
-/// Ranges the pager must serve: private memory with stored pages.
+/// Ranges the pager must serve: private anonymous memory with stored pages.
 pub fn lazy_mappings(manifest: &Manifest) -> impl Iterator<Item = &Mapping> {
     manifest.mappings.iter().filter(|m| is_lazy(m))
 }
 
 /// True for mappings whose pages the pager serves through userfaultfd:
-/// private anonymous memory with stored pages, and private file mappings
-/// the process wrote to. Userfaultfd cannot serve a file mapping, so those
-/// are restored as anonymous memory holding the file's content with the
-/// written pages over it: a parked skeleton then holds none of their pages.
+/// private anonymous memory (heap, stacks) with stored pages. A private file
+/// mapping is mapped from its file, as the process had it, since userfaultfd
+/// registers on none (docs/kernel-facts.md): the pages the process wrote to
+/// are written into it before it runs (`file_pages.rs`).
 pub fn is_lazy(mapping: &Mapping) -> bool {
     !mapping.shared
         && !mapping.pages.is_empty()
         && matches!(
             mapping.kind,
-            MappingKind::Anonymous
-                | MappingKind::Heap
-                | MappingKind::Stack
-                | MappingKind::File { .. }
+            MappingKind::Anonymous | MappingKind::Heap | MappingKind::Stack
         )
 }
 
@@ -308,10 +305,6 @@ fn layout_table(
             }
             MappingKind::Stack => {
                 flags |= libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN;
-                (-1, 0)
-            }
-            MappingKind::File { .. } if is_lazy(mapping) => {
-                flags |= libc::MAP_ANONYMOUS;
                 (-1, 0)
             }
             MappingKind::File { offset, .. } => {

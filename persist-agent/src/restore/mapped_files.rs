@@ -1,46 +1,17 @@
 //! The files the restored process maps: each opened as the process would,
 //! and only if it is still the very file mapped at the checkpoint (its pages
-//! are in the process's memory). The files of the lazy mappings stay open
-//! for the pager, which reads the pages nothing was stored for from them.
+//! are in the process's memory, and the pages it wrote are written over
+//! them).
 
-use std::fs::File;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
 
 use nix::fcntl::OFlag;
-use persist_common::image::{FileType, Image, MappingKind};
+use persist_common::image::FileType;
 
 use super::RestoreError;
-use super::layout::is_lazy;
 use super::spawn::dup_above;
 use crate::files::{self, PathAccess, RecordedError};
-
-/// The files of lazy file mappings, by index of the mapping in the manifest.
-pub(crate) type MappedFiles = std::collections::HashMap<usize, Arc<File>>;
-
-/// The files of the lazy file mappings of `image`, opened again (for a
-/// pager taking over a restored process), each checked to be the file
-/// recorded.
-pub(crate) fn lazy_files_of(image: &Image) -> Result<MappedFiles, RestoreError> {
-    // As the process would open them: mapped files must be the very ones.
-    let access = PathAccess::for_process(&image.manifest().process.credentials, false, Vec::new());
-    let mut files = MappedFiles::new();
-    for (index, mapping) in image.manifest().mappings.iter().enumerate() {
-        if let MappingKind::File {
-            path,
-            inode,
-            device,
-            ..
-        } = &mapping.kind
-            && is_lazy(mapping)
-        {
-            let fd = open_mapped_file(mapping.start, path, *inode, device, false, 0, &access)?;
-            files.insert(index, Arc::new(File::from(fd)));
-        }
-    }
-    Ok(files)
-}
 
 /// Opens the file of the mapping at `start`, as the process would, never
 /// through a symlink, and only if it is still the file mapped at checkpoint

@@ -7,15 +7,14 @@
 //!    small restorer region at an address free in both layouts and jumps
 //!    into it; the routine there ([`crate::sys::blob`]) runs a table of
 //!    syscalls natively: unmap the agent, move vdso and vvar, map every
-//!    recorded mapping (a private file mapping the process wrote to becomes
-//!    anonymous memory the pager serves, see `pager/sources.rs`),
+//!    recorded mapping (file mappings from their files),
 //!    `PR_SET_MM_MAP`, process attributes, userfaultfd registration of the
 //!    lazy memory. The agent, which seized the child before the jump, then
 //!    creates the other threads with their tids, sets per-thread state,
 //!    seccomp filters (suspended by ptrace until the end, see `seccomp.rs`)
-//!    and credentials (last), unmaps the region and sets registers. Only each
-//!    thread's stack-top and TLS pages and its rseq area are copied in: a
-//!    prepared skeleton holds a few pages.
+//!    and credentials (last), unmaps the region and sets registers. Only the
+//!    pages the process wrote in its private file mappings (`file_pages.rs`),
+//!    each thread's stack-top and TLS pages and its rseq area are copied in.
 //! 2. Before the resume, the daemon may copy in a recorded working set in
 //!    bulk (`pager/bulk.rs`).
 //! 3. [`Skeleton::resume`]: detach every thread, or continue a released
@@ -41,6 +40,7 @@
 
 mod child;
 mod creds;
+mod file_pages;
 mod layout;
 mod locks;
 mod mapped_files;
@@ -174,6 +174,23 @@ pub enum RestoreError {
         pid: i32,
         /// The operation.
         action: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pages a process wrote to in a private file mapping could not be
+    /// written back (a file shorter than when they were written: the kernel
+    /// refuses pages past its end).
+    #[error("pid {pid}: writing back the {pages} written page(s) at {address:#x} of {path}")]
+    FilePages {
+        /// The restored process.
+        pid: i32,
+        /// First address of the pages.
+        address: u64,
+        /// How many pages.
+        pages: u64,
+        /// The mapped file.
+        path: String,
         /// The error.
         #[source]
         source: std::io::Error,

@@ -21,13 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use persist_common::image::{
-    Image, MAX_RUN_PAGES, Mapping, MappingKind, PAGE_SIZE, PageRun, WorkingSetPage,
-};
+use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSetPage};
 
 use super::RestoreError;
-use super::layout::{describe, is_lazy};
-pub(crate) use super::mapped_files::MappedFiles;
+use super::layout::is_lazy;
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::Userfault;
 
@@ -53,32 +50,6 @@ use sources::Sources;
 struct Source {
     run: u32,
     page: u32,
-}
-
-/// Pages of a private file mapping that nothing was stored for and the file
-/// holds (a page wholly past its end would have been a SIGBUS: it reads
-/// zeros instead), as runs of at most [`MAX_RUN_PAGES`] pages.
-fn unstored_file_pages(mapping: &Mapping, offset: u64, file_len: u64) -> Vec<(u64, u64)> {
-    let in_file = file_len
-        .saturating_sub(offset)
-        .div_ceil(PAGE_SIZE)
-        .min(mapping.len() / PAGE_SIZE);
-    let mut stored = vec![false; in_file as usize];
-    for run in &mapping.pages {
-        for page in run.first_page..(run.first_page + run.count).min(in_file) {
-            stored[page as usize] = true;
-        }
-    }
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for page in (0..in_file).filter(|&page| !stored[page as usize]) {
-        match runs.last_mut() {
-            Some((first, count)) if *first + *count == page && *count < MAX_RUN_PAGES => {
-                *count += 1
-            }
-            _ => runs.push((page, 1)),
-        }
-    }
-    runs
 }
 
 /// Counters of a pager's work.
@@ -164,71 +135,30 @@ impl std::fmt::Debug for Pager {
 
 impl Pager {
     /// A pager for the lazy mappings of `image`, restored into the process of
-    /// `pidfd` whose userfaultfd is `uffd`. `files` holds the file of every
-    /// lazy file mapping, by index in the manifest: its pages nothing was
-    /// stored for come from there.
-    pub(crate) fn new(
-        uffd: Userfault,
-        pidfd: PidFd,
-        image: Arc<Image>,
-        files: &MappedFiles,
-    ) -> Result<Self, RestoreError> {
-        let mut sources = Sources::new(Arc::clone(&image));
+    /// `pidfd` whose userfaultfd is `uffd`.
+    pub(crate) fn new(uffd: Userfault, pidfd: PidFd, image: Arc<Image>) -> Self {
+        let sources = Sources::new(Arc::clone(&image));
         let mut runs = Vec::new();
         let mut verified = Vec::new();
         let mut pending = BTreeMap::new();
         let mut registered = Vec::new();
-        let mut add_run = |run: PageRun, checked: bool, start: u64| {
-            let index = runs.len() as u32;
-            runs.push(run);
-            verified.push(checked);
-            for page in 0..run.count {
-                let address = start + (run.first_page + page) * PAGE_SIZE;
-                let source = Source {
-                    run: index,
-                    page: page as u32,
-                };
-                pending.insert(address, source);
-            }
-        };
-        for (index, mapping) in image.manifest().mappings.iter().enumerate() {
-            if !is_lazy(mapping) {
-                continue;
-            }
+        for mapping in image.manifest().mappings.iter().filter(|m| is_lazy(m)) {
             registered.push((mapping.start, mapping.end));
             for run in &mapping.pages {
-                add_run(*run, false, mapping.start);
-            }
-            let MappingKind::File { offset, .. } = mapping.kind else {
-                continue;
-            };
-            let file = files.get(&index).ok_or_else(|| {
-                RestoreError::Layout(format!(
-                    "mapping {:#x}-{:#x} ({}): its file is not open for the pager",
-                    mapping.start,
-                    mapping.end,
-                    describe(mapping)
-                ))
-            })?;
-            let file_len = file
-                .metadata()
-                .map_err(|e| RestoreError::io(describe(mapping), e))?
-                .len();
-            let pages = mapping.len() / PAGE_SIZE;
-            let base = sources.add_file(Arc::clone(file), offset, pages);
-            for (first, count) in unstored_file_pages(mapping, offset, file_len) {
-                let run = PageRun {
-                    first_page: first,
-                    count,
-                    store_offset: base + first * PAGE_SIZE,
-                    crc32c: 0,
-                };
-                // The file's pages carry no checksum: the file was checked
-                // to be the one recorded (same inode) when it was opened.
-                add_run(run, true, mapping.start);
+                let index = runs.len() as u32;
+                runs.push(*run);
+                verified.push(false);
+                for page in 0..run.count {
+                    let address = mapping.start + (run.first_page + page) * PAGE_SIZE;
+                    let source = Source {
+                        run: index,
+                        page: page as u32,
+                    };
+                    pending.insert(address, source);
+                }
             }
         }
-        Ok(Self::serving(
+        Self::serving(
             uffd,
             pidfd,
             Arc::new(sources),
@@ -236,7 +166,7 @@ impl Pager {
             verified,
             pending,
             registered,
-        ))
+        )
     }
 
     /// A pager with these pages still to serve, and nothing done yet.

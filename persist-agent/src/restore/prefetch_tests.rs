@@ -9,7 +9,7 @@ use persist_common::image::{
     Image, ImageWriter, Manifest, Mapping, PAGE_SIZE, WorkingSet, WorkingSetPage, manifest_crc,
 };
 
-use super::pager::{MappedFiles, Pager};
+use super::pager::Pager;
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::{self, Userfault};
 
@@ -64,7 +64,7 @@ impl Fixture {
         let fault = unsafe { Userfault::from_raw_fd(raw) };
         fault.register(self.start, PAGES * PAGE_SIZE).unwrap();
         let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-        Pager::new(fault, pidfd, Arc::clone(&self.image), &MappedFiles::new()).unwrap()
+        Pager::new(fault, pidfd, Arc::clone(&self.image))
     }
 
     fn page(&self, index: u64) -> WorkingSetPage {

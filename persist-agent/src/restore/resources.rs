@@ -1,21 +1,19 @@
 //! What the agent opens before the fork for the layout table: every mapped
 //! file (checked to be the one recorded), a memfd per shared memory object
 //! (filled with its stored pages), the executable and the working directory,
-//! and the resource limits to set. The child inherits them all; the files of
-//! the mappings the pager serves stay open for it.
+//! and the resource limits to set. The child inherits them all.
 
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
 
 use nix::fcntl::OFlag;
-use persist_common::image::{FileType, Image, Manifest, MappingKind, PAGE_SIZE};
+use persist_common::image::{FileType, Image, MappingKind, PAGE_SIZE};
 
 use super::RestoreError;
-use super::layout::{Attributes, LayoutFds, describe, is_lazy};
-use super::mapped_files::{MappedFiles, open_mapped_file};
+use super::layout::{Attributes, LayoutFds};
+use super::mapped_files::open_mapped_file;
 use super::spawn::dup_above;
 use super::verify::stored_run;
 use crate::files::{self, PathAccess, PreparedFds, RecordedError};
@@ -127,24 +125,6 @@ impl Resources {
             cwd: dup_above(cwd.into(), min)?,
             attributes: Attributes { rlimits },
         })
-    }
-
-    /// The files of the mappings the pager serves, for their pages nothing
-    /// was stored for.
-    pub(super) fn lazy_files(&self, manifest: &Manifest) -> Result<MappedFiles, RestoreError> {
-        let mut files = MappedFiles::new();
-        for (index, mapping) in manifest.mappings.iter().enumerate() {
-            if !(is_lazy(mapping) && matches!(mapping.kind, MappingKind::File { .. })) {
-                continue;
-            }
-            if let Some(Some(fd)) = self.mapping_fds.get(index) {
-                let file = fd
-                    .try_clone()
-                    .map_err(|e| RestoreError::io(describe(mapping), e))?;
-                files.insert(index, Arc::new(File::from(file)));
-            }
-        }
-        Ok(files)
     }
 
     /// Every descriptor held, for the child to keep until its table closes them.

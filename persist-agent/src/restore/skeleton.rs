@@ -6,7 +6,8 @@
 //! Prepare, in the order of the work: check the image; re-create the
 //! descriptors and open what the layout needs ([`super::resources`]); fork
 //! the child with its recorded pid and let it build its layout
-//! ([`super::spawn`]); create the other threads and set each thread's state
+//! ([`super::spawn`]); write back the pages it wrote in its private file
+//! mappings ([`super::file_pages`]); create the other threads and set each thread's state
 //! ([`super::threads`]).
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,7 +22,7 @@ use super::pager::Pager;
 use super::resources::Resources;
 use super::runner::{TableRunner, check_table};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
-use super::{RestoreError, child::ChildPlan, threads, verify};
+use super::{RestoreError, child::ChildPlan, file_pages, threads, verify};
 use crate::files::{self, InheritedFds, PathAccess};
 use crate::host;
 use crate::sys::pidfd::PidFd;
@@ -266,7 +267,6 @@ impl Skeleton {
         let (pid, init_pid) = spawn::spawn(&plan, manifest.process.pid, &pipes, &mut guard)?;
         let proc_self_positions = fds.proc_self_positions();
         drop(fds);
-        let lazy_files = resources.lazy_files(manifest)?;
         // The child holds its own copies now.
         drop(resources);
 
@@ -280,7 +280,8 @@ impl Skeleton {
             .get_fd(uffd_fd)
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
-        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image), &lazy_files)?;
+        file_pages::write(&image, pid, &mem)?;
+        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image));
         let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
 
         let mut runner = TableRunner {

@@ -199,8 +199,7 @@ impl Pager {
     /// A pager taking over the restored process of `pidfd`, restored from
     /// `image`, whose previous pager died: `uffd` is the process's own
     /// userfaultfd (taken with pidfd_getfd), and `events` what the previous
-    /// pager journaled. The files of its lazy file mappings are opened
-    /// again (and must still be the ones recorded).
+    /// pager journaled.
     pub fn adopt(
         uffd: OwnedFd,
         pidfd: PidFd,
@@ -208,8 +207,7 @@ impl Pager {
         events: &[AddressEvent],
     ) -> Result<Self, RestoreError> {
         let pid = pidfd.pid();
-        let files = crate::restore::mapped_files::lazy_files_of(&image)?;
-        let mut pager = Self::new(Userfault::new(uffd), pidfd, image, &files)?;
+        let mut pager = Self::new(Userfault::new(uffd), pidfd, image);
         for &event in events {
             pager.apply(event);
         }

@@ -400,14 +400,13 @@ impl Shared {
     /// Claims and does jobs until none is left: from the start of this
     /// thread's lane on, wrapping around, the jobs nobody took yet.
     fn work(&self) {
-        let mut scratch = Vec::new();
         let arrival = self.arrivals.fetch_add(1, Ordering::Relaxed);
         for index in lane_order(arrival, self.jobs.len(), self.lanes) {
             if self.claimed[index].swap(true, Ordering::AcqRel) {
                 continue;
             }
             let job = &self.jobs[index];
-            let outcome = self.copy(job, &mut scratch);
+            let outcome = self.copy(job);
             let mut finished = self.finished.lock().expect("bulk copy lock");
             finished.outcomes.push(outcome);
             if finished.outcomes.len() == self.jobs.len() {
@@ -422,7 +421,7 @@ impl Shared {
         }
     }
 
-    fn copy(&self, job: &Job, scratch: &mut Vec<u8>) -> Outcome {
+    fn copy(&self, job: &Job) -> Outcome {
         let span = job.span;
         for &run in &job.runs {
             if let Err(error) = self.sources.image().pages().run(&self.runs[run as usize]) {
@@ -433,7 +432,7 @@ impl Shared {
             }
         }
         let len = (span.count * PAGE_SIZE) as usize;
-        let bytes = match self.sources.read(span.store_offset, len, scratch) {
+        let bytes = match self.sources.read(span.store_offset, len) {
             Ok(bytes) => bytes,
             Err(error) => {
                 return Outcome::Corrupt {

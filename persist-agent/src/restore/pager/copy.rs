@@ -81,9 +81,8 @@ impl Pager {
         let start = self.store_offset(self.pending[&first]);
         let len = (count * PAGE_SIZE) as usize;
         let sources = Arc::clone(&self.sources);
-        let mut scratch = Vec::new();
         let bytes = sources
-            .read(start, len, &mut scratch)
+            .read(start, len)
             .map_err(|err| self.page_failed(first, &err))?;
         let mut done = 0u64;
         while done < count {

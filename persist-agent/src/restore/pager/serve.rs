@@ -227,14 +227,10 @@ impl Pager {
         }
     }
 
-    /// Adds the pending `page` to the fault log (store pages only: a working
-    /// set names pages of the page store).
+    /// Adds the pending `page` to the fault log.
     fn log_fault(&mut self, page: u64) {
         let source = self.pending[&page];
         let store_offset = self.store_offset(source);
-        if !self.sources.in_store(store_offset) {
-            return;
-        }
         if let Some(log) = self.fault_log.as_mut() {
             log.push(WorkingSetPage {
                 address: page,

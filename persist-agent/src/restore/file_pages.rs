@@ -1,0 +1,52 @@
+//! The pages a process wrote to in its private file mappings (a library's
+//! `.data`, its relocated `.got` and relro, a file it mapped privately and
+//! changed), written back over the file's pages before the process runs.
+//!
+//! Such a mapping is mapped again from its file, so that /proc/PID/maps shows
+//! the path, device, inode and offset it had and the pages the process never
+//! wrote come from the page cache, lazily and shared with every other process
+//! mapping the file. Userfaultfd cannot serve the written ones (it registers on
+//! no regular file mapping, docs/kernel-facts.md), so they are written through
+//! `/proc/PID/mem`, which ignores protection and copies each page on write as
+//! the process's own write did. Done when the skeleton is prepared, so the
+//! parked skeleton holds these pages: written on the wake instead, they made
+//! it 2.5–3 times as long for nginx and Redis (docs/kernel-facts.md, Private
+//! file mappings).
+
+use persist_common::image::{Image, Mapping, MappingKind};
+
+use super::RestoreError;
+use super::verify::stored_run;
+use crate::sys::procmem::ProcMem;
+
+/// True for a mapping whose stored pages this module writes.
+pub(super) fn has_written_pages(mapping: &Mapping) -> bool {
+    !mapping.shared && !mapping.pages.is_empty() && matches!(mapping.kind, MappingKind::File { .. })
+}
+
+/// Writes the stored pages of every private file mapping of `image` into the
+/// stopped process `pid`, each run checked against its checksum first.
+/// Returns the number of pages written.
+pub(super) fn write(image: &Image, pid: i32, mem: &ProcMem) -> Result<u64, RestoreError> {
+    let mut pages = 0;
+    for mapping in image
+        .manifest()
+        .mappings
+        .iter()
+        .filter(|m| has_written_pages(m))
+    {
+        for run in &mapping.pages {
+            let (address, bytes) = stored_run(image, mapping, run)?;
+            mem.write_all_at(address, bytes)
+                .map_err(|source| RestoreError::FilePages {
+                    pid,
+                    address,
+                    pages: run.count,
+                    path: super::layout::describe(mapping),
+                    source,
+                })?;
+            pages += run.count;
+        }
+    }
+    Ok(pages)
+}
