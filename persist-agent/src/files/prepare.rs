@@ -17,8 +17,8 @@ use super::socket_file::Recorded;
 use super::timerfd::TimerfdArm;
 use super::unix::UnixPairs;
 use super::{
-    epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, tcp_socket, timerfd,
-    unix, unix_socket,
+    epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, tcp_socket, timerfd, unix,
+    unix_socket,
 };
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
