@@ -132,9 +132,9 @@ struct BuildArgs {
     /// TCP port the command listens on.
     #[arg(long)]
     port: u16,
-    /// Address the command listens on.
+    /// Address the command listens on, IPv4 or IPv6.
     #[arg(long, default_value = "127.0.0.1")]
-    addr: std::net::Ipv4Addr,
+    addr: std::net::IpAddr,
     #[command(flatten)]
     ready: ReadyArgs,
     /// File for the command's output (it keeps writing there after restores).
@@ -152,9 +152,10 @@ struct AddArgs {
     /// TCP port the service listens on.
     #[arg(long)]
     port: u16,
-    /// Local IPv4 address to listen on.
+    /// Local address to listen on, IPv4 or IPv6 (`::` takes both families,
+    /// as a dual-stack server does).
     #[arg(long, default_value = "127.0.0.1")]
-    addr: std::net::Ipv4Addr,
+    addr: std::net::IpAddr,
     /// Start CMD on wake with the listening socket passed as fd 3 (systemd's protocol).
     #[arg(long, conflicts_with = "inetd")]
     exec: bool,

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,8 +41,8 @@ impl ServiceMode {
 pub struct ServiceSpec {
     /// Unique name.
     pub name: String,
-    /// Local IPv4 address of the listener.
-    pub addr: Ipv4Addr,
+    /// Local address of the listener, IPv4 or IPv6 (`::` is dual-stack).
+    pub addr: IpAddr,
     /// TCP port of the listener.
     pub port: u16,
     /// How the service starts.
@@ -463,7 +463,7 @@ mod tests {
     fn spec(name: &str, command: &str) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
-            addr: Ipv4Addr::LOCALHOST,
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 8080,
             mode: ServiceMode::Exec,
             idle_timeout: Some(Duration::from_secs(30)),

@@ -69,8 +69,9 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
     match request {
         Request::Add { spec } => {
             let summary = format!(
-                "added {} on {}:{} (parked)",
-                spec.name, spec.addr, spec.port
+                "added {} on {} (parked)",
+                spec.name,
+                std::net::SocketAddr::new(spec.addr, spec.port)
             );
             match registry.add(spec).await {
                 Ok(()) => Reply::ok(summary),
