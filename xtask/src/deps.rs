@@ -23,6 +23,7 @@ pub const TEST: &[&str] = &[
     "redis-tools",
     "nginx",
     "memcached",
+    "man-db",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.
