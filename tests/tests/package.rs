@@ -126,6 +126,11 @@ fn package_installs_parks_and_wakes_and_removes_cleanly() {
         unit.contains(&format!("\nExecStart={AGENT} daemon")),
         "the unit runs the installed daemon:\n{unit}"
     );
+    // systemd's own check of the unit: its keys, its command, its man pages.
+    run_ok(
+        Command::new("systemd-analyze").args(["verify", "/usr/lib/systemd/system/persist.service"]),
+    )
+    .expect("systemd-analyze verify accepts the installed unit");
     let state_mode = std::fs::metadata("/var/lib/persist")
         .expect("the package creates /var/lib/persist")
         .permissions()

@@ -10,7 +10,8 @@ use crate::privilege;
 /// headers, and the demo runs in a network namespace made with iproute2.
 pub const DEMO: &[&str] = &["clang", "libbpf-dev", "iproute2", "curl"];
 
-/// Packages the tests and benchmarks use: the real servers and clients they drive.
+/// Packages the tests and benchmarks use: the real servers and clients they
+/// drive, and what checks the Debian package (man-db, systemd-analyze).
 pub const TEST: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -24,6 +25,7 @@ pub const TEST: &[&str] = &[
     "nginx",
     "memcached",
     "man-db",
+    "systemd",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.
