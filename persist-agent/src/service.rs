@@ -501,6 +501,22 @@ mod tests {
     }
 
     #[test]
+    fn addresses_are_stored_as_text_of_either_family() {
+        let mut dual = spec("web", "true");
+        dual.addr = "::".parse().unwrap();
+        let text = serde_json::to_string(&dual).unwrap();
+        assert!(text.contains(r#""addr":"::""#), "{text}");
+        assert_eq!(serde_json::from_str::<ServiceSpec>(&text).unwrap(), dual);
+        // A file written when only IPv4 was accepted reads as before.
+        let old = serde_json::to_string(&spec("web", "true")).unwrap();
+        assert!(old.contains(r#""addr":"127.0.0.1""#), "{old}");
+        assert_eq!(
+            serde_json::from_str::<ServiceSpec>(&old).unwrap(),
+            spec("web", "true")
+        );
+    }
+
+    #[test]
     fn store_round_trips_and_reports_bad_files() {
         let dir = tempfile::tempdir().unwrap();
         let store = ServiceStore::open(dir.path()).unwrap();
