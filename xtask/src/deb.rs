@@ -75,20 +75,18 @@ Comment: the embedded sk_lookup BPF program is GPL-2.0.
 /// package tree and packs it; returns the path of the `.deb`.
 pub fn build(debug: bool) -> Result<PathBuf> {
     let profile = if debug { "debug" } else { "release" };
-    if !crate::privilege::prebuilt() {
-        let mut args = vec![
-            "build",
-            "--quiet",
-            "-p",
-            "persist-agent",
-            "--bin",
-            "persist-agent",
-        ];
-        if !debug {
-            args.push("--release");
-        }
-        deps::cargo(&args)?;
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "-p",
+        "persist-agent",
+        "--bin",
+        "persist-agent",
+    ];
+    if !debug {
+        args.push("--release");
     }
+    deps::cargo(&args)?;
     let binary = deps::profile_dir(profile).join("persist-agent");
     let version = env!("CARGO_PKG_VERSION");
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?;
