@@ -5,7 +5,8 @@
 //! the binary, the systemd unit `persist.service` (`Type=notify`), the state
 //! and configuration directories, man pages generated from the command line
 //! (`persist-agent man-pages`, clap_mangen) and bash, zsh and fish
-//! completions (`persist-agent completions`, clap_complete).
+//! completions (`persist-agent completions`, clap_complete). Needs dpkg-deb,
+//! gzip and strip (binutils), which a Debian system building Rust has.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -96,7 +97,11 @@ pub fn build(debug: bool) -> Result<PathBuf> {
         fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     }
 
-    install(&binary, &stage.join("usr/bin/persist-agent"), 0o755)?;
+    let agent = stage.join("usr/bin/persist-agent");
+    install(&binary, &agent, 0o755)?;
+    // As Debian ships binaries: without debug sections (the release profile
+    // keeps them, ~50 MB), with the symbol table for backtraces.
+    deps::run(Command::new("strip").arg("--strip-debug").arg(&agent))?;
     install(
         &deps::workspace_root().join("dist/persist.service"),
         &stage.join("usr/lib/systemd/system/persist.service"),

@@ -11,7 +11,8 @@ use crate::privilege;
 pub const DEMO: &[&str] = &["clang", "libbpf-dev", "iproute2", "curl"];
 
 /// Packages the tests and benchmarks use: the real servers and clients they
-/// drive, and what checks the Debian package (man-db, systemd-analyze).
+/// drive, what packs the Debian package (strip) and what checks it (man-db,
+/// systemd-analyze).
 pub const TEST: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -26,6 +27,7 @@ pub const TEST: &[&str] = &[
     "memcached",
     "man-db",
     "systemd",
+    "binutils",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.
