@@ -260,6 +260,15 @@ pub fn call(state_dir: &Path, request: &Request) -> Result<Reply, ControlError> 
     }
 }
 
+/// `addr:port`, an IPv6 address in brackets (`[::1]:8000`).
+fn endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
 /// Renders services as a fixed-width table for people.
 pub fn status_table(services: &[ServiceStatus]) -> String {
     let mut out = format!(
@@ -276,7 +285,7 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
         out.push_str(&format!(
             "{:<16} {:<21} {:<6} {:<9} {:>8} {:>8} {:>6} {:>12} {:>10}\n",
             service.name,
-            format!("{}:{}", service.addr, service.port),
+            endpoint(&service.addr, service.port),
             service.mode,
             service.state,
             pid,

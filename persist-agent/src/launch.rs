@@ -93,7 +93,12 @@ pub fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
-        if key.as_bytes().starts_with(b"LISTEN_") || key.as_bytes().starts_with(b"PERSIST_") {
+        // The daemon's own service-manager socket is not the service's: a
+        // `--ready notify` service gets one of its own in `extra_env`.
+        if key.as_bytes().starts_with(b"LISTEN_")
+            || key.as_bytes().starts_with(b"PERSIST_")
+            || key == "NOTIFY_SOCKET"
+        {
             continue;
         }
         let mut entry = key.as_bytes().to_vec();

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
 use persist_agent::service::{OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
@@ -161,6 +161,19 @@ enum Command {
         /// The image directory.
         image: PathBuf,
     },
+    /// Print the shell completion script for SHELL (e.g. `persist-agent
+    /// completions bash > /etc/bash_completion.d/persist-agent`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for the command and one for each subcommand into
+    /// DIR (as packaging does).
+    #[command(hide = true)]
+    ManPages {
+        /// The directory to write `persist-agent.1` and `persist-agent-*.1` into.
+        dir: PathBuf,
+    },
 }
 
 /// When and how a snapshot-mode command is snapshotted.
@@ -189,9 +202,9 @@ struct BuildArgs {
     /// TCP port the command listens on.
     #[arg(long)]
     port: u16,
-    /// Address the command listens on.
+    /// Address the command listens on, IPv4 or IPv6.
     #[arg(long, default_value = "127.0.0.1")]
-    addr: std::net::Ipv4Addr,
+    addr: std::net::IpAddr,
     #[command(flatten)]
     ready: ReadyArgs,
     /// File for the command's output (it keeps writing there after restores).
@@ -209,9 +222,10 @@ struct AddArgs {
     /// TCP port the service listens on.
     #[arg(long)]
     port: u16,
-    /// Local IPv4 address to listen on.
+    /// Local address to listen on, IPv4 or IPv6 (`::` takes both families,
+    /// as a dual-stack server does).
     #[arg(long, default_value = "127.0.0.1")]
-    addr: std::net::Ipv4Addr,
+    addr: std::net::IpAddr,
     /// Start CMD on wake with the listening socket passed as fd 3 (systemd's protocol).
     #[arg(long, conflicts_with = "inetd")]
     exec: bool,
@@ -258,7 +272,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
+    // Documentation of the command line itself needs no privilege.
+    let documentation = matches!(
+        cli.command,
+        Command::Completions { .. } | Command::ManPages { .. }
+    );
+    if !documentation && !nix::unistd::geteuid().is_root() {
         bail!("persist-agent must run as root (it loads BPF programs and traces processes)");
     }
     match cli.command {
@@ -403,6 +422,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Inspect { image } => {
             print!("{}", inspect::inspect(&image)?);
+        }
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            let name = command.get_name().to_owned();
+            // Into memory first: clap_complete panics on a write error.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, name, &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .context("writing the completion script to stdout")?;
+        }
+        Command::ManPages { dir } => {
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
         }
     }
     Ok(ExitCode::SUCCESS)

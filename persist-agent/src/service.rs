@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,8 +41,8 @@ impl ServiceMode {
 pub struct ServiceSpec {
     /// Unique name.
     pub name: String,
-    /// Local IPv4 address of the listener.
-    pub addr: Ipv4Addr,
+    /// Local address of the listener, IPv4 or IPv6 (`::` is dual-stack).
+    pub addr: IpAddr,
     /// TCP port of the listener.
     pub port: u16,
     /// How the service starts.
@@ -475,7 +475,7 @@ mod tests {
     fn spec(name: &str, command: &str) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
-            addr: Ipv4Addr::LOCALHOST,
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 8080,
             mode: ServiceMode::Exec,
             idle_timeout: Some(Duration::from_secs(30)),
@@ -511,6 +511,22 @@ mod tests {
                 .contains("use tcp")
         );
         assert_eq!(Readiness::Http { path: "/x".into() }.to_string(), "http:/x");
+    }
+
+    #[test]
+    fn addresses_are_stored_as_text_of_either_family() {
+        let mut dual = spec("web", "true");
+        dual.addr = "::".parse().unwrap();
+        let text = serde_json::to_string(&dual).unwrap();
+        assert!(text.contains(r#""addr":"::""#), "{text}");
+        assert_eq!(serde_json::from_str::<ServiceSpec>(&text).unwrap(), dual);
+        // A file written when only IPv4 was accepted reads as before.
+        let old = serde_json::to_string(&spec("web", "true")).unwrap();
+        assert!(old.contains(r#""addr":"127.0.0.1""#), "{old}");
+        assert_eq!(
+            serde_json::from_str::<ServiceSpec>(&old).unwrap(),
+            spec("web", "true")
+        );
     }
 
     #[test]

@@ -250,7 +250,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
             .get_ref()
             .parse()
             .map_err(|err| wrong(addr.span(), "addr", format!("{:?}: {err}", addr.get_ref())))?,
-        None => std::net::Ipv4Addr::LOCALHOST,
+        None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
     };
     let idle_timeout = file
         .idle_timeout

@@ -4,6 +4,8 @@
 //! the tests at the bottom read the header's `_Static_assert` lines (which the
 //! C compiler checks too) and compare every size and offset.
 
+use std::net::IpAddr;
+
 /// Number of service slots in the BPF maps.
 pub const MAX_SERVICES: u32 = 1024;
 
@@ -37,14 +39,56 @@ impl BpfState {
     }
 }
 
-/// Value of the `persist_ports` map, keyed by local TCP port in host byte order.
+/// [`PortEntry::families`] bit: the entry steers IPv4 SYNs.
+pub const FAMILY_IPV4: u32 = 1;
+
+/// [`PortEntry::families`] bit: the entry steers IPv6 SYNs.
+pub const FAMILY_IPV6: u32 = 2;
+
+/// Value of the `persist_ports` map, keyed by local TCP port in host byte
+/// order: which SYNs for the port go to the service's listener.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortEntry {
     /// Slot of the service in the per-service maps.
     pub service_id: u32,
+    /// The address families steered: [`FAMILY_IPV4`] and [`FAMILY_IPV6`] bits.
+    pub families: u32,
     /// Local IPv4 address in network byte order; 0 matches any address.
-    pub addr: u32,
+    pub addr4: u32,
+    /// Local IPv6 address in network byte order; all zero matches any address.
+    pub addr6: [u32; 4],
+}
+
+impl PortEntry {
+    /// The entry for a listener bound to `local`: it steers exactly the SYNs
+    /// the listener would receive by itself. `v6only` is the listener's
+    /// `IPV6_V6ONLY` option: a listener on `::` without it is dual-stack
+    /// and takes IPv4 too. An IPv4-mapped address (`::ffff:a.b.c.d`)
+    /// receives only IPv4.
+    pub fn for_listener(service_id: u32, local: IpAddr, v6only: bool) -> Self {
+        let mut entry = Self {
+            service_id,
+            ..Self::default()
+        };
+        match local.to_canonical() {
+            IpAddr::V4(v4) => {
+                entry.families = FAMILY_IPV4;
+                entry.addr4 = u32::from_ne_bytes(v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                entry.families = FAMILY_IPV6;
+                if v6.is_unspecified() && !v6only {
+                    entry.families |= FAMILY_IPV4;
+                }
+                let octets = v6.octets();
+                for (word, bytes) in entry.addr6.iter_mut().zip(octets.chunks_exact(4)) {
+                    *word = u32::from_ne_bytes(bytes.try_into().expect("chunks of 4"));
+                }
+            }
+        }
+        entry
+    }
 }
 
 /// Value of the `persist_stats` map: written by the BPF program only.
@@ -100,7 +144,9 @@ mod tests {
         Some(match (c_struct, field) {
             ("persist_port_entry", None) => size_of::<PortEntry>(),
             ("persist_port_entry", Some("service_id")) => offset_of!(PortEntry, service_id),
-            ("persist_port_entry", Some("addr")) => offset_of!(PortEntry, addr),
+            ("persist_port_entry", Some("families")) => offset_of!(PortEntry, families),
+            ("persist_port_entry", Some("addr4")) => offset_of!(PortEntry, addr4),
+            ("persist_port_entry", Some("addr6")) => offset_of!(PortEntry, addr6),
             ("persist_stats", None) => size_of::<ServiceStats>(),
             ("persist_stats", Some("syns")) => offset_of!(ServiceStats, syns),
             ("persist_stats", Some("last_syn_ns")) => offset_of!(ServiceStats, last_syn_ns),
@@ -139,8 +185,8 @@ mod tests {
             .collect();
         assert_eq!(
             asserts.len(),
-            12,
-            "persist.h should state 3 sizes and 9 offsets"
+            14,
+            "persist.h should state 3 sizes and 11 offsets"
         );
         for (c_struct, field, expected) in asserts {
             let what = format!("{c_struct} {}", field.unwrap_or("size"));
@@ -168,6 +214,8 @@ mod tests {
             define("PERSIST_WAKE_RING_BYTES"),
             format!("({} * 1024)", WAKE_RING_BYTES / 1024)
         );
+        assert_eq!(define("PERSIST_FAMILY_IPV4"), FAMILY_IPV4.to_string());
+        assert_eq!(define("PERSIST_FAMILY_IPV6"), FAMILY_IPV6.to_string());
         for (name, state) in [
             ("PERSIST_STATE_PARKED", BpfState::Parked),
             ("PERSIST_STATE_WAKING", BpfState::Waking),
@@ -176,6 +224,34 @@ mod tests {
         ] {
             assert_eq!(define(name), (state as u32).to_string(), "{name}");
         }
+    }
+
+    #[test]
+    fn port_entries_steer_what_the_listener_receives() {
+        let v4 = PortEntry::for_listener(3, "127.0.0.1".parse().unwrap(), false);
+        assert_eq!(v4.service_id, 3);
+        assert_eq!(v4.families, FAMILY_IPV4);
+        assert_eq!(v4.addr4.to_ne_bytes(), [127, 0, 0, 1], "network byte order");
+        assert_eq!(v4.addr6, [0; 4]);
+
+        let any4 = PortEntry::for_listener(0, "0.0.0.0".parse().unwrap(), false);
+        assert_eq!((any4.families, any4.addr4), (FAMILY_IPV4, 0));
+
+        let loopback6 = PortEntry::for_listener(0, "::1".parse().unwrap(), false);
+        assert_eq!(loopback6.families, FAMILY_IPV6, "::1 takes no IPv4");
+        assert_eq!(loopback6.addr6[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(loopback6.addr6[..3], [0; 3]);
+
+        let dual = PortEntry::for_listener(0, "::".parse().unwrap(), false);
+        assert_eq!(dual.families, FAMILY_IPV4 | FAMILY_IPV6, ":: is dual-stack");
+        assert_eq!((dual.addr4, dual.addr6), (0, [0; 4]));
+
+        let v6only = PortEntry::for_listener(0, "::".parse().unwrap(), true);
+        assert_eq!(v6only.families, FAMILY_IPV6, "IPV6_V6ONLY takes no IPv4");
+
+        let mapped = PortEntry::for_listener(0, "::ffff:10.1.2.3".parse().unwrap(), false);
+        assert_eq!(mapped.families, FAMILY_IPV4, "a mapped address is IPv4");
+        assert_eq!(mapped.addr4.to_ne_bytes(), [10, 1, 2, 3]);
     }
 
     #[test]

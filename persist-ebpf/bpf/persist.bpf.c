@@ -3,6 +3,9 @@
  *
  * For every new TCP connection in the namespace it looks the local port up in
  * persist_ports. Unregistered ports pass through after that single lookup.
+ * A registered port's entry says which local addresses and families its
+ * listener takes (a dual-stack [::] listener takes IPv4 SYNs too); a SYN for
+ * another address passes.
  * For a registered service it counts the SYN, steers the connection to the
  * listening socket the agent holds in persist_listeners (so the kernel
  * completes the handshake and queues the connection even with no service
@@ -12,7 +15,9 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 
-#define AF_INET 2 /* from <sys/socket.h>, which cannot be included for the bpf target */
+/* From <sys/socket.h>, which cannot be included for the bpf target. */
+#define AF_INET 2
+#define AF_INET6 10
 #include <bpf/bpf_helpers.h>
 
 #include "persist.h"
@@ -73,17 +78,33 @@ static __always_inline void wake_if_parked(__u32 id, struct persist_stats *stats
 	bpf_ringbuf_submit(event, 0);
 }
 
+/* Whether the SYN's local address is one the entry's listener receives. An
+ * IPv4 SYN keeps its family here even when a dual-stack socket takes it. */
+static __always_inline int local_addr_matches(const struct persist_port_entry *entry,
+					      const struct bpf_sk_lookup *ctx)
+{
+	if (ctx->family == AF_INET)
+		return (entry->families & PERSIST_FAMILY_IPV4) &&
+		       (!entry->addr4 || entry->addr4 == ctx->local_ip4);
+	if (ctx->family != AF_INET6 || !(entry->families & PERSIST_FAMILY_IPV6))
+		return 0;
+	if (!(entry->addr6[0] | entry->addr6[1] | entry->addr6[2] | entry->addr6[3]))
+		return 1;
+	return entry->addr6[0] == ctx->local_ip6[0] && entry->addr6[1] == ctx->local_ip6[1] &&
+	       entry->addr6[2] == ctx->local_ip6[2] && entry->addr6[3] == ctx->local_ip6[3];
+}
+
 SEC("sk_lookup")
 int persist_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP || ctx->family != AF_INET)
+	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 
 	__u32 port = ctx->local_port;
 	struct persist_port_entry *entry = bpf_map_lookup_elem(&persist_ports, &port);
 	if (!entry)
 		return SK_PASS;
-	if (entry->addr && entry->addr != ctx->local_ip4)
+	if (!local_addr_matches(entry, ctx))
 		return SK_PASS;
 
 	__u32 id = entry->service_id;

@@ -20,10 +20,18 @@
 #define PERSIST_STATE_RUNNING 2
 #define PERSIST_STATE_STOPPING 3
 
-/* Value of persist_ports, keyed by local TCP port (host byte order). */
+/* Address families a port entry steers (bits of persist_port_entry.families). */
+#define PERSIST_FAMILY_IPV4 1
+#define PERSIST_FAMILY_IPV6 2
+
+/* Value of persist_ports, keyed by local TCP port (host byte order): the
+ * SYNs the held listener would receive by itself. A dual-stack listener on
+ * [::] takes both families with both addresses zero. */
 struct persist_port_entry {
 	__u32 service_id; /* index into persist_states, persist_stats, persist_listeners */
-	__u32 addr;       /* local IPv4 address in network byte order; 0 matches any */
+	__u32 families;   /* PERSIST_FAMILY_* bits */
+	__u32 addr4;      /* local IPv4 address in network byte order; 0 matches any */
+	__u32 addr6[4];   /* local IPv6 address in network byte order; all zero matches any */
 };
 
 /* Value of persist_stats: written by the kernel side only. */
@@ -42,9 +50,11 @@ struct persist_wake_event {
 };
 
 /* The layout both sides rely on: one line per size or field offset. */
-_Static_assert(sizeof(struct persist_port_entry) == 8, "persist_port_entry");
+_Static_assert(sizeof(struct persist_port_entry) == 28, "persist_port_entry");
 _Static_assert(__builtin_offsetof(struct persist_port_entry, service_id) == 0, "service_id");
-_Static_assert(__builtin_offsetof(struct persist_port_entry, addr) == 4, "addr");
+_Static_assert(__builtin_offsetof(struct persist_port_entry, families) == 4, "families");
+_Static_assert(__builtin_offsetof(struct persist_port_entry, addr4) == 8, "addr4");
+_Static_assert(__builtin_offsetof(struct persist_port_entry, addr6) == 12, "addr6");
 _Static_assert(sizeof(struct persist_stats) == 32, "persist_stats");
 _Static_assert(__builtin_offsetof(struct persist_stats, syns) == 0, "syns");
 _Static_assert(__builtin_offsetof(struct persist_stats, last_syn_ns) == 8, "last_syn_ns");

@@ -179,16 +179,24 @@ pub struct Sandbox {
     pub state: tempfile::TempDir,
     daemon: Option<Child>,
     extra_pids: Vec<i32>,
+    agent: PathBuf,
 }
 
 impl Sandbox {
     /// A fresh namespace and state directory, no daemon yet.
     pub fn new() -> Result<Self> {
+        Self::with_agent_binary(binary("persist-agent"))
+    }
+
+    /// Like [`Sandbox::new`], its daemon and commands run from `agent`
+    /// (an installed `persist-agent`) instead of the workspace's build.
+    pub fn with_agent_binary(agent: PathBuf) -> Result<Self> {
         Ok(Self {
             netns: NetNs::new()?,
             state: tempfile::Builder::new().prefix("persist-test-").tempdir()?,
             daemon: None,
             extra_pids: Vec::new(),
+            agent,
         })
     }
 
@@ -238,7 +246,7 @@ impl Sandbox {
         let log = File::create(self.state_dir().join("daemon.log"))?;
         let child = self
             .netns
-            .command(binary("persist-agent"))
+            .command(&self.agent)
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("daemon")
@@ -268,7 +276,7 @@ impl Sandbox {
         let log = File::create(self.state_dir().join("daemon.log"))?;
         let mut child = self
             .netns
-            .command(binary("persist-agent"))
+            .command(&self.agent)
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("daemon")
@@ -340,7 +348,7 @@ impl Sandbox {
     /// Runs `persist-agent --state-dir DIR ARGS...` in the namespace.
     pub fn agent(&self, args: &[&str]) -> Output {
         self.netns
-            .command(binary("persist-agent"))
+            .command(&self.agent)
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(args)
@@ -352,7 +360,7 @@ impl Sandbox {
     /// Runs `persist-agent --state-dir DIR ARGS...` in the namespace, failing
     /// (after killing it) if it has not exited within `timeout`.
     pub fn agent_within(&self, timeout: Duration, args: &[&str]) -> Result<Output> {
-        let mut command = self.netns.command(binary("persist-agent"));
+        let mut command = self.netns.command(&self.agent);
         command.arg("--state-dir").arg(self.state_dir()).args(args);
         output_within(&mut command, timeout)
             .with_context(|| format!("persist-agent {}", args.join(" ")))

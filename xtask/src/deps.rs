@@ -10,7 +10,9 @@ use crate::privilege;
 /// headers, and the demo runs in a network namespace made with iproute2.
 pub const DEMO: &[&str] = &["clang", "libbpf-dev", "iproute2", "curl"];
 
-/// Packages the tests and benchmarks use: the real servers and clients they drive.
+/// Packages the tests and benchmarks use: the real servers and clients they
+/// drive, what packs the Debian package (strip) and what checks it (man-db,
+/// systemd-analyze).
 pub const TEST: &[&str] = &[
     "clang",
     "libbpf-dev",
@@ -23,6 +25,9 @@ pub const TEST: &[&str] = &[
     "redis-tools",
     "nginx",
     "memcached",
+    "man-db",
+    "systemd",
+    "binutils",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.

@@ -1,6 +1,7 @@
 //! `cargo xtask`: installs what persist needs, and runs its demo, tests and benchmarks.
 
 mod bench;
+mod deb;
 mod demo;
 mod deps;
 mod privilege;
@@ -20,6 +21,12 @@ struct Cli {
 enum Task {
     /// Install the Debian packages that building and testing need.
     Deps,
+    /// Build the Debian package of the agent into target/debian/ (no root needed).
+    Deb {
+        /// Package the dev build instead of a release build (as the tests do).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Park a bundled server, wake it with a connection, show what happened.
     Demo,
     /// Run the whole test suite against the real kernel (needs root).
@@ -63,6 +70,11 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Deps => deps::ensure(deps::TEST),
+        Task::Deb { debug } => {
+            let deb = deb::build(debug)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
         Task::CrashTest { cycles } => crash_test(cycles),
@@ -98,12 +110,14 @@ fn test(args: &[String]) -> Result<()> {
         "--no-default-features",
         "--examples",
     ])?;
+    // tests/tests/package.rs installs it.
+    let deb = deb::build(true)?;
     // Built as whoever runs this; only the test binaries run as root.
     let runner = privilege::cargo_test_runner()?;
     let mut test_args = vec!["test", "--workspace"];
     test_args.extend(runner.iter().map(String::as_str));
     test_args.extend(args.iter().map(String::as_str));
-    deps::cargo(&test_args)
+    deps::cargo_with_env(&[("PERSIST_DEB", &deb.to_string_lossy())], &test_args)
 }
 
 /// Builds the fuzzer with the `fuzz` profile (optimised, overflow checks on)

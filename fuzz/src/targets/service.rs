@@ -1,7 +1,7 @@
 //! The service files the daemon loads from `STATE_DIR/services/`.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use persist_agent::service::{
@@ -46,7 +46,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
 pub(super) fn specs() -> Vec<ServiceSpec> {
     let base = |name: &str, mode| ServiceSpec {
         name: name.into(),
-        addr: Ipv4Addr::LOCALHOST,
+        addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port: 8000,
         mode,
         idle_timeout: Some(Duration::from_secs(30)),
@@ -68,7 +68,7 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         base("exec", ServiceMode::Exec),
         ServiceSpec {
             idle_timeout: None,
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port: 65535,
             ..base("inetd.1", ServiceMode::Inetd)
         },

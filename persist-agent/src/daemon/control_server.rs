@@ -71,8 +71,9 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
             // Only a reload of the services directory declares services.
             spec.declared_in = None;
             let summary = format!(
-                "added {} on {}:{} (parked)",
-                spec.name, spec.addr, spec.port
+                "added {} on {} (parked)",
+                spec.name,
+                std::net::SocketAddr::new(spec.addr, spec.port)
             );
             match registry.add(spec).await {
                 Ok(()) => Reply::ok(summary),

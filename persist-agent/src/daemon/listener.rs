@@ -1,63 +1,78 @@
 //! The listening sockets the agent holds for its services.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
-    sockopt,
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage, bind, getsockname,
+    getsockopt, listen, setsockopt, socket, sockopt,
 };
 
 /// Why a listener could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
     /// Something else listens on the address.
-    #[error("port {port} on {addr} is already in use")]
+    #[error("port {} on {} is already in use", address.port(), address.ip())]
     InUse {
-        /// The address.
-        addr: Ipv4Addr,
-        /// The port.
-        port: u16,
+        /// The address and port.
+        address: SocketAddr,
     },
     /// Another socket error.
-    #[error("listening on {addr}:{port}: {source}")]
+    #[error("listening on {address}")]
     Io {
-        /// The address.
-        addr: Ipv4Addr,
-        /// The port.
-        port: u16,
+        /// The address and port.
+        address: SocketAddr,
         /// The error.
         #[source]
         source: io::Error,
     },
 }
 
-/// Opens a TCP listener on `addr:port` with the largest backlog the kernel allows.
-pub fn open(addr: Ipv4Addr, port: u16) -> Result<OwnedFd, ListenerError> {
+/// Opens a TCP listener on `addr:port` with the largest backlog the kernel
+/// allows. On `::` it is dual-stack (it takes IPv4 too), whatever
+/// `net.ipv6.bindv6only` says, as a server binding `::` expects.
+pub fn open(addr: IpAddr, port: u16) -> Result<OwnedFd, ListenerError> {
+    let address = SocketAddr::new(addr, port);
     let fail = |errno: nix::errno::Errno| match errno {
-        nix::errno::Errno::EADDRINUSE => ListenerError::InUse { addr, port },
+        nix::errno::Errno::EADDRINUSE => ListenerError::InUse { address },
         other => ListenerError::Io {
-            addr,
-            port,
+            address,
             source: other.into(),
         },
     };
-    let socket = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(fail)?;
+    let family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let socket = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(fail)?;
     setsockopt(&socket, sockopt::ReuseAddr, &true).map_err(fail)?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&socket),
-        &SockaddrIn::from(SocketAddrV4::new(addr, port)),
-    )
-    .map_err(fail)?;
+    if addr.is_ipv6() {
+        setsockopt(&socket, sockopt::Ipv6V6Only, &false).map_err(fail)?;
+    }
+    bind(socket.as_raw_fd(), &SockaddrStorage::from(address)).map_err(fail)?;
     listen(&socket, Backlog::MAXCONN).map_err(fail)?;
     Ok(socket)
+}
+
+/// The local address a TCP listener is bound to, and whether it takes
+/// IPv6 only (`IPV6_V6ONLY`; always false for an IPv4 socket).
+pub fn bound_address(listener: &impl AsFd) -> io::Result<(SocketAddr, bool)> {
+    let fd = listener.as_fd();
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+    if let Some(v4) = local.as_sockaddr_in() {
+        return Ok((SocketAddr::V4((*v4).into()), false));
+    }
+    if let Some(v6) = local.as_sockaddr_in6() {
+        return Ok((
+            SocketAddr::V6((*v6).into()),
+            getsockopt(&fd, sockopt::Ipv6V6Only)?,
+        ));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("socket of family {:?} is not an IP socket", local.family()),
+    ))
 }
 
 /// True when connections wait in the listener's accept queue.

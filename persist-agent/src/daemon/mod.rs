@@ -4,7 +4,7 @@
 //! Start-up, in order: take the state directory's lock, become a child
 //! subreaper, load and attach the BPF program, bring back every registered
 //! service (finding running ones again), then serve wake events and the
-//! control socket until SIGTERM or SIGINT. Services keep running when the
+//! control socket (telling systemd `READY=1`) until SIGTERM or SIGINT. Services keep running when the
 //! daemon exits; the next daemon finds them again.
 //!
 //! # Threads
@@ -174,6 +174,9 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
         })
         .context("starting the wake-event thread")?;
 
+    // systemd's Type=notify: from here every registered port is steered and
+    // woken, and the control socket answers.
+    notify_service_manager(sd_notify::NotifyState::Ready);
     let mut terminate = signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -191,6 +194,7 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
             }
         }
     }
+    notify_service_manager(sd_notify::NotifyState::Stopping);
     let left = tokio::task::spawn_blocking(move || registry.finish_pagers(PAGER_FINISH_TIMEOUT))
         .await
         .unwrap_or(0);
@@ -242,6 +246,15 @@ fn log_reload(outcome: Result<ReloadReport, TrustError>, cause: &str) {
             )
         }
         Err(err) => warn!("{cause}: services directory not applied: {err}"),
+    }
+}
+
+/// Tells the service manager that started the daemon (`NOTIFY_SOCKET`, set
+/// by systemd for a `Type=notify` unit) about a change of state; nothing
+/// without it.
+fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
+    if let Err(err) = sd_notify::notify(&[state]) {
+        warn!("notifying the service manager through NOTIFY_SOCKET: {err}");
     }
 }
 

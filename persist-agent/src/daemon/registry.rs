@@ -495,7 +495,7 @@ impl Registry {
         self.watcher
             .lock()
             .expect("lock")
-            .register(slot, spec.addr, spec.port, &listener)?;
+            .register(slot, spec.port, &listener)?;
         let handle = Supervisor::spawn(
             spec.clone(),
             slot,

@@ -219,7 +219,7 @@ mod tests {
     fn spec(name: &str, port: u16, declared: bool) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
-            addr: Ipv4Addr::LOCALHOST,
+            addr: Ipv4Addr::LOCALHOST.into(),
             port,
             mode: ServiceMode::Exec,
             idle_timeout: None,

@@ -2,7 +2,6 @@
 //! it to the daemon's network namespace, and keeps the per-service maps.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::Ebpf;
@@ -30,6 +29,15 @@ pub enum SynWatcherError {
         slot: u32,
         /// The error.
         message: String,
+    },
+    /// The listener's address could not be read.
+    #[error("reading the address of service slot {slot}'s listener")]
+    Listener {
+        /// The service slot.
+        slot: u32,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
     /// The ring buffer could not be polled.
     #[error("polling the wake ring buffer: {0}")]
@@ -90,14 +98,17 @@ impl SynWatcher {
     }
 
     /// Registers a service in `slot`: its listener, a parked state, zeroed
-    /// counters, and last its port, which makes the program see it.
+    /// counters, and last its port, which makes the program see it. The
+    /// program steers the SYNs the listener itself would receive: those for
+    /// its address and family, both families for a dual-stack `::`.
     pub fn register(
         &mut self,
         slot: u32,
-        addr: Ipv4Addr,
         port: u16,
-        listener: &impl AsRawFd,
+        listener: &(impl AsRawFd + AsFd),
     ) -> Result<(), SynWatcherError> {
+        let (local, v6only) = super::listener::bound_address(listener)
+            .map_err(|source| SynWatcherError::Listener { slot, source })?;
         let map_err = |map, e: &dyn std::fmt::Display| SynWatcherError::Map {
             map,
             slot,
@@ -110,10 +121,7 @@ impl SynWatcher {
         self.listeners
             .set(slot, listener, 0)
             .map_err(|e| map_err(objects::LISTENERS_MAP, &e))?;
-        let entry = PortEntry {
-            service_id: slot,
-            addr: u32::from_ne_bytes(addr.octets()),
-        };
+        let entry = PortEntry::for_listener(slot, local.ip(), v6only);
         self.ports
             .insert(u32::from(port), entry, 0)
             .map_err(|e| map_err(objects::PORTS_MAP, &e))

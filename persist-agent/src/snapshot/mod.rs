@@ -9,7 +9,7 @@ mod handover;
 mod readiness;
 
 use std::fs::{File, OpenOptions};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -35,8 +35,8 @@ const QUIET_WAIT: Duration = Duration::from_secs(2);
 pub struct BuildRequest {
     /// Command and arguments.
     pub command: Vec<String>,
-    /// Address the command listens on.
-    pub addr: Ipv4Addr,
+    /// Address the command listens on (IPv4 or IPv6).
+    pub addr: IpAddr,
     /// Port the command listens on.
     pub port: u16,
     /// User to run it as (`None`: root).

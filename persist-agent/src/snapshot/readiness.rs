@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -123,12 +123,24 @@ fn exit_status(pidfd: &PidFd) -> String {
     }
 }
 
+/// Where a client reaches a server listening on `addr:port`: a server on
+/// every address (`0.0.0.0` or `::`) is reached on the loopback address of
+/// its family.
+fn client_target(addr: IpAddr, port: u16) -> SocketAddr {
+    let addr = match addr {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    };
+    SocketAddr::new(addr, port)
+}
+
 /// The status code of `GET path`, if the server answered one.
-fn http_status(addr: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
-    let mut stream =
-        TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(1)).ok()?;
+fn http_status(addr: IpAddr, port: u16, path: &str) -> Option<u16> {
+    let target = client_target(addr, port);
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n").ok()?;
     // Read the whole answer: the server is done with the connection only
     // once it has sent all of it, and it must be done before the snapshot.
     let mut response = Vec::new();
@@ -138,13 +150,13 @@ fn http_status(addr: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
 }
 
 /// One warm-up request: a GET for HTTP readiness, else a connect and close.
-pub fn send_warmup_request(addr: Ipv4Addr, port: u16, ready: &Readiness) -> std::io::Result<()> {
+pub fn send_warmup_request(addr: IpAddr, port: u16, ready: &Readiness) -> std::io::Result<()> {
     match ready {
         Readiness::Http { path } => {
             http_status(addr, port, path).ok_or_else(|| std::io::Error::other("no HTTP answer"))?;
         }
         _ => {
-            TcpStream::connect((addr, port))?;
+            TcpStream::connect(client_target(addr, port))?;
         }
     }
     Ok(())
