@@ -191,10 +191,16 @@ pub struct ServiceStatus {
     pub last_prefetch_pages: Option<u64>,
     /// Resident memory of the service's processes (of its prepared skeleton while parked).
     pub rss_bytes: u64,
-    /// What a parked service costs: the private (anonymous and shmem) memory
-    /// of its prepared skeleton. 0 while running.
+    /// What a parked service costs the host, [`ParkedCost::total`]. 0 while
+    /// running.
     #[serde(default)]
     pub parked_bytes: u64,
+    /// Pid of the prepared skeleton of its next wake, while parked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeleton_pid: Option<i32>,
+    /// What [`ServiceStatus::parked_bytes`] is made of, while parked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_cost: Option<ParkedCost>,
     /// Why the service failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -207,6 +213,31 @@ pub struct ServiceStatus {
     /// generation that crashed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+/// What the host pays for one parked service, in bytes
+/// (docs/parked-cost.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedCost {
+    /// Anonymous and shmem pages of the processes that wait for its wake
+    /// (its prepared skeleton, the init of the skeleton's pid namespace,
+    /// its port keeper).
+    pub private_bytes: u64,
+    /// Their page tables.
+    pub page_table_bytes: u64,
+    /// Their kernel objects (tasks, kernel stacks, mappings, open files),
+    /// estimated from the object sizes in /proc/slabinfo.
+    pub kernel_bytes: u64,
+    /// Its share of the agent's own memory: the agent's divided by the
+    /// services it holds.
+    pub agent_share_bytes: u64,
+}
+
+impl ParkedCost {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.private_bytes + self.page_table_bytes + self.kernel_bytes + self.agent_share_bytes
+    }
 }
 
 /// Why the CLI could not get an answer from the daemon.
@@ -317,7 +348,10 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
         }
     }
     if parked_note {
-        out.push_str("* parked cost: private memory of the prepared skeleton\n");
+        out.push_str(
+            "* parked cost: memory, page tables and kernel objects of the prepared skeleton \
+             and the port keeper, and a share of the agent\n",
+        );
     }
     out
 }

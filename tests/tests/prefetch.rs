@@ -45,7 +45,7 @@ fn park(sandbox: &Sandbox, name: &str) {
     sandbox.agent_ok(&["park", name]).unwrap();
     wait_until(Duration::from_secs(20), || {
         let status = sandbox.service(name).unwrap();
-        status["state"] == "parked" && status["parked_bytes"].as_u64().unwrap_or(0) > 0
+        status["state"] == "parked" && status["skeleton_pid"].is_i64()
     })
     .unwrap_or_else(|_| {
         panic!(

@@ -66,7 +66,7 @@ fn python_http_server_is_parked_restored_reparked_and_survives_a_daemon_restart(
     wait_until(Duration::from_secs(10), || {
         let status = sandbox.service("web").unwrap();
         // Parked, with the skeleton of the next wake prepared.
-        status["state"] == "parked" && status["parked_bytes"].as_u64() > Some(0)
+        status["state"] == "parked" && status["skeleton_pid"].is_i64()
     })
     .expect("parked again when idle");
     // The skeleton holds the pages python wrote to in its file mappings
@@ -1074,7 +1074,7 @@ fn a_park_right_after_a_prefetched_wake_is_not_lost() {
         park();
         wait_until(Duration::from_secs(10), || {
             let status = sandbox.service("quick").unwrap();
-            status["state"] == "parked" && status["parked_bytes"].as_u64() > Some(0)
+            status["state"] == "parked" && status["skeleton_pid"].is_i64()
         })
         .unwrap_or_else(|_| {
             panic!(

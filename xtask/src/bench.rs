@@ -15,6 +15,7 @@ mod plot;
 mod procs;
 mod progress;
 mod report;
+mod scale;
 mod servers;
 mod stats;
 
@@ -58,7 +59,12 @@ struct BenchRun {
 
 /// Runs the bench: progress on stderr, Markdown on stdout, raw samples and
 /// the plot under `target/bench/`.
-pub fn run(quick: bool, runs: Option<usize>, update_docs: bool) -> Result<()> {
+pub fn run(
+    quick: bool,
+    runs: Option<usize>,
+    update_docs: bool,
+    scale: Option<usize>,
+) -> Result<()> {
     if privilege::rerun_as_root(|| {
         deps::ensure(deps::TEST)?;
         deps::build_binaries("release")
@@ -68,6 +74,9 @@ pub fn run(quick: bool, runs: Option<usize>, update_docs: bool) -> Result<()> {
     interrupt::install()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
+    if let Some(services) = scale {
+        return run_scale(services);
+    }
     let source = source();
     let runs = runs.unwrap_or(if quick { QUICK_RUNS } else { RUNS }).max(1);
     let started = Instant::now();
@@ -167,6 +176,26 @@ pub fn run(quick: bool, runs: Option<usize>, update_docs: bool) -> Result<()> {
     );
     std::fs::write(out_dir.join("latency.md"), &markdown)?;
     print!("{markdown}");
+    Ok(())
+}
+
+/// The `--scale` bench: N parked services, what they cost, a wake storm.
+fn run_scale(services: usize) -> Result<()> {
+    let date = utc_now()?;
+    let machine = machine()?;
+    let source = source();
+    eprintln!("bench --scale {services}: adding {services} hello-servers");
+    let run = scale::run(services)?;
+    let out_dir = bench_dir();
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(
+        out_dir.join(format!("scale-{services}.json")),
+        serde_json::to_vec_pretty(&run)?,
+    )?;
+    print!(
+        "persist bench --scale {services}, {date}, {machine}, {source}\n\n{}",
+        scale::markdown(&run)
+    );
     Ok(())
 }
 

@@ -64,6 +64,10 @@ enum Task {
         /// Copy the plot to docs/bench-latency.svg, the one the README shows.
         #[arg(long)]
         update_docs: bool,
+        /// Instead: park N hello-servers and measure what they cost the host,
+        /// the agent's size and a wake storm of one request to each.
+        #[arg(long, value_name = "N")]
+        scale: Option<usize>,
     },
 }
 
@@ -83,7 +87,8 @@ fn main() -> Result<()> {
             quick,
             runs,
             update_docs,
-        } => bench::run(quick, runs, update_docs),
+            scale,
+        } => bench::run(quick, runs, update_docs, scale),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Messages of the control socket.
 
 use persist_agent::control::{
-    HistoryEntry, Reply, Request, ServiceStatus, history_table, status_table,
+    HistoryEntry, ParkedCost, Reply, Request, ServiceStatus, history_table, status_table,
 };
 
 use super::service::specs;
@@ -89,6 +89,13 @@ pub fn seeds() -> Vec<Vec<u8>> {
         last_prefetch_pages: Some(200),
         rss_bytes: 8 << 20,
         parked_bytes: 1 << 20,
+        skeleton_pid: Some(4243),
+        parked_cost: Some(ParkedCost {
+            private_bytes: 16 << 10,
+            page_table_bytes: 40 << 10,
+            kernel_bytes: 90 << 10,
+            agent_share_bytes: 8 << 10,
+        }),
         error: Some("wake failed: image is corrupt".into()),
         generation: Some("2".into()),
         note: Some("rebuilt: image was taken on kernel 6.1, this is 6.18".into()),

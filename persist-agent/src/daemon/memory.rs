@@ -40,13 +40,3 @@ pub(super) fn all_process_rss() -> Vec<ProcessRss> {
         })
         .collect()
 }
-
-/// Memory that `pid` alone holds: anonymous and shmem pages, not the page
-/// cache its file mappings share with every other user of those files.
-pub(super) fn private_bytes(pid: i32) -> u64 {
-    procfs::process::Process::new(pid)
-        .and_then(|process| process.status())
-        .map_or(0, |status| {
-            (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024
-        })
-}

@@ -95,7 +95,7 @@ impl Default for Metrics {
         );
         registry.register(
             "parked_bytes",
-            "Resident bytes of a parked service (its prepared skeleton)",
+            "What a parked service costs the host: memory, page tables and kernel objects of its skeleton and port keeper, and a share of the agent",
             parked_bytes.clone(),
         );
         registry.register(

@@ -42,6 +42,7 @@ mod listener;
 mod memory;
 mod metrics;
 mod pagers;
+mod parked_cost;
 mod reaper;
 mod registry;
 mod reload;

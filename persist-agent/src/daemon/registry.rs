@@ -14,9 +14,10 @@ use super::SharedWatcher;
 use super::generations::{Generation, Generations};
 use super::keeper;
 use super::listener;
-use super::memory::{private_bytes, rss_of_sessions};
+use super::memory::rss_of_sessions;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
+use super::parked_cost::{agent_share, parked_cost as parked_cost_of};
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
@@ -742,6 +743,7 @@ impl Registry {
         };
         let notes = self.notes.lock().expect("lock").clone();
         let file_errors = self.file_errors.lock().expect("lock").clone();
+        let agent_share = agent_share(views.len());
         // One walk of /proc for every running service, none when all are parked.
         let processes = std::cell::OnceCell::new();
         let mut statuses: Vec<ServiceStatus> = views
@@ -751,14 +753,30 @@ impl Registry {
                 let pager = worker_report
                     .as_ref()
                     .and_then(|report| report.lock().expect("lock").last_pager);
-                // A parked snapshot service costs the private memory of its
-                // prepared skeleton.
-                let mut parked_bytes = 0;
+                // A parked service costs its prepared skeleton, its port
+                // keeper and a share of the agent (docs/parked-cost.md).
+                let mut parked_cost = None;
+                let mut skeleton_pid = None;
+                if view.pid.is_none() {
+                    let mut waiting: Vec<i32> = self
+                        .run_state
+                        .load_keeper(&spec.name)
+                        .filter(run_state::is_alive)
+                        .map(|keeper| keeper.pid)
+                        .into_iter()
+                        .collect();
+                    if let Some(report) = &worker_report {
+                        let report = report.lock().expect("lock");
+                        skeleton_pid = report.skeleton_pid;
+                        waiting.extend(report.skeleton_pid);
+                        waiting.extend(report.skeleton_init_pid);
+                    }
+                    parked_cost = Some(parked_cost_of(&waiting, agent_share));
+                }
                 if view.pid.is_none()
                     && let Some(report) = &worker_report
                 {
                     let report = report.lock().expect("lock");
-                    parked_bytes = report.skeleton_pid.map_or(0, private_bytes);
                     if view.error.is_none() {
                         view.error = report.error.clone();
                     }
@@ -792,7 +810,9 @@ impl Registry {
                     last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
                     last_prefetch_pages: pager.as_ref().map(|p| p.prefetched_pages),
                     rss_bytes: rss_of_sessions(&processes, &view.sessions),
-                    parked_bytes,
+                    parked_bytes: parked_cost.map_or(0, |cost| cost.total()),
+                    skeleton_pid,
+                    parked_cost,
                     error: view.error.or_else(|| file_errors.get(&spec.name).cloned()),
                     generation: view.generation.map(|g| g.to_string()),
                     note: view.note.or_else(|| notes.get(&spec.name).cloned()),
@@ -818,6 +838,8 @@ impl Registry {
                 last_prefetch_pages: None,
                 rss_bytes: 0,
                 parked_bytes: 0,
+                skeleton_pid: None,
+                parked_cost: None,
                 error: Some(broken.error.clone()),
                 generation: None,
                 note: None,

@@ -65,6 +65,8 @@ fn monotonic_ns() -> u64 {
 pub struct WorkerReport {
     /// Pid of the prepared skeleton, while parked.
     pub skeleton_pid: Option<i32>,
+    /// Pid of the init of the skeleton's pid namespace, if it has one.
+    pub skeleton_init_pid: Option<i32>,
     /// Why the last prepare failed.
     pub error: Option<String>,
     /// Whether it failed because the image was taken on another kernel
@@ -475,6 +477,7 @@ impl Worker {
                     self.page_source(&mut skeleton),
                 );
                 report.skeleton_pid = Some(skeleton.pid());
+                report.skeleton_init_pid = skeleton.init_pid();
                 // Armed: the resume on the next SYN runs ahead of ordinary
                 // threads (the client's included) on whichever CPU it gets.
                 if let Err(err) = sched::set_current_thread_realtime(true) {
@@ -490,6 +493,7 @@ impl Worker {
             Err(err) => {
                 warn!(service = %self.name, "cannot prepare a skeleton: {err}");
                 report.skeleton_pid = None;
+                report.skeleton_init_pid = None;
                 report.error = Some(err.clone());
                 report.stale = stale;
                 // Checked again next time: it may have been damaged rather
@@ -662,6 +666,7 @@ impl Worker {
         {
             let mut report = self.report.lock().expect("report lock");
             report.skeleton_pid = None;
+            report.skeleton_init_pid = None;
             report.last_pager = None;
             report.wake_error = None;
         }

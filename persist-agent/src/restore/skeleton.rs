@@ -325,6 +325,12 @@ impl Skeleton {
         self.pid
     }
 
+    /// Pid of the init of the skeleton's own pid namespace, when its
+    /// recorded pid was taken here and it needed one.
+    pub fn init_pid(&self) -> Option<i32> {
+        self.init_pid
+    }
+
     /// The descriptor number at which the process keeps its userfaultfd.
     pub fn uffd_fd(&self) -> i32 {
         self.uffd_fd

@@ -1,0 +1,192 @@
+//! What a parked service costs the host, as `status`, the metrics and the
+//! bench report it: not only the private memory of its prepared skeleton,
+//! but everything the kernel keeps for the processes that wait for its
+//! wake, and a share of the agent.
+//!
+//! Per process (the skeleton, its children and the init of its pid
+//! namespace, and the service's port keeper):
+//! - private memory: anonymous and shmem pages (`RssAnon + RssShmem`);
+//! - page tables (`VmPTE`, every level);
+//! - kernel objects, estimated from their sizes in /proc/slabinfo: per
+//!   thread a `task_struct`, a `pid` and a kernel stack (16 KiB on x86-64);
+//!   per process an `mm_struct` and its signal, sighand, files and fs
+//!   structures; per mapping a `vm_area_struct` with its anon_vma links;
+//!   per open file a `file`, a dentry and an inode.
+//!
+//! Plus the agent's share: its own private memory, page tables and thread
+//! stacks divided by the services it holds. docs/parked-cost.md compares the
+//! sum with the drop of the host's MemAvailable per parked service.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::OnceLock;
+
+pub use crate::control::ParkedCost;
+
+/// A kernel stack per thread (`THREAD_SIZE` on x86-64).
+const KERNEL_STACK_BYTES: u64 = 16 * 1024;
+
+/// The cost of the processes `roots` and all their descendants, each counted
+/// once, plus `agent_share_bytes`.
+pub fn parked_cost(roots: &[i32], agent_share_bytes: u64) -> ParkedCost {
+    let mut cost = ParkedCost {
+        agent_share_bytes,
+        ..ParkedCost::default()
+    };
+    for pid in with_descendants(roots) {
+        let process = process_cost(pid);
+        cost.private_bytes += process.private_bytes;
+        cost.page_table_bytes += process.page_table_bytes;
+        cost.kernel_bytes += process.kernel_bytes;
+    }
+    cost
+}
+
+/// The agent's share per service: its private memory, page tables and
+/// kernel objects divided by `services`.
+pub fn agent_share(services: usize) -> u64 {
+    if services == 0 {
+        return 0;
+    }
+    let own = process_cost(std::process::id() as i32);
+    (own.private_bytes + own.page_table_bytes + own.kernel_bytes) / services as u64
+}
+
+/// One process's part of a [`ParkedCost`].
+#[derive(Debug, Default)]
+struct ProcessCost {
+    private_bytes: u64,
+    page_table_bytes: u64,
+    kernel_bytes: u64,
+}
+
+fn process_cost(pid: i32) -> ProcessCost {
+    let Ok(process) = procfs::process::Process::new(pid) else {
+        return ProcessCost::default();
+    };
+    let Ok(status) = process.status() else {
+        return ProcessCost::default();
+    };
+    let sizes = kernel_object_sizes();
+    let threads = status.threads;
+    let mappings = process.maps().map_or(0, |maps| maps.len() as u64);
+    let files = process.fd_count().map_or(0, |count| count as u64);
+    ProcessCost {
+        private_bytes: (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024,
+        page_table_bytes: status.vmpte.unwrap_or(0) * 1024,
+        kernel_bytes: sizes.per_process
+            + threads * sizes.per_thread
+            + mappings * sizes.per_mapping
+            + files * sizes.per_file,
+    }
+}
+
+/// `roots` and every process below them (`/proc/PID/task/TID/children`).
+fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
+    let mut seen = BTreeSet::new();
+    let mut pending: Vec<i32> = roots.to_vec();
+    while let Some(pid) = pending.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pending.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    seen
+}
+
+/// Bytes of kernel objects per thread, process, mapping and open file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KernelObjectSizes {
+    per_thread: u64,
+    per_process: u64,
+    per_mapping: u64,
+    per_file: u64,
+}
+
+fn kernel_object_sizes() -> KernelObjectSizes {
+    static SIZES: OnceLock<KernelObjectSizes> = OnceLock::new();
+    *SIZES.get_or_init(|| {
+        let slabinfo = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+        sizes_from_slabinfo(&slabinfo)
+    })
+}
+
+/// The sizes from /proc/slabinfo's object sizes, with a typical 6.x x86-64
+/// size for a cache it does not list (or when it cannot be read).
+fn sizes_from_slabinfo(slabinfo: &str) -> KernelObjectSizes {
+    let objects: HashMap<&str, u64> = slabinfo
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.starts_with("slabinfo"))
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let name = fields.next()?;
+            let size = fields.nth(2)?.parse().ok()?;
+            Some((name, size))
+        })
+        .collect();
+    let size = |name: &str, typical: u64| objects.get(name).copied().unwrap_or(typical);
+    KernelObjectSizes {
+        per_thread: size("task_struct", 5824) + size("pid", 192) + KERNEL_STACK_BYTES,
+        per_process: size("mm_struct", 1600)
+            + size("signal_cache", 1152)
+            + size("sighand_cache", 2112)
+            + size("files_cache", 704)
+            + size("fs_cache", 64),
+        per_mapping: size("vm_area_struct", 192)
+            + size("anon_vma_chain", 64)
+            + size("anon_vma", 104),
+        per_file: size("filp", 192) + size("dentry", 192) + size("sock_inode_cache", 832),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_sizes_come_from_slabinfo_with_typical_ones_for_missing_caches() {
+        let slabinfo = "slabinfo - version: 2.1\n\
+            # name <active_objs> <num_objs> <objsize> ...\n\
+            task_struct 100 120 6000 5 8 : tunables 0 0 0 : slabdata 24 24 0\n\
+            vm_area_struct 900 1000 200 20 1 : tunables 0 0 0 : slabdata 50 50 0\n";
+        let sizes = sizes_from_slabinfo(slabinfo);
+        assert_eq!(sizes.per_thread, 6000 + 192 + KERNEL_STACK_BYTES);
+        assert_eq!(sizes.per_mapping, 200 + 64 + 104);
+        assert_eq!(
+            sizes_from_slabinfo("").per_thread,
+            5824 + 192 + KERNEL_STACK_BYTES
+        );
+    }
+
+    #[test]
+    fn a_process_costs_at_least_its_private_memory_stack_and_mappings() {
+        let me = std::process::id() as i32;
+        let cost = parked_cost(&[me], 0);
+        assert!(cost.private_bytes > 0, "{cost:?}");
+        assert!(cost.page_table_bytes > 0, "{cost:?}");
+        assert!(cost.kernel_bytes > KERNEL_STACK_BYTES, "{cost:?}");
+        assert_eq!(parked_cost(&[me], 7).agent_share_bytes, 7);
+        assert_eq!(with_descendants(&[me, me]).len(), 1, "counted once");
+        let child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let family = with_descendants(&[me]);
+        assert!(family.contains(&(child.id() as i32)), "{family:?}");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = child.wait_with_output();
+    }
+}
