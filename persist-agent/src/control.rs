@@ -228,8 +228,8 @@ pub struct ParkedCost {
     /// Their kernel objects (tasks, kernel stacks, mappings, open files),
     /// estimated from the object sizes in /proc/slabinfo.
     pub kernel_bytes: u64,
-    /// Its share of the agent's own memory: the agent's divided by the
-    /// services it holds.
+    /// Its share of the agent's own memory: what the agent grew by since it
+    /// started, divided by the services it holds.
     pub agent_share_bytes: u64,
 }
 

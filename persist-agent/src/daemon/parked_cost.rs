@@ -13,8 +13,9 @@
 //!   structures; per mapping a `vm_area_struct` with its anon_vma links;
 //!   per open file a `file`, a dentry and an inode.
 //!
-//! Plus the agent's share: its own private memory, page tables and thread
-//! stacks divided by the services it holds. docs/parked-cost.md compares the
+//! Plus the agent's share: what the agent grew by since it started (its
+//! private memory, page tables and kernel objects, a restore thread per
+//! service among them) divided by the services it holds. docs/parked-cost.md compares the
 //! sum with the drop of the host's MemAvailable per parked service.
 
 use std::collections::{BTreeSet, HashMap};
@@ -41,14 +42,32 @@ pub fn parked_cost(roots: &[i32], agent_share_bytes: u64) -> ParkedCost {
     cost
 }
 
-/// The agent's share per service: its private memory, page tables and
-/// kernel objects divided by `services`.
-pub fn agent_share(services: usize) -> u64 {
+/// What the agent cost before it held any service (its runtime, the BPF
+/// program's maps, its own code): the baseline its share per service is
+/// counted from.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentBaseline(u64);
+
+impl AgentBaseline {
+    /// The agent's cost now: taken before any service is registered.
+    pub fn now() -> Self {
+        Self(agent_bytes())
+    }
+}
+
+/// The agent's share per service: what it grew by since `baseline` (the
+/// memory, page tables and kernel objects the services made it hold),
+/// divided by `services`. What removing one service would give back.
+pub fn agent_share(baseline: AgentBaseline, services: usize) -> u64 {
     if services == 0 {
         return 0;
     }
+    agent_bytes().saturating_sub(baseline.0) / services as u64
+}
+
+fn agent_bytes() -> u64 {
     let own = process_cost(std::process::id() as i32);
-    (own.private_bytes + own.page_table_bytes + own.kernel_bytes) / services as u64
+    own.private_bytes + own.page_table_bytes + own.kernel_bytes
 }
 
 /// One process's part of a [`ParkedCost`].
@@ -176,13 +195,14 @@ mod tests {
         assert!(cost.page_table_bytes > 0, "{cost:?}");
         assert!(cost.kernel_bytes > KERNEL_STACK_BYTES, "{cost:?}");
         assert_eq!(parked_cost(&[me], 7).agent_share_bytes, 7);
-        assert_eq!(with_descendants(&[me, me]).len(), 1, "counted once");
         let child = std::process::Command::new("sleep")
             .arg("10")
             .spawn()
             .unwrap();
         let family = with_descendants(&[me]);
         assert!(family.contains(&(child.id() as i32)), "{family:?}");
+        let alone = child.id() as i32;
+        assert_eq!(with_descendants(&[alone, alone]).len(), 1, "counted once");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGKILL,

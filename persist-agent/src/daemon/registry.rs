@@ -17,7 +17,7 @@ use super::listener;
 use super::memory::rss_of_sessions;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
-use super::parked_cost::{agent_share, parked_cost as parked_cost_of};
+use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_of};
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
@@ -140,6 +140,8 @@ pub struct Registry {
     notes: Mutex<BTreeMap<String, String>>,
     /// Untagged generations kept per `--on-idle keep` service.
     keep_generations: usize,
+    /// What the agent cost before it held any service.
+    agent_baseline: AgentBaseline,
 }
 
 impl Registry {
@@ -164,6 +166,7 @@ impl Registry {
             reloading: tokio::sync::Mutex::new(()),
             notes: Mutex::new(BTreeMap::new()),
             keep_generations: super::generations::DEFAULT_KEEP,
+            agent_baseline: AgentBaseline::now(),
         })
     }
 
@@ -314,6 +317,7 @@ impl Registry {
             .map_err(|source| RegistryError::Build { name, source })?;
         self.metrics
             .observe_checkpoint(&spec.name, started.elapsed());
+        crate::sys::alloc::give_back_free_memory();
         info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
         // States kept from an older pristine image would not descend from this one.
         self.drop_generations(spec);
@@ -743,7 +747,7 @@ impl Registry {
         };
         let notes = self.notes.lock().expect("lock").clone();
         let file_errors = self.file_errors.lock().expect("lock").clone();
-        let agent_share = agent_share(views.len());
+        let agent_share = agent_share(self.agent_baseline, views.len());
         // One walk of /proc for every running service, none when all are parked.
         let processes = std::cell::OnceCell::new();
         let mut statuses: Vec<ServiceStatus> = views

@@ -265,6 +265,11 @@ impl Skeleton {
             init_go_child: init_go_read.as_raw_fd(),
         };
         let (pid, init_pid) = spawn::spawn(&plan, manifest.process.pid, &pipes, &mut guard)?;
+        if init_pid.is_none() {
+            // Our child: its exit status goes to whoever resumes it, not to
+            // a reaper of orphans.
+            crate::sys::spawn::claim(pid);
+        }
         let proc_self_positions = fds.proc_self_positions();
         drop(fds);
         // The child holds its own copies now.
@@ -455,6 +460,7 @@ impl Drop for Skeleton {
             nix::unistd::Pid::from_raw(self.pid),
             Some(nix::sys::wait::WaitPidFlag::__WALL),
         );
+        crate::sys::spawn::unclaim(self.pid);
         if let Some(init) = self.init_pid {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None);
         }

@@ -35,6 +35,7 @@ impl Drop for KillGuard {
                 nix::unistd::Pid::from_raw(pid),
                 Some(nix::sys::wait::WaitPidFlag::__WALL),
             );
+            crate::sys::spawn::unclaim(pid);
         }
     }
 }

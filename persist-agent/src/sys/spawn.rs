@@ -25,6 +25,19 @@ pub fn is_claimed(pid: i32) -> bool {
     CLAIMED.lock().expect("claimed lock").contains(&pid)
 }
 
+/// Claims our child `pid` for whoever holds its pidfd and collects its exit
+/// status with [`reap`] (a restored process): the daemon's orphan reaper
+/// leaves it alone, so that its exit status is not lost.
+pub fn claim(pid: i32) {
+    CLAIMED.lock().expect("claimed lock").insert(pid);
+}
+
+/// Gives up a [`claim`] whose exit status nobody will collect with [`reap`]
+/// (the process was reaped another way).
+pub fn unclaim(pid: i32) {
+    CLAIMED.lock().expect("claimed lock").remove(&pid);
+}
+
 /// Collects the exit status of a child started by [`spawn`]: waits for it
 /// when `block`, else returns `None` while it runs.
 pub fn reap(pidfd: &PidFd, block: bool) -> Option<WaitStatus> {

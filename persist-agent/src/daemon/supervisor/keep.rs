@@ -98,6 +98,7 @@ impl Supervisor {
         }
         self.metrics
             .observe_checkpoint(&self.spec.name, started.elapsed());
+        crate::sys::alloc::give_back_free_memory();
         let Starter::Restore {
             generations, next, ..
         } = &mut self.starter
