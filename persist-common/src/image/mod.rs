@@ -110,9 +110,16 @@ pub use working_set::{
 /// Version 2 adds fields that restrict what a restored process may do
 /// (seccomp filters) or whose files it may open (file identities, the
 /// agent's files): a reader that ignored them would give the process more
-/// than it had, so readers of version 1 must refuse these images. Both
-/// versions are read here; a version 1 image simply has none of them.
-pub const FORMAT_VERSION: u32 = 2;
+/// than it had, so readers of version 1 must refuse these images.
+///
+/// Version 3 adds state a reader must not drop without a word: the other
+/// processes of a tree (`children`), POSIX timers, file locks, inotify
+/// watches, established TCP connections, idle sockets of every kind, and
+/// file mappings whose written pages are stored apart from the file's. A
+/// reader of version 2 would restore the root alone, or the process without
+/// them. Every version from 1 is read here; an older image simply has none
+/// of them.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
