@@ -458,11 +458,10 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
     for service in &declared {
         match &service.spec {
             Ok(spec) => println!(
-                "{}: ok ({} on {}:{})",
+                "{}: ok ({} on {})",
                 service.path.display(),
                 spec.mode.as_str(),
-                spec.addr,
-                spec.port
+                std::net::SocketAddr::new(spec.addr, spec.port)
             ),
             Err(err) => {
                 failed += 1;
