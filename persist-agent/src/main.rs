@@ -67,10 +67,6 @@ enum Command {
     },
     /// Register a service: the agent holds its port and starts it on the first SYN.
     Add(AddArgs),
-    /// Hold the listening socket on standard input until killed (the
-    /// daemon's port keeper of one service).
-    #[command(hide = true)]
-    HoldPort,
     /// Unregister a service, stopping it if it runs.
     Remove {
         /// Name of the service.
@@ -305,7 +301,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let logs = cli.state_dir.join("logs");
             service_log::show(&logs, &name, follow, &mut std::io::stdout().lock())?;
         }
-        Command::HoldPort => daemon::hold_port(),
         Command::Add(args) => {
             let spec = service_spec(args)?;
             let reply = control::call(&cli.state_dir, &Request::Add { spec })?;

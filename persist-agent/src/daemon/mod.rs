@@ -62,7 +62,6 @@ use persist_common::trust::TrustError;
 use tracing::{info, warn};
 
 use crate::service::create_trusted_dir;
-pub use keeper::hold as hold_port;
 pub use registry::Registry;
 pub use reload::ReloadReport;
 pub use supervisor::since_monotonic_us;

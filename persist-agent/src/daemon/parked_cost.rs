@@ -49,8 +49,10 @@ pub fn parked_cost(roots: &[i32], agent_share_bytes: u64) -> ParkedCost {
 pub struct AgentBaseline(u64);
 
 impl AgentBaseline {
-    /// The agent's cost now: taken before any service is registered.
+    /// The agent's cost now: taken before any service is registered, once
+    /// the allocator gave back what starting up left free.
     pub fn now() -> Self {
+        crate::sys::alloc::give_back_free_memory();
         Self(agent_bytes())
     }
 }
