@@ -744,6 +744,10 @@ impl Worker {
         {
             self.write_working_set(recording, pager.take_fault_log());
         }
+        drop(pager);
+        // The wake's buffers are free now: given back rather than kept in
+        // this thread's heap for as long as the service runs.
+        crate::sys::alloc::give_back_free_memory();
     }
 
     /// Writes the working set `recording` names: the pages the wake faulted
