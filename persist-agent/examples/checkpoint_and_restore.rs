@@ -53,6 +53,7 @@ fn main() -> Result<()> {
         base: None,
         agent_files: Vec::new(),
         recovery_file: None,
+        tree: false,
     })?;
     counter.wait()?;
     let last_before = last_count(&output)?;

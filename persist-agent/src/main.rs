@@ -82,6 +82,10 @@ enum Command {
         /// command is killed, the process stays stopped until `recover FILE`.
         #[arg(long, value_name = "FILE")]
         recovery_file: Option<PathBuf>,
+        /// Save the whole tree of processes under PID with it, instead of
+        /// refusing a process with children (trees are not restored yet).
+        #[arg(long)]
+        tree: bool,
     },
     /// Undo the checkpoint of a killed `checkpoint --recovery-file FILE`:
     /// the process runs on as if it had not begun.
@@ -268,6 +272,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             leave_running,
             base,
             recovery_file,
+            tree,
         } => {
             let options = checkpoint::CheckpointOptions {
                 pid,
@@ -278,6 +283,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 base,
                 agent_files: Vec::new(),
                 recovery_file,
+                tree,
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;

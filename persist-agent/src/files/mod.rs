@@ -53,7 +53,7 @@ pub use install::{PreparedFds, ProcSelfPosition};
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
-pub use save::{save_fds, save_fds_excluding};
+pub use save::{TreeScope, save_fds, save_fds_excluding, save_fds_in_tree};
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

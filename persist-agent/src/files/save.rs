@@ -62,13 +62,51 @@ pub fn save_fds_excluding(
     pidfd: &PidFd,
     exclude: &[i32],
 ) -> Result<Vec<FdInfo>, FilesError> {
+    save_fds_in_tree(pid, pidfd, exclude, &TreeScope::default())
+}
+
+/// What the other processes of a checkpointed tree hold, for
+/// [`save_fds_in_tree`].
+#[derive(Debug, Default)]
+pub struct TreeScope {
+    /// Descriptors of this process whose open file description is saved
+    /// with another process of the tree: not saved here, but still open
+    /// (an epoll instance of this process may watch them).
+    pub saved_elsewhere: Vec<i32>,
+    /// Inodes of every socket a process of the tree holds: a UNIX socket
+    /// connected to one of them is saved as a pair, its peer saved by the
+    /// process that holds it.
+    pub sockets: HashSet<u64>,
+}
+
+/// [`save_fds_excluding`] for one process of a tree: the descriptors of
+/// `tree.saved_elsewhere` are left out too, and a UNIX socket may be
+/// connected to a socket another process of the tree holds.
+pub fn save_fds_in_tree(
+    pid: i32,
+    pidfd: &PidFd,
+    exclude: &[i32],
+    tree: &TreeScope,
+) -> Result<Vec<FdInfo>, FilesError> {
     let mut listed = list(pid)?;
     listed.retain(|entry| !exclude.contains(&entry.fd));
     let mapped_memfds = memfd::mapped_memfd_inodes(pid)?;
     let mut saved: Vec<FdInfo> = Vec::with_capacity(listed.len());
     let mut memfd_contents_saved = HashSet::new();
+    // The sockets a UNIX socket of the process may be connected to: its
+    // own, and those of the rest of the tree.
+    let mut sockets = tree.sockets.clone();
+    sockets.extend(
+        listed
+            .iter()
+            .filter(|entry| entry.target.starts_with("socket:["))
+            .map(|entry| entry.info.ino),
+    );
 
     for (index, entry) in listed.iter().enumerate() {
+        if tree.saved_elsewhere.contains(&entry.fd) {
+            continue;
+        }
         let cloexec = entry.info.flags & libc::O_CLOEXEC as u32 != 0;
         let flags = entry.info.flags & !(libc::O_CLOEXEC as u32);
 
@@ -95,6 +133,7 @@ pub fn save_fds_excluding(
             &listed,
             &mapped_memfds,
             &mut memfd_contents_saved,
+            &sockets,
         )?;
         saved.push(FdInfo {
             fd: entry.fd,
@@ -226,6 +265,7 @@ fn classify(
     listed: &[Listed],
     mapped_memfds: &HashSet<u64>,
     memfd_contents_saved: &mut HashSet<u64>,
+    sockets: &HashSet<u64>,
 ) -> Result<FdKind, FilesError> {
     let fd = entry.fd;
     let target = entry.target.as_str();
@@ -233,7 +273,7 @@ fn classify(
         return pipe::save(pid, entry, listed, None);
     }
     if target.starts_with("socket:[") {
-        return socket(pid, pidfd, entry, listed);
+        return socket(pid, pidfd, entry, sockets);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
         return anon_inode(fd, name, &entry.info);
@@ -280,7 +320,7 @@ fn socket(
     pid: i32,
     pidfd: &PidFd,
     entry: &Listed,
-    listed: &[Listed],
+    sockets: &HashSet<u64>,
 ) -> Result<FdKind, FilesError> {
     let fd = entry.fd;
     let sock = pidfd
@@ -306,7 +346,15 @@ fn socket(
                 entry.info.ino,
             )
         }
-        libc::AF_UNIX => unix::save(pid, fd, sock.as_fd(), socket_type, listening, entry, listed),
+        libc::AF_UNIX => unix::save(
+            pid,
+            fd,
+            sock.as_fd(),
+            socket_type,
+            listening,
+            entry,
+            sockets,
+        ),
         libc::AF_NETLINK => Err(FilesError::unsupported(
             fd,
             "netlink socket is not supported",

@@ -7,7 +7,7 @@
 //! (its socket file made as the process), a pair re-created with
 //! `socketpair` and its queues refilled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -51,7 +51,7 @@ pub(super) fn save(
     socket_type: i32,
     listening: bool,
     entry: &Listed,
-    listed: &[Listed],
+    sockets: &HashSet<u64>,
 ) -> Result<FdKind, FilesError> {
     let inode = entry.info.ino;
     let name = unix_name(sock).map_err(FilesError::io(fd, "getsockname"))?;
@@ -96,9 +96,7 @@ pub(super) fn save(
             format!("unconnected UNIX socket{shown} is not supported"),
         ));
     };
-    let peer_in_process = listed
-        .iter()
-        .any(|o| o.info.ino == peer_inode && o.target.starts_with("socket:["));
+    let peer_in_process = sockets.contains(&peer_inode);
     if !peer_in_process {
         return Err(FilesError::unsupported(
             fd,

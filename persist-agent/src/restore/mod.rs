@@ -128,6 +128,17 @@ pub enum RestoreError {
         /// What is wrong.
         what: String,
     },
+    /// The image holds a tree of processes, which is not restored yet.
+    #[error(
+        "the image holds pid {pid} and {descendants} descendant processes: process trees are \
+         not restored yet"
+    )]
+    ProcessTree {
+        /// The root of the tree.
+        pid: i32,
+        /// Processes under it.
+        descendants: usize,
+    },
     /// The layout cannot be built.
     #[error("{0}")]
     Layout(String),

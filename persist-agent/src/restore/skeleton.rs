@@ -165,6 +165,12 @@ impl Skeleton {
         if manifest.threads.is_empty() {
             return Err(RestoreError::Layout("the image has no threads".into()));
         }
+        if !manifest.children.is_empty() {
+            return Err(RestoreError::ProcessTree {
+                pid: manifest.process.pid,
+                descendants: manifest.children.len(),
+            });
+        }
         if manifest.process.root != "/" {
             return Err(RestoreError::Layout(format!(
                 "root directory {} is not supported (only /)",

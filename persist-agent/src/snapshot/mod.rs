@@ -201,6 +201,8 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         base: None,
         agent_files: vec![request.log.clone()],
         recovery_file: None,
+        // Refused above: trees are not restored yet.
+        tree: false,
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();

@@ -10,9 +10,9 @@ use std::ptr::NonNull;
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::{
-    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest,
-    OLDEST_READABLE_VERSION, PAGE_SIZE, PAGES_FILE, PageRun, SECCOMP_INSN_LEN, SECCOMP_MAX_INSNS,
-    WORKING_SET_FILE, base_store_file,
+    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, Mapping,
+    OLDEST_READABLE_VERSION, PAGE_SIZE, PAGES_FILE, PageRun, ProcessInfo, SECCOMP_INSN_LEN,
+    SECCOMP_MAX_INSNS, ThreadInfo, WORKING_SET_FILE, base_store_file,
 };
 use crate::trust::{open_trusted_file, trusted_dir};
 
@@ -450,14 +450,32 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, ImageError
 
 /// Checks that mappings are page-aligned, ordered and disjoint, and that every
 /// page run lies inside its mapping and inside the page store.
+/// The mappings of every process of a tree are checked, each process's
+/// error naming its pid.
 fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+    check_mappings(&manifest.mappings, "", manifest.page_store_bytes, path)?;
+    for child in &manifest.children {
+        let process = format!("pid {}: ", child.process.pid);
+        check_mappings(&child.mappings, &process, manifest.page_store_bytes, path)?;
+    }
+    Ok(())
+}
+
+/// [`check_layout`] of the mappings of one process; `process` prefixes the
+/// messages.
+fn check_mappings(
+    mappings: &[Mapping],
+    process: &str,
+    page_store_bytes: u64,
+    path: &Path,
+) -> Result<(), ImageError> {
     let inconsistent = |reason: String| ImageError::Inconsistent {
         path: path.to_owned(),
         reason,
     };
     let mut previous_end = 0;
-    for mapping in &manifest.mappings {
-        let range = format!("mapping {:#x}-{:#x}", mapping.start, mapping.end);
+    for mapping in mappings {
+        let range = format!("{process}mapping {:#x}-{:#x}", mapping.start, mapping.end);
         if mapping.start % PAGE_SIZE != 0
             || mapping.end % PAGE_SIZE != 0
             || mapping.is_empty()
@@ -486,7 +504,7 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
                     .count
                     .checked_mul(PAGE_SIZE)
                     .and_then(|bytes| run.store_offset.checked_add(bytes))
-                    .is_some_and(|end| end <= manifest.page_store_bytes);
+                    .is_some_and(|end| end <= page_store_bytes);
             if !fits_mapping || !fits_store {
                 return Err(inconsistent(format!(
                     "{range}: page run at page {} ({} pages, store offset {}) lies outside the mapping or the page store",
@@ -501,11 +519,27 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
 /// Checks that every seccomp filter is a whole program of a size the kernel
 /// takes, and that threads name only filters the image holds.
 fn check_seccomp(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+    check_process_seccomp(&manifest.process, &manifest.threads, "", path)?;
+    for child in &manifest.children {
+        let process = format!("pid {}: ", child.process.pid);
+        check_process_seccomp(&child.process, &child.threads, &process, path)?;
+    }
+    Ok(())
+}
+
+/// [`check_seccomp`] of one process of a tree; `process` prefixes the
+/// messages.
+fn check_process_seccomp(
+    info: &ProcessInfo,
+    threads: &[ThreadInfo],
+    process: &str,
+    path: &Path,
+) -> Result<(), ImageError> {
     let inconsistent = |reason: String| ImageError::Inconsistent {
         path: path.to_owned(),
-        reason,
+        reason: format!("{process}{reason}"),
     };
-    let filters = &manifest.process.seccomp_filters;
+    let filters = &info.seccomp_filters;
     for (index, filter) in filters.iter().enumerate() {
         let len = filter.program.len();
         if len == 0 || len % SECCOMP_INSN_LEN != 0 || len / SECCOMP_INSN_LEN > SECCOMP_MAX_INSNS {
@@ -514,7 +548,7 @@ fn check_seccomp(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
             )));
         }
     }
-    for thread in &manifest.threads {
+    for thread in threads {
         if let Some(&index) = thread
             .seccomp
             .iter()

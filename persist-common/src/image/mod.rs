@@ -86,11 +86,13 @@
 mod error;
 mod io;
 mod manifest;
+mod tree;
 mod working_set;
 
 pub use error::ImageError;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
+pub use tree::{ChildProcess, InheritedFd};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };

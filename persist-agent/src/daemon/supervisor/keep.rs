@@ -54,6 +54,8 @@ impl Supervisor {
                 // A daemon killed meanwhile leaves the process stopped; the
                 // next one undoes the checkpoint and adopts it.
                 recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
+                // Trees are not restored yet.
+                tree: false,
             };
             let started = Instant::now();
             let mut result = checkpoint_when_filled(options.clone()).await;
