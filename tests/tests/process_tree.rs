@@ -1,0 +1,427 @@
+//! Process trees: `checkpoint --tree` of a parent with its children.
+//!
+//! The fixture (tests/src/bin/fixture-tree.rs) is a parent sharing a log
+//! file, a pipe, a UNIX socket pair and shared anonymous memory with two
+//! children; nginx runs as a master with two workers sharing its listener.
+//! Each test starts its own processes in its own temporary directory (nginx
+//! in its own network namespace) and kills them by pid when it ends.
+//! Trees are not restored yet: restore refuses their images.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use persist_common::image::{FdKind, Image, Manifest, MappingKind};
+use persist_tests::{NetNs, binary, nginx_command_with_workers, require_root, wait_until};
+
+/// The fixture's three processes; every one is killed on drop.
+struct TreeFixture {
+    parent: Child,
+    dir: tempfile::TempDir,
+    reader: i32,
+    idler: i32,
+}
+
+impl TreeFixture {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parent = Command::new(binary("fixture-tree"))
+            .arg(dir.path())
+            .spawn()
+            .expect("spawn fixture-tree");
+        let ready = dir.path().join("ready");
+        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-tree is ready");
+        let pids: Vec<i32> = fs::read_to_string(&ready)
+            .expect("read ready")
+            .split_whitespace()
+            .map(|pid| pid.parse().expect("a pid"))
+            .collect();
+        let [_, reader, idler] = pids[..] else {
+            panic!("ready holds {pids:?}, not three pids");
+        };
+        Self {
+            parent,
+            dir,
+            reader,
+            idler,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.parent.id() as i32
+    }
+
+    fn pids(&self) -> [i32; 3] {
+        [self.pid(), self.reader, self.idler]
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("image")
+    }
+
+    /// Has the reader check the unread data and the shared memory.
+    fn reader_check(&self) -> String {
+        let result = self.dir.path().join("result");
+        let _ = fs::remove_file(&result);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.reader),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal the reader");
+        wait_until(Duration::from_secs(20), || result.exists())
+            .expect("the reader writes its result");
+        fs::read_to_string(&result).expect("read result")
+    }
+}
+
+impl Drop for TreeFixture {
+    fn drop(&mut self) {
+        for pid in [self.reader, self.idler] {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.parent.kill();
+        let _ = self.parent.wait();
+    }
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(binary("persist-agent"))
+        .args(args)
+        .output()
+        .expect("run persist-agent")
+}
+
+fn checkpoint(pid: i32, image: &Path, extra: &[&str]) -> Output {
+    let pid = pid.to_string();
+    let image = image.to_str().expect("a UTF-8 path");
+    let mut args = vec!["checkpoint", "--pid", &pid, "--image", image];
+    args.extend_from_slice(extra);
+    agent(&args)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Whether `pid` runs (exists, and is neither stopped nor a zombie).
+fn runs(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat[stat.rfind(')').expect("comm ends") + 1..]
+        .trim_start()
+        .chars()
+        .next();
+    matches!(state, Some('R' | 'S' | 'D'))
+}
+
+fn manifest(image: &Path) -> Manifest {
+    Image::open(image)
+        .unwrap_or_else(|e| panic!("open {}: {e}", image.display()))
+        .manifest()
+        .clone()
+}
+
+#[test]
+fn a_parent_is_refused_without_tree_and_runs_on() {
+    require_root!();
+    let fixture = TreeFixture::start();
+    let output = checkpoint(fixture.pid(), &fixture.image(), &["--leave-running"]);
+    assert!(!output.status.success(), "checkpoint of a parent succeeded");
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!("pid {} has child processes", fixture.pid()))
+            && message.contains(&fixture.reader.to_string()),
+        "the refusal names neither the parent nor its children: {message}"
+    );
+    assert!(
+        !fixture.image().exists(),
+        "a refused checkpoint left an image"
+    );
+    for pid in fixture.pids() {
+        assert!(runs(pid), "pid {pid} does not run after the refusal");
+    }
+    assert_eq!(
+        fixture.reader_check(),
+        "OK",
+        "the refusal disturbed the tree"
+    );
+}
+
+#[test]
+fn a_tree_is_saved_with_what_its_processes_share() {
+    require_root!();
+    let fixture = TreeFixture::start();
+    let output = checkpoint(
+        fixture.pid(),
+        &fixture.image(),
+        &["--tree", "--leave-running"],
+    );
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        summary.contains(&format!("pid {} and 2 descendants", fixture.pid())),
+        "the summary does not count the tree: {summary}"
+    );
+    let manifest = manifest(&fixture.image());
+    let parent = fixture.pid();
+
+    // The processes, parents before children, with their own groups.
+    assert_eq!(manifest.process.pid, parent);
+    let children: Vec<(i32, i32)> = manifest
+        .children
+        .iter()
+        .map(|child| (child.process.pid, child.ppid))
+        .collect();
+    assert_eq!(
+        children,
+        [(fixture.reader, parent), (fixture.idler, parent)],
+        "the children and their parents"
+    );
+    let reader = &manifest.children[0];
+    let idler = &manifest.children[1];
+    assert_eq!(
+        reader.process.pgid, manifest.process.pgid,
+        "the reader's group"
+    );
+    assert_eq!(
+        idler.process.pgid, fixture.idler,
+        "the idler leads its own group"
+    );
+    assert!(!reader.threads.is_empty() && !idler.threads.is_empty());
+
+    // The log: one description, saved with the parent, inherited by both.
+    let log_fd = manifest
+        .fds
+        .iter()
+        .find(|fd| matches!(&fd.kind, FdKind::File { path, .. } if path.ends_with("/log")))
+        .expect("the parent's log is saved")
+        .fd;
+    for child in [reader, idler] {
+        let inherited = child
+            .inherited_fds
+            .iter()
+            .find(|fd| fd.fd == log_fd)
+            .unwrap_or_else(|| panic!("pid {} does not inherit the log", child.process.pid));
+        assert_eq!((inherited.from_pid, inherited.from_fd), (parent, log_fd));
+        assert!(
+            !child.fds.iter().any(|fd| fd.fd == log_fd),
+            "pid {} saved the log again",
+            child.process.pid
+        );
+    }
+
+    // The pipe: the read end and its unread data with the reader, the
+    // write end with the parent, one inode.
+    let (pipe_inode, data) = reader
+        .fds
+        .iter()
+        .find_map(|fd| match &fd.kind {
+            FdKind::Pipe {
+                inode,
+                write_end: false,
+                data,
+                ..
+            } => Some((*inode, data.clone())),
+            _ => None,
+        })
+        .expect("the reader saved its read end");
+    assert_eq!(data, b"through the pipe", "the pipe's unread data");
+    assert!(
+        manifest.fds.iter().any(|fd| matches!(
+            fd.kind,
+            FdKind::Pipe { inode, write_end: true, .. } if inode == pipe_inode
+        )),
+        "the parent did not save the write end of the reader's pipe"
+    );
+
+    // The socket pair: each end with its holder, naming the other.
+    let pair = |fds: &[persist_common::image::FdInfo]| {
+        fds.iter()
+            .find_map(|fd| match &fd.kind {
+                FdKind::UnixPair {
+                    inode,
+                    peer_inode,
+                    queued,
+                    ..
+                } => Some((*inode, *peer_inode, queued.clone())),
+                _ => None,
+            })
+            .expect("a socket pair end")
+    };
+    let (parent_end, parent_peer, _) = pair(&manifest.fds);
+    let (reader_end, reader_peer, queued) = pair(&reader.fds);
+    assert_eq!((parent_peer, reader_peer), (reader_end, parent_end));
+    let queued: Vec<u8> = queued.into_iter().flat_map(|m| m.data).collect();
+    assert_eq!(queued, b"through the socket", "the reader's unread data");
+
+    // The shared memory: stored once, with the parent.
+    let shared = |mappings: &[persist_common::image::Mapping]| {
+        mappings
+            .iter()
+            .find(|m| matches!(m.kind, MappingKind::SharedAnonymous { .. }) && m.len() == 4 * 4096)
+            .cloned()
+            .expect("the shared memory is mapped")
+    };
+    let stored = shared(&manifest.mappings);
+    assert_eq!(
+        stored.stored_pages(),
+        4,
+        "the parent's copy holds every page"
+    );
+    for child in [reader, idler] {
+        let mapping = shared(&child.mappings);
+        assert_eq!(mapping.kind, stored.kind, "one shared object");
+        assert_eq!(
+            mapping.stored_pages(),
+            0,
+            "pid {} stored the shared pages again",
+            child.process.pid
+        );
+    }
+
+    // Left running, with nothing consumed.
+    for pid in fixture.pids() {
+        assert!(runs(pid), "pid {pid} does not run after the checkpoint");
+    }
+    assert_eq!(
+        fixture.reader_check(),
+        "OK",
+        "the checkpoint disturbed the tree"
+    );
+
+    let inspect = agent(&["inspect", fixture.image().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains(&format!(
+            "tree      pid {parent} and 2 descendants: {} (parent {parent}), {} (parent {parent})",
+            fixture.reader, fixture.idler
+        )),
+        "inspect does not show the tree: {text}"
+    );
+}
+
+#[test]
+fn a_checkpointed_tree_is_killed_whole_and_its_image_is_not_restored() {
+    require_root!();
+    let fixture = TreeFixture::start();
+    let output = checkpoint(fixture.pid(), &fixture.image(), &["--tree"]);
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    for pid in fixture.pids() {
+        assert!(
+            !runs(pid),
+            "pid {pid} runs on after its tree was checkpointed"
+        );
+    }
+    let restore = agent(&["restore", "--image", fixture.image().to_str().unwrap()]);
+    assert!(!restore.status.success(), "a tree image was restored");
+    assert!(
+        stderr(&restore).contains(&format!(
+            "the image holds pid {} and 2 descendant processes: process trees are not restored yet",
+            fixture.pid()
+        )),
+        "the refusal does not say why: {}",
+        stderr(&restore)
+    );
+}
+
+/// nginx's master and its two workers: the listener is saved once, with
+/// the master, and the workers go on serving.
+#[test]
+fn nginx_master_and_workers_are_saved_with_one_listener() {
+    require_root!();
+    const PORT: u16 = 8190;
+    let netns = NetNs::new().expect("network namespace");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("www");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("index.html"), "hello from the tree\n").unwrap();
+    let command = nginx_command_with_workers(&dir.path().join("nginx"), &root, PORT, 2)
+        .expect("nginx configuration");
+    let mut nginx = netns
+        .command(&command[0])
+        .args(&command[1..])
+        .spawn()
+        .expect("spawn nginx");
+    let get = || {
+        netns
+            .enter(|| persist_tests::http_get(PORT))
+            .expect("enter")
+    };
+    let served = wait_until(Duration::from_secs(20), || get().is_ok());
+    let master = nginx.id() as i32;
+    let workers: Vec<i32> = fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|pid| pid.parse().unwrap())
+        .collect();
+    let image = dir.path().join("image");
+    // In nginx's namespace: its UNIX sockets are looked up there (sock_diag).
+    let output = served.map(|()| {
+        netns
+            .command(binary("persist-agent"))
+            .args(["checkpoint", "--tree", "--leave-running", "--pid"])
+            .arg(master.to_string())
+            .arg("--image")
+            .arg(&image)
+            .output()
+            .expect("run persist-agent")
+    });
+    let after = get();
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+
+    let output = output.expect("nginx serves");
+    assert!(
+        output.status.success(),
+        "checkpoint --tree of nginx: {}",
+        stderr(&output)
+    );
+    assert_eq!(workers.len(), 2, "nginx runs two workers: {workers:?}");
+    let manifest = manifest(&image);
+    let pids: Vec<i32> = manifest.children.iter().map(|c| c.process.pid).collect();
+    assert_eq!(pids.len(), 2, "the image holds the master and two workers");
+    assert!(
+        workers.iter().all(|w| pids.contains(w)),
+        "{pids:?} are not the workers {workers:?}"
+    );
+    let listener = manifest
+        .fds
+        .iter()
+        .find(|fd| matches!(&fd.kind, FdKind::TcpListener { local, .. } if local == &format!("127.0.0.1:{PORT}")))
+        .expect("the master's listener is saved");
+    for worker in &manifest.children {
+        assert!(
+            worker
+                .inherited_fds
+                .iter()
+                .any(|fd| fd.fd == listener.fd && fd.from_pid == master),
+            "worker {} does not share the master's listener",
+            worker.process.pid
+        );
+        assert!(
+            !worker
+                .fds
+                .iter()
+                .any(|fd| matches!(fd.kind, FdKind::TcpListener { .. })),
+            "worker {} saved a listener of its own",
+            worker.process.pid
+        );
+    }
+    assert_eq!(
+        after.expect("nginx serves after the checkpoint"),
+        "hello from the tree\n"
+    );
+}
