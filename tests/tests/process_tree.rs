@@ -337,91 +337,168 @@ fn a_checkpointed_tree_is_killed_whole_and_its_image_is_not_restored() {
     );
 }
 
+/// A server started from `command` in a namespace of its own, serving
+/// `body` on `port`, checkpointed as a tree (once it runs `workers`
+/// children) and left running.
+struct CheckpointedServer {
+    /// The root of the tree.
+    pid: i32,
+    /// Its children when it was checkpointed.
+    children: Vec<i32>,
+    manifest: Manifest,
+}
+
+impl CheckpointedServer {
+    fn run(dir: &Path, command: &[String], port: u16, body: &str, workers: usize) -> Self {
+        let netns = NetNs::new().expect("network namespace");
+        let mut server = netns
+            .command(&command[0])
+            .args(&command[1..])
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let get = || {
+            netns
+                .enter(|| persist_tests::http_get(port))
+                .expect("enter")
+        };
+        // `ip netns exec` execs the server: its pid is the root's.
+        let pid = server.id() as i32;
+        let children = || -> Vec<i32> {
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|pid| pid.parse().expect("a pid"))
+                .collect()
+        };
+        // Workers may be forked after the first of them serves.
+        let served = wait_until(Duration::from_secs(20), || {
+            children().len() >= workers && get().is_ok_and(|b| b == body)
+        });
+        let children = children();
+        let image = dir.join("image");
+        // In the server's namespace: its UNIX sockets are looked up there
+        // (sock_diag).
+        let output = served.map(|()| {
+            netns
+                .command(binary("persist-agent"))
+                .args(["checkpoint", "--tree", "--leave-running", "--pid"])
+                .arg(pid.to_string())
+                .arg("--image")
+                .arg(&image)
+                .output()
+                .expect("run persist-agent")
+        });
+        let after = get();
+        let _ = server.kill();
+        let _ = server.wait();
+        drop(netns);
+
+        let output = output.unwrap_or_else(|e| panic!("{command:?} does not serve {body:?}: {e}"));
+        assert!(
+            output.status.success(),
+            "checkpoint --tree of {command:?}: {}",
+            stderr(&output)
+        );
+        assert_eq!(
+            after.expect("the server serves after the checkpoint"),
+            body,
+            "what the server serves after the checkpoint"
+        );
+        Self {
+            pid,
+            children,
+            manifest: manifest(&image),
+        }
+    }
+
+    /// Checks that the image holds the root and `workers` children, all
+    /// sharing one listener on `port` saved with the root.
+    fn check_one_listener(&self, port: u16, workers: usize) {
+        assert_eq!(
+            self.children.len(),
+            workers,
+            "the server runs {workers} workers: {:?}",
+            self.children
+        );
+        let pids: Vec<i32> = self
+            .manifest
+            .children
+            .iter()
+            .map(|c| c.process.pid)
+            .collect();
+        assert_eq!(pids, self.children, "the image holds the root's children");
+        let local = format!("127.0.0.1:{port}");
+        let listener = self
+            .manifest
+            .fds
+            .iter()
+            .find(|fd| matches!(&fd.kind, FdKind::TcpListener { local: l, .. } if *l == local))
+            .expect("the root's listener is saved");
+        for worker in &self.manifest.children {
+            assert!(
+                worker
+                    .inherited_fds
+                    .iter()
+                    .any(|fd| fd.fd == listener.fd && fd.from_pid == self.pid),
+                "worker {} does not share the root's listener: {:?}",
+                worker.process.pid,
+                worker.inherited_fds
+            );
+            assert!(
+                !worker
+                    .fds
+                    .iter()
+                    .any(|fd| matches!(fd.kind, FdKind::TcpListener { .. })),
+                "worker {} saved a listener of its own",
+                worker.process.pid
+            );
+        }
+    }
+}
+
 /// nginx's master and its two workers: the listener is saved once, with
 /// the master, and the workers go on serving.
 #[test]
 fn nginx_master_and_workers_are_saved_with_one_listener() {
     require_root!();
     const PORT: u16 = 8190;
-    let netns = NetNs::new().expect("network namespace");
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("www");
     fs::create_dir(&root).unwrap();
     fs::write(root.join("index.html"), "hello from the tree\n").unwrap();
     let command = nginx_command_with_workers(&dir.path().join("nginx"), &root, PORT, 2)
         .expect("nginx configuration");
-    let mut nginx = netns
-        .command(&command[0])
-        .args(&command[1..])
-        .spawn()
-        .expect("spawn nginx");
-    let get = || {
-        netns
-            .enter(|| persist_tests::http_get(PORT))
-            .expect("enter")
-    };
-    let served = wait_until(Duration::from_secs(20), || get().is_ok());
-    let master = nginx.id() as i32;
-    let workers: Vec<i32> = fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(|pid| pid.parse().unwrap())
-        .collect();
-    let image = dir.path().join("image");
-    // In nginx's namespace: its UNIX sockets are looked up there (sock_diag).
-    let output = served.map(|()| {
-        netns
-            .command(binary("persist-agent"))
-            .args(["checkpoint", "--tree", "--leave-running", "--pid"])
-            .arg(master.to_string())
-            .arg("--image")
-            .arg(&image)
-            .output()
-            .expect("run persist-agent")
-    });
-    let after = get();
-    let _ = nginx.kill();
-    let _ = nginx.wait();
+    let server = CheckpointedServer::run(dir.path(), &command, PORT, "hello from the tree\n", 2);
+    server.check_one_listener(PORT, 2);
+}
 
-    let output = output.expect("nginx serves");
-    assert!(
-        output.status.success(),
-        "checkpoint --tree of nginx: {}",
-        stderr(&output)
-    );
-    assert_eq!(workers.len(), 2, "nginx runs two workers: {workers:?}");
-    let manifest = manifest(&image);
-    let pids: Vec<i32> = manifest.children.iter().map(|c| c.process.pid).collect();
-    assert_eq!(pids.len(), 2, "the image holds the master and two workers");
-    assert!(
-        workers.iter().all(|w| pids.contains(w)),
-        "{pids:?} are not the workers {workers:?}"
-    );
-    let listener = manifest
-        .fds
-        .iter()
-        .find(|fd| matches!(&fd.kind, FdKind::TcpListener { local, .. } if local == &format!("127.0.0.1:{PORT}")))
-        .expect("the master's listener is saved");
-    for worker in &manifest.children {
-        assert!(
-            worker
-                .inherited_fds
-                .iter()
-                .any(|fd| fd.fd == listener.fd && fd.from_pid == master),
-            "worker {} does not share the master's listener",
-            worker.process.pid
-        );
-        assert!(
-            !worker
-                .fds
-                .iter()
-                .any(|fd| matches!(fd.kind, FdKind::TcpListener { .. })),
-            "worker {} saved a listener of its own",
-            worker.process.pid
-        );
-    }
-    assert_eq!(
-        after.expect("nginx serves after the checkpoint"),
-        "hello from the tree\n"
-    );
+/// gunicorn's arbiter and two sync workers serving a WSGI app.
+#[test]
+fn gunicorn_arbiter_and_workers_are_saved_with_one_listener() {
+    require_root!();
+    const PORT: u16 = 8191;
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(
+        dir.path().join("app.py"),
+        "def app(environ, start_response):\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [b'hello from gunicorn\\n']\n",
+    )
+    .unwrap();
+    let command: Vec<String> = [
+        "gunicorn",
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--bind",
+        &format!("127.0.0.1:{PORT}"),
+        "--chdir",
+        dir.path().to_str().expect("a UTF-8 path"),
+        "app:app",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let server = CheckpointedServer::run(dir.path(), &command, PORT, "hello from gunicorn\n", 2);
+    server.check_one_listener(PORT, 2);
 }

@@ -23,6 +23,7 @@ pub const TEST: &[&str] = &[
     "redis-tools",
     "nginx",
     "memcached",
+    "gunicorn",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.

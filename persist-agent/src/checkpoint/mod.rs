@@ -95,7 +95,8 @@ pub struct CheckpointOptions {
     /// Checkpoint the whole tree of processes under `pid` (saved as
     /// [`Manifest::children`]) rather than refusing a process with children
     /// ([`CheckpointError::HasChildren`]). Images of trees are not restored
-    /// yet: restore refuses them.
+    /// yet: restore refuses them. Not with a recovery file
+    /// ([`CheckpointError::TreeRecovery`]).
     pub tree: bool,
 }
 
@@ -245,6 +246,15 @@ pub enum CheckpointError {
         pid: i32,
         /// Its children.
         children: Vec<i32>,
+    },
+    /// A recovery file records how to undo the checkpoint of one process.
+    #[error(
+        "pid {pid}: a recovery file can undo the checkpoint of one process, not of a tree: \
+         checkpoint a tree without one"
+    )]
+    TreeRecovery {
+        /// The root of the tree.
+        pid: i32,
     },
     /// A process of the tree has a child that exited and was not reaped.
     #[error(
@@ -498,6 +508,10 @@ impl CheckpointError {
 /// [`CheckpointOptions::tree`], every process under it).
 pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, CheckpointError> {
     let pid = options.pid;
+    if options.tree && options.recovery_file.is_some() {
+        // The descendants' journals are kept in memory only.
+        return Err(CheckpointError::TreeRecovery { pid });
+    }
     let Preflight {
         under_seccomp,
         stopped_before,
@@ -897,6 +911,25 @@ mod tests {
         assert!(!summary.left_running);
         let status = child.wait().expect("the child is still ours to reap");
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_tree_is_not_checkpointed_with_a_recovery_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = checkpoint(&CheckpointOptions {
+            tree: true,
+            recovery_file: Some(dir.path().join("recovery")),
+            ..options(1)
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::TreeRecovery { pid: 1 }),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("recovery").exists(),
+            "the refusal wrote a recovery file"
+        );
     }
 
     #[test]
