@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use persist_common::image::{FdKind, Image, Manifest, MappingKind};
+use std::collections::HashSet;
+
+use persist_common::image::{ChildProcess, FdKind, Image, Manifest, Mapping, MappingKind};
 use persist_tests::{NetNs, binary, nginx_command_with_workers, require_root, wait_until};
 
 /// The fixture's three processes; every one is killed on drop.
@@ -117,6 +119,22 @@ fn runs(pid: i32) -> bool {
         .chars()
         .next();
     matches!(state, Some('R' | 'S' | 'D'))
+}
+
+/// The fraction of the pages `child` stored that refer to a copy its
+/// parent (the root) stored, rather than to one of its own.
+fn fraction_stored_by_parent(manifest: &Manifest, child: &ChildProcess) -> f64 {
+    let pages = |mappings: &[Mapping]| -> Vec<u64> {
+        mappings
+            .iter()
+            .flat_map(|m| &m.pages)
+            .flat_map(|run| (0..run.count).map(move |i| run.store_offset + i * 4096))
+            .collect()
+    };
+    let parent: HashSet<u64> = pages(&manifest.mappings).into_iter().collect();
+    let own = pages(&child.mappings);
+    let shared = own.iter().filter(|offset| parent.contains(offset)).count();
+    shared as f64 / own.len().max(1) as f64
 }
 
 fn manifest(image: &Path) -> Manifest {
@@ -288,6 +306,15 @@ fn a_tree_is_saved_with_what_its_processes_share() {
         );
     }
 
+    // Private memory the idler shares with the parent since the fork is
+    // stored once.
+    let shared = fraction_stored_by_parent(&manifest, idler);
+    assert!(
+        shared > 0.5,
+        "only {:.0} % of the idler's pages refer to the parent's copies",
+        shared * 100.0
+    );
+
     // Left running, with nothing consumed.
     for pid in fixture.pids() {
         assert!(runs(pid), "pid {pid} does not run after the checkpoint");
@@ -435,6 +462,13 @@ impl CheckpointedServer {
             .find(|fd| matches!(&fd.kind, FdKind::TcpListener { local: l, .. } if *l == local))
             .expect("the root's listener is saved");
         for worker in &self.manifest.children {
+            let shared = fraction_stored_by_parent(&self.manifest, worker);
+            assert!(
+                shared > 0.5,
+                "only {:.0} % of worker {}'s pages refer to the root's copies",
+                shared * 100.0,
+                worker.process.pid
+            );
             assert!(
                 worker
                     .inherited_fds

@@ -23,6 +23,7 @@
 //! ([`CheckpointOptions::recovery_file`]) that [`recover`] undoes.
 
 mod freeze;
+mod inherited_pages;
 mod inject;
 mod memory;
 mod process;
@@ -48,7 +49,7 @@ use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
 
 use freeze::Frozen;
-use memory::BasePages;
+use memory::{BasePages, KnownPages};
 use recovery::Journal;
 use shared_memory::SharedMemory;
 use tree::Tree;
@@ -118,7 +119,8 @@ pub struct CheckpointSummary {
     pub pages: u64,
     /// Pages written to the image's own page store.
     pub pages_written: u64,
-    /// Pages referred to in the base image instead of written.
+    /// Pages referred to where the base image, or the parent process in
+    /// this image, stored them instead of written.
     pub pages_reused: u64,
     /// Base stores the image links (0 for a full image).
     pub base_stores: usize,
@@ -674,9 +676,17 @@ fn save(
     .map_err(|source| CheckpointError::Image { pid, source })?;
     let scope = tree.scope_of_root(pid, root.exclude)?;
     let mut shared_memory = SharedMemory::default();
-    let saved = save_one(root, &scope, &mut writer, base, &mut shared_memory)?;
+    let known = base.map(|base| base as &dyn KnownPages);
+    let saved = save_one(root, &scope, &mut writer, known, &mut shared_memory)?;
     let mut stats = saved.stats;
-    let children = tree.save(root, &mut writer, base, &mut shared_memory, &mut stats)?;
+    let children = tree.save(
+        root,
+        &saved.mappings,
+        &mut writer,
+        base,
+        &mut shared_memory,
+        &mut stats,
+    )?;
     let manifest = Manifest {
         kernel: host::kernel_info(),
         cpu: host::cpu_info(),
@@ -698,13 +708,14 @@ fn save(
 
 /// Saves one frozen process of a tree: its memory into `writer` (but not
 /// the pages of a shared memory object another process of the tree stored,
-/// see [`SharedMemory`]), its threads, its process-wide state and its
-/// descriptors (as `scope` tells them apart from the rest of the tree's).
+/// see [`SharedMemory`], nor those `known` holds already), its threads, its
+/// process-wide state and its descriptors (as `scope` tells them apart from
+/// the rest of the tree's).
 fn save_one(
     target: &Target<'_>,
     scope: &TreeScope,
     writer: &mut ImageWriter,
-    base: Option<&BasePages>,
+    known: Option<&dyn KnownPages>,
     shared_memory: &mut SharedMemory,
 ) -> Result<SavedProcess, CheckpointError> {
     let pid = target.pid;
@@ -719,7 +730,7 @@ fn save_one(
     }
 
     let memory_start = Instant::now();
-    let dumped = shared_memory.dump(pid, &mut mappings, writer, &mem, base)?;
+    let dumped = shared_memory.dump(pid, &mut mappings, writer, &mem, known)?;
     let memory_time = memory_start.elapsed();
 
     let syscall_at = inject::find_syscall_insn(&mem, &mappings, pid)?;

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use persist_common::image::{ImageWriter, Mapping, MappingKind};
 
 use super::CheckpointError;
-use super::memory::{self, BasePages, DumpStats};
+use super::memory::{self, DumpStats, KnownPages};
 use crate::sys::procmem::ProcMem;
 
 /// The shared memory objects whose pages the image holds so far, each
@@ -61,7 +61,7 @@ impl SharedMemory {
         mappings: &mut [Mapping],
         writer: &mut ImageWriter,
         mem: &ProcMem,
-        base: Option<&BasePages>,
+        known: Option<&dyn KnownPages>,
     ) -> Result<DumpStats, CheckpointError> {
         let stored_before = |mapping: &Mapping| {
             StoredObject::of(mapping).is_some_and(|object| self.stored.contains(&object))
@@ -71,7 +71,7 @@ impl SharedMemory {
             .filter(|mapping| !stored_before(mapping))
             .cloned()
             .collect();
-        let stats = memory::dump(pid, &mut to_store, writer, mem, base)?;
+        let stats = memory::dump(pid, &mut to_store, writer, mem, known)?;
         let targets = mappings
             .iter_mut()
             .filter(|mapping| !stored_before(mapping));

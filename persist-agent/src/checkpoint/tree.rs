@@ -18,9 +18,10 @@
 use std::collections::{HashSet, VecDeque};
 use std::fs;
 
-use persist_common::image::{ChildProcess, ImageWriter, InheritedFd};
+use persist_common::image::{ChildProcess, ImageWriter, InheritedFd, Mapping};
 
 use super::freeze::Frozen;
+use super::inherited_pages::{ChildKnownPages, ParentPages};
 use super::memory::BasePages;
 use super::recovery::Journal;
 use super::shared_memory::SharedMemory;
@@ -31,6 +32,7 @@ use super::{
 use crate::files::TreeScope;
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
+use crate::sys::procmem::ProcMem;
 
 /// The frozen descendants of a frozen root, parents before children; empty
 /// for a process without children.
@@ -105,11 +107,15 @@ impl Tree {
         Ok(sockets)
     }
 
-    /// Saves every descendant after the root, each as [`super::save_one`]
-    /// saves a process, adding its totals to `stats`.
+    /// Saves every descendant after the root (whose saved mappings are
+    /// `root_mappings`), each as [`super::save_one`] saves a process, adding
+    /// its totals to `stats`. A private page equal to the one its parent
+    /// stored at the same address refers to that copy
+    /// ([`ParentPages`]).
     pub fn save(
         &self,
         root: &Target<'_>,
+        root_mappings: &[Mapping],
         writer: &mut ImageWriter,
         base: Option<&BasePages>,
         shared_memory: &mut SharedMemory,
@@ -139,7 +145,27 @@ impl Tree {
                 journal: &descendant.journal,
                 exclude: &descendant.exclude,
             };
-            let saved = save_one(&target, &scope, writer, base, shared_memory)?;
+            let parent_mappings = if descendant.ppid == root.pid {
+                root_mappings
+            } else {
+                children
+                    .iter()
+                    .find(|child: &&ChildProcess| child.process.pid == descendant.ppid)
+                    .map(|child| &child.mappings[..])
+                    .unwrap_or_default()
+            };
+            let parent_mem =
+                ProcMem::open(descendant.ppid).map_err(|source| CheckpointError::Proc {
+                    pid: descendant.ppid,
+                    path: format!("/proc/{}/mem", descendant.ppid),
+                    source,
+                })?;
+            let parent = ParentPages::new(parent_mem, parent_mappings);
+            let known = ChildKnownPages {
+                parent: &parent,
+                base,
+            };
+            let saved = save_one(&target, &scope, writer, Some(&known), shared_memory)?;
             stats.add(&saved.stats);
             earlier.push(SavedFds {
                 pid,
