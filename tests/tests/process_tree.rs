@@ -536,3 +536,114 @@ fn gunicorn_arbiter_and_workers_are_saved_with_one_listener() {
     let server = CheckpointedServer::run(dir.path(), &command, PORT, "hello from gunicorn\n", 2);
     server.check_one_listener(PORT, 2);
 }
+
+/// A process started with `sh -c SCRIPT`; it and every process of its
+/// session are killed on drop.
+struct Script(Child);
+
+impl Script {
+    fn start(script: &str) -> Self {
+        let child = Command::new("setsid")
+            .args(["sh", "-c", script])
+            .spawn()
+            .expect("spawn setsid sh");
+        Self(child)
+    }
+
+    /// The `sh`: `setsid` execs it (a child of the test does not lead a
+    /// process group, so setsid need not fork).
+    fn shell(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        persist_tests::kill_session(self.shell());
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The children of `pid`, as its main thread lists them.
+fn children_of(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect()
+}
+
+#[test]
+fn an_unsupported_descriptor_in_a_child_is_refused_by_pid_and_fd_and_the_tree_runs_on() {
+    require_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The child holds a netlink socket at fd 7, which is not supported.
+    let script = Script::start(
+        "python3 -c 'import socket, os, time
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+os.dup2(s.fileno(), 7)
+s.close()
+time.sleep(1000)' & exec sleep 1000",
+    );
+    let mut parent = 0;
+    let mut child = 0;
+    wait_until(Duration::from_secs(20), || {
+        parent = script.shell();
+        child = children_of(parent).first().copied().unwrap_or(0);
+        child != 0
+            && fs::read_link(format!("/proc/{child}/fd/7")).is_ok()
+            && fs::read_link(format!("/proc/{child}/fd/3")).is_err()
+    })
+    .expect("the child opens its netlink socket");
+    let output = checkpoint(parent, &dir.path().join("image"), &["--tree"]);
+    assert!(
+        !output.status.success(),
+        "a netlink socket was checkpointed"
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!(
+            "pid {child}: saving file descriptors: fd 7: netlink socket"
+        )),
+        "the refusal does not name the child and its fd: {message}"
+    );
+    assert!(
+        !dir.path().join("image").exists(),
+        "a refused checkpoint left an image"
+    );
+    for pid in [parent, child] {
+        assert!(runs(pid), "pid {pid} does not run after the refusal");
+    }
+}
+
+#[test]
+fn a_zombie_in_the_tree_is_refused_and_the_tree_runs_on() {
+    require_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // `true` exits at once; `sleep`, exec'd in its parent, never reaps it.
+    let script = Script::start("true & exec sleep 1000");
+    let mut parent = 0;
+    let mut zombie = 0;
+    wait_until(Duration::from_secs(20), || {
+        parent = script.shell();
+        zombie = children_of(parent).first().copied().unwrap_or(0);
+        zombie != 0
+            && !runs(zombie)
+            && fs::read_link(format!("/proc/{parent}/exe")).is_ok_and(|exe| exe.ends_with("sleep"))
+    })
+    .expect("sleep has an unreaped child");
+    let output = checkpoint(parent, &dir.path().join("image"), &["--tree"]);
+    assert!(
+        !output.status.success(),
+        "a tree with a zombie was checkpointed"
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!(
+            "pid {zombie} (a child of pid {parent}) has exited and was not reaped"
+        )),
+        "the refusal does not name the zombie: {message}"
+    );
+    assert!(runs(parent), "the parent does not run after the refusal");
+}
