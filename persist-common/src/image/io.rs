@@ -1010,6 +1010,71 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_child_process_whose_pages_lie_outside_the_store_is_refused_by_pid() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        drop(base_image(&dir));
+        rewrite_manifest(&dir, |manifest| {
+            let mut mappings = manifest.mappings.clone();
+            mappings[0].pages[0].store_offset = manifest.page_store_bytes;
+            manifest.children.push(crate::image::ChildProcess {
+                ppid: 1,
+                process: crate::image::ProcessInfo {
+                    pid: 42,
+                    ..Default::default()
+                },
+                mappings,
+                ..Default::default()
+            });
+        });
+        let err = Image::open(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. }
+                if reason.starts_with("pid 42: mapping") && reason.contains("outside the mapping or the page store")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_child_thread_under_a_filter_its_process_lacks_is_refused_by_pid() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        drop(base_image(&dir));
+        rewrite_manifest(&dir, |manifest| {
+            let mut thread = crate::image::ThreadInfo {
+                tid: 43,
+                comm: String::new(),
+                regs: Vec::new(),
+                xsave: Vec::new(),
+                sigmask: 0,
+                pending: 0,
+                queue: Vec::new(),
+                sigaltstack: Default::default(),
+                rseq: None,
+                clear_child_tid: 0,
+                robust_list: None,
+                seccomp: Vec::new(),
+            };
+            thread.seccomp.push(0);
+            manifest.children.push(crate::image::ChildProcess {
+                ppid: 1,
+                process: crate::image::ProcessInfo {
+                    pid: 43,
+                    ..Default::default()
+                },
+                threads: vec![thread],
+                ..Default::default()
+            });
+        });
+        let err = Image::open(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. }
+                if reason.starts_with("pid 43: thread 43 runs under seccomp filter 0")),
+            "{err}"
+        );
+    }
+
     /// Rewrites the version number in the header of the manifest in `dir`.
     fn set_format_version(dir: &Path, version: u32) {
         let path = dir.join(MANIFEST_FILE);
