@@ -42,7 +42,15 @@ fn main() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting python3")?;
-    std::thread::sleep(Duration::from_millis(500));
+    // Until it counts: python may take a while to start on a loaded host.
+    let started = std::time::Instant::now();
+    while last_count(&output).is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = counter.kill();
+            bail!("the counter wrote nothing within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Checkpoint: the process is frozen, saved and killed.
     let summary = checkpoint(&CheckpointOptions {
