@@ -580,7 +580,7 @@ fn an_unsupported_descriptor_in_a_child_is_refused_by_pid_and_fd_and_the_tree_ru
     let dir = tempfile::tempdir().expect("tempdir");
     // The child holds a netlink socket at fd 7, which is not supported.
     let script = Script::start(
-        "python3 -c 'import socket, os, time
+        "/usr/bin/python3 -c 'import socket, os, time
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
 os.dup2(s.fileno(), 7)
 s.close()
@@ -646,4 +646,109 @@ fn a_zombie_in_the_tree_is_refused_and_the_tree_runs_on() {
         "the refusal does not name the zombie: {message}"
     );
     assert!(runs(parent), "the parent does not run after the refusal");
+}
+
+#[test]
+fn a_child_forked_by_another_thread_is_found() {
+    require_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The child is forked by a second thread of the parent, which lives
+    // on, so only that thread's children file lists it. Debian's python: a shim in PATH
+    // (pyenv) would run children of its own first.
+    let script = Script::start(
+        "exec /usr/bin/python3 -c 'import os, threading, time
+def fork():
+    os.fork()
+    time.sleep(1000)
+threading.Thread(target=fork).start()
+time.sleep(1000)'",
+    );
+    let parent = script.shell();
+    let mut child = 0;
+    wait_until(Duration::from_secs(20), || {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{parent}/task")) else {
+            return false;
+        };
+        child = tasks
+            .flatten()
+            .filter_map(|task| task.file_name().to_str()?.parse::<i32>().ok())
+            .flat_map(|tid| {
+                fs::read_to_string(format!("/proc/{parent}/task/{tid}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .next()
+            .unwrap_or(0);
+        child != 0
+    })
+    .expect("the thread forks a child");
+    let image = dir.path().join("image");
+    let output = checkpoint(parent, &image, &["--tree", "--leave-running"]);
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    let manifest = manifest(&image);
+    let children: Vec<(i32, i32)> = manifest
+        .children
+        .iter()
+        .map(|c| (c.process.pid, c.ppid))
+        .collect();
+    assert_eq!(
+        children,
+        [(child, parent)],
+        "the thread's child is in the tree"
+    );
+    for pid in [parent, child] {
+        assert!(runs(pid), "pid {pid} does not run after the checkpoint");
+    }
+}
+
+#[test]
+fn a_tree_checkpointed_against_its_earlier_image_writes_only_what_changed() {
+    require_root!();
+    let fixture = TreeFixture::start();
+    let first = fixture.dir.path().join("first");
+    let output = checkpoint(fixture.pid(), &first, &["--tree", "--leave-running"]);
+    assert!(
+        output.status.success(),
+        "first checkpoint: {}",
+        stderr(&output)
+    );
+    let second = fixture.image();
+    let output = checkpoint(
+        fixture.pid(),
+        &second,
+        &[
+            "--tree",
+            "--leave-running",
+            "--base",
+            first.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "delta checkpoint: {}",
+        stderr(&output)
+    );
+    let manifest = manifest(&second);
+    assert_eq!(manifest.children.len(), 2, "the delta holds the whole tree");
+    assert!(
+        !manifest.base_stores.is_empty(),
+        "the delta links the first image's pages"
+    );
+    let own = fs::metadata(second.join("pages")).expect("pages").len();
+    assert!(
+        own * 2 < manifest.page_store_bytes,
+        "the delta wrote {own} of {} bytes of pages: the unchanged tree should be mostly reused",
+        manifest.page_store_bytes
+    );
+    assert_eq!(
+        fixture.reader_check(),
+        "OK",
+        "two checkpoints disturbed the tree"
+    );
 }
