@@ -27,9 +27,14 @@ struct TreeFixture {
 
 impl TreeFixture {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let parent = Command::new(binary("fixture-tree"))
             .arg(dir.path())
+            .args(args)
             .spawn()
             .expect("spawn fixture-tree");
         let ready = dir.path().join("ready");
@@ -333,6 +338,38 @@ fn a_tree_is_saved_with_what_its_processes_share() {
             fixture.reader, fixture.idler
         )),
         "inspect does not show the tree: {text}"
+    );
+}
+
+#[test]
+fn a_child_sharing_its_parents_descriptor_table_is_refused_and_the_tree_runs_on() {
+    require_root!();
+    let fixture = TreeFixture::start_with(&["--share-fd-table"]);
+    let output = checkpoint(fixture.pid(), &fixture.image(), &["--tree"]);
+    assert!(
+        !output.status.success(),
+        "a shared descriptor table was checkpointed"
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!(
+            "pid {} shares its descriptor table with its parent pid {} (clone CLONE_FILES)",
+            fixture.idler,
+            fixture.pid()
+        )),
+        "the refusal does not say what is shared: {message}"
+    );
+    assert!(
+        !fixture.image().exists(),
+        "a refused checkpoint left an image"
+    );
+    for pid in fixture.pids() {
+        assert!(runs(pid), "pid {pid} does not run after the refusal");
+    }
+    assert_eq!(
+        fixture.reader_check(),
+        "OK",
+        "the refusal disturbed the tree"
     );
 }
 

@@ -269,6 +269,23 @@ pub enum CheckpointError {
         /// Its parent, which has not reaped it.
         parent: i32,
     },
+    /// A process of the tree shares its address space, descriptor table or
+    /// filesystem context with its parent (`clone` flags `CLONE_VM`,
+    /// `CLONE_FILES`, `CLONE_FS`): each process is restored with its own.
+    #[error(
+        "pid {pid} shares its {what} with its parent pid {parent} (clone {flag}), which a tree \
+         checkpoint cannot save"
+    )]
+    SharesWithParent {
+        /// The child.
+        pid: i32,
+        /// Its parent.
+        parent: i32,
+        /// What they share.
+        what: &'static str,
+        /// The clone flag that made them share it.
+        flag: &'static str,
+    },
     /// Two descriptors of processes of a tree could not be compared.
     #[error("pid {pid}, fd {fd}: comparing with pid {other_pid}, fd {other_fd} (kcmp)")]
     Kcmp {

@@ -30,7 +30,7 @@ use super::{
     restorer_userfaultfds, save_one,
 };
 use crate::files::TreeScope;
-use crate::sys::kobjects;
+use crate::sys::kobjects::{self, TaskObject};
 use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
 
@@ -218,6 +218,7 @@ impl Descendant {
             under_seccomp,
             stopped_before,
         } = preflight(pid).map_err(zombie)?;
+        refuse_shared_task_objects(pid, ppid)?;
         let pidfd = open_pidfd(pid)?;
         let journal = Journal::begin(None, pid, !stopped_before)?;
         // Its parent is frozen and cannot reap it: gone from here means a
@@ -232,6 +233,39 @@ impl Descendant {
             exclude: restorer_userfaultfds(pid),
         })
     }
+}
+
+/// Refuses a child that shares with its parent what each process of a
+/// restored tree gets on its own. Checked before the child is frozen: its
+/// parent is, so neither can change it meanwhile.
+fn refuse_shared_task_objects(pid: i32, ppid: i32) -> Result<(), CheckpointError> {
+    let objects = [
+        (TaskObject::Memory, "address space", "CLONE_VM"),
+        (TaskObject::FdTable, "descriptor table", "CLONE_FILES"),
+        (
+            TaskObject::Filesystem,
+            "working directory and umask",
+            "CLONE_FS",
+        ),
+    ];
+    for (object, what, flag) in objects {
+        let shared = kobjects::same_task_object(pid, ppid, object).map_err(|source| {
+            CheckpointError::Proc {
+                pid,
+                path: format!("kcmp of its {what} with pid {ppid}"),
+                source,
+            }
+        })?;
+        if shared {
+            return Err(CheckpointError::SharesWithParent {
+                pid,
+                parent: ppid,
+                what,
+                flag,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The descriptors of `pid` whose open file description a process saved

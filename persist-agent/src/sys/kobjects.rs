@@ -1,6 +1,6 @@
 //! Kernel file objects the standard library does not wrap: eventfd, timerfd,
 //! signalfd, epoll, memfd, pipe peeking with `tee`, socket options, and the
-//! `kcmp` identity test.
+//! `kcmp` identity tests.
 //!
 //! Most are thin adapters over `nix`, keeping the plain integer flags the
 //! image records; what `nix` lacks is done by hand, each saying why. Every
@@ -177,6 +177,32 @@ pub fn same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<bool> {
             fd2 as libc::c_ulong,
         )
     };
+    Ok(check(rc)? == 0)
+}
+
+/// What two processes may share since a `clone`, as `kcmp` compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskObject {
+    /// The address space (`CLONE_VM`: `vfork`, or threads of another
+    /// thread group).
+    Memory,
+    /// The descriptor table (`CLONE_FILES`).
+    FdTable,
+    /// The working directory, root and umask (`CLONE_FS`).
+    Filesystem,
+}
+
+/// True when processes `pid1` and `pid2` share `object`
+/// (`kcmp(KCMP_VM / KCMP_FILES / KCMP_FS)`).
+pub fn same_task_object(pid1: i32, pid2: i32, object: TaskObject) -> io::Result<bool> {
+    // The KCMP_* types of linux/kcmp.h, which libc does not have.
+    let kind: libc::c_int = match object {
+        TaskObject::Memory => 1,
+        TaskObject::FdTable => 2,
+        TaskObject::Filesystem => 3,
+    };
+    // SAFETY: kcmp takes integers only; these kinds ignore the last two.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
     Ok(check(rc)? == 0)
 }
 

@@ -5,7 +5,9 @@
 //! `i` filled with `i + 1`), then forks two children:
 //! - the reader keeps the pipe's read end and one end of the socket pair;
 //! - the idler moves to a process group of its own and holds nothing but
-//!   what it inherited (the log, the memory).
+//!   what it inherited (the log, the memory); with `--share-fd-table` as
+//!   second argument it is cloned with `CLONE_FILES` instead of forked, so
+//!   that it shares the parent's descriptor table.
 //!
 //! The parent keeps the pipe's write end and the other end of the pair,
 //! writes [`PIPE_TEXT`] into the pipe and [`SOCKET_TEXT`] into the pair,
@@ -64,13 +66,36 @@ fn shared_memory() -> &'static mut [u8] {
 fn fork(child: impl FnOnce()) -> i32 {
     // SAFETY: the fixture has a single thread, so the child may run Rust
     // code freely.
-    match unsafe { libc::fork() } {
+    spawn(unsafe { libc::fork() } as libc::c_long, child)
+}
+
+/// Forks with `clone(flags)`, which like fork returns twice with a null
+/// stack; the child runs `child` and never returns.
+fn clone(flags: libc::c_long, child: impl FnOnce()) -> i32 {
+    // SAFETY: a null stack makes clone run the child on a copy of ours,
+    // as fork does; the fixture has a single thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags | libc::SIGCHLD as libc::c_long,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    spawn(rc, child)
+}
+
+/// What a fork returned: runs `child` in the child.
+fn spawn(rc: libc::c_long, child: impl FnOnce()) -> i32 {
+    match rc {
         -1 => panic!("fork: {}", std::io::Error::last_os_error()),
         0 => {
             child();
             std::process::exit(0);
         }
-        pid => pid,
+        pid => pid as i32,
     }
 }
 
@@ -159,13 +184,19 @@ fn main() {
             write_atomically(&dir, "result", &result);
         }
     });
-    let idler = fork(|| {
+    let idle = || {
         nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
             .expect("setpgid");
         loop {
             std::thread::sleep(Duration::from_secs(60));
         }
-    });
+    };
+    let share_fd_table = std::env::args().nth(2).as_deref() == Some("--share-fd-table");
+    let idler = if share_fd_table {
+        clone(libc::CLONE_FILES as libc::c_long, idle)
+    } else {
+        fork(idle)
+    };
     drop(pipe_read);
     drop(reader_end);
     nix::unistd::write(&pipe_write, PIPE_TEXT).expect("write the pipe");
