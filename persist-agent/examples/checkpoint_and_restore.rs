@@ -42,15 +42,8 @@ fn main() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting python3")?;
-    // Until it counts: python may take a while to start on a loaded host.
-    let started = std::time::Instant::now();
-    while last_count(&output).is_err() {
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = counter.kill();
-            bail!("the counter wrote nothing within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // A loaded machine can take a while to start python.
+    wait_for_count(&output, |_| true)?;
 
     // Checkpoint: the process is frozen, saved and killed.
     let summary = checkpoint(&CheckpointOptions {
@@ -61,6 +54,7 @@ fn main() -> Result<()> {
         base: None,
         agent_files: Vec::new(),
         recovery_file: None,
+        client_ports: Vec::new(),
         tree: false,
     })?;
     counter.wait()?;
@@ -78,8 +72,7 @@ fn main() -> Result<()> {
     let pid = restored.pid;
     let mut pager = restored.pager;
     let pager = std::thread::spawn(move || pager.run_until_filled());
-    std::thread::sleep(Duration::from_millis(500));
-    let last_after = last_count(&output)?;
+    let last_after = wait_for_count(&output, |count| count > last_before).unwrap_or(last_before);
     println!("restored as pid {pid}: counted on to {last_after}");
 
     // The restored process (or the init of its pid namespace) is our child.
@@ -95,6 +88,19 @@ fn main() -> Result<()> {
         bail!("the restored counter did not go on from {last_before}");
     }
     Ok(())
+}
+
+/// Waits up to 10 s for the counter to write a number that `wanted`
+/// accepts, and returns it.
+fn wait_for_count(path: &std::path::Path, wanted: impl Fn(u64) -> bool) -> Result<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match last_count(path) {
+            Ok(count) if wanted(count) => return Ok(count),
+            result if std::time::Instant::now() >= deadline => return result,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// The last number the counter wrote.

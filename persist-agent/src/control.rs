@@ -52,6 +52,26 @@ pub enum Request {
         /// Its name.
         name: String,
     },
+    /// List the generations of a service's kept state.
+    History {
+        /// Its name.
+        name: String,
+    },
+    /// Make the next wake restore an older generation.
+    Rollback {
+        /// Its name.
+        name: String,
+        /// A generation number or `pristine`; the good one before the
+        /// current when absent.
+        to: Option<String>,
+    },
+    /// Keep a running service's state as a new generation without parking it.
+    Snapshot {
+        /// Its name.
+        name: String,
+        /// A name that keeps the generation from ever being pruned.
+        tag: Option<String>,
+    },
 }
 
 impl Request {
@@ -74,6 +94,31 @@ pub struct Reply {
     /// Service states, for `status`.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// A service's generations, for `history`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One generation of a service's state, as `history` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// `pristine` or the generation's number.
+    pub generation: String,
+    /// When it was kept, milliseconds since the Unix epoch (none for the
+    /// pristine image).
+    pub created_unix_ms: Option<u64>,
+    /// Bytes of pages it stored itself; the others are shared with older ones.
+    pub new_bytes: Option<u64>,
+    /// Wakes that restored it.
+    pub wakes: Option<u64>,
+    /// Why no wake restores it any more.
+    pub bad: Option<String>,
+    /// Its tag, if it has one (never pruned).
+    pub tag: Option<String>,
+    /// The running process was restored from it.
+    pub running: bool,
+    /// The next wake restores it.
+    pub next: bool,
 }
 
 impl Reply {
@@ -151,8 +196,13 @@ pub struct ServiceStatus {
     /// Why the service failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The generation of its kept state that runs, or that the next wake
+    /// restores: `pristine` or a number (snapshot mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
     /// Something the daemon did to the service on its own that its owner
-    /// should know (it was rebuilt from its command).
+    /// should know (it was rebuilt from its command, or rolled back past a
+    /// generation that crashed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -243,9 +293,78 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
         if let Some(note) = &service.note {
             out.push_str(&format!("  {}: {note}\n", service.name));
         }
+        if let Some(generation) = service.generation.as_ref().filter(|g| *g != "pristine") {
+            let verb = if service.state == "running" {
+                "runs"
+            } else {
+                "wakes from"
+            };
+            out.push_str(&format!(
+                "  {}: {verb} kept generation {generation}\n",
+                service.name
+            ));
+        }
     }
     if parked_note {
         out.push_str("* parked cost: private memory of the prepared skeleton\n");
     }
     out
+}
+
+/// The `history` table: one line per generation, oldest first.
+pub fn history_table(entries: &[HistoryEntry]) -> String {
+    let mut out = format!(
+        "{:<10} {:<20} {:>10} {:>6}  {}\n",
+        "GEN", "KEPT AT", "NEW BYTES", "WAKES", "STATUS"
+    );
+    for entry in entries {
+        let kept_at = entry.created_unix_ms.map_or("-".to_owned(), kept_at);
+        let mut status = Vec::new();
+        if entry.running {
+            status.push("running".to_owned());
+        }
+        if entry.next {
+            status.push("next wake".to_owned());
+        }
+        if let Some(tag) = &entry.tag {
+            status.push(format!("tag {tag:?}"));
+        }
+        if let Some(bad) = &entry.bad {
+            status.push(format!("bad: {bad}"));
+        }
+        out.push_str(&format!(
+            "{:<10} {:<20} {:>10} {:>6}  {}\n",
+            entry.generation,
+            kept_at,
+            entry.new_bytes.map_or("-".to_owned(), |b| b.to_string()),
+            entry.wakes.map_or("-".to_owned(), |w| w.to_string()),
+            status.join(", ")
+        ));
+    }
+    out
+}
+
+/// A generation's time as `history` shows it, UTC to the second; a time
+/// past what RFC 3339 can write (year 9999) as its raw number.
+fn kept_at(unix_ms: u64) -> String {
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+    if unix_ms >= YEAR_10000_MS {
+        return format!("{unix_ms} ms");
+    }
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_seconds(time)
+        .to_string()
+        .trim_end_matches('Z')
+        .replace('T', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_times_print_as_utc_seconds_and_absurd_ones_as_numbers() {
+        assert_eq!(kept_at(1_764_820_800_000), "2025-12-04 04:00:00");
+        assert_eq!(kept_at(u64::MAX), format!("{} ms", u64::MAX));
+    }
 }

@@ -34,6 +34,10 @@ enum Command {
         /// Serve Prometheus metrics on this address (e.g. `127.0.0.1:9187`).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Generations of a `--on-idle keep` service's state to keep, besides
+        /// its pristine image and tagged generations.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        keep_generations: u32,
     },
     /// Register a service: the agent holds its port and starts it on the first SYN.
     Add(AddArgs),
@@ -55,6 +59,33 @@ enum Command {
     Wake {
         /// Name of the service.
         name: String,
+    },
+    /// List the generations of a service's kept state (`--on-idle keep`).
+    History {
+        /// Name of the service.
+        name: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the next wake restore an older generation; a running process is
+    /// stopped without keeping its state.
+    Rollback {
+        /// Name of the service.
+        name: String,
+        /// A generation number, or `pristine`; by default the good one
+        /// before the current.
+        #[arg(long, value_name = "GEN|pristine")]
+        to: Option<String>,
+    },
+    /// Keep a running service's state as a new generation without parking
+    /// it (or tag the current generation of a parked one).
+    Snapshot {
+        /// Name of the service.
+        name: String,
+        /// Name the generation: a tagged generation is never pruned.
+        #[arg(long)]
+        tag: Option<String>,
     },
     /// Show every service.
     Status {
@@ -209,8 +240,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         bail!("persist-agent must run as root (it loads BPF programs and traces processes)");
     }
     match cli.command {
-        Command::Daemon { metrics } => {
-            daemon::run(&cli.state_dir, metrics)?;
+        Command::Daemon {
+            metrics,
+            keep_generations,
+        } => {
+            let options = daemon::DaemonOptions {
+                metrics,
+                keep_generations: keep_generations as usize,
+            };
+            daemon::run(&cli.state_dir, &options)?;
         }
         Command::HoldPort => daemon::hold_port(),
         Command::Add(args) => {
@@ -228,6 +266,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Wake { name } => {
             let reply = control::call(&cli.state_dir, &Request::Wake { name })?;
+            println!("{}", reply.message);
+        }
+        Command::History { name, json } => {
+            let reply = control::call(&cli.state_dir, &Request::History { name })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply.history)?);
+            } else {
+                print!("{}", control::history_table(&reply.history));
+            }
+        }
+        Command::Rollback { name, to } => {
+            let reply = control::call(&cli.state_dir, &Request::Rollback { name, to })?;
+            println!("{}", reply.message);
+        }
+        Command::Snapshot { name, tag } => {
+            let reply = control::call(&cli.state_dir, &Request::Snapshot { name, tag })?;
             println!("{}", reply.message);
         }
         Command::Status { json } => {
@@ -284,6 +338,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 agent_files: Vec::new(),
                 recovery_file,
                 tree,
+                // Everything is saved: the caller knows its process.
+                client_ports: Vec::new(),
             };
             let summary = checkpoint::checkpoint(&options)
                 .with_context(|| format!("checkpoint of pid {pid}"))?;

@@ -1,6 +1,8 @@
 //! A checkpoint whose agent is SIGKILLed in the middle of its injected
 //! system calls: the process stays stopped instead of running on with the
 //! injected registers, and `recover` lets it go on as if nothing happened.
+//! The same once everything is saved, its TCP connection held in repair
+//! mode: `recover` takes it out of repair mode.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -152,4 +154,98 @@ fn a_finished_checkpoint_leaves_no_recovery_file_and_the_process_running() {
         count(&counter_file).is_some_and(|n| n > after + 5)
     })
     .expect("the process does not count on after a checkpoint that let it run");
+}
+
+/// `TCP_REPAIR` of descriptor `fd` of `pid` (1 in repair mode).
+fn tcp_repair_mode(pid: i32, fd: i32) -> i32 {
+    let sock = persist_agent::sys::pidfd::PidFd::open(pid)
+        .unwrap()
+        .get_fd(fd)
+        .unwrap();
+    persist_agent::sys::kobjects::sockopt_int(
+        std::os::fd::AsFd::as_fd(&sock),
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_agent_killed_while_holding_a_connection_in_repair_mode_is_recovered_from() {
+    persist_tests::require_root!();
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Echoes what it receives on fd 41; ends if the connection fails.
+    let script = format!(
+        "import os, socket\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         os.dup2(s.fileno(), 41); s.close()\n\
+         s = socket.socket(fileno=41)\n\
+         while True:\n\
+         \x20   data = s.recv(100)\n\
+         \x20   if not data: break\n\
+         \x20   s.sendall(data)\n"
+    );
+    let mut python = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = python.id() as i32;
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut echo = |text: &[u8]| {
+        peer.write_all(text).unwrap();
+        let mut back = vec![0u8; text.len()];
+        peer.read_exact(&mut back).map(|_| back)
+    };
+    assert_eq!(echo(b"before").unwrap(), b"before");
+    wait_until(Duration::from_secs(10), || {
+        std::fs::read_link(format!("/proc/{pid}/fd/41")).is_ok()
+    })
+    .unwrap();
+
+    let recovery = dir.path().join("recovery");
+    let mut agent = Command::new(binary("persist-agent"))
+        .args(["checkpoint", "--leave-running", "--pid", &pid.to_string()])
+        .arg("--image")
+        .arg(dir.path().join("image"))
+        .arg("--recovery-file")
+        .arg(&recovery)
+        .env(persist_agent::checkpoint::PAUSE_AFTER_SAVE_ENV, "30000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = wait_until(Duration::from_secs(10), || tcp_repair_mode(pid, 41) == 1);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    held.expect("the checkpoint never held the connection in repair mode");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tcp_repair_mode(pid, 41),
+        1,
+        "the connection left repair mode with the agent gone"
+    );
+
+    run_ok(
+        Command::new(binary("persist-agent"))
+            .arg("recover")
+            .arg(&recovery),
+    )
+    .unwrap();
+    assert_eq!(
+        tcp_repair_mode(pid, 41),
+        0,
+        "the recovered process's connection is still in repair mode"
+    );
+    assert_eq!(
+        echo(b"after").expect("the recovered process echoes again"),
+        b"after"
+    );
+    let _ = python.kill();
+    python.wait().unwrap();
 }

@@ -78,6 +78,13 @@ fn start_fixture(dir: &Path, port: u16) -> Started {
 
 /// Starts `python3 -c script dir`, waiting for it to write `dir/ready`.
 fn start_python(dir: &Path, script: &str) -> Started {
+    let started = start_python_without_waiting(dir, script);
+    wait_until_ready(&started, dir, "python3");
+    started
+}
+
+/// Starts `python3 -c script dir`.
+fn start_python_without_waiting(dir: &Path, script: &str) -> Started {
     let child = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -87,9 +94,7 @@ fn start_python(dir: &Path, script: &str) -> Started {
         .stderr(Stdio::null())
         .spawn()
         .expect("start python3");
-    let started = Started { child };
-    wait_until_ready(&started, dir, "python3");
-    started
+    Started { child }
 }
 
 /// Waits until `started` has written `dir/ready` and closed it again: its
@@ -376,22 +381,26 @@ fn saves_every_supported_kind_without_consuming_anything() {
             EpollWatch {
                 fd: 12,
                 events: input,
-                data: 0x1200
+                data: 0x1200,
+                file_fd: None,
             },
             EpollWatch {
                 fd: 17,
                 events: input | libc::EPOLLET as u32,
-                data: 0x1700
+                data: 0x1700,
+                file_fd: None,
             },
             EpollWatch {
                 fd: 18,
                 events: input,
-                data: 0x1800
+                data: 0x1800,
+                file_fd: None,
             },
             EpollWatch {
                 fd: 23,
                 events: input,
-                data: 0x2300
+                data: 0x2300,
+                file_fd: None,
             },
         ]
     );
@@ -603,43 +612,87 @@ fn missing_file_is_reported_with_fd_and_path() {
 }
 
 #[test]
-fn inotify_is_refused() {
+fn excluded_descriptors_are_left_out() {
     persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let script = "import ctypes, os, sys, time\n\
-        fd = ctypes.CDLL(None).inotify_init()\n\
+        fd = ctypes.CDLL(None).fanotify_init(0, 0)\n\
         os.dup2(fd, 40); os.close(fd)\n\
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
     let python = start_python(dir.path(), script);
-    let err = save(python.pid()).expect_err("inotify must be refused");
-    assert_eq!(err.to_string(), "fd 40: inotify is not supported");
+    let err = save(python.pid()).expect_err("fanotify must be refused");
+    assert_eq!(err.to_string(), "fd 40: fanotify is not supported");
     // A descriptor persist itself placed can be left out.
     let pidfd = PidFd::open(python.pid()).unwrap();
     let fds = save_fds_excluding(python.pid(), &pidfd, &[40]).expect("fd 40 left out");
     assert!(fds.iter().all(|f| f.fd != 40));
 }
 
+/// Saving the descriptors of a running process takes its connection out of
+/// repair mode again, untouched: its queues are read, not consumed, and it
+/// goes on working. A connection that is no longer established (here in
+/// CLOSE_WAIT, its peer gone) is refused by name.
 #[test]
-fn established_tcp_connection_is_refused() {
+fn established_tcp_connection_is_saved_and_left_working() {
     persist_tests::require_root!();
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let script = format!(
         "import os, socket, sys, time\n\
          s = socket.create_connection(('127.0.0.1', {port}))\n\
+         s.sendall(b'to-server')\n\
          os.dup2(s.fileno(), 41); s.close()\n\
+         time.sleep(0.2)\n\
          open(sys.argv[1] + '/ready', 'w').close()\n\
          time.sleep(60)\n"
     );
-    let python = start_python(dir.path(), &script);
-    let (_server_side, client) = listener.accept().unwrap();
-    let err = save(python.pid()).expect_err("an established connection must be refused");
+    let python = start_python_without_waiting(dir.path(), &script);
+    let (mut server_side, client) = listener.accept().unwrap();
+    server_side.write_all(b"unread").unwrap();
+    wait_until_ready(&python, dir.path(), "python3");
+
+    let fds = save(python.pid()).expect("an established connection is saved");
+    let FdKind::TcpConnection(saved) = &by_fd(&fds, 41).kind else {
+        panic!("fd 41 saved as {:?}", by_fd(&fds, 41).kind);
+    };
+    assert_eq!(saved.local, client.to_string(), "local address");
+    assert_eq!(saved.peer, format!("127.0.0.1:{port}"), "peer address");
+    assert_eq!(saved.recv_queue, b"unread", "the unread bytes are saved");
+    assert!(
+        saved.send_queue.is_empty(),
+        "the peer acknowledged everything"
+    );
+
+    let sock = PidFd::open(python.pid()).unwrap().get_fd(41).unwrap();
+    let repair = persist_agent::sys::kobjects::sockopt_int(
+        std::os::fd::AsFd::as_fd(&sock),
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+    )
+    .unwrap();
+    assert_eq!(repair, 0, "the connection left repair mode");
+    let mut buf = [0u8; 9];
+    server_side.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"to-server", "the connection still carries its data");
+
+    drop(server_side);
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match save(python.pid()) {
+            Err(err) => break err,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) => panic!("a connection whose peer closed must be refused"),
+        }
+    };
     assert_eq!(
         err.to_string(),
         format!(
-            "fd 41: established TCP connection {client} -> 127.0.0.1:{port} cannot be checkpointed"
+            "fd 41: TCP connection {client} -> 127.0.0.1:{port} in state CLOSE_WAIT cannot be \
+             checkpointed"
         )
     );
 }
@@ -927,12 +980,12 @@ fn pipe_ends_with_the_other_end_outside() {
     assert_eq!(result(dir.path()), "OK");
 }
 
+/// The watch stays while the pipe is still open through the dup, keyed by
+/// the number it was added with: it is saved with the dup as its holder.
 #[test]
-fn epoll_watch_of_a_closed_descriptor_is_refused() {
+fn epoll_watch_of_a_closed_descriptor_is_saved_with_its_holder() {
     persist_tests::require_root!();
     let dir = tempfile::tempdir().unwrap();
-    // The watch stays while the pipe is still open through the dup, but its
-    // number is gone: it could not be re-added under that number.
     let script = "import os, select, sys, time\n\
         r, w = os.pipe()\n\
         os.dup2(r, 60); os.close(r)\n\
@@ -942,10 +995,17 @@ fn epoll_watch_of_a_closed_descriptor_is_refused() {
         open(sys.argv[1] + '/ready', 'w').close()\n\
         time.sleep(60)\n";
     let python = start_python(dir.path(), script);
-    let err = save(python.pid()).expect_err("a stale epoll watch must be refused");
+    let fds = save(python.pid()).expect("save_fds");
+    let FdKind::Epoll { watches } = &by_fd(&fds, 61).kind else {
+        panic!("fd 61: {:?}", by_fd(&fds, 61));
+    };
     assert_eq!(
-        err.to_string(),
-        "fd 61: epoll watches fd 60, which was closed after being added"
+        watches
+            .iter()
+            .map(|w| (w.fd, w.file_fd))
+            .collect::<Vec<_>>(),
+        vec![(60, Some(62))],
+        "the watch added as fd 60, held through fd 62"
     );
 }
 

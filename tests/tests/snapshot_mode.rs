@@ -313,15 +313,16 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
         "OK"
     );
     park_keeping_state(&sandbox, "redis");
-    // Kept as a delta of the image the wake restored: only what changed is written.
+    // Kept as generation 1, a delta of the image the wake restored: only
+    // what changed is written.
     let images = sandbox.state_dir().join("images");
-    let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
+    let kept = persist_common::image::Image::open(&images.join("redis.gens/1")).unwrap();
     assert_eq!(
         kept.manifest().base_stores.len(),
         1,
         "the kept state links the built image's pages"
     );
-    let own = std::fs::metadata(images.join("redis.kept/pages"))
+    let own = std::fs::metadata(images.join("redis.gens/1/pages"))
         .unwrap()
         .len();
     let built = std::fs::metadata(images.join("redis/pages")).unwrap().len();
@@ -347,7 +348,7 @@ fn redis_keeps_its_data_across_parking_with_on_idle_keep() {
 
     // Kept again over the kept state it was restored from: a delta of a delta.
     park_keeping_state(&sandbox, "redis");
-    let kept = persist_common::image::Image::open(&images.join("redis.kept")).unwrap();
+    let kept = persist_common::image::Image::open(&images.join("redis.gens/2")).unwrap();
     assert_eq!(
         kept.manifest().base_stores.len(),
         2,
@@ -655,14 +656,14 @@ fn memcached_keeps_its_items_across_parking_with_on_idle_keep() {
     assert_eq!(sandbox.service("mc").unwrap()["wakes"], 2);
 }
 
-/// An HTTP server that, once it has answered a request, holds an inotify
+/// An HTTP server that, once it has answered a request, holds a fanotify
 /// descriptor: a state persist cannot checkpoint.
-const INOTIFY_AFTER_FIRST_REQUEST: &str = r#"import ctypes, http.server, sys
+const FANOTIFY_AFTER_FIRST_REQUEST: &str = r#"import ctypes, http.server, sys
 held = []
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if not held:
-            held.append(ctypes.CDLL(None).inotify_init())
+            held.append(ctypes.CDLL(None).fanotify_init(0, 0))
         self.send_response(200)
         self.end_headers()
         self.wfile.write(b"served")
@@ -690,12 +691,12 @@ fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let scripts = tempfile::tempdir().unwrap();
     let script = scripts.path().join("server.py");
-    std::fs::write(&script, INOTIFY_AFTER_FIRST_REQUEST).unwrap();
+    std::fs::write(&script, FANOTIFY_AFTER_FIRST_REQUEST).unwrap();
     let script = script.display().to_string();
     sandbox
         .agent_ok(&[
             "add",
-            "inotify",
+            "fanotify",
             "--port",
             "8105",
             "--on-idle",
@@ -709,20 +710,20 @@ fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
         ])
         .unwrap();
     assert!(sandbox.http_get(8105).unwrap().contains("served"));
-    let pid = sandbox.running_pid("inotify").unwrap();
+    let pid = sandbox.running_pid("fanotify").unwrap();
 
-    // Idle: the park is tried, cannot keep the inotify instance, and leaves
+    // Idle: the park is tried, cannot keep the fanotify instance, and leaves
     // the server running with the reason published.
     let mut service = serde_json::Value::Null;
     wait_until(Duration::from_secs(10), || {
-        service = sandbox.service("inotify").unwrap();
+        service = sandbox.service("fanotify").unwrap();
         !service["error"].is_null()
     })
     .unwrap_or_else(|_| panic!("no failed park published: {service}"));
     let error = service["error"].as_str().unwrap();
     assert!(
         error.contains("cannot park with its state kept, left running")
-            && error.contains("inotify is not supported"),
+            && error.contains("fanotify is not supported"),
         "{error}"
     );
     // Tried again an idle timeout later, then after twice as long, and so
@@ -749,12 +750,12 @@ fn an_idle_service_whose_state_cannot_be_kept_runs_on() {
     }
     // (Briefly "stopping" while a retry checkpoints it.)
     wait_until(Duration::from_secs(10), || {
-        sandbox.service("inotify").unwrap()["state"] == "running"
+        sandbox.service("fanotify").unwrap()["state"] == "running"
     })
     .unwrap();
-    assert_eq!(sandbox.running_pid("inotify").unwrap(), pid);
+    assert_eq!(sandbox.running_pid("fanotify").unwrap(), pid);
     assert!(sandbox.http_get(8105).unwrap().contains("served"));
-    assert_eq!(sandbox.service("inotify").unwrap()["wakes"], 1);
+    assert_eq!(sandbox.service("fanotify").unwrap()["wakes"], 1);
 }
 
 #[test]

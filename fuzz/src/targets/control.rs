@@ -1,6 +1,8 @@
 //! Messages of the control socket.
 
-use persist_agent::control::{Reply, Request, ServiceStatus, status_table};
+use persist_agent::control::{
+    HistoryEntry, Reply, Request, ServiceStatus, history_table, status_table,
+};
 
 use super::service::specs;
 
@@ -34,8 +36,13 @@ pub fn control(data: &[u8]) {
             return;
         };
         let _ = status_table(&reply.services);
+        let _ = history_table(&reply.history);
         let json = serde_json::to_vec(&reply).expect("a reply always serialises");
         let again = Reply::decode(&json).expect("an encoded reply decodes");
+        assert_eq!(
+            again.history, reply.history,
+            "a history survives a round trip"
+        );
         assert_eq!(
             again.services, reply.services,
             "a reply survives a round trip"
@@ -54,6 +61,15 @@ pub fn seeds() -> Vec<Vec<u8>> {
         Request::Status,
         Request::Park { name: "web".into() },
         Request::Wake { name: "web".into() },
+        Request::History { name: "web".into() },
+        Request::Rollback {
+            name: "web".into(),
+            to: Some("pristine".into()),
+        },
+        Request::Snapshot {
+            name: "web".into(),
+            tag: Some("before-migration".into()),
+        },
     ]);
     let status = ServiceStatus {
         name: "web".into(),
@@ -74,6 +90,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         rss_bytes: 8 << 20,
         parked_bytes: 1 << 20,
         error: Some("wake failed: image is corrupt".into()),
+        generation: Some("2".into()),
         note: Some("rebuilt: image was taken on kernel 6.1, this is 6.18".into()),
     };
     let replies = [
@@ -91,6 +108,19 @@ pub fn seeds() -> Vec<Vec<u8>> {
                     ..status
                 },
             ],
+            ..Reply::default()
+        },
+        Reply {
+            history: vec![HistoryEntry {
+                generation: "2".into(),
+                created_unix_ms: Some(1_764_800_000_000),
+                new_bytes: Some(81920),
+                wakes: Some(1),
+                bad: Some("killed by SIGSEGV 0.2 s after its wake".into()),
+                tag: None,
+                running: false,
+                next: false,
+            }],
             ..Reply::default()
         },
     ];

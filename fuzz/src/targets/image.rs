@@ -614,6 +614,7 @@ fn rich_manifest(
                         fd: 3,
                         events: 1,
                         data: 3,
+                        file_fd: Some(4),
                     }],
                 },
             ),

@@ -42,7 +42,7 @@ use persist_common::image::{
     FdInfo, Image, ImageError, ImageWriter, Manifest, Mapping, PAGE_SIZE, ProcessInfo, ThreadInfo,
 };
 
-use crate::files::TreeScope;
+use crate::files::{RepairedConnections, SavedFds, TreeScope};
 use crate::host;
 use crate::sys::cpu;
 use crate::sys::pidfd::PidFd;
@@ -54,7 +54,7 @@ use recovery::Journal;
 use shared_memory::SharedMemory;
 use tree::Tree;
 
-pub use recovery::{PAUSE_ENV, RecoverError, Recovered, recover};
+pub use recovery::{PAUSE_AFTER_SAVE_ENV, PAUSE_ENV, RecoverError, Recovered, recover};
 pub use threads::resume_registers;
 
 /// `PF_KTHREAD` in the flags of /proc/PID/stat.
@@ -99,6 +99,12 @@ pub struct CheckpointOptions {
     /// yet: restore refuses them. Not with a recovery file
     /// ([`CheckpointError::TreeRecovery`]).
     pub tree: bool,
+    /// The ports the process serves clients on: an established connection
+    /// whose local port is one of them is a client still connected, and is
+    /// refused as [`CheckpointError::ClientConnected`] instead of saved (the
+    /// daemon does not park a service while a client is connected). Other
+    /// established connections are saved with `TCP_REPAIR`.
+    pub client_ports: Vec<u16>,
 }
 
 /// What a finished checkpoint saved, and how long it took.
@@ -459,6 +465,24 @@ pub enum CheckpointError {
         /// The error.
         source: ImageError,
     },
+    /// A client is still connected to a port the process serves on
+    /// ([`CheckpointOptions::client_ports`]).
+    #[error(
+        "pid {pid}: fd {fd}: established TCP connection {local} -> {peer} is a client of port \
+         {port}: not checkpointed while clients are connected"
+    )]
+    ClientConnected {
+        /// The process.
+        pid: i32,
+        /// The connection's descriptor.
+        fd: i32,
+        /// Its local address.
+        local: String,
+        /// The client's address.
+        peer: String,
+        /// The served port.
+        port: u16,
+    },
     /// SIGKILL could not be sent.
     #[error("pid {pid}: sending SIGKILL: {source}")]
     Kill {
@@ -560,13 +584,21 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         pidfd: &pidfd,
         journal: &journal,
         exclude: &options.exclude_fds,
+        client_ports: &options.client_ports,
     };
-    let (mut manifest, writer, stats) = save(&root, &tree, options, base_pages.as_ref())?;
+    // Dropped on an error, the connections leave repair mode and the
+    // processes run on with them as they were.
+    let (mut manifest, writer, stats, connections) =
+        save(&root, &tree, options, base_pages.as_ref())?;
+    journal.pause_after_save_for_tests();
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
         // Everything is saved in memory: let the processes go on while the
         // image is synced to disk.
+        connections
+            .resume()
+            .map_err(|source| CheckpointError::Files { pid, source })?;
         tree.release()?;
         frozen.release()?;
         frozen_for = frozen_at.elapsed();
@@ -577,6 +609,9 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         frozen_for = frozen_at.elapsed();
         tree.kill()?;
         frozen.kill(&pidfd)?;
+        // Its connections end here without a word to their peers, for the
+        // restored process to take them over.
+        connections.close_silently();
     }
     let children = &manifest.children;
     Ok(CheckpointSummary {
@@ -666,6 +701,9 @@ struct Target<'a> {
     journal: &'a Journal,
     /// Descriptors persist put in it, left out of the image.
     exclude: &'a [i32],
+    /// Ports a client connection to refuses the checkpoint
+    /// ([`CheckpointOptions::client_ports`]).
+    client_ports: &'a [u16],
 }
 
 /// Everything [`save_one`] saved of one process.
@@ -675,16 +713,19 @@ struct SavedProcess {
     mappings: Vec<Mapping>,
     fds: Vec<FdInfo>,
     stats: SaveStats,
+    /// Its established TCP connections, in repair mode.
+    connections: RepairedConnections,
 }
 
 /// Saves everything of the frozen root and of its frozen `tree` into a new
-/// image writer (a delta of `base`, if given).
+/// image writer (a delta of `base`, if given). Their established TCP
+/// connections are handed back in repair mode.
 fn save(
     root: &Target<'_>,
     tree: &Tree,
     options: &CheckpointOptions,
     base: Option<&BasePages>,
-) -> Result<(Manifest, ImageWriter, SaveStats), CheckpointError> {
+) -> Result<(Manifest, ImageWriter, SaveStats, RepairedConnections), CheckpointError> {
     let pid = root.pid;
     let mut writer = match base {
         Some(base) => ImageWriter::create_delta(&options.image, base.image()),
@@ -696,14 +737,11 @@ fn save(
     let known = base.map(|base| base as &dyn KnownPages);
     let saved = save_one(root, &scope, &mut writer, known, &mut shared_memory)?;
     let mut stats = saved.stats;
-    let children = tree.save(
-        root,
-        &saved.mappings,
-        &mut writer,
-        base,
-        &mut shared_memory,
-        &mut stats,
-    )?;
+    let mut connections = saved.connections;
+    let descendants = tree.save(root, &saved.mappings, &mut writer, base, &mut shared_memory)?;
+    stats.add(&descendants.stats);
+    connections.extend(descendants.connections);
+    let children = descendants.children;
     let manifest = Manifest {
         kernel: host::kernel_info(),
         cpu: host::cpu_info(),
@@ -720,7 +758,7 @@ fn save(
         agent_files: agent_files(options, base),
         children,
     };
-    Ok((manifest, writer, stats))
+    Ok((manifest, writer, stats, connections))
 }
 
 /// Saves one frozen process of a tree: its memory into `writer` (but not
@@ -763,8 +801,10 @@ fn save_one(
         .collect::<Result<Vec<_>, _>>()?;
     let mut process = process::save_process(pid, &mem, syscall_at, target.journal)?;
     process.seccomp_filters = seccomp.filters;
-    let fds = crate::files::save_fds_in_tree(pid, target.pidfd, target.exclude, scope)
-        .map_err(|source| CheckpointError::Files { pid, source })?;
+    let SavedFds { fds, connections } =
+        crate::files::save_fds_in_tree(pid, target.pidfd, target.exclude, scope)
+            .map_err(|source| CheckpointError::Files { pid, source })?;
+    refuse_clients(pid, &fds, target.client_ports)?;
     Ok(SavedProcess {
         process,
         threads,
@@ -775,6 +815,7 @@ fn save_one(
             pages_reused: dumped.pages_reused,
             time: memory_time,
         },
+        connections,
     })
 }
 
@@ -795,6 +836,35 @@ pub fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
         })
         .map(|fd| fd.fd)
         .collect()
+}
+
+/// Refuses a connection of a client to one of `ports` among `fds`.
+fn refuse_clients(
+    pid: i32,
+    fds: &[persist_common::image::FdInfo],
+    ports: &[u16],
+) -> Result<(), CheckpointError> {
+    for info in fds {
+        let persist_common::image::FdKind::TcpConnection(connection) = &info.kind else {
+            continue;
+        };
+        let port = connection
+            .local
+            .parse::<std::net::SocketAddr>()
+            .map(|local| local.port())
+            .ok()
+            .filter(|port| ports.contains(port));
+        if let Some(port) = port {
+            return Err(CheckpointError::ClientConnected {
+                pid,
+                fd: info.fd,
+                local: connection.local.clone(),
+                peer: connection.peer.clone(),
+                port,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What [`preflight`] found out about the process.
@@ -892,6 +962,7 @@ mod tests {
             agent_files: Vec::new(),
             recovery_file: None,
             tree: false,
+            client_ports: Vec::new(),
         }
     }
 

@@ -44,6 +44,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// builds of its images do not).
 pub const PAUSE_ENV: &str = "PERSIST_DEBUG_CHECKPOINT_PAUSE_MS";
 
+/// Like [`PAUSE_ENV`], the pause coming once everything is saved, before
+/// the process is killed or let go: its TCP connections are then held in
+/// repair mode (a debug hook for the test of that instant).
+pub const PAUSE_AFTER_SAVE_ENV: &str = "PERSIST_DEBUG_CHECKPOINT_PAUSE_AFTER_SAVE_MS";
+
 /// What a recovery file holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RecoveryRecord {
@@ -82,6 +87,7 @@ pub struct Journal {
     path: Option<PathBuf>,
     record: RefCell<RecoveryRecord>,
     pause: Cell<Option<Duration>>,
+    pause_after_save: Cell<Option<Duration>>,
 }
 
 impl Journal {
@@ -96,11 +102,13 @@ impl Journal {
                 source,
             })?
             .starttime;
-        let pause = std::env::var(PAUSE_ENV)
-            .ok()
-            .filter(|_| path.is_some())
-            .and_then(|ms| ms.parse().ok())
-            .map(Duration::from_millis);
+        let pause_from = |name| {
+            std::env::var(name)
+                .ok()
+                .filter(|_| path.is_some())
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis)
+        };
         let journal = Self {
             path: path.map(Path::to_owned),
             record: RefCell::new(RecoveryRecord {
@@ -109,7 +117,8 @@ impl Journal {
                 resume,
                 threads: Vec::new(),
             }),
-            pause: Cell::new(pause),
+            pause: Cell::new(pause_from(PAUSE_ENV)),
+            pause_after_save: Cell::new(pause_from(PAUSE_AFTER_SAVE_ENV)),
         };
         journal.write()?;
         Ok(journal)
@@ -137,6 +146,13 @@ impl Journal {
     /// Pauses once, when [`PAUSE_ENV`] asks for it (tests only).
     pub fn pause_for_tests(&self) {
         if let Some(pause) = self.pause.take() {
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Pauses once, when [`PAUSE_AFTER_SAVE_ENV`] asks for it (tests only).
+    pub fn pause_after_save_for_tests(&self) {
+        if let Some(pause) = self.pause_after_save.take() {
             std::thread::sleep(pause);
         }
     }
@@ -242,7 +258,8 @@ pub enum RecoverError {
 
 /// Undoes the checkpoint recorded in `file` by an agent that died: puts back
 /// the registers, signal mask and scratch bytes of every thread listed,
-/// detaches, and continues the process if the checkpoint stopped it. A
+/// takes its TCP connections out of repair mode, detaches, and continues
+/// the process if the checkpoint stopped it. A
 /// process that is gone needs nothing. The file is removed once undone.
 pub fn recover(file: &Path) -> Result<Recovered, RecoverError> {
     let bytes = read_trusted_file(file, MAX_RECOVERY_BYTES).map_err(RecoverError::Untrusted)?;
@@ -287,6 +304,10 @@ pub fn recover(file: &Path) -> Result<Recovered, RecoverError> {
             put_back(pid, thread, &regs, &mem)?;
         }
     }
+    // The dead agent may have held the process's connections in repair
+    // mode, where they would neither send nor take data.
+    crate::files::leave_repair_mode_of(pid, &pidfd)
+        .map_err(|source| CheckpointError::Files { pid, source })?;
     if record.resume {
         pidfd
             .send_signal(nix::sys::signal::Signal::SIGCONT)

@@ -29,7 +29,7 @@ use super::{
     CheckpointError, Preflight, SaveStats, Target, children, open_pidfd, preflight,
     restorer_userfaultfds, save_one,
 };
-use crate::files::TreeScope;
+use crate::files::{RepairedConnections, TreeScope};
 use crate::sys::kobjects::{self, TaskObject};
 use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
@@ -53,6 +53,16 @@ struct Descendant {
     journal: Journal,
     /// Descriptors persist put in it.
     exclude: Vec<i32>,
+}
+
+/// What [`Tree::save`] saved of the descendants.
+pub struct SavedDescendants {
+    /// Every descendant, parents first.
+    pub children: Vec<ChildProcess>,
+    /// Their totals.
+    pub stats: SaveStats,
+    /// Their established TCP connections, in repair mode.
+    pub connections: RepairedConnections,
 }
 
 /// The descriptors of a process of the tree that are saved with it, with
@@ -109,7 +119,8 @@ impl Tree {
 
     /// Saves every descendant after the root (whose saved mappings are
     /// `root_mappings`), each as [`super::save_one`] saves a process, adding
-    /// its totals to `stats`. A private page equal to the one its parent
+    /// their totals and their established TCP connections (in repair
+    /// mode) to what it hands back. A private page equal to the one its parent
     /// stored at the same address refers to that copy
     /// ([`ParentPages`]).
     pub fn save(
@@ -119,10 +130,15 @@ impl Tree {
         writer: &mut ImageWriter,
         base: Option<&BasePages>,
         shared_memory: &mut SharedMemory,
-        stats: &mut SaveStats,
-    ) -> Result<Vec<ChildProcess>, CheckpointError> {
+    ) -> Result<SavedDescendants, CheckpointError> {
+        let mut stats = SaveStats::default();
+        let mut connections = RepairedConnections::default();
         if self.descendants.is_empty() {
-            return Ok(Vec::new());
+            return Ok(SavedDescendants {
+                children: Vec::new(),
+                stats,
+                connections,
+            });
         }
         let sockets = self.sockets(root.pid, root.exclude)?;
         let mut earlier = vec![SavedFds {
@@ -144,6 +160,7 @@ impl Tree {
                 pidfd: &descendant.pidfd,
                 journal: &descendant.journal,
                 exclude: &descendant.exclude,
+                client_ports: root.client_ports,
             };
             let parent_mappings = if descendant.ppid == root.pid {
                 root_mappings
@@ -167,6 +184,7 @@ impl Tree {
             };
             let saved = save_one(&target, &scope, writer, Some(&known), shared_memory)?;
             stats.add(&saved.stats);
+            connections.extend(saved.connections);
             earlier.push(SavedFds {
                 pid,
                 fds: fds
@@ -183,7 +201,11 @@ impl Tree {
                 inherited_fds,
             });
         }
-        Ok(children)
+        Ok(SavedDescendants {
+            children,
+            stats,
+            connections,
+        })
     }
 
     /// Detaches and continues every descendant.

@@ -89,6 +89,21 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
             Ok(()) => Reply::ok(format!("woke {name}")),
             Err(err) => Reply::error(error_line(&err)),
         },
+        Request::History { name } => match registry.history(&name).await {
+            Ok(history) => Reply {
+                history,
+                ..Reply::default()
+            },
+            Err(err) => Reply::error(error_line(&err)),
+        },
+        Request::Rollback { name, to } => match registry.rollback(&name, to.as_deref()).await {
+            Ok(done) => Reply::ok(format!("{name}: {done}")),
+            Err(err) => Reply::error(error_line(&err)),
+        },
+        Request::Snapshot { name, tag } => match registry.snapshot(&name, tag).await {
+            Ok(done) => Reply::ok(format!("{name}: {done}")),
+            Err(err) => Reply::error(error_line(&err)),
+        },
         Request::Status => Reply {
             services: registry.status(),
             ..Reply::default()

@@ -39,6 +39,8 @@ pub struct Metrics {
     syns: Family<ServiceLabel, Gauge>,
     parked_bytes: Family<ServiceLabel, Gauge>,
     running: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
+    rollbacks: Family<ServiceLabel, Counter>,
+    generation: Family<ServiceLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -58,6 +60,8 @@ impl Default for Metrics {
         let syns = Family::default();
         let parked_bytes = Family::default();
         let running = Family::default();
+        let rollbacks = Family::default();
+        let generation = Family::default();
         registry.register("wakes", "Times a parked service was woken", wakes.clone());
         registry.register(
             "wake_latency_seconds",
@@ -99,6 +103,16 @@ impl Default for Metrics {
             "1 while the service's process runs",
             running.clone(),
         );
+        registry.register(
+            "rollbacks",
+            "Kept generations marked bad because their process crashed after a wake",
+            rollbacks.clone(),
+        );
+        registry.register(
+            "generation",
+            "Generation of the kept state running or to be restored (0: the pristine image)",
+            generation.clone(),
+        );
         Self {
             registry,
             wakes,
@@ -110,6 +124,8 @@ impl Default for Metrics {
             syns,
             parked_bytes,
             running,
+            rollbacks,
+            generation,
         }
     }
 }
@@ -131,6 +147,11 @@ impl Metrics {
         self.checkpoint_duration
             .get_or_create(&label(service))
             .observe(duration.as_secs_f64());
+    }
+
+    /// Records a rollback past a generation that crashed.
+    pub fn observe_rollback(&self, service: &str) {
+        self.rollbacks.get_or_create(&label(service)).inc();
     }
 
     /// Records what the pager did for one wake.
@@ -158,6 +179,10 @@ impl Metrics {
             self.parked_bytes
                 .get_or_create(&label)
                 .set(status.parked_bytes as i64);
+            if let Some(generation) = &status.generation {
+                let number = generation.parse::<i64>().unwrap_or(0);
+                self.generation.get_or_create(&label).set(number);
+            }
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)

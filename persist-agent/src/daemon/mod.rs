@@ -35,6 +35,7 @@
 
 mod control_server;
 mod exits;
+mod generations;
 mod idle;
 mod keeper;
 mod listener;
@@ -67,9 +68,27 @@ pub use syn_watcher::{SynWatcher, SynWatcherError};
 /// The BPF maps, shared by the registry and the supervisors.
 pub type SharedWatcher = Arc<Mutex<SynWatcher>>;
 
-/// Runs the daemon in the foreground until SIGTERM or SIGINT, serving
-/// Prometheus metrics on `metrics` if given.
-pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
+/// How the daemon runs, from its command line.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Serve Prometheus metrics on this address.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Generations of a `--on-idle keep` service's state kept besides the
+    /// pristine image and tagged ones.
+    pub keep_generations: usize,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self {
+            metrics: None,
+            keep_generations: generations::DEFAULT_KEEP,
+        }
+    }
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT.
+pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal, never into journald or a file.
@@ -92,19 +111,22 @@ pub fn run(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(state_dir, metrics))
+    runtime.block_on(serve(state_dir, options))
 }
 
-async fn serve(state_dir: &Path, metrics: Option<std::net::SocketAddr>) -> Result<()> {
+async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     let (watcher, mut wake_events) = SynWatcher::attach()?;
     info!("sk_lookup program attached to this network namespace");
-    let registry = Arc::new(Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?);
+    let registry = Arc::new(
+        Registry::new(state_dir, Arc::new(Mutex::new(watcher)))?
+            .keeping_generations(options.keep_generations),
+    );
     registry.restore_registered().await;
 
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
-    if let Some(addr) = metrics {
+    if let Some(addr) = options.metrics {
         let registry = registry.clone();
         tokio::spawn(async move {
             if let Err(err) = metrics::serve(addr, registry).await {

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::generations::{Generation, Generations};
 use super::keeper;
 use super::listener;
 use super::memory::{private_bytes, rss_of_sessions};
@@ -18,9 +19,9 @@ use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
-use super::supervisor::{Command, Handle, Shared, Starter, State, Supervisor};
+use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
 use super::takeover::{recover_checkpoint, take_over};
-use crate::control::ServiceStatus;
+use crate::control::{HistoryEntry, ServiceStatus};
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
@@ -76,6 +77,9 @@ pub enum RegistryError {
         /// Why (the prepare's error, naming the file or page).
         reason: String,
     },
+    /// The kept generations of a service cannot be read or written.
+    #[error(transparent)]
+    Generations(#[from] super::generations::GenerationsError),
     /// The run-state directory failed.
     #[error("state directory: {0}")]
     Io(#[from] std::io::Error),
@@ -96,6 +100,8 @@ pub struct Registry {
     broken: Mutex<BTreeMap<String, String>>,
     /// What the daemon did to a service on its own (rebuilt it), for `status`.
     notes: Mutex<BTreeMap<String, String>>,
+    /// Untagged generations kept per `--on-idle keep` service.
+    keep_generations: usize,
 }
 
 impl Registry {
@@ -111,7 +117,14 @@ impl Registry {
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
             notes: Mutex::new(BTreeMap::new()),
+            keep_generations: super::generations::DEFAULT_KEEP,
         })
+    }
+
+    /// Keeps `count` untagged generations of each `--on-idle keep` service.
+    pub fn keeping_generations(mut self, count: usize) -> Self {
+        self.keep_generations = count.max(1);
+        self
     }
 
     /// Lets the pagers of restored processes finish before the daemon
@@ -258,6 +271,8 @@ impl Registry {
         self.metrics
             .observe_checkpoint(&spec.name, started.elapsed());
         info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
+        // States kept from an older pristine image would not descend from this one.
+        self.drop_generations(spec);
         Ok(built.listener)
     }
 
@@ -293,13 +308,6 @@ impl Registry {
         // connections it queued are refused; a kernel upgrade rebooted anyway).
         keeper::stop(&self.run_state, &spec.name);
         let listener = self.build(spec, snapshot).await?;
-        let kept = self.kept_image(&spec.name);
-        if kept.exists() {
-            warn!(service = %spec.name, "the state kept at its last park was taken on the old kernel too: dropped");
-            if let Err(err) = std::fs::remove_dir_all(&kept) {
-                warn!(service = %spec.name, "removing {}: {err}", kept.display());
-            }
-        }
         info!(service = %spec.name, "{note}");
         self.notes
             .lock()
@@ -317,21 +325,46 @@ impl Registry {
         self.state_dir.join("images").join(name)
     }
 
-    fn kept_image(&self, name: &str) -> PathBuf {
-        self.state_dir.join("images").join(format!("{name}.kept"))
-    }
-
-    /// The image the next wake of `spec` restores: its kept state if any,
-    /// else its prebuilt image, else the one built when it was added.
-    fn current_image(&self, spec: &ServiceSpec) -> PathBuf {
-        let kept = self.kept_image(&spec.name);
-        if kept.join(persist_common::image::MANIFEST_FILE).exists() {
-            return kept;
-        }
-        spec.snapshot
+    /// The generations of `spec`'s state: its prebuilt image, or the one
+    /// built when it was added, and the states `--on-idle keep` kept.
+    fn generations(&self, spec: &ServiceSpec) -> Result<Generations, RegistryError> {
+        let images = self.state_dir.join("images");
+        let pristine = spec
+            .snapshot
             .as_ref()
             .and_then(|s| s.image.clone())
-            .unwrap_or_else(|| self.pristine_image(&spec.name))
+            .unwrap_or_else(|| self.pristine_image(&spec.name));
+        Ok(Generations::load(
+            images.join(format!("{}.gens", spec.name)),
+            pristine,
+            // Where an agent that kept one state only wrote it.
+            &images.join(format!("{}.kept", spec.name)),
+            self.keep_generations,
+        )?)
+    }
+
+    /// Drops every kept generation of `spec`: its pristine image was just
+    /// built again, or it is removed.
+    fn drop_generations(&self, spec: &ServiceSpec) {
+        match self.generations(spec) {
+            Ok(mut generations) if !generations.records().is_empty() => {
+                warn!(service = %spec.name, "the states kept at its parks are dropped");
+                if let Err(err) = generations.remove_all() {
+                    warn!(service = %spec.name, "removing its kept states: {err}");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => warn!(service = %spec.name, "its kept states: {err}"),
+        }
+    }
+
+    /// The image the next wake of `spec` restores: its newest good kept
+    /// generation, else its pristine image.
+    fn current_image(&self, spec: &ServiceSpec) -> PathBuf {
+        match self.generations(spec) {
+            Ok(generations) => generations.path(generations.current()),
+            Err(_) => self.pristine_image(&spec.name),
+        }
     }
 
     /// Takes the port of `spec` (or uses `provided`, a listener taken from
@@ -377,7 +410,9 @@ impl Registry {
         let adopted_pager = adopted.as_mut().and_then(|adopted| adopted.pager.take());
         let starter = match spec.mode {
             ServiceMode::Snapshot => {
-                let image = self.current_image(&spec);
+                let generations = self.generations(&spec)?;
+                let next = generations.current();
+                let image = generations.path(next);
                 let worker = RestoreWorker::spawn(
                     &spec.name,
                     spec.port,
@@ -406,8 +441,8 @@ impl Registry {
                 }
                 Starter::Restore {
                     worker,
-                    image,
-                    kept_image: self.kept_image(&spec.name),
+                    generations,
+                    next,
                 }
             }
             ServiceMode::Exec | ServiceMode::Inetd => Starter::Command,
@@ -438,9 +473,18 @@ impl Registry {
             self.store.delete(name)?;
             return Ok(());
         }
+        let spec = self
+            .services
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map(|handle| handle.spec.clone());
         let done = self.remove_active(name)?;
         let _ = done.await;
         self.store.delete(name)?;
+        if let Some(spec) = spec {
+            self.drop_generations(&spec);
+        }
         self.run_state.clear(name);
         self.notes.lock().expect("lock").remove(name);
         keeper::stop(&self.run_state, name);
@@ -480,6 +524,52 @@ impl Registry {
         }
         match answer.await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(RegistryError::Refused(format!("{name}: {reason}"))),
+            Err(_) => Err(RegistryError::Refused(format!(
+                "{name}: its supervisor has stopped"
+            ))),
+        }
+    }
+
+    /// The generations of a snapshot service's kept state, oldest first.
+    pub async fn history(&self, name: &str) -> Result<Vec<HistoryEntry>, RegistryError> {
+        self.ask_generations(name, |done| GenerationsCommand::History { done })
+            .await
+    }
+
+    /// Makes the next wake of a service restore generation `to` (a number
+    /// or `pristine`), or the good one before its current one.
+    pub async fn rollback(&self, name: &str, to: Option<&str>) -> Result<String, RegistryError> {
+        let to = to
+            .map(str::parse::<Generation>)
+            .transpose()
+            .map_err(RegistryError::Refused)?;
+        self.ask_generations(name, |done| GenerationsCommand::Rollback { to, done })
+            .await
+    }
+
+    /// Keeps a running service's state as a new generation without parking
+    /// it, or tags the current generation of a parked one.
+    pub async fn snapshot(&self, name: &str, tag: Option<String>) -> Result<String, RegistryError> {
+        self.ask_generations(name, |done| GenerationsCommand::Snapshot { tag, done })
+            .await
+    }
+
+    async fn ask_generations<T>(
+        &self,
+        name: &str,
+        request: impl FnOnce(oneshot::Sender<Result<T, String>>) -> GenerationsCommand,
+    ) -> Result<T, RegistryError> {
+        let (done, answer) = oneshot::channel();
+        {
+            let services = self.services.lock().expect("lock");
+            let handle = services
+                .get(name)
+                .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
+            let _ = handle.commands.send(Command::Generations(request(done)));
+        }
+        match answer.await {
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(reason)) => Err(RegistryError::Refused(format!("{name}: {reason}"))),
             Err(_) => Err(RegistryError::Refused(format!(
                 "{name}: its supervisor has stopped"
@@ -585,7 +675,8 @@ impl Registry {
                     rss_bytes: rss_of_sessions(&processes, &view.sessions),
                     parked_bytes,
                     error: view.error,
-                    note: notes.get(&spec.name).cloned(),
+                    generation: view.generation.map(|g| g.to_string()),
+                    note: view.note.or_else(|| notes.get(&spec.name).cloned()),
                 }
             })
             .collect();
@@ -609,6 +700,7 @@ impl Registry {
                 rss_bytes: 0,
                 parked_bytes: 0,
                 error: Some(error.clone()),
+                generation: None,
                 note: None,
             });
         }

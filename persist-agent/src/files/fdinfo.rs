@@ -1,9 +1,9 @@
 //! Parsing `/proc/PID/fdinfo/N`.
 //!
 //! Every fdinfo file starts with `pos`, `flags` (octal) and `mnt_id`/`ino`
-//! lines; eventfd, timerfd, signalfd and epoll files add lines of their own,
-//! in the formats of `fs/eventfd.c`, `fs/timerfd.c`, `fs/signalfd.c` and
-//! `fs/eventpoll.c`.
+//! lines; eventfd, timerfd, signalfd, epoll and inotify files add lines of
+//! their own, in the formats of `fs/eventfd.c`, `fs/timerfd.c`,
+//! `fs/signalfd.c`, `fs/eventpoll.c` and `fs/notify/fdinfo.c`.
 
 use persist_common::image::EpollWatch;
 
@@ -103,9 +103,46 @@ impl FdInfoText {
                     fd,
                     events: events?,
                     data: data?,
+                    file_fd: None,
                 },
                 ino,
             ));
+        }
+        Some(watches)
+    }
+
+    /// inotify: every watch, in the order fdinfo lists them (not by wd).
+    ///
+    /// Lines look like `inotify wd:1 ino:98c094 sdev:fe00000 mask:4000180
+    /// ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:94c09800d6e48350`,
+    /// every number in hex; the handle part is missing when the file system
+    /// cannot encode one.
+    pub fn inotify_watches(&self) -> Option<Vec<InotifyWatchText>> {
+        let mut watches = Vec::new();
+        for (key, rest) in &self.lines {
+            if key != "inotify wd" {
+                continue;
+            }
+            let mut words = rest.split_whitespace();
+            let wd = i32::from_str_radix(words.next()?, 16).ok()?;
+            let field = |name: &str| {
+                rest.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name)?.strip_prefix(':'))
+            };
+            let hex = |name: &str| u64::from_str_radix(field(name)?, 16).ok();
+            let handle = match (field("fhandle-type"), field("f_handle")) {
+                (Some(kind), Some(bytes)) => {
+                    Some((i32::from_str_radix(kind, 16).ok()?, hex_bytes(bytes)?))
+                }
+                _ => None,
+            };
+            watches.push(InotifyWatchText {
+                wd,
+                ino: hex("ino")?,
+                sdev: u32::try_from(hex("sdev")?).ok()?,
+                mask: u32::try_from(hex("mask")?).ok()?,
+                handle,
+            });
         }
         Some(watches)
     }
@@ -116,6 +153,32 @@ impl FdInfoText {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// One inotify watch as fdinfo shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InotifyWatchText {
+    /// Watch descriptor.
+    pub wd: i32,
+    /// Inode number of the watched file.
+    pub ino: u64,
+    /// Device of its file system, in the kernel's encoding (major << 20 | minor).
+    pub sdev: u32,
+    /// Watched events with `IN_ONESHOT` and `IN_EXCL_UNLINK`.
+    pub mask: u32,
+    /// The file handle's type and bytes, for `open_by_handle_at`.
+    pub handle: Option<(i32, Vec<u8>)>,
+}
+
+/// Parses a string of hex digit pairs.
+fn hex_bytes(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
 }
 
 /// Parsed timerfd lines.
@@ -186,7 +249,8 @@ mod tests {
                 EpollWatch {
                     fd: 3,
                     events: 0x8000_0019,
-                    data: 3
+                    data: 3,
+                    file_fd: None,
                 },
                 0x40e
             )
@@ -197,12 +261,40 @@ mod tests {
                 EpollWatch {
                     fd: 12,
                     events: 0x19,
-                    data: 0xdead_beef_0001
+                    data: 0xdead_beef_0001,
+                    file_fd: None,
                 },
                 0x3068
             )
         );
         assert_eq!(info.signalfd_mask(), Some(0x4000));
+    }
+
+    #[test]
+    fn parses_inotify_watches() {
+        let text = "pos:\t0\nflags:\t04000\nmnt_id:\t17\nino:\t1038\n\
+            inotify wd:2 ino:1 sdev:15 mask:100 ignored_mask:0 fhandle-bytes:c fhandle-type:81 f_handle:010000000000000000000000\n\
+            inotify wd:1f ino:98c094 sdev:fe00000 mask:4000180 ignored_mask:0\n";
+        let watches = FdInfoText::parse(text).unwrap().inotify_watches().unwrap();
+        assert_eq!(
+            watches,
+            vec![
+                InotifyWatchText {
+                    wd: 2,
+                    ino: 1,
+                    sdev: 0x15,
+                    mask: 0x100,
+                    handle: Some((0x81, vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])),
+                },
+                InotifyWatchText {
+                    wd: 0x1f,
+                    ino: 0x98_c094,
+                    sdev: 0xfe0_0000,
+                    mask: 0x400_0180,
+                    handle: None,
+                },
+            ]
+        );
     }
 
     #[test]

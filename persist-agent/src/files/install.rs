@@ -18,10 +18,15 @@ pub(super) struct Slot {
     pub status_flags: Option<i32>,
 }
 
-/// One epoll watch to add once numbers are final.
+/// One epoll watch to add while the objects are staged.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Watch {
-    pub epoll: RawFd,
+    /// Staging index of the epoll instance (see `install_in_child`).
+    pub epoll: usize,
+    /// Staging index of the watched file.
+    pub file: usize,
+    /// The number the watch is keyed by: the file is placed there for the
+    /// `EPOLL_CTL_ADD`.
     pub fd: RawFd,
     pub events: u32,
     pub data: u64,
@@ -74,11 +79,14 @@ pub struct PreparedFds {
 }
 
 impl PreparedFds {
-    /// The highest descriptor number that [`Self::install_in_child`] fills,
-    /// or -1 if there is none. Descriptors the child must keep (a uffd, a
-    /// report pipe) should be numbered above it.
+    /// The highest descriptor number that [`Self::install_in_child`] fills
+    /// or uses for a moment, or -1 if there is none. Descriptors the child
+    /// must keep (a uffd, a report pipe) should be numbered above it.
     pub fn max_target_fd(&self) -> RawFd {
-        self.target_fds().max().unwrap_or(-1)
+        self.target_fds()
+            .chain(self.watches.iter().map(|w| w.fd))
+            .max()
+            .unwrap_or(-1)
     }
 
     /// The descriptor numbers [`Self::install_in_child`] fills.
@@ -128,23 +136,27 @@ impl PreparedFds {
     ///    highest target, keep and source number, so no move can overwrite a
     ///    source still needed; the process's own `/proc` files are opened
     ///    and staged the same way.
-    /// 2. Each staged copy is moved to its target with `dup3`, with its
+    /// 2. Epoll watches are added: the kernel keys a watch by the file and
+    ///    the number it was added with, which the process may since have
+    ///    closed or given to another file, so the staged file is first
+    ///    placed at that number for the `EPOLL_CTL_ADD` (the number is then
+    ///    filled or closed by the next steps).
+    /// 3. Each staged copy is moved to its target with `dup3`, with its
     ///    close-on-exec bit, and its file status flags are set (`F_SETFL`);
     ///    an own `/proc` file is placed at each of its numbers (its position
     ///    is restored later, see [`Self::proc_self_positions`]).
-    /// 3. Every descriptor that is neither a target nor in `keep` is closed
+    /// 4. Every descriptor that is neither a target nor in `keep` is closed
     ///    (`close_range`).
-    /// 4. Epoll watches are added with the final numbers (an epoll interest
-    ///    list is keyed by descriptor number).
     ///
-    /// Fails with `EINVAL` if a `keep` descriptor is also a target, and with
-    /// the error of the first system call that fails otherwise.
+    /// Fails with `EINVAL` if a `keep` descriptor is also a target or a
+    /// watch's number, and with the error of the first system call that
+    /// fails otherwise.
     pub fn install_in_child(&self, keep: &[RawFd]) -> Result<(), Errno> {
-        if keep.iter().any(|k| self.target_fds().any(|t| t == *k)) {
+        let used = || self.target_fds().chain(self.watches.iter().map(|w| w.fd));
+        if keep.iter().any(|k| used().any(|t| t == *k)) {
             return Err(Errno::EINVAL);
         }
-        let highest = self
-            .target_fds()
+        let highest = used()
             .chain(self.slots.iter().map(|s| s.source))
             .chain(keep.iter().copied())
             .max()
@@ -164,6 +176,17 @@ impl PreparedFds {
             }
             staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
         }
+        let staged_at = |index: usize| {
+            i32::try_from(index)
+                .ok()
+                .and_then(|index| base.checked_add(index))
+                .ok_or(Errno::EMFILE)
+        };
+        for watch in &self.watches {
+            fdops::dup_to(staged_at(watch.file)?, watch.fd, true)?;
+            fdops::epoll_add(staged_at(watch.epoll)?, watch.fd, watch.events, watch.data)?;
+        }
+
         let mut staged = base;
         for slot in &self.slots {
             fdops::dup_to(staged, slot.target, slot.cloexec)?;
@@ -179,12 +202,7 @@ impl PreparedFds {
             staged = staged.checked_add(1).ok_or(Errno::EMFILE)?;
         }
 
-        self.close_others(keep)?;
-
-        for watch in &self.watches {
-            fdops::epoll_add(watch.epoll, watch.fd, watch.events, watch.data)?;
-        }
-        Ok(())
+        self.close_others(keep)
     }
 
     /// Closes every descriptor but the targets and `keep`, one

@@ -11,7 +11,8 @@
 //! credentials, never through a symlink, and only if they are still the
 //! files recorded: see [`PathAccess`]; pipes refilled, eventfd, timerfd,
 //! signalfd and memfd rebuilt, TCP and UNIX listeners and UDP sockets bound
-//! again, socket pairs refilled, epoll instances created empty), or takes
+//! again, socket pairs refilled, inotify instances given their watches
+//! again, epoll instances created empty), or takes
 //! the descriptors the caller hands over ([`InheritedFds`]). In the forked child,
 //! [`PreparedFds::install_in_child`] then moves each object to its descriptor
 //! number with raw system calls only, closes everything else and re-adds the
@@ -20,8 +21,8 @@
 //! What is supported is listed on [`save_fds`]; everything else is refused
 //! with an error naming the descriptor. Each kind of descriptor is saved and
 //! re-created in one file of its own (`regular.rs`, `pipe.rs`, `memfd.rs`,
-//! `eventfd.rs`, `timerfd.rs`, `signalfd.rs`, `epoll.rs`, `inet.rs`,
-//! `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
+//! `eventfd.rs`, `timerfd.rs`, `signalfd.rs`, `epoll.rs`, `inotify.rs`,
+//! `inet.rs`, `tcp_repair.rs`, `unix.rs`); `save.rs` and `prepare.rs` walk the descriptors and hand each
 //! to its kind.
 
 // The walk over a process's descriptors, in each direction.
@@ -33,10 +34,12 @@ mod save;
 mod epoll;
 mod eventfd;
 mod inet;
+mod inotify;
 mod memfd;
 mod pipe;
 mod regular;
 mod signalfd;
+mod tcp_repair;
 mod timerfd;
 mod unix;
 
@@ -53,7 +56,10 @@ pub use install::{PreparedFds, ProcSelfPosition};
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
-pub use save::{TreeScope, save_fds, save_fds_excluding, save_fds_in_tree};
+pub use save::{
+    SavedFds, TreeScope, save_fds, save_fds_excluding, save_fds_holding, save_fds_in_tree,
+};
+pub use tcp_repair::{RepairedConnections, leave_repair_mode_of};
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use super::pipe::Pipes;
 use super::proc_self;
 use super::recorded::PathAccess;
 use super::unix::UnixPairs;
-use super::{epoll, eventfd, inet, memfd, regular, signalfd, timerfd, unix};
+use super::{epoll, eventfd, inet, inotify, memfd, regular, signalfd, tcp_repair, timerfd, unix};
 
 /// File status flags `F_SETFL` can change; the others are fixed at open.
 const SETFL_MASK: i32 =
@@ -67,11 +67,15 @@ impl InheritedFds {
 /// reads the saved data then end-of-file, a write end writes to /dev/null);
 /// FIFOs are reopened by path and refilled; eventfd, timerfd (re-armed with
 /// the saved remaining time and interval, unread ticks kept), signalfd and
-/// memfd (name, size, contents, seals) are rebuilt; TCP listeners are bound
+/// memfd (name, size, contents, seals) are rebuilt; inotify instances get
+/// their watches again, each with its watch descriptor, on the file its path
+/// names if that is still the recorded one; TCP listeners are bound
 /// again with `SO_REUSEADDR` to the same address and listen; UDP sockets are
 /// bound and connected again; UNIX listeners
 /// are bound again after removing a stale socket file; socket pairs are
-/// re-created with their queued data; epoll instances are created empty and
+/// re-created with their queued data; established TCP connections are
+/// re-created with `TCP_REPAIR` in their saved state, and leave repair mode
+/// once everything else is ready; epoll instances are created empty and
 /// filled in the child. A terminal that no longer exists (or cannot be
 /// opened from the agent, like `/dev/tty`) is replaced by /dev/null.
 ///
@@ -98,6 +102,7 @@ pub fn prepare(
     let mut memfds = Vec::new();
     let mut sources: HashMap<i32, RawFd> = HashMap::new();
     let mut proc_self_files: Vec<ProcSelfFile> = Vec::new();
+    let mut connections = Vec::new();
 
     for info in fds {
         if !inherited.contains_key(&info.fd) && opened_by_child(info, &mut proc_self_files)? {
@@ -124,7 +129,13 @@ pub fn prepare(
                     .try_clone_to_owned()
                     .map_err(FilesError::io(info.fd, format!("duplicating fd {primary}")))?
             }
-            (None, None) => object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?,
+            (None, None) => {
+                let created = object(info, &mut pipes, &mut pairs, &mut created_memfds, access)?;
+                if let FdKind::TcpConnection(saved) = &info.kind {
+                    connections.push((info.fd, created.as_raw_fd(), saved));
+                }
+                created
+            }
         };
         sources.insert(info.fd, source.as_raw_fd());
         slots.push(Slot {
@@ -137,6 +148,13 @@ pub fn prepare(
     }
     pairs.finish()?;
     drop(pipes);
+    // Last, once every other object exists: a connection still in repair
+    // mode when a failure drops it closes without a word to the peer.
+    for (fd, raw, saved) in connections {
+        if let Some(sock) = objects.iter().find(|o| o.as_raw_fd() == raw) {
+            tcp_repair::finish(fd, sock.as_fd(), saved)?;
+        }
+    }
     for (inode, base) in created_memfds.into_bases() {
         memfds.push((inode, base.as_raw_fd()));
         objects.push(base);
@@ -152,30 +170,41 @@ pub fn prepare(
         objects.push(fd);
     }
 
-    let targets: HashSet<RawFd> = slots
-        .iter()
-        .map(|s| s.target)
-        .chain(
+    // Where install_in_child stages each target's object: the slots in
+    // order, then the process's own /proc files.
+    let staged_at = |target: RawFd| {
+        slots.iter().position(|s| s.target == target).or_else(|| {
             proc_self_files
                 .iter()
-                .flat_map(|f| f.targets.iter().map(|t| t.0)),
-        )
-        .collect();
+                .position(|f| f.targets.iter().any(|t| t.0 == target))
+                .map(|index| slots.len() + index)
+        })
+    };
     let mut watches = Vec::new();
     for info in fds {
         if let FdKind::Epoll { watches: saved } = &info.kind {
             if info.shared_with.is_some() {
                 continue; // the same instance, filled through its primary
             }
+            let epoll = staged_at(info.fd)
+                .ok_or_else(|| FilesError::invalid(info.fd, "epoll instance not prepared"))?;
             for watch in saved {
-                if !targets.contains(&watch.fd) {
+                let holder = watch.file_fd.unwrap_or(watch.fd);
+                let file = staged_at(holder).ok_or_else(|| {
+                    FilesError::invalid(
+                        info.fd,
+                        format!("epoll watches fd {holder}, which is not in the image"),
+                    )
+                })?;
+                if !(0..FD_LIMIT).contains(&watch.fd) {
                     return Err(FilesError::invalid(
                         info.fd,
-                        format!("epoll watches fd {}, which is not in the image", watch.fd),
+                        format!("epoll watches fd {}, which no process can have", watch.fd),
                     ));
                 }
                 watches.push(Watch {
-                    epoll: info.fd,
+                    epoll,
+                    file,
                     fd: watch.fd,
                     events: watch.events,
                     data: watch.data,
@@ -227,14 +256,19 @@ fn opened_by_child(info: &FdInfo, files: &mut Vec<ProcSelfFile>) -> Result<bool,
     })
 }
 
-/// Checks numbers are unique and non-negative and `shared_with` points back.
+/// Above the kernel's ceiling for `fs.nr_open` (`INT_MAX` rounded down to
+/// a multiple of 64): no process has a descriptor this high, and numbers
+/// below it leave room to count up without overflow.
+const FD_LIMIT: RawFd = i32::MAX - 63;
+
+/// Checks numbers are unique and in range and `shared_with` points back.
 fn validate(fds: &[FdInfo]) -> Result<(), FilesError> {
     let mut seen = HashSet::new();
     for info in fds {
-        if info.fd < 0 || !seen.insert(info.fd) {
+        if !(0..FD_LIMIT).contains(&info.fd) || !seen.insert(info.fd) {
             return Err(FilesError::invalid(
                 info.fd,
-                "negative or repeated descriptor number",
+                "negative, too high or repeated descriptor number",
             ));
         }
         if let Some(primary) = info.shared_with {
@@ -325,6 +359,7 @@ fn object(
         } => timerfd::create(fd, *clock, *settime_flags, *interval_ns, *value_ns, *ticks)?,
         FdKind::Signalfd { mask } => signalfd::create(fd, *mask)?,
         FdKind::Epoll { .. } => epoll::create(fd)?,
+        FdKind::Inotify { watches } => inotify::create(fd, watches, access)?,
         FdKind::Memfd {
             name,
             offset,
@@ -356,5 +391,6 @@ fn object(
             owner,
         } => unix::unix_listener(fd, path, *socket_type, *backlog, *mode, *owner, access)?,
         FdKind::UnixPair { .. } => pairs.end(info)?,
+        FdKind::TcpConnection(saved) => tcp_repair::create(fd, saved)?,
     })
 }

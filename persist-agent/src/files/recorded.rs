@@ -30,6 +30,10 @@ pub struct PathAccess {
     /// Reopen a path that names another file than the one recorded (other
     /// device or inode, same type) instead of refusing it.
     pub accept_changed_files: bool,
+    /// The process's effective uid, to charge the per-user kernel objects
+    /// made for it (inotify instances) to, or `None` to charge the agent's
+    /// (for a process whose effective uid is root).
+    pub euid: Option<u32>,
     /// Files the agent itself opened for the process (the daemon's log of
     /// the service, its stdout and stderr), opened with the agent's
     /// credentials: the process never had access to them by path. They are
@@ -46,7 +50,9 @@ impl PathAccess {
         agent_files: Vec<PathBuf>,
     ) -> Self {
         let fsuid = creds.uids[3];
+        let euid = creds.uids[1];
         Self {
+            euid: (euid != 0).then_some(euid),
             creds: (fsuid != 0).then(|| FsCreds {
                 uid: fsuid,
                 gid: creds.gids[3],

@@ -4,12 +4,13 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::fd::AsFd;
 
-use persist_common::image::{FdInfo, FdKind};
+use persist_common::image::{FdInfo, FdKind, TcpConnection};
 
 use super::FilesError;
 use super::fdinfo::FdInfoText;
 use super::listed::Listed;
-use super::{epoll, eventfd, inet, memfd, pipe, regular, signalfd, timerfd, unix};
+use super::tcp_repair::{self, RepairedConnections};
+use super::{epoll, eventfd, inet, inotify, memfd, pipe, regular, signalfd, timerfd, unix};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
 
@@ -33,7 +34,10 @@ use crate::sys::pidfd::PidFd;
 ///   reused by another session in between);
 /// - pipes and FIFOs with their unread data, both ends or one end present;
 /// - eventfd, timerfd (settings, remaining time, unread ticks), signalfd,
-///   epoll (every watch with its events and data);
+///   epoll (every watch with its events and data, also one whose descriptor
+///   was closed while its file stays open through another);
+/// - inotify (every watch by path, with its mask and watch descriptor;
+///   events not yet read are not kept);
 /// - memfds (name, size, seals, and contents unless the process maps it:
 ///   mapped pages are saved with the memory);
 /// - listening TCP sockets (IPv4/IPv6, `SO_REUSEADDR`, `SO_REUSEPORT`,
@@ -41,14 +45,20 @@ use crate::sys::pidfd::PidFd;
 ///   connected UNIX sockets whose peer is also in the process, with their
 ///   queued data;
 /// - UDP sockets: address, connected peer, `SO_REUSEADDR`, `SO_REUSEPORT`,
-///   `IPV6_V6ONLY` (queued datagrams are not kept).
+///   `IPV6_V6ONLY` (queued datagrams are not kept);
+/// - established TCP connections, with `TCP_REPAIR`: sequence numbers,
+///   windows, negotiated options and the data of both queues (see
+///   `tcp_repair.rs`). They are left in repair mode while saved; this
+///   function takes them out of it before returning, [`save_fds_holding`]
+///   hands them back still in it.
 ///
 /// Descriptors sharing one open file description (`dup`) are saved once,
 /// the others with [`FdInfo::shared_with`].
 ///
 /// Everything else is refused with [`FilesError::Unsupported`] naming the
-/// descriptor, e.g. `fd 7: established TCP connection 127.0.0.1:5000 ->
-/// 127.0.0.1:41234 cannot be checkpointed` or `fd 5: inotify is not supported`.
+/// descriptor, e.g. `fd 7: TCP connection 127.0.0.1:5000 -> 127.0.0.1:41234
+/// in state CLOSE_WAIT cannot be checkpointed` or `fd 5: fanotify is not
+/// supported`.
 pub fn save_fds(pid: i32, pidfd: &PidFd) -> Result<Vec<FdInfo>, FilesError> {
     save_fds_excluding(pid, pidfd, &[])
 }
@@ -62,6 +72,22 @@ pub fn save_fds_excluding(
     pidfd: &PidFd,
     exclude: &[i32],
 ) -> Result<Vec<FdInfo>, FilesError> {
+    save_fds_holding(pid, pidfd, exclude).map(|saved| saved.fds)
+}
+
+/// What [`save_fds_holding`] and [`save_fds_in_tree`] saved.
+#[derive(Debug)]
+pub struct SavedFds {
+    /// The descriptors.
+    pub fds: Vec<FdInfo>,
+    /// The established TCP connections among them, still in repair mode.
+    pub connections: RepairedConnections,
+}
+
+/// [`save_fds_excluding`], handing back the established TCP connections
+/// still in repair mode: the caller closes them silently once the process
+/// is killed, or resumes them if it goes on (see [`RepairedConnections`]).
+pub fn save_fds_holding(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, FilesError> {
     save_fds_in_tree(pid, pidfd, exclude, &TreeScope::default())
 }
 
@@ -79,7 +105,7 @@ pub struct TreeScope {
     pub sockets: HashSet<u64>,
 }
 
-/// [`save_fds_excluding`] for one process of a tree: the descriptors of
+/// [`save_fds_holding`] for one process of a tree: the descriptors of
 /// `tree.saved_elsewhere` are left out too, and a UNIX socket may be
 /// connected to a socket another process of the tree holds.
 pub fn save_fds_in_tree(
@@ -87,7 +113,8 @@ pub fn save_fds_in_tree(
     pidfd: &PidFd,
     exclude: &[i32],
     tree: &TreeScope,
-) -> Result<Vec<FdInfo>, FilesError> {
+) -> Result<SavedFds, FilesError> {
+    let mut connections = RepairedConnections::default();
     let mut listed = list(pid)?;
     listed.retain(|entry| !exclude.contains(&entry.fd));
     let mapped_memfds = memfd::mapped_memfd_inodes(pid)?;
@@ -103,6 +130,11 @@ pub fn save_fds_in_tree(
             .map(|entry| entry.info.ino),
     );
 
+    let around = Around {
+        listed: &listed,
+        mapped_memfds: &mapped_memfds,
+        sockets: &sockets,
+    };
     for (index, entry) in listed.iter().enumerate() {
         if tree.saved_elsewhere.contains(&entry.fd) {
             continue;
@@ -130,10 +162,9 @@ pub fn save_fds_in_tree(
             pid,
             pidfd,
             entry,
-            &listed,
-            &mapped_memfds,
+            &around,
             &mut memfd_contents_saved,
-            &sockets,
+            &mut connections,
         )?;
         saved.push(FdInfo {
             fd: entry.fd,
@@ -143,8 +174,11 @@ pub fn save_fds_in_tree(
             kind,
         });
     }
-    epoll::check_epoll_targets(&listed)?;
-    Ok(saved)
+    epoll::find_watched_files(pid, &listed, &mut saved)?;
+    Ok(SavedFds {
+        fds: saved,
+        connections,
+    })
 }
 
 /// Lists `/proc/PID/fd` in descriptor order with link targets and fdinfo.
@@ -253,8 +287,24 @@ fn without_payload(kind: FdKind) -> FdKind {
             socket_type,
             queued: Vec::new(),
         },
+        FdKind::TcpConnection(connection) => FdKind::TcpConnection(TcpConnection {
+            send_queue: Vec::new(),
+            send_unsent: 0,
+            recv_queue: Vec::new(),
+            ..connection
+        }),
         other => other,
     }
+}
+
+/// What the rest of the process (and tree) holds, for [`classify`].
+struct Around<'a> {
+    /// Every descriptor of the process.
+    listed: &'a [Listed],
+    /// Inodes of the memfds the process maps.
+    mapped_memfds: &'a HashSet<u64>,
+    /// Inodes of the sockets of the process and of the rest of its tree.
+    sockets: &'a HashSet<u64>,
 }
 
 /// Works out what one descriptor is and captures its state.
@@ -262,21 +312,25 @@ fn classify(
     pid: i32,
     pidfd: &PidFd,
     entry: &Listed,
-    listed: &[Listed],
-    mapped_memfds: &HashSet<u64>,
+    around: &Around<'_>,
     memfd_contents_saved: &mut HashSet<u64>,
-    sockets: &HashSet<u64>,
+    connections: &mut RepairedConnections,
 ) -> Result<FdKind, FilesError> {
+    let Around {
+        listed,
+        mapped_memfds,
+        sockets,
+    } = *around;
     let fd = entry.fd;
     let target = entry.target.as_str();
     if target.starts_with("pipe:[") {
         return pipe::save(pid, entry, listed, None);
     }
     if target.starts_with("socket:[") {
-        return socket(pid, pidfd, entry, sockets);
+        return socket(pid, pidfd, entry, sockets, connections);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
-        return anon_inode(fd, name, &entry.info);
+        return anon_inode(pid, fd, name, &entry.info);
     }
     if let Some(name) = target.strip_prefix("/memfd:") {
         return memfd::save(pid, pidfd, entry, name, mapped_memfds, memfd_contents_saved);
@@ -290,14 +344,15 @@ fn classify(
     regular::save(pid, entry, listed)
 }
 
-/// eventfd, timerfd, signalfd, epoll; everything else on anon_inode is refused.
-fn anon_inode(fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesError> {
+/// eventfd, timerfd, signalfd, epoll, inotify; everything else on anon_inode
+/// is refused.
+fn anon_inode(pid: i32, fd: i32, name: &str, info: &FdInfoText) -> Result<FdKind, FilesError> {
     match name {
         "[eventfd]" => eventfd::save(fd, info),
         "[timerfd]" => timerfd::save(fd, info),
         "[signalfd]" => signalfd::save(fd, info),
         "[eventpoll]" => epoll::save(fd, info),
-        "inotify" => Err(FilesError::unsupported(fd, "inotify is not supported")),
+        "inotify" => inotify::save(pid, fd, info),
         "[fanotify]" => Err(FilesError::unsupported(fd, "fanotify is not supported")),
         "[io_uring]" => Err(FilesError::unsupported(fd, "io_uring is not supported")),
         "[perf_event]" => Err(FilesError::unsupported(fd, "perf_event is not supported")),
@@ -321,6 +376,7 @@ fn socket(
     pidfd: &PidFd,
     entry: &Listed,
     sockets: &HashSet<u64>,
+    connections: &mut RepairedConnections,
 ) -> Result<FdKind, FilesError> {
     let fd = entry.fd;
     let sock = pidfd
@@ -336,6 +392,13 @@ fn socket(
     match domain {
         libc::AF_INET | libc::AF_INET6 => {
             let protocol = int(libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+            if protocol == libc::IPPROTO_TCP && !listening {
+                let (state, _) = kobjects::tcp_state(sock.as_fd())
+                    .map_err(FilesError::io(fd, "getsockopt TCP_INFO"))?;
+                if state == tcp_repair::TCP_ESTABLISHED {
+                    return tcp_repair::save(fd, sock.as_fd(), domain, connections);
+                }
+            }
             inet::save(
                 fd,
                 sock.as_fd(),

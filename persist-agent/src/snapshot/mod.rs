@@ -203,6 +203,9 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         recovery_file: None,
         // Refused above: trees are not restored yet.
         tree: false,
+        // A warm-up client still connected would be woken into a
+        // conversation it never started.
+        client_ports: vec![request.port],
     })?;
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();

@@ -206,6 +206,46 @@ pub fn same_task_object(pid1: i32, pid2: i32, object: TaskObject) -> io::Result<
     Ok(check(rc)? == 0)
 }
 
+/// True when descriptor `fd` of `pid` is open on the file that the epoll
+/// instance `epoll` of `epoll_pid` watches as `tfd`, the `nth` (from 0) of
+/// its watches added as `tfd` (`kcmp(KCMP_EPOLL_TFD)`). `ENOENT` when the
+/// instance has no such watch.
+pub fn same_epoll_target(
+    pid: i32,
+    fd: i32,
+    epoll_pid: i32,
+    epoll: i32,
+    tfd: i32,
+    nth: u32,
+) -> io::Result<bool> {
+    // By hand: as for `same_file`; the slot is `struct kcmp_epoll_slot`.
+    const KCMP_EPOLL_TFD: libc::c_int = 7;
+    #[repr(C)]
+    struct KcmpEpollSlot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = KcmpEpollSlot {
+        efd: epoll as u32,
+        tfd: tfd as u32,
+        toff: nth,
+    };
+    // SAFETY: the kernel reads one `kcmp_epoll_slot` from the pointer,
+    // valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            epoll_pid,
+            KCMP_EPOLL_TFD,
+            fd as libc::c_ulong,
+            &raw const slot,
+        )
+    };
+    Ok(check(rc)? == 0)
+}
+
 /// `getsockopt` of an `int` option.
 pub fn sockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     // By hand: nix's socket options are one type per option, and these

@@ -669,6 +669,12 @@ pub enum FdKind {
         /// Watched descriptors.
         watches: Vec<EpollWatch>,
     },
+    /// An inotify instance (its `O_NONBLOCK` is in the descriptor's flags).
+    /// Events queued and not yet read are not kept.
+    Inotify {
+        /// Every watch, in watch-descriptor order.
+        watches: Vec<super::InotifyWatch>,
+    },
     /// A memfd (its contents are in the page store via a `Memfd` mapping,
     /// or in `contents` when it is not mapped).
     Memfd {
@@ -752,6 +758,8 @@ pub enum FdKind {
         #[serde(default)]
         queued: Vec<QueuedMessage>,
     },
+    /// An established TCP connection, saved with `TCP_REPAIR`.
+    TcpConnection(super::TcpConnection),
 }
 
 /// An integer socket option (`setsockopt(level, name, &value)`).
@@ -782,9 +790,16 @@ pub struct EpollWatch {
     pub events: u32,
     /// User data.
     pub data: u64,
+    /// A descriptor of the process open on the watched file, when `fd` no
+    /// longer is: the process closed `fd` after adding the watch and keeps
+    /// the file open through a `dup`. The kernel still keys the watch by
+    /// the file and `fd`, so restore adds it through a copy of `file_fd`
+    /// placed at number `fd` for the call. Absent when `fd` is the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_fd: Option<i32>,
 }
 
-mod base64_bytes {
+pub(super) mod base64_bytes {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};

@@ -84,14 +84,18 @@
 //! never needed to restore.
 
 mod error;
+mod inotify;
 mod io;
 mod manifest;
+mod tcp_connection;
 mod tree;
 mod working_set;
 
 pub use error::ImageError;
+pub use inotify::InotifyWatch;
 pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
+pub use tcp_connection::{TcpConnection, TcpWindow};
 pub use tree::{ChildProcess, InheritedFd};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,

@@ -65,6 +65,7 @@ impl Supervisor {
                         self.kill_connection_handlers();
                         let _ = done.send(Ok(()));
                     }
+                    Some(Command::Generations(request)) => request.refuse("an inetd service keeps no state"),
                     Some(Command::Shutdown { done }) => {
                         self.kill_connection_handlers();
                         let _ = done.send(());

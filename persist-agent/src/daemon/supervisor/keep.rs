@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use persist_common::bpf::BpfState;
 use tracing::{info, warn};
 
-use super::{Starter, State, Supervisor};
+use super::{Generation, Starter, State, Supervisor};
 use crate::checkpoint::{CheckpointError, CheckpointOptions, checkpoint, restorer_userfaultfds};
 use crate::service::OnIdle;
 
@@ -33,71 +33,121 @@ impl Supervisor {
             .snapshot
             .as_ref()
             .is_some_and(|s| s.on_idle == OnIdle::Keep);
-        if let (
-            true,
-            Some(child),
-            Starter::Restore {
-                image, kept_image, ..
-            },
-        ) = (keep, &self.child, &self.starter)
-        {
-            self.publish(State::Stopping, Some(child.pid));
-            self.set_bpf_state(BpfState::Stopping);
-            // Only the pages that changed since the restore are written.
-            let options = CheckpointOptions {
-                pid: child.pid,
-                image: kept_image.clone(),
-                leave_running: false,
-                exclude_fds: restorer_userfaultfds(child.pid),
-                base: Some(image.clone()),
-                agent_files: Vec::new(),
-                // A daemon killed meanwhile leaves the process stopped; the
-                // next one undoes the checkpoint and adopts it.
-                recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
-                // Trees are not restored yet.
-                tree: false,
-            };
-            let started = Instant::now();
-            let mut result = checkpoint_when_filled(options.clone()).await;
-            if let Ok(Err(err)) = &result
-                && err.is_base_unusable()
-            {
-                warn!(service = %self.spec.name, "keeping only the changed pages is not possible, keeping all: {err}");
-                let full = CheckpointOptions {
-                    base: None,
-                    ..options
-                };
-                result = checkpoint_when_filled(full).await;
-            }
-            self.metrics
-                .observe_checkpoint(&self.spec.name, started.elapsed());
-            match result {
-                Ok(Ok(summary)) => {
-                    info!(
-                        service = %self.spec.name,
-                        pages_written = summary.pages_written,
-                        pages_reused = summary.pages_reused,
-                        base_stores = summary.base_stores,
-                        "state kept for the next wake"
-                    );
-                    self.keep_failed = None;
-                    self.published.lock().expect("published lock").error = None;
-                    if let Starter::Restore {
-                        image, kept_image, ..
-                    } = &mut self.starter
-                    {
-                        *image = kept_image.clone();
-                    }
-                }
-                Ok(Err(err)) => {
-                    return Err(self.keep_failed(crate::error_text::error_line(&err)));
-                }
-                Err(err) => return Err(self.keep_failed(format!("checkpoint task: {err}"))),
-            }
+        if keep && self.child.is_some() && matches!(self.starter, Starter::Restore { .. }) {
+            self.keep_generation(false, None).await?;
         }
         self.stop().await;
+        self.running_generation = None;
         self.prepare_next();
         Ok(())
+    }
+
+    /// Checkpoints the running restored process into a new generation (only
+    /// the pages changed since its restore are written), which the next
+    /// wake restores. With `leave_running` the process goes on (`snapshot`);
+    /// else it is stopped for parking and left so. A state that cannot be
+    /// kept leaves the process running, with the error published.
+    pub(super) async fn keep_generation(
+        &mut self,
+        leave_running: bool,
+        tag: Option<String>,
+    ) -> Result<Generation, String> {
+        let (
+            Some(child),
+            Starter::Restore {
+                generations, next, ..
+            },
+        ) = (&self.child, &self.starter)
+        else {
+            return Err("no restored process runs".into());
+        };
+        let pid = child.pid;
+        let running = self.running_generation.unwrap_or(*next);
+        let (generation, image) = generations
+            .next()
+            .map_err(|err| crate::error_text::error_line(&err))?;
+        if !leave_running {
+            self.publish(State::Stopping, Some(pid));
+            self.set_bpf_state(BpfState::Stopping);
+        }
+        let options = CheckpointOptions {
+            pid,
+            image,
+            leave_running,
+            exclude_fds: restorer_userfaultfds(pid),
+            base: Some(generations.path(running)),
+            agent_files: Vec::new(),
+            // A daemon killed meanwhile leaves the process stopped; the
+            // next one undoes the checkpoint and adopts it.
+            recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
+            // A client still connected keeps the service running; its
+            // outbound connections are kept with it.
+            client_ports: vec![self.spec.port],
+            // Trees are not restored yet.
+            tree: false,
+        };
+        let started = Instant::now();
+        let mut result = checkpoint_when_filled(options.clone()).await;
+        if let Ok(Err(err)) = &result
+            && err.is_base_unusable()
+        {
+            warn!(service = %self.spec.name, "keeping only the changed pages is not possible, keeping all: {err}");
+            let full = CheckpointOptions {
+                base: None,
+                ..options
+            };
+            result = checkpoint_when_filled(full).await;
+        }
+        self.metrics
+            .observe_checkpoint(&self.spec.name, started.elapsed());
+        let Starter::Restore {
+            generations, next, ..
+        } = &mut self.starter
+        else {
+            unreachable!("checked above");
+        };
+        let summary = match result {
+            Ok(Ok(summary)) => summary,
+            failed => {
+                generations.discard_unrecorded(generation);
+                let err = match failed {
+                    Ok(Err(err)) => crate::error_text::error_line(&err),
+                    Err(err) => format!("checkpoint task: {err}"),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                };
+                return Err(if leave_running {
+                    err
+                } else {
+                    self.keep_failed(err)
+                });
+            }
+        };
+        let new_bytes = summary.pages_written * persist_common::image::PAGE_SIZE;
+        if let Err(err) = generations.add(generation, new_bytes, tag, running) {
+            generations.discard_unrecorded(generation);
+            let err = crate::error_text::error_line(&err);
+            return Err(if leave_running {
+                err
+            } else {
+                self.keep_failed(err)
+            });
+        }
+        *next = generation;
+        info!(
+            service = %self.spec.name,
+            %generation,
+            pages_written = summary.pages_written,
+            pages_reused = summary.pages_reused,
+            base_stores = summary.base_stores,
+            "state kept for the next wake"
+        );
+        self.keep_failed = None;
+        let mut published = self.published.lock().expect("published lock");
+        published.error = None;
+        if !leave_running {
+            published.generation = Some(generation);
+        }
+        Ok(generation)
     }
 
     /// The state of a running service could not be kept: it runs on, and

@@ -22,12 +22,16 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 mod backlog;
+mod generations;
 mod inetd;
 mod keep;
 mod wake;
 
+pub use generations::GenerationsCommand;
+
 use super::SharedWatcher;
 use super::exits::{AfterExit, ExitHistory};
+use super::generations::{Generation, Generations};
 use super::idle;
 use super::listener;
 use super::metrics::Metrics;
@@ -97,6 +101,12 @@ pub struct Published {
     pub last_resume_us: Option<u64>,
     /// Why the service last failed.
     pub error: Option<String>,
+    /// The generation the running process was restored from, or the one
+    /// the next wake restores (snapshot mode).
+    pub generation: Option<Generation>,
+    /// What the supervisor did on its own that the owner should know (a
+    /// rollback past a generation that crashed).
+    pub note: Option<String>,
 }
 
 /// Messages to a supervisor.
@@ -128,6 +138,8 @@ pub enum Command {
     /// A failed service's retry backoff is over: start it if connections
     /// wait (their SYNs came while it was failed and woke nothing).
     Retry,
+    /// A request about the kept generations (`history`, `rollback`, `snapshot`).
+    Generations(GenerationsCommand),
     /// Stop the service if it runs and end the supervisor.
     Shutdown {
         /// Answered once the service is stopped.
@@ -207,10 +219,10 @@ pub enum Starter {
     Restore {
         /// The restore thread.
         worker: RestoreWorker,
-        /// The image the next wake restores.
-        image: std::path::PathBuf,
-        /// Where `--on-idle keep` writes the service's state.
-        kept_image: std::path::PathBuf,
+        /// The pristine image and the states `--on-idle keep` kept.
+        generations: Generations,
+        /// The generation the next wake restores (its skeleton's image).
+        next: Generation,
     },
 }
 
@@ -274,9 +286,10 @@ impl Child {
         })
     }
 
-    async fn wait(&self) {
+    /// Waits for the process to exit; its status, when it is our child.
+    async fn wait(&self) -> Option<nix::sys::wait::WaitStatus> {
         let _ = self.exited.readable().await;
-        reap(&self.exited);
+        reap(&self.exited)
     }
 
     fn signal(&self, signal: Signal) {
@@ -292,8 +305,8 @@ impl Child {
 
 /// Collects the exit status of our own child; another process's exit is
 /// collected by its parent.
-fn reap(pidfd: &AsyncFd<PidFd>) {
-    crate::sys::spawn::reap(pidfd.get_ref(), false);
+fn reap(pidfd: &AsyncFd<PidFd>) -> Option<nix::sys::wait::WaitStatus> {
+    crate::sys::spawn::reap(pidfd.get_ref(), false)
 }
 
 /// The supervisor task's state.
@@ -322,6 +335,9 @@ pub struct Supervisor {
     /// When the woken service started running with the agent's deep
     /// backlog still on its listener, until the wake's burst is over.
     deep_backlog_since: Option<Instant>,
+    /// The generation the running process was restored from (unknown for
+    /// a process a previous daemon started).
+    running_generation: Option<Generation>,
 }
 
 /// What every supervisor shares with the daemon.
@@ -356,6 +372,11 @@ impl Supervisor {
             last_event_us: None,
             last_resume_us: None,
             error: None,
+            generation: match &starter {
+                Starter::Restore { next, .. } => Some(*next),
+                Starter::Command => None,
+            },
+            note: None,
         }));
         let mut supervisor = Self {
             spec: spec.clone(),
@@ -373,6 +394,7 @@ impl Supervisor {
             parks_when_resumed: Vec::new(),
             retry: commands.downgrade(),
             deep_backlog_since: None,
+            running_generation: None,
         };
         let (worker_report, resume_trigger) = match &supervisor.starter {
             Starter::Restore { worker, .. } => (Some(worker.report()), Some(worker.trigger())),
@@ -460,6 +482,7 @@ impl Supervisor {
                         let published = self.published.lock().expect("published lock");
                         let _ = done.send(published.error.clone().map_or(Ok(()), Err));
                     }
+                    Some(Command::Generations(request)) => self.generations_request(request).await,
                     Some(Command::Shutdown { done }) => {
                         let _ = done.send(());
                         return Ok(());
@@ -469,13 +492,19 @@ impl Supervisor {
                 continue;
             };
             tokio::select! {
-                () = child.wait() => {
+                status = child.wait() => {
                     let pid = child.pid;
-                    info!(service = %self.spec.name, pid, "service exited");
+                    info!(service = %self.spec.name, pid, ?status, "service exited");
                     self.child = None;
-                    self.prepare_next();
+                    let ran_for = self.running_since.elapsed();
                     let wake_failure = self.wake_failure(pid).await;
-                    match self.exits.after_exit(self.running_since.elapsed(), wake_failure) {
+                    if wake_failure.is_none() && self.roll_back_after_crash(status, ran_for) {
+                        self.prepare_next();
+                        self.park();
+                        continue;
+                    }
+                    self.prepare_next();
+                    match self.exits.after_exit(ran_for, wake_failure) {
                         AfterExit::Park => self.park(),
                         AfterExit::Fail(err) => self.fail_start(err),
                     }
@@ -500,6 +529,7 @@ impl Supervisor {
                     Some(Command::Park { done }) => {
                         let _ = done.send(self.park_now().await);
                     }
+                    Some(Command::Generations(request)) => self.generations_request(request).await,
                     Some(Command::Shutdown { done }) => {
                         self.stop().await;
                         let _ = done.send(());
@@ -517,9 +547,14 @@ impl Supervisor {
     /// records the skeleton once ready (cleared after that, a skeleton
     /// left by a killed daemon would hold the port unknown to the next).
     fn prepare_next(&self) {
-        if let Starter::Restore { worker, image, .. } = &self.starter {
+        if let Starter::Restore {
+            worker,
+            generations,
+            next,
+        } = &self.starter
+        {
             self.run_state.clear(&self.spec.name);
-            worker.prepare(image.clone());
+            worker.prepare(generations.path(*next));
         }
     }
 

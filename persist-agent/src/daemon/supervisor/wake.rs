@@ -122,6 +122,7 @@ impl Supervisor {
                 self.record_wake(pid, latency, by);
                 if matches!(self.starter, Starter::Restore { .. }) {
                     self.deep_backlog_since = Some(Instant::now());
+                    self.restored_generation();
                 }
                 // A restored process was recorded when its skeleton was
                 // prepared (same pid): nothing to write while it answers
