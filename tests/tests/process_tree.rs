@@ -789,3 +789,116 @@ fn a_tree_checkpointed_against_its_earlier_image_writes_only_what_changed() {
         "two checkpoints disturbed the tree"
     );
 }
+
+/// A parent and its child talking over a TCP connection of the namespace:
+/// the child connects to the parent's listener. Once `DIR/go` exists, the
+/// parent sends `ping` and writes what comes back (the child echoes it in
+/// upper case) to `DIR/result`.
+const TCP_TREE: &str = r#"
+import os, socket, sys, time
+d = sys.argv[1]
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+child = os.fork()
+if child == 0:
+    conn = socket.create_connection(listener.getsockname())
+    while True:
+        data = conn.recv(100)
+        if not data:
+            os._exit(0)
+        conn.sendall(data.upper())
+conn, _ = listener.accept()
+listener.close()
+with open(d + "/ready.tmp", "w") as f:
+    f.write(f"{os.getpid()} {child}")
+os.rename(d + "/ready.tmp", d + "/ready")
+while not os.path.exists(d + "/go"):
+    time.sleep(0.05)
+conn.sendall(b"ping")
+reply = conn.recv(100)
+with open(d + "/result.tmp", "w") as f:
+    f.write(reply.decode())
+os.rename(d + "/result.tmp", d + "/result")
+time.sleep(3600)
+"#;
+
+/// Established connections are saved in every process of a tree, each
+/// with the process holding it, and the tree goes on over them when left
+/// running.
+#[test]
+fn established_connections_of_a_tree_are_saved_and_go_on() {
+    require_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let netns = NetNs::new().expect("network namespace");
+    let mut tree = netns
+        .command("python3")
+        .args(["-c", TCP_TREE])
+        .arg(dir.path())
+        .spawn()
+        .expect("spawn python3");
+    let ready = dir.path().join("ready");
+    let up = wait_until(Duration::from_secs(20), || ready.exists());
+    let pid = tree.id() as i32;
+    let image = dir.path().join("image");
+    let output = up.as_ref().map(|()| {
+        netns
+            .command(binary("persist-agent"))
+            .args(["checkpoint", "--tree", "--leave-running", "--pid"])
+            .arg(pid.to_string())
+            .arg("--image")
+            .arg(&image)
+            .output()
+            .expect("run persist-agent")
+    });
+    let result = dir.path().join("result");
+    let answered = output.as_ref().ok().map(|_| {
+        fs::write(dir.path().join("go"), "").expect("write go");
+        wait_until(Duration::from_secs(20), || result.exists())
+    });
+    let child = fs::read_to_string(&ready).ok();
+    if let Some(child) = child.as_deref().and_then(|r| r.split_whitespace().nth(1)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.parse().expect("a pid")),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = tree.wait();
+
+    up.as_ref().expect("the tree connects and writes its pids");
+    let output = output.expect("checkpointed");
+    assert!(
+        output.status.success(),
+        "checkpoint --tree of a tree holding connections failed: {}",
+        stderr(&output)
+    );
+    answered
+        .expect("answered")
+        .expect("the parent writes the child's answer after the checkpoint");
+    assert_eq!(
+        fs::read_to_string(&result).expect("read result"),
+        "PING",
+        "the connection between the processes does not carry data after the checkpoint"
+    );
+    let manifest = manifest(&image);
+    let connections = |fds: &[persist_common::image::FdInfo]| {
+        fds.iter()
+            .filter(|fd| matches!(fd.kind, FdKind::TcpConnection(_)))
+            .count()
+    };
+    assert_eq!(
+        connections(&manifest.fds),
+        1,
+        "the parent's accepted connection is not saved with the parent"
+    );
+    assert_eq!(manifest.children.len(), 1, "the child is not in the image");
+    assert_eq!(
+        connections(&manifest.children[0].fds),
+        1,
+        "the child's connection is not saved with the child"
+    );
+}
