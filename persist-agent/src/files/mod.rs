@@ -49,6 +49,7 @@ mod listed;
 mod open;
 mod proc_self;
 mod recorded;
+mod tree_ends;
 
 use std::io;
 
@@ -60,6 +61,7 @@ pub use save::{
     SavedFds, TreeScope, save_fds, save_fds_excluding, save_fds_holding, save_fds_in_tree,
 };
 pub use tcp_repair::{RepairedConnections, leave_repair_mode_of};
+pub use tree_ends::cross_process_ends;
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

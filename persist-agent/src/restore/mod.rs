@@ -49,6 +49,7 @@ mod prefetch_tests;
 mod resources;
 mod runner;
 mod seccomp;
+mod setup;
 mod signals;
 mod skeleton;
 mod spawn;

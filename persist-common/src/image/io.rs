@@ -6,6 +6,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use nix::sys::mman::{MapFlags, ProtFlags};
 
@@ -281,7 +282,9 @@ fn replace_dir(staging: &Path, destination: &Path) -> Result<(), ImageError> {
 pub struct Image {
     dir: PathBuf,
     manifest: Manifest,
-    pages: PageStore,
+    /// Shared with the images of the other processes of a tree
+    /// ([`Image::process_image`]).
+    pages: Arc<PageStore>,
 }
 
 impl Image {
@@ -316,7 +319,29 @@ impl Image {
         Ok(Self {
             dir,
             manifest,
-            pages,
+            pages: Arc::new(pages),
+        })
+    }
+
+    /// The image of the `index`th descendant process of a tree
+    /// ([`Manifest::children`]), as if it had been checkpointed alone: its
+    /// process, threads, mappings and own descriptors, over the same page
+    /// store (its pages may be runs its parent stored). The descriptors it
+    /// inherits are not in it. `None` when there is no such process.
+    pub fn process_image(&self, index: usize) -> Option<Image> {
+        let child = self.manifest.children.get(index)?;
+        let manifest = Manifest {
+            process: child.process.clone(),
+            threads: child.threads.clone(),
+            mappings: child.mappings.clone(),
+            fds: child.fds.clone(),
+            children: Vec::new(),
+            ..self.manifest.clone()
+        };
+        Some(Image {
+            dir: self.dir.clone(),
+            manifest,
+            pages: Arc::clone(&self.pages),
         })
     }
 
