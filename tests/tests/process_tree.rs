@@ -5,7 +5,7 @@
 //! children; nginx runs as a master with two workers sharing its listener.
 //! Each test starts its own processes in its own temporary directory (nginx
 //! in its own network namespace) and kills them by pid when it ends.
-//! Trees are not restored yet: restore refuses their images.
+//! Restored trees are checked by their own processes, and killed by pid.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -373,8 +373,75 @@ fn a_child_sharing_its_parents_descriptor_table_is_refused_and_the_tree_runs_on(
     );
 }
 
+/// A tree restored by `restore --image`; every process is killed on drop.
+struct RestoredTree {
+    /// The root, as this test sees it.
+    root: i32,
+    /// Every process, the root first.
+    pids: Vec<i32>,
+}
+
+impl RestoredTree {
+    fn restore(image: &Path) -> Self {
+        let output = agent(&["restore", "--image", image.to_str().expect("UTF-8 path")]);
+        assert!(
+            output.status.success(),
+            "restore of a tree image failed: {}",
+            stderr(&output)
+        );
+        let root: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("restore prints the root's pid");
+        let mut pids = vec![root];
+        let mut index = 0;
+        while index < pids.len() {
+            pids.extend(children_of(pids[index]));
+            index += 1;
+        }
+        Self { root, pids }
+    }
+
+    /// The process restored for recorded pid `recorded` (its pid in its
+    /// own pid namespace, when it has one).
+    fn process(&self, recorded: i32) -> i32 {
+        *self
+            .pids
+            .iter()
+            .find(|&&pid| status_field(pid, "NSpid") == recorded)
+            .unwrap_or_else(|| panic!("no restored process has recorded pid {recorded}"))
+    }
+}
+
+impl Drop for RestoredTree {
+    fn drop(&mut self) {
+        for &pid in self.pids.iter().rev() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The innermost value of `NSpid`, `NSpgid` or `NSsid` in
+/// /proc/PID/status: as the process itself sees it.
+fn status_field(pid: i32, field: &str) -> i32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .and_then(|values| values.split_whitespace().last())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// A checkpointed tree is killed whole, and its image restored twice: the
+/// same pids, parents, groups and session, and the reader, inside the
+/// restored tree, finds the unread pipe and socket data and the shared
+/// memory the parent wrote.
 #[test]
-fn a_checkpointed_tree_is_killed_whole_and_its_image_is_not_restored() {
+fn a_checkpointed_tree_is_killed_whole_and_restored_twice() {
     require_root!();
     let fixture = TreeFixture::start();
     let output = checkpoint(fixture.pid(), &fixture.image(), &["--tree"]);
@@ -389,16 +456,59 @@ fn a_checkpointed_tree_is_killed_whole_and_its_image_is_not_restored() {
             "pid {pid} runs on after its tree was checkpointed"
         );
     }
-    let restore = agent(&["restore", "--image", fixture.image().to_str().unwrap()]);
-    assert!(!restore.status.success(), "a tree image was restored");
-    assert!(
-        stderr(&restore).contains(&format!(
-            "the image holds pid {} and 2 descendant processes: process trees are not restored yet",
-            fixture.pid()
-        )),
-        "the refusal does not say why: {}",
-        stderr(&restore)
-    );
+    for round in ["first", "second"] {
+        let tree = RestoredTree::restore(&fixture.image());
+        assert_eq!(
+            tree.pids.len(),
+            3,
+            "{round} restore: the tree is {:?}, not three processes",
+            tree.pids
+        );
+        let root = tree.root;
+        let reader = tree.process(fixture.reader);
+        let idler = tree.process(fixture.idler);
+        assert_eq!(
+            status_field(root, "NSpid"),
+            fixture.pid(),
+            "{round} restore: root's pid"
+        );
+        for (name, pid) in [("reader", reader), ("idler", idler)] {
+            assert_eq!(
+                status_field(pid, "PPid"),
+                root,
+                "{round} restore: the {name}'s parent is not the restored root"
+            );
+            assert_eq!(
+                status_field(pid, "NSsid"),
+                fixture.pid(),
+                "{round} restore: the {name} is not in the root's session"
+            );
+        }
+        assert_eq!(
+            status_field(reader, "NSpgid"),
+            fixture.pid(),
+            "{round} restore: the reader left its parent's process group"
+        );
+        assert_eq!(
+            status_field(idler, "NSpgid"),
+            fixture.idler,
+            "{round} restore: the idler is not in a process group of its own"
+        );
+        let result = fixture.dir.path().join("result");
+        let _ = fs::remove_file(&result);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(reader),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal the restored reader");
+        wait_until(Duration::from_secs(20), || result.exists())
+            .expect("the restored reader writes its result");
+        assert_eq!(
+            fs::read_to_string(&result).expect("read result"),
+            "OK",
+            "{round} restore: the reader's check inside the restored tree"
+        );
+    }
 }
 
 /// A server started from `command` in a namespace of its own, serving

@@ -738,7 +738,14 @@ fn save(
     let saved = save_one(root, &scope, &mut writer, known, &mut shared_memory)?;
     let mut stats = saved.stats;
     let mut connections = saved.connections;
-    let descendants = tree.save(root, &saved.mappings, &mut writer, base, &mut shared_memory)?;
+    let descendants = tree.save(
+        root,
+        &saved.mappings,
+        &saved.threads,
+        &mut writer,
+        base,
+        &mut shared_memory,
+    )?;
     stats.add(&descendants.stats);
     connections.extend(descendants.connections);
     let children = descendants.children;

@@ -18,7 +18,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::fs;
 
-use persist_common::image::{ChildProcess, ImageWriter, InheritedFd, Mapping};
+use persist_common::image::{ChildProcess, ImageWriter, InheritedFd, Mapping, ThreadInfo};
 
 use super::freeze::Frozen;
 use super::inherited_pages::{ChildKnownPages, ParentPages};
@@ -127,6 +127,7 @@ impl Tree {
         &self,
         root: &Target<'_>,
         root_mappings: &[Mapping],
+        root_threads: &[ThreadInfo],
         writer: &mut ImageWriter,
         base: Option<&BasePages>,
         shared_memory: &mut SharedMemory,
@@ -162,13 +163,13 @@ impl Tree {
                 exclude: &descendant.exclude,
                 client_ports: root.client_ports,
             };
-            let parent_mappings = if descendant.ppid == root.pid {
-                root_mappings
+            let (parent_mappings, parent_threads) = if descendant.ppid == root.pid {
+                (root_mappings, root_threads)
             } else {
                 children
                     .iter()
                     .find(|child: &&ChildProcess| child.process.pid == descendant.ppid)
-                    .map(|child| &child.mappings[..])
+                    .map(|child| (&child.mappings[..], &child.threads[..]))
                     .unwrap_or_default()
             };
             let parent_mem =
@@ -177,7 +178,7 @@ impl Tree {
                     path: format!("/proc/{}/mem", descendant.ppid),
                     source,
                 })?;
-            let parent = ParentPages::new(parent_mem, parent_mappings);
+            let parent = ParentPages::new(parent_mem, parent_mappings, parent_threads);
             let known = ChildKnownPages {
                 parent: &parent,
                 base,

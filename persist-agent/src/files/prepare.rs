@@ -55,6 +55,12 @@ impl InheritedFds {
         self.fds.insert(target, fd)
     }
 
+    /// Adds every descriptor of `other`; on a number both have, `other`'s.
+    pub fn append(&mut self, other: InheritedFds) {
+        self.fds.extend(other.fds);
+        self.cloexec.extend(other.cloexec);
+    }
+
     /// Number of inherited descriptors.
     pub fn len(&self) -> usize {
         self.fds.len()

@@ -127,6 +127,12 @@ impl Setup {
         }
     }
 
+    /// The prepared descriptors, for another process of a tree to install
+    /// the same open file descriptions.
+    pub(super) fn fds(&self) -> &PreparedFds {
+        &self.fds
+    }
+
     /// Completes forked process `pid` (seized, stopped before its layout):
     /// builds its layout, its pager, its threads and their state. Threads
     /// made go on `guard`.
