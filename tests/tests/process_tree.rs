@@ -1012,3 +1012,115 @@ fn established_connections_of_a_tree_are_saved_and_go_on() {
         "the child's connection is not saved with the child"
     );
 }
+
+/// nginx's master and two workers, checkpointed (and killed) as a tree,
+/// are restored from the image twice: the restored workers answer on the
+/// listener they share, and SIGQUIT to the restored master stops the whole
+/// tree, as `nginx -s quit` does.
+#[test]
+fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
+    require_root!();
+    const PORT: u16 = 8191;
+    const BODY: &str = "hello from the restored tree\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("www");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("index.html"), BODY).unwrap();
+    let command = nginx_command_with_workers(&dir.path().join("nginx"), &root, PORT, 2)
+        .expect("nginx configuration");
+    let netns = NetNs::new().expect("network namespace");
+    let get = || {
+        netns
+            .enter(|| persist_tests::http_get(PORT))
+            .expect("enter")
+    };
+    let mut server = netns
+        .command(&command[0])
+        .args(&command[1..])
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let pid = server.id() as i32;
+    let served = wait_until(Duration::from_secs(20), || {
+        children_of(pid).len() >= 2 && get().is_ok_and(|b| b == BODY)
+    });
+    let workers = children_of(pid);
+    let image = dir.path().join("image");
+    let output = served.as_ref().ok().map(|()| {
+        netns
+            .command(binary("persist-agent"))
+            .args(["checkpoint", "--tree", "--pid"])
+            .arg(pid.to_string())
+            .arg("--image")
+            .arg(&image)
+            .output()
+            .expect("run persist-agent")
+    });
+    if output.is_none() {
+        let _ = server.kill();
+    }
+    let _ = server.wait();
+    served.unwrap_or_else(|e| panic!("nginx does not serve with two workers: {e}"));
+    let output = output.expect("checkpointed");
+    assert!(
+        output.status.success(),
+        "checkpoint --tree of nginx: {}",
+        stderr(&output)
+    );
+    assert!(
+        get().is_err(),
+        "nginx still answers after its tree was checkpointed and killed"
+    );
+
+    for round in ["first", "second"] {
+        let output = netns
+            .command(binary("persist-agent"))
+            .args(["restore", "--image"])
+            .arg(&image)
+            .output()
+            .expect("run persist-agent");
+        assert!(
+            output.status.success(),
+            "{round} restore of nginx's tree: {}",
+            stderr(&output)
+        );
+        let master: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("restore prints the master's pid");
+        let mut tree = RestoredTree {
+            root: master,
+            pids: vec![master],
+        };
+        tree.pids.extend(children_of(master));
+        let recorded: HashSet<i32> = tree.pids[1..]
+            .iter()
+            .map(|&worker| status_field(worker, "NSpid"))
+            .collect();
+        assert_eq!(
+            recorded,
+            workers.iter().copied().collect::<HashSet<i32>>(),
+            "{round} restore: the master's children are not its two workers"
+        );
+        for attempt in 0..4 {
+            assert_eq!(
+                get().unwrap_or_else(|e| panic!("{round} restore, request {attempt}: {e}")),
+                BODY,
+                "{round} restore: what the restored tree serves"
+            );
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tree.root),
+            nix::sys::signal::Signal::SIGQUIT,
+        )
+        .expect("SIGQUIT to the restored master");
+        let gone = wait_until(Duration::from_secs(20), || {
+            tree.pids.iter().all(|&pid| !runs(pid))
+        });
+        let left: Vec<i32> = tree.pids.iter().copied().filter(|&p| runs(p)).collect();
+        assert!(
+            gone.is_ok(),
+            "{round} restore: processes {left:?} of the tree run on after SIGQUIT to the master"
+        );
+        drop(tree);
+    }
+}

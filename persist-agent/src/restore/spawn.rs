@@ -57,21 +57,33 @@ pub(super) fn spawn(
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,
 ) -> Result<(i32, Option<i32>), RestoreError> {
-    spawn_with(plan, recorded_pid, pipes, guard, TRACE_OPTIONS, &|| {
-        child::child_main(plan)
-    })
+    spawn_with(
+        plan,
+        recorded_pid,
+        pipes,
+        guard,
+        TRACE_OPTIONS,
+        false,
+        &|| child::child_main(plan),
+    )
 }
 
 /// [`spawn`], the forked process running `start` (which uses `plan`'s
-/// status pipe), traced with `options`.
+/// status pipe), traced with `options`; in a pid namespace of its own when
+/// `own_namespace` (the pids of a tree's other processes are taken here)
+/// or when its pid is taken here.
 pub(super) fn spawn_with(
     plan: &ChildPlan<'_>,
     recorded_pid: i32,
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,
     options: i32,
+    own_namespace: bool,
     start: &dyn Fn(),
 ) -> Result<(i32, Option<i32>), RestoreError> {
+    if own_namespace {
+        return spawn_in_namespace(plan, recorded_pid, pipes, guard, options, start);
+    }
     match clone::fork_with(0, Some(recorded_pid)) {
         // `start` never returns; exiting is only for the type.
         Ok(Forked::Child) => {

@@ -165,6 +165,11 @@ impl TreeSkeleton {
             &root.pipes(),
             &mut guard,
             TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK,
+            // Checked here, not found out by the root's forks: the
+            // namespace is chosen once, for the whole tree.
+            shape.pids[1..]
+                .iter()
+                .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()),
             &|| child::tree_main(&nodes, 0, Some(fork_go)),
         )?;
         drop(fork_go_read);
