@@ -1124,3 +1124,76 @@ fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
         drop(tree);
     }
 }
+
+/// The processes whose command line names `dir` (the fixture's own
+/// directory): what is left of a tree restored from its image.
+fn processes_naming(dir: &Path) -> Vec<i32> {
+    let dir = dir.to_str().expect("UTF-8 path").as_bytes();
+    fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.windows(dir.len()).any(|w| w == dir))
+        })
+        .filter(|&pid| runs(pid))
+        .collect()
+}
+
+/// A tree whose last process fails once every other one is built is
+/// refused naming that process, and nothing of it is left running; an
+/// image whose child names a parent outside the tree is refused before
+/// anything is forked.
+#[test]
+fn a_tree_that_fails_halfway_is_refused_by_pid_and_leaves_nothing() {
+    require_root!();
+    let fixture = TreeFixture::start();
+    let output = checkpoint(fixture.pid(), &fixture.image(), &["--tree"]);
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    let image = fixture.image();
+    let image_arg = image.to_str().unwrap();
+
+    // Registers are set last, once the process and its threads exist.
+    edit_manifest_of(&image, |manifest| {
+        let regs = manifest["children"][1]["threads"][0]["regs"]
+            .as_array_mut()
+            .expect("the idler's registers");
+        regs.pop();
+    });
+    let restore = agent(&["restore", "--image", image_arg]);
+    assert!(
+        !restore.status.success(),
+        "a tree with bad registers was restored"
+    );
+    let message = stderr(&restore);
+    assert!(
+        message.contains(&format!("pid {} of the tree", fixture.idler))
+            && message.contains("register words"),
+        "the refusal does not name the idler and its registers: {message}"
+    );
+    let left = processes_naming(fixture.dir.path());
+    assert!(left.is_empty(), "a half-restored tree was left: {left:?}");
+
+    edit_manifest_of(&image, |manifest| {
+        manifest["children"][1]["ppid"] = serde_json::json!(1);
+    });
+    let restore = agent(&["restore", "--image", image_arg]);
+    assert!(
+        stderr(&restore).contains(&format!(
+            "pid {}: its parent pid 1 is not restored before it",
+            fixture.idler
+        )),
+        "a tree with a parent outside it is not refused as such: {}",
+        stderr(&restore)
+    );
+    let left = processes_naming(fixture.dir.path());
+    assert!(left.is_empty(), "a refused tree left processes: {left:?}");
+}
+
+fn edit_manifest_of(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    persist_tests::edit_manifest(image, edit);
+}

@@ -43,6 +43,8 @@ use crate::sys::ptrace::{self, Stop};
 /// dropping it kills them all.
 #[derive(Debug)]
 pub struct TreeSkeleton {
+    /// Dropped first: kills the tree unless it was resumed.
+    guard: TreeGuard,
     /// The root first, then the descendants in image order.
     skeletons: Vec<Skeleton>,
 }
@@ -173,6 +175,15 @@ impl TreeSkeleton {
             &|| child::tree_main(&nodes, 0, Some(fork_go)),
         )?;
         drop(fork_go_read);
+        // From here on, the whole tree is killed on an error; the guard is
+        // declared after the skeletons so that it is dropped first.
+        let mut skeletons = Vec::with_capacity(setups.len());
+        guard.pids.clear();
+        let mut tree_guard = TreeGuard {
+            pids: vec![root_pid],
+            threads: Vec::new(),
+            init: init_pid,
+        };
         let mut pids = vec![0; setups.len()];
         pids[0] = root_pid;
         ptrace::cont(root_pid, 0).map_err(RestoreError::ptrace(root_pid, "cont"))?;
@@ -198,7 +209,7 @@ impl TreeSkeleton {
                         as i32,
                     other => return Err(spawn::child_failure(pid, other, status)),
                 };
-                guard.pids.push(forked);
+                tree_guard.pids.push(forked);
                 pids[child] = forked;
                 ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
             }
@@ -210,21 +221,26 @@ impl TreeSkeleton {
         }
         drop(nodes);
 
-        let mut skeletons = Vec::with_capacity(setups.len());
         for (index, setup) in setups.into_iter().enumerate() {
             let pid = pids[index];
             let init = if index == 0 { init_pid } else { None };
+            let mut threads = KillGuard {
+                pids: Vec::new(),
+                threads: Vec::new(),
+            };
             let skeleton = setup
-                .finish(pid, init, started, forked_at, &mut guard)
+                .finish(pid, init, started, forked_at, &mut threads)
                 .map_err(|source| RestoreError::InTree {
                     pid: images[index].manifest().process.pid,
                     source: Box::new(source),
                 })?;
+            tree_guard.threads.append(&mut threads.threads);
             skeletons.push(skeleton);
         }
-        guard.pids.clear();
-        guard.threads.clear();
-        Ok(Self { skeletons })
+        Ok(Self {
+            guard: tree_guard,
+            skeletons,
+        })
     }
 
     /// Lets every process run, the descendants first, the root last; each
@@ -235,7 +251,48 @@ impl TreeSkeleton {
             restored.push(skeleton.resume()?);
         }
         restored.reverse();
+        // Disarmed: the processes run on.
+        self.guard.pids.clear();
+        self.guard.threads.clear();
+        self.guard.init = None;
         Ok(restored)
+    }
+}
+
+/// Kills what is made of a tree when dropped. All at once, then reaped
+/// children first: the init of a pid namespace waits for every process
+/// in it, and a killed process we trace reaches its parent only once we
+/// have waited for it.
+#[derive(Debug)]
+struct TreeGuard {
+    /// Every process forked, parents before their children.
+    pids: Vec<i32>,
+    /// Threads made after the first of each process.
+    threads: Vec<i32>,
+    /// The init of the tree's pid namespace.
+    init: Option<i32>,
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        let all = || self.pids.iter().chain(&self.threads).chain(&self.init);
+        for &pid in all() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for &pid in self
+            .threads
+            .iter()
+            .chain(self.pids.iter().rev())
+            .chain(&self.init)
+        {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            );
+        }
     }
 }
 
