@@ -95,8 +95,8 @@ pub struct CheckpointOptions {
     pub recovery_file: Option<PathBuf>,
     /// Checkpoint the whole tree of processes under `pid` (saved as
     /// [`Manifest::children`]) rather than refusing a process with children
-    /// ([`CheckpointError::HasChildren`]). Images of trees are not restored
-    /// yet: restore refuses them. Not with a recovery file
+    /// ([`CheckpointError::HasChildren`]). `restore` rebuilds such an
+    /// image; the daemon's skeletons refuse it. Not with a recovery file
     /// ([`CheckpointError::TreeRecovery`]).
     pub tree: bool,
     /// The ports the process serves clients on: an established connection
@@ -246,8 +246,8 @@ pub enum CheckpointError {
     /// ([`CheckpointOptions::tree`]), and a parent restored without them
     /// would wait for them in vain.
     #[error(
-        "pid {pid} has child processes ({children:?}): only a checkpoint of the whole tree can \
-         save them, and trees are not restored yet"
+        "pid {pid} has child processes ({children:?}): only a checkpoint of the whole tree \
+         (--tree) can save them, and the daemon does not park trees yet"
     )]
     HasChildren {
         /// The process.

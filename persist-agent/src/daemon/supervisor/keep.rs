@@ -83,7 +83,7 @@ impl Supervisor {
             // A client still connected keeps the service running; its
             // outbound connections are kept with it.
             client_ports: vec![self.spec.port],
-            // Trees are not restored yet.
+            // The daemon does not park trees yet.
             tree: false,
         };
         let started = Instant::now();
