@@ -383,3 +383,109 @@ impl Shape {
         self.pids.iter().position(|&p| p == pid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use persist_common::image::{ChildProcess, ProcessInfo};
+
+    use super::*;
+
+    fn process(pid: i32, pgid: i32, sid: i32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            pgid,
+            sid,
+            ..ProcessInfo::default()
+        }
+    }
+
+    fn child(ppid: i32, pid: i32, pgid: i32, sid: i32) -> ChildProcess {
+        ChildProcess {
+            ppid,
+            process: process(pid, pgid, sid),
+            threads: Vec::new(),
+            mappings: Vec::new(),
+            fds: Vec::new(),
+            inherited_fds: Vec::new(),
+        }
+    }
+
+    fn tree(root: ProcessInfo, children: Vec<ChildProcess>) -> Manifest {
+        Manifest {
+            process: root,
+            children,
+            ..Manifest::default()
+        }
+    }
+
+    #[test]
+    fn workers_in_the_masters_group_and_session_inherit_them() {
+        // nginx started from a shell: the shell's group and session.
+        let manifest = tree(
+            process(10, 5, 5),
+            vec![child(10, 11, 5, 5), child(10, 12, 5, 5)],
+        );
+        let shape = Shape::of(&manifest).expect("a restorable tree");
+        assert_eq!(shape.parents, [None, Some(0), Some(0)]);
+        assert_eq!(
+            shape.sessions,
+            [
+                SessionStep::NewSession,
+                SessionStep::Inherit,
+                SessionStep::Inherit
+            ]
+        );
+    }
+
+    #[test]
+    fn groups_and_sessions_of_their_own_are_made_and_joined() {
+        let manifest = tree(
+            process(10, 10, 10),
+            vec![
+                // A group of its own, then its child in it, and a sibling
+                // that joined it.
+                child(10, 12, 12, 10),
+                child(12, 13, 12, 10),
+                child(10, 14, 12, 10),
+                // A daemonised helper: a session of its own.
+                child(10, 15, 15, 15),
+            ],
+        );
+        let shape = Shape::of(&manifest).expect("a restorable tree");
+        assert_eq!(
+            shape.sessions,
+            [
+                SessionStep::NewSession,
+                SessionStep::OwnGroup,
+                SessionStep::Inherit,
+                SessionStep::JoinGroup(12),
+                SessionStep::NewSession
+            ]
+        );
+        assert_eq!(shape.parents, [None, Some(0), Some(1), Some(0), Some(0)]);
+    }
+
+    #[test]
+    fn what_the_forks_cannot_give_back_is_refused_by_pid() {
+        let refused = |children| match Shape::of(&tree(process(10, 10, 10), children)) {
+            Err(err) => err.to_string(),
+            Ok(_) => panic!("a tree the forks cannot rebuild was accepted"),
+        };
+        assert_eq!(
+            refused(vec![child(99, 11, 10, 10)]),
+            "pid 11: its parent pid 99 is not restored before it"
+        );
+        assert_eq!(
+            refused(vec![child(10, 11, 12, 10), child(10, 12, 12, 10)]),
+            "pid 11: process group 12 has no leader restored before it"
+        );
+        assert_eq!(
+            refused(vec![child(10, 11, 11, 7)]),
+            "pid 11: session 7 is not its parent's (pid 10)"
+        );
+        assert_eq!(
+            refused(vec![child(10, 11, 10, 11)]),
+            "pid 11 leads session 11 but is in process group 10"
+        );
+    }
+}
