@@ -16,7 +16,7 @@ use super::unix::UnixPairs;
 /// Creates every pipe and socket pair whose ends are saved by different
 /// processes among `processes` (each one's own descriptors, in tree order),
 /// and returns, for each process, the ends it installs, by number.
-/// Everything else is left to each process's own [`super::prepare`].
+/// Everything else is left to each process's own [`super::prepare()`].
 pub fn cross_process_ends(
     processes: &[&[FdInfo]],
     access: &PathAccess,

@@ -25,6 +25,10 @@
 //!    duplicate of its userfaultfd, so a dead pager means blocked faults,
 //!    never zero pages.
 //!
+//! A tree of processes (an image with descendants) is restored by
+//! [`TreeSkeleton`] (`tree.rs`): every process prepared as above, then
+//! forked by its recorded parent, then completed one by one.
+//!
 //! # For callers
 //!
 //! - ptrace ties the stopped skeleton to the thread that prepared it:
