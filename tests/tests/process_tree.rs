@@ -1028,10 +1028,56 @@ fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
     fs::write(root.join("index.html"), BODY).unwrap();
     let command = nginx_command_with_workers(&dir.path().join("nginx"), &root, PORT, 2)
         .expect("nginx configuration");
+    restore_server_twice(dir.path(), &command, PORT, BODY, 2);
+}
+
+/// gunicorn's arbiter and two sync workers, restored twice from one image:
+/// they answer, and SIGQUIT to the arbiter stops them all.
+#[test]
+fn gunicorn_arbiter_and_workers_are_restored_answer_and_quit_whole() {
+    require_root!();
+    const PORT: u16 = 8192;
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(
+        dir.path().join("app.py"),
+        "def app(environ, start_response):\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [b'hello from the restored arbiter\\n']\n",
+    )
+    .unwrap();
+    let command: Vec<String> = [
+        "gunicorn",
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--bind",
+        &format!("127.0.0.1:{PORT}"),
+        "--chdir",
+        dir.path().to_str().expect("a UTF-8 path"),
+        "app:app",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    restore_server_twice(
+        dir.path(),
+        &command,
+        PORT,
+        "hello from the restored arbiter\n",
+        2,
+    );
+}
+
+/// Runs `command` in a namespace of its own until it serves `body` on
+/// `port` with `workers` children, checkpoints the tree (killing it), then
+/// twice: restores it, checks the root's children are the recorded ones and
+/// that it serves `body`, and sends SIGQUIT to the root, which must stop
+/// every process of the tree.
+fn restore_server_twice(dir: &Path, command: &[String], port: u16, body: &str, workers: usize) {
     let netns = NetNs::new().expect("network namespace");
     let get = || {
         netns
-            .enter(|| persist_tests::http_get(PORT))
+            .enter(|| persist_tests::http_get(port))
             .expect("enter")
     };
     let mut server = netns
@@ -1040,11 +1086,11 @@ fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
     let pid = server.id() as i32;
-    let served = wait_until(Duration::from_secs(20), || {
-        children_of(pid).len() >= 2 && get().is_ok_and(|b| b == BODY)
+    let served = wait_until(Duration::from_secs(30), || {
+        children_of(pid).len() >= workers && get().is_ok_and(|b| b == body)
     });
-    let workers = children_of(pid);
-    let image = dir.path().join("image");
+    let recorded_workers = children_of(pid);
+    let image = dir.join("image");
     let output = served.as_ref().ok().map(|()| {
         netns
             .command(binary("persist-agent"))
@@ -1059,16 +1105,16 @@ fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
         let _ = server.kill();
     }
     let _ = server.wait();
-    served.unwrap_or_else(|e| panic!("nginx does not serve with two workers: {e}"));
+    served.unwrap_or_else(|e| panic!("{command:?} does not serve with {workers} workers: {e}"));
     let output = output.expect("checkpointed");
     assert!(
         output.status.success(),
-        "checkpoint --tree of nginx: {}",
+        "checkpoint --tree of {command:?}: {}",
         stderr(&output)
     );
     assert!(
         get().is_err(),
-        "nginx still answers after its tree was checkpointed and killed"
+        "{command:?} still answers after its tree was checkpointed and killed"
     );
 
     for round in ["first", "second"] {
@@ -1080,31 +1126,31 @@ fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
             .expect("run persist-agent");
         assert!(
             output.status.success(),
-            "{round} restore of nginx's tree: {}",
+            "{round} restore of {command:?}: {}",
             stderr(&output)
         );
-        let master: i32 = String::from_utf8_lossy(&output.stdout)
+        let root: i32 = String::from_utf8_lossy(&output.stdout)
             .trim()
             .parse()
-            .expect("restore prints the master's pid");
+            .expect("restore prints the root's pid");
         let mut tree = RestoredTree {
-            root: master,
-            pids: vec![master],
+            root,
+            pids: vec![root],
         };
-        tree.pids.extend(children_of(master));
-        let recorded: HashSet<i32> = tree.pids[1..]
+        tree.pids.extend(children_of(root));
+        let restored: HashSet<i32> = tree.pids[1..]
             .iter()
             .map(|&worker| status_field(worker, "NSpid"))
             .collect();
         assert_eq!(
-            recorded,
-            workers.iter().copied().collect::<HashSet<i32>>(),
-            "{round} restore: the master's children are not its two workers"
+            restored,
+            recorded_workers.iter().copied().collect::<HashSet<i32>>(),
+            "{round} restore: the root's children are not its recorded workers"
         );
         for attempt in 0..4 {
             assert_eq!(
                 get().unwrap_or_else(|e| panic!("{round} restore, request {attempt}: {e}")),
-                BODY,
+                body,
                 "{round} restore: what the restored tree serves"
             );
         }
@@ -1112,14 +1158,14 @@ fn nginx_master_and_workers_are_restored_answer_and_quit_whole() {
             nix::unistd::Pid::from_raw(tree.root),
             nix::sys::signal::Signal::SIGQUIT,
         )
-        .expect("SIGQUIT to the restored master");
+        .expect("SIGQUIT to the restored root");
         let gone = wait_until(Duration::from_secs(20), || {
             tree.pids.iter().all(|&pid| !runs(pid))
         });
         let left: Vec<i32> = tree.pids.iter().copied().filter(|&p| runs(p)).collect();
         assert!(
             gone.is_ok(),
-            "{round} restore: processes {left:?} of the tree run on after SIGQUIT to the master"
+            "{round} restore: processes {left:?} of the tree run on after SIGQUIT to the root"
         );
         drop(tree);
     }
