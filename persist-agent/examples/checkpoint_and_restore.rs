@@ -55,6 +55,7 @@ fn main() -> Result<()> {
         agent_files: Vec::new(),
         recovery_file: None,
         client_ports: Vec::new(),
+        tree: false,
     })?;
     counter.wait()?;
     let last_before = last_count(&output)?;

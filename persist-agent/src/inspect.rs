@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use persist_common::image::{
     FdInfo, Image, ImageError, MANIFEST_FILE, Mapping, MappingKind, PAGE_SIZE, PAGES_FILE,
-    ThreadInfo, WORKING_SET_FILE, WorkingSet, manifest_crc,
+    ProcessInfo, ThreadInfo, WORKING_SET_FILE, WorkingSet, manifest_crc,
 };
 
 /// Index of `rip` in a thread's saved registers.
@@ -73,7 +73,66 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
         offset += base.bytes;
     }
     let _ = writeln!(out, "  working set {}", working_set_line(dir));
+    if !manifest.children.is_empty() {
+        let children: Vec<String> = manifest
+            .children
+            .iter()
+            .map(|child| format!("{} (parent {})", child.process.pid, child.ppid))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  tree      pid {} and {} descendants: {}",
+            p.pid,
+            children.len(),
+            children.join(", ")
+        );
+    }
     let _ = writeln!(out, "process {} ({})", p.pid, p.comm);
+    process_sections(
+        &mut out,
+        p,
+        &manifest.threads,
+        &manifest.mappings,
+        &manifest.fds,
+    );
+    for child in &manifest.children {
+        let p = &child.process;
+        let _ = writeln!(
+            out,
+            "process {} ({}), child of {}",
+            p.pid, p.comm, child.ppid
+        );
+        process_sections(&mut out, p, &child.threads, &child.mappings, &child.fds);
+        if !child.inherited_fds.is_empty() {
+            let _ = writeln!(
+                out,
+                "fds shared with an earlier process ({})",
+                child.inherited_fds.len()
+            );
+            for fd in &child.inherited_fds {
+                let _ = writeln!(
+                    out,
+                    "  {:>4}{} = pid {} fd {}",
+                    fd.fd,
+                    if fd.cloexec { " (cloexec)" } else { "" },
+                    fd.from_pid,
+                    fd.from_fd
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What [`inspect`] shows of each process: its state, threads, mappings
+/// and descriptors.
+fn process_sections(
+    out: &mut String,
+    p: &ProcessInfo,
+    threads: &[ThreadInfo],
+    mappings: &[Mapping],
+    fds: &[FdInfo],
+) {
     let _ = writeln!(out, "  exe       {}", p.exe);
     let _ = writeln!(out, "  argv      {}", p.argv.join(" "));
     let _ = writeln!(out, "  cwd       {} (root {})", p.cwd, p.root);
@@ -100,31 +159,30 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
         p.file_locks.len()
     );
 
-    let _ = writeln!(out, "threads ({})", manifest.threads.len());
+    let _ = writeln!(out, "threads ({})", threads.len());
     let _ = writeln!(
         out,
         "  {:>8}  {:<16} {:>18} {:>18} {:>18}",
         "TID", "COMM", "RIP", "RSP", "FS_BASE"
     );
-    for thread in &manifest.threads {
+    for thread in threads {
         let _ = writeln!(out, "{}", thread_line(thread));
     }
 
-    let _ = writeln!(out, "mappings ({})", manifest.mappings.len());
+    let _ = writeln!(out, "mappings ({})", mappings.len());
     let _ = writeln!(
         out,
         "  {:<33} {:>10} {:<5} {:>8}  KIND",
         "RANGE", "SIZE", "PROT", "STORED"
     );
-    for mapping in &manifest.mappings {
+    for mapping in mappings {
         let _ = writeln!(out, "{}", mapping_line(mapping));
     }
 
-    let _ = writeln!(out, "fds ({})", manifest.fds.len());
-    for fd in &manifest.fds {
+    let _ = writeln!(out, "fds ({})", fds.len());
+    for fd in fds {
         let _ = writeln!(out, "{}", fd_line(fd));
     }
-    Ok(out)
 }
 
 /// The recorded working set: size, when, and whether a wake would use it.

@@ -135,6 +135,11 @@ enum Command {
         /// command is killed, the process stays stopped until `recover FILE`.
         #[arg(long, value_name = "FILE")]
         recovery_file: Option<PathBuf>,
+        /// Save the whole tree of processes under PID with it, instead of
+        /// refusing a process with children (`restore` rebuilds the tree; the
+        /// daemon does not park trees yet).
+        #[arg(long)]
+        tree: bool,
     },
     /// Undo the checkpoint of a killed `checkpoint --recovery-file FILE`:
     /// the process runs on as if it had not begun.
@@ -376,6 +381,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             leave_running,
             base,
             recovery_file,
+            tree,
         } => {
             let options = checkpoint::CheckpointOptions {
                 pid,
@@ -386,6 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 base,
                 agent_files: Vec::new(),
                 recovery_file,
+                tree,
                 // Everything is saved: the caller knows its process.
                 client_ports: Vec::new(),
             };

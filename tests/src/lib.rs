@@ -524,6 +524,27 @@ pub fn nginx_command(
     port: u16,
     master_process: bool,
 ) -> std::io::Result<Vec<String>> {
+    nginx_config(prefix, root, port, master_process, 1)
+}
+
+/// [`nginx_command`] of a master with `workers` worker processes, the
+/// shape of Debian's configuration (one worker per core).
+pub fn nginx_command_with_workers(
+    prefix: &Path,
+    root: &Path,
+    port: u16,
+    workers: u32,
+) -> std::io::Result<Vec<String>> {
+    nginx_config(prefix, root, port, true, workers)
+}
+
+fn nginx_config(
+    prefix: &Path,
+    root: &Path,
+    port: u16,
+    master_process: bool,
+    workers: u32,
+) -> std::io::Result<Vec<String>> {
     std::fs::create_dir_all(prefix.join("tmp"))?;
     let config = prefix.join("nginx.conf");
     let master = if master_process { "on" } else { "off" };
@@ -534,7 +555,7 @@ pub fn nginx_command(
         format!(
             "daemon off;
 master_process {master};
-worker_processes 1;
+worker_processes {workers};
 pid {p}/nginx.pid;
 error_log {p}/error.log;
 events {{ worker_connections 256; }}

@@ -28,6 +28,7 @@ pub const TEST: &[&str] = &[
     "man-db",
     "systemd",
     "binutils",
+    "gunicorn",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.

@@ -19,7 +19,8 @@
 //! run refers to the base's copy, which the new image links. Comparing
 //! address and contents is all it takes to be correct, even if mappings
 //! moved or appeared since the base was taken: a reused run only ever names
-//! bytes equal to the page.
+//! bytes equal to the page. A child process of a tree refers the same way
+//! to the pages its parent stored in the image (`inherited_pages.rs`).
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -217,9 +218,9 @@ pub struct BasePages<'a> {
     ranges: Vec<StoredRange>,
 }
 
-/// Consecutive pages a base image stored consecutively.
+/// Consecutive pages an image stored consecutively.
 #[derive(Debug, Clone, Copy)]
-struct StoredRange {
+pub(super) struct StoredRange {
     start: u64,
     end: u64,
     store_offset: u64,
@@ -228,42 +229,21 @@ struct StoredRange {
 impl<'a> BasePages<'a> {
     /// Indexes the stored pages of `image`.
     pub fn new(image: &'a Image) -> Self {
-        let mut ranges: Vec<StoredRange> = image
-            .manifest()
-            .mappings
-            .iter()
-            .flat_map(|mapping| {
-                mapping.pages.iter().map(|run| {
-                    let start = mapping.start + run.first_page * PAGE_SIZE;
-                    StoredRange {
-                        start,
-                        end: start + run.count * PAGE_SIZE,
-                        store_offset: run.store_offset,
-                    }
-                })
-            })
-            .collect();
-        ranges.sort_unstable_by_key(|range| range.start);
-        Self { image, ranges }
+        Self {
+            image,
+            ranges: stored_ranges(&image.manifest().mappings),
+        }
     }
 
     /// The base image.
     pub fn image(&self) -> &'a Image {
         self.image
     }
+}
 
-    /// The store offset of the base's copy of the page at `address`, if it
-    /// stored one with exactly the contents `page`.
+impl KnownPages for BasePages<'_> {
     fn find(&self, address: u64, page: &[u8]) -> Option<u64> {
-        let index = self
-            .ranges
-            .partition_point(|range| range.start <= address)
-            .checked_sub(1)?;
-        let range = self.ranges[index];
-        if address >= range.end {
-            return None;
-        }
-        let offset = range.store_offset + (address - range.start);
+        let offset = stored_offset(&self.ranges, address)?;
         let stored = self
             .image
             .pages()
@@ -271,6 +251,43 @@ impl<'a> BasePages<'a> {
             .get(offset as usize..(offset + PAGE_SIZE) as usize)?;
         (stored == page).then_some(offset)
     }
+}
+
+/// Pages stored already, which a page with the same contents at the same
+/// address refers to instead of being written again: those of a base image
+/// ([`BasePages`]), or those a parent process stored in the same image.
+pub trait KnownPages {
+    /// The store offset of a stored copy of the page at `address`, if its
+    /// contents are exactly `page`.
+    fn find(&self, address: u64, page: &[u8]) -> Option<u64>;
+}
+
+/// Where the runs of `mappings` stored their pages, sorted by address.
+pub(super) fn stored_ranges(mappings: &[Mapping]) -> Vec<StoredRange> {
+    let mut ranges: Vec<StoredRange> = mappings
+        .iter()
+        .flat_map(|mapping| {
+            mapping.pages.iter().map(|run| {
+                let start = mapping.start + run.first_page * PAGE_SIZE;
+                StoredRange {
+                    start,
+                    end: start + run.count * PAGE_SIZE,
+                    store_offset: run.store_offset,
+                }
+            })
+        })
+        .collect();
+    ranges.sort_unstable_by_key(|range| range.start);
+    ranges
+}
+
+/// The store offset of the page at `address` in `ranges`, if stored.
+pub(super) fn stored_offset(ranges: &[StoredRange], address: u64) -> Option<u64> {
+    let index = ranges
+        .partition_point(|range| range.start <= address)
+        .checked_sub(1)?;
+    let range = ranges[index];
+    (address < range.end).then(|| range.store_offset + (address - range.start))
 }
 
 /// One contiguous piece of a mapping to store.
@@ -282,8 +299,8 @@ struct Segment {
 }
 
 /// Reads the pages worth storing of every mapping and appends them to the
-/// page store, filling each mapping's `pages`; pages `base` stored with the
-/// same contents at the same address are referred to there instead.
+/// page store, filling each mapping's `pages`; pages `known` stored with
+/// the same contents at the same address are referred to there instead.
 ///
 /// A reader thread fills batch buffers with `process_vm_readv` while this
 /// thread checksums and writes the previous batch, so reading the target
@@ -293,7 +310,7 @@ pub fn dump(
     mappings: &mut [Mapping],
     writer: &mut ImageWriter,
     mem: &ProcMem,
-    base: Option<&BasePages>,
+    known: Option<&dyn KnownPages>,
 ) -> Result<DumpStats, CheckpointError> {
     let pagemap = Pagemap::open(pid).map_err(|source| CheckpointError::Proc {
         pid,
@@ -340,10 +357,10 @@ pub fn dump(
                 let len = (segment.pages * PAGE_SIZE) as usize;
                 let data = &filled.buffer[offset..offset + len];
                 let mapping = &mut mappings[segment.mapping];
-                let stored = match base {
-                    Some(base) => {
+                let stored = match known {
+                    Some(known) => {
                         let address = mapping.start + segment.first_page * PAGE_SIZE;
-                        store_against_base(writer, base, address, segment.first_page, data)
+                        store_against_known(writer, known, address, segment.first_page, data)
                     }
                     None => writer
                         .append_pages(segment.first_page, data)
@@ -369,9 +386,9 @@ pub fn dump(
 /// `first_page` at `address`: each one equal to the base's page at its
 /// address is referred to where the base stored it, the others are
 /// appended. Returns their runs and how many pages were reused.
-fn store_against_base(
+fn store_against_known(
     writer: &mut ImageWriter,
-    base: &BasePages,
+    known: &dyn KnownPages,
     address: u64,
     first_page: u64,
     data: &[u8],
@@ -380,7 +397,7 @@ fn store_against_base(
     let sources: Vec<Option<u64>> = data
         .chunks_exact(page_size)
         .enumerate()
-        .map(|(index, page)| base.find(address + index as u64 * PAGE_SIZE, page))
+        .map(|(index, page)| known.find(address + index as u64 * PAGE_SIZE, page))
         .collect();
     // Pages whose sources continue each other (all new, or reused from
     // consecutive offsets) are stored as one piece.
@@ -720,7 +737,7 @@ mod tests {
         let contents = [3, 4, 0xaa, 6, 7, 8, 0, 0xbb];
         let data: Vec<u8> = contents.into_iter().flat_map(page).collect();
         let (runs, reused) =
-            store_against_base(&mut writer, &pages, START + 2 * PAGE_SIZE, 2, &data).unwrap();
+            store_against_known(&mut writer, &pages, START + 2 * PAGE_SIZE, 2, &data).unwrap();
 
         assert_eq!(reused, 5);
         let base_end = 8 * PAGE_SIZE;

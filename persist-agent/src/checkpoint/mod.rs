@@ -23,30 +23,37 @@
 //! ([`CheckpointOptions::recovery_file`]) that [`recover`] undoes.
 
 mod freeze;
+mod inherited_pages;
 mod inject;
 mod memory;
 mod posix_timers;
 mod process;
 mod recovery;
 mod seccomp;
+mod shared_memory;
 mod status;
 mod threads;
+mod tree;
 
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use persist_common::image::{Image, ImageError, ImageWriter, Manifest, PAGE_SIZE};
+use persist_common::image::{
+    FdInfo, Image, ImageError, ImageWriter, Manifest, Mapping, PAGE_SIZE, ProcessInfo, ThreadInfo,
+};
 
-use crate::files::{RepairedConnections, SavedFds};
+use crate::files::{RepairedConnections, SavedFds, TreeScope};
 use crate::host;
 use crate::sys::cpu;
 use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
 
 use freeze::Frozen;
-use memory::BasePages;
+use memory::{BasePages, KnownPages};
 use recovery::Journal;
+use shared_memory::SharedMemory;
+use tree::Tree;
 
 pub use recovery::{PAUSE_AFTER_SAVE_ENV, PAUSE_ENV, RecoverError, Recovered, recover};
 pub use threads::resume_registers;
@@ -87,6 +94,12 @@ pub struct CheckpointOptions {
     /// dies (root-only, removed when the checkpoint ends either way): the
     /// process then stays stopped until [`recover`] is given this file.
     pub recovery_file: Option<PathBuf>,
+    /// Checkpoint the whole tree of processes under `pid` (saved as
+    /// [`Manifest::children`]) rather than refusing a process with children
+    /// ([`CheckpointError::HasChildren`]). `restore` rebuilds such an
+    /// image; the daemon's skeletons refuse it. Not with a recovery file
+    /// ([`CheckpointError::TreeRecovery`]).
+    pub tree: bool,
     /// The ports the process serves clients on: an established connection
     /// whose local port is one of them is a client still connected, and is
     /// refused as [`CheckpointError::ClientConnected`] instead of saved (the
@@ -98,19 +111,23 @@ pub struct CheckpointOptions {
 /// What a finished checkpoint saved, and how long it took.
 #[derive(Debug, Clone)]
 pub struct CheckpointSummary {
-    /// The process.
+    /// The process (the root of the tree).
     pub pid: i32,
-    /// Its threads.
+    /// Processes saved: 1, or the size of the tree.
+    pub processes: usize,
+    /// Threads of every process saved.
     pub threads: usize,
-    /// Its mappings.
+    /// Mappings of every process saved.
     pub mappings: usize,
-    /// Its file descriptors.
+    /// File descriptors of every process saved (a description several of
+    /// them share counted in each).
     pub fds: usize,
     /// Pages stored: written, or reused from the base image.
     pub pages: u64,
     /// Pages written to the image's own page store.
     pub pages_written: u64,
-    /// Pages referred to in the base image instead of written.
+    /// Pages referred to where the base image, or the parent process in
+    /// this image, stored them instead of written.
     pub pages_reused: u64,
     /// Base stores the image links (0 for a full image).
     pub base_stores: usize,
@@ -129,11 +146,14 @@ impl std::fmt::Display for CheckpointSummary {
         let mib = (self.pages * PAGE_SIZE) as f64 / (1024.0 * 1024.0);
         let secs = self.memory_time.as_secs_f64();
         let rate = if secs > 0.0 { mib / secs } else { 0.0 };
+        write!(f, "pid {}", self.pid)?;
+        if self.processes > 1 {
+            write!(f, " and {} descendants", self.processes - 1)?;
+        }
         write!(
             f,
-            "pid {}: {} threads, {} mappings, {} fds, {} pages ({mib:.1} MiB, {rate:.0} MiB/s): \
+            ": {} threads, {} mappings, {} fds, {} pages ({mib:.1} MiB, {rate:.0} MiB/s): \
              {} written, {} reused (base stores: {}); frozen for {:.1} ms; {}",
-            self.pid,
             self.threads,
             self.mappings,
             self.fds,
@@ -223,14 +243,70 @@ pub enum CheckpointError {
         /// Its tracer.
         tracer: i32,
     },
-    /// Child processes are not checkpointed with their parent, and a parent
-    /// restored without them would wait for them in vain.
-    #[error("pid {pid} has child processes ({children:?}), which cannot be checkpointed with it")]
+    /// Child processes are checkpointed with their parent only when asked
+    /// ([`CheckpointOptions::tree`]), and a parent restored without them
+    /// would wait for them in vain.
+    #[error(
+        "pid {pid} has child processes ({children:?}): only a checkpoint of the whole tree \
+         (--tree) can save them, and the daemon does not park trees yet"
+    )]
     HasChildren {
         /// The process.
         pid: i32,
         /// Its children.
         children: Vec<i32>,
+    },
+    /// A recovery file records how to undo the checkpoint of one process.
+    #[error(
+        "pid {pid}: a recovery file can undo the checkpoint of one process, not of a tree: \
+         checkpoint a tree without one"
+    )]
+    TreeRecovery {
+        /// The root of the tree.
+        pid: i32,
+    },
+    /// A process of the tree has a child that exited and was not reaped.
+    #[error(
+        "pid {pid} (a child of pid {parent}) has exited and was not reaped: zombies in a tree \
+         are not supported"
+    )]
+    Zombie {
+        /// The zombie.
+        pid: i32,
+        /// Its parent, which has not reaped it.
+        parent: i32,
+    },
+    /// A process of the tree shares its address space, descriptor table or
+    /// filesystem context with its parent (`clone` flags `CLONE_VM`,
+    /// `CLONE_FILES`, `CLONE_FS`): each process is restored with its own.
+    #[error(
+        "pid {pid} shares its {what} with its parent pid {parent} (clone {flag}), which a tree \
+         checkpoint cannot save"
+    )]
+    SharesWithParent {
+        /// The child.
+        pid: i32,
+        /// Its parent.
+        parent: i32,
+        /// What they share.
+        what: &'static str,
+        /// The clone flag that made them share it.
+        flag: &'static str,
+    },
+    /// Two descriptors of processes of a tree could not be compared.
+    #[error("pid {pid}, fd {fd}: comparing with pid {other_pid}, fd {other_fd} (kcmp)")]
+    Kcmp {
+        /// The process.
+        pid: i32,
+        /// Its descriptor.
+        fd: i32,
+        /// The process it was compared with.
+        other_pid: i32,
+        /// That process's descriptor.
+        other_fd: i32,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// Memory still registered with a userfaultfd (a restored process whose
     /// pager has not finished): its unserved pages are not in memory.
@@ -482,9 +558,14 @@ impl CheckpointError {
     }
 }
 
-/// Checkpoints the process named by `options`.
+/// Checkpoints the process named by `options` (and, with
+/// [`CheckpointOptions::tree`], every process under it).
 pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, CheckpointError> {
     let pid = options.pid;
+    if options.tree && options.recovery_file.is_some() {
+        // The descendants' journals are kept in memory only.
+        return Err(CheckpointError::TreeRecovery { pid });
+    }
     let Preflight {
         under_seccomp,
         stopped_before,
@@ -492,45 +573,69 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
     let base = open_base(options)?;
     // Indexed before the freeze, so the process does not wait for it.
     let base_pages = base.as_ref().map(BasePages::new);
-    let pidfd = PidFd::open(pid).map_err(|source| match source.raw_os_error() {
-        Some(libc::ESRCH) => CheckpointError::NoSuchProcess { pid },
-        _ => CheckpointError::PidFd { pid, source },
-    })?;
+    let pidfd = open_pidfd(pid)?;
 
     // Dropped last: the file goes once the process runs again or is gone.
     let journal = Journal::begin(options.recovery_file.as_deref(), pid, !stopped_before)?;
     let frozen_at = Instant::now();
     let frozen = Frozen::freeze(pid, &pidfd, !stopped_before, under_seccomp)?;
+    // Listed once the root is frozen: it cannot fork meanwhile.
+    let tree = if options.tree {
+        Tree::freeze(pid)?
+    } else {
+        let children = children(pid)?;
+        if !children.is_empty() {
+            return Err(CheckpointError::HasChildren { pid, children });
+        }
+        Tree::default()
+    };
+    let root = Target {
+        pid,
+        frozen: &frozen,
+        pidfd: &pidfd,
+        journal: &journal,
+        exclude: &options.exclude_fds,
+        client_ports: &options.client_ports,
+    };
     // Dropped on an error, the connections leave repair mode and the
-    // process runs on with them as they were.
+    // processes run on with them as they were.
     let (mut manifest, writer, stats, connections) =
-        save(pid, &frozen, &pidfd, options, base_pages.as_ref(), &journal)?;
+        save(&root, &tree, options, base_pages.as_ref())?;
     journal.pause_after_save_for_tests();
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
     if options.leave_running {
-        // Everything is saved in memory: let the process go on while the
+        // Everything is saved in memory: let the processes go on while the
         // image is synced to disk.
         connections
             .resume()
             .map_err(|source| CheckpointError::Files { pid, source })?;
+        tree.release()?;
         frozen.release()?;
         frozen_for = frozen_at.elapsed();
         writer.finish(&mut manifest).map_err(image_error)?;
     } else {
-        // The process dies only once its image is durable.
+        // The processes die only once their image is durable.
         writer.finish(&mut manifest).map_err(image_error)?;
         frozen_for = frozen_at.elapsed();
+        tree.kill()?;
         frozen.kill(&pidfd)?;
         // Its connections end here without a word to their peers, for the
         // restored process to take them over.
         connections.close_silently();
     }
+    let children = &manifest.children;
     Ok(CheckpointSummary {
         pid,
-        threads: manifest.threads.len(),
-        mappings: manifest.mappings.len(),
-        fds: manifest.fds.len(),
+        processes: 1 + children.len(),
+        threads: manifest.threads.len() + children.iter().map(|c| c.threads.len()).sum::<usize>(),
+        mappings: manifest.mappings.len()
+            + children.iter().map(|c| c.mappings.len()).sum::<usize>(),
+        fds: manifest.fds.len()
+            + children
+                .iter()
+                .map(|c| c.fds.len() + c.inherited_fds.len())
+                .sum::<usize>(),
         pages: stats.pages,
         pages_written: stats.pages - stats.pages_reused,
         pages_reused: stats.pages_reused,
@@ -539,6 +644,14 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         frozen_for,
         memory_time: stats.time,
         left_running: options.leave_running,
+    })
+}
+
+/// A pidfd of `pid`, which must still exist.
+fn open_pidfd(pid: i32) -> Result<PidFd, CheckpointError> {
+    PidFd::open(pid).map_err(|source| match source.raw_os_error() {
+        Some(libc::ESRCH) => CheckpointError::NoSuchProcess { pid },
+        _ => CheckpointError::PidFd { pid, source },
     })
 }
 
@@ -575,29 +688,110 @@ fn open_base(options: &CheckpointOptions) -> Result<Option<Image>, CheckpointErr
 }
 
 /// Totals of [`save`].
+#[derive(Debug, Default)]
 struct SaveStats {
     pages: u64,
     pages_reused: u64,
     time: Duration,
 }
 
-/// Saves everything of the frozen process into a new image writer (a
-/// delta of `base`, if given). Its established TCP connections are handed
-/// back in repair mode.
-fn save(
+impl SaveStats {
+    fn add(&mut self, other: &SaveStats) {
+        self.pages += other.pages;
+        self.pages_reused += other.pages_reused;
+        self.time += other.time;
+    }
+}
+
+/// A frozen process to save.
+struct Target<'a> {
     pid: i32,
-    frozen: &Frozen,
-    pidfd: &PidFd,
+    frozen: &'a Frozen,
+    pidfd: &'a PidFd,
+    /// Undoes what is injected into it.
+    journal: &'a Journal,
+    /// Descriptors persist put in it, left out of the image.
+    exclude: &'a [i32],
+    /// Ports a client connection to refuses the checkpoint
+    /// ([`CheckpointOptions::client_ports`]).
+    client_ports: &'a [u16],
+}
+
+/// Everything [`save_one`] saved of one process.
+struct SavedProcess {
+    process: ProcessInfo,
+    threads: Vec<ThreadInfo>,
+    mappings: Vec<Mapping>,
+    fds: Vec<FdInfo>,
+    stats: SaveStats,
+    /// Its established TCP connections, in repair mode.
+    connections: RepairedConnections,
+}
+
+/// Saves everything of the frozen root and of its frozen `tree` into a new
+/// image writer (a delta of `base`, if given). Their established TCP
+/// connections are handed back in repair mode.
+fn save(
+    root: &Target<'_>,
+    tree: &Tree,
     options: &CheckpointOptions,
     base: Option<&BasePages>,
-    journal: &Journal,
 ) -> Result<(Manifest, ImageWriter, SaveStats, RepairedConnections), CheckpointError> {
-    let image_error = |source| CheckpointError::Image { pid, source };
-    // Checked once frozen: no child can be forked meanwhile.
-    let children = children(pid)?;
-    if !children.is_empty() {
-        return Err(CheckpointError::HasChildren { pid, children });
+    let pid = root.pid;
+    let mut writer = match base {
+        Some(base) => ImageWriter::create_delta(&options.image, base.image()),
+        None => ImageWriter::create(&options.image),
     }
+    .map_err(|source| CheckpointError::Image { pid, source })?;
+    let scope = tree.scope_of_root(pid, root.exclude)?;
+    let mut shared_memory = SharedMemory::default();
+    let known = base.map(|base| base as &dyn KnownPages);
+    let saved = save_one(root, &scope, &mut writer, known, &mut shared_memory)?;
+    let mut stats = saved.stats;
+    let mut connections = saved.connections;
+    let descendants = tree.save(
+        root,
+        &saved.mappings,
+        &saved.threads,
+        &mut writer,
+        base,
+        &mut shared_memory,
+    )?;
+    stats.add(&descendants.stats);
+    connections.extend(descendants.connections);
+    let children = descendants.children;
+    let manifest = Manifest {
+        kernel: host::kernel_info(),
+        cpu: host::cpu_info(),
+        created_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        process: saved.process,
+        threads: saved.threads,
+        mappings: saved.mappings,
+        fds: saved.fds,
+        // Both filled in by the writer when it finishes.
+        page_store_bytes: 0,
+        base_stores: Vec::new(),
+        agent_files: agent_files(options, base),
+        children,
+    };
+    Ok((manifest, writer, stats, connections))
+}
+
+/// Saves one frozen process of a tree: its memory into `writer` (but not
+/// the pages of a shared memory object another process of the tree stored,
+/// see [`SharedMemory`], nor those `known` holds already), its threads, its
+/// process-wide state and its descriptors (as `scope` tells them apart from
+/// the rest of the tree's).
+fn save_one(
+    target: &Target<'_>,
+    scope: &TreeScope,
+    writer: &mut ImageWriter,
+    known: Option<&dyn KnownPages>,
+    shared_memory: &mut SharedMemory,
+) -> Result<SavedProcess, CheckpointError> {
+    let pid = target.pid;
     let mem = ProcMem::open(pid).map_err(|source| CheckpointError::Proc {
         pid,
         path: format!("/proc/{pid}/mem"),
@@ -607,59 +801,43 @@ fn save(
     if mappings.is_empty() {
         return Err(CheckpointError::KernelThread { pid });
     }
-    let mut writer = match base {
-        Some(base) => ImageWriter::create_delta(&options.image, base.image()),
-        None => ImageWriter::create(&options.image),
-    }
-    .map_err(image_error)?;
 
     let memory_start = Instant::now();
-    let dumped = memory::dump(pid, &mut mappings, &mut writer, &mem, base)?;
+    let dumped = shared_memory.dump(pid, &mut mappings, writer, &mem, known)?;
     let memory_time = memory_start.elapsed();
 
     let syscall_at = inject::find_syscall_insn(&mem, &mappings, pid)?;
     let xsave_len = cpu::xsave_max_size().max(cpu::xsave_size()) as usize;
-    let seccomp = seccomp::save(pid, frozen.tids())?;
-    let threads = frozen
-        .tids()
+    let tids = target.frozen.tids();
+    let seccomp = seccomp::save(pid, tids)?;
+    let threads = tids
         .iter()
         .zip(seccomp.chains)
         .map(|(&tid, chain)| {
-            threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain, journal)
+            threads::save_thread(pid, tid, &mem, syscall_at, xsave_len, chain, target.journal)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut process = process::save_process(pid, &mem, syscall_at, frozen.tids(), journal)?;
+    let mut process =
+        process::save_process(pid, &mem, syscall_at, target.frozen.tids(), target.journal)?;
     process.seccomp_filters = seccomp.filters;
-    let SavedFds { fds, connections } = save_fds(pid, pidfd, &options.exclude_fds)?;
-    refuse_clients(pid, &fds, &options.client_ports)?;
+    let SavedFds { fds, connections } =
+        crate::files::save_fds_in_tree(pid, target.pidfd, target.exclude, scope)
+            .map_err(|source| CheckpointError::Files { pid, source })?;
+    refuse_clients(pid, &fds, target.client_ports)?;
     process.file_locks = crate::files::save_locks(pid, &fds)
         .map_err(|source| CheckpointError::Files { pid, source })?;
-
-    let manifest = Manifest {
-        kernel: host::kernel_info(),
-        cpu: host::cpu_info(),
-        created_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+    Ok(SavedProcess {
         process,
         threads,
         mappings,
         fds,
-        // Both filled in by the writer when it finishes.
-        page_store_bytes: 0,
-        base_stores: Vec::new(),
-        agent_files: agent_files(options, base),
-    };
-    Ok((
-        manifest,
-        writer,
-        SaveStats {
+        stats: SaveStats {
             pages: dumped.pages,
             pages_reused: dumped.pages_reused,
             time: memory_time,
         },
         connections,
-    ))
+    })
 }
 
 /// The userfaultfds open in `pid`, for [`CheckpointOptions::exclude_fds`].
@@ -679,12 +857,6 @@ pub fn restorer_userfaultfds(pid: i32) -> Vec<i32> {
         })
         .map(|fd| fd.fd)
         .collect()
-}
-
-/// File descriptors, saved by [`crate::files`] while the process is frozen.
-fn save_fds(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, CheckpointError> {
-    crate::files::save_fds_holding(pid, pidfd, exclude)
-        .map_err(|source| CheckpointError::Files { pid, source })
 }
 
 /// Refuses a connection of a client to one of `ports` among `fds`.
@@ -810,6 +982,7 @@ mod tests {
             base: None,
             agent_files: Vec::new(),
             recovery_file: None,
+            tree: false,
             client_ports: Vec::new(),
         }
     }
@@ -858,6 +1031,25 @@ mod tests {
         assert!(!summary.left_running);
         let status = child.wait().expect("the child is still ours to reap");
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_tree_is_not_checkpointed_with_a_recovery_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = checkpoint(&CheckpointOptions {
+            tree: true,
+            recovery_file: Some(dir.path().join("recovery")),
+            ..options(1)
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::TreeRecovery { pid: 1 }),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("recovery").exists(),
+            "the refusal wrote a recovery file"
+        );
     }
 
     #[test]

@@ -125,6 +125,18 @@ impl PreparedFds {
             .collect()
     }
 
+    /// The object installed at number `target`, to install the same open
+    /// file description in another process of a tree. `None` for a number
+    /// it does not fill, or one the child opens itself (its own `/proc`
+    /// files).
+    pub fn source_of(&self, target: RawFd) -> Option<BorrowedFd<'_>> {
+        let raw = self.slots.iter().find(|s| s.target == target)?.source;
+        self.objects
+            .iter()
+            .find(|o| std::os::fd::AsRawFd::as_raw_fd(*o) == raw)
+            .map(std::os::fd::AsFd::as_fd)
+    }
+
     /// The re-created memfd for the memfd with inode `inode` in the image
     /// (open read-write), so that restoring its shared mappings maps the same
     /// object the descriptors refer to.

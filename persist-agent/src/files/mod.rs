@@ -54,6 +54,7 @@ mod proc_self;
 mod recorded;
 mod socket_file;
 mod sockopts;
+mod tree_ends;
 
 use std::io;
 
@@ -62,9 +63,12 @@ pub use locks::save_locks;
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
 pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
-pub use save::{SavedFds, save_fds, save_fds_excluding, save_fds_holding};
+pub use save::{
+    SavedFds, TreeScope, save_fds, save_fds_excluding, save_fds_holding, save_fds_in_tree,
+};
 pub use tcp_repair::{RepairedConnections, leave_repair_mode_of};
 pub use timerfd::TimerfdArm;
+pub use tree_ends::cross_process_ends;
 
 /// Why saving or recreating file descriptors failed.
 #[derive(Debug, thiserror::Error)]

@@ -37,6 +37,8 @@ const SETFL_MASK: i32 =
 #[derive(Debug, Default)]
 pub struct InheritedFds {
     fds: BTreeMap<RawFd, OwnedFd>,
+    /// Numbers the image does not have that get close-on-exec.
+    cloexec: HashSet<RawFd>,
 }
 
 impl InheritedFds {
@@ -48,6 +50,20 @@ impl InheritedFds {
     /// Installs `fd` at number `target`; returns the one it replaces.
     pub fn insert(&mut self, target: RawFd, fd: OwnedFd) -> Option<OwnedFd> {
         self.fds.insert(target, fd)
+    }
+
+    /// Installs `fd` at number `target` with close-on-exec set, when the
+    /// image has no such number (a descriptor another process of a tree
+    /// saved); returns the one it replaces.
+    pub fn insert_cloexec(&mut self, target: RawFd, fd: OwnedFd) -> Option<OwnedFd> {
+        self.cloexec.insert(target);
+        self.fds.insert(target, fd)
+    }
+
+    /// Adds every descriptor of `other`; on a number both have, `other`'s.
+    pub fn append(&mut self, other: InheritedFds) {
+        self.fds.extend(other.fds);
+        self.cloexec.extend(other.cloexec);
     }
 
     /// Number of inherited descriptors.
@@ -100,6 +116,7 @@ pub fn prepare(
     access: &PathAccess,
 ) -> Result<PreparedFds, FilesError> {
     validate(fds)?;
+    let inherited_cloexec = inherited.cloexec;
     let mut inherited = inherited.fds;
     let mut pipes = Pipes::new(fds);
     let mut pairs = UnixPairs::new(fds);
@@ -180,7 +197,7 @@ pub fn prepare(
         slots.push(Slot {
             target,
             source: fd.as_raw_fd(),
-            cloexec: false,
+            cloexec: inherited_cloexec.contains(&target),
             status_flags: None,
         });
         objects.push(fd);

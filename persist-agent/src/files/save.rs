@@ -75,11 +75,10 @@ pub fn save_fds_excluding(
     pidfd: &PidFd,
     exclude: &[i32],
 ) -> Result<Vec<FdInfo>, FilesError> {
-    // The connections leave repair mode as they are dropped.
     save_fds_holding(pid, pidfd, exclude).map(|saved| saved.fds)
 }
 
-/// What [`save_fds_holding`] saved.
+/// What [`save_fds_holding`] and [`save_fds_in_tree`] saved.
 #[derive(Debug)]
 pub struct SavedFds {
     /// The descriptors.
@@ -92,14 +91,57 @@ pub struct SavedFds {
 /// still in repair mode: the caller closes them silently once the process
 /// is killed, or resumes them if it goes on (see [`RepairedConnections`]).
 pub fn save_fds_holding(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<SavedFds, FilesError> {
+    save_fds_in_tree(pid, pidfd, exclude, &TreeScope::default())
+}
+
+/// What the other processes of a checkpointed tree hold, for
+/// [`save_fds_in_tree`].
+#[derive(Debug, Default)]
+pub struct TreeScope {
+    /// Descriptors of this process whose open file description is saved
+    /// with another process of the tree: not saved here, but still open
+    /// (an epoll instance of this process may watch them).
+    pub saved_elsewhere: Vec<i32>,
+    /// Inodes of every socket a process of the tree holds: a UNIX socket
+    /// connected to one of them is saved as a pair, its peer saved by the
+    /// process that holds it.
+    pub sockets: HashSet<u64>,
+}
+
+/// [`save_fds_holding`] for one process of a tree: the descriptors of
+/// `tree.saved_elsewhere` are left out too, and a UNIX socket may be
+/// connected to a socket another process of the tree holds.
+pub fn save_fds_in_tree(
+    pid: i32,
+    pidfd: &PidFd,
+    exclude: &[i32],
+    tree: &TreeScope,
+) -> Result<SavedFds, FilesError> {
     let mut connections = RepairedConnections::default();
     let mut listed = list(pid)?;
     listed.retain(|entry| !exclude.contains(&entry.fd));
     let mapped_memfds = memfd::mapped_memfd_inodes(pid)?;
     let mut saved: Vec<FdInfo> = Vec::with_capacity(listed.len());
     let mut memfd_contents_saved = HashSet::new();
+    // The sockets a UNIX socket of the process may be connected to: its
+    // own, and those of the rest of the tree.
+    let mut sockets = tree.sockets.clone();
+    sockets.extend(
+        listed
+            .iter()
+            .filter(|entry| entry.target.starts_with("socket:["))
+            .map(|entry| entry.info.ino),
+    );
 
+    let around = Around {
+        listed: &listed,
+        mapped_memfds: &mapped_memfds,
+        sockets: &sockets,
+    };
     for (index, entry) in listed.iter().enumerate() {
+        if tree.saved_elsewhere.contains(&entry.fd) {
+            continue;
+        }
         let cloexec = entry.info.flags & libc::O_CLOEXEC as u32 != 0;
         let flags = entry.info.flags & !(libc::O_CLOEXEC as u32);
 
@@ -123,8 +165,7 @@ pub fn save_fds_holding(pid: i32, pidfd: &PidFd, exclude: &[i32]) -> Result<Save
             pid,
             pidfd,
             entry,
-            &listed,
-            &mapped_memfds,
+            &around,
             &mut memfd_contents_saved,
             &mut connections,
         )?;
@@ -261,23 +302,37 @@ fn without_payload(kind: FdKind) -> FdKind {
     }
 }
 
+/// What the rest of the process (and tree) holds, for [`classify`].
+struct Around<'a> {
+    /// Every descriptor of the process.
+    listed: &'a [Listed],
+    /// Inodes of the memfds the process maps.
+    mapped_memfds: &'a HashSet<u64>,
+    /// Inodes of the sockets of the process and of the rest of its tree.
+    sockets: &'a HashSet<u64>,
+}
+
 /// Works out what one descriptor is and captures its state.
 fn classify(
     pid: i32,
     pidfd: &PidFd,
     entry: &Listed,
-    listed: &[Listed],
-    mapped_memfds: &HashSet<u64>,
+    around: &Around<'_>,
     memfd_contents_saved: &mut HashSet<u64>,
     connections: &mut RepairedConnections,
 ) -> Result<FdKind, FilesError> {
+    let Around {
+        listed,
+        mapped_memfds,
+        sockets,
+    } = *around;
     let fd = entry.fd;
     let target = entry.target.as_str();
     if target.starts_with("pipe:[") {
         return pipe::save(pid, entry, listed, None);
     }
     if target.starts_with("socket:[") {
-        return socket(pid, pidfd, entry, listed, connections);
+        return socket(pid, pidfd, entry, sockets, connections);
     }
     if let Some(name) = target.strip_prefix("anon_inode:") {
         return anon_inode(pid, fd, name, &entry.info);
@@ -325,7 +380,7 @@ fn socket(
     pid: i32,
     pidfd: &PidFd,
     entry: &Listed,
-    listed: &[Listed],
+    sockets: &HashSet<u64>,
     connections: &mut RepairedConnections,
 ) -> Result<FdKind, FilesError> {
     let fd = entry.fd;
@@ -359,7 +414,15 @@ fn socket(
                 entry.info.ino,
             )
         }
-        libc::AF_UNIX => unix::save(pid, fd, sock.as_fd(), socket_type, listening, entry, listed),
+        libc::AF_UNIX => unix::save(
+            pid,
+            fd,
+            sock.as_fd(),
+            socket_type,
+            listening,
+            entry,
+            sockets,
+        ),
         libc::AF_NETLINK => Err(FilesError::unsupported(
             fd,
             "netlink socket is not supported",

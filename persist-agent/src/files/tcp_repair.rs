@@ -91,6 +91,12 @@ impl RepairedConnections {
         self.held.is_empty()
     }
 
+    /// Adds the connections `other` holds (those of another process of a
+    /// tree) to these.
+    pub fn extend(&mut self, mut other: RepairedConnections) {
+        self.held.append(&mut other.held);
+    }
+
     /// The descriptor numbers, in the process, of the connections held.
     pub fn fds(&self) -> Vec<i32> {
         self.held.iter().map(|held| held.fd).collect()

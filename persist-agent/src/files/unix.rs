@@ -9,7 +9,7 @@
 //! (its socket file made as the process, see `socket_file.rs`), a pair
 //! re-created with `socketpair` and its queues refilled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
@@ -43,7 +43,7 @@ pub(super) fn save(
     socket_type: i32,
     listening: bool,
     entry: &Listed,
-    listed: &[Listed],
+    sockets: &HashSet<u64>,
 ) -> Result<FdKind, FilesError> {
     let inode = entry.info.ino;
     let name = unix_name(sock).map_err(FilesError::io(fd, "getsockname"))?;
@@ -89,7 +89,7 @@ pub(super) fn save(
     }
     let Some(peer_inode) = diag
         .peer
-        .filter(|&peer| pair_in_process(inode, peer, listed))
+        .filter(|&peer| pair_in_process(inode, peer, sockets))
     else {
         let name = if name.is_empty() || name.starts_with('@') {
             name
@@ -115,14 +115,12 @@ pub(super) fn save(
 }
 
 /// Whether the sockets with inodes `inode` and `peer` are both in the
-/// process and connected to each other, so that `socketpair` re-creates
+/// process (or its tree: `sockets`) and connected to each other, so that `socketpair` re-creates
 /// them. A datagram socket may be connected to one that is not connected
 /// back: that one is restored on its own and connected again by name.
-fn pair_in_process(inode: u64, peer: u64, listed: &[Listed]) -> bool {
-    let in_process = listed
-        .iter()
-        .any(|o| o.info.ino == peer && o.target.starts_with("socket:["));
-    in_process && sockdiag::unix_socket(peer).is_ok_and(|diag| diag.peer == Some(inode))
+fn pair_in_process(inode: u64, peer: u64, sockets: &HashSet<u64>) -> bool {
+    sockets.contains(&peer)
+        && sockdiag::unix_socket(peer).is_ok_and(|diag| diag.peer == Some(inode))
 }
 
 /// A socket bound to a relative path is named relative to the working

@@ -30,6 +30,10 @@ pub enum Step {
     Clone = 7,
     /// (init of a pid namespace) mounting its own /proc.
     Proc = 8,
+    /// (a process of a tree) setting its session or process group.
+    Session = 9,
+    /// (a process of a tree) forking a child with its recorded pid.
+    ForkChild = 10,
 }
 
 impl Step {
@@ -44,6 +48,8 @@ impl Step {
             6 => Self::Region,
             7 => Self::Clone,
             8 => Self::Proc,
+            9 => Self::Session,
+            10 => Self::ForkChild,
             _ => return None,
         })
     }
@@ -59,6 +65,8 @@ impl Step {
             Self::Region => "mapping the restorer region",
             Self::Clone => "creating the process in its pid namespace",
             Self::Proc => "mounting /proc for the pid namespace",
+            Self::Session => "setting its session or process group",
+            Self::ForkChild => "forking a child process with its recorded pid",
         }
     }
 }
@@ -146,12 +154,80 @@ pub fn child_main(plan: &ChildPlan<'_>) -> ! {
     unsafe { blob::jump(plan.region_base, plan.table_addr, plan.table_count) }
 }
 
+/// How a process of a tree gets its recorded session and process group,
+/// before it forks its own children (who inherit both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionStep {
+    /// Its parent's, inherited through the fork.
+    Inherit,
+    /// A session (and process group) of its own: `setsid`.
+    NewSession,
+    /// A process group of its own in its parent's session.
+    OwnGroup,
+    /// The group of this pid (an earlier process of the tree leads it).
+    JoinGroup(i32),
+}
+
+/// One process of a tree, for [`tree_main`].
+pub struct TreeNode<'a> {
+    /// What it does once its children are forked.
+    pub plan: ChildPlan<'a>,
+    /// Its recorded pid.
+    pub pid: i32,
+    /// Index of its parent among the nodes (`None` for the root).
+    pub parent: Option<usize>,
+    /// Its session and process group.
+    pub session: SessionStep,
+}
+
+/// Runs in a forked process of a tree (node `index`): sets its session and
+/// group, forks its children with their recorded pids (each running this
+/// in turn), then goes on as [`child_main`]. The root first waits for a
+/// byte on `fork_go`, sent once the agent traces it (and through it, every
+/// process it forks). Never returns.
+pub fn tree_main(nodes: &[TreeNode<'_>], index: usize, fork_go: Option<RawFd>) -> ! {
+    clone::block_all_signals();
+    let node = &nodes[index];
+    let status = node.plan.status_fd;
+    if let Some(fd) = fork_go
+        && let Err(err) = clone::read_byte(fd)
+    {
+        fail(status, Step::Go, errno_of(&err));
+    }
+    let session = match node.session {
+        SessionStep::Inherit => Ok(()),
+        SessionStep::NewSession => nix::unistd::setsid().map(drop),
+        SessionStep::OwnGroup => {
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+        }
+        SessionStep::JoinGroup(pgid) => nix::unistd::setpgid(
+            nix::unistd::Pid::from_raw(0),
+            nix::unistd::Pid::from_raw(pgid),
+        ),
+    };
+    if let Err(errno) = session {
+        fail(status, Step::Session, errno as i32);
+    }
+    for (child, _) in nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.parent == Some(index))
+    {
+        match clone::fork_with(0, Some(nodes[child].pid)) {
+            Ok(clone::Forked::Child) => tree_main(nodes, child, None),
+            Ok(clone::Forked::Parent(_)) => {}
+            Err(err) => fail(status, Step::ForkChild, errno_of(&err)),
+        }
+    }
+    child_main(&node.plan)
+}
+
 /// Runs as init of a fresh pid and mount namespace: waits for the go byte,
 /// mounts a /proc of the new pid namespace (the process reads
 /// /proc/self/task/TID with its own tids), creates the restored process
 /// with its recorded pid, closes everything and reaps until no child is
 /// left. Never returns.
-pub fn init_main(plan: &ChildPlan<'_>, init_go_fd: RawFd, pid: i32) -> ! {
+pub fn init_main(plan: &ChildPlan<'_>, init_go_fd: RawFd, pid: i32, start: &dyn Fn()) -> ! {
     clone::block_all_signals();
     if let Err(err) = clone::read_byte(init_go_fd) {
         fail(plan.status_fd, Step::Go, errno_of(&err));
@@ -160,7 +236,11 @@ pub fn init_main(plan: &ChildPlan<'_>, init_go_fd: RawFd, pid: i32) -> ! {
         fail(plan.status_fd, Step::Proc, errno_of(&err));
     }
     match clone::fork_with(0, Some(pid)) {
-        Ok(clone::Forked::Child) => child_main(plan),
+        // `start` never returns; exiting is only for the type.
+        Ok(clone::Forked::Child) => {
+            start();
+            clone::exit_now(127)
+        }
         Ok(clone::Forked::Parent(_)) => {
             clone::close_all_except(&[]);
             clone::reap_until_no_children();

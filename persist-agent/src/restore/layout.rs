@@ -160,6 +160,9 @@ pub fn is_lazy(mapping: &Mapping) -> bool {
 pub struct Attributes {
     /// Resource limits to set, clamped to what we may set.
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// The session and process group were set when the process was forked
+    /// (a process of a tree); otherwise the table makes it a session leader.
+    pub session_set: bool,
 }
 
 /// Builds the region and its layout table.
@@ -382,7 +385,9 @@ fn layout_table(
             &[cwd as u64],
         );
     }
-    t.call("setsid", libc::SYS_setsid, &[]);
+    if !attributes.session_set {
+        t.call("setsid", libc::SYS_setsid, &[]);
+    }
     t.call(
         "personality",
         libc::SYS_personality,

@@ -24,6 +24,10 @@
 //!    duplicate of its userfaultfd, so a dead pager means blocked faults,
 //!    never zero pages.
 //!
+//! A tree of processes (an image with descendants) is restored by
+//! [`TreeSkeleton`] (`tree.rs`): every process prepared as above, then
+//! forked by its recorded parent, then completed one by one.
+//!
 //! # For callers
 //!
 //! - ptrace ties the stopped skeleton to the thread that prepared it:
@@ -50,12 +54,14 @@ mod prefetch_tests;
 mod resources;
 mod runner;
 mod seccomp;
+mod setup;
 mod signals;
 mod skeleton;
 mod spawn;
 mod table;
 mod threads;
 mod timers;
+mod tree;
 mod verify;
 
 use std::io::Write as _;
@@ -68,6 +74,7 @@ pub(crate) use creds::from_status as credentials_from_status;
 pub(crate) use pager::PlannedCopy;
 pub use pager::{AddressEvent, EventJournal, JournalError, Pager, PagerStats};
 pub use skeleton::{Continuer, RestoreConfig, Restored, Skeleton, Timings};
+pub use tree::TreeSkeleton;
 
 use crate::files::FilesError;
 use crate::sys::clone::{self, Forked};
@@ -129,6 +136,26 @@ pub enum RestoreError {
         path: String,
         /// What is wrong.
         what: String,
+    },
+    /// The image holds a tree of processes, which is not restored yet.
+    #[error(
+        "the image holds pid {pid} and {descendants} descendant processes: process trees are \
+         not restored yet"
+    )]
+    ProcessTree {
+        /// The root of the tree.
+        pid: i32,
+        /// Processes under it.
+        descendants: usize,
+    },
+    /// One process of a tree could not be restored.
+    #[error("pid {pid} of the tree")]
+    InTree {
+        /// Its recorded pid.
+        pid: i32,
+        /// Why.
+        #[source]
+        source: Box<RestoreError>,
     },
     /// The layout cannot be built.
     #[error("{0}")]
@@ -244,12 +271,37 @@ pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
         accept_changed_files: options.accept_changed_files,
         ..RestoreConfig::default()
     };
+    if !image.manifest().children.is_empty() {
+        // A tree: every process gets a pager process of its own.
+        let restored = TreeSkeleton::prepare(image, config)?.resume()?;
+        let root = restored[0].pid;
+        for process in restored {
+            detach_pager(process.pid, process.pager)?;
+        }
+        return Ok(root);
+    }
     let skeleton = Skeleton::prepare(image, config)?;
     let prepare_time = skeleton_timings(&skeleton);
     let restored = skeleton.resume()?;
     let pid = restored.pid;
     let timings = restored.timings;
-    let mut pager = restored.pager;
+    detach_pager(pid, restored.pager)?;
+    if std::env::var_os("PERSIST_RESTORE_TIMINGS").is_some() {
+        eprintln!(
+            "restore timings: prepare {:?} (setup {:?}, layout {:?}, finish {:?}), resume {:?}",
+            prepare_time.prepare,
+            prepare_time.setup,
+            prepare_time.layout,
+            prepare_time.finish,
+            timings.resume
+        );
+    }
+    Ok(pid)
+}
+
+/// Forks a detached process (its own session, stdio on /dev/null) that
+/// serves the memory of restored process `pid` until everything is in.
+fn detach_pager(pid: i32, mut pager: Pager) -> Result<(), RestoreError> {
     match clone::fork_with(0, None).map_err(RestoreError::Fork)? {
         Forked::Child => {
             // The CLI is single-threaded, so the child may run ordinary code.
@@ -279,20 +331,8 @@ pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
             let _ = std::io::stderr().flush();
             clone::exit_now(code)
         }
-        Forked::Parent(_) => {}
+        Forked::Parent(_) => Ok(()),
     }
-    drop(pager);
-    if std::env::var_os("PERSIST_RESTORE_TIMINGS").is_some() {
-        eprintln!(
-            "restore timings: prepare {:?} (setup {:?}, layout {:?}, finish {:?}), resume {:?}",
-            prepare_time.prepare,
-            prepare_time.setup,
-            prepare_time.layout,
-            prepare_time.finish,
-            timings.resume
-        );
-    }
-    Ok(pid)
 }
 
 fn skeleton_timings(skeleton: &Skeleton) -> Timings {

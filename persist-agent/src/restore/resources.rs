@@ -3,7 +3,7 @@
 //! (filled with its stored pages), the executable and the working directory,
 //! and the resource limits to set. The child inherits them all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -30,17 +30,19 @@ pub(super) struct Resources {
 impl Resources {
     /// Opens what the layout of `image` needs, each descriptor at `min` or
     /// above (clear of those the process gets), as the process would open
-    /// them (`access`).
+    /// them (`access`). `shared` holds the memfd of each shared memory
+    /// object by its saved inode: those met first here are created and
+    /// added, so that the other processes of a tree map the same ones.
     pub(super) fn open(
         image: &Image,
         fds: &PreparedFds,
         min: RawFd,
         access: &PathAccess,
+        shared: &mut HashMap<u64, OwnedFd>,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
-        let mut shared: HashMap<u64, RawFd> = HashMap::new();
+        let mut filled = HashSet::new();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
-        let mut memfds: Vec<OwnedFd> = Vec::new();
         for mapping in &manifest.mappings {
             let fd = match &mapping.kind {
                 MappingKind::File {
@@ -58,27 +60,21 @@ impl Resources {
                     access,
                 )?),
                 MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
-                    let existing = match shared.get(inode) {
-                        Some(&raw) => raw,
-                        None => {
-                            let fd = match (&mapping.kind, fds.memfd(*inode)) {
-                                (MappingKind::Memfd { .. }, Some(fd)) => fd
-                                    .try_clone_to_owned()
-                                    .map_err(|e| RestoreError::io("memfd", e))?,
-                                _ => new_memfd(*inode)?,
-                            };
-                            fill_shared_memory(image, *inode, &fd)?;
-                            let fd = dup_above(fd, min)?;
-                            let raw = fd.as_raw_fd();
-                            memfds.push(fd);
-                            shared.insert(*inode, raw);
-                            raw
-                        }
-                    };
-                    let source = memfds
-                        .iter()
-                        .find(|f| f.as_raw_fd() == existing)
-                        .expect("every recorded shared object has a memfd");
+                    if !shared.contains_key(inode) {
+                        let fd = match (&mapping.kind, fds.memfd(*inode)) {
+                            (MappingKind::Memfd { .. }, Some(fd)) => fd
+                                .try_clone_to_owned()
+                                .map_err(|e| RestoreError::io("memfd", e))?,
+                            _ => new_memfd(*inode)?,
+                        };
+                        shared.insert(*inode, fd);
+                    }
+                    let source = &shared[inode];
+                    // Once per process: a later process of a tree stores
+                    // only the pages an earlier one did not.
+                    if filled.insert(*inode) {
+                        fill_shared_memory(image, *inode, source)?;
+                    }
                     let copy = source
                         .try_clone()
                         .map_err(|e| RestoreError::io("memfd", e))?;
@@ -123,7 +119,10 @@ impl Resources {
             mapping_fds,
             exe: dup_above(exe.into(), min)?,
             cwd: dup_above(cwd.into(), min)?,
-            attributes: Attributes { rlimits },
+            attributes: Attributes {
+                rlimits,
+                session_set: false,
+            },
         })
     }
 

@@ -10,25 +10,22 @@
 //! mappings ([`super::file_pages`]); create the other threads and set each thread's state
 //! ([`super::threads`]).
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use persist_common::image::{Image, Manifest};
 
-use super::layout::{self, OwnLayout};
 use super::pager::Pager;
-use super::resources::Resources;
-use super::runner::{TableRunner, check_table};
-use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
-use super::{RestoreError, child::ChildPlan, file_pages, threads, verify};
+use super::setup::Setup;
+use super::spawn::{self, KillGuard};
+use super::{RestoreError, threads, verify};
 use crate::files::{self, InheritedFds, PathAccess};
 use crate::host;
 use crate::sys::pidfd::PidFd;
-use crate::sys::procmem::ProcMem;
 use crate::sys::ptrace;
-use crate::sys::uffd::Userfault;
 
 /// How to restore.
 #[derive(Debug, Default)]
@@ -71,35 +68,35 @@ pub struct Timings {
 /// process.
 #[derive(Debug)]
 pub struct Skeleton {
-    pid: i32,
-    tids: Vec<i32>,
-    init_pid: Option<i32>,
+    pub(super) pid: i32,
+    pub(super) tids: Vec<i32>,
+    pub(super) init_pid: Option<i32>,
     /// Where the process keeps its userfaultfd.
-    uffd_fd: RawFd,
+    pub(super) uffd_fd: RawFd,
     /// Taken by [`Skeleton::resume`] for the [`Restored`] process.
-    pidfd: Option<PidFd>,
-    pager: Option<Pager>,
-    timings: Timings,
+    pub(super) pidfd: Option<PidFd>,
+    pub(super) pager: Option<Pager>,
+    pub(super) timings: Timings,
     /// Whether the process leaves `SIGCONT` to the kernel (no handler of
     /// its own), so that a group stop can hold it instead of ptrace.
-    sigcont_is_default: bool,
+    pub(super) sigcont_is_default: bool,
     /// Set once [`Skeleton::release`] left it in a group stop.
-    continuer: Option<Continuer>,
+    pub(super) continuer: Option<Continuer>,
     /// Its timers, armed when it resumes; taken by the first resume or
     /// release.
-    timers: Option<ResumeTimers>,
+    pub(super) timers: Option<ResumeTimers>,
 }
 
 /// What arms a process's timers when it resumes, so that they count their
 /// time left from then, however long the skeleton waited.
 #[derive(Debug, Default)]
-struct ResumeTimers {
+pub(super) struct ResumeTimers {
     /// Its timerfds, armed by the agent.
-    timerfds: Vec<files::TimerfdArm>,
+    pub(super) timerfds: Vec<files::TimerfdArm>,
     /// The table that arms its own timers (interval and POSIX timers on
     /// clocks that run while it is stopped), run by its main thread under
     /// ptrace: such a process is never released to a group stop.
-    table: Option<threads::ResumeTable>,
+    pub(super) table: Option<threads::ResumeTable>,
 }
 
 impl ResumeTimers {
@@ -195,20 +192,15 @@ impl Skeleton {
         // Whether this image can be restored here, before anything is opened.
         image.check_host(&host::kernel_info(), &host::cpu_info())?;
         let manifest = image.manifest();
-        if manifest.threads.is_empty() {
-            return Err(RestoreError::Layout("the image has no threads".into()));
-        }
-        if manifest.process.root != "/" {
-            return Err(RestoreError::Layout(format!(
-                "root directory {} is not supported (only /)",
-                manifest.process.root
-            )));
+        if !manifest.children.is_empty() {
+            return Err(RestoreError::ProcessTree {
+                pid: manifest.process.pid,
+                descendants: manifest.children.len(),
+            });
         }
         if config.verify_pages_first {
             verify::all_pages(&image)?;
         }
-        // What the child inherits: its descriptors, what its layout maps,
-        // the pipes it is told through, and the layout table itself.
         let mut agent_files = config.agent_files;
         agent_files.extend(manifest.agent_files.iter().map(std::path::PathBuf::from));
         let access = PathAccess::for_process(
@@ -216,42 +208,8 @@ impl Skeleton {
             config.accept_changed_files,
             agent_files,
         );
-        let mut fds = files::prepare(&manifest.fds, config.inherited, &access)?;
-        let timerfds = fds.take_timerfds();
-        let uffd_fd = (fds.max_target_fd() + 1).max(100);
-        let resources = Resources::open(&image, &fds, uffd_fd + 1, &access)?;
-        let own = OwnLayout::read()?;
-        let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
-        let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
-        let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
-        let mut layout_fds = resources.layout_fds(uffd_fd);
-        // The child's ends of the pipes are ours too: gone before it runs.
-        layout_fds.close.extend([
-            go_read.as_raw_fd(),
-            status_write.as_raw_fd(),
-            init_go_read.as_raw_fd(),
-        ]);
-        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes)?;
-        let mut keep: Vec<RawFd> = resources.raw_fds();
-        keep.extend([
-            uffd_fd,
-            go_read.as_raw_fd(),
-            status_write.as_raw_fd(),
-            init_go_read.as_raw_fd(),
-        ]);
-        keep.sort_unstable();
-        let plan = ChildPlan {
-            fds: &fds,
-            keep: &keep,
-            uffd_fd,
-            go_fd: go_read.as_raw_fd(),
-            status_fd: status_write.as_raw_fd(),
-            region_base: region.base,
-            region_size: region.size as usize,
-            region_bytes: &region.layout.bytes,
-            table_addr: region.layout.entries_addr,
-            table_count: region.layout.count,
-        };
+        let recorded_pid = manifest.process.pid;
+        let setup = Setup::new(image, config.inherited, &access, &mut HashMap::new(), false)?;
 
         // The child, forked with the recorded pid, builds its layout.
         let forked_at = Instant::now();
@@ -259,70 +217,17 @@ impl Skeleton {
             pids: Vec::new(),
             threads: Vec::new(),
         };
-        let pipes = SyncPipes {
-            status: &status_read,
-            init_go: &init_go_write,
-            init_go_child: init_go_read.as_raw_fd(),
-        };
-        let (pid, init_pid) = spawn::spawn(&plan, manifest.process.pid, &pipes, &mut guard)?;
+        let (pid, init_pid) =
+            spawn::spawn(&setup.plan(), recorded_pid, &setup.pipes(), &mut guard)?;
         if init_pid.is_none() {
             // Our child: its exit status goes to whoever resumes it, not to
             // a reaper of orphans.
             crate::sys::spawn::claim(pid);
         }
-        let proc_self_positions = fds.proc_self_positions();
-        drop(fds);
-        // The child holds its own copies now.
-        drop(resources);
-
-        spawn::go(pid, &go_write, &status_read)?;
-        check_table(pid, &region.layout)?;
-        let layout_time = forked_at.elapsed();
-
-        // Its pager, then its threads and their state.
-        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
-        let uffd = pidfd
-            .get_fd(uffd_fd)
-            .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
-        let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
-        file_pages::write(&image, pid, &mem)?;
-        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image));
-        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
-
-        let mut runner = TableRunner {
-            pid,
-            mem: &mem,
-            region: &region,
-        };
-        let tids = threads::create(&mut runner, manifest)?;
-        guard.threads.extend(tids.iter().skip(1));
-        let resume_table = threads::restore_state(&mut runner, manifest, &tids, &mut pager)?;
-        files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
-        files::warm_own_proc_entries(pid);
-
+        let skeleton = setup.finish(pid, init_pid, started, forked_at, &mut guard)?;
         guard.pids.clear();
         guard.threads.clear();
-        Ok(Self {
-            pid,
-            tids,
-            init_pid,
-            sigcont_is_default: sigcont_is_default(manifest),
-            timers: Some(ResumeTimers {
-                timerfds,
-                table: resume_table,
-            }),
-            uffd_fd,
-            continuer: None,
-            pidfd: Some(pidfd),
-            pager: Some(pager),
-            timings: Timings {
-                prepare: started.elapsed(),
-                setup: forked_at - started,
-                layout: layout_time,
-                finish: forked_at.elapsed() - layout_time,
-                resume: Duration::ZERO,
-            },
-        })
+        Ok(skeleton)
     }
 
     /// The process's pid in the agent's pid namespace.
@@ -468,7 +373,7 @@ impl Drop for Skeleton {
 }
 
 /// Whether the process leaves `SIGCONT` to the kernel.
-fn sigcont_is_default(manifest: &Manifest) -> bool {
+pub(super) fn sigcont_is_default(manifest: &Manifest) -> bool {
     manifest
         .process
         .sigactions

@@ -58,18 +58,48 @@ pub(super) fn spawn(
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,
 ) -> Result<(i32, Option<i32>), RestoreError> {
+    spawn_with(
+        plan,
+        recorded_pid,
+        pipes,
+        guard,
+        TRACE_OPTIONS,
+        false,
+        &|| child::child_main(plan),
+    )
+}
+
+/// [`spawn`], the forked process running `start` (which uses `plan`'s
+/// status pipe), traced with `options`; in a pid namespace of its own when
+/// `own_namespace` (the pids of a tree's other processes are taken here)
+/// or when its pid is taken here.
+pub(super) fn spawn_with(
+    plan: &ChildPlan<'_>,
+    recorded_pid: i32,
+    pipes: &SyncPipes<'_>,
+    guard: &mut KillGuard,
+    options: i32,
+    own_namespace: bool,
+    start: &dyn Fn(),
+) -> Result<(i32, Option<i32>), RestoreError> {
+    if own_namespace {
+        return spawn_in_namespace(plan, recorded_pid, pipes, guard, options, start);
+    }
     match clone::fork_with(0, Some(recorded_pid)) {
-        Ok(Forked::Child) => child::child_main(plan),
+        // `start` never returns; exiting is only for the type.
+        Ok(Forked::Child) => {
+            start();
+            clone::exit_now(127)
+        }
         Ok(Forked::Parent(pid)) => {
             guard.pids.push(pid);
-            ptrace::seize_with_options(pid, TRACE_OPTIONS)
-                .map_err(RestoreError::ptrace(pid, "seize"))?;
+            ptrace::seize_with_options(pid, options).map_err(RestoreError::ptrace(pid, "seize"))?;
             ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
             expect_event_stop(pid, pipes.status)?;
             Ok((pid, None))
         }
         Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
-            spawn_in_namespace(plan, recorded_pid, pipes, guard)
+            spawn_in_namespace(plan, recorded_pid, pipes, guard, options, start)
         }
         Err(err) => Err(RestoreError::Fork(err)),
     }
@@ -83,14 +113,16 @@ fn spawn_in_namespace(
     recorded_pid: i32,
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,
+    options: i32,
+    start: &dyn Fn(),
 ) -> Result<(i32, Option<i32>), RestoreError> {
     let flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as u64;
     let init = match clone::fork_with(flags, None).map_err(RestoreError::Fork)? {
-        Forked::Child => child::init_main(plan, pipes.init_go_child, recorded_pid),
+        Forked::Child => child::init_main(plan, pipes.init_go_child, recorded_pid, start),
         Forked::Parent(init) => init,
     };
     guard.pids.push(init);
-    ptrace::seize_with_options(init, TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK)
+    ptrace::seize_with_options(init, options | libc::PTRACE_O_TRACEFORK)
         .map_err(RestoreError::ptrace(init, "seize"))?;
     write_pipe(pipes.init_go, &[1])?;
     let pid = match ptrace::wait(init).map_err(RestoreError::ptrace(init, "wait"))? {
@@ -141,7 +173,7 @@ pub(super) fn dup_above(fd: OwnedFd, min: RawFd) -> Result<OwnedFd, RestoreError
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-fn write_pipe(fd: &OwnedFd, bytes: &[u8]) -> Result<(), RestoreError> {
+pub(super) fn write_pipe(fd: &OwnedFd, bytes: &[u8]) -> Result<(), RestoreError> {
     nix::unistd::write(fd, bytes)
         .map(drop)
         .map_err(|e| RestoreError::Fork(e.into()))
@@ -149,14 +181,14 @@ fn write_pipe(fd: &OwnedFd, bytes: &[u8]) -> Result<(), RestoreError> {
 
 /// Waits for the first stop of a freshly seized child; on its death reports
 /// what the status pipe says.
-fn expect_event_stop(pid: i32, status: &OwnedFd) -> Result<(), RestoreError> {
+pub(super) fn expect_event_stop(pid: i32, status: &OwnedFd) -> Result<(), RestoreError> {
     match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
         Stop::Event { .. } => Ok(()),
         other => Err(child_failure(pid, other, status)),
     }
 }
 
-fn child_failure(pid: i32, stop: Stop, status: &OwnedFd) -> RestoreError {
+pub(super) fn child_failure(pid: i32, stop: Stop, status: &OwnedFd) -> RestoreError {
     let mut message = [0u8; 8];
     let _ = nix::fcntl::fcntl(
         status,

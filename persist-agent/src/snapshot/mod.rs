@@ -201,6 +201,8 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         base: None,
         agent_files: vec![request.log.clone()],
         recovery_file: None,
+        // Refused above: the daemon does not park trees yet.
+        tree: false,
         // A warm-up client still connected would be woken into a
         // conversation it never started.
         client_ports: vec![request.port],

@@ -180,6 +180,32 @@ pub fn same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<bool> {
     Ok(check(rc)? == 0)
 }
 
+/// What two processes may share since a `clone`, as `kcmp` compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskObject {
+    /// The address space (`CLONE_VM`: `vfork`, or threads of another
+    /// thread group).
+    Memory,
+    /// The descriptor table (`CLONE_FILES`).
+    FdTable,
+    /// The working directory, root and umask (`CLONE_FS`).
+    Filesystem,
+}
+
+/// True when processes `pid1` and `pid2` share `object`
+/// (`kcmp(KCMP_VM / KCMP_FILES / KCMP_FS)`).
+pub fn same_task_object(pid1: i32, pid2: i32, object: TaskObject) -> io::Result<bool> {
+    // The KCMP_* types of linux/kcmp.h, which libc does not have.
+    let kind: libc::c_int = match object {
+        TaskObject::Memory => 1,
+        TaskObject::FdTable => 2,
+        TaskObject::Filesystem => 3,
+    };
+    // SAFETY: kcmp takes integers only; these kinds ignore the last two.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
+    Ok(check(rc)? == 0)
+}
+
 /// True when descriptor `fd` of `pid` is open on the file that the epoll
 /// instance `epoll` of `epoll_pid` watches as `tfd`, the `nth` (from 0) of
 /// its watches added as `tfd` (`kcmp(KCMP_EPOLL_TFD)`). `ENOENT` when the

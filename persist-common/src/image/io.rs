@@ -6,13 +6,14 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::{
-    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest,
-    OLDEST_READABLE_VERSION, PAGE_SIZE, PAGES_FILE, PageRun, SECCOMP_INSN_LEN, SECCOMP_MAX_INSNS,
-    WORKING_SET_FILE, base_store_file,
+    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, Mapping,
+    OLDEST_READABLE_VERSION, PAGE_SIZE, PAGES_FILE, PageRun, ProcessInfo, SECCOMP_INSN_LEN,
+    SECCOMP_MAX_INSNS, ThreadInfo, WORKING_SET_FILE, base_store_file,
 };
 use crate::trust::{open_trusted_file, trusted_dir};
 
@@ -281,7 +282,9 @@ fn replace_dir(staging: &Path, destination: &Path) -> Result<(), ImageError> {
 pub struct Image {
     dir: PathBuf,
     manifest: Manifest,
-    pages: PageStore,
+    /// Shared with the images of the other processes of a tree
+    /// ([`Image::process_image`]).
+    pages: Arc<PageStore>,
 }
 
 impl Image {
@@ -316,7 +319,29 @@ impl Image {
         Ok(Self {
             dir,
             manifest,
-            pages,
+            pages: Arc::new(pages),
+        })
+    }
+
+    /// The image of the `index`th descendant process of a tree
+    /// ([`Manifest::children`]), as if it had been checkpointed alone: its
+    /// process, threads, mappings and own descriptors, over the same page
+    /// store (its pages may be runs its parent stored). The descriptors it
+    /// inherits are not in it. `None` when there is no such process.
+    pub fn process_image(&self, index: usize) -> Option<Image> {
+        let child = self.manifest.children.get(index)?;
+        let manifest = Manifest {
+            process: child.process.clone(),
+            threads: child.threads.clone(),
+            mappings: child.mappings.clone(),
+            fds: child.fds.clone(),
+            children: Vec::new(),
+            ..self.manifest.clone()
+        };
+        Some(Image {
+            dir: self.dir.clone(),
+            manifest,
+            pages: Arc::clone(&self.pages),
         })
     }
 
@@ -450,14 +475,32 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, ImageError
 
 /// Checks that mappings are page-aligned, ordered and disjoint, and that every
 /// page run lies inside its mapping and inside the page store.
+/// The mappings of every process of a tree are checked, each process's
+/// error naming its pid.
 fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+    check_mappings(&manifest.mappings, "", manifest.page_store_bytes, path)?;
+    for child in &manifest.children {
+        let process = format!("pid {}: ", child.process.pid);
+        check_mappings(&child.mappings, &process, manifest.page_store_bytes, path)?;
+    }
+    Ok(())
+}
+
+/// [`check_layout`] of the mappings of one process; `process` prefixes the
+/// messages.
+fn check_mappings(
+    mappings: &[Mapping],
+    process: &str,
+    page_store_bytes: u64,
+    path: &Path,
+) -> Result<(), ImageError> {
     let inconsistent = |reason: String| ImageError::Inconsistent {
         path: path.to_owned(),
         reason,
     };
     let mut previous_end = 0;
-    for mapping in &manifest.mappings {
-        let range = format!("mapping {:#x}-{:#x}", mapping.start, mapping.end);
+    for mapping in mappings {
+        let range = format!("{process}mapping {:#x}-{:#x}", mapping.start, mapping.end);
         if mapping.start % PAGE_SIZE != 0
             || mapping.end % PAGE_SIZE != 0
             || mapping.is_empty()
@@ -486,7 +529,7 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
                     .count
                     .checked_mul(PAGE_SIZE)
                     .and_then(|bytes| run.store_offset.checked_add(bytes))
-                    .is_some_and(|end| end <= manifest.page_store_bytes);
+                    .is_some_and(|end| end <= page_store_bytes);
             if !fits_mapping || !fits_store {
                 return Err(inconsistent(format!(
                     "{range}: page run at page {} ({} pages, store offset {}) lies outside the mapping or the page store",
@@ -501,11 +544,27 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
 /// Checks that every seccomp filter is a whole program of a size the kernel
 /// takes, and that threads name only filters the image holds.
 fn check_seccomp(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+    check_process_seccomp(&manifest.process, &manifest.threads, "", path)?;
+    for child in &manifest.children {
+        let process = format!("pid {}: ", child.process.pid);
+        check_process_seccomp(&child.process, &child.threads, &process, path)?;
+    }
+    Ok(())
+}
+
+/// [`check_seccomp`] of one process of a tree; `process` prefixes the
+/// messages.
+fn check_process_seccomp(
+    info: &ProcessInfo,
+    threads: &[ThreadInfo],
+    process: &str,
+    path: &Path,
+) -> Result<(), ImageError> {
     let inconsistent = |reason: String| ImageError::Inconsistent {
         path: path.to_owned(),
-        reason,
+        reason: format!("{process}{reason}"),
     };
-    let filters = &manifest.process.seccomp_filters;
+    let filters = &info.seccomp_filters;
     for (index, filter) in filters.iter().enumerate() {
         let len = filter.program.len();
         if len == 0 || len % SECCOMP_INSN_LEN != 0 || len / SECCOMP_INSN_LEN > SECCOMP_MAX_INSNS {
@@ -514,7 +573,7 @@ fn check_seccomp(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
             )));
         }
     }
-    for thread in &manifest.threads {
+    for thread in threads {
         if let Some(&index) = thread
             .seccomp
             .iter()
@@ -974,6 +1033,71 @@ mod tests {
                 "a run of {count} pages: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_child_process_whose_pages_lie_outside_the_store_is_refused_by_pid() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        drop(base_image(&dir));
+        rewrite_manifest(&dir, |manifest| {
+            let mut mappings = manifest.mappings.clone();
+            mappings[0].pages[0].store_offset = manifest.page_store_bytes;
+            manifest.children.push(crate::image::ChildProcess {
+                ppid: 1,
+                process: crate::image::ProcessInfo {
+                    pid: 42,
+                    ..Default::default()
+                },
+                mappings,
+                ..Default::default()
+            });
+        });
+        let err = Image::open(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. }
+                if reason.starts_with("pid 42: mapping") && reason.contains("outside the mapping or the page store")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_child_thread_under_a_filter_its_process_lacks_is_refused_by_pid() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        drop(base_image(&dir));
+        rewrite_manifest(&dir, |manifest| {
+            let mut thread = crate::image::ThreadInfo {
+                tid: 43,
+                comm: String::new(),
+                regs: Vec::new(),
+                xsave: Vec::new(),
+                sigmask: 0,
+                pending: 0,
+                queue: Vec::new(),
+                sigaltstack: Default::default(),
+                rseq: None,
+                clear_child_tid: 0,
+                robust_list: None,
+                seccomp: Vec::new(),
+            };
+            thread.seccomp.push(0);
+            manifest.children.push(crate::image::ChildProcess {
+                ppid: 1,
+                process: crate::image::ProcessInfo {
+                    pid: 43,
+                    ..Default::default()
+                },
+                threads: vec![thread],
+                ..Default::default()
+            });
+        });
+        let err = Image::open(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ImageError::Inconsistent { reason, .. }
+                if reason.starts_with("pid 43: thread 43 runs under seccomp filter 0")),
+            "{err}"
+        );
     }
 
     /// Rewrites the version number in the header of the manifest in `dir`.

@@ -45,6 +45,11 @@ pub struct Manifest {
     /// had them by path. Written only by root's agent, in a root-only image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agent_files: Vec<String>,
+    /// The other processes of a checkpointed tree, parents before their
+    /// children (see [`super::ChildProcess`]); empty for a single process,
+    /// whose images do not have the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<super::ChildProcess>,
 }
 
 /// A page store of an earlier image, hard-linked into this image's directory

@@ -91,6 +91,7 @@ mod manifest;
 mod posix_timer;
 mod sockets;
 mod tcp_connection;
+mod tree;
 mod working_set;
 
 pub use error::ImageError;
@@ -101,6 +102,7 @@ pub use manifest::*;
 pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
 pub use sockets::{SocketFile, TcpSocket, UnixSocket};
 pub use tcp_connection::{TcpConnection, TcpWindow};
+pub use tree::{ChildProcess, InheritedFd};
 pub use working_set::{
     WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };

@@ -83,6 +83,8 @@ impl Supervisor {
             // A client still connected keeps the service running; its
             // outbound connections are kept with it.
             client_ports: vec![self.spec.port],
+            // The daemon does not park trees yet.
+            tree: false,
         };
         let started = Instant::now();
         let mut result = checkpoint_when_filled(options.clone()).await;

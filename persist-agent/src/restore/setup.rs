@@ -1,0 +1,205 @@
+//! One process of a restore, prepared before its fork ([`Setup::new`]) and
+//! completed once forked ([`Setup::finish`]): the steps of
+//! [`super::Skeleton::prepare`], apart so that a tree's processes are all
+//! prepared before the first fork and all forked before the first layout.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use persist_common::image::Image;
+
+use super::layout::{self, OwnLayout, Region};
+use super::pager::Pager;
+use super::resources::Resources;
+use super::runner::{TableRunner, check_table};
+use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
+use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
+use super::{RestoreError, child::ChildPlan, file_pages, threads};
+use crate::files::{self, InheritedFds, PathAccess, PreparedFds};
+use crate::sys::pidfd::PidFd;
+use crate::sys::procmem::ProcMem;
+use crate::sys::uffd::Userfault;
+
+/// One process, its descriptors re-created and its layout table built,
+/// not forked yet.
+pub(super) struct Setup {
+    pub(super) image: Arc<Image>,
+    fds: PreparedFds,
+    /// Its timerfds, unarmed: armed when it resumes.
+    timerfds: Vec<files::TimerfdArm>,
+    uffd_fd: RawFd,
+    resources: Resources,
+    region: Region,
+    keep: Vec<RawFd>,
+    go_read: OwnedFd,
+    go_write: OwnedFd,
+    status_read: OwnedFd,
+    status_write: OwnedFd,
+    init_go_read: OwnedFd,
+    init_go_write: OwnedFd,
+}
+
+impl Setup {
+    /// Re-creates the descriptors of `image`'s process (those of
+    /// `inherited` installed as given), opens what its layout maps (its
+    /// shared memory objects through `shared`, see [`Resources::open`]) and
+    /// builds its layout table. `session_set`: its session and process
+    /// group are set when it is forked, not by the table.
+    pub(super) fn new(
+        image: Arc<Image>,
+        inherited: InheritedFds,
+        access: &PathAccess,
+        shared: &mut HashMap<u64, OwnedFd>,
+        session_set: bool,
+    ) -> Result<Self, RestoreError> {
+        let manifest = image.manifest();
+        if manifest.threads.is_empty() {
+            return Err(RestoreError::Layout("the image has no threads".into()));
+        }
+        if manifest.process.root != "/" {
+            return Err(RestoreError::Layout(format!(
+                "root directory {} is not supported (only /)",
+                manifest.process.root
+            )));
+        }
+        let mut fds = files::prepare(&manifest.fds, inherited, access)?;
+        let timerfds = fds.take_timerfds();
+        let uffd_fd = (fds.max_target_fd() + 1).max(100);
+        let mut resources = Resources::open(&image, &fds, uffd_fd + 1, access, shared)?;
+        resources.attributes.session_set = session_set;
+        let own = OwnLayout::read()?;
+        let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
+        let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
+        let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
+        let mut layout_fds = resources.layout_fds(uffd_fd);
+        // The child's ends of the pipes are ours too: gone before it runs.
+        layout_fds.close.extend([
+            go_read.as_raw_fd(),
+            status_write.as_raw_fd(),
+            init_go_read.as_raw_fd(),
+        ]);
+        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes)?;
+        let mut keep: Vec<RawFd> = resources.raw_fds();
+        keep.extend([
+            uffd_fd,
+            go_read.as_raw_fd(),
+            status_write.as_raw_fd(),
+            init_go_read.as_raw_fd(),
+        ]);
+        keep.sort_unstable();
+        Ok(Self {
+            image,
+            fds,
+            timerfds,
+            uffd_fd,
+            resources,
+            region,
+            keep,
+            go_read,
+            go_write,
+            status_read,
+            status_write,
+            init_go_read,
+            init_go_write,
+        })
+    }
+
+    /// What the forked child does before its layout table.
+    pub(super) fn plan(&self) -> ChildPlan<'_> {
+        ChildPlan {
+            fds: &self.fds,
+            keep: &self.keep,
+            uffd_fd: self.uffd_fd,
+            go_fd: self.go_read.as_raw_fd(),
+            status_fd: self.status_write.as_raw_fd(),
+            region_base: self.region.base,
+            region_size: self.region.size as usize,
+            region_bytes: &self.region.layout.bytes,
+            table_addr: self.region.layout.entries_addr,
+            table_count: self.region.layout.count,
+        }
+    }
+
+    /// The agent's ends of the pipes to the forked child.
+    pub(super) fn pipes(&self) -> SyncPipes<'_> {
+        SyncPipes {
+            status: &self.status_read,
+            init_go: &self.init_go_write,
+            init_go_child: self.init_go_read.as_raw_fd(),
+        }
+    }
+
+    /// The prepared descriptors, for another process of a tree to install
+    /// the same open file descriptions.
+    pub(super) fn fds(&self) -> &PreparedFds {
+        &self.fds
+    }
+
+    /// Completes forked process `pid` (seized, stopped before its layout):
+    /// builds its layout, its pager, its threads and their state. Threads
+    /// made go on `guard`.
+    pub(super) fn finish(
+        self,
+        pid: i32,
+        init_pid: Option<i32>,
+        started: Instant,
+        forked_at: Instant,
+        guard: &mut KillGuard,
+    ) -> Result<Skeleton, RestoreError> {
+        let image = self.image;
+        let manifest = image.manifest();
+        let proc_self_positions = self.fds.proc_self_positions();
+        drop(self.fds);
+        // The child holds its own copies now.
+        drop(self.resources);
+
+        spawn::go(pid, &self.go_write, &self.status_read)?;
+        check_table(pid, &self.region.layout)?;
+        let layout_time = forked_at.elapsed();
+
+        // Its pager, then its threads and their state.
+        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
+        let uffd = pidfd
+            .get_fd(self.uffd_fd)
+            .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
+        let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
+        file_pages::write(&image, pid, &mem)?;
+        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image));
+        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
+
+        let mut runner = TableRunner {
+            pid,
+            mem: &mem,
+            region: &self.region,
+        };
+        let tids = threads::create(&mut runner, manifest)?;
+        guard.threads.extend(tids.iter().skip(1));
+        let resume_table = threads::restore_state(&mut runner, manifest, &tids, &mut pager)?;
+        files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
+        files::warm_own_proc_entries(pid);
+
+        Ok(Skeleton {
+            pid,
+            tids,
+            init_pid,
+            sigcont_is_default: sigcont_is_default(manifest),
+            timers: Some(ResumeTimers {
+                timerfds: self.timerfds,
+                table: resume_table,
+            }),
+            uffd_fd: self.uffd_fd,
+            continuer: None,
+            pidfd: Some(pidfd),
+            pager: Some(pager),
+            timings: Timings {
+                prepare: started.elapsed(),
+                setup: forked_at - started,
+                layout: layout_time,
+                finish: forked_at.elapsed() - layout_time,
+                resume: Duration::ZERO,
+            },
+        })
+    }
+}

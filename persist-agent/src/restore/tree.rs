@@ -1,0 +1,491 @@
+//! Restoring a tree of processes (an image with [`Manifest::children`]):
+//! every process prepared as one is ([`Setup`]), then forked with its
+//! recorded pid by its recorded parent, and completed and resumed one by
+//! one.
+//!
+//! 1. Before any fork: the pipes and socket pairs whose ends different
+//!    processes hold are created once ([`files::cross_process_ends`]); each
+//!    process's descriptors are prepared, a descriptor it inherited being a
+//!    duplicate of the one prepared for the process it was saved with (the
+//!    same open file description); shared memory objects are one memfd per
+//!    saved inode for every process that maps them.
+//! 2. The agent forks the root (as for one process, in a pid namespace of
+//!    its own when the pid is taken) and traces it with
+//!    `PTRACE_O_TRACEFORK`; the root then sets its session, forks its
+//!    children with their recorded pids (`clone3` `set_tid`), each of which
+//!    sets its session or group and forks its own ([`child::tree_main`]).
+//!    The agent follows every fork event, so every process is traced from
+//!    its first instruction.
+//! 3. Each process then builds its layout and gets its threads, state and
+//!    pager, as one process does; the caller resumes them all.
+//!
+//! Private memory a child shares copy-on-write with its parent is stored
+//! once in the image but filled into each process separately: the pages are
+//! not shared again after a restore.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use persist_common::image::{Image, Manifest};
+
+use super::child::{self, SessionStep, TreeNode};
+use super::setup::Setup;
+use super::skeleton::{RestoreConfig, Restored, Skeleton};
+use super::spawn::{self, KillGuard, TRACE_OPTIONS, pipe_above};
+use super::{RestoreError, verify};
+use crate::files::{self, PathAccess};
+use crate::host;
+use crate::sys::ptrace::{self, Stop};
+
+/// Every process of a restored tree, stopped before its first instruction;
+/// dropping it kills them all.
+#[derive(Debug)]
+pub struct TreeSkeleton {
+    /// Dropped first: kills the tree unless it was resumed.
+    guard: TreeGuard,
+    /// The root first, then the descendants in image order.
+    skeletons: Vec<Skeleton>,
+}
+
+impl TreeSkeleton {
+    /// Builds every process of `image` (which holds a tree), stopped.
+    pub fn prepare(image: Arc<Image>, config: RestoreConfig) -> Result<Self, RestoreError> {
+        let started = Instant::now();
+        image.check_host(&host::kernel_info(), &host::cpu_info())?;
+        let manifest = image.manifest();
+        let mut images = vec![Arc::clone(&image)];
+        for index in 0..manifest.children.len() {
+            let view = image
+                .process_image(index)
+                .expect("index within the image's children");
+            images.push(Arc::new(view));
+        }
+        if config.verify_pages_first {
+            for view in &images {
+                verify::all_pages(view)?;
+            }
+        }
+        let shape = Shape::of(manifest)?;
+        let accesses: Vec<PathAccess> = images
+            .iter()
+            .map(|view| {
+                let mut agent_files = config.agent_files.clone();
+                agent_files.extend(
+                    view.manifest()
+                        .agent_files
+                        .iter()
+                        .map(std::path::PathBuf::from),
+                );
+                PathAccess::for_process(
+                    &view.manifest().process.credentials,
+                    config.accept_changed_files,
+                    agent_files,
+                )
+            })
+            .collect();
+        let own_fds: Vec<&[persist_common::image::FdInfo]> =
+            images.iter().map(|view| &view.manifest().fds[..]).collect();
+        let mut cross = files::cross_process_ends(&own_fds, &accesses[0])?;
+        let mut root_inherited = Some(config.inherited);
+
+        // Every process prepared before the first fork.
+        let mut shared: HashMap<u64, OwnedFd> = HashMap::new();
+        let mut setups: Vec<Setup> = Vec::with_capacity(images.len());
+        for (index, view) in images.iter().enumerate() {
+            let pid = view.manifest().process.pid;
+            let mut inherited = std::mem::take(&mut cross[index]);
+            if index == 0 {
+                inherited.append(root_inherited.take().unwrap_or_default());
+            } else {
+                let child = &manifest.children[index - 1];
+                for link in &child.inherited_fds {
+                    let holder = shape.index_of(link.from_pid).filter(|&h| h < index);
+                    let source = holder
+                        .and_then(|holder| setups[holder].fds().source_of(link.from_fd))
+                        .ok_or_else(|| {
+                            RestoreError::Layout(format!(
+                                "pid {pid} fd {}: inherits fd {} of pid {}, which is not prepared \
+                             before it",
+                                link.fd, link.from_fd, link.from_pid
+                            ))
+                        })?;
+                    let copy = source
+                        .try_clone_to_owned()
+                        .map_err(|e| RestoreError::io(format!("pid {pid} fd {}", link.fd), e))?;
+                    if link.cloexec {
+                        inherited.insert_cloexec(link.fd, copy);
+                    } else {
+                        inherited.insert(link.fd, copy);
+                    }
+                }
+            }
+            let setup = Setup::new(
+                Arc::clone(view),
+                inherited,
+                &accesses[index],
+                &mut shared,
+                true,
+            )
+            .map_err(|source| RestoreError::InTree {
+                pid,
+                source: Box::new(source),
+            })?;
+            setups.push(setup);
+        }
+        drop(shared);
+
+        let nodes: Vec<TreeNode<'_>> = setups
+            .iter()
+            .enumerate()
+            .map(|(index, setup)| TreeNode {
+                plan: setup.plan(),
+                pid: setup.image.manifest().process.pid,
+                parent: shape.parents[index],
+                session: shape.sessions[index],
+            })
+            .collect();
+        let max_fd = setups
+            .iter()
+            .flat_map(|setup| setup.plan().keep.last().copied())
+            .max()
+            .unwrap_or(0);
+        let (fork_go_read, fork_go_write) = pipe_above(max_fd + 1)?;
+        let fork_go = fork_go_read.as_raw_fd();
+
+        // The root, forked by the agent, forks the rest.
+        let forked_at = Instant::now();
+        let mut guard = KillGuard {
+            pids: Vec::new(),
+            threads: Vec::new(),
+        };
+        let root = &setups[0];
+        let (root_pid, init_pid) = spawn::spawn_with(
+            &root.plan(),
+            manifest.process.pid,
+            &root.pipes(),
+            &mut guard,
+            TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK,
+            // Checked here, not found out by the root's forks: the
+            // namespace is chosen once, for the whole tree.
+            shape.pids[1..]
+                .iter()
+                .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()),
+            &|| child::tree_main(&nodes, 0, Some(fork_go)),
+        )?;
+        drop(fork_go_read);
+        // From here on, the whole tree is killed on an error; the guard is
+        // declared after the skeletons so that it is dropped first.
+        let mut skeletons = Vec::with_capacity(setups.len());
+        guard.pids.clear();
+        let mut tree_guard = TreeGuard {
+            pids: vec![root_pid],
+            threads: Vec::new(),
+            init: init_pid,
+        };
+        let mut pids = vec![0; setups.len()];
+        pids[0] = root_pid;
+        ptrace::cont(root_pid, 0).map_err(RestoreError::ptrace(root_pid, "cont"))?;
+        spawn::write_pipe(&fork_go_write, &[1])?;
+        for index in 0..setups.len() {
+            let pid = pids[index];
+            let status = setups[index].pipes().status;
+            if index > 0 {
+                // Its first stop, as a traced child of a traced process.
+                match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
+                    Stop::Event { .. } => {}
+                    other => return Err(spawn::child_failure(pid, other, status)),
+                }
+                ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
+            }
+            for child in (0..setups.len()).filter(|&c| shape.parents[c] == Some(index)) {
+                let forked = match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
+                    Stop::Event {
+                        event: ptrace::PTRACE_EVENT_FORK,
+                        ..
+                    } => ptrace::event_message(pid)
+                        .map_err(RestoreError::ptrace(pid, "event message"))?
+                        as i32,
+                    other => return Err(spawn::child_failure(pid, other, status)),
+                };
+                tree_guard.pids.push(forked);
+                pids[child] = forked;
+                ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
+            }
+        }
+        // Each stopped again before its layout, as one process is.
+        for (index, &pid) in pids.iter().enumerate() {
+            ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
+            spawn::expect_event_stop(pid, setups[index].pipes().status)?;
+        }
+        drop(nodes);
+
+        for (index, setup) in setups.into_iter().enumerate() {
+            let pid = pids[index];
+            let init = if index == 0 { init_pid } else { None };
+            let mut threads = KillGuard {
+                pids: Vec::new(),
+                threads: Vec::new(),
+            };
+            let skeleton = setup
+                .finish(pid, init, started, forked_at, &mut threads)
+                .map_err(|source| RestoreError::InTree {
+                    pid: images[index].manifest().process.pid,
+                    source: Box::new(source),
+                })?;
+            tree_guard.threads.append(&mut threads.threads);
+            skeletons.push(skeleton);
+        }
+        Ok(Self {
+            guard: tree_guard,
+            skeletons,
+        })
+    }
+
+    /// Lets every process run, the descendants first, the root last; each
+    /// one's pager must then be run.
+    pub fn resume(mut self) -> Result<Vec<Restored>, RestoreError> {
+        let mut restored = Vec::with_capacity(self.skeletons.len());
+        while let Some(skeleton) = self.skeletons.pop() {
+            restored.push(skeleton.resume()?);
+        }
+        restored.reverse();
+        // Disarmed: the processes run on.
+        self.guard.pids.clear();
+        self.guard.threads.clear();
+        self.guard.init = None;
+        Ok(restored)
+    }
+}
+
+/// Kills what is made of a tree when dropped. All at once, then reaped
+/// children first: the init of a pid namespace waits for every process
+/// in it, and a killed process we trace reaches its parent only once we
+/// have waited for it.
+#[derive(Debug)]
+struct TreeGuard {
+    /// Every process forked, parents before their children.
+    pids: Vec<i32>,
+    /// Threads made after the first of each process.
+    threads: Vec<i32>,
+    /// The init of the tree's pid namespace.
+    init: Option<i32>,
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        let all = || self.pids.iter().chain(&self.threads).chain(&self.init);
+        for &pid in all() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for &pid in self
+            .threads
+            .iter()
+            .chain(self.pids.iter().rev())
+            .chain(&self.init)
+        {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            );
+        }
+    }
+}
+
+/// Who forks whom, and how each gets its session and group.
+struct Shape {
+    /// Recorded pid of each process, the root first.
+    pids: Vec<i32>,
+    /// Index of each process's parent.
+    parents: Vec<Option<usize>>,
+    sessions: Vec<SessionStep>,
+}
+
+impl Shape {
+    /// Refuses a parent that is not restored before its child, and a
+    /// session or process group that the forks cannot give back.
+    fn of(manifest: &Manifest) -> Result<Self, RestoreError> {
+        let root = &manifest.process;
+        let mut pids = vec![root.pid];
+        let mut parents = vec![None];
+        // The root becomes a session and group leader, as one process does;
+        // the session and group it had are its own from then on.
+        let mut sessions = vec![SessionStep::NewSession];
+        let mut restored_group: HashMap<i32, i32> =
+            HashMap::from([(root.pgid, root.pid), (root.pid, root.pid)]);
+        let mut restored_session: HashMap<i32, i32> =
+            HashMap::from([(root.sid, root.pid), (root.pid, root.pid)]);
+        // The restored group and session of each process.
+        let mut groups = vec![(root.pid, root.pid)];
+        for child in &manifest.children {
+            let pid = child.process.pid;
+            let parent = pids.iter().position(|&p| p == child.ppid).ok_or_else(|| {
+                RestoreError::Layout(format!(
+                    "pid {pid}: its parent pid {} is not restored before it",
+                    child.ppid
+                ))
+            })?;
+            let (parent_group, parent_session) = groups[parent];
+            let (pgid, sid) = (child.process.pgid, child.process.sid);
+            let session = if sid == pid {
+                if pgid != pid {
+                    return Err(RestoreError::Layout(format!(
+                        "pid {pid} leads session {sid} but is in process group {pgid}"
+                    )));
+                }
+                SessionStep::NewSession
+            } else if restored_session.get(&sid) == Some(&parent_session) {
+                match restored_group.get(&pgid) {
+                    Some(&group) if group == parent_group => SessionStep::Inherit,
+                    Some(&group) => SessionStep::JoinGroup(group),
+                    None if pgid == pid => SessionStep::OwnGroup,
+                    None => {
+                        return Err(RestoreError::Layout(format!(
+                            "pid {pid}: process group {pgid} has no leader restored before it"
+                        )));
+                    }
+                }
+            } else {
+                return Err(RestoreError::Layout(format!(
+                    "pid {pid}: session {sid} is not its parent's (pid {})",
+                    child.ppid
+                )));
+            };
+            let group = match session {
+                SessionStep::Inherit => parent_group,
+                SessionStep::NewSession | SessionStep::OwnGroup => pid,
+                SessionStep::JoinGroup(group) => group,
+            };
+            let own_session = if session == SessionStep::NewSession {
+                pid
+            } else {
+                parent_session
+            };
+            restored_group.entry(pgid).or_insert(group);
+            restored_session.entry(sid).or_insert(own_session);
+            groups.push((group, own_session));
+            pids.push(pid);
+            parents.push(Some(parent));
+            sessions.push(session);
+        }
+        Ok(Self {
+            pids,
+            parents,
+            sessions,
+        })
+    }
+
+    fn index_of(&self, pid: i32) -> Option<usize> {
+        self.pids.iter().position(|&p| p == pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use persist_common::image::{ChildProcess, ProcessInfo};
+
+    use super::*;
+
+    fn process(pid: i32, pgid: i32, sid: i32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            pgid,
+            sid,
+            ..ProcessInfo::default()
+        }
+    }
+
+    fn child(ppid: i32, pid: i32, pgid: i32, sid: i32) -> ChildProcess {
+        ChildProcess {
+            ppid,
+            process: process(pid, pgid, sid),
+            threads: Vec::new(),
+            mappings: Vec::new(),
+            fds: Vec::new(),
+            inherited_fds: Vec::new(),
+        }
+    }
+
+    fn tree(root: ProcessInfo, children: Vec<ChildProcess>) -> Manifest {
+        Manifest {
+            process: root,
+            children,
+            ..Manifest::default()
+        }
+    }
+
+    #[test]
+    fn workers_in_the_masters_group_and_session_inherit_them() {
+        // nginx started from a shell: the shell's group and session.
+        let manifest = tree(
+            process(10, 5, 5),
+            vec![child(10, 11, 5, 5), child(10, 12, 5, 5)],
+        );
+        let shape = Shape::of(&manifest).expect("a restorable tree");
+        assert_eq!(shape.parents, [None, Some(0), Some(0)]);
+        assert_eq!(
+            shape.sessions,
+            [
+                SessionStep::NewSession,
+                SessionStep::Inherit,
+                SessionStep::Inherit
+            ]
+        );
+    }
+
+    #[test]
+    fn groups_and_sessions_of_their_own_are_made_and_joined() {
+        let manifest = tree(
+            process(10, 10, 10),
+            vec![
+                // A group of its own, then its child in it, and a sibling
+                // that joined it.
+                child(10, 12, 12, 10),
+                child(12, 13, 12, 10),
+                child(10, 14, 12, 10),
+                // A daemonised helper: a session of its own.
+                child(10, 15, 15, 15),
+            ],
+        );
+        let shape = Shape::of(&manifest).expect("a restorable tree");
+        assert_eq!(
+            shape.sessions,
+            [
+                SessionStep::NewSession,
+                SessionStep::OwnGroup,
+                SessionStep::Inherit,
+                SessionStep::JoinGroup(12),
+                SessionStep::NewSession
+            ]
+        );
+        assert_eq!(shape.parents, [None, Some(0), Some(1), Some(0), Some(0)]);
+    }
+
+    #[test]
+    fn what_the_forks_cannot_give_back_is_refused_by_pid() {
+        let refused = |children| match Shape::of(&tree(process(10, 10, 10), children)) {
+            Err(err) => err.to_string(),
+            Ok(_) => panic!("a tree the forks cannot rebuild was accepted"),
+        };
+        assert_eq!(
+            refused(vec![child(99, 11, 10, 10)]),
+            "pid 11: its parent pid 99 is not restored before it"
+        );
+        assert_eq!(
+            refused(vec![child(10, 11, 12, 10), child(10, 12, 12, 10)]),
+            "pid 11: process group 12 has no leader restored before it"
+        );
+        assert_eq!(
+            refused(vec![child(10, 11, 11, 7)]),
+            "pid 11: session 7 is not its parent's (pid 10)"
+        );
+        assert_eq!(
+            refused(vec![child(10, 11, 10, 11)]),
+            "pid 11 leads session 11 but is in process group 10"
+        );
+    }
+}
