@@ -70,7 +70,7 @@ pub fn run() -> Result<()> {
     wait_until(Duration::from_secs(10), || {
         sandbox
             .service("web")
-            .is_ok_and(|s| s["parked_bytes"].as_u64() > Some(0))
+            .is_ok_and(|s| s["skeleton_pid"].is_i64())
     })
     .context("the parked skeleton did not appear")?;
     print_status(&sandbox)?;
@@ -78,7 +78,21 @@ pub fn run() -> Result<()> {
     println!(
         "and a stopped skeleton whose memory is paged in only on the wake; the starred figure"
     );
-    println!("is what that skeleton holds privately (each thread's stack top and TLS page).");
+    println!("is what the host pays for it while parked (docs/parked-cost.md):");
+    let cost = &sandbox.service("web")?["parked_cost"];
+    let kib = |part: &str| cost[part].as_u64().unwrap_or(0) / 1024;
+    println!(
+        "  {} KiB private memory of the skeleton (the pages python wrote in its libraries' data,",
+        kib("private_bytes")
+    );
+    println!("    in place before it runs, each thread's stack top) and of the port keeper,");
+    println!(
+        "  {} KiB page tables, {} KiB kernel objects, and {} KiB the agent grew by (all of it,",
+        kib("page_table_bytes"),
+        kib("kernel_bytes"),
+        kib("agent_share_bytes")
+    );
+    println!("    with one service; `cargo xtask bench --scale N` shows it per service for N).");
 
     println!(
         "\n-- first connection: restores the snapshot on the SYN and serves this very connection"
