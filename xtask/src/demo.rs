@@ -119,7 +119,7 @@ pub fn run() -> Result<()> {
     wait_until(Duration::from_secs(15), || {
         sandbox
             .service("web")
-            .is_ok_and(|s| s["state"] == "parked" && s["parked_bytes"].as_u64() > Some(0))
+            .is_ok_and(|s| s["state"] == "parked" && s["skeleton_pid"].is_i64())
     })
     .context("the service did not park")?;
     print_status(&sandbox)?;

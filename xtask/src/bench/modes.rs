@@ -505,7 +505,9 @@ impl Bench<'_> {
     }
 
     /// Polls the status until `service` is parked and, in snapshot mode, its
-    /// skeleton is prepared (it then has resident memory).
+    /// skeleton is prepared: the status names it (`skeleton_pid`), or, from
+    /// agents that did not name it, shows it resident memory. A wake before
+    /// that would prepare it on the SYN, and time the prepare.
     fn wait_parked(&self, service: &str, snapshot: bool) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -513,7 +515,12 @@ impl Bench<'_> {
             if let Some(error) = status["error"].as_str() {
                 bail!("{service} failed: {error}");
             }
-            let ready = !snapshot || parked_cost(&status).is_some_and(|bytes| bytes > 0);
+            let ready = !snapshot
+                || match status.get("skeleton_pid") {
+                    Some(pid) => pid.is_i64(),
+                    None if status.get("parked_cost").is_some() => false,
+                    None => parked_cost(&status).is_some_and(|bytes| bytes > 0),
+                };
             if status["state"] == "parked" && ready {
                 return Ok(status);
             }
