@@ -635,13 +635,19 @@ impl Bench<'_> {
     }
 }
 
-/// What the status says the parked service costs: `parked_bytes` in agents
-/// that report it, else the skeleton's `rss_bytes`.
+/// What the status says the parked service itself costs: `parked_bytes`
+/// less the agent's share (the agent's growth split among the few services
+/// of a bench run says little of one service; `bench --scale` measures it),
+/// in agents that report it, else the skeleton's `rss_bytes`.
 fn parked_cost(status: &Value) -> Option<u64> {
+    let agent_share = status["parked_cost"]["agent_share_bytes"]
+        .as_u64()
+        .unwrap_or(0);
     status
         .get("parked_bytes")
         .or_else(|| status.get("rss_bytes"))
         .and_then(Value::as_u64)
+        .map(|bytes| bytes.saturating_sub(agent_share))
 }
 
 /// Adds the agent's measurements of the last wake to `stats`.

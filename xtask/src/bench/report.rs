@@ -70,7 +70,7 @@ pub fn cost_table(results: &[ServerResult]) -> String {
         .collect();
     let mut out = String::new();
     out.push_str(
-        "| server | mode | add (start + checkpoint) | image on disk | running RSS | parked cost | parked ÷ running | resume (critical path) | SYN → running |",
+        "| server | mode | add (start + checkpoint) | image on disk | running RSS | parked cost (skeleton, keeper; agent apart) | parked ÷ running | resume (critical path) | SYN → running |",
     );
     for counter in &counters {
         let _ = write!(out, " {} |", counter_label(counter));
