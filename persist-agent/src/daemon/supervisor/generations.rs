@@ -213,7 +213,7 @@ impl Supervisor {
             };
             let (Some(tag), Generation::Kept(_)) = (tag, *next) else {
                 return Err(
-                    "the service is parked: its state is generation it will wake from; \
+                    "the service is parked: its state is the generation it will wake from; \
                      give --tag to keep that one for good"
                         .into(),
                 );
