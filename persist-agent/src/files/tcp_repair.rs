@@ -26,30 +26,17 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage};
-use persist_common::image::{FdKind, SocketOption, TcpConnection, TcpWindow};
+use persist_common::image::{FdKind, TcpConnection, TcpWindow};
 
 use super::FilesError;
 use super::inet::inet_addr;
+use super::sockopts::{self, Protocol};
 use crate::sys::kobjects;
 use crate::sys::pidfd::PidFd;
 use crate::sys::tcp_repair::{self as repair, RepairWindow};
 
 /// `tcpi_state` of an established connection.
 pub(super) const TCP_ESTABLISHED: u8 = 1;
-
-/// Integer options of a connection worth keeping; zero ones are not saved.
-const CONNECTION_OPTIONS: [(i32, i32, &str); 6] = [
-    (libc::IPPROTO_TCP, libc::TCP_NODELAY, "TCP_NODELAY"),
-    (libc::SOL_SOCKET, libc::SO_KEEPALIVE, "SO_KEEPALIVE"),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE"),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL"),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, "TCP_KEEPCNT"),
-    (
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        "TCP_USER_TIMEOUT",
-    ),
-];
 
 /// Reads of the receive queue's end and size before giving up on a peer
 /// that keeps sending.
@@ -306,13 +293,17 @@ pub(super) fn save(
     );
     let v6only =
         domain == libc::AF_INET6 && int(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "IPV6_V6ONLY")? != 0;
-    let mut options = Vec::new();
-    for (level, name, option) in CONNECTION_OPTIONS {
-        let value = int(level, name, option)?;
-        if value != 0 {
-            options.push(SocketOption { level, name, value });
-        }
-    }
+    // The options any TCP socket keeps (timeouts included), set again once
+    // the connection leaves repair mode. Its buffer sizes are its own
+    // (`buffers`), set before its queues are refilled: a locked size from
+    // the common options would shrink them under the refilled data.
+    let options: Vec<_> = sockopts::save(fd, sock, Protocol::Tcp)?
+        .into_iter()
+        .filter(|option| {
+            option.level != libc::SOL_SOCKET
+                || !matches!(option.name, libc::SO_SNDBUFFORCE | libc::SO_RCVBUFFORCE)
+        })
+        .collect();
     Ok(FdKind::TcpConnection(TcpConnection {
         local: local.to_string(),
         peer: peer.to_string(),
@@ -581,14 +572,8 @@ pub(super) fn finish(
         i32::from(saved.reuseaddr),
         "SO_REUSEADDR",
     )?;
-    for option in &saved.options {
-        set(
-            option.level,
-            option.name,
-            option.value,
-            &format!("{}/{}", option.level, option.name),
-        )?;
-    }
+    let shown = format!("TCP connection {} -> {}", saved.local, saved.peer);
+    sockopts::restore(fd, sock, &saved.options, None, &shown)?;
     let sent = saved.send_queue.len() - saved.send_unsent as usize;
     write_queue(
         fd,
