@@ -191,6 +191,15 @@ pub struct ServiceStatus {
     pub last_prefetch_pages: Option<u64>,
     /// Resident memory of the service's processes (of its prepared skeleton while parked).
     pub rss_bytes: u64,
+    /// Every process of the running service: its root (`pid`) first, then
+    /// the processes under it (a master's workers), parents first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<i32>,
+    /// The proportional set size of those processes summed (`Pss:` of
+    /// each `/proc/PID/smaps_rollup`): a page they share counts once, where
+    /// `rss_bytes` counts it in each. 0 while no process runs.
+    #[serde(default)]
+    pub pss_bytes: u64,
     /// What a parked service costs the host, [`ParkedCost::total`]. 0 while
     /// running.
     #[serde(default)]

@@ -23,6 +23,7 @@ pub mod files;
 pub mod host;
 pub mod inspect;
 pub mod launch;
+pub mod process_tree;
 // The bulk copy and the fault log are driven by the daemon's wake path only.
 #[cfg_attr(not(feature = "daemon"), allow(dead_code, unused_imports))]
 pub mod restore;

@@ -88,6 +88,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         last_filled_pages: Some(1000),
         last_prefetch_pages: Some(200),
         rss_bytes: 8 << 20,
+        pids: Vec::new(),
+        pss_bytes: 0,
         parked_bytes: 1 << 20,
         skeleton_pid: Some(4243),
         parked_cost: Some(ParkedCost {

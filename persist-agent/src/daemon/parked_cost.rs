@@ -18,7 +18,9 @@
 //! service among them) divided by the services it holds. docs/parked-cost.md compares the
 //! sum with the drop of the host's MemAvailable per parked service.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+
+use crate::process_tree::with_descendants;
 use std::sync::OnceLock;
 
 pub use crate::control::ParkedCost;
@@ -99,30 +101,6 @@ fn process_cost(pid: i32) -> ProcessCost {
             + mappings * sizes.per_mapping
             + files * sizes.per_file,
     }
-}
-
-/// `roots` and every process below them (`/proc/PID/task/TID/children`).
-fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
-    let mut seen = BTreeSet::new();
-    let mut pending: Vec<i32> = roots.to_vec();
-    while let Some(pid) = pending.pop() {
-        if !seen.insert(pid) {
-            continue;
-        }
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            pending.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<i32>().ok()),
-            );
-        }
-    }
-    seen
 }
 
 /// Bytes of kernel objects per thread, process, mapping and open file.

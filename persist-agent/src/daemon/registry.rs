@@ -15,6 +15,7 @@ use super::generations::{Generation, Generations};
 use super::keeper;
 use super::listener;
 use super::memory::rss_of_sessions;
+use crate::process_tree;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_of};
@@ -797,6 +798,9 @@ impl Registry {
                         };
                     }
                 }
+                // A tree's processes as they are now: a worker respawned
+                // since the wake included.
+                let pids = view.pid.map(process_tree::tree_of).unwrap_or_default();
                 ServiceStatus {
                     name: spec.name.clone(),
                     addr: spec.addr.to_string(),
@@ -814,6 +818,8 @@ impl Registry {
                     last_filled_pages: pager.as_ref().map(|p| p.filled_pages),
                     last_prefetch_pages: pager.as_ref().map(|p| p.prefetched_pages),
                     rss_bytes: rss_of_sessions(&processes, &view.sessions),
+                    pss_bytes: process_tree::pss_bytes(&pids),
+                    pids,
                     parked_bytes: parked_cost.map_or(0, |cost| cost.total()),
                     skeleton_pid,
                     parked_cost,
@@ -841,6 +847,8 @@ impl Registry {
                 last_filled_pages: None,
                 last_prefetch_pages: None,
                 rss_bytes: 0,
+                pids: Vec::new(),
+                pss_bytes: 0,
                 parked_bytes: 0,
                 skeleton_pid: None,
                 parked_cost: None,

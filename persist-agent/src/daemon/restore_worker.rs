@@ -686,6 +686,7 @@ impl Worker {
             mut pager,
             timings,
             resumed_at,
+            descendants,
         } = match resumed {
             Ok(restored) => restored,
             Err(err) => {
@@ -716,6 +717,7 @@ impl Worker {
             reply(Ok(resumed));
         }
         pager.hurry_when(self.pagers.stopping());
+        self.serve_descendants(descendants);
         self.report.lock().expect("report lock").serving = Some(pid);
         let filled = pager.run_until_filled();
         drop(at_work);
@@ -748,6 +750,36 @@ impl Worker {
         // The wake's buffers are free now: given back rather than kept in
         // this thread's heap for as long as the service runs.
         crate::sys::alloc::give_back_free_memory();
+    }
+
+    /// Serves the pages of a tree's other processes, each pager in a thread
+    /// of its own until its process's memory is all in (a stopping daemon
+    /// waits for them as for the root's). Only the root's faults are
+    /// recorded in the working set.
+    fn serve_descendants(&self, descendants: Vec<Restored>) {
+        for restored in descendants {
+            let at_work = self.pagers.start();
+            let mut pager = restored.pager;
+            let pid = restored.pid;
+            pager.hurry_when(self.pagers.stopping());
+            let name = self.name.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("pager-{pid}"))
+                .spawn(move || {
+                    match pager.run_until_filled() {
+                        Ok(stats) => {
+                            info!(service = %name, pid, faults = stats.faults, filled = stats.filled_pages, "all pages of a process of the tree in");
+                        }
+                        Err(err) => warn!(service = %name, pid, "pager: {err}"),
+                    }
+                    drop(at_work);
+                });
+            if let Err(err) = spawned {
+                // Its faults would wait forever: it must not run so.
+                warn!(service = %self.name, pid, "no thread for the pager, the process is killed: {err}");
+                let _ = restored.pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 
     /// Writes the working set `recording` names: the pages the wake faulted
@@ -791,6 +823,11 @@ impl Worker {
             WakePlan::All => {
                 if let Err(err) = skeleton.pager_mut().prefetch_all() {
                     warn!(service = %self.name, pid, "prefetching every page: {err}");
+                }
+                for pager in skeleton.descendant_pagers_mut() {
+                    if let Err(err) = pager.prefetch_all() {
+                        warn!(service = %self.name, pid = pager.pid(), "prefetching every page: {err}");
+                    }
                 }
                 None
             }

@@ -243,7 +243,7 @@ pub fn is_alive(record: &RunRecord) -> bool {
 /// Whether `pid` runs on its own: not stopped, traced, dying or with a
 /// SIGKILL pending. A skeleton a killed daemon left (recorded when it was
 /// prepared) is stopped, and must never be taken for a running service.
-fn is_running(pid: i32) -> bool {
+pub fn is_running(pid: i32) -> bool {
     let Ok(process) = procfs::process::Process::new(pid) else {
         return false;
     };

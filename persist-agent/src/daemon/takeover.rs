@@ -51,6 +51,18 @@ pub(super) fn take_over(
     if let Some(mut adopted) = run_state::adopt(record) {
         // Only a restored process has pages a pager of ours should serve.
         let restored = spec.mode == ServiceMode::Snapshot;
+        let tree = crate::process_tree::tree_of(record.pid);
+        if tree.len() > 1
+            && let Some(why) = unfit_tree(&tree[1..], restored)
+        {
+            // Only the root's pages can be taken over: a tree is adopted
+            // whole, all its memory in and every process running, or
+            // killed and parked again from its image.
+            warn!(service = %name, pid = record.pid, "a process of its tree {why}; stopping the tree and parking the service");
+            crate::process_tree::kill_tree(record.pid);
+            adopted.pidfd.wait_exit(std::time::Duration::from_secs(1));
+            return (None, Some(adopted.listener));
+        }
         if !restored || !run_state::has_pages_nobody_serves(record.pid) {
             return (Some(adopted), None);
         }
@@ -75,6 +87,9 @@ pub(super) fn take_over(
         // its queued connections are kept.
         if let Some(left) = run_state::take_listener(record) {
             info!(service = %name, pid = record.pid, "took the listener back from a stopped skeleton");
+            // A tree's skeleton (or a tree stopped by a park's checkpoint
+            // cut short): every process, children first.
+            crate::process_tree::kill_tree(record.pid);
             kill_and_wait(&left.pidfd);
             return (None, Some(left.listener));
         }
@@ -86,6 +101,21 @@ pub(super) fn take_over(
         stop_stray(record.pid);
     }
     (None, None)
+}
+
+/// Why the processes under an adopted root (`descendants`) cannot be
+/// adopted with it: one is stopped or traced (left so by a checkpoint a
+/// killed daemon cut short), or, `restored`, still has pages nobody serves.
+fn unfit_tree(descendants: &[i32], restored: bool) -> Option<String> {
+    descendants.iter().find_map(|&pid| {
+        if !run_state::is_running(pid) && !run_state::is_dying(pid) {
+            Some(format!("(pid {pid}) does not run on its own"))
+        } else if restored && run_state::has_pages_nobody_serves(pid) {
+            Some(format!("(pid {pid}) was still having its pages filled"))
+        } else {
+            None
+        }
+    })
 }
 
 /// Kills the process of `pidfd` and waits (a second at most) until it is
@@ -103,11 +133,13 @@ fn stop_stray(pid: i32) {
     };
     // A stopped process would only see SIGTERM once continued.
     if run_state::is_stopped(pid) {
+        crate::process_tree::kill_tree(pid);
         kill_and_wait(&pidfd);
         return;
     }
     let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGTERM);
     if !pidfd.wait_exit(std::time::Duration::from_secs(5)) {
+        crate::process_tree::kill_tree(pid);
         let _ = pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
     }
 }

@@ -137,17 +137,6 @@ pub enum RestoreError {
         /// What is wrong.
         what: String,
     },
-    /// The image holds a tree of processes, which is not restored yet.
-    #[error(
-        "the image holds pid {pid} and {descendants} descendant processes: process trees are \
-         not restored yet"
-    )]
-    ProcessTree {
-        /// The root of the tree.
-        pid: i32,
-        /// Processes under it.
-        descendants: usize,
-    },
     /// One process of a tree could not be restored.
     #[error("pid {pid} of the tree")]
     InTree {

@@ -191,6 +191,7 @@ impl Setup {
             }),
             uffd_fd: self.uffd_fd,
             continuer: None,
+            descendants: Vec::new(),
             pidfd: Some(pidfd),
             pager: Some(pager),
             timings: Timings {

@@ -21,6 +21,7 @@ use persist_common::image::{Image, Manifest};
 use super::pager::Pager;
 use super::setup::Setup;
 use super::spawn::{self, KillGuard};
+use super::tree::TreeSkeleton;
 use super::{RestoreError, threads, verify};
 use crate::files::{self, InheritedFds, PathAccess};
 use crate::host;
@@ -85,6 +86,10 @@ pub struct Skeleton {
     /// Its timers, armed when it resumes; taken by the first resume or
     /// release.
     pub(super) timers: Option<ResumeTimers>,
+    /// The other processes of a restored tree (this one is its root), in
+    /// image order: parents before their children. Released, resumed and
+    /// killed with the root.
+    pub(super) descendants: Vec<Skeleton>,
 }
 
 /// What arms a process's timers when it resumes, so that they count their
@@ -129,6 +134,9 @@ struct ContinuerState {
     continued: std::sync::Mutex<Option<(Instant, Duration)>>,
     /// Its timers, armed right before the continue.
     timers: ResumeTimers,
+    /// The released descendants of a tree's root, continued before it
+    /// (children first).
+    descendants: Vec<Continuer>,
 }
 
 impl Continuer {
@@ -140,6 +148,10 @@ impl Continuer {
             return Ok(done);
         }
         let started = Instant::now();
+        // A tree's workers first: the root (a master) finds them running.
+        for descendant in self.inner.descendants.iter().rev() {
+            descendant.continue_process()?;
+        }
         let pid = self.inner.pidfd.pid();
         self.inner.timers.arm(pid)?;
         self.inner
@@ -182,6 +194,9 @@ pub struct Restored {
     pub timings: Timings,
     /// When it was let run.
     pub resumed_at: Instant,
+    /// The other processes of a restored tree, each with its own pager to
+    /// run (image order: parents before their children).
+    pub descendants: Vec<Restored>,
 }
 
 impl Skeleton {
@@ -193,10 +208,13 @@ impl Skeleton {
         image.check_host(&host::kernel_info(), &host::cpu_info())?;
         let manifest = image.manifest();
         if !manifest.children.is_empty() {
-            return Err(RestoreError::ProcessTree {
-                pid: manifest.process.pid,
-                descendants: manifest.children.len(),
-            });
+            let root = TreeSkeleton::prepare(image, config)?.into_root();
+            if root.init_pid.is_none() {
+                // As for one process: its exit status goes to whoever
+                // resumes it.
+                crate::sys::spawn::claim(root.pid);
+            }
+            return Ok(root);
         }
         if config.verify_pages_first {
             verify::all_pages(&image)?;
@@ -235,6 +253,18 @@ impl Skeleton {
         self.pid
     }
 
+    /// The pids of the other processes of a restored tree (empty for one
+    /// process), parents before their children.
+    pub fn descendant_pids(&self) -> Vec<i32> {
+        self.descendants.iter().map(|d| d.pid).collect()
+    }
+
+    /// The pagers of the other processes of a restored tree, to copy pages
+    /// in before they resume.
+    pub(crate) fn descendant_pagers_mut(&mut self) -> impl Iterator<Item = &mut Pager> {
+        self.descendants.iter_mut().map(Skeleton::pager_mut)
+    }
+
     /// Pid of the init of the skeleton's own pid namespace, when its
     /// recorded pid was taken here and it needed one.
     pub fn init_pid(&self) -> Option<i32> {
@@ -271,12 +301,19 @@ impl Skeleton {
     /// `None` too when the process has timers of its own to arm at the
     /// resume, which takes a table run under ptrace.
     pub fn release(&mut self) -> Result<Option<Continuer>, RestoreError> {
-        let own_timers = self.timers.as_ref().is_some_and(|t| t.table.is_some());
-        if !self.sigcont_is_default || own_timers {
+        // A tree is released whole or not at all: the resume continues
+        // every process from one place.
+        if !self.can_release() || !self.descendants.iter().all(Skeleton::can_release) {
             return Ok(None);
         }
         if let Some(continuer) = &self.continuer {
             return Ok(Some(continuer.clone()));
+        }
+        let mut descendants = Vec::with_capacity(self.descendants.len());
+        for descendant in &mut self.descendants {
+            if let Some(continuer) = descendant.release()? {
+                descendants.push(continuer);
+            }
         }
         let pidfd = self.pidfd.as_ref().expect("a skeleton holds its pidfd");
         // Pending while every thread is in a ptrace stop: each takes it
@@ -292,10 +329,19 @@ impl Skeleton {
                     .map_err(RestoreError::ptrace(self.pid, "dup pidfd"))?,
                 continued: std::sync::Mutex::new(None),
                 timers: self.timers.take().unwrap_or_default(),
+                descendants,
             }),
         };
         self.continuer = Some(continuer.clone());
         Ok(Some(continuer))
+    }
+
+    /// Whether this process alone may wait in a group stop: it leaves
+    /// `SIGCONT` to the kernel and has no timers of its own to arm under
+    /// ptrace.
+    fn can_release(&self) -> bool {
+        let own_timers = self.timers.as_ref().is_some_and(|t| t.table.is_some());
+        self.sigcont_is_default && !own_timers
     }
 
     /// Detaches every thread, the leader last.
@@ -309,6 +355,28 @@ impl Skeleton {
     /// Lets every thread run. The process faults on its first touch of
     /// memory, so the caller must run the returned pager.
     pub fn resume(mut self) -> Result<Restored, RestoreError> {
+        // A tree's descendants first, children before their parents, the
+        // root last (a released tree's root continues them all at once).
+        let mut descendants = Vec::with_capacity(self.descendants.len());
+        while let Some(descendant) = self.descendants.pop() {
+            match descendant.resume() {
+                Ok(restored) => descendants.push(restored),
+                Err(err) => {
+                    // The root is killed as its skeleton drops; these run
+                    // already and must not outlive it.
+                    for running in &descendants {
+                        let _ = running.pidfd.send_signal(Signal::SIGKILL);
+                    }
+                    for rest in &self.descendants {
+                        if let Some(pidfd) = &rest.pidfd {
+                            let _ = pidfd.send_signal(Signal::SIGKILL);
+                        }
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        descendants.reverse();
         let (resumed_at, took) = match &self.continuer {
             // Perhaps done already, by the daemon's wake thread.
             Some(continuer) => continuer.continue_process()?,
@@ -338,6 +406,7 @@ impl Skeleton {
             pager,
             timings,
             resumed_at,
+            descendants,
         };
         self.tids.clear();
         Ok(restored)
@@ -352,6 +421,17 @@ impl Drop for Skeleton {
         // Never resumed: the process must not survive its skeleton.
         if let Some(pidfd) = &self.pidfd {
             let _ = pidfd.send_signal(Signal::SIGKILL);
+        }
+        // A tree: every process killed at once, then reaped children
+        // first (a killed process we trace reaches its parent only once
+        // we have waited for it), the root and its namespace's init last.
+        for descendant in &self.descendants {
+            if let Some(pidfd) = &descendant.pidfd {
+                let _ = pidfd.send_signal(Signal::SIGKILL);
+            }
+        }
+        while let Some(descendant) = self.descendants.pop() {
+            drop(descendant);
         }
         // Threads we still trace first: their leader is reported only once
         // they are reaped (a released skeleton's are not ours: ECHILD).

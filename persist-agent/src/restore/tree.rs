@@ -243,6 +243,19 @@ impl TreeSkeleton {
         })
     }
 
+    /// The root's skeleton holding every other process of the tree
+    /// ([`Skeleton::descendant_pids`]): released, resumed and killed with
+    /// it, as the daemon handles one process.
+    pub fn into_root(mut self) -> Skeleton {
+        // The skeletons kill the tree from here on.
+        self.guard.pids.clear();
+        self.guard.threads.clear();
+        self.guard.init = None;
+        let mut root = self.skeletons.remove(0);
+        root.descendants = std::mem::take(&mut self.skeletons);
+        root
+    }
+
     /// Lets every process run, the descendants first, the root last; each
     /// one's pager must then be run.
     pub fn resume(mut self) -> Result<Vec<Restored>, RestoreError> {

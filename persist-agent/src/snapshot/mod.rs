@@ -120,16 +120,6 @@ pub enum BuildError {
         /// Details.
         reason: String,
     },
-    /// Multi-process services cannot be snapshotted yet.
-    #[error(
-        "pid {pid} has child processes ({children:?}): only single-process services can be snapshotted"
-    )]
-    HasChildren {
-        /// The process.
-        pid: i32,
-        /// Its children.
-        children: Vec<i32>,
-    },
     /// The checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -184,14 +174,10 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
             .map_err(|err| BuildError::Other(format!("warm-up request: {err}")))?;
     }
 
-    readiness::wait_for_quiet_sockets(spawned.pid, QUIET_WAIT);
-    let children = handover::children(spawned.pid);
-    if !children.is_empty() {
-        return Err(BuildError::HasChildren {
-            pid: spawned.pid,
-            children,
-        });
-    }
+    readiness::wait_for_quiet_sockets(&crate::process_tree::tree_of(spawned.pid), QUIET_WAIT);
+    // A service of several processes (a master and its workers) is
+    // checkpointed whole, and restored so.
+    let tree = !handover::children(spawned.pid).is_empty();
     let (listener_fd, listener) = handover::take_listener(&spawned.pidfd, request.port)?;
     let summary = checkpoint(&CheckpointOptions {
         pid: spawned.pid,
@@ -201,8 +187,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         base: None,
         agent_files: vec![request.log.clone()],
         recovery_file: None,
-        // Refused above: the daemon does not park trees yet.
-        tree: false,
+        tree,
         // A warm-up client still connected would be woken into a
         // conversation it never started.
         client_ports: vec![request.port],

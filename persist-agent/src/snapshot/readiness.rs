@@ -162,12 +162,12 @@ pub fn send_warmup_request(addr: IpAddr, port: u16, ready: &Readiness) -> std::i
     Ok(())
 }
 
-/// Waits (up to `limit`) until `pid` holds no TCP socket but listeners: the
+/// Waits (up to `limit`) until none of `pids` holds a TCP socket but listeners: the
 /// connections of readiness checks and warm-up requests must be closed on
 /// its side too before the snapshot, since live connections cannot be saved.
-pub(super) fn wait_for_quiet_sockets(pid: i32, limit: Duration) {
+pub(super) fn wait_for_quiet_sockets(pids: &[i32], limit: Duration) {
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline && has_connections(pid) {
+    while Instant::now() < deadline && pids.iter().any(|&pid| has_connections(pid)) {
         std::thread::sleep(POLL);
     }
 }

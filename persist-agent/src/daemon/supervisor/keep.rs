@@ -70,6 +70,13 @@ impl Supervisor {
             self.publish(State::Stopping, Some(pid));
             self.set_bpf_state(BpfState::Stopping);
         }
+        // A service of several processes is checkpointed whole. A recovery
+        // file undoes the checkpoint of one process only: a daemon killed
+        // while it checkpoints a tree leaves the tree stopped (or, killed
+        // in an injected call, dead), and the next daemon kills what is
+        // left of it and parks the service from its last kept state
+        // (`takeover.rs`): the state since then is lost, never run on.
+        let tree = crate::process_tree::tree_of(pid).len() > 1;
         let options = CheckpointOptions {
             pid,
             image,
@@ -79,12 +86,11 @@ impl Supervisor {
             agent_files: Vec::new(),
             // A daemon killed meanwhile leaves the process stopped; the
             // next one undoes the checkpoint and adopts it.
-            recovery_file: Some(self.run_state.checkpoint_path(&self.spec.name)),
+            recovery_file: (!tree).then(|| self.run_state.checkpoint_path(&self.spec.name)),
             // A client still connected keeps the service running; its
             // outbound connections are kept with it.
             client_ports: vec![self.spec.port],
-            // The daemon does not park trees yet.
-            tree: false,
+            tree,
         };
         let started = Instant::now();
         let mut result = checkpoint_when_filled(options.clone()).await;

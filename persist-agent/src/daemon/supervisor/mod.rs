@@ -296,6 +296,11 @@ impl Child {
     }
 
     fn signal(&self, signal: Signal) {
+        if signal == Signal::SIGKILL {
+            // Every process of a tree by pid, children first, whatever
+            // group it moved to: no worker outlives its service.
+            crate::process_tree::kill_tree(self.pid);
+        }
         // The whole session: a service's workers go with it.
         if nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), signal).is_err() {
             let _ = self.exited.get_ref().send_signal(signal);
@@ -499,6 +504,12 @@ impl Supervisor {
                     let pid = child.pid;
                     info!(service = %self.spec.name, pid, ?status, "service exited");
                     self.child = None;
+                    if matches!(self.starter, Starter::Restore { .. }) {
+                        // The root's exit is the service's: a worker left
+                        // in its group must not hold the port on (the
+                        // group's id cannot be a new process's meanwhile).
+                        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                    }
                     let ran_for = self.running_since.elapsed();
                     let wake_failure = self.wake_failure(pid).await;
                     if wake_failure.is_none() && self.roll_back_after_crash(status, ran_for) {
@@ -650,6 +661,7 @@ pub fn kill_stray(service: &str, result: Result<Resumed, String>) {
             pid = resumed.pid,
             "a second process was resumed: killed"
         );
+        crate::process_tree::kill_tree(resumed.pid);
         let _ = resumed.pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
     }
 }

@@ -1,0 +1,113 @@
+//! The processes of a service that is a tree (nginx's master and workers,
+//! gunicorn's arbiter and workers), found from its root pid in /proc: for
+//! `status`, the parked cost, and to stop every one of them.
+
+use std::collections::BTreeSet;
+
+use nix::sys::signal::Signal;
+
+use crate::sys::pidfd::PidFd;
+
+/// `root` and every process below it, parents before their children
+/// (`/proc/PID/task/TID/children` of every thread, since any may fork).
+pub fn tree_of(root: i32) -> Vec<i32> {
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let pid = tree[next];
+        next += 1;
+        for child in children(pid) {
+            if !tree.contains(&child) {
+                tree.push(child);
+            }
+        }
+    }
+    tree
+}
+
+/// `roots` and every process below them, each once.
+pub fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
+    roots.iter().flat_map(|&root| tree_of(root)).collect()
+}
+
+/// The children of every thread of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|child| child.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Kills `root` and every process below it: the descendants first (the
+/// deepest first), so that no worker outlives its service, then the root.
+/// Each is signalled through a pidfd opened while it is listed, so a pid
+/// recycled since is never hit.
+pub fn kill_tree(root: i32) {
+    let pidfds: Vec<PidFd> = tree_of(root)
+        .into_iter()
+        .filter_map(|pid| PidFd::open(pid).ok())
+        .collect();
+    for pidfd in pidfds.iter().rev() {
+        let _ = pidfd.send_signal(Signal::SIGKILL);
+    }
+}
+
+/// The proportional set size of `pids` summed (`Pss:` of
+/// `/proc/PID/smaps_rollup`): a page the processes share counts once
+/// across them, where their RSS counts it in each.
+pub fn pss_bytes(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|rollup| pss_kib(&rollup))
+        .sum::<u64>()
+        * 1024
+}
+
+/// The `Pss:` line of a smaps_rollup, in KiB.
+fn pss_kib(rollup: &str) -> Option<u64> {
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pss_line_is_read_in_kib() {
+        let rollup = "55e0-7ffd ---p 00000000 00:00 0   [rollup]\n\
+            Rss:                4200 kB\n\
+            Pss:                1234 kB\n\
+            Pss_Dirty:           100 kB\n";
+        assert_eq!(pss_kib(rollup), Some(1234));
+        assert_eq!(pss_kib("Rss: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn a_tree_lists_its_root_then_its_children_and_their_memory() {
+        let me = std::process::id() as i32;
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let tree = tree_of(me);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&pid), "{tree:?}");
+        assert!(pss_bytes(&[me]) > 0);
+        kill_tree(pid);
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "sleep was not killed: {status:?}");
+    }
+}
