@@ -561,9 +561,9 @@ fn redis_is_parked_only_once_its_background_save_is_over() {
 
 /// nginx as one process (`master_process off`): parked, woken by a
 /// connection, parked and woken again, the restored process appending to
-/// its access log. With a master and a worker, `add` refuses it by name.
+/// its access log. (A master with workers: tests/tests/process_tree_daemon.rs.)
 #[test]
-fn nginx_is_parked_and_woken_and_a_master_with_workers_is_refused() {
+fn nginx_is_parked_and_woken() {
     persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -592,17 +592,6 @@ fn nginx_is_parked_and_woken_and_a_master_with_workers_is_refused() {
             access_lines()
         )
     });
-
-    let command = nginx_command(&dir.path().join("two"), root.path(), 8111, true).unwrap();
-    let refused = sandbox.add("nginx-mw", 8111, &[], &command);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success()
-            && stderr.contains("has child processes")
-            && stderr.contains("only single-process services can be snapshotted"),
-        "{stderr}"
-    );
-    assert!(sandbox.service("nginx-mw").is_err(), "not registered");
 }
 
 /// Sends one memcached text-protocol command from the sandbox's namespace

@@ -1,0 +1,291 @@
+//! The daemon parks and wakes whole process trees: nginx's master and two
+//! workers, gunicorn's arbiter and two sync workers, added in snapshot
+//! mode (built, checkpointed as a tree), woken by a connection, parked and
+//! woken again, stopped whole. Each test runs its own daemon in its own
+//! network namespace and state directory.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use persist_tests::{Sandbox, nginx_command_with_workers, wait_until, web_root};
+
+/// The children of every thread of `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// The state letter of `pid` (`/proc/PID/stat`), `None` once it is gone.
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ").next()?.chars().next()
+}
+
+/// The start time of `pid` (`/proc/PID/stat` field 22), which tells it
+/// apart from a later process given the same pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ").next()?.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` runs no code: gone, a zombie, or stopped.
+fn runs_no_code(pid: i32) -> bool {
+    matches!(state_of(pid), None | Some('Z' | 'X' | 't' | 'T'))
+}
+
+/// The pids `status` lists for a running `name`, once its tree has
+/// `processes` processes, with the PSS and RSS of that one status.
+fn running_tree(sandbox: &Sandbox, name: &str, processes: usize) -> (Vec<i32>, u64, u64) {
+    let mut seen = None;
+    wait_until(Duration::from_secs(10), || {
+        let Ok(status) = sandbox.service(name) else {
+            return false;
+        };
+        let pids: Vec<i32> = status["pids"]
+            .as_array()
+            .map(|pids| {
+                pids.iter()
+                    .filter_map(|pid| pid.as_i64().map(|pid| pid as i32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ok = status["state"] == "running"
+            && pids.len() == processes
+            && status["pid"].as_i64() == Some(i64::from(pids[0]));
+        if ok {
+            seen = Some((
+                pids,
+                status["pss_bytes"].as_u64().unwrap_or(0),
+                status["rss_bytes"].as_u64().unwrap_or(0),
+            ));
+        }
+        ok
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "{name} never ran as {processes} processes: {:?}\n{}",
+            sandbox.service(name),
+            sandbox.daemon_log()
+        )
+    });
+    seen.expect("seen once the wait succeeded")
+}
+
+/// Waits until `name` is parked with a skeleton prepared; its pid.
+fn parked_skeleton(sandbox: &Sandbox, name: &str) -> i32 {
+    let mut skeleton = None;
+    wait_until(Duration::from_secs(20), || {
+        let status = sandbox.service(name).unwrap();
+        skeleton = status["skeleton_pid"].as_i64().map(|pid| pid as i32);
+        status["state"] == "parked" && skeleton.is_some()
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "{name} is not parked with a skeleton: {:?}\n{}",
+            sandbox.service(name),
+            sandbox.daemon_log()
+        )
+    });
+    skeleton.expect("seen once the wait succeeded")
+}
+
+/// An nginx configuration of a master and two workers serving `body`.
+fn nginx_tree(dir: &Path, port: u16, body: &str) -> (tempfile::TempDir, Vec<String>) {
+    let root = web_root();
+    std::fs::write(root.path().join("index.html"), body).unwrap();
+    let command = nginx_command_with_workers(&dir.join("nginx"), root.path(), port, 2)
+        .expect("nginx configuration");
+    (root, command)
+}
+
+/// nginx with `master_process on; worker_processes 2;`: added (built and
+/// checkpointed as a tree), woken by a request, its workers' memory served
+/// lazily (a worker killed and respawned by the restored master answers
+/// too), parked and woken again; `status` shows its three pids and a PSS
+/// below their summed RSS; SIGQUIT to the restored master stops the whole
+/// tree and the daemon sees the service exit.
+#[test]
+fn nginx_master_and_two_workers_are_parked_woken_and_stopped_whole() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8150;
+    const BODY: &str = "hello from the parked tree\n";
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
+    sandbox.add_ok("nginx", PORT, &[], &command).unwrap();
+
+    // Parked: the skeleton is the whole tree, and its cost covers it.
+    let skeleton = parked_skeleton(&sandbox, "nginx");
+    assert_eq!(
+        children_of(skeleton).len(),
+        2,
+        "the skeleton's master holds its two workers"
+    );
+    assert!(
+        children_of(skeleton).into_iter().all(runs_no_code),
+        "the skeleton's workers wait stopped"
+    );
+
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    let (pids, pss, rss) = running_tree(&sandbox, "nginx", 3);
+    assert_eq!(pids[0], skeleton, "the woken master is the skeleton's");
+    assert!(
+        pss > 0 && pss < rss,
+        "the tree's PSS {pss} counts the pages its processes share once, its RSS {rss} in each"
+    );
+
+    // A worker killed: the restored master forks a new one, whose memory
+    // (inherited from a master whose pages may still be coming in) is
+    // served as well.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[1]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        let workers = children_of(pids[0]);
+        workers.len() == 2 && !workers.contains(&pids[1])
+    })
+    .expect("the master respawns its worker");
+    for _ in 0..4 {
+        assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    }
+
+    sandbox.agent_ok(&["park", "nginx"]).unwrap();
+    let old: Vec<i32> = std::iter::once(pids[0])
+        .chain(children_of(pids[0]))
+        .collect();
+    let skeleton = parked_skeleton(&sandbox, "nginx");
+    wait_until(Duration::from_secs(5), || {
+        old.iter()
+            .all(|&pid| pid == skeleton || state_of(pid).is_none())
+    })
+    .unwrap_or_else(|_| panic!("a process of the parked tree {old:?} outlived its park"));
+
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    let (pids, _, _) = running_tree(&sandbox, "nginx", 3);
+    assert_eq!(sandbox.service("nginx").unwrap()["wakes"], 2);
+
+    // `nginx -s quit`: the master stops its workers, then itself.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        let status = sandbox.service("nginx").unwrap();
+        status["state"] == "parked" && status["pid"].is_null()
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "the daemon did not see nginx exit: {:?}\n{}",
+            sandbox.service("nginx"),
+            sandbox.daemon_log()
+        )
+    });
+    wait_until(Duration::from_secs(5), || {
+        pids.iter().all(|&pid| runs_no_code(pid))
+    })
+    .unwrap_or_else(|_| panic!("a process of the quit tree {pids:?} runs on"));
+    assert_eq!(
+        sandbox.http_get(PORT).unwrap(),
+        BODY,
+        "woken again after its exit"
+    );
+}
+
+/// A client connected to a worker keeps the tree running past its idle
+/// timeout; once it leaves, the tree is parked.
+#[test]
+fn a_tree_with_a_client_connected_to_a_worker_is_not_idle() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8151;
+    const BODY: &str = "hello from a busy tree\n";
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
+    sandbox
+        .add_ok("nginx", PORT, &["--idle-timeout", "300ms"], &command)
+        .unwrap();
+    parked_skeleton(&sandbox, "nginx");
+
+    // A keep-alive request: a worker answers and holds the connection.
+    let mut client = sandbox
+        .netns
+        .enter(|| TcpStream::connect(("127.0.0.1", PORT)))
+        .unwrap()
+        .expect("connecting to nginx");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains(BODY) {
+        let n = client.read(&mut buf).expect("nginx answers");
+        assert!(n > 0, "nginx closed after {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let (pids, _, _) = running_tree(&sandbox, "nginx", 3);
+    // Ten idle timeouts with the client connected.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = sandbox.service("nginx").unwrap();
+    assert_eq!(
+        status["state"], "running",
+        "parked with a client connected: {status}"
+    );
+    assert_eq!(status["pid"].as_i64(), Some(i64::from(pids[0])));
+
+    drop(client);
+    parked_skeleton(&sandbox, "nginx");
+    assert!(
+        pids[1..].iter().all(|&pid| runs_no_code(pid)),
+        "a worker of the parked tree runs on"
+    );
+}
+
+/// A daemon killed while a tree is parked: the tree's skeleton it left
+/// (stopped, holding the port) is killed whole by the restarted daemon,
+/// which prepares its own; the next request wakes the tree.
+#[test]
+fn a_parked_tree_is_woken_after_a_daemon_restart() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8152;
+    const BODY: &str = "hello after a restart\n";
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
+    sandbox.add_ok("nginx", PORT, &[], &command).unwrap();
+    let skeleton = parked_skeleton(&sandbox, "nginx");
+    let left: Vec<(i32, Option<u64>)> = std::iter::once(skeleton)
+        .chain(children_of(skeleton))
+        .map(|pid| (pid, start_time(pid)))
+        .collect();
+    assert_eq!(left.len(), 3, "the skeleton is the tree");
+
+    sandbox.kill_daemon();
+    sandbox.start_daemon().unwrap();
+    // The next skeleton may have the same (recorded) pids: told apart by
+    // their start times.
+    wait_until(Duration::from_secs(10), || {
+        left.iter().all(|&(pid, started)| start_time(pid) != started)
+    })
+    .unwrap_or_else(|_| panic!("the old skeleton's processes {left:?} were left behind"));
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    running_tree(&sandbox, "nginx", 3);
+}
