@@ -289,3 +289,59 @@ fn a_parked_tree_is_woken_after_a_daemon_restart() {
     assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
     running_tree(&sandbox, "nginx", 3);
 }
+
+/// gunicorn's arbiter and two sync workers serving a WSGI app: added,
+/// woken by a request, parked and woken again, three processes each time.
+#[test]
+fn gunicorn_arbiter_and_two_workers_are_parked_and_woken() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8153;
+    const BODY: &str = "hello from the parked arbiter\n";
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.py"),
+        format!(
+            "def app(environ, start_response):\n\
+             \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+             \x20   return [{BODY:?}.encode()]\n"
+        ),
+    )
+    .unwrap();
+    let command: Vec<String> = [
+        "gunicorn",
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--bind",
+        &format!("127.0.0.1:{PORT}"),
+        "--chdir",
+        dir.path().to_str().expect("a UTF-8 path"),
+        "app:app",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    sandbox
+        .add_ok("gunicorn", PORT, &["--ready", "http:/"], &command)
+        .unwrap();
+    let skeleton = parked_skeleton(&sandbox, "gunicorn");
+    assert_eq!(children_of(skeleton).len(), 2, "the arbiter holds its workers");
+
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    let (pids, pss, rss) = running_tree(&sandbox, "gunicorn", 3);
+    assert_eq!(pids[0], skeleton, "the woken arbiter is the skeleton's");
+    assert!(pss > 0 && pss < rss, "PSS {pss}, RSS {rss}");
+
+    sandbox.agent_ok(&["park", "gunicorn"]).unwrap();
+    parked_skeleton(&sandbox, "gunicorn");
+    assert!(
+        pids[1..].iter().all(|&pid| runs_no_code(pid)),
+        "a worker of the parked arbiter runs on"
+    );
+    for _ in 0..3 {
+        assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    }
+    running_tree(&sandbox, "gunicorn", 3);
+    assert_eq!(sandbox.service("gunicorn").unwrap()["wakes"], 2);
+}

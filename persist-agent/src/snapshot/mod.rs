@@ -29,6 +29,9 @@ use crate::sys::spawn::Identity;
 /// How long a ready service gets to close the connections of readiness
 /// checks and warm-up requests before it is snapshotted.
 const QUIET_WAIT: Duration = Duration::from_secs(2);
+/// How long the processes of a ready service that forks workers must stay
+/// the same before it is snapshotted.
+const TREE_SETTLE: Duration = Duration::from_millis(500);
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -174,7 +177,8 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
             .map_err(|err| BuildError::Other(format!("warm-up request: {err}")))?;
     }
 
-    readiness::wait_for_quiet_sockets(&crate::process_tree::tree_of(spawned.pid), QUIET_WAIT);
+    let processes = readiness::settled_tree(spawned.pid, TREE_SETTLE, QUIET_WAIT);
+    readiness::wait_for_quiet_sockets(&processes, QUIET_WAIT);
     // A service of several processes (a master and its workers) is
     // checkpointed whole, and restored so.
     let tree = !handover::children(spawned.pid).is_empty();

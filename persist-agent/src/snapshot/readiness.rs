@@ -162,6 +162,29 @@ pub fn send_warmup_request(addr: IpAddr, port: u16, ready: &Readiness) -> std::i
     Ok(())
 }
 
+/// The processes of the tree under `pid` once it stopped changing: a
+/// master that forks its workers one after the other (gunicorn sleeps up
+/// to 0.1 s between two) may be ready before the last is forked. Waits
+/// until the same processes were seen for `settle`, `limit` at most; a
+/// process with no children is not waited for.
+pub(super) fn settled_tree(pid: i32, settle: Duration, limit: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + limit;
+    let mut tree = crate::process_tree::tree_of(pid);
+    if tree.len() == 1 {
+        return tree;
+    }
+    let mut since = Instant::now();
+    while since.elapsed() < settle && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+        let now = crate::process_tree::tree_of(pid);
+        if now != tree {
+            tree = now;
+            since = Instant::now();
+        }
+    }
+    tree
+}
+
 /// Waits (up to `limit`) until none of `pids` holds a TCP socket but listeners: the
 /// connections of readiness checks and warm-up requests must be closed on
 /// its side too before the snapshot, since live connections cannot be saved.
