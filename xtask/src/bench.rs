@@ -64,6 +64,7 @@ pub fn run(
     runs: Option<usize>,
     update_docs: bool,
     scale: Option<usize>,
+    only: Option<&str>,
 ) -> Result<()> {
     if privilege::rerun_as_root(|| {
         deps::ensure(deps::TEST)?;
@@ -87,7 +88,13 @@ pub fn run(
     let scratch = tempfile::Builder::new()
         .prefix("persist-bench-")
         .tempdir()?;
-    let servers = Server::all(scratch.path())?;
+    let mut servers = Server::all(scratch.path())?;
+    if let Some(only) = only {
+        servers.retain(|server| server.service.starts_with(only));
+        if servers.is_empty() {
+            anyhow::bail!("no server of the bench has a service name starting with {only:?}");
+        }
+    }
     let sandbox = Sandbox::with_daemon()?;
     let bench = Bench {
         sandbox: &sandbox,

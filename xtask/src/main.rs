@@ -68,6 +68,10 @@ enum Task {
         /// the agent's size and a wake storm of one request to each.
         #[arg(long, value_name = "N")]
         scale: Option<usize>,
+        /// Only the servers whose service name starts with this (`nginx`:
+        /// both nginx rows).
+        #[arg(long, value_name = "NAME")]
+        only: Option<String>,
     },
 }
 
@@ -88,7 +92,8 @@ fn main() -> Result<()> {
             runs,
             update_docs,
             scale,
-        } => bench::run(quick, runs, update_docs, scale),
+            only,
+        } => bench::run(quick, runs, update_docs, scale, only.as_deref()),
     }
 }
 

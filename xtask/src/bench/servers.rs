@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use persist_tests::{binary, nginx_command, redis_server_command};
+use persist_tests::{binary, nginx_command, nginx_command_with_workers, redis_server_command};
 use serde::Serialize;
 
 use super::client::Probe;
@@ -21,7 +21,7 @@ pub enum Kind {
     Redis,
     /// nginx as one process (`master_process off`).
     Nginx,
-    /// nginx with its default master and worker processes.
+    /// nginx as Debian runs it on two cores: a master and two workers.
     NginxMaster,
 }
 
@@ -73,7 +73,7 @@ impl Server {
             server(Kind::Nginx, "nginx (1 process)", "nginx", 8400, Probe::Http),
             server(
                 Kind::NginxMaster,
-                "nginx (master + worker)",
+                "nginx (master + 2 workers)",
                 "nginx-mw",
                 8500,
                 Probe::Http,
@@ -100,11 +100,17 @@ impl Server {
                 self.dir.join("www").display().to_string(),
             ],
             Kind::Redis => redis_server_command(port),
-            Kind::Nginx | Kind::NginxMaster => nginx_command(
+            Kind::Nginx => nginx_command(
                 &self.dir.join(format!("nginx-{port}")),
                 &self.dir.join("www"),
                 port,
-                self.kind == Kind::NginxMaster,
+                false,
+            )?,
+            Kind::NginxMaster => nginx_command_with_workers(
+                &self.dir.join(format!("nginx-{port}")),
+                &self.dir.join("www"),
+                port,
+                2,
             )?,
         };
         Ok(argv)
