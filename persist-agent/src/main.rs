@@ -136,8 +136,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         recovery_file: Option<PathBuf>,
         /// Save the whole tree of processes under PID with it, instead of
-        /// refusing a process with children (`restore` rebuilds the tree; the
-        /// daemon does not park trees yet).
+        /// refusing a process with children (`restore` rebuilds the tree).
         #[arg(long)]
         tree: bool,
     },

@@ -290,6 +290,93 @@ fn a_parked_tree_is_woken_after_a_daemon_restart() {
     running_tree(&sandbox, "nginx", 3);
 }
 
+/// gunicorn serving `body` from `app.py` in `dir` on `port`: an arbiter
+/// and two sync workers.
+fn gunicorn_tree(dir: &Path, port: u16, app: &str) -> Vec<String> {
+    std::fs::write(dir.join("app.py"), app).unwrap();
+    [
+        "gunicorn",
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--bind",
+        &format!("127.0.0.1:{port}"),
+        "--chdir",
+        dir.to_str().expect("a UTF-8 path"),
+        "app:app",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A tree parked with `--on-idle keep` wakes where it stopped: each
+/// gunicorn worker counts the requests it served, and a worker answering
+/// after the wake counts on from its count before the park (a pristine
+/// restore would count from its count at `add`).
+#[test]
+fn a_tree_parked_with_its_state_kept_counts_on() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8154;
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let command = gunicorn_tree(
+        dir.path(),
+        PORT,
+        "import os\n\
+         served = 0\n\
+         def app(environ, start_response):\n\
+         \x20   global served\n\
+         \x20   served += 1\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [f'{os.getpid()} {served}\\n'.encode()]\n",
+    );
+    sandbox
+        .add_ok(
+            "counter",
+            PORT,
+            &["--ready", "http:/", "--on-idle", "keep"],
+            &command,
+        )
+        .unwrap();
+    let answer = |sandbox: &Sandbox| -> (i32, u64) {
+        let body = sandbox.http_get(PORT).unwrap();
+        let (pid, served) = body
+            .trim()
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("not a count: {body:?}"));
+        (pid.parse().unwrap(), served.parse().unwrap())
+    };
+    let mut before = std::collections::HashMap::new();
+    for _ in 0..12 {
+        let (pid, served) = answer(&sandbox);
+        let max = before.entry(pid).or_insert(0);
+        *max = served.max(*max);
+    }
+    running_tree(&sandbox, "counter", 3);
+    sandbox.agent_ok(&["park", "counter"]).unwrap();
+    let parked = sandbox.service("counter").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(parked["error"].is_null(), "the park kept the state: {parked}");
+    assert_ne!(parked["generation"], "pristine", "{parked}");
+
+    let mut compared = 0;
+    for _ in 0..12 {
+        let (pid, served) = answer(&sandbox);
+        if let Some(&max) = before.get(&pid) {
+            assert!(
+                served > max,
+                "worker {pid} answered {served} after the wake, {max} before the park"
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        compared > 0,
+        "no worker of before the park ({before:?}) answered after the wake"
+    );
+}
+
 /// gunicorn's arbiter and two sync workers serving a WSGI app: added,
 /// woken by a request, parked and woken again, three processes each time.
 #[test]

@@ -97,7 +97,7 @@ pub struct CheckpointOptions {
     /// Checkpoint the whole tree of processes under `pid` (saved as
     /// [`Manifest::children`]) rather than refusing a process with children
     /// ([`CheckpointError::HasChildren`]). `restore` rebuilds such an
-    /// image; the daemon's skeletons refuse it. Not with a recovery file
+    /// image, and so do the daemon's skeletons. Not with a recovery file
     /// ([`CheckpointError::TreeRecovery`]).
     pub tree: bool,
     /// The ports the process serves clients on: an established connection
@@ -248,7 +248,7 @@ pub enum CheckpointError {
     /// would wait for them in vain.
     #[error(
         "pid {pid} has child processes ({children:?}): only a checkpoint of the whole tree \
-         (--tree) can save them, and the daemon does not park trees yet"
+         (--tree) can save them"
     )]
     HasChildren {
         /// The process.

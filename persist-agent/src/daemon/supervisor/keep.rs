@@ -70,13 +70,16 @@ impl Supervisor {
             self.publish(State::Stopping, Some(pid));
             self.set_bpf_state(BpfState::Stopping);
         }
-        // A service of several processes is checkpointed whole. A recovery
-        // file undoes the checkpoint of one process only: a daemon killed
-        // while it checkpoints a tree leaves the tree stopped (or, killed
-        // in an injected call, dead), and the next daemon kills what is
-        // left of it and parks the service from its last kept state
-        // (`takeover.rs`): the state since then is lost, never run on.
-        let tree = crate::process_tree::tree_of(pid).len() > 1;
+        // A service restored as a tree (a master and its workers) is
+        // checkpointed whole; one restored as a single process is refused
+        // while it has a child (redis's background save), as before: a
+        // passing child is no part of the service to be restored. A
+        // recovery file undoes the checkpoint of one process only: a
+        // daemon killed while it checkpoints a tree leaves the tree stopped
+        // (or, killed in an injected call, dead), and the next daemon kills
+        // what is left of it and parks the service from its last kept
+        // state (`takeover.rs`): the state since then is lost, never run on.
+        let tree = image_is_tree(&generations.path(running));
         let options = CheckpointOptions {
             pid,
             image,
@@ -188,6 +191,13 @@ async fn checkpoint_when_filled(
             other => return other,
         }
     }
+}
+
+/// Whether the image in `dir` holds a tree of processes; an image that
+/// cannot be read says no (its checkpoint then refuses a child by pid).
+fn image_is_tree(dir: &std::path::Path) -> bool {
+    persist_common::image::Image::open(dir)
+        .is_ok_and(|image| !image.manifest().children.is_empty())
 }
 
 /// How long `--on-idle keep` waits for the pager to finish filling memory.
