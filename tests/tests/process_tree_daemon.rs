@@ -432,3 +432,42 @@ fn gunicorn_arbiter_and_two_workers_are_parked_and_woken() {
     running_tree(&sandbox, "gunicorn", 3);
     assert_eq!(sandbox.service("gunicorn").unwrap()["wakes"], 2);
 }
+
+/// A daemon killed while a woken tree runs with all its memory in: the
+/// restarted daemon adopts it by its root's pid, and parks it whole.
+#[test]
+fn a_running_tree_is_adopted_by_a_restarted_daemon() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8155;
+    const BODY: &str = "hello from an adopted tree\n";
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
+    sandbox.add_ok("nginx", PORT, &[], &command).unwrap();
+    parked_skeleton(&sandbox, "nginx");
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    let (pids, _, _) = running_tree(&sandbox, "nginx", 3);
+    wait_until(Duration::from_secs(20), || {
+        pids.iter()
+            .all(|&pid| !persist_tests::has_unfilled_memory(pid))
+    })
+    .expect("every process of the tree has all its memory");
+
+    sandbox.kill_daemon();
+    sandbox.start_daemon().unwrap();
+    let (adopted, _, _) = running_tree(&sandbox, "nginx", 3);
+    assert_eq!(adopted, pids, "the same tree is adopted");
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+
+    // The next skeleton has the recorded pids again: told apart by their
+    // start times.
+    let started: Vec<Option<u64>> = pids.iter().map(|&pid| start_time(pid)).collect();
+    sandbox.agent_ok(&["park", "nginx"]).unwrap();
+    parked_skeleton(&sandbox, "nginx");
+    assert!(
+        pids.iter()
+            .zip(&started)
+            .all(|(&pid, &was)| start_time(pid) != was),
+        "a process of the adopted tree {pids:?} outlived its park"
+    );
+}
