@@ -38,7 +38,12 @@ fn state_of(pid: i32) -> Option<char> {
 /// apart from a later process given the same pid.
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(") ").next()?.split_whitespace().nth(19)?.parse().ok()
+    stat.rsplit(") ")
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` runs no code: gone, a zombie, or stopped.
@@ -283,7 +288,8 @@ fn a_parked_tree_is_woken_after_a_daemon_restart() {
     // The next skeleton may have the same (recorded) pids: told apart by
     // their start times.
     wait_until(Duration::from_secs(10), || {
-        left.iter().all(|&(pid, started)| start_time(pid) != started)
+        left.iter()
+            .all(|&(pid, started)| start_time(pid) != started)
     })
     .unwrap_or_else(|_| panic!("the old skeleton's processes {left:?} were left behind"));
     assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
@@ -357,7 +363,10 @@ fn a_tree_parked_with_its_state_kept_counts_on() {
     sandbox.agent_ok(&["park", "counter"]).unwrap();
     let parked = sandbox.service("counter").unwrap();
     assert_eq!(parked["state"], "parked", "{parked}");
-    assert!(parked["error"].is_null(), "the park kept the state: {parked}");
+    assert!(
+        parked["error"].is_null(),
+        "the park kept the state: {parked}"
+    );
     assert_ne!(parked["generation"], "pristine", "{parked}");
 
     let mut compared = 0;
@@ -413,7 +422,11 @@ fn gunicorn_arbiter_and_two_workers_are_parked_and_woken() {
         .add_ok("gunicorn", PORT, &["--ready", "http:/"], &command)
         .unwrap();
     let skeleton = parked_skeleton(&sandbox, "gunicorn");
-    assert_eq!(children_of(skeleton).len(), 2, "the arbiter holds its workers");
+    assert_eq!(
+        children_of(skeleton).len(),
+        2,
+        "the arbiter holds its workers"
+    );
 
     assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
     let (pids, pss, rss) = running_tree(&sandbox, "gunicorn", 3);

@@ -15,7 +15,6 @@ use super::generations::{Generation, Generations};
 use super::keeper;
 use super::listener;
 use super::memory::rss_of_sessions;
-use crate::process_tree;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_of};
@@ -24,6 +23,7 @@ use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
 use super::takeover::{recover_checkpoint, take_over};
 use crate::control::{HistoryEntry, ServiceStatus};
+use crate::process_tree;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 

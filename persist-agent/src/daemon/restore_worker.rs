@@ -777,7 +777,9 @@ impl Worker {
             if let Err(err) = spawned {
                 // Its faults would wait forever: it must not run so.
                 warn!(service = %self.name, pid, "no thread for the pager, the process is killed: {err}");
-                let _ = restored.pidfd.send_signal(nix::sys::signal::Signal::SIGKILL);
+                let _ = restored
+                    .pidfd
+                    .send_signal(nix::sys::signal::Signal::SIGKILL);
             }
         }
     }

@@ -67,6 +67,10 @@ pub struct Timings {
 /// [released](Skeleton::release), in a group stop), every thread with its
 /// registers set, memory mapped but not resident. Dropping it kills the
 /// process.
+///
+/// Restored from an image of a tree, it is the root and holds the other
+/// processes ([`Skeleton::descendant_pids`]): they are released, resumed
+/// and killed with it, so that a caller handles a tree as one process.
 #[derive(Debug)]
 pub struct Skeleton {
     pub(super) pid: i32,
@@ -200,7 +204,8 @@ pub struct Restored {
 }
 
 impl Skeleton {
-    /// Builds the process of `image`, stopped before its first instruction.
+    /// Builds the process of `image` (every process of a tree, the root's
+    /// skeleton holding the others), stopped before its first instruction.
     /// Refuses an image from another kernel or CPU before anything runs.
     pub fn prepare(image: Arc<Image>, config: RestoreConfig) -> Result<Self, RestoreError> {
         let started = Instant::now();
