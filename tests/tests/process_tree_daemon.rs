@@ -484,3 +484,74 @@ fn a_running_tree_is_adopted_by_a_restarted_daemon() {
         "a process of the adopted tree {pids:?} outlived its park"
     );
 }
+
+/// A daemon killed while it checkpoints a tree for an `--on-idle keep`
+/// park (held in the checkpoint by a debug pause): no process of the tree
+/// runs on, stopped or on memory it was not saved with; the restarted
+/// daemon kills what is left and wakes the service from its last kept
+/// state.
+#[test]
+fn a_daemon_killed_while_it_keeps_a_trees_state_leaves_nothing_running() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8156;
+    const BODY: &str = "hello from a tree cut short\n";
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
+    sandbox
+        .add_ok("nginx", PORT, &["--on-idle", "keep"], &command)
+        .unwrap();
+    // Its checkpoints pause after the save from now on (the add's did not).
+    sandbox.kill_daemon();
+    sandbox
+        .start_daemon_with_env(
+            &[],
+            &[(persist_agent::checkpoint::PAUSE_AFTER_SAVE_ENV, "30000")],
+        )
+        .unwrap();
+    parked_skeleton(&sandbox, "nginx");
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    let (pids, _, _) = running_tree(&sandbox, "nginx", 3);
+    let started: Vec<Option<u64>> = pids.iter().map(|&pid| start_time(pid)).collect();
+
+    let mut park = sandbox
+        .netns
+        .command(persist_tests::binary("persist-agent"))
+        .arg("--state-dir")
+        .arg(sandbox.state_dir())
+        .args(["park", "nginx"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        sandbox
+            .service("nginx")
+            .is_ok_and(|s| s["state"] == "stopping")
+    })
+    .expect("the park begins");
+    // Killed during the save or in the pause after it: either way the tree
+    // is frozen, not yet killed.
+    std::thread::sleep(Duration::from_secs(1));
+    sandbox.kill_daemon();
+    let _ = park.wait();
+    assert!(
+        pids.iter().all(|&pid| runs_no_code(pid)),
+        "a process of the tree ran on while its state was being saved"
+    );
+
+    sandbox.start_daemon().unwrap();
+    wait_until(Duration::from_secs(10), || {
+        pids.iter()
+            .zip(&started)
+            .all(|(&pid, &was)| start_time(pid) != was)
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "the stopped tree {pids:?} was left behind:\n{}",
+            sandbox.daemon_log()
+        )
+    });
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    running_tree(&sandbox, "nginx", 3);
+}
