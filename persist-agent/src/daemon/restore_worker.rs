@@ -577,7 +577,14 @@ impl Worker {
     ) -> Result<(Skeleton, Arc<Image>), String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
-        wait_until_pid_is_free(image.manifest().process.pid);
+        // Every process of a tree: a worker's recorded pid still held by
+        // its zombie would put the whole tree in a pid namespace.
+        let manifest = image.manifest();
+        for pid in std::iter::once(manifest.process.pid)
+            .chain(manifest.children.iter().map(|child| child.process.pid))
+        {
+            wait_until_pid_is_free(pid);
+        }
         let fd = listener_fd_in_image(image.manifest(), self.port).ok_or_else(|| {
             format!(
                 "image {} has no TCP listener on port {}",
