@@ -107,6 +107,10 @@ fn parked_skeleton(sandbox: &Sandbox, name: &str) -> i32 {
     skeleton.expect("seen once the wait succeeded")
 }
 
+/// Ready once a worker answers: the master forked its workers by then, and
+/// the build waits until they are all there.
+const NGINX_READY: &[&str] = &["--ready", "http:/"];
+
 /// An nginx configuration of a master and two workers serving `body`.
 fn nginx_tree(dir: &Path, port: u16, body: &str) -> (tempfile::TempDir, Vec<String>) {
     let root = web_root();
@@ -130,7 +134,9 @@ fn nginx_master_and_two_workers_are_parked_woken_and_stopped_whole() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
-    sandbox.add_ok("nginx", PORT, &[], &command).unwrap();
+    sandbox
+        .add_ok("nginx", PORT, NGINX_READY, &command)
+        .unwrap();
 
     // Parked: the skeleton is the whole tree, and its cost covers it.
     let skeleton = parked_skeleton(&sandbox, "nginx");
@@ -223,7 +229,12 @@ fn a_tree_with_a_client_connected_to_a_worker_is_not_idle() {
     let dir = tempfile::tempdir().unwrap();
     let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
     sandbox
-        .add_ok("nginx", PORT, &["--idle-timeout", "300ms"], &command)
+        .add_ok(
+            "nginx",
+            PORT,
+            &["--ready", "http:/", "--idle-timeout", "300ms"],
+            &command,
+        )
         .unwrap();
     parked_skeleton(&sandbox, "nginx");
 
@@ -275,7 +286,9 @@ fn a_parked_tree_is_woken_after_a_daemon_restart() {
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
-    sandbox.add_ok("nginx", PORT, &[], &command).unwrap();
+    sandbox
+        .add_ok("nginx", PORT, NGINX_READY, &command)
+        .unwrap();
     let skeleton = parked_skeleton(&sandbox, "nginx");
     let left: Vec<(i32, Option<u64>)> = std::iter::once(skeleton)
         .chain(children_of(skeleton))
@@ -456,7 +469,9 @@ fn a_running_tree_is_adopted_by_a_restarted_daemon() {
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
-    sandbox.add_ok("nginx", PORT, &[], &command).unwrap();
+    sandbox
+        .add_ok("nginx", PORT, NGINX_READY, &command)
+        .unwrap();
     parked_skeleton(&sandbox, "nginx");
     assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
     let (pids, _, _) = running_tree(&sandbox, "nginx", 3);
@@ -499,7 +514,12 @@ fn a_daemon_killed_while_it_keeps_a_trees_state_leaves_nothing_running() {
     let dir = tempfile::tempdir().unwrap();
     let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
     sandbox
-        .add_ok("nginx", PORT, &["--on-idle", "keep"], &command)
+        .add_ok(
+            "nginx",
+            PORT,
+            &["--ready", "http:/", "--on-idle", "keep"],
+            &command,
+        )
         .unwrap();
     // Its checkpoints pause after the save from now on (the add's did not).
     sandbox.kill_daemon();
@@ -521,15 +541,24 @@ fn a_daemon_killed_while_it_keeps_a_trees_state_leaves_nothing_running() {
         .arg(sandbox.state_dir())
         .args(["park", "nginx"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(10), || {
+    let began = wait_until(Duration::from_secs(10), || {
         sandbox
             .service("nginx")
             .is_ok_and(|s| s["state"] == "stopping")
-    })
-    .expect("the park begins");
+    });
+    if began.is_err() || park.try_wait().unwrap().is_some() {
+        let _ = park.kill();
+        let output = park.wait_with_output().unwrap();
+        panic!(
+            "the park never held in its checkpoint ({}): {:?}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            sandbox.service("nginx"),
+            sandbox.daemon_log()
+        );
+    }
     // Killed during the save or in the pause after it: either way the tree
     // is frozen, not yet killed.
     std::thread::sleep(Duration::from_secs(1));
@@ -554,4 +583,38 @@ fn a_daemon_killed_while_it_keeps_a_trees_state_leaves_nothing_running() {
     });
     assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
     running_tree(&sandbox, "nginx", 3);
+}
+
+/// Every prefetch mode wakes a tree: `all` copies every process's pages
+/// before it runs, `recorded` records the root's working set on the first
+/// wake and prefetches it on the next, `none` pages every process lazily.
+#[test]
+fn a_tree_is_woken_in_every_prefetch_mode() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, port) in [("all", 8157), ("recorded", 8158), ("none", 8159)] {
+        let body = format!("hello with --prefetch {mode}\n");
+        let (root, command) = nginx_tree(&dir.path().join(mode), port, &body);
+        sandbox
+            .add_ok(
+                mode,
+                port,
+                &["--ready", "http:/", "--prefetch", mode],
+                &command,
+            )
+            .unwrap();
+        for wake in 1..=2 {
+            parked_skeleton(&sandbox, mode);
+            assert_eq!(
+                sandbox.http_get(port).unwrap(),
+                body,
+                "wake {wake} of --prefetch {mode}"
+            );
+            running_tree(&sandbox, mode, 3);
+            sandbox.agent_ok(&["park", mode]).unwrap();
+        }
+        assert_eq!(sandbox.service(mode).unwrap()["wakes"], 2);
+        drop(root);
+    }
 }

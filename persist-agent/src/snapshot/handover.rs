@@ -67,19 +67,3 @@ fn listener_in_image(manifest: &Manifest, port: u16) -> Option<(i32, u32)> {
         _ => None,
     })
 }
-
-/// Child processes of `pid`, all threads included.
-pub(super) fn children(pid: i32) -> Vec<i32> {
-    let Ok(process) = procfs::process::Process::new(pid) else {
-        return Vec::new();
-    };
-    let Ok(tasks) = process.tasks() else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| task.children().ok())
-        .flatten()
-        .map(|child| child as i32)
-        .collect()
-}

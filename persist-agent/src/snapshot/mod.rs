@@ -179,9 +179,6 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
 
     let processes = readiness::settled_tree(spawned.pid, TREE_SETTLE, QUIET_WAIT);
     readiness::wait_for_quiet_sockets(&processes, QUIET_WAIT);
-    // A service of several processes (a master and its workers) is
-    // checkpointed whole, and restored so.
-    let tree = !handover::children(spawned.pid).is_empty();
     let (listener_fd, listener) = handover::take_listener(&spawned.pidfd, request.port)?;
     let summary = checkpoint(&CheckpointOptions {
         pid: spawned.pid,
@@ -191,7 +188,11 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         base: None,
         agent_files: vec![request.log.clone()],
         recovery_file: None,
-        tree,
+        // A service of several processes (a master and its workers) is
+        // checkpointed whole, and restored so; whichever children the root
+        // has once it is frozen (it cannot fork then), none for a single
+        // process, whose image is then as without `tree`.
+        tree: true,
         // A warm-up client still connected would be woken into a
         // conversation it never started.
         client_ports: vec![request.port],
