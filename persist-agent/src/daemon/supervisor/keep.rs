@@ -75,10 +75,11 @@ impl Supervisor {
         // while it has a child (redis's background save), as before: a
         // passing child is no part of the service to be restored. A
         // recovery file undoes the checkpoint of one process only: a
-        // daemon killed while it checkpoints a tree leaves the tree stopped
-        // (or, killed in an injected call, dead), and the next daemon kills
-        // what is left of it and parks the service from its last kept
-        // state (`takeover.rs`): the state since then is lost, never run on.
+        // daemon killed while it checkpoints a tree leaves the tree in a
+        // group stop (a thread in an injected call stops on its way back to
+        // user space), and the next daemon kills it and parks the service
+        // from its last kept state (`takeover.rs`): the state since then is
+        // lost, never run on.
         let tree = image_is_tree(&generations.path(running));
         let options = CheckpointOptions {
             pid,
