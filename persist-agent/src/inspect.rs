@@ -254,6 +254,25 @@ fn mapping_line(mapping: &Mapping) -> String {
             inode,
             offset,
         } => format!("memfd:{name} (inode {inode}) @ {offset:#x}"),
+        MappingKind::SysvShm {
+            key,
+            shmid,
+            size,
+            uid,
+            gid,
+            mode,
+        } => format!(
+            "System V shm shmid {shmid} key {key:#x}, {size} bytes, owner {uid}:{gid} mode {mode:o}"
+        ),
+        MappingKind::PosixShm {
+            path,
+            offset,
+            size,
+            uid,
+            gid,
+            mode,
+            ..
+        } => format!("{path} @ {offset:#x} (POSIX shm, {size} bytes, owner {uid}:{gid} mode {mode:o})"),
         MappingKind::Vdso => "[vdso]".to_owned(),
         MappingKind::Vvar { name } => name.clone(),
     };

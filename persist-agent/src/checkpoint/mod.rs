@@ -26,12 +26,14 @@ mod freeze;
 mod inherited_pages;
 mod inject;
 mod memory;
+mod posix_shm;
 mod posix_timers;
 mod process;
 mod recovery;
 mod seccomp;
 mod shared_memory;
 mod status;
+mod sysv_shm;
 mod threads;
 mod tree;
 
@@ -623,6 +625,14 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         // Its connections end here without a word to their peers, for the
         // restored process to take them over.
         connections.close_silently();
+        // The image holds the POSIX shared memory they mapped: the files go,
+        // as on their clean exit, for the restore to make again.
+        posix_shm::remove_saved(
+            manifest
+                .mappings
+                .iter()
+                .chain(manifest.children.iter().flat_map(|c| &c.mappings)),
+        );
     }
     let children = &manifest.children;
     Ok(CheckpointSummary {

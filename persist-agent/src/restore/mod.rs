@@ -57,6 +57,7 @@ mod seccomp;
 mod setup;
 mod signals;
 mod skeleton;
+mod sysv_shm;
 mod spawn;
 mod table;
 mod threads;

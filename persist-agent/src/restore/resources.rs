@@ -25,6 +25,9 @@ pub(super) struct Resources {
     cwd: OwnedFd,
     /// The process attributes the table sets (its resource limits).
     pub(super) attributes: Attributes,
+    /// The POSIX shared memory files made for it, to remove if the
+    /// restore fails.
+    pub(super) created_files: Vec<String>,
 }
 
 impl Resources {
@@ -38,10 +41,12 @@ impl Resources {
         fds: &PreparedFds,
         min: RawFd,
         access: &PathAccess,
-        shared: &mut HashMap<u64, OwnedFd>,
+        shared: &mut HashMap<SharedObject, OwnedFd>,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         let mut filled = HashSet::new();
+        // Removed again if anything below fails.
+        let mut created_files = CreatedFiles::default();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
         for mapping in &manifest.mappings {
             let fd = match &mapping.kind {
@@ -59,21 +64,38 @@ impl Resources {
                     min,
                     access,
                 )?),
-                MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
-                    if !shared.contains_key(inode) {
+                MappingKind::Memfd { inode, .. }
+                | MappingKind::SharedAnonymous { inode }
+                | MappingKind::PosixShm { inode, .. } => {
+                    let object = SharedObject::of(&mapping.kind).expect("shared memory");
+                    if !shared.contains_key(&object) {
                         let fd = match (&mapping.kind, fds.memfd(*inode)) {
                             (MappingKind::Memfd { .. }, Some(fd)) => fd
                                 .try_clone_to_owned()
                                 .map_err(|e| RestoreError::io("memfd", e))?,
+                            (
+                                MappingKind::PosixShm {
+                                    path,
+                                    uid,
+                                    gid,
+                                    mode,
+                                    ..
+                                },
+                                _,
+                            ) => {
+                                let fd = create_posix_shm(path, *uid, *gid, *mode)?;
+                                created_files.0.push(path.clone());
+                                fd
+                            }
                             _ => new_memfd(*inode)?,
                         };
-                        shared.insert(*inode, fd);
+                        shared.insert(object, fd);
                     }
-                    let source = &shared[inode];
+                    let source = &shared[&object];
                     // Once per process: a later process of a tree stores
                     // only the pages an earlier one did not.
-                    if filled.insert(*inode) {
-                        fill_shared_memory(image, *inode, source)?;
+                    if filled.insert(object) {
+                        fill_shared_memory(image, object, source)?;
                     }
                     let copy = source
                         .try_clone()
@@ -123,6 +145,7 @@ impl Resources {
                 rlimits,
                 session_set: false,
             },
+            created_files: std::mem::take(&mut created_files.0),
         })
     }
 
@@ -179,25 +202,103 @@ fn new_memfd(inode: u64) -> Result<OwnedFd, RestoreError> {
         .map_err(|e| RestoreError::io("memfd_create", e.into()))
 }
 
+/// Files made for a restore, removed when dropped unless taken out: what
+/// a failed restore made is not left behind.
+#[derive(Debug, Default)]
+pub(super) struct CreatedFiles(pub(super) Vec<String>);
+
+impl Drop for CreatedFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A shared memory object of an image, which every mapping of it maps
+/// from one descriptor: the numbers of different kinds may collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum SharedObject {
+    /// Shared anonymous memory or a memfd, by saved inode.
+    Shmem(u64),
+    /// A POSIX shared memory file, by saved inode.
+    PosixShm(u64),
+}
+
+impl SharedObject {
+    /// The object a mapping of `kind` maps from a descriptor, if shared.
+    fn of(kind: &MappingKind) -> Option<Self> {
+        match kind {
+            MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
+                Some(Self::Shmem(*inode))
+            }
+            MappingKind::PosixShm { inode, .. } => Some(Self::PosixShm(*inode)),
+            _ => None,
+        }
+    }
+}
+
+/// Makes POSIX shared memory file `path` again, owned by `uid`:`gid` with
+/// `mode`. It must not exist: a file there is another process's (a restore
+/// of the same image still running, or the original left running), and two
+/// restored processes must never share one object unknowingly.
+fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !path.starts_with("/dev/shm/") || path[9..].contains('/') {
+        return Err(RestoreError::Layout(format!(
+            "POSIX shared memory {path} is not a file directly under /dev/shm"
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                RestoreError::Layout(format!(
+                    "POSIX shared memory {path} exists: another process (the checkpointed one \
+                     left running, or a restore of this image) may use it; the image holds its \
+                     contents: remove it once no process uses it"
+                ))
+            } else {
+                RestoreError::io(path, source)
+            }
+        })?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+        .map_err(|e| RestoreError::io(path, e))?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
+        .map_err(|e| RestoreError::io(path, e))?;
+    Ok(file.into())
+}
+
 /// Writes the stored pages of a shared memory object into `fd`, which every
 /// mapping of the object then maps, so they stay shared.
-fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), RestoreError> {
+fn fill_shared_memory(
+    image: &Image,
+    object: SharedObject,
+    fd: &OwnedFd,
+) -> Result<(), RestoreError> {
     let file = File::from(fd.try_clone().map_err(|e| RestoreError::io("memfd", e))?);
     let current = file
         .metadata()
         .map_err(|e| RestoreError::io("memfd", e))?
         .len();
+    let mut exact_size = None;
     for mapping in &image.manifest().mappings {
-        let (offset, same) = match &mapping.kind {
-            MappingKind::Memfd {
-                inode: i, offset, ..
-            } => (*offset, *i == inode),
-            MappingKind::SharedAnonymous { inode: i } => (0, *i == inode),
-            _ => continue,
-        };
-        if !same {
+        if SharedObject::of(&mapping.kind) != Some(object) {
             continue;
         }
+        let offset = match &mapping.kind {
+            MappingKind::Memfd { offset, .. } => *offset,
+            MappingKind::PosixShm { offset, size, .. } => {
+                exact_size = Some(*size);
+                *offset
+            }
+            _ => 0,
+        };
         if offset + mapping.len() > current {
             file.set_len(offset + mapping.len())
                 .map_err(|e| RestoreError::io("memfd", e))?;
@@ -211,6 +312,12 @@ fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), Res
             )
             .map_err(|e| RestoreError::io("memfd", e))?;
         }
+    }
+    // A POSIX object keeps its recorded size (its owner may fstat it), not
+    // its mappings' page-rounded one.
+    if let Some(size) = exact_size {
+        file.set_len(size)
+            .map_err(|e| RestoreError::io("POSIX shared memory", e))?;
     }
     Ok(())
 }

@@ -31,7 +31,9 @@ use std::time::Instant;
 use persist_common::image::{Image, Manifest};
 
 use super::child::{self, SessionStep, TreeNode};
+use super::resources::{CreatedFiles, SharedObject};
 use super::setup::Setup;
+use super::sysv_shm;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
 use super::spawn::{self, KillGuard, TRACE_OPTIONS, pipe_above};
 use super::{RestoreError, verify};
@@ -91,8 +93,11 @@ impl TreeSkeleton {
         let mut root_inherited = Some(config.inherited);
 
         // Every process prepared before the first fork.
-        let mut shared: HashMap<u64, OwnedFd> = HashMap::new();
+        let mut shared: HashMap<SharedObject, OwnedFd> = HashMap::new();
         let mut setups: Vec<Setup> = Vec::with_capacity(images.len());
+        // The POSIX shared memory files made, removed unless the tree is
+        // built.
+        let mut created_files = CreatedFiles::default();
         for (index, view) in images.iter().enumerate() {
             let pid = view.manifest().process.pid;
             let mut inherited = std::mem::take(&mut cross[index]);
@@ -132,9 +137,21 @@ impl TreeSkeleton {
                 pid,
                 source: Box::new(source),
             })?;
+            created_files.0.extend(setup.created_files());
+            let mut setup = setup;
+            if index > 0 {
+                setup.set_parent_restored();
+            }
             setups.push(setup);
         }
         drop(shared);
+        // System V segments, in an IPC namespace the root joins before it
+        // forks the others; open until every process is forked.
+        let views: Vec<&Image> = images.iter().map(|view| &**view).collect();
+        let ipc_namespace = sysv_shm::namespace(&views)?;
+        if let Some(namespace) = &ipc_namespace {
+            setups[0].join_ipc_namespace(namespace.as_raw_fd());
+        }
 
         let nodes: Vec<TreeNode<'_>> = setups
             .iter()
@@ -214,6 +231,7 @@ impl TreeSkeleton {
                 ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
             }
         }
+        drop(ipc_namespace);
         // Each stopped again before its layout, as one process is.
         for (index, &pid) in pids.iter().enumerate() {
             ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
@@ -237,6 +255,8 @@ impl TreeSkeleton {
             tree_guard.threads.append(&mut threads.threads);
             skeletons.push(skeleton);
         }
+        // Built: the files are the tree's.
+        created_files.0.clear();
         Ok(Self {
             guard: tree_guard,
             skeletons,
