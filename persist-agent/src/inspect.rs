@@ -158,6 +158,14 @@ fn process_sections(
         p.posix_timers.len(),
         p.file_locks.len()
     );
+    if p.pdeath_signal != 0 || p.child_subreaper {
+        let _ = writeln!(
+            out,
+            "  parent    death signal {}, child subreaper {}",
+            p.pdeath_signal,
+            if p.child_subreaper { "yes" } else { "no" }
+        );
+    }
 
     let _ = writeln!(out, "threads ({})", threads.len());
     let _ = writeln!(

@@ -249,29 +249,70 @@ fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd
             "POSIX shared memory {path} is not a file directly under /dev/shm"
         )));
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                RestoreError::Layout(format!(
-                    "POSIX shared memory {path} exists: another process (the checkpointed one \
-                     left running, or a restore of this image) may use it; the image holds its \
-                     contents: remove it once no process uses it"
-                ))
-            } else {
-                RestoreError::io(path, source)
+    let create = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let file = match create() {
+        Err(source) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by processes that died without removing it (a restored
+            // tree killed): stale if no process maps or holds it.
+            if let Some(pid) = posix_shm_user(path) {
+                return Err(RestoreError::Layout(format!(
+                    "POSIX shared memory {path} exists and pid {pid} uses it (the checkpointed \
+                     process left running, or another restore of this image): two restores \
+                     must not share it"
+                )));
             }
-        })?;
+            tracing::warn!(path, "replacing a POSIX shared memory file no process uses");
+            std::fs::remove_file(path).map_err(|e| RestoreError::io(path, e))?;
+            create()
+        }
+        other => other,
+    }
+    .map_err(|e| RestoreError::io(path, e))?;
     std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
         .map_err(|e| RestoreError::io(path, e))?;
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
         .map_err(|e| RestoreError::io(path, e))?;
     Ok(file.into())
+}
+
+/// A process that maps file `path` (under /dev/shm) or holds it open, if
+/// any: its pid.
+fn posix_shm_user(path: &str) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::symlink_metadata(path).ok()?.ino();
+    let pids = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok());
+    for pid in pids {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        let mapped = maps.lines().any(|line| {
+            let mut fields = line.split_whitespace();
+            let line_inode = fields.nth(4).and_then(|i| i.parse::<u64>().ok());
+            line_inode == Some(inode) && fields.next() == Some(path)
+        });
+        let held = || {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == path)
+                        && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode)
+                })
+        };
+        if mapped || held() {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// Writes the stored pages of a shared memory object into `fd`, which every
