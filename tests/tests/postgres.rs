@@ -173,13 +173,30 @@ impl Cluster {
     }
 
     /// `checkpoint --tree` of `pid` in the namespace, killing the tree.
+    /// A backend that just served psql may not be reaped yet (a zombie,
+    /// which a checkpoint refuses): tried again until the tree is only the
+    /// postmaster and its helpers.
     fn checkpoint(&self, pid: i32, image: &Path) -> Output {
-        self.netns
-            .command(binary("persist-agent"))
-            .args(["checkpoint", "--tree", "--pid", &pid.to_string(), "--image"])
-            .arg(image)
-            .output()
-            .expect("run persist-agent")
+        let mut attempt = 0;
+        loop {
+            let _ = wait_until(Duration::from_secs(10), || {
+                children_of(pid).len() == HELPERS && children_of(pid).iter().all(|&c| runs(c))
+            });
+            let output = self
+                .netns
+                .command(binary("persist-agent"))
+                .args(["checkpoint", "--tree", "--pid", &pid.to_string(), "--image"])
+                .arg(image)
+                .output()
+                .expect("run persist-agent");
+            attempt += 1;
+            if output.status.success()
+                || attempt == 5
+                || !String::from_utf8_lossy(&output.stderr).contains("was not reaped")
+            {
+                return output;
+            }
+        }
     }
 
     /// `restore --image` in the namespace; the restored tree.
