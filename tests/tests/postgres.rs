@@ -253,12 +253,17 @@ struct RestoredCluster {
 }
 
 impl Drop for RestoredCluster {
+    /// Stops them all before killing any: a postmaster that sees a child
+    /// die starts a crash restart, making new shared memory and writing it
+    /// into postmaster.pid.
     fn drop(&mut self) {
-        for &pid in self.pids.iter().rev() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        for signal in [
+            nix::sys::signal::Signal::SIGSTOP,
+            nix::sys::signal::Signal::SIGKILL,
+        ] {
+            for &pid in &self.pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+            }
         }
     }
 }
