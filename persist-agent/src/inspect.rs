@@ -280,7 +280,9 @@ fn mapping_line(mapping: &Mapping) -> String {
             gid,
             mode,
             ..
-        } => format!("{path} @ {offset:#x} (POSIX shm, {size} bytes, owner {uid}:{gid} mode {mode:o})"),
+        } => format!(
+            "{path} @ {offset:#x} (POSIX shm, {size} bytes, owner {uid}:{gid} mode {mode:o})"
+        ),
         MappingKind::Vdso => "[vdso]".to_owned(),
         MappingKind::Vvar { name } => name.clone(),
     };

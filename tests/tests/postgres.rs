@@ -63,6 +63,27 @@ struct Cluster {
     dir: tempfile::TempDir,
     port: u16,
     netns: NetNs,
+    /// The POSIX shared memory files its postmasters mapped: removed at
+    /// the end if no process uses them (a killed cluster leaves them).
+    shm_files: std::cell::RefCell<Vec<String>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for file in self.shm_files.borrow().iter() {
+            let used = fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|entry| {
+                    fs::read_to_string(entry.path().join("maps"))
+                        .is_ok_and(|maps| maps.contains(file))
+                });
+            if !used {
+                let _ = fs::remove_file(file);
+            }
+        }
+    }
 }
 
 impl Cluster {
@@ -78,6 +99,7 @@ impl Cluster {
             dir,
             port,
             netns: NetNs::new().expect("network namespace"),
+            shm_files: Default::default(),
         };
         let output = as_postgres(format!("{BIN}/initdb"))
             .args(["--auth=trust", "-D"])
@@ -140,6 +162,7 @@ impl Cluster {
         let ready = wait_until(Duration::from_secs(60), || {
             children_of(pid).len() >= HELPERS && self.query("SELECT 1").is_ok_and(|a| a == "1")
         });
+        self.note_shm_files(pid);
         if let Err(err) = ready {
             panic!(
                 "postgres did not start with its {HELPERS} helpers: {err}; its log:\n{}",
@@ -147,6 +170,11 @@ impl Cluster {
             );
         }
         server
+    }
+
+    /// Remembers the POSIX shared memory files `pid` maps.
+    fn note_shm_files(&self, pid: i32) {
+        self.shm_files.borrow_mut().extend(posix_shm_of(pid));
     }
 
     /// Runs `sql` with psql over the UNIX socket; its unaligned output.
@@ -220,6 +248,7 @@ impl Cluster {
             .expect("restore prints the root's pid");
         let mut pids = vec![root];
         pids.extend(children_of(root));
+        self.note_shm_files(root);
         RestoredCluster { root, pids }
     }
 
@@ -232,7 +261,15 @@ impl Cluster {
             .args(["--target", &root.to_string(), "--pid", "--mount"])
             .arg(format!("--setuid={uid}"))
             .arg(format!("--setgid={gid}"))
-            .args(["--", &format!("{BIN}/pg_ctl"), "stop", "-m", "fast", "-w", "-D"])
+            .args([
+                "--",
+                &format!("{BIN}/pg_ctl"),
+                "stop",
+                "-m",
+                "fast",
+                "-w",
+                "-D",
+            ])
             .arg(self.data())
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -320,7 +357,10 @@ fn wait_gone(pids: &[i32]) {
 /// The `(key, shmid)` of the System V segment postmaster.pid names.
 fn segment_of(data: &Path) -> (String, u64) {
     let text = fs::read_to_string(data.join("postmaster.pid")).expect("read postmaster.pid");
-    let line = text.lines().nth(6).expect("postmaster.pid has a shared memory line");
+    let line = text
+        .lines()
+        .nth(6)
+        .expect("postmaster.pid has a shared memory line");
     let mut fields = line.split_whitespace();
     let key: i64 = fields.next().and_then(|k| k.parse().ok()).expect("a key");
     let shmid = fields.next().and_then(|i| i.parse().ok()).expect("a shmid");
@@ -477,7 +517,11 @@ fn postgres_is_restored_as_a_tree_keeps_its_rows_and_stops_cleanly() {
         assert!(
             gone.is_ok(),
             "{when}: processes {:?} run on after pg_ctl stop",
-            restored.pids.iter().filter(|&&p| runs(p)).collect::<Vec<_>>()
+            restored
+                .pids
+                .iter()
+                .filter(|&&p| runs(p))
+                .collect::<Vec<_>>()
         );
     }
 

@@ -183,7 +183,11 @@ fn system_v_and_posix_shared_memory_are_restored_twice_and_shared() {
         "--image",
         image_arg,
     ]);
-    assert!(output.status.success(), "checkpoint --tree: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
     assert!(
         !Path::new(&fixture.path).exists(),
         "{} is left after the checkpoint killed its processes",
@@ -192,8 +196,10 @@ fn system_v_and_posix_shared_memory_are_restored_twice_and_shared() {
     let inspect = agent(&["inspect", image_arg]);
     let text = String::from_utf8_lossy(&inspect.stdout);
     assert!(
-        text.contains(&format!("System V shm shmid {} key {:#x}", fixture.shmid, fixture.key))
-            && text.contains("death signal 12")
+        text.contains(&format!(
+            "System V shm shmid {} key {:#x}",
+            fixture.shmid, fixture.key
+        )) && text.contains("death signal 12")
             && text.contains("child subreaper yes"),
         "inspect does not show the segment, the parent-death signal or the subreaper:\n{text}"
     );

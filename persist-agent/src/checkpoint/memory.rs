@@ -198,9 +198,7 @@ fn policy(mapping: &Mapping) -> StorePolicy {
             | MappingKind::SysvShm { .. }
             | MappingKind::PosixShm { .. },
             true,
-        ) => {
-            StorePolicy::ShmemData
-        }
+        ) => StorePolicy::ShmemData,
         _ => StorePolicy::PrivatePages,
     }
 }

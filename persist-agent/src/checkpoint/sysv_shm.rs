@@ -11,7 +11,12 @@ use crate::sys::ipc;
 /// The mapping kind of segment `shmid` attached by `pid` over
 /// `start..end`; refuses a segment attached in part (a process that
 /// unmapped or `mprotect`ed some of it), which `shmat` cannot give back.
-pub fn describe(pid: i32, start: u64, end: u64, shmid: u64) -> Result<MappingKind, CheckpointError> {
+pub fn describe(
+    pid: i32,
+    start: u64,
+    end: u64,
+    shmid: u64,
+) -> Result<MappingKind, CheckpointError> {
     let unsupported = |what: String| CheckpointError::UnsupportedMapping {
         pid,
         start,

@@ -3,6 +3,7 @@
 //! (filled with its stored pages), the executable and the working directory,
 //! and the resource limits to set. The child inherits them all.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::File;
@@ -68,30 +69,31 @@ impl Resources {
                 | MappingKind::SharedAnonymous { inode }
                 | MappingKind::PosixShm { inode, .. } => {
                     let object = SharedObject::of(&mapping.kind).expect("shared memory");
-                    if !shared.contains_key(&object) {
-                        let fd = match (&mapping.kind, fds.memfd(*inode)) {
-                            (MappingKind::Memfd { .. }, Some(fd)) => fd
-                                .try_clone_to_owned()
-                                .map_err(|e| RestoreError::io("memfd", e))?,
-                            (
-                                MappingKind::PosixShm {
-                                    path,
-                                    uid,
-                                    gid,
-                                    mode,
-                                    ..
-                                },
-                                _,
-                            ) => {
-                                let fd = create_posix_shm(path, *uid, *gid, *mode)?;
-                                created_files.0.push(path.clone());
-                                fd
-                            }
-                            _ => new_memfd(*inode)?,
-                        };
-                        shared.insert(object, fd);
-                    }
-                    let source = &shared[&object];
+                    let source = match shared.entry(object) {
+                        Entry::Occupied(known) => known.into_mut(),
+                        Entry::Vacant(new) => {
+                            new.insert(match (&mapping.kind, fds.memfd(*inode)) {
+                                (MappingKind::Memfd { .. }, Some(fd)) => fd
+                                    .try_clone_to_owned()
+                                    .map_err(|e| RestoreError::io("memfd", e))?,
+                                (
+                                    MappingKind::PosixShm {
+                                        path,
+                                        uid,
+                                        gid,
+                                        mode,
+                                        ..
+                                    },
+                                    _,
+                                ) => {
+                                    let fd = create_posix_shm(path, *uid, *gid, *mode)?;
+                                    created_files.0.push(path.clone());
+                                    fd
+                                }
+                                _ => new_memfd(*inode)?,
+                            })
+                        }
+                    };
                     // Once per process: a later process of a tree stores
                     // only the pages an earlier one did not.
                     if filled.insert(object) {

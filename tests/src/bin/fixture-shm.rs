@@ -85,13 +85,8 @@ struct Objects {
 impl Objects {
     fn create(key: i32) -> Self {
         // SAFETY: plain integers.
-        let shmid = unsafe {
-            libc::shmget(
-                key,
-                SYSV_SIZE,
-                libc::IPC_CREAT | libc::IPC_EXCL | 0o640,
-            )
-        };
+        let shmid =
+            unsafe { libc::shmget(key, SYSV_SIZE, libc::IPC_CREAT | libc::IPC_EXCL | 0o640) };
         assert!(
             shmid >= 0,
             "shmget key {key:#x}: {}",
@@ -226,7 +221,12 @@ impl Objects {
         }
         let mut subreaper: libc::c_int = 0;
         // SAFETY: PR_GET_CHILD_SUBREAPER writes an int at the address given.
-        unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut subreaper as *mut libc::c_int) };
+        unsafe {
+            libc::prctl(
+                libc::PR_GET_CHILD_SUBREAPER,
+                &mut subreaper as *mut libc::c_int,
+            )
+        };
         if subreaper != 1 {
             return Err("not a child subreaper".into());
         }
@@ -266,7 +266,7 @@ fn main() {
     .expect("KEY in hexadecimal");
     // SAFETY: installs an async-signal-safe handler.
     unsafe {
-        libc::signal(libc::SIGUSR1, on_usr1 as libc::sighandler_t);
+        libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
         assert_eq!(
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1),
             0,
