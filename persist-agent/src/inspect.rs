@@ -269,8 +269,11 @@ fn mapping_line(mapping: &Mapping) -> String {
             uid,
             gid,
             mode,
+            removed,
         } => format!(
-            "System V shm shmid {shmid} key {key:#x}, {size} bytes, owner {uid}:{gid} mode {mode:o}"
+            "System V shm shmid {shmid} key {key:#x}, {size} bytes, owner {uid}:{gid} mode \
+             {mode:o}{}",
+            if *removed { ", marked for removal" } else { "" }
         ),
         MappingKind::PosixShm {
             path,

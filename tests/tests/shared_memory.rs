@@ -249,3 +249,100 @@ fn system_v_and_posix_shared_memory_are_restored_twice_and_shared() {
         wait_gone(&pids);
     }
 }
+
+/// A single process (not a tree) with a System V segment it marked for
+/// removal, as programs that only share it with their children do: the
+/// restored process finds its contents, and the segment is its own, marked
+/// for removal again (`/proc/sysvipc/shm` read inside it: mode 1600, one
+/// attachment), twice from one image.
+#[test]
+fn a_segment_marked_for_removal_is_restored_marked() {
+    require_root!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = "import ctypes, os, signal, sys, time\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         libc.shmat.restype = ctypes.c_void_p\n\
+         shmid = libc.shmget(0, 8192, 0o1600)\n\
+         assert shmid >= 0\n\
+         address = libc.shmat(shmid, None, 0)\n\
+         assert address not in (None, 2**64 - 1)\n\
+         ctypes.memmove(address + 5000, b'kept in the segment', 19)\n\
+         assert libc.shmctl(shmid, 0, None) == 0\n\
+         check = []\n\
+         signal.signal(signal.SIGUSR1, lambda *_: check.append(1))\n\
+         open(os.path.join(sys.argv[1], 'ready'), 'w').write(str(shmid))\n\
+         while True:\n\
+         \x20   time.sleep(0.01)\n\
+         \x20   if check:\n\
+         \x20       check.clear()\n\
+         \x20       data = ctypes.string_at(address + 5000, 19)\n\
+         \x20       line = [l.split() for l in open('/proc/sysvipc/shm') if l.split()[1] == str(shmid)]\n\
+         \x20       seen = (data.decode(), line[0][2], line[0][3], line[0][6]) if line else (data.decode(),)\n\
+         \x20       open(os.path.join(sys.argv[1], 'result'), 'w').write(' '.join(seen))\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(dir.path())
+        .spawn()
+        .expect("spawn python3");
+    let ready = dir.path().join("ready");
+    let started = wait_until(Duration::from_secs(20), || ready.exists());
+    let pid = child.id() as i32;
+    let image = dir.path().join("image");
+    let image_arg = image.to_str().expect("a UTF-8 path");
+    let output = started.as_ref().ok().map(|()| {
+        agent(&[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--image",
+            image_arg,
+        ])
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    started.expect("the python process is ready");
+    let output = output.expect("checkpointed");
+    assert!(output.status.success(), "checkpoint: {}", stderr(&output));
+    let shmid: u64 = fs::read_to_string(&ready)
+        .expect("read ready")
+        .trim()
+        .parse()
+        .expect("a shmid");
+    let inspect = String::from_utf8_lossy(&agent(&["inspect", image_arg]).stdout).into_owned();
+    assert!(
+        inspect.contains(&format!("shmid {shmid} key 0x0"))
+            && inspect.contains("marked for removal"),
+        "inspect does not show the removed segment:\n{inspect}"
+    );
+    for round in ["first", "second"] {
+        let output = agent(&["restore", "--image", image_arg]);
+        assert!(
+            output.status.success(),
+            "{round} restore: {}",
+            stderr(&output)
+        );
+        let restored: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("restore prints the pid");
+        let result = dir.path().join("result");
+        let _ = fs::remove_file(&result);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(restored),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal the restored process");
+        let answered = wait_until(Duration::from_secs(20), || result.exists());
+        let seen = fs::read_to_string(&result).unwrap_or_default();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(restored),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        answered.unwrap_or_else(|e| panic!("{round} restore: no answer: {e}"));
+        assert_eq!(
+            seen, "kept in the segment 1600 8192 1",
+            "{round} restore: contents, mode, size and attachments of shmid {shmid}"
+        );
+        wait_gone(&[restored]);
+    }
+}

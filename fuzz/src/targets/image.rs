@@ -522,6 +522,7 @@ fn rich_manifest(
                     uid: 101,
                     gid: 104,
                     mode: 0o600,
+                    removed: false,
                 },
                 vec![],
             ),

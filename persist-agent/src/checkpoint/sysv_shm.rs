@@ -46,5 +46,6 @@ pub fn describe(
         uid: stat.uid,
         gid: stat.gid,
         mode: stat.mode,
+        removed: stat.removed,
     })
 }

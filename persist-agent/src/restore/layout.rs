@@ -325,7 +325,7 @@ fn layout_table(
             MappingKind::PosixShm { offset, .. } => {
                 (mapping_fd(fds, index, mapping)? as i64, *offset)
             }
-            MappingKind::SysvShm { shmid, .. } => {
+            MappingKind::SysvShm { shmid, removed, .. } => {
                 // Attached again, in the tree's IPC namespace where the
                 // segment has its recorded id (`sysv_shm.rs`).
                 let mut shm_flags = libc::SHM_REMAP;
@@ -345,6 +345,16 @@ fn layout_table(
                     libc::SYS_shmat,
                     &[*shmid as u64, mapping.start, shm_flags as u64],
                 );
+                if *removed {
+                    // Once attached: Linux lets the others attach a
+                    // segment marked for removal, and it lives while one
+                    // of them is attached.
+                    t.call(
+                        format!("shmctl(IPC_RMID) of shmid {shmid}"),
+                        libc::SYS_shmctl,
+                        &[*shmid as u64, libc::IPC_RMID as u64, 0],
+                    );
+                }
                 continue;
             }
             MappingKind::Vdso | MappingKind::Vvar { .. } => unreachable!("handled above"),

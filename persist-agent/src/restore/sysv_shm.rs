@@ -35,6 +35,7 @@ pub(super) fn namespace(images: &[&Image]) -> Result<Option<OwnedFd>, RestoreErr
                 uid,
                 gid,
                 mode,
+                removed,
             } = mapping.kind
             else {
                 continue;
@@ -45,6 +46,7 @@ pub(super) fn namespace(images: &[&Image]) -> Result<Option<OwnedFd>, RestoreErr
                 uid,
                 gid,
                 mode,
+                removed,
             };
             if size.next_multiple_of(PAGE_SIZE) != mapping.len() {
                 return Err(RestoreError::Layout(format!(

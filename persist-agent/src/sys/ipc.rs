@@ -12,6 +12,9 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use nix::sched::CloneFlags;
 
+/// `shm_perm.mode` bit of a segment marked for removal.
+const SHM_DEST: u32 = 0o1000;
+
 /// What `shmctl(IPC_STAT)` says of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShmStat {
@@ -25,6 +28,8 @@ pub struct ShmStat {
     pub gid: u32,
     /// Permission bits.
     pub mode: u32,
+    /// Marked for removal (`SHM_DEST`).
+    pub removed: bool,
 }
 
 /// Reads segment `shmid` in the caller's IPC namespace.
@@ -42,6 +47,7 @@ pub fn shm_stat(shmid: i32) -> io::Result<ShmStat> {
         uid: ds.shm_perm.uid,
         gid: ds.shm_perm.gid,
         mode: u32::from(ds.shm_perm.mode) & 0o777,
+        removed: u32::from(ds.shm_perm.mode) & SHM_DEST != 0,
     })
 }
 

@@ -445,6 +445,10 @@ pub enum MappingKind {
         gid: u32,
         /// Permission bits (`shm_perm.mode & 0o777`).
         mode: u32,
+        /// Marked for removal (`IPC_RMID`, `SHM_DEST`): gone once the last
+        /// process detaches; marked again once restored.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        removed: bool,
     },
     /// A POSIX shared memory object (a file under `/dev/shm`, `shm_open`)
     /// mapped shared. The image holds its contents: on restore the file is
