@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use persist_common::image::{Image, Manifest};
 
@@ -70,6 +70,11 @@ impl TreeSkeleton {
             }
         }
         let shape = Shape::of(manifest)?;
+        // The checkpointed tree, just killed, may not be reaped yet: its
+        // pids free in a moment spare the tree a pid (and mount) namespace
+        // of its own, which could not be checkpointed again from here
+        // (docs/kernel-facts.md).
+        wait_for_zombies(&shape.pids, ZOMBIE_WAIT);
         let accesses: Vec<PathAccess> = images
             .iter()
             .map(|view| {
@@ -276,6 +281,23 @@ impl TreeSkeleton {
         self.guard.threads.clear();
         self.guard.init = None;
         Ok(restored)
+    }
+}
+
+/// How long a restore waits for the zombies holding its recorded pids.
+const ZOMBIE_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits up to `limit` while a process among `pids` is a zombie.
+fn wait_for_zombies(pids: &[i32], limit: Duration) {
+    let zombie = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rfind(')')
+                .is_some_and(|end| stat[end + 1..].trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + limit;
+    while pids.iter().any(zombie) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
