@@ -37,7 +37,7 @@ pub fn describe(
         size: metadata.len(),
         uid: metadata.uid(),
         gid: metadata.gid(),
-        mode: metadata.mode() & 0o7777,
+        mode: metadata.mode() & 0o777,
     })
 }
 

@@ -246,7 +246,8 @@ impl SharedObject {
 /// restored processes must never share one object unknowingly.
 fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd, RestoreError> {
     use std::os::unix::fs::OpenOptionsExt;
-    if !path.starts_with("/dev/shm/") || path[9..].contains('/') {
+    let name = path.strip_prefix("/dev/shm/").unwrap_or_default();
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(RestoreError::Layout(format!(
             "POSIX shared memory {path} is not a file directly under /dev/shm"
         )));
@@ -280,7 +281,8 @@ fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd
     .map_err(|e| RestoreError::io(path, e))?;
     std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
         .map_err(|e| RestoreError::io(path, e))?;
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
+    // Permission bits only: an image never makes a set-id file.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
         .map_err(|e| RestoreError::io(path, e))?;
     Ok(file.into())
 }
