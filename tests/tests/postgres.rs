@@ -458,6 +458,14 @@ fn postgres_is_restored_as_a_tree_keeps_its_rows_and_stops_cleanly() {
     );
     let _ = server.0.wait();
     wait_gone(&tree);
+    // SAFETY: shmid_ds is plain data; IPC_STAT fills it.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes into the valid struct we pass.
+    let left = unsafe { libc::shmctl(shmid as i32, libc::IPC_STAT, &mut ds) } == 0;
+    assert!(
+        !left,
+        "the postmaster's System V segment {shmid} is left after its tree was checkpointed"
+    );
     assert!(
         cluster.query("SELECT 1").is_err(),
         "the cluster answers after its tree was checkpointed and killed"

@@ -154,6 +154,14 @@ fn mapped_inode(pid: i32, name: &str) -> Option<u64> {
         .and_then(|line| line.split_whitespace().nth(4)?.parse().ok())
 }
 
+/// Whether System V segment `shmid` exists in our IPC namespace.
+fn segment_exists(shmid: i32) -> bool {
+    // SAFETY: shmid_ds is plain data; IPC_STAT fills it.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes into the valid struct we pass.
+    unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut ds) == 0 }
+}
+
 fn wait_gone(pids: &[i32]) {
     let gone = wait_until(Duration::from_secs(20), || {
         pids.iter()
@@ -192,6 +200,11 @@ fn system_v_and_posix_shared_memory_are_restored_twice_and_shared() {
         !Path::new(&fixture.path).exists(),
         "{} is left after the checkpoint killed its processes",
         fixture.path
+    );
+    assert!(
+        !segment_exists(fixture.shmid),
+        "System V segment shmid {} is left after the checkpoint killed its processes",
+        fixture.shmid
     );
     let inspect = agent(&["inspect", image_arg]);
     let text = String::from_utf8_lossy(&inspect.stdout);

@@ -620,6 +620,7 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         // The processes die only once their image is durable.
         writer.finish(&mut manifest).map_err(image_error)?;
         frozen_for = frozen_at.elapsed();
+        let our_ipc_namespace = crate::sys::ipc::same_namespace(pid).unwrap_or(false);
         tree.kill()?;
         frozen.kill(&pidfd)?;
         // Its connections end here without a word to their peers, for the
@@ -627,12 +628,14 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         connections.close_silently();
         // The image holds the POSIX shared memory they mapped: the files go,
         // as on their clean exit, for the restore to make again.
-        posix_shm::remove_saved(
+        let every_mapping = || {
             manifest
                 .mappings
                 .iter()
-                .chain(manifest.children.iter().flat_map(|c| &c.mappings)),
-        );
+                .chain(manifest.children.iter().flat_map(|c| &c.mappings))
+        };
+        posix_shm::remove_saved(every_mapping());
+        sysv_shm::remove_saved(our_ipc_namespace, every_mapping());
     }
     let children = &manifest.children;
     Ok(CheckpointSummary {

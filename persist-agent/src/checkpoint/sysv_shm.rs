@@ -3,7 +3,7 @@
 //! namespace. The contents are the segment's pages, stored with the first
 //! process of the tree that attaches it (`shared_memory.rs`).
 
-use persist_common::image::{MappingKind, PAGE_SIZE};
+use persist_common::image::{Mapping, MappingKind, PAGE_SIZE};
 
 use super::CheckpointError;
 use crate::sys::ipc;
@@ -48,4 +48,42 @@ pub fn describe(
         mode: stat.mode,
         removed: stat.removed,
     })
+}
+
+/// Removes the System V segments `mappings` attach, once the processes
+/// that attached them are killed and the image holding them is durable: the
+/// restore makes them again in a namespace of its own, and a segment left
+/// would outlive everything (PostgreSQL removes its own on a clean
+/// shutdown). Only in our IPC namespace (`ours`: the processes were in
+/// it), and only a segment that is still the one saved (key and size) and
+/// that no process attaches any more. Failures are logged, not returned:
+/// the image is complete either way.
+pub fn remove_saved<'a>(ours: bool, mappings: impl IntoIterator<Item = &'a Mapping>) {
+    if !ours {
+        return;
+    }
+    let mut removed = std::collections::HashSet::new();
+    for mapping in mappings {
+        let MappingKind::SysvShm {
+            key, shmid, size, ..
+        } = mapping.kind
+        else {
+            continue;
+        };
+        if !removed.insert(shmid) {
+            continue;
+        }
+        match ipc::shm_stat(shmid) {
+            Ok(stat) if stat.key == key && stat.size == size && stat.attachments == 0 => {
+                if let Err(err) = ipc::shm_remove(shmid) {
+                    tracing::warn!(shmid, %err, "cannot remove the saved System V segment");
+                }
+            }
+            Ok(_) => tracing::warn!(
+                shmid,
+                "System V segment still attached or changed: left alone"
+            ),
+            Err(_) => {}
+        }
+    }
 }

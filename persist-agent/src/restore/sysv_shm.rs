@@ -47,6 +47,7 @@ pub(super) fn namespace(images: &[&Image]) -> Result<Option<OwnedFd>, RestoreErr
                 gid,
                 mode,
                 removed,
+                attachments: 0,
             };
             if size.next_multiple_of(PAGE_SIZE) != mapping.len() {
                 return Err(RestoreError::Layout(format!(

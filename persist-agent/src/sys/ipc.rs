@@ -30,6 +30,8 @@ pub struct ShmStat {
     pub mode: u32,
     /// Marked for removal (`SHM_DEST`).
     pub removed: bool,
+    /// Processes attached (`shm_nattch`).
+    pub attachments: u64,
 }
 
 /// Reads segment `shmid` in the caller's IPC namespace.
@@ -48,7 +50,23 @@ pub fn shm_stat(shmid: i32) -> io::Result<ShmStat> {
         gid: ds.shm_perm.gid,
         mode: u32::from(ds.shm_perm.mode) & 0o777,
         removed: u32::from(ds.shm_perm.mode) & SHM_DEST != 0,
+        attachments: ds.shm_nattch,
     })
+}
+
+/// Removes segment `shmid` (`IPC_RMID`) in the caller's IPC namespace.
+pub fn shm_remove(shmid: i32) -> io::Result<()> {
+    // SAFETY: IPC_RMID takes no buffer.
+    if unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is in the caller's IPC namespace.
+pub fn same_namespace(pid: i32) -> io::Result<bool> {
+    Ok(namespace_inode(&format!("/proc/{pid}/ns/ipc"))?
+        == namespace_inode("/proc/thread-self/ns/ipc")?)
 }
 
 /// The inode of an IPC namespace file (`/proc/PID/ns/ipc`).
