@@ -158,6 +158,14 @@ fn process_sections(
         p.posix_timers.len(),
         p.file_locks.len()
     );
+    if p.pdeath_signal != 0 || p.child_subreaper {
+        let _ = writeln!(
+            out,
+            "  parent    death signal {}, child subreaper {}",
+            p.pdeath_signal,
+            if p.child_subreaper { "yes" } else { "no" }
+        );
+    }
 
     let _ = writeln!(out, "threads ({})", threads.len());
     let _ = writeln!(
@@ -254,6 +262,30 @@ fn mapping_line(mapping: &Mapping) -> String {
             inode,
             offset,
         } => format!("memfd:{name} (inode {inode}) @ {offset:#x}"),
+        MappingKind::SysvShm {
+            key,
+            shmid,
+            size,
+            uid,
+            gid,
+            mode,
+            removed,
+        } => format!(
+            "System V shm shmid {shmid} key {key:#x}, {size} bytes, owner {uid}:{gid} mode \
+             {mode:o}{}",
+            if *removed { ", marked for removal" } else { "" }
+        ),
+        MappingKind::PosixShm {
+            path,
+            offset,
+            size,
+            uid,
+            gid,
+            mode,
+            ..
+        } => format!(
+            "{path} @ {offset:#x} (POSIX shm, {size} bytes, owner {uid}:{gid} mode {mode:o})"
+        ),
         MappingKind::Vdso => "[vdso]".to_owned(),
         MappingKind::Vvar { name } => name.clone(),
     };

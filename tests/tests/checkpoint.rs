@@ -603,18 +603,25 @@ fn refused(fixture: &Fixture) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// A System V segment of which the process unmapped a page cannot be
+/// attached again as it was (`shmat` maps a segment whole).
 #[test]
-fn sysv_shared_memory_is_refused() {
+fn sysv_shared_memory_attached_in_part_is_refused() {
     persist_tests::require_root!();
     let fixture = python_fixture(
         "libc.shmat.restype = ctypes.c_void_p\n\
          shmid = libc.shmget(0, 8192, 0o1600)\n\
          assert shmid >= 0\n\
-         assert libc.shmat(shmid, None, 0) not in (None, 2**64 - 1)\n\
+         address = libc.shmat(shmid, None, 0)\n\
+         assert address not in (None, 2**64 - 1)\n\
+         assert libc.munmap(ctypes.c_void_p(address + 4096), ctypes.c_size_t(4096)) == 0\n\
          libc.shmctl(shmid, 0, None)",
     );
     let stderr = refused(&fixture);
-    assert!(stderr.contains("System V shared memory"), "{stderr}");
+    assert!(
+        stderr.contains("System V shared memory") && stderr.contains("attached in part"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains(&format!("pid {}: mapping 0x", fixture.pid())),
         "{stderr}"

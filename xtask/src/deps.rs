@@ -29,6 +29,7 @@ pub const TEST: &[&str] = &[
     "systemd",
     "binutils",
     "gunicorn",
+    "postgresql-15",
 ];
 
 /// Installs whichever of `packages` are missing, saying which.
@@ -51,8 +52,13 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     // Debian starts some servers on install; our tests start their own.
-    for service in ["redis-server", "nginx", "memcached"] {
-        if missing.contains(&service)
+    for (package, service) in [
+        ("redis-server", "redis-server"),
+        ("nginx", "nginx"),
+        ("memcached", "memcached"),
+        ("postgresql-15", "postgresql"),
+    ] {
+        if missing.contains(&package)
             && let Ok(mut stop) = privilege::as_root("service")
         {
             let _ = stop.args([service, "stop"]).output();

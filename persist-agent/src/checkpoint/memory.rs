@@ -94,12 +94,7 @@ pub fn read_mappings(pid: i32) -> Result<Vec<Mapping>, CheckpointError> {
                 name: "[vvar]".into(),
             },
             MMapPath::Vsyscall => continue,
-            MMapPath::Vsys(key) => {
-                return Err(unsupported(format!(
-                    "System V shared memory (key {key:#x}, shmid {})",
-                    map.inode
-                )));
-            }
+            MMapPath::Vsys(_) => super::sysv_shm::describe(pid, start, end, map.inode)?,
             MMapPath::Other(name) if name.starts_with("vvar") => MappingKind::Vvar {
                 name: format!("[{name}]"),
             },
@@ -124,6 +119,11 @@ pub fn read_mappings(pid: i32) -> Result<Vec<Mapping>, CheckpointError> {
                     }
                 } else if path == "/dev/zero (deleted)" && shared {
                     MappingKind::SharedAnonymous { inode: map.inode }
+                } else if shared
+                    && path.starts_with(super::posix_shm::DIRECTORY)
+                    && !path.ends_with(" (deleted)")
+                {
+                    super::posix_shm::describe(pid, start, end, &path, map.inode, map.offset)?
                 } else if path.ends_with(" (deleted)") {
                     return Err(unsupported(format!("mapped file {path} was deleted")));
                 } else {
@@ -192,9 +192,13 @@ fn policy(mapping: &Mapping) -> StorePolicy {
     match (&mapping.kind, mapping.shared) {
         (MappingKind::Vdso | MappingKind::Vvar { .. }, _) => StorePolicy::Nothing,
         (MappingKind::File { .. }, true) => StorePolicy::Nothing,
-        (MappingKind::SharedAnonymous { .. } | MappingKind::Memfd { .. }, true) => {
-            StorePolicy::ShmemData
-        }
+        (
+            MappingKind::SharedAnonymous { .. }
+            | MappingKind::Memfd { .. }
+            | MappingKind::SysvShm { .. }
+            | MappingKind::PosixShm { .. },
+            true,
+        ) => StorePolicy::ShmemData,
         _ => StorePolicy::PrivatePages,
     }
 }
@@ -548,7 +552,7 @@ fn shmem_segments(
         source,
     })?;
     let offset = match mapping.kind {
-        MappingKind::Memfd { offset, .. } => offset,
+        MappingKind::Memfd { offset, .. } | MappingKind::PosixShm { offset, .. } => offset,
         _ => 0,
     };
     let start = offset as i64;

@@ -26,12 +26,14 @@ mod freeze;
 mod inherited_pages;
 mod inject;
 mod memory;
+mod posix_shm;
 mod posix_timers;
 mod process;
 mod recovery;
 mod seccomp;
 mod shared_memory;
 mod status;
+mod sysv_shm;
 mod threads;
 mod tree;
 
@@ -618,11 +620,22 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         // The processes die only once their image is durable.
         writer.finish(&mut manifest).map_err(image_error)?;
         frozen_for = frozen_at.elapsed();
+        let our_ipc_namespace = crate::sys::ipc::same_namespace(pid).unwrap_or(false);
         tree.kill()?;
         frozen.kill(&pidfd)?;
         // Its connections end here without a word to their peers, for the
         // restored process to take them over.
         connections.close_silently();
+        // The image holds the POSIX shared memory they mapped: the files go,
+        // as on their clean exit, for the restore to make again.
+        let every_mapping = || {
+            manifest
+                .mappings
+                .iter()
+                .chain(manifest.children.iter().flat_map(|c| &c.mappings))
+        };
+        posix_shm::remove_saved(every_mapping());
+        sysv_shm::remove_saved(our_ipc_namespace, every_mapping());
     }
     let children = &manifest.children;
     Ok(CheckpointSummary {

@@ -84,6 +84,19 @@ pub fn save_process(
         libc::SYS_prctl,
         &[PR_GET_SECUREBITS],
     )? as u32;
+    // Both write an int at the address given; /proc shows neither.
+    injector.checked_syscall(
+        "prctl(PR_GET_PDEATHSIG)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_PDEATHSIG as u64, scratch],
+    )?;
+    let [pdeath_word] = injector.read_scratch_words::<1>(0)?;
+    injector.checked_syscall(
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_CHILD_SUBREAPER as u64, scratch],
+    )?;
+    let [subreaper_word] = injector.read_scratch_words::<1>(0)?;
     injector.finish()?;
 
     let rlimits = read_rlimits(pid)?;
@@ -138,6 +151,8 @@ pub fn save_process(
         root: read_link(pid, "root")?,
         umask: status::required(pid, "Umask", status.umask)?,
         personality,
+        pdeath_signal: pdeath_word as u32,
+        child_subreaper: subreaper_word as u32 != 0,
         rlimits,
         credentials,
         sigactions,

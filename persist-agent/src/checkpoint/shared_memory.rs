@@ -27,23 +27,36 @@ pub struct SharedMemory {
 /// A shared memory object as one mapping showed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StoredObject {
-    inode: u64,
+    object: Object,
     start: u64,
     end: u64,
     offset: u64,
+}
+
+/// A shared memory object: the numbers of different kinds may collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Object {
+    /// Shared anonymous memory or a memfd, by inode.
+    Shmem(u64),
+    /// A System V segment, by id.
+    Sysv(i32),
+    /// A file under /dev/shm, by inode.
+    PosixShm(u64),
 }
 
 impl StoredObject {
     /// The object behind `mapping`, if it is shared memory whose pages the
     /// image stores (see `memory::policy`).
     fn of(mapping: &Mapping) -> Option<Self> {
-        let (inode, offset) = match mapping.kind {
-            MappingKind::SharedAnonymous { inode } => (inode, 0),
-            MappingKind::Memfd { inode, offset, .. } => (inode, offset),
+        let (object, offset) = match mapping.kind {
+            MappingKind::SharedAnonymous { inode } => (Object::Shmem(inode), 0),
+            MappingKind::Memfd { inode, offset, .. } => (Object::Shmem(inode), offset),
+            MappingKind::SysvShm { shmid, .. } => (Object::Sysv(shmid), 0),
+            MappingKind::PosixShm { inode, offset, .. } => (Object::PosixShm(inode), offset),
             _ => return None,
         };
         mapping.shared.then_some(Self {
-            inode,
+            object,
             start: mapping.start,
             end: mapping.end,
             offset,

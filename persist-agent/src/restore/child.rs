@@ -34,6 +34,8 @@ pub enum Step {
     Session = 9,
     /// (a process of a tree) forking a child with its recorded pid.
     ForkChild = 10,
+    /// Joining the IPC namespace holding its System V shared memory.
+    IpcNamespace = 11,
 }
 
 impl Step {
@@ -50,6 +52,7 @@ impl Step {
             8 => Self::Proc,
             9 => Self::Session,
             10 => Self::ForkChild,
+            11 => Self::IpcNamespace,
             _ => return None,
         })
     }
@@ -67,6 +70,7 @@ impl Step {
             Self::Proc => "mounting /proc for the pid namespace",
             Self::Session => "setting its session or process group",
             Self::ForkChild => "forking a child process with its recorded pid",
+            Self::IpcNamespace => "joining the IPC namespace of its System V shared memory",
         }
     }
 }
@@ -98,6 +102,20 @@ pub struct ChildPlan<'a> {
     pub table_addr: u64,
     /// Number of entries.
     pub table_count: u64,
+    /// The IPC namespace to join first (`/proc/.../ns/ipc` open at this
+    /// number), holding the System V segments it attaches.
+    pub ipc_namespace: Option<RawFd>,
+}
+
+/// Joins the plan's IPC namespace, if any: before the process forks its
+/// own children (who inherit it) and before its descriptors are installed
+/// over the number.
+fn join_ipc_namespace(plan: &ChildPlan<'_>) {
+    if let Some(fd) = plan.ipc_namespace
+        && let Err(err) = crate::sys::ipc::join_raw(fd)
+    {
+        fail(plan.status_fd, Step::IpcNamespace, errno_of(&err));
+    }
 }
 
 fn fail(status_fd: RawFd, step: Step, errno: i32) -> ! {
@@ -115,6 +133,7 @@ fn errno_of(err: &std::io::Error) -> i32 {
 /// Runs in the forked child: never returns.
 pub fn child_main(plan: &ChildPlan<'_>) -> ! {
     clone::block_all_signals();
+    join_ipc_namespace(plan);
     let raw_uffd = match uffd::create_raw() {
         Ok(fd) => fd,
         Err(err) => fail(plan.status_fd, Step::Userfaultfd, errno_of(&err)),
@@ -194,6 +213,7 @@ pub fn tree_main(nodes: &[TreeNode<'_>], index: usize, fork_go: Option<RawFd>) -
     {
         fail(status, Step::Go, errno_of(&err));
     }
+    join_ipc_namespace(&node.plan);
     let session = match node.session {
         SessionStep::Inherit => Ok(()),
         SessionStep::NewSession => nix::unistd::setsid().map(drop),

@@ -322,6 +322,41 @@ fn layout_table(
             }
             MappingKind::Memfd { offset, .. } => (mapping_fd(fds, index, mapping)? as i64, *offset),
             MappingKind::SharedAnonymous { .. } => (mapping_fd(fds, index, mapping)? as i64, 0),
+            MappingKind::PosixShm { offset, .. } => {
+                (mapping_fd(fds, index, mapping)? as i64, *offset)
+            }
+            MappingKind::SysvShm { shmid, removed, .. } => {
+                // Attached again, in the tree's IPC namespace where the
+                // segment has its recorded id (`sysv_shm.rs`).
+                let mut shm_flags = libc::SHM_REMAP;
+                if !mapping.protection.write {
+                    shm_flags |= libc::SHM_RDONLY;
+                }
+                if mapping.protection.exec {
+                    shm_flags |= libc::SHM_EXEC;
+                }
+                t.call(
+                    format!(
+                        "shmat of mapping {:#x}-{:#x} ({})",
+                        mapping.start,
+                        mapping.end,
+                        describe(mapping)
+                    ),
+                    libc::SYS_shmat,
+                    &[*shmid as u64, mapping.start, shm_flags as u64],
+                );
+                if *removed {
+                    // Once attached: Linux lets the others attach a
+                    // segment marked for removal, and it lives while one
+                    // of them is attached.
+                    t.call(
+                        format!("shmctl(IPC_RMID) of shmid {shmid}"),
+                        libc::SYS_shmctl,
+                        &[*shmid as u64, libc::IPC_RMID as u64, 0],
+                    );
+                }
+                continue;
+            }
             MappingKind::Vdso | MappingKind::Vvar { .. } => unreachable!("handled above"),
         };
         t.call(
@@ -460,6 +495,10 @@ pub fn describe(mapping: &Mapping) -> String {
         MappingKind::File { path, .. } => path.clone(),
         MappingKind::SharedAnonymous { .. } => "shared anonymous".into(),
         MappingKind::Memfd { name, .. } => format!("memfd:{name}"),
+        MappingKind::SysvShm { key, shmid, .. } => {
+            format!("System V shared memory shmid {shmid}, key {key:#x}")
+        }
+        MappingKind::PosixShm { path, .. } => path.clone(),
         MappingKind::Vdso => "[vdso]".into(),
         MappingKind::Vvar { name } => name.clone(),
     }

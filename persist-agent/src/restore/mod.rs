@@ -58,6 +58,7 @@ mod setup;
 mod signals;
 mod skeleton;
 mod spawn;
+mod sysv_shm;
 mod table;
 mod threads;
 mod timers;

@@ -3,6 +3,7 @@
 //! (filled with its stored pages), the executable and the working directory,
 //! and the resource limits to set. The child inherits them all.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::File;
@@ -25,6 +26,9 @@ pub(super) struct Resources {
     cwd: OwnedFd,
     /// The process attributes the table sets (its resource limits).
     pub(super) attributes: Attributes,
+    /// The POSIX shared memory files made for it, to remove if the
+    /// restore fails.
+    pub(super) created_files: Vec<String>,
 }
 
 impl Resources {
@@ -38,10 +42,12 @@ impl Resources {
         fds: &PreparedFds,
         min: RawFd,
         access: &PathAccess,
-        shared: &mut HashMap<u64, OwnedFd>,
+        shared: &mut HashMap<SharedObject, OwnedFd>,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         let mut filled = HashSet::new();
+        // Removed again if anything below fails.
+        let mut created_files = CreatedFiles::default();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
         for mapping in &manifest.mappings {
             let fd = match &mapping.kind {
@@ -59,21 +65,39 @@ impl Resources {
                     min,
                     access,
                 )?),
-                MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
-                    if !shared.contains_key(inode) {
-                        let fd = match (&mapping.kind, fds.memfd(*inode)) {
-                            (MappingKind::Memfd { .. }, Some(fd)) => fd
-                                .try_clone_to_owned()
-                                .map_err(|e| RestoreError::io("memfd", e))?,
-                            _ => new_memfd(*inode)?,
-                        };
-                        shared.insert(*inode, fd);
-                    }
-                    let source = &shared[inode];
+                MappingKind::Memfd { inode, .. }
+                | MappingKind::SharedAnonymous { inode }
+                | MappingKind::PosixShm { inode, .. } => {
+                    let object = SharedObject::of(&mapping.kind).expect("shared memory");
+                    let source = match shared.entry(object) {
+                        Entry::Occupied(known) => known.into_mut(),
+                        Entry::Vacant(new) => {
+                            new.insert(match (&mapping.kind, fds.memfd(*inode)) {
+                                (MappingKind::Memfd { .. }, Some(fd)) => fd
+                                    .try_clone_to_owned()
+                                    .map_err(|e| RestoreError::io("memfd", e))?,
+                                (
+                                    MappingKind::PosixShm {
+                                        path,
+                                        uid,
+                                        gid,
+                                        mode,
+                                        ..
+                                    },
+                                    _,
+                                ) => {
+                                    let fd = create_posix_shm(path, *uid, *gid, *mode)?;
+                                    created_files.0.push(path.clone());
+                                    fd
+                                }
+                                _ => new_memfd(*inode)?,
+                            })
+                        }
+                    };
                     // Once per process: a later process of a tree stores
                     // only the pages an earlier one did not.
-                    if filled.insert(*inode) {
-                        fill_shared_memory(image, *inode, source)?;
+                    if filled.insert(object) {
+                        fill_shared_memory(image, object, source)?;
                     }
                     let copy = source
                         .try_clone()
@@ -123,6 +147,7 @@ impl Resources {
                 rlimits,
                 session_set: false,
             },
+            created_files: std::mem::take(&mut created_files.0),
         })
     }
 
@@ -179,25 +204,146 @@ fn new_memfd(inode: u64) -> Result<OwnedFd, RestoreError> {
         .map_err(|e| RestoreError::io("memfd_create", e.into()))
 }
 
+/// Files made for a restore, removed when dropped unless taken out: what
+/// a failed restore made is not left behind.
+#[derive(Debug, Default)]
+pub(super) struct CreatedFiles(pub(super) Vec<String>);
+
+impl Drop for CreatedFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A shared memory object of an image, which every mapping of it maps
+/// from one descriptor: the numbers of different kinds may collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum SharedObject {
+    /// Shared anonymous memory or a memfd, by saved inode.
+    Shmem(u64),
+    /// A POSIX shared memory file, by saved inode.
+    PosixShm(u64),
+}
+
+impl SharedObject {
+    /// The object a mapping of `kind` maps from a descriptor, if shared.
+    fn of(kind: &MappingKind) -> Option<Self> {
+        match kind {
+            MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
+                Some(Self::Shmem(*inode))
+            }
+            MappingKind::PosixShm { inode, .. } => Some(Self::PosixShm(*inode)),
+            _ => None,
+        }
+    }
+}
+
+/// Makes POSIX shared memory file `path` again, owned by `uid`:`gid` with
+/// `mode`. It must not exist: a file there is another process's (a restore
+/// of the same image still running, or the original left running), and two
+/// restored processes must never share one object unknowingly.
+fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.strip_prefix("/dev/shm/").unwrap_or_default();
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(RestoreError::Layout(format!(
+            "POSIX shared memory {path} is not a file directly under /dev/shm"
+        )));
+    }
+    let create = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let file = match create() {
+        Err(source) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by processes that died without removing it (a restored
+            // tree killed): stale if no process maps or holds it.
+            if let Some(pid) = posix_shm_user(path) {
+                return Err(RestoreError::Layout(format!(
+                    "POSIX shared memory {path} exists and pid {pid} uses it (the checkpointed \
+                     process left running, or another restore of this image): two restores \
+                     must not share it"
+                )));
+            }
+            tracing::warn!(path, "replacing a POSIX shared memory file no process uses");
+            std::fs::remove_file(path).map_err(|e| RestoreError::io(path, e))?;
+            create()
+        }
+        other => other,
+    }
+    .map_err(|e| RestoreError::io(path, e))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+        .map_err(|e| RestoreError::io(path, e))?;
+    // Permission bits only: an image never makes a set-id file.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
+        .map_err(|e| RestoreError::io(path, e))?;
+    Ok(file.into())
+}
+
+/// A process that maps file `path` (under /dev/shm) or holds it open, if
+/// any: its pid.
+fn posix_shm_user(path: &str) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::symlink_metadata(path).ok()?.ino();
+    let pids = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok());
+    for pid in pids {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        let mapped = maps.lines().any(|line| {
+            let mut fields = line.split_whitespace();
+            let line_inode = fields.nth(4).and_then(|i| i.parse::<u64>().ok());
+            line_inode == Some(inode) && fields.next() == Some(path)
+        });
+        let held = || {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == path)
+                        && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode)
+                })
+        };
+        if mapped || held() {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 /// Writes the stored pages of a shared memory object into `fd`, which every
 /// mapping of the object then maps, so they stay shared.
-fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), RestoreError> {
+fn fill_shared_memory(
+    image: &Image,
+    object: SharedObject,
+    fd: &OwnedFd,
+) -> Result<(), RestoreError> {
     let file = File::from(fd.try_clone().map_err(|e| RestoreError::io("memfd", e))?);
     let current = file
         .metadata()
         .map_err(|e| RestoreError::io("memfd", e))?
         .len();
+    let mut exact_size = None;
     for mapping in &image.manifest().mappings {
-        let (offset, same) = match &mapping.kind {
-            MappingKind::Memfd {
-                inode: i, offset, ..
-            } => (*offset, *i == inode),
-            MappingKind::SharedAnonymous { inode: i } => (0, *i == inode),
-            _ => continue,
-        };
-        if !same {
+        if SharedObject::of(&mapping.kind) != Some(object) {
             continue;
         }
+        let offset = match &mapping.kind {
+            MappingKind::Memfd { offset, .. } => *offset,
+            MappingKind::PosixShm { offset, size, .. } => {
+                exact_size = Some(*size);
+                *offset
+            }
+            _ => 0,
+        };
         if offset + mapping.len() > current {
             file.set_len(offset + mapping.len())
                 .map_err(|e| RestoreError::io("memfd", e))?;
@@ -211,6 +357,12 @@ fn fill_shared_memory(image: &Image, inode: u64, fd: &OwnedFd) -> Result<(), Res
             )
             .map_err(|e| RestoreError::io("memfd", e))?;
         }
+    }
+    // A POSIX object keeps its recorded size (its owner may fstat it), not
+    // its mappings' page-rounded one.
+    if let Some(size) = exact_size {
+        file.set_len(size)
+            .map_err(|e| RestoreError::io("POSIX shared memory", e))?;
     }
     Ok(())
 }

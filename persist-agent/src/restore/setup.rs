@@ -12,7 +12,7 @@ use persist_common::image::Image;
 
 use super::layout::{self, OwnLayout, Region};
 use super::pager::Pager;
-use super::resources::Resources;
+use super::resources::{Resources, SharedObject};
 use super::runner::{TableRunner, check_table};
 use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
@@ -39,6 +39,10 @@ pub(super) struct Setup {
     status_write: OwnedFd,
     init_go_read: OwnedFd,
     init_go_write: OwnedFd,
+    /// The IPC namespace it joins first (System V shared memory).
+    ipc_namespace: Option<RawFd>,
+    /// Its parent is restored too (a descendant of a tree).
+    parent_restored: bool,
 }
 
 impl Setup {
@@ -51,7 +55,7 @@ impl Setup {
         image: Arc<Image>,
         inherited: InheritedFds,
         access: &PathAccess,
-        shared: &mut HashMap<u64, OwnedFd>,
+        shared: &mut HashMap<SharedObject, OwnedFd>,
         session_set: bool,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
@@ -103,6 +107,8 @@ impl Setup {
             status_write,
             init_go_read,
             init_go_write,
+            ipc_namespace: None,
+            parent_restored: false,
         })
     }
 
@@ -119,7 +125,26 @@ impl Setup {
             region_bytes: &self.region.layout.bytes,
             table_addr: self.region.layout.entries_addr,
             table_count: self.region.layout.count,
+            ipc_namespace: self.ipc_namespace,
         }
+    }
+
+    /// Has the forked process join IPC namespace `namespace` (kept open
+    /// by the caller until it is forked) before anything else.
+    pub(super) fn join_ipc_namespace(&mut self, namespace: RawFd) {
+        self.ipc_namespace = Some(namespace);
+    }
+
+    /// Marks it a descendant of a restored tree: its parent is restored
+    /// with it, so its parent-death signal is set again.
+    pub(super) fn set_parent_restored(&mut self) {
+        self.parent_restored = true;
+    }
+
+    /// The POSIX shared memory files made for it, which a failed restore
+    /// removes.
+    pub(super) fn created_files(&self) -> Vec<String> {
+        self.resources.created_files.clone()
     }
 
     /// The agent's ends of the pipes to the forked child.
@@ -176,7 +201,13 @@ impl Setup {
         };
         let tids = threads::create(&mut runner, manifest)?;
         guard.threads.extend(tids.iter().skip(1));
-        let resume_table = threads::restore_state(&mut runner, manifest, &tids, &mut pager)?;
+        let resume_table = threads::restore_state(
+            &mut runner,
+            manifest,
+            &tids,
+            &mut pager,
+            self.parent_restored,
+        )?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
         files::warm_own_proc_entries(pid);
 

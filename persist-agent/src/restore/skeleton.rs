@@ -11,7 +11,7 @@
 //! ([`super::threads`]).
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,9 +19,11 @@ use nix::sys::signal::Signal;
 use persist_common::image::{Image, Manifest};
 
 use super::pager::Pager;
+use super::resources::CreatedFiles;
 use super::setup::Setup;
 use super::spawn::{self, KillGuard};
 use super::tree::TreeSkeleton;
+use super::sysv_shm;
 use super::{RestoreError, threads, verify};
 use crate::files::{self, InheritedFds, PathAccess};
 use crate::host;
@@ -232,7 +234,19 @@ impl Skeleton {
             agent_files,
         );
         let recorded_pid = manifest.process.pid;
-        let setup = Setup::new(image, config.inherited, &access, &mut HashMap::new(), false)?;
+        let mut setup = Setup::new(
+            Arc::clone(&image),
+            config.inherited,
+            &access,
+            &mut HashMap::new(),
+            false,
+        )?;
+        // Removed unless the process is built.
+        let mut created_files = CreatedFiles(setup.created_files());
+        let ipc_namespace = sysv_shm::namespace(&[&image])?;
+        if let Some(namespace) = &ipc_namespace {
+            setup.join_ipc_namespace(namespace.as_raw_fd());
+        }
 
         // The child, forked with the recorded pid, builds its layout.
         let forked_at = Instant::now();
@@ -247,9 +261,11 @@ impl Skeleton {
             // a reaper of orphans.
             crate::sys::spawn::claim(pid);
         }
+        drop(ipc_namespace);
         let skeleton = setup.finish(pid, init_pid, started, forked_at, &mut guard)?;
         guard.pids.clear();
         guard.threads.clear();
+        created_files.0.clear();
         Ok(skeleton)
     }
 

@@ -88,6 +88,7 @@ pub(super) fn restore_state(
     manifest: &Manifest,
     tids: &[i32],
     pager: &mut Pager,
+    parent_restored: bool,
 ) -> Result<Option<ResumeTable>, RestoreError> {
     let pid = runner.pid;
     let current_creds = creds::own();
@@ -120,6 +121,8 @@ pub(super) fn restore_state(
     // thread). Timers on running clocks are armed, and the
     // region unmapped, only when the process resumes (see `timers.rs`).
     let mut t = runner.table();
+    // After the credentials, whose change clears the parent-death signal.
+    parent_death_and_subreaper(&mut t, manifest, parent_restored);
     signals::append(&mut t, manifest)?;
     locks::append(&mut t, manifest);
     timers::create(&mut t, manifest);
@@ -162,6 +165,31 @@ pub(super) fn restore_state(
         }
     }
     Ok(resume_table)
+}
+
+/// The main thread's parent-death signal and the process's child
+/// subreaper bit, as recorded. The parent-death signal only when its
+/// parent is restored with it (a descendant of a tree): the parent of a
+/// restored root is the agent, whose exit must not kill it.
+fn parent_death_and_subreaper(t: &mut TableBuilder, manifest: &Manifest, parent_restored: bool) {
+    let process = &manifest.process;
+    if process.pdeath_signal != 0 && parent_restored {
+        t.call(
+            format!("prctl(PR_SET_PDEATHSIG, {})", process.pdeath_signal),
+            libc::SYS_prctl,
+            &[
+                libc::PR_SET_PDEATHSIG as u64,
+                u64::from(process.pdeath_signal),
+            ],
+        );
+    }
+    if process.child_subreaper {
+        t.call(
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_CHILD_SUBREAPER as u64, 1],
+        );
+    }
 }
 
 fn unmap_region(t: &mut TableBuilder, runner: &TableRunner<'_>) {

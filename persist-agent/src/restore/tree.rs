@@ -26,14 +26,16 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use persist_common::image::{Image, Manifest};
 
 use super::child::{self, SessionStep, TreeNode};
+use super::resources::{CreatedFiles, SharedObject};
 use super::setup::Setup;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
 use super::spawn::{self, KillGuard, TRACE_OPTIONS, pipe_above};
+use super::sysv_shm;
 use super::{RestoreError, verify};
 use crate::files::{self, PathAccess};
 use crate::host;
@@ -68,6 +70,11 @@ impl TreeSkeleton {
             }
         }
         let shape = Shape::of(manifest)?;
+        // The checkpointed tree, just killed, may not be reaped yet: its
+        // pids free in a moment spare the tree a pid (and mount) namespace
+        // of its own, which could not be checkpointed again from here
+        // (docs/kernel-facts.md).
+        wait_for_zombies(&shape.pids, ZOMBIE_WAIT);
         let accesses: Vec<PathAccess> = images
             .iter()
             .map(|view| {
@@ -91,8 +98,11 @@ impl TreeSkeleton {
         let mut root_inherited = Some(config.inherited);
 
         // Every process prepared before the first fork.
-        let mut shared: HashMap<u64, OwnedFd> = HashMap::new();
+        let mut shared: HashMap<SharedObject, OwnedFd> = HashMap::new();
         let mut setups: Vec<Setup> = Vec::with_capacity(images.len());
+        // The POSIX shared memory files made, removed unless the tree is
+        // built.
+        let mut created_files = CreatedFiles::default();
         for (index, view) in images.iter().enumerate() {
             let pid = view.manifest().process.pid;
             let mut inherited = std::mem::take(&mut cross[index]);
@@ -132,9 +142,21 @@ impl TreeSkeleton {
                 pid,
                 source: Box::new(source),
             })?;
+            created_files.0.extend(setup.created_files());
+            let mut setup = setup;
+            if index > 0 {
+                setup.set_parent_restored();
+            }
             setups.push(setup);
         }
         drop(shared);
+        // System V segments, in an IPC namespace the root joins before it
+        // forks the others; open until every process is forked.
+        let views: Vec<&Image> = images.iter().map(|view| &**view).collect();
+        let ipc_namespace = sysv_shm::namespace(&views)?;
+        if let Some(namespace) = &ipc_namespace {
+            setups[0].join_ipc_namespace(namespace.as_raw_fd());
+        }
 
         let nodes: Vec<TreeNode<'_>> = setups
             .iter()
@@ -214,6 +236,7 @@ impl TreeSkeleton {
                 ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
             }
         }
+        drop(ipc_namespace);
         // Each stopped again before its layout, as one process is.
         for (index, &pid) in pids.iter().enumerate() {
             ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
@@ -237,6 +260,8 @@ impl TreeSkeleton {
             tree_guard.threads.append(&mut threads.threads);
             skeletons.push(skeleton);
         }
+        // Built: the files are the tree's.
+        created_files.0.clear();
         Ok(Self {
             guard: tree_guard,
             skeletons,
@@ -269,6 +294,23 @@ impl TreeSkeleton {
         self.guard.threads.clear();
         self.guard.init = None;
         Ok(restored)
+    }
+}
+
+/// How long a restore waits for the zombies holding its recorded pids.
+const ZOMBIE_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits up to `limit` while a process among `pids` is a zombie.
+fn wait_for_zombies(pids: &[i32], limit: Duration) {
+    let zombie = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rfind(')')
+                .is_some_and(|end| stat[end + 1..].trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + limit;
+    while pids.iter().any(zombie) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -142,12 +142,13 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         source,
     })?;
     let notify = match request.ready {
+        Readiness::Notify if identity.is_some() => Some(NotifySocket::bind_abstract()?),
         Readiness::Notify => Some(NotifySocket::bind(&request.runtime_dir)?),
         _ => None,
     };
     let mut env = Vec::new();
     if let Some(notify) = &notify {
-        env.push(format!("NOTIFY_SOCKET={}", notify.path().display()));
+        env.push(format!("NOTIFY_SOCKET={}", notify.address()));
     }
     let fds = vec![(null.as_fd(), 0), (log.as_fd(), 1), (log.as_fd(), 2)];
     let started = Instant::now();

@@ -22,13 +22,50 @@ pub(super) enum WaitError {
     Failed(BuildError),
 }
 
-/// The `NOTIFY_SOCKET` a service reports `READY=1` on.
+/// The `NOTIFY_SOCKET` a service reports `READY=1` on: a file in the
+/// runtime directory, or for a service run as another user, which could
+/// neither reach nor write to that root-owned socket, a name in the
+/// abstract namespace (`@name`, as sd_notify takes it: PostgreSQL run as
+/// user postgres).
 pub struct NotifySocket {
     socket: UnixDatagram,
-    path: PathBuf,
+    /// The socket file, or `None` for an abstract name.
+    path: Option<PathBuf>,
+    /// What `NOTIFY_SOCKET` says.
+    address: String,
 }
 
 impl NotifySocket {
+    /// Binds a datagram socket with a name of its own in the abstract
+    /// namespace, which any user of the network namespace (the daemon's,
+    /// where services run) can send to. The name is unguessable, so that no
+    /// other process binds it first.
+    pub fn bind_abstract() -> Result<Self, BuildError> {
+        use std::os::linux::net::SocketAddrExt;
+        let mut random = [0u8; 8];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut urandom| urandom.read_exact(&mut random))
+            .map_err(|err| BuildError::Other(format!("/dev/urandom: {err}")))?;
+        let name = format!(
+            "persist-notify-{}-{}-{:016x}",
+            std::process::id(),
+            unique(),
+            u64::from_ne_bytes(random)
+        );
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|err| BuildError::Other(format!("notify socket @{name}: {err}")))?;
+        let socket = UnixDatagram::bind_addr(&address)
+            .map_err(|err| BuildError::Other(format!("binding @{name}: {err}")))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|err| BuildError::Other(err.to_string()))?;
+        Ok(Self {
+            socket,
+            path: None,
+            address: format!("@{name}"),
+        })
+    }
+
     /// Binds a fresh datagram socket in `dir`.
     pub fn bind(dir: &Path) -> Result<Self, BuildError> {
         std::fs::create_dir_all(dir)
@@ -40,12 +77,16 @@ impl NotifySocket {
         socket
             .set_nonblocking(true)
             .map_err(|err| BuildError::Other(err.to_string()))?;
-        Ok(Self { socket, path })
+        Ok(Self {
+            socket,
+            address: path.display().to_string(),
+            path: Some(path),
+        })
     }
 
-    /// Path to give the service.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The `NOTIFY_SOCKET` value to give the service.
+    pub fn address(&self) -> &str {
+        &self.address
     }
 
     /// True once a `READY=1` message has arrived.
@@ -65,7 +106,9 @@ impl NotifySocket {
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

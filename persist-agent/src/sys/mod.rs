@@ -12,6 +12,7 @@ pub mod clone;
 pub mod cpu;
 pub mod fdops;
 pub mod fscreds;
+pub mod ipc;
 pub mod kobjects;
 pub mod notify;
 pub mod pidfd;

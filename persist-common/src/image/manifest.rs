@@ -143,6 +143,17 @@ pub struct ProcessInfo {
     /// images written before filters were saved (format 1 throughout).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seccomp_filters: Vec<SeccompFilter>,
+    /// The signal the main thread gets when its parent dies
+    /// (`PR_SET_PDEATHSIG`), 0 for none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pdeath_signal: u32,
+    /// The process is a child subreaper (`PR_SET_CHILD_SUBREAPER`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub child_subreaper: bool,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// A seccomp filter (`SECCOMP_SET_MODE_FILTER`), as
@@ -417,6 +428,46 @@ pub enum MappingKind {
         inode: u64,
         /// Offset of the mapping in the file.
         offset: u64,
+    },
+    /// A System V shared memory segment (`/SYSV<key> (deleted)`), attached
+    /// whole at the mapping's start. Restored in an IPC namespace of the
+    /// tree's own, with the same key, id, size, owner and mode.
+    SysvShm {
+        /// The segment's key (`IPC_PRIVATE`, 0, for none).
+        key: i32,
+        /// The segment's id, which the process keeps and passes to `shmat`.
+        shmid: i32,
+        /// Size in bytes, as given to `shmget`.
+        size: u64,
+        /// Owner (`shm_perm.uid`).
+        uid: u32,
+        /// Group (`shm_perm.gid`).
+        gid: u32,
+        /// Permission bits (`shm_perm.mode & 0o777`).
+        mode: u32,
+        /// Marked for removal (`IPC_RMID`, `SHM_DEST`): gone once the last
+        /// process detaches; marked again once restored.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        removed: bool,
+    },
+    /// A POSIX shared memory object (a file under `/dev/shm`, `shm_open`)
+    /// mapped shared. The image holds its contents: on restore the file is
+    /// made again (it must not exist) with its size, owner and mode.
+    PosixShm {
+        /// Path of the file.
+        path: String,
+        /// Inode of the file at checkpoint: the mappings of one object.
+        inode: u64,
+        /// Offset of the mapping in the file.
+        offset: u64,
+        /// Size of the file in bytes.
+        size: u64,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+        /// Permission bits.
+        mode: u32,
     },
     /// The vDSO.
     Vdso,

@@ -13,9 +13,10 @@
 //!   first process, in tree order, that holds it; each later holder lists
 //!   it in [`ChildProcess::inherited_fds`] instead of its `fds`;
 //! - the pages of a shared memory object (`SharedAnonymous` or `Memfd`
-//!   mapping, told apart by its inode) are stored with the first mapping of
-//!   it in tree order; the same object mapped by a later process has no
-//!   page runs of its own;
+//!   mapping, told apart by its inode; `SysvShm` by its shmid; `PosixShm`
+//!   by its file's inode) are stored with the first mapping of it in tree
+//!   order; the same object mapped by a later process has no page runs of
+//!   its own;
 //! - a pipe or UNIX socket pair whose ends are held by different processes
 //!   is saved by each holder with its inodes (`Pipe::inode`,
 //!   `UnixPair::inode` and `peer_inode`), which name the one object.
