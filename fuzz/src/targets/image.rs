@@ -567,6 +567,7 @@ fn rich_manifest(
                         name: 1,
                         value: 1,
                     }],
+                    owner_uid: Some(33),
                 },
             ),
             fd(
@@ -702,6 +703,7 @@ fn rich_manifest(
                         reuseport: false,
                         v6only: false,
                         options: vec![],
+                        owner_uid: None,
                     },
                 )
             },

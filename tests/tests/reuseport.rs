@@ -1,0 +1,251 @@
+//! `SO_REUSEPORT` groups: several listening sockets on one port, which the
+//! kernel groups by owner uid and network namespace and spreads connections
+//! over. `fixture-reuseport` serves a group of two from one process and
+//! names the member that accepted each connection; nginx with
+//! `listen PORT reuseport;` gives each worker a socket of its own.
+//!
+//! Each test runs in its own network namespace and kills the pids it
+//! started (and restored) when it ends.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
+
+use persist_agent::sys::pidfd::PidFd;
+use persist_tests::{NetNs, Sandbox, binary, require_root, wait_until};
+
+/// The unprivileged user the fixture runs as: the group is owned by its uid.
+const NOBODY: u32 = 65534;
+
+/// Connections each round sends: the kernel hashes each one's addresses to
+/// a member, so both members get some with a chance of 1 - 2^-39.
+const CONNECTIONS: usize = 40;
+
+/// A process a test started, killed and reaped on drop.
+struct Started(Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A restored process, killed on drop; gone before the next restore binds
+/// its port again.
+struct Restored(i32);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let process = PidFd::open(self.0).ok();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if let Some(process) = process {
+            process.wait_exit(Duration::from_secs(10));
+        }
+    }
+}
+
+fn agent(netns: &NetNs, args: &[&str]) -> Output {
+    netns
+        .command(binary("persist-agent"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run persist-agent")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Starts the fixture as `nobody` in `netns` on 127.0.0.1:`port` and waits
+/// until it answers.
+fn start_fixture(netns: &NetNs, port: u16) -> Started {
+    let child = netns
+        .command("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+        ])
+        .arg(binary("fixture-reuseport"))
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn fixture-reuseport");
+    let started = Started(child);
+    wait_until(Duration::from_secs(20), || {
+        netns.enter(|| ask(port)).ok().flatten().is_some()
+    })
+    .expect("fixture-reuseport answers");
+    started
+}
+
+/// One connection's answer: `member INDEX fd FD pid PID`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Answer {
+    member: u32,
+    fd: i32,
+    pid: i32,
+}
+
+fn parse(line: &str) -> Option<Answer> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        ["member", member, "fd", fd, "pid", pid] => Some(Answer {
+            member: member.parse().ok()?,
+            fd: fd.parse().ok()?,
+            pid: pid.parse().ok()?,
+        }),
+        _ => None,
+    }
+}
+
+/// Connects once to 127.0.0.1:`port` (from the caller's namespace) and
+/// reads the answer; `None` if nothing answers.
+fn ask(port: u16) -> Option<Answer> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    stream.write_all(b"hi\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    parse(&text)
+}
+
+/// Opens `count` connections at once, then reads every answer: the
+/// connections queue in the group's accept queues before any is served.
+fn ask_many(port: u16, count: usize) -> Vec<Option<Answer>> {
+    let streams: Vec<Option<TcpStream>> = (0..count)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    streams
+        .into_iter()
+        .map(|stream| {
+            let mut stream = stream?;
+            stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+            stream.write_all(b"hi\n").ok()?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).ok()?;
+            parse(&text)
+        })
+        .collect()
+}
+
+/// The TCP sockets listening on `port` in the namespace the calling thread
+/// is in, as `(inode, owner uid)`.
+fn listening_sockets(port: u16) -> Vec<(u64, u32)> {
+    let port_hex = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .map(|file| {
+            fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default()
+        })
+        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, st = 0A (LISTEN), uid, timeout, inode
+            (fields.get(1)?.ends_with(&port_hex) && *fields.get(3)? == "0A")
+                .then(|| Some((fields.get(9)?.parse().ok()?, fields.get(7)?.parse().ok()?)))
+                .flatten()
+        })
+        .collect()
+}
+
+/// Which member (and fd) answered how often.
+fn members(answers: &[Option<Answer>]) -> BTreeMap<(u32, i32), usize> {
+    let mut seen = BTreeMap::new();
+    for answer in answers.iter().flatten() {
+        *seen.entry((answer.member, answer.fd)).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// The fixture's group of two, checkpointed (and killed), is restored twice
+/// from one image: each time both members are back at their descriptors,
+/// owned by the fixture's uid and listening as one group (both accept, the
+/// kernel spreading the connections over them).
+#[test]
+fn a_reuseport_group_comes_back_whole_twice_from_one_image() {
+    require_root!();
+    const PORT: u16 = 8271;
+    let netns = NetNs::new().expect("network namespace");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("image");
+    let fixture = start_fixture(&netns, PORT);
+    let pid = fixture.0.id() as i32;
+
+    let before = netns.enter(|| ask_many(PORT, CONNECTIONS)).unwrap();
+    let running_members: BTreeSet<(u32, i32)> = members(&before).into_keys().collect();
+    assert_eq!(
+        running_members.len(),
+        2,
+        "the running fixture's members did not both accept: {before:?}"
+    );
+    let sockets = netns.enter(|| listening_sockets(PORT)).unwrap();
+    assert_eq!(
+        sockets.iter().map(|&(_, uid)| uid).collect::<Vec<_>>(),
+        [NOBODY, NOBODY],
+        "the running fixture's listeners: {sockets:?}"
+    );
+
+    let output = agent(
+        &netns,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "--image",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success(), "checkpoint: {}", stderr(&output));
+    drop(fixture);
+    assert!(
+        netns.enter(|| ask(PORT)).unwrap().is_none(),
+        "the checkpointed fixture still answers"
+    );
+
+    for round in ["first", "second"] {
+        let output = agent(&netns, &["restore", "--image", image.to_str().unwrap()]);
+        assert!(
+            output.status.success(),
+            "{round} restore: {}",
+            stderr(&output)
+        );
+        let restored = Restored(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse().ok())
+                .expect("restore prints the pid"),
+        );
+        let answers = netns.enter(|| ask_many(PORT, CONNECTIONS)).unwrap();
+        assert!(
+            answers.iter().all(Option::is_some),
+            "{round} restore: connections went unanswered: {answers:?}"
+        );
+        assert!(
+            answers.iter().flatten().all(|a| a.pid == pid),
+            "{round} restore: answered by another pid than the restored {pid}: {answers:?}"
+        );
+        let restored_members: BTreeSet<(u32, i32)> = members(&answers).into_keys().collect();
+        assert_eq!(
+            restored_members, running_members,
+            "{round} restore: members and descriptors that accepted"
+        );
+        let sockets = netns.enter(|| listening_sockets(PORT)).unwrap();
+        assert_eq!(
+            sockets.iter().map(|&(_, uid)| uid).collect::<Vec<_>>(),
+            [NOBODY, NOBODY],
+            "{round} restore: the listeners on the port and their owners: {sockets:?}"
+        );
+        drop(restored);
+    }
+}
