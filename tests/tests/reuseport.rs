@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
@@ -248,4 +247,206 @@ fn a_reuseport_group_comes_back_whole_twice_from_one_image() {
         );
         drop(restored);
     }
+}
+
+/// Child processes of `pid` (its main thread's).
+fn children_of(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect()
+}
+
+/// The inodes of the sockets `pid` holds.
+fn sockets_of(pid: i32) -> BTreeSet<u64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let target = fs::read_link(entry.path()).ok()?;
+            let target = target.to_str()?;
+            target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// The last (innermost) pid of `pid`'s `NSpid`: what the process itself
+/// sees as its pid, when restored in a pid namespace of its own.
+fn own_pid(pid: i32) -> i32 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .and_then(|values| values.split_whitespace().last()?.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// One GET of `/` on 127.0.0.1:`port`: the worker named by the answer's
+/// `X-Worker-Pid`, if it answered 200 with `body`.
+fn nginx_worker_answering(port: u16, body: &str) -> Option<i32> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, served) = response.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") || served != body {
+        return None;
+    }
+    head.lines()
+        .find_map(|line| line.strip_prefix("X-Worker-Pid: "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Processes killed on drop, whatever is left of them.
+struct Killed(Vec<i32>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Checks nginx's tree in `netns` (master `root`): two workers, two
+/// listeners on the port, owned by root (the master made them), held by
+/// every process, and both workers answering (each accepts on its own
+/// listener only). Returns the two listeners.
+fn check_nginx_group(netns: &NetNs, root: i32, port: u16, body: &str, when: &str) -> Vec<u64> {
+    let workers = children_of(root);
+    assert_eq!(workers.len(), 2, "{when}: nginx's workers: {workers:?}");
+    let listening = netns.enter(|| listening_sockets(port)).unwrap();
+    assert_eq!(
+        listening.iter().map(|&(_, uid)| uid).collect::<Vec<_>>(),
+        [0, 0],
+        "{when}: the listeners on port {port} and their owners: {listening:?}"
+    );
+    let inodes: BTreeSet<u64> = listening.iter().map(|&(inode, _)| inode).collect();
+    // Debian's nginx leaves every worker the whole group (inherited from
+    // the master), and each polls only its own: both answering shows both
+    // sockets accept.
+    for pid in workers.iter().chain([&root]) {
+        assert!(
+            sockets_of(*pid).is_superset(&inodes),
+            "{when}: pid {pid} does not hold the group's listeners {inodes:?}"
+        );
+    }
+    let answered: BTreeSet<Option<i32>> = netns
+        .enter(|| {
+            (0..CONNECTIONS)
+                .map(|_| nginx_worker_answering(port, body))
+                .collect()
+        })
+        .unwrap();
+    let expected: BTreeSet<Option<i32>> = workers.iter().map(|&w| Some(own_pid(w))).collect();
+    assert_eq!(
+        answered, expected,
+        "{when}: the workers that answered {CONNECTIONS} requests"
+    );
+    inodes.into_iter().collect()
+}
+
+/// nginx, a master with two workers and `listen PORT reuseport;` (one
+/// socket per worker, one group), checkpointed as a tree and killed, is
+/// restored twice from its image: each time the group's two listeners are
+/// back in every process, in one group, and both workers answer.
+#[test]
+fn nginx_workers_with_reuseport_are_restored_each_with_its_listener() {
+    require_root!();
+    const PORT: u16 = 8272;
+    const BODY: &str = "hello from a reuseport worker\n";
+    let netns = NetNs::new().expect("network namespace");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let www = dir.path().join("www");
+    fs::create_dir(&www).unwrap();
+    fs::write(www.join("index.html"), BODY).unwrap();
+    let command = persist_tests::nginx_command_reuseport(&dir.path().join("nginx"), &www, PORT, 2)
+        .expect("nginx configuration");
+    let server = Started(
+        netns
+            .command(&command[0])
+            .args(&command[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nginx"),
+    );
+    let master = server.0.id() as i32;
+    let mut started = Killed(vec![master]);
+    wait_until(Duration::from_secs(30), || {
+        children_of(master).len() == 2
+            && netns
+                .enter(|| nginx_worker_answering(PORT, BODY))
+                .unwrap()
+                .is_some()
+    })
+    .expect("nginx serves with two workers");
+    started.0.extend(children_of(master));
+    check_nginx_group(&netns, master, PORT, BODY, "running");
+
+    let image = dir.path().join("image");
+    let output = agent(
+        &netns,
+        &[
+            "checkpoint",
+            "--tree",
+            "--pid",
+            &master.to_string(),
+            "--image",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    drop(server);
+    drop(started);
+
+    for round in ["first", "second"] {
+        let output = agent(&netns, &["restore", "--image", image.to_str().unwrap()]);
+        assert!(
+            output.status.success(),
+            "{round} restore: {}",
+            stderr(&output)
+        );
+        let root: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("restore prints the root's pid");
+        let mut restored = Killed(vec![root]);
+        restored.0.extend(children_of(root));
+        check_nginx_group(&netns, root, PORT, BODY, &format!("{round} restore"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(root),
+            nix::sys::signal::Signal::SIGQUIT,
+        )
+        .expect("SIGQUIT to the restored master");
+        let gone = wait_until(Duration::from_secs(20), || {
+            restored
+                .0
+                .iter()
+                .all(|&pid| PidFd::open(pid).is_err() || is_zombie(pid))
+        });
+        assert!(gone.is_ok(), "{round} restore: nginx did not quit whole");
+        drop(restored);
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('Z') || rest.starts_with('X'))
+    })
 }
