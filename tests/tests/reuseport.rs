@@ -111,7 +111,9 @@ fn parse(line: &str) -> Option<Answer> {
 /// reads the answer; `None` if nothing answers.
 fn ask(port: u16) -> Option<Answer> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
     stream.write_all(b"hi\n").ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
@@ -128,7 +130,9 @@ fn ask_many(port: u16, count: usize) -> Vec<Option<Answer>> {
         .into_iter()
         .map(|stream| {
             let mut stream = stream?;
-            stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .ok()?;
             stream.write_all(b"hi\n").ok()?;
             let mut text = String::new();
             stream.read_to_string(&mut text).ok()?;
@@ -143,9 +147,7 @@ fn listening_sockets(port: u16) -> Vec<(u64, u32)> {
     let port_hex = format!(":{port:04X}");
     ["tcp", "tcp6"]
         .iter()
-        .map(|file| {
-            fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default()
-        })
+        .map(|file| fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default())
         .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -267,7 +269,11 @@ fn sockets_of(pid: i32) -> BTreeSet<u64> {
         .filter_map(|entry| {
             let target = fs::read_link(entry.path()).ok()?;
             let target = target.to_str()?;
-            target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
         })
         .collect()
 }
@@ -287,7 +293,9 @@ fn own_pid(pid: i32) -> i32 {
 /// `X-Worker-Pid`, if it answered 200 with `body`.
 fn nginx_worker_answering(port: u16, body: &str) -> Option<i32> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
     stream
         .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .ok()?;
@@ -449,4 +457,104 @@ fn is_zombie(pid: i32) -> bool {
             .next()
             .is_some_and(|rest| rest.starts_with('Z') || rest.starts_with('X'))
     })
+}
+
+/// Asks `port` in the sandbox's namespace `CONNECTIONS` times at once and
+/// checks every connection is answered by one process, through both members
+/// of its group, at the descriptors `fds` (when given); returns that
+/// process's pid and the members' descriptors.
+fn all_answered_by_both(
+    sandbox: &Sandbox,
+    port: u16,
+    fds: Option<&BTreeSet<i32>>,
+    when: &str,
+) -> (i32, BTreeSet<i32>) {
+    let answers = sandbox.netns.enter(|| ask_many(port, CONNECTIONS)).unwrap();
+    assert!(
+        answers.iter().all(Option::is_some),
+        "{when}: connections went unanswered: {answers:?}\n{}",
+        sandbox.daemon_log()
+    );
+    let pids: BTreeSet<i32> = answers.iter().flatten().map(|a| a.pid).collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "{when}: answered by several processes: {answers:?}"
+    );
+    let seen = members(&answers);
+    let indices: BTreeSet<u32> = seen.keys().map(|&(member, _)| member).collect();
+    assert_eq!(
+        indices,
+        BTreeSet::from([0, 1]),
+        "{when}: both members of the group accept: {seen:?}"
+    );
+    let seen_fds: BTreeSet<i32> = seen.keys().map(|&(_, fd)| fd).collect();
+    if let Some(fds) = fds {
+        assert_eq!(&seen_fds, fds, "{when}: the members' descriptors");
+    }
+    (pids.into_iter().next().unwrap(), seen_fds)
+}
+
+/// The fixture's group of two, as `nobody`, in snapshot mode: while parked
+/// the agent holds both members (two listeners on the port, still
+/// `nobody`'s), the connections made at once while it is parked queue in
+/// both and are all answered after the wake, by both members at their
+/// descriptors; the same after a park, and after the daemon was killed
+/// while the service was parked.
+#[test]
+fn connections_queued_in_a_parked_group_are_all_answered_by_both_members() {
+    require_root!();
+    const PORT: u16 = 8273;
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let command = vec![
+        binary("fixture-reuseport").display().to_string(),
+        format!("127.0.0.1:{PORT}"),
+    ];
+    sandbox
+        .add_ok("group", PORT, &["--user", "nobody"], &command)
+        .unwrap();
+    let check_parked = |sandbox: &Sandbox, when: &str| {
+        let status = sandbox.service("group").unwrap();
+        assert_eq!(status["state"], "parked", "{when}: {status}");
+        let sockets = sandbox.netns.enter(|| listening_sockets(PORT)).unwrap();
+        assert_eq!(
+            sockets.iter().map(|&(_, uid)| uid).collect::<Vec<_>>(),
+            [NOBODY, NOBODY],
+            "{when}: the listeners held on the port and their owners: {sockets:?}"
+        );
+    };
+
+    check_parked(&sandbox, "added");
+    let (first, fds) = all_answered_by_both(&sandbox, PORT, None, "first wake");
+    assert_eq!(sandbox.service("group").unwrap()["wakes"], 1);
+
+    sandbox.agent_ok(&["park", "group"]).unwrap();
+    // The next skeleton has the restored pid again, stopped before it runs.
+    wait_until(Duration::from_secs(10), || {
+        sandbox.service("group").unwrap()["skeleton_pid"] == first
+    })
+    .expect("the next skeleton is prepared");
+    check_parked(&sandbox, "parked again");
+    all_answered_by_both(&sandbox, PORT, Some(&fds), "second wake");
+
+    sandbox.agent_ok(&["park", "group"]).unwrap();
+    wait_until(Duration::from_secs(10), || {
+        sandbox.service("group").unwrap()["skeleton_pid"].is_i64()
+    })
+    .expect("a skeleton is prepared");
+    sandbox.kill_daemon();
+    sandbox.start_daemon().unwrap();
+    wait_until(Duration::from_secs(10), || {
+        sandbox
+            .service("group")
+            .is_ok_and(|s| s["state"] == "parked")
+    })
+    .expect("parked under the restarted daemon");
+    check_parked(&sandbox, "daemon restarted");
+    all_answered_by_both(
+        &sandbox,
+        PORT,
+        Some(&fds),
+        "wake under the restarted daemon",
+    );
 }

@@ -75,6 +75,11 @@ pub fn bound_address(listener: &impl AsFd) -> io::Result<(SocketAddr, bool)> {
     ))
 }
 
+/// Duplicates of `listeners`.
+pub fn clone_all(listeners: &[OwnedFd]) -> io::Result<Vec<OwnedFd>> {
+    listeners.iter().map(OwnedFd::try_clone).collect()
+}
+
 /// True when connections wait in the listener's accept queue.
 pub fn has_pending(listener: &impl AsFd) -> bool {
     let mut fds = [nix::poll::PollFd::new(

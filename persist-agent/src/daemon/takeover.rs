@@ -46,7 +46,7 @@ pub(super) fn take_over(
     spec: &ServiceSpec,
     record: &RunRecord,
     events: &Path,
-) -> (Option<Adopted>, Option<OwnedFd>) {
+) -> (Option<Adopted>, Option<(OwnedFd, Vec<OwnedFd>)>) {
     let name = &spec.name;
     if let Some(mut adopted) = run_state::adopt(record) {
         // Only a restored process has pages a pager of ours should serve.
@@ -66,7 +66,7 @@ pub(super) fn take_over(
                 // Parked again from its image, its queued connections kept.
                 warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped and cannot be served ({err}); stopping it and parking the service");
                 kill_and_wait(&adopted.pidfd);
-                return (None, Some(adopted.listener));
+                return (None, Some((adopted.listener, adopted.group)));
             }
         }
     }
@@ -76,7 +76,7 @@ pub(super) fn take_over(
         if let Some(left) = run_state::take_listener(record) {
             info!(service = %name, pid = record.pid, "took the listener back from a stopped skeleton");
             kill_and_wait(&left.pidfd);
-            return (None, Some(left.listener));
+            return (None, Some((left.listener, left.group)));
         }
     }
     if run_state::is_alive(record) && !run_state::is_dying(record.pid) {

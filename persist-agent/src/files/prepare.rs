@@ -443,13 +443,7 @@ fn object(
             owner_uid,
             ..
         } => inet::tcp_listener(
-            fd,
-            local,
-            *backlog,
-            *reuseport,
-            *v6only,
-            options,
-            *owner_uid,
+            fd, local, *backlog, *reuseport, *v6only, options, *owner_uid,
         )?,
         FdKind::UdpSocket {
             local,

@@ -9,6 +9,15 @@ use crate::sys::pidfd::PidFd;
 
 /// The descriptor of `pid` that is a TCP socket listening on `port`, with its inode.
 pub fn find_listener(pid: i32, port: u16) -> Result<(i32, u64), String> {
+    find_listeners(pid, port).map(|listeners| listeners[0])
+}
+
+/// Every TCP socket of `pid` listening on `port`, as its lowest descriptor
+/// and its inode, in descriptor order: one, or the members of an
+/// `SO_REUSEPORT` group (nginx's `listen PORT reuseport;`, a server with one
+/// socket per thread), or listeners of the port on several addresses.
+/// Never empty.
+pub fn find_listeners(pid: i32, port: u16) -> Result<Vec<(i32, u64)>, String> {
     let listening: Vec<u64> = procfs::net::tcp()
         .into_iter()
         .flatten()
@@ -22,28 +31,92 @@ pub fn find_listener(pid: i32, port: u16) -> Result<(i32, u64), String> {
         return Err(format!("nothing listens on port {port}"));
     }
     let process = procfs::process::Process::new(pid).map_err(|err| err.to_string())?;
-    process
+    let mut found: Vec<(i32, u64)> = process
         .fd()
         .map_err(|err| err.to_string())?
         .flatten()
-        .find_map(|fd| match fd.target {
+        .filter_map(|fd| match fd.target {
             procfs::process::FDTarget::Socket(inode) if listening.contains(&inode) => {
                 Some((fd.fd, inode))
             }
             _ => None,
         })
-        .ok_or_else(|| format!("port {port} is held by another process"))
+        .collect();
+    found.sort_unstable();
+    let mut seen = Vec::new();
+    found.retain(|&(_, inode)| {
+        let first = !seen.contains(&inode);
+        seen.push(inode);
+        first
+    });
+    if found.is_empty() {
+        return Err(format!("port {port} is held by another process"));
+    }
+    Ok(found)
 }
 
-/// Takes a duplicate of the process's listener on `port`.
-pub(super) fn take_listener(pidfd: &PidFd, port: u16) -> Result<(i32, OwnedFd), BuildError> {
+/// Takes duplicates of the process's listeners on `port`: the first (by
+/// descriptor number), with its number, and the others (the rest of its
+/// `SO_REUSEPORT` group), which the agent holds too so that their queues
+/// survive the process.
+pub(super) fn take_listeners(
+    pidfd: &PidFd,
+    port: u16,
+) -> Result<(i32, OwnedFd, Vec<OwnedFd>), BuildError> {
     let pid = pidfd.pid();
     let no_listener = |reason: String| BuildError::NoListener { pid, port, reason };
-    let (fd, _) = find_listener(pid, port).map_err(no_listener)?;
-    let listener = pidfd
-        .get_fd(fd)
-        .map_err(|err| no_listener(format!("pidfd_getfd of fd {fd}: {err}")))?;
-    Ok((fd, listener))
+    let mut taken = Vec::new();
+    for (fd, _) in find_listeners(pid, port).map_err(no_listener)? {
+        let listener = pidfd
+            .get_fd(fd)
+            .map_err(|err| no_listener(format!("pidfd_getfd of fd {fd}: {err}")))?;
+        taken.push((fd, listener));
+    }
+    let mut taken = taken.into_iter();
+    let (fd, main) = taken.next().expect("find_listeners finds one or fails");
+    Ok((fd, main, taken.map(|(_, listener)| listener).collect()))
+}
+
+/// Where the listeners the agent holds for `port` go in a process restored
+/// from `manifest`: each to the image's descriptor of the same socket (the
+/// inode the image recorded: the socket taken from the process, or handed
+/// to it by an earlier restore), then each socket left over, in order, to
+/// the image's listeners on the port left over, in descriptor order (a
+/// listener the agent opened itself has another inode). Image listeners
+/// left without one are created anew by the restore, and join the group of
+/// the held ones if they have `SO_REUSEPORT` and its owner.
+pub fn place_listeners(
+    manifest: &Manifest,
+    port: u16,
+    held: Vec<OwnedFd>,
+) -> std::io::Result<Vec<(i32, OwnedFd)>> {
+    let mut in_image: Vec<(i32, u64)> = manifest
+        .fds
+        .iter()
+        .filter(|fd| fd.shared_with.is_none())
+        .filter_map(|fd| match &fd.kind {
+            FdKind::TcpListener { local, inode, .. } if port_of(local) == Some(port) => {
+                Some((fd.fd, *inode))
+            }
+            _ => None,
+        })
+        .collect();
+    in_image.sort_unstable();
+    let mut left = Vec::new();
+    let mut placed = Vec::new();
+    for socket in held {
+        let inode = nix::sys::stat::fstat(&socket)?.st_ino;
+        match in_image.iter().position(|&(_, i)| i == inode) {
+            Some(at) => placed.push((in_image.remove(at).0, socket)),
+            None => left.push(socket),
+        }
+    }
+    placed.extend(in_image.into_iter().map(|(fd, _)| fd).zip(left));
+    Ok(placed)
+}
+
+fn port_of(local: &str) -> Option<u16> {
+    local.rsplit(':').next().and_then(|p| p.parse().ok())
 }
 
 /// The descriptor number of the image's TCP listener on `port`.
@@ -59,9 +132,7 @@ pub fn listener_backlog_in_image(manifest: &Manifest, port: u16) -> Option<u32> 
 
 fn listener_in_image(manifest: &Manifest, port: u16) -> Option<(i32, u32)> {
     manifest.fds.iter().find_map(|fd| match &fd.kind {
-        FdKind::TcpListener { local, backlog, .. }
-            if local.rsplit(':').next().and_then(|p| p.parse().ok()) == Some(port) =>
-        {
+        FdKind::TcpListener { local, backlog, .. } if port_of(local) == Some(port) => {
             Some((fd.fd, *backlog))
         }
         _ => None,
