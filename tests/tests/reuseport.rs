@@ -144,6 +144,15 @@ fn ask_many(port: u16, count: usize) -> Vec<Option<Answer>> {
 /// The TCP sockets listening on `port` in the namespace the calling thread
 /// is in, as `(inode, owner uid)`.
 fn listening_sockets(port: u16) -> Vec<(u64, u32)> {
+    listening_sockets_queued(port)
+        .into_iter()
+        .map(|(inode, uid, _)| (inode, uid))
+        .collect()
+}
+
+/// [`listening_sockets`] with the connections each has queued to be
+/// accepted (`/proc/net/tcp`'s `rx_queue` of a listener).
+fn listening_sockets_queued(port: u16) -> Vec<(u64, u32, u32)> {
     let port_hex = format!(":{port:04X}");
     ["tcp", "tcp6"]
         .iter()
@@ -151,10 +160,16 @@ fn listening_sockets(port: u16) -> Vec<(u64, u32)> {
         .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address, st = 0A (LISTEN), uid, timeout, inode
-            (fields.get(1)?.ends_with(&port_hex) && *fields.get(3)? == "0A")
-                .then(|| Some((fields.get(9)?.parse().ok()?, fields.get(7)?.parse().ok()?)))
-                .flatten()
+            // local_address, st = 0A (LISTEN), tx_queue:rx_queue, uid, inode
+            if !fields.get(1)?.ends_with(&port_hex) || *fields.get(3)? != "0A" {
+                return None;
+            }
+            let queued = u32::from_str_radix(fields.get(4)?.split_once(':')?.1, 16).ok()?;
+            Some((
+                fields.get(9)?.parse().ok()?,
+                fields.get(7)?.parse().ok()?,
+                queued,
+            ))
         })
         .collect()
 }
@@ -482,6 +497,7 @@ fn all_answered_by_both(
         "{when}: answered by several processes: {answers:?}"
     );
     let seen = members(&answers);
+    eprintln!("{when}: connections accepted by (member, fd): {seen:?}");
     let indices: BTreeSet<u32> = seen.keys().map(|&(member, _)| member).collect();
     assert_eq!(
         indices,
@@ -527,6 +543,44 @@ fn connections_queued_in_a_parked_group_are_all_answered_by_both_members() {
     check_parked(&sandbox, "added");
     let (first, fds) = all_answered_by_both(&sandbox, PORT, None, "first wake");
     assert_eq!(sandbox.service("group").unwrap()["wakes"], 1);
+
+    // The agent's program assigns every SYN of the port to the listener it
+    // holds; the kernel then picks the member of that listener's group.
+    // With the process stopped, connections stay queued where they landed.
+    let stopped = nix::unistd::Pid::from_raw(first);
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let streams: Vec<TcpStream> = sandbox
+        .netns
+        .enter(|| {
+            (0..CONNECTIONS)
+                .map(|_| TcpStream::connect(("127.0.0.1", PORT)).expect("connect"))
+                .collect()
+        })
+        .unwrap();
+    let mut queued = Vec::new();
+    let all_queued = wait_until(Duration::from_secs(10), || {
+        queued = sandbox
+            .netns
+            .enter(|| listening_sockets_queued(PORT))
+            .unwrap();
+        queued.iter().map(|&(_, _, n)| n as usize).sum::<usize>() == CONNECTIONS
+    });
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGCONT).unwrap();
+    all_queued.unwrap_or_else(|_| panic!("not all {CONNECTIONS} connections queued: {queued:?}"));
+    eprintln!("queued by the stopped process's listeners (inode, uid, queued): {queued:?}");
+    assert!(
+        queued.len() == 2 && queued.iter().all(|&(_, _, n)| n > 0),
+        "the connections steered to the agent's listener queued in both members: {queued:?}"
+    );
+    for mut stream in streams {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.write_all(b"hi\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        assert!(parse(&text).is_some(), "a queued connection got {text:?}");
+    }
 
     sandbox.agent_ok(&["park", "group"]).unwrap();
     // The next skeleton has the restored pid again, stopped before it runs.
