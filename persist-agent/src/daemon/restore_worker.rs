@@ -600,7 +600,10 @@ impl Worker {
             ));
         }
         let mut inherited = InheritedFds::new();
-        for (fd, listener) in placed {
+        let root = image.manifest().process.pid;
+        // Listeners of other processes go with the tree's restore; a tree
+        // is refused by the skeleton.
+        for (_, fd, listener) in placed.into_iter().filter(|&(pid, ..)| pid == root) {
             inherited.insert(fd, listener);
         }
         if let Some(log) = &self.log {

@@ -77,41 +77,62 @@ pub(super) fn take_listeners(
     Ok((fd, main, taken.map(|(_, listener)| listener).collect()))
 }
 
-/// Where the listeners the agent holds for `port` go in a process restored
-/// from `manifest`: each to the image's descriptor of the same socket (the
-/// inode the image recorded: the socket taken from the process, or handed
-/// to it by an earlier restore), then each socket left over, in order, to
-/// the image's listeners on the port left over, in descriptor order (a
-/// listener the agent opened itself has another inode). Image listeners
-/// left without one are created anew by the restore, and join the group of
-/// the held ones if they have `SO_REUSEPORT` and its owner.
+/// Where the listeners the agent holds for `port` go in the processes
+/// restored from `manifest`, as `(pid, fd, socket)`: each to the image's
+/// descriptor of the same socket (the inode the image recorded: the socket
+/// taken from the process, or handed to it by an earlier restore), then
+/// each socket left over, in order, to the image's listeners on the port
+/// left over (a listener the agent opened itself has another inode). The
+/// image's listeners are taken process by process in tree order (the root
+/// first), each process's by descriptor number; a socket several processes
+/// share is saved with its first holder only, and the others inherit it
+/// from that one. Image listeners left without a socket are created anew by
+/// the restore, and join the group of the held ones if they have
+/// `SO_REUSEPORT` and its owner.
 pub fn place_listeners(
     manifest: &Manifest,
     port: u16,
     held: Vec<OwnedFd>,
-) -> std::io::Result<Vec<(i32, OwnedFd)>> {
-    let mut in_image: Vec<(i32, u64)> = manifest
-        .fds
-        .iter()
-        .filter(|fd| fd.shared_with.is_none())
-        .filter_map(|fd| match &fd.kind {
-            FdKind::TcpListener { local, inode, .. } if port_of(local) == Some(port) => {
-                Some((fd.fd, *inode))
-            }
-            _ => None,
-        })
-        .collect();
-    in_image.sort_unstable();
+) -> std::io::Result<Vec<(i32, i32, OwnedFd)>> {
+    let processes = std::iter::once((manifest.process.pid, &manifest.fds)).chain(
+        manifest
+            .children
+            .iter()
+            .map(|child| (child.process.pid, &child.fds)),
+    );
+    let mut in_image: Vec<(i32, i32, u64)> = Vec::new();
+    for (pid, fds) in processes {
+        let mut listeners: Vec<(i32, i32, u64)> = fds
+            .iter()
+            .filter(|fd| fd.shared_with.is_none())
+            .filter_map(|fd| match &fd.kind {
+                FdKind::TcpListener { local, inode, .. } if port_of(local) == Some(port) => {
+                    Some((pid, fd.fd, *inode))
+                }
+                _ => None,
+            })
+            .collect();
+        listeners.sort_unstable_by_key(|&(_, fd, _)| fd);
+        in_image.extend(listeners);
+    }
     let mut left = Vec::new();
     let mut placed = Vec::new();
     for socket in held {
         let inode = nix::sys::stat::fstat(&socket)?.st_ino;
-        match in_image.iter().position(|&(_, i)| i == inode) {
-            Some(at) => placed.push((in_image.remove(at).0, socket)),
+        match in_image.iter().position(|&(_, _, i)| i == inode) {
+            Some(at) => {
+                let (pid, fd, _) = in_image.remove(at);
+                placed.push((pid, fd, socket));
+            }
             None => left.push(socket),
         }
     }
-    placed.extend(in_image.into_iter().map(|(fd, _)| fd).zip(left));
+    placed.extend(
+        in_image
+            .into_iter()
+            .zip(left)
+            .map(|((pid, fd, _), socket)| (pid, fd, socket)),
+    );
     Ok(placed)
 }
 
@@ -153,4 +174,95 @@ pub(super) fn children(pid: i32) -> Vec<i32> {
         .flatten()
         .map(|child| child as i32)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::os::fd::OwnedFd;
+
+    use persist_common::image::{ChildProcess, FdInfo, FdKind, Manifest, ProcessInfo};
+
+    use super::place_listeners;
+
+    fn listener(fd: i32, port: u16, inode: u64) -> FdInfo {
+        FdInfo {
+            fd,
+            cloexec: false,
+            flags: 0,
+            shared_with: None,
+            kind: FdKind::TcpListener {
+                local: format!("127.0.0.1:{port}"),
+                inode,
+                backlog: 128,
+                reuseaddr: true,
+                reuseport: true,
+                v6only: false,
+                options: Vec::new(),
+                owner_uid: Some(0),
+            },
+        }
+    }
+
+    fn socket() -> (OwnedFd, u64) {
+        let socket = OwnedFd::from(TcpListener::bind("127.0.0.1:0").expect("a listener"));
+        let inode = nix::sys::stat::fstat(&socket).expect("fstat").st_ino;
+        (socket, inode)
+    }
+
+    fn placed(manifest: &Manifest, held: Vec<OwnedFd>) -> Vec<(i32, i32, u64)> {
+        place_listeners(manifest, 80, held)
+            .expect("placed")
+            .into_iter()
+            .map(|(pid, fd, socket)| (pid, fd, nix::sys::stat::fstat(&socket).unwrap().st_ino))
+            .collect()
+    }
+
+    /// Held sockets go to the descriptor the image recorded them at, in
+    /// whichever process saved them, whatever order they are held in;
+    /// listeners of other ports are left alone.
+    #[test]
+    fn each_held_socket_goes_to_its_own_descriptor() {
+        let ((a, a_inode), (b, b_inode)) = (socket(), socket());
+        let manifest = Manifest {
+            process: ProcessInfo {
+                pid: 10,
+                ..ProcessInfo::default()
+            },
+            fds: vec![listener(3, 80, a_inode), listener(4, 8080, 99)],
+            children: vec![ChildProcess {
+                process: ProcessInfo {
+                    pid: 11,
+                    ..ProcessInfo::default()
+                },
+                fds: vec![listener(5, 80, b_inode)],
+                ..ChildProcess::default()
+            }],
+            ..Manifest::default()
+        };
+        assert_eq!(
+            placed(&manifest, vec![b, a]),
+            [(11, 5, b_inode), (10, 3, a_inode)]
+        );
+    }
+
+    /// A socket the image does not know (the agent opened it) takes the
+    /// first listener of the port left over; a listener left without a
+    /// socket is not placed (the restore creates it).
+    #[test]
+    fn unknown_sockets_take_the_listeners_left_in_order() {
+        let ((a, a_inode), (fresh, fresh_inode)) = (socket(), socket());
+        let manifest = Manifest {
+            fds: vec![
+                listener(7, 80, 1000),
+                listener(4, 80, a_inode),
+                listener(6, 80, 1001),
+            ],
+            ..Manifest::default()
+        };
+        assert_eq!(
+            placed(&manifest, vec![fresh, a]),
+            [(0, 4, a_inode), (0, 6, fresh_inode)]
+        );
+    }
 }
