@@ -13,10 +13,11 @@
 //! A keeper is coreutils' `sleep infinity` with the socket as its standard
 //! input (and the other members of its `SO_REUSEPORT` group, if the service
 //! listens through one, from descriptor 3 on), in a process group of its
-//! own, named `persist-port-keeper` in `ps`. It costs the host about 108 KiB of private memory and 40 KiB of
-//! page tables; `persist-agent hold-port`, which earlier agents started,
-//! cost 484 KiB and 60 KiB, the relocated data of a much
-//! larger binary, and was the larger part of a parked service's cost.
+//! own, named `persist-port-keeper` in `ps`. It costs the host about 108 KiB
+//! of private memory and 40 KiB of page tables; `persist-agent hold-port`,
+//! which earlier agents started, cost 484 KiB and 60 KiB, the relocated data
+//! of a much larger binary, and was the larger part of a parked service's
+//! cost.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};

@@ -331,8 +331,8 @@ impl Registry {
     /// Rebuilds a snapshot-mode service from its command when its image was
     /// taken on another kernel build or CPU, and returns the listener taken
     /// (and the rest of its group) from the new process. The state a
-    /// `--on-idle keep` service kept is
-    /// dropped with the old image: it would not restore either. A service
+    /// `--on-idle keep` service kept is dropped with the old image: it would
+    /// not restore either. A service
     /// with a prebuilt image, or whose recorded process still lives, is left
     /// as it is (it shows `stale` if its image cannot restore).
     async fn rebuild_if_stale(&self, spec: &ServiceSpec) -> Result<Option<Taken>, RegistryError> {
@@ -421,8 +421,8 @@ impl Registry {
     }
 
     /// Takes the port of `spec` (or uses `provided`, a listener taken from
-    /// the service with the rest of its group) and starts its supervisor, adopting a process that a
-    /// previous daemon left running. For a snapshot-mode service not found
+    /// the service with the rest of its group) and starts its supervisor,
+    /// adopting a process that a previous daemon left running. For a snapshot-mode service not found
     /// running, returns the outcome of its first skeleton's prepare (the
     /// whole image checked), to come.
     fn activate(
