@@ -76,7 +76,10 @@ fn start_fixture(netns: &NetNs, port: u16) -> Started {
         ])
         .arg(binary("fixture-reuseport"))
         .arg(format!("127.0.0.1:{port}"))
+        // Not the test's own output: the restore reopens it as `nobody`.
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("spawn fixture-reuseport");
     let started = Started(child);
@@ -611,4 +614,35 @@ fn connections_queued_in_a_parked_group_are_all_answered_by_both_members() {
         Some(&fds),
         "wake under the restarted daemon",
     );
+}
+
+/// With `--on-idle keep`, a park checkpoints the running restored process:
+/// its image records the members the agent handed it, which the next wake
+/// hands back at the same descriptors, both accepting.
+#[test]
+fn a_group_kept_at_park_comes_back_whole() {
+    require_root!();
+    const PORT: u16 = 8274;
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let command = vec![
+        binary("fixture-reuseport").display().to_string(),
+        format!("127.0.0.1:{PORT}"),
+    ];
+    sandbox
+        .add_ok(
+            "kept",
+            PORT,
+            &["--user", "nobody", "--on-idle", "keep"],
+            &command,
+        )
+        .unwrap();
+    let (pid, fds) = all_answered_by_both(&sandbox, PORT, None, "first wake");
+    sandbox.agent_ok(&["park", "kept"]).unwrap();
+    let parked = sandbox.service("kept").unwrap();
+    assert!(
+        parked["state"] == "parked" && parked["error"].is_null(),
+        "parked with its state kept: {parked}"
+    );
+    let (again, _) = all_answered_by_both(&sandbox, PORT, Some(&fds), "wake of the kept state");
+    assert_eq!(again, pid, "the kept state is restored with its pid");
 }
