@@ -646,3 +646,45 @@ fn a_group_kept_at_park_comes_back_whole() {
     let (again, _) = all_answered_by_both(&sandbox, PORT, Some(&fds), "wake of the kept state");
     assert_eq!(again, pid, "the kept state is restored with its pid");
 }
+
+/// An image built apart (`persist-agent build`, no daemon held its
+/// sockets) and `add`ed with `--image`: the agent opens a group of as many
+/// listeners as the image has, owned by its owner, and each wake hands
+/// them to the members' descriptors, both accepting.
+#[test]
+fn a_prebuilt_image_of_a_group_gets_a_group_from_the_agent() {
+    require_root!();
+    const PORT: u16 = 8275;
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("group");
+    let image_arg = image.display().to_string();
+    let built = sandbox
+        .netns
+        .command(binary("persist-agent"))
+        .args(["build", "--image", &image_arg, "--user", "nobody"])
+        .args(["--port", &PORT.to_string(), "--"])
+        .arg(binary("fixture-reuseport"))
+        .arg(format!("127.0.0.1:{PORT}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running persist-agent build");
+    assert!(built.status.success(), "build: {}", stderr(&built));
+    sandbox
+        .agent_ok(&[
+            "add",
+            "prebuilt",
+            "--image",
+            &image_arg,
+            "--port",
+            &PORT.to_string(),
+        ])
+        .unwrap();
+    let sockets = sandbox.netns.enter(|| listening_sockets(PORT)).unwrap();
+    assert_eq!(
+        sockets.iter().map(|&(_, uid)| uid).collect::<Vec<_>>(),
+        [NOBODY, NOBODY],
+        "the agent's listeners on the port and their owners: {sockets:?}"
+    );
+    all_answered_by_both(&sandbox, PORT, None, "wake of the prebuilt image");
+}

@@ -461,7 +461,15 @@ impl Registry {
             }
             (None, None, None) => {
                 self.run_state.clear(&spec.name);
-                (listener::open(spec.addr, spec.port)?, Vec::new())
+                match self.image_group(&spec) {
+                    // Each restore then finds a member at each of its
+                    // listeners' descriptors: one fresh socket of the
+                    // service's could not join a group of the agent's.
+                    Some((members, owner)) => {
+                        listener::open_group(spec.addr, spec.port, members, owner)?
+                    }
+                    None => (listener::open(spec.addr, spec.port)?, Vec::new()),
+                }
             }
         };
         let mut prepared = None;
@@ -528,6 +536,16 @@ impl Registry {
         );
         services.insert(spec.name, handle);
         Ok(prepared)
+    }
+
+    /// The `SO_REUSEPORT` group the current image of a snapshot-mode
+    /// service listened through, if any: its size and owner.
+    fn image_group(&self, spec: &ServiceSpec) -> Option<(usize, Option<u32>)> {
+        if spec.mode != ServiceMode::Snapshot {
+            return None;
+        }
+        let image = Image::open(&self.current_image(spec)).ok()?;
+        snapshot::reuseport_group_in_image(image.manifest(), spec.port)
     }
 
     /// Shows `name` as failed with `error` in `status`.

@@ -136,6 +136,37 @@ pub fn place_listeners(
     Ok(placed)
 }
 
+/// The `SO_REUSEPORT` group the image's process(es) listened through on
+/// `port`, if it had one of two or more members: how many, and the owner
+/// of the first. A listener of another owner or without `SO_REUSEPORT` on
+/// the port makes it `None`: no group of the agent's would take it.
+pub fn reuseport_group_in_image(manifest: &Manifest, port: u16) -> Option<(usize, Option<u32>)> {
+    let fds = manifest
+        .fds
+        .iter()
+        .chain(manifest.children.iter().flat_map(|child| &child.fds))
+        .filter(|fd| fd.shared_with.is_none());
+    let mut members = 0;
+    let mut owner = None;
+    for fd in fds {
+        if let FdKind::TcpListener {
+            local,
+            reuseport,
+            owner_uid,
+            ..
+        } = &fd.kind
+            && port_of(local) == Some(port)
+        {
+            if !reuseport || (members > 0 && owner != *owner_uid) {
+                return None;
+            }
+            owner = *owner_uid;
+            members += 1;
+        }
+    }
+    (members >= 2).then_some((members, owner))
+}
+
 fn port_of(local: &str) -> Option<u16> {
     local.rsplit(':').next().and_then(|p| p.parse().ok())
 }
@@ -183,7 +214,7 @@ mod tests {
 
     use persist_common::image::{ChildProcess, FdInfo, FdKind, Manifest, ProcessInfo};
 
-    use super::place_listeners;
+    use super::{place_listeners, reuseport_group_in_image};
 
     fn listener(fd: i32, port: u16, inode: u64) -> FdInfo {
         FdInfo {
@@ -263,6 +294,43 @@ mod tests {
         assert_eq!(
             placed(&manifest, vec![fresh, a]),
             [(0, 4, a_inode), (0, 6, fresh_inode)]
+        );
+    }
+
+    /// Two or more listeners of the port with `SO_REUSEPORT` and one owner
+    /// make a group; one without the flag, or of another owner, none.
+    #[test]
+    fn a_group_is_listeners_of_one_owner_with_reuseport() {
+        let image = |fds: Vec<FdInfo>| Manifest {
+            fds,
+            ..Manifest::default()
+        };
+        let of = |fd, uid| {
+            let mut info = listener(fd, 80, 0);
+            if let FdKind::TcpListener { owner_uid, .. } = &mut info.kind {
+                *owner_uid = uid;
+            }
+            info
+        };
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33)), of(4, Some(33))]), 80),
+            Some((2, Some(33)))
+        );
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33))]), 80),
+            None
+        );
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33)), of(4, Some(0))]), 80),
+            None
+        );
+        let mut plain = of(4, Some(33));
+        if let FdKind::TcpListener { reuseport, .. } = &mut plain.kind {
+            *reuseport = false;
+        }
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33)), plain]), 80),
+            None
         );
     }
 }
