@@ -117,6 +117,9 @@ int persist_sk_lookup(struct bpf_sk_lookup *ctx)
 	stats->last_syn_ns = now;
 	wake_if_parked(id, stats, now);
 
+	/* Without BPF_SK_LOOKUP_F_NO_REUSEPORT the kernel then picks the member
+	 * of the listener's SO_REUSEPORT group, if it has one: one member here
+	 * steers the SYN into the whole group. */
 	struct bpf_sock *listener = bpf_map_lookup_elem(&persist_listeners, &id);
 	if (listener) {
 		bpf_sk_assign(ctx, listener, 0);

@@ -538,12 +538,47 @@ pub fn nginx_command_with_workers(
     nginx_config(prefix, root, port, true, workers)
 }
 
+/// [`nginx_command_with_workers`] with `listen ... reuseport;`: nginx then
+/// opens one listening socket per worker, all in one `SO_REUSEPORT` group,
+/// and each worker accepts on its own (closing the others' copies). Each
+/// answer names the worker that served it in its `X-Worker-Pid` header.
+pub fn nginx_command_reuseport(
+    prefix: &Path,
+    root: &Path,
+    port: u16,
+    workers: u32,
+) -> std::io::Result<Vec<String>> {
+    nginx_config_listen(
+        prefix,
+        root,
+        port,
+        true,
+        workers,
+        " reuseport",
+        "add_header X-Worker-Pid $pid;",
+    )
+}
+
 fn nginx_config(
     prefix: &Path,
     root: &Path,
     port: u16,
     master_process: bool,
     workers: u32,
+) -> std::io::Result<Vec<String>> {
+    nginx_config_listen(prefix, root, port, master_process, workers, "", "")
+}
+
+/// The configuration, with `listen_options` after the `listen` address
+/// and `server_extra` in the server block.
+fn nginx_config_listen(
+    prefix: &Path,
+    root: &Path,
+    port: u16,
+    master_process: bool,
+    workers: u32,
+    listen_options: &str,
+    server_extra: &str,
 ) -> std::io::Result<Vec<String>> {
     std::fs::create_dir_all(prefix.join("tmp"))?;
     let config = prefix.join("nginx.conf");
@@ -567,8 +602,9 @@ http {{
     uwsgi_temp_path {p}/tmp/uwsgi;
     scgi_temp_path {p}/tmp/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen_options};
         root {root};
+        {server_extra}
     }}
 }}
 "

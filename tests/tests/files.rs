@@ -940,6 +940,8 @@ fn ipv6_and_abstract_listeners_come_back() {
             reuseport: true,
             v6only: true,
             options: vec![],
+            // python runs as root here: its socket is root's.
+            owner_uid: Some(0),
         }
     );
     assert_eq!(

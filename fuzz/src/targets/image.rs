@@ -597,6 +597,7 @@ fn rich_manifest(
                         name: 1,
                         value: 1,
                     }],
+                    owner_uid: Some(33),
                 },
             ),
             fd(
@@ -732,6 +733,7 @@ fn rich_manifest(
                         reuseport: false,
                         v6only: false,
                         options: vec![],
+                        owner_uid: None,
                     },
                 )
             },

@@ -11,11 +11,13 @@
 //! serves what queued.
 //!
 //! A keeper is coreutils' `sleep infinity` with the socket as its standard
-//! input, in a process group of its own, named `persist-port-keeper` in
-//! `ps`. It costs the host about 108 KiB of private memory and 40 KiB of
-//! page tables; `persist-agent hold-port`, which earlier agents started,
-//! cost 484 KiB and 60 KiB, the relocated data of a much
-//! larger binary, and was the larger part of a parked service's cost.
+//! input (and the other members of its `SO_REUSEPORT` group, if the service
+//! listens through one, from descriptor 3 on), in a process group of its
+//! own, named `persist-port-keeper` in `ps`. It costs the host about 108 KiB
+//! of private memory and 40 KiB of page tables; `persist-agent hold-port`,
+//! which earlier agents started, cost 484 KiB and 60 KiB, the relocated data
+//! of a much larger binary, and was the larger part of a parked service's
+//! cost.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
@@ -34,6 +36,8 @@ pub struct Found {
     pub record: RunRecord,
     /// Its socket, taken back.
     pub listener: OwnedFd,
+    /// The other members of the socket's group it holds, taken back.
+    pub group: Vec<OwnedFd>,
 }
 
 /// The live keeper of `name`, recorded in `run_state`, with its socket; a
@@ -44,6 +48,7 @@ pub fn find(run_state: &RunStateDir, name: &str) -> Option<Found> {
         Some(taken) => Some(Found {
             record,
             listener: taken.listener,
+            group: taken.group,
         }),
         None => {
             run_state.clear_keeper(name);
@@ -52,21 +57,42 @@ pub fn find(run_state: &RunStateDir, name: &str) -> Option<Found> {
     }
 }
 
-/// Makes sure a keeper of `name` holds `listener`: keeps `found` if it holds
-/// that very socket, else stops it and starts a new one. A keeper that
-/// cannot be started is a warning: the service works, with the port closed
-/// while no daemon and no process of it hold the socket.
-pub fn ensure(run_state: &RunStateDir, name: &str, listener: &OwnedFd, found: Option<Found>) {
+/// Most members of a group a keeper holds besides the listener: the
+/// spawn places 16 descriptors at most, three of them stdio.
+const MAX_GROUP: usize = 13;
+
+/// Makes sure a keeper of `name` holds `listener` and the other members of
+/// its group `group`: keeps `found` if it holds those very sockets, else
+/// stops it and starts a new one. A keeper that cannot be started is a
+/// warning: the service works, with the port closed while no daemon and no
+/// process of it hold the socket.
+pub fn ensure(
+    run_state: &RunStateDir,
+    name: &str,
+    listener: &OwnedFd,
+    group: &[OwnedFd],
+    found: Option<Found>,
+) {
     let inode = super::listener::inode(listener).ok();
+    let group = if group.len() > MAX_GROUP {
+        warn!(service = %name, members = group.len() + 1, "the port keeper holds {} members of the listener's group only", MAX_GROUP + 1);
+        &group[..MAX_GROUP]
+    } else {
+        group
+    };
+    let group_inodes: Vec<u64> = group
+        .iter()
+        .filter_map(|member| super::listener::inode(member).ok())
+        .collect();
     if let Some(found) = found {
-        if Some(found.record.listener_inode) == inode {
+        if Some(found.record.listener_inode) == inode && found.record.group_inodes == group_inodes {
             return;
         }
         stop_recorded(&found.record);
     }
-    match spawn(listener) {
+    match spawn(listener, group) {
         Ok(pid) => {
-            run_state.record_keeper(name, pid, listener);
+            run_state.record_keeper(name, pid, listener, group);
             info!(service = %name, pid, "port keeper started");
         }
         Err(err) => {
@@ -99,10 +125,13 @@ fn stop_recorded(record: &RunRecord) {
     }
 }
 
-/// Starts a keeper holding `listener`; returns its pid. The daemon's reaper
-/// collects it once it dies.
-fn spawn(listener: &impl AsFd) -> std::io::Result<i32> {
+/// Starts a keeper holding `listener`, and `group` from descriptor 3 on;
+/// returns its pid. The daemon's reaper collects it once it dies.
+fn spawn(listener: &impl AsFd, group: &[OwnedFd]) -> std::io::Result<i32> {
     use std::os::unix::process::CommandExt;
+    if !group.is_empty() {
+        return spawn_with_group(listener, group);
+    }
     let socket = listener.as_fd().try_clone_to_owned()?;
     let child = Command::new(KEEPER_PROGRAM)
         .arg0("persist-port-keeper")
@@ -115,4 +144,39 @@ fn spawn(listener: &impl AsFd) -> std::io::Result<i32> {
         .process_group(0)
         .spawn()?;
     Ok(child.id() as i32)
+}
+
+/// [`spawn`] of a keeper that holds the other members of the listener's
+/// group too, at descriptors 3 and up: `std::process::Command` places only
+/// the standard three, and a descriptor left inheritable would leak into
+/// whatever else the daemon starts meanwhile.
+fn spawn_with_group(listener: &impl AsFd, group: &[OwnedFd]) -> std::io::Result<i32> {
+    use std::ffi::CString;
+    let program = crate::service::find_program(KEEPER_PROGRAM).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{KEEPER_PROGRAM} is not on PATH"),
+        )
+    })?;
+    let null = std::fs::File::options().write(true).open("/dev/null")?;
+    let mut fds = vec![(listener.as_fd(), 0), (null.as_fd(), 1), (null.as_fd(), 2)];
+    fds.extend(
+        group
+            .iter()
+            .zip(3..)
+            .map(|(member, at)| (member.as_fd(), at)),
+    );
+    let cstring = |text: &str| CString::new(text).map_err(std::io::Error::other);
+    let spawned = crate::sys::spawn::spawn(&crate::sys::spawn::SpawnRequest {
+        program: CString::new(program.into_os_string().into_encoded_bytes())
+            .map_err(std::io::Error::other)?,
+        argv: vec![cstring("persist-port-keeper")?, cstring("infinity")?],
+        env: Vec::new(),
+        listen_pid: false,
+        fds,
+        identity: None,
+    })?;
+    // Nobody waits on its pidfd: the orphan reaper collects it.
+    crate::sys::spawn::unclaim(spawned.pid);
+    Ok(spawned.pid)
 }

@@ -33,6 +33,32 @@ pub enum ListenerError {
 /// allows. On `::` it is dual-stack (it takes IPv4 too), whatever
 /// `net.ipv6.bindv6only` says, as a server binding `::` expects.
 pub fn open(addr: IpAddr, port: u16) -> Result<OwnedFd, ListenerError> {
+    open_member(addr, port, None)
+}
+
+/// Opens `members` TCP listeners on `addr:port` as [`open`] does, all with
+/// `SO_REUSEPORT` and owned by `owner_uid` (root if `None`), so that they
+/// make one group as the service's did (the kernel groups by owner). The
+/// first is the one SYNs are steered to.
+pub fn open_group(
+    addr: IpAddr,
+    port: u16,
+    members: usize,
+    owner_uid: Option<u32>,
+) -> Result<(OwnedFd, Vec<OwnedFd>), ListenerError> {
+    let mut group = (0..members.max(1))
+        .map(|_| open_member(addr, port, Some(owner_uid)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let first = group.remove(0);
+    Ok((first, group))
+}
+
+/// [`open`], with `SO_REUSEPORT` and the owner `reuseport` gives, if any.
+fn open_member(
+    addr: IpAddr,
+    port: u16,
+    reuseport: Option<Option<u32>>,
+) -> Result<OwnedFd, ListenerError> {
     let address = SocketAddr::new(addr, port);
     let fail = |errno: nix::errno::Errno| match errno {
         nix::errno::Errno::EADDRINUSE => ListenerError::InUse { address },
@@ -49,6 +75,14 @@ pub fn open(addr: IpAddr, port: u16) -> Result<OwnedFd, ListenerError> {
     setsockopt(&socket, sockopt::ReuseAddr, &true).map_err(fail)?;
     if addr.is_ipv6() {
         setsockopt(&socket, sockopt::Ipv6V6Only, &false).map_err(fail)?;
+    }
+    if let Some(owner_uid) = reuseport {
+        setsockopt(&socket, sockopt::ReusePort, &true).map_err(fail)?;
+        // Before the bind, which makes the group of one owner's listeners.
+        if let Some(uid) = owner_uid {
+            nix::unistd::fchown(&socket, Some(nix::unistd::Uid::from_raw(uid)), None)
+                .map_err(fail)?;
+        }
     }
     bind(socket.as_raw_fd(), &SockaddrStorage::from(address)).map_err(fail)?;
     listen(&socket, Backlog::MAXCONN).map_err(fail)?;
@@ -73,6 +107,11 @@ pub fn bound_address(listener: &impl AsFd) -> io::Result<(SocketAddr, bool)> {
         io::ErrorKind::InvalidInput,
         format!("socket of family {:?} is not an IP socket", local.family()),
     ))
+}
+
+/// Duplicates of `listeners`.
+pub fn clone_all(listeners: &[OwnedFd]) -> io::Result<Vec<OwnedFd>> {
+    listeners.iter().map(OwnedFd::try_clone).collect()
 }
 
 /// True when connections wait in the listener's accept queue.

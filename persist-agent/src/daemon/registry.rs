@@ -27,6 +27,10 @@ use crate::process_tree;
 use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
+/// Listeners taken from a service: the one SYNs are steered to, and the
+/// other members of its `SO_REUSEPORT` group (usually none).
+type Taken = (OwnedFd, Vec<OwnedFd>);
+
 /// Why a request about services was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -291,12 +295,12 @@ impl Registry {
     }
 
     /// Starts the command of a snapshot-mode service, snapshots it into
-    /// `STATE_DIR/images/NAME` and returns the listener taken from it.
+    /// `STATE_DIR/images/NAME` and returns the listeners taken from it.
     async fn build(
         &self,
         spec: &ServiceSpec,
         snapshot: &SnapshotSpec,
-    ) -> Result<OwnedFd, RegistryError> {
+    ) -> Result<Taken, RegistryError> {
         let snapshot = snapshot.clone();
         let request = BuildRequest {
             command: spec.command.clone(),
@@ -322,16 +326,17 @@ impl Registry {
         info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
         // States kept from an older pristine image would not descend from this one.
         self.drop_generations(spec);
-        Ok(built.listener)
+        Ok((built.listener, built.group))
     }
 
     /// Rebuilds a snapshot-mode service from its command when its image was
     /// taken on another kernel build or CPU, and returns the listener taken
-    /// from the new process. The state a `--on-idle keep` service kept is
-    /// dropped with the old image: it would not restore either. A service
+    /// (and the rest of its group) from the new process. The state a
+    /// `--on-idle keep` service kept is dropped with the old image: it would
+    /// not restore either. A service
     /// with a prebuilt image, or whose recorded process still lives, is left
     /// as it is (it shows `stale` if its image cannot restore).
-    async fn rebuild_if_stale(&self, spec: &ServiceSpec) -> Result<Option<OwnedFd>, RegistryError> {
+    async fn rebuild_if_stale(&self, spec: &ServiceSpec) -> Result<Option<Taken>, RegistryError> {
         let Some(snapshot) = spec.snapshot.as_ref().filter(|s| s.image.is_none()) else {
             return Ok(None);
         };
@@ -417,14 +422,14 @@ impl Registry {
     }
 
     /// Takes the port of `spec` (or uses `provided`, a listener taken from
-    /// the service) and starts its supervisor, adopting a process that a
-    /// previous daemon left running. For a snapshot-mode service not found
+    /// the service with the rest of its group) and starts its supervisor,
+    /// adopting a process that a previous daemon left running. For a snapshot-mode service not found
     /// running, returns the outcome of its first skeleton's prepare (the
     /// whole image checked), to come.
     fn activate(
         &self,
         spec: ServiceSpec,
-        provided: Option<OwnedFd>,
+        provided: Option<Taken>,
     ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, RegistryError> {
         self.check_free(&spec)?;
         let mut services = self.services.lock().expect("lock");
@@ -442,20 +447,34 @@ impl Registry {
         // between a park and the next skeleton): its queued clients wait.
         let kept = keeper::find(&self.run_state, &spec.name);
         let provided = provided.or(left_listener);
-        let listener = match (&adopted, provided, &kept) {
-            (Some(adopted), _, _) => adopted.listener.try_clone()?,
+        let (listener, group) = match (&adopted, provided, &kept) {
+            (Some(adopted), _, _) => (
+                adopted.listener.try_clone()?,
+                listener::clone_all(&adopted.group)?,
+            ),
             (None, Some(provided), _) => provided,
             (None, None, Some(kept)) => {
                 info!(service = %spec.name, pid = kept.record.pid, "took the listener back from the port keeper");
-                kept.listener.try_clone()?
+                (
+                    kept.listener.try_clone()?,
+                    listener::clone_all(&kept.group)?,
+                )
             }
             (None, None, None) => {
                 self.run_state.clear(&spec.name);
-                listener::open(spec.addr, spec.port)?
+                match self.image_group(&spec) {
+                    // Each restore then finds a member at each of its
+                    // listeners' descriptors: one fresh socket of the
+                    // service's could not join a group of the agent's.
+                    Some((members, owner)) => {
+                        listener::open_group(spec.addr, spec.port, members, owner)?
+                    }
+                    None => (listener::open(spec.addr, spec.port)?, Vec::new()),
+                }
             }
         };
         let mut prepared = None;
-        keeper::ensure(&self.run_state, &spec.name, &listener, kept);
+        keeper::ensure(&self.run_state, &spec.name, &listener, &group, kept);
         let adopted_pager = adopted.as_mut().and_then(|adopted| adopted.pager.take());
         let starter = match spec.mode {
             ServiceMode::Snapshot => {
@@ -466,6 +485,7 @@ impl Registry {
                     &spec.name,
                     spec.port,
                     listener.try_clone()?,
+                    listener::clone_all(&group)?,
                     match adopted_pager {
                         Some(pager) => Running::Filling(Box::new(pager)),
                         None if adopted.is_some() => Running::Filled,
@@ -506,6 +526,7 @@ impl Registry {
             spec.clone(),
             slot,
             listener,
+            group,
             Shared {
                 watcher: self.watcher.clone(),
                 run_state: self.run_state.clone(),
@@ -516,6 +537,16 @@ impl Registry {
         );
         services.insert(spec.name, handle);
         Ok(prepared)
+    }
+
+    /// The `SO_REUSEPORT` group the current image of a snapshot-mode
+    /// service listened through, if any: its size and owner.
+    fn image_group(&self, spec: &ServiceSpec) -> Option<(usize, Option<u32>)> {
+        if spec.mode != ServiceMode::Snapshot {
+            return None;
+        }
+        let image = Image::open(&self.current_image(spec)).ok()?;
+        snapshot::reuseport_group_in_image(image.manifest(), spec.port)
     }
 
     /// Shows `name` as failed with `error` in `status`.

@@ -34,7 +34,7 @@ use crate::restore::{
     Skeleton, Timings,
 };
 use crate::service::Prefetch;
-use crate::snapshot::{listener_backlog_in_image, listener_fd_in_image};
+use crate::snapshot::{listener_backlog_in_image, place_listeners};
 use crate::sys::pidfd::PidFd;
 use crate::sys::sched;
 
@@ -250,13 +250,16 @@ pub struct RestoreWorker {
 }
 
 impl RestoreWorker {
-    /// Starts the thread for the service `name` listening through `listener`.
-    /// It prepares nothing until told to ([`RestoreWorker::prepare_checked`]);
-    /// the pages of an adopted process still filling are served first.
+    /// Starts the thread for the service `name` listening through `listener`
+    /// and the other members of its group `group`, which every restored
+    /// process gets back at their descriptors. It prepares nothing until
+    /// told to ([`RestoreWorker::prepare_checked`]); the pages of an
+    /// adopted process still filling are served first.
     pub fn spawn(
         name: &str,
         port: u16,
         listener: OwnedFd,
+        group: Vec<OwnedFd>,
         running: Running,
         shared: WorkerShared,
         options: WakeOptions,
@@ -275,6 +278,7 @@ impl RestoreWorker {
                     name: thread_name,
                     port,
                     listener,
+                    group,
                     image: None,
                     skeleton: None,
                     report: thread_report,
@@ -353,6 +357,8 @@ struct Worker {
     name: String,
     port: u16,
     listener: OwnedFd,
+    /// The other members of the listener's `SO_REUSEPORT` group.
+    group: Vec<OwnedFd>,
     image: Option<PathBuf>,
     skeleton: Option<Skeleton>,
     report: Arc<Mutex<WorkerReport>>,
@@ -474,6 +480,7 @@ impl Worker {
                     &self.name,
                     skeleton.pid(),
                     &self.listener,
+                    &self.group,
                     self.page_source(&mut skeleton),
                 );
                 report.skeleton_pid = Some(skeleton.pid());
@@ -585,20 +592,28 @@ impl Worker {
         {
             wait_until_pid_is_free(pid);
         }
-        let fd = listener_fd_in_image(image.manifest(), self.port).ok_or_else(|| {
-            format!(
+        let held = std::iter::once(&self.listener)
+            .chain(&self.group)
+            .map(OwnedFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|err| format!("duplicating the listener: {err}"))?;
+        let placed = place_listeners(image.manifest(), self.port, held)
+            .map_err(|err| format!("the listeners of port {}: {err}", self.port))?;
+        if placed.is_empty() {
+            return Err(format!(
                 "image {} has no TCP listener on port {}",
                 dir.display(),
                 self.port
-            )
-        })?;
+            ));
+        }
         let mut inherited = InheritedFds::new();
-        inherited.insert(
-            fd,
-            self.listener
-                .try_clone()
-                .map_err(|err| format!("duplicating the listener: {err}"))?,
-        );
+        let root = image.manifest().process.pid;
+        // A listener a descendant holds on its own (not shared with the
+        // root) is created again by the tree's restore, not installed from
+        // the held one: see docs/sockets.md.
+        for (_, fd, listener) in placed.into_iter().filter(|&(pid, ..)| pid == root) {
+            inherited.insert(fd, listener);
+        }
         if let Some(log) = &self.log {
             // A log the administrator removed is created anew, as the
             // restored process's stdout and stderr.

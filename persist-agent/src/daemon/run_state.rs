@@ -26,6 +26,10 @@ pub struct RunRecord {
     pub start_time: u64,
     /// Inode of the listening socket it was given.
     pub listener_inode: u64,
+    /// Inodes of the other listeners of the port it was given (the rest of
+    /// the listener's `SO_REUSEPORT` group), taken back with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_inodes: Vec<u64>,
     /// For a restored process, where its pages come from: what a restarted
     /// daemon needs to go on serving them if this one dies first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +57,8 @@ pub struct Adopted {
     pub pidfd: PidFd,
     /// The listening socket, taken back from the process.
     pub listener: OwnedFd,
+    /// The other listeners of its group that it still holds, taken back.
+    pub group: Vec<OwnedFd>,
     /// A pager taking over its pages, when they were still being filled.
     pub pager: Option<Pager>,
 }
@@ -125,21 +131,24 @@ impl RunStateDir {
     }
 
     /// Records that `name` runs as `pid`, which holds the listening socket
-    /// `listener` (and, restored, has its pages from `pages`); warns when
-    /// that cannot be recorded.
+    /// `listener` and the other members of its group `group` (and,
+    /// restored, has its pages from `pages`); warns when that cannot be
+    /// recorded.
     pub fn record_process(
         &self,
         name: &str,
         pid: i32,
         listener: &impl AsFd,
+        group: &[OwnedFd],
         pages: Option<PageSource>,
     ) {
-        self.record(&self.path(name), name, pid, listener, pages);
+        self.record(&self.path(name), name, pid, listener, group, pages);
     }
 
-    /// Records that the port keeper of `name` is `pid`, holding `listener`.
-    pub fn record_keeper(&self, name: &str, pid: i32, listener: &impl AsFd) {
-        self.record(&self.keeper_path(name), name, pid, listener, None);
+    /// Records that the port keeper of `name` is `pid`, holding `listener`
+    /// and the other members of its group `group`.
+    pub fn record_keeper(&self, name: &str, pid: i32, listener: &impl AsFd, group: &[OwnedFd]) {
+        self.record(&self.keeper_path(name), name, pid, listener, group, None);
     }
 
     fn record(
@@ -148,14 +157,21 @@ impl RunStateDir {
         name: &str,
         pid: i32,
         listener: &impl AsFd,
+        group: &[OwnedFd],
         pages: Option<PageSource>,
     ) {
+        let group_inodes: Option<Vec<u64>> = group
+            .iter()
+            .map(|member| super::listener::inode(member).ok())
+            .collect();
         let record = start_time(pid)
             .zip(super::listener::inode(listener).ok())
-            .map(|(start_time, listener_inode)| RunRecord {
+            .zip(group_inodes)
+            .map(|((start_time, listener_inode), group_inodes)| RunRecord {
                 pid,
                 start_time,
                 listener_inode,
+                group_inodes,
                 pages,
             });
         let saved = match record {
@@ -310,8 +326,9 @@ pub fn adopt(record: &RunRecord) -> Option<Adopted> {
 }
 
 /// Takes the recorded listening socket from the recorded process, whatever
-/// its state (a stopped skeleton included). `None` if the process is gone
-/// or no longer holds that socket.
+/// its state (a stopped skeleton included), with the other members of its
+/// group the process still holds. `None` if the process is gone or no
+/// longer holds that socket.
 pub fn take_listener(record: &RunRecord) -> Option<Adopted> {
     if !is_alive(record) {
         return None;
@@ -322,21 +339,33 @@ pub fn take_listener(record: &RunRecord) -> Option<Adopted> {
         return None;
     }
     let process = procfs::process::Process::new(record.pid).ok()?;
-    let fd_number = process
+    let sockets: Vec<(i32, u64)> = process
         .fd()
         .ok()?
         .flatten()
-        .find_map(|fd| match fd.target {
-            procfs::process::FDTarget::Socket(inode) if inode == record.listener_inode => {
-                Some(fd.fd)
-            }
+        .filter_map(|fd| match fd.target {
+            procfs::process::FDTarget::Socket(inode) => Some((fd.fd, inode)),
             _ => None,
-        })?;
-    let listener = pidfd.get_fd(fd_number).ok()?;
+        })
+        .collect();
+    let fd_of = |wanted: u64| {
+        sockets
+            .iter()
+            .find_map(|&(fd, inode)| (inode == wanted).then_some(fd))
+    };
+    let listener = pidfd.get_fd(fd_of(record.listener_inode)?).ok()?;
+    // A member the process no longer holds is left out: its queue died
+    // with its last holder.
+    let group = record
+        .group_inodes
+        .iter()
+        .filter_map(|&inode| pidfd.get_fd(fd_of(inode)?).ok())
+        .collect();
     Some(Adopted {
         record: record.clone(),
         pidfd,
         listener,
+        group,
         pager: None,
     })
 }

@@ -46,7 +46,7 @@ pub(super) fn take_over(
     spec: &ServiceSpec,
     record: &RunRecord,
     events: &Path,
-) -> (Option<Adopted>, Option<OwnedFd>) {
+) -> (Option<Adopted>, Option<(OwnedFd, Vec<OwnedFd>)>) {
     let name = &spec.name;
     if let Some(mut adopted) = run_state::adopt(record) {
         // Only a restored process has pages a pager of ours should serve.
@@ -61,7 +61,7 @@ pub(super) fn take_over(
             warn!(service = %name, pid = record.pid, "a process of its tree {why}; stopping the tree and parking the service");
             crate::process_tree::kill_tree(record.pid);
             adopted.pidfd.wait_exit(std::time::Duration::from_secs(1));
-            return (None, Some(adopted.listener));
+            return (None, Some((adopted.listener, adopted.group)));
         }
         if !restored || !run_state::has_pages_nobody_serves(record.pid) {
             return (Some(adopted), None);
@@ -78,7 +78,7 @@ pub(super) fn take_over(
                 // Parked again from its image, its queued connections kept.
                 warn!(service = %name, pid = record.pid, "its pages were still being filled when the daemon stopped and cannot be served ({err}); stopping it and parking the service");
                 kill_and_wait(&adopted.pidfd);
-                return (None, Some(adopted.listener));
+                return (None, Some((adopted.listener, adopted.group)));
             }
         }
     }
@@ -91,7 +91,7 @@ pub(super) fn take_over(
             // cut short): every process, children first.
             crate::process_tree::kill_tree(record.pid);
             kill_and_wait(&left.pidfd);
-            return (None, Some(left.listener));
+            return (None, Some((left.listener, left.group)));
         }
     }
     if run_state::is_alive(record) && !run_state::is_dying(record.pid) {

@@ -159,6 +159,10 @@ pub(super) fn save(
             options.push(SocketOption { level, name, value });
         }
     }
+    // The owner decides which SO_REUSEPORT group the listener can join.
+    let owner_uid = nix::sys::stat::fstat(sock)
+        .map_err(FilesError::io(fd, "fstat of the TCP listener"))?
+        .st_uid;
     Ok(FdKind::TcpListener {
         local,
         inode,
@@ -167,9 +171,14 @@ pub(super) fn save(
         reuseport,
         v6only,
         options,
+        owner_uid: Some(owner_uid),
     })
 }
 
+/// A TCP listener bound again to `local` and listening, owned by
+/// `owner_uid` (root when the image did not say): with `reuseport`, it
+/// joins the `SO_REUSEPORT` group of the other listeners of that port and
+/// owner, which the kernel forms at `bind`.
 pub(super) fn tcp_listener(
     fd: i32,
     local: &str,
@@ -177,6 +186,7 @@ pub(super) fn tcp_listener(
     reuseport: bool,
     v6only: bool,
     options: &[SocketOption],
+    owner_uid: Option<u32>,
 ) -> Result<OwnedFd, FilesError> {
     let addr: SocketAddr = local
         .parse()
@@ -199,6 +209,14 @@ pub(super) fn tcp_listener(
     }
     if addr.is_ipv6() {
         set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only, "IPV6_V6ONLY")?;
+    }
+    // Before the bind, which puts a SO_REUSEPORT listener in the group of
+    // its owner's: the socket's owner is its creator's (the agent's) until
+    // changed, and fchown of a socket changes the owner the kernel groups by.
+    if let Some(uid) = owner_uid {
+        nix::unistd::fchown(&sock, Some(nix::unistd::Uid::from_raw(uid)), None).map_err(
+            FilesError::io(fd, action(&format!("giving it to its owner uid {uid}"))),
+        )?;
     }
     nix::sys::socket::bind(sock.as_raw_fd(), &SockaddrStorage::from(addr))
         .map_err(FilesError::io(fd, format!("binding TCP listener {local}")))?;

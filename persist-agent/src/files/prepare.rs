@@ -440,8 +440,11 @@ fn object(
             reuseport,
             v6only,
             options,
+            owner_uid,
             ..
-        } => inet::tcp_listener(fd, local, *backlog, *reuseport, *v6only, options)?,
+        } => inet::tcp_listener(
+            fd, local, *backlog, *reuseport, *v6only, options, *owner_uid,
+        )?,
         FdKind::UdpSocket {
             local,
             peer,

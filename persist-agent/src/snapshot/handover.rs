@@ -9,6 +9,15 @@ use crate::sys::pidfd::PidFd;
 
 /// The descriptor of `pid` that is a TCP socket listening on `port`, with its inode.
 pub fn find_listener(pid: i32, port: u16) -> Result<(i32, u64), String> {
+    find_listeners(pid, port).map(|listeners| listeners[0])
+}
+
+/// Every TCP socket of `pid` listening on `port`, as its lowest descriptor
+/// and its inode, in descriptor order: one, or the members of an
+/// `SO_REUSEPORT` group (nginx's `listen PORT reuseport;`, a server with one
+/// socket per thread), or listeners of the port on several addresses.
+/// Never empty.
+pub fn find_listeners(pid: i32, port: u16) -> Result<Vec<(i32, u64)>, String> {
     let listening: Vec<u64> = procfs::net::tcp()
         .into_iter()
         .flatten()
@@ -22,28 +31,144 @@ pub fn find_listener(pid: i32, port: u16) -> Result<(i32, u64), String> {
         return Err(format!("nothing listens on port {port}"));
     }
     let process = procfs::process::Process::new(pid).map_err(|err| err.to_string())?;
-    process
+    let mut found: Vec<(i32, u64)> = process
         .fd()
         .map_err(|err| err.to_string())?
         .flatten()
-        .find_map(|fd| match fd.target {
+        .filter_map(|fd| match fd.target {
             procfs::process::FDTarget::Socket(inode) if listening.contains(&inode) => {
                 Some((fd.fd, inode))
             }
             _ => None,
         })
-        .ok_or_else(|| format!("port {port} is held by another process"))
+        .collect();
+    found.sort_unstable();
+    let mut seen = Vec::new();
+    found.retain(|&(_, inode)| {
+        let first = !seen.contains(&inode);
+        seen.push(inode);
+        first
+    });
+    if found.is_empty() {
+        return Err(format!("port {port} is held by another process"));
+    }
+    Ok(found)
 }
 
-/// Takes a duplicate of the process's listener on `port`.
-pub(super) fn take_listener(pidfd: &PidFd, port: u16) -> Result<(i32, OwnedFd), BuildError> {
+/// Takes duplicates of the process's listeners on `port`: the first (by
+/// descriptor number), with its number, and the others (the rest of its
+/// `SO_REUSEPORT` group), which the agent holds too so that their queues
+/// survive the process.
+pub(super) fn take_listeners(
+    pidfd: &PidFd,
+    port: u16,
+) -> Result<(i32, OwnedFd, Vec<OwnedFd>), BuildError> {
     let pid = pidfd.pid();
     let no_listener = |reason: String| BuildError::NoListener { pid, port, reason };
-    let (fd, _) = find_listener(pid, port).map_err(no_listener)?;
-    let listener = pidfd
-        .get_fd(fd)
-        .map_err(|err| no_listener(format!("pidfd_getfd of fd {fd}: {err}")))?;
-    Ok((fd, listener))
+    let mut taken = Vec::new();
+    for (fd, _) in find_listeners(pid, port).map_err(no_listener)? {
+        let listener = pidfd
+            .get_fd(fd)
+            .map_err(|err| no_listener(format!("pidfd_getfd of fd {fd}: {err}")))?;
+        taken.push((fd, listener));
+    }
+    let mut taken = taken.into_iter();
+    let (fd, main) = taken.next().expect("find_listeners finds one or fails");
+    Ok((fd, main, taken.map(|(_, listener)| listener).collect()))
+}
+
+/// Where the listeners the agent holds for `port` go in the processes
+/// restored from `manifest`, as `(pid, fd, socket)`: each to the image's
+/// descriptor of the same socket (the inode the image recorded: the socket
+/// taken from the process, or handed to it by an earlier restore), then
+/// each socket left over, in order, to the image's listeners on the port
+/// left over (a listener the agent opened itself has another inode). The
+/// image's listeners are taken process by process in tree order (the root
+/// first), each process's by descriptor number; a socket several processes
+/// share is saved with its first holder only, and the others inherit it
+/// from that one. Image listeners left without a socket are created anew by
+/// the restore, and join the group of the held ones if they have
+/// `SO_REUSEPORT` and its owner.
+pub fn place_listeners(
+    manifest: &Manifest,
+    port: u16,
+    held: Vec<OwnedFd>,
+) -> std::io::Result<Vec<(i32, i32, OwnedFd)>> {
+    let processes = std::iter::once((manifest.process.pid, &manifest.fds)).chain(
+        manifest
+            .children
+            .iter()
+            .map(|child| (child.process.pid, &child.fds)),
+    );
+    let mut in_image: Vec<(i32, i32, u64)> = Vec::new();
+    for (pid, fds) in processes {
+        let mut listeners: Vec<(i32, i32, u64)> = fds
+            .iter()
+            .filter(|fd| fd.shared_with.is_none())
+            .filter_map(|fd| match &fd.kind {
+                FdKind::TcpListener { local, inode, .. } if port_of(local) == Some(port) => {
+                    Some((pid, fd.fd, *inode))
+                }
+                _ => None,
+            })
+            .collect();
+        listeners.sort_unstable_by_key(|&(_, fd, _)| fd);
+        in_image.extend(listeners);
+    }
+    let mut left = Vec::new();
+    let mut placed = Vec::new();
+    for socket in held {
+        let inode = nix::sys::stat::fstat(&socket)?.st_ino;
+        match in_image.iter().position(|&(_, _, i)| i == inode) {
+            Some(at) => {
+                let (pid, fd, _) = in_image.remove(at);
+                placed.push((pid, fd, socket));
+            }
+            None => left.push(socket),
+        }
+    }
+    placed.extend(
+        in_image
+            .into_iter()
+            .zip(left)
+            .map(|((pid, fd, _), socket)| (pid, fd, socket)),
+    );
+    Ok(placed)
+}
+
+/// The `SO_REUSEPORT` group the image's process(es) listened through on
+/// `port`, if it had one of two or more members: how many, and the owner
+/// of the first. A listener of another owner or without `SO_REUSEPORT` on
+/// the port makes it `None`: no group of the agent's would take it.
+pub fn reuseport_group_in_image(manifest: &Manifest, port: u16) -> Option<(usize, Option<u32>)> {
+    let fds = manifest
+        .fds
+        .iter()
+        .chain(manifest.children.iter().flat_map(|child| &child.fds))
+        .filter(|fd| fd.shared_with.is_none());
+    let mut members = 0;
+    let mut owner = None;
+    for fd in fds {
+        if let FdKind::TcpListener {
+            local,
+            reuseport,
+            owner_uid,
+            ..
+        } = &fd.kind
+            && port_of(local) == Some(port)
+        {
+            if !reuseport || (members > 0 && owner != *owner_uid) {
+                return None;
+            }
+            owner = *owner_uid;
+            members += 1;
+        }
+    }
+    (members >= 2).then_some((members, owner))
+}
+
+fn port_of(local: &str) -> Option<u16> {
+    local.rsplit(':').next().and_then(|p| p.parse().ok())
 }
 
 /// The descriptor number of the image's TCP listener on `port`.
@@ -59,11 +184,137 @@ pub fn listener_backlog_in_image(manifest: &Manifest, port: u16) -> Option<u32> 
 
 fn listener_in_image(manifest: &Manifest, port: u16) -> Option<(i32, u32)> {
     manifest.fds.iter().find_map(|fd| match &fd.kind {
-        FdKind::TcpListener { local, backlog, .. }
-            if local.rsplit(':').next().and_then(|p| p.parse().ok()) == Some(port) =>
-        {
+        FdKind::TcpListener { local, backlog, .. } if port_of(local) == Some(port) => {
             Some((fd.fd, *backlog))
         }
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::os::fd::OwnedFd;
+
+    use persist_common::image::{ChildProcess, FdInfo, FdKind, Manifest, ProcessInfo};
+
+    use super::{place_listeners, reuseport_group_in_image};
+
+    fn listener(fd: i32, port: u16, inode: u64) -> FdInfo {
+        FdInfo {
+            fd,
+            cloexec: false,
+            flags: 0,
+            shared_with: None,
+            kind: FdKind::TcpListener {
+                local: format!("127.0.0.1:{port}"),
+                inode,
+                backlog: 128,
+                reuseaddr: true,
+                reuseport: true,
+                v6only: false,
+                options: Vec::new(),
+                owner_uid: Some(0),
+            },
+        }
+    }
+
+    fn socket() -> (OwnedFd, u64) {
+        let socket = OwnedFd::from(TcpListener::bind("127.0.0.1:0").expect("a listener"));
+        let inode = nix::sys::stat::fstat(&socket).expect("fstat").st_ino;
+        (socket, inode)
+    }
+
+    fn placed(manifest: &Manifest, held: Vec<OwnedFd>) -> Vec<(i32, i32, u64)> {
+        place_listeners(manifest, 80, held)
+            .expect("placed")
+            .into_iter()
+            .map(|(pid, fd, socket)| (pid, fd, nix::sys::stat::fstat(&socket).unwrap().st_ino))
+            .collect()
+    }
+
+    /// Held sockets go to the descriptor the image recorded them at, in
+    /// whichever process saved them, whatever order they are held in;
+    /// listeners of other ports are left alone.
+    #[test]
+    fn each_held_socket_goes_to_its_own_descriptor() {
+        let ((a, a_inode), (b, b_inode)) = (socket(), socket());
+        let manifest = Manifest {
+            process: ProcessInfo {
+                pid: 10,
+                ..ProcessInfo::default()
+            },
+            fds: vec![listener(3, 80, a_inode), listener(4, 8080, 99)],
+            children: vec![ChildProcess {
+                process: ProcessInfo {
+                    pid: 11,
+                    ..ProcessInfo::default()
+                },
+                fds: vec![listener(5, 80, b_inode)],
+                ..ChildProcess::default()
+            }],
+            ..Manifest::default()
+        };
+        assert_eq!(
+            placed(&manifest, vec![b, a]),
+            [(11, 5, b_inode), (10, 3, a_inode)]
+        );
+    }
+
+    /// A socket the image does not know (the agent opened it) takes the
+    /// first listener of the port left over; a listener left without a
+    /// socket is not placed (the restore creates it).
+    #[test]
+    fn unknown_sockets_take_the_listeners_left_in_order() {
+        let ((a, a_inode), (fresh, fresh_inode)) = (socket(), socket());
+        let manifest = Manifest {
+            fds: vec![
+                listener(7, 80, 1000),
+                listener(4, 80, a_inode),
+                listener(6, 80, 1001),
+            ],
+            ..Manifest::default()
+        };
+        assert_eq!(
+            placed(&manifest, vec![fresh, a]),
+            [(0, 4, a_inode), (0, 6, fresh_inode)]
+        );
+    }
+
+    /// Two or more listeners of the port with `SO_REUSEPORT` and one owner
+    /// make a group; one without the flag, or of another owner, none.
+    #[test]
+    fn a_group_is_listeners_of_one_owner_with_reuseport() {
+        let image = |fds: Vec<FdInfo>| Manifest {
+            fds,
+            ..Manifest::default()
+        };
+        let of = |fd, uid| {
+            let mut info = listener(fd, 80, 0);
+            if let FdKind::TcpListener { owner_uid, .. } = &mut info.kind {
+                *owner_uid = uid;
+            }
+            info
+        };
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33)), of(4, Some(33))]), 80),
+            Some((2, Some(33)))
+        );
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33))]), 80),
+            None
+        );
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33)), of(4, Some(0))]), 80),
+            None
+        );
+        let mut plain = of(4, Some(33));
+        if let FdKind::TcpListener { reuseport, .. } = &mut plain.kind {
+            *reuseport = false;
+        }
+        assert_eq!(
+            reuseport_group_in_image(&image(vec![of(3, Some(33)), plain]), 80),
+            None
+        );
+    }
 }

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-pub use handover::{find_listener, listener_backlog_in_image, listener_fd_in_image};
+pub use handover::{
+    find_listener, find_listeners, listener_backlog_in_image, listener_fd_in_image,
+    place_listeners, reuseport_group_in_image,
+};
 pub use readiness::{NotifySocket, send_warmup_request};
 
 use crate::checkpoint::{CheckpointError, CheckpointOptions, CheckpointSummary, checkpoint};
@@ -65,6 +68,9 @@ pub struct Built {
     pub listener: OwnedFd,
     /// Its descriptor number in the snapshotted process.
     pub listener_fd: i32,
+    /// The process's other listeners on the port (the rest of the
+    /// listener's `SO_REUSEPORT` group), now held by the caller too.
+    pub group: Vec<OwnedFd>,
     /// What the checkpoint saved.
     pub summary: CheckpointSummary,
     /// Time from start to ready.
@@ -180,7 +186,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
 
     let processes = readiness::settled_tree(spawned.pid, TREE_SETTLE, QUIET_WAIT);
     readiness::wait_for_quiet_sockets(&processes, QUIET_WAIT);
-    let (listener_fd, listener) = handover::take_listener(&spawned.pidfd, request.port)?;
+    let (listener_fd, listener, group) = handover::take_listeners(&spawned.pidfd, request.port)?;
     let summary = checkpoint(&CheckpointOptions {
         pid: spawned.pid,
         image: request.image.clone(),
@@ -203,6 +209,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     Ok(Built {
         listener,
         listener_fd,
+        group,
         summary,
         ready_after,
     })

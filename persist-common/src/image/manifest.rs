@@ -774,6 +774,12 @@ pub enum FdKind {
         /// timing) and the listener's own (`TCP_DEFER_ACCEPT`, `TCP_FASTOPEN`).
         #[serde(default)]
         options: Vec<SocketOption>,
+        /// The socket's owner (the uid of whoever created it, or set by
+        /// `fchown`): the kernel puts listeners with `SO_REUSEPORT` in one
+        /// group only if they have the same owner. `None` in images written
+        /// before it was kept: such a listener is restored owned by root.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner_uid: Option<u32>,
     },
     /// A UDP socket, bound and possibly connected. Datagrams queued on it
     /// are not saved (UDP may drop them anyway).

@@ -23,8 +23,10 @@ impl Supervisor {
     /// http.server asks for 5).
     pub(super) fn hold_backlog(&mut self) {
         self.deep_backlog_since = None;
-        if let Err(err) = listener::set_backlog(&self.listener, None) {
-            warn!(service = %self.spec.name, "cannot deepen the listener's queue: {err}");
+        for listener in self.listeners() {
+            if let Err(err) = listener::set_backlog(listener, None) {
+                warn!(service = %self.spec.name, "cannot deepen the listener's queue: {err}");
+            }
         }
     }
 
@@ -59,10 +61,14 @@ impl Supervisor {
             .lock()
             .expect("report lock")
             .listener_backlog;
-        if let Some(backlog) = backlog
-            && let Err(err) = listener::set_backlog(&self.listener, Some(backlog))
-        {
-            warn!(service = %self.spec.name, backlog, "cannot give the listener its own backlog back: {err}");
+        let Some(backlog) = backlog else {
+            return;
+        };
+        // The members of a group get the listener's: servers give theirs one.
+        for listener in self.listeners() {
+            if let Err(err) = listener::set_backlog(listener, Some(backlog)) {
+                warn!(service = %self.spec.name, backlog, "cannot give the listener its own backlog back: {err}");
+            }
         }
     }
 }

@@ -322,6 +322,10 @@ pub struct Supervisor {
     spec: ServiceSpec,
     slot: u32,
     listener: OwnedFd,
+    /// The other listeners of the port the agent holds: the rest of the
+    /// listener's `SO_REUSEPORT` group (usually none). The kernel queues a
+    /// SYN steered to the listener in any member of its group.
+    group: Vec<OwnedFd>,
     watcher: SharedWatcher,
     run_state: Arc<RunStateDir>,
     metrics: Arc<Metrics>,
@@ -361,11 +365,14 @@ pub struct Shared {
 
 impl Supervisor {
     /// Starts the supervisor task of a registered service. `adopted` is a
-    /// process a previous daemon started and that still runs.
+    /// process a previous daemon started and that still runs. `group` are
+    /// the other listeners of the port the agent holds.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         spec: ServiceSpec,
         slot: u32,
         listener: OwnedFd,
+        group: Vec<OwnedFd>,
         shared: Shared,
         adopted: Option<Adopted>,
         starter: Starter,
@@ -390,6 +397,7 @@ impl Supervisor {
             spec: spec.clone(),
             slot,
             listener,
+            group,
             watcher: shared.watcher,
             run_state: shared.run_state,
             metrics: shared.metrics,
@@ -452,7 +460,7 @@ impl Supervisor {
             let Some(child) = &self.child else {
                 // Parked. Connections that queued while we were stopping would
                 // otherwise wait for a SYN that never comes.
-                if self.state() == State::Parked && listener::has_pending(&self.listener) {
+                if self.state() == State::Parked && self.has_pending() {
                     self.start(None).await;
                     continue;
                 }
@@ -480,7 +488,7 @@ impl Supervisor {
                     Some(Command::Park { done }) => drop(done.send(Ok(()))),
                     Some(Command::Retry) => {
                         if matches!(self.state(), State::Failed | State::Stale)
-                            && listener::has_pending(&self.listener)
+                            && self.has_pending()
                         {
                             self.start(None).await;
                         }
@@ -620,9 +628,20 @@ impl Supervisor {
             keep_failures: self
                 .keep_failed
                 .map(|(failed, failures)| (failures, failed.elapsed())),
-            queued: listener::has_pending(&self.listener),
+            queued: self.has_pending(),
         };
         idle::is_idle(timeout, &observed) && !idle::has_established_connections(self.spec.port)
+    }
+
+    /// True when connections wait in the accept queue of the listener or
+    /// of another member of its group.
+    fn has_pending(&self) -> bool {
+        listener::has_pending(&self.listener) || self.group.iter().any(listener::has_pending)
+    }
+
+    /// The listener and the other members of its group.
+    fn listeners(&self) -> impl Iterator<Item = &OwnedFd> {
+        std::iter::once(&self.listener).chain(&self.group)
     }
 
     fn idle_check_period(&self) -> Duration {

@@ -134,7 +134,7 @@ impl Supervisor {
                 // its first request.
                 if matches!(self.starter, Starter::Command { .. }) {
                     self.run_state
-                        .record_process(&self.spec.name, pid, &self.listener, None);
+                        .record_process(&self.spec.name, pid, &self.listener, &[], None);
                 }
                 match Child::new(pid, pidfd) {
                     Ok(mut child) => {
@@ -153,10 +153,12 @@ impl Supervisor {
     /// reason until a wake succeeds. SYNs wake it again after a backoff.
     pub(super) fn fail_start(&mut self, err: String) {
         warn!(service = %self.spec.name, "start failed: {err}");
-        while listener::has_pending(&self.listener) {
-            match nix::sys::socket::accept(self.listener.as_raw_fd()) {
-                Ok(fd) => drop(nix::unistd::close(fd)),
-                Err(_) => break,
+        for listener in self.listeners() {
+            while listener::has_pending(listener) {
+                match nix::sys::socket::accept(listener.as_raw_fd()) {
+                    Ok(fd) => drop(nix::unistd::close(fd)),
+                    Err(_) => break,
+                }
             }
         }
         let stale = match &self.starter {
