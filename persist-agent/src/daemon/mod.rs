@@ -46,6 +46,7 @@ mod parked_cost;
 mod reaper;
 mod registry;
 mod reload;
+mod restore_pool;
 mod restore_worker;
 mod run_state;
 mod supervisor;
@@ -63,6 +64,7 @@ use tracing::{info, warn};
 
 use crate::service::create_trusted_dir;
 pub use registry::Registry;
+pub use restore_pool::default_size as default_restore_threads;
 pub use reload::ReloadReport;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
@@ -83,6 +85,9 @@ pub struct DaemonOptions {
     pub services_dir: PathBuf,
     /// Size past which a service's log is rotated ([`crate::service_log`]).
     pub log_max_bytes: u64,
+    /// Threads that prepare, resume and page snapshot services, shared by
+    /// all of them.
+    pub restore_threads: usize,
 }
 
 /// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
@@ -130,7 +135,8 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
             &options.services_dir,
             Arc::new(Mutex::new(watcher)),
         )?
-        .keeping_generations(options.keep_generations),
+        .keeping_generations(options.keep_generations)
+        .restore_threads(options.restore_threads),
     );
     registry.restore_registered().await;
     // The services directory is applied before the control socket answers,

@@ -17,6 +17,7 @@ use super::listener;
 use super::memory::rss_of_sessions;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
+use super::restore_pool::RestorePool;
 use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_of};
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
@@ -127,6 +128,8 @@ pub struct Registry {
     watcher: SharedWatcher,
     metrics: Arc<Metrics>,
     pagers: Arc<Pagers>,
+    /// The threads that prepare, resume and page every snapshot service.
+    pool: Arc<RestorePool>,
     services: Mutex<BTreeMap<String, Handle>>,
     broken: Mutex<BTreeMap<String, Broken>>,
     /// The services directory, applied at start and by each reload.
@@ -159,6 +162,7 @@ impl Registry {
             watcher,
             metrics: Arc::new(Metrics::default()),
             pagers: Arc::new(Pagers::default()),
+            pool: RestorePool::new(super::restore_pool::default_size()),
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
             services_dir: services_dir.to_owned(),
@@ -173,6 +177,14 @@ impl Registry {
     /// Keeps `count` untagged generations of each `--on-idle keep` service.
     pub fn keeping_generations(mut self, count: usize) -> Self {
         self.keep_generations = count.max(1);
+        self
+    }
+
+    /// Runs every snapshot service's restore work on at most `threads`
+    /// pool threads (besides those paging a wake, or holding a skeleton
+    /// that stays traced).
+    pub fn restore_threads(mut self, threads: usize) -> Self {
+        self.pool = RestorePool::new(threads);
         self
     }
 
@@ -474,6 +486,7 @@ impl Registry {
                         metrics: self.metrics.clone(),
                         run_state: self.run_state.clone(),
                         pagers: self.pagers.clone(),
+                        pool: self.pool.clone(),
                     },
                     spec.snapshot
                         .as_ref()
