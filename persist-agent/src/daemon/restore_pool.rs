@@ -23,7 +23,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tracing::warn;
 
-use crate::sys::sched;
 
 /// Work the pool runs: one service's queued jobs.
 pub trait PoolTask: Send + Sync {
@@ -117,10 +116,9 @@ impl RestorePool {
     fn serve(self: Arc<Self>) {
         IN_POOL.with(|in_pool| in_pool.set(true));
         loop {
-            // Waiting for work at real-time priority: a SYN's resume runs
-            // the moment it is queued, ahead of ordinary threads (jobs that
-            // do long work go back to ordinary priority first).
-            let _ = sched::set_current_thread_realtime(true);
+            // A thread that armed a skeleton waits at real-time priority
+            // (the worker sets it), so that a SYN's resume runs the moment
+            // it is queued; one back from paging waits at ordinary priority.
             let task = {
                 let mut state = self.state.lock().expect("pool lock");
                 loop {
