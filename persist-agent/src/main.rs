@@ -53,6 +53,10 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         restore_threads: Option<u32>,
     },
+    /// Hold the listening sockets the daemon hands over (the port keeper,
+    /// which the daemon starts itself).
+    #[command(hide = true, name = "keep-ports")]
+    KeepPorts,
     /// Print a service's log (its stdout and stderr), the rotated part first.
     Logs {
         /// Name of the service.
@@ -305,6 +309,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             daemon::run(&cli.state_dir, &options)?;
         }
+        Command::KeepPorts => daemon::run_keeper()?,
         Command::Reload => {
             let reply = control::call(&cli.state_dir, &Request::Reload)?;
             println!("{}", reply.message);

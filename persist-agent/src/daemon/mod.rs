@@ -63,6 +63,7 @@ use persist_common::trust::TrustError;
 use tracing::{info, warn};
 
 use crate::service::create_trusted_dir;
+pub use keeper::run_keeper;
 pub use registry::Registry;
 pub use restore_pool::default_size as default_restore_threads;
 pub use reload::ReloadReport;
