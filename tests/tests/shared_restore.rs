@@ -1,0 +1,124 @@
+//! Parked services share the agent's restore threads and one port keeper:
+//! the agent does not grow a thread, nor the host a process, per service.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use persist_tests::{Sandbox, binary, wait_until};
+
+const FIRST_PORT: u16 = 8300;
+const SERVICES: u16 = 20;
+const POOL: usize = 2;
+
+fn threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count())
+        .unwrap_or(0)
+}
+
+/// The socket inodes `pid` holds.
+fn socket_inodes(pid: i32) -> BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Each service's recorded keeper: its pid and the listener's inode.
+fn keeper_records(sandbox: &Sandbox) -> HashMap<String, (i32, u64)> {
+    std::fs::read_dir(sandbox.state_dir().join("run"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_str()?.strip_suffix(".keeper.json")?.to_owned();
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+            Some((
+                name,
+                (
+                    record["pid"].as_i64()? as i32,
+                    record["listener_inode"].as_u64()?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn twenty_parked_services_add_no_thread_beyond_the_pool_and_one_keeper() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::new().unwrap();
+    sandbox
+        .start_daemon_with(&["--restore-threads", &POOL.to_string()])
+        .unwrap();
+    let daemon = sandbox.daemon_pid().unwrap();
+    let threads_before = threads(daemon);
+
+    let server = binary("hello-server").display().to_string();
+    for index in 0..SERVICES {
+        let port = FIRST_PORT + index;
+        sandbox
+            .add_ok(
+                &format!("hello-{index}"),
+                port,
+                &["--ready", "tcp"],
+                &[server.clone(), format!("127.0.0.1:{port}")],
+            )
+            .unwrap();
+    }
+    // Every one parked with its skeleton prepared.
+    wait_until(Duration::from_secs(60), || {
+        let statuses = sandbox.status().unwrap();
+        statuses.len() == usize::from(SERVICES)
+            && statuses
+                .iter()
+                .all(|s| s["state"] == "parked" && s["skeleton_pid"].is_i64())
+    })
+    .unwrap_or_else(|_| panic!("not all parked: {:?}", sandbox.status()));
+
+    let threads_after = threads(daemon);
+    assert!(
+        threads_after <= threads_before + POOL,
+        "{SERVICES} parked services took the agent from {threads_before} to {threads_after} threads (pool of {POOL})"
+    );
+
+    // One keeper, holding every service's listener.
+    let records = keeper_records(&sandbox);
+    assert_eq!(records.len(), usize::from(SERVICES), "{records:?}");
+    let keepers: BTreeSet<i32> = records.values().map(|(pid, _)| *pid).collect();
+    assert_eq!(keepers.len(), 1, "{records:?}");
+    let keeper = *keepers.first().unwrap();
+    let held = socket_inodes(keeper);
+    for (name, (_, inode)) in &records {
+        assert!(held.contains(inode), "the keeper does not hold {name}'s listener");
+    }
+
+    // Services still wake, on whichever pool thread.
+    for index in [0, SERVICES - 1] {
+        let port = FIRST_PORT + index;
+        let body = sandbox.http_get(port).unwrap();
+        assert!(!body.is_empty(), "hello-{index} answered nothing");
+    }
+
+    // With the daemon killed, the keeper alone keeps every port listening.
+    sandbox.kill_daemon();
+    for index in 0..SERVICES {
+        let port = FIRST_PORT + index;
+        sandbox
+            .netns
+            .enter(|| TcpStream::connect(("127.0.0.1", port)))
+            .expect("entering the test namespace")
+            .unwrap_or_else(|err| panic!("port {port} refused with the daemon down: {err}"));
+    }
+}
