@@ -41,7 +41,11 @@ fn keeper_records(sandbox: &Sandbox) -> HashMap<String, (i32, u64)> {
         .unwrap()
         .flatten()
         .filter_map(|entry| {
-            let name = entry.file_name().to_str()?.strip_suffix(".keeper.json")?.to_owned();
+            let name = entry
+                .file_name()
+                .to_str()?
+                .strip_suffix(".keeper.json")?
+                .to_owned();
             let record: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
             Some((
@@ -101,7 +105,10 @@ fn twenty_parked_services_add_no_thread_beyond_the_pool_and_one_keeper() {
     let keeper = *keepers.first().unwrap();
     let held = socket_inodes(keeper);
     for (name, (_, inode)) in &records {
-        assert!(held.contains(inode), "the keeper does not hold {name}'s listener");
+        assert!(
+            held.contains(inode),
+            "the keeper does not hold {name}'s listener"
+        );
     }
 
     // Services still wake, on whichever pool thread.

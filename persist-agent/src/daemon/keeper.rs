@@ -203,7 +203,10 @@ impl PortKeeper {
             match exchange(&live.stream, kind, argument, fd) {
                 Ok(()) => return Ok(live.pid),
                 Err(err) if attempt == 0 => {
-                    warn!(pid = live.pid, "the port keeper stopped answering, trying again: {err}");
+                    warn!(
+                        pid = live.pid,
+                        "the port keeper stopped answering, trying again: {err}"
+                    );
                     *connection = None;
                 }
                 Err(err) => return Err(err),

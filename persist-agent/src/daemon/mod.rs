@@ -65,8 +65,8 @@ use tracing::{info, warn};
 use crate::service::create_trusted_dir;
 pub use keeper::run_keeper;
 pub use registry::Registry;
-pub use restore_pool::default_size as default_restore_threads;
 pub use reload::ReloadReport;
+pub use restore_pool::default_size as default_restore_threads;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
 
@@ -115,6 +115,9 @@ pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     // reaps them late, keeping their pids taken (docs/kernel-facts.md, Costs
     // that shaped the wake path).
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+    // Before any thread: the memory a service's work frees goes back to the
+    // host rather than stay in the agent (docs/parked-cost.md).
+    crate::sys::alloc::keep_little_free_memory();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -23,7 +23,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tracing::warn;
 
-
 /// Work the pool runs: one service's queued jobs.
 pub trait PoolTask: Send + Sync {
     /// Runs the queued jobs on the calling pool thread, until there are no
@@ -183,7 +182,13 @@ mod tests {
         }
     }
 
-    fn task(leave: bool) -> (Arc<Blocking>, mpsc::Receiver<std::thread::ThreadId>, mpsc::Sender<()>) {
+    fn task(
+        leave: bool,
+    ) -> (
+        Arc<Blocking>,
+        mpsc::Receiver<std::thread::ThreadId>,
+        mpsc::Sender<()>,
+    ) {
         let (started, started_rx) = mpsc::channel();
         let (release_tx, release) = mpsc::channel();
         let task = Arc::new(Blocking {

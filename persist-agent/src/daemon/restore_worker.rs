@@ -480,9 +480,8 @@ impl PoolTask for Service {
         let Ok(mut worker) = self.worker.lock() else {
             return;
         };
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.run_jobs(&mut worker)
-        }));
+        let ran =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_jobs(&mut worker)));
         if ran.is_err() {
             let mut queue = self.queue.lock().expect("queue lock");
             queue.dead = true;
