@@ -12,25 +12,29 @@
 //! ```text
 //!  kernel: sk_lookup ──ring buffer──▶ persist-wakes (real-time thread)
 //!                                        │ a snapshot service's SYN: straight to
-//!                                        ▼ its restore thread (ResumeTrigger)
-//!  restore-NAME (one per snapshot service) ◀── jobs: prepare, resume ── supervisor
-//!    prepares skeletons (ptrace ties a skeleton to the thread that made it),
-//!    resumes them, then runs the pager until every page is in; a wake's
-//!    bulk copy borrows short-lived helper threads.
+//!                                        ▼ the restore pool (ResumeTrigger)
+//!  restore-N (a pool of --restore-threads, default two per CPU, started as
+//!    work comes) ◀── each service's jobs, in order: prepare, resume ── supervisor
+//!    prepares skeletons and releases them to a group stop (no thread is
+//!    tied to a parked service), resumes them; a thread leaves the pool
+//!    while it runs a wake's pager until every page is in, or while it
+//!    traces a skeleton that could not be released (ptrace ties it to the
+//!    thread that made it); a wake's bulk copy borrows short-lived helpers.
 //!  tokio runtime (2 workers):
 //!    supervisor task per service ── its event loop: wake, park, idle, stop
 //!    control socket, metrics, reaper (SIGCHLD)
 //!    blocking work (build, checkpoint, image checks, fork/exec) goes to
 //!    spawn_blocking or block_in_place, never stays on a worker.
-//!  port keeper processes (one per service) hold each listener while no
-//!    daemon runs, so SYNs queue instead of being refused.
+//!  one port keeper process (persist-agent keep-ports) holds every listener
+//!    while no daemon runs, so SYNs queue instead of being refused.
 //! ```
 //!
 //! Every message between threads is typed (`supervisor::Command`, the
-//! restore thread's jobs and `ResumeRefused`). Shared state and its lock
+//! restore jobs and `ResumeRefused`). Shared state and its lock
 //! order: the registry's `services` map is taken before the BPF `watcher`,
 //! never the other way round; a service's `published` view and its restore
-//! thread's `report` are leaf locks, taken alone or last. The wake thread
+//! `report` are leaf locks, taken alone or last; a service's job queue is
+//! taken before the pool's queue, never the other way round. The wake thread
 //! holds `services` only to find the service, and wakes it after letting go.
 
 mod control_server;
@@ -164,7 +168,7 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     // A thread of its own, at real-time priority: it runs the moment the first
     // SYN arrives, ahead of the client that sent it (which otherwise kept this
     // CPU a while: docs/kernel-facts.md, Costs that shaped the wake path), and
-    // hands the wake straight to the service's restore thread.
+    // hands the wake straight to the restore pool.
     let wake_registry = registry.clone();
     std::thread::Builder::new()
         .name("persist-wakes".into())
