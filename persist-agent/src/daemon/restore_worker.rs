@@ -11,9 +11,9 @@
 //! thread that built it, which serves that service alone until it resumes
 //! (ptrace ties a tracee to its tracer thread). The SYN's wake comes straight
 //! from the daemon's wake-event thread ([`ResumeTrigger`]), which lets the
-//! process run itself, and idle pool threads wait at real-time priority, so
-//! that the rest of the resume runs the moment the wake arrives; the
-//! supervisor hears of it afterwards.
+//! process run itself, and a pool thread that armed a skeleton waits for its
+//! next job at real-time priority, so that the rest of the resume runs the
+//! moment the wake arrives; the supervisor hears of it afterwards.
 //!
 //! With [`Prefetch::Recorded`], the first wake from an image records the
 //! pages the process touches during its first 200 ms, in touch order (those
