@@ -126,8 +126,9 @@ impl PortKeeper {
         let inode = super::listener::inode(listener).ok();
         if let Some(found) = &found
             && Some(found.record.listener_inode) == inode
-            && Some(found.record.pid) == self.pid()
+            && self.is_ours(&found.record)
         {
+            // A restarted daemon finds its predecessor's keeper holding it.
             return;
         }
         match self.hold(listener) {
