@@ -81,29 +81,41 @@ impl RestorePool {
     pub fn submit(self: &Arc<Self>, task: Arc<dyn PoolTask>) {
         let mut state = self.state.lock().expect("pool lock");
         state.ready.push_back(task);
-        self.wake_or_grow(&mut state);
+        let start = self.wake_or_grow(&mut state);
+        drop(state);
+        self.start_thread(start);
     }
 
-    /// Wakes a waiting thread for the work queued, or starts one.
-    fn wake_or_grow(self: &Arc<Self>, state: &mut PoolState) {
+    /// Wakes a waiting thread for the work queued, or counts in a thread to
+    /// start (once the lock is let go: a storm of wakes must not queue behind
+    /// one thread's start). Returns its number.
+    fn wake_or_grow(&self, state: &mut PoolState) -> Option<usize> {
         if state.ready.is_empty() {
-            return;
+            return None;
         }
         if state.idle > 0 {
             self.work.notify_one();
-            return;
+            return None;
         }
         if state.members >= self.size {
-            return;
+            return None;
         }
         state.members += 1;
         state.started += 1;
+        Some(state.started)
+    }
+
+    /// Starts thread `number` of the pool, counted in already.
+    fn start_thread(self: &Arc<Self>, number: Option<usize>) {
+        let Some(number) = number else {
+            return;
+        };
         let pool = Arc::clone(self);
         let spawned = std::thread::Builder::new()
-            .name(format!("restore-{}", state.started))
+            .name(format!("restore-{number}"))
             .spawn(move || pool.serve());
         if let Err(err) = spawned {
-            state.members -= 1;
+            self.state.lock().expect("pool lock").members -= 1;
             // The work waits for a thread that finishes; with none at all
             // it waits for the next one started.
             warn!("cannot start a restore thread: {err}");
@@ -145,7 +157,9 @@ impl RestorePool {
         }
         let mut state = self.state.lock().expect("pool lock");
         state.members -= 1;
-        self.wake_or_grow(&mut state);
+        let start = self.wake_or_grow(&mut state);
+        drop(state);
+        self.start_thread(start);
     }
 
     /// Whether a thread back from long work stays in the pool (it ends
