@@ -19,7 +19,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
@@ -34,7 +34,6 @@ pub trait PoolTask: Send + Sync {
 pub struct RestorePool {
     size: usize,
     state: Mutex<PoolState>,
-    work: Condvar,
 }
 
 struct PoolState {
@@ -42,8 +41,10 @@ struct PoolState {
     ready: VecDeque<Arc<dyn PoolTask>>,
     /// Threads of the pool (not left for long work).
     members: usize,
-    /// Of which waiting for work.
-    idle: usize,
+    /// Of which waiting for work, the last to wait last: work goes to it
+    /// first, as it is the likeliest to have just armed a skeleton and to
+    /// wait at real-time priority.
+    idle: Vec<std::thread::Thread>,
     /// Threads started so far, for their names.
     started: usize,
 }
@@ -69,10 +70,9 @@ impl RestorePool {
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
                 members: 0,
-                idle: 0,
+                idle: Vec::new(),
                 started: 0,
             }),
-            work: Condvar::new(),
         })
     }
 
@@ -93,8 +93,8 @@ impl RestorePool {
         if state.ready.is_empty() {
             return None;
         }
-        if state.idle > 0 {
-            self.work.notify_one();
+        if let Some(idle) = state.idle.pop() {
+            idle.unpark();
             return None;
         }
         if state.members >= self.size {
@@ -130,16 +130,16 @@ impl RestorePool {
             // A thread that armed a skeleton waits at real-time priority
             // (the worker sets it), so that a SYN's resume runs the moment
             // it is queued; one back from paging waits at ordinary priority.
-            let task = {
+            let me = std::thread::current();
+            let task = loop {
                 let mut state = self.state.lock().expect("pool lock");
-                loop {
-                    if let Some(task) = state.ready.pop_front() {
-                        break task;
-                    }
-                    state.idle += 1;
-                    state = self.work.wait(state).expect("pool lock");
-                    state.idle -= 1;
+                state.idle.retain(|idle| idle.id() != me.id());
+                if let Some(task) = state.ready.pop_front() {
+                    break task;
                 }
+                state.idle.push(me.clone());
+                drop(state);
+                std::thread::park();
             };
             task.run(&self);
             if LEFT.with(|left| left.replace(false)) && !self.rejoin() {
@@ -257,7 +257,7 @@ mod tests {
         long_release.send(()).unwrap();
         // The pool is full: the thread back from long work ends.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while pool.state.lock().unwrap().idle < 1 && std::time::Instant::now() < deadline {
+        while pool.state.lock().unwrap().idle.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
