@@ -46,7 +46,17 @@ enum Command {
         /// stderr) to `NAME.log.1` once it is larger than this many bytes.
         #[arg(long, default_value_t = daemon::DEFAULT_LOG_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1024..))]
         log_max_bytes: u64,
+        /// Threads that prepare, resume and page every snapshot service
+        /// (default: two per CPU). A parked service needs none; a wake whose
+        /// pages are coming in, or a skeleton that handles SIGCONT itself,
+        /// holds one more until it is done.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        restore_threads: Option<u32>,
     },
+    /// Hold the listening sockets the daemon hands over (the port keeper,
+    /// which the daemon starts itself).
+    #[command(hide = true, name = "keep-ports")]
+    KeepPorts,
     /// Print a service's log (its stdout and stderr), the rotated part first.
     Logs {
         /// Name of the service.
@@ -286,15 +296,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             keep_generations,
             services_dir,
             log_max_bytes,
+            restore_threads,
         } => {
             let options = daemon::DaemonOptions {
                 metrics,
                 keep_generations: keep_generations as usize,
                 services_dir,
                 log_max_bytes,
+                restore_threads: restore_threads
+                    .map_or_else(daemon::default_restore_threads, |n| n as usize),
             };
             daemon::run(&cli.state_dir, &options)?;
         }
+        Command::KeepPorts => daemon::run_keeper()?,
         Command::Reload => {
             let reply = control::call(&cli.state_dir, &Request::Reload)?;
             println!("{}", reply.message);

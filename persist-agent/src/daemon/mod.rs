@@ -12,25 +12,29 @@
 //! ```text
 //!  kernel: sk_lookup ──ring buffer──▶ persist-wakes (real-time thread)
 //!                                        │ a snapshot service's SYN: straight to
-//!                                        ▼ its restore thread (ResumeTrigger)
-//!  restore-NAME (one per snapshot service) ◀── jobs: prepare, resume ── supervisor
-//!    prepares skeletons (ptrace ties a skeleton to the thread that made it),
-//!    resumes them, then runs the pager until every page is in; a wake's
-//!    bulk copy borrows short-lived helper threads.
+//!                                        ▼ the restore pool (ResumeTrigger)
+//!  restore-N (a pool of --restore-threads, default two per CPU, started as
+//!    work comes) ◀── each service's jobs, in order: prepare, resume ── supervisor
+//!    prepares skeletons and releases them to a group stop (no thread is
+//!    tied to a parked service), resumes them; a thread leaves the pool
+//!    while it runs a wake's pager until every page is in, or while it
+//!    traces a skeleton that could not be released (ptrace ties it to the
+//!    thread that made it); a wake's bulk copy borrows short-lived helpers.
 //!  tokio runtime (2 workers):
 //!    supervisor task per service ── its event loop: wake, park, idle, stop
 //!    control socket, metrics, reaper (SIGCHLD)
 //!    blocking work (build, checkpoint, image checks, fork/exec) goes to
 //!    spawn_blocking or block_in_place, never stays on a worker.
-//!  port keeper processes (one per service) hold each listener while no
-//!    daemon runs, so SYNs queue instead of being refused.
+//!  one port keeper process (persist-agent keep-ports) holds every listener
+//!    while no daemon runs, so SYNs queue instead of being refused.
 //! ```
 //!
 //! Every message between threads is typed (`supervisor::Command`, the
-//! restore thread's jobs and `ResumeRefused`). Shared state and its lock
+//! restore jobs and `ResumeRefused`). Shared state and its lock
 //! order: the registry's `services` map is taken before the BPF `watcher`,
 //! never the other way round; a service's `published` view and its restore
-//! thread's `report` are leaf locks, taken alone or last. The wake thread
+//! `report` are leaf locks, taken alone or last; a service's job queue is
+//! taken before the pool's queue, never the other way round. The wake thread
 //! holds `services` only to find the service, and wakes it after letting go.
 
 mod control_server;
@@ -46,6 +50,7 @@ mod parked_cost;
 mod reaper;
 mod registry;
 mod reload;
+mod restore_pool;
 mod restore_worker;
 mod run_state;
 mod supervisor;
@@ -62,8 +67,10 @@ use persist_common::trust::TrustError;
 use tracing::{info, warn};
 
 use crate::service::create_trusted_dir;
+pub use keeper::run_keeper;
 pub use registry::Registry;
 pub use reload::ReloadReport;
+pub use restore_pool::default_size as default_restore_threads;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
 
@@ -83,6 +90,9 @@ pub struct DaemonOptions {
     pub services_dir: PathBuf,
     /// Size past which a service's log is rotated ([`crate::service_log`]).
     pub log_max_bytes: u64,
+    /// Threads that prepare, resume and page snapshot services, shared by
+    /// all of them.
+    pub restore_threads: usize,
 }
 
 /// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
@@ -109,6 +119,9 @@ pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     // reaps them late, keeping their pids taken (docs/kernel-facts.md, Costs
     // that shaped the wake path).
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+    // Before any thread: the memory a service's work frees goes back to the
+    // host rather than stay in the agent (docs/parked-cost.md).
+    crate::sys::alloc::keep_little_free_memory();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -130,7 +143,8 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
             &options.services_dir,
             Arc::new(Mutex::new(watcher)),
         )?
-        .keeping_generations(options.keep_generations),
+        .keeping_generations(options.keep_generations)
+        .restore_threads(options.restore_threads),
     );
     registry.restore_registered().await;
     // The services directory is applied before the control socket answers,
@@ -154,7 +168,7 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     // A thread of its own, at real-time priority: it runs the moment the first
     // SYN arrives, ahead of the client that sent it (which otherwise kept this
     // CPU a while: docs/kernel-facts.md, Costs that shaped the wake path), and
-    // hands the wake straight to the service's restore thread.
+    // hands the wake straight to the restore pool.
     let wake_registry = registry.clone();
     std::thread::Builder::new()
         .name("persist-wakes".into())

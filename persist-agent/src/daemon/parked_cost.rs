@@ -4,7 +4,7 @@
 //! wake, and a share of the agent.
 //!
 //! Per process (the skeleton, its children and the init of its pid
-//! namespace, and the service's port keeper):
+//! namespace, and a port keeper of the service alone, as earlier agents ran):
 //! - private memory: anonymous and shmem pages (`RssAnon + RssShmem`);
 //! - page tables (`VmPTE`, every level);
 //! - kernel objects, estimated from their sizes in /proc/slabinfo: per
@@ -14,8 +14,8 @@
 //!   per open file a `file`, a dentry and an inode.
 //!
 //! Plus the agent's share: what the agent grew by since it started (its
-//! private memory, page tables and kernel objects, a restore thread per
-//! service among them) divided by the services it holds. docs/parked-cost.md compares the
+//! private memory, page tables and kernel objects) and its port keeper,
+//! one process for all services, divided by the services it holds. docs/parked-cost.md compares the
 //! sum with the drop of the host's MemAvailable per parked service.
 
 use std::collections::HashMap;
@@ -60,13 +60,18 @@ impl AgentBaseline {
 }
 
 /// The agent's share per service: what it grew by since `baseline` (the
-/// memory, page tables and kernel objects the services made it hold),
-/// divided by `services`. What removing one service would give back.
-pub fn agent_share(baseline: AgentBaseline, services: usize) -> u64 {
+/// memory, page tables and kernel objects the services made it hold), and
+/// what its port keeper `keeper` costs, divided by `services`. What removing
+/// one service would give back.
+pub fn agent_share(baseline: AgentBaseline, services: usize, keeper: Option<i32>) -> u64 {
     if services == 0 {
         return 0;
     }
-    agent_bytes().saturating_sub(baseline.0) / services as u64
+    let keeper = keeper.map_or(0, |pid| {
+        let cost = process_cost(pid);
+        cost.private_bytes + cost.page_table_bytes + cost.kernel_bytes
+    });
+    (agent_bytes().saturating_sub(baseline.0) + keeper) / services as u64
 }
 
 fn agent_bytes() -> u64 {

@@ -12,12 +12,13 @@ use tracing::{info, warn};
 
 use super::SharedWatcher;
 use super::generations::{Generation, Generations};
-use super::keeper;
+use super::keeper::PortKeeper;
 use super::listener;
 use super::memory::rss_of_sessions;
 use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_of};
+use super::restore_pool::RestorePool;
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
 use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
@@ -132,6 +133,10 @@ pub struct Registry {
     watcher: SharedWatcher,
     metrics: Arc<Metrics>,
     pagers: Arc<Pagers>,
+    /// The threads that prepare, resume and page every snapshot service.
+    pool: Arc<RestorePool>,
+    /// The process that holds every service's listener while no daemon does.
+    keeper: PortKeeper,
     services: Mutex<BTreeMap<String, Handle>>,
     broken: Mutex<BTreeMap<String, Broken>>,
     /// The services directory, applied at start and by each reload.
@@ -157,13 +162,16 @@ impl Registry {
         services_dir: &Path,
         watcher: SharedWatcher,
     ) -> Result<Self, RegistryError> {
+        let run_state = Arc::new(RunStateDir::open(state_dir)?);
         Ok(Self {
             state_dir: state_dir.to_owned(),
             store: ServiceStore::open(state_dir)?,
-            run_state: Arc::new(RunStateDir::open(state_dir)?),
+            run_state: run_state.clone(),
+            keeper: PortKeeper::new(&run_state),
             watcher,
             metrics: Arc::new(Metrics::default()),
             pagers: Arc::new(Pagers::default()),
+            pool: RestorePool::new(super::restore_pool::default_size()),
             services: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
             services_dir: services_dir.to_owned(),
@@ -178,6 +186,14 @@ impl Registry {
     /// Keeps `count` untagged generations of each `--on-idle keep` service.
     pub fn keeping_generations(mut self, count: usize) -> Self {
         self.keep_generations = count.max(1);
+        self
+    }
+
+    /// Runs every snapshot service's restore work on at most `threads`
+    /// pool threads (besides those paging a wake, or holding a skeleton
+    /// that stays traced).
+    pub fn restore_threads(mut self, threads: usize) -> Self {
+        self.pool = RestorePool::new(threads);
         self
     }
 
@@ -360,7 +376,7 @@ impl Registry {
         info!(service = %spec.name, "rebuilding from its command: {why}");
         // The command binds the port itself: the keeper must let it go (the
         // connections it queued are refused; a kernel upgrade rebooted anyway).
-        keeper::stop(&self.run_state, &spec.name);
+        self.keeper.stop(&self.run_state, &spec.name);
         let listener = self.build(spec, snapshot).await?;
         info!(service = %spec.name, "{note}");
         self.notes
@@ -445,7 +461,7 @@ impl Registry {
         };
         // The keeper held the port if nothing else did (the daemon died
         // between a park and the next skeleton): its queued clients wait.
-        let kept = keeper::find(&self.run_state, &spec.name);
+        let kept = self.keeper.find(&self.run_state, &spec.name);
         let provided = provided.or(left_listener);
         let (listener, group) = match (&adopted, provided, &kept) {
             (Some(adopted), _, _) => (
@@ -474,7 +490,8 @@ impl Registry {
             }
         };
         let mut prepared = None;
-        keeper::ensure(&self.run_state, &spec.name, &listener, &group, kept);
+        self.keeper
+            .ensure(&self.run_state, &spec.name, &listener, &group, kept);
         let adopted_pager = adopted.as_mut().and_then(|adopted| adopted.pager.take());
         let starter = match spec.mode {
             ServiceMode::Snapshot => {
@@ -495,6 +512,7 @@ impl Registry {
                         metrics: self.metrics.clone(),
                         run_state: self.run_state.clone(),
                         pagers: self.pagers.clone(),
+                        pool: self.pool.clone(),
                     },
                     spec.snapshot
                         .as_ref()
@@ -642,7 +660,7 @@ impl Registry {
         }
         self.run_state.clear(name);
         self.notes.lock().expect("lock").remove(name);
-        keeper::stop(&self.run_state, name);
+        self.keeper.stop(&self.run_state, name);
         Ok(())
     }
 
@@ -779,7 +797,8 @@ impl Registry {
         };
         let notes = self.notes.lock().expect("lock").clone();
         let file_errors = self.file_errors.lock().expect("lock").clone();
-        let agent_share = agent_share(self.agent_baseline, views.len());
+        let keeper = self.keeper.pid();
+        let agent_share = agent_share(self.agent_baseline, views.len(), keeper);
         // One walk of /proc for every running service, none when all are parked.
         let processes = std::cell::OnceCell::new();
         let mut statuses: Vec<ServiceStatus> = views
@@ -789,8 +808,9 @@ impl Registry {
                 let pager = worker_report
                     .as_ref()
                     .and_then(|report| report.lock().expect("lock").last_pager);
-                // A parked service costs its prepared skeleton, its port
-                // keeper and a share of the agent (docs/parked-cost.md).
+                // A parked service costs its prepared skeleton and a share
+                // of the agent and its port keeper (docs/parked-cost.md); a
+                // keeper of its own, left by an earlier agent, is its alone.
                 let mut parked_cost = None;
                 let mut skeleton_pid = None;
                 if view.pid.is_none() {
@@ -798,7 +818,8 @@ impl Registry {
                         .run_state
                         .load_keeper(&spec.name)
                         .filter(run_state::is_alive)
-                        .map(|keeper| keeper.pid)
+                        .map(|record| record.pid)
+                        .filter(|pid| Some(*pid) != keeper)
                         .into_iter()
                         .collect();
                     if let Some(report) = &worker_report {

@@ -1,14 +1,19 @@
-//! The thread that restores one snapshot-mode service.
+//! The restore work of one snapshot-mode service, run by the daemon's
+//! restore pool ([`RestorePool`]).
 //!
-//! ptrace ties a stopped process to the thread that traces it, so each
-//! snapshot service has one long-lived thread that prepares its skeleton (a
+//! A service's jobs run in order on a pool thread: prepare its skeleton (a
 //! restored process stopped before its first instruction, mapped but with
-//! nothing resident), resumes it when a SYN arrives, and then serves its
-//! pages until they are all in. The skeleton is prepared right after parking,
-//! so a wake only pays for the resume. The SYN's wake comes straight from the
-//! daemon's wake-event thread ([`ResumeTrigger`]), and while a skeleton is
-//! armed this thread waits at real-time priority, so that the resume runs
-//! the moment the wake arrives; the supervisor hears of it afterwards.
+//! nothing resident), resume it when a SYN arrives, then serve its pages
+//! until they are all in (on a thread that left the pool meanwhile). The
+//! skeleton is prepared right after parking, so a wake only pays for the
+//! resume. A prepared skeleton is released to a group stop and needs no
+//! thread while parked; one that cannot be released stays traced by the
+//! thread that built it, which serves that service alone until it resumes
+//! (ptrace ties a tracee to its tracer thread). The SYN's wake comes straight
+//! from the daemon's wake-event thread ([`ResumeTrigger`]), which lets the
+//! process run itself, and a pool thread that armed a skeleton waits for its
+//! next job at real-time priority, so that the rest of the resume runs the
+//! moment the wake arrives; the supervisor hears of it afterwards.
 //!
 //! With [`Prefetch::Recorded`], the first wake from an image records the
 //! pages the process touches during its first 200 ms, in touch order (those
@@ -17,9 +22,10 @@
 //! so the process does not fault on it. A missing, stale or corrupt set is
 //! ignored (with a warning) and recorded anew on the next wake.
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex};
 
 use persist_common::image::{Image, ImageError, WorkingSet, WorkingSetPage, manifest_crc};
 use tokio::sync::oneshot;
@@ -27,6 +33,7 @@ use tracing::{info, warn};
 
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
+use super::restore_pool::{PoolTask, RestorePool};
 use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
@@ -151,7 +158,7 @@ pub enum ResumeRefused {
 /// that shaped the wake path).
 #[derive(Clone)]
 pub struct ResumeTrigger {
-    jobs: mpsc::Sender<Job>,
+    jobs: Jobs,
     armed: ArmedWake,
     report: Arc<Mutex<WorkerReport>>,
     pagers: Arc<Pagers>,
@@ -175,7 +182,7 @@ impl ResumeTrigger {
             .expect("report lock")
             .syn_resumes_unreported += 1;
         let at_work = self.pagers.start();
-        if let Err(mpsc::SendError(Job::ResumeOnSyn { then, .. })) =
+        if let Err(Job::ResumeOnSyn { then, .. }) =
             self.jobs.send(Job::ResumeOnSyn { then, at_work })
         {
             self.report
@@ -225,6 +232,8 @@ pub struct WorkerShared {
     pub run_state: Arc<RunStateDir>,
     /// The pagers at work, which a stopping daemon lets finish.
     pub pagers: Arc<Pagers>,
+    /// The threads that run every service's restore work.
+    pub pool: Arc<RestorePool>,
 }
 
 /// How a service's wakes restore it, from its spec.
@@ -240,21 +249,22 @@ pub struct WakeOptions {
     pub log: Option<PathBuf>,
 }
 
-/// The daemon's handle on a restore thread; dropping it ends the thread and
-/// kills an unused skeleton.
+/// The daemon's handle on a service's restore work; dropping it (and every
+/// [`ResumeTrigger`]) ends that work and kills an unused skeleton.
 pub struct RestoreWorker {
-    jobs: mpsc::Sender<Job>,
+    jobs: Jobs,
     report: Arc<Mutex<WorkerReport>>,
     armed: ArmedWake,
     pagers: Arc<Pagers>,
 }
 
 impl RestoreWorker {
-    /// Starts the thread for the service `name` listening through `listener`
-    /// and the other members of its group `group`, which every restored
-    /// process gets back at their descriptors. It prepares nothing until
-    /// told to ([`RestoreWorker::prepare_checked`]); the pages of an
-    /// adopted process still filling are served first.
+    /// Sets up the restore work of the service `name` listening through
+    /// `listener` and the other members of its group `group`, which every
+    /// restored process gets back at their descriptors, run by
+    /// `shared.pool`. It prepares nothing until told to
+    /// ([`RestoreWorker::prepare_checked`]); the pages of an adopted process
+    /// still filling are served first.
     pub fn spawn(
         name: &str,
         port: u16,
@@ -264,37 +274,41 @@ impl RestoreWorker {
         shared: WorkerShared,
         options: WakeOptions,
     ) -> std::io::Result<Self> {
-        let (jobs, receiver) = mpsc::channel();
         let report = Arc::new(Mutex::new(WorkerReport::default()));
-        let thread_report = report.clone();
         let armed = ArmedWake::default();
-        let thread_armed = armed.clone();
-        let thread_name = name.to_owned();
         let pagers = shared.pagers.clone();
-        std::thread::Builder::new()
-            .name(format!("restore-{name}"))
-            .spawn(move || {
-                let mut worker = Worker {
-                    name: thread_name,
-                    port,
-                    listener,
-                    group,
-                    image: None,
-                    skeleton: None,
-                    report: thread_report,
-                    metrics: shared.metrics,
-                    run_state: shared.run_state,
-                    pagers: shared.pagers,
-                    prefetch: options.prefetch,
-                    accept_changed_files: options.accept_changed_files,
-                    log: options.log,
-                    plan: WakePlan::Lazy,
-                    resumed_on_syn: false,
-                    verify_next: false,
-                    armed: thread_armed,
-                };
-                worker.run(receiver);
-            })?;
+        let worker = Worker {
+            name: name.to_owned(),
+            port,
+            listener,
+            group,
+            image: None,
+            skeleton: None,
+            report: report.clone(),
+            metrics: shared.metrics,
+            run_state: shared.run_state,
+            pagers: shared.pagers,
+            pool: shared.pool.clone(),
+            prefetch: options.prefetch,
+            accept_changed_files: options.accept_changed_files,
+            log: options.log,
+            plan: WakePlan::Lazy,
+            resumed_on_syn: false,
+            verify_next: false,
+            armed: armed.clone(),
+        };
+        let jobs = Jobs::new(Arc::new(Service {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                scheduled: false,
+                pinned: false,
+                senders: 0,
+                dead: false,
+            }),
+            pinned_job: Condvar::new(),
+            worker: Mutex::new(Some(worker)),
+            pool: shared.pool,
+        }));
         let worker = Self {
             jobs,
             report,
@@ -353,6 +367,137 @@ impl RestoreWorker {
     }
 }
 
+/// One service's jobs and restore state, run by the pool.
+struct Service {
+    queue: Mutex<Queue>,
+    /// Wakes the thread pinned to the service by its traced skeleton.
+    pinned_job: Condvar,
+    /// Taken and dropped (an unused skeleton killed) once no handle is left.
+    worker: Mutex<Option<Worker>>,
+    pool: Arc<RestorePool>,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// A pool thread runs the service's jobs, or was asked to.
+    scheduled: bool,
+    /// The thread running them stays with the service: it traces its
+    /// skeleton.
+    pinned: bool,
+    /// Handles that may queue jobs ([`Jobs`]).
+    senders: usize,
+    /// A job panicked: the service's work is over, and jobs are refused.
+    dead: bool,
+}
+
+/// Queues jobs of one service, and has a pool thread run them.
+struct Jobs {
+    service: Arc<Service>,
+}
+
+impl Jobs {
+    fn new(service: Arc<Service>) -> Self {
+        service.queue.lock().expect("queue lock").senders += 1;
+        Self { service }
+    }
+
+    /// Queues `job`; gives it back when the service's work is over.
+    fn send(&self, job: Job) -> Result<(), Job> {
+        let mut queue = self.service.queue.lock().expect("queue lock");
+        if queue.dead {
+            return Err(job);
+        }
+        queue.jobs.push_back(job);
+        self.service.schedule(&mut queue);
+        Ok(())
+    }
+}
+
+impl Clone for Jobs {
+    fn clone(&self) -> Self {
+        Self::new(self.service.clone())
+    }
+}
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        let mut queue = self.service.queue.lock().expect("queue lock");
+        queue.senders -= 1;
+        if queue.senders == 0 && !queue.dead {
+            // The last handle: a thread drops the state (and its skeleton).
+            self.service.schedule(&mut queue);
+        }
+    }
+}
+
+impl Service {
+    /// Has the service's jobs run: by its pinned thread, or a pool thread.
+    fn schedule(self: &Arc<Self>, queue: &mut Queue) {
+        if queue.pinned {
+            self.pinned_job.notify_one();
+        } else if !queue.scheduled {
+            queue.scheduled = true;
+            self.pool.submit(self.clone());
+        }
+    }
+
+    /// Runs the queued jobs until there are none; a traced skeleton keeps
+    /// the thread (out of the pool) until it resumes.
+    fn run_jobs(&self, worker: &mut Option<Worker>) {
+        loop {
+            let job = {
+                let mut queue = self.queue.lock().expect("queue lock");
+                loop {
+                    if let Some(job) = queue.jobs.pop_front() {
+                        break job;
+                    }
+                    let traced = worker.as_ref().is_some_and(Worker::traces_skeleton);
+                    if queue.senders == 0 || !traced {
+                        queue.scheduled = false;
+                        queue.pinned = false;
+                        if queue.senders == 0 {
+                            drop(queue);
+                            // The service is gone: an unused skeleton dies
+                            // with its `Drop`.
+                            *worker = None;
+                        }
+                        return;
+                    }
+                    if !queue.pinned {
+                        queue.pinned = true;
+                        self.pool.leave();
+                    }
+                    queue = self.pinned_job.wait(queue).expect("queue lock");
+                }
+            };
+            match worker.as_mut() {
+                Some(worker) => worker.handle(job),
+                // Over already: the job's reply is dropped unanswered.
+                None => drop(job),
+            }
+        }
+    }
+}
+
+impl PoolTask for Service {
+    fn run(self: Arc<Self>, _pool: &Arc<RestorePool>) {
+        let Ok(mut worker) = self.worker.lock() else {
+            return;
+        };
+        let ran =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_jobs(&mut worker)));
+        if ran.is_err() {
+            let mut queue = self.queue.lock().expect("queue lock");
+            queue.dead = true;
+            queue.pinned = false;
+            // Answered as by a stopped thread: dropped.
+            queue.jobs.clear();
+            drop(queue);
+            *worker = None;
+        }
+    }
+}
+
 struct Worker {
     name: String,
     port: u16,
@@ -365,6 +510,8 @@ struct Worker {
     metrics: Arc<Metrics>,
     run_state: Arc<RunStateDir>,
     pagers: Arc<Pagers>,
+    /// The pool this service's jobs run in, left while a pager works.
+    pool: Arc<RestorePool>,
     prefetch: Prefetch,
     /// Reopen recorded files that changed since the checkpoint.
     accept_changed_files: bool,
@@ -400,29 +547,36 @@ enum WakePlan {
 }
 
 impl Worker {
-    fn run(&mut self, jobs: mpsc::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
-            match job {
-                Job::Prepare { image, checked } => {
-                    self.image = Some(image);
-                    self.verify_next |= checked.is_some();
-                    let outcome = self.prepare();
-                    if let Some(checked) = checked {
-                        let _ = checked.send(outcome);
-                    }
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Prepare { image, checked } => {
+                self.image = Some(image);
+                self.verify_next |= checked.is_some();
+                let outcome = self.prepare();
+                if let Some(checked) = checked {
+                    let _ = checked.send(outcome);
                 }
-                Job::Resume { reply } => self.resume(reply),
-                Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
-                Job::ServeAdopted { pager } => self.serve_adopted(*pager),
             }
+            Job::Resume { reply } => self.resume(reply),
+            Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
+            Job::ServeAdopted { pager } => self.serve_adopted(*pager),
         }
-        // The service is gone: an unused skeleton dies with its `Drop`.
+    }
+
+    /// Whether the prepared skeleton is still traced by this thread (it
+    /// could not be released to a group stop).
+    fn traces_skeleton(&self) -> bool {
+        self.skeleton.as_ref().is_some_and(Skeleton::is_traced)
     }
 
     /// Serves the pages of a process adopted from a dead daemon until they
     /// are all in; a stopping daemon waits for that as it does for a wake's.
     fn serve_adopted(&mut self, mut pager: Pager) {
         let at_work = self.pagers.start();
+        // The pager spins at times: never at real-time priority, and on a
+        // thread of its own while it works.
+        let _ = sched::set_current_thread_realtime(false);
+        self.pool.leave();
         pager.hurry_when(self.pagers.stopping());
         let pid = pager.pid();
         match pager.run_until_filled() {
@@ -741,6 +895,9 @@ impl Worker {
         pager.hurry_when(self.pagers.stopping());
         self.serve_descendants(descendants);
         self.report.lock().expect("report lock").serving = Some(pid);
+        // Its faults must never wait behind other services' jobs: the pool
+        // goes on without this thread until all pages are in.
+        self.pool.leave();
         let filled = pager.run_until_filled();
         drop(at_work);
         let mut report = self.report.lock().expect("report lock");

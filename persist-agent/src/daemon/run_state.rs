@@ -225,6 +225,11 @@ impl RunStateDir {
         self.dir.join(format!("{name}.json"))
     }
 
+    /// Where the port keeper listens for daemons ([`super::keeper`]).
+    pub fn keeper_socket_path(&self) -> PathBuf {
+        self.dir.join("keeper.sock")
+    }
+
     fn keeper_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.keeper.json"))
     }

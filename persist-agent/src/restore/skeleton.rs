@@ -302,6 +302,13 @@ impl Skeleton {
         self.timings
     }
 
+    /// Whether the process is still stopped under ptrace, by the thread that
+    /// prepared it (not [released](Skeleton::release)): only that thread
+    /// can resume it.
+    pub fn is_traced(&self) -> bool {
+        self.continuer.is_none() && !self.tids.is_empty()
+    }
+
     /// The pager of the stopped process, to copy pages in before it resumes.
     pub(crate) fn pager_mut(&mut self) -> &mut Pager {
         self.pager

@@ -70,3 +70,26 @@ pub fn give_back_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Allocations at least this large get pages of their own (`mmap`), given
+/// back the moment they are freed.
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Free memory at the top of a heap past which the allocator gives it back.
+const TRIM_THRESHOLD: i32 = 512 * 1024;
+
+/// Makes the C allocator keep little free memory, in every thread's heap.
+///
+/// By default glibc raises its mmap threshold to the size of the largest
+/// block freed (up to 32 MiB) and its trim threshold to twice that, and
+/// `malloc_trim` never shrinks the top of a thread's own heap: a restore
+/// thread that once read a large /proc file or built a large table kept
+/// megabytes free, for good (a daemon holding one parked python held 11 MiB
+/// of such free memory). Fixed thresholds turn that adjustment off.
+pub fn keep_little_free_memory() {
+    // SAFETY: mallopt only sets the allocator's parameters, under its lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}

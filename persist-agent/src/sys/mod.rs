@@ -10,6 +10,7 @@ pub mod async_fd;
 pub mod blob;
 pub mod clone;
 pub mod cpu;
+pub mod fd_passing;
 pub mod fdops;
 pub mod fscreds;
 pub mod ipc;

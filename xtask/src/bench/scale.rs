@@ -29,6 +29,10 @@ pub struct ScaleRun {
     pub agent_rss_bytes: u64,
     /// The agent's threads once all are parked.
     pub agent_threads: u64,
+    /// Port keeper processes holding the services' listeners.
+    pub keeper_processes: usize,
+    /// Their private memory and page tables, together.
+    pub keeper_bytes: u64,
     /// Drop of the host's MemAvailable per parked service, agent included.
     pub host_bytes_per_service: u64,
     /// What `status` says each costs (its `parked_bytes`), on average.
@@ -95,6 +99,7 @@ pub fn run(services: usize) -> Result<ScaleRun> {
     ];
     let daemon = sandbox.daemon_pid().context("the daemon runs")?;
     let (agent_rss_bytes, agent_threads) = rss_and_threads(daemon)?;
+    let (keeper_processes, keeper_bytes) = keepers(&sandbox);
 
     let (storm_served, storm) = wake_storm(&sandbox, services)?;
     Ok(ScaleRun {
@@ -102,6 +107,8 @@ pub fn run(services: usize) -> Result<ScaleRun> {
         add_s,
         agent_rss_bytes,
         agent_threads,
+        keeper_processes,
+        keeper_bytes,
         host_bytes_per_service: available_before.saturating_sub(available_after) / services as u64,
         status_bytes_per_service,
         status_breakdown,
@@ -146,6 +153,30 @@ fn rss_and_threads(pid: i32) -> Result<(u64, u64)> {
     Ok((status.vmrss.unwrap_or(0) * 1024, status.threads))
 }
 
+/// The port keepers in the sandbox (named `persist-port-keeper` on their
+/// command line, one per service in earlier agents), and what they cost
+/// together: private memory and page tables.
+fn keepers(sandbox: &Sandbox) -> (usize, u64) {
+    let mut count = 0;
+    let mut bytes = 0;
+    for pid in sandbox.netns.processes() {
+        let is_keeper = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| cmdline.starts_with(b"persist-port-keeper\0"));
+        let Ok(status) = procfs::process::Process::new(pid).and_then(|process| process.status())
+        else {
+            continue;
+        };
+        if is_keeper {
+            count += 1;
+            bytes += (status.rssanon.unwrap_or(0)
+                + status.rssshmem.unwrap_or(0)
+                + status.vmpte.unwrap_or(0))
+                * 1024;
+        }
+    }
+    (count, bytes)
+}
+
 /// The scale run as Markdown.
 pub fn markdown(run: &ScaleRun) -> String {
     let kib = |bytes: u64| format!("{:.1} KiB", bytes as f64 / 1024.0);
@@ -155,6 +186,7 @@ pub fn markdown(run: &ScaleRun) -> String {
         "| parked services | {} |\n|---|---|\n\
          | time to add them (one after the other) | {:.1} s ({:.0} ms each) |\n\
          | agent RSS / threads | {:.1} MiB / {} |\n\
+         | port keepers / their memory | {} / {} |\n\
          | host MemAvailable drop per service | {} |\n\
          | `status` parked cost per service | {} (private {}, page tables {}, kernel objects {}, agent share {}) |\n\
          | wake storm (one request to each at once) | {}/{} served, median {}, p99 {}, max {} |\n",
@@ -163,6 +195,8 @@ pub fn markdown(run: &ScaleRun) -> String {
         run.add_s * 1000.0 / run.services as f64,
         run.agent_rss_bytes as f64 / (1024.0 * 1024.0),
         run.agent_threads,
+        run.keeper_processes,
+        kib(run.keeper_bytes),
         kib(run.host_bytes_per_service),
         kib(run.status_bytes_per_service),
         kib(private),
