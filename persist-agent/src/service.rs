@@ -90,6 +90,38 @@ pub struct SnapshotSpec {
     /// through a symbolic link.
     #[serde(default)]
     pub accept_changed_files: bool,
+    /// Whether a skeleton is kept prepared while the service is parked
+    /// (docs/parked-cost.md, Tiers).
+    #[serde(default)]
+    pub keep_skeleton: KeepSkeleton,
+}
+
+/// Whether a parked snapshot-mode service keeps a prepared skeleton (the
+/// fastest wake, at its parked cost) or only its image on disk (no memory;
+/// the wake prepares the skeleton first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "daemon", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum KeepSkeleton {
+    /// Always, whatever the daemon's skeleton budget.
+    Always,
+    /// While the daemon's skeleton budget allows it: the least recently
+    /// woken services lose theirs first.
+    #[default]
+    Auto,
+    /// Never: the image stays on disk and every wake is a cold one.
+    Never,
+}
+
+impl KeepSkeleton {
+    /// The name the command line and service files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Auto => "auto",
+            Self::Never => "never",
+        }
+    }
 }
 
 /// Which pages a snapshot-mode wake copies in ahead of the process's faults.
@@ -577,6 +609,7 @@ mod tests {
             image: Some("/var/lib/persist/images/web".into()),
             prefetch: Prefetch::Recorded,
             accept_changed_files: false,
+            keep_skeleton: KeepSkeleton::Auto,
         });
         let err = prebuilt.validate().unwrap_err();
         assert!(

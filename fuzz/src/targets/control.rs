@@ -90,6 +90,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         rss_bytes: 8 << 20,
         parked_bytes: 1 << 20,
         skeleton_pid: Some(4243),
+        skeleton: Some("prepared".into()),
+        keep_skeleton: Some("auto".into()),
         parked_cost: Some(ParkedCost {
             private_bytes: 16 << 10,
             page_table_bytes: 40 << 10,

@@ -48,6 +48,7 @@ mod registry;
 mod reload;
 mod restore_worker;
 mod run_state;
+mod skeleton_budget;
 mod supervisor;
 mod syn_watcher;
 mod takeover;
@@ -64,6 +65,7 @@ use tracing::{info, warn};
 use crate::service::create_trusted_dir;
 pub use registry::Registry;
 pub use reload::ReloadReport;
+pub use skeleton_budget::parse_size;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
 
@@ -83,6 +85,9 @@ pub struct DaemonOptions {
     pub services_dir: PathBuf,
     /// Size past which a service's log is rotated ([`crate::service_log`]).
     pub log_max_bytes: u64,
+    /// What the prepared skeletons may cost together, in bytes (`None`: no
+    /// limit; docs/parked-cost.md, Tiers).
+    pub skeleton_budget: Option<u64>,
 }
 
 /// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
@@ -130,7 +135,8 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
             &options.services_dir,
             Arc::new(Mutex::new(watcher)),
         )?
-        .keeping_generations(options.keep_generations),
+        .keeping_generations(options.keep_generations)
+        .with_skeleton_budget(options.skeleton_budget),
     );
     registry.restore_registered().await;
     // The services directory is applied before the control socket answers,
@@ -140,6 +146,7 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
+    tokio::spawn(skeleton_budget::enforce(registry.clone()));
     tokio::spawn(rotate_logs(state_dir.join("logs"), options.log_max_bytes));
     if let Some(addr) = options.metrics {
         let registry = registry.clone();

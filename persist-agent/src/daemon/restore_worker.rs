@@ -88,6 +88,8 @@ pub struct WorkerReport {
     /// down by the supervisor as it hears, or by the restore thread when
     /// there was no skeleton to resume after all.
     pub syn_resumes_unreported: u32,
+    /// Prepares asked for and not yet done: a skeleton is on its way.
+    pub prepares_queued: u32,
 }
 
 impl WorkerReport {
@@ -120,6 +122,16 @@ enum Job {
     Resume {
         reply: oneshot::Sender<Result<Resumed, ResumeRefused>>,
     },
+    /// Prepare a skeleton from the current image if the service is parked
+    /// with none (its skeleton was released).
+    Restock,
+    /// Kill the prepared skeleton; the image stays for the next wake.
+    Release {
+        /// The image of the next wake, when it changed (a park with no
+        /// skeleton kept): any skeleton goes. Without it, one that a SYN is
+        /// already resuming stays.
+        image: Option<PathBuf>,
+    },
     /// A SYN arrived: resume the prepared skeleton now, without waiting for
     /// the supervisor (see [`ResumeTrigger`]).
     ResumeOnSyn {
@@ -131,8 +143,10 @@ enum Job {
 }
 
 /// What becomes of a resume asked for by a SYN: `Some` with the outcome
-/// when a prepared skeleton was resumed, `None` when there was none (the
-/// supervisor then wakes the service its usual way).
+/// when a skeleton was resumed (or prepared then resumed: a cold wake), or
+/// could not be; `None` when the skeleton of this park was already resumed
+/// or there is no image to prepare one from (the supervisor then wakes the
+/// service its usual way, or ignores the SYN as it runs).
 pub type EarlyReply = Box<dyn FnOnce(Option<Result<Resumed, String>>) + Send>;
 
 /// What [`RestoreWorker::resume`] did instead of resuming a process.
@@ -286,6 +300,7 @@ impl RestoreWorker {
                     log: options.log,
                     plan: WakePlan::Lazy,
                     resumed_on_syn: false,
+                    resumed: false,
                     verify_next: false,
                     armed: thread_armed,
                 };
@@ -305,10 +320,41 @@ impl RestoreWorker {
 
     /// Prepares a skeleton from `image` for the next wake (in the background).
     pub fn prepare(&self, image: PathBuf) {
-        let _ = self.jobs.send(Job::Prepare {
-            image,
-            checked: None,
-        });
+        self.send_prepare(image, None);
+    }
+
+    /// Parks with no skeleton: the next wake prepares one from `image`
+    /// (a cold wake), and any skeleton prepared before is killed.
+    pub fn park_cold(&self, image: PathBuf) {
+        let _ = self.jobs.send(Job::Release { image: Some(image) });
+    }
+
+    /// Prepares a skeleton again for a service parked without one (it was
+    /// released); nothing if one is there or the service was woken since.
+    pub fn restock(&self) {
+        self.report.lock().expect("report lock").prepares_queued += 1;
+        if self.jobs.send(Job::Restock).is_err() {
+            self.prepare_done();
+        }
+    }
+
+    fn prepare_done(&self) {
+        let mut report = self.report.lock().expect("report lock");
+        report.prepares_queued = report.prepares_queued.saturating_sub(1);
+    }
+
+    /// Kills the prepared skeleton to give its memory back; the image stays,
+    /// and the next wake prepares one from it. A skeleton a SYN is already
+    /// resuming stays.
+    pub fn release_skeleton(&self) {
+        let _ = self.jobs.send(Job::Release { image: None });
+    }
+
+    fn send_prepare(&self, image: PathBuf, checked: Option<oneshot::Sender<Result<(), String>>>) {
+        self.report.lock().expect("report lock").prepares_queued += 1;
+        if self.jobs.send(Job::Prepare { image, checked }).is_err() {
+            self.prepare_done();
+        }
     }
 
     /// Prepares a skeleton from `image` after checking the whole image as
@@ -316,10 +362,7 @@ impl RestoreWorker {
     /// whether the service can be woken.
     pub fn prepare_checked(&self, image: PathBuf) -> oneshot::Receiver<Result<(), String>> {
         let (reply, answer) = oneshot::channel();
-        let _ = self.jobs.send(Job::Prepare {
-            image,
-            checked: Some(reply),
-        });
+        self.send_prepare(image, Some(reply));
         answer
     }
 
@@ -368,6 +411,9 @@ struct Worker {
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
     resumed_on_syn: bool,
+    /// The skeleton of this park was resumed, by a SYN or the supervisor
+    /// (cleared by the next prepare or park): a SYN then prepares no other.
+    resumed: bool,
     /// The next prepare verifies every page first: the last wake found a
     /// corrupt one, and a skeleton that would die on it must not be armed.
     verify_next: bool,
@@ -401,16 +447,29 @@ impl Worker {
                     self.image = Some(image);
                     self.verify_next |= checked.is_some();
                     let outcome = self.prepare();
+                    self.prepare_done();
                     if let Some(checked) = checked {
                         let _ = checked.send(outcome);
                     }
                 }
+                Job::Restock => {
+                    if self.skeleton.is_none() && !self.resumed && self.image.is_some() {
+                        let _ = self.prepare();
+                    }
+                    self.prepare_done();
+                }
+                Job::Release { image } => self.release(image),
                 Job::Resume { reply } => self.resume(reply),
                 Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
                 Job::ServeAdopted { pager } => self.serve_adopted(*pager),
             }
         }
         // The service is gone: an unused skeleton dies with its `Drop`.
+    }
+
+    fn prepare_done(&self) {
+        let mut report = self.report.lock().expect("report lock");
+        report.prepares_queued = report.prepares_queued.saturating_sub(1);
     }
 
     /// Serves the pages of a process adopted from a dead daemon until they
@@ -438,6 +497,7 @@ impl Worker {
         self.skeleton = None;
         self.plan = WakePlan::Lazy;
         self.resumed_on_syn = false;
+        self.resumed = false;
         let _ = sched::set_current_thread_realtime(false);
         let verify = std::mem::take(&mut self.verify_next);
         let mut stale = false;
@@ -501,6 +561,42 @@ impl Worker {
                 self.verify_next = !stale;
                 Err(err)
             }
+        }
+    }
+
+    /// Kills the prepared skeleton, if any, keeping the image (or taking
+    /// `image` as the next wake's, when given: then any skeleton goes).
+    /// Without `image`, a skeleton a SYN is resuming stays: the wake thread
+    /// may already have let it run.
+    fn release(&mut self, image: Option<PathBuf>) {
+        {
+            // Disarmed under the lock the wake thread takes after counting
+            // its SYN: either it counted first (and the skeleton stays) or
+            // it finds nothing armed (and this thread prepares a new one).
+            let mut armed = self.armed.lock().expect("armed lock");
+            let report = self.report.lock().expect("report lock");
+            if image.is_none() && report.syn_resumes_unreported > 0 {
+                return;
+            }
+            *armed = Armed::default();
+        }
+        if let Some(image) = image {
+            self.image = Some(image);
+            self.resumed_on_syn = false;
+            self.resumed = false;
+        }
+        self.plan = WakePlan::Lazy;
+        let released = self.skeleton.take().map(|skeleton| skeleton.pid());
+        {
+            let mut report = self.report.lock().expect("report lock");
+            report.skeleton_pid = None;
+            report.skeleton_init_pid = None;
+        }
+        if let Some(pid) = released {
+            // The record named the skeleton, which its drop just killed.
+            self.run_state.clear(&self.name);
+            info!(service = %self.name, pid, "skeleton released");
+            crate::sys::alloc::give_back_free_memory();
         }
     }
 
@@ -638,7 +734,7 @@ impl Worker {
     }
 
     fn resume_on_syn(&mut self, then: EarlyReply, at_work: PagerAtWork) {
-        if self.skeleton.is_none() {
+        if self.skeleton.is_none() && (self.resumed || self.image.is_none()) {
             self.report
                 .lock()
                 .expect("report lock")
@@ -646,7 +742,14 @@ impl Worker {
             then(None);
             return;
         }
-        self.resumed_on_syn = true;
+        if self.skeleton.is_none() {
+            // A cold wake: prepared here and now, on the SYN's path. A
+            // failure is the resume's, reported to the supervisor.
+            let _ = self.prepare();
+        }
+        // Set only for a skeleton to resume: after a failed prepare, the
+        // supervisor's retry must prepare again.
+        self.resumed_on_syn = self.skeleton.is_some();
         self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work);
     }
 
@@ -663,6 +766,7 @@ impl Worker {
             reply(Err(error.unwrap_or_else(|| "no skeleton".into())));
             return;
         };
+        self.resumed = true;
         {
             let mut report = self.report.lock().expect("report lock");
             report.skeleton_pid = None;
