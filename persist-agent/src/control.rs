@@ -236,6 +236,10 @@ pub struct ServiceStatus {
     /// Its `--keep-skeleton` setting (snapshot mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_skeleton: Option<String>,
+    /// What its prepared skeleton costs, as the skeleton budget counts it
+    /// (the skeleton's memory, page tables and kernel objects only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeleton_bytes: Option<u64>,
     /// What [`ServiceStatus::parked_bytes`] is made of, while parked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked_cost: Option<ParkedCost>,

@@ -870,6 +870,7 @@ impl Registry {
                 let mut parked_cost = None;
                 let mut skeleton_pid = None;
                 let mut skeleton = None;
+                let mut skeleton_bytes = None;
                 if view.pid.is_none() {
                     let mut waiting: Vec<i32> = self
                         .run_state
@@ -889,6 +890,10 @@ impl Registry {
                             }
                             .to_owned(),
                         );
+                        skeleton_bytes = report.skeleton_pid.map(|pid| {
+                            self.skeleton_costs
+                                .of(&spec.name, pid, report.skeleton_init_pid)
+                        });
                         waiting.extend(report.skeleton_pid);
                         waiting.extend(report.skeleton_init_pid);
                     }
@@ -934,6 +939,7 @@ impl Registry {
                     parked_bytes: parked_cost.map_or(0, |cost| cost.total()),
                     skeleton_pid,
                     skeleton,
+                    skeleton_bytes,
                     keep_skeleton: spec
                         .snapshot
                         .as_ref()
@@ -966,6 +972,7 @@ impl Registry {
                 parked_bytes: 0,
                 skeleton_pid: None,
                 skeleton: None,
+                skeleton_bytes: None,
                 keep_skeleton: None,
                 parked_cost: None,
                 error: Some(broken.error.clone()),
