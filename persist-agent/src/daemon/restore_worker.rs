@@ -546,7 +546,8 @@ impl Worker {
                 report.error = None;
                 report.stale = false;
                 report.listener_backlog = backlog;
-                info!(service = %self.name, pid = skeleton.pid(), prepare_us = skeleton.timings().prepare.as_micros() as u64, "skeleton ready");
+                let timings = skeleton.timings();
+                info!(service = %self.name, pid = skeleton.pid(), prepare_us = timings.prepare.as_micros() as u64, setup_us = timings.setup.as_micros() as u64, layout_us = timings.layout.as_micros() as u64, finish_us = timings.finish.as_micros() as u64, "skeleton ready");
                 self.skeleton = Some(skeleton);
                 Ok(())
             }
@@ -745,7 +746,10 @@ impl Worker {
         if self.skeleton.is_none() {
             // A cold wake: prepared here and now, on the SYN's path. A
             // failure is the resume's, reported to the supervisor.
-            let _ = self.prepare();
+            let started = std::time::Instant::now();
+            if self.prepare().is_ok() {
+                info!(service = %self.name, took_us = started.elapsed().as_micros() as u64, "cold wake: skeleton prepared on the SYN");
+            }
         }
         // Set only for a skeleton to resume: after a failed prepare, the
         // supervisor's retry must prepare again.
