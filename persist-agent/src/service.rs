@@ -445,6 +445,20 @@ pub fn create_trusted_dir(dir: &Path) -> Result<PathBuf, TrustError> {
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename, mode 0600.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_through_temp(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, mode
+/// 0600, without waiting for the disk: a reader (a daemon restarted after a
+/// crash) sees the old file or the new one, never part of one, but a host
+/// crash may lose the write. For records of processes, which do not outlive
+/// the host either; it spares a wake the two `fsync`s (about a millisecond
+/// here: docs/parked-cost.md, Cold wakes).
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_through_temp(path, bytes, false)
+}
+
+fn write_through_temp(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = fs::OpenOptions::new()
@@ -454,9 +468,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent() {
+        if durable && let Some(parent) = path.parent() {
             fs::File::open(parent)?.sync_all()?;
         }
         Ok(())

@@ -20,6 +20,7 @@
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use persist_common::image::{Image, ImageError, WorkingSet, WorkingSetPage, manifest_crc};
 use tokio::sync::oneshot;
@@ -491,6 +492,16 @@ impl Worker {
 
     /// Prepares the skeleton of the next wake; says why not when it cannot.
     fn prepare(&mut self) -> Result<(), String> {
+        self.prepare_for(None)
+    }
+
+    /// Prepares the skeleton of the next wake; with `cold`, for a SYN that
+    /// waits for it (a cold wake), whose stages it times. The skeleton of a
+    /// cold wake stays under ptrace: this thread resumes it at once, and a
+    /// group stop (for the wake thread to end) would only cost a `SIGSTOP`
+    /// and a `SIGCONT` on the SYN's path.
+    fn prepare_for(&mut self, mut cold: Option<&mut ColdPrepare>) -> Result<(), String> {
+        let started = std::time::Instant::now();
         // A skeleton of an older image must not be resumed, by a SYN
         // either: disarmed first.
         *self.armed.lock().expect("armed lock") = Armed::default();
@@ -505,6 +516,9 @@ impl Worker {
         let result = self
             .build_skeleton(verify, &mut stale)
             .and_then(|(mut skeleton, image)| {
+                if let Some(cold) = cold.as_deref_mut() {
+                    cold.build = started.elapsed();
+                }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
                 self.plan = self.plan_wake(image);
                 let mut armed = Armed::default();
@@ -514,7 +528,10 @@ impl Worker {
                     pager.zero_ahead(set);
                     armed.copy = Some(pager.plan_set(set));
                 }
-                let continuer = skeleton.release().map_err(|err| err.to_string())?;
+                let continuer = match cold {
+                    Some(_) => None,
+                    None => skeleton.release().map_err(|err| err.to_string())?,
+                };
                 // Every page must be in before the process runs: the restore
                 // thread copies them all, then resumes it.
                 if !matches!(self.plan, WakePlan::All) {
@@ -523,6 +540,7 @@ impl Worker {
                 *self.armed.lock().expect("armed lock") = armed;
                 Ok(skeleton)
             });
+        let armed_at = started.elapsed();
         let mut report = self.report.lock().expect("report lock");
         match result {
             Ok(mut skeleton) => {
@@ -536,6 +554,11 @@ impl Worker {
                     &self.listener,
                     self.page_source(&mut skeleton),
                 );
+                if let Some(cold) = cold {
+                    cold.arm = armed_at.saturating_sub(cold.build);
+                    cold.record = started.elapsed().saturating_sub(armed_at);
+                    cold.skeleton = skeleton.timings();
+                }
                 report.skeleton_pid = Some(skeleton.pid());
                 report.skeleton_init_pid = skeleton.init_pid();
                 // Armed: the resume on the next SYN runs ahead of ordinary
@@ -747,8 +770,20 @@ impl Worker {
             // A cold wake: prepared here and now, on the SYN's path. A
             // failure is the resume's, reported to the supervisor.
             let started = std::time::Instant::now();
-            if self.prepare().is_ok() {
-                info!(service = %self.name, took_us = started.elapsed().as_micros() as u64, "cold wake: skeleton prepared on the SYN");
+            let mut times = ColdPrepare::default();
+            if self.prepare_for(Some(&mut times)).is_ok() {
+                let us = |d: std::time::Duration| d.as_micros() as u64;
+                info!(
+                    service = %self.name,
+                    took_us = us(started.elapsed()),
+                    build_us = us(times.build),
+                    setup_us = us(times.skeleton.setup),
+                    layout_us = us(times.skeleton.layout),
+                    finish_us = us(times.skeleton.finish),
+                    arm_us = us(times.arm),
+                    record_us = us(times.record),
+                    "cold wake: skeleton prepared on the SYN"
+                );
             }
         }
         // Set only for a skeleton to resume: after a failed prepare, the
@@ -930,6 +965,19 @@ impl Worker {
             }
         }
     }
+}
+
+/// Where the prepare of a cold wake spent its time.
+#[derive(Debug, Default)]
+struct ColdPrepare {
+    /// Opening the image and building the skeleton (of which `skeleton`).
+    build: Duration,
+    /// The skeleton's own phases.
+    skeleton: Timings,
+    /// Planning the wake: the working set read, verified, its pages planned.
+    arm: Duration,
+    /// Recording the process for a daemon taking over.
+    record: Duration,
 }
 
 /// A wake that records or extends the working set of its image.
