@@ -87,7 +87,6 @@ fn a_service_that_never_keeps_a_skeleton_wakes_cold_and_parks_without_one() {
         wait_for_tiers(&sandbox, &[("cold", "on disk")]);
     }
     let log = sandbox.daemon_log();
-    for line in log.lines().filter(|l| l.contains("cold wake") || l.contains("woken")) { eprintln!("{line}"); }
     assert!(
         log.contains("by=\"syn-thread\"") || log.contains("by=syn-thread"),
         "the SYN's own thread prepared and resumed the cold wakes: {log}"
