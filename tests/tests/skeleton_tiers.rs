@@ -4,6 +4,8 @@
 //! one released for the budget), in which case its wake prepares the
 //! skeleton on the SYN's path (a cold wake). Every one of them answers.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use persist_tests::{Sandbox, binary, wait_until};
@@ -38,6 +40,20 @@ fn wait_for_tiers(sandbox: &Sandbox, tiers: &[(&str, &str)]) {
         "expected {tiers:?}; status: {last:#?}\ndaemon log:\n{}",
         sandbox.daemon_log()
     );
+}
+
+/// The daemon's metrics page, from `--metrics 127.0.0.1:PORT`.
+fn scrape(sandbox: &Sandbox, port: u16) -> String {
+    sandbox
+        .netns
+        .enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text
+        })
+        .unwrap()
 }
 
 fn answers(sandbox: &Sandbox, port: u16) {
@@ -78,7 +94,29 @@ fn a_service_that_never_keeps_a_skeleton_wakes_cold_and_parks_without_one() {
         "parked without a skeleton costs less: cold {cold}\nwarm {warm}"
     );
 
-    for wake in 1..=2 {
+    // Several clients at once: the first SYN's cold wake answers them all.
+    let bodies = sandbox
+        .netns
+        .enter(|| {
+            let clients: Vec<_> = (0..4)
+                .map(|_| std::thread::spawn(|| persist_tests::http_get(8611)))
+                .collect();
+            clients
+                .into_iter()
+                .map(|client| client.join().expect("client thread"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    for body in bodies {
+        let body = body.unwrap_or_else(|err| panic!("{err:#}\n{}", sandbox.daemon_log()));
+        assert!(body.contains("hello from pid"), "{body:?}");
+    }
+    sandbox.running_pid("cold").unwrap();
+    assert_eq!(sandbox.service("cold").unwrap()["wakes"], 1);
+    sandbox.agent_ok(&["park", "cold"]).unwrap();
+    wait_for_tiers(&sandbox, &[("cold", "on disk")]);
+
+    for wake in 2..=3 {
         answers(&sandbox, 8611);
         sandbox.running_pid("cold").unwrap();
         let status = sandbox.service("cold").unwrap();
@@ -196,9 +234,24 @@ fn the_tiers_survive_a_daemon_restart() {
 
     // A budget too small for any skeleton: the `always` one stays anyway.
     sandbox
-        .start_daemon_with(&["--skeleton-budget", "1KiB"])
+        .start_daemon_with(&["--skeleton-budget", "1KiB", "--metrics", "127.0.0.1:9633"])
         .unwrap();
     wait_for_tiers(&sandbox, &[("cold", "on disk"), ("pinned", "prepared")]);
+    let metrics = scrape(&sandbox, 9633);
+    let held = sandbox.service("pinned").unwrap()["skeleton_bytes"]
+        .as_u64()
+        .unwrap();
+    for (metric, expected) in [
+        ("persist_skeletons_held", 1),
+        ("persist_skeleton_budget_bytes", 1024),
+        ("persist_skeleton_bytes", held),
+    ] {
+        let line = format!("{metric} {expected}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in {metrics}"
+        );
+    }
     assert_eq!(sandbox.service("cold").unwrap()["keep_skeleton"], "never");
     assert_eq!(
         sandbox.service("pinned").unwrap()["keep_skeleton"],
