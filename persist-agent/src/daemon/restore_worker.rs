@@ -746,7 +746,7 @@ impl Worker {
                 return;
             }
             // Its failure is the resume's: the reply says why.
-            let _ = self.prepare();
+            self.prepare_cold();
         }
         let at_work = self.pagers.start();
         self.resume_and_serve(
@@ -755,6 +755,27 @@ impl Worker {
             }),
             at_work,
         );
+    }
+
+    /// Prepares the skeleton of a wake that waits for it (a cold wake),
+    /// and logs where the time went; a failure is in the report.
+    fn prepare_cold(&mut self) {
+        let started = std::time::Instant::now();
+        let mut times = ColdPrepare::default();
+        if self.prepare_for(Some(&mut times)).is_ok() {
+            let us = |d: Duration| d.as_micros() as u64;
+            info!(
+                service = %self.name,
+                took_us = us(started.elapsed()),
+                build_us = us(times.build),
+                setup_us = us(times.skeleton.setup),
+                layout_us = us(times.skeleton.layout),
+                finish_us = us(times.skeleton.finish),
+                arm_us = us(times.arm),
+                record_us = us(times.record),
+                "cold wake: skeleton prepared for the waiting wake"
+            );
+        }
     }
 
     fn resume_on_syn(&mut self, then: EarlyReply, at_work: PagerAtWork) {
@@ -769,22 +790,7 @@ impl Worker {
         if self.skeleton.is_none() {
             // A cold wake: prepared here and now, on the SYN's path. A
             // failure is the resume's, reported to the supervisor.
-            let started = std::time::Instant::now();
-            let mut times = ColdPrepare::default();
-            if self.prepare_for(Some(&mut times)).is_ok() {
-                let us = |d: std::time::Duration| d.as_micros() as u64;
-                info!(
-                    service = %self.name,
-                    took_us = us(started.elapsed()),
-                    build_us = us(times.build),
-                    setup_us = us(times.skeleton.setup),
-                    layout_us = us(times.skeleton.layout),
-                    finish_us = us(times.skeleton.finish),
-                    arm_us = us(times.arm),
-                    record_us = us(times.record),
-                    "cold wake: skeleton prepared on the SYN"
-                );
-            }
+            self.prepare_cold();
         }
         // Set only for a skeleton to resume: after a failed prepare, the
         // supervisor's retry must prepare again.
