@@ -111,8 +111,21 @@ fn a_service_that_never_keeps_a_skeleton_wakes_cold_and_parks_without_one() {
         let body = body.unwrap_or_else(|err| panic!("{err:#}\n{}", sandbox.daemon_log()));
         assert!(body.contains("hello from pid"), "{body:?}");
     }
-    sandbox.running_pid("cold").unwrap();
+    let pid = sandbox.running_pid("cold").unwrap();
     assert_eq!(sandbox.service("cold").unwrap()["wakes"], 1);
+    // Prepared at real-time priority, it runs with the ordinary one.
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+        // `policy`, field 41 of stat(5), 39th after the name.
+        assert_eq!(
+            fields[38],
+            "0",
+            "thread {:?} of {pid}: {stat}",
+            task.file_name()
+        );
+    }
     sandbox.agent_ok(&["park", "cold"]).unwrap();
     wait_for_tiers(&sandbox, &[("cold", "on disk")]);
 

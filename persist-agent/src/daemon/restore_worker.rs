@@ -509,7 +509,11 @@ impl Worker {
         self.plan = WakePlan::Lazy;
         self.resumed_on_syn = false;
         self.resumed = false;
-        let _ = sched::set_current_thread_realtime(false);
+        // A wake waits for a cold prepare: it runs at real-time priority,
+        // the skeleton's fork (building its layout) too, so that a busy host
+        // does not make the SYN wait for a CPU at every step; the skeleton's
+        // threads are made ordinary before they ever run their own code.
+        let _ = sched::set_current_thread_realtime(cold.is_some());
         let verify = std::mem::take(&mut self.verify_next);
         let mut stale = false;
         let mut backlog = None;
@@ -518,6 +522,7 @@ impl Worker {
             .and_then(|(mut skeleton, image)| {
                 if let Some(cold) = cold.as_deref_mut() {
                     cold.build = started.elapsed();
+                    make_ordinary(&skeleton)?;
                 }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
                 self.plan = self.plan_wake(image);
@@ -971,6 +976,20 @@ impl Worker {
             }
         }
     }
+}
+
+/// Puts every thread of `skeleton` (and the init of its pid namespace) in
+/// `SCHED_OTHER`: forked by a real-time thread, they inherited its policy.
+fn make_ordinary(skeleton: &Skeleton) -> Result<(), String> {
+    for &tid in skeleton.tids().iter().chain(skeleton.init_pid().iter()) {
+        sched::set_thread_ordinary(tid).map_err(|err| {
+            format!(
+                "cannot give thread {tid} of pid {} its ordinary scheduling back: {err}",
+                skeleton.pid()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Where the prepare of a cold wake spent its time.
