@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use persist_tests::{Sandbox, binary, wait_until};
+use persist_tests::{Sandbox, binary, build_hello_image, edit_manifest, wait_until};
 
 fn hello_command(port: u16) -> Vec<String> {
     vec![
@@ -272,4 +272,62 @@ fn the_tiers_survive_a_daemon_restart() {
     );
     answers(&sandbox, 8631);
     answers(&sandbox, 8632);
+}
+
+#[test]
+fn a_cold_wake_that_cannot_prepare_closes_its_client_and_says_why() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("hello");
+    build_hello_image(&sandbox, &image, 8641, &[]);
+    let image_text = image.display().to_string();
+    sandbox
+        .agent_ok(&[
+            "add",
+            "cold",
+            "--image",
+            &image_text,
+            "--port",
+            "8641",
+            "--keep-skeleton",
+            "never",
+        ])
+        .unwrap();
+    wait_for_tiers(&sandbox, &[("cold", "on disk")]);
+    // Replaced while parked on disk by an image of another kernel build.
+    edit_manifest(&image, |manifest| {
+        manifest["kernel"]["release"] = "5.10.0-ancient".into();
+    });
+
+    let got = sandbox
+        .netns
+        .enter(|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", 8641))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap();
+    match got {
+        Ok(response) => assert!(response.is_empty(), "answered: {response:?}"),
+        Err(err) => assert!(
+            !matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the client of a cold wake that failed hangs: {err}"
+        ),
+    }
+    let mut status = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), || {
+        status = sandbox.service("cold").unwrap();
+        status["state"] == "stale"
+    })
+    .unwrap_or_else(|_| panic!("not shown stale: {status}\n{}", sandbox.daemon_log()));
+    let error = status["error"].as_str().unwrap_or_default();
+    assert!(error.contains("5.10.0-ancient"), "{status}");
+    assert!(status["pid"].is_null(), "{status}");
 }
