@@ -99,6 +99,37 @@ pub struct Reply {
     /// A service's generations, for `history`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+    /// The prepared skeletons and the budget, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeletons: Option<SkeletonSummary>,
+}
+
+/// The skeletons the daemon holds for parked services, and its budget
+/// (docs/parked-cost.md, Tiers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkeletonSummary {
+    /// Prepared skeletons.
+    pub held: u64,
+    /// What they cost together: memory, page tables and kernel objects.
+    pub held_bytes: u64,
+    /// The daemon's `--skeleton-budget`, if it has one.
+    #[serde(default)]
+    pub budget_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for SkeletonSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "skeletons: {} prepared, {} KiB",
+            self.held,
+            self.held_bytes / 1024
+        )?;
+        match self.budget_bytes {
+            Some(budget) => write!(f, " of a {} KiB budget", budget / 1024),
+            None => write!(f, " (no budget)"),
+        }
+    }
 }
 
 /// One generation of a service's state, as `history` prints it.
@@ -207,6 +238,17 @@ pub struct ServiceStatus {
     /// Pid of the prepared skeleton of its next wake, while parked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skeleton_pid: Option<i32>,
+    /// A parked snapshot service's next wake: `prepared` (a skeleton
+    /// waits) or `on disk` (the wake prepares it from the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeleton: Option<String>,
+    /// Its `--keep-skeleton` setting (snapshot mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_skeleton: Option<String>,
+    /// What its prepared skeleton costs, as the skeleton budget counts it
+    /// (the skeleton's memory, page tables and kernel objects only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skeleton_bytes: Option<u64>,
     /// What [`ServiceStatus::parked_bytes`] is made of, while parked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked_cost: Option<ParkedCost>,
@@ -343,6 +385,12 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
         }
         if let Some(note) = &service.note {
             out.push_str(&format!("  {}: {note}\n", service.name));
+        }
+        if service.state == "parked" && service.skeleton.as_deref() == Some("on disk") {
+            out.push_str(&format!(
+                "  {}: no skeleton prepared, the next wake prepares it (cold)\n",
+                service.name
+            ));
         }
         if let Some(generation) = service.generation.as_ref().filter(|g| *g != "pristine") {
             let verb = if service.state == "running" {

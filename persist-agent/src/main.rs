@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use persist_agent::control::{self, Request};
-use persist_agent::service::{OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec};
+use persist_agent::service::{
+    KeepSkeleton, OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, SnapshotSpec,
+};
 use persist_agent::{checkpoint, daemon, inspect, restore, service_file, service_log, snapshot};
 
 /// Park server processes on disk and wake them on their first SYN.
@@ -52,6 +54,12 @@ enum Command {
         /// holds one more until it is done.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         restore_threads: Option<u32>,
+        /// What the prepared skeletons of parked services may cost together
+        /// (e.g. `64MiB`): over it, `--keep-skeleton auto` services lose
+        /// theirs, least recently woken first, and wake cold. No limit by
+        /// default.
+        #[arg(long, value_name = "SIZE", value_parser = daemon::parse_size)]
+        skeleton_budget: Option<u64>,
     },
     /// Hold the listening sockets the daemon hands over (the port keeper,
     /// which the daemon starts itself).
@@ -262,6 +270,11 @@ struct AddArgs {
     /// another file now (other inode or device) instead of failing the wake.
     #[arg(long)]
     accept_changed_files: bool,
+    /// Snapshot mode: whether a prepared skeleton waits for the next wake
+    /// while parked (`always`; `auto`: while the daemon's
+    /// `--skeleton-budget` allows; `never`: the image only, a cold wake).
+    #[arg(long, value_enum, default_value = "auto")]
+    keep_skeleton: KeepSkeleton,
     #[command(flatten)]
     ready: ReadyArgs,
     /// The command and its arguments (none with --image).
@@ -297,6 +310,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             services_dir,
             log_max_bytes,
             restore_threads,
+            skeleton_budget,
         } => {
             let options = daemon::DaemonOptions {
                 metrics,
@@ -305,6 +319,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 log_max_bytes,
                 restore_threads: restore_threads
                     .map_or_else(daemon::default_restore_threads, |n| n as usize),
+                skeleton_budget,
             };
             daemon::run(&cli.state_dir, &options)?;
         }
@@ -358,6 +373,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&reply.services)?);
             } else {
                 print!("{}", control::status_table(&reply.services));
+                if let Some(skeletons) = reply
+                    .skeletons
+                    .filter(|_| reply.services.iter().any(|s| s.mode == "snapshot"))
+                {
+                    println!("{skeletons}");
+                }
             }
         }
         Command::Build(args) => {
@@ -515,6 +536,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         image,
         prefetch: args.prefetch,
         accept_changed_files: args.accept_changed_files,
+        keep_skeleton: args.keep_skeleton,
     });
     let spec = ServiceSpec {
         name: args.name,

@@ -90,6 +90,38 @@ pub struct SnapshotSpec {
     /// through a symbolic link.
     #[serde(default)]
     pub accept_changed_files: bool,
+    /// Whether a skeleton is kept prepared while the service is parked
+    /// (docs/parked-cost.md, Tiers).
+    #[serde(default)]
+    pub keep_skeleton: KeepSkeleton,
+}
+
+/// Whether a parked snapshot-mode service keeps a prepared skeleton (the
+/// fastest wake, at its parked cost) or only its image on disk (no memory;
+/// the wake prepares the skeleton first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "daemon", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum KeepSkeleton {
+    /// Always, whatever the daemon's skeleton budget.
+    Always,
+    /// While the daemon's skeleton budget allows it: the least recently
+    /// woken services lose theirs first.
+    #[default]
+    Auto,
+    /// Never: the image stays on disk and every wake is a cold one.
+    Never,
+}
+
+impl KeepSkeleton {
+    /// The name the command line and service files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Auto => "auto",
+            Self::Never => "never",
+        }
+    }
 }
 
 /// Which pages a snapshot-mode wake copies in ahead of the process's faults.
@@ -413,6 +445,20 @@ pub fn create_trusted_dir(dir: &Path) -> Result<PathBuf, TrustError> {
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename, mode 0600.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_through_temp(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, mode
+/// 0600, without waiting for the disk: a reader (a daemon restarted after a
+/// crash) sees the old file or the new one, never part of one, but a host
+/// crash may lose the write. For records of processes, which do not outlive
+/// the host either; it spares a wake the two `fsync`s (about a millisecond
+/// here: docs/parked-cost.md, Cold wakes).
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_through_temp(path, bytes, false)
+}
+
+fn write_through_temp(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = fs::OpenOptions::new()
@@ -422,9 +468,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent() {
+        if durable && let Some(parent) = path.parent() {
             fs::File::open(parent)?.sync_all()?;
         }
         Ok(())
@@ -577,6 +625,7 @@ mod tests {
             image: Some("/var/lib/persist/images/web".into()),
             prefetch: Prefetch::Recorded,
             accept_changed_files: false,
+            keep_skeleton: KeepSkeleton::Auto,
         });
         let err = prebuilt.validate().unwrap_err();
         assert!(

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::service::{
-    OnIdle, Prefetch, Readiness, ServiceError, ServiceMode, ServiceSpec, SnapshotSpec,
+    KeepSkeleton, OnIdle, Prefetch, Readiness, ServiceError, ServiceMode, ServiceSpec, SnapshotSpec,
 };
 
 /// Where the daemon and `check` look for service files by default.
@@ -102,6 +102,7 @@ struct ServiceFile {
     image: Option<Spanned<PathBuf>>,
     prefetch: Option<Spanned<Prefetch>>,
     accept_changed_files: Option<Spanned<bool>>,
+    keep_skeleton: Option<Spanned<KeepSkeleton>>,
     user: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
@@ -214,6 +215,10 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 "accept_changed_files",
                 file.accept_changed_files.as_ref().map(Spanned::span),
             ),
+            (
+                "keep_skeleton",
+                file.keep_skeleton.as_ref().map(Spanned::span),
+            ),
             ("user", file.user.as_ref().map(Spanned::span)),
             ("ready", file.ready.as_ref().map(Spanned::span)),
             (
@@ -297,6 +302,10 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 .accept_changed_files
                 .as_ref()
                 .is_some_and(|a| *a.get_ref()),
+            keep_skeleton: file
+                .keep_skeleton
+                .as_ref()
+                .map_or(KeepSkeleton::default(), |k| *k.get_ref()),
         }),
         ServiceMode::Exec | ServiceMode::Inetd => None,
     };
@@ -388,6 +397,7 @@ idle_timeout = "30s"
 on_idle = "keep"
 prefetch = "all"
 accept_changed_files = true
+keep_skeleton = "never"
 user = "nobody"
 ready = "http:/health"
 ready_timeout = "5s"
@@ -405,6 +415,7 @@ warmup_requests = 3
         assert_eq!(snapshot.on_idle, OnIdle::Keep);
         assert_eq!(snapshot.prefetch, Prefetch::All);
         assert!(snapshot.accept_changed_files);
+        assert_eq!(snapshot.keep_skeleton, KeepSkeleton::Never);
         assert_eq!(snapshot.user.as_deref(), Some("nobody"));
         assert_eq!(
             snapshot.ready,

@@ -83,7 +83,8 @@ pub fn run(
     let started = Instant::now();
     let date = utc_now()?;
 
-    let prefetch = add_takes_prefetch()?;
+    let prefetch = add_takes("--prefetch")?;
+    let cold = add_takes("--keep-skeleton")?;
     let criu = deps::find_in_path("criu");
     let scratch = tempfile::Builder::new()
         .prefix("persist-bench-")
@@ -100,6 +101,7 @@ pub fn run(
         sandbox: &sandbox,
         runs,
         prefetch,
+        cold,
         criu,
         scratch: scratch.path(),
     };
@@ -214,13 +216,13 @@ fn bench_dir() -> PathBuf {
         .map_or_else(|| release.join("bench"), |target| target.join("bench"))
 }
 
-/// Whether this build of the agent offers `add --prefetch`.
-fn add_takes_prefetch() -> Result<bool> {
+/// Whether this build of the agent offers `add OPTION`.
+fn add_takes(option: &str) -> Result<bool> {
     let output = Command::new(binary("persist-agent"))
         .args(["add", "--help"])
         .output()
         .context("running persist-agent add --help")?;
-    Ok(String::from_utf8_lossy(&output.stdout).contains("--prefetch"))
+    Ok(String::from_utf8_lossy(&output.stdout).contains(option))
 }
 
 /// Kernel release and online CPUs.

@@ -92,6 +92,9 @@ pub fn seeds() -> Vec<Vec<u8>> {
         pss_bytes: 0,
         parked_bytes: 1 << 20,
         skeleton_pid: Some(4243),
+        skeleton: Some("prepared".into()),
+        keep_skeleton: Some("auto".into()),
+        skeleton_bytes: Some(300 << 10),
         parked_cost: Some(ParkedCost {
             private_bytes: 16 << 10,
             page_table_bytes: 40 << 10,

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use persist_agent::service::{
-    OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec,
+    KeepSkeleton, OnIdle, Prefetch, Readiness, ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec,
 };
 use persist_agent::service_file::{self, ServiceFileError};
 
@@ -63,6 +63,11 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         image: None,
         prefetch,
         accept_changed_files: matches!(prefetch, Prefetch::All),
+        keep_skeleton: if matches!(prefetch, Prefetch::None) {
+            KeepSkeleton::Never
+        } else {
+            KeepSkeleton::Auto
+        },
     };
     vec![
         base("exec", ServiceMode::Exec),

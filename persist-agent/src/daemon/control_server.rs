@@ -117,6 +117,7 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
         },
         Request::Status => Reply {
             services: registry.status(),
+            skeletons: Some(registry.skeleton_summary()),
             ..Reply::default()
         },
     }

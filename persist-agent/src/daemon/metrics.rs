@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use super::Registry;
-use crate::control::ServiceStatus;
+use crate::control::{ServiceStatus, SkeletonSummary};
 use crate::restore::PagerStats;
 
 /// The label every persist metric carries.
@@ -41,6 +41,9 @@ pub struct Metrics {
     running: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
     rollbacks: Family<ServiceLabel, Counter>,
     generation: Family<ServiceLabel, Gauge>,
+    skeletons_held: Gauge,
+    skeleton_bytes: Gauge,
+    skeleton_budget_bytes: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -62,6 +65,24 @@ impl Default for Metrics {
         let running = Family::default();
         let rollbacks = Family::default();
         let generation = Family::default();
+        let skeletons_held = Gauge::default();
+        let skeleton_bytes = Gauge::default();
+        let skeleton_budget_bytes = Gauge::default();
+        registry.register(
+            "skeletons_held",
+            "Prepared skeletons of parked services",
+            skeletons_held.clone(),
+        );
+        registry.register(
+            "skeleton_bytes",
+            "What the prepared skeletons cost together: memory, page tables and kernel objects",
+            skeleton_bytes.clone(),
+        );
+        registry.register(
+            "skeleton_budget_bytes",
+            "The daemon's --skeleton-budget (0: no limit)",
+            skeleton_budget_bytes.clone(),
+        );
         registry.register("wakes", "Times a parked service was woken", wakes.clone());
         registry.register(
             "wake_latency_seconds",
@@ -126,6 +147,9 @@ impl Default for Metrics {
             running,
             rollbacks,
             generation,
+            skeletons_held,
+            skeleton_bytes,
+            skeleton_budget_bytes,
         }
     }
 }
@@ -167,8 +191,12 @@ impl Metrics {
     }
 
     /// Renders every metric in the Prometheus text format, with the gauges
-    /// taken from `statuses`.
-    pub fn render(&self, statuses: &[ServiceStatus]) -> String {
+    /// taken from `statuses` and `skeletons`.
+    pub fn render(&self, statuses: &[ServiceStatus], skeletons: &SkeletonSummary) -> String {
+        self.skeletons_held.set(skeletons.held as i64);
+        self.skeleton_bytes.set(skeletons.held_bytes as i64);
+        self.skeleton_budget_bytes
+            .set(skeletons.budget_bytes.unwrap_or(0) as i64);
         for status in statuses {
             let label = label(&status.name);
             self.syns.get_or_create(&label).set(status.syns as i64);
@@ -210,7 +238,9 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result
             };
             let head = String::from_utf8_lossy(&request[..len]);
             let response = if head.starts_with("GET /metrics ") || head.starts_with("GET / ") {
-                let body = registry.metrics().render(&registry.status());
+                let body = registry
+                    .metrics()
+                    .render(&registry.status(), &registry.skeleton_summary());
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

@@ -53,6 +53,7 @@ mod reload;
 mod restore_pool;
 mod restore_worker;
 mod run_state;
+mod skeleton_budget;
 mod supervisor;
 mod syn_watcher;
 mod takeover;
@@ -71,6 +72,7 @@ pub use keeper::run_keeper;
 pub use registry::Registry;
 pub use reload::ReloadReport;
 pub use restore_pool::default_size as default_restore_threads;
+pub use skeleton_budget::parse_size;
 pub use supervisor::since_monotonic_us;
 pub use syn_watcher::{SynWatcher, SynWatcherError};
 
@@ -93,6 +95,9 @@ pub struct DaemonOptions {
     /// Threads that prepare, resume and page snapshot services, shared by
     /// all of them.
     pub restore_threads: usize,
+    /// What the prepared skeletons may cost together, in bytes (`None`: no
+    /// limit; docs/parked-cost.md, Tiers).
+    pub skeleton_budget: Option<u64>,
 }
 
 /// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
@@ -144,7 +149,8 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
             Arc::new(Mutex::new(watcher)),
         )?
         .keeping_generations(options.keep_generations)
-        .restore_threads(options.restore_threads),
+        .restore_threads(options.restore_threads)
+        .with_skeleton_budget(options.skeleton_budget),
     );
     registry.restore_registered().await;
     // The services directory is applied before the control socket answers,
@@ -154,6 +160,7 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     let control = control_server::bind(state_dir)?;
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
+    tokio::spawn(skeleton_budget::enforce(registry.clone()));
     tokio::spawn(rotate_logs(state_dir.join("logs"), options.log_max_bytes));
     if let Some(addr) = options.metrics {
         let registry = registry.clone();

@@ -21,11 +21,12 @@ use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_
 use super::restore_pool::RestorePool;
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
+use super::skeleton_budget::{Candidate, Order, SkeletonCosts};
 use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
 use super::takeover::{recover_checkpoint, take_over};
-use crate::control::{HistoryEntry, ServiceStatus};
+use crate::control::{HistoryEntry, ServiceStatus, SkeletonSummary};
 use crate::process_tree;
-use crate::service::{ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
+use crate::service::{KeepSkeleton, ServiceMode, ServiceSpec, ServiceStore, SnapshotSpec};
 use crate::snapshot::{self, BuildRequest, listener_fd_in_image};
 
 /// Listeners taken from a service: the one SYNs are steered to, and the
@@ -152,6 +153,10 @@ pub struct Registry {
     keep_generations: usize,
     /// What the agent cost before it held any service.
     agent_baseline: AgentBaseline,
+    /// Bytes the prepared skeletons may cost together (`None`: no limit).
+    skeleton_budget: Option<u64>,
+    /// What each skeleton costs, measured once.
+    skeleton_costs: SkeletonCosts,
 }
 
 impl Registry {
@@ -180,7 +185,105 @@ impl Registry {
             notes: Mutex::new(BTreeMap::new()),
             keep_generations: super::generations::DEFAULT_KEEP,
             agent_baseline: AgentBaseline::now(),
+            skeleton_budget: None,
+            skeleton_costs: SkeletonCosts::default(),
         })
+    }
+
+    /// Holds the prepared skeletons within `budget` bytes together
+    /// (`None`: no limit), as [`super::skeleton_budget::enforce`] applies it.
+    pub fn with_skeleton_budget(mut self, budget: Option<u64>) -> Self {
+        self.skeleton_budget = budget;
+        self
+    }
+
+    /// The skeleton budget, in bytes (`None`: no limit).
+    pub fn skeleton_budget(&self) -> Option<u64> {
+        self.skeleton_budget
+    }
+
+    /// Every parked snapshot service, as the skeleton budget sees it.
+    pub(super) fn skeleton_candidates(&self) -> Vec<Candidate> {
+        let views: Vec<_> = {
+            let services = self.services.lock().expect("lock");
+            services
+                .values()
+                .filter_map(|handle| {
+                    let report = handle.worker_report.clone()?;
+                    let keep = handle.spec.snapshot.as_ref()?.keep_skeleton;
+                    Some((
+                        handle.spec.name.clone(),
+                        keep,
+                        handle.published.clone(),
+                        report,
+                    ))
+                })
+                .collect()
+        };
+        let mut live = Vec::new();
+        let mut candidates = Vec::new();
+        for (name, keep, published, report) in views {
+            let (state, pid, last_woken) = {
+                let published = published.lock().expect("lock");
+                (published.state, published.pid, published.last_woken)
+            };
+            let report = report.lock().expect("lock").clone();
+            live.extend(report.skeleton_pid);
+            if state != State::Parked || pid.is_some() {
+                continue;
+            }
+            let held_bytes = report.skeleton_pid.map(|skeleton| {
+                self.skeleton_costs
+                    .of(&name, skeleton, report.skeleton_init_pid)
+            });
+            candidates.push(Candidate {
+                last_bytes: self.skeleton_costs.last(&name),
+                name,
+                keep,
+                held_bytes,
+                last_woken,
+                can_prepare: report.prepares_queued == 0
+                    && report.error.is_none()
+                    && report.syn_resumes_unreported == 0,
+            });
+        }
+        self.skeleton_costs.keep_only(&live);
+        candidates
+    }
+
+    /// Passes the skeleton budget's `order` to the supervisor of `name`.
+    pub(super) fn order_skeleton(&self, name: &str, order: Order) {
+        if let Some(handle) = self.services.lock().expect("lock").get(name) {
+            let _ = handle.commands.send(Command::Skeleton(order));
+        }
+    }
+
+    /// The skeletons held now, their cost and the budget, for `status`.
+    pub fn skeleton_summary(&self) -> SkeletonSummary {
+        let held: Vec<_> = {
+            let services = self.services.lock().expect("lock");
+            services
+                .values()
+                .filter_map(|handle| {
+                    let report = handle.worker_report.as_ref()?.lock().expect("lock");
+                    Some((
+                        handle.spec.name.clone(),
+                        report.skeleton_pid?,
+                        report.skeleton_init_pid,
+                    ))
+                })
+                .collect()
+        };
+        let live: Vec<i32> = held.iter().map(|(_, pid, _)| *pid).collect();
+        self.skeleton_costs.keep_only(&live);
+        SkeletonSummary {
+            held: held.len() as u64,
+            held_bytes: held
+                .iter()
+                .map(|(name, pid, init)| self.skeleton_costs.of(name, *pid, *init))
+                .sum(),
+            budget_bytes: self.skeleton_budget,
+        }
     }
 
     /// Keeps `count` untagged generations of each `--on-idle keep` service.
@@ -525,6 +628,11 @@ impl Registry {
                 )?;
                 if adopted.is_none() {
                     prepared = Some(worker.prepare_checked(image.clone()));
+                    // Checked whole all the same; then only the image stays.
+                    if spec.snapshot.as_ref().map(|s| s.keep_skeleton) == Some(KeepSkeleton::Never)
+                    {
+                        worker.park_cold(image.clone());
+                    }
                 }
                 Starter::Restore {
                     worker,
@@ -813,6 +921,8 @@ impl Registry {
                 // keeper of its own, left by an earlier agent, is its alone.
                 let mut parked_cost = None;
                 let mut skeleton_pid = None;
+                let mut skeleton = None;
+                let mut skeleton_bytes = None;
                 if view.pid.is_none() {
                     let mut waiting: Vec<i32> = self
                         .run_state
@@ -825,6 +935,18 @@ impl Registry {
                     if let Some(report) = &worker_report {
                         let report = report.lock().expect("lock");
                         skeleton_pid = report.skeleton_pid;
+                        skeleton = Some(
+                            if report.skeleton_pid.is_some() {
+                                "prepared"
+                            } else {
+                                "on disk"
+                            }
+                            .to_owned(),
+                        );
+                        skeleton_bytes = report.skeleton_pid.map(|pid| {
+                            self.skeleton_costs
+                                .of(&spec.name, pid, report.skeleton_init_pid)
+                        });
                         waiting.extend(report.skeleton_pid);
                         waiting.extend(report.skeleton_init_pid);
                     }
@@ -874,6 +996,12 @@ impl Registry {
                     pids,
                     parked_bytes: parked_cost.map_or(0, |cost| cost.total()),
                     skeleton_pid,
+                    skeleton,
+                    skeleton_bytes,
+                    keep_skeleton: spec
+                        .snapshot
+                        .as_ref()
+                        .map(|s| s.keep_skeleton.as_str().to_owned()),
                     parked_cost,
                     error: view.error.or_else(|| file_errors.get(&spec.name).cloned()),
                     generation: view.generation.map(|g| g.to_string()),
@@ -903,6 +1031,9 @@ impl Registry {
                 pss_bytes: 0,
                 parked_bytes: 0,
                 skeleton_pid: None,
+                skeleton: None,
+                skeleton_bytes: None,
+                keep_skeleton: None,
                 parked_cost: None,
                 error: Some(broken.error.clone()),
                 generation: None,

@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use persist_common::image::{Image, ImageError, WorkingSet, WorkingSetPage, manifest_crc};
 use tokio::sync::oneshot;
@@ -95,6 +96,8 @@ pub struct WorkerReport {
     /// down by the supervisor as it hears, or by the restore thread when
     /// there was no skeleton to resume after all.
     pub syn_resumes_unreported: u32,
+    /// Prepares asked for and not yet done: a skeleton is on its way.
+    pub prepares_queued: u32,
 }
 
 impl WorkerReport {
@@ -127,6 +130,16 @@ enum Job {
     Resume {
         reply: oneshot::Sender<Result<Resumed, ResumeRefused>>,
     },
+    /// Prepare a skeleton from the current image if the service is parked
+    /// with none (its skeleton was released).
+    Restock,
+    /// Kill the prepared skeleton; the image stays for the next wake.
+    Release {
+        /// The image of the next wake, when it changed (a park with no
+        /// skeleton kept): any skeleton goes. Without it, one that a SYN is
+        /// already resuming stays.
+        image: Option<PathBuf>,
+    },
     /// A SYN arrived: resume the prepared skeleton now, without waiting for
     /// the supervisor (see [`ResumeTrigger`]).
     ResumeOnSyn {
@@ -138,8 +151,10 @@ enum Job {
 }
 
 /// What becomes of a resume asked for by a SYN: `Some` with the outcome
-/// when a prepared skeleton was resumed, `None` when there was none (the
-/// supervisor then wakes the service its usual way).
+/// when a skeleton was resumed (or prepared then resumed: a cold wake), or
+/// could not be; `None` when the skeleton of this park was already resumed
+/// or there is no image to prepare one from (the supervisor then wakes the
+/// service its usual way, or ignores the SYN as it runs).
 pub type EarlyReply = Box<dyn FnOnce(Option<Result<Resumed, String>>) + Send>;
 
 /// What [`RestoreWorker::resume`] did instead of resuming a process.
@@ -294,6 +309,7 @@ impl RestoreWorker {
             log: options.log,
             plan: WakePlan::Lazy,
             resumed_on_syn: false,
+            resumed: false,
             verify_next: false,
             armed: armed.clone(),
         };
@@ -323,10 +339,41 @@ impl RestoreWorker {
 
     /// Prepares a skeleton from `image` for the next wake (in the background).
     pub fn prepare(&self, image: PathBuf) {
-        let _ = self.jobs.send(Job::Prepare {
-            image,
-            checked: None,
-        });
+        self.send_prepare(image, None);
+    }
+
+    /// Parks with no skeleton: the next wake prepares one from `image`
+    /// (a cold wake), and any skeleton prepared before is killed.
+    pub fn park_cold(&self, image: PathBuf) {
+        let _ = self.jobs.send(Job::Release { image: Some(image) });
+    }
+
+    /// Prepares a skeleton again for a service parked without one (it was
+    /// released); nothing if one is there or the service was woken since.
+    pub fn restock(&self) {
+        self.report.lock().expect("report lock").prepares_queued += 1;
+        if self.jobs.send(Job::Restock).is_err() {
+            self.prepare_done();
+        }
+    }
+
+    fn prepare_done(&self) {
+        let mut report = self.report.lock().expect("report lock");
+        report.prepares_queued = report.prepares_queued.saturating_sub(1);
+    }
+
+    /// Kills the prepared skeleton to give its memory back; the image stays,
+    /// and the next wake prepares one from it. A skeleton a SYN is already
+    /// resuming stays.
+    pub fn release_skeleton(&self) {
+        let _ = self.jobs.send(Job::Release { image: None });
+    }
+
+    fn send_prepare(&self, image: PathBuf, checked: Option<oneshot::Sender<Result<(), String>>>) {
+        self.report.lock().expect("report lock").prepares_queued += 1;
+        if self.jobs.send(Job::Prepare { image, checked }).is_err() {
+            self.prepare_done();
+        }
     }
 
     /// Prepares a skeleton from `image` after checking the whole image as
@@ -334,10 +381,7 @@ impl RestoreWorker {
     /// whether the service can be woken.
     pub fn prepare_checked(&self, image: PathBuf) -> oneshot::Receiver<Result<(), String>> {
         let (reply, answer) = oneshot::channel();
-        let _ = self.jobs.send(Job::Prepare {
-            image,
-            checked: Some(reply),
-        });
+        self.send_prepare(image, Some(reply));
         answer
     }
 
@@ -521,6 +565,9 @@ struct Worker {
     plan: WakePlan,
     /// A SYN resumed the skeleton of this park (cleared by the next prepare).
     resumed_on_syn: bool,
+    /// The skeleton of this park was resumed, by a SYN or the supervisor
+    /// (cleared by the next prepare or park): a SYN then prepares no other.
+    resumed: bool,
     /// The next prepare verifies every page first: the last wake found a
     /// corrupt one, and a skeleton that would die on it must not be armed.
     verify_next: bool,
@@ -553,10 +600,18 @@ impl Worker {
                 self.image = Some(image);
                 self.verify_next |= checked.is_some();
                 let outcome = self.prepare();
+                self.prepare_done();
                 if let Some(checked) = checked {
                     let _ = checked.send(outcome);
                 }
             }
+            Job::Restock => {
+                if self.skeleton.is_none() && !self.resumed && self.image.is_some() {
+                    let _ = self.prepare();
+                }
+                self.prepare_done();
+            }
+            Job::Release { image } => self.release(image),
             Job::Resume { reply } => self.resume(reply),
             Job::ResumeOnSyn { then, at_work } => self.resume_on_syn(then, at_work),
             Job::ServeAdopted { pager } => self.serve_adopted(*pager),
@@ -567,6 +622,11 @@ impl Worker {
     /// could not be released to a group stop).
     fn traces_skeleton(&self) -> bool {
         self.skeleton.as_ref().is_some_and(Skeleton::is_traced)
+    }
+
+    fn prepare_done(&self) {
+        let mut report = self.report.lock().expect("report lock");
+        report.prepares_queued = report.prepares_queued.saturating_sub(1);
     }
 
     /// Serves the pages of a process adopted from a dead daemon until they
@@ -592,19 +652,38 @@ impl Worker {
 
     /// Prepares the skeleton of the next wake; says why not when it cannot.
     fn prepare(&mut self) -> Result<(), String> {
+        self.prepare_for(None)
+    }
+
+    /// Prepares the skeleton of the next wake; with `cold`, for a SYN that
+    /// waits for it (a cold wake), whose stages it times. The skeleton of a
+    /// cold wake stays under ptrace: this thread resumes it at once, and a
+    /// group stop (for the wake thread to end) would only cost a `SIGSTOP`
+    /// and a `SIGCONT` on the SYN's path.
+    fn prepare_for(&mut self, mut cold: Option<&mut ColdPrepare>) -> Result<(), String> {
+        let started = std::time::Instant::now();
         // A skeleton of an older image must not be resumed, by a SYN
         // either: disarmed first.
         *self.armed.lock().expect("armed lock") = Armed::default();
         self.skeleton = None;
         self.plan = WakePlan::Lazy;
         self.resumed_on_syn = false;
-        let _ = sched::set_current_thread_realtime(false);
+        self.resumed = false;
+        // A wake waits for a cold prepare: it runs at real-time priority,
+        // the skeleton's fork (building its layout) too, so that a busy host
+        // does not make the SYN wait for a CPU at every step; the skeleton's
+        // threads are made ordinary before they ever run their own code.
+        let _ = sched::set_current_thread_realtime(cold.is_some());
         let verify = std::mem::take(&mut self.verify_next);
         let mut stale = false;
         let mut backlog = None;
         let result = self
             .build_skeleton(verify, &mut stale)
             .and_then(|(mut skeleton, image)| {
+                if let Some(cold) = cold.as_deref_mut() {
+                    cold.build = started.elapsed();
+                    make_ordinary(&skeleton)?;
+                }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
                 self.plan = self.plan_wake(image);
                 let mut armed = Armed::default();
@@ -614,7 +693,10 @@ impl Worker {
                     pager.zero_ahead(set);
                     armed.copy = Some(pager.plan_set(set));
                 }
-                let continuer = skeleton.release().map_err(|err| err.to_string())?;
+                let continuer = match cold {
+                    Some(_) => None,
+                    None => skeleton.release().map_err(|err| err.to_string())?,
+                };
                 // Every page must be in before the process runs: the restore
                 // thread copies them all, then resumes it.
                 if !matches!(self.plan, WakePlan::All) {
@@ -623,6 +705,7 @@ impl Worker {
                 *self.armed.lock().expect("armed lock") = armed;
                 Ok(skeleton)
             });
+        let armed_at = started.elapsed();
         let mut report = self.report.lock().expect("report lock");
         match result {
             Ok(mut skeleton) => {
@@ -637,6 +720,11 @@ impl Worker {
                     &self.group,
                     self.page_source(&mut skeleton),
                 );
+                if let Some(cold) = cold {
+                    cold.arm = armed_at.saturating_sub(cold.build);
+                    cold.record = started.elapsed().saturating_sub(armed_at);
+                    cold.skeleton = skeleton.timings();
+                }
                 report.skeleton_pid = Some(skeleton.pid());
                 report.skeleton_init_pid = skeleton.init_pid();
                 // Armed: the resume on the next SYN runs ahead of ordinary
@@ -647,7 +735,8 @@ impl Worker {
                 report.error = None;
                 report.stale = false;
                 report.listener_backlog = backlog;
-                info!(service = %self.name, pid = skeleton.pid(), prepare_us = skeleton.timings().prepare.as_micros() as u64, "skeleton ready");
+                let timings = skeleton.timings();
+                info!(service = %self.name, pid = skeleton.pid(), prepare_us = timings.prepare.as_micros() as u64, setup_us = timings.setup.as_micros() as u64, layout_us = timings.layout.as_micros() as u64, finish_us = timings.finish.as_micros() as u64, "skeleton ready");
                 self.skeleton = Some(skeleton);
                 Ok(())
             }
@@ -662,6 +751,42 @@ impl Worker {
                 self.verify_next = !stale;
                 Err(err)
             }
+        }
+    }
+
+    /// Kills the prepared skeleton, if any, keeping the image (or taking
+    /// `image` as the next wake's, when given: then any skeleton goes).
+    /// Without `image`, a skeleton a SYN is resuming stays: the wake thread
+    /// may already have let it run.
+    fn release(&mut self, image: Option<PathBuf>) {
+        {
+            // Disarmed under the lock the wake thread takes after counting
+            // its SYN: either it counted first (and the skeleton stays) or
+            // it finds nothing armed (and this thread prepares a new one).
+            let mut armed = self.armed.lock().expect("armed lock");
+            let report = self.report.lock().expect("report lock");
+            if image.is_none() && report.syn_resumes_unreported > 0 {
+                return;
+            }
+            *armed = Armed::default();
+        }
+        if let Some(image) = image {
+            self.image = Some(image);
+            self.resumed_on_syn = false;
+            self.resumed = false;
+        }
+        self.plan = WakePlan::Lazy;
+        let released = self.skeleton.take().map(|skeleton| skeleton.pid());
+        {
+            let mut report = self.report.lock().expect("report lock");
+            report.skeleton_pid = None;
+            report.skeleton_init_pid = None;
+        }
+        if let Some(pid) = released {
+            // The record named the skeleton, which its drop just killed.
+            self.run_state.clear(&self.name);
+            info!(service = %self.name, pid, "skeleton released");
+            crate::sys::alloc::give_back_free_memory();
         }
     }
 
@@ -802,7 +927,7 @@ impl Worker {
                 return;
             }
             // Its failure is the resume's: the reply says why.
-            let _ = self.prepare();
+            self.prepare_cold();
         }
         let at_work = self.pagers.start();
         self.resume_and_serve(
@@ -813,8 +938,29 @@ impl Worker {
         );
     }
 
+    /// Prepares the skeleton of a wake that waits for it (a cold wake),
+    /// and logs where the time went; a failure is in the report.
+    fn prepare_cold(&mut self) {
+        let started = std::time::Instant::now();
+        let mut times = ColdPrepare::default();
+        if self.prepare_for(Some(&mut times)).is_ok() {
+            let us = |d: Duration| d.as_micros() as u64;
+            info!(
+                service = %self.name,
+                took_us = us(started.elapsed()),
+                build_us = us(times.build),
+                setup_us = us(times.skeleton.setup),
+                layout_us = us(times.skeleton.layout),
+                finish_us = us(times.skeleton.finish),
+                arm_us = us(times.arm),
+                record_us = us(times.record),
+                "cold wake: skeleton prepared for the waiting wake"
+            );
+        }
+    }
+
     fn resume_on_syn(&mut self, then: EarlyReply, at_work: PagerAtWork) {
-        if self.skeleton.is_none() {
+        if self.skeleton.is_none() && (self.resumed || self.image.is_none()) {
             self.report
                 .lock()
                 .expect("report lock")
@@ -822,7 +968,14 @@ impl Worker {
             then(None);
             return;
         }
-        self.resumed_on_syn = true;
+        if self.skeleton.is_none() {
+            // A cold wake: prepared here and now, on the SYN's path. A
+            // failure is the resume's, reported to the supervisor.
+            self.prepare_cold();
+        }
+        // Set only for a skeleton to resume: after a failed prepare, the
+        // supervisor's retry must prepare again.
+        self.resumed_on_syn = self.skeleton.is_some();
         self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work);
     }
 
@@ -839,6 +992,7 @@ impl Worker {
             reply(Err(error.unwrap_or_else(|| "no skeleton".into())));
             return;
         };
+        self.resumed = true;
         {
             let mut report = self.report.lock().expect("report lock");
             report.skeleton_pid = None;
@@ -1040,6 +1194,33 @@ impl Worker {
             }
         }
     }
+}
+
+/// Puts every thread of `skeleton` (and the init of its pid namespace) in
+/// `SCHED_OTHER`: forked by a real-time thread, they inherited its policy.
+fn make_ordinary(skeleton: &Skeleton) -> Result<(), String> {
+    for &tid in skeleton.tids().iter().chain(skeleton.init_pid().iter()) {
+        sched::set_thread_ordinary(tid).map_err(|err| {
+            format!(
+                "cannot give thread {tid} of pid {} its ordinary scheduling back: {err}",
+                skeleton.pid()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Where the prepare of a cold wake spent its time.
+#[derive(Debug, Default)]
+struct ColdPrepare {
+    /// Opening the image and building the skeleton (of which `skeleton`).
+    build: Duration,
+    /// The skeleton's own phases.
+    skeleton: Timings,
+    /// Planning the wake: the working set read, verified, its pages planned.
+    arm: Duration,
+    /// Recording the process for a daemon taking over.
+    record: Duration,
 }
 
 /// A wake that records or extends the working set of its image.

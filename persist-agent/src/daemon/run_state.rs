@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use persist_common::trust::{TrustError, read_trusted_file};
 
 use crate::restore::{EventJournal, Pager};
-use crate::service::{create_trusted_dir, write_atomically};
+use crate::service::{create_trusted_dir, replace_file};
 use crate::sys::pidfd::PidFd;
 
 /// Longest run record read: a few numbers in JSON.
@@ -177,7 +177,7 @@ impl RunStateDir {
         let saved = match record {
             Some(record) => {
                 let json = serde_json::to_vec(&record).expect("a run record always serialises");
-                write_atomically(path, &json)
+                replace_file(path, &json)
             }
             None => Err(std::io::Error::other(format!(
                 "pid {pid} or its listener is gone"

@@ -292,6 +292,11 @@ impl Skeleton {
         self.init_pid
     }
 
+    /// Its threads' ids in the agent's pid namespace, the leader first.
+    pub fn tids(&self) -> &[i32] {
+        &self.tids
+    }
+
     /// The descriptor number at which the process keeps its userfaultfd.
     pub fn uffd_fd(&self) -> i32 {
         self.uffd_fd

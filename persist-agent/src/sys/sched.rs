@@ -24,6 +24,30 @@ pub fn set_current_thread_realtime(realtime: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Puts thread `tid` (of any process) in `SCHED_OTHER`, keeping its nice
+/// value: a restored thread forked by a real-time thread inherited its
+/// policy, and must not run with it.
+pub fn set_thread_ordinary(tid: i32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads the `sched_param` we pass, which
+    // lives for the call; `tid` names a thread, or the call fails.
+    let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The scheduling policy of thread `tid`.
+pub fn thread_policy(tid: i32) -> io::Result<i32> {
+    // SAFETY: sched_getscheduler only reads the thread's policy.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    if policy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(policy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +62,27 @@ mod tests {
             set_current_thread_realtime(false).unwrap();
             // SAFETY: as above.
             assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_child_of_a_realtime_thread_is_made_ordinary() {
+        crate::test_support::require_root!();
+        std::thread::spawn(|| {
+            set_current_thread_realtime(true).unwrap();
+            let mut child = std::process::Command::new("sleep")
+                .arg("10")
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            assert_eq!(thread_policy(pid).unwrap(), libc::SCHED_FIFO);
+            set_thread_ordinary(pid).unwrap();
+            assert_eq!(thread_policy(pid).unwrap(), libc::SCHED_OTHER);
+            set_current_thread_realtime(false).unwrap();
+            child.kill().unwrap();
+            child.wait().unwrap();
         })
         .join()
         .unwrap();

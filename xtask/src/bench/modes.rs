@@ -35,6 +35,9 @@ pub enum Mode {
     PersistLazy,
     /// Like lazy, with the recorded working set prefetched.
     PersistPrefetch,
+    /// Parked with its image only (`--keep-skeleton never`): the SYN's wake
+    /// prepares the skeleton, then resumes it (with the working set).
+    PersistCold,
     /// Started on demand from scratch, as socket activation would.
     Fresh,
     /// Running but SIGSTOPped; SIGCONT once the request is sent.
@@ -45,10 +48,11 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in table order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Warm,
         Self::PersistLazy,
         Self::PersistPrefetch,
+        Self::PersistCold,
         Self::Fresh,
         Self::Frozen,
         Self::Criu,
@@ -60,6 +64,7 @@ impl Mode {
             Self::Warm => "warm (running)",
             Self::PersistLazy => "persist lazy",
             Self::PersistPrefetch => "persist prefetch",
+            Self::PersistCold => "persist cold (no skeleton)",
             Self::Fresh => "fresh on demand",
             Self::Frozen => "frozen (SIGSTOP/SIGCONT)",
             Self::Criu => "CRIU restore",
@@ -141,6 +146,9 @@ pub struct ServerResult {
     pub lazy: Option<WakeStats>,
     /// Agent statistics of the prefetching persist mode.
     pub prefetch: Option<WakeStats>,
+    /// Agent statistics of the cold persist mode.
+    #[serde(default)]
+    pub cold: Option<WakeStats>,
 }
 
 /// A service registered with the agent, woken in turns with the others.
@@ -148,8 +156,10 @@ struct Woken {
     mode: Mode,
     service: String,
     port: u16,
-    /// Snapshot mode (a skeleton is prepared while parked), else exec mode.
+    /// Snapshot mode, else exec mode.
     snapshot: bool,
+    /// Parked with no skeleton (`--keep-skeleton never`).
+    cold: bool,
     /// Errors of `add` attempts that failed before one worked.
     add_failures: Vec<String>,
     ttfb: Samples,
@@ -186,6 +196,8 @@ pub struct Bench<'a> {
     pub runs: usize,
     /// Whether `persist-agent add` takes `--prefetch` (`none`, `recorded`).
     pub prefetch: bool,
+    /// Whether `persist-agent add` takes `--keep-skeleton` (cold wakes).
+    pub cold: bool,
     /// The `criu` binary, if installed.
     pub criu: Option<PathBuf>,
     /// Scratch space for images and pid files.
@@ -202,6 +214,7 @@ impl Bench<'_> {
             modes: Vec::new(),
             lazy: None,
             prefetch: None,
+            cold: None,
         };
         if !server.persist_only() {
             match self.warm_and_frozen(server, bar) {
@@ -225,6 +238,7 @@ impl Bench<'_> {
                     match row.mode {
                         Mode::PersistLazy => result.lazy = stats,
                         Mode::PersistPrefetch => result.prefetch = stats,
+                        Mode::PersistCold => result.cold = stats,
                         _ => {}
                     }
                     result.modes.push(row);
@@ -241,6 +255,12 @@ impl Bench<'_> {
         if !self.prefetch {
             result.modes.push(ModeResult::noted(
                 Mode::PersistPrefetch,
+                "n/a (not implemented yet)",
+            ));
+        }
+        if !self.cold {
+            result.modes.push(ModeResult::noted(
+                Mode::PersistCold,
                 "n/a (not implemented yet)",
             ));
         }
@@ -336,7 +356,7 @@ impl Bench<'_> {
         // prefetching agent has recorded its working set), as for every later wake.
         for entry in &mut woken {
             let warmup = self
-                .wait_parked(&entry.service, entry.snapshot)
+                .wait_parked(&entry.service, entry.snapshot, entry.cold)
                 .and_then(|_| self.in_netns(|| client::request(entry.port, server.probe))?);
             if let Err(err) = warmup {
                 entry.error = Some(format!("failed: {err:#}"));
@@ -365,6 +385,9 @@ impl Bench<'_> {
         if self.prefetch {
             modes.push(Mode::PersistPrefetch);
         }
+        if self.cold {
+            modes.push(Mode::PersistCold);
+        }
         if server.kind == Kind::Hello {
             modes.push(Mode::Fresh);
         }
@@ -384,12 +407,20 @@ impl Bench<'_> {
                 format!("{}-prefetch", server.service),
                 server.command(port)?,
             ),
+            Mode::PersistCold => (format!("{}-cold", server.service), server.command(port)?),
             _ => (server.service.to_owned(), server.command(port)?),
         };
         let mut args: Vec<&str> = vec!["add", &service, "--port", &port_text];
         match (mode, self.prefetch) {
             (Mode::Fresh, _) => args.push("--exec"),
             (Mode::PersistPrefetch, _) => args.extend(["--prefetch", "recorded"]),
+            // As a cold service would run: its working set prefetched.
+            (Mode::PersistCold, prefetch) => {
+                args.extend(["--keep-skeleton", "never"]);
+                if prefetch {
+                    args.extend(["--prefetch", "recorded"]);
+                }
+            }
             // Where the agent prefetches, lazy has to say it wants none.
             (_, true) => args.extend(["--prefetch", "none"]),
             (_, false) => {}
@@ -419,6 +450,7 @@ impl Bench<'_> {
             service,
             port,
             snapshot,
+            cold: mode == Mode::PersistCold,
             add_failures,
             ttfb: Samples::default(),
             stats,
@@ -456,7 +488,7 @@ impl Bench<'_> {
     fn wake_once(&self, entry: &mut Woken, probe: Probe) -> Result<()> {
         let service = entry.service.as_str();
         self.sandbox.agent_ok(&["park", service])?;
-        let parked = self.wait_parked(service, entry.snapshot)?;
+        let parked = self.wait_parked(service, entry.snapshot, entry.cold)?;
         if entry.snapshot {
             let rss = parked["rss_bytes"].as_u64().unwrap_or(0);
             entry.stats.parked_rss_bytes.push_value(rss as f64);
@@ -507,8 +539,9 @@ impl Bench<'_> {
     /// Polls the status until `service` is parked and, in snapshot mode, its
     /// skeleton is prepared: the status names it (`skeleton_pid`), or, from
     /// agents that did not name it, shows it resident memory. A wake before
-    /// that would prepare it on the SYN, and time the prepare.
-    fn wait_parked(&self, service: &str, snapshot: bool) -> Result<Value> {
+    /// that would prepare it on the SYN, and time the prepare. A `cold`
+    /// service is ready once parked with no skeleton, its image on disk.
+    fn wait_parked(&self, service: &str, snapshot: bool, cold: bool) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let status = self.sandbox.service(service)?;
@@ -516,11 +549,13 @@ impl Bench<'_> {
                 bail!("{service} failed: {error}");
             }
             let ready = !snapshot
-                || match status.get("skeleton_pid") {
-                    Some(pid) => pid.is_i64(),
-                    None if status.get("parked_cost").is_some() => false,
-                    None => parked_cost(&status).is_some_and(|bytes| bytes > 0),
-                };
+                || (cold && status["skeleton"] == "on disk")
+                || !cold
+                    && match status.get("skeleton_pid") {
+                        Some(pid) => pid.is_i64(),
+                        None if status.get("parked_cost").is_some() => false,
+                        None => parked_cost(&status).is_some_and(|bytes| bytes > 0),
+                    };
             if status["state"] == "parked" && ready {
                 return Ok(status);
             }

@@ -90,6 +90,7 @@ fn mode_color(mode: Mode) -> RGBColor {
         Mode::Warm => RGBColor(0x33, 0x33, 0x33),
         Mode::PersistLazy => RGBColor(0x1f, 0x77, 0xb4),
         Mode::PersistPrefetch => RGBColor(0x17, 0xbe, 0xcf),
+        Mode::PersistCold => RGBColor(0xff, 0x7f, 0x0e),
         Mode::Fresh => RGBColor(0xd6, 0x27, 0x28),
         Mode::Frozen => RGBColor(0x2c, 0xa0, 0x2c),
         Mode::Criu => RGBColor(0x94, 0x67, 0xbd),

@@ -26,9 +26,12 @@ pub fn latency_table(results: &[ServerResult]) -> String {
         for row in &result.modes {
             let median = row.ttfb.median();
             let versus_warm = ratio(median, warm).filter(|_| row.mode != Mode::Warm);
-            let fresh_over = matches!(row.mode, Mode::PersistLazy | Mode::PersistPrefetch)
-                .then(|| ratio(fresh, median))
-                .flatten();
+            let fresh_over = matches!(
+                row.mode,
+                Mode::PersistLazy | Mode::PersistPrefetch | Mode::PersistCold
+            )
+            .then(|| ratio(fresh, median))
+            .flatten();
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -58,6 +61,7 @@ pub fn cost_table(results: &[ServerResult]) -> String {
             [
                 (Mode::PersistLazy, &r.lazy),
                 (Mode::PersistPrefetch, &r.prefetch),
+                (Mode::PersistCold, &r.cold),
             ]
             .into_iter()
             .filter_map(move |(mode, stats)| stats.as_ref().map(|stats| (r, mode, stats)))
@@ -176,6 +180,7 @@ mod tests {
                 ..WakeStats::default()
             }),
             prefetch: None,
+            cold: None,
         }
     }
 

@@ -37,7 +37,8 @@ use super::listener;
 use super::metrics::Metrics;
 use super::restore_worker::{RestoreWorker, ResumeTrigger, Resumed, WorkerReport};
 use super::run_state::{Adopted, RunStateDir};
-use crate::service::{ServiceMode, ServiceSpec};
+use super::skeleton_budget::Order;
+use crate::service::{KeepSkeleton, ServiceMode, ServiceSpec};
 use crate::sys::pidfd::PidFd;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
@@ -107,6 +108,9 @@ pub struct Published {
     /// What the supervisor did on its own that the owner should know (a
     /// rollback past a generation that crashed).
     pub note: Option<String>,
+    /// When it was last woken (the skeleton budget keeps the skeletons of
+    /// the most recently woken services).
+    pub last_woken: Option<Instant>,
 }
 
 /// Messages to a supervisor.
@@ -140,6 +144,9 @@ pub enum Command {
     Retry,
     /// A request about the kept generations (`history`, `rollback`, `snapshot`).
     Generations(GenerationsCommand),
+    /// The skeleton budget's order for a parked snapshot service
+    /// ([`super::skeleton_budget`]); ignored unless parked.
+    Skeleton(Order),
     /// Stop the service if it runs and end the supervisor.
     Shutdown {
         /// Answered once the service is stopped.
@@ -392,6 +399,7 @@ impl Supervisor {
                 Starter::Command { .. } => None,
             },
             note: None,
+            last_woken: None,
         }));
         let mut supervisor = Self {
             spec: spec.clone(),
@@ -499,6 +507,7 @@ impl Supervisor {
                         let _ = done.send(published.error.clone().map_or(Ok(()), Err));
                     }
                     Some(Command::Generations(request)) => self.generations_request(request).await,
+                    Some(Command::Skeleton(order)) => self.skeleton_order(order),
                     Some(Command::Shutdown { done }) => {
                         let _ = done.send(());
                         return Ok(());
@@ -542,7 +551,7 @@ impl Supervisor {
                     }
                 }
                 command = commands.recv() => match command {
-                    Some(Command::Wake { .. } | Command::Retry) => {}
+                    Some(Command::Wake { .. } | Command::Retry | Command::Skeleton(_)) => {}
                     Some(Command::Resumed { result, .. }) => {
                         self.heard_of_syn_resume();
                         kill_stray(&self.spec.name, result);
@@ -564,10 +573,14 @@ impl Supervisor {
         }
     }
 
-    /// Snapshot mode: prepares the skeleton of the next wake right away.
-    /// The process is gone: its record goes first, as the restore thread
-    /// records the skeleton once ready (cleared after that, a skeleton
-    /// left by a killed daemon would hold the port unknown to the next).
+    /// Snapshot mode: prepares the skeleton of the next wake right away,
+    /// or with `--keep-skeleton never` only names its image (the wake
+    /// prepares it: a cold wake). A service just woken keeps its skeleton
+    /// under an `auto` budget too: the budget releases the least recently
+    /// woken ones. The process is gone: its record goes first, as the
+    /// restore thread records the skeleton once ready (cleared after that,
+    /// a skeleton left by a killed daemon would hold the port unknown to
+    /// the next).
     fn prepare_next(&self) {
         if let Starter::Restore {
             worker,
@@ -576,7 +589,38 @@ impl Supervisor {
         } = &self.starter
         {
             self.run_state.clear(&self.spec.name);
-            worker.prepare(generations.path(*next));
+            let image = generations.path(*next);
+            match self.keep_skeleton() {
+                KeepSkeleton::Never => worker.park_cold(image),
+                KeepSkeleton::Always | KeepSkeleton::Auto => worker.prepare(image),
+            }
+        }
+    }
+
+    /// The service's `--keep-skeleton`.
+    fn keep_skeleton(&self) -> KeepSkeleton {
+        self.spec
+            .snapshot
+            .as_ref()
+            .map_or(KeepSkeleton::default(), |s| s.keep_skeleton)
+    }
+
+    /// Releases or prepares the skeleton of a parked service, as the budget
+    /// orders. A SYN may be resuming it meanwhile: the restore thread
+    /// checks again, and a skeleton being resumed is never released.
+    fn skeleton_order(&self, order: Order) {
+        let Starter::Restore { worker, .. } = &self.starter else {
+            return;
+        };
+        if self.child.is_some() || self.state() != State::Parked || self.syn_resume_unreported() {
+            return;
+        }
+        match order {
+            Order::Release if self.keep_skeleton() != KeepSkeleton::Always => {
+                worker.release_skeleton();
+            }
+            Order::Prepare if self.keep_skeleton() != KeepSkeleton::Never => worker.restock(),
+            Order::Release | Order::Prepare => {}
         }
     }
 

@@ -198,6 +198,7 @@ impl Supervisor {
         published.pid = Some(pid);
         published.sessions = vec![pid];
         published.wakes += 1;
+        published.last_woken = Some(Instant::now());
         published.error = None;
         if latency_us.is_some() {
             published.last_wake_us = latency_us;
