@@ -18,6 +18,7 @@ mod report;
 mod scale;
 mod servers;
 mod stats;
+mod unregistered;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -64,8 +64,10 @@ enum Task {
         /// Copy the plot to docs/bench-latency.svg, the one the README shows.
         #[arg(long)]
         update_docs: bool,
-        /// Instead: park N hello-servers and measure what they cost the host,
-        /// the agent's size and a wake storm of one request to each.
+        /// Instead: park N hello-servers (8 adds in flight) and measure what
+        /// they cost the host and its disk, the agent's size, the rate of
+        /// connections to an unregistered port with and without the agent,
+        /// and a wake storm of one request to each.
         #[arg(long, value_name = "N")]
         scale: Option<usize>,
     },

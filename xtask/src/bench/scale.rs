@@ -1,8 +1,11 @@
 //! `cargo xtask bench --scale N`: N parked hello-servers on one host. How
 //! long adding them takes, what the agent grows to, what the host really
 //! pays per parked service (its MemAvailable drop) against what `status`
-//! says each costs, and a wake storm of one request to every service at once.
+//! says each costs, what the SYN watcher costs connections to a port no
+//! service is registered on, and a wake storm of one request to every
+//! service at once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -11,6 +14,7 @@ use serde::Serialize;
 
 use super::client::{Probe, request};
 use super::stats::{Samples, format_us};
+use super::unregistered::{self, UnregisteredRate};
 
 /// The first port; service `i` listens on `FIRST_PORT + i`.
 const FIRST_PORT: u16 = 20000;
@@ -18,13 +22,22 @@ const FIRST_PORT: u16 = 20000;
 /// How long the host is given to settle before and after the adds.
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// Adds in flight at once (each a `persist-agent add` of its own).
+pub const ADDS_IN_FLIGHT: usize = 8;
+
 /// What one scale run measured, as written to `target/bench/scale.json`.
 #[derive(Debug, Serialize)]
 pub struct ScaleRun {
     /// Parked services.
     pub services: usize,
-    /// Wall time of adding them all, one after the other.
+    /// Adds in flight at once.
+    pub adds_in_flight: usize,
+    /// Wall time of adding them all.
     pub add_s: f64,
+    /// Bytes the state directory's images take on disk once all are
+    /// added (blocks allocated, each file counted once however many
+    /// images link it), per service.
+    pub disk_bytes_per_service: u64,
     /// The agent's resident memory and threads once all are parked.
     pub agent_rss_bytes: u64,
     /// The agent's threads once all are parked.
@@ -35,6 +48,9 @@ pub struct ScaleRun {
     pub status_bytes_per_service: u64,
     /// Of which: private memory, page tables, kernel objects, agent share.
     pub status_breakdown: [u64; 4],
+    /// Connections per second to an unregistered port, with and without
+    /// the agent.
+    pub unregistered: UnregisteredRate,
     /// Requests of the wake storm answered.
     pub storm_served: usize,
     /// Connect-to-first-byte of the storm's requests, in microseconds.
@@ -54,21 +70,7 @@ pub fn run(services: usize) -> Result<ScaleRun> {
 
     let server = binary("hello-server").display().to_string();
     let started = Instant::now();
-    for index in 0..services {
-        let port = FIRST_PORT + index as u16;
-        let command = [server.clone(), format!("127.0.0.1:{port}")];
-        sandbox
-            .add_ok(
-                &format!("hello-{index}"),
-                port,
-                &["--ready", "tcp"],
-                &command,
-            )
-            .with_context(|| format!("adding service {index}"))?;
-        if (index + 1) % 100 == 0 {
-            eprintln!("bench --scale: {} services added", index + 1);
-        }
-    }
+    add_all(&sandbox, &server, services)?;
     let add_s = started.elapsed().as_secs_f64();
     std::thread::sleep(SETTLE);
     let available_after = mem_available()?;
@@ -95,19 +97,90 @@ pub fn run(services: usize) -> Result<ScaleRun> {
     ];
     let daemon = sandbox.daemon_pid().context("the daemon runs")?;
     let (agent_rss_bytes, agent_threads) = rss_and_threads(daemon)?;
+    let disk_bytes_per_service = disk_bytes(&sandbox.state_dir().join("images"))? / services as u64;
 
+    let unregistered = unregistered::measure(&sandbox.netns)?;
     let (storm_served, storm) = wake_storm(&sandbox, services)?;
     Ok(ScaleRun {
         services,
+        adds_in_flight: ADDS_IN_FLIGHT,
         add_s,
+        disk_bytes_per_service,
         agent_rss_bytes,
         agent_threads,
         host_bytes_per_service: available_before.saturating_sub(available_after) / services as u64,
         status_bytes_per_service,
         status_breakdown,
+        unregistered,
         storm_served,
         storm,
     })
+}
+
+/// Adds `services` hello-servers, [`ADDS_IN_FLIGHT`] at a time; the first
+/// failure stops the others from starting more.
+fn add_all(sandbox: &Sandbox, server: &str, services: usize) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..ADDS_IN_FLIGHT.min(services))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let index = next.fetch_add(1, Ordering::SeqCst);
+                        if index >= services || failed.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                        let port = FIRST_PORT + index as u16;
+                        let command = [server.to_owned(), format!("127.0.0.1:{port}")];
+                        let added = sandbox
+                            .add_ok(
+                                &format!("hello-{index}"),
+                                port,
+                                &["--ready", "tcp"],
+                                &command,
+                            )
+                            .with_context(|| format!("adding service {index}"));
+                        if added.is_err() {
+                            failed.store(true, Ordering::SeqCst);
+                        }
+                        added?;
+                        if (index + 1) % 100 == 0 {
+                            eprintln!("bench --scale: {} services added", index + 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_else(|_| bail!("an adder panicked")))
+            .collect::<Result<Vec<()>>>()
+            .map(drop)
+    })
+}
+
+/// Blocks allocated to the files under `dir`, each inode counted once (the
+/// images of one program link their shared page stores).
+fn disk_bytes(dir: &std::path::Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// One request to every service at once, from as many threads.
@@ -153,14 +226,18 @@ pub fn markdown(run: &ScaleRun) -> String {
     let storm = |fraction: f64| run.storm.percentile(fraction).map_or("-".into(), format_us);
     format!(
         "| parked services | {} |\n|---|---|\n\
-         | time to add them (one after the other) | {:.1} s ({:.0} ms each) |\n\
+         | time to add them ({} in flight) | {:.1} s ({:.1} ms each) |\n\
+         | image disk use per service | {} |\n\
          | agent RSS / threads | {:.1} MiB / {} |\n\
          | host MemAvailable drop per service | {} |\n\
          | `status` parked cost per service | {} (private {}, page tables {}, kernel objects {}, agent share {}) |\n\
+         | connections/s to an unregistered port, without / with the agent | {:.0} / {:.0} (ratio {:.3}; rounds {} / {}) |\n\
          | wake storm (one request to each at once) | {}/{} served, median {}, p99 {}, max {} |\n",
         run.services,
+        run.adds_in_flight,
         run.add_s,
         run.add_s * 1000.0 / run.services as f64,
+        kib(run.disk_bytes_per_service),
         run.agent_rss_bytes as f64 / (1024.0 * 1024.0),
         run.agent_threads,
         kib(run.host_bytes_per_service),
@@ -169,10 +246,24 @@ pub fn markdown(run: &ScaleRun) -> String {
         kib(tables),
         kib(kernel),
         kib(agent),
+        run.unregistered.median_without(),
+        run.unregistered.median_with(),
+        run.unregistered.ratio(),
+        rounds(&run.unregistered.without_agent),
+        rounds(&run.unregistered.with_agent),
         run.storm_served,
         run.services,
         storm(0.5),
         storm(0.99),
         storm(1.0),
     )
+}
+
+/// Each round's rate, rounded, as `a, b, c`.
+fn rounds(rates: &[f64]) -> String {
+    rates
+        .iter()
+        .map(|rate| format!("{rate:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
