@@ -128,6 +128,11 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     pagers: Arc<Pagers>,
     services: Mutex<BTreeMap<String, Handle>>,
+    /// Names and ports of services being added, by name: reserved before
+    /// anything is built, so that adds running at once never build one
+    /// image twice nor start two commands on one port. Taken after
+    /// `services` when both are held.
+    adding: Mutex<BTreeMap<String, u16>>,
     broken: Mutex<BTreeMap<String, Broken>>,
     /// The services directory, applied at start and by each reload.
     services_dir: PathBuf,
@@ -160,6 +165,7 @@ impl Registry {
             metrics: Arc::new(Metrics::default()),
             pagers: Arc::new(Pagers::default()),
             services: Mutex::new(BTreeMap::new()),
+            adding: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
             services_dir: services_dir.to_owned(),
             file_errors: Mutex::new(BTreeMap::new()),
@@ -222,9 +228,14 @@ impl Registry {
     /// added only once its first skeleton is prepared from its image, every
     /// page checked: an image that would not restore is refused, and leaves
     /// nothing registered.
+    ///
+    /// Adds run at once (each control connection is a task of its own):
+    /// the name and port are reserved first, so that a second add of either
+    /// is refused while the first builds, and a failing add undoes only
+    /// what it did itself.
     pub async fn add(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
         spec.validate()?;
-        self.check_free(&spec)?;
+        let _reserved = self.reserve(&spec)?;
         let built_listener = match &spec.snapshot {
             Some(snapshot) if spec.mode == ServiceMode::Snapshot && snapshot.image.is_none() => {
                 Some(self.build(&spec, snapshot).await?)
@@ -274,19 +285,27 @@ impl Registry {
         Ok(())
     }
 
-    /// Refuses a name or port another service has.
-    fn check_free(&self, spec: &ServiceSpec) -> Result<(), RegistryError> {
+    /// Reserves the name and port of `spec` for an add, refusing them if a
+    /// registered service or another add has either. The reservation ends
+    /// when the returned guard is dropped, the add done or failed.
+    fn reserve(&self, spec: &ServiceSpec) -> Result<Reservation<'_>, RegistryError> {
         let services = self.services.lock().expect("lock");
-        if services.contains_key(&spec.name) {
+        check_free_in(&services, spec)?;
+        let mut adding = self.adding.lock().expect("lock");
+        if adding.contains_key(&spec.name) {
             return Err(RegistryError::Exists(spec.name.clone()));
         }
-        if let Some(owner) = services.values().find(|h| h.spec.port == spec.port) {
+        if let Some((owner, _)) = adding.iter().find(|(_, port)| **port == spec.port) {
             return Err(RegistryError::PortTaken {
                 port: spec.port,
-                owner: owner.spec.name.clone(),
+                owner: owner.clone(),
             });
         }
-        Ok(())
+        adding.insert(spec.name.clone(), spec.port);
+        Ok(Reservation {
+            adding: &self.adding,
+            name: spec.name.clone(),
+        })
     }
 
     /// Starts the command of a snapshot-mode service, snapshots it into
@@ -425,8 +444,8 @@ impl Registry {
         spec: ServiceSpec,
         provided: Option<OwnedFd>,
     ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, RegistryError> {
-        self.check_free(&spec)?;
         let mut services = self.services.lock().expect("lock");
+        check_free_in(&services, &spec)?;
         let capacity = self.watcher.lock().expect("lock").capacity();
         let slot = (0..capacity)
             .find(|slot| services.values().all(|h| h.slot != *slot))
@@ -850,6 +869,35 @@ impl Registry {
             });
         }
         statuses
+    }
+}
+
+/// Refuses a name or port a registered service has.
+fn check_free_in(
+    services: &BTreeMap<String, Handle>,
+    spec: &ServiceSpec,
+) -> Result<(), RegistryError> {
+    if services.contains_key(&spec.name) {
+        return Err(RegistryError::Exists(spec.name.clone()));
+    }
+    if let Some(owner) = services.values().find(|h| h.spec.port == spec.port) {
+        return Err(RegistryError::PortTaken {
+            port: spec.port,
+            owner: owner.spec.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The name and port of a service being added, held until the add ends.
+struct Reservation<'a> {
+    adding: &'a Mutex<BTreeMap<String, u16>>,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.adding.lock().expect("lock").remove(&self.name);
     }
 }
 
