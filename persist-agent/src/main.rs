@@ -253,6 +253,13 @@ struct AddArgs {
     /// another file now (other inode or device) instead of failing the wake.
     #[arg(long)]
     accept_changed_files: bool,
+    /// Snapshot mode: run the command with address-space layout
+    /// randomisation off, so that services of one program (the same command
+    /// but for the port, user and readiness) have alike memory and their
+    /// images store the pages they have in common once. Every such service
+    /// of the program has the same, predictable, layout.
+    #[arg(long, conflicts_with_all = ["exec", "inetd", "image"])]
+    share_pages: bool,
     #[command(flatten)]
     ready: ReadyArgs,
     /// The command and its arguments (none with --image).
@@ -364,6 +371,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 image: args.image.clone(),
                 log,
                 runtime_dir: std::env::temp_dir(),
+                no_aslr: false,
+                sibling: None,
             };
             let built = snapshot::build(&request)
                 .with_context(|| format!("building {}", args.image.display()))?;
@@ -390,6 +399,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // A process this agent restored holds its userfaultfd.
                 exclude_fds: checkpoint::restorer_userfaultfds(pid),
                 base,
+                base_is_sibling: false,
                 agent_files: Vec::new(),
                 recovery_file,
                 tree,
@@ -502,6 +512,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         image,
         prefetch: args.prefetch,
         accept_changed_files: args.accept_changed_files,
+        share_pages: args.share_pages,
     });
     let spec = ServiceSpec {
         name: args.name,

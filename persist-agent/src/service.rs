@@ -90,6 +90,12 @@ pub struct SnapshotSpec {
     /// through a symbolic link.
     #[serde(default)]
     pub accept_changed_files: bool,
+    /// Run the command with address-space layout randomisation off, so that
+    /// services of one program (same command but for the port, same user
+    /// and readiness) lay out their memory alike and their images store
+    /// once the pages they have in common (docs/scale.md).
+    #[serde(default)]
+    pub share_pages: bool,
 }
 
 /// Which pages a snapshot-mode wake copies in ahead of the process's faults.
@@ -577,6 +583,7 @@ mod tests {
             image: Some("/var/lib/persist/images/web".into()),
             prefetch: Prefetch::Recorded,
             accept_changed_files: false,
+            share_pages: false,
         });
         let err = prebuilt.validate().unwrap_err();
         assert!(

@@ -102,6 +102,7 @@ struct ServiceFile {
     image: Option<Spanned<PathBuf>>,
     prefetch: Option<Spanned<Prefetch>>,
     accept_changed_files: Option<Spanned<bool>>,
+    share_pages: Option<Spanned<bool>>,
     user: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
@@ -214,6 +215,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 "accept_changed_files",
                 file.accept_changed_files.as_ref().map(Spanned::span),
             ),
+            ("share_pages", file.share_pages.as_ref().map(Spanned::span)),
             ("user", file.user.as_ref().map(Spanned::span)),
             ("ready", file.ready.as_ref().map(Spanned::span)),
             (
@@ -297,6 +299,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 .accept_changed_files
                 .as_ref()
                 .is_some_and(|a| *a.get_ref()),
+            share_pages: file.share_pages.as_ref().is_some_and(|s| *s.get_ref()),
         }),
         ServiceMode::Exec | ServiceMode::Inetd => None,
     };

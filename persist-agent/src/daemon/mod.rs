@@ -35,6 +35,7 @@
 
 mod control_server;
 mod exits;
+mod families;
 mod generations;
 mod idle;
 mod keeper;

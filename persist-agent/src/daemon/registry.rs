@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::families::{Families, family_of};
 use super::generations::{Generation, Generations};
 use super::keeper;
 use super::listener;
@@ -147,6 +148,8 @@ pub struct Registry {
     keep_generations: usize,
     /// What the agent cost before it held any service.
     agent_baseline: AgentBaseline,
+    /// The services whose images others of their program share pages with.
+    families: Families,
 }
 
 impl Registry {
@@ -173,6 +176,7 @@ impl Registry {
             notes: Mutex::new(BTreeMap::new()),
             keep_generations: super::generations::DEFAULT_KEEP,
             agent_baseline: AgentBaseline::now(),
+            families: Families::default(),
         })
     }
 
@@ -213,6 +217,9 @@ impl Registry {
                 },
                 Err(err) => Err(err.into()),
             };
+            if brought_back.is_ok() {
+                self.offer_root_if_full(&name);
+            }
             match brought_back {
                 Ok(()) => info!(service = %name, "registered again"),
                 Err(err) => {
@@ -261,7 +268,17 @@ impl Registry {
             }
             None => None,
         };
-        let prepared = tokio::task::block_in_place(|| self.activate(spec.clone(), built_listener))?;
+        let built = built_listener.is_some();
+        let prepared =
+            match tokio::task::block_in_place(|| self.activate(spec.clone(), built_listener)) {
+                Ok(prepared) => prepared,
+                Err(err) => {
+                    if built {
+                        self.discard_built_image(&spec);
+                    }
+                    return Err(err);
+                }
+            };
         if let Some(prepared) = prepared {
             let outcome = prepared
                 .await
@@ -271,6 +288,7 @@ impl Registry {
                     let _ = done.await;
                 }
                 self.run_state.clear(&spec.name);
+                self.discard_built_image(&spec);
                 return Err(RegistryError::Unrestorable {
                     name: spec.name,
                     reason,
@@ -278,7 +296,10 @@ impl Registry {
             }
         }
         if let Err(err) = self.store.save(&spec) {
-            let _ = self.remove_active(&spec.name);
+            if let Ok(done) = self.remove_active(&spec.name) {
+                let _ = done.await;
+            }
+            self.discard_built_image(&spec);
             return Err(err.into());
         }
         self.broken.lock().expect("lock").remove(&spec.name);
@@ -316,6 +337,11 @@ impl Registry {
         snapshot: &SnapshotSpec,
     ) -> Result<OwnedFd, RegistryError> {
         let snapshot = snapshot.clone();
+        let family = family_of(spec);
+        let sibling = family
+            .as_ref()
+            .and_then(|family| self.families.root_for(family, &spec.name))
+            .map(|root| self.pristine_image(&root));
         let request = BuildRequest {
             command: spec.command.clone(),
             addr: spec.addr,
@@ -327,6 +353,8 @@ impl Registry {
             image: self.pristine_image(&spec.name),
             log: self.log_path(&spec.name),
             runtime_dir: self.state_dir.join("run"),
+            no_aslr: snapshot.share_pages,
+            sibling,
         };
         let name = spec.name.clone();
         let started = std::time::Instant::now();
@@ -337,7 +365,12 @@ impl Registry {
         self.metrics
             .observe_checkpoint(&spec.name, started.elapsed());
         crate::sys::alloc::give_back_free_memory();
-        info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
+        info!(service = %spec.name, pages = built.summary.pages, shared = built.summary.pages_reused, ready_ms = built.ready_after.as_millis() as u64, "image built");
+        if let Some(family) = family
+            && built.summary.base_stores == 0
+        {
+            self.families.offer_root(family, &spec.name);
+        }
         // States kept from an older pristine image would not descend from this one.
         self.drop_generations(spec);
         Ok(built.listener)
@@ -390,6 +423,48 @@ impl Registry {
 
     fn pristine_image(&self, name: &str) -> PathBuf {
         self.state_dir.join("images").join(name)
+    }
+
+    /// Makes the registered service `name` the root of its family when it
+    /// shares pages and its image is full (a daemon restart forgot roots).
+    fn offer_root_if_full(&self, name: &str) {
+        let spec = self
+            .services
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map(|handle| handle.spec.clone());
+        let Some(family) = spec.as_ref().and_then(family_of) else {
+            return;
+        };
+        let image = self.pristine_image(name);
+        let full = !image
+            .join(persist_common::image::base_store_file(0))
+            .exists();
+        if full && image.join(persist_common::image::MANIFEST_FILE).is_file() {
+            self.families.offer_root(family, name);
+        }
+    }
+
+    /// Deletes the image the daemon built for `spec` (not a prebuilt one it
+    /// was given): the service is removed, or its add failed. Images of its
+    /// program that share its pages keep them: they hold their own links to
+    /// its page store.
+    fn discard_built_image(&self, spec: &ServiceSpec) {
+        self.families.forget(&spec.name);
+        let built = spec.mode == ServiceMode::Snapshot
+            && spec.snapshot.as_ref().is_some_and(|s| s.image.is_none());
+        if !built {
+            return;
+        }
+        let image = self.pristine_image(&spec.name);
+        match std::fs::remove_dir_all(&image) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                warn!(service = %spec.name, "removing its image {}: {err}", image.display())
+            }
+        }
     }
 
     /// The generations of `spec`'s state: its prebuilt image, or the one
@@ -626,6 +701,7 @@ impl Registry {
         self.store.delete(name)?;
         if let Some(spec) = spec {
             self.drop_generations(&spec);
+            self.discard_built_image(&spec);
         }
         self.run_state.clear(name);
         self.notes.lock().expect("lock").remove(name);

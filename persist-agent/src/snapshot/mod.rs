@@ -53,6 +53,15 @@ pub struct BuildRequest {
     pub log: PathBuf,
     /// Directory for the `NOTIFY_SOCKET` of `--ready notify`.
     pub runtime_dir: PathBuf,
+    /// Start the command with address-space layout randomisation off.
+    pub no_aslr: bool,
+    /// The image of a sibling: another service of the same program, started
+    /// the same way. A page this image would store that the sibling stored
+    /// with the same contents at the same address is referred to in the
+    /// sibling's page store, which the new image hard-links, instead of
+    /// being written again. When the sibling's image cannot serve (removed
+    /// meanwhile, another filesystem), a full image is written.
+    pub sibling: Option<PathBuf>,
 }
 
 /// A built image and the listening socket taken from the process.
@@ -158,7 +167,14 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     }
     let fds = vec![(null.as_fd(), 0), (log.as_fd(), 1), (log.as_fd(), 2)];
     let started = Instant::now();
-    let spawned = launch::start(&request.command, &env, false, fds, identity)?;
+    let spawned = launch::start(
+        &request.command,
+        &env,
+        false,
+        fds,
+        identity,
+        request.no_aslr,
+    )?;
     let guard = KillOnDrop(Some(&spawned.pidfd));
 
     let program = request.command[0].clone();
@@ -193,12 +209,13 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         });
     }
     let (listener_fd, listener) = handover::take_listener(&spawned.pidfd, request.port)?;
-    let summary = checkpoint(&CheckpointOptions {
+    let options = CheckpointOptions {
         pid: spawned.pid,
         image: request.image.clone(),
         leave_running: false,
         exclude_fds: Vec::new(),
-        base: None,
+        base: request.sibling.clone(),
+        base_is_sibling: true,
         agent_files: vec![request.log.clone()],
         recovery_file: None,
         // Refused above: the daemon does not park trees yet.
@@ -206,7 +223,22 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         // A warm-up client still connected would be woken into a
         // conversation it never started.
         client_ports: vec![request.port],
-    })?;
+    };
+    let summary = match checkpoint(&options) {
+        // The process runs on when only the sibling stood in the way.
+        Err(err) if options.base.is_some() && err.is_base_unusable() => {
+            tracing::warn!(
+                pid = spawned.pid,
+                "sharing pages with {} is not possible, writing them all: {err}",
+                request.image.display()
+            );
+            checkpoint(&CheckpointOptions {
+                base: None,
+                ..options
+            })?
+        }
+        result => result?,
+    };
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();
     Ok(Built {
