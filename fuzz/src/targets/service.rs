@@ -63,6 +63,7 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         image: None,
         prefetch,
         accept_changed_files: matches!(prefetch, Prefetch::All),
+        share_pages: matches!(prefetch, Prefetch::None),
     };
     vec![
         base("exec", ServiceMode::Exec),
