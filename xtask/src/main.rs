@@ -70,6 +70,10 @@ enum Task {
         /// and a wake storm of one request to each.
         #[arg(long, value_name = "N")]
         scale: Option<usize>,
+        /// With --scale: add the services with `--share-pages`, their images
+        /// sharing the pages they have in common.
+        #[arg(long, requires = "scale")]
+        share_pages: bool,
     },
 }
 
@@ -90,7 +94,8 @@ fn main() -> Result<()> {
             runs,
             update_docs,
             scale,
-        } => bench::run(quick, runs, update_docs, scale),
+            share_pages,
+        } => bench::run(quick, runs, update_docs, scale.map(|n| (n, share_pages))),
     }
 }
 

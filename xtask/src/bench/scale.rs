@@ -30,6 +30,8 @@ pub const ADDS_IN_FLIGHT: usize = 8;
 pub struct ScaleRun {
     /// Parked services.
     pub services: usize,
+    /// Whether the services were added with `--share-pages`.
+    pub share_pages: bool,
     /// Adds in flight at once.
     pub adds_in_flight: usize,
     /// Wall time of adding them all.
@@ -59,7 +61,7 @@ pub struct ScaleRun {
 
 /// Adds `services` hello-servers to a fresh daemon, measures, and wakes
 /// them all at once.
-pub fn run(services: usize) -> Result<ScaleRun> {
+pub fn run(services: usize, share_pages: bool) -> Result<ScaleRun> {
     if services == 0 || services > usize::from(u16::MAX - FIRST_PORT) {
         bail!("--scale takes 1 to {} services", u16::MAX - FIRST_PORT);
     }
@@ -70,7 +72,7 @@ pub fn run(services: usize) -> Result<ScaleRun> {
 
     let server = binary("hello-server").display().to_string();
     let started = Instant::now();
-    add_all(&sandbox, &server, services)?;
+    add_all(&sandbox, &server, services, share_pages)?;
     let add_s = started.elapsed().as_secs_f64();
     std::thread::sleep(SETTLE);
     let available_after = mem_available()?;
@@ -103,6 +105,7 @@ pub fn run(services: usize) -> Result<ScaleRun> {
     let (storm_served, storm) = wake_storm(&sandbox, services)?;
     Ok(ScaleRun {
         services,
+        share_pages,
         adds_in_flight: ADDS_IN_FLIGHT,
         add_s,
         disk_bytes_per_service,
@@ -119,7 +122,12 @@ pub fn run(services: usize) -> Result<ScaleRun> {
 
 /// Adds `services` hello-servers, [`ADDS_IN_FLIGHT`] at a time; the first
 /// failure stops the others from starting more.
-fn add_all(sandbox: &Sandbox, server: &str, services: usize) -> Result<()> {
+fn add_all(sandbox: &Sandbox, server: &str, services: usize, share_pages: bool) -> Result<()> {
+    let options: &[&str] = if share_pages {
+        &["--ready", "tcp", "--share-pages"]
+    } else {
+        &["--ready", "tcp"]
+    };
     let next = AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -134,12 +142,7 @@ fn add_all(sandbox: &Sandbox, server: &str, services: usize) -> Result<()> {
                         let port = FIRST_PORT + index as u16;
                         let command = [server.to_owned(), format!("127.0.0.1:{port}")];
                         let added = sandbox
-                            .add_ok(
-                                &format!("hello-{index}"),
-                                port,
-                                &["--ready", "tcp"],
-                                &command,
-                            )
+                            .add_ok(&format!("hello-{index}"), port, options, &command)
                             .with_context(|| format!("adding service {index}"));
                         if added.is_err() {
                             failed.store(true, Ordering::SeqCst);
@@ -226,7 +229,7 @@ pub fn markdown(run: &ScaleRun) -> String {
     let storm = |fraction: f64| run.storm.percentile(fraction).map_or("-".into(), format_us);
     format!(
         "| parked services | {} |\n|---|---|\n\
-         | time to add them ({} in flight) | {:.1} s ({:.1} ms each) |\n\
+         | time to add them ({} in flight{}) | {:.1} s ({:.1} ms each) |\n\
          | image disk use per service | {} |\n\
          | agent RSS / threads | {:.1} MiB / {} |\n\
          | host MemAvailable drop per service | {} |\n\
@@ -235,6 +238,11 @@ pub fn markdown(run: &ScaleRun) -> String {
          | wake storm (one request to each at once) | {}/{} served, median {}, p99 {}, max {} |\n",
         run.services,
         run.adds_in_flight,
+        if run.share_pages {
+            ", `--share-pages`"
+        } else {
+            ""
+        },
         run.add_s,
         run.add_s * 1000.0 / run.services as f64,
         kib(run.disk_bytes_per_service),
