@@ -522,8 +522,10 @@ impl Registry {
         let mut services = self.services.lock().expect("lock");
         check_free_in(&services, &spec)?;
         let capacity = self.watcher.lock().expect("lock").capacity();
+        // One pass over the services, not one per slot: thousands of them.
+        let used: std::collections::HashSet<u32> = services.values().map(|h| h.slot).collect();
         let slot = (0..capacity)
-            .find(|slot| services.values().all(|h| h.slot != *slot))
+            .find(|slot| !used.contains(slot))
             .ok_or(RegistryError::Full(capacity))?;
 
         recover_checkpoint(&self.run_state, &spec.name);
