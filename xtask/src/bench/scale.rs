@@ -234,7 +234,8 @@ pub fn markdown(run: &ScaleRun) -> String {
          | agent RSS / threads | {:.1} MiB / {} |\n\
          | host MemAvailable drop per service | {} |\n\
          | `status` parked cost per service | {} (private {}, page tables {}, kernel objects {}, agent share {}) |\n\
-         | connections/s to an unregistered port, without / with the agent | {:.0} / {:.0} (ratio {:.3}; rounds {} / {}) |\n\
+         | connections/s to an unregistered port, without / with the agent (median of {} rounds) | {:.0} / {:.0} (with/without {:.2}) |\n\
+         | CPU time per connection, without / with the agent | {:.1} µs / {:.1} µs (with/without {:.3}) |\n\
          | wake storm (one request to each at once) | {}/{} served, median {}, p99 {}, max {} |\n",
         run.services,
         run.adds_in_flight,
@@ -254,24 +255,17 @@ pub fn markdown(run: &ScaleRun) -> String {
         kib(tables),
         kib(kernel),
         kib(agent),
-        run.unregistered.median_without(),
-        run.unregistered.median_with(),
-        run.unregistered.ratio(),
-        rounds(&run.unregistered.without_agent),
-        rounds(&run.unregistered.with_agent),
+        run.unregistered.with_agent.len(),
+        run.unregistered.rate_without(),
+        run.unregistered.rate_with(),
+        run.unregistered.rate_with() / run.unregistered.rate_without(),
+        run.unregistered.cpu_us_without(),
+        run.unregistered.cpu_us_with(),
+        run.unregistered.cpu_us_with() / run.unregistered.cpu_us_without(),
         run.storm_served,
         run.services,
         storm(0.5),
         storm(0.99),
         storm(1.0),
     )
-}
-
-/// Each round's rate, rounded, as `a, b, c`.
-fn rounds(rates: &[f64]) -> String {
-    rates
-        .iter()
-        .map(|rate| format!("{rate:.0}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

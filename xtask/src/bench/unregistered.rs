@@ -4,8 +4,13 @@
 //! attached (with every bench service registered) and in one where nothing
 //! is attached.
 //!
-//! The two namespaces are measured in turns, several rounds each, so that
-//! whatever else loads the machine weighs on both alike. Each connection is
+//! The two namespaces are measured in turns, several rounds each after one
+//! warm-up round of each, so that whatever else loads the machine weighs on
+//! both alike. Besides connections per second of wall time, each round
+//! counts the CPU time the bench process spent (user and system: the
+//! loopback handshake, the `sk_lookup` program included, runs in the
+//! connecting and accepting threads), which other load on the machine
+//! disturbs far less than the wall-time rate. Each connection is
 //! a full handshake, one byte from the server, its close, and the client's
 //! close by reset (`SO_LINGER` 0), so that no socket lingers in TIME_WAIT
 //! and the run never runs out of local ports.
@@ -23,11 +28,11 @@ use serde::Serialize;
 /// The port of the plain server: below the scale bench's services.
 pub const PORT: u16 = 19999;
 
-/// Rounds per namespace.
-const ROUNDS: usize = 4;
+/// Rounds per namespace, after one warm-up round each.
+const ROUNDS: usize = 8;
 
 /// How long each round makes connections.
-const ROUND: Duration = Duration::from_secs(2);
+const ROUND: Duration = Duration::from_secs(1);
 
 /// Client threads making connections at once.
 const CLIENTS: usize = 2;
@@ -37,27 +42,55 @@ const CLIENTS: usize = 2;
 pub struct UnregisteredRate {
     /// The port.
     pub port: u16,
-    /// Each round's rate with no agent attached to the namespace.
-    pub without_agent: Vec<f64>,
-    /// Each round's rate with the agent's program attached and the scale
-    /// bench's services registered.
-    pub with_agent: Vec<f64>,
+    /// Each round with no agent attached to the namespace.
+    pub without_agent: Vec<Round>,
+    /// Each round with the agent's program attached and the scale bench's
+    /// services registered.
+    pub with_agent: Vec<Round>,
+}
+
+/// One round of connections.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Round {
+    /// Connections made.
+    pub connections: u64,
+    /// Wall time, in seconds.
+    pub wall_s: f64,
+    /// CPU time the bench process spent, user and system, in seconds.
+    pub cpu_s: f64,
+}
+
+impl Round {
+    /// Connections per second of wall time.
+    pub fn rate(&self) -> f64 {
+        self.connections as f64 / self.wall_s
+    }
+
+    /// CPU time per connection, in microseconds.
+    pub fn cpu_us(&self) -> f64 {
+        self.cpu_s * 1e6 / self.connections.max(1) as f64
+    }
 }
 
 impl UnregisteredRate {
-    /// The median round without the agent.
-    pub fn median_without(&self) -> f64 {
-        median(&self.without_agent)
+    /// The median rate without the agent, connections per second.
+    pub fn rate_without(&self) -> f64 {
+        median(self.without_agent.iter().map(Round::rate))
     }
 
-    /// The median round with the agent.
-    pub fn median_with(&self) -> f64 {
-        median(&self.with_agent)
+    /// The median rate with the agent.
+    pub fn rate_with(&self) -> f64 {
+        median(self.with_agent.iter().map(Round::rate))
     }
 
-    /// With over without: 1.0 is no cost.
-    pub fn ratio(&self) -> f64 {
-        self.median_with() / self.median_without()
+    /// The median CPU time per connection without the agent, in µs.
+    pub fn cpu_us_without(&self) -> f64 {
+        median(self.without_agent.iter().map(Round::cpu_us))
+    }
+
+    /// The median CPU time per connection with the agent, in µs.
+    pub fn cpu_us_with(&self) -> f64 {
+        median(self.with_agent.iter().map(Round::cpu_us))
     }
 }
 
@@ -70,7 +103,7 @@ pub fn measure(with_agent: &NetNs) -> Result<UnregisteredRate> {
         without_agent: Vec::new(),
         with_agent: Vec::new(),
     };
-    for round in 0..ROUNDS {
+    for round in 0..=ROUNDS {
         // Alternate which goes first, so neither always follows the other.
         let order = if round % 2 == 0 {
             [false, true]
@@ -83,21 +116,25 @@ pub fn measure(with_agent: &NetNs) -> Result<UnregisteredRate> {
             } else {
                 (&plain, &mut rate.without_agent)
             };
-            let measured = netns.enter(|| connection_rate(PORT, ROUND))??;
+            let measured = netns.enter(|| connection_round(PORT, ROUND))??;
             eprintln!(
-                "bench --scale: unregistered port, {} agent: {measured:.0} connections/s",
-                if agent { "with" } else { "without" }
+                "bench --scale: unregistered port, {} agent{}: {:.0} connections/s, {:.1} µs CPU each",
+                if agent { "with" } else { "without" },
+                if round == 0 { " (warm-up)" } else { "" },
+                measured.rate(),
+                measured.cpu_us(),
             );
-            rates.push(measured);
+            if round > 0 {
+                rates.push(measured);
+            }
         }
     }
     Ok(rate)
 }
 
 /// Runs a plain accept loop on `127.0.0.1:port` and `CLIENTS` clients
-/// against it for `duration`, in the calling thread's namespace; returns
-/// connections per second.
-fn connection_rate(port: u16, duration: Duration) -> Result<f64> {
+/// against it for `duration`, in the calling thread's namespace.
+fn connection_round(port: u16, duration: Duration) -> Result<Round> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     let address = listener.local_addr()?;
@@ -106,6 +143,7 @@ fn connection_rate(port: u16, duration: Duration) -> Result<f64> {
         let stop = stop.clone();
         std::thread::spawn(move || serve(&listener, &stop))
     };
+    let cpu_before = process_cpu_s()?;
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| std::thread::spawn(move || connect_until(address, started + duration)))
@@ -119,7 +157,8 @@ fn connection_rate(port: u16, duration: Duration) -> Result<f64> {
             Err(_) => failure = Some(anyhow::anyhow!("a client panicked")),
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let wall_s = started.elapsed().as_secs_f64();
+    let cpu_s = process_cpu_s()? - cpu_before;
     stop.store(true, Ordering::SeqCst);
     // Wakes the accept loop so that it sees the stop.
     let _ = TcpStream::connect(address);
@@ -132,7 +171,20 @@ fn connection_rate(port: u16, duration: Duration) -> Result<f64> {
     if served < connections {
         bail!("the server accepted {served} connections, the clients made {connections}");
     }
-    Ok(connections as f64 / elapsed)
+    Ok(Round {
+        connections,
+        wall_s,
+        cpu_s,
+    })
+}
+
+/// User and system CPU time of this process so far, in seconds.
+fn process_cpu_s() -> Result<f64> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .context("getrusage")?;
+    let seconds =
+        |time: nix::sys::time::TimeVal| time.tv_sec() as f64 + time.tv_usec() as f64 / 1e6;
+    Ok(seconds(usage.user_time()) + seconds(usage.system_time()))
 }
 
 /// Accepts, writes one byte and closes, until told to stop; returns how
@@ -184,8 +236,8 @@ fn libc_linger_zero() -> nix::libc::linger {
     }
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut sorted: Vec<f64> = values.collect();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
         0 => 0.0,
