@@ -215,7 +215,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         leave_running: false,
         exclude_fds: Vec::new(),
         base: request.sibling.clone(),
-        base_is_sibling: true,
+        base_is_sibling: request.sibling.is_some(),
         agent_files: vec![request.log.clone()],
         recovery_file: None,
         // Refused above: the daemon does not park trees yet.
@@ -226,11 +226,14 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     };
     let summary = match checkpoint(&options) {
         // The process runs on when only the sibling stood in the way.
-        Err(err) if options.base.is_some() && err.is_base_unusable() => {
+        Err(err)
+            if err.is_base_unusable()
+                && let Some(sibling) = &options.base =>
+        {
             tracing::warn!(
                 pid = spawned.pid,
                 "sharing pages with {} is not possible, writing them all: {err}",
-                request.image.display()
+                sibling.display()
             );
             checkpoint(&CheckpointOptions {
                 base: None,
