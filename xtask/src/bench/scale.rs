@@ -65,6 +65,7 @@ pub fn run(services: usize, share_pages: bool) -> Result<ScaleRun> {
     if services == 0 || services > usize::from(u16::MAX - FIRST_PORT) {
         bail!("--scale takes 1 to {} services", u16::MAX - FIRST_PORT);
     }
+    check_pid_room(services)?;
     let mut sandbox = Sandbox::new()?;
     sandbox.start_daemon()?;
     std::thread::sleep(SETTLE);
@@ -118,6 +119,37 @@ pub fn run(services: usize, share_pages: bool) -> Result<ScaleRun> {
         storm_served,
         storm,
     })
+}
+
+/// Pids a parked service takes: its skeleton, its port keeper and its
+/// restore thread in the agent.
+const PIDS_PER_SERVICE: u64 = 3;
+
+/// Refuses a run that would run out of pids halfway (`kernel.pid_max` is
+/// 32,768 on many systems: about 10,000 services).
+fn check_pid_room(services: usize) -> Result<()> {
+    let read = |path: &str| -> Result<u64> {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {path}"))
+    };
+    let pid_max = read("/proc/sys/kernel/pid_max")?;
+    let in_use = procfs::process::all_processes()
+        .context("listing /proc")?
+        .flatten()
+        .filter_map(|process| process.stat().ok())
+        .map(|stat| stat.num_threads.max(1) as u64)
+        .sum::<u64>();
+    let needed = services as u64 * PIDS_PER_SERVICE;
+    if in_use + needed > pid_max {
+        bail!(
+            "{services} services need about {needed} pids and {in_use} are in use, \
+             but kernel.pid_max is {pid_max}: raise it (sysctl -w kernel.pid_max=4194304)"
+        );
+    }
+    Ok(())
 }
 
 /// Adds `services` hello-servers, [`ADDS_IN_FLIGHT`] at a time; the first
