@@ -200,7 +200,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
             .map_err(|err| BuildError::Other(format!("warm-up request: {err}")))?;
     }
 
-    readiness::wait_for_quiet_sockets(spawned.pid, QUIET_WAIT);
+    readiness::wait_for_quiet_sockets(&spawned.pidfd, QUIET_WAIT);
     let children = handover::children(spawned.pid);
     if !children.is_empty() {
         return Err(BuildError::HasChildren {
