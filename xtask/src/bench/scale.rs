@@ -171,6 +171,10 @@ fn add_all(sandbox: &Sandbox, server: &str, services: usize, share_pages: bool) 
                         if index >= services || failed.load(Ordering::SeqCst) {
                             return Ok(());
                         }
+                        if let Err(err) = super::interrupt::check() {
+                            failed.store(true, Ordering::SeqCst);
+                            return Err(err);
+                        }
                         let port = FIRST_PORT + index as u16;
                         let command = [server.to_owned(), format!("127.0.0.1:{port}")];
                         let added = sandbox
