@@ -52,6 +52,7 @@ fn main() -> Result<()> {
         leave_running: false,
         exclude_fds: Vec::new(),
         base: None,
+        base_is_sibling: false,
         agent_files: Vec::new(),
         recovery_file: None,
         client_ports: Vec::new(),

@@ -56,7 +56,7 @@ pub fn exec_with_listener(
         format!("LISTEN_FDNAMES={}", spec.name),
     ];
     let fds = vec![(null.as_fd(), 0), (log, 1), (log, 2), (listener, 3)];
-    start(&spec.command, &extra_env, true, fds, None)
+    start(&spec.command, &extra_env, true, fds, None, false)
 }
 
 /// Starts one instance of the service for a single accepted connection,
@@ -67,17 +67,19 @@ pub fn exec_for_connection(
     log: BorrowedFd<'_>,
 ) -> Result<Spawned, LaunchError> {
     let fds = vec![(connection, 0), (connection, 1), (log, 2)];
-    start(&spec.command, &[], false, fds, None)
+    start(&spec.command, &[], false, fds, None, false)
 }
 
 /// Starts `command` in a new session with the given stdio, extra
-/// environment and identity.
+/// environment and identity; with `no_aslr`, its address-space layout is
+/// not randomised.
 pub fn start(
     command: &[String],
     extra_env: &[String],
     listen_pid: bool,
     fds: Vec<(BorrowedFd<'_>, i32)>,
     identity: Option<Identity>,
+    no_aslr: bool,
 ) -> Result<Spawned, LaunchError> {
     let program_name = command
         .first()
@@ -116,6 +118,7 @@ pub fn start(
         listen_pid,
         fds,
         identity,
+        no_aslr,
     };
     spawn(&request).map_err(|source| LaunchError::Spawn {
         program: program.display().to_string(),

@@ -275,6 +275,13 @@ struct AddArgs {
     /// `--skeleton-budget` allows; `never`: the image only, a cold wake).
     #[arg(long, value_enum, default_value = "auto")]
     keep_skeleton: KeepSkeleton,
+    /// Snapshot mode: run the command with address-space layout
+    /// randomisation off, so that services of one program (the same command
+    /// but for the port, user and readiness) have alike memory and their
+    /// images store the pages they have in common once. Every such service
+    /// of the program has the same, predictable, layout.
+    #[arg(long, conflicts_with_all = ["exec", "inetd", "image"])]
+    share_pages: bool,
     #[command(flatten)]
     ready: ReadyArgs,
     /// The command and its arguments (none with --image).
@@ -398,6 +405,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 image: args.image.clone(),
                 log,
                 runtime_dir: std::env::temp_dir(),
+                no_aslr: false,
+                sibling: None,
             };
             let built = snapshot::build(&request)
                 .with_context(|| format!("building {}", args.image.display()))?;
@@ -424,6 +433,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // A process this agent restored holds its userfaultfd.
                 exclude_fds: checkpoint::restorer_userfaultfds(pid),
                 base,
+                base_is_sibling: false,
                 agent_files: Vec::new(),
                 recovery_file,
                 tree,
@@ -537,6 +547,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         prefetch: args.prefetch,
         accept_changed_files: args.accept_changed_files,
         keep_skeleton: args.keep_skeleton,
+        share_pages: args.share_pages,
     });
     let spec = ServiceSpec {
         name: args.name,

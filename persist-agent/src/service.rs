@@ -94,6 +94,12 @@ pub struct SnapshotSpec {
     /// (docs/parked-cost.md, Tiers).
     #[serde(default)]
     pub keep_skeleton: KeepSkeleton,
+    /// Run the command with address-space layout randomisation off, so that
+    /// services of one program (same command but for the port, same user
+    /// and readiness) lay out their memory alike and their images store
+    /// once the pages they have in common (docs/scale.md).
+    #[serde(default)]
+    pub share_pages: bool,
 }
 
 /// Whether a parked snapshot-mode service keeps a prepared skeleton (the
@@ -626,6 +632,7 @@ mod tests {
             prefetch: Prefetch::Recorded,
             accept_changed_files: false,
             keep_skeleton: KeepSkeleton::Auto,
+            share_pages: false,
         });
         let err = prebuilt.validate().unwrap_err();
         assert!(

@@ -103,6 +103,7 @@ struct ServiceFile {
     prefetch: Option<Spanned<Prefetch>>,
     accept_changed_files: Option<Spanned<bool>>,
     keep_skeleton: Option<Spanned<KeepSkeleton>>,
+    share_pages: Option<Spanned<bool>>,
     user: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
@@ -219,6 +220,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 "keep_skeleton",
                 file.keep_skeleton.as_ref().map(Spanned::span),
             ),
+            ("share_pages", file.share_pages.as_ref().map(Spanned::span)),
             ("user", file.user.as_ref().map(Spanned::span)),
             ("ready", file.ready.as_ref().map(Spanned::span)),
             (
@@ -306,6 +308,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 .keep_skeleton
                 .as_ref()
                 .map_or(KeepSkeleton::default(), |k| *k.get_ref()),
+            share_pages: file.share_pages.as_ref().is_some_and(|s| *s.get_ref()),
         }),
         ServiceMode::Exec | ServiceMode::Inetd => None,
     };

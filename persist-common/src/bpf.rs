@@ -6,11 +6,14 @@
 
 use std::net::IpAddr;
 
-/// Number of service slots in the BPF maps.
-pub const MAX_SERVICES: u32 = 1024;
+/// Number of service slots in the BPF maps: services one agent holds at
+/// most (each has its own port, so never more than 65,535). The maps are
+/// allocated once, a few MiB for all (docs/scale.md).
+pub const MAX_SERVICES: u32 = 16384;
 
-/// Size of the wake-event ring buffer.
-pub const WAKE_RING_BYTES: u32 = 64 * 1024;
+/// Size of the wake-event ring buffer: 16,384 events of 16 bytes, a wake
+/// of every slot at once.
+pub const WAKE_RING_BYTES: u32 = 256 * 1024;
 
 /// A service's state as the BPF side sees it (`persist_states` map values).
 #[repr(u32)]

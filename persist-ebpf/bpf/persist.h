@@ -10,8 +10,8 @@
 
 #include <linux/types.h>
 
-#define PERSIST_MAX_SERVICES 1024
-#define PERSIST_WAKE_RING_BYTES (64 * 1024)
+#define PERSIST_MAX_SERVICES 16384
+#define PERSIST_WAKE_RING_BYTES (256 * 1024)
 
 /* Service states kept in the persist_states map. Only PARKED -> WAKING is
  * done by the kernel side; every other transition is the agent's. */

@@ -18,6 +18,7 @@ mod report;
 mod scale;
 mod servers;
 mod stats;
+mod unregistered;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -63,7 +64,7 @@ pub fn run(
     quick: bool,
     runs: Option<usize>,
     update_docs: bool,
-    scale: Option<usize>,
+    scale: Option<(usize, bool)>,
     only: Option<&str>,
 ) -> Result<()> {
     if privilege::rerun_as_root(|| {
@@ -75,8 +76,8 @@ pub fn run(
     interrupt::install()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
-    if let Some(services) = scale {
-        return run_scale(services);
+    if let Some((services, share_pages)) = scale {
+        return run_scale(services, share_pages);
     }
     let source = source();
     let runs = runs.unwrap_or(if quick { QUICK_RUNS } else { RUNS }).max(1);
@@ -189,16 +190,19 @@ pub fn run(
 }
 
 /// The `--scale` bench: N parked services, what they cost, a wake storm.
-fn run_scale(services: usize) -> Result<()> {
+fn run_scale(services: usize, share_pages: bool) -> Result<()> {
     let date = utc_now()?;
     let machine = machine()?;
     let source = source();
     eprintln!("bench --scale {services}: adding {services} hello-servers");
-    let run = scale::run(services)?;
+    let run = scale::run(services, share_pages)?;
     let out_dir = bench_dir();
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(
-        out_dir.join(format!("scale-{services}.json")),
+        out_dir.join(format!(
+            "scale-{services}{}.json",
+            if share_pages { "-shared" } else { "" }
+        )),
         serde_json::to_vec_pretty(&run)?,
     )?;
     print!(

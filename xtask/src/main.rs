@@ -64,14 +64,20 @@ enum Task {
         /// Copy the plot to docs/bench-latency.svg, the one the README shows.
         #[arg(long)]
         update_docs: bool,
-        /// Instead: park N hello-servers and measure what they cost the host,
-        /// the agent's size and a wake storm of one request to each.
+        /// Instead: park N hello-servers (8 adds in flight) and measure what
+        /// they cost the host and its disk, the agent's size, the rate of
+        /// connections to an unregistered port with and without the agent,
+        /// and a wake storm of one request to each.
         #[arg(long, value_name = "N")]
         scale: Option<usize>,
         /// Only the servers whose service name starts with this (`nginx`:
         /// both nginx rows).
         #[arg(long, value_name = "NAME")]
         only: Option<String>,
+        /// With --scale: add the services with `--share-pages`, their images
+        /// sharing the pages they have in common.
+        #[arg(long, requires = "scale")]
+        share_pages: bool,
     },
 }
 
@@ -93,7 +99,14 @@ fn main() -> Result<()> {
             update_docs,
             scale,
             only,
-        } => bench::run(quick, runs, update_docs, scale, only.as_deref()),
+            share_pages,
+        } => bench::run(
+            quick,
+            runs,
+            update_docs,
+            scale.map(|n| (n, share_pages)),
+            only.as_deref(),
+        ),
     }
 }
 

@@ -68,6 +68,7 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         } else {
             KeepSkeleton::Auto
         },
+        share_pages: matches!(prefetch, Prefetch::None),
     };
     vec![
         base("exec", ServiceMode::Exec),

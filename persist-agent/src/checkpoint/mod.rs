@@ -88,6 +88,11 @@ pub struct CheckpointOptions {
     /// hard-linked into the new image (a delta image). A base that already
     /// has [`MAX_BASE_STORES`] base stores gets a full image instead.
     pub base: Option<PathBuf>,
+    /// The base is the image of another process (a sibling service of the
+    /// same program, `add --share-pages`), not one this process was
+    /// restored from: only its pages are shared, and the files its agent
+    /// opened are not taken as this process's.
+    pub base_is_sibling: bool,
     /// Files the caller opened for the process (the log it gave it as its
     /// stdout and stderr), recorded so that a restore reopens them with the
     /// agent's credentials rather than the process's.
@@ -669,14 +674,15 @@ fn open_pidfd(pid: i32) -> Result<PidFd, CheckpointError> {
 }
 
 /// The files the agent opened for the process: those of `options`, and
-/// those of the base image, which the process was restored with.
+/// those of the base image, which the process was restored with (none of a
+/// sibling's: they are another process's).
 fn agent_files(options: &CheckpointOptions, base: Option<&BasePages>) -> Vec<String> {
     let mut files: Vec<String> = options
         .agent_files
         .iter()
         .map(|path| path.display().to_string())
         .collect();
-    if let Some(base) = base {
+    if let Some(base) = base.filter(|_| !options.base_is_sibling) {
         for file in &base.image().manifest().agent_files {
             if !files.contains(file) {
                 files.push(file.clone());
@@ -993,6 +999,7 @@ mod tests {
             leave_running: true,
             exclude_fds: Vec::new(),
             base: None,
+            base_is_sibling: false,
             agent_files: Vec::new(),
             recovery_file: None,
             tree: false,

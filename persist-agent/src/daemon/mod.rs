@@ -39,6 +39,7 @@
 
 mod control_server;
 mod exits;
+mod families;
 mod generations;
 mod idle;
 mod keeper;

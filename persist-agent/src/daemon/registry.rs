@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::SharedWatcher;
+use super::families::{Families, family_of};
 use super::generations::{Generation, Generations};
 use super::keeper::PortKeeper;
 use super::listener;
@@ -139,6 +140,11 @@ pub struct Registry {
     /// The process that holds every service's listener while no daemon does.
     keeper: PortKeeper,
     services: Mutex<BTreeMap<String, Handle>>,
+    /// Names and ports of services being added, by name: reserved before
+    /// anything is built, so that adds running at once never build one
+    /// image twice nor start two commands on one port. Taken after
+    /// `services` when both are held.
+    adding: Mutex<BTreeMap<String, u16>>,
     broken: Mutex<BTreeMap<String, Broken>>,
     /// The services directory, applied at start and by each reload.
     services_dir: PathBuf,
@@ -157,6 +163,8 @@ pub struct Registry {
     skeleton_budget: Option<u64>,
     /// What each skeleton costs, measured once.
     skeleton_costs: SkeletonCosts,
+    /// The services whose images others of their program share pages with.
+    families: Families,
 }
 
 impl Registry {
@@ -178,6 +186,7 @@ impl Registry {
             pagers: Arc::new(Pagers::default()),
             pool: RestorePool::new(super::restore_pool::default_size()),
             services: Mutex::new(BTreeMap::new()),
+            adding: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(BTreeMap::new()),
             services_dir: services_dir.to_owned(),
             file_errors: Mutex::new(BTreeMap::new()),
@@ -187,6 +196,7 @@ impl Registry {
             agent_baseline: AgentBaseline::now(),
             skeleton_budget: None,
             skeleton_costs: SkeletonCosts::default(),
+            families: Families::default(),
         })
     }
 
@@ -331,6 +341,9 @@ impl Registry {
                 },
                 Err(err) => Err(err.into()),
             };
+            if brought_back.is_ok() {
+                self.offer_root_if_full(&name);
+            }
             match brought_back {
                 Ok(()) => info!(service = %name, "registered again"),
                 Err(err) => {
@@ -346,9 +359,14 @@ impl Registry {
     /// added only once its first skeleton is prepared from its image, every
     /// page checked: an image that would not restore is refused, and leaves
     /// nothing registered.
+    ///
+    /// Adds run at once (each control connection is a task of its own):
+    /// the name and port are reserved first, so that a second add of either
+    /// is refused while the first builds, and a failing add undoes only
+    /// what it did itself.
     pub async fn add(&self, spec: ServiceSpec) -> Result<(), RegistryError> {
         spec.validate()?;
-        self.check_free(&spec)?;
+        let _reserved = self.reserve(&spec)?;
         let built_listener = match &spec.snapshot {
             Some(snapshot) if spec.mode == ServiceMode::Snapshot && snapshot.image.is_none() => {
                 Some(self.build(&spec, snapshot).await?)
@@ -374,7 +392,17 @@ impl Registry {
             }
             None => None,
         };
-        let prepared = tokio::task::block_in_place(|| self.activate(spec.clone(), built_listener))?;
+        let built = built_listener.is_some();
+        let prepared =
+            match tokio::task::block_in_place(|| self.activate(spec.clone(), built_listener)) {
+                Ok(prepared) => prepared,
+                Err(err) => {
+                    if built {
+                        self.discard_built_image(&spec);
+                    }
+                    return Err(err);
+                }
+            };
         if let Some(prepared) = prepared {
             let outcome = prepared
                 .await
@@ -384,6 +412,7 @@ impl Registry {
                     let _ = done.await;
                 }
                 self.run_state.clear(&spec.name);
+                self.discard_built_image(&spec);
                 return Err(RegistryError::Unrestorable {
                     name: spec.name,
                     reason,
@@ -391,26 +420,37 @@ impl Registry {
             }
         }
         if let Err(err) = self.store.save(&spec) {
-            let _ = self.remove_active(&spec.name);
+            if let Ok(done) = self.remove_active(&spec.name) {
+                let _ = done.await;
+            }
+            self.discard_built_image(&spec);
             return Err(err.into());
         }
         self.broken.lock().expect("lock").remove(&spec.name);
         Ok(())
     }
 
-    /// Refuses a name or port another service has.
-    fn check_free(&self, spec: &ServiceSpec) -> Result<(), RegistryError> {
+    /// Reserves the name and port of `spec` for an add, refusing them if a
+    /// registered service or another add has either. The reservation ends
+    /// when the returned guard is dropped, the add done or failed.
+    fn reserve(&self, spec: &ServiceSpec) -> Result<Reservation<'_>, RegistryError> {
         let services = self.services.lock().expect("lock");
-        if services.contains_key(&spec.name) {
+        check_free_in(&services, spec)?;
+        let mut adding = self.adding.lock().expect("lock");
+        if adding.contains_key(&spec.name) {
             return Err(RegistryError::Exists(spec.name.clone()));
         }
-        if let Some(owner) = services.values().find(|h| h.spec.port == spec.port) {
+        if let Some((owner, _)) = adding.iter().find(|(_, port)| **port == spec.port) {
             return Err(RegistryError::PortTaken {
                 port: spec.port,
-                owner: owner.spec.name.clone(),
+                owner: owner.clone(),
             });
         }
-        Ok(())
+        adding.insert(spec.name.clone(), spec.port);
+        Ok(Reservation {
+            adding: &self.adding,
+            name: spec.name.clone(),
+        })
     }
 
     /// Starts the command of a snapshot-mode service, snapshots it into
@@ -421,6 +461,11 @@ impl Registry {
         snapshot: &SnapshotSpec,
     ) -> Result<Taken, RegistryError> {
         let snapshot = snapshot.clone();
+        let family = family_of(spec);
+        let sibling = family
+            .as_ref()
+            .and_then(|family| self.families.root_for(family, &spec.name))
+            .map(|root| self.pristine_image(&root));
         let request = BuildRequest {
             command: spec.command.clone(),
             addr: spec.addr,
@@ -432,6 +477,8 @@ impl Registry {
             image: self.pristine_image(&spec.name),
             log: self.log_path(&spec.name),
             runtime_dir: self.state_dir.join("run"),
+            no_aslr: snapshot.share_pages,
+            sibling,
         };
         let name = spec.name.clone();
         let started = std::time::Instant::now();
@@ -442,7 +489,12 @@ impl Registry {
         self.metrics
             .observe_checkpoint(&spec.name, started.elapsed());
         crate::sys::alloc::give_back_free_memory();
-        info!(service = %spec.name, pages = built.summary.pages, ready_ms = built.ready_after.as_millis() as u64, "image built");
+        info!(service = %spec.name, pages = built.summary.pages, shared = built.summary.pages_reused, ready_ms = built.ready_after.as_millis() as u64, "image built");
+        if let Some(family) = family
+            && built.summary.base_stores == 0
+        {
+            self.families.offer_root(family, &spec.name);
+        }
         // States kept from an older pristine image would not descend from this one.
         self.drop_generations(spec);
         Ok((built.listener, built.group))
@@ -498,6 +550,48 @@ impl Registry {
         self.state_dir.join("images").join(name)
     }
 
+    /// Makes the registered service `name` the root of its family when it
+    /// shares pages and its image is full (a daemon restart forgot roots).
+    fn offer_root_if_full(&self, name: &str) {
+        let spec = self
+            .services
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map(|handle| handle.spec.clone());
+        let Some(family) = spec.as_ref().and_then(family_of) else {
+            return;
+        };
+        let image = self.pristine_image(name);
+        let full = !image
+            .join(persist_common::image::base_store_file(0))
+            .exists();
+        if full && image.join(persist_common::image::MANIFEST_FILE).is_file() {
+            self.families.offer_root(family, name);
+        }
+    }
+
+    /// Deletes the image the daemon built for `spec` (not a prebuilt one it
+    /// was given): the service is removed, or its add failed. Images of its
+    /// program that share its pages keep them: they hold their own links to
+    /// its page store.
+    fn discard_built_image(&self, spec: &ServiceSpec) {
+        self.families.forget(&spec.name);
+        let built = spec.mode == ServiceMode::Snapshot
+            && spec.snapshot.as_ref().is_some_and(|s| s.image.is_none());
+        if !built {
+            return;
+        }
+        let image = self.pristine_image(&spec.name);
+        match std::fs::remove_dir_all(&image) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                warn!(service = %spec.name, "removing its image {}: {err}", image.display())
+            }
+        }
+    }
+
     /// The generations of `spec`'s state: its prebuilt image, or the one
     /// built when it was added, and the states `--on-idle keep` kept.
     fn generations(&self, spec: &ServiceSpec) -> Result<Generations, RegistryError> {
@@ -550,11 +644,13 @@ impl Registry {
         spec: ServiceSpec,
         provided: Option<Taken>,
     ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, RegistryError> {
-        self.check_free(&spec)?;
         let mut services = self.services.lock().expect("lock");
+        check_free_in(&services, &spec)?;
         let capacity = self.watcher.lock().expect("lock").capacity();
+        // One pass over the services, not one per slot: thousands of them.
+        let used: std::collections::HashSet<u32> = services.values().map(|h| h.slot).collect();
         let slot = (0..capacity)
-            .find(|slot| services.values().all(|h| h.slot != *slot))
+            .find(|slot| !used.contains(slot))
             .ok_or(RegistryError::Full(capacity))?;
 
         recover_checkpoint(&self.run_state, &spec.name);
@@ -765,6 +861,7 @@ impl Registry {
         self.store.delete(name)?;
         if let Some(spec) = spec {
             self.drop_generations(&spec);
+            self.discard_built_image(&spec);
         }
         self.run_state.clear(name);
         self.notes.lock().expect("lock").remove(name);
@@ -1041,6 +1138,35 @@ impl Registry {
             });
         }
         statuses
+    }
+}
+
+/// Refuses a name or port a registered service has.
+fn check_free_in(
+    services: &BTreeMap<String, Handle>,
+    spec: &ServiceSpec,
+) -> Result<(), RegistryError> {
+    if services.contains_key(&spec.name) {
+        return Err(RegistryError::Exists(spec.name.clone()));
+    }
+    if let Some(owner) = services.values().find(|h| h.spec.port == spec.port) {
+        return Err(RegistryError::PortTaken {
+            port: spec.port,
+            owner: owner.spec.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The name and port of a service being added, held until the add ends.
+struct Reservation<'a> {
+    adding: &'a Mutex<BTreeMap<String, u16>>,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.adding.lock().expect("lock").remove(&self.name);
     }
 }
 

@@ -1,46 +1,88 @@
 //! Finding the listening socket of a ready service and taking it over.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use persist_common::image::{FdKind, Manifest};
 
 use super::BuildError;
 use crate::sys::pidfd::PidFd;
 
-/// The descriptor of `pid` that is a TCP socket listening on `port`, with its inode.
-pub fn find_listener(pid: i32, port: u16) -> Result<(i32, u64), String> {
-    find_listeners(pid, port).map(|listeners| listeners[0])
+/// What one socket descriptor of a service is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SocketRole {
+    /// A TCP socket listening on this port.
+    TcpListener {
+        /// Its local port.
+        port: u16,
+    },
+    /// Any other TCP socket: a connection, or one not yet connected.
+    TcpOther,
+    /// Not TCP (Unix, UDP, netlink...).
+    Other,
 }
 
-/// Every TCP socket of `pid` listening on `port`, as its lowest descriptor
-/// and its inode, in descriptor order: one, or the members of an
-/// `SO_REUSEPORT` group (nginx's `listen PORT reuseport;`, a server with one
-/// socket per thread), or listeners of the port on several addresses.
-/// Never empty.
-pub fn find_listeners(pid: i32, port: u16) -> Result<Vec<(i32, u64)>, String> {
-    let listening: Vec<u64> = procfs::net::tcp()
-        .into_iter()
-        .flatten()
-        .chain(procfs::net::tcp6().into_iter().flatten())
-        .filter(|entry| {
-            entry.state == procfs::net::TcpState::Listen && entry.local_address.port() == port
-        })
-        .map(|entry| entry.inode)
-        .collect();
-    if listening.is_empty() {
-        return Err(format!("nothing listens on port {port}"));
-    }
-    let process = procfs::process::Process::new(pid).map_err(|err| err.to_string())?;
-    let mut found: Vec<(i32, u64)> = process
-        .fd()
-        .map_err(|err| err.to_string())?
-        .flatten()
+/// Every socket descriptor of the process behind `pidfd`, with its inode
+/// and what it is. Each is judged on a duplicate taken with
+/// `pidfd_getfd`, closed at once: the cost is the process's sockets, not
+/// every socket of the namespace, as reading /proc/net/tcp would be (a
+/// thousand services hold a thousand listeners there).
+pub(super) fn sockets(pidfd: &PidFd) -> Vec<(i32, u64, SocketRole)> {
+    let Ok(fds) = procfs::process::Process::new(pidfd.pid()).and_then(|process| process.fd())
+    else {
+        return Vec::new();
+    };
+    fds.flatten()
         .filter_map(|fd| match fd.target {
-            procfs::process::FDTarget::Socket(inode) if listening.contains(&inode) => {
-                Some((fd.fd, inode))
-            }
+            procfs::process::FDTarget::Socket(inode) => Some((fd.fd, inode)),
             _ => None,
         })
+        .filter_map(|(fd, inode)| {
+            // Closed meanwhile: not a socket of the process any more.
+            let socket = pidfd.get_fd(fd).ok()?;
+            Some((fd, inode, socket_role(&socket)))
+        })
+        .collect()
+}
+
+/// What `socket` is: its type, address family and whether it listens.
+fn socket_role(socket: &OwnedFd) -> SocketRole {
+    use nix::sys::socket::{
+        AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+    };
+    let stream = getsockopt(socket, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+    // Only a TCP socket answers a TCP-level option (an SCTP stream socket does not).
+    let tcp = getsockopt(socket, sockopt::TcpNoDelay).is_ok();
+    let Ok(local) = getsockname::<SockaddrStorage>(socket.as_raw_fd()) else {
+        return SocketRole::Other;
+    };
+    let inet = matches!(
+        local.family(),
+        Some(AddressFamily::Inet | AddressFamily::Inet6)
+    );
+    if !(stream && tcp && inet) {
+        return SocketRole::Other;
+    }
+    if !getsockopt(socket, sockopt::AcceptConn).unwrap_or(false) {
+        return SocketRole::TcpOther;
+    }
+    let port = local
+        .as_sockaddr_in()
+        .map(|addr| addr.port())
+        .or_else(|| local.as_sockaddr_in6().map(|addr| addr.port()))
+        .unwrap_or(0);
+    SocketRole::TcpListener { port }
+}
+
+/// Every TCP socket of the process behind `pidfd` listening on `port`, as
+/// its lowest descriptor and its inode, in descriptor order: one, or the
+/// members of an `SO_REUSEPORT` group (nginx's `listen PORT reuseport;`, a
+/// server with one socket per thread), or listeners of the port on several
+/// addresses. Never empty.
+pub fn find_listeners(pidfd: &PidFd, port: u16) -> Result<Vec<(i32, u64)>, String> {
+    let mut found: Vec<(i32, u64)> = sockets(pidfd)
+        .into_iter()
+        .filter(|&(_, _, role)| role == SocketRole::TcpListener { port })
+        .map(|(fd, inode, _)| (fd, inode))
         .collect();
     found.sort_unstable();
     let mut seen = Vec::new();
@@ -50,9 +92,15 @@ pub fn find_listeners(pid: i32, port: u16) -> Result<Vec<(i32, u64)>, String> {
         first
     });
     if found.is_empty() {
-        return Err(format!("port {port} is held by another process"));
+        return Err(format!("it holds no TCP socket listening on port {port}"));
     }
     Ok(found)
+}
+
+/// The descriptor of the process behind `pidfd` that is a TCP socket
+/// listening on `port` (the lowest, if several), with its inode.
+pub fn find_listener(pidfd: &PidFd, port: u16) -> Result<(i32, u64), String> {
+    find_listeners(pidfd, port).map(|listeners| listeners[0])
 }
 
 /// Takes duplicates of the process's listeners on `port`: the first (by
@@ -66,7 +114,7 @@ pub(super) fn take_listeners(
     let pid = pidfd.pid();
     let no_listener = |reason: String| BuildError::NoListener { pid, port, reason };
     let mut taken = Vec::new();
-    for (fd, _) in find_listeners(pid, port).map_err(no_listener)? {
+    for (fd, _) in find_listeners(pidfd, port).map_err(no_listener)? {
         let listener = pidfd
             .get_fd(fd)
             .map_err(|err| no_listener(format!("pidfd_getfd of fd {fd}: {err}")))?;

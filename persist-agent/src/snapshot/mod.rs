@@ -59,6 +59,15 @@ pub struct BuildRequest {
     pub log: PathBuf,
     /// Directory for the `NOTIFY_SOCKET` of `--ready notify`.
     pub runtime_dir: PathBuf,
+    /// Start the command with address-space layout randomisation off.
+    pub no_aslr: bool,
+    /// The image of a sibling: another service of the same program, started
+    /// the same way. A page this image would store that the sibling stored
+    /// with the same contents at the same address is referred to in the
+    /// sibling's page store, which the new image hard-links, instead of
+    /// being written again. When the sibling's image cannot serve (removed
+    /// meanwhile, another filesystem), a full image is written.
+    pub sibling: Option<PathBuf>,
 }
 
 /// A built image and the listening socket taken from the process.
@@ -158,7 +167,14 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     }
     let fds = vec![(null.as_fd(), 0), (log.as_fd(), 1), (log.as_fd(), 2)];
     let started = Instant::now();
-    let spawned = launch::start(&request.command, &env, false, fds, identity)?;
+    let spawned = launch::start(
+        &request.command,
+        &env,
+        false,
+        fds,
+        identity,
+        request.no_aslr,
+    )?;
     let guard = KillOnDrop(Some(&spawned.pidfd));
 
     let program = request.command[0].clone();
@@ -187,12 +203,13 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     let processes = readiness::settled_tree(spawned.pid, TREE_SETTLE, QUIET_WAIT);
     readiness::wait_for_quiet_sockets(&processes, QUIET_WAIT);
     let (listener_fd, listener, group) = handover::take_listeners(&spawned.pidfd, request.port)?;
-    let summary = checkpoint(&CheckpointOptions {
+    let options = CheckpointOptions {
         pid: spawned.pid,
         image: request.image.clone(),
         leave_running: false,
         exclude_fds: Vec::new(),
-        base: None,
+        base: request.sibling.clone(),
+        base_is_sibling: request.sibling.is_some(),
         agent_files: vec![request.log.clone()],
         recovery_file: None,
         // A service of several processes (a master and its workers) is
@@ -203,7 +220,25 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         // A warm-up client still connected would be woken into a
         // conversation it never started.
         client_ports: vec![request.port],
-    })?;
+    };
+    let summary = match checkpoint(&options) {
+        // The process runs on when only the sibling stood in the way.
+        Err(err)
+            if err.is_base_unusable()
+                && let Some(sibling) = &options.base =>
+        {
+            tracing::warn!(
+                pid = spawned.pid,
+                "sharing pages with {} is not possible, writing them all: {err}",
+                sibling.display()
+            );
+            checkpoint(&CheckpointOptions {
+                base: None,
+                ..options
+            })?
+        }
+        result => result?,
+    };
     crate::sys::spawn::reap(&spawned.pidfd, true);
     guard.disarm();
     Ok(Built {

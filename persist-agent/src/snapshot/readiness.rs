@@ -1,6 +1,5 @@
 //! Waiting until a freshly started service is ready, and warming it up.
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -126,12 +125,11 @@ pub(super) fn wait(
     exited: impl Fn(String) -> BuildError,
 ) -> Result<(), WaitError> {
     let deadline = Instant::now() + request.ready_timeout;
-    let pid = pidfd.pid();
     loop {
         if pidfd.has_exited() {
             return Err(WaitError::Failed(exited(exit_status(pidfd))));
         }
-        let listening = super::find_listener(pid, request.port).is_ok();
+        let listening = super::find_listener(pidfd, request.port).is_ok();
         let ready = match &request.ready {
             Readiness::Tcp => listening,
             Readiness::Http { path } => {
@@ -228,51 +226,25 @@ pub(super) fn settled_tree(pid: i32, settle: Duration, limit: Duration) -> Vec<i
     tree
 }
 
-/// Waits (up to `limit`) until none of `pids` holds a TCP socket but listeners: the
-/// connections of readiness checks and warm-up requests must be closed on
-/// its side too before the snapshot, since live connections cannot be saved.
+/// Waits (up to `limit`) until none of `pids` holds a TCP socket but
+/// listeners: the connections of readiness checks and warm-up requests must
+/// be closed on their side too before the snapshot, since live connections
+/// cannot be saved. A process that is gone holds none.
 pub(super) fn wait_for_quiet_sockets(pids: &[i32], limit: Duration) {
+    let pidfds: Vec<PidFd> = pids
+        .iter()
+        .filter_map(|&pid| PidFd::open(pid).ok())
+        .collect();
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline && pids.iter().any(|&pid| has_connections(pid)) {
+    while Instant::now() < deadline && pidfds.iter().any(has_connections) {
         std::thread::sleep(POLL);
     }
 }
 
-/// Whether `pid` holds a TCP socket that is not a listener. A socket the
-/// peer already closed (state CLOSE) is in no table of /proc/net, so every
-/// socket found in none of them but the listening table counts too.
-fn has_connections(pid: i32) -> bool {
-    let inodes = |entries: Vec<u64>| entries.into_iter().collect::<HashSet<u64>>();
-    let tcp: Vec<_> = procfs::net::tcp()
-        .into_iter()
-        .flatten()
-        .chain(procfs::net::tcp6().into_iter().flatten())
-        .collect();
-    let listening = inodes(
-        tcp.iter()
-            .filter(|entry| entry.state == procfs::net::TcpState::Listen)
-            .map(|entry| entry.inode)
-            .collect(),
-    );
-    let other_kinds = inodes(
-        procfs::net::unix()
-            .into_iter()
-            .flatten()
-            .map(|entry| entry.inode)
-            .chain(
-                procfs::net::udp()
-                    .into_iter()
-                    .flatten()
-                    .chain(procfs::net::udp6().into_iter().flatten())
-                    .map(|entry| entry.inode),
-            )
-            .collect(),
-    );
-    let Ok(fds) = procfs::process::Process::new(pid).and_then(|process| process.fd()) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        matches!(fd.target, procfs::process::FDTarget::Socket(inode)
-            if inode != 0 && !listening.contains(&inode) && !other_kinds.contains(&inode))
-    })
+/// Whether the process holds a TCP socket that is not a listener (one the
+/// peer already closed included).
+fn has_connections(pidfd: &PidFd) -> bool {
+    super::handover::sockets(pidfd)
+        .iter()
+        .any(|(_, _, role)| *role == super::handover::SocketRole::TcpOther)
 }

@@ -74,6 +74,10 @@ pub struct SpawnRequest<'fd> {
     pub fds: Vec<(BorrowedFd<'fd>, RawFd)>,
     /// Identity to switch to before exec; `None` keeps ours.
     pub identity: Option<Identity>,
+    /// Exec with address-space layout randomisation off
+    /// (`ADDR_NO_RANDOMIZE`), so that every start of one program lays out
+    /// its memory alike.
+    pub no_aslr: bool,
 }
 
 /// A user identity for the child.
@@ -95,6 +99,9 @@ pub struct Spawned {
     /// A pidfd for it, readable once it exits.
     pub pidfd: PidFd,
 }
+
+/// `ADDR_NO_RANDOMIZE` of `personality(2)` (linux/personality.h).
+const ADDR_NO_RANDOMIZE: libc::c_ulong = 0x0040000;
 
 /// Forks, arranges the descriptors, starts a new session and execs. Returns
 /// once the exec has succeeded, or with the exec's error.
@@ -147,6 +154,7 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
                 &fds,
                 lowest_free,
                 request.identity.as_ref(),
+                request.no_aslr,
                 error_write.as_raw_fd(),
             )
         }
@@ -183,6 +191,7 @@ unsafe fn child_exec(
     fds: &[(RawFd, RawFd)],
     lowest_free: RawFd,
     identity: Option<&Identity>,
+    no_aslr: bool,
     error_fd: RawFd,
 ) -> ! {
     let fail = |error_fd: RawFd| -> ! {
@@ -230,6 +239,14 @@ unsafe fn child_exec(
                 || libc::setuid(identity.uid) < 0)
         {
             fail(error_fd);
+        }
+        if no_aslr {
+            // 0xffffffff queries the current persona without changing it.
+            let current = libc::personality(0xffff_ffff);
+            if current < 0 || libc::personality((current as libc::c_ulong) | ADDR_NO_RANDOMIZE) < 0
+            {
+                fail(error_fd);
+            }
         }
         // The Rust runtime ignores SIGPIPE; a service expects the default.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);

@@ -87,6 +87,7 @@ impl Supervisor {
             leave_running,
             exclude_fds: restorer_userfaultfds(pid),
             base: Some(generations.path(running)),
+            base_is_sibling: false,
             agent_files: Vec::new(),
             // A daemon killed meanwhile leaves the process stopped; the
             // next one undoes the checkpoint and adopts it.
