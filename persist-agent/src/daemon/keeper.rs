@@ -364,4 +364,3 @@ fn serve_request(stream: &UnixStream, held: &mut Vec<OwnedFd>) -> std::io::Resul
     }
     std::io::Write::write_all(&mut &*stream, &[DONE])
 }
-

@@ -121,7 +121,15 @@ pub use working_set::{
 /// reader of version 2 would restore the root alone, or the process without
 /// them. Every version from 1 is read here; an older image simply has none
 /// of them.
-pub const FORMAT_VERSION: u32 = 3;
+///
+/// Version 4 adds System V and POSIX shared memory mappings with their
+/// objects' contents, the parent-death signal and child-subreaper bit of
+/// each process, and the owner of each listening socket (an `SO_REUSEPORT`
+/// group's members are restored as one group). A reader of version 3 would
+/// restore a PostgreSQL tree without its shared memory, or a group's
+/// members as strangers to each other; it refuses the image by its version
+/// rather than by a parse error.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;

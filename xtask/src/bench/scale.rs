@@ -191,7 +191,7 @@ fn add_all(sandbox: &Sandbox, server: &str, services: usize, share_pages: bool) 
                             failed.store(true, Ordering::SeqCst);
                         }
                         added?;
-                        if (index + 1) % 100 == 0 {
+                        if (index + 1).is_multiple_of(100) {
                             eprintln!("bench --scale: {} services added", index + 1);
                         }
                     }
