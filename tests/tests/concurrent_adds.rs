@@ -159,3 +159,46 @@ fn two_adds_of_one_name_or_one_port_at_once_register_one() {
         "nothing answers on port {other_port}"
     );
 }
+
+/// The soft and hard limits on open files of `pid`, from /proc/PID/limits.
+fn open_files_limit(pid: i64) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a line for open files")
+        .to_owned();
+    let mut values = line["Max open files".len()..].split_whitespace();
+    (
+        values.next().expect("soft").to_owned(),
+        values.next().expect("hard").to_owned(),
+    )
+}
+
+/// The daemon raises its own limit on open files (it holds descriptors for
+/// every service), but a service it starts, and the same service woken
+/// from its image, run with the limit they would have had without it.
+#[test]
+fn the_daemon_raises_its_open_files_limit_but_not_its_services() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let ours = open_files_limit(std::process::id().into());
+    let daemon = open_files_limit(sandbox.daemon_pid().expect("the daemon runs").into());
+    let hard: u64 = ours.1.parse().unwrap_or(u64::MAX);
+    let soft: u64 = ours.0.parse().unwrap_or(u64::MAX);
+    if hard > soft {
+        assert_eq!(
+            daemon.0,
+            hard.min(1 << 20).to_string(),
+            "the daemon's soft limit is raised (ours: {ours:?})"
+        );
+    }
+    sandbox.add_ok("limits", 8695, &[], &hello(8695)).unwrap();
+    assert!(sandbox.http_get(8695).unwrap().contains("hello from pid"));
+    let pid = sandbox.running_pid("limits").unwrap();
+    assert_eq!(
+        open_files_limit(pid),
+        ours,
+        "the woken service has the limits the daemon was started with"
+    );
+}

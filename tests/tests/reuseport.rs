@@ -688,3 +688,50 @@ fn a_prebuilt_image_of_a_group_gets_a_group_from_the_agent() {
     );
     all_answered_by_both(&sandbox, PORT, None, "wake of the prebuilt image");
 }
+
+/// The same nginx under the daemon: added (built as a tree, its group's
+/// two listeners held by the agent), woken by requests that both workers
+/// answer, parked, and woken again with both workers answering on the
+/// group's same two sockets.
+#[test]
+fn nginx_with_reuseport_workers_is_parked_and_woken_by_the_daemon() {
+    require_root!();
+    const PORT: u16 = 8273;
+    const BODY: &str = "hello from a parked reuseport group\n";
+    let sandbox = Sandbox::with_daemon().expect("sandbox with a daemon");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let www = dir.path().join("www");
+    fs::create_dir(&www).unwrap();
+    fs::write(www.join("index.html"), BODY).unwrap();
+    let command = persist_tests::nginx_command_reuseport(&dir.path().join("nginx"), &www, PORT, 2)
+        .expect("nginx configuration");
+    sandbox
+        .add_ok("nginx", PORT, &["--ready", "http:/"], &command)
+        .unwrap();
+
+    let mut groups = Vec::new();
+    for round in ["first wake", "second wake"] {
+        let answered = sandbox
+            .netns
+            .enter(|| nginx_worker_answering(PORT, BODY))
+            .unwrap();
+        assert!(
+            answered.is_some(),
+            "{round}: nginx answers\n{}",
+            sandbox.daemon_log()
+        );
+        let root = sandbox.running_pid("nginx").unwrap() as i32;
+        groups.push(check_nginx_group(&sandbox.netns, root, PORT, BODY, round));
+        sandbox.agent_ok(&["park", "nginx"]).unwrap();
+        wait_until(Duration::from_secs(20), || {
+            sandbox
+                .service("nginx")
+                .is_ok_and(|status| status["state"] == "parked" && status["pid"].is_null())
+        })
+        .unwrap_or_else(|_| panic!("{round}: not parked\n{}", sandbox.daemon_log()));
+    }
+    assert_eq!(
+        groups[0], groups[1],
+        "the second wake listens through the group's same sockets"
+    );
+}

@@ -128,6 +128,16 @@ pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     // Before any thread: the memory a service's work frees goes back to the
     // host rather than stay in the agent (docs/parked-cost.md).
     crate::sys::alloc::keep_little_free_memory();
+    // Each service holds a few descriptors of the agent (its listener, its
+    // pidfds, its mapped page store): 1,024 would stop it near 150 services.
+    // The programs it starts get the limit it had (`sys::spawn`).
+    match crate::sys::rlimit::raise_open_files() {
+        Ok((before, after)) if after > before => {
+            info!(before, after, "raised the limit on open files");
+        }
+        Ok(_) => {}
+        Err(err) => warn!("cannot raise the limit on open files: {err}"),
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

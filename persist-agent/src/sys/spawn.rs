@@ -129,6 +129,7 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
         .collect();
     let lowest_free = fds.iter().map(|&(_, target)| target + 1).max().unwrap_or(0);
 
+    let open_files = super::rlimit::open_files_for_programs();
     let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
 
     // Held across the fork, so that the daemon's reaper cannot collect a
@@ -155,6 +156,7 @@ pub fn spawn(request: &SpawnRequest<'_>) -> io::Result<Spawned> {
                 lowest_free,
                 request.identity.as_ref(),
                 request.no_aslr,
+                open_files,
                 error_write.as_raw_fd(),
             )
         }
@@ -192,6 +194,7 @@ unsafe fn child_exec(
     lowest_free: RawFd,
     identity: Option<&Identity>,
     no_aslr: bool,
+    open_files: Option<u64>,
     error_fd: RawFd,
 ) -> ! {
     let fail = |error_fd: RawFd| -> ! {
@@ -232,6 +235,21 @@ unsafe fn child_exec(
         );
         if libc::setsid() < 0 {
             fail(error_fd);
+        }
+        // The agent's own limit is raised for the services it holds; the
+        // program gets the one it would have had without the agent.
+        if let Some(soft) = open_files {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) < 0 {
+                fail(error_fd);
+            }
+            limit.rlim_cur = soft.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) < 0 {
+                fail(error_fd);
+            }
         }
         if let Some(identity) = identity
             && (libc::setgroups(identity.groups.len(), identity.groups.as_ptr()) < 0
