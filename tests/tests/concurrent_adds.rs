@@ -180,19 +180,23 @@ fn open_files_limit(pid: i64) -> (String, String) {
 /// from its image, run with the limit they would have had without it.
 #[test]
 fn the_daemon_raises_its_open_files_limit_but_not_its_services() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     persist_tests::require_root!();
+    // The usual soft limit below the hard one, as a login shell or systemd
+    // gives, for the daemon this test starts (the other tests of this file
+    // hold few descriptors).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(hard > 1024, "the hard limit on open files is {hard}");
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
     let sandbox = Sandbox::with_daemon().unwrap();
     let ours = open_files_limit(std::process::id().into());
+    assert_eq!(ours.0, "1024");
     let daemon = open_files_limit(sandbox.daemon_pid().expect("the daemon runs").into());
-    let hard: u64 = ours.1.parse().unwrap_or(u64::MAX);
-    let soft: u64 = ours.0.parse().unwrap_or(u64::MAX);
-    if hard > soft {
-        assert_eq!(
-            daemon.0,
-            hard.min(1 << 20).to_string(),
-            "the daemon's soft limit is raised (ours: {ours:?})"
-        );
-    }
+    assert_eq!(
+        daemon,
+        (hard.min(1 << 20).to_string(), ours.1.clone()),
+        "the daemon's soft limit is raised to the hard one"
+    );
     sandbox.add_ok("limits", 8695, &[], &hello(8695)).unwrap();
     assert!(sandbox.http_get(8695).unwrap().contains("hello from pid"));
     let pid = sandbox.running_pid("limits").unwrap();
