@@ -180,8 +180,8 @@ fn open_files_limit(pid: i64) -> (String, String) {
 /// from its image, run with the limit they would have had without it.
 #[test]
 fn the_daemon_raises_its_open_files_limit_but_not_its_services() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     persist_tests::require_root!();
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     // The usual soft limit below the hard one, as a login shell or systemd
     // gives, for the daemon this test starts (the other tests of this file
     // hold few descriptors).

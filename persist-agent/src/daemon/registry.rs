@@ -688,6 +688,7 @@ impl Registry {
                 }
             }
         };
+        let listener = Arc::new(listener);
         let mut prepared = None;
         self.keeper
             .ensure(&self.run_state, &spec.name, &listener, &group, kept);
@@ -700,7 +701,7 @@ impl Registry {
                 let worker = RestoreWorker::spawn(
                     &spec.name,
                     spec.port,
-                    listener.try_clone()?,
+                    listener.clone(),
                     listener::clone_all(&group)?,
                     match adopted_pager {
                         Some(pager) => Running::Filling(Box::new(pager)),

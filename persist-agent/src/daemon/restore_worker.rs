@@ -283,7 +283,7 @@ impl RestoreWorker {
     pub fn spawn(
         name: &str,
         port: u16,
-        listener: OwnedFd,
+        listener: Arc<OwnedFd>,
         group: Vec<OwnedFd>,
         running: Running,
         shared: WorkerShared,
@@ -545,7 +545,9 @@ impl PoolTask for Service {
 struct Worker {
     name: String,
     port: u16,
-    listener: OwnedFd,
+    /// The listener, shared with the service's supervisor: one descriptor
+    /// per service, not two (10,000 services under a limit of 20,000).
+    listener: Arc<OwnedFd>,
     /// The other members of the listener's `SO_REUSEPORT` group.
     group: Vec<OwnedFd>,
     image: Option<PathBuf>,
@@ -871,7 +873,7 @@ impl Worker {
         {
             wait_until_pid_is_free(pid);
         }
-        let held = std::iter::once(&self.listener)
+        let held = std::iter::once(&*self.listener)
             .chain(&self.group)
             .map(OwnedFd::try_clone)
             .collect::<std::io::Result<Vec<_>>>()
@@ -1024,6 +1026,17 @@ impl Worker {
                 // skeleton is checked whole.
                 self.verify_next = true;
                 reply(Err(err.to_string()));
+                return;
+            }
+        };
+        // The pager keeps the skeleton's pidfd; the supervisor watches a
+        // copy of its own for the process's exit.
+        let pidfd = match Arc::try_unwrap(pidfd).or_else(|shared| shared.try_clone()) {
+            Ok(pidfd) => pidfd,
+            Err(err) => {
+                // Nobody would see it exit: it must not run unsupervised.
+                crate::process_tree::kill_tree(pid);
+                reply(Err(format!("pid {pid}: duplicating its pidfd: {err}")));
                 return;
             }
         };

@@ -94,7 +94,7 @@ impl PagerStats {
 /// Serves one restored process's lazy memory.
 pub struct Pager {
     uffd: Arc<Userfault>,
-    pidfd: PidFd,
+    pidfd: Arc<PidFd>,
     sources: Arc<Sources>,
     runs: Vec<PageRun>,
     verified: Vec<bool>,
@@ -136,7 +136,7 @@ impl std::fmt::Debug for Pager {
 impl Pager {
     /// A pager for the lazy mappings of `image`, restored into the process of
     /// `pidfd` whose userfaultfd is `uffd`.
-    pub(crate) fn new(uffd: Userfault, pidfd: PidFd, image: Arc<Image>) -> Self {
+    pub(crate) fn new(uffd: Userfault, pidfd: Arc<PidFd>, image: Arc<Image>) -> Self {
         let sources = Sources::new(Arc::clone(&image));
         let mut runs = Vec::new();
         let mut verified = Vec::new();
@@ -172,7 +172,7 @@ impl Pager {
     /// A pager with these pages still to serve, and nothing done yet.
     fn serving(
         uffd: Userfault,
-        pidfd: PidFd,
+        pidfd: Arc<PidFd>,
         sources: Arc<Sources>,
         runs: Vec<PageRun>,
         verified: Vec<bool>,

@@ -185,14 +185,16 @@ impl Setup {
         let layout_time = forked_at.elapsed();
 
         // Its pager, then its threads and their state.
-        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
+        // One pidfd for the skeleton, its pager and its continuer: a parked
+        // service's descriptors in the agent count against its open-files
+        // limit.
+        let pidfd = Arc::new(PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?);
         let uffd = pidfd
             .get_fd(self.uffd_fd)
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
         file_pages::write(&image, pid, &mem)?;
-        let mut pager = Pager::new(Userfault::new(uffd), pidfd, Arc::clone(&image));
-        let pidfd = PidFd::open(pid).map_err(RestoreError::ptrace(pid, "pidfd_open"))?;
+        let mut pager = Pager::new(Userfault::new(uffd), Arc::clone(&pidfd), Arc::clone(&image));
 
         let mut runner = TableRunner {
             pid,

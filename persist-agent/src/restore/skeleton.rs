@@ -81,7 +81,7 @@ pub struct Skeleton {
     /// Where the process keeps its userfaultfd.
     pub(super) uffd_fd: RawFd,
     /// Taken by [`Skeleton::resume`] for the [`Restored`] process.
-    pub(super) pidfd: Option<PidFd>,
+    pub(super) pidfd: Option<Arc<PidFd>>,
     pub(super) pager: Option<Pager>,
     pub(super) timings: Timings,
     /// Whether the process leaves `SIGCONT` to the kernel (no handler of
@@ -135,7 +135,7 @@ pub struct Continuer {
 
 #[derive(Debug)]
 struct ContinuerState {
-    pidfd: PidFd,
+    pidfd: Arc<PidFd>,
     /// When the process was continued, and how long that took, once it was.
     continued: std::sync::Mutex<Option<(Instant, Duration)>>,
     /// Its timers, armed right before the continue.
@@ -191,8 +191,9 @@ pub struct Restored {
     /// The pid of the init of its private pid namespace, when the recorded
     /// pid was taken here.
     pub init_pid: Option<i32>,
-    /// A pidfd for it, opened when its skeleton was prepared.
-    pub pidfd: PidFd,
+    /// A pidfd for it, opened when its skeleton was prepared (its pager
+    /// holds the same).
+    pub pidfd: Arc<PidFd>,
     /// Serves its memory; run [`Pager::run_until_filled`] (in a thread or a
     /// process) or its faults block forever.
     pub pager: Pager,
@@ -357,9 +358,7 @@ impl Skeleton {
         self.detach_all()?;
         let continuer = Continuer {
             inner: Arc::new(ContinuerState {
-                pidfd: pidfd
-                    .try_clone()
-                    .map_err(RestoreError::ptrace(self.pid, "dup pidfd"))?,
+                pidfd: Arc::clone(pidfd),
                 continued: std::sync::Mutex::new(None),
                 timers: self.timers.take().unwrap_or_default(),
                 descendants,

@@ -328,7 +328,8 @@ fn reap(pidfd: &AsyncFd<PidFd>) -> Option<nix::sys::wait::WaitStatus> {
 pub struct Supervisor {
     spec: ServiceSpec,
     slot: u32,
-    listener: OwnedFd,
+    /// Shared with the service's restore worker.
+    listener: Arc<OwnedFd>,
     /// The other listeners of the port the agent holds: the rest of the
     /// listener's `SO_REUSEPORT` group (usually none). The kernel queues a
     /// SYN steered to the listener in any member of its group.
@@ -378,7 +379,7 @@ impl Supervisor {
     pub fn spawn(
         spec: ServiceSpec,
         slot: u32,
-        listener: OwnedFd,
+        listener: Arc<OwnedFd>,
         group: Vec<OwnedFd>,
         shared: Shared,
         adopted: Option<Adopted>,
@@ -685,7 +686,7 @@ impl Supervisor {
 
     /// The listener and the other members of its group.
     fn listeners(&self) -> impl Iterator<Item = &OwnedFd> {
-        std::iter::once(&self.listener).chain(&self.group)
+        std::iter::once(&*self.listener).chain(&self.group)
     }
 
     fn idle_check_period(&self) -> Duration {

@@ -207,7 +207,7 @@ impl Pager {
         events: &[AddressEvent],
     ) -> Result<Self, RestoreError> {
         let pid = pidfd.pid();
-        let mut pager = Self::new(Userfault::new(uffd), pidfd, image);
+        let mut pager = Self::new(Userfault::new(uffd), Arc::new(pidfd), image);
         for &event in events {
             pager.apply(event);
         }

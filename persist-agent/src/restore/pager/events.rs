@@ -52,7 +52,7 @@ impl Pager {
         };
         let mut child = Pager::serving(
             uffd,
-            pidfd,
+            Arc::new(pidfd),
             Arc::clone(&self.sources),
             self.runs.clone(),
             self.verified.clone(),
