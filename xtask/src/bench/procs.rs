@@ -84,7 +84,13 @@ impl ServerProcess {
         let mut kib = 0;
         for pid in self.tree() {
             let path = format!("/proc/{pid}/smaps_rollup");
-            let rollup = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+            let rollup = match std::fs::read_to_string(&path) {
+                Ok(rollup) => rollup,
+                // A child that exited since it was listed (a PostgreSQL
+                // backend that served the last request) holds nothing.
+                Err(_) if pid != self.pid() => continue,
+                Err(err) => return Err(err).with_context(|| path.clone()),
+            };
             kib += rollup
                 .lines()
                 .find_map(|line| line.strip_prefix("Pss:"))
