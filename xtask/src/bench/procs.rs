@@ -135,12 +135,21 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        for pid in self.tree().into_iter().skip(1) {
+        let children: Vec<Pid> = self.tree().into_iter().skip(1).collect();
+        for &pid in &children {
             let _ = kill(pid, Signal::SIGKILL);
         }
         let _ = killpg(self.pid(), Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed worker holds the listener until it has exited: the next
+        // start's first connection could reach it and be reset.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for pid in children {
+            while process_state(pid).is_ok_and(|state| state != 'Z') && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
     }
 }
 
