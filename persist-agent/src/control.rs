@@ -270,9 +270,10 @@ pub struct ServiceStatus {
 /// (docs/parked-cost.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParkedCost {
-    /// Anonymous and shmem pages of the processes that wait for its wake
-    /// (its prepared skeleton, the init of the skeleton's pid namespace,
-    /// its port keeper).
+    /// Anonymous pages of the processes that wait for its wake (its
+    /// prepared skeleton, the init of the skeleton's pid namespace, its
+    /// port keeper), and the pages held by the shared memory objects they
+    /// map, each object once, mapped or not.
     pub private_bytes: u64,
     /// Their page tables.
     pub page_table_bytes: u64,

@@ -137,6 +137,8 @@ pub fn run(
         }
         results.push(result);
     }
+    // Its wake timings say where a slow wake's time went.
+    let daemon_log = sandbox.daemon_log();
     drop(sandbox);
 
     let run = BenchRun {
@@ -152,6 +154,7 @@ pub fn run(
     std::fs::create_dir_all(&out_dir)?;
     let json = out_dir.join("latency.json");
     std::fs::write(&json, serde_json::to_vec_pretty(&run)?)?;
+    std::fs::write(out_dir.join("daemon.log"), daemon_log)?;
     let svg = out_dir.join("latency.svg");
     let title = format!(
         "persist bench {}: connect() to first byte, cumulative over {} runs per mode",
@@ -159,7 +162,8 @@ pub fn run(
     );
     plot::latency_svg(&run.servers, &title, &svg)?;
     eprintln!(
-        "bench: done in {:.0} s; raw samples in {}, plot in {}, tables in latency.md beside them",
+        "bench: done in {:.0} s; raw samples in {}, plot in {}, tables in latency.md and the \
+         daemon's log in daemon.log beside them",
         run.elapsed_s,
         json.display(),
         svg.display()

@@ -5,7 +5,12 @@
 //!
 //! Per process (the skeleton, its children and the init of its pid
 //! namespace, and a port keeper of the service alone, as earlier agents ran):
-//! - private memory: anonymous and shmem pages (`RssAnon + RssShmem`);
+//! - private memory: anonymous pages (`RssAnon`), and the pages of every
+//!   shared memory object its processes map (a memfd, `MAP_SHARED`
+//!   anonymous memory, System V and POSIX shared memory), each object
+//!   counted once, resident or not: a skeleton's objects are filled when it
+//!   is prepared, by writes that map nothing, so `RssShmem` shows none of it
+//!   (PostgreSQL's main segment: ~11 MiB unseen);
 //! - page tables (`VmPTE`, every level);
 //! - kernel objects, estimated from their sizes in /proc/slabinfo: per
 //!   thread a `task_struct`, a `pid` and a kernel stack (16 KiB on x86-64);
@@ -18,7 +23,7 @@
 //! one process for all services, divided by the services it holds. docs/parked-cost.md compares the
 //! sum with the drop of the host's MemAvailable per parked service.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::process_tree::with_descendants;
 use std::sync::OnceLock;
@@ -35,13 +40,57 @@ pub fn parked_cost(roots: &[i32], agent_share_bytes: u64) -> ParkedCost {
         agent_share_bytes,
         ..ParkedCost::default()
     };
+    let mut objects = HashSet::new();
     for pid in with_descendants(roots) {
         let process = process_cost(pid);
         cost.private_bytes += process.private_bytes;
         cost.page_table_bytes += process.page_table_bytes;
         cost.kernel_bytes += process.kernel_bytes;
+        for object in shared_memory_objects(pid) {
+            if objects.insert((object.device, object.inode)) {
+                cost.private_bytes += object.bytes;
+            }
+        }
     }
     cost
+}
+
+/// A shared memory object a process maps: its identity and the memory it
+/// holds.
+struct SharedObject {
+    device: u64,
+    inode: u64,
+    bytes: u64,
+}
+
+/// The shared memory objects (shmem files: memfds, `MAP_SHARED` anonymous
+/// memory, System V segments, files under /dev/shm or another tmpfs) that
+/// `pid` maps shared, with the pages each holds (`st_blocks`, what the
+/// object allocated, mapped anywhere or not).
+fn shared_memory_objects(pid: i32) -> Vec<SharedObject> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(maps) = procfs::process::Process::new(pid).and_then(|process| process.maps()) else {
+        return Vec::new();
+    };
+    maps.iter()
+        .filter(|map| map.perms.contains(procfs::process::MMPermissions::SHARED))
+        .filter_map(|map| {
+            let (start, end) = map.address;
+            let link = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+            let on_shmem = nix::sys::statfs::statfs(link.as_str())
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+            if !on_shmem {
+                // A shared mapping of a file on disk is the page cache's.
+                return None;
+            }
+            let meta = std::fs::metadata(&link).ok()?;
+            Some(SharedObject {
+                device: meta.dev(),
+                inode: meta.ino(),
+                bytes: meta.blocks() * 512,
+            })
+        })
+        .collect()
 }
 
 /// What the agent cost before it held any service (its runtime, the BPF
@@ -99,7 +148,8 @@ fn process_cost(pid: i32) -> ProcessCost {
     let mappings = process.maps().map_or(0, |maps| maps.len() as u64);
     let files = process.fd_count().map_or(0, |count| count as u64);
     ProcessCost {
-        private_bytes: (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024,
+        // Shared memory (RssShmem) is counted per object by the caller.
+        private_bytes: status.rssanon.unwrap_or(0) * 1024,
         page_table_bytes: status.vmpte.unwrap_or(0) * 1024,
         kernel_bytes: sizes.per_process
             + threads * sizes.per_thread
@@ -193,5 +243,39 @@ mod tests {
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = child.wait_with_output();
+    }
+
+    #[test]
+    fn a_shared_memory_object_counts_the_pages_it_holds_though_none_is_mapped() {
+        use std::os::unix::fs::MetadataExt;
+        let memfd =
+            nix::sys::memfd::memfd_create(c"parked-cost-test", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd_create");
+        let mut file = std::fs::File::from(memfd);
+        // Filled by writes, as a skeleton's objects are: nothing is mapped.
+        std::io::Write::write_all(&mut file, &[7u8; 16 * 4096]).expect("fill the memfd");
+        let length = std::num::NonZeroUsize::new(16 * 4096).expect("non-zero");
+        // SAFETY: a fresh shared mapping of our own memfd, never touched,
+        // unmapped below.
+        let mapping = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                length,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .expect("mmap the memfd");
+        let inode = file.metadata().expect("fstat").ino();
+        let objects = shared_memory_objects(std::process::id() as i32);
+        // SAFETY: the mapping made above, used by nothing.
+        unsafe { nix::sys::mman::munmap(mapping, length.get()) }.expect("munmap");
+        let object = objects
+            .iter()
+            .find(|object| object.inode == inode)
+            .expect("the memfd is listed");
+        assert_eq!(object.bytes, 16 * 4096);
     }
 }

@@ -1,5 +1,8 @@
 //! The bench's client: one request, timed from the start of connect() to the
-//! first byte of the answer, and checked to be a real answer.
+//! first byte of the answer (for PostgreSQL: to the row of `SELECT 1`), and
+//! checked to be a real answer.
+
+mod postgres;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -21,13 +24,18 @@ pub enum Probe {
     Http,
     /// Redis `PING`, answered by `+PONG`.
     RedisPing,
+    /// PostgreSQL over the wire as user and database `postgres` (trusted):
+    /// the startup, then `SELECT 1`, answered by a row holding `1`. The
+    /// time is taken when the row arrives, a backend's start included.
+    PostgresSelect,
 }
 
 impl Probe {
-    fn request(self) -> &'static [u8] {
+    fn request(self) -> Vec<u8> {
         match self {
-            Self::Http => b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n",
-            Self::RedisPing => b"PING\r\n",
+            Self::Http => b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n".to_vec(),
+            Self::RedisPing => b"PING\r\n".to_vec(),
+            Self::PostgresSelect => postgres::startup_message("postgres", "postgres"),
         }
     }
 
@@ -35,6 +43,8 @@ impl Probe {
         match self {
             Self::Http => b"HTTP/1.",
             Self::RedisPing => b"+PONG\r\n",
+            // Checked by the protocol's own reading.
+            Self::PostgresSelect => b"",
         }
     }
 }
@@ -59,8 +69,31 @@ pub fn request_with(
 }
 
 /// One request to a server started at `started`: connect() is retried every
-/// 100 µs while nothing listens yet; the time is counted from `started`.
+/// 100 µs while nothing listens yet (and, for PostgreSQL, while it answers
+/// that it is starting up); the time is counted from `started`.
 pub fn request_when_up(port: u16, probe: Probe, started: Instant) -> Result<Duration> {
+    loop {
+        let stream = connect_when_up(port, started)?;
+        match exchange(stream, probe, started, || Ok(())) {
+            Err(err) if starting_up(&err) && started.elapsed() < TIMEOUT => {
+                std::thread::sleep(CONNECT_RETRY);
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Whether `err` is a PostgreSQL server saying it cannot serve yet.
+fn starting_up(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<postgres::ServerError>()
+            .is_some_and(|server| server.code == postgres::CANNOT_CONNECT_NOW)
+    })
+}
+
+/// A connection to `port`, retried every 100 µs while nothing listens.
+fn connect_when_up(port: u16, started: Instant) -> Result<TcpStream> {
     let stream = loop {
         match TcpStream::connect(("127.0.0.1", port)) {
             Ok(stream) => break stream,
@@ -73,7 +106,7 @@ pub fn request_when_up(port: u16, probe: Probe, started: Instant) -> Result<Dura
             Err(err) => return Err(err).with_context(|| format!("connecting to 127.0.0.1:{port}")),
         }
     };
-    exchange(stream, probe, started, || Ok(()))
+    Ok(stream)
 }
 
 fn connect(port: u16) -> Result<TcpStream> {
@@ -91,9 +124,15 @@ fn exchange(
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_nodelay(true)?;
     stream
-        .write_all(probe.request())
+        .write_all(&probe.request())
         .with_context(|| format!("sending to port {port}"))?;
     before_read()?;
+    if let Probe::PostgresSelect = probe {
+        let mut answered = None;
+        postgres::select_one(&mut stream, || answered = Some(started.elapsed()))
+            .with_context(|| format!("PostgreSQL on port {port}"))?;
+        return answered.context("no row came");
+    }
     let mut answer = vec![0u8; 1];
     stream
         .read_exact(&mut answer)
@@ -115,6 +154,7 @@ fn exchange(
 fn read_rest(stream: &mut TcpStream, probe: Probe, answer: &mut Vec<u8>) -> std::io::Result<()> {
     match probe {
         Probe::Http => stream.read_to_end(answer).map(drop),
+        Probe::PostgresSelect => Ok(()),
         Probe::RedisPing => {
             let mut byte = [0u8; 1];
             while !answer.ends_with(b"\r\n") {

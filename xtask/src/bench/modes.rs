@@ -138,8 +138,13 @@ pub struct ServerResult {
     pub server: String,
     /// What it is.
     pub kind: Kind,
-    /// Its resident memory while running (the warm instance, after warm-up).
+    /// Its resident memory while running (the warm instance's root, after warm-up).
     pub running_rss_bytes: Option<u64>,
+    /// The proportional set size of the warm instance's processes summed,
+    /// after warm-up: what the running server holds, its processes' shared
+    /// pages counted once. What the parked cost is compared with.
+    #[serde(default)]
+    pub running_pss_bytes: Option<u64>,
     /// One entry per mode.
     pub modes: Vec<ModeResult>,
     /// Agent statistics of the lazy persist mode.
@@ -211,25 +216,25 @@ impl Bench<'_> {
             server: server.label.to_owned(),
             kind: server.kind,
             running_rss_bytes: None,
+            running_pss_bytes: None,
             modes: Vec::new(),
             lazy: None,
             prefetch: None,
             cold: None,
         };
-        if !server.persist_only() {
-            match self.warm_and_frozen(server, bar) {
-                Ok((warm, frozen, rss)) => {
-                    result.running_rss_bytes = Some(rss);
-                    result.modes.push(warm);
-                    result.modes.push(frozen);
-                }
-                Err(err) => {
-                    let note = format!("failed: {err:#}");
-                    result
-                        .modes
-                        .push(ModeResult::noted(Mode::Warm, note.clone()));
-                    result.modes.push(ModeResult::noted(Mode::Frozen, note));
-                }
+        match self.warm_and_frozen(server, bar) {
+            Ok((warm, frozen, memory)) => {
+                result.running_rss_bytes = Some(memory.rss_bytes);
+                result.running_pss_bytes = Some(memory.pss_bytes);
+                result.modes.push(warm);
+                result.modes.push(frozen);
+            }
+            Err(err) => {
+                let note = format!("failed: {err:#}");
+                result
+                    .modes
+                    .push(ModeResult::noted(Mode::Warm, note.clone()));
+                result.modes.push(ModeResult::noted(Mode::Frozen, note));
             }
         }
         match self.agent_modes(server, bar) {
@@ -264,36 +269,34 @@ impl Bench<'_> {
                 "n/a (not implemented yet)",
             ));
         }
-        if !server.persist_only() {
-            // hello-server's fresh start is the agent's exec mode, measured above.
-            if server.kind != Kind::Hello {
-                result
-                    .modes
-                    .push(self.fresh(server, bar).unwrap_or_else(|err| {
-                        ModeResult::noted(Mode::Fresh, format!("failed: {err:#}"))
-                    }));
-            }
-            result.modes.push(match &self.criu {
-                None => ModeResult::noted(Mode::Criu, "skipped: criu not installed"),
-                Some(criu) => self.criu(server, criu, bar).unwrap_or_else(|err| {
-                    ModeResult::noted(Mode::Criu, format!("failed: {err:#}"))
+        // hello-server's fresh start is the agent's exec mode, measured above.
+        if server.kind != Kind::Hello {
+            result.modes.push(
+                self.fresh(server, bar).unwrap_or_else(|err| {
+                    ModeResult::noted(Mode::Fresh, format!("failed: {err:#}"))
                 }),
-            });
+            );
         }
+        result.modes.push(match &self.criu {
+            None => ModeResult::noted(Mode::Criu, "skipped: criu not installed"),
+            Some(criu) => self
+                .criu(server, criu, bar)
+                .unwrap_or_else(|err| ModeResult::noted(Mode::Criu, format!("failed: {err:#}"))),
+        });
         result
             .modes
             .sort_by_key(|m| Mode::ALL.iter().position(|mode| *mode == m.mode));
         result
     }
 
-    /// Warm and frozen use the same running instance; also its running RSS.
+    /// Warm and frozen use the same running instance; also its memory.
     fn warm_and_frozen(
         &self,
         server: &Server,
         bar: &dyn Fn(&str) -> ProgressBar,
-    ) -> Result<(ModeResult, ModeResult, u64)> {
+    ) -> Result<(ModeResult, ModeResult, RunningMemory)> {
         let port = Mode::Warm.port(server);
-        let argv = server.command(port)?;
+        let argv = server.spawn_command(port)?;
         let probe = server.probe;
         let process = self.in_netns(|| -> Result<ServerProcess> {
             let started = Instant::now();
@@ -304,7 +307,10 @@ impl Bench<'_> {
             }
             Ok(process)
         })??;
-        let rss = process.rss_bytes()?;
+        let memory = RunningMemory {
+            rss_bytes: process.rss_bytes()?,
+            pss_bytes: process.pss_bytes()?,
+        };
 
         // Alternate the two, so that both see the same load on the machine.
         let progress = bar("warm and frozen, alternating");
@@ -323,10 +329,13 @@ impl Bench<'_> {
             Ok((warm, frozen))
         })??;
         progress.finish_and_clear();
+        if let Some(signal) = server.stop_signal() {
+            process.stop(signal)?;
+        }
         Ok((
             ModeResult::measured(Mode::Warm, warm),
             ModeResult::measured(Mode::Frozen, frozen),
-            rss,
+            memory,
         ))
     }
 
@@ -373,7 +382,7 @@ impl Bench<'_> {
         }
         progress.finish_and_clear();
         for entry in woken {
-            let _ = self.sandbox.agent(&["remove", &entry.service]);
+            self.remove(&entry.service);
             rows.push(entry.into_row());
         }
         Ok(rows)
@@ -427,7 +436,7 @@ impl Bench<'_> {
         }
         let snapshot = mode != Mode::Fresh;
         if snapshot {
-            args.extend_from_slice(server.ready_args());
+            args.extend_from_slice(server.add_args());
         }
         args.push("--");
         args.extend(argv.iter().map(String::as_str));
@@ -487,7 +496,7 @@ impl Bench<'_> {
     /// timed request and reads what the agent measured.
     fn wake_once(&self, entry: &mut Woken, probe: Probe) -> Result<()> {
         let service = entry.service.as_str();
-        self.sandbox.agent_ok(&["park", service])?;
+        self.park(service)?;
         let parked = self.wait_parked(service, entry.snapshot, entry.cold)?;
         if entry.snapshot {
             let rss = parked["rss_bytes"].as_u64().unwrap_or(0);
@@ -519,6 +528,38 @@ impl Bench<'_> {
         entry.ttfb.push(ttfb);
         record(&woken, &mut entry.stats);
         Ok(())
+    }
+
+    /// `persist-agent park SERVICE`, tried again for up to 10 s while it
+    /// fails: the probe's connection, closed by the client, may not be gone
+    /// from the server's side yet (PostgreSQL's backend exits after it).
+    fn park(&self, service: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.sandbox.agent_ok(&["park", service]) {
+                Ok(_) => return Ok(()),
+                Err(err) if Instant::now() > deadline => return Err(err),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Removes `service` from the agent, and the POSIX shared memory files
+    /// its processes mapped (PostgreSQL's): a restored tree killed by the
+    /// removal leaves them, as a killed postmaster would.
+    fn remove(&self, service: &str) {
+        let pids: Vec<i32> = self
+            .sandbox
+            .service(service)
+            .ok()
+            .and_then(|status| status["pids"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|pid| pid.as_i64().map(|pid| pid as i32))
+            .collect();
+        let files = procs::posix_shm_files(&pids);
+        let _ = self.sandbox.agent(&["remove", service]);
+        procs::remove_unused_shm_files(&files);
     }
 
     /// Polls the status until the pager of `service`'s last wake is done.
@@ -570,13 +611,17 @@ impl Bench<'_> {
     fn fresh(&self, server: &Server, bar: &dyn Fn(&str) -> ProgressBar) -> Result<ModeResult> {
         let port = Mode::Fresh.port(server);
         let progress = bar(Mode::Fresh.label());
-        let argv = server.command(port)?;
+        let argv = server.spawn_command(port)?;
         let probe = server.probe;
         let once = || -> Result<Duration> {
             let started = Instant::now();
             let process = ServerProcess::spawn(&argv)?;
             let ttfb = client::request_when_up(port, probe, started)?;
-            drop(process);
+            // Untimed: a clean stop, so that the next start is as fresh.
+            match server.stop_signal() {
+                Some(signal) => process.stop(signal)?,
+                None => drop(process),
+            }
             Ok(ttfb)
         };
         self.in_netns(once)??;
@@ -602,7 +647,7 @@ impl Bench<'_> {
         bar: &dyn Fn(&str) -> ProgressBar,
     ) -> Result<ModeResult> {
         let port = Mode::Criu.port(server);
-        let argv = server.command(port)?;
+        let argv = server.spawn_command(port)?;
         let probe = server.probe;
         let images = self.scratch.join(format!("criu-{}", server.service));
         std::fs::create_dir_all(&images)?;
@@ -668,6 +713,12 @@ impl Bench<'_> {
     fn in_netns<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
         self.sandbox.netns.enter(work)
     }
+}
+
+/// A running server's memory.
+struct RunningMemory {
+    rss_bytes: u64,
+    pss_bytes: u64,
 }
 
 /// What the status says the parked service itself costs: `parked_bytes`

@@ -74,30 +74,33 @@ pub fn cost_table(results: &[ServerResult]) -> String {
         .collect();
     let mut out = String::new();
     out.push_str(
-        "| server | mode | add (start + checkpoint) | image on disk | running RSS | parked cost (skeleton, keeper; agent apart) | parked ÷ running | resume (critical path) | SYN → running |",
+        "| server | mode | add (start + checkpoint) | image on disk | running RSS | running PSS (all processes) | parked cost (skeletons, keeper; agent apart) | parked ÷ running PSS | resume (critical path) | SYN → running |",
     );
     for counter in &counters {
         let _ = write!(out, " {} |", counter_label(counter));
     }
-    out.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    out.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     out.push_str(&"---:|".repeat(counters.len()));
     out.push('\n');
     for (result, mode, stats) in parked {
         let parked_rss = stats.parked_cost_bytes.median().map(|b| b as u64);
-        let share = match (parked_rss, result.running_rss_bytes) {
+        // Against PSS, not the root's RSS: a tree's memory is in all its
+        // processes, and what they share is counted once.
+        let share = match (parked_rss, result.running_pss_bytes) {
             (Some(parked), Some(running)) if running > 0 => {
-                format!("{:.0} %", parked as f64 * 100.0 / running as f64)
+                format!("{:.1} %", parked as f64 * 100.0 / running as f64)
             }
             _ => "—".into(),
         };
         let _ = write!(
             out,
-            "| {} | {} | {:.0} ms | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} ms | {} | {} | {} | {} | {} | {} | {} |",
             result.server,
             mode.label(),
             stats.add_ms,
             format_bytes(stats.image_bytes),
             result.running_rss_bytes.map_or("—".into(), format_bytes),
+            result.running_pss_bytes.map_or("—".into(), format_bytes),
             parked_rss.map_or("—".into(), format_bytes),
             share,
             median_us(&stats.resume_us),
@@ -163,7 +166,8 @@ mod tests {
         ServerResult {
             server: "srv".into(),
             kind: Kind::Hello,
-            running_rss_bytes: Some(4 << 20),
+            running_rss_bytes: Some(5 << 20),
+            running_pss_bytes: Some(4 << 20),
             modes: vec![
                 row(Mode::Warm, &[100.0, 100.0, 100.0]),
                 row(Mode::PersistLazy, &[1000.0, 1000.0, 5000.0]),
@@ -209,7 +213,7 @@ mod tests {
         assert!(table.contains("| faults / wake |"), "{table}");
         assert!(
             table.contains(
-                "| srv | persist lazy | 50 ms | 2.0 MiB | 4.0 MiB | 1.0 MiB | 25 % | 20 µs | 300 µs | 3 |"
+                "| srv | persist lazy | 50 ms | 2.0 MiB | 5.0 MiB | 4.0 MiB | 1.0 MiB | 25.0 % | 20 µs | 300 µs | 3 |"
             ),
             "{table}"
         );

@@ -1,5 +1,6 @@
 //! The servers the bench measures and how each is started on a given port.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -23,7 +24,16 @@ pub enum Kind {
     Nginx,
     /// nginx as Debian runs it on two cores: a master and two workers.
     NginxMaster,
+    /// PostgreSQL 15 (Debian's): the postmaster and its five helpers, a
+    /// cluster of its own per port, run as user `postgres`.
+    Postgres,
 }
+
+/// Debian's PostgreSQL 15 programs.
+const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The user PostgreSQL runs as (it refuses root).
+const POSTGRES_USER: &str = "postgres";
 
 /// One server under test.
 #[derive(Debug)]
@@ -47,6 +57,8 @@ pub struct Server {
 impl Server {
     /// Every server the bench runs, their files under `dir`.
     pub fn all(dir: &Path) -> Result<Vec<Self>> {
+        // PostgreSQL, run as its own user, must reach its cluster under here.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         let www = dir.join("www");
         std::fs::create_dir_all(&www)?;
         std::fs::write(www.join("index.html"), "hello from a file\n")?;
@@ -77,6 +89,13 @@ impl Server {
                 "nginx-mw",
                 8500,
                 Probe::Http,
+            ),
+            server(
+                Kind::Postgres,
+                "PostgreSQL 15",
+                "postgres",
+                8600,
+                Probe::PostgresSelect,
             ),
         ])
     }
@@ -112,24 +131,106 @@ impl Server {
                 port,
                 2,
             )?,
+            Kind::Postgres => {
+                let cluster = self.postgres_cluster(port)?;
+                vec![
+                    format!("{POSTGRES_BIN}/postgres"),
+                    "-D".into(),
+                    cluster.join("data").display().to_string(),
+                    "-k".into(),
+                    cluster.display().to_string(),
+                    "-p".into(),
+                    port_text,
+                    "-c".into(),
+                    "listen_addresses=127.0.0.1".into(),
+                ]
+            }
         };
         Ok(argv)
     }
 
-    /// The `persist-agent add` options that say when it is ready.
-    pub fn ready_args(&self) -> &'static [&'static str] {
+    /// The command the bench itself starts (warm, fresh, CRIU): [`Self::command`],
+    /// as the user the server runs as.
+    pub fn spawn_command(&self, port: u16) -> Result<Vec<String>> {
+        let argv = self.command(port)?;
+        Ok(match self.kind {
+            Kind::Postgres => [
+                "setpriv",
+                "--reuid",
+                POSTGRES_USER,
+                "--regid",
+                POSTGRES_USER,
+                "--init-groups",
+                "--",
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(argv)
+            .collect(),
+            _ => argv,
+        })
+    }
+
+    /// The `persist-agent add` options that say when it is ready, and as whom it runs.
+    pub fn add_args(&self) -> &'static [&'static str] {
         match self.kind {
             // http.server listens before it serves: wait for an answer.
             Kind::Python => &["--ready", "http:/"],
+            // The postmaster listens before it serves, and says READY=1
+            // once it does (sd_notify); the build then waits for its tree
+            // to settle.
+            Kind::Postgres => &["--ready", "notify", "--user", POSTGRES_USER],
             _ => &["--ready", "tcp"],
         }
     }
 
-    /// Whether only the persist modes are measured (the variant exists to
-    /// show what persist does with a multi-process server).
-    pub fn persist_only(&self) -> bool {
-        self.kind == Kind::NginxMaster
+    /// The signal that stops it cleanly, where a SIGKILL would leave
+    /// something behind: a PostgreSQL cluster killed recovers at its next
+    /// start (the fresh mode would time crash recovery) and leaves its
+    /// shared memory.
+    pub fn stop_signal(&self) -> Option<nix::sys::signal::Signal> {
+        // SIGINT is PostgreSQL's fast shutdown.
+        (self.kind == Kind::Postgres).then_some(nix::sys::signal::Signal::SIGINT)
     }
+
+    /// The cluster of `port` (its data directory `data` and the socket
+    /// directory), copied from one `initdb` per bench run: the modes run at
+    /// once, and two postmasters cannot share a data directory.
+    fn postgres_cluster(&self, port: u16) -> Result<PathBuf> {
+        let cluster = self.dir.join(format!("postgres-{port}"));
+        if cluster.join("data").exists() {
+            return Ok(cluster);
+        }
+        let template = self.dir.join("postgres-template");
+        if !template.join("data").exists() {
+            std::fs::create_dir_all(&template)?;
+            chown_to_postgres(&template)?;
+            let initdb = format!("{POSTGRES_BIN}/initdb");
+            persist_tests::run_ok(
+                Command::new("setpriv")
+                    .args(["--reuid", POSTGRES_USER, "--regid", POSTGRES_USER])
+                    .args(["--init-groups", "--", &initdb, "--auth=trust", "-D"])
+                    .arg(template.join("data"))
+                    .env_clear()
+                    .env("PATH", "/usr/bin:/bin")
+                    .env("LANG", "C.UTF-8"),
+            )
+            .with_context(|| {
+                format!("{initdb} (cargo xtask deps installs postgresql-15 if missing)")
+            })?;
+        }
+        // cp -a keeps the owner and the data directory's 0700.
+        persist_tests::run_ok(Command::new("cp").arg("-a").arg(&template).arg(&cluster))?;
+        Ok(cluster)
+    }
+}
+
+/// Gives `path` to user postgres.
+fn chown_to_postgres(path: &Path) -> Result<()> {
+    let user = nix::unistd::User::from_name(POSTGRES_USER)?
+        .with_context(|| format!("no user {POSTGRES_USER} (package postgresql-15)"))?;
+    std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+        .with_context(|| format!("chown {}", path.display()))
 }
 
 /// The interpreter behind `python3`, resolved once: a version manager's shim
