@@ -408,7 +408,7 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
     if parked_note {
         out.push_str(
             "* parked cost: memory, page tables and kernel objects of the prepared skeleton \
-             and the port keeper, and a share of the agent\n",
+             if any, and a share of the agent and its port keeper\n",
         );
     }
     out
