@@ -338,3 +338,47 @@ fn the_thread_that_copies_the_last_span_continues() {
     let bytes = fixture.first_bytes_of(&[1, 2, 9, 20, 30]);
     assert_eq!(bytes, [2, 3, 10, 21, 31]);
 }
+
+#[test]
+fn a_trees_copies_are_all_in_before_it_continues() {
+    crate::test_support::require_root!();
+    // Two processes of a tree, each with its own mapping and pager.
+    let (root, worker) = (Fixture::new(), Fixture::new());
+    let (mut root_pager, mut worker_pager) = (root.pager(), worker.pager());
+    let root_copy = root_pager.plan_set(&[root.page(1), root.page(9)]);
+    let worker_copy = worker_pager.plan_set(&[worker.page(4), worker.page(20), worker.page(30)]);
+    let (done, called) = std::sync::mpsc::channel();
+    let copies = vec![root_copy.clone(), worker_copy.clone()];
+    std::thread::spawn(move || {
+        super::help_all_then(
+            copies,
+            Box::new(move || {
+                let _ = done.send(());
+            }),
+        )
+    });
+    called
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the tree continues once every copy is done");
+    assert_eq!(root.first_bytes_of(&[1, 9]), [2, 10]);
+    assert_eq!(worker.first_bytes_of(&[4, 20, 30]), [5, 21, 31]);
+    assert_eq!(root_pager.finish_planned(&root_copy).unwrap(), 2);
+    assert_eq!(worker_pager.finish_planned(&worker_copy).unwrap(), 3);
+}
+
+#[test]
+fn pages_of_another_process_are_never_copied() {
+    crate::test_support::require_root!();
+    let (root, worker) = (Fixture::new(), Fixture::new());
+    let mut root_pager = root.pager();
+    // The worker's pages, stored or not, are at addresses outside the
+    // root's registered ranges: nothing is copied, nor mapped as zeros.
+    let foreign = [
+        worker.page(3),
+        worker.page(4),
+        WorkingSetPage::not_stored(worker.start + 5 * PAGE_SIZE),
+    ];
+    assert_eq!(root_pager.prefetch_set(&foreign).unwrap(), 0);
+    assert_eq!(root_pager.pending_pages(), PAGES as usize);
+    assert_eq!(root_pager.stats().prefetched_pages, 0);
+}
