@@ -237,8 +237,8 @@ struct Armed {
     /// The working-set copies planned for it: for each process of the tree
     /// whose pages the set names, its index in tree order and its copy.
     copies: Vec<(u32, PlannedCopy)>,
-    /// How to let it run, once `copy` is done, when nothing else must be
-    /// copied first.
+    /// How to let it run (the whole tree), once `copies` are done, when
+    /// nothing else must be copied first.
     continuer: Option<Continuer>,
 }
 
@@ -1258,8 +1258,9 @@ impl Worker {
                         Some((_, copy)) => pager.finish_planned(copy),
                         None => pager.prefetch_set(pages),
                     };
-                    // A corrupt page of the image kills the process here, and
-                    // the resume then reports it.
+                    // A page of the image that cannot be served kills its
+                    // process here; the root's death fails the resume,
+                    // which reports it.
                     if let Err(err) = copied {
                         warn!(service = %self.name, pid = pager.pid(), "prefetching the working set: {err}");
                     }
