@@ -208,16 +208,18 @@ pub struct ServiceStatus {
     /// Microseconds the last skeleton resume took (snapshot mode's critical path).
     #[serde(default)]
     pub last_resume_us: Option<u64>,
-    /// Page faults the pager served during the last wake (snapshot mode).
+    /// Page faults the pager served during the last wake (snapshot mode);
+    /// of a tree, the root's pager (each descendant's logs its own).
     #[serde(default)]
     pub last_faults: Option<u64>,
     /// Pages copied in to serve those faults.
     #[serde(default)]
     pub last_fault_pages: Option<u64>,
-    /// Pages copied in the background, ahead of any fault, after the last wake.
+    /// Pages copied in the background, ahead of any fault, after the last wake (the root's).
     #[serde(default)]
     pub last_filled_pages: Option<u64>,
-    /// Pages copied in ahead of faults (recorded working set, or every page) on the last wake.
+    /// Pages copied in ahead of faults (recorded working set, or every page) on the last wake;
+    /// of a tree, into every one of its processes before it ran.
     #[serde(default)]
     pub last_prefetch_pages: Option<u64>,
     /// Resident memory of the service's processes (of its prepared skeleton while parked).

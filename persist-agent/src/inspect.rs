@@ -210,8 +210,13 @@ fn working_set_line(dir: &Path) -> String {
         ),
         Err(err) => format!("unknown: {err}"),
     };
+    // A tree's set names the pages of each of its processes.
+    let processes = match set.processes().len() {
+        0 | 1 => String::new(),
+        count => format!(" of {count} processes"),
+    };
     format!(
-        "{} pages ({}), recorded {}, {validity}",
+        "{} pages ({}){processes}, recorded {}, {validity}",
         set.len(),
         human_bytes(set.len() as u64 * PAGE_SIZE),
         unix_ms_line(set.recorded_unix_ms())

@@ -185,7 +185,7 @@ fn redis_records_its_working_set_then_prefetches_it() {
 #[test]
 fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
     persist_tests::require_root!();
-    use persist_common::image::{Image, WorkingSet, manifest_crc};
+    use persist_common::image::{Image, PagesByProcess, WorkingSet, manifest_crc};
     let sandbox = Sandbox::with_daemon().unwrap();
     add_redis(&sandbox, "redis", 6441, &[]);
     let (response, _) = request(&sandbox, 6441, REDIS_PING);
@@ -198,9 +198,15 @@ fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
     let dir = sandbox.state_dir().join("images").join("redis");
     let crc = manifest_crc(&dir).unwrap();
     let recorded = WorkingSet::open(&dir, crc).unwrap();
-    let half = &recorded.pages()[..recorded.len() / 2];
+    let half = &recorded.pages_of(0)[..recorded.len() / 2];
     let image = Image::open(&dir).unwrap();
-    WorkingSet::write(&dir, crc, half, image.pages()).unwrap();
+    WorkingSet::write(
+        &dir,
+        crc,
+        &PagesByProcess::from([(0, half.to_vec())]),
+        image.pages(),
+    )
+    .unwrap();
 
     park(&sandbox, "redis");
     let (response, _) = request(&sandbox, 6441, REDIS_PING);
@@ -216,7 +222,7 @@ fn a_prefetched_wake_extends_a_set_that_lacks_pages() {
     .expect("the wake extended the set with the pages it faulted on");
     let extended = WorkingSet::open(&dir, crc).unwrap();
     assert_eq!(
-        &extended.pages()[..half.len()],
+        &extended.pages_of(0)[..half.len()],
         half,
         "the set it prefetched comes first, unchanged"
     );

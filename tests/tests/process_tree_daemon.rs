@@ -586,8 +586,9 @@ fn a_daemon_killed_while_it_keeps_a_trees_state_leaves_nothing_running() {
 }
 
 /// Every prefetch mode wakes a tree: `all` copies every process's pages
-/// before it runs, `recorded` records the root's working set on the first
-/// wake and prefetches it on the next, `none` pages every process lazily.
+/// before it runs, `recorded` records every process's working set on the
+/// first wake and prefetches it on the next, `none` pages every process
+/// lazily.
 #[test]
 fn a_tree_is_woken_in_every_prefetch_mode() {
     persist_tests::require_root!();
@@ -617,4 +618,177 @@ fn a_tree_is_woken_in_every_prefetch_mode() {
         assert_eq!(sandbox.service(mode).unwrap()["wakes"], 2);
         drop(root);
     }
+}
+
+/// The working set of `name`'s image, once a wake's recording is written.
+fn working_set_of(sandbox: &Sandbox, name: &str) -> persist_common::image::WorkingSet {
+    use persist_common::image::{WorkingSet, manifest_crc};
+    let dir = sandbox.state_dir().join("images").join(name);
+    let mut set = None;
+    wait_until(Duration::from_secs(20), || {
+        set = manifest_crc(&dir)
+            .and_then(|crc| WorkingSet::open(&dir, crc))
+            .ok();
+        set.is_some()
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "no working set recorded for {name}:\n{}",
+            sandbox.daemon_log()
+        )
+    });
+    set.expect("seen once the wait succeeded")
+}
+
+/// The pages the `wake`-th wake of the only service of `sandbox` copied
+/// ahead of faults, once its root's pager is done (it logs so while it
+/// holds the lock under which it publishes its counters).
+fn prefetched_by_wake(sandbox: &Sandbox, name: &str, wake: usize) -> u64 {
+    wait_until(Duration::from_secs(20), || {
+        sandbox.daemon_log().matches("all pages in").count() >= wake
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "the pager of wake {wake} never finished:\n{}",
+            sandbox.daemon_log()
+        )
+    });
+    sandbox.service(name).unwrap()["last_prefetch_pages"]
+        .as_u64()
+        .expect("a finished wake's counters")
+}
+
+/// The faults each wake's workers' pagers served, summed, from the
+/// daemon's log once every pager of `wakes` wakes of a tree of a master and
+/// two workers is done.
+fn worker_faults_by_wake(sandbox: &Sandbox, wakes: usize) -> Vec<u64> {
+    const WORKER_DONE: &str = "all pages of a process of the tree in";
+    let mut log = String::new();
+    wait_until(Duration::from_secs(20), || {
+        log = sandbox.daemon_log();
+        log.matches(WORKER_DONE).count() >= 2 * wakes
+    })
+    .unwrap_or_else(|_| panic!("the workers' pagers of {wakes} wakes never finished:\n{log}"));
+    let faults: Vec<u64> = log
+        .lines()
+        .filter(|line| line.contains(WORKER_DONE))
+        .map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("faults="))
+                .and_then(|count| count.parse().ok())
+                .unwrap_or_else(|| panic!("no fault count in {line:?}"))
+        })
+        .collect();
+    // A wake's lines all come before the next wake: each test step waits
+    // for the set, written once they are all done.
+    faults.chunks(2).map(|wake| wake.iter().sum()).collect()
+}
+
+/// The number of pages `set` names for the workers (processes 1 and 2).
+fn worker_pages(set: &persist_common::image::WorkingSet) -> usize {
+    set.pages_of(1).len() + set.pages_of(2).len()
+}
+
+/// `--prefetch recorded` on nginx's master and two workers: a recording
+/// wake records the pages of every process, the workers' included (each
+/// under its index in tree order), and the next wake copies each process's
+/// pages into it before the tree runs, which `last_prefetch_pages` counts.
+/// A set of the older format (the root's pages only) is ignored and
+/// recorded again.
+#[test]
+fn a_trees_working_set_covers_its_workers() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8160;
+    const BODY: &str = "hello from every process's working set\n";
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_root, command) = nginx_tree(dir.path(), PORT, BODY);
+    sandbox
+        .add_ok(
+            "nginx",
+            PORT,
+            &["--ready", "http:/", "--prefetch", "recorded"],
+            &command,
+        )
+        .unwrap();
+    let sizes = |set: &persist_common::image::WorkingSet| -> Vec<(u32, usize)> {
+        set.processes()
+            .iter()
+            .map(|(&index, pages)| (index, pages.len()))
+            .collect()
+    };
+
+    // A recording wake. Its set is written once, after every pager of the
+    // tree is done, and by no later step until the next wake.
+    parked_skeleton(&sandbox, "nginx");
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    running_tree(&sandbox, "nginx", 3);
+    prefetched_by_wake(&sandbox, "nginx", 1);
+    let set = working_set_of(&sandbox, "nginx");
+    assert!(
+        set.processes().keys().all(|&index| index < 3),
+        "only the tree's three processes: {:?}",
+        sizes(&set)
+    );
+    // The worker that accepted the connection faulted its pages in; the
+    // other may have slept through the wake.
+    assert!(
+        worker_pages(&set) > 0,
+        "the set names the workers' pages: {:?}\n{}",
+        sizes(&set),
+        sandbox.daemon_log()
+    );
+
+    // Of the older format: ignored when the next skeleton is prepared, and
+    // that wake records the set again in the current one.
+    let path = sandbox
+        .state_dir()
+        .join("images")
+        .join("nginx")
+        .join("working-set");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    sandbox.agent_ok(&["park", "nginx"]).unwrap();
+    parked_skeleton(&sandbox, "nginx");
+    let log = sandbox.daemon_log();
+    assert!(
+        log.contains("working set ignored, the next wake records it again"),
+        "{log}"
+    );
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    running_tree(&sandbox, "nginx", 3);
+    // Nothing was copied ahead but the pages the skeletons bring in while
+    // prepared (each thread's stack top and TLS).
+    let baseline = prefetched_by_wake(&sandbox, "nginx", 2);
+    let set = working_set_of(&sandbox, "nginx");
+    assert!(
+        worker_pages(&set) > 0,
+        "recorded again with the workers' pages: {:?}",
+        sizes(&set)
+    );
+
+    // A prefetching wake: each process's pages are copied into it before it
+    // runs (a page of the set copied from the image or, never stored,
+    // mapped as zeros), on top of what the recording wake copied.
+    sandbox.agent_ok(&["park", "nginx"]).unwrap();
+    parked_skeleton(&sandbox, "nginx");
+    assert_eq!(sandbox.http_get(PORT).unwrap(), BODY);
+    running_tree(&sandbox, "nginx", 3);
+    let prefetched = prefetched_by_wake(&sandbox, "nginx", 3);
+    assert!(
+        prefetched >= baseline + set.len() as u64,
+        "the wake copied every process's pages ahead: {prefetched} pages, against {baseline} \
+         on the recording wake and {:?} in the set\n{}",
+        sizes(&set),
+        sandbox.daemon_log()
+    );
+    // Each worker faults only on what its set lacked, where the
+    // recording wake faulted on every page it touched.
+    let faults = worker_faults_by_wake(&sandbox, 3);
+    assert!(
+        faults[2] < faults[1],
+        "the workers faulted less with their pages prefetched: {faults:?} by wake"
+    );
+    assert_eq!(sandbox.service("nginx").unwrap()["wakes"], 3);
 }

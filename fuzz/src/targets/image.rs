@@ -16,9 +16,9 @@ use persist_agent::inspect::inspect;
 use persist_common::image::{
     BaseStore, CpuInfo, Credentials, EpollWatch, FdInfo, FdKind, FileIdentity, FileType, ITimer,
     Image, ImageWriter, KernelInfo, MANIFEST_FILE, Manifest, Mapping, MappingKind, MmFields,
-    PAGE_SIZE, PAGES_FILE, ProcessInfo, Protection, QueuedMessage, Rlimit, RobustList, Rseq,
-    SeccompFilter, SigAction, SigAltStack, SocketOption, TcpSocket, ThreadInfo, UnixSocket,
-    WORKING_SET_FILE, WorkingSet, WorkingSetPage, decode_manifest, manifest_crc,
+    PAGE_SIZE, PAGES_FILE, PagesByProcess, ProcessInfo, Protection, QueuedMessage, Rlimit,
+    RobustList, Rseq, SeccompFilter, SigAction, SigAltStack, SocketOption, TcpSocket, ThreadInfo,
+    UnixSocket, WORKING_SET_FILE, WorkingSet, WorkingSetPage, decode_manifest, manifest_crc,
 };
 
 use super::{clear_files, scratch};
@@ -109,7 +109,7 @@ pub fn working_set(data: &[u8]) {
         return;
     };
     assert_eq!(
-        set.extended_by(set.pages()),
+        set.extended_by(set.processes()),
         None,
         "a set extended by its own pages gains nothing"
     );
@@ -117,9 +117,13 @@ pub fn working_set(data: &[u8]) {
     let Ok(image) = Image::open(&dir) else {
         return;
     };
-    if WorkingSet::write(&dir, crc, set.pages(), image.pages()).is_ok() {
+    if WorkingSet::write(&dir, crc, set.processes(), image.pages()).is_ok() {
         let reread = WorkingSet::open(&dir, crc).expect("a set just written reads");
-        assert_eq!(reread.pages(), set.pages(), "a set survives a round trip");
+        assert_eq!(
+            reread.processes(),
+            set.processes(),
+            "a set survives a round trip"
+        );
     }
 }
 
@@ -319,6 +323,9 @@ fn seed_images() -> &'static [ImageFiles] {
                 store_offset: 3 * PAGE_SIZE,
             },
         ];
+        // Two processes, as a tree's set names them.
+        let touched =
+            PagesByProcess::from([(0, touched[..2].to_vec()), (1, touched[2..].to_vec())]);
         WorkingSet::write(&full, crc, &touched, base.pages()).expect("the seed working set");
 
         let mut writer = ImageWriter::create_delta(&delta, &base).expect("writing the delta");

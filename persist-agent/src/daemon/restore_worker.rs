@@ -19,8 +19,11 @@
 //! pages the process touches during its first 200 ms, in touch order (those
 //! the image does not store included), and stores them beside the image as
 //! its working set; later wakes copy that set in bulk just before the resume,
-//! so the process does not fault on it. A missing, stale or corrupt set is
-//! ignored (with a warning) and recorded anew on the next wake.
+//! so the process does not fault on it. A tree's set names the pages of each
+//! of its processes, recorded by each one's pager and copied into each one
+//! before the tree runs. A missing, stale or corrupt set (or one of an
+//! older format) is ignored (with a warning) and recorded anew on the next
+//! wake.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -28,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use persist_common::image::{Image, ImageError, WorkingSet, WorkingSetPage, manifest_crc};
+use persist_common::image::{Image, ImageError, PagesByProcess, WorkingSet, manifest_crc};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -39,7 +42,7 @@ use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
     Continuer, EventJournal, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored,
-    Skeleton, Timings,
+    Skeleton, Timings, help_all_then,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, place_listeners};
@@ -89,7 +92,9 @@ pub struct WorkerReport {
     /// The backlog the service gave its listener, from the image of the
     /// prepared skeleton.
     pub listener_backlog: Option<u32>,
-    /// Pager statistics of the last wake.
+    /// Pager statistics of the last wake: the root's, except for
+    /// `prefetched_pages`, which counts the pages copied ahead of any fault
+    /// into every process of a tree.
     pub last_pager: Option<PagerStats>,
     /// SYN resumes the supervisor will hear of but has not yet (it is told
     /// once the first request had its CPU): counted up by the wake thread,
@@ -219,20 +224,21 @@ impl ResumeTrigger {
             }
             let _ = continuer.try_continue_process();
         });
-        match armed.copy {
-            Some(copy) => copy.help_then(continue_process),
-            None => continue_process(),
-        }
+        help_all_then(
+            armed.copies.into_iter().map(|(_, copy)| copy).collect(),
+            continue_process,
+        );
     }
 }
 
 /// What the wake thread may do for the armed skeleton on a SYN.
 #[derive(Clone, Default)]
 struct Armed {
-    /// The working-set copy planned for it.
-    copy: Option<PlannedCopy>,
-    /// How to let it run, once `copy` is done, when nothing else must be
-    /// copied first.
+    /// The working-set copies planned for it: for each process of the tree
+    /// whose pages the set names, its index in tree order and its copy.
+    copies: Vec<(u32, PlannedCopy)>,
+    /// How to let it run (the whole tree), once `copies` are done, when
+    /// nothing else must be copied first.
     continuer: Option<Continuer>,
 }
 
@@ -690,10 +696,7 @@ impl Worker {
                 self.plan = self.plan_wake(image);
                 let mut armed = Armed::default();
                 if let WakePlan::Recorded { set, .. } = &self.plan {
-                    let pager = skeleton.pager_mut();
-                    pager.verify_ahead(set).map_err(|err| err.to_string())?;
-                    pager.zero_ahead(set);
-                    armed.copy = Some(pager.plan_set(set));
+                    armed.copies = self.plan_copies(&mut skeleton, set)?;
                 }
                 let continuer = match cold {
                     Some(_) => None,
@@ -855,6 +858,35 @@ impl Worker {
         WakePlan::Record { image, image_crc }
     }
 
+    /// Gets each process of `skeleton` ready for the copy of its pages of
+    /// `set` on the wake, at prepare time: the runs they come from verified,
+    /// the pages the image does not store mapped as zeros, the copy planned.
+    /// Returns each process's copy with its index in tree order. Pages of a
+    /// process the tree does not have are left out (and an address outside
+    /// a process's lazy mappings is never copied by its pager).
+    fn plan_copies(
+        &self,
+        skeleton: &mut Skeleton,
+        set: &WorkingSet,
+    ) -> Result<Vec<(u32, PlannedCopy)>, String> {
+        let mut copies = Vec::new();
+        let mut processes = 0;
+        for (index, pager) in (0u32..).zip(skeleton.tree_pagers_mut()) {
+            processes += 1;
+            let pages = set.pages_of(index);
+            if pages.is_empty() {
+                continue;
+            }
+            pager.verify_ahead(pages).map_err(|err| err.to_string())?;
+            pager.zero_ahead(pages);
+            copies.push((index, pager.plan_set(pages)));
+        }
+        if let Some(&extra) = set.processes().keys().find(|&&index| index >= processes) {
+            warn!(service = %self.name, process = extra, processes, "the working set names a process the image does not have; its pages are skipped");
+        }
+        Ok(copies)
+    }
+
     /// Restores the skeleton of the current image, every page verified
     /// first if `verify`. Sets `stale` when the image was taken on another
     /// kernel build or CPU.
@@ -1003,9 +1035,14 @@ impl Worker {
             report.wake_error = None;
         }
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
-        let planned_copy = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copy;
+        let planned_copies = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copies;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
-        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copy);
+        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copies);
+        // Final now: pages are copied ahead of faults only before the resume.
+        let descendants_prefetched: u64 = skeleton
+            .descendant_pagers_mut()
+            .map(|pager| pager.stats().prefetched_pages)
+            .sum();
         // Ordinary before the resume: the process, woken on this thread's
         // CPU, waited for it otherwise. And the pager spins at
         // times: never at real-time priority.
@@ -1047,10 +1084,8 @@ impl Worker {
             timings,
             resumed_at_ns: monotonic_ns().saturating_sub(resumed_at.elapsed().as_nanos() as u64),
         };
-        match &record {
-            Some(Recording { known: None, .. }) => pager.record_faults(RECORD_WINDOW),
-            Some(Recording { known: Some(_), .. }) => pager.log_faults(RECORD_WINDOW),
-            None => {}
+        if let Some(recording) = &record {
+            recording.start_logging(&mut pager);
         }
         if prefetched_set {
             // Told once the first request is likely answered: the daemon's
@@ -1060,7 +1095,7 @@ impl Worker {
             reply(Ok(resumed));
         }
         pager.hurry_when(self.pagers.stopping());
-        self.serve_descendants(descendants);
+        let descendant_logs = self.serve_descendants(descendants, record.as_ref());
         self.report.lock().expect("report lock").serving = Some(pid);
         // Its faults must never wait behind other services' jobs: the pool
         // goes on without this thread until all pages are in.
@@ -1070,9 +1105,13 @@ impl Worker {
         let mut report = self.report.lock().expect("report lock");
         report.serving = None;
         match filled {
-            Ok(stats) => {
+            Ok(mut stats) => {
                 info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
+                // What a tree's wake copied ahead is into all its
+                // processes; the other counters stay the root's, as its
+                // descendants' pagers may still be at work.
+                stats.prefetched_pages += descendants_prefetched;
                 report.last_pager = Some(stats);
             }
             Err(err) => {
@@ -1090,7 +1129,21 @@ impl Worker {
         if let Some(recording) = record
             && !self.pagers.is_stopping()
         {
-            self.write_working_set(recording, pager.take_fault_log());
+            let mut faulted = PagesByProcess::from([(0, pager.take_fault_log())]);
+            // Each descendant's log is complete once its pager is done.
+            for (index, serving) in descendant_logs {
+                match serving.join() {
+                    Ok(log) => {
+                        faulted.insert(index, log);
+                    }
+                    Err(_) => {
+                        warn!(service = %self.name, process = index, "the pager of a process of the tree panicked; the working set lacks its pages")
+                    }
+                }
+            }
+            if !self.pagers.is_stopping() {
+                self.write_working_set(recording, faulted);
+            }
         }
         drop(pager);
         // The wake's buffers are free now: given back rather than kept in
@@ -1100,13 +1153,23 @@ impl Worker {
 
     /// Serves the pages of a tree's other processes, each pager in a thread
     /// of its own until its process's memory is all in (a stopping daemon
-    /// waits for them as for the root's). Only the root's faults are
-    /// recorded in the working set.
-    fn serve_descendants(&self, descendants: Vec<Restored>) {
-        for restored in descendants {
+    /// waits for them as for the root's). With `record`, each logs its
+    /// faults as the root's pager does, and its thread returns that log:
+    /// the threads are returned with each process's index in tree order
+    /// (from 1; a process that got no thread was killed).
+    fn serve_descendants(
+        &self,
+        descendants: Vec<Restored>,
+        record: Option<&Recording>,
+    ) -> Vec<(u32, DescendantPager)> {
+        let mut serving = Vec::new();
+        for (index, restored) in (1u32..).zip(descendants) {
             let at_work = self.pagers.start();
             let mut pager = restored.pager;
             let pid = restored.pid;
+            if let Some(recording) = record {
+                recording.start_logging(&mut pager);
+            }
             pager.hurry_when(self.pagers.stopping());
             let name = self.name.clone();
             let spawned = std::thread::Builder::new()
@@ -1114,39 +1177,48 @@ impl Worker {
                 .spawn(move || {
                     match pager.run_until_filled() {
                         Ok(stats) => {
-                            info!(service = %name, pid, faults = stats.faults, filled = stats.filled_pages, "all pages of a process of the tree in");
+                            info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, "all pages of a process of the tree in");
                         }
                         Err(err) => warn!(service = %name, pid, "pager: {err}"),
                     }
                     drop(at_work);
+                    pager.take_fault_log()
                 });
-            if let Err(err) = spawned {
-                // Its faults would wait forever: it must not run so.
-                warn!(service = %self.name, pid, "no thread for the pager, the process is killed: {err}");
-                let _ = restored
-                    .pidfd
-                    .send_signal(nix::sys::signal::Signal::SIGKILL);
+            match spawned {
+                Ok(thread) => serving.push((index, thread)),
+                Err(err) => {
+                    // Its faults would wait forever: it must not run so.
+                    warn!(service = %self.name, pid, "no thread for the pager, the process is killed: {err}");
+                    let _ = restored
+                        .pidfd
+                        .send_signal(nix::sys::signal::Signal::SIGKILL);
+                }
             }
         }
+        serving
     }
 
-    /// Writes the working set `recording` names: the pages the wake faulted
-    /// on, or, when it prefetched a set, that set extended by them.
-    fn write_working_set(&self, recording: Recording, faulted: Vec<WorkingSetPage>) {
+    /// Writes the working set `recording` names: the pages each process of
+    /// the wake faulted on, or, when it prefetched a set, that set extended
+    /// by them.
+    fn write_working_set(&self, recording: Recording, faulted: PagesByProcess) {
         let Recording {
             image,
             image_crc,
             known,
         } = recording;
-        let pages = match known {
+        let processes = match known {
             None => faulted,
             Some(set) => match set.extended_by(&faulted) {
-                Some(pages) => pages,
+                Some(processes) => processes,
                 None => return,
             },
         };
-        match WorkingSet::write(image.dir(), image_crc, &pages, image.pages()) {
-            Ok(()) => info!(service = %self.name, pages = pages.len(), "working set recorded"),
+        let pages: usize = processes.values().map(Vec::len).sum();
+        match WorkingSet::write(image.dir(), image_crc, &processes, image.pages()) {
+            Ok(()) => {
+                info!(service = %self.name, pages, processes = processes.len(), "working set recorded");
+            }
             Err(err) => warn!(service = %self.name, "cannot record the working set: {err}"),
         }
     }
@@ -1163,7 +1235,7 @@ impl Worker {
         &self,
         skeleton: &mut Skeleton,
         plan: WakePlan,
-        planned_copy: Option<PlannedCopy>,
+        planned_copies: Vec<(u32, PlannedCopy)>,
     ) -> Option<Recording> {
         let pid = skeleton.pid();
         match plan {
@@ -1189,15 +1261,22 @@ impl Worker {
                 image,
                 image_crc,
             } => {
-                let pager = skeleton.pager_mut();
-                let copied = match &planned_copy {
-                    Some(copy) => pager.finish_planned(copy),
-                    None => pager.prefetch_set(&set),
-                };
-                // A corrupt page of the image kills the skeleton here, and
-                // the resume then reports it.
-                if let Err(err) = copied {
-                    warn!(service = %self.name, pid, "prefetching the working set: {err}");
+                for (index, pager) in (0u32..).zip(skeleton.tree_pagers_mut()) {
+                    let pages = set.pages_of(index);
+                    if pages.is_empty() {
+                        continue;
+                    }
+                    let planned = planned_copies.iter().find(|(planned, _)| *planned == index);
+                    let copied = match planned {
+                        Some((_, copy)) => pager.finish_planned(copy),
+                        None => pager.prefetch_set(pages),
+                    };
+                    // A page of the image that cannot be served kills its
+                    // process here; the root's death fails the resume,
+                    // which reports it.
+                    if let Err(err) = copied {
+                        warn!(service = %self.name, pid = pager.pid(), "prefetching the working set: {err}");
+                    }
                 }
                 Some(Recording {
                     image,
@@ -1244,6 +1323,22 @@ struct Recording {
     /// The set the wake prefetched, which the pages it faults on extend.
     known: Option<Arc<WorkingSet>>,
 }
+
+impl Recording {
+    /// Has `pager` (of any process of the tree) log what this wake needs
+    /// for [`RECORD_WINDOW`] from now on: every page touched, or, after a
+    /// set was prefetched, the pages it lacked.
+    fn start_logging(&self, pager: &mut Pager) {
+        match self.known {
+            None => pager.record_faults(RECORD_WINDOW),
+            Some(_) => pager.log_faults(RECORD_WINDOW),
+        }
+    }
+}
+
+/// The thread serving a descendant's pages, which returns the pages it
+/// logged.
+type DescendantPager = std::thread::JoinHandle<Vec<persist_common::image::WorkingSetPage>>;
 
 /// How long after the resume a wake logs the pages the process touches (a
 /// recording wake) or faults on (a prefetched one): its first request and a

@@ -41,7 +41,7 @@ pub(crate) mod tests;
 
 pub use adopt::{AddressEvent, EventJournal, JournalError};
 
-pub(crate) use bulk::PlannedCopy;
+pub(crate) use bulk::{PlannedCopy, help_all_then};
 
 use sources::Sources;
 
@@ -202,6 +202,11 @@ impl Pager {
     /// Pid of the restored process (in the agent's namespace).
     pub fn pid(&self) -> i32 {
         self.pidfd.pid()
+    }
+
+    /// Its counters so far.
+    pub(crate) fn stats(&self) -> PagerStats {
+        self.stats
     }
 
     /// Records when the process was resumed, for [`PagerStats`].

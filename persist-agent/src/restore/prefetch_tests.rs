@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use persist_common::image::{
-    Image, ImageWriter, Manifest, Mapping, PAGE_SIZE, WorkingSet, WorkingSetPage, manifest_crc,
+    Image, ImageWriter, Manifest, Mapping, PAGE_SIZE, PagesByProcess, WorkingSet, WorkingSetPage,
+    manifest_crc,
 };
 
 use super::pager::Pager;
@@ -99,6 +100,11 @@ impl Fixture {
     }
 }
 
+/// `pages` as the working set of a single process (a tree's root).
+fn of_root(pages: &[WorkingSetPage]) -> PagesByProcess {
+    PagesByProcess::from([(0, pages.to_vec())])
+}
+
 /// Addresses of the pages of `pager` still missing, as page indexes.
 fn missing(fixture: &Fixture, pager: &Pager) -> Vec<u64> {
     (0..PAGES)
@@ -114,17 +120,17 @@ fn a_recorded_set_is_copied_in_bulk_bridging_short_gaps() {
     // Touch order: 20, 21, 3, 5, 7, 30. Pages 4 and 6 bridge 3..=7 into one
     // copy; 20..=21 and 30 are too far apart.
     let pages: Vec<WorkingSetPage> = [20, 21, 3, 5, 7, 30].map(|p| fixture.page(p)).into();
-    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    WorkingSet::write(&fixture.dir, crc, &of_root(&pages), fixture.image.pages()).unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
 
     let mut pager = fixture.pager();
-    assert_eq!(pager.prefetch_set(&set).unwrap(), 8);
+    assert_eq!(pager.prefetch_set(set.pages_of(0)).unwrap(), 8);
     let copied: Vec<u64> = (0..PAGES)
         .filter(|page| !missing(&fixture, &pager).contains(page))
         .collect();
     assert_eq!(copied, [3, 4, 5, 6, 7, 20, 21, 30]);
     // A second pass finds nothing left to copy.
-    assert_eq!(pager.prefetch_set(&set).unwrap(), 0);
+    assert_eq!(pager.prefetch_set(set.pages_of(0)).unwrap(), 0);
 
     let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
     let bytes = fixture.first_bytes();
@@ -197,11 +203,11 @@ fn pages_the_image_never_stored_are_mapped_as_zeros_ahead() {
         WorkingSetPage::not_stored(fixture.start + 20 * PAGE_SIZE),
         fixture.page(3),
     ];
-    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    WorkingSet::write(&fixture.dir, crc, &of_root(&pages), fixture.image.pages()).unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
     let mut pager = fixture.pager();
     // Page 3, and page 20 with the never-stored pages 4 on each side.
-    assert_eq!(pager.prefetch_set(&set).unwrap(), 1 + 9);
+    assert_eq!(pager.prefetch_set(set.pages_of(0)).unwrap(), 1 + 9);
     // Those pages are mapped now: reading them needs no pager.
     let mut resident = [0u8; PAGES as usize];
     // SAFETY: mincore writes one byte a page of our own mapping into `resident`.
@@ -236,10 +242,16 @@ fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
     crate::test_support::require_root!();
     let fixture = Fixture::with_stored_pages(16);
     let crc = manifest_crc(&fixture.dir).unwrap();
-    WorkingSet::write(&fixture.dir, crc, &[fixture.page(3)], fixture.image.pages()).unwrap();
+    WorkingSet::write(
+        &fixture.dir,
+        crc,
+        &of_root(&[fixture.page(3)]),
+        fixture.image.pages(),
+    )
+    .unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
     let mut pager = fixture.pager();
-    pager.prefetch_set(&set).unwrap();
+    pager.prefetch_set(set.pages_of(0)).unwrap();
     // The fill waits for the window's end: every touch below faults.
     pager.log_faults(Duration::from_secs(60));
     let serving = std::thread::spawn(move || {
@@ -269,8 +281,8 @@ fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
         ],
         "every page touched that the set lacked, page 10 included"
     );
-    let extended = set.extended_by(&log).unwrap();
-    assert_eq!(extended[..4], [fixture.page(3), log[0], log[1], log[2]]);
+    let extended = set.extended_by(&of_root(&log)).unwrap();
+    assert_eq!(extended[&0][..4], [fixture.page(3), log[0], log[1], log[2]]);
 }
 
 /// The pages `pages` of the fixture as a working set, and the pager's
@@ -278,10 +290,10 @@ fn a_prefetched_wake_logs_the_pages_its_set_lacked() {
 fn planned(fixture: &Fixture, pages: &[u64]) -> (Pager, super::pager::PlannedCopy) {
     let crc = manifest_crc(&fixture.dir).unwrap();
     let pages: Vec<WorkingSetPage> = pages.iter().map(|&page| fixture.page(page)).collect();
-    WorkingSet::write(&fixture.dir, crc, &pages, fixture.image.pages()).unwrap();
+    WorkingSet::write(&fixture.dir, crc, &of_root(&pages), fixture.image.pages()).unwrap();
     let set = WorkingSet::open(&fixture.dir, crc).unwrap();
     let pager = fixture.pager();
-    let copy = pager.plan_set(&set);
+    let copy = pager.plan_set(set.pages_of(0));
     (pager, copy)
 }
 
@@ -325,4 +337,48 @@ fn the_thread_that_copies_the_last_span_continues() {
     assert_eq!(pager.finish_planned(&copy).unwrap(), 5, "nothing retried");
     let bytes = fixture.first_bytes_of(&[1, 2, 9, 20, 30]);
     assert_eq!(bytes, [2, 3, 10, 21, 31]);
+}
+
+#[test]
+fn a_trees_copies_are_all_in_before_it_continues() {
+    crate::test_support::require_root!();
+    // Two processes of a tree, each with its own mapping and pager.
+    let (root, worker) = (Fixture::new(), Fixture::new());
+    let (mut root_pager, mut worker_pager) = (root.pager(), worker.pager());
+    let root_copy = root_pager.plan_set(&[root.page(1), root.page(9)]);
+    let worker_copy = worker_pager.plan_set(&[worker.page(4), worker.page(20), worker.page(30)]);
+    let (done, called) = std::sync::mpsc::channel();
+    let copies = vec![root_copy.clone(), worker_copy.clone()];
+    std::thread::spawn(move || {
+        super::help_all_then(
+            copies,
+            Box::new(move || {
+                let _ = done.send(());
+            }),
+        )
+    });
+    called
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the tree continues once every copy is done");
+    assert_eq!(root.first_bytes_of(&[1, 9]), [2, 10]);
+    assert_eq!(worker.first_bytes_of(&[4, 20, 30]), [5, 21, 31]);
+    assert_eq!(root_pager.finish_planned(&root_copy).unwrap(), 2);
+    assert_eq!(worker_pager.finish_planned(&worker_copy).unwrap(), 3);
+}
+
+#[test]
+fn pages_of_another_process_are_never_copied() {
+    crate::test_support::require_root!();
+    let (root, worker) = (Fixture::new(), Fixture::new());
+    let mut root_pager = root.pager();
+    // The worker's pages, stored or not, are at addresses outside the
+    // root's registered ranges: nothing is copied, nor mapped as zeros.
+    let foreign = [
+        worker.page(3),
+        worker.page(4),
+        WorkingSetPage::not_stored(worker.start + 5 * PAGE_SIZE),
+    ];
+    assert_eq!(root_pager.prefetch_set(&foreign).unwrap(), 0);
+    assert_eq!(root_pager.pending_pages(), PAGES as usize);
+    assert_eq!(root_pager.stats().prefetched_pages, 0);
 }

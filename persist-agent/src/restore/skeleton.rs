@@ -287,6 +287,17 @@ impl Skeleton {
         self.descendants.iter_mut().map(Skeleton::pager_mut)
     }
 
+    /// The pagers of every process of a restored tree in tree order (the
+    /// root's first, then the descendants' in image order: the order of a
+    /// working set's process indexes), to copy pages in before they resume.
+    pub(crate) fn tree_pagers_mut(&mut self) -> impl Iterator<Item = &mut Pager> {
+        let root = self
+            .pager
+            .as_mut()
+            .expect("a skeleton always holds its pager");
+        std::iter::once(root).chain(self.descendants.iter_mut().map(Skeleton::pager_mut))
+    }
+
     /// Pid of the init of the skeleton's own pid namespace, when its
     /// recorded pid was taken here and it needed one.
     pub fn init_pid(&self) -> Option<i32> {

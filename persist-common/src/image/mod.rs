@@ -104,7 +104,7 @@ pub use sockets::{SocketFile, TcpSocket, UnixSocket};
 pub use tcp_connection::{TcpConnection, TcpWindow};
 pub use tree::{ChildProcess, InheritedFd};
 pub use working_set::{
-    WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
+    PagesByProcess, WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };
 
 /// Version of the format written by this build.

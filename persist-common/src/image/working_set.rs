@@ -1,5 +1,5 @@
-//! The recorded working set of an image: the pages a restored process touched
-//! first, in the order it touched them.
+//! The recorded working set of an image: the pages each restored process
+//! touched first, in the order it touched them.
 //!
 //! # Layout
 //!
@@ -17,20 +17,27 @@
 //! | 24 | 8 | number of pages `n`, at most 2^22 |
 //! | 32 | 4 | CRC32C of bytes 0..32 followed by every byte from 40 to the end |
 //! | 36 | 4 | zero |
-//! | 40 | 16 `n` | one entry a page, in touch order: its address in the process (8), the offset of its content in the image's page store (8), both multiples of 4096; or, for a page the image does not store (memory the process had never touched before the checkpoint), the offset 2^64 − 1 ([`WorkingSetPage::NOT_STORED`]): a wake maps a zero page there |
+//! | 40 | 24 `n` | one entry a page: its address in the process (8), the offset of its content in the image's page store (8), both multiples of 4096, the process (4) and zero (4); or, for a page the image does not store (memory the process had never touched before the checkpoint), the offset 2^64 − 1 ([`WorkingSetPage::NOT_STORED`]): a wake maps a zero page there |
 //!
-//! The file ends after the last entry: it is exactly `40 + 16 n` bytes long.
+//! The process of an entry is its index in the image's tree order: 0 for the
+//! manifest's own process (a tree's root), `i` for the manifest's `i`-th
+//! child (from 1). The entries of one process are in the order it touched
+//! them; the processes come in ascending order, though a reader does not
+//! depend on that. The file ends after the last entry: it is exactly
+//! `40 + 24 n` bytes long.
 //!
 //! The set holds no page contents. A wake copies the pages it names from the
 //! image's page store, whose runs carry their own checksums, so a copy here
 //! would only cost disk space and time when the set is written. Version 1
-//! held such copies; it is refused like any other version, and a reader
+//! held such copies, and version 2 named the pages of one process only (a
+//! tree's root); both are refused like any other version, and a reader
 //! records the set again.
 //!
 //! A set whose image identity differs from the image's manifest CRC was
 //! recorded for another image and is stale; a reader must then ignore it
 //! (and the lazy pager serves every page as if there were no set).
 
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -43,11 +50,11 @@ use crate::trust::open_trusted_file;
 pub const WORKING_SET_FILE: &str = "working-set";
 
 /// Version of the working-set format written by this build. Readers refuse any other.
-pub const WORKING_SET_VERSION: u32 = 2;
+pub const WORKING_SET_VERSION: u32 = 3;
 
 const MAGIC: &[u8; 8] = b"PERSISTW";
 const HEADER_BYTES: usize = 40;
-const ENTRY_BYTES: usize = 16;
+const ENTRY_BYTES: usize = 24;
 /// Most pages accepted in a set (16 GiB of memory), so a hostile header
 /// cannot make us allocate without bound.
 const MAX_PAGES: u64 = 1 << 22;
@@ -81,13 +88,19 @@ impl WorkingSetPage {
     }
 }
 
+/// The pages of a working set by process: the index of a process in the
+/// image's tree order (0 for the manifest's own process, `i` for its `i`-th
+/// child) to the pages it touched, in touch order.
+pub type PagesByProcess = BTreeMap<u32, Vec<WorkingSetPage>>;
+
 /// A working set read from disk, its checksum verified.
 #[derive(Debug)]
 pub struct WorkingSet {
     path: PathBuf,
     image_crc: u32,
     recorded_unix_ms: u64,
-    pages: Vec<WorkingSetPage>,
+    /// No process maps to an empty list.
+    processes: PagesByProcess,
 }
 
 impl WorkingSet {
@@ -159,45 +172,54 @@ impl WorkingSet {
                 what: "the working set".into(),
             });
         }
-        let pages = bytes[HEADER_BYTES..]
-            .chunks_exact(ENTRY_BYTES)
-            .map(|entry| WorkingSetPage {
+        let mut processes = PagesByProcess::new();
+        for entry in bytes[HEADER_BYTES..].chunks_exact(ENTRY_BYTES) {
+            let page = WorkingSetPage {
                 address: le_u64(&entry[..8]),
                 store_offset: le_u64(&entry[8..16]),
-            })
-            .collect::<Vec<_>>();
-        if let Some(page) = pages.iter().find(|page| !is_aligned(page)) {
-            return Err(ImageError::Inconsistent {
-                path,
-                reason: format!(
-                    "page {:#x} (store offset {}) is not page-aligned",
-                    page.address, page.store_offset
-                ),
-            });
+            };
+            let process = le_u32(&entry[16..20]);
+            let reason = if !is_aligned(&page) {
+                "is not page-aligned"
+            } else if le_u32(&entry[20..24]) != 0 {
+                "has an entry whose last 4 bytes are not zero"
+            } else {
+                ""
+            };
+            if !reason.is_empty() {
+                return Err(ImageError::Inconsistent {
+                    path,
+                    reason: format!(
+                        "page {:#x} (store offset {}) of process {process} {reason}",
+                        page.address, page.store_offset
+                    ),
+                });
+            }
+            processes.entry(process).or_default().push(page);
         }
         Ok(Self {
             path,
             image_crc,
             recorded_unix_ms,
-            pages,
+            processes,
         })
     }
 
-    /// Records the working set of the image in `dir`: `pages` in touch order,
-    /// each of which must be stored in the image's page store `store`, or
-    /// marked as not stored.
+    /// Records the working set of the image in `dir`: for each process (by
+    /// its index in tree order), its pages in touch order, each of which must
+    /// be stored in the image's page store `store`, or marked as not stored.
     /// Replaces any set already there, atomically.
     pub fn write(
         dir: &Path,
         image_crc: u32,
-        pages: &[WorkingSetPage],
+        processes: &PagesByProcess,
         store: &PageStore,
     ) -> Result<(), ImageError> {
         let path = dir.join(WORKING_SET_FILE);
         // Checked here, not only when the set is used: a set naming pages
         // the image does not hold would be refused by every wake, and the
         // mistake is easier to find where it is made.
-        if let Some(page) = pages.iter().find(|page| {
+        if let Some(page) = processes.values().flatten().find(|page| {
             !is_aligned(page)
                 || (page.is_stored()
                     && page
@@ -217,7 +239,7 @@ impl WorkingSet {
         }
         let temp = dir.join(format!(".{WORKING_SET_FILE}.tmp-{}", std::process::id()));
         let _ = fs::remove_file(&temp);
-        let result = write_file(&temp, image_crc, pages).and_then(|()| {
+        let result = write_file(&temp, image_crc, processes).and_then(|()| {
             fs::rename(&temp, &path).map_err(ImageError::io(&path))?;
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -244,36 +266,43 @@ impl WorkingSet {
         self.recorded_unix_ms
     }
 
-    /// Its pages, in touch order.
-    pub fn pages(&self) -> &[WorkingSetPage] {
-        &self.pages
+    /// The pages of every process it names, none with an empty list.
+    pub fn processes(&self) -> &PagesByProcess {
+        &self.processes
     }
 
-    /// Number of pages.
+    /// The pages of the process at `index` in tree order (0 for the root),
+    /// in touch order; empty when the set names none of its pages.
+    pub fn pages_of(&self, index: u32) -> &[WorkingSetPage] {
+        self.processes.get(&index).map_or(&[], Vec::as_slice)
+    }
+
+    /// Number of pages, of every process.
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.processes.values().map(Vec::len).sum()
     }
 
     /// True when it holds no page.
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.processes.is_empty()
     }
 
-    /// The set's pages followed by those of `more` at an address the set
-    /// does not name yet, in their order: a later wake's faults extend the
-    /// set with what it lacked. `None` when `more` adds nothing.
-    pub fn extended_by(&self, more: &[WorkingSetPage]) -> Option<Vec<WorkingSetPage>> {
-        let mut named: std::collections::HashSet<u64> =
-            self.pages.iter().map(|page| page.address).collect();
-        let added: Vec<WorkingSetPage> = more
-            .iter()
-            .filter(|page| named.insert(page.address))
-            .copied()
-            .collect();
-        if added.is_empty() {
-            return None;
+    /// For each process, the set's pages followed by those of `more` at an
+    /// address the set does not name yet for that process, in their order:
+    /// a later wake's faults extend the set with what it lacked. `None` when
+    /// `more` adds nothing.
+    pub fn extended_by(&self, more: &PagesByProcess) -> Option<PagesByProcess> {
+        let mut extended = self.processes.clone();
+        let mut added_any = false;
+        for (&process, pages) in more {
+            let known = extended.entry(process).or_default();
+            let mut named: HashSet<u64> = known.iter().map(|page| page.address).collect();
+            let before = known.len();
+            known.extend(pages.iter().filter(|page| named.insert(page.address)));
+            added_any |= known.len() > before;
         }
-        Some(self.pages.iter().copied().chain(added).collect())
+        extended.retain(|_, pages| !pages.is_empty());
+        added_any.then_some(extended)
     }
 }
 
@@ -302,7 +331,7 @@ pub fn manifest_crc(dir: &Path) -> Result<u32, ImageError> {
         })
 }
 
-fn write_file(path: &Path, image_crc: u32, pages: &[WorkingSetPage]) -> Result<(), ImageError> {
+fn write_file(path: &Path, image_crc: u32, processes: &PagesByProcess) -> Result<(), ImageError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -312,16 +341,21 @@ fn write_file(path: &Path, image_crc: u32, pages: &[WorkingSetPage]) -> Result<(
     let recorded_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut bytes = Vec::with_capacity(file_len(pages.len()));
+    let count: usize = processes.values().map(Vec::len).sum();
+    let mut bytes = Vec::with_capacity(file_len(count));
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&WORKING_SET_VERSION.to_le_bytes());
     bytes.extend_from_slice(&image_crc.to_le_bytes());
     bytes.extend_from_slice(&recorded_unix_ms.to_le_bytes());
-    bytes.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&(count as u64).to_le_bytes());
     bytes.extend_from_slice(&[0u8; 8]);
-    for page in pages {
-        bytes.extend_from_slice(&page.address.to_le_bytes());
-        bytes.extend_from_slice(&page.store_offset.to_le_bytes());
+    for (process, pages) in processes {
+        for page in pages {
+            bytes.extend_from_slice(&page.address.to_le_bytes());
+            bytes.extend_from_slice(&page.store_offset.to_le_bytes());
+            bytes.extend_from_slice(&process.to_le_bytes());
+            bytes.extend_from_slice(&[0u8; 4]);
+        }
     }
     let crc = checksum(&bytes);
     bytes[32..36].copy_from_slice(&crc.to_le_bytes());
@@ -379,12 +413,17 @@ mod tests {
         })
     }
 
-    /// A set of [`touched`] written for an image of 8 pages.
+    /// `pages` as the pages of the root alone.
+    fn of_root(pages: &[WorkingSetPage]) -> PagesByProcess {
+        PagesByProcess::from([(0, pages.to_vec())])
+    }
+
+    /// A set of [`touched`] by the root, written for an image of 8 pages.
     fn recorded() -> (tempfile::TempDir, PathBuf, u32) {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join("image");
         let (image, crc) = image_with_pages(&dir, 8);
-        WorkingSet::write(&dir, crc, &touched(), image.pages()).unwrap();
+        WorkingSet::write(&dir, crc, &of_root(&touched()), image.pages()).unwrap();
         (temp, dir, crc)
     }
 
@@ -394,6 +433,16 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         change(&mut bytes);
         fs::write(&path, &bytes).unwrap();
+    }
+
+    /// As [`tamper`], with the checksum made right again afterwards: the
+    /// change must be caught by what the set says, not by its checksum.
+    fn tamper_resealed(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+        tamper(dir, |bytes| {
+            change(bytes);
+            let crc = checksum(bytes);
+            bytes[32..36].copy_from_slice(&crc.to_le_bytes());
+        });
     }
 
     #[test]
@@ -406,7 +455,7 @@ mod tests {
             touched()[1],
             WorkingSetPage::not_stored(0x41000),
         ];
-        WorkingSet::write(&dir, crc, &pages[..2], image.pages()).unwrap_err();
+        WorkingSet::write(&dir, crc, &of_root(&pages[..2]), image.pages()).unwrap_err();
         let pages = [
             pages[0],
             WorkingSetPage {
@@ -415,10 +464,10 @@ mod tests {
             },
             pages[2],
         ];
-        WorkingSet::write(&dir, crc, &pages, image.pages()).unwrap();
+        WorkingSet::write(&dir, crc, &of_root(&pages), image.pages()).unwrap();
         let set = WorkingSet::open(&dir, crc).unwrap();
-        assert_eq!(set.pages(), &pages);
-        assert!(!set.pages()[0].is_stored() && set.pages()[1].is_stored());
+        assert_eq!(set.pages_of(0), &pages);
+        assert!(!set.pages_of(0)[0].is_stored() && set.pages_of(0)[1].is_stored());
     }
 
     #[test]
@@ -434,7 +483,13 @@ mod tests {
         );
 
         let set = WorkingSet::open(&dir, crc).unwrap();
-        assert_eq!(set.pages(), &touched(), "pages come back in touch order");
+        assert_eq!(
+            set.pages_of(0),
+            &touched(),
+            "pages come back in touch order"
+        );
+        assert_eq!(set.len(), 3);
+        assert!(set.pages_of(1).is_empty(), "no other process is named");
         assert_eq!(set.image_crc(), crc);
         assert_eq!(set.path(), path);
         let now = std::time::SystemTime::now()
@@ -453,18 +508,36 @@ mod tests {
         let (_temp, dir, crc) = recorded();
         let set = WorkingSet::open(&dir, crc).unwrap();
         let [five, two, _] = touched();
-        assert_eq!(set.extended_by(&[two, five]), None, "nothing new");
+        assert_eq!(set.extended_by(&of_root(&[two, five])), None, "nothing new");
+        assert_eq!(
+            set.extended_by(&PagesByProcess::from([(0, vec![two]), (1, vec![])])),
+            None,
+            "an empty list adds nothing"
+        );
         let zero = WorkingSetPage::not_stored(0x90000);
         let seven = WorkingSetPage {
             address: 0x10000 + 7 * PAGE_SIZE,
             store_offset: 7 * PAGE_SIZE,
         };
-        let extended = set.extended_by(&[zero, two, seven, zero]).unwrap();
+        let extended = set
+            .extended_by(&of_root(&[zero, two, seven, zero]))
+            .unwrap();
         let mut expected = touched().to_vec();
         expected.extend([zero, seven]);
         assert_eq!(
-            extended, expected,
+            extended,
+            of_root(&expected),
             "the set first, then new pages once each"
+        );
+
+        // The same address in another process is another page.
+        let extended = set
+            .extended_by(&PagesByProcess::from([(2, vec![five, five, zero])]))
+            .unwrap();
+        assert_eq!(
+            extended,
+            PagesByProcess::from([(0, touched().to_vec()), (2, vec![five, zero])]),
+            "a process the set lacked gets its pages, once each"
         );
     }
 
@@ -473,8 +546,12 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join("image");
         let (image, crc) = image_with_pages(&dir, 1);
-        WorkingSet::write(&dir, crc, &[], image.pages()).unwrap();
+        WorkingSet::write(&dir, crc, &PagesByProcess::new(), image.pages()).unwrap();
         assert!(WorkingSet::open(&dir, crc).unwrap().is_empty());
+        let nothing = PagesByProcess::from([(0, vec![]), (1, vec![])]);
+        WorkingSet::write(&dir, crc, &nothing, image.pages()).unwrap();
+        let set = WorkingSet::open(&dir, crc).unwrap();
+        assert!(set.is_empty() && set.processes().is_empty(), "{set:?}");
     }
 
     #[test]
@@ -490,9 +567,9 @@ mod tests {
 
     #[test]
     fn a_corrupt_byte_anywhere_is_refused() {
-        // The recording time, the first entry's address and the last
-        // entry's store offset.
-        for offset in [16, HEADER_BYTES, file_len(3) - 1] {
+        // The recording time, the first entry's address, its process and
+        // the last entry's store offset.
+        for offset in [16, HEADER_BYTES, HEADER_BYTES + 16, file_len(3) - 9] {
             let (_temp, dir, crc) = recorded();
             tamper(&dir, |bytes| bytes[offset] ^= 0x40);
             let err = WorkingSet::open(&dir, crc).unwrap_err();
@@ -533,22 +610,79 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_set_is_refused_by_its_version() {
-        let (_temp, dir, crc) = recorded();
-        tamper(&dir, |bytes| {
-            bytes[8..12].copy_from_slice(&1u32.to_le_bytes())
+    fn an_older_set_is_refused_by_its_version() {
+        // Version 2 named the root's pages only, in 16-byte entries; its
+        // length never passes for this version's, but the version is
+        // what refuses it.
+        for old in [1u32, 2] {
+            let (_temp, dir, crc) = recorded();
+            tamper(&dir, |bytes| {
+                bytes[8..12].copy_from_slice(&old.to_le_bytes())
+            });
+            let err = WorkingSet::open(&dir, crc).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ImageError::Version {
+                        found,
+                        expected: WORKING_SET_VERSION,
+                        ..
+                    } if found == old
+                ),
+                "a version-{old} set is refused before anything else is read: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pages_of_every_process_of_a_tree_round_trip() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let (image, crc) = image_with_pages(&dir, 8);
+        let [five, two, three] = touched();
+        // The workers share addresses with the root (they are its forks),
+        // and each has its own touch order.
+        let processes = PagesByProcess::from([
+            (0, vec![five, two]),
+            (1, vec![three, five, WorkingSetPage::not_stored(0x90000)]),
+            (2, vec![two]),
+        ]);
+        WorkingSet::write(&dir, crc, &processes, image.pages()).unwrap();
+        assert_eq!(
+            fs::metadata(dir.join(WORKING_SET_FILE)).unwrap().len(),
+            file_len(6) as u64
+        );
+        let set = WorkingSet::open(&dir, crc).unwrap();
+        assert_eq!(set.processes(), &processes);
+        assert_eq!(set.len(), 6);
+        assert_eq!(set.pages_of(1), &processes[&1]);
+        assert!(set.pages_of(3).is_empty(), "a process it does not name");
+
+        // Entries out of process order (another writer's) read the same.
+        tamper_resealed(&dir, |bytes| {
+            let (first, rest) = bytes[HEADER_BYTES..].split_at_mut(ENTRY_BYTES);
+            first.swap_with_slice(&mut rest[4 * ENTRY_BYTES..]);
         });
+        let set = WorkingSet::open(&dir, crc).unwrap();
+        assert_eq!(
+            set.processes(),
+            &PagesByProcess::from([
+                (0, vec![two, five]),
+                (1, processes[&1].clone()),
+                (2, vec![two]),
+            ]),
+            "grouped by process, each in file order"
+        );
+    }
+
+    #[test]
+    fn an_entry_with_its_reserved_bytes_set_is_refused() {
+        let (_temp, dir, crc) = recorded();
+        tamper_resealed(&dir, |bytes| bytes[HEADER_BYTES + 20] = 1);
         let err = WorkingSet::open(&dir, crc).unwrap_err();
         assert!(
-            matches!(
-                err,
-                ImageError::Version {
-                    found: 1,
-                    expected: WORKING_SET_VERSION,
-                    ..
-                }
-            ),
-            "a version-1 set is refused before anything else is read: {err}"
+            matches!(&err, ImageError::Inconsistent { reason, .. } if reason.contains("not zero")),
+            "{err}"
         );
     }
 
@@ -558,10 +692,13 @@ mod tests {
         let dir = temp.path().join("image");
         let (image, crc) = image_with_pages(&dir, 8);
         for store_offset in [8 * PAGE_SIZE, u64::MAX - PAGE_SIZE + 1, PAGE_SIZE + 1] {
-            let pages = [WorkingSetPage {
-                address: 0x10000,
-                store_offset,
-            }];
+            let pages = PagesByProcess::from([(
+                1,
+                vec![WorkingSetPage {
+                    address: 0x10000,
+                    store_offset,
+                }],
+            )]);
             let err = WorkingSet::write(&dir, crc, &pages, image.pages()).unwrap_err();
             assert!(
                 matches!(err, ImageError::Inconsistent { .. }),

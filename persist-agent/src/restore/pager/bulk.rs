@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use persist_common::image::{PAGE_SIZE, PageRun, WorkingSet};
+use persist_common::image::{PAGE_SIZE, PageRun, WorkingSetPage};
 
 use super::{Pager, RestoreError, Sources};
 use crate::sys::uffd::{CopyOutcome, Userfault};
@@ -92,10 +92,24 @@ impl PlannedCopy {
     }
 }
 
+/// Helps with each of `copies` in turn, as [`PlannedCopy::help_then`] does
+/// with one, and has `then` called once every page of every copy is in: by
+/// the thread that copied the last span of the last copy. A tree's processes
+/// each have their own copy, and none of them may run before all are in (a
+/// tree is let run as a whole).
+pub(crate) fn help_all_then(copies: Vec<PlannedCopy>, then: WhenCopied) {
+    let mut then = then;
+    for copy in copies.into_iter().rev() {
+        then = Box::new(move || copy.help_then(then));
+    }
+    then();
+}
+
 impl Pager {
-    /// Copies the pages of `set` that the process still expects into it, in
-    /// bulk, before it resumes. Returns the number of pages copied.
-    pub(crate) fn prefetch_set(&mut self, set: &WorkingSet) -> Result<u64, RestoreError> {
+    /// Copies the pages of `set` (this process's pages of a working set)
+    /// that the process still expects into it, in bulk, before it resumes.
+    /// Returns the number of pages copied.
+    pub(crate) fn prefetch_set(&mut self, set: &[WorkingSetPage]) -> Result<u64, RestoreError> {
         let zeroed = self.zero_ahead(set);
         let copy = self.plan_set(set);
         Ok(zeroed + self.finish_planned(&copy)?)
@@ -111,9 +125,9 @@ impl Pager {
     /// The pages around count because allocations shift a little from one
     /// wake to the next: redis wrote the page before one its set named on
     /// every wake after the recording one.
-    pub(crate) fn zero_ahead(&mut self, set: &WorkingSet) -> u64 {
+    pub(crate) fn zero_ahead(&mut self, set: &[WorkingSetPage]) -> u64 {
         let mut addresses: Vec<u64> = Vec::new();
-        for page in set.pages().iter().filter(|page| !page.is_stored()) {
+        for page in set.iter().filter(|page| !page.is_stored()) {
             let Some(&(start, end)) = self
                 .registered
                 .iter()
@@ -148,8 +162,8 @@ impl Pager {
     /// Checks now the checksums of the runs the pages of `set` come from, so
     /// that the copy on the wake does not (at prepare time, off the wake's
     /// critical path; a corrupt run kills the skeleton).
-    pub(crate) fn verify_ahead(&mut self, set: &WorkingSet) -> Result<(), RestoreError> {
-        for page in set.pages() {
+    pub(crate) fn verify_ahead(&mut self, set: &[WorkingSetPage]) -> Result<(), RestoreError> {
+        for page in set {
             if let Some(&source) = self.pending.get(&page.address) {
                 self.verify(source.run, page.address)?;
             }
@@ -328,9 +342,8 @@ impl Pager {
     /// prepare time: on the wake any thread may [`PlannedCopy::help_to_the_end`] with
     /// it (the daemon's wake thread starts before the restore thread is
     /// even awake), and [`Pager::finish_planned`] ends it.
-    pub(crate) fn plan_set(&self, set: &WorkingSet) -> PlannedCopy {
+    pub(crate) fn plan_set(&self, set: &[WorkingSetPage]) -> PlannedCopy {
         let mut addresses: Vec<u64> = set
-            .pages()
             .iter()
             .filter(|page| self.expects(**page))
             .map(|page| page.address)
