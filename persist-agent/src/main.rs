@@ -210,6 +210,12 @@ struct ReadyArgs {
     /// Requests sent once ready and before the snapshot, to warm caches.
     #[arg(long, default_value_t = 0)]
     warmup_requests: u32,
+    /// A shell command run (`sh -c`, as `--user`) once ready and after the
+    /// warm-up requests, before the snapshot: real client work whose
+    /// caches every wake then starts with (e.g. `psql -c 'SELECT 1'`). The
+    /// build fails unless it exits 0 within the ready timeout.
+    #[arg(long, value_name = "SHELL_COMMAND")]
+    warmup_command: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -402,6 +408,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ready: args.ready.ready,
                 ready_timeout: args.ready.ready_timeout,
                 warmup_requests: args.ready.warmup_requests,
+                warmup_command: args.ready.warmup_command,
                 image: args.image.clone(),
                 log,
                 runtime_dir: std::env::temp_dir(),
@@ -542,6 +549,7 @@ fn service_spec(args: AddArgs) -> Result<ServiceSpec> {
         ready: args.ready.ready,
         ready_timeout: args.ready.ready_timeout,
         warmup_requests: args.ready.warmup_requests,
+        warmup_command: args.ready.warmup_command,
         on_idle: args.on_idle,
         image,
         prefetch: args.prefetch,

@@ -76,6 +76,10 @@ pub struct SnapshotSpec {
     /// Requests sent after readiness and before the snapshot, to warm caches.
     #[serde(default)]
     pub warmup_requests: u32,
+    /// A shell command run as the service's user once it is ready, before
+    /// the snapshot, to warm its caches with real work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_command: Option<String>,
     /// What parking an idle service keeps.
     pub on_idle: OnIdle,
     /// A prebuilt image to register instead of running the command.
@@ -627,6 +631,7 @@ mod tests {
             ready: Readiness::Tcp,
             ready_timeout: Duration::from_secs(30),
             warmup_requests: 0,
+            warmup_command: None,
             on_idle: OnIdle::Fresh,
             image: Some("/var/lib/persist/images/web".into()),
             prefetch: Prefetch::Recorded,

@@ -108,6 +108,7 @@ struct ServiceFile {
     ready: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
     warmup_requests: Option<Spanned<u32>>,
+    warmup_command: Option<Spanned<String>>,
 }
 
 /// Reads and checks every `*.toml` file of `dir`, in name order. A missing
@@ -231,6 +232,10 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 "warmup_requests",
                 file.warmup_requests.as_ref().map(Spanned::span),
             ),
+            (
+                "warmup_command",
+                file.warmup_command.as_ref().map(Spanned::span),
+            ),
         ];
         if let Some((field, Some(span))) = snapshot_only.into_iter().find(|(_, s)| s.is_some()) {
             return Err(wrong(
@@ -291,6 +296,10 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<ServiceSpec, Service
                 .transpose()?
                 .unwrap_or(DEFAULT_READY_TIMEOUT),
             warmup_requests: file.warmup_requests.as_ref().map_or(0, |n| *n.get_ref()),
+            warmup_command: file
+                .warmup_command
+                .as_ref()
+                .map(|command| command.get_ref().clone()),
             on_idle: file
                 .on_idle
                 .as_ref()
@@ -405,6 +414,7 @@ user = "nobody"
 ready = "http:/health"
 ready_timeout = "5s"
 warmup_requests = 3
+warmup_command = "curl -s http://127.0.0.2:8000/"
 "#,
         )
         .unwrap();
@@ -420,6 +430,10 @@ warmup_requests = 3
         assert!(snapshot.accept_changed_files);
         assert_eq!(snapshot.keep_skeleton, KeepSkeleton::Never);
         assert_eq!(snapshot.user.as_deref(), Some("nobody"));
+        assert_eq!(
+            snapshot.warmup_command.as_deref(),
+            Some("curl -s http://127.0.0.2:8000/")
+        );
         assert_eq!(
             snapshot.ready,
             Readiness::Http {

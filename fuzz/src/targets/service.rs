@@ -59,6 +59,7 @@ pub(super) fn specs() -> Vec<ServiceSpec> {
         ready,
         ready_timeout: Duration::from_millis(10_500),
         warmup_requests: 0,
+        warmup_command: matches!(prefetch, Prefetch::All).then(|| "true".to_owned()),
         on_idle,
         image: None,
         prefetch,

@@ -56,8 +56,8 @@ pub fn family_of(spec: &ServiceSpec) -> Option<FamilyKey> {
         addr: spec.addr,
         user: snapshot.user.clone(),
         readiness: format!(
-            "{:?} {} warm-up requests",
-            snapshot.ready, snapshot.warmup_requests
+            "{:?} {} warm-up requests, warm-up command {:?}",
+            snapshot.ready, snapshot.warmup_requests, snapshot.warmup_command
         ),
     })
 }
@@ -143,6 +143,7 @@ mod tests {
                 ready: Readiness::Tcp,
                 ready_timeout: Duration::from_secs(30),
                 warmup_requests: 0,
+                warmup_command: None,
                 on_idle: OnIdle::Fresh,
                 image: None,
                 prefetch: Prefetch::Recorded,

@@ -474,6 +474,7 @@ impl Registry {
             ready: snapshot.ready,
             ready_timeout: snapshot.ready_timeout,
             warmup_requests: snapshot.warmup_requests,
+            warmup_command: snapshot.warmup_command.clone(),
             image: self.pristine_image(&spec.name),
             log: self.log_path(&spec.name),
             runtime_dir: self.state_dir.join("run"),

@@ -7,6 +7,7 @@
 
 mod handover;
 mod readiness;
+mod warmup;
 
 use std::fs::{File, OpenOptions};
 use std::net::IpAddr;
@@ -53,6 +54,9 @@ pub struct BuildRequest {
     pub ready_timeout: Duration,
     /// Warm-up requests after readiness.
     pub warmup_requests: u32,
+    /// A shell command run after the warm-up requests, as the service's
+    /// user, which must succeed ([`warmup`]).
+    pub warmup_command: Option<String>,
     /// The image directory to write.
     pub image: PathBuf,
     /// Where the command's stdout and stderr go (it keeps the file after restore).
@@ -172,7 +176,7 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         &env,
         false,
         fds,
-        identity,
+        identity.clone(),
         request.no_aslr,
     )?;
     let guard = KillOnDrop(Some(&spawned.pidfd));
@@ -198,6 +202,9 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     for _ in 0..request.warmup_requests {
         send_warmup_request(request.addr, request.port, &request.ready)
             .map_err(|err| BuildError::Other(format!("warm-up request: {err}")))?;
+    }
+    if let Some(command) = &request.warmup_command {
+        warmup::run(command, identity.clone(), &log, request.ready_timeout)?;
     }
 
     let processes = readiness::settled_tree(spawned.pid, TREE_SETTLE, QUIET_WAIT);

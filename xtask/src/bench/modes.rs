@@ -435,8 +435,9 @@ impl Bench<'_> {
             (_, false) => {}
         }
         let snapshot = mode != Mode::Fresh;
+        let add_args = server.add_args(port);
         if snapshot {
-            args.extend_from_slice(server.add_args());
+            args.extend(add_args.iter().map(String::as_str));
         }
         args.push("--");
         args.extend(argv.iter().map(String::as_str));

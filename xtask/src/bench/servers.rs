@@ -171,9 +171,10 @@ impl Server {
         })
     }
 
-    /// The `persist-agent add` options that say when it is ready, and as whom it runs.
-    pub fn add_args(&self) -> &'static [&'static str] {
-        match self.kind {
+    /// The `persist-agent add` options of the service on `port` that say
+    /// when it is ready, as whom it runs and how it is warmed up.
+    pub fn add_args(&self, port: u16) -> Vec<String> {
+        let args: &[&str] = match self.kind {
             // http.server listens before it serves: wait for an answer.
             Kind::Python => &["--ready", "http:/"],
             // The postmaster listens before it serves, and says READY=1
@@ -181,7 +182,20 @@ impl Server {
             // to settle.
             Kind::Postgres => &["--ready", "notify", "--user", POSTGRES_USER],
             _ => &["--ready", "tcp"],
+        };
+        let mut args: Vec<String> = args.iter().map(|&arg| arg.to_owned()).collect();
+        if self.kind == Kind::Postgres {
+            // A query before the snapshot: the catalog pages a backend
+            // reads come in the image's shared buffers, not from disk at
+            // every wake's first query.
+            let cluster = self.dir.join(format!("postgres-{port}"));
+            args.push("--warmup-command".into());
+            args.push(format!(
+                "{POSTGRES_BIN}/psql -h {} -p {port} -U {POSTGRES_USER} -d postgres -qAt -c 'SELECT 1'",
+                cluster.display()
+            ));
         }
+        args
     }
 
     /// The signal that stops it cleanly, where a SIGKILL would leave
