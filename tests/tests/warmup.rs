@@ -50,12 +50,7 @@ fn the_warmup_command_runs_as_the_service_user_against_the_ready_service() {
 fn a_failing_warmup_command_fails_the_add_and_registers_nothing() {
     persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();
-    let output = sandbox.add(
-        "cold",
-        8702,
-        &["--warmup-command", "exit 3"],
-        &hello(8702),
-    );
+    let output = sandbox.add("cold", 8702, &["--warmup-command", "exit 3"], &hello(8702));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the add fails");
     assert!(

@@ -110,7 +110,7 @@ pub enum RegistryError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Current {
     /// Registered, with this definition.
-    Registered(ServiceSpec),
+    Registered(Box<ServiceSpec>),
     /// Failed to come back or to be declared.
     Failed {
         /// The file that declares it, if one does.
@@ -816,7 +816,12 @@ impl Registry {
             .lock()
             .expect("lock")
             .iter()
-            .map(|(name, handle)| (name.clone(), Current::Registered(handle.spec.clone())))
+            .map(|(name, handle)| {
+                (
+                    name.clone(),
+                    Current::Registered(Box::new(handle.spec.clone())),
+                )
+            })
             .collect();
         for (name, broken) in self.broken.lock().expect("lock").iter() {
             current

@@ -117,7 +117,7 @@ pub(super) fn plan(declared: Vec<DeclaredService>, current: &BTreeMap<String, Cu
             continue;
         }
         match (file.spec, entry) {
-            (Ok(spec), Some(Current::Registered(old))) if *old == spec => {
+            (Ok(spec), Some(Current::Registered(old))) if **old == spec => {
                 plan.unchanged.push(file.name)
             }
             (Ok(spec), Some(Current::Registered(_))) => plan.rebuild.push(spec),
@@ -257,17 +257,20 @@ mod tests {
         let current = BTreeMap::from([
             (
                 "same".to_owned(),
-                Current::Registered(spec("same", 1, true)),
+                Current::Registered(Box::new(spec("same", 1, true))),
             ),
             (
                 "moved".to_owned(),
-                Current::Registered(spec("moved", 2, true)),
+                Current::Registered(Box::new(spec("moved", 2, true))),
             ),
             (
                 "gone".to_owned(),
-                Current::Registered(spec("gone", 3, true)),
+                Current::Registered(Box::new(spec("gone", 3, true))),
             ),
-            ("cli".to_owned(), Current::Registered(spec("cli", 4, false))),
+            (
+                "cli".to_owned(),
+                Current::Registered(Box::new(spec("cli", 4, false))),
+            ),
             (
                 "retried".to_owned(),
                 Current::Failed {
@@ -302,8 +305,14 @@ mod tests {
     #[test]
     fn a_broken_file_fails_a_new_service_and_leaves_a_running_one_running() {
         let current = BTreeMap::from([
-            ("web".to_owned(), Current::Registered(spec("web", 1, true))),
-            ("cli".to_owned(), Current::Registered(spec("cli", 2, false))),
+            (
+                "web".to_owned(),
+                Current::Registered(Box::new(spec("web", 1, true))),
+            ),
+            (
+                "cli".to_owned(),
+                Current::Registered(Box::new(spec("cli", 2, false))),
+            ),
         ]);
         let plan = plan(
             vec![broken_file("web"), broken_file("new"), file("cli", 3)],
