@@ -134,15 +134,21 @@ fn errno_of(err: &std::io::Error) -> i32 {
 pub fn child_main(plan: &ChildPlan<'_>) -> ! {
     clone::block_all_signals();
     join_ipc_namespace(plan);
+    // The descriptors first: the agent's number the userfaultfd takes may
+    // hold, in this copy of the agent's table, the source of one of them
+    // (nothing of the agent is kept at that number), which the move
+    // would replace with the userfaultfd: the process would get its own
+    // userfaultfd in that descriptor's place, its flags set to the
+    // descriptor's, clearing the O_NONBLOCK the pager relies on.
+    if let Err(errno) = plan.fds.install_in_child(plan.keep) {
+        fail(plan.status_fd, Step::Fds, errno as i32);
+    }
     let raw_uffd = match uffd::create_raw() {
         Ok(fd) => fd,
         Err(err) => fail(plan.status_fd, Step::Userfaultfd, errno_of(&err)),
     };
     if let Err(err) = clone::move_fd(raw_uffd, plan.uffd_fd) {
         fail(plan.status_fd, Step::UffdNumber, errno_of(&err));
-    }
-    if let Err(errno) = plan.fds.install_in_child(plan.keep) {
-        fail(plan.status_fd, Step::Fds, errno as i32);
     }
     let mut go = [0u8; GO_LEN];
     if let Err(err) = clone::read_exact_raw(plan.go_fd, &mut go) {
