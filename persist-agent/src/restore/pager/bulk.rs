@@ -114,6 +114,12 @@ impl Pager {
     pub(crate) fn zero_ahead(&mut self, set: &WorkingSet) -> u64 {
         let mut addresses: Vec<u64> = Vec::new();
         for page in set.pages().iter().filter(|page| !page.is_stored()) {
+            // A zero page in shared memory is a page of the object's, which
+            // the parked skeleton would hold: left to the fault.
+            let in_shared = |&(start, end): &(u64, u64)| (start..end).contains(&page.address);
+            if self.shared_at_restore.iter().any(in_shared) {
+                continue;
+            }
             let Some(&(start, end)) = self
                 .registered
                 .iter()
