@@ -54,10 +54,11 @@ use sources::Sources;
 struct Source {
     run: u32,
     page: u32,
-    /// The page is in a shared memory object's mapping: discarding it
-    /// (`MADV_DONTNEED`) drops it from this process only, and the object
-    /// keeps the page it holds or still lacks.
-    shared: bool,
+    /// The page's slot when it is in a shared memory object's mapping
+    /// ([`SharedPages`]): discarding it (`MADV_DONTNEED`) drops it from
+    /// this process only, and the object keeps the page it holds or still
+    /// lacks.
+    slot: Option<u32>,
 }
 
 /// Counters of a pager's work.
@@ -111,6 +112,8 @@ pub struct Pager {
     /// The shared memory mappings registered when the process was
     /// restored (not followed through its address-space changes).
     shared_at_restore: Vec<(u64, u64)>,
+    /// The tree's lazily served shared pages, and which are in.
+    shared: Arc<SharedPages>,
     stats: PagerStats,
     resumed_at: Option<Instant>,
     /// Pages copied to serve faults, in order, while recording a working set
@@ -153,7 +156,7 @@ impl Pager {
         uffd: Userfault,
         pidfd: PidFd,
         image: Arc<Image>,
-        shared: &SharedPages,
+        shared: &Arc<SharedPages>,
     ) -> Self {
         let sources = Sources::new(Arc::clone(&image));
         let mut runs = Vec::new();
@@ -171,7 +174,7 @@ impl Pager {
                     let source = Source {
                         run: index,
                         page: page as u32,
-                        shared: false,
+                        slot: None,
                     };
                     pending.insert(address, source);
                 }
@@ -198,7 +201,7 @@ impl Pager {
                 let source = Source {
                     run,
                     page: stored.page as u32,
-                    shared: true,
+                    slot: Some(stored.slot),
                 };
                 pending.insert(address, source);
             }
@@ -213,6 +216,7 @@ impl Pager {
             registered,
         );
         pager.shared_at_restore = shared_at_restore;
+        pager.shared = Arc::clone(shared);
         pager
     }
 
@@ -235,6 +239,7 @@ impl Pager {
             pending,
             registered,
             shared_at_restore: Vec::new(),
+            shared: Arc::default(),
             stats: PagerStats::default(),
             resumed_at: None,
             fault_log: None,

@@ -64,12 +64,7 @@ impl Fixture {
         let fault = unsafe { Userfault::from_raw_fd(raw) };
         fault.register(self.start, PAGES * PAGE_SIZE).unwrap();
         let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-        Pager::new(
-            fault,
-            pidfd,
-            Arc::clone(&self.image),
-            &crate::restore::shared_pages::SharedPages::default(),
-        )
+        Pager::new(fault, pidfd, Arc::clone(&self.image), &Arc::default())
     }
 
     fn page(&self, index: u64) -> WorkingSetPage {

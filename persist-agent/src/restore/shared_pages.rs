@@ -20,6 +20,7 @@
 //! prepared, as is an object mapped privately somewhere.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use persist_common::image::{FdInfo, FdKind, Manifest, Mapping, MappingKind, PAGE_SIZE, PageRun};
 
@@ -33,13 +34,22 @@ pub(super) struct StoredPage {
     pub(super) run: PageRun,
     /// Index of the page in the run.
     pub(super) page: u64,
+    /// The page's number among every stored page of the tree's lazily
+    /// served objects ([`SharedPages::mark_filled`]).
+    pub(super) slot: u32,
 }
 
 /// The stored pages of each shared object served lazily, by page index in
-/// the object.
+/// the object, and which of them a pager of the tree has filled.
 #[derive(Debug, Default)]
 pub(super) struct SharedPages {
     objects: HashMap<SharedObject, BTreeMap<u64, StoredPage>>,
+    /// By slot: the page is in the object. Every pager of a tree would
+    /// otherwise copy each page again in its background fill, for
+    /// `EEXIST`: the kernel allocates and fills a page before it finds the
+    /// object's, and five pagers doing so on a 2-CPU machine slowed
+    /// PostgreSQL's first query.
+    filled: Vec<AtomicBool>,
 }
 
 impl SharedPages {
@@ -87,12 +97,39 @@ impl SharedPages {
                         // ranges) holds the same contents: the first is kept.
                         pages
                             .entry(first + run.first_page + page)
-                            .or_insert(StoredPage { run: *run, page });
+                            .or_insert(StoredPage {
+                                run: *run,
+                                page,
+                                slot: 0,
+                            });
                     }
                 }
             }
         }
-        Self { objects }
+        let mut slots = 0u32;
+        for stored in objects.values_mut().flat_map(BTreeMap::values_mut) {
+            stored.slot = slots;
+            slots += 1;
+        }
+        let filled = (0..slots).map(|_| AtomicBool::new(false)).collect();
+        Self { objects, filled }
+    }
+
+    /// Notes that the page of `slot` is in its object (copied, or found
+    /// there), for the other pagers to skip it.
+    pub(super) fn mark_filled(&self, slot: u32) {
+        if let Some(filled) = self.filled.get(slot as usize) {
+            filled.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// True when a pager noted the page of `slot` in its object. Pages once
+    /// in stay in (see docs/process-trees.md, What is not done, for holes
+    /// punched meanwhile).
+    pub(super) fn is_filled(&self, slot: u32) -> bool {
+        self.filled
+            .get(slot as usize)
+            .is_some_and(|filled| filled.load(Ordering::Relaxed))
     }
 
     /// True when `mapping` maps an object served lazily: it is registered

@@ -208,7 +208,7 @@ impl Pager {
         events: &[AddressEvent],
     ) -> Result<Self, RestoreError> {
         let pid = pidfd.pid();
-        let shared = SharedPages::of_tree(image.manifest());
+        let shared = Arc::new(SharedPages::of_tree(image.manifest()));
         let mut pager = Self::new(Userfault::new(uffd), pidfd, image, &shared);
         for &event in events {
             pager.apply(event);

@@ -165,6 +165,11 @@ impl Pager {
 
     /// Copies every pending page into the stopped process now.
     pub(crate) fn prefetch_all(&mut self) -> Result<(), RestoreError> {
+        // Shared pages another process's prefetch put in are there for this
+        // one too.
+        let shared = Arc::clone(&self.shared);
+        self.pending
+            .retain(|_, source| !source.slot.is_some_and(|slot| shared.is_filled(slot)));
         let addresses: Vec<u64> = self.pending.keys().copied().collect();
         let spans = self.spans(&addresses, 0);
         self.copy_in_bulk(spans)?;
@@ -301,7 +306,7 @@ impl Pager {
                     for run in runs {
                         self.verified[run as usize] = true;
                     }
-                    self.forget(span.address, pages);
+                    self.filled(span.address, pages);
                     if pages < span.count {
                         retry.push((span.address + pages * PAGE_SIZE, span.count - pages));
                     }

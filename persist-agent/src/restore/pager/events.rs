@@ -59,6 +59,7 @@ impl Pager {
             self.pending.clone(),
             self.registered.clone(),
         );
+        child.shared = Arc::clone(&self.shared);
         self.children
             .push(std::thread::spawn(move || child.run_until_filled()));
     }
@@ -73,7 +74,7 @@ impl Pager {
         let keys: Vec<u64> = self
             .pending
             .range(start..end)
-            .filter(|(_, source)| !source.shared)
+            .filter(|(_, source)| source.slot.is_none())
             .map(|(k, _)| *k)
             .collect();
         self.stats.dropped_pages += keys.len() as u64;

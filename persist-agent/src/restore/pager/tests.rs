@@ -120,7 +120,7 @@ fn serves_a_shared_object_from_the_pages_stored_with_another_mapping() {
     let mut manifest = manifest(mappings);
     writer.finish(&mut manifest).unwrap();
     let image = Arc::new(Image::open(&dir).unwrap());
-    let shared = SharedPages::of_tree(image.manifest());
+    let shared = Arc::new(SharedPages::of_tree(image.manifest()));
     let raw = uffd::create_raw().unwrap();
     // SAFETY: create_raw returned a new fd that nothing else owns.
     let fault = unsafe { Userfault::from_raw_fd(raw) };
@@ -243,11 +243,7 @@ fn patterned_pager(pages: u64) -> (*mut libc::c_void, Pager, tempfile::TempDir) 
     let fault = unsafe { Userfault::from_raw_fd(raw) };
     fault.register(start, pages * PAGE_SIZE).unwrap();
     let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-    (
-        area,
-        Pager::new(fault, pidfd, image, &SharedPages::default()),
-        temp,
-    )
+    (area, Pager::new(fault, pidfd, image, &Arc::default()), temp)
 }
 
 /// mremap moves missing pages (they must arrive at their new address
