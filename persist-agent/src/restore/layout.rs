@@ -121,6 +121,9 @@ pub struct LayoutFds {
     pub uffd: RawFd,
     /// Every descriptor of ours to close at the end of the table.
     pub close: Vec<RawFd>,
+    /// Shared memory mappings registered with the userfaultfd too, whose
+    /// objects' pages are served lazily (`shared_pages.rs`).
+    pub lazy_shared: Vec<(u64, u64)>,
 }
 
 /// The region, with the layout table in it.
@@ -459,13 +462,13 @@ fn layout_table(
     }
 
     // 8. Lazy memory: register for MISSING faults.
-    for mapping in lazy_mappings(manifest) {
-        let address = t.data(&uffd::register_args(mapping.start, mapping.len()));
+    let ranges = lazy_mappings(manifest)
+        .map(|mapping| (mapping.start, mapping.end))
+        .chain(fds.lazy_shared.iter().copied());
+    for (start, end) in ranges {
+        let address = t.data(&uffd::register_args(start, end - start));
         t.call(
-            format!(
-                "userfaultfd registration of mapping {:#x}-{:#x}",
-                mapping.start, mapping.end
-            ),
+            format!("userfaultfd registration of mapping {start:#x}-{end:#x}"),
             libc::SYS_ioctl,
             &[fds.uffd as u64, uffd::UFFDIO_REGISTER, address],
         );

@@ -55,6 +55,7 @@ mod resources;
 mod runner;
 mod seccomp;
 mod setup;
+mod shared_pages;
 mod signals;
 mod skeleton;
 mod spawn;

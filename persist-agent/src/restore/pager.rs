@@ -1,6 +1,9 @@
 //! The lazy pager: serves a restored process's first touches of anonymous
-//! memory from the page store through userfaultfd, and fills the rest in the
-//! background until nothing is missing.
+//! memory, and of the shared memory objects served lazily
+//! (`shared_pages.rs`), from the page store through userfaultfd, and fills
+//! the rest in the background until nothing is missing. A shared page
+//! another process's pager filled first is there already: its copy fails
+//! with `EEXIST`, which counts as done (and wakes the thread that may wait).
 //!
 //! One thread does everything, on purpose: a background copy decided before
 //! a `madvise(DONTNEED)` event was read could otherwise land after it and
@@ -16,7 +19,7 @@
 //! process's CPU (`cpu_share.rs`) and taking over from a dead pager
 //! (`adopt.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -25,6 +28,7 @@ use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSetPage};
 
 use super::RestoreError;
 use super::layout::is_lazy;
+use super::shared_pages::SharedPages;
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::Userfault;
 
@@ -50,6 +54,11 @@ use sources::Sources;
 struct Source {
     run: u32,
     page: u32,
+    /// The page's slot when it is in a shared memory object's mapping
+    /// ([`SharedPages`]): discarding it (`MADV_DONTNEED`) drops it from
+    /// this process only, and the object keeps the page it holds or still
+    /// lacks.
+    slot: Option<u32>,
 }
 
 /// Counters of a pager's work.
@@ -100,6 +109,11 @@ pub struct Pager {
     verified: Vec<bool>,
     pending: BTreeMap<u64, Source>,
     registered: Vec<(u64, u64)>,
+    /// The shared memory mappings registered when the process was
+    /// restored (not followed through its address-space changes).
+    shared_at_restore: Vec<(u64, u64)>,
+    /// The tree's lazily served shared pages, and which are in.
+    shared: Arc<SharedPages>,
     stats: PagerStats,
     resumed_at: Option<Instant>,
     /// Pages copied to serve faults, in order, while recording a working set
@@ -135,8 +149,15 @@ impl std::fmt::Debug for Pager {
 
 impl Pager {
     /// A pager for the lazy mappings of `image`, restored into the process of
-    /// `pidfd` whose userfaultfd is `uffd`.
-    pub(crate) fn new(uffd: Userfault, pidfd: Arc<PidFd>, image: Arc<Image>) -> Self {
+    /// `pidfd` whose userfaultfd is `uffd`; its shared memory mappings of
+    /// objects `shared` serves get those objects' stored pages, whatever
+    /// process of the tree stored them.
+    pub(super) fn new(
+        uffd: Userfault,
+        pidfd: Arc<PidFd>,
+        image: Arc<Image>,
+        shared: &Arc<SharedPages>,
+    ) -> Self {
         let sources = Sources::new(Arc::clone(&image));
         let mut runs = Vec::new();
         let mut verified = Vec::new();
@@ -153,12 +174,39 @@ impl Pager {
                     let source = Source {
                         run: index,
                         page: page as u32,
+                        slot: None,
                     };
                     pending.insert(address, source);
                 }
             }
         }
-        Self::serving(
+        let mut shared_at_restore = Vec::new();
+        // Each run once, by its place in the store: several mappings may
+        // take pages from it.
+        let mut shared_runs: HashMap<u64, u32> = HashMap::new();
+        for mapping in image.manifest().mappings.iter() {
+            if !shared.is_lazy(mapping) {
+                continue;
+            }
+            registered.push((mapping.start, mapping.end));
+            shared_at_restore.push((mapping.start, mapping.end));
+            for (address, stored) in shared.stored_in(mapping) {
+                let run = *shared_runs
+                    .entry(stored.run.store_offset)
+                    .or_insert_with(|| {
+                        runs.push(stored.run);
+                        verified.push(false);
+                        (runs.len() - 1) as u32
+                    });
+                let source = Source {
+                    run,
+                    page: stored.page as u32,
+                    slot: Some(stored.slot),
+                };
+                pending.insert(address, source);
+            }
+        }
+        let mut pager = Self::serving(
             uffd,
             pidfd,
             Arc::new(sources),
@@ -166,7 +214,10 @@ impl Pager {
             verified,
             pending,
             registered,
-        )
+        );
+        pager.shared_at_restore = shared_at_restore;
+        pager.shared = Arc::clone(shared);
+        pager
     }
 
     /// A pager with these pages still to serve, and nothing done yet.
@@ -187,6 +238,8 @@ impl Pager {
             verified,
             pending,
             registered,
+            shared_at_restore: Vec::new(),
+            shared: Arc::default(),
             stats: PagerStats::default(),
             resumed_at: None,
             fault_log: None,

@@ -1,7 +1,8 @@
 //! What the agent opens before the fork for the layout table: every mapped
 //! file (checked to be the one recorded), a memfd per shared memory object
-//! (filled with its stored pages), the executable and the working directory,
-//! and the resource limits to set. The child inherits them all.
+//! (filled with its stored pages, unless its pages come in lazily:
+//! `shared_pages.rs`), the executable and the working directory, and the
+//! resource limits to set. The child inherits them all.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -15,6 +16,7 @@ use persist_common::image::{FileType, Image, MappingKind, PAGE_SIZE};
 use super::RestoreError;
 use super::layout::{Attributes, LayoutFds};
 use super::mapped_files::open_mapped_file;
+use super::shared_pages::SharedPages;
 use super::spawn::dup_above;
 use super::verify::stored_run;
 use crate::files::{self, PathAccess, PreparedFds, RecordedError};
@@ -29,6 +31,8 @@ pub(super) struct Resources {
     /// The POSIX shared memory files made for it, to remove if the
     /// restore fails.
     pub(super) created_files: Vec<String>,
+    /// Its shared memory mappings whose pages its pager serves.
+    lazy_shared: Vec<(u64, u64)>,
 }
 
 impl Resources {
@@ -36,19 +40,23 @@ impl Resources {
     /// above (clear of those the process gets), as the process would open
     /// them (`access`). `shared` holds the memfd of each shared memory
     /// object by its saved inode: those met first here are created and
-    /// added, so that the other processes of a tree map the same ones.
+    /// added, so that the other processes of a tree map the same ones. The
+    /// objects `lazy` serves are only given their size: their pages come
+    /// in through the pagers.
     pub(super) fn open(
         image: &Image,
         fds: &PreparedFds,
         min: RawFd,
         access: &PathAccess,
         shared: &mut HashMap<SharedObject, OwnedFd>,
+        lazy: &SharedPages,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         let mut filled = HashSet::new();
         // Removed again if anything below fails.
         let mut created_files = CreatedFiles::default();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
+        let mut lazy_shared = Vec::new();
         for mapping in &manifest.mappings {
             let fd = match &mapping.kind {
                 MappingKind::File {
@@ -97,7 +105,10 @@ impl Resources {
                     // Once per process: a later process of a tree stores
                     // only the pages an earlier one did not.
                     if filled.insert(object) {
-                        fill_shared_memory(image, object, source)?;
+                        fill_shared_memory(image, object, source, lazy.serves(object))?;
+                    }
+                    if lazy.is_lazy(mapping) {
+                        lazy_shared.push((mapping.start, mapping.end));
                     }
                     let copy = source
                         .try_clone()
@@ -148,6 +159,7 @@ impl Resources {
                 session_set: false,
             },
             created_files: std::mem::take(&mut created_files.0),
+            lazy_shared,
         })
     }
 
@@ -173,6 +185,7 @@ impl Resources {
             cwd: Some(self.cwd.as_raw_fd()),
             uffd,
             close: self.raw_fds(),
+            lazy_shared: self.lazy_shared.clone(),
         }
     }
 }
@@ -229,7 +242,7 @@ pub(super) enum SharedObject {
 
 impl SharedObject {
     /// The object a mapping of `kind` maps from a descriptor, if shared.
-    fn of(kind: &MappingKind) -> Option<Self> {
+    pub(super) fn of(kind: &MappingKind) -> Option<Self> {
         match kind {
             MappingKind::Memfd { inode, .. } | MappingKind::SharedAnonymous { inode } => {
                 Some(Self::Shmem(*inode))
@@ -320,11 +333,14 @@ fn posix_shm_user(path: &str) -> Option<i32> {
 }
 
 /// Writes the stored pages of a shared memory object into `fd`, which every
-/// mapping of the object then maps, so they stay shared.
+/// mapping of the object then maps, so they stay shared. An object served
+/// lazily (`lazy`) is only given its size: a page written here would be
+/// held by the parked skeleton.
 fn fill_shared_memory(
     image: &Image,
     object: SharedObject,
     fd: &OwnedFd,
+    lazy: bool,
 ) -> Result<(), RestoreError> {
     let file = File::from(fd.try_clone().map_err(|e| RestoreError::io("memfd", e))?);
     let current = file
@@ -347,6 +363,9 @@ fn fill_shared_memory(
         if offset + mapping.len() > current {
             file.set_len(offset + mapping.len())
                 .map_err(|e| RestoreError::io("memfd", e))?;
+        }
+        if lazy {
+            continue;
         }
         for run in &mapping.pages {
             let (_, bytes) = stored_run(image, mapping, run)?;

@@ -14,6 +14,7 @@ use super::layout::{self, OwnLayout, Region};
 use super::pager::Pager;
 use super::resources::{Resources, SharedObject};
 use super::runner::{TableRunner, check_table};
+use super::shared_pages::SharedPages;
 use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
 use super::{RestoreError, child::ChildPlan, file_pages, threads};
@@ -43,19 +44,24 @@ pub(super) struct Setup {
     ipc_namespace: Option<RawFd>,
     /// Its parent is restored too (a descendant of a tree).
     parent_restored: bool,
+    /// The stored pages of the shared memory objects served lazily, for
+    /// its pager.
+    lazy_shared: Arc<SharedPages>,
 }
 
 impl Setup {
     /// Re-creates the descriptors of `image`'s process (those of
     /// `inherited` installed as given), opens what its layout maps (its
     /// shared memory objects through `shared`, see [`Resources::open`]) and
-    /// builds its layout table. `session_set`: its session and process
+    /// builds its layout table. `lazy_shared`: the shared memory objects
+    /// of its tree served lazily. `session_set`: its session and process
     /// group are set when it is forked, not by the table.
     pub(super) fn new(
         image: Arc<Image>,
         inherited: InheritedFds,
         access: &PathAccess,
         shared: &mut HashMap<SharedObject, OwnedFd>,
+        lazy_shared: &Arc<SharedPages>,
         session_set: bool,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
@@ -71,7 +77,8 @@ impl Setup {
         let mut fds = files::prepare(&manifest.fds, inherited, access)?;
         let timerfds = fds.take_timerfds();
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
-        let mut resources = Resources::open(&image, &fds, uffd_fd + 1, access, shared)?;
+        let mut resources =
+            Resources::open(&image, &fds, uffd_fd + 1, access, shared, lazy_shared)?;
         resources.attributes.session_set = session_set;
         let own = OwnLayout::read()?;
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
@@ -109,6 +116,7 @@ impl Setup {
             init_go_write,
             ipc_namespace: None,
             parent_restored: false,
+            lazy_shared: Arc::clone(lazy_shared),
         })
     }
 
@@ -194,7 +202,12 @@ impl Setup {
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
         file_pages::write(&image, pid, &mem)?;
-        let mut pager = Pager::new(Userfault::new(uffd), Arc::clone(&pidfd), Arc::clone(&image));
+        let mut pager = Pager::new(
+            Userfault::new(uffd),
+            Arc::clone(&pidfd),
+            Arc::clone(&image),
+            &self.lazy_shared,
+        );
 
         let mut runner = TableRunner {
             pid,

@@ -21,6 +21,7 @@ use persist_common::image::{Image, Manifest};
 use super::pager::Pager;
 use super::resources::CreatedFiles;
 use super::setup::Setup;
+use super::shared_pages::SharedPages;
 use super::spawn::{self, KillGuard};
 use super::sysv_shm;
 use super::tree::TreeSkeleton;
@@ -240,6 +241,7 @@ impl Skeleton {
             config.inherited,
             &access,
             &mut HashMap::new(),
+            &Arc::new(SharedPages::of_tree(manifest)),
             false,
         )?;
         // Removed unless the process is built.

@@ -8,7 +8,9 @@
 //!    process's descriptors are prepared, a descriptor it inherited being a
 //!    duplicate of the one prepared for the process it was saved with (the
 //!    same open file description); shared memory objects are one memfd per
-//!    saved inode for every process that maps them.
+//!    saved inode for every process that maps them, their pages served by
+//!    the pager of whichever process faults first where the kernel allows
+//!    it (`shared_pages.rs`).
 //! 2. The agent forks the root (as for one process, in a pid namespace of
 //!    its own when the pid is taken) and traces it with
 //!    `PTRACE_O_TRACEFORK`; the root then sets its session, forks its
@@ -33,6 +35,7 @@ use persist_common::image::{Image, Manifest};
 use super::child::{self, SessionStep, TreeNode};
 use super::resources::{CreatedFiles, SharedObject};
 use super::setup::Setup;
+use super::shared_pages::SharedPages;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
 use super::spawn::{self, KillGuard, TRACE_OPTIONS, pipe_above};
 use super::sysv_shm;
@@ -99,6 +102,7 @@ impl TreeSkeleton {
 
         // Every process prepared before the first fork.
         let mut shared: HashMap<SharedObject, OwnedFd> = HashMap::new();
+        let lazy_shared = Arc::new(SharedPages::of_tree(manifest));
         let mut setups: Vec<Setup> = Vec::with_capacity(images.len());
         // The POSIX shared memory files made, removed unless the tree is
         // built.
@@ -136,6 +140,7 @@ impl TreeSkeleton {
                 inherited,
                 &accesses[index],
                 &mut shared,
+                &lazy_shared,
                 true,
             )
             .map_err(|source| RestoreError::InTree {

@@ -34,6 +34,7 @@ use persist_common::image::{Image, PAGE_SIZE};
 
 use super::Pager;
 use crate::restore::RestoreError;
+use crate::restore::shared_pages::SharedPages;
 use crate::sys::pidfd::PidFd;
 use crate::sys::uffd::Userfault;
 
@@ -207,7 +208,8 @@ impl Pager {
         events: &[AddressEvent],
     ) -> Result<Self, RestoreError> {
         let pid = pidfd.pid();
-        let mut pager = Self::new(Userfault::new(uffd), Arc::new(pidfd), image);
+        let shared = Arc::new(SharedPages::of_tree(image.manifest()));
+        let mut pager = Self::new(Userfault::new(uffd), Arc::new(pidfd), image, &shared);
         for &event in events {
             pager.apply(event);
         }
@@ -228,7 +230,7 @@ impl Pager {
     /// Applies an address-space event the previous pager read.
     fn apply(&mut self, event: AddressEvent) {
         match event {
-            AddressEvent::Removed { start, end } => self.drop_range(start, end),
+            AddressEvent::Removed { start, end } => self.discard_range(start, end),
             AddressEvent::Unmapped { start, end } => {
                 self.drop_range(start, end);
                 self.unregistered(start, end);

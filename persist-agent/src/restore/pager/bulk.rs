@@ -128,6 +128,12 @@ impl Pager {
     pub(crate) fn zero_ahead(&mut self, set: &[WorkingSetPage]) -> u64 {
         let mut addresses: Vec<u64> = Vec::new();
         for page in set.iter().filter(|page| !page.is_stored()) {
+            // A zero page in shared memory is a page of the object's, which
+            // the parked skeleton would hold: left to the fault.
+            let in_shared = |&(start, end): &(u64, u64)| (start..end).contains(&page.address);
+            if self.shared_at_restore.iter().any(in_shared) {
+                continue;
+            }
             let Some(&(start, end)) = self
                 .registered
                 .iter()
@@ -173,6 +179,11 @@ impl Pager {
 
     /// Copies every pending page into the stopped process now.
     pub(crate) fn prefetch_all(&mut self) -> Result<(), RestoreError> {
+        // Shared pages another process's prefetch put in are there for this
+        // one too.
+        let shared = Arc::clone(&self.shared);
+        self.pending
+            .retain(|_, source| !source.slot.is_some_and(|slot| shared.is_filled(slot)));
         let addresses: Vec<u64> = self.pending.keys().copied().collect();
         let spans = self.spans(&addresses, 0);
         self.copy_in_bulk(spans)?;
@@ -309,7 +320,7 @@ impl Pager {
                     for run in runs {
                         self.verified[run as usize] = true;
                     }
-                    self.forget(span.address, pages);
+                    self.filled(span.address, pages);
                     if pages < span.count {
                         retry.push((span.address + pages * PAGE_SIZE, span.count - pages));
                     }

@@ -46,6 +46,7 @@ impl Pager {
     /// Fills the lowest pending span in one copy. False when it must be
     /// retried after reading events.
     pub(super) fn fill_batch(&mut self, max_pages: u64) -> Result<bool, RestoreError> {
+        self.skip_filled(max_pages);
         let Some((&first, &first_source)) = self.pending.iter().next() else {
             return Ok(true);
         };
@@ -65,6 +66,23 @@ impl Pager {
         let done = self.copy_span(first, count)?;
         self.stats.filled_pages += (before - self.pending.len()) as u64;
         Ok(done)
+    }
+
+    /// Forgets up to `max_pages` of the lowest pending pages that another
+    /// pager of the tree put in their shared object already: a copy would
+    /// only find them there. (A fault on one is still answered: the page
+    /// is there, and the faulting thread is woken.)
+    pub(super) fn skip_filled(&mut self, max_pages: u64) {
+        for _ in 0..max_pages {
+            let Some((&first, source)) = self.pending.iter().next() else {
+                return;
+            };
+            if !source.slot.is_some_and(|slot| self.shared.is_filled(slot)) {
+                return;
+            }
+            self.pending.remove(&first);
+            self.stats.filled_pages += 1;
+        }
     }
 
     pub(super) fn store_offset(&self, source: Source) -> u64 {
@@ -90,7 +108,7 @@ impl Pager {
             let src = &bytes[(done * PAGE_SIZE) as usize..];
             match self.uffd.copy(dst, src) {
                 CopyOutcome::Done => {
-                    self.forget(dst, count - done);
+                    self.filled(dst, count - done);
                     return Ok(true);
                 }
                 // The span may cross mappings (the kernel copies within
@@ -110,13 +128,13 @@ impl Pager {
                 }
                 CopyOutcome::Partial(bytes_copied) => {
                     let pages = bytes_copied / PAGE_SIZE;
-                    self.forget(dst, pages);
+                    self.filled(dst, pages);
                     done += pages;
                 }
                 CopyOutcome::Exists => {
                     // Already present: nothing to copy, but a thread may wait.
                     let _ = self.uffd.wake(dst, PAGE_SIZE);
-                    self.forget(dst, 1);
+                    self.filled(dst, 1);
                     done += 1;
                 }
                 CopyOutcome::Again => return Ok(false),
@@ -128,14 +146,26 @@ impl Pager {
     /// Copies one page of a span; false when it must be retried.
     fn copy_span_page(&mut self, page: u64, bytes: &[u8]) -> Result<bool, RestoreError> {
         match self.uffd.copy(page, bytes) {
-            CopyOutcome::Done | CopyOutcome::Gone => self.forget(page, 1),
+            CopyOutcome::Done => self.filled(page, 1),
+            CopyOutcome::Gone => self.forget(page, 1),
             CopyOutcome::Exists | CopyOutcome::Partial(_) => {
                 let _ = self.uffd.wake(page, PAGE_SIZE);
-                self.forget(page, 1);
+                self.filled(page, 1);
             }
             CopyOutcome::Again => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// Forgets `pages` pending pages from `start` on, which are in the
+    /// process now; shared ones are noted for the tree's other pagers.
+    pub(super) fn filled(&mut self, start: u64, pages: u64) {
+        for index in 0..pages {
+            let address = start + index * PAGE_SIZE;
+            if let Some(slot) = self.pending.remove(&address).and_then(|source| source.slot) {
+                self.shared.mark_filled(slot);
+            }
+        }
     }
 
     pub(super) fn forget(&mut self, start: u64, pages: u64) {

@@ -16,7 +16,7 @@ impl Pager {
             UffdEvent::Fault { address, .. } => return Some(address),
             UffdEvent::Remove { start, end } => {
                 self.journal(AddressEvent::Removed { start, end });
-                self.drop_range(start, end);
+                self.discard_range(start, end);
             }
             UffdEvent::Unmap { start, end } => {
                 self.journal(AddressEvent::Unmapped { start, end });
@@ -59,10 +59,31 @@ impl Pager {
             self.pending.clone(),
             self.registered.clone(),
         );
+        child.shared = Arc::clone(&self.shared);
         self.children
             .push(std::thread::spawn(move || child.run_until_filled()));
     }
 
+    /// The process discarded `[start, end)` (`MADV_DONTNEED`): its private
+    /// pages read zeros from then on, so they are not copied any more. A
+    /// shared memory object keeps its pages (the page cache's, or those
+    /// still to come): a later touch maps them again, so they stay pending.
+    /// (`MADV_REMOVE`, which punches the object's pages out, sends the same
+    /// event: see docs/process-trees.md, What is not done.)
+    pub(super) fn discard_range(&mut self, start: u64, end: u64) {
+        let keys: Vec<u64> = self
+            .pending
+            .range(start..end)
+            .filter(|(_, source)| source.slot.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        self.stats.dropped_pages += keys.len() as u64;
+        for key in keys {
+            self.pending.remove(&key);
+        }
+    }
+
+    /// Forgets the pending pages of `[start, end)`, unmapped.
     pub(super) fn drop_range(&mut self, start: u64, end: u64) {
         let keys: Vec<u64> = self.pending.range(start..end).map(|(k, _)| *k).collect();
         self.stats.dropped_pages += keys.len() as u64;

@@ -6,6 +6,7 @@ use persist_common::image::{ImageWriter, Manifest, Mapping};
 
 use super::*;
 use crate::sys::uffd;
+use persist_common::image::MappingKind;
 
 fn manifest(mappings: Vec<Mapping>) -> Manifest {
     Manifest {
@@ -58,6 +59,114 @@ fn serves_image_pages_and_zeros_after_dontneed() {
     // SAFETY: as above.
     unsafe { libc::madvise(area, len, libc::MADV_DONTNEED) };
     assert!(bytes.iter().all(|&b| b == 0));
+}
+
+/// Two mappings of one memfd, registered with a fresh userfaultfd: the
+/// second, at page 4 of the object, stores nothing (as a later process of
+/// a tree), and its faults get the pages stored with the first. Discarding
+/// pages of shared memory keeps them: the object still holds them.
+#[test]
+fn serves_a_shared_object_from_the_pages_stored_with_another_mapping() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 16;
+    let len = (PAGES * PAGE_SIZE) as usize;
+    // SAFETY: a new memfd, owned here; mapped twice, both leaked.
+    let (first, second) = unsafe {
+        let fd = libc::memfd_create(c"shared".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, len as i64), 0);
+        let map = |len: usize, offset: i64| {
+            let area = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset,
+            );
+            assert_ne!(area, libc::MAP_FAILED);
+            area as u64
+        };
+        let areas = (map(len, 0), map(len / 2, (4 * PAGE_SIZE) as i64));
+        libc::close(fd);
+        areas
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("image");
+    let mut writer = ImageWriter::create(&dir).unwrap();
+    let data: Vec<u8> = (0..PAGES)
+        .flat_map(|page| std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize))
+        .collect();
+    let runs = writer.append_pages(0, &data).unwrap();
+    let memfd = |offset| MappingKind::Memfd {
+        name: "shared".into(),
+        inode: 1,
+        offset,
+    };
+    let mut mappings = vec![
+        Mapping {
+            shared: true,
+            kind: memfd(0),
+            ..Mapping::anonymous(first, PAGES, runs)
+        },
+        Mapping {
+            shared: true,
+            kind: memfd(4 * PAGE_SIZE),
+            ..Mapping::anonymous(second, PAGES / 2, Vec::new())
+        },
+    ];
+    // An image lists its mappings by address.
+    mappings.sort_by_key(|mapping| mapping.start);
+    let mut manifest = manifest(mappings);
+    writer.finish(&mut manifest).unwrap();
+    let image = Arc::new(Image::open(&dir).unwrap());
+    let shared = Arc::new(SharedPages::of_tree(image.manifest()));
+    let raw = uffd::create_raw().unwrap();
+    // SAFETY: create_raw returned a new fd that nothing else owns.
+    let fault = unsafe { Userfault::from_raw_fd(raw) };
+    fault.register(first, PAGES * PAGE_SIZE).unwrap();
+    fault.register(second, PAGES / 2 * PAGE_SIZE).unwrap();
+    let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+    let mut pager = Pager::new(fault, Arc::new(pidfd), image, &shared);
+    assert_eq!(pager.pending_pages(), (PAGES + PAGES / 2) as usize);
+
+    // Pages 0..4 discarded before anything is in: the madvise waits for
+    // the pager to read its event, so it runs on its own thread.
+    let discard = std::thread::spawn(move || {
+        // SAFETY: the range lies inside our own shared mapping.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                (4 * PAGE_SIZE) as usize,
+                libc::MADV_DONTNEED,
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+    assert_eq!(discard.join().unwrap(), 0);
+    // SAFETY: reading our own mappings; missing pages are served by the
+    // pager thread.
+    let (first_bytes, second_bytes) = unsafe {
+        (
+            std::slice::from_raw_parts(first as *const u8, len),
+            std::slice::from_raw_parts(second as *const u8, len / 2),
+        )
+    };
+    for (page, chunk) in second_bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        assert!(
+            chunk.iter().all(|&b| b == page as u8 + 5),
+            "page {page} of the second"
+        );
+    }
+    for (page, chunk) in first_bytes.chunks(PAGE_SIZE as usize).enumerate() {
+        assert!(
+            chunk.iter().all(|&b| b == page as u8 + 1),
+            "page {page} of the first"
+        );
+    }
+    let stats = serving.join().unwrap();
+    assert_eq!(stats.dropped_pages, 0, "shared pages are never dropped");
 }
 
 /// A mapping split in three by mprotect: copies of spans that cross the
@@ -134,7 +243,7 @@ fn patterned_pager(pages: u64) -> (*mut libc::c_void, Pager, tempfile::TempDir) 
     let fault = unsafe { Userfault::from_raw_fd(raw) };
     fault.register(start, pages * PAGE_SIZE).unwrap();
     let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-    (area, Pager::new(fault, Arc::new(pidfd), image), temp)
+    (area, Pager::new(fault, Arc::new(pidfd), image, &Arc::default()), temp)
 }
 
 /// mremap moves missing pages (they must arrive at their new address
