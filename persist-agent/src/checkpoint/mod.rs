@@ -779,6 +779,7 @@ fn save(
     stats.add(&descendants.stats);
     connections.extend(descendants.connections);
     let children = descendants.children;
+    let zombies = descendants.zombies;
     let manifest = Manifest {
         kernel: host::kernel_info(),
         cpu: host::cpu_info(),
@@ -794,6 +795,7 @@ fn save(
         base_stores: Vec::new(),
         agent_files: agent_files(options, base),
         children,
+        zombies,
     };
     Ok((manifest, writer, stats, connections))
 }
