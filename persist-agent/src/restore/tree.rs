@@ -18,6 +18,9 @@
 //!    its first instruction.
 //! 3. Each process then builds its layout and gets its threads, state and
 //!    pager, as one process does; the caller resumes them all.
+//! 4. The zombies ([`Manifest::zombies`]), forked last by their parents and
+//!    left untraced, exit with their recorded statuses once every process
+//!    is built: their parents reap them once resumed.
 //!
 //! Private memory a child shares copy-on-write with its parent is stored
 //! once in the image but filled into each process separately: the pages are
@@ -654,6 +657,37 @@ mod tests {
             ]
         );
         assert_eq!(shape.parents, [None, Some(0), Some(1), Some(0), Some(0)]);
+    }
+
+    fn zombie(ppid: i32, pid: i32, pgid: i32, sid: i32) -> Zombie {
+        Zombie {
+            pid,
+            ppid,
+            pgid,
+            sid,
+            wait_status: 7 << 8,
+        }
+    }
+
+    #[test]
+    fn zombies_are_forked_last_by_their_parents_in_their_groups() {
+        let mut manifest = tree(process(10, 10, 10), vec![child(10, 11, 11, 10)]);
+        manifest.zombies = vec![
+            // A PostgreSQL backend: a session of its own.
+            zombie(10, 12, 12, 12),
+            zombie(11, 13, 11, 10),
+        ];
+        let shape = Shape::of(&manifest).expect("a restorable tree");
+        assert_eq!(shape.live, 2);
+        assert_eq!(shape.pids, [10, 11, 12, 13]);
+        assert_eq!(shape.parents, [None, Some(0), Some(0), Some(1)]);
+        assert_eq!(
+            shape.sessions[2..],
+            [SessionStep::NewSession, SessionStep::Inherit]
+        );
+        // A zombie is nobody's parent.
+        manifest.zombies.push(zombie(12, 14, 10, 10));
+        assert!(Shape::of(&manifest).is_err());
     }
 
     #[test]
