@@ -272,10 +272,11 @@ pub enum CheckpointError {
         /// The root of the tree.
         pid: i32,
     },
-    /// A process of the tree has a child that exited and was not reaped.
+    /// A child of a process of the tree reads as exited but is not a
+    /// zombie: its main thread ended while other threads run.
     #[error(
-        "pid {pid} (a child of pid {parent}) has exited and was not reaped: zombies in a tree \
-         are not supported"
+        "pid {pid} (a child of pid {parent}) has exited but is not a zombie: its main thread \
+         ended while other threads run, which is not supported"
     )]
     Zombie {
         /// The zombie.
