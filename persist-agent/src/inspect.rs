@@ -87,6 +87,9 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
             children.join(", ")
         );
     }
+    for zombie in &manifest.zombies {
+        let _ = writeln!(out, "  zombie    {}", zombie_line(zombie));
+    }
     let _ = writeln!(out, "process {} ({})", p.pid, p.comm);
     process_sections(
         &mut out,
@@ -348,6 +351,26 @@ fn human_bytes(bytes: u64) -> String {
     } else {
         format!("{bytes}B")
     }
+}
+
+/// A zombie of a tree: pid, parent, group, session and how it ended.
+fn zombie_line(zombie: &persist_common::image::Zombie) -> String {
+    let ended = match (zombie.exit_code(), zombie.signal()) {
+        (Some(code), _) => format!("exited with {code}"),
+        (None, Some(signal)) => format!(
+            "killed by signal {signal}{}",
+            if zombie.core_dumped() {
+                " (core dumped)"
+            } else {
+                ""
+            }
+        ),
+        (None, None) => format!("wait status {:#x}", zombie.wait_status),
+    };
+    format!(
+        "pid {} (parent {}, group {}, session {}) {ended}, not reaped",
+        zombie.pid, zombie.ppid, zombie.pgid, zombie.sid
+    )
 }
 
 #[cfg(test)]

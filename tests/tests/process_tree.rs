@@ -764,35 +764,112 @@ time.sleep(1000)' & exec sleep 1000",
     }
 }
 
+/// The state letter of `pid` in /proc/PID/stat.
+fn state_of(pid: i32) -> char {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|end| stat[end + 1..].trim_start().chars().next())
+        .unwrap_or('?')
+}
+
+/// A parent with a child that exited with 7 and one killed by SIGTERM,
+/// neither reaped (tests/src/bin/fixture-zombies.rs): both are saved with
+/// their statuses, listed by `inspect`, and come back as zombies of the
+/// restored parent, which reaps them with their recorded pids and
+/// statuses; restored twice from one image.
 #[test]
-fn a_zombie_in_the_tree_is_refused_and_the_tree_runs_on() {
+fn zombies_are_saved_and_come_back_for_their_parent_to_reap() {
     require_root!();
     let dir = tempfile::tempdir().expect("tempdir");
-    // `true` exits at once; `sleep`, exec'd in its parent, never reaps it.
-    let script = Script::start("true & exec sleep 1000");
-    let mut parent = 0;
-    let mut zombie = 0;
-    wait_until(Duration::from_secs(20), || {
-        parent = script.shell();
-        zombie = children_of(parent).first().copied().unwrap_or(0);
-        zombie != 0
-            && !runs(zombie)
-            && fs::read_link(format!("/proc/{parent}/exe")).is_ok_and(|exe| exe.ends_with("sleep"))
-    })
-    .expect("sleep has an unreaped child");
-    let output = checkpoint(parent, &dir.path().join("image"), &["--tree"]);
+    let mut parent = Command::new(binary("fixture-zombies"))
+        .arg(dir.path())
+        .spawn()
+        .expect("spawn fixture-zombies");
+    let ready = dir.path().join("ready");
+    wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-zombies is ready");
+    let pids: Vec<i32> = fs::read_to_string(&ready)
+        .expect("read ready")
+        .split_whitespace()
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect();
+    let [root, exited, killed] = pids[..] else {
+        panic!("ready holds {pids:?}, not three pids");
+    };
+    for pid in [exited, killed] {
+        assert_eq!(state_of(pid), 'Z', "pid {pid} is not a zombie");
+    }
+    let image = dir.path().join("image");
+    let output = checkpoint(root, &image, &["--tree"]);
+    let _ = parent.wait();
     assert!(
-        !output.status.success(),
-        "a tree with a zombie was checkpointed"
+        output.status.success(),
+        "checkpoint --tree of a parent with zombies: {}",
+        stderr(&output)
     );
-    let message = stderr(&output);
+    let saved = manifest(&image);
+    assert!(saved.children.is_empty(), "zombies saved as processes");
+    let recorded: Vec<(i32, i32, i32)> = saved
+        .zombies
+        .iter()
+        .map(|z| (z.pid, z.ppid, z.wait_status))
+        .collect();
+    assert_eq!(
+        recorded,
+        [(exited, root, 7 << 8), (killed, root, libc::SIGTERM)],
+        "the zombies in the image"
+    );
+    let listed =
+        String::from_utf8_lossy(&agent(&["inspect", image.to_str().expect("UTF-8")]).stdout)
+            .into_owned();
+    for line in [
+        format!("zombie    pid {exited} (parent {root}, group "),
+        format!("zombie    pid {killed} (parent {root}, group "),
+    ] {
+        assert!(
+            listed.contains(&line),
+            "inspect does not list {line:?}:\n{listed}"
+        );
+    }
     assert!(
-        message.contains(&format!(
-            "pid {zombie} (a child of pid {parent}) has exited and was not reaped"
-        )),
-        "the refusal does not name the zombie: {message}"
+        listed.contains("exited with 7") && listed.contains("killed by signal 15"),
+        "inspect does not say how the zombies ended:\n{listed}"
     );
-    assert!(runs(parent), "the parent does not run after the refusal");
+
+    for round in ["first", "second"] {
+        let tree = RestoredTree::restore(&image);
+        assert_eq!(
+            status_field(tree.root, "NSpid"),
+            root,
+            "{round} restore: the root's pid"
+        );
+        for recorded in [exited, killed] {
+            let zombie = tree.process(recorded);
+            assert_eq!(
+                state_of(zombie),
+                'Z',
+                "{round} restore: pid {recorded} is not a zombie"
+            );
+            assert_eq!(
+                status_field(zombie, "PPid"),
+                tree.root,
+                "{round} restore: pid {recorded}'s parent"
+            );
+        }
+        let result = dir.path().join("result");
+        let _ = fs::remove_file(&result);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tree.root),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal the restored parent");
+        wait_until(Duration::from_secs(20), || result.exists())
+            .expect("the restored parent reaps its zombies");
+        assert_eq!(
+            fs::read_to_string(&result).expect("read result"),
+            format!("{exited} {} {killed} {}", 7 << 8, libc::SIGTERM),
+            "{round} restore: what the restored parent reaped (pid, status)"
+        );
+    }
 }
 
 #[test]

@@ -423,6 +423,7 @@ fn rich_manifest(
     Manifest {
         agent_files: vec!["/var/log/server.log".into()],
         children: Vec::new(),
+        zombies: Vec::new(),
         kernel: KernelInfo {
             release: "6.1.0-fuzz".into(),
             version: "#1 SMP PREEMPT_DYNAMIC".into(),

@@ -272,10 +272,11 @@ pub enum CheckpointError {
         /// The root of the tree.
         pid: i32,
     },
-    /// A process of the tree has a child that exited and was not reaped.
+    /// A child of a process of the tree reads as exited but is not a
+    /// zombie: its main thread ended while other threads run.
     #[error(
-        "pid {pid} (a child of pid {parent}) has exited and was not reaped: zombies in a tree \
-         are not supported"
+        "pid {pid} (a child of pid {parent}) has exited but is not a zombie: its main thread \
+         ended while other threads run, which is not supported"
     )]
     Zombie {
         /// The zombie.
@@ -779,6 +780,7 @@ fn save(
     stats.add(&descendants.stats);
     connections.extend(descendants.connections);
     let children = descendants.children;
+    let zombies = descendants.zombies;
     let manifest = Manifest {
         kernel: host::kernel_info(),
         cpu: host::cpu_info(),
@@ -794,6 +796,7 @@ fn save(
         base_stores: Vec::new(),
         agent_files: agent_files(options, base),
         children,
+        zombies,
     };
     Ok((manifest, writer, stats, connections))
 }

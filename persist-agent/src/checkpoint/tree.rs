@@ -6,8 +6,11 @@
 //! children`, every thread's) are all it will ever have until it is let go.
 //! Each child is checked as the root is (`preflight`), frozen, and its own
 //! children listed in turn, parents before children (breadth first). A
-//! zombie anywhere is refused, and any error lets every frozen process of
-//! the tree go on as it was (each [`Frozen`] does on drop).
+//! child that exited and was not reaped (a zombie, or one exiting before it
+//! is frozen: its parent, frozen, cannot reap it) is recorded as a
+//! [`Zombie`] with its wait status, and left for its parent to reap. Any
+//! error lets every frozen process of the tree go on as it was (each
+//! [`Frozen`] does on drop).
 //!
 //! Saving a child is saving a process ([`super::save_one`]), with what it
 //! shares with the processes saved before it found out first: a descriptor
@@ -18,7 +21,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::fs;
 
-use persist_common::image::{ChildProcess, ImageWriter, InheritedFd, Mapping, ThreadInfo};
+use persist_common::image::{ChildProcess, ImageWriter, InheritedFd, Mapping, ThreadInfo, Zombie};
 
 use super::freeze::Frozen;
 use super::inherited_pages::{ChildKnownPages, ParentPages};
@@ -39,6 +42,9 @@ use crate::sys::procmem::ProcMem;
 #[derive(Default)]
 pub struct Tree {
     descendants: Vec<Descendant>,
+    /// Children of the root or of a descendant that exited and were not
+    /// reaped, in the order their parents were walked.
+    zombies: Vec<Zombie>,
 }
 
 /// One frozen process of the tree under the root.
@@ -63,6 +69,8 @@ pub struct SavedDescendants {
     pub stats: SaveStats,
     /// Their established TCP connections, in repair mode.
     pub connections: RepairedConnections,
+    /// The tree's zombies.
+    pub zombies: Vec<Zombie>,
 }
 
 /// The descriptors of a process of the tree that are saved with it, with
@@ -79,8 +87,30 @@ impl Tree {
         let mut parents = VecDeque::from([root]);
         while let Some(parent) = parents.pop_front() {
             for pid in children(parent)? {
-                tree.descendants.push(Descendant::freeze(pid, parent)?);
-                parents.push_back(pid);
+                match ChildState::of(pid, parent)? {
+                    ChildState::Running => {}
+                    ChildState::Zombie(zombie) => {
+                        tree.zombies.push(zombie);
+                        continue;
+                    }
+                    ChildState::Gone => continue,
+                }
+                match Descendant::freeze(pid, parent) {
+                    Ok(descendant) => {
+                        tree.descendants.push(descendant);
+                        parents.push_back(pid);
+                    }
+                    // It exited since it was looked at: frozen, its parent
+                    // cannot reap it.
+                    Err(err @ CheckpointError::Zombie { .. }) => match ChildState::of(pid, parent)?
+                    {
+                        ChildState::Zombie(zombie) => tree.zombies.push(zombie),
+                        // Reaped by the kernel: its parent ignores SIGCHLD.
+                        ChildState::Gone => {}
+                        ChildState::Running => return Err(err),
+                    },
+                    Err(err) => return Err(err),
+                }
             }
         }
         Ok(tree)
@@ -139,6 +169,7 @@ impl Tree {
                 children: Vec::new(),
                 stats,
                 connections,
+                zombies: self.zombies.clone(),
             });
         }
         let sockets = self.sockets(root.pid, root.exclude)?;
@@ -206,6 +237,7 @@ impl Tree {
             children,
             stats,
             connections,
+            zombies: self.zombies.clone(),
         })
     }
 
@@ -227,6 +259,54 @@ impl Tree {
             descendant.frozen.kill(&descendant.pidfd)?;
         }
         Ok(())
+    }
+}
+
+/// What a child of a frozen process is.
+enum ChildState {
+    /// A process to freeze and save (or refuse).
+    Running,
+    /// Exited and not reaped.
+    Zombie(Zombie),
+    /// No longer there.
+    Gone,
+}
+
+impl ChildState {
+    /// Reads `/proc/PID/stat` of `pid`, a child of the frozen `ppid`.
+    fn of(pid: i32, ppid: i32) -> Result<Self, CheckpointError> {
+        let stat = match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
+            Ok(stat) => stat,
+            Err(procfs::ProcError::NotFound(_)) => return Ok(Self::Gone),
+            Err(source) => {
+                return Err(CheckpointError::ProcFs {
+                    pid,
+                    what: "stat",
+                    source,
+                });
+            }
+        };
+        // A thread-group leader that exited while other threads run shows
+        // `Z` too, but is a running process (refused by `preflight`).
+        if stat.state != 'Z' || stat.num_threads > 1 {
+            return Ok(if stat.state == 'X' {
+                Self::Gone
+            } else {
+                Self::Running
+            });
+        }
+        let wait_status = stat.exit_code.ok_or_else(|| CheckpointError::ProcField {
+            pid,
+            path: format!("/proc/{pid}/stat"),
+            field: "exit_code".into(),
+        })?;
+        Ok(Self::Zombie(Zombie {
+            pid,
+            ppid,
+            pgid: stat.pgrp,
+            sid: stat.session,
+            wait_status,
+        }))
     }
 }
 

@@ -193,10 +193,40 @@ pub enum SessionStep {
     JoinGroup(i32),
 }
 
+/// What a process of a tree becomes once its session is set.
+pub enum NodeRole<'a> {
+    /// A process of the image: forks its children, then goes on as
+    /// [`child_main`].
+    Process(ChildPlan<'a>),
+    /// A zombie of the image: waits for the agent's byte, then exits with
+    /// its recorded status and stays a zombie until its parent reaps it.
+    Zombie(ZombiePlan),
+}
+
+/// What a zombie of a tree needs, prepared before the fork.
+pub struct ZombiePlan {
+    /// The wait status it ends with.
+    pub wait_status: i32,
+    /// Read end of the pipe on which the agent sends one byte per zombie
+    /// once the tree is built.
+    pub go_fd: RawFd,
+    /// Write end of its status pipe.
+    pub status_fd: RawFd,
+}
+
+impl NodeRole<'_> {
+    fn status_fd(&self) -> RawFd {
+        match self {
+            Self::Process(plan) => plan.status_fd,
+            Self::Zombie(plan) => plan.status_fd,
+        }
+    }
+}
+
 /// One process of a tree, for [`tree_main`].
 pub struct TreeNode<'a> {
-    /// What it does once its children are forked.
-    pub plan: ChildPlan<'a>,
+    /// What it does once its session is set.
+    pub role: NodeRole<'a>,
     /// Its recorded pid.
     pub pid: i32,
     /// Index of its parent among the nodes (`None` for the root).
@@ -213,13 +243,15 @@ pub struct TreeNode<'a> {
 pub fn tree_main(nodes: &[TreeNode<'_>], index: usize, fork_go: Option<RawFd>) -> ! {
     clone::block_all_signals();
     let node = &nodes[index];
-    let status = node.plan.status_fd;
+    let status = node.role.status_fd();
     if let Some(fd) = fork_go
         && let Err(err) = clone::read_byte(fd)
     {
         fail(status, Step::Go, errno_of(&err));
     }
-    join_ipc_namespace(&node.plan);
+    if let NodeRole::Process(plan) = &node.role {
+        join_ipc_namespace(plan);
+    }
     let session = match node.session {
         SessionStep::Inherit => Ok(()),
         SessionStep::NewSession => nix::unistd::setsid().map(drop),
@@ -234,6 +266,10 @@ pub fn tree_main(nodes: &[TreeNode<'_>], index: usize, fork_go: Option<RawFd>) -
     if let Err(errno) = session {
         fail(status, Step::Session, errno as i32);
     }
+    let plan = match &node.role {
+        NodeRole::Process(plan) => plan,
+        NodeRole::Zombie(plan) => zombie_main(plan),
+    };
     for (child, _) in nodes
         .iter()
         .enumerate()
@@ -245,7 +281,22 @@ pub fn tree_main(nodes: &[TreeNode<'_>], index: usize, fork_go: Option<RawFd>) -
             Err(err) => fail(status, Step::ForkChild, errno_of(&err)),
         }
     }
-    child_main(&node.plan)
+    child_main(plan)
+}
+
+/// Runs in a zombie of a tree, its session set: holds nothing of the
+/// agent's but its two pipes, waits for the agent's byte (sent once every
+/// process of the tree has its signal handlers, so that its parent's
+/// SIGCHLD finds them), then exits with its recorded status. Never returns.
+fn zombie_main(plan: &ZombiePlan) -> ! {
+    let mut keep = [plan.go_fd, plan.status_fd];
+    keep.sort_unstable();
+    clone::close_all_except(&keep);
+    if clone::read_byte(plan.go_fd).is_err() {
+        // The agent gave up on the tree (and kills it): no status to keep.
+        clone::exit_now(0);
+    }
+    clone::exit_with_status(plan.wait_status)
 }
 
 /// Runs as init of a fresh pid and mount namespace: waits for the go byte,

@@ -262,7 +262,7 @@ pub fn restore_detached(options: &RestoreOptions) -> Result<i32, RestoreError> {
         accept_changed_files: options.accept_changed_files,
         ..RestoreConfig::default()
     };
-    if !image.manifest().children.is_empty() {
+    if image.manifest().is_tree() {
         // A tree: every process gets a pager process of its own.
         let restored = TreeSkeleton::prepare(image, config)?.resume()?;
         let root = restored[0].pid;

@@ -216,7 +216,7 @@ impl Skeleton {
         // Whether this image can be restored here, before anything is opened.
         image.check_host(&host::kernel_info(), &host::cpu_info())?;
         let manifest = image.manifest();
-        if !manifest.children.is_empty() {
+        if manifest.is_tree() {
             let root = TreeSkeleton::prepare(image, config)?.into_root();
             if root.init_pid.is_none() {
                 // As for one process: its exit status goes to whoever

@@ -20,6 +20,9 @@
 //!    its first instruction.
 //! 3. Each process then builds its layout and gets its threads, state and
 //!    pager, as one process does; the caller resumes them all.
+//! 4. The zombies ([`Manifest::zombies`]), forked last by their parents and
+//!    left untraced, exit with their recorded statuses once every process
+//!    is built: their parents reap them once resumed.
 //!
 //! Private memory a child shares copy-on-write with its parent is stored
 //! once in the image but filled into each process separately: the pages are
@@ -30,9 +33,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use persist_common::image::{Image, Manifest};
+use persist_common::image::{Image, Manifest, Zombie};
 
-use super::child::{self, SessionStep, TreeNode};
+use super::child::{self, NodeRole, SessionStep, TreeNode, ZombiePlan};
 use super::resources::{CreatedFiles, SharedObject};
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
@@ -163,16 +166,6 @@ impl TreeSkeleton {
             setups[0].join_ipc_namespace(namespace.as_raw_fd());
         }
 
-        let nodes: Vec<TreeNode<'_>> = setups
-            .iter()
-            .enumerate()
-            .map(|(index, setup)| TreeNode {
-                plan: setup.plan(),
-                pid: setup.image.manifest().process.pid,
-                parent: shape.parents[index],
-                session: shape.sessions[index],
-            })
-            .collect();
         let max_fd = setups
             .iter()
             .flat_map(|setup| setup.plan().keep.last().copied())
@@ -180,6 +173,26 @@ impl TreeSkeleton {
             .unwrap_or(0);
         let (fork_go_read, fork_go_write) = pipe_above(max_fd + 1)?;
         let fork_go = fork_go_read.as_raw_fd();
+        let zombies = Zombies::new(&manifest.zombies, max_fd + 1)?;
+        let mut nodes: Vec<TreeNode<'_>> = setups
+            .iter()
+            .enumerate()
+            .map(|(index, setup)| TreeNode {
+                role: NodeRole::Process(setup.plan()),
+                pid: setup.image.manifest().process.pid,
+                parent: shape.parents[index],
+                session: shape.sessions[index],
+            })
+            .collect();
+        for (offset, zombie) in manifest.zombies.iter().enumerate() {
+            let index = shape.live + offset;
+            nodes.push(TreeNode {
+                role: NodeRole::Zombie(zombies.plan(offset, zombie.wait_status)),
+                pid: zombie.pid,
+                parent: shape.parents[index],
+                session: shape.sessions[index],
+            });
+        }
 
         // The root, forked by the agent, forks the rest.
         let forked_at = Instant::now();
@@ -211,7 +224,7 @@ impl TreeSkeleton {
             threads: Vec::new(),
             init: init_pid,
         };
-        let mut pids = vec![0; setups.len()];
+        let mut pids = vec![0; shape.pids.len()];
         pids[0] = root_pid;
         ptrace::cont(root_pid, 0).map_err(RestoreError::ptrace(root_pid, "cont"))?;
         spawn::write_pipe(&fork_go_write, &[1])?;
@@ -226,7 +239,7 @@ impl TreeSkeleton {
                 }
                 ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
             }
-            for child in (0..setups.len()).filter(|&c| shape.parents[c] == Some(index)) {
+            for child in (0..shape.pids.len()).filter(|&c| shape.parents[c] == Some(index)) {
                 let forked = match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
                     Stop::Event {
                         event: ptrace::PTRACE_EVENT_FORK,
@@ -242,8 +255,16 @@ impl TreeSkeleton {
             }
         }
         drop(ipc_namespace);
+        // A zombie runs untraced: its exit is then its parent's to reap.
+        for (offset, &pid) in pids[shape.live..].iter().enumerate() {
+            match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
+                Stop::Event { .. } => {}
+                other => return Err(spawn::child_failure(pid, other, zombies.status(offset))),
+            }
+            ptrace::detach(pid).map_err(RestoreError::ptrace(pid, "detach"))?;
+        }
         // Each stopped again before its layout, as one process is.
-        for (index, &pid) in pids.iter().enumerate() {
+        for (index, &pid) in pids[..shape.live].iter().enumerate() {
             ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
             spawn::expect_event_stop(pid, setups[index].pipes().status)?;
         }
@@ -265,6 +286,10 @@ impl TreeSkeleton {
             tree_guard.threads.append(&mut threads.threads);
             skeletons.push(skeleton);
         }
+        // Every parent has its own signal handlers and blocks every signal
+        // until it is resumed: the zombies' SIGCHLD waits for it there, as
+        // one not handled yet at the checkpoint would have.
+        zombies.exit(&pids[shape.live..], &manifest.zombies)?;
         // Built: the files are the tree's.
         created_files.0.clear();
         Ok(Self {
@@ -300,6 +325,102 @@ impl TreeSkeleton {
         self.guard.init = None;
         Ok(restored)
     }
+}
+
+/// The pipes of a tree's zombies: one the agent sends a byte per zombie on
+/// once the tree is built, and a status pipe each.
+struct Zombies {
+    go_read: OwnedFd,
+    go_write: OwnedFd,
+    /// Read and write ends of each zombie's status pipe.
+    status: Vec<(OwnedFd, OwnedFd)>,
+}
+
+/// How long a zombie may take to exit once told to.
+const ZOMBIE_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+impl Zombies {
+    /// Pipes for `zombies`, numbered from `min` on.
+    fn new(zombies: &[Zombie], min: i32) -> Result<Self, RestoreError> {
+        let (go_read, go_write) = pipe_above(min)?;
+        let status = zombies
+            .iter()
+            .map(|_| pipe_above(min))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            go_read,
+            go_write,
+            status,
+        })
+    }
+
+    /// The plan of the `index`th zombie.
+    fn plan(&self, index: usize, wait_status: i32) -> ZombiePlan {
+        ZombiePlan {
+            wait_status,
+            go_fd: self.go_read.as_raw_fd(),
+            status_fd: self.status[index].1.as_raw_fd(),
+        }
+    }
+
+    /// Read end of the `index`th zombie's status pipe.
+    fn status(&self, index: usize) -> &OwnedFd {
+        &self.status[index].0
+    }
+
+    /// Lets every zombie (running as `pids`, as the agent sees them) exit,
+    /// and waits until each is a zombie with its recorded status, the
+    /// core-dump bit aside (never set: see `clone::exit_with_status`).
+    fn exit(&self, pids: &[i32], zombies: &[Zombie]) -> Result<(), RestoreError> {
+        if pids.is_empty() {
+            return Ok(());
+        }
+        spawn::write_pipe(&self.go_write, &vec![1; pids.len()])?;
+        for (index, (&pid, zombie)) in pids.iter().zip(zombies).enumerate() {
+            let deadline = Instant::now() + ZOMBIE_EXIT_WAIT;
+            let status = loop {
+                if let Some(status) = zombie_status(pid) {
+                    break status;
+                }
+                if Instant::now() >= deadline {
+                    return Err(RestoreError::Unexpected {
+                        pid,
+                        what: format!(
+                            "zombie pid {} did not exit within {} s",
+                            zombie.pid,
+                            ZOMBIE_EXIT_WAIT.as_secs()
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            if status & !0x80 != zombie.wait_status & !0x80 {
+                let failure = spawn::child_failure(pid, Stop::Exited(status), self.status(index));
+                return Err(match failure {
+                    RestoreError::Child { .. } => failure,
+                    _ => RestoreError::Unexpected {
+                        pid,
+                        what: format!(
+                            "zombie pid {} exited with wait status {status:#x}, not {:#x}",
+                            zombie.pid, zombie.wait_status
+                        ),
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The wait status of `pid` once it is a zombie (field 52 of its stat).
+fn zombie_status(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // Fields counted from 3 (the state) on.
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    fields.get(52 - 3)?.parse().ok()
 }
 
 /// How long a restore waits for the zombies holding its recorded pids.
@@ -358,8 +479,10 @@ impl Drop for TreeGuard {
 
 /// Who forks whom, and how each gets its session and group.
 struct Shape {
-    /// Recorded pid of each process, the root first.
+    /// Recorded pid of each process, the root first, the zombies last.
     pids: Vec<i32>,
+    /// How many of them are processes of the image (the rest are zombies).
+    live: usize,
     /// Index of each process's parent.
     parents: Vec<Option<usize>>,
     sessions: Vec<SessionStep>,
@@ -381,16 +504,32 @@ impl Shape {
             HashMap::from([(root.sid, root.pid), (root.pid, root.pid)]);
         // The restored group and session of each process.
         let mut groups = vec![(root.pid, root.pid)];
-        for child in &manifest.children {
-            let pid = child.process.pid;
-            let parent = pids.iter().position(|&p| p == child.ppid).ok_or_else(|| {
-                RestoreError::Layout(format!(
-                    "pid {pid}: its parent pid {} is not restored before it",
-                    child.ppid
-                ))
-            })?;
+        let live = 1 + manifest.children.len();
+        // Zombies last: none is anyone's parent, and none leads a group a
+        // live process joins (a zombie that does is refused below).
+        let processes = manifest
+            .children
+            .iter()
+            .map(|child| {
+                let p = &child.process;
+                (p.pid, child.ppid, p.pgid, p.sid)
+            })
+            .chain(
+                manifest
+                    .zombies
+                    .iter()
+                    .map(|z| (z.pid, z.ppid, z.pgid, z.sid)),
+            );
+        for (pid, ppid, pgid, sid) in processes {
+            let parent = pids[..live.min(pids.len())]
+                .iter()
+                .position(|&p| p == ppid)
+                .ok_or_else(|| {
+                    RestoreError::Layout(format!(
+                        "pid {pid}: its parent pid {ppid} is not restored before it"
+                    ))
+                })?;
             let (parent_group, parent_session) = groups[parent];
-            let (pgid, sid) = (child.process.pgid, child.process.sid);
             let session = if sid == pid {
                 if pgid != pid {
                     return Err(RestoreError::Layout(format!(
@@ -411,8 +550,7 @@ impl Shape {
                 }
             } else {
                 return Err(RestoreError::Layout(format!(
-                    "pid {pid}: session {sid} is not its parent's (pid {})",
-                    child.ppid
+                    "pid {pid}: session {sid} is not its parent's (pid {ppid})"
                 )));
             };
             let group = match session {
@@ -434,6 +572,7 @@ impl Shape {
         }
         Ok(Self {
             pids,
+            live,
             parents,
             sessions,
         })
@@ -523,6 +662,37 @@ mod tests {
             ]
         );
         assert_eq!(shape.parents, [None, Some(0), Some(1), Some(0), Some(0)]);
+    }
+
+    fn zombie(ppid: i32, pid: i32, pgid: i32, sid: i32) -> Zombie {
+        Zombie {
+            pid,
+            ppid,
+            pgid,
+            sid,
+            wait_status: 7 << 8,
+        }
+    }
+
+    #[test]
+    fn zombies_are_forked_last_by_their_parents_in_their_groups() {
+        let mut manifest = tree(process(10, 10, 10), vec![child(10, 11, 11, 10)]);
+        manifest.zombies = vec![
+            // A PostgreSQL backend: a session of its own.
+            zombie(10, 12, 12, 12),
+            zombie(11, 13, 11, 10),
+        ];
+        let shape = Shape::of(&manifest).expect("a restorable tree");
+        assert_eq!(shape.live, 2);
+        assert_eq!(shape.pids, [10, 11, 12, 13]);
+        assert_eq!(shape.parents, [None, Some(0), Some(0), Some(1)]);
+        assert_eq!(
+            shape.sessions[2..],
+            [SessionStep::NewSession, SessionStep::Inherit]
+        );
+        // A zombie is nobody's parent.
+        manifest.zombies.push(zombie(12, 14, 10, 10));
+        assert!(Shape::of(&manifest).is_err());
     }
 
     #[test]

@@ -296,3 +296,47 @@ pub fn mount_own_proc() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Ends the calling process so that its parent's `waitpid` reads
+/// `wait_status`: `_exit` with its exit code, or death by its signal (default
+/// action, unblocked). A signal that would dump core dumps none: the process
+/// is made non-dumpable and its core limit 0 first (a `core_pattern` piping
+/// to a helper ignores a limit of 0), so the status's core-dump bit is never
+/// set. Async-signal-safe.
+pub fn exit_with_status(wait_status: i32) -> ! {
+    let signal = wait_status & 0x7f;
+    if signal == 0 {
+        exit_now((wait_status >> 8) & 0xff);
+    }
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let default_action = libc::sigaction {
+        sa_sigaction: libc::SIG_DFL,
+        // SAFETY: an all-zero sigset_t is a valid empty set.
+        sa_mask: unsafe { std::mem::zeroed() },
+        sa_flags: 0,
+        sa_restorer: None,
+    };
+    let unblock: u64 = 1 << (signal - 1);
+    // SAFETY: setrlimit and sigaction read the valid structs passed (no old
+    // action asked for); prctl and kill take integers; rt_sigprocmask reads
+    // a valid 8-byte mask. All are async-signal-safe.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::sigaction(signal, &default_action, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_UNBLOCK,
+            &unblock as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8,
+        );
+        libc::kill(libc::getpid(), signal);
+    }
+    // Only a signal whose default action is not to terminate survives; the
+    // image check refuses none of those, so this is a shell's convention.
+    exit_now(128 + signal)
+}

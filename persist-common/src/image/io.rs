@@ -483,6 +483,34 @@ fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
         let process = format!("pid {}: ", child.process.pid);
         check_mappings(&child.mappings, &process, manifest.page_store_bytes, path)?;
     }
+    check_zombies(manifest, path)
+}
+
+/// Checks that every zombie's parent is a process of the tree and that its
+/// wait status is one an exited process can have.
+fn check_zombies(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+    for zombie in &manifest.zombies {
+        let parent_known = zombie.ppid == manifest.process.pid
+            || manifest
+                .children
+                .iter()
+                .any(|child| child.process.pid == zombie.ppid);
+        let status_valid = match zombie.signal() {
+            // Only the signals the kernel has (1 to 64) end a process.
+            Some(signal) => signal <= 64 && zombie.wait_status & !0xff == 0,
+            None => zombie.exit_code().is_some() && zombie.wait_status & !0xff00 == 0,
+        };
+        if zombie.pid <= 0 || !parent_known || !status_valid {
+            return Err(ImageError::Inconsistent {
+                path: path.to_owned(),
+                reason: format!(
+                    "zombie pid {} (parent {}, wait status {:#x}): not a child of the tree \
+                     with the status of an exited process",
+                    zombie.pid, zombie.ppid, zombie.wait_status
+                ),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -1098,6 +1126,36 @@ mod tests {
                 if reason.starts_with("pid 43: thread 43 runs under seccomp filter 0")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_zombie_must_be_a_child_of_the_tree_with_an_exit_status() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        drop(base_image(&dir));
+        let with_zombie = |ppid: i32, wait_status: i32| {
+            rewrite_manifest(&dir, |manifest| {
+                let root = manifest.process.pid;
+                manifest.zombies = vec![crate::image::Zombie {
+                    pid: 44,
+                    ppid: if ppid == 0 { root } else { ppid },
+                    pgid: root,
+                    sid: root,
+                    wait_status,
+                }];
+            });
+            Image::open(&dir)
+        };
+        let image = with_zombie(0, 7 << 8).expect("a zombie of the root that exited with 7");
+        assert_eq!(image.manifest().zombies[0].exit_code(), Some(7));
+        with_zombie(0, 15).expect("a zombie of the root killed by SIGTERM");
+        for (ppid, wait_status) in [(99, 7 << 8), (0, 0x7f), (0, 65), (0, 1 << 16)] {
+            let err = with_zombie(ppid, wait_status).err().unwrap();
+            assert!(
+                matches!(&err, ImageError::Inconsistent { reason, .. } if reason.starts_with("zombie pid 44")),
+                "parent {ppid}, status {wait_status:#x}: {err}"
+            );
+        }
     }
 
     /// Rewrites the version number in the header of the manifest in `dir`.

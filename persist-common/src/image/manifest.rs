@@ -50,6 +50,19 @@ pub struct Manifest {
     /// whose images do not have the field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<super::ChildProcess>,
+    /// Children of processes of the tree that exited and were not reaped
+    /// (see [`super::Zombie`]), in tree order of their parents; absent when
+    /// there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zombies: Vec<super::Zombie>,
+}
+
+impl Manifest {
+    /// Whether the image holds a tree: processes under the root, or
+    /// zombies of the root (which a restore makes as processes too).
+    pub fn is_tree(&self) -> bool {
+        !self.children.is_empty() || !self.zombies.is_empty()
+    }
 }
 
 /// A page store of an earlier image, hard-linked into this image's directory

@@ -102,7 +102,7 @@ pub use manifest::*;
 pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
 pub use sockets::{SocketFile, TcpSocket, UnixSocket};
 pub use tcp_connection::{TcpConnection, TcpWindow};
-pub use tree::{ChildProcess, InheritedFd};
+pub use tree::{ChildProcess, InheritedFd, Zombie};
 pub use working_set::{
     PagesByProcess, WORKING_SET_FILE, WORKING_SET_VERSION, WorkingSet, WorkingSetPage, manifest_crc,
 };
@@ -129,7 +129,13 @@ pub use working_set::{
 /// restore a PostgreSQL tree without its shared memory, or a group's
 /// members as strangers to each other; it refuses the image by its version
 /// rather than by a parse error.
-pub const FORMAT_VERSION: u32 = 4;
+///
+/// Version 5 adds the zombies of a tree (`zombies`): children that exited
+/// and were not reaped, with their wait status. A reader of version 4
+/// would ignore them, and a restored parent would then wait for a child it
+/// no longer has (`waitpid` failing with `ECHILD`, a count of children
+/// never falling to zero); it refuses the image by its version instead.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;

@@ -62,3 +62,76 @@ pub struct InheritedFd {
     /// Its descriptor number there (one that is saved in its `fds`).
     pub from_fd: i32,
 }
+
+/// A child of a process of the tree that exited and was not reaped yet (a
+/// zombie): its parent will reap it after the restore, as it would have.
+/// It has no memory, threads or descriptors; the restore makes a process
+/// with its pid, group and session that exits at once with its status.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Zombie {
+    /// Its pid.
+    pub pid: i32,
+    /// Pid of its parent: the root or a process in `children`.
+    pub ppid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+    /// Its wait status, as `waitpid` gives it (field 52, `exit_code`, of
+    /// `/proc/PID/stat`): the exit code in bits 8 to 15, or the
+    /// terminating signal in bits 0 to 6 with the core-dump bit 7.
+    pub wait_status: i32,
+}
+
+impl Zombie {
+    /// The exit code, when it exited rather than died by a signal.
+    pub fn exit_code(&self) -> Option<i32> {
+        (self.wait_status & 0x7f == 0).then_some((self.wait_status >> 8) & 0xff)
+    }
+
+    /// The signal that ended it, when one did.
+    pub fn signal(&self) -> Option<i32> {
+        let signal = self.wait_status & 0x7f;
+        // 0x7f is a stop, never the status of an exited process.
+        (signal != 0 && signal != 0x7f).then_some(signal)
+    }
+
+    /// Whether it dumped core as it died.
+    pub fn core_dumped(&self) -> bool {
+        self.signal().is_some() && self.wait_status & 0x80 != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zombie(wait_status: i32) -> Zombie {
+        Zombie {
+            pid: 2,
+            ppid: 1,
+            pgid: 1,
+            sid: 1,
+            wait_status,
+        }
+    }
+
+    #[test]
+    fn a_wait_status_is_an_exit_code_or_a_signal() {
+        let exited = zombie(7 << 8);
+        assert_eq!(
+            (exited.exit_code(), exited.signal(), exited.core_dumped()),
+            (Some(7), None, false)
+        );
+        let killed = zombie(15);
+        assert_eq!(
+            (killed.exit_code(), killed.signal(), killed.core_dumped()),
+            (None, Some(15), false)
+        );
+        let dumped = zombie(11 | 0x80);
+        assert_eq!(
+            (dumped.exit_code(), dumped.signal(), dumped.core_dumped()),
+            (None, Some(11), true)
+        );
+    }
+}

@@ -198,7 +198,7 @@ async fn checkpoint_when_filled(
 /// Whether the image in `dir` holds a tree of processes; an image that
 /// cannot be read says no (its checkpoint then refuses a child by pid).
 fn image_is_tree(dir: &std::path::Path) -> bool {
-    persist_common::image::Image::open(dir).is_ok_and(|image| !image.manifest().children.is_empty())
+    persist_common::image::Image::open(dir).is_ok_and(|image| image.manifest().is_tree())
 }
 
 /// How long `--on-idle keep` waits for the pager to finish filling memory.
