@@ -121,6 +121,9 @@ pub struct Tier {
     pub skeletons_prepared: usize,
     /// The agent's resident memory.
     pub agent_rss_bytes: u64,
+    /// Of which private (anonymous and shmem); the rest is page cache, the
+    /// prepared skeletons' page stores mapped.
+    pub agent_private_bytes: u64,
     /// The agent's threads.
     pub agent_threads: u64,
     /// Port keeper processes holding the services' listeners.
@@ -128,8 +131,13 @@ pub struct Tier {
     /// Their private memory and page tables, together.
     pub keeper_bytes: u64,
     /// Drop of the host's MemAvailable per parked service, from before the
-    /// first add, agent included.
-    pub host_bytes_per_service: u64,
+    /// first add, agent included (negative where it rose: other work on
+    /// the host moves it too).
+    pub host_bytes_per_service: i64,
+    /// Growth of the private memory and page tables of the namespace's
+    /// processes (agent, port keeper, skeletons) from before the first add,
+    /// per service.
+    pub namespace_bytes_per_service: i64,
     /// What `status` says each costs (its `parked_bytes`), on average.
     pub status_bytes_per_service: u64,
     /// Of which: private memory, page tables, kernel objects, agent share.
@@ -179,6 +187,10 @@ pub struct ScaleRun {
     /// Connections per second to an unregistered port, with and without
     /// the agent.
     pub unregistered: UnregisteredRate,
+    /// The host's MemAvailable once every service is gone and the daemon
+    /// stopped, less before the first add: what other work on the host
+    /// moved it by during the run, the noise of the drops above.
+    pub host_drift_bytes: i64,
 }
 
 /// Adds the services to a fresh daemon and measures both tiers.
@@ -221,7 +233,10 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     let mut sandbox = Sandbox::new()?;
     sandbox.start_daemon()?;
     std::thread::sleep(SETTLE);
-    let available_before = mem_available()?;
+    let baseline = Baseline {
+        available: mem_available()?,
+        namespace: namespace_bytes(&sandbox.netns),
+    };
 
     let started = Instant::now();
     add_all(&sandbox, &list, &python_server, share_pages)?;
@@ -230,7 +245,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     wait_all(&sandbox, &all, "prepared")?;
     std::thread::sleep(SETTLE);
     eprintln!("bench --scale: measuring the prepared tier");
-    let mut prepared = measure(&sandbox, &list, available_before)?;
+    let mut prepared = measure(&sandbox, &list, &baseline)?;
     let disk_bytes_per_service = disk_bytes(&sandbox.state_dir().join("images"))? / services as u64;
     let unregistered = unregistered::measure(&sandbox.netns)?;
 
@@ -266,7 +281,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     let release_s = restarted.elapsed().as_secs_f64();
     std::thread::sleep(SETTLE);
     eprintln!("bench --scale: measuring the image-only tier");
-    let mut image_only = measure(&sandbox, &list, available_before)?;
+    let mut image_only = measure(&sandbox, &list, &baseline)?;
 
     // Each python fresh start right after a cold wake of python, so that
     // both see the same load. One untimed start first fills the page cache.
@@ -290,6 +305,11 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     eprintln!("bench --scale: wake storm, images only");
     (image_only.storm_served, image_only.storm) = wake_storm(&sandbox, &others)?;
     image_only.storm_services = others.len();
+    // What the host's MemAvailable moved by meanwhile for reasons of its
+    // own: with every service gone, it would be back where it started.
+    drop(sandbox);
+    std::thread::sleep(SETTLE);
+    let host_drift_bytes = mem_available()? as i64 - baseline.available as i64;
 
     Ok(ScaleRun {
         services,
@@ -303,7 +323,16 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         image_only,
         python_fresh,
         unregistered,
+        host_drift_bytes,
     })
+}
+
+/// The host before the first add.
+struct Baseline {
+    /// Its MemAvailable.
+    available: u64,
+    /// What the namespace's processes (the daemon alone) hold.
+    namespace: u64,
 }
 
 fn push(wakes: &mut BTreeMap<Program, Samples>, program: Program, ttfb: Duration) {
@@ -313,8 +342,9 @@ fn push(wakes: &mut BTreeMap<Program, Samples>, program: Program, ttfb: Duration
 /// Measures what the parked services cost now: the host's MemAvailable
 /// (read first, before `status` makes the agent work), `status`, the
 /// agent and the port keepers.
-fn measure(sandbox: &Sandbox, list: &[Service], available_before: u64) -> Result<Tier> {
+fn measure(sandbox: &Sandbox, list: &[Service], baseline: &Baseline) -> Result<Tier> {
     let available_after = mem_available()?;
+    let available_before = baseline.available;
     let statuses = sandbox.status()?;
     let programs: HashMap<&str, Program> = list
         .iter()
@@ -347,7 +377,7 @@ fn measure(sandbox: &Sandbox, list: &[Service], available_before: u64) -> Result
         .map(|program| (program, average(&parked_bytes, Some(program))))
         .collect();
     let daemon = sandbox.daemon_pid().context("the daemon runs")?;
-    let (agent_rss_bytes, agent_threads) = rss_and_threads(daemon)?;
+    let (agent_rss_bytes, agent_private_bytes, agent_threads) = rss_and_threads(daemon)?;
     let (keeper_processes, keeper_bytes) = keepers(sandbox);
     Ok(Tier {
         skeletons_prepared: parked
@@ -355,10 +385,15 @@ fn measure(sandbox: &Sandbox, list: &[Service], available_before: u64) -> Result
             .filter(|(_, status)| status["skeleton"] == "prepared")
             .count(),
         agent_rss_bytes,
+        agent_private_bytes,
         agent_threads,
         keeper_processes,
         keeper_bytes,
-        host_bytes_per_service: available_before.saturating_sub(available_after) / services as u64,
+        host_bytes_per_service: (available_before as i64 - available_after as i64)
+            / services as i64,
+        namespace_bytes_per_service: (namespace_bytes(&sandbox.netns) as i64
+            - baseline.namespace as i64)
+            / services as i64,
         status_bytes_per_service: average(&parked_bytes, None),
         status_breakdown: [
             average(&part("private_bytes"), None),
@@ -640,11 +675,37 @@ fn mem_available() -> Result<u64> {
         .context("/proc/meminfo has no MemAvailable")
 }
 
-fn rss_and_threads(pid: i32) -> Result<(u64, u64)> {
+/// The resident memory of `pid`, its private part (anonymous and shmem:
+/// the rest is page cache, shared and reclaimable) and its threads.
+fn rss_and_threads(pid: i32) -> Result<(u64, u64, u64)> {
     let status = procfs::process::Process::new(pid)
         .and_then(|process| process.status())
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    Ok((status.vmrss.unwrap_or(0) * 1024, status.threads))
+    Ok((
+        status.vmrss.unwrap_or(0) * 1024,
+        (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0)) * 1024,
+        status.threads,
+    ))
+}
+
+/// Private memory (anonymous and shmem) and page tables of every process
+/// in the namespace: the agent, the port keeper, the skeletons. Unlike
+/// MemAvailable, other work on the host does not move it; unlike the
+/// host, it leaves out kernel objects.
+fn namespace_bytes(netns: &NetNs) -> u64 {
+    netns
+        .processes()
+        .into_iter()
+        .filter_map(|pid| {
+            procfs::process::Process::new(pid)
+                .and_then(|process| process.status())
+                .ok()
+        })
+        .map(|status| {
+            (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0) + status.vmpte.unwrap_or(0))
+                * 1024
+        })
+        .sum()
 }
 
 /// The port keepers in the sandbox (named `persist-port-keeper` on their
@@ -675,6 +736,7 @@ fn keepers(sandbox: &Sandbox) -> (usize, u64) {
 /// side by side.
 pub fn markdown(run: &ScaleRun) -> String {
     let kib = |bytes: u64| format!("{:.1} KiB", bytes as f64 / 1024.0);
+    let signed_kib = |bytes: i64| format!("{:.1} KiB", bytes as f64 / 1024.0);
     let unregistered = &run.unregistered;
     let mut lines = vec![
         format!(
@@ -751,10 +813,12 @@ pub fn markdown(run: &ScaleRun) -> String {
     row("skeletons prepared".into(), &|tier| {
         format!("{} of {}", tier.skeletons_prepared, run.services)
     });
-    row("agent RSS / threads".into(), &|tier| {
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    row("agent RSS (of which private) / threads".into(), &|tier| {
         format!(
-            "{:.1} MiB / {}",
-            tier.agent_rss_bytes as f64 / (1024.0 * 1024.0),
+            "{} ({}) / {}",
+            mib(tier.agent_rss_bytes),
+            mib(tier.agent_private_bytes),
             tier.agent_threads
         )
     });
@@ -763,7 +827,12 @@ pub fn markdown(run: &ScaleRun) -> String {
     });
     row(
         "host MemAvailable drop per service (from before the first add, agent included)".into(),
-        &|tier| kib(tier.host_bytes_per_service),
+        &|tier| signed_kib(tier.host_bytes_per_service),
+    );
+    row(
+        "private memory and page tables of the agent, keeper and skeletons, growth per service"
+            .into(),
+        &|tier| signed_kib(tier.namespace_bytes_per_service),
     );
     row("`status` parked cost per service".into(), &|tier| {
         let [private, tables, kernel, agent] = tier.status_breakdown;
@@ -825,6 +894,13 @@ pub fn markdown(run: &ScaleRun) -> String {
             )
         },
     );
+    lines.push(String::new());
+    lines.push(format!(
+        "The host's MemAvailable after the run, every service gone, less before it: {} \
+         (what other work moved it by; the drops above are that noisy, divided by {}).",
+        signed_kib(run.host_drift_bytes),
+        run.services
+    ));
     lines.push(String::new());
     lines.join("\n")
 }
