@@ -242,7 +242,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     add_all(&sandbox, &list, &python_server, share_pages)?;
     let add_s = started.elapsed().as_secs_f64();
     let all: Vec<&Service> = list.iter().collect();
-    wait_all(&sandbox, &all, "prepared")?;
+    wait_all(&sandbox, &all, "prepared", false)?;
     std::thread::sleep(SETTLE);
     eprintln!("bench --scale: measuring the prepared tier");
     let mut prepared = measure(&sandbox, &list, &baseline)?;
@@ -268,8 +268,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     eprintln!("bench --scale: wake storm, skeletons prepared");
     (prepared.storm_served, prepared.storm) = wake_storm(&sandbox, &all)?;
     prepared.storm_services = services;
-    park_all(&sandbox, &list)?;
-    wait_all(&sandbox, &all, "prepared")?;
+    wait_all(&sandbox, &all, "prepared", true)?;
 
     // The daemon's budget is fixed at its start: the image-only tier is the
     // same services under a daemon restarted with a budget of nothing.
@@ -463,24 +462,17 @@ fn add_all(sandbox: &Sandbox, list: &[Service], python: &Server, share_pages: bo
     })
 }
 
-/// Parks every running service, [`ADDS_IN_FLIGHT`] at a time (one the
-/// storm did not wake is parked already).
-fn park_all(sandbox: &Sandbox, list: &[Service]) -> Result<()> {
-    let statuses = sandbox.status()?;
-    let running: Vec<&str> = statuses
-        .iter()
-        .filter(|status| status["state"] == "running")
-        .filter_map(|status| status["name"].as_str())
-        .filter(|name| list.iter().any(|service| service.name == *name))
-        .collect();
-    in_flight(running.len(), "parked", |index| {
-        sandbox.agent_ok(&["park", running[index]]).map(drop)
-    })
-}
-
 /// Waits until every service of `services` is parked with its skeleton
 /// `skeleton` (`prepared`, `on disk`), failing on a service that failed.
-fn wait_all(sandbox: &Sandbox, services: &[&Service], skeleton: &str) -> Result<()> {
+/// With `park_running`, parks each one it sees running, [`ADDS_IN_FLIGHT`]
+/// at a time, as often as it sees it: a service the storm woke may still
+/// show `parked` for a moment, until its supervisor hears of the wake.
+fn wait_all(
+    sandbox: &Sandbox,
+    services: &[&Service],
+    skeleton: &str,
+    park_running: bool,
+) -> Result<()> {
     let names: std::collections::HashSet<&str> = services
         .iter()
         .map(|service| service.name.as_str())
@@ -505,17 +497,41 @@ fn wait_all(sandbox: &Sandbox, services: &[&Service], skeleton: &str) -> Result<
         if let Some(failed) = ours().find(|status| status["error"].is_string()) {
             bail!("{} failed: {}", failed["name"], failed["error"]);
         }
-        let ready = ours()
-            .filter(|status| status["state"] == "parked" && status["skeleton"] == skeleton)
-            .count();
+        let is_ready =
+            |status: &Value| status["state"] == "parked" && status["skeleton"] == skeleton;
+        let ready = ours().filter(|status| is_ready(status)).count();
         if ready == services.len() {
             return Ok(());
         }
         if started.elapsed() > timeout {
+            let waiting: Vec<String> = ours()
+                .filter(|status| !is_ready(status))
+                .take(5)
+                .map(|status| {
+                    format!(
+                        "{} {} (skeleton {})",
+                        status["name"], status["state"], status["skeleton"]
+                    )
+                })
+                .collect();
             bail!(
-                "after {timeout:?}, {ready} of {} services were parked with skeleton {skeleton:?}",
-                services.len()
+                "after {timeout:?}, {ready} of {} services were parked with skeleton \
+                 {skeleton:?}; not: {}",
+                services.len(),
+                waiting.join(", ")
             );
+        }
+        if park_running {
+            let running: Vec<&str> = ours()
+                .filter(|status| status["state"] == "running")
+                .filter_map(|status| status["name"].as_str())
+                .collect();
+            // A park refused (the service parked meanwhile) is not an
+            // error: the next round looks again.
+            in_flight(running.len(), "parked", |index| {
+                sandbox.agent(&["park", running[index]]);
+                Ok(())
+            })?;
         }
         interrupt::check()?;
         std::thread::sleep(poll);
@@ -532,7 +548,7 @@ fn wait_released(sandbox: &Sandbox, services: &[&Service]) -> Result<()> {
     loop {
         let released = sandbox.daemon_log().matches("skeleton released").count();
         if released >= services.len() {
-            return wait_all(sandbox, services, "on disk");
+            return wait_all(sandbox, services, "on disk", false);
         }
         if started.elapsed() > timeout {
             bail!(
@@ -576,7 +592,7 @@ fn wake_once(sandbox: &Sandbox, service: &Service) -> Result<Duration> {
 /// Parks one service and waits until its skeleton is `skeleton`.
 fn park_and_wait(sandbox: &Sandbox, service: &Service, skeleton: &str) -> Result<()> {
     sandbox.agent_ok(&["park", &service.name])?;
-    wait_all(sandbox, &[service], skeleton)
+    wait_all(sandbox, &[service], skeleton, false)
 }
 
 /// Starts `command` (listening on [`FRESH_PORT`]) and asks it as soon as it
