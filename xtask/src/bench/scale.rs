@@ -36,8 +36,14 @@ const FIRST_PORT: u16 = 20000;
 /// 19999), registered with no service.
 const FRESH_PORT: u16 = 19998;
 
-/// How long the host is given to settle before each measure of memory.
+/// How long the host is given to settle before the baseline and after
+/// the run.
 const SETTLE: Duration = Duration::from_secs(2);
+
+/// How long the agent is left alone before each tier is measured: its
+/// async runtime keeps an idle blocking thread (the adds and the restart's
+/// prepares run on them) for 10 s, and those would count as its threads.
+const SETTLE_AGENT: Duration = Duration::from_secs(12);
 
 /// Adds in flight at once (each a `persist-agent add` of its own).
 pub const ADDS_IN_FLIGHT: usize = 8;
@@ -243,7 +249,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     let add_s = started.elapsed().as_secs_f64();
     let all: Vec<&Service> = list.iter().collect();
     wait_all(&sandbox, &all, "prepared", false)?;
-    std::thread::sleep(SETTLE);
+    std::thread::sleep(SETTLE_AGENT);
     eprintln!("bench --scale: measuring the prepared tier");
     let mut prepared = measure(&sandbox, &list, &baseline)?;
     let disk_bytes_per_service = disk_bytes(&sandbox.state_dir().join("images"))? / services as u64;
@@ -278,7 +284,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     sandbox.start_daemon_with(&["--skeleton-budget", "0"])?;
     wait_released(&sandbox, &all)?;
     let release_s = restarted.elapsed().as_secs_f64();
-    std::thread::sleep(SETTLE);
+    std::thread::sleep(SETTLE_AGENT);
     eprintln!("bench --scale: measuring the image-only tier");
     let mut image_only = measure(&sandbox, &list, &baseline)?;
 
@@ -912,10 +918,11 @@ pub fn markdown(run: &ScaleRun) -> String {
     );
     lines.push(String::new());
     lines.push(format!(
-        "The host's MemAvailable after the run, every service gone, less before it: {} \
-         (what other work moved it by; the drops above are that noisy, divided by {}).",
-        signed_kib(run.host_drift_bytes),
-        run.services
+        "The host's MemAvailable after the run, every service gone, less before it: \
+         {:.1} MiB (what other work moved it by: per service, the drops above are as \
+         noisy as {:.1} KiB).",
+        run.host_drift_bytes as f64 / (1024.0 * 1024.0),
+        run.host_drift_bytes.unsigned_abs() as f64 / 1024.0 / run.services as f64
     ));
     lines.push(String::new());
     lines.join("\n")
