@@ -510,21 +510,28 @@ fn wait_all(
             return Ok(());
         }
         if started.elapsed() > timeout {
+            let log = sandbox.daemon_log();
             let waiting: Vec<String> = ours()
                 .filter(|status| !is_ready(status))
-                .take(5)
+                .take(3)
                 .map(|status| {
+                    let name = status["name"].as_str().unwrap_or_default();
+                    // `service=NAME`, its parts coloured or not.
+                    let lines: Vec<&str> = log
+                        .lines()
+                        .filter(|line| line.split_whitespace().any(|word| word.ends_with(name)))
+                        .collect();
                     format!(
-                        "{} {} (skeleton {})",
-                        status["name"], status["state"], status["skeleton"]
+                        "{status}\nits daemon log, last lines:\n{}",
+                        lines[lines.len().saturating_sub(15)..].join("\n")
                     )
                 })
                 .collect();
             bail!(
                 "after {timeout:?}, {ready} of {} services were parked with skeleton \
-                 {skeleton:?}; not: {}",
+                 {skeleton:?}; not:\n{}",
                 services.len(),
-                waiting.join(", ")
+                waiting.join("\n")
             );
         }
         if park_running {
