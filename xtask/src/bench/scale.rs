@@ -160,6 +160,10 @@ pub struct Tier {
     pub storm_served: usize,
     /// Connect-to-first-byte of the storm's requests, in microseconds.
     pub storm: Samples,
+    /// Services that, after the storm, were parked again and stayed with
+    /// no skeleton (a daemon with no budget prepares one for every parked
+    /// service): a fault of the daemon the storm brings out.
+    pub stranded_after_storm: Vec<String>,
 }
 
 /// What one scale run measured, as written to `target/bench/scale-N.json`.
@@ -185,6 +189,9 @@ pub struct ScaleRun {
     /// skeleton released (each is prepared once at the start, its image
     /// checked, then released).
     pub release_s: f64,
+    /// Whether the daemon stopped within 30 s of its SIGTERM before the
+    /// restart (else it was killed).
+    pub stopped_in_time: bool,
     /// Every skeleton released: the images alone, cold wakes.
     pub image_only: Tier,
     /// python's http.server started afresh to its first answer, in
@@ -248,7 +255,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     add_all(&sandbox, &list, &python_server, share_pages)?;
     let add_s = started.elapsed().as_secs_f64();
     let all: Vec<&Service> = list.iter().collect();
-    wait_all(&sandbox, &all, "prepared", false)?;
+    wait_all(&sandbox, &all, "prepared")?;
     std::thread::sleep(SETTLE_AGENT);
     eprintln!("bench --scale: measuring the prepared tier");
     let mut prepared = measure(&sandbox, &list, &baseline)?;
@@ -274,12 +281,41 @@ pub fn run(options: Options) -> Result<ScaleRun> {
     eprintln!("bench --scale: wake storm, skeletons prepared");
     (prepared.storm_served, prepared.storm) = wake_storm(&sandbox, &all)?;
     prepared.storm_services = services;
-    wait_all(&sandbox, &all, "prepared", true)?;
+    // Every service parked again, its skeleton prepared, before the
+    // restart. One whose skeleton does not come back is a finding, not a
+    // reason to stop: it is reported, and the restart starts afresh.
+    let stranded = wait_for(
+        &sandbox,
+        &all,
+        "prepared",
+        true,
+        Duration::from_secs(60) + Duration::from_millis(50) * services as u32,
+    )?;
+    if let Some(other) = stranded.iter().find(|status| status["state"] != "parked") {
+        bail!(
+            "after the storm, a service did not park again:\n{}",
+            describe(&sandbox, std::slice::from_ref(other))
+        );
+    }
+    if !stranded.is_empty() {
+        eprintln!(
+            "bench --scale: after the storm, {} services stayed parked without a skeleton:\n{}",
+            stranded.len(),
+            describe(&sandbox, &stranded)
+        );
+    }
+    prepared.stranded_after_storm = stranded
+        .iter()
+        .filter_map(|status| status["name"].as_str().map(str::to_owned))
+        .collect();
 
     // The daemon's budget is fixed at its start: the image-only tier is the
     // same services under a daemon restarted with a budget of nothing.
     eprintln!("bench --scale: restarting the daemon with --skeleton-budget 0");
-    sandbox.stop_daemon();
+    let stopped_in_time = sandbox.stop_daemon_within(Duration::from_secs(30));
+    if !stopped_in_time {
+        eprintln!("bench --scale: the daemon did not stop within 30 s of SIGTERM; killed");
+    }
     let restarted = Instant::now();
     sandbox.start_daemon_with(&["--skeleton-budget", "0"])?;
     wait_released(&sandbox, &all)?;
@@ -325,6 +361,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         disk_bytes_per_service,
         prepared,
         release_s,
+        stopped_in_time,
         image_only,
         python_fresh,
         unregistered,
@@ -469,16 +506,37 @@ fn add_all(sandbox: &Sandbox, list: &[Service], python: &Server, share_pages: bo
 }
 
 /// Waits until every service of `services` is parked with its skeleton
-/// `skeleton` (`prepared`, `on disk`), failing on a service that failed.
-/// With `park_running`, parks each one it sees running, [`ADDS_IN_FLIGHT`]
-/// at a time, as often as it sees it: a service the storm woke may still
-/// show `parked` for a moment, until its supervisor hears of the wake.
-fn wait_all(
+/// `skeleton` (`prepared`, `on disk`), failing on a service that failed
+/// and, after a generous time, on one still not so (with its status and
+/// daemon log).
+fn wait_all(sandbox: &Sandbox, services: &[&Service], skeleton: &str) -> Result<()> {
+    // Generous: the daemon prepares skeletons one per restore thread.
+    let timeout = Duration::from_secs(60) + Duration::from_millis(500) * services.len() as u32;
+    let waiting = wait_for(sandbox, services, skeleton, false, timeout)?;
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "after {timeout:?}, {} of {} services were not parked with skeleton {skeleton:?}:\n{}",
+        waiting.len(),
+        services.len(),
+        describe(sandbox, &waiting)
+    )
+}
+
+/// Waits up to `timeout` until every service of `services` is parked with
+/// its skeleton `skeleton`, failing on a service that failed; the status
+/// of those that are not at the end. With `park_running`, parks each one
+/// it sees running, [`ADDS_IN_FLIGHT`] at a time, as often as it sees it:
+/// a service the storm woke may still show `parked` for a moment, until
+/// its supervisor hears of the wake.
+fn wait_for(
     sandbox: &Sandbox,
     services: &[&Service],
     skeleton: &str,
     park_running: bool,
-) -> Result<()> {
+    timeout: Duration,
+) -> Result<Vec<Value>> {
     let names: std::collections::HashSet<&str> = services
         .iter()
         .map(|service| service.name.as_str())
@@ -488,8 +546,6 @@ fn wait_all(
     } else {
         POLL_ONE
     };
-    // Generous: the daemon prepares skeletons one per restore thread.
-    let timeout = Duration::from_secs(60) + Duration::from_millis(500) * services.len() as u32;
     let started = Instant::now();
     loop {
         let statuses = sandbox.status()?;
@@ -503,39 +559,15 @@ fn wait_all(
         if let Some(failed) = ours().find(|status| status["error"].is_string()) {
             bail!("{} failed: {}", failed["name"], failed["error"]);
         }
-        let is_ready =
-            |status: &Value| status["state"] == "parked" && status["skeleton"] == skeleton;
-        let ready = ours().filter(|status| is_ready(status)).count();
-        if ready == services.len() {
-            return Ok(());
-        }
-        if started.elapsed() > timeout {
-            let log = sandbox.daemon_log();
-            let waiting: Vec<String> = ours()
-                .filter(|status| !is_ready(status))
-                .take(3)
-                .map(|status| {
-                    let name = status["name"].as_str().unwrap_or_default();
-                    // `service=NAME`, its parts coloured or not.
-                    let lines: Vec<&str> = log
-                        .lines()
-                        .filter(|line| line.split_whitespace().any(|word| word.ends_with(name)))
-                        .collect();
-                    format!(
-                        "{status}\nits daemon log, last lines:\n{}",
-                        lines[lines.len().saturating_sub(15)..].join("\n")
-                    )
-                })
-                .collect();
-            bail!(
-                "after {timeout:?}, {ready} of {} services were parked with skeleton \
-                 {skeleton:?}; not:\n{}",
-                services.len(),
-                waiting.join("\n")
-            );
+        let waiting: Vec<&Value> = ours()
+            .filter(|status| !(status["state"] == "parked" && status["skeleton"] == skeleton))
+            .collect();
+        if waiting.is_empty() || started.elapsed() > timeout {
+            return Ok(waiting.into_iter().cloned().collect());
         }
         if park_running {
-            let running: Vec<&str> = ours()
+            let running: Vec<&str> = waiting
+                .iter()
                 .filter(|status| status["state"] == "running")
                 .filter_map(|status| status["name"].as_str())
                 .collect();
@@ -551,6 +583,29 @@ fn wait_all(
     }
 }
 
+/// The status and the last lines of the daemon's log of a few of
+/// `statuses`' services.
+fn describe(sandbox: &Sandbox, statuses: &[Value]) -> String {
+    let log = sandbox.daemon_log();
+    statuses
+        .iter()
+        .take(3)
+        .map(|status| {
+            let name = status["name"].as_str().unwrap_or_default();
+            // `service=NAME`, its parts coloured or not.
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|line| line.split_whitespace().any(|word| word.ends_with(name)))
+                .collect();
+            format!(
+                "{status}\nits daemon log, last lines:\n{}",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Waits until a daemon just started under `--skeleton-budget 0` has
 /// released every service's skeleton. `status` alone cannot say: it shows
 /// `on disk` as well for a service whose skeleton the start has not
@@ -561,7 +616,7 @@ fn wait_released(sandbox: &Sandbox, services: &[&Service]) -> Result<()> {
     loop {
         let released = sandbox.daemon_log().matches("skeleton released").count();
         if released >= services.len() {
-            return wait_all(sandbox, services, "on disk", false);
+            return wait_all(sandbox, services, "on disk");
         }
         if started.elapsed() > timeout {
             bail!(
@@ -605,7 +660,7 @@ fn wake_once(sandbox: &Sandbox, service: &Service) -> Result<Duration> {
 /// Parks one service and waits until its skeleton is `skeleton`.
 fn park_and_wait(sandbox: &Sandbox, service: &Service, skeleton: &str) -> Result<()> {
     sandbox.agent_ok(&["park", &service.name])?;
-    wait_all(sandbox, &[service], skeleton, false)
+    wait_all(sandbox, &[service], skeleton)
 }
 
 /// Starts `command` (listening on [`FRESH_PORT`]) and asks it as soon as it
@@ -924,6 +979,18 @@ pub fn markdown(run: &ScaleRun) -> String {
         },
     );
     lines.push(String::new());
+    if !run.prepared.stranded_after_storm.is_empty() {
+        lines.push(format!(
+            "After the storm, parked again, {} stayed without a skeleton: {}.",
+            run.prepared.stranded_after_storm.len(),
+            run.prepared.stranded_after_storm.join(", ")
+        ));
+    }
+    if !run.stopped_in_time {
+        lines.push(
+            "The daemon did not stop within 30 s of SIGTERM before the restart: killed.".into(),
+        );
+    }
     lines.push(format!(
         "The host's MemAvailable after the run, every service gone, less before it: \
          {:.1} MiB (what other work moved it by: per service, the drops above are as \
