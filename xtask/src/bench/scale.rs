@@ -132,6 +132,9 @@ pub struct Tier {
     pub agent_private_bytes: u64,
     /// The agent's threads.
     pub agent_threads: u64,
+    /// The agent's threads by name (their numbers taken off: `restore`
+    /// for `restore-7`).
+    pub agent_thread_names: BTreeMap<String, usize>,
     /// Port keeper processes holding the services' listeners.
     pub keeper_processes: usize,
     /// Their private memory and page tables, together.
@@ -451,6 +454,7 @@ fn measure(sandbox: &Sandbox, list: &[Service], baseline: &Baseline) -> Result<T
     let (agent_rss_bytes, agent_private_bytes, agent_threads) = rss_and_threads(daemon)?;
     let (keeper_processes, keeper_bytes) = keepers(sandbox);
     Ok(Tier {
+        agent_thread_names: thread_names(daemon),
         skeletons_prepared: parked
             .iter()
             .filter(|(_, status)| status["skeleton"] == "prepared")
@@ -819,6 +823,25 @@ fn rss_and_threads(pid: i32) -> Result<(u64, u64, u64)> {
     ))
 }
 
+/// The threads of `pid` by name, counted, their numbers taken off.
+fn thread_names(pid: i32) -> BTreeMap<String, usize> {
+    let mut names = BTreeMap::new();
+    let Ok(tasks) = procfs::process::Process::new(pid).and_then(|process| process.tasks()) else {
+        return names;
+    };
+    for task in tasks.flatten() {
+        if let Ok(stat) = task.stat() {
+            let name = stat
+                .comm
+                .trim_end_matches(|c: char| c.is_ascii_digit())
+                .trim_end_matches('-')
+                .to_owned();
+            *names.entry(name).or_default() += 1;
+        }
+    }
+    names
+}
+
 /// Private memory (anonymous and shmem) and page tables of every process
 /// in the namespace: the agent, the port keeper, the skeletons. Unlike
 /// MemAvailable, other work on the host does not move it; unlike the
@@ -946,11 +969,17 @@ pub fn markdown(run: &ScaleRun) -> String {
     });
     let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
     row("agent RSS (of which private) / threads".into(), &|tier| {
+        let names: Vec<String> = tier
+            .agent_thread_names
+            .iter()
+            .map(|(name, count)| format!("{name} {count}"))
+            .collect();
         format!(
-            "{} ({}) / {}",
+            "{} ({}) / {} ({})",
             mib(tier.agent_rss_bytes),
             mib(tier.agent_private_bytes),
-            tier.agent_threads
+            tier.agent_threads,
+            names.join(", ")
         )
     });
     row("port keepers / their memory".into(), &|tier| {
