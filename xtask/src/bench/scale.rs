@@ -163,9 +163,9 @@ pub struct Tier {
     pub storm_served: usize,
     /// Connect-to-first-byte of the storm's requests, in microseconds.
     pub storm: Samples,
-    /// Services that, after the storm, were parked again and stayed with
-    /// no skeleton (a daemon with no budget prepares one for every parked
-    /// service): a fault of the daemon the storm brings out.
+    /// Services that, after the storm, did not come back parked with a
+    /// skeleton (a daemon with no budget prepares one for every parked
+    /// service), with their state: a fault of the daemon.
     pub stranded_after_storm: Vec<String>,
     /// Services woken alone whose wake answered, but which the daemon did
     /// not then show running with their pager done within 10 s (a fault of
@@ -309,22 +309,23 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         true,
         Duration::from_secs(60) + Duration::from_millis(50) * services as u32,
     )?;
-    if let Some(other) = stranded.iter().find(|status| status["state"] != "parked") {
-        bail!(
-            "after the storm, a service did not park again:\n{}",
-            describe(&sandbox, std::slice::from_ref(other))
-        );
-    }
     if !stranded.is_empty() {
         eprintln!(
-            "bench --scale: after the storm, {} services stayed parked without a skeleton:\n{}",
+            "bench --scale: after the storm, {} services were not parked with a skeleton:\n{}",
             stranded.len(),
             describe(&sandbox, &stranded)
         );
     }
     prepared.stranded_after_storm = stranded
         .iter()
-        .filter_map(|status| status["name"].as_str().map(str::to_owned))
+        .map(|status| {
+            format!(
+                "{} ({}, skeleton {})",
+                status["name"].as_str().unwrap_or_default(),
+                status["state"].as_str().unwrap_or_default(),
+                status["skeleton"].as_str().unwrap_or("none")
+            )
+        })
         .collect();
 
     // The daemon's budget is fixed at its start: the image-only tier is the
@@ -1057,7 +1058,7 @@ pub fn markdown(run: &ScaleRun) -> String {
     lines.push(String::new());
     if !run.prepared.stranded_after_storm.is_empty() {
         lines.push(format!(
-            "After the storm, parked again, {} stayed without a skeleton: {}.",
+            "After the storm, {} did not come back parked with a skeleton: {}.",
             run.prepared.stranded_after_storm.len(),
             run.prepared.stranded_after_storm.join(", ")
         ));
