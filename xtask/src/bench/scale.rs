@@ -420,6 +420,11 @@ fn push(wakes: &mut BTreeMap<Program, Samples>, program: Program, ttfb: Duration
 fn measure(sandbox: &Sandbox, list: &[Service], baseline: &Baseline) -> Result<Tier> {
     let available_after = mem_available()?;
     let available_before = baseline.available;
+    // The agent before `status`, which runs on threads of its own that
+    // then linger for 10 s.
+    let daemon = sandbox.daemon_pid().context("the daemon runs")?;
+    let (agent_rss_bytes, agent_private_bytes, agent_threads) = rss_and_threads(daemon)?;
+    let agent_thread_names = thread_names(daemon);
     let statuses = sandbox.status()?;
     let programs: HashMap<&str, Program> = list
         .iter()
@@ -451,11 +456,9 @@ fn measure(sandbox: &Sandbox, list: &[Service], baseline: &Baseline) -> Result<T
         .filter(|program| parked.iter().any(|(of, _)| of == program))
         .map(|program| (program, average(&parked_bytes, Some(program))))
         .collect();
-    let daemon = sandbox.daemon_pid().context("the daemon runs")?;
-    let (agent_rss_bytes, agent_private_bytes, agent_threads) = rss_and_threads(daemon)?;
     let (keeper_processes, keeper_bytes) = keepers(sandbox);
     Ok(Tier {
-        agent_thread_names: thread_names(daemon),
+        agent_thread_names,
         skeletons_prepared: parked
             .iter()
             .filter(|(_, status)| status["skeleton"] == "prepared")
