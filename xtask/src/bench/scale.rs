@@ -41,8 +41,9 @@ const FRESH_PORT: u16 = 19998;
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// How long the agent is left alone before each tier is measured: its
-/// async runtime keeps an idle blocking thread (the adds and the restart's
-/// prepares run on them) for 10 s, and those would count as its threads.
+/// async runtime ends a blocking thread (the adds and the restart's
+/// prepares run on them) once it has been idle for 10 s, so the threads
+/// counted are those the agent keeps, not those the adds left.
 const SETTLE_AGENT: Duration = Duration::from_secs(12);
 
 /// Adds in flight at once (each a `persist-agent add` of its own).
