@@ -34,6 +34,8 @@ use progress::Progress;
 use servers::Server;
 use stats::format_us;
 
+pub use scale::Options as ScaleOptions;
+
 /// Timed runs per mode by default: the full bench stays under five minutes
 /// on a 2-vCPU VM, `--quick` near one.
 const RUNS: usize = 150;
@@ -64,7 +66,7 @@ pub fn run(
     quick: bool,
     runs: Option<usize>,
     update_docs: bool,
-    scale: Option<(usize, bool)>,
+    scale: Option<ScaleOptions>,
     only: Option<&str>,
 ) -> Result<()> {
     if privilege::rerun_as_root(|| {
@@ -76,8 +78,8 @@ pub fn run(
     interrupt::install()?;
     deps::ensure(deps::TEST)?;
     deps::build_binaries("release")?;
-    if let Some((services, share_pages)) = scale {
-        return run_scale(services, share_pages);
+    if let Some(options) = scale {
+        return run_scale(options);
     }
     let source = source();
     let runs = runs.unwrap_or(if quick { QUICK_RUNS } else { RUNS }).max(1);
@@ -193,20 +195,29 @@ pub fn run(
     Ok(())
 }
 
-/// The `--scale` bench: N parked services, what they cost, a wake storm.
-fn run_scale(services: usize, share_pages: bool) -> Result<()> {
+/// The `--scale` bench: N parked services, what they cost in each tier,
+/// how fast they wake.
+fn run_scale(options: ScaleOptions) -> Result<()> {
     let date = utc_now()?;
     let machine = machine()?;
     let source = source();
-    eprintln!("bench --scale {services}: adding {services} hello-servers");
-    let run = scale::run(services, share_pages)?;
+    let services = options.services;
+    eprintln!(
+        "bench --scale {services}: adding {services} services ({} of them python3 http.server)",
+        options.python
+    );
+    let run = scale::run(options)?;
     let out_dir = bench_dir();
     std::fs::create_dir_all(&out_dir)?;
+    let mut name = format!("scale-{services}");
+    if options.python > 0 {
+        name.push_str(&format!("-python{}", options.python));
+    }
+    if options.share_pages {
+        name.push_str("-shared");
+    }
     std::fs::write(
-        out_dir.join(format!(
-            "scale-{services}{}.json",
-            if share_pages { "-shared" } else { "" }
-        )),
+        out_dir.join(format!("{name}.json")),
         serde_json::to_vec_pretty(&run)?,
     )?;
     print!(

@@ -67,7 +67,9 @@ enum Task {
         /// Instead: park N hello-servers (8 adds in flight) and measure what
         /// they cost the host and its disk, the agent's size, the rate of
         /// connections to an unregistered port with and without the agent,
-        /// and a wake storm of one request to each.
+        /// wakes one at a time and a wake storm of one request to each: with
+        /// every skeleton prepared, then with the daemon restarted under
+        /// `--skeleton-budget 0` (images only, cold wakes).
         #[arg(long, value_name = "N")]
         scale: Option<usize>,
         /// Only the servers whose service name starts with this (`nginx`:
@@ -78,6 +80,11 @@ enum Task {
         /// sharing the pages they have in common.
         #[arg(long, requires = "scale")]
         share_pages: bool,
+        /// With --scale: K of the N services are python's http.server
+        /// (spread among the hello-servers), and its cold wake is set beside
+        /// its fresh start.
+        #[arg(long, value_name = "K", requires = "scale")]
+        mix_python: Option<usize>,
     },
 }
 
@@ -100,11 +107,16 @@ fn main() -> Result<()> {
             scale,
             only,
             share_pages,
+            mix_python,
         } => bench::run(
             quick,
             runs,
             update_docs,
-            scale.map(|n| (n, share_pages)),
+            scale.map(|services| bench::ScaleOptions {
+                services,
+                python: mix_python.unwrap_or(0),
+                share_pages,
+            }),
             only.as_deref(),
         ),
     }
