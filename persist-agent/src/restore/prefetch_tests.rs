@@ -65,7 +65,12 @@ impl Fixture {
         let fault = unsafe { Userfault::from_raw_fd(raw) };
         fault.register(self.start, PAGES * PAGE_SIZE).unwrap();
         let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-        Pager::new(fault, Arc::new(pidfd), Arc::clone(&self.image), &Arc::default())
+        Pager::new(
+            fault,
+            Arc::new(pidfd),
+            Arc::clone(&self.image),
+            &Arc::default(),
+        )
     }
 
     fn page(&self, index: u64) -> WorkingSetPage {

@@ -528,14 +528,15 @@ fn add_all(sandbox: &Sandbox, list: &[Service], python: &Server, share_pages: bo
         let service = &list[index];
         let (mut options, command) = match service.program {
             Program::Hello => (
-                vec!["--ready", "tcp"],
+                vec!["--ready".to_owned(), "tcp".to_owned()],
                 vec![hello.clone(), format!("127.0.0.1:{}", service.port)],
             ),
-            Program::Python => (python.ready_args().to_vec(), python.command(service.port)?),
+            Program::Python => (python.add_args(service.port), python.command(service.port)?),
         };
         if share_pages {
-            options.push("--share-pages");
+            options.push("--share-pages".to_owned());
         }
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
         sandbox
             .add_ok(&service.name, service.port, &options, &command)
             .map(drop)

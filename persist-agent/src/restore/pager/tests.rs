@@ -243,7 +243,11 @@ fn patterned_pager(pages: u64) -> (*mut libc::c_void, Pager, tempfile::TempDir) 
     let fault = unsafe { Userfault::from_raw_fd(raw) };
     fault.register(start, pages * PAGE_SIZE).unwrap();
     let pidfd = PidFd::open(std::process::id() as i32).unwrap();
-    (area, Pager::new(fault, Arc::new(pidfd), image, &Arc::default()), temp)
+    (
+        area,
+        Pager::new(fault, Arc::new(pidfd), image, &Arc::default()),
+        temp,
+    )
 }
 
 /// mremap moves missing pages (they must arrive at their new address
