@@ -85,6 +85,12 @@ enum Task {
         /// its fresh start.
         #[arg(long, value_name = "K", requires = "scale")]
         mix_python: Option<usize>,
+        /// With --scale: the image-only tier alone, the daemon under
+        /// `--skeleton-budget 0` from the start (a host whose open-files
+        /// limit holds the services' listeners but not their skeletons'
+        /// descriptors); the storm asks at most 1,000 of them.
+        #[arg(long, requires = "scale")]
+        images_only: bool,
     },
 }
 
@@ -108,6 +114,7 @@ fn main() -> Result<()> {
             only,
             share_pages,
             mix_python,
+            images_only,
         } => bench::run(
             quick,
             runs,
@@ -116,6 +123,7 @@ fn main() -> Result<()> {
                 services,
                 python: mix_python.unwrap_or(0),
                 share_pages,
+                images_only,
             }),
             only.as_deref(),
         ),

@@ -67,7 +67,14 @@ pub struct Options {
     pub python: usize,
     /// Whether the services are added with `--share-pages`.
     pub share_pages: bool,
+    /// The image-only tier alone, under `--skeleton-budget 0` from the
+    /// daemon's start.
+    pub images_only: bool,
 }
+
+/// Most services the storm of an images-only run asks: one running
+/// service holds more of the agent's descriptors than a parked one.
+const IMAGES_ONLY_STORM: usize = 1000;
 
 /// The program a service runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -191,8 +198,9 @@ pub struct ScaleRun {
     /// added (blocks allocated, each file counted once however many
     /// images link it), per service.
     pub disk_bytes_per_service: u64,
-    /// Every skeleton prepared (the default, no budget).
-    pub prepared: Tier,
+    /// Every skeleton prepared (the default, no budget); not measured by an
+    /// images-only run.
+    pub prepared: Option<Tier>,
     /// From the daemon's restart under `--skeleton-budget 0` to every
     /// skeleton released (each is prepared once at the start, its image
     /// checked, then released).
@@ -220,6 +228,7 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         services,
         python,
         share_pages,
+        images_only,
     } = options;
     if services == 0 || services > usize::from(u16::MAX - FIRST_PORT) {
         bail!("--scale takes 1 to {} services", u16::MAX - FIRST_PORT);
@@ -252,6 +261,9 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         .collect();
 
     let mut sandbox = Sandbox::new()?;
+    if images_only {
+        return run_images_only(options, sandbox, &list, &samples, &others, &python_server);
+    }
     sandbox.start_daemon()?;
     std::thread::sleep(SETTLE);
     let baseline = Baseline {
@@ -393,9 +405,95 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         adds_in_flight: ADDS_IN_FLIGHT,
         add_s,
         disk_bytes_per_service,
-        prepared,
+        prepared: Some(prepared),
         release_s,
         stopped_in_time,
+        image_only,
+        python_fresh,
+        unregistered,
+        host_drift_bytes,
+    })
+}
+
+/// [`run`] of the image-only tier alone: the daemon under
+/// `--skeleton-budget 0` from its start, each service's skeleton prepared
+/// once by its add (its image checked) and released. Each sampled service
+/// is woken once (its working set recorded) and parked before its timed
+/// cold wake; the storm asks at most [`IMAGES_ONLY_STORM`] of the others.
+fn run_images_only(
+    options: Options,
+    mut sandbox: Sandbox,
+    list: &[Service],
+    samples: &[&Service],
+    others: &[&Service],
+    python_server: &Server,
+) -> Result<ScaleRun> {
+    let services = list.len();
+    sandbox.start_daemon_with(&["--skeleton-budget", "0"])?;
+    std::thread::sleep(SETTLE);
+    let baseline = Baseline {
+        available: mem_available()?,
+        namespace: namespace_bytes(&sandbox.netns),
+    };
+    let started = Instant::now();
+    add_all(&sandbox, list, python_server, options.share_pages)?;
+    let add_s = started.elapsed().as_secs_f64();
+    let all: Vec<&Service> = list.iter().collect();
+    wait_released(&sandbox, &all)?;
+    std::thread::sleep(SETTLE_AGENT);
+    eprintln!("bench --scale: measuring the image-only tier");
+    let mut image_only = measure(&sandbox, list, &baseline)?;
+    let disk_bytes_per_service = disk_bytes(&sandbox.state_dir().join("images"))? / services as u64;
+    let unregistered = unregistered::measure(&sandbox.netns)?;
+
+    eprintln!("bench --scale: single wakes, images only");
+    let fresh_command = python_server.command(FRESH_PORT)?;
+    let mut python_fresh = Samples::default();
+    if options.python > 0 {
+        fresh_start(&sandbox.netns, &fresh_command)?;
+    }
+    let released = |sandbox: &Sandbox| sandbox.daemon_log().matches("skeleton released").count();
+    for service in samples {
+        interrupt::check()?;
+        // The recording wake, then a park whose skeleton the budget
+        // releases again.
+        let before = released(&sandbox);
+        if !wake_once(&sandbox, service)?.finished {
+            image_only.unfinished_wakes.push(service.name.clone());
+            continue;
+        }
+        sandbox.agent_ok(&["park", &service.name])?;
+        wait_until(Duration::from_secs(30), || released(&sandbox) > before)
+            .with_context(|| format!("{}'s skeleton was not released", service.name))?;
+        let wake = wake_once(&sandbox, service)?;
+        push(&mut image_only.single_wakes, service.program, wake.ttfb);
+        if !wake.finished {
+            image_only.unfinished_wakes.push(service.name.clone());
+        }
+        if service.program == Program::Python {
+            python_fresh.push(fresh_start(&sandbox.netns, &fresh_command)?);
+        }
+    }
+    let storm: Vec<&Service> = others.iter().copied().take(IMAGES_ONLY_STORM).collect();
+    eprintln!(
+        "bench --scale: wake storm of {} services, images only",
+        storm.len()
+    );
+    (image_only.storm_served, image_only.storm) = wake_storm(&sandbox, &storm)?;
+    image_only.storm_services = storm.len();
+    drop(sandbox);
+    std::thread::sleep(SETTLE);
+    let host_drift_bytes = mem_available()? as i64 - baseline.available as i64;
+    Ok(ScaleRun {
+        services,
+        python_services: options.python,
+        share_pages: options.share_pages,
+        adds_in_flight: ADDS_IN_FLIGHT,
+        add_s,
+        disk_bytes_per_service,
+        prepared: None,
+        release_s: 0.0,
+        stopped_in_time: true,
         image_only,
         python_fresh,
         unregistered,
@@ -963,10 +1061,15 @@ pub fn markdown(run: &ScaleRun) -> String {
     lines.push(String::new());
     lines.push("| | every skeleton prepared | images only (`--skeleton-budget 0`) |".into());
     lines.push("|---|---:|---:|".into());
+    let not_measured = Tier::default();
+    let prepared = run.prepared.as_ref().unwrap_or(&not_measured);
     let mut row = |label: String, cell: &dyn Fn(&Tier) -> String| {
         lines.push(format!(
             "| {label} | {} | {} |",
-            cell(&run.prepared),
+            match run.prepared {
+                Some(_) => cell(prepared),
+                None => "not measured (`--images-only`)".into(),
+            },
             cell(&run.image_only)
         ));
     };
@@ -1013,7 +1116,7 @@ pub fn markdown(run: &ScaleRun) -> String {
     });
     let mixed = run.python_services > 0;
     for program in Program::ALL {
-        if mixed && run.prepared.status_bytes_by_program.contains_key(&program) {
+        if mixed && prepared.status_bytes_by_program.contains_key(&program) {
             row(
                 format!("`status` parked cost per {}", program.label()),
                 &|tier| {
@@ -1025,7 +1128,7 @@ pub fn markdown(run: &ScaleRun) -> String {
         }
     }
     for program in Program::ALL {
-        if run.prepared.single_wakes.contains_key(&program) {
+        if prepared.single_wakes.contains_key(&program) {
             row(
                 format!(
                     "one wake at a time, {} (median, min–max, of services)",
@@ -1061,15 +1164,15 @@ pub fn markdown(run: &ScaleRun) -> String {
         },
     );
     lines.push(String::new());
-    if !run.prepared.stranded_after_storm.is_empty() {
+    if !prepared.stranded_after_storm.is_empty() {
         lines.push(format!(
             "After the storm, {} did not come back parked with a skeleton: {}.",
-            run.prepared.stranded_after_storm.len(),
-            run.prepared.stranded_after_storm.join(", ")
+            prepared.stranded_after_storm.len(),
+            prepared.stranded_after_storm.join(", ")
         ));
     }
     for (tier, label) in [
-        (&run.prepared, "with its skeleton prepared"),
+        (prepared, "with its skeleton prepared"),
         (&run.image_only, "cold"),
     ] {
         if !tier.unfinished_wakes.is_empty() {
