@@ -1027,10 +1027,6 @@ pub fn markdown(run: &ScaleRun) -> String {
             kib(run.disk_bytes_per_service)
         ),
         format!(
-            "| daemon restarted with `--skeleton-budget 0`, until every skeleton is released | {:.1} s |",
-            run.release_s
-        ),
-        format!(
             "| connections/s to an unregistered port, without / with the agent (median of {} rounds) | {:.0} / {:.0} (with/without {:.2}) |",
             unregistered.with_agent.len(),
             unregistered.rate_without(),
@@ -1044,6 +1040,12 @@ pub fn markdown(run: &ScaleRun) -> String {
             unregistered.cpu_us_with() / unregistered.cpu_us_without()
         ),
     ];
+    if run.prepared.is_some() {
+        lines.push(format!(
+            "| daemon restarted with `--skeleton-budget 0`, until every skeleton is released | {:.1} s |",
+            run.release_s
+        ));
+    }
     let cold_python = run
         .image_only
         .single_wakes
@@ -1116,7 +1118,12 @@ pub fn markdown(run: &ScaleRun) -> String {
     });
     let mixed = run.python_services > 0;
     for program in Program::ALL {
-        if mixed && prepared.status_bytes_by_program.contains_key(&program) {
+        if mixed
+            && run
+                .image_only
+                .status_bytes_by_program
+                .contains_key(&program)
+        {
             row(
                 format!("`status` parked cost per {}", program.label()),
                 &|tier| {
@@ -1128,7 +1135,9 @@ pub fn markdown(run: &ScaleRun) -> String {
         }
     }
     for program in Program::ALL {
-        if prepared.single_wakes.contains_key(&program) {
+        if run.image_only.single_wakes.contains_key(&program)
+            || prepared.single_wakes.contains_key(&program)
+        {
             row(
                 format!(
                     "one wake at a time, {} (median, min–max, of services)",
