@@ -551,15 +551,19 @@ impl Registry {
         self.state_dir.join("images").join(name)
     }
 
-    /// Makes the registered service `name` the root of its family when it
-    /// shares pages and its image is full (a daemon restart forgot roots).
-    fn offer_root_if_full(&self, name: &str) {
-        let spec = self
-            .services
+    /// The definition of the registered service `name`, if there is one.
+    fn registered_spec(&self, name: &str) -> Option<ServiceSpec> {
+        self.services
             .lock()
             .expect("lock")
             .get(name)
-            .map(|handle| handle.spec.clone());
+            .map(|handle| handle.spec.clone())
+    }
+
+    /// Makes the registered service `name` the root of its family when it
+    /// shares pages and its image is full (a daemon restart forgot roots).
+    fn offer_root_if_full(&self, name: &str) {
+        let spec = self.registered_spec(name);
         let Some(family) = spec.as_ref().and_then(family_of) else {
             return;
         };
@@ -857,12 +861,7 @@ impl Registry {
             self.store.delete(name)?;
             return Ok(());
         }
-        let spec = self
-            .services
-            .lock()
-            .expect("lock")
-            .get(name)
-            .map(|handle| handle.spec.clone());
+        let spec = self.registered_spec(name);
         let done = self.remove_active(name)?;
         let _ = done.await;
         self.store.delete(name)?;
