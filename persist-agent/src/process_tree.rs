@@ -31,7 +31,7 @@ pub fn with_descendants(roots: &[i32]) -> BTreeSet<i32> {
 }
 
 /// The children of every thread of `pid`.
-fn children(pid: i32) -> Vec<i32> {
+pub fn children(pid: i32) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };

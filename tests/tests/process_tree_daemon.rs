@@ -9,24 +9,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+use persist_agent::process_tree::children as children_of;
 use persist_tests::{Sandbox, nginx_command_with_workers, wait_until, web_root};
-
-/// The children of every thread of `pid`.
-fn children_of(pid: i32) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .flat_map(|task| {
-            std::fs::read_to_string(task.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|child| child.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
 
 /// The state letter of `pid` (`/proc/PID/stat`), `None` once it is gone.
 fn state_of(pid: i32) -> Option<char> {
