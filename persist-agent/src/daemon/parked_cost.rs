@@ -24,11 +24,10 @@
 //! sum with the drop of the host's MemAvailable per parked service.
 
 use std::collections::{HashMap, HashSet};
-
-use crate::process_tree::with_descendants;
 use std::sync::OnceLock;
 
 pub use crate::control::ParkedCost;
+use crate::process_tree::with_descendants;
 
 /// A kernel stack per thread (`THREAD_SIZE` on x86-64).
 const KERNEL_STACK_BYTES: u64 = 16 * 1024;

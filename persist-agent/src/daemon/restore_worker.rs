@@ -56,8 +56,8 @@ pub struct Resumed {
     pub pid: i32,
     /// Init of its private pid namespace, if it has one.
     pub init_pid: Option<i32>,
-    /// A pidfd for it.
-    pub pidfd: PidFd,
+    /// A pidfd for it, shared with its pager.
+    pub pidfd: Arc<PidFd>,
     /// How long preparing and resuming took.
     pub timings: Timings,
     /// When it was resumed (CLOCK_MONOTONIC, as BPF stamps SYNs).
@@ -106,6 +106,11 @@ pub struct WorkerReport {
 }
 
 impl WorkerReport {
+    /// One prepare asked for is done (or will never run).
+    fn prepare_done(&mut self) {
+        self.prepares_queued = self.prepares_queued.saturating_sub(1);
+    }
+
     /// Counts one SYN resume off: the supervisor heard of it, or there was
     /// no skeleton to resume after all.
     pub fn syn_resume_settled(&mut self) {
@@ -364,8 +369,7 @@ impl RestoreWorker {
     }
 
     fn prepare_done(&self) {
-        let mut report = self.report.lock().expect("report lock");
-        report.prepares_queued = report.prepares_queued.saturating_sub(1);
+        self.report.lock().expect("report lock").prepare_done();
     }
 
     /// Kills the prepared skeleton to give its memory back; the image stays,
@@ -633,8 +637,7 @@ impl Worker {
     }
 
     fn prepare_done(&self) {
-        let mut report = self.report.lock().expect("report lock");
-        report.prepares_queued = report.prepares_queued.saturating_sub(1);
+        self.report.lock().expect("report lock").prepare_done();
     }
 
     /// Serves the pages of a process adopted from a dead daemon until they
@@ -1066,17 +1069,6 @@ impl Worker {
                 return;
             }
         };
-        // The pager keeps the skeleton's pidfd; the supervisor watches a
-        // copy of its own for the process's exit.
-        let pidfd = match Arc::try_unwrap(pidfd).or_else(|shared| shared.try_clone()) {
-            Ok(pidfd) => pidfd,
-            Err(err) => {
-                // Nobody would see it exit: it must not run unsupervised.
-                crate::process_tree::kill_tree(pid);
-                reply(Err(format!("pid {pid}: duplicating its pidfd: {err}")));
-                return;
-            }
-        };
         let resumed = Resumed {
             pid,
             init_pid,
@@ -1237,14 +1229,10 @@ impl Worker {
         plan: WakePlan,
         planned_copies: Vec<(u32, PlannedCopy)>,
     ) -> Option<Recording> {
-        let pid = skeleton.pid();
         match plan {
             WakePlan::Lazy => None,
             WakePlan::All => {
-                if let Err(err) = skeleton.pager_mut().prefetch_all() {
-                    warn!(service = %self.name, pid, "prefetching every page: {err}");
-                }
-                for pager in skeleton.descendant_pagers_mut() {
+                for pager in skeleton.tree_pagers_mut() {
                     if let Err(err) = pager.prefetch_all() {
                         warn!(service = %self.name, pid = pager.pid(), "prefetching every page: {err}");
                     }

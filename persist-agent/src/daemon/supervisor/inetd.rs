@@ -47,7 +47,7 @@ impl Supervisor {
                                 self.record_wake(spawned.pid, latency, WokenBy::Supervisor);
                             }
                             self.published.lock().expect("published lock").sessions.push(spawned.pid);
-                            let child = Child::new(spawned.pid, spawned.pidfd)?;
+                            let child = Child::new(spawned.pid, std::sync::Arc::new(spawned.pidfd))?;
                             children.spawn(async move {
                                 child.wait().await;
                                 child.pid

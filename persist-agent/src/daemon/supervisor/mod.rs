@@ -257,7 +257,7 @@ impl WokenBy {
 /// A process just started or resumed for a wake.
 struct Started {
     pid: i32,
-    pidfd: PidFd,
+    pidfd: Arc<PidFd>,
     /// Init of its private pid namespace, if it has one.
     namespace_init: Option<i32>,
     /// How long the resume of a restored process took.
@@ -282,13 +282,14 @@ impl From<Resumed> for Started {
 /// A process the supervisor watches.
 struct Child {
     pid: i32,
-    exited: AsyncFd<PidFd>,
+    /// Its pidfd; a restored process's pager holds the same.
+    exited: AsyncFd<Arc<PidFd>>,
     /// Init of the process's private pid namespace, killed with it.
     namespace_init: Option<i32>,
 }
 
 impl Child {
-    fn new(pid: i32, pidfd: PidFd) -> std::io::Result<Self> {
+    fn new(pid: i32, pidfd: Arc<PidFd>) -> std::io::Result<Self> {
         Ok(Self {
             pid,
             exited: crate::sys::async_fd::watch(pidfd)?,
@@ -320,7 +321,7 @@ impl Child {
 
 /// Collects the exit status of our own child; another process's exit is
 /// collected by its parent.
-fn reap(pidfd: &AsyncFd<PidFd>) -> Option<nix::sys::wait::WaitStatus> {
+fn reap(pidfd: &AsyncFd<Arc<PidFd>>) -> Option<nix::sys::wait::WaitStatus> {
     crate::sys::spawn::reap(pidfd.get_ref(), false)
 }
 
@@ -426,7 +427,7 @@ impl Supervisor {
             Starter::Command { .. } => (None, None),
         };
         if let Some(adopted) = adopted {
-            match Child::new(adopted.record.pid, adopted.pidfd) {
+            match Child::new(adopted.record.pid, Arc::new(adopted.pidfd)) {
                 Ok(child) => {
                     info!(service = %spec.name, pid = child.pid, "found the running service again");
                     supervisor.child = Some(child);

@@ -83,7 +83,7 @@ impl Supervisor {
             })
             .map(|spawned| Started {
                 pid: spawned.pid,
-                pidfd: spawned.pidfd,
+                pidfd: std::sync::Arc::new(spawned.pidfd),
                 namespace_init: None,
                 resume_us: None,
                 running_at_ns: None,

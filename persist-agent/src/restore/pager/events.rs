@@ -71,21 +71,22 @@ impl Pager {
     /// (`MADV_REMOVE`, which punches the object's pages out, sends the same
     /// event: see docs/process-trees.md, What is not done.)
     pub(super) fn discard_range(&mut self, start: u64, end: u64) {
-        let keys: Vec<u64> = self
-            .pending
-            .range(start..end)
-            .filter(|(_, source)| source.slot.is_none())
-            .map(|(k, _)| *k)
-            .collect();
-        self.stats.dropped_pages += keys.len() as u64;
-        for key in keys {
-            self.pending.remove(&key);
-        }
+        self.drop_pending(start, end, |source| source.slot.is_none());
     }
 
     /// Forgets the pending pages of `[start, end)`, unmapped.
     pub(super) fn drop_range(&mut self, start: u64, end: u64) {
-        let keys: Vec<u64> = self.pending.range(start..end).map(|(k, _)| *k).collect();
+        self.drop_pending(start, end, |_| true);
+    }
+
+    /// Forgets the pending pages of `[start, end)` that `dropped` says so of.
+    fn drop_pending(&mut self, start: u64, end: u64, dropped: impl Fn(&Source) -> bool) {
+        let keys: Vec<u64> = self
+            .pending
+            .range(start..end)
+            .filter(|(_, source)| dropped(source))
+            .map(|(k, _)| *k)
+            .collect();
         self.stats.dropped_pages += keys.len() as u64;
         for key in keys {
             self.pending.remove(&key);
