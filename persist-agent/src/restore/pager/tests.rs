@@ -27,7 +27,9 @@ fn serves_image_pages_and_zeros_after_dontneed() {
 
     // Discard pages 8..16 before anything is filled: the madvise waits
     // for the pager to read the event, so it runs on its own thread.
+    let (tids, waiting) = std::sync::mpsc::channel();
     let discard = std::thread::spawn(move || {
+        tids.send(nix::unistd::gettid()).unwrap();
         // SAFETY: the range lies inside our own anonymous mapping.
         unsafe {
             libc::madvise(
@@ -37,7 +39,7 @@ fn serves_image_pages_and_zeros_after_dontneed() {
             )
         }
     });
-    std::thread::sleep(Duration::from_millis(50));
+    wait_for_userfault_event_wait(waiting.recv().unwrap());
     let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
     assert_eq!(discard.join().unwrap(), 0);
     // SAFETY: reading our own mapping; missing pages are served by the
@@ -132,7 +134,9 @@ fn serves_a_shared_object_from_the_pages_stored_with_another_mapping() {
 
     // Pages 0..4 discarded before anything is in: the madvise waits for
     // the pager to read its event, so it runs on its own thread.
+    let (tids, waiting) = std::sync::mpsc::channel();
     let discard = std::thread::spawn(move || {
+        tids.send(nix::unistd::gettid()).unwrap();
         // SAFETY: the range lies inside our own shared mapping.
         unsafe {
             libc::madvise(
@@ -142,7 +146,7 @@ fn serves_a_shared_object_from_the_pages_stored_with_another_mapping() {
             )
         }
     });
-    std::thread::sleep(Duration::from_millis(50));
+    wait_for_userfault_event_wait(waiting.recv().unwrap());
     let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
     assert_eq!(discard.join().unwrap(), 0);
     // SAFETY: reading our own mappings; missing pages are served by the
@@ -259,28 +263,44 @@ fn follows_mremap_and_munmap_of_missing_pages() {
     let (area, mut pager, _temp) = patterned_pager(PAGES);
     let start = area as u64;
     let target = nix_mmap((16 * PAGE_SIZE) as usize) as u64;
-    // Both calls wait for the pager to read their events.
-    let changes = std::thread::spawn(move || {
-        // SAFETY: moving pages 32..48 of our own mapping over a mapping
-        // reserved for them, and unmapping pages 48..56 of it.
+    // Each call waits for the pager to read its event. Both are made from
+    // threads of their own and are waiting before the pager starts: were the
+    // munmap made after the pager read the mremap's event, the pager's fill
+    // could reach the unmapped pages first and find nothing to drop.
+    let (tids, waiting) = std::sync::mpsc::channel();
+    let mover = {
+        let tids = tids.clone();
+        std::thread::spawn(move || {
+            tids.send(nix::unistd::gettid()).unwrap();
+            // SAFETY: moving pages 32..48 of our own mapping over a mapping
+            // reserved for them.
+            unsafe {
+                libc::mremap(
+                    (start + 32 * PAGE_SIZE) as *mut libc::c_void,
+                    (16 * PAGE_SIZE) as usize,
+                    (16 * PAGE_SIZE) as usize,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    target as *mut libc::c_void,
+                ) as u64
+            }
+        })
+    };
+    let unmapper = std::thread::spawn(move || {
+        tids.send(nix::unistd::gettid()).unwrap();
+        // SAFETY: unmapping pages 48..56 of our own mapping.
         unsafe {
-            let moved = libc::mremap(
-                (start + 32 * PAGE_SIZE) as *mut libc::c_void,
-                (16 * PAGE_SIZE) as usize,
-                (16 * PAGE_SIZE) as usize,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                target as *mut libc::c_void,
-            );
-            let unmapped = libc::munmap(
+            libc::munmap(
                 (start + 48 * PAGE_SIZE) as *mut libc::c_void,
                 (8 * PAGE_SIZE) as usize,
-            );
-            (moved as u64, unmapped)
+            )
         }
     });
-    std::thread::sleep(Duration::from_millis(50));
+    for tid in waiting.iter().take(2) {
+        wait_for_userfault_event_wait(tid);
+    }
     let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
-    assert_eq!(changes.join().unwrap(), (target, 0));
+    let changes = (mover.join().unwrap(), unmapper.join().unwrap());
+    assert_eq!(changes, (target, 0));
     // SAFETY: the moved pages now live at `target`, served by the pager.
     let moved =
         unsafe { std::slice::from_raw_parts(target as *const u8, (16 * PAGE_SIZE) as usize) };
@@ -301,6 +321,21 @@ fn follows_mremap_and_munmap_of_missing_pages() {
     let stats = serving.join().unwrap();
     assert_eq!(stats.dropped_pages, 8, "the unmapped pages are dropped");
     assert_eq!(stats.fault_pages + stats.filled_pages, PAGES - 8);
+}
+
+/// Waits until thread `tid` of this process sleeps until a userfaultfd reader
+/// takes its event (mremap, munmap, fork...).
+fn wait_for_userfault_event_wait(tid: nix::unistd::Pid) {
+    let wchan = format!("/proc/self/task/{tid}/wchan");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&wchan).unwrap_or_default() != "userfaultfd_event_wait_completion"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "thread {tid} never waited for its userfaultfd event"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A fresh private anonymous mapping of `len` bytes, leaked for the test.
