@@ -24,6 +24,18 @@ pub(super) fn has_written_pages(mapping: &Mapping) -> bool {
     !mapping.shared && !mapping.pages.is_empty() && matches!(mapping.kind, MappingKind::File { .. })
 }
 
+/// The number of pages [`write`] writes for `image`.
+pub(super) fn count(image: &Image) -> u64 {
+    image
+        .manifest()
+        .mappings
+        .iter()
+        .filter(|m| has_written_pages(m))
+        .flat_map(|mapping| &mapping.pages)
+        .map(|run| run.count)
+        .sum()
+}
+
 /// Writes the stored pages of every private file mapping of `image` into the
 /// stopped process `pid`, each run checked against its checksum first.
 /// Returns the number of pages written.

@@ -192,7 +192,6 @@ impl Setup {
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 
-        // Its pager, then its threads and their state.
         // One pidfd for the skeleton, its pager and its continuer: a parked
         // service's descriptors in the agent count against its open-files
         // limit.
@@ -201,28 +200,56 @@ impl Setup {
             .get_fd(self.uffd_fd)
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
-        file_pages::write(&image, pid, &mem)?;
-        let mut pager = Pager::new(
-            Userfault::new(uffd),
-            Arc::clone(&pidfd),
-            Arc::clone(&image),
-            &self.lazy_shared,
-        );
-
-        let mut runner = TableRunner {
-            pid,
-            mem: &mem,
-            region: &self.region,
-        };
-        let tids = threads::create(&mut runner, manifest)?;
-        guard.threads.extend(tids.iter().skip(1));
-        let resume_table = threads::restore_state(
-            &mut runner,
-            manifest,
-            &tids,
-            &mut pager,
-            self.parent_restored,
-        )?;
+        // The pages it wrote in its private file mappings (about 2 MiB for
+        // python, a millisecond of checks and copies) are written by a
+        // second thread while this one builds its pager and threads: both
+        // only write to a stopped process's memory, never the same pages
+        // (file pages there, the agent's region and anonymous pages here).
+        let (written, state) = std::thread::scope(|scope| {
+            let writer = (file_pages::count(&image) >= PARALLEL_FILE_PAGES)
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("persist-files".into())
+                        .spawn_scoped(scope, || file_pages::write(&image, pid, &mem))
+                        .ok()
+                })
+                .flatten();
+            // Its pager, then its threads and their state.
+            let state = (|| {
+                let mut pager = Pager::new(
+                    Userfault::new(uffd),
+                    Arc::clone(&pidfd),
+                    Arc::clone(&image),
+                    &self.lazy_shared,
+                );
+                let mut runner = TableRunner {
+                    pid,
+                    mem: &mem,
+                    region: &self.region,
+                };
+                let tids = threads::create(&mut runner, manifest)?;
+                guard.threads.extend(tids.iter().skip(1));
+                let resume_table = threads::restore_state(
+                    &mut runner,
+                    manifest,
+                    &tids,
+                    &mut pager,
+                    self.parent_restored,
+                )?;
+                Ok::<_, RestoreError>((tids, pager, resume_table))
+            })();
+            let written = match writer {
+                Some(writer) => writer.join().unwrap_or_else(|_| {
+                    Err(RestoreError::Layout(format!(
+                        "the thread writing the file pages of pid {pid} panicked"
+                    )))
+                }),
+                None => file_pages::write(&image, pid, &mem),
+            };
+            (written, state)
+        });
+        written?;
+        let (tids, pager, resume_table) = state?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
         files::warm_own_proc_entries(pid);
 
@@ -250,3 +277,7 @@ impl Setup {
         })
     }
 }
+
+/// Pages written back into private file mappings worth a thread of their
+/// own: starting one costs tens of µs, about what 16 pages' writes cost.
+const PARALLEL_FILE_PAGES: u64 = 64;
