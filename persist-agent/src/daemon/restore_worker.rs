@@ -35,6 +35,7 @@ use persist_common::image::{Image, ImageError, PagesByProcess, WorkingSet, manif
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use super::cold_wake;
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
 use super::restore_pool::{PoolTask, RestorePool};
@@ -689,14 +690,26 @@ impl Worker {
         let mut stale = false;
         let mut backlog = None;
         let result = self
-            .build_skeleton(verify, &mut stale)
-            .and_then(|(mut skeleton, image)| {
+            .build_skeleton(verify, &mut stale, cold.is_some())
+            .and_then(|(mut skeleton, image, set_ahead)| {
                 if let Some(cold) = cold.as_deref_mut() {
                     cold.build = started.elapsed();
                     make_ordinary(&skeleton)?;
                 }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
-                self.plan = self.plan_wake(image);
+                self.plan = match set_ahead.and_then(|ahead| self.take_set_ahead(ahead)) {
+                    Some(ahead) => {
+                        for pager in skeleton.tree_pagers_mut() {
+                            pager.mark_verified(|run| ahead.is_verified(run));
+                        }
+                        WakePlan::Recorded {
+                            set: Arc::new(ahead.set),
+                            image,
+                            image_crc: ahead.image_crc,
+                        }
+                    }
+                    None => self.plan_wake(image),
+                };
                 let mut armed = Armed::default();
                 if let WakePlan::Recorded { set, .. } = &self.plan {
                     armed.copies = self.plan_copies(&mut skeleton, set)?;
@@ -826,6 +839,27 @@ impl Worker {
         }
     }
 
+    /// The working set a cold wake loaded and checked while its skeleton
+    /// was built, if it has one to prefetch; `None` leaves the decision to
+    /// [`Worker::plan_wake`].
+    fn take_set_ahead(&self, ahead: SetAheadThread) -> Option<cold_wake::SetAhead> {
+        match ahead.join() {
+            Ok(Ok(ahead)) if !ahead.set.is_empty() => {
+                info!(service = %self.name, pages = ahead.set.len(), "working set loaded");
+                Some(ahead)
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(err)) => {
+                tracing::debug!(service = %self.name, "no working set loaded ahead: {err}");
+                None
+            }
+            Err(_) => {
+                warn!(service = %self.name, "the thread loading the working set panicked");
+                None
+            }
+        }
+    }
+
     /// Decides, at prepare time, what the next wake does about its working
     /// set; the set is read and verified now, off the wake's critical path.
     fn plan_wake(&self, image: Arc<Image>) -> WakePlan {
@@ -892,12 +926,15 @@ impl Worker {
 
     /// Restores the skeleton of the current image, every page verified
     /// first if `verify`. Sets `stale` when the image was taken on another
-    /// kernel build or CPU.
+    /// kernel build or CPU. For a `cold` wake that prefetches its recorded
+    /// working set, also returns the thread that loads and checks that set
+    /// meanwhile.
     fn build_skeleton(
         &self,
         verify: bool,
         stale: &mut bool,
-    ) -> Result<(Skeleton, Arc<Image>), String> {
+        cold: bool,
+    ) -> Result<(Skeleton, Arc<Image>, Option<SetAheadThread>), String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
         // Every process of a tree: a worker's recorded pid still held by
@@ -943,6 +980,9 @@ impl Worker {
             agent_files: self.log.iter().cloned().collect(),
         };
         let image = Arc::new(image);
+        let set_ahead = (cold && self.prefetch == Prefetch::Recorded)
+            .then(|| cold_wake::start(Arc::clone(&image)))
+            .flatten();
         let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {
             *stale = matches!(
                 err,
@@ -952,10 +992,11 @@ impl Worker {
             );
             err.to_string()
         })?;
-        Ok((skeleton, image))
+        Ok((skeleton, image, set_ahead))
     }
 
     fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, ResumeRefused>>) {
+        let mut cold = false;
         if self.skeleton.is_none() {
             if self.resumed_on_syn {
                 // A second process must never start: the supervisor hears
@@ -965,6 +1006,7 @@ impl Worker {
             }
             // Its failure is the resume's: the reply says why.
             self.prepare_cold();
+            cold = true;
         }
         let at_work = self.pagers.start();
         self.resume_and_serve(
@@ -972,6 +1014,7 @@ impl Worker {
                 let _ = reply.send(result.map_err(ResumeRefused::Failed));
             }),
             at_work,
+            cold,
         );
     }
 
@@ -1005,7 +1048,8 @@ impl Worker {
             then(None);
             return;
         }
-        if self.skeleton.is_none() {
+        let cold = self.skeleton.is_none();
+        if cold {
             // A cold wake: prepared here and now, on the SYN's path. A
             // failure is the resume's, reported to the supervisor.
             self.prepare_cold();
@@ -1013,16 +1057,22 @@ impl Worker {
         // Set only for a skeleton to resume: after a failed prepare, the
         // supervisor's retry must prepare again.
         self.resumed_on_syn = self.skeleton.is_some();
-        self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work);
+        self.resume_and_serve(
+            Box::new(move |result| then(Some(result))),
+            at_work,
+            cold,
+        );
     }
 
     /// Resumes the prepared skeleton, tells `reply`, then serves its pages
     /// until they are all in; a stopping daemon waits for that as long as
-    /// `at_work` is held.
+    /// `at_work` is held. `cold`: prepared for this wake, whose copy of the
+    /// working set no wake thread helped with.
     fn resume_and_serve(
         &mut self,
         reply: Box<dyn FnOnce(Result<Resumed, String>) + Send>,
         at_work: PagerAtWork,
+        cold: bool,
     ) {
         let Some(mut skeleton) = self.skeleton.take() else {
             let error = self.report.lock().expect("report lock").error.clone();
@@ -1040,7 +1090,7 @@ impl Worker {
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         let planned_copies = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copies;
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
-        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copies);
+        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copies, cold);
         // Final now: pages are copied ahead of faults only before the resume.
         let descendants_prefetched: u64 = skeleton
             .descendant_pagers_mut()
@@ -1216,7 +1266,9 @@ impl Worker {
     }
 
     /// Copies what `plan` says into the stopped skeleton. Returns the
-    /// working set this wake records or extends, if any.
+    /// working set this wake records or extends, if any. With `helper`, a
+    /// second thread copies the planned pages with this one (no wake
+    /// thread did: a cold wake).
     ///
     /// Before the resume rather than after it: python's http.server answered
     /// its first request sooner with its set copied before it ran than with the
@@ -1228,6 +1280,7 @@ impl Worker {
         skeleton: &mut Skeleton,
         plan: WakePlan,
         planned_copies: Vec<(u32, PlannedCopy)>,
+        helper: bool,
     ) -> Option<Recording> {
         match plan {
             WakePlan::Lazy => None,
@@ -1249,6 +1302,9 @@ impl Worker {
                 image,
                 image_crc,
             } => {
+                let helping = helper
+                    .then(|| help_with_copies(&planned_copies))
+                    .flatten();
                 for (index, pager) in (0u32..).zip(skeleton.tree_pagers_mut()) {
                     let pages = set.pages_of(index);
                     if pages.is_empty() {
@@ -1266,6 +1322,10 @@ impl Worker {
                         warn!(service = %self.name, pid = pager.pid(), "prefetching the working set: {err}");
                     }
                 }
+                // Done by now: each copy waited for the spans it held.
+                if let Some(helping) = helping {
+                    let _ = helping.join();
+                }
                 Some(Recording {
                     image,
                     image_crc,
@@ -1274,6 +1334,28 @@ impl Worker {
             }
         }
     }
+}
+
+/// Pages of a cold wake's working set worth a second copying thread:
+/// starting one costs tens of µs, about what 64 pages' copies cost.
+const HELPED_COPY_PAGES: u64 = 128;
+
+/// Starts a thread that copies spans of `copies` nobody claimed yet, beside
+/// the restore thread, if they are worth one (a thread costs tens of µs).
+fn help_with_copies(copies: &[(u32, PlannedCopy)]) -> Option<std::thread::JoinHandle<()>> {
+    let pages: u64 = copies.iter().map(|(_, copy)| copy.pages()).sum();
+    if pages < HELPED_COPY_PAGES {
+        return None;
+    }
+    let copies: Vec<PlannedCopy> = copies.iter().map(|(_, copy)| copy.clone()).collect();
+    std::thread::Builder::new()
+        .name("persist-copy".into())
+        .spawn(move || {
+            for copy in &copies {
+                copy.help();
+            }
+        })
+        .ok()
 }
 
 /// Puts every thread of `skeleton` (and the init of its pid namespace) in
@@ -1327,6 +1409,9 @@ impl Recording {
 /// The thread serving a descendant's pages, which returns the pages it
 /// logged.
 type DescendantPager = std::thread::JoinHandle<Vec<persist_common::image::WorkingSetPage>>;
+
+/// The thread loading and checking a cold wake's working set.
+type SetAheadThread = std::thread::JoinHandle<Result<cold_wake::SetAhead, String>>;
 
 /// How long after the resume a wake logs the pages the process touches (a
 /// recording wake) or faults on (a prefetched one): its first request and a

@@ -66,6 +66,17 @@ impl PlannedCopy {
     /// none is left, without waiting for the spans other threads hold. Safe
     /// from any thread, at any time before the copy is finished: the process
     /// is stopped until then.
+    pub(crate) fn help(&self) {
+        self.shared.work();
+    }
+
+    /// The number of pages the plan copies.
+    pub(crate) fn pages(&self) -> u64 {
+        self.shared.jobs.iter().map(|job| job.span.count).sum()
+    }
+
+    /// Copies spans nobody has claimed yet, as [`PlannedCopy::help`] does,
+    /// and has `then` called once every page of the plan is in.
     ///
     /// Once every page of the plan is in, so that the process may run
     /// without [`Pager::finish_planned`] having retried anything, the thread
@@ -175,6 +186,15 @@ impl Pager {
             }
         }
         Ok(())
+    }
+
+    /// Takes the runs `checked` says are sound as verified (their checksums
+    /// were checked by another thread, on the same page store), so that no
+    /// copy checks them again.
+    pub(crate) fn mark_verified(&mut self, checked: impl Fn(&PageRun) -> bool) {
+        for (run, verified) in self.runs.iter().zip(self.verified.iter_mut()) {
+            *verified = *verified || checked(run);
+        }
     }
 
     /// Copies every pending page into the stopped process now.
