@@ -1057,11 +1057,7 @@ impl Worker {
         // Set only for a skeleton to resume: after a failed prepare, the
         // supervisor's retry must prepare again.
         self.resumed_on_syn = self.skeleton.is_some();
-        self.resume_and_serve(
-            Box::new(move |result| then(Some(result))),
-            at_work,
-            cold,
-        );
+        self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work, cold);
     }
 
     /// Resumes the prepared skeleton, tells `reply`, then serves its pages
@@ -1302,9 +1298,7 @@ impl Worker {
                 image,
                 image_crc,
             } => {
-                let helping = helper
-                    .then(|| help_with_copies(&planned_copies))
-                    .flatten();
+                let helping = helper.then(|| help_with_copies(&planned_copies)).flatten();
                 for (index, pager) in (0u32..).zip(skeleton.tree_pagers_mut()) {
                     let pages = set.pages_of(index);
                     if pages.is_empty() {
