@@ -201,55 +201,56 @@ impl Setup {
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
         // The pages it wrote in its private file mappings (about 2 MiB for
-        // python, a millisecond of checks and copies) are written by a
-        // second thread while this one builds its pager and threads: both
-        // only write to a stopped process's memory, never the same pages
-        // (file pages there, the agent's region and anonymous pages here).
-        let (written, state) = std::thread::scope(|scope| {
-            let writer = (file_pages::count(&image) >= PARALLEL_FILE_PAGES)
+        // python, a millisecond of checks and copies) are written by two
+        // threads, each its share of them, this one then building the
+        // pager meanwhile; all before any code of its threads runs, as the
+        // kernel may write into those pages then (an rseq area).
+        let (written, pager) = std::thread::scope(|scope| {
+            let helper = (file_pages::count(&image) >= PARALLEL_FILE_PAGES)
                 .then(|| {
                     std::thread::Builder::new()
                         .name("persist-files".into())
-                        .spawn_scoped(scope, || file_pages::write(&image, pid, &mem))
+                        .spawn_scoped(scope, || file_pages::write_share(&image, pid, &mem, 1, 2))
                         .ok()
                 })
                 .flatten();
-            // Its pager, then its threads and their state.
-            let state = (|| {
-                let mut pager = Pager::new(
-                    Userfault::new(uffd),
-                    Arc::clone(&pidfd),
-                    Arc::clone(&image),
-                    &self.lazy_shared,
-                );
-                let mut runner = TableRunner {
-                    pid,
-                    mem: &mem,
-                    region: &self.region,
-                };
-                let tids = threads::create(&mut runner, manifest)?;
-                guard.threads.extend(tids.iter().skip(1));
-                let resume_table = threads::restore_state(
-                    &mut runner,
-                    manifest,
-                    &tids,
-                    &mut pager,
-                    self.parent_restored,
-                )?;
-                Ok::<_, RestoreError>((tids, pager, resume_table))
-            })();
-            let written = match writer {
-                Some(writer) => writer.join().unwrap_or_else(|_| {
-                    Err(RestoreError::Layout(format!(
-                        "the thread writing the file pages of pid {pid} panicked"
-                    )))
-                }),
+            let written = match helper {
+                Some(_) => file_pages::write_share(&image, pid, &mem, 0, 2),
                 None => file_pages::write(&image, pid, &mem),
             };
-            (written, state)
+            let pager = Pager::new(
+                Userfault::new(uffd),
+                Arc::clone(&pidfd),
+                Arc::clone(&image),
+                &self.lazy_shared,
+            );
+            let helped = helper.map_or(Ok(0), |helper| {
+                helper.join().unwrap_or_else(|_| {
+                    Err(RestoreError::Layout(format!(
+                        "the thread writing file pages of pid {pid} panicked"
+                    )))
+                })
+            });
+            (written.and(helped), pager)
         });
         written?;
-        let (tids, pager, resume_table) = state?;
+        let mut pager = pager;
+
+        // Its threads and their state.
+        let mut runner = TableRunner {
+            pid,
+            mem: &mem,
+            region: &self.region,
+        };
+        let tids = threads::create(&mut runner, manifest)?;
+        guard.threads.extend(tids.iter().skip(1));
+        let resume_table = threads::restore_state(
+            &mut runner,
+            manifest,
+            &tids,
+            &mut pager,
+            self.parent_restored,
+        )?;
         files::restore_proc_self_positions(&pidfd, &proc_self_positions)?;
         files::warm_own_proc_entries(pid);
 
