@@ -6,7 +6,8 @@
 //! http.server (900 pages), after a build of about five; done alongside
 //! the build, the copy that follows it finds them checked. Reading the runs
 //! also brings the image's pages into the page cache, should they have been
-//! dropped, while the build still runs (docs/benchmarks.md, Cold wakes).
+//! dropped, while the build still runs (docs/kernel-facts.md, Costs that
+//! shaped the cold wake).
 
 use std::collections::HashSet;
 use std::sync::Arc;
