@@ -42,7 +42,7 @@ use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
     Continuer, EventJournal, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored,
-    Skeleton, Timings, help_all_then,
+    Skeleton, Timings, WhenCopied, help_each_then,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, place_listeners};
@@ -62,6 +62,11 @@ pub struct Resumed {
     pub timings: Timings,
     /// When it was resumed (CLOCK_MONOTONIC, as BPF stamps SYNs).
     pub resumed_at_ns: u64,
+}
+
+/// Microseconds of `duration`, for a log line (0 when there is none).
+fn micros(duration: Option<Duration>) -> u64 {
+    duration.map_or(0, |d| d.as_micros() as u64)
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds.
@@ -222,18 +227,52 @@ impl ResumeTrigger {
             return;
         };
         // On failure the restore thread resumes it, and reports why not.
-        let wake_thread = std::thread::current().id();
-        let continue_process = Box::new(move || {
-            if std::thread::current().id() != wake_thread {
-                let _ = sched::set_current_thread_realtime(false);
-            }
-            let _ = continuer.try_continue_process();
-        });
-        help_all_then(
-            armed.copies.into_iter().map(|(_, copy)| copy).collect(),
-            continue_process,
-        );
+        continue_each_when_copied(continuer, armed.copies, std::thread::current().id());
     }
+}
+
+/// Copies each process's pages of the working set in and lets it run as
+/// soon as its own are in, in the order a tree is let run: the descendants
+/// last first (children before their parents), the root last. A worker
+/// that answers the wake's request thus waits for its own pages only, not
+/// for every process's (docs/process-trees.md, The wake's critical path).
+/// A copy that fails stops there: the restore thread then copies and
+/// continues the rest (and reports why not).
+///
+/// Each step runs on whichever thread copied the last page it waited for;
+/// one other than `wake_thread` (the restore thread, at real-time priority
+/// while armed) becomes ordinary before it lets a process run, or the
+/// process, woken on its CPU, would wait for it.
+fn continue_each_when_copied(
+    root: Continuer,
+    copies: Vec<(u32, PlannedCopy)>,
+    wake_thread: std::thread::ThreadId,
+) {
+    let mut copies: std::collections::HashMap<u32, PlannedCopy> = copies.into_iter().collect();
+    let ordinary = move || {
+        if std::thread::current().id() != wake_thread {
+            let _ = sched::set_current_thread_realtime(false);
+        }
+    };
+    let mut steps: Vec<(Option<PlannedCopy>, WhenCopied)> = Vec::new();
+    let descendants: Vec<(u32, Continuer)> = (1u32..).zip(root.descendants().to_vec()).collect();
+    for (index, descendant) in descendants.into_iter().rev() {
+        steps.push((
+            copies.remove(&index),
+            Box::new(move || {
+                ordinary();
+                let _ = descendant.try_continue_process();
+            }),
+        ));
+    }
+    steps.push((
+        copies.remove(&0),
+        Box::new(move || {
+            ordinary();
+            let _ = root.try_continue_process();
+        }),
+    ));
+    help_each_then(steps);
 }
 
 /// What the wake thread may do for the armed skeleton on a SYN.
@@ -1098,7 +1137,7 @@ impl Worker {
         report.serving = None;
         match filled {
             Ok(mut stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
+                info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 // What a tree's wake copied ahead is into all its
                 // processes; the other counters stay the root's, as its
@@ -1159,6 +1198,7 @@ impl Worker {
             let at_work = self.pagers.start();
             let mut pager = restored.pager;
             let pid = restored.pid;
+            let resumed_at = restored.resumed_at;
             if let Some(recording) = record {
                 recording.start_logging(&mut pager);
             }
@@ -1167,9 +1207,10 @@ impl Worker {
             let spawned = std::thread::Builder::new()
                 .name(format!("pager-{pid}"))
                 .spawn(move || {
+                    let serving_after = Some(resumed_at.elapsed());
                     match pager.run_until_filled() {
                         Ok(stats) => {
-                            info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, "all pages of a process of the tree in");
+                            info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, first_fault_us = micros(stats.first_fault_after_resume), serving_after_us = micros(serving_after), "all pages of a process of the tree in");
                         }
                         Err(err) => warn!(service = %name, pid, "pager: {err}"),
                     }
@@ -1249,7 +1290,11 @@ impl Worker {
                 image,
                 image_crc,
             } => {
-                for (index, pager) in (0u32..).zip(skeleton.tree_pagers_mut()) {
+                // In the order the wake thread copies them and lets each
+                // process run: the descendants last first, the root last.
+                let mut pagers: Vec<_> = (0u32..).zip(skeleton.tree_pagers_mut()).collect();
+                pagers.reverse();
+                for (index, pager) in pagers {
                     let pages = set.pages_of(index);
                     if pages.is_empty() {
                         continue;

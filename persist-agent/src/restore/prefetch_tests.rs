@@ -355,12 +355,17 @@ fn a_trees_copies_are_all_in_before_it_continues() {
     let (done, called) = std::sync::mpsc::channel();
     let copies = vec![root_copy.clone(), worker_copy.clone()];
     std::thread::spawn(move || {
-        super::help_all_then(
-            copies,
-            Box::new(move || {
-                let _ = done.send(());
-            }),
-        )
+        let steps = copies
+            .into_iter()
+            .map(|copy| (Some(copy), Box::new(|| {}) as super::WhenCopied))
+            .chain(std::iter::once((
+                None,
+                Box::new(move || {
+                    let _ = done.send(());
+                }) as super::WhenCopied,
+            )))
+            .collect();
+        super::help_each_then(steps)
     });
     called
         .recv_timeout(Duration::from_secs(10))

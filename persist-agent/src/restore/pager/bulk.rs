@@ -92,17 +92,28 @@ impl PlannedCopy {
     }
 }
 
-/// Helps with each of `copies` in turn, as [`PlannedCopy::help_then`] does
-/// with one, and has `then` called once every page of every copy is in: by
-/// the thread that copied the last span of the last copy. A tree's processes
-/// each have their own copy, and none of them may run before all are in (a
-/// tree is let run as a whole).
-pub(crate) fn help_all_then(copies: Vec<PlannedCopy>, then: WhenCopied) {
-    let mut then = then;
-    for copy in copies.into_iter().rev() {
-        then = Box::new(move || copy.help_then(then));
+/// Runs `steps` in turn: helps with each one's copy (if any) as
+/// [`PlannedCopy::help_then`] does, and once every page of it is in, runs
+/// its action, then goes on to the next step, on the thread that copied the
+/// copy's last span. A copy that failed anywhere stops the steps there.
+///
+/// A tree's processes each have their own copy, and each may run as soon as
+/// its own pages are in: the first one let run need not wait for the
+/// others' copies.
+pub(crate) fn help_each_then(steps: Vec<(Option<PlannedCopy>, WhenCopied)>) {
+    let mut next: WhenCopied = Box::new(|| {});
+    for (copy, action) in steps.into_iter().rev() {
+        let after = next;
+        let step: WhenCopied = Box::new(move || {
+            action();
+            after();
+        });
+        next = match copy {
+            Some(copy) => Box::new(move || copy.help_then(step)),
+            None => step,
+        };
     }
-    then();
+    next();
 }
 
 impl Pager {
