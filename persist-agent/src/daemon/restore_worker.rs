@@ -28,6 +28,7 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -227,6 +228,7 @@ impl ResumeTrigger {
             return;
         };
         // On failure the restore thread resumes it, and reports why not.
+        armed.copying.store(true, Ordering::Release);
         continue_each_when_copied(continuer, armed.copies, std::thread::current().id());
     }
 }
@@ -284,6 +286,9 @@ struct Armed {
     /// How to let it run (the whole tree), once `copies` are done, when
     /// nothing else must be copied first.
     continuer: Option<Continuer>,
+    /// Set by the wake thread before it starts on `copies`: it copies each
+    /// in turn and lets each process run, unless a copy fails.
+    copying: Arc<AtomicBool>,
 }
 
 type ArmedWake = Arc<Mutex<Armed>>;
@@ -1077,9 +1082,9 @@ impl Worker {
             report.wake_error = None;
         }
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
-        let planned_copies = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copies;
+        let armed = std::mem::take(&mut *self.armed.lock().expect("armed lock"));
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
-        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copies);
+        let record = self.prefetch_before_resume(&mut skeleton, plan, armed);
         // Final now: pages are copied ahead of faults only before the resume.
         let descendants_prefetched: u64 = skeleton
             .descendant_pagers_mut()
@@ -1264,12 +1269,19 @@ impl Worker {
     /// copy racing it, and redis was even (docs/kernel-facts.md, Costs that
     /// shaped the wake path). And only a stopped process lets the copy use
     /// every CPU.
+    ///
+    /// In a tree, once the first process's pages are in (a worker the wake
+    /// thread lets run then), this thread is ordinary, and leaves the other
+    /// copies to the wake thread when it is at them: at real-time priority,
+    /// or copying beside it, this thread took the CPU the worker answering
+    /// the request needed (docs/process-trees.md, The wake's critical path).
     fn prefetch_before_resume(
         &self,
         skeleton: &mut Skeleton,
         plan: WakePlan,
-        planned_copies: Vec<(u32, PlannedCopy)>,
+        armed: Armed,
     ) -> Option<Recording> {
+        let planned_copies = armed.copies;
         match plan {
             WakePlan::Lazy => None,
             WakePlan::All => {
@@ -1294,6 +1306,10 @@ impl Worker {
                 // process run: the descendants last first, the root last.
                 let mut pagers: Vec<_> = (0u32..).zip(skeleton.tree_pagers_mut()).collect();
                 pagers.reverse();
+                // Whether every copy so far was whole: the wake thread then
+                // goes on to the next.
+                let mut whole_so_far = true;
+                let mut first = true;
                 for (index, pager) in pagers {
                     let pages = set.pages_of(index);
                     if pages.is_empty() {
@@ -1301,9 +1317,21 @@ impl Worker {
                     }
                     let planned = planned_copies.iter().find(|(planned, _)| *planned == index);
                     let copied = match planned {
+                        Some((_, copy))
+                            if !first && whole_so_far && armed.copying.load(Ordering::Acquire) =>
+                        {
+                            pager.finish_planned_behind(copy)
+                        }
                         Some((_, copy)) => pager.finish_planned(copy),
                         None => pager.prefetch_set(pages),
                     };
+                    if let Some((_, copy)) = planned {
+                        whole_so_far &= copy.copied_whole();
+                    }
+                    if first {
+                        first = false;
+                        let _ = sched::set_current_thread_realtime(false);
+                    }
                     // A page of the image that cannot be served kills its
                     // process here; the root's death fails the resume,
                     // which reports it.

@@ -90,6 +90,14 @@ impl PlannedCopy {
         }
         self.shared.work();
     }
+
+    /// Whether every page of the copy is in, once it is over (false
+    /// before): the thread that copied its last span then went on
+    /// ([`PlannedCopy::help_then`]).
+    pub(crate) fn copied_whole(&self) -> bool {
+        let finished = self.shared.finished.lock().expect("bulk copy lock");
+        finished.outcomes.len() == self.shared.jobs.len() && all_copied(&finished.outcomes)
+    }
 }
 
 /// Runs `steps` in turn: helps with each one's copy (if any) as
@@ -285,7 +293,7 @@ impl Pager {
                 break;
             }
         }
-        self.finish_copy(&copy)
+        self.finish_copy(&copy, true)
     }
 
     /// The copy of `spans`, ready for any thread to help with
@@ -318,9 +326,11 @@ impl Pager {
     /// Does what is left of `copy` on this thread, waits for the spans
     /// other threads hold, then updates what is pending. On a corrupt run
     /// the process is killed.
-    fn finish_copy(&mut self, copy: &PlannedCopy) -> Result<u64, RestoreError> {
+    fn finish_copy(&mut self, copy: &PlannedCopy, help: bool) -> Result<u64, RestoreError> {
         let before = self.pending.len();
-        copy.shared.work();
+        if help {
+            copy.shared.work();
+        }
         let outcomes = copy.shared.wait_all();
 
         let mut retry = Vec::new();
@@ -379,7 +389,18 @@ impl Pager {
     /// Ends a copy planned by [`Pager::plan_set`]. Returns the number of
     /// pages copied.
     pub(crate) fn finish_planned(&mut self, copy: &PlannedCopy) -> Result<u64, RestoreError> {
-        self.finish_copy(copy)
+        self.finish_copy(copy, true)
+    }
+
+    /// Ends a copy planned by [`Pager::plan_set`] that another thread
+    /// copies, without helping: this thread only waits for it (sleeping),
+    /// and takes no CPU from a process of the tree already let run. Only
+    /// for a copy that thread is sure to finish, or this one waits forever.
+    pub(crate) fn finish_planned_behind(
+        &mut self,
+        copy: &PlannedCopy,
+    ) -> Result<u64, RestoreError> {
+        self.finish_copy(copy, false)
     }
 
     /// The runs the pages of `span` come from whose checksums are not yet checked.
