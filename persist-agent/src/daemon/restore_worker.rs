@@ -1168,7 +1168,7 @@ impl Worker {
             let mut faulted = PagesByProcess::from([(0, pager.take_fault_log())]);
             // Each descendant's log is complete once its pager is done.
             for (index, serving) in descendant_logs {
-                match serving.join() {
+                match serving.recv() {
                     Ok(log) => {
                         faulted.insert(index, log);
                     }
@@ -1189,10 +1189,13 @@ impl Worker {
 
     /// Serves the pages of a tree's other processes, each pager in a thread
     /// of its own until its process's memory is all in (a stopping daemon
-    /// waits for them as for the root's). With `record`, each logs its
-    /// faults as the root's pager does, and its thread returns that log:
-    /// the threads are returned with each process's index in tree order
-    /// (from 1; a process that got no thread was killed).
+    /// waits for them as for the root's): a pool thread waiting for work
+    /// when there is one, as waking it costs the worker answering the
+    /// wake's request less CPU than starting a thread (docs/process-trees.md,
+    /// The wake's critical path). With `record`, each logs its faults as
+    /// the root's pager does, and its thread sends that log back: the
+    /// receivers are returned with each process's index in tree order (from
+    /// 1; a process that got no thread was killed).
     fn serve_descendants(
         &self,
         descendants: Vec<Restored>,
@@ -1209,21 +1212,30 @@ impl Worker {
             }
             pager.hurry_when(self.pagers.stopping());
             let name = self.name.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("pager-{pid}"))
-                .spawn(move || {
-                    let serving_after = Some(resumed_at.elapsed());
-                    match pager.run_until_filled() {
-                        Ok(stats) => {
-                            info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, first_fault_us = micros(stats.first_fault_after_resume), serving_after_us = micros(serving_after), "all pages of a process of the tree in");
-                        }
-                        Err(err) => warn!(service = %name, pid, "pager: {err}"),
+            let (log, logged) = std::sync::mpsc::channel();
+            let serve: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let serving_after = Some(resumed_at.elapsed());
+                match pager.run_until_filled() {
+                    Ok(stats) => {
+                        info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, first_fault_us = micros(stats.first_fault_after_resume), serving_after_us = micros(serving_after), "all pages of a process of the tree in");
                     }
-                    drop(at_work);
-                    pager.take_fault_log()
-                });
+                    Err(err) => warn!(service = %name, pid, "pager: {err}"),
+                }
+                drop(at_work);
+                let _ = log.send(pager.take_fault_log());
+            });
+            let task = Arc::new(PagerTask {
+                serve: Mutex::new(Some(serve)),
+            });
+            let spawned = match self.pool.submit_if_idle(task.clone()) {
+                Ok(()) => Ok(()),
+                Err(_) => std::thread::Builder::new()
+                    .name(format!("pager-{pid}"))
+                    .spawn(move || task.serve())
+                    .map(drop),
+            };
             match spawned {
-                Ok(thread) => serving.push((index, thread)),
+                Ok(()) => serving.push((index, logged)),
                 Err(err) => {
                     // Its faults would wait forever: it must not run so.
                     warn!(service = %self.name, pid, "no thread for the pager, the process is killed: {err}");
@@ -1399,7 +1411,35 @@ impl Recording {
 
 /// The thread serving a descendant's pages, which returns the pages it
 /// logged.
-type DescendantPager = std::thread::JoinHandle<Vec<persist_common::image::WorkingSetPage>>;
+type DescendantPager = std::sync::mpsc::Receiver<Vec<persist_common::image::WorkingSetPage>>;
+
+/// A descendant's pager, to run on a pool thread (or a thread of its own).
+struct PagerTask {
+    serve: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl PagerTask {
+    /// Runs the pager, once. A panic drops the log's sender: the working
+    /// set then lacks this process's pages (said where it is received), and
+    /// a pool thread lives on.
+    fn serve(&self) {
+        let Some(serve) = self.serve.lock().expect("pager task lock").take() else {
+            return;
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve));
+    }
+}
+
+impl PoolTask for PagerTask {
+    fn run(self: Arc<Self>, pool: &Arc<RestorePool>) {
+        // A pool thread that armed a skeleton waited at real-time priority;
+        // the pager spins at times. And it serves until every page is in:
+        // out of the pool meanwhile.
+        let _ = sched::set_current_thread_realtime(false);
+        pool.leave();
+        self.serve();
+    }
+}
 
 /// How long after the resume a wake logs the pages the process touches (a
 /// recording wake) or faults on (a prefetched one): its first request and a
