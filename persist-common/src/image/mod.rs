@@ -90,6 +90,7 @@ mod io;
 mod manifest;
 mod posix_timer;
 mod sockets;
+mod sysv_ipc;
 mod tcp_connection;
 mod tree;
 mod working_set;
@@ -101,6 +102,7 @@ pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
 pub use sockets::{SocketFile, TcpSocket, UnixSocket};
+pub use sysv_ipc::{IpcMessage, IpcOwner, MessageQueue, SemaphoreSet, SysvIpc};
 pub use tcp_connection::{TcpConnection, TcpWindow};
 pub use tree::{ChildProcess, InheritedFd, Zombie};
 pub use working_set::{
