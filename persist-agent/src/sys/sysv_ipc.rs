@@ -234,6 +234,21 @@ pub fn has_undo_list(pid: i32) -> io::Result<bool> {
     Ok(rc != 0)
 }
 
+/// Reads the caller's namespace's `/proc/sys/kernel/NAME`.
+fn read_limit(name: &str) -> io::Result<u64> {
+    let path = format!("/proc/sys/kernel/{name}");
+    std::fs::read_to_string(&path)?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("{path} is not a number")))
+}
+
+/// Writes the caller's namespace's `/proc/sys/kernel/NAME`.
+fn write_limit(name: &str, value: u64) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/kernel/{name}"), value.to_string())
+        .map_err(|err| io::Error::new(err.kind(), format!("writing {value} to {name}: {err}")))
+}
+
 /// Writes `id` to `/proc/sys/kernel/NAME_next_id`: the next object of
 /// that kind made in the caller's namespace gets that id.
 fn set_next_id(name: &str, id: i32) -> io::Result<()> {
@@ -313,11 +328,22 @@ pub fn make_queue(
     max_bytes: u64,
     messages: &[(i64, &[u8])],
 ) -> io::Result<()> {
+    // A queue gets the namespace's msgmnb as its room, and only
+    // CAP_SYS_RESOURCE may raise it above: msgmnb is raised for the queue
+    // to be made with its room, then set back.
+    let msgmnb = read_limit("msgmnb")?;
+    if max_bytes > msgmnb {
+        write_limit("msgmnb", max_bytes)?;
+    }
     set_next_id("msg", msqid)?;
     let made = as_creator(owner, || {
         // SAFETY: msgget takes plain integers.
         check(unsafe { libc::msgget(key, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) })
-    })?;
+    });
+    if max_bytes > msgmnb {
+        write_limit("msgmnb", msgmnb)?;
+    }
+    let made = made?;
     if made != msqid {
         return Err(io::Error::other(format!(
             "the kernel gave it id {made} instead"
@@ -327,19 +353,16 @@ pub fn make_queue(
     ds.msg_perm.uid = owner.uid;
     ds.msg_perm.gid = owner.gid;
     ds.msg_perm.mode = (owner.mode & 0o777) as _;
-    ds.msg_qbytes = max_bytes as _;
+    if max_bytes < msgmnb {
+        ds.msg_qbytes = max_bytes as _;
+    }
     // SAFETY: IPC_SET reads the owner, mode and room from the struct we pass.
     check(unsafe { libc::msgctl(msqid, libc::IPC_SET, &raw mut ds) })?;
-    let longest = messages.iter().map(|(_, body)| body.len()).max();
-    if let Some(longest) = longest {
-        let path = "/proc/sys/kernel/msgmax";
-        let msgmax: usize = std::fs::read_to_string(path)?
-            .trim()
-            .parse()
-            .map_err(|_| io::Error::other(format!("{path} is not a number")))?;
-        if longest > msgmax {
-            std::fs::write(path, longest.to_string())?;
-        }
+    let longest = messages.iter().map(|(_, body)| body.len() as u64).max();
+    if let Some(longest) = longest
+        && longest > read_limit("msgmax")?
+    {
+        write_limit("msgmax", longest)?;
     }
     for (index, (mtype, body)) in messages.iter().enumerate() {
         let mut buffer = mtype.to_ne_bytes().to_vec();

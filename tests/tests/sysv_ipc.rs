@@ -1,0 +1,261 @@
+//! System V semaphore sets and message queues of a process tree, through
+//! `checkpoint --tree` and `restore` (tests/src/bin/fixture-sysvipc.rs: a
+//! parent and a child sharing a set and a queue, which check them from
+//! inside once restored).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use persist_tests::{binary, require_root, wait_until};
+
+/// The fixture's two processes, its set and its queue; all killed or
+/// removed on drop.
+struct IpcFixture {
+    parent: Child,
+    child: i32,
+    key: i32,
+    semid: i32,
+    msqid: i32,
+    dir: tempfile::TempDir,
+}
+
+impl IpcFixture {
+    /// Starts the fixture with keys of this test run's own (`base` tells
+    /// the tests apart), using `SEM_UNDO` when `undo`.
+    fn start(base: i32, undo: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = base | ((std::process::id() as i32 & 0x7fff) << 1);
+        let mut command = Command::new(binary("fixture-sysvipc"));
+        command.arg(dir.path()).arg(format!("{key:x}"));
+        if undo {
+            command.arg("undo");
+        }
+        let parent = command.spawn().expect("spawn fixture-sysvipc");
+        let ready = dir.path().join("ready");
+        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-sysvipc is ready");
+        let text = fs::read_to_string(&ready).expect("read ready");
+        let fields: Vec<i32> = text
+            .split_whitespace()
+            .map(|field| field.parse().expect("a number"))
+            .collect();
+        let [_, child, semid, msqid] = fields[..] else {
+            panic!("ready holds {text:?}");
+        };
+        Self {
+            parent,
+            child,
+            key,
+            semid,
+            msqid,
+            dir,
+        }
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("image")
+    }
+
+    /// Has the child, then the parent, check the set and queue; their
+    /// results.
+    fn check(&self, parent: i32, child: i32) -> (String, String) {
+        let mut results = Vec::new();
+        for (pid, name) in [(child, "child-result"), (parent, "parent-result")] {
+            let result = self.dir.path().join(name);
+            let _ = fs::remove_file(&result);
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGUSR1,
+            )
+            .expect("signal a fixture process");
+            wait_until(Duration::from_secs(20), || result.exists())
+                .unwrap_or_else(|e| panic!("pid {pid} writes {name}: {e}"));
+            results.push(fs::read_to_string(&result).expect("read a result"));
+        }
+        (results.remove(0), results.remove(0))
+    }
+}
+
+impl Drop for IpcFixture {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.parent.kill();
+        let _ = self.parent.wait();
+        // Only the objects this fixture made, if the checkpoint left them.
+        if named(self.key) == (Some(self.semid), Some(self.msqid)) {
+            // SAFETY: IPC_RMID of our own set and queue.
+            unsafe {
+                libc::semctl(self.semid, 0, libc::IPC_RMID);
+                libc::msgctl(self.msqid, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+/// The ids of the set with `key` and of the queue with `key + 1` in our
+/// IPC namespace, if there are such.
+fn named(key: i32) -> (Option<i32>, Option<i32>) {
+    // SAFETY: plain integers; looks up only.
+    let (semid, msqid) = unsafe { (libc::semget(key, 0, 0), libc::msgget(key + 1, 0)) };
+    ((semid >= 0).then_some(semid), (msqid >= 0).then_some(msqid))
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(binary("persist-agent"))
+        .args(args)
+        .output()
+        .expect("run persist-agent")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+fn ipc_namespace(pid: &str) -> u64 {
+    fs::metadata(format!("/proc/{pid}/ns/ipc"))
+        .expect("stat an IPC namespace")
+        .ino()
+}
+
+fn wait_gone(pids: &[i32]) {
+    let gone = wait_until(Duration::from_secs(20), || {
+        pids.iter()
+            .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    });
+    assert!(gone.is_ok(), "the killed processes {pids:?} are not reaped");
+}
+
+/// The tree is checkpointed (and killed), and its set and queue removed
+/// from our namespace; its image is restored twice in turn, each time in an
+/// IPC namespace of its own, where the child finds the set and the queue
+/// under their keys with their ids, owners, creators, modes, values and
+/// messages, and receives one message; the parent receives the others in
+/// order and takes from a semaphore.
+#[test]
+fn semaphores_and_message_queues_are_restored_twice_with_their_ids() {
+    require_root!();
+    let mut fixture = IpcFixture::start(0x5e41_0000, false);
+    let pids = [fixture.parent.id() as i32, fixture.child];
+    let image = fixture.image();
+    let image_arg = image.to_str().expect("a UTF-8 path");
+    let output = agent(&[
+        "checkpoint",
+        "--tree",
+        "--pid",
+        &pids[0].to_string(),
+        "--image",
+        image_arg,
+    ]);
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    let _ = fixture.parent.wait();
+    wait_gone(&pids);
+    assert_eq!(
+        named(fixture.key),
+        (None, None),
+        "the set and queue are left in our namespace after the checkpoint killed their users"
+    );
+    let inspect = agent(&["inspect", image_arg]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains(&format!(
+            "semaphores semid {} key {:#x}: values 5 1 42",
+            fixture.semid, fixture.key
+        )) && text.contains(&format!(
+            "msg queue  msqid {} key {:#x}: 4 messages",
+            fixture.msqid,
+            fixture.key + 1
+        )),
+        "inspect does not show the set and the queue:\n{text}"
+    );
+
+    for round in ["first", "second"] {
+        let output = agent(&["restore", "--image", image_arg]);
+        assert!(
+            output.status.success(),
+            "{round} restore: {}",
+            stderr(&output)
+        );
+        let root: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("restore prints the root's pid");
+        let children = children_of(root);
+        let kill = |pids: &[i32]| {
+            for &pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        };
+        let [child] = children[..] else {
+            kill(&[root]);
+            panic!("{round} restore: the root has children {children:?}, not one");
+        };
+        let own_namespace = ipc_namespace(&root.to_string()) != ipc_namespace("self");
+        let (child_result, parent_result) = fixture.check(root, child);
+        kill(&[child, root]);
+        wait_gone(&[child, root]);
+        assert!(
+            own_namespace,
+            "{round} restore: the tree is in our IPC namespace"
+        );
+        assert_eq!(child_result, "OK", "{round} restore: the child's check");
+        assert_eq!(
+            parent_result, "OK values 4,1,42",
+            "{round} restore: the parent's check"
+        );
+    }
+}
+
+/// A child that changed a semaphore with `SEM_UNDO` has an undo list,
+/// which cannot be read: the checkpoint is refused, naming the child and
+/// the set, and the tree runs on with its set and queue as they were.
+#[test]
+fn a_semaphore_undo_list_is_refused_naming_the_process_and_set() {
+    require_root!();
+    let fixture = IpcFixture::start(0x5e42_0000, true);
+    let pids = [fixture.parent.id() as i32, fixture.child];
+    let image = fixture.image();
+    let output = agent(&[
+        "checkpoint",
+        "--tree",
+        "--pid",
+        &pids[0].to_string(),
+        "--image",
+        image.to_str().expect("a UTF-8 path"),
+    ]);
+    assert!(!output.status.success(), "the checkpoint succeeded");
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!(
+            "pid {} has System V semaphore undo",
+            fixture.child
+        )) && message.contains(&format!("semid {}", fixture.semid)),
+        "the refusal does not name the child and the set: {message}"
+    );
+    assert!(!image.exists(), "a refused checkpoint left an image");
+    let (child, parent) = fixture.check(pids[0], pids[1]);
+    assert_eq!(child, "OK", "the child's check after the refusal");
+    assert_eq!(
+        parent, "OK values 4,1,42",
+        "the parent's check after the refusal"
+    );
+}
