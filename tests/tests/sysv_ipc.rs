@@ -143,7 +143,8 @@ fn wait_gone(pids: &[i32]) {
 /// IPC namespace of its own, where the child finds the set and the queue
 /// under their keys with their ids, owners, creators, modes, values and
 /// messages, and receives one message; the parent receives the others in
-/// order and takes from a semaphore.
+/// order and takes from a semaphore. A restored tree checkpointed again
+/// (from its own namespace) and restored does the same.
 #[test]
 fn semaphores_and_message_queues_are_restored_twice_with_their_ids() {
     require_root!();
@@ -185,30 +186,28 @@ fn semaphores_and_message_queues_are_restored_twice_with_their_ids() {
         "inspect does not show the set and the queue:\n{text}"
     );
 
-    for round in ["first", "second"] {
-        let output = agent(&["restore", "--image", image_arg]);
-        assert!(
-            output.status.success(),
-            "{round} restore: {}",
-            stderr(&output)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
-        let children = children_of(root);
-        let kill = |pids: &[i32]| {
-            for &pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+    for round in ["first", "second", "checkpointed again"] {
+        let (mut root, mut child) = restore(image_arg, round);
+        if round == "checkpointed again" {
+            // The restored tree, in an IPC namespace of its own, is
+            // checkpointed in turn: everything in that namespace is its.
+            let again = fixture.dir.path().join("again");
+            let again_arg = again.to_str().expect("a UTF-8 path");
+            let output = agent(&[
+                "checkpoint",
+                "--tree",
+                "--pid",
+                &root.to_string(),
+                "--image",
+                again_arg,
+            ]);
+            if !output.status.success() {
+                kill(&[child, root]);
+                panic!("checkpoint of the restored tree: {}", stderr(&output));
             }
-        };
-        let [child] = children[..] else {
-            kill(&[root]);
-            panic!("{round} restore: the root has children {children:?}, not one");
-        };
+            wait_gone(&[child, root]);
+            (root, child) = restore(again_arg, round);
+        }
         let own_namespace = ipc_namespace(&root.to_string()) != ipc_namespace("self");
         let (child_result, parent_result) = fixture.check(root, child);
         kill(&[child, root]);
@@ -223,6 +222,36 @@ fn semaphores_and_message_queues_are_restored_twice_with_their_ids() {
             "{round} restore: the parent's check"
         );
     }
+}
+
+/// SIGKILLs `pids`.
+fn kill(pids: &[i32]) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Restores the fixture's tree from `image`: its root and child.
+fn restore(image: &str, round: &str) -> (i32, i32) {
+    let output = agent(&["restore", "--image", image]);
+    assert!(
+        output.status.success(),
+        "{round} restore: {}",
+        stderr(&output)
+    );
+    let root: i32 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("restore prints the root's pid");
+    let children = children_of(root);
+    let [child] = children[..] else {
+        kill(&[root]);
+        panic!("{round} restore: the root has children {children:?}, not one");
+    };
+    (root, child)
 }
 
 /// A child that changed a semaphore with `SEM_UNDO` has an undo list,

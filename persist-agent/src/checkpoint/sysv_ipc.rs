@@ -99,9 +99,14 @@ fn undo_refusal(root: i32, pid: i32) -> CheckpointError {
     }
 }
 
-/// Whether `pid` is a live process outside the tree.
+/// Whether `pid` is a live process outside the tree. The agent is not
+/// one: a restore made the objects of a restored tree with the agent's
+/// calls, so the daemon is their last user until the tree uses them.
 fn outsider(pid: i32, tree: &HashSet<i32>) -> bool {
-    pid > 0 && !tree.contains(&pid) && std::path::Path::new(&format!("/proc/{pid}")).exists()
+    pid > 0
+        && !tree.contains(&pid)
+        && pid != std::process::id() as i32
+        && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn owner(owner: Owner) -> IpcOwner {
