@@ -288,3 +288,102 @@ fn a_semaphore_undo_list_is_refused_naming_the_process_and_set() {
         "the parent's check after the refusal"
     );
 }
+
+/// gunicorn with `--preload`: the arbiter makes a semaphore set (value 10)
+/// and a message queue holding five messages as it loads the app; each
+/// request takes one from the semaphore and receives one message, in
+/// whichever worker answers. Added (checkpointed as a tree from the host's
+/// IPC namespace), woken, parked with its state kept (checkpointed from the
+/// restored tree's own namespace, where the daemon made the objects) and
+/// woken again: the requests count on, with the same ids.
+#[test]
+fn a_gunicorn_tree_keeps_its_semaphores_and_messages_across_parks() {
+    require_root!();
+    const PORT: u16 = 8171;
+    let sandbox = persist_tests::Sandbox::with_daemon().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("app.py"),
+        "import ctypes\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         semid = libc.semget(0, 1, 0o600)\n\
+         msqid = libc.msgget(0, 0o600)\n\
+         assert semid >= 0 and msqid >= 0\n\
+         assert libc.semctl(semid, 0, 16, 10) == 0  # SETVAL\n\
+         class Message(ctypes.Structure):\n\
+         \x20   _fields_ = [('mtype', ctypes.c_long), ('text', ctypes.c_char * 64)]\n\
+         for n in range(5):\n\
+         \x20   body = f'message {n}'.encode()\n\
+         \x20   assert libc.msgsnd(msqid, ctypes.byref(Message(1, body)), len(body), 0o4000) == 0\n\
+         class Sembuf(ctypes.Structure):\n\
+         \x20   _fields_ = [('num', ctypes.c_ushort), ('op', ctypes.c_short), ('flg', ctypes.c_short)]\n\
+         def app(environ, start_response):\n\
+         \x20   assert libc.semop(semid, ctypes.byref(Sembuf(0, -1, 0o4000)), 1) == 0\n\
+         \x20   value = libc.semctl(semid, 0, 12)  # GETVAL\n\
+         \x20   message = Message()\n\
+         \x20   got = libc.msgrcv(msqid, ctypes.byref(message), 64, 0, 0o4000)\n\
+         \x20   text = message.text[:got].decode() if got >= 0 else 'none'\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [f'{semid} {msqid} {value} {text}'.encode()]\n",
+    )
+    .unwrap();
+    let command: Vec<String> = [
+        "gunicorn",
+        "--preload",
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--bind",
+        &format!("127.0.0.1:{PORT}"),
+        "--chdir",
+        dir.path().to_str().expect("a UTF-8 path"),
+        "app:app",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    sandbox
+        .add_ok(
+            "ipc",
+            PORT,
+            &["--ready", "http:/", "--on-idle", "keep"],
+            &command,
+        )
+        .unwrap();
+    // `semid msqid value message N`: the readiness request took one.
+    let answer = |sandbox: &persist_tests::Sandbox| -> (String, u64, u64) {
+        let body = sandbox.http_get(PORT).unwrap();
+        let fields: Vec<&str> = body.split_whitespace().collect();
+        let [semid, msqid, value, "message", n] = fields[..] else {
+            panic!("not an answer: {body:?}");
+        };
+        (
+            format!("{semid} {msqid}"),
+            value.parse().unwrap(),
+            n.parse().unwrap(),
+        )
+    };
+    let (ids, value, n) = answer(&sandbox);
+    assert!(
+        value < 10 && value + n == 9,
+        "the first request after the first wake: value {value}, message {n}"
+    );
+    assert_eq!(
+        answer(&sandbox),
+        (ids.clone(), value - 1, n + 1),
+        "the second request"
+    );
+    sandbox.agent_ok(&["park", "ipc"]).unwrap();
+    let parked = sandbox.service("ipc").unwrap();
+    assert_eq!(parked["state"], "parked", "{parked}");
+    assert!(
+        parked["error"].is_null(),
+        "the park kept the state: {parked}\n{}",
+        sandbox.daemon_log()
+    );
+    assert_eq!(
+        answer(&sandbox),
+        (ids, value - 2, n + 2),
+        "the first request after the second wake"
+    );
+}

@@ -14,8 +14,9 @@
 //! used, or that processes wait on (the tree's own are frozen, out of
 //! their `semop`), is refused: the restored tree would have a copy of its
 //! own where the other process expects to share it. So is a process with a
-//! semaphore undo list (`SEM_UNDO`): its adjustments cannot be read, and
-//! the checkpoint's kill applies them to the host's set.
+//! semaphore undo list (`SEM_UNDO`) in a tree with sets: its adjustments
+//! cannot be read, and the checkpoint's kill applies them to the host's
+//! set (see [`refuse_undo_lists`]).
 //!
 //! Messages are copied with `msgrcv(MSG_COPY)`, which leaves them queued:
 //! a checkpoint that fails later loses nothing.
@@ -40,6 +41,8 @@ pub struct SavedIpc {
     sets: Vec<(i32, i32, [i64; 2])>,
     /// Each saved queue's id, key and (stime, rtime, ctime).
     queues: Vec<(i32, i32, [i64; 3])>,
+    /// Each saved set's id and the pids that last changed its semaphores.
+    users: Vec<(i32, Vec<i32>)>,
 }
 
 /// Saves the semaphore sets and message queues of `root`'s IPC namespace
@@ -47,19 +50,6 @@ pub struct SavedIpc {
 /// its zombies), refusing a process with a semaphore undo list.
 pub fn save(root: i32, pids: &[i32]) -> Result<SavedIpc, CheckpointError> {
     let failed = |what: String| CheckpointError::SysvIpc { pid: root, what };
-    for &pid in pids {
-        match sysv_ipc::has_undo_list(pid) {
-            Ok(false) => {}
-            Ok(true) => return Err(undo_refusal(root, pid)),
-            // A zombie has no undo list left; kcmp refuses it (ESRCH).
-            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(err) => {
-                return Err(failed(format!(
-                    "pid {pid}: comparing its System V semaphore undo list (kcmp): {err}"
-                )));
-            }
-        }
-    }
     let ours = ipc::same_namespace(root)
         .map_err(|err| failed(format!("reading /proc/{root}/ns/ipc: {err}")))?;
     let tree: HashSet<i32> = pids.iter().copied().collect();
@@ -67,36 +57,66 @@ pub fn save(root: i32, pids: &[i32]) -> Result<SavedIpc, CheckpointError> {
         .map_err(|err| failed(format!("joining the IPC namespace of pid {root}: {err}")))?
         .map_err(failed)?;
     saved.ours = ours;
+    if !saved.image.semaphores.is_empty() {
+        refuse_undo_lists(root, pids, &saved)?;
+    }
     Ok(saved)
 }
 
-/// The refusal of `pid`'s undo list, naming the sets it may be on: those
-/// it changed last.
-fn undo_refusal(root: i32, pid: i32) -> CheckpointError {
-    let sets = ipc::in_namespace_of(pid, || {
-        let ids = sysv_ipc::ids(Kind::Semaphores).unwrap_or_default();
-        ids.into_iter()
-            .filter(|&semid| {
-                sysv_ipc::sem_stat(semid)
-                    .and_then(|stat| sysv_ipc::sem_users(semid, stat.count))
-                    .is_ok_and(|users| users.iter().any(|&(user, _)| user == pid))
-            })
-            .map(|semid| semid.to_string())
-            .collect::<Vec<_>>()
-    })
-    .unwrap_or_default();
-    let on = if sets.is_empty() {
-        String::new()
-    } else {
-        format!(" (on semaphore set semid {})", sets.join(", semid "))
-    };
-    CheckpointError::SysvIpc {
-        pid: root,
-        what: format!(
-            "pid {pid} has System V semaphore undo state (semop with SEM_UNDO){on}: its \
-             adjustments cannot be read nor restored"
-        ),
+/// Refuses a tree whose semaphore sets are saved when one of its processes
+/// has an undo list: its adjustments cannot be read, and a restored
+/// process without them would leave a semaphore it held taken forever
+/// once it exits (or release one it never held). A list is also made for a
+/// process that made threads: such a process is refused too, for the list
+/// cannot be told from one with adjustments.
+fn refuse_undo_lists(root: i32, pids: &[i32], saved: &SavedIpc) -> Result<(), CheckpointError> {
+    for &pid in pids {
+        match sysv_ipc::has_undo_list(pid) {
+            Ok(Some(false)) => {}
+            Ok(Some(true)) => {
+                let sets: Vec<String> = saved
+                    .users
+                    .iter()
+                    .filter(|(_, users)| users.contains(&pid))
+                    .map(|(semid, _)| semid.to_string())
+                    .collect();
+                let on = if sets.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", and last changed semaphore set semid {}",
+                        sets.join(", semid ")
+                    )
+                };
+                return Err(CheckpointError::SysvIpc {
+                    pid: root,
+                    what: format!(
+                        "pid {pid} has System V semaphore undo state (semop with SEM_UNDO, or \
+                         threads made with CLONE_SYSVSEM){on}: its adjustments cannot be read \
+                         nor restored"
+                    ),
+                });
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    pid,
+                    "pid 2 is not kthreadd: System V semaphore undo lists are not checked"
+                );
+                return Ok(());
+            }
+            // A zombie has no undo list left.
+            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(err) => {
+                return Err(CheckpointError::SysvIpc {
+                    pid: root,
+                    what: format!(
+                        "pid {pid}: comparing its System V semaphore undo list (kcmp): {err}"
+                    ),
+                });
+            }
+        }
     }
+    Ok(())
 }
 
 /// Whether `pid` is a live process outside the tree. The agent is not
@@ -152,6 +172,9 @@ fn collect(ours: bool, tree: &HashSet<i32>) -> Result<SavedIpc, String> {
         }
         let values = sysv_ipc::sem_values(semid, stat.count).map_err(set_error)?;
         saved.sets.push((semid, stat.key, [stat.otime, stat.ctime]));
+        saved
+            .users
+            .push((semid, users.iter().map(|&(pid, _)| pid).collect()));
         saved.image.semaphores.push(SemaphoreSet {
             key: stat.key,
             semid,

@@ -221,17 +221,26 @@ pub fn msg_remove(msqid: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether process `pid` has a semaphore undo list (it called `semop`
-/// with `SEM_UNDO`): `kcmp(KCMP_SYSVSEM)` against the caller, which has
-/// none. The list's adjustments themselves cannot be read.
-pub fn has_undo_list(pid: i32) -> io::Result<bool> {
-    let us = std::process::id() as libc::pid_t;
+/// Whether process `pid` has a semaphore undo list: `kcmp(KCMP_SYSVSEM)`
+/// against kthreadd (pid 2), a kernel thread, which never has one. `None`
+/// when pid 2 is not kthreadd (the agent in a pid namespace of its own).
+///
+/// A list is made by the first `semop` with `SEM_UNDO`, but also, empty,
+/// for a process that made a thread: `clone(CLONE_SYSVSEM)`, which
+/// pthread_create uses, gives the creator one to share. The adjustments
+/// in it cannot be read.
+pub fn has_undo_list(pid: i32) -> io::Result<Option<bool>> {
+    const KTHREADD: libc::pid_t = 2;
+    let comm = std::fs::read_to_string("/proc/2/comm").unwrap_or_default();
+    if comm.trim_end() != "kthreadd" {
+        return Ok(None);
+    }
     // SAFETY: kcmp takes integers only; this type ignores the last two.
-    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, us, KCMP_SYSVSEM, 0, 0) };
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, KTHREADD, KCMP_SYSVSEM, 0, 0) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(rc != 0)
+    Ok(Some(rc != 0))
 }
 
 /// Reads the caller's namespace's `/proc/sys/kernel/NAME`.
