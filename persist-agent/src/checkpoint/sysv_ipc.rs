@@ -184,6 +184,11 @@ fn collect(ours: bool, tree: &HashSet<i32>) -> Result<SavedIpc, String> {
     }
     let queues =
         sysv_ipc::ids(Kind::Queues).map_err(|err| format!("reading /proc/sysvipc/msg: {err}"))?;
+    let msgmax = if queues.is_empty() {
+        0
+    } else {
+        sysv_ipc::read_limit("msgmax").map_err(|err| format!("reading msgmax: {err}"))?
+    };
     for msqid in queues {
         let queue_error =
             |err: std::io::Error| format!("System V message queue msqid {msqid}: {err}");
@@ -203,8 +208,9 @@ fn collect(ours: bool, tree: &HashSet<i32>) -> Result<SavedIpc, String> {
                  tree would not share it"
             ));
         }
-        // Every body fits in the bytes queued.
-        let max = stat.bytes.max(1) as usize;
+        // Every body fits in the bytes queued, and in msgmax unless it was
+        // lowered since (E2BIG then, naming the message).
+        let max = stat.bytes.min(msgmax).max(1) as usize;
         let mut messages = Vec::with_capacity(stat.messages as usize);
         for index in 0..stat.messages {
             let (mtype, body) = sysv_ipc::msg_copy(msqid, index, max).map_err(|err| {

@@ -101,3 +101,71 @@ pub(super) fn make(ipc: &SysvIpc) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use persist_common::image::{IpcMessage, MessageQueue, SemaphoreSet};
+
+    use super::*;
+
+    fn set(semid: i32, values: Vec<u16>) -> SemaphoreSet {
+        SemaphoreSet {
+            key: 0,
+            semid,
+            owner: IpcOwner::default(),
+            values,
+        }
+    }
+
+    fn queue(msqid: i32, mtypes: &[i64]) -> MessageQueue {
+        MessageQueue {
+            key: 0,
+            msqid,
+            owner: IpcOwner::default(),
+            max_bytes: 16384,
+            messages: mtypes
+                .iter()
+                .map(|&mtype| IpcMessage {
+                    mtype,
+                    body: b"x".to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn well_formed_objects_pass() {
+        let ipc = SysvIpc {
+            semaphores: vec![set(0, vec![1]), set(32768, vec![0, 2])],
+            queues: vec![queue(0, &[1, 3]), queue(1, &[])],
+        };
+        assert_eq!(check(&ipc), Ok(()));
+    }
+
+    #[test]
+    fn a_set_twice_or_without_semaphores_is_refused_by_id() {
+        for semaphores in [
+            vec![set(5, vec![1]), set(5, vec![2])],
+            vec![set(7, Vec::new())],
+            vec![set(-1, vec![1])],
+        ] {
+            let semid = semaphores.last().unwrap().semid;
+            let ipc = SysvIpc {
+                semaphores,
+                queues: Vec::new(),
+            };
+            let error = check(&ipc).unwrap_err();
+            assert!(error.contains(&format!("semid {semid} ")), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_message_without_a_positive_type_is_refused_by_queue_and_index() {
+        let ipc = SysvIpc {
+            semaphores: Vec::new(),
+            queues: vec![queue(3, &[2, 0])],
+        };
+        let error = check(&ipc).unwrap_err();
+        assert!(error.contains("msqid 3: message 1 has type 0"), "{error}");
+    }
+}

@@ -244,7 +244,7 @@ pub fn has_undo_list(pid: i32) -> io::Result<Option<bool>> {
 }
 
 /// Reads the caller's namespace's `/proc/sys/kernel/NAME`.
-fn read_limit(name: &str) -> io::Result<u64> {
+pub fn read_limit(name: &str) -> io::Result<u64> {
     let path = format!("/proc/sys/kernel/{name}");
     std::fs::read_to_string(&path)?
         .trim()
@@ -326,6 +326,29 @@ pub fn make_semaphore_set(semid: i32, key: i32, owner: &Owner, values: &[u16]) -
     Ok(())
 }
 
+/// Makes queue `msqid` with `key`, `owner` and room for `max_bytes`, which
+/// the namespace's msgmnb allows.
+fn make_empty_queue(msqid: i32, key: i32, owner: &Owner, max_bytes: u64) -> io::Result<()> {
+    set_next_id("msg", msqid)?;
+    let made = as_creator(owner, || {
+        // SAFETY: msgget takes plain integers.
+        check(unsafe { libc::msgget(key, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) })
+    })?;
+    if made != msqid {
+        return Err(io::Error::other(format!(
+            "the kernel gave it id {made} instead"
+        )));
+    }
+    let mut ds = msg_ds(msqid)?;
+    ds.msg_perm.uid = owner.uid;
+    ds.msg_perm.gid = owner.gid;
+    ds.msg_perm.mode = (owner.mode & 0o777) as _;
+    ds.msg_qbytes = max_bytes as _;
+    // SAFETY: IPC_SET reads the owner, mode and room from the struct we pass.
+    check(unsafe { libc::msgctl(msqid, libc::IPC_SET, &raw mut ds) })?;
+    Ok(())
+}
+
 /// Makes message queue `msqid` with `key`, `owner`, room for `max_bytes`
 /// and `messages` (type and body) queued in order, in the calling thread's
 /// fresh IPC namespace. The namespace's `msgmax` is raised to the longest
@@ -338,35 +361,18 @@ pub fn make_queue(
     messages: &[(i64, &[u8])],
 ) -> io::Result<()> {
     // A queue gets the namespace's msgmnb as its room, and only
-    // CAP_SYS_RESOURCE may raise it above: msgmnb is raised for the queue
-    // to be made with its room, then set back.
+    // CAP_SYS_RESOURCE may set a room above msgmnb (checked at every
+    // IPC_SET): msgmnb is raised while the queue is made and set, then set
+    // back.
     let msgmnb = read_limit("msgmnb")?;
     if max_bytes > msgmnb {
         write_limit("msgmnb", max_bytes)?;
     }
-    set_next_id("msg", msqid)?;
-    let made = as_creator(owner, || {
-        // SAFETY: msgget takes plain integers.
-        check(unsafe { libc::msgget(key, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) })
-    });
+    let made = make_empty_queue(msqid, key, owner, max_bytes);
     if max_bytes > msgmnb {
         write_limit("msgmnb", msgmnb)?;
     }
-    let made = made?;
-    if made != msqid {
-        return Err(io::Error::other(format!(
-            "the kernel gave it id {made} instead"
-        )));
-    }
-    let mut ds = msg_ds(msqid)?;
-    ds.msg_perm.uid = owner.uid;
-    ds.msg_perm.gid = owner.gid;
-    ds.msg_perm.mode = (owner.mode & 0o777) as _;
-    if max_bytes < msgmnb {
-        ds.msg_qbytes = max_bytes as _;
-    }
-    // SAFETY: IPC_SET reads the owner, mode and room from the struct we pass.
-    check(unsafe { libc::msgctl(msqid, libc::IPC_SET, &raw mut ds) })?;
+    made?;
     let longest = messages.iter().map(|(_, body)| body.len() as u64).max();
     if let Some(longest) = longest
         && longest > read_limit("msgmax")?
@@ -391,4 +397,80 @@ pub fn make_queue(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// Runs `work` on a thread that joins the IPC namespace `namespace`.
+    fn in_namespace<T: Send>(
+        namespace: &std::os::fd::OwnedFd,
+        work: impl FnOnce() -> T + Send,
+    ) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(namespace.as_fd(), nix::sched::CloneFlags::CLONE_NEWIPC)
+                        .expect("join the IPC namespace");
+                    work()
+                })
+                .join()
+                .expect("the namespace thread")
+        })
+    }
+
+    /// A set and a queue made in a fresh namespace read back as made: ids,
+    /// keys, creator (made with its effective ids), owner, mode, values;
+    /// the queue's room above the default msgmnb (which only msgmnb's
+    /// raise allows without CAP_SYS_RESOURCE) and a message longer than
+    /// the default msgmax, copied in order and left queued.
+    #[test]
+    fn objects_made_in_a_fresh_namespace_read_back_as_made() {
+        crate::test_support::require_root!();
+        let owner = Owner {
+            uid: 1,
+            gid: 2,
+            cuid: 65534,
+            cgid: 65533,
+            mode: 0o640,
+        };
+        let long = vec![7u8; 9000];
+        let messages: [(i64, &[u8]); 3] = [(5, b"first"), (1, &long), (5, b"")];
+        let namespace = crate::sys::ipc::namespace_with(&[], || {
+            make_semaphore_set(32770, 0x1234, &owner, &[3, 0, 32767])?;
+            make_queue(98305, 0x1235, &owner, 20_000, &messages)
+        })
+        .expect("a namespace with a set and a queue");
+        let (sets, set, values, queues, queue, copied, limits) = in_namespace(&namespace, || {
+            let stat = msg_stat(98305).unwrap();
+            let copied: Vec<(i64, Vec<u8>)> = (0..stat.messages)
+                .map(|index| msg_copy(98305, index, 10_000).unwrap())
+                .collect();
+            (
+                ids(Kind::Semaphores).unwrap(),
+                sem_stat(32770).unwrap(),
+                sem_values(32770, 3).unwrap(),
+                ids(Kind::Queues).unwrap(),
+                msg_stat(98305).unwrap(),
+                copied,
+                (read_limit("msgmnb").unwrap(), read_limit("msgmax").unwrap()),
+            )
+        });
+        assert_eq!((sets, queues), (vec![32770], vec![98305]));
+        assert_eq!((set.key, set.owner, set.count), (0x1234, owner, 3));
+        assert_eq!(values, [3, 0, 32767]);
+        assert_eq!(
+            (queue.key, queue.owner, queue.max_bytes, queue.messages),
+            (0x1235, owner, 20_000, 3)
+        );
+        let expected: Vec<(i64, Vec<u8>)> = messages
+            .iter()
+            .map(|(mtype, body)| (*mtype, body.to_vec()))
+            .collect();
+        assert_eq!(copied, expected, "the messages, in order, still queued");
+        assert_eq!(limits, (16384, 9000), "msgmnb set back, msgmax raised");
+    }
 }

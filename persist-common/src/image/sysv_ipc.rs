@@ -81,3 +81,36 @@ pub struct IpcMessage {
     #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_stored_as_base64_and_read_back() {
+        let ipc = SysvIpc {
+            semaphores: Vec::new(),
+            queues: vec![MessageQueue {
+                key: 0x1234,
+                msqid: 32769,
+                owner: IpcOwner::default(),
+                max_bytes: 16384,
+                messages: vec![IpcMessage {
+                    mtype: 2,
+                    body: b"hi\0".to_vec(),
+                }],
+            }],
+        };
+        let json = serde_json::to_string(&ipc).unwrap();
+        assert!(json.contains(r#""body":"aGkA""#), "{json}");
+        assert!(
+            !json.contains("semaphores"),
+            "empty lists are left out: {json}"
+        );
+        assert_eq!(serde_json::from_str::<SysvIpc>(&json).unwrap(), ipc);
+        assert_eq!(
+            serde_json::from_str::<SysvIpc>("{}").unwrap(),
+            SysvIpc::default()
+        );
+    }
+}
