@@ -616,11 +616,11 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         exclude: &options.exclude_fds,
         client_ports: &options.client_ports,
     };
-    // Dropped on an error, the connections leave repair mode and the
-    // processes run on with them as they were.
     // Read while every process is frozen, before the (longer) save of
     // their memory: a refusal comes first.
     let ipc = sysv_ipc::save(pid, &tree.pids(pid))?;
+    // Dropped on an error, the connections leave repair mode and the
+    // processes run on with them as they were.
     let (mut manifest, writer, stats, connections) =
         save(&root, &tree, options, base_pages.as_ref())?;
     manifest.sysv_ipc = ipc.image.clone();
