@@ -1058,8 +1058,13 @@ mod tests {
             .arg("100")
             .spawn()
             .unwrap();
-        // Let it exec.
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Checkpointed before its exec, it would be a copy of this test binary.
+        let exe = format!("/proc/{}/exe", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(&exe).is_ok_and(|path| !path.ends_with("sleep")) {
+            assert!(std::time::Instant::now() < deadline, "sleep never ran");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let summary = checkpoint(&CheckpointOptions {
             image: dir.path().join("image"),
             leave_running: false,
