@@ -282,12 +282,15 @@ fn as_creator(owner: &Owner, make: impl FnOnce() -> io::Result<i32>) -> io::Resu
         }
         Ok(())
     };
+    // SAFETY: geteuid and getegid take nothing and read the calling
+    // thread's credentials.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     set(libc::SYS_setresgid, owner.cgid)?;
-    set(libc::SYS_setresuid, owner.cuid)?;
-    let made = make();
-    // The real and saved ids stayed root's: these give everything back.
-    set(libc::SYS_setresuid, 0)?;
-    set(libc::SYS_setresgid, 0)?;
+    let made = set(libc::SYS_setresuid, owner.cuid).and_then(|()| make());
+    // The real and saved ids stayed root's: these give everything back,
+    // whatever failed above.
+    let back = set(libc::SYS_setresuid, euid).and(set(libc::SYS_setresgid, egid));
+    back?;
     made
 }
 
