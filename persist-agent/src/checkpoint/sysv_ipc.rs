@@ -104,7 +104,8 @@ fn refuse_undo_lists(root: i32, pids: &[i32], saved: &SavedIpc) -> Result<(), Ch
                 );
                 return Ok(());
             }
-            // A zombie has no undo list left.
+            // Gone: a zombie reaped meanwhile by someone else (a zombie
+            // itself compares as having none: its exit dropped the list).
             Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {}
             Err(err) => {
                 return Err(CheckpointError::SysvIpc {
