@@ -605,7 +605,9 @@ struct Worker {
     /// The other members of the listener's `SO_REUSEPORT` group.
     group: Vec<OwnedFd>,
     image: Option<PathBuf>,
-    skeleton: Option<Skeleton>,
+    /// Boxed: most parked services have none (under a skeleton budget),
+    /// and every registered service holds a `Worker`.
+    skeleton: Option<Box<Skeleton>>,
     report: Arc<Mutex<WorkerReport>>,
     metrics: Arc<Metrics>,
     run_state: Arc<RunStateDir>,
@@ -677,7 +679,7 @@ impl Worker {
     /// Whether the prepared skeleton is still traced by this thread (it
     /// could not be released to a group stop).
     fn traces_skeleton(&self) -> bool {
-        self.skeleton.as_ref().is_some_and(Skeleton::is_traced)
+        self.skeleton.as_deref().is_some_and(Skeleton::is_traced)
     }
 
     fn prepare_done(&self) {
@@ -789,7 +791,7 @@ impl Worker {
                 report.listener_backlog = backlog;
                 let timings = skeleton.timings();
                 info!(service = %self.name, pid = skeleton.pid(), prepare_us = timings.prepare.as_micros() as u64, setup_us = timings.setup.as_micros() as u64, layout_us = timings.layout.as_micros() as u64, finish_us = timings.finish.as_micros() as u64, "skeleton ready");
-                self.skeleton = Some(skeleton);
+                self.skeleton = Some(Box::new(skeleton));
                 Ok(())
             }
             Err(err) => {

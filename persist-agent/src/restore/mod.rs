@@ -59,6 +59,7 @@ mod shared_pages;
 mod signals;
 mod skeleton;
 mod spawn;
+mod sysv_ipc;
 mod sysv_shm;
 mod table;
 mod threads;
