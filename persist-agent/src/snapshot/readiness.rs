@@ -206,11 +206,13 @@ pub fn send_warmup_request(addr: IpAddr, port: u16, ready: &Readiness) -> std::i
 /// The processes of the tree under `pid` once it stopped changing: a
 /// master that forks its workers one after the other (gunicorn sleeps up
 /// to 0.1 s between two) may be ready before the last is forked. Waits
-/// until the same processes were seen for `settle`, `limit` at most; a
-/// process with no children is not waited for.
+/// until the same processes were seen for `settle`, `limit` at most. A
+/// process with no children is waited for only until it sleeps: nginx's
+/// master binds its listener, which makes it look ready, and forks its
+/// workers a moment later, still running.
 pub(super) fn settled_tree(pid: i32, settle: Duration, limit: Duration) -> Vec<i32> {
     let deadline = Instant::now() + limit;
-    let mut tree = crate::process_tree::tree_of(pid);
+    let mut tree = lone_until_asleep(pid, deadline);
     if tree.len() == 1 {
         return tree;
     }
@@ -224,6 +226,27 @@ pub(super) fn settled_tree(pid: i32, settle: Duration, limit: Duration) -> Vec<i
         }
     }
     tree
+}
+
+/// The tree under `pid` once it has children or, while it has none, once
+/// its process was seen asleep on two polls in a row (`deadline` at most).
+fn lone_until_asleep(pid: i32, deadline: Instant) -> Vec<i32> {
+    let mut asleep_polls = 0;
+    loop {
+        let tree = crate::process_tree::tree_of(pid);
+        if tree.len() > 1 || Instant::now() >= deadline {
+            return tree;
+        }
+        let sleeping = procfs::process::Process::new(pid)
+            .and_then(|process| process.stat())
+            // A process gone or a zombie will fork nothing more.
+            .map_or(true, |stat| matches!(stat.state, 'S' | 'Z' | 'X'));
+        asleep_polls = if sleeping { asleep_polls + 1 } else { 0 };
+        if asleep_polls == 2 {
+            return tree;
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Waits (up to `limit`) until none of `pids` holds a TCP socket but
@@ -247,4 +270,53 @@ fn has_connections(pidfd: &PidFd) -> bool {
     super::handover::sockets(pidfd)
         .iter()
         .any(|(_, _, role)| *role == super::handover::SocketRole::TcpOther)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kill_all(pids: &[i32]) {
+        for &pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    #[test]
+    fn a_lone_process_still_running_is_waited_for_until_it_forks() {
+        let mut shell = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; sleep 30 & wait",
+            ])
+            .spawn()
+            .unwrap();
+        let tree = settled_tree(
+            shell.id() as i32,
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+        );
+        kill_all(&tree);
+        shell.wait().unwrap();
+        assert_eq!(tree.len(), 2, "the shell and the sleep it forked: {tree:?}");
+    }
+
+    #[test]
+    fn a_lone_process_asleep_is_taken_alone() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let tree = settled_tree(
+            sleeper.id() as i32,
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+        );
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        assert_eq!(tree, vec![sleeper.id() as i32]);
+    }
 }
