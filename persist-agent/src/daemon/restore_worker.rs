@@ -41,8 +41,8 @@ use super::restore_pool::{PoolTask, RestorePool};
 use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
-    Continuer, EventJournal, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored,
-    Skeleton, Timings, help_all_then,
+    Continuer, EventJournal, FillGate, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError,
+    Restored, Skeleton, Timings, help_all_then,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, place_listeners};
@@ -1087,7 +1087,15 @@ impl Worker {
             reply(Ok(resumed));
         }
         pager.hurry_when(self.pagers.stopping());
-        let descendant_logs = self.serve_descendants(descendants, record.as_ref());
+        // A tree's background fill waits until its processes are quiet:
+        // it would compete for the CPUs with the first request.
+        let gate =
+            fill_gate_mode(descendants.is_empty()).map(|all| (all, Arc::new(FillGate::for_wake())));
+        if let Some((true, gate)) = &gate {
+            pager.hold_fill_until(Arc::clone(gate));
+        }
+        let gate = gate.map(|(_, gate)| gate);
+        let descendant_logs = self.serve_descendants(descendants, record.as_ref(), gate.as_ref());
         self.report.lock().expect("report lock").serving = Some(pid);
         // Its faults must never wait behind other services' jobs: the pool
         // goes on without this thread until all pages are in.
@@ -1098,7 +1106,7 @@ impl Worker {
         report.serving = None;
         match filled {
             Ok(mut stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, "all pages in");
+                info!(service = %self.name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 // What a tree's wake copied ahead is into all its
                 // processes; the other counters stay the root's, as its
@@ -1153,6 +1161,7 @@ impl Worker {
         &self,
         descendants: Vec<Restored>,
         record: Option<&Recording>,
+        gate: Option<&Arc<FillGate>>,
     ) -> Vec<(u32, DescendantPager)> {
         let mut serving = Vec::new();
         for (index, restored) in (1u32..).zip(descendants) {
@@ -1163,13 +1172,16 @@ impl Worker {
                 recording.start_logging(&mut pager);
             }
             pager.hurry_when(self.pagers.stopping());
+            if let Some(gate) = gate {
+                pager.hold_fill_until(Arc::clone(gate));
+            }
             let name = self.name.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("pager-{pid}"))
                 .spawn(move || {
                     match pager.run_until_filled() {
                         Ok(stats) => {
-                            info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, "all pages of a process of the tree in");
+                            info!(service = %name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, "all pages of a process of the tree in");
                         }
                         Err(err) => warn!(service = %name, pid, "pager: {err}"),
                     }
@@ -1321,6 +1333,19 @@ impl Recording {
             None => pager.record_faults(RECORD_WINDOW),
             Some(_) => pager.log_faults(RECORD_WINDOW),
         }
+    }
+}
+
+/// TEMPORARY A/B switch: `PERSIST_FILL_GATE` = off, desc, all (default).
+/// None: no gate; Some(true): the root's fill waits too.
+fn fill_gate_mode(single: bool) -> Option<bool> {
+    if single {
+        return None;
+    }
+    match std::env::var("PERSIST_FILL_GATE").as_deref() {
+        Ok("off") => None,
+        Ok("desc") => Some(false),
+        _ => Some(true),
     }
 }
 
