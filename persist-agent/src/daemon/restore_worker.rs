@@ -950,7 +950,7 @@ impl Worker {
                     ImageError::KernelMismatch { .. } | ImageError::CpuMismatch { .. }
                 )
             );
-            err.to_string()
+            crate::error_text::error_line(&err)
         })?;
         Ok((skeleton, image))
     }
