@@ -1089,8 +1089,9 @@ impl Worker {
         pager.hurry_when(self.pagers.stopping());
         // A tree's background fill waits until its processes are quiet:
         // it would compete for the CPUs with the first request.
-        let gate =
-            fill_gate_mode(descendants.is_empty()).map(|all| (all, Arc::new(FillGate::for_wake())));
+        let gate_mode = fill_gate_mode(descendants.is_empty());
+        info!(service = %self.name, pid, gate = ?gate_mode, "fill gate of this wake");
+        let gate = gate_mode.map(|all| (all, Arc::new(FillGate::for_wake())));
         if let Some((true, gate)) = &gate {
             pager.hold_fill_until(Arc::clone(gate));
         }
@@ -1342,11 +1343,17 @@ fn fill_gate_mode(single: bool) -> Option<bool> {
     if single {
         return None;
     }
-    match std::env::var("PERSIST_FILL_GATE").as_deref() {
+    static WAKES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let wake = WAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mode = match std::env::var("PERSIST_FILL_GATE").as_deref() {
         Ok("off") => None,
         Ok("desc") => Some(false),
+        // One wake in two, by a counter of the daemon's tree wakes.
+        Ok("alternate") => (wake / 3 % 2 == 0).then_some(true),
         _ => Some(true),
-    }
+    };
+    info!(wake, gate = ?mode, "fill gate of this wake");
+    mode
 }
 
 /// The thread serving a descendant's pages, which returns the pages it
@@ -1368,7 +1375,10 @@ fn wait_until_pid_is_free(pid: i32) {
         let zombie = procfs::process::Process::new(pid)
             .and_then(|process| process.stat())
             .is_ok_and(|stat| stat.state == 'Z');
-        if !zombie {
+        // A process of the parked tree just killed may not have run its
+        // exit yet (a busy machine): it still maps the tree's POSIX shared
+        // memory, which the new skeleton would then refuse to share.
+        if !zombie && !crate::process_tree::is_dying(pid) {
             // Free, or held by a live process (the skeleton then gets a pid namespace).
             return;
         }
@@ -1376,5 +1386,6 @@ fn wait_until_pid_is_free(pid: i32) {
     }
 }
 
-/// How long [`wait_until_pid_is_free`] waits for a zombie to be reaped.
+/// How long [`wait_until_pid_is_free`] waits for a zombie to be reaped
+/// (or a killed process to exit).
 const PID_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);

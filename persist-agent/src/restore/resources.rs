@@ -309,13 +309,6 @@ fn posix_shm_user(path: &str) -> Option<i32> {
         .ok()?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok());
     for pid in pids {
-        if is_exiting(pid) {
-            // Killed (a parked tree, its supervisor does not wait for
-            // every process's exit): its mapping goes with it, and the
-            // file made now is another object.
-            tracing::info!(pid, path, "a process exiting still maps or holds the file");
-            continue;
-        }
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
         let mapped = maps.lines().any(|line| {
             let mut fields = line.split_whitespace();
@@ -333,19 +326,17 @@ fn posix_shm_user(path: &str) -> Option<i32> {
                 })
         };
         if mapped || held() {
+            if crate::process_tree::is_dying(pid) {
+                // Killed (a parked tree: its supervisor waits for the root
+                // only): its mapping goes with it, and the file made now is
+                // another object.
+                tracing::info!(pid, path, "a dying process still maps or holds the file");
+                continue;
+            }
             return Some(pid);
         }
     }
     None
-}
-
-/// True when process `pid` is exiting (`PF_EXITING` in the flags of
-/// /proc/PID/stat, set when `do_exit` starts, before its memory goes).
-fn is_exiting(pid: i32) -> bool {
-    const PF_EXITING: u64 = 0x4;
-    procfs::process::Process::new(pid)
-        .and_then(|process| process.stat())
-        .is_ok_and(|stat| u64::from(stat.flags) & PF_EXITING != 0)
 }
 
 /// Writes the stored pages of a shared memory object into `fd`, which every
