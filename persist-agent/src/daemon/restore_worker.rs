@@ -1089,13 +1089,10 @@ impl Worker {
         pager.hurry_when(self.pagers.stopping());
         // A tree's background fill waits until its processes are quiet:
         // it would compete for the CPUs with the first request.
-        let gate_mode = fill_gate_mode(descendants.is_empty());
-        info!(service = %self.name, pid, gate = ?gate_mode, "fill gate of this wake");
-        let gate = gate_mode.map(|all| (all, Arc::new(FillGate::for_wake())));
-        if let Some((true, gate)) = &gate {
+        let gate = (!descendants.is_empty()).then(|| Arc::new(FillGate::for_wake()));
+        if let Some(gate) = &gate {
             pager.hold_fill_until(Arc::clone(gate));
         }
-        let gate = gate.map(|(_, gate)| gate);
         let descendant_logs = self.serve_descendants(descendants, record.as_ref(), gate.as_ref());
         self.report.lock().expect("report lock").serving = Some(pid);
         // Its faults must never wait behind other services' jobs: the pool
@@ -1335,25 +1332,6 @@ impl Recording {
             Some(_) => pager.log_faults(RECORD_WINDOW),
         }
     }
-}
-
-/// TEMPORARY A/B switch: `PERSIST_FILL_GATE` = off, desc, all (default).
-/// None: no gate; Some(true): the root's fill waits too.
-fn fill_gate_mode(single: bool) -> Option<bool> {
-    if single {
-        return None;
-    }
-    static WAKES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let wake = WAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mode = match std::env::var("PERSIST_FILL_GATE").as_deref() {
-        Ok("off") => None,
-        Ok("desc") => Some(false),
-        // One wake in two, by a counter of the daemon's tree wakes.
-        Ok("alternate") => (wake / 3 % 2 == 0).then_some(true),
-        _ => Some(true),
-    };
-    info!(wake, gate = ?mode, "fill gate of this wake");
-    mode
 }
 
 /// The thread serving a descendant's pages, which returns the pages it

@@ -63,10 +63,7 @@ impl Pager {
         child.forked = true;
         // It logs while its parent does, for its parent's part of the
         // working set, and its fill waits as its parent's does.
-        // TEMPORARY A/B switch.
-        if std::env::var("PERSIST_CHILD_LOG").as_deref() != Ok("off") {
-            child.fault_log = self.fault_log.as_ref().map(|_| Vec::new());
-        }
+        child.fault_log = self.fault_log.as_ref().map(|_| Vec::new());
         child.record_until = self.record_until;
         child.log_until = self.log_until;
         child.hurry = self.hurry.clone();
