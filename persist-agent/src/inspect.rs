@@ -90,6 +90,29 @@ pub fn inspect(dir: &Path) -> Result<String, ImageError> {
     for zombie in &manifest.zombies {
         let _ = writeln!(out, "  zombie    {}", zombie_line(zombie));
     }
+    for set in &manifest.sysv_ipc.semaphores {
+        let values: Vec<String> = set.values.iter().map(u16::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  semaphores semid {} key {:#x}: values {}, {}",
+            set.semid,
+            set.key,
+            values.join(" "),
+            owner_line(&set.owner)
+        );
+    }
+    for queue in &manifest.sysv_ipc.queues {
+        let bytes: usize = queue.messages.iter().map(|m| m.body.len()).sum();
+        let _ = writeln!(
+            out,
+            "  msg queue  msqid {} key {:#x}: {} messages, {bytes} bytes (room {}), {}",
+            queue.msqid,
+            queue.key,
+            queue.messages.len(),
+            queue.max_bytes,
+            owner_line(&queue.owner)
+        );
+    }
     let _ = writeln!(out, "process {} ({})", p.pid, p.comm);
     process_sections(
         &mut out,
@@ -351,6 +374,14 @@ fn human_bytes(bytes: u64) -> String {
     } else {
         format!("{bytes}B")
     }
+}
+
+/// Owner, creator and mode of a System V IPC object.
+fn owner_line(owner: &persist_common::image::IpcOwner) -> String {
+    format!(
+        "owner {}:{} (creator {}:{}) mode {:o}",
+        owner.uid, owner.gid, owner.cuid, owner.cgid, owner.mode
+    )
 }
 
 /// A zombie of a tree: pid, parent, group, session and how it ended.

@@ -776,3 +776,64 @@ fn a_trees_working_set_covers_its_workers() {
     );
     assert_eq!(sandbox.service("nginx").unwrap()["wakes"], 3);
 }
+
+/// A service whose root holds a zombie (a child that exited with 7, not
+/// reaped) is added as a tree, and each wake brings the zombie back for
+/// the root to reap: the first request after a wake reaps it with its
+/// recorded pid and status, the next finds no child. Parked and woken
+/// again, the same.
+#[test]
+fn a_tree_holding_a_zombie_is_parked_and_woken_and_the_zombie_reaped() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8172;
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let script = "import os, socket, sys\n\
+         child = os.fork()\n\
+         if child == 0:\n\
+         \x20   os._exit(7)\n\
+         os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)\n\
+         server = socket.socket()\n\
+         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         server.bind(('127.0.0.1', int(sys.argv[1])))\n\
+         server.listen(16)\n\
+         while True:\n\
+         \x20   client, _ = server.accept()\n\
+         \x20   client.recv(4096)\n\
+         \x20   try:\n\
+         \x20       pid, status = os.waitpid(child, os.WNOHANG)\n\
+         \x20       body = f'{pid} {status}'\n\
+         \x20   except ChildProcessError:\n\
+         \x20       body = 'none'\n\
+         \x20   client.sendall(f'HTTP/1.0 200 OK\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n{body}'.encode())\n\
+         \x20   client.close()\n";
+    let command: Vec<String> = ["/usr/bin/python3", "-c", script, &PORT.to_string()]
+        .map(str::to_owned)
+        .to_vec();
+    sandbox
+        .add_ok("zombie", PORT, &["--ready", "tcp"], &command)
+        .unwrap();
+    let mut reaped = Vec::new();
+    for wake in ["first", "second"] {
+        let body = sandbox.http_get(PORT).unwrap();
+        let (pid, status) = body
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("{wake} wake: not a reaped child: {body:?}"));
+        assert_eq!(
+            status,
+            (7 << 8).to_string(),
+            "{wake} wake: the zombie's wait status"
+        );
+        reaped.push(pid.to_owned());
+        assert_eq!(
+            sandbox.http_get(PORT).unwrap(),
+            "none",
+            "{wake} wake: a child left after the reap"
+        );
+        sandbox.agent_ok(&["park", "zombie"]).unwrap();
+        parked_skeleton(&sandbox, "zombie");
+    }
+    assert_eq!(
+        reaped[0], reaped[1],
+        "the zombie reaped after each wake has its recorded pid"
+    );
+}

@@ -19,6 +19,8 @@ pub const TEST: &[&str] = &[
     "bpftool",
     "iproute2",
     "util-linux",
+    // fincore: how much of an image's page store is in the page cache.
+    "util-linux-extra",
     "curl",
     "python3",
     "redis-server",

@@ -424,6 +424,7 @@ fn rich_manifest(
         agent_files: vec!["/var/log/server.log".into()],
         children: Vec::new(),
         zombies: Vec::new(),
+        sysv_ipc: Default::default(),
         kernel: KernelInfo {
             release: "6.1.0-fuzz".into(),
             version: "#1 SMP PREEMPT_DYNAMIC".into(),

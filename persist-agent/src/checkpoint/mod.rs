@@ -33,6 +33,7 @@ mod recovery;
 mod seccomp;
 mod shared_memory;
 mod status;
+mod sysv_ipc;
 mod sysv_shm;
 mod threads;
 mod tree;
@@ -42,7 +43,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use persist_common::image::{
-    FdInfo, Image, ImageError, ImageWriter, Manifest, Mapping, PAGE_SIZE, ProcessInfo, ThreadInfo,
+    FdInfo, Image, ImageError, ImageWriter, Manifest, Mapping, PAGE_SIZE, ProcessInfo, SysvIpc,
+    ThreadInfo,
 };
 
 use crate::files::{RepairedConnections, SavedFds, TreeScope};
@@ -342,6 +344,15 @@ pub enum CheckpointError {
         /// What it is.
         what: String,
     },
+    /// System V semaphores or message queues that cannot be saved, or
+    /// could not be read.
+    #[error("pid {pid}: {what}")]
+    SysvIpc {
+        /// The checkpointed process (the tree's root).
+        pid: i32,
+        /// What and why, naming the process, set or queue.
+        what: String,
+    },
     /// A POSIX timer that a restore could not rebuild.
     #[error("pid {pid}: POSIX timer {id} cannot be checkpointed: {what}")]
     UnsupportedTimer {
@@ -605,10 +616,14 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         exclude: &options.exclude_fds,
         client_ports: &options.client_ports,
     };
+    // Read while every process is frozen, before the (longer) save of
+    // their memory: a refusal comes first.
+    let ipc = sysv_ipc::save(pid, &tree.pids(pid))?;
     // Dropped on an error, the connections leave repair mode and the
     // processes run on with them as they were.
     let (mut manifest, writer, stats, connections) =
         save(&root, &tree, options, base_pages.as_ref())?;
+    manifest.sysv_ipc = ipc.image.clone();
     journal.pause_after_save_for_tests();
     let image_error = |source| CheckpointError::Image { pid, source };
     let frozen_for;
@@ -642,6 +657,7 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         };
         posix_shm::remove_saved(every_mapping());
         sysv_shm::remove_saved(our_ipc_namespace, every_mapping());
+        sysv_ipc::remove_saved(&ipc);
     }
     let children = &manifest.children;
     Ok(CheckpointSummary {
@@ -797,6 +813,8 @@ fn save(
         agent_files: agent_files(options, base),
         children,
         zombies,
+        // Filled in by `checkpoint`, once every process is saved.
+        sysv_ipc: SysvIpc::default(),
     };
     Ok((manifest, writer, stats, connections))
 }
@@ -1040,8 +1058,13 @@ mod tests {
             .arg("100")
             .spawn()
             .unwrap();
-        // Let it exec.
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Checkpointed before its exec, it would be a copy of this test binary.
+        let exe = format!("/proc/{}/exe", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(&exe).is_ok_and(|path| !path.ends_with("sleep")) {
+            assert!(std::time::Instant::now() < deadline, "sleep never ran");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let summary = checkpoint(&CheckpointOptions {
             image: dir.path().join("image"),
             leave_running: false,

@@ -116,6 +116,14 @@ impl Tree {
         Ok(tree)
     }
 
+    /// The pids of the tree: `root`, every descendant and every zombie.
+    pub fn pids(&self, root: i32) -> Vec<i32> {
+        std::iter::once(root)
+            .chain(self.descendants.iter().map(|d| d.pid))
+            .chain(self.zombies.iter().map(|z| z.pid))
+            .collect()
+    }
+
     /// What the root's descriptors are saved with: the sockets of the
     /// whole tree, for pairs between processes.
     pub fn scope_of_root(&self, root: i32, exclude: &[i32]) -> Result<TreeScope, CheckpointError> {

@@ -37,6 +37,7 @@
 //! taken before the pool's queue, never the other way round. The wake thread
 //! holds `services` only to find the service, and wakes it after letting go.
 
+mod cold_wake;
 mod control_server;
 mod exits;
 mod families;

@@ -557,7 +557,7 @@ impl Registry {
             .lock()
             .expect("lock")
             .get(name)
-            .map(|handle| handle.spec.clone())
+            .map(|handle| ServiceSpec::clone(&handle.spec))
     }
 
     /// Makes the registered service `name` the root of its family when it
@@ -750,8 +750,9 @@ impl Registry {
             .lock()
             .expect("lock")
             .register(slot, spec.port, &listener)?;
+        let name = spec.name.clone();
         let handle = Supervisor::spawn(
-            spec.clone(),
+            Arc::new(spec),
             slot,
             listener,
             group,
@@ -763,7 +764,7 @@ impl Registry {
             adopted,
             starter,
         );
-        services.insert(spec.name, handle);
+        services.insert(name, handle);
         Ok(prepared)
     }
 
@@ -823,7 +824,7 @@ impl Registry {
             .map(|(name, handle)| {
                 (
                     name.clone(),
-                    Current::Registered(Box::new(handle.spec.clone())),
+                    Current::Registered(Box::new(ServiceSpec::clone(&handle.spec))),
                 )
             })
             .collect();
@@ -950,7 +951,9 @@ impl Registry {
             let handle = services
                 .get(name)
                 .ok_or_else(|| RegistryError::Unknown(name.to_owned()))?;
-            let _ = handle.commands.send(Command::Generations(request(done)));
+            let _ = handle
+                .commands
+                .send(Command::Generations(Box::new(request(done))));
         }
         match answer.await {
             Ok(Ok(answer)) => Ok(answer),

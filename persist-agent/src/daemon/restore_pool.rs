@@ -86,6 +86,28 @@ impl RestorePool {
         self.start_thread(start);
     }
 
+    /// Hands `task` to a thread waiting for work, if one is; gives it back
+    /// otherwise (the caller then runs it elsewhere: queued, it could wait
+    /// behind other services' jobs). Waking a waiting thread costs less
+    /// than starting one, on a wake's path.
+    pub fn submit_if_idle(
+        self: &Arc<Self>,
+        task: Arc<dyn PoolTask>,
+    ) -> Result<(), Arc<dyn PoolTask>> {
+        let mut state = self.state.lock().expect("pool lock");
+        // The one waiting longest: the last to wait likely armed a skeleton,
+        // and waits at real-time priority for its wake.
+        if state.idle.is_empty() {
+            return Err(task);
+        }
+        let idle = state.idle.remove(0);
+        // Ahead of any queued work: the thread woken takes the first.
+        state.ready.push_front(task);
+        drop(state);
+        idle.unpark();
+        Ok(())
+    }
+
     /// Wakes a waiting thread for the work queued, or counts in a thread to
     /// start (once the lock is let go: a storm of wakes must not queue behind
     /// one thread's start). Returns its number.
@@ -262,5 +284,30 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(members(&pool), 1);
+    }
+
+    #[test]
+    fn work_goes_to_a_waiting_thread_only_if_one_waits() {
+        let pool = RestorePool::new(2);
+        let (first, first_started, first_release) = task(false);
+        assert!(
+            pool.submit_if_idle(first.clone()).is_err(),
+            "no thread waits yet: the task is given back, not queued"
+        );
+        pool.submit(first);
+        let thread = first_started.recv().unwrap();
+        first_release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pool.state.lock().unwrap().idle.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (second, second_started, second_release) = task(true);
+        assert!(pool.submit_if_idle(second).is_ok());
+        assert_eq!(
+            second_started.recv().unwrap(),
+            thread,
+            "the waiting thread takes it"
+        );
+        second_release.send(()).unwrap();
     }
 }

@@ -28,6 +28,7 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use persist_common::image::{Image, ImageError, PagesByProcess, WorkingSet, manif
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use super::cold_wake;
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
 use super::restore_pool::{PoolTask, RestorePool};
@@ -42,7 +44,7 @@ use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
     Continuer, EventJournal, FillGate, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError,
-    Restored, Skeleton, Timings, help_all_then,
+    Restored, Skeleton, Timings, WhenCopied, help_each_then,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, place_listeners};
@@ -62,6 +64,11 @@ pub struct Resumed {
     pub timings: Timings,
     /// When it was resumed (CLOCK_MONOTONIC, as BPF stamps SYNs).
     pub resumed_at_ns: u64,
+}
+
+/// Microseconds of `duration`, for a log line (0 when there is none).
+fn micros(duration: Option<Duration>) -> u64 {
+    duration.map_or(0, |d| d.as_micros() as u64)
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds.
@@ -222,18 +229,53 @@ impl ResumeTrigger {
             return;
         };
         // On failure the restore thread resumes it, and reports why not.
-        let wake_thread = std::thread::current().id();
-        let continue_process = Box::new(move || {
-            if std::thread::current().id() != wake_thread {
-                let _ = sched::set_current_thread_realtime(false);
-            }
-            let _ = continuer.try_continue_process();
-        });
-        help_all_then(
-            armed.copies.into_iter().map(|(_, copy)| copy).collect(),
-            continue_process,
-        );
+        armed.copying.store(true, Ordering::Release);
+        continue_each_when_copied(continuer, armed.copies, std::thread::current().id());
     }
+}
+
+/// Copies each process's pages of the working set in and lets it run as
+/// soon as its own are in, in the order a tree is let run: the descendants
+/// last first (children before their parents), the root last. A worker
+/// that answers the wake's request thus waits for its own pages only, not
+/// for every process's (docs/process-trees.md, The wake's critical path).
+/// A copy that fails stops there: the restore thread then copies and
+/// continues the rest (and reports why not).
+///
+/// Each step runs on whichever thread copied the last page it waited for;
+/// one other than `wake_thread` (the restore thread, at real-time priority
+/// while armed) becomes ordinary before it lets a process run, or the
+/// process, woken on its CPU, would wait for it.
+fn continue_each_when_copied(
+    root: Continuer,
+    copies: Vec<(u32, PlannedCopy)>,
+    wake_thread: std::thread::ThreadId,
+) {
+    let mut copies: std::collections::HashMap<u32, PlannedCopy> = copies.into_iter().collect();
+    let ordinary = move || {
+        if std::thread::current().id() != wake_thread {
+            let _ = sched::set_current_thread_realtime(false);
+        }
+    };
+    let mut steps: Vec<(Option<PlannedCopy>, WhenCopied)> = Vec::new();
+    let descendants: Vec<(u32, Continuer)> = (1u32..).zip(root.descendants().to_vec()).collect();
+    for (index, descendant) in descendants.into_iter().rev() {
+        steps.push((
+            copies.remove(&index),
+            Box::new(move || {
+                ordinary();
+                let _ = descendant.try_continue_process();
+            }),
+        ));
+    }
+    steps.push((
+        copies.remove(&0),
+        Box::new(move || {
+            ordinary();
+            let _ = root.try_continue_process();
+        }),
+    ));
+    help_each_then(steps);
 }
 
 /// What the wake thread may do for the armed skeleton on a SYN.
@@ -245,6 +287,9 @@ struct Armed {
     /// How to let it run (the whole tree), once `copies` are done, when
     /// nothing else must be copied first.
     continuer: Option<Continuer>,
+    /// Set by the wake thread before it starts on `copies`: it copies each
+    /// in turn and lets each process run, unless a copy fails.
+    copying: Arc<AtomicBool>,
 }
 
 type ArmedWake = Arc<Mutex<Armed>>;
@@ -561,7 +606,9 @@ struct Worker {
     /// The other members of the listener's `SO_REUSEPORT` group.
     group: Vec<OwnedFd>,
     image: Option<PathBuf>,
-    skeleton: Option<Skeleton>,
+    /// Boxed: most parked services have none (under a skeleton budget),
+    /// and every registered service holds a `Worker`.
+    skeleton: Option<Box<Skeleton>>,
     report: Arc<Mutex<WorkerReport>>,
     metrics: Arc<Metrics>,
     run_state: Arc<RunStateDir>,
@@ -633,7 +680,7 @@ impl Worker {
     /// Whether the prepared skeleton is still traced by this thread (it
     /// could not be released to a group stop).
     fn traces_skeleton(&self) -> bool {
-        self.skeleton.as_ref().is_some_and(Skeleton::is_traced)
+        self.skeleton.as_deref().is_some_and(Skeleton::is_traced)
     }
 
     fn prepare_done(&self) {
@@ -689,14 +736,26 @@ impl Worker {
         let mut stale = false;
         let mut backlog = None;
         let result = self
-            .build_skeleton(verify, &mut stale)
-            .and_then(|(mut skeleton, image)| {
+            .build_skeleton(verify, &mut stale, cold.is_some())
+            .and_then(|(mut skeleton, image, set_ahead)| {
                 if let Some(cold) = cold.as_deref_mut() {
                     cold.build = started.elapsed();
                     make_ordinary(&skeleton)?;
                 }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
-                self.plan = self.plan_wake(image);
+                self.plan = match set_ahead.and_then(|ahead| self.take_set_ahead(ahead)) {
+                    Some(ahead) => {
+                        for pager in skeleton.tree_pagers_mut() {
+                            pager.mark_verified(|run| ahead.is_verified(run));
+                        }
+                        WakePlan::Recorded {
+                            set: Arc::new(ahead.set),
+                            image,
+                            image_crc: ahead.image_crc,
+                        }
+                    }
+                    None => self.plan_wake(image),
+                };
                 let mut armed = Armed::default();
                 if let WakePlan::Recorded { set, .. } = &self.plan {
                     armed.copies = self.plan_copies(&mut skeleton, set)?;
@@ -745,7 +804,7 @@ impl Worker {
                 report.listener_backlog = backlog;
                 let timings = skeleton.timings();
                 info!(service = %self.name, pid = skeleton.pid(), prepare_us = timings.prepare.as_micros() as u64, setup_us = timings.setup.as_micros() as u64, layout_us = timings.layout.as_micros() as u64, finish_us = timings.finish.as_micros() as u64, "skeleton ready");
-                self.skeleton = Some(skeleton);
+                self.skeleton = Some(Box::new(skeleton));
                 Ok(())
             }
             Err(err) => {
@@ -826,6 +885,27 @@ impl Worker {
         }
     }
 
+    /// The working set a cold wake loaded and checked while its skeleton
+    /// was built, if it has one to prefetch; `None` leaves the decision to
+    /// [`Worker::plan_wake`].
+    fn take_set_ahead(&self, ahead: SetAheadThread) -> Option<cold_wake::SetAhead> {
+        match ahead.join() {
+            Ok(Ok(ahead)) if !ahead.set.is_empty() => {
+                info!(service = %self.name, pages = ahead.set.len(), "working set loaded");
+                Some(ahead)
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(err)) => {
+                tracing::debug!(service = %self.name, "no working set loaded ahead: {err}");
+                None
+            }
+            Err(_) => {
+                warn!(service = %self.name, "the thread loading the working set panicked");
+                None
+            }
+        }
+    }
+
     /// Decides, at prepare time, what the next wake does about its working
     /// set; the set is read and verified now, off the wake's critical path.
     fn plan_wake(&self, image: Arc<Image>) -> WakePlan {
@@ -892,12 +972,15 @@ impl Worker {
 
     /// Restores the skeleton of the current image, every page verified
     /// first if `verify`. Sets `stale` when the image was taken on another
-    /// kernel build or CPU.
+    /// kernel build or CPU. For a `cold` wake that prefetches its recorded
+    /// working set, also returns the thread that loads and checks that set
+    /// meanwhile.
     fn build_skeleton(
         &self,
         verify: bool,
         stale: &mut bool,
-    ) -> Result<(Skeleton, Arc<Image>), String> {
+        cold: bool,
+    ) -> Result<(Skeleton, Arc<Image>, Option<SetAheadThread>), String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
         // Every process of a tree: a worker's recorded pid still held by
@@ -943,6 +1026,9 @@ impl Worker {
             agent_files: self.log.iter().cloned().collect(),
         };
         let image = Arc::new(image);
+        let set_ahead = (cold && self.prefetch == Prefetch::Recorded)
+            .then(|| cold_wake::start(Arc::clone(&image)))
+            .flatten();
         let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {
             *stale = matches!(
                 err,
@@ -952,10 +1038,11 @@ impl Worker {
             );
             crate::error_text::error_line(&err)
         })?;
-        Ok((skeleton, image))
+        Ok((skeleton, image, set_ahead))
     }
 
     fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, ResumeRefused>>) {
+        let mut cold = false;
         if self.skeleton.is_none() {
             if self.resumed_on_syn {
                 // A second process must never start: the supervisor hears
@@ -965,6 +1052,7 @@ impl Worker {
             }
             // Its failure is the resume's: the reply says why.
             self.prepare_cold();
+            cold = true;
         }
         let at_work = self.pagers.start();
         self.resume_and_serve(
@@ -972,6 +1060,7 @@ impl Worker {
                 let _ = reply.send(result.map_err(ResumeRefused::Failed));
             }),
             at_work,
+            cold,
         );
     }
 
@@ -1005,7 +1094,8 @@ impl Worker {
             then(None);
             return;
         }
-        if self.skeleton.is_none() {
+        let cold = self.skeleton.is_none();
+        if cold {
             // A cold wake: prepared here and now, on the SYN's path. A
             // failure is the resume's, reported to the supervisor.
             self.prepare_cold();
@@ -1013,16 +1103,18 @@ impl Worker {
         // Set only for a skeleton to resume: after a failed prepare, the
         // supervisor's retry must prepare again.
         self.resumed_on_syn = self.skeleton.is_some();
-        self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work);
+        self.resume_and_serve(Box::new(move |result| then(Some(result))), at_work, cold);
     }
 
     /// Resumes the prepared skeleton, tells `reply`, then serves its pages
     /// until they are all in; a stopping daemon waits for that as long as
-    /// `at_work` is held.
+    /// `at_work` is held. `cold`: prepared for this wake, whose copy of the
+    /// working set no wake thread helped with.
     fn resume_and_serve(
         &mut self,
         reply: Box<dyn FnOnce(Result<Resumed, String>) + Send>,
         at_work: PagerAtWork,
+        cold: bool,
     ) {
         let Some(mut skeleton) = self.skeleton.take() else {
             let error = self.report.lock().expect("report lock").error.clone();
@@ -1038,9 +1130,9 @@ impl Worker {
             report.wake_error = None;
         }
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
-        let planned_copies = std::mem::take(&mut *self.armed.lock().expect("armed lock")).copies;
+        let armed = std::mem::take(&mut *self.armed.lock().expect("armed lock"));
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
-        let record = self.prefetch_before_resume(&mut skeleton, plan, planned_copies);
+        let record = self.prefetch_before_resume(&mut skeleton, plan, armed, cold);
         // Final now: pages are copied ahead of faults only before the resume.
         let descendants_prefetched: u64 = skeleton
             .descendant_pagers_mut()
@@ -1104,7 +1196,7 @@ impl Worker {
         report.serving = None;
         match filled {
             Ok(mut stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, "all pages in");
+                info!(service = %self.name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 // What a tree's wake copied ahead is into all its
                 // processes; the other counters stay the root's, as its
@@ -1130,7 +1222,7 @@ impl Worker {
             let mut faulted = PagesByProcess::from([(0, pager.take_fault_log())]);
             // Each descendant's log is complete once its pager is done.
             for (index, serving) in descendant_logs {
-                match serving.join() {
+                match serving.recv() {
                     Ok(log) => {
                         faulted.insert(index, log);
                     }
@@ -1151,10 +1243,13 @@ impl Worker {
 
     /// Serves the pages of a tree's other processes, each pager in a thread
     /// of its own until its process's memory is all in (a stopping daemon
-    /// waits for them as for the root's). With `record`, each logs its
-    /// faults as the root's pager does, and its thread returns that log:
-    /// the threads are returned with each process's index in tree order
-    /// (from 1; a process that got no thread was killed).
+    /// waits for them as for the root's): a pool thread waiting for work
+    /// when there is one, as waking it costs the worker answering the
+    /// wake's request less CPU than starting a thread (docs/process-trees.md,
+    /// The wake's critical path). With `record`, each logs its faults as
+    /// the root's pager does, and its thread sends that log back: the
+    /// receivers are returned with each process's index in tree order (from
+    /// 1; a process that got no thread was killed).
     fn serve_descendants(
         &self,
         descendants: Vec<Restored>,
@@ -1166,6 +1261,7 @@ impl Worker {
             let at_work = self.pagers.start();
             let mut pager = restored.pager;
             let pid = restored.pid;
+            let resumed_at = restored.resumed_at;
             if let Some(recording) = record {
                 recording.start_logging(&mut pager);
             }
@@ -1174,20 +1270,30 @@ impl Worker {
                 pager.hold_fill_until(Arc::clone(gate));
             }
             let name = self.name.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("pager-{pid}"))
-                .spawn(move || {
-                    match pager.run_until_filled() {
-                        Ok(stats) => {
-                            info!(service = %name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, "all pages of a process of the tree in");
-                        }
-                        Err(err) => warn!(service = %name, pid, "pager: {err}"),
+            let (log, logged) = std::sync::mpsc::channel();
+            let serve: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let serving_after = Some(resumed_at.elapsed());
+                match pager.run_until_filled() {
+                    Ok(stats) => {
+                        info!(service = %name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), first_fault_us = micros(stats.first_fault_after_resume), serving_after_us = micros(serving_after), "all pages of a process of the tree in");
                     }
-                    drop(at_work);
-                    pager.take_fault_log()
-                });
+                    Err(err) => warn!(service = %name, pid, "pager: {err}"),
+                }
+                drop(at_work);
+                let _ = log.send(pager.take_fault_log());
+            });
+            let task = Arc::new(PagerTask {
+                serve: Mutex::new(Some(serve)),
+            });
+            let spawned = match self.pool.submit_if_idle(task.clone()) {
+                Ok(()) => Ok(()),
+                Err(_) => std::thread::Builder::new()
+                    .name(format!("pager-{pid}"))
+                    .spawn(move || task.serve())
+                    .map(drop),
+            };
             match spawned {
-                Ok(thread) => serving.push((index, thread)),
+                Ok(()) => serving.push((index, logged)),
                 Err(err) => {
                     // Its faults would wait forever: it must not run so.
                     warn!(service = %self.name, pid, "no thread for the pager, the process is killed: {err}");
@@ -1226,19 +1332,29 @@ impl Worker {
     }
 
     /// Copies what `plan` says into the stopped skeleton. Returns the
-    /// working set this wake records or extends, if any.
+    /// working set this wake records or extends, if any. With `helper`, a
+    /// second thread copies the planned pages with this one (no wake
+    /// thread did: a cold wake).
     ///
     /// Before the resume rather than after it: python's http.server answered
     /// its first request sooner with its set copied before it ran than with the
     /// copy racing it, and redis was even (docs/kernel-facts.md, Costs that
     /// shaped the wake path). And only a stopped process lets the copy use
     /// every CPU.
+    ///
+    /// In a tree, once the first process's pages are in (a worker the wake
+    /// thread lets run then), this thread is ordinary, and leaves the other
+    /// copies to the wake thread when it is at them: at real-time priority,
+    /// or copying beside it, this thread took the CPU the worker answering
+    /// the request needed (docs/process-trees.md, The wake's critical path).
     fn prefetch_before_resume(
         &self,
         skeleton: &mut Skeleton,
         plan: WakePlan,
-        planned_copies: Vec<(u32, PlannedCopy)>,
+        armed: Armed,
+        helper: bool,
     ) -> Option<Recording> {
+        let planned_copies = armed.copies;
         match plan {
             WakePlan::Lazy => None,
             WakePlan::All => {
@@ -1259,22 +1375,47 @@ impl Worker {
                 image,
                 image_crc,
             } => {
-                for (index, pager) in (0u32..).zip(skeleton.tree_pagers_mut()) {
+                let helping = helper.then(|| help_with_copies(&planned_copies)).flatten();
+                // In the order the wake thread copies them and lets each
+                // process run: the descendants last first, the root last.
+                let mut pagers: Vec<_> = (0u32..).zip(skeleton.tree_pagers_mut()).collect();
+                pagers.reverse();
+                // Whether every copy so far was whole: the wake thread then
+                // goes on to the next.
+                let mut whole_so_far = true;
+                let mut first = true;
+                for (index, pager) in pagers {
                     let pages = set.pages_of(index);
                     if pages.is_empty() {
                         continue;
                     }
                     let planned = planned_copies.iter().find(|(planned, _)| *planned == index);
                     let copied = match planned {
+                        Some((_, copy))
+                            if !first && whole_so_far && armed.copying.load(Ordering::Acquire) =>
+                        {
+                            pager.finish_planned_behind(copy)
+                        }
                         Some((_, copy)) => pager.finish_planned(copy),
                         None => pager.prefetch_set(pages),
                     };
+                    if let Some((_, copy)) = planned {
+                        whole_so_far &= copy.copied_whole();
+                    }
+                    if first {
+                        first = false;
+                        let _ = sched::set_current_thread_realtime(false);
+                    }
                     // A page of the image that cannot be served kills its
                     // process here; the root's death fails the resume,
                     // which reports it.
                     if let Err(err) = copied {
                         warn!(service = %self.name, pid = pager.pid(), "prefetching the working set: {err}");
                     }
+                }
+                // Done by now: each copy waited for the spans it held.
+                if let Some(helping) = helping {
+                    let _ = helping.join();
                 }
                 Some(Recording {
                     image,
@@ -1284,6 +1425,28 @@ impl Worker {
             }
         }
     }
+}
+
+/// Pages of a cold wake's working set worth a second copying thread:
+/// starting one costs tens of µs, about what 64 pages' copies cost.
+const HELPED_COPY_PAGES: u64 = 128;
+
+/// Starts a thread that copies spans of `copies` nobody claimed yet, beside
+/// the restore thread, if they are worth one (a thread costs tens of µs).
+fn help_with_copies(copies: &[(u32, PlannedCopy)]) -> Option<std::thread::JoinHandle<()>> {
+    let pages: u64 = copies.iter().map(|(_, copy)| copy.pages()).sum();
+    if pages < HELPED_COPY_PAGES {
+        return None;
+    }
+    let copies: Vec<PlannedCopy> = copies.iter().map(|(_, copy)| copy.clone()).collect();
+    std::thread::Builder::new()
+        .name("persist-copy".into())
+        .spawn(move || {
+            for copy in &copies {
+                copy.help();
+            }
+        })
+        .ok()
 }
 
 /// Puts every thread of `skeleton` (and the init of its pid namespace) in
@@ -1336,7 +1499,38 @@ impl Recording {
 
 /// The thread serving a descendant's pages, which returns the pages it
 /// logged.
-type DescendantPager = std::thread::JoinHandle<Vec<persist_common::image::WorkingSetPage>>;
+type DescendantPager = std::sync::mpsc::Receiver<Vec<persist_common::image::WorkingSetPage>>;
+
+/// A descendant's pager, to run on a pool thread (or a thread of its own).
+struct PagerTask {
+    serve: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl PagerTask {
+    /// Runs the pager, once. A panic drops the log's sender: the working
+    /// set then lacks this process's pages (said where it is received), and
+    /// a pool thread lives on.
+    fn serve(&self) {
+        let Some(serve) = self.serve.lock().expect("pager task lock").take() else {
+            return;
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve));
+    }
+}
+
+impl PoolTask for PagerTask {
+    fn run(self: Arc<Self>, pool: &Arc<RestorePool>) {
+        // A pool thread that armed a skeleton waited at real-time priority;
+        // the pager spins at times. And it serves until every page is in:
+        // out of the pool meanwhile.
+        let _ = sched::set_current_thread_realtime(false);
+        pool.leave();
+        self.serve();
+    }
+}
+
+/// The thread loading and checking a cold wake's working set.
+type SetAheadThread = std::thread::JoinHandle<Result<cold_wake::SetAhead, String>>;
 
 /// How long after the resume a wake logs the pages the process touches (a
 /// recording wake) or faults on (a prefetched one): its first request and a

@@ -40,7 +40,8 @@ pub struct PathAccess {
     /// still checked like every other path, but one replaced by another
     /// file of the same type is reopened: the agent's own files live in
     /// its root-only state directory, and a log removed by the
-    /// administrator is created anew by the agent.
+    /// administrator is created anew by the agent. [`PathAccess::for_process`]
+    /// adds each one's resolved path, once (a prepare opens a hundred paths).
     pub agent_files: Vec<PathBuf>,
 }
 
@@ -52,6 +53,15 @@ impl PathAccess {
         accept_changed_files: bool,
         agent_files: Vec<PathBuf>,
     ) -> Self {
+        // Resolved once here rather than at every path opened: python's
+        // restore opened 70 paths, each resolving the log twice.
+        let resolved: Vec<PathBuf> = agent_files
+            .iter()
+            .filter_map(|file| std::fs::canonicalize(file).ok())
+            .filter(|resolved| !agent_files.contains(resolved))
+            .collect();
+        let mut agent_files = agent_files;
+        agent_files.extend(resolved);
         let fsuid = creds.uids[3];
         let euid = creds.uids[1];
         Self {
@@ -67,12 +77,10 @@ impl PathAccess {
     }
 
     /// Whether `path` (resolved, as recorded) is one of the agent's files,
-    /// which may have been named through a symlink.
+    /// which may have been named through a symlink (its resolved path is
+    /// among them too).
     fn is_agent_file(&self, path: &str) -> bool {
-        self.agent_files.iter().any(|file| {
-            file == Path::new(path)
-                || std::fs::canonicalize(file).is_ok_and(|resolved| resolved == Path::new(path))
-        })
+        self.agent_files.iter().any(|file| file == Path::new(path))
     }
 
     /// Switches the calling thread to the process's file-system credentials

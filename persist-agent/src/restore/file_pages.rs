@@ -13,7 +13,7 @@
 //! it 2.5–3 times as long for nginx and Redis (docs/kernel-facts.md, Private
 //! file mappings).
 
-use persist_common::image::{Image, Mapping, MappingKind};
+use persist_common::image::{Image, Mapping, MappingKind, PageRun};
 
 use super::RestoreError;
 use super::verify::stored_run;
@@ -24,29 +24,59 @@ pub(super) fn has_written_pages(mapping: &Mapping) -> bool {
     !mapping.shared && !mapping.pages.is_empty() && matches!(mapping.kind, MappingKind::File { .. })
 }
 
-/// Writes the stored pages of every private file mapping of `image` into the
-/// stopped process `pid`, each run checked against its checksum first.
-/// Returns the number of pages written.
-pub(super) fn write(image: &Image, pid: i32, mem: &ProcMem) -> Result<u64, RestoreError> {
-    let mut pages = 0;
-    for mapping in image
+/// The number of pages [`write`] writes for `image`.
+pub(super) fn count(image: &Image) -> u64 {
+    runs(image).map(|(_, run)| run.count).sum()
+}
+
+/// Every run [`write`] writes, with its mapping, in address order.
+fn runs(image: &Image) -> impl Iterator<Item = (&Mapping, &PageRun)> {
+    image
         .manifest()
         .mappings
         .iter()
         .filter(|m| has_written_pages(m))
-    {
-        for run in &mapping.pages {
-            let (address, bytes) = stored_run(image, mapping, run)?;
-            mem.write_all_at(address, bytes)
-                .map_err(|source| RestoreError::FilePages {
-                    pid,
-                    address,
-                    pages: run.count,
-                    path: super::layout::describe(mapping),
-                    source,
-                })?;
-            pages += run.count;
+        .flat_map(|mapping| mapping.pages.iter().map(move |run| (mapping, run)))
+}
+
+/// Writes the stored pages of every private file mapping of `image` into the
+/// stopped process `pid`, each run checked against its checksum first.
+/// Returns the number of pages written.
+pub(super) fn write(image: &Image, pid: i32, mem: &ProcMem) -> Result<u64, RestoreError> {
+    write_share(image, pid, mem, 0, 1)
+}
+
+/// Writes share `share` of `shares` of what [`write`] writes: the runs that
+/// start in that share of its pages, so that as many threads may write
+/// about as many pages each, to different pages. Returns the number of
+/// pages written.
+pub(super) fn write_share(
+    image: &Image,
+    pid: i32,
+    mem: &ProcMem,
+    share: u64,
+    shares: u64,
+) -> Result<u64, RestoreError> {
+    let total = count(image);
+    let (from, to) = (total * share / shares, total * (share + 1) / shares);
+    let mut before = 0;
+    let mut pages = 0;
+    for (mapping, run) in runs(image) {
+        let first = before;
+        before += run.count;
+        if !(from..to).contains(&first) {
+            continue;
         }
+        let (address, bytes) = stored_run(image, mapping, run)?;
+        mem.write_all_at(address, bytes)
+            .map_err(|source| RestoreError::FilePages {
+                pid,
+                address,
+                pages: run.count,
+                path: super::layout::describe(mapping),
+                source,
+            })?;
+        pages += run.count;
     }
     Ok(pages)
 }

@@ -59,6 +59,7 @@ mod shared_pages;
 mod signals;
 mod skeleton;
 mod spawn;
+mod sysv_ipc;
 mod sysv_shm;
 mod table;
 mod threads;
@@ -74,7 +75,7 @@ use persist_common::image::{Image, ImageError};
 
 pub(crate) use creds::from_status as credentials_from_status;
 pub use pager::{AddressEvent, EventJournal, FillGate, JournalError, Pager, PagerStats};
-pub(crate) use pager::{PlannedCopy, help_all_then};
+pub(crate) use pager::{PlannedCopy, WhenCopied, help_each_then};
 pub use skeleton::{Continuer, RestoreConfig, Restored, Skeleton, Timings};
 pub use tree::TreeSkeleton;
 

@@ -47,7 +47,7 @@ pub(crate) mod tests;
 pub use adopt::{AddressEvent, EventJournal, JournalError};
 pub use fill_gate::FillGate;
 
-pub(crate) use bulk::{PlannedCopy, help_all_then};
+pub(crate) use bulk::{PlannedCopy, WhenCopied, help_each_then};
 
 use sources::Sources;
 

@@ -355,12 +355,17 @@ fn a_trees_copies_are_all_in_before_it_continues() {
     let (done, called) = std::sync::mpsc::channel();
     let copies = vec![root_copy.clone(), worker_copy.clone()];
     std::thread::spawn(move || {
-        super::help_all_then(
-            copies,
-            Box::new(move || {
-                let _ = done.send(());
-            }),
-        )
+        let steps = copies
+            .into_iter()
+            .map(|copy| (Some(copy), Box::new(|| {}) as super::WhenCopied))
+            .chain(std::iter::once((
+                None,
+                Box::new(move || {
+                    let _ = done.send(());
+                }) as super::WhenCopied,
+            )))
+            .collect();
+        super::help_each_then(steps)
     });
     called
         .recv_timeout(Duration::from_secs(10))
@@ -369,6 +374,49 @@ fn a_trees_copies_are_all_in_before_it_continues() {
     assert_eq!(worker.first_bytes_of(&[4, 20, 30]), [5, 21, 31]);
     assert_eq!(root_pager.finish_planned(&root_copy).unwrap(), 2);
     assert_eq!(worker_pager.finish_planned(&worker_copy).unwrap(), 3);
+}
+
+#[test]
+fn each_step_runs_once_its_own_copy_is_in_and_in_order() {
+    crate::test_support::require_root!();
+    // A worker let run before the root: each step's action runs once its
+    // own pages are in, the worker's before the root's copy.
+    let (root, worker) = (Fixture::new(), Fixture::new());
+    let (mut root_pager, mut worker_pager) = (root.pager(), worker.pager());
+    let worker_copy = worker_pager.plan_set(&[worker.page(4), worker.page(20)]);
+    let root_copy = root_pager.plan_set(&[root.page(1), root.page(9)]);
+    let (done, called) = std::sync::mpsc::channel();
+    let worker_done = done.clone();
+    let (worker_start, root_start) = (worker.start, root.start);
+    let steps: Vec<(Option<super::PlannedCopy>, super::WhenCopied)> = vec![
+        (
+            Some(worker_copy.clone()),
+            Box::new(move || {
+                // SAFETY: the page was copied in by the step's copy.
+                let byte = unsafe { *((worker_start + 4 * PAGE_SIZE) as *const u8) };
+                let _ = worker_done.send(("worker", byte));
+            }),
+        ),
+        (None, Box::new(|| {})),
+        (
+            Some(root_copy.clone()),
+            Box::new(move || {
+                // SAFETY: the page was copied in by the step's copy.
+                let byte = unsafe { *((root_start + 9 * PAGE_SIZE) as *const u8) };
+                let _ = done.send(("root", byte));
+            }),
+        ),
+    ];
+    std::thread::spawn(move || super::help_each_then(steps));
+    let order: Vec<_> = (0..2)
+        .map(|_| called.recv_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
+    assert_eq!(order, [("worker", 5), ("root", 10)]);
+    // The restore thread finds both copies done by the other thread, and
+    // only waits for them.
+    assert!(worker_copy.copied_whole() && root_copy.copied_whole());
+    assert_eq!(worker_pager.finish_planned_behind(&worker_copy).unwrap(), 2);
+    assert_eq!(root_pager.finish_planned(&root_copy).unwrap(), 2);
 }
 
 #[test]

@@ -192,7 +192,6 @@ impl Setup {
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 
-        // Its pager, then its threads and their state.
         // One pidfd for the skeleton, its pager and its continuer: a parked
         // service's descriptors in the agent count against its open-files
         // limit.
@@ -201,14 +200,43 @@ impl Setup {
             .get_fd(self.uffd_fd)
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
-        file_pages::write(&image, pid, &mem)?;
-        let mut pager = Pager::new(
-            Userfault::new(uffd),
-            Arc::clone(&pidfd),
-            Arc::clone(&image),
-            &self.lazy_shared,
-        );
+        // The pages it wrote in its private file mappings (about 2 MiB for
+        // python, a millisecond of checks and copies) are written by two
+        // threads, each its share of them, this one then building the
+        // pager meanwhile; all before any code of its threads runs, as the
+        // kernel may write into those pages then (an rseq area).
+        let (written, pager) = std::thread::scope(|scope| {
+            let helper = (file_pages::count(&image) >= PARALLEL_FILE_PAGES)
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("persist-files".into())
+                        .spawn_scoped(scope, || file_pages::write_share(&image, pid, &mem, 1, 2))
+                        .ok()
+                })
+                .flatten();
+            let written = match helper {
+                Some(_) => file_pages::write_share(&image, pid, &mem, 0, 2),
+                None => file_pages::write(&image, pid, &mem),
+            };
+            let pager = Pager::new(
+                Userfault::new(uffd),
+                Arc::clone(&pidfd),
+                Arc::clone(&image),
+                &self.lazy_shared,
+            );
+            let helped = helper.map_or(Ok(0), |helper| {
+                helper.join().unwrap_or_else(|_| {
+                    Err(RestoreError::Layout(format!(
+                        "the thread writing file pages of pid {pid} panicked"
+                    )))
+                })
+            });
+            (written.and(helped), pager)
+        });
+        written?;
+        let mut pager = pager;
 
+        // Its threads and their state.
         let mut runner = TableRunner {
             pid,
             mem: &mem,
@@ -250,3 +278,7 @@ impl Setup {
         })
     }
 }
+
+/// Pages written back into private file mappings worth a thread of their
+/// own: starting one costs tens of µs, about what 16 pages' writes cost.
+const PARALLEL_FILE_PAGES: u64 = 64;

@@ -148,26 +148,40 @@ struct ContinuerState {
 
 impl Continuer {
     /// Lets the process run, unless that was done already. Returns when it
-    /// was let run, and how long that took.
+    /// was let run, and how long that took: for a tree's root, when the
+    /// first of its processes was let run (a descendant may have been,
+    /// before the root's own pages were in), and how long every continue
+    /// took together.
     pub fn continue_process(&self) -> Result<(Instant, Duration), RestoreError> {
         let mut continued = self.inner.continued.lock().expect("continuer lock");
         if let Some(done) = *continued {
             return Ok(done);
         }
-        let started = Instant::now();
+        let mut first = Instant::now();
+        let mut took = Duration::ZERO;
         // A tree's workers first: the root (a master) finds them running.
         for descendant in self.inner.descendants.iter().rev() {
-            descendant.continue_process()?;
+            let (at, its) = descendant.continue_process()?;
+            first = first.min(at);
+            took += its;
         }
+        let started = Instant::now();
         let pid = self.inner.pidfd.pid();
         self.inner.timers.arm(pid)?;
         self.inner
             .pidfd
             .send_signal(Signal::SIGCONT)
             .map_err(RestoreError::ptrace(pid, "SIGCONT"))?;
-        let done = (started, started.elapsed());
+        let done = (first, took + started.elapsed());
         *continued = Some(done);
         Ok(done)
+    }
+
+    /// The continuers of a tree's other processes, one each (in image
+    /// order, parents before their children), each letting only its own
+    /// process run: a wake lets each go as soon as its own pages are in.
+    pub(crate) fn descendants(&self) -> &[Continuer] {
+        &self.inner.descendants
     }
 
     /// Lets the process run unless another thread is doing so right now or

@@ -7,9 +7,9 @@
 //!
 //! A namespace of its own keeps the ids, which the processes hold (and
 //! PostgreSQL writes into `postmaster.pid`), free of any segment on the
-//! host, and two restores of one image apart. Semaphores and message
-//! queues of the checkpointed namespace are not saved: the restored
-//! processes do not see them.
+//! host, and two restores of one image apart. The semaphore sets and
+//! message queues the image holds are made in the same namespace
+//! (`sysv_ipc.rs`); one is made for them alone when there is no segment.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -17,12 +17,14 @@ use std::os::fd::OwnedFd;
 use persist_common::image::{Image, MappingKind, PAGE_SIZE};
 
 use super::RestoreError;
+use super::sysv_ipc;
 use super::verify::stored_run;
 use crate::sys::ipc::{self, SegmentSpec, ShmStat};
 
 /// Makes the IPC namespace holding the System V segments that `images`
-/// (the root's, then each descendant's) attach; `None` when they attach
-/// none, so the processes stay in the agent's namespace.
+/// (the root's, then each descendant's) attach, and the semaphore sets and
+/// message queues of the image; `None` when there are none of them, so the
+/// processes stay in the agent's namespace.
 pub(super) fn namespace(images: &[&Image]) -> Result<Option<OwnedFd>, RestoreError> {
     let mut segments: BTreeMap<i32, (ShmStat, Vec<u8>)> = BTreeMap::new();
     for image in images {
@@ -75,8 +77,16 @@ pub(super) fn namespace(images: &[&Image]) -> Result<Option<OwnedFd>, RestoreErr
             }
         }
     }
-    if segments.is_empty() {
+    // The tree's, recorded once in the manifest (every view has them).
+    let ipc = images
+        .first()
+        .map(|image| &image.manifest().sysv_ipc)
+        .filter(|ipc| !ipc.is_empty());
+    if segments.is_empty() && ipc.is_none() {
         return Ok(None);
+    }
+    if let Some(ipc) = ipc {
+        sysv_ipc::check(ipc).map_err(RestoreError::Layout)?;
     }
     let specs: Vec<SegmentSpec<'_>> = segments
         .iter()
@@ -86,7 +96,7 @@ pub(super) fn namespace(images: &[&Image]) -> Result<Option<OwnedFd>, RestoreErr
             contents,
         })
         .collect();
-    ipc::namespace_with(&specs)
+    ipc::namespace_with(&specs, || ipc.map_or(Ok(()), sysv_ipc::make))
         .map(Some)
-        .map_err(|err| RestoreError::io("IPC namespace for System V shared memory", err))
+        .map_err(|err| RestoreError::io("IPC namespace for System V IPC objects", err))
 }

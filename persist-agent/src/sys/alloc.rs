@@ -86,10 +86,20 @@ const TRIM_THRESHOLD: i32 = 512 * 1024;
 /// thread that once read a large /proc file or built a large table kept
 /// megabytes free, for good (a daemon holding one parked python held 11 MiB
 /// of such free memory). Fixed thresholds turn that adjustment off.
+///
+/// It also keeps one heap per CPU instead of glibc's eight: the threads
+/// that come and go (the async runtime's blocking threads, the restore
+/// pool's) each took a heap of their own, so every service's long-lived
+/// records were spread over 16 heaps between the free remains of image
+/// builds, none of which could be given back whole (at 1,000 services,
+/// 16 heaps held 8 MiB free; docs/scale.md, Agent memory).
 pub fn keep_little_free_memory() {
+    let heaps = std::thread::available_parallelism().map_or(2, |cpus| cpus.get());
+    let heaps = i32::try_from(heaps).unwrap_or(i32::MAX);
     // SAFETY: mallopt only sets the allocator's parameters, under its lock.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, heaps);
     }
 }

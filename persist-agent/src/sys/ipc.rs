@@ -106,10 +106,14 @@ pub struct SegmentSpec<'a> {
 }
 
 /// Makes a fresh IPC namespace holding `segments`, each with its recorded
-/// id, key, size, owner, mode and contents, and returns it as an open
-/// `/proc/.../ns/ipc` file (the namespace lives while it is open or a
-/// process is in it). Errors name the segment.
-pub fn namespace_with(segments: &[SegmentSpec<'_>]) -> io::Result<OwnedFd> {
+/// id, key, size, owner, mode and contents, then runs `then` in it (which
+/// makes the semaphore sets and message queues, `sys/sysv_ipc.rs`), and
+/// returns it as an open `/proc/.../ns/ipc` file (the namespace lives
+/// while it is open or a process is in it). Errors name the segment.
+pub fn namespace_with(
+    segments: &[SegmentSpec<'_>],
+    then: impl FnOnce() -> io::Result<()> + Send,
+) -> io::Result<OwnedFd> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -125,6 +129,7 @@ pub fn namespace_with(segments: &[SegmentSpec<'_>]) -> io::Result<OwnedFd> {
                         )
                     })?;
                 }
+                then()?;
                 Ok(OwnedFd::from(File::open("/proc/thread-self/ns/ipc")?))
             })
             .join()

@@ -24,5 +24,6 @@ pub mod sched;
 pub mod sigchld;
 pub mod sockdiag;
 pub mod spawn;
+pub mod sysv_ipc;
 pub mod tcp_repair;
 pub mod uffd;

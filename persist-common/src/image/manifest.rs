@@ -55,6 +55,12 @@ pub struct Manifest {
     /// there are none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zombies: Vec<super::Zombie>,
+    /// The System V semaphore sets and message queues of the processes'
+    /// IPC namespace that are theirs (see [`super::SysvIpc`]); absent when
+    /// there are none. An older reader ignores it and restores without
+    /// them.
+    #[serde(default, skip_serializing_if = "super::SysvIpc::is_empty")]
+    pub sysv_ipc: super::SysvIpc,
 }
 
 impl Manifest {

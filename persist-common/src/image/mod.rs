@@ -90,6 +90,7 @@ mod io;
 mod manifest;
 mod posix_timer;
 mod sockets;
+mod sysv_ipc;
 mod tcp_connection;
 mod tree;
 mod working_set;
@@ -101,6 +102,7 @@ pub use io::{Image, ImageWriter, PageStore, decode_manifest};
 pub use manifest::*;
 pub use posix_timer::{PosixTimer, SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, is_cpu_clock};
 pub use sockets::{SocketFile, TcpSocket, UnixSocket};
+pub use sysv_ipc::{IpcMessage, IpcOwner, MessageQueue, SemaphoreSet, SysvIpc};
 pub use tcp_connection::{TcpConnection, TcpWindow};
 pub use tree::{ChildProcess, InheritedFd, Zombie};
 pub use working_set::{
@@ -135,7 +137,13 @@ pub use working_set::{
 /// would ignore them, and a restored parent would then wait for a child it
 /// no longer has (`waitpid` failing with `ECHILD`, a count of children
 /// never falling to zero); it refuses the image by its version instead.
-pub const FORMAT_VERSION: u32 = 5;
+///
+/// Version 6 adds System V semaphore sets and message queues
+/// (`sysv_ipc`): their ids, keys, owners, values and queued messages. A
+/// reader of version 5 would restore the tree without them, and its
+/// processes' `semop` or `msgrcv` on the recorded ids would fail or reach
+/// whatever holds those ids on the host.
+pub const FORMAT_VERSION: u32 = 6;
 
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;

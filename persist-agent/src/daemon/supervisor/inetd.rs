@@ -66,7 +66,7 @@ impl Supervisor {
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. } | Command::Retry | Command::Skeleton(_)) => {}
-                    Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, result),
+                    Some(Command::Resumed { result, .. }) => kill_stray(&self.spec.name, *result),
                     Some(Command::WakeNow { done }) => {
                         let _ = done.send(Err("an inetd service starts once per connection".into()));
                     }

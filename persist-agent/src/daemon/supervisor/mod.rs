@@ -114,6 +114,10 @@ pub struct Published {
 }
 
 /// Messages to a supervisor.
+///
+/// Kept small: each supervisor's channel allocates room for 32 of them when
+/// it is made, for every registered service (a 4 KiB block per service
+/// when a command took 120 bytes), so the rare large ones are boxed.
 #[derive(Debug)]
 pub enum Command {
     /// The BPF program saw a SYN for the parked service.
@@ -127,7 +131,7 @@ pub enum Command {
         /// CLOCK_MONOTONIC of the SYN.
         syn_ns: u64,
         /// The resumed process, or why the resume failed.
-        result: Result<Resumed, String>,
+        result: Box<Result<Resumed, String>>,
     },
     /// Stop the service now and park it (`persist-agent park`).
     Park {
@@ -143,7 +147,7 @@ pub enum Command {
     /// wait (their SYNs came while it was failed and woke nothing).
     Retry,
     /// A request about the kept generations (`history`, `rollback`, `snapshot`).
-    Generations(GenerationsCommand),
+    Generations(Box<GenerationsCommand>),
     /// The skeleton budget's order for a parked snapshot service
     /// ([`super::skeleton_budget`]); ignored unless parked.
     Skeleton(Order),
@@ -154,10 +158,13 @@ pub enum Command {
     },
 }
 
+// Paid by every registered service (docs/scale.md, Agent memory).
+const _: () = assert!(std::mem::size_of::<Command>() <= 24);
+
 /// The daemon's handle on a supervisor.
 pub struct Handle {
-    /// The service.
-    pub spec: ServiceSpec,
+    /// The service, shared with its supervisor.
+    pub spec: Arc<ServiceSpec>,
     /// Its slot in the BPF maps.
     pub slot: u32,
     /// Commands to the supervisor.
@@ -204,11 +211,12 @@ impl Waker {
         };
         trigger.resume(Box::new(move |outcome| match outcome {
             Some(result) => {
+                let result = Box::new(result);
                 if let Err(mpsc::error::SendError(Command::Resumed { result, .. })) =
                     commands.send(Command::Resumed { syn_ns, result })
                 {
                     // The supervisor is gone: nobody would watch it.
-                    kill_stray(&name, result);
+                    kill_stray(&name, *result);
                 }
             }
             None => {
@@ -327,7 +335,7 @@ fn reap(pidfd: &AsyncFd<Arc<PidFd>>) -> Option<nix::sys::wait::WaitStatus> {
 
 /// The supervisor task's state.
 pub struct Supervisor {
-    spec: ServiceSpec,
+    spec: Arc<ServiceSpec>,
     slot: u32,
     /// Shared with the service's restore worker.
     listener: Arc<OwnedFd>,
@@ -378,7 +386,7 @@ impl Supervisor {
     /// the other listeners of the port the agent holds.
     #[allow(clippy::too_many_arguments)]
     pub fn spawn(
-        spec: ServiceSpec,
+        spec: Arc<ServiceSpec>,
         slot: u32,
         listener: Arc<OwnedFd>,
         group: Vec<OwnedFd>,
@@ -460,6 +468,12 @@ impl Supervisor {
     }
 
     /// The exec and snapshot modes: one long-running process that gets the listener.
+    ///
+    /// Its future lives in the service's task for as long as the service
+    /// is registered, and is as large as the largest future it awaits: the
+    /// rare large ones (parking with a checkpoint, a generations request, a
+    /// stop) are boxed, so that a parked service's task stays under 1 KiB
+    /// instead of 2 KiB.
     async fn run_process(
         &mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
@@ -479,10 +493,14 @@ impl Supervisor {
                     Some(Command::Resumed { syn_ns, result }) => {
                         self.heard_of_syn_resume();
                         self.publish(State::Waking, None);
-                        self.started(result.map(Started::from), Some(syn_ns), WokenBy::SynThread);
+                        self.started(
+                            (*result).map(Started::from),
+                            Some(syn_ns),
+                            WokenBy::SynThread,
+                        );
                         if !self.parks_when_resumed.is_empty() {
                             let parked = if self.child.is_some() {
-                                self.park_now().await
+                                Box::pin(self.park_now()).await
                             } else {
                                 Ok(())
                             };
@@ -508,7 +526,9 @@ impl Supervisor {
                         let published = self.published.lock().expect("published lock");
                         let _ = done.send(published.error.clone().map_or(Ok(()), Err));
                     }
-                    Some(Command::Generations(request)) => self.generations_request(request).await,
+                    Some(Command::Generations(request)) => {
+                        Box::pin(self.generations_request(*request)).await
+                    }
                     Some(Command::Skeleton(order)) => self.skeleton_order(order),
                     Some(Command::Shutdown { done }) => {
                         let _ = done.send(());
@@ -530,7 +550,7 @@ impl Supervisor {
                         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
                     }
                     let ran_for = self.running_since.elapsed();
-                    let wake_failure = self.wake_failure(pid).await;
+                    let wake_failure = Box::pin(self.wake_failure(pid)).await;
                     if wake_failure.is_none() && self.roll_back_after_crash(status, ran_for) {
                         self.prepare_next();
                         self.park();
@@ -549,22 +569,22 @@ impl Supervisor {
                     if self.is_idle() {
                         info!(service = %self.spec.name, "idle: parking");
                         // A failure is published; the service runs on.
-                        let _ = self.park_now().await;
+                        let _ = Box::pin(self.park_now()).await;
                     }
                 }
                 command = commands.recv() => match command {
                     Some(Command::Wake { .. } | Command::Retry | Command::Skeleton(_)) => {}
                     Some(Command::Resumed { result, .. }) => {
                         self.heard_of_syn_resume();
-                        kill_stray(&self.spec.name, result);
+                        kill_stray(&self.spec.name, *result);
                     }
                     Some(Command::WakeNow { done }) => drop(done.send(Ok(()))),
                     Some(Command::Park { done }) => {
-                        let _ = done.send(self.park_now().await);
+                        let _ = done.send(Box::pin(self.park_now()).await);
                     }
-                    Some(Command::Generations(request)) => self.generations_request(request).await,
+                    Some(Command::Generations(request)) => Box::pin(self.generations_request(*request)).await,
                     Some(Command::Shutdown { done }) => {
-                        self.stop().await;
+                        Box::pin(self.stop()).await;
                         let _ = done.send(());
                         return Ok(());
                     }

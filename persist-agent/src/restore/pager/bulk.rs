@@ -66,6 +66,17 @@ impl PlannedCopy {
     /// none is left, without waiting for the spans other threads hold. Safe
     /// from any thread, at any time before the copy is finished: the process
     /// is stopped until then.
+    pub(crate) fn help(&self) {
+        self.shared.work();
+    }
+
+    /// The number of pages the plan copies.
+    pub(crate) fn pages(&self) -> u64 {
+        self.shared.jobs.iter().map(|job| job.span.count).sum()
+    }
+
+    /// Copies spans nobody has claimed yet, as [`PlannedCopy::help`] does,
+    /// and has `then` called once every page of the plan is in.
     ///
     /// Once every page of the plan is in, so that the process may run
     /// without [`Pager::finish_planned`] having retried anything, the thread
@@ -90,19 +101,38 @@ impl PlannedCopy {
         }
         self.shared.work();
     }
+
+    /// Whether every page of the copy is in, once it is over (false
+    /// before): the thread that copied its last span then went on
+    /// ([`PlannedCopy::help_then`]).
+    pub(crate) fn copied_whole(&self) -> bool {
+        let finished = self.shared.finished.lock().expect("bulk copy lock");
+        finished.outcomes.len() == self.shared.jobs.len() && all_copied(&finished.outcomes)
+    }
 }
 
-/// Helps with each of `copies` in turn, as [`PlannedCopy::help_then`] does
-/// with one, and has `then` called once every page of every copy is in: by
-/// the thread that copied the last span of the last copy. A tree's processes
-/// each have their own copy, and none of them may run before all are in (a
-/// tree is let run as a whole).
-pub(crate) fn help_all_then(copies: Vec<PlannedCopy>, then: WhenCopied) {
-    let mut then = then;
-    for copy in copies.into_iter().rev() {
-        then = Box::new(move || copy.help_then(then));
+/// Runs `steps` in turn: helps with each one's copy (if any) as
+/// [`PlannedCopy::help_then`] does, and once every page of it is in, runs
+/// its action, then goes on to the next step, on the thread that copied the
+/// copy's last span. A copy that failed anywhere stops the steps there.
+///
+/// A tree's processes each have their own copy, and each may run as soon as
+/// its own pages are in: the first one let run need not wait for the
+/// others' copies.
+pub(crate) fn help_each_then(steps: Vec<(Option<PlannedCopy>, WhenCopied)>) {
+    let mut next: WhenCopied = Box::new(|| {});
+    for (copy, action) in steps.into_iter().rev() {
+        let after = next;
+        let step: WhenCopied = Box::new(move || {
+            action();
+            after();
+        });
+        next = match copy {
+            Some(copy) => Box::new(move || copy.help_then(step)),
+            None => step,
+        };
     }
-    then();
+    next();
 }
 
 impl Pager {
@@ -175,6 +205,15 @@ impl Pager {
             }
         }
         Ok(())
+    }
+
+    /// Takes the runs `checked` says are sound as verified (their checksums
+    /// were checked by another thread, on the same page store), so that no
+    /// copy checks them again.
+    pub(crate) fn mark_verified(&mut self, checked: impl Fn(&PageRun) -> bool) {
+        for (run, verified) in self.runs.iter().zip(self.verified.iter_mut()) {
+            *verified = *verified || checked(run);
+        }
     }
 
     /// Copies every pending page into the stopped process now.
@@ -274,7 +313,7 @@ impl Pager {
                 break;
             }
         }
-        self.finish_copy(&copy)
+        self.finish_copy(&copy, true)
     }
 
     /// The copy of `spans`, ready for any thread to help with
@@ -307,9 +346,11 @@ impl Pager {
     /// Does what is left of `copy` on this thread, waits for the spans
     /// other threads hold, then updates what is pending. On a corrupt run
     /// the process is killed.
-    fn finish_copy(&mut self, copy: &PlannedCopy) -> Result<u64, RestoreError> {
+    fn finish_copy(&mut self, copy: &PlannedCopy, help: bool) -> Result<u64, RestoreError> {
         let before = self.pending.len();
-        copy.shared.work();
+        if help {
+            copy.shared.work();
+        }
         let outcomes = copy.shared.wait_all();
 
         let mut retry = Vec::new();
@@ -368,7 +409,18 @@ impl Pager {
     /// Ends a copy planned by [`Pager::plan_set`]. Returns the number of
     /// pages copied.
     pub(crate) fn finish_planned(&mut self, copy: &PlannedCopy) -> Result<u64, RestoreError> {
-        self.finish_copy(copy)
+        self.finish_copy(copy, true)
+    }
+
+    /// Ends a copy planned by [`Pager::plan_set`] that another thread
+    /// copies, without helping: this thread only waits for it (sleeping),
+    /// and takes no CPU from a process of the tree already let run. Only
+    /// for a copy that thread is sure to finish, or this one waits forever.
+    pub(crate) fn finish_planned_behind(
+        &mut self,
+        copy: &PlannedCopy,
+    ) -> Result<u64, RestoreError> {
+        self.finish_copy(copy, false)
     }
 
     /// The runs the pages of `span` come from whose checksums are not yet checked.

@@ -1,0 +1,123 @@
+//! What a cold wake (a SYN for a service parked with its image only) does
+//! on a second CPU while the restore thread builds the skeleton: load the
+//! recorded working set and check the checksums of the page runs it needs.
+//!
+//! On the wake's critical path these cost about a millisecond for python's
+//! http.server (900 pages), after a build of about five; done alongside
+//! the build, the copy that follows it finds them checked. Reading the runs
+//! also brings the image's pages into the page cache, should they have been
+//! dropped, while the build still runs (docs/kernel-facts.md, Costs that
+//! shaped the cold wake).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSet, manifest_crc};
+
+/// The working set of the image, loaded and its runs checked.
+pub(super) struct SetAhead {
+    /// The set, for the image whose manifest has CRC `image_crc`.
+    pub set: WorkingSet,
+    /// The image's identity (its manifest's CRC).
+    pub image_crc: u32,
+    /// The runs the set's stored pages come from whose checksums matched.
+    pub verified: HashSet<RunKey>,
+}
+
+impl SetAhead {
+    /// Whether `run` is one of the runs found sound.
+    pub fn is_verified(&self, run: &PageRun) -> bool {
+        self.verified.contains(&key(run))
+    }
+}
+
+/// A run, as compared: where it is in the store, its length and checksum.
+type RunKey = (u64, u64, u32);
+
+fn key(run: &PageRun) -> RunKey {
+    (run.store_offset, run.count, run.crc32c)
+}
+
+/// Starts loading and checking the working set of `image` on a thread of
+/// its own. `None` when no thread could be started (the caller does it all
+/// itself, as before).
+pub(super) fn start(image: Arc<Image>) -> Option<JoinHandle<Result<SetAhead, String>>> {
+    std::thread::Builder::new()
+        .name("persist-cold".into())
+        .spawn(move || load_and_check(&image))
+        .ok()
+}
+
+/// Loads the working set of `image` and checks the runs its pages come from.
+/// A run that fails its check is left out of `verified`: the pager checks
+/// it again before copying it, and fails the wake with the error then.
+fn load_and_check(image: &Image) -> Result<SetAhead, String> {
+    let dir = image.dir();
+    let image_crc = manifest_crc(dir).map_err(|err| err.to_string())?;
+    let set = WorkingSet::open(dir, image_crc).map_err(|err| err.to_string())?;
+    let manifest = image.manifest();
+    // Every run of every process, by where it starts in the store.
+    let mut runs: Vec<PageRun> = manifest
+        .mappings
+        .iter()
+        .chain(manifest.children.iter().flat_map(|child| &child.mappings))
+        .flat_map(|mapping| mapping.pages.iter().copied())
+        .collect();
+    runs.sort_unstable_by_key(|run| run.store_offset);
+    runs.dedup();
+    let mut needed: Vec<PageRun> = set
+        .processes()
+        .values()
+        .flatten()
+        .filter(|page| page.is_stored())
+        .filter_map(|page| run_holding(&runs, page.store_offset))
+        .collect();
+    needed.sort_unstable_by_key(|run| run.store_offset);
+    needed.dedup();
+    let pages = image.pages();
+    let verified = needed
+        .into_iter()
+        .filter(|run| pages.run(run).is_ok())
+        .map(|run| key(&run))
+        .collect();
+    Ok(SetAhead {
+        set,
+        image_crc,
+        verified,
+    })
+}
+
+/// The run of `runs` (sorted by store offset) holding the page stored at
+/// `store_offset`.
+fn run_holding(runs: &[PageRun], store_offset: u64) -> Option<PageRun> {
+    let after = runs.partition_point(|run| run.store_offset <= store_offset);
+    let run = *runs.get(after.checked_sub(1)?)?;
+    (store_offset < run.store_offset + run.count * PAGE_SIZE).then_some(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(store_offset: u64, count: u64) -> PageRun {
+        PageRun {
+            first_page: 0,
+            count,
+            store_offset,
+            crc32c: 0,
+        }
+    }
+
+    #[test]
+    fn finds_the_run_holding_a_stored_page() {
+        let runs = [run(0, 2), run(2 * PAGE_SIZE, 1), run(5 * PAGE_SIZE, 3)];
+        assert_eq!(run_holding(&runs, 0), Some(runs[0]));
+        assert_eq!(run_holding(&runs, PAGE_SIZE), Some(runs[0]));
+        assert_eq!(run_holding(&runs, 2 * PAGE_SIZE), Some(runs[1]));
+        assert_eq!(run_holding(&runs, 3 * PAGE_SIZE), None, "between runs");
+        assert_eq!(run_holding(&runs, 7 * PAGE_SIZE), Some(runs[2]));
+        assert_eq!(run_holding(&runs, 8 * PAGE_SIZE), None, "past the last");
+        assert_eq!(run_holding(&[], 0), None);
+    }
+}
