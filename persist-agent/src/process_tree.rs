@@ -61,6 +61,25 @@ pub fn kill_tree(root: i32) {
     }
 }
 
+/// True when process `pid` is on its way out: killed (`SIGKILL` pending,
+/// for the process or its main thread) or already exiting (`PF_EXITING`,
+/// set when `do_exit` starts, before its memory goes). A process killed on
+/// a busy machine may not have run since: it still maps what it mapped.
+pub fn is_dying(pid: i32) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(process) = procfs::process::Process::new(pid) else {
+        return false;
+    };
+    let exiting = process
+        .stat()
+        .is_ok_and(|stat| stat.flags & PF_EXITING != 0);
+    exiting
+        || process
+            .status()
+            .is_ok_and(|status| (status.sigpnd | status.shdpnd) & SIGKILL_BIT != 0)
+}
+
 /// The proportional set size of `pids` summed (`Pss:` of
 /// `/proc/PID/smaps_rollup`): a page the processes share counts once
 /// across them, where their RSS counts it in each.
@@ -106,6 +125,7 @@ mod tests {
         assert_eq!(tree[0], me);
         assert!(tree.contains(&pid), "{tree:?}");
         assert!(pss_bytes(&[me]) > 0);
+        assert!(!is_dying(pid), "sleep {pid} is not dying before the kill");
         kill_tree(pid);
         let status = child.wait().unwrap();
         assert!(!status.success(), "sleep was not killed: {status:?}");

@@ -43,8 +43,8 @@ use super::restore_pool::{PoolTask, RestorePool};
 use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
-    Continuer, EventJournal, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError, Restored,
-    Skeleton, Timings, WhenCopied, help_each_then,
+    Continuer, EventJournal, FillGate, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError,
+    Restored, Skeleton, Timings, WhenCopied, help_each_then,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, place_listeners};
@@ -1036,7 +1036,7 @@ impl Worker {
                     ImageError::KernelMismatch { .. } | ImageError::CpuMismatch { .. }
                 )
             );
-            err.to_string()
+            crate::error_text::error_line(&err)
         })?;
         Ok((skeleton, image, set_ahead))
     }
@@ -1179,7 +1179,13 @@ impl Worker {
             reply(Ok(resumed));
         }
         pager.hurry_when(self.pagers.stopping());
-        let descendant_logs = self.serve_descendants(descendants, record.as_ref());
+        // A tree's background fill waits until its processes are quiet:
+        // it would compete for the CPUs with the first request.
+        let gate = (!descendants.is_empty()).then(|| Arc::new(FillGate::for_wake()));
+        if let Some(gate) = &gate {
+            pager.hold_fill_until(Arc::clone(gate));
+        }
+        let descendant_logs = self.serve_descendants(descendants, record.as_ref(), gate.as_ref());
         self.report.lock().expect("report lock").serving = Some(pid);
         // Its faults must never wait behind other services' jobs: the pool
         // goes on without this thread until all pages are in.
@@ -1190,7 +1196,7 @@ impl Worker {
         report.serving = None;
         match filled {
             Ok(mut stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
+                info!(service = %self.name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 // What a tree's wake copied ahead is into all its
                 // processes; the other counters stay the root's, as its
@@ -1248,6 +1254,7 @@ impl Worker {
         &self,
         descendants: Vec<Restored>,
         record: Option<&Recording>,
+        gate: Option<&Arc<FillGate>>,
     ) -> Vec<(u32, DescendantPager)> {
         let mut serving = Vec::new();
         for (index, restored) in (1u32..).zip(descendants) {
@@ -1259,13 +1266,16 @@ impl Worker {
                 recording.start_logging(&mut pager);
             }
             pager.hurry_when(self.pagers.stopping());
+            if let Some(gate) = gate {
+                pager.hold_fill_until(Arc::clone(gate));
+            }
             let name = self.name.clone();
             let (log, logged) = std::sync::mpsc::channel();
             let serve: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let serving_after = Some(resumed_at.elapsed());
                 match pager.run_until_filled() {
                     Ok(stats) => {
-                        info!(service = %name, pid, faults = stats.faults, prefetched = stats.prefetched_pages, filled = stats.filled_pages, first_fault_us = micros(stats.first_fault_after_resume), serving_after_us = micros(serving_after), "all pages of a process of the tree in");
+                        info!(service = %name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), first_fault_us = micros(stats.first_fault_after_resume), serving_after_us = micros(serving_after), "all pages of a process of the tree in");
                     }
                     Err(err) => warn!(service = %name, pid, "pager: {err}"),
                 }
@@ -1537,7 +1547,10 @@ fn wait_until_pid_is_free(pid: i32) {
         let zombie = procfs::process::Process::new(pid)
             .and_then(|process| process.stat())
             .is_ok_and(|stat| stat.state == 'Z');
-        if !zombie {
+        // A process of the parked tree just killed may not have run its
+        // exit yet (a busy machine): it still maps the tree's POSIX shared
+        // memory, which the new skeleton would then refuse to share.
+        if !zombie && !crate::process_tree::is_dying(pid) {
             // Free, or held by a live process (the skeleton then gets a pid namespace).
             return;
         }
@@ -1545,5 +1558,6 @@ fn wait_until_pid_is_free(pid: i32) {
     }
 }
 
-/// How long [`wait_until_pid_is_free`] waits for a zombie to be reaped.
+/// How long [`wait_until_pid_is_free`] waits for a zombie to be reaped
+/// (or a killed process to exit).
 const PID_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);

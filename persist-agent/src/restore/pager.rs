@@ -38,12 +38,14 @@ mod copy;
 mod cpu_share;
 mod events;
 mod fault_log;
+mod fill_gate;
 mod serve;
 mod sources;
 #[cfg(test)]
 pub(crate) mod tests;
 
 pub use adopt::{AddressEvent, EventJournal, JournalError};
+pub use fill_gate::FillGate;
 
 pub(crate) use bulk::{PlannedCopy, WhenCopied, help_each_then};
 
@@ -83,6 +85,9 @@ pub struct PagerStats {
     pub first_fault_after_resume: Option<Duration>,
     /// From the start of [`Pager::run_until_filled`] to the end.
     pub total_time: Duration,
+    /// From the start of [`Pager::run_until_filled`] to the first batch of
+    /// the background fill.
+    pub fill_started_after: Option<Duration>,
     /// Pages copied ahead of any fault from a recorded working set (or, to
     /// prefetch everything, from the image).
     pub prefetched_pages: u64,
@@ -99,6 +104,10 @@ impl PagerStats {
         }
     }
 }
+
+/// What the pager of a forked child returns: its counters, and the pages
+/// it logged (the child's faults on pages its parent lacked too).
+type ChildPaged = (Result<PagerStats, RestoreError>, Vec<WorkingSetPage>);
 
 /// Serves one restored process's lazy memory.
 pub struct Pager {
@@ -130,8 +139,14 @@ pub struct Pager {
     /// Once set, faults are neither recorded nor logged any more, and the
     /// fill goes ahead: the daemon is stopping.
     hurry: Option<Arc<AtomicBool>>,
-    /// Pagers of children the process forked while pages were missing.
-    children: Vec<std::thread::JoinHandle<Result<PagerStats, RestoreError>>>,
+    /// True for the pager of a child forked after the restore: its pidfd
+    /// is its parent's (the fork event does not name the child).
+    forked: bool,
+    /// Held back until this opens: the background fill (a tree's wake).
+    fill_gate: Option<Arc<FillGate>>,
+    /// Pagers of children the process forked while pages were missing;
+    /// each returns what it logged of its child's faults.
+    children: Vec<std::thread::JoinHandle<ChildPaged>>,
     /// Where the address-space events read are journaled, for a pager
     /// that takes over if the daemon dies (`Pager::adopt`).
     journal: Option<EventJournal>,
@@ -247,6 +262,8 @@ impl Pager {
             log_until: None,
             when_quiet: None,
             hurry: None,
+            forked: false,
+            fill_gate: None,
             children: Vec::new(),
             journal: None,
         }

@@ -326,6 +326,13 @@ fn posix_shm_user(path: &str) -> Option<i32> {
                 })
         };
         if mapped || held() {
+            if crate::process_tree::is_dying(pid) {
+                // Killed (a parked tree: its supervisor waits for the root
+                // only): its mapping goes with it, and the file made now is
+                // another object.
+                tracing::info!(pid, path, "a dying process still maps or holds the file");
+                continue;
+            }
             return Some(pid);
         }
     }

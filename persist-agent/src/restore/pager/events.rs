@@ -60,8 +60,35 @@ impl Pager {
             self.registered.clone(),
         );
         child.shared = Arc::clone(&self.shared);
-        self.children
-            .push(std::thread::spawn(move || child.run_until_filled()));
+        child.forked = true;
+        // It logs while its parent does, for its parent's part of the
+        // working set, and its fill waits as its parent's does.
+        child.fault_log = self.fault_log.as_ref().map(|_| Vec::new());
+        child.record_until = self.record_until;
+        child.log_until = self.log_until;
+        child.hurry = self.hurry.clone();
+        child.fill_gate = self.fill_gate.clone();
+        let parent = self.pidfd.pid();
+        let forked_at = std::time::Instant::now();
+        self.children.push(std::thread::spawn(move || {
+            let result = child.run_until_filled();
+            if let Ok(stats) = &result {
+                tracing::info!(
+                    parent,
+                    faults = stats.faults,
+                    fault_pages = stats.fault_pages,
+                    zero_faults = stats.zero_faults,
+                    filled = stats.filled_pages,
+                    first_fault_us = stats.first_fault_after.map(|at| at.as_micros() as u64),
+                    fault_us = stats.fault_time.as_micros() as u64,
+                    fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64),
+                    took_us = forked_at.elapsed().as_micros() as u64,
+                    "all pages of a forked child in"
+                );
+            }
+            let log = child.take_fault_log();
+            (result, log)
+        }));
     }
 
     /// The process discarded `[start, end)` (`MADV_DONTNEED`): its private

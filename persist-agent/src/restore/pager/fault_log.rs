@@ -52,7 +52,7 @@ impl Pager {
         self.hurry = Some(flag);
     }
 
-    fn hurried(&self) -> bool {
+    pub(super) fn hurried(&self) -> bool {
         self.hurry
             .as_ref()
             .is_some_and(|flag| flag.load(Ordering::Relaxed))

@@ -76,6 +76,7 @@ impl Pager {
             }
             if !faults.is_empty() {
                 last_fault = Some(Instant::now());
+                self.fault_noted();
             }
             for address in faults {
                 let fault_start = Instant::now();
@@ -109,7 +110,9 @@ impl Pager {
             // it saved, and polls only after a fault, as the pages its set
             // lacked tend to come in a row (figures: docs/kernel-facts.md,
             // Costs that shaped the pager).
-            if self.logging() {
+            // Held back for a tree's quiet as while logging, but faults
+            // still bring in their whole run.
+            if self.logging() || self.fill_held() {
                 let recent = last_fault
                     .or(self.resumed_at)
                     .is_some_and(|at| at.elapsed() < SPIN_WINDOW);
@@ -121,7 +124,8 @@ impl Pager {
                 } else {
                     last_fault.is_some_and(|at| at.elapsed() < SPIN_WINDOW)
                 };
-                if spin && cpu.avoid_cpu_of(self.pid()) {
+                // A forked child's pager knows its parent's pid only.
+                if spin && !self.forked && cpu.avoid_cpu_of(self.pid()) {
                     std::hint::spin_loop();
                 } else {
                     cpu.restore();
@@ -139,6 +143,9 @@ impl Pager {
             } else {
                 FILL_BATCH_PAGES
             };
+            if self.stats.fill_started_after.is_none() {
+                self.stats.fill_started_after = Some(started.elapsed());
+            }
             if !self.fill_batch(batch)? && self.pidfd.has_exited() {
                 break;
             }
@@ -156,11 +163,18 @@ impl Pager {
         // An event queued before the unregistration (a fork, a madvise)
         // waits for a reader: read it, or its thread would wait forever.
         self.finish_events(&mut events);
-        for child in self.children.drain(..) {
+        for child in std::mem::take(&mut self.children) {
             match child.join() {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => {
-                    tracing::warn!(pid = self.pidfd.pid(), %err, "pager of a forked child")
+                Ok((result, log)) => {
+                    if let Err(err) = result {
+                        tracing::warn!(pid = self.pidfd.pid(), %err, "pager of a forked child");
+                    }
+                    // What the child lacked, its parent lacked at the fork:
+                    // in the parent's part of the working set, the next
+                    // wake's children inherit it.
+                    if let Some(own) = self.fault_log.as_mut() {
+                        own.extend(log);
+                    }
                 }
                 Err(_) => {
                     tracing::warn!(pid = self.pidfd.pid(), "pager of a forked child panicked")

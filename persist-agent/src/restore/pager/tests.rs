@@ -354,3 +354,85 @@ pub(crate) fn nix_mmap(len: usize) -> *mut libc::c_void {
     assert_ne!(area, libc::MAP_FAILED);
     area
 }
+
+/// A pager whose fill waits for a tree's gate serves faults (the faulting
+/// page and pages of its run), fills nothing of another run until the gate opens (here, the
+/// daemon stopping: a gate that never opens by itself), then fills the rest.
+#[test]
+fn the_fill_waits_for_the_gate_while_faults_are_served() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 64;
+    const HALF: u64 = PAGES / 2;
+    let len = (PAGES * PAGE_SIZE) as usize;
+    let area = nix_mmap(len);
+    let start = area as u64;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("image");
+    let mut writer = ImageWriter::create(&dir).unwrap();
+    let pattern = |pages: std::ops::Range<u64>| -> Vec<u8> {
+        pages
+            .flat_map(|page| std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize))
+            .collect()
+    };
+    // Two runs: a fault brings in its own run only.
+    let mut runs = writer.append_pages(0, &pattern(0..HALF)).unwrap();
+    runs.extend(writer.append_pages(HALF, &pattern(HALF..PAGES)).unwrap());
+    let mut manifest = manifest(vec![Mapping::anonymous(start, PAGES, runs)]);
+    writer.finish(&mut manifest).unwrap();
+    let image = Arc::new(Image::open(&dir).unwrap());
+    let raw = uffd::create_raw().unwrap();
+    // SAFETY: create_raw returned a new fd that nothing else owns.
+    let fault = unsafe { Userfault::from_raw_fd(raw) };
+    fault.register(start, PAGES * PAGE_SIZE).unwrap();
+    let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+    let mut pager = Pager::new(fault, Arc::new(pidfd), image, &Arc::default());
+
+    let gate = Arc::new(FillGate::new(
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    ));
+    pager.hold_fill_until(Arc::clone(&gate));
+    let stopping = Arc::new(AtomicBool::new(false));
+    pager.hurry_when(Arc::clone(&stopping));
+    let serving = std::thread::spawn(move || pager.run_until_filled().unwrap());
+
+    // SAFETY: reading our own mapping; a missing page is served by the
+    // pager thread.
+    let bytes = unsafe { std::slice::from_raw_parts(area.cast::<u8>(), len) };
+    let page = |index: u64| &bytes[(index * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
+    assert!(page(3).iter().all(|&b| b == 4), "the faulting page");
+    let resident = |index: u64| {
+        let mut vec = [0u8; 1];
+        // SAFETY: one page of our own mapping, one byte of result.
+        let rc = unsafe {
+            libc::mincore(
+                (start + index * PAGE_SIZE) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        vec[0] & 1 == 1
+    };
+    assert!(resident(3));
+    // The pager loops meanwhile (it would have filled by now without the gate:
+    // it fills between polls).
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!gate.is_open());
+    assert!(
+        (HALF..PAGES).all(|index| !resident(index)),
+        "nothing of the other run is filled while the gate is closed"
+    );
+
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stats = serving.join().unwrap();
+    assert_eq!(stats.faults, 1);
+    assert_eq!(stats.fault_pages + stats.filled_pages, PAGES);
+    assert!(stats.filled_pages >= HALF, "{stats:?}");
+    for index in 0..PAGES {
+        assert!(
+            page(index).iter().all(|&b| b == index as u8 + 1),
+            "page {index}"
+        );
+    }
+}
