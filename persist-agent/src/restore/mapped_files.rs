@@ -68,5 +68,5 @@ pub(super) fn open_mapped_file(
             libc::minor(meta.dev())
         )));
     }
-    dup_above(file, min)
+    dup_above(file.into(), min)
 }

@@ -57,12 +57,6 @@ impl Resources {
         let mut created_files = CreatedFiles::default();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
         let mut lazy_shared = Vec::new();
-        // Each file is opened once per process and its descriptor copied
-        // for each of its mappings: opening as the process would (each
-        // component of the path walked, no symlink followed) costs far more
-        // than a dup, and python's own binary has five mappings. The loader
-        // mapped a library's segments from one open file anyway.
-        let mut mapped_files: HashMap<(&str, u64, &str, bool), OwnedFd> = HashMap::new();
         for mapping in &manifest.mappings {
             let fd = match &mapping.kind {
                 MappingKind::File {
@@ -70,27 +64,15 @@ impl Resources {
                     inode,
                     device,
                     ..
-                } => {
-                    let writable = mapping.shared && mapping.protection.write;
-                    let key = (path.as_str(), *inode, device.as_str(), writable);
-                    Some(match mapped_files.get(&key) {
-                        Some(opened) => dup_above(opened, min)?,
-                        None => {
-                            let opened = open_mapped_file(
-                                mapping.start,
-                                path,
-                                *inode,
-                                device,
-                                writable,
-                                min,
-                                access,
-                            )?;
-                            let fd = dup_above(&opened, min)?;
-                            mapped_files.insert(key, opened);
-                            fd
-                        }
-                    })
-                }
+                } => Some(open_mapped_file(
+                    mapping.start,
+                    path,
+                    *inode,
+                    device,
+                    mapping.shared && mapping.protection.write,
+                    min,
+                    access,
+                )?),
                 MappingKind::Memfd { inode, .. }
                 | MappingKind::SharedAnonymous { inode }
                 | MappingKind::PosixShm { inode, .. } => {
@@ -170,8 +152,8 @@ impl Resources {
         }
         Ok(Self {
             mapping_fds,
-            exe: dup_above(exe, min)?,
-            cwd: dup_above(cwd, min)?,
+            exe: dup_above(exe.into(), min)?,
+            cwd: dup_above(cwd.into(), min)?,
             attributes: Attributes {
                 rlimits,
                 session_set: false,
