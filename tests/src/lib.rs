@@ -495,6 +495,51 @@ pub fn http_server_command(port: u16, root: &Path) -> Vec<String> {
     .to_vec()
 }
 
+/// The command line of gunicorn serving `app:app` on 127.0.0.1:`port`
+/// from `dir`, where `app` is written first as `app.py`: an arbiter and
+/// two sync workers, with `extra` options before the others.
+pub fn gunicorn_command(dir: &Path, port: u16, app: &str, extra: &[&str]) -> Vec<String> {
+    std::fs::write(dir.join("app.py"), app).expect("write app.py");
+    let bind = format!("127.0.0.1:{port}");
+    let dir = dir.to_str().expect("a UTF-8 path");
+    let options = [
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--bind",
+        &bind,
+        "--chdir",
+        dir,
+        "app:app",
+    ];
+    std::iter::once("gunicorn")
+        .chain(extra.iter().copied())
+        .chain(options)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Has the child, then the parent, of a fixture report: each is sent
+/// SIGUSR1 and writes `child-result` or `parent-result` in `dir`; their
+/// contents, in that order.
+pub fn results_of(dir: &Path, parent: i32, child: i32) -> (String, String) {
+    let mut results = Vec::new();
+    for (pid, name) in [(child, "child-result"), (parent, "parent-result")] {
+        let result = dir.join(name);
+        let _ = std::fs::remove_file(&result);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal a fixture process");
+        wait_until(Duration::from_secs(20), || result.exists())
+            .unwrap_or_else(|e| panic!("pid {pid} writes {name}: {e}"));
+        results.push(std::fs::read_to_string(&result).expect("read a result"));
+    }
+    (results.remove(0), results.remove(0))
+}
+
 /// The command line of `redis-server` on 127.0.0.1:`port`, with no
 /// persistence of its own (no RDB snapshots, no append-only file).
 pub fn redis_server_command(port: u16) -> Vec<String> {

@@ -15,7 +15,9 @@ use std::time::Duration;
 use std::collections::HashSet;
 
 use persist_common::image::{ChildProcess, FdKind, Image, Manifest, Mapping, MappingKind};
-use persist_tests::{NetNs, binary, nginx_command_with_workers, require_root, wait_until};
+use persist_tests::{
+    NetNs, binary, gunicorn_command, nginx_command_with_workers, require_root, wait_until,
+};
 
 /// The fixture's three processes; every one is killed on drop.
 struct TreeFixture {
@@ -659,27 +661,14 @@ fn gunicorn_arbiter_and_workers_are_saved_with_one_listener() {
     require_root!();
     const PORT: u16 = 8191;
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::write(
-        dir.path().join("app.py"),
+    let command = gunicorn_command(
+        dir.path(),
+        PORT,
         "def app(environ, start_response):\n\
          \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
          \x20   return [b'hello from gunicorn\\n']\n",
-    )
-    .unwrap();
-    let command: Vec<String> = [
-        "gunicorn",
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--bind",
-        &format!("127.0.0.1:{PORT}"),
-        "--chdir",
-        dir.path().to_str().expect("a UTF-8 path"),
-        "app:app",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+        &[],
+    );
     let server = CheckpointedServer::run(dir.path(), &command, PORT, "hello from gunicorn\n", 2);
     server.check_one_listener(PORT, 2);
 }
@@ -1115,27 +1104,14 @@ fn gunicorn_arbiter_and_workers_are_restored_answer_and_quit_whole() {
     require_root!();
     const PORT: u16 = 8192;
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::write(
-        dir.path().join("app.py"),
+    let command = gunicorn_command(
+        dir.path(),
+        PORT,
         "def app(environ, start_response):\n\
          \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
          \x20   return [b'hello from the restored arbiter\\n']\n",
-    )
-    .unwrap();
-    let command: Vec<String> = [
-        "gunicorn",
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--bind",
-        &format!("127.0.0.1:{PORT}"),
-        "--chdir",
-        dir.path().to_str().expect("a UTF-8 path"),
-        "app:app",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+        &[],
+    );
     restore_server_twice(
         dir.path(),
         &command,

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use persist_agent::process_tree::children as children_of;
-use persist_tests::{Sandbox, nginx_command_with_workers, wait_until, web_root};
+use persist_tests::{Sandbox, gunicorn_command, nginx_command_with_workers, wait_until, web_root};
 
 /// The state letter of `pid` (`/proc/PID/stat`), `None` once it is gone.
 fn state_of(pid: i32) -> Option<char> {
@@ -293,26 +293,6 @@ fn a_parked_tree_is_woken_after_a_daemon_restart() {
     running_tree(&sandbox, "nginx", 3);
 }
 
-/// gunicorn serving `body` from `app.py` in `dir` on `port`: an arbiter
-/// and two sync workers.
-fn gunicorn_tree(dir: &Path, port: u16, app: &str) -> Vec<String> {
-    std::fs::write(dir.join("app.py"), app).unwrap();
-    [
-        "gunicorn",
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--bind",
-        &format!("127.0.0.1:{port}"),
-        "--chdir",
-        dir.to_str().expect("a UTF-8 path"),
-        "app:app",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
 /// A tree parked with `--on-idle keep` wakes where it stopped: each
 /// gunicorn worker counts the requests it served, and a worker answering
 /// after the wake counts on from its count before the park (a pristine
@@ -323,7 +303,7 @@ fn a_tree_parked_with_its_state_kept_counts_on() {
     const PORT: u16 = 8154;
     let sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let command = gunicorn_tree(
+    let command = gunicorn_command(
         dir.path(),
         PORT,
         "import os\n\
@@ -333,6 +313,7 @@ fn a_tree_parked_with_its_state_kept_counts_on() {
          \x20   served += 1\n\
          \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
          \x20   return [f'{os.getpid()} {served}\\n'.encode()]\n",
+        &[],
     );
     sandbox
         .add_ok(
@@ -392,29 +373,16 @@ fn gunicorn_arbiter_and_two_workers_are_parked_and_woken() {
     const BODY: &str = "hello from the parked arbiter\n";
     let sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("app.py"),
-        format!(
+    let command = gunicorn_command(
+        dir.path(),
+        PORT,
+        &format!(
             "def app(environ, start_response):\n\
              \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
              \x20   return [{BODY:?}.encode()]\n"
         ),
-    )
-    .unwrap();
-    let command: Vec<String> = [
-        "gunicorn",
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--bind",
-        &format!("127.0.0.1:{PORT}"),
-        "--chdir",
-        dir.path().to_str().expect("a UTF-8 path"),
-        "app:app",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+        &[],
+    );
     sandbox
         .add_ok("gunicorn", PORT, &["--ready", "http:/"], &command)
         .unwrap();

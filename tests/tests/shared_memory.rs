@@ -55,20 +55,7 @@ impl ShmFixture {
     /// Has the restored child, then the restored parent, check what they
     /// share; their results.
     fn check(&self, parent: i32, child: i32) -> (String, String) {
-        let mut results = Vec::new();
-        for (pid, name) in [(child, "child-result"), (parent, "parent-result")] {
-            let result = self.dir.path().join(name);
-            let _ = fs::remove_file(&result);
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGUSR1,
-            )
-            .expect("signal a restored process");
-            wait_until(Duration::from_secs(20), || result.exists())
-                .unwrap_or_else(|e| panic!("pid {pid} writes {name}: {e}"));
-            results.push(fs::read_to_string(&result).expect("read a result"));
-        }
-        (results.remove(0), results.remove(0))
+        persist_tests::results_of(self.dir.path(), parent, child)
     }
 }
 

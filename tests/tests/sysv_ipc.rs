@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use persist_tests::{binary, require_root, wait_until};
+use persist_tests::{binary, gunicorn_command, require_root, wait_until};
 
 /// The fixture's two processes, its set and its queue; all killed or
 /// removed on drop.
@@ -61,20 +61,7 @@ impl IpcFixture {
     /// Has the child, then the parent, check the set and queue; their
     /// results.
     fn check(&self, parent: i32, child: i32) -> (String, String) {
-        let mut results = Vec::new();
-        for (pid, name) in [(child, "child-result"), (parent, "parent-result")] {
-            let result = self.dir.path().join(name);
-            let _ = fs::remove_file(&result);
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGUSR1,
-            )
-            .expect("signal a fixture process");
-            wait_until(Duration::from_secs(20), || result.exists())
-                .unwrap_or_else(|e| panic!("pid {pid} writes {name}: {e}"));
-            results.push(fs::read_to_string(&result).expect("read a result"));
-        }
-        (results.remove(0), results.remove(0))
+        persist_tests::results_of(self.dir.path(), parent, child)
     }
 }
 
@@ -302,8 +289,9 @@ fn a_gunicorn_tree_keeps_its_semaphores_and_messages_across_parks() {
     const PORT: u16 = 8171;
     let sandbox = persist_tests::Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    fs::write(
-        dir.path().join("app.py"),
+    let command = gunicorn_command(
+        dir.path(),
+        PORT,
         "import ctypes\n\
          libc = ctypes.CDLL(None, use_errno=True)\n\
          semid = libc.semget(0, 1, 0o600)\n\
@@ -325,23 +313,8 @@ fn a_gunicorn_tree_keeps_its_semaphores_and_messages_across_parks() {
          \x20   text = message.text[:got].decode() if got >= 0 else 'none'\n\
          \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
          \x20   return [f'{semid} {msqid} {value} {text}'.encode()]\n",
-    )
-    .unwrap();
-    let command: Vec<String> = [
-        "gunicorn",
-        "--preload",
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--bind",
-        &format!("127.0.0.1:{PORT}"),
-        "--chdir",
-        dir.path().to_str().expect("a UTF-8 path"),
-        "app:app",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+        &["--preload"],
+    );
     sandbox
         .add_ok(
             "ipc",
