@@ -380,14 +380,13 @@ pub fn run(options: Options) -> Result<ScaleRun> {
         // Not parked again: parked, it would be prepared and released once
         // more, and a wait could not tell "not prepared yet" from
         // "released".
-        let wake = wake_once(&sandbox, service)?;
-        push(&mut image_only.single_wakes, service.program, wake.ttfb);
-        if !wake.finished {
-            image_only.unfinished_wakes.push(service.name.clone());
-        }
-        if service.program == Program::Python {
-            python_fresh.push(fresh_start(&sandbox.netns, &fresh_command)?);
-        }
+        cold_wake_beside_fresh(
+            &sandbox,
+            service,
+            &fresh_command,
+            &mut image_only,
+            &mut python_fresh,
+        )?;
     }
     eprintln!("bench --scale: wake storm, images only");
     (image_only.storm_served, image_only.storm) = wake_storm(&sandbox, &others)?;
@@ -465,14 +464,13 @@ fn run_images_only(
         sandbox.agent_ok(&["park", &service.name])?;
         wait_until(Duration::from_secs(30), || released(&sandbox) > before)
             .with_context(|| format!("{}'s skeleton was not released", service.name))?;
-        let wake = wake_once(&sandbox, service)?;
-        push(&mut image_only.single_wakes, service.program, wake.ttfb);
-        if !wake.finished {
-            image_only.unfinished_wakes.push(service.name.clone());
-        }
-        if service.program == Program::Python {
-            python_fresh.push(fresh_start(&sandbox.netns, &fresh_command)?);
-        }
+        cold_wake_beside_fresh(
+            &sandbox,
+            service,
+            &fresh_command,
+            &mut image_only,
+            &mut python_fresh,
+        )?;
     }
     let storm: Vec<&Service> = others.iter().copied().take(IMAGES_ONLY_STORM).collect();
     eprintln!(
@@ -764,6 +762,26 @@ fn wait_released(sandbox: &Sandbox, services: &[&Service]) -> Result<()> {
         interrupt::check()?;
         std::thread::sleep(POLL_ALL);
     }
+}
+
+/// One cold wake of `service`, counted in `tier`; for python's
+/// http.server, a fresh start of it right after, for comparison.
+fn cold_wake_beside_fresh(
+    sandbox: &Sandbox,
+    service: &Service,
+    fresh_command: &[String],
+    tier: &mut Tier,
+    python_fresh: &mut Samples,
+) -> Result<()> {
+    let wake = wake_once(sandbox, service)?;
+    push(&mut tier.single_wakes, service.program, wake.ttfb);
+    if !wake.finished {
+        tier.unfinished_wakes.push(service.name.clone());
+    }
+    if service.program == Program::Python {
+        python_fresh.push(fresh_start(&sandbox.netns, fresh_command)?);
+    }
+    Ok(())
 }
 
 /// Wakes one parked service with a request, the time from connect() to
