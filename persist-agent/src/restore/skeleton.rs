@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use persist_common::image::{Image, Manifest};
 
+use super::inherited_memory::ProcessPart;
 use super::pager::Pager;
 use super::resources::CreatedFiles;
 use super::setup::Setup;
@@ -257,6 +258,7 @@ impl Skeleton {
             &mut HashMap::new(),
             &Arc::new(SharedPages::of_tree(manifest)),
             false,
+            ProcessPart::default(),
         )?;
         // Removed unless the process is built.
         let mut created_files = CreatedFiles(setup.created_files());
