@@ -1,0 +1,369 @@
+//! Private memory a restored tree shares copy-on-write, as the kernel had it
+//! before the checkpoint (issue 13, `restore/inherited_memory.rs`).
+//!
+//! The fixture (tests/src/bin/fixture-cow.rs) is a parent with one child,
+//! or two, sharing a private anonymous region and a private file mapping
+//! through the fork, with pages each of them wrote since. Its processes
+//! check every byte of both from inside once restored; the test compares
+//! what /proc/PID/smaps says of both regions with what it said of the
+//! processes before the checkpoint. Each test has its own temporary
+//! directory and kills only the processes it started, by pid.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use persist_tests::{binary, require_root, result_of, results_of, wait_until};
+
+/// kB of a page, as smaps counts.
+const PAGE_KB: u64 = 4;
+/// Anonymous pages the one child and its parent share after the fork: of
+/// the 48 written before it, all but page 1 (the parent wrote it since)
+/// and page 2 (the child did).
+const SHARED_WITH_ONE_CHILD: u64 = 46;
+
+/// The smaps fields of the anonymous region compared before and after: the
+/// pages mapped, their proportional share (per mapping, smaps has `Pss`
+/// only: all of it anonymous here), the dirty pages others map too, and
+/// those no other does.
+const ANON_FIELDS: [&str; 4] = ["Anonymous", "Pss", "Shared_Dirty", "Private_Dirty"];
+/// The same of the private file mapping, but its proportional share: the
+/// checks read the file's pages (clean page cache, mapped by both) in the
+/// restored processes only.
+const FILE_FIELDS: [&str; 3] = ["Anonymous", "Shared_Dirty", "Private_Dirty"];
+
+/// The fixture's processes, the parent first; every one killed on drop.
+struct CowFixture {
+    parent: Child,
+    children: Vec<i32>,
+    /// The private anonymous region's address.
+    anon: u64,
+    /// The private file mapping's address.
+    file: u64,
+    dir: tempfile::TempDir,
+}
+
+impl CowFixture {
+    fn start(children: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parent = Command::new(binary("fixture-cow"))
+            .arg(dir.path())
+            .arg(children.to_string())
+            .spawn()
+            .expect("spawn fixture-cow");
+        let ready = dir.path().join("ready");
+        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-cow is ready");
+        let text = fs::read_to_string(&ready).expect("read ready");
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(fields.len(), 3 + children, "ready holds {text:?}");
+        let address = |field: &str| u64::from_str_radix(field, 16).expect("a hex address");
+        Self {
+            anon: address(fields[1]),
+            file: address(fields[2]),
+            children: fields[3..]
+                .iter()
+                .map(|pid| pid.parse().expect("a pid"))
+                .collect(),
+            parent,
+            dir,
+        }
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        std::iter::once(self.parent.id() as i32)
+            .chain(self.children.iter().copied())
+            .collect()
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("image")
+    }
+
+    /// Has every process check its memory from inside: `pids` are the
+    /// parent's and its children's, in the fixture's order.
+    fn results(&self, pids: &[i32]) -> Vec<String> {
+        let dir = self.dir.path();
+        let (child, parent) = results_of(dir, pids[0], pids[1]);
+        let mut results = vec![parent, child];
+        for (index, &pid) in pids.iter().enumerate().skip(2) {
+            results.push(result_of(dir, pid, &format!("child{index}-result")));
+        }
+        results
+    }
+
+    /// The smaps fields of both regions of each process of `pids`.
+    fn usage(&self, pids: &[i32]) -> Vec<RegionUsage> {
+        pids.iter()
+            .map(|&pid| RegionUsage {
+                anon: smaps_of(pid, self.anon, &ANON_FIELDS),
+                file: smaps_of(pid, self.file, &FILE_FIELDS),
+            })
+            .collect()
+    }
+}
+
+impl Drop for CowFixture {
+    fn drop(&mut self) {
+        for &pid in &self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.parent.kill();
+        let _ = self.parent.wait();
+    }
+}
+
+/// What smaps says of a process's two regions (fields in kB).
+#[derive(Debug, PartialEq, Eq)]
+struct RegionUsage {
+    anon: HashMap<String, u64>,
+    file: HashMap<String, u64>,
+}
+
+/// The `fields` of the smaps entry of `pid` starting at `address`, in kB;
+/// each of them must be there.
+fn smaps_of(pid: i32, address: u64, fields: &[&str]) -> HashMap<String, u64> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/smaps: {e}"));
+    let header = format!("{address:x}-");
+    let mut lines = smaps.lines().skip_while(|line| !line.starts_with(&header));
+    assert!(
+        lines.next().is_some(),
+        "pid {pid} has no mapping at {address:#x}"
+    );
+    let found: HashMap<String, u64> = lines
+        .take_while(|line| !line.starts_with("VmFlags"))
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let kb = value.trim().strip_suffix(" kB")?.parse().ok()?;
+            fields.contains(&name).then(|| (name.to_owned(), kb))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        fields.len(),
+        "pid {pid}'s smaps entry at {address:#x} lacks some of {fields:?}: {found:?}"
+    );
+    found
+}
+
+/// The field `name` summed over `usage`'s anonymous regions.
+fn anon_total(usage: &[RegionUsage], name: &str) -> u64 {
+    usage.iter().map(|u| u.anon[name]).sum()
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(binary("persist-agent"))
+        .args(args)
+        .output()
+        .expect("run persist-agent")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+/// The innermost pid of /proc/PID/status's `NSpid`: the pid the process
+/// sees as its own, its recorded one.
+fn recorded_pid(pid: i32) -> i32 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .and_then(|values| values.split_whitespace().last()?.parse().ok())
+        .unwrap_or(-1)
+}
+
+fn wait_gone(pids: &[i32]) {
+    let gone = wait_until(Duration::from_secs(20), || {
+        pids.iter()
+            .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    });
+    assert!(gone.is_ok(), "the processes {pids:?} are not gone");
+}
+
+/// A restored tree, its processes in the fixture's order (as this test
+/// sees their pids); killed on drop.
+struct Restored {
+    pids: Vec<i32>,
+}
+
+impl Restored {
+    /// Restores `image` of `recorded` (the fixture's pids).
+    fn restore(image: &Path, recorded: &[i32], round: &str) -> Self {
+        let output = agent(&["restore", "--image", image.to_str().expect("UTF-8 path")]);
+        assert!(
+            output.status.success(),
+            "{round} restore: {}",
+            stderr(&output)
+        );
+        let root: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("restore prints the root's pid");
+        let children = children_of(root);
+        let mut restored = Self { pids: vec![root] };
+        for &pid in &recorded[1..] {
+            let child = children
+                .iter()
+                .copied()
+                .find(|&child| recorded_pid(child) == pid);
+            restored.pids.push(child.unwrap_or_else(|| {
+                panic!("{round} restore: no child of {root} (of {children:?}) has recorded pid {pid}")
+            }));
+        }
+        assert_eq!(
+            children.len(),
+            recorded.len() - 1,
+            "{round} restore: the root has children {children:?}"
+        );
+        restored
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        for &pid in self.pids.iter().rev() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Starts the fixture with `children`, notes what smaps says of it,
+/// checkpoints it (`--tree`, which kills it), and restores it twice in
+/// turn: each time every process finds every byte it had in both regions,
+/// and smaps says of each what it said before (shared pages mapped by the
+/// processes sharing them, counted once in their proportional share).
+/// Returns what smaps said before the checkpoint.
+fn restore_twice_and_compare(children: usize) -> Vec<RegionUsage> {
+    let mut fixture = CowFixture::start(children);
+    let recorded = fixture.pids();
+    let before = fixture.usage(&recorded);
+    let image = fixture.image();
+    let output = agent(&[
+        "checkpoint",
+        "--tree",
+        "--pid",
+        &recorded[0].to_string(),
+        "--image",
+        image.to_str().expect("UTF-8 path"),
+    ]);
+    assert!(
+        output.status.success(),
+        "checkpoint --tree: {}",
+        stderr(&output)
+    );
+    let _ = fixture.parent.wait();
+    wait_gone(&recorded);
+
+    for round in ["first", "second"] {
+        let restored = Restored::restore(&image, &recorded, round);
+        // Every process reads every page of both regions: all it maps is
+        // in once the checks are done.
+        for (index, result) in fixture.results(&restored.pids).iter().enumerate() {
+            assert_eq!(
+                result, "OK",
+                "{round} restore: process {index} (pid {}) of the tree",
+                restored.pids[index]
+            );
+        }
+        let after = fixture.usage(&restored.pids);
+        for (index, (before, after)) in before.iter().zip(&after).enumerate() {
+            assert_eq!(
+                after, before,
+                "{round} restore: smaps of process {index} (pid {}, recorded {}): \
+                 after the restore, then before the checkpoint",
+                restored.pids[index], recorded[index]
+            );
+        }
+        let pids = restored.pids.clone();
+        drop(restored);
+        wait_gone(&pids);
+    }
+    before
+}
+
+/// One child: the 46 anonymous pages it did not write and its parent did
+/// not either are shared again after each restore (Shared_Dirty in both,
+/// counted half in each one's Pss), and so is the first page of the
+/// private file mapping, which the parent wrote before the fork; the pages
+/// each wrote since are its own, the page the parent first wrote after the
+/// fork is zeros in the child, and the file page the parent wrote after the
+/// fork is the file's in the child.
+#[test]
+fn private_memory_a_child_shares_with_its_parent_is_restored_shared_twice() {
+    require_root!();
+    let before = restore_twice_and_compare(1);
+    // What the comparison relied on: the fixture shares what it says.
+    for usage in &before {
+        assert_eq!(
+            usage.anon["Shared_Dirty"],
+            SHARED_WITH_ONE_CHILD * PAGE_KB,
+            "the anonymous region's shared pages before the checkpoint: {before:?}"
+        );
+    }
+    // Shared pages are counted once in the tree's Pss (half in each
+    // process): the tree maps each twice, 4 kB more than its Pss.
+    let mapped = anon_total(&before, "Anonymous");
+    let proportional = anon_total(&before, "Pss");
+    assert_eq!(
+        mapped - proportional,
+        SHARED_WITH_ONE_CHILD * PAGE_KB,
+        "the tree's anonymous pages mapped, then in proportion: {before:?}"
+    );
+    // The file mapping's page 0, written before the fork, shared; pages 1
+    // and 2 the parent's own, page 1 the child's.
+    let file: Vec<(u64, u64)> = before
+        .iter()
+        .map(|usage| (usage.file["Shared_Dirty"], usage.file["Private_Dirty"]))
+        .collect();
+    assert_eq!(
+        file,
+        vec![(PAGE_KB, 2 * PAGE_KB), (PAGE_KB, PAGE_KB)],
+        "the private file mapping's shared and own pages: {before:?}"
+    );
+}
+
+/// Two children sharing different pages with their parent: each one's
+/// page the other shares is staged once and dropped from the one that
+/// wrote its own (anonymous pages 1 and 2 and file page 1 of the first
+/// child, anonymous page 3 of the second), which then gets its own
+/// version: its check finds it, and the pages stay as shared as before.
+#[test]
+fn pages_staged_for_one_child_are_the_others_own_after_restore() {
+    require_root!();
+    let before = restore_twice_and_compare(2);
+    // What the comparison relied on. The parent shares its anonymous
+    // pages 0 and 4..48 with both children, pages 1 and 2 with the second
+    // (it wrote page 1 between the forks), page 3 with the first. Of the
+    // file, it shares pages 0 and 1 with the second child, and page 0 with
+    // the first.
+    let shared: Vec<(u64, u64)> = before
+        .iter()
+        .map(|usage| (usage.anon["Shared_Dirty"], usage.file["Shared_Dirty"]))
+        .collect();
+    assert_eq!(
+        shared,
+        vec![
+            (48 * PAGE_KB, 2 * PAGE_KB),
+            (46 * PAGE_KB, PAGE_KB),
+            (47 * PAGE_KB, 2 * PAGE_KB)
+        ],
+        "the pages shared before the checkpoint: {before:?}"
+    );
+}
