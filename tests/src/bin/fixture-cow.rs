@@ -18,7 +18,8 @@
 //! - the first child writes anonymous page 2 and file page 1 with
 //!   [`FIRST_CHILD`];
 //! - the second child, if any, writes anonymous page 3 with
-//!   [`SECOND_CHILD`] and nothing of the file.
+//!   [`SECOND_CHILD`], and drops (`MADV_DONTNEED`) anonymous page 47 (zeros
+//!   then) and file page 0 (the file's page then).
 //!
 //! Every other page stays shared as the fork left it. Once the children
 //! wrote theirs (they say so through a pipe), the parent writes
@@ -46,6 +47,8 @@ const FILLED: usize = 48;
 /// The anonymous page the parent writes after the forks, never touched
 /// before.
 const PARENT_NEW_PAGE: usize = 50;
+/// The anonymous page the second child drops after the fork.
+const DROPPED_ANON_PAGE: usize = 47;
 /// Pages of the mapped file.
 const FILE_PAGES: usize = 6;
 
@@ -101,6 +104,19 @@ fn fill(memory: &mut [u8], page: usize, tag: u8) {
     }
 }
 
+/// Drops page `page` of `memory` (`MADV_DONTNEED`).
+fn drop_page(memory: &mut [u8], page: usize) {
+    // SAFETY: the page is ours; nothing refers into it across the call.
+    let rc = unsafe {
+        libc::madvise(
+            memory[page * PAGE..].as_mut_ptr().cast(),
+            PAGE,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+}
+
 /// The tag anonymous page `page` of `role` must hold; none for zeros.
 fn expected_anon(role: Role, page: usize) -> Option<u8> {
     match (role, page) {
@@ -108,6 +124,7 @@ fn expected_anon(role: Role, page: usize) -> Option<u8> {
         (Role::Parent, PARENT_NEW_PAGE) => Some(PARENT_AFTER),
         (Role::Child(0), 2) => Some(FIRST_CHILD),
         (Role::Child(1), 3) => Some(SECOND_CHILD),
+        (Role::Child(1), DROPPED_ANON_PAGE) => None,
         (_, page) if page < FILLED => Some(BEFORE),
         _ => None,
     }
@@ -118,6 +135,7 @@ fn expected_file(role: Role, page: usize) -> u8 {
     match (role, page) {
         (Role::Parent, 2) => PARENT_AFTER,
         (Role::Child(0), 1) => FIRST_CHILD,
+        (Role::Child(1), 0) => FILE_ORIGINAL,
         (_, 0 | 1) => FILE_BEFORE,
         _ => FILE_ORIGINAL,
     }
@@ -278,6 +296,10 @@ fn main() {
                 fill(file, 1, FIRST_CHILD);
             } else {
                 fill(anon, 3, SECOND_CHILD);
+                // Dropped: zeros here, the file's own page there, where the
+                // others keep what was written before the fork.
+                drop_page(anon, DROPPED_ANON_PAGE);
+                drop_page(file, 0);
             }
             nix::unistd::write(&done_write, &[1]).expect("write the pipe");
             // Nothing but the memory is shared: the pipe goes. The owners
