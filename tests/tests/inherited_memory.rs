@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use persist_tests::{binary, require_root, result_of, results_of, wait_until};
+use persist_tests::{
+    binary, has_unfilled_memory, require_root, result_of, results_of, wait_until,
+};
 
 /// kB of a page, as smaps counts.
 const PAGE_KB: u64 = 4;
@@ -156,6 +158,24 @@ fn anon_total(usage: &[RegionUsage], name: &str) -> u64 {
     usage.iter().map(|u| u.anon[name]).sum()
 }
 
+/// `checkpoint --tree` of the tree of `root` into `image` (which kills
+/// it), which must succeed.
+fn checkpoint_tree(root: i32, image: &Path, what: &str) {
+    let output = agent(&[
+        "checkpoint",
+        "--tree",
+        "--pid",
+        &root.to_string(),
+        "--image",
+        image.to_str().expect("UTF-8 path"),
+    ]);
+    assert!(
+        output.status.success(),
+        "checkpoint --tree of {what} (pid {root}): {}",
+        stderr(&output)
+    );
+}
+
 fn agent(args: &[&str]) -> Output {
     Command::new(binary("persist-agent"))
         .args(args)
@@ -246,33 +266,37 @@ impl Drop for Restored {
 
 /// Starts the fixture with `children`, notes what smaps says of it,
 /// checkpoints it (`--tree`, which kills it), and restores it twice in
-/// turn: each time every process finds every byte it had in both regions,
-/// and smaps says of each what it said before (shared pages mapped by the
-/// processes sharing them, counted once in their proportional share).
+/// turn, then a third time checkpointing the restored tree again and
+/// restoring that image: each time every process finds every byte it had
+/// in both regions, and smaps says of each what it said before (shared
+/// pages mapped by the processes sharing them, counted once in their
+/// proportional share).
 /// Returns what smaps said before the checkpoint.
 fn restore_twice_and_compare(children: usize) -> Vec<RegionUsage> {
     let mut fixture = CowFixture::start(children);
     let recorded = fixture.pids();
     let before = fixture.usage(&recorded);
     let image = fixture.image();
-    let output = agent(&[
-        "checkpoint",
-        "--tree",
-        "--pid",
-        &recorded[0].to_string(),
-        "--image",
-        image.to_str().expect("UTF-8 path"),
-    ]);
-    assert!(
-        output.status.success(),
-        "checkpoint --tree: {}",
-        stderr(&output)
-    );
+    checkpoint_tree(recorded[0], &image, "the fixture");
     let _ = fixture.parent.wait();
     wait_gone(&recorded);
 
-    for round in ["first", "second"] {
-        let restored = Restored::restore(&image, &recorded, round);
+    for round in ["first", "second", "checkpointed again"] {
+        let mut restored = Restored::restore(&image, &recorded, round);
+        if round == "checkpointed again" {
+            // The restored tree, its shared pages shared again, is
+            // checkpointed in turn once its pagers are done, and that
+            // image restored.
+            let all_in = wait_until(Duration::from_secs(30), || {
+                !restored.pids.iter().any(|&pid| has_unfilled_memory(pid))
+            });
+            assert!(all_in.is_ok(), "the restored tree's memory is not all in");
+            let again = fixture.dir.path().join("again");
+            checkpoint_tree(restored.pids[0], &again, "the restored tree");
+            let pids = std::mem::take(&mut restored.pids);
+            wait_gone(&pids);
+            restored = Restored::restore(&again, &recorded, round);
+        }
         // Every process reads every page of both regions: all it maps is
         // in once the checks are done.
         for (index, result) in fixture.results(&restored.pids).iter().enumerate() {
