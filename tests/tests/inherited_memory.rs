@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use persist_tests::{
-    binary, has_unfilled_memory, require_root, result_of, results_of, wait_until,
-};
+use persist_tests::{binary, has_unfilled_memory, require_root, result_of, results_of, wait_until};
 
 /// kB of a page, as smaps counts.
 const PAGE_KB: u64 = 4;
@@ -39,7 +37,10 @@ const FILE_FIELDS: [&str; 3] = ["Anonymous", "Shared_Dirty", "Private_Dirty"];
 /// The fixture's processes, the parent first; every one killed on drop.
 struct CowFixture {
     parent: Child,
+    /// Its children, then the grandchild if any.
     children: Vec<i32>,
+    /// The file each process writes its result in, the parent's first.
+    results: Vec<&'static str>,
     /// The private anonymous region's address.
     anon: u64,
     /// The private file mapping's address.
@@ -48,18 +49,26 @@ struct CowFixture {
 }
 
 impl CowFixture {
-    fn start(children: usize) -> Self {
+    /// The fixture with `children` (1 or 2), and a grandchild under the
+    /// first if `grandchild`.
+    fn start(children: usize, grandchild: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let parent = Command::new(binary("fixture-cow"))
             .arg(dir.path())
             .arg(children.to_string())
+            .args(grandchild.then_some("grandchild"))
             .spawn()
             .expect("spawn fixture-cow");
+        let mut results = vec!["parent-result", "child-result", "child2-result"];
+        results.truncate(1 + children);
+        if grandchild {
+            results.push("grandchild-result");
+        }
         let ready = dir.path().join("ready");
         wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-cow is ready");
         let text = fs::read_to_string(&ready).expect("read ready");
         let fields: Vec<&str> = text.split_whitespace().collect();
-        assert_eq!(fields.len(), 3 + children, "ready holds {text:?}");
+        assert_eq!(fields.len(), 2 + results.len(), "ready holds {text:?}");
         let address = |field: &str| u64::from_str_radix(field, 16).expect("a hex address");
         Self {
             anon: address(fields[1]),
@@ -68,6 +77,7 @@ impl CowFixture {
                 .iter()
                 .map(|pid| pid.parse().expect("a pid"))
                 .collect(),
+            results,
             parent,
             dir,
         }
@@ -84,13 +94,13 @@ impl CowFixture {
     }
 
     /// Has every process check its memory from inside: `pids` are the
-    /// parent's and its children's, in the fixture's order.
+    /// parent's and its descendants', in the fixture's order.
     fn results(&self, pids: &[i32]) -> Vec<String> {
         let dir = self.dir.path();
         let (child, parent) = results_of(dir, pids[0], pids[1]);
         let mut results = vec![parent, child];
-        for (index, &pid) in pids.iter().enumerate().skip(2) {
-            results.push(result_of(dir, pid, &format!("child{index}-result")));
+        for (&pid, name) in pids.iter().zip(&self.results).skip(2) {
+            results.push(result_of(dir, pid, name));
         }
         results
     }
@@ -118,6 +128,9 @@ impl Drop for CowFixture {
         let _ = self.parent.wait();
     }
 }
+
+/// What smaps says of each process of the tree, in the fixture's order.
+type Usage = Vec<RegionUsage>;
 
 /// What smaps says of a process's two regions (fields in kB).
 #[derive(Debug, PartialEq, Eq)]
@@ -233,22 +246,30 @@ impl Restored {
             .trim()
             .parse()
             .expect("restore prints the root's pid");
-        let children = children_of(root);
-        let mut restored = Self { pids: vec![root] };
-        for &pid in &recorded[1..] {
-            let child = children
-                .iter()
-                .copied()
-                .find(|&child| recorded_pid(child) == pid);
-            restored.pids.push(child.unwrap_or_else(|| {
-                panic!("{round} restore: no child of {root} (of {children:?}) has recorded pid {pid}")
-            }));
+        let mut tree = vec![root];
+        let mut index = 0;
+        while index < tree.len() {
+            tree.extend(children_of(tree[index]));
+            index += 1;
         }
+        // Killed on drop from here on, whatever fails.
+        let mut restored = Self { pids: tree.clone() };
         assert_eq!(
-            children.len(),
-            recorded.len() - 1,
-            "{round} restore: the root has children {children:?}"
+            tree.len(),
+            recorded.len(),
+            "{round} restore: the tree is {tree:?}"
         );
+        restored.pids = recorded
+            .iter()
+            .map(|&pid| {
+                tree.iter()
+                    .copied()
+                    .find(|&process| recorded_pid(process) == pid)
+                    .unwrap_or_else(|| {
+                        panic!("{round} restore: no process of {tree:?} has recorded pid {pid}")
+                    })
+            })
+            .collect();
         restored
     }
 }
@@ -264,16 +285,14 @@ impl Drop for Restored {
     }
 }
 
-/// Starts the fixture with `children`, notes what smaps says of it,
-/// checkpoints it (`--tree`, which kills it), and restores it twice in
-/// turn, then a third time checkpointing the restored tree again and
-/// restoring that image: each time every process finds every byte it had
-/// in both regions, and smaps says of each what it said before (shared
-/// pages mapped by the processes sharing them, counted once in their
-/// proportional share).
-/// Returns what smaps said before the checkpoint.
-fn restore_twice_and_compare(children: usize) -> Vec<RegionUsage> {
-    let mut fixture = CowFixture::start(children);
+/// Starts the fixture with `children` and perhaps a `grandchild`, notes
+/// what smaps says of it, checkpoints it (`--tree`, which kills it), and
+/// restores it twice in turn, then a third time checkpointing the restored
+/// tree again and restoring that image: each time every process finds
+/// every byte it had in both regions. Returns what smaps said before the
+/// checkpoint, and after each restore (once the checks are done).
+fn restore_three_times(children: usize, grandchild: bool) -> (Usage, Vec<(&'static str, Usage)>) {
+    let mut fixture = CowFixture::start(children, grandchild);
     let recorded = fixture.pids();
     let before = fixture.usage(&recorded);
     let image = fixture.image();
@@ -281,6 +300,7 @@ fn restore_twice_and_compare(children: usize) -> Vec<RegionUsage> {
     let _ = fixture.parent.wait();
     wait_gone(&recorded);
 
+    let mut rounds = Vec::new();
     for round in ["first", "second", "checkpointed again"] {
         let mut restored = Restored::restore(&image, &recorded, round);
         if round == "checkpointed again" {
@@ -306,18 +326,29 @@ fn restore_twice_and_compare(children: usize) -> Vec<RegionUsage> {
                 restored.pids[index]
             );
         }
-        let after = fixture.usage(&restored.pids);
-        for (index, (before, after)) in before.iter().zip(&after).enumerate() {
-            assert_eq!(
-                after, before,
-                "{round} restore: smaps of process {index} (pid {}, recorded {}): \
-                 after the restore, then before the checkpoint",
-                restored.pids[index], recorded[index]
-            );
-        }
+        rounds.push((round, fixture.usage(&restored.pids)));
         let pids = restored.pids.clone();
         drop(restored);
         wait_gone(&pids);
+    }
+    (before, rounds)
+}
+
+/// Restores the fixture with `children` three times (as
+/// [`restore_three_times`]) and checks that smaps says of each process
+/// after each restore what it said before the checkpoint: the pages shared
+/// are shared again, by the same processes, counted once in their
+/// proportional share. Returns what smaps said before the checkpoint.
+fn restore_three_times_and_compare(children: usize) -> Usage {
+    let (before, rounds) = restore_three_times(children, false);
+    for (round, after) in rounds {
+        for (index, (before, after)) in before.iter().zip(&after).enumerate() {
+            assert_eq!(
+                after, before,
+                "{round} restore: smaps of process {index} of the tree: \
+                 after the restore, then before the checkpoint"
+            );
+        }
     }
     before
 }
@@ -330,9 +361,9 @@ fn restore_twice_and_compare(children: usize) -> Vec<RegionUsage> {
 /// fork is zeros in the child, and the file page the parent wrote after the
 /// fork is the file's in the child.
 #[test]
-fn private_memory_a_child_shares_with_its_parent_is_restored_shared_twice() {
+fn private_memory_a_child_shares_with_its_parent_is_restored_shared_again() {
     require_root!();
-    let before = restore_twice_and_compare(1);
+    let before = restore_three_times_and_compare(1);
     // What the comparison relied on: the fixture shares what it says.
     for usage in &before {
         assert_eq!(
@@ -372,7 +403,7 @@ fn private_memory_a_child_shares_with_its_parent_is_restored_shared_twice() {
 #[test]
 fn pages_staged_for_one_child_are_the_others_own_after_restore() {
     require_root!();
-    let before = restore_twice_and_compare(2);
+    let before = restore_three_times_and_compare(2);
     // What the comparison relied on. The parent shares its anonymous
     // pages 0 and 4..47 with both children, pages 1 and 2 with the second
     // (it wrote page 1 between the forks), pages 3 and 47 with the first.
@@ -391,4 +422,40 @@ fn pages_staged_for_one_child_are_the_others_own_after_restore() {
         ],
         "the pages shared before the checkpoint: {before:?}"
     );
+}
+
+/// A grandchild, forked by the first child once it wrote its pages, which
+/// then wrote one more: every process of the three generations finds every
+/// byte it had, each time. The middle process stages its own copy of what
+/// it shares with the grandchild (`restore/inherited_memory.rs`), so the
+/// pages the three share before the checkpoint are shared by the child and
+/// the grandchild only after a restore, and the parent keeps its own copy.
+#[test]
+fn a_grandchild_finds_its_memory_and_shares_what_it_shared_with_its_parent() {
+    require_root!();
+    let (before, rounds) = restore_three_times(1, true);
+    // Before the checkpoint, the grandchild shares all its pages of the
+    // 48 written before the forks but page 4 (it wrote its own).
+    assert_eq!(
+        before[2].anon["Shared_Dirty"],
+        47 * PAGE_KB,
+        "the grandchild's shared pages before the checkpoint: {before:?}"
+    );
+    for (round, after) in rounds {
+        // After: all of those it shares with the first child, whose page 5
+        // (written after the grandchild's fork) it no longer shares with
+        // the parent.
+        let [parent, child, grandchild] = &after[..] else {
+            panic!("{round} restore: three processes, not {after:?}");
+        };
+        assert_eq!(
+            (child.anon["Shared_Dirty"], grandchild.anon["Shared_Dirty"]),
+            (46 * PAGE_KB, 46 * PAGE_KB),
+            "{round} restore: the pages the child and the grandchild share: {after:?}"
+        );
+        assert_eq!(
+            parent.anon["Anonymous"], before[0].anon["Anonymous"],
+            "{round} restore: the parent's pages: {after:?}"
+        );
+    }
 }

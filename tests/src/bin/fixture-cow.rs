@@ -1,7 +1,8 @@
 //! Test fixture: a parent and its children sharing private memory
 //! copy-on-write, as a pre-fork server's master and workers do.
 //!
-//! `fixture-cow DIR [CHILDREN]` (one child, or two) maps, in the parent:
+//! `fixture-cow DIR [CHILDREN [grandchild]]` (one child, or two; with
+//! `grandchild` the first child forks one of its own) maps, in the parent:
 //! - a private anonymous region of [`ANON_PAGES`] pages between two
 //!   `PROT_NONE` guard pages (so that the kernel merges it with no other
 //!   mapping and /proc/PID/smaps shows it alone), pages `0..FILLED` written
@@ -19,18 +20,22 @@
 //!   [`FIRST_CHILD`];
 //! - the second child, if any, writes anonymous page 3 with
 //!   [`SECOND_CHILD`], and drops (`MADV_DONTNEED`) anonymous page 47 (zeros
-//!   then) and file page 0 (the file's page then).
+//!   then) and file page 0 (the file's page then);
+//! - the grandchild, if any (forked by the first child once it wrote its
+//!   pages), writes anonymous page 4 and file page 2 with [`GRANDCHILD`],
+//!   and its parent then writes anonymous page 5 with [`FIRST_CHILD`].
 //!
 //! Every other page stays shared as the fork left it. Once the children
 //! wrote theirs (they say so through a pipe), the parent writes
-//! `DIR/ready`: `PARENT ANON FILE CHILD...` (pids, and the two regions'
-//! addresses in hexadecimal as /proc/PID/smaps shows them).
+//! `DIR/ready`: `PARENT ANON FILE CHILD... [GRANDCHILD]` (pids, and the two
+//! regions' addresses in hexadecimal as /proc/PID/smaps shows them).
 //!
 //! On SIGUSR1 each process checks every byte of both regions against what
 //! it must hold (see [`expected_anon`], [`expected_file`]; the parent also
 //! that the file itself still holds its original pages) and writes
-//! `DIR/parent-result`, `DIR/child-result` (the first child) or
-//! `DIR/child2-result` (the second): `OK` or `FAIL: what differs`.
+//! `DIR/parent-result`, `DIR/child-result` (the first child),
+//! `DIR/child2-result` (the second) or `DIR/grandchild-result`: `OK` or
+//! `FAIL: what differs`.
 
 use std::fs;
 use std::io::Write as _;
@@ -65,6 +70,10 @@ const PARENT_AFTER: u8 = 0x5a;
 const FIRST_CHILD: u8 = 0xa5;
 /// The second child's writes.
 const SECOND_CHILD: u8 = 0xc3;
+/// The grandchild's writes.
+const GRANDCHILD: u8 = 0x6b;
+/// The page the first child writes once it forked the grandchild.
+const FIRST_CHILD_LATER_PAGE: usize = 5;
 
 static CHECK: AtomicBool = AtomicBool::new(false);
 
@@ -78,6 +87,8 @@ enum Role {
     Parent,
     /// The first child (0) or the second (1).
     Child(usize),
+    /// The first child's child.
+    Grandchild,
 }
 
 impl Role {
@@ -86,6 +97,7 @@ impl Role {
             Role::Parent => "parent-result".into(),
             Role::Child(0) => "child-result".into(),
             Role::Child(n) => format!("child{}-result", n + 1),
+            Role::Grandchild => "grandchild-result".into(),
         }
     }
 }
@@ -118,8 +130,12 @@ fn drop_page(memory: &mut [u8], page: usize) {
 }
 
 /// The tag anonymous page `page` of `role` must hold; none for zeros.
-fn expected_anon(role: Role, page: usize) -> Option<u8> {
+/// `grandchild`: the first child forked one.
+fn expected_anon(role: Role, grandchild: bool, page: usize) -> Option<u8> {
     match (role, page) {
+        (Role::Child(0), FIRST_CHILD_LATER_PAGE) if grandchild => Some(FIRST_CHILD),
+        (Role::Grandchild, 4) => Some(GRANDCHILD),
+        (Role::Grandchild, 2) => Some(FIRST_CHILD),
         (Role::Parent | Role::Child(1), 1) => Some(PARENT_AFTER),
         (Role::Parent, PARENT_NEW_PAGE) => Some(PARENT_AFTER),
         (Role::Child(0), 2) => Some(FIRST_CHILD),
@@ -134,7 +150,8 @@ fn expected_anon(role: Role, page: usize) -> Option<u8> {
 fn expected_file(role: Role, page: usize) -> u8 {
     match (role, page) {
         (Role::Parent, 2) => PARENT_AFTER,
-        (Role::Child(0), 1) => FIRST_CHILD,
+        (Role::Child(0) | Role::Grandchild, 1) => FIRST_CHILD,
+        (Role::Grandchild, 2) => GRANDCHILD,
         (Role::Child(1), 0) => FILE_ORIGINAL,
         (_, 0 | 1) => FILE_BEFORE,
         _ => FILE_ORIGINAL,
@@ -223,15 +240,16 @@ fn first_difference(
     Ok(())
 }
 
-fn check(role: Role, dir: &Path, anon: &[u8], file: &[u8]) -> Result<(), String> {
+fn check(role: Role, grandchild: bool, dir: &Path, anon: &[u8], file: &[u8]) -> Result<(), String> {
     first_difference(anon, "the anonymous region", |page| {
-        expected_anon(role, page)
+        expected_anon(role, grandchild, page)
     })?;
     first_difference(file, "the private file mapping", |page| {
         Some(expected_file(role, page))
     })?;
     if role == Role::Parent {
-        let on_disk = fs::read(dir.join("cow-file")).map_err(|e| format!("reading cow-file: {e}"))?;
+        let on_disk =
+            fs::read(dir.join("cow-file")).map_err(|e| format!("reading cow-file: {e}"))?;
         if on_disk.len() != FILE_PAGES * PAGE {
             return Err(format!("cow-file is {} bytes", on_disk.len()));
         }
@@ -247,11 +265,11 @@ fn write_atomically(dir: &Path, name: &str, text: &str) {
 }
 
 /// Answers SIGUSR1s forever.
-fn serve(role: Role, dir: &Path, anon: &[u8], file: &[u8]) -> ! {
+fn serve(role: Role, grandchild: bool, dir: &Path, anon: &[u8], file: &[u8]) -> ! {
     loop {
         std::thread::sleep(Duration::from_millis(5));
         if CHECK.swap(false, Ordering::SeqCst) {
-            let result = match check(role, dir, anon, file) {
+            let result = match check(role, grandchild, dir, anon, file) {
                 Ok(()) => "OK".to_owned(),
                 Err(what) => format!("FAIL: {what}"),
             };
@@ -262,10 +280,16 @@ fn serve(role: Role, dir: &Path, anon: &[u8], file: &[u8]) -> ! {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().expect("usage: fixture-cow DIR [CHILDREN]"));
+    let usage = "usage: fixture-cow DIR [CHILDREN [grandchild]]";
+    let dir = PathBuf::from(args.next().expect(usage));
     let dir = dir.canonicalize().expect("canonical DIR");
-    let children: usize = args.next().map_or(1, |n| n.parse().expect("CHILDREN"));
+    let children: usize = args.next().map_or(1, |n| n.parse().expect(usage));
     assert!((1..=2).contains(&children), "one child or two");
+    let grandchild = match args.next().as_deref() {
+        None => false,
+        Some("grandchild") => true,
+        Some(_) => panic!("{usage}"),
+    };
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         assert_ne!(
@@ -281,7 +305,7 @@ fn main() {
     fill(file, 0, FILE_BEFORE);
     fill(file, 1, FILE_BEFORE);
 
-    // Each child writes a byte here once its own pages are written.
+    // Each descendant writes a byte here once its own pages are written.
     let (done_read, done_write) = nix::unistd::pipe().expect("pipe");
     let mut pids = Vec::new();
     for index in 0..children {
@@ -294,6 +318,11 @@ fn main() {
             if index == 0 {
                 fill(anon, 2, FIRST_CHILD);
                 fill(file, 1, FIRST_CHILD);
+                if grandchild {
+                    let pid = fork_grandchild(&dir, anon, file, &done_write);
+                    fill(anon, FIRST_CHILD_LATER_PAGE, FIRST_CHILD);
+                    write_atomically(&dir, "grandchild", &pid.to_string());
+                }
             } else {
                 fill(anon, 3, SECOND_CHILD);
                 // Dropped: zeros here, the file's own page there, where the
@@ -307,7 +336,7 @@ fn main() {
             for fd in [done_read.as_raw_fd(), done_write.as_raw_fd()] {
                 nix::unistd::close(fd).expect("close the pipe");
             }
-            serve(role, &dir, anon, file);
+            serve(role, grandchild, &dir, anon, file);
         }
         pids.push(pid);
         if index == 0 {
@@ -320,13 +349,16 @@ fn main() {
     }
     fill(anon, PARENT_NEW_PAGE, PARENT_AFTER);
     fill(file, 2, PARENT_AFTER);
-    for _ in 0..children {
+    for _ in 0..children + usize::from(grandchild) {
         let mut byte = [0u8];
         let read = nix::unistd::read(&done_read, &mut byte).expect("read the pipe");
         assert_eq!(read, 1, "a child ended before writing its pages");
     }
     drop((done_read, done_write));
-    let children: Vec<String> = pids.iter().map(i32::to_string).collect();
+    let mut children: Vec<String> = pids.iter().map(i32::to_string).collect();
+    if grandchild {
+        children.push(fs::read_to_string(dir.join("grandchild")).expect("the grandchild's pid"));
+    }
     write_atomically(
         &dir,
         "ready",
@@ -338,5 +370,28 @@ fn main() {
             children.join(" ")
         ),
     );
-    serve(Role::Parent, &dir, anon, file);
+    serve(Role::Parent, grandchild, &dir, anon, file);
+}
+
+/// Forks the grandchild from the first child; its pid.
+fn fork_grandchild(
+    dir: &Path,
+    anon: &mut [u8],
+    file: &mut [u8],
+    done: &std::os::fd::OwnedFd,
+) -> i32 {
+    // SAFETY: the fixture has a single thread, so the child may run Rust
+    // code freely.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        fill(anon, 4, GRANDCHILD);
+        fill(file, 2, GRANDCHILD);
+        nix::unistd::write(done, &[1]).expect("write the pipe");
+        // SAFETY: closes every descriptor above stderr (the pipe's ends);
+        // their owners are never dropped, as serve never returns.
+        unsafe { libc::close_range(3, u32::MAX, 0) };
+        serve(Role::Grandchild, true, dir, anon, file);
+    }
+    pid
 }
