@@ -32,7 +32,8 @@
 //!
 //! On SIGUSR1 each process checks every byte of both regions against what
 //! it must hold (see [`expected_anon`], [`expected_file`]; the parent also
-//! that the file itself still holds its original pages) and writes
+//! that the file itself still holds its original pages), that its heap
+//! grows and holds what it puts there, and writes
 //! `DIR/parent-result`, `DIR/child-result` (the first child),
 //! `DIR/child2-result` (the second) or `DIR/grandchild-result`: `OK` or
 //! `FAIL: what differs`.
@@ -54,6 +55,8 @@ const FILLED: usize = 48;
 const PARENT_NEW_PAGE: usize = 50;
 /// The anonymous page the second child drops after the fork.
 const DROPPED_ANON_PAGE: usize = 47;
+/// Blocks of 1000 bytes each check allocates (4 MB: the heap grows).
+const HEAP_BLOCKS: usize = 4000;
 /// Pages of the mapped file.
 const FILE_PAGES: usize = 6;
 
@@ -247,6 +250,13 @@ fn check(role: Role, grandchild: bool, dir: &Path, anon: &[u8], file: &[u8]) -> 
     first_difference(file, "the private file mapping", |page| {
         Some(expected_file(role, page))
     })?;
+    // The heap, which the processes share too (the allocations before the
+    // forks), grows past what was restored, and holds what is put there.
+    let grown: Vec<Vec<u8>> = (0..HEAP_BLOCKS).map(|n| vec![n as u8; 1000]).collect();
+    if let Some(n) = (0..HEAP_BLOCKS).find(|&n| grown[n].iter().any(|&b| b != n as u8)) {
+        return Err(format!("heap block {n} of {HEAP_BLOCKS} differs"));
+    }
+    drop(grown);
     if role == Role::Parent {
         let on_disk =
             fs::read(dir.join("cow-file")).map_err(|e| format!("reading cow-file: {e}"))?;
