@@ -288,8 +288,8 @@ impl Drop for Restored {
 /// Starts the fixture with `children` and perhaps a `grandchild`, notes
 /// what smaps says of it, checkpoints it (`--tree`, which kills it), and
 /// restores it twice in turn, then a third time checkpointing the restored
-/// tree again and restoring that image: each time every process finds
-/// every byte it had in both regions. Returns what smaps said before the
+/// tree again (once its processes checked their memory) and restoring that
+/// image: each time every process finds every byte it had in both regions. Returns what smaps said before the
 /// checkpoint, and after each restore (once the checks are done).
 fn restore_three_times(children: usize, grandchild: bool) -> (Usage, Vec<(&'static str, Usage)>) {
     let mut fixture = CowFixture::start(children, grandchild);
@@ -304,9 +304,16 @@ fn restore_three_times(children: usize, grandchild: bool) -> (Usage, Vec<(&'stat
     for round in ["first", "second", "checkpointed again"] {
         let mut restored = Restored::restore(&image, &recorded, round);
         if round == "checkpointed again" {
-            // The restored tree, its shared pages shared again, is
-            // checkpointed in turn once its pagers are done, and that
-            // image restored.
+            // The restored tree, its shared pages shared again, checks its
+            // memory (its heap grows), and is checkpointed in turn once its
+            // pagers are done, and that image restored.
+            for (index, result) in fixture.results(&restored.pids).iter().enumerate() {
+                assert_eq!(
+                    result, "OK",
+                    "restore before checkpointing again: process {index} (pid {}) of the tree",
+                    restored.pids[index]
+                );
+            }
             let all_in = wait_until(Duration::from_secs(30), || {
                 !restored.pids.iter().any(|&pid| has_unfilled_memory(pid))
             });
