@@ -63,6 +63,7 @@ impl Setup {
     /// of its tree served lazily. `session_set`: its session and process
     /// group are set when it is forked, not by the table. `memory`: its
     /// part of the tree's shared private memory (`inherited_memory.rs`).
+    /// `own`: the agent's layout, read once for every process of a tree.
     pub(super) fn new(
         image: Arc<Image>,
         inherited: InheritedFds,
@@ -71,6 +72,7 @@ impl Setup {
         lazy_shared: &Arc<SharedPages>,
         session_set: bool,
         memory: ProcessPart,
+        own: &OwnLayout,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         if manifest.threads.is_empty() {
@@ -88,7 +90,6 @@ impl Setup {
         let mut resources =
             Resources::open(&image, &fds, uffd_fd + 1, access, shared, lazy_shared)?;
         resources.attributes.session_set = session_set;
-        let own = OwnLayout::read()?;
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
         let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
         let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
@@ -99,7 +100,7 @@ impl Setup {
             status_write.as_raw_fd(),
             init_go_read.as_raw_fd(),
         ]);
-        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes, &memory)?;
+        let region = layout::build(manifest, own, &layout_fds, &resources.attributes, &memory)?;
         let staged_maps = memory
             .stages
             .iter()

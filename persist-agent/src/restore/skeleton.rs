@@ -19,6 +19,7 @@ use nix::sys::signal::Signal;
 use persist_common::image::{Image, Manifest};
 
 use super::inherited_memory::ProcessPart;
+use super::layout::OwnLayout;
 use super::pager::Pager;
 use super::resources::CreatedFiles;
 use super::setup::Setup;
@@ -259,6 +260,7 @@ impl Skeleton {
             &Arc::new(SharedPages::of_tree(manifest)),
             false,
             ProcessPart::default(),
+            &OwnLayout::read()?,
         )?;
         // Removed unless the process is built.
         let mut created_files = CreatedFiles(setup.created_files());

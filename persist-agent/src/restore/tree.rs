@@ -154,6 +154,7 @@ impl TreeSkeleton {
                 &lazy_shared,
                 true,
                 memory.part(index),
+                &own,
             )
             .map_err(|source| RestoreError::InTree {
                 pid,
