@@ -60,18 +60,18 @@ impl Setup {
     /// `inherited` installed as given), opens what its layout maps (its
     /// shared memory objects through `shared`, see [`Resources::open`]) and
     /// builds its layout table. `lazy_shared`: the shared memory objects
-    /// of its tree served lazily. `session_set`: its session and process
-    /// group are set when it is forked, not by the table. `memory`: its
-    /// part of the tree's shared private memory (`inherited_memory.rs`).
-    /// `own`: the agent's layout, read once for every process of a tree.
+    /// of its tree served lazily. `in_tree`: for a process of a tree, its
+    /// part of the tree's shared private memory (`inherited_memory.rs`);
+    /// its session and process group are then set when it is forked, not
+    /// by the table. `own`: the agent's layout, read once for every process
+    /// of a tree.
     pub(super) fn new(
         image: Arc<Image>,
         inherited: InheritedFds,
         access: &PathAccess,
         shared: &mut HashMap<SharedObject, OwnedFd>,
         lazy_shared: &Arc<SharedPages>,
-        session_set: bool,
-        memory: ProcessPart,
+        in_tree: Option<ProcessPart>,
         own: &OwnLayout,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
@@ -89,7 +89,8 @@ impl Setup {
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let mut resources =
             Resources::open(&image, &fds, uffd_fd + 1, access, shared, lazy_shared)?;
-        resources.attributes.session_set = session_set;
+        resources.attributes.session_set = in_tree.is_some();
+        let memory = in_tree.unwrap_or_default();
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
         let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
         let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use persist_common::image::{Image, Manifest};
 
-use super::inherited_memory::ProcessPart;
 use super::layout::OwnLayout;
 use super::pager::Pager;
 use super::resources::CreatedFiles;
@@ -258,8 +257,7 @@ impl Skeleton {
             &access,
             &mut HashMap::new(),
             &Arc::new(SharedPages::of_tree(manifest)),
-            false,
-            ProcessPart::default(),
+            None,
             &OwnLayout::read()?,
         )?;
         // Removed unless the process is built.

@@ -152,8 +152,7 @@ impl TreeSkeleton {
                 &accesses[index],
                 &mut shared,
                 &lazy_shared,
-                true,
-                memory.part(index),
+                Some(memory.part(index)),
                 &own,
             )
             .map_err(|source| RestoreError::InTree {
