@@ -53,6 +53,9 @@ pub(super) struct Setup {
     inherited: ProcessPart,
     /// Its staged mappings, as its fork maps them.
     staged_maps: Vec<StagedMap>,
+    /// Its forked process was let run its layout table
+    /// ([`Setup::start_layout`]).
+    layout_started: bool,
 }
 
 impl Setup {
@@ -155,7 +158,17 @@ impl Setup {
             lazy_shared: Arc::clone(lazy_shared),
             inherited: memory,
             staged_maps,
+            layout_started: false,
         })
+    }
+
+    /// Lets forked process `pid` (seized, stopped before its layout) run
+    /// its layout table now, on its own: the processes of a tree build
+    /// theirs side by side, and [`Setup::finish`] waits for its end.
+    pub(super) fn start_layout(&mut self, pid: i32) -> Result<(), RestoreError> {
+        spawn::send_go(pid, &self.go_write)?;
+        self.layout_started = true;
+        Ok(())
     }
 
     /// True when its fork stages memory for its children, and stops for
@@ -274,7 +287,10 @@ impl Setup {
         // The child holds its own copies now.
         drop(self.resources);
 
-        spawn::go(pid, &self.go_write, &self.status_read)?;
+        if !self.layout_started {
+            spawn::send_go(pid, &self.go_write)?;
+        }
+        spawn::wait_for_layout(pid, &self.status_read)?;
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 
