@@ -53,6 +53,9 @@ pub(super) struct Setup {
     inherited: ProcessPart,
     /// Its staged mappings, as its fork maps them.
     staged_maps: Vec<StagedMap>,
+    /// Its forked process was let run its layout table
+    /// ([`Setup::start_layout`]).
+    layout_started: bool,
 }
 
 impl Setup {
@@ -60,17 +63,19 @@ impl Setup {
     /// `inherited` installed as given), opens what its layout maps (its
     /// shared memory objects through `shared`, see [`Resources::open`]) and
     /// builds its layout table. `lazy_shared`: the shared memory objects
-    /// of its tree served lazily. `session_set`: its session and process
-    /// group are set when it is forked, not by the table. `memory`: its
-    /// part of the tree's shared private memory (`inherited_memory.rs`).
+    /// of its tree served lazily. `in_tree`: for a process of a tree, its
+    /// part of the tree's shared private memory (`inherited_memory.rs`);
+    /// its session and process group are then set when it is forked, not
+    /// by the table. `own`: the agent's layout, read once for every process
+    /// of a tree.
     pub(super) fn new(
         image: Arc<Image>,
         inherited: InheritedFds,
         access: &PathAccess,
         shared: &mut HashMap<SharedObject, OwnedFd>,
         lazy_shared: &Arc<SharedPages>,
-        session_set: bool,
-        memory: ProcessPart,
+        in_tree: Option<ProcessPart>,
+        own: &OwnLayout,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         if manifest.threads.is_empty() {
@@ -87,8 +92,8 @@ impl Setup {
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let mut resources =
             Resources::open(&image, &fds, uffd_fd + 1, access, shared, lazy_shared)?;
-        resources.attributes.session_set = session_set;
-        let own = OwnLayout::read()?;
+        resources.attributes.session_set = in_tree.is_some();
+        let memory = in_tree.unwrap_or_default();
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
         let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
         let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
@@ -99,7 +104,7 @@ impl Setup {
             status_write.as_raw_fd(),
             init_go_read.as_raw_fd(),
         ]);
-        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes, &memory)?;
+        let region = layout::build(manifest, own, &layout_fds, &resources.attributes, &memory)?;
         let staged_maps = memory
             .stages
             .iter()
@@ -153,7 +158,17 @@ impl Setup {
             lazy_shared: Arc::clone(lazy_shared),
             inherited: memory,
             staged_maps,
+            layout_started: false,
         })
+    }
+
+    /// Lets forked process `pid` (seized, stopped before its layout) run
+    /// its layout table now, on its own: the processes of a tree build
+    /// theirs side by side, and [`Setup::finish`] waits for its end.
+    pub(super) fn start_layout(&mut self, pid: i32) -> Result<(), RestoreError> {
+        spawn::send_go(pid, &self.go_write)?;
+        self.layout_started = true;
+        Ok(())
     }
 
     /// True when its fork stages memory for its children, and stops for
@@ -272,7 +287,10 @@ impl Setup {
         // The child holds its own copies now.
         drop(self.resources);
 
-        spawn::go(pid, &self.go_write, &self.status_read)?;
+        if !self.layout_started {
+            spawn::send_go(pid, &self.go_write)?;
+        }
+        spawn::wait_for_layout(pid, &self.status_read)?;
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 

@@ -152,8 +152,8 @@ impl TreeSkeleton {
                 &accesses[index],
                 &mut shared,
                 &lazy_shared,
-                true,
-                memory.part(index),
+                Some(memory.part(index)),
+                &own,
             )
             .map_err(|source| RestoreError::InTree {
                 pid,
@@ -301,6 +301,12 @@ impl TreeSkeleton {
             spawn::expect_event_stop(pid, setups[index].pipes().status)?;
         }
         drop(nodes);
+        // Every layout table runs at once (each unmaps its copy of the
+        // agent and maps its own memory: the kernel's work, on any CPU);
+        // each process is then completed in turn.
+        for (setup, &pid) in setups.iter_mut().zip(&pids) {
+            setup.start_layout(pid)?;
+        }
 
         for (index, setup) in setups.into_iter().enumerate() {
             let pid = pids[index];
