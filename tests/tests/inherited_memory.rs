@@ -1,9 +1,10 @@
 //! Private memory a restored tree shares copy-on-write, as the kernel had it
 //! before the checkpoint (issue 13, `restore/inherited_memory.rs`).
 //!
-//! The fixture (tests/src/bin/fixture-cow.rs) is a parent with one child,
-//! or two, sharing a private anonymous region and a private file mapping
-//! through the fork, with pages each of them wrote since. Its processes
+//! The fixture (tests/src/bin/fixture-cow.rs) is a parent with one child
+//! or two (and perhaps a grandchild under the first), sharing a private
+//! anonymous region and a private file mapping through the forks, with
+//! pages each of them wrote since. Its processes
 //! check every byte of both from inside once restored; the test compares
 //! what /proc/PID/smaps says of both regions with what it said of the
 //! processes before the checkpoint. gunicorn's arbiter and workers are
@@ -294,8 +295,9 @@ impl Drop for Restored {
 /// what smaps says of it, checkpoints it (`--tree`, which kills it), and
 /// restores it twice in turn, then a third time checkpointing the restored
 /// tree again (once its processes checked their memory) and restoring that
-/// image: each time every process finds every byte it had in both regions. Returns what smaps said before the
-/// checkpoint, and after each restore (once the checks are done).
+/// image: each time every process finds every byte it had in both regions.
+/// Returns what smaps said before the checkpoint, and after each restore
+/// (once the checks are done).
 fn restore_three_times(children: usize, grandchild: bool) -> (Usage, Vec<(&'static str, Usage)>) {
     let mut fixture = CowFixture::start(children, grandchild);
     let recorded = fixture.pids();
