@@ -40,6 +40,7 @@ use super::cold_wake;
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
 use super::restore_pool::{PoolTask, RestorePool};
+use super::run_alone;
 use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
@@ -47,7 +48,7 @@ use crate::restore::{
     Restored, Skeleton, Timings, WhenCopied, help_each_then,
 };
 use crate::service::Prefetch;
-use crate::snapshot::{listener_backlog_in_image, place_listeners};
+use crate::snapshot::{listener_backlog_in_image, listener_holders_in_image, place_listeners};
 use crate::sys::pidfd::PidFd;
 use crate::sys::sched;
 
@@ -230,7 +231,21 @@ impl ResumeTrigger {
         };
         // On failure the restore thread resumes it, and reports why not.
         armed.copying.store(true, Ordering::Release);
-        continue_each_when_copied(continuer, armed.copies, std::thread::current().id());
+        let alone = RunAlone {
+            index: armed.run_alone,
+            ran: armed.ran_alone,
+        };
+        continue_each_when_copied(
+            continuer,
+            armed.copies,
+            alone,
+            std::thread::current().id(),
+        );
+        // Perhaps made ordinary to let the first process of a tree run
+        // alone: the next SYN must find this thread real-time again.
+        if armed.run_alone.is_some() {
+            let _ = sched::set_current_thread_realtime(true);
+        }
     }
 }
 
@@ -242,6 +257,11 @@ impl ResumeTrigger {
 /// A copy that fails stops there: the restore thread then copies and
 /// continues the rest (and reports why not).
 ///
+/// The process `alone` names, when it is the first let run and its pages
+/// were copied, then runs alone until it blocks (it accepted and answered)
+/// or a bound passed: only then are the others copied and let run, at
+/// ordinary priority ([`run_alone`]).
+///
 /// Each step runs on whichever thread copied the last page it waited for;
 /// one other than `wake_thread` (the restore thread, at real-time priority
 /// while armed) becomes ordinary before it lets a process run, or the
@@ -249,6 +269,7 @@ impl ResumeTrigger {
 fn continue_each_when_copied(
     root: Continuer,
     copies: Vec<(u32, PlannedCopy)>,
+    alone: RunAlone,
     wake_thread: std::thread::ThreadId,
 ) {
     let mut copies: std::collections::HashMap<u32, PlannedCopy> = copies.into_iter().collect();
@@ -260,11 +281,24 @@ fn continue_each_when_copied(
     let mut steps: Vec<(Option<PlannedCopy>, WhenCopied)> = Vec::new();
     let descendants: Vec<(u32, Continuer)> = (1u32..).zip(root.descendants().to_vec()).collect();
     for (index, descendant) in descendants.into_iter().rev() {
+        let copy = copies.remove(&index);
+        // Only the first let run, and only once its pages are in: a
+        // process that faults at once would wait for a pager that only
+        // starts after the others.
+        let ran_alone = (steps.is_empty() && copy.is_some() && alone.index == Some(index))
+            .then(|| Arc::clone(&alone.ran));
         steps.push((
-            copies.remove(&index),
+            copy,
             Box::new(move || {
                 ordinary();
                 let _ = descendant.try_continue_process();
+                if let Some(ran_alone) = ran_alone {
+                    let ran = run_alone::wait_until_blocked(
+                        descendant.pid(),
+                        run_alone::RUN_ALONE_BOUND,
+                    );
+                    *ran_alone.lock().expect("ran-alone lock") = Some(ran);
+                }
             }),
         ));
     }
@@ -276,6 +310,16 @@ fn continue_each_when_copied(
         }),
     ));
     help_each_then(steps);
+}
+
+/// Which process of a tree may run alone first on a prefetched wake, and
+/// where the wait for it is reported.
+struct RunAlone {
+    /// Its index in tree order: the last process of the tree, when it holds
+    /// the service's listener (a worker that accepts).
+    index: Option<u32>,
+    /// How long it ran alone, once it did.
+    ran: Arc<Mutex<Option<run_alone::RanAlone>>>,
 }
 
 /// What the wake thread may do for the armed skeleton on a SYN.
@@ -290,6 +334,11 @@ struct Armed {
     /// Set by the wake thread before it starts on `copies`: it copies each
     /// in turn and lets each process run, unless a copy fails.
     copying: Arc<AtomicBool>,
+    /// The process of a tree let run alone first (by index in tree order),
+    /// if one may be: the last, when it holds the service's listener.
+    run_alone: Option<u32>,
+    /// How long it ran alone on the wake, for the wake's log line.
+    ran_alone: Arc<Mutex<Option<run_alone::RanAlone>>>,
 }
 
 type ArmedWake = Arc<Mutex<Armed>>;
@@ -743,6 +792,12 @@ impl Worker {
                     make_ordinary(&skeleton)?;
                 }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
+                // The last process of a tree, when it may accept the
+                // waking connection: a worker holding the listener.
+                let last = image.manifest().children.len() as u32;
+                let run_alone = (last > 0
+                    && listener_holders_in_image(image.manifest(), self.port).contains(&last))
+                .then_some(last);
                 self.plan = match set_ahead.and_then(|ahead| self.take_set_ahead(ahead)) {
                     Some(ahead) => {
                         for pager in skeleton.tree_pagers_mut() {
@@ -759,6 +814,7 @@ impl Worker {
                 let mut armed = Armed::default();
                 if let WakePlan::Recorded { set, .. } = &self.plan {
                     armed.copies = self.plan_copies(&mut skeleton, set)?;
+                    armed.run_alone = run_alone;
                 }
                 let continuer = match cold {
                     Some(_) => None,
@@ -1132,6 +1188,7 @@ impl Worker {
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         let armed = std::mem::take(&mut *self.armed.lock().expect("armed lock"));
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
+        let ran_alone = Arc::clone(&armed.ran_alone);
         let record = self.prefetch_before_resume(&mut skeleton, plan, armed, cold);
         // Final now: pages are copied ahead of faults only before the resume.
         let descendants_prefetched: u64 = skeleton
@@ -1196,7 +1253,8 @@ impl Worker {
         report.serving = None;
         match filled {
             Ok(mut stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
+                let ran_alone = *ran_alone.lock().expect("ran-alone lock");
+                info!(service = %self.name, pid, alone_us = ran_alone.map(|ran| ran.waited.as_micros() as u64), alone_cut_short = ran_alone.map(|ran| ran.cut_short), faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 // What a tree's wake copied ahead is into all its
                 // processes; the other counters stay the root's, as its

@@ -230,6 +230,41 @@ pub fn listener_backlog_in_image(manifest: &Manifest, port: u16) -> Option<u32> 
     listener_in_image(manifest, port).map(|(_, backlog)| backlog)
 }
 
+/// The processes of `manifest` (by index in tree order: 0 the root, `i`
+/// its `i`-th child) that hold a TCP listener on `port`, their own or one
+/// they share with the process it was saved with: those that may accept
+/// the connection that wakes the service.
+pub fn listener_holders_in_image(manifest: &Manifest, port: u16) -> Vec<u32> {
+    let processes = std::iter::once((manifest.process.pid, &manifest.fds, &[][..])).chain(
+        manifest.children.iter().map(|child| {
+            (
+                child.process.pid,
+                &child.fds,
+                child.inherited_fds.as_slice(),
+            )
+        }),
+    );
+    // A shared description is saved with its first holder, listed before
+    // the others: its listeners are known when a later holder is reached.
+    let mut listeners: Vec<(i32, i32)> = Vec::new();
+    let mut holders = Vec::new();
+    for (index, (pid, fds, inherited)) in (0u32..).zip(processes) {
+        let own: Vec<(i32, i32)> = fds
+            .iter()
+            .filter(|fd| matches!(&fd.kind, FdKind::TcpListener { local, .. } if port_of(local) == Some(port)))
+            .map(|fd| (pid, fd.fd))
+            .collect();
+        let inherits = inherited
+            .iter()
+            .any(|fd| listeners.contains(&(fd.from_pid, fd.from_fd)));
+        if !own.is_empty() || inherits {
+            holders.push(index);
+        }
+        listeners.extend(own);
+    }
+    holders
+}
+
 fn listener_in_image(manifest: &Manifest, port: u16) -> Option<(i32, u32)> {
     manifest.fds.iter().find_map(|fd| match &fd.kind {
         FdKind::TcpListener { local, backlog, .. } if port_of(local) == Some(port) => {
