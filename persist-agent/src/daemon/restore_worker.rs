@@ -231,21 +231,12 @@ impl ResumeTrigger {
         };
         // On failure the restore thread resumes it, and reports why not.
         armed.copying.store(true, Ordering::Release);
-        let alone = RunAlone {
-            index: armed.run_alone,
-            ran: armed.ran_alone,
-        };
         continue_each_when_copied(
             continuer,
             armed.copies,
-            alone,
+            armed.run_alone,
             std::thread::current().id(),
         );
-        // Perhaps made ordinary to let the first process of a tree run
-        // alone: the next SYN must find this thread real-time again.
-        if armed.run_alone.is_some() {
-            let _ = sched::set_current_thread_realtime(true);
-        }
     }
 }
 
@@ -257,10 +248,10 @@ impl ResumeTrigger {
 /// A copy that fails stops there: the restore thread then copies and
 /// continues the rest (and reports why not).
 ///
-/// The process `alone` names, when it is the first let run and its pages
-/// were copied, then runs alone until it blocks (it accepted and answered)
-/// or a bound passed: only then are the others copied and let run, at
-/// ordinary priority ([`run_alone`]).
+/// When the first process let run is `run_alone` and has pages to copy,
+/// only it is: the restore thread lets it run alone until it blocks, then
+/// copies and continues the others ([`Worker::prefetch_before_resume`]).
+/// This thread, which every service's SYNs share, never waits for that.
 ///
 /// Each step runs on whichever thread copied the last page it waited for;
 /// one other than `wake_thread` (the restore thread, at real-time priority
@@ -271,7 +262,7 @@ impl ResumeTrigger {
 fn continue_each_when_copied(
     root: Continuer,
     copies: Vec<(u32, PlannedCopy)>,
-    alone: RunAlone,
+    run_alone: Option<u32>,
     wake_thread: std::thread::ThreadId,
 ) {
     let mut copies: std::collections::HashMap<u32, PlannedCopy> = copies.into_iter().collect();
@@ -284,25 +275,18 @@ fn continue_each_when_copied(
     let descendants: Vec<(u32, Continuer)> = (1u32..).zip(root.descendants().to_vec()).collect();
     for (index, descendant) in descendants.into_iter().rev() {
         let copy = copies.remove(&index);
-        // Only the first let run, and only once its pages are in: a
-        // process that faults at once would wait for a pager that only
-        // starts after the others.
-        let ran_alone = (steps.is_empty() && copy.is_some() && alone.index == Some(index))
-            .then(|| Arc::clone(&alone.ran));
+        let alone = steps.is_empty() && copy.is_some() && run_alone == Some(index);
         steps.push((
             copy,
             Box::new(move || {
                 let _ = descendant.try_continue_process();
                 ordinary();
-                if let Some(ran_alone) = ran_alone {
-                    let ran = run_alone::wait_until_blocked(
-                        descendant.pid(),
-                        run_alone::RUN_ALONE_BOUND,
-                    );
-                    *ran_alone.lock().expect("ran-alone lock") = Some(ran);
-                }
             }),
         ));
+        if alone {
+            help_each_then(steps);
+            return;
+        }
     }
     steps.push((
         copies.remove(&0),
@@ -312,16 +296,6 @@ fn continue_each_when_copied(
         }),
     ));
     help_each_then(steps);
-}
-
-/// Which process of a tree may run alone first on a prefetched wake, and
-/// where the wait for it is reported.
-struct RunAlone {
-    /// Its index in tree order: the last process of the tree, when it holds
-    /// the service's listener (a worker that accepts).
-    index: Option<u32>,
-    /// How long it ran alone, once it did.
-    ran: Arc<Mutex<Option<run_alone::RanAlone>>>,
 }
 
 /// What the wake thread may do for the armed skeleton on a SYN.
@@ -1440,8 +1414,14 @@ impl Worker {
                 // process run: the descendants last first, the root last.
                 let mut pagers: Vec<_> = (0u32..).zip(skeleton.tree_pagers_mut()).collect();
                 pagers.reverse();
+                let stepping = armed.copying.load(Ordering::Acquire);
+                // The process the wake thread let run alone, leaving the
+                // others to this thread (`continue_each_when_copied`).
+                let alone = armed
+                    .run_alone
+                    .filter(|&alone| stepping && planned_copies.iter().any(|(i, _)| *i == alone));
                 // Whether every copy so far was whole: the wake thread then
-                // goes on to the next.
+                // goes on to the next, unless it let one run alone.
                 let mut whole_so_far = true;
                 let mut first = true;
                 for (index, pager) in pagers {
@@ -1452,7 +1432,7 @@ impl Worker {
                     let planned = planned_copies.iter().find(|(planned, _)| *planned == index);
                     let copied = match planned {
                         Some((_, copy))
-                            if !first && whole_so_far && armed.copying.load(Ordering::Acquire) =>
+                            if !first && whole_so_far && stepping && alone.is_none() =>
                         {
                             pager.finish_planned_behind(copy)
                         }
@@ -1465,6 +1445,24 @@ impl Worker {
                     if first {
                         first = false;
                         let _ = sched::set_current_thread_realtime(false);
+                        // Let run by whichever thread copied its last page
+                        // (perhaps this one, just now): it runs alone until
+                        // it blocks, before the others are copied here.
+                        if alone == Some(index) && whole_so_far {
+                            let continuer = armed.continuer.as_ref().and_then(|root| {
+                                root.descendants().get(index as usize - 1).cloned()
+                            });
+                            if let Some(continuer) = continuer {
+                                // At once if done; waits if another thread
+                                // is at it.
+                                let _ = continuer.continue_process();
+                                let ran = run_alone::wait_until_blocked(
+                                    continuer.pid(),
+                                    run_alone::RUN_ALONE_BOUND,
+                                );
+                                *armed.ran_alone.lock().expect("ran-alone lock") = Some(ran);
+                            }
+                        }
                     }
                     // A page of the image that cannot be served kills its
                     // process here; the root's death fails the resume,

@@ -7,11 +7,12 @@
 //! worker then woke for the same queued connection, and at times took it,
 //! faulting on the pages its working set lacked), and the restore thread's
 //! work after the resume (docs/process-trees.md, The wake's critical path).
-//! None of it is needed for the first answer. So the thread that let the
-//! worker run waits, asleep, until the worker leaves the CPU of its own
+//! None of it is needed for the first answer. So the wake thread lets the
+//! worker run and goes back to the SYNs of every service, and the service's
+//! restore thread waits, asleep, until the worker leaves the CPU of its own
 //! accord (it blocks: back in `epoll_wait` once it answered, or on a page
 //! its pager must serve, or a lock), or [`RUN_ALONE_BOUND`] passed, then
-//! goes on with the others at ordinary priority.
+//! copies and lets run the others at ordinary priority.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -279,9 +279,7 @@ mod tests {
     use std::net::TcpListener;
     use std::os::fd::OwnedFd;
 
-    use persist_common::image::{
-        ChildProcess, FdInfo, FdKind, InheritedFd, Manifest, ProcessInfo,
-    };
+    use persist_common::image::{ChildProcess, FdInfo, FdKind, InheritedFd, Manifest, ProcessInfo};
 
     use super::{listener_holders_in_image, place_listeners, reuseport_group_in_image};
 
