@@ -141,7 +141,14 @@ mod tests {
             .args(["-c", "while :; do :; done"])
             .spawn()
             .unwrap();
-        let ran = wait_until_blocked(child.id() as i32, Duration::from_millis(20));
+        // Once it loops: starting, it may wait for its libraries to be read.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ran = loop {
+            let ran = wait_until_blocked(child.id() as i32, Duration::from_millis(20));
+            if ran.cut_short || Instant::now() > deadline {
+                break ran;
+            }
+        };
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(ran.cut_short, "{ran:?}");
