@@ -86,16 +86,24 @@ pub fn is_dying(pid: i32) -> bool {
 pub fn pss_bytes(pids: &[i32]) -> u64 {
     pids.iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
-        .filter_map(|rollup| pss_kib(&rollup))
+        .filter_map(|rollup| rollup_kib(&rollup, "Pss:"))
         .sum::<u64>()
         * 1024
 }
 
-/// The `Pss:` line of a smaps_rollup, in KiB.
-fn pss_kib(rollup: &str) -> Option<u64> {
+/// The anonymous memory of `pid` in proportion (`Pss_Anon:` of its
+/// smaps_rollup): a page it shares copy-on-write with N processes counts
+/// 1/N, so that summed over them it counts once.
+pub fn pss_anon_bytes(pid: i32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup_kib(&rollup, "Pss_Anon:").map(|kib| kib * 1024)
+}
+
+/// The `field` line (`Pss:`, `Pss_Anon:`) of a smaps_rollup, in KiB.
+fn rollup_kib(rollup: &str, field: &str) -> Option<u64> {
     rollup
         .lines()
-        .find_map(|line| line.strip_prefix("Pss:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -109,8 +117,9 @@ mod tests {
             Rss:                4200 kB\n\
             Pss:                1234 kB\n\
             Pss_Dirty:           100 kB\n";
-        assert_eq!(pss_kib(rollup), Some(1234));
-        assert_eq!(pss_kib("Rss: 1 kB\n"), None);
+        assert_eq!(rollup_kib(rollup, "Pss:"), Some(1234));
+        assert_eq!(rollup_kib(rollup, "Pss_Dirty:"), Some(100));
+        assert_eq!(rollup_kib("Rss: 1 kB\n", "Pss:"), None);
     }
 
     #[test]

@@ -524,20 +524,25 @@ pub fn gunicorn_command(dir: &Path, port: u16, app: &str, extra: &[&str]) -> Vec
 /// SIGUSR1 and writes `child-result` or `parent-result` in `dir`; their
 /// contents, in that order.
 pub fn results_of(dir: &Path, parent: i32, child: i32) -> (String, String) {
-    let mut results = Vec::new();
-    for (pid, name) in [(child, "child-result"), (parent, "parent-result")] {
-        let result = dir.join(name);
-        let _ = std::fs::remove_file(&result);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGUSR1,
-        )
-        .expect("signal a fixture process");
-        wait_until(Duration::from_secs(20), || result.exists())
-            .unwrap_or_else(|e| panic!("pid {pid} writes {name}: {e}"));
-        results.push(std::fs::read_to_string(&result).expect("read a result"));
-    }
-    (results.remove(0), results.remove(0))
+    (
+        result_of(dir, child, "child-result"),
+        result_of(dir, parent, "parent-result"),
+    )
+}
+
+/// Has one process of a fixture report: it is sent SIGUSR1 and writes
+/// `name` in `dir`; its contents.
+pub fn result_of(dir: &Path, pid: i32, name: &str) -> String {
+    let result = dir.join(name);
+    let _ = std::fs::remove_file(&result);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("signal a fixture process");
+    wait_until(Duration::from_secs(20), || result.exists())
+        .unwrap_or_else(|e| panic!("pid {pid} writes {name}: {e}"));
+    std::fs::read_to_string(&result).expect("read a result")
 }
 
 /// The command line of `redis-server` on 127.0.0.1:`port`, with no

@@ -5,7 +5,9 @@
 //!
 //! Per process (the skeleton, its children and the init of its pid
 //! namespace, and a port keeper of the service alone, as earlier agents ran):
-//! - private memory: anonymous pages (`RssAnon`), and the pages of every
+//! - private memory: anonymous pages in proportion (`Pss_Anon`: a tree's
+//!   processes share the memory their children inherited, which counts
+//!   once across them), and the pages of every
 //!   shared memory object its processes map (a memfd, `MAP_SHARED`
 //!   anonymous memory, System V and POSIX shared memory), each object
 //!   counted once, resident or not: a skeleton's objects are filled when it
@@ -148,7 +150,8 @@ fn process_cost(pid: i32) -> ProcessCost {
     let files = process.fd_count().map_or(0, |count| count as u64);
     ProcessCost {
         // Shared memory (RssShmem) is counted per object by the caller.
-        private_bytes: status.rssanon.unwrap_or(0) * 1024,
+        private_bytes: crate::process_tree::pss_anon_bytes(pid)
+            .unwrap_or_else(|| status.rssanon.unwrap_or(0) * 1024),
         page_table_bytes: status.vmpte.unwrap_or(0) * 1024,
         kernel_bytes: sizes.per_process
             + threads * sizes.per_thread

@@ -36,6 +36,8 @@ pub enum Step {
     ForkChild = 10,
     /// Joining the IPC namespace holding its System V shared memory.
     IpcNamespace = 11,
+    /// (a process of a tree) staging the memory its children share.
+    Staging = 12,
 }
 
 impl Step {
@@ -53,6 +55,7 @@ impl Step {
             9 => Self::Session,
             10 => Self::ForkChild,
             11 => Self::IpcNamespace,
+            12 => Self::Staging,
             _ => return None,
         })
     }
@@ -71,6 +74,7 @@ impl Step {
             Self::Session => "setting its session or process group",
             Self::ForkChild => "forking a child process with its recorded pid",
             Self::IpcNamespace => "joining the IPC namespace of its System V shared memory",
+            Self::Staging => "staging the private memory its children share",
         }
     }
 }
@@ -105,6 +109,24 @@ pub struct ChildPlan<'a> {
     /// The IPC namespace to join first (`/proc/.../ns/ipc` open at this
     /// number), holding the System V segments it attaches.
     pub ipc_namespace: Option<RawFd>,
+    /// (a process of a tree) The mappings it stages before forking its
+    /// children (`inherited_memory.rs`).
+    pub staged: &'a [StagedMap],
+}
+
+/// A mapping a process of a tree stages for its children: mapped readable
+/// and writable at `slot` before the forks, filled by the agent while the
+/// process stops itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedMap {
+    /// Where.
+    pub slot: u64,
+    /// Its length.
+    pub len: u64,
+    /// The file mapped (open at this number), or none for anonymous memory.
+    pub fd: Option<RawFd>,
+    /// The offset in the file.
+    pub offset: u64,
 }
 
 /// Joins the plan's IPC namespace, if any: before the process forks its
@@ -270,6 +292,17 @@ pub fn tree_main(nodes: &[TreeNode<'_>], index: usize, fork_go: Option<RawFd>) -
         NodeRole::Process(plan) => plan,
         NodeRole::Zombie(plan) => zombie_main(plan),
     };
+    if !plan.staged.is_empty() {
+        for map in plan.staged {
+            if let Err(err) = clone::map_private_at(map.slot, map.len, map.fd, map.offset) {
+                fail(status, Step::Staging, errno_of(&err));
+            }
+        }
+        // The agent fills the slots while we are stopped.
+        if let Err(err) = clone::stop_self() {
+            fail(status, Step::Staging, errno_of(&err));
+        }
+    }
     for (child, _) in nodes
         .iter()
         .enumerate()

@@ -13,9 +13,10 @@
 //! it 2.5–3 times as long for nginx and Redis (docs/kernel-facts.md, Private
 //! file mappings).
 
-use persist_common::image::{Image, Mapping, MappingKind, PageRun};
+use persist_common::image::{Image, Mapping, MappingKind, PAGE_SIZE, PageRun};
 
 use super::RestoreError;
+use super::inherited_memory::PresentPages;
 use super::verify::stored_run;
 use crate::sys::procmem::ProcMem;
 
@@ -40,10 +41,16 @@ fn runs(image: &Image) -> impl Iterator<Item = (&Mapping, &PageRun)> {
 }
 
 /// Writes the stored pages of every private file mapping of `image` into the
-/// stopped process `pid`, each run checked against its checksum first.
-/// Returns the number of pages written.
-pub(super) fn write(image: &Image, pid: i32, mem: &ProcMem) -> Result<u64, RestoreError> {
-    write_share(image, pid, mem, 0, 1)
+/// stopped process `pid`, each run checked against its checksum first,
+/// but those it got from its parent's staged copy (`skip`). Returns the
+/// number of pages written.
+pub(super) fn write(
+    image: &Image,
+    pid: i32,
+    mem: &ProcMem,
+    skip: &PresentPages,
+) -> Result<u64, RestoreError> {
+    write_share(image, pid, mem, 0, 1, skip)
 }
 
 /// Writes share `share` of `shares` of what [`write`] writes: the runs that
@@ -56,6 +63,7 @@ pub(super) fn write_share(
     mem: &ProcMem,
     share: u64,
     shares: u64,
+    skip: &PresentPages,
 ) -> Result<u64, RestoreError> {
     let total = count(image);
     let (from, to) = (total * share / shares, total * (share + 1) / shares);
@@ -68,15 +76,23 @@ pub(super) fn write_share(
             continue;
         }
         let (address, bytes) = stored_run(image, mapping, run)?;
-        mem.write_all_at(address, bytes)
-            .map_err(|source| RestoreError::FilePages {
-                pid,
-                address,
-                pages: run.count,
-                path: super::layout::describe(mapping),
-                source,
-            })?;
-        pages += run.count;
+        for (first, count, present) in skip.segments(address, run.count) {
+            if present {
+                continue;
+            }
+            let at = address + first * PAGE_SIZE;
+            let from = (first * PAGE_SIZE) as usize;
+            let to = from + (count * PAGE_SIZE) as usize;
+            mem.write_all_at(at, &bytes[from..to])
+                .map_err(|source| RestoreError::FilePages {
+                    pid,
+                    address: at,
+                    pages: count,
+                    path: super::layout::describe(mapping),
+                    source,
+                })?;
+            pages += count;
+        }
     }
     Ok(pages)
 }

@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 use persist_common::image::{Manifest, Mapping, MappingKind, PAGE_SIZE};
 
 use super::RestoreError;
+use super::inherited_memory::{ProcessPart, StagedUse};
 use super::table::{Table, TableBuilder};
 use crate::sys::uffd;
 
@@ -85,17 +86,30 @@ pub fn special_name(mapping: &Mapping) -> Option<&str> {
     }
 }
 
-/// Finds `size` bytes free both in the image's layout and in ours.
-pub fn choose_region(manifest: &Manifest, own: &OwnLayout, size: u64) -> Option<u64> {
+/// Finds `size` bytes free both in the image's layout and in ours, and
+/// apart from `also_busy` (a tree's staging area).
+pub fn choose_region(
+    manifest: &Manifest,
+    own: &OwnLayout,
+    also_busy: Option<(u64, u64)>,
+    size: u64,
+) -> Option<u64> {
     let mut busy: Vec<(u64, u64)> = manifest
         .mappings
         .iter()
         .map(|m| (m.start, m.end))
         .chain(own.ranges.iter().copied())
+        .chain(also_busy)
         .collect();
     busy.sort_unstable();
+    first_free(&busy, size)
+}
+
+/// The lowest address from [`REGION_FLOOR`] on with `size` bytes free of
+/// `busy` (sorted by start), a page of distance from each of its ranges.
+pub fn first_free(busy: &[(u64, u64)], size: u64) -> Option<u64> {
     let mut candidate = REGION_FLOOR;
-    for (start, end) in busy {
+    for &(start, end) in busy {
         // Keep a page of distance from everything, so no mapping merges or
         // a growsdown stack guard gap ever touches the region.
         if start >= candidate + size + PAGE_SIZE {
@@ -168,17 +182,19 @@ pub struct Attributes {
     pub session_set: bool,
 }
 
-/// Builds the region and its layout table.
+/// Builds the region and its layout table; `inherited` says which of its
+/// mappings it takes from a tree's staging area (`inherited_memory.rs`).
 pub fn build(
     manifest: &Manifest,
     own: &OwnLayout,
     fds: &LayoutFds,
     attributes: &Attributes,
+    inherited: &ProcessPart,
 ) -> Result<Region, RestoreError> {
     // The table's size does not depend on where it goes: build once to
     // measure, then again at the chosen address.
     let scratch: u64 = own.specials.iter().map(|s| s.end - s.start).sum();
-    let probe = layout_table(manifest, own, fds, attributes, REGION_FLOOR, 0)?;
+    let probe = layout_table(manifest, own, fds, attributes, inherited, REGION_FLOOR, 0)?;
     let later = LATER_TABLES_ROOM
         + super::seccomp::table_room(&manifest.process.seccomp_filters)
         + super::signals::table_room(manifest)
@@ -186,12 +202,12 @@ pub fn build(
         + super::locks::table_room(manifest);
     let table_room = (probe.bytes.len() as u64 + later).next_multiple_of(PAGE_SIZE);
     let size = table_room + scratch;
-    let base = choose_region(manifest, own, size).ok_or_else(|| {
+    let base = choose_region(manifest, own, inherited.area, size).ok_or_else(|| {
         RestoreError::Layout(format!(
             "no free range of {size} bytes for the restorer in both address spaces"
         ))
     })?;
-    let layout = layout_table(manifest, own, fds, attributes, base, table_room)?;
+    let layout = layout_table(manifest, own, fds, attributes, inherited, base, table_room)?;
     Ok(Region {
         base,
         size,
@@ -205,6 +221,7 @@ fn layout_table(
     own: &OwnLayout,
     fds: &LayoutFds,
     attributes: &Attributes,
+    inherited: &ProcessPart,
     base: u64,
     table_room: u64,
 ) -> Result<Table, RestoreError> {
@@ -258,15 +275,23 @@ fn layout_table(
         }
     }
 
-    // 2. Unmap the agent: everything but the region.
-    if base > 0 {
-        t.call("unmap below the restorer", libc::SYS_munmap, &[0, base]);
+    // 2. Unmap the agent: everything but the region and a tree's staging
+    //    area.
+    let mut kept: Vec<(u64, u64)> = std::iter::once((base, region_end))
+        .chain(inherited.area)
+        .collect();
+    kept.sort_unstable();
+    let mut from = 0;
+    for (start, end) in kept.into_iter().chain([(TASK_SIZE, TASK_SIZE)]) {
+        if start > from {
+            t.call(
+                format!("unmap {from:#x}-{start:#x}, around the restorer"),
+                libc::SYS_munmap,
+                &[from, start - from],
+            );
+        }
+        from = from.max(end);
     }
-    t.call(
-        "unmap above the restorer",
-        libc::SYS_munmap,
-        &[region_end, TASK_SIZE - region_end],
-    );
 
     // 3. vdso and vvar to their recorded addresses.
     for (from, len, to, name) in &parked {
@@ -288,15 +313,10 @@ fn layout_table(
         if special_name(mapping).is_some() {
             continue;
         }
-        let mut prot = 0;
-        if mapping.protection.read {
-            prot |= libc::PROT_READ;
-        }
-        if mapping.protection.write {
-            prot |= libc::PROT_WRITE;
-        }
-        if mapping.protection.exec {
-            prot |= libc::PROT_EXEC;
+        let prot = protection_bits(mapping);
+        if let Some(staged) = inherited.uses.iter().find(|u| u.mapping == index) {
+            take_staged(&mut t, mapping, staged, prot);
+            continue;
         }
         let mut flags = libc::MAP_FIXED
             | if mapping.shared {
@@ -378,6 +398,15 @@ fn layout_table(
                 fd as u64,
                 offset,
             ],
+        );
+    }
+
+    // What no process took of the staging area.
+    if let Some((start, end)) = inherited.area {
+        t.call(
+            format!("unmap the staging area {start:#x}-{end:#x}"),
+            libc::SYS_munmap,
+            &[start, end - start],
         );
     }
 
@@ -476,6 +505,56 @@ fn layout_table(
     Ok(t.finish())
 }
 
+/// The `PROT_*` bits of `mapping`'s recorded protection.
+fn protection_bits(mapping: &Mapping) -> i32 {
+    let mut prot = 0;
+    if mapping.protection.read {
+        prot |= libc::PROT_READ;
+    }
+    if mapping.protection.write {
+        prot |= libc::PROT_WRITE;
+    }
+    if mapping.protection.exec {
+        prot |= libc::PROT_EXEC;
+    }
+    prot
+}
+
+/// Moves `mapping`'s slot to its place, with its protection, and drops the
+/// staged pages the process does not share.
+fn take_staged(t: &mut TableBuilder, mapping: &Mapping, staged: &StagedUse, prot: i32) {
+    let what = describe(mapping);
+    t.call(
+        format!(
+            "move of staged mapping {:#x}-{:#x} ({what}) from {:#x}",
+            mapping.start, mapping.end, staged.slot
+        ),
+        libc::SYS_mremap,
+        &[
+            staged.slot,
+            mapping.len(),
+            mapping.len(),
+            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+            mapping.start,
+        ],
+    );
+    t.call(
+        format!(
+            "mprotect of mapping {:#x}-{:#x} ({what})",
+            mapping.start, mapping.end
+        ),
+        libc::SYS_mprotect,
+        &[mapping.start, mapping.len(), prot as u64],
+    );
+    for &(start, end) in &staged.discard {
+        t.call(
+            format!("drop of staged pages {start:#x}-{end:#x} not shared ({what})"),
+            libc::SYS_madvise,
+            &[start, end - start, libc::MADV_DONTNEED as u64],
+        );
+    }
+}
+
 fn mapping_fd(fds: &LayoutFds, index: usize, mapping: &Mapping) -> Result<RawFd, RestoreError> {
     fds.mapping_fds
         .get(index)
@@ -531,6 +610,6 @@ mod tests {
             specials: Vec::new(),
         };
         let manifest = Manifest::default();
-        choose_region(&manifest, &own, size)
+        choose_region(&manifest, &own, None, size)
     }
 }

@@ -45,6 +45,7 @@
 mod child;
 mod creds;
 mod file_pages;
+mod inherited_memory;
 mod layout;
 mod locks;
 mod mapped_files;

@@ -294,6 +294,14 @@ impl Pager {
         self.pending.contains_key(&address)
     }
 
+    /// Takes `addresses` as in the process already (pages it got through
+    /// a fork from a staged copy, `inherited_memory.rs`): never copied.
+    pub(crate) fn mark_present(&mut self, addresses: &[u64]) {
+        for address in addresses {
+            self.pending.remove(address);
+        }
+    }
+
     /// Brings in the page at `address` now, if it is stored and missing,
     /// counted as prefetched (used during prepare for pages the kernel itself
     /// writes, such as rseq areas, and those every thread touches first).

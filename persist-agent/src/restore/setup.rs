@@ -8,8 +8,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use persist_common::image::Image;
+use persist_common::image::{Image, MappingKind, PAGE_SIZE};
 
+use super::child::StagedMap;
+use super::inherited_memory::{PresentPages, ProcessPart};
 use super::layout::{self, OwnLayout, Region};
 use super::pager::Pager;
 use super::resources::{Resources, SharedObject};
@@ -17,7 +19,7 @@ use super::runner::{TableRunner, check_table};
 use super::shared_pages::SharedPages;
 use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
-use super::{RestoreError, child::ChildPlan, file_pages, threads};
+use super::{RestoreError, child::ChildPlan, file_pages, threads, verify};
 use crate::files::{self, InheritedFds, PathAccess, PreparedFds};
 use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
@@ -47,6 +49,13 @@ pub(super) struct Setup {
     /// The stored pages of the shared memory objects served lazily, for
     /// its pager.
     lazy_shared: Arc<SharedPages>,
+    /// What it stages for its children and takes from staged copies.
+    inherited: ProcessPart,
+    /// Its staged mappings, as its fork maps them.
+    staged_maps: Vec<StagedMap>,
+    /// Its forked process was let run its layout table
+    /// ([`Setup::start_layout`]).
+    layout_started: bool,
 }
 
 impl Setup {
@@ -54,15 +63,19 @@ impl Setup {
     /// `inherited` installed as given), opens what its layout maps (its
     /// shared memory objects through `shared`, see [`Resources::open`]) and
     /// builds its layout table. `lazy_shared`: the shared memory objects
-    /// of its tree served lazily. `session_set`: its session and process
-    /// group are set when it is forked, not by the table.
+    /// of its tree served lazily. `in_tree`: for a process of a tree, its
+    /// part of the tree's shared private memory (`inherited_memory.rs`);
+    /// its session and process group are then set when it is forked, not
+    /// by the table. `own`: the agent's layout, read once for every process
+    /// of a tree.
     pub(super) fn new(
         image: Arc<Image>,
         inherited: InheritedFds,
         access: &PathAccess,
         shared: &mut HashMap<SharedObject, OwnedFd>,
         lazy_shared: &Arc<SharedPages>,
-        session_set: bool,
+        in_tree: Option<ProcessPart>,
+        own: &OwnLayout,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
         if manifest.threads.is_empty() {
@@ -79,8 +92,8 @@ impl Setup {
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let mut resources =
             Resources::open(&image, &fds, uffd_fd + 1, access, shared, lazy_shared)?;
-        resources.attributes.session_set = session_set;
-        let own = OwnLayout::read()?;
+        resources.attributes.session_set = in_tree.is_some();
+        let memory = in_tree.unwrap_or_default();
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
         let (status_read, status_write) = pipe_above(uffd_fd + 1)?;
         let (init_go_read, init_go_write) = pipe_above(uffd_fd + 1)?;
@@ -91,7 +104,33 @@ impl Setup {
             status_write.as_raw_fd(),
             init_go_read.as_raw_fd(),
         ]);
-        let region = layout::build(manifest, &own, &layout_fds, &resources.attributes)?;
+        let region = layout::build(manifest, own, &layout_fds, &resources.attributes, &memory)?;
+        let staged_maps = memory
+            .stages
+            .iter()
+            .map(|stage| {
+                let mapping = &manifest.mappings[stage.mapping];
+                let (fd, offset) = match &mapping.kind {
+                    MappingKind::File { offset, .. } => {
+                        let fd = layout_fds.mapping_fds.get(stage.mapping).copied().flatten();
+                        let fd = fd.ok_or_else(|| {
+                            RestoreError::Layout(format!(
+                                "no descriptor to stage mapping {:#x} from",
+                                mapping.start
+                            ))
+                        })?;
+                        (Some(fd), *offset)
+                    }
+                    _ => (None, 0),
+                };
+                Ok(StagedMap {
+                    slot: stage.slot,
+                    len: mapping.len(),
+                    fd,
+                    offset,
+                })
+            })
+            .collect::<Result<Vec<_>, RestoreError>>()?;
         let mut keep: Vec<RawFd> = resources.raw_fds();
         keep.extend([
             uffd_fd,
@@ -117,7 +156,66 @@ impl Setup {
             ipc_namespace: None,
             parent_restored: false,
             lazy_shared: Arc::clone(lazy_shared),
+            inherited: memory,
+            staged_maps,
+            layout_started: false,
         })
+    }
+
+    /// Lets forked process `pid` (seized, stopped before its layout) run
+    /// its layout table now, on its own: the processes of a tree build
+    /// theirs side by side, and [`Setup::finish`] waits for its end.
+    pub(super) fn start_layout(&mut self, pid: i32) -> Result<(), RestoreError> {
+        spawn::send_go(pid, &self.go_write)?;
+        self.layout_started = true;
+        Ok(())
+    }
+
+    /// True when its fork stages memory for its children, and stops for
+    /// [`Setup::fill_staged`] before forking them.
+    pub(super) fn stages_memory(&self) -> bool {
+        !self.staged_maps.is_empty()
+    }
+
+    /// Writes the pages its children share into the slots its fork `pid`
+    /// mapped (stopped before its first fork), each run checked against its
+    /// checksum first. Returns the number of pages written.
+    pub(super) fn fill_staged(&self, pid: i32) -> Result<u64, RestoreError> {
+        let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
+        let manifest = self.image.manifest();
+        let mut written = 0;
+        for stage in &self.inherited.stages {
+            let mapping = &manifest.mappings[stage.mapping];
+            let staged = PresentPages::from(stage.pages.clone());
+            for run in &mapping.pages {
+                let first = mapping.start + run.first_page * PAGE_SIZE;
+                let segments = staged.segments(first, run.count);
+                if !segments.iter().any(|&(_, _, present)| present) {
+                    continue;
+                }
+                let (address, bytes) = verify::stored_run(&self.image, mapping, run)?;
+                for (page, count, present) in segments {
+                    if !present {
+                        continue;
+                    }
+                    let from = (page * PAGE_SIZE) as usize;
+                    let to = from + (count * PAGE_SIZE) as usize;
+                    let at = stage.slot + (address - mapping.start) + page * PAGE_SIZE;
+                    mem.write_all_at(at, &bytes[from..to]).map_err(|source| {
+                        RestoreError::io(
+                            format!(
+                                "pid {pid}: staging {count} pages of mapping {:#x} ({}) at {at:#x}",
+                                mapping.start,
+                                layout::describe(mapping)
+                            ),
+                            source,
+                        )
+                    })?;
+                    written += count;
+                }
+            }
+        }
+        Ok(written)
     }
 
     /// What the forked child does before its layout table.
@@ -134,6 +232,7 @@ impl Setup {
             table_addr: self.region.layout.entries_addr,
             table_count: self.region.layout.count,
             ipc_namespace: self.ipc_namespace,
+            staged: &self.staged_maps,
         }
     }
 
@@ -188,7 +287,10 @@ impl Setup {
         // The child holds its own copies now.
         drop(self.resources);
 
-        spawn::go(pid, &self.go_write, &self.status_read)?;
+        if !self.layout_started {
+            spawn::send_go(pid, &self.go_write)?;
+        }
+        spawn::wait_for_layout(pid, &self.status_read)?;
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 
@@ -205,25 +307,30 @@ impl Setup {
         // threads, each its share of them, this one then building the
         // pager meanwhile; all before any code of its threads runs, as the
         // kernel may write into those pages then (an rseq area).
+        // The pages it took from a staged copy are there already.
+        let present = self.inherited.present();
         let (written, pager) = std::thread::scope(|scope| {
             let helper = (file_pages::count(&image) >= PARALLEL_FILE_PAGES)
                 .then(|| {
                     std::thread::Builder::new()
                         .name("persist-files".into())
-                        .spawn_scoped(scope, || file_pages::write_share(&image, pid, &mem, 1, 2))
+                        .spawn_scoped(scope, || {
+                            file_pages::write_share(&image, pid, &mem, 1, 2, &present)
+                        })
                         .ok()
                 })
                 .flatten();
             let written = match helper {
-                Some(_) => file_pages::write_share(&image, pid, &mem, 0, 2),
-                None => file_pages::write(&image, pid, &mem),
+                Some(_) => file_pages::write_share(&image, pid, &mem, 0, 2, &present),
+                None => file_pages::write(&image, pid, &mem, &present),
             };
-            let pager = Pager::new(
+            let mut pager = Pager::new(
                 Userfault::new(uffd),
                 Arc::clone(&pidfd),
                 Arc::clone(&image),
                 &self.lazy_shared,
             );
+            pager.mark_present(present.addresses());
             let helped = helper.map_or(Ok(0), |helper| {
                 helper.join().unwrap_or_else(|_| {
                     Err(RestoreError::Layout(format!(

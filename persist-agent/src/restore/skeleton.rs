@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use persist_common::image::{Image, Manifest};
 
+use super::layout::OwnLayout;
 use super::pager::Pager;
 use super::resources::CreatedFiles;
 use super::setup::Setup;
@@ -261,7 +262,8 @@ impl Skeleton {
             &access,
             &mut HashMap::new(),
             &Arc::new(SharedPages::of_tree(manifest)),
-            false,
+            None,
+            &OwnLayout::read()?,
         )?;
         // Removed unless the process is built.
         let mut created_files = CreatedFiles(setup.created_files());

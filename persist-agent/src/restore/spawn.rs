@@ -141,9 +141,10 @@ fn spawn_in_namespace(
 }
 
 /// Tells the stopped child which rseq area it inherited from us (it must
-/// unregister it before the agent's memory goes), lets it jump into the
-/// restorer and waits for the routine's final `int3`.
-pub(super) fn go(pid: i32, go_write: &OwnedFd, status: &OwnedFd) -> Result<(), RestoreError> {
+/// unregister it before the agent's memory goes) and lets it jump into the
+/// restorer, where it runs its layout table on its own while the agent goes
+/// on; [`wait_for_layout`] waits for the end.
+pub(super) fn send_go(pid: i32, go_write: &OwnedFd) -> Result<(), RestoreError> {
     let rseq = ptrace::get_rseq_configuration(pid)
         .map_err(RestoreError::ptrace(pid, "rseq configuration"))?;
     let mut go = [0u8; GO_LEN];
@@ -152,7 +153,12 @@ pub(super) fn go(pid: i32, go_write: &OwnedFd, status: &OwnedFd) -> Result<(), R
     go[16..20].copy_from_slice(&rseq.rseq_abi_size.to_ne_bytes());
     go[20..24].copy_from_slice(&rseq.signature.to_ne_bytes());
     ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
-    write_pipe(go_write, &go)?;
+    write_pipe(go_write, &go)
+}
+
+/// Waits for the end of the child's layout table (the routine's final
+/// `int3`), after [`send_go`].
+pub(super) fn wait_for_layout(pid: i32, status: &OwnedFd) -> Result<(), RestoreError> {
     let stop = ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))?;
     if stop != Stop::Signal(libc::SIGTRAP) {
         return Err(child_failure(pid, stop, status));

@@ -25,8 +25,9 @@
 //!    is built: their parents reap them once resumed.
 //!
 //! Private memory a child shares copy-on-write with its parent is stored
-//! once in the image but filled into each process separately: the pages are
-//! not shared again after a restore.
+//! once in the image and shared again: the parent stages it before its
+//! forks, and each process moves the staged copy into place
+//! (`inherited_memory.rs`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -36,6 +37,8 @@ use std::time::{Duration, Instant};
 use persist_common::image::{Image, Manifest, Zombie};
 
 use super::child::{self, NodeRole, SessionStep, TreeNode, ZombiePlan};
+use super::inherited_memory::InheritedMemory;
+use super::layout::OwnLayout;
 use super::resources::{CreatedFiles, SharedObject};
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
@@ -101,6 +104,11 @@ impl TreeSkeleton {
         let own_fds: Vec<&[persist_common::image::FdInfo]> =
             images.iter().map(|view| &view.manifest().fds[..]).collect();
         let mut cross = files::cross_process_ends(&own_fds, &accesses[0])?;
+        // Private memory the children share with their parents, staged by
+        // the parents before they fork.
+        let manifests: Vec<&Manifest> = images.iter().map(|view| view.manifest()).collect();
+        let own = OwnLayout::read()?;
+        let memory = InheritedMemory::plan(&manifests, &shape.parents[..shape.live], &own.ranges);
         let mut root_inherited = Some(config.inherited);
 
         // Every process prepared before the first fork.
@@ -144,7 +152,8 @@ impl TreeSkeleton {
                 &accesses[index],
                 &mut shared,
                 &lazy_shared,
-                true,
+                Some(memory.part(index)),
+                &own,
             )
             .map_err(|source| RestoreError::InTree {
                 pid,
@@ -228,6 +237,7 @@ impl TreeSkeleton {
         pids[0] = root_pid;
         ptrace::cont(root_pid, 0).map_err(RestoreError::ptrace(root_pid, "cont"))?;
         spawn::write_pipe(&fork_go_write, &[1])?;
+        let mut staged_pages = 0;
         for index in 0..setups.len() {
             let pid = pids[index];
             let status = setups[index].pipes().status;
@@ -237,6 +247,22 @@ impl TreeSkeleton {
                     Stop::Event { .. } => {}
                     other => return Err(spawn::child_failure(pid, other, status)),
                 }
+                ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
+            }
+            if setups[index].stages_memory() {
+                // Stopped itself once its slots are mapped; the stop is
+                // not delivered.
+                match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
+                    Stop::Signal(libc::SIGSTOP) => {}
+                    other => return Err(spawn::child_failure(pid, other, status)),
+                }
+                staged_pages +=
+                    setups[index]
+                        .fill_staged(pid)
+                        .map_err(|source| RestoreError::InTree {
+                            pid: images[index].manifest().process.pid,
+                            source: Box::new(source),
+                        })?;
                 ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
             }
             for child in (0..shape.pids.len()).filter(|&c| shape.parents[c] == Some(index)) {
@@ -255,6 +281,12 @@ impl TreeSkeleton {
             }
         }
         drop(ipc_namespace);
+        if staged_pages > 0 {
+            tracing::debug!(
+                pages = staged_pages,
+                "private pages staged once for the processes sharing them"
+            );
+        }
         // A zombie runs untraced: its exit is then its parent's to reap.
         for (offset, &pid) in pids[shape.live..].iter().enumerate() {
             match ptrace::wait(pid).map_err(RestoreError::ptrace(pid, "wait"))? {
@@ -269,6 +301,12 @@ impl TreeSkeleton {
             spawn::expect_event_stop(pid, setups[index].pipes().status)?;
         }
         drop(nodes);
+        // Every layout table runs at once (each unmaps its copy of the
+        // agent and maps its own memory: the kernel's work, on any CPU);
+        // each process is then completed in turn.
+        for (setup, &pid) in setups.iter_mut().zip(&pids) {
+            setup.start_layout(pid)?;
+        }
 
         for (index, setup) in setups.into_iter().enumerate() {
             let pid = pids[index];

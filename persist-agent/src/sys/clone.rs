@@ -340,3 +340,53 @@ pub fn exit_with_status(wait_status: i32) -> ! {
     // image check refuses none of those, so this is a shell's convention.
     exit_now(128 + signal)
 }
+
+/// Maps `len` bytes at `address`, readable and writable and private: anonymous
+/// memory, or file `fd` from `offset`. Never replaces a mapping that is there
+/// (`MAP_FIXED_NOREPLACE`, `EEXIST`). Async-signal-safe.
+pub fn map_private_at(address: u64, len: u64, fd: Option<RawFd>, offset: u64) -> io::Result<()> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE;
+    if fd.is_none() {
+        flags |= libc::MAP_ANONYMOUS;
+    }
+    // SAFETY: MAP_FIXED_NOREPLACE fails rather than replace any mapping, so
+    // no memory of ours changes; the new mapping is not referenced by Rust.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mmap,
+            address,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd.unwrap_or(-1),
+            offset,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rc as u64 != address {
+        // A kernel that ignores the flag (before 4.17) placed it elsewhere.
+        // SAFETY: the range was just mapped by us and nothing refers to it.
+        unsafe { libc::syscall(libc::SYS_munmap, rc, len) };
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(())
+}
+
+/// Stops the calling process with `SIGSTOP`, for its tracer to see (a
+/// signal-delivery stop) and let it go on. Async-signal-safe.
+pub fn stop_self() -> io::Result<()> {
+    // SAFETY: getpid and kill take and return integers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kill,
+            libc::syscall(libc::SYS_getpid),
+            libc::SIGSTOP,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

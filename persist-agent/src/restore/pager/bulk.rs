@@ -155,13 +155,22 @@ impl Pager {
     /// The pages around count because allocations shift a little from one
     /// wake to the next: redis wrote the page before one its set named on
     /// every wake after the recording one.
+    ///
+    /// In a shared memory object served lazily a zero page is a page of the
+    /// object's, which the parked skeleton holds: only the pages the set
+    /// names, none around. PostgreSQL's backend, forked after the wake,
+    /// touched a dozen never-written pages of the shared buffers on every
+    /// wake, each a round trip to its pager; its faults are logged into the
+    /// postmaster's part of the set, so they are in the object before the
+    /// next resume.
     pub(crate) fn zero_ahead(&mut self, set: &[WorkingSetPage]) -> u64 {
         let mut addresses: Vec<u64> = Vec::new();
         for page in set.iter().filter(|page| !page.is_stored()) {
-            // A zero page in shared memory is a page of the object's, which
-            // the parked skeleton would hold: left to the fault.
             let in_shared = |&(start, end): &(u64, u64)| (start..end).contains(&page.address);
             if self.shared_at_restore.iter().any(in_shared) {
+                if !self.pending.contains_key(&page.address) {
+                    addresses.push(page.address);
+                }
                 continue;
             }
             let Some(&(start, end)) = self

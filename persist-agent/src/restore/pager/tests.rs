@@ -173,6 +173,79 @@ fn serves_a_shared_object_from_the_pages_stored_with_another_mapping() {
     assert_eq!(stats.dropped_pages, 0, "shared pages are never dropped");
 }
 
+/// A never-written page of a lazily served shared object that a working
+/// set names is put in the object ahead, as zeros: a process forked later
+/// (PostgreSQL's backend) finds it there instead of faulting. Only that
+/// page: a page of the object costs the parked skeleton memory.
+#[test]
+fn a_never_written_shared_page_of_the_set_is_zeroed_ahead_alone() {
+    crate::test_support::require_root!();
+    const PAGES: u64 = 16;
+    let len = (PAGES * PAGE_SIZE) as usize;
+    // SAFETY: a new memfd, owned here; mapped once, leaked.
+    let area = unsafe {
+        let fd = libc::memfd_create(c"shared".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, len as i64), 0);
+        let area = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        assert_ne!(area, libc::MAP_FAILED);
+        libc::close(fd);
+        area as u64
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("image");
+    let mut writer = ImageWriter::create(&dir).unwrap();
+    // Pages 0..8 written before the checkpoint, 8..16 never.
+    let data: Vec<u8> = (0..PAGES / 2)
+        .flat_map(|page| std::iter::repeat_n(page as u8 + 1, PAGE_SIZE as usize))
+        .collect();
+    let runs = writer.append_pages(0, &data).unwrap();
+    let mut manifest = manifest(vec![Mapping {
+        shared: true,
+        kind: MappingKind::Memfd {
+            name: "shared".into(),
+            inode: 1,
+            offset: 0,
+        },
+        ..Mapping::anonymous(area, PAGES, runs)
+    }]);
+    writer.finish(&mut manifest).unwrap();
+    let image = Arc::new(Image::open(&dir).unwrap());
+    let shared = Arc::new(SharedPages::of_tree(image.manifest()));
+    let raw = uffd::create_raw().unwrap();
+    // SAFETY: create_raw returned a new fd that nothing else owns.
+    let fault = unsafe { Userfault::from_raw_fd(raw) };
+    fault.register(area, PAGES * PAGE_SIZE).unwrap();
+    let pidfd = PidFd::open(std::process::id() as i32).unwrap();
+    let mut pager = Pager::new(fault, Arc::new(pidfd), image, &shared);
+
+    let named = area + 12 * PAGE_SIZE;
+    let set = [WorkingSetPage::not_stored(named)];
+    assert_eq!(pager.zero_ahead(&set), 1);
+    let mut resident = [0u8; PAGES as usize];
+    // SAFETY: mincore writes one byte a page of our own mapping into `resident`.
+    let rc = unsafe { libc::mincore(area as *mut libc::c_void, len, resident.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    assert_eq!(
+        resident[12] & 1,
+        1,
+        "the page the set names is in the object"
+    );
+    for page in [11, 13] {
+        assert_eq!(resident[page] & 1, 0, "page {page} beside it is not");
+    }
+    // SAFETY: page 12 is in (checked above): reading it needs no pager.
+    let byte = unsafe { *((named + 7) as *const u8) };
+    assert_eq!(byte, 0);
+}
+
 /// A mapping split in three by mprotect: copies of spans that cross the
 /// splits fall back to single pages, and no page is lost or zeroed.
 #[test]
