@@ -742,6 +742,16 @@ fn a_trees_working_set_covers_its_workers() {
         faults[2] < faults[1],
         "the workers faulted less with their pages prefetched: {faults:?} by wake"
     );
+    // The last worker, which holds the listener, ran alone before the
+    // others were copied and let run, on the prefetching wake only (the
+    // root's line of each wake says how long, when it did).
+    let log = sandbox.daemon_log();
+    let alone: Vec<bool> = log
+        .lines()
+        .filter(|line| line.contains("all pages in"))
+        .map(|line| line.contains(" alone_us="))
+        .collect();
+    assert_eq!(alone, [false, false, true], "{log}");
     assert_eq!(sandbox.service("nginx").unwrap()["wakes"], 3);
 }
 

@@ -54,6 +54,7 @@ mod registry;
 mod reload;
 mod restore_pool;
 mod restore_worker;
+mod run_alone;
 mod run_state;
 mod skeleton_budget;
 mod supervisor;

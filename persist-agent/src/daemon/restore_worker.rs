@@ -40,6 +40,7 @@ use super::cold_wake;
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
 use super::restore_pool::{PoolTask, RestorePool};
+use super::run_alone;
 use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
@@ -47,7 +48,7 @@ use crate::restore::{
     Restored, Skeleton, Timings, WhenCopied, help_each_then,
 };
 use crate::service::Prefetch;
-use crate::snapshot::{listener_backlog_in_image, place_listeners};
+use crate::snapshot::{listener_backlog_in_image, listener_holders_in_image, place_listeners};
 use crate::sys::pidfd::PidFd;
 use crate::sys::sched;
 
@@ -230,7 +231,12 @@ impl ResumeTrigger {
         };
         // On failure the restore thread resumes it, and reports why not.
         armed.copying.store(true, Ordering::Release);
-        continue_each_when_copied(continuer, armed.copies, std::thread::current().id());
+        continue_each_when_copied(
+            continuer,
+            armed.copies,
+            armed.run_alone,
+            std::thread::current().id(),
+        );
     }
 }
 
@@ -242,13 +248,21 @@ impl ResumeTrigger {
 /// A copy that fails stops there: the restore thread then copies and
 /// continues the rest (and reports why not).
 ///
+/// When the first process let run is `run_alone` and has pages to copy,
+/// only it is: the restore thread lets it run alone until it blocks, then
+/// copies and continues the others ([`Worker::prefetch_before_resume`]).
+/// This thread, which every service's SYNs share, never waits for that.
+///
 /// Each step runs on whichever thread copied the last page it waited for;
 /// one other than `wake_thread` (the restore thread, at real-time priority
-/// while armed) becomes ordinary before it lets a process run, or the
-/// process, woken on its CPU, would wait for it.
+/// while armed) becomes ordinary right after it lets a process run, or the
+/// process, woken on its CPU, would wait for it. Not before: made ordinary
+/// first, it was at times preempted (by the client, at ordinary priority
+/// too) before the continue, which then came 20–30 µs later.
 fn continue_each_when_copied(
     root: Continuer,
     copies: Vec<(u32, PlannedCopy)>,
+    run_alone: Option<u32>,
     wake_thread: std::thread::ThreadId,
 ) {
     let mut copies: std::collections::HashMap<u32, PlannedCopy> = copies.into_iter().collect();
@@ -260,19 +274,25 @@ fn continue_each_when_copied(
     let mut steps: Vec<(Option<PlannedCopy>, WhenCopied)> = Vec::new();
     let descendants: Vec<(u32, Continuer)> = (1u32..).zip(root.descendants().to_vec()).collect();
     for (index, descendant) in descendants.into_iter().rev() {
+        let copy = copies.remove(&index);
+        let alone = steps.is_empty() && copy.is_some() && run_alone == Some(index);
         steps.push((
-            copies.remove(&index),
+            copy,
             Box::new(move || {
-                ordinary();
                 let _ = descendant.try_continue_process();
+                ordinary();
             }),
         ));
+        if alone {
+            help_each_then(steps);
+            return;
+        }
     }
     steps.push((
         copies.remove(&0),
         Box::new(move || {
-            ordinary();
             let _ = root.try_continue_process();
+            ordinary();
         }),
     ));
     help_each_then(steps);
@@ -290,6 +310,11 @@ struct Armed {
     /// Set by the wake thread before it starts on `copies`: it copies each
     /// in turn and lets each process run, unless a copy fails.
     copying: Arc<AtomicBool>,
+    /// The process of a tree let run alone first (by index in tree order),
+    /// if one may be: the last, when it holds the service's listener.
+    run_alone: Option<u32>,
+    /// How long it ran alone on the wake, for the wake's log line.
+    ran_alone: Arc<Mutex<Option<run_alone::RanAlone>>>,
 }
 
 type ArmedWake = Arc<Mutex<Armed>>;
@@ -743,6 +768,12 @@ impl Worker {
                     make_ordinary(&skeleton)?;
                 }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
+                // The last process of a tree, when it may accept the
+                // waking connection: a worker holding the listener.
+                let last = image.manifest().children.len() as u32;
+                let run_alone = (last > 0
+                    && listener_holders_in_image(image.manifest(), self.port).contains(&last))
+                .then_some(last);
                 self.plan = match set_ahead.and_then(|ahead| self.take_set_ahead(ahead)) {
                     Some(ahead) => {
                         for pager in skeleton.tree_pagers_mut() {
@@ -759,6 +790,7 @@ impl Worker {
                 let mut armed = Armed::default();
                 if let WakePlan::Recorded { set, .. } = &self.plan {
                     armed.copies = self.plan_copies(&mut skeleton, set)?;
+                    armed.run_alone = run_alone;
                 }
                 let continuer = match cold {
                     Some(_) => None,
@@ -1132,6 +1164,7 @@ impl Worker {
         let plan = std::mem::replace(&mut self.plan, WakePlan::Lazy);
         let armed = std::mem::take(&mut *self.armed.lock().expect("armed lock"));
         let prefetched_set = matches!(plan, WakePlan::Recorded { .. });
+        let ran_alone = Arc::clone(&armed.ran_alone);
         let record = self.prefetch_before_resume(&mut skeleton, plan, armed, cold);
         // Final now: pages are copied ahead of faults only before the resume.
         let descendants_prefetched: u64 = skeleton
@@ -1196,7 +1229,8 @@ impl Worker {
         report.serving = None;
         match filled {
             Ok(mut stats) => {
-                info!(service = %self.name, pid, faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
+                let ran_alone = *ran_alone.lock().expect("ran-alone lock");
+                info!(service = %self.name, pid, alone_us = ran_alone.map(|ran| ran.waited.as_micros() as u64), alone_cut_short = ran_alone.map(|ran| ran.cut_short), faults = stats.faults, fault_pages = stats.fault_pages, prefetched = stats.prefetched_pages, filled = stats.filled_pages, fault_us = stats.fault_time.as_micros() as u64, fill_after_us = stats.fill_started_after.map(|at| at.as_micros() as u64), took_us = stats.total_time.as_micros() as u64, first_fault_us = micros(stats.first_fault_after_resume), "all pages in");
                 self.metrics.observe_pager(&self.name, &stats);
                 // What a tree's wake copied ahead is into all its
                 // processes; the other counters stay the root's, as its
@@ -1380,8 +1414,14 @@ impl Worker {
                 // process run: the descendants last first, the root last.
                 let mut pagers: Vec<_> = (0u32..).zip(skeleton.tree_pagers_mut()).collect();
                 pagers.reverse();
+                let stepping = armed.copying.load(Ordering::Acquire);
+                // The process the wake thread let run alone, leaving the
+                // others to this thread (`continue_each_when_copied`).
+                let alone = armed
+                    .run_alone
+                    .filter(|&alone| stepping && planned_copies.iter().any(|(i, _)| *i == alone));
                 // Whether every copy so far was whole: the wake thread then
-                // goes on to the next.
+                // goes on to the next, unless it let one run alone.
                 let mut whole_so_far = true;
                 let mut first = true;
                 for (index, pager) in pagers {
@@ -1392,7 +1432,7 @@ impl Worker {
                     let planned = planned_copies.iter().find(|(planned, _)| *planned == index);
                     let copied = match planned {
                         Some((_, copy))
-                            if !first && whole_so_far && armed.copying.load(Ordering::Acquire) =>
+                            if !first && whole_so_far && stepping && alone.is_none() =>
                         {
                             pager.finish_planned_behind(copy)
                         }
@@ -1405,6 +1445,24 @@ impl Worker {
                     if first {
                         first = false;
                         let _ = sched::set_current_thread_realtime(false);
+                        // Let run by whichever thread copied its last page
+                        // (perhaps this one, just now): it runs alone until
+                        // it blocks, before the others are copied here.
+                        if alone == Some(index) && whole_so_far {
+                            let continuer = armed.continuer.as_ref().and_then(|root| {
+                                root.descendants().get(index as usize - 1).cloned()
+                            });
+                            if let Some(continuer) = continuer {
+                                // At once if done; waits if another thread
+                                // is at it.
+                                let _ = continuer.continue_process();
+                                let ran = run_alone::wait_until_blocked(
+                                    continuer.pid(),
+                                    run_alone::RUN_ALONE_BOUND,
+                                );
+                                *armed.ran_alone.lock().expect("ran-alone lock") = Some(ran);
+                            }
+                        }
                     }
                     // A page of the image that cannot be served kills its
                     // process here; the root's death fails the resume,

@@ -178,6 +178,11 @@ impl Continuer {
         Ok(done)
     }
 
+    /// The pid of the process it lets run.
+    pub fn pid(&self) -> i32 {
+        self.inner.pidfd.pid()
+    }
+
     /// The continuers of a tree's other processes, one each (in image
     /// order, parents before their children), each letting only its own
     /// process run: a wake lets each go as soon as its own pages are in.

@@ -230,6 +230,41 @@ pub fn listener_backlog_in_image(manifest: &Manifest, port: u16) -> Option<u32> 
     listener_in_image(manifest, port).map(|(_, backlog)| backlog)
 }
 
+/// The processes of `manifest` (by index in tree order: 0 the root, `i`
+/// its `i`-th child) that hold a TCP listener on `port`, their own or one
+/// they share with the process it was saved with: those that may accept
+/// the connection that wakes the service.
+pub fn listener_holders_in_image(manifest: &Manifest, port: u16) -> Vec<u32> {
+    let processes = std::iter::once((manifest.process.pid, &manifest.fds, &[][..])).chain(
+        manifest.children.iter().map(|child| {
+            (
+                child.process.pid,
+                &child.fds,
+                child.inherited_fds.as_slice(),
+            )
+        }),
+    );
+    // A shared description is saved with its first holder, listed before
+    // the others: its listeners are known when a later holder is reached.
+    let mut listeners: Vec<(i32, i32)> = Vec::new();
+    let mut holders = Vec::new();
+    for (index, (pid, fds, inherited)) in (0u32..).zip(processes) {
+        let own: Vec<(i32, i32)> = fds
+            .iter()
+            .filter(|fd| matches!(&fd.kind, FdKind::TcpListener { local, .. } if port_of(local) == Some(port)))
+            .map(|fd| (pid, fd.fd))
+            .collect();
+        let inherits = inherited
+            .iter()
+            .any(|fd| listeners.contains(&(fd.from_pid, fd.from_fd)));
+        if !own.is_empty() || inherits {
+            holders.push(index);
+        }
+        listeners.extend(own);
+    }
+    holders
+}
+
 fn listener_in_image(manifest: &Manifest, port: u16) -> Option<(i32, u32)> {
     manifest.fds.iter().find_map(|fd| match &fd.kind {
         FdKind::TcpListener { local, backlog, .. } if port_of(local) == Some(port) => {
@@ -244,9 +279,9 @@ mod tests {
     use std::net::TcpListener;
     use std::os::fd::OwnedFd;
 
-    use persist_common::image::{ChildProcess, FdInfo, FdKind, Manifest, ProcessInfo};
+    use persist_common::image::{ChildProcess, FdInfo, FdKind, InheritedFd, Manifest, ProcessInfo};
 
-    use super::{place_listeners, reuseport_group_in_image};
+    use super::{listener_holders_in_image, place_listeners, reuseport_group_in_image};
 
     fn listener(fd: i32, port: u16, inode: u64) -> FdInfo {
         FdInfo {
@@ -364,5 +399,45 @@ mod tests {
             reuseport_group_in_image(&image(vec![of(3, Some(33)), plain]), 80),
             None
         );
+    }
+    /// A process holds the port's listener when it has one of its own or
+    /// shares one saved with an earlier process (nginx's workers share
+    /// their master's); a helper that kept no listener (PostgreSQL's) or
+    /// shares a listener of another port does not.
+    #[test]
+    fn the_holders_of_a_listener_are_found_through_inherited_descriptors() {
+        let child = |pid, fds, inherited_fds| ChildProcess {
+            ppid: 10,
+            process: ProcessInfo {
+                pid,
+                ..ProcessInfo::default()
+            },
+            fds,
+            inherited_fds,
+            ..ChildProcess::default()
+        };
+        let inherits = |fd, from_fd| InheritedFd {
+            fd,
+            cloexec: false,
+            from_pid: 10,
+            from_fd,
+        };
+        let manifest = Manifest {
+            process: ProcessInfo {
+                pid: 10,
+                ..ProcessInfo::default()
+            },
+            fds: vec![listener(6, 80, 1), listener(7, 8080, 2)],
+            children: vec![
+                child(11, Vec::new(), vec![inherits(6, 6)]),
+                child(12, Vec::new(), vec![inherits(7, 7)]),
+                child(13, vec![listener(5, 80, 3)], Vec::new()),
+                child(14, Vec::new(), Vec::new()),
+            ],
+            ..Manifest::default()
+        };
+        assert_eq!(listener_holders_in_image(&manifest, 80), [0, 1, 3]);
+        assert_eq!(listener_holders_in_image(&manifest, 8080), [0, 2]);
+        assert!(listener_holders_in_image(&manifest, 443).is_empty());
     }
 }

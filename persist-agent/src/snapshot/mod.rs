@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 
 pub use handover::{
     find_listener, find_listeners, listener_backlog_in_image, listener_fd_in_image,
-    place_listeners, reuseport_group_in_image,
+    listener_holders_in_image, place_listeners, reuseport_group_in_image,
 };
 pub use readiness::{NotifySocket, send_warmup_request};
 

@@ -38,6 +38,15 @@ pub fn set_thread_ordinary(tid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets how late the kernel may wake the calling thread from a timed sleep
+/// (its timer slack, 50 µs by default for an ordinary thread; none for a
+/// real-time one), to `slack`.
+pub fn set_current_thread_timer_slack(slack: std::time::Duration) -> io::Result<()> {
+    let ns = libc::c_ulong::try_from(slack.as_nanos()).unwrap_or(libc::c_ulong::MAX);
+    // 0 would mean "the thread's default" to the kernel.
+    nix::sys::prctl::set_timerslack(ns.max(1)).map_err(io::Error::from)
+}
+
 /// The scheduling policy of thread `tid`.
 pub fn thread_policy(tid: i32) -> io::Result<i32> {
     // SAFETY: sched_getscheduler only reads the thread's policy.

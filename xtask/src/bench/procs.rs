@@ -150,7 +150,30 @@ impl Drop for ServerProcess {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+        // Workers the root forked after `tree()` looked, or that outlived
+        // it (nginx's master, told to quit right after it started, forked
+        // two more workers and exited before them): gone once the group is.
+        // The next fresh start's first connection was reset by such a
+        // worker's listener, closed as it died.
+        while killpg(self.pid(), None).is_ok()
+            && live_in_group(self.pid())
+            && Instant::now() < deadline
+        {
+            let _ = killpg(self.pid(), Signal::SIGKILL);
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
+}
+
+/// Whether a process of group `pgid` has not exited yet (a zombie has closed
+/// its descriptors; an orphan's may wait long for init to reap it).
+fn live_in_group(pgid: Pid) -> bool {
+    let Ok(processes) = procfs::process::all_processes() else {
+        return false;
+    };
+    processes
+        .filter_map(|process| process.ok()?.stat().ok())
+        .any(|stat| stat.pgrp == pgid.as_raw() && stat.state != 'Z')
 }
 
 /// SIGKILLs `pid` (and its session), an orphan reparented to us as child
