@@ -520,6 +520,20 @@ pub fn gunicorn_command(dir: &Path, port: u16, app: &str, extra: &[&str]) -> Vec
         .collect()
 }
 
+/// What a command wrote on its standard error, as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The children of `pid`, as its main thread lists them.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
 /// Has the child, then the parent, of a fixture report: each is sent
 /// SIGUSR1 and writes `child-result` or `parent-result` in `dir`; their
 /// contents, in that order.

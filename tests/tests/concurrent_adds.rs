@@ -4,6 +4,7 @@
 
 use std::process::Output;
 
+use persist_tests::stderr;
 use persist_tests::{Sandbox, binary};
 
 /// Runs `persist-agent add` for every `(name, port, options, command)` at
@@ -28,10 +29,6 @@ fn hello(port: u16) -> Vec<String> {
         binary("hello-server").display().to_string(),
         format!("127.0.0.1:{port}"),
     ]
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
+use persist_tests::stderr;
 use persist_tests::{Sandbox, binary, build_hello_image, edit_manifest, wait_until};
 
 /// uid and gid of Debian's `nobody`.
@@ -92,10 +93,6 @@ fn a_service_file_another_user_owns_never_runs() {
         error.contains(&format!("{}: owned by uid {NOBODY}", planted.display())),
         "status names the file and its owner: {service}"
     );
-}
-
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[test]

@@ -22,6 +22,7 @@ use persist_tests::{
     Sandbox, binary, gunicorn_command, has_unfilled_memory, require_root, result_of, results_of,
     wait_until,
 };
+use persist_tests::{children_of, stderr};
 
 /// kB of a page, as smaps counts.
 const PAGE_KB: u64 = 4;
@@ -200,18 +201,6 @@ fn agent(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run persist-agent")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn children_of(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .collect()
 }
 
 /// The innermost pid of /proc/PID/status's `NSpid`: the pid the process

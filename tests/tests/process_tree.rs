@@ -18,6 +18,7 @@ use persist_common::image::{ChildProcess, FdKind, Image, Manifest, Mapping, Mapp
 use persist_tests::{
     NetNs, binary, gunicorn_command, nginx_command_with_workers, require_root, wait_until,
 };
+use persist_tests::{children_of, stderr};
 
 /// The fixture's three processes; every one is killed on drop.
 struct TreeFixture {
@@ -110,10 +111,6 @@ fn checkpoint(pid: i32, image: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["checkpoint", "--pid", &pid, "--image", image];
     args.extend_from_slice(extra);
     agent(&args)
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Whether `pid` runs (exists, and is neither stopped nor a zombie).
@@ -699,15 +696,6 @@ impl Drop for Script {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The children of `pid`, as its main thread lists them.
-fn children_of(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(|pid| pid.parse().expect("a pid"))
-        .collect()
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use persist_agent::sys::pidfd::PidFd;
 use persist_tests::{NetNs, Sandbox, binary, require_root, wait_until};
+use persist_tests::{children_of, stderr};
 
 /// The unprivileged user the fixture runs as: the group is owned by its uid.
 const NOBODY: u32 = 65534;
@@ -58,10 +59,6 @@ fn agent(netns: &NetNs, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run persist-agent")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// Starts the fixture as `nobody` in `netns` on 127.0.0.1:`port` and waits
@@ -267,15 +264,6 @@ fn a_reuseport_group_comes_back_whole_twice_from_one_image() {
         );
         drop(restored);
     }
-}
-
-/// Child processes of `pid` (its main thread's).
-fn children_of(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(|pid| pid.parse().expect("a pid"))
-        .collect()
 }
 
 /// The inodes of the sockets `pid` holds.

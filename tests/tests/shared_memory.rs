@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use persist_tests::{binary, require_root, wait_until};
+use persist_tests::{children_of, stderr};
 
 /// The fixture's two processes, its System V segment and its POSIX object;
 /// all killed or removed on drop.
@@ -80,10 +81,6 @@ fn agent(args: &[&str]) -> Output {
         .expect("run persist-agent")
 }
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 /// A restored tree (root and its children); killed on drop.
 struct Restored {
     root: i32,
@@ -122,14 +119,6 @@ impl Drop for Restored {
             );
         }
     }
-}
-
-fn children_of(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .collect()
 }
 
 /// The inode /proc/PID/maps shows for the mapping named `name`, if any.

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use persist_tests::{binary, gunicorn_command, require_root, wait_until};
+use persist_tests::{children_of, stderr};
 
 /// The fixture's two processes, its set and its queue; all killed or
 /// removed on drop.
@@ -97,18 +98,6 @@ fn agent(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run persist-agent")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn children_of(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .collect()
 }
 
 fn ipc_namespace(pid: &str) -> u64 {
