@@ -88,8 +88,21 @@ fn map(len: usize, prot: i32, flags: i32, fd: i32) -> &'static mut [u8] {
     }
 }
 
+/// A private anonymous mapping of `len` bytes that no other mapping can
+/// merge with, whatever the kernel places beside it: a page with no access
+/// and no commit charge (`MAP_NORESERVE`) on each side, so the checkpoint
+/// finds it as one mapping of exactly `len` bytes.
+fn map_apart(len: usize, prot: i32) -> &'static mut [u8] {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let whole = map(len + 2 * PAGE, libc::PROT_NONE, flags, -1);
+    let inner = &mut whole[PAGE..PAGE + len];
+    protect(inner, prot);
+    // SAFETY: the inner part of a mapping never unmapped, as in `map`.
+    unsafe { std::slice::from_raw_parts_mut(inner.as_mut_ptr(), len) }
+}
+
 fn protect(region: &mut [u8], prot: i32) {
-    // SAFETY: the region is a whole mapping of ours.
+    // SAFETY: the region is a whole mapping of ours, or part of one.
     let rc = unsafe { libc::mprotect(region.as_mut_ptr().cast(), region.len(), prot) };
     assert_eq!(rc, 0, "mprotect failed");
 }
@@ -116,7 +129,7 @@ fn setup(dir: &Path, big_mib: usize) -> Memory {
 
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let private_anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-    let anon = map(ANON_PAGES * PAGE, rw, private_anon, -1);
+    let anon = map_apart(ANON_PAGES * PAGE, rw);
     // Every other 16-page block stays untouched: it must read back as zeros.
     for block in (0..ANON_PAGES / 16).step_by(2) {
         let range = block * 16 * PAGE..(block + 1) * 16 * PAGE;
