@@ -46,11 +46,10 @@ fn runs(image: &Image) -> impl Iterator<Item = (&Mapping, &PageRun)> {
 /// number of pages written.
 pub(super) fn write(
     image: &Image,
-    pid: i32,
     mem: &ProcMem,
     skip: &PresentPages,
 ) -> Result<u64, RestoreError> {
-    write_share(image, pid, mem, 0, 1, skip)
+    write_share(image, mem, 0, 1, skip)
 }
 
 /// Writes share `share` of `shares` of what [`write`] writes: the runs that
@@ -59,7 +58,6 @@ pub(super) fn write(
 /// pages written.
 pub(super) fn write_share(
     image: &Image,
-    pid: i32,
     mem: &ProcMem,
     share: u64,
     shares: u64,
@@ -75,24 +73,51 @@ pub(super) fn write_share(
         if !(from..to).contains(&first) {
             continue;
         }
-        let (address, bytes) = stored_run(image, mapping, run)?;
-        for (first, count, present) in skip.segments(address, run.count) {
-            if present {
-                continue;
-            }
-            let at = address + first * PAGE_SIZE;
-            let from = (first * PAGE_SIZE) as usize;
-            let to = from + (count * PAGE_SIZE) as usize;
-            mem.write_all_at(at, &bytes[from..to])
-                .map_err(|source| RestoreError::FilePages {
-                    pid,
-                    address: at,
-                    pages: count,
-                    path: super::layout::describe(mapping),
-                    source,
-                })?;
-            pages += count;
-        }
+        pages += write_run(image, mem, mapping, run, skip, false, mapping.start)?;
     }
     Ok(pages)
+}
+
+/// Writes the pages of `run`, stored for `mapping`, that are in `pages`
+/// (`present`) or not in it (`!present`) into the stopped process of
+/// `mem`, the mapping's first page at `placed_at`: its recorded start, or
+/// a staged copy's slot (`inherited_memory.rs`). The run is read, and
+/// checked against its checksum, only when one of its pages is written.
+/// Returns how many were.
+pub(super) fn write_run(
+    image: &Image,
+    mem: &ProcMem,
+    mapping: &Mapping,
+    run: &PageRun,
+    pages: &PresentPages,
+    present: bool,
+    placed_at: u64,
+) -> Result<u64, RestoreError> {
+    let first = mapping.start + run.first_page * PAGE_SIZE;
+    let segments: Vec<(u64, u64)> = pages
+        .segments(first, run.count)
+        .into_iter()
+        .filter(|&(_, _, is_present)| is_present == present)
+        .map(|(page, count, _)| (page, count))
+        .collect();
+    if segments.is_empty() {
+        return Ok(0);
+    }
+    let (address, bytes) = stored_run(image, mapping, run)?;
+    let mut written = 0;
+    for (page, count) in segments {
+        let at = address + page * PAGE_SIZE;
+        let from = (page * PAGE_SIZE) as usize;
+        let to = from + (count * PAGE_SIZE) as usize;
+        mem.write_all_at(placed_at + (at - mapping.start), &bytes[from..to])
+            .map_err(|source| RestoreError::FilePages {
+                pid: mem.pid(),
+                address: at,
+                pages: count,
+                path: super::layout::describe(mapping),
+                source,
+            })?;
+        written += count;
+    }
+    Ok(written)
 }

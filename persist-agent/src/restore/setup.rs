@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use persist_common::image::{Image, MappingKind, PAGE_SIZE};
+use persist_common::image::{Image, MappingKind};
 
 use super::child::StagedMap;
 use super::inherited_memory::{PresentPages, ProcessPart};
@@ -19,7 +19,7 @@ use super::runner::{TableRunner, check_table};
 use super::shared_pages::SharedPages;
 use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
-use super::{RestoreError, child::ChildPlan, file_pages, threads, verify};
+use super::{RestoreError, child::ChildPlan, file_pages, threads};
 use crate::files::{self, InheritedFds, PathAccess, PreparedFds};
 use crate::sys::pidfd::PidFd;
 use crate::sys::procmem::ProcMem;
@@ -188,31 +188,15 @@ impl Setup {
             let mapping = &manifest.mappings[stage.mapping];
             let staged = PresentPages::from(stage.pages.clone());
             for run in &mapping.pages {
-                let first = mapping.start + run.first_page * PAGE_SIZE;
-                let segments = staged.segments(first, run.count);
-                if !segments.iter().any(|&(_, _, present)| present) {
-                    continue;
-                }
-                let (address, bytes) = verify::stored_run(&self.image, mapping, run)?;
-                for (page, count, present) in segments {
-                    if !present {
-                        continue;
-                    }
-                    let from = (page * PAGE_SIZE) as usize;
-                    let to = from + (count * PAGE_SIZE) as usize;
-                    let at = stage.slot + (address - mapping.start) + page * PAGE_SIZE;
-                    mem.write_all_at(at, &bytes[from..to]).map_err(|source| {
-                        RestoreError::io(
-                            format!(
-                                "pid {pid}: staging {count} pages of mapping {:#x} ({}) at {at:#x}",
-                                mapping.start,
-                                layout::describe(mapping)
-                            ),
-                            source,
-                        )
-                    })?;
-                    written += count;
-                }
+                written += file_pages::write_run(
+                    &self.image,
+                    &mem,
+                    mapping,
+                    run,
+                    &staged,
+                    true,
+                    stage.slot,
+                )?;
             }
         }
         Ok(written)
@@ -315,14 +299,14 @@ impl Setup {
                     std::thread::Builder::new()
                         .name("persist-files".into())
                         .spawn_scoped(scope, || {
-                            file_pages::write_share(&image, pid, &mem, 1, 2, &present)
+                            file_pages::write_share(&image, &mem, 1, 2, &present)
                         })
                         .ok()
                 })
                 .flatten();
             let written = match helper {
-                Some(_) => file_pages::write_share(&image, pid, &mem, 0, 2, &present),
-                None => file_pages::write(&image, pid, &mem, &present),
+                Some(_) => file_pages::write_share(&image, &mem, 0, 2, &present),
+                None => file_pages::write(&image, &mem, &present),
             };
             let mut pager = Pager::new(
                 Userfault::new(uffd),

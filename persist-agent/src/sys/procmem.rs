@@ -67,6 +67,7 @@ pub fn read_vectored(pid: i32, local: &mut [u8], remote: &[RemoteRange]) -> io::
 #[derive(Debug)]
 pub struct ProcMem {
     file: File,
+    pid: i32,
 }
 
 impl ProcMem {
@@ -76,7 +77,12 @@ impl ProcMem {
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))?;
-        Ok(Self { file })
+        Ok(Self { file, pid })
+    }
+
+    /// The process whose memory this is.
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 
     /// Fills `buf` from address `addr`.
