@@ -520,6 +520,15 @@ pub fn gunicorn_command(dir: &Path, port: u16, app: &str, extra: &[&str]) -> Vec
         .collect()
 }
 
+/// What a fixture that writes `DIR/ready` once it is set up wrote there:
+/// waits for the file (20 s at most, or panics naming `fixture`).
+pub fn ready_text(dir: &Path, fixture: &str) -> String {
+    let ready = dir.join("ready");
+    wait_until(Duration::from_secs(20), || ready.exists())
+        .unwrap_or_else(|e| panic!("{fixture} is ready: {e}"));
+    std::fs::read_to_string(&ready).expect("read ready")
+}
+
 /// What a command wrote on its standard error, as text.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()

@@ -71,9 +71,7 @@ impl CowFixture {
         if grandchild {
             results.push("grandchild-result");
         }
-        let ready = dir.path().join("ready");
-        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-cow is ready");
-        let text = fs::read_to_string(&ready).expect("read ready");
+        let text = persist_tests::ready_text(dir.path(), "fixture-cow");
         let fields: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(fields.len(), 2 + results.len(), "ready holds {text:?}");
         let address = |field: &str| u64::from_str_radix(field, 16).expect("a hex address");

@@ -40,10 +40,7 @@ impl TreeFixture {
             .args(args)
             .spawn()
             .expect("spawn fixture-tree");
-        let ready = dir.path().join("ready");
-        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-tree is ready");
-        let pids: Vec<i32> = fs::read_to_string(&ready)
-            .expect("read ready")
+        let pids: Vec<i32> = persist_tests::ready_text(dir.path(), "fixture-tree")
             .split_whitespace()
             .map(|pid| pid.parse().expect("a pid"))
             .collect();
@@ -762,10 +759,7 @@ fn zombies_are_saved_and_come_back_for_their_parent_to_reap() {
         .arg(dir.path())
         .spawn()
         .expect("spawn fixture-zombies");
-    let ready = dir.path().join("ready");
-    wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-zombies is ready");
-    let pids: Vec<i32> = fs::read_to_string(&ready)
-        .expect("read ready")
+    let pids: Vec<i32> = persist_tests::ready_text(dir.path(), "fixture-zombies")
         .split_whitespace()
         .map(|pid| pid.parse().expect("a pid"))
         .collect();

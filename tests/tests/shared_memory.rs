@@ -32,9 +32,7 @@ impl ShmFixture {
             .arg(format!("{key:x}"))
             .spawn()
             .expect("spawn fixture-shm");
-        let ready = dir.path().join("ready");
-        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-shm is ready");
-        let text = fs::read_to_string(&ready).expect("read ready");
+        let text = persist_tests::ready_text(dir.path(), "fixture-shm");
         let fields: Vec<&str> = text.split_whitespace().collect();
         let [_, child, shmid, path] = fields[..] else {
             panic!("ready holds {text:?}");

@@ -35,9 +35,7 @@ impl IpcFixture {
             command.arg("undo");
         }
         let parent = command.spawn().expect("spawn fixture-sysvipc");
-        let ready = dir.path().join("ready");
-        wait_until(Duration::from_secs(20), || ready.exists()).expect("fixture-sysvipc is ready");
-        let text = fs::read_to_string(&ready).expect("read ready");
+        let text = persist_tests::ready_text(dir.path(), "fixture-sysvipc");
         let fields: Vec<i32> = text
             .split_whitespace()
             .map(|field| field.parse().expect("a number"))
