@@ -88,16 +88,15 @@ fn a_cold_wake_prefetches_its_working_set_from_an_image_out_of_the_page_cache() 
     let body = sandbox.http_get(8711).unwrap();
     assert!(body.contains("persist-was-here.txt"), "{body:?}");
     wait_pager_done(&sandbox, "pycold");
-    sandbox.agent_ok(&["park", "pycold"]).unwrap();
-    wait_on_disk(&sandbox, "pycold");
+    // Written once the pager is done, a moment after `status` says so.
+    let working_set = sandbox.state_dir().join("images/pycold/working-set");
     assert!(
-        sandbox
-            .state_dir()
-            .join("images/pycold/working-set")
-            .exists(),
+        wait_until(Duration::from_secs(10), || working_set.exists()).is_ok(),
         "the first wake recorded a working set:\n{}",
         sandbox.daemon_log()
     );
+    sandbox.agent_ok(&["park", "pycold"]).unwrap();
+    wait_on_disk(&sandbox, "pycold");
 
     for (wake, dropped) in [(2, true), (3, false), (4, true)] {
         if dropped {
