@@ -62,7 +62,9 @@ pub use install::{PreparedFds, ProcSelfPosition};
 pub use locks::save_locks;
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};
-pub use recorded::{PathAccess, RecordedError, identity_of, open as open_recorded};
+pub use recorded::{
+    PathAccess, RecordedError, identity_of, open as open_recorded, reopen as reopen_recorded,
+};
 pub use save::{
     SavedFds, TreeScope, save_fds, save_fds_excluding, save_fds_holding, save_fds_in_tree,
 };

@@ -151,6 +151,9 @@ pub struct Region {
     pub table_room: u64,
     /// The layout table.
     pub layout: Table,
+    /// The read-only file mappings whose pages go into the page tables
+    /// after the layout (see [`populate_ranges`]).
+    pub populate: Vec<(u64, u64)>,
 }
 
 /// Ranges the pager must serve: private anonymous memory with stored pages.
@@ -213,6 +216,7 @@ pub fn build(
         size,
         table_room,
         layout,
+        populate: populate_ranges(manifest, inherited),
     })
 }
 
@@ -333,16 +337,7 @@ fn layout_table(
                 flags |= libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN;
                 (-1, 0)
             }
-            MappingKind::File { offset, .. } => {
-                // Read-only file pages (code, rodata) in the page tables
-                // before the wake: no minor faults on the critical path, no
-                // copies (populating a writable private mapping would COW
-                // every page, so those are left to fault).
-                if !mapping.shared && !mapping.protection.write && mapping.len() <= POPULATE_MAX {
-                    flags |= libc::MAP_POPULATE;
-                }
-                (mapping_fd(fds, index, mapping)? as i64, *offset)
-            }
+            MappingKind::File { offset, .. } => (mapping_fd(fds, index, mapping)? as i64, *offset),
             MappingKind::Memfd { offset, .. } => (mapping_fd(fds, index, mapping)? as i64, *offset),
             MappingKind::SharedAnonymous { .. } => (mapping_fd(fds, index, mapping)? as i64, 0),
             MappingKind::PosixShm { offset, .. } => {
@@ -503,6 +498,28 @@ fn layout_table(
         );
     }
     Ok(t.finish())
+}
+
+/// The read-only private file mappings (code, rodata) whose pages are put
+/// in the page tables before the wake, so that no minor fault is on the
+/// critical path. Not in the layout table: populated by a table of their
+/// own while the agent writes the file pages (`Setup::finish`), on the
+/// other CPU. Writable private mappings are left to fault: populating
+/// them would copy every page.
+fn populate_ranges(manifest: &Manifest, inherited: &ProcessPart) -> Vec<(u64, u64)> {
+    manifest
+        .mappings
+        .iter()
+        .enumerate()
+        .filter(|&(index, mapping)| {
+            matches!(mapping.kind, MappingKind::File { .. })
+                && !mapping.shared
+                && !mapping.protection.write
+                && mapping.len() <= POPULATE_MAX
+                && !inherited.uses.iter().any(|u| u.mapping == index)
+        })
+        .map(|(_, mapping)| (mapping.start, mapping.len()))
+        .collect()
 }
 
 /// The `PROT_*` bits of `mapping`'s recorded protection.

@@ -79,6 +79,14 @@ pub(super) fn execute(
     table: &Table,
     ends_unmapped: bool,
 ) -> Result<Vec<i32>, RestoreError> {
+    start(tid, table)?;
+    wait_for_end(tid, table, ends_unmapped)
+}
+
+/// Lets stopped thread `tid` run `table`, already
+/// [loaded](TableRunner::load), and returns at once: [`wait_for_end`]
+/// waits for its end.
+pub(super) fn start(tid: i32, table: &Table) -> Result<(), RestoreError> {
     let mut regs: Regs = ptrace::get_regs(tid).map_err(RestoreError::ptrace(tid, "getregs"))?;
     regs[reg::RIP] = table.base;
     regs[reg::RDI] = table.entries_addr;
@@ -86,7 +94,16 @@ pub(super) fn execute(
     regs[reg::ORIG_RAX] = u64::MAX;
     regs[reg::RAX] = 0;
     ptrace::set_regs(tid, &regs).map_err(RestoreError::ptrace(tid, "setregs"))?;
-    ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))?;
+    ptrace::cont(tid, 0).map_err(RestoreError::ptrace(tid, "cont"))
+}
+
+/// Waits for the end of `table`, [started](start) in thread `tid`; returns
+/// the tids of threads it created, as [`execute`].
+pub(super) fn wait_for_end(
+    tid: i32,
+    table: &Table,
+    ends_unmapped: bool,
+) -> Result<Vec<i32>, RestoreError> {
     let mut created = Vec::new();
     loop {
         match ptrace::wait(tid).map_err(RestoreError::ptrace(tid, "wait"))? {

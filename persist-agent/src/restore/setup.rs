@@ -15,10 +15,11 @@ use super::inherited_memory::{PresentPages, ProcessPart};
 use super::layout::{self, OwnLayout, Region};
 use super::pager::Pager;
 use super::resources::{Resources, SharedObject};
-use super::runner::{TableRunner, check_table};
+use super::runner::{self, TableRunner, check_table};
 use super::shared_pages::SharedPages;
 use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
+use super::table::Table;
 use super::{RestoreError, child::ChildPlan, file_pages, threads};
 use crate::files::{self, InheritedFds, PathAccess, PreparedFds};
 use crate::sys::pidfd::PidFd;
@@ -266,14 +267,14 @@ impl Setup {
     ) -> Result<Skeleton, RestoreError> {
         let image = self.image;
         let manifest = image.manifest();
-        let proc_self_positions = self.fds.proc_self_positions();
-        drop(self.fds);
-        // The child holds its own copies now.
-        drop(self.resources);
-
         if !self.layout_started {
             spawn::send_go(pid, &self.go_write)?;
         }
+        let proc_self_positions = self.fds.proc_self_positions();
+        // The child holds its own copies: ours are closed while it builds
+        // its layout.
+        drop(self.fds);
+        drop(self.resources);
         spawn::wait_for_layout(pid, &self.status_read)?;
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
@@ -287,14 +288,19 @@ impl Setup {
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
         // The pages it wrote in its private file mappings (about 2 MiB for
-        // python, a millisecond of checks and copies) are written by two
-        // threads, each its share of them, this one then building the
-        // pager meanwhile; all before any code of its threads runs, as the
-        // kernel may write into those pages then (an rseq area).
-        // The pages it took from a staged copy are there already.
+        // python, a millisecond of checks and copies) are written here,
+        // this thread then building the pager, while the process itself
+        // puts its code and read-only data in its page tables on the other
+        // CPU (another millisecond for python). All before any code of its
+        // threads runs, as the kernel may write into those pages then (an
+        // rseq area). Without such a populate, a second thread takes half
+        // of the file pages. The pages it took from a staged copy are there
+        // already.
+        let populate = start_populate(pid, &mem, &self.region)?;
         let present = self.inherited.present();
         let (written, pager) = std::thread::scope(|scope| {
-            let helper = (file_pages::count(&image) >= PARALLEL_FILE_PAGES)
+            // Not beside the populate, which has the other CPU.
+            let helper = (populate.is_none() && file_pages::count(&image) >= PARALLEL_FILE_PAGES)
                 .then(|| {
                     std::thread::Builder::new()
                         .name("persist-files".into())
@@ -326,6 +332,9 @@ impl Setup {
         });
         written?;
         let mut pager = pager;
+        if let Some(table) = populate {
+            finish_populate(pid, &table)?;
+        }
 
         // Its threads and their state.
         let mut runner = TableRunner {
@@ -367,6 +376,42 @@ impl Setup {
                 resume: Duration::ZERO,
             },
         })
+    }
+}
+
+/// Starts the table putting the pages of the read-only file mappings of
+/// `region`'s process in its page tables (`MADV_POPULATE_READ`), stopped
+/// `pid` running it while the agent goes on. `None` when it has none.
+fn start_populate(pid: i32, mem: &ProcMem, region: &Region) -> Result<Option<Table>, RestoreError> {
+    if region.populate.is_empty() {
+        return Ok(None);
+    }
+    let runner = TableRunner { pid, mem, region };
+    let mut table = runner.table();
+    for &(start, len) in &region.populate {
+        table.call(
+            format!("populate of mapping {start:#x}-{:#x}", start + len),
+            libc::SYS_madvise,
+            &[start, len, libc::MADV_POPULATE_READ as u64],
+        );
+    }
+    let table = table.finish();
+    runner.load(&table)?;
+    runner::start(pid, &table)?;
+    Ok(Some(table))
+}
+
+/// Waits for the end of the table [`Setup::start_populate`] started. A
+/// mapping it could not populate (a file shorter than its mapping now)
+/// is not an error: its pages, and those of the mappings after it, fault
+/// in when touched, as they would have in the original process.
+fn finish_populate(pid: i32, table: &Table) -> Result<(), RestoreError> {
+    match runner::wait_for_end(pid, table, false) {
+        Err(RestoreError::Step { step, source, .. }) => {
+            tracing::debug!(pid, "{step}: {source}; its pages fault in when touched");
+            Ok(())
+        }
+        other => other.map(drop),
     }
 }
 
