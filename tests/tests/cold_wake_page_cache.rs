@@ -138,4 +138,9 @@ fn a_cold_wake_prefetches_its_working_set_from_an_image_out_of_the_page_cache() 
         !log.contains("no working set loaded ahead"),
         "the working set was loaded beside the build: {log}"
     );
+    assert_eq!(
+        log.matches("copy_begun=true").count(),
+        3,
+        "each prefetched cold wake began copying its set before its threads were made: {log}"
+    );
 }

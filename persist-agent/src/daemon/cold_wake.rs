@@ -7,13 +7,16 @@
 //! the build, the copy that follows it finds them checked. Reading the runs
 //! also brings the image's pages into the page cache, should they have been
 //! dropped, while the build still runs (docs/kernel-facts.md, Costs that
-//! shaped the cold wake).
+//! shaped the cold wake). Once the skeleton's memory is laid out, the
+//! copy of the set starts there too, while its threads are still made.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSet, manifest_crc};
+
+use crate::restore::{OnPager, Pager, PlannedCopy};
 
 /// The working set of the image, loaded and its runs checked.
 pub(super) struct SetAhead {
@@ -39,14 +42,85 @@ fn key(run: &PageRun) -> RunKey {
     (run.store_offset, run.count, run.crc32c)
 }
 
-/// Starts loading and checking the working set of `image` on a thread of
-/// its own. `None` when no thread could be started (the caller does it all
-/// itself, as before).
-pub(super) fn start(image: Arc<Image>) -> Option<JoinHandle<Result<SetAhead, String>>> {
-    std::thread::Builder::new()
-        .name("persist-cold".into())
-        .spawn(move || load_and_check(&image))
-        .ok()
+/// What the thread loading the working set gave.
+pub(super) type Loaded = std::thread::Result<Result<SetAhead, String>>;
+
+/// A cold wake's working set, loaded and checked on a thread of its own
+/// while the skeleton is built, and the copy of the root's pages started
+/// as soon as its memory is laid out ([`ColdAhead::on_pager`]): the copy
+/// then runs beside the rest of the prepare (its threads and their state,
+/// the run state recorded) instead of after it.
+pub(super) struct ColdAhead {
+    loading: Mutex<Option<JoinHandle<Result<SetAhead, String>>>>,
+    started: Mutex<Option<(Loaded, Option<PlannedCopy>)>>,
+}
+
+impl ColdAhead {
+    /// Starts loading and checking the working set of `image`. `None` when
+    /// no thread could be started (the caller does it all itself).
+    pub(super) fn start(image: Arc<Image>) -> Option<Arc<Self>> {
+        let loading = std::thread::Builder::new()
+            .name("persist-cold".into())
+            .spawn(move || load_and_check(&image))
+            .ok()?;
+        Some(Arc::new(Self {
+            loading: Mutex::new(Some(loading)),
+            started: Mutex::new(None),
+        }))
+    }
+
+    /// The prepare's hook: once the root's memory is laid out, takes the set
+    /// (waiting for its thread) and starts copying the root's pages of it
+    /// on a thread of its own.
+    pub(super) fn on_pager(self: &Arc<Self>) -> OnPager {
+        let this = Arc::clone(self);
+        OnPager(Box::new(move |pager| this.start_copy(pager)))
+    }
+
+    fn start_copy(&self, pager: &mut Pager) {
+        let Some(loading) = self.loading.lock().expect("cold lock").take() else {
+            return;
+        };
+        let loaded = loading.join();
+        let copy = match &loaded {
+            Ok(Ok(ahead)) => start_copy_of(ahead, pager),
+            _ => None,
+        };
+        *self.started.lock().expect("cold lock") = Some((loaded, copy));
+    }
+
+    /// The loaded set, and the copy of the root's pages started into the
+    /// skeleton, if the prepare got that far for a single process.
+    pub(super) fn finish(&self) -> (Loaded, Option<PlannedCopy>) {
+        if let Some(started) = self.started.lock().expect("cold lock").take() {
+            return started;
+        }
+        match self.loading.lock().expect("cold lock").take() {
+            Some(loading) => (loading.join(), None),
+            None => (Ok(Err("the working set was taken already".into())), None),
+        }
+    }
+}
+
+/// Plans the copy of the root's pages of `ahead` and starts it on a thread
+/// that copies spans until none is left unclaimed; the resume finishes it.
+/// `None` when the set names none of its pages, or a run fails its check:
+/// the wake then plans its copies again, and reports the damage.
+fn start_copy_of(ahead: &SetAhead, pager: &mut Pager) -> Option<PlannedCopy> {
+    let pages = ahead.set.pages_of(0);
+    if pages.is_empty() {
+        return None;
+    }
+    pager.mark_verified(|run| ahead.is_verified(run));
+    pager.verify_ahead(pages).ok()?;
+    pager.zero_ahead(pages);
+    let copy = pager.plan_set(pages);
+    let helping = copy.clone();
+    // Without the thread, the resume copies it all, as for a skeleton.
+    let _ = std::thread::Builder::new()
+        .name("persist-copy".into())
+        .spawn(move || helping.help());
+    Some(copy)
 }
 
 /// Loads the working set of `image` and checks the runs its pages come from.

@@ -36,7 +36,7 @@ use persist_common::image::{Image, ImageError, PagesByProcess, WorkingSet, manif
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::cold_wake;
+use super::cold_wake::{self, ColdAhead};
 use super::metrics::Metrics;
 use super::pagers::{PagerAtWork, Pagers};
 use super::restore_pool::{PoolTask, RestorePool};
@@ -774,7 +774,14 @@ impl Worker {
                 let run_alone = (last > 0
                     && listener_holders_in_image(image.manifest(), self.port).contains(&last))
                 .then_some(last);
-                self.plan = match set_ahead.and_then(|ahead| self.take_set_ahead(ahead)) {
+                let (loaded, early_copy) = match set_ahead {
+                    Some(ahead) => {
+                        let (loaded, copy) = ahead.finish();
+                        (Some(loaded), copy)
+                    }
+                    None => (None, None),
+                };
+                self.plan = match loaded.and_then(|loaded| self.take_set_ahead(loaded)) {
                     Some(ahead) => {
                         for pager in skeleton.tree_pagers_mut() {
                             pager.mark_verified(|run| ahead.is_verified(run));
@@ -788,8 +795,15 @@ impl Worker {
                     None => self.plan_wake(image),
                 };
                 let mut armed = Armed::default();
+                if let Some(cold) = cold.as_deref_mut() {
+                    cold.copy_begun = early_copy.is_some();
+                }
                 if let WakePlan::Recorded { set, .. } = &self.plan {
-                    armed.copies = self.plan_copies(&mut skeleton, set)?;
+                    armed.copies = match early_copy {
+                        // One process, whose copy began in its prepare.
+                        Some(copy) => vec![(0, copy)],
+                        None => self.plan_copies(&mut skeleton, set)?,
+                    };
                     armed.run_alone = run_alone;
                 }
                 let continuer = match cold {
@@ -920,8 +934,8 @@ impl Worker {
     /// The working set a cold wake loaded and checked while its skeleton
     /// was built, if it has one to prefetch; `None` leaves the decision to
     /// [`Worker::plan_wake`].
-    fn take_set_ahead(&self, ahead: SetAheadThread) -> Option<cold_wake::SetAhead> {
-        match ahead.join() {
+    fn take_set_ahead(&self, loaded: cold_wake::Loaded) -> Option<cold_wake::SetAhead> {
+        match loaded {
             Ok(Ok(ahead)) if !ahead.set.is_empty() => {
                 info!(service = %self.name, pages = ahead.set.len(), "working set loaded");
                 Some(ahead)
@@ -1005,14 +1019,10 @@ impl Worker {
     /// Restores the skeleton of the current image, every page verified
     /// first if `verify`. Sets `stale` when the image was taken on another
     /// kernel build or CPU. For a `cold` wake that prefetches its recorded
-    /// working set, also returns the thread that loads and checks that set
-    /// meanwhile.
-    fn build_skeleton(
-        &self,
-        verify: bool,
-        stale: &mut bool,
-        cold: bool,
-    ) -> Result<(Skeleton, Arc<Image>, Option<SetAheadThread>), String> {
+    /// working set, also returns what loads and checks that set meanwhile,
+    /// and starts copying it into a single process's skeleton before the
+    /// prepare ends.
+    fn build_skeleton(&self, verify: bool, stale: &mut bool, cold: bool) -> Result<Built, String> {
         let dir = self.image.as_ref().ok_or("no image to restore")?;
         let image = Image::open(dir).map_err(|err| err.to_string())?;
         // Every process of a tree: a worker's recorded pid still held by
@@ -1051,16 +1061,17 @@ impl Worker {
             crate::service_log::open(log)
                 .map_err(|err| format!("opening the log {}: {err}", log.display()))?;
         }
+        let image = Arc::new(image);
+        let set_ahead = (cold && self.prefetch == Prefetch::Recorded)
+            .then(|| ColdAhead::start(Arc::clone(&image)))
+            .flatten();
         let config = RestoreConfig {
             verify_pages_first: verify,
             inherited,
             accept_changed_files: self.accept_changed_files,
             agent_files: self.log.iter().cloned().collect(),
+            on_pager: set_ahead.as_ref().map(ColdAhead::on_pager),
         };
-        let image = Arc::new(image);
-        let set_ahead = (cold && self.prefetch == Prefetch::Recorded)
-            .then(|| cold_wake::start(Arc::clone(&image)))
-            .flatten();
         let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {
             *stale = matches!(
                 err,
@@ -1112,6 +1123,7 @@ impl Worker {
                 finish_us = us(times.skeleton.finish),
                 arm_us = us(times.arm),
                 record_us = us(times.record),
+                copy_begun = times.copy_begun,
                 "cold wake: skeleton prepared for the waiting wake"
             );
         }
@@ -1436,6 +1448,17 @@ impl Worker {
                         {
                             pager.finish_planned_behind(copy)
                         }
+                        Some((_, copy)) if first => {
+                            // Ordinary once no span is left to claim: the
+                            // process is let run by whichever thread copies
+                            // its last page, maybe on this CPU, while this
+                            // one still records what was copied (~90 µs
+                            // for python's 900 pages, which it waited for
+                            // when this thread was at real-time priority).
+                            copy.help();
+                            let _ = sched::set_current_thread_realtime(false);
+                            pager.finish_planned_behind(copy)
+                        }
                         Some((_, copy)) => pager.finish_planned(copy),
                         None => pager.prefetch_set(pages),
                     };
@@ -1532,6 +1555,8 @@ struct ColdPrepare {
     arm: Duration,
     /// Recording the process for a daemon taking over.
     record: Duration,
+    /// The copy of its working set began during the build.
+    copy_begun: bool,
 }
 
 /// A wake that records or extends the working set of its image.
@@ -1587,8 +1612,9 @@ impl PoolTask for PagerTask {
     }
 }
 
-/// The thread loading and checking a cold wake's working set.
-type SetAheadThread = std::thread::JoinHandle<Result<cold_wake::SetAhead, String>>;
+/// A built skeleton, its image, and for a cold wake what loads (and
+/// starts copying) its working set.
+type Built = (Skeleton, Arc<Image>, Option<Arc<ColdAhead>>);
 
 /// How long after the resume a wake logs the pages the process touches (a
 /// recording wake) or faults on (a prefetched one): its first request and a

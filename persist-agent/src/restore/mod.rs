@@ -77,7 +77,7 @@ use persist_common::image::{Image, ImageError};
 pub(crate) use creds::from_status as credentials_from_status;
 pub use pager::{AddressEvent, EventJournal, FillGate, JournalError, Pager, PagerStats};
 pub(crate) use pager::{PlannedCopy, WhenCopied, help_each_then};
-pub use skeleton::{Continuer, RestoreConfig, Restored, Skeleton, Timings};
+pub use skeleton::{Continuer, OnPager, RestoreConfig, Restored, Skeleton, Timings};
 pub use tree::TreeSkeleton;
 
 use crate::files::FilesError;

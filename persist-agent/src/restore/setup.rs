@@ -17,7 +17,7 @@ use super::pager::Pager;
 use super::resources::{Resources, SharedObject};
 use super::runner::{self, TableRunner, check_table};
 use super::shared_pages::SharedPages;
-use super::skeleton::{ResumeTimers, Skeleton, Timings, sigcont_is_default};
+use super::skeleton::{OnPager, ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
 use super::table::Table;
 use super::{RestoreError, child::ChildPlan, file_pages, threads};
@@ -255,14 +255,16 @@ impl Setup {
     }
 
     /// Completes forked process `pid` (seized, stopped before its layout):
-    /// builds its layout, its pager, its threads and their state. Threads
-    /// made go on `guard`.
+    /// builds its layout, its pager (handed to `on_pager` once the memory
+    /// the agent writes is in), its threads and their state. Threads made
+    /// go on `guard`.
     pub(super) fn finish(
         self,
         pid: i32,
         init_pid: Option<i32>,
         started: Instant,
         forked_at: Instant,
+        on_pager: Option<OnPager>,
         guard: &mut KillGuard,
     ) -> Result<Skeleton, RestoreError> {
         let image = self.image;
@@ -287,18 +289,24 @@ impl Setup {
             .get_fd(self.uffd_fd)
             .map_err(RestoreError::ptrace(pid, "pidfd_getfd of its userfaultfd"))?;
         let mem = ProcMem::open(pid).map_err(RestoreError::ptrace(pid, "open /proc/PID/mem"))?;
+        let present = self.inherited.present();
+        let mut pager = Pager::new(
+            Userfault::new(uffd),
+            Arc::clone(&pidfd),
+            Arc::clone(&image),
+            &self.lazy_shared,
+        );
+        pager.mark_present(present.addresses());
         // The pages it wrote in its private file mappings (about 2 MiB for
         // python, a millisecond of checks and copies) are written here,
-        // this thread then building the pager, while the process itself
-        // puts its code and read-only data in its page tables on the other
-        // CPU (another millisecond for python). All before any code of its
-        // threads runs, as the kernel may write into those pages then (an
-        // rseq area). Without such a populate, a second thread takes half
-        // of the file pages. The pages it took from a staged copy are there
-        // already.
+        // while the process itself puts its code and read-only data in its
+        // page tables on the other CPU (another millisecond for python).
+        // All before any code of its threads runs, as the kernel may write
+        // into those pages then (an rseq area). Without such a populate, a
+        // second thread takes half of the file pages. The pages it took
+        // from a staged copy are there already.
         let populate = start_populate(pid, &mem, &self.region)?;
-        let present = self.inherited.present();
-        let (written, pager) = std::thread::scope(|scope| {
+        let written = std::thread::scope(|scope| {
             // Not beside the populate, which has the other CPU.
             let helper = (populate.is_none() && file_pages::count(&image) >= PARALLEL_FILE_PAGES)
                 .then(|| {
@@ -314,13 +322,6 @@ impl Setup {
                 Some(_) => file_pages::write_share(&image, &mem, 0, 2, &present),
                 None => file_pages::write(&image, &mem, &present),
             };
-            let mut pager = Pager::new(
-                Userfault::new(uffd),
-                Arc::clone(&pidfd),
-                Arc::clone(&image),
-                &self.lazy_shared,
-            );
-            pager.mark_present(present.addresses());
             let helped = helper.map_or(Ok(0), |helper| {
                 helper.join().unwrap_or_else(|_| {
                     Err(RestoreError::Layout(format!(
@@ -328,12 +329,16 @@ impl Setup {
                     )))
                 })
             });
-            (written.and(helped), pager)
+            written.and(helped)
         });
         written?;
-        let mut pager = pager;
         if let Some(table) = populate {
             finish_populate(pid, &table)?;
+        }
+        // Not sooner: a copy beside the populate and the file pages took
+        // the CPUs they needed, and the prepare ended later.
+        if let Some(on_pager) = on_pager {
+            (on_pager.0)(&mut pager);
         }
 
         // Its threads and their state.

@@ -48,6 +48,21 @@ pub struct RestoreConfig {
     /// Files the agent opened for the process (its log), reopened with the
     /// agent's credentials rather than the process's.
     pub agent_files: Vec<std::path::PathBuf>,
+    /// Work handed the process's pager once its memory is laid out, while
+    /// the prepare goes on. Not called for a tree.
+    pub on_pager: Option<OnPager>,
+}
+
+/// Work given the pager of a process being prepared once its file pages
+/// are written and its read-only mappings populated, before its threads
+/// are made: a cold wake starts copying its working set there, beside the
+/// rest of the prepare ([`RestoreConfig::on_pager`]).
+pub struct OnPager(pub Box<dyn FnOnce(&mut Pager) + Send>);
+
+impl std::fmt::Debug for OnPager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnPager")
+    }
 }
 
 /// Timings of a restore, for measurements.
@@ -286,7 +301,14 @@ impl Skeleton {
             crate::sys::spawn::claim(pid);
         }
         drop(ipc_namespace);
-        let skeleton = setup.finish(pid, init_pid, started, forked_at, &mut guard)?;
+        let skeleton = setup.finish(
+            pid,
+            init_pid,
+            started,
+            forked_at,
+            config.on_pager,
+            &mut guard,
+        )?;
         guard.pids.clear();
         guard.threads.clear();
         created_files.0.clear();

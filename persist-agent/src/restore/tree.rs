@@ -316,7 +316,7 @@ impl TreeSkeleton {
                 threads: Vec::new(),
             };
             let skeleton = setup
-                .finish(pid, init, started, forked_at, &mut threads)
+                .finish(pid, init, started, forked_at, None, &mut threads)
                 .map_err(|source| RestoreError::InTree {
                     pid: images[index].manifest().process.pid,
                     source: Box::new(source),
