@@ -1284,3 +1284,59 @@ fn file_locks_come_back_held_by_the_restored_process() {
     );
     drop(taken);
 }
+
+/// Resident kilobytes of `pid`'s executable file mappings (its code).
+fn code_resident_kib(pid: i32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut code = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            code = fields.get(1).is_some_and(|perms| perms.contains('x'))
+                && fields.get(5).is_some_and(|path| path.starts_with('/'));
+        } else if code && fields.first() == Some(&"Rss:") {
+            total += fields[1].parse::<u64>().unwrap();
+        }
+    }
+    total
+}
+
+/// A skeleton prepared ahead has its code in its page tables before it
+/// runs; one prepared for a waiting (cold) wake leaves it to fault in,
+/// which costs the wake less than putting it all there first.
+#[test]
+fn a_cold_prepare_leaves_the_code_to_fault_in() {
+    persist_tests::require_root!();
+    use std::sync::Arc;
+
+    use persist_agent::restore::{RestoreConfig, Skeleton};
+    use persist_common::image::Image;
+
+    let temp = tempfile::tempdir().unwrap();
+    let (_, image) = fixture_image(temp.path()).unwrap();
+    let image = Arc::new(Image::open(&image).unwrap());
+
+    let ahead = Skeleton::prepare(Arc::clone(&image), RestoreConfig::default()).unwrap();
+    let populated = code_resident_kib(ahead.pid());
+    drop(ahead);
+    let cold = Skeleton::prepare(
+        image,
+        RestoreConfig {
+            cold: true,
+            ..RestoreConfig::default()
+        },
+    )
+    .unwrap();
+    let left = code_resident_kib(cold.pid());
+    eprintln!("code resident: {populated} KiB prepared ahead, {left} KiB cold");
+    drop(cold);
+    assert!(
+        populated > 0,
+        "a skeleton prepared ahead has its code resident"
+    );
+    assert_eq!(left, 0, "a cold skeleton has none of its code resident yet");
+}

@@ -1071,6 +1071,7 @@ impl Worker {
             accept_changed_files: self.accept_changed_files,
             agent_files: self.log.iter().cloned().collect(),
             on_pager: set_ahead.as_ref().map(ColdAhead::on_pager),
+            cold,
         };
         let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {
             *stale = matches!(

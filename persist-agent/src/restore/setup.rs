@@ -172,6 +172,13 @@ impl Setup {
         Ok(())
     }
 
+    /// Leaves the pages of its read-only file mappings to fault in when
+    /// touched: no populate before the resume
+    /// ([`super::RestoreConfig::cold`]).
+    pub(super) fn leave_file_pages_to_fault(&mut self) {
+        self.region.populate.clear();
+    }
+
     /// True when its fork stages memory for its children, and stops for
     /// [`Setup::fill_staged`] before forking them.
     pub(super) fn stages_memory(&self) -> bool {

@@ -51,6 +51,12 @@ pub struct RestoreConfig {
     /// Work handed the process's pager once its memory is laid out, while
     /// the prepare goes on. Not called for a tree.
     pub on_pager: Option<OnPager>,
+    /// Prepared on the path of a wake that waits for it (a cold wake): the
+    /// pages of its read-only file mappings are left to fault in when
+    /// touched instead of being put in its page tables first, which cost
+    /// python's cold wake more than the faults do (docs/kernel-facts.md,
+    /// Costs that shaped the cold wake).
+    pub cold: bool,
 }
 
 /// Work given the pager of a process being prepared once its file pages
@@ -280,6 +286,9 @@ impl Skeleton {
             None,
             &OwnLayout::read()?,
         )?;
+        if config.cold {
+            setup.leave_file_pages_to_fault();
+        }
         // Removed unless the process is built.
         let mut created_files = CreatedFiles(setup.created_files());
         let ipc_namespace = sysv_shm::namespace(&[&image])?;

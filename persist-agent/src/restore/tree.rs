@@ -161,6 +161,9 @@ impl TreeSkeleton {
             })?;
             created_files.0.extend(setup.created_files());
             let mut setup = setup;
+            if config.cold {
+                setup.leave_file_pages_to_fault();
+            }
             if index > 0 {
                 setup.set_parent_restored();
             }
