@@ -64,9 +64,8 @@ impl Resources {
         let mut held: Vec<OwnedFd> = Vec::new();
         // Each file opened once (about 30 files for python's 130 file
         // mappings: each open checks the path as the process and costs
-        // ~10 µs on a cold wake's path).
-        // By file, the index in `held` of the description its last mapping
-        // maps from.
+        // ~10 µs on a cold wake's path). By file, the index in `held` of the
+        // description its last mapping maps from.
         let mut opened_files: HashMap<(&str, u64, &str, bool), usize> = HashMap::new();
         let mut dup_objects: HashMap<SharedObject, RawFd> = HashMap::new();
         let mut lazy_shared = Vec::new();

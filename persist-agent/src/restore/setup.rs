@@ -413,7 +413,7 @@ fn start_populate(pid: i32, mem: &ProcMem, region: &Region) -> Result<Option<Tab
     Ok(Some(table))
 }
 
-/// Waits for the end of the table [`Setup::start_populate`] started. A
+/// Waits for the end of the table [`start_populate`] started. A
 /// mapping it could not populate (a file shorter than its mapping now)
 /// is not an error: its pages, and those of the mappings after it, fault
 /// in when touched, as they would have in the original process.
