@@ -27,23 +27,19 @@ pub(super) fn open_mapped_file(
     min: RawFd,
     access: &PathAccess,
 ) -> Result<OwnedFd, RestoreError> {
-    let flags = if writable {
-        OFlag::O_RDWR
-    } else {
-        OFlag::O_RDONLY
-    };
     let changed = |what: String| RestoreError::FileChanged {
         address: start,
         path: path.to_owned(),
         what,
     };
-    let file =
-        files::open_recorded(path, flags, None, &[FileType::Regular], access).map_err(|err| {
-            match err {
-                RecordedError::Changed(what) => changed(what),
-                RecordedError::Io { source, .. } => RestoreError::io(path, source),
-            }
-        })?;
+    let file = files::open_recorded(
+        path,
+        open_flags(writable),
+        None,
+        &[FileType::Regular],
+        access,
+    )
+    .map_err(open_error(start, path))?;
     let meta = file.metadata().map_err(|e| RestoreError::io(path, e))?;
     let device_matches = device.split_once(':').is_none_or(|(major, minor)| {
         match (
@@ -84,20 +80,31 @@ pub(super) fn reopen_mapped_file(
     min: RawFd,
     access: &PathAccess,
 ) -> Result<OwnedFd, RestoreError> {
-    let flags = if writable {
+    let again = files::reopen_recorded(file, open_flags(writable), access)
+        .map_err(open_error(start, path))?;
+    dup_above(again.into(), min)
+}
+
+/// How a mapped file is opened: for writing only for a shared writable
+/// mapping (a private one never writes to its file).
+fn open_flags(writable: bool) -> OFlag {
+    if writable {
         OFlag::O_RDWR
     } else {
         OFlag::O_RDONLY
-    };
-    let again = files::reopen_recorded(file, flags, access).map_err(|err| match err {
+    }
+}
+
+/// The restore error of a failed open of the file mapped at `start`.
+fn open_error(start: u64, path: &str) -> impl Fn(RecordedError) -> RestoreError + '_ {
+    move |err| match err {
         RecordedError::Changed(what) => RestoreError::FileChanged {
             address: start,
             path: path.to_owned(),
             what,
         },
         RecordedError::Io { source, .. } => RestoreError::io(path, source),
-    })?;
-    dup_above(again.into(), min)
+    }
 }
 
 /// Whether the kernel would merge `next`, mapped from the open file
