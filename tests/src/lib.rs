@@ -495,6 +495,16 @@ pub fn http_server_command(port: u16, root: &Path) -> Vec<String> {
     .to_vec()
 }
 
+/// A WSGI application answering every request with `body`, for
+/// [`gunicorn_command`].
+pub fn wsgi_answering(body: &str) -> String {
+    format!(
+        "def app(environ, start_response):\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [{body:?}.encode()]\n"
+    )
+}
+
 /// The command line of gunicorn serving `app:app` on 127.0.0.1:`port`
 /// from `dir`, where `app` is written first as `app.py`: an arbiter and
 /// two sync workers, with `extra` options before the others.
@@ -532,6 +542,51 @@ pub fn ready_text(dir: &Path, fixture: &str) -> String {
 /// What a command wrote on its standard error, as text.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The root pid a `persist-agent restore` printed, once it succeeded;
+/// panics with `what` and the command's stderr when it failed.
+pub fn restored_root(output: &Output, what: &str) -> i32 {
+    assert!(output.status.success(), "{what}: {}", stderr(output));
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("restore prints the root's pid")
+}
+
+/// `root` and every process under it, each parent before its children.
+pub fn tree_of(root: i32) -> Vec<i32> {
+    let mut tree = vec![root];
+    let mut index = 0;
+    while index < tree.len() {
+        tree.extend(children_of(tree[index]));
+        index += 1;
+    }
+    tree
+}
+
+/// The innermost pid of `pid`'s `NSpid` (/proc/PID/status): the pid the
+/// process sees as its own, its recorded one when it was restored in a pid
+/// namespace of its own; -1 when it is gone.
+pub fn own_pid(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .and_then(|values| values.split_whitespace().last()?.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// The pids a service's `status --json` entry lists, the root first.
+pub fn service_pids(status: &serde_json::Value) -> Vec<i32> {
+    status["pids"]
+        .as_array()
+        .map(|pids| {
+            pids.iter()
+                .filter_map(|pid| pid.as_i64().map(|pid| pid as i32))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The children of `pid`, as its main thread lists them.

@@ -22,7 +22,7 @@ use persist_tests::{
     Sandbox, binary, gunicorn_command, has_unfilled_memory, require_root, result_of, results_of,
     wait_until,
 };
-use persist_tests::{children_of, stderr};
+use persist_tests::{own_pid, restored_root, service_pids, stderr, tree_of, wsgi_answering};
 
 /// kB of a page, as smaps counts.
 const PAGE_KB: u64 = 4;
@@ -201,17 +201,6 @@ fn agent(args: &[&str]) -> Output {
         .expect("run persist-agent")
 }
 
-/// The innermost pid of /proc/PID/status's `NSpid`: the pid the process
-/// sees as its own, its recorded one.
-fn recorded_pid(pid: i32) -> i32 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("NSpid:"))
-        .and_then(|values| values.split_whitespace().last()?.parse().ok())
-        .unwrap_or(-1)
-}
-
 fn wait_gone(pids: &[i32]) {
     let gone = wait_until(Duration::from_secs(20), || {
         pids.iter()
@@ -230,21 +219,8 @@ impl Restored {
     /// Restores `image` of `recorded` (the fixture's pids).
     fn restore(image: &Path, recorded: &[i32], round: &str) -> Self {
         let output = agent(&["restore", "--image", image.to_str().expect("UTF-8 path")]);
-        assert!(
-            output.status.success(),
-            "{round} restore: {}",
-            stderr(&output)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
-        let mut tree = vec![root];
-        let mut index = 0;
-        while index < tree.len() {
-            tree.extend(children_of(tree[index]));
-            index += 1;
-        }
+        let root = restored_root(&output, &format!("{round} restore"));
+        let tree = tree_of(root);
         // Killed on drop from here on, whatever fails.
         let mut restored = Self { pids: tree.clone() };
         assert_eq!(
@@ -257,7 +233,7 @@ impl Restored {
             .map(|&pid| {
                 tree.iter()
                     .copied()
-                    .find(|&process| recorded_pid(process) == pid)
+                    .find(|&process| own_pid(process) == pid)
                     .unwrap_or_else(|| {
                         panic!("{round} restore: no process of {tree:?} has recorded pid {pid}")
                     })
@@ -468,14 +444,7 @@ fn running_tree(sandbox: &Sandbox, name: &str, processes: usize) -> Vec<i32> {
         let Ok(status) = sandbox.service(name) else {
             return false;
         };
-        seen = status["pids"]
-            .as_array()
-            .map(|pids| {
-                pids.iter()
-                    .filter_map(|pid| pid.as_i64().map(|pid| pid as i32))
-                    .collect()
-            })
-            .unwrap_or_default();
+        seen = service_pids(&status);
         status["state"] == "running" && seen.len() == processes
     });
     assert!(
@@ -525,16 +494,7 @@ fn a_woken_gunicorn_tree_shares_its_arbiters_memory() {
     const BODY: &str = "hello from shared memory\n";
     let sandbox = Sandbox::with_daemon().expect("a daemon");
     let dir = tempfile::tempdir().expect("tempdir");
-    let command = gunicorn_command(
-        dir.path(),
-        PORT,
-        &format!(
-            "def app(environ, start_response):\n\
-             \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
-             \x20   return [{BODY:?}.encode()]\n"
-        ),
-        &[],
-    );
+    let command = gunicorn_command(dir.path(), PORT, &wsgi_answering(BODY), &[]);
     sandbox
         .add_ok("gunicorn", PORT, &["--ready", "http:/"], &command)
         .expect("add gunicorn");

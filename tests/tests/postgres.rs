@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use persist_tests::{NetNs, Sandbox, binary, output_within, require_root, wait_until};
+use persist_tests::{
+    NetNs, Sandbox, binary, output_within, require_root, restored_root, wait_until,
+};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -236,16 +238,7 @@ impl Cluster {
             .arg(image)
             .output()
             .expect("run persist-agent");
-        assert!(
-            output.status.success(),
-            "{when}: restore of {}: {}",
-            image.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
+        let root = restored_root(&output, &format!("{when}: restore of {}", image.display()));
         let mut pids = vec![root];
         pids.extend(children_of(root));
         self.note_shm_files(root);

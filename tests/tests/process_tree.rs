@@ -18,7 +18,7 @@ use persist_common::image::{ChildProcess, FdKind, Image, Manifest, Mapping, Mapp
 use persist_tests::{
     NetNs, binary, gunicorn_command, nginx_command_with_workers, require_root, wait_until,
 };
-use persist_tests::{children_of, stderr};
+use persist_tests::{children_of, restored_root, stderr, tree_of, wsgi_answering};
 
 /// The fixture's three processes; every one is killed on drop.
 struct TreeFixture {
@@ -380,22 +380,11 @@ struct RestoredTree {
 impl RestoredTree {
     fn restore(image: &Path) -> Self {
         let output = agent(&["restore", "--image", image.to_str().expect("UTF-8 path")]);
-        assert!(
-            output.status.success(),
-            "restore of a tree image failed: {}",
-            stderr(&output)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
-        let mut pids = vec![root];
-        let mut index = 0;
-        while index < pids.len() {
-            pids.extend(children_of(pids[index]));
-            index += 1;
+        let root = restored_root(&output, "restore of a tree image failed");
+        Self {
+            root,
+            pids: tree_of(root),
         }
-        Self { root, pids }
     }
 
     /// The process restored for recorded pid `recorded` (its pid in its
@@ -658,9 +647,7 @@ fn gunicorn_arbiter_and_workers_are_saved_with_one_listener() {
     let command = gunicorn_command(
         dir.path(),
         PORT,
-        "def app(environ, start_response):\n\
-         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
-         \x20   return [b'hello from gunicorn\\n']\n",
+        &wsgi_answering("hello from gunicorn\n"),
         &[],
     );
     let server = CheckpointedServer::run(dir.path(), &command, PORT, "hello from gunicorn\n", 2);
@@ -1089,9 +1076,7 @@ fn gunicorn_arbiter_and_workers_are_restored_answer_and_quit_whole() {
     let command = gunicorn_command(
         dir.path(),
         PORT,
-        "def app(environ, start_response):\n\
-         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
-         \x20   return [b'hello from the restored arbiter\\n']\n",
+        &wsgi_answering("hello from the restored arbiter\n"),
         &[],
     );
     restore_server_twice(
@@ -1159,15 +1144,7 @@ fn restore_server_twice(dir: &Path, command: &[String], port: u16, body: &str, w
             .arg(&image)
             .output()
             .expect("run persist-agent");
-        assert!(
-            output.status.success(),
-            "{round} restore of {command:?}: {}",
-            stderr(&output)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
+        let root = restored_root(&output, &format!("{round} restore of {command:?}"));
         let mut tree = RestoredTree {
             root,
             pids: vec![root],

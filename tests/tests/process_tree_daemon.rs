@@ -10,7 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use persist_agent::process_tree::children as children_of;
-use persist_tests::{Sandbox, gunicorn_command, nginx_command_with_workers, wait_until, web_root};
+use persist_tests::{
+    Sandbox, gunicorn_command, nginx_command_with_workers, service_pids, wait_until, web_root,
+    wsgi_answering,
+};
 
 /// The state letter of `pid` (`/proc/PID/stat`), `None` once it is gone.
 fn state_of(pid: i32) -> Option<char> {
@@ -43,14 +46,7 @@ fn running_tree(sandbox: &Sandbox, name: &str, processes: usize) -> (Vec<i32>, u
         let Ok(status) = sandbox.service(name) else {
             return false;
         };
-        let pids: Vec<i32> = status["pids"]
-            .as_array()
-            .map(|pids| {
-                pids.iter()
-                    .filter_map(|pid| pid.as_i64().map(|pid| pid as i32))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let pids = service_pids(&status);
         let ok = status["state"] == "running"
             && pids.len() == processes
             && status["pid"].as_i64() == Some(i64::from(pids[0]));
@@ -373,16 +369,7 @@ fn gunicorn_arbiter_and_two_workers_are_parked_and_woken() {
     const BODY: &str = "hello from the parked arbiter\n";
     let sandbox = Sandbox::with_daemon().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let command = gunicorn_command(
-        dir.path(),
-        PORT,
-        &format!(
-            "def app(environ, start_response):\n\
-             \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
-             \x20   return [{BODY:?}.encode()]\n"
-        ),
-        &[],
-    );
+    let command = gunicorn_command(dir.path(), PORT, &wsgi_answering(BODY), &[]);
     sandbox
         .add_ok("gunicorn", PORT, &["--ready", "http:/"], &command)
         .unwrap();

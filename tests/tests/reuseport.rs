@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use persist_agent::sys::pidfd::PidFd;
 use persist_tests::{NetNs, Sandbox, binary, require_root, wait_until};
-use persist_tests::{children_of, stderr};
+use persist_tests::{children_of, own_pid, restored_root, stderr};
 
 /// The unprivileged user the fixture runs as: the group is owned by its uid.
 const NOBODY: u32 = 65534;
@@ -284,17 +284,6 @@ fn sockets_of(pid: i32) -> BTreeSet<u64> {
         .collect()
 }
 
-/// The last (innermost) pid of `pid`'s `NSpid`: what the process itself
-/// sees as its pid, when restored in a pid namespace of its own.
-fn own_pid(pid: i32) -> i32 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("NSpid:"))
-        .and_then(|values| values.split_whitespace().last()?.parse().ok())
-        .unwrap_or(-1)
-}
-
 /// One GET of `/` on 127.0.0.1:`port`: the worker named by the answer's
 /// `X-Worker-Pid`, if it answered 200 with `body`.
 fn nginx_worker_answering(port: u16, body: &str) -> Option<i32> {
@@ -429,15 +418,7 @@ fn nginx_workers_with_reuseport_are_restored_each_with_its_listener() {
 
     for round in ["first", "second"] {
         let output = agent(&netns, &["restore", "--image", image.to_str().unwrap()]);
-        assert!(
-            output.status.success(),
-            "{round} restore: {}",
-            stderr(&output)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
+        let root = restored_root(&output, &format!("{round} restore"));
         let mut restored = Killed(vec![root]);
         restored.0.extend(children_of(root));
         check_nginx_group(&netns, root, PORT, BODY, &format!("{round} restore"));

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use persist_tests::{binary, require_root, wait_until};
-use persist_tests::{children_of, stderr};
+use persist_tests::{children_of, restored_root, stderr};
 
 /// The fixture's two processes, its System V segment and its POSIX object;
 /// all killed or removed on drop.
@@ -87,15 +87,7 @@ struct Restored {
 
 impl Restored {
     fn from(output: &Output, when: &str) -> Self {
-        assert!(
-            output.status.success(),
-            "{when}: restore: {}",
-            stderr(output)
-        );
-        let root: i32 = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("restore prints the root's pid");
+        let root = restored_root(output, &format!("{when}: restore"));
         let children = children_of(root);
         let [child] = children[..] else {
             panic!("{when}: the restored root has children {children:?}, not one");

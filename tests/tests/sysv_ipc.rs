@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use persist_tests::{binary, gunicorn_command, require_root, wait_until};
-use persist_tests::{children_of, stderr};
+use persist_tests::{children_of, restored_root, stderr};
 
 /// The fixture's two processes, its set and its queue; all killed or
 /// removed on drop.
@@ -211,15 +211,7 @@ fn kill(pids: &[i32]) {
 /// Restores the fixture's tree from `image`: its root and child.
 fn restore(image: &str, round: &str) -> (i32, i32) {
     let output = agent(&["restore", "--image", image]);
-    assert!(
-        output.status.success(),
-        "{round} restore: {}",
-        stderr(&output)
-    );
-    let root: i32 = String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("restore prints the root's pid");
+    let root = restored_root(&output, &format!("{round} restore"));
     let children = children_of(root);
     let [child] = children[..] else {
         kill(&[root]);
