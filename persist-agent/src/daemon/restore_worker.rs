@@ -783,8 +783,11 @@ impl Worker {
                 };
                 self.plan = match loaded.and_then(|loaded| self.take_set_ahead(loaded)) {
                     Some(ahead) => {
-                        for pager in skeleton.tree_pagers_mut() {
-                            pager.mark_verified(|run| ahead.is_verified(run));
+                        // A copy begun in the prepare marked its pager already.
+                        if early_copy.is_none() {
+                            for pager in skeleton.tree_pagers_mut() {
+                                pager.mark_verified(|run| ahead.is_verified(run));
+                            }
                         }
                         WakePlan::Recorded {
                             set: Arc::new(ahead.set),
