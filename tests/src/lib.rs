@@ -859,8 +859,9 @@ pub fn run_ok(command: &mut Command) -> Result<Output> {
 }
 
 /// Rewrites an image's manifest JSON with `edit` and re-seals its header
-/// (length and CRC32C), as an image written elsewhere would be: an image
-/// from another kernel, or a hostile one.
+/// (lengths and CRC32C), as an image written elsewhere would be: an image
+/// from another kernel, or a hostile one. The binary section of its
+/// mappings (format 7 on) is kept as it is.
 pub fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = image.join("manifest");
     let text = std::fs::read(&path).expect("reading the manifest");
@@ -869,22 +870,25 @@ pub fn edit_manifest(image: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
         .position(|&b| b == b'\n')
         .expect("a manifest header line");
     let header = String::from_utf8(text[..newline].to_vec()).expect("a text header");
-    let version = header
-        .split(' ')
-        .nth(1)
-        .expect("a format version")
-        .to_owned();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&text[newline + 1..]).expect("manifest JSON");
+    let fields: Vec<&str> = header.split(' ').collect();
+    let (version, len) = (fields[1], fields[2].parse::<usize>().expect("a length"));
+    let (json, binary) = text[newline + 1..].split_at(len);
+    let mut manifest: serde_json::Value = serde_json::from_slice(json).expect("manifest JSON");
     edit(&mut manifest);
     let json = serde_json::to_vec(&manifest).expect("manifest JSON");
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&json), binary);
+    let binary_len = if fields.len() > 4 {
+        format!(" {}", binary.len())
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "persist-image {version} {} {:08x}\n",
-        json.len(),
-        crc32c::crc32c(&json)
+        "persist-image {version} {} {crc:08x}{binary_len}\n",
+        json.len()
     )
     .into_bytes();
     out.extend_from_slice(&json);
+    out.extend_from_slice(binary);
     std::fs::write(&path, out).expect("writing the manifest");
 }
 

@@ -196,7 +196,8 @@ fn a_command_service_whose_image_is_from_another_kernel_is_rebuilt() {
     );
     let running = nix::sys::utsname::uname().unwrap();
     let release = running.release().to_string_lossy().into_owned();
-    let manifest = std::fs::read_to_string(image.join("manifest")).unwrap();
+    let manifest =
+        String::from_utf8_lossy(&std::fs::read(image.join("manifest")).unwrap()).into_owned();
     assert!(
         manifest.contains(&format!("\"release\":\"{release}\"")),
         "the new image was not taken on this kernel"

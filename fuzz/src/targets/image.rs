@@ -232,8 +232,9 @@ fn split<'a>(data: &'a [u8], separator: &'a [u8]) -> impl Iterator<Item = &'a [u
     })
 }
 
-/// Sets the length and checksum fields of a manifest's header line (when
-/// it has four fields) to those of the JSON after it.
+/// Sets the length and checksum fields of a manifest's header line to
+/// those of what follows it (formats 1 to 6: four fields, the JSON alone;
+/// format 7: five, the JSON and the binary section of the mappings).
 fn fix_manifest_header(file: &mut Vec<u8>) {
     let Some(end) = file.iter().position(|&byte| byte == b'\n') else {
         return;
@@ -242,15 +243,27 @@ fn fix_manifest_header(file: &mut Vec<u8>) {
         return;
     };
     let fields: Vec<&str> = head.split(' ').collect();
-    let [magic, version, _, _] = fields[..] else {
-        return;
+    let body = &file[end + 1..];
+    let head = match fields[..] {
+        [magic, version, _, _] => format!(
+            "{magic} {version} {} {:08x}",
+            body.len(),
+            crc32c::crc32c(body)
+        ),
+        // The binary section of the mappings keeps its length where the
+        // body still holds it: an edit of the JSON changes the JSON's.
+        [magic, version, _, _, binary_len] => {
+            let binary_len = binary_len
+                .parse()
+                .map_or(0, |len: usize| len.min(body.len()));
+            format!(
+                "{magic} {version} {} {:08x} {binary_len}",
+                body.len() - binary_len,
+                crc32c::crc32c(body)
+            )
+        }
+        _ => return,
     };
-    let json = &file[end + 1..];
-    let head = format!(
-        "{magic} {version} {} {:08x}",
-        json.len(),
-        crc32c::crc32c(json)
-    );
     file.splice(..end, head.into_bytes());
 }
 
@@ -277,16 +290,8 @@ fn fix_working_set(set: &mut [u8], image_crc: Option<u32>) {
 
 /// A manifest file for `manifest`, as [`ImageWriter`] writes it.
 fn manifest_file(manifest: &Manifest) -> Vec<u8> {
-    let json = serde_json::to_vec(manifest).expect("a manifest always serialises");
-    let mut file = format!(
-        "persist-image {} {} {:08x}\n",
-        persist_common::image::FORMAT_VERSION,
-        json.len(),
-        crc32c::crc32c(&json)
-    )
-    .into_bytes();
-    file.extend_from_slice(&json);
-    file
+    persist_common::image::encode_manifest(&mut manifest.clone())
+        .expect("a manifest always serialises")
 }
 
 /// An image's files: name and bytes.
@@ -780,10 +785,13 @@ mod tests {
     #[test]
     fn fixing_the_manifest_header_makes_an_edited_json_decode() {
         let seed = &manifest_seeds()[0];
-        let mut edited = String::from_utf8(seed.clone()).unwrap();
-        edited = edited.replace("\"server\"", "\"servers\"");
-        assert!(decode_manifest(&edited.as_bytes()[1..], Path::new("m")).is_err());
-        let mut file = edited.as_bytes()[1..].to_vec();
+        let at = seed
+            .windows(8)
+            .position(|window| window == b"\"server\"")
+            .expect("the comm in the JSON");
+        let edited = [&seed[..at + 7], b"s", &seed[at + 7..]].concat();
+        assert!(decode_manifest(&edited[1..], Path::new("m")).is_err());
+        let mut file = edited[1..].to_vec();
         fix_manifest_header(&mut file);
         let manifest = decode_manifest(&file, Path::new("m")).expect("fixed up, it decodes");
         assert_eq!(manifest.process.comm, "servers");

@@ -1,6 +1,7 @@
 //! What a cold wake (a SYN for a service parked with its image only) does
 //! on a second CPU while the restore thread builds the skeleton: load the
-//! recorded working set and check the checksums of the page runs it needs.
+//! recorded working set and check the checksums of the page runs it needs,
+//! and those of the pages the process wrote in its private file mappings.
 //!
 //! On the wake's critical path these cost about a millisecond for python's
 //! http.server (900 pages), after a build of about five; done alongside
@@ -127,6 +128,10 @@ fn start_copy_of(ahead: &SetAhead, pager: &mut Pager) -> Option<PlannedCopy> {
 /// A run that fails its check is left out of `verified`: the pager checks
 /// it again before copying it, and fails the wake with the error then.
 fn load_and_check(image: &Image) -> Result<SetAhead, String> {
+    // First, as the file pages are written first, once the process's
+    // memory is laid out: the writes then find their runs checked. One
+    // that fails is checked again by its write, which reports it.
+    let _ = crate::restore::check_file_page_runs(image);
     let dir = image.dir();
     let image_crc = manifest_crc(dir).map_err(|err| err.to_string())?;
     let set = WorkingSet::open(dir, image_crc).map_err(|err| err.to_string())?;

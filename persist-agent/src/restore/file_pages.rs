@@ -13,7 +13,7 @@
 //! it 2.5–3 times as long for nginx and Redis (docs/kernel-facts.md, Private
 //! file mappings).
 
-use persist_common::image::{Image, Mapping, MappingKind, PAGE_SIZE, PageRun};
+use persist_common::image::{Image, ImageError, Mapping, MappingKind, PAGE_SIZE, PageRun};
 
 use super::RestoreError;
 use super::inherited_memory::PresentPages;
@@ -28,6 +28,15 @@ pub(super) fn has_written_pages(mapping: &Mapping) -> bool {
 /// The number of pages [`write`] writes for `image`.
 pub(super) fn count(image: &Image) -> u64 {
     runs(image).map(|(_, run)| run.count).sum()
+}
+
+/// Checks every run [`write`] writes against its checksum. The image's
+/// page store remembers the runs found sound, so that the writes do not
+/// check them again: a cold wake checks them on another CPU while the
+/// process lays out its memory (`daemon/cold_wake.rs`). The first run
+/// that fails is reported.
+pub(crate) fn check_runs(image: &Image) -> Result<(), ImageError> {
+    runs(image).try_for_each(|(_, run)| image.pages().run(run).map(drop))
 }
 
 /// Every run [`write`] writes, with its mapping, in address order.

@@ -1,27 +1,25 @@
 //! Reading and writing image directories.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::mman::{MapFlags, ProtFlags};
 
+use super::manifest_file::{
+    MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, decode_manifest, encode_manifest,
+};
 use super::{
-    BaseStore, FORMAT_VERSION, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, Mapping,
-    OLDEST_READABLE_VERSION, PAGE_SIZE, PAGES_FILE, PageRun, ProcessInfo, SECCOMP_INSN_LEN,
-    SECCOMP_MAX_INSNS, ThreadInfo, WORKING_SET_FILE, base_store_file,
+    BaseStore, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, Mapping, PAGE_SIZE, PAGES_FILE,
+    PageRun, ProcessInfo, SECCOMP_INSN_LEN, SECCOMP_MAX_INSNS, ThreadInfo, WORKING_SET_FILE,
+    base_store_file,
 };
 use crate::trust::{open_trusted_file, trusted_dir};
-
-/// Longest manifest accepted, so a hostile header cannot make us allocate without bound.
-const MAX_MANIFEST_BYTES: usize = 256 << 20;
-
-/// Longest header line accepted, its newline excluded.
-const MAX_HEADER_BYTES: usize = 64;
 
 /// Writes a new image directory; nothing is visible at the destination until
 /// [`ImageWriter::finish`] succeeds.
@@ -195,18 +193,12 @@ impl ImageWriter {
             .map_err(ImageError::io(&self.pages_path))?;
 
         let manifest_path = self.staging.join(MANIFEST_FILE);
-        let json = serde_json::to_vec(manifest).map_err(|source| ImageError::Json {
+        let bytes = encode_manifest(manifest).map_err(|source| ImageError::Json {
             path: manifest_path.clone(),
             source,
         })?;
         let mut file = create_private_file(&manifest_path)?;
-        let header = format!(
-            "persist-image {FORMAT_VERSION} {} {:08x}\n",
-            json.len(),
-            crc32c::crc32c(&json)
-        );
-        file.write_all(header.as_bytes())
-            .and_then(|()| file.write_all(&json))
+        file.write_all(&bytes)
             .and_then(|()| file.sync_all())
             .map_err(ImageError::io(&manifest_path))?;
         sync_dir(&self.staging)?;
@@ -389,7 +381,7 @@ impl Image {
 fn read_manifest(file: File, path: &Path) -> Result<Manifest, ImageError> {
     // One byte past the longest valid manifest, so that a longer file is
     // read no further yet still fails the length check.
-    let limit = (MAX_HEADER_BYTES + 1 + MAX_MANIFEST_BYTES + 1) as u64;
+    let limit = (MAX_HEADER_BYTES + 1 + 2 * MAX_MANIFEST_BYTES + 1) as u64;
     let mut bytes = Vec::new();
     file.take(limit)
         .read_to_end(&mut bytes)
@@ -397,87 +389,11 @@ fn read_manifest(file: File, path: &Path) -> Result<Manifest, ImageError> {
     decode_manifest(&bytes, path)
 }
 
-/// Decodes and checks the contents of a manifest file, `path` naming it in
-/// errors: the header line, the length and checksum of the JSON, the JSON
-/// itself, the base stores' names and the layout of mappings and page runs
-/// (as far as the manifest alone can tell; [`Image::open`] checks the page
-/// stores' sizes).
-pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, ImageError> {
-    let bad = |reason: &str| ImageError::BadHeader {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let header_end = bytes
-        .iter()
-        .take(MAX_HEADER_BYTES + 1)
-        .position(|&byte| byte == b'\n')
-        .ok_or_else(|| bad("no header line"))?;
-    let (head, json) = (&bytes[..header_end], &bytes[header_end + 1..]);
-    let head = std::str::from_utf8(head).map_err(|_| bad("header is not text"))?;
-    let fields: Vec<&str> = head.split(' ').collect();
-    let [magic, version, len, crc] = fields[..] else {
-        return Err(bad("expected `persist-image VERSION LEN CRC`"));
-    };
-    if magic != "persist-image" {
-        return Err(bad("missing `persist-image` magic"));
-    }
-    let version: u32 = version
-        .parse()
-        .map_err(|_| bad("version is not a number"))?;
-    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
-        return Err(ImageError::Version {
-            path: path.to_owned(),
-            found: version,
-            expected: FORMAT_VERSION,
-        });
-    }
-    let len: usize = len.parse().map_err(|_| bad("length is not a number"))?;
-    if len > MAX_MANIFEST_BYTES {
-        return Err(bad("manifest length is implausibly large"));
-    }
-    let crc = u32::from_str_radix(crc, 16).map_err(|_| bad("checksum is not hex"))?;
-    if json.len() != len {
-        return Err(ImageError::Inconsistent {
-            path: path.to_owned(),
-            reason: format!(
-                "manifest holds {} bytes, header says {len}: truncated?",
-                json.len()
-            ),
-        });
-    }
-    if crc32c::crc32c(json) != crc {
-        return Err(ImageError::Checksum {
-            path: path.to_owned(),
-            what: "the manifest".into(),
-        });
-    }
-    let manifest: Manifest = serde_json::from_slice(json).map_err(|source| ImageError::Json {
-        path: path.to_owned(),
-        source,
-    })?;
-    for (index, base) in manifest.base_stores.iter().enumerate() {
-        // An exact name keeps a hostile manifest from naming files
-        // outside the image.
-        if base.file != base_store_file(index) {
-            return Err(ImageError::Inconsistent {
-                path: path.to_owned(),
-                reason: format!(
-                    "base store {index} is named {:?}, expected {:?}",
-                    base.file,
-                    base_store_file(index)
-                ),
-            });
-        }
-    }
-    check_layout(&manifest, path)?;
-    Ok(manifest)
-}
-
 /// Checks that mappings are page-aligned, ordered and disjoint, and that every
 /// page run lies inside its mapping and inside the page store.
 /// The mappings of every process of a tree are checked, each process's
 /// error naming its pid.
-fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
+pub(super) fn check_layout(manifest: &Manifest, path: &Path) -> Result<(), ImageError> {
     check_mappings(&manifest.mappings, "", manifest.page_store_bytes, path)?;
     for child in &manifest.children {
         let process = format!("pid {}: ", child.process.pid);
@@ -622,6 +538,10 @@ fn check_process_seccomp(
 pub struct PageStore {
     files: Vec<StoreFile>,
     map: Option<StoreMap>,
+    /// The runs found sound, by offset, length and checksum: one thread
+    /// may check the runs another will use (a cold wake checks its file
+    /// pages' runs while the process lays out its memory).
+    checked: Mutex<HashSet<(u64, u64, u32)>>,
 }
 
 /// One file of a page store.
@@ -685,7 +605,11 @@ impl PageStore {
             });
         }
         let map = StoreMap::new(&files, &opened)?;
-        Ok(Self { files, map })
+        Ok(Self {
+            files,
+            map,
+            checked: Mutex::new(HashSet::new()),
+        })
     }
 
     /// Size of the page store in bytes.
@@ -698,15 +622,26 @@ impl PageStore {
         self.len() == 0
     }
 
-    /// The bytes of a run, after checking its checksum.
+    /// The bytes of a run, after checking its checksum: once, as a run
+    /// found sound is remembered and not checked again.
     pub fn run(&self, run: &PageRun) -> Result<&[u8], ImageError> {
         let bytes = self.run_unchecked(run)?;
+        let key = (run.store_offset, run.count, run.crc32c);
+        if self
+            .checked
+            .lock()
+            .expect("checked runs lock")
+            .contains(&key)
+        {
+            return Ok(bytes);
+        }
         if crc32c::crc32c(bytes) != run.crc32c {
             return Err(ImageError::Checksum {
                 path: self.file_at(run.store_offset).to_owned(),
                 what: format!("{} pages at offset {}", run.count, run.store_offset),
             });
         }
+        self.checked.lock().expect("checked runs lock").insert(key);
         Ok(bytes)
     }
 
@@ -834,7 +769,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    use crate::image::Mapping;
+    use crate::image::{FORMAT_VERSION, Mapping};
     use crate::trust::TrustError;
 
     const START: u64 = 0x10000;
@@ -885,18 +820,9 @@ mod tests {
         let path = dir.join(MANIFEST_FILE);
         // Parsed without checks: an earlier rewrite may have made it invalid.
         let text = fs::read(&path).unwrap();
-        let json_start = text.iter().position(|&byte| byte == b'\n').unwrap() + 1;
-        let mut manifest: Manifest = serde_json::from_slice(&text[json_start..]).unwrap();
+        let mut manifest = super::super::manifest_file::decode_unchecked(&text);
         edit(&mut manifest);
-        let json = serde_json::to_vec(&manifest).unwrap();
-        let mut text = format!(
-            "persist-image {FORMAT_VERSION} {} {:08x}\n",
-            json.len(),
-            crc32c::crc32c(&json)
-        )
-        .into_bytes();
-        text.extend_from_slice(&json);
-        fs::write(&path, text).unwrap();
+        fs::write(&path, encode_manifest(&mut manifest).unwrap()).unwrap();
     }
 
     #[test]
@@ -1176,8 +1102,18 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join("image");
         base_image(&dir);
-        set_format_version(&dir, 1);
-        assert!(Image::open(&dir).is_ok(), "a format 1 image reads");
+        let path = dir.join(MANIFEST_FILE);
+        let manifest = super::super::manifest_file::decode_unchecked(&fs::read(&path).unwrap());
+        fs::write(
+            &path,
+            super::super::manifest_file::encode_legacy(&manifest, 1),
+        )
+        .unwrap();
+        assert_eq!(
+            Image::open(&dir).unwrap().manifest(),
+            &manifest,
+            "a format 1 image reads"
+        );
         set_format_version(&dir, FORMAT_VERSION + 1);
         let err = Image::open(&dir).err().expect("a newer format is refused");
         assert_eq!(
@@ -1196,7 +1132,8 @@ mod tests {
         let dir = temp.path().join("full");
         let image = base_image(&dir);
         assert!(image.manifest().base_stores.is_empty());
-        let text = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        let text =
+            String::from_utf8_lossy(&fs::read(dir.join(MANIFEST_FILE)).unwrap()).into_owned();
         assert!(
             !text.contains("base_stores"),
             "a full image's manifest reads as before the field existed"
