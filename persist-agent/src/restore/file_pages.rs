@@ -13,6 +13,8 @@
 //! it 2.5–3 times as long for nginx and Redis (docs/kernel-facts.md, Private
 //! file mappings).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use persist_common::image::{Image, ImageError, Mapping, MappingKind, PAGE_SIZE, PageRun};
 
 use super::RestoreError;
@@ -25,12 +27,7 @@ pub(super) fn has_written_pages(mapping: &Mapping) -> bool {
     !mapping.shared && !mapping.pages.is_empty() && matches!(mapping.kind, MappingKind::File { .. })
 }
 
-/// The number of pages [`write`] writes for `image`.
-pub(super) fn count(image: &Image) -> u64 {
-    runs(image).map(|(_, run)| run.count).sum()
-}
-
-/// Checks every run [`write`] writes against its checksum. The image's
+/// Checks every run [`SharedRuns`] writes against its checksum. The image's
 /// page store remembers the runs found sound, so that the writes do not
 /// check them again: a cold wake checks them on another CPU while the
 /// process lays out its memory (`daemon/cold_wake.rs`). The first run
@@ -39,7 +36,7 @@ pub(crate) fn check_runs(image: &Image) -> Result<(), ImageError> {
     runs(image).try_for_each(|(_, run)| image.pages().run(run).map(drop))
 }
 
-/// Every run [`write`] writes, with its mapping, in address order.
+/// Every run [`SharedRuns`] writes, with its mapping, in address order.
 fn runs(image: &Image) -> impl Iterator<Item = (&Mapping, &PageRun)> {
     image
         .manifest()
@@ -49,42 +46,46 @@ fn runs(image: &Image) -> impl Iterator<Item = (&Mapping, &PageRun)> {
         .flat_map(|mapping| mapping.pages.iter().map(move |run| (mapping, run)))
 }
 
-/// Writes the stored pages of every private file mapping of `image` into the
-/// stopped process `pid`, each run checked against its checksum first,
-/// but those it got from its parent's staged copy (`skip`). Returns the
-/// number of pages written.
-pub(super) fn write(
-    image: &Image,
-    mem: &ProcMem,
-    skip: &PresentPages,
-) -> Result<u64, RestoreError> {
-    write_share(image, mem, 0, 1, skip)
+/// The stored pages of every private file mapping of an image, to be
+/// written into its stopped process by one thread or several: handed out a
+/// run at a time to whichever thread asks next, so that threads that
+/// started at different times, or were kept from their CPU a while, still
+/// end together.
+pub(super) struct SharedRuns<'a> {
+    runs: Vec<(&'a Mapping, &'a PageRun)>,
+    next: AtomicUsize,
 }
 
-/// Writes share `share` of `shares` of what [`write`] writes: the runs that
-/// start in that share of its pages, so that as many threads may write
-/// about as many pages each, to different pages. Returns the number of
-/// pages written.
-pub(super) fn write_share(
-    image: &Image,
-    mem: &ProcMem,
-    share: u64,
-    shares: u64,
-    skip: &PresentPages,
-) -> Result<u64, RestoreError> {
-    let total = count(image);
-    let (from, to) = (total * share / shares, total * (share + 1) / shares);
-    let mut before = 0;
-    let mut pages = 0;
-    for (mapping, run) in runs(image) {
-        let first = before;
-        before += run.count;
-        if !(from..to).contains(&first) {
-            continue;
+impl<'a> SharedRuns<'a> {
+    /// The runs of `image`, none handed out yet.
+    pub(super) fn of(image: &'a Image) -> Self {
+        Self {
+            runs: runs(image).collect(),
+            next: AtomicUsize::new(0),
         }
-        pages += write_run(image, mem, mapping, run, skip, false, mapping.start)?;
     }
-    Ok(pages)
+
+    /// The number of pages in them.
+    pub(super) fn pages(&self) -> u64 {
+        self.runs.iter().map(|(_, run)| run.count).sum()
+    }
+
+    /// Writes runs into the stopped process of `mem`, each checked against
+    /// its checksum first, until none is left to take, but the pages it got
+    /// from its parent's staged copy (`skip`). Returns the number of pages
+    /// this thread wrote.
+    pub(super) fn write(
+        &self,
+        image: &Image,
+        mem: &ProcMem,
+        skip: &PresentPages,
+    ) -> Result<u64, RestoreError> {
+        let mut pages = 0;
+        while let Some(&(mapping, run)) = self.runs.get(self.next.fetch_add(1, Ordering::Relaxed)) {
+            pages += write_run(image, mem, mapping, run, skip, false, mapping.start)?;
+        }
+        Ok(pages)
+    }
 }
 
 /// Writes the pages of `run`, stored for `mapping`, that are in `pages`
