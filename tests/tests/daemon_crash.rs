@@ -50,16 +50,15 @@ fn ask(reader: &mut BufReader<TcpStream>, command: &str) -> std::io::Result<Stri
     Ok(line.trim_end().to_owned())
 }
 
-/// Adds redis-server on `port` as a `--on-idle keep` service and sends it
-/// `set` (a SET command), which must answer +OK.
-fn add_keep_redis(sandbox: &Sandbox, port: u16, set: &str) {
+/// Adds redis-server on `port` as a `--on-idle keep` service with `options`
+/// and sends it `set` (a SET command), which must answer +OK.
+fn add_keep_redis(sandbox: &Sandbox, port: u16, options: &[&str], set: &str) {
+    let options: Vec<&str> = ["--on-idle", "keep"]
+        .into_iter()
+        .chain(options.iter().copied())
+        .collect();
     sandbox
-        .add_ok(
-            "redis",
-            port,
-            &["--on-idle", "keep"],
-            &redis_server_command(port),
-        )
+        .add_ok("redis", port, &options, &redis_server_command(port))
         .unwrap();
     let mut client = Redis::connect(sandbox, port).unwrap();
     assert_eq!(client.ask(set).unwrap(), "+OK", "redis took {set:?}");
@@ -73,9 +72,20 @@ fn add_keep_redis(sandbox: &Sandbox, port: u16, set: &str) {
 #[test]
 fn a_process_woken_just_before_the_daemon_died_is_adopted_by_the_next_one() {
     persist_tests::require_root!();
+    adopted_after_the_daemon_died(6420, &[]);
+}
+
+/// The same after a cold wake, whose process was recorded for the next
+/// daemon while it laid out its memory rather than once prepared.
+#[test]
+fn a_process_woken_cold_just_before_the_daemon_died_is_adopted_by_the_next_one() {
+    persist_tests::require_root!();
+    adopted_after_the_daemon_died(6424, &["--keep-skeleton", "never"]);
+}
+
+fn adopted_after_the_daemon_died(port: u16, options: &[&str]) {
     let mut sandbox = Sandbox::with_daemon().unwrap();
-    let port = 6420;
-    add_keep_redis(&sandbox, port, "SET before park");
+    add_keep_redis(&sandbox, port, options, "SET before park");
     wait_until(Duration::from_secs(10), || {
         sandbox.agent(&["park", "redis"]).status.success()
     })
@@ -84,6 +94,13 @@ fn a_process_woken_just_before_the_daemon_died_is_adopted_by_the_next_one() {
     let mut client = Redis::connect(&sandbox, port).unwrap();
     assert_eq!(client.ask("SET woken yes").unwrap(), "+OK");
     let pid = sandbox.running_pid("redis").unwrap() as i32;
+    let before = sandbox.daemon_log();
+    if options.contains(&"never") {
+        assert!(
+            before.contains("cold wake: skeleton prepared"),
+            "the wake was not a cold one: {before}"
+        );
+    }
     sandbox.kill_daemon();
     sandbox.track_pid(pid);
     assert!(
@@ -127,7 +144,7 @@ fn a_client_connecting_while_the_daemon_is_down_after_a_park_is_queued() {
     persist_tests::require_root!();
     let mut sandbox = Sandbox::with_daemon().unwrap();
     let port = 6421;
-    add_keep_redis(&sandbox, port, "SET kept yes");
+    add_keep_redis(&sandbox, port, &[], "SET kept yes");
     wait_until(Duration::from_secs(10), || {
         sandbox.agent(&["park", "redis"]).status.success()
     })
@@ -161,7 +178,7 @@ fn a_daemon_killed_during_a_keep_checkpoint_leaves_the_process_to_the_next_one()
         .start_daemon_with_env(&[], &[("PERSIST_DEBUG_CHECKPOINT_PAUSE_MS", "30000")])
         .unwrap();
     let port = 6423;
-    add_keep_redis(&sandbox, port, "SET before park");
+    add_keep_redis(&sandbox, port, &[], "SET before park");
     let pid = sandbox.running_pid("redis").unwrap() as i32;
 
     let recovery = sandbox.state_dir().join("run/redis.checkpoint");
