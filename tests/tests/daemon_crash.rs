@@ -75,8 +75,8 @@ fn a_process_woken_just_before_the_daemon_died_is_adopted_by_the_next_one() {
     adopted_after_the_daemon_died(6420, &[]);
 }
 
-/// The same after a cold wake, whose process was recorded for the next
-/// daemon while it laid out its memory rather than once prepared.
+/// The same after a cold wake: the skeleton prepared on the SYN's path is
+/// recorded for the next daemon before it is resumed.
 #[test]
 fn a_process_woken_cold_just_before_the_daemon_died_is_adopted_by_the_next_one() {
     persist_tests::require_root!();

@@ -44,8 +44,8 @@ use super::run_alone;
 use super::run_state::{PageSource, RunStateDir};
 use crate::files::InheritedFds;
 use crate::restore::{
-    Continuer, EventJournal, FillGate, OnForked, Pager, PagerStats, PlannedCopy, RestoreConfig,
-    RestoreError, Restored, Skeleton, Timings, WhenCopied, help_each_then,
+    Continuer, EventJournal, FillGate, Pager, PagerStats, PlannedCopy, RestoreConfig, RestoreError,
+    Restored, Skeleton, Timings, WhenCopied, help_each_then,
 };
 use crate::service::Prefetch;
 use crate::snapshot::{listener_backlog_in_image, listener_holders_in_image, place_listeners};
@@ -760,14 +760,9 @@ impl Worker {
         let verify = std::mem::take(&mut self.verify_next);
         let mut stale = false;
         let mut backlog = None;
-        let mut recorded = false;
         let result = self
             .build_skeleton(verify, &mut stale, cold.is_some())
-            .and_then(|(mut skeleton, image, set_ahead, early)| {
-                recorded = early.is_some();
-                if let Some(Some(journal)) = early {
-                    skeleton.pager_mut().journal_to(journal);
-                }
+            .and_then(|(mut skeleton, image, set_ahead)| {
                 if let Some(cold) = cold.as_deref_mut() {
                     cold.build = started.elapsed();
                     make_ordinary(&skeleton)?;
@@ -830,20 +825,17 @@ impl Worker {
         let mut report = self.report.lock().expect("report lock");
         match result {
             Ok(mut skeleton) => {
-                // Recorded now, off the wake's critical path (a cold wake's
-                // single process was while it laid out its memory): the
-                // skeleton's pid is the service's once resumed, and a daemon
-                // restarted while it is still a skeleton finds it gone (it
-                // dies with its tracer) and parks the service.
-                if !recorded {
-                    self.run_state.record_process(
-                        &self.name,
-                        skeleton.pid(),
-                        &self.listener,
-                        &self.group,
-                        self.page_source(&mut skeleton),
-                    );
-                }
+                // Recorded now, off the wake's critical path: the skeleton's
+                // pid is the service's once resumed, and a daemon restarted
+                // while it is still a skeleton finds it gone (it dies with
+                // its tracer) and parks the service.
+                self.run_state.record_process(
+                    &self.name,
+                    skeleton.pid(),
+                    &self.listener,
+                    &self.group,
+                    self.page_source(&mut skeleton),
+                );
                 if let Some(cold) = cold {
                     cold.arm = armed_at.saturating_sub(cold.build);
                     cold.record = started.elapsed().saturating_sub(armed_at);
@@ -920,41 +912,26 @@ impl Worker {
     /// then works as well, but a daemon killed while its pages come in
     /// leaves it to be stopped and parked again.
     fn page_source(&self, skeleton: &mut Skeleton) -> Option<PageSource> {
-        let (source, journal) = page_source_of(
-            &self.run_state,
-            &self.name,
-            self.image.as_ref(),
-            skeleton.uffd_fd(),
-        );
-        if let Some(journal) = journal {
-            skeleton.pager_mut().journal_to(journal);
+        let image = self.image.clone()?;
+        let set_up = manifest_crc(&image)
+            .map_err(|err| err.to_string())
+            .and_then(|image_crc| {
+                let journal = EventJournal::create(&self.run_state.events_path(&self.name))
+                    .map_err(|err| err.to_string())?;
+                skeleton.pager_mut().journal_to(journal);
+                Ok(image_crc)
+            });
+        match set_up {
+            Ok(image_crc) => Some(PageSource {
+                image,
+                image_crc,
+                uffd_fd: skeleton.uffd_fd(),
+            }),
+            Err(err) => {
+                warn!(service = %self.name, "a daemon restarted during the next wake could not take its pages over: {err}");
+                None
+            }
         }
-        source
-    }
-
-    /// For a cold wake's single process: records it (as
-    /// [`Worker::page_source`] and the run record after the prepare would)
-    /// once it is forked, while it lays out its memory, and leaves its
-    /// event journal in `early` for its pager. `None` when the listener's
-    /// group cannot be duplicated for it: the record is then made after
-    /// the prepare.
-    fn record_when_forked(&self, early: &EarlyRecord) -> Option<OnForked> {
-        let group = self
-            .group
-            .iter()
-            .map(OwnedFd::try_clone)
-            .collect::<std::io::Result<Vec<_>>>()
-            .ok()?;
-        let early = Arc::clone(early);
-        let run_state = Arc::clone(&self.run_state);
-        let name = self.name.clone();
-        let listener = Arc::clone(&self.listener);
-        let image = self.image.clone();
-        Some(OnForked(Box::new(move |pid, uffd_fd| {
-            let (source, journal) = page_source_of(&run_state, &name, image.as_ref(), uffd_fd);
-            run_state.record_process(&name, pid, &*listener, &group, source);
-            *early.lock().expect("early record lock") = Some(journal);
-        })))
     }
 
     /// The working set a cold wake loaded and checked while its skeleton
@@ -1091,28 +1068,15 @@ impl Worker {
         let set_ahead = (cold && self.prefetch == Prefetch::Recorded)
             .then(|| ColdAhead::start(Arc::clone(&image)))
             .flatten();
-        // Recorded while it lays out its memory, off the wake's critical
-        // path; a tree is recorded once prepared.
-        let early: EarlyRecord = Arc::new(Mutex::new(None));
-        let on_forked = (cold && !image.manifest().is_tree())
-            .then(|| self.record_when_forked(&early))
-            .flatten();
         let config = RestoreConfig {
             verify_pages_first: verify,
             inherited,
             accept_changed_files: self.accept_changed_files,
             agent_files: self.log.iter().cloned().collect(),
             on_pager: set_ahead.as_ref().map(ColdAhead::on_pager),
-            on_forked,
             cold,
         };
-        let prepared = Skeleton::prepare(Arc::clone(&image), config);
-        let early = early.lock().expect("early record lock").take();
-        let skeleton = prepared.map_err(|err| {
-            if early.is_some() {
-                // It named the process the failed prepare killed.
-                self.run_state.clear(&self.name);
-            }
+        let skeleton = Skeleton::prepare(Arc::clone(&image), config).map_err(|err| {
             *stale = matches!(
                 err,
                 RestoreError::Image(
@@ -1121,7 +1085,7 @@ impl Worker {
             );
             crate::error_text::error_line(&err)
         })?;
-        Ok((skeleton, image, set_ahead, early))
+        Ok((skeleton, image, set_ahead))
     }
 
     fn resume(&mut self, reply: oneshot::Sender<Result<Resumed, ResumeRefused>>) {
@@ -1652,55 +1616,9 @@ impl PoolTask for PagerTask {
     }
 }
 
-/// A built skeleton, its image, for a cold wake what loads (and starts
-/// copying) its working set, and whether the process was recorded while
-/// it laid out its memory (with its event journal, if one was made).
-type Built = (
-    Skeleton,
-    Arc<Image>,
-    Option<Arc<ColdAhead>>,
-    Option<Option<EventJournal>>,
-);
-
-/// Where [`Worker::record_when_forked`] leaves the event journal it made:
-/// `Some` once the process is recorded.
-type EarlyRecord = Arc<Mutex<Option<Option<EventJournal>>>>;
-
-/// Where the pages of a process restored from `image` (for service `name`,
-/// its userfaultfd at `uffd_fd`) come from, for a daemon taking over, and
-/// the event journal its pager keeps for that daemon. `None` for both, with
-/// a warning, when the journal cannot be made.
-fn page_source_of(
-    run_state: &RunStateDir,
-    name: &str,
-    image: Option<&PathBuf>,
-    uffd_fd: i32,
-) -> (Option<PageSource>, Option<EventJournal>) {
-    let Some(image) = image else {
-        return (None, None);
-    };
-    let set_up = manifest_crc(image)
-        .map_err(|err| err.to_string())
-        .and_then(|image_crc| {
-            let journal = EventJournal::create(&run_state.events_path(name))
-                .map_err(|err| err.to_string())?;
-            Ok((image_crc, journal))
-        });
-    match set_up {
-        Ok((image_crc, journal)) => (
-            Some(PageSource {
-                image: image.clone(),
-                image_crc,
-                uffd_fd,
-            }),
-            Some(journal),
-        ),
-        Err(err) => {
-            warn!(service = %name, "a daemon restarted during the next wake could not take its pages over: {err}");
-            (None, None)
-        }
-    }
-}
+/// A built skeleton, its image, and for a cold wake what loads (and
+/// starts copying) its working set.
+type Built = (Skeleton, Arc<Image>, Option<Arc<ColdAhead>>);
 
 /// How long after the resume a wake logs the pages the process touches (a
 /// recording wake) or faults on (a prefetched one): its first request and a

@@ -78,7 +78,7 @@ pub(crate) use creds::from_status as credentials_from_status;
 pub(crate) use file_pages::check_runs as check_file_page_runs;
 pub use pager::{AddressEvent, EventJournal, FillGate, JournalError, Pager, PagerStats};
 pub(crate) use pager::{PlannedCopy, WhenCopied, help_each_then};
-pub use skeleton::{Continuer, OnForked, OnPager, RestoreConfig, Restored, Skeleton, Timings};
+pub use skeleton::{Continuer, OnPager, RestoreConfig, Restored, Skeleton, Timings};
 pub use tree::TreeSkeleton;
 
 use crate::files::FilesError;

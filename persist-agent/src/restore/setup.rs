@@ -17,7 +17,7 @@ use super::pager::Pager;
 use super::resources::{Resources, SharedObject};
 use super::runner::{self, TableRunner, check_table};
 use super::shared_pages::SharedPages;
-use super::skeleton::{OnForked, OnPager, ResumeTimers, Skeleton, Timings, sigcont_is_default};
+use super::skeleton::{OnPager, ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
 use super::table::Table;
 use super::{RestoreError, child::ChildPlan, file_pages, threads};
@@ -271,7 +271,7 @@ impl Setup {
         init_pid: Option<i32>,
         started: Instant,
         forked_at: Instant,
-        hooks: Hooks,
+        on_pager: Option<OnPager>,
         guard: &mut KillGuard,
     ) -> Result<Skeleton, RestoreError> {
         let image = self.image;
@@ -284,9 +284,6 @@ impl Setup {
         // its layout.
         drop(self.fds);
         drop(self.resources);
-        if let Some(on_forked) = hooks.on_forked {
-            (on_forked.0)(pid, self.uffd_fd);
-        }
         spawn::wait_for_layout(pid, &self.status_read)?;
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
@@ -345,7 +342,7 @@ impl Setup {
         }
         // Not sooner: a copy beside the populate and the file pages took
         // the CPUs they needed, and the prepare ended later.
-        if let Some(on_pager) = hooks.on_pager {
+        if let Some(on_pager) = on_pager {
             (on_pager.0)(&mut pager);
         }
 
@@ -426,15 +423,6 @@ fn finish_populate(pid: i32, table: &Table) -> Result<(), RestoreError> {
         }
         other => other.map(drop),
     }
-}
-
-/// Work the caller gives [`Setup::finish`] to do on its way.
-#[derive(Debug, Default)]
-pub(super) struct Hooks {
-    /// Done once the process is let build its layout, while it does.
-    pub on_forked: Option<OnForked>,
-    /// Given the pager once the memory the agent writes is in.
-    pub on_pager: Option<OnPager>,
 }
 
 /// Pages written back into private file mappings worth a thread of their

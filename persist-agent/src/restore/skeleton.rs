@@ -21,7 +21,7 @@ use persist_common::image::{Image, Manifest};
 use super::layout::OwnLayout;
 use super::pager::Pager;
 use super::resources::CreatedFiles;
-use super::setup::{Hooks, Setup};
+use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::spawn::{self, KillGuard};
 use super::sysv_shm;
@@ -51,10 +51,6 @@ pub struct RestoreConfig {
     /// Work handed the process's pager once its memory is laid out, while
     /// the prepare goes on. Not called for a tree.
     pub on_pager: Option<OnPager>,
-    /// Work given the process's pid and the number of its userfaultfd once
-    /// it is forked, done while it lays out its memory. Not called for a
-    /// tree.
-    pub on_forked: Option<OnForked>,
     /// Prepared on the path of a wake that waits for it (a cold wake): the
     /// pages of its read-only file mappings are left to fault in when
     /// touched instead of being put in its page tables first, which cost
@@ -72,17 +68,6 @@ pub struct OnPager(pub Box<dyn FnOnce(&mut Pager) + Send>);
 impl std::fmt::Debug for OnPager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnPager")
-    }
-}
-
-/// Work given the pid of a process being prepared and the number of its
-/// userfaultfd, done while it builds its layout ([`RestoreConfig::on_forked`]):
-/// a cold wake records the process for a daemon restarted after this one.
-pub struct OnForked(pub Box<dyn FnOnce(i32, i32) + Send>);
-
-impl std::fmt::Debug for OnForked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnForked")
     }
 }
 
@@ -330,10 +315,7 @@ impl Skeleton {
             init_pid,
             started,
             forked_at,
-            Hooks {
-                on_forked: config.on_forked,
-                on_pager: config.on_pager,
-            },
+            config.on_pager,
             &mut guard,
         )?;
         guard.pids.clear();

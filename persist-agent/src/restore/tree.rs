@@ -40,7 +40,7 @@ use super::child::{self, NodeRole, SessionStep, TreeNode, ZombiePlan};
 use super::inherited_memory::InheritedMemory;
 use super::layout::OwnLayout;
 use super::resources::{CreatedFiles, SharedObject};
-use super::setup::{Hooks, Setup};
+use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
 use super::spawn::{self, KillGuard, TRACE_OPTIONS, pipe_above};
@@ -319,14 +319,7 @@ impl TreeSkeleton {
                 threads: Vec::new(),
             };
             let skeleton = setup
-                .finish(
-                    pid,
-                    init,
-                    started,
-                    forked_at,
-                    Hooks::default(),
-                    &mut threads,
-                )
+                .finish(pid, init, started, forked_at, None, &mut threads)
                 .map_err(|source| RestoreError::InTree {
                     pid: images[index].manifest().process.pid,
                     source: Box::new(source),
