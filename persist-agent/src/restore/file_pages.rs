@@ -33,7 +33,7 @@ pub(super) fn has_written_pages(mapping: &Mapping) -> bool {
 /// process lays out its memory (`daemon/cold_wake.rs`). The first run
 /// that fails is reported.
 pub(crate) fn check_runs(image: &Image) -> Result<(), ImageError> {
-    runs(image).try_for_each(|(_, run)| image.pages().run(run).map(drop))
+    runs(image).try_for_each(|(_, run)| image.pages().check(run))
 }
 
 /// Every run [`SharedRuns`] writes, with its mapping, in address order.

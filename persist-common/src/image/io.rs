@@ -538,9 +538,10 @@ fn check_process_seccomp(
 pub struct PageStore {
     files: Vec<StoreFile>,
     map: Option<StoreMap>,
-    /// The runs found sound, by offset, length and checksum: one thread
-    /// may check the runs another will use (a cold wake checks its file
-    /// pages' runs while the process lays out its memory).
+    /// The runs [`PageStore::check`] found sound, by offset, length and
+    /// checksum: one thread may check the runs another will read (a cold
+    /// wake checks its file pages' runs while the process lays out its
+    /// memory).
     checked: Mutex<HashSet<(u64, u64, u32)>>,
 }
 
@@ -622,27 +623,43 @@ impl PageStore {
         self.len() == 0
     }
 
-    /// The bytes of a run, after checking its checksum: once, as a run
-    /// found sound is remembered and not checked again.
+    /// The bytes of a run, after checking its checksum, unless
+    /// [`PageStore::check`] found it sound already.
     pub fn run(&self, run: &PageRun) -> Result<&[u8], ImageError> {
         let bytes = self.run_unchecked(run)?;
         let key = (run.store_offset, run.count, run.crc32c);
-        if self
+        if !self
             .checked
             .lock()
             .expect("checked runs lock")
             .contains(&key)
         {
-            return Ok(bytes);
+            self.verify(run, bytes)?;
         }
-        if crc32c::crc32c(bytes) != run.crc32c {
-            return Err(ImageError::Checksum {
-                path: self.file_at(run.store_offset).to_owned(),
-                what: format!("{} pages at offset {}", run.count, run.store_offset),
-            });
-        }
-        self.checked.lock().expect("checked runs lock").insert(key);
         Ok(bytes)
+    }
+
+    /// Checks a run's checksum now and remembers it sound, so that
+    /// [`PageStore::run`] does not check it again: for a thread checking
+    /// the runs another will read. Only the runs checked here are kept.
+    pub fn check(&self, run: &PageRun) -> Result<(), ImageError> {
+        self.verify(run, self.run_unchecked(run)?)?;
+        self.checked.lock().expect("checked runs lock").insert((
+            run.store_offset,
+            run.count,
+            run.crc32c,
+        ));
+        Ok(())
+    }
+
+    fn verify(&self, run: &PageRun, bytes: &[u8]) -> Result<(), ImageError> {
+        if crc32c::crc32c(bytes) == run.crc32c {
+            return Ok(());
+        }
+        Err(ImageError::Checksum {
+            path: self.file_at(run.store_offset).to_owned(),
+            what: format!("{} pages at offset {}", run.count, run.store_offset),
+        })
     }
 
     /// The bytes of a run, without checking its checksum.
@@ -823,6 +840,37 @@ mod tests {
         let mut manifest = super::super::manifest_file::decode_unchecked(&text);
         edit(&mut manifest);
         fs::write(&path, encode_manifest(&mut manifest).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_run_checked_ahead_is_read_without_a_second_check_and_a_damaged_one_never_is() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("image");
+        let image = base_image(&dir);
+        let good = image.manifest().mappings[0].pages[0];
+        let damaged = PageRun {
+            crc32c: good.crc32c ^ 1,
+            ..good
+        };
+        let pages = image.pages();
+        assert!(matches!(
+            pages.check(&damaged),
+            Err(ImageError::Checksum { .. })
+        ));
+        assert!(
+            matches!(pages.run(&damaged), Err(ImageError::Checksum { .. })),
+            "a run that failed its check is checked again, and fails again"
+        );
+        pages.check(&good).unwrap();
+        assert_eq!(
+            pages.run(&good).unwrap(),
+            pages.run_unchecked(&good).unwrap()
+        );
+        assert_eq!(
+            pages.checked.lock().unwrap().len(),
+            1,
+            "only the sound run is kept"
+        );
     }
 
     #[test]
