@@ -11,36 +11,20 @@
 //! shaped the cold wake). Once the skeleton's memory is laid out, the
 //! copy of the set starts there too, while its threads are still made.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSet, manifest_crc};
+use persist_common::image::{Image, PAGE_SIZE, PageRun, WorkingSet};
 
 use crate::restore::{OnPager, Pager, PlannedCopy};
 
-/// The working set of the image, loaded and its runs checked.
+/// The working set of the image, loaded, the runs its stored pages come
+/// from checked (the image's page store remembers those found sound).
 pub(super) struct SetAhead {
     /// The set, for the image whose manifest has CRC `image_crc`.
     pub set: WorkingSet,
     /// The image's identity (its manifest's CRC).
     pub image_crc: u32,
-    /// The runs the set's stored pages come from whose checksums matched.
-    pub verified: HashSet<RunKey>,
-}
-
-impl SetAhead {
-    /// Whether `run` is one of the runs found sound.
-    pub fn is_verified(&self, run: &PageRun) -> bool {
-        self.verified.contains(&key(run))
-    }
-}
-
-/// A run, as compared: where it is in the store, its length and checksum.
-type RunKey = (u64, u64, u32);
-
-fn key(run: &PageRun) -> RunKey {
-    (run.store_offset, run.count, run.crc32c)
 }
 
 /// What the thread loading the working set gave.
@@ -112,7 +96,6 @@ fn start_copy_of(ahead: &SetAhead, pager: &mut Pager) -> Option<PlannedCopy> {
     if pages.is_empty() {
         return None;
     }
-    pager.mark_verified(|run| ahead.is_verified(run));
     pager.verify_ahead(pages).ok()?;
     pager.zero_ahead(pages);
     let copy = pager.plan_set(pages);
@@ -125,15 +108,16 @@ fn start_copy_of(ahead: &SetAhead, pager: &mut Pager) -> Option<PlannedCopy> {
 }
 
 /// Loads the working set of `image` and checks the runs its pages come from.
-/// A run that fails its check is left out of `verified`: the pager checks
-/// it again before copying it, and fails the wake with the error then.
+/// The page store remembers the runs found sound (`PageStore::check`), and
+/// the pager's and the file pages' reads do not check those again; one
+/// that fails is checked again before it is copied, and fails the wake then.
 fn load_and_check(image: &Image) -> Result<SetAhead, String> {
     // First, as the file pages are written first, once the process's
     // memory is laid out: the writes then find their runs checked. One
     // that fails is checked again by its write, which reports it.
     let _ = crate::restore::check_file_page_runs(image);
     let dir = image.dir();
-    let image_crc = manifest_crc(dir).map_err(|err| err.to_string())?;
+    let image_crc = image.crc();
     let set = WorkingSet::open(dir, image_crc).map_err(|err| err.to_string())?;
     let manifest = image.manifest();
     // Every run of every process, by where it starts in the store.
@@ -154,17 +138,10 @@ fn load_and_check(image: &Image) -> Result<SetAhead, String> {
         .collect();
     needed.sort_unstable_by_key(|run| run.store_offset);
     needed.dedup();
-    let pages = image.pages();
-    let verified = needed
-        .into_iter()
-        .filter(|run| pages.run(run).is_ok())
-        .map(|run| key(&run))
-        .collect();
-    Ok(SetAhead {
-        set,
-        image_crc,
-        verified,
-    })
+    for run in &needed {
+        let _ = image.pages().check(run);
+    }
+    Ok(SetAhead { set, image_crc })
 }
 
 /// The run of `runs` (sorted by store offset) holding the page stored at

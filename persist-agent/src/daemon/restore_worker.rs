@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use persist_common::image::{Image, ImageError, PagesByProcess, WorkingSet, manifest_crc};
+use persist_common::image::{Image, ImageError, PagesByProcess, WorkingSet};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -760,6 +760,7 @@ impl Worker {
         let verify = std::mem::take(&mut self.verify_next);
         let mut stale = false;
         let mut backlog = None;
+        let mut image_crc = None;
         let result = self
             .build_skeleton(verify, &mut stale, cold.is_some())
             .and_then(|(mut skeleton, image, set_ahead)| {
@@ -768,6 +769,7 @@ impl Worker {
                     make_ordinary(&skeleton)?;
                 }
                 backlog = listener_backlog_in_image(image.manifest(), self.port);
+                image_crc = Some(image.crc());
                 // The last process of a tree, when it may accept the
                 // waking connection: a worker holding the listener.
                 let last = image.manifest().children.len() as u32;
@@ -782,19 +784,11 @@ impl Worker {
                     None => (None, None),
                 };
                 self.plan = match loaded.and_then(|loaded| self.take_set_ahead(loaded)) {
-                    Some(ahead) => {
-                        // A copy begun in the prepare marked its pager already.
-                        if early_copy.is_none() {
-                            for pager in skeleton.tree_pagers_mut() {
-                                pager.mark_verified(|run| ahead.is_verified(run));
-                            }
-                        }
-                        WakePlan::Recorded {
-                            set: Arc::new(ahead.set),
-                            image,
-                            image_crc: ahead.image_crc,
-                        }
-                    }
+                    Some(ahead) => WakePlan::Recorded {
+                        set: Arc::new(ahead.set),
+                        image,
+                        image_crc: ahead.image_crc,
+                    },
                     None => self.plan_wake(image),
                 };
                 let mut armed = Armed::default();
@@ -834,7 +828,7 @@ impl Worker {
                     skeleton.pid(),
                     &self.listener,
                     &self.group,
-                    self.page_source(&mut skeleton),
+                    self.page_source(&mut skeleton, image_crc),
                 );
                 if let Some(cold) = cold {
                     cold.arm = armed_at.saturating_sub(cold.build);
@@ -911,22 +905,18 @@ impl Worker {
     /// `None` (with a warning) when that cannot be set up: the process
     /// then works as well, but a daemon killed while its pages come in
     /// leaves it to be stopped and parked again.
-    fn page_source(&self, skeleton: &mut Skeleton) -> Option<PageSource> {
+    fn page_source(&self, skeleton: &mut Skeleton, image_crc: Option<u32>) -> Option<PageSource> {
         let image = self.image.clone()?;
-        let set_up = manifest_crc(&image)
-            .map_err(|err| err.to_string())
-            .and_then(|image_crc| {
-                let journal = EventJournal::create(&self.run_state.events_path(&self.name))
-                    .map_err(|err| err.to_string())?;
+        let image_crc = image_crc?;
+        match EventJournal::create(&self.run_state.events_path(&self.name)) {
+            Ok(journal) => {
                 skeleton.pager_mut().journal_to(journal);
-                Ok(image_crc)
-            });
-        match set_up {
-            Ok(image_crc) => Some(PageSource {
-                image,
-                image_crc,
-                uffd_fd: skeleton.uffd_fd(),
-            }),
+                Some(PageSource {
+                    image,
+                    image_crc,
+                    uffd_fd: skeleton.uffd_fd(),
+                })
+            }
             Err(err) => {
                 warn!(service = %self.name, "a daemon restarted during the next wake could not take its pages over: {err}");
                 None
@@ -963,15 +953,8 @@ impl Worker {
             Prefetch::All => return WakePlan::All,
             Prefetch::Recorded => {}
         }
-        let dir = image.dir().to_owned();
-        let image_crc = match manifest_crc(&dir) {
-            Ok(crc) => crc,
-            Err(err) => {
-                warn!(service = %self.name, "cannot identify the image, no working set: {err}");
-                return WakePlan::Lazy;
-            }
-        };
-        match WorkingSet::open(&dir, image_crc) {
+        let image_crc = image.crc();
+        match WorkingSet::open(image.dir(), image_crc) {
             Ok(set) if !set.is_empty() => {
                 info!(service = %self.name, pages = set.len(), "working set loaded");
                 return WakePlan::Recorded {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::manifest_file::{
-    MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, decode_manifest, encode_manifest,
+    MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, decode_with_crc, encode_manifest,
 };
 use super::{
     BaseStore, ImageError, MANIFEST_FILE, MAX_RUN_PAGES, Manifest, Mapping, PAGE_SIZE, PAGES_FILE,
@@ -274,6 +274,8 @@ fn replace_dir(staging: &Path, destination: &Path) -> Result<(), ImageError> {
 pub struct Image {
     dir: PathBuf,
     manifest: Manifest,
+    /// The checksum in the manifest's header.
+    crc: u32,
     /// Shared with the images of the other processes of a tree
     /// ([`Image::process_image`]).
     pages: Arc<PageStore>,
@@ -299,7 +301,7 @@ impl Image {
             _ => {}
         }
 
-        let manifest = read_manifest(manifest_file, &manifest_path)?;
+        let (manifest, crc) = read_manifest(manifest_file, &manifest_path)?;
         // decode_manifest checked the base stores' names.
         let mut stores = Vec::with_capacity(manifest.base_stores.len() + 1);
         for base in &manifest.base_stores {
@@ -311,6 +313,7 @@ impl Image {
         Ok(Self {
             dir,
             manifest,
+            crc,
             pages: Arc::new(pages),
         })
     }
@@ -333,8 +336,16 @@ impl Image {
         Some(Image {
             dir: self.dir.clone(),
             manifest,
+            crc: self.crc,
             pages: Arc::clone(&self.pages),
         })
+    }
+
+    /// The image's identity: the checksum in its manifest's header, as
+    /// [`super::manifest_crc`] reads it from the file, taken when the
+    /// image was opened.
+    pub fn crc(&self) -> u32 {
+        self.crc
     }
 
     /// The image directory, resolved: free of symbolic links.
@@ -377,8 +388,9 @@ impl Image {
     }
 }
 
-/// Reads and checks the manifest from `file`, opened from `path`.
-fn read_manifest(file: File, path: &Path) -> Result<Manifest, ImageError> {
+/// Reads and checks the manifest from `file`, opened from `path`, and
+/// gives the checksum of its header.
+fn read_manifest(file: File, path: &Path) -> Result<(Manifest, u32), ImageError> {
     // One byte past the longest valid manifest, so that a longer file is
     // read no further yet still fails the length check.
     let limit = (MAX_HEADER_BYTES + 1 + 2 * MAX_MANIFEST_BYTES + 1) as u64;
@@ -386,7 +398,7 @@ fn read_manifest(file: File, path: &Path) -> Result<Manifest, ImageError> {
     file.take(limit)
         .read_to_end(&mut bytes)
         .map_err(ImageError::io(path))?;
-    decode_manifest(&bytes, path)
+    decode_with_crc(&bytes, path)
 }
 
 /// Checks that mappings are page-aligned, ordered and disjoint, and that every
@@ -871,6 +883,20 @@ mod tests {
             1,
             "only the sound run is kept"
         );
+    }
+
+    #[test]
+    fn an_image_knows_its_identity_as_the_file_gives_it() {
+        let temp = tempfile::tempdir().unwrap();
+        let base = base_image(&temp.path().join("base"));
+        let delta = delta_image(&temp.path().join("delta"), &base, 100);
+        for image in [&base, &delta] {
+            assert_eq!(
+                image.crc(),
+                crate::image::manifest_crc(image.dir()).unwrap()
+            );
+        }
+        assert_ne!(base.crc(), delta.crc());
     }
 
     #[test]

@@ -61,6 +61,12 @@ pub fn encode_manifest(manifest: &mut Manifest) -> Result<Vec<u8>, serde_json::E
 /// and page runs (as far as the manifest alone can tell; [`super::Image::open`]
 /// checks the page stores' sizes).
 pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, ImageError> {
+    decode_with_crc(bytes, path).map(|(manifest, _)| manifest)
+}
+
+/// [`decode_manifest`], and the checksum its header gives: the image's
+/// identity ([`super::manifest_crc`]).
+pub(super) fn decode_with_crc(bytes: &[u8], path: &Path) -> Result<(Manifest, u32), ImageError> {
     let bad = |reason: &str| ImageError::BadHeader {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -143,7 +149,7 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<Manifest, ImageError
         }
     }
     check_layout(&manifest, path)?;
-    Ok(manifest)
+    Ok((manifest, crc))
 }
 
 /// Fills the mappings of `manifest` and of its children from `binary`.

@@ -216,15 +216,6 @@ impl Pager {
         Ok(())
     }
 
-    /// Takes the runs `checked` says are sound as verified (their checksums
-    /// were checked by another thread, on the same page store), so that no
-    /// copy checks them again.
-    pub(crate) fn mark_verified(&mut self, checked: impl Fn(&PageRun) -> bool) {
-        for (run, verified) in self.runs.iter().zip(self.verified.iter_mut()) {
-            *verified = *verified || checked(run);
-        }
-    }
-
     /// Copies every pending page into the stopped process now.
     pub(crate) fn prefetch_all(&mut self) -> Result<(), RestoreError> {
         // Shared pages another process's prefetch put in are there for this
