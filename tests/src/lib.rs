@@ -330,6 +330,23 @@ impl Sandbox {
         }
     }
 
+    /// Kills the port keeper of the state directory, which outlives its
+    /// daemon while it holds a listening socket, by the pid it greets its
+    /// connections with. Call with no daemon running: the keeper serves one
+    /// connection at a time.
+    pub fn kill_port_keeper(&self) {
+        let socket = self.state_dir().join("run").join("keeper.sock");
+        let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) else {
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut greeting = [0u8; 4];
+        if std::io::Read::read_exact(&mut &stream, &mut greeting).is_ok() {
+            let pid = nix::unistd::Pid::from_raw(i32::from_le_bytes(greeting));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// Stops the daemon with SIGTERM (by pid), as a service manager does,
     /// and reaps it.
     pub fn stop_daemon(&mut self) {
@@ -462,6 +479,7 @@ impl Drop for Sandbox {
             }
         }
         self.kill_daemon();
+        self.kill_port_keeper();
         for pid in self.extra_pids.drain(..) {
             kill_session(pid);
         }

@@ -163,3 +163,40 @@ fn twenty_parked_services_add_no_thread_beyond_the_pool_and_one_keeper() {
         Some(false)
     );
 }
+
+#[test]
+fn the_port_keeper_exits_with_its_daemon_once_it_holds_no_socket() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::with_daemon().unwrap();
+    let server = binary("hello-server").display().to_string();
+    let port = FIRST_PORT + SERVICES + 1;
+    sandbox
+        .add_ok(
+            "hello",
+            port,
+            &["--ready", "tcp"],
+            &[server, format!("127.0.0.1:{port}")],
+        )
+        .unwrap();
+    let (keeper, _) = keeper_records(&sandbox)["hello"];
+    // A zombie waiting for its new parent to reap it counts as gone.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    };
+
+    // Removed, the service's socket is dropped, but the keeper waits for
+    // its daemon: a service added next is handed to it.
+    let removed = sandbox.agent(&["remove", "hello"]);
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(keeper_records(&sandbox).is_empty());
+    assert!(alive(keeper), "the keeper exited with its daemon running");
+
+    // With its daemon gone and nothing held, nothing is left running.
+    sandbox.stop_daemon();
+    wait_until(Duration::from_secs(5), || !alive(keeper)).unwrap_or_else(|_| {
+        panic!("the port keeper {keeper} outlived its daemon holding no socket")
+    });
+}

@@ -22,6 +22,8 @@
 //! right after finds it there. Asked to drop a socket (the service is
 //! removed, or binds its port itself), the keeper closes it and answers
 //! once it is closed. The keeper accepts only connections of its own user.
+//! It exits when a daemon goes and it holds no socket (every service was
+//! removed): the next daemon starts one when it needs it.
 //!
 //! Records of a keeper per service, which earlier agents left, are honoured:
 //! the socket is taken from such a keeper, handed to the shared one, and the
@@ -319,7 +321,8 @@ fn stop_recorded(record: &RunRecord) {
 }
 
 /// Runs the keeper: holds the sockets daemons send to the listening socket
-/// on its standard input, forever. Daemons are served one at a time.
+/// on its standard input, for as long as it holds any. Daemons are served
+/// one at a time; once one goes and none is held, the keeper exits.
 pub fn run_keeper() -> std::io::Result<()> {
     // Its name in `ps -e` and /proc/PID/comm too, not only its command line.
     let _ = nix::sys::prctl::set_name(c"persist-keeper");
@@ -340,6 +343,12 @@ pub fn run_keeper() -> std::io::Result<()> {
         if trusted && std::io::Write::write_all(&mut &stream, &greeting).is_ok() {
             // Until the daemon goes: its requests are all in order.
             while serve_request(&stream, &mut held).is_ok() {}
+            // Nothing to keep for a next daemon, which starts a keeper of
+            // its own when it needs one: left running, a keeper of a state
+            // directory since deleted would never be reached again.
+            if held.is_empty() {
+                return Ok(());
+            }
         }
     }
 }
