@@ -220,7 +220,7 @@ fn install_and_exec(mut prepared: PreparedFds, program: &str, args: &[&str]) -> 
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        let code = match prepared.install_in_child(&[]) {
+        let code = match prepared.child_fds().install_in_child(&[]) {
             // SAFETY: `path` and `argv` are NUL-terminated and outlive the call.
             Ok(()) => unsafe {
                 libc::execv(path.as_ptr(), argv.as_ptr());
@@ -1205,7 +1205,7 @@ fn install_in_child_timing() {
             ts.tv_sec * 1_000_000_000 + ts.tv_nsec
         };
         let started = now();
-        let outcome = prepared.install_in_child(&keep);
+        let outcome = prepared.child_fds().install_in_child(&keep);
         let report: [i64; 2] = [now() - started, outcome.map_or_else(|e| e as i64, |()| 0)];
         // SAFETY: `report` is 16 readable bytes; then leaving without destructors.
         unsafe {

@@ -19,6 +19,12 @@ use super::Registry;
 use crate::control::{ServiceStatus, SkeletonSummary};
 use crate::restore::PagerStats;
 
+/// What forked a restored process.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForkedByLabel {
+    by: String,
+}
+
 /// The label every persist metric carries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
@@ -44,6 +50,7 @@ pub struct Metrics {
     skeletons_held: Gauge,
     skeleton_bytes: Gauge,
     skeleton_budget_bytes: Gauge,
+    forked: Family<ForkedByLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -68,6 +75,7 @@ impl Default for Metrics {
         let skeletons_held = Gauge::default();
         let skeleton_bytes = Gauge::default();
         let skeleton_budget_bytes = Gauge::default();
+        let forked = Family::default();
         registry.register(
             "skeletons_held",
             "Prepared skeletons of parked services",
@@ -134,6 +142,11 @@ impl Default for Metrics {
             "Generation of the kept state running or to be restored (0: the pristine image)",
             generation.clone(),
         );
+        registry.register(
+            "processes_forked",
+            "Processes restored since the daemon started, by what forked them: its spawner, or the agent itself",
+            forked.clone(),
+        );
         Self {
             registry,
             wakes,
@@ -150,6 +163,7 @@ impl Default for Metrics {
             skeletons_held,
             skeleton_bytes,
             skeleton_budget_bytes,
+            forked,
         }
     }
 }
@@ -197,6 +211,11 @@ impl Metrics {
         self.skeleton_bytes.set(skeletons.held_bytes as i64);
         self.skeleton_budget_bytes
             .set(skeletons.budget_bytes.unwrap_or(0) as i64);
+        let (by_spawner, by_agent) = crate::restore::spawner_forks();
+        for (by, count) in [("spawner", by_spawner), ("agent", by_agent)] {
+            let label = ForkedByLabel { by: by.to_owned() };
+            self.forked.get_or_create(&label).set(count as i64);
+        }
         for status in statuses {
             let label = label(&status.name);
             self.syns.get_or_create(&label).set(status.syns as i64);

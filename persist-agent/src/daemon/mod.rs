@@ -66,7 +66,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use persist_common::trust::TrustError;
 use tracing::{info, warn};
 
@@ -143,6 +143,13 @@ pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
         }
         Ok(_) => {}
         Err(err) => warn!("cannot raise the limit on open files: {err}"),
+    }
+    // While the agent is small and has no other thread: the processes it
+    // restores are forked from this helper, not from the agent
+    // (restore/spawner.rs).
+    match crate::restore::start_spawner() {
+        Ok(pid) => info!(pid, "spawner started"),
+        Err(err) => warn!("restored processes are forked from the agent itself: {err}"),
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -327,18 +334,30 @@ const PAGER_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// so two daemons never manage the same services.
 fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
     let path = state_dir.join("agent.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!(
-            "another persist daemon is already running on {}",
-            state_dir.display()
-        )
-    })
+    // A daemon that just exited holds its lock a moment longer: its spawner
+    // shares its descriptors until it sees it gone (restore/spawner.rs).
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(_) => bail!(
+                "another persist daemon is already running on {}",
+                state_dir.display()
+            ),
+        }
+    }
 }
+
+/// How long a starting daemon waits for the lock of its state directory.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -21,8 +21,9 @@
 //!   per open file a `file`, a dentry and an inode.
 //!
 //! Plus the agent's share: what the agent grew by since it started (its
-//! private memory, page tables and kernel objects) and its port keeper,
-//! one process for all services, divided by the services it holds. docs/parked-cost.md compares the
+//! private memory, page tables and kernel objects), its port keeper and
+//! its spawner (`restore/spawner.rs`), one process each for all services,
+//! divided by the services it holds. docs/parked-cost.md compares the
 //! sum with the drop of the host's MemAvailable per parked service.
 
 use std::collections::{HashMap, HashSet};
@@ -111,17 +112,21 @@ impl AgentBaseline {
 
 /// The agent's share per service: what it grew by since `baseline` (the
 /// memory, page tables and kernel objects the services made it hold), and
-/// what its port keeper `keeper` costs, divided by `services`. What removing
-/// one service would give back.
+/// what its port keeper `keeper` and its spawner (with the memory it shares
+/// with the agent) cost, divided by `services`. What removing one service
+/// would give back.
 pub fn agent_share(baseline: AgentBaseline, services: usize, keeper: Option<i32>) -> u64 {
     if services == 0 {
         return 0;
     }
-    let keeper = keeper.map_or(0, |pid| {
+    let helper = |pid: i32| {
         let cost = process_cost(pid);
         cost.private_bytes + cost.page_table_bytes + cost.kernel_bytes
-    });
-    (agent_bytes().saturating_sub(baseline.0) + keeper) / services as u64
+    };
+    let keeper = keeper.map_or(0, helper);
+    let spawner =
+        crate::restore::spawner_cost().map_or(0, |(pid, arena_bytes)| helper(pid) + arena_bytes);
+    (agent_bytes().saturating_sub(baseline.0) + keeper + spawner) / services as u64
 }
 
 fn agent_bytes() -> u64 {

@@ -14,7 +14,7 @@
 //! listening or connected as they were, socket pairs refilled, inotify
 //! instances given their watches again, epoll instances created empty), or takes
 //! the descriptors the caller hands over ([`InheritedFds`]). In the forked child,
-//! [`PreparedFds::install_in_child`] then moves each object to its descriptor
+//! [`ChildFds::install_in_child`] then moves each object to its descriptor
 //! number with raw system calls only, closes everything else and re-adds the
 //! epoll watches once the numbers are final.
 //!
@@ -58,7 +58,7 @@ mod tree_ends;
 
 use std::io;
 
-pub use install::{PreparedFds, ProcSelfPosition};
+pub use install::{ChildFds, PreparedFds, ProcSelfPosition};
 pub use locks::save_locks;
 pub use prepare::{InheritedFds, prepare};
 pub use proc_self::{restore_proc_self_positions, warm_own_proc_entries};

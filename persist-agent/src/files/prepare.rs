@@ -79,7 +79,7 @@ impl InheritedFds {
 
 /// Re-creates every descriptor of `fds` (from an image's manifest) in the
 /// agent, ready to be installed in a forked child with
-/// [`PreparedFds::install_in_child`].
+/// [`ChildFds::install_in_child`](super::ChildFds::install_in_child).
 ///
 /// Runs before the fork, as ordinary code. Files are reopened with their
 /// flags and offset (an unlinked file is re-created unlinked in its old
@@ -250,6 +250,7 @@ pub fn prepare(
         objects,
         slots,
         watches,
+        own_proc: super::install::encode_own_proc(&proc_self_files),
         proc_self_files,
         memfds,
         timerfds,

@@ -7,7 +7,8 @@
 
 use std::os::fd::RawFd;
 
-use crate::files::PreparedFds;
+use crate::files::ChildFds;
+use crate::sys::spawner::SharedArena;
 use crate::sys::{blob, clone, uffd};
 
 /// Steps reported on the status pipe.
@@ -85,9 +86,10 @@ pub const GO_LEN: usize = 24;
 pub const GO_MAGIC: u64 = 0x676f_2070_6572_7369;
 
 /// Everything the child needs, prepared before the fork.
+#[derive(Clone, Copy)]
 pub struct ChildPlan<'a> {
     /// The process's descriptors.
-    pub fds: &'a PreparedFds,
+    pub fds: ChildFds<'a>,
     /// Descriptors of ours the child keeps (sorted).
     pub keep: &'a [RawFd],
     /// The number the userfaultfd takes.
@@ -112,6 +114,20 @@ pub struct ChildPlan<'a> {
     /// (a process of a tree) The mappings it stages before forking its
     /// children (`inherited_memory.rs`).
     pub staged: &'a [StagedMap],
+}
+
+impl ChildPlan<'_> {
+    /// The same plan, everything it points to copied into `arena`, for a
+    /// process the spawner forks (`spawner.rs`). `None` if it does not fit.
+    pub fn copy_into(&self, arena: &mut SharedArena) -> Option<ChildPlan<'static>> {
+        Some(ChildPlan {
+            fds: self.fds.copy_into(arena)?,
+            keep: arena.copy_slice(self.keep)?,
+            region_bytes: arena.copy_slice(self.region_bytes)?,
+            staged: arena.copy_slice(self.staged)?,
+            ..*self
+        })
+    }
 }
 
 /// A mapping a process of a tree stages for its children: mapped readable

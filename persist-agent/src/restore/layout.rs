@@ -75,6 +75,12 @@ impl OwnLayout {
         }
         Ok(layout)
     }
+
+    /// The same, with `ranges` counted as mapped too.
+    pub fn and(mut self, ranges: &[(u64, u64)]) -> Self {
+        self.ranges.extend_from_slice(ranges);
+        self
+    }
 }
 
 /// Name a special mapping of the image has in /proc/PID/maps.

@@ -18,7 +18,7 @@ use super::resources::{Resources, SharedObject};
 use super::runner::{self, TableRunner, check_table};
 use super::shared_pages::SharedPages;
 use super::skeleton::{OnPager, ResumeTimers, Skeleton, Timings, sigcont_is_default};
-use super::spawn::{self, KillGuard, SyncPipes, pipe_above};
+use super::spawn::{self, KillGuard, Spawned, SyncPipes, pipe_above};
 use super::table::Table;
 use super::{RestoreError, child::ChildPlan, file_pages, threads};
 use crate::files::{self, InheritedFds, PathAccess, PreparedFds};
@@ -213,7 +213,7 @@ impl Setup {
     /// What the forked child does before its layout table.
     pub(super) fn plan(&self) -> ChildPlan<'_> {
         ChildPlan {
-            fds: &self.fds,
+            fds: self.fds.child_fds(),
             keep: &self.keep,
             uffd_fd: self.uffd_fd,
             go_fd: self.go_read.as_raw_fd(),
@@ -267,13 +267,17 @@ impl Setup {
     /// go on `guard`.
     pub(super) fn finish(
         self,
-        pid: i32,
-        init_pid: Option<i32>,
+        spawned: Spawned,
         started: Instant,
         forked_at: Instant,
         on_pager: Option<OnPager>,
         guard: &mut KillGuard,
     ) -> Result<Skeleton, RestoreError> {
+        let Spawned {
+            pid,
+            init_pid,
+            lease,
+        } = spawned;
         let image = self.image;
         let manifest = image.manifest();
         if !self.layout_started {
@@ -285,6 +289,8 @@ impl Setup {
         drop(self.fds);
         drop(self.resources);
         spawn::wait_for_layout(pid, &self.status_read)?;
+        // Its layout no longer maps the spawner's arena.
+        drop(lease);
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 

@@ -24,6 +24,7 @@ use super::resources::CreatedFiles;
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::spawn::{self, KillGuard};
+use super::spawner;
 use super::sysv_shm;
 use super::tree::TreeSkeleton;
 use super::{RestoreError, threads, verify};
@@ -284,7 +285,7 @@ impl Skeleton {
             &mut HashMap::new(),
             &Arc::new(SharedPages::of_tree(manifest)),
             None,
-            &OwnLayout::read()?,
+            &OwnLayout::read()?.and(&spawner::kept_ranges()),
         )?;
         if config.cold {
             setup.leave_file_pages_to_fault();
@@ -302,22 +303,15 @@ impl Skeleton {
             pids: Vec::new(),
             threads: Vec::new(),
         };
-        let (pid, init_pid) =
-            spawn::spawn(&setup.plan(), recorded_pid, &setup.pipes(), &mut guard)?;
-        if init_pid.is_none() {
+        let spawned = spawn::spawn(&setup.plan(), recorded_pid, &setup.pipes(), &mut guard)?;
+        let pid = spawned.pid;
+        if spawned.init_pid.is_none() {
             // Our child: its exit status goes to whoever resumes it, not to
             // a reaper of orphans.
             crate::sys::spawn::claim(pid);
         }
         drop(ipc_namespace);
-        let skeleton = setup.finish(
-            pid,
-            init_pid,
-            started,
-            forked_at,
-            config.on_pager,
-            &mut guard,
-        )?;
+        let skeleton = setup.finish(spawned, started, forked_at, config.on_pager, &mut guard)?;
         guard.pids.clear();
         guard.threads.clear();
         created_files.0.clear();

@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 
 use super::RestoreError;
 use super::child::{self, ChildPlan, GO_LEN, GO_MAGIC, Step};
+use super::spawner::{self, Lease};
 use crate::sys::clone::{self, Forked};
 use crate::sys::ptrace::{self, Stop};
 
@@ -48,17 +49,37 @@ pub(super) struct SyncPipes<'a> {
     pub(super) init_go_child: RawFd,
 }
 
-/// Forks the process with its recorded pid and seizes it; when the pid is
+/// A process forked and seized, stopped before its layout.
+pub(super) struct Spawned {
+    /// Its pid, in our namespace.
+    pub(super) pid: i32,
+    /// The init of its pid namespace, when it needed one.
+    pub(super) init_pid: Option<i32>,
+    /// The daemon's spawner forked it: held until its layout is built
+    /// (`spawner.rs`).
+    pub(super) lease: Option<Lease>,
+}
+
+/// Forks the process with its recorded pid and seizes it: through the
+/// daemon's spawner when it runs, else from the agent; when the pid is
 /// taken here, forks an init in a new pid and mount namespace that creates
-/// it. Returns the process's pid (in our namespace) and the init's, both
-/// pushed on `guard` so that a later error kills them.
+/// it. The process and the init are pushed on `guard` so that a later error
+/// kills them.
 pub(super) fn spawn(
     plan: &ChildPlan<'_>,
     recorded_pid: i32,
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,
-) -> Result<(i32, Option<i32>), RestoreError> {
-    spawn_with(
+) -> Result<Spawned, RestoreError> {
+    if let spawner::Spawned::Forked(pid, lease) = spawner::spawn(plan, recorded_pid)? {
+        seize_forked(pid, pipes, guard, TRACE_OPTIONS)?;
+        return Ok(Spawned {
+            pid,
+            init_pid: None,
+            lease: Some(lease),
+        });
+    }
+    let (pid, init_pid) = spawn_with(
         plan,
         recorded_pid,
         pipes,
@@ -66,7 +87,26 @@ pub(super) fn spawn(
         TRACE_OPTIONS,
         false,
         &|| child::child_main(plan),
-    )
+    )?;
+    Ok(Spawned {
+        pid,
+        init_pid,
+        lease: None,
+    })
+}
+
+/// Takes the freshly forked `pid` under ptrace with `options` and waits
+/// for it to stop; pushed on `guard` first.
+fn seize_forked(
+    pid: i32,
+    pipes: &SyncPipes<'_>,
+    guard: &mut KillGuard,
+    options: i32,
+) -> Result<(), RestoreError> {
+    guard.pids.push(pid);
+    ptrace::seize_with_options(pid, options).map_err(RestoreError::ptrace(pid, "seize"))?;
+    ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
+    expect_event_stop(pid, pipes.status)
 }
 
 /// [`spawn`], the forked process running `start` (which uses `plan`'s
@@ -92,10 +132,8 @@ pub(super) fn spawn_with(
             clone::exit_now(127)
         }
         Ok(Forked::Parent(pid)) => {
-            guard.pids.push(pid);
-            ptrace::seize_with_options(pid, options).map_err(RestoreError::ptrace(pid, "seize"))?;
-            ptrace::interrupt(pid).map_err(RestoreError::ptrace(pid, "interrupt"))?;
-            expect_event_stop(pid, pipes.status)?;
+            spawner::count_agent_fork();
+            seize_forked(pid, pipes, guard, options)?;
             Ok((pid, None))
         }
         Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
@@ -134,6 +172,7 @@ fn spawn_in_namespace(
         }
         other => return Err(child_failure(init, other, pipes.status)),
     };
+    spawner::count_agent_fork();
     guard.pids.insert(0, pid);
     ptrace::detach(init).map_err(RestoreError::ptrace(init, "detach"))?;
     expect_event_stop(pid, pipes.status)?;

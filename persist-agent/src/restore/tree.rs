@@ -43,7 +43,7 @@ use super::resources::{CreatedFiles, SharedObject};
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
-use super::spawn::{self, KillGuard, TRACE_OPTIONS, pipe_above};
+use super::spawn::{self, KillGuard, Spawned, TRACE_OPTIONS, pipe_above};
 use super::sysv_shm;
 use super::{RestoreError, verify};
 use crate::files::{self, PathAccess};
@@ -319,7 +319,17 @@ impl TreeSkeleton {
                 threads: Vec::new(),
             };
             let skeleton = setup
-                .finish(pid, init, started, forked_at, None, &mut threads)
+                .finish(
+                    Spawned {
+                        pid,
+                        init_pid: init,
+                        lease: None,
+                    },
+                    started,
+                    forked_at,
+                    None,
+                    &mut threads,
+                )
                 .map_err(|source| RestoreError::InTree {
                     pid: images[index].manifest().process.pid,
                     source: Box::new(source),

@@ -23,7 +23,8 @@ pub const CLONE_ARGS_SIZE: usize = size_of::<libc::clone_args>();
 
 /// Forks like `fork()` but through `clone3`, optionally with extra `flags`
 /// (e.g. `CLONE_NEWPID`) and a chosen pid (`set_tid`, needs
-/// `CAP_CHECKPOINT_RESTORE`). The child gets `SIGCHLD` as exit signal.
+/// `CAP_CHECKPOINT_RESTORE`). The child gets `SIGCHLD` as exit signal, or
+/// with `CLONE_PARENT` (a sibling of the caller) the caller's.
 ///
 /// In the child, only async-signal-safe code may run (see the module doc).
 pub fn fork_with(flags: u64, pid: Option<i32>) -> io::Result<Forked> {
@@ -33,7 +34,13 @@ pub fn fork_with(flags: u64, pid: Option<i32>) -> io::Result<Forked> {
         pidfd: 0,
         child_tid: 0,
         parent_tid: 0,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the kernel takes the caller's own exit signal
+        // and refuses any other.
+        exit_signal: if flags & libc::CLONE_PARENT as u64 == 0 {
+            libc::SIGCHLD as u64
+        } else {
+            0
+        },
         stack: 0,
         stack_size: 0,
         tls: 0,

@@ -24,6 +24,7 @@ pub mod sched;
 pub mod sigchld;
 pub mod sockdiag;
 pub mod spawn;
+pub mod spawner;
 pub mod sysv_ipc;
 pub mod tcp_repair;
 pub mod uffd;

@@ -1,0 +1,185 @@
+//! The daemon's spawner (`sys/spawner.rs`): a small process, started once,
+//! that forks the processes the daemon restores in its place, so that none
+//! of them starts as a copy of the agent. Each is still the agent's child,
+//! with the agent's descriptors, and runs [`child_main`] as a fork of the
+//! agent would, from a plan copied into memory the spawner shares.
+//!
+//! Single processes only (a tree's processes fork each other from a plan
+//! of the whole tree, and a process whose pid is taken here needs an init
+//! of a pid namespace of its own). One restore at a time uses it; a second
+//! one meanwhile, or any restore while it is not running, forks from the
+//! agent as before.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use super::RestoreError;
+use super::child::{ChildPlan, child_main};
+use super::layout::OwnLayout;
+use crate::sys::sched;
+use crate::sys::spawner::{self, SharedArena, Spawner};
+
+/// Room for the plans: python's is about 40 KiB, mostly its layout table.
+const ARENA_BYTES: usize = 16 << 20;
+
+struct Running {
+    spawner: Spawner<ChildPlan<'static>>,
+    arena: SharedArena,
+    /// The agent's memory it kept when it started.
+    kept: Vec<(u64, u64)>,
+}
+
+fn running() -> &'static Mutex<Option<Running>> {
+    static RUNNING: OnceLock<Mutex<Option<Running>>> = OnceLock::new();
+    RUNNING.get_or_init(|| Mutex::new(None))
+}
+
+/// Starts the spawner (once: later calls return its pid). Forked from a
+/// thread of its own, whose stack and thread-local storage it keeps.
+pub fn start() -> Result<i32, RestoreError> {
+    let mut running = running().lock().expect("spawner lock");
+    if let Some(running) = running.as_ref().filter(|r| !r.spawner.has_exited()) {
+        return Ok(running.spawner.pid());
+    }
+    let started = std::thread::Builder::new()
+        .name("persist-spawner".into())
+        .spawn(|| -> Result<Running, RestoreError> {
+            let arena = SharedArena::map(ARENA_BYTES).map_err(RestoreError::Fork)?;
+            let kept = kept_memory(&arena)?;
+            let spawner = Spawner::start(&kept, run_plan).map_err(RestoreError::Fork)?;
+            Ok(Running {
+                spawner,
+                arena,
+                kept,
+            })
+        })
+        .map_err(RestoreError::Fork)?
+        .join()
+        .map_err(|_| RestoreError::Layout("the thread starting the spawner panicked".into()))??;
+    let pid = started.spawner.pid();
+    *running = Some(started);
+    Ok(pid)
+}
+
+/// The spawner's pid and the bytes of its arena in use at most, while it
+/// runs: what it costs beside the agent.
+pub fn cost() -> Option<(i32, u64)> {
+    let running = running().lock().ok()?;
+    let running = running.as_ref()?;
+    Some((running.spawner.pid(), running.arena.high_water() as u64))
+}
+
+/// The memory the spawner keeps, which a process it forks starts with: a
+/// restorer region must not go there, even where the agent itself has
+/// since unmapped it (the stack of the thread that started it).
+pub(super) fn kept_ranges() -> Vec<(u64, u64)> {
+    running()
+        .lock()
+        .ok()
+        .and_then(|running| running.as_ref().map(|running| running.kept.clone()))
+        .unwrap_or_default()
+}
+
+/// Processes forked by the spawner and by the agent itself, since the
+/// start.
+static FORKED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// How many restored processes the spawner forked, and how many the agent
+/// forked itself (a tree's, one while the spawner was busy or not running,
+/// or one whose pid is taken here).
+pub fn forks() -> (u64, u64) {
+    (
+        FORKED[0].load(Ordering::Relaxed),
+        FORKED[1].load(Ordering::Relaxed),
+    )
+}
+
+/// Counts a process the agent forked itself.
+pub(super) fn count_agent_fork() {
+    FORKED[1].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Held while the process it forked may still read its plan in the arena:
+/// until its layout is built.
+pub(super) struct Lease {
+    _running: MutexGuard<'static, Option<Running>>,
+}
+
+/// What [`spawn`] did.
+pub(super) enum Spawned {
+    /// The process was forked, with this pid.
+    Forked(i32, Lease),
+    /// The spawner is not running, is busy with another restore, or the
+    /// pid is taken here: the caller forks it.
+    NotHere,
+}
+
+/// Has the spawner fork the process of `plan` with pid `pid`, at the
+/// calling thread's priority.
+pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreError> {
+    let Ok(mut guard) = running().try_lock() else {
+        return Ok(Spawned::NotHere);
+    };
+    let Some(running) = guard.as_mut().filter(|r| !r.spawner.has_exited()) else {
+        return Ok(Spawned::NotHere);
+    };
+    running.arena.reset();
+    let Some(placed) = plan
+        .copy_into(&mut running.arena)
+        .and_then(|copy| running.arena.place(copy))
+    else {
+        return Ok(Spawned::NotHere);
+    };
+    let realtime = sched::thread_policy(0).is_ok_and(|policy| policy == libc::SCHED_FIFO);
+    match running.spawner.fork(placed, pid, realtime) {
+        Ok(forked) => {
+            FORKED[0].fetch_add(1, Ordering::Relaxed);
+            Ok(Spawned::Forked(forked, Lease { _running: guard }))
+        }
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Ok(Spawned::NotHere),
+        Err(err) => {
+            // Its process may yet appear: it fails at its first step once
+            // the caller drops its end of the go pipe.
+            *guard = None;
+            Err(RestoreError::Fork(err))
+        }
+    }
+}
+
+/// What the spawner keeps of the agent's memory: the loaded objects, the
+/// calling thread's stack and thread-local storage, the vdso and vvar
+/// pages (a restored layout moves them from there) and the arena; sorted,
+/// overlaps merged.
+fn kept_memory(arena: &SharedArena) -> Result<Vec<(u64, u64)>, RestoreError> {
+    let own = OwnLayout::read()?;
+    let containing = |address: u64| {
+        own.ranges
+            .iter()
+            .copied()
+            .find(|&(start, end)| (start..end).contains(&address))
+    };
+    let on_stack = 0u8;
+    let mut keep = spawner::loaded_object_ranges();
+    keep.extend(
+        own.specials
+            .iter()
+            .map(|special| (special.start, special.end)),
+    );
+    keep.extend(containing(&raw const on_stack as u64));
+    keep.extend(containing(spawner::thread_pointer()));
+    keep.push(arena.range());
+    keep.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(keep.len());
+    for (start, end) in keep {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Ok(merged)
+}
+
+/// What a process the spawner forked runs.
+fn run_plan(plan: &'static ChildPlan<'static>) -> ! {
+    child_main(plan)
+}
