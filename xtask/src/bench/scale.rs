@@ -147,6 +147,9 @@ pub struct Tier {
     pub keeper_processes: usize,
     /// Their private memory and page tables, together.
     pub keeper_bytes: u64,
+    /// The private memory and page tables of the daemon's spawner, and of
+    /// the arena it shares with the agent (`restore/spawner.rs`).
+    pub spawner_bytes: u64,
     /// Drop of the host's MemAvailable per parked service, from before the
     /// first add, agent included (negative where it rose: other work on
     /// the host moves it too).
@@ -554,6 +557,7 @@ fn measure(sandbox: &Sandbox, list: &[Service], baseline: &Baseline) -> Result<T
         .map(|program| (program, average(&parked_bytes, Some(program))))
         .collect();
     let (keeper_processes, keeper_bytes) = keepers(sandbox);
+    let spawner_bytes = spawner_bytes(sandbox);
     Ok(Tier {
         agent_thread_names,
         skeletons_prepared: parked
@@ -565,6 +569,7 @@ fn measure(sandbox: &Sandbox, list: &[Service], baseline: &Baseline) -> Result<T
         agent_threads,
         keeper_processes,
         keeper_bytes,
+        spawner_bytes,
         host_bytes_per_service: (available_before as i64 - available_after as i64)
             / services as i64,
         namespace_bytes_per_service: (namespace_bytes(&sandbox.netns) as i64
@@ -1008,6 +1013,29 @@ fn keepers(sandbox: &Sandbox) -> (usize, u64) {
     (count, bytes)
 }
 
+/// What the daemon's spawner costs: its private memory, the memory it
+/// shares with the agent (its arena) and its page tables.
+fn spawner_bytes(sandbox: &Sandbox) -> u64 {
+    sandbox
+        .netns
+        .processes()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "persist-spawner")
+        })
+        .filter_map(|pid| {
+            procfs::process::Process::new(pid)
+                .and_then(|p| p.status())
+                .ok()
+        })
+        .map(|status| {
+            (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0) + status.vmpte.unwrap_or(0))
+                * 1024
+        })
+        .sum()
+}
+
 /// The scale run as Markdown: what holds for both tiers, then the two
 /// side by side.
 pub fn markdown(run: &ScaleRun) -> String {
@@ -1113,6 +1141,9 @@ pub fn markdown(run: &ScaleRun) -> String {
     });
     row("port keepers / their memory".into(), &|tier| {
         format!("{} / {}", tier.keeper_processes, kib(tier.keeper_bytes))
+    });
+    row("the spawner's memory".into(), &|tier| {
+        kib(tier.spawner_bytes)
     });
     row(
         "host MemAvailable drop per service (from before the first add, agent included)".into(),
