@@ -61,6 +61,19 @@ fn spawner_of(daemon: i32) -> Option<i32> {
         .find(|&pid: &i32| status_field(pid, "Name").as_deref() == Some("persist-spawner"))
 }
 
+/// The descriptor numbers at which `pid` holds the socket with `inode`.
+fn socket_numbers(pid: i32, inode: u64) -> Vec<i32> {
+    let socket = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.to_str() == Some(&socket))
+        })
+        .filter_map(|fd| fd.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Whether `pid` runs (a zombie does not).
 fn alive(pid: i32) -> bool {
     status_field(pid, "State").is_some_and(|state| !state.starts_with('Z'))
@@ -121,6 +134,20 @@ fn the_daemon_forks_restored_processes_from_its_spawner() {
     assert_eq!(forked_by(&sandbox, "spawner"), 1);
     assert_eq!(forked_by(&sandbox, "agent"), 0);
     wake_and_check(&sandbox, "hello", 8410, daemon);
+
+    // The daemon holds the service's listener numbered apart, above every
+    // descriptor a restore uses: a process the spawner forks takes a copy
+    // of the descriptors below only, not one listener per service.
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(sandbox.state_dir().join("run/hello.keeper.json")).unwrap(),
+    )
+    .unwrap();
+    let inode = record["listener_inode"].as_u64().unwrap();
+    let numbers = socket_numbers(daemon, inode);
+    assert!(
+        !numbers.is_empty() && numbers.iter().all(|&fd| fd >= 64),
+        "the daemon holds the listener at {numbers:?}"
+    );
 
     // Without it, the daemon forks them itself.
     nix::sys::signal::kill(

@@ -693,7 +693,10 @@ impl Registry {
                 }
             }
         };
-        let listener = Arc::new(listener);
+        // Held for as long as the service is registered: numbered where no
+        // restored process copies it.
+        let listener = Arc::new(crate::restore::set_apart(listener));
+        let group: Vec<OwnedFd> = group.into_iter().map(crate::restore::set_apart).collect();
         let mut prepared = None;
         self.keeper
             .ensure(&self.run_state, &spec.name, &listener, &group, kept);
@@ -707,7 +710,10 @@ impl Registry {
                     &spec.name,
                     spec.port,
                     listener.clone(),
-                    listener::clone_all(&group)?,
+                    listener::clone_all(&group)?
+                        .into_iter()
+                        .map(crate::restore::set_apart)
+                        .collect(),
                     match adopted_pager {
                         Some(pager) => Running::Filling(Box::new(pager)),
                         None if adopted.is_some() => Running::Filled,

@@ -176,6 +176,12 @@ impl<'a> ChildFds<'a> {
             .unwrap_or(-1)
     }
 
+    /// The highest of the agent's descriptors the child installs from, or
+    /// -1 if there is none.
+    pub fn max_source_fd(&self) -> RawFd {
+        self.slots.iter().map(|s| s.source).max().unwrap_or(-1)
+    }
+
     fn own_proc_files(&self) -> OwnProcFiles<'a> {
         OwnProcFiles(self.own_proc)
     }

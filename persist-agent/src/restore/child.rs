@@ -39,6 +39,8 @@ pub enum Step {
     IpcNamespace = 11,
     /// (a process of a tree) staging the memory its children share.
     Staging = 12,
+    /// Taking a descriptor table of its own.
+    OwnFds = 13,
 }
 
 impl Step {
@@ -57,6 +59,7 @@ impl Step {
             10 => Self::ForkChild,
             11 => Self::IpcNamespace,
             12 => Self::Staging,
+            13 => Self::OwnFds,
             _ => return None,
         })
     }
@@ -76,6 +79,7 @@ impl Step {
             Self::ForkChild => "forking a child process with its recorded pid",
             Self::IpcNamespace => "joining the IPC namespace of its System V shared memory",
             Self::Staging => "staging the private memory its children share",
+            Self::OwnFds => "taking a descriptor table of its own",
         }
     }
 }
@@ -114,6 +118,10 @@ pub struct ChildPlan<'a> {
     /// (a process of a tree) The mappings it stages before forking its
     /// children (`inherited_memory.rs`).
     pub staged: &'a [StagedMap],
+    /// Forked sharing the agent's descriptor table (by the spawner): its
+    /// first step is a table of its own with the descriptors below this
+    /// number only, every one it uses among them (`spawner.rs`).
+    pub own_fds_below: Option<RawFd>,
 }
 
 impl ChildPlan<'_> {
@@ -171,6 +179,12 @@ fn errno_of(err: &std::io::Error) -> i32 {
 /// Runs in the forked child: never returns.
 pub fn child_main(plan: &ChildPlan<'_>) -> ! {
     clone::block_all_signals();
+    // Before anything else: until then it shares the agent's table.
+    if let Some(below) = plan.own_fds_below
+        && let Err(err) = clone::own_fds_below(below)
+    {
+        fail(plan.status_fd, Step::OwnFds, errno_of(&err));
+    }
     join_ipc_namespace(plan);
     // The descriptors first: the agent's number the userfaultfd takes may
     // hold, in this copy of the agent's table, the source of one of them

@@ -80,7 +80,9 @@ pub(crate) use file_pages::check_runs as check_file_page_runs;
 pub use pager::{AddressEvent, EventJournal, FillGate, JournalError, Pager, PagerStats};
 pub(crate) use pager::{PlannedCopy, WhenCopied, help_each_then};
 pub use skeleton::{Continuer, OnPager, RestoreConfig, Restored, Skeleton, Timings};
-pub use spawner::{cost as spawner_cost, forks as spawner_forks, start as start_spawner};
+pub use spawner::{
+    cost as spawner_cost, forks as spawner_forks, set_apart, start as start_spawner,
+};
 pub use tree::TreeSkeleton;
 
 use crate::files::FilesError;

@@ -225,6 +225,7 @@ impl Setup {
             table_count: self.region.layout.count,
             ipc_namespace: self.ipc_namespace,
             staged: &self.staged_maps,
+            own_fds_below: None,
         }
     }
 
@@ -285,12 +286,19 @@ impl Setup {
         }
         let proc_self_positions = self.fds.proc_self_positions();
         // The child holds its own copies: ours are closed while it builds
-        // its layout.
-        drop(self.fds);
-        drop(self.resources);
+        // its layout. One the spawner forked shares our table until it
+        // takes its own copy: ours are closed once its layout is built.
+        let (fds, resources) = (self.fds, self.resources);
+        let held = if lease.is_some() {
+            Some((fds, resources))
+        } else {
+            drop((fds, resources));
+            None
+        };
         spawn::wait_for_layout(pid, &self.status_read)?;
-        // Its layout no longer maps the spawner's arena.
-        drop(lease);
+        // Its layout no longer maps the spawner's arena, nor shares our
+        // descriptors.
+        drop((lease, held));
         check_table(pid, &self.region.layout)?;
         let layout_time = forked_at.elapsed();
 

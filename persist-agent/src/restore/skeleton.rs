@@ -310,7 +310,11 @@ impl Skeleton {
             // a reaper of orphans.
             crate::sys::spawn::claim(pid);
         }
-        drop(ipc_namespace);
+        // Once the process has a descriptor table of its own: the
+        // spawner's shares ours until its layout.
+        if spawned.lease.is_none() {
+            drop(ipc_namespace);
+        }
         let skeleton = setup.finish(spawned, started, forked_at, config.on_pager, &mut guard)?;
         guard.pids.clear();
         guard.threads.clear();

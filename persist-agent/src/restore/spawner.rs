@@ -10,12 +10,14 @@
 //! one meanwhile, or any restore while it is not running, forks from the
 //! agent as before.
 
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::RestoreError;
 use super::child::{ChildPlan, child_main};
 use super::layout::OwnLayout;
+use super::spawn::dup_above;
 use crate::sys::sched;
 use crate::sys::spawner::{self, SharedArena, Spawner};
 
@@ -114,9 +116,50 @@ pub(super) enum Spawned {
     NotHere,
 }
 
+/// The lowest number of the agent's descriptors set apart
+/// ([`set_apart`]): half the open-files limit, at most 4,096 (the table's
+/// size follows its highest number).
+fn apart_from() -> RawFd {
+    static APART_FROM: OnceLock<RawFd> = OnceLock::new();
+    *APART_FROM.get_or_init(|| {
+        let soft = crate::sys::rlimit::get(0, libc::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        RawFd::try_from(soft / 2)
+            .unwrap_or(RawFd::MAX)
+            .clamp(64, 4096)
+    })
+}
+
+/// Numbers `fd`, which the agent holds for as long as a service is
+/// registered (its listener), apart from the descriptors a restore uses: a
+/// process the spawner forks never copies it (`own_fds_below`). With
+/// 10,000 services, copying their listeners into each cold wake's process
+/// and closing them there took milliseconds. `fd` as it was if no number
+/// is free up there.
+pub fn set_apart(fd: OwnedFd) -> OwnedFd {
+    let apart = fd
+        .try_clone()
+        .map_err(RestoreError::Fork)
+        .and_then(|copy| dup_above(copy, apart_from()));
+    apart.unwrap_or(fd)
+}
+
 /// Has the spawner fork the process of `plan` with pid `pid`, at the
 /// calling thread's priority.
 pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreError> {
+    // Its first step keeps the descriptors below this, of the agent's
+    // table it shares until then: every one it uses must be there.
+    let below = apart_from();
+    let highest_used = plan
+        .keep
+        .iter()
+        .copied()
+        .chain(plan.ipc_namespace)
+        .chain([plan.fds.max_source_fd(), plan.go_fd, plan.status_fd])
+        .max()
+        .unwrap_or(-1);
+    if highest_used >= below {
+        return Ok(Spawned::NotHere);
+    }
     let Ok(mut guard) = running().try_lock() else {
         return Ok(Spawned::NotHere);
     };
@@ -126,6 +169,10 @@ pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreEr
     running.arena.reset();
     let Some(placed) = plan
         .copy_into(&mut running.arena)
+        .map(|copy| ChildPlan {
+            own_fds_below: Some(below),
+            ..copy
+        })
         .and_then(|copy| running.arena.place(copy))
     else {
         return Ok(Spawned::NotHere);

@@ -186,6 +186,27 @@ pub fn read_exact_raw(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives the calling process a descriptor table of its own (it shared one:
+/// `CLONE_FILES`) holding only the descriptors below `below`: the kernel
+/// copies no others (`close_range` with `CLOSE_RANGE_UNSHARE`).
+/// Async-signal-safe.
+pub fn own_fds_below(below: RawFd) -> io::Result<()> {
+    const CLOSE_RANGE_UNSHARE: u32 = 1 << 1;
+    // SAFETY: close_range on descriptor numbers; no memory involved.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            below as u32,
+            u32::MAX,
+            CLOSE_RANGE_UNSHARE,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Closes every descriptor except those in `keep`, which must be sorted.
 /// Async-signal-safe.
 pub fn close_all_except(keep: &[RawFd]) {

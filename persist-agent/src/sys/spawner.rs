@@ -10,9 +10,11 @@
 //! (`CLONE_FILES`, so the processes it forks get the agent's descriptors as
 //! a fork of the agent would), unmaps everything but the code of the loaded
 //! objects, its own stack and the [`SharedArena`], and then forks on request
-//! (`CLONE_PARENT`, with a chosen pid): the new process is the agent's child,
-//! and starts from the spawner's small address space. It reads what it
-//! needs from the arena, which the agent fills before the request.
+//! (`CLONE_PARENT` and `CLONE_FILES`, with a chosen pid): the new process is
+//! the agent's child, starts from the spawner's small address space, and
+//! takes a table of its own of the descriptors it needs (the first step of
+//! its entry, which the caller provides). It reads what it needs from the
+//! arena, which the agent fills before the request.
 //!
 //! The spawner makes raw system calls only and never allocates: it runs on
 //! the agent's code without the agent's heap. It exits when the agent does
@@ -317,7 +319,10 @@ fn serve<T>(
         let pid = i32::from_ne_bytes(half);
         half.copy_from_slice(&request[12..]);
         set_realtime(u32::from_ne_bytes(half) != 0);
-        let answer: i64 = match clone::fork_with(libc::CLONE_PARENT as u64, Some(pid)) {
+        // Sharing the agent's descriptor table: the process takes a copy of
+        // the part it needs as its first step.
+        let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
+        let answer: i64 = match clone::fork_with(flags, Some(pid)) {
             // SAFETY: the agent sent the address of a `T` it placed in the
             // arena, which this process keeps mapped.
             Ok(Forked::Child) => entry(unsafe { &*(address as *const T) }),
