@@ -19,7 +19,7 @@ use super::child::{ChildPlan, child_main};
 use super::layout::OwnLayout;
 use super::spawn::dup_above;
 use crate::sys::sched;
-use crate::sys::spawner::{self, SharedArena, Spawner};
+use crate::sys::spawner::{self, ForkError, SharedArena, Spawner};
 
 /// Room for the plans: python's is about 40 KiB, mostly its layout table.
 const ARENA_BYTES: usize = 16 << 20;
@@ -183,10 +183,13 @@ pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreEr
             FORKED[0].fetch_add(1, Ordering::Relaxed);
             Ok(Spawned::Forked(forked, Lease { _running: guard }))
         }
-        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Ok(Spawned::NotHere),
-        Err(err) => {
-            // Its process may yet appear: it fails at its first step once
-            // the caller drops its end of the go pipe.
+        Err(ForkError::Refused(err)) if err.raw_os_error() == Some(libc::EEXIST) => {
+            Ok(Spawned::NotHere)
+        }
+        Err(ForkError::Refused(err)) => Err(RestoreError::Fork(err)),
+        Err(ForkError::Lost(err)) => {
+            // Not used again. Its process may yet appear: it fails at its
+            // first step once the caller drops its end of the go pipe.
             *guard = None;
             Err(RestoreError::Fork(err))
         }

@@ -221,24 +221,47 @@ impl<T: 'static> Spawner<T> {
     /// Has the spawner fork a process with pid `pid` (the agent's child),
     /// which runs the entry with `value` (placed in the arena the spawner
     /// keeps), in `SCHED_FIFO` if `realtime`. Returns its pid.
-    pub fn fork(&self, value: &'static T, pid: i32, realtime: bool) -> io::Result<i32> {
+    pub fn fork(&self, value: &'static T, pid: i32, realtime: bool) -> Result<i32, ForkError> {
+        self.request(value, pid, realtime)
+            .map_err(ForkError::Lost)?
+            .map_err(ForkError::Refused)
+    }
+
+    fn request(&self, value: &'static T, pid: i32, realtime: bool) -> io::Result<io::Result<i32>> {
         let address = value as *const T as u64;
         let mut request = [0u8; REQUEST_LEN];
         request[..8].copy_from_slice(&address.to_ne_bytes());
         request[8..12].copy_from_slice(&pid.to_ne_bytes());
         request[12..].copy_from_slice(&u32::from(realtime).to_ne_bytes());
-        nix::unistd::write(&self.requests, &request).map_err(io::Error::from)?;
-        let mut fds = [
-            nix::poll::PollFd::new(self.answers.as_fd(), nix::poll::PollFlags::POLLIN),
-            nix::poll::PollFd::new(self.pidfd.as_fd(), nix::poll::PollFlags::POLLIN),
-        ];
-        let timeout =
-            nix::poll::PollTimeout::try_from(ANSWER_TIMEOUT).unwrap_or(nix::poll::PollTimeout::MAX);
-        let ready = nix::poll::poll(&mut fds, timeout).map_err(io::Error::from)?;
-        let answered = fds[0]
-            .revents()
-            .is_some_and(|events| events.contains(nix::poll::PollFlags::POLLIN));
-        if ready == 0 || !answered {
+        // A signal handled on this thread (the runtime's SIGCHLD) must not
+        // end the wait: the answer would be read as the next request's.
+        loop {
+            match nix::unistd::write(&self.requests, &request) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(err) => return Err(err.into()),
+                Ok(_) => break,
+            }
+        }
+        let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
+        let answered = loop {
+            let mut fds = [
+                nix::poll::PollFd::new(self.answers.as_fd(), nix::poll::PollFlags::POLLIN),
+                nix::poll::PollFd::new(self.pidfd.as_fd(), nix::poll::PollFlags::POLLIN),
+            ];
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let timeout =
+                nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX);
+            match nix::poll::poll(&mut fds, timeout) {
+                Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
+                Err(err) => return Err(err.into()),
+                Ok(_) => {
+                    break fds[0]
+                        .revents()
+                        .is_some_and(|events| events.contains(nix::poll::PollFlags::POLLIN));
+                }
+            }
+        };
+        if !answered {
             return Err(io::Error::other(format!(
                 "the spawner (pid {}) did not answer",
                 self.pid()
@@ -246,11 +269,24 @@ impl<T: 'static> Spawner<T> {
         }
         let mut answer = [0u8; 8];
         clone::read_exact_raw(self.answers.as_raw_fd(), &mut answer)?;
-        match i64::from_ne_bytes(answer) {
+        Ok(match i64::from_ne_bytes(answer) {
             forked if forked > 0 => Ok(forked as i32),
             errno => Err(io::Error::from_raw_os_error(-errno as i32)),
-        }
+        })
     }
+}
+
+/// Why a [`Spawner::fork`] forked nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// The fork failed in the spawner (the pid is taken, no memory): it
+    /// goes on serving.
+    #[error("forking the process: {0}")]
+    Refused(#[source] io::Error),
+    /// The spawner did not answer, or could not be asked: what it did is
+    /// unknown.
+    #[error("asking the spawner: {0}")]
+    Lost(#[source] io::Error),
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
