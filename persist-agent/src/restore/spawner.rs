@@ -21,7 +21,7 @@ use super::spawn::dup_above;
 use crate::sys::sched;
 use crate::sys::spawner::{self, ForkError, SharedArena, Spawner};
 
-/// Room for the plans: python's is about 40 KiB, mostly its layout table.
+/// Room for the plans: python's is 20 KiB, mostly its layout table.
 const ARENA_BYTES: usize = 16 << 20;
 
 struct Running {
