@@ -71,7 +71,7 @@ pub(super) fn spawn(
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,
 ) -> Result<Spawned, RestoreError> {
-    if let spawner::Spawned::Forked(pid, lease) = spawner::spawn(plan, recorded_pid)? {
+    if let spawner::Outcome::Forked(pid, lease) = spawner::spawn(plan, recorded_pid)? {
         seize_forked(pid, pipes, guard, TRACE_OPTIONS)?;
         return Ok(Spawned {
             pid,

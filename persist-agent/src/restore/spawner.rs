@@ -108,7 +108,7 @@ pub(super) struct Lease {
 }
 
 /// What [`spawn`] did.
-pub(super) enum Spawned {
+pub(super) enum Outcome {
     /// The process was forked, with this pid.
     Forked(i32, Lease),
     /// The spawner is not running, is busy with another restore, or the
@@ -145,7 +145,7 @@ pub fn set_apart(fd: OwnedFd) -> OwnedFd {
 
 /// Has the spawner fork the process of `plan` with pid `pid`, at the
 /// calling thread's priority.
-pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreError> {
+pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Outcome, RestoreError> {
     // Its first step keeps the descriptors below this, of the agent's
     // table it shares until then: every one it uses must be there.
     let below = apart_from();
@@ -158,13 +158,13 @@ pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreEr
         .max()
         .unwrap_or(-1);
     if highest_used >= below {
-        return Ok(Spawned::NotHere);
+        return Ok(Outcome::NotHere);
     }
     let Ok(mut guard) = running().try_lock() else {
-        return Ok(Spawned::NotHere);
+        return Ok(Outcome::NotHere);
     };
     let Some(running) = guard.as_mut().filter(|r| !r.spawner.has_exited()) else {
-        return Ok(Spawned::NotHere);
+        return Ok(Outcome::NotHere);
     };
     running.arena.reset();
     let Some(placed) = plan
@@ -175,16 +175,16 @@ pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Spawned, RestoreEr
         })
         .and_then(|copy| running.arena.place(copy))
     else {
-        return Ok(Spawned::NotHere);
+        return Ok(Outcome::NotHere);
     };
     let realtime = sched::thread_policy(0).is_ok_and(|policy| policy == libc::SCHED_FIFO);
     match running.spawner.fork(placed, pid, realtime) {
         Ok(forked) => {
             FORKED[0].fetch_add(1, Ordering::Relaxed);
-            Ok(Spawned::Forked(forked, Lease { _running: guard }))
+            Ok(Outcome::Forked(forked, Lease { _running: guard }))
         }
         Err(ForkError::Refused(err)) if err.raw_os_error() == Some(libc::EEXIST) => {
-            Ok(Spawned::NotHere)
+            Ok(Outcome::NotHere)
         }
         Err(ForkError::Refused(err)) => Err(RestoreError::Fork(err)),
         Err(ForkError::Lost(err)) => {
