@@ -330,6 +330,21 @@ impl Sandbox {
         }
     }
 
+    /// The daemon's metrics page, from `--metrics 127.0.0.1:PORT`, fetched
+    /// inside the namespace (the HTTP answer, headers included).
+    pub fn metrics_page(&self, port: u16) -> String {
+        use std::io::{Read, Write};
+        self.netns
+            .enter(|| {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+                let mut text = String::new();
+                stream.read_to_string(&mut text).unwrap();
+                text
+            })
+            .expect("entering the test namespace")
+    }
+
     /// Kills the port keeper of the state directory, which outlives its
     /// daemon while it holds a listening socket, by the pid it greets its
     /// connections with. Call with no daemon running: the keeper serves one

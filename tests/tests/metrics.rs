@@ -1,24 +1,8 @@
 //! The daemon exports Prometheus metrics of wakes, latencies and parked cost.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use persist_tests::{Sandbox, binary, wait_until};
-
-/// The daemon's metrics page, fetched inside the sandbox's namespace.
-fn scrape(sandbox: &Sandbox, port: u16) -> String {
-    sandbox
-        .netns
-        .enter(|| {
-            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
-        })
-        .unwrap()
-}
 
 /// The value of `metric` in a metrics page.
 fn value(text: &str, metric: &str) -> Option<f64> {
@@ -44,7 +28,7 @@ fn metrics_count_wakes_and_latencies() {
     // a moment after the answer reached the client.
     let mut text = String::new();
     let _ = wait_until(Duration::from_secs(10), || {
-        text = scrape(&sandbox, 9187);
+        text = sandbox.metrics_page(9187);
         text.contains("persist_wakes_total{service=\"hello\"} 1")
     });
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
@@ -106,7 +90,7 @@ fn parked_bytes_are_what_status_reports_for_the_skeleton() {
         status["parked_cost"]["kernel_bytes"].as_u64() > Some(16 << 10),
         "kernel objects are counted, a kernel stack at least: {status}"
     );
-    let text = scrape(&sandbox, 9188);
+    let text = sandbox.metrics_page(9188);
     let metric = value(&text, "persist_parked_bytes{service=\"hello\"}")
         .unwrap_or_else(|| panic!("no parked bytes metric for hello: {text}"))
         as u64;

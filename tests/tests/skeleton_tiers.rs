@@ -42,20 +42,6 @@ fn wait_for_tiers(sandbox: &Sandbox, tiers: &[(&str, &str)]) {
     );
 }
 
-/// The daemon's metrics page, from `--metrics 127.0.0.1:PORT`.
-fn scrape(sandbox: &Sandbox, port: u16) -> String {
-    sandbox
-        .netns
-        .enter(|| {
-            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
-        })
-        .unwrap()
-}
-
 fn answers(sandbox: &Sandbox, port: u16) {
     let body = sandbox
         .http_get(port)
@@ -250,7 +236,7 @@ fn the_tiers_survive_a_daemon_restart() {
         .start_daemon_with(&["--skeleton-budget", "1KiB", "--metrics", "127.0.0.1:9633"])
         .unwrap();
     wait_for_tiers(&sandbox, &[("cold", "on disk"), ("pinned", "prepared")]);
-    let metrics = scrape(&sandbox, 9633);
+    let metrics = sandbox.metrics_page(9633);
     let held = sandbox.service("pinned").unwrap()["skeleton_bytes"]
         .as_u64()
         .unwrap();

@@ -3,32 +3,16 @@
 //! with its descriptors, the spawner holds next to none of the agent's
 //! memory and ends with it, and a restore goes on without it.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use persist_tests::{Sandbox, binary, wait_until};
 
 const METRICS_PORT: u16 = 9189;
 
-/// The daemon's metrics page, fetched inside the sandbox's namespace.
-fn scrape(sandbox: &Sandbox) -> String {
-    sandbox
-        .netns
-        .enter(|| {
-            let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
-        })
-        .unwrap()
-}
-
 /// How many restored processes `by` (the spawner or the agent) forked.
 fn forked_by(sandbox: &Sandbox, by: &str) -> u64 {
     let metric = format!("persist_processes_forked{{by=\"{by}\"}} ");
-    let text = scrape(sandbox);
+    let text = sandbox.metrics_page(METRICS_PORT);
     text.lines()
         .find_map(|line| line.strip_prefix(&metric))
         .and_then(|value| value.trim().parse().ok())

@@ -354,7 +354,8 @@ fn serve<T>(
         half.copy_from_slice(&request[8..12]);
         let pid = i32::from_ne_bytes(half);
         half.copy_from_slice(&request[12..]);
-        set_realtime(u32::from_ne_bytes(half) != 0);
+        // Async-signal-safe: one system call, no allocation.
+        let _ = super::sched::set_current_thread_realtime(u32::from_ne_bytes(half) != 0);
         // Sharing the agent's descriptor table: the process takes a copy of
         // the part it needs as its first step.
         let flags = (libc::CLONE_PARENT | libc::CLONE_FILES) as u64;
@@ -367,19 +368,4 @@ fn serve<T>(
         };
         clone::write_all_raw(answers, &answer.to_ne_bytes());
     }
-}
-
-/// Puts the calling thread in `SCHED_FIFO` (lowest priority) or
-/// `SCHED_OTHER`. Async-signal-safe.
-fn set_realtime(realtime: bool) {
-    let (policy, priority) = if realtime {
-        (libc::SCHED_FIFO, 1)
-    } else {
-        (libc::SCHED_OTHER, 0)
-    };
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: sched_setscheduler reads the local `sched_param`.
-    unsafe { libc::sched_setscheduler(0, policy, &param) };
 }
