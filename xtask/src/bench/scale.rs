@@ -974,9 +974,16 @@ fn thread_names(pid: i32) -> BTreeMap<String, usize> {
 /// MemAvailable, other work on the host does not move it; unlike the
 /// host, it leaves out kernel objects.
 fn namespace_bytes(netns: &NetNs) -> u64 {
-    netns
+    processes_costing(netns, |_| true).1
+}
+
+/// The processes in `netns` that `chosen` picks, and their private memory
+/// (anonymous and shmem) and page tables together.
+fn processes_costing(netns: &NetNs, chosen: impl Fn(i32) -> bool) -> (usize, u64) {
+    let bytes: Vec<u64> = netns
         .processes()
         .into_iter()
+        .filter(|&pid| chosen(pid))
         .filter_map(|pid| {
             procfs::process::Process::new(pid)
                 .and_then(|process| process.status())
@@ -986,54 +993,28 @@ fn namespace_bytes(netns: &NetNs) -> u64 {
             (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0) + status.vmpte.unwrap_or(0))
                 * 1024
         })
-        .sum()
+        .collect();
+    (bytes.len(), bytes.iter().sum())
 }
 
 /// The port keepers in the sandbox (named `persist-port-keeper` on their
 /// command line, one per service in earlier agents), and what they cost
 /// together: private memory and page tables.
 fn keepers(sandbox: &Sandbox) -> (usize, u64) {
-    let mut count = 0;
-    let mut bytes = 0;
-    for pid in sandbox.netns.processes() {
-        let is_keeper = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|cmdline| cmdline.starts_with(b"persist-port-keeper\0"));
-        let Ok(status) = procfs::process::Process::new(pid).and_then(|process| process.status())
-        else {
-            continue;
-        };
-        if is_keeper {
-            count += 1;
-            bytes += (status.rssanon.unwrap_or(0)
-                + status.rssshmem.unwrap_or(0)
-                + status.vmpte.unwrap_or(0))
-                * 1024;
-        }
-    }
-    (count, bytes)
+    processes_costing(&sandbox.netns, |pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| cmdline.starts_with(b"persist-port-keeper\0"))
+    })
 }
 
 /// What the daemon's spawner costs: its private memory, the memory it
 /// shares with the agent (its arena) and its page tables.
 fn spawner_bytes(sandbox: &Sandbox) -> u64 {
-    sandbox
-        .netns
-        .processes()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.trim() == "persist-spawner")
-        })
-        .filter_map(|pid| {
-            procfs::process::Process::new(pid)
-                .and_then(|p| p.status())
-                .ok()
-        })
-        .map(|status| {
-            (status.rssanon.unwrap_or(0) + status.rssshmem.unwrap_or(0) + status.vmpte.unwrap_or(0))
-                * 1024
-        })
-        .sum()
+    processes_costing(&sandbox.netns, |pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim() == "persist-spawner")
+    })
+    .1
 }
 
 /// The scale run as Markdown: what holds for both tiers, then the two
