@@ -410,7 +410,7 @@ pub fn status_table(services: &[ServiceStatus]) -> String {
     if parked_note {
         out.push_str(
             "* parked cost: memory, page tables and kernel objects of the prepared skeleton \
-             if any, and a share of the agent and its port keeper\n",
+             if any, and a share of the agent, its port keeper and its spawner\n",
         );
     }
     out

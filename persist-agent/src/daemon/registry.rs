@@ -1029,7 +1029,8 @@ impl Registry {
                     .as_ref()
                     .and_then(|report| report.lock().expect("lock").last_pager);
                 // A parked service costs its prepared skeleton and a share
-                // of the agent and its port keeper (docs/parked-cost.md); a
+                // of the agent, its port keeper and its spawner
+                // (docs/parked-cost.md); a
                 // keeper of its own, left by an earlier agent, is its alone.
                 let mut parked_cost = None;
                 let mut skeleton_pid = None;
