@@ -150,6 +150,9 @@ fn services_of_one_program_share_pages_and_stay_restorable_on_their_own() {
         inode(&images.join("fifth/pages.base.0")),
         inode(&images.join("fourth/pages"))
     );
+    // The fourth took the first's slot in the SYN watcher's maps: its
+    // wakes must reach it, not what the slot named before.
+    answers_as_itself(&sandbox, "fourth", 8803);
     answers_as_itself(&sandbox, "fifth", 8804);
 }
 
