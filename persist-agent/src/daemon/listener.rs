@@ -109,9 +109,14 @@ pub fn bound_address(listener: &impl AsFd) -> io::Result<(SocketAddr, bool)> {
     ))
 }
 
-/// Duplicates of `listeners`.
+/// Duplicates of `listeners`, held for as long as their service is
+/// registered: numbered apart from what a restore copies
+/// ([`crate::restore::set_apart`]).
 pub fn clone_all(listeners: &[OwnedFd]) -> io::Result<Vec<OwnedFd>> {
-    listeners.iter().map(OwnedFd::try_clone).collect()
+    listeners
+        .iter()
+        .map(|listener| crate::restore::copy_apart(listener.as_fd()))
+        .collect()
 }
 
 /// True when connections wait in the listener's accept queue.

@@ -337,18 +337,19 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
     // A daemon that just exited holds its lock a moment longer: its spawner
     // shares its descriptors until it sees it gone (restore/spawner.rs).
     let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
     loop {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(lock),
-            Err(_) if std::time::Instant::now() < deadline => {
+            Err((unlocked, _)) if std::time::Instant::now() < deadline => {
+                file = unlocked;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(_) => bail!(

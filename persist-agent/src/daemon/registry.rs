@@ -1,7 +1,7 @@
 //! The daemon's registered services: adding, removing, waking and reporting them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +23,9 @@ use super::restore_pool::RestorePool;
 use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
 use super::run_state::{self, RunStateDir};
 use super::skeleton_budget::{Candidate, Order, SkeletonCosts};
-use super::supervisor::{Command, GenerationsCommand, Handle, Shared, Starter, State, Supervisor};
+use super::supervisor::{
+    Command, GenerationsCommand, Handle, Published, Shared, Starter, State, Supervisor, Waker,
+};
 use super::takeover::{recover_checkpoint, take_over};
 use crate::control::{HistoryEntry, ServiceStatus, SkeletonSummary};
 use crate::process_tree;
@@ -140,11 +142,13 @@ pub struct Registry {
     /// The process that holds every service's listener while no daemon does.
     keeper: PortKeeper,
     services: Mutex<BTreeMap<String, Handle>>,
-    /// Each service's name by its slot in the SYN watcher's maps, which a
-    /// wake event names: found at once among 10,000 services, where a pass
-    /// over them all on the SYN's path (the services' lock held) took
-    /// hundreds of µs. Changed with `services` held, taken alone.
-    by_slot: Mutex<HashMap<u32, String>>,
+    /// What a SYN's wake needs of each service, by its slot in the SYN
+    /// watcher's maps, which a wake event names. The wake thread takes
+    /// this lock alone, never `services`: `status` holds that one while it
+    /// reads every service's counters from the BPF maps (10,000 lookups),
+    /// and a pass over every service on the SYN's path took hundreds of µs.
+    /// Changed with `services` held.
+    by_slot: Mutex<HashMap<u32, Wakeable>>,
     /// Names and ports of services being added, by name: reserved before
     /// anything is built, so that adds running at once never build one
     /// image twice nor start two commands on one port. Taken after
@@ -676,14 +680,14 @@ impl Registry {
         let provided = provided.or(left_listener);
         let (listener, group) = match (&adopted, provided, &kept) {
             (Some(adopted), _, _) => (
-                adopted.listener.try_clone()?,
+                crate::restore::copy_apart(adopted.listener.as_fd())?,
                 listener::clone_all(&adopted.group)?,
             ),
             (None, Some(provided), _) => provided,
             (None, None, Some(kept)) => {
                 info!(service = %spec.name, pid = kept.record.pid, "took the listener back from the port keeper");
                 (
-                    kept.listener.try_clone()?,
+                    crate::restore::copy_apart(kept.listener.as_fd())?,
                     listener::clone_all(&kept.group)?,
                 )
             }
@@ -701,7 +705,7 @@ impl Registry {
             }
         };
         // Held for as long as the service is registered: numbered where no
-        // restored process copies it.
+        // restored process copies it (the copies above are already).
         let listener = Arc::new(crate::restore::set_apart(listener));
         let group: Vec<OwnedFd> = group.into_iter().map(crate::restore::set_apart).collect();
         let mut prepared = None;
@@ -717,10 +721,7 @@ impl Registry {
                     &spec.name,
                     spec.port,
                     listener.clone(),
-                    listener::clone_all(&group)?
-                        .into_iter()
-                        .map(crate::restore::set_apart)
-                        .collect(),
+                    listener::clone_all(&group)?,
                     match adopted_pager {
                         Some(pager) => Running::Filling(Box::new(pager)),
                         None if adopted.is_some() => Running::Filled,
@@ -777,10 +778,14 @@ impl Registry {
             adopted,
             starter,
         );
+        let wakeable = Wakeable {
+            published: handle.published.clone(),
+            waker: handle.waker(),
+        };
         self.by_slot
             .lock()
             .expect("lock")
-            .insert(handle.slot, name.clone());
+            .insert(handle.slot, wakeable);
         services.insert(name, handle);
         Ok(prepared)
     }
@@ -992,19 +997,15 @@ impl Registry {
     pub fn wake(&self, event: &WakeEvent) {
         let event_us = super::since_monotonic_us(event.syn_ns);
         // Woken outside the lock: the wake may copy pages for a while.
-        let name = self
+        let waker = self
             .by_slot
             .lock()
             .expect("lock")
             .get(&event.service_id)
-            .cloned();
-        let waker = {
-            let services = self.services.lock().expect("lock");
-            name.and_then(|name| services.get(&name)).map(|handle| {
-                handle.published.lock().expect("lock").last_event_us = Some(event_us);
-                handle.waker()
-            })
-        };
+            .map(|wakeable| {
+                wakeable.published.lock().expect("lock").last_event_us = Some(event_us);
+                wakeable.waker.clone()
+            });
         match waker {
             Some(waker) => waker.wake(event.syn_ns),
             None => warn!(slot = event.service_id, "wake event for an unused slot"),
@@ -1188,6 +1189,12 @@ fn check_free_in(
         });
     }
     Ok(())
+}
+
+/// What a SYN's wake needs of one service ([`Registry::wake`]).
+struct Wakeable {
+    published: Arc<Mutex<Published>>,
+    waker: Waker,
 }
 
 /// The name and port of a service being added, held until the add ends.

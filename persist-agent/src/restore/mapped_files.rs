@@ -65,7 +65,7 @@ pub(super) fn open_mapped_file(
             libc::minor(meta.dev())
         )));
     }
-    dup_above(file.into(), min)
+    dup_above(file, min)
 }
 
 /// Opens `file` (opened by [`open_mapped_file`] for the mapping at `start`)
@@ -82,7 +82,7 @@ pub(super) fn reopen_mapped_file(
 ) -> Result<OwnedFd, RestoreError> {
     let again = files::reopen_recorded(file, open_flags(writable), access)
         .map_err(open_error(start, path))?;
-    dup_above(again.into(), min)
+    dup_above(again, min)
 }
 
 /// How a mapped file is opened: for writing only for a shared writable

@@ -81,7 +81,7 @@ pub use pager::{AddressEvent, EventJournal, FillGate, JournalError, Pager, Pager
 pub(crate) use pager::{PlannedCopy, WhenCopied, help_each_then};
 pub use skeleton::{Continuer, OnPager, RestoreConfig, Restored, Skeleton, Timings};
 pub use spawner::{
-    cost as spawner_cost, forks as spawner_forks, set_apart, start as start_spawner,
+    copy_apart, cost as spawner_cost, forks as spawner_forks, set_apart, start as start_spawner,
 };
 pub use tree::TreeSkeleton;
 

@@ -203,8 +203,8 @@ impl Resources {
         Ok(Self {
             mapping_fds,
             held,
-            exe: dup_above(exe.into(), min)?,
-            cwd: dup_above(cwd.into(), min)?,
+            exe: dup_above(exe, min)?,
+            cwd: dup_above(cwd, min)?,
             attributes: Attributes {
                 rlimits,
                 session_set: false,

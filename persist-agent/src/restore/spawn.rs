@@ -2,7 +2,7 @@
 //! under ptrace: the agent's side of [`super::child`], up to the end of the
 //! restorer table that builds its layout.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::signal::Signal;
 
@@ -211,7 +211,7 @@ pub(super) fn pipe_above(min: RawFd) -> Result<(OwnedFd, OwnedFd), RestoreError>
     Ok((dup_above(read, min)?, dup_above(write, min)?))
 }
 
-pub(super) fn dup_above(fd: OwnedFd, min: RawFd) -> Result<OwnedFd, RestoreError> {
+pub(super) fn dup_above(fd: impl AsFd, min: RawFd) -> Result<OwnedFd, RestoreError> {
     let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))
         .map_err(|e| RestoreError::Fork(e.into()))?;
     // SAFETY: fcntl just returned this new descriptor and nothing else owns it.

@@ -10,7 +10,7 @@
 //! one meanwhile, or any restore while it is not running, forks from the
 //! agent as before.
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -133,14 +133,19 @@ fn apart_from() -> RawFd {
 /// registered (its listener), apart from the descriptors a restore uses: a
 /// process the spawner forks never copies it (`own_fds_below`). With
 /// 10,000 services, copying their listeners into each cold wake's process
-/// and closing them there took milliseconds. `fd` as it was if no number
-/// is free up there.
+/// and closing them there took milliseconds. `fd` as it was if it is
+/// apart already or no number is free up there.
 pub fn set_apart(fd: OwnedFd) -> OwnedFd {
-    let apart = fd
-        .try_clone()
-        .map_err(RestoreError::Fork)
-        .and_then(|copy| dup_above(copy, apart_from()));
-    apart.unwrap_or(fd)
+    if fd.as_raw_fd() >= apart_from() {
+        return fd;
+    }
+    dup_above(&fd, apart_from()).unwrap_or(fd)
+}
+
+/// A copy of `fd` numbered apart as [`set_apart`] numbers it, or at the
+/// lowest free number if none is free up there.
+pub fn copy_apart(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    dup_above(fd, apart_from()).or_else(|_| fd.try_clone_to_owned())
 }
 
 /// Has the spawner fork the process of `plan` with pid `pid`, at the

@@ -190,6 +190,7 @@ impl Handle {
 }
 
 /// Routes a SYN's wake to one service.
+#[derive(Clone)]
 pub struct Waker {
     name: String,
     commands: mpsc::UnboundedSender<Command>,
