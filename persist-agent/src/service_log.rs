@@ -87,18 +87,15 @@ pub fn rotate_if_larger(path: &Path, max_bytes: u64) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Rotates every `*.log` file of `logs_dir` larger than `max_bytes`,
-/// returning the logs it rotated and the errors met, each with its file.
-pub fn rotate_dir(logs_dir: &Path, max_bytes: u64) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
+/// Rotates each of `logs` that is larger than `max_bytes` (a missing one
+/// is skipped), returning the logs it rotated and the errors met, each with
+/// its file.
+pub fn rotate_each(
+    logs: impl IntoIterator<Item = PathBuf>,
+    max_bytes: u64,
+) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
     let (mut rotated, mut failed) = (Vec::new(), Vec::new());
-    let entries = match fs::read_dir(logs_dir) {
-        Ok(entries) => entries,
-        Err(err) => return (rotated, vec![(logs_dir.to_owned(), err)]),
-    };
-    for path in entries.filter_map(|entry| entry.ok().map(|e| e.path())) {
-        if path.extension().is_none_or(|ext| ext != "log") {
-            continue;
-        }
+    for path in logs {
         match rotate_if_larger(&path, max_bytes) {
             Ok(true) => rotated.push(path),
             Ok(false) => {}
@@ -214,7 +211,7 @@ mod tests {
             "under the limit"
         );
         log.write_all(&[b'x'; 100]).unwrap();
-        let (rotated, failed) = rotate_dir(dir.path(), 100);
+        let (rotated, failed) = rotate_each([log_path.clone(), path(dir.path(), "gone")], 100);
         assert_eq!(rotated, std::slice::from_ref(&log_path));
         assert!(failed.is_empty(), "{failed:?}");
         let older = fs::read(rotated_path(&log_path)).unwrap();

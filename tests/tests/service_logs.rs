@@ -181,6 +181,43 @@ fn a_log_past_its_size_limit_is_rotated_and_the_service_writes_on() {
 }
 
 #[test]
+fn a_log_that_grew_until_its_service_parked_is_rotated_while_parked() {
+    persist_tests::require_root!();
+    let mut sandbox = Sandbox::new().unwrap();
+    sandbox
+        .start_daemon_with(&["--log-max-bytes", "2048"])
+        .unwrap();
+    let root = web_root();
+    add_http_server(&sandbox, "web", 8000, root.path(), &[]);
+    let log = log_file(&sandbox, "web");
+    let padding = "x".repeat(100);
+    // Past the limit and parked at once: the daemon looks at the logs of
+    // services that run, or ran since its last look, and a parked one's
+    // log must not be forgotten.
+    for n in 0..30 {
+        get(&sandbox, 8000, &format!("/request-{n}-{padding}"));
+    }
+    sandbox.agent_ok(&["park", "web"]).unwrap();
+    let rotated = sandbox.state_dir().join("logs/web.log.1");
+    wait_until(Duration::from_secs(10), || {
+        rotated.exists() && std::fs::metadata(&log).is_ok_and(|m| m.len() <= 2048)
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "web.log ({:?} bytes) was not rotated to web.log.1 after the park\ndaemon log:\n{}",
+            std::fs::metadata(&log).map(|m| m.len()),
+            sandbox.daemon_log()
+        )
+    });
+    let status = sandbox.service("web").unwrap();
+    assert_eq!(status["state"], "parked", "{status}");
+    assert!(
+        logs(&sandbox, "web").contains("/request-29-"),
+        "`logs` shows the rotated part"
+    );
+}
+
+#[test]
 fn exec_and_inetd_output_goes_to_the_services_log() {
     persist_tests::require_root!();
     let sandbox = Sandbox::with_daemon().unwrap();

@@ -45,6 +45,7 @@ mod generations;
 mod idle;
 mod keeper;
 mod listener;
+mod log_rotation;
 mod memory;
 mod metrics;
 mod pagers;
@@ -109,9 +110,6 @@ const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::fro
 
 /// Default of [`DaemonOptions::log_max_bytes`]: 10 MiB.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 << 20;
-
-/// How often the services' logs are checked against their size limit.
-const LOG_ROTATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
@@ -190,7 +188,11 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     tokio::spawn(control_server::serve(control, registry.clone()));
     tokio::spawn(reaper::reap_orphans());
     tokio::spawn(skeleton_budget::enforce(registry.clone()));
-    tokio::spawn(rotate_logs(state_dir.join("logs"), options.log_max_bytes));
+    tokio::spawn(log_rotation::rotate_logs(
+        registry.clone(),
+        state_dir.join("logs"),
+        options.log_max_bytes,
+    ));
     if let Some(addr) = options.metrics {
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -256,28 +258,6 @@ async fn serve(state_dir: &Path, options: &DaemonOptions) -> Result<()> {
     }
     let _ = fs::remove_file(crate::control::socket_path(state_dir));
     Ok(())
-}
-
-/// Keeps every service's log under `max_bytes`, checking them each
-/// [`LOG_ROTATE_INTERVAL`], until the daemon exits.
-async fn rotate_logs(logs_dir: PathBuf, max_bytes: u64) {
-    let mut ticks = tokio::time::interval(LOG_ROTATE_INTERVAL);
-    loop {
-        ticks.tick().await;
-        let dir = logs_dir.clone();
-        let Ok((rotated, failed)) =
-            tokio::task::spawn_blocking(move || crate::service_log::rotate_dir(&dir, max_bytes))
-                .await
-        else {
-            continue;
-        };
-        for log in rotated {
-            info!("rotated {} (larger than {max_bytes} bytes)", log.display());
-        }
-        for (log, err) in failed {
-            warn!("rotating {}: {err}", log.display());
-        }
-    }
 }
 
 /// Logs what a reload of the services directory did.

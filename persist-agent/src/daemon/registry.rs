@@ -1,6 +1,6 @@
 //! The daemon's registered services: adding, removing, waking and reporting them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use super::metrics::Metrics;
 use super::pagers::Pagers;
 use super::parked_cost::{AgentBaseline, agent_share, parked_cost as parked_cost_of};
 use super::restore_pool::RestorePool;
-use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerShared};
+use super::restore_worker::{RestoreWorker, Running, WakeOptions, WorkerReport, WorkerShared};
 use super::run_state::{self, RunStateDir};
 use super::skeleton_budget::{Candidate, Order, SkeletonCosts};
 use super::supervisor::{
@@ -222,49 +222,79 @@ impl Registry {
         self.skeleton_budget
     }
 
+    /// Runs `visit` on every registered service's handle, with the
+    /// services' lock held: it must not call the registry.
+    pub(super) fn visit_services(&self, mut visit: impl FnMut(&Handle)) {
+        self.services
+            .lock()
+            .expect("lock")
+            .values()
+            .for_each(&mut visit);
+    }
+
     /// Every parked snapshot service, as the skeleton budget sees it.
+    ///
+    /// Called every [`super::skeleton_budget::ENFORCE_PERIOD`] over every
+    /// service: it copies only what the budget reads, and a name only for
+    /// a candidate.
     pub(super) fn skeleton_candidates(&self) -> Vec<Candidate> {
-        let views: Vec<_> = {
+        struct View {
+            spec: Arc<ServiceSpec>,
+            keep: KeepSkeleton,
+            published: Arc<Mutex<Published>>,
+            report: Arc<Mutex<WorkerReport>>,
+        }
+        let views: Vec<View> = {
             let services = self.services.lock().expect("lock");
             services
                 .values()
                 .filter_map(|handle| {
-                    let report = handle.worker_report.clone()?;
-                    let keep = handle.spec.snapshot.as_ref()?.keep_skeleton;
-                    Some((
-                        handle.spec.name.clone(),
-                        keep,
-                        handle.published.clone(),
-                        report,
-                    ))
+                    Some(View {
+                        keep: handle.spec.snapshot.as_ref()?.keep_skeleton,
+                        report: handle.worker_report.clone()?,
+                        spec: Arc::clone(&handle.spec),
+                        published: Arc::clone(&handle.published),
+                    })
                 })
                 .collect()
         };
-        let mut live = Vec::new();
+        let mut live = HashSet::new();
         let mut candidates = Vec::new();
-        for (name, keep, published, report) in views {
-            let (state, pid, last_woken) = {
-                let published = published.lock().expect("lock");
-                (published.state, published.pid, published.last_woken)
+        for view in views {
+            let (parked, last_woken) = {
+                let published = view.published.lock().expect("lock");
+                (
+                    published.state == State::Parked && published.pid.is_none(),
+                    published.last_woken,
+                )
             };
-            let report = report.lock().expect("lock").clone();
-            live.extend(report.skeleton_pid);
-            if state != State::Parked || pid.is_some() {
+            let (skeleton, can_prepare, last_bytes) = {
+                let report = view.report.lock().expect("lock");
+                (
+                    report
+                        .skeleton_pid
+                        .map(|pid| (pid, report.skeleton_init_pid)),
+                    report.prepares_queued == 0
+                        && report.error.is_none()
+                        && report.syn_resumes_unreported == 0,
+                    report.last_skeleton_bytes,
+                )
+            };
+            live.extend(skeleton.map(|(pid, _)| pid));
+            if !parked {
                 continue;
             }
-            let held_bytes = report.skeleton_pid.map(|skeleton| {
-                self.skeleton_costs
-                    .of(&name, skeleton, report.skeleton_init_pid)
-            });
+            let held_bytes = skeleton.map(|(pid, init_pid)| self.skeleton_costs.of(pid, init_pid));
+            if held_bytes.is_some() && held_bytes != last_bytes {
+                view.report.lock().expect("lock").last_skeleton_bytes = held_bytes;
+            }
             candidates.push(Candidate {
-                last_bytes: self.skeleton_costs.last(&name),
-                name,
-                keep,
                 held_bytes,
+                last_bytes: held_bytes.or(last_bytes),
+                name: view.spec.name.clone(),
+                keep: view.keep,
                 last_woken,
-                can_prepare: report.prepares_queued == 0
-                    && report.error.is_none()
-                    && report.syn_resumes_unreported == 0,
+                can_prepare,
             });
         }
         self.skeleton_costs.keep_only(&live);
@@ -286,21 +316,17 @@ impl Registry {
                 .values()
                 .filter_map(|handle| {
                     let report = handle.worker_report.as_ref()?.lock().expect("lock");
-                    Some((
-                        handle.spec.name.clone(),
-                        report.skeleton_pid?,
-                        report.skeleton_init_pid,
-                    ))
+                    Some((report.skeleton_pid?, report.skeleton_init_pid))
                 })
                 .collect()
         };
-        let live: Vec<i32> = held.iter().map(|(_, pid, _)| *pid).collect();
+        let live: HashSet<i32> = held.iter().map(|(pid, _)| *pid).collect();
         self.skeleton_costs.keep_only(&live);
         SkeletonSummary {
             held: held.len() as u64,
             held_bytes: held
                 .iter()
-                .map(|(name, pid, init)| self.skeleton_costs.of(name, *pid, *init))
+                .map(|(pid, init)| self.skeleton_costs.of(*pid, *init))
                 .sum(),
             budget_bytes: self.skeleton_budget,
         }
@@ -1073,10 +1099,9 @@ impl Registry {
                             }
                             .to_owned(),
                         );
-                        skeleton_bytes = report.skeleton_pid.map(|pid| {
-                            self.skeleton_costs
-                                .of(&spec.name, pid, report.skeleton_init_pid)
-                        });
+                        skeleton_bytes = report
+                            .skeleton_pid
+                            .map(|pid| self.skeleton_costs.of(pid, report.skeleton_init_pid));
                         waiting.extend(report.skeleton_pid);
                         waiting.extend(report.skeleton_init_pid);
                     }

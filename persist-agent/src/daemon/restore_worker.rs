@@ -111,6 +111,9 @@ pub struct WorkerReport {
     pub syn_resumes_unreported: u32,
     /// Prepares asked for and not yet done: a skeleton is on its way.
     pub prepares_queued: u32,
+    /// What the last skeleton the skeleton budget measured cost: its
+    /// estimate of the next one's.
+    pub last_skeleton_bytes: Option<u64>,
 }
 
 impl WorkerReport {

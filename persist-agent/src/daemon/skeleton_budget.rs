@@ -10,8 +10,7 @@
 //! the init of its pid namespace), not the port keeper nor the agent's
 //! share, which a parked service costs with or without one.
 
-use std::cmp::Reverse;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,43 +67,55 @@ pub fn decide(budget: Option<u64>, candidates: &[Candidate]) -> Vec<(String, Ord
             _ => {}
         }
     }
-    // Least recently woken first; never woken before any woken one; by
-    // name among equals, so that a decision does not flap.
-    let mut auto: Vec<&Candidate> = candidates
-        .iter()
-        .filter(|c| c.keep == KeepSkeleton::Auto)
-        .collect();
-    auto.sort_by(|a, b| a.last_woken.cmp(&b.last_woken).then(a.name.cmp(&b.name)));
+    // Only the `auto` services a pass acts on are sorted: with thousands
+    // parked, this runs every period.
+    let auto = |wanted: fn(&Candidate) -> bool| -> Vec<&Candidate> {
+        candidates
+            .iter()
+            .filter(|c| c.keep == KeepSkeleton::Auto && wanted(c))
+            .collect()
+    };
+    let preparable = |c: &Candidate| c.held_bytes.is_none() && c.can_prepare;
     let Some(budget) = budget else {
-        for candidate in auto {
-            if candidate.held_bytes.is_none() && candidate.can_prepare {
-                orders.push((candidate.name.clone(), Order::Prepare));
-            }
-        }
+        let mut waiting = auto(preparable);
+        waiting.sort_by(least_recently_woken_first);
+        orders.extend(
+            waiting
+                .into_iter()
+                .map(|c| (c.name.clone(), Order::Prepare)),
+        );
         return orders;
     };
-    for candidate in &auto {
-        if held <= budget {
-            break;
-        }
-        if let Some(bytes) = candidate.held_bytes {
-            held -= bytes;
+    if held > budget {
+        let mut holding = auto(|c| c.held_bytes.is_some());
+        holding.sort_by(least_recently_woken_first);
+        for candidate in holding {
+            if held <= budget {
+                break;
+            }
+            held -= candidate.held_bytes.unwrap_or(0);
             orders.push((candidate.name.clone(), Order::Release));
         }
-    }
-    if held > budget {
-        return orders;
+        if held > budget {
+            return orders;
+        }
     }
     // A service never measured is taken to cost what the others do.
     let measured: Vec<u64> = candidates.iter().filter_map(|c| c.last_bytes).collect();
     let typical =
         (!measured.is_empty()).then(|| measured.iter().sum::<u64>() / measured.len() as u64);
-    auto.sort_by_key(|c| (Reverse(c.last_woken), c.name.clone()));
-    for candidate in auto {
-        if candidate.held_bytes.is_some() || !candidate.can_prepare {
-            continue;
-        }
-        let Some(bytes) = candidate.last_bytes.or(typical) else {
+    let cost = |c: &Candidate| c.last_bytes.or(typical);
+    let room = budget - held;
+    let mut waiting = auto(preparable);
+    waiting.retain(|c| cost(c).is_some_and(|bytes| bytes <= room));
+    // Most recently woken first.
+    waiting.sort_by(|a, b| {
+        b.last_woken
+            .cmp(&a.last_woken)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    for candidate in waiting {
+        let Some(bytes) = cost(candidate) else {
             continue;
         };
         if held + bytes <= budget {
@@ -115,47 +126,39 @@ pub fn decide(budget: Option<u64>, candidates: &[Candidate]) -> Vec<(String, Ord
     orders
 }
 
+/// Least recently woken first; never woken before any woken one; by name
+/// among equals, so that a decision does not flap.
+fn least_recently_woken_first(a: &&Candidate, b: &&Candidate) -> std::cmp::Ordering {
+    a.last_woken
+        .cmp(&b.last_woken)
+        .then_with(|| a.name.cmp(&b.name))
+}
+
 /// The cost of each skeleton, measured once: a stopped skeleton does not
 /// grow, and reading /proc for every skeleton each period would cost the
-/// host what the budget saves. Also remembers each service's last one.
+/// host what the budget saves.
 #[derive(Debug, Default)]
 pub struct SkeletonCosts {
     by_pid: Mutex<HashMap<i32, u64>>,
-    last_by_service: Mutex<HashMap<String, u64>>,
 }
 
 impl SkeletonCosts {
     /// The cost of the skeleton `pid` (with `init_pid`, the init of its pid
-    /// namespace) of `service`.
-    pub fn of(&self, service: &str, pid: i32, init_pid: Option<i32>) -> u64 {
+    /// namespace).
+    pub fn of(&self, pid: i32, init_pid: Option<i32>) -> u64 {
         let cached = self.by_pid.lock().expect("costs lock").get(&pid).copied();
-        let bytes = cached.unwrap_or_else(|| {
+        cached.unwrap_or_else(|| {
             let mut roots = vec![pid];
             roots.extend(init_pid);
-            let cost = parked_cost(&roots, 0);
-            let bytes = cost.total();
+            let bytes = parked_cost(&roots, 0).total();
             self.by_pid.lock().expect("costs lock").insert(pid, bytes);
             bytes
-        });
-        self.last_by_service
-            .lock()
-            .expect("costs lock")
-            .insert(service.to_owned(), bytes);
-        bytes
-    }
-
-    /// The cost the last skeleton of `service` had, if one was measured.
-    pub fn last(&self, service: &str) -> Option<u64> {
-        self.last_by_service
-            .lock()
-            .expect("costs lock")
-            .get(service)
-            .copied()
+        })
     }
 
     /// Forgets the skeletons that are not in `live` any more (their pids
     /// may be reused).
-    pub fn keep_only(&self, live: &[i32]) {
+    pub fn keep_only(&self, live: &HashSet<i32>) {
         self.by_pid
             .lock()
             .expect("costs lock")
