@@ -234,7 +234,7 @@ impl Registry {
 
     /// Every parked snapshot service, as the skeleton budget sees it.
     ///
-    /// Called every [`super::skeleton_budget::ENFORCE_PERIOD`] over every
+    /// Called every [`super::skeleton_budget::ENFORCE_PERIOD`] or so over every
     /// service: it copies only what the budget reads, and a name only for
     /// a candidate.
     pub(super) fn skeleton_candidates(&self) -> Vec<Candidate> {
