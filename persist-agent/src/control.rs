@@ -40,8 +40,12 @@ pub enum Request {
         /// Its name.
         name: String,
     },
-    /// Report every service.
-    Status,
+    /// Report the services named, or every service when none is.
+    Status {
+        /// The services to report; empty: all of them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        names: Vec<String>,
+    },
     /// Stop a service now and park it.
     Park {
         /// Its name.

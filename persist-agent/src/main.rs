@@ -127,11 +127,13 @@ enum Command {
         #[arg(long)]
         tag: Option<String>,
     },
-    /// Show every service.
+    /// Show every service, or the services named.
     Status {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only these services (each must be registered).
+        names: Vec<String>,
     },
     /// Start a command, snapshot it when ready, and write its image (no daemon needed).
     Build(BuildArgs),
@@ -380,8 +382,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let reply = control::call(&cli.state_dir, &Request::Snapshot { name, tag })?;
             println!("{}", reply.message);
         }
-        Command::Status { json } => {
-            let reply = control::call(&cli.state_dir, &Request::Status)?;
+        Command::Status { json, names } => {
+            let reply = control::call(&cli.state_dir, &Request::Status { names })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply.services)?);
             } else {

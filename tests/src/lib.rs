@@ -447,9 +447,11 @@ impl Sandbox {
         Ok(serde_json::from_str(&text)?)
     }
 
-    /// The status object of one service.
+    /// The status object of one service (`status --json NAME`).
     pub fn service(&self, name: &str) -> Result<serde_json::Value> {
-        self.status()?
+        let text = self.agent_ok(&["status", "--json", name])?;
+        let services: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+        services
             .into_iter()
             .find(|s| s["name"] == name)
             .with_context(|| format!("service {name} missing from status"))

@@ -21,6 +21,35 @@ fn unknown_service_is_named() {
     let sandbox = Sandbox::with_daemon().unwrap();
     let err = failure(&sandbox.agent(&["remove", "nope"]));
     assert!(err.ends_with("unknown service: nope"), "{err}");
+    let err = failure(&sandbox.agent(&["status", "nope"]));
+    assert!(err.ends_with("unknown service: nope"), "{err}");
+}
+
+#[test]
+fn status_shows_the_services_named_and_only_them() {
+    persist_tests::require_root!();
+    let sandbox = Sandbox::with_daemon().unwrap();
+    let server = binary("hello-server").display().to_string();
+    for (name, port) in [("a", "9000"), ("b", "9001")] {
+        sandbox
+            .agent_ok(&["add", name, "--port", port, "--exec", "--", &server])
+            .unwrap();
+    }
+    let names = |args: &[&str]| -> Vec<String> {
+        let text = sandbox.agent_ok(args).unwrap();
+        let services: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        services
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&["status", "--json"]), ["a", "b"]);
+    assert_eq!(names(&["status", "--json", "b"]), ["b"]);
+    assert_eq!(names(&["status", "--json", "b", "a"]), ["a", "b"]);
+    let table = sandbox.agent_ok(&["status", "a"]).unwrap();
+    assert!(table.contains("9000") && !table.contains("9001"), "{table}");
+    let err = failure(&sandbox.agent(&["status", "a", "nope"]));
+    assert!(err.ends_with("unknown service: nope"), "{err}");
 }
 
 #[test]

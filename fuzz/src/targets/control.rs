@@ -58,7 +58,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .collect();
     requests.extend([
         Request::Remove { name: "web".into() },
-        Request::Status,
+        Request::Status { names: Vec::new() },
+        Request::Status {
+            names: vec!["web".into()],
+        },
         Request::Park { name: "web".into() },
         Request::Wake { name: "web".into() },
         Request::History { name: "web".into() },

@@ -115,10 +115,18 @@ async fn handle(request: Request, registry: &Registry) -> Reply {
                 error_line(&err)
             )),
         },
-        Request::Status => Reply {
-            services: registry.status(),
+        Request::Status { names } if names.is_empty() => Reply {
+            services: registry.status(None),
             skeletons: Some(registry.skeleton_summary()),
             ..Reply::default()
+        },
+        // Without the skeletons' summary, which looks at every service.
+        Request::Status { names } => match registry.unknown(&names) {
+            Some(name) => Reply::error(format!("unknown service: {name}")),
+            None => Reply {
+                services: registry.status(Some(&names)),
+                ..Reply::default()
+            },
         },
     }
 }

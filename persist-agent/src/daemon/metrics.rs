@@ -259,7 +259,7 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result
             let response = if head.starts_with("GET /metrics ") || head.starts_with("GET / ") {
                 let body = registry
                     .metrics()
-                    .render(&registry.status(), &registry.skeleton_summary());
+                    .render(&registry.status(None), &registry.skeleton_summary());
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

@@ -1038,16 +1038,38 @@ impl Registry {
         }
     }
 
-    /// Every service's status.
+    /// The first of `names` that `status` does not know (neither
+    /// registered nor declared by a services file that failed), if any.
+    pub fn unknown<'a>(&self, names: &'a [String]) -> Option<&'a str> {
+        let unregistered: Vec<&String> = {
+            let services = self.services.lock().expect("lock");
+            names
+                .iter()
+                .filter(|name| !services.contains_key(*name))
+                .collect()
+        };
+        let broken = self.broken.lock().expect("lock");
+        unregistered
+            .into_iter()
+            .find(|name| !broken.contains_key(*name))
+            .map(String::as_str)
+    }
+
+    /// The status of every service, or of those in `names`: one service's
+    /// costs what it reads of that service alone, where every service's
+    /// reads a record of each (370–510 ms at 10,000 services).
     ///
     /// Lock order: `services` is only ever taken before `watcher` (as in
     /// `activate`), and here neither is held while /proc is read.
-    pub fn status(&self) -> Vec<ServiceStatus> {
+    pub fn status(&self, names: Option<&[String]>) -> Vec<ServiceStatus> {
+        let registered;
         let views: Vec<_> = {
             let services = self.services.lock().expect("lock");
+            registered = services.len();
             let watcher = self.watcher.lock().expect("lock");
             services
                 .values()
+                .filter(|handle| names.is_none_or(|names| names.contains(&handle.spec.name)))
                 .map(|handle| {
                     let parts = (
                         handle.spec.clone(),
@@ -1061,7 +1083,7 @@ impl Registry {
         let notes = self.notes.lock().expect("lock").clone();
         let file_errors = self.file_errors.lock().expect("lock").clone();
         let keeper = self.keeper.pid();
-        let agent_share = agent_share(self.agent_baseline, views.len(), keeper);
+        let agent_share = agent_share(self.agent_baseline, registered, keeper);
         // One walk of /proc for every running service, none when all are parked.
         let processes = std::cell::OnceCell::new();
         let mut statuses: Vec<ServiceStatus> = views
@@ -1165,6 +1187,9 @@ impl Registry {
             })
             .collect();
         for (name, broken) in self.broken.lock().expect("lock").iter() {
+            if names.is_some_and(|names| !names.contains(name)) {
+                continue;
+            }
             statuses.push(ServiceStatus {
                 name: name.clone(),
                 addr: String::new(),
