@@ -4,10 +4,11 @@
 //! write their logs themselves, the daemon never does. So each round looks
 //! at the logs of the services that have a process now or had one since the
 //! last round (their [`ProcessMark`] changed), and a parked service's log is
-//! left alone: with 10,000 services parked, opening every log each second
-//! cost the daemon 5 % of a CPU, taken from the wakes (docs/scale.md). A
-//! slow sweep looks at every log once per [`SWEEP_ROUNDS`] rounds all the
-//! same, in case a process the daemon does not know of writes to one.
+//! left alone. With 10,000 services parked, opening every log each second
+//! was most of the 7.4 % of a CPU the idle daemon took from the wakes
+//! (docs/benchmarks.md, 2026-12-05 08:00). A slow sweep looks at every log
+//! once per [`SWEEP_ROUNDS`] rounds all the same, in case a process the
+//! daemon does not know of writes to one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

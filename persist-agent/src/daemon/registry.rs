@@ -234,9 +234,9 @@ impl Registry {
 
     /// Every parked snapshot service, as the skeleton budget sees it.
     ///
-    /// Called every [`super::skeleton_budget::ENFORCE_PERIOD`] or so over every
-    /// service: it copies only what the budget reads, and a name only for
-    /// a candidate.
+    /// Called every [`super::skeleton_budget::ENFORCE_PERIOD`] or so over
+    /// every service: it copies only what the budget reads, and a name only
+    /// for a candidate.
     pub(super) fn skeleton_candidates(&self) -> Vec<Candidate> {
         struct View {
             spec: Arc<ServiceSpec>,

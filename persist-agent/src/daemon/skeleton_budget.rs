@@ -5,10 +5,10 @@
 //! The policy (docs/parked-cost.md, Tiers) is a plain function of what the
 //! daemon observes, [`decide`]; [`enforce`] applies it every
 //! [`ENFORCE_PERIOD`] or so through each service's supervisor, which acts
-//! only on a parked service. A skeleton's cost is what releasing it gives back: the
-//! private memory, page tables and kernel objects of the skeleton (and of
-//! the init of its pid namespace), not the port keeper nor the agent's
-//! share, which a parked service costs with or without one.
+//! only on a parked service. A skeleton's cost is what releasing it gives
+//! back: the private memory, page tables and kernel objects of the skeleton
+//! (and of the init of its pid namespace), not the port keeper nor the
+//! agent's share, which a parked service costs with or without one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
