@@ -130,34 +130,57 @@ fn logs_follow_shows_what_the_service_writes_as_it_writes_it() {
     );
 }
 
-#[test]
-fn a_log_past_its_size_limit_is_rotated_and_the_service_writes_on() {
-    persist_tests::require_root!();
+/// The size limit of the rotation tests' logs.
+const LOG_LIMIT: u64 = 2048;
+
+/// A daemon rotating logs past [`LOG_LIMIT`], with python's http.server
+/// added as `web` on port 8000 (the web root is kept with it).
+fn web_with_small_log_limit() -> (Sandbox, tempfile::TempDir) {
     let mut sandbox = Sandbox::new().unwrap();
     sandbox
-        .start_daemon_with(&["--log-max-bytes", "2048"])
+        .start_daemon_with(&["--log-max-bytes", &LOG_LIMIT.to_string()])
         .unwrap();
     let root = web_root();
     add_http_server(&sandbox, "web", 8000, root.path(), &[]);
-    get(&sandbox, 8000, "/wake");
-    let log = log_file(&sandbox, "web");
-    let inode = std::fs::metadata(&log).unwrap().ino();
+    (sandbox, root)
+}
 
+/// GETs `count` paths padded with 100 bytes: `/request-N-xxx…`.
+fn padded_requests(sandbox: &Sandbox, count: usize) {
     let padding = "x".repeat(100);
-    for n in 0..40 {
-        get(&sandbox, 8000, &format!("/request-{n}-{padding}"));
+    for n in 0..count {
+        get(sandbox, 8000, &format!("/request-{n}-{padding}"));
     }
+}
+
+/// Waits until `web.log` was rotated to `web.log.1` and is under the limit
+/// again; returns the rotated part.
+fn wait_for_rotation(sandbox: &Sandbox) -> std::path::PathBuf {
+    let log = log_file(sandbox, "web");
     let rotated = sandbox.state_dir().join("logs/web.log.1");
     wait_until(Duration::from_secs(10), || {
-        rotated.exists() && std::fs::metadata(&log).is_ok_and(|m| m.len() <= 2048)
+        rotated.exists() && std::fs::metadata(&log).is_ok_and(|m| m.len() <= LOG_LIMIT)
     })
     .unwrap_or_else(|_| {
         panic!(
-            "web.log ({:?} bytes) was not rotated to web.log.1 under 2048 bytes\ndaemon log:\n{}",
+            "web.log ({:?} bytes) was not rotated to web.log.1 under {LOG_LIMIT} bytes\ndaemon log:\n{}",
             std::fs::metadata(&log).map(|m| m.len()),
             sandbox.daemon_log()
         )
     });
+    rotated
+}
+
+#[test]
+fn a_log_past_its_size_limit_is_rotated_and_the_service_writes_on() {
+    persist_tests::require_root!();
+    let (sandbox, _root) = web_with_small_log_limit();
+    get(&sandbox, 8000, "/wake");
+    let log = log_file(&sandbox, "web");
+    let inode = std::fs::metadata(&log).unwrap().ino();
+
+    padded_requests(&sandbox, 40);
+    let rotated = wait_for_rotation(&sandbox);
     assert_eq!(
         std::fs::metadata(&log).unwrap().ino(),
         inode,
@@ -165,7 +188,7 @@ fn a_log_past_its_size_limit_is_rotated_and_the_service_writes_on() {
     );
     let kept = std::fs::metadata(&rotated).unwrap().len();
     assert!(
-        kept <= 2 * 2048 + 40 * 200,
+        kept <= 2 * LOG_LIMIT + 40 * 200,
         "web.log.1 holds one rotation's worth, not everything: {kept} bytes"
     );
 
@@ -183,32 +206,13 @@ fn a_log_past_its_size_limit_is_rotated_and_the_service_writes_on() {
 #[test]
 fn a_log_that_grew_until_its_service_parked_is_rotated_while_parked() {
     persist_tests::require_root!();
-    let mut sandbox = Sandbox::new().unwrap();
-    sandbox
-        .start_daemon_with(&["--log-max-bytes", "2048"])
-        .unwrap();
-    let root = web_root();
-    add_http_server(&sandbox, "web", 8000, root.path(), &[]);
-    let log = log_file(&sandbox, "web");
-    let padding = "x".repeat(100);
+    let (sandbox, _root) = web_with_small_log_limit();
     // Past the limit and parked at once: the daemon looks at the logs of
     // services that run, or ran since its last look, and a parked one's
     // log must not be forgotten.
-    for n in 0..30 {
-        get(&sandbox, 8000, &format!("/request-{n}-{padding}"));
-    }
+    padded_requests(&sandbox, 30);
     sandbox.agent_ok(&["park", "web"]).unwrap();
-    let rotated = sandbox.state_dir().join("logs/web.log.1");
-    wait_until(Duration::from_secs(10), || {
-        rotated.exists() && std::fs::metadata(&log).is_ok_and(|m| m.len() <= 2048)
-    })
-    .unwrap_or_else(|_| {
-        panic!(
-            "web.log ({:?} bytes) was not rotated to web.log.1 after the park\ndaemon log:\n{}",
-            std::fs::metadata(&log).map(|m| m.len()),
-            sandbox.daemon_log()
-        )
-    });
+    wait_for_rotation(&sandbox);
     let status = sandbox.service("web").unwrap();
     assert_eq!(status["state"], "parked", "{status}");
     assert!(
