@@ -443,15 +443,21 @@ impl Sandbox {
 
     /// `status --json`, parsed.
     pub fn status(&self) -> Result<Vec<serde_json::Value>> {
-        let text = self.agent_ok(&["status", "--json"])?;
+        self.status_of(&[])
+    }
+
+    /// `status --json NAME...`, parsed: the services named (all of them
+    /// when none is).
+    pub fn status_of(&self, names: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let mut args = vec!["status", "--json"];
+        args.extend(names);
+        let text = self.agent_ok(&args)?;
         Ok(serde_json::from_str(&text)?)
     }
 
     /// The status object of one service (`status --json NAME`).
     pub fn service(&self, name: &str) -> Result<serde_json::Value> {
-        let text = self.agent_ok(&["status", "--json", name])?;
-        let services: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-        services
+        self.status_of(&[name])?
             .into_iter()
             .find(|s| s["name"] == name)
             .with_context(|| format!("service {name} missing from status"))

@@ -88,29 +88,30 @@ impl ProcessMark {
     }
 }
 
-/// The marks of the last round, by slot.
+/// The marks of the last round, by slot, each with the round that saw it.
 #[derive(Debug, Default)]
 struct LogWatch {
     rounds: u64,
-    marks: HashMap<u32, ProcessMark>,
+    marks: HashMap<u32, (ProcessMark, u64)>,
 }
 
 impl LogWatch {
     /// The services whose log this round looks at.
     fn round(&mut self, registry: &Registry) -> Vec<String> {
         self.rounds += 1;
-        let sweep = self.rounds % SWEEP_ROUNDS;
-        let mut marks = HashMap::with_capacity(self.marks.len());
+        let round = self.rounds;
+        let sweep = round % SWEEP_ROUNDS;
         let mut names = Vec::new();
         registry.visit_services(|handle| {
             let mark = ProcessMark::of(handle, &handle.published.lock().expect("published lock"));
-            let changed = self.marks.get(&handle.slot) != Some(&mark);
+            let last = self.marks.insert(handle.slot, (mark, round));
+            let changed = last.is_none_or(|(last, _)| last != mark);
             if changed || !mark.quiet() || u64::from(handle.slot) % SWEEP_ROUNDS == sweep {
                 names.push(handle.spec.name.clone());
             }
-            marks.insert(handle.slot, mark);
         });
-        self.marks = marks;
+        // Slots no service holds any more.
+        self.marks.retain(|_, (_, seen)| *seen == round);
         names
     }
 }

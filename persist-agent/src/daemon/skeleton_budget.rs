@@ -111,20 +111,22 @@ pub fn decide(budget: Option<u64>, candidates: &[Candidate]) -> Vec<(String, Ord
     let measured: Vec<u64> = candidates.iter().filter_map(|c| c.last_bytes).collect();
     let typical =
         (!measured.is_empty()).then(|| measured.iter().sum::<u64>() / measured.len() as u64);
-    let cost = |c: &Candidate| c.last_bytes.or(typical);
+    // Those whose cost fits what is left, with their cost.
     let room = budget - held;
-    let mut waiting = auto(preparable);
-    waiting.retain(|c| cost(c).is_some_and(|bytes| bytes <= room));
+    let mut waiting: Vec<(&Candidate, u64)> = auto(preparable)
+        .into_iter()
+        .filter_map(|c| {
+            let bytes = c.last_bytes.or(typical)?;
+            (bytes <= room).then_some((c, bytes))
+        })
+        .collect();
     // Most recently woken first.
-    waiting.sort_by(|a, b| {
+    waiting.sort_by(|(a, _), (b, _)| {
         b.last_woken
             .cmp(&a.last_woken)
             .then_with(|| a.name.cmp(&b.name))
     });
-    for candidate in waiting {
-        let Some(bytes) = cost(candidate) else {
-            continue;
-        };
+    for (candidate, bytes) in waiting {
         if held + bytes <= budget {
             held += bytes;
             orders.push((candidate.name.clone(), Order::Prepare));
