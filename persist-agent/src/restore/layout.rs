@@ -7,7 +7,7 @@ use persist_common::image::{Manifest, Mapping, MappingKind, PAGE_SIZE};
 
 use super::RestoreError;
 use super::inherited_memory::{ProcessPart, StagedUse};
-use super::table::{Table, TableBuilder};
+use super::table::{Label, Table, TableBuilder};
 use crate::sys::uffd;
 
 /// One past the highest user address with 4-level paging.
@@ -384,12 +384,12 @@ fn layout_table(
             MappingKind::Vdso | MappingKind::Vvar { .. } => unreachable!("handled above"),
         };
         t.call(
-            format!(
-                "mmap of mapping {:#x}-{:#x} ({})",
-                mapping.start,
-                mapping.end,
-                describe(mapping)
-            ),
+            Label::Range {
+                op: "mmap of mapping",
+                start: mapping.start,
+                end: mapping.end,
+                what: Some(describe(mapping)),
+            },
             libc::SYS_mmap,
             &[
                 mapping.start,
@@ -472,7 +472,10 @@ fn layout_table(
         };
         let address = t.words(&words);
         t.call(
-            format!("sigaction of signal {signal}"),
+            Label::Numbered {
+                op: "sigaction of signal",
+                n: i64::from(signal),
+            },
             libc::SYS_rt_sigaction,
             &[u64::from(signal), address, 0, 8],
         );
@@ -480,7 +483,10 @@ fn layout_table(
     for &(resource, soft, hard) in &attributes.rlimits {
         let address = t.words(&[soft, hard]);
         t.call(
-            format!("rlimit {resource}"),
+            Label::Numbered {
+                op: "rlimit",
+                n: i64::from(resource),
+            },
             libc::SYS_prlimit64,
             &[0, u64::from(resource), address, 0],
         );
@@ -488,7 +494,11 @@ fn layout_table(
 
     // 7. Our own descriptors are not the process's.
     for &fd in &fds.close {
-        t.call(format!("close fd {fd}"), libc::SYS_close, &[fd as u64]);
+        let label = Label::Numbered {
+            op: "close fd",
+            n: i64::from(fd),
+        };
+        t.call(label, libc::SYS_close, &[fd as u64]);
     }
 
     // 8. Lazy memory: register for MISSING faults.
@@ -498,7 +508,12 @@ fn layout_table(
     for (start, end) in ranges {
         let address = t.data(&uffd::register_args(start, end - start));
         t.call(
-            format!("userfaultfd registration of mapping {start:#x}-{end:#x}"),
+            Label::Range {
+                op: "userfaultfd registration of mapping",
+                start,
+                end,
+                what: None,
+            },
             libc::SYS_ioctl,
             &[fds.uffd as u64, uffd::UFFDIO_REGISTER, address],
         );
@@ -562,10 +577,12 @@ fn take_staged(t: &mut TableBuilder, mapping: &Mapping, staged: &StagedUse, prot
         ],
     );
     t.call(
-        format!(
-            "mprotect of mapping {:#x}-{:#x} ({what})",
-            mapping.start, mapping.end
-        ),
+        Label::Range {
+            op: "mprotect of mapping",
+            start: mapping.start,
+            end: mapping.end,
+            what: Some(what.clone()),
+        },
         libc::SYS_mprotect,
         &[mapping.start, mapping.len(), prot as u64],
     );

@@ -3,6 +3,7 @@
 //! are in the process's memory, and the pages it wrote are written over
 //! them).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -14,19 +15,88 @@ use super::RestoreError;
 use super::spawn::dup_above;
 use crate::files::{self, PathAccess, RecordedError};
 
+/// The file of a file mapping, as the image names it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MappedFile<'a> {
+    /// Where the mapping starts, for messages.
+    pub start: u64,
+    /// Its path.
+    pub path: &'a str,
+    /// Its inode and device at the checkpoint.
+    pub inode: u64,
+    /// Its device, `major:minor` in hexadecimal.
+    pub device: &'a str,
+    /// Opened for writing (a shared writable mapping).
+    pub writable: bool,
+}
+
+/// The files opened for the mappings of a tree's processes, by the
+/// credentials they were opened with. A process maps the very open file
+/// descriptions an earlier process with the same access had opened, as the
+/// forks of one process share theirs, instead of opening and checking each
+/// path again (about 20 µs an open; PostgreSQL's six processes map 49 files
+/// each, and need a second description of most).
+#[derive(Debug, Default)]
+pub(super) struct OpenedFiles(Vec<(PathAccess, HashMap<OpenedKey, Vec<File>>)>);
+
+/// A mapped file as the image names it, and whether it is opened for writing.
+type OpenedKey = (String, u64, String, bool);
+
+impl OpenedFiles {
+    /// The `nth` open file description of `file` a process maps from, as
+    /// a new descriptor above `min`. A process needs several of one file
+    /// when two of its mappings of it must stay apart ([`would_merge`]):
+    /// the first is opened from the path, the others opened again from it,
+    /// each checked as the process's open would be; or copied, opened by an
+    /// earlier process with the same `access`.
+    pub(super) fn description(
+        &mut self,
+        file: &MappedFile<'_>,
+        nth: usize,
+        min: RawFd,
+        access: &PathAccess,
+    ) -> Result<OwnedFd, RestoreError> {
+        let index = match self.0.iter().position(|(known, _)| known == access) {
+            Some(index) => index,
+            None => {
+                self.0.push((access.clone(), HashMap::new()));
+                self.0.len() - 1
+            }
+        };
+        let key = (
+            file.path.to_owned(),
+            file.inode,
+            file.device.to_owned(),
+            file.writable,
+        );
+        let opened = self.0[index].1.entry(key).or_default();
+        while opened.len() <= nth {
+            let fd = match opened.first() {
+                None => open_mapped_file(file, min, access)?,
+                Some(first) => reopen_mapped_file(first, file, min, access)?,
+            };
+            opened.push(File::from(fd));
+        }
+        dup_above(&opened[nth], min)
+    }
+}
+
 /// Opens the file of the mapping at `start`, as the process would, never
 /// through a symlink, and only if it is still the file mapped at checkpoint
 /// (whatever the access accepts for descriptors: the process's memory holds
 /// pages of that file).
-pub(super) fn open_mapped_file(
-    start: u64,
-    path: &str,
-    inode: u64,
-    device: &str,
-    writable: bool,
+fn open_mapped_file(
+    file: &MappedFile<'_>,
     min: RawFd,
     access: &PathAccess,
 ) -> Result<OwnedFd, RestoreError> {
+    let MappedFile {
+        start,
+        path,
+        inode,
+        device,
+        writable,
+    } = *file;
     let changed = |what: String| RestoreError::FileChanged {
         address: start,
         path: path.to_owned(),
@@ -68,20 +138,18 @@ pub(super) fn open_mapped_file(
     dup_above(file, min)
 }
 
-/// Opens `file` (opened by [`open_mapped_file`] for the mapping at `start`)
-/// again as a new open file description, with the permission check of an
-/// open by the process. For a mapping that must not share its description
-/// with the one before it: see [`would_merge`].
-pub(super) fn reopen_mapped_file(
-    file: &File,
-    start: u64,
-    path: &str,
-    writable: bool,
+/// Opens `opened` (opened by [`open_mapped_file`] for `file`) again as a
+/// new open file description, with the permission check of an open by the
+/// process. For a mapping that must not share its description with the
+/// one before it: see [`would_merge`].
+fn reopen_mapped_file(
+    opened: &File,
+    file: &MappedFile<'_>,
     min: RawFd,
     access: &PathAccess,
 ) -> Result<OwnedFd, RestoreError> {
-    let again = files::reopen_recorded(file, open_flags(writable), access)
-        .map_err(open_error(start, path))?;
+    let again = files::reopen_recorded(opened, open_flags(file.writable), access)
+        .map_err(open_error(file.start, file.path))?;
     dup_above(again, min)
 }
 

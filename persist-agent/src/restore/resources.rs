@@ -15,7 +15,7 @@ use persist_common::image::{FileType, Image, MappingKind, PAGE_SIZE};
 
 use super::RestoreError;
 use super::layout::{Attributes, LayoutFds};
-use super::mapped_files::{open_mapped_file, reopen_mapped_file, would_merge};
+use super::mapped_files::{MappedFile, OpenedFiles, would_merge};
 use super::shared_pages::SharedPages;
 use super::spawn::dup_above;
 use super::verify::stored_run;
@@ -53,7 +53,7 @@ impl Resources {
         fds: &PreparedFds,
         min: RawFd,
         access: &PathAccess,
-        shared: &mut HashMap<SharedObject, OwnedFd>,
+        opened: &mut OpenedForTree,
         lazy: &SharedPages,
     ) -> Result<Self, RestoreError> {
         let manifest = image.manifest();
@@ -65,8 +65,9 @@ impl Resources {
         // Each file opened once (about 30 files for python's 130 file
         // mappings: each open checks the path as the process and costs
         // ~10 µs on a cold wake's path). By file, the index in `held` of the
-        // description its last mapping maps from.
-        let mut opened_files: HashMap<(&str, u64, &str, bool), usize> = HashMap::new();
+        // description its last mapping maps from, and how many descriptions
+        // of it the process has.
+        let mut opened_files: HashMap<(&str, u64, &str, bool), (usize, usize)> = HashMap::new();
         let mut dup_objects: HashMap<SharedObject, RawFd> = HashMap::new();
         let mut lazy_shared = Vec::new();
         let mut previous = None;
@@ -81,46 +82,29 @@ impl Resources {
                     let writable = mapping.shared && mapping.protection.write;
                     let key = (path.as_str(), *inode, device.as_str(), writable);
                     let apart = previous.is_some_and(|previous| would_merge(previous, mapping));
-                    let index = match opened_files.get(&key) {
-                        Some(&known) if !apart => known,
-                        Some(&known) => {
-                            let file = File::from(
-                                held[known]
-                                    .try_clone()
-                                    .map_err(|e| RestoreError::io(path, e))?,
-                            );
-                            let again = reopen_mapped_file(
-                                &file,
-                                mapping.start,
+                    let entry = match opened_files.get(&key) {
+                        Some(&(known, count)) if !apart => (known, count),
+                        known => {
+                            let nth = known.map_or(0, |&(_, count)| count);
+                            let file = MappedFile {
+                                start: mapping.start,
                                 path,
-                                writable,
-                                min,
-                                access,
-                            )?;
-                            held.push(again);
-                            held.len() - 1
-                        }
-                        None => {
-                            held.push(open_mapped_file(
-                                mapping.start,
-                                path,
-                                *inode,
+                                inode: *inode,
                                 device,
                                 writable,
-                                min,
-                                access,
-                            )?);
-                            held.len() - 1
+                            };
+                            held.push(opened.files.description(&file, nth, min, access)?);
+                            (held.len() - 1, nth + 1)
                         }
                     };
-                    opened_files.insert(key, index);
-                    Some(held[index].as_raw_fd())
+                    opened_files.insert(key, entry);
+                    Some(held[entry.0].as_raw_fd())
                 }
                 MappingKind::Memfd { inode, .. }
                 | MappingKind::SharedAnonymous { inode }
                 | MappingKind::PosixShm { inode, .. } => {
                     let object = SharedObject::of(&mapping.kind).expect("shared memory");
-                    let source = match shared.entry(object) {
+                    let source = match opened.shared.entry(object) {
                         Entry::Occupied(known) => known.into_mut(),
                         Entry::Vacant(new) => {
                             new.insert(match (&mapping.kind, fds.memfd(*inode)) {
@@ -236,6 +220,17 @@ impl Resources {
     }
 }
 
+/// What the processes of a tree open once for all of them (for a single
+/// process, what it opens for itself).
+#[derive(Debug, Default)]
+pub(super) struct OpenedForTree {
+    /// Every shared memory object, by object: each process's mappings of
+    /// it map this one description.
+    pub(super) shared: HashMap<SharedObject, OwnedFd>,
+    /// The files mapped, by the credentials they were opened with.
+    pub(super) files: OpenedFiles,
+}
+
 /// Keeps `fd` in `held` and returns its number.
 fn hold(held: &mut Vec<OwnedFd>, fd: OwnedFd) -> RawFd {
     let raw = fd.as_raw_fd();
@@ -331,7 +326,7 @@ fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd
         Err(source) if source.kind() == std::io::ErrorKind::AlreadyExists => {
             // Left by processes that died without removing it (a restored
             // tree killed): stale if no process maps or holds it.
-            if let Some(pid) = posix_shm_user(path) {
+            if let Some(pid) = posix_shm_user_if_any(path) {
                 return Err(RestoreError::Layout(format!(
                     "POSIX shared memory {path} exists and pid {pid} uses it (the checkpointed \
                      process left running, or another restore of this image): two restores \
@@ -351,6 +346,28 @@ fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
         .map_err(|e| RestoreError::io(path, e))?;
     Ok(file.into())
+}
+
+/// A process that maps file `path` (under /dev/shm) or holds it open, if
+/// any: its pid. A lease on the file tells at once that nobody does (the
+/// usual case, a file left by a killed tree); only a file some description
+/// still holds has every process's maps and descriptors looked through, to
+/// name the user or find it dying (~5 ms with 70 processes on the host).
+fn posix_shm_user_if_any(path: &str) -> Option<i32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .and_then(|file| crate::sys::lease::opened_elsewhere(&file));
+    match opened {
+        Ok(false) => None,
+        Ok(true) => posix_shm_user(path),
+        Err(error) => {
+            tracing::debug!(path, %error, "no lease on a POSIX shared memory file");
+            posix_shm_user(path)
+        }
+    }
 }
 
 /// A process that maps file `path` (under /dev/shm) or holds it open, if

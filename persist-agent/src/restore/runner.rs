@@ -18,7 +18,7 @@ pub(super) fn check_table(tid: i32, table: &Table) -> Result<(), RestoreError> {
     let errno = -(regs[reg::RAX] as i64);
     Err(RestoreError::Step {
         pid: tid,
-        step: index.map_or_else(|| "?".to_owned(), |i| table.label(i).to_owned()),
+        step: index.map_or_else(|| "?".to_owned(), |i| table.label(i)),
         source: std::io::Error::from_raw_os_error(errno as i32),
     })
 }

@@ -3,7 +3,6 @@
 //! [`super::Skeleton::prepare`], apart so that a tree's processes are all
 //! prepared before the first fork and all forked before the first layout.
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,12 +13,12 @@ use super::child::StagedMap;
 use super::inherited_memory::{PresentPages, ProcessPart};
 use super::layout::{self, OwnLayout, Region};
 use super::pager::Pager;
-use super::resources::{Resources, SharedObject};
+use super::resources::{OpenedForTree, Resources};
 use super::runner::{self, TableRunner, check_table};
 use super::shared_pages::SharedPages;
 use super::skeleton::{OnPager, ResumeTimers, Skeleton, Timings, sigcont_is_default};
 use super::spawn::{self, KillGuard, Spawned, SyncPipes, pipe_above};
-use super::table::Table;
+use super::table::{Label, Table};
 use super::{RestoreError, child::ChildPlan, file_pages, threads};
 use crate::files::{self, InheritedFds, PathAccess, PreparedFds};
 use crate::sys::pidfd::PidFd;
@@ -73,7 +72,7 @@ impl Setup {
         image: Arc<Image>,
         inherited: InheritedFds,
         access: &PathAccess,
-        shared: &mut HashMap<SharedObject, OwnedFd>,
+        opened: &mut OpenedForTree,
         lazy_shared: &Arc<SharedPages>,
         in_tree: Option<ProcessPart>,
         own: &OwnLayout,
@@ -92,7 +91,7 @@ impl Setup {
         let timerfds = fds.take_timerfds();
         let uffd_fd = (fds.max_target_fd() + 1).max(100);
         let mut resources =
-            Resources::open(&image, &fds, uffd_fd + 1, access, shared, lazy_shared)?;
+            Resources::open(&image, &fds, uffd_fd + 1, access, opened, lazy_shared)?;
         resources.attributes.session_set = in_tree.is_some();
         let memory = in_tree.unwrap_or_default();
         let (go_read, go_write) = pipe_above(uffd_fd + 1)?;
@@ -414,7 +413,12 @@ fn start_populate(pid: i32, mem: &ProcMem, region: &Region) -> Result<Option<Tab
     let mut table = runner.table();
     for &(start, len) in &region.populate {
         table.call(
-            format!("populate of mapping {start:#x}-{:#x}", start + len),
+            Label::Range {
+                op: "populate of mapping",
+                start,
+                end: start + len,
+                what: None,
+            },
             libc::SYS_madvise,
             &[start, len, libc::MADV_POPULATE_READ as u64],
         );

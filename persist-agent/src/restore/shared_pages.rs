@@ -145,18 +145,19 @@ impl SharedPages {
 
     /// The stored pages of the object `mapping` maps that fall within it,
     /// by address, in address order.
-    pub(super) fn stored_in(&self, mapping: &Mapping) -> Vec<(u64, StoredPage)> {
-        let Some((object, first)) = object_of(mapping) else {
-            return Vec::new();
-        };
-        let Some(pages) = self.objects.get(&object) else {
-            return Vec::new();
-        };
+    pub(super) fn stored_in(
+        &self,
+        mapping: &Mapping,
+    ) -> impl Iterator<Item = (u64, StoredPage)> + '_ {
+        let found = object_of(mapping)
+            .and_then(|(object, first)| Some((self.objects.get(&object)?, first)));
         let count = mapping.len() / PAGE_SIZE;
-        pages
-            .range(first..first + count)
-            .map(|(&index, &stored)| (mapping.start + (index - first) * PAGE_SIZE, stored))
-            .collect()
+        let start = mapping.start;
+        found.into_iter().flat_map(move |(pages, first)| {
+            pages
+                .range(first..first + count)
+                .map(move |(&index, &stored)| (start + (index - first) * PAGE_SIZE, stored))
+        })
     }
 }
 
@@ -241,7 +242,7 @@ mod tests {
         let (pages, manifest) = pages_of(tree(vec![root], vec![child], Vec::new()));
         let child = &manifest.children[0].mappings[0];
         assert!(pages.is_lazy(child));
-        let stored = pages.stored_in(child);
+        let stored: Vec<_> = pages.stored_in(child).collect();
         let addresses: Vec<u64> = stored.iter().map(|(address, _)| *address).collect();
         assert_eq!(addresses, [0x41_000, 0x42_000, 0x45_000]);
         assert_eq!(stored[1].1.page, 1, "the second page of the first run");
@@ -260,7 +261,7 @@ mod tests {
         );
         let (pages, manifest) = pages_of(tree(vec![root], vec![child], Vec::new()));
         let child = &manifest.children[0].mappings[0];
-        let stored = pages.stored_in(child);
+        let stored: Vec<_> = pages.stored_in(child).collect();
         // Object pages 2 and 3 from the root's run (stored first), 4 and 5
         // from the child's own.
         let found: Vec<(u64, u64, u64)> = stored

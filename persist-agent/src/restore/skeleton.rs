@@ -10,7 +10,6 @@
 //! mappings ([`super::file_pages`]); create the other threads and set each thread's state
 //! ([`super::threads`]).
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use persist_common::image::{Image, Manifest};
 
 use super::layout::OwnLayout;
 use super::pager::Pager;
-use super::resources::CreatedFiles;
+use super::resources::{CreatedFiles, OpenedForTree};
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::spawn::{self, KillGuard};
@@ -282,7 +281,7 @@ impl Skeleton {
             Arc::clone(&image),
             config.inherited,
             &access,
-            &mut HashMap::new(),
+            &mut OpenedForTree::default(),
             &Arc::new(SharedPages::of_tree(manifest)),
             None,
             &OwnLayout::read()?.and(&spawner::kept_ranges()),

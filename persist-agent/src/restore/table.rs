@@ -16,13 +16,76 @@ pub struct Table {
     /// Number of entries.
     pub count: u64,
     /// What each entry does, for error messages.
-    pub labels: Vec<String>,
+    pub labels: Vec<Label>,
+}
+
+/// What a table entry does, for the message when it fails: put into words
+/// only then, as a process's table has hundreds of entries and nearly
+/// always runs through (formatting every label took ~0.2 ms a process of
+/// PostgreSQL's tree).
+#[derive(Debug, Clone)]
+pub enum Label {
+    /// Words known when the entry was added.
+    Text(std::borrow::Cow<'static, str>),
+    /// `OP N`: an operation on a numbered thing (`close fd 7`).
+    Numbered {
+        /// What is done, up to the number.
+        op: &'static str,
+        /// The descriptor, signal or resource number.
+        n: i64,
+    },
+    /// `OP START-END (WHAT)`: an operation on an address range.
+    Range {
+        /// What is done, up to the range.
+        op: &'static str,
+        /// Its first address.
+        start: u64,
+        /// The address after it.
+        end: u64,
+        /// What backs it, if said.
+        what: Option<String>,
+    },
+}
+
+impl From<&'static str> for Label {
+    fn from(text: &'static str) -> Self {
+        Self::Text(text.into())
+    }
+}
+
+impl From<String> for Label {
+    fn from(text: String) -> Self {
+        Self::Text(text.into())
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Text(text) => f.write_str(text),
+            Self::Numbered { op, n } => write!(f, "{op} {n}"),
+            Self::Range {
+                op,
+                start,
+                end,
+                what,
+            } => {
+                write!(f, "{op} {start:#x}-{end:#x}")?;
+                match what {
+                    Some(what) => write!(f, " ({what})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 impl Table {
     /// The label of the entry at `index`.
-    pub fn label(&self, index: usize) -> &str {
-        self.labels.get(index).map_or("?", String::as_str)
+    pub fn label(&self, index: usize) -> String {
+        self.labels
+            .get(index)
+            .map_or_else(|| "?".to_owned(), Label::to_string)
     }
 
     /// Index of the entry at `address`, if it is one.
@@ -39,7 +102,7 @@ pub struct TableBuilder {
     base: u64,
     bytes: Vec<u8>,
     entries: Vec<SyscallEntry>,
-    labels: Vec<String>,
+    labels: Vec<Label>,
 }
 
 impl TableBuilder {
@@ -70,7 +133,7 @@ impl TableBuilder {
     }
 
     /// Appends a system call.
-    pub fn call(&mut self, label: impl Into<String>, nr: i64, args: &[u64]) {
+    pub fn call(&mut self, label: impl Into<Label>, nr: i64, args: &[u64]) {
         self.entries.push(SyscallEntry::new(nr, args));
         self.labels.push(label.into());
     }

@@ -39,7 +39,7 @@ use persist_common::image::{Image, Manifest, Zombie};
 use super::child::{self, NodeRole, SessionStep, TreeNode, ZombiePlan};
 use super::inherited_memory::InheritedMemory;
 use super::layout::OwnLayout;
-use super::resources::{CreatedFiles, SharedObject};
+use super::resources::{CreatedFiles, OpenedForTree};
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
@@ -112,7 +112,7 @@ impl TreeSkeleton {
         let mut root_inherited = Some(config.inherited);
 
         // Every process prepared before the first fork.
-        let mut shared: HashMap<SharedObject, OwnedFd> = HashMap::new();
+        let mut opened = OpenedForTree::default();
         let lazy_shared = Arc::new(SharedPages::of_tree(manifest));
         let mut setups: Vec<Setup> = Vec::with_capacity(images.len());
         // The POSIX shared memory files made, removed unless the tree is
@@ -150,7 +150,7 @@ impl TreeSkeleton {
                 Arc::clone(view),
                 inherited,
                 &accesses[index],
-                &mut shared,
+                &mut opened,
                 &lazy_shared,
                 Some(memory.part(index)),
                 &own,
@@ -169,7 +169,7 @@ impl TreeSkeleton {
             }
             setups.push(setup);
         }
-        drop(shared);
+        drop(opened);
         // System V segments, in an IPC namespace the root joins before it
         // forks the others; open until every process is forked.
         let views: Vec<&Image> = images.iter().map(|view| &**view).collect();

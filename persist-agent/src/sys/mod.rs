@@ -15,6 +15,7 @@ pub mod fdops;
 pub mod fscreds;
 pub mod ipc;
 pub mod kobjects;
+pub mod lease;
 pub mod notify;
 pub mod pidfd;
 pub mod procmem;

@@ -325,13 +325,24 @@ impl Image {
     /// inherits are not in it. `None` when there is no such process.
     pub fn process_image(&self, index: usize) -> Option<Image> {
         let child = self.manifest.children.get(index)?;
+        let tree = &self.manifest;
+        // Field by field: a clone of the whole manifest would copy every
+        // other process's mappings too (a tree's restore takes a view of
+        // each of its processes).
         let manifest = Manifest {
+            kernel: tree.kernel.clone(),
+            cpu: tree.cpu.clone(),
+            created_unix_ms: tree.created_unix_ms,
             process: child.process.clone(),
             threads: child.threads.clone(),
             mappings: child.mappings.clone(),
             fds: child.fds.clone(),
+            page_store_bytes: tree.page_store_bytes,
+            base_stores: tree.base_stores.clone(),
+            agent_files: tree.agent_files.clone(),
             children: Vec::new(),
-            ..self.manifest.clone()
+            zombies: tree.zombies.clone(),
+            sysv_ipc: tree.sysv_ipc.clone(),
         };
         Some(Image {
             dir: self.dir.clone(),
