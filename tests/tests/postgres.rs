@@ -594,6 +594,21 @@ fn psql_tcp(netns: &NetNs, port: u16, sql: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+/// psql's answer to `sql` from the daemon's service on `port`, which a
+/// SYN wakes: a cluster snapshotted while its startup process ran says so
+/// until it has finished starting up. Panics on an error, naming `when`.
+fn psql_woken(sandbox: &Sandbox, port: u16, sql: &str, when: &str) -> String {
+    let mut answer = psql_tcp(&sandbox.netns, port, sql);
+    let _ = wait_until(Duration::from_secs(30), || {
+        if !answer.as_ref().is_err_and(|e| e.contains("starting up")) {
+            return true;
+        }
+        answer = psql_tcp(&sandbox.netns, port, sql);
+        false
+    });
+    answer.unwrap_or_else(|e| panic!("{when}: psql -c {sql:?}: {e}\n{}", sandbox.daemon_log()))
+}
+
 /// The daemon's status of `name` once `check` holds for it.
 fn status_when(
     sandbox: &Sandbox,
@@ -656,19 +671,7 @@ fn postgres_parked_by_the_daemon_keeps_its_rows() {
     });
 
     let rows = "1|one\n2|two\n3|three";
-    // A cluster snapshotted while its startup process runs says so until
-    // it has finished starting up.
-    let query = |sql: &str, when: &str| {
-        let mut answer = psql_tcp(&sandbox.netns, PORT, sql);
-        let _ = wait_until(Duration::from_secs(30), || {
-            if !answer.as_ref().is_err_and(|e| e.contains("starting up")) {
-                return true;
-            }
-            answer = psql_tcp(&sandbox.netns, PORT, sql);
-            false
-        });
-        answer.unwrap_or_else(|e| panic!("{when}: psql -c {sql:?}: {e}\n{}", sandbox.daemon_log()))
-    };
+    let query = |sql: &str, when: &str| psql_woken(&sandbox, PORT, sql, when);
     query(
         "CREATE TABLE parked (id int, name text); \
          INSERT INTO parked VALUES (1, 'one'), (2, 'two'), (3, 'three')",
@@ -735,4 +738,85 @@ fn postgres_parked_by_the_daemon_keeps_its_rows() {
         stopped.status.success(),
         "pg_ctl stop of the fresh postmaster"
     );
+}
+
+/// PostgreSQL under the daemon parked with its image only (`--keep-skeleton
+/// never`): each park removes the POSIX shared memory files its killed
+/// tree mapped (the postmaster would have on a clean exit), so that the
+/// parked service holds nothing in the host's memory; the next wake makes
+/// them again from the image and answers.
+#[test]
+fn postgres_parked_without_a_skeleton_leaves_no_shared_memory_file() {
+    require_root!();
+    const PORT: u16 = 8294;
+    let cluster = Cluster::init(PORT);
+    let sandbox = Sandbox::with_daemon().expect("sandbox with a daemon");
+    let command: Vec<String> = vec![
+        format!("{BIN}/postgres"),
+        "-D".into(),
+        cluster.data().display().to_string(),
+        "-k".into(),
+        cluster.sockets().display().to_string(),
+        "-p".into(),
+        PORT.to_string(),
+        "-c".into(),
+        "listen_addresses=127.0.0.1".into(),
+    ];
+    sandbox
+        .add_ok(
+            "pg",
+            PORT,
+            &[
+                "--user",
+                "postgres",
+                "--ready",
+                "notify",
+                "--keep-skeleton",
+                "never",
+            ],
+            &command,
+        )
+        .expect("add postgres");
+    status_when(&sandbox, "pg", "parked on disk", |s| {
+        s["state"] == "parked" && s["skeleton"] == "on disk"
+    });
+
+    for wake in ["first", "second"] {
+        assert_eq!(
+            psql_woken(&sandbox, PORT, "SELECT 1", wake),
+            "1",
+            "{wake} wake"
+        );
+        let running = status_when(&sandbox, "pg", "running", |s| {
+            s["state"] == "running" && s["pid"].is_i64()
+        });
+        let root = running["pid"].as_i64().expect("a pid") as i32;
+        let files = posix_shm_of(root);
+        cluster.note_shm_files(root);
+        assert!(
+            !files.is_empty(),
+            "{wake} wake: the postmaster maps no POSIX shared memory"
+        );
+        let parked = wait_until(Duration::from_secs(30), || {
+            sandbox.agent(&["park", "pg"]).status.success()
+                && sandbox.service("pg").is_ok_and(|s| s["state"] == "parked")
+        });
+        assert!(
+            parked.is_ok(),
+            "{wake} wake: not parked\n{}",
+            sandbox.daemon_log()
+        );
+        let gone = wait_until(Duration::from_secs(10), || {
+            files.iter().all(|file| !Path::new(file).exists())
+        });
+        assert!(
+            gone.is_ok(),
+            "{wake} wake: left after the park: {:?}\n{}",
+            files
+                .iter()
+                .filter(|file| Path::new(file).exists())
+                .collect::<Vec<_>>(),
+            sandbox.daemon_log()
+        );
+    }
 }

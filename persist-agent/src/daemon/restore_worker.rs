@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -872,6 +872,7 @@ impl Worker {
     /// Without `image`, a skeleton a SYN is resuming stays: the wake thread
     /// may already have let it run.
     fn release(&mut self, image: Option<PathBuf>) {
+        let parked_cold = image.is_some();
         {
             // Disarmed under the lock the wake thread takes after counting
             // its SYN: either it counted first (and the skeleton stays) or
@@ -900,6 +901,27 @@ impl Worker {
             self.run_state.clear(&self.name);
             info!(service = %self.name, pid, "skeleton released");
             crate::sys::alloc::give_back_free_memory();
+        }
+        if let Some(image) = &self.image.as_ref().filter(|_| parked_cold) {
+            self.remove_posix_shm_left(image);
+        }
+    }
+
+    /// Removes the POSIX shared memory files the processes of `image`
+    /// map and a killed run of it left (PostgreSQL's): parked without a
+    /// skeleton, the service then holds nothing in memory, and its next
+    /// wake makes them again from the image.
+    fn remove_posix_shm_left(&self, image: &Path) {
+        match Image::open(image) {
+            Ok(image) => {
+                let removed = crate::restore::posix_shm::remove_left_by(image.manifest());
+                if !removed.is_empty() {
+                    info!(service = %self.name, files = ?removed, "POSIX shared memory left by the parked run removed");
+                }
+            }
+            Err(err) => {
+                warn!(service = %self.name, image = %image.display(), "cannot read the image for the POSIX shared memory it names: {err}");
+            }
         }
     }
 

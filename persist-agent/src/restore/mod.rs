@@ -50,6 +50,7 @@ mod layout;
 mod locks;
 mod mapped_files;
 mod pager;
+pub mod posix_shm;
 #[cfg(test)]
 mod prefetch_tests;
 mod resources;

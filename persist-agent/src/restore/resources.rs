@@ -16,6 +16,7 @@ use persist_common::image::{FileType, Image, MappingKind, PAGE_SIZE};
 use super::RestoreError;
 use super::layout::{Attributes, LayoutFds};
 use super::mapped_files::{MappedFile, OpenedFiles, would_merge};
+use super::posix_shm::{self, MadeFile, MadeFiles};
 use super::shared_pages::SharedPages;
 use super::spawn::dup_above;
 use super::verify::stored_run;
@@ -35,7 +36,7 @@ pub(super) struct Resources {
     pub(super) attributes: Attributes,
     /// The POSIX shared memory files made for it, to remove if the
     /// restore fails.
-    pub(super) created_files: Vec<String>,
+    pub(super) created_files: Vec<MadeFile>,
     /// Its shared memory mappings whose pages its pager serves.
     lazy_shared: Vec<(u64, u64)>,
 }
@@ -59,7 +60,7 @@ impl Resources {
         let manifest = image.manifest();
         let mut filled = HashSet::new();
         // Removed again if anything below fails.
-        let mut created_files = CreatedFiles::default();
+        let mut created_files = MadeFiles::default();
         let mut mapping_fds = Vec::with_capacity(manifest.mappings.len());
         let mut held: Vec<OwnedFd> = Vec::new();
         // Each file opened once (about 30 files for python's 130 file
@@ -121,8 +122,8 @@ impl Resources {
                                     },
                                     _,
                                 ) => {
-                                    let fd = create_posix_shm(path, *uid, *gid, *mode)?;
-                                    created_files.0.push(path.clone());
+                                    let (fd, made) = posix_shm::create(path, *uid, *gid, *mode)?;
+                                    created_files.0.push(made);
                                     fd
                                 }
                                 _ => new_memfd(*inode)?,
@@ -265,19 +266,6 @@ fn new_memfd(inode: u64) -> Result<OwnedFd, RestoreError> {
         .map_err(|e| RestoreError::io("memfd_create", e.into()))
 }
 
-/// Files made for a restore, removed when dropped unless taken out: what
-/// a failed restore made is not left behind.
-#[derive(Debug, Default)]
-pub(super) struct CreatedFiles(pub(super) Vec<String>);
-
-impl Drop for CreatedFiles {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 /// A shared memory object of an image, which every mapping of it maps
 /// from one descriptor: the numbers of different kinds may collide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -299,114 +287,6 @@ impl SharedObject {
             _ => None,
         }
     }
-}
-
-/// Makes POSIX shared memory file `path` again, owned by `uid`:`gid` with
-/// `mode`. It must not exist: a file there is another process's (a restore
-/// of the same image still running, or the original left running), and two
-/// restored processes must never share one object unknowingly.
-fn create_posix_shm(path: &str, uid: u32, gid: u32, mode: u32) -> Result<OwnedFd, RestoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path.strip_prefix("/dev/shm/").unwrap_or_default();
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(RestoreError::Layout(format!(
-            "POSIX shared memory {path} is not a file directly under /dev/shm"
-        )));
-    }
-    let create = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-    };
-    let file = match create() {
-        Err(source) if source.kind() == std::io::ErrorKind::AlreadyExists => {
-            // Left by processes that died without removing it (a restored
-            // tree killed): stale if no process maps or holds it.
-            if let Some(pid) = posix_shm_user_if_any(path) {
-                return Err(RestoreError::Layout(format!(
-                    "POSIX shared memory {path} exists and pid {pid} uses it (the checkpointed \
-                     process left running, or another restore of this image): two restores \
-                     must not share it"
-                )));
-            }
-            tracing::warn!(path, "replacing a POSIX shared memory file no process uses");
-            std::fs::remove_file(path).map_err(|e| RestoreError::io(path, e))?;
-            create()
-        }
-        other => other,
-    }
-    .map_err(|e| RestoreError::io(path, e))?;
-    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
-        .map_err(|e| RestoreError::io(path, e))?;
-    // Permission bits only: an image never makes a set-id file.
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
-        .map_err(|e| RestoreError::io(path, e))?;
-    Ok(file.into())
-}
-
-/// A process that maps file `path` (under /dev/shm) or holds it open, if
-/// any: its pid. A lease on the file tells at once that nobody does (the
-/// usual case, a file left by a killed tree); only a file some description
-/// still holds has every process's maps and descriptors looked through, to
-/// name the user or find it dying (~5 ms with 70 processes on the host).
-fn posix_shm_user_if_any(path: &str) -> Option<i32> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .and_then(|file| crate::sys::lease::opened_elsewhere(&file));
-    match opened {
-        Ok(false) => None,
-        Ok(true) => posix_shm_user(path),
-        Err(error) => {
-            tracing::debug!(path, %error, "no lease on a POSIX shared memory file");
-            posix_shm_user(path)
-        }
-    }
-}
-
-/// A process that maps file `path` (under /dev/shm) or holds it open, if
-/// any: its pid.
-fn posix_shm_user(path: &str) -> Option<i32> {
-    use std::os::unix::fs::MetadataExt;
-    let inode = std::fs::symlink_metadata(path).ok()?.ino();
-    let pids = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok());
-    for pid in pids {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-        let mapped = maps.lines().any(|line| {
-            let mut fields = line.split_whitespace();
-            let line_inode = fields.nth(4).and_then(|i| i.parse::<u64>().ok());
-            line_inode == Some(inode) && fields.next() == Some(path)
-        });
-        let held = || {
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .into_iter()
-                .flatten()
-                .filter_map(Result::ok)
-                .any(|fd| {
-                    std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == path)
-                        && std::fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode)
-                })
-        };
-        if mapped || held() {
-            if crate::process_tree::is_dying(pid) {
-                // Killed (a parked tree: its supervisor waits for the root
-                // only): its mapping goes with it, and the file made now is
-                // another object.
-                tracing::info!(pid, path, "a dying process still maps or holds the file");
-                continue;
-            }
-            return Some(pid);
-        }
-    }
-    None
 }
 
 /// Writes the stored pages of a shared memory object into `fd`, which every

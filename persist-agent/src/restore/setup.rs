@@ -13,6 +13,7 @@ use super::child::StagedMap;
 use super::inherited_memory::{PresentPages, ProcessPart};
 use super::layout::{self, OwnLayout, Region};
 use super::pager::Pager;
+use super::posix_shm::MadeFile;
 use super::resources::{OpenedForTree, Resources};
 use super::runner::{self, TableRunner, check_table};
 use super::shared_pages::SharedPages;
@@ -242,7 +243,7 @@ impl Setup {
 
     /// The POSIX shared memory files made for it, which a failed restore
     /// removes.
-    pub(super) fn created_files(&self) -> Vec<String> {
+    pub(super) fn created_files(&self) -> Vec<MadeFile> {
         self.resources.created_files.clone()
     }
 
@@ -389,6 +390,7 @@ impl Setup {
             uffd_fd: self.uffd_fd,
             continuer: None,
             descendants: Vec::new(),
+            posix_shm_files: Vec::new(),
             pidfd: Some(pidfd),
             pager: Some(pager),
             timings: Timings {

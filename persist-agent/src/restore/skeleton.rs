@@ -19,7 +19,8 @@ use persist_common::image::{Image, Manifest};
 
 use super::layout::OwnLayout;
 use super::pager::Pager;
-use super::resources::{CreatedFiles, OpenedForTree};
+use super::posix_shm::{MadeFile, MadeFiles};
+use super::resources::OpenedForTree;
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::spawn::{self, KillGuard};
@@ -119,6 +120,9 @@ pub struct Skeleton {
     /// image order: parents before their children. Released, resumed and
     /// killed with the root.
     pub(super) descendants: Vec<Skeleton>,
+    /// The POSIX shared memory files made for it (for a tree, the root
+    /// holds them all): removed when it is killed before it ever ran.
+    pub(super) posix_shm_files: Vec<MadeFile>,
 }
 
 /// What arms a process's timers when it resumes, so that they count their
@@ -290,7 +294,7 @@ impl Skeleton {
             setup.leave_file_pages_to_fault();
         }
         // Removed unless the process is built.
-        let mut created_files = CreatedFiles(setup.created_files());
+        let mut created_files = MadeFiles(setup.created_files());
         let ipc_namespace = sysv_shm::namespace(&[&image])?;
         if let Some(namespace) = &ipc_namespace {
             setup.join_ipc_namespace(namespace.as_raw_fd());
@@ -314,10 +318,11 @@ impl Skeleton {
         if spawned.lease.is_none() {
             drop(ipc_namespace);
         }
-        let skeleton = setup.finish(spawned, started, forked_at, config.on_pager, &mut guard)?;
+        let mut skeleton =
+            setup.finish(spawned, started, forked_at, config.on_pager, &mut guard)?;
         guard.pids.clear();
         guard.threads.clear();
-        created_files.0.clear();
+        skeleton.posix_shm_files = std::mem::take(&mut created_files.0);
         Ok(skeleton)
     }
 
@@ -502,6 +507,9 @@ impl Skeleton {
             resumed_at,
             descendants,
         };
+        // The files are the running program's now, left if it is killed
+        // (`posix_shm::remove_left_by` once it is parked).
+        self.posix_shm_files.clear();
         self.tids.clear();
         Ok(restored)
     }
@@ -542,6 +550,9 @@ impl Drop for Skeleton {
         crate::sys::spawn::unclaim(self.pid);
         if let Some(init) = self.init_pid {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None);
+        }
+        for file in &self.posix_shm_files {
+            file.remove_if_unused();
         }
     }
 }

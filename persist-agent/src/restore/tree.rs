@@ -39,7 +39,8 @@ use persist_common::image::{Image, Manifest, Zombie};
 use super::child::{self, NodeRole, SessionStep, TreeNode, ZombiePlan};
 use super::inherited_memory::InheritedMemory;
 use super::layout::OwnLayout;
-use super::resources::{CreatedFiles, OpenedForTree};
+use super::posix_shm::MadeFiles;
+use super::resources::OpenedForTree;
 use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
@@ -117,7 +118,7 @@ impl TreeSkeleton {
         let mut setups: Vec<Setup> = Vec::with_capacity(images.len());
         // The POSIX shared memory files made, removed unless the tree is
         // built.
-        let mut created_files = CreatedFiles::default();
+        let mut created_files = MadeFiles::default();
         for (index, view) in images.iter().enumerate() {
             let pid = view.manifest().process.pid;
             let mut inherited = std::mem::take(&mut cross[index]);
@@ -341,8 +342,8 @@ impl TreeSkeleton {
         // until it is resumed: the zombies' SIGCHLD waits for it there, as
         // one not handled yet at the checkpoint would have.
         zombies.exit(&pids[shape.live..], &manifest.zombies)?;
-        // Built: the files are the tree's.
-        created_files.0.clear();
+        // Built: the files are the tree's, held by its root.
+        skeletons[0].posix_shm_files = std::mem::take(&mut created_files.0);
         Ok(Self {
             guard: tree_guard,
             skeletons,
