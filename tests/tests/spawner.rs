@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use persist_tests::{Sandbox, binary, wait_until};
+use persist_tests::{
+    Sandbox, binary, nginx_command_with_workers, service_pids, wait_until, web_root,
+};
 
 const METRICS_PORT: u16 = 9189;
 
@@ -148,12 +150,68 @@ fn the_daemon_forks_restored_processes_from_its_spawner() {
 }
 
 fn wait_for_skeleton(sandbox: &Sandbox) {
+    wait_for_skeleton_of(sandbox, "hello");
+}
+
+fn wait_for_skeleton_of(sandbox: &Sandbox, name: &str) {
     wait_until(Duration::from_secs(20), || {
         sandbox
-            .service("hello")
+            .service(name)
             .is_ok_and(|s| s["state"] == "parked" && s["skeleton_pid"].is_i64())
     })
-    .unwrap_or_else(|_| panic!("no skeleton: {:?}", sandbox.service("hello")));
+    .unwrap_or_else(|_| panic!("no skeleton: {:?}", sandbox.service(name)));
+}
+
+/// What `pid`'s descriptors name (`/proc/PID/fd` links).
+fn descriptor_targets(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| Some(std::fs::read_link(fd.path()).ok()?.display().to_string()))
+        .collect()
+}
+
+/// A tree's root (nginx's master, which forks its two workers) is forked
+/// by the spawner too, and every process of the tree takes only the
+/// agent's descriptors it needs: none of the agent's BPF objects. Woken,
+/// parked and woken again.
+#[test]
+fn a_trees_root_is_forked_from_the_spawner() {
+    persist_tests::require_root!();
+    const PORT: u16 = 8412;
+    let mut sandbox = Sandbox::new().unwrap();
+    sandbox
+        .start_daemon_with(&["--metrics", &format!("127.0.0.1:{METRICS_PORT}")])
+        .unwrap();
+    let daemon = sandbox.daemon_pid().unwrap();
+    let root = web_root();
+    std::fs::write(root.path().join("index.html"), "tree\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let command = nginx_command_with_workers(&dir.path().join("nginx"), root.path(), PORT, 2)
+        .expect("nginx configuration");
+    sandbox
+        .add_ok("web", PORT, &["--ready", "http:/"], &command)
+        .unwrap();
+    for round in 1..=2 {
+        wait_for_skeleton_of(&sandbox, "web");
+        assert_eq!(forked_by(&sandbox, "spawner"), round, "round {round}");
+        assert_eq!(forked_by(&sandbox, "agent"), 0, "round {round}");
+        assert_eq!(sandbox.http_get(PORT).unwrap(), "tree\n", "round {round}");
+        let status = sandbox.service("web").unwrap();
+        let pids = service_pids(&status);
+        assert_eq!(pids.len(), 3, "round {round}: {status}");
+        let master = status["pid"].as_i64().expect("a pid") as i32;
+        assert_eq!(status_field(master, "PPid"), Some(daemon.to_string()));
+        for &pid in &pids {
+            let targets = descriptor_targets(pid);
+            assert!(
+                !targets.iter().any(|target| target.contains("bpf")),
+                "round {round}: pid {pid} holds the agent's descriptors: {targets:?}"
+            );
+        }
+        sandbox.agent_ok(&["park", "web"]).unwrap();
+    }
 }
 
 #[test]

@@ -246,6 +246,7 @@ pub enum SessionStep {
 }
 
 /// What a process of a tree becomes once its session is set.
+#[derive(Clone, Copy)]
 pub enum NodeRole<'a> {
     /// A process of the image: forks its children, then goes on as
     /// [`child_main`].
@@ -256,6 +257,7 @@ pub enum NodeRole<'a> {
 }
 
 /// What a zombie of a tree needs, prepared before the fork.
+#[derive(Clone, Copy)]
 pub struct ZombiePlan {
     /// The wait status it ends with.
     pub wait_status: i32,
@@ -276,6 +278,7 @@ impl NodeRole<'_> {
 }
 
 /// One process of a tree, for [`tree_main`].
+#[derive(Clone, Copy)]
 pub struct TreeNode<'a> {
     /// What it does once its session is set.
     pub role: NodeRole<'a>,

@@ -97,7 +97,7 @@ pub(super) fn spawn(
 
 /// Takes the freshly forked `pid` under ptrace with `options` and waits
 /// for it to stop; pushed on `guard` first.
-fn seize_forked(
+pub(super) fn seize_forked(
     pid: i32,
     pipes: &SyncPipes<'_>,
     guard: &mut KillGuard,

@@ -4,18 +4,19 @@
 //! with the agent's descriptors, and runs [`child_main`] as a fork of the
 //! agent would, from a plan copied into memory the spawner shares.
 //!
-//! Single processes only (a tree's processes fork each other from a plan
-//! of the whole tree, and a process whose pid is taken here needs an init
-//! of a pid namespace of its own). One restore at a time uses it; a second
-//! one meanwhile, or any restore while it is not running, forks from the
-//! agent as before.
+//! It forks a single process, or the root of a tree, which forks the
+//! others from a plan of the whole tree in the arena. A process whose pid
+//! (or a tree one of whose pids) is taken here needs an init of a pid
+//! namespace of its own, and is forked from the agent. One restore at a
+//! time uses it; a second one meanwhile, or any restore while it is not
+//! running, forks from the agent as before.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::RestoreError;
-use super::child::{ChildPlan, child_main};
+use super::child::{ChildPlan, NodeRole, TreeNode, child_main, tree_main};
 use super::layout::OwnLayout;
 use super::spawn::dup_above;
 use crate::sys::sched;
@@ -24,8 +25,20 @@ use crate::sys::spawner::{self, ForkError, SharedArena, Spawner};
 /// Room for the plans: python's is 20 KiB, mostly its layout table.
 const ARENA_BYTES: usize = 16 << 20;
 
+/// What a process the spawner forks runs, from the arena.
+#[derive(Clone, Copy)]
+enum Start {
+    /// One process: [`child_main`].
+    Process(ChildPlan<'static>),
+    /// The root of a tree (node 0): [`tree_main`], which forks the others.
+    Tree {
+        nodes: &'static [TreeNode<'static>],
+        fork_go: RawFd,
+    },
+}
+
 struct Running {
-    spawner: Spawner<ChildPlan<'static>>,
+    spawner: Spawner<Start>,
     arena: SharedArena,
     /// The agent's memory it kept when it started.
     kept: Vec<(u64, u64)>,
@@ -148,23 +161,93 @@ pub fn copy_apart(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     dup_above(fd, apart_from()).or_else(|_| fd.try_clone_to_owned())
 }
 
+/// The highest descriptor number `plan`'s process uses of the agent's.
+fn highest_used(plan: &ChildPlan<'_>) -> RawFd {
+    plan.keep
+        .iter()
+        .copied()
+        .chain(plan.ipc_namespace)
+        .chain(plan.staged.iter().filter_map(|map| map.fd))
+        .chain([plan.fds.max_source_fd(), plan.go_fd, plan.status_fd])
+        .max()
+        .unwrap_or(-1)
+}
+
+/// `plan` copied into `arena`, its process's first step keeping the
+/// descriptors below `below` only.
+fn placed_plan(
+    plan: &ChildPlan<'_>,
+    arena: &mut SharedArena,
+    below: RawFd,
+) -> Option<ChildPlan<'static>> {
+    plan.copy_into(arena).map(|copy| ChildPlan {
+        own_fds_below: Some(below),
+        ..copy
+    })
+}
+
 /// Has the spawner fork the process of `plan` with pid `pid`, at the
 /// calling thread's priority.
 pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Outcome, RestoreError> {
     // Its first step keeps the descriptors below this, of the agent's
     // table it shares until then: every one it uses must be there.
     let below = apart_from();
-    let highest_used = plan
-        .keep
-        .iter()
-        .copied()
-        .chain(plan.ipc_namespace)
-        .chain([plan.fds.max_source_fd(), plan.go_fd, plan.status_fd])
-        .max()
-        .unwrap_or(-1);
-    if highest_used >= below {
+    if highest_used(plan) >= below {
         return Ok(Outcome::NotHere);
     }
+    fork_placed(pid, |arena| {
+        let copy = placed_plan(plan, arena, below)?;
+        arena.place(Start::Process(copy))
+    })
+}
+
+/// Has the spawner fork the root of the tree of `nodes` (node 0) with pid
+/// `pid`; it waits for a byte on `fork_go` before it forks the others
+/// ([`tree_main`]). Every process of the tree takes a table of its own of
+/// the agent's descriptors it needs as its first step.
+pub(super) fn spawn_tree(
+    nodes: &[TreeNode<'_>],
+    fork_go: RawFd,
+    pid: i32,
+) -> Result<Outcome, RestoreError> {
+    let below = apart_from();
+    let highest = nodes
+        .iter()
+        .map(|node| match &node.role {
+            NodeRole::Process(plan) => highest_used(plan),
+            NodeRole::Zombie(plan) => plan.go_fd.max(plan.status_fd),
+        })
+        .chain([fork_go])
+        .max()
+        .unwrap_or(-1);
+    if highest >= below {
+        return Ok(Outcome::NotHere);
+    }
+    fork_placed(pid, |arena| {
+        let mut copies = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let role = match &node.role {
+                NodeRole::Process(plan) => NodeRole::Process(placed_plan(plan, arena, below)?),
+                NodeRole::Zombie(plan) => NodeRole::Zombie(*plan),
+            };
+            copies.push(TreeNode {
+                role,
+                pid: node.pid,
+                parent: node.parent,
+                session: node.session,
+            });
+        }
+        let nodes = arena.copy_slice(&copies)?;
+        arena.place(Start::Tree { nodes, fork_go })
+    })
+}
+
+/// Places what the process runs with `place` in the arena and has the
+/// spawner fork it with pid `pid`, at the calling thread's priority.
+fn fork_placed(
+    pid: i32,
+    place: impl FnOnce(&mut SharedArena) -> Option<&'static Start>,
+) -> Result<Outcome, RestoreError> {
     let Ok(mut guard) = running().try_lock() else {
         return Ok(Outcome::NotHere);
     };
@@ -172,14 +255,7 @@ pub(super) fn spawn(plan: &ChildPlan<'_>, pid: i32) -> Result<Outcome, RestoreEr
         return Ok(Outcome::NotHere);
     };
     running.arena.reset();
-    let Some(placed) = plan
-        .copy_into(&mut running.arena)
-        .map(|copy| ChildPlan {
-            own_fds_below: Some(below),
-            ..copy
-        })
-        .and_then(|copy| running.arena.place(copy))
-    else {
+    let Some(placed) = place(&mut running.arena) else {
         return Ok(Outcome::NotHere);
     };
     let realtime = sched::thread_policy(0).is_ok_and(|policy| policy == libc::SCHED_FIFO);
@@ -235,6 +311,9 @@ fn kept_memory(arena: &SharedArena) -> Result<Vec<(u64, u64)>, RestoreError> {
 }
 
 /// What a process the spawner forked runs.
-fn run_plan(plan: &'static ChildPlan<'static>) -> ! {
-    child_main(plan)
+fn run_plan(start: &'static Start) -> ! {
+    match start {
+        Start::Process(plan) => child_main(plan),
+        Start::Tree { nodes, fork_go } => tree_main(nodes, 0, Some(*fork_go)),
+    }
 }

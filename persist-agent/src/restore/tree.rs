@@ -45,6 +45,7 @@ use super::setup::Setup;
 use super::shared_pages::SharedPages;
 use super::skeleton::{RestoreConfig, Restored, Skeleton};
 use super::spawn::{self, KillGuard, Spawned, TRACE_OPTIONS, pipe_above};
+use super::spawner;
 use super::sysv_shm;
 use super::{RestoreError, verify};
 use crate::files::{self, PathAccess};
@@ -108,7 +109,10 @@ impl TreeSkeleton {
         // Private memory the children share with their parents, staged by
         // the parents before they fork.
         let manifests: Vec<&Manifest> = images.iter().map(|view| view.manifest()).collect();
-        let own = OwnLayout::read()?;
+        // The agent's memory, or the spawner's that a process it forks
+        // starts with: the restorer region and the staging area go
+        // elsewhere than both.
+        let own = OwnLayout::read()?.and(&spawner::kept_ranges());
         let memory = InheritedMemory::plan(&manifests, &shape.parents[..shape.live], &own.ranges);
         let mut root_inherited = Some(config.inherited);
 
@@ -214,20 +218,44 @@ impl TreeSkeleton {
             threads: Vec::new(),
         };
         let root = &setups[0];
-        let (root_pid, init_pid) = spawn::spawn_with(
-            &root.plan(),
-            manifest.process.pid,
-            &root.pipes(),
-            &mut guard,
-            TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK,
-            // Checked here, not found out by the root's forks: the
-            // namespace is chosen once, for the whole tree.
-            shape.pids[1..]
-                .iter()
-                .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()),
-            &|| child::tree_main(&nodes, 0, Some(fork_go)),
-        )?;
-        drop(fork_go_read);
+        // Checked here, not found out by the root's forks: the namespace
+        // is chosen once, for the whole tree.
+        let own_namespace = shape.pids[1..]
+            .iter()
+            .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        let options = TRACE_OPTIONS | libc::PTRACE_O_TRACEFORK;
+        let from_spawner = if own_namespace {
+            spawner::Outcome::NotHere
+        } else {
+            spawner::spawn_tree(&nodes, fork_go, manifest.process.pid)?
+        };
+        let (root_pid, init_pid, mut root_lease) = match from_spawner {
+            spawner::Outcome::Forked(pid, lease) => {
+                spawn::seize_forked(pid, &root.pipes(), &mut guard, options)?;
+                (pid, None, Some(lease))
+            }
+            spawner::Outcome::NotHere => {
+                let (pid, init) = spawn::spawn_with(
+                    &root.plan(),
+                    manifest.process.pid,
+                    &root.pipes(),
+                    &mut guard,
+                    options,
+                    own_namespace,
+                    &|| child::tree_main(&nodes, 0, Some(fork_go)),
+                )?;
+                (pid, init, None)
+            }
+        };
+        // A root the spawner forked shares our descriptor table until its
+        // first step: what it reads there stays open until its layout is
+        // built (the end of this prepare).
+        let mut kept_for_root = Vec::new();
+        if root_lease.is_some() {
+            kept_for_root.push(fork_go_read);
+        } else {
+            drop(fork_go_read);
+        }
         // From here on, the whole tree is killed on an error; the guard is
         // declared after the skeletons so that it is dropped first.
         let mut skeletons = Vec::with_capacity(setups.len());
@@ -284,7 +312,10 @@ impl TreeSkeleton {
                 ptrace::cont(pid, 0).map_err(RestoreError::ptrace(pid, "cont"))?;
             }
         }
-        drop(ipc_namespace);
+        match ipc_namespace {
+            Some(namespace) if root_lease.is_some() => kept_for_root.push(namespace),
+            other => drop(other),
+        }
         if staged_pages > 0 {
             tracing::debug!(
                 pages = staged_pages,
@@ -315,6 +346,9 @@ impl TreeSkeleton {
         for (index, setup) in setups.into_iter().enumerate() {
             let pid = pids[index];
             let init = if index == 0 { init_pid } else { None };
+            // The root's lease keeps its descriptors here until its layout
+            // is built, as for one process the spawner forked.
+            let lease = if index == 0 { root_lease.take() } else { None };
             let mut threads = KillGuard {
                 pids: Vec::new(),
                 threads: Vec::new(),
@@ -324,7 +358,7 @@ impl TreeSkeleton {
                     Spawned {
                         pid,
                         init_pid: init,
-                        lease: None,
+                        lease,
                     },
                     started,
                     forked_at,
@@ -342,6 +376,7 @@ impl TreeSkeleton {
         // until it is resumed: the zombies' SIGCHLD waits for it there, as
         // one not handled yet at the checkpoint would have.
         zombies.exit(&pids[shape.live..], &manifest.zombies)?;
+        drop(kept_for_root);
         // Built: the files are the tree's, held by its root.
         skeletons[0].posix_shm_files = std::mem::take(&mut created_files.0);
         Ok(Self {
