@@ -178,8 +178,8 @@ fn user_if_any(file: &File, path: &str) -> Option<i32> {
 
 /// A process other than the agent that maps file `path` (under /dev/shm)
 /// or holds it open, if any: its pid. The agent's own descriptors of it,
-/// held for a while after a process is prepared, use nothing of it; nor
-/// do those of the agent's spawner, which shares its descriptor table.
+/// and its spawner's (which shares its descriptor table), are no restored
+/// process's use of it (docs/process-trees.md, Shared memory and IPC).
 fn user(path: &str) -> Option<i32> {
     let own = std::process::id() as i32;
     let ours = |pid: i32| {
