@@ -175,6 +175,28 @@ impl Cluster {
     }
 
     /// Remembers the POSIX shared memory files `pid` maps.
+    /// Adds its postmaster to `sandbox`'s daemon as service `pg` on its
+    /// port, as postgres, ready when it says so (sd_notify), with `options`
+    /// besides.
+    fn add_to_daemon(&self, sandbox: &Sandbox, options: &[&str]) {
+        let command: Vec<String> = vec![
+            format!("{BIN}/postgres"),
+            "-D".into(),
+            self.data().display().to_string(),
+            "-k".into(),
+            self.sockets().display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+        ];
+        let mut args = vec!["--user", "postgres", "--ready", "notify"];
+        args.extend_from_slice(options);
+        sandbox
+            .add_ok("pg", self.port, &args, &command)
+            .expect("add postgres");
+    }
+
     fn note_shm_files(&self, pid: i32) {
         self.shm_files.borrow_mut().extend(posix_shm_of(pid));
     }
@@ -640,32 +662,7 @@ fn postgres_parked_by_the_daemon_keeps_its_rows() {
     const PORT: u16 = 8292;
     let cluster = Cluster::init(PORT);
     let sandbox = Sandbox::with_daemon().expect("sandbox with a daemon");
-    let command: Vec<String> = vec![
-        format!("{BIN}/postgres"),
-        "-D".into(),
-        cluster.data().display().to_string(),
-        "-k".into(),
-        cluster.sockets().display().to_string(),
-        "-p".into(),
-        PORT.to_string(),
-        "-c".into(),
-        "listen_addresses=127.0.0.1".into(),
-    ];
-    sandbox
-        .add_ok(
-            "pg",
-            PORT,
-            &[
-                "--user",
-                "postgres",
-                "--ready",
-                "notify",
-                "--on-idle",
-                "keep",
-            ],
-            &command,
-        )
-        .expect("add postgres");
+    cluster.add_to_daemon(&sandbox, &["--on-idle", "keep"]);
     status_when(&sandbox, "pg", "parked with a skeleton", |s| {
         s["state"] == "parked" && s["skeleton_pid"].is_i64()
     });
@@ -751,32 +748,7 @@ fn postgres_parked_without_a_skeleton_leaves_no_shared_memory_file() {
     const PORT: u16 = 8294;
     let cluster = Cluster::init(PORT);
     let sandbox = Sandbox::with_daemon().expect("sandbox with a daemon");
-    let command: Vec<String> = vec![
-        format!("{BIN}/postgres"),
-        "-D".into(),
-        cluster.data().display().to_string(),
-        "-k".into(),
-        cluster.sockets().display().to_string(),
-        "-p".into(),
-        PORT.to_string(),
-        "-c".into(),
-        "listen_addresses=127.0.0.1".into(),
-    ];
-    sandbox
-        .add_ok(
-            "pg",
-            PORT,
-            &[
-                "--user",
-                "postgres",
-                "--ready",
-                "notify",
-                "--keep-skeleton",
-                "never",
-            ],
-            &command,
-        )
-        .expect("add postgres");
+    cluster.add_to_daemon(&sandbox, &["--keep-skeleton", "never"]);
     status_when(&sandbox, "pg", "parked on disk", |s| {
         s["state"] == "parked" && s["skeleton"] == "on disk"
     });
