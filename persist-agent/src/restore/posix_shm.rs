@@ -110,7 +110,11 @@ pub(super) fn create(
             // Left by processes that died without removing it (a tree
             // killed by someone else, or before the daemon removed what its
             // parked trees made): stale if no process maps or holds it.
-            let user = open_existing(path).map_or(None, |file| user_if_any(&file, path));
+            let user = match open_existing(path) {
+                Ok(file) => user_if_any(&file, path),
+                // Not a file we can open (a symbolic link there): look.
+                Err(_) => user(path),
+            };
             if let Some(pid) = user {
                 return Err(RestoreError::Layout(format!(
                     "POSIX shared memory {path} exists and pid {pid} uses it (the checkpointed \
