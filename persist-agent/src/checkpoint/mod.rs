@@ -649,14 +649,8 @@ pub fn checkpoint(options: &CheckpointOptions) -> Result<CheckpointSummary, Chec
         connections.close_silently();
         // The image holds the POSIX shared memory they mapped: the files go,
         // as on their clean exit, for the restore to make again.
-        let every_mapping = || {
-            manifest
-                .mappings
-                .iter()
-                .chain(manifest.children.iter().flat_map(|c| &c.mappings))
-        };
-        posix_shm::remove_saved(every_mapping());
-        sysv_shm::remove_saved(our_ipc_namespace, every_mapping());
+        posix_shm::remove_saved(manifest.every_mapping());
+        sysv_shm::remove_saved(our_ipc_namespace, manifest.every_mapping());
         sysv_ipc::remove_saved(&ipc);
     }
     let children = &manifest.children;

@@ -122,9 +122,7 @@ fn load_and_check(image: &Image) -> Result<SetAhead, String> {
     let manifest = image.manifest();
     // Every run of every process, by where it starts in the store.
     let mut runs: Vec<PageRun> = manifest
-        .mappings
-        .iter()
-        .chain(manifest.children.iter().flat_map(|child| &child.mappings))
+        .every_mapping()
         .flat_map(|mapping| mapping.pages.iter().copied())
         .collect();
     runs.sort_unstable_by_key(|run| run.store_offset);

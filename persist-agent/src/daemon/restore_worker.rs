@@ -902,7 +902,7 @@ impl Worker {
             info!(service = %self.name, pid, "skeleton released");
             crate::sys::alloc::give_back_free_memory();
         }
-        if let Some(image) = &self.image.as_ref().filter(|_| parked_cold) {
+        if parked_cold && let Some(image) = &self.image {
             self.remove_posix_shm_left(image);
         }
     }

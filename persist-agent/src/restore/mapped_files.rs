@@ -261,4 +261,71 @@ mod tests {
         };
         assert!(!would_merge(&rodata, &other_file), "another file");
     }
+
+    /// A file mapped by several processes with the same credentials is
+    /// opened once, and each maps that open file description; a second
+    /// description of it (two mappings kept apart) is another; a process
+    /// with other credentials opens it again as itself, and is refused a
+    /// file only root may reach.
+    #[test]
+    fn a_description_is_shared_only_by_processes_with_the_same_access() {
+        crate::test_support::require_root!();
+        use crate::sys::fscreds::FsCreds;
+        use crate::sys::kobjects::same_file;
+        use std::os::fd::AsRawFd;
+
+        // A directory only root may enter.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let path = dir.path().join("lib.so");
+        std::fs::write(&path, b"code").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let device = format!(
+            "{:x}:{:02x}",
+            libc::major(meta.dev()),
+            libc::minor(meta.dev())
+        );
+        let file = MappedFile {
+            start: 0x1000,
+            path: path.to_str().unwrap(),
+            inode: meta.ino(),
+            device: &device,
+            writable: false,
+        };
+        let pid = std::process::id() as i32;
+        let same = |a: &OwnedFd, b: &OwnedFd| same_file(pid, a.as_raw_fd(), pid, b.as_raw_fd());
+        let root = PathAccess::default();
+        let mut opened = OpenedFiles::default();
+
+        let first = opened.description(&file, 0, 3, &root).unwrap();
+        let again = opened.description(&file, 0, 3, &root).unwrap();
+        assert!(
+            same(&first, &again).unwrap(),
+            "one description for one access"
+        );
+        let apart = opened.description(&file, 1, 3, &root).unwrap();
+        assert!(
+            !same(&first, &apart).unwrap(),
+            "the second description is another"
+        );
+        let apart_again = opened.description(&file, 1, 3, &root).unwrap();
+        assert!(same(&apart, &apart_again).unwrap(), "and shared in turn");
+
+        let nobody = PathAccess {
+            creds: Some(FsCreds {
+                uid: 65534,
+                gid: 65534,
+                groups: Vec::new(),
+            }),
+            ..PathAccess::default()
+        };
+        assert!(
+            opened.description(&file, 0, 3, &nobody).is_err(),
+            "another user's process was given root's description"
+        );
+    }
 }

@@ -37,9 +37,8 @@ impl MadeFile {
 /// killed to park the service. Its next restore makes them again from the
 /// image. Returns the paths removed.
 pub fn remove_left_by(manifest: &Manifest) -> Vec<String> {
-    let mut paths: Vec<&str> = std::iter::once(&manifest.mappings)
-        .chain(manifest.children.iter().map(|child| &child.mappings))
-        .flatten()
+    let mut paths: Vec<&str> = manifest
+        .every_mapping()
         .filter_map(|mapping| match &mapping.kind {
             MappingKind::PosixShm { path, .. } => Some(path.as_str()),
             _ => None,

@@ -176,4 +176,50 @@ mod tests {
             &address.to_ne_bytes()
         );
     }
+
+    #[test]
+    fn a_failed_entry_is_named_as_its_label_says() {
+        let mut builder = TableBuilder::new(0x10_0000);
+        builder.call("umask", libc::SYS_umask, &[0o22]);
+        builder.call(
+            Label::Numbered {
+                op: "close fd",
+                n: 7,
+            },
+            libc::SYS_close,
+            &[7],
+        );
+        builder.call(
+            Label::Range {
+                op: "mmap of mapping",
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0000_2000,
+                what: Some("/usr/lib/libc.so.6".into()),
+            },
+            libc::SYS_mmap,
+            &[],
+        );
+        builder.call(
+            Label::Range {
+                op: "userfaultfd registration of mapping",
+                start: 0x1000,
+                end: 0x3000,
+                what: None,
+            },
+            libc::SYS_ioctl,
+            &[],
+        );
+        let table = builder.finish();
+        assert_eq!(table.label(0), "umask");
+        assert_eq!(table.label(1), "close fd 7");
+        assert_eq!(
+            table.label(2),
+            "mmap of mapping 0x7f0000000000-0x7f0000002000 (/usr/lib/libc.so.6)"
+        );
+        assert_eq!(
+            table.label(3),
+            "userfaultfd registration of mapping 0x1000-0x3000"
+        );
+        assert_eq!(table.label(4), "?");
+    }
 }

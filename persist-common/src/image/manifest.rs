@@ -64,6 +64,14 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Every mapping of every process: the root's, then each child's in
+    /// tree order.
+    pub fn every_mapping(&self) -> impl Iterator<Item = &Mapping> {
+        self.mappings
+            .iter()
+            .chain(self.children.iter().flat_map(|child| &child.mappings))
+    }
+
     /// Whether the image holds a tree: processes under the root, or
     /// zombies of the root (which a restore makes as processes too).
     pub fn is_tree(&self) -> bool {
